@@ -1,0 +1,1 @@
+"""keyproxy: inject Vault-held API keys for callers that prove their workload identity."""

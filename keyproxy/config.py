@@ -1,0 +1,711 @@
+"""Load the YAML configuration and compile it into frozen, typed objects.
+
+`load(path)` and `parse(text)` return a `Config` or raise `ConfigError` whose `path` names the
+YAML path of the mistake (`routes.openai.inject[0].header`). Raw dicts never leave this module:
+everything downstream works on the dataclasses below. The reference for every key is
+docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from yarl import URL
+
+from keyproxy.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Only asymmetric algorithms: a shared-secret (HS*) issuer key would let anyone holding the
+# JWKS mint tokens, and "none" is never a signature.
+ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+MAX_LEEWAY = 120.0
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB)?$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class VaultAuth:
+    """How keyproxy logs in to Vault. Secrets come from files or the environment, never YAML."""
+
+    method: Literal["token", "approle", "kubernetes", "jwt"]
+    mount: str
+    role: str | None = None
+    role_id: str | None = None
+    role_id_file: Path | None = None
+    secret_id_file: Path | None = None
+    token_file: Path | None = None
+    jwt_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    addr: str
+    auth: VaultAuth
+    kv_mount: str = "secret"
+    ca_cert: Path | None = None
+    tls_verify: bool = True
+    timeout: float = 5.0
+    refresh_interval: float = 2.0
+    max_staleness: float = 300.0
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A trusted workload-identity issuer. Exactly one of the three key sources is set."""
+
+    name: str
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    discovery_url: str | None = None
+    jwks_uri: str | None = None
+    jwks_file: Path | None = None
+    leeway: float = 30.0
+    jwks_cache_ttl: float = 3600.0
+    jwks_refetch_cooldown: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    max_ttl: float = 900.0
+    default_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a route's key lives: a field of a KV v2 secret."""
+
+    mount: str
+    path: str
+    field: str
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One way the key goes into the upstream request.
+
+    kind "header": header `name` set to `format` with `{key}` replaced.
+    kind "query":  query parameter `name` set to `format` with `{key}` replaced.
+    kind "basic":  Authorization: Basic base64(`username`:`format`), `{key}` in either part.
+    """
+
+    kind: Literal["header", "query", "basic"]
+    name: str
+    format: str = "{key}"
+    username: str = ""
+
+
+@dataclass(frozen=True)
+class CallerCredential:
+    """Which request header carries the caller's token, and its scheme (None: bare token)."""
+
+    header: str = "Authorization"
+    scheme: str | None = "Bearer"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+    base_path: str  # "" or "/prefix" without a trailing slash
+
+    @property
+    def origin(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    upstream: Upstream
+    secret: SecretRef
+    inject: tuple[Injection, ...]
+    caller_credential: CallerCredential = field(default_factory=CallerCredential)
+    egress_allow: tuple[Network, ...] = ()
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_body: int = 10 * 1024**2
+    strip_headers: tuple[str, ...] = ()
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a policy allows on one route. Paths are patterns split into segments."""
+
+    methods: frozenset[str]
+    paths: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    subjects: tuple[str, ...]
+    issuers: tuple[str, ...] = ()
+    claims: tuple[tuple[str, str], ...] = ()
+    source_cidrs: tuple[Network, ...] = ()
+    allow: Mapping[str, Grant] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    vault: VaultConfig
+    identity: tuple[Issuer, ...]
+    routes: Mapping[str, Route]
+    policies: tuple[Policy, ...]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and compile the YAML file at `path`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    return parse(text, env)
+
+
+def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Compile YAML text. `env` (default: os.environ) supplies VAULT_ADDR / BAO_ADDR."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("", f"not valid YAML{where}") from None
+    node = _Node(raw if raw is not None else {}, "")
+    return _config(node, os.environ if env is None else env)
+
+
+class _Node:
+    """A YAML value with its path, so every error can say where it is."""
+
+    def __init__(self, value: Any, path: str) -> None:
+        self.value = value
+        self.path = path
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(self.path or "(top level)", message)
+
+    def mapping(self, allowed: set[str]) -> dict[str, _Node]:
+        if not isinstance(self.value, dict):
+            raise self.error("must be a mapping")
+        out: dict[str, _Node] = {}
+        for key, value in self.value.items():
+            child = self._child(str(key))
+            if not isinstance(key, str):
+                raise child.error("keys must be strings")
+            if key not in allowed:
+                raise child.error(f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+            out[key] = _Node(value, child.path)
+        return out
+
+    def items(self) -> list[tuple[str, _Node]]:
+        if not isinstance(self.value, dict):
+            raise self.error("must be a mapping")
+        return [(str(k), _Node(v, self._child(str(k)).path)) for k, v in self.value.items()]
+
+    def sequence(self) -> list[_Node]:
+        if not isinstance(self.value, list):
+            raise self.error("must be a list")
+        return [_Node(v, f"{self.path}[{i}]") for i, v in enumerate(self.value)]
+
+    def string(self) -> str:
+        if not isinstance(self.value, str) or not self.value:
+            raise self.error("must be a non-empty string")
+        return self.value
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.error("must be true or false")
+        return self.value
+
+    def duration(self) -> float:
+        value = self.value
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if not match or float(match[1]) <= 0:
+            raise self.error("must be a positive duration such as 500ms, 30s, 15m, 24h")
+        return float(match[1]) * _DURATION_UNITS[match[2]]
+
+    def size(self) -> int:
+        value = self.value
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        if not match or int(match[1]) <= 0:
+            raise self.error("must be a positive size such as 65536, 64KiB or 10MiB")
+        return int(match[1]) * _SIZE_UNITS[match[2]]
+
+    def strings(self) -> tuple[str, ...]:
+        return tuple(item.string() for item in self.sequence())
+
+    def networks(self) -> tuple[Network, ...]:
+        nets = []
+        for item in self.sequence():
+            try:
+                nets.append(ipaddress.ip_network(item.string(), strict=True))
+            except ValueError:
+                raise item.error("must be a CIDR such as 10.0.0.0/8 (host bits unset)") from None
+        return tuple(nets)
+
+    def path_value(self) -> Path:
+        return Path(self.string())
+
+    def _child(self, key: str) -> _Node:
+        return _Node(None, f"{self.path}.{key}" if self.path else key)
+
+
+def _opt(fields: dict[str, _Node], key: str, read: Callable[[_Node], T], default: T) -> T:
+    node = fields.get(key)
+    return default if node is None else read(node)
+
+
+def _required(node: _Node, fields: dict[str, _Node], key: str) -> _Node:
+    if key not in fields:
+        raise node._child(key).error("is required")
+    return fields[key]
+
+
+def _config(node: _Node, env: Mapping[str, str]) -> Config:
+    top = node.mapping({"vault", "identity", "server", "tokens", "routes", "policies"})
+    vault = _vault(top.get("vault", _Node({}, "vault")), env)
+    issuers = _identity(_required(node, top, "identity"))
+    routes = _routes(_required(node, top, "routes"), vault.kv_mount)
+    policies = _policies(top.get("policies", _Node([], "policies")), routes, issuers)
+    server = _opt(top, "server", _server, ServerConfig())
+    tokens = _opt(top, "tokens", _tokens, TokensConfig())
+    return Config(vault, issuers, routes, policies, server, tokens)
+
+
+def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
+    f = node.mapping(
+        {
+            "addr",
+            "auth",
+            "kv_mount",
+            "ca_cert",
+            "tls_verify",
+            "timeout",
+            "refresh_interval",
+            "max_staleness",
+        }
+    )
+    addr = _opt(f, "addr", _Node.string, "") or env.get("BAO_ADDR") or env.get("VAULT_ADDR")
+    if not addr:
+        raise node._child("addr").error("is required (or set VAULT_ADDR / BAO_ADDR)")
+    url = URL(addr)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise (f.get("addr") or node).error("must be an http(s) URL")
+    refresh = _opt(f, "refresh_interval", _Node.duration, 2.0)
+    staleness = _opt(f, "max_staleness", _Node.duration, 300.0)
+    if staleness <= refresh:
+        raise f["max_staleness"].error("must be longer than refresh_interval")
+    return VaultConfig(
+        addr=addr.rstrip("/"),
+        auth=_vault_auth(f.get("auth", _Node({"method": "token"}, node._child("auth").path))),
+        kv_mount=_opt(f, "kv_mount", _Node.string, "secret").strip("/"),
+        ca_cert=_opt(f, "ca_cert", _Node.path_value, None),
+        tls_verify=_opt(f, "tls_verify", _Node.boolean, True),
+        timeout=_opt(f, "timeout", _Node.duration, 5.0),
+        refresh_interval=refresh,
+        max_staleness=staleness,
+    )
+
+
+_AUTH_KEYS: dict[str, set[str]] = {
+    "token": {"token_file"},
+    "approle": {"role_id", "role_id_file", "secret_id_file"},
+    "kubernetes": {"role", "jwt_file"},
+    "jwt": {"role", "jwt_file"},
+}
+_AUTH_MOUNTS = {"token": "token", "approle": "approle", "kubernetes": "kubernetes", "jwt": "jwt"}
+
+
+def _vault_auth(node: _Node) -> VaultAuth:
+    method_node = node.mapping({"method", "mount", *set().union(*_AUTH_KEYS.values())}).get(
+        "method"
+    )
+    if method_node is None:
+        raise node._child("method").error("is required (token, approle, kubernetes or jwt)")
+    method = method_node.string()
+    if method not in _AUTH_KEYS:
+        raise method_node.error("must be one of token, approle, kubernetes, jwt")
+    f = node.mapping({"method", "mount", *_AUTH_KEYS[method]})
+    auth = VaultAuth(
+        method=method,  # type: ignore[arg-type]  # checked against _AUTH_KEYS above
+        mount=_opt(f, "mount", _Node.string, _AUTH_MOUNTS[method]).strip("/"),
+        role=_opt(f, "role", _Node.string, None),
+        role_id=_opt(f, "role_id", _Node.string, None),
+        role_id_file=_opt(f, "role_id_file", _Node.path_value, None),
+        secret_id_file=_opt(f, "secret_id_file", _Node.path_value, None),
+        token_file=_opt(f, "token_file", _Node.path_value, None),
+        jwt_file=_opt(f, "jwt_file", _Node.path_value, None),
+    )
+    if method == "approle":
+        if (auth.role_id is None) == (auth.role_id_file is None):
+            raise node._child("role_id").error("set exactly one of role_id, role_id_file")
+        _required(node, f, "secret_id_file")
+    if method in ("kubernetes", "jwt"):
+        _required(node, f, "role")
+        if method == "jwt":
+            _required(node, f, "jwt_file")
+    return auth
+
+
+def _identity(node: _Node) -> tuple[Issuer, ...]:
+    f = node.mapping({"issuers"})
+    issuers = tuple(_issuer(item) for item in _required(node, f, "issuers").sequence())
+    if not issuers:
+        raise f["issuers"].error("must list at least one issuer")
+    seen: dict[str, str] = {}
+    for item, issuer in zip(f["issuers"].sequence(), issuers, strict=True):
+        for key in (issuer.name, "iss:" + issuer.issuer):
+            if key in seen:
+                raise item.error(f"duplicates {seen[key]} ({key.removeprefix('iss:')})")
+            seen[key] = item.path
+    return issuers
+
+
+def _issuer(node: _Node) -> Issuer:
+    f = node.mapping(
+        {
+            "name",
+            "issuer",
+            "discovery_url",
+            "jwks_uri",
+            "jwks_file",
+            "audiences",
+            "algorithms",
+            "leeway",
+            "jwks_cache_ttl",
+            "jwks_refetch_cooldown",
+        }
+    )
+    sources = [k for k in ("discovery_url", "jwks_uri", "jwks_file") if k in f]
+    if len(sources) != 1:
+        raise node.error("set exactly one of discovery_url, jwks_uri, jwks_file")
+    for key in ("discovery_url", "jwks_uri"):
+        if key in f and URL(f[key].string()).scheme not in ("http", "https"):
+            raise f[key].error("must be an http(s) URL")
+    audiences = _required(node, f, "audiences").strings()
+    if not audiences:
+        raise f["audiences"].error("must list at least one audience")
+    algorithms = _required(node, f, "algorithms").strings()
+    for i, alg in enumerate(algorithms):
+        if alg not in ALGORITHMS:
+            raise _Node(alg, f"{f['algorithms'].path}[{i}]").error(
+                f"unsupported (asymmetric only: {', '.join(sorted(ALGORITHMS))})"
+            )
+    if not algorithms:
+        raise f["algorithms"].error("must list at least one algorithm")
+    leeway = _opt(f, "leeway", _Node.duration, 30.0)
+    if leeway > MAX_LEEWAY:
+        raise f["leeway"].error(f"must be at most {MAX_LEEWAY:.0f}s")
+    return Issuer(
+        name=_required(node, f, "name").string(),
+        issuer=_required(node, f, "issuer").string(),
+        audiences=audiences,
+        algorithms=algorithms,
+        discovery_url=_opt(f, "discovery_url", _Node.string, None),
+        jwks_uri=_opt(f, "jwks_uri", _Node.string, None),
+        jwks_file=_opt(f, "jwks_file", _Node.path_value, None),
+        leeway=leeway,
+        jwks_cache_ttl=_opt(f, "jwks_cache_ttl", _Node.duration, 3600.0),
+        jwks_refetch_cooldown=_opt(f, "jwks_refetch_cooldown", _Node.duration, 30.0),
+    )
+
+
+def _server(node: _Node) -> ServerConfig:
+    f = node.mapping({"host", "port", "trusted_proxies"})
+    port = _opt(f, "port", lambda n: n.value, 8080)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise f["port"].error("must be a port number (0-65535)")
+    return ServerConfig(
+        host=_opt(f, "host", _Node.string, "127.0.0.1"),
+        port=port,
+        trusted_proxies=_opt(f, "trusted_proxies", _Node.networks, ()),
+    )
+
+
+def _tokens(node: _Node) -> TokensConfig:
+    f = node.mapping({"max_ttl", "default_ttl"})
+    tokens = TokensConfig(
+        max_ttl=_opt(f, "max_ttl", _Node.duration, 900.0),
+        default_ttl=_opt(f, "default_ttl", _Node.duration, 300.0),
+    )
+    if tokens.default_ttl > tokens.max_ttl:
+        raise node._child("default_ttl").error("must not exceed max_ttl")
+    return tokens
+
+
+def _routes(node: _Node, kv_mount: str) -> dict[str, Route]:
+    routes = {}
+    for name, item in node.items():
+        if not ROUTE_NAME.match(name):
+            raise item.error("route names are letters, digits, '_', '.', '-' (max 63)")
+        routes[name] = _route(name, item, kv_mount)
+    if not routes:
+        raise node.error("must define at least one route")
+    return routes
+
+
+def _route(name: str, node: _Node, kv_mount: str) -> Route:
+    f = node.mapping(
+        {
+            "upstream",
+            "secret",
+            "inject",
+            "caller_credential",
+            "egress",
+            "tls",
+            "timeouts",
+            "max_body",
+            "strip_headers",
+            "owner",
+        }
+    )
+    inject = tuple(_injection(item) for item in _required(node, f, "inject").sequence())
+    if not inject:
+        raise f["inject"].error("must list at least one injection")
+    caller = _opt(f, "caller_credential", _caller_credential, CallerCredential())
+    tls = f["tls"].mapping({"verify", "ca_file"}) if "tls" in f else {}
+    timeouts = f["timeouts"].mapping({"connect", "read"}) if "timeouts" in f else {}
+    egress = f["egress"].mapping({"allow_cidrs"}) if "egress" in f else {}
+    upstream = _upstream(_required(node, f, "upstream"))
+    tls_verify = _opt(tls, "verify", _Node.boolean, True)
+    if not tls_verify and upstream.scheme != "https":
+        raise tls["verify"].error("only applies to https upstreams")
+    strip: tuple[str, ...] = _opt(f, "strip_headers", _Node.strings, ())
+    for i, header in enumerate(strip):
+        if not HEADER_NAME.match(header):
+            raise _Node(header, f"{f['strip_headers'].path}[{i}]").error("not a header name")
+    return Route(
+        name=name,
+        upstream=upstream,
+        secret=_secret_ref(_required(node, f, "secret"), kv_mount),
+        inject=inject,
+        caller_credential=caller,
+        egress_allow=_opt(egress, "allow_cidrs", _Node.networks, ()),
+        tls_verify=tls_verify,
+        ca_file=_opt(tls, "ca_file", _Node.path_value, None),
+        connect_timeout=_opt(timeouts, "connect", _Node.duration, 10.0),
+        read_timeout=_opt(timeouts, "read", _Node.duration, 300.0),
+        max_body=_opt(f, "max_body", _Node.size, 10 * 1024**2),
+        strip_headers=tuple(h.lower() for h in strip),
+        owner=_opt(f, "owner", _Node.string, None),
+    )
+
+
+def _upstream(node: _Node) -> Upstream:
+    try:
+        url = URL(node.string())
+    except ValueError:
+        raise node.error("must be an absolute http(s) URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise node.error("must be an absolute http(s) URL such as https://api.example.com")
+    if url.user or url.password or url.query_string or url.fragment:
+        raise node.error("must not contain credentials, a query or a fragment")
+    assert url.port is not None  # yarl fills in the default port
+    return Upstream(
+        scheme=url.scheme,  # type: ignore[arg-type]  # checked above
+        host=url.host,
+        port=url.port,
+        base_path=url.path.rstrip("/"),
+    )
+
+
+def _secret_ref(node: _Node, kv_mount: str) -> SecretRef:
+    f = node.mapping({"mount", "path", "field"})
+    return SecretRef(
+        mount=_opt(f, "mount", _Node.string, kv_mount).strip("/"),
+        path=_required(node, f, "path").string().strip("/"),
+        field=_opt(f, "field", _Node.string, "api_key"),
+    )
+
+
+def _template(node: _Node) -> str:
+    template = node.string()
+    rest = template.replace("{key}", "", 1)
+    if "{key}" not in template or "{" in rest or "}" in rest:
+        raise node.error("must contain {key} exactly once and no other braces")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in template):
+        raise node.error("must not contain control characters")
+    return template
+
+
+def _injection(node: _Node) -> Injection:
+    if not isinstance(node.value, dict):
+        raise node.error("must be a mapping with one of header, query, basic")
+    kinds = [k for k in ("header", "query", "basic") if k in node.value]
+    if len(kinds) != 1:
+        raise node.error("set exactly one of header, query, basic")
+    kind = kinds[0]
+    if kind == "basic":
+        f = node.mapping({"basic"})
+        b = f["basic"].mapping({"username", "password"})
+        username = _opt(b, "username", _Node.string, "")
+        password = _opt(b, "password", _Node.string, "{key}")
+        if "{key}" in username:
+            raise b["username"].error("put {key} in password, not username")
+        if ":" in username:
+            raise b["username"].error("must not contain ':'")
+        return Injection(
+            "basic", "Authorization", _template(b.get("password", _Node(password, ""))), username
+        )
+    f = node.mapping({kind, "format"})
+    name = f[kind].string()
+    if kind == "header" and not HEADER_NAME.match(name):
+        raise f[kind].error("not a valid header name")
+    if kind == "header" and name.lower() in HOP_BY_HOP | {"host", "content-length"}:
+        raise f[kind].error("cannot inject a hop-by-hop, Host or Content-Length header")
+    return Injection(kind, name, _opt(f, "format", _template, "{key}"))  # type: ignore[arg-type]  # kind is "header" or "query"
+
+
+def _caller_credential(node: _Node) -> CallerCredential:
+    f = node.mapping({"header", "scheme"})
+    header = _opt(f, "header", _Node.string, "Authorization")
+    if not HEADER_NAME.match(header):
+        raise f["header"].error("not a valid header name")
+    scheme_node = f.get("scheme")
+    if scheme_node is None:
+        scheme = "Bearer" if header.lower() == "authorization" else None
+    else:
+        scheme = None if scheme_node.value in (None, "") else scheme_node.string()
+    return CallerCredential(header, scheme)
+
+
+def _policies(
+    node: _Node, routes: Mapping[str, Route], issuers: tuple[Issuer, ...]
+) -> tuple[Policy, ...]:
+    names: set[str] = set()
+    policies = []
+    for item in node.sequence():
+        policy = _policy(item, routes, {i.name for i in issuers})
+        if policy.name in names:
+            raise item._child("name").error(f"duplicate policy name {policy.name!r}")
+        names.add(policy.name)
+        policies.append(policy)
+    return tuple(policies)
+
+
+def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) -> Policy:
+    f = node.mapping({"name", "subjects", "issuers", "claims", "source_cidrs", "allow"})
+    subjects = _required(node, f, "subjects").strings()
+    if not subjects:
+        raise f["subjects"].error("must list at least one subject (use '*' for any)")
+    issuers: tuple[str, ...] = _opt(f, "issuers", _Node.strings, ())
+    for i, name in enumerate(issuers):
+        if name not in issuer_names:
+            raise _Node(name, f"{f['issuers'].path}[{i}]").error(f"unknown issuer {name!r}")
+    claims = []
+    claim_nodes: list[tuple[str, _Node]] = _opt(f, "claims", _Node.items, [])
+    for key, value in claim_nodes:
+        if not isinstance(value.value, str | int | bool) or value.value == "":
+            raise value.error("must be a string, number or boolean (exact match)")
+        claims.append((key, _claim_text(value.value)))
+    allow = {}
+    for route, grant in _required(node, f, "allow").items():
+        if route not in routes:
+            raise grant.error(f"unknown route {route!r}")
+        allow[route] = _grant(grant)
+    return Policy(
+        name=_required(node, f, "name").string(),
+        subjects=subjects,
+        issuers=issuers,
+        claims=tuple(claims),
+        source_cidrs=_opt(f, "source_cidrs", _Node.networks, ()),
+        allow=allow,
+    )
+
+
+def _claim_text(value: str | int | bool) -> str:
+    """Claims compare as text; JSON booleans are spelt the JSON way."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _grant(node: _Node) -> Grant:
+    f = node.mapping({"methods", "paths"})
+    methods = _required(node, f, "methods").strings()
+    for i, method in enumerate(methods):
+        if method.upper() not in METHODS and method != "*":
+            raise _Node(method, f"{f['methods'].path}[{i}]").error(
+                f"unknown method (one of {', '.join(sorted(METHODS))} or '*')"
+            )
+    allowed = METHODS if "*" in methods else frozenset(m.upper() for m in methods)
+    paths = []
+    for item in _required(node, f, "paths").sequence():
+        paths.append(_path_pattern(item))
+    if not paths:
+        raise f["paths"].error("must list at least one path pattern (use '/**' for any)")
+    return Grant(allowed, tuple(paths))
+
+
+def _path_pattern(node: _Node) -> tuple[str, ...]:
+    pattern = node.string()
+    if not pattern.startswith("/"):
+        raise node.error("must start with '/'")
+    segments = tuple(pattern[1:].split("/")) if pattern != "/" else ()
+    for seg in segments[:-1]:
+        if seg == "":
+            raise node.error("must not contain empty segments ('//')")
+    for seg in segments:
+        if seg in (".", "..") or "%" in seg or "\\" in seg:
+            raise node.error("must be a plain decoded path ('.', '..', '%', '\\' not allowed)")
+        if ("*" in seg and seg not in ("*", "**")) or any(ord(c) < 0x20 for c in seg):
+            raise node.error("'*' and '**' must be whole segments")
+    return segments
+
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)

@@ -1,0 +1,87 @@
+"""The errors keyproxy raises, and the one place they become HTTP statuses.
+
+    KeyproxyError
+    ├── ConfigError            bad configuration file (exit 2, never an HTTP answer)
+    ├── VaultError             Vault/OpenBao failed or refused; hvac errors become this
+    └── RequestError           stops a request; carries the status and a short reason code
+        ├── BadRequest         400  malformed request (bad path, bad X-Forwarded-For)
+        ├── Unauthenticated    401  no credential, or a credential that does not verify
+        ├── Forbidden          403  authenticated, but no policy allows this request
+        ├── NotFound           404  unknown route
+        ├── PayloadTooLarge    413  request body above the route's limit
+        ├── EgressDenied       502  upstream address refused by the egress fence
+        ├── BadGateway         502  upstream failed
+        ├── Unavailable        503  key not loaded or too stale (Vault unreachable)
+        └── GatewayTimeout     504  upstream connect or read timed out
+
+A `RequestError`'s message and reason are sent to the caller and logged, so they must never
+contain a key, a token, or anything derived from one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class KeyproxyError(Exception):
+    """Base of every error keyproxy raises on purpose."""
+
+
+class ConfigError(KeyproxyError):
+    """The configuration is invalid; `path` is the YAML path of the mistake."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+class VaultError(KeyproxyError):
+    """Vault or OpenBao could not be reached, or refused the operation."""
+
+
+class RequestError(KeyproxyError):
+    """Stops a request. `reason` is a short machine-readable code for the audit log."""
+
+    status: ClassVar[int] = 500
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.message = message or reason
+
+
+class BadRequest(RequestError):
+    status = 400
+
+
+class Unauthenticated(RequestError):
+    status = 401
+
+
+class Forbidden(RequestError):
+    status = 403
+
+
+class NotFound(RequestError):
+    status = 404
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+
+
+class BadGateway(RequestError):
+    status = 502
+
+
+class EgressDenied(BadGateway):
+    """The upstream resolved to an address the route does not allow."""
+
+
+class Unavailable(RequestError):
+    status = 503
+
+
+class GatewayTimeout(RequestError):
+    status = 504

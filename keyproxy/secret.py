@@ -1,0 +1,80 @@
+"""Secret values that redact themselves, and the registry the log scrubber reads.
+
+A `Secret` never shows its value through `repr`, `str` or formatting; code that needs the
+value calls `reveal()`, which makes every use easy to find. Each revealed form that can reach
+the wire (the raw key, and what injection derives from it, such as basic-auth base64) is
+registered with `register()` so the audit log's last-line-of-defence processor and the response
+scrubber can recognise it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Final
+
+REDACTED: Final = "[REDACTED]"
+
+
+class Secret:
+    """A secret string. Only `reveal()` returns the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not value:
+            # SECURITY: an empty key must never be injected; refuse to even hold one.
+            raise ValueError("a secret value must not be empty")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def fingerprint(self) -> str:
+        """A short, non-reversible identifier, safe to log and to compare."""
+        return fingerprint(self._value)
+
+    def __repr__(self) -> str:
+        return f"Secret({REDACTED})"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("Secret values cannot be pickled")
+
+
+def fingerprint(value: str) -> str:
+    """First 12 hex digits of SHA-256: enough to tell keys apart, useless to an attacker."""
+    return hashlib.sha256(value.encode()).hexdigest()[:12]
+
+
+class _Registry:
+    """Every secret form this process has handled, for scrubbing logs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: frozenset[str] = frozenset()
+
+    def register(self, *values: str) -> None:
+        # Very short values would redact ordinary words; keys are never that short.
+        new = {v for v in values if len(v) >= 8}
+        if new - self._values:
+            with self._lock:
+                self._values = self._values | new
+
+    def values(self) -> frozenset[str]:
+        return self._values
+
+
+_registry = _Registry()
+register = _registry.register
+known_values = _registry.values
