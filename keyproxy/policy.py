@@ -1,0 +1,205 @@
+"""Who may do what: deny by default, first allowing policy wins (invariant 1).
+
+    decide(policies, identity, route, method, segments, source) -> Decision
+    explain(...)                  -> [(policy name, "allowed" or the reason it stopped)]
+    match_path(pattern, segments) -> bool
+    client_address(peer, forwarded_for, trusted) -> the caller's address
+
+A policy is checked in five steps, and the denial reason names the furthest step any policy
+reached, so an operator learns the most useful thing:
+
+    no_policy_for_identity   no policy names this issuer, subject and claims
+    source_not_allowed       ... but the request came from outside its source_cidrs
+    route_not_granted        ... but it does not grant this route
+    method_not_allowed       ... but not this method (HEAD only if listed, or "*")
+    path_not_allowed         ... but no path pattern matches
+
+Subjects are fnmatch-style globs matched case-sensitively (`*`, `?`, `[...]`): a subject
+pattern of "*" means *any* subject, so such a policy is gated only by its issuers, claims and
+source networks. Claims compare exactly as text against top-level claims of the token (JSON
+true/false as "true"/"false"); a missing, list or object claim never matches. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from fnmatch import fnmatchcase
+from typing import Any
+
+from keyproxy.config import METHODS, Network, Policy
+from keyproxy.errors import BadRequest
+from keyproxy.identity import Identity
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str  # "allowed", or the denial reason code
+    policy: str | None  # the policy that allowed it
+
+
+class _Stage(IntEnum):
+    """How far a request got through one policy; higher is more specific."""
+
+    NO_POLICY_FOR_IDENTITY = 0
+    SOURCE_NOT_ALLOWED = 1
+    ROUTE_NOT_GRANTED = 2
+    METHOD_NOT_ALLOWED = 3
+    PATH_NOT_ALLOWED = 4
+    ALLOWED = 5
+
+    @property
+    def reason(self) -> str:
+        return self.name.lower()
+
+
+def decide(  # noqa: PLR0917  # the request's facts, in the order they are learnt
+    policies: Sequence[Policy],
+    identity: Identity,
+    route: str,
+    method: str,
+    segments: tuple[str, ...],
+    source: IPAddress,
+) -> Decision:
+    """Allow if some policy allows; otherwise deny with the most specific reason reached."""
+    furthest = _Stage.NO_POLICY_FOR_IDENTITY
+    for policy in policies:
+        stage = _evaluate(policy, identity, route, method, segments, source)
+        if stage is _Stage.ALLOWED:
+            return Decision(True, stage.reason, policy.name)
+        furthest = max(furthest, stage)
+    return Decision(False, furthest.reason, None)
+
+
+def explain(  # noqa: PLR0917  # the request's facts, in the order they are learnt
+    policies: Sequence[Policy],
+    identity: Identity,
+    route: str,
+    method: str,
+    segments: tuple[str, ...],
+    source: IPAddress,
+) -> list[tuple[str, str]]:
+    """Every policy with "allowed" or the reason it did not allow (the first "allowed" wins)."""
+    return [
+        (policy.name, _evaluate(policy, identity, route, method, segments, source).reason)
+        for policy in policies
+    ]
+
+
+def match_path(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
+    """Match decoded segments: "*" is one non-empty segment, "**" any number (0 or more).
+
+    Other pattern segments match exactly, so "/v1/" (a trailing "") matches only "/v1/",
+    "/v1/**" matches "/v1", "/v1/" and everything below, and "/" matches only the root.
+    """
+    # Wildcard matching with backtracking to the last "**" only: linear for one "**",
+    # O(len(pattern) * len(segments)) at worst, never exponential.
+    p = s = 0
+    star_p, star_s = -1, 0
+    while s < len(segments):
+        if p < len(pattern) and pattern[p] == "**":
+            star_p, star_s = p, s
+            p += 1
+        elif p < len(pattern) and _segment_matches(pattern[p], segments[s]):
+            p += 1
+            s += 1
+        elif star_p >= 0:
+            star_s += 1
+            p, s = star_p + 1, star_s
+        else:
+            return False
+    return all(part == "**" for part in pattern[p:])
+
+
+def client_address(
+    peer: str, forwarded_for: Sequence[str], trusted: Sequence[Network]
+) -> IPAddress:
+    """The caller's address: the TCP peer, or X-Forwarded-For as told by trusted proxies.
+
+    The header is read only when the peer is inside `trusted`, right to left, skipping
+    trusted hops; the first untrusted address is the caller (the leftmost if all are
+    trusted). Entries left of that one were written by the caller and are never read, so only
+    a malformed entry a trusted hop vouched for is a BadRequest("bad_forwarded_for"). Empty
+    list elements are ignored, as HTTP list syntax requires. Raises ValueError if `peer` is
+    not an IP address (the proxy listens on TCP only).
+    """
+    address = unmap(ipaddress.ip_address(peer))
+    if not _inside(address, trusted):
+        return address
+    entries = [e.strip() for value in forwarded_for for e in value.split(",") if e.strip()]
+    for entry in reversed(entries):
+        try:
+            address = unmap(ipaddress.ip_address(entry))
+        except ValueError:
+            raise BadRequest(
+                "bad_forwarded_for", "X-Forwarded-For holds an entry that is not an IP address"
+            ) from None
+        if not _inside(address, trusted):
+            return address
+    return address
+
+
+def unmap(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (::ffff:10.1.2.3) as the IPv4 address it is; others as is."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _evaluate(  # noqa: PLR0917  # the request's facts, in the order they are learnt
+    policy: Policy,
+    identity: Identity,
+    route: str,
+    method: str,
+    segments: tuple[str, ...],
+    source: IPAddress,
+) -> _Stage:
+    if not _identity_matches(policy, identity):
+        return _Stage.NO_POLICY_FOR_IDENTITY
+    if policy.source_cidrs and not _inside(unmap(source), policy.source_cidrs):
+        return _Stage.SOURCE_NOT_ALLOWED
+    grant = policy.allow.get(route)
+    if grant is None:
+        return _Stage.ROUTE_NOT_GRANTED
+    # Methods are case-sensitive (RFC 9110); config stores them upper-case and expands "*".
+    if method not in grant.methods and not ("*" in grant.methods and method in METHODS):
+        return _Stage.METHOD_NOT_ALLOWED
+    if not any(match_path(pattern, segments) for pattern in grant.paths):
+        return _Stage.PATH_NOT_ALLOWED
+    return _Stage.ALLOWED
+
+
+def _identity_matches(policy: Policy, identity: Identity) -> bool:
+    if policy.issuers and identity.issuer not in policy.issuers:
+        return False
+    # An empty subject is no identity at all, whatever "*" would say.
+    if not identity.subject:
+        return False
+    if not any(fnmatchcase(identity.subject, pattern) for pattern in policy.subjects):
+        return False
+    return all(
+        _claim_text(identity.claims.get(name)) == expected for name, expected in policy.claims
+    )
+
+
+def _claim_text(value: Any) -> str | None:
+    """A scalar claim as the text config compares with; None (never equal) for anything else."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        return str(value)
+    return None
+
+
+def _segment_matches(pattern: str, segment: str) -> bool:
+    return segment != "" if pattern == "*" else pattern == segment
+
+
+def _inside(address: IPAddress, networks: Sequence[Network]) -> bool:
+    # `in` is False across IP versions, so a v4 address never matches a v6 network.
+    return any(address in network for network in networks)

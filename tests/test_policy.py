@@ -1,0 +1,383 @@
+"""Policy decisions: deny by default, first allowing policy wins, most specific reason reported."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+
+from keyproxy.config import METHODS, Grant, Network, Policy
+from keyproxy.errors import BadRequest
+from keyproxy.identity import Identity
+from keyproxy.policy import Decision, client_address, decide, explain, match_path
+
+SA = "system:serviceaccount:agents:summarizer"
+HERE = ipaddress.ip_address("10.1.2.3")
+
+
+def net(*cidrs: str) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def pattern(text: str) -> tuple[str, ...]:
+    """The segments config.py compiles a path pattern into."""
+    return () if text == "/" else tuple(text[1:].split("/"))
+
+
+def grant(methods: str, *paths: str) -> Grant:
+    names = methods.split()
+    return Grant(METHODS if "*" in names else frozenset(names), tuple(map(pattern, paths)))
+
+
+def policy(name: str = "p", subjects: tuple[str, ...] = (SA,), **kw: Any) -> Policy:
+    kw.setdefault("allow", {"openai": grant("POST", "/v1/chat/completions")})
+    return Policy(name=name, subjects=subjects, **kw)
+
+
+def ident(subject: str = SA, issuer: str = "k8s", **claims: Any) -> Identity:
+    return Identity(issuer=issuer, subject=subject, claims=claims)
+
+
+def ask(
+    policies: list[Policy],
+    identity: Identity | None = None,
+    *,
+    route: str = "openai",
+    method: str = "POST",
+    path: str = "/v1/chat/completions",
+    source: str = "10.1.2.3",
+) -> Decision:
+    return decide(
+        policies,
+        identity or ident(),
+        route,
+        method,
+        pattern(path),
+        ipaddress.ip_address(source),
+    )
+
+
+@pytest.mark.parametrize(
+    ("pat", "path", "matches"),
+    [
+        ("/", "/", True),
+        ("/", "/v1", False),
+        ("/", "/v1/", False),
+        ("/v1/chat/completions", "/v1/chat/completions", True),
+        ("/v1/chat/completions", "/v1/chat", False),
+        ("/v1/chat/completions", "/v1/chat/completions/", False),
+        ("/v1/chat/completions", "/V1/chat/completions", False),
+        ("/v1/", "/v1/", True),
+        ("/v1/", "/v1", False),
+        ("/v1/*", "/v1/models", True),
+        ("/v1/*", "/v1/", False),
+        ("/v1/*", "/v1", False),
+        ("/v1/*", "/v1/models/gpt-4", False),
+        ("/v1/*/files", "/v1/abc/files", True),
+        ("/v1/*/files", "/v1/files", False),
+        ("/*", "/", False),
+        ("/*", "/x", True),
+        ("/**", "/", True),
+        ("/**", "/a/b/c/", True),
+        ("/v1/**", "/v1", True),
+        ("/v1/**", "/v1/", True),
+        ("/v1/**", "/v1/a/b", True),
+        ("/v1/**", "/v2/a", False),
+        ("/v1/**", "/", False),
+        ("/**/completions", "/completions", True),
+        ("/**/completions", "/v1/chat/completions", True),
+        ("/**/completions", "/v1/chat/completions/", False),
+        ("/v1/**/files/*", "/v1/files/x", True),
+        ("/v1/**/files/*", "/v1/a/b/files/x", True),
+        ("/v1/**/files/*", "/v1/a/b/files/", False),
+        ("/**/a/**/b", "/x/a/y/a/z/b", True),
+        ("/**/a/**/b", "/x/a/y/a/z/c", False),
+        ("/**/**", "/", True),
+        ("/a/**/**/b", "/a/b", True),
+    ],
+)
+def test_match_path(pat: str, path: str, matches: bool) -> None:
+    """'*' is one non-empty segment, '**' any number of segments, anything else exact."""
+    assert match_path(pattern(pat), pattern(path)) is matches
+
+
+def test_match_path_many_double_stars_is_fast() -> None:
+    """A pattern full of '**' against a long path is decided without exponential backtracking."""
+    pat = ("**", "a") * 30 + ("b",)
+    assert match_path(pat, ("a",) * 200 + ("c",)) is False
+
+
+@pytest.mark.parametrize(
+    ("subjects", "subject", "allowed"),
+    [
+        ((SA,), SA, True),
+        ((SA,), SA + "x", False),
+        ((SA,), SA.upper(), False),
+        (("system:serviceaccount:agents:*",), SA, True),
+        (("system:serviceaccount:agents:*",), "system:serviceaccount:other:summarizer", False),
+        (("system:serviceaccount:agents:summ?rizer",), SA, True),
+        (("system:serviceaccount:agents:[st]ummarizer",), SA, True),
+        (("repo:octo-org/*:ref:refs/heads/main",), "repo:octo-org/app:ref:refs/heads/main", True),
+        (("repo:octo-org/*:ref:refs/heads/main",), "repo:octo-org/app:ref:refs/heads/dev", False),
+        (("nope", SA), SA, True),
+        (("*",), "anyone-at-all", True),
+        (("*",), "", False),
+    ],
+)
+def test_subjects(subjects: tuple[str, ...], subject: str, allowed: bool) -> None:
+    """Subjects match exactly or as case-sensitive fnmatch globs; '*' is any non-empty subject."""
+    decision = ask([policy(subjects=subjects)], ident(subject))
+    assert decision.allowed is allowed
+    assert decision.reason == ("allowed" if allowed else "no_policy_for_identity")
+
+
+@pytest.mark.parametrize(
+    ("required", "claims", "allowed"),
+    [
+        ((("repository", "octo-org/app"),), {"repository": "octo-org/app"}, True),
+        ((("repository", "octo-org/app"),), {"repository": "octo-org/app2"}, False),
+        ((("repository", "octo-org/app"),), {"repository": "Octo-Org/App"}, False),
+        ((("repository", "octo-org/app"),), {}, False),
+        ((("repository", "octo-org/app"),), {"repository": ["octo-org/app"]}, False),
+        ((("repository", "octo-org/app"),), {"repository": None}, False),
+        (
+            (("repository", "octo-org/app"), ("ref", "refs/heads/main")),
+            {"repository": "octo-org/app", "ref": "refs/heads/dev"},
+            False,
+        ),
+        (
+            (("repository", "octo-org/app"), ("ref", "refs/heads/main")),
+            {"repository": "octo-org/app", "ref": "refs/heads/main", "actor": "x"},
+            True,
+        ),
+        ((("ci", "true"),), {"ci": True}, True),
+        ((("ci", "true"),), {"ci": False}, False),
+        ((("ci", "false"),), {"ci": False}, True),
+        ((("ci", "true"),), {"ci": "true"}, True),
+        ((("ci", "true"),), {"ci": 1}, False),
+        ((("run", "42"),), {"run": 42}, True),
+        ((("run", "42"),), {"run": 42.0}, False),
+        ((("groups", "admins"),), {"groups": ["admins"]}, False),
+        ((("groups", "admins"),), {"groups": {"admins": True}}, False),
+    ],
+)
+def test_claims(
+    required: tuple[tuple[str, str], ...], claims: dict[str, Any], allowed: bool
+) -> None:
+    """Every required claim must be present and equal as text; lists and objects never match."""
+    decision = ask([policy(claims=required)], ident(**claims))
+    assert decision.allowed is allowed
+
+
+@pytest.mark.parametrize(
+    ("issuers", "issuer", "allowed"),
+    [
+        ((), "k8s", True),
+        ((), "github", True),
+        (("k8s",), "k8s", True),
+        (("k8s",), "github", False),
+        (("github", "k8s"), "k8s", True),
+    ],
+)
+def test_issuers(issuers: tuple[str, ...], issuer: str, allowed: bool) -> None:
+    """A policy with issuers applies only to identities from one of them; none means any."""
+    decision = ask([policy(issuers=issuers)], ident(issuer=issuer))
+    assert decision.allowed is allowed
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "source", "allowed"),
+    [
+        ((), "203.0.113.9", True),
+        (("10.0.0.0/8",), "10.1.2.3", True),
+        (("10.0.0.0/8",), "11.1.2.3", False),
+        (("10.0.0.0/8",), "::ffff:10.1.2.3", True),
+        (("10.0.0.0/8",), "::ffff:11.1.2.3", False),
+        (("10.0.0.0/8",), "fd00::1", False),
+        (("fd00::/8",), "fd00::1", True),
+        (("fd00::/8",), "fe80::1", False),
+        (("fd00::/8",), "10.1.2.3", False),
+        (("192.168.0.0/16", "fd00::/8"), "fd12::5", True),
+        (("::ffff:0:0/96",), "10.1.2.3", False),
+    ],
+)
+def test_source_cidrs(cidrs: tuple[str, ...], source: str, allowed: bool) -> None:
+    """source_cidrs restricts the caller's address; IPv4-mapped IPv6 counts as its IPv4."""
+    decision = ask([policy(source_cidrs=net(*cidrs))], source=source)
+    assert decision.allowed is allowed
+    assert decision.reason == ("allowed" if allowed else "source_not_allowed")
+
+
+@pytest.mark.parametrize(
+    ("methods", "method", "allowed"),
+    [
+        ("POST", "POST", True),
+        ("POST", "GET", False),
+        ("POST", "post", False),
+        ("GET", "HEAD", False),
+        ("GET HEAD", "HEAD", True),
+        ("*", "HEAD", True),
+        ("*", "DELETE", True),
+        ("*", "PROPFIND", False),
+        ("GET POST", "POST", True),
+    ],
+)
+def test_methods(methods: str, method: str, allowed: bool) -> None:
+    """Only listed methods are allowed, compared case-sensitively; HEAD needs listing or '*'."""
+    pol = policy(allow={"openai": grant(methods, "/**")})
+    decision = ask([pol], method=method)
+    assert decision.allowed is allowed
+    assert decision.reason == ("allowed" if allowed else "method_not_allowed")
+
+
+def test_grant_with_literal_star_method() -> None:
+    """A Grant built with a literal '*' (not via config) still means any known method."""
+    pol = policy(allow={"openai": Grant(frozenset({"*"}), (("**",),))})
+    assert ask([pol], method="HEAD").allowed
+    assert not ask([pol], method="BREW").allowed
+
+
+@pytest.mark.parametrize(
+    ("paths", "path", "allowed"),
+    [
+        (("/v1/chat/completions",), "/v1/chat/completions", True),
+        (("/v1/chat/completions",), "/v1/chat/completions/", False),
+        (("/v1/chat/completions",), "/v1/embeddings", False),
+        (("/v1/chat/completions", "/v1/embeddings"), "/v1/embeddings", True),
+        (("/v1/files/*",), "/v1/files/file-abc", True),
+        (("/v1/files/*",), "/v1/files/", False),
+        (("/v1/**",), "/v1/anything/at/all", True),
+        (("/v1/**",), "/v2/x", False),
+        (("/",), "/", True),
+        (("/",), "/v1", False),
+        (("/**",), "/", True),
+    ],
+)
+def test_paths(paths: tuple[str, ...], path: str, allowed: bool) -> None:
+    """Some path pattern of the grant must match the normalised segments."""
+    pol = policy(allow={"openai": grant("POST", *paths)})
+    decision = ask([pol], path=path)
+    assert decision.allowed is allowed
+    assert decision.reason == ("allowed" if allowed else "path_not_allowed")
+
+
+def test_no_policies_denies() -> None:
+    """With no policies at all, everything is denied (deny by default)."""
+    assert ask([]) == Decision(False, "no_policy_for_identity", None)
+
+
+def test_route_not_granted() -> None:
+    """A matching identity on a route its policy does not name is route_not_granted."""
+    assert ask([policy()], route="anthropic") == Decision(False, "route_not_granted", None)
+
+
+def test_allowed_names_the_policy() -> None:
+    """An allowed decision names the policy that allowed it."""
+    assert ask([policy("summarizer")]) == Decision(True, "allowed", "summarizer")
+
+
+OTHER = "system:serviceaccount:agents:other"
+POLICIES = [
+    policy("wrong-subject", subjects=(OTHER,)),
+    policy("wrong-source", source_cidrs=net("192.168.0.0/16")),
+    policy("other-route", allow={"anthropic": grant("*", "/**")}),
+    policy("get-only", allow={"openai": grant("GET", "/**")}),
+    policy("embeddings", allow={"openai": grant("POST", "/v1/embeddings")}),
+    policy("chat", allow={"openai": grant("POST", "/v1/chat/**")}),
+    policy("chat-again", allow={"openai": grant("POST", "/v1/chat/**")}),
+]
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [
+        (1, Decision(False, "no_policy_for_identity", None)),
+        (2, Decision(False, "source_not_allowed", None)),
+        (3, Decision(False, "route_not_granted", None)),
+        (4, Decision(False, "method_not_allowed", None)),
+        (5, Decision(False, "path_not_allowed", None)),
+        (6, Decision(True, "allowed", "chat")),
+        (7, Decision(True, "allowed", "chat")),
+    ],
+)
+def test_multiple_policies_report_furthest_reason(count: int, expected: Decision) -> None:
+    """Across policies the most specific denial wins, and the first allowing policy is named."""
+    assert ask(POLICIES[:count]) == expected
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_reason_does_not_depend_on_policy_order(order: int) -> None:
+    """The denial reason is the furthest stage reached, whatever order the policies are in."""
+    assert ask(POLICIES[:5][::order]).reason == "path_not_allowed"
+
+
+def test_explain_lists_every_policy() -> None:
+    """explain gives each policy's own outcome, in order, including every allowing one."""
+    assert explain(POLICIES, ident(), "openai", "POST", ("v1", "chat", "completions"), HERE) == [
+        ("wrong-subject", "no_policy_for_identity"),
+        ("wrong-source", "source_not_allowed"),
+        ("other-route", "route_not_granted"),
+        ("get-only", "method_not_allowed"),
+        ("embeddings", "path_not_allowed"),
+        ("chat", "allowed"),
+        ("chat-again", "allowed"),
+    ]
+
+
+TRUSTED = net("10.0.0.0/8", "fd00::/8")
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        # untrusted peer: the header is ignored entirely, even when malformed
+        ("203.0.113.7", [], "203.0.113.7"),
+        ("203.0.113.7", ["198.51.100.1"], "203.0.113.7"),
+        ("203.0.113.7", ["not-an-ip, 10.0.0.1"], "203.0.113.7"),
+        ("::ffff:203.0.113.7", ["198.51.100.1"], "203.0.113.7"),
+        # trusted peer: right to left, skipping trusted hops
+        ("10.0.0.1", [], "10.0.0.1"),
+        ("10.0.0.1", ["198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.1", ["1.1.1.1, 198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.1", ["1.1.1.1, 198.51.100.1, 10.9.9.9"], "198.51.100.1"),
+        ("10.0.0.1", ["1.1.1.1", "198.51.100.1", "10.9.9.9"], "198.51.100.1"),
+        ("10.0.0.1", ["1.1.1.1, 198.51.100.1", "10.9.9.9, 10.8.8.8"], "198.51.100.1"),
+        ("10.0.0.1", ["10.5.5.5, 10.9.9.9"], "10.5.5.5"),
+        ("::ffff:10.0.0.1", ["198.51.100.1"], "198.51.100.1"),
+        ("fd00::1", ["2001:db8::5, fd00::9"], "2001:db8::5"),
+        ("10.0.0.1", ["::ffff:198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.1", ["::ffff:10.3.3.3, 198.51.100.1"], "198.51.100.1"),
+        ("10.0.0.1", ["  198.51.100.1  ,10.2.2.2 "], "198.51.100.1"),
+        ("10.0.0.1", ["198.51.100.1,,10.2.2.2,"], "198.51.100.1"),
+        ("10.0.0.1", [""], "10.0.0.1"),
+        # entries left of the caller were written by the caller and are never read
+        ("10.0.0.1", ["garbage, 198.51.100.1"], "198.51.100.1"),
+    ],
+)
+def test_client_address(peer: str, forwarded: list[str], expected: str) -> None:
+    """X-Forwarded-For is believed only from trusted peers, read right to left past them."""
+    assert client_address(peer, forwarded, TRUSTED) == ipaddress.ip_address(expected)
+
+
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        ["not-an-ip"],
+        ["198.51.100.1:443"],
+        ["[2001:db8::1]"],
+        ["unknown, 10.2.2.2"],
+        ["198.51.100.1, 10.2.2.2", "bogus"],
+        ["10.0.0.256"],
+    ],
+)
+def test_client_address_refuses_malformed_trusted_entries(forwarded: list[str]) -> None:
+    """A malformed entry reached behind a trusted peer is a BadRequest("bad_forwarded_for")."""
+    with pytest.raises(BadRequest) as caught:
+        client_address("10.0.0.1", forwarded, TRUSTED)
+    assert caught.value.reason == "bad_forwarded_for"
+
+
+def test_client_address_without_trusted_proxies() -> None:
+    """With no trusted proxies configured, the peer is always the caller."""
+    assert client_address("10.0.0.1", ["198.51.100.1"], ()) == ipaddress.ip_address("10.0.0.1")
