@@ -1,0 +1,493 @@
+"""Talk to Vault/OpenBao, and keep every route's key in memory.
+
+This is the only module that imports hvac. hvac is synchronous and untyped, so every call runs
+in a worker thread (`asyncio.to_thread`) and every hvac or requests exception becomes
+`keyproxy.errors.VaultError`, raised `from None` so the hvac exception (which carries the
+response body) is never chained into a traceback:
+
+    VaultError
+    ├── SecretNotFound     the KV path (or its latest version) does not exist
+    └── CasConflict        a check-and-set write lost the race
+
+`Vault` logs in (token, AppRole, Kubernetes or JWT auth), reads and writes KV v2, and keeps its
+token alive. A call refused with 401/403 checks whether the token is still valid; if not it logs
+in again once and retries once. `KeyCache` holds the current `KeyVersion` of every route,
+refreshed in the background, so the proxy's hot path (`KeyCache.get`) does no I/O.
+
+SECURITY: tokens, secret_ids, JWTs and key values never appear in a log event or an exception
+message. Key values are wrapped in `Secret` and registered with the log scrubber as they load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+import structlog
+from requests.adapters import HTTPAdapter
+
+from keyproxy import secret
+from keyproxy.config import Route, SecretRef, VaultConfig
+from keyproxy.errors import Unavailable, VaultError
+from keyproxy.secret import REDACTED, Secret
+
+T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+K8S_JWT_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+CONCURRENCY = 16
+# A token with no TTL (a root or periodic-less service token) is still checked now and then, so
+# a revoked one is replaced before a request finds out.
+_CHECK_INTERVAL = 60.0
+_MIN_DELAY = 1.0
+_BACKOFF = (1.0, 30.0)
+
+
+class SecretNotFound(VaultError):
+    """The KV v2 path does not exist, or its latest version is deleted or destroyed."""
+
+
+class CasConflict(VaultError):
+    """A check-and-set write was refused: the secret changed since it was read."""
+
+
+class _TokenRejected(VaultError):
+    """Vault answered 401/403: the token is invalid, or lacks a permission."""
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    """A route's key and the KV v2 version it was read from. Its repr shows no value."""
+
+    secret: Secret
+    version: int
+
+
+class Vault:
+    """An authenticated Vault/OpenBao client whose every method is a coroutine."""
+
+    def __init__(self, cfg: VaultConfig, env: Mapping[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self._env = os.environ if env is None else env
+        verify: bool | str = str(cfg.ca_cert) if cfg.ca_cert else cfg.tls_verify
+        # Two clients: `_client` carries the token; `_anon` never holds one, so a login request
+        # never presents a stale token and health checks need none.
+        self._client = _client(cfg, verify)
+        self._anon = _client(cfg, verify)
+        self._lock = asyncio.Lock()
+        self._generation = 0  # bumped on every login, so concurrent 403s log in only once
+        self._ttl = 0.0  # seconds granted at the last login or renewal; 0 = never expires
+        self._renewable = False
+        self._since: float | None = None  # monotonic time of the last login or renewal
+        self._login_ttl = 0.0
+
+    # ------------------------------------------------------------------ authentication
+
+    async def login(self) -> None:
+        """Log in with the configured method, replacing any current token."""
+        async with self._lock:
+            await self._login_locked()
+
+    async def _login_locked(self) -> None:
+        auth = self.cfg.auth
+        what = f"Vault login ({auth.method} at auth/{auth.mount})"
+        if auth.method == "token":
+            token = await asyncio.to_thread(self._configured_token)
+            self._client.token = token
+            info = await self._run(what, lambda c: c.auth.token.lookup_self())
+            data = info.get("data") or {}
+            ttl, renewable = float(data.get("ttl") or 0), bool(data.get("renewable"))
+        else:
+            response = await self._run(what, self._login_request, client=self._anon)
+            auth_info = response.get("auth") or {}
+            issued = auth_info.get("client_token")
+            if not isinstance(issued, str) or not issued:
+                raise VaultError(f"{what}: the response carried no token")
+            secret.register(issued)
+            self._client.token = issued
+            ttl = float(auth_info.get("lease_duration") or 0)
+            renewable = bool(auth_info.get("renewable"))
+        self._set_lease(ttl, renewable)
+        self._login_ttl = ttl
+        self._generation += 1
+        log.info("vault.login", method=auth.method, mount=auth.mount, ttl=ttl, renewable=renewable)
+
+    def _configured_token(self) -> str:
+        """The token for method "token": token_file, else BAO_TOKEN, else VAULT_TOKEN."""
+        file = self.cfg.auth.token_file
+        if file is not None:
+            token = _read_credential(file, "token_file")
+        else:
+            token = self._env.get("BAO_TOKEN") or self._env.get("VAULT_TOKEN") or ""
+        if not token:
+            raise VaultError("Vault login (token): set vault.auth.token_file, or BAO_TOKEN")
+        secret.register(token)
+        return token
+
+    def _login_request(self, client: Any) -> Any:
+        """Runs in a worker thread: read the credentials and send the login request."""
+        auth = self.cfg.auth
+        if auth.method == "approle":
+            role_id = auth.role_id
+            if role_id is None:
+                assert auth.role_id_file is not None  # config guarantees one of the two
+                role_id = _read_credential(auth.role_id_file, "role_id_file")
+            assert auth.secret_id_file is not None  # config requires it for approle
+            secret_id = _read_credential(auth.secret_id_file, "secret_id_file")
+            secret.register(secret_id)
+            return client.auth.approle.login(
+                role_id, secret_id, use_token=False, mount_point=auth.mount
+            )
+        jwt = _read_credential(auth.jwt_file or K8S_JWT_FILE, "jwt_file")
+        secret.register(jwt)
+        if auth.method == "kubernetes":
+            return client.auth.kubernetes.login(
+                auth.role, jwt, use_token=False, mount_point=auth.mount
+            )
+        return client.auth.jwt.jwt_login(auth.role, jwt, use_token=False, path=auth.mount)
+
+    def _set_lease(self, ttl: float, renewable: bool) -> None:
+        self._ttl, self._renewable, self._since = ttl, renewable, time.monotonic()
+
+    @property
+    def token_expires_in(self) -> float | None:
+        """Seconds until the current token expires as last granted; None if it never does."""
+        if self._since is None or self._ttl <= 0:
+            return None
+        return self._since + self._ttl - time.monotonic()
+
+    # ------------------------------------------------------------------ calls
+
+    async def _run(self, what: str, call: Callable[[Any], T], client: Any = None) -> T:
+        """Run `call(client)` in a worker thread, turning every failure into a VaultError."""
+        return await asyncio.to_thread(
+            _converted, what, self.cfg.addr, call, self._client if client is None else client
+        )
+
+    async def _call(self, what: str, call: Callable[[Any], T]) -> T:
+        """`_run`, but a refused token is replaced once (log in again) and the call retried."""
+        generation = self._generation
+        try:
+            return await self._run(what, call)
+        except _TokenRejected as exc:
+            await self._recover(generation, exc)
+        return await self._run(what, call)
+
+    async def _recover(self, generation: int, refused: _TokenRejected) -> None:
+        async with self._lock:
+            if self._generation != generation:
+                return  # another call already logged in again
+            try:
+                await self._run("token lookup", lambda c: c.auth.token.lookup_self())
+            except _TokenRejected:
+                log.warning("vault.token_rejected", method=self.cfg.auth.method)
+                await self._login_locked()
+                return
+            # The token is valid, so the refusal is a policy decision: retrying cannot help.
+            raise refused
+
+    # ------------------------------------------------------------------ KV v2
+
+    async def read_kv(self, mount: str, path: str) -> tuple[dict[str, Any], int]:
+        """The latest version of a KV v2 secret: its data and version number."""
+        response = await self._call(
+            f"read {mount}/{path}",
+            lambda c: c.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=mount, raise_on_deleted_version=True
+            ),
+        )
+        body = response.get("data") if isinstance(response, dict) else None
+        data = body.get("data") if isinstance(body, dict) else None
+        metadata = body.get("metadata") if isinstance(body, dict) else None
+        version = metadata.get("version") if isinstance(metadata, dict) else None
+        if not isinstance(data, dict) or not isinstance(version, int):
+            raise VaultError(f"read {mount}/{path}: not a KV v2 secret")
+        return data, version
+
+    async def write_kv(
+        self, mount: str, path: str, data: Mapping[str, Any], cas: int | None = None
+    ) -> int:
+        """Write a new version (only if the current one is `cas`, when given); its number."""
+        response = await self._call(
+            f"write {mount}/{path}",
+            lambda c: c.secrets.kv.v2.create_or_update_secret(
+                path=path, secret=dict(data), cas=cas, mount_point=mount
+            ),
+        )
+        body = response.get("data") if isinstance(response, dict) else None
+        version = body.get("version") if isinstance(body, dict) else None
+        if not isinstance(version, int):
+            raise VaultError(f"write {mount}/{path}: no version in the response")
+        return version
+
+    async def read_key(self, ref: SecretRef) -> KeyVersion:
+        """A route's key. Refuses (VaultError) a missing, non-string or empty field."""
+        data, version = await self.read_kv(ref.mount, ref.path)
+        where = f"{ref.mount}/{ref.path} (version {version})"
+        if ref.field not in data:
+            raise VaultError(f"{where} has no field {ref.field!r}")
+        value = data[ref.field]
+        if not isinstance(value, str):
+            raise VaultError(f"{where}: field {ref.field!r} is not a string")
+        if not value:
+            # SECURITY: an empty key must never be injected (invariant 8).
+            raise VaultError(f"{where}: field {ref.field!r} is empty")
+        secret.register(value)
+        return KeyVersion(Secret(value), version)
+
+    # ------------------------------------------------------------------ health and token
+
+    async def healthy(self) -> bool:
+        """Vault answers sys/health, is initialised and unsealed (a standby counts)."""
+        try:
+            status = await self._run(
+                "health",
+                lambda c: c.sys.read_health_status(method="GET", standby_ok=True),
+                client=self._anon,
+            )
+        except VaultError:
+            return False
+        return (
+            isinstance(status, dict)
+            and status.get("initialized") is True
+            and status.get("sealed") is False
+        )
+
+    async def maintain_token(self) -> None:
+        """Keep the token valid until cancelled: renew it at 2/3 of its TTL when renewable,
+        log in again when renewal fails, is refused or cannot extend it. Errors back off
+        exponentially (1 s to 30 s) and never end the loop."""
+        backoff = _BACKOFF[0]
+        delay = self._next_maintenance()
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._maintain_once()
+            except VaultError as exc:
+                log.warning("vault.token_maintenance_failed", error=str(exc), retry_in=backoff)
+                delay, backoff = backoff, min(backoff * 2, _BACKOFF[1])
+            else:
+                backoff = _BACKOFF[0]
+                delay = self._next_maintenance()
+
+    def _next_maintenance(self) -> float:
+        if self._since is None:
+            return 0.0
+        if self._ttl <= 0:
+            return _CHECK_INTERVAL
+        return max(_MIN_DELAY, self._since + self._ttl * 2 / 3 - time.monotonic())
+
+    async def _maintain_once(self) -> None:
+        async with self._lock:
+            if self._since is None:
+                await self._login_locked()
+            elif self._ttl <= 0:
+                await self._check_or_login()
+            elif self._renewable:
+                await self._renew_or_login()
+            else:
+                await self._login_locked()
+
+    async def _check_or_login(self) -> None:
+        try:
+            await self._run("token lookup", lambda c: c.auth.token.lookup_self())
+        except _TokenRejected:
+            await self._login_locked()
+
+    async def _renew_or_login(self) -> None:
+        try:
+            response = await self._run("token renewal", lambda c: c.auth.token.renew_self())
+        except VaultError as exc:
+            log.info("vault.token_renewal_failed", error=str(exc))
+            await self._login_locked()
+            return
+        auth = (response.get("auth") if isinstance(response, dict) else None) or {}
+        ttl = float(auth.get("lease_duration") or 0)
+        self._set_lease(ttl, bool(auth.get("renewable")))
+        log.info("vault.token_renewed", ttl=ttl)
+        if self.cfg.auth.method != "token" and ttl < self._login_ttl / 3:
+            # Renewal is capped by the token's max TTL: a fresh login restores the full TTL.
+            await self._login_locked()
+
+    def close(self) -> None:
+        """Close the HTTP connection pools. The object must not be used afterwards."""
+        self._client.adapter.close()
+        self._anon.adapter.close()
+
+
+def _client(cfg: VaultConfig, verify: bool | str) -> Any:
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=CONCURRENCY)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    # token="" stops hvac from reading VAULT_TOKEN or ~/.vault-token on its own.
+    return hvac.Client(url=cfg.addr, token="", verify=verify, timeout=cfg.timeout, session=session)
+
+
+def _read_credential(path: Path, name: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise VaultError(f"cannot read vault.auth.{name} {path}: {exc.strerror}") from None
+    if not value:
+        raise VaultError(f"vault.auth.{name} {path} is empty")
+    return value
+
+
+def _converted(what: str, addr: str, call: Callable[[Any], T], client: Any) -> T:
+    """Runs in a worker thread: `call(client)`, every hvac/requests error made a VaultError."""
+    try:
+        return call(client)
+    except (hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as exc:
+        raise _TokenRejected(f"{what}: {_vault_message(exc)}") from None
+    except hvac.exceptions.InvalidPath:
+        raise SecretNotFound(f"{what}: not found") from None
+    except hvac.exceptions.InvalidRequest as exc:
+        message = _vault_message(exc)
+        kind = CasConflict if "check-and-set" in message else VaultError
+        raise kind(f"{what}: {message}") from None
+    except hvac.exceptions.VaultError as exc:
+        raise VaultError(f"{what}: {type(exc).__name__}: {_vault_message(exc)}") from None
+    except requests.RequestException as exc:
+        raise VaultError(f"{what}: cannot reach Vault at {addr} ({type(exc).__name__})") from None
+
+
+def _vault_message(exc: Exception) -> str:
+    """Vault's own error text, cut short, with every known secret value scrubbed out."""
+    text = str(exc.args[0]) if exc.args else type(exc).__name__
+    for value in secret.known_values():
+        text = text.replace(value, REDACTED)
+    return text[:300]
+
+
+# ---------------------------------------------------------------------------- the key cache
+
+
+@dataclass
+class _Entry:
+    key: KeyVersion | None = None
+    loaded_at: float | None = None  # clock() of the last successful read
+    error: str | None = None  # the last failure, cleared by a success
+    error_at: float | None = None
+
+
+class KeyCache:
+    """The current key of every route, refreshed in the background; `get` does no I/O."""
+
+    def __init__(
+        self,
+        vault: Vault,
+        routes: Mapping[str, Route],
+        refresh_interval: float,
+        max_staleness: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._vault = vault
+        self._refs = {name: route.secret for name, route in routes.items()}
+        self._entries = {ref: _Entry() for ref in self._refs.values()}
+        self._interval = refresh_interval
+        self._max_staleness = max_staleness
+        self._clock = clock
+
+    async def load_all(self) -> None:
+        """Read every distinct secret once (at most 16 at a time). Failures are recorded
+        per secret, never raised: the last good key keeps serving until it is too stale."""
+        limit = asyncio.Semaphore(CONCURRENCY)
+
+        async def load(ref: SecretRef) -> None:
+            async with limit:
+                await self._load(ref)
+
+        await _gather(load(ref) for ref in self._entries)
+
+    async def _load(self, ref: SecretRef) -> None:
+        entry = self._entries[ref]
+        try:
+            key = await self._vault.read_key(ref)
+        except VaultError as exc:
+            if str(exc) != entry.error:  # once per distinct failure, not every refresh
+                log.warning(
+                    "key_cache.read_failed", secret=f"{ref.mount}/{ref.path}", error=str(exc)
+                )
+            entry.error, entry.error_at = str(exc), self._clock()
+            return
+        if entry.error is not None:
+            log.info("key_cache.read_recovered", secret=f"{ref.mount}/{ref.path}")
+        if entry.key is None or entry.key.version != key.version:
+            log.info(
+                "key_cache.key_loaded",
+                secret=f"{ref.mount}/{ref.path}",
+                field=ref.field,
+                version=key.version,
+                fingerprint=key.secret.fingerprint(),
+            )
+        entry.key, entry.loaded_at, entry.error, entry.error_at = key, self._clock(), None, None
+
+    async def run(self) -> None:
+        """Refresh every `refresh_interval` seconds until cancelled."""
+        while True:
+            await self.load_all()
+            await asyncio.sleep(self._interval)
+
+    def get(self, route: str) -> KeyVersion:
+        """The key to inject for `route`. Raises Unavailable("key_unavailable") if it was never
+        loaded, Unavailable("key_stale") if the last good read is older than max_staleness."""
+        ref = self._refs.get(route)
+        entry = self._entries[ref] if ref is not None else None
+        if entry is None or entry.key is None or entry.loaded_at is None:
+            raise Unavailable("key_unavailable", "the key for this route is not loaded")
+        if self._clock() - entry.loaded_at > self._max_staleness:
+            # SECURITY: a key that may have been rotated and revoked is not injected (inv. 8).
+            raise Unavailable("key_stale", "the key for this route could not be refreshed")
+        return entry.key
+
+    def ready(self) -> bool:
+        """Every route has a key that is not stale."""
+        now = self._clock()
+        return all(
+            e.loaded_at is not None and now - e.loaded_at <= self._max_staleness
+            for e in self._entries.values()
+        )
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per route: where its key lives, version, fingerprint, age of the last good read,
+        and the last error. Never a key value."""
+        now = self._clock()
+        out: dict[str, dict[str, Any]] = {}
+        for route, ref in self._refs.items():
+            e = self._entries[ref]
+            out[route] = {
+                "secret": f"{ref.mount}/{ref.path}",
+                "field": ref.field,
+                "version": e.key.version if e.key else None,
+                "fingerprint": e.key.secret.fingerprint() if e.key else None,
+                "age": None if e.loaded_at is None else now - e.loaded_at,
+                "fresh": e.loaded_at is not None and now - e.loaded_at <= self._max_staleness,
+                "last_error": e.error,
+                "last_error_age": None if e.error_at is None else now - e.error_at,
+            }
+        return out
+
+
+async def _gather(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
+    async with asyncio.TaskGroup() as group:
+        for coro in coros:
+            group.create_task(coro)
+
+
+__all__ = [
+    "CasConflict",
+    "KeyCache",
+    "KeyVersion",
+    "SecretNotFound",
+    "Vault",
+]

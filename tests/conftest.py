@@ -1,0 +1,99 @@
+"""Shared fixtures: a real OpenBao dev server, configured by the vault-dev/ scripts.
+
+- `openbao`: one server for the whole session, started and set up (`openbao.dev_setup`).
+  Tests share it, so each one keeps to its own KV paths (`kv_path`).
+- `fresh_openbao`: a server of its own, set up the same way, for tests that stop it.
+- `proxy_vault_config` / `root_vault_config`: `VaultConfig`s for the session server, logging
+  in as the proxy (AppRole, policy keyproxy-proxy) or with the root token (token_file).
+  For another server use `server.proxy_vault_config()` / `server.root_vault_config()`.
+- `root_vault`: a logged-in root `Vault` on the session server, for writing test data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from keyproxy import audit
+from keyproxy.config import VaultConfig
+from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.vault import Vault
+
+
+def _started(workdir: Path) -> OpenBaoDevServer:
+    server = OpenBaoDevServer(workdir)
+    server.start(timeout=30)
+    try:
+        server.setup()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoDevServer]:
+    """A started and set-up OpenBao dev server shared by the whole session."""
+    server = _started(tmp_path_factory.mktemp("openbao"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_openbao(tmp_path: Path) -> Iterator[OpenBaoDevServer]:
+    """A started and set-up OpenBao dev server for one test, which may stop it."""
+    server = _started(tmp_path / "openbao")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy_vault_config(openbao: OpenBaoDevServer) -> VaultConfig:
+    """VaultConfig for the session server, logging in as the proxy (AppRole)."""
+    return openbao.proxy_vault_config(refresh_interval=1.0, max_staleness=30.0)
+
+
+@pytest.fixture
+def root_vault_config(openbao: OpenBaoDevServer) -> VaultConfig:
+    """VaultConfig for the session server, logging in with the root token."""
+    return openbao.root_vault_config()
+
+
+@pytest.fixture
+async def root_vault(root_vault_config: VaultConfig) -> AsyncIterator[Vault]:
+    """A Vault logged in as root to the session server."""
+    vault = Vault(root_vault_config)
+    await vault.login()
+    try:
+        yield vault
+    finally:
+        vault.close()
+
+
+@pytest.fixture
+def kv_path() -> str:
+    """A KV path under secret/keyproxy/ that no other test uses."""
+    return f"keyproxy/test/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where every log of the session goes: the in-process audit log and subprocess output.
+    tests/test_zz_logscan.py reads all of it at the end of the run."""
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def audit_log(log_dir: Path) -> Iterator[Path]:
+    """The session's audit log file: keyproxy's structlog output for in-process servers."""
+    path = log_dir / "audit.jsonl"
+    with path.open("a", encoding="utf-8", buffering=1) as stream:
+        audit.configure(stream, level="debug")
+        yield path

@@ -1,0 +1,531 @@
+"""keyproxy.vault against a real OpenBao dev server configured by the vault-dev/ scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from structlog.testing import capture_logs
+
+from keyproxy.config import Injection, Route, SecretRef, Upstream, VaultAuth, VaultConfig
+from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.errors import Unavailable, VaultError
+from keyproxy.secret import Secret
+from keyproxy.vault import CasConflict, KeyCache, KeyVersion, SecretNotFound, Vault
+
+POLL = 0.05
+VAULT_TOKEN = re.compile(r"\b(hv)?[sbr]\.[A-Za-z0-9]{20,}")  # OpenBao/Vault token formats
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def route(name: str, ref: SecretRef) -> Route:
+    return Route(
+        name=name,
+        upstream=Upstream("https", "api.example.com", 443, ""),
+        secret=ref,
+        inject=(Injection("header", "Authorization", "Bearer {key}"),),
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """Poll `check` until it is true; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within:g}s waiting for {what}")
+        await asyncio.sleep(POLL)
+
+
+@contextlib.contextmanager
+def vault_of(cfg: VaultConfig) -> Iterator[Vault]:
+    vault = Vault(cfg)
+    try:
+        yield vault
+    finally:
+        vault.close()
+
+
+@contextlib.asynccontextmanager
+async def background(coro: Awaitable[None]) -> Any:
+    task = asyncio.ensure_future(coro)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def create_token(server: OpenBaoDevServer, *args: str) -> tuple[str, str]:
+    """A new token from root (policy keyproxy-proxy): (token, accessor)."""
+    out = json.loads(server.bao("token", "create", "-format=json", "-policy=keyproxy-proxy", *args))
+    return out["auth"]["client_token"], out["auth"]["accessor"]
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    path.write_text(value, encoding="utf-8")
+    path.chmod(0o600)
+
+
+# ---------------------------------------------------------------------------- login and reads
+
+
+async def test_token_login_reads_key_and_version(
+    openbao: OpenBaoDevServer, root_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """Token auth (token_file) reads a key's value and its KV v2 version."""
+    version = openbao.put_key(kv_path, "sk-token-login-0001")
+    with vault_of(root_vault_config) as vault:
+        await vault.login()
+        key = await vault.read_key(SecretRef("secret", kv_path, "api_key"))
+    assert key.secret.reveal() == "sk-token-login-0001"
+    assert key.version == version
+
+
+async def test_token_login_from_environment(openbao: OpenBaoDevServer, kv_path: str) -> None:
+    """Token auth without token_file takes BAO_TOKEN, then VAULT_TOKEN, from the environment."""
+    openbao.put_key(kv_path, "sk-token-env-0001")
+    cfg = VaultConfig(addr=openbao.addr, auth=VaultAuth(method="token", mount="token"))
+    for env in ({"BAO_TOKEN": openbao.root_token}, {"VAULT_TOKEN": openbao.root_token}):
+        vault = Vault(cfg, env=env)
+        try:
+            await vault.login()
+            key = await vault.read_key(SecretRef("secret", kv_path, "api_key"))
+        finally:
+            vault.close()
+        assert key.secret.reveal() == "sk-token-env-0001"
+    with pytest.raises(VaultError, match="BAO_TOKEN"):
+        await Vault(cfg, env={}).login()
+
+
+async def test_approle_login_reads_key(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """The proxy's AppRole from setup.sh logs in and reads keys under secret/keyproxy/."""
+    openbao.put_key(kv_path, "sk-approle-0001")
+    version = openbao.put_key(kv_path, "sk-approle-0002")
+    with vault_of(proxy_vault_config) as vault:
+        await vault.login()
+        key = await vault.read_key(SecretRef("secret", kv_path, "api_key"))
+        expires_in = vault.token_expires_in
+    assert (key.secret.reveal(), key.version) == ("sk-approle-0002", version)
+    assert expires_in is not None
+    assert 3000 < expires_in <= 3600
+
+
+async def test_approle_login_with_inline_role_id(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """AppRole accepts role_id inline instead of role_id_file."""
+    openbao.put_key(kv_path, "sk-inline-role-0001")
+    role_id = openbao.dev_setup.role_id_file.read_text(encoding="utf-8").strip()
+    auth = replace(proxy_vault_config.auth, role_id=role_id, role_id_file=None)
+    with vault_of(replace(proxy_vault_config, auth=auth)) as vault:
+        await vault.login()
+        key = await vault.read_key(SecretRef("secret", kv_path, "api_key"))
+    assert key.secret.reveal() == "sk-inline-role-0001"
+
+
+async def test_proxy_policy_is_read_only_and_scoped(
+    root_vault: Vault, proxy_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """The proxy's token cannot write keys nor read outside secret/keyproxy/, and a policy
+    refusal does not make it log in again."""
+    await root_vault.write_kv("secret", "elsewhere/x", {"api_key": "sk-elsewhere-0001"})
+    with vault_of(proxy_vault_config) as vault:
+        await vault.login()
+        with capture_logs() as logs:
+            with pytest.raises(VaultError, match="permission denied"):
+                await vault.read_kv("secret", "elsewhere/x")
+            with pytest.raises(VaultError, match="permission denied"):
+                await vault.write_kv("secret", kv_path, {"api_key": "sk-nope-0001"})
+    assert not [e for e in logs if e["event"] == "vault.login"]
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "error"),
+    [
+        (None, "api_key", SecretNotFound),
+        ({"other": "sk-other-0001"}, "api_key", VaultError),
+        ({"api_key": ""}, "api_key", VaultError),
+        ({"api_key": 12345678}, "api_key", VaultError),
+        ({"api_key": None}, "api_key", VaultError),
+    ],
+    ids=["missing-path", "missing-field", "empty", "number", "null"],
+)
+async def test_read_key_refuses_missing_or_unusable_values(
+    root_vault: Vault, kv_path: str, data: dict[str, Any] | None, field: str, error: type[Exception]
+) -> None:
+    """read_key raises VaultError for a missing path or field, and for an empty or non-string
+    value: it never returns an empty key."""
+    if data is not None:
+        await root_vault.write_kv("secret", kv_path, data)
+    with pytest.raises(error):
+        await root_vault.read_key(SecretRef("secret", kv_path, field))
+
+
+async def test_read_kv_of_deleted_latest_version_is_not_found(
+    openbao: OpenBaoDevServer, root_vault: Vault, kv_path: str
+) -> None:
+    """A secret whose latest version is deleted reads as SecretNotFound, not as empty data."""
+    openbao.put_key(kv_path, "sk-deleted-0001")
+    openbao.bao("kv", "delete", "-mount=secret", kv_path)
+    with pytest.raises(SecretNotFound):
+        await root_vault.read_kv("secret", kv_path)
+
+
+async def test_write_kv_check_and_set(root_vault: Vault, kv_path: str) -> None:
+    """write_kv returns the new version; with cas it writes only over that exact version."""
+    assert await root_vault.write_kv("secret", kv_path, {"journal": "a"}, cas=0) == 1
+    with pytest.raises(CasConflict):
+        await root_vault.write_kv("secret", kv_path, {"journal": "b"}, cas=0)
+    assert await root_vault.write_kv("secret", kv_path, {"journal": "b"}, cas=1) == 2
+    with pytest.raises(CasConflict):
+        await root_vault.write_kv("secret", kv_path, {"journal": "c"}, cas=1)
+    assert await root_vault.write_kv("secret", kv_path, {"journal": "c"}) == 3
+    assert await root_vault.read_kv("secret", kv_path) == ({"journal": "c"}, 3)
+
+
+async def test_healthy_on_running_server(proxy_vault_config: VaultConfig) -> None:
+    """healthy() is true for a running, unsealed server, even before login."""
+    with vault_of(proxy_vault_config) as vault:
+        assert await vault.healthy()
+
+
+async def test_unreachable_vault_is_a_vault_error() -> None:
+    """Nothing listening: login and health fail as VaultError / False, without hanging."""
+    cfg = VaultConfig(
+        addr="http://127.0.0.1:9",
+        auth=VaultAuth(method="token", mount="token"),
+        timeout=2.0,
+    )
+    vault = Vault(cfg, env={"BAO_TOKEN": "hvs.not-a-real-token-0001"})
+    try:
+        assert not await vault.healthy()
+        with pytest.raises(VaultError, match="cannot reach Vault") as info:
+            await vault.login()
+    finally:
+        vault.close()
+    assert "not-a-real-token" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- re-login
+
+
+async def _revoke_tokens_with_policy(server: OpenBaoDevServer, policy: str) -> int:
+    accessors = json.loads(server.bao("list", "-format=json", "auth/token/accessors"))
+    revoked = 0
+    for accessor in accessors:
+        info = json.loads(server.bao("token", "lookup", "-format=json", "-accessor", accessor))
+        if policy in (info["data"].get("policies") or []):
+            server.bao("token", "revoke", "-accessor", accessor)
+            revoked += 1
+    return revoked
+
+
+async def test_approle_logs_in_again_after_token_revoked(fresh_openbao: OpenBaoDevServer) -> None:
+    """When the proxy's token is revoked, the next read logs in again and succeeds."""
+    fresh_openbao.put_key("keyproxy/keys/demo", "sk-relogin-0001")
+    ref = SecretRef("secret", "keyproxy/keys/demo", "api_key")
+    with vault_of(fresh_openbao.proxy_vault_config()) as vault:
+        await vault.login()
+        assert (await vault.read_key(ref)).secret.reveal() == "sk-relogin-0001"
+        assert await _revoke_tokens_with_policy(fresh_openbao, "keyproxy-proxy") == 1
+        with capture_logs() as logs:
+            key = await vault.read_key(ref)
+    assert key.secret.reveal() == "sk-relogin-0001"
+    events = [e["event"] for e in logs]
+    assert events.count("vault.token_rejected") == 1
+    assert events.count("vault.login") == 1
+
+
+async def test_concurrent_reads_after_revocation_log_in_once(
+    fresh_openbao: OpenBaoDevServer,
+) -> None:
+    """Many reads refused at once share a single new login."""
+    fresh_openbao.put_key("keyproxy/keys/demo", "sk-relogin-0002")
+    ref = SecretRef("secret", "keyproxy/keys/demo", "api_key")
+    with vault_of(fresh_openbao.proxy_vault_config()) as vault:
+        await vault.login()
+        await _revoke_tokens_with_policy(fresh_openbao, "keyproxy-proxy")
+        with capture_logs() as logs:
+            keys = await asyncio.gather(*(vault.read_key(ref) for _ in range(20)))
+    assert {k.secret.reveal() for k in keys} == {"sk-relogin-0002"}
+    assert [e["event"] for e in logs].count("vault.login") == 1
+
+
+async def test_token_method_rereads_token_file_after_revocation(
+    openbao: OpenBaoDevServer, tmp_path: Path, kv_path: str
+) -> None:
+    """With token auth, a refused token makes the proxy re-read token_file and retry."""
+    openbao.put_key(kv_path, "sk-token-file-0001")
+    ref = SecretRef("secret", kv_path, "api_key")
+    token_file = tmp_path / "token"
+    first, first_accessor = create_token(openbao)
+    write_secret_file(token_file, first)
+    cfg = VaultConfig(
+        addr=openbao.addr, auth=VaultAuth(method="token", mount="token", token_file=token_file)
+    )
+    with vault_of(cfg) as vault:
+        await vault.login()
+        assert (await vault.read_key(ref)).secret.reveal() == "sk-token-file-0001"
+        openbao.bao("token", "revoke", "-accessor", first_accessor)
+        second, _ = create_token(openbao)
+        write_secret_file(token_file, second)
+        assert (await vault.read_key(ref)).secret.reveal() == "sk-token-file-0001"
+
+
+# ---------------------------------------------------------------------------- token upkeep
+
+
+async def test_maintain_token_renews_before_expiry(
+    openbao: OpenBaoDevServer, tmp_path: Path
+) -> None:
+    """maintain_token renews a renewable token at about 2/3 of its TTL."""
+    token, accessor = create_token(openbao, "-ttl=5s", "-explicit-max-ttl=1h")
+    write_secret_file(tmp_path / "token", token)
+    cfg = VaultConfig(
+        addr=openbao.addr,
+        auth=VaultAuth(method="token", mount="token", token_file=tmp_path / "token"),
+    )
+
+    async def renewed() -> bool:
+        out = await asyncio.to_thread(
+            openbao.bao, "token", "lookup", "-format=json", "-accessor", accessor
+        )
+        return bool(json.loads(out)["data"].get("last_renewal_time"))
+
+    with vault_of(cfg) as vault:
+        await vault.login()
+        assert not await renewed()
+        async with background(vault.maintain_token()):
+            await eventually(renewed, 10, "the token to be renewed")
+
+
+async def test_maintain_token_logs_in_again_at_max_ttl(
+    openbao: OpenBaoDevServer, tmp_path: Path, kv_path: str
+) -> None:
+    """When renewal can no longer extend an AppRole token (max TTL), maintain_token logs in
+    again, so the proxy keeps a valid token without any request failing."""
+    role = f"auth/approle/role/short-{tmp_path.name[-8:]}"
+    openbao.bao("write", role, "token_policies=keyproxy-proxy", "token_ttl=3s", "token_max_ttl=4s")
+    write_secret_file(
+        tmp_path / "role-id", openbao.bao("read", "-field=role_id", f"{role}/role-id")
+    )
+    write_secret_file(
+        tmp_path / "secret-id", openbao.bao("write", "-f", "-field=secret_id", f"{role}/secret-id")
+    )
+    auth = VaultAuth(
+        method="approle",
+        mount="approle",
+        role_id_file=tmp_path / "role-id",
+        secret_id_file=tmp_path / "secret-id",
+    )
+    openbao.put_key(kv_path, "sk-short-ttl-0001")
+    with vault_of(VaultConfig(addr=openbao.addr, auth=auth)) as vault:
+        await vault.login()
+        with capture_logs() as logs:
+            async with background(vault.maintain_token()):
+
+                async def logged_in_again() -> bool:
+                    return any(e["event"] == "vault.login" for e in logs)
+
+                await eventually(logged_in_again, 10, "a new login")
+                key = await vault.read_key(SecretRef("secret", kv_path, "api_key"))
+    assert key.secret.reveal() == "sk-short-ttl-0001"
+    assert not [e for e in logs if e["event"] == "vault.token_rejected"]
+
+
+# ---------------------------------------------------------------------------- the key cache
+
+
+async def test_key_cache_picks_up_new_version(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """A new KV version is served by KeyCache.get after the next background refresh."""
+    openbao.put_key(kv_path, "sk-cache-v1-0001")
+    ref = SecretRef("secret", kv_path, "api_key")
+    with vault_of(proxy_vault_config) as vault:
+        await vault.login()
+        cache = KeyCache(vault, {"a": route("a", ref)}, refresh_interval=0.2, max_staleness=30)
+        await cache.load_all()
+        first = cache.get("a")
+        assert first.secret.reveal() == "sk-cache-v1-0001"
+        async with background(cache.run()):
+            version = await asyncio.to_thread(openbao.put_key, kv_path, "sk-cache-v2-0001")
+
+            async def updated() -> bool:
+                return cache.get("a").version == version
+
+            await eventually(updated, 5, "the new key version")
+    assert cache.get("a").secret.reveal() == "sk-cache-v2-0001"
+    assert version == first.version + 1
+
+
+async def test_key_cache_reads_shared_secret_once(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """Routes sharing a secret share one cache entry; other fields are separate keys."""
+    openbao.put_key(kv_path, "sk-shared-0001")
+    openbao.put_key(kv_path, "sk-second-field-0001", field="backup")
+    main = SecretRef("secret", kv_path, "api_key")
+    routes = {
+        "a": route("a", main),
+        "b": route("b", main),
+        "c": route("c", SecretRef("secret", kv_path, "backup")),
+    }
+    with vault_of(proxy_vault_config) as vault:
+        await vault.login()
+        cache = KeyCache(vault, routes, refresh_interval=1, max_staleness=30)
+        await cache.load_all()
+    assert cache.get("a") is cache.get("b")
+    assert cache.get("a").secret.reveal() == "sk-shared-0001"
+    assert cache.get("c").secret.reveal() == "sk-second-field-0001"
+    assert cache.ready()
+
+
+async def test_key_cache_never_loaded_is_unavailable(
+    proxy_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """Before a successful read, get() raises key_unavailable and ready() is false; a
+    failed read is recorded in status(), not raised."""
+    ref = SecretRef("secret", kv_path, "api_key")  # nothing stored there
+    with vault_of(proxy_vault_config) as vault:
+        await vault.login()
+        cache = KeyCache(vault, {"a": route("a", ref)}, refresh_interval=1, max_staleness=30)
+        with pytest.raises(Unavailable) as before:
+            cache.get("a")
+        await cache.load_all()
+        with pytest.raises(Unavailable) as after:
+            cache.get("a")
+    assert before.value.reason == after.value.reason == "key_unavailable"
+    assert not cache.ready()
+    assert "not found" in cache.status()["a"]["last_error"]
+    with pytest.raises(Unavailable):
+        cache.get("no-such-route")
+
+
+async def test_key_cache_serves_last_key_until_max_staleness(
+    fresh_openbao: OpenBaoDevServer,
+) -> None:
+    """With Vault down, the last good key is served until max_staleness, then key_stale."""
+    fresh_openbao.put_key("keyproxy/keys/demo", "sk-stale-0001")
+    ref = SecretRef("secret", "keyproxy/keys/demo", "api_key")
+    clock = FakeClock()
+    cfg = replace(fresh_openbao.proxy_vault_config(), timeout=2.0)
+    with vault_of(cfg) as vault:
+        await vault.login()
+        cache = KeyCache(
+            vault, {"a": route("a", ref)}, refresh_interval=1, max_staleness=10, clock=clock
+        )
+        await cache.load_all()
+        fresh_openbao.stop()
+        assert not await vault.healthy()
+
+        clock.now += 9
+        await cache.load_all()  # fails: Vault is gone
+        assert cache.get("a").secret.reveal() == "sk-stale-0001"
+        assert cache.ready()
+        status = cache.status()["a"]
+        assert "cannot reach Vault" in status["last_error"]
+        assert status["age"] == 9
+
+        clock.now += 2
+        with pytest.raises(Unavailable) as info:
+            cache.get("a")
+        assert info.value.reason == "key_stale"
+        assert not cache.ready()
+        assert info.value.status == 503
+
+
+# ---------------------------------------------------------------------------- agent identity
+
+
+def test_agent_token_has_the_claims_keyproxy_checks(openbao: OpenBaoDevServer) -> None:
+    """agent-token.sh mints an RS256 JWT with iss {addr}/v1/identity/oidc, aud keyproxy,
+    sub = the agent's entity id and an entity_name claim, verifiable with the issuer's JWKS."""
+    setup = openbao.dev_setup
+    agent = openbao.add_agent("summarizer")
+    token = openbao.agent_token(agent)
+    signing_key = jwt.PyJWKClient(setup.jwks_uri).get_signing_key_from_jwt(token)
+    claims = jwt.decode(
+        token,
+        signing_key.key,
+        algorithms=["RS256"],
+        audience=setup.audience,
+        issuer=setup.issuer,
+        options={"require": ["exp", "iat", "sub"]},
+    )
+    assert setup.issuer == f"{openbao.addr}/v1/identity/oidc"
+    assert claims["sub"] == agent.entity_id
+    assert claims["aud"] == "keyproxy"
+    assert claims["entity_name"] == "summarizer"
+    assert 0 < claims["exp"] - claims["iat"] <= 15 * 60
+    assert openbao.add_agent("summarizer") == agent  # idempotent: same entity
+
+
+# ---------------------------------------------------------------------------- no leaks
+
+
+async def test_no_secret_in_reprs_errors_or_status(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, tmp_path: Path, kv_path: str
+) -> None:
+    """Key values, tokens and secret_ids appear in no repr, str, log event, VaultError or
+    status()."""
+    value = "sk-never-shown-0001"
+    openbao.put_key(kv_path, value)
+    ref = SecretRef("secret", kv_path, "api_key")
+    secret_id = openbao.dev_setup.secret_id_file.read_text(encoding="utf-8").strip()
+    with vault_of(proxy_vault_config) as vault, capture_logs() as logs:
+        await vault.login()
+        key = await vault.read_key(ref)
+        cache = KeyCache(vault, {"a": route("a", ref)}, refresh_interval=1, max_staleness=30)
+        await cache.load_all()
+    assert [e["event"] for e in logs] == ["vault.login", "key_cache.key_loaded"]
+    shown = [repr(key), str(key), f"{key}", repr(key.secret), json.dumps(cache.status()), str(logs)]
+    assert not [s for s in shown if secret_id in s or openbao.root_token in s]
+    assert not [s for s in shown if VAULT_TOKEN.search(s)]
+    assert key == KeyVersion(Secret(value), key.version)
+    assert not [s for s in shown if value in s]
+
+    bad_secret_id = "wrong-secret-id-0123456789"
+    write_secret_file(tmp_path / "secret-id", bad_secret_id)
+    auth = replace(proxy_vault_config.auth, secret_id_file=tmp_path / "secret-id")
+    with (
+        vault_of(replace(proxy_vault_config, auth=auth)) as vault,
+        pytest.raises(VaultError) as info,
+    ):
+        await vault.login()
+    assert bad_secret_id not in str(info.value)
+    assert bad_secret_id not in repr(info.value)
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+    bad_token = "hvs.not-a-valid-token-0123456789"
+    write_secret_file(tmp_path / "token", bad_token)
+    cfg = VaultConfig(
+        addr=openbao.addr,
+        auth=VaultAuth(method="token", mount="token", token_file=tmp_path / "token"),
+    )
+    with vault_of(cfg) as vault, pytest.raises(VaultError) as refused:
+        await vault.login()
+    assert bad_token not in str(refused.value)
+    assert openbao.root_token not in str(refused.value)
