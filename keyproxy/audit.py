@@ -63,7 +63,8 @@ def configure(stream: TextIO | None = None, level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
-        cache_logger_on_first_use=True,
+        # Not cached: reconfiguring (tests, `keyproxy dev`) must reach loggers already made.
+        cache_logger_on_first_use=False,
     )
 
 

@@ -29,13 +29,14 @@ def test_known_secrets_and_jwts_are_scrubbed() -> None:
 def test_request_event_is_one_json_line() -> None:
     """emit() writes a single JSON object with the invariant-9 fields."""
     stream = io.StringIO()
+    previous = structlog.get_config()
     audit.configure(stream)
     try:
         record = audit.RequestRecord(method="POST", path="/v1/x", source="127.0.0.1")
         record.route, record.subject, record.key_version, record.status = "r", "s", 4, 200
         audit.emit(record)
     finally:
-        structlog.reset_defaults()
+        structlog.configure(**previous)
     (line,) = stream.getvalue().splitlines()
     event = json.loads(line)
     for name in (

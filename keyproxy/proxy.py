@@ -1,0 +1,345 @@
+"""The request pipeline: authenticate, decide, fetch the key, inject, forward, audit.
+
+`Proxy.handle` serves `/r/<route>/<path>`. Each step uses only what the previous one produced
+and stops the request by raising a `RequestError`; `error_response` is the one place those
+become HTTP answers, and every request, allowed or not, ends in exactly one audit event.
+Nothing is sent upstream until every check has passed.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Mapping
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
+from yarl import URL
+
+from keyproxy import audit, netguard, paths, policy
+from keyproxy.config import HOP_BY_HOP, Config, Network, Route
+from keyproxy.errors import (
+    BadGateway,
+    Forbidden,
+    GatewayTimeout,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+    Unauthenticated,
+)
+from keyproxy.identity import IdentityVerifier
+from keyproxy.inject import Injector, Rendered, Scrubber, scrub_text
+from keyproxy.vault import KeyCache
+
+ROUTE_PREFIX: Final = "/r/"
+CHUNK: Final = 64 * 1024
+
+# SECURITY: headers that carry or could override a credential. The caller's are never
+# forwarded, whichever header the route reads the caller's token from.
+CREDENTIAL_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "x-auth-token",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+    }
+)
+# Set by aiohttp from the URL and body, or by us.
+_REQUEST_MANAGED: Final = frozenset({"host", "content-length", "accept-encoding", "expect"})
+# Upstream session cookies could let the caller use the upstream without the proxy.
+_RESPONSE_DROPPED: Final = frozenset({"content-length", "content-encoding", "set-cookie"})
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Header names listed in Connection are hop-by-hop too (RFC 9110 7.6.1)."""
+    named: set[str] = set()
+    for value in headers.getall("Connection", []):
+        named.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return named
+
+
+class UpstreamSessions:
+    """One aiohttp session per distinct egress and TLS setting, shared by the routes using it.
+
+    The session's resolver is the egress fence: aiohttp connects only to the addresses it
+    returns, so the address checked is the address used.
+    """
+
+    def __init__(self, routes: Mapping[str, Route]) -> None:
+        self._by_route: dict[str, aiohttp.ClientSession] = {}
+        shared: dict[tuple[tuple[Network, ...], bool, str | None], aiohttp.ClientSession] = {}
+        for route in routes.values():
+            key = (route.egress_allow, route.tls_verify, str(route.ca_file or ""))
+            if key not in shared:
+                shared[key] = _session(route)
+            self._by_route[route.name] = shared[key]
+        self._sessions = list(shared.values())
+
+    def get(self, route: str) -> aiohttp.ClientSession:
+        return self._by_route[route]
+
+    async def close(self) -> None:
+        for session in self._sessions:
+            await session.close()
+
+
+def _session(route: Route) -> aiohttp.ClientSession:
+    if not route.tls_verify:
+        tls: ssl.SSLContext | bool = False
+    else:
+        tls = ssl.create_default_context(cafile=str(route.ca_file) if route.ca_file else None)
+    connector = aiohttp.TCPConnector(
+        resolver=netguard.GuardedResolver(route.egress_allow),
+        ssl=tls,
+        limit=0,
+        ttl_dns_cache=10,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+    )
+
+
+class Proxy:
+    """Serves /r/<route>/<path> for one compiled configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        verifier: IdentityVerifier,
+        keys: KeyCache,
+        sessions: UpstreamSessions,
+    ) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.keys = keys
+        self.sessions = sessions
+        self.injectors = {name: Injector(route) for name, route in config.routes.items()}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        record = audit.RequestRecord(
+            method=request.method, path=raw_path, source=request.remote or ""
+        )
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._serve(request, raw_path, raw_query, record)
+        except RequestError as exc:
+            record.reason = exc.reason
+            response = error_response(exc)
+        finally:
+            record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+            record.status = response.status if response is not None else 499
+            if record.reason == "" and response is None:
+                record.reason = "client_disconnected"
+            audit.emit(record)
+        return response
+
+    async def _serve(
+        self, request: web.Request, raw_path: str, raw_query: str, record: audit.RequestRecord
+    ) -> web.StreamResponse:
+        route, tail = self._route(raw_path)
+        record.route = route.name
+        segments = paths.normalise(tail)
+        record.path = paths.encode(segments)
+        source = policy.client_address(
+            request.remote or "0.0.0.0",  # noqa: S104  # a peer with no address (a Unix socket) matches no CIDR
+            request.headers.getall("X-Forwarded-For", []),
+            self.config.server.trusted_proxies,
+        )
+        record.source = str(source)
+
+        identity = await self.verifier.verify(_caller_token(request, route))
+        record.issuer, record.subject = identity.issuer, identity.subject
+        jti = identity.claims.get("jti")
+        record.token_id = jti if isinstance(jti, str) else None
+
+        decision = policy.decide(
+            self.config.policies, identity, route.name, request.method, segments, source
+        )
+        record.policy, record.reason = decision.policy, decision.reason
+        if not decision.allowed:
+            raise Forbidden(decision.reason, "no policy allows this request")
+        record.decision = "allow"
+
+        key = self.keys.get(route.name)
+        record.key_version = key.version
+        rendered = self.injectors[route.name].render(key.secret, key.version)
+        body = await _request_body(request, route)
+        url = _upstream_url(route, segments, raw_query, rendered, self.injectors[route.name])
+        headers = _upstream_headers(request.headers, route, rendered, self.injectors[route.name])
+        return await self._forward(
+            request, route, url=url, headers=headers, body=body, rendered=rendered, record=record
+        )
+
+    def _route(self, raw_path: str) -> tuple[Route, str]:
+        rest = raw_path[len(ROUTE_PREFIX) :]
+        name, slash, tail = rest.partition("/")
+        route = self.config.routes.get(name)
+        if route is None:
+            raise NotFound("unknown_route", "no such route")
+        return route, slash + tail
+
+    async def _forward(
+        self,
+        request: web.Request,
+        route: Route,
+        *,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | aiohttp.StreamReader | None,
+        rendered: Rendered,
+        record: audit.RequestRecord,
+    ) -> web.StreamResponse:
+        # aiohttp skips the resolver (and so the fence) for IP literals: check those here.
+        netguard.check_host(route.upstream.host, route.egress_allow)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=route.connect_timeout, sock_read=route.read_timeout
+        )
+        try:
+            async with self.sessions.get(route.name).request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,  # SECURITY: a redirect goes back to the caller
+                timeout=timeout,
+                skip_auto_headers=("User-Agent",),
+            ) as upstream:
+                record.upstream_status = upstream.status
+                return await _stream_back(request, upstream, rendered, record)
+        except RequestError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise GatewayTimeout("upstream_timeout", "the upstream did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            denial = netguard.egress_denial(exc)
+            if denial is not None:
+                raise denial from None
+            raise BadGateway("upstream_error", "the upstream could not be reached") from exc
+
+
+def _caller_token(request: web.Request, route: Route) -> str:
+    cred = route.caller_credential
+    value = request.headers.get(cred.header, "").strip()
+    if cred.scheme is not None:
+        scheme, _, value = value.partition(" ")
+        if scheme.lower() != cred.scheme.lower():
+            value = ""
+    value = value.strip()
+    if not value:
+        raise Unauthenticated("no_credential", f"send your token in {cred.header}")
+    return value
+
+
+async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:
+    """The body to send upstream, with the route's size limit enforced before connecting."""
+    length = request.content_length
+    if length is not None:
+        if length > route.max_body:
+            raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+        return request.content if length else None
+    if not request.body_exists:
+        return None
+    # A chunked upload has no declared size: read it up to the limit so a 413 can still be
+    # answered before any upstream connection.
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > route.max_body:
+            raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+    return bytes(body)
+
+
+def _upstream_url(
+    route: Route,
+    segments: tuple[str, ...],
+    raw_query: str,
+    rendered: Rendered,
+    injector: Injector,
+) -> URL:
+    path = route.upstream.base_path + paths.encode(segments)
+    query = raw_query
+    if rendered.query:
+        # A caller-sent parameter of the injected name would override or accompany the key.
+        kept = MultiDict(
+            (k, v) for k, v in URL("?" + raw_query).query.items() if k not in injector.query_names
+        )
+        kept.extend(rendered.query)
+        query = URL.build(query=kept).raw_query_string
+    return URL(f"{route.upstream.origin}{path}" + (f"?{query}" if query else ""), encoded=True)
+
+
+def _upstream_headers(
+    incoming: CIMultiDictProxy[str], route: Route, rendered: Rendered, injector: Injector
+) -> CIMultiDict[str]:
+    drop = (
+        HOP_BY_HOP
+        | CREDENTIAL_HEADERS
+        | _REQUEST_MANAGED
+        | injector.header_names
+        | {route.caller_credential.header.lower(), *route.strip_headers}
+        | _connection_named(incoming)
+    )
+    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+    headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
+    if incoming.get("Content-Length"):
+        headers["Content-Length"] = incoming["Content-Length"]
+    headers.extend(rendered.headers)
+    return headers
+
+
+async def _stream_back(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    rendered: Rendered,
+    record: audit.RequestRecord,
+) -> web.StreamResponse:
+    drop = HOP_BY_HOP | _RESPONSE_DROPPED | _connection_named(upstream.headers)
+    headers = CIMultiDict(
+        (k, scrub_text(v, rendered.forms))
+        for k, v in upstream.headers.items()
+        if k.lower() not in drop
+    )
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    await response.prepare(request)
+    scrubber = Scrubber(rendered.forms)
+    try:
+        async for chunk in upstream.content.iter_any():
+            out = scrubber.feed(chunk)
+            if out:
+                await response.write(out)
+        tail = scrubber.flush()
+        if tail:
+            await response.write(tail)
+        await response.write_eof()
+    except (aiohttp.ClientError, TimeoutError, ConnectionError):
+        # The status line is gone already; cut the connection so a truncated body can
+        # never look complete to the caller.
+        record.reason = "stream_aborted"
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
+def error_response(exc: RequestError) -> web.Response:
+    """The one place a pipeline error becomes an HTTP answer."""
+    headers = {"WWW-Authenticate": 'Bearer realm="keyproxy"'} if exc.status == 401 else None
+    return web.json_response(
+        {"error": {"code": exc.reason, "message": exc.message}},
+        status=exc.status,
+        headers=headers,
+    )

@@ -1,0 +1,167 @@
+"""Real servers for the end-to-end tests: a recording upstream and a proxy on loopback.
+
+Nothing here is a mock: the upstream is an aiohttp server on 127.0.0.1 that records what it
+received and can misbehave on request (echo the key back, redirect, stall), and the proxy is
+the real application built from a real configuration against a real OpenBao.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from keyproxy import config, demo
+from keyproxy.app import build_app
+
+# Every key and token the tests create, so the final log scan knows what must never appear.
+CANARIES: set[str] = set()
+
+
+def new_key() -> str:
+    key = "sk-test-" + secrets.token_urlsafe(24)
+    CANARIES.add(key)
+    return key
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """The recording, sometimes hostile, upstream."""
+
+    requests: list[Seen] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def app(self) -> web.Application:
+        app = demo.build_app()
+
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            body = await request.read()
+            self.requests.append(
+                Seen(
+                    request.method,
+                    request.raw_path.split("?")[0],
+                    request.query_string,
+                    CIMultiDict(request.headers),
+                    body,
+                )
+            )
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app.middlewares.append(record)
+        app.router.add_route("*", "/echo", _echo)
+        app.router.add_get("/leak/header", _leak_header)
+        app.router.add_get("/leak/body", _leak_body)
+        app.router.add_get("/leak/sse", _leak_sse)
+        app.router.add_get("/redirect", _redirect)
+        app.router.add_get("/stall", _stall)
+        return app
+
+
+def _received_key(request: web.Request) -> str:
+    return request.headers.get("Authorization", "").removeprefix("Bearer ")
+
+
+async def _echo(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "path": request.raw_path})
+
+
+async def _leak_header(request: web.Request) -> web.Response:
+    key = _received_key(request)
+    return web.json_response(
+        {"ok": True}, headers={"X-Echo": f"you sent {key}", "Location": f"/x?k={key}"}
+    )
+
+
+async def _leak_body(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"echo": _received_key(request), "auth": request.headers.get("Authorization")}
+    )
+
+
+async def _leak_sse(request: web.Request) -> web.StreamResponse:
+    """Streams the key split across two events' worth of writes, each flushed separately."""
+    key = _received_key(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    half = len(key) // 2
+    for part in (
+        f"data: {json.dumps({'n': 1})}\n\n",
+        f'data: {{"k": "{key[:half]}',
+        f'{key[half:]}"}}\n\n',
+        "data: [DONE]\n\n",
+    ):
+        await response.write(part.encode())
+        # Pacing, so each part leaves as its own TCP segment and reaches the proxy alone.
+        await asyncio.sleep(0.05)
+    await response.write_eof()
+    return response
+
+
+async def _redirect(request: web.Request) -> web.Response:
+    raise web.HTTPTemporaryRedirect("http://127.0.0.2:9/steal")
+
+
+async def _stall(request: web.Request) -> web.Response:
+    # Longer than the test route's read timeout; the proxy must answer 504 first.
+    await asyncio.sleep(10)
+    return web.json_response({"late": True})
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    return runner, int(server.sockets[0].getsockname()[1])
+
+
+@asynccontextmanager
+async def running_upstream() -> AsyncIterator[Upstream]:
+    upstream = Upstream()
+    runner, upstream.port = await serve(upstream.app())
+    try:
+        yield upstream
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Stack:
+    base: str  # http://127.0.0.1:PORT
+    config: config.Config
+    app: web.Application
+
+
+@asynccontextmanager
+async def running_proxy(cfg: dict[str, Any]) -> AsyncIterator[Stack]:
+    compiled = config.parse(json.dumps(cfg), {})
+    app = build_app(compiled)
+    runner, port = await serve(app)
+    try:
+        yield Stack(f"http://127.0.0.1:{port}", compiled, app)
+    finally:
+        await runner.cleanup()

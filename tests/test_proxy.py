@@ -1,0 +1,729 @@
+"""End to end: real OpenBao, real upstream on loopback, the real proxy, real clients.
+
+Each invariant of PRODUCT.md that the request path owns (1-7 and 9) is proved here through
+the whole stack; the unit tests of each module cover the tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import openai
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from yarl import URL
+
+from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
+from tests.support import CANARIES, Stack, Upstream, new_key, running_proxy, running_upstream
+
+LOCAL_ISSUER = "https://issuer.test.invalid"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def setup(openbao: OpenBaoDevServer) -> DevSetup:
+    return openbao.setup()
+
+
+@pytest.fixture(scope="module")
+def agent(openbao: OpenBaoDevServer, setup: DevSetup) -> Agent:
+    return openbao.add_agent("e2e-agent")
+
+
+@pytest.fixture(scope="module")
+def token(openbao: OpenBaoDevServer, agent: Agent) -> str:
+    value = openbao.agent_token(agent)
+    CANARIES.add(value)
+    return value
+
+
+class LocalIssuer:
+    """An issuer whose signing key the tests hold, to craft hostile tokens."""
+
+    def __init__(self, directory: Path) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update(kid="test-1", alg="RS256", use="sig")
+        self.jwks_file = directory / "jwks.json"
+        self.jwks_file.write_text(json.dumps({"keys": [jwk]}))
+
+    def token(self, headers: dict[str, Any] | None = None, **claims: Any) -> str:
+        now = int(time.time())
+        body = {
+            "iss": LOCAL_ISSUER,
+            "aud": "keyproxy",
+            "sub": "local-agent",
+            "iat": now,
+            "exp": now + 300,
+            **claims,
+        }
+        value = jwt.encode(
+            body, self.key, algorithm="RS256", headers={"kid": "test-1", **(headers or {})}
+        )
+        CANARIES.add(value)
+        return value
+
+    def public_pem(self) -> bytes:
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+@pytest.fixture(scope="module")
+def local_issuer(tmp_path_factory: pytest.TempPathFactory) -> LocalIssuer:
+    return LocalIssuer(tmp_path_factory.mktemp("issuer"))
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with running_upstream() as value:
+        yield value
+
+
+def make_config(
+    openbao: OpenBaoDevServer,
+    setup: DevSetup,
+    agent: Agent,
+    local_issuer: LocalIssuer,
+    upstream: str,
+    key_path: str,
+    **route: Any,
+) -> dict[str, Any]:
+    """One route `r` to `upstream` with the key at `key_path`; the agent may use a few paths."""
+    grant = {
+        "methods": ["GET", "POST"],
+        "paths": ["/v1/**", "/echo", "/leak/*", "/redirect", "/stall"],
+    }
+    return {
+        "vault": {
+            "addr": openbao.addr,
+            "auth": {
+                "method": "approle",
+                "role_id_file": str(setup.role_id_file),
+                "secret_id_file": str(setup.secret_id_file),
+            },
+            "refresh_interval": "500ms",
+            "max_staleness": "3s",
+        },
+        "identity": {
+            "issuers": [
+                {
+                    "name": "openbao",
+                    "issuer": setup.issuer,
+                    "discovery_url": setup.discovery_url,
+                    "audiences": [setup.audience],
+                    "algorithms": ["RS256"],
+                },
+                {
+                    "name": "local",
+                    "issuer": LOCAL_ISSUER,
+                    "jwks_file": str(local_issuer.jwks_file),
+                    "audiences": ["keyproxy"],
+                    "algorithms": ["RS256"],
+                    "leeway": "5s",
+                },
+            ]
+        },
+        "routes": {
+            "r": {
+                "upstream": upstream,
+                "secret": {"path": key_path},
+                "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+                "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "timeouts": {"connect": "2s", "read": "1s"},
+                "max_body": "1KiB",
+                **route,
+            }
+        },
+        "policies": [
+            {
+                "name": "agent",
+                "issuers": ["openbao"],
+                "subjects": [agent.entity_id],
+                "allow": {"r": grant},
+            },
+            {
+                "name": "local",
+                "issuers": ["local"],
+                "subjects": ["local-agent"],
+                "allow": {"r": grant},
+            },
+            {
+                "name": "far-away",
+                "issuers": ["local"],
+                "subjects": ["remote-agent"],
+                "source_cidrs": ["10.0.0.0/8"],
+                "allow": {"r": grant},
+            },
+        ],
+    }
+
+
+@pytest.fixture
+def seeded(openbao: OpenBaoDevServer, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """A fresh key stored at a path of this test's own; returns (path, key)."""
+    path = f"keyproxy/keys/{request.node.name.replace('[', '-').replace(']', '')}"
+    key = new_key()
+    openbao.put_key(path, key)
+    return path, key
+
+
+@pytest.fixture
+def config_for(
+    openbao: OpenBaoDevServer,
+    setup: DevSetup,
+    agent: Agent,
+    local_issuer: LocalIssuer,
+    seeded: tuple[str, str],
+) -> Callable[..., dict[str, Any]]:
+    def build(upstream: str, **route: Any) -> dict[str, Any]:
+        return make_config(openbao, setup, agent, local_issuer, upstream, seeded[0], **route)
+
+    return build
+
+
+@pytest.fixture
+async def stack(
+    upstream: Upstream, config_for: Callable[..., dict[str, Any]]
+) -> AsyncIterator[Stack]:
+    async with running_proxy(config_for(upstream.url)) as value:
+        yield value
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_nothing_leaked(upstream: Upstream, token: str) -> None:
+    """The agent's token reached the upstream in no header and no body."""
+    for seen in upstream.requests:
+        assert all(token not in v for v in seen.headers.values())
+        assert token.encode() not in seen.body
+        assert token not in seen.query
+
+
+async def raw_request(port: int, target: bytes, headers: bytes = b"") -> int:
+    """Send a request line exactly as given (no client-side normalisation); return the status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + headers + b"\r\n"
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+class ConnectionCounter:
+    """A loopback listener that only counts connections made to it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> ConnectionCounter:
+        def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.count += 1
+            writer.close()
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+# ----------------------------------------------------------------------------- the core path
+
+
+async def test_openai_sdk_plain_and_streamed(
+    stack: Stack, upstream: Upstream, token: str, seeded: tuple[str, str]
+) -> None:
+    """The openai SDK, base_url at the proxy and its identity token as api_key, completes a
+    chat and a streamed chat; the upstream receives the Vault key and never the token."""
+    client = openai.AsyncOpenAI(base_url=f"{stack.base}/r/r/v1", api_key=token, max_retries=0)
+    try:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["keyproxy-demo"]
+        chat = await client.chat.completions.create(
+            model="keyproxy-demo", messages=[{"role": "user", "content": "hello"}]
+        )
+        content = chat.choices[0].message.content or ""
+        assert "hello" in content
+        stream = await client.chat.completions.create(
+            model="keyproxy-demo", messages=[{"role": "user", "content": "stream"}], stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    finally:
+        await client.close()
+    assert len(pieces) > 3
+    assert "stream" in "".join(pieces)
+    key = seeded[1]
+    assert [s.headers["Authorization"] for s in upstream.requests] == [f"Bearer {key}"] * 3
+    assert_nothing_leaked(upstream, token)
+
+
+async def test_sse_reaches_the_caller_event_by_event(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """The first streamed event arrives before the upstream has finished the stream."""
+    async with http.post(
+        f"{stack.base}/r/r/v1/chat/completions",
+        headers=bearer(token),
+        json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    ) as response:
+        assert response.status == 200
+        first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 10)
+        assert first.startswith(b"data: {")
+        rest = await response.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_new_key_version_is_used_without_restart(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    openbao: OpenBaoDevServer,
+    seeded: tuple[str, str],
+) -> None:
+    """A new KV version of the key reaches the upstream within 5 s, no restart."""
+    async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+        assert response.status == 200
+    new = new_key()
+    await asyncio.to_thread(openbao.put_key, seeded[0], new)
+    deadline = time.monotonic() + 5
+    while upstream.requests[-1].headers["Authorization"] != f"Bearer {new}":
+        assert time.monotonic() < deadline, "new key version not used within 5 s"
+        async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 200
+        await asyncio.sleep(0.1)  # pacing between probes, not waiting for state
+
+
+# ----------------------------------------------------------------------------- invariant 1
+
+
+async def test_deny_by_default(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """No credential 401, unknown route 404, no policy 403; none of them reaches upstream."""
+    cases = [
+        (f"{stack.base}/r/r/echo", {}, 401),
+        (f"{stack.base}/r/r/echo", {"Authorization": "Basic Zm9vOmJhcg=="}, 401),
+        (f"{stack.base}/r/r/echo", bearer("not-a-jwt"), 401),
+        (f"{stack.base}/r/nope/echo", bearer(token), 404),
+        (f"{stack.base}/r/r/not-granted", bearer(token), 403),
+    ]
+    for url, headers, status in cases:
+        async with http.get(url, headers=headers) as response:
+            assert response.status == status, url
+            if status == 401:
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert upstream.requests == []
+
+
+async def test_outside_the_grant_is_403(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    local_issuer: LocalIssuer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Wrong method, wrong path and wrong source network each get 403 and reach nothing."""
+    for method, path, tok in [
+        ("DELETE", "/echo", token),
+        ("GET", "/v2/models", token),
+        ("GET", "/leak/a/b", token),
+        ("GET", "/echo", local_issuer.token(sub="remote-agent")),  # policy wants 10.0.0.0/8
+    ]:
+        async with http.request(method, f"{stack.base}/r/r{path}", headers=bearer(tok)) as response:
+            assert response.status == 403, (method, path)
+    assert upstream.requests == []
+
+
+# ----------------------------------------------------------------------------- invariant 2
+
+
+async def test_redirect_is_returned_not_followed(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """A 307 to another host goes back to the caller; the proxy makes no second request."""
+    async with http.get(
+        f"{stack.base}/r/r/redirect", headers=bearer(token), allow_redirects=False
+    ) as response:
+        assert response.status == 307
+        assert response.headers["Location"] == "http://127.0.0.2:9/steal"
+    assert [s.path for s in upstream.requests] == ["/redirect"]
+
+
+# ----------------------------------------------------------------------------- invariant 3
+
+
+@pytest.mark.parametrize("path", ["/leak/header", "/leak/body", "/leak/sse"])
+async def test_echoed_key_never_reaches_the_caller(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+    path: str,
+) -> None:
+    """An upstream echoing the key in a header, a body, or split across SSE chunks is scrubbed."""
+    key = seeded[1]
+    async with http.get(f"{stack.base}/r/r{path}", headers=bearer(token)) as response:
+        assert response.status == 200
+        body = await response.read()
+        headers = "\n".join(f"{k}: {v}" for k, v in response.headers.items())
+    assert upstream.requests[0].headers["Authorization"] == f"Bearer {key}"
+    assert key not in headers
+    assert key.encode() not in body
+    assert b"[REDACTED]" in body or "[REDACTED]" in headers
+
+
+async def test_basic_auth_encoding_is_scrubbed_too(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """With basic-auth injection, the base64 form echoed back is scrubbed as well."""
+    cfg = config_for(upstream.url, inject=[{"basic": {"username": "api"}}])
+    key = seeded[1]
+    encoded = base64.b64encode(f"api:{key}".encode()).decode()
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(f"{stack.base}/r/r/leak/body", headers=bearer(token)) as response,
+    ):
+        body = await response.read()
+    assert upstream.requests[0].headers["Authorization"] == f"Basic {encoded}"
+    assert encoded.encode() not in body
+    assert key.encode() not in body
+
+
+# ----------------------------------------------------------------------------- invariant 4
+
+
+async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """The caller's token, credential-like headers, a caller-sent copy of the injected header
+    and Connection-named headers are dropped; Host is the upstream's."""
+    cfg = config_for(
+        upstream.url,
+        inject=[{"header": "X-Upstream-Key"}],
+        caller_credential={"header": "Authorization", "scheme": "Bearer"},
+    )
+    headers = {
+        **bearer(token),
+        "X-Upstream-Key": "caller-forged",
+        "X-Api-Key": "caller-other",
+        "Cookie": "session=abc",
+        "Proxy-Authorization": "Basic eDp5",
+        "Connection": "keep-alive, X-Private",
+        "X-Private": "hop",
+        "X-Forwarded-For": "10.9.9.9",
+        "X-Keep": "kept",
+    }
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(f"{stack.base}/r/r/echo", headers=headers) as response,
+    ):
+        assert response.status == 200
+    seen = upstream.requests[0].headers
+    assert seen.getall("X-Upstream-Key") == [seeded[1]]
+    for name in (
+        "Authorization",
+        "X-Api-Key",
+        "Cookie",
+        "Proxy-Authorization",
+        "X-Private",
+        "X-Forwarded-For",
+    ):
+        assert name not in seen, name
+    assert seen["X-Keep"] == "kept"
+    assert seen["Host"] == f"127.0.0.1:{upstream.port}"
+    assert_nothing_leaked(upstream, token)
+
+
+async def test_query_injection_replaces_a_caller_parameter(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """A query-parameter key replaces any caller-sent parameter of that name."""
+    cfg = config_for(upstream.url, inject=[{"query": "key"}])
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(
+            URL(f"{stack.base}/r/r/echo?key=forged&q=1", encoded=True), headers=bearer(token)
+        ) as response,
+    ):
+        assert response.status == 200
+    assert upstream.requests[0].query == f"q=1&key={seeded[1]}"
+
+
+# ----------------------------------------------------------------------------- invariant 5
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/r/r/v1/../echo",
+        b"/r/r/v1/%2e%2e/echo",
+        b"/r/r/v1/%2E%2e/echo",
+        b"/r/r/v1%2Fmodels",
+        b"/r/r/v1%2fmodels",
+        b"/r/r/v1%5Cmodels",
+        b"/r/r/v1\\models",
+        b"/r/r/v1/mod%00els",
+        b"/r/r/v1/mod%0aels",
+        b"/r/r/v1//models",
+        b"/r/r/v1/%252e%252e/echo",
+    ],
+)
+async def test_ambiguous_paths_are_refused(
+    stack: Stack, upstream: Upstream, token: str, target: bytes
+) -> None:
+    """Dot segments, encoded slashes and backslashes, NUL and control characters get 400."""
+    port = URL(stack.base).port
+    assert port is not None
+    status = await raw_request(port, target, f"Authorization: Bearer {token}\r\n".encode())
+    assert status == 400
+    assert upstream.requests == []
+
+
+# ----------------------------------------------------------------------------- invariant 6
+
+
+@pytest.mark.parametrize(
+    "case", ["alg_none", "hs256_public_key", "wrong_iss", "wrong_aud", "expired", "unknown_kid"]
+)
+async def test_bad_tokens_get_401(
+    stack: Stack,
+    upstream: Upstream,
+    local_issuer: LocalIssuer,
+    http: aiohttp.ClientSession,
+    case: str,
+) -> None:
+    """Forged, misissued and expired tokens are refused with 401 and reach nothing."""
+    now = int(time.time())
+    claims = {"iss": LOCAL_ISSUER, "aud": "keyproxy", "sub": "local-agent", "exp": now + 300}
+    if case == "alg_none":
+        token = _unsigned({"alg": "none", "kid": "test-1"}, claims)
+    elif case == "hs256_public_key":
+        token = _hmac_signed(local_issuer.public_pem(), claims)
+    elif case == "wrong_iss":
+        token = local_issuer.token(iss="https://evil.test.invalid")
+    elif case == "wrong_aud":
+        token = local_issuer.token(aud="someone-else")
+    elif case == "expired":
+        token = local_issuer.token(exp=now - 600, iat=now - 900)
+    else:
+        token = local_issuer.token(headers={"kid": "no-such-kid"})
+    CANARIES.add(token)
+    async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+        assert response.status == 401, case
+    # The well-formed local token is accepted, so the refusals above are about the token.
+    async with http.get(f"{stack.base}/r/r/echo", headers=bearer(local_issuer.token())) as ok:
+        assert ok.status == 200
+    assert len(upstream.requests) == 1
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}."
+
+
+def _hmac_signed(secret: bytes, claims: dict[str, Any]) -> str:
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    head = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "test-1"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+# ----------------------------------------------------------------------------- invariant 7
+
+
+async def test_loopback_upstream_without_allowance_is_refused(
+    config_for: Callable[..., dict[str, Any]], token: str, http: aiohttp.ClientSession
+) -> None:
+    """An upstream name resolving to 127.0.0.1 is refused with no connection made."""
+    async with ConnectionCounter() as counter:
+        cfg = config_for(f"http://localhost:{counter.port}", egress={"allow_cidrs": []})
+        async with (
+            running_proxy(cfg) as stack,
+            http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response,
+        ):
+            assert response.status == 502
+            assert (await response.json())["error"]["code"] == "egress_denied"
+        assert counter.count == 0
+
+
+async def test_metadata_address_is_refused(
+    config_for: Callable[..., dict[str, Any]], token: str, http: aiohttp.ClientSession
+) -> None:
+    """An upstream at 169.254.169.254 is refused before any connection attempt."""
+    cfg = config_for("http://169.254.169.254", egress={"allow_cidrs": ["127.0.0.0/8"]})
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response,
+    ):
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "egress_denied"
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+async def test_body_too_large_is_413_before_connecting(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """Declared and chunked bodies above the limit get 413 and nothing reaches upstream."""
+    async with http.post(f"{stack.base}/r/r/echo", headers=bearer(token), data=b"x" * 2048) as r:
+        assert r.status == 413
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * 512
+
+    async with http.post(f"{stack.base}/r/r/echo", headers=bearer(token), data=chunks()) as r:
+        assert r.status == 413
+    assert upstream.requests == []
+    async with http.post(f"{stack.base}/r/r/echo", headers=bearer(token), data=b"ok") as r:
+        assert r.status == 200
+    assert upstream.requests[0].body == b"ok"
+
+
+async def test_stalled_upstream_is_504(
+    stack: Stack, token: str, http: aiohttp.ClientSession
+) -> None:
+    """An upstream that does not answer within the read timeout gives 504."""
+    async with http.get(f"{stack.base}/r/r/stall", headers=bearer(token)) as response:
+        assert response.status == 504
+
+
+async def test_health_endpoints(stack: Stack, http: aiohttp.ClientSession) -> None:
+    """Liveness answers; readiness reports Vault reachable and the key loaded."""
+    async with http.get(f"{stack.base}/healthz") as response:
+        assert response.status == 200
+    async with http.get(f"{stack.base}/readyz") as response:
+        body = await response.json()
+        assert response.status == 200, body
+    assert body["vault"] is True
+    assert body["keys"]["r"]["version"] >= 1
+
+
+# ----------------------------------------------------------------------------- invariant 9
+
+
+async def test_every_request_is_one_audit_event(
+    stack: Stack,
+    token: str,
+    http: aiohttp.ClientSession,
+    agent: Agent,
+    audit_log: Path,
+) -> None:
+    """Allowed and denied requests each write one event with identity, route, key version;
+    the query string is not logged."""
+    marker = f"audit-{time.monotonic_ns()}"
+    async with http.get(f"{stack.base}/r/r/echo?{marker}=1", headers=bearer(token)) as r:
+        assert r.status == 200
+    async with http.delete(f"{stack.base}/r/r/echo?{marker}=2", headers=bearer(token)) as r:
+        assert r.status == 403
+    events = [e for e in _events(audit_log) if e.get("route") == "r" and e.get("path") == "/echo"]
+    allowed = [e for e in events if e["method"] == "GET" and e["status"] == 200]
+    denied = [e for e in events if e["method"] == "DELETE" and e["status"] == 403]
+    assert allowed
+    assert denied
+    assert allowed[-1]["subject"] == agent.entity_id
+    assert allowed[-1]["issuer"] == "openbao"
+    assert allowed[-1]["key_version"] >= 1
+    assert allowed[-1]["decision"] == "allow"
+    assert denied[-1]["decision"] == "deny"
+    assert denied[-1]["reason"] == "method_not_allowed"
+    assert marker not in audit_log.read_text()
+
+
+def _events(path: Path) -> Iterator[dict[str, Any]]:
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            yield json.loads(line)
+
+
+# ----------------------------------------------------------------------------- Vault outage
+
+
+async def test_vault_outage_serves_from_cache_then_503(
+    fresh_openbao: OpenBaoDevServer,
+    local_issuer: LocalIssuer,
+    http: aiohttp.ClientSession,
+    upstream: Upstream,
+) -> None:
+    """With Vault stopped, requests succeed from the cache within max_staleness, then get 503."""
+    bao = fresh_openbao
+    agent = bao.add_agent("outage-agent")
+    token = bao.agent_token(agent)
+    CANARIES.add(token)
+    key = new_key()
+    bao.put_key("keyproxy/keys/outage", key)
+    cfg = make_config(bao, bao.dev_setup, agent, local_issuer, upstream.url, "keyproxy/keys/outage")
+    async with running_proxy(cfg) as stack:
+        async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 200
+        bao.stop()
+        stopped = time.monotonic()
+        async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 200, "the cached key must serve right after Vault stops"
+        deadline = stopped + 15
+        while True:
+            async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+                if response.status == 503:
+                    assert (await response.json())["error"]["code"] == "key_stale"
+                    break
+                assert response.status == 200
+            assert time.monotonic() < deadline, "never turned to 503 after max_staleness"
+            await asyncio.sleep(0.2)  # pacing between probes
+        # max_staleness is 3 s: not before it, and (with a 500 ms refresh) not long after.
+        assert time.monotonic() - stopped >= 2.0
+        async with http.get(f"{stack.base}/readyz") as response:
+            assert response.status == 503
+    assert {s.headers["Authorization"] for s in upstream.requests} == {f"Bearer {key}"}
