@@ -131,6 +131,33 @@ async def test_approle_login_reads_key(
     assert 3000 < expires_in <= 3600
 
 
+async def test_jwt_login_with_a_workload_token(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, kv_path: str, tmp_path: Path
+) -> None:
+    """JWT auth: the proxy logs in with a workload identity token (here one issued by
+    OpenBao's own OIDC provider, verified by Vault's jwt auth method) and reads keys."""
+    setup = openbao.dev_setup
+    openbao.bao("auth", "enable", "-path=jwt-test", "jwt")
+    openbao.bao("write", "auth/jwt-test/config", f"jwks_url={setup.jwks_uri}")
+    openbao.bao(
+        "write",
+        "auth/jwt-test/role/proxy",
+        "role_type=jwt",
+        "user_claim=sub",
+        f"bound_audiences={setup.audience}",
+        "token_policies=keyproxy-proxy",
+        "token_ttl=10m",
+    )
+    jwt_file = tmp_path / "workload.jwt"
+    jwt_file.write_text(openbao.agent_token(openbao.add_agent("jwt-login")))
+    version = openbao.put_key(kv_path, "sk-jwt-login-0001")
+    auth = VaultAuth("jwt", mount="jwt-test", role="proxy", jwt_file=jwt_file)
+    with vault_of(replace(proxy_vault_config, auth=auth)) as vault:
+        await vault.login()
+        key = await vault.read_key(SecretRef("secret", kv_path, "api_key"))
+    assert (key.secret.reveal(), key.version) == ("sk-jwt-login-0001", version)
+
+
 async def test_approle_login_with_inline_role_id(
     openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, kv_path: str
 ) -> None:
