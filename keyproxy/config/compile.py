@@ -1,9 +1,7 @@
-"""Load the YAML configuration and compile it into frozen, typed objects.
+"""Compile YAML text into the typed configuration of keyproxy.config.model.
 
-`load(path)` and `parse(text)` return a `Config` or raise `ConfigError` whose `path` names the
-YAML path of the mistake (`routes.openai.inject[0].header`). Raw dicts never leave this module:
-everything downstream works on the dataclasses below. The reference for every key is
-docs/configuration.md.
+Every mistake raises `ConfigError` whose `path` is the YAML path of the mistake
+(`routes.openai.inject[0].header`). Raw dicts never leave this module.
 """
 
 from __future__ import annotations
@@ -12,183 +10,42 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from yarl import URL
 
+from keyproxy.config.model import (
+    ALGORITHMS,
+    HEADER_NAME,
+    HOP_BY_HOP,
+    MAX_LEEWAY,
+    METHODS,
+    ROUTE_NAME,
+    CallerCredential,
+    Config,
+    Grant,
+    Injection,
+    Issuer,
+    Network,
+    Policy,
+    Route,
+    SecretRef,
+    ServerConfig,
+    TokensConfig,
+    Upstream,
+    VaultAuth,
+    VaultConfig,
+)
 from keyproxy.errors import ConfigError
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
-
-ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Only asymmetric algorithms: a shared-secret (HS*) issuer key would let anyone holding the
-# JWKS mint tokens, and "none" is never a signature.
-ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
-MAX_LEEWAY = 120.0
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB)?$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
-
-
-# ---------------------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class VaultAuth:
-    """How keyproxy logs in to Vault. Secrets come from files or the environment, never YAML."""
-
-    method: Literal["token", "approle", "kubernetes", "jwt"]
-    mount: str
-    role: str | None = None
-    role_id: str | None = None
-    role_id_file: Path | None = None
-    secret_id_file: Path | None = None
-    token_file: Path | None = None
-    jwt_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class VaultConfig:
-    addr: str
-    auth: VaultAuth
-    kv_mount: str = "secret"
-    ca_cert: Path | None = None
-    tls_verify: bool = True
-    timeout: float = 5.0
-    refresh_interval: float = 2.0
-    max_staleness: float = 300.0
-
-
-@dataclass(frozen=True)
-class Issuer:
-    """A trusted workload-identity issuer. Exactly one of the three key sources is set."""
-
-    name: str
-    issuer: str
-    audiences: tuple[str, ...]
-    algorithms: tuple[str, ...]
-    discovery_url: str | None = None
-    jwks_uri: str | None = None
-    jwks_file: Path | None = None
-    leeway: float = 30.0
-    jwks_cache_ttl: float = 3600.0
-    jwks_refetch_cooldown: float = 30.0
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    trusted_proxies: tuple[Network, ...] = ()
-
-
-@dataclass(frozen=True)
-class TokensConfig:
-    max_ttl: float = 900.0
-    default_ttl: float = 300.0
-
-
-@dataclass(frozen=True)
-class SecretRef:
-    """Where a route's key lives: a field of a KV v2 secret."""
-
-    mount: str
-    path: str
-    field: str
-
-
-@dataclass(frozen=True)
-class Injection:
-    """One way the key goes into the upstream request.
-
-    kind "header": header `name` set to `format` with `{key}` replaced.
-    kind "query":  query parameter `name` set to `format` with `{key}` replaced.
-    kind "basic":  Authorization: Basic base64(`username`:`format`), `{key}` in either part.
-    """
-
-    kind: Literal["header", "query", "basic"]
-    name: str
-    format: str = "{key}"
-    username: str = ""
-
-
-@dataclass(frozen=True)
-class CallerCredential:
-    """Which request header carries the caller's token, and its scheme (None: bare token)."""
-
-    header: str = "Authorization"
-    scheme: str | None = "Bearer"
-
-
-@dataclass(frozen=True)
-class Upstream:
-    scheme: Literal["http", "https"]
-    host: str
-    port: int
-    base_path: str  # "" or "/prefix" without a trailing slash
-
-    @property
-    def origin(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Route:
-    name: str
-    upstream: Upstream
-    secret: SecretRef
-    inject: tuple[Injection, ...]
-    caller_credential: CallerCredential = field(default_factory=CallerCredential)
-    egress_allow: tuple[Network, ...] = ()
-    tls_verify: bool = True
-    ca_file: Path | None = None
-    connect_timeout: float = 10.0
-    read_timeout: float = 300.0
-    max_body: int = 10 * 1024**2
-    strip_headers: tuple[str, ...] = ()
-    owner: str | None = None
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What a policy allows on one route. Paths are patterns split into segments."""
-
-    methods: frozenset[str]
-    paths: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    subjects: tuple[str, ...]
-    issuers: tuple[str, ...] = ()
-    claims: tuple[tuple[str, str], ...] = ()
-    source_cidrs: tuple[Network, ...] = ()
-    allow: Mapping[str, Grant] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Config:
-    vault: VaultConfig
-    identity: tuple[Issuer, ...]
-    routes: Mapping[str, Route]
-    policies: tuple[Policy, ...]
-    server: ServerConfig = field(default_factory=ServerConfig)
-    tokens: TokensConfig = field(default_factory=TokensConfig)
-
-
-# ---------------------------------------------------------------------------- loading
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -693,19 +550,3 @@ def _path_pattern(node: _Node) -> tuple[str, ...]:
         if ("*" in seg and seg not in ("*", "**")) or any(ord(c) < 0x20 for c in seg):
             raise node.error("'*' and '**' must be whole segments")
     return segments
-
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)

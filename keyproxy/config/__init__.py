@@ -1,0 +1,55 @@
+"""keyproxy's configuration: one YAML file compiled into frozen, typed objects.
+
+`load(path)` and `parse(text)` return a `Config` or raise `ConfigError` naming the YAML path
+of the mistake. `model` holds the objects; `compile` turns YAML into them. The reference for
+every key is docs/configuration.md.
+"""
+
+from keyproxy.config.compile import load, parse
+from keyproxy.config.model import (
+    ALGORITHMS,
+    HEADER_NAME,
+    HOP_BY_HOP,
+    MAX_LEEWAY,
+    METHODS,
+    ROUTE_NAME,
+    CallerCredential,
+    Config,
+    Grant,
+    Injection,
+    Issuer,
+    Network,
+    Policy,
+    Route,
+    SecretRef,
+    ServerConfig,
+    TokensConfig,
+    Upstream,
+    VaultAuth,
+    VaultConfig,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "HEADER_NAME",
+    "HOP_BY_HOP",
+    "MAX_LEEWAY",
+    "METHODS",
+    "ROUTE_NAME",
+    "CallerCredential",
+    "Config",
+    "Grant",
+    "Injection",
+    "Issuer",
+    "Network",
+    "Policy",
+    "Route",
+    "SecretRef",
+    "ServerConfig",
+    "TokensConfig",
+    "Upstream",
+    "VaultAuth",
+    "VaultConfig",
+    "load",
+    "parse",
+]
