@@ -34,7 +34,9 @@ log = structlog.get_logger("keyproxy.app")
 
 
 def build_app(config: Config) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16 * 1024})
+    # Request bodies are forwarded as sent: decompressing them would change what the upstream
+    # receives and make max_body count the wrong bytes.
+    app = web.Application(handler_args={"max_field_size": 16 * 1024, "auto_decompress": False})
     app[CONFIG] = config
     app.cleanup_ctx.append(_components)
     app.router.add_get("/healthz", _healthz)

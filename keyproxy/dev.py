@@ -74,6 +74,7 @@ def dev_config(
                 # The demo upstream listens on loopback, which the egress fence refuses
                 # unless a route allows it explicitly.
                 "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "allow_http": True,  # plain http is acceptable on loopback only
                 "owner": "you@example.com",
             }
         },

@@ -8,11 +8,13 @@
         ├── Unauthenticated    401  no credential, or a credential that does not verify
         ├── Forbidden          403  authenticated, but no policy allows this request
         ├── NotFound           404  unknown route
+        ├── RequestTimeout     408  the caller's request body did not arrive in time
         ├── PayloadTooLarge    413  request body above the route's limit
         ├── EgressDenied       502  upstream address refused by the egress fence
         ├── BadGateway         502  upstream failed
         ├── Unavailable        503  key not loaded or too stale (Vault unreachable)
-        └── GatewayTimeout     504  upstream connect or read timed out
+        ├── GatewayTimeout     504  upstream connect or read timed out
+        └── InternalError      500  a bug: logged, answered without details
 
 A `RequestError`'s message and reason are sent to the caller and logged, so they must never
 contain a key, a token, or anything derived from one.
@@ -67,6 +69,10 @@ class NotFound(RequestError):
     status = 404
 
 
+class RequestTimeout(RequestError):
+    status = 408
+
+
 class PayloadTooLarge(RequestError):
     status = 413
 
@@ -85,3 +91,7 @@ class Unavailable(RequestError):
 
 class GatewayTimeout(RequestError):
     status = 504
+
+
+class InternalError(RequestError):
+    status = 500

@@ -16,7 +16,7 @@ import base64
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 from keyproxy import secret
 from keyproxy.config import Injection, Route
@@ -31,7 +31,7 @@ class Rendered:
 
     version: int
     headers: tuple[tuple[str, str], ...]
-    query: tuple[tuple[str, str], ...]
+    query: str  # encoded `name=value&...`, exactly as sent upstream
     forms: tuple[str, ...]
 
     def __repr__(self) -> str:
@@ -60,24 +60,37 @@ class Injector:
 
 def _render(injections: Sequence[Injection], key: str, version: int) -> Rendered:
     headers: list[tuple[str, str]] = []
-    query: list[tuple[str, str]] = []
-    # Spellings an upstream might echo: JSON-escaped (some encoders also escape "/").
+    query: list[str] = []
+    # Spellings an upstream might echo: JSON-escaped (some encoders also escape "/"), and
+    # the ways a URL may carry it.
     escaped = json.dumps(key)[1:-1]
-    forms = {key, quote(key, safe=""), escaped, escaped.replace("/", "\\/")}
+    forms = {key, escaped, escaped.replace("/", "\\/"), *_url_forms(key)}
     for inj in injections:
         value = inj.format.replace("{key}", key)
         if inj.kind == "header":
             headers.append((inj.name, value))
         elif inj.kind == "query":
-            query.append((inj.name, value))
-            forms.add(quote(value, safe=""))
+            query.append(f"{quote(inj.name, safe='')}={quote(value, safe='')}")
+            forms.update(_url_forms(value))
         else:
             token = base64.b64encode(f"{inj.username}:{value}".encode()).decode()
             headers.append(("Authorization", f"Basic {token}"))
             forms.add(token)
     # Longest first, so a form that contains another is replaced whole.
     ordered = tuple(sorted(forms, key=len, reverse=True))
-    return Rendered(version, tuple(headers), tuple(query), ordered)
+    return Rendered(version, tuple(headers), "&".join(query), ordered)
+
+
+def _url_forms(value: str) -> set[str]:
+    """Percent-encodings of `value` an upstream might echo: strict, path-style, form-style,
+    each with upper- and lower-case hex digits."""
+    forms = {quote(value, safe=""), quote(value, safe="/"), quote_plus(value)}
+    return forms | {_lower_hex(f) for f in forms}
+
+
+def _lower_hex(encoded: str) -> str:
+    parts = encoded.split("%")
+    return parts[0] + "".join("%" + p[:2].lower() + p[2:] for p in parts[1:])
 
 
 def scrub_text(value: str, forms: Iterable[str]) -> str:

@@ -8,37 +8,50 @@ Nothing is sent upstream until every check has passed.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ssl
 import time
 from collections.abc import Mapping
 from typing import Final
+from urllib.parse import unquote_plus
 
 import aiohttp
+import structlog
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from keyproxy import audit, netguard, paths, policy
 from keyproxy.config import HOP_BY_HOP, Config, Network, Route
 from keyproxy.errors import (
     BadGateway,
+    BadRequest,
     Forbidden,
     GatewayTimeout,
+    InternalError,
     NotFound,
     PayloadTooLarge,
     RequestError,
+    RequestTimeout,
     Unauthenticated,
 )
 from keyproxy.identity import IdentityVerifier
 from keyproxy.inject import Injector, Rendered, Scrubber, scrub_text
 from keyproxy.vault import KeyCache
 
+log = structlog.get_logger("keyproxy.proxy")
+
 ROUTE_PREFIX: Final = "/r/"
+# Response encodings aiohttp decodes, so the scrubber sees clear text. We ask for identity;
+# anything else the upstream sends anyway is refused rather than passed through unscrubbed.
+DECODED_ENCODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
 CHUNK: Final = 64 * 1024
 
-# SECURITY: headers that carry or could override a credential. The caller's are never
-# forwarded, whichever header the route reads the caller's token from.
-CREDENTIAL_HEADERS: Final = frozenset(
+# SECURITY: request headers never forwarded, whatever the route says. They carry or could
+# override a credential, claim another client address, or make the upstream run another
+# method or path than the one policy checked.
+DROPPED_REQUEST_HEADERS: Final = frozenset(
     {
         "authorization",
         "proxy-authorization",
@@ -46,14 +59,49 @@ CREDENTIAL_HEADERS: Final = frozenset(
         "x-api-key",
         "api-key",
         "x-goog-api-key",
-        "x-auth-token",
+        "private-token",
         "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
         "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-cluster-client-ip",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-original-method",
     }
 )
+# ... and any header whose name contains one of these.
+DROPPED_REQUEST_FRAGMENTS: Final = (
+    "auth",
+    "token",
+    "secret",
+    "password",
+    "credential",
+    "session",
+    "cookie",
+    "signature",
+    "apikey",
+    "api-key",
+    "x-forwarded-",
+    "x-amz-",
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def _caller_may_send(name: str) -> bool:
+    """Whether a caller's request header (lower-case name) may be forwarded at all."""
+    return name not in DROPPED_REQUEST_HEADERS and not any(
+        fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
+    )
+
+
 # Set by aiohttp from the URL and body, or by us.
 _REQUEST_MANAGED: Final = frozenset({"host", "content-length", "accept-encoding", "expect"})
 # Upstream session cookies could let the caller use the upstream without the proxy.
@@ -140,11 +188,18 @@ class Proxy:
         except RequestError as exc:
             record.reason = exc.reason
             response = error_response(exc)
+        except asyncio.CancelledError:
+            record.reason = "client_disconnected"
+            raise
+        except Exception:
+            # A bug, not a decision: answer without details (they could name a secret) and
+            # keep the traceback in our scrubbed log rather than aiohttp's.
+            log.exception("request_failed", route=record.route, path=record.path)
+            record.reason = "internal_error"
+            response = error_response(InternalError("internal_error", "internal error"))
         finally:
             record.duration_ms = round((time.monotonic() - started) * 1000, 3)
             record.status = response.status if response is not None else 499
-            if record.reason == "" and response is None:
-                record.reason = "client_disconnected"
             audit.emit(record)
         return response
 
@@ -257,10 +312,16 @@ async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.S
     # A chunked upload has no declared size: read it up to the limit so a 413 can still be
     # answered before any upstream connection.
     body = bytearray()
-    async for chunk in request.content.iter_chunked(CHUNK):
-        body += chunk
-        if len(body) > route.max_body:
-            raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+    try:
+        async with asyncio.timeout(route.read_timeout):
+            async for chunk in request.content.iter_chunked(CHUNK):
+                body += chunk
+                if len(body) > route.max_body:
+                    raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+    except TimeoutError:
+        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
+    except aiohttp.ClientPayloadError:  # aiohttp's server raises this for a malformed body
+        raise BadRequest("bad_body", "malformed request body") from None
     return bytes(body)
 
 
@@ -274,12 +335,13 @@ def _upstream_url(
     path = route.upstream.base_path + paths.encode(segments)
     query = raw_query
     if rendered.query:
-        # A caller-sent parameter of the injected name would override or accompany the key.
-        kept = MultiDict(
-            (k, v) for k, v in URL("?" + raw_query).query.items() if k not in injector.query_names
-        )
-        kept.extend(rendered.query)
-        query = URL.build(query=kept).raw_query_string
+        # A caller-sent parameter of an injected name would override or accompany the key.
+        kept = [
+            part
+            for part in raw_query.split("&")
+            if part and unquote_plus(part.partition("=")[0]) not in injector.query_names
+        ]
+        query = "&".join([*kept, rendered.query])
     return URL(f"{route.upstream.origin}{path}" + (f"?{query}" if query else ""), encoded=True)
 
 
@@ -288,13 +350,16 @@ def _upstream_headers(
 ) -> CIMultiDict[str]:
     drop = (
         HOP_BY_HOP
-        | CREDENTIAL_HEADERS
         | _REQUEST_MANAGED
         | injector.header_names
         | {route.caller_credential.header.lower(), *route.strip_headers}
         | _connection_named(incoming)
     )
-    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+    headers = CIMultiDict(
+        (k, v)
+        for k, v in incoming.items()
+        if _caller_may_send(name := k.lower()) and name not in drop
+    )
     headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
     if incoming.get("Content-Length"):
         headers["Content-Length"] = incoming["Content-Length"]
@@ -308,13 +373,17 @@ async def _stream_back(
     rendered: Rendered,
     record: audit.RequestRecord,
 ) -> web.StreamResponse:
+    encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in DECODED_ENCODINGS:
+        raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
     drop = HOP_BY_HOP | _RESPONSE_DROPPED | _connection_named(upstream.headers)
     headers = CIMultiDict(
         (k, scrub_text(v, rendered.forms))
         for k, v in upstream.headers.items()
         if k.lower() not in drop
     )
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    # The upstream's reason phrase is not forwarded: it is free text that could echo the key.
+    response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     scrubber = Scrubber(rendered.forms)
     try:
@@ -326,7 +395,7 @@ async def _stream_back(
         if tail:
             await response.write(tail)
         await response.write_eof()
-    except (aiohttp.ClientError, TimeoutError, ConnectionError):
+    except Exception:  # noqa: BLE001  # whatever broke the stream, the answer is the same
         # The status line is gone already; cut the connection so a truncated body can
         # never look complete to the caller.
         record.reason = "stream_aborted"

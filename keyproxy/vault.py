@@ -241,6 +241,10 @@ class Vault:
         if not value:
             # SECURITY: an empty key must never be injected (invariant 8).
             raise VaultError(f"{where}: field {ref.field!r} is empty")
+        if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            # A stray newline (`kv put api_key=@file`) would make every request fail; refuse
+            # the version so the last good key stays in use, and say why.
+            raise VaultError(f"{where}: field {ref.field!r} has whitespace or control characters")
         secret.register(value)
         return KeyVersion(Secret(value), version)
 
@@ -326,6 +330,8 @@ class Vault:
 
 def _client(cfg: VaultConfig, verify: bool | str) -> Any:
     session = requests.Session()
+    # SECURITY: no HTTP(S)_PROXY or ~/.netrc from the environment on the way to Vault.
+    session.trust_env = False
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=CONCURRENCY)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -60,8 +60,8 @@ class Upstream:
             self.requests.append(
                 Seen(
                     request.method,
-                    request.raw_path.split("?")[0],
-                    request.query_string,
+                    request.raw_path.partition("?")[0],
+                    request.raw_path.partition("?")[2],  # as sent, still percent-encoded
                     CIMultiDict(request.headers),
                     body,
                 )
@@ -76,6 +76,9 @@ class Upstream:
         app.router.add_get("/leak/sse", _leak_sse)
         app.router.add_get("/redirect", _redirect)
         app.router.add_get("/stall", _stall)
+        app.router.add_get("/leak/reason", _leak_reason)
+        app.router.add_get("/leak/url", _leak_url)
+        app.router.add_get("/odd-encoding", _odd_encoding)
         return app
 
 
@@ -119,6 +122,22 @@ async def _leak_sse(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _leak_reason(request: web.Request) -> web.Response:
+    return web.Response(status=401, reason=f"Invalid key {_received_key(request)}")
+
+
+async def _leak_url(request: web.Request) -> web.Response:
+    """Repeats its own request URL, as pagination links and error messages do."""
+    url = str(request.rel_url)
+    return web.json_response({"next": url}, headers={"Link": f"<{url}>; rel=next"})
+
+
+async def _odd_encoding(request: web.Request) -> web.Response:
+    return web.Response(
+        body=b"\x1f\x9d" + _received_key(request).encode(), headers={"Content-Encoding": "compress"}
+    )
+
+
 async def _redirect(request: web.Request) -> web.Response:
     raise web.HTTPTemporaryRedirect("http://127.0.0.2:9/steal")
 
@@ -130,7 +149,8 @@ async def _stall(request: web.Request) -> web.Response:
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None)
+    # Request bodies are recorded exactly as they arrived (compressed ones too).
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -94,6 +94,7 @@ def test_full_config_compiles_to_typed_objects() -> None:
         ("routes.openai.inject.0", {"header": "Connection"}, "routes.openai.inject[0].header"),
         ("routes.openai.upstream", "ftp://example.com", "routes.openai.upstream"),
         ("routes.openai.upstream", "https://u:p@example.com", "routes.openai.upstream"),
+        ("routes.openai.upstream", "http://api.example.com", "routes.openai.upstream"),
         ("routes.openai.secret", _DELETE, "routes.openai.secret"),
         ("routes.openai.max_body", "lots", "routes.openai.max_body"),
         ("routes.openai.timeouts", {"connect": "-1s"}, "routes.openai.timeouts.connect"),

@@ -35,7 +35,7 @@ def test_header_query_and_basic_render() -> None:
     rendered = injector.render(Secret(KEY), 3)
     basic = base64.b64encode(f"api:{KEY}".encode()).decode()
     assert rendered.headers == (("X-Api-Key", KEY), ("Authorization", f"Basic {basic}"))
-    assert rendered.query == (("key", KEY),)
+    assert rendered.query == "key=sk-test%2Fkey%2Bvalue%3D0123456789"
     assert {
         KEY,
         basic,

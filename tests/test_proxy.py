@@ -103,7 +103,7 @@ def make_config(
     """One route `r` to `upstream` with the key at `key_path`; the agent may use a few paths."""
     grant = {
         "methods": ["GET", "POST"],
-        "paths": ["/v1/**", "/echo", "/leak/*", "/redirect", "/stall"],
+        "paths": ["/v1/**", "/echo", "/leak/*", "/redirect", "/stall", "/odd-encoding"],
     }
     return {
         "vault": {
@@ -141,6 +141,7 @@ def make_config(
                 "secret": {"path": key_path},
                 "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
                 "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "allow_http": True,
                 "timeouts": {"connect": "2s", "read": "1s"},
                 "max_body": "1KiB",
                 **route,
@@ -427,6 +428,82 @@ async def test_basic_auth_encoding_is_scrubbed_too(
     assert key.encode() not in body
 
 
+async def test_key_in_the_reason_phrase_is_not_forwarded(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """An upstream status line that echoes the key reaches the caller without it."""
+    async with http.get(f"{stack.base}/r/r/leak/reason", headers=bearer(token)) as response:
+        assert response.status == 401
+        assert seeded[1] not in (response.reason or "")
+    assert upstream.requests[0].headers["Authorization"] == f"Bearer {seeded[1]}"
+
+
+async def test_query_key_echoed_in_its_url_encoding_is_scrubbed(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    openbao: OpenBaoDevServer,
+    seeded: tuple[str, str],
+) -> None:
+    """A query-parameter key with characters URLs encode, echoed back in the URL the upstream
+    received (body and Link header), is scrubbed."""
+    key = "AbC/dEf+GhI/jKl0123456789==" + seeded[1][-8:]
+    CANARIES.add(key)
+    openbao.put_key(seeded[0], key)
+    cfg = config_for(upstream.url, inject=[{"query": "key"}])
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(f"{stack.base}/r/r/leak/url", headers=bearer(token)) as response,
+    ):
+        body = await response.text()
+        link = response.headers["Link"]
+    sent = upstream.requests[0].query
+    assert sent.startswith("key=AbC%2FdEf%2BGhI")
+    value = sent.removeprefix("key=")
+    for text in (body, link):
+        assert value not in text
+        assert value.lower() not in text.lower()
+        assert "[REDACTED]" in text
+
+
+async def test_unknown_response_encoding_is_refused(
+    stack: Stack, token: str, http: aiohttp.ClientSession, seeded: tuple[str, str]
+) -> None:
+    """A body in an encoding the scrubber cannot read is refused with 502, not passed on."""
+    async with http.get(f"{stack.base}/r/r/odd-encoding", headers=bearer(token)) as response:
+        assert response.status == 502
+        assert seeded[1] not in await response.text()
+
+
+async def test_bad_key_version_keeps_the_last_good_key(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    openbao: OpenBaoDevServer,
+    seeded: tuple[str, str],
+) -> None:
+    """A new KV version with a control character is refused; the last good key keeps serving."""
+    await asyncio.to_thread(openbao.put_key, seeded[0], seeded[1] + "\t-bad")
+    deadline = time.monotonic() + 5
+    while True:
+        async with http.get(f"{stack.base}/readyz") as response:
+            status = (await response.json())["keys"]["r"]
+        if status["last_error"]:
+            break
+        assert time.monotonic() < deadline, "the bad version was never read"
+        await asyncio.sleep(0.1)  # pacing between probes
+    assert "-bad" not in status["last_error"]
+    async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+        assert response.status == 200
+    assert upstream.requests[-1].headers["Authorization"] == f"Bearer {seeded[1]}"
+
+
 # ----------------------------------------------------------------------------- invariant 4
 
 
@@ -453,6 +530,13 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
         "Connection": "keep-alive, X-Private",
         "X-Private": "hop",
         "X-Forwarded-For": "10.9.9.9",
+        "X-HTTP-Method-Override": "DELETE",
+        "X-Original-URL": "/admin",
+        "True-Client-IP": "10.9.9.9",
+        "X-Amz-Security-Token": "t",
+        "Private-Token": "t",
+        "X-Custom-Auth": "t",
+        "Idempotency-Key": "idem-1",
         "X-Keep": "kept",
     }
     async with (
@@ -631,6 +715,38 @@ async def test_body_too_large_is_413_before_connecting(
     async with http.post(f"{stack.base}/r/r/echo", headers=bearer(token), data=b"ok") as r:
         assert r.status == 200
     assert upstream.requests[0].body == b"ok"
+
+
+async def test_compressed_request_body_is_forwarded_as_sent(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """A gzip request body reaches the upstream byte for byte, with its Content-Encoding."""
+    import gzip  # noqa: PLC0415
+
+    body = gzip.compress(b'{"x": 1}')
+    headers = {**bearer(token), "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    async with http.post(f"{stack.base}/r/r/echo", headers=headers, data=body) as response:
+        assert response.status == 200
+    assert upstream.requests[0].body == body
+    assert upstream.requests[0].headers["Content-Encoding"] == "gzip"
+
+
+async def test_stalled_chunked_body_is_408(stack: Stack, upstream: Upstream, token: str) -> None:
+    """A chunked upload that stops arriving gets 408 after the read timeout; nothing is sent."""
+    port = URL(stack.base).port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /r/r/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            + f"Authorization: Bearer {token}\r\n\r\n4\r\nabcd\r\n".encode()
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert int(status_line.split()[1]) == 408
+    assert upstream.requests == []
 
 
 async def test_stalled_upstream_is_504(

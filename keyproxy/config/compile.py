@@ -352,6 +352,7 @@ def _route(name: str, node: _Node, kv_mount: str) -> Route:
             "caller_credential",
             "egress",
             "tls",
+            "allow_http",
             "timeouts",
             "max_body",
             "strip_headers",
@@ -366,6 +367,10 @@ def _route(name: str, node: _Node, kv_mount: str) -> Route:
     timeouts = f["timeouts"].mapping({"connect", "read"}) if "timeouts" in f else {}
     egress = f["egress"].mapping({"allow_cidrs"}) if "egress" in f else {}
     upstream = _upstream(_required(node, f, "upstream"))
+    if upstream.scheme == "http" and not _opt(f, "allow_http", _Node.boolean, False):
+        raise f["upstream"].error(
+            "http:// would send the key unencrypted; use https, or set allow_http: true"
+        )
     tls_verify = _opt(tls, "verify", _Node.boolean, True)
     if not tls_verify and upstream.scheme != "https":
         raise tls["verify"].error("only applies to https upstreams")
