@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from keyproxy import audit, config, paths, policy
+from keyproxy import audit, config, paths, policy, rotation_cli, token_cli
 from keyproxy.errors import ConfigError, RequestError
 from keyproxy.identity import Identity
 
@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8080, help="proxy port (0 picks a free one)")
     dev.add_argument("--json", action="store_true", help="print one JSON line for programs")
     dev.set_defaults(func=_dev)
+
+    token_cli.register(sub)
+    rotation_cli.register(sub)
     return parser
 
 

@@ -21,7 +21,9 @@ message. Key values are wrapped in `Secret` and registered with the log scrubber
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -50,6 +52,9 @@ CONCURRENCY = 16
 _CHECK_INTERVAL = 60.0
 _MIN_DELAY = 1.0
 _BACKOFF = (1.0, 30.0)
+
+
+_TRANSIT_SIGNATURE = re.compile(r"^vault:v(\d+):([A-Za-z0-9+/=]+)$")
 
 
 class SecretNotFound(VaultError):
@@ -228,6 +233,58 @@ class Vault:
         if not isinstance(version, int):
             raise VaultError(f"write {mount}/{path}: no version in the response")
         return version
+
+    async def kv_version(self, mount: str, path: str) -> int | None:
+        """The current version number of a KV v2 secret (metadata only), or None if absent.
+        Cheap enough to poll: it never transfers the data."""
+        try:
+            response = await self._call(
+                f"read metadata {mount}/{path}",
+                lambda c: c.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount),
+            )
+        except SecretNotFound:
+            return None
+        body = response.get("data") if isinstance(response, dict) else None
+        version = body.get("current_version") if isinstance(body, dict) else None
+        return version if isinstance(version, int) and version > 0 else None
+
+    # ------------------------------------------------------------------ Transit
+
+    async def transit_sign(self, mount: str, key: str, message: bytes) -> tuple[int, bytes]:
+        """Sign `message` with a Transit key (Ed25519: the message itself, no prehash).
+        Returns the key version that signed and the raw signature. The private key never
+        leaves Vault."""
+        response = await self._call(
+            f"sign with {mount}/{key}",
+            lambda c: c.secrets.transit.sign_data(
+                name=key, hash_input=base64.b64encode(message).decode(), mount_point=mount
+            ),
+        )
+        body = response.get("data") if isinstance(response, dict) else None
+        signature = body.get("signature") if isinstance(body, dict) else None
+        match = _TRANSIT_SIGNATURE.match(signature) if isinstance(signature, str) else None
+        if match is None:
+            raise VaultError(f"sign with {mount}/{key}: no signature in the response")
+        return int(match[1]), base64.b64decode(match[2])
+
+    async def transit_public_keys(self, mount: str, key: str) -> dict[int, bytes]:
+        """Every version's public key of an Ed25519 Transit key (raw 32 bytes), by version."""
+        response = await self._call(
+            f"read {mount}/keys/{key}",
+            lambda c: c.secrets.transit.read_key(name=key, mount_point=mount),
+        )
+        body = response.get("data") if isinstance(response, dict) else None
+        versions = body.get("keys") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or body.get("type") != "ed25519":
+            raise VaultError(f"{mount}/keys/{key} is not an ed25519 key")
+        out: dict[int, bytes] = {}
+        for version, entry in (versions or {}).items():
+            public = entry.get("public_key") if isinstance(entry, dict) else None
+            if isinstance(public, str) and str(version).isdigit():
+                out[int(version)] = base64.b64decode(public)
+        if not out:
+            raise VaultError(f"{mount}/keys/{key}: no public keys")
+        return out
 
     async def read_key(self, ref: SecretRef) -> KeyVersion:
         """A route's key. Refuses (VaultError) a missing, non-string or empty field."""

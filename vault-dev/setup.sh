@@ -13,6 +13,7 @@
 #     approle/ with that policy and a 1h token TTL;
 #   - writes CREDENTIALS_DIR/proxy-role-id and CREDENTIALS_DIR/proxy-secret-id (mode 600);
 #     every run issues a fresh secret_id (earlier ones stay valid until revoked);
+#   - Transit at transit/ with the Ed25519 key keyproxy-tokens that signs task tokens;
 #   - the OIDC identity provider agents use: key keyproxy-agents (RS256), role "agent" with
 #     client_id "keyproxy" (the token audience), 15m TTL and an entity_name claim, and the
 #     policy keyproxy-agent (policies/keyproxy-agent.hcl) allowing identity/oidc/token/agent;
@@ -49,6 +50,15 @@ if "$bao" read sys/mounts/secret >/dev/null 2>&1; then
   fi
 else
   "$bao" secrets enable -path=secret -version=2 kv >/dev/null
+fi
+
+# Transit: the Ed25519 key that signs keyproxy's task tokens. Its private half never leaves
+# Vault; keyproxy verifies tokens locally with the public keys.
+if ! "$bao" read sys/mounts/transit >/dev/null 2>&1; then
+  "$bao" secrets enable -path=transit transit >/dev/null
+fi
+if ! "$bao" read transit/keys/keyproxy-tokens >/dev/null 2>&1; then
+  "$bao" write -f transit/keys/keyproxy-tokens type=ed25519 >/dev/null
 fi
 
 # The proxy: read-only access to keys, through AppRole.

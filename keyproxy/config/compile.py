@@ -322,13 +322,40 @@ def _server(node: _Node) -> ServerConfig:
 
 
 def _tokens(node: _Node) -> TokensConfig:
-    f = node.mapping({"max_ttl", "default_ttl"})
+    f = node.mapping(
+        {
+            "max_ttl",
+            "default_ttl",
+            "exception_max_ttl",
+            "issuer",
+            "transit",
+            "state_path",
+            "revocation_poll_interval",
+            "key_refetch_cooldown",
+        }
+    )
+    transit = f["transit"].mapping({"mount", "key"}) if "transit" in f else {}
+    d = TokensConfig()
     tokens = TokensConfig(
-        max_ttl=_opt(f, "max_ttl", _Node.duration, 900.0),
-        default_ttl=_opt(f, "default_ttl", _Node.duration, 300.0),
+        max_ttl=_opt(f, "max_ttl", _Node.duration, d.max_ttl),
+        default_ttl=_opt(f, "default_ttl", _Node.duration, d.default_ttl),
+        exception_max_ttl=_opt(f, "exception_max_ttl", _Node.duration, d.exception_max_ttl),
+        issuer=_opt(f, "issuer", _Node.string, d.issuer),
+        transit_mount=_opt(transit, "mount", _Node.string, d.transit_mount).strip("/"),
+        transit_key=_opt(transit, "key", _Node.string, d.transit_key),
+        state_path=_opt(f, "state_path", _Node.string, d.state_path).strip("/"),
+        revocation_poll_interval=_opt(
+            f, "revocation_poll_interval", _Node.duration, d.revocation_poll_interval
+        ),
+        key_refetch_cooldown=_opt(
+            f, "key_refetch_cooldown", _Node.duration, d.key_refetch_cooldown
+        ),
     )
     if tokens.default_ttl > tokens.max_ttl:
         raise node._child("default_ttl").error("must not exceed max_ttl")
+    if tokens.revocation_poll_interval > 2.0:
+        # Revocations must reach every replica within 2 s (docs/tokens.md).
+        raise f["revocation_poll_interval"].error("must be at most 2s")
     return tokens
 
 
@@ -488,7 +515,7 @@ def _policies(
 
 
 def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) -> Policy:
-    f = node.mapping({"name", "subjects", "issuers", "claims", "source_cidrs", "allow"})
+    f = node.mapping({"name", "subjects", "issuers", "claims", "source_cidrs", "allow", "max_ttl"})
     subjects = _required(node, f, "subjects").strings()
     if not subjects:
         raise f["subjects"].error("must list at least one subject (use '*' for any)")
@@ -514,6 +541,7 @@ def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) ->
         claims=tuple(claims),
         source_cidrs=_opt(f, "source_cidrs", _Node.networks, ()),
         allow=allow,
+        max_ttl=_opt(f, "max_ttl", _Node.duration, None),
     )
 
 

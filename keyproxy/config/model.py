@@ -93,8 +93,18 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class TokensConfig:
+    """Task-scoped tokens: keyproxy's own short-lived JWS, signed by Vault Transit."""
+
     max_ttl: float = 900.0
     default_ttl: float = 300.0
+    exception_max_ttl: float = 86400.0
+    issuer: str = "keyproxy"
+    transit_mount: str = "transit"
+    transit_key: str = "keyproxy-tokens"
+    # KV v2 path (under vault.kv_mount) holding the revocation list and exception tokens.
+    state_path: str = "keyproxy/state/tokens"
+    revocation_poll_interval: float = 1.0
+    key_refetch_cooldown: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,7 @@ class Policy:
     claims: tuple[tuple[str, str], ...] = ()
     source_cidrs: tuple[Network, ...] = ()
     allow: Mapping[str, Grant] = field(default_factory=dict)
+    max_ttl: float | None = None  # longest task token this policy lets an identity obtain
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 # keyproxy-proxy: what a keyproxy replica needs to serve traffic, and nothing more.
-# It reads keys (and their version metadata) under secret/keyproxy/ and keeps its own token
-# alive. It cannot write keys, list other paths, or touch auth or identity configuration.
+# It reads keys (and their version metadata) under secret/keyproxy/, signs task tokens with
+# the Transit key keyproxy-tokens (the private key stays in Vault), keeps the token
+# revocation list, and keeps its own token alive. It cannot write keys, list other paths, or
+# touch auth or identity configuration.
 
 path "secret/data/keyproxy/*" {
   capabilities = ["read"]
@@ -15,5 +17,23 @@ path "auth/token/renew-self" {
 }
 
 path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+
+# Task tokens: sign with, and read the public keys of, the token signing key.
+path "transit/sign/keyproxy-tokens" {
+  capabilities = ["update"]
+}
+
+path "transit/keys/keyproxy-tokens" {
+  capabilities = ["read"]
+}
+
+# The token revocation list and the register of exception tokens.
+path "secret/data/keyproxy/state/tokens/*" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/keyproxy/state/tokens/*" {
   capabilities = ["read"]
 }
