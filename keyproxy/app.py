@@ -5,6 +5,7 @@ refresh loop, the shared client session for JWKS, the upstream sessions) is crea
 `cleanup_ctx` and torn down with the app: no task outlives it.
 
     /r/<route>/<path>   the proxy (keyproxy.proxy)
+    /token ...          the task-token broker (keyproxy.broker)
     /healthz            liveness: the process serves requests
     /readyz             readiness: Vault reachable and every route's key loaded and fresh
 """
@@ -13,22 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 import aiohttp
 import structlog
 from aiohttp import web
 
+from keyproxy.broker import Broker
 from keyproxy.config import Config
 from keyproxy.identity import IdentityVerifier
 from keyproxy.proxy import ROUTE_PREFIX, Proxy, UpstreamSessions
+from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.vault import KeyCache, Vault
 
 CONFIG: Final = web.AppKey("config", Config)
 VAULT: Final = web.AppKey("vault", Vault)
 KEYS: Final = web.AppKey("keys", KeyCache)
 PROXY: Final = web.AppKey("proxy", Proxy)
+BROKER: Final = web.AppKey("broker", Broker)
 
 log = structlog.get_logger("keyproxy.app")
 
@@ -42,6 +46,9 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", _proxy)
+    app.router.add_post("/token", _broker("exchange"))
+    app.router.add_post("/token/revoke", _broker("revoke"))
+    app.router.add_get("/.well-known/jwks.json", _broker("jwks"))
     return app
 
 
@@ -55,26 +62,32 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     upstreams = UpstreamSessions(config.routes)
-    verifier = IdentityVerifier(config.identity, client)
+    # SECURITY: our own task tokens are never accepted as workload identity tokens.
+    verifier = IdentityVerifier(config.identity, client, rejected_types={TASK_TOKEN_TYPE})
+    tasks = TaskTokens(config, vault)
     app[VAULT], app[KEYS] = vault, keys
-    app[PROXY] = Proxy(config, verifier, keys, upstreams)
-    tasks: list[asyncio.Task[None]] = []
+    app[PROXY] = Proxy(config, verifier, keys, upstreams, tasks)
+    app[BROKER] = Broker(config, verifier, tasks)
+    background: list[asyncio.Task[None]] = []
     try:
         # Start serving even if Vault or an issuer is down: readiness says so, and requests
         # get 503/401 rather than the process crash-looping.
         await _quietly(vault.login(), "vault_login_failed")
         await keys.load_all()
         await verifier.prefetch()
-        tasks = [
+        await _quietly(tasks.refresh_keys(force=True), "token_keys_unavailable")
+        await _quietly(tasks.refresh_revocations(), "revocations_unavailable")
+        background = [
             asyncio.create_task(vault.maintain_token(), name="vault-token"),
             asyncio.create_task(keys.run(), name="key-refresh"),
+            asyncio.create_task(tasks.run(), name="token-revocations"),
         ]
         log.info("started", routes=len(config.routes), keys_ready=keys.ready())
         yield
     finally:
-        for task in tasks:
+        for task in background:
             task.cancel()
-        for task in tasks:
+        for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await upstreams.close()
@@ -91,6 +104,16 @@ async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].handle(request)
+
+
+def _broker(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        method: Callable[[web.Request], Awaitable[web.StreamResponse]] = getattr(
+            request.app[BROKER], name
+        )
+        return await method(request)
+
+    return handler
 
 
 async def _healthz(_: web.Request) -> web.Response:

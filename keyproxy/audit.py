@@ -80,6 +80,7 @@ class RequestRecord:
     subject: str | None = None
     token_id: str | None = None
     task: str | None = None
+    exception_owner: str | None = None  # set for exception tokens: who answers for them
     policy: str | None = None
     decision: str = "deny"
     reason: str = ""

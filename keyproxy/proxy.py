@@ -23,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from keyproxy import audit, netguard, paths, policy
+from keyproxy import scope as scopes
 from keyproxy.config import HOP_BY_HOP, Config, Network, Route
 from keyproxy.errors import (
     BadGateway,
@@ -36,8 +37,10 @@ from keyproxy.errors import (
     RequestTimeout,
     Unauthenticated,
 )
-from keyproxy.identity import IdentityVerifier
+from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered, Scrubber, scrub_text
+from keyproxy.policy import IPAddress
+from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.vault import KeyCache
 
 log = structlog.get_logger("keyproxy.proxy")
@@ -169,11 +172,13 @@ class Proxy:
         verifier: IdentityVerifier,
         keys: KeyCache,
         sessions: UpstreamSessions,
+        tasks: TaskTokens | None = None,
     ) -> None:
         self.config = config
         self.verifier = verifier
         self.keys = keys
         self.sessions = sessions
+        self.tasks = tasks
         self.injectors = {name: Injector(route) for name, route in config.routes.items()}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -217,18 +222,8 @@ class Proxy:
         )
         record.source = str(source)
 
-        identity = await self.verifier.verify(_caller_token(request, route))
-        record.issuer, record.subject = identity.issuer, identity.subject
-        jti = identity.claims.get("jti")
-        record.token_id = jti if isinstance(jti, str) else None
-
-        decision = policy.decide(
-            self.config.policies, identity, route.name, request.method, segments, source
-        )
-        record.policy, record.reason = decision.policy, decision.reason
-        if not decision.allowed:
-            raise Forbidden(decision.reason, "no policy allows this request")
-        record.decision = "allow"
+        identity, task = await self._authenticate(_caller_token(request, route), source, record)
+        self._authorize(identity, task, route, request.method, segments, source, record)
 
         key = self.keys.get(route.name)
         record.key_version = key.version
@@ -239,6 +234,54 @@ class Proxy:
         return await self._forward(
             request, route, url=url, headers=headers, body=body, rendered=rendered, record=record
         )
+
+    async def _authenticate(
+        self, credential: str, source: IPAddress, record: audit.RequestRecord
+    ) -> tuple[Identity, TaskToken | None]:
+        """A task token, or else a workload identity token."""
+        task: TaskToken | None = None
+        if self.tasks is not None and is_task_token(credential):
+            task = await self.tasks.verify(credential)
+            identity = task.identity
+            record.token_id, record.task = task.token_id, task.task
+            record.exception_owner = task.exception_owner
+            if task.source is not None and task.source != str(source):
+                raise Unauthenticated("wrong_source", "this token is bound to another address")
+        else:
+            identity = await self.verifier.verify(credential)
+            jti = identity.claims.get("jti")
+            record.token_id = jti if isinstance(jti, str) else None
+        record.issuer, record.subject = identity.issuer, identity.subject
+        return identity, task
+
+    def _authorize(  # noqa: PLR0917  # the request's facts, in the order they were learnt
+        self,
+        identity: Identity,
+        task: TaskToken | None,
+        route: Route,
+        method: str,
+        segments: tuple[str, ...],
+        source: IPAddress,
+        record: audit.RequestRecord,
+    ) -> None:
+        """Current policy decides; a task token further narrows it to its own scope."""
+        if task is not None and not scopes.allows(task.scope, route.name, method, segments):
+            record.reason = "outside_token_scope"
+            raise Forbidden("outside_token_scope", "the token's scope does not include this")
+        if task is not None and task.exception_owner is not None:
+            # Exception tokens stand for no workload identity: their scope is their grant.
+            record.policy, record.reason = None, "exception_token"
+        else:
+            decision = policy.decide(
+                self.config.policies, identity, route.name, method, segments, source
+            )
+            record.policy, record.reason = decision.policy, decision.reason
+            if not decision.allowed:
+                raise Forbidden(decision.reason, "no policy allows this request")
+        if task is not None and self.tasks is not None and not self.tasks.use(task):
+            record.reason = "token_exhausted"
+            raise Unauthenticated("token_exhausted", "this token has no uses left")
+        record.decision = "allow"
 
     def _route(self, raw_path: str) -> tuple[Route, str]:
         rest = raw_path[len(ROUTE_PREFIX) :]

@@ -1,14 +1,165 @@
-"""`keyproxy` subcommands for tokens (registered by keyproxy.cli)."""
+"""`keyproxy token issue | revoke | list`: operators' side of task tokens.
+
+    keyproxy token issue -c FILE --owner O --reason R --route R [--methods ..] [--paths ..]
+                         [--ttl 8h] [--max-uses N]
+        An exception token for a caller that cannot present a workload identity. Owner and
+        reason are required, the TTL is capped by tokens.exception_max_ttl, and every audit
+        event of the token names its owner. The token goes to stdout, details to stderr.
+    keyproxy token revoke -c FILE (--id ID | --issuer NAME --subject SUB | --task TASK)
+    keyproxy token list -c FILE [--json]       active exception tokens
+
+They talk to Vault with the configuration's `vault` section (for an operator, typically
+`auth: {method: token}` with BAO_TOKEN set).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import sys
+import time
 from typing import Any
+
+from keyproxy import config
+from keyproxy import scope as scopes
+from keyproxy.config import Grant
+from keyproxy.errors import ConfigError, KeyproxyError
+from keyproxy.identity import Identity
+from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens
+from keyproxy.vault import Vault
+
+EXIT_USAGE = 2
 
 
 def register(sub: Any) -> None:
-    """Add this module's subcommands to the `keyproxy` parser's subparsers."""
-    del sub
+    """Add `token` and its subcommands to the `keyproxy` parser."""
+    token = sub.add_parser("token", help="issue, revoke and list task tokens")
+    verbs = token.add_subparsers(dest="verb", required=True)
+
+    issue = verbs.add_parser("issue", help="issue an exception token (owner and reason required)")
+    issue.add_argument("-c", "--config", required=True)
+    issue.add_argument("--owner", default="", help="who answers for this token")
+    issue.add_argument("--reason", default="", help="why no workload identity can be used")
+    issue.add_argument("--route", required=True)
+    issue.add_argument("--methods", default="GET", help="comma-separated, or *")
+    issue.add_argument("--paths", nargs="+", default=["/**"])
+    issue.add_argument("--ttl", default="1h", help="capped by tokens.exception_max_ttl")
+    issue.add_argument("--max-uses", type=int)
+    issue.set_defaults(func=_issue)
+
+    revoke = verbs.add_parser("revoke", help="revoke by token id, subject or task")
+    revoke.add_argument("-c", "--config", required=True)
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", help="a token id (jti)")
+    which.add_argument("--subject", help="every token of this subject (with --issuer)")
+    which.add_argument("--task", help="every token of this task")
+    revoke.add_argument("--issuer", help="issuer name, with --subject")
+    revoke.set_defaults(func=_revoke)
+
+    listing = verbs.add_parser("list", help="active exception tokens")
+    listing.add_argument("-c", "--config", required=True)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_list)
 
 
-__all__ = ["argparse", "register"]
+def _usage(message: str) -> int:
+    print(f"keyproxy token: {message}", file=sys.stderr)  # noqa: T201
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace, work: Any) -> int:
+    cfg = config.load(args.config)
+
+    async def session() -> int:
+        vault = Vault(cfg.vault)
+        try:
+            await vault.login()
+            result: int = await work(cfg, TaskTokens(cfg, vault))
+            return result
+        finally:
+            vault.close()
+
+    try:
+        return asyncio.run(session())
+    except KeyproxyError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        print(f"keyproxy token: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+
+
+def _issue(args: argparse.Namespace) -> int:
+    if not args.owner.strip() or not args.reason.strip():
+        return _usage("an exception token needs --owner and --reason")
+    try:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        requested = scopes.parse(
+            {args.route: {"methods": methods, "paths": args.paths}},
+            [args.route] if args.route in _route_names(args.config) else [],
+        )
+        ttl = config.compile._Node(args.ttl, "--ttl").duration()
+    except (ValueError, ConfigError) as exc:
+        return _usage(str(exc))
+    if args.max_uses is not None and args.max_uses <= 0:
+        return _usage("--max-uses must be positive")
+
+    async def work(cfg: config.Config, tasks: TaskTokens) -> int:
+        capped = min(ttl, cfg.tokens.exception_max_ttl)
+        identity = Identity(EXCEPTION_ISSUER, f"exception:{args.owner}", {})
+        grant: dict[str, tuple[Grant, ...]] = dict(requested)
+        issued = await tasks.issue(
+            identity,
+            grant,
+            ttl=capped,
+            intent=args.reason,
+            max_uses=args.max_uses,
+            exception=(args.owner, args.reason),
+        )
+        note = f" (capped from {ttl:.0f}s by exception_max_ttl)" if capped < ttl else ""
+        print(  # noqa: T201
+            f"exception token {issued.token_id} for {args.owner}: {scopes.describe(grant)}, "
+            f"expires in {capped:.0f}s{note}",
+            file=sys.stderr,
+        )
+        print(issued.token)  # noqa: T201  # the product of this command, for the operator
+        return 0
+
+    return _run(args, work)
+
+
+def _route_names(path: str) -> list[str]:
+    return list(config.load(path).routes)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    if args.subject is not None and not args.issuer:
+        return _usage("--subject needs --issuer (the configured issuer name, or 'exception')")
+
+    async def work(_: config.Config, tasks: TaskTokens) -> int:
+        subject = f"{args.issuer}|{args.subject}" if args.subject is not None else None
+        await tasks.revoke(token_id=args.id, subject=subject, task=args.task)
+        print("revoked", file=sys.stderr)  # noqa: T201
+        return 0
+
+    return _run(args, work)
+
+
+def _list(args: argparse.Namespace) -> int:
+    async def work(_: config.Config, tasks: TaskTokens) -> int:
+        active = await tasks.exceptions()
+        if args.json:
+            print(json.dumps(active, indent=2))  # noqa: T201
+            return 0
+        now = time.time()
+        for entry in active:
+            left = int(entry["expires_at"] - now)
+            print(  # noqa: T201
+                f"{entry['token_id']}  owner={entry['owner']}  expires_in={left}s  "
+                f"reason={entry['reason']!r}"
+            )
+        if not active:
+            print("no active exception tokens")  # noqa: T201
+        return 0
+
+    return _run(args, work)

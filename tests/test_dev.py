@@ -154,3 +154,32 @@ def test_walkthrough_rotation_and_denials(dev_stack: dict[str, Any]) -> None:
         " headers={'Authorization': 'Bearer ' + os.environ['OPENAI_API_KEY']})))\n"
     )
     assert _agent(dev_stack, denied).split() == ["401", "403"]
+
+
+def test_walkthrough_task_token(dev_stack: dict[str, Any]) -> None:
+    """The README's task-token step: exchange, use through the SDK, revoke, refused after."""
+    code = """
+import json, os, urllib.request, urllib.error, openai
+base = os.environ["OPENAI_BASE_URL"].split("/r/")[0]
+def post(path, token, body=None):
+    req = urllib.request.Request(base + path, method="POST", data=json.dumps(body or {}).encode(),
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r: return r.status, json.load(r)
+    except urllib.error.HTTPError as e: return e.code, json.load(e)
+status, answer = post("/token", os.environ["OPENAI_API_KEY"], {
+    "scope": {"demo": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}},
+    "task": "walkthrough", "intent": "try task tokens", "ttl": "5m"})
+print(status)
+task = answer["access_token"]
+client = openai.OpenAI(api_key=task, max_retries=0)
+print("fingerprint" in client.chat.completions.create(model="m",
+      messages=[{"role": "user", "content": "x"}]).choices[0].message.content)
+print(post("/token/revoke", task)[0])
+try:
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    print("still works")
+except openai.AuthenticationError:
+    print(401)
+"""
+    assert _agent(dev_stack, code).split() == ["200", "True", "200", "401"]

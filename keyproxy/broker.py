@@ -1,0 +1,239 @@
+"""The token broker: exchange a workload identity for a task token, and revoke it.
+
+    POST /token                   JSON, or the RFC 8693 token-exchange form
+    POST /token/revoke            the holder revokes its own task token (Bearer)
+    GET  /.well-known/jwks.json   the task-token public keys
+
+JSON request (workload token in `Authorization: Bearer`):
+
+    {"scope": {"openai": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}},
+     "task": "summarise-ticket-4711", "intent": "summarise one ticket",
+     "ttl": "5m", "max_uses": 20, "bind_source": true}
+
+RFC 8693 form: grant_type=urn:ietf:params:oauth:grant-type:token-exchange, subject_token,
+subject_token_type (jwt or id_token), scope ("route:METHODS:/path" items), resource or
+audience (route names, asked for in full), and the extensions task, intent, ttl, max_uses.
+
+Policy decides the most that may be granted; the grant is the intersection of that and the
+request, never more. Every outcome is an audit event: token.issued or token.denied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from keyproxy import policy
+from keyproxy import scope as scopes
+from keyproxy.config import Config, Policy
+from keyproxy.config.compile import _Node
+from keyproxy.errors import BadRequest, ConfigError, Forbidden, RequestError, Unauthenticated
+from keyproxy.identity import Identity, IdentityVerifier
+from keyproxy.proxy import error_response
+from keyproxy.tokens import TaskTokens, is_task_token
+
+GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPES: Final = frozenset(
+    {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
+)
+ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
+MAX_TEXT: Final = 1024
+MAX_USES: Final = 1_000_000
+
+log = structlog.get_logger("keyproxy.audit")
+
+
+class Broker:
+    def __init__(self, config: Config, verifier: IdentityVerifier, tasks: TaskTokens) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.tasks = tasks
+
+    async def exchange(self, request: web.Request) -> web.Response:
+        event: dict[str, Any] = {"source": request.remote}
+        try:
+            return await self._exchange(request, event)
+        except RequestError as exc:
+            log.info("token.denied", reason=exc.reason, **event)
+            return error_response(exc)
+
+    async def _exchange(self, request: web.Request, event: dict[str, Any]) -> web.Response:
+        source = policy.client_address(
+            request.remote or "0.0.0.0",  # noqa: S104  # no address matches no CIDR
+            request.headers.getall("X-Forwarded-For", []),
+            self.config.server.trusted_proxies,
+        )
+        event["source"] = str(source)
+        form = request.content_type == "application/x-www-form-urlencoded"
+        fields = await _fields(request, form)
+        subject_token = _subject_token(request, fields, form)
+        if is_task_token(subject_token):
+            raise Unauthenticated("wrong_token_type", "exchange a workload identity token")
+        identity = await self.verifier.verify(subject_token)
+        event |= {"issuer": identity.issuer, "subject": identity.subject}
+        routes = list(self.config.routes)
+        try:
+            requested = (
+                scopes.parse_rfc8693(
+                    str(fields.get("scope", "")), _resources(request, fields), routes
+                )
+                if form
+                else scopes.parse(fields.get("scope"), routes)
+            )
+            task, intent = _text(fields, "task"), _text(fields, "intent")
+            max_uses = _max_uses(fields.get("max_uses"))
+            asked_ttl = _ttl(fields.get("ttl"))
+        except ValueError as exc:
+            raise BadRequest("invalid_request", str(exc)) from None
+        event |= {"task": task, "intent": intent, "requested": scopes.to_claim(requested)}
+        granted = scopes.grantable(self.config.policies, identity, source, requested)
+        if not granted:
+            raise Forbidden("nothing_granted", "policy allows none of the requested scope")
+        ttl = self._ttl(asked_ttl, identity, source, granted)
+        bind = fields.get("bind_source") in (True, "true", "1")
+        issued = await self.tasks.issue(
+            identity,
+            granted,
+            ttl=ttl,
+            task=task,
+            intent=intent,
+            max_uses=max_uses,
+            source=str(source) if bind else None,
+        )
+        event |= {"token_id": issued.token_id, "expires_at": issued.expires_at}
+        log.info("token.issued", scope=scopes.to_claim(granted), ttl=ttl, **event)
+        body: dict[str, Any] = {
+            "access_token": issued.token,
+            "token_type": "Bearer",
+            "issued_token_type": ISSUED_TYPE,
+            "expires_in": int(ttl),
+            "token_id": issued.token_id,
+            "expires_at": issued.expires_at,
+            "scope": scopes.describe(granted) if form else scopes.to_claim(granted),
+        }
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    def _ttl(
+        self,
+        asked: float | None,
+        identity: Identity,
+        source: policy.IPAddress,
+        granted: scopes.Scope,
+    ) -> float:
+        """The requested TTL (or the default), capped by tokens.max_ttl and by the max_ttl of
+        every policy that contributed to the grant."""
+        caps = [self.config.tokens.max_ttl]
+        for pol in self._contributing(identity, source, granted):
+            if pol.max_ttl is not None:
+                caps.append(pol.max_ttl)
+        return min([asked or self.config.tokens.default_ttl, *caps])
+
+    def _contributing(
+        self, identity: Identity, source: policy.IPAddress, granted: scopes.Scope
+    ) -> list[Policy]:
+        return [
+            pol
+            for pol in self.config.policies
+            if scopes.grantable([pol], identity, source, granted)
+        ]
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """The holder ends its task: the token revokes itself."""
+        try:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not is_task_token(token.strip()):
+                raise Unauthenticated("no_credential", "send the task token as a Bearer token")
+            task = await self.tasks.verify(token.strip())
+            await self.tasks.revoke(token_id=task.token_id, expires_at=task.expires_at)
+        except RequestError as exc:
+            log.info("token.revoke_denied", reason=exc.reason, source=request.remote)
+            return error_response(exc)
+        log.info(
+            "token.revoked",
+            by="holder",
+            token_id=task.token_id,
+            task=task.task,
+            issuer=task.identity.issuer,
+            subject=task.identity.subject,
+        )
+        return web.json_response({"revoked": task.token_id})
+
+    async def jwks(self, _: web.Request) -> web.Response:
+        if not self.tasks.jwks()["keys"]:
+            await self.tasks.refresh_keys()
+        return web.json_response(self.tasks.jwks(), headers={"Cache-Control": "max-age=60"})
+
+
+async def _fields(request: web.Request, form: bool) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > 64 * 1024:
+        raise BadRequest("invalid_request", "request too large")
+    try:
+        if form:
+            posted = await request.post()
+            return {k: v for k, v in posted.items() if isinstance(v, str)}
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("invalid_request", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("invalid_request", "the body must be a JSON object")
+    return body
+
+
+def _subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> str:
+    if form:
+        if fields.get("grant_type") != GRANT_TYPE:
+            raise BadRequest("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
+        if fields.get("subject_token_type") not in JWT_TYPES:
+            raise BadRequest("invalid_request", "subject_token_type must be a JWT type")
+        token = str(fields.get("subject_token", "")).strip()
+    else:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+    if not token:
+        raise Unauthenticated("no_credential", "send the workload identity token")
+    return token
+
+
+def _resources(request: web.Request, fields: dict[str, Any]) -> list[str]:
+    del request
+    names = []
+    for key in ("resource", "audience"):
+        value = fields.get(key)
+        if isinstance(value, str) and value:
+            names.extend(value.split())
+    return names
+
+
+def _text(fields: dict[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT or any(ord(c) < 0x20 for c in value):
+        raise ValueError(f"{name}: text of at most {MAX_TEXT} characters")
+    return value
+
+
+def _max_uses(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        uses = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("max_uses: a positive integer") from None
+    if isinstance(value, bool) or not 0 < uses <= MAX_USES:
+        raise ValueError(f"max_uses: a positive integer up to {MAX_USES}")
+    return uses
+
+
+def _ttl(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    try:
+        # The same duration syntax as the configuration file.
+        return _Node(value, "ttl").duration()
+    except ConfigError:
+        raise ValueError("ttl: a positive duration such as 300 or 5m") from None

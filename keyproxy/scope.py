@@ -1,0 +1,199 @@
+"""Task-token scopes: what a token may do, and how much of a request policy can grant.
+
+A scope maps a route to one or more `Grant`s (methods x path patterns). Several grants per
+route keep an intersection exact: if one policy allows GET /a and another POST /b, the scope
+holds both grants and never their cross product (POST /a).
+
+    parse(obj)                       requested scope from JSON   -> Scope (ValueError if bad)
+    parse_rfc8693(scope, resources)  requested scope from OAuth form fields
+    grantable(policies, identity, source, requested) -> Scope    the intersection, never more
+    allows(scope, route, method, segments) -> bool               the per-request check
+    to_claim(scope) / from_claim(obj)                            the token's `scope` claim
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from keyproxy import policy
+from keyproxy.config import METHODS, Grant, Policy
+from keyproxy.identity import Identity
+
+Scope = Mapping[str, tuple[Grant, ...]]
+
+# Policy stages (see keyproxy.policy) at which a policy already applies to the identity,
+# source and route; only the method and path remain to be decided.
+_ROUTE_REACHED = frozenset({"method_not_allowed", "path_not_allowed", "allowed"})
+MAX_GRANTS_PER_ROUTE = 16
+MAX_PATHS_PER_GRANT = 32
+
+
+def parse_pattern(text: Any) -> tuple[str, ...]:
+    """A path pattern ("/v1/*/x/**") as segments; ValueError if it is not a plain pattern."""
+    if not isinstance(text, str) or not text.startswith("/") or len(text) > 512:
+        raise ValueError("path patterns start with '/'")
+    segments = tuple(text[1:].split("/")) if text != "/" else ()
+    for i, seg in enumerate(segments):
+        if seg == "" and i != len(segments) - 1:
+            raise ValueError("path patterns have no empty segments")
+        if seg in (".", "..") or "%" in seg or "\\" in seg or any(ord(c) < 0x20 for c in seg):
+            raise ValueError("path patterns are plain decoded paths")
+        if "*" in seg and seg not in ("*", "**"):
+            raise ValueError("'*' and '**' must be whole segments")
+    return segments
+
+
+def format_pattern(segments: tuple[str, ...]) -> str:
+    return "/" + "/".join(segments)
+
+
+def _grant(obj: Any, where: str) -> Grant:
+    if not isinstance(obj, Mapping) or set(obj) - {"methods", "paths"}:
+        raise ValueError(f"{where}: expected {{methods, paths}}")
+    methods = obj.get("methods", ["*"])
+    paths = obj.get("paths", ["/**"])
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"{where}.methods: a non-empty list of methods")
+    upper = {m.upper() for m in methods}
+    if not upper <= METHODS | {"*"}:
+        raise ValueError(f"{where}.methods: unknown method")
+    if not isinstance(paths, list) or not paths or len(paths) > MAX_PATHS_PER_GRANT:
+        raise ValueError(f"{where}.paths: a non-empty list of at most {MAX_PATHS_PER_GRANT}")
+    try:
+        patterns = tuple(parse_pattern(p) for p in paths)
+    except ValueError as exc:
+        raise ValueError(f"{where}.paths: {exc}") from None
+    return Grant(METHODS if "*" in upper else frozenset(upper), patterns)
+
+
+def parse(obj: Any, routes: Sequence[str]) -> Scope:
+    """A requested scope: {route: {methods, paths}} or {route: [{methods, paths}, ...]}."""
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError("scope: a non-empty mapping of route to {methods, paths}")
+    scope: dict[str, tuple[Grant, ...]] = {}
+    for route, value in obj.items():
+        if route not in routes:
+            raise ValueError(f"scope.{route}: unknown route")
+        items = value if isinstance(value, list) else [value]
+        if not items or len(items) > MAX_GRANTS_PER_ROUTE:
+            raise ValueError(f"scope.{route}: 1 to {MAX_GRANTS_PER_ROUTE} grants")
+        scope[route] = tuple(_grant(item, f"scope.{route}") for item in items)
+    return scope
+
+
+def parse_rfc8693(text: str, resources: Sequence[str], routes: Sequence[str]) -> Scope:
+    """OAuth token-exchange fields: `scope` is space-separated `route[:METHODS[:path]]` items
+    (methods comma-separated); each `resource`/`audience` names a route asked for in full."""
+    requested: dict[str, list[dict[str, Any]]] = {}
+    for item in text.split():
+        route, _, rest = item.partition(":")
+        methods, _, path = rest.partition(":")
+        requested.setdefault(route, []).append(
+            {"methods": methods.split(",") if methods else ["*"], "paths": [path or "/**"]}
+        )
+    for route in resources:
+        requested.setdefault(route, []).append({"methods": ["*"], "paths": ["/**"]})
+    return parse(requested, routes)
+
+
+def grantable(
+    policies: Sequence[Policy],
+    identity: Identity,
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    requested: Scope,
+) -> Scope:
+    """The part of `requested` that current policy allows this identity from this source.
+    Each granted (methods, path) pair is inside both the request and one policy's grant."""
+    granted: dict[str, tuple[Grant, ...]] = {}
+    for route, wanted in requested.items():
+        grants: list[Grant] = []
+        for pol in policies:
+            outcome = policy.explain([pol], identity, route, "GET", (), source)[0][1]
+            if outcome not in _ROUTE_REACHED:
+                continue
+            allowed = pol.allow[route]
+            for want in wanted:
+                methods = want.methods & allowed.methods
+                paths = _intersect(want.paths, allowed.paths)
+                if methods and paths and Grant(methods, paths) not in grants:
+                    grants.append(Grant(methods, paths))
+        if grants:
+            granted[route] = tuple(grants[:MAX_GRANTS_PER_ROUTE])
+    return granted
+
+
+def _intersect(
+    wanted: tuple[tuple[str, ...], ...], allowed: tuple[tuple[str, ...], ...]
+) -> tuple[tuple[str, ...], ...]:
+    """Path patterns inside both sets: each wanted pattern some allowed one covers, and each
+    allowed pattern some wanted one covers (asking for /v1/** where /v1/models is allowed
+    grants /v1/models). Partial overlaps that neither covers are left out: never more."""
+    out: list[tuple[str, ...]] = []
+    for pattern in wanted:
+        if any(covers(a, pattern) for a in allowed) and pattern not in out:
+            out.append(pattern)
+    for pattern in allowed:
+        if any(covers(w, pattern) for w in wanted) and not any(covers(o, pattern) for o in out):
+            out.append(pattern)
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def covers(  # noqa: PLR0911  # one return per case of the pattern algebra reads best
+    granted: tuple[str, ...], requested: tuple[str, ...]
+) -> bool:
+    """Whether every path `requested` matches is also matched by `granted`."""
+    if not granted:
+        return not requested
+    head = granted[0]
+    if head == "**":
+        if covers(granted[1:], requested):
+            return True  # "**" standing for no segments
+        return bool(requested) and covers(granted, requested[1:])  # absorbing one more
+    if not requested or requested[0] == "**":
+        return False
+    if requested[0] == "*":
+        return head == "*" and covers(granted[1:], requested[1:])
+    if head not in ("*", requested[0]) or (head == "*" and requested[0] == ""):
+        return False
+    return covers(granted[1:], requested[1:])
+
+
+def allows(scope: Scope, route: str, method: str, segments: tuple[str, ...]) -> bool:
+    return any(
+        method in grant.methods and any(policy.match_path(p, segments) for p in grant.paths)
+        for grant in scope.get(route, ())
+    )
+
+
+def to_claim(scope: Scope) -> dict[str, list[dict[str, list[str]]]]:
+    return {
+        route: [
+            {"methods": sorted(g.methods), "paths": [format_pattern(p) for p in g.paths]}
+            for g in grants
+        ]
+        for route, grants in scope.items()
+    }
+
+
+def from_claim(obj: Any, routes: Sequence[str]) -> Scope:
+    """The scope claim of a verified token. Routes no longer configured are dropped."""
+    if not isinstance(obj, Mapping):
+        raise ValueError("scope claim: not a mapping")  # noqa: TRY004  # callers catch ValueError
+    known = {route: value for route, value in obj.items() if route in routes}
+    return parse(known, routes) if known else {}
+
+
+def describe(scope: Scope) -> str:
+    """The scope in the RFC 8693 text form, for `scope` in token responses."""
+    return " ".join(
+        f"{route}:{','.join(sorted(g.methods))}:{format_pattern(p)}"
+        for route, grants in scope.items()
+        for g in grants
+        for p in g.paths
+    )

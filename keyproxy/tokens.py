@@ -1,0 +1,473 @@
+"""Task tokens: keyproxy's own short-lived, scoped, revocable credentials.
+
+A task token is a compact JWS with `typ: keyproxy-task+jwt`, signed with EdDSA by a Vault
+Transit key (the private key never leaves Vault) and verified here, locally, with the
+Transit public keys. Claims:
+
+    iss, aud     tokens.issuer ("keyproxy")        jti        token id
+    sub, idp     the workload identity it was issued to (subject, issuer name)
+    ctx          the identity's claims that policies match on
+    iat, nbf, exp                                  task, intent
+    scope        {route: [{methods, paths}]}       max_uses, src (bound source address)
+    exc          {owner, reason} for an exception token
+
+`TaskTokens` issues, verifies and revokes them. Revocations live in Vault KV (one secret at
+`tokens.state_path`/revocations); every replica polls its version number and re-reads it on
+change, so a revocation is honoured everywhere within `revocation_poll_interval` plus one
+read. Entries are pruned once every token they can name has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import jwt
+import structlog
+
+from keyproxy import scope as scopes
+from keyproxy.config import Config
+from keyproxy.errors import Unauthenticated, Unavailable, VaultError
+from keyproxy.identity import Identity
+from keyproxy.vault import CasConflict, Vault
+
+TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not a secret
+EXCEPTION_ISSUER: Final = "exception"
+LEEWAY: Final = 5.0
+_CACHE_SIZE: Final = 10_000
+
+log = structlog.get_logger("keyproxy.tokens")
+
+
+@dataclass(frozen=True)
+class TaskToken:
+    """A verified task token. Holds no secret; `token_id` is safe to log."""
+
+    token_id: str
+    identity: Identity
+    scope: scopes.Scope
+    issued_at: float
+    expires_at: float
+    task: str | None = None
+    intent: str | None = None
+    max_uses: int | None = None
+    source: str | None = None
+    exception_owner: str | None = None
+
+
+@dataclass(frozen=True)
+class Issued:
+    token: str = field(repr=False)
+    token_id: str = ""
+    expires_at: float = 0.0
+    scope: scopes.Scope = field(default_factory=dict)
+    key_version: int = 0
+
+
+def is_task_token(token: str) -> bool:
+    """Cheap look at the header only: does this claim to be one of ours?"""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        return False
+    typ = header.get("typ")
+    return isinstance(typ, str) and typ.lower() == TASK_TOKEN_TYPE
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass
+class Revocations:
+    """The revocation list as stored in Vault, with the pruning rule."""
+
+    ids: dict[str, float] = field(default_factory=dict)  # jti -> token expiry
+    subjects: dict[str, float] = field(default_factory=dict)  # "idp|sub" -> revoked at
+    tasks: dict[str, float] = field(default_factory=dict)  # task -> revoked at
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Revocations:
+        def floats(name: str) -> dict[str, float]:
+            value = data.get(name)
+            if not isinstance(value, dict):
+                return {}
+            return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
+
+        return cls(floats("ids"), floats("subjects"), floats("tasks"))
+
+    def to_data(self) -> dict[str, Any]:
+        return {"ids": self.ids, "subjects": self.subjects, "tasks": self.tasks}
+
+    def revoked(self, token: TaskToken) -> bool:
+        if token.token_id in self.ids:
+            return True
+        who = f"{token.identity.issuer}|{token.identity.subject}"
+        if self.subjects.get(who, -1.0) >= token.issued_at:
+            return True
+        return token.task is not None and self.tasks.get(token.task, -1.0) >= token.issued_at
+
+    def prune(self, now: float, longest_ttl: float) -> None:
+        """Drop entries that can no longer name a live token."""
+        self.ids = {k: exp for k, exp in self.ids.items() if exp + LEEWAY > now}
+        horizon = now - longest_ttl - LEEWAY
+        self.subjects = {k: at for k, at in self.subjects.items() if at > horizon}
+        self.tasks = {k: at for k, at in self.tasks.items() if at > horizon}
+
+
+class TaskTokens:
+    """Issue, verify and revoke task tokens for one configuration."""
+
+    def __init__(
+        self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.cfg = config.tokens
+        self.vault = vault
+        self.clock = clock
+        self._keys: dict[int, jwt.PyJWK] = {}
+        self._public: dict[int, bytes] = {}
+        self._keys_fetched = -1e9
+        self._keys_lock = asyncio.Lock()
+        self._revocations = Revocations()
+        self._revocations_version: int | None = None
+        self._verified: dict[str, TaskToken] = {}
+        self._uses: dict[str, int] = {}
+        self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def _revocations_path(self) -> str:
+        return f"{self.cfg.state_path}/revocations"
+
+    @property
+    def _exceptions_path(self) -> str:
+        return f"{self.cfg.state_path}/exceptions"
+
+    # ------------------------------------------------------------------ keys
+
+    async def refresh_keys(self, *, force: bool = False) -> None:
+        """Read the Transit public keys (at most once per cooldown unless forced)."""
+        async with self._keys_lock:
+            now = time.monotonic()
+            if not force and now - self._keys_fetched < self.cfg.key_refetch_cooldown:
+                return
+            self._keys_fetched = now
+            public = await self.vault.transit_public_keys(
+                self.cfg.transit_mount, self.cfg.transit_key
+            )
+            self._public = public
+            self._keys = {v: jwt.PyJWK(self._jwk(v, raw)) for v, raw in public.items()}
+            log.info("token_keys_loaded", versions=sorted(self._keys))
+
+    def _jwk(self, version: int, raw: bytes) -> dict[str, str]:
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": _b64(raw),
+            "kid": f"{self.cfg.transit_key}:v{version}",
+            "alg": "EdDSA",
+            "use": "sig",
+        }
+
+    def jwks(self) -> dict[str, Any]:
+        """The public keys as a JWKS, for the well-known endpoint."""
+        return {"keys": [self._jwk(v, raw) for v, raw in sorted(self._public.items())]}
+
+    # ------------------------------------------------------------------ issue
+
+    async def issue(
+        self,
+        identity: Identity,
+        scope: scopes.Scope,
+        *,
+        ttl: float,
+        task: str | None = None,
+        intent: str | None = None,
+        max_uses: int | None = None,
+        source: str | None = None,
+        exception: tuple[str, str] | None = None,
+    ) -> Issued:
+        """Sign a token for exactly `scope`. The caller has already intersected it with policy
+        and clamped `ttl`. Raises Unavailable when Vault cannot sign."""
+        if not scope:
+            raise ValueError("a task token needs a non-empty scope")
+        if exception is not None and not all(part.strip() for part in exception):
+            raise ValueError("an exception token needs an owner and a reason")
+        now = int(self.clock())
+        token_id = uuid.uuid4().hex
+        claims: dict[str, Any] = {
+            "iss": self.cfg.issuer,
+            "aud": self.cfg.issuer,
+            "sub": identity.subject,
+            "idp": identity.issuer,
+            "jti": token_id,
+            "iat": now,
+            "nbf": now,
+            "exp": now + max(1, int(ttl)),
+            "scope": scopes.to_claim(scope),
+        }
+        ctx = {k: identity.claims[k] for k in self._policy_claims if k in identity.claims}
+        optional = {"ctx": ctx, "task": task, "intent": intent, "max_uses": max_uses, "src": source}
+        claims |= {k: v for k, v in optional.items() if v}
+        if exception is not None:
+            claims["exc"] = {"owner": exception[0], "reason": exception[1]}
+        token, version = await self._sign(claims)
+        if exception is not None:
+            await self._record_exception(token_id, claims)
+        return Issued(token, token_id, float(claims["exp"]), scope, version)
+
+    async def _sign(self, claims: dict[str, Any]) -> tuple[str, int]:
+        try:
+            if not self._keys:
+                await self.refresh_keys(force=True)
+            for _ in range(2):
+                version = max(self._keys)
+                header = {
+                    "alg": "EdDSA",
+                    "typ": TASK_TOKEN_TYPE,
+                    "kid": f"{self.cfg.transit_key}:v{version}",
+                }
+                signing_input = f"{_b64(_json(header))}.{_b64(_json(claims))}"
+                used, signature = await self.vault.transit_sign(
+                    self.cfg.transit_mount, self.cfg.transit_key, signing_input.encode()
+                )
+                if used == version:
+                    return f"{signing_input}.{_b64(signature)}", version
+                # The Transit key was rotated since we last looked: sign again, naming it.
+                await self.refresh_keys(force=True)
+        except VaultError as exc:
+            log.warning("token_sign_failed", error=str(exc))
+            raise Unavailable("vault_unavailable", "cannot sign tokens right now") from None
+        raise Unavailable("signing_key_changing", "the signing key is changing; try again")
+
+    # ------------------------------------------------------------------ verify
+
+    async def verify(self, token: str) -> TaskToken:
+        """Verify a task token locally; raises Unauthenticated with a reason code."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        cached = self._verified.get(digest)
+        if cached is None:
+            cached = await self._verify_signed(token)
+            if len(self._verified) >= _CACHE_SIZE:
+                self._evict()
+            self._verified[digest] = cached
+        now = self.clock()
+        if now >= cached.expires_at + LEEWAY:
+            raise Unauthenticated("expired", "the task token has expired")
+        if now + LEEWAY < cached.issued_at:
+            raise Unauthenticated("not_yet_valid", "the task token is not valid yet")
+        if self._revocations.revoked(cached):
+            raise Unauthenticated("revoked", "the task token was revoked")
+        return cached
+
+    def _evict(self) -> None:
+        now = self.clock()
+        self._verified = {k: t for k, t in self._verified.items() if t.expires_at + LEEWAY > now}
+        while len(self._verified) >= _CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+
+    async def _verify_signed(self, token: str) -> TaskToken:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed", "not a task token") from None
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() != TASK_TOKEN_TYPE:
+            raise Unauthenticated("wrong_token_type", "not a task token")
+        if header.get("alg") != "EdDSA" or "crit" in header:
+            raise Unauthenticated("algorithm_not_allowed", "task tokens are EdDSA")
+        key = await self._key(header.get("kid"))
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=["EdDSA"],
+                audience=self.cfg.issuer,
+                issuer=self.cfg.issuer,
+                options={
+                    "require": ["exp", "iat", "nbf", "jti", "sub", "iss", "aud", "scope"],
+                    "verify_exp": False,  # checked against our clock in verify()
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("bad_signature", "task token signature invalid") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("invalid_claims", "task token claims invalid") from None
+        return self._task_token(claims)
+
+    async def _key(self, kid: Any) -> jwt.PyJWK:
+        prefix = f"{self.cfg.transit_key}:v"
+        if (
+            not isinstance(kid, str)
+            or not kid.startswith(prefix)
+            or not kid[len(prefix) :].isdigit()
+        ):
+            raise Unauthenticated("unknown_kid", "unknown task token key")
+        version = int(kid[len(prefix) :])
+        if version not in self._keys:
+            # An unknown key stays unknown when Vault is down; known keys keep verifying.
+            with contextlib.suppress(VaultError):
+                await self.refresh_keys()
+        key = self._keys.get(version)
+        if key is None:
+            raise Unauthenticated("unknown_kid", "unknown task token key")
+        return key
+
+    def _task_token(self, claims: Mapping[str, Any]) -> TaskToken:
+        try:
+            scope = scopes.from_claim(claims["scope"], list(self.config.routes))
+            exc = claims.get("exc")
+            ctx = claims.get("ctx") or {}
+            issuer = str(claims.get("idp") or "")
+            return TaskToken(
+                token_id=str(claims["jti"]),
+                identity=Identity(
+                    issuer, str(claims["sub"]), dict(ctx) if isinstance(ctx, dict) else {}
+                ),
+                scope=scope,
+                issued_at=float(claims["iat"]),
+                expires_at=float(claims["exp"]),
+                task=_text(claims.get("task")),
+                intent=_text(claims.get("intent")),
+                max_uses=claims["max_uses"] if isinstance(claims.get("max_uses"), int) else None,
+                source=_text(claims.get("src")),
+                exception_owner=_text(exc.get("owner")) if isinstance(exc, dict) else None,
+            )
+        except (KeyError, ValueError, TypeError):
+            raise Unauthenticated("invalid_claims", "task token claims invalid") from None
+
+    def use(self, token: TaskToken) -> bool:
+        """Count one use against max_uses (per replica); False once they are spent."""
+        if token.max_uses is None:
+            return True
+        count = self._uses.get(token.token_id, 0)
+        if count >= token.max_uses:
+            return False
+        self._uses[token.token_id] = count + 1
+        return True
+
+    # ------------------------------------------------------------------ revocation
+
+    async def revoke(
+        self,
+        *,
+        token_id: str | None = None,
+        expires_at: float | None = None,
+        subject: str | None = None,
+        task: str | None = None,
+    ) -> None:
+        """Record a revocation in Vault (check-and-set, retried on a concurrent write)."""
+        longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
+        for _ in range(8):
+            data, version = await self._read_state(self._revocations_path)
+            revocations = Revocations.from_data(data)
+            now = self.clock()
+            if token_id is not None:
+                revocations.ids[token_id] = expires_at if expires_at is not None else now + longest
+            if subject is not None:
+                revocations.subjects[subject] = now
+            if task is not None:
+                revocations.tasks[task] = now
+            revocations.prune(now, longest)
+            try:
+                new = await self.vault.write_kv(
+                    self.config.vault.kv_mount,
+                    self._revocations_path,
+                    revocations.to_data(),
+                    cas=version,
+                )
+            except CasConflict:
+                continue
+            self._revocations, self._revocations_version = revocations, new
+            log.info("token.revoked", token_id=token_id, subject=subject, task=task)
+            return
+        raise Unavailable("revocation_contention", "could not record the revocation; try again")
+
+    async def _read_state(self, path: str) -> tuple[dict[str, Any], int]:
+        """A state secret and its version; ({}, 0) when it does not exist yet (cas=0 creates)."""
+        if await self.vault.kv_version(self.config.vault.kv_mount, path) is None:
+            return {}, 0
+        return await self.vault.read_kv(self.config.vault.kv_mount, path)
+
+    async def refresh_revocations(self) -> None:
+        """Re-read the revocation list if its version changed (one metadata read otherwise)."""
+        version = await self.vault.kv_version(self.config.vault.kv_mount, self._revocations_path)
+        if version is None or version == self._revocations_version:
+            return
+        data, version = await self.vault.read_kv(self.config.vault.kv_mount, self._revocations_path)
+        self._revocations = Revocations.from_data(data)
+        self._revocations_version = version
+
+    async def run(self) -> None:
+        """Background loop: poll revocations; forget spent use counters and old cache entries."""
+        while True:
+            try:
+                await self.refresh_revocations()
+            except VaultError as exc:
+                log.warning("revocations_refresh_failed", error=str(exc))
+            now = self.clock()
+            self._uses = {k: n for k, n in self._uses.items() if k in self._live_ids(now)}
+            await asyncio.sleep(self.cfg.revocation_poll_interval)
+
+    def _live_ids(self, now: float) -> set[str]:
+        return {t.token_id for t in self._verified.values() if t.expires_at + LEEWAY > now}
+
+    # ------------------------------------------------------------------ exception tokens
+
+    async def _record_exception(self, token_id: str, claims: Mapping[str, Any]) -> None:
+        for _ in range(8):
+            data, version = await self._read_state(self._exceptions_path)
+            now = self.clock()
+            live = {
+                k: v
+                for k, v in data.items()
+                if isinstance(v, dict) and v.get("expires_at", 0) > now
+            }
+            live[token_id] = {
+                "owner": claims["exc"]["owner"],
+                "reason": claims["exc"]["reason"],
+                "issued_at": claims["iat"],
+                "expires_at": claims["exp"],
+                "scope": claims["scope"],
+            }
+            try:
+                await self.vault.write_kv(
+                    self.config.vault.kv_mount, self._exceptions_path, live, cas=version
+                )
+            except CasConflict:
+                continue
+            return
+        raise Unavailable("exception_register_contention", "could not record the token")
+
+    async def exceptions(self) -> list[dict[str, Any]]:
+        """Active exception tokens (not expired, not revoked), soonest expiry first."""
+        data, _ = await self._read_state(self._exceptions_path)
+        revs, _ = await self._read_state(self._revocations_path)
+        revoked = Revocations.from_data(revs).ids
+        now = self.clock()
+        active = [
+            {"token_id": k, **v}
+            for k, v in data.items()
+            if isinstance(v, dict) and v.get("expires_at", 0) > now and k not in revoked
+        ]
+        return sorted(active, key=lambda e: e["expires_at"])
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

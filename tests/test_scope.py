@@ -1,0 +1,106 @@
+"""Task-token scopes: parsing, pattern coverage, and the intersection with policy."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from keyproxy import scope
+from keyproxy.config import Grant, Policy
+from keyproxy.identity import Identity
+
+P = scope.parse_pattern
+HERE = ipaddress.ip_address("10.1.2.3")
+
+
+@pytest.mark.parametrize(
+    ("granted", "requested", "expected"),
+    [
+        ("/**", "/v1/models", True),
+        ("/**", "/**", True),
+        ("/v1/**", "/v1", True),
+        ("/v1/**", "/v1/*/x", True),
+        ("/v1/**", "/v2/x", False),
+        ("/v1/*", "/v1/models", True),
+        ("/v1/*", "/v1/*", True),
+        ("/v1/*", "/v1/**", False),
+        ("/v1/models", "/v1/*", False),
+        ("/v1/models", "/v1/models", True),
+        ("/v1/models", "/v1/models/x", False),
+        ("/*/models", "/v1/models", True),
+        ("/", "/", True),
+        ("/", "/**", False),
+        ("/a/**/z", "/a/b/c/z", True),
+        ("/a/**/z", "/a/**/z", True),
+        ("/a/**/z", "/a/b/**", False),
+    ],
+)
+def test_covers(granted: str, requested: str, expected: bool) -> None:
+    """A granted pattern covers a requested one only if every path of the request matches."""
+    assert scope.covers(P(granted), P(requested)) is expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {},
+        {"nope": {"methods": ["GET"], "paths": ["/"]}},
+        {"r": {"methods": ["FETCH"], "paths": ["/"]}},
+        {"r": {"methods": [], "paths": ["/"]}},
+        {"r": {"methods": ["GET"], "paths": ["/a/../b"]}},
+        {"r": {"methods": ["GET"], "paths": ["no-slash"]}},
+        {"r": {"methods": ["GET"], "paths": ["/a*"]}},
+        {"r": {"methods": ["GET"], "paths": ["/"], "extra": 1}},
+        {"r": [{"methods": ["GET"], "paths": ["/"]}] * 17},
+    ],
+)
+def test_bad_requests_are_refused(bad: object) -> None:
+    """Unknown routes and methods, malformed patterns and oversize scopes are refused."""
+    with pytest.raises(ValueError, match=r"scope"):
+        scope.parse(bad, ["r"])
+
+
+def _policy(name: str, **allow: Grant) -> Policy:
+    return Policy(name=name, subjects=("agent",), allow=allow)
+
+
+def _g(methods: str, *paths: str) -> Grant:
+    return Grant(frozenset(methods.split(",")), tuple(P(p) for p in paths))
+
+
+def test_grant_is_never_more_than_policy() -> None:
+    """Each granted (method, path) lies inside one policy's grant and inside the request;
+    two policies never combine into their cross product."""
+    policies = [_policy("a", r=_g("GET", "/a")), _policy("b", r=_g("POST", "/b"))]
+    requested = scope.parse({"r": {"methods": ["GET", "POST"], "paths": ["/a", "/b"]}}, ["r"])
+    granted = scope.grantable(policies, Identity("i", "agent"), HERE, requested)
+    assert set(granted["r"]) == {_g("GET", "/a"), _g("POST", "/b")}
+    assert scope.allows(granted, "r", "GET", ("a",))
+    assert not scope.allows(granted, "r", "POST", ("a",))
+
+
+def test_broad_request_gets_the_policy_grant() -> None:
+    """Asking for a whole route yields what policy grants on it, and other identities or
+    sources get nothing."""
+    policies = [
+        Policy(
+            name="p",
+            subjects=("agent",),
+            source_cidrs=(ipaddress.ip_network("10.0.0.0/8"),),
+            allow={"r": _g("GET,POST", "/v1/models", "/v1/chat/*")},
+        ),
+    ]
+    requested = scope.parse_rfc8693("", ["r"], ["r"])
+    granted = scope.grantable(policies, Identity("i", "agent"), HERE, requested)
+    assert granted == {"r": (_g("GET,POST", "/v1/models", "/v1/chat/*"),)}
+    assert scope.grantable(policies, Identity("i", "other"), HERE, requested) == {}
+    outside = ipaddress.ip_address("192.0.2.1")
+    assert scope.grantable(policies, Identity("i", "agent"), outside, requested) == {}
+
+
+def test_rfc8693_scope_text_round_trips() -> None:
+    """`route:METHODS:/path` items parse, and describe() writes the same form back."""
+    parsed = scope.parse_rfc8693("r:GET,POST:/v1/** r:DELETE:/x", [], ["r"])
+    assert scope.describe(parsed) == "r:GET,POST:/v1/** r:DELETE:/x"
+    assert scope.from_claim(scope.to_claim(parsed), ["r"]) == parsed

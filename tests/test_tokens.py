@@ -1,0 +1,511 @@
+"""Task tokens end to end: exchange, use, scope, revocation, tampering, Transit rotation.
+
+Real OpenBao (Transit signs, KV holds revocations), a real upstream, the real proxy, and
+real clients (aiohttp, the openai SDK, and `keyproxy serve` subprocesses for two replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import openai
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from keyproxy import config as config_module
+from keyproxy.cli import main
+from keyproxy.config import Grant
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.identity import Identity
+from keyproxy.tokens import TaskTokens
+from keyproxy.vault import Vault
+from tests.support import CANARIES, Stack, Upstream, new_key, running_proxy, running_upstream
+
+BIN = Path(sys.executable).parent
+GRANT = {"methods": ["GET", "POST"], "paths": ["/v1/**", "/echo"]}
+
+
+def token_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, Any]:
+    setup = bao.dev_setup
+    route = {
+        "upstream": upstream,
+        "secret": {"path": "keyproxy/keys/tokens-test"},
+        "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+        "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+        "allow_http": True,
+    }
+    return {
+        "vault": {
+            "addr": bao.addr,
+            "auth": {
+                "method": "approle",
+                "role_id_file": str(setup.role_id_file),
+                "secret_id_file": str(setup.secret_id_file),
+            },
+            "refresh_interval": "500ms",
+            "max_staleness": "60s",
+        },
+        "identity": {
+            "issuers": [
+                {
+                    "name": "openbao",
+                    "issuer": setup.issuer,
+                    "discovery_url": setup.discovery_url,
+                    "audiences": [setup.audience],
+                    "algorithms": ["RS256"],
+                }
+            ]
+        },
+        "tokens": {
+            "max_ttl": "10m",
+            "default_ttl": "2m",
+            "revocation_poll_interval": "500ms",
+            "key_refetch_cooldown": "1s",
+        },
+        "routes": {"r": route, "other": route},
+        "policies": [
+            {
+                "name": "agent",
+                "issuers": ["openbao"],
+                "subjects": [agent.entity_id],
+                "max_ttl": "5m",
+                "allow": {"r": GRANT, "other": {"methods": ["GET"], "paths": ["/echo"]}},
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def agent(openbao: OpenBaoDevServer) -> Agent:
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    return openbao.add_agent("token-agent")
+
+
+@pytest.fixture(scope="module")
+def identity_token(openbao: OpenBaoDevServer, agent: Agent) -> str:
+    value = openbao.agent_token(agent)
+    CANARIES.add(value)
+    return value
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    async with running_upstream() as value:
+        yield value
+
+
+@pytest.fixture
+async def stack(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> AsyncIterator[Stack]:
+    async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
+        yield value
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def exchange(
+    http: aiohttp.ClientSession, base: str, identity_token: str, **body: Any
+) -> tuple[int, dict[str, Any]]:
+    body.setdefault("scope", {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}})
+    body.setdefault("task", "test-task")
+    async with http.post(f"{base}/token", json=body, headers=bearer(identity_token)) as response:
+        answer: dict[str, Any] = await response.json()
+        if response.status == 200:
+            CANARIES.add(answer["access_token"])
+        return response.status, answer
+
+
+async def status(http: aiohttp.ClientSession, method: str, url: str, token: str) -> int:
+    async with http.request(
+        method,
+        url,
+        headers=bearer(token),
+        json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+    ) as response:
+        await response.read()
+        return response.status
+
+
+async def test_exchange_use_scope_and_revoke(
+    stack: Stack, upstream: Upstream, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """An identity token becomes a task token that works inside its scope (also through the
+    openai SDK), gets 403 outside it, and 401 once its holder revokes it."""
+    code, answer = await exchange(http, stack.base, identity_token, intent="summarise", ttl="3m")
+    assert code == 200, answer
+    token = answer["access_token"]
+    assert answer["scope"] == {"r": [{"methods": ["POST"], "paths": ["/v1/chat/completions"]}]}
+    assert 170 <= answer["expires_in"] <= 180
+    assert jwt.get_unverified_header(token)["typ"] == "keyproxy-task+jwt"
+
+    client = openai.AsyncOpenAI(base_url=f"{stack.base}/r/r/v1", api_key=token, max_retries=0)
+    try:
+        chat = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "inside scope"}]
+        )
+    finally:
+        await client.close()
+    assert "inside scope" in (chat.choices[0].message.content or "")
+    assert await status(http, "GET", f"{stack.base}/r/r/v1/models", token) == 403  # method
+    assert await status(http, "POST", f"{stack.base}/r/r/v1/embeddings", token) == 403  # path
+    assert await status(http, "POST", f"{stack.base}/r/other/echo", token) == 403  # route
+    assert len(upstream.requests) == 1
+    assert all(token not in v for v in upstream.requests[0].headers.values())
+
+    async with http.post(f"{stack.base}/token/revoke", headers=bearer(token)) as response:
+        assert response.status == 200
+        assert (await response.json())["revoked"] == answer["token_id"]
+    assert await status(http, "POST", f"{stack.base}/r/r/v1/chat/completions", token) == 401
+
+
+async def test_expired_task_token_is_401(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """A task token stops working once it expires (plus the small leeway)."""
+    code, answer = await exchange(http, stack.base, identity_token, ttl=1)
+    assert code == 200
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    assert await status(http, "POST", url, answer["access_token"]) == 200
+    deadline = time.monotonic() + 15
+    while await status(http, "POST", url, answer["access_token"]) != 401:
+        assert time.monotonic() < deadline, "the expired token kept working"
+        await asyncio.sleep(0.25)  # pacing between probes
+
+
+async def test_grant_is_the_intersection_with_policy(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """Asking for more than policy allows yields the allowed part only; nothing allowed is
+    403; a TTL above the policy's cap is clamped; max_uses is enforced."""
+    code, answer = await exchange(
+        http,
+        stack.base,
+        identity_token,
+        ttl="1h",
+        max_uses=2,
+        scope={
+            "r": {"methods": ["GET", "DELETE"], "paths": ["/v1/models", "/admin"]},
+            "other": {"methods": ["GET", "POST"], "paths": ["/echo"]},
+        },
+    )
+    assert code == 200, answer
+    assert answer["scope"] == {
+        "r": [{"methods": ["GET"], "paths": ["/v1/models"]}],
+        "other": [{"methods": ["GET"], "paths": ["/echo"]}],
+    }
+    assert answer["expires_in"] == 300  # policy max_ttl 5m, below tokens.max_ttl 10m
+    token = answer["access_token"]
+    assert [await status(http, "GET", f"{stack.base}/r/r/v1/models", token) for _ in range(3)] == [
+        200,
+        200,
+        401,
+    ]
+    code, answer = await exchange(
+        http, stack.base, identity_token, scope={"r": {"methods": ["DELETE"], "paths": ["/x"]}}
+    )
+    assert code == 403
+    assert answer["error"]["code"] == "nothing_granted"
+
+
+async def test_rfc8693_token_exchange_form(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """A standard OAuth token-exchange request gets a Bearer token with the granted scope."""
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": identity_token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "scope": "r:POST:/v1/chat/completions",
+        "audience": "other",
+        "task": "oauth-client",
+    }
+    async with http.post(f"{stack.base}/token", data=form) as response:
+        answer = await response.json()
+        assert response.status == 200, answer
+    CANARIES.add(answer["access_token"])
+    assert answer["token_type"] == "Bearer"
+    assert answer["issued_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+    assert answer["scope"] == "r:POST:/v1/chat/completions other:GET:/echo"
+    assert await status(http, "GET", f"{stack.base}/r/other/echo", answer["access_token"]) == 200
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _parts(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    head, body, sig = token.split(".")
+
+    def pad(s: str) -> str:
+        return s + "=" * (-len(s) % 4)
+
+    return (
+        json.loads(base64.urlsafe_b64decode(pad(head))),
+        json.loads(base64.urlsafe_b64decode(pad(body))),
+        sig,
+    )
+
+
+def _assemble(header: dict[str, Any], claims: dict[str, Any], sig: str) -> str:
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}.{sig}"
+
+
+async def test_tampered_and_misused_tokens_are_401(
+    stack: Stack,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A changed scope claim, an alg swap, a re-signed token, a task token where a workload
+    token is required and the reverse, expired and not-yet-valid tokens all get 401."""
+    code, answer = await exchange(http, stack.base, identity_token)
+    assert code == 200
+    token = answer["access_token"]
+    header, claims, sig = _parts(token)
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    widened = _assemble(
+        header, {**claims, "scope": {"r": [{"methods": ["*"], "paths": ["/**"]}]}}, sig
+    )
+    alg_none = _assemble({**header, "alg": "none"}, claims, "")
+    alg_hs = _assemble({**header, "alg": "HS256"}, claims, sig)
+    attacker = Ed25519PrivateKey.generate()
+    resigned = jwt.encode(
+        claims, attacker, algorithm="EdDSA", headers={"typ": header["typ"], "kid": header["kid"]}
+    )
+    # Tokens from the real signer, with a clock an hour off either way.
+    cfg = config_module.parse(json.dumps(token_config(openbao, agent, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    await vault.login()
+    identity = Identity("openbao", agent.entity_id, {})
+    scope = {"r": (Grant(frozenset({"POST"}), (("v1", "chat", "completions"),)),)}
+    try:
+        old = await TaskTokens(cfg, vault, clock=lambda: time.time() - 3600).issue(
+            identity, scope, ttl=60
+        )
+        future = await TaskTokens(cfg, vault, clock=lambda: time.time() + 3600).issue(
+            identity, scope, ttl=60
+        )
+    finally:
+        vault.close()
+    for bad in (widened, alg_none, alg_hs, resigned, old.token, future.token, identity_token):
+        CANARIES.add(bad)
+    for bad in (widened, alg_none, alg_hs, resigned, old.token, future.token):
+        assert await status(http, "POST", url, bad) == 401
+    # A task token cannot be exchanged again, and an identity token cannot revoke.
+    code, answer = await exchange(http, stack.base, token)
+    assert (code, answer["error"]["code"]) == (401, "wrong_token_type")
+    async with http.post(f"{stack.base}/token/revoke", headers=bearer(identity_token)) as r:
+        assert r.status == 401
+    assert await status(http, "POST", url, token) == 200  # the genuine token still works
+
+
+async def test_transit_rotation_keeps_old_tokens_valid(
+    stack: Stack, openbao: OpenBaoDevServer, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """After the Transit key rotates, old tokens keep working and new ones name the new
+    version; the JWKS endpoint publishes both."""
+    _, first = await exchange(http, stack.base, identity_token)
+    await asyncio.to_thread(openbao.bao, "write", "-f", "transit/keys/keyproxy-tokens/rotate")
+    _, second = await exchange(http, stack.base, identity_token)
+    old_kid = jwt.get_unverified_header(first["access_token"])["kid"]
+    new_kid = jwt.get_unverified_header(second["access_token"])["kid"]
+    assert int(new_kid.rsplit(":v", 1)[1]) == int(old_kid.rsplit(":v", 1)[1]) + 1
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    assert await status(http, "POST", url, first["access_token"]) == 200
+    assert await status(http, "POST", url, second["access_token"]) == 200
+    async with http.get(f"{stack.base}/.well-known/jwks.json") as response:
+        kids = {k["kid"] for k in (await response.json())["keys"]}
+    assert {old_kid, new_kid} <= kids
+
+
+def test_exception_tokens_need_owner_and_reason(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`keyproxy token issue` refuses an exception token without owner or reason, caps its
+    TTL, and `token list` shows the one it issued with owner, reason and expiry."""
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, agent, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    base = [
+        "token",
+        "issue",
+        "-c",
+        str(path),
+        "--route",
+        "r",
+        "--paths",
+        "/v1/models",
+        "--methods",
+        "GET",
+        "--ttl",
+        "48h",
+    ]
+    assert main([*base, "--reason", "legacy batch job"]) == 2
+    assert main([*base, "--owner", "alice@example.com"]) == 2
+    capsys.readouterr()
+    assert main([*base, "--owner", "alice@example.com", "--reason", "legacy batch job"]) == 0
+    out = capsys.readouterr()
+    CANARIES.add(out.out.strip())
+    assert "24h" in out.err or "86400" in out.err
+    assert main(["token", "list", "-c", str(path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    mine = [e for e in listed if e["owner"] == "alice@example.com"]
+    assert mine
+    assert mine[0]["reason"] == "legacy batch job"
+    assert mine[0]["expires_at"] - time.time() <= 86400 + 5
+
+
+# ----------------------------------------------------------------------------- replicas
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def replicas(
+    openbao: OpenBaoDevServer, agent: Agent, tmp_path: Path, log_dir: Path
+) -> Iterator[list[str]]:
+    """Two `keyproxy serve` processes sharing one OpenBao; yields their base URLs."""
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(token_config(openbao, agent, "http://127.0.0.1:9")))
+    procs, bases = [], []
+    try:
+        for i in range(2):
+            port = _free_port()
+            with (log_dir / f"replica-{i}.out").open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [str(BIN / "keyproxy"), "serve", "-c", str(path), "--port", str(port)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
+                )
+            bases.append(f"http://127.0.0.1:{port}")
+        yield bases
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+async def _ready(http: aiohttp.ClientSession, base: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with http.get(f"{base}/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        assert time.monotonic() < deadline, f"{base} not ready"
+        await asyncio.sleep(0.1)  # polling for readiness
+
+
+async def test_revocation_reaches_another_replica_within_2s(
+    replicas: list[str], identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """A token revoked through one replica is refused by the other within 2 s."""
+    a, b = replicas
+    await _ready(http, a)
+    await _ready(http, b)
+    code, answer = await exchange(
+        http, a, identity_token, scope={"other": {"methods": ["GET"], "paths": ["/echo"]}}
+    )
+    assert code == 200, answer
+    token = answer["access_token"]
+    # Both replicas accept it (the upstream is unreachable, so 502 means "authorised").
+    assert await status(http, "GET", f"{b}/r/other/echo", token) == 502
+    async with http.post(f"{a}/token/revoke", headers=bearer(token)) as response:
+        assert response.status == 200
+    revoked_at = time.monotonic()
+    while await status(http, "GET", f"{b}/r/other/echo", token) != 401:
+        assert time.monotonic() - revoked_at < 2.0, "the other replica still accepts the token"
+        await asyncio.sleep(0.05)  # pacing between probes
+
+
+async def test_operator_revokes_by_task(
+    stack: Stack,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`keyproxy token revoke --task` ends every token of that task."""
+    _, answer = await exchange(http, stack.base, identity_token, task="op-revoke-me")
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    assert await status(http, "POST", url, answer["access_token"]) == 200
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, agent, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    assert (
+        await asyncio.to_thread(
+            main, ["token", "revoke", "-c", str(path), "--task", "op-revoke-me"]
+        )
+        == 0
+    )
+    deadline = time.monotonic() + 2
+    while await status(http, "POST", url, answer["access_token"]) != 401:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)  # pacing between probes
+
+
+async def test_vault_down_exchange_503_existing_tokens_work(
+    fresh_openbao: OpenBaoDevServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """With Vault stopped, the exchange answers 503 and existing task tokens keep verifying."""
+    bao = fresh_openbao
+    bao.put_key("keyproxy/keys/tokens-test", new_key())
+    agent = bao.add_agent("outage")
+    identity_token = bao.agent_token(agent)
+    CANARIES.add(identity_token)
+    async with running_proxy(token_config(bao, agent, upstream.url)) as stack:
+        code, answer = await exchange(http, stack.base, identity_token)
+        assert code == 200
+        bao.stop()
+        code, failed = await exchange(http, stack.base, identity_token)
+        assert code == 503, failed
+        url = f"{stack.base}/r/r/v1/chat/completions"
+        assert await status(http, "POST", url, answer["access_token"]) == 200
