@@ -20,17 +20,27 @@ request, never more. Every outcome is an audit event: token.issued or token.deni
 
 from __future__ import annotations
 
+import json
 from typing import Any, Final
+from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import web
 
 from keyproxy import policy
 from keyproxy import scope as scopes
-from keyproxy.config import Config, Policy
+from keyproxy.config import Config
 from keyproxy.config.compile import _Node
-from keyproxy.errors import BadRequest, ConfigError, Forbidden, RequestError, Unauthenticated
-from keyproxy.identity import Identity, IdentityVerifier
+from keyproxy.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    RequestError,
+    Unauthenticated,
+    Unavailable,
+    VaultError,
+)
+from keyproxy.identity import IdentityVerifier
 from keyproxy.proxy import error_response
 from keyproxy.tokens import TaskTokens, is_task_token
 
@@ -40,6 +50,7 @@ JWT_TYPES: Final = frozenset(
 )
 ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 MAX_TEXT: Final = 1024
+MAX_BODY: Final = 64 * 1024
 MAX_USES: Final = 1_000_000
 
 log = structlog.get_logger("keyproxy.audit")
@@ -88,10 +99,12 @@ class Broker:
         except ValueError as exc:
             raise BadRequest("invalid_request", str(exc)) from None
         event |= {"task": task, "intent": intent, "requested": scopes.to_claim(requested)}
-        granted = scopes.grantable(self.config.policies, identity, source, requested)
+        granted, contributing = scopes.grant(self.config.policies, identity, source, requested)
         if not granted:
             raise Forbidden("nothing_granted", "policy allows none of the requested scope")
-        ttl = self._ttl(asked_ttl, identity, source, granted)
+        # Capped by tokens.max_ttl and by the max_ttl of every policy that granted something.
+        caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
+        ttl = min([asked_ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
         bind = fields.get("bind_source") in (True, "true", "1")
         issued = await self.tasks.issue(
             identity,
@@ -114,30 +127,6 @@ class Broker:
             "scope": scopes.describe(granted) if form else scopes.to_claim(granted),
         }
         return web.json_response(body, headers={"Cache-Control": "no-store"})
-
-    def _ttl(
-        self,
-        asked: float | None,
-        identity: Identity,
-        source: policy.IPAddress,
-        granted: scopes.Scope,
-    ) -> float:
-        """The requested TTL (or the default), capped by tokens.max_ttl and by the max_ttl of
-        every policy that contributed to the grant."""
-        caps = [self.config.tokens.max_ttl]
-        for pol in self._contributing(identity, source, granted):
-            if pol.max_ttl is not None:
-                caps.append(pol.max_ttl)
-        return min([asked or self.config.tokens.default_ttl, *caps])
-
-    def _contributing(
-        self, identity: Identity, source: policy.IPAddress, granted: scopes.Scope
-    ) -> list[Policy]:
-        return [
-            pol
-            for pol in self.config.policies
-            if scopes.grantable([pol], identity, source, granted)
-        ]
 
     async def revoke(self, request: web.Request) -> web.Response:
         """The holder ends its task: the token revokes itself."""
@@ -162,20 +151,25 @@ class Broker:
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:
-            await self.tasks.refresh_keys()
+            try:
+                await self.tasks.refresh_keys()
+            except VaultError:
+                return error_response(Unavailable("vault_unavailable", "no signing keys yet"))
         return web.json_response(self.tasks.jwks(), headers={"Cache-Control": "max-age=60"})
 
 
 async def _fields(request: web.Request, form: bool) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > 64 * 1024:
-        raise BadRequest("invalid_request", "request too large")
+    # Counted on the bytes read, so a chunked body cannot exceed it either.
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise BadRequest("invalid_request", f"request body above {MAX_BODY} bytes")
     try:
         if form:
-            posted = await request.post()
-            return {k: v for k, v in posted.items() if isinstance(v, str)}
-        body = await request.json()
-    except ValueError:
-        raise BadRequest("invalid_request", "the body is not valid JSON") from None
+            pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False)
+            return dict(pairs)
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("invalid_request", "the body is not valid JSON or form data") from None
     if not isinstance(body, dict):
         raise BadRequest("invalid_request", "the body must be a JSON object")
     return body

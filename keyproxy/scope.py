@@ -31,13 +31,17 @@ Scope = Mapping[str, tuple[Grant, ...]]
 _ROUTE_REACHED = frozenset({"method_not_allowed", "path_not_allowed", "allowed"})
 MAX_GRANTS_PER_ROUTE = 16
 MAX_PATHS_PER_GRANT = 32
+MAX_PATHS_PER_REQUEST = 64
+MAX_SEGMENTS = 32
 
 
 def parse_pattern(text: Any) -> tuple[str, ...]:
     """A path pattern ("/v1/*/x/**") as segments; ValueError if it is not a plain pattern."""
     if not isinstance(text, str) or not text.startswith("/") or len(text) > 512:
-        raise ValueError("path patterns start with '/'")
+        raise ValueError("path patterns start with '/' and are at most 512 characters")
     segments = tuple(text[1:].split("/")) if text != "/" else ()
+    if len(segments) > MAX_SEGMENTS:
+        raise ValueError(f"path patterns have at most {MAX_SEGMENTS} segments")
     for i, seg in enumerate(segments):
         if seg == "" and i != len(segments) - 1:
             raise ValueError("path patterns have no empty segments")
@@ -52,7 +56,7 @@ def format_pattern(segments: tuple[str, ...]) -> str:
     return "/" + "/".join(segments)
 
 
-def _grant(obj: Any, where: str) -> Grant:
+def _grant(obj: Any, where: str, *, trusted: bool = False) -> Grant:
     if not isinstance(obj, Mapping) or set(obj) - {"methods", "paths"}:
         raise ValueError(f"{where}: expected {{methods, paths}}")
     methods = obj.get("methods", ["*"])
@@ -62,17 +66,28 @@ def _grant(obj: Any, where: str) -> Grant:
     upper = {m.upper() for m in methods}
     if not upper <= METHODS | {"*"}:
         raise ValueError(f"{where}.methods: unknown method")
-    if not isinstance(paths, list) or not paths or len(paths) > MAX_PATHS_PER_GRANT:
-        raise ValueError(f"{where}.paths: a non-empty list of at most {MAX_PATHS_PER_GRANT}")
+    if not isinstance(paths, list) or not paths:
+        raise ValueError(f"{where}.paths: a non-empty list")
+    if not trusted and len(paths) > MAX_PATHS_PER_GRANT:
+        raise ValueError(f"{where}.paths: at most {MAX_PATHS_PER_GRANT}")
     try:
-        patterns = tuple(parse_pattern(p) for p in paths)
+        # A signed claim was checked when it was issued; its patterns may come from policy,
+        # whose sizes the request limits do not bound.
+        patterns = tuple(_trusted_pattern(p) if trusted else parse_pattern(p) for p in paths)
     except ValueError as exc:
         raise ValueError(f"{where}.paths: {exc}") from None
     return Grant(METHODS if "*" in upper else frozenset(upper), patterns)
 
 
-def parse(obj: Any, routes: Sequence[str]) -> Scope:
-    """A requested scope: {route: {methods, paths}} or {route: [{methods, paths}, ...]}."""
+def _trusted_pattern(text: Any) -> tuple[str, ...]:
+    if not isinstance(text, str) or not text.startswith("/"):
+        raise ValueError("path patterns start with '/'")
+    return tuple(text[1:].split("/")) if text != "/" else ()
+
+
+def parse(obj: Any, routes: Sequence[str], *, trusted: bool = False) -> Scope:
+    """A requested scope: {route: {methods, paths}} or {route: [{methods, paths}, ...]}.
+    `trusted` (a claim we signed) skips the size limits that bound requests."""
     if not isinstance(obj, Mapping) or not obj:
         raise ValueError("scope: a non-empty mapping of route to {methods, paths}")
     scope: dict[str, tuple[Grant, ...]] = {}
@@ -80,9 +95,12 @@ def parse(obj: Any, routes: Sequence[str]) -> Scope:
         if route not in routes:
             raise ValueError(f"scope.{route}: unknown route")
         items = value if isinstance(value, list) else [value]
-        if not items or len(items) > MAX_GRANTS_PER_ROUTE:
+        if not items or (not trusted and len(items) > MAX_GRANTS_PER_ROUTE):
             raise ValueError(f"scope.{route}: 1 to {MAX_GRANTS_PER_ROUTE} grants")
-        scope[route] = tuple(_grant(item, f"scope.{route}") for item in items)
+        scope[route] = tuple(_grant(item, f"scope.{route}", trusted=trusted) for item in items)
+    total = sum(len(g.paths) for grants in scope.values() for g in grants)
+    if not trusted and total > MAX_PATHS_PER_REQUEST:
+        raise ValueError(f"scope: at most {MAX_PATHS_PER_REQUEST} path patterns in all")
     return scope
 
 
@@ -109,7 +127,18 @@ def grantable(
 ) -> Scope:
     """The part of `requested` that current policy allows this identity from this source.
     Each granted (methods, path) pair is inside both the request and one policy's grant."""
+    return grant(policies, identity, source, requested)[0]
+
+
+def grant(
+    policies: Sequence[Policy],
+    identity: Identity,
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    requested: Scope,
+) -> tuple[Scope, list[Policy]]:
+    """`grantable`, and the policies that contributed to the grant (for their max_ttl)."""
     granted: dict[str, tuple[Grant, ...]] = {}
+    contributing: list[Policy] = []
     for route, wanted in requested.items():
         grants: list[Grant] = []
         for pol in policies:
@@ -119,12 +148,15 @@ def grantable(
             allowed = pol.allow[route]
             for want in wanted:
                 methods = want.methods & allowed.methods
-                paths = _intersect(want.paths, allowed.paths)
-                if methods and paths and Grant(methods, paths) not in grants:
-                    grants.append(Grant(methods, paths))
+                paths = _intersect(want.paths, allowed.paths)[:MAX_PATHS_PER_GRANT]
+                if methods and paths:
+                    if pol not in contributing:
+                        contributing.append(pol)
+                    if Grant(methods, paths) not in grants:
+                        grants.append(Grant(methods, paths))
         if grants:
             granted[route] = tuple(grants[:MAX_GRANTS_PER_ROUTE])
-    return granted
+    return granted, contributing
 
 
 def _intersect(
@@ -186,7 +218,7 @@ def from_claim(obj: Any, routes: Sequence[str]) -> Scope:
     if not isinstance(obj, Mapping):
         raise ValueError("scope claim: not a mapping")  # noqa: TRY004  # callers catch ValueError
     known = {route: value for route, value in obj.items() if route in routes}
-    return parse(known, routes) if known else {}
+    return parse(known, routes, trusted=True) if known else {}
 
 
 def describe(scope: Scope) -> str:

@@ -26,7 +26,7 @@ from keyproxy import scope as scopes
 from keyproxy.config import Grant
 from keyproxy.errors import ConfigError, KeyproxyError
 from keyproxy.identity import Identity
-from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens
+from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens, exception_subject
 from keyproxy.vault import Vault
 
 EXIT_USAGE = 2
@@ -52,7 +52,11 @@ def register(sub: Any) -> None:
     revoke.add_argument("-c", "--config", required=True)
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", help="a token id (jti)")
-    which.add_argument("--subject", help="every token of this subject (with --issuer)")
+    which.add_argument(
+        "--subject",
+        help="every token of this subject so far (with --issuer; for exception tokens: "
+        "--issuer exception --subject OWNER)",
+    )
     which.add_argument("--task", help="every token of this task")
     revoke.add_argument("--issuer", help="issuer name, with --subject")
     revoke.set_defaults(func=_revoke)
@@ -106,7 +110,7 @@ def _issue(args: argparse.Namespace) -> int:
 
     async def work(cfg: config.Config, tasks: TaskTokens) -> int:
         capped = min(ttl, cfg.tokens.exception_max_ttl)
-        identity = Identity(EXCEPTION_ISSUER, f"exception:{args.owner}", {})
+        identity = Identity(EXCEPTION_ISSUER, exception_subject(args.owner), {})
         grant: dict[str, tuple[Grant, ...]] = dict(requested)
         issued = await tasks.issue(
             identity,
@@ -137,7 +141,12 @@ def _revoke(args: argparse.Namespace) -> int:
         return _usage("--subject needs --issuer (the configured issuer name, or 'exception')")
 
     async def work(_: config.Config, tasks: TaskTokens) -> int:
-        subject = f"{args.issuer}|{args.subject}" if args.subject is not None else None
+        subject = None
+        if args.subject is not None:
+            name = args.subject
+            if args.issuer == EXCEPTION_ISSUER and not name.startswith("exception:"):
+                name = exception_subject(name)  # --issuer exception --subject OWNER
+            subject = f"{args.issuer}|{name}"
         await tasks.revoke(token_id=args.id, subject=subject, task=args.task)
         print("revoked", file=sys.stderr)  # noqa: T201
         return 0

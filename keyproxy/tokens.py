@@ -24,6 +24,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -43,6 +44,11 @@ TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not 
 EXCEPTION_ISSUER: Final = "exception"
 LEEWAY: Final = 5.0
 _CACHE_SIZE: Final = 10_000
+MAX_METERED: Final = 100_000
+# Clocks of the replica that issued a token and of whoever revokes may differ: a revocation
+# by subject or task covers tokens issued up to this long after it, and entries are kept
+# this much longer before pruning.
+CLOCK_SKEW: Final = 5.0
 
 log = structlog.get_logger("keyproxy.tokens")
 
@@ -70,6 +76,11 @@ class Issued:
     expires_at: float = 0.0
     scope: scopes.Scope = field(default_factory=dict)
     key_version: int = 0
+
+
+def exception_subject(owner: str) -> str:
+    """The subject an exception token is issued to (its issuer is EXCEPTION_ISSUER)."""
+    return f"exception:{owner}"
 
 
 def is_task_token(token: str) -> bool:
@@ -112,17 +123,25 @@ class Revocations:
         return {"ids": self.ids, "subjects": self.subjects, "tasks": self.tasks}
 
     def revoked(self, token: TaskToken) -> bool:
-        if token.token_id in self.ids:
+        return self.names(
+            token.token_id,
+            f"{token.identity.issuer}|{token.identity.subject}",
+            token.task,
+            token.issued_at,
+        )
+
+    def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
+        """Whether a token with these facts is revoked: by id, or by subject or task at or
+        after it was issued."""
+        if token_id in self.ids or self.subjects.get(who, -1.0) >= issued_at:
             return True
-        who = f"{token.identity.issuer}|{token.identity.subject}"
-        if self.subjects.get(who, -1.0) >= token.issued_at:
-            return True
-        return token.task is not None and self.tasks.get(token.task, -1.0) >= token.issued_at
+        return task is not None and self.tasks.get(task, -1.0) >= issued_at
 
     def prune(self, now: float, longest_ttl: float) -> None:
         """Drop entries that can no longer name a live token."""
-        self.ids = {k: exp for k, exp in self.ids.items() if exp + LEEWAY > now}
-        horizon = now - longest_ttl - LEEWAY
+        margin = LEEWAY + CLOCK_SKEW
+        self.ids = {k: exp for k, exp in self.ids.items() if exp + margin > now}
+        horizon = now - longest_ttl - margin
         self.subjects = {k: at for k, at in self.subjects.items() if at > horizon}
         self.tasks = {k: at for k, at in self.tasks.items() if at > horizon}
 
@@ -144,7 +163,8 @@ class TaskTokens:
         self._revocations = Revocations()
         self._revocations_version: int | None = None
         self._verified: dict[str, TaskToken] = {}
-        self._uses: dict[str, int] = {}
+        # max_uses counters: token id -> (uses so far, token expiry). Pruned by expiry only.
+        self._uses: dict[str, tuple[int, float]] = {}
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
 
     # ------------------------------------------------------------------ paths
@@ -312,14 +332,12 @@ class TaskTokens:
         return self._task_token(claims)
 
     async def _key(self, kid: Any) -> jwt.PyJWK:
-        prefix = f"{self.cfg.transit_key}:v"
-        if (
-            not isinstance(kid, str)
-            or not kid.startswith(prefix)
-            or not kid[len(prefix) :].isdigit()
-        ):
+        # ASCII digits only: str.isdigit() would accept "²", which int() refuses.
+        pattern = rf"{re.escape(self.cfg.transit_key)}:v([0-9]{{1,9}})"
+        match = re.fullmatch(pattern, kid) if isinstance(kid, str) else None
+        if match is None:
             raise Unauthenticated("unknown_kid", "unknown task token key")
-        version = int(kid[len(prefix) :])
+        version = int(match[1])
         if version not in self._keys:
             # An unknown key stays unknown when Vault is down; known keys keep verifying.
             with contextlib.suppress(VaultError):
@@ -356,10 +374,13 @@ class TaskTokens:
         """Count one use against max_uses (per replica); False once they are spent."""
         if token.max_uses is None:
             return True
-        count = self._uses.get(token.token_id, 0)
+        count, _ = self._uses.get(token.token_id, (0, token.expires_at))
         if count >= token.max_uses:
             return False
-        self._uses[token.token_id] = count + 1
+        if token.token_id not in self._uses and len(self._uses) >= MAX_METERED:
+            # Never forget a count to make room: refuse new metered tokens instead.
+            raise Unavailable("too_many_metered_tokens", "try again later")
+        self._uses[token.token_id] = (count + 1, token.expires_at)
         return True
 
     # ------------------------------------------------------------------ revocation
@@ -381,9 +402,9 @@ class TaskTokens:
             if token_id is not None:
                 revocations.ids[token_id] = expires_at if expires_at is not None else now + longest
             if subject is not None:
-                revocations.subjects[subject] = now
+                revocations.subjects[subject] = now + CLOCK_SKEW
             if task is not None:
-                revocations.tasks[task] = now
+                revocations.tasks[task] = now + CLOCK_SKEW
             revocations.prune(now, longest)
             try:
                 new = await self.vault.write_kv(
@@ -422,11 +443,8 @@ class TaskTokens:
             except VaultError as exc:
                 log.warning("revocations_refresh_failed", error=str(exc))
             now = self.clock()
-            self._uses = {k: n for k, n in self._uses.items() if k in self._live_ids(now)}
+            self._uses = {k: v for k, v in self._uses.items() if v[1] + LEEWAY > now}
             await asyncio.sleep(self.cfg.revocation_poll_interval)
-
-    def _live_ids(self, now: float) -> set[str]:
-        return {t.token_id for t in self._verified.values() if t.expires_at + LEEWAY > now}
 
     # ------------------------------------------------------------------ exception tokens
 
@@ -459,12 +477,19 @@ class TaskTokens:
         """Active exception tokens (not expired, not revoked), soonest expiry first."""
         data, _ = await self._read_state(self._exceptions_path)
         revs, _ = await self._read_state(self._revocations_path)
-        revoked = Revocations.from_data(revs).ids
+        revocations = Revocations.from_data(revs)
         now = self.clock()
         active = [
             {"token_id": k, **v}
             for k, v in data.items()
-            if isinstance(v, dict) and v.get("expires_at", 0) > now and k not in revoked
+            if isinstance(v, dict)
+            and v.get("expires_at", 0) > now
+            and not revocations.names(
+                k,
+                f"{EXCEPTION_ISSUER}|{exception_subject(str(v.get('owner')))}",
+                None,
+                float(v.get("issued_at", 0)),
+            )
         ]
         return sorted(active, key=lambda e: e["expires_at"])
 

@@ -104,3 +104,23 @@ def test_rfc8693_scope_text_round_trips() -> None:
     parsed = scope.parse_rfc8693("r:GET,POST:/v1/** r:DELETE:/x", [], ["r"])
     assert scope.describe(parsed) == "r:GET,POST:/v1/** r:DELETE:/x"
     assert scope.from_claim(scope.to_claim(parsed), ["r"]) == parsed
+
+
+def test_large_policy_grants_stay_usable() -> None:
+    """A grant from a policy with more patterns than a request may carry is capped at issue
+    time, and its signed claim parses back (no token that verifies but never works)."""
+    many = tuple(P(f"/v1/p{i}") for i in range(40))
+    policies = [_policy("wide", r=Grant(frozenset({"GET"}), many))]
+    requested = scope.parse({"r": {"methods": ["GET"], "paths": ["/**"]}}, ["r"])
+    granted = scope.grantable(policies, Identity("i", "agent"), HERE, requested)
+    assert len(granted["r"][0].paths) == scope.MAX_PATHS_PER_GRANT
+    assert scope.from_claim(scope.to_claim(granted), ["r"]) == granted
+
+
+def test_request_size_is_bounded() -> None:
+    """More than 64 patterns in all, or patterns deeper than 32 segments, are refused."""
+    wide = {f"r{i}": {"methods": ["GET"], "paths": [f"/p{j}" for j in range(20)]} for i in range(4)}
+    with pytest.raises(ValueError, match="at most 64"):
+        scope.parse(wide, list(wide))
+    with pytest.raises(ValueError, match="segments"):
+        scope.parse({"r": {"methods": ["GET"], "paths": ["/a" * 33]}}, ["r"])

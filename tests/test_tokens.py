@@ -293,6 +293,7 @@ async def test_tampered_and_misused_tokens_are_401(
     alg_none = _assemble({**header, "alg": "none"}, claims, "")
     alg_hs = _assemble({**header, "alg": "HS256"}, claims, sig)
     attacker = Ed25519PrivateKey.generate()
+    bad_kid = _assemble({**header, "kid": "keyproxy-tokens:v\u00b2"}, claims, sig)
     resigned = jwt.encode(
         claims, attacker, algorithm="EdDSA", headers={"typ": header["typ"], "kid": header["kid"]}
     )
@@ -311,9 +312,9 @@ async def test_tampered_and_misused_tokens_are_401(
         )
     finally:
         vault.close()
-    for bad in (widened, alg_none, alg_hs, resigned, old.token, future.token, identity_token):
+    for bad in (widened, alg_none, alg_hs, bad_kid, resigned, old.token, future.token):
         CANARIES.add(bad)
-    for bad in (widened, alg_none, alg_hs, resigned, old.token, future.token):
+    for bad in (widened, alg_none, alg_hs, bad_kid, resigned, old.token, future.token):
         assert await status(http, "POST", url, bad) == 401
     # A task token cannot be exchanged again, and an identity token cannot revoke.
     code, answer = await exchange(http, stack.base, token)
@@ -383,6 +384,25 @@ def test_exception_tokens_need_owner_and_reason(
     assert mine
     assert mine[0]["reason"] == "legacy batch job"
     assert mine[0]["expires_at"] - time.time() <= 86400 + 5
+    # Revoking the owner's exception tokens removes them from the list.
+    revoke = ["token", "revoke", "-c", str(path), "--issuer", "exception"]
+    assert main([*revoke, "--subject", "alice@example.com"]) == 0
+    assert main(["token", "list", "-c", str(path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert not [e for e in listed if e["owner"] == "alice@example.com"]
+
+
+def test_revocation_by_subject_tolerates_clock_skew() -> None:
+    """A subject or task revocation also covers tokens a replica with a clock a few seconds
+    ahead stamped as issued after it; id revocations outlive their token's expiry."""
+    from keyproxy.tokens import CLOCK_SKEW, Revocations  # noqa: PLC0415
+
+    revocations = Revocations(subjects={"k8s|bot": 1000.0 + CLOCK_SKEW})
+    assert revocations.names("t1", "k8s|bot", None, 1000.0 + CLOCK_SKEW - 1)
+    assert not revocations.names("t1", "k8s|bot", None, 1000.0 + CLOCK_SKEW + 1)
+    revocations.ids["t2"] = 2000.0
+    revocations.prune(2000.0 + CLOCK_SKEW, 900.0)
+    assert "t2" in revocations.ids
 
 
 # ----------------------------------------------------------------------------- replicas
