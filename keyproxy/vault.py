@@ -248,6 +248,42 @@ class Vault:
         version = body.get("current_version") if isinstance(body, dict) else None
         return version if isinstance(version, int) and version > 0 else None
 
+    async def read_kv_at(self, mount: str, path: str, version: int) -> dict[str, Any]:
+        """The data of one version of a KV v2 secret; SecretNotFound if deleted or destroyed."""
+        response = await self._call(
+            f"read {mount}/{path} version {version}",
+            lambda c: c.secrets.kv.v2.read_secret_version(
+                path=path, version=version, mount_point=mount, raise_on_deleted_version=True
+            ),
+        )
+        body = response.get("data") if isinstance(response, dict) else None
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise SecretNotFound(f"read {mount}/{path} version {version}: deleted or destroyed")
+        return data
+
+    async def kv_metadata(self, mount: str, path: str) -> dict[str, Any] | None:
+        """The KV v2 metadata of a secret (current_version, versions with created_time,
+        destroyed), or None if the secret does not exist."""
+        try:
+            response = await self._call(
+                f"read metadata {mount}/{path}",
+                lambda c: c.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount),
+            )
+        except SecretNotFound:
+            return None
+        body = response.get("data") if isinstance(response, dict) else None
+        return body if isinstance(body, dict) else None
+
+    async def destroy_kv_versions(self, mount: str, path: str, versions: list[int]) -> None:
+        """Permanently destroy versions of a KV v2 secret (idempotent)."""
+        await self._call(
+            f"destroy {mount}/{path} versions {versions}",
+            lambda c: c.secrets.kv.v2.destroy_secret_versions(
+                path=path, versions=versions, mount_point=mount
+            ),
+        )
+
     # ------------------------------------------------------------------ Transit
 
     async def transit_sign(self, mount: str, key: str, message: bytes) -> tuple[int, bytes]:

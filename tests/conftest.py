@@ -11,8 +11,14 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import select
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -80,7 +86,7 @@ async def root_vault(root_vault_config: VaultConfig) -> AsyncIterator[Vault]:
 @pytest.fixture
 def kv_path() -> str:
     """A KV path under secret/keyproxy/ that no other test uses."""
-    return f"keyproxy/test/{uuid.uuid4().hex}"
+    return f"keyproxy/keys/test-{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +103,45 @@ def audit_log(log_dir: Path) -> Iterator[Path]:
     with path.open("a", encoding="utf-8", buffering=1) as stream:
         audit.configure(stream, level="debug")
         yield path
+
+
+# ---------------------------------------------------------------------------- rotation
+
+
+@pytest.fixture(scope="session")
+def legacy_api(log_dir: Path) -> Iterator[LegacyApiProcess]:
+    """The fake legacy API (tests/legacy_api.py) as its own process, for the whole session."""
+    admin = "adm-" + secrets.token_urlsafe(18)
+    err = (log_dir / "legacy-api.err").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.legacy_api", "serve"],
+        stdout=subprocess.PIPE,
+        stderr=err,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "LEGACY_ADMIN_TOKEN": admin},
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "the fake legacy API did not start within 30 s"
+        port = int(proc.stdout.readline())
+        yield LegacyApiProcess(f"http://127.0.0.1:{port}", admin)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        err.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@dataclass(frozen=True)
+class LegacyApiProcess:
+    """Where the fake legacy API listens, and its admin credential."""
+
+    url: str
+    admin_token: str

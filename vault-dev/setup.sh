@@ -13,6 +13,8 @@
 #     approle/ with that policy and a 1h token TTL;
 #   - writes CREDENTIALS_DIR/proxy-role-id and CREDENTIALS_DIR/proxy-secret-id (mode 600);
 #     every run issues a fresh secret_id (earlier ones stay valid until revoked);
+#   - policy keyproxy-rotation (policies/keyproxy-rotation.hcl) and AppRole role
+#     keyproxy-rotation, writing CREDENTIALS_DIR/rotation-role-id and rotation-secret-id;
 #   - Transit at transit/ with the Ed25519 key keyproxy-tokens that signs task tokens;
 #   - the OIDC identity provider agents use: key keyproxy-agents (RS256), role "agent" with
 #     client_id "keyproxy" (the token audience), 15m TTL and an entity_name claim, and the
@@ -72,6 +74,16 @@ fi
 "$bao" write -f -field=secret_id auth/approle/role/keyproxy-proxy/secret-id \
   >"$creds/proxy-secret-id"
 chmod 600 "$creds/proxy-role-id" "$creds/proxy-secret-id"
+
+# Rotation jobs (`keyproxy rotate`, `keyproxy keys put`): write keys and the rotation
+# journal, read the rotators' admin credentials, through their own AppRole.
+"$bao" policy write keyproxy-rotation "$here/policies/keyproxy-rotation.hcl" >/dev/null
+"$bao" write auth/approle/role/keyproxy-rotation \
+  token_policies=keyproxy-rotation token_ttl=1h token_max_ttl=24h >/dev/null
+"$bao" read -field=role_id auth/approle/role/keyproxy-rotation/role-id >"$creds/rotation-role-id"
+"$bao" write -f -field=secret_id auth/approle/role/keyproxy-rotation/secret-id \
+  >"$creds/rotation-secret-id"
+chmod 600 "$creds/rotation-role-id" "$creds/rotation-secret-id"
 
 # The agents' identity provider.
 discovery=identity/oidc/.well-known/openid-configuration

@@ -7,6 +7,7 @@ Every mistake raises `ConfigError` whose `path` is the YAML path of the mistake
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -24,12 +25,18 @@ from keyproxy.config.model import (
     METHODS,
     ROUTE_NAME,
     CallerCredential,
+    CommandRotator,
     Config,
     Grant,
+    HttpCall,
+    HttpRotator,
     Injection,
     Issuer,
+    ManualRotator,
     Network,
     Policy,
+    Rotation,
+    Rotator,
     Route,
     SecretRef,
     ServerConfig,
@@ -384,6 +391,8 @@ def _route(name: str, node: _Node, kv_mount: str) -> Route:
             "max_body",
             "strip_headers",
             "owner",
+            "rotation",
+            "max_age",
         }
     )
     inject = tuple(_injection(item) for item in _required(node, f, "inject").sequence())
@@ -401,6 +410,10 @@ def _route(name: str, node: _Node, kv_mount: str) -> Route:
     tls_verify = _opt(tls, "verify", _Node.boolean, True)
     if not tls_verify and upstream.scheme != "https":
         raise tls["verify"].error("only applies to https upstreams")
+    rotation = _opt(f, "rotation", lambda n: _rotation(n, kv_mount), None)
+    max_age = _opt(f, "max_age", _Node.duration, None)
+    if max_age is not None and rotation and rotation.every and max_age <= rotation.every:
+        raise f["max_age"].error("must be longer than rotation.every")
     strip: tuple[str, ...] = _opt(f, "strip_headers", _Node.strings, ())
     for i, header in enumerate(strip):
         if not HEADER_NAME.match(header):
@@ -419,6 +432,8 @@ def _route(name: str, node: _Node, kv_mount: str) -> Route:
         max_body=_opt(f, "max_body", _Node.size, 10 * 1024**2),
         strip_headers=tuple(h.lower() for h in strip),
         owner=_opt(f, "owner", _Node.string, None),
+        rotation=rotation,
+        max_age=max_age,
     )
 
 
@@ -440,13 +455,147 @@ def _upstream(node: _Node) -> Upstream:
     )
 
 
-def _secret_ref(node: _Node, kv_mount: str) -> SecretRef:
+def _secret_ref(node: _Node, kv_mount: str, default_field: str = "api_key") -> SecretRef:
     f = node.mapping({"mount", "path", "field"})
     return SecretRef(
         mount=_opt(f, "mount", _Node.string, kv_mount).strip("/"),
         path=_required(node, f, "path").string().strip("/"),
-        field=_opt(f, "field", _Node.string, "api_key"),
+        field=_opt(f, "field", _Node.string, default_field),
     )
+
+
+# ---------------------------------------------------------------------------- rotation
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_CREATE_FIELDS = frozenset({"admin", "route", "attempt"})
+_KEY_FIELDS = _CREATE_FIELDS | {"key", "key_id"}
+_POINTER = re.compile(r"^(/([^~/]|~[01])*)+$")
+
+
+def _rotation(node: _Node, kv_mount: str) -> Rotation:
+    f = node.mapping({"every", "grace", "lock_timeout", "rotator"})
+    rotator = _rotator(_required(node, f, "rotator"), kv_mount)
+    every = _opt(f, "every", _Node.duration, None)
+    if every is None and not isinstance(rotator, ManualRotator):
+        raise node._child("every").error("is required for an automated rotator")
+    grace = _opt(f, "grace", _Node.duration, 600.0)
+    if every is not None and grace >= every:
+        raise f["grace"].error("must be shorter than every")
+    return Rotation(
+        rotator=rotator,
+        every=every,
+        grace=grace,
+        lock_timeout=_opt(f, "lock_timeout", _Node.duration, 300.0),
+    )
+
+
+def _rotator(node: _Node, kv_mount: str) -> Rotator:
+    kind_node = node.mapping({"type", *_HTTP_KEYS, *_COMMAND_KEYS}).get("type")
+    if kind_node is None:
+        raise node._child("type").error("is required (http, command or manual)")
+    kind = kind_node.string()
+    if kind == "manual":
+        node.mapping({"type"})
+        return ManualRotator()
+    if kind == "command":
+        f = node.mapping({"type", *_COMMAND_KEYS})
+        argv = _required(node, f, "command").strings()
+        if not argv:
+            raise f["command"].error("must list the executable and its arguments")
+        return CommandRotator(
+            argv=argv,
+            admin_secret=_opt(f, "admin_secret", lambda n: _secret_ref(n, kv_mount, "token"), None),
+            verify=_opt(f, "verify", _Node.boolean, False),
+            timeout=_opt(f, "timeout", _Node.duration, 60.0),
+        )
+    if kind != "http":
+        raise kind_node.error("must be one of http, command, manual")
+    f = node.mapping({"type", *_HTTP_KEYS})
+    allow_http = _opt(f, "allow_http", _Node.boolean, False)
+    tls = f["tls"].mapping({"verify", "ca_file"}) if "tls" in f else {}
+    return HttpRotator(
+        create=_http_call(_required(node, f, "create"), _CREATE_FIELDS, allow_http),
+        revoke=_http_call(_required(node, f, "revoke"), _KEY_FIELDS, allow_http),
+        verify=_opt(f, "verify", lambda n: _http_call(n, _KEY_FIELDS, allow_http), None),
+        admin_secret=_opt(f, "admin_secret", lambda n: _secret_ref(n, kv_mount, "token"), None),
+        key_pointer=_opt(f, "key_pointer", _pointer, "/key"),
+        id_pointer=_opt(f, "id_pointer", _pointer, "/id"),
+        timeout=_opt(f, "timeout", _Node.duration, 30.0),
+        tls_verify=_opt(tls, "verify", _Node.boolean, True),
+        ca_file=_opt(tls, "ca_file", _Node.path_value, None),
+    )
+
+
+_HTTP_KEYS = {
+    "create",
+    "verify",
+    "revoke",
+    "admin_secret",
+    "key_pointer",
+    "id_pointer",
+    "timeout",
+    "allow_http",
+    "tls",
+}
+_COMMAND_KEYS = {"command", "admin_secret", "verify", "timeout"}
+
+
+def _pointer(node: _Node) -> str:
+    value = node.string()
+    if not _POINTER.match(value):
+        raise node.error("must be a JSON pointer such as /key or /data/0/secret")
+    return value
+
+
+def _http_call(node: _Node, fields: frozenset[str], allow_http: bool) -> HttpCall:
+    f = node.mapping({"method", "url", "headers", "body"})
+    method = _opt(f, "method", _Node.string, "POST").upper()
+    if method not in METHODS:
+        raise f["method"].error(f"unknown method (one of {', '.join(sorted(METHODS))})")
+    url_node = _required(node, f, "url")
+    url = _call_template(url_node, fields)
+    scheme = url.partition("://")[0].lower()
+    if scheme not in ("http", "https") or "://" not in url:
+        raise url_node.error("must be an absolute http(s) URL")
+    if scheme == "http" and not allow_http:
+        raise url_node.error("http:// would send credentials unencrypted; set allow_http: true")
+    headers = []
+    header_nodes: list[tuple[str, _Node]] = _opt(f, "headers", _Node.items, [])
+    for name, value in header_nodes:
+        if not HEADER_NAME.match(name):
+            raise value.error("not a valid header name")
+        headers.append((name, _call_template(value, fields)))
+    body = None
+    if "body" in f:
+        _check_body(f["body"], fields)
+        body = json.dumps(f["body"].value)
+    return HttpCall(method=method, url=url, headers=tuple(headers), body=body)
+
+
+def _check_body(node: _Node, fields: frozenset[str]) -> None:
+    """A JSON body: every string in it is a template; other scalars pass through."""
+    if isinstance(node.value, dict):
+        for _, child in node.items():
+            _check_body(child, fields)
+    elif isinstance(node.value, list):
+        for child in node.sequence():
+            _check_body(child, fields)
+    elif isinstance(node.value, str):
+        _call_template(node, fields)
+    elif not isinstance(node.value, int | float | bool) and node.value is not None:
+        raise node.error("must be JSON: mappings, lists, strings, numbers, booleans, null")
+
+
+def _call_template(node: _Node, fields: frozenset[str]) -> str:
+    template = node.string()
+    for name in _PLACEHOLDER.findall(template):
+        if name not in fields:
+            raise node.error(f"unknown placeholder {{{name}}} (here: {', '.join(sorted(fields))})")
+    if "{" in _PLACEHOLDER.sub("", template) or "}" in _PLACEHOLDER.sub("", template):
+        raise node.error("unbalanced brace")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in template):
+        raise node.error("must not contain control characters")
+    return template
 
 
 def _template(node: _Node) -> str:

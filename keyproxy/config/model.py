@@ -153,6 +153,64 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class HttpCall:
+    """One templated request of the http rotator.
+
+    `url`, header values and the string values of `body` (JSON text) are templates whose
+    placeholders are {admin}, {route}, {attempt}, and for verify and revoke also {key} and
+    {key_id}. Any 2xx answer is success; revoke also accepts 404 and 410 (already gone).
+    """
+
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpRotator:
+    """Create, verify and revoke keys with declarative HTTP calls (docs/rotation.md)."""
+
+    create: HttpCall
+    revoke: HttpCall
+    verify: HttpCall | None = None
+    admin_secret: SecretRef | None = None
+    key_pointer: str = "/key"  # JSON pointers into the create answer
+    id_pointer: str = "/id"
+    timeout: float = 30.0
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class CommandRotator:
+    """An executable that reads one JSON request on stdin and answers JSON on stdout."""
+
+    argv: tuple[str, ...]
+    admin_secret: SecretRef | None = None
+    verify: bool = False
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class ManualRotator:
+    """No automation: operators store new keys with `keyproxy keys put`."""
+
+
+Rotator = HttpRotator | CommandRotator | ManualRotator
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """When and how a route's key is replaced. `every` is None only for manual rotators."""
+
+    rotator: Rotator
+    every: float | None = None
+    grace: float = 600.0
+    lock_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     upstream: Upstream
@@ -167,6 +225,8 @@ class Route:
     max_body: int = 10 * 1024**2
     strip_headers: tuple[str, ...] = ()
     owner: str | None = None
+    rotation: Rotation | None = None
+    max_age: float | None = None  # `keyproxy keys status` fails for an older key
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 # keyproxy-proxy: what a keyproxy replica needs to serve traffic, and nothing more.
-# It reads keys (and their version metadata) under secret/keyproxy/, signs task tokens with
+# It reads keys (and their version metadata) under secret/keyproxy/keys/, signs task tokens with
 # the Transit key keyproxy-tokens (the private key stays in Vault), keeps the token
 # revocation list, and keeps its own token alive. It cannot write keys, list other paths, or
 # touch auth or identity configuration.
 
-path "secret/data/keyproxy/*" {
+# Only the keys: not the rotators' admin credentials (keyproxy/admin/*) nor the rotation
+# journal (keyproxy/state/rotation/*), which holds a new key until it is promoted.
+path "secret/data/keyproxy/keys/*" {
   capabilities = ["read"]
 }
 
-path "secret/metadata/keyproxy/*" {
+path "secret/metadata/keyproxy/keys/*" {
   capabilities = ["read"]
 }
 
