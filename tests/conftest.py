@@ -21,12 +21,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from keyproxy import audit
 from keyproxy.config import VaultConfig
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.vault import Vault
+from tests.support import Upstream, running_upstream
 
 
 def _started(workdir: Path) -> OpenBaoDevServer:
@@ -145,3 +147,20 @@ class LegacyApiProcess:
 
     url: str
     admin_token: str
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """The recording upstream of tests/support.py on loopback, fresh for each test."""
+    async with running_upstream() as value:
+        yield value
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client session."""
+    async with aiohttp.ClientSession() as session:
+        yield session

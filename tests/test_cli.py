@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 
 from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
+from tests.support import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -92,12 +92,6 @@ def test_explain_reports_the_decision(
     assert capsys.readouterr().out.strip().splitlines()[-1] == verdict
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_serve_runs_from_a_file_and_stops_on_sigterm(
     openbao: OpenBaoDevServer, tmp_path: Path, log_dir: Path
 ) -> None:
@@ -107,7 +101,7 @@ def test_serve_runs_from_a_file_and_stops_on_sigterm(
     openbao.put_key("keyproxy/keys/cli-test", "sk-cli-test-" + os.urandom(8).hex())
     path = tmp_path / "k.yaml"
     path.write_text(yaml.safe_dump(_config(openbao.addr, setup.issuer, setup.jwks_uri)))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "BAO_TOKEN": openbao.root_token}
     out = log_dir / "serve.out"
     with out.open("wb") as stdout:

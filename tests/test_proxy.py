@@ -23,7 +23,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
 from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
-from tests.support import CANARIES, Stack, Upstream, new_key, running_proxy, running_upstream
+from tests.support import (
+    CANARIES,
+    Stack,
+    Upstream,
+    bearer,
+    new_key,
+    running_proxy,
+)
 
 LOCAL_ISSUER = "https://issuer.test.invalid"
 
@@ -83,12 +90,6 @@ class LocalIssuer:
 @pytest.fixture(scope="module")
 def local_issuer(tmp_path_factory: pytest.TempPathFactory) -> LocalIssuer:
     return LocalIssuer(tmp_path_factory.mktemp("issuer"))
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as value:
-        yield value
 
 
 def make_config(
@@ -200,16 +201,6 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     async with running_proxy(config_for(upstream.url)) as value:
         yield value
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def assert_nothing_leaked(upstream: Upstream, token: str) -> None:

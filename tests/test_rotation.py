@@ -37,7 +37,7 @@ from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.rotation import Rotations
 from keyproxy.vault import Vault
 from tests.conftest import LegacyApiProcess
-from tests.support import CANARIES
+from tests.support import CANARIES, bearer, free_port
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,7 +278,7 @@ class Proxy:
 @contextlib.asynccontextmanager
 async def serving(env: Env) -> AsyncIterator[Proxy]:
     """`keyproxy serve` as a subprocess, stopped by PID; ready when every key is loaded."""
-    port = _free_port()
+    port = free_port()
     out = env.log_dir / f"rotation-serve-{uid()}.out"
     envvars = {**os.environ, "BAO_TOKEN": env.openbao.root_token, "PYTHONUNBUFFERED": "1"}
     with out.open("wb") as stdout:
@@ -302,14 +302,6 @@ async def serving(env: Env) -> AsyncIterator[Proxy]:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _ready(proxy: Proxy) -> bool:
@@ -336,10 +328,6 @@ async def until(check: Callable[[], Any], within: float, what: str) -> None:
     while not await check():
         assert time.monotonic() < deadline, f"{what}: not within {within} s"
         await asyncio.sleep(0.05)  # polling interval of a bounded wait
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 # ----------------------------------------------------------------------------- tests

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,15 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.identity import Identity
 from keyproxy.tokens import TaskTokens
 from keyproxy.vault import Vault
-from tests.support import CANARIES, Stack, Upstream, new_key, running_proxy, running_upstream
+from tests.support import (
+    CANARIES,
+    Stack,
+    Upstream,
+    bearer,
+    free_port,
+    new_key,
+    running_proxy,
+)
 
 BIN = Path(sys.executable).parent
 GRANT = {"methods": ["GET", "POST"], "paths": ["/v1/**", "/echo"]}
@@ -102,27 +109,11 @@ def identity_token(openbao: OpenBaoDevServer, agent: Agent) -> str:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    async with running_upstream() as value:
-        yield value
-
-
-@pytest.fixture
 async def stack(
     openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
 ) -> AsyncIterator[Stack]:
     async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
         yield value
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def exchange(
@@ -408,12 +399,6 @@ def test_revocation_by_subject_tolerates_clock_skew() -> None:
 # ----------------------------------------------------------------------------- replicas
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def replicas(
     openbao: OpenBaoDevServer, agent: Agent, tmp_path: Path, log_dir: Path
@@ -424,7 +409,7 @@ def replicas(
     procs, bases = [], []
     try:
         for i in range(2):
-            port = _free_port()
+            port = free_port()
             with (log_dir / f"replica-{i}.out").open("wb") as out:
                 procs.append(
                     subprocess.Popen(
