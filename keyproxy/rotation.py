@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import structlog
 
 from keyproxy import rotators, secret
 from keyproxy.config import Config, Route
 from keyproxy.config.model import ManualRotator
 from keyproxy.errors import KeyproxyError, VaultError
+from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotators import RotatorError, UpstreamKey
 from keyproxy.secret import Secret
 from keyproxy.vault import CasConflict, SecretNotFound, Vault
@@ -51,6 +51,8 @@ log = structlog.get_logger("keyproxy.rotation")
 STATE_PATH = "keyproxy/state/rotation"
 FAILPOINT_ENV = "KEYPROXY_FAILPOINT"
 _PHASE1 = ("creating", "created", "verified")
+# Journal writes between recording a new key and promoting it are fewer than this.
+_PENDING_VERSIONS = 8
 
 
 class RotationError(KeyproxyError):
@@ -153,12 +155,25 @@ class Rotations:
         self,
         config: Config,
         vault: Vault,
-        session: aiohttp.ClientSession,
+        sessions: UpstreamSessions,
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config, self.vault, self._session, self._clock = config, vault, session, clock
+        # Rotator calls go through the route's egress fence, like the proxy's own requests.
+        self.config, self.vault, self._sessions, self._local = config, vault, sessions, clock
+        # Deadlines in the journal (lock expiry, end of grace) are compared by every runner:
+        # they are kept in Vault's time, which all runners share, whatever their own clocks.
+        self._offset = 0.0
         self.owner = owner or (f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+
+    def _clock(self) -> float:
+        return self._local() + self._offset
+
+    async def _sync_clock(self) -> None:
+        try:
+            self._offset = await self.vault.server_time() - self._local()
+        except VaultError as exc:
+            log.warning("rotation.vault_time_unavailable", error=str(exc))
 
     # ------------------------------------------------------------------ entry points
 
@@ -173,7 +188,11 @@ class Rotations:
         route = self._route(name)
         if route.rotation is None:
             return Outcome(name, "failed", "the route has no rotation configured")
-        return await self._run(route, "emergency" if emergency else "now")
+        outcome = await self._run(route, "emergency" if emergency else "now")
+        if outcome.result == "locked":
+            # Asked for by name (a leak, perhaps): not done is a failure, not a skip.
+            return Outcome(name, "failed", f"not rotated: the lock is {outcome.detail}")
+        return outcome
 
     async def put(self, name: str, value: str, key_id: str | None = None) -> int:
         """Store `value` as the route's new key version (manual rotation or import)."""
@@ -184,7 +203,9 @@ class Rotations:
         journal = await self._journal(route)
         if (holder := journal.held_by_other()) is not None:
             raise RotationError(f"a rotation by {holder} holds the lock; try again later")
-        if journal.step in _PHASE1:
+        if journal.step in _PHASE1 or journal.step in ("grace", "revoked"):
+            # During grace the previous key is still to be revoked upstream; a key stored now
+            # would leave the one in between valid there with no record.
             raise RotationError(
                 f"a rotation is in progress (step {journal.step}): run keyproxy rotate {name}"
             )
@@ -193,28 +214,32 @@ class Rotations:
             version = await self._store(
                 route, UpstreamKey(Secret(value), key_id), f"keys put ({self.owner})"
             )
-        finally:
-            await journal.save(release=True, last_rotation=self._clock())
+        except BaseException:
+            await journal.save(release=True)
+            raise
+        await journal.save(release=True, last_rotation=self._clock())
         log.info("rotation.key_put", route=name, version=version)
         return version
 
     # ------------------------------------------------------------------ the state machine
 
     async def _run(self, route: Route, mode: str) -> Outcome:
+        await self._sync_clock()
         try:
             journal = await self._journal(route)
-        except VaultError as exc:
-            return Outcome(route.name, "failed", f"cannot read the rotation journal: {exc}")
-        if (holder := journal.held_by_other()) is not None:
-            return Outcome(route.name, "locked", f"held by {holder}")
-        if mode == "due" and (idle := await self._idle_outcome(route, journal)) is not None:
-            return idle  # nothing to do: no lock taken, no journal write
+            if (holder := journal.held_by_other()) is not None:
+                return Outcome(route.name, "locked", f"held by {holder}")
+            if mode == "due" and (idle := await self._idle_outcome(route, journal)) is not None:
+                return idle  # nothing to do: no lock taken, no journal write
+        except Exception as exc:  # noqa: BLE001  # one route's failure must not stop the others
+            log.warning("rotation.failed", route=route.name, error=str(exc))
+            return Outcome(route.name, "failed", f"cannot read the rotation state: {exc}")
         if (refused := await self._lock(route, journal)) is not None:
             return refused
         try:
             failpoint("lock")
             return await self._drive(route, journal, mode)
-        except (VaultError, RotatorError, RotationError) as exc:
+        except Exception as exc:  # noqa: BLE001  # recorded, the lock released, reported
             log.warning("rotation.failed", route=route.name, step=journal.step, error=str(exc))
             failure = {"at": self._clock(), "step": journal.step, "error": str(exc)}
             try:
@@ -257,6 +282,13 @@ class Rotations:
                 raise RotationError("manual rotator: store a new key with keyproxy keys put")
             due = await self._age(route) >= (route.rotation.every or float("inf"))
             return Outcome(route.name, "manual", "key is due: keys put" if due else "")
+        if journal.step == "abandoning":
+            # A run died while compensating: finish revoking the key it was abandoning.
+            pending = journal.data["pending"]
+            await self._rotator(route).revoke(
+                UpstreamKey(Secret(pending["key"]), pending.get("key_id"))
+            )
+            await journal.save(step="idle", pending=None)
         resume = journal.step in _PHASE1
         if journal.step == "idle" and (mode != "due" or await self._age(route) >= _every(route)):
             await journal.save(
@@ -327,6 +359,13 @@ class Rotations:
             rotations=int(journal.data.get("rotations") or 0) + 1,
         )
         failpoint("grace")
+        # KV keeps every version: the journal versions that held the new key before its
+        # promotion must not stay readable by whoever may read the journal.
+        earlier = list(range(max(1, journal.version - _PENDING_VERSIONS), journal.version))
+        if earlier:
+            await self.vault.destroy_kv_versions(
+                self.config.vault.kv_mount, journal_path(route.name), earlier
+            )
         log.info("rotation.promoted", route=route.name, version=version, key_id=key.key_id)
         return version
 
@@ -343,11 +382,18 @@ class Rotations:
         try:
             return await self._store(route, key, self.owner, data, cas=base)
         except CasConflict:
+            # Another runner that took the lock over may have promoted this very key.
+            data, current = await self.vault.read_kv(ref.mount, ref.path)
+            if data.get(ref.field) == key.secret.reveal():
+                return current
             await self._abandon(route, journal, key, "the key was changed during the rotation")
             raise  # unreachable: _abandon raises
 
     async def _abandon(self, route: Route, journal: Journal, key: UpstreamKey, why: str) -> None:
-        """Compensate a phase 1 that must not complete: revoke the new key, back to idle."""
+        """Compensate a phase 1 that must not complete: revoke the new key, back to idle.
+        The journal is written first: a runner that lost its lock fails there and revokes
+        nothing (the lock's new holder may be promoting this very key)."""
+        await journal.save(step="abandoning")
         await self._rotator(route).revoke(key)
         await journal.save(step="idle", pending=None)
         raise RotationError(f"{why}; the new key was revoked")
@@ -423,7 +469,9 @@ class Rotations:
         cfg = route.rotation.rotator
         if isinstance(cfg, ManualRotator):
             raise RotationError("manual rotator: no upstream automation")
-        return rotators.build(route.name, cfg, self.vault, self._session)
+        return rotators.build(
+            route.name, cfg, self.vault, self._sessions.get(route.name), route.egress_allow
+        )
 
     def _route(self, name: str) -> Route:
         route = self.config.routes.get(name)
@@ -471,9 +519,12 @@ async def run_scheduler(rotations: Rotations, interval: float = 60.0) -> None:
     """Run `run_due` every `interval` seconds until cancelled, under the same locks as
     `keyproxy rotate --due`. Failures are logged and retried on the next tick."""
     while True:
-        for outcome in await rotations.run_due():
-            if outcome.result not in ("not_due", "in_grace", "locked", "manual"):
-                log.info("rotation.scheduled", route=outcome.route, result=outcome.result)
+        try:
+            for outcome in await rotations.run_due():
+                if outcome.result not in ("not_due", "in_grace", "locked", "manual"):
+                    log.info("rotation.scheduled", route=outcome.route, result=outcome.result)
+        except Exception as exc:  # noqa: BLE001  # the scheduler outlives one bad tick
+            log.warning("rotation.scheduler_failed", error=str(exc))
         await asyncio.sleep(interval)
 
 

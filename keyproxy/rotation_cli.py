@@ -21,10 +21,9 @@ import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import aiohttp
-
 from keyproxy import audit, auditlog, config, keystatus
 from keyproxy.errors import KeyproxyError
+from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotation import Outcome, Rotations
 from keyproxy.vault import Vault
 
@@ -67,12 +66,12 @@ def register(sub: Any) -> None:
 @contextlib.asynccontextmanager
 async def _rotations(cfg: config.Config) -> AsyncIterator[Rotations]:
     vault = Vault(cfg.vault)
-    session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
+    sessions = UpstreamSessions(cfg.routes)
     try:
         await vault.login()
-        yield Rotations(cfg, vault, session)
+        yield Rotations(cfg, vault, sessions)
     finally:
-        await session.close()
+        await sessions.close()
         vault.close()
 
 

@@ -17,16 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
-from keyproxy import secret
-from keyproxy.config.model import CommandRotator, HttpCall, HttpRotator, SecretRef
-from keyproxy.errors import KeyproxyError
+from keyproxy import netguard, secret
+from keyproxy.config.model import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
+from keyproxy.errors import EgressDenied, KeyproxyError
 from keyproxy.secret import Secret
 from keyproxy.vault import Vault
 
@@ -59,10 +63,13 @@ def build(
     cfg: HttpRotator | CommandRotator,
     vault: Vault,
     session: aiohttp.ClientSession,
+    egress_allow: Sequence[Network] = (),
 ) -> Rotator:
-    """The rotator for `route`; its admin credential is read from Vault on first use."""
+    """The rotator for `route`; its admin credential is read from Vault on first use.
+    `session` must be fenced (keyproxy.proxy.UpstreamSessions); `egress_allow` is the route's
+    allowance, checked here for IP-literal URLs, which skip the session's resolver."""
     if isinstance(cfg, HttpRotator):
-        return _Http(route, cfg, _Admin(vault, cfg.admin_secret), session)
+        return _Http(route, cfg, _Admin(vault, cfg.admin_secret), session, egress_allow)
     return _Command(route, cfg, _Admin(vault, cfg.admin_secret))
 
 
@@ -81,6 +88,10 @@ class _Admin:
         if not isinstance(value, str) or not value:
             raise RotatorError(
                 f"admin secret {self._ref.mount}/{self._ref.path}: no field {self._ref.field!r}"
+            )
+        if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise RotatorError(
+                f"admin secret {self._ref.mount}/{self._ref.path}: whitespace or control characters"
             )
         secret.register(value)
         self._value = value
@@ -103,9 +114,15 @@ def _upstream_key(value: Any, key_id: Any, what: str) -> UpstreamKey:
 
 class _Http:
     def __init__(
-        self, route: str, cfg: HttpRotator, admin: _Admin, session: aiohttp.ClientSession
+        self,
+        route: str,
+        cfg: HttpRotator,
+        admin: _Admin,
+        session: aiohttp.ClientSession,
+        egress_allow: Sequence[Network],
     ) -> None:
         self._route, self._cfg, self._admin, self._session = route, cfg, admin, session
+        self._egress_allow = egress_allow
         self._ssl: ssl.SSLContext | bool = cfg.tls_verify
         if cfg.ca_file is not None:
             self._ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
@@ -147,6 +164,10 @@ class _Http:
             body = json.dumps(_render_json(json.loads(call.body), values, what)).encode()
             headers.setdefault("Content-Type", "application/json")
         try:
+            netguard.check_host(URL(url).host or "", self._egress_allow)
+        except EgressDenied as exc:
+            raise RotatorError(f"{what}: {exc.message}") from None
+        try:
             async with self._session.request(
                 call.method,
                 url,
@@ -156,24 +177,38 @@ class _Http:
                 ssl=self._ssl,
                 timeout=aiohttp.ClientTimeout(total=self._cfg.timeout),
             ) as response:
-                return response.status, await response.content.read(_MAX_ANSWER)
+                return response.status, await _read_capped(response)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # SECURITY: the URL may carry the key; name only the error type.
             raise RotatorError(f"{what}: request failed ({type(exc).__name__})") from None
 
 
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The whole answer (however it is chunked), refusing one above _MAX_ANSWER."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > _MAX_ANSWER:
+            raise RotatorError("the upstream answer is too large")
+    return bytes(body)
+
+
+_PLACEHOLDER = re.compile(r"\{(route|attempt|admin|key|key_id)\}")
+
+
 def _render(
     template: str, values: dict[str, str | None], what: str, quote_values: bool = False
 ) -> str:
-    out = template
-    for name, value in values.items():
-        placeholder = "{" + name + "}"
-        if placeholder not in out:
-            continue
+    """One pass over the template: a value is never itself searched for placeholders."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match[1]
+        value = values.get(name)
         if value is None or (value == "" and name == "attempt"):
-            raise RotatorError(f"{what}: {placeholder} is used but has no value here")
-        out = out.replace(placeholder, quote(value, safe="") if quote_values else value)
-    return out
+            raise RotatorError(f"{what}: {{{name}}} is used but has no value here")
+        return quote(value, safe="") if quote_values else value
+
+    return _PLACEHOLDER.sub(substitute, template)
 
 
 def _render_json(value: Any, values: dict[str, str | None], what: str) -> Any:
@@ -238,6 +273,8 @@ class _Command:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,  # SECURITY: may echo what it was given
+                # SECURITY: not our environment: it holds the Vault token (BAO_TOKEN).
+                env=_command_env(),
             )
         except OSError as exc:
             raise RotatorError(f"{action}: cannot run the command ({exc.strerror})") from None
@@ -258,6 +295,14 @@ class _Command:
             return json.loads(out)
         except ValueError:
             raise RotatorError(f"{action}: the command's answer is not JSON") from None
+
+
+# What a rotator command inherits from keyproxy's environment: enough to run, no credentials.
+_COMMAND_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def _command_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in _COMMAND_ENV if name in os.environ}
 
 
 __all__ = ["Rotator", "RotatorError", "UpstreamKey", "build"]

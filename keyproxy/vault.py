@@ -343,6 +343,19 @@ class Vault:
 
     # ------------------------------------------------------------------ health and token
 
+    async def server_time(self) -> float:
+        """Vault's own clock (sys/health server_time_utc), for deadlines that several hosts
+        compare: their clocks may differ, Vault's is the same for all of them."""
+        status = await self._run(
+            "health",
+            lambda c: c.sys.read_health_status(method="GET", standby_ok=True),
+            client=self._anon,
+        )
+        value = status.get("server_time_utc") if isinstance(status, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise VaultError("health: no server time in the answer")
+        return float(value)
+
     async def healthy(self) -> bool:
         """Vault answers sys/health, is initialised and unsealed (a standby counts)."""
         try:

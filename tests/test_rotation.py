@@ -32,10 +32,12 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyproxy import config, rotation
+from keyproxy import config, rotation, rotators
 from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotation import Rotations
-from keyproxy.vault import Vault
+from keyproxy.secret import Secret
+from keyproxy.vault import SecretNotFound, Vault
 from tests.conftest import LegacyApiProcess
 from tests.support import CANARIES, bearer, free_port
 
@@ -262,11 +264,12 @@ async def engine(env: Env) -> AsyncIterator[Rotations]:
     cfg = env.compiled
     vault = Vault(cfg.vault, env={"BAO_TOKEN": env.openbao.root_token})
     await vault.login()
-    async with aiohttp.ClientSession() as session:
-        try:
-            yield Rotations(cfg, vault, session)
-        finally:
-            vault.close()
+    sessions = UpstreamSessions(cfg.routes)
+    try:
+        yield Rotations(cfg, vault, sessions)
+    finally:
+        await sessions.close()
+        vault.close()
 
 
 @dataclass
@@ -690,3 +693,71 @@ async def test_embedded_scheduler_rotates_a_due_route(make_env: Callable[..., En
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _hold_lock(rotations: Rotations, route: str, owner: str, for_seconds: float) -> None:
+    """Write the route's journal as if another runner held its lock."""
+    path = rotation.journal_path(route)
+    mount = rotations.config.vault.kv_mount
+    try:
+        data, version = await rotations.vault.read_kv(mount, path)
+    except SecretNotFound:
+        data, version = {}, 0
+    now = await rotations.vault.server_time()
+    data["lock"] = {"owner": owner, "expires_at": now + for_seconds}
+    await rotations.vault.write_kv(mount, path, data, cas=version)
+
+
+async def test_emergency_while_locked_is_a_failure(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """`rotate ROUTE --emergency` reports failure (non-zero) when another runner holds the
+    lock, instead of a quiet skip; the old key stays valid until someone does revoke it."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        await _hold_lock(rotations, name, "elsewhere:1", 60)
+        outcome = await rotations.rotate(name, emergency=True)
+    assert outcome.failed
+    assert "lock" in outcome.detail
+    done = env.rotate(name, "--emergency")
+    assert done.returncode != 0
+
+
+async def test_abandon_after_losing_the_lock_revokes_nothing(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """A runner whose lock was taken over must not revoke the new key it created: the new
+    holder may be promoting that very key. Its journal write fails first."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        route = env.compiled.routes[name]
+        journal = await rotations._journal(route)
+        await journal.save(step="created", pending={"key": "sk-pending-0001", "key_id": None})
+        await _hold_lock(rotations, name, "elsewhere:2", 60)  # the lock is taken over
+        revoked_before = await asyncio.to_thread(valid_ids, legacy_api, name)
+        with pytest.raises(rotation.RotationError, match="lost the rotation lock"):
+            await rotations._abandon(
+                route,
+                journal,
+                rotators.UpstreamKey(Secret("sk-pending-0001"), None),
+                "verification failed",
+            )
+    assert await asyncio.to_thread(valid_ids, legacy_api, name) == revoked_before
+
+
+async def test_keys_put_is_refused_during_grace(make_env: Callable[..., Env]) -> None:
+    """While the previous key waits for its grace to end, `keys put` is refused: the key in
+    between would stay valid upstream with no record."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    route = env.raw["routes"][name]
+    route["rotation"]["grace"] = "1h"
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        await rotations.rotate(name)  # the first key is now in its grace period
+        with pytest.raises(rotation.RotationError, match="in progress"):
+            await rotations.put(name, "sk-manual-0001")

@@ -24,6 +24,11 @@ path "secret/metadata/keyproxy/state/rotation/*" {
   capabilities = ["read"]
 }
 
+# Journal versions that held a new key before its promotion are destroyed after it.
+path "secret/destroy/keyproxy/state/rotation/*" {
+  capabilities = ["update"]
+}
+
 path "secret/data/keyproxy/admin/*" {
   capabilities = ["read"]
 }
