@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
@@ -24,30 +24,105 @@ from keyproxy.secret import REDACTED, known_values
 # Three base64url parts, the first an encoded JSON object ('{"' is 'eyJ').
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _JWT_REDACTED = "[REDACTED-JWT]"
+# Window length of the secret index. Any string of at least 2 * _GRAM - 1 characters contains
+# a whole window at an offset that is a multiple of _GRAM, wherever it starts: so a text is
+# searched by looking up one window in every _GRAM characters. The registry holds no value
+# shorter than 8 characters; shorter ones would be compared one by one.
+_GRAM = 4
+_CLEAN_MAX = 8192  # texts remembered as clean, per set of secrets
+_CLEAN_LEN = 256  # longer texts are scanned every time, not remembered
 
 
-def _scrub(value: Any, secrets: frozenset[str]) -> Any:
+class _Redactor:
+    """The known secret values of one moment, indexed so that a search costs the same for ten
+    values or ten thousand: one dict look-up per `_GRAM` characters of text.
+
+    It remembers texts found clean (no secret, no JWT), since an audit event repeats most of
+    its values (route, subject, policy, reason); it never keeps a text that held a secret.
+    """
+
+    def __init__(self, secrets: frozenset[str]) -> None:
+        self.secrets = secrets
+        windows: dict[str, set[str]] = {}
+        short: list[str] = []
+        for value in secrets:
+            if len(value) < 2 * _GRAM - 1:
+                short.append(value)
+                continue
+            for i in range(len(value) - _GRAM + 1):
+                windows.setdefault(value[i : i + _GRAM], set()).add(value)
+        self._windows = {w: frozenset(found) for w, found in windows.items()}
+        self._short = tuple(short)
+        self.clean: set[str] = set()
+
+    def text(self, value: str) -> str:
+        if value in self.clean:
+            return value
+        out = value
+        for found in self._candidates(value):
+            if found in out:
+                out = out.replace(found, REDACTED)
+        if "eyJ" in out:
+            out = _JWT.sub(_JWT_REDACTED, out)
+        if out is value and len(value) <= _CLEAN_LEN:
+            if len(self.clean) >= _CLEAN_MAX:
+                self.clean.clear()
+            self.clean.add(value)
+        return out
+
+    def _candidates(self, value: str) -> list[str]:
+        """Secrets that may occur in `value`, longest first (so a longer one is replaced
+        whole before a shorter one it contains)."""
+        windows = self._windows
+        found: set[str] = set()
+        for i in range(0, len(value) - _GRAM + 1, _GRAM):
+            hit = windows.get(value[i : i + _GRAM])
+            if hit is not None:
+                found |= hit
+        found.update(self._short)
+        return sorted(found, key=len, reverse=True) if found else []
+
+
+_current = _Redactor(frozenset())
+
+
+def _redactor() -> _Redactor:
+    """The redactor for the registry's current values, rebuilt only when they change."""
+    global _current  # noqa: PLW0603  # one cache, replaced whole when the registry grows
+    secrets = known_values()
+    if _current.secrets is not secrets:
+        _current = _Redactor(secrets)
+    return _current
+
+
+def _scrub(value: Any, redactor: _Redactor) -> Any:
     if isinstance(value, str):
-        for s in secrets:
-            if s in value:
-                value = value.replace(s, REDACTED)
-        if "eyJ" in value:
-            value = _JWT.sub(_JWT_REDACTED, value)
-        return value
-    if isinstance(value, dict):
-        return {k: _scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_scrub(v, secrets) for v in value]
+        return redactor.text(value)
     if isinstance(value, int | float | bool) or value is None:
         return value
+    if isinstance(value, dict):
+        return {k: _scrub(v, redactor) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, redactor) for v in value]
     # Anything else is rendered as text by the JSON renderer; scrub that text instead.
-    return _scrub(repr(value), secrets)
+    return redactor.text(repr(value))
 
 
 def scrub_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """structlog processor: redact known secret values and JWT-shaped strings."""
-    secrets = known_values()
-    return {k: _scrub(v, secrets) for k, v in event.items()}
+    redactor = _redactor()
+    clean = redactor.clean
+    out = {}
+    for name, value in event.items():
+        # Most values of a request event are short strings seen before, or numbers.
+        kind = type(value)
+        if kind is str:
+            out[name] = value if value in clean else redactor.text(value)
+        elif kind is int or kind is float or value is None:
+            out[name] = value
+        else:
+            out[name] = _scrub(value, redactor)
+    return out
 
 
 def configure(stream: TextIO | None = None, level: str = "info") -> None:
@@ -94,4 +169,5 @@ _log = structlog.get_logger("keyproxy.audit")
 
 
 def emit(record: RequestRecord) -> None:
-    _log.info("request", **asdict(record))
+    # The record's fields are all scalars: a shallow copy is what asdict's deep one would give.
+    _log.info("request", **vars(record))

@@ -16,6 +16,13 @@ Checks run in this order (PRODUCT.md invariant 6), each one stopping at the firs
    the audience (`bad_signature`, `missing_claim`, `bad_audience`).
 6. Time, against the injected clock with the issuer's leeway (`expired`, `not_yet_valid`).
 
+A token that verified is remembered (`VerifiedCache`, keyed by its SHA-256, never the token
+itself) until its `exp` plus leeway, so a caller reusing its token costs one hash and a dict
+look-up instead of a signature check. A remembered token is accepted only while the very key
+object that verified it is still what the issuer's current key set holds for its `kid` and
+algorithm, and the time checks run again on every use: the cache never changes a result, it
+only skips recomputing one that cannot have changed. Failures are never cached.
+
 Keys come from a discovery document, a JWKS URL or a local JWKS file (a SPIFFE trust bundle),
 cached per issuer for `jwks_cache_ttl`. A stale set is refetched; if that fails the old set
 keeps serving. An unknown `kid` forces a refetch at most once per `jwks_refetch_cooldown`,
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -59,6 +67,9 @@ KEY_USES = frozenset({None, "sig", "jwt-svid"})
 # JWK members that only a private or symmetric key has: a JWKS carrying them is a mistake
 # upstream, and such a key is never used.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
+# Verified tokens remembered per verifier: enough for every agent of a large deployment to
+# hold a few live tokens, small enough (about 1 KiB each) to bound memory.
+VERIFIED_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -79,9 +90,11 @@ class IdentityVerifier:
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
         rejected_types: Collection[str] = (),
+        cache_size: int = VERIFIED_CACHE_SIZE,
     ) -> None:
         self._session = session
         self._clock = clock
+        self.cache = VerifiedCache(cache_size, clock)
         self._rejected_types = frozenset(_media_type(t) for t in rejected_types)
         self._issuers: dict[str, _IssuerState] = {}
         for issuer in issuers:
@@ -91,6 +104,26 @@ class IdentityVerifier:
 
     async def verify(self, token: str) -> Identity:
         """Return the caller's identity, or raise `Unauthenticated` with a reason code."""
+        digest = _digest(token)
+        if digest is None:
+            return (await self._verify(token))[0]  # refused there, as malformed
+        hit = self.cache.get(digest)
+        if hit is not None:
+            found = (await self._keys(hit.state)).find(hit.kid)
+            if found is not None and found.get(hit.alg) is hit.key:
+                try:
+                    _check_times(hit.identity.claims, self._clock(), hit.state.issuer.leeway)
+                except Unauthenticated:
+                    self.cache.discard(digest)
+                    raise
+                return hit.identity
+            # The issuer's keys changed since: verify from scratch, exactly as if never seen.
+            self.cache.discard(digest)
+        identity, entry = await self._verify(token)
+        self.cache.put(digest, entry)
+        return identity
+
+    async def _verify(self, token: str) -> tuple[Identity, _Verified]:
         header, unverified = _split(token)
         _check_header(header, self._rejected_types)
         iss = unverified.get("iss")
@@ -113,7 +146,9 @@ class IdentityVerifier:
         subject: str = claims["sub"]  # PyJWT has checked it is a string
         if not subject:
             raise Unauthenticated("missing_claim", "the token has an empty sub claim")
-        return Identity(issuer.name, subject, MappingProxyType(claims))
+        identity = Identity(issuer.name, subject, MappingProxyType(claims))
+        expires = _numeric(claims, "exp") + issuer.leeway
+        return identity, _Verified(identity, state, header.get("kid"), alg, key, expires)
 
     async def prefetch(self) -> None:
         """Fetch every issuer's keys once; failures are logged, not raised."""
@@ -255,6 +290,66 @@ class _KeySet:
             # would make "which key signed this" ambiguous.
             return next(iter(self.by_kid.values())) if self.size == 1 else None
         return self.by_kid.get(kid)
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What a successful verification needs to be trusted again without the signature check."""
+
+    identity: Identity
+    state: _IssuerState
+    kid: str | None
+    alg: str
+    key: jwt.PyJWK  # the very object that verified the signature
+    expires: float  # exp + leeway: after this the token is refused anyway
+
+
+class VerifiedCache:
+    """Verified tokens by SHA-256 digest, bounded, each entry dropped once its token expired.
+
+    Holds no token: a digest cannot be turned back into the token it came from. When full,
+    expired entries go first, then the oldest.
+    """
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.time) -> None:
+        self.size = size
+        self._clock = clock
+        self._entries: dict[bytes, _Verified] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._entries
+
+    def get(self, digest: bytes) -> _Verified | None:
+        return self._entries.get(digest)
+
+    def put(self, digest: bytes, entry: _Verified) -> None:
+        if self.size <= 0:
+            return
+        if digest not in self._entries and len(self._entries) >= self.size:
+            self._evict()
+        self._entries[digest] = entry
+
+    def discard(self, digest: bytes) -> None:
+        self._entries.pop(digest, None)
+
+    def _evict(self) -> None:
+        now = self._clock()
+        expired = [d for d, e in self._entries.items() if e.expires <= now]
+        for digest in expired:
+            del self._entries[digest]
+        if len(self._entries) >= self.size:
+            # Insertion order: the first entry is the oldest.
+            del self._entries[next(iter(self._entries))]
+
+
+def _digest(token: str) -> bytes | None:
+    """The cache key of a token, or None for one that can never verify (so never hashed)."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+        return None
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 class _FetchError(Exception):

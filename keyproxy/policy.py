@@ -2,6 +2,7 @@
 
     decide(policies, identity, route, method, segments, source) -> Decision
     explain(...)                  -> [(policy name, "allowed" or the reason it stopped)]
+    compile(policies) -> PolicySet   the same two, indexed (for the request path)
     match_path(pattern, segments) -> bool
     client_address(peer, forwarded_for, trusted) -> the caller's address
 
@@ -18,12 +19,19 @@ Subjects are fnmatch-style globs matched case-sensitively (`*`, `?`, `[...]`): a
 pattern of "*" means *any* subject, so such a policy is gated only by its issuers, claims and
 source networks. Claims compare exactly as text against top-level claims of the token (JSON
 true/false as "true"/"false"); a missing, list or object claim never matches. Pure: no I/O.
+
+`decide` reads every policy, so its cost grows with the configuration. `compile` builds a
+`PolicySet` whose `decide` gives the same answer but reads only the policies that could reach
+a stage beyond "no policy for this identity": those naming the caller's subject exactly, or by
+a glob. An allow needs the policy to grant the route too, so that path reads only the
+policies indexed under (route, subject) and the route's glob-subject policies.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from fnmatch import fnmatchcase
@@ -89,6 +97,92 @@ def explain(  # noqa: PLR0917  # the request's facts, in the order they are lear
         (policy.name, _evaluate(policy, identity, route, method, segments, source).reason)
         for policy in policies
     ]
+
+
+class PolicySet:
+    """Policies indexed by route and subject; `decide` equals the module `decide`."""
+
+    def __init__(self, policies: Sequence[Policy]) -> None:
+        self.policies = tuple(policies)
+        by_subject: dict[str, set[int]] = defaultdict(set)
+        globbed: list[int] = []  # policies with a subject glob: any subject may match them
+        for i, policy in enumerate(self.policies):
+            for subject in policy.subjects:
+                if _is_glob(subject):
+                    globbed.append(i)
+                    break
+                by_subject[subject].add(i)
+        glob_set = set(globbed)
+        # Every index list is in configuration order: the first allowing policy wins.
+        self._by_subject: Mapping[str, tuple[Policy, ...]] = {
+            subject: self._ordered(found | glob_set) for subject, found in by_subject.items()
+        }
+        self._globbed = self._ordered(glob_set)
+        granting: dict[tuple[str, str], set[int]] = defaultdict(set)
+        glob_granting: dict[str, set[int]] = defaultdict(set)
+        for i, policy in enumerate(self.policies):
+            for route in policy.allow:
+                if i in glob_set:
+                    glob_granting[route].add(i)
+                for subject in policy.subjects:
+                    if not _is_glob(subject):
+                        granting[route, subject].add(i)
+        self._granting: Mapping[tuple[str, str], tuple[Policy, ...]] = {
+            (route, subject): self._ordered(found | glob_granting.get(route, set()))
+            for (route, subject), found in granting.items()
+        }
+        self._glob_granting: Mapping[str, tuple[Policy, ...]] = {
+            route: self._ordered(found) for route, found in glob_granting.items()
+        }
+
+    def _ordered(self, indexes: set[int]) -> tuple[Policy, ...]:
+        return tuple(self.policies[i] for i in sorted(indexes))
+
+    def decide(
+        self,
+        identity: Identity,
+        route: str,
+        method: str,
+        segments: tuple[str, ...],
+        source: IPAddress,
+    ) -> Decision:
+        """Allow if some policy allows; otherwise deny with the most specific reason reached."""
+        subject = identity.subject
+        # A policy can allow only if it grants the route and names the subject (exactly, or
+        # by a glob): those few are read first, in configuration order.
+        granting = self._granting.get((route, subject))
+        if granting is None:
+            granting = self._glob_granting.get(route, ())
+        furthest = _Stage.NO_POLICY_FOR_IDENTITY
+        for policy in granting:
+            stage = _evaluate(policy, identity, route, method, segments, source)
+            if stage is _Stage.ALLOWED:
+                return Decision(True, stage.reason, policy.name)
+            furthest = max(furthest, stage)
+        if furthest < _Stage.METHOD_NOT_ALLOWED:
+            # Denied: a policy naming the subject without granting the route may still have
+            # got further (to source_not_allowed or route_not_granted). Any other policy
+            # stops at no_policy_for_identity.
+            for policy in self._by_subject.get(subject, self._globbed):
+                stage = _evaluate(policy, identity, route, method, segments, source)
+                furthest = max(furthest, stage)
+        return Decision(False, furthest.reason, None)
+
+    def explain(
+        self,
+        identity: Identity,
+        route: str,
+        method: str,
+        segments: tuple[str, ...],
+        source: IPAddress,
+    ) -> list[tuple[str, str]]:
+        """Every policy with "allowed" or the reason it did not allow, as `explain` says."""
+        return explain(self.policies, identity, route, method, segments, source)
+
+
+def compile(policies: Sequence[Policy]) -> PolicySet:
+    """Index `policies` once, at configuration load, for the request path."""
+    return PolicySet(policies)
 
 
 def match_path(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
@@ -194,6 +288,11 @@ def _claim_text(value: Any) -> str | None:
     if isinstance(value, str | int):
         return str(value)
     return None
+
+
+def _is_glob(pattern: str) -> bool:
+    """Whether fnmatchcase could match `pattern` against anything but the same string."""
+    return any(c in pattern for c in "*?[")
 
 
 def _segment_matches(pattern: str, segment: str) -> bool:

@@ -28,6 +28,7 @@ from keyproxy.config import HOP_BY_HOP, Config, Network, Route
 from keyproxy.errors import (
     BadGateway,
     BadRequest,
+    EgressDenied,
     Forbidden,
     GatewayTimeout,
     InternalError,
@@ -180,6 +181,14 @@ class Proxy:
         self.sessions = sessions
         self.tasks = tasks
         self.injectors = {name: Injector(route) for name, route in config.routes.items()}
+        self.literal_denials = {
+            name: denial
+            for name, route in config.routes.items()
+            if (denial := _literal_denial(route)) is not None
+        }
+        # Indexed once: a decision reads only the policies naming the caller, however many
+        # routes and policies the configuration has.
+        self.policies = policy.compile(config.policies)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -214,7 +223,7 @@ class Proxy:
         route, tail = self._route(raw_path)
         record.route = route.name
         segments = paths.normalise(tail)
-        record.path = paths.encode(segments)
+        record.path = encoded = paths.encode(segments)
         source = policy.client_address(
             request.remote or "0.0.0.0",  # noqa: S104  # a peer with no address (a Unix socket) matches no CIDR
             request.headers.getall("X-Forwarded-For", []),
@@ -229,7 +238,7 @@ class Proxy:
         record.key_version = key.version
         rendered = self.injectors[route.name].render(key.secret, key.version)
         body = await _request_body(request, route)
-        url = _upstream_url(route, segments, raw_query, rendered, self.injectors[route.name])
+        url = _upstream_url(route, encoded, raw_query, rendered, self.injectors[route.name])
         headers = _upstream_headers(request.headers, route, rendered, self.injectors[route.name])
         return await self._forward(
             request, route, url=url, headers=headers, body=body, rendered=rendered, record=record
@@ -272,9 +281,7 @@ class Proxy:
             # Exception tokens stand for no workload identity: their scope is their grant.
             record.policy, record.reason = None, "exception_token"
         else:
-            decision = policy.decide(
-                self.config.policies, identity, route.name, method, segments, source
-            )
+            decision = self.policies.decide(identity, route.name, method, segments, source)
             record.policy, record.reason = decision.policy, decision.reason
             if not decision.allowed:
                 raise Forbidden(decision.reason, "no policy allows this request")
@@ -302,8 +309,10 @@ class Proxy:
         rendered: Rendered,
         record: audit.RequestRecord,
     ) -> web.StreamResponse:
-        # aiohttp skips the resolver (and so the fence) for IP literals: check those here.
-        netguard.check_host(route.upstream.host, route.egress_allow)
+        # aiohttp skips the resolver (and so the fence) for IP literals: those were checked
+        # once, when the configuration was loaded.
+        if (denial := self.literal_denials.get(route.name)) is not None:
+            raise EgressDenied(denial.reason, denial.message)
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=route.connect_timeout, sock_read=route.read_timeout
         )
@@ -328,6 +337,15 @@ class Proxy:
             if denial is not None:
                 raise denial from None
             raise BadGateway("upstream_error", "the upstream could not be reached") from exc
+
+
+def _literal_denial(route: Route) -> EgressDenied | None:
+    """The egress fence's verdict on an IP-literal upstream (a name is checked when resolved)."""
+    try:
+        netguard.check_host(route.upstream.host, route.egress_allow)
+    except EgressDenied as exc:
+        return exc
+    return None
 
 
 def _caller_token(request: web.Request, route: Route) -> str:
@@ -370,12 +388,12 @@ async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.S
 
 def _upstream_url(
     route: Route,
-    segments: tuple[str, ...],
+    encoded_path: str,
     raw_query: str,
     rendered: Rendered,
     injector: Injector,
 ) -> URL:
-    path = route.upstream.base_path + paths.encode(segments)
+    path = route.upstream.base_path + encoded_path
     query = raw_query
     if rendered.query:
         # A caller-sent parameter of an injected name would override or accompany the key.

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from structlog.testing import capture_logs
 
+from keyproxy import identity as identity_module
 from keyproxy.config import Issuer
 from keyproxy.errors import Unauthenticated
 from keyproxy.identity import MAX_DOCUMENT_BYTES, Identity, IdentityVerifier
@@ -678,3 +679,94 @@ async def test_issuer_settings_apply_per_issuer(
     wrong_aud = sign(claims(clock.now, iss=other), EC_KEY, "ES256", "ec-1")
     assert await reason_for(verifier, wrong_aud) == "bad_audience"
     assert await reason_for(verifier, sign(claims(clock.now, aud="gha-only"))) == "bad_audience"
+
+
+# ---------------------------------------------------------------------------- verified cache
+
+
+async def test_verified_token_is_cached_by_digest_only(
+    verifier: IdentityVerifier, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second use of a token skips the signature check; the cache holds its SHA-256, not it."""
+    token = sign(claims(clock.now))
+    first = await verifier.verify(token)
+    decoded: list[object] = []
+
+    def counting(*args: object) -> dict[str, Any]:
+        decoded.append(args)
+        return {}
+
+    monkeypatch.setattr(identity_module, "_decode", counting)
+    assert await verifier.verify(token) == first
+    assert decoded == []
+    assert len(verifier.cache) == 1
+    assert hashlib.sha256(token.encode()).digest() in verifier.cache
+    assert token not in repr(vars(verifier.cache))
+
+
+async def test_cached_token_still_expires(verifier: IdentityVerifier, clock: Clock) -> None:
+    """The time checks run on every use: a cached token is refused once it has expired."""
+    token = sign(claims(clock.now))
+    await verifier.verify(token)
+    clock.now += 300 + LEEWAY
+    assert await reason_for(verifier, token) == "expired"
+    assert len(verifier.cache) == 0
+
+
+async def test_cached_token_needs_the_key_that_verified_it(
+    verifier: IdentityVerifier, server: IssuerServer, clock: Clock
+) -> None:
+    """When the issuer drops the key that verified a cached token, it is refused as if new."""
+    token = sign(claims(clock.now, exp=int(clock.now + 10 * TTL)))
+    await verifier.verify(token)
+    server.keys = [public_jwk(ROTATED_KEY, "rsa-2", use="sig")]
+    clock.now += TTL  # the key set is stale and refetched on the next use
+    assert await reason_for(verifier, token) == "unknown_kid"
+    assert server.hits["jwks"] >= 2
+
+
+async def test_failures_are_not_cached(verifier: IdentityVerifier, clock: Clock) -> None:
+    """A token that failed is checked again in full next time, and never remembered."""
+    token = sign(claims(clock.now), ATTACKER_KEY)
+    assert await reason_for(verifier, token) == "bad_signature"
+    assert await reason_for(verifier, token) == "bad_signature"
+    assert len(verifier.cache) == 0
+
+
+async def test_not_yet_valid_token_is_not_cached(verifier: IdentityVerifier, clock: Clock) -> None:
+    """A token refused for its time is not remembered, and verifies once its time has come."""
+    token = sign(claims(clock.now, nbf=int(clock.now + 2 * LEEWAY)))
+    assert await reason_for(verifier, token) == "not_yet_valid"
+    assert len(verifier.cache) == 0
+    clock.now += 2 * LEEWAY
+    assert (await verifier.verify(token)).subject == SUB
+
+
+async def test_cache_is_bounded(
+    new_verifier: Callable[..., IdentityVerifier], clock: Clock
+) -> None:
+    """The cache never holds more tokens than its size; the oldest one goes first."""
+    verifier = new_verifier()
+    verifier.cache.size = 2
+    tokens = [sign(claims(clock.now, jti=f"t{i}")) for i in range(3)]
+    for token in tokens:
+        await verifier.verify(token)
+    assert len(verifier.cache) == 2
+    assert hashlib.sha256(tokens[0].encode()).digest() not in verifier.cache
+    assert hashlib.sha256(tokens[2].encode()).digest() in verifier.cache
+
+
+async def test_cache_evicts_expired_tokens_first(
+    new_verifier: Callable[..., IdentityVerifier], clock: Clock
+) -> None:
+    """When the cache is full, tokens that have expired make room before live ones."""
+    verifier = new_verifier()
+    verifier.cache.size = 2
+    short = sign(claims(clock.now, exp=int(clock.now + 10)))
+    live = sign(claims(clock.now, jti="live"))
+    await verifier.verify(short)
+    await verifier.verify(live)
+    clock.now += 10 + LEEWAY
+    await verifier.verify(sign(claims(clock.now, jti="new")))
+    assert hashlib.sha256(short.encode()).digest() not in verifier.cache
+    assert hashlib.sha256(live.encode()).digest() in verifier.cache

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 from typing import Any
 
 import pytest
 
+from keyproxy import policy as policy_module
 from keyproxy.config import METHODS, Grant, Network, Policy
 from keyproxy.errors import BadRequest
 from keyproxy.identity import Identity
 from keyproxy.policy import Decision, client_address, decide, explain, match_path
+from keyproxy.policy import compile as compile_policies
 
 SA = "system:serviceaccount:agents:summarizer"
 HERE = ipaddress.ip_address("10.1.2.3")
@@ -381,3 +384,78 @@ def test_client_address_refuses_malformed_trusted_entries(forwarded: list[str]) 
 def test_client_address_without_trusted_proxies() -> None:
     """With no trusted proxies configured, the peer is always the caller."""
     assert client_address("10.0.0.1", ["198.51.100.1"], ()) == ipaddress.ip_address("10.0.0.1")
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+def _random_policies(rng: random.Random, count: int) -> list[Policy]:
+    subjects = ["alice", "bob", "carol", "svc-*", "b?b", "[ab]*", "*"]
+    routes = ["openai", "github", "slack"]
+    result = []
+    for i in range(count):
+        allow = {
+            route: grant(rng.choice(["GET", "POST", "GET POST", "*"]), *rng.sample(PATHS, 2))
+            for route in rng.sample(routes, rng.randint(0, 2))
+        }
+        result.append(
+            Policy(
+                name=f"p{i}",
+                subjects=tuple(rng.sample(subjects, rng.randint(1, 2))),
+                issuers=tuple(rng.sample(["k8s", "gha"], rng.randint(0, 1))),
+                claims=(("team", "ml"),) if rng.random() < 0.2 else (),
+                source_cidrs=net("10.0.0.0/8") if rng.random() < 0.3 else (),
+                allow=allow,
+            )
+        )
+    return result
+
+
+PATHS = ["/v1/models", "/v1/**", "/v1/*/files", "/", "/v2/chat"]
+
+
+def test_policy_set_decides_exactly_as_the_linear_scan() -> None:
+    """compile(policies).decide gives the same Decision as decide() over a seeded random table."""
+    rng = random.Random(5)
+    for _ in range(40):
+        policies = _random_policies(rng, rng.randint(0, 12))
+        indexed = compile_policies(policies)
+        for _ in range(40):
+            who = ident(
+                subject=rng.choice(["alice", "bob", "svc-a", "b0b", "zed", "carol"]),
+                issuer=rng.choice(["k8s", "gha"]),
+                **({"team": "ml"} if rng.random() < 0.5 else {}),
+            )
+            facts = (
+                who,
+                rng.choice(["openai", "github", "slack", "nope"]),
+                rng.choice(["GET", "POST", "DELETE"]),
+                pattern(rng.choice(["/v1/models", "/v1/x/files", "/", "/v2/chat", "/v3"])),
+                ipaddress.ip_address(rng.choice(["10.1.2.3", "192.0.2.1"])),
+            )
+            assert indexed.decide(*facts) == decide(policies, *facts)
+            assert indexed.explain(*facts) == explain(policies, *facts)
+
+
+def test_policy_set_reads_only_the_callers_policies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 1,000 policies for other subjects, an allow and a denial each read one policy."""
+    others = [
+        policy(f"other-{i}", subjects=(f"agent-{i}",), allow={f"r{i}": grant("GET", "/**")})
+        for i in range(1000)
+    ]
+    indexed = compile_policies([*others, policy("mine")])
+    read: list[str] = []
+    original = policy_module._evaluate
+
+    def counting(p: Policy, *facts: Any) -> Any:
+        read.append(p.name)
+        return original(p, *facts)
+
+    monkeypatch.setattr(policy_module, "_evaluate", counting)
+    facts = (ident(), "openai", "POST", pattern("/v1/chat/completions"), HERE)
+    assert indexed.decide(*facts) == Decision(True, "allowed", "mine")
+    assert read == ["mine"]
+    read.clear()
+    denied = indexed.decide(ident(), "r7", "GET", pattern("/x"), HERE)
+    assert denied == Decision(False, "route_not_granted", None)
+    assert read == ["mine"]

@@ -1,0 +1,824 @@
+"""`make bench`: keyproxy side by side with direct, nginx and a minimal aiohttp proxy.
+
+Everything runs on 127.0.0.1 and is started here and stopped here by PID, also on failure:
+
+- a real OpenBao dev server (keyproxy.devserver), set up by the vault-dev/ scripts, holding the
+  route keys and issuing the agent's identity token;
+- the fixed upstream: nginx (small JSON, 64 KiB JSON) passing /sse* to bench/sse_upstream.py;
+  it answers 403 unless the request carries the bench key, so every candidate's injection is
+  checked on every request;
+- the candidates, each serving /r/bench/<path>: nginx (one worker, the same header
+  injection), bench/minimal_proxy.py, and `keyproxy serve` with everything on (token verified,
+  policy decided, key from the Vault-backed cache, response scrubbing, the audit event
+  written to a file through the normal structlog JSON pipeline).
+
+Three phases, each interleaving its candidates run by run (A B C D A B C D ...):
+
+    main     direct, nginx, minimal, keyproxy (10 routes) x small/large/sse x c=1/32/128
+    routes   keyproxy with 10 and with 1,000 routes and policies, small, c=32 and c=128
+    workers  keyproxy --workers 1 and --workers 2, unpinned, small, c=32 and c=128
+
+Proxies run on core 0 and wrk, the upstream and OpenBao on core 1 (where taskset works).
+Writes bench/results/<timestamp>.json and .md and prints the table.
+
+    .venv/bin/python bench/run.py [--duration 4] [--reps 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import yaml
+
+from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+KEYPROXY = Path(sys.executable).parent / "keyproxy"
+LARGE_BYTES = 64 * 1024
+SSE_GAP_MS = 5
+FILL_KEY_PATH = "keyproxy/keys/bench-fill"
+BODIES = {"small": "/small", "large": "/large", "sse": "/sse"}
+CONCURRENCY = (1, 32, 128)
+PROXY_CPU, LOAD_CPU = "0", "1"
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Processes:
+    """Every process this run started, stopped in reverse order by PID."""
+
+    pinning: bool
+    started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _files: list[IO[bytes]] = field(default_factory=list)
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cpu: str | None = None,
+        log: Path,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        prefix = ["taskset", "-c", cpu] if cpu is not None and self.pinning else []
+        out = log.open("ab")
+        self._files.append(out)
+        proc = subprocess.Popen(
+            [*prefix, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            # An audit log keeps stdout's JSON lines only; errors go beside it.
+            stderr=log.with_suffix(".stderr").open("ab")
+            if "audit" in log.name
+            else subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # our Ctrl-C handling stops it, not the terminal's
+        )
+        self.started.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 70.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.started = [(n, p) for n, p in self.started if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.started)):
+            self.stop(proc)
+        for out in self._files:
+            out.close()
+
+
+def _taskset_works() -> bool:
+    if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+        return False
+    done = subprocess.run(["taskset", "-c", LOAD_CPU, "true"], check=False, capture_output=True)
+    return done.returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    """Poll `url` until it answers 200, or fail if the process died or the deadline passed."""
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with {proc.returncode} before it was ready (--keep keeps its logs)"
+            )
+        try:
+            with opener.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready at {url} within {timeout:g}s")
+        time.sleep(0.1)  # polling interval of a bounded wait
+
+
+def _peak_rss_kib(pid: int) -> int:
+    """VmHWM of a process and its children (the workers of `keyproxy serve --workers`)."""
+    total = 0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    for one in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def ensure_tools() -> dict[str, str]:
+    """nginx and wrk, installed from Debian's packages if missing."""
+    paths = {
+        name: shutil.which(name) or shutil.which(name, path="/usr/sbin")
+        for name in ("nginx", "wrk")
+    }
+    if not all(paths.values()):
+        print("bench: installing nginx-light and wrk (apt-get)", flush=True)
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(
+            [*sudo, "apt-get", "install", "-y", "-qq", "nginx-light", "wrk"], check=True, env=env
+        )
+        paths = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin") for name in paths}
+    found = {name: path for name, path in paths.items() if path}
+    if len(found) != 2:
+        raise RuntimeError("nginx or wrk is still missing after apt-get install")
+    return found
+
+
+def _write_private(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _put_keys(bao: OpenBaoDevServer, count: int) -> None:
+    """Filler keys for the extra routes, written straight to the KV v2 API as root."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for i in range(count):
+        body = json.dumps({"data": {"api_key": "sk-fill-" + secrets.token_urlsafe(24)}}).encode()
+        request = urllib.request.Request(  # noqa: S310  # the dev server's http://127.0.0.1 URL
+            f"{bao.addr}/v1/secret/data/{FILL_KEY_PATH}/{i}",
+            data=body,
+            method="POST",
+            headers={"X-Vault-Token": bao.root_token, "Content-Type": "application/json"},
+        )
+        with opener.open(request, timeout=10) as response:
+            response.read()
+
+
+def keyproxy_config(
+    bao: OpenBaoDevServer, setup: DevSetup, agent: Agent, upstream: str, routes: int
+) -> dict[str, Any]:
+    """`routes` routes and as many policies; the bench agent's policy comes last, so a linear
+    policy scan would read every other one first."""
+    local = {
+        "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+        "allow_http": True,
+        "owner": "bench@example.com",
+    }
+    inject = [{"header": "Authorization", "format": "Bearer {key}"}]
+    table: dict[str, Any] = {}
+    policies: list[dict[str, Any]] = []
+    for i in range(routes - 1):
+        name = f"fill-{i:04d}"
+        table[name] = {
+            "upstream": upstream,
+            "secret": {"path": f"{FILL_KEY_PATH}/{i}", "field": "api_key"},
+            "inject": inject,
+            **local,
+        }
+        policies.append(
+            {
+                "name": f"fill-{i:04d}",
+                "issuers": ["openbao"],
+                "subjects": [f"fill-agent-{i:04d}"],
+                "allow": {name: {"methods": ["GET", "POST"], "paths": ["/v1/**"]}},
+            }
+        )
+    table["bench"] = {
+        "upstream": upstream,
+        "secret": {"path": "keyproxy/keys/bench", "field": "api_key"},
+        "inject": inject,
+        **local,
+    }
+    policies.append(
+        {
+            "name": "bench-agent",
+            "issuers": ["openbao"],
+            "subjects": [agent.entity_id],
+            "allow": {
+                "bench": {"methods": ["GET"], "paths": ["/small", "/large", "/sse", "/sse-paced"]}
+            },
+        }
+    )
+    return {
+        "vault": {
+            "addr": bao.addr,
+            "auth": {
+                "method": "approle",
+                "role_id_file": str(setup.role_id_file),
+                "secret_id_file": str(setup.secret_id_file),
+            },
+        },
+        "identity": {
+            "issuers": [
+                {
+                    "name": "openbao",
+                    "issuer": setup.issuer,
+                    "discovery_url": setup.discovery_url,
+                    "audiences": [setup.audience],
+                    "algorithms": ["RS256"],
+                }
+            ]
+        },
+        "routes": table,
+        "policies": policies,
+    }
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    base: str  # http://127.0.0.1:PORT, serving <prefix><path>
+    prefix: str
+    credential: Path  # what the client sends as Bearer: the key (direct) or the token
+    pid: int | None = None
+
+
+@dataclass
+class Run:
+    phase: str
+    candidate: str
+    body: str
+    conc: int
+    rep: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def wrk(
+    procs: Processes, wrk_bin: str, cand: Candidate, *, path: str, conc: int, seconds: float
+) -> dict[str, Any]:
+    prefix = ["taskset", "-c", LOAD_CPU] if procs.pinning else []
+    argv = [
+        *prefix,
+        wrk_bin,
+        "-t1",
+        f"-c{conc}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(BENCH / "wrk.lua"),
+        f"{cand.base}{cand.prefix}{path}",
+    ]
+    env = {**os.environ, "BENCH_TOKEN_FILE": str(cand.credential)}
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env=env, timeout=seconds + 60, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk against {cand.name} failed: {done.stderr[-500:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def measure(
+    procs: Processes,
+    wrk_bin: str,
+    phase: str,
+    *,
+    candidates: Sequence[Candidate],
+    bodies: Sequence[str],
+    concs: Sequence[int],
+    reps: int,
+    seconds: float,
+) -> list[Run]:
+    runs: list[Run] = []
+    for cand in candidates:  # warm-up: connections, caches, the token cache
+        wrk(procs, wrk_bin, cand, path=BODIES["small"], conc=32, seconds=1)
+    for body in bodies:
+        for conc in concs:
+            for rep in range(reps):
+                for cand in candidates:
+                    out = wrk(procs, wrk_bin, cand, path=BODIES[body], conc=conc, seconds=seconds)
+                    errors = sum(out["errors"].values())
+                    run = Run(
+                        phase,
+                        cand.name,
+                        body,
+                        conc,
+                        rep,
+                        out["requests"] / (out["duration_us"] / 1e6),
+                        out["p50_us"] / 1000,
+                        out["p99_us"] / 1000,
+                        errors,
+                    )
+                    runs.append(run)
+                    print(
+                        f"  {phase:8} {body:5} c={conc:<4} {cand.name:16} "
+                        f"{run.rps:9.0f} req/s  p50 {run.p50_ms:7.3f} ms  "
+                        f"p99 {run.p99_ms:7.3f} ms  errors {errors}",
+                        flush=True,
+                    )
+    return runs
+
+
+async def sse_delivery(cand: Candidate) -> dict[str, Any]:
+    """Read one paced stream; each event carries its send time (CLOCK_MONOTONIC is shared by
+    every process on the machine), so its delay is arrival minus send."""
+    url = f"{cand.base}{cand.prefix}/sse-paced?gap_ms={SSE_GAP_MS}"
+    auth = {"Authorization": "Bearer " + cand.credential.read_text(encoding="utf-8").strip()}
+    delays: list[float] = []
+    per_read: list[int] = []
+    buffer = b""
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.get(url, headers=auth) as response,
+    ):
+        response.raise_for_status()
+        async for chunk in response.content.iter_any():
+            now = time.monotonic()
+            buffer += chunk
+            *events, buffer = buffer.split(b"\n\n")
+            per_read.append(len(events))
+            for event in events:
+                sent = json.loads(event.removeprefix(b"data: "))["t"]
+                delays.append((now - sent) * 1000)
+    return {
+        "events": len(delays),
+        "max_events_per_read": max(per_read, default=0),
+        "reads_with_several_events": sum(1 for n in per_read if n > 1),
+        "p50_delay_ms": round(statistics.median(delays), 3) if delays else None,
+        "max_delay_ms": round(max(delays), 3) if delays else None,
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, int, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.phase, run.body, run.conc, run.candidate), []).append(run)
+    rows: list[dict[str, Any]] = []
+    for (phase, body, conc, cand), group in groups.items():
+        rows.append(
+            {
+                "phase": phase,
+                "body": body,
+                "conc": conc,
+                "candidate": cand,
+                "rps": round(statistics.mean(r.rps for r in group), 1),
+                "p50_ms": round(statistics.median(r.p50_ms for r in group), 3),
+                "p99_ms": round(statistics.median(r.p99_ms for r in group), 3),
+                "errors": sum(r.errors for r in group),
+                "reps": len(group),
+            }
+        )
+    by_key = {(r["phase"], r["body"], r["conc"], r["candidate"]): r for r in rows}
+    for row in rows:
+        for ref in ("nginx", "minimal-aiohttp"):
+            other = by_key.get((row["phase"], row["body"], row["conc"], ref))
+            row[f"x_{ref}"] = round(row["rps"] / other["rps"], 3) if other else None
+    return rows
+
+
+def verdicts(rows: Sequence[dict[str, Any]], sse: dict[str, Any]) -> list[dict[str, Any]]:
+    def get(phase: str, body: str, conc: int, cand: str) -> dict[str, Any] | None:
+        for row in rows:
+            if (row["phase"], row["body"], row["conc"], row["candidate"]) == (
+                phase,
+                body,
+                conc,
+                cand,
+            ):
+                return row
+        return None
+
+    out: list[dict[str, Any]] = []
+    kp, mini = get("main", "small", 32, "keyproxy"), get("main", "small", 32, "minimal-aiohttp")
+    if kp and mini:
+        ratio = kp["rps"] / mini["rps"]
+        out.append(
+            {
+                "check": "c=32 small: keyproxy req/s / minimal aiohttp >= 0.85 (target 1.0)",
+                "value": round(ratio, 3),
+                "met": ratio >= 0.85,
+            }
+        )
+    kp1, mini1 = get("main", "small", 1, "keyproxy"), get("main", "small", 1, "minimal-aiohttp")
+    if kp1 and mini1:
+        extra = kp1["p50_ms"] - mini1["p50_ms"]
+        out.append(
+            {
+                "check": "c=1 small: keyproxy p50 - minimal aiohttp p50 <= 0.1 ms "
+                "(added latency over direct within 0.1 ms)",
+                "value": round(extra, 3),
+                "met": extra <= 0.1,
+            }
+        )
+    kp_sse = sse.get("keyproxy")
+    if kp_sse:
+        one_by_one = kp_sse["reads_with_several_events"] == 0 and kp_sse["events"] == 100
+        out.append(
+            {
+                "check": f"SSE: 100 events paced {SSE_GAP_MS} ms reach the client one by one",
+                "value": kp_sse,
+                "met": one_by_one,
+            }
+        )
+    w1, w2 = (
+        get("workers", "small", 128, "keyproxy-w1"),
+        get("workers", "small", 128, "keyproxy-w2"),
+    )
+    if w1 and w2:
+        ratio = w2["rps"] / w1["rps"]
+        out.append(
+            {
+                "check": "--workers 2 / --workers 1 req/s >= 1.7 (small, c=128)",
+                "value": round(ratio, 3),
+                "met": ratio >= 1.7,
+            }
+        )
+    r10, r1000 = (
+        get("routes", "small", 32, "keyproxy-10"),
+        get("routes", "small", 32, "keyproxy-1000"),
+    )
+    if r10 and r1000:
+        change = r1000["rps"] / r10["rps"] - 1
+        out.append(
+            {
+                "check": "10 -> 1,000 routes changes req/s by less than 5% (small, c=32)",
+                "value": round(change, 4),
+                "met": abs(change) < 0.05,
+            }
+        )
+    return out
+
+
+def markdown(
+    meta: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    sse: dict[str, Any],
+    checks: Sequence[dict[str, Any]],
+) -> str:
+    def ratio(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}x"
+
+    lines = [
+        f"Run {meta['timestamp']} on {meta['cpus']} CPUs, {meta['duration_s']:g} s per run, "
+        f"{meta['reps']} interleaved reps, pinning {'on' if meta['pinning'] else 'off'} "
+        f"(Python {meta['python']}, aiohttp {meta['aiohttp']}, {meta['nginx']}).",
+        "",
+        "| phase | body | c | candidate | req/s | p50 ms | p99 ms | x nginx | x minimal | errors |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['phase']} | {row['body']} | {row['conc']} | {row['candidate']} "
+            f"| {row['rps']:.0f} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
+            f"| {ratio(row['x_nginx'])} | {ratio(row['x_minimal-aiohttp'])} | {row['errors']} |"
+        )
+    lines += [
+        "",
+        f"SSE delivery (100 events, {SSE_GAP_MS} ms apart, one stream):",
+        "",
+        "| candidate | events | reads with >1 event | p50 delay ms | max delay ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, s in sse.items():
+        lines.append(
+            f"| {name} | {s['events']} | {s['reads_with_several_events']} "
+            f"| {s['p50_delay_ms']} | {s['max_delay_ms']} |"
+        )
+    lines += ["", "Peak RSS (VmHWM, KiB, all processes of the candidate):", ""]
+    lines += [f"- {name}: {kib}" for name, kib in meta["peak_rss_kib"].items()]
+    lines += ["", f"Audit events written: {meta['audit_events']}", "", "Checks:", ""]
+    for check in checks:
+        value = check["value"]
+        shown = json.dumps(value) if isinstance(value, dict) else value
+        lines.append(f"- {'MET' if check['met'] else 'NOT MET'}: {check['check']}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    procs: Processes
+    bao: OpenBaoDevServer
+    setup: DevSetup
+    agent: Agent
+    upstream: str
+    token_file: Path
+    key_file: Path
+    source: Path | None = None
+    audit: dict[str, Path] = field(default_factory=dict)
+    kp_pids: dict[str, int] = field(default_factory=dict)
+
+    def keyproxy(self, name: str, routes: int, workers: int, cpu: str | None) -> Candidate:
+        cfg = keyproxy_config(self.bao, self.setup, self.agent, self.upstream, routes)
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        port = _free_port()
+        audit = self.workdir / f"{name}.audit.jsonl"
+        self.audit[name] = audit
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        if self.source is not None:  # measure a patched copy of the package
+            env["PYTHONPATH"] = str(self.source)
+        argv = [str(KEYPROXY), "serve", "-c", str(path), "--port", str(port)]
+        proc = self.procs.start(
+            name, [*argv, "--workers", str(workers)], cpu=cpu, log=audit, env=env
+        )
+        _wait_http(f"http://127.0.0.1:{port}/readyz", proc, name)
+        self.kp_pids[name] = proc.pid
+        return Candidate(name, f"http://127.0.0.1:{port}", "/r/bench", self.token_file, proc.pid)
+
+    def stop(self, cand: Candidate) -> None:
+        for name, proc in list(self.procs.started):
+            if proc.pid == cand.pid:
+                self.procs.stop(proc)
+                del self.kp_pids[name]
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if b'"event": "request"' in line)
+
+
+def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bottom, phase by phase
+    tools = ensure_tools()
+    pinning = _taskset_works()
+    workdir = Path(tempfile.mkdtemp(prefix="keyproxy-bench-"))
+    procs = Processes(pinning)
+    bao = OpenBaoDevServer(workdir / "openbao")
+    all_runs: list[Run] = []
+    rss: dict[str, int] = {}
+    sse: dict[str, Any] = {}
+    try:
+        print(f"bench: work directory {workdir}; pinning {'on' if pinning else 'off'}", flush=True)
+        bao.start()
+        if pinning:
+            # The dev server serves key refreshes; keep it off the proxies' core.
+            os.sched_setaffinity(bao._proc.pid, {int(LOAD_CPU)})  # type: ignore[union-attr]
+        setup = bao.setup()
+        agent = bao.add_agent("bench-agent")
+        key = "sk-bench-" + secrets.token_urlsafe(24)
+        bao.put_key("keyproxy/keys/bench", key)
+        _put_keys(bao, 999)
+        key_file = _write_private(workdir / "key", key)
+        token_file = _write_private(workdir / "token", bao.agent_token(agent))
+        (workdir / "nginx-tmp").mkdir()
+        large = workdir / "large.json"
+        large.write_text(json.dumps({"data": "x" * (LARGE_BYTES - 12)}), encoding="utf-8")
+        # nginx workers run as an unprivileged user: they must reach this one file (the key
+        # files beside it stay mode 600).
+        large.chmod(0o644)
+        workdir.chmod(0o711)
+
+        sse_port, up_port, ngx_port, mini_port = (_free_port() for _ in range(4))
+        sse_proc = procs.start(
+            "sse-upstream",
+            [sys.executable, str(BENCH / "sse_upstream.py"), str(sse_port)],
+            cpu=LOAD_CPU,
+            log=workdir / "sse-upstream.log",
+        )
+        up_conf = (BENCH / "nginx" / "upstream.conf").read_text(encoding="utf-8")
+        conf = _write_private(
+            workdir / "upstream-nginx.conf",
+            up_conf.format(workdir=workdir, port=up_port, sse_port=sse_port, key=key),
+        )
+        upstream_proc = procs.start(
+            "upstream-nginx",
+            [tools["nginx"], "-c", str(conf), "-p", str(workdir)],
+            cpu=LOAD_CPU,
+            log=workdir / "upstream-nginx.log",
+        )
+        upstream = f"http://127.0.0.1:{up_port}"
+        conf = _write_private(
+            workdir / "proxy-nginx.conf",
+            (BENCH / "nginx" / "proxy.conf")
+            .read_text(encoding="utf-8")
+            .format(workdir=workdir, port=ngx_port, upstream_port=up_port, key=key),
+        )
+        nginx_proc = procs.start(
+            "nginx",
+            [tools["nginx"], "-c", str(conf), "-p", str(workdir)],
+            cpu=PROXY_CPU,
+            log=workdir / "proxy-nginx.log",
+        )
+        mini_proc = procs.start(
+            "minimal-aiohttp",
+            [
+                sys.executable,
+                str(BENCH / "minimal_proxy.py"),
+                str(mini_port),
+                upstream,
+                str(key_file),
+            ],
+            cpu=PROXY_CPU,
+            log=workdir / "minimal.log",
+        )
+        stack = Stack(
+            workdir, procs, bao, setup, agent, upstream, token_file, key_file, args.source
+        )
+        _wait_port(up_port, upstream_proc, "upstream nginx")
+        _wait_port(sse_port, sse_proc, "sse upstream")
+        _wait_port(ngx_port, nginx_proc, "nginx")
+        _wait_port(mini_port, mini_proc, "minimal proxy")
+
+        direct = Candidate("direct", upstream, "", key_file)
+        nginx = Candidate("nginx", f"http://127.0.0.1:{ngx_port}", "/r/bench", token_file)
+        mini = Candidate("minimal-aiohttp", f"http://127.0.0.1:{mini_port}", "/r/bench", token_file)
+        kp = stack.keyproxy("keyproxy", 10, 1, PROXY_CPU)
+        main_set = [direct, nginx, mini, kp]
+
+        print("bench: phase main", flush=True)
+        for cand in main_set:
+            sse[cand.name] = asyncio.run(sse_delivery(cand))
+        all_runs += measure(
+            procs,
+            tools["wrk"],
+            "main",
+            candidates=main_set,
+            bodies=args.bodies,
+            concs=args.concs,
+            reps=args.reps,
+            seconds=args.duration,
+        )
+        rss["keyproxy (10 routes, after main)"] = _peak_rss_kib(kp.pid or 0)
+        procs.stop(nginx_proc)
+        procs.stop(mini_proc)
+
+        print("bench: phase routes", flush=True)
+        kp1000 = stack.keyproxy("keyproxy-1000", 1000, 1, PROXY_CPU)
+        kp10 = Candidate("keyproxy-10", kp.base, kp.prefix, kp.credential, kp.pid)
+        all_runs += measure(
+            procs,
+            tools["wrk"],
+            "routes",
+            candidates=[kp10, kp1000],
+            bodies=["small"],
+            concs=[32, 128],
+            reps=args.reps + 1,
+            seconds=args.duration,
+        )
+        rss["keyproxy (1,000 routes)"] = _peak_rss_kib(kp1000.pid or 0)
+        stack.stop(kp1000)
+        stack.stop(kp)
+
+        print("bench: phase workers", flush=True)
+        w1 = stack.keyproxy("keyproxy-w1", 10, 1, None)
+        w2 = stack.keyproxy("keyproxy-w2", 10, 2, None)
+        all_runs += measure(
+            procs,
+            tools["wrk"],
+            "workers",
+            candidates=[w1, w2],
+            bodies=["small"],
+            concs=[32, 128],
+            reps=args.reps,
+            seconds=args.duration,
+        )
+        rss["keyproxy --workers 2 (parent + workers)"] = _peak_rss_kib(w2.pid or 0)
+        stack.stop(w1)
+        stack.stop(w2)
+        audit_events = {name: _count_lines(path) for name, path in stack.audit.items()}
+    finally:
+        procs.stop_all()
+        bao.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = summarise(all_runs)
+    checks = verdicts(rows, sse)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    meta = {
+        "timestamp": stamp,
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
+        "keyproxy_src": str(args.source or ROOT),
+        "cpus": os.cpu_count(),
+        "pinning": pinning,
+        "duration_s": args.duration,
+        "reps": args.reps,
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "nginx": subprocess.run(
+            [tools["nginx"], "-v"], capture_output=True, text=True, check=False
+        ).stderr.strip(),
+        "peak_rss_kib": rss,
+        "audit_events": audit_events,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    result = {
+        "meta": meta,
+        "runs": [vars(r) for r in all_runs],
+        "summary": rows,
+        "sse": sse,
+        "checks": checks,
+    }
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    table = markdown(meta, rows, sse, checks)
+    out = RESULTS / f"{stamp}.md"
+    out.write_text(table, encoding="utf-8")
+    print(table)
+    return out
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not listening on {port} within {timeout:g}s")
+        time.sleep(0.05)  # polling interval of a bounded wait
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
+    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions")
+    parser.add_argument("--quick", action="store_true", help="1 s runs, 1 rep (a smoke test)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--keyproxy-src",
+        dest="source",
+        type=Path,
+        default=os.environ.get("KEYPROXY_SRC") or None,
+        help="run keyproxy from this directory (a patched copy), not the installed package",
+    )
+    args = parser.parse_args(argv)
+    args.bodies, args.concs = list(BODIES), list(CONCURRENCY)
+    if args.quick:
+        args.duration, args.reps = 1.0, 1
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` stops everything
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
