@@ -27,9 +27,9 @@ if [[ -z "$key" ]]; then
 fi
 
 if "$bao" kv metadata get -mount=secret "$path" >/dev/null 2>&1; then
-  verb=patch
+  verb="patch"
 else
-  verb=put
+  verb="put"
 fi
 printf '%s' "$key" | "$bao" kv "$verb" -mount=secret -field=version "$path" "$field=-"
 echo

@@ -13,6 +13,7 @@
 #     approle/ with that policy and a 1h token TTL;
 #   - writes CREDENTIALS_DIR/proxy-role-id and CREDENTIALS_DIR/proxy-secret-id (mode 600);
 #     every run issues a fresh secret_id (earlier ones stay valid until revoked);
+#   - policy keyproxy-operator (policies/keyproxy-operator.hcl) for people operating keyproxy;
 #   - policy keyproxy-rotation (policies/keyproxy-rotation.hcl) and AppRole role
 #     keyproxy-rotation, writing CREDENTIALS_DIR/rotation-role-id and rotation-secret-id;
 #   - Transit at transit/ with the Ed25519 key keyproxy-tokens that signs task tokens;
@@ -84,6 +85,9 @@ chmod 600 "$creds/proxy-role-id" "$creds/proxy-secret-id"
 "$bao" write -f -field=secret_id auth/approle/role/keyproxy-rotation/secret-id \
   >"$creds/rotation-secret-id"
 chmod 600 "$creds/rotation-role-id" "$creds/rotation-secret-id"
+
+# People operating keyproxy: keys put/status, rotate --emergency, token issue/revoke.
+"$bao" policy write keyproxy-operator "$here/policies/keyproxy-operator.hcl" >/dev/null
 
 # The agents' identity provider.
 discovery=identity/oidc/.well-known/openid-configuration
