@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,6 +76,7 @@ class KeyVersion:
 
     secret: Secret
     version: int
+    created_at: float | None = None  # Vault's creation time of this version (Unix seconds)
 
 
 class Vault:
@@ -204,6 +206,11 @@ class Vault:
 
     async def read_kv(self, mount: str, path: str) -> tuple[dict[str, Any], int]:
         """The latest version of a KV v2 secret: its data and version number."""
+        data, version, _ = await self._read_latest(mount, path)
+        return data, version
+
+    async def _read_latest(self, mount: str, path: str) -> tuple[dict[str, Any], int, float | None]:
+        """The latest version's data, number, and creation time (Vault's clock)."""
         response = await self._call(
             f"read {mount}/{path}",
             lambda c: c.secrets.kv.v2.read_secret_version(
@@ -216,7 +223,8 @@ class Vault:
         version = metadata.get("version") if isinstance(metadata, dict) else None
         if not isinstance(data, dict) or not isinstance(version, int):
             raise VaultError(f"read {mount}/{path}: not a KV v2 secret")
-        return data, version
+        assert isinstance(metadata, dict)  # checked with version above
+        return data, version, _unix_time(metadata.get("created_time"))
 
     async def write_kv(
         self, mount: str, path: str, data: Mapping[str, Any], cas: int | None = None
@@ -324,7 +332,7 @@ class Vault:
 
     async def read_key(self, ref: SecretRef) -> KeyVersion:
         """A route's key. Refuses (VaultError) a missing, non-string or empty field."""
-        data, version = await self.read_kv(ref.mount, ref.path)
+        data, version, created = await self._read_latest(ref.mount, ref.path)
         where = f"{ref.mount}/{ref.path} (version {version})"
         if ref.field not in data:
             raise VaultError(f"{where} has no field {ref.field!r}")
@@ -339,7 +347,7 @@ class Vault:
             # the version so the last good key stays in use, and say why.
             raise VaultError(f"{where}: field {ref.field!r} has whitespace or control characters")
         secret.register(value)
-        return KeyVersion(Secret(value), version)
+        return KeyVersion(Secret(value), version, created)
 
     # ------------------------------------------------------------------ health and token
 
@@ -434,6 +442,21 @@ class Vault:
         self._anon.adapter.close()
 
 
+def _unix_time(value: Any) -> float | None:
+    """Vault's RFC 3339 timestamps (nanoseconds, "Z") as Unix seconds."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:  # fromisoformat takes at most microseconds
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
 def _client(cfg: VaultConfig, verify: bool | str) -> Any:
     session = requests.Session()
     # SECURITY: no HTTP(S)_PROXY or ~/.netrc from the environment on the way to Vault.
@@ -490,6 +513,8 @@ class _Entry:
     loaded_at: float | None = None  # clock() of the last successful read
     error: str | None = None  # the last failure, cleared by a success
     error_at: float | None = None
+    errors: int = 0  # failed reads, ever (for metrics)
+    changes: int = 0  # new versions seen after the first load (rotations, for metrics)
 
 
 class KeyCache:
@@ -531,9 +556,12 @@ class KeyCache:
                     "key_cache.read_failed", secret=f"{ref.mount}/{ref.path}", error=str(exc)
                 )
             entry.error, entry.error_at = str(exc), self._clock()
+            entry.errors += 1
             return
         if entry.error is not None:
             log.info("key_cache.read_recovered", secret=f"{ref.mount}/{ref.path}")
+        if entry.key is not None and entry.key.version != key.version:
+            entry.changes += 1
         if entry.key is None or entry.key.version != key.version:
             log.info(
                 "key_cache.key_loaded",
@@ -586,6 +614,9 @@ class KeyCache:
                 "fresh": e.loaded_at is not None and now - e.loaded_at <= self._max_staleness,
                 "last_error": e.error,
                 "last_error_age": None if e.error_at is None else now - e.error_at,
+                "created_at": e.key.created_at if e.key else None,
+                "read_errors": e.errors,
+                "versions_seen": e.changes,
             }
         return out
 

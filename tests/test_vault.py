@@ -530,7 +530,8 @@ async def test_no_secret_in_reprs_errors_or_status(
     shown = [repr(key), str(key), f"{key}", repr(key.secret), json.dumps(cache.status()), str(logs)]
     assert not [s for s in shown if secret_id in s or openbao.root_token in s]
     assert not [s for s in shown if VAULT_TOKEN.search(s)]
-    assert key == KeyVersion(Secret(value), key.version)
+    assert key == KeyVersion(Secret(value), key.version, key.created_at)
+    assert key.created_at is not None
     assert not [s for s in shown if value in s]
 
     bad_secret_id = "wrong-secret-id-0123456789"
