@@ -6,6 +6,7 @@ refresh loop, the shared client session for JWKS, the upstream sessions) is crea
 
     /r/<route>/<path>   the proxy (keyproxy.proxy)
     /token ...          the task-token broker (keyproxy.broker)
+    /metrics            Prometheus metrics (keyproxy.metrics)
     /healthz            liveness: the process serves requests
     /readyz             readiness: Vault reachable and every route's key loaded and fresh
 """
@@ -24,6 +25,7 @@ from aiohttp import web
 from keyproxy.broker import Broker
 from keyproxy.config import Config
 from keyproxy.identity import IdentityVerifier
+from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy, UpstreamSessions
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.vault import KeyCache, Vault
@@ -33,6 +35,7 @@ VAULT: Final = web.AppKey("vault", Vault)
 KEYS: Final = web.AppKey("keys", KeyCache)
 PROXY: Final = web.AppKey("proxy", Proxy)
 BROKER: Final = web.AppKey("broker", Broker)
+METRICS: Final = web.AppKey("metrics", Metrics)
 
 log = structlog.get_logger("keyproxy.app")
 
@@ -44,6 +47,7 @@ def build_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app.cleanup_ctx.append(_components)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/readyz", _readyz)
     app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", _proxy)
     app.router.add_post("/token", _broker("exchange"))
@@ -65,9 +69,10 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     # SECURITY: our own task tokens are never accepted as workload identity tokens.
     verifier = IdentityVerifier(config.identity, client, rejected_types={TASK_TOKEN_TYPE})
     tasks = TaskTokens(config, vault)
-    app[VAULT], app[KEYS] = vault, keys
-    app[PROXY] = Proxy(config, verifier, keys, upstreams, tasks)
-    app[BROKER] = Broker(config, verifier, tasks)
+    metrics = Metrics(keys.status)
+    app[VAULT], app[KEYS], app[METRICS] = vault, keys, metrics
+    app[PROXY] = Proxy(config, verifier, keys, upstreams, tasks=tasks, metrics=metrics)
+    app[BROKER] = Broker(config, verifier, tasks, metrics)
     background: list[asyncio.Task[None]] = []
     try:
         # Start serving even if Vault or an issuer is down: readiness says so, and requests
@@ -114,6 +119,11 @@ def _broker(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
         return await method(request)
 
     return handler
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _healthz(_: web.Request) -> web.Response:

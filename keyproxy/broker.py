@@ -41,6 +41,7 @@ from keyproxy.errors import (
     VaultError,
 )
 from keyproxy.identity import IdentityVerifier
+from keyproxy.metrics import Metrics
 from keyproxy.proxy import error_response
 from keyproxy.tokens import TaskTokens, is_task_token
 
@@ -57,10 +58,21 @@ log = structlog.get_logger("keyproxy.audit")
 
 
 class Broker:
-    def __init__(self, config: Config, verifier: IdentityVerifier, tasks: TaskTokens) -> None:
+    def __init__(
+        self,
+        config: Config,
+        verifier: IdentityVerifier,
+        tasks: TaskTokens,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
         self.verifier = verifier
         self.tasks = tasks
+        self.metrics = metrics
+
+    def _count(self, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens.labels(event).inc()
 
     async def exchange(self, request: web.Request) -> web.Response:
         event: dict[str, Any] = {"source": request.remote}
@@ -68,6 +80,7 @@ class Broker:
             return await self._exchange(request, event)
         except RequestError as exc:
             log.info("token.denied", reason=exc.reason, **event)
+            self._count("denied")
             return error_response(exc)
 
     async def _exchange(self, request: web.Request, event: dict[str, Any]) -> web.Response:
@@ -117,6 +130,7 @@ class Broker:
         )
         event |= {"token_id": issued.token_id, "expires_at": issued.expires_at}
         log.info("token.issued", scope=scopes.to_claim(granted), ttl=ttl, **event)
+        self._count("issued")
         body: dict[str, Any] = {
             "access_token": issued.token,
             "token_type": "Bearer",
@@ -147,6 +161,7 @@ class Broker:
             issuer=task.identity.issuer,
             subject=task.identity.subject,
         )
+        self._count("revoked")
         return web.json_response({"revoked": task.token_id})
 
     async def jwks(self, _: web.Request) -> web.Response:

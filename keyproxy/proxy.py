@@ -40,6 +40,7 @@ from keyproxy.errors import (
 )
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered, Scrubber, scrub_text
+from keyproxy.metrics import Metrics
 from keyproxy.policy import IPAddress
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.vault import KeyCache
@@ -173,13 +174,16 @@ class Proxy:
         verifier: IdentityVerifier,
         keys: KeyCache,
         sessions: UpstreamSessions,
+        *,
         tasks: TaskTokens | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.verifier = verifier
         self.keys = keys
         self.sessions = sessions
         self.tasks = tasks
+        self.metrics = metrics
         self.injectors = {name: Injector(route) for name, route in config.routes.items()}
         self.literal_denials = {
             name: denial
@@ -212,9 +216,12 @@ class Proxy:
             record.reason = "internal_error"
             response = error_response(InternalError("internal_error", "internal error"))
         finally:
-            record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+            elapsed = time.monotonic() - started
+            record.duration_ms = round(elapsed * 1000, 3)
             record.status = response.status if response is not None else 499
             audit.emit(record)
+            if self.metrics is not None:
+                self.metrics.request(record.route, record.status, record.decision, elapsed)
         return response
 
     async def _serve(

@@ -19,10 +19,12 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 from keyproxy import audit, auditlog, config, keystatus
 from keyproxy.errors import KeyproxyError
+from keyproxy.metrics import write_rotation_textfile
 from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotation import Outcome, Rotations
 from keyproxy.vault import Vault
@@ -39,6 +41,11 @@ def register(sub: Any) -> None:
         "--emergency", action="store_true", help="leak: revoke the old key at once, no grace"
     )
     rotate.add_argument("--json", action="store_true", help="one JSON object per route")
+    rotate.add_argument(
+        "--metrics-file",
+        type=Path,
+        help="also write this run's results in Prometheus text format (textfile collector)",
+    )
     rotate.set_defaults(func=_rotate)
 
     keys = sub.add_parser("keys", help="store and inspect route keys")
@@ -103,6 +110,8 @@ def _rotate(args: argparse.Namespace) -> int:
         else:
             version = f" (v{o.version})" if o.version else ""
             print(f"{o.route}: {o.result}{version}{': ' + o.detail if o.detail else ''}")  # noqa: T201
+    if args.metrics_file is not None:
+        write_rotation_textfile(args.metrics_file, [(o.route, o.result) for o in outcomes])
     return 1 if any(o.failed for o in outcomes) else 0
 
 

@@ -1,0 +1,140 @@
+"""Prometheus metrics, served at GET /metrics (prometheus-client, one registry per app).
+
+    keyproxy_requests_total{route,status,decision}      counter, every proxied request
+    keyproxy_request_duration_seconds{route}            histogram, allowed requests
+    keyproxy_tokens_total{event}                        counter: issued, denied, revoked
+    keyproxy_key_version{route}                         gauge: the KV version being injected
+    keyproxy_key_age_seconds{route}                     gauge: since Vault created that version
+    keyproxy_key_staleness_seconds{route}               gauge: since the last good Vault read
+    keyproxy_key_ready{route}                           gauge: 1 when a fresh key is loaded
+    keyproxy_key_rotations_total{route}                 counter: new versions this replica saw
+    keyproxy_vault_read_errors_total{route}             counter: failed key reads
+
+The key series are read from the key cache when scraped, so they cost the request path
+nothing. Rotation runs (`keyproxy rotate`) are separate processes: they report through
+`keyproxy rotate --metrics-file`, for node_exporter's textfile collector. No label or value
+ever holds a key or a token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    write_to_textfile,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """The serving process's metrics."""
+
+    def __init__(self, key_status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "keyproxy_requests",
+            "Requests through the proxy, by route, status and policy decision.",
+            ["route", "status", "decision"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "keyproxy_request_duration_seconds",
+            "Time from request to the end of the answer, allowed requests.",
+            ["route"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "keyproxy_tokens",
+            "Task tokens issued, denied and revoked by this replica.",
+            ["event"],
+            registry=self.registry,
+        )
+        self.registry.register(_KeyCollector(key_status))
+
+    def request(self, route: str | None, status: int, decision: str, seconds: float) -> None:
+        name = route or "-"
+        self.requests.labels(name, str(status), decision).inc()
+        if decision == "allow":
+            self.latency.labels(name).observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _KeyCollector(Collector):
+    """Key-cache state, read when scraped."""
+
+    def __init__(self, key_status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._status = key_status
+
+    def collect(self) -> Iterator[Metric]:
+        version = GaugeMetricFamily(
+            "keyproxy_key_version", "KV version of the key being injected.", labels=["route"]
+        )
+        age = GaugeMetricFamily(
+            "keyproxy_key_age_seconds",
+            "Seconds since Vault created the key version being injected.",
+            labels=["route"],
+        )
+        staleness = GaugeMetricFamily(
+            "keyproxy_key_staleness_seconds",
+            "Seconds since the key was last read from Vault successfully.",
+            labels=["route"],
+        )
+        ready = GaugeMetricFamily(
+            "keyproxy_key_ready", "1 when a fresh key is loaded for the route.", labels=["route"]
+        )
+        rotations = CounterMetricFamily(
+            "keyproxy_key_rotations", "New key versions this replica picked up.", labels=["route"]
+        )
+        errors = CounterMetricFamily(
+            "keyproxy_vault_read_errors", "Failed reads of the route's key.", labels=["route"]
+        )
+        now = time.time()
+        for route, entry in sorted(self._status().items()):
+            if entry.get("version") is not None:
+                version.add_metric([route], entry["version"])
+            if entry.get("created_at") is not None:
+                age.add_metric([route], max(0.0, now - entry["created_at"]))
+            if entry.get("age") is not None:
+                staleness.add_metric([route], entry["age"])
+            ready.add_metric([route], 1.0 if entry.get("fresh") else 0.0)
+            rotations.add_metric([route], entry.get("versions_seen", 0))
+            errors.add_metric([route], entry.get("read_errors", 0))
+        yield from (version, age, staleness, ready, rotations, errors)
+
+
+def write_rotation_textfile(path: Path, outcomes: Sequence[tuple[str, str]]) -> None:
+    """For `keyproxy rotate --metrics-file`: the result of this run per route, as gauges a
+    textfile collector picks up (a run is a process; counters would not survive it)."""
+    registry = CollectorRegistry()
+    last = Gauge(
+        "keyproxy_rotation_last_run_timestamp_seconds",
+        "When keyproxy rotate last ran for the route, by result.",
+        ["route", "result"],
+        registry=registry,
+    )
+    failed = Gauge(
+        "keyproxy_rotation_failed",
+        "1 when the route's last rotation run failed.",
+        ["route"],
+        registry=registry,
+    )
+    now = time.time()
+    for route, result in outcomes:
+        last.labels(route, result).set(now)
+        failed.labels(route).set(1.0 if result == "failed" else 0.0)
+    write_to_textfile(str(path), registry)

@@ -1,0 +1,114 @@
+"""/metrics reports requests, decisions, tokens and key state with correct values."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.metrics import write_rotation_textfile
+from tests.support import CANARIES, Upstream, bearer, new_key, running_proxy
+from tests.test_tokens import token_config
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return samples(await response.text())
+
+
+async def test_metrics_after_allowed_denied_and_rotated_traffic(
+    openbao: OpenBaoDevServer, upstream: Upstream, http: aiohttp.ClientSession
+) -> None:
+    """After allowed, denied and unauthenticated requests, token exchanges and a key
+    rotation, every series has the value the traffic implies."""
+    path = "keyproxy/keys/tokens-test"
+    first = openbao.put_key(path, new_key())
+    agent = openbao.add_agent("metrics-agent")
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    async with running_proxy(token_config(openbao, agent, upstream.url)) as stack:
+        url = f"{stack.base}/r/r/echo"
+        for _ in range(3):
+            async with http.get(url, headers=bearer(identity)) as r:
+                assert r.status == 200
+        async with http.delete(url, headers=bearer(identity)) as r:
+            assert r.status == 403
+        async with http.get(url) as r:
+            assert r.status == 401
+        scope = {"r": {"methods": ["GET"], "paths": ["/echo"]}}
+        async with http.post(
+            f"{stack.base}/token", json={"scope": scope}, headers=bearer(identity)
+        ) as r:
+            token = (await r.json())["access_token"]
+            CANARIES.add(token)
+        async with http.post(
+            f"{stack.base}/token",
+            json={"scope": {"r": {"methods": ["DELETE"], "paths": ["/x"]}}},
+            headers=bearer(identity),
+        ) as r:
+            assert r.status == 403
+        async with http.post(f"{stack.base}/token/revoke", headers=bearer(token)) as r:
+            assert r.status == 200
+
+        found = await scrape(http, stack.base)
+        assert (
+            value(found, "keyproxy_requests_total", route="r", status="200", decision="allow") == 3
+        )
+        assert (
+            value(found, "keyproxy_requests_total", route="r", status="403", decision="deny") == 1
+        )
+        assert (
+            value(found, "keyproxy_requests_total", route="r", status="401", decision="deny") == 1
+        )
+        assert value(found, "keyproxy_request_duration_seconds_count", route="r") == 3
+        for event in ("issued", "denied", "revoked"):
+            assert value(found, "keyproxy_tokens_total", event=event) == 1
+        assert value(found, "keyproxy_key_version", route="r") == first
+        assert value(found, "keyproxy_key_ready", route="r") == 1
+        assert 0 <= value(found, "keyproxy_key_age_seconds", route="r") < 120
+        assert value(found, "keyproxy_key_rotations_total", route="r") == 0
+
+        second = await asyncio.to_thread(openbao.put_key, path, new_key())
+        deadline = time.monotonic() + 5
+        while value(found, "keyproxy_key_version", route="r") != second:
+            assert time.monotonic() < deadline, "the new version never showed in /metrics"
+            await asyncio.sleep(0.1)  # pacing between scrapes
+            found = await scrape(http, stack.base)
+        assert value(found, "keyproxy_key_rotations_total", route="r") == 1
+        assert value(found, "keyproxy_key_age_seconds", route="r") < 10
+        assert value(found, "keyproxy_vault_read_errors_total", route="r") == 0
+        text = await (await http.get(f"{stack.base}/metrics")).text()
+        assert identity not in text
+
+
+def test_rotation_textfile(tmp_path: Path) -> None:
+    """`rotate --metrics-file` writes each route's last result, failures flagged."""
+    path = tmp_path / "rotation.prom"
+    write_rotation_textfile(path, [("a", "rotated"), ("b", "failed")])
+    found = samples(path.read_text())
+    assert value(found, "keyproxy_rotation_failed", route="a") == 0
+    assert value(found, "keyproxy_rotation_failed", route="b") == 1
+    assert (
+        value(found, "keyproxy_rotation_last_run_timestamp_seconds", route="a", result="rotated")
+        > 0
+    )
