@@ -51,6 +51,8 @@ log = structlog.get_logger("keyproxy.rotation")
 STATE_PATH = "keyproxy/state/rotation"
 FAILPOINT_ENV = "KEYPROXY_FAILPOINT"
 _PHASE1 = ("creating", "created", "verified")
+# Clock differences below this are within what Vault's clock (whole seconds) can show.
+_CLOCK_TOLERANCE = 2.0
 # Journal writes between recording a new key and promoting it are fewer than this.
 _PENDING_VERSIONS = 8
 
@@ -170,10 +172,17 @@ class Rotations:
         return self._local() + self._offset
 
     async def _sync_clock(self) -> None:
+        """Follow Vault's clock when ours is off by more than Vault's one-second resolution
+        can tell; a host in sync keeps its own (finer) clock."""
         try:
-            self._offset = await self.vault.server_time() - self._local()
+            # server_time_utc is whole seconds: the true time lies up to 1 s after it.
+            estimate = await self.vault.server_time() + 0.5 - self._local()
         except VaultError as exc:
             log.warning("rotation.vault_time_unavailable", error=str(exc))
+            return
+        self._offset = estimate if abs(estimate) > _CLOCK_TOLERANCE else 0.0
+        if self._offset:
+            log.warning("rotation.clock_skew", seconds=round(self._offset, 1))
 
     # ------------------------------------------------------------------ entry points
 

@@ -761,3 +761,23 @@ async def test_keys_put_is_refused_during_grace(make_env: Callable[..., Env]) ->
         await rotations.rotate(name)  # the first key is now in its grace period
         with pytest.raises(rotation.RotationError, match="in progress"):
             await rotations.put(name, "sk-manual-0001")
+
+
+async def test_a_runner_with_a_skewed_clock_follows_vaults(make_env: Callable[..., Env]) -> None:
+    """A runner whose clock is 2 h ahead computes deadlines in Vault's time; one in sync
+    keeps its own clock."""
+    env = make_env()
+    cfg = env.compiled
+    vault = Vault(cfg.vault, env={"BAO_TOKEN": env.openbao.root_token})
+    await vault.login()
+    sessions = UpstreamSessions(cfg.routes)
+    try:
+        ahead = Rotations(cfg, vault, sessions, clock=lambda: time.time() + 7200)
+        await ahead._sync_clock()
+        assert abs(ahead._clock() - time.time()) < 2
+        in_sync = Rotations(cfg, vault, sessions)
+        await in_sync._sync_clock()
+        assert in_sync._offset == 0.0
+    finally:
+        await sessions.close()
+        vault.close()
