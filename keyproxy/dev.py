@@ -95,6 +95,8 @@ def dev_config(
 
 
 async def run(port: int, as_json: bool) -> None:
+    # Handled from the start, so a stop during start-up still cleans up (no orphan OpenBao).
+    stop = _stop_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-dev-"))
     bao = OpenBaoDevServer(workdir)
     runners: list[web.AppRunner] = []
@@ -130,7 +132,7 @@ async def run(port: int, as_json: bool) -> None:
             print(json.dumps(info), flush=True)  # noqa: T201  # the documented --json handshake
         else:
             print(_instructions(stack), flush=True)  # noqa: T201
-        await _until_signalled()
+        await stop.wait()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
@@ -158,12 +160,12 @@ def _private_file(path: Path, content: str) -> Path:
     return path
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def _instructions(stack: DevStack) -> str:

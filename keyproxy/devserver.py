@@ -19,9 +19,11 @@ it or from a script in an exception has the token and key values scrubbed out.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -151,6 +153,8 @@ class OpenBaoDevServer:
             stderr=subprocess.STDOUT,
             env=env,
             cwd=self.workdir,
+            # The server must not outlive whoever started it, even one killed outright.
+            preexec_fn=_die_with_parent,  # noqa: PLW1509  # only sets a signal, no locks
             start_new_session=True,  # the owner stops it; a terminal's Ctrl-C goes to the owner
         )
 
@@ -324,6 +328,16 @@ class OpenBaoDevServer:
             lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
             return self._scrubbed("\n".join(lines[-20:]))
         return "(no log)"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:

@@ -183,3 +183,48 @@ except openai.AuthenticationError:
     print(401)
 """
     assert _agent(dev_stack, code).split() == ["200", "True", "200", "401"]
+
+
+def _bao_children(parent: int) -> list[int]:
+    """PIDs of `bao server` processes whose parent is `parent` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"server\0-dev" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_stop_during_start_up_leaves_no_openbao_behind(log_dir: Path) -> None:
+    """SIGTERM while `keyproxy dev` is still starting stops its OpenBao too."""
+    with (log_dir / "dev-early-stop.err").open("wb") as err:
+        proc = subprocess.Popen(
+            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not (children := _bao_children(proc.pid)):
+            assert proc.poll() is None
+            assert time.monotonic() < deadline, "OpenBao never started"
+            time.sleep(0.05)  # polling for the child, bounded by the deadline
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        assert time.monotonic() < deadline, "OpenBao outlived keyproxy dev"
+        time.sleep(0.05)  # polling for the child to exit, bounded by the deadline
