@@ -75,13 +75,26 @@ def decide(  # noqa: PLR0917  # the request's facts, in the order they are learn
     source: IPAddress,
 ) -> Decision:
     """Allow if some policy allows; otherwise deny with the most specific reason reached."""
+    allowed, furthest = _first_allowing(policies, identity, route, method, segments, source)
+    return allowed or Decision(False, furthest.reason, None)
+
+
+def _first_allowing(  # noqa: PLR0917  # the request's facts, in the order they are learnt
+    policies: Sequence[Policy],
+    identity: Identity,
+    route: str,
+    method: str,
+    segments: tuple[str, ...],
+    source: IPAddress,
+) -> tuple[Decision | None, _Stage]:
+    """The decision of the first policy that allows, else None and the furthest stage."""
     furthest = _Stage.NO_POLICY_FOR_IDENTITY
     for policy in policies:
         stage = _evaluate(policy, identity, route, method, segments, source)
         if stage is _Stage.ALLOWED:
-            return Decision(True, stage.reason, policy.name)
+            return Decision(True, stage.reason, policy.name), stage
         furthest = max(furthest, stage)
-    return Decision(False, furthest.reason, None)
+    return None, furthest
 
 
 def explain(  # noqa: PLR0917  # the request's facts, in the order they are learnt
@@ -153,12 +166,9 @@ class PolicySet:
         granting = self._granting.get((route, subject))
         if granting is None:
             granting = self._glob_granting.get(route, ())
-        furthest = _Stage.NO_POLICY_FOR_IDENTITY
-        for policy in granting:
-            stage = _evaluate(policy, identity, route, method, segments, source)
-            if stage is _Stage.ALLOWED:
-                return Decision(True, stage.reason, policy.name)
-            furthest = max(furthest, stage)
+        allowed, furthest = _first_allowing(granting, identity, route, method, segments, source)
+        if allowed is not None:
+            return allowed
         if furthest < _Stage.METHOD_NOT_ALLOWED:
             # Denied: a policy naming the subject without granting the route may still have
             # got further (to source_not_allowed or route_not_granted). Any other policy

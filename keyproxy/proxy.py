@@ -13,6 +13,7 @@ import functools
 import ssl
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_plus
 
@@ -165,6 +166,31 @@ def _session(route: Route) -> aiohttp.ClientSession:
     )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one route's requests need that does not change per request, prepared once."""
+
+    injector: Injector
+    dropped_headers: frozenset[str]  # request headers never forwarded on this route
+    timeout: aiohttp.ClientTimeout
+    literal_denial: EgressDenied | None  # the fence's verdict on an IP-literal upstream
+
+    @classmethod
+    def of(cls, route: Route) -> _Plan:
+        injector = Injector(route)
+        return cls(
+            injector=injector,
+            dropped_headers=HOP_BY_HOP
+            | _REQUEST_MANAGED
+            | injector.header_names
+            | {route.caller_credential.header.lower(), *route.strip_headers},
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=route.connect_timeout, sock_read=route.read_timeout
+            ),
+            literal_denial=_literal_denial(route),
+        )
+
+
 class Proxy:
     """Serves /r/<route>/<path> for one compiled configuration."""
 
@@ -184,12 +210,7 @@ class Proxy:
         self.sessions = sessions
         self.tasks = tasks
         self.metrics = metrics
-        self.injectors = {name: Injector(route) for name, route in config.routes.items()}
-        self.literal_denials = {
-            name: denial
-            for name, route in config.routes.items()
-            if (denial := _literal_denial(route)) is not None
-        }
+        self.plans = {name: _Plan.of(route) for name, route in config.routes.items()}
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
@@ -243,12 +264,20 @@ class Proxy:
 
         key = self.keys.get(route.name)
         record.key_version = key.version
-        rendered = self.injectors[route.name].render(key.secret, key.version)
+        plan = self.plans[route.name]
+        rendered = plan.injector.render(key.secret, key.version)
         body = await _request_body(request, route)
-        url = _upstream_url(route, encoded, raw_query, rendered, self.injectors[route.name])
-        headers = _upstream_headers(request.headers, route, rendered, self.injectors[route.name])
+        url = _upstream_url(route, encoded, raw_query, rendered, plan.injector)
+        headers = _upstream_headers(request.headers, plan, rendered)
         return await self._forward(
-            request, route, url=url, headers=headers, body=body, rendered=rendered, record=record
+            request,
+            route,
+            plan,
+            url=url,
+            headers=headers,
+            body=body,
+            rendered=rendered,
+            record=record,
         )
 
     async def _authenticate(
@@ -309,6 +338,7 @@ class Proxy:
         self,
         request: web.Request,
         route: Route,
+        plan: _Plan,
         *,
         url: URL,
         headers: CIMultiDict[str],
@@ -318,11 +348,8 @@ class Proxy:
     ) -> web.StreamResponse:
         # aiohttp skips the resolver (and so the fence) for IP literals: those were checked
         # once, when the configuration was loaded.
-        if (denial := self.literal_denials.get(route.name)) is not None:
-            raise EgressDenied(denial.reason, denial.message)
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=route.connect_timeout, sock_read=route.read_timeout
-        )
+        if plan.literal_denial is not None:
+            raise EgressDenied(plan.literal_denial.reason, plan.literal_denial.message)
         try:
             async with self.sessions.get(route.name).request(
                 request.method,
@@ -330,7 +357,7 @@ class Proxy:
                 headers=headers,
                 data=body,
                 allow_redirects=False,  # SECURITY: a redirect goes back to the caller
-                timeout=timeout,
+                timeout=plan.timeout,
                 skip_auto_headers=("User-Agent",),
             ) as upstream:
                 record.upstream_status = upstream.status
@@ -414,15 +441,11 @@ def _upstream_url(
 
 
 def _upstream_headers(
-    incoming: CIMultiDictProxy[str], route: Route, rendered: Rendered, injector: Injector
+    incoming: CIMultiDictProxy[str], plan: _Plan, rendered: Rendered
 ) -> CIMultiDict[str]:
-    drop = (
-        HOP_BY_HOP
-        | _REQUEST_MANAGED
-        | injector.header_names
-        | {route.caller_credential.header.lower(), *route.strip_headers}
-        | _connection_named(incoming)
-    )
+    drop = plan.dropped_headers
+    if "Connection" in incoming:
+        drop = drop | _connection_named(incoming)
     headers = CIMultiDict(
         (k, v)
         for k, v in incoming.items()
