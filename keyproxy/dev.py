@@ -24,7 +24,7 @@ from aiohttp import web
 
 from keyproxy import audit, config, demo
 from keyproxy.app import build_app
-from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
+from keyproxy.devserver import Agent, OpenBaoDevServer
 
 ROUTE = "demo"
 AGENT = "demo-agent"
@@ -40,32 +40,11 @@ class DevStack:
     token_path: Path
 
 
-def dev_config(
-    bao: OpenBaoDevServer, setup: DevSetup, agent: Agent, upstream: str
-) -> dict[str, object]:
+def dev_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, object]:
     """The configuration `keyproxy dev` runs: one route, one agent, OpenBao for everything."""
     return {
-        "vault": {
-            "addr": bao.addr,
-            "auth": {
-                "method": "approle",
-                "role_id_file": str(setup.role_id_file),
-                "secret_id_file": str(setup.secret_id_file),
-            },
-            "refresh_interval": "2s",
-            "max_staleness": "5m",
-        },
-        "identity": {
-            "issuers": [
-                {
-                    "name": "openbao",
-                    "issuer": setup.issuer,
-                    "discovery_url": setup.discovery_url,
-                    "audiences": [setup.audience],
-                    "algorithms": ["RS256"],
-                }
-            ]
-        },
+        "vault": bao.vault_yaml(refresh_interval="2s", max_staleness="5m"),
+        "identity": {"issuers": [bao.issuer_yaml("openbao")]},
         "routes": {
             ROUTE: {
                 "upstream": upstream,
@@ -102,13 +81,13 @@ async def run(port: int, as_json: bool) -> None:
     runners: list[web.AppRunner] = []
     try:
         await asyncio.to_thread(bao.start)
-        setup = await asyncio.to_thread(bao.setup)
+        await asyncio.to_thread(bao.setup)
         agent = await asyncio.to_thread(bao.add_agent, AGENT)
         await asyncio.to_thread(bao.put_key, KEY_PATH, secrets.token_urlsafe(32))
 
         upstream_port = await _serve(demo.build_app(), 0, runners)
         cfg_path = workdir / "keyproxy.yaml"
-        cfg = dev_config(bao, setup, agent, f"http://127.0.0.1:{upstream_port}")
+        cfg = dev_config(bao, agent, f"http://127.0.0.1:{upstream_port}")
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         # With --json, stdout carries only the handshake line, for programs to read.
         audit.configure(sys.stderr if as_json else sys.stdout)

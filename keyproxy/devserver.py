@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 import keyproxy
 from keyproxy import secret
@@ -256,6 +256,31 @@ class OpenBaoDevServer:
             refresh_interval=refresh_interval,
             max_staleness=max_staleness,
         )
+
+    def vault_yaml(self, refresh_interval: str = "2s", max_staleness: str = "5m") -> dict[str, Any]:
+        """The `vault` section of a configuration file for a proxy of this server."""
+        setup = self.dev_setup
+        return {
+            "addr": self.addr,
+            "auth": {
+                "method": "approle",
+                "role_id_file": str(setup.role_id_file),
+                "secret_id_file": str(setup.secret_id_file),
+            },
+            "refresh_interval": refresh_interval,
+            "max_staleness": max_staleness,
+        }
+
+    def issuer_yaml(self, name: str = "openbao") -> dict[str, Any]:
+        """An `identity.issuers` entry trusting this server's OIDC provider (agents' tokens)."""
+        setup = self.dev_setup
+        return {
+            "name": name,
+            "issuer": setup.issuer,
+            "discovery_url": setup.discovery_url,
+            "audiences": [setup.audience],
+            "algorithms": ["RS256"],
+        }
 
     def root_vault_config(self) -> VaultConfig:
         """Log in here with the root token, from a mode-600 file in the workdir."""

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
-from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
+from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.support import (
     CANARIES,
     Stack,
@@ -39,12 +39,7 @@ LOCAL_ISSUER = "https://issuer.test.invalid"
 
 
 @pytest.fixture(scope="module")
-def setup(openbao: OpenBaoDevServer) -> DevSetup:
-    return openbao.setup()
-
-
-@pytest.fixture(scope="module")
-def agent(openbao: OpenBaoDevServer, setup: DevSetup) -> Agent:
+def agent(openbao: OpenBaoDevServer) -> Agent:
     return openbao.add_agent("e2e-agent")
 
 
@@ -94,7 +89,6 @@ def local_issuer(tmp_path_factory: pytest.TempPathFactory) -> LocalIssuer:
 
 def make_config(
     openbao: OpenBaoDevServer,
-    setup: DevSetup,
     agent: Agent,
     local_issuer: LocalIssuer,
     upstream: str,
@@ -107,25 +101,10 @@ def make_config(
         "paths": ["/v1/**", "/echo", "/leak/*", "/redirect", "/stall", "/odd-encoding"],
     }
     return {
-        "vault": {
-            "addr": openbao.addr,
-            "auth": {
-                "method": "approle",
-                "role_id_file": str(setup.role_id_file),
-                "secret_id_file": str(setup.secret_id_file),
-            },
-            "refresh_interval": "500ms",
-            "max_staleness": "3s",
-        },
+        "vault": openbao.vault_yaml(refresh_interval="500ms", max_staleness="3s"),
         "identity": {
             "issuers": [
-                {
-                    "name": "openbao",
-                    "issuer": setup.issuer,
-                    "discovery_url": setup.discovery_url,
-                    "audiences": [setup.audience],
-                    "algorithms": ["RS256"],
-                },
+                openbao.issuer_yaml("openbao"),
                 {
                     "name": "local",
                     "issuer": LOCAL_ISSUER,
@@ -184,13 +163,12 @@ def seeded(openbao: OpenBaoDevServer, request: pytest.FixtureRequest) -> tuple[s
 @pytest.fixture
 def config_for(
     openbao: OpenBaoDevServer,
-    setup: DevSetup,
     agent: Agent,
     local_issuer: LocalIssuer,
     seeded: tuple[str, str],
 ) -> Callable[..., dict[str, Any]]:
     def build(upstream: str, **route: Any) -> dict[str, Any]:
-        return make_config(openbao, setup, agent, local_issuer, upstream, seeded[0], **route)
+        return make_config(openbao, agent, local_issuer, upstream, seeded[0], **route)
 
     return build
 
@@ -812,7 +790,7 @@ async def test_vault_outage_serves_from_cache_then_503(
     CANARIES.add(token)
     key = new_key()
     bao.put_key("keyproxy/keys/outage", key)
-    cfg = make_config(bao, bao.dev_setup, agent, local_issuer, upstream.url, "keyproxy/keys/outage")
+    cfg = make_config(bao, agent, local_issuer, upstream.url, "keyproxy/keys/outage")
     async with running_proxy(cfg) as stack:
         async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
             assert response.status == 200

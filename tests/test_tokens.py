@@ -46,7 +46,6 @@ GRANT = {"methods": ["GET", "POST"], "paths": ["/v1/**", "/echo"]}
 
 
 def token_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, Any]:
-    setup = bao.dev_setup
     route = {
         "upstream": upstream,
         "secret": {"path": "keyproxy/keys/tokens-test"},
@@ -55,27 +54,8 @@ def token_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str
         "allow_http": True,
     }
     return {
-        "vault": {
-            "addr": bao.addr,
-            "auth": {
-                "method": "approle",
-                "role_id_file": str(setup.role_id_file),
-                "secret_id_file": str(setup.secret_id_file),
-            },
-            "refresh_interval": "500ms",
-            "max_staleness": "60s",
-        },
-        "identity": {
-            "issuers": [
-                {
-                    "name": "openbao",
-                    "issuer": setup.issuer,
-                    "discovery_url": setup.discovery_url,
-                    "audiences": [setup.audience],
-                    "algorithms": ["RS256"],
-                }
-            ]
-        },
+        "vault": bao.vault_yaml(refresh_interval="500ms", max_staleness="60s"),
+        "identity": {"issuers": [bao.issuer_yaml("openbao")]},
         "tokens": {
             "max_ttl": "10m",
             "default_ttl": "2m",
