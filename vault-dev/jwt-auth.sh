@@ -24,6 +24,9 @@
 set -euo pipefail
 
 bao="${BAO:-bao}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
 
 if [[ $# -lt 2 || $# -gt 3 ]]; then
   echo "usage: $0 ISSUER PROXY_SUBJECT [ROTATION_SUBJECT]" >&2
@@ -34,21 +37,11 @@ proxy_subject="$2"
 rotation_subject="${3:-}"
 audience="${KEYPROXY_VAULT_AUDIENCE:-vault}"
 mount="${KEYPROXY_JWT_MOUNT:-jwt}"
-if [[ "$issuer" != https://* && "$issuer" != http://* ]]; then
-  echo "$0: ISSUER must be an http(s) URL" >&2
-  exit 2
-fi
+require_url ISSUER "$issuer"
 
-for policy in keyproxy-proxy keyproxy-rotation; do
-  if ! "$bao" policy read "$policy" >/dev/null 2>&1; then
-    echo "$0: policy $policy is missing: run setup.sh first" >&2
-    exit 1
-  fi
-done
+require_policies
 
-if ! "$bao" read "sys/auth/$mount" >/dev/null 2>&1; then
-  "$bao" auth enable -path="$mount" jwt >/dev/null
-fi
+ensure_auth "$mount" jwt
 
 config=("bound_issuer=$issuer")
 if [[ -n "${KEYPROXY_JWT_JWKS_URL:-}" ]]; then

@@ -30,6 +30,9 @@
 set -euo pipefail
 
 bao="${BAO:-bao}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
 
 if [[ $# -lt 1 || $# -gt 2 ]]; then
   echo "usage: $0 KUBERNETES_HOST [NAMESPACE]" >&2
@@ -39,21 +42,11 @@ host="$1"
 namespace="${2:-keyproxy}"
 audience="${KEYPROXY_VAULT_AUDIENCE:-vault}"
 mount="${KEYPROXY_K8S_MOUNT:-kubernetes}"
-if [[ "$host" != https://* && "$host" != http://* ]]; then
-  echo "$0: KUBERNETES_HOST must be an http(s) URL" >&2
-  exit 2
-fi
+require_url KUBERNETES_HOST "$host"
 
-for policy in keyproxy-proxy keyproxy-rotation; do
-  if ! "$bao" policy read "$policy" >/dev/null 2>&1; then
-    echo "$0: policy $policy is missing: run setup.sh first" >&2
-    exit 1
-  fi
-done
+require_policies
 
-if ! "$bao" read "sys/auth/$mount" >/dev/null 2>&1; then
-  "$bao" auth enable -path="$mount" kubernetes >/dev/null
-fi
+ensure_auth "$mount" kubernetes
 
 # SECURITY: the reviewer token and the CA travel as @file references, never in argv.
 config=("kubernetes_host=$host")
