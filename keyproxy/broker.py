@@ -100,9 +100,7 @@ class Broker:
         routes = list(self.config.routes)
         try:
             requested = (
-                scopes.parse_rfc8693(
-                    str(fields.get("scope", "")), _resources(request, fields), routes
-                )
+                scopes.parse_rfc8693(str(fields.get("scope", "")), _resources(fields), routes)
                 if form
                 else scopes.parse(fields.get("scope"), routes)
             )
@@ -205,8 +203,7 @@ def _subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> 
     return token
 
 
-def _resources(request: web.Request, fields: dict[str, Any]) -> list[str]:
-    del request
+def _resources(fields: dict[str, Any]) -> list[str]:
     names = []
     for key in ("resource", "audience"):
         value = fields.get(key)

@@ -125,6 +125,7 @@ def test_full_config_compiles_to_typed_objects() -> None:
         ("vault.auth", {"method": "ldap"}, "vault.auth.method"),
         ("vault.auth", {"method": "token", "token": "s.abc"}, "vault.auth.token"),
         ("vault.max_staleness", "1s", "vault.max_staleness"),
+        ("vault.refresh_interval", "10m", "vault.refresh_interval"),
         ("server", {"port": 70000}, "server.port"),
     ],
 )

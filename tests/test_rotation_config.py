@@ -123,6 +123,12 @@ def test_command_and_manual_rotators_compile() -> None:
         (_route(max_age="soon"), "routes.legacy.max_age", "positive duration"),
         (_rotation(every=None), "routes.legacy.rotation.every", "required"),
         (_rotation(grace="24h"), "routes.legacy.rotation.grace", "shorter than every"),
+        (_rotation(every="5m", grace=None), "routes.legacy.rotation.every", "shorter than every"),
+        (
+            _rotator(revoke={"url": ADMIN + "/keys/{key_id}?a={attempt}"}),
+            "routes.legacy.rotation.rotator.revoke.url",
+            "unknown placeholder {attempt}",
+        ),
         (_rotation(jitter="1m"), "routes.legacy.rotation.jitter", "unknown key"),
         (_rotation(rotator=None), "routes.legacy.rotation.rotator", "required"),
         (_rotation(rotator={"kind": "http"}), "routes.legacy.rotation.rotator.kind", "unknown"),

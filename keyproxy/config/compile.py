@@ -200,7 +200,8 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
     refresh = _opt(f, "refresh_interval", _Node.duration, 2.0)
     staleness = _opt(f, "max_staleness", _Node.duration, 300.0)
     if staleness <= refresh:
-        raise f["max_staleness"].error("must be longer than refresh_interval")
+        where = f.get("max_staleness") or f["refresh_interval"]
+        raise where.error("max_staleness must be longer than refresh_interval")
     return VaultConfig(
         addr=addr.rstrip("/"),
         auth=_vault_auth(f.get("auth", _Node({"method": "token"}, node._child("auth").path))),
@@ -468,7 +469,8 @@ def _secret_ref(node: _Node, kv_mount: str, default_field: str = "api_key") -> S
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _CREATE_FIELDS = frozenset({"admin", "route", "attempt"})
-_KEY_FIELDS = _CREATE_FIELDS | {"key", "key_id"}
+# {attempt} exists only while creating: verify and revoke happen for a key, not an attempt.
+_KEY_FIELDS = frozenset({"admin", "route", "key", "key_id"})
 _POINTER = re.compile(r"^(/([^~/]|~[01])*)+$")
 
 
@@ -480,7 +482,8 @@ def _rotation(node: _Node, kv_mount: str) -> Rotation:
         raise node._child("every").error("is required for an automated rotator")
     grace = _opt(f, "grace", _Node.duration, 600.0)
     if every is not None and grace >= every:
-        raise f["grace"].error("must be shorter than every")
+        where = f.get("grace") or f["every"]
+        raise where.error("grace (default 10m) must be shorter than every")
     return Rotation(
         rotator=rotator,
         every=every,

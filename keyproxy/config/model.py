@@ -157,8 +157,8 @@ class HttpCall:
     """One templated request of the http rotator.
 
     `url`, header values and the string values of `body` (JSON text) are templates whose
-    placeholders are {admin}, {route}, {attempt}, and for verify and revoke also {key} and
-    {key_id}. Any 2xx answer is success; revoke also accepts 404 and 410 (already gone).
+    placeholders are {admin} and {route}; in create also {attempt}; in verify and revoke also
+    {key} and {key_id}. Any 2xx answer is success; revoke also accepts 404 and 410 (already gone).
     """
 
     method: str
