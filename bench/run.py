@@ -153,14 +153,30 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: floa
         time.sleep(0.1)  # polling interval of a bounded wait
 
 
-def _peak_rss_kib(pid: int) -> int:
-    """VmHWM of a process and its children (the workers of `keyproxy serve --workers`)."""
-    total = 0
+def _family(pid: int) -> list[int]:
+    """A process and its children (nginx's and `keyproxy serve --workers`'s workers)."""
     pids = [pid]
     with contextlib.suppress(OSError):
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         pids += [int(c) for c in children]
-    for one in pids:
+    return pids
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time used so far by a process and its children."""
+    ticks = 0
+    for one in _family(pid):
+        with contextlib.suppress(OSError):
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = Path(f"/proc/{one}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_kib(pid: int) -> int:
+    """VmHWM of a process and its children (the workers of `keyproxy serve --workers`)."""
+    total = 0
+    for one in _family(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{one}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -307,6 +323,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: float | None  # the candidate's CPU time per request (user + system)
 
 
 def wrk(
@@ -354,7 +371,12 @@ def measure(
         for conc in concs:
             for rep in range(reps):
                 for cand in candidates:
+                    cpu_before = _cpu_seconds(cand.pid) if cand.pid else None
                     out = wrk(procs, wrk_bin, cand, path=BODIES[body], conc=conc, seconds=seconds)
+                    cpu_us = None
+                    if cpu_before is not None and cand.pid and out["requests"]:
+                        used = _cpu_seconds(cand.pid) - cpu_before
+                        cpu_us = used / out["requests"] * 1e6
                     errors = sum(out["errors"].values())
                     run = Run(
                         phase,
@@ -366,12 +388,14 @@ def measure(
                         out["p50_us"] / 1000,
                         out["p99_us"] / 1000,
                         errors,
+                        cpu_us,
                     )
                     runs.append(run)
                     print(
                         f"  {phase:8} {body:5} c={conc:<4} {cand.name:16} "
                         f"{run.rps:9.0f} req/s  p50 {run.p50_ms:7.3f} ms  "
-                        f"p99 {run.p99_ms:7.3f} ms  errors {errors}",
+                        f"p99 {run.p99_ms:7.3f} ms  errors {errors}"
+                        + (f"  cpu {cpu_us:6.1f} us/req" if cpu_us is not None else ""),
                         flush=True,
                     )
     return runs
@@ -427,6 +451,7 @@ def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "p50_ms": round(statistics.median(r.p50_ms for r in group), 3),
                 "p99_ms": round(statistics.median(r.p99_ms for r in group), 3),
                 "errors": sum(r.errors for r in group),
+                "cpu_us": _mean_or_none([r.cpu_us for r in group]),
                 "reps": len(group),
             }
         )
@@ -436,6 +461,11 @@ def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
             other = by_key.get((row["phase"], row["body"], row["conc"], ref))
             row[f"x_{ref}"] = round(row["rps"] / other["rps"], 3) if other else None
     return rows
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.mean(known), 1) if known else None
 
 
 def verdicts(rows: Sequence[dict[str, Any]], sse: dict[str, Any]) -> list[dict[str, Any]]:
@@ -525,14 +555,17 @@ def markdown(
         f"{meta['reps']} interleaved reps, pinning {'on' if meta['pinning'] else 'off'} "
         f"(Python {meta['python']}, aiohttp {meta['aiohttp']}, {meta['nginx']}).",
         "",
-        "| phase | body | c | candidate | req/s | p50 ms | p99 ms | x nginx | x minimal | errors |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| phase | body | c | candidate | req/s | p50 ms | p99 ms | x nginx | x minimal "
+        "| CPU us/req | errors |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        cpu = "" if row["cpu_us"] is None else f"{row['cpu_us']:.0f}"
         lines.append(
             f"| {row['phase']} | {row['body']} | {row['conc']} | {row['candidate']} "
             f"| {row['rps']:.0f} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
-            f"| {ratio(row['x_nginx'])} | {ratio(row['x_minimal-aiohttp'])} | {row['errors']} |"
+            f"| {ratio(row['x_nginx'])} | {ratio(row['x_minimal-aiohttp'])} | {cpu} "
+            f"| {row['errors']} |"
         )
     lines += [
         "",
@@ -573,7 +606,9 @@ class Stack:
     audit: dict[str, Path] = field(default_factory=dict)
     kp_pids: dict[str, int] = field(default_factory=dict)
 
-    def keyproxy(self, name: str, routes: int, workers: int, cpu: str | None) -> Candidate:
+    def keyproxy(
+        self, name: str, routes: int, workers: int, cpu: str | None, source: Path | None = None
+    ) -> Candidate:
         cfg = keyproxy_config(self.bao, self.setup, self.agent, self.upstream, routes)
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -581,8 +616,9 @@ class Stack:
         audit = self.workdir / f"{name}.audit.jsonl"
         self.audit[name] = audit
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-        if self.source is not None:  # measure a patched copy of the package
-            env["PYTHONPATH"] = str(self.source)
+        source = source or self.source
+        if source is not None:  # measure a patched copy of the package
+            env["PYTHONPATH"] = str(source)
         argv = [str(KEYPROXY), "serve", "-c", str(path), "--port", str(port)]
         proc = self.procs.start(
             name, [*argv, "--workers", str(workers)], cpu=cpu, log=audit, env=env
@@ -622,7 +658,7 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
         agent = bao.add_agent("bench-agent")
         key = "sk-bench-" + secrets.token_urlsafe(24)
         bao.put_key("keyproxy/keys/bench", key)
-        _put_keys(bao, 999)
+        _put_keys(bao, 999 if "routes" in args.phases else 9)
         key_file = _write_private(workdir / "key", key)
         token_file = _write_private(workdir / "token", bao.agent_token(agent))
         (workdir / "nginx-tmp").mkdir()
@@ -685,61 +721,74 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
         _wait_port(mini_port, mini_proc, "minimal proxy")
 
         direct = Candidate("direct", upstream, "", key_file)
-        nginx = Candidate("nginx", f"http://127.0.0.1:{ngx_port}", "/r/bench", token_file)
-        mini = Candidate("minimal-aiohttp", f"http://127.0.0.1:{mini_port}", "/r/bench", token_file)
+        nginx = Candidate(
+            "nginx", f"http://127.0.0.1:{ngx_port}", "/r/bench", token_file, nginx_proc.pid
+        )
+        mini = Candidate(
+            "minimal-aiohttp",
+            f"http://127.0.0.1:{mini_port}",
+            "/r/bench",
+            token_file,
+            mini_proc.pid,
+        )
         kp = stack.keyproxy("keyproxy", 10, 1, PROXY_CPU)
         main_set = [direct, nginx, mini, kp]
+        if args.compare is not None:  # a change measured side by side with the current code
+            main_set.append(stack.keyproxy("keyproxy-compare", 10, 1, PROXY_CPU, args.compare))
 
-        print("bench: phase main", flush=True)
-        for cand in main_set:
-            sse[cand.name] = asyncio.run(sse_delivery(cand))
-        all_runs += measure(
-            procs,
-            tools["wrk"],
-            "main",
-            candidates=main_set,
-            bodies=args.bodies,
-            concs=args.concs,
-            reps=args.reps,
-            seconds=args.duration,
-        )
-        rss["keyproxy (10 routes, after main)"] = _peak_rss_kib(kp.pid or 0)
+        if "main" in args.phases:
+            print("bench: phase main", flush=True)
+            for cand in main_set:
+                sse[cand.name] = asyncio.run(sse_delivery(cand))
+            all_runs += measure(
+                procs,
+                tools["wrk"],
+                "main",
+                candidates=main_set,
+                bodies=args.bodies,
+                concs=args.concs,
+                reps=args.reps,
+                seconds=args.duration,
+            )
+            rss["keyproxy (10 routes, after main)"] = _peak_rss_kib(kp.pid or 0)
         procs.stop(nginx_proc)
         procs.stop(mini_proc)
 
-        print("bench: phase routes", flush=True)
-        kp1000 = stack.keyproxy("keyproxy-1000", 1000, 1, PROXY_CPU)
-        kp10 = Candidate("keyproxy-10", kp.base, kp.prefix, kp.credential, kp.pid)
-        all_runs += measure(
-            procs,
-            tools["wrk"],
-            "routes",
-            candidates=[kp10, kp1000],
-            bodies=["small"],
-            concs=[32, 128],
-            reps=args.reps + 1,
-            seconds=args.duration,
-        )
-        rss["keyproxy (1,000 routes)"] = _peak_rss_kib(kp1000.pid or 0)
-        stack.stop(kp1000)
+        if "routes" in args.phases:
+            print("bench: phase routes", flush=True)
+            kp1000 = stack.keyproxy("keyproxy-1000", 1000, 1, PROXY_CPU)
+            kp10 = Candidate("keyproxy-10", kp.base, kp.prefix, kp.credential, kp.pid)
+            all_runs += measure(
+                procs,
+                tools["wrk"],
+                "routes",
+                candidates=[kp10, kp1000],
+                bodies=["small"],
+                concs=[32, 128],
+                reps=args.reps + 1,
+                seconds=args.duration,
+            )
+            rss["keyproxy (1,000 routes)"] = _peak_rss_kib(kp1000.pid or 0)
+            stack.stop(kp1000)
         stack.stop(kp)
 
-        print("bench: phase workers", flush=True)
-        w1 = stack.keyproxy("keyproxy-w1", 10, 1, None)
-        w2 = stack.keyproxy("keyproxy-w2", 10, 2, None)
-        all_runs += measure(
-            procs,
-            tools["wrk"],
-            "workers",
-            candidates=[w1, w2],
-            bodies=["small"],
-            concs=[32, 128],
-            reps=args.reps,
-            seconds=args.duration,
-        )
-        rss["keyproxy --workers 2 (parent + workers)"] = _peak_rss_kib(w2.pid or 0)
-        stack.stop(w1)
-        stack.stop(w2)
+        if "workers" in args.phases:
+            print("bench: phase workers", flush=True)
+            w1 = stack.keyproxy("keyproxy-w1", 10, 1, None)
+            w2 = stack.keyproxy("keyproxy-w2", 10, 2, None)
+            all_runs += measure(
+                procs,
+                tools["wrk"],
+                "workers",
+                candidates=[w1, w2],
+                bodies=["small"],
+                concs=[32, 128],
+                reps=args.reps,
+                seconds=args.duration,
+            )
+            rss["keyproxy --workers 2 (parent + workers)"] = _peak_rss_kib(w2.pid or 0)
+            stack.stop(w1)
+            stack.stop(w2)
         audit_events = {name: _count_lines(path) for name, path in stack.audit.items()}
     finally:
         procs.stop_all()
@@ -811,8 +860,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("KEYPROXY_SRC") or None,
         help="run keyproxy from this directory (a patched copy), not the installed package",
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="main phase: also run keyproxy from this directory, as candidate keyproxy-compare",
+    )
+    parser.add_argument(
+        "--phases",
+        default="main,routes,workers",
+        help="comma-separated subset of main,routes,workers (to measure one change quickly)",
+    )
+    parser.add_argument("--bodies", default=",".join(BODIES), help="main phase: bodies")
+    parser.add_argument(
+        "--concs", default=",".join(map(str, CONCURRENCY)), help="main phase: connections"
+    )
     args = parser.parse_args(argv)
-    args.bodies, args.concs = list(BODIES), list(CONCURRENCY)
+    args.phases = set(args.phases.split(","))
+    args.bodies = args.bodies.split(",")
+    args.concs = [int(c) for c in args.concs.split(",")]
+    unknown = (args.phases - {"main", "routes", "workers"}) | (set(args.bodies) - set(BODIES))
+    if unknown:
+        parser.error(f"unknown phase or body: {', '.join(sorted(unknown))}")
     if args.quick:
         args.duration, args.reps = 1.0, 1
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` stops everything
