@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -57,3 +58,91 @@ def test_request_event_is_one_json_line() -> None:
     ):
         assert name in event
     assert event["event"] == "request"
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def _record(n: int = 0) -> audit.RequestRecord:
+    record = audit.RequestRecord(method="GET", path=f"/v1/models/{n}", source="127.0.0.1")
+    record.route, record.issuer, record.subject = "r", "openbao", "agent-1"
+    record.token_id, record.task, record.policy = "jti-1", "task-1", "p"
+    record.decision, record.reason, record.key_version = "allow", "allowed", 2
+    record.status, record.upstream_status, record.duration_ms = 200, 200, 1.5
+    return record
+
+
+def test_request_event_equals_what_the_structlog_chain_writes() -> None:
+    """emit()'s direct path writes the same event, field for field and in the same order, as
+    the configured processor chain (a bound context variable and a secret included)."""
+    value = "audit-equal-key-0123456789"
+    secret.register(value)
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        with structlog.contextvars.bound_contextvars(worker=4242):
+            record = _record()
+            record.subject = f"leaked {value}"
+            audit.emit(record)
+            structlog.get_logger("x").info("request", **vars(record))
+    finally:
+        structlog.configure(**previous)
+    fast, chain = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert fast.pop("timestamp")[:10] == chain.pop("timestamp")[:10]
+    assert list(fast.items()) == list(chain.items())
+    assert fast["worker"] == 4242
+    assert fast["subject"] == f"leaked {REDACTED}"
+
+
+async def test_events_of_one_loop_turn_are_written_together() -> None:
+    """Inside an event loop, lines wait for the end of the turn and go out in one write."""
+    stream = _CountingStream()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        for n in range(50):
+            audit.emit(_record(n))
+        assert stream.writes == 0
+        await asyncio.sleep(0)  # one turn of the loop: the flush scheduled by the first line
+        assert stream.writes == 1
+        paths = [json.loads(line)["path"] for line in stream.getvalue().splitlines()]
+        assert paths == [f"/v1/models/{n}" for n in range(50)]
+    finally:
+        structlog.configure(**previous)
+
+
+def test_outside_an_event_loop_each_line_is_written_at_once() -> None:
+    """The CLI and executor threads write each line immediately, in order."""
+    stream = _CountingStream()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        audit.emit(_record(1))
+        structlog.get_logger("x").warning("something")
+        assert stream.writes == 2
+    finally:
+        structlog.configure(**previous)
+    assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == [
+        "request",
+        "something",
+    ]
+
+
+def test_events_at_a_filtered_level_are_not_written() -> None:
+    """configure(level=...) applies to request events as it does to the chain."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream, level="warning")
+    try:
+        audit.emit(_record())
+    finally:
+        structlog.configure(**previous)
+    assert stream.getvalue() == ""

@@ -109,7 +109,8 @@ def _config(bao: OpenBaoDevServer, subject: str, upstream: int) -> dict[str, Any
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # Whole lines only: the last one may be in the middle of being written.
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
