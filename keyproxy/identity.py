@@ -109,6 +109,16 @@ class IdentityVerifier:
             return (await self._verify(token))[0]  # refused there, as malformed
         hit = self.cache.get(digest)
         if hit is not None:
+            # The common case, without awaiting anything: the key set that verified the
+            # token is still current and fresh, and the token is inside its time window.
+            state, now = hit.state, self._clock()
+            if (
+                hit.keys is not None
+                and state.keys is hit.keys
+                and now - state.fetched_at < state.issuer.jwks_cache_ttl
+                and hit.valid_from <= now < hit.expires
+            ):
+                return hit.identity
             found = (await self._keys(hit.state)).find(hit.kid)
             if found is not None and found.get(hit.alg) is hit.key:
                 try:
@@ -140,7 +150,9 @@ class IdentityVerifier:
             raise Unauthenticated(
                 "algorithm_not_allowed", f"algorithm not allowed for issuer {issuer.name}"
             )
-        key = await self._key(state, header.get("kid"), alg)
+        kid = header.get("kid")
+        key = await self._key(state, kid, alg)
+        holder = state.keys  # where _key found `key`: nothing was awaited since
         claims = _decode(token, key, alg, issuer)
         _check_times(claims, self._clock(), issuer.leeway)
         subject: str = claims["sub"]  # PyJWT has checked it is a string
@@ -148,7 +160,13 @@ class IdentityVerifier:
             raise Unauthenticated("missing_claim", "the token has an empty sub claim")
         identity = Identity(issuer.name, subject, MappingProxyType(claims))
         expires = _numeric(claims, "exp") + issuer.leeway
-        return identity, _Verified(identity, state, header.get("kid"), alg, key, expires)
+        # _check_times passed: nbf and iat are numbers where present.
+        starts = max((_numeric(claims, n) for n in ("nbf", "iat") if n in claims), default=None)
+        valid_from = -math.inf if starts is None else starts - issuer.leeway
+        found = holder.find(kid) if holder is not None else None
+        if found is None or found.get(alg) is not key:
+            holder = None
+        return identity, _Verified(identity, state, kid, alg, key, expires, holder, valid_from)
 
     async def prefetch(self) -> None:
         """Fetch every issuer's keys once; failures are logged, not raised."""
@@ -302,6 +320,8 @@ class _Verified:
     alg: str
     key: jwt.PyJWK  # the very object that verified the signature
     expires: float  # exp + leeway: after this the token is refused anyway
+    keys: _KeySet | None  # the issuer's key set holding `key`, when known
+    valid_from: float  # nbf and iat minus leeway: before this it is not valid yet
 
 
 class VerifiedCache:

@@ -32,7 +32,8 @@ class Rendered:
     version: int
     headers: tuple[tuple[str, str], ...]
     query: str  # encoded `name=value&...`, exactly as sent upstream
-    forms: tuple[str, ...]
+    forms: tuple[str, ...]  # longest first
+    byte_forms: tuple[bytes, ...]  # the same, UTF-8 encoded, for response bodies
 
     def __repr__(self) -> str:
         return f"Rendered(version={self.version}, {REDACTED})"
@@ -78,7 +79,9 @@ def _render(injections: Sequence[Injection], key: str, version: int) -> Rendered
             forms.add(token)
     # Longest first, so a form that contains another is replaced whole.
     ordered = tuple(sorted(forms, key=len, reverse=True))
-    return Rendered(version, tuple(headers), "&".join(query), ordered)
+    return Rendered(
+        version, tuple(headers), "&".join(query), ordered, tuple(f.encode() for f in ordered)
+    )
 
 
 def _url_forms(value: str) -> set[str]:
@@ -101,11 +104,19 @@ def scrub_text(value: str, forms: Iterable[str]) -> str:
     return value
 
 
+def scrub_bytes(body: bytes, byte_forms: Iterable[bytes]) -> bytes:
+    """Replace every secret form in a whole body (`Rendered.byte_forms`, longest first)."""
+    for form in byte_forms:
+        if form in body:
+            body = body.replace(form, _REDACTED_BYTES)
+    return body
+
+
 class Scrubber:
     """Streaming replacement of secret forms in a response body."""
 
-    def __init__(self, forms: Iterable[str]) -> None:
-        self._forms = tuple(f.encode() for f in forms)
+    def __init__(self, byte_forms: Iterable[bytes]) -> None:
+        self._forms = tuple(byte_forms)
         self._carry = b""
 
     def feed(self, chunk: bytes) -> bytes:

@@ -63,12 +63,22 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_KeyCollector(key_status))
+        # labels() builds and locks on every call: the children are looked up once. Keys
+        # are bounded by routes x statuses x decisions.
+        self._counted: dict[tuple[str | None, int, str], Any] = {}
+        self._timed: dict[str | None, Any] = {}
 
     def request(self, route: str | None, status: int, decision: str, seconds: float) -> None:
-        name = route or "-"
-        self.requests.labels(name, str(status), decision).inc()
+        key = (route, status, decision)
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = self.requests.labels(route or "-", str(status), decision)
+        counter.inc()
         if decision == "allow":
-            self.latency.labels(name).observe(seconds)
+            timer = self._timed.get(route)
+            if timer is None:
+                timer = self._timed[route] = self.latency.labels(route or "-")
+            timer.observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -3,6 +3,7 @@
     normalise(raw) -> segments    the caller's still-encoded path, decoded into segments, or
                                   BadRequest("bad_path") if it is in any way ambiguous
     encode(segments) -> path      the exact path sent upstream for those segments
+    normalise_encoded(raw)        both at once, with a fast path for paths without escapes
 
 Anything an upstream might read differently from us is refused, never repaired: `.` and `..`
 (also encoded, also as `..;param` or Unicode look-alikes that NFKC folds to dots), encoded `/`
@@ -27,6 +28,27 @@ _PCHAR = frozenset(
 _RAW = _PCHAR | {"%", "/"}
 _HEX = frozenset("0123456789abcdefABCDEF")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# The common case: a path with no escape, only pchar and "/". Its segments are the text
+# between slashes (ASCII is unchanged by NFKC and holds no control character or backslash),
+# and the path is already in the form `encode` would give.
+_PLAIN = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]*)+")
+
+
+def normalise_encoded(raw: str) -> tuple[tuple[str, ...], str]:
+    """`normalise(raw)` and `encode` of the result: the segments policy checks and the exact
+    path sent upstream for them."""
+    if raw in ("", "/"):
+        return (), "/"
+    if _PLAIN.fullmatch(raw) is not None:
+        parts = raw[1:].split("/")
+        if "" in parts[:-1]:
+            raise _bad("empty segment ('//')")
+        for part in parts:
+            if part and not part.split(";", 1)[0].strip("."):
+                raise _bad("dot segment")
+        return tuple(parts), raw
+    segments = normalise(raw)
+    return segments, encode(segments)
 
 
 def normalise(raw: str) -> tuple[str, ...]:

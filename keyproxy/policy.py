@@ -29,6 +29,7 @@ policies indexed under (route, subject) and the route's glob-subject policies.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -112,6 +113,10 @@ def explain(  # noqa: PLR0917  # the request's facts, in the order they are lear
     ]
 
 
+# Distinct (caller, route, method, path, source) decisions a PolicySet remembers.
+DECISIONS_REMEMBERED = 2048
+
+
 class PolicySet:
     """Policies indexed by route and subject; `decide` equals the module `decide`."""
 
@@ -148,6 +153,11 @@ class PolicySet:
             route: self._ordered(found) for route, found in glob_granting.items()
         }
 
+        # A decision depends on nothing but these facts, so it is remembered: a caller
+        # repeating a request is answered with one dict look-up.
+        self._claim_names = tuple(sorted({name for p in self.policies for name, _ in p.claims}))
+        self._decided: dict[tuple[Any, ...], Decision] = {}
+
     def _ordered(self, indexes: set[int]) -> tuple[Policy, ...]:
         return tuple(self.policies[i] for i in sorted(indexes))
 
@@ -160,6 +170,31 @@ class PolicySet:
         source: IPAddress,
     ) -> Decision:
         """Allow if some policy allows; otherwise deny with the most specific reason reached."""
+        facts = (
+            identity.issuer,
+            identity.subject,
+            tuple(_claim_text(identity.claims.get(name)) for name in self._claim_names),
+            route,
+            method,
+            segments,
+            source,
+        )
+        decision = self._decided.get(facts)
+        if decision is None:
+            decision = self._decide(identity, route, method, segments, source)
+            if len(self._decided) >= DECISIONS_REMEMBERED:
+                del self._decided[next(iter(self._decided))]  # the oldest
+            self._decided[facts] = decision
+        return decision
+
+    def _decide(
+        self,
+        identity: Identity,
+        route: str,
+        method: str,
+        segments: tuple[str, ...],
+        source: IPAddress,
+    ) -> Decision:
         subject = identity.subject
         # A policy can allow only if it grants the route and names the subject (exactly, or
         # by a glob): those few are read first, in configuration order.
@@ -232,7 +267,7 @@ def client_address(
     list elements are ignored, as HTTP list syntax requires. Raises ValueError if `peer` is
     not an IP address (the proxy listens on TCP only).
     """
-    address = unmap(ipaddress.ip_address(peer))
+    address = _peer_address(peer)
     if not _inside(address, trusted):
         return address
     entries = [e.strip() for value in forwarded_for for e in value.split(",") if e.strip()]
@@ -246,6 +281,12 @@ def client_address(
         if not _inside(address, trusted):
             return address
     return address
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_address(peer: str) -> IPAddress:
+    """A TCP peer's address, parsed once per peer (callers reconnect from the same few)."""
+    return unmap(ipaddress.ip_address(peer))
 
 
 def unmap(address: IPAddress) -> IPAddress:
@@ -284,7 +325,8 @@ def _identity_matches(policy: Policy, identity: Identity) -> bool:
     # An empty subject is no identity at all, whatever "*" would say.
     if not identity.subject:
         return False
-    if not any(fnmatchcase(identity.subject, pattern) for pattern in policy.subjects):
+    subject = identity.subject
+    if not any(pattern == subject or fnmatchcase(subject, pattern) for pattern in policy.subjects):
         return False
     return all(
         _claim_text(identity.claims.get(name)) == expected for name, expected in policy.claims

@@ -40,7 +40,7 @@ from keyproxy.errors import (
     Unauthenticated,
 )
 from keyproxy.identity import Identity, IdentityVerifier
-from keyproxy.inject import Injector, Rendered, Scrubber, scrub_text
+from keyproxy.inject import Injector, Rendered, Scrubber, scrub_bytes, scrub_text
 from keyproxy.metrics import Metrics
 from keyproxy.policy import IPAddress
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
@@ -112,6 +112,9 @@ def _caller_may_send(name: str) -> bool:
 _REQUEST_MANAGED: Final = frozenset({"host", "content-length", "accept-encoding", "expect"})
 # Upstream session cookies could let the caller use the upstream without the proxy.
 _RESPONSE_DROPPED: Final = frozenset({"content-length", "content-encoding", "set-cookie"})
+_RESPONSE_NOT_FORWARDED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
+# Answers with a declared length up to this size are scrubbed and sent whole.
+WHOLE_BODY: Final = 64 * 1024
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -163,6 +166,7 @@ def _session(route: Route) -> aiohttp.ClientSession:
         trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
     )
 
 
@@ -240,24 +244,29 @@ class Proxy:
             elapsed = time.monotonic() - started
             record.duration_ms = round(elapsed * 1000, 3)
             record.status = response.status if response is not None else 499
-            audit.emit(record)
-            if self.metrics is not None:
-                self.metrics.request(record.route, record.status, record.decision, elapsed)
+            # Accounted for right after this step, in which aiohttp sends a returned answer:
+            # the caller does not wait for its own audit event.
+            asyncio.get_running_loop().call_soon(self._account, record, elapsed)
         return response
+
+    def _account(self, record: audit.RequestRecord, elapsed: float) -> None:
+        audit.emit(record)
+        if self.metrics is not None:
+            self.metrics.request(record.route, record.status, record.decision, elapsed)
 
     async def _serve(
         self, request: web.Request, raw_path: str, raw_query: str, record: audit.RequestRecord
     ) -> web.StreamResponse:
         route, tail = self._route(raw_path)
         record.route = route.name
-        segments = paths.normalise(tail)
-        record.path = encoded = paths.encode(segments)
+        segments, encoded = paths.normalise_encoded(tail)
+        record.path = encoded
         source = policy.client_address(
             request.remote or "0.0.0.0",  # noqa: S104  # a peer with no address (a Unix socket) matches no CIDR
             request.headers.getall("X-Forwarded-For", []),
             self.config.server.trusted_proxies,
         )
-        record.source = str(source)
+        record.source = _address_text(source)
 
         identity, task = await self._authenticate(_caller_token(request, route), source, record)
         self._authorize(identity, task, route, request.method, segments, source, record)
@@ -358,7 +367,6 @@ class Proxy:
                 data=body,
                 allow_redirects=False,  # SECURITY: a redirect goes back to the caller
                 timeout=plan.timeout,
-                skip_auto_headers=("User-Agent",),
             ) as upstream:
                 record.upstream_status = upstream.status
                 return await _stream_back(request, upstream, rendered, record)
@@ -371,6 +379,9 @@ class Proxy:
             if denial is not None:
                 raise denial from None
             raise BadGateway("upstream_error", "the upstream could not be reached") from exc
+
+
+_address_text = functools.lru_cache(maxsize=4096)(str)  # the callers' few addresses, as text
 
 
 def _literal_denial(route: Route) -> EgressDenied | None:
@@ -467,16 +478,17 @@ async def _stream_back(
     encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in DECODED_ENCODINGS:
         raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
-    drop = HOP_BY_HOP | _RESPONSE_DROPPED | _connection_named(upstream.headers)
-    headers = CIMultiDict(
-        (k, scrub_text(v, rendered.forms))
-        for k, v in upstream.headers.items()
-        if k.lower() not in drop
-    )
+    headers = _response_headers(upstream.headers, rendered)
     # The upstream's reason phrase is not forwarded: it is free text that could echo the key.
+    length = upstream.content_length
+    if length is not None and length <= WHOLE_BODY and request.method != "HEAD":
+        # A short answer of declared length is read, scrubbed and sent whole: one write to
+        # the caller instead of headers, chunk and end, and a cut-short body is still a 502.
+        body = scrub_bytes(await upstream.read(), rendered.byte_forms)
+        return web.Response(status=upstream.status, body=body, headers=headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
-    scrubber = Scrubber(rendered.forms)
+    scrubber = Scrubber(rendered.byte_forms)
     try:
         async for chunk in upstream.content.iter_any():
             out = scrubber.feed(chunk)
@@ -493,6 +505,18 @@ async def _stream_back(
         if request.transport is not None:
             request.transport.abort()
     return response
+
+
+def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> CIMultiDict[str]:
+    drop = _RESPONSE_NOT_FORWARDED
+    if "Connection" in incoming:
+        drop = drop | _connection_named(incoming)
+    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+    # One search through all values first: an echoed key in a header is the rare case.
+    values = "\n".join(headers.values())
+    if any(form in values for form in rendered.forms):
+        headers = CIMultiDict((k, scrub_text(v, rendered.forms)) for k, v in headers.items())
+    return headers
 
 
 def error_response(exc: RequestError) -> web.Response:

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -97,6 +98,12 @@ def is_task_token(token: str) -> bool:
     head, dot, _ = token.partition(".")
     if not dot or len(head) > _MAX_HEADER:
         return False
+    return _names_task_token(head)
+
+
+@functools.lru_cache(maxsize=256)
+def _names_task_token(head: str) -> bool:
+    """Whether an encoded JWT header says typ is ours (an issuer's few headers repeat)."""
     try:
         header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
     except (ValueError, binascii.Error, RecursionError):

@@ -85,6 +85,7 @@ class Upstream:
         app.router.add_route("*", "/echo", _echo)
         app.router.add_get("/leak/header", _leak_header)
         app.router.add_get("/leak/body", _leak_body)
+        app.router.add_get("/leak/large", _leak_large)
         app.router.add_get("/leak/sse", _leak_sse)
         app.router.add_get("/redirect", _redirect)
         app.router.add_get("/stall", _stall)
@@ -113,6 +114,14 @@ async def _leak_body(request: web.Request) -> web.Response:
     return web.json_response(
         {"echo": _received_key(request), "auth": request.headers.get("Authorization")}
     )
+
+
+async def _leak_large(request: web.Request) -> web.Response:
+    """A declared-length answer too large to be sent whole, so streamed: the key repeated
+    through 200 KiB, at offsets that fall on no fixed read size."""
+    key = _received_key(request).encode()
+    body = b"".join(b"x" * (40_000 + i) + key for i in range(5))
+    return web.Response(body=body, content_type="text/plain")
 
 
 async def _leak_sse(request: web.Request) -> web.StreamResponse:

@@ -713,6 +713,31 @@ async def test_cached_token_still_expires(verifier: IdentityVerifier, clock: Clo
     assert len(verifier.cache) == 0
 
 
+async def test_cached_token_is_refused_before_its_time(
+    verifier: IdentityVerifier, clock: Clock
+) -> None:
+    """The window is checked at both ends on every use: with the clock set back before the
+    token's iat (beyond the leeway), a remembered token is not valid yet."""
+    token = sign(claims(clock.now))
+    await verifier.verify(token)
+    clock.now -= 2 * LEEWAY
+    assert await reason_for(verifier, token) == "not_yet_valid"
+    clock.now += 2 * LEEWAY
+    assert (await verifier.verify(token)).subject == SUB
+
+
+async def test_cached_token_survives_a_refetch_that_keeps_its_key(
+    verifier: IdentityVerifier, server: IssuerServer, clock: Clock
+) -> None:
+    """A refetched key set holding the same key again still accepts the remembered token."""
+    token = sign(claims(clock.now, exp=int(clock.now + 10 * TTL)))
+    await verifier.verify(token)
+    clock.now += TTL  # stale: the next use refetches the same document
+    assert (await verifier.verify(token)).subject == SUB
+    assert (await verifier.verify(token)).subject == SUB
+    assert server.hits["jwks"] >= 2
+
+
 async def test_cached_token_needs_the_key_that_verified_it(
     verifier: IdentityVerifier, server: IssuerServer, clock: Clock
 ) -> None:

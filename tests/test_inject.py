@@ -55,7 +55,7 @@ def test_render_is_cached_per_version() -> None:
 
 
 def _scrub_all(chunks: list[bytes], forms: tuple[str, ...]) -> bytes:
-    scrubber = Scrubber(forms)
+    scrubber = Scrubber(f.encode() for f in forms)
     out = b"".join(scrubber.feed(c) for c in chunks)
     return out + scrubber.flush()
 
@@ -90,7 +90,7 @@ def test_random_chunking_never_leaks() -> None:
 
 def test_event_end_is_not_held_back() -> None:
     """An SSE event that ends in text that cannot start a key is sent whole, at once."""
-    scrubber = Scrubber((KEY,))
+    scrubber = Scrubber((KEY.encode(),))
     event = b'data: {"delta": "hello"}\n\n'
     assert scrubber.feed(event) == event
     # Only a possible key prefix is held back, and released at the end of the body.

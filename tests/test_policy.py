@@ -415,11 +415,13 @@ PATHS = ["/v1/models", "/v1/**", "/v1/*/files", "/", "/v2/chat"]
 
 
 def test_policy_set_decides_exactly_as_the_linear_scan() -> None:
-    """compile(policies).decide gives the same Decision as decide() over a seeded random table."""
+    """compile(policies).decide gives the same Decision as decide() over a seeded random table,
+    also when asked again (from what it remembers) and for callers differing only by a claim."""
     rng = random.Random(5)
     for _ in range(40):
         policies = _random_policies(rng, rng.randint(0, 12))
         indexed = compile_policies(policies)
+        asked = []
         for _ in range(40):
             who = ident(
                 subject=rng.choice(["alice", "bob", "svc-a", "b0b", "zed", "carol"]),
@@ -435,6 +437,9 @@ def test_policy_set_decides_exactly_as_the_linear_scan() -> None:
             )
             assert indexed.decide(*facts) == decide(policies, *facts)
             assert indexed.explain(*facts) == explain(policies, *facts)
+            asked.append(facts)
+        for facts in reversed(asked):
+            assert indexed.decide(*facts) == decide(policies, *facts)
 
 
 def test_policy_set_reads_only_the_callers_policies(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -459,3 +464,13 @@ def test_policy_set_reads_only_the_callers_policies(monkeypatch: pytest.MonkeyPa
     denied = indexed.decide(ident(), "r7", "GET", pattern("/x"), HERE)
     assert denied == Decision(False, "route_not_granted", None)
     assert read == ["mine"]
+
+
+def test_remembered_decisions_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers sending ever new paths cannot grow the remembered decisions past the bound."""
+    monkeypatch.setattr(policy_module, "DECISIONS_REMEMBERED", 3)
+    indexed = compile_policies([policy("mine")])
+    for i in range(10):
+        facts = (ident(), "openai", "GET", pattern(f"/v1/models/m{i}"), HERE)
+        assert indexed.decide(*facts) == decide([policy("mine")], *facts)
+    assert len(indexed._decided) == 3

@@ -355,7 +355,7 @@ async def test_redirect_is_returned_not_followed(
 # ----------------------------------------------------------------------------- invariant 3
 
 
-@pytest.mark.parametrize("path", ["/leak/header", "/leak/body", "/leak/sse"])
+@pytest.mark.parametrize("path", ["/leak/header", "/leak/body", "/leak/large", "/leak/sse"])
 async def test_echoed_key_never_reaches_the_caller(
     stack: Stack,
     upstream: Upstream,
@@ -364,12 +364,15 @@ async def test_echoed_key_never_reaches_the_caller(
     seeded: tuple[str, str],
     path: str,
 ) -> None:
-    """An upstream echoing the key in a header, a body, or split across SSE chunks is scrubbed."""
+    """An upstream echoing the key in a header, a short or a long body, or split across SSE
+    chunks is scrubbed; a short body keeps a correct length."""
     key = seeded[1]
     async with http.get(f"{stack.base}/r/r{path}", headers=bearer(token)) as response:
         assert response.status == 200
         body = await response.read()
         headers = "\n".join(f"{k}: {v}" for k, v in response.headers.items())
+        if path == "/leak/body":
+            assert response.headers["Content-Length"] == str(len(body))
     assert upstream.requests[0].headers["Authorization"] == f"Bearer {key}"
     assert key not in headers
     assert key.encode() not in body
