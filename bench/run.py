@@ -636,7 +636,7 @@ class Stack:
 
 def _count_lines(path: Path) -> int:
     with path.open("rb") as f:
-        return sum(1 for line in f if b'"event": "request"' in line)
+        return sum(1 for line in f if b'"event":"request"' in line)
 
 
 def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bottom, phase by phase

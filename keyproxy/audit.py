@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
@@ -134,6 +135,20 @@ def scrub_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return out
 
 
+def _json(event: Any, **_: Any) -> str:
+    """One compact JSON line in ASCII, whatever stdout's encoding: orjson for the common
+    case; the standard library (which escapes) for other text and for what orjson refuses
+    (a lone surrogate from a decoded claim, an integer beyond 64 bits). Values are scalars,
+    lists and dicts by now: scrub_secrets turned anything else into text."""
+    try:
+        text = orjson.dumps(event).decode()
+    except orjson.JSONEncodeError:
+        text = ""
+    if text and text.isascii():
+        return text
+    return json.dumps(event, separators=(",", ":"), default=repr)
+
+
 class _Sink:
     """The audit stream, as structlog's logger. Inside an event loop, lines are kept and
     written together at the end of the loop's current turn, in one write and one flush
@@ -206,7 +221,7 @@ def configure(stream: TextIO | None = None, level: str = "info") -> None:
         # After scrubbing: ours, holding nothing, and never the same twice (the scrubber
         # remembers texts it found clean; this one would only crowd them out).
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.JSONRenderer(),
+        structlog.processors.JSONRenderer(serializer=_json),
     ]
     flush()  # what the previous set-up still holds goes to its own stream
     factory = _SinkFactory(_Sink(stream or sys.stdout))
@@ -277,4 +292,4 @@ def emit(record: RequestRecord) -> None:
     event["level"] = "info"
     clean = scrub_secrets(None, "info", event)
     clean["timestamp"] = dt.datetime.now(tz=dt.UTC).isoformat().replace("+00:00", "Z")
-    setup.factory.sink.msg(json.dumps(clean))
+    setup.factory.sink.msg(_json(clean))

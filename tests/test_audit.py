@@ -146,3 +146,25 @@ def test_events_at_a_filtered_level_are_not_written() -> None:
     finally:
         structlog.configure(**previous)
     assert stream.getvalue() == ""
+
+
+def test_what_orjson_refuses_is_still_written() -> None:
+    """A lone surrogate (a JWT claim may decode to one), a huge integer and other text still
+    make one valid JSON line, in ASCII."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        record = _record()
+        record.subject = "agent-\ud800"
+        record.task = "caf\u00e9"
+        record.key_version = 2**70
+        audit.emit(record)
+    finally:
+        structlog.configure(**previous)
+    (line,) = stream.getvalue().splitlines()
+    assert line.isascii()
+    event = json.loads(line)
+    assert event["task"] == "caf\u00e9"
+    assert event["key_version"] == 2**70
+    assert event["subject"] == "agent-\ud800"
