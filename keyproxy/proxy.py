@@ -13,7 +13,7 @@ import functools
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote_plus
 
@@ -117,12 +117,27 @@ _RESPONSE_NOT_FORWARDED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
 WHOLE_BODY: Final = 64 * 1024
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
-    """Header names listed in Connection are hop-by-hop too (RFC 9110 7.6.1)."""
-    named: set[str] = set()
-    for value in headers.getall("Connection", []):
-        named.update(part.strip().lower() for part in value.split(",") if part.strip())
-    return named
+_NONE: Final[frozenset[str]] = frozenset()
+_HEADER_VERDICTS: Final = 1024  # header names (as sent) whose verdict a route remembers
+
+
+def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Header names listed in Connection, which makes them hop-by-hop too (RFC 9110 7.6.1),
+    beyond the hop-by-hop names dropped anyway ("keep-alive" mostly)."""
+    if "Connection" not in headers:
+        return _NONE
+    return _listed(tuple(headers.getall("Connection")))
+
+
+@functools.lru_cache(maxsize=256)
+def _listed(values: tuple[str, ...]) -> frozenset[str]:
+    named = {part.strip().lower() for value in values for part in value.split(",")}
+    return frozenset(named - HOP_BY_HOP - {""})
+
+
+@functools.lru_cache(maxsize=_HEADER_VERDICTS)
+def _response_forwards(name: str) -> bool:
+    return name.lower() not in _RESPONSE_NOT_FORWARDED
 
 
 class UpstreamSessions:
@@ -178,6 +193,17 @@ class _Plan:
     dropped_headers: frozenset[str]  # request headers never forwarded on this route
     timeout: aiohttp.ClientTimeout
     literal_denial: EgressDenied | None  # the fence's verdict on an IP-literal upstream
+    verdicts: dict[str, bool] = field(default_factory=dict)  # header name as sent: forwarded?
+
+    def forwards(self, name: str) -> bool:
+        """Whether a caller's request header of this name is forwarded on this route."""
+        verdict = self.verdicts.get(name)
+        if verdict is None:
+            lower = name.lower()
+            verdict = _caller_may_send(lower) and lower not in self.dropped_headers
+            if len(self.verdicts) < _HEADER_VERDICTS:  # names are the caller's to choose
+                self.verdicts[name] = verdict
+        return verdict
 
     @classmethod
     def of(cls, route: Route) -> _Plan:
@@ -454,13 +480,11 @@ def _upstream_url(
 def _upstream_headers(
     incoming: CIMultiDictProxy[str], plan: _Plan, rendered: Rendered
 ) -> CIMultiDict[str]:
-    drop = plan.dropped_headers
-    if "Connection" in incoming:
-        drop = drop | _connection_named(incoming)
+    extra = _connection_extra(incoming)
     headers = CIMultiDict(
         (k, v)
         for k, v in incoming.items()
-        if _caller_may_send(name := k.lower()) and name not in drop
+        if plan.forwards(k) and (not extra or k.lower() not in extra)
     )
     headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
     if incoming.get("Content-Length"):
@@ -507,15 +531,17 @@ async def _stream_back(
     return response
 
 
-def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> CIMultiDict[str]:
-    drop = _RESPONSE_NOT_FORWARDED
-    if "Connection" in incoming:
-        drop = drop | _connection_named(incoming)
-    headers = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> list[tuple[str, str]]:
+    extra = _connection_extra(incoming)
+    headers = [
+        (k, v)
+        for k, v in incoming.items()
+        if _response_forwards(k) and (not extra or k.lower() not in extra)
+    ]
     # One search through all values first: an echoed key in a header is the rare case.
-    values = "\n".join(headers.values())
+    values = "\n".join([v for _, v in headers])
     if any(form in values for form in rendered.forms):
-        headers = CIMultiDict((k, scrub_text(v, rendered.forms)) for k, v in headers.items())
+        headers = [(k, scrub_text(v, rendered.forms)) for k, v in headers]
     return headers
 
 

@@ -11,6 +11,7 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -719,6 +720,86 @@ async def test_stalled_chunked_body_is_408(stack: Stack, upstream: Upstream, tok
         writer.close()
     assert int(status_line.split()[1]) == 408
     assert upstream.requests == []
+
+
+@asynccontextmanager
+async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
+    """An upstream that reads a request, writes `answer` as given, and closes the connection:
+    for answers aiohttp's server would not send (lengths that lie, odd headers)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _answer(declared: int, sent: int, extra: bytes = b"") -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n" % declared + extra + b"\r\n" + b"x" * sent
+
+
+async def test_short_answer_cut_short_is_502(
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A short answer that ends before its declared length is a clean 502, never a body that
+    looks complete; the audit event says why."""
+    async with (
+        raw_upstream(_answer(1000, 10)) as url,
+        running_proxy(config_for(url)) as stack,
+        http.get(f"{stack.base}/r/r/echo?cut", headers=bearer(token)) as response,
+    ):
+        assert response.status == 502
+        assert (await response.json())["error"]["code"] == "upstream_error"
+    events = [e for e in _events(audit_log) if e.get("status") == 502 and e.get("route") == "r"]
+    assert events[-1]["reason"] == "upstream_error"
+    assert events[-1]["upstream_status"] == 200
+
+
+async def test_long_answer_cut_short_breaks_the_connection(
+    config_for: Callable[..., dict[str, Any]], token: str, http: aiohttp.ClientSession
+) -> None:
+    """A streamed answer that ends before its declared length: the status line is gone, so
+    the caller's connection is cut and its client reports an incomplete body."""
+    async with (
+        raw_upstream(_answer(300_000, 100_000)) as url,
+        running_proxy(config_for(url)) as stack,
+        http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response,
+    ):
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+
+@pytest.mark.parametrize("size", [10, 100_000])
+async def test_headers_named_in_connection_are_not_returned(
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    size: int,
+) -> None:
+    """A response header the upstream lists in Connection is hop-by-hop: not passed back,
+    for a short answer as for a streamed one."""
+    extra = b"Connection: keep-alive, X-Hop\r\nX-Hop: upstream-only\r\nX-Kept: yes\r\n"
+    async with (
+        raw_upstream(_answer(size, size, extra)) as url,
+        running_proxy(config_for(url)) as stack,
+        http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response,
+    ):
+        assert response.status == 200
+        assert len(await response.read()) == size
+        assert "X-Hop" not in response.headers
+        assert response.headers["X-Kept"] == "yes"
 
 
 async def test_stalled_upstream_is_504(
