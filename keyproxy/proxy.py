@@ -181,7 +181,8 @@ def _session(route: Route) -> aiohttp.ClientSession:
         trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
+        # Sent when the caller sends none, instead of aiohttp's (which names its version).
+        headers={"User-Agent": "keyproxy"},
     )
 
 
@@ -241,6 +242,7 @@ class Proxy:
         self.tasks = tasks
         self.metrics = metrics
         self.plans = {name: _Plan.of(route) for name, route in config.routes.items()}
+        self._finished: list[tuple[audit.RequestRecord, float]] = []
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
@@ -271,14 +273,20 @@ class Proxy:
             record.duration_ms = round(elapsed * 1000, 3)
             record.status = response.status if response is not None else 499
             # Accounted for right after this step, in which aiohttp sends a returned answer:
-            # the caller does not wait for its own audit event.
-            asyncio.get_running_loop().call_soon(self._account, record, elapsed)
+            # the caller does not wait for its own audit event. Requests finishing in the
+            # same turn of the loop are accounted for together.
+            if not self._finished:
+                asyncio.get_running_loop().call_soon(self._account)
+            self._finished.append((record, elapsed))
         return response
 
-    def _account(self, record: audit.RequestRecord, elapsed: float) -> None:
-        audit.emit(record)
-        if self.metrics is not None:
-            self.metrics.request(record.route, record.status, record.decision, elapsed)
+    def _account(self) -> None:
+        finished, self._finished = self._finished, []
+        with audit.batch():
+            for record, elapsed in finished:
+                audit.emit(record)
+                if self.metrics is not None:
+                    self.metrics.request(record.route, record.status, record.decision, elapsed)
 
     async def _serve(
         self, request: web.Request, raw_path: str, raw_query: str, record: audit.RequestRecord
@@ -474,7 +482,14 @@ def _upstream_url(
             if part and unquote_plus(part.partition("=")[0]) not in injector.query_names
         ]
         query = "&".join([*kept, rendered.query])
-    return URL(f"{route.upstream.origin}{path}" + (f"?{query}" if query else ""), encoded=True)
+    text = f"{route.upstream.origin}{path}" + (f"?{query}" if query else "")
+    # Remembered only without a key in it: no key outlives its version in a cache.
+    return URL(text, encoded=True) if rendered.query else _url(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(text: str) -> URL:
+    return URL(text, encoded=True)
 
 
 def _upstream_headers(
@@ -508,7 +523,10 @@ async def _stream_back(
     if length is not None and length <= WHOLE_BODY and request.method != "HEAD":
         # A short answer of declared length is read, scrubbed and sent whole: one write to
         # the caller instead of headers, chunk and end, and a cut-short body is still a 502.
-        body = scrub_bytes(await upstream.read(), rendered.byte_forms)
+        content = upstream.content
+        # Usually it all came with the headers: take it without waiting.
+        body = content.read_nowait() if content.is_eof() else await upstream.read()
+        body = scrub_bytes(body, rendered.byte_forms)
         return web.Response(status=upstream.status, body=body, headers=headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)

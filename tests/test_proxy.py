@@ -533,6 +533,25 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
     assert_nothing_leaked(upstream, token)
 
 
+async def test_user_agent_is_the_callers_or_keyproxy(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """The caller's User-Agent goes upstream as sent; without one, the upstream sees
+    `keyproxy`, never the HTTP library and its version."""
+    port = URL(stack.base).port
+    assert port is not None
+    auth = f"Authorization: Bearer {token}\r\n".encode()
+    assert await raw_request(port, b"/r/r/echo", auth) == 200
+    async with http.get(
+        f"{stack.base}/r/r/echo", headers={**bearer(token), "User-Agent": "agent/1.0"}
+    ) as response:
+        assert response.status == 200
+    assert [seen.headers.getall("User-Agent") for seen in upstream.requests] == [
+        ["keyproxy"],
+        ["agent/1.0"],
+    ]
+
+
 async def test_query_injection_replaces_a_caller_parameter(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
