@@ -151,6 +151,9 @@ def _json(event: Any, **_: Any) -> str:
     return json.dumps(event, separators=(",", ":"), default=repr)
 
 
+_KEPT_ON_FAILURE = 100_000  # lines kept for another try when the stream refuses a write
+
+
 class _Sink:
     """The audit stream, as structlog's logger. Inside an event loop, lines are kept and
     written together at the end of the loop's current turn, in one write and one flush
@@ -165,10 +168,6 @@ class _Sink:
         self._held = 0  # inside batch(): written when it ends
 
     def msg(self, message: str) -> None:
-        if self._held:
-            with self._lock:
-                self._pending.append(message)
-            return
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -178,8 +177,8 @@ class _Sink:
             if loop is None:
                 self._write_pending()
                 return
-            if self._flush_on is loop:
-                return
+            if self._held or self._flush_on is loop:
+                return  # the batch, or the flush already scheduled, writes it
             self._flush_on = loop
         loop.call_soon(self.flush)
 
@@ -192,19 +191,28 @@ class _Sink:
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        self._held += 1
+        with self._lock:
+            self._held += 1
         try:
             yield
         finally:
-            self._held -= 1
-            if not self._held:
-                self.flush()
+            with self._lock:
+                self._held -= 1
+                if not self._held:
+                    self._write_pending()
 
     def _write_pending(self) -> None:
         lines, self._pending, self._flush_on = self._pending, [], None
-        if lines and not self._stream.closed:
+        if not lines or self._stream.closed:
+            return
+        try:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
+        except BaseException:
+            # Not lost with the failed write: tried again with the next line. Bounded, so a
+            # stream that stays broken cannot hold the whole process's memory.
+            self._pending = (lines + self._pending)[-_KEPT_ON_FAILURE:]
+            raise
 
 
 class _SinkFactory:
@@ -220,6 +228,8 @@ class _Setup:
     """What `configure()` installed, so `emit()` can tell it is still in place."""
 
     processors: list[Any]
+    snapshot: tuple[Any, ...]  # the list as configured: structlog.testing changes it in place
+    wrapper: Any
     factory: _SinkFactory
     request_events: bool  # whether the level lets `info` through
 
@@ -251,7 +261,7 @@ def configure(stream: TextIO | None = None, level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     threshold = logging.getLevelNamesMapping()[level.upper()]
-    _setup = _Setup(processors, factory, threshold <= logging.INFO)
+    _setup = _Setup(processors, tuple(processors), wrapper, factory, threshold <= logging.INFO)
 
 
 def flush() -> None:
@@ -320,6 +330,8 @@ def emit(record: RequestRecord) -> None:
         setup is None
         or config["processors"] is not setup.processors
         or config["logger_factory"] is not setup.factory
+        or config["wrapper_class"] is not setup.wrapper
+        or tuple(setup.processors) != setup.snapshot
     ):
         # structlog was set up by someone else: let it do everything.
         _log.info("request", **vars(record))

@@ -9,7 +9,9 @@ Nothing is sent upstream until every check has passed.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import itertools
 import ssl
 import time
 from collections.abc import Mapping
@@ -119,6 +121,7 @@ WHOLE_BODY: Final = 64 * 1024
 
 _NONE: Final[frozenset[str]] = frozenset()
 _HEADER_VERDICTS: Final = 1024  # header names (as sent) whose verdict a route remembers
+_REMEMBERED_NAME: Final = 64  # longest header name whose verdict is remembered
 
 
 def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -135,8 +138,14 @@ def _listed(values: tuple[str, ...]) -> frozenset[str]:
     return frozenset(named - HOP_BY_HOP - {""})
 
 
-@functools.lru_cache(maxsize=_HEADER_VERDICTS)
 def _response_forwards(name: str) -> bool:
+    if len(name) > _REMEMBERED_NAME:
+        return name.lower() not in _RESPONSE_NOT_FORWARDED
+    return _short_response_forwards(name)
+
+
+@functools.lru_cache(maxsize=_HEADER_VERDICTS)
+def _short_response_forwards(name: str) -> bool:
     return name.lower() not in _RESPONSE_NOT_FORWARDED
 
 
@@ -202,7 +211,8 @@ class _Plan:
         if verdict is None:
             lower = name.lower()
             verdict = _caller_may_send(lower) and lower not in self.dropped_headers
-            if len(self.verdicts) < _HEADER_VERDICTS:  # names are the caller's to choose
+            # Names are the caller's to choose: only so many, and only short ones, are kept.
+            if len(name) <= _REMEMBERED_NAME and len(self.verdicts) < _HEADER_VERDICTS:
                 self.verdicts[name] = verdict
         return verdict
 
@@ -242,7 +252,7 @@ class Proxy:
         self.tasks = tasks
         self.metrics = metrics
         self.plans = {name: _Plan.of(route) for name, route in config.routes.items()}
-        self._finished: list[tuple[audit.RequestRecord, float]] = []
+        self._finished: list[tuple[audit.RequestRecord, float, contextvars.Context]] = []
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
@@ -277,14 +287,18 @@ class Proxy:
             # same turn of the loop are accounted for together.
             if not self._finished:
                 asyncio.get_running_loop().call_soon(self._account)
-            self._finished.append((record, elapsed))
+            self._finished.append((record, elapsed, contextvars.copy_context()))
         return response
 
     def _account(self) -> None:
         finished, self._finished = self._finished, []
         with audit.batch():
-            for record, elapsed in finished:
-                audit.emit(record)
+            for record, elapsed, context in finished:
+                try:
+                    context.run(audit.emit, record)  # with this request's own log context
+                except Exception:
+                    # One event that cannot be written does not take the others with it.
+                    log.exception("audit_event_failed", route=record.route, path=record.path)
                 if self.metrics is not None:
                     self.metrics.request(record.route, record.status, record.decision, elapsed)
 
@@ -515,19 +529,29 @@ async def _stream_back(
     record: audit.RequestRecord,
 ) -> web.StreamResponse:
     encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+    encoding = "" if encoding == "identity" else encoding
     if encoding not in DECODED_ENCODINGS:
         raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
     headers = _response_headers(upstream.headers, rendered)
     # The upstream's reason phrase is not forwarded: it is free text that could echo the key.
     length = upstream.content_length
-    if length is not None and length <= WHOLE_BODY and request.method != "HEAD":
-        # A short answer of declared length is read, scrubbed and sent whole: one write to
-        # the caller instead of headers, chunk and end, and a cut-short body is still a 502.
+    response: web.StreamResponse
+    if length is not None and length <= WHOLE_BODY and not encoding and request.method != "HEAD":
+        # A short answer of declared length (and not compressed, which could make it large)
+        # is read, scrubbed and sent whole: one write to the caller instead of headers, chunk
+        # and end, and a cut-short body is still a 502.
         content = upstream.content
         # Usually it all came with the headers: take it without waiting.
         body = content.read_nowait() if content.is_eof() else await upstream.read()
-        body = scrub_bytes(body, rendered.byte_forms)
-        return web.Response(status=upstream.status, body=body, headers=headers)
+        response = web.Response(
+            status=upstream.status, body=scrub_bytes(body, rendered.byte_forms), headers=headers
+        )
+        try:  # sent here, so the audit event knows whether it reached the caller
+            await response.prepare(request)
+            await response.write_eof()
+        except Exception:  # noqa: BLE001  # whatever broke the write, the answer is the same
+            _abort(request, record)
+        return response
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     scrubber = Scrubber(rendered.byte_forms)
@@ -541,12 +565,16 @@ async def _stream_back(
             await response.write(tail)
         await response.write_eof()
     except Exception:  # noqa: BLE001  # whatever broke the stream, the answer is the same
-        # The status line is gone already; cut the connection so a truncated body can
-        # never look complete to the caller.
-        record.reason = "stream_aborted"
-        if request.transport is not None:
-            request.transport.abort()
+        _abort(request, record)
     return response
+
+
+def _abort(request: web.Request, record: audit.RequestRecord) -> None:
+    """The status line is gone already: cut the connection, so a truncated body can never
+    look complete to the caller."""
+    record.reason = "stream_aborted"
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> list[tuple[str, str]]:
@@ -556,10 +584,14 @@ def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> li
         for k, v in incoming.items()
         if _response_forwards(k) and (not extra or k.lower() not in extra)
     ]
-    # One search through all values first: an echoed key in a header is the rare case.
-    values = "\n".join([v for _, v in headers])
-    if any(form in values for form in rendered.forms):
-        headers = [(k, scrub_text(v, rendered.forms)) for k, v in headers]
+    # One search through all names and values first: an echoed key is the rare case.
+    text = "\n".join(itertools.chain.from_iterable(headers))
+    if any(form in text for form in rendered.forms):
+        headers = [
+            (k, scrub_text(v, rendered.forms))
+            for k, v in headers
+            if not any(form in k for form in rendered.forms)  # a name cannot be redacted
+        ]
     return headers
 
 

@@ -86,6 +86,7 @@ class Upstream:
         app.router.add_get("/leak/header", _leak_header)
         app.router.add_get("/leak/body", _leak_body)
         app.router.add_get("/leak/large", _leak_large)
+        app.router.add_get("/leak/header-name", _leak_header_name)
         app.router.add_get("/leak/sse", _leak_sse)
         app.router.add_get("/redirect", _redirect)
         app.router.add_get("/stall", _stall)
@@ -114,6 +115,10 @@ async def _leak_body(request: web.Request) -> web.Response:
     return web.json_response(
         {"echo": _received_key(request), "auth": request.headers.get("Authorization")}
     )
+
+
+async def _leak_header_name(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True}, headers={f"X-Echo-{_received_key(request)}": "1"})
 
 
 async def _leak_large(request: web.Request) -> web.Response:

@@ -7,7 +7,9 @@ import datetime as dt
 import io
 import json
 
+import pytest
 import structlog
+import structlog.testing
 
 from keyproxy import audit, secret
 from keyproxy.secret import REDACTED, Secret
@@ -189,3 +191,44 @@ async def test_a_batch_is_written_when_it_ends() -> None:
         assert len(stream.getvalue().splitlines()) == 5
     finally:
         structlog.configure(**previous)
+
+
+class _FailingOnce(_CountingStream):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def write(self, text: str) -> int:
+        if self.fail:
+            self.fail = False
+            raise OSError("disk full")
+        return super().write(text)
+
+
+def test_lines_of_a_failed_write_are_kept_for_the_next() -> None:
+    """A write the stream refuses loses nothing: its lines go out with the next one."""
+    stream = _FailingOnce()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            audit.emit(_record(1))
+        audit.emit(_record(2))
+    finally:
+        structlog.configure(**previous)
+    paths = [json.loads(line)["path"] for line in stream.getvalue().splitlines()]
+    assert paths == ["/v1/models/1", "/v1/models/2"]
+
+
+def test_request_events_reach_structlogs_capture_logs() -> None:
+    """A processor chain changed in place (structlog.testing.capture_logs) is honoured."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        with structlog.testing.capture_logs() as captured:
+            audit.emit(_record(3))
+    finally:
+        structlog.configure(**previous)
+    assert [e["path"] for e in captured if e["event"] == "request"] == ["/v1/models/3"]
+    assert stream.getvalue() == ""

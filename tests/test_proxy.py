@@ -380,6 +380,16 @@ async def test_echoed_key_never_reaches_the_caller(
     assert b"[REDACTED]" in body or "[REDACTED]" in headers
 
 
+async def test_key_in_a_response_header_name_drops_that_header(
+    stack: Stack, token: str, http: aiohttp.ClientSession, seeded: tuple[str, str]
+) -> None:
+    """A header whose name holds the key cannot be redacted: it is not passed back at all."""
+    async with http.get(f"{stack.base}/r/r/leak/header-name", headers=bearer(token)) as response:
+        assert response.status == 200
+        assert await response.json() == {"ok": True}
+        assert all(seeded[1] not in name for name in response.headers)
+
+
 async def test_basic_auth_encoding_is_scrubbed_too(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
