@@ -18,6 +18,8 @@ ever holds a key or a token.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,12 +30,17 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
     write_to_textfile,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -43,19 +50,8 @@ class Metrics:
 
     def __init__(self, key_status: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "keyproxy_requests",
-            "Requests through the proxy, by route, status and policy decision.",
-            ["route", "status", "decision"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "keyproxy_request_duration_seconds",
-            "Time from request to the end of the answer, allowed requests.",
-            ["route"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
+        self._requests = _RequestCollector()
+        self.registry.register(self._requests)
         self.tokens = Counter(
             "keyproxy_tokens",
             "Task tokens issued, denied and revoked by this replica.",
@@ -63,25 +59,60 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_KeyCollector(key_status))
-        # labels() builds and locks on every call: the children are looked up once. Keys
-        # are bounded by routes x statuses x decisions.
-        self._counted: dict[tuple[str | None, int, str], Any] = {}
-        self._timed: dict[str | None, Any] = {}
 
     def request(self, route: str | None, status: int, decision: str, seconds: float) -> None:
-        key = (route, status, decision)
-        counter = self._counted.get(key)
-        if counter is None:
-            counter = self._counted[key] = self.requests.labels(route or "-", str(status), decision)
-        counter.inc()
-        if decision == "allow":
-            timer = self._timed.get(route)
-            if timer is None:
-                timer = self._timed[route] = self.latency.labels(route or "-")
-            timer.observe(seconds)
+        self._requests.add(route, status, decision, seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _RequestCollector(Collector):
+    """Request counts and durations, kept in plain dicts by the event loop's thread (the only
+    writer) and turned into a counter and a histogram when scraped: prometheus-client's own
+    children take a lock and walk the buckets on every update, on every request. Keys are
+    bounded by routes x statuses x decisions."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str | None, int, str], int] = {}
+        # Per route: requests per bucket (the last one above every bound), and their sum.
+        self.buckets: dict[str | None, list[int]] = {}
+        self.sums: dict[str | None, float] = {}
+
+    def add(self, route: str | None, status: int, decision: str, seconds: float) -> None:
+        key = (route, status, decision)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if decision == "allow":
+            counts = self.buckets.get(route)
+            if counts is None:
+                counts = self.buckets[route] = [0] * (len(BUCKETS) + 1)
+                self.sums[route] = 0.0
+            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+            self.sums[route] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "keyproxy_requests",
+            "Requests through the proxy, by route, status and policy decision.",
+            labels=["route", "status", "decision"],
+        )
+        for (route, status, decision), count in sorted(
+            self.counts.items(), key=lambda item: (item[0][0] or "-", item[0][1], item[0][2])
+        ):
+            requests.add_metric([route or "-", str(status), decision], count)
+        latency = HistogramMetricFamily(
+            "keyproxy_request_duration_seconds",
+            "Time from request to the end of the answer, allowed requests.",
+            labels=["route"],
+        )
+        for route, counts in sorted(self.buckets.items(), key=lambda item: item[0] or "-"):
+            cumulative = list(itertools.accumulate(counts))
+            bounds = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
+            latency.add_metric(
+                [route or "-"], list(zip(bounds, cumulative, strict=True)), self.sums[route]
+            )
+        yield requests
+        yield latency
 
 
 class _KeyCollector(Collector):

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.devserver import OpenBaoDevServer
-from keyproxy.metrics import write_rotation_textfile
+from keyproxy.metrics import BUCKETS, Metrics, write_rotation_textfile
 from tests.support import CANARIES, Upstream, bearer, new_key, running_proxy
 from tests.test_tokens import token_config
 
@@ -112,3 +113,40 @@ def test_rotation_textfile(tmp_path: Path) -> None:
         value(found, "keyproxy_rotation_last_run_timestamp_seconds", route="a", result="rotated")
         > 0
     )
+
+
+def test_request_metrics_expose_what_prometheus_client_would() -> None:
+    """The plain-dict request counters scrape exactly as prometheus-client's own Counter and
+    Histogram would after the same requests (bucket edges included)."""
+    metrics = Metrics(dict)
+    reference = CollectorRegistry()
+    counter = Counter("keyproxy_requests", "x", ["route", "status", "decision"], registry=reference)
+    histogram = Histogram(
+        "keyproxy_request_duration_seconds", "x", ["route"], buckets=BUCKETS, registry=reference
+    )
+    requests = [
+        ("r", 200, "allow", 0.003),
+        ("r", 200, "allow", 0.005),  # on a bucket's edge: counted in that bucket
+        ("r", 200, "allow", 0.3),
+        ("r", 403, "deny", 0.001),
+        (None, 404, "deny", 0.0),
+        ("s", 502, "allow", 500.0),  # above every bound
+    ]
+    for route, status, decision, seconds in requests:
+        metrics.request(route, status, decision, seconds)
+        counter.labels(route or "-", str(status), decision).inc()
+        if decision == "allow":
+            histogram.labels(route or "-").observe(seconds)
+
+    def sample_lines(text: str) -> list[str]:
+        return sorted(
+            line
+            for line in text.splitlines()
+            if line.startswith("keyproxy_request") and "_created" not in line
+        )
+
+    ours = sample_lines(metrics.exposition()[0].decode())
+    assert ours == sample_lines(generate_latest(reference).decode())
+    assert len(ours) == 4 + 2 * (
+        len(BUCKETS) + 3
+    )  # 4 counters; 2 routes: buckets, +Inf, count, sum
