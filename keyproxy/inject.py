@@ -121,10 +121,7 @@ class Scrubber:
 
     def feed(self, chunk: bytes) -> bytes:
         """Return what can be sent now; keep back a possible partial secret."""
-        buf = self._carry + chunk if self._carry else chunk
-        for form in self._forms:
-            if form in buf:
-                buf = buf.replace(form, _REDACTED_BYTES)
+        buf = scrub_bytes(self._carry + chunk if self._carry else chunk, self._forms)
         hold = self._partial_tail(buf)
         if hold:
             self._carry = buf[-hold:]

@@ -53,7 +53,7 @@ log = structlog.get_logger("keyproxy.proxy")
 ROUTE_PREFIX: Final = "/r/"
 # Response encodings aiohttp decodes, so the scrubber sees clear text. We ask for identity;
 # anything else the upstream sends anyway is refused rather than passed through unscrubbed.
-DECODED_ENCODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
+DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is read as ""
 CHUNK: Final = 64 * 1024
 
 # SECURITY: request headers never forwarded, whatever the route says. They carry or could
@@ -102,7 +102,6 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
 )
 
 
-@functools.lru_cache(maxsize=1024)
 def _caller_may_send(name: str) -> bool:
     """Whether a caller's request header (lower-case name) may be forwarded at all."""
     return name not in DROPPED_REQUEST_HEADERS and not any(
@@ -136,17 +135,6 @@ def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 def _listed(values: tuple[str, ...]) -> frozenset[str]:
     named = {part.strip().lower() for value in values for part in value.split(",")}
     return frozenset(named - HOP_BY_HOP - {""})
-
-
-def _response_forwards(name: str) -> bool:
-    if len(name) > _REMEMBERED_NAME:
-        return name.lower() not in _RESPONSE_NOT_FORWARDED
-    return _short_response_forwards(name)
-
-
-@functools.lru_cache(maxsize=_HEADER_VERDICTS)
-def _short_response_forwards(name: str) -> bool:
-    return name.lower() not in _RESPONSE_NOT_FORWARDED
 
 
 class UpstreamSessions:
@@ -582,7 +570,7 @@ def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> li
     headers = [
         (k, v)
         for k, v in incoming.items()
-        if _response_forwards(k) and (not extra or k.lower() not in extra)
+        if (name := k.lower()) not in _RESPONSE_NOT_FORWARDED and name not in extra
     ]
     # One search through all names and values first: an echoed key is the rare case.
     text = "\n".join(itertools.chain.from_iterable(headers))

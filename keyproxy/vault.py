@@ -245,15 +245,8 @@ class Vault:
     async def kv_version(self, mount: str, path: str) -> int | None:
         """The current version number of a KV v2 secret (metadata only), or None if absent.
         Cheap enough to poll: it never transfers the data."""
-        try:
-            response = await self._call(
-                f"read metadata {mount}/{path}",
-                lambda c: c.secrets.kv.v2.read_secret_metadata(path=path, mount_point=mount),
-            )
-        except SecretNotFound:
-            return None
-        body = response.get("data") if isinstance(response, dict) else None
-        version = body.get("current_version") if isinstance(body, dict) else None
+        metadata = await self.kv_metadata(mount, path)
+        version = metadata.get("current_version") if metadata is not None else None
         return version if isinstance(version, int) and version > 0 else None
 
     async def read_kv_at(self, mount: str, path: str, version: int) -> dict[str, Any]:
