@@ -8,6 +8,7 @@ the real application built from a real configuration against a real OpenBao.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import secrets
 import socket
@@ -35,6 +36,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# The vault and identity sections of a small valid configuration (no Vault behind it), for
+# tests of configuration parsing: add routes and policies. Never mutated: copy before changing.
+CONFIG_SECTIONS: dict[str, Any] = {
+    "vault": {"addr": "http://127.0.0.1:8200", "auth": {"method": "token"}},
+    "identity": {
+        "issuers": [
+            {
+                "name": "k8s",
+                "issuer": "https://kubernetes.default.svc",
+                "jwks_uri": "https://kubernetes.default.svc/openid/v1/jwks",
+                "audiences": ["keyproxy"],
+                "algorithms": ["RS256"],
+            }
+        ]
+    },
+}
 
 
 def new_key() -> str:
@@ -86,6 +105,7 @@ class Upstream:
         app.router.add_get("/leak/header", _leak_header)
         app.router.add_get("/leak/body", _leak_body)
         app.router.add_get("/leak/large", _leak_large)
+        app.router.add_get("/leak/gzip", _leak_gzip)
         app.router.add_get("/leak/header-name", _leak_header_name)
         app.router.add_get("/leak/sse", _leak_sse)
         app.router.add_get("/redirect", _redirect)
@@ -114,6 +134,14 @@ async def _leak_header(request: web.Request) -> web.Response:
 async def _leak_body(request: web.Request) -> web.Response:
     return web.json_response(
         {"echo": _received_key(request), "auth": request.headers.get("Authorization")}
+    )
+
+
+async def _leak_gzip(request: web.Request) -> web.Response:
+    """Compressed although the proxy asked for identity: the scrubber must see it decoded."""
+    body = gzip.compress(json.dumps({"echo": _received_key(request)}).encode())
+    return web.Response(
+        body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
     )
 
 

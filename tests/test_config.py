@@ -13,20 +13,10 @@ import yaml
 from keyproxy import config
 from keyproxy.cli import main
 from keyproxy.errors import ConfigError
+from tests.support import CONFIG_SECTIONS
 
 BASE: dict[str, Any] = {
-    "vault": {"addr": "http://127.0.0.1:8200", "auth": {"method": "token"}},
-    "identity": {
-        "issuers": [
-            {
-                "name": "k8s",
-                "issuer": "https://kubernetes.default.svc",
-                "jwks_uri": "https://kubernetes.default.svc/openid/v1/jwks",
-                "audiences": ["keyproxy"],
-                "algorithms": ["RS256"],
-            }
-        ]
-    },
+    **CONFIG_SECTIONS,
     "routes": {
         "openai": {
             "upstream": "https://api.openai.com/v1",

@@ -11,6 +11,7 @@ import pytest
 from keyproxy import config
 from keyproxy.config.model import CommandRotator, HttpRotator, ManualRotator, SecretRef
 from keyproxy.errors import ConfigError
+from tests.support import CONFIG_SECTIONS
 
 ADMIN = "https://admin.example.com"
 HTTP: dict[str, Any] = {
@@ -26,18 +27,7 @@ HTTP: dict[str, Any] = {
     "key_pointer": "/data/secret",
 }
 BASE: dict[str, Any] = {
-    "vault": {"addr": "http://127.0.0.1:8200", "auth": {"method": "token"}},
-    "identity": {
-        "issuers": [
-            {
-                "name": "k8s",
-                "issuer": "https://kubernetes.default.svc",
-                "jwks_uri": "https://kubernetes.default.svc/openid/v1/jwks",
-                "audiences": ["keyproxy"],
-                "algorithms": ["RS256"],
-            }
-        ]
-    },
+    **CONFIG_SECTIONS,
     "routes": {
         "legacy": {
             "upstream": "https://api.example.com",
