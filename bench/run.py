@@ -236,8 +236,6 @@ def keyproxy_config(
     agent: Agent,
     upstream: str,
     routes: int,
-    *,
-    refresh: str = "2s",
 ) -> dict[str, Any]:
     """`routes` routes and as many policies; the bench agent's policy comes last, so a linear
     policy scan would read every other one first."""
@@ -284,7 +282,6 @@ def keyproxy_config(
     return {
         "vault": {
             "addr": bao.addr,
-            "refresh_interval": refresh,
             "auth": {
                 "method": "approle",
                 "role_id_file": str(setup.role_id_file),
@@ -621,11 +618,8 @@ class Stack:
         cpu: str | None,
         *,
         source: Path | None = None,
-        refresh: str = "2s",
     ) -> Candidate:
-        cfg = keyproxy_config(
-            self.bao, self.setup, self.agent, self.upstream, routes, refresh=refresh
-        )
+        cfg = keyproxy_config(self.bao, self.setup, self.agent, self.upstream, routes)
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         port = _free_port()
@@ -776,16 +770,11 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
             print("bench: phase routes", flush=True)
             kp1000 = stack.keyproxy("keyproxy-1000", 1000, 1, PROXY_CPU)
             kp10 = Candidate("keyproxy-10", kp.base, kp.prefix, kp.credential, kp.pid)
-            # The same 1,000 routes with their keys re-read every 60 s instead of every 2 s:
-            # the difference to keyproxy-1000 is what refreshing 1,000 keys costs.
-            kp1000_slow = stack.keyproxy(
-                "keyproxy-1000-refresh-60s", 1000, 1, PROXY_CPU, refresh="60s"
-            )
             all_runs += measure(
                 procs,
                 tools["wrk"],
                 "routes",
-                candidates=[kp10, kp1000, kp1000_slow],
+                candidates=[kp10, kp1000],
                 bodies=["small"],
                 concs=[32, 128],
                 reps=args.reps + 1,
@@ -793,7 +782,6 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
             )
             rss["keyproxy (1,000 routes)"] = _peak_rss_kib(kp1000.pid or 0)
             stack.stop(kp1000)
-            stack.stop(kp1000_slow)
         stack.stop(kp)
 
         if "workers" in args.phases:

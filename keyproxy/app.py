@@ -59,7 +59,13 @@ def build_app(config: Config) -> web.Application:
 async def _components(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     vault = Vault(config.vault)
-    keys = KeyCache(vault, config.routes, config.vault.refresh_interval, config.vault.max_staleness)
+    keys = KeyCache(
+        vault,
+        config.routes,
+        config.vault.refresh_interval,
+        config.vault.max_staleness,
+        full_refresh_interval=config.vault.full_refresh_interval,
+    )
     client = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=10),
         trust_env=False,

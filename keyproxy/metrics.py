@@ -5,9 +5,10 @@
     keyproxy_tokens_total{event}                        counter: issued, denied, revoked
     keyproxy_key_version{route}                         gauge: the KV version being injected
     keyproxy_key_age_seconds{route}                     gauge: since Vault created that version
-    keyproxy_key_staleness_seconds{route}               gauge: since the last good Vault read
+    keyproxy_key_staleness_seconds{route}               gauge: since last read or confirmed
     keyproxy_key_ready{route}                           gauge: 1 when a fresh key is loaded
     keyproxy_key_rotations_total{route}                 counter: new versions this replica saw
+    keyproxy_vault_reads_total{route}                   counter: key reads from Vault
     keyproxy_vault_read_errors_total{route}             counter: failed key reads
 
 The key series are read from the key cache when scraped, so they cost the request path
@@ -132,7 +133,8 @@ class _KeyCollector(Collector):
         )
         staleness = GaugeMetricFamily(
             "keyproxy_key_staleness_seconds",
-            "Seconds since the key was last read from Vault successfully.",
+            "Seconds since the key was last read from Vault, or confirmed unchanged by the "
+            "change index.",
             labels=["route"],
         )
         ready = GaugeMetricFamily(
@@ -140,6 +142,9 @@ class _KeyCollector(Collector):
         )
         rotations = CounterMetricFamily(
             "keyproxy_key_rotations", "New key versions this replica picked up.", labels=["route"]
+        )
+        reads = CounterMetricFamily(
+            "keyproxy_vault_reads", "Reads of the route's key from Vault.", labels=["route"]
         )
         errors = CounterMetricFamily(
             "keyproxy_vault_read_errors", "Failed reads of the route's key.", labels=["route"]
@@ -154,8 +159,9 @@ class _KeyCollector(Collector):
                 staleness.add_metric([route], entry["age"])
             ready.add_metric([route], 1.0 if entry.get("fresh") else 0.0)
             rotations.add_metric([route], entry.get("versions_seen", 0))
+            reads.add_metric([route], entry.get("reads", 0))
             errors.add_metric([route], entry.get("read_errors", 0))
-        yield from (version, age, staleness, ready, rotations, errors)
+        yield from (version, age, staleness, ready, rotations, reads, errors)
 
 
 def write_rotation_textfile(path: Path, outcomes: Sequence[tuple[str, str]]) -> None:

@@ -44,7 +44,7 @@ from keyproxy.errors import KeyproxyError, VaultError
 from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotators import RotatorError, UpstreamKey
 from keyproxy.secret import Secret
-from keyproxy.vault import CasConflict, SecretNotFound, Vault
+from keyproxy.vault import CasConflict, SecretNotFound, Vault, announce_key_change
 
 log = structlog.get_logger("keyproxy.rotation")
 
@@ -450,7 +450,9 @@ class Rotations:
         new.pop("key_id", None)
         if key.key_id is not None:
             new["key_id"] = key.key_id
-        return await self.vault.write_kv(ref.mount, ref.path, new, cas=cas)
+        version = await self.vault.write_kv(ref.mount, ref.path, new, cas=cas)
+        await announce_key_change(self.vault, ref)  # proxies re-read it at their next poll
+        return version
 
     async def _journal(self, route: Route) -> Journal:
         lease = route.rotation.lock_timeout if route.rotation else 300.0

@@ -116,6 +116,8 @@ def test_full_config_compiles_to_typed_objects() -> None:
         ("vault.auth", {"method": "token", "token": "s.abc"}, "vault.auth.token"),
         ("vault.max_staleness", "1s", "vault.max_staleness"),
         ("vault.refresh_interval", "10m", "vault.refresh_interval"),
+        ("vault.full_refresh_interval", "1s", "vault.full_refresh_interval"),  # < refresh
+        ("vault.full_refresh_interval", "5m", "vault.full_refresh_interval"),  # = staleness
         ("server", {"port": 70000}, "server.port"),
     ],
 )
@@ -125,6 +127,16 @@ def test_mistakes_name_their_yaml_path(path: str, value: Any, where: str) -> Non
         _parse(_with(path, value))
     assert info.value.path == where
     assert str(info.value).startswith(where + ": ")
+
+
+def test_full_refresh_interval_defaults_to_a_minute_within_max_staleness() -> None:
+    """Every key is re-read once a minute by default, and at least twice within
+    max_staleness when that is short; never more often than refresh_interval."""
+    assert _parse(_with("vault.refresh_interval", "2s")).vault.full_refresh_interval == 60
+    short = _with("vault.max_staleness", "30s")
+    assert _parse(short).vault.full_refresh_interval == 15
+    slow = _with("vault.refresh_interval", "2m")
+    assert _parse(slow).vault.full_refresh_interval == 120
 
 
 def test_vault_addr_comes_from_the_environment() -> None:

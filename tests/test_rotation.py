@@ -37,7 +37,7 @@ from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotation import Rotations
 from keyproxy.secret import Secret
-from keyproxy.vault import SecretNotFound, Vault
+from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault
 from tests.conftest import LegacyApiProcess
 from tests.support import CANARIES, bearer, free_port
 
@@ -610,6 +610,14 @@ def test_the_rotation_approle_policy_suffices_and_the_proxy_role_does_not(
     done = env.rotate(name, "--emergency")
     assert done.returncode == 0, done.stdout
     assert outcomes(done)[name]["result"] == "rotated+revoked"
+    # The new key is noted in the change index the proxies poll (KEY_INDEX_PATH).
+    assert "key_index.write_failed" not in done.stderr
+    index = json.loads(
+        env.openbao.bao("kv", "get", "-mount=secret", "-format=json", KEY_INDEX_PATH)
+    )
+    assert index["data"]["data"] == {
+        "secret": f"secret/{env.raw['routes'][name]['secret']['path']}"
+    }
     env.raw["vault"]["auth"]["role_id_file"] = str(creds / "proxy-role-id")
     env.raw["vault"]["auth"]["secret_id_file"] = str(creds / "proxy-secret-id")
     env.path.write_text(yaml.safe_dump(env.raw))

@@ -7,7 +7,8 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,16 @@ from keyproxy.config import Injection, Route, SecretRef, Upstream, VaultAuth, Va
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import Unavailable, VaultError
 from keyproxy.secret import Secret
-from keyproxy.vault import CasConflict, KeyCache, KeyVersion, SecretNotFound, Vault
+from keyproxy.vault import (
+    INDEX_WINDOW,
+    KEY_INDEX_PATH,
+    CasConflict,
+    KeyCache,
+    KeyVersion,
+    SecretNotFound,
+    Vault,
+)
+from tests.support import new_key
 
 POLL = 0.05
 VAULT_TOKEN = re.compile(r"\b(hv)?[sbr]\.[A-Za-z0-9]{20,}")  # OpenBao/Vault token formats
@@ -481,6 +491,123 @@ async def test_key_cache_serves_last_key_until_max_staleness(
         assert info.value.reason == "key_stale"
         assert not cache.ready()
         assert info.value.status == 503
+
+
+def reads(cache: KeyCache) -> dict[str, int]:
+    return {name: entry["reads"] for name, entry in cache.status().items()}
+
+
+@contextlib.asynccontextmanager
+async def two_key_cache(
+    openbao: OpenBaoDevServer, cfg: VaultConfig, full_refresh_interval: float
+) -> AsyncIterator[tuple[KeyCache, dict[str, str], FakeClock]]:
+    """A loaded cache of routes a and b (separate secrets), refreshed by hand: (cache,
+    route -> KV path, clock)."""
+    paths = {name: f"keyproxy/keys/test-{uuid.uuid4().hex}" for name in ("a", "b")}
+    for path in paths.values():
+        openbao.put_key(path, new_key())
+    routes = {
+        name: route(name, SecretRef("secret", path, "api_key")) for name, path in paths.items()
+    }
+    clock = FakeClock()
+    with vault_of(cfg) as vault:
+        await vault.login()
+        cache = KeyCache(
+            vault,
+            routes,
+            refresh_interval=1,
+            max_staleness=300,
+            full_refresh_interval=full_refresh_interval,
+            clock=clock,
+        )
+        await cache.load_all()
+        assert reads(cache) == {"a": 1, "b": 1}
+        yield cache, paths, clock
+
+
+async def test_key_cache_rereads_only_the_keys_the_change_index_names(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, root_vault: Vault
+) -> None:
+    """With the change index unchanged a refresh reads no key and confirms them all; a key
+    stored with put-key.sh (which writes the index) is re-read at the next refresh, and only
+    it; a write that bypasses the index is not seen until the full refresh."""
+    async with two_key_cache(openbao, proxy_vault_config, 3600) as (cache, paths, clock):
+        clock.now += 100
+        await cache.refresh()
+        assert reads(cache) == {"a": 1, "b": 1}
+        assert [cache.status()[name]["age"] for name in "ab"] == [0, 0]  # confirmed
+
+        version = await asyncio.to_thread(openbao.put_key, paths["a"], new_key())
+        await cache.refresh()
+        assert reads(cache) == {"a": 2, "b": 1}
+        assert cache.get("a").version == version
+
+        before = cache.get("b")
+        await root_vault.write_kv("secret", paths["b"], {"api_key": new_key()})
+        await cache.refresh()
+        assert cache.get("b") is before
+        assert reads(cache) == {"a": 2, "b": 1}
+
+
+async def test_key_cache_sweep_rereads_every_key_within_the_full_refresh_interval(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, root_vault: Vault
+) -> None:
+    """Writes that bypass the change index are found by the sweep: with a full refresh of
+    two refresh intervals, two refreshes re-read each of the two keys once."""
+    async with two_key_cache(openbao, proxy_vault_config, 2) as (cache, paths, _):
+        versions = {
+            name: await root_vault.write_kv("secret", path, {"api_key": new_key()})
+            for name, path in paths.items()
+        }
+        await cache.refresh()
+        assert sorted(reads(cache).values()) == [1, 2]
+        await cache.refresh()
+        assert reads(cache) == {"a": 2, "b": 2}
+        assert {name: cache.get(name).version for name in paths} == versions
+
+
+async def test_key_cache_rereads_all_when_the_index_cannot_tell(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, root_vault: Vault
+) -> None:
+    """More index versions since the last poll than it reads one by one: every key is
+    re-read rather than one being missed."""
+    async with two_key_cache(openbao, proxy_vault_config, 3600) as (cache, _, _):
+        for _ in range(INDEX_WINDOW + 1):
+            await root_vault.write_kv("secret", KEY_INDEX_PATH, {"secret": "secret/elsewhere"})
+        await cache.refresh()
+        assert reads(cache) == {"a": 2, "b": 2}
+        await root_vault.write_kv("secret", KEY_INDEX_PATH, {"secret": "secret/elsewhere"})
+        await cache.refresh()
+        assert reads(cache) == {"a": 2, "b": 2}  # one version, naming another secret
+
+
+async def test_key_cache_without_the_index_confirms_nothing(
+    openbao: OpenBaoDevServer, tmp_path: Path
+) -> None:
+    """A token that may read the keys but not the change index (a policy not updated): the
+    failure is logged once, keys are re-read by the sweep and never confirmed without a read,
+    so staleness keeps counting."""
+    policy = f"keys-only-{uuid.uuid4().hex[:8]}"
+    rules = tmp_path / "keys-only.hcl"
+    rules.write_text('path "secret/data/keyproxy/keys/*" { capabilities = ["read"] }\n')
+    openbao.bao("policy", "write", policy, str(rules))
+    out = json.loads(openbao.bao("token", "create", "-format=json", f"-policy={policy}"))
+    write_secret_file(tmp_path / "token", out["auth"]["client_token"])
+    cfg = VaultConfig(
+        addr=openbao.addr,
+        auth=VaultAuth(method="token", mount="token", token_file=tmp_path / "token"),
+    )
+    with capture_logs() as logs:
+        async with two_key_cache(openbao, cfg, 3600) as (cache, _, clock):
+            clock.now += 100
+            await cache.refresh()
+            await cache.refresh()
+            assert reads(cache) == {"a": 1, "b": 1}
+            assert [cache.status()[name]["age"] for name in "ab"] == [100, 100]
+            assert cache.ready()
+    failures = [e for e in logs if e["event"] == "key_index.read_failed"]
+    assert len(failures) == 1
+    assert "permission denied" in failures[0]["error"]
 
 
 # ---------------------------------------------------------------------------- agent identity

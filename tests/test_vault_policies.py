@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from keyproxy.config import SecretRef, VaultAuth, VaultConfig
 from keyproxy.devserver import OpenBaoDevServer, vault_dev_dir
-from keyproxy.vault import Vault
+from keyproxy.vault import KEY_INDEX_PATH, Vault
 from tests.support import new_key
 
 SCRIPTS = vault_dev_dir()
@@ -82,7 +82,7 @@ def paths(bao: OpenBaoDevServer) -> Paths:
     bao.put_key(p.destroyable, new_key())
     bao.put_key(p.destroyable, new_key())
     root = _client(bao, bao.root_token)
-    for path in (p.journal, p.admin, p.tokens, p.outside):
+    for path in (p.journal, p.admin, p.tokens, p.outside, KEY_INDEX_PATH):
         root.secrets.kv.v2.create_or_update_secret(path, secret={"v": "x"}, mount_point="secret")
     bao.bao("write", "-f", f"transit/keys/{p.other_transit_key}", "type=ed25519")
     return p
@@ -163,6 +163,15 @@ OPERATIONS: dict[str, Operation] = {
     "write token state": lambda c, p: _kv(c).create_or_update_secret(
         p.tokens, secret={"v": "y"}, mount_point="secret"
     ),
+    "read key index": lambda c, p: (
+        _kv(c).read_secret_metadata(KEY_INDEX_PATH, mount_point="secret"),
+        _kv(c).read_secret_version(
+            KEY_INDEX_PATH, version=1, mount_point="secret", raise_on_deleted_version=True
+        ),
+    ),
+    "write key index": lambda c, p: _kv(c).create_or_update_secret(
+        KEY_INDEX_PATH, secret={"secret": f"secret/{p.key}"}, mount_point="secret"
+    ),
     "read outside keyproxy": lambda c, p: _kv(c).read_secret_version(
         p.outside, mount_point="secret", raise_on_deleted_version=True
     ),
@@ -188,6 +197,7 @@ ALLOWED: dict[str, set[str]] = {
     "proxy": {
         "read key",
         "read key metadata",
+        "read key index",
         "read token state",
         "write token state",
         "sign a task token",
@@ -199,6 +209,7 @@ ALLOWED: dict[str, set[str]] = {
         "read key",
         "read key metadata",
         "write key",
+        "write key index",
         "destroy old key version",
         "read journal",
         "write journal",
@@ -210,6 +221,8 @@ ALLOWED: dict[str, set[str]] = {
         "read key",
         "read key metadata",
         "write key",
+        "read key index",
+        "write key index",
         "destroy old key version",
         "list keys",
         "read journal",
@@ -245,7 +258,7 @@ def test_policy_allows_exactly_what_the_role_needs(
 def test_serving_and_rotation_policies_keep_the_critical_lines() -> None:
     """The lines the issue names hold by table: serving never writes keys or the journal,
     rotation never signs tokens (guards against the table drifting from the policies)."""
-    assert not {"write key", "write journal", "read journal"} & ALLOWED["proxy"]
+    assert not {"write key", "write journal", "read journal", "write key index"} & ALLOWED["proxy"]
     assert "sign a task token" not in ALLOWED["rotation"]
     assert {"read key", "sign a task token", "write token state"} <= ALLOWED["proxy"]
     assert {"write key", "write journal", "read admin credential"} <= ALLOWED["rotation"]

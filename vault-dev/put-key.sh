@@ -7,7 +7,8 @@
 # PATH is relative to the secret/ mount (a leading "secret/" is dropped), e.g.
 # keyproxy/keys/openai. FIELD defaults to api_key. Other fields are kept. Trailing newlines are
 # stripped; an empty value is refused. Needs BAO_ADDR/BAO_TOKEN (or VAULT_*) for a token
-# allowed to write there. Prints the new version number on stdout.
+# allowed to write there and to keyproxy/state/keys (the change index proxies poll). Prints
+# the new version number on stdout.
 set -euo pipefail
 
 bao="${BAO:-bao}"
@@ -33,3 +34,6 @@ else
 fi
 printf '%s' "$key" | "$bao" kv "$verb" -mount=secret -field=version "$path" "$field=-"
 echo
+# The change index: proxies poll it and re-read this secret at once rather than at their next
+# full refresh (vault.full_refresh_interval).
+"$bao" kv put -mount=secret keyproxy/state/keys "secret=secret/$path" >/dev/null

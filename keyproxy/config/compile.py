@@ -188,6 +188,7 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
             "tls_verify",
             "timeout",
             "refresh_interval",
+            "full_refresh_interval",
             "max_staleness",
         }
     )
@@ -202,6 +203,12 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
     if staleness <= refresh:
         where = f.get("max_staleness") or f["refresh_interval"]
         raise where.error("max_staleness must be longer than refresh_interval")
+    # Default: every key re-read once a minute, and at least twice within max_staleness.
+    full = _opt(f, "full_refresh_interval", _Node.duration, max(refresh, min(60.0, staleness / 2)))
+    if not refresh <= full < staleness:
+        raise f["full_refresh_interval"].error(
+            "must be at least refresh_interval and shorter than max_staleness"
+        )
     return VaultConfig(
         addr=addr.rstrip("/"),
         auth=_vault_auth(f.get("auth", _Node({"method": "token"}, node._child("auth").path))),
@@ -210,6 +217,7 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
         tls_verify=_opt(f, "tls_verify", _Node.boolean, True),
         timeout=_opt(f, "timeout", _Node.duration, 5.0),
         refresh_interval=refresh,
+        full_refresh_interval=full,
         max_staleness=staleness,
     )
 

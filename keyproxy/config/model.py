@@ -65,6 +65,7 @@ class VaultConfig:
     tls_verify: bool = True
     timeout: float = 5.0
     refresh_interval: float = 2.0
+    full_refresh_interval: float = 60.0
     max_staleness: float = 300.0
 
 

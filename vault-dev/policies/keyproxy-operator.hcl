@@ -24,6 +24,11 @@ path "secret/data/keyproxy/state/tokens/*" {
   capabilities = ["create", "read", "update"]
 }
 
+# The change index proxies poll, written after each key stored (keys put, put-key.sh).
+path "secret/data/keyproxy/state/keys" {
+  capabilities = ["create", "read", "update"]
+}
+
 # Rotators' admin credentials: an operator stores and replaces them.
 path "secret/data/keyproxy/admin/*" {
   capabilities = ["create", "read", "update"]

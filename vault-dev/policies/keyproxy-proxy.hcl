@@ -14,6 +14,15 @@ path "secret/metadata/keyproxy/keys/*" {
   capabilities = ["read"]
 }
 
+# The change index that `keyproxy rotate`/`keys put` write after a key: polled for its version.
+path "secret/data/keyproxy/state/keys" {
+  capabilities = ["read"]
+}
+
+path "secret/metadata/keyproxy/state/keys" {
+  capabilities = ["read"]
+}
+
 path "auth/token/renew-self" {
   capabilities = ["update"]
 }
