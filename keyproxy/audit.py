@@ -46,26 +46,39 @@ _CLEAN_LEN = 256  # longer texts are scanned every time, not remembered
 
 
 class _Redactor:
-    """The known secret values of one moment, indexed so that a search costs the same for ten
-    values or ten thousand: one dict look-up per `_GRAM` characters of text.
+    """The known secret values, indexed so that a search costs the same for ten values or ten
+    thousand: one dict look-up per `_GRAM` characters of text.
 
     It remembers texts found clean (no secret, no JWT), since an audit event repeats most of
-    its values (route, subject, policy, reason); it never keeps a text that held a secret.
+    its values (route, subject, policy, reason); it never keeps a text that held a secret, and
+    forgets them all when a secret is added.
     """
 
-    def __init__(self, secrets: frozenset[str]) -> None:
-        self.secrets = secrets
-        windows: dict[str, set[str]] = {}
-        short: list[str] = []
-        for value in secrets:
-            if len(value) < 2 * _GRAM - 1:
-                short.append(value)
-                continue
-            for i in range(len(value) - _GRAM + 1):
-                windows.setdefault(value[i : i + _GRAM], set()).add(value)
-        self._windows = {w: frozenset(found) for w, found in windows.items()}
-        self._short = tuple(short)
+    def __init__(self) -> None:
+        self.secrets: frozenset[str] = frozenset()
+        self._windows: dict[str, frozenset[str]] = {}
+        self._short: tuple[str, ...] = ()
         self.clean: set[str] = set()
+        self._lock = threading.Lock()
+
+    def update(self, secrets: frozenset[str]) -> None:
+        """Index the values of `secrets` not indexed yet (the registry only grows): the cost
+        of a new key is its own length, not the number of keys (1,000 routes load in one
+        pass, not in a million steps)."""
+        with self._lock:
+            if secrets is self.secrets:
+                return
+            short = list(self._short)
+            for value in secrets - self.secrets:
+                if len(value) < 2 * _GRAM - 1:
+                    short.append(value)
+                    continue
+                for i in range(len(value) - _GRAM + 1):
+                    window = value[i : i + _GRAM]
+                    self._windows[window] = self._windows.get(window, frozenset()) | {value}
+            self._short = tuple(short)
+            self.clean = set()  # a text found clean before may hold a new value
+            self.secrets = secrets
 
     def text(self, value: str) -> str:
         if value in self.clean:
@@ -95,15 +108,14 @@ class _Redactor:
         return sorted(found, key=len, reverse=True) if found else []
 
 
-_current = _Redactor(frozenset())
+_current = _Redactor()
 
 
 def _redactor() -> _Redactor:
-    """The redactor for the registry's current values, rebuilt only when they change."""
-    global _current  # noqa: PLW0603  # one cache, replaced whole when the registry grows
+    """The redactor, brought up to date with the registry when it has grown."""
     secrets = known_values()
     if _current.secrets is not secrets:
-        _current = _Redactor(secrets)
+        _current.update(secrets)
     return _current
 
 

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import io
 import json
+import secrets
 
 import pytest
 import structlog
@@ -28,6 +29,29 @@ def test_known_secrets_and_jwts_are_scrubbed() -> None:
     assert JWT not in text
     assert out["n"] == 3
     assert REDACTED in out["msg"]
+
+
+def test_a_secret_registered_later_is_scrubbed_from_texts_found_clean_before() -> None:
+    """The index grows key by key (a 1,000-route start registers 1,000 keys) and forgets what
+    it had found clean: a text logged clean once is redacted after its secret is registered;
+    earlier keys, short ones and overlapping ones stay found, the longest replaced whole."""
+    stamp = secrets.token_hex(8)
+    first, later = f"first-{stamp}-0123456789", f"later-{stamp}-9876543210"
+    text = f"upstream said {later}"
+    secret.register(first)
+    assert audit.scrub_secrets(None, "info", {"m": text})["m"] == text  # clean: remembered
+    secret.register(later)
+    longer = f"{later}-and-more"
+    secret.register(longer, f"s{stamp[:7]}")  # 8 characters: the shortest registered
+    out = audit.scrub_secrets(
+        None, "info", {"m": text, "f": first, "l": f"x{longer}x", "s": f"[s{stamp[:7]}]"}
+    )
+    assert out == {
+        "m": f"upstream said {REDACTED}",
+        "f": REDACTED,
+        "l": f"x{REDACTED}x",
+        "s": f"[{REDACTED}]",
+    }
 
 
 def test_request_event_is_one_json_line() -> None:
