@@ -97,10 +97,12 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         # What is loaded now (modules, the compiled configuration, cached keys) lives as long as
         # the process: keep it out of the cyclic collector's full passes, so their cost per
         # request does not grow with the number of routes and policies.
+        gc.collect()
         gc.freeze()
         log.info("started", routes=len(config.routes), keys_ready=keys.ready())
         yield
     finally:
+        gc.unfreeze()  # what this app leaves behind is collectable again
         for task in background:
             task.cancel()
         for task in background:

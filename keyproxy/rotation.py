@@ -385,6 +385,7 @@ class Rotations:
         except SecretNotFound:
             data, current = {}, 0
         if current != base and data.get(ref.field) == key.secret.reveal():
+            await announce_key_change(self.vault, ref)  # the crash may have come before it
             return current  # promoted before a crash
         if current != base:
             await self._abandon(route, journal, key, "the key was changed during the rotation")
@@ -394,6 +395,7 @@ class Rotations:
             # Another runner that took the lock over may have promoted this very key.
             data, current = await self.vault.read_kv(ref.mount, ref.path)
             if data.get(ref.field) == key.secret.reveal():
+                await announce_key_change(self.vault, ref)
                 return current
             await self._abandon(route, journal, key, "the key was changed during the rotation")
             raise  # unreachable: _abandon raises

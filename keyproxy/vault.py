@@ -41,6 +41,7 @@ from requests.adapters import HTTPAdapter
 
 from keyproxy import secret
 from keyproxy.config import Route, SecretRef, VaultConfig
+from keyproxy.config.model import default_full_refresh
 from keyproxy.errors import Unavailable, VaultError
 from keyproxy.secret import REDACTED, Secret
 
@@ -507,7 +508,11 @@ def _vault_message(exc: Exception) -> str:
 # the secrets it names; a slow sweep re-reads every key anyway, for writes made without it.
 KEY_INDEX_PATH = "keyproxy/state/keys"
 # More index versions than this since the last poll (or any of them unreadable): re-read all.
-INDEX_WINDOW = 16
+# KV v2 keeps 10 versions by default.
+INDEX_WINDOW = 8
+# A secret the index names is read again at the next refreshes until a new version shows up,
+# at most this many times: a lagging standby may answer the first read with the old one.
+AWAIT_READS = 5
 
 
 async def announce_key_change(vault: Vault, ref: SecretRef) -> None:
@@ -521,6 +526,10 @@ async def announce_key_change(vault: Vault, ref: SecretRef) -> None:
 
 def _secret_name(ref: SecretRef) -> str:
     return f"{ref.mount}/{ref.path}"
+
+
+def _version(entry: _Entry) -> int | None:
+    return entry.key.version if entry.key else None
 
 
 @dataclass
@@ -537,9 +546,11 @@ class _Entry:
 class KeyCache:
     """The current key of every route, refreshed in the background; `get` does no I/O.
 
-    Every `refresh_interval` it polls the change index and re-reads the secrets it names, plus
-    a slice of all of them so each is re-read at least every `full_refresh_interval`. A key
-    whose last read succeeded and that the index does not name is confirmed current."""
+    Every `refresh_interval` it polls the change index and re-reads the secrets it names (until
+    their new version shows up, a few times at most), plus a slice of all of them so each is
+    re-read at least every `full_refresh_interval` (by default a minute, or half of
+    `max_staleness` if shorter). A key whose last read succeeded and that the index does not
+    name is confirmed current."""
 
     def __init__(
         self,
@@ -548,7 +559,7 @@ class KeyCache:
         refresh_interval: float,
         max_staleness: float,
         *,
-        full_refresh_interval: float = 60.0,
+        full_refresh_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._vault = vault
@@ -558,11 +569,15 @@ class KeyCache:
         self._max_staleness = max_staleness
         self._clock = clock
         self._index_version: int | None = None  # None: not read yet, or unreadable
+        self._index_created: Any = None  # its creation time: a deleted and recreated index
         self._index_error: str | None = None
+        # Named by the index, no new version read yet: (the version cached, reads left).
+        self._awaited: dict[SecretRef, tuple[int | None, int]] = {}
         # The sweep: each refresh re-reads the next few secrets in turn, so every one is read
         # once per full_refresh_interval and Vault sees an even trickle rather than bursts.
         self._sweep = itertools.cycle(list(self._entries))
-        self._sweep_rate = len(self._entries) * min(1.0, refresh_interval / full_refresh_interval)
+        full = full_refresh_interval or default_full_refresh(refresh_interval, max_staleness)
+        self._sweep_rate = len(self._entries) * min(1.0, refresh_interval / full)
         self._sweep_credit = 0.0
 
     async def load_all(self) -> None:
@@ -584,9 +599,16 @@ class KeyCache:
         turn = min(len(self._entries), math.floor(self._sweep_credit + 1e-9))
         self._sweep_credit -= turn
         due.update(itertools.islice(self._sweep, turn))
-        if changed:
-            due.update(ref for ref in self._entries if _secret_name(ref) in changed)
+        for ref, entry in self._entries.items():
+            if changed and _secret_name(ref) in changed:
+                self._awaited[ref] = (_version(entry), AWAIT_READS)
+        due.update(self._awaited)
         await self._load_many(due)
+        self._awaited = {
+            ref: (before, left - 1)
+            for ref, (before, left) in self._awaited.items()
+            if left > 1 and _version(self._entries[ref]) == before
+        }
         if self._index_version is None:
             return  # no index: nothing is confirmed without a read
         for e in self._entries.values():
@@ -597,18 +619,21 @@ class KeyCache:
         """The secrets named by index versions written since the last poll; None when it
         cannot tell (the first poll, a gap, an unreadable version). After a failed poll
         `_index_version` is None."""
-        mount, last = self._vault.cfg.kv_mount, self._index_version
+        mount, last, created = self._vault.cfg.kv_mount, self._index_version, self._index_created
         self._index_version = None
         try:
-            version = await self._vault.kv_version(mount, KEY_INDEX_PATH) or 0
+            metadata = await self._vault.kv_metadata(mount, KEY_INDEX_PATH) or {}
         except VaultError as exc:
             if str(exc) != self._index_error:
                 log.warning("key_index.read_failed", error=str(exc))
             self._index_error = str(exc)
             return None
+        version = metadata.get("current_version")
+        version = version if isinstance(version, int) and version > 0 else 0
         self._index_error = None
-        self._index_version = version
-        if last is None or not 0 <= version - last <= INDEX_WINDOW:
+        self._index_version, self._index_created = version, metadata.get("created_time")
+        recreated = created != self._index_created  # deleted and written again, or restored
+        if last is None or recreated or not 0 <= version - last <= INDEX_WINDOW:
             return None
         names: set[str] = set()
         for number in range(last + 1, version + 1):
@@ -710,6 +735,7 @@ async def _gather(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
 
 
 __all__ = [
+    "AWAIT_READS",
     "INDEX_WINDOW",
     "KEY_INDEX_PATH",
     "CasConflict",

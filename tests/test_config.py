@@ -117,7 +117,8 @@ def test_full_config_compiles_to_typed_objects() -> None:
         ("vault.max_staleness", "1s", "vault.max_staleness"),
         ("vault.refresh_interval", "10m", "vault.refresh_interval"),
         ("vault.full_refresh_interval", "1s", "vault.full_refresh_interval"),  # < refresh
-        ("vault.full_refresh_interval", "5m", "vault.full_refresh_interval"),  # = staleness
+        ("vault.full_refresh_interval", "151s", "vault.full_refresh_interval"),  # > staleness/2
+        ("vault.max_staleness", "3s", "vault.max_staleness"),  # < 2 x refresh_interval
         ("server", {"port": 70000}, "server.port"),
     ],
 )

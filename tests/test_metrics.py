@@ -88,6 +88,8 @@ async def test_metrics_after_allowed_denied_and_rotated_traffic(
         assert value(found, "keyproxy_key_ready", route="r") == 1
         assert 0 <= value(found, "keyproxy_key_age_seconds", route="r") < 120
         assert value(found, "keyproxy_key_rotations_total", route="r") == 0
+        reads = value(found, "keyproxy_vault_reads_total", route="r")
+        assert reads >= 1
 
         second = await asyncio.to_thread(openbao.put_key, path, new_key())
         deadline = time.monotonic() + 5
@@ -98,6 +100,7 @@ async def test_metrics_after_allowed_denied_and_rotated_traffic(
         assert value(found, "keyproxy_key_rotations_total", route="r") == 1
         assert value(found, "keyproxy_key_age_seconds", route="r") < 10
         assert value(found, "keyproxy_vault_read_errors_total", route="r") == 0
+        assert value(found, "keyproxy_vault_reads_total", route="r") > reads  # the new version
         text = await (await http.get(f"{stack.base}/metrics")).text()
         assert identity not in text
 

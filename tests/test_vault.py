@@ -22,6 +22,7 @@ from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import Unavailable, VaultError
 from keyproxy.secret import Secret
 from keyproxy.vault import (
+    AWAIT_READS,
     INDEX_WINDOW,
     KEY_INDEX_PATH,
     CasConflict,
@@ -29,6 +30,7 @@ from keyproxy.vault import (
     KeyVersion,
     SecretNotFound,
     Vault,
+    announce_key_change,
 )
 from tests.support import new_key
 
@@ -581,6 +583,71 @@ async def test_key_cache_rereads_all_when_the_index_cannot_tell(
         assert reads(cache) == {"a": 2, "b": 2}  # one version, naming another secret
 
 
+async def test_key_cache_never_confirms_a_key_it_cannot_read(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, root_vault: Vault
+) -> None:
+    """The index names a secret whose new version is refused (an empty key): the last good
+    key keeps serving, is re-read at every refresh but never confirmed by the index, and
+    turns to key_stale after max_staleness while the other key stays confirmed."""
+    async with two_key_cache(openbao, proxy_vault_config, 3600) as (cache, paths, clock):
+        good = cache.get("a")
+        await root_vault.write_kv("secret", paths["a"], {"api_key": ""})
+        await announce_key_change(root_vault, SecretRef("secret", paths["a"], "api_key"))
+        clock.now += 100
+        await cache.refresh()
+        assert cache.get("a") is good
+        assert "is empty" in cache.status()["a"]["last_error"]
+        for _ in range(3):
+            clock.now += 100
+            await cache.refresh()
+        assert reads(cache) == {"a": 5, "b": 1}
+        assert [cache.status()[name]["age"] for name in "ab"] == [400, 0]
+        with pytest.raises(Unavailable) as info:
+            cache.get("a")
+        assert info.value.reason == "key_stale"
+
+
+async def test_key_cache_awaits_the_new_version_the_index_names(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, root_vault: Vault
+) -> None:
+    """A secret the index names but that still reads at its old version (a standby lagging
+    behind the write) is read again at the next refreshes, AWAIT_READS times at most, and
+    no more once the new version shows up."""
+    async with two_key_cache(openbao, proxy_vault_config, 3600) as (cache, paths, _):
+        ref_a = SecretRef("secret", paths["a"], "api_key")
+        await announce_key_change(root_vault, ref_a)  # no new version behind it
+        for _ in range(AWAIT_READS + 2):
+            await cache.refresh()
+        assert reads(cache) == {"a": 1 + AWAIT_READS, "b": 1}
+
+        await announce_key_change(root_vault, ref_a)
+        await cache.refresh()
+        await cache.refresh()
+        assert reads(cache)["a"] == 3 + AWAIT_READS
+        version = await root_vault.write_kv("secret", paths["a"], {"api_key": new_key()})
+        await cache.refresh()  # still awaited: reads the new version, and stops
+        await cache.refresh()
+        assert reads(cache)["a"] == 4 + AWAIT_READS
+        assert cache.get("a").version == version
+
+
+async def test_key_cache_rereads_all_when_the_index_is_recreated(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, root_vault: Vault
+) -> None:
+    """An index deleted and written again (or restored from a snapshot) may reach the version
+    the cache last saw with other history: every key is re-read."""
+    async with two_key_cache(openbao, proxy_vault_config, 3600) as (cache, _, _):
+        seen = await root_vault.kv_version("secret", KEY_INDEX_PATH)
+        assert seen is not None
+        await asyncio.to_thread(
+            openbao.bao, "kv", "metadata", "delete", "-mount=secret", KEY_INDEX_PATH
+        )
+        for _ in range(seen):
+            await root_vault.write_kv("secret", KEY_INDEX_PATH, {"secret": "secret/elsewhere"})
+        await cache.refresh()
+        assert reads(cache) == {"a": 2, "b": 2}
+
+
 async def test_key_cache_without_the_index_confirms_nothing(
     openbao: OpenBaoDevServer, tmp_path: Path
 ) -> None:
@@ -608,6 +675,20 @@ async def test_key_cache_without_the_index_confirms_nothing(
     failures = [e for e in logs if e["event"] == "key_index.read_failed"]
     assert len(failures) == 1
     assert "permission denied" in failures[0]["error"]
+
+
+async def test_announcing_a_key_without_permission_logs_and_does_not_raise(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig, kv_path: str
+) -> None:
+    """The key is stored already when the index write is refused (the proxy's policy cannot
+    write it): a warning naming the secret, no exception, no token in the log."""
+    with vault_of(proxy_vault_config) as vault, capture_logs() as logs:
+        await vault.login()
+        await announce_key_change(vault, SecretRef("secret", kv_path, "api_key"))
+    (failed,) = [e for e in logs if e["event"] == "key_index.write_failed"]
+    assert failed["secret"] == f"secret/{kv_path}"
+    assert "permission denied" in failed["error"]
+    assert not VAULT_TOKEN.search(str(logs))
 
 
 # ---------------------------------------------------------------------------- agent identity

@@ -44,6 +44,7 @@ from keyproxy.config.model import (
     Upstream,
     VaultAuth,
     VaultConfig,
+    default_full_refresh,
 )
 from keyproxy.errors import ConfigError
 
@@ -200,14 +201,17 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
         raise (f.get("addr") or node).error("must be an http(s) URL")
     refresh = _opt(f, "refresh_interval", _Node.duration, 2.0)
     staleness = _opt(f, "max_staleness", _Node.duration, 300.0)
-    if staleness <= refresh:
+    if staleness < 2 * refresh:
         where = f.get("max_staleness") or f["refresh_interval"]
-        raise where.error("max_staleness must be longer than refresh_interval")
-    # Default: every key re-read once a minute, and at least twice within max_staleness.
-    full = _opt(f, "full_refresh_interval", _Node.duration, max(refresh, min(60.0, staleness / 2)))
-    if not refresh <= full < staleness:
+        raise where.error("max_staleness must be at least twice refresh_interval")
+    full = _opt(f, "full_refresh_interval", _Node.duration, None)
+    if full is None:
+        full = default_full_refresh(refresh, staleness)
+    elif not refresh <= full <= staleness / 2:
+        # Read twice within max_staleness: a key the index cannot confirm (a proxy policy
+        # without it) never goes stale between two reads of the sweep.
         raise f["full_refresh_interval"].error(
-            "must be at least refresh_interval and shorter than max_staleness"
+            "must be at least refresh_interval and at most half of max_staleness"
         )
     return VaultConfig(
         addr=addr.rstrip("/"),

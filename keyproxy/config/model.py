@@ -56,6 +56,11 @@ class VaultAuth:
     jwt_file: Path | None = None
 
 
+def default_full_refresh(refresh_interval: float, max_staleness: float) -> float:
+    """Every key re-read once a minute, and at least twice within max_staleness."""
+    return max(refresh_interval, min(60.0, max_staleness / 2))
+
+
 @dataclass(frozen=True)
 class VaultConfig:
     addr: str

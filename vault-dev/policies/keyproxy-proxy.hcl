@@ -1,7 +1,7 @@
 # keyproxy-proxy: what a keyproxy replica needs to serve traffic, and nothing more.
-# It reads keys (and their version metadata) under secret/keyproxy/keys/, signs task tokens with
-# the Transit key keyproxy-tokens (the private key stays in Vault), keeps the token
-# revocation list, and keeps its own token alive. It cannot write keys, list other paths, or
+# It reads keys (and their version metadata) under secret/keyproxy/keys/ and the change index
+# secret/keyproxy/state/keys, signs task tokens with the Transit key keyproxy-tokens (the
+# private key stays in Vault), keeps the token revocation list, and keeps its own token alive. It cannot write keys, list other paths, or
 # touch auth or identity configuration.
 
 # Only the keys: not the rotators' admin credentials (keyproxy/admin/*) nor the rotation
