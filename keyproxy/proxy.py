@@ -178,8 +178,6 @@ def _session(route: Route) -> aiohttp.ClientSession:
         trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
-        # Sent when the caller sends none, instead of aiohttp's (which names its version).
-        headers={"User-Agent": "keyproxy"},
     )
 
 
@@ -507,6 +505,8 @@ def _upstream_headers(
     if incoming.get("Content-Length"):
         headers["Content-Length"] = incoming["Content-Length"]
     headers.extend(rendered.headers)
+    if "User-Agent" not in headers:
+        headers["User-Agent"] = "keyproxy"  # not aiohttp's own, which names its version
     return headers
 
 

@@ -566,6 +566,26 @@ async def test_user_agent_is_the_callers_or_keyproxy(
     ]
 
 
+async def test_an_injected_user_agent_is_the_only_one(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """A route that injects its key in User-Agent sends that one header, not keyproxy's
+    default beside it, and never the caller's."""
+    cfg = config_for(upstream.url, inject=[{"header": "User-Agent", "format": "app {key}"}])
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(
+            f"{stack.base}/r/r/echo", headers={**bearer(token), "User-Agent": "agent/1.0"}
+        ) as response,
+    ):
+        assert response.status == 200
+    assert upstream.requests[0].headers.getall("User-Agent") == [f"app {seeded[1]}"]
+
+
 async def test_query_injection_replaces_a_caller_parameter(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
