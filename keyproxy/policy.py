@@ -213,17 +213,6 @@ class PolicySet:
                 furthest = max(furthest, stage)
         return Decision(False, furthest.reason, None)
 
-    def explain(
-        self,
-        identity: Identity,
-        route: str,
-        method: str,
-        segments: tuple[str, ...],
-        source: IPAddress,
-    ) -> list[tuple[str, str]]:
-        """Every policy with "allowed" or the reason it did not allow, as `explain` says."""
-        return explain(self.policies, identity, route, method, segments, source)
-
 
 def compile(policies: Sequence[Policy]) -> PolicySet:
     """Index `policies` once, at configuration load, for the request path."""

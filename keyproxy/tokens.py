@@ -76,8 +76,6 @@ class Issued:
     token: str = field(repr=False)
     token_id: str = ""
     expires_at: float = 0.0
-    scope: scopes.Scope = field(default_factory=dict)
-    key_version: int = 0
 
 
 def exception_subject(owner: str) -> str:
@@ -264,12 +262,12 @@ class TaskTokens:
         claims |= {k: v for k, v in optional.items() if v}
         if exception is not None:
             claims["exc"] = {"owner": exception[0], "reason": exception[1]}
-        token, version = await self._sign(claims)
+        token = await self._sign(claims)
         if exception is not None:
             await self._record_exception(token_id, claims)
-        return Issued(token, token_id, float(claims["exp"]), scope, version)
+        return Issued(token, token_id, float(claims["exp"]))
 
-    async def _sign(self, claims: dict[str, Any]) -> tuple[str, int]:
+    async def _sign(self, claims: dict[str, Any]) -> str:
         try:
             if not self._keys:
                 await self.refresh_keys(force=True)
@@ -285,7 +283,7 @@ class TaskTokens:
                     self.cfg.transit_mount, self.cfg.transit_key, signing_input.encode()
                 )
                 if used == version:
-                    return f"{signing_input}.{_b64(signature)}", version
+                    return f"{signing_input}.{_b64(signature)}"
                 # The Transit key was rotated since we last looked: sign again, naming it.
                 await self.refresh_keys(force=True)
         except VaultError as exc:

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from keyproxy import config, demo
 from keyproxy.app import build_app
+from keyproxy.devserver import Agent, OpenBaoDevServer
 
 # Every key and token the tests create, so the final log scan knows what must never appear.
 CANARIES: set[str] = set()
@@ -239,3 +240,38 @@ async def running_proxy(cfg: dict[str, Any]) -> AsyncIterator[Stack]:
         yield Stack(f"http://127.0.0.1:{port}", compiled, app)
     finally:
         await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------- task tokens
+
+GRANT = {"methods": ["GET", "POST"], "paths": ["/v1/**", "/echo"]}
+
+
+def token_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, Any]:
+    route = {
+        "upstream": upstream,
+        "secret": {"path": "keyproxy/keys/tokens-test"},
+        "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+        "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+        "allow_http": True,
+    }
+    return {
+        "vault": bao.vault_yaml(refresh_interval="500ms", max_staleness="60s"),
+        "identity": {"issuers": [bao.issuer_yaml("openbao")]},
+        "tokens": {
+            "max_ttl": "10m",
+            "default_ttl": "2m",
+            "revocation_poll_interval": "500ms",
+            "key_refetch_cooldown": "1s",
+        },
+        "routes": {"r": route, "other": route},
+        "policies": [
+            {
+                "name": "agent",
+                "issuers": ["openbao"],
+                "subjects": [agent.entity_id],
+                "max_ttl": "5m",
+                "allow": {"r": GRANT, "other": {"methods": ["GET"], "paths": ["/echo"]}},
+            },
+        ],
+    }

@@ -12,8 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.metrics import BUCKETS, Metrics, write_rotation_textfile
-from tests.support import CANARIES, Upstream, bearer, new_key, running_proxy
-from tests.test_tokens import token_config
+from tests.support import CANARIES, Upstream, bearer, new_key, running_proxy, token_config
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -39,40 +39,10 @@ from tests.support import (
     free_port,
     new_key,
     running_proxy,
+    token_config,
 )
 
 BIN = Path(sys.executable).parent
-GRANT = {"methods": ["GET", "POST"], "paths": ["/v1/**", "/echo"]}
-
-
-def token_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, Any]:
-    route = {
-        "upstream": upstream,
-        "secret": {"path": "keyproxy/keys/tokens-test"},
-        "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
-        "egress": {"allow_cidrs": ["127.0.0.0/8"]},
-        "allow_http": True,
-    }
-    return {
-        "vault": bao.vault_yaml(refresh_interval="500ms", max_staleness="60s"),
-        "identity": {"issuers": [bao.issuer_yaml("openbao")]},
-        "tokens": {
-            "max_ttl": "10m",
-            "default_ttl": "2m",
-            "revocation_poll_interval": "500ms",
-            "key_refetch_cooldown": "1s",
-        },
-        "routes": {"r": route, "other": route},
-        "policies": [
-            {
-                "name": "agent",
-                "issuers": ["openbao"],
-                "subjects": [agent.entity_id],
-                "max_ttl": "5m",
-                "allow": {"r": GRANT, "other": {"methods": ["GET"], "paths": ["/echo"]}},
-            },
-        ],
-    }
 
 
 @pytest.fixture(scope="module")
