@@ -8,8 +8,9 @@ Code never puts secrets into events on purpose; this processor is for the mistak
 `RequestRecord` collects the fields of one request as the pipeline learns them (invariant 9)
 and `emit()` writes them as a single `request` event. That event is on every request's path,
 so `emit()` runs the same steps as the processor chain below without structlog's per-call
-machinery (a test holds the two outputs equal), and lines are flushed once per turn of the
-event loop rather than once per line: a burst of requests costs one write system call.
+machinery (a test holds the two outputs equal), and inside an event loop lines wait up to
+FLUSH_DELAY (1 ms) and go out together: a burst of requests costs one write system call,
+not one each.
 """
 
 from __future__ import annotations
@@ -167,13 +168,24 @@ def _json(event: Any, **_: Any) -> str:
 
 
 _KEPT_ON_FAILURE = 100_000  # lines kept for another try when the stream refuses a write
+# How long a line may wait inside an event loop for others to share its write. Under load a
+# write per request (a system call, and a flush of unbuffered stdout) cost more than building
+# the event; this is also the most a SIGKILL can take with it.
+FLUSH_DELAY = 0.001
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class _Sink:
     """The audit stream, as structlog's logger. Inside an event loop, lines are kept and
-    written together at the end of the loop's current turn, in one write and one flush
-    (stdout is often unbuffered: PYTHONUNBUFFERED in containers). Outside one (the CLI,
-    executor threads) a line is written at once, after any that were waiting."""
+    written together FLUSH_DELAY later, in one write and one flush (stdout is often
+    unbuffered: PYTHONUNBUFFERED in containers). Outside one (the CLI, executor threads) a
+    line is written at once, after any that were waiting."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -183,19 +195,20 @@ class _Sink:
         self._held = 0  # inside batch(): written when it ends
 
     def msg(self, message: str) -> None:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _running_loop()
         with self._lock:
             self._pending.append(message)
+            if self._held:
+                return  # the batch's end sees to it
             if loop is None:
                 self._write_pending()
-                return
-            if self._held or self._flush_on is loop:
-                return  # the batch, or the flush already scheduled, writes it
+            else:
+                self._flush_later(loop)
+
+    def _flush_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._flush_on is not loop:  # else the flush already scheduled writes it
             self._flush_on = loop
-        loop.call_soon(self.flush)
+            loop.call_later(FLUSH_DELAY, self.flush)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -211,10 +224,15 @@ class _Sink:
         try:
             yield
         finally:
+            loop = _running_loop()
             with self._lock:
                 self._held -= 1
-                if not self._held:
+                if self._held or not self._pending:
+                    pass
+                elif loop is None:
                     self._write_pending()
+                else:
+                    self._flush_later(loop)
 
     def _write_pending(self) -> None:
         lines, self._pending, self._flush_on = self._pending, [], None
@@ -287,8 +305,8 @@ def flush() -> None:
 
 @contextlib.contextmanager
 def batch() -> Iterator[None]:
-    """Events emitted inside are written together when it ends, in one write: for a caller
-    that emits many at once and need not wait for another turn of the loop."""
+    """Events emitted inside are written together, in one write, when it ends (outside an
+    event loop) or FLUSH_DELAY later (inside one)."""
     if _setup is None:
         yield
         return

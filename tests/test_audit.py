@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import secrets
+import time
 
 import pytest
 import structlog
@@ -132,16 +133,28 @@ def test_request_event_equals_what_the_structlog_chain_writes() -> None:
     assert fast["subject"] == f"leaked {REDACTED}"
 
 
-async def test_events_of_one_loop_turn_are_written_together() -> None:
-    """Inside an event loop, lines wait for the end of the turn and go out in one write."""
+async def _written(stream: _CountingStream) -> None:
+    """Until the stream has had a write (the flush FLUSH_DELAY after the first line)."""
+    deadline = time.monotonic() + 5
+    while not stream.writes:
+        assert time.monotonic() < deadline, "the lines were never written"
+        await asyncio.sleep(audit.FLUSH_DELAY)  # polling interval of a bounded wait
+
+
+async def test_events_inside_an_event_loop_are_written_together() -> None:
+    """Inside an event loop, lines wait FLUSH_DELAY, not just for the end of the turn, and
+    then go out in one write, in order."""
     stream = _CountingStream()
     previous = structlog.get_config()
     audit.configure(stream)
     try:
-        for n in range(50):
+        for n in range(25):
+            audit.emit(_record(n))
+        await asyncio.sleep(0)  # the end of this turn of the loop
+        for n in range(25, 50):
             audit.emit(_record(n))
         assert stream.writes == 0
-        await asyncio.sleep(0)  # one turn of the loop: the flush scheduled by the first line
+        await _written(stream)
         assert stream.writes == 1
         paths = [json.loads(line)["path"] for line in stream.getvalue().splitlines()]
         assert paths == [f"/v1/models/{n}" for n in range(50)]
@@ -200,9 +213,8 @@ def test_what_orjson_refuses_is_still_written() -> None:
     assert event["subject"] == "agent-\ud800"
 
 
-async def test_a_batch_is_written_when_it_ends() -> None:
-    """Inside batch(), lines wait for its end (not for another turn of the loop), then go out
-    in one write."""
+def test_a_batch_outside_an_event_loop_is_written_when_it_ends() -> None:
+    """Inside batch(), lines wait for its end, then go out in one write."""
     stream = _CountingStream()
     previous = structlog.get_config()
     audit.configure(stream)
@@ -211,6 +223,24 @@ async def test_a_batch_is_written_when_it_ends() -> None:
             for n in range(5):
                 audit.emit(_record(n))
             assert stream.writes == 0
+        assert stream.writes == 1
+        assert len(stream.getvalue().splitlines()) == 5
+    finally:
+        structlog.configure(**previous)
+
+
+async def test_a_batch_inside_an_event_loop_shares_the_delayed_write() -> None:
+    """Inside an event loop a batch's lines join the ones waiting: one write for both."""
+    stream = _CountingStream()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        audit.emit(_record(0))
+        with audit.batch():
+            for n in range(1, 5):
+                audit.emit(_record(n))
+        assert stream.writes == 0
+        await _written(stream)
         assert stream.writes == 1
         assert len(stream.getvalue().splitlines()) == 5
     finally:
