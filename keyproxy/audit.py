@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import json
 import logging
 import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -192,23 +190,16 @@ class _Sink:
         self._lock = threading.Lock()  # Vault calls log from executor threads
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None
-        self._held = 0  # inside batch(): written when it ends
 
     def msg(self, message: str) -> None:
         loop = _running_loop()
         with self._lock:
             self._pending.append(message)
-            if self._held:
-                return  # the batch's end sees to it
             if loop is None:
                 self._write_pending()
-            else:
-                self._flush_later(loop)
-
-    def _flush_later(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._flush_on is not loop:  # else the flush already scheduled writes it
-            self._flush_on = loop
-            loop.call_later(FLUSH_DELAY, self.flush)
+            elif self._flush_on is not loop:  # else the flush already scheduled writes it
+                self._flush_on = loop
+                loop.call_later(FLUSH_DELAY, self.flush)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -216,23 +207,6 @@ class _Sink:
     def flush(self) -> None:
         with self._lock:
             self._write_pending()
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        with self._lock:
-            self._held += 1
-        try:
-            yield
-        finally:
-            loop = _running_loop()
-            with self._lock:
-                self._held -= 1
-                if self._held or not self._pending:
-                    pass
-                elif loop is None:
-                    self._write_pending()
-                else:
-                    self._flush_later(loop)
 
     def _write_pending(self) -> None:
         lines, self._pending, self._flush_on = self._pending, [], None
@@ -298,20 +272,9 @@ def configure(stream: TextIO | None = None, level: str = "info") -> None:
 
 
 def flush() -> None:
-    """Write out the lines waiting for the end of the event loop's turn (at exit, too)."""
+    """Write out the lines waiting for their FLUSH_DELAY (at exit, too)."""
     if _setup is not None:
         _setup.factory.sink.flush()
-
-
-@contextlib.contextmanager
-def batch() -> Iterator[None]:
-    """Events emitted inside are written together, in one write, when it ends (outside an
-    event loop) or FLUSH_DELAY later (inside one)."""
-    if _setup is None:
-        yield
-        return
-    with _setup.factory.sink.held():
-        yield
 
 
 atexit.register(flush)

@@ -44,6 +44,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# The buckets' upper bounds as the exposition writes them ("le" labels).
+_BOUNDS = (*(floatToGoString(b) for b in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -107,10 +109,9 @@ class _RequestCollector(Collector):
             labels=["route"],
         )
         for route, counts in sorted(self.buckets.items(), key=lambda item: item[0] or "-"):
-            cumulative = list(itertools.accumulate(counts))
-            bounds = [floatToGoString(b) for b in BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
+            cumulative = itertools.accumulate(counts)
             latency.add_metric(
-                [route or "-"], list(zip(bounds, cumulative, strict=True)), self.sums[route]
+                [route or "-"], list(zip(_BOUNDS, cumulative, strict=True)), self.sums[route]
             )
         yield requests
         yield latency

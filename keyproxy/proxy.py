@@ -278,15 +278,14 @@ class Proxy:
 
     def _account(self) -> None:
         finished, self._finished = self._finished, []
-        with audit.batch():
-            for record, elapsed, context in finished:
-                try:
-                    context.run(audit.emit, record)  # with this request's own log context
-                except Exception:
-                    # One event that cannot be written does not take the others with it.
-                    log.exception("audit_event_failed", route=record.route, path=record.path)
-                if self.metrics is not None:
-                    self.metrics.request(record.route, record.status, record.decision, elapsed)
+        for record, elapsed, context in finished:
+            try:
+                context.run(audit.emit, record)  # with this request's own log context
+            except Exception:
+                # One event that cannot be written does not take the others with it.
+                log.exception("audit_event_failed", route=record.route, path=record.path)
+            if self.metrics is not None:
+                self.metrics.request(record.route, record.status, record.decision, elapsed)
 
     async def _serve(
         self, request: web.Request, raw_path: str, raw_query: str, record: audit.RequestRecord

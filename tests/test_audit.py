@@ -213,32 +213,16 @@ def test_what_orjson_refuses_is_still_written() -> None:
     assert event["subject"] == "agent-\ud800"
 
 
-def test_a_batch_outside_an_event_loop_is_written_when_it_ends() -> None:
-    """Inside batch(), lines wait for its end, then go out in one write."""
-    stream = _CountingStream()
-    previous = structlog.get_config()
-    audit.configure(stream)
-    try:
-        with audit.batch():
-            for n in range(5):
-                audit.emit(_record(n))
-            assert stream.writes == 0
-        assert stream.writes == 1
-        assert len(stream.getvalue().splitlines()) == 5
-    finally:
-        structlog.configure(**previous)
-
-
-async def test_a_batch_inside_an_event_loop_shares_the_delayed_write() -> None:
-    """Inside an event loop a batch's lines join the ones waiting: one write for both."""
+async def test_lines_logged_while_a_write_is_due_share_it() -> None:
+    """Inside an event loop, lines logged while a flush is already scheduled join it: one
+    write for all of them."""
     stream = _CountingStream()
     previous = structlog.get_config()
     audit.configure(stream)
     try:
         audit.emit(_record(0))
-        with audit.batch():
-            for n in range(1, 5):
-                audit.emit(_record(n))
+        for n in range(1, 5):
+            audit.emit(_record(n))
         assert stream.writes == 0
         await _written(stream)
         assert stream.writes == 1
