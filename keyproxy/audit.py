@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import json
 import logging
+import operator
 import re
 import sys
 import threading
@@ -44,6 +46,20 @@ _CLEAN_MAX = 8192  # texts remembered as clean, per set of secrets
 _CLEAN_LEN = 256  # longer texts are scanned every time, not remembered
 
 
+class _Clean:
+    """What was found clean under one set of secrets: texts, the text fields of whole
+    request records, and the last context variables read (with what they add to an event).
+    Replaced whole when a secret is added, so a scan that began before cannot write into
+    the new one."""
+
+    __slots__ = ("context", "records", "texts")
+
+    def __init__(self) -> None:
+        self.texts: set[str] = set()
+        self.records: set[tuple[Any, ...]] = set()
+        self.context: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+
+
 class _Redactor:
     """The known secret values, indexed so that a search costs the same for ten values or ten
     thousand: one dict look-up per `_GRAM` characters of text.
@@ -57,7 +73,7 @@ class _Redactor:
         self.secrets: frozenset[str] = frozenset()
         self._windows: dict[str, frozenset[str]] = {}
         self._short: tuple[str, ...] = ()
-        self.clean: set[str] = set()
+        self.clean = _Clean()
         self._lock = threading.Lock()
 
     def update(self, secrets: frozenset[str]) -> None:
@@ -76,13 +92,13 @@ class _Redactor:
                     window = value[i : i + _GRAM]
                     self._windows[window] = self._windows.get(window, frozenset()) | {value}
             self._short = tuple(short)
-            self.clean = set()  # a text found clean before may hold a new value
+            self.clean = _Clean()  # a text found clean before may hold a new value
             self.secrets = secrets
 
     def text(self, value: str) -> str:
         # The set of this moment: a text scanned before a new secret was indexed goes into
         # the set that update() throws away, never into the fresh one.
-        clean = self.clean
+        clean = self.clean.texts
         if value in clean:
             return value
         out = value
@@ -134,11 +150,11 @@ def _scrub(value: Any, redactor: _Redactor) -> Any:
     return redactor.text(repr(value))
 
 
-def scrub_secrets(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+def scrub_secrets(_: WrappedLogger, __: str, event: EventDict) -> dict[str, Any]:
     """structlog processor: redact known secret values and JWT-shaped strings."""
     redactor = _redactor()
-    clean = redactor.clean
-    out = {}
+    clean = redactor.clean.texts
+    out: dict[str, Any] = {}
     for name, value in event.items():
         # Most values of a request event are short strings seen before, or numbers.
         kind = type(value)
@@ -192,7 +208,11 @@ class _Sink:
         self._flush_on: asyncio.AbstractEventLoop | None = None
 
     def msg(self, message: str) -> None:
-        loop = _running_loop()
+        self.line(message)
+
+    def line(self, message: str, *, now: bool = False) -> None:
+        """Keep `message` for the shared write, or with `now` write it and all waiting."""
+        loop = None if now else _running_loop()
         with self._lock:
             self._pending.append(message)
             if loop is None:
@@ -318,8 +338,18 @@ def _timestamp() -> str:
     return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
 
 
-def emit(record: RequestRecord) -> None:
-    """Write the request's audit event."""
+# The record's text fields, read in one call: once their tuple is found clean, an event
+# with the same texts skips the scan of each.
+_TEXTS = operator.attrgetter(
+    *(f.name for f in dataclasses.fields(RequestRecord) if str(f.type).startswith("str"))
+)
+_FIELDS = frozenset(f.name for f in dataclasses.fields(RequestRecord)) | {"event"}
+_RECORD_TEXTS_MAX = 1024  # characters: records with longer texts are scanned every time
+
+
+def emit(record: RequestRecord, *, now: bool = False) -> None:
+    """Write the request's audit event; with `now`, at once, with any lines waiting (the
+    caller knows the loop has nothing else to do)."""
     setup = _setup
     config = structlog.get_config()
     if (
@@ -335,10 +365,26 @@ def emit(record: RequestRecord) -> None:
     if not setup.request_events:
         return
     # The processor chain of configure(), step by step, for an event of scalar fields.
+    known = _redactor().clean  # of this moment (see _Redactor.text)
     event: dict[str, Any] = {**vars(record), "event": "request"}
-    for name, value in structlog.contextvars.get_contextvars().items():
-        event.setdefault(name, value)
+    texts = _TEXTS(record)
+    if texts not in known.records:
+        scrubbed = scrub_secrets(None, "info", event)
+        if scrubbed == event and sum(len(t) for t in texts if t) <= _RECORD_TEXTS_MAX:
+            if len(known.records) >= _CLEAN_MAX:
+                known.records.clear()
+            known.records.add(texts)
+        event = scrubbed
+    context = structlog.contextvars.get_contextvars()
+    if context:
+        seen, added = known.context
+        if context != seen:
+            # Context variables fill in names the event does not have (merge_contextvars).
+            added = scrub_secrets(
+                None, "info", {k: v for k, v in context.items() if k not in _FIELDS}
+            )
+            known.context = (context, added)
+        event.update(added)
     event["level"] = "info"
-    clean = scrub_secrets(None, "info", event)
-    clean["timestamp"] = _timestamp()
-    setup.factory.sink.msg(_json(clean))
+    event["timestamp"] = _timestamp()
+    setup.factory.sink.line(_json(event), now=now)

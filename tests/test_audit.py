@@ -162,6 +162,41 @@ async def test_events_inside_an_event_loop_are_written_together() -> None:
         structlog.configure(**previous)
 
 
+async def test_an_event_emitted_now_goes_out_at_once_with_those_waiting() -> None:
+    """`now` (the proxy has no request in flight) writes at once, waiting lines first, in
+    one write."""
+    stream = _CountingStream()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        audit.emit(_record(1))
+        audit.emit(_record(2), now=True)
+        assert stream.writes == 1
+        paths = [json.loads(line)["path"] for line in stream.getvalue().splitlines()]
+        assert paths == ["/v1/models/1", "/v1/models/2"]
+    finally:
+        structlog.configure(**previous)
+
+
+def test_a_record_found_clean_is_scrubbed_after_its_secret_is_registered() -> None:
+    """The memory of clean records is per set of secrets, as the memory of clean texts is."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    value = f"audit-record-key-{secrets.token_hex(8)}"
+    try:
+        record = _record()
+        record.subject = f"agent {value}"
+        audit.emit(record)
+        secret.register(value)
+        audit.emit(record)
+    finally:
+        structlog.configure(**previous)
+    first, second = (json.loads(line)["subject"] for line in stream.getvalue().splitlines())
+    assert first == f"agent {value}"  # not a secret yet
+    assert second == f"agent {REDACTED}"
+
+
 def test_outside_an_event_loop_each_line_is_written_at_once() -> None:
     """The CLI and executor threads write each line immediately, in order."""
     stream = _CountingStream()
