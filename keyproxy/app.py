@@ -103,6 +103,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         gc.unfreeze()  # what this app leaves behind is collectable again
+        app[PROXY].deadlines.close()
         for task in background:
             task.cancel()
         for task in background:

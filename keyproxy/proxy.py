@@ -28,6 +28,7 @@ from yarl import URL
 from keyproxy import audit, netguard, paths, policy
 from keyproxy import scope as scopes
 from keyproxy.config import HOP_BY_HOP, Config, Network, Route
+from keyproxy.deadline import ReadDeadlines, Watch
 from keyproxy.errors import (
     BadGateway,
     BadRequest,
@@ -212,7 +213,10 @@ class _Plan:
             | injector.header_names
             | {route.caller_credential.header.lower(), *route.strip_headers},
             timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=route.connect_timeout, sock_read=route.read_timeout
+                # The read timeout is keyproxy.deadline's: aiohttp's sock_read costs a new
+                # loop timer per read.
+                total=None,
+                sock_connect=route.connect_timeout,
             ),
             literal_denial=_literal_denial(route),
         )
@@ -239,9 +243,13 @@ class Proxy:
         self.metrics = metrics
         self.plans = {name: _Plan.of(route) for name, route in config.routes.items()}
         self._finished: list[tuple[audit.RequestRecord, float, contextvars.Context]] = []
+        self._in_flight = 0
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
+        # Read timeouts are enforced to within a tenth of the shortest (and a second).
+        shortest = min((r.read_timeout for r in config.routes.values()), default=10.0)
+        self.deadlines = ReadDeadlines(granularity=min(1.0, shortest / 10))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -250,6 +258,7 @@ class Proxy:
             method=request.method, path=raw_path, source=request.remote or ""
         )
         response: web.StreamResponse | None = None
+        self._in_flight += 1
         try:
             response = await self._serve(request, raw_path, raw_query, record)
         except RequestError as exc:
@@ -265,6 +274,7 @@ class Proxy:
             record.reason = "internal_error"
             response = error_response(InternalError("internal_error", "internal error"))
         finally:
+            self._in_flight -= 1
             elapsed = time.monotonic() - started
             record.duration_ms = round(elapsed * 1000, 3)
             record.status = response.status if response is not None else 499
@@ -278,9 +288,13 @@ class Proxy:
 
     def _account(self) -> None:
         finished, self._finished = self._finished, []
+        # With no request in flight the loop has nothing else to do: the lines are written
+        # now rather than on a timer that would fire in the middle of the next request.
+        last = finished[-1][0] if not self._in_flight else None
         for record, elapsed, context in finished:
             try:
-                context.run(audit.emit, record)  # with this request's own log context
+                # With this request's own log context.
+                context.run(audit.emit, record, now=record is last)
             except Exception:
                 # One event that cannot be written does not take the others with it.
                 log.exception("audit_event_failed", route=record.route, path=record.path)
@@ -392,20 +406,29 @@ class Proxy:
         # once, when the configuration was loaded.
         if plan.literal_denial is not None:
             raise EgressDenied(plan.literal_denial.reason, plan.literal_denial.message)
+        # Until the answer starts: connecting (if a new connection is needed) and waiting.
+        watch = self.deadlines.watch(
+            route.read_timeout, first=route.connect_timeout + route.read_timeout
+        )
         try:
-            async with self.sessions.get(route.name).request(
-                request.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,  # SECURITY: a redirect goes back to the caller
-                timeout=plan.timeout,
-            ) as upstream:
-                record.upstream_status = upstream.status
-                return await _stream_back(request, upstream, rendered, record)
+            with watch:
+                async with self.sessions.get(route.name).request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,  # SECURITY: a redirect goes back to the caller
+                    timeout=plan.timeout,
+                ) as upstream:
+                    watch.heard()
+                    record.upstream_status = upstream.status
+                    return await _stream_back(request, upstream, rendered, record, watch)
         except RequestError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            if isinstance(watch.answer, web.StreamResponse):
+                _abort(request, record)  # the status line is gone: cut the answer short
+                return watch.answer
             raise GatewayTimeout("upstream_timeout", "the upstream did not answer in time") from exc
         except aiohttp.ClientError as exc:
             denial = netguard.egress_denial(exc)
@@ -514,6 +537,7 @@ async def _stream_back(
     upstream: aiohttp.ClientResponse,
     rendered: Rendered,
     record: audit.RequestRecord,
+    watch: Watch,
 ) -> web.StreamResponse:
     encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
     encoding = "" if encoding == "identity" else encoding
@@ -529,7 +553,8 @@ async def _stream_back(
         # and end, and a cut-short body is still a 502.
         content = upstream.content
         # Usually it all came with the headers: take it without waiting.
-        body = content.read_nowait() if content.is_eof() else await upstream.read()
+        body = content.read_nowait() if content.is_eof() else await _read_whole(content, watch)
+        watch.pause()  # the rest is the caller's turn
         response = web.Response(
             status=upstream.status, body=scrub_bytes(body, rendered.byte_forms), headers=headers
         )
@@ -540,13 +565,19 @@ async def _stream_back(
             _abort(request, record)
         return response
     response = web.StreamResponse(status=upstream.status, headers=headers)
+    watch.pause()
     await response.prepare(request)
+    watch.answer = response
+    watch.heard()
     scrubber = Scrubber(rendered.byte_forms)
     try:
         async for chunk in upstream.content.iter_any():
             out = scrubber.feed(chunk)
             if out:
+                watch.pause()  # the caller's turn: a slow reader is not a silent upstream
                 await response.write(out)
+            watch.heard()
+        watch.pause()
         tail = scrubber.flush()
         if tail:
             await response.write(tail)
@@ -554,6 +585,15 @@ async def _stream_back(
     except Exception:  # noqa: BLE001  # whatever broke the stream, the answer is the same
         _abort(request, record)
     return response
+
+
+async def _read_whole(content: aiohttp.StreamReader, watch: Watch) -> bytes:
+    """A short body that did not come with the headers, read as it arrives."""
+    parts = []
+    while not content.at_eof():
+        parts.append(await content.readany())
+        watch.heard()
+    return b"".join(parts)
 
 
 def _abort(request: web.Request, record: audit.RequestRecord) -> None:

@@ -111,6 +111,11 @@ class Upstream:
         app.router.add_get("/leak/sse", _leak_sse)
         app.router.add_get("/redirect", _redirect)
         app.router.add_get("/stall", _stall)
+        app.router.add_get("/stall/short", _stall_short)
+        app.router.add_get("/stall/stream", _stall_stream)
+        app.router.add_get("/trickle/short", _trickle)
+        app.router.add_get("/trickle/stream", _trickle)
+        app.router.add_get("/big", _big)
         app.router.add_get("/leak/reason", _leak_reason)
         app.router.add_get("/leak/url", _leak_url)
         app.router.add_get("/odd-encoding", _odd_encoding)
@@ -201,6 +206,49 @@ async def _stall(request: web.Request) -> web.Response:
     # Longer than the test route's read timeout; the proxy must answer 504 first.
     await asyncio.sleep(10)
     return web.json_response({"late": True})
+
+
+async def _stall_short(request: web.Request) -> web.StreamResponse:
+    """Declares 100 bytes, sends 10 and falls silent for longer than the read timeout."""
+    response = web.StreamResponse(headers={"Content-Length": "100"})
+    await response.prepare(request)
+    await response.write(b"0123456789")
+    await asyncio.sleep(10)
+    return response
+
+
+async def _stall_stream(request: web.Request) -> web.StreamResponse:
+    """A stream that sends one event and falls silent for longer than the read timeout."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: first\n\n")
+    await asyncio.sleep(10)
+    return response
+
+
+TRICKLE_PARTS, TRICKLE_GAP = 5, 0.3  # 1.5 s in all, never silent for the 1 s read timeout
+
+
+async def _trickle(request: web.Request) -> web.StreamResponse:
+    """An answer that takes longer than the read timeout to arrive, part by part: of declared
+    length (/trickle/short) or streamed (/trickle/stream)."""
+    part = b"data: part\n\n"
+    length = {"Content-Length": str(len(part) * TRICKLE_PARTS)} if "short" in request.path else {}
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **length})
+    await response.prepare(request)
+    for _ in range(TRICKLE_PARTS):
+        await response.write(part)
+        await asyncio.sleep(TRICKLE_GAP)  # pacing: the gaps the proxy must tolerate
+    await response.write_eof()
+    return response
+
+
+BIG_BYTES = 16 * 1024 * 1024
+
+
+async def _big(request: web.Request) -> web.Response:
+    """More than the sockets and buffers between upstream and caller hold."""
+    return web.Response(body=b"b" * BIG_BYTES, content_type="application/octet-stream")
 
 
 async def serve(app: web.Application) -> tuple[web.AppRunner, int]:

@@ -25,7 +25,9 @@ from yarl import URL
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.support import (
+    BIG_BYTES,
     CANARIES,
+    TRICKLE_PARTS,
     Stack,
     Upstream,
     bearer,
@@ -99,7 +101,10 @@ def make_config(
     """One route `r` to `upstream` with the key at `key_path`; the agent may use a few paths."""
     grant = {
         "methods": ["GET", "POST"],
-        "paths": ["/v1/**", "/echo", "/leak/*", "/redirect", "/stall", "/odd-encoding"],
+        "paths": [
+            *("/v1/**", "/echo", "/leak/*", "/redirect", "/stall", "/stall/*", "/trickle/*"),
+            *("/big", "/odd-encoding"),
+        ],
     }
     return {
         "vault": openbao.vault_yaml(refresh_interval="500ms", max_staleness="3s"),
@@ -861,6 +866,49 @@ async def test_stalled_upstream_is_504(
     """An upstream that does not answer within the read timeout gives 504."""
     async with http.get(f"{stack.base}/r/r/stall", headers=bearer(token)) as response:
         assert response.status == 504
+
+
+async def test_upstream_silent_before_a_short_body_ends_is_504(
+    stack: Stack, token: str, http: aiohttp.ClientSession
+) -> None:
+    """A declared-length answer whose body stops arriving gives 504, not a short body."""
+    async with http.get(f"{stack.base}/r/r/stall/short", headers=bearer(token)) as response:
+        assert response.status == 504
+
+
+async def test_upstream_silent_in_a_stream_cuts_the_answer(
+    stack: Stack, token: str, http: aiohttp.ClientSession
+) -> None:
+    """A stream that falls silent for the read timeout is cut off after what was sent: the
+    caller can never take it for complete."""
+    async with http.get(f"{stack.base}/r/r/stall/stream", headers=bearer(token)) as response:
+        assert response.status == 200
+        assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+
+@pytest.mark.parametrize("path", ["/trickle/short", "/trickle/stream"])
+async def test_an_answer_slower_than_the_read_timeout_but_never_silent_arrives(
+    stack: Stack, token: str, http: aiohttp.ClientSession, path: str
+) -> None:
+    """The read timeout bounds silence, not the whole answer."""
+    async with http.get(f"{stack.base}/r/r{path}", headers=bearer(token)) as response:
+        assert response.status == 200
+        assert await response.read() == b"data: part\n\n" * TRICKLE_PARTS
+
+
+async def test_a_caller_slower_than_the_read_timeout_gets_the_whole_answer(
+    stack: Stack, token: str, http: aiohttp.ClientSession
+) -> None:
+    """While the caller does not read, the proxy does not wait on the upstream: a pause
+    longer than the read timeout is not the upstream's silence."""
+    async with http.get(f"{stack.base}/r/r/big", headers=bearer(token)) as response:
+        assert response.status == 200
+        first = await response.content.readany()
+        await asyncio.sleep(1.5)  # a slow caller: longer than the route's 1 s read timeout
+        rest = await response.read()
+    assert len(first) + len(rest) == BIG_BYTES
 
 
 async def test_health_endpoints(stack: Stack, http: aiohttp.ClientSession) -> None:
