@@ -60,6 +60,7 @@ RESULTS = BENCH / "results"
 KEYPROXY = Path(sys.executable).parent / "keyproxy"
 LARGE_BYTES = 64 * 1024
 SSE_GAP_MS = 5
+SSE_STREAMS = 3  # paced streams per candidate; the median one is reported
 FILL_KEY_PATH = "keyproxy/keys/bench-fill"
 BODIES = {"small": "/small", "large": "/large", "sse": "/sse"}
 CONCURRENCY = (1, 32, 128)
@@ -436,6 +437,17 @@ async def sse_delivery(cand: Candidate) -> dict[str, Any]:
     }
 
 
+def _median_stream(streams: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The middle stream by batching, then by worst delay: one scheduling hiccup of the
+    machine (two events in one read, in one stream of three) does not decide the check, a
+    proxy that holds events back does (it batches in every stream)."""
+    ranked = sorted(streams, key=lambda s: (s["reads_with_several_events"], s["max_delay_ms"]))
+    middle = dict(ranked[len(ranked) // 2])
+    middle["streams_with_batching"] = sum(1 for s in streams if s["reads_with_several_events"])
+    middle["streams"] = len(streams)
+    return middle
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -511,7 +523,8 @@ def verdicts(rows: Sequence[dict[str, Any]], sse: dict[str, Any]) -> list[dict[s
         one_by_one = kp_sse["reads_with_several_events"] == 0 and kp_sse["events"] == 100
         out.append(
             {
-                "check": f"SSE: 100 events paced {SSE_GAP_MS} ms reach the client one by one",
+                "check": f"SSE: 100 events paced {SSE_GAP_MS} ms reach the client one by one "
+                f"(median of {SSE_STREAMS} streams)",
                 "value": kp_sse,
                 "met": one_by_one,
             }
@@ -573,15 +586,18 @@ def markdown(
         )
     lines += [
         "",
-        f"SSE delivery (100 events, {SSE_GAP_MS} ms apart, one stream):",
+        f"SSE delivery (100 events, {SSE_GAP_MS} ms apart; the median of {SSE_STREAMS} "
+        "streams per candidate):",
         "",
-        "| candidate | events | reads with >1 event | p50 delay ms | max delay ms |",
-        "|---|---:|---:|---:|---:|",
+        "| candidate | events | reads with >1 event | p50 delay ms | max delay ms "
+        "| streams with batching |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, s in sse.items():
         lines.append(
             f"| {name} | {s['events']} | {s['reads_with_several_events']} "
-            f"| {s['p50_delay_ms']} | {s['max_delay_ms']} |"
+            f"| {s['p50_delay_ms']} | {s['max_delay_ms']} "
+            f"| {s.get('streams_with_batching', 0)} of {s.get('streams', 1)} |"
         )
     lines += ["", "Peak RSS (VmHWM, KiB, all processes of the candidate):", ""]
     lines += [f"- {name}: {kib}" for name, kib in meta["peak_rss_kib"].items()]
@@ -750,8 +766,11 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
 
         if "main" in args.phases:
             print("bench: phase main", flush=True)
-            for cand in main_set:
-                sse[cand.name] = asyncio.run(sse_delivery(cand))
+            streams: dict[str, list[dict[str, Any]]] = {cand.name: [] for cand in main_set}
+            for _ in range(SSE_STREAMS):  # interleaved, like the load runs
+                for cand in main_set:
+                    streams[cand.name].append(asyncio.run(sse_delivery(cand)))
+            sse = {name: _median_stream(runs) for name, runs in streams.items()}
             all_runs += measure(
                 procs,
                 tools["wrk"],

@@ -1,0 +1,191 @@
+"""Instructions per request, counted by callgrind: keyproxy against the minimal aiohttp proxy.
+
+Wall-clock numbers on a shared machine move by 10-20% between runs, more than most single
+changes to the request path are worth. The number of instructions a request takes does not:
+the same code gives the same count to within about 1%. It counts user-space instructions
+only (no system calls, no cache misses), so it ranks changes to the per-request work; the
+wall-clock table of `bench/run.py` stays the measure of the result.
+
+    .venv/bin/python bench/instructions.py [--seconds 12] [--compare DIR]
+
+Each proxy runs under `valgrind --tool=callgrind` with counting off, is warmed up by 5 s of
+wrk at c=1 on the small answer, then counted over `--seconds` more (its main thread only: the
+key refresh runs in executor threads). valgrind is installed from Debian's packages if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from keyproxy.devserver import OpenBaoDevServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # the benchmark's own set-up, reused
+
+WARM_UP_S = 5
+
+
+def _valgrind() -> None:
+    found = shutil.which("valgrind")
+    if found is None:
+        print("instructions: installing valgrind (apt-get)", flush=True)
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "valgrind"], check=True, env=env)
+        found = shutil.which("valgrind")
+    if found is None or shutil.which("callgrind_control") is None:
+        raise RuntimeError("valgrind is still missing after apt-get install")
+
+
+def _callgrind_control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+
+def _main_thread_instructions(out: Path) -> int:
+    """The largest thread's count in the dump (`--separate-threads`: one file per thread)."""
+    counts = [0]
+    for path in out.parent.glob(out.name + "*"):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        counts += [int(m) for m in re.findall(r"^(?:summary|totals):\s+(\d+)", text, re.M)]
+    return max(counts)
+
+
+def _count(
+    procs: bench.Processes,
+    wrk: str,
+    workdir: Path,
+    name: str,
+    argv: list[str],
+    *,
+    port: int,
+    token_file: Path,
+    env: dict[str, str],
+    seconds: float,
+) -> dict[str, object]:
+    """Start `argv` under callgrind, warm it up, count `seconds` of c=1 requests."""
+    out = workdir / f"callgrind.{name}"
+    counted = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
+    proc = procs.start(
+        name,
+        [*counted, f"--callgrind-out-file={out}", *argv],
+        log=workdir / f"{name}.audit.jsonl",
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    if name == "minimal-aiohttp":
+        bench._wait_port(port, proc, name, timeout=300)
+    else:
+        bench._wait_http(f"{base}/readyz", proc, name, timeout=300)
+    cand = bench.Candidate(name, base, "/r/bench", token_file, proc.pid)
+    bench.wrk(procs, wrk, cand, path="/small", conc=1, seconds=WARM_UP_S)
+    _callgrind_control(proc.pid, "--instr=on")
+    run = bench.wrk(procs, wrk, cand, path="/small", conc=1, seconds=seconds)
+    _callgrind_control(proc.pid, "--instr=off")
+    _callgrind_control(proc.pid, "--dump")
+    deadline = time.monotonic() + 60
+    while not (count := _main_thread_instructions(out)):  # the dump is written meanwhile
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no callgrind dump from {name}")
+        time.sleep(0.2)  # polling interval of a bounded wait
+    procs.stop(proc)
+    requests = int(run["requests"])
+    row: dict[str, object] = {"candidate": name, "requests": requests, "instructions": count}
+    row["per_request"] = round(count / max(requests, 1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def measure(compare: Path | None, seconds: float) -> list[dict[str, object]]:
+    _valgrind()
+    tools = bench.ensure_tools()
+    workdir = Path(tempfile.mkdtemp(prefix="keyproxy-instructions-"))
+    procs = bench.Processes(pinning=False)
+    bao = OpenBaoDevServer(workdir / "openbao")
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    try:
+        bao.start()
+        setup = bao.setup()
+        agent = bao.add_agent("bench-agent")
+        key = "sk-bench-" + secrets.token_urlsafe(24)
+        bao.put_key("keyproxy/keys/bench", key)
+        bench._put_keys(bao, 9)  # the same ten routes as the main phase
+        key_file = bench._write_private(workdir / "key", key)
+        token_file = bench._write_private(workdir / "token", bao.agent_token(agent))
+        (workdir / "nginx-tmp").mkdir()
+        (workdir / "large.json").write_text("{}", encoding="utf-8")
+        workdir.chmod(0o711)
+        port, sse_port = bench._free_port(), bench._free_port()
+        conf = bench._write_private(
+            workdir / "upstream-nginx.conf",
+            (bench.BENCH / "nginx" / "upstream.conf")
+            .read_text(encoding="utf-8")
+            .format(workdir=workdir, port=port, sse_port=sse_port, key=key),
+        )
+        nginx = [tools["nginx"], "-c", str(conf), "-p", str(workdir)]
+        upstream_proc = procs.start("upstream", nginx, log=workdir / "upstream.log")
+        bench._wait_port(port, upstream_proc, "upstream nginx")
+        upstream = f"http://127.0.0.1:{port}"
+
+        def count(name: str, argv: list[str], port: int, env: dict[str, str]) -> dict[str, object]:
+            return _count(
+                procs,
+                tools["wrk"],
+                workdir,
+                name,
+                argv,
+                port=port,
+                token_file=token_file,
+                env=env,
+                seconds=seconds,
+            )
+
+        mini_port = bench._free_port()
+        mini = [sys.executable, str(bench.BENCH / "minimal_proxy.py"), str(mini_port)]
+        results = [count("minimal-aiohttp", [*mini, upstream, str(key_file)], mini_port, clean_env)]
+        for name, source in [("keyproxy", None), ("keyproxy-compare", compare)]:
+            if name == "keyproxy-compare" and source is None:
+                continue
+            path = workdir / f"{name}.yaml"
+            config = bench.keyproxy_config(bao, setup, agent, upstream, 10)
+            path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            kp_port = bench._free_port()
+            argv = [str(bench.KEYPROXY), "serve", "-c", str(path), "--port", str(kp_port)]
+            env = clean_env | ({"PYTHONPATH": str(source)} if source is not None else {})
+            results.append(count(name, argv, kp_port, env))
+    finally:
+        procs.stop_all()
+        bao.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument("--compare", type=Path, help="a directory holding a patched keyproxy/")
+    args = parser.parse_args()
+    results = measure(args.compare, args.seconds)
+    minimal = float(str(results[0]["per_request"]))
+    print("\n| candidate | requests counted | instructions per request | x minimal |")
+    print("|---|---:|---:|---:|")
+    for row in results:
+        per = float(str(row["per_request"]))
+        print(f"| {row['candidate']} | {row['requests']} | {per:,.0f} | {per / minimal:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
