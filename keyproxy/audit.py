@@ -47,17 +47,15 @@ _CLEAN_LEN = 256  # longer texts are scanned every time, not remembered
 
 
 class _Clean:
-    """What was found clean under one set of secrets: texts, the text fields of whole
-    request records, and the last context variables read (with what they add to an event).
-    Replaced whole when a secret is added, so a scan that began before cannot write into
-    the new one."""
+    """What was found clean under one set of secrets: texts, and the text fields of whole
+    request records. Replaced whole when a secret is added, so a scan that began before
+    cannot write into the new one."""
 
-    __slots__ = ("context", "records", "texts")
+    __slots__ = ("records", "texts")
 
     def __init__(self) -> None:
         self.texts: set[str] = set()
         self.records: set[tuple[Any, ...]] = set()
-        self.context: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
 
 
 class _Redactor:
@@ -300,7 +298,7 @@ def flush() -> None:
 atexit.register(flush)
 
 
-@dataclass
+@dataclass(slots=True)  # no attribute outside the fields below can reach the event
 class RequestRecord:
     """Everything one audit event says about one request. No query string, no secrets."""
 
@@ -338,12 +336,18 @@ def _timestamp() -> str:
     return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
 
 
-# The record's text fields, read in one call: once their tuple is found clean, an event
-# with the same texts skips the scan of each.
+_NAMES = tuple(f.name for f in dataclasses.fields(RequestRecord))
+_VALUES = operator.attrgetter(*_NAMES)
+# The record's text fields, read in one call: once their tuple is found clean, an event with
+# the same texts skips the scan of each. Every other field must be a number (or None), which
+# has nothing to scrub: a field of any other type would need its own place in that tuple.
+_TEXT_TYPES, _NUMBER_TYPES = {"str", "str | None"}, {"int", "int | None", "float"}
 _TEXTS = operator.attrgetter(
-    *(f.name for f in dataclasses.fields(RequestRecord) if str(f.type).startswith("str"))
+    *(f.name for f in dataclasses.fields(RequestRecord) if f.type in _TEXT_TYPES)
 )
-_FIELDS = frozenset(f.name for f in dataclasses.fields(RequestRecord)) | {"event"}
+if not all(f.type in _TEXT_TYPES | _NUMBER_TYPES for f in dataclasses.fields(RequestRecord)):
+    raise TypeError("RequestRecord fields must be text or numbers (see audit._TEXTS)")
+_FIELDS = frozenset(_NAMES) | {"event"}
 _RECORD_TEXTS_MAX = 1024  # characters: records with longer texts are scanned every time
 
 
@@ -360,13 +364,14 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
         or tuple(setup.processors) != setup.snapshot
     ):
         # structlog was set up by someone else: let it do everything.
-        _log.info("request", **vars(record))
+        _log.info("request", **dict(zip(_NAMES, _VALUES(record), strict=True)))
         return
     if not setup.request_events:
         return
     # The processor chain of configure(), step by step, for an event of scalar fields.
     known = _redactor().clean  # of this moment (see _Redactor.text)
-    event: dict[str, Any] = {**vars(record), "event": "request"}
+    event: dict[str, Any] = dict(zip(_NAMES, _VALUES(record), strict=True))
+    event["event"] = "request"
     texts = _TEXTS(record)
     if texts not in known.records:
         scrubbed = scrub_secrets(None, "info", event)
@@ -377,14 +382,9 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
         event = scrubbed
     context = structlog.contextvars.get_contextvars()
     if context:
-        seen, added = known.context
-        if context != seen:
-            # Context variables fill in names the event does not have (merge_contextvars).
-            added = scrub_secrets(
-                None, "info", {k: v for k, v in context.items() if k not in _FIELDS}
-            )
-            known.context = (context, added)
-        event.update(added)
+        # Context variables fill in names the event does not have (merge_contextvars).
+        added = {k: v for k, v in context.items() if k not in _FIELDS}
+        event.update(scrub_secrets(None, "info", added))
     event["level"] = "info"
     event["timestamp"] = _timestamp()
     setup.factory.sink.line(_json(event), now=now)

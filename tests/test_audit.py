@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -120,7 +121,7 @@ def test_request_event_equals_what_the_structlog_chain_writes() -> None:
             record = _record()
             record.subject = f"leaked {value}"
             audit.emit(record)
-            structlog.get_logger("x").info("request", **vars(record))
+            structlog.get_logger("x").info("request", **dataclasses.asdict(record))
     finally:
         structlog.configure(**previous)
     fast, chain = (json.loads(line) for line in stream.getvalue().splitlines())
