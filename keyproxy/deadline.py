@@ -54,7 +54,7 @@ class Watch:
         if task is None:
             raise RuntimeError("a read deadline is watched inside a task")
         self._task, self._cancelling = task, task.cancelling()
-        self._deadlines.add(self)
+        self._deadlines.add(self, task.get_loop())
         return self
 
     def __exit__(
@@ -81,16 +81,19 @@ class ReadDeadlines:
         self.granularity = granularity
         self._watches: set[Watch] = set()
         self._sweep_due: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def watch(self, limit: float, *, first: float | None = None) -> Watch:
         """A watch allowing `limit` seconds of silence, `first` (default `limit`) before
         the upstream is first heard from."""
         return Watch(self, limit, limit if first is None else first)
 
-    def add(self, watch: Watch) -> None:
+    def add(self, watch: Watch, loop: asyncio.AbstractEventLoop) -> None:
         self._watches.add(watch)
-        if self._sweep_due is None:
-            self._sweep_due = asyncio.get_running_loop().call_later(self.granularity, self._sweep)
+        # A sweep due on another (stopped) loop would never run: sweep on this one.
+        if self._sweep_due is None or loop is not self._loop:
+            self._loop = loop
+            self._sweep_due = loop.call_later(self.granularity, self._sweep)
 
     def discard(self, watch: Watch) -> None:
         self._watches.discard(watch)

@@ -14,7 +14,7 @@ import functools
 import itertools
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote_plus
@@ -247,9 +247,10 @@ class Proxy:
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
-        # Read timeouts are enforced to within a tenth of the shortest (and a second).
+        # Read timeouts are enforced to within a tenth of the shortest (and a second), but
+        # never swept more often than every 10 ms.
         shortest = min((r.read_timeout for r in config.routes.values()), default=10.0)
-        self.deadlines = ReadDeadlines(granularity=min(1.0, shortest / 10))
+        self.deadlines = ReadDeadlines(granularity=min(1.0, max(0.01, shortest / 10)))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -416,7 +417,8 @@ class Proxy:
                     request.method,
                     url,
                     headers=headers,
-                    data=body,
+                    # The caller's pace while uploading is not the upstream's silence.
+                    data=_uploaded(body, watch) if isinstance(body, aiohttp.StreamReader) else body,
                     allow_redirects=False,  # SECURITY: a redirect goes back to the caller
                     timeout=plan.timeout,
                 ) as upstream:
@@ -428,6 +430,7 @@ class Proxy:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             if isinstance(watch.answer, web.StreamResponse):
                 _abort(request, record)  # the status line is gone: cut the answer short
+                record.reason = "upstream_timeout"
                 return watch.answer
             raise GatewayTimeout("upstream_timeout", "the upstream did not answer in time") from exc
         except aiohttp.ClientError as exc:
@@ -585,6 +588,18 @@ async def _stream_back(
     except Exception:  # noqa: BLE001  # whatever broke the stream, the answer is the same
         _abort(request, record)
     return response
+
+
+async def _uploaded(content: aiohttp.StreamReader, watch: Watch) -> AsyncIterator[bytes]:
+    """The caller's body as it arrives: the upstream is not waited on while the caller
+    sends, and is again while it takes each part and once all is sent."""
+    while True:
+        watch.pause()
+        chunk = await content.readany()
+        watch.heard()
+        if not chunk:
+            return
+        yield chunk
 
 
 async def _read_whole(content: aiohttp.StreamReader, watch: Watch) -> bytes:

@@ -877,15 +877,49 @@ async def test_upstream_silent_before_a_short_body_ends_is_504(
 
 
 async def test_upstream_silent_in_a_stream_cuts_the_answer(
-    stack: Stack, token: str, http: aiohttp.ClientSession
+    stack: Stack, token: str, http: aiohttp.ClientSession, audit_log: Path
 ) -> None:
     """A stream that falls silent for the read timeout is cut off after what was sent: the
-    caller can never take it for complete."""
+    caller can never take it for complete, and the audit event says why."""
     async with http.get(f"{stack.base}/r/r/stall/stream", headers=bearer(token)) as response:
         assert response.status == 200
         assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
+    deadline = time.monotonic() + 10
+    while not (cut := [e for e in _events(audit_log) if e.get("path") == "/stall/stream"]):
+        assert time.monotonic() < deadline, "no audit event for the cut stream"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    assert cut[-1]["reason"] == "upstream_timeout"
+    assert cut[-1]["status"] == 200  # the status line had been sent
+
+
+async def test_a_caller_uploading_slower_than_the_timeouts_is_not_an_upstream_timeout(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The wait for the answer counts from the end of the caller's upload, not its start: a
+    declared-length body sent over longer than timeouts.connect + timeouts.read arrives."""
+    parts, gap = 6, 0.6  # the last part 3 s after the first, against 1 s + 1 s
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for _ in range(parts):
+            yield b"x" * 100
+            await asyncio.sleep(gap)  # pacing: a caller slower than the timeouts
+
+    config = config_for(upstream.url, timeouts={"connect": "1s", "read": "1s"})
+    async with (
+        running_proxy(config) as stack,
+        http.post(
+            f"{stack.base}/r/r/echo",
+            data=slowly(),
+            headers={**bearer(token), "Content-Length": str(100 * parts)},
+        ) as response,
+    ):
+        assert response.status == 200
+    assert upstream.requests[-1].body == b"x" * (100 * parts)
 
 
 @pytest.mark.parametrize("path", ["/trickle/short", "/trickle/stream"])
