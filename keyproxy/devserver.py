@@ -38,7 +38,6 @@ from typing import IO, Any, Self
 import keyproxy
 from keyproxy import secret
 from keyproxy.config import VaultAuth, VaultConfig
-from keyproxy.config.model import default_full_refresh
 from keyproxy.secret import REDACTED
 
 AUDIENCE = "keyproxy"
@@ -255,7 +254,6 @@ class OpenBaoDevServer:
             auth=auth,
             kv_mount=setup.kv_mount,
             refresh_interval=refresh_interval,
-            full_refresh_interval=default_full_refresh(refresh_interval, max_staleness),
             max_staleness=max_staleness,
         )
 

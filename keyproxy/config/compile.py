@@ -44,7 +44,6 @@ from keyproxy.config.model import (
     Upstream,
     VaultAuth,
     VaultConfig,
-    default_full_refresh,
 )
 from keyproxy.errors import ConfigError
 
@@ -204,10 +203,8 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
     if staleness < 2 * refresh:
         where = f.get("max_staleness") or f["refresh_interval"]
         raise where.error("max_staleness must be at least twice refresh_interval")
-    full = _opt(f, "full_refresh_interval", _Node.duration, None)
-    if full is None:
-        full = default_full_refresh(refresh, staleness)
-    elif not refresh <= full <= staleness / 2:
+    full = _opt(f, "full_refresh_interval", _Node.duration, 0.0)  # 0: VaultConfig's default
+    if full and not refresh <= full <= staleness / 2:
         # Read twice within max_staleness: a key the index cannot confirm (a proxy policy
         # without it) never goes stale between two reads of the sweep.
         raise f["full_refresh_interval"].error(

@@ -70,8 +70,13 @@ class VaultConfig:
     tls_verify: bool = True
     timeout: float = 5.0
     refresh_interval: float = 2.0
-    full_refresh_interval: float = 60.0
+    full_refresh_interval: float = 0.0  # 0: default_full_refresh() of the two around it
     max_staleness: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.full_refresh_interval:
+            full = default_full_refresh(self.refresh_interval, self.max_staleness)
+            object.__setattr__(self, "full_refresh_interval", full)
 
 
 @dataclass(frozen=True)
