@@ -10,7 +10,7 @@ and `emit()` writes them as a single `request` event. That event is on every req
 so `emit()` runs the same steps as the processor chain below without structlog's per-call
 machinery (a test holds the two outputs equal), and inside an event loop lines wait up to
 FLUSH_DELAY (1 ms) and go out together: a burst of requests costs one write system call,
-not one each.
+not one each. The proxy asks for its lines at once (`now`) when no request is in flight.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ class ReadDeadlines:
         # A sweep due on another (stopped) loop would never run: sweep on this one.
         if self._sweep_due is None or loop is not self._loop:
             self._loop = loop
-            self._sweep_due = loop.call_later(self.granularity, self._sweep)
+            self._sweep_due = loop.call_later(self.granularity, self._sweep, loop)
 
     def discard(self, watch: Watch) -> None:
         self._watches.discard(watch)
@@ -104,11 +104,11 @@ class ReadDeadlines:
             self._sweep_due.cancel()
             self._sweep_due = None
 
-    def _sweep(self) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._watches:
             self._sweep_due = None  # idle: no timer until the next request
             return
         now = time.monotonic()
         for watch in [w for w in self._watches if w.deadline <= now]:
             watch.expire()
-        self._sweep_due = asyncio.get_running_loop().call_later(self.granularity, self._sweep)
+        self._sweep_due = loop.call_later(self.granularity, self._sweep, loop)

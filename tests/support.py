@@ -111,8 +111,8 @@ class Upstream:
         app.router.add_get("/leak/sse", _leak_sse)
         app.router.add_get("/redirect", _redirect)
         app.router.add_get("/stall", _stall)
-        app.router.add_get("/stall/short", _stall_short)
-        app.router.add_get("/stall/stream", _stall_stream)
+        app.router.add_get("/stall/short", _stall_midway)
+        app.router.add_get("/stall/stream", _stall_midway)
         app.router.add_get("/trickle/short", _trickle)
         app.router.add_get("/trickle/stream", _trickle)
         app.router.add_get("/big", _big)
@@ -208,20 +208,14 @@ async def _stall(request: web.Request) -> web.Response:
     return web.json_response({"late": True})
 
 
-async def _stall_short(request: web.Request) -> web.StreamResponse:
-    """Declares 100 bytes, sends 10 and falls silent for longer than the read timeout."""
-    response = web.StreamResponse(headers={"Content-Length": "100"})
+async def _stall_midway(request: web.Request) -> web.StreamResponse:
+    """Sends the start of its answer and falls silent for longer than the read timeout: of
+    declared length, 10 bytes of 100 (/stall/short), or one event of a stream (/stall/stream)."""
+    short = "short" in request.path
+    headers = {"Content-Length": "100"} if short else {"Content-Type": "text/event-stream"}
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
-    await response.write(b"0123456789")
-    await asyncio.sleep(10)
-    return response
-
-
-async def _stall_stream(request: web.Request) -> web.StreamResponse:
-    """A stream that sends one event and falls silent for longer than the read timeout."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    await response.write(b"data: first\n\n")
+    await response.write(b"0123456789" if short else b"data: first\n\n")
     await asyncio.sleep(10)
     return response
 
