@@ -96,6 +96,14 @@ def _lower_hex(encoded: str) -> str:
     return parts[0] + "".join("%" + p[:2].lower() + p[2:] for p in parts[1:])
 
 
+def holds_any(text: str, forms: Iterable[str]) -> bool:
+    """Whether `text` holds one of the secret forms."""
+    for form in forms:  # noqa: SIM110  # not any(): a generator per call, on every answer
+        if form in text:
+            return True
+    return False
+
+
 def scrub_text(value: str, forms: Iterable[str]) -> str:
     """Replace every secret form in a header value or other short text."""
     for form in forms:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,9 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_KeyCollector(key_status))
-
-    def request(self, route: str | None, status: int, decision: str, seconds: float) -> None:
-        self._requests.add(route, status, decision, seconds)
+        # Counts one request: (route, status, decision, seconds). The collector's own
+        # method, called on every request without a call in between.
+        self.request: Callable[[str | None, int, str, float], None] = self._requests.add
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -77,20 +78,17 @@ class _RequestCollector(Collector):
     bounded by routes x statuses x decisions."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str | None, int, str], int] = {}
+        self.counts: defaultdict[tuple[str | None, int, str], int] = defaultdict(int)
         # Per route: requests per bucket (the last one above every bound), and their sum.
-        self.buckets: dict[str | None, list[int]] = {}
-        self.sums: dict[str | None, float] = {}
+        self.buckets: defaultdict[str | None, list[int]] = defaultdict(
+            lambda: [0] * (len(BUCKETS) + 1)
+        )
+        self.sums: defaultdict[str | None, float] = defaultdict(float)
 
     def add(self, route: str | None, status: int, decision: str, seconds: float) -> None:
-        key = (route, status, decision)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[route, status, decision] += 1
         if decision == "allow":
-            counts = self.buckets.get(route)
-            if counts is None:
-                counts = self.buckets[route] = [0] * (len(BUCKETS) + 1)
-                self.sums[route] = 0.0
-            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+            self.buckets[route][bisect.bisect_left(BUCKETS, seconds)] += 1
             self.sums[route] += seconds
 
     def collect(self) -> Iterator[Metric]:

@@ -156,6 +156,9 @@ class PolicySet:
         # A decision depends on nothing but these facts, so it is remembered: a caller
         # repeating a request is answered with one dict look-up.
         self._claim_names = tuple(sorted({name for p in self.policies for name, _ in p.claims}))
+        # Without source_cidrs in any policy the source decides nothing (and an address
+        # object hashes in Python, not C).
+        self._by_source = any(p.source_cidrs for p in self.policies)
         self._decided: dict[tuple[Any, ...], Decision] = {}
 
     def _ordered(self, indexes: set[int]) -> tuple[Policy, ...]:
@@ -170,14 +173,15 @@ class PolicySet:
         source: IPAddress,
     ) -> Decision:
         """Allow if some policy allows; otherwise deny with the most specific reason reached."""
+        claims = self._claim_names
         facts = (
             identity.issuer,
             identity.subject,
-            tuple(_claim_text(identity.claims.get(name)) for name in self._claim_names),
+            tuple(_claim_text(identity.claims.get(name)) for name in claims) if claims else (),
             route,
             method,
             segments,
-            source,
+            source if self._by_source else None,
         )
         decision = self._decided.get(facts)
         if decision is None:
@@ -257,7 +261,7 @@ def client_address(
     not an IP address (the proxy listens on TCP only).
     """
     address = _peer_address(peer)
-    if not _inside(address, trusted):
+    if not trusted or not _inside(address, trusted):
         return address
     entries = [e.strip() for value in forwarded_for for e in value.split(",") if e.strip()]
     for entry in reversed(entries):

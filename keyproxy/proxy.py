@@ -9,13 +9,12 @@ Nothing is sent upstream until every check has passed.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import itertools
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_plus
 
@@ -43,7 +42,7 @@ from keyproxy.errors import (
     Unauthenticated,
 )
 from keyproxy.identity import Identity, IdentityVerifier
-from keyproxy.inject import Injector, Rendered, Scrubber, scrub_bytes, scrub_text
+from keyproxy.inject import Injector, Rendered, Scrubber, holds_any, scrub_bytes, scrub_text
 from keyproxy.metrics import Metrics
 from keyproxy.policy import IPAddress
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
@@ -182,42 +181,61 @@ def _session(route: Route) -> aiohttp.ClientSession:
     )
 
 
+class _Verdicts(dict[str, bool]):
+    """Header names (as sent) and whether they pass, filled in on first sight: a look-up per
+    header on the request path. Names are the sender's to choose: only so many, and only
+    short ones, are kept."""
+
+    def __init__(self, passes: Callable[[str], bool]) -> None:
+        super().__init__()
+        self._passes = passes
+
+    def __missing__(self, name: str) -> bool:
+        verdict = self._passes(name.lower())
+        if len(name) <= _REMEMBERED_NAME and len(self) < _HEADER_VERDICTS:
+            self[name] = verdict
+        return verdict
+
+
+def _returned(name: str) -> bool:
+    """Whether an upstream answer's header (lower-case name) goes back to the caller."""
+    return name not in _RESPONSE_NOT_FORWARDED
+
+
+_RETURNED: Final = _Verdicts(_returned)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What one route's requests need that does not change per request, prepared once."""
 
     injector: Injector
-    dropped_headers: frozenset[str]  # request headers never forwarded on this route
+    session: aiohttp.ClientSession
+    forwards: _Verdicts  # caller's request header name as sent: forwarded on this route?
     timeout: aiohttp.ClientTimeout
+    first_read: float  # seconds to wait for the answer to start: connect + read
     literal_denial: EgressDenied | None  # the fence's verdict on an IP-literal upstream
-    verdicts: dict[str, bool] = field(default_factory=dict)  # header name as sent: forwarded?
-
-    def forwards(self, name: str) -> bool:
-        """Whether a caller's request header of this name is forwarded on this route."""
-        verdict = self.verdicts.get(name)
-        if verdict is None:
-            lower = name.lower()
-            verdict = _caller_may_send(lower) and lower not in self.dropped_headers
-            # Names are the caller's to choose: only so many, and only short ones, are kept.
-            if len(name) <= _REMEMBERED_NAME and len(self.verdicts) < _HEADER_VERDICTS:
-                self.verdicts[name] = verdict
-        return verdict
 
     @classmethod
-    def of(cls, route: Route) -> _Plan:
+    def of(cls, route: Route, session: aiohttp.ClientSession) -> _Plan:
         injector = Injector(route)
-        return cls(
-            injector=injector,
-            dropped_headers=HOP_BY_HOP
+        dropped = (
+            HOP_BY_HOP
             | _REQUEST_MANAGED
             | injector.header_names
-            | {route.caller_credential.header.lower(), *route.strip_headers},
+            | {route.caller_credential.header.lower(), *route.strip_headers}
+        )
+        return cls(
+            injector=injector,
+            session=session,
+            forwards=_Verdicts(lambda name: _caller_may_send(name) and name not in dropped),
             timeout=aiohttp.ClientTimeout(
                 # The read timeout is keyproxy.deadline's: aiohttp's sock_read costs a new
                 # loop timer per read.
                 total=None,
                 sock_connect=route.connect_timeout,
             ),
+            first_read=route.connect_timeout + route.read_timeout,
             literal_denial=_literal_denial(route),
         )
 
@@ -241,8 +259,7 @@ class Proxy:
         self.sessions = sessions
         self.tasks = tasks
         self.metrics = metrics
-        self.plans = {name: _Plan.of(route) for name, route in config.routes.items()}
-        self._finished: list[tuple[audit.RequestRecord, float, contextvars.Context]] = []
+        self.plans = {name: _Plan.of(r, sessions.get(name)) for name, r in config.routes.items()}
         self._in_flight = 0
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
@@ -279,28 +296,24 @@ class Proxy:
             elapsed = time.monotonic() - started
             record.duration_ms = round(elapsed * 1000, 3)
             record.status = response.status if response is not None else 499
-            # Accounted for right after this step, in which aiohttp sends a returned answer:
-            # the caller does not wait for its own audit event. Requests finishing in the
-            # same turn of the loop are accounted for together.
-            if not self._finished:
-                asyncio.get_running_loop().call_soon(self._account)
-            self._finished.append((record, elapsed, contextvars.copy_context()))
+            if response is not None and not response.prepared:
+                # aiohttp sends a returned answer after this step: the caller does not wait
+                # for its own audit event (call_soon keeps this request's log context).
+                asyncio.get_running_loop().call_soon(self._account, record, elapsed)
+            else:
+                self._account(record, elapsed)  # the answer is out already
         return response
 
-    def _account(self) -> None:
-        finished, self._finished = self._finished, []
-        # With no request in flight the loop has nothing else to do: the lines are written
-        # now rather than on a timer that would fire in the middle of the next request.
-        last = finished[-1][0] if not self._in_flight else None
-        for record, elapsed, context in finished:
-            try:
-                # With this request's own log context.
-                context.run(audit.emit, record, now=record is last)
-            except Exception:
-                # One event that cannot be written does not take the others with it.
-                log.exception("audit_event_failed", route=record.route, path=record.path)
-            if self.metrics is not None:
-                self.metrics.request(record.route, record.status, record.decision, elapsed)
+    def _account(self, record: audit.RequestRecord, elapsed: float) -> None:
+        try:
+            # With no request in flight the loop has nothing else to do: the line is written
+            # now rather than on a timer that would fire in the middle of the next request.
+            audit.emit(record, now=not self._in_flight)
+        except Exception:
+            # An event that cannot be written does not fail the request or the process.
+            log.exception("audit_event_failed", route=record.route, path=record.path)
+        if self.metrics is not None:
+            self.metrics.request(record.route, record.status, record.decision, elapsed)
 
     async def _serve(
         self, request: web.Request, raw_path: str, raw_query: str, record: audit.RequestRecord
@@ -408,12 +421,10 @@ class Proxy:
         if plan.literal_denial is not None:
             raise EgressDenied(plan.literal_denial.reason, plan.literal_denial.message)
         # Until the answer starts: connecting (if a new connection is needed) and waiting.
-        watch = self.deadlines.watch(
-            route.read_timeout, first=route.connect_timeout + route.read_timeout
-        )
+        watch = Watch(self.deadlines, route.read_timeout, plan.first_read)
         try:
             with watch:
-                async with self.sessions.get(route.name).request(
+                async with plan.session.request(
                     request.method,
                     url,
                     headers=headers,
@@ -521,10 +532,9 @@ def _upstream_headers(
     incoming: CIMultiDictProxy[str], plan: _Plan, rendered: Rendered
 ) -> CIMultiDict[str]:
     extra = _connection_extra(incoming)
+    forwards = plan.forwards
     headers = CIMultiDict(
-        (k, v)
-        for k, v in incoming.items()
-        if plan.forwards(k) and (not extra or k.lower() not in extra)
+        [(k, v) for k, v in incoming.items() if forwards[k] and not (extra and k.lower() in extra)]
     )
     headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
     if incoming.get("Content-Length"):
@@ -624,11 +634,10 @@ def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> li
     headers = [
         (k, v)
         for k, v in incoming.items()
-        if (name := k.lower()) not in _RESPONSE_NOT_FORWARDED and name not in extra
+        if _RETURNED[k] and (not extra or k.lower() not in extra)
     ]
     # One search through all names and values first: an echoed key is the rare case.
-    text = "\n".join(itertools.chain.from_iterable(headers))
-    if any(form in text for form in rendered.forms):
+    if holds_any("\n".join(itertools.chain.from_iterable(headers)), rendered.forms):
         headers = [
             (k, scrub_text(v, rendered.forms))
             for k, v in headers

@@ -6,6 +6,7 @@ from raw YAML anywhere else. The reference for every key is docs/configuration.m
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -157,7 +158,7 @@ class Upstream:
     port: int
     base_path: str  # "" or "/prefix" without a trailing slash
 
-    @property
+    @functools.cached_property  # read on every request
     def origin(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
