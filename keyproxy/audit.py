@@ -329,11 +329,10 @@ _second: list[Any] = [None, ""]  # the second last formatted, and its text
 def _timestamp() -> str:
     """Now in UTC as TimeStamper(fmt="iso", utc=True) writes it, formatting the date and time
     of day once per second."""
-    now = time.time()
-    second = int(now)
+    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
     if second != _second[0]:
         _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
+    return f"{_second[1]}.{micros:06d}Z"
 
 
 _NAMES = tuple(f.name for f in dataclasses.fields(RequestRecord))
@@ -347,7 +346,7 @@ _TEXTS = operator.attrgetter(
 )
 if not all(f.type in _TEXT_TYPES | _NUMBER_TYPES for f in dataclasses.fields(RequestRecord)):
     raise TypeError("RequestRecord fields must be text or numbers (see audit._TEXTS)")
-_FIELDS = frozenset(_NAMES) | {"event"}
+_FIELDS = frozenset(_NAMES) | {"event", "level", "timestamp"}
 _RECORD_TEXTS_MAX = 1024  # characters: records with longer texts are scanned every time
 
 
@@ -370,21 +369,32 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
         return
     # The processor chain of configure(), step by step, for an event of scalar fields.
     known = _redactor().clean  # of this moment (see _Redactor.text)
-    event: dict[str, Any] = dict(zip(_NAMES, _VALUES(record), strict=True))
-    event["event"] = "request"
     texts = _TEXTS(record)
-    if texts not in known.records:
-        scrubbed = scrub_secrets(None, "info", event)
-        if scrubbed == event and sum(len(t) for t in texts if t) <= _RECORD_TEXTS_MAX:
-            if len(known.records) >= _CLEAN_MAX:
-                known.records.clear()
-            known.records.add(texts)
-        event = scrubbed
+    # A record whose texts were found clean is rendered as it is (orjson writes a dataclass's
+    # fields in order); any other is scrubbed first.
+    fields = ""
+    if texts in known.records:
+        try:
+            fields = orjson.dumps(record).decode()
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits: rendered as below
+            fields = ""
+    if not fields or not fields.isascii():
+        fields = _scrubbed(record, texts, known)
     context = structlog.contextvars.get_contextvars()
-    if context:
-        # Context variables fill in names the event does not have (merge_contextvars).
-        added = {k: v for k, v in context.items() if k not in _FIELDS}
-        event.update(scrub_secrets(None, "info", added))
-    event["level"] = "info"
-    event["timestamp"] = _timestamp()
-    setup.factory.sink.line(_json(event), now=now)
+    # Context variables fill in names the event does not have (merge_contextvars). "level"
+    # and "timestamp" are the event's own, written last.
+    added = {k: v for k, v in context.items() if k not in _FIELDS} if context else None
+    more = "," + _json(scrub_secrets(None, "info", added))[1:-1] if added else ""
+    line = f'{fields[:-1]},"event":"request"{more},"level":"info","timestamp":"{_timestamp()}"}}'
+    setup.factory.sink.line(line, now=now)
+
+
+def _scrubbed(record: RequestRecord, texts: tuple[Any, ...], known: _Clean) -> str:
+    """The record's fields as a JSON object, scrubbed; remembered as clean if they were."""
+    event = dict(zip(_NAMES, _VALUES(record), strict=True))
+    scrubbed = scrub_secrets(None, "info", event)
+    if scrubbed == event and sum(len(t) for t in texts if t) <= _RECORD_TEXTS_MAX:
+        if len(known.records) >= _CLEAN_MAX:
+            known.records.clear()
+        known.records.add(texts)
+    return _json(scrubbed)

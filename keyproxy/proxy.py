@@ -126,9 +126,8 @@ _REMEMBERED_NAME: Final = 64  # longest header name whose verdict is remembered
 def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Header names listed in Connection, which makes them hop-by-hop too (RFC 9110 7.6.1),
     beyond the hop-by-hop names dropped anyway ("keep-alive" mostly)."""
-    if "Connection" not in headers:
-        return _NONE
-    return _listed(tuple(headers.getall("Connection")))
+    values = headers.getall("Connection", ())
+    return _listed(tuple(values)) if values else _NONE
 
 
 @functools.lru_cache(maxsize=256)
@@ -322,12 +321,15 @@ class Proxy:
         record.route = route.name
         segments, encoded = paths.normalise_encoded(tail)
         record.path = encoded
-        source = policy.client_address(
-            request.remote or "0.0.0.0",  # noqa: S104  # a peer with no address (a Unix socket) matches no CIDR
-            request.headers.getall("X-Forwarded-For", []),
-            self.config.server.trusted_proxies,
-        )
-        record.source = _address_text(source)
+        # A peer with no address (a Unix socket) matches no CIDR.
+        peer = request.remote or "0.0.0.0"  # noqa: S104
+        trusted = self.config.server.trusted_proxies
+        if trusted:
+            forwarded = request.headers.getall("X-Forwarded-For", [])
+            source = policy.client_address(peer, forwarded, trusted)
+            record.source = str(source)
+        else:  # the peer is the caller
+            source, record.source = _peer(peer)
 
         identity, task = await self._authenticate(_caller_token(request, route), source, record)
         self._authorize(identity, task, route, request.method, segments, source, record)
@@ -451,7 +453,11 @@ class Proxy:
             raise BadGateway("upstream_error", "the upstream could not be reached") from exc
 
 
-_address_text = functools.lru_cache(maxsize=4096)(str)  # the callers' few addresses, as text
+@functools.lru_cache(maxsize=4096)
+def _peer(peer: str) -> tuple[IPAddress, str]:
+    """A TCP peer's address and its text, once per peer (callers reconnect from the same few)."""
+    address = policy.client_address(peer, (), ())
+    return address, str(address)
 
 
 def _literal_denial(route: Route) -> EgressDenied | None:
@@ -552,8 +558,7 @@ async def _stream_back(
     record: audit.RequestRecord,
     watch: Watch,
 ) -> web.StreamResponse:
-    encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
-    encoding = "" if encoding == "identity" else encoding
+    encoding = _content_coding(upstream.headers.get("Content-Encoding", ""))
     if encoding not in DECODED_ENCODINGS:
         raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
     headers = _response_headers(upstream.headers, rendered)
@@ -598,6 +603,13 @@ async def _stream_back(
     except Exception:  # noqa: BLE001  # whatever broke the stream, the answer is the same
         _abort(request, record)
     return response
+
+
+@functools.lru_cache(maxsize=64)
+def _content_coding(value: str) -> str:
+    """A Content-Encoding value as compared with DECODED_ENCODINGS."""
+    coding = value.strip().lower()
+    return "" if coding == "identity" else coding
 
 
 async def _uploaded(content: aiohttp.StreamReader, watch: Watch) -> AsyncIterator[bytes]:

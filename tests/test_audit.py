@@ -134,6 +134,33 @@ def test_request_event_equals_what_the_structlog_chain_writes() -> None:
     assert fast["subject"] == f"leaked {REDACTED}"
 
 
+def test_a_record_found_clean_is_written_as_the_chain_writes_it() -> None:
+    """The second event with the same texts (rendered straight from the record) equals the
+    first and the processor chain's, field for field and in order; a context variable named
+    like the event's own fields does not repeat or replace them."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        with structlog.contextvars.bound_contextvars(worker=7, level="debug", event="x"):
+            for _ in range(2):
+                audit.emit(_record())
+            structlog.get_logger("x").info("request", **dataclasses.asdict(_record()))
+            big = _record()
+            big.key_version = 2**70  # orjson refuses it: written all the same
+            audit.emit(big)
+    finally:
+        structlog.configure(**previous)
+    lines = stream.getvalue().splitlines()
+    first, second, chain, last = (json.loads(line) for line in lines)
+    for event in (first, second, chain):
+        event.pop("timestamp")
+    assert list(first.items()) == list(second.items()) == list(chain.items())
+    assert second["event"] == "request" and second["level"] == "info" and second["worker"] == 7
+    assert lines[1].count('"level"') == 1 and lines[1].count('"event"') == 1
+    assert last["key_version"] == 2**70
+
+
 async def _written(stream: _CountingStream) -> None:
     """Until the stream has had a write (the flush FLUSH_DELAY after the first line)."""
     deadline = time.monotonic() + 5
