@@ -156,8 +156,8 @@ def test_a_record_found_clean_is_written_as_the_chain_writes_it() -> None:
     for event in (first, second, chain):
         event.pop("timestamp")
     assert list(first.items()) == list(second.items()) == list(chain.items())
-    assert second["event"] == "request" and second["level"] == "info" and second["worker"] == 7
-    assert lines[1].count('"level"') == 1 and lines[1].count('"event"') == 1
+    assert (second["event"], second["level"], second["worker"]) == ("request", "info", 7)
+    assert (lines[1].count('"level"'), lines[1].count('"event"')) == (1, 1)
     assert last["key_version"] == 2**70
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
+from keyproxy.app import YOUNG_GC_THRESHOLD
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.support import (
     BIG_BYTES,
@@ -300,6 +302,17 @@ async def test_new_key_version_is_used_without_restart(
         async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
             assert response.status == 200
         await asyncio.sleep(0.1)  # pacing between probes, not waiting for state
+
+
+async def test_the_young_collection_threshold_is_raised_while_serving(
+    upstream: Upstream, config_for: Callable[..., dict[str, Any]]
+) -> None:
+    """Serving raises the cyclic collector's young-generation threshold; shutting down puts
+    back what was there."""
+    before = gc.get_threshold()
+    async with running_proxy(config_for(upstream.url)):
+        assert gc.get_threshold() == (YOUNG_GC_THRESHOLD, *before[1:])
+    assert gc.get_threshold() == before
 
 
 # ----------------------------------------------------------------------------- invariant 1
