@@ -25,11 +25,11 @@ class Watch:
     TimeoutError when the upstream stays silent for longer than `limit`."""
 
     __slots__ = ("_cancelling", "_deadlines", "_task", "answer", "deadline", "expired", "limit")
+    _task: asyncio.Task[object]  # and _cancelling: set on entering, before the sweep sees it
+    _cancelling: int
 
     def __init__(self, deadlines: ReadDeadlines, limit: float, first: float) -> None:
         self._deadlines = deadlines
-        self._task: asyncio.Task[object] | None = None
-        self._cancelling = 0
         self.limit = limit
         self.deadline = time.monotonic() + first
         self.expired = False
@@ -45,7 +45,7 @@ class Watch:
 
     def expire(self) -> None:
         """Time the watch out now (its sweep found the upstream silent too long)."""
-        if not self.expired and self._task is not None:
+        if not self.expired:
             self.expired = True
             self._task.cancel()
 
@@ -63,11 +63,10 @@ class Watch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._deadlines.discard(self)
+        self._deadlines.watches.discard(self)
         # Ours if nobody else asked the task to stop meanwhile (asyncio.timeout's rule).
         if (
             self.expired
-            and self._task is not None
             and self._task.uncancel() <= self._cancelling
             and kind is asyncio.CancelledError
         ):
@@ -79,7 +78,7 @@ class ReadDeadlines:
 
     def __init__(self, granularity: float) -> None:
         self.granularity = granularity
-        self._watches: set[Watch] = set()
+        self.watches: set[Watch] = set()
         self._sweep_due: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -89,14 +88,11 @@ class ReadDeadlines:
         return Watch(self, limit, limit if first is None else first)
 
     def add(self, watch: Watch, loop: asyncio.AbstractEventLoop) -> None:
-        self._watches.add(watch)
+        self.watches.add(watch)
         # A sweep due on another (stopped) loop would never run: sweep on this one.
         if self._sweep_due is None or loop is not self._loop:
             self._loop = loop
             self._sweep_due = loop.call_later(self.granularity, self._sweep, loop)
-
-    def discard(self, watch: Watch) -> None:
-        self._watches.discard(watch)
 
     def close(self) -> None:
         """Stop sweeping (the app is shutting down)."""
@@ -105,10 +101,10 @@ class ReadDeadlines:
             self._sweep_due = None
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._watches:
+        if not self.watches:
             self._sweep_due = None  # idle: no timer until the next request
             return
         now = time.monotonic()
-        for watch in [w for w in self._watches if w.deadline <= now]:
+        for watch in [w for w in self.watches if w.deadline <= now]:
             watch.expire()
         self._sweep_due = loop.call_later(self.granularity, self._sweep, loop)

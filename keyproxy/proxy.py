@@ -293,7 +293,7 @@ class Proxy:
         finally:
             self._in_flight -= 1
             elapsed = time.monotonic() - started
-            record.duration_ms = round(elapsed * 1000, 3)
+            record.duration_ms = int(elapsed * 1e6) / 1000  # whole microseconds
             record.status = response.status if response is not None else 499
             if response is not None and not response.prepared:
                 # aiohttp sends a returned answer after this step: the caller does not wait
