@@ -3,9 +3,10 @@
 aiohttp's `sock_read` timeout cancels and re-creates a loop timer on every read of every
 answer: two timers and two cancellations for a short answer, about a fifth of what keyproxy
 added per request to a bare aiohttp proxy. Here a request waiting on its upstream keeps only
-the time by which it must hear from it; one sweep every `granularity` seconds, scheduled only
-while requests are in flight, times out those that stayed silent longer. A limit is enforced
-between `limit` and `limit + granularity` after the upstream was last heard from.
+the time by which it must hear from it (or, while the caller uploads its body, from the
+caller); one sweep every `granularity` seconds, scheduled only while requests are in flight,
+times out those that stayed silent longer. A limit is enforced between `limit` and
+`limit + granularity` after the awaited side was last heard from.
 
 The time out works as `asyncio.timeout`'s does (which costs as much again to enter and
 leave as the timers it replaces): the sweep cancels the waiting task, and the watch's `with`
@@ -24,7 +25,16 @@ class Watch:
     """One request's wait on its upstream, as a `with` block (inside a task) that raises
     TimeoutError when the upstream stays silent for longer than `limit`."""
 
-    __slots__ = ("_cancelling", "_deadlines", "_task", "answer", "deadline", "expired", "limit")
+    __slots__ = (
+        "_cancelling",
+        "_deadlines",
+        "_on_caller",
+        "_task",
+        "answer",
+        "deadline",
+        "expired",
+        "limit",
+    )
     _task: asyncio.Task[object]  # and _cancelling: set on entering, before the sweep sees it
     _cancelling: int
 
@@ -32,21 +42,29 @@ class Watch:
         self._deadlines = deadlines
         self.limit = limit
         self.deadline = time.monotonic() + first
-        self.expired = False
+        self._on_caller = False
+        self.expired = ""  # once timed out: "upstream" or "caller", whoever was silent
         self.answer: object | None = None  # the answer, once its status line was sent
 
     def heard(self) -> None:
         """The upstream answered (or it is its turn again): the silence starts now."""
         self.deadline = time.monotonic() + self.limit
+        self._on_caller = False
+
+    def caller_turn(self) -> None:
+        """The caller's turn to send (its upload): the upstream is not waited on, but the
+        caller may stay silent no longer than the upstream may."""
+        self.deadline = time.monotonic() + self.limit
+        self._on_caller = True
 
     def pause(self) -> None:
-        """The caller's turn (a write to a slow caller): the upstream is not waited on."""
+        """The caller's turn to read (a write to a slow caller): nothing is waited on."""
         self.deadline = math.inf
 
     def expire(self) -> None:
-        """Time the watch out now (its sweep found the upstream silent too long)."""
+        """Time the watch out now (its sweep found the awaited side silent too long)."""
         if not self.expired:
-            self.expired = True
+            self.expired = "caller" if self._on_caller else "upstream"
             self._task.cancel()
 
     def __enter__(self) -> Watch:

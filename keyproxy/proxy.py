@@ -445,6 +445,10 @@ class Proxy:
                 _abort(request, record)  # the status line is gone: cut the answer short
                 record.reason = "upstream_timeout"
                 return watch.answer
+            if watch.expired == "caller":
+                raise RequestTimeout(
+                    "body_timeout", "the request body did not arrive in time"
+                ) from exc
             raise GatewayTimeout("upstream_timeout", "the upstream did not answer in time") from exc
         except aiohttp.ClientError as exc:
             denial = netguard.egress_denial(exc)
@@ -614,9 +618,10 @@ def _content_coding(value: str) -> str:
 
 async def _uploaded(content: aiohttp.StreamReader, watch: Watch) -> AsyncIterator[bytes]:
     """The caller's body as it arrives: the upstream is not waited on while the caller
-    sends, and is again while it takes each part and once all is sent."""
+    sends, and is again while it takes each part and once all is sent. A caller silent for
+    the read timeout in the middle of its body times the request out (408)."""
     while True:
-        watch.pause()
+        watch.caller_turn()
         chunk = await content.readany()
         watch.heard()
         if not chunk:

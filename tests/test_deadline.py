@@ -25,6 +25,34 @@ def test_a_silent_wait_times_out_on_each_loop_in_turn() -> None:
             asyncio.run(_wait_silent(deadlines, 0.05))
 
 
+async def test_the_silent_side_is_named() -> None:
+    """A wait times out as the upstream's silence, or, in the caller's turn to send, as the
+    caller's; hearing from the upstream makes it the upstream's again."""
+    deadlines = ReadDeadlines(granularity=0.01)
+
+    async def silent(caller_turn: bool, heard_after: bool) -> Watch:
+        with deadlines.watch(0.05) as watch:
+            if caller_turn:
+                watch.caller_turn()
+            if heard_after:
+                watch.heard()
+            try:
+                await asyncio.sleep(SILENT)
+            finally:
+                watches.append(watch)
+        return watch
+
+    watches: list[Watch] = []
+    for caller_turn, heard_after, side in [
+        (False, False, "upstream"),
+        (True, False, "caller"),
+        (True, True, "upstream"),
+    ]:
+        with pytest.raises(TimeoutError):
+            await silent(caller_turn, heard_after)
+        assert watches[-1].expired == side
+
+
 async def test_heard_and_pause_hold_the_deadline_off() -> None:
     """A wait that keeps hearing from its upstream, or is paused, does not time out."""
     deadlines = ReadDeadlines(granularity=0.01)

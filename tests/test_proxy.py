@@ -793,6 +793,35 @@ async def test_stalled_chunked_body_is_408(stack: Stack, upstream: Upstream, tok
     assert upstream.requests == []
 
 
+async def test_stalled_declared_length_body_is_408(
+    stack: Stack, token: str, audit_log: Path
+) -> None:
+    """An upload of declared length that stops arriving in the middle gets 408 after the read
+    timeout, as a chunked one does, rather than holding its handler and upstream connection
+    for as long as the caller likes; the audit event says why."""
+    port = URL(stack.base).port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    try:
+        writer.write(
+            b"POST /r/r/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            + f"Authorization: Bearer {token}\r\n\r\n".encode()
+            + b"x" * 10  # and then nothing: 90 bytes owed
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert int(status_line.split()[1]) == 408
+    assert time.monotonic() - started >= 1.0  # not before the route's 1 s read timeout
+    deadline = time.monotonic() + 10
+    while not (seen := [e for e in _events(audit_log) if e.get("reason") == "body_timeout"]):
+        assert time.monotonic() < deadline, "no audit event for the stalled upload"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    assert (seen[-1]["status"], seen[-1]["path"]) == (408, "/echo")
+
+
 @asynccontextmanager
 async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
     """An upstream that reads a request, writes `answer` as given, and closes the connection:
