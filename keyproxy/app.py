@@ -83,7 +83,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[PROXY] = Proxy(config, verifier, keys, upstreams, tasks=tasks, metrics=metrics)
     app[BROKER] = Broker(config, verifier, tasks, metrics)
     background: list[asyncio.Task[None]] = []
-    thresholds = gc.get_threshold()
+    tuned = False
     try:
         # Start serving even if Vault or an issuer is down: readiness says so, and requests
         # get 503/401 rather than the process crash-looping.
@@ -97,21 +97,13 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(keys.run(), name="key-refresh"),
             asyncio.create_task(tasks.run(), name="token-revocations"),
         ]
-        # What is loaded now (modules, the compiled configuration, cached keys) lives as long as
-        # the process: keep it out of the cyclic collector's full passes, so their cost per
-        # request does not grow with the number of routes and policies.
-        gc.collect()
-        gc.freeze()
-        # A young-generation pass walks every object of the requests in flight, and by
-        # default one runs every 700 allocations (each 30 requests at 32 in flight): passes
-        # ten times rarer cost a tenth as much, and the garbage that waits for them is the
-        # few reference cycles requests leave (most objects are freed as they are dropped).
-        gc.set_threshold(YOUNG_GC_THRESHOLD, *thresholds[1:])
+        _COLLECTOR.serving()
+        tuned = True
         log.info("started", routes=len(config.routes), keys_ready=keys.ready())
         yield
     finally:
-        gc.unfreeze()  # what this app leaves behind is collectable again
-        gc.set_threshold(*thresholds)
+        if tuned:
+            _COLLECTOR.stopped()
         app[PROXY].deadlines.close()
         for task in background:
             task.cancel()
@@ -121,6 +113,40 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await upstreams.close()
         await client.close()
         vault.close()
+
+
+class _Collector:
+    """The cyclic collector while serving, however many apps the process runs at once
+    (tests run several): tuned when the first starts, put back when the last stops."""
+
+    def __init__(self) -> None:
+        self._serving = 0
+        self._thresholds = gc.get_threshold()
+
+    def serving(self) -> None:
+        # What is loaded now (modules, the compiled configuration, cached keys) lives as
+        # long as the app: out of the collector's full passes, so their cost per request
+        # does not grow with the number of routes and policies.
+        gc.collect()
+        gc.freeze()
+        if not self._serving:
+            # A young-generation pass walks every object of the requests in flight, and by
+            # default one runs every 700 allocations (each 30 requests at 32 in flight):
+            # passes ten times rarer cost a tenth as much, and the garbage that waits for
+            # them is the few reference cycles requests leave (most objects are freed as
+            # they are dropped).
+            self._thresholds = gc.get_threshold()
+            gc.set_threshold(YOUNG_GC_THRESHOLD, *self._thresholds[1:])
+        self._serving += 1
+
+    def stopped(self) -> None:
+        self._serving -= 1
+        if not self._serving:
+            gc.unfreeze()  # what the apps leave behind is collectable again
+            gc.set_threshold(*self._thresholds)
+
+
+_COLLECTOR = _Collector()
 
 
 async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:

@@ -346,7 +346,7 @@ _TEXTS = operator.attrgetter(
 )
 if not all(f.type in _TEXT_TYPES | _NUMBER_TYPES for f in dataclasses.fields(RequestRecord)):
     raise TypeError("RequestRecord fields must be text or numbers (see audit._TEXTS)")
-_FIELDS = frozenset(_NAMES) | {"event", "level", "timestamp"}
+_FIELDS = frozenset(_NAMES) | {"event"}
 _RECORD_TEXTS_MAX = 1024  # characters: records with longer texts are scanned every time
 
 
@@ -381,11 +381,16 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
     if not fields or not fields.isascii():
         fields = _scrubbed(record, texts, known)
     context = structlog.contextvars.get_contextvars()
-    # Context variables fill in names the event does not have (merge_contextvars). "level"
-    # and "timestamp" are the event's own, written last.
-    added = {k: v for k, v in context.items() if k not in _FIELDS} if context else None
-    more = "," + _json(scrub_secrets(None, "info", added))[1:-1] if added else ""
-    line = f'{fields[:-1]},"event":"request"{more},"level":"info","timestamp":"{_timestamp()}"}}'
+    if context:
+        # Context variables fill in names the event does not have, in their order
+        # (merge_contextvars); level and timestamp are then set, where a variable of that
+        # name already stands or else last (add_log_level, TimeStamper).
+        rest = scrub_secrets(None, "info", {k: v for k, v in context.items() if k not in _FIELDS})
+        rest["level"] = "info"
+        rest["timestamp"] = _timestamp()
+        line = f'{fields[:-1]},"event":"request",{_json(rest)[1:]}'
+    else:
+        line = f'{fields[:-1]},"event":"request","level":"info","timestamp":"{_timestamp()}"}}'
     setup.factory.sink.line(line, now=now)
 
 

@@ -142,7 +142,9 @@ def test_a_record_found_clean_is_written_as_the_chain_writes_it() -> None:
     previous = structlog.get_config()
     audit.configure(stream)
     try:
-        with structlog.contextvars.bound_contextvars(worker=7, level="debug", event="x"):
+        # Names the event writes itself among others, in an order of their own.
+        context = {"worker": 7, "level": "debug", "event": "x", "timestamp": "t", "zz": 1}
+        with structlog.contextvars.bound_contextvars(**context):
             for _ in range(2):
                 audit.emit(_record())
             structlog.get_logger("x").info("request", **dataclasses.asdict(_record()))
@@ -157,8 +159,32 @@ def test_a_record_found_clean_is_written_as_the_chain_writes_it() -> None:
         event.pop("timestamp")
     assert list(first.items()) == list(second.items()) == list(chain.items())
     assert (second["event"], second["level"], second["worker"]) == ("request", "info", 7)
-    assert (lines[1].count('"level"'), lines[1].count('"event"')) == (1, 1)
+    assert [lines[1].count(f'"{name}"') for name in ("level", "event", "timestamp")] == [1, 1, 1]
     assert last["key_version"] == 2**70
+
+
+def test_a_record_with_other_text_is_written_in_ascii_as_the_chain_writes_it() -> None:
+    """Text beyond ASCII, in the record or a context variable, is escaped as the standard
+    library does, also when the record was found clean before."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    record = _record()
+    record.subject = "agent-ü中"
+    try:
+        with structlog.contextvars.bound_contextvars(team="équipe"):
+            audit.emit(record)
+            audit.emit(record)
+            structlog.get_logger("x").info("request", **dataclasses.asdict(record))
+    finally:
+        structlog.configure(**previous)
+    lines = stream.getvalue().splitlines()
+    assert all(line.isascii() for line in lines)
+    first, second, chain = (json.loads(line) for line in lines)
+    for event in (first, second, chain):
+        event.pop("timestamp")
+    assert list(first.items()) == list(second.items()) == list(chain.items())
+    assert second["subject"] == "agent-ü中"
 
 
 async def _written(stream: _CountingStream) -> None:

@@ -441,6 +441,21 @@ def test_policy_set_decides_exactly_as_the_linear_scan() -> None:
             assert indexed.decide(*facts) == decide(policies, *facts)
 
 
+def test_a_remembered_decision_still_depends_on_the_source() -> None:
+    """The same request from inside and then from outside a policy's source_cidrs is allowed
+    and then refused, in either order, although the first decision is remembered; without
+    source_cidrs in any policy the source changes nothing."""
+    fenced = compile_policies([policy(source_cidrs=net("10.0.0.0/8"))])
+    inside, outside = ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("192.0.2.1")
+    facts = (ident(), "openai", "POST", pattern("/v1/chat/completions"))
+    for order in ([inside, outside, inside], [outside, inside, outside]):
+        got = [fenced.decide(*facts, source).allowed for source in order]
+        assert got == [source == inside for source in order]
+    open_to_all = compile_policies([policy()])
+    assert open_to_all.decide(*facts, inside) == open_to_all.decide(*facts, outside)
+    assert open_to_all.decide(*facts, outside).allowed
+
+
 def test_policy_set_reads_only_the_callers_policies(monkeypatch: pytest.MonkeyPatch) -> None:
     """With 1,000 policies for other subjects, an allow and a denial each read one policy."""
     others = [

@@ -26,6 +26,7 @@ from yarl import URL
 
 from keyproxy.app import YOUNG_GC_THRESHOLD
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.proxy import _caller_may_send, _Verdicts
 from tests.support import (
     BIG_BYTES,
     CANARIES,
@@ -307,12 +308,51 @@ async def test_new_key_version_is_used_without_restart(
 async def test_the_young_collection_threshold_is_raised_while_serving(
     upstream: Upstream, config_for: Callable[..., dict[str, Any]]
 ) -> None:
-    """Serving raises the cyclic collector's young-generation threshold; shutting down puts
-    back what was there."""
+    """Serving raises the cyclic collector's young-generation threshold; it stays raised while
+    any app of the process serves (the first to start may stop first), and the last one to
+    stop puts back what was there."""
     before = gc.get_threshold()
-    async with running_proxy(config_for(upstream.url)):
-        assert gc.get_threshold() == (YOUNG_GC_THRESHOLD, *before[1:])
+    raised = (YOUNG_GC_THRESHOLD, *before[1:])
+    first, second = running_proxy(config_for(upstream.url)), running_proxy(config_for(upstream.url))
+    await first.__aenter__()
+    first_serving = True
+    try:
+        await second.__aenter__()
+        try:
+            assert gc.get_threshold() == raised
+            first_serving = False
+            await first.__aexit__(None, None, None)
+            assert gc.get_threshold() == raised  # the second still serves
+        finally:
+            await second.__aexit__(None, None, None)
+    finally:
+        if first_serving:
+            await first.__aexit__(None, None, None)
     assert gc.get_threshold() == before
+
+
+def test_header_verdicts_are_remembered_within_bounds() -> None:
+    """A header's verdict is computed from its lower-case name whatever the caller's casing,
+    and remembered for at most 1,024 names of at most 64 characters: longer or further names
+    are still judged, every time."""
+    asked: list[str] = []
+
+    def passes(name: str) -> bool:
+        asked.append(name)
+        return _caller_may_send(name)
+
+    verdicts = _Verdicts(passes)
+    for name in ("Authorization", "AUTHORIZATION", "x-api-key", "X-Forwarded-For", "Cookie"):
+        assert verdicts[name] is False
+    assert verdicts["Content-Type"] is True
+    assert asked[:2] == ["authorization", "authorization"]
+    long = "X-" + "a" * 80
+    assert verdicts[long] is True
+    assert verdicts[long] is True
+    assert asked.count(long.lower()) == 2  # judged each time, never kept
+    for i in range(2_000):
+        assert verdicts[f"X-Custom-{i}"] is True
+    assert len(verdicts) == 1_024
 
 
 # ----------------------------------------------------------------------------- invariant 1
@@ -1027,6 +1067,62 @@ async def test_every_request_is_one_audit_event(
     assert denied[-1]["decision"] == "deny"
     assert denied[-1]["reason"] == "method_not_allowed"
     assert marker not in audit_log.read_text()
+
+
+SENTINEL = "/r/sentinel/x"
+
+
+async def test_each_way_a_request_ends_writes_exactly_one_event(
+    stack: Stack, token: str, http: aiohttp.ClientSession, audit_log: Path
+) -> None:
+    """A short answer, a streamed one, a refusal, a stream the upstream leaves silent and a
+    caller that hangs up mid-answer each leave one audit event: the inline and the deferred
+    accounting never both run, and neither is skipped."""
+
+    def counts() -> dict[tuple[str, str], int]:
+        seen: dict[tuple[str, str], int] = {}
+        for e in _events(audit_log):
+            if e.get("event") == "request" and (e.get("route") == "r" or e["path"] == SENTINEL):
+                key = (e["method"], e["path"])
+                seen[key] = seen.get(key, 0) + 1
+        return seen
+
+    async def logged(key: tuple[str, str], at_least: int) -> None:
+        deadline = time.monotonic() + 10
+        while counts().get(key, 0) < at_least:
+            assert time.monotonic() < deadline, f"no audit event for {key}"
+            await asyncio.sleep(0.01)  # polling interval of a bounded wait
+
+    before = counts()
+    async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+        assert response.status == 200
+    async with http.get(f"{stack.base}/r/r/trickle/stream", headers=bearer(token)) as response:
+        await response.read()
+    async with http.delete(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+        assert response.status == 403
+    async with http.get(f"{stack.base}/r/r/stall/stream", headers=bearer(token)) as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    async with (
+        aiohttp.ClientSession() as own,  # hung up on after the first part
+        own.get(f"{stack.base}/r/r/big", headers=bearer(token)) as response,
+    ):
+        await response.content.readany()
+    await logged(("GET", "/big"), before.get(("GET", "/big"), 0) + 1)
+    # Lines are written in the order the events were made: once this one is in, all are.
+    async with http.get(f"{stack.base}{SENTINEL}", headers=bearer(token)) as response:
+        assert response.status == 404  # an unknown route: its event names the raw path
+    sentinel = ("GET", SENTINEL)
+    await logged(sentinel, before.get(sentinel, 0) + 1)
+    after = counts()
+    for key in [
+        ("GET", "/echo"),
+        ("GET", "/trickle/stream"),
+        ("DELETE", "/echo"),
+        ("GET", "/stall/stream"),
+        ("GET", "/big"),
+    ]:
+        assert after.get(key, 0) - before.get(key, 0) == 1, key
 
 
 def _events(path: Path) -> Iterator[dict[str, Any]]:
