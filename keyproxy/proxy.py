@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_plus
@@ -21,12 +20,12 @@ from urllib.parse import unquote_plus
 import aiohttp
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy import audit, netguard, paths, policy
 from keyproxy import scope as scopes
-from keyproxy.config import HOP_BY_HOP, Config, Network, Route
+from keyproxy.config import Config, Network, Route
 from keyproxy.deadline import ReadDeadlines, Watch
 from keyproxy.errors import (
     BadGateway,
@@ -41,8 +40,9 @@ from keyproxy.errors import (
     RequestTimeout,
     Unauthenticated,
 )
+from keyproxy.headers import Verdicts, request_verdicts, response_headers, upstream_headers
 from keyproxy.identity import Identity, IdentityVerifier
-from keyproxy.inject import Injector, Rendered, Scrubber, holds_any, scrub_bytes, scrub_text
+from keyproxy.inject import Injector, Rendered, Scrubber, scrub_bytes
 from keyproxy.metrics import Metrics
 from keyproxy.policy import IPAddress
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
@@ -56,84 +56,8 @@ ROUTE_PREFIX: Final = "/r/"
 DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is read as ""
 CHUNK: Final = 64 * 1024
 
-# SECURITY: request headers never forwarded, whatever the route says. They carry or could
-# override a credential, claim another client address, or make the upstream run another
-# method or path than the one policy checked.
-DROPPED_REQUEST_HEADERS: Final = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "x-api-key",
-        "api-key",
-        "x-goog-api-key",
-        "private-token",
-        "forwarded",
-        "x-real-ip",
-        "true-client-ip",
-        "x-client-ip",
-        "client-ip",
-        "cf-connecting-ip",
-        "fastly-client-ip",
-        "x-cluster-client-ip",
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-original-uri",
-        "x-original-method",
-    }
-)
-# ... and any header whose name contains one of these.
-DROPPED_REQUEST_FRAGMENTS: Final = (
-    "auth",
-    "token",
-    "secret",
-    "password",
-    "credential",
-    "session",
-    "cookie",
-    "signature",
-    "apikey",
-    "api-key",
-    "x-forwarded-",
-    "x-amz-",
-)
-
-
-def _caller_may_send(name: str) -> bool:
-    """Whether a caller's request header (lower-case name) may be forwarded at all."""
-    return name not in DROPPED_REQUEST_HEADERS and not any(
-        fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
-    )
-
-
-# Set by aiohttp from the URL and body, or by us.
-_REQUEST_MANAGED: Final = frozenset({"host", "content-length", "accept-encoding", "expect"})
-# Upstream session cookies could let the caller use the upstream without the proxy.
-_RESPONSE_DROPPED: Final = frozenset({"content-length", "content-encoding", "set-cookie"})
-_RESPONSE_NOT_FORWARDED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
 # Answers with a declared length up to this size are scrubbed and sent whole.
 WHOLE_BODY: Final = 64 * 1024
-
-
-_NONE: Final[frozenset[str]] = frozenset()
-_HEADER_VERDICTS: Final = 1024  # header names (as sent) whose verdict a route remembers
-_REMEMBERED_NAME: Final = 64  # longest header name whose verdict is remembered
-
-
-def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Header names listed in Connection, which makes them hop-by-hop too (RFC 9110 7.6.1),
-    beyond the hop-by-hop names dropped anyway ("keep-alive" mostly)."""
-    values = headers.getall("Connection", ())
-    return _listed(tuple(values)) if values else _NONE
-
-
-@functools.lru_cache(maxsize=256)
-def _listed(values: tuple[str, ...]) -> frozenset[str]:
-    named = {part.strip().lower() for value in values for part in value.split(",")}
-    return frozenset(named - HOP_BY_HOP - {""})
 
 
 class UpstreamSessions:
@@ -180,37 +104,13 @@ def _session(route: Route) -> aiohttp.ClientSession:
     )
 
 
-class _Verdicts(dict[str, bool]):
-    """Header names (as sent) and whether they pass, filled in on first sight: a look-up per
-    header on the request path. Names are the sender's to choose: only so many, and only
-    short ones, are kept."""
-
-    def __init__(self, passes: Callable[[str], bool]) -> None:
-        super().__init__()
-        self._passes = passes
-
-    def __missing__(self, name: str) -> bool:
-        verdict = self._passes(name.lower())
-        if len(name) <= _REMEMBERED_NAME and len(self) < _HEADER_VERDICTS:
-            self[name] = verdict
-        return verdict
-
-
-def _returned(name: str) -> bool:
-    """Whether an upstream answer's header (lower-case name) goes back to the caller."""
-    return name not in _RESPONSE_NOT_FORWARDED
-
-
-_RETURNED: Final = _Verdicts(_returned)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What one route's requests need that does not change per request, prepared once."""
 
     injector: Injector
     session: aiohttp.ClientSession
-    forwards: _Verdicts  # caller's request header name as sent: forwarded on this route?
+    forwards: Verdicts  # caller's request header name as sent: forwarded on this route?
     timeout: aiohttp.ClientTimeout
     first_read: float  # seconds to wait for the answer to start: connect + read
     literal_denial: EgressDenied | None  # the fence's verdict on an IP-literal upstream
@@ -218,16 +118,10 @@ class _Plan:
     @classmethod
     def of(cls, route: Route, session: aiohttp.ClientSession) -> _Plan:
         injector = Injector(route)
-        dropped = (
-            HOP_BY_HOP
-            | _REQUEST_MANAGED
-            | injector.header_names
-            | {route.caller_credential.header.lower(), *route.strip_headers}
-        )
         return cls(
             injector=injector,
             session=session,
-            forwards=_Verdicts(lambda name: _caller_may_send(name) and name not in dropped),
+            forwards=request_verdicts(route, injector.header_names),
             timeout=aiohttp.ClientTimeout(
                 # The read timeout is keyproxy.deadline's: aiohttp's sock_read costs a new
                 # loop timer per read.
@@ -340,7 +234,7 @@ class Proxy:
         rendered = plan.injector.render(key.secret, key.version)
         body = await _request_body(request, route)
         url = _upstream_url(route, encoded, raw_query, rendered, plan.injector)
-        headers = _upstream_headers(request.headers, plan, rendered)
+        headers = upstream_headers(request.headers, plan.forwards, rendered)
         return await self._forward(
             request,
             route,
@@ -538,23 +432,6 @@ def _url(text: str) -> URL:
     return URL(text, encoded=True)
 
 
-def _upstream_headers(
-    incoming: CIMultiDictProxy[str], plan: _Plan, rendered: Rendered
-) -> CIMultiDict[str]:
-    extra = _connection_extra(incoming)
-    forwards = plan.forwards
-    headers = CIMultiDict(
-        [(k, v) for k, v in incoming.items() if forwards[k] and not (extra and k.lower() in extra)]
-    )
-    headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
-    if incoming.get("Content-Length"):
-        headers["Content-Length"] = incoming["Content-Length"]
-    headers.extend(rendered.headers)
-    if "User-Agent" not in headers:
-        headers["User-Agent"] = "keyproxy"  # not aiohttp's own, which names its version
-    return headers
-
-
 async def _stream_back(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
@@ -565,7 +442,7 @@ async def _stream_back(
     encoding = _content_coding(upstream.headers.get("Content-Encoding", ""))
     if encoding not in DECODED_ENCODINGS:
         raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
-    headers = _response_headers(upstream.headers, rendered)
+    headers = response_headers(upstream.headers, rendered)
     # The upstream's reason phrase is not forwarded: it is free text that could echo the key.
     length = upstream.content_length
     response: web.StreamResponse
@@ -644,23 +521,6 @@ def _abort(request: web.Request, record: audit.RequestRecord) -> None:
     record.reason = "stream_aborted"
     if request.transport is not None:
         request.transport.abort()
-
-
-def _response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> list[tuple[str, str]]:
-    extra = _connection_extra(incoming)
-    headers = [
-        (k, v)
-        for k, v in incoming.items()
-        if _RETURNED[k] and (not extra or k.lower() not in extra)
-    ]
-    # One search through all names and values first: an echoed key is the rare case.
-    if holds_any("\n".join(itertools.chain.from_iterable(headers)), rendered.forms):
-        headers = [
-            (k, scrub_text(v, rendered.forms))
-            for k, v in headers
-            if not any(form in k for form in rendered.forms)  # a name cannot be redacted
-        ]
-    return headers
 
 
 def error_response(exc: RequestError) -> web.Response:

@@ -1,0 +1,171 @@
+"""Which headers cross the proxy, each way.
+
+A caller's request header is forwarded unless it carries or could override a credential,
+claims another client address, or could make the upstream run another method or path than
+the one policy checked (`DROPPED_REQUEST_HEADERS`, `DROPPED_REQUEST_FRAGMENTS`); unless it is
+hop-by-hop (also by being named in Connection), set by aiohttp or by the route's injection;
+and unless it is the route's caller credential or one of its `strip_headers`. An upstream
+answer's header goes back unless it is hop-by-hop, a length or coding aiohttp sets itself, or
+a cookie; any secret form in what goes back is redacted.
+
+A verdict is per header name as sent and remembered (`Verdicts`): a dict look-up per header.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+from typing import Final
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from keyproxy.config import HOP_BY_HOP, Route
+from keyproxy.inject import Rendered, holds_any, scrub_text
+
+# SECURITY: request headers never forwarded, whatever the route says. They carry or could
+# override a credential, claim another client address, or make the upstream run another
+# method or path than the one policy checked.
+DROPPED_REQUEST_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "private-token",
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-cluster-client-ip",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-original-method",
+    }
+)
+# ... and any header whose name contains one of these.
+DROPPED_REQUEST_FRAGMENTS: Final = (
+    "auth",
+    "token",
+    "secret",
+    "password",
+    "credential",
+    "session",
+    "cookie",
+    "signature",
+    "apikey",
+    "api-key",
+    "x-forwarded-",
+    "x-amz-",
+)
+
+
+def caller_may_send(name: str) -> bool:
+    """Whether a caller's request header (lower-case name) may be forwarded at all."""
+    return name not in DROPPED_REQUEST_HEADERS and not any(
+        fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
+    )
+
+
+# Set by aiohttp from the URL and body, or by us.
+_REQUEST_MANAGED: Final = frozenset({"host", "content-length", "accept-encoding", "expect"})
+# Upstream session cookies could let the caller use the upstream without the proxy.
+_RESPONSE_DROPPED: Final = frozenset({"content-length", "content-encoding", "set-cookie"})
+_RESPONSE_NOT_FORWARDED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
+
+_NONE: Final[frozenset[str]] = frozenset()
+_HEADER_VERDICTS: Final = 1024  # header names (as sent) whose verdict a route remembers
+_REMEMBERED_NAME: Final = 64  # longest header name whose verdict is remembered
+
+
+def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Header names listed in Connection, which makes them hop-by-hop too (RFC 9110 7.6.1),
+    beyond the hop-by-hop names dropped anyway ("keep-alive" mostly)."""
+    values = headers.getall("Connection", ())
+    return _listed(tuple(values)) if values else _NONE
+
+
+@functools.lru_cache(maxsize=256)
+def _listed(values: tuple[str, ...]) -> frozenset[str]:
+    named = {part.strip().lower() for value in values for part in value.split(",")}
+    return frozenset(named - HOP_BY_HOP - {""})
+
+
+class Verdicts(dict[str, bool]):
+    """Header names (as sent) and whether they pass, filled in on first sight: a look-up per
+    header on the request path. Names are the sender's to choose: only so many, and only
+    short ones, are kept."""
+
+    def __init__(self, passes: Callable[[str], bool]) -> None:
+        super().__init__()
+        self._passes = passes
+
+    def __missing__(self, name: str) -> bool:
+        verdict = self._passes(name.lower())
+        if len(name) <= _REMEMBERED_NAME and len(self) < _HEADER_VERDICTS:
+            self[name] = verdict
+        return verdict
+
+
+def _returned(name: str) -> bool:
+    """Whether an upstream answer's header (lower-case name) goes back to the caller."""
+    return name not in _RESPONSE_NOT_FORWARDED
+
+
+_RETURNED: Final = Verdicts(_returned)
+
+
+def request_verdicts(route: Route, injected: frozenset[str]) -> Verdicts:
+    """The verdicts on a caller's request headers for `route`, whose injection sets the
+    (lower-case) header names `injected`."""
+    dropped = (
+        HOP_BY_HOP
+        | _REQUEST_MANAGED
+        | injected
+        | {route.caller_credential.header.lower(), *route.strip_headers}
+    )
+    return Verdicts(lambda name: caller_may_send(name) and name not in dropped)
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str], forwards: Verdicts, rendered: Rendered
+) -> CIMultiDict[str]:
+    """The caller's headers this route forwards, and the injected ones."""
+    extra = _connection_extra(incoming)
+    headers = CIMultiDict(
+        [(k, v) for k, v in incoming.items() if forwards[k] and not (extra and k.lower() in extra)]
+    )
+    headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
+    if incoming.get("Content-Length"):
+        headers["Content-Length"] = incoming["Content-Length"]
+    headers.extend(rendered.headers)
+    if "User-Agent" not in headers:
+        headers["User-Agent"] = "keyproxy"  # not aiohttp's own, which names its version
+    return headers
+
+
+def response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> list[tuple[str, str]]:
+    """The upstream's answer headers that go back to the caller, any secret form redacted."""
+    extra = _connection_extra(incoming)
+    headers = [
+        (k, v)
+        for k, v in incoming.items()
+        if _RETURNED[k] and (not extra or k.lower() not in extra)
+    ]
+    # One search through all names and values first: an echoed key is the rare case.
+    if holds_any("\n".join(itertools.chain.from_iterable(headers)), rendered.forms):
+        headers = [
+            (k, scrub_text(v, rendered.forms))
+            for k, v in headers
+            if not any(form in k for form in rendered.forms)  # a name cannot be redacted
+        ]
+    return headers

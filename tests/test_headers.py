@@ -1,0 +1,127 @@
+"""Which headers cross the proxy: verdicts, the request headers sent upstream and the answer
+headers sent back (pure functions; tests/test_proxy.py sends them through a real proxy)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from keyproxy.config import parse
+from keyproxy.headers import (
+    Verdicts,
+    caller_may_send,
+    request_verdicts,
+    response_headers,
+    upstream_headers,
+)
+from keyproxy.inject import Rendered
+from keyproxy.secret import REDACTED
+from tests.support import CONFIG_SECTIONS
+
+KEY = "sk-headers-test-0123456789"
+CONFIG: dict[str, Any] = {
+    **CONFIG_SECTIONS,
+    "routes": {
+        "r": {
+            "upstream": "https://api.example.com",
+            "secret": {"path": "keyproxy/keys/r"},
+            "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+            "strip_headers": ["X-Strip-Me"],
+        }
+    },
+}
+RENDERED = Rendered(
+    version=1,
+    headers=(("Authorization", f"Bearer {KEY}"),),
+    query="",
+    forms=(KEY,),
+    byte_forms=(KEY.encode(),),
+)
+
+
+def _incoming(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_header_verdicts_are_remembered_within_bounds() -> None:
+    """A header's verdict is computed from its lower-case name whatever the caller's casing,
+    and remembered for at most 1,024 names of at most 64 characters: longer or further names
+    are still judged, every time."""
+    asked: list[str] = []
+
+    def passes(name: str) -> bool:
+        asked.append(name)
+        return caller_may_send(name)
+
+    verdicts = Verdicts(passes)
+    for name in ("Authorization", "AUTHORIZATION", "x-api-key", "X-Forwarded-For", "Cookie"):
+        assert verdicts[name] is False
+    assert verdicts["Content-Type"] is True
+    assert asked[:2] == ["authorization", "authorization"]
+    long = "X-" + "a" * 80
+    assert verdicts[long] is True
+    assert verdicts[long] is True
+    assert asked.count(long.lower()) == 2  # judged each time, never kept
+    for i in range(2_000):
+        assert verdicts[f"X-Custom-{i}"] is True
+    assert len(verdicts) == 1_024
+
+
+def test_upstream_headers_keep_what_the_route_forwards_and_add_the_injection() -> None:
+    """Credentials, client-address claims, hop-by-hop names and names listed in Connection
+    stay behind, whatever their case; the key is injected, the caller's length kept and the
+    answer asked for uncompressed."""
+    route = parse(json.dumps(CONFIG), {}).routes["r"]
+    forwards = request_verdicts(route, frozenset({"authorization"}))
+    sent = upstream_headers(
+        _incoming(
+            ("AUTHORIZATION", "Bearer agent-token"),
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Session-Id", "s"),
+            ("Connection", "keep-alive, X-Private"),
+            ("X-Private", "p"),
+            ("X-Strip-Me", "s"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", "2"),
+            ("Accept-Encoding", "gzip"),
+        ),
+        forwards,
+        RENDERED,
+    )
+    assert sorted(sent.items()) == sorted(
+        [
+            ("Content-Type", "application/json"),
+            ("Accept-Encoding", "identity"),
+            ("Content-Length", "2"),
+            ("Authorization", f"Bearer {KEY}"),
+            ("User-Agent", "keyproxy"),
+        ]
+    )
+
+
+def test_response_headers_drop_cookies_and_lengths_and_redact_the_key() -> None:
+    """Cookies, lengths, codings, hop-by-hop names and names listed in Connection are not
+    returned; an echoed key is redacted in a value, and a header whose name holds it is
+    dropped."""
+    returned = response_headers(
+        _incoming(
+            ("Content-Type", "application/json"),
+            ("Set-Cookie", "session=1"),
+            ("Content-Length", "10"),
+            ("Content-Encoding", "gzip"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "h"),
+            ("X-Echo", f"you sent {KEY}"),
+            (f"X-{KEY}", "v"),
+        ),
+        RENDERED,
+    )
+    assert returned == [("Content-Type", "application/json"), ("X-Echo", f"you sent {REDACTED}")]
+
+
+def test_response_headers_without_a_key_are_returned_as_they_are() -> None:
+    """The common answer: nothing to redact, the names in the upstream's order and case."""
+    pairs = [("Server", "nginx"), ("Date", "Sun, 29 Nov 2026 00:00:00 GMT"), ("X-Id", "7")]
+    assert response_headers(_incoming(*pairs), RENDERED) == pairs
