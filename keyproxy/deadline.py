@@ -23,7 +23,8 @@ from types import TracebackType
 
 class Watch:
     """One request's wait on its upstream, as a `with` block (inside a task) that raises
-    TimeoutError when the upstream stays silent for longer than `limit`."""
+    TimeoutError when the awaited side stays silent for longer than `limit` (`first` before
+    the upstream is first heard from)."""
 
     __slots__ = (
         "_cancelling",
@@ -99,11 +100,6 @@ class ReadDeadlines:
         self.watches: set[Watch] = set()
         self._sweep_due: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    def watch(self, limit: float, *, first: float | None = None) -> Watch:
-        """A watch allowing `limit` seconds of silence, `first` (default `limit`) before
-        the upstream is first heard from."""
-        return Watch(self, limit, limit if first is None else first)
 
     def add(self, watch: Watch, loop: asyncio.AbstractEventLoop) -> None:
         self.watches.add(watch)

@@ -166,6 +166,6 @@ def response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> lis
         headers = [
             (k, scrub_text(v, rendered.forms))
             for k, v in headers
-            if not any(form in k for form in rendered.forms)  # a name cannot be redacted
+            if not holds_any(k, rendered.forms)  # a name cannot be redacted
         ]
     return headers

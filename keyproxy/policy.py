@@ -5,6 +5,7 @@
     compile(policies) -> PolicySet   the same two, indexed (for the request path)
     match_path(pattern, segments) -> bool
     client_address(peer, forwarded_for, trusted) -> the caller's address
+    peer_address(peer) -> (address, text)   the TCP peer's, when no proxy is trusted
 
 A policy is checked in five steps, and the denial reason names the furthest step any policy
 reached, so an operator learns the most useful thing:
@@ -260,7 +261,7 @@ def client_address(
     list elements are ignored, as HTTP list syntax requires. Raises ValueError if `peer` is
     not an IP address (the proxy listens on TCP only).
     """
-    address = _peer_address(peer)
+    address = peer_address(peer)[0]
     if not trusted or not _inside(address, trusted):
         return address
     entries = [e.strip() for value in forwarded_for for e in value.split(",") if e.strip()]
@@ -277,9 +278,11 @@ def client_address(
 
 
 @functools.lru_cache(maxsize=4096)
-def _peer_address(peer: str) -> IPAddress:
-    """A TCP peer's address, parsed once per peer (callers reconnect from the same few)."""
-    return unmap(ipaddress.ip_address(peer))
+def peer_address(peer: str) -> tuple[IPAddress, str]:
+    """A TCP peer's address and its text, parsed once per peer (callers reconnect from the
+    same few). Raises ValueError if `peer` is not an IP address."""
+    address = unmap(ipaddress.ip_address(peer))
+    return address, str(address)
 
 
 def unmap(address: IPAddress) -> IPAddress:

@@ -223,7 +223,7 @@ class Proxy:
             source = policy.client_address(peer, forwarded, trusted)
             record.source = str(source)
         else:  # the peer is the caller
-            source, record.source = _peer(peer)
+            source, record.source = policy.peer_address(peer)
 
         identity, task = await self._authenticate(_caller_token(request, route), source, record)
         self._authorize(identity, task, route, request.method, segments, source, record)
@@ -349,13 +349,6 @@ class Proxy:
             if denial is not None:
                 raise denial from None
             raise BadGateway("upstream_error", "the upstream could not be reached") from exc
-
-
-@functools.lru_cache(maxsize=4096)
-def _peer(peer: str) -> tuple[IPAddress, str]:
-    """A TCP peer's address and its text, once per peer (callers reconnect from the same few)."""
-    address = policy.client_address(peer, (), ())
-    return address, str(address)
 
 
 def _literal_denial(route: Route) -> EgressDenied | None:

@@ -12,7 +12,7 @@ SILENT = 5.0  # a wait far longer than any limit below: the deadline must end it
 
 
 async def _wait_silent(deadlines: ReadDeadlines, limit: float) -> None:
-    with deadlines.watch(limit):
+    with Watch(deadlines, limit, limit):
         await asyncio.sleep(SILENT)  # an upstream that never answers
 
 
@@ -31,7 +31,7 @@ async def test_the_silent_side_is_named() -> None:
     deadlines = ReadDeadlines(granularity=0.01)
 
     async def silent(caller_turn: bool, heard_after: bool) -> Watch:
-        with deadlines.watch(0.05) as watch:
+        with Watch(deadlines, 0.05, 0.05) as watch:
             if caller_turn:
                 watch.caller_turn()
             if heard_after:
@@ -57,7 +57,7 @@ async def test_heard_and_pause_hold_the_deadline_off() -> None:
     """A wait that keeps hearing from its upstream, or is paused, does not time out."""
     deadlines = ReadDeadlines(granularity=0.01)
     loop = asyncio.get_running_loop()
-    with deadlines.watch(0.05) as watch:
+    with Watch(deadlines, 0.05, 0.05) as watch:
         until = loop.time() + 0.3
         while loop.time() < until:
             watch.heard()
@@ -74,7 +74,7 @@ async def test_another_cancellation_is_not_turned_into_a_timeout() -> None:
     watches: list[Watch] = []
 
     async def work() -> None:
-        with deadlines.watch(SILENT) as watch:
+        with Watch(deadlines, SILENT, SILENT) as watch:
             watches.append(watch)
             entered.set()
             await asyncio.sleep(SILENT)
