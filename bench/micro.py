@@ -33,7 +33,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from keyproxy import audit, policy, secret
+from keyproxy import audit, policy, redact, secret
 from keyproxy.config import Grant, Issuer, Policy
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.secret import REDACTED
@@ -86,7 +86,7 @@ def bench_audit() -> None:
             new = per_call(lambda: audit.emit(_record()))
             config = structlog.get_config()
             processors = list(config["processors"])
-            processors[processors.index(audit.scrub_secrets)] = _old_scrub
+            processors[processors.index(redact.scrub_secrets)] = _old_scrub
             structlog.configure(processors=processors)
             log = structlog.get_logger("keyproxy.audit")
             old = per_call(functools.partial(_old_emit, log), 2000)

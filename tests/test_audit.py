@@ -14,7 +14,7 @@ import pytest
 import structlog
 import structlog.testing
 
-from keyproxy import audit, secret
+from keyproxy import audit, redact, secret
 from keyproxy.secret import REDACTED, Secret
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLWJ5dGVz"
@@ -25,7 +25,7 @@ def test_known_secrets_and_jwts_are_scrubbed() -> None:
     value = "audit-test-key-0123456789"
     secret.register(value)
     event = {"msg": f"oops {value}", "nested": {"list": [value, JWT]}, "n": 3, "obj": Secret(value)}
-    out = audit.scrub_secrets(None, "info", event)
+    out = redact.scrub_secrets(None, "info", event)
     text = json.dumps(out)
     assert value not in text
     assert JWT not in text
@@ -41,11 +41,11 @@ def test_a_secret_registered_later_is_scrubbed_from_texts_found_clean_before() -
     first, later = f"first-{stamp}-0123456789", f"later-{stamp}-9876543210"
     text = f"upstream said {later}"
     secret.register(first)
-    assert audit.scrub_secrets(None, "info", {"m": text})["m"] == text  # clean: remembered
+    assert redact.scrub_secrets(None, "info", {"m": text})["m"] == text  # clean: remembered
     secret.register(later)
     longer = f"{later}-and-more"
     secret.register(longer, f"s{stamp[:7]}")  # 8 characters: the shortest registered
-    out = audit.scrub_secrets(
+    out = redact.scrub_secrets(
         None, "info", {"m": text, "f": first, "l": f"x{longer}x", "s": f"[s{stamp[:7]}]"}
     )
     assert out == {
