@@ -130,17 +130,22 @@ _setup: _Setup | None = None
 
 
 def configure(stream: TextIO | None = None, level: str = "info") -> None:
-    """Route structlog to `stream` (default stdout) as JSON lines, scrubbed."""
+    """Route structlog, and every standard-library log record (aiohttp, asyncio, hvac,
+    urllib3, ...), to `stream` (default stdout) as JSON lines, all through the same scrubbing
+    chain."""
     global _setup  # noqa: PLW0603  # one process-wide logging set-up, like structlog's own
+    # After scrubbing: the time stamp is ours, holding nothing, and never the same twice (the
+    # scrubber remembers texts it found clean; this one would only crowd them out).
+    tail: list[Any] = [
+        structlog.processors.format_exc_info,
+        scrub_secrets,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.JSONRenderer(serializer=_json),
+    ]
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.format_exc_info,
-        scrub_secrets,
-        # After scrubbing: ours, holding nothing, and never the same twice (the scrubber
-        # remembers texts it found clean; this one would only crowd them out).
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.JSONRenderer(serializer=_json),
+        *tail,
     ]
     flush()  # what the previous set-up still holds goes to its own stream
     factory = _SinkFactory(_Sink(stream or sys.stdout))
@@ -153,13 +158,65 @@ def configure(stream: TextIO | None = None, level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     threshold = logging.getLevelNamesMapping()[level.upper()]
+    _route_stdlib(factory.sink, threshold, tail)
     _setup = _Setup(processors, tuple(processors), wrapper, factory, threshold <= logging.INFO)
 
 
+class _StdlibHandler(logging.Handler):
+    """Standard-library log records, rendered by structlog's ProcessorFormatter into the
+    audit stream. A record that cannot be formatted is reported by its logger's name and
+    level only: logging's own fallback would print its message and arguments to stderr."""
+
+    def __init__(self, sink: _Sink, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.sink = sink
+        self.setFormatter(formatter)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001  # whatever broke, the record's text must not leak
+            line = _json(
+                {
+                    "event": "log_record_unformattable",
+                    "logger": record.name,
+                    "level": record.levelname.lower(),
+                }
+            )
+        # The stream structlog writes to now (tests put a previous set-up back by
+        # structlog.configure alone), so both kinds of events always share one stream.
+        factory = structlog.get_config()["logger_factory"]
+        sink = factory.sink if isinstance(factory, _SinkFactory) else self.sink
+        sink.line(line)
+
+
+def _route_stdlib(sink: _Sink, threshold: int, tail: list[Any]) -> None:
+    """Send every record reaching the root logger through the processors of `tail`, after
+    the steps structlog's own events take first (context, level, and the logger's name)."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.stdlib.add_logger_name,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+    )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(_StdlibHandler(sink, formatter))
+    root.setLevel(threshold)
+
+
 def flush() -> None:
-    """Write out the lines waiting for their FLUSH_DELAY (at exit, too)."""
-    if _setup is not None:
-        _setup.factory.sink.flush()
+    """Write out the lines waiting for their FLUSH_DELAY (at exit, too): those of the last
+    set-up, and of the one structlog writes to now if another was put back."""
+    sinks = [_setup.factory.sink] if _setup is not None else []
+    factory = structlog.get_config()["logger_factory"]
+    if isinstance(factory, _SinkFactory) and factory.sink not in sinks:
+        sinks.append(factory.sink)
+    for sink in sinks:
+        sink.flush()
 
 
 atexit.register(flush)
@@ -218,9 +275,10 @@ _RECORD_TEXTS_MAX = 1024  # characters: records with longer texts are scanned ev
 
 
 def emit(record: RequestRecord, *, now: bool = False) -> None:
-    """Write the request's audit event; with `now`, at once, with any lines waiting (the
-    caller knows the loop has nothing else to do)."""
+    """Write the request's audit event (at `warning` for a refusal, else `info`); with `now`,
+    at once, with any lines waiting (the caller knows the loop has nothing else to do)."""
     setup = _setup
+    level = "info" if record.decision == "allow" else "warning"
     config = structlog.get_config()
     if (
         setup is None
@@ -230,9 +288,9 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
         or tuple(setup.processors) != setup.snapshot
     ):
         # structlog was set up by someone else: let it do everything.
-        _log.info("request", **dict(zip(_NAMES, _VALUES(record), strict=True)))
+        getattr(_log, level)("request", **dict(zip(_NAMES, _VALUES(record), strict=True)))
         return
-    if not setup.request_events:
+    if level == "info" and not setup.request_events:
         return
     # The processor chain of configure(), step by step, for an event of scalar fields.
     known = redact.current().clean  # of this moment (see _Redactor.text)
@@ -252,12 +310,12 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
         # Context variables fill in names the event does not have, in their order
         # (merge_contextvars); level and timestamp are then set, where a variable of that
         # name already stands or else last (add_log_level, TimeStamper).
-        rest = scrub_secrets(None, "info", {k: v for k, v in context.items() if k not in _FIELDS})
-        rest["level"] = "info"
+        rest = scrub_secrets(None, level, {k: v for k, v in context.items() if k not in _FIELDS})
+        rest["level"] = level
         rest["timestamp"] = _timestamp()
         line = f'{fields[:-1]},"event":"request",{_json(rest)[1:]}'
     else:
-        line = f'{fields[:-1]},"event":"request","level":"info","timestamp":"{_timestamp()}"}}'
+        line = f'{fields[:-1]},"event":"request","level":"{level}","timestamp":"{_timestamp()}"}}'
     setup.factory.sink.line(line, now=now)
 
 

@@ -359,3 +359,21 @@ def test_request_events_reach_structlogs_capture_logs() -> None:
         structlog.configure(**previous)
     assert [e["path"] for e in captured if e["event"] == "request"] == ["/v1/models/3"]
     assert stream.getvalue() == ""
+
+
+def test_a_refusal_is_a_warning_and_an_allowed_request_is_info() -> None:
+    """Denied requests are logged at warning, so a level filter can keep them without the
+    allowed traffic; at level warning only they are written."""
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream, level="warning")
+    try:
+        allowed, denied = _record(1), _record(2)
+        allowed.decision, denied.decision = "allow", "deny"
+        audit.emit(allowed)
+        audit.emit(denied)
+    finally:
+        structlog.configure(**previous)
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert (event["level"], event["decision"]) == ("warning", "deny")
