@@ -162,7 +162,16 @@ def measure(compare: Path | None, seconds: float) -> list[dict[str, object]]:
             config = bench.keyproxy_config(bao, setup, agent, upstream, 10)
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
             kp_port = bench._free_port()
-            argv = [str(bench.KEYPROXY), "serve", "-c", str(path), "--port", str(kp_port)]
+            argv = [
+                str(bench.KEYPROXY),
+                "serve",
+                "-c",
+                str(path),
+                "--port",
+                str(kp_port),
+                "--admin-port",
+                "0",
+            ]
             env = clean_env | ({"PYTHONPATH": str(source)} if source is not None else {})
             results.append(count(name, argv, kp_port, env))
     finally:

@@ -645,7 +645,7 @@ class Stack:
         source = source or self.source
         if source is not None:  # measure a patched copy of the package
             env["PYTHONPATH"] = str(source)
-        argv = [str(KEYPROXY), "serve", "-c", str(path), "--port", str(port)]
+        argv = [str(KEYPROXY), "serve", "-c", str(path), "--port", str(port), "--admin-port", "0"]
         proc = self.procs.start(
             name, [*argv, "--workers", str(workers)], cpu=cpu, log=audit, env=env
         )

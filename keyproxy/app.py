@@ -1,14 +1,26 @@
-"""Assemble the aiohttp application for one configuration.
+"""Assemble the aiohttp applications for one configuration: the agents' and the admin one.
 
 Everything with a lifetime (the Vault client and its token upkeep, the key cache and its
-refresh loop, the shared client session for JWKS, the upstream sessions) is created in a
-`cleanup_ctx` and torn down with the app: no task outlives it.
+refresh loop, the shared client session for JWKS, the upstream sessions) is created in the
+agents' app's `cleanup_ctx` and torn down with it: no task outlives it.
+
+`build_app` (the proxy port, open to agents):
 
     /r/<route>/<path>   the proxy (keyproxy.proxy)
     /token ...          the task-token broker (keyproxy.broker)
+    /healthz            liveness, status only: the process serves requests
+    /readyz             readiness, status only: every route's key loaded and fresh
+
+`build_admin_app` (server.admin, loopback by default; never the agents' port):
+
     /metrics            Prometheus metrics (keyproxy.metrics)
-    /healthz            liveness: the process serves requests
-    /readyz             readiness: Vault reachable and every route's key loaded and fresh
+    /healthz            liveness
+    /readyz             readiness in detail: Vault reachable, and per route the key's secret
+                        path, version, fingerprint, age and last error
+
+SECURITY: secret paths, key fingerprints and read counts tell an attacker what to aim at, so
+only the admin listener shows them. Every answer names keyproxy as its `Server`, never the
+Python or aiohttp version (an upstream's own `Server` header is the upstream's).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 
 from keyproxy.broker import Broker
 from keyproxy.config import Config
@@ -37,6 +50,8 @@ KEYS: Final = web.AppKey("keys", KeyCache)
 PROXY: Final = web.AppKey("proxy", Proxy)
 BROKER: Final = web.AppKey("broker", Broker)
 METRICS: Final = web.AppKey("metrics", Metrics)
+SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
+SERVER_NAME: Final = "keyproxy"
 
 log = structlog.get_logger("keyproxy.app")
 
@@ -49,13 +64,24 @@ def build_app(config: Config) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 16 * 1024, "auto_decompress": False})
     app[CONFIG] = config
     app.cleanup_ctx.append(_components)
+    app.on_response_prepare.append(_server_header)
     app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/readyz", _ready)
     app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", _proxy)
     app.router.add_post("/token", _broker("exchange"))
     app.router.add_post("/token/revoke", _broker("revoke"))
     app.router.add_get("/.well-known/jwks.json", _broker("jwks"))
+    return app
+
+
+def build_admin_app(served: web.Application) -> web.Application:
+    """The admin endpoints of the app `served` (which must be started first)."""
+    app = web.Application()
+    app[SERVED] = served
+    app.on_response_prepare.append(_server_header)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 
@@ -170,8 +196,14 @@ def _broker(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
     return handler
 
 
+async def _server_header(_: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's own default names the Python and aiohttp versions; an upstream's is its own.
+    if response.headers.get("Server") == SERVER_SOFTWARE:
+        response.headers["Server"] = SERVER_NAME
+
+
 async def _metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[METRICS].exposition()
+    body, content_type = request.app[SERVED][METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -179,9 +211,16 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _ready(request: web.Request) -> web.Response:
+    """Status only, from what the key cache knows: no I/O a caller could multiply."""
+    ready = request.app[KEYS].ready()
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
 async def _readyz(request: web.Request) -> web.Response:
-    keys = request.app[KEYS]
-    vault_ok = await request.app[VAULT].healthy()
+    served = request.app[SERVED]
+    keys = served[KEYS]
+    vault_ok = await served[VAULT].healthy()
     ready = vault_ok and keys.ready()
     body = {"ready": ready, "vault": vault_ok, "keys": keys.status()}
     return web.json_response(body, status=200 if ready else 503)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 from types import FrameType
 
 import structlog
-from aiohttp import web
 
 from keyproxy import audit, config, paths, policy, rotation_cli, token_cli
 from keyproxy.errors import ConfigError, RequestError
@@ -35,7 +35,7 @@ EXIT_CONFIG = 2
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-_WAITED = _STOP_SIGNALS | {signal.SIGCHLD}
+_WAITED = _STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-c", "--config", required=True, help="YAML configuration file")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--admin-port", type=int, help="override server.admin.port (metrics, detailed readiness)"
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -101,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     # The configuration is checked here, in the parent, before any worker starts.
     cfg = config.load(args.config)
+    if args.admin_port is not None:
+        admin = dataclasses.replace(cfg.server.admin, port=args.admin_port)
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, admin=admin))
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
     if args.workers < 1:
@@ -113,6 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     argv = [sys.executable, "-m", "keyproxy.cli", "serve", "-c", args.config]
     argv += ["--host", host, "--port", str(port), "--worker"]
+    argv += ["--admin-port", str(cfg.server.admin.port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout)]
     audit.configure()
     return _Supervisor(argv, args.workers, args.shutdown_timeout).run()
@@ -122,7 +129,7 @@ def _serve_one(
     cfg: config.Config, host: str, port: int, shutdown_timeout: float, *, worker: bool
 ) -> int:
     """Serve in this process until SIGTERM/SIGINT, then let in-flight requests finish."""
-    from keyproxy.app import build_app  # noqa: PLC0415  # keeps `check` free of server imports
+    from keyproxy import server  # noqa: PLC0415  # keeps `check` free of server imports
 
     audit.configure()
     if worker:
@@ -130,20 +137,15 @@ def _serve_one(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
         # Every event says which worker wrote it (tasks inherit this context).
         structlog.contextvars.bind_contextvars(worker=os.getpid())
-
-    async def app() -> web.Application:
-        if worker:
-            _stop_with_parent()
-        return build_app(cfg)
-
-    web.run_app(
-        app(),
-        host=host,
-        port=port,
-        reuse_port=worker or None,
-        shutdown_timeout=shutdown_timeout,
-        access_log=None,  # the audit event is the access log
-        print=None,
+    asyncio.run(
+        server.serve(
+            cfg,
+            host,
+            port,
+            shutdown_timeout=shutdown_timeout,
+            reuse_port=worker,
+            on_start=_stop_with_parent if worker else lambda: None,
+        )
     )
     return 0
 
@@ -182,8 +184,15 @@ class _Supervisor:
             self.workers = [self._start() for _ in range(self.count)]
             self.log.info("workers_started", pids=[w.pid for w in self.workers])
             while status == 0:
-                if signal.sigwait(_WAITED) in _STOP_SIGNALS:
+                got = signal.sigwait(_WAITED)
+                if got in _STOP_SIGNALS:
                     break
+                if got == signal.SIGHUP:
+                    # Until configuration reload exists: never a reason to die.
+                    self.log.warning(
+                        "sighup_ignored", why="configuration reload is not supported yet"
+                    )
+                    continue
                 status = self._replace_exited()
         finally:
             self._stop()

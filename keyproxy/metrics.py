@@ -3,6 +3,10 @@
     keyproxy_requests_total{route,status,decision}      counter, every proxied request
     keyproxy_request_duration_seconds{route}            histogram, allowed requests
     keyproxy_tokens_total{event}                        counter: issued, denied, revoked
+    keyproxy_connections_closed_total{reason}           counter: connections keyproxy closed
+                                                        (max_connections,
+                                                        max_connections_per_source,
+                                                        header_timeout)
     keyproxy_key_version{route}                         gauge: the KV version being injected
     keyproxy_key_age_seconds{route}                     gauge: since Vault created that version
     keyproxy_key_staleness_seconds{route}               gauge: since last read or confirmed
@@ -62,10 +66,19 @@ class Metrics:
             ["event"],
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            "keyproxy_connections_closed",
+            "Connections keyproxy refused or closed by a limit, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_KeyCollector(key_status))
         # Counts one request: (route, status, decision, seconds). The collector's own
         # method, called on every request without a call in between.
         self.request: Callable[[str | None, int, str, float], None] = self._requests.add
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

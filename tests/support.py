@@ -20,8 +20,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from keyproxy import config, demo
-from keyproxy.app import build_app
+from keyproxy import config, demo, server
+from keyproxy.app import METRICS, build_admin_app, build_app
 from keyproxy.devserver import Agent, OpenBaoDevServer
 
 # Every key and token the tests create, so the final log scan knows what must never appear.
@@ -268,18 +268,26 @@ async def running_upstream() -> AsyncIterator[Upstream]:
 
 @dataclass
 class Stack:
-    base: str  # http://127.0.0.1:PORT
+    base: str  # http://127.0.0.1:PORT, the agents' listener
     config: config.Config
     app: web.Application
+    admin: str = ""  # http://127.0.0.1:PORT, the admin listener (metrics, detailed readiness)
 
 
 @asynccontextmanager
 async def running_proxy(cfg: dict[str, Any]) -> AsyncIterator[Stack]:
+    """The real proxy on loopback, with keyproxy's own listeners (server.start): the agents'
+    one and the admin one, each on a free port."""
     compiled = config.parse(json.dumps(cfg), {})
     app = build_app(compiled)
-    runner, port = await serve(app)
+    limits = server.Limits.of(compiled.server)
+    runner, port = await server.start(app, "127.0.0.1", 0, limits, metrics=lambda: app.get(METRICS))
     try:
-        yield Stack(f"http://127.0.0.1:{port}", compiled, app)
+        admin, admin_port = await server.start(build_admin_app(app), "127.0.0.1", 0, limits)
+        try:
+            yield Stack(f"http://127.0.0.1:{port}", compiled, app, f"http://127.0.0.1:{admin_port}")
+        finally:
+            await admin.cleanup()
     finally:
         await runner.cleanup()
 

@@ -101,12 +101,21 @@ def test_serve_runs_from_a_file_and_stops_on_sigterm(
     openbao.put_key("keyproxy/keys/cli-test", "sk-cli-test-" + os.urandom(8).hex())
     path = tmp_path / "k.yaml"
     path.write_text(yaml.safe_dump(_config(openbao.addr, setup.issuer, setup.jwks_uri)))
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     env = {**os.environ, "BAO_TOKEN": openbao.root_token}
     out = log_dir / "serve.out"
     with out.open("wb") as stdout:
         proc = subprocess.Popen(
-            [str(BIN / "keyproxy"), "serve", "-c", str(path), "--port", str(port)],
+            [
+                str(BIN / "keyproxy"),
+                "serve",
+                "-c",
+                str(path),
+                "--port",
+                str(port),
+                "--admin-port",
+                str(admin_port),
+            ],
             stdout=stdout,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -116,7 +125,8 @@ def test_serve_runs_from_a_file_and_stops_on_sigterm(
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                admin = f"http://127.0.0.1:{admin_port}/readyz"  # the detailed readiness
+                with urllib.request.urlopen(admin, timeout=5) as r:
                     body = json.load(r)
                     break
             except (urllib.error.URLError, ConnectionError):

@@ -304,15 +304,27 @@ def test_selectors_find_the_proxy_pods() -> None:
 
 
 def test_network_policy_fences_the_proxy() -> None:
-    """Ingress only from namespaces labelled as agent namespaces, to the proxy port; egress
-    only to Vault (8200), DNS (53) and upstream APIs (443)."""
+    """Ingress only from namespaces labelled as agent namespaces, to the proxy port, and from
+    the monitoring namespace, to the admin port; egress only to Vault (8200), DNS (53) and
+    upstream APIs (443)."""
     policy = resources()[("NetworkPolicy", "keyproxy")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
-    (rule,) = policy["ingress"]
+    rule, monitoring = policy["ingress"]
     (source,) = rule["from"]
     assert set(source) == {"namespaceSelector"}
     assert source["namespaceSelector"]["matchLabels"] == {"keyproxy.io/agents": "true"}
     assert [p["port"] for p in rule["ports"]] == [8080]
+    (source,) = monitoring["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    assert [p["port"] for p in monitoring["ports"]] == [9090]
+    deployment = resources()[("Deployment", "keyproxy")]
+    (container,) = pod_spec(deployment)["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": 8080,
+        "admin": 9090,
+    }
     egress_ports = {(p["protocol"], p["port"]) for r in policy["egress"] for p in r["ports"]}
     assert egress_ports == {("TCP", 8200), ("UDP", 53), ("TCP", 53), ("TCP", 443)}
     for r in policy["egress"]:

@@ -70,7 +70,7 @@ async def test_metrics_after_allowed_denied_and_rotated_traffic(
         async with http.post(f"{stack.base}/token/revoke", headers=bearer(token)) as r:
             assert r.status == 200
 
-        found = await scrape(http, stack.base)
+        found = await scrape(http, stack.admin)
         assert (
             value(found, "keyproxy_requests_total", route="r", status="200", decision="allow") == 3
         )
@@ -95,7 +95,7 @@ async def test_metrics_after_allowed_denied_and_rotated_traffic(
         while value(found, "keyproxy_key_version", route="r") != second:
             assert time.monotonic() < deadline, "the new version never showed in /metrics"
             await asyncio.sleep(0.1)  # pacing between scrapes
-            found = await scrape(http, stack.base)
+            found = await scrape(http, stack.admin)
         assert value(found, "keyproxy_key_rotations_total", route="r") == 1
         assert value(found, "keyproxy_key_age_seconds", route="r") < 10
         assert value(found, "keyproxy_vault_read_errors_total", route="r") == 0

@@ -154,6 +154,7 @@ async def test_operator_walkthrough_from_nothing_to_a_proxied_request(
         assert cfg["server"]["port"] == 8080
         port = free_port()
         cfg["server"]["port"] = port
+        cfg["server"]["admin"] = {"port": free_port()}  # beside other servers of the suite
         config_file.write_text(yaml.safe_dump(cfg), encoding="utf-8")
 
         checked = await run_bash("keyproxy check" + check_line, work, env, log)

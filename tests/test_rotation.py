@@ -276,24 +276,25 @@ async def engine(env: Env) -> AsyncIterator[Rotations]:
 class Proxy:
     base: str
     out: Path
+    admin: str  # the admin listener: detailed readiness
 
 
 @contextlib.asynccontextmanager
 async def serving(env: Env) -> AsyncIterator[Proxy]:
     """`keyproxy serve` as a subprocess, stopped by PID; ready when every key is loaded."""
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     out = env.log_dir / f"rotation-serve-{uid()}.out"
     envvars = {**os.environ, "BAO_TOKEN": env.openbao.root_token, "PYTHONUNBUFFERED": "1"}
     with out.open("wb") as stdout:
         proc = await asyncio.create_subprocess_exec(
             str(BIN / "keyproxy"),
-            *("serve", "-c", str(env.path), "--port", str(port)),
+            *("serve", "-c", str(env.path), "--port", str(port), "--admin-port", str(admin_port)),
             stdout=stdout,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=envvars,
         )
-    proxy = Proxy(f"http://127.0.0.1:{port}", out)
+    proxy = Proxy(f"http://127.0.0.1:{port}", out, f"http://127.0.0.1:{admin_port}")
     try:
         await until(lambda: _ready(proxy), 30, "proxy ready")
         yield proxy
@@ -316,7 +317,7 @@ async def served_versions(proxy: Proxy) -> dict[str, int]:
     try:
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"{proxy.base}/readyz") as response,
+            session.get(f"{proxy.admin}/readyz") as response,
         ):
             if response.status != 200:
                 return {}

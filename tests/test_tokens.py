@@ -363,7 +363,16 @@ def replicas(
             with (log_dir / f"replica-{i}.out").open("wb") as out:
                 procs.append(
                     subprocess.Popen(
-                        [str(BIN / "keyproxy"), "serve", "-c", str(path), "--port", str(port)],
+                        [
+                            str(BIN / "keyproxy"),
+                            "serve",
+                            "-c",
+                            str(path),
+                            "--port",
+                            str(port),
+                            "--admin-port",
+                            "0",
+                        ],
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,

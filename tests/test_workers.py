@@ -158,7 +158,16 @@ async def test_two_workers_serve_and_stop_gracefully(
     base = f"http://127.0.0.1:{port}"
     out = log_dir / "workers.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    argv = [str(BIN / "keyproxy"), "serve", "-c", str(path), "--port", str(port)]
+    argv = [
+        str(BIN / "keyproxy"),
+        "serve",
+        "-c",
+        str(path),
+        "--port",
+        str(port),
+        "--admin-port",
+        "0",
+    ]
     with out.open("wb") as stdout:
         proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
             [*argv, "--workers", "2"],

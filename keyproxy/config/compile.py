@@ -24,6 +24,7 @@ from keyproxy.config.model import (
     MAX_LEEWAY,
     METHODS,
     ROUTE_NAME,
+    AdminConfig,
     CallerCredential,
     CommandRotator,
     Config,
@@ -136,6 +137,12 @@ class _Node:
         if not match or int(match[1]) <= 0:
             raise self.error("must be a positive size such as 65536, 64KiB or 10MiB")
         return int(match[1]) * _SIZE_UNITS[match[2]]
+
+    def count(self) -> int:
+        value = self.value
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise self.error("must be a positive whole number")
+        return value
 
     def strings(self) -> tuple[str, ...]:
         return tuple(item.string() for item in self.sequence())
@@ -327,15 +334,50 @@ def _issuer(node: _Node) -> Issuer:
 
 
 def _server(node: _Node) -> ServerConfig:
-    f = node.mapping({"host", "port", "trusted_proxies"})
-    port = _opt(f, "port", lambda n: n.value, 8080)
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        raise f["port"].error("must be a port number (0-65535)")
-    return ServerConfig(
-        host=_opt(f, "host", _Node.string, "127.0.0.1"),
-        port=port,
-        trusted_proxies=_opt(f, "trusted_proxies", _Node.networks, ()),
+    f = node.mapping(
+        {
+            "host",
+            "port",
+            "trusted_proxies",
+            "admin",
+            "header_timeout",
+            "keepalive_timeout",
+            "max_connections",
+            "max_connections_per_source",
+        }
     )
+    d = ServerConfig()
+    server = ServerConfig(
+        host=_opt(f, "host", _Node.string, d.host),
+        port=_opt(f, "port", _port, d.port),
+        trusted_proxies=_opt(f, "trusted_proxies", _Node.networks, ()),
+        admin=_opt(f, "admin", _admin, d.admin),
+        header_timeout=_opt(f, "header_timeout", _Node.duration, d.header_timeout),
+        keepalive_timeout=_opt(f, "keepalive_timeout", _Node.duration, d.keepalive_timeout),
+        max_connections=_opt(f, "max_connections", _Node.count, d.max_connections),
+        max_connections_per_source=_opt(
+            f, "max_connections_per_source", _Node.count, d.max_connections_per_source
+        ),
+    )
+    admin = server.admin
+    if admin.port and (admin.host, admin.port) == (server.host, server.port):
+        raise f["admin"].error("must listen on another port than the proxy")
+    return server
+
+
+def _admin(node: _Node) -> AdminConfig:
+    f = node.mapping({"host", "port"})
+    d = AdminConfig()
+    return AdminConfig(
+        host=_opt(f, "host", _Node.string, d.host), port=_opt(f, "port", _port, d.port)
+    )
+
+
+def _port(node: _Node) -> int:
+    port = node.value
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise node.error("must be a port number (0-65535)")
+    return port
 
 
 def _tokens(node: _Node) -> TokensConfig:

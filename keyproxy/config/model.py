@@ -97,10 +97,26 @@ class Issuer:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener: metrics and detailed readiness, never on the agents' port."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     trusted_proxies: tuple[Network, ...] = ()
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    # Connection limits (docs/security.md): a caller gets this long to send a request's
+    # headers, an idle keep-alive connection this long before it is closed, and at most so
+    # many connections are open in all and from one source address (trusted proxies exempt).
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 60.0
+    max_connections: int = 10_000
+    max_connections_per_source: int = 1_000
 
 
 @dataclass(frozen=True)

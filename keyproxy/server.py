@@ -1,0 +1,368 @@
+"""Serving: the two listeners, what one connection may cost, and the process's signals.
+
+    serve(config, host, port, ...)   the proxy and admin listeners until SIGTERM or SIGINT
+    start(app, host, port, limits)   one listener with keyproxy's connection handling
+
+Every connection is handled by `_Connection`, aiohttp's own request handler with keyproxy's
+limits (docs/security.md, "Connection limits"):
+
+- a caller has `server.header_timeout` (10 s) to send a request's headers, from connecting
+  or from the first byte of its next request; a connection that has not is closed. aiohttp's
+  keep-alive timeout (`server.keepalive_timeout`, 60 s) closes a connection idle between
+  requests;
+- at most `server.max_connections` connections are open at once, and at most
+  `server.max_connections_per_source` from one address (peers in `server.trusted_proxies`
+  are exempt: they carry many callers). A connection over a limit gets a canned 503 and is
+  closed before anything of it is read;
+- a request aiohttp cannot parse (a malformed header block, a bad request line, a line too
+  long) gets a JSON 400 naming nothing it sent, one `request.malformed` event naming only
+  the kind of mistake, and is counted in `keyproxy_requests_total{decision="malformed"}`.
+  SECURITY: aiohttp's own answer echoes the offending header line back and its log writes
+  it out, token included; neither happens here.
+
+Refused and timed-out connections are counted in `keyproxy_connections_closed_total` and
+logged at most once a second per reason, so a flood cannot become a log flood.
+
+Signals: SIGTERM and SIGINT drain (in-flight requests and streams get `shutdown_timeout` to
+finish), logging how many are in flight when it starts and when it is done. SIGHUP is logged
+and ignored until configuration reload exists: it never kills the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
+
+from keyproxy.app import METRICS, SERVER_NAME, build_admin_app, build_app
+from keyproxy.config import Config, Network, ServerConfig
+from keyproxy.metrics import Metrics
+
+log = structlog.get_logger("keyproxy.server")
+
+# Sent, unasked, to a connection over a limit: it has not sent a request we could answer yet.
+_REFUSED_BODY: Final = b'{"error":{"code":"too_many_connections","message":"too many connections"}}'
+_REFUSED: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: %d\r\n"
+    b"Retry-After: 1\r\n"
+    b"Server: keyproxy\r\n"
+    b"Connection: close\r\n"
+    b"\r\n%s"
+) % (len(_REFUSED_BODY), _REFUSED_BODY)
+_EVENT_INTERVAL: Final = 1.0  # seconds between two log events of one connection reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one listener allows its connections (from `server`, see ServerConfig)."""
+
+    header_timeout: float
+    keepalive_timeout: float
+    max_connections: int
+    max_connections_per_source: int
+    trusted: tuple[Network, ...] = ()
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> Limits:
+        return cls(
+            server.header_timeout,
+            server.keepalive_timeout,
+            server.max_connections,
+            server.max_connections_per_source,
+            server.trusted_proxies,
+        )
+
+
+class _Guard:
+    """A listener's connection counts, and the accounting of what it refused."""
+
+    def __init__(self, limits: Limits, metrics: Callable[[], Metrics | None]) -> None:
+        self.limits = limits
+        self._metrics = metrics
+        self.open = 0
+        self._by_source: Counter[str] = Counter()
+        self._logged: dict[str, float] = {}
+
+    def admit(self, source: str) -> str | None:
+        """Count a new connection from `source`, or the reason it is refused."""
+        if self.open >= self.limits.max_connections:
+            return "max_connections"
+        exempt = _inside(source, self.limits.trusted)
+        if not exempt and self._by_source[source] >= self.limits.max_connections_per_source:
+            return "max_connections_per_source"
+        self.open += 1
+        if not exempt:
+            self._by_source[source] += 1
+        return None
+
+    def release(self, source: str) -> None:
+        self.open -= 1
+        if source in self._by_source:
+            self._by_source[source] -= 1
+            if not self._by_source[source]:
+                del self._by_source[source]
+
+    def closed(self, reason: str, source: str) -> None:
+        """A connection closed by a limit: counted, and logged unless one just was."""
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.connection_closed(reason)
+        now = time.monotonic()
+        if now - self._logged.get(reason, -_EVENT_INTERVAL) >= _EVENT_INTERVAL:
+            self._logged[reason] = now
+            log.warning("connection.closed", reason=reason, source=source)
+
+    def malformed(self, source: str, kind: str, status: int) -> None:
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.request(None, status, "malformed", 0.0)
+        log.warning("request.malformed", source=source, error=kind, status=status)
+
+
+def _inside(source: str, networks: tuple[Network, ...]) -> bool:
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+class _Connection(web_protocol.RequestHandler):
+    """aiohttp's request handler, with the header deadline, the connection limits and a
+    malformed request's answer of this module's docstring."""
+
+    def __init__(self, manager: _Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = manager.guard
+        self._source = ""
+        self._admitted = False
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        refused = self._guard.admit(self._source)
+        if refused is not None:
+            # SECURITY: nothing of this connection is read, so nothing of it can cost more.
+            assert isinstance(transport, asyncio.Transport)  # TCP listeners only
+            transport.write(_REFUSED)
+            transport.close()
+            self._guard.closed(refused, self._source)
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages or self._request_in_progress:
+            self._headers_arrived()
+        else:  # the start of a request, or part of its headers
+            self._await_headers()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return  # refused: aiohttp never knew it
+        self._headers_arrived()
+        self._guard.release(self._source)
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        if self._header_deadline is None and not self._force_close:
+            self._header_deadline = self._loop.call_later(
+                self._guard.limits.header_timeout, self._headers_late
+            )
+
+    def _headers_arrived(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if self._messages or self._request_in_progress or self.transport is None:
+            return
+        self._guard.closed("header_timeout", self._source)
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The answer to a request aiohttp could not parse (400) or whose handler failed
+        past every other handler (500): JSON naming nothing the caller sent."""
+        if status >= 500:
+            # A bug, not a caller's mistake: the traceback goes to the scrubbed log only.
+            log.error("request_failed", exc_info=exc)
+            code, text = "internal_error", "internal error"
+        else:
+            self._guard.malformed(self._source, type(exc).__name__ if exc else "", status)
+            code, text = "malformed_request", "the request could not be parsed"
+        if request.writer.output_size > 0:  # as aiohttp does: the answer has begun
+            raise ConnectionError("the answer was sent already")
+        response = web.json_response(
+            {"error": {"code": code, "message": text}},
+            status=status,
+            headers={"Server": SERVER_NAME},  # no app hook runs for what was never routed
+        )
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's server, making `_Connection`s."""
+
+    def __init__(self, made: web.Server, guard: _Guard) -> None:
+        # The handler settings aiohttp gathered (the runner's and the app's handler_args).
+        self._handler_kwargs: dict[str, Any] = dict(made._kwargs)
+        super().__init__(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            **self._handler_kwargs,
+        )
+        self.guard = guard
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Connection(self, loop=asyncio.get_running_loop(), **self._handler_kwargs)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled right now."""
+        return sum(1 for c in self.connections if c._request_in_progress)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose server is `_Server`."""
+
+    def __init__(self, app: web.Application, guard: _Guard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._guard = guard
+
+    async def _make_server(self) -> web.Server:
+        return _Server(await super()._make_server(), self._guard)
+
+
+async def start(
+    app: web.Application,
+    host: str,
+    port: int,
+    limits: Limits,
+    *,
+    metrics: Callable[[], Metrics | None] = lambda: None,
+    reuse_port: bool | None = None,
+    shutdown_timeout: float = 60.0,
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0: any free port) with keyproxy's connection handling;
+    the runner (its `cleanup()` drains and stops) and the bound port."""
+    guard = _Guard(limits, metrics)
+    runner = _Runner(
+        app,
+        guard,
+        access_log=None,  # the audit event is the access log
+        keepalive_timeout=limits.keepalive_timeout,
+        shutdown_timeout=shutdown_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, bound_port(site)
+
+
+def bound_port(site: web.TCPSite) -> int:
+    """The port a site listens on (the one the system chose when 0 was asked for)."""
+    server = site._server  # aiohttp keeps the asyncio server here
+    assert isinstance(server, asyncio.base_events.Server)  # a TCP site
+    return int(server.sockets[0].getsockname()[1])
+
+
+def in_flight(runner: web.AppRunner) -> int:
+    server = runner.server
+    return server.in_flight if isinstance(server, _Server) else 0
+
+
+async def serve(
+    config: Config,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float,
+    reuse_port: bool = False,
+    on_start: Callable[[], None] = lambda: None,
+) -> None:
+    """Run the proxy (host:port) and the admin listener (`server.admin`) until SIGTERM or
+    SIGINT, then drain: in-flight requests and streams get `shutdown_timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stopping, sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, _hangup)
+    on_start()
+    app = build_app(config)
+    limits = Limits.of(config.server)
+    admin = config.server.admin
+    runner, bound = await start(
+        app,
+        host,
+        port,
+        limits,
+        metrics=lambda: app.get(METRICS),
+        reuse_port=reuse_port or None,
+        shutdown_timeout=shutdown_timeout,
+    )
+    admin_runner: web.AppRunner | None = None
+    started: float | None = None
+    try:
+        # The admin listener's own callers are operators' tools: the same limits serve.
+        admin_runner, admin_bound = await start(
+            build_admin_app(app), admin.host, admin.port, limits, reuse_port=reuse_port or None
+        )
+        log.info(
+            "serving",
+            proxy=f"{host}:{bound}",
+            admin=f"{admin.host}:{admin_bound}",
+            header_timeout=limits.header_timeout,
+            max_connections=limits.max_connections,
+        )
+        await stop.wait()
+        started = time.monotonic()
+        log.info("draining", in_flight=in_flight(runner), timeout=shutdown_timeout)
+    finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await runner.cleanup()
+    if started is not None:
+        log.info("stopped", drained_in=round(time.monotonic() - started, 3))
+
+
+def _stopping(sig: signal.Signals, stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        log.info("stop_requested", signal=sig.name)
+    stop.set()
+
+
+def _hangup() -> None:
+    log.warning("sighup_ignored", why="configuration reload is not supported yet: restart")
+
+
+__all__ = ["Limits", "bound_port", "in_flight", "serve", "start"]

@@ -1,0 +1,454 @@
+"""The listeners: malformed requests, slow and greedy clients, the admin listener, signals.
+
+Raw sockets on loopback against the real proxy (a real OpenBao behind it), because what is
+tested here is what a well-behaved HTTP client never sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from keyproxy import audit, config, secret
+from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.errors import ConfigError
+from tests.support import (
+    CANARIES,
+    CONFIG_SECTIONS,
+    Stack,
+    Upstream,
+    bearer,
+    free_port,
+    new_key,
+    running_proxy,
+)
+
+BIN = Path(sys.executable).parent
+KEY_PATH = "keyproxy/keys/server-test"
+
+
+def _config(openbao: OpenBaoDevServer, upstream: str, **server: Any) -> dict[str, Any]:
+    return {
+        "vault": openbao.vault_yaml(refresh_interval="500ms", max_staleness="60s"),
+        "identity": {"issuers": [openbao.issuer_yaml("openbao")]},
+        "server": server,
+        "routes": {
+            "r": {
+                "upstream": upstream,
+                "secret": {"path": KEY_PATH},
+                "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+                "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "allow_http": True,
+            }
+        },
+        "policies": [
+            {
+                "name": "any",
+                "subjects": ["*"],
+                "allow": {"r": {"methods": ["GET"], "paths": ["/**"]}},
+            }
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def seeded(openbao: OpenBaoDevServer) -> str:
+    key = new_key()
+    openbao.put_key(KEY_PATH, key)
+    return key
+
+
+@pytest.fixture
+async def stack(openbao: OpenBaoDevServer, upstream: Upstream, seeded: str) -> AsyncIterator[Stack]:
+    cfg = _config(
+        openbao,
+        upstream.url,
+        header_timeout="1s",
+        max_connections=20,
+        max_connections_per_source=4,
+    )
+    async with running_proxy(cfg) as value:
+        yield value
+
+
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+async def _exchange(port: int, data: bytes, within: float = 10.0) -> bytes:
+    """Send `data` on a new connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(within):
+            return await reader.read()  # to EOF
+    finally:
+        writer.close()
+
+
+@pytest.fixture(autouse=True)
+def _audit_path(audit_log: Path) -> None:
+    global _AUDIT  # noqa: PLW0603  # the session's one audit log, for the helpers below
+    _AUDIT = audit_log
+
+
+_AUDIT = Path()
+
+
+def _audit_lines() -> list[dict[str, Any]]:
+    """Every event the session's in-process servers wrote so far."""
+    audit.flush()
+    return [json.loads(line) for line in _AUDIT.read_text().splitlines() if line.startswith("{")]
+
+
+def _secret_token() -> str:
+    """A credential-looking value that nothing registers or recognises: only not writing it
+    anywhere keeps it out of logs and answers."""
+    value = "opaque-" + secrets.token_urlsafe(24)
+    CANARIES.add(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- malformed
+
+
+GET = b"GET /r/r/x HTTP/1.1\r\nHost: a\r\n"
+MALFORMED = {
+    "bare LF after the credential": GET + b"Authorization: Bearer {t}\nX-B: 1\r\n\r\n",
+    "NUL in the credential": GET + b"Authorization: Bearer {t}\x00\r\n\r\n",
+    "header line without a colon": GET + b"Bearer {t}\r\n\r\n",
+    "space before the colon": GET + b"Authorization : Bearer {t}\r\n\r\n",
+    "obsolete line folding": GET + b"X-A: 1\r\n Bearer {t}\r\n\r\n",
+    "header line too long": GET + b"Authorization: Bearer {t}" + b"A" * 20000 + b"\r\n\r\n",
+    "credential in a broken request line": b"GET /r/r/x?token={t} HTTP/1.1 junk\r\nHost: a\r\n\r\n",
+    "bad method": b"G\x01T /r/r/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {t}\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+async def test_a_malformed_request_echoes_nothing_and_logs_no_header(
+    stack: Stack, upstream: Upstream, kind: str
+) -> None:
+    """A request aiohttp cannot parse gets a JSON 400 holding nothing it sent, one
+    request.malformed event without header values, nothing upstream, and is counted."""
+    token = _secret_token()
+    before = len(_audit_lines())
+    answer = await _exchange(_port(stack.base), MALFORMED[kind].replace(b"{t}", token.encode()))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 ")), answer[:200]
+    assert b"content-type: application/json" in head.lower()
+    assert b"server: keyproxy" in head.lower()
+    assert json.loads(body)["error"]["code"] == "malformed_request"
+    assert token.encode() not in answer
+    assert upstream.requests == []
+    events = _audit_lines()[before:]
+    assert token not in json.dumps(events)
+    malformed = [e for e in events if e["event"] == "request.malformed"]
+    assert len(malformed) == 1, events
+    assert malformed[0]["source"] == "127.0.0.1"
+    assert malformed[0]["level"] == "warning"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{stack.admin}/metrics") as response,
+    ):
+        metrics = await response.text()
+    assert 'keyproxy_requests_total{decision="malformed",route="-",status="400"}' in metrics
+
+
+def test_standard_library_records_come_out_as_scrubbed_json() -> None:
+    """A record of any library's logger, traceback included, is one JSON line of the audit
+    stream with registered secrets and JWT-shaped text redacted."""
+    key = new_key()
+    secret.register(key)
+    jwtish = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln"
+    before = len(_AUDIT.read_text().splitlines())
+    logging.getLogger("aiohttp.server").error("Error handling request %s", key)
+    try:
+        _refuse(f"bad header {jwtish} {key}")
+    except ValueError:
+        logging.getLogger("asyncio").exception("Task exception")
+    logging.getLogger("hvac.adapters").warning("%s", {"token": key})
+    audit.flush()
+    lines = _AUDIT.read_text().splitlines()[before:]
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    assert [e["logger"] for e in events] == ["aiohttp.server", "asyncio", "hvac.adapters"]
+    assert [e["level"] for e in events] == ["error", "error", "warning"]
+    assert "ValueError: bad header" in events[1]["exception"]
+    assert key not in "\n".join(lines)
+    assert jwtish not in "\n".join(lines)
+
+
+def _refuse(text: str) -> None:
+    raise ValueError(text)
+
+
+# ----------------------------------------------------------------------------- connections
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bytes:
+    """What the server sent until it closed the connection (it must, within `within`)."""
+    async with asyncio.timeout(within):
+        return await reader.read()
+
+
+async def test_headers_sent_too_slowly_close_the_connection(stack: Stack) -> None:
+    """A caller trickling its header lines (slowloris), or connecting and sending nothing,
+    is cut off after server.header_timeout; the closes are counted."""
+    port = _port(stack.base)
+    trickler = await asyncio.open_connection("127.0.0.1", port)
+    silent = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    try:
+        trickler[1].write(b"GET /healthz HTTP/1.1\r\n")
+
+        async def trickle() -> None:
+            for i in range(100):  # one header line every 0.2 s, for 20 s at most
+                if trickler[0].at_eof():
+                    return
+                trickler[1].write(b"X-%d: 1\r\n" % i)
+                await asyncio.sleep(0.2)  # the caller's pace, which is what is tested
+
+        feeding = asyncio.create_task(trickle())
+        assert await _closed_by_server(trickler[0], within=10) == b""
+        assert await _closed_by_server(silent[0], within=10) == b""
+        feeding.cancel()
+    finally:
+        for _, writer in (trickler, silent):
+            writer.close()
+    assert time.monotonic() - started >= 0.9  # not before the 1 s header timeout
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{stack.admin}/metrics") as response,
+    ):
+        metrics = await response.text()
+    assert 'keyproxy_connections_closed_total{reason="header_timeout"} 2.0' in metrics
+
+
+async def test_a_request_in_time_is_served_and_the_connection_kept(stack: Stack) -> None:
+    """Headers sent in time: answered, and the connection stays open for the next request,
+    whose own headers get a fresh header timeout."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(stack.base))
+    try:
+        for _ in range(3):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            await asyncio.sleep(0.6)  # idle between requests, less than the header timeout
+    finally:
+        writer.close()
+
+
+async def test_connections_over_the_per_source_cap_are_refused(stack: Stack) -> None:
+    """A fifth connection from one address (cap 4) gets a canned 503 and is closed before
+    anything of it is read; once one closes, a new one is admitted."""
+    port = _port(stack.base)
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    try:
+        answer = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == (
+            "too_many_connections"
+        )
+        held.pop()[1].close()
+
+        async def admitted() -> bool:
+            answer = await _exchange(
+                port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            return answer.startswith(b"HTTP/1.1 200 ")
+
+        deadline = time.monotonic() + 10
+        while not await admitted():
+            assert time.monotonic() < deadline, "the freed slot was never reused"
+            await asyncio.sleep(0.05)  # polling for the server to see the close
+    finally:
+        for _, writer in held:
+            writer.close()
+
+
+async def test_trusted_proxies_are_exempt_from_the_per_source_cap_not_the_total(
+    openbao: OpenBaoDevServer, upstream: Upstream, seeded: str
+) -> None:
+    """Connections from a trusted proxy carry many callers: only max_connections bounds
+    them."""
+    cfg = _config(
+        openbao,
+        upstream.url,
+        trusted_proxies=["127.0.0.0/8"],
+        max_connections=6,
+        max_connections_per_source=2,
+    )
+    async with running_proxy(cfg) as stack:
+        port = _port(stack.base)
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+        try:
+            for _, writer in held[:5]:  # beyond the per-source cap of 2: all served
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            for reader, _ in held[:5]:
+                async with asyncio.timeout(10):
+                    assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+            answer = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503 ")
+        finally:
+            for _, writer in held:
+                writer.close()
+
+
+# ----------------------------------------------------------------------------- listeners
+
+
+async def test_the_agents_port_shows_status_only(stack: Stack, seeded: str) -> None:
+    """On the proxy port: no /metrics, and readiness without secret paths, fingerprints or
+    read counts; the admin listener has them. Every answer names keyproxy, no versions."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{stack.base}/metrics") as response:
+            assert response.status == 404
+            assert response.headers["Server"] == "keyproxy"
+        async with http.get(f"{stack.base}/readyz") as response:
+            assert response.status == 200
+            assert await response.json() == {"ready": True}
+            assert response.headers["Server"] == "keyproxy"
+        async with http.get(f"{stack.base}/r/r/x") as response:
+            assert response.status == 401
+            assert response.headers["Server"] == "keyproxy"
+        async with http.get(f"{stack.admin}/readyz") as response:
+            detail = await response.json()
+            assert KEY_PATH in detail["keys"]["r"]["secret"]
+            assert response.headers["Server"] == "keyproxy"
+        async with http.get(f"{stack.admin}/metrics") as response:
+            assert response.status == 200
+            assert "keyproxy_key_ready" in await response.text()
+
+
+# ----------------------------------------------------------------------------- the process
+
+
+async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
+    openbao: OpenBaoDevServer, upstream: Upstream, seeded: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """`keyproxy serve`: malformed requests leave nothing on stderr and only JSON on stdout,
+    without the credential; SIGHUP is logged and ignored; SIGTERM logs the requests in
+    flight, lets a stream finish, and logs when it is done."""
+    agent = openbao.add_agent("server-agent")
+    token = openbao.agent_token(agent)
+    CANARIES.add(token)
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(yaml.safe_dump(_config(openbao, upstream.url)), encoding="utf-8")
+    port = free_port()
+    out, err = log_dir / "server-serve.out", log_dir / "server-serve.err"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    argv = [str(BIN / "keyproxy"), "serve", "-c", str(path), "--port", str(port)]
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
+            [*argv, "--admin-port", "0", "--shutdown-timeout", "20"],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with http.get(f"{base}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert proc.poll() is None, "keyproxy serve exited"
+                assert time.monotonic() < deadline, "keyproxy serve never became ready"
+                await asyncio.sleep(0.1)  # polling for readiness
+            for data in MALFORMED.values():
+                answer = await _exchange(port, data.replace(b"{t}", token.encode()))
+                assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))
+            proc.send_signal(signal.SIGHUP)
+            async with http.get(f"{base}/r/r/echo", headers=bearer(token)) as response:
+                assert response.status == 200
+            async with http.get(f"{base}/r/r/trickle/stream", headers=bearer(token)) as stream:
+                assert stream.status == 200
+                first = await stream.content.readline()
+                proc.send_signal(signal.SIGTERM)
+                rest = await stream.read()
+            assert (first + rest).count(b"data: part") == 5
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert err.read_bytes() == b""
+    lines = out.read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line of stdout is a JSON event
+    assert token not in out.read_text()
+    assert sum(e["event"] == "request.malformed" for e in events) == len(MALFORMED)
+    names = [e["event"] for e in events]
+    assert "sighup_ignored" in names
+    draining = next(e for e in events if e["event"] == "draining")
+    assert draining["in_flight"] >= 1
+    assert names.index("stopped") > names.index("draining")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def _server_config(server: dict[str, Any]) -> Any:
+
+    route = {
+        "upstream": "https://api.example.com",
+        "secret": {"path": "k"},
+        "inject": [{"header": "Authorization"}],
+    }
+    return config.parse(
+        json.dumps({**CONFIG_SECTIONS, "server": server, "routes": {"r": route}}), {}
+    ).server
+
+
+def test_connection_limits_and_the_admin_listener_have_safe_defaults() -> None:
+    """Unset, the limits are 10 s for headers, 60 s idle, 10,000 connections, 1,000 per
+    source, and the admin listener is on loopback, port 9090."""
+    server = _server_config({})
+    assert (server.header_timeout, server.keepalive_timeout) == (10.0, 60.0)
+    assert (server.max_connections, server.max_connections_per_source) == (10_000, 1_000)
+    assert (server.admin.host, server.admin.port) == ("127.0.0.1", 9090)
+    custom = _server_config(
+        {"header_timeout": "2s", "max_connections": 5, "admin": {"host": "::1", "port": 9}}
+    )
+    assert (custom.header_timeout, custom.max_connections) == (2.0, 5)
+    assert (custom.admin.host, custom.admin.port) == ("::1", 9)
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"header_timeout": "0s"}, "server.header_timeout: must be a positive duration"),
+        ({"max_connections": 0}, "server.max_connections: must be a positive whole number"),
+        ({"max_connections_per_source": True}, "must be a positive whole number"),
+        ({"admin": {"port": 70000}}, "server.admin.port: must be a port number"),
+        ({"admin": {"prot": 1}}, "server.admin.prot: unknown key"),
+        ({"port": 9000, "admin": {"port": 9000}}, "server.admin: must listen on another port"),
+    ],
+)
+def test_bad_connection_settings_are_refused(server: dict[str, Any], message: str) -> None:
+    """Each bad listener setting is refused with its YAML path."""
+    with pytest.raises(ConfigError) as caught:
+        _server_config(server)
+    assert message in str(caught.value)
