@@ -194,6 +194,17 @@ async def test_two_workers_serve_and_stop_gracefully(
             assert workers == set(started)
             assert proc.pid not in workers
 
+            # SIGHUP to the parent is logged and ignored: the same workers keep serving.
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + DEADLINE
+            while not any(e.get("event") == "sighup_ignored" for e in _events(out)):
+                assert time.monotonic() < deadline, "SIGHUP was not logged"
+                await asyncio.sleep(0.05)  # polling the log of a bounded wait
+            async with http.get(f"{base}/r/up/stream") as response:
+                assert response.status == 401
+            assert proc.poll() is None
+            assert all(_alive(pid) for pid in started)
+
             auth = {"Authorization": f"Bearer {token}"}
             async with http.get(f"{base}/r/up/stream", headers=auth) as stream:
                 assert stream.status == 200
@@ -250,3 +261,11 @@ def _config_without_vault() -> dict[str, Any]:
         },
         "policies": [],
     }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
