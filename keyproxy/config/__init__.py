@@ -1,8 +1,9 @@
 """keyproxy's configuration: one YAML file compiled into frozen, typed objects.
 
 `load(path)` and `parse(text)` return a `Config` or raise `ConfigError` naming the YAML path
-of the mistake. `model` holds the objects; `compile` turns YAML into them. The reference for
-every key is docs/configuration.md.
+of the mistake. `model` holds the objects; `loader` reads YAML strictly (duplicate keys,
+syntax errors); `compile` turns it into the objects. The reference for every key is
+docs/configuration.md.
 """
 
 from keyproxy.config.compile import load, parse
