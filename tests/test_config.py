@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +443,132 @@ def test_aliases_still_repeat_whole_values() -> None:
     routes = config.parse(text, {}).routes
     assert routes["mirror"].secret == routes["openai"].secret
     assert routes["mirror"].secret.path == "keyproxy/keys/openai"
+
+
+@pytest.mark.parametrize(
+    ("auth", "where", "message"),
+    [
+        ({"method": "approle"}, "vault.auth.role_id", "set exactly one of role_id, role_id_file"),
+        ({"method": "approle", "secret_id_file": "/s"}, "vault.auth.role_id", "exactly one"),
+        ({"method": "approle", "role_id_file": "/r"}, "vault.auth.secret_id_file", "is required"),
+        ({"method": "approle", "role_id": "r"}, "vault.auth.secret_id_file", "is required"),
+        (
+            {"method": "approle", "role_id": "r", "role_id_file": "/r", "secret_id_file": "/s"},
+            "vault.auth.role_id",
+            "exactly one",
+        ),
+        (
+            {"method": "approle", "role_id_file": None, "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "non-empty string",
+        ),
+        (
+            {"method": "approle", "role_id_file": "", "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "non-empty string",
+        ),
+        (
+            {"method": "approle", "role_id_file": "/r", "secret_id_file": " "},
+            "vault.auth.secret_id_file",
+            "whitespace",
+        ),
+        (
+            {"method": "approle", "role_id_file": "/r ", "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "whitespace",
+        ),
+        (
+            {"method": "approle", "role_id_file": ["/r"], "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "string",
+        ),
+    ],
+)
+def test_approle_needs_a_role_id_and_a_secret_id_file(
+    auth: dict[str, Any], where: str, message: str
+) -> None:
+    """AppRole without its role_id (or role_id_file) and secret_id_file is refused."""
+    with pytest.raises(ConfigError) as info:
+        _parse(_with("vault.auth", auth))
+    assert info.value.path == where
+    assert message in info.value.message
+
+
+def _approle(role_id: Path, secret_id: Path) -> config.Config:
+    auth = {"method": "approle", "role_id_file": str(role_id), "secret_id_file": str(secret_id)}
+    return _parse(_with("vault.auth", auth))
+
+
+def _problems(cfg: config.Config) -> list[tuple[str, str]]:
+    return [(p.path, p.message) for p in config.credential_problems(cfg)]
+
+
+def test_credential_files_that_exist_are_no_problem(tmp_path: Path) -> None:
+    """Readable, non-empty credential files give no problem (their contents are not read)."""
+    role_id, secret_id, token = tmp_path / "role-id", tmp_path / "secret-id", tmp_path / "token"
+    for file in (role_id, secret_id, token):
+        file.write_text("x")
+    assert _problems(_approle(role_id, secret_id)) == []
+    token_auth = {"method": "token", "token_file": str(token)}
+    assert _problems(_parse(_with("vault.auth", token_auth))) == []
+    assert _problems(_parse(BASE)) == []  # the token from the environment: no file
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (
+            lambda d: (d / "missing", d / "secret-id"),
+            [("vault.auth.role_id_file", "{d}/missing: No such file or directory")],
+        ),
+        (
+            lambda d: (d / "role-id", d / "no" / "dir"),
+            [("vault.auth.secret_id_file", "{d}/no/dir: No such file or directory")],
+        ),
+        (lambda d: (d, d / "secret-id"), [("vault.auth.role_id_file", "{d}: not a regular file")]),
+        (
+            lambda d: (d / "empty", d / "empty"),
+            [
+                ("vault.auth.role_id_file", "{d}/empty: is empty"),
+                ("vault.auth.secret_id_file", "{d}/empty: is empty"),
+            ],
+        ),
+    ],
+)
+def test_credential_files_missing_empty_or_not_files_are_problems(
+    tmp_path: Path,
+    make: Callable[[Path], tuple[Path, Path]],
+    expected: list[tuple[str, str]],
+) -> None:
+    """Each credential file the Vault login could not read is a problem naming its setting."""
+    (tmp_path / "role-id").write_text("r")
+    (tmp_path / "secret-id").write_text("s")
+    (tmp_path / "empty").write_text("")
+    problems = _problems(_approle(*make(tmp_path)))
+    assert problems == [(path, text.format(d=tmp_path)) for path, text in expected]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_credential_files_are_problems(tmp_path: Path) -> None:
+    """A credential file this user may not read is a problem before any login is tried."""
+    role_id, secret_id = tmp_path / "role-id", tmp_path / "secret-id"
+    role_id.write_text("r")
+    secret_id.write_text("s")
+    secret_id.chmod(0)
+    expected = [("vault.auth.secret_id_file", f"{secret_id}: not readable by this user")]
+    assert _problems(_approle(role_id, secret_id)) == expected
+
+
+def test_a_missing_token_or_jwt_file_is_a_problem(tmp_path: Path) -> None:
+    """The token and jwt methods' files are looked at the same way."""
+    token = _parse(_with("vault.auth", {"method": "token", "token_file": str(tmp_path / "t")}))
+    assert _problems(token) == [
+        ("vault.auth.token_file", f"{tmp_path}/t: No such file or directory")
+    ]
+    jwt = {"method": "jwt", "role": "proxy", "jwt_file": str(tmp_path / "jwt")}
+    assert _problems(_parse(_with("vault.auth", jwt))) == [
+        ("vault.auth.jwt_file", f"{tmp_path}/jwt: No such file or directory")
+    ]
 
 
 def test_check_command_exits_2_with_the_path(

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +70,37 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
 def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
     """Compile YAML text. `env` (default: os.environ) supplies VAULT_ADDR / BAO_ADDR."""
     return _config(_Node(read(text), ""), os.environ if env is None else env)
+
+
+def credential_problems(cfg: Config) -> list[ConfigError]:
+    """The Vault credential files (vault.auth.*_file) that logging in could not read here.
+
+    Host state, not configuration, so `keyproxy check` reports these as warnings: the same
+    file is often checked where the credentials are not (CI, before a rollout), and `serve`
+    keeps retrying its login, as a sidecar may write a file after start. Without the warning
+    a missing file passes `check` and `serve` never turns ready. The files are looked at,
+    never read: they hold credentials.
+    """
+    auth = cfg.vault.auth
+    files = [("role_id_file", auth.role_id_file), ("secret_id_file", auth.secret_id_file)]
+    files += [("token_file", auth.token_file), ("jwt_file", auth.jwt_file)]
+    return [
+        ConfigError(f"vault.auth.{key}", f"{file}: {problem}")
+        for key, file in files
+        if file is not None and (problem := _unreadable(file)) is not None
+    ]
+
+
+def _unreadable(file: Path) -> str | None:
+    try:
+        info = file.stat()
+    except OSError as exc:
+        return str(exc.strerror)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if not os.access(file, os.R_OK):
+        return "not readable by this user"
+    return "is empty" if info.st_size == 0 else None
 
 
 class _Node:
@@ -151,7 +183,10 @@ class _Node:
         return tuple(nets)
 
     def path_value(self) -> Path:
-        return Path(self.string())
+        value = self.string()
+        if value != value.strip():
+            raise self.error("must not start or end with whitespace")
+        return Path(value)
 
     def _child(self, key: str) -> _Node:
         return _Node(None, key_path(self.path, key))
