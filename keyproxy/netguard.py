@@ -3,6 +3,8 @@
     classify(ip) -> class name | None        None means globally routable
     check(ip, allowed)                       EgressDenied unless global or inside `allowed`
     check_host(host, allowed)                the same for an IP-literal upstream host
+    check_upstreams(cfg)                     ConfigError, at start-up, for the hosts above
+                                             that every request would be refused for
     GuardedResolver(allowed)                 an aiohttp resolver that drops refused addresses
     egress_denial(exc) -> EgressDenied|None  find the refusal in what `session.request` raised
 
@@ -38,9 +40,11 @@ from collections.abc import Callable, Sequence
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from yarl import URL
 
-from keyproxy.config import Network
-from keyproxy.errors import EgressDenied
+from keyproxy.config import Config, Network, Route
+from keyproxy.config.model import HttpRotator
+from keyproxy.errors import ConfigError, EgressDenied
 from keyproxy.policy import IPAddress, unmap
 
 _V4 = ipaddress.IPv4Network
@@ -156,15 +160,25 @@ def check_host(host: str, allowed: Sequence[Network]) -> None:
     Host names pass here: `GuardedResolver` checks what they resolve to. Anything aiohttp
     would treat as an IP literal but that is not one (127.1, 2130706433) is refused.
     """
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ip = ipaddress.ip_address(bare)
-    except ValueError:
-        # aiohttp's own test for "this is an IP address, do not resolve it".
-        if ":" in bare or bare.replace(".", "").isdigit():
-            raise _denied(EgressDenied, "invalid") from None
-        return
-    check(ip, allowed)
+    if (cls := _host_refusal(host, allowed)) is not None:
+        raise _denied(EgressDenied, cls)
+
+
+def check_upstreams(cfg: Config) -> None:
+    """Refuse, before serving, the upstream hosts the fence would refuse on every request.
+
+    For `keyproxy check` and `serve`: a route's upstream, and each http rotator URL whose host
+    is written out, must be a host name, a global address or an address inside the route's
+    egress.allow_cidrs. A numeric host in any form but dotted decimal (0177.0.0.1, 0x7f000001,
+    2130706433, 127.1) is refused whatever the allowance: parsers disagree on what it means
+    (`check_host` refuses some, the system resolver reads others as 127.0.0.1). `localhost`
+    is loopback by definition (RFC 6761), so it needs an allowance too. ConfigError's path
+    names the route's setting (`routes.x.upstream`); the message names the class.
+    """
+    for name, route in cfg.routes.items():
+        for where, host in _written_hosts(name, route):
+            if (problem := _host_problem(host, route.egress_allow)) is not None:
+                raise ConfigError(where, problem)
 
 
 class GuardedResolver(AbstractResolver):
@@ -222,6 +236,67 @@ def egress_denial(exc: BaseException) -> EgressDenied | None:
             linked.extend(current.exceptions)
         pending.extend(e for e in linked if isinstance(e, BaseException))
     return None
+
+
+def _host_refusal(host: str, allowed: Sequence[Network]) -> str | None:
+    """`check_host`'s verdict: the refusing class, or None for a host name or allowed address."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        # aiohttp's own test for "this is an IP address, do not resolve it".
+        return "invalid" if ":" in bare or bare.replace(".", "").isdigit() else None
+    return _refusal(ip, allowed)
+
+
+def _written_hosts(name: str, route: Route) -> list[tuple[str, str]]:
+    """(YAML path, host) of the route's upstream and of rotator URLs without a placeholder host."""
+    hosts = [(f"routes.{name}.upstream", route.upstream.host)]
+    rotator = route.rotation.rotator if route.rotation else None
+    if isinstance(rotator, HttpRotator):
+        calls = {"create": rotator.create, "verify": rotator.verify, "revoke": rotator.revoke}
+        for what, call in calls.items():
+            try:
+                host = URL(call.url).host if call is not None else None
+            except ValueError:  # a template yarl cannot read: checked once rendered
+                continue
+            if host and "{" not in host:
+                hosts.append((f"routes.{name}.rotation.rotator.{what}.url", host))
+    return hosts
+
+
+def _host_problem(host: str, allowed: Sequence[Network]) -> str | None:
+    """Why every request to `host` would be refused, said for the configuration's author."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    numeric = _system_reading(bare)
+    if numeric is not None and str(numeric) != bare:
+        return (
+            f"{host} is not a dotted-decimal IPv4 address; the system resolver reads it as "
+            f"{numeric} ({classify(numeric) or 'global'}) and other parsers differently: "
+            f"write {numeric} if that is meant"
+        )
+    cls = _host_refusal(host, allowed)
+    if cls == "invalid":
+        return f"{host} looks like an IP address but is not one"
+    if cls is None and bare.lower().rstrip(".").split(".")[-1] == "localhost":
+        loopback = (ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1"))
+        if all(_refusal(ip, allowed) for ip in loopback):
+            cls = "loopback, RFC 6761"
+    if cls is None:
+        return None
+    shown = f"[{bare}]" if ":" in bare else bare
+    return (
+        f"{shown} is not a global address ({cls}): the egress fence refuses it on every "
+        "request unless egress.allow_cidrs includes it"
+    )
+
+
+def _system_reading(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address the C library (inet_aton, and so getaddrinfo) makes of `host`, if any."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _refusal(ip: IPAddress, allowed: Sequence[Network]) -> str | None:

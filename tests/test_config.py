@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
 
 
 _DELETE = object()
+POLICY = "policies[0] (summarizer)"  # a policy is named in error paths by its name
 
 
 def _parse(doc: dict[str, Any], env: dict[str, str] | None = None) -> config.Config:
@@ -102,15 +105,15 @@ def test_full_config_compiles_to_typed_objects() -> None:
         (
             "policies.0.allow",
             {"nope": {"methods": ["GET"], "paths": ["/"]}},
-            "policies[0].allow.nope",
+            f"{POLICY}.allow.nope",
         ),
-        ("policies.0.allow.openai.methods", ["FETCH"], "policies[0].allow.openai.methods[0]"),
-        ("policies.0.allow.openai.paths", ["/a/../b"], "policies[0].allow.openai.paths[0]"),
-        ("policies.0.allow.openai.paths", ["/a*"], "policies[0].allow.openai.paths[0]"),
-        ("policies.0.allow.openai.paths", ["no-slash"], "policies[0].allow.openai.paths[0]"),
-        ("policies.0.claims", {"groups": ["a"]}, "policies[0].claims.groups"),
-        ("policies.0.subjects", [], "policies[0].subjects"),
-        ("policies.0.source_cidrs", ["not-a-cidr"], "policies[0].source_cidrs[0]"),
+        ("policies.0.allow.openai.methods", ["FETCH"], f"{POLICY}.allow.openai.methods[0]"),
+        ("policies.0.allow.openai.paths", ["/a/../b"], f"{POLICY}.allow.openai.paths[0]"),
+        ("policies.0.allow.openai.paths", ["/a*"], f"{POLICY}.allow.openai.paths[0]"),
+        ("policies.0.allow.openai.paths", ["no-slash"], f"{POLICY}.allow.openai.paths[0]"),
+        ("policies.0.claims", {"groups": ["a"]}, f"{POLICY}.claims.groups"),
+        ("policies.0.subjects", [], f"{POLICY}.subjects"),
+        ("policies.0.source_cidrs", ["not-a-cidr"], f"{POLICY}.source_cidrs[0]"),
         ("vault.auth", {"method": "approle", "secret_id_file": "/s"}, "vault.auth.role_id"),
         ("vault.auth", {"method": "ldap"}, "vault.auth.method"),
         ("vault.auth", {"method": "token", "token": "s.abc"}, "vault.auth.token"),
@@ -156,21 +159,416 @@ def test_invalid_yaml_is_a_config_error() -> None:
         config.parse("routes:\n  - [unclosed\n", {})
 
 
-def test_injection_kinds_compile() -> None:
-    """Header, query and basic injections, and another caller credential header."""
-    doc = _with(
-        "routes.openai.inject",
-        [
-            {"header": "x-api-key"},
-            {"query": "key", "format": "k-{key}"},
-            {"basic": {"username": "api"}},
-        ],
+# ------------------------------------------------------------------ mistakes that teach
+
+# The line numbers in the messages below are this text's; _edit changes one place in it.
+TEXT = """\
+vault:
+  addr: http://127.0.0.1:8200
+  auth: {method: token}
+identity:
+  issuers:
+    - name: k8s
+      issuer: https://kubernetes.default.svc
+      jwks_uri: https://kubernetes.default.svc/openid/v1/jwks
+      audiences: [keyproxy]
+      algorithms: [RS256]
+routes:
+  openai:
+    upstream: https://api.openai.com
+    secret: {path: keyproxy/keys/openai}
+    inject: [{header: Authorization, format: "Bearer {key}"}]
+policies:
+  - name: summarizer
+    subjects: ["system:serviceaccount:agents:summarizer"]
+    allow:
+      openai: {methods: [POST], paths: [/v1/chat/completions]}
+"""
+EVIL_ROUTE = """\
+  openai:
+    upstream: https://evil.example
+    secret: {path: keyproxy/keys/openai}
+    inject: [{header: Authorization, format: "Bearer {key}"}]"""
+ROUTE_KEYS = (
+    "allow_http, caller_credential, egress, inject, max_age, max_body, owner, rotation, secret, "
+    "strip_headers, timeouts, tls, upstream"
+)
+
+
+def _edit(line: int, new: str, *, replace: bool = False) -> str:
+    """TEXT with `new` put after line `line` (1-based), or in place of it."""
+    lines = TEXT.splitlines()
+    lines[line - 1 if replace else line : line] = new.splitlines()
+    return "\n".join(lines) + "\n"
+
+
+def test_the_teaching_text_compiles() -> None:
+    """The text the mistakes below are made in is itself valid, so each error is the edit's."""
+    assert list(config.parse(TEXT, {}).routes) == ["openai"]
+
+
+TEACHING = [
+    # 13.11: a key given twice, at any depth, however it is spelt, is refused with both lines.
+    (
+        "route",
+        _edit(15, EVIL_ROUTE),
+        "routes.openai: duplicate key (first at line 12, again at line 16)",
+    ),
+    (
+        "route-quoted",
+        _edit(15, EVIL_ROUTE.replace("  openai:", '  "openai":')),
+        "routes.openai: duplicate key (first at line 12, again at line 16)",
+    ),
+    (
+        "section",
+        TEXT + "routes: {}\n",
+        "routes: duplicate key (first at line 11, again at line 21)",
+    ),
+    (
+        "in-a-list-item",
+        _edit(7, "      issuer: https://other.example"),
+        "identity.issuers[0].issuer: duplicate key (first at line 7, again at line 8)",
+    ),
+    (
+        "in-a-policy",
+        _edit(18, "    subjects: [other]"),
+        f"{POLICY}.subjects: duplicate key (first at line 18, again at line 19)",
+    ),
+    (
+        "flow-mapping",
+        _edit(20, "      openai: {methods: [POST], paths: [/a], methods: [GET]}", replace=True),
+        f"{POLICY}.allow.openai.methods: duplicate key "
+        "(line 20: first at column 16, again at column 46)",
+    ),
+    (
+        "int-spellings",
+        _edit(18, "    claims: {1: a, 0x1: b}"),
+        f"{POLICY}.claims.1: duplicate key "
+        "(line 19: first at column 14, again at column 20; '0x1' is the same key as '1')",
+    ),
+    (
+        "bool-spellings",
+        _edit(18, "    claims: {on: a, true: b}"),
+        f"{POLICY}.claims.True: duplicate key "
+        "(line 19: first at column 14, again at column 21; 'true' is the same key as 'on')",
+    ),
+    (
+        "same-text",
+        _edit(18, "    claims: {1: a, '1': b}"),
+        f"{POLICY}.claims.1: duplicate key (line 19: first at column 14, again at column 20)",
+    ),
+    (
+        "auth-replaced",
+        _edit(3, "  auth: {method: approle, role_id_file: /r, secret_id_file: /s}"),
+        "vault.auth: duplicate key (first at line 3, again at line 4)",
+    ),
+    (
+        "merge-key",
+        _edit(12, "    <<: {owner: ml@example.com}"),
+        "routes.openai.<<: merge keys are not supported (line 13): write the keys out; "
+        "an alias such as *name can still repeat a whole value",
+    ),
+    (
+        "merge-alias",
+        "defaults: &d {owner: ml@example.com}\n" + _edit(12, "    <<: *d"),
+        "routes.openai.<<: merge keys are not supported (line 14): write the keys out; "
+        "an alias such as *name can still repeat a whole value",
+    ),
+    (
+        "alias-loop",
+        _edit(15, "    strip_headers: &h [X-A, *h]"),
+        "not valid YAML at line 16, column 29: alias *h is inside the value it names (a loop)",
+    ),
+    (
+        "python-tag",
+        _edit(14, "    secret: !!python/object/apply:os.system [true]", replace=True),
+        "not valid YAML at line 14, column 13: could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object/apply:os.system'",
+    ),
+    # 14.5: YAML errors keep the parser's reason, line and column.
+    (
+        "tab",
+        _edit(13, "\tupstream: https://api.openai.com", replace=True),
+        "not valid YAML at line 13, column 1: while scanning for the next token, found "
+        "character '\\t' that cannot start any token; indent with spaces, YAML does not allow "
+        "tabs there",
+    ),
+    (
+        "unclosed-list",
+        _edit(9, "      audiences: [keyproxy", replace=True),
+        "not valid YAML at line 10, column 17: while parsing a flow sequence (line 9, column 18), "
+        "expected ',' or ']', but got ':'",
+    ),
+    (
+        "indent",
+        _edit(14, "   secret: {path: keyproxy/keys/openai}", replace=True),
+        "not valid YAML at line 14, column 4: while parsing a block mapping (line 12, column 3), "
+        "expected <block end>, but found '<block mapping start>'",
+    ),
+    (
+        "colon-in-value",
+        _edit(13, "    upstream: https: //api.openai.com", replace=True),
+        "not valid YAML at line 13, column 20: mapping values are not allowed here",
+    ),
+    (
+        "unknown-tag",
+        _edit(14, "    secret: !vault keyproxy/keys/openai", replace=True),
+        "not valid YAML at line 14, column 13: could not determine a constructor for the tag "
+        "'!vault'",
+    ),
+    (
+        "two-documents",
+        TEXT + "---\nroutes: {}\n",
+        "not valid YAML at line 21, column 1: expected a single document in the stream "
+        "(line 1, column 1), but found another document",
+    ),
+    (
+        "control-character",
+        _edit(15, "    owner: ml\x07@example.com"),
+        "not valid YAML at line 16, column 14: character U+0007: special characters are not "
+        "allowed",
+    ),
+    # 14.5: an empty file says so.
+    (
+        "empty",
+        "",
+        "the configuration is empty: it needs at least identity and routes (docs/configuration.md)",
+    ),
+    (
+        "only-comments",
+        "# keyproxy\n\n   # to do\n",
+        "the configuration is empty: it needs at least identity and routes (docs/configuration.md)",
+    ),
+    # 14.5: an unknown key suggests the closest valid one, wherever keys are checked.
+    (
+        "route-key",
+        _edit(15, "    ownr: ml@example.com"),
+        f"routes.openai.ownr: unknown key, did you mean owner? (expected one of: {ROUTE_KEYS})",
+    ),
+    (
+        "route-key-case",
+        _edit(15, "    Owner: ml@example.com"),
+        f"routes.openai.Owner: unknown key, did you mean owner? (expected one of: {ROUTE_KEYS})",
+    ),
+    (
+        "route-key-far",
+        _edit(15, "    colour: blue"),
+        f"routes.openai.colour: unknown key (expected one of: {ROUTE_KEYS})",
+    ),
+    (
+        "section-key",
+        TEXT.replace("routes:", "route:"),
+        "route: unknown key, did you mean routes? "
+        "(expected one of: identity, policies, routes, server, tokens, vault)",
+    ),
+    (
+        "vault-key",
+        _edit(2, "  adress: http://127.0.0.1:8200", replace=True),
+        "vault.adress: unknown key, did you mean addr? (expected one of: addr, auth, ca_cert, "
+        "full_refresh_interval, kv_mount, max_staleness, refresh_interval, timeout, tls_verify)",
+    ),
+    (
+        "issuer-key",
+        TEXT.replace("audiences:", "audience:"),
+        "identity.issuers[0].audience: unknown key, did you mean audiences? (expected one of: "
+        "algorithms, audiences, discovery_url, issuer, jwks_cache_ttl, jwks_file, "
+        "jwks_refetch_cooldown, jwks_uri, leeway, name)",
+    ),
+    (
+        "injection-key",
+        TEXT.replace("[{header: Authorization,", "[{hedaer: Authorization,"),
+        "routes.openai.inject[0].hedaer: unknown key, did you mean header? "
+        "(expected one of: basic, format, header, query)",
+    ),
+    (
+        "grant-key",
+        TEXT.replace("{methods: [POST]", "{method: [POST]"),
+        f"{POLICY}.allow.openai.method: unknown key, did you mean methods? "
+        "(expected one of: methods, paths)",
+    ),
+    # 14.5: a policy is named by its name.
+    (
+        "policy-key",
+        TEXT.replace("    subjects:", "    subject:"),
+        f"{POLICY}.subject: unknown key, did you mean subjects? (expected one of: allow, "
+        "claims, issuers, max_ttl, name, source_cidrs, subjects)",
+    ),
+    (
+        "policy-route",
+        TEXT.replace("      openai: {", "      opnai: {"),
+        f"{POLICY}.allow.opnai: unknown route 'opnai', did you mean openai?",
+    ),
+    (
+        "policy-issuer",
+        _edit(17, "    issuers: [k9s]"),
+        f"{POLICY}.issuers[0]: unknown issuer 'k9s', did you mean k8s?",
+    ),
+    (
+        "policy-path",
+        TEXT.replace("/v1/chat/completions", "v1/chat"),
+        f"{POLICY}.allow.openai.paths[0]: must start with '/'",
+    ),
+    (
+        "second-policy",
+        TEXT + "  - name: summarizer\n    subjects: [x]\n    allow: {}\n",
+        "policies[1] (summarizer).name: duplicate policy name 'summarizer'",
+    ),
+    (
+        "unnamed-policy",
+        TEXT.replace("  - name: summarizer\n    subjects:", "  - subjects:"),
+        "policies[0].name: is required",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [pytest.param(text, msg, id=name) for name, text, msg in TEACHING]
+)
+def test_each_mistake_gets_a_message_that_teaches(text: str, expected: str) -> None:
+    """Each mistake is refused with a message naming where (path, line, column) and what."""
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, {})
+    assert str(info.value) == expected
+
+
+def test_aliases_still_repeat_whole_values() -> None:
+    """An anchor and alias share a whole value between routes: only merge keys are refused."""
+    text = TEXT.replace(
+        "    secret: {path: keyproxy/keys/openai}", "    secret: &key {path: keyproxy/keys/openai}"
+    ).replace(
+        "policies:",
+        "  mirror:\n    upstream: https://mirror.example\n    secret: *key\n"
+        "    inject: [{header: X-Api-Key}]\npolicies:",
     )
-    doc["routes"]["openai"]["caller_credential"] = {"header": "x-api-key"}
-    route = _parse(doc).routes["openai"]
-    assert [i.kind for i in route.inject] == ["header", "query", "basic"]
-    assert route.inject[2] == config.Injection("basic", "Authorization", "{key}", "api")
-    assert route.caller_credential == config.CallerCredential("x-api-key", None)
+    routes = config.parse(text, {}).routes
+    assert routes["mirror"].secret == routes["openai"].secret
+    assert routes["mirror"].secret.path == "keyproxy/keys/openai"
+
+
+@pytest.mark.parametrize(
+    ("auth", "where", "message"),
+    [
+        ({"method": "approle"}, "vault.auth.role_id", "set exactly one of role_id, role_id_file"),
+        ({"method": "approle", "secret_id_file": "/s"}, "vault.auth.role_id", "exactly one"),
+        ({"method": "approle", "role_id_file": "/r"}, "vault.auth.secret_id_file", "is required"),
+        ({"method": "approle", "role_id": "r"}, "vault.auth.secret_id_file", "is required"),
+        (
+            {"method": "approle", "role_id": "r", "role_id_file": "/r", "secret_id_file": "/s"},
+            "vault.auth.role_id",
+            "exactly one",
+        ),
+        (
+            {"method": "approle", "role_id_file": None, "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "non-empty string",
+        ),
+        (
+            {"method": "approle", "role_id_file": "", "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "non-empty string",
+        ),
+        (
+            {"method": "approle", "role_id_file": "/r", "secret_id_file": " "},
+            "vault.auth.secret_id_file",
+            "whitespace",
+        ),
+        (
+            {"method": "approle", "role_id_file": "/r ", "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "whitespace",
+        ),
+        (
+            {"method": "approle", "role_id_file": ["/r"], "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "string",
+        ),
+    ],
+)
+def test_approle_needs_a_role_id_and_a_secret_id_file(
+    auth: dict[str, Any], where: str, message: str
+) -> None:
+    """AppRole without its role_id (or role_id_file) and secret_id_file is refused."""
+    with pytest.raises(ConfigError) as info:
+        _parse(_with("vault.auth", auth))
+    assert info.value.path == where
+    assert message in info.value.message
+
+
+def _approle(role_id: Path, secret_id: Path) -> config.Config:
+    auth = {"method": "approle", "role_id_file": str(role_id), "secret_id_file": str(secret_id)}
+    return _parse(_with("vault.auth", auth))
+
+
+def _problems(cfg: config.Config) -> list[tuple[str, str]]:
+    return [(p.path, p.message) for p in config.credential_problems(cfg)]
+
+
+def test_credential_files_that_exist_are_no_problem(tmp_path: Path) -> None:
+    """Readable, non-empty credential files give no problem (their contents are not read)."""
+    role_id, secret_id, token = tmp_path / "role-id", tmp_path / "secret-id", tmp_path / "token"
+    for file in (role_id, secret_id, token):
+        file.write_text("x")
+    assert _problems(_approle(role_id, secret_id)) == []
+    token_auth = {"method": "token", "token_file": str(token)}
+    assert _problems(_parse(_with("vault.auth", token_auth))) == []
+    assert _problems(_parse(BASE)) == []  # the token from the environment: no file
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (
+            lambda d: (d / "missing", d / "secret-id"),
+            [("vault.auth.role_id_file", "{d}/missing: No such file or directory")],
+        ),
+        (
+            lambda d: (d / "role-id", d / "no" / "dir"),
+            [("vault.auth.secret_id_file", "{d}/no/dir: No such file or directory")],
+        ),
+        (lambda d: (d, d / "secret-id"), [("vault.auth.role_id_file", "{d}: not a regular file")]),
+        (
+            lambda d: (d / "empty", d / "empty"),
+            [
+                ("vault.auth.role_id_file", "{d}/empty: is empty"),
+                ("vault.auth.secret_id_file", "{d}/empty: is empty"),
+            ],
+        ),
+    ],
+)
+def test_credential_files_missing_empty_or_not_files_are_problems(
+    tmp_path: Path,
+    make: Callable[[Path], tuple[Path, Path]],
+    expected: list[tuple[str, str]],
+) -> None:
+    """Each credential file the Vault login could not read is a problem naming its setting."""
+    (tmp_path / "role-id").write_text("r")
+    (tmp_path / "secret-id").write_text("s")
+    (tmp_path / "empty").write_text("")
+    problems = _problems(_approle(*make(tmp_path)))
+    assert problems == [(path, text.format(d=tmp_path)) for path, text in expected]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_credential_files_are_problems(tmp_path: Path) -> None:
+    """A credential file this user may not read is a problem before any login is tried."""
+    role_id, secret_id = tmp_path / "role-id", tmp_path / "secret-id"
+    role_id.write_text("r")
+    secret_id.write_text("s")
+    secret_id.chmod(0)
+    expected = [("vault.auth.secret_id_file", f"{secret_id}: not readable by this user")]
+    assert _problems(_approle(role_id, secret_id)) == expected
+
+
+def test_a_missing_token_or_jwt_file_is_a_problem(tmp_path: Path) -> None:
+    """The token and jwt methods' files are looked at the same way."""
+    token = _parse(_with("vault.auth", {"method": "token", "token_file": str(tmp_path / "t")}))
+    assert _problems(token) == [
+        ("vault.auth.token_file", f"{tmp_path}/t: No such file or directory")
+    ]
+    jwt = {"method": "jwt", "role": "proxy", "jwt_file": str(tmp_path / "jwt")}
+    assert _problems(_parse(_with("vault.auth", jwt))) == [
+        ("vault.auth.jwt_file", f"{tmp_path}/jwt: No such file or directory")
+    ]
 
 
 def test_check_command_exits_2_with_the_path(

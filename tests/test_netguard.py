@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from keyproxy.config import Network
-from keyproxy.errors import EgressDenied
+from keyproxy import config
+from keyproxy.config import Config, Network
+from keyproxy.errors import ConfigError, EgressDenied
 from keyproxy.netguard import (
     EgressDeniedOSError,
     GuardedResolver,
     check,
     check_host,
+    check_upstreams,
     classify,
     egress_denial,
 )
+from tests.support import CONFIG_SECTIONS
 
 
 def net(*cidrs: str) -> tuple[Network, ...]:
@@ -373,3 +378,132 @@ async def test_session_reaches_allowed_upstream(loopback_server: tuple[int, list
     port, connections = loopback_server
     assert await fetch(port, net("127.0.0.0/8")) == 204
     assert connections == [1]
+
+
+# ------------------------------------------------------------ check_upstreams (start-up)
+
+
+def _config(upstream: str, allow: list[str] | None = None, **calls: str) -> Config:
+    """One route `x` to `upstream`; `calls` (create=URL, ...) give it an http rotator."""
+    route: dict[str, Any] = {
+        "upstream": upstream,
+        "allow_http": True,
+        "secret": {"path": "keyproxy/keys/x"},
+        "inject": [{"header": "X-Api-Key"}],
+    }
+    if allow is not None:
+        route["egress"] = {"allow_cidrs": allow}
+    if calls:
+        rotator = {"type": "http", "allow_http": True, "revoke": {"url": "https://a.example/k"}}
+        rotator |= {what: {"url": url} for what, url in calls.items()}
+        route["rotation"] = {"every": "1d", "rotator": rotator}
+    ok = {"upstream": "https://a.example", "secret": {"path": "k"}, "inject": [{"header": "K"}]}
+    return config.parse(json.dumps({**CONFIG_SECTIONS, "routes": {"ok": ok, "x": route}}), {})
+
+
+REFUSED = [
+    # Numeric hosts in other forms than dotted decimal: refused whatever the allowance.
+    ("http://0177.0.0.1", None, "reads it as 127.0.0.1 (loopback)"),
+    ("http://0x7f000001", None, "reads it as 127.0.0.1 (loopback)"),
+    ("http://2130706433", None, "reads it as 127.0.0.1 (loopback)"),
+    ("http://127.1", ["127.0.0.0/8"], "reads it as 127.0.0.1 (loopback)"),
+    ("http://0x7f.1:8080", ["127.0.0.0/8"], "reads it as 127.0.0.1 (loopback)"),
+    ("http://0251.0376.0251.0376", None, "reads it as 169.254.169.254 (metadata)"),
+    ("https://0x08080808", None, "reads it as 8.8.8.8 (global)"),
+    ("https://127.0.0.1.", None, "127.0.0.1. looks like an IP address but is not one"),
+    ("https://1.2.3.4.5", None, "looks like an IP address but is not one"),
+    # Addresses that are not global, without an allowance that covers them.
+    ("http://127.0.0.1", None, "127.0.0.1 is not a global address (loopback)"),
+    ("http://127.0.0.1:9", ["10.0.0.0/8"], "(loopback)"),
+    ("http://[::1]:8080", None, "[::1] is not a global address (loopback)"),
+    (
+        "http://169.254.169.254",
+        ["127.0.0.0/8"],
+        "169.254.169.254 is not a global address (metadata)",
+    ),
+    ("http://[fd00:ec2::254]", None, "(metadata)"),
+    ("http://[::ffff:127.0.0.1]", None, "(loopback)"),
+    ("http://[::ffff:169.254.169.254]", None, "(metadata)"),
+    ("https://[64:ff9b::a00:1]", None, "(private)"),
+    ("https://10.1.2.3", None, "(private)"),
+    ("https://100.64.0.1", None, "(cgnat)"),
+    ("https://[fd12::1]", None, "(unique_local)"),
+    ("https://0.0.0.0", None, "(unspecified)"),
+    # localhost is loopback by definition (RFC 6761).
+    ("http://localhost:8080", None, "localhost is not a global address (loopback, RFC 6761)"),
+    ("http://api.localhost", ["10.0.0.0/8"], "(loopback, RFC 6761)"),
+]
+ALLOWED = [
+    ("https://api.openai.com", None),
+    ("https://8.8.8.8", None),
+    ("https://[2606:4700:4700::1111]", None),
+    ("http://127.0.0.1:9", ["127.0.0.0/8"]),
+    ("http://[::1]:9", ["::1/128"]),
+    ("http://[::ffff:127.0.0.1]", ["127.0.0.0/8"]),
+    ("https://10.1.2.3", ["10.0.0.0/8"]),
+    ("http://localhost:9", ["127.0.0.0/8"]),
+    ("http://localhost:9", ["::1/128"]),
+]
+
+
+@pytest.mark.parametrize(("upstream", "allow", "message"), REFUSED)
+def test_upstreams_every_request_would_refuse_are_refused_before_serving(
+    upstream: str, allow: list[str] | None, message: str
+) -> None:
+    """An IP-literal upstream outside its route's allowance is a config error naming the
+    route's setting and the class (the request-time fence would refuse every request)."""
+    with pytest.raises(ConfigError) as info:
+        check_upstreams(_config(upstream, allow))
+    assert info.value.path == "routes.x.upstream"
+    assert message in info.value.message
+
+
+@pytest.mark.parametrize(("upstream", "allow"), ALLOWED)
+def test_host_names_global_and_allowed_addresses_pass(
+    upstream: str, allow: list[str] | None
+) -> None:
+    """Host names, global addresses and addresses inside egress.allow_cidrs pass the check."""
+    check_upstreams(_config(upstream, allow))
+
+
+@pytest.mark.parametrize(
+    ("upstream", "allow"), [(u, a) for u, a, _ in REFUSED] + [(u, a) for u, a in ALLOWED]
+)
+def test_the_start_up_check_refuses_everything_the_request_time_check_refuses(
+    upstream: str, allow: list[str] | None
+) -> None:
+    """check_upstreams is never more lenient than check_host, which requests go through."""
+    cfg = _config(upstream, allow)
+    route = cfg.routes["x"]
+    try:
+        check_host(route.upstream.host, route.egress_allow)
+    except EgressDenied:
+        with pytest.raises(ConfigError):
+            check_upstreams(cfg)
+
+
+@pytest.mark.parametrize(
+    ("calls", "where"),
+    [
+        ({"create": "http://127.0.0.1:9/keys"}, "create"),
+        ({"create": "https://a.example/k", "verify": "https://[::1]/me"}, "verify"),
+        (
+            {"create": "https://a.example/k", "revoke": "http://169.254.169.254/k/{key_id}"},
+            "revoke",
+        ),
+    ],
+)
+def test_rotator_urls_are_checked_like_upstreams(calls: dict[str, str], where: str) -> None:
+    """An http rotator URL with a non-global literal host is refused with its path."""
+    with pytest.raises(ConfigError) as info:
+        check_upstreams(_config("https://api.example.com", None, **calls))
+    assert info.value.path == f"routes.x.rotation.rotator.{where}.url"
+    assert "is not a global address" in info.value.message
+
+
+def test_rotator_urls_with_a_placeholder_host_or_an_allowance_pass() -> None:
+    """A host the template fills in is checked at request time; an allowed one passes."""
+    check_upstreams(_config("https://api.example.com", None, create="https://{admin}.example/k"))
+    check_upstreams(_config("https://api.example.com", None, create="https://[{admin}]/k"))
+    allowed = _config("http://127.0.0.1:9", ["127.0.0.0/8"], create="http://127.0.0.1:9/keys")
+    check_upstreams(allowed)

@@ -1,11 +1,13 @@
 """keyproxy's configuration: one YAML file compiled into frozen, typed objects.
 
 `load(path)` and `parse(text)` return a `Config` or raise `ConfigError` naming the YAML path
-of the mistake. `model` holds the objects; `compile` turns YAML into them. The reference for
-every key is docs/configuration.md.
+of the mistake. `credential_problems(cfg)` lists the Vault credential files this host cannot
+read (`keyproxy check` warns about them). `model` holds the objects; `loader` reads YAML
+strictly (duplicate keys, syntax errors); `compile` turns it into the objects. The reference
+for every key is docs/configuration.md.
 """
 
-from keyproxy.config.compile import load, parse
+from keyproxy.config.compile import credential_problems, load, parse
 from keyproxy.config.model import (
     ALGORITHMS,
     HEADER_NAME,
@@ -52,6 +54,7 @@ __all__ = [
     "Upstream",
     "VaultAuth",
     "VaultConfig",
+    "credential_problems",
     "load",
     "parse",
 ]

@@ -1,7 +1,9 @@
 """Compile YAML text into the typed configuration of keyproxy.config.model.
 
 Every mistake raises `ConfigError` whose `path` is the YAML path of the mistake
-(`routes.openai.inject[0].header`). Raw dicts never leave this module.
+(`routes.openai.inject[0].header`; a policy is shown with its name, `policies[0] (summarizer)`).
+keyproxy.config.loader reads the text (duplicate keys, syntax errors); raw dicts never leave
+this module.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from yarl import URL
 
+from keyproxy.config.loader import close_match, item_path, key_path, read
 from keyproxy.config.model import (
     ALGORITHMS,
     HEADER_NAME,
@@ -67,14 +70,38 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
 
 def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
     """Compile YAML text. `env` (default: os.environ) supplies VAULT_ADDR / BAO_ADDR."""
+    return _config(_Node(read(text), ""), os.environ if env is None else env)
+
+
+def credential_problems(cfg: Config) -> list[ConfigError]:
+    """The Vault credential files (vault.auth.*_file) that logging in could not read here.
+
+    Host state, not configuration, so `keyproxy check` reports these as warnings: the same
+    file is often checked where the credentials are not (CI, before a rollout), and `serve`
+    keeps retrying its login, as a sidecar may write a file after start. Without the warning
+    a missing file passes `check` and `serve` never turns ready. The files are looked at,
+    never read: they hold credentials.
+    """
+    auth = cfg.vault.auth
+    files = [("role_id_file", auth.role_id_file), ("secret_id_file", auth.secret_id_file)]
+    files += [("token_file", auth.token_file), ("jwt_file", auth.jwt_file)]
+    return [
+        ConfigError(f"vault.auth.{key}", f"{file}: {problem}")
+        for key, file in files
+        if file is not None and (problem := _unreadable(file)) is not None
+    ]
+
+
+def _unreadable(file: Path) -> str | None:
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError("", f"not valid YAML{where}") from None
-    node = _Node(raw if raw is not None else {}, "")
-    return _config(node, os.environ if env is None else env)
+        info = file.stat()
+    except OSError as exc:
+        return str(exc.strerror)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if not os.access(file, os.R_OK):
+        return "not readable by this user"
+    return "is empty" if info.st_size == 0 else None
 
 
 class _Node:
@@ -96,7 +123,10 @@ class _Node:
             if not isinstance(key, str):
                 raise child.error("keys must be strings")
             if key not in allowed:
-                raise child.error(f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+                raise child.error(
+                    f"unknown key{_did_you_mean(key, allowed)} "
+                    f"(expected one of: {', '.join(sorted(allowed))})"
+                )
             out[key] = _Node(value, child.path)
         return out
 
@@ -108,7 +138,10 @@ class _Node:
     def sequence(self) -> list[_Node]:
         if not isinstance(self.value, list):
             raise self.error("must be a list")
-        return [_Node(v, f"{self.path}[{i}]") for i, v in enumerate(self.value)]
+        return [
+            _Node(v, item_path(self.path, i, v.get("name") if isinstance(v, dict) else None))
+            for i, v in enumerate(self.value)
+        ]
 
     def string(self) -> str:
         if not isinstance(self.value, str) or not self.value:
@@ -157,10 +190,18 @@ class _Node:
         return tuple(nets)
 
     def path_value(self) -> Path:
-        return Path(self.string())
+        value = self.string()
+        if value != value.strip():
+            raise self.error("must not start or end with whitespace")
+        return Path(value)
 
     def _child(self, key: str) -> _Node:
-        return _Node(None, f"{self.path}.{key}" if self.path else key)
+        return _Node(None, key_path(self.path, key))
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    match = close_match(word, choices)
+    return f", did you mean {match}?" if match else ""
 
 
 def _opt(fields: dict[str, _Node], key: str, read: Callable[[_Node], T], default: T) -> T:
@@ -666,6 +707,8 @@ def _injection(node: _Node) -> Injection:
     if not isinstance(node.value, dict):
         raise node.error("must be a mapping with one of header, query, basic")
     kinds = [k for k in ("header", "query", "basic") if k in node.value]
+    if not kinds:
+        node.mapping({"header", "query", "basic", "format"})  # a typo: say which key it was
     if len(kinds) != 1:
         raise node.error("set exactly one of header, query, basic")
     kind = kinds[0]
@@ -725,7 +768,8 @@ def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) ->
     issuers: tuple[str, ...] = _opt(f, "issuers", _Node.strings, ())
     for i, name in enumerate(issuers):
         if name not in issuer_names:
-            raise _Node(name, f"{f['issuers'].path}[{i}]").error(f"unknown issuer {name!r}")
+            hint = _did_you_mean(name, issuer_names)
+            raise _Node(name, f"{f['issuers'].path}[{i}]").error(f"unknown issuer {name!r}{hint}")
     claims = []
     claim_nodes: list[tuple[str, _Node]] = _opt(f, "claims", _Node.items, [])
     for key, value in claim_nodes:
@@ -735,7 +779,7 @@ def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) ->
     allow = {}
     for route, grant in _required(node, f, "allow").items():
         if route not in routes:
-            raise grant.error(f"unknown route {route!r}")
+            raise grant.error(f"unknown route {route!r}{_did_you_mean(route, routes)}")
         allow[route] = _grant(grant)
     return Policy(
         name=_required(node, f, "name").string(),

@@ -1,0 +1,88 @@
+"""`keyproxy check` run as operators run it: the message on stderr, exit 2, nothing on stdout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+GOOD = """\
+vault:
+  addr: http://127.0.0.1:8200
+identity:
+  issuers:
+    - name: k8s
+      issuer: https://kubernetes.default.svc
+      jwks_uri: https://kubernetes.default.svc/openid/v1/jwks
+      audiences: [keyproxy]
+      algorithms: [RS256]
+routes:
+  openai:
+    upstream: https://api.openai.com
+    secret: {path: keyproxy/keys/openai}
+    inject: [{header: Authorization, format: "Bearer {key}"}]
+policies:
+  - name: summarizer
+    subjects: ["system:serviceaccount:agents:summarizer"]
+    allow:
+      openai: {methods: [POST], paths: [/v1/chat/completions]}
+"""
+ANOTHER_OPENAI = """\
+  openai:
+    upstream: https://collector.example
+    secret: {path: keyproxy/keys/openai}
+    inject: [{header: Authorization, format: "Bearer {key}"}]
+policies:"""
+
+
+def _check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(text)
+    return subprocess.run(
+        [str(BIN / "keyproxy"), "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_good_file_is_ok(tmp_path: Path) -> None:
+    """The file the mistakes below are made in passes: exit 0, the summary on stdout."""
+    done = _check(tmp_path, GOOD)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.endswith(": ok (1 routes, 1 policies, 1 issuers)\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            GOOD.replace("policies:", ANOTHER_OPENAI),
+            "routes.openai: duplicate key (first at line 11, again at line 15)",
+            id="duplicate-route",
+        ),
+        pytest.param(
+            GOOD.replace("    secret:", "\tsecret:"),
+            "not valid YAML at line 13, column 1: while scanning for the next token, found "
+            "character '\\t' that cannot start any token; indent with spaces, YAML does not "
+            "allow tabs there",
+            id="tab",
+        ),
+        pytest.param(
+            GOOD.replace("      openai: {", "      opnai: {"),
+            "policies[0] (summarizer).allow.opnai: unknown route 'opnai', did you mean openai?",
+            id="policy-route-typo",
+        ),
+        pytest.param("# to do\n", "the configuration is empty", id="empty"),
+    ],
+)
+def test_a_mistake_is_printed_and_exits_2(tmp_path: Path, text: str, message: str) -> None:
+    """`keyproxy check` prints the whole message on stderr, nothing on stdout, and exits 2."""
+    done = _check(tmp_path, text)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"keyproxy: configuration error: {message}")
+    assert done.stderr.count("\n") == 1  # one line, no traceback
