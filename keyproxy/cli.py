@@ -25,7 +25,7 @@ from types import FrameType
 
 import structlog
 
-from keyproxy import audit, config, paths, policy, rotation_cli, token_cli
+from keyproxy import audit, config, netguard, paths, policy, rotation_cli, token_cli
 from keyproxy.errors import ConfigError, RequestError
 from keyproxy.identity import Identity
 
@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     # The configuration is checked here, in the parent, before any worker starts.
     cfg = config.load(args.config)
+    netguard.check_upstreams(cfg)
     if args.admin_port is not None:
         admin = dataclasses.replace(cfg.server.admin, port=args.admin_port)
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, admin=admin))
@@ -254,6 +255,9 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
+    netguard.check_upstreams(cfg)
+    for problem in config.credential_problems(cfg):
+        print(f"keyproxy: warning: {problem}: serve here could not log in", file=sys.stderr)  # noqa: T201
     print(  # noqa: T201
         f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.policies)} policies, "
         f"{len(cfg.identity)} issuers)"

@@ -86,3 +86,35 @@ def test_a_mistake_is_printed_and_exits_2(tmp_path: Path, text: str, message: st
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith(f"keyproxy: configuration error: {message}")
     assert done.stderr.count("\n") == 1  # one line, no traceback
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        ("http://0177.0.0.1", "routes.openai.upstream: 0177.0.0.1 is not a dotted-decimal IPv4"),
+        ("http://127.1:8080", "routes.openai.upstream: 127.1 is not a dotted-decimal IPv4"),
+        ("http://169.254.169.254", "routes.openai.upstream: 169.254.169.254 is not a global"),
+        ("http://[::1]:8080", "routes.openai.upstream: [::1] is not a global address (loopback)"),
+    ],
+)
+def test_an_upstream_the_fence_refuses_fails_the_check(
+    tmp_path: Path, upstream: str, message: str
+) -> None:
+    """`keyproxy check` refuses an IP-literal upstream every request would be refused for."""
+    text = GOOD.replace("https://api.openai.com", f"{upstream}\n    allow_http: true")
+    done = _check(tmp_path, text)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"keyproxy: configuration error: {message}")
+
+
+def test_a_missing_credential_file_is_a_warning(tmp_path: Path) -> None:
+    """`keyproxy check` warns about a credential file it cannot find, and still exits 0."""
+    auth = f"  auth: {{method: approle, role_id_file: {tmp_path}/r, secret_id_file: {tmp_path}/s}}"
+    text = GOOD.replace("  addr: http://127.0.0.1:8200", "  addr: http://127.0.0.1:8200\n" + auth)
+    (tmp_path / "s").write_text("s")
+    done = _check(tmp_path, text)
+    assert done.returncode == 0
+    assert done.stderr == (
+        f"keyproxy: warning: vault.auth.role_id_file: {tmp_path}/r: No such file or directory"
+        ": serve here could not log in\n"
+    )
