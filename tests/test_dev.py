@@ -27,9 +27,10 @@ BIN = Path(sys.executable).parent
 def dev_stack(log_dir: Path) -> Iterator[dict[str, Any]]:
     """A `keyproxy dev --json --port 0` subprocess; yields its handshake line."""
     out = log_dir / "dev.out"
+    env_file = log_dir / "dev.env"
     with out.open("wb") as stdout, (log_dir / "dev.err").open("wb") as stderr:
         proc = subprocess.Popen(
-            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0"],
+            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0", "--env-file", str(env_file)],
             stdout=stdout,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
@@ -51,6 +52,7 @@ def dev_stack(log_dir: Path) -> Iterator[dict[str, Any]]:
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(info["vault_addr"] + "/v1/sys/health", timeout=5)  # noqa: S310
     assert not Path(info["workdir"]).exists()
+    assert not env_file.exists()
 
 
 def _handshake(out: Path, proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:

@@ -190,6 +190,7 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
             "refresh_interval",
             "full_refresh_interval",
             "max_staleness",
+            "namespace",
         }
     )
     addr = _opt(f, "addr", _Node.string, "") or env.get("BAO_ADDR") or env.get("VAULT_ADDR")
@@ -220,6 +221,7 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
         refresh_interval=refresh,
         full_refresh_interval=full,
         max_staleness=staleness,
+        namespace=_opt(f, "namespace", _Node.string, None),
     )
 
 
