@@ -152,7 +152,6 @@ export OPENAI_BASE_URL={q(stack.proxy_url)}
 export BAO_ADDR={q(stack.vault_addr)} VAULT_ADDR={q(stack.vault_addr)}
 export BAO_TOKEN="$(cat {q(str(stack.workdir / "root-token"))})"
 export VAULT_TOKEN="$BAO_TOKEN"
-export BAO={q(bao.bao_bin)}
 case ":$PATH:" in *:{q(str(bin_dir))}:*) ;; *) export PATH={q(str(bin_dir))}:"$PATH" ;; esac
 export OPENAI_API_KEY="$({q(str(scripts / "agent-token.sh"))} {q(agent)} {q(str(creds))})"
 """
@@ -203,7 +202,8 @@ def _instructions(stack: DevStack, env_path: Path | None) -> str:
 
 It sets KEYPROXY_URL ({base}), OPENAI_BASE_URL, OPENAI_API_KEY (the agent's
 OpenBao identity token, valid 15 minutes), KEYPROXY_CONFIG, BAO_ADDR, BAO_TOKEN (this
-server's root token) and puts {Path(sys.executable).parent} on PATH."""
+server's root token) and puts {Path(sys.executable).parent} (python, keyproxy, bao) on
+PATH."""
     else:
         connect = f"""An agent connects with its OpenBao identity token as the API key:
 
@@ -218,6 +218,7 @@ keyproxy dev is running (Ctrl-C stops everything).
   config     {stack.config_path}
 
 {connect}
+
 Then, as the agent:
 
   python -c 'import openai; print(openai.OpenAI().chat.completions.create(

@@ -99,11 +99,12 @@ def _agent(dev_stack: dict[str, Any], code: str) -> str:
 
 
 def test_handshake_has_the_documented_fields(dev_stack: dict[str, Any]) -> None:
-    """The --json line names proxy_url, route, token and vault_addr."""
+    """The --json line names proxy_url, route, token, vault_addr and the env file."""
     assert dev_stack["proxy_url"].startswith("http://127.0.0.1:")
     assert dev_stack["route"] == "demo"
     assert dev_stack["vault_addr"].startswith("http://127.0.0.1:")
     assert dev_stack["token"].count(".") == 2
+    assert Path(dev_stack["env_file"]).name == "dev.env"
 
 
 def test_readme_walkthrough_with_the_openai_sdk(dev_stack: dict[str, Any]) -> None:
