@@ -10,8 +10,11 @@ response body) is never chained into a traceback:
     └── CasConflict        a check-and-set write lost the race
 
 `Vault` logs in (token, AppRole, Kubernetes or JWT auth), reads and writes KV v2, and keeps its
-token alive. A call refused with 401/403 checks whether the token is still valid; if not it logs
-in again once and retries once. `KeyCache` holds the current `KeyVersion` of every route,
+token alive. Like the Vault CLI it reads BAO_/VAULT_ NAMESPACE, CACERT (or CAPATH),
+CLIENT_CERT and CLIENT_KEY where the configuration sets no namespace or CA (`_transport`);
+`operator_config` makes a configuration log in with the operator's own token instead. A call
+refused with 401/403 checks whether the token is still valid; if not it logs in again once
+and retries once. `KeyCache` holds the current `KeyVersion` of every route,
 refreshed in the background, so the proxy's hot path (`KeyCache.get`) does no I/O.
 
 SECURITY: tokens, secret_ids, JWTs and key values never appear in a log event or an exception
