@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from keyproxy.devserver import OpenBaoDevServer
 from tests.support import CANARIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +97,33 @@ def _agent(dev_stack: dict[str, Any], code: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def test_start_up_says_what_it_is_doing(dev_stack: dict[str, Any], log_dir: Path) -> None:
+    """While it starts, keyproxy dev says on stderr what it is waiting for."""
+    err = (log_dir / "dev.err").read_text()
+    for step in ("starting an OpenBao dev server", "configuring it with vault-dev/setup.sh"):
+        assert f"keyproxy dev: {step}" in err
+
+
+def test_setup_script_reports_progress_on_stderr(openbao: OpenBaoDevServer, tmp_path: Path) -> None:
+    """vault-dev/setup.sh (run again: it is idempotent) prints one line per step on stderr
+    and the OIDC issuer alone on stdout."""
+    env = {**os.environ, **openbao.env(), "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [str(REPO / "vault-dev" / "setup.sh"), str(tmp_path / "credentials")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == openbao.dev_setup.issuer
+    steps = [line for line in done.stderr.splitlines() if line.startswith("setup.sh: ")]
+    assert len(steps) == 6, done.stderr
+    assert any("KV v2 at secret/" in step for step in steps)
+    assert openbao.root_token not in done.stderr
 
 
 def test_handshake_has_the_documented_fields(dev_stack: dict[str, Any]) -> None:
