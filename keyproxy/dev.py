@@ -9,9 +9,11 @@ by OpenBao's own OIDC identity provider, so requests take the real verification 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -24,7 +26,7 @@ from aiohttp import web
 
 from keyproxy import audit, config, demo
 from keyproxy.app import build_app
-from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.devserver import Agent, OpenBaoDevServer, vault_dev_dir
 
 ROUTE = "demo"
 AGENT = "demo-agent"
@@ -73,18 +75,24 @@ def dev_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, 
     }
 
 
-async def run(port: int, as_json: bool) -> None:
+async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
+    """Run the stack until SIGINT/SIGTERM. `env_file` (an absolute path): where to write the
+    shell variables of the walkthrough (see `env_text`), removed on exit."""
     # Handled from the start, so a stop during start-up still cleans up (no orphan OpenBao).
     stop = _stop_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-dev-"))
     bao = OpenBaoDevServer(workdir)
     runners: list[web.AppRunner] = []
+    written: str | None = None
     try:
+        _progress("starting an OpenBao dev server")
         await asyncio.to_thread(bao.start)
+        _progress("configuring it with vault-dev/setup.sh (KV, AppRoles, Transit, OIDC)")
         await asyncio.to_thread(bao.setup)
         agent = await asyncio.to_thread(bao.add_agent, AGENT)
         await asyncio.to_thread(bao.put_key, KEY_PATH, secrets.token_urlsafe(32))
 
+        _progress("starting the demo upstream and the proxy")
         upstream_port = await _serve(demo.build_app(), 0, runners)
         cfg_path = workdir / "keyproxy.yaml"
         cfg = dev_config(bao, agent, f"http://127.0.0.1:{upstream_port}")
@@ -99,6 +107,9 @@ async def run(port: int, as_json: bool) -> None:
         stack = DevStack(
             f"http://127.0.0.1:{proxy_port}/r/{ROUTE}/v1", bao.addr, workdir, cfg_path, token_path
         )
+        if env_file is not None:
+            written = env_text(stack, bao, AGENT)
+            _private_file(env_file, written)
         if as_json:
             info = {
                 "proxy_url": stack.proxy_url,
@@ -107,18 +118,53 @@ async def run(port: int, as_json: bool) -> None:
                 "vault_addr": bao.addr,
                 "config": str(cfg_path),
                 "workdir": str(workdir),
+                "env_file": str(env_file) if env_file else None,
             }
             print(json.dumps(info), flush=True)  # noqa: T201  # the documented --json handshake
         else:
-            print(_instructions(stack), flush=True)  # noqa: T201
+            print(_instructions(stack, env_file), flush=True)  # noqa: T201
         await stop.wait()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
         await asyncio.to_thread(bao.stop)
         # The work directory holds the root token and AppRole credentials of this throwaway
-        # OpenBao: nothing to keep.
+        # OpenBao: nothing to keep. The env file names them: it goes too, unless another
+        # `keyproxy dev` has written its own there since.
         shutil.rmtree(workdir, ignore_errors=True)
+        if env_file is not None and written is not None:
+            _remove_if_unchanged(env_file, written)
+
+
+def env_text(stack: DevStack, bao: OpenBaoDevServer, agent: str) -> str:
+    """The shell lines `source FILE` runs: everything the README walkthrough uses. Secrets are
+    read from their mode-600 files, and the agent token is minted anew on every `source`."""
+    base = stack.proxy_url.split("/r/", 1)[0]
+    bin_dir = Path(sys.executable).parent
+    scripts = vault_dev_dir()
+    creds = bao.dev_setup.credentials_dir
+    q = shlex.quote
+    return f"""# Written by `keyproxy dev` (removed when it stops). Load it with: source FILE
+# Sourcing it again mints a fresh agent token (each lives 15 minutes).
+export KEYPROXY_URL={q(base)}
+export KEYPROXY_CONFIG={q(str(stack.config_path))}
+export OPENAI_BASE_URL={q(stack.proxy_url)}
+export BAO_ADDR={q(stack.vault_addr)} VAULT_ADDR={q(stack.vault_addr)}
+export BAO_TOKEN="$(cat {q(str(stack.workdir / "root-token"))})"
+export VAULT_TOKEN="$BAO_TOKEN"
+case ":$PATH:" in *:{q(str(bin_dir))}:*) ;; *) export PATH={q(str(bin_dir))}:"$PATH" ;; esac
+export OPENAI_API_KEY="$({q(str(scripts / "agent-token.sh"))} {q(agent)} {q(str(creds))})"
+"""
+
+
+def _remove_if_unchanged(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8") == text:
+            path.unlink()
+
+
+def _progress(message: str) -> None:
+    print(f"keyproxy dev: {message}...", file=sys.stderr, flush=True)  # noqa: T201
 
 
 async def _serve(app: web.Application, port: int, runners: list[web.AppRunner]) -> int:
@@ -147,7 +193,23 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _instructions(stack: DevStack) -> str:
+def _instructions(stack: DevStack, env_path: Path | None) -> str:
+    base = stack.proxy_url.split("/r/", 1)[0]
+    if env_path is not None:
+        connect = f"""In another terminal, load this stack's variables (again, for a fresh token):
+
+  source {env_path}
+
+It sets KEYPROXY_URL ({base}), OPENAI_BASE_URL, OPENAI_API_KEY (the agent's
+OpenBao identity token, valid 15 minutes), KEYPROXY_CONFIG, BAO_ADDR, BAO_TOKEN (this
+server's root token) and puts {Path(sys.executable).parent} (python, keyproxy, bao) on
+PATH."""
+    else:
+        connect = f"""An agent connects with its OpenBao identity token as the API key:
+
+  export OPENAI_BASE_URL={stack.proxy_url}
+  export OPENAI_API_KEY="$(cat {stack.token_path})"
+"""
     return f"""
 keyproxy dev is running (Ctrl-C stops everything).
 
@@ -155,14 +217,14 @@ keyproxy dev is running (Ctrl-C stops everything).
   openbao    {stack.vault_addr}   (root token in {stack.workdir}/root-token)
   config     {stack.config_path}
 
-An agent connects with its OpenBao identity token as the API key:
+{connect}
 
-  export OPENAI_BASE_URL={stack.proxy_url}
-  export OPENAI_API_KEY="$(cat {stack.token_path})"
-  .venv/bin/python -c 'import openai; print(openai.OpenAI().chat.completions.create(
+Then, as the agent:
+
+  python -c 'import openai; print(openai.OpenAI().chat.completions.create(
       model="keyproxy-demo", messages=[{{"role": "user", "content": "hi"}}]
   ).choices[0].message.content)'
 
 The demo upstream answers with a fingerprint of the key keyproxy injected; the agent never
-sees the key. The token expires after 15 minutes; `keyproxy dev` prints a fresh one on restart.
+sees the key. README.md walks through the rest.
 """

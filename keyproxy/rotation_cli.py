@@ -3,12 +3,14 @@
     keyproxy rotate -c FILE --due              every due route (cron, CronJob, systemd timer)
     keyproxy rotate -c FILE ROUTE [--emergency]
     keyproxy keys put -c FILE ROUTE [--key-id ID]   the key on stdin, never in argv
-    keyproxy keys status -c FILE [--json]      exit 1 when a key is past its max_age
-    keyproxy audit --route ROUTE [--key-version N] [--since T] [--until T] [FILE ...]
+    keyproxy keys status -c FILE [-o json]     exit 1 when a key is past its max_age
+    keyproxy audit [-c FILE] --route ROUTE [--key-version N] [--since T] [--until T] [FILE ...]
 
-Vault access comes from the configuration's `vault` section; rotation needs the
-keyproxy-rotation policy (vault-dev/policies/keyproxy-rotation.hcl). Log events go to stderr,
-answers to stdout. Exit codes: 0 success, 1 any failure, 2 bad configuration or usage.
+Vault access comes from the configuration's `vault` section (rotation needs the
+keyproxy-rotation policy, vault-dev/policies/keyproxy-rotation.hcl), or with --as-operator
+from the operator's own token. Route names are checked against the configuration before
+any Vault call. Answers go to stdout (-o json|table; rotate's JSON is one object per line),
+log lines to stderr. Exit codes: 0 success, 1 any failure, 2 bad configuration or usage.
 """
 
 from __future__ import annotations
@@ -22,57 +24,76 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from keyproxy import audit, auditlog, config, keystatus
+from keyproxy import auditlog, config, keystatus, rotation
+from keyproxy.cli_common import (
+    add_config,
+    add_operator,
+    add_output,
+    known_route,
+    load_config,
+    optional_config,
+    print_json,
+    vault_for,
+    wants_json,
+)
 from keyproxy.errors import KeyproxyError
 from keyproxy.metrics import write_rotation_textfile
 from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotation import Outcome, Rotations
-from keyproxy.vault import Vault
 
 
 def register(sub: Any) -> None:
     """Add this module's subcommands to the `keyproxy` parser's subparsers."""
     rotate = sub.add_parser("rotate", help="rotate route keys")
-    rotate.add_argument("-c", "--config", required=True)
+    add_config(rotate)
     which = rotate.add_mutually_exclusive_group(required=True)
     which.add_argument("--due", action="store_true", help="every route that is due")
     which.add_argument("route", nargs="?", help="rotate this route now")
     rotate.add_argument(
         "--emergency", action="store_true", help="leak: revoke the old key at once, no grace"
     )
-    rotate.add_argument("--json", action="store_true", help="one JSON object per route")
+    add_output(rotate)
     rotate.add_argument(
         "--metrics-file",
         type=Path,
         help="also write this run's results in Prometheus text format (textfile collector)",
     )
+    add_operator(rotate)
     rotate.set_defaults(func=_rotate)
 
     keys = sub.add_parser("keys", help="store and inspect route keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     put = keys_sub.add_parser("put", help="store a new key version (value on stdin)")
-    put.add_argument("-c", "--config", required=True)
+    add_config(put)
     put.add_argument("route")
     put.add_argument("--key-id", help="the upstream's id of this key, for revocation")
+    add_operator(put)
+    add_output(put)
     put.set_defaults(func=_put)
     status = keys_sub.add_parser("status", help="key versions, ages and rotation state")
-    status.add_argument("-c", "--config", required=True)
-    status.add_argument("--json", action="store_true")
+    add_config(status)
+    add_operator(status)
+    add_output(status)
     status.set_defaults(func=_status)
 
     query = sub.add_parser("audit", help="who used a route's key, from audit logs")
     query.add_argument("files", nargs="*", help="JSON-lines audit logs (default: stdin)")
+    add_config(
+        query,
+        help_text="configuration whose route names --route must be one of "
+        "(default: $KEYPROXY_CONFIG; without either, any name is accepted)",
+    )
     query.add_argument("--route", required=True)
     query.add_argument("--key-version", type=int)
     query.add_argument("--since", type=auditlog.parse_time, help="ISO 8601 time (UTC default)")
     query.add_argument("--until", type=auditlog.parse_time)
-    query.add_argument("--json", action="store_true")
+    add_output(query)
     query.set_defaults(func=_audit)
 
 
 @contextlib.asynccontextmanager
-async def _rotations(cfg: config.Config) -> AsyncIterator[Rotations]:
-    vault = Vault(cfg.vault)
+async def _rotations(args: argparse.Namespace, cfg: config.Config) -> AsyncIterator[Rotations]:
+    vault = vault_for(args, cfg)
     sessions = UpstreamSessions(cfg.routes)
     try:
         await vault.login()
@@ -88,56 +109,95 @@ def _fail(message: str) -> int:
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
+    cfg = load_config(args)
     if args.emergency and args.due:
         return _fail("--emergency needs a ROUTE, not --due")
-    audit.configure(sys.stderr)
+    if args.route is not None:
+        known_route(cfg, args.route, "ROUTE")
+    if args.due and not any(r.rotation for r in cfg.routes.values()):
+        print(  # noqa: T201
+            f"keyproxy rotate: no route in {args.config} has a rotation section; nothing to do",
+            file=sys.stderr,
+        )
 
-    async def run() -> list[Outcome]:
-        async with _rotations(cfg) as rotations:
+    async def run() -> tuple[list[Outcome], dict[str, str]]:
+        async with _rotations(args, cfg) as rotations:
             if args.due:
-                return await rotations.run_due()
-            return [await rotations.rotate(args.route, emergency=args.emergency)]
+                outcomes = await rotations.run_due()
+            else:
+                outcomes = [await rotations.rotate(args.route, emergency=args.emergency)]
+            return outcomes, await _next_due(rotations, outcomes)
 
     try:
-        outcomes = asyncio.run(run())
+        outcomes, next_due = asyncio.run(run())
     except KeyproxyError as exc:
         return _fail(str(exc))
     for o in outcomes:
-        if args.json:
-            line = {"route": o.route, "result": o.result, "detail": o.detail, "version": o.version}
+        detail = o.detail or _waiting(o, next_due)
+        if wants_json(args):
+            line = {"route": o.route, "result": o.result, "detail": detail, "version": o.version}
+            line["next_due"] = next_due.get(o.route)
             print(json.dumps(line))  # noqa: T201
         else:
             version = f" (v{o.version})" if o.version else ""
-            print(f"{o.route}: {o.result}{version}{': ' + o.detail if o.detail else ''}")  # noqa: T201
+            print(f"{o.route}: {o.result}{version}{': ' + detail if detail else ''}")  # noqa: T201
     if args.metrics_file is not None:
         write_rotation_textfile(args.metrics_file, [(o.route, o.result) for o in outcomes])
     return 1 if any(o.failed for o in outcomes) else 0
 
 
+async def _next_due(rotations: Rotations, outcomes: list[Outcome]) -> dict[str, str]:
+    """When each route that was left alone is next due (its key's creation plus `every`)."""
+    due: dict[str, str] = {}
+    for o in outcomes:
+        route = rotations.config.routes.get(o.route)
+        every = route.rotation.every if route is not None and route.rotation else None
+        if route is None or every is None or o.result not in ("not_due", "manual", "in_grace"):
+            continue
+        with contextlib.suppress(KeyproxyError):  # a detail: the outcome stands without it
+            created = await rotation.key_created(rotations.vault, route)
+            if created is not None:
+                due[o.route] = str(rotation.iso(created + every))
+    return due
+
+
+def _waiting(o: Outcome, next_due: dict[str, str]) -> str:
+    """Why a route was left alone, when the outcome itself does not say."""
+    when = next_due.get(o.route)
+    if when is None:
+        return ""
+    if o.result == "manual":
+        return f"next key due {when} (store it with keys put)"
+    if o.result == "not_due":
+        return f"key not due until {when}"
+    return ""
+
+
 def _put(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
+    cfg = load_config(args)
+    known_route(cfg, args.route, "ROUTE")
     value = sys.stdin.read().rstrip("\r\n")
-    audit.configure(sys.stderr)
 
     async def run() -> int:
-        async with _rotations(cfg) as rotations:
+        async with _rotations(args, cfg) as rotations:
             return await rotations.put(args.route, value, args.key_id)
 
     try:
         version = asyncio.run(run())
     except KeyproxyError as exc:
         return _fail(str(exc))
-    print(f"{args.route}: stored version {version}")  # noqa: T201
+    if wants_json(args):
+        print_json({"route": args.route, "version": version})
+    else:
+        print(f"{args.route}: stored version {version}")  # noqa: T201
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config)
-    audit.configure(sys.stderr)
+    cfg = load_config(args)
 
     async def run() -> list[dict[str, Any]]:
-        vault = Vault(cfg.vault)
+        vault = vault_for(args, cfg)
         try:
             await vault.login()
             return await keystatus.report(cfg, vault)
@@ -148,8 +208,8 @@ def _status(args: argparse.Namespace) -> int:
         entries = asyncio.run(run())
     except KeyproxyError as exc:
         return _fail(str(exc))
-    if args.json:
-        print(json.dumps(entries, indent=2))  # noqa: T201
+    if wants_json(args):
+        print_json(entries)
     else:
         for e in entries:
             print(_status_line(e))  # noqa: T201
@@ -186,20 +246,27 @@ def _duration(seconds: float) -> str:
 
 
 def _audit(args: argparse.Namespace) -> int:
+    cfg = optional_config(args)
+    if cfg is not None:
+        known_route(cfg, args.route)
     answer = auditlog.query(
         _lines(args.files), args.route, args.key_version, args.since, args.until
     )
-    if args.json:
+    if cfg is None and args.route not in answer.routes:
+        seen = ", ".join(sorted(answer.routes)) or "none"
         print(  # noqa: T201
-            json.dumps(
-                {
-                    "route": args.route,
-                    "key_version": args.key_version,
-                    "identities": [u.as_dict() for u in answer.identities],
-                    "skipped_lines": answer.skipped_lines,
-                },
-                indent=2,
-            )
+            f"keyproxy audit: no request of route {args.route!r} in the input (routes seen: "
+            f"{seen}); give -c FILE to have route names checked",
+            file=sys.stderr,
+        )
+    if wants_json(args):
+        print_json(
+            {
+                "route": args.route,
+                "key_version": args.key_version,
+                "identities": [u.as_dict() for u in answer.identities],
+                "skipped_lines": answer.skipped_lines,
+            }
         )
         return 0
     for u in answer.identities:

@@ -1,33 +1,46 @@
 """`keyproxy token issue | revoke | list`: operators' side of task tokens.
 
     keyproxy token issue -c FILE --owner O --reason R --route R [--methods ..] [--paths ..]
-                         [--ttl 8h] [--max-uses N]
+                         [--ttl 8h] [--max-uses N] [-o json]
         An exception token for a caller that cannot present a workload identity. Owner and
         reason are required, the TTL is capped by tokens.exception_max_ttl, and every audit
-        event of the token names its owner. The token goes to stdout, details to stderr.
+        event of the token names its owner. The token alone goes to stdout (so
+        `TOKEN=$(keyproxy token issue ...)` holds exactly it), details to stderr; with
+        -o json stdout holds {"token", "token_id", "expires_at", "expires_in", "scope",
+        "owner", "reason"}.
     keyproxy token revoke -c FILE (--id ID | --issuer NAME --subject SUB | --task TASK)
-    keyproxy token list -c FILE [--json]       active exception tokens
+    keyproxy token list -c FILE [-o json]       active exception tokens
 
-They talk to Vault with the configuration's `vault` section (for an operator, typically
-`auth: {method: token}` with BAO_TOKEN set).
+They talk to Vault with the configuration's `vault` section, or with --as-operator the
+operator's own token (BAO_TOKEN, VAULT_TOKEN, ~/.vault-token). Route and issuer names are
+checked against the configuration before any Vault call.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from typing import Any
 
 from keyproxy import config
 from keyproxy import scope as scopes
+from keyproxy.cli_common import (
+    add_config,
+    add_operator,
+    add_output,
+    known_issuer,
+    known_route,
+    load_config,
+    print_json,
+    vault_for,
+    wants_json,
+)
 from keyproxy.config import Grant
 from keyproxy.errors import ConfigError, KeyproxyError
 from keyproxy.identity import Identity
 from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens, exception_subject
-from keyproxy.vault import Vault
 
 EXIT_USAGE = 2
 
@@ -38,7 +51,7 @@ def register(sub: Any) -> None:
     verbs = token.add_subparsers(dest="verb", required=True)
 
     issue = verbs.add_parser("issue", help="issue an exception token (owner and reason required)")
-    issue.add_argument("-c", "--config", required=True)
+    add_config(issue)
     issue.add_argument("--owner", default="", help="who answers for this token")
     issue.add_argument("--reason", default="", help="why no workload identity can be used")
     issue.add_argument("--route", required=True)
@@ -46,10 +59,12 @@ def register(sub: Any) -> None:
     issue.add_argument("--paths", nargs="+", default=["/**"])
     issue.add_argument("--ttl", default="1h", help="capped by tokens.exception_max_ttl")
     issue.add_argument("--max-uses", type=int)
+    add_operator(issue)
+    add_output(issue)
     issue.set_defaults(func=_issue)
 
     revoke = verbs.add_parser("revoke", help="revoke by token id, subject or task")
-    revoke.add_argument("-c", "--config", required=True)
+    add_config(revoke)
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", help="a token id (jti)")
     which.add_argument(
@@ -59,11 +74,14 @@ def register(sub: Any) -> None:
     )
     which.add_argument("--task", help="every token of this task")
     revoke.add_argument("--issuer", help="issuer name, with --subject")
+    add_operator(revoke)
+    add_output(revoke)
     revoke.set_defaults(func=_revoke)
 
     listing = verbs.add_parser("list", help="active exception tokens")
-    listing.add_argument("-c", "--config", required=True)
-    listing.add_argument("--json", action="store_true")
+    add_config(listing)
+    add_operator(listing)
+    add_output(listing)
     listing.set_defaults(func=_list)
 
 
@@ -72,11 +90,9 @@ def _usage(message: str) -> int:
     return EXIT_USAGE
 
 
-def _run(args: argparse.Namespace, work: Any) -> int:
-    cfg = config.load(args.config)
-
+def _run(args: argparse.Namespace, cfg: config.Config, work: Any) -> int:
     async def session() -> int:
-        vault = Vault(cfg.vault)
+        vault = vault_for(args, cfg)
         try:
             await vault.login()
             result: int = await work(cfg, TaskTokens(cfg, vault))
@@ -94,13 +110,14 @@ def _run(args: argparse.Namespace, work: Any) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    known_route(cfg, args.route)
     if not args.owner.strip() or not args.reason.strip():
         return _usage("an exception token needs --owner and --reason")
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         requested = scopes.parse(
-            {args.route: {"methods": methods, "paths": args.paths}},
-            [args.route] if args.route in _route_names(args.config) else [],
+            {args.route: {"methods": methods, "paths": args.paths}}, list(cfg.routes)
         )
         ttl = config.compile._Node(args.ttl, "--ttl").duration()
     except (ValueError, ConfigError) as exc:
@@ -126,19 +143,31 @@ def _issue(args: argparse.Namespace) -> int:
             f"expires in {capped:.0f}s{note}",
             file=sys.stderr,
         )
-        print(issued.token)  # noqa: T201  # the product of this command, for the operator
+        if wants_json(args):
+            print_json(
+                {
+                    "token": issued.token,
+                    "token_id": issued.token_id,
+                    "expires_at": issued.expires_at,
+                    "expires_in": round(capped),
+                    "scope": scopes.describe(grant),
+                    "owner": args.owner,
+                    "reason": args.reason,
+                }
+            )
+        else:
+            print(issued.token)  # noqa: T201  # the product of this command, for the operator
         return 0
 
-    return _run(args, work)
-
-
-def _route_names(path: str) -> list[str]:
-    return list(config.load(path).routes)
+    return _run(args, cfg, work)
 
 
 def _revoke(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     if args.subject is not None and not args.issuer:
         return _usage("--subject needs --issuer (the configured issuer name, or 'exception')")
+    if args.issuer is not None:
+        known_issuer(cfg, args.issuer, extra=[EXCEPTION_ISSUER])
 
     async def work(_: config.Config, tasks: TaskTokens) -> int:
         subject = None
@@ -148,17 +177,22 @@ def _revoke(args: argparse.Namespace) -> int:
                 name = exception_subject(name)  # --issuer exception --subject OWNER
             subject = f"{args.issuer}|{name}"
         await tasks.revoke(token_id=args.id, subject=subject, task=args.task)
-        print("revoked", file=sys.stderr)  # noqa: T201
+        if wants_json(args):
+            print_json({"revoked": {"id": args.id, "subject": subject, "task": args.task}})
+        else:
+            print("revoked", file=sys.stderr)  # noqa: T201
         return 0
 
-    return _run(args, work)
+    return _run(args, cfg, work)
 
 
 def _list(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+
     async def work(_: config.Config, tasks: TaskTokens) -> int:
         active = await tasks.exceptions()
-        if args.json:
-            print(json.dumps(active, indent=2))  # noqa: T201
+        if wants_json(args):
+            print_json(active)
             return 0
         now = time.time()
         for entry in active:
@@ -168,7 +202,7 @@ def _list(args: argparse.Namespace) -> int:
                 f"reason={entry['reason']!r}"
             )
         if not active:
-            print("no active exception tokens")  # noqa: T201
+            print("no active exception tokens", file=sys.stderr)  # noqa: T201
         return 0
 
-    return _run(args, work)
+    return _run(args, cfg, work)

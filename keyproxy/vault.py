@@ -10,8 +10,11 @@ response body) is never chained into a traceback:
     └── CasConflict        a check-and-set write lost the race
 
 `Vault` logs in (token, AppRole, Kubernetes or JWT auth), reads and writes KV v2, and keeps its
-token alive. A call refused with 401/403 checks whether the token is still valid; if not it logs
-in again once and retries once. `KeyCache` holds the current `KeyVersion` of every route,
+token alive. Like the Vault CLI it reads BAO_/VAULT_ NAMESPACE, CACERT (or CAPATH),
+CLIENT_CERT and CLIENT_KEY where the configuration sets no namespace or CA (`_transport`);
+`operator_config` makes a configuration log in with the operator's own token instead. A call
+refused with 401/403 checks whether the token is still valid; if not it logs in again once
+and retries once. `KeyCache` holds the current `KeyVersion` of every route,
 refreshed in the background, so the proxy's hot path (`KeyCache.get`) does no I/O.
 
 SECURITY: tokens, secret_ids, JWTs and key values never appear in a log event or an exception
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import math
 import os
@@ -40,9 +44,9 @@ import structlog
 from requests.adapters import HTTPAdapter
 
 from keyproxy import secret
-from keyproxy.config import Route, SecretRef, VaultConfig
+from keyproxy.config import Route, SecretRef, VaultAuth, VaultConfig
 from keyproxy.config.model import default_full_refresh
-from keyproxy.errors import Unavailable, VaultError
+from keyproxy.errors import ConfigError, Unavailable, VaultError
 from keyproxy.secret import REDACTED, Secret
 
 T = TypeVar("T")
@@ -88,11 +92,11 @@ class Vault:
     def __init__(self, cfg: VaultConfig, env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
         self._env = os.environ if env is None else env
-        verify: bool | str = str(cfg.ca_cert) if cfg.ca_cert else cfg.tls_verify
+        transport = _transport(cfg, self._env)
         # Two clients: `_client` carries the token; `_anon` never holds one, so a login request
         # never presents a stale token and health checks need none.
-        self._client = _client(cfg, verify)
-        self._anon = _client(cfg, verify)
+        self._client = _client(cfg, transport)
+        self._anon = _client(cfg, transport)
         self._lock = asyncio.Lock()
         self._generation = 0  # bumped on every login, so concurrent 403s log in only once
         self._ttl = 0.0  # seconds granted at the last login or renewal; 0 = never expires
@@ -453,15 +457,73 @@ def _unix_time(value: Any) -> float | None:
         return None
 
 
-def _client(cfg: VaultConfig, verify: bool | str) -> Any:
+@dataclass(frozen=True)
+class _Transport:
+    """How requests reach Vault: TLS trust, client certificate, namespace."""
+
+    verify: bool | str
+    cert: str | tuple[str, str] | None
+    namespace: str | None
+
+
+def _transport(cfg: VaultConfig, env: Mapping[str, str]) -> _Transport:
+    """The configuration's settings, else the environment the Vault CLI reads (BAO_* before
+    VAULT_*): *_NAMESPACE, *_CACERT (or *_CAPATH, a directory), *_CLIENT_CERT and
+    *_CLIENT_KEY. *_SKIP_VERIFY is not read: turning TLS checks off takes vault.tls_verify
+    in the file, not a variable left in a shell."""
+
+    def var(name: str) -> str | None:
+        return env.get(f"BAO_{name}") or env.get(f"VAULT_{name}") or None
+
+    namespace = (cfg.namespace or var("NAMESPACE") or "").strip("/") or None
+    ca = str(cfg.ca_cert) if cfg.ca_cert else var("CACERT") or var("CAPATH")
+    verify: bool | str = ca if ca and cfg.tls_verify else cfg.tls_verify
+    cert_file, key_file = var("CLIENT_CERT"), var("CLIENT_KEY")
+    if key_file and not cert_file:
+        raise ConfigError("", "VAULT_CLIENT_KEY is set without VAULT_CLIENT_CERT")
+    cert = (cert_file, key_file) if cert_file and key_file else cert_file
+    return _Transport(verify, cert, namespace)
+
+
+def _client(cfg: VaultConfig, transport: _Transport) -> Any:
     session = requests.Session()
     # SECURITY: no HTTP(S)_PROXY or ~/.netrc from the environment on the way to Vault.
     session.trust_env = False
+    # On the session itself: hvac takes a given session's verify and cert over its own
+    # arguments (and a new session verifies with the system's trust store).
+    session.verify, session.cert = transport.verify, transport.cert
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=CONCURRENCY)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     # token="" stops hvac from reading VAULT_TOKEN or ~/.vault-token on its own.
-    return hvac.Client(url=cfg.addr, token="", verify=verify, timeout=cfg.timeout, session=session)
+    return hvac.Client(
+        url=cfg.addr,
+        token="",
+        verify=transport.verify,
+        cert=transport.cert,
+        timeout=cfg.timeout,
+        session=session,
+        namespace=transport.namespace,
+    )
+
+
+def operator_config(cfg: VaultConfig, env: Mapping[str, str] | None = None) -> VaultConfig:
+    """`cfg` logging in with the operator's own token instead of its `auth`: BAO_TOKEN, else
+    VAULT_TOKEN, else the Vault CLI's token file ~/.vault-token (what `bao login` writes).
+    Address, namespace and TLS settings stay as configured."""
+    env = os.environ if env is None else env
+    token_file = None
+    if not (env.get("BAO_TOKEN") or env.get("VAULT_TOKEN")):
+        home = env.get("HOME")
+        token_file = (Path(home) if home else Path.home()) / ".vault-token"
+        if not token_file.is_file():
+            raise VaultError(
+                "--as-operator: no Vault token: set BAO_TOKEN or VAULT_TOKEN, or log in with "
+                "`bao login` (which writes ~/.vault-token)"
+            )
+    return dataclasses.replace(
+        cfg, auth=VaultAuth(method="token", mount="token", token_file=token_file)
+    )
 
 
 def _read_credential(path: Path, name: str) -> str:
@@ -744,4 +806,5 @@ __all__ = [
     "SecretNotFound",
     "Vault",
     "announce_key_change",
+    "operator_config",
 ]

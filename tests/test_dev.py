@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from keyproxy.devserver import OpenBaoDevServer
 from tests.support import CANARIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,9 +28,10 @@ BIN = Path(sys.executable).parent
 def dev_stack(log_dir: Path) -> Iterator[dict[str, Any]]:
     """A `keyproxy dev --json --port 0` subprocess; yields its handshake line."""
     out = log_dir / "dev.out"
+    env_file = log_dir / "dev.env"
     with out.open("wb") as stdout, (log_dir / "dev.err").open("wb") as stderr:
         proc = subprocess.Popen(
-            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0"],
+            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0", "--env-file", str(env_file)],
             stdout=stdout,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
@@ -51,6 +53,7 @@ def dev_stack(log_dir: Path) -> Iterator[dict[str, Any]]:
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(info["vault_addr"] + "/v1/sys/health", timeout=5)  # noqa: S310
     assert not Path(info["workdir"]).exists()
+    assert not env_file.exists()
 
 
 def _handshake(out: Path, proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
@@ -96,12 +99,40 @@ def _agent(dev_stack: dict[str, Any], code: str) -> str:
     return result.stdout
 
 
+def test_start_up_says_what_it_is_doing(dev_stack: dict[str, Any], log_dir: Path) -> None:
+    """While it starts, keyproxy dev says on stderr what it is waiting for."""
+    err = (log_dir / "dev.err").read_text()
+    for step in ("starting an OpenBao dev server", "configuring it with vault-dev/setup.sh"):
+        assert f"keyproxy dev: {step}" in err
+
+
+def test_setup_script_reports_progress_on_stderr(openbao: OpenBaoDevServer, tmp_path: Path) -> None:
+    """vault-dev/setup.sh (run again: it is idempotent) prints one line per step on stderr
+    and the OIDC issuer alone on stdout."""
+    env = {**os.environ, **openbao.env(), "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [str(REPO / "vault-dev" / "setup.sh"), str(tmp_path / "credentials")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == openbao.dev_setup.issuer
+    steps = [line for line in done.stderr.splitlines() if line.startswith("setup.sh: ")]
+    assert len(steps) == 6, done.stderr
+    assert any("KV v2 at secret/" in step for step in steps)
+    assert openbao.root_token not in done.stderr
+
+
 def test_handshake_has_the_documented_fields(dev_stack: dict[str, Any]) -> None:
-    """The --json line names proxy_url, route, token and vault_addr."""
+    """The --json line names proxy_url, route, token, vault_addr and the env file."""
     assert dev_stack["proxy_url"].startswith("http://127.0.0.1:")
     assert dev_stack["route"] == "demo"
     assert dev_stack["vault_addr"].startswith("http://127.0.0.1:")
     assert dev_stack["token"].count(".") == 2
+    assert Path(dev_stack["env_file"]).name == "dev.env"
 
 
 def test_readme_walkthrough_with_the_openai_sdk(dev_stack: dict[str, Any]) -> None:

@@ -11,7 +11,10 @@
 # CREDENTIALS_DIR/agent-NAME-secret-id (mode 600). Prints the entity id on stdout.
 set -euo pipefail
 
-bao="${BAO:-bao}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+bao="$(find_bao)"
 
 if [[ $# -ne 2 ]]; then
   echo "usage: $0 NAME CREDENTIALS_DIR" >&2

@@ -8,7 +8,10 @@
 # Needs BAO_ADDR (or VAULT_ADDR); no admin token is used. Prints only the JWT on stdout.
 set -euo pipefail
 
-bao="${BAO:-bao}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+bao="$(find_bao)"
 
 if [[ $# -ne 2 ]]; then
   echo "usage: $0 NAME CREDENTIALS_DIR" >&2

@@ -23,10 +23,10 @@
 # Point keyproxy at it with vault.auth: {method: jwt, role: keyproxy-proxy, jwt_file: ...}.
 set -euo pipefail
 
-bao="${BAO:-bao}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$here/lib.sh"
+bao="$(find_bao)"
 
 if [[ $# -lt 2 || $# -gt 3 ]]; then
   echo "usage: $0 ISSUER PROXY_SUBJECT [ROTATION_SUBJECT]" >&2

@@ -29,10 +29,10 @@
 # Both roles accept only tokens whose audience is KEYPROXY_VAULT_AUDIENCE.
 set -euo pipefail
 
-bao="${BAO:-bao}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$here/lib.sh"
+bao="$(find_bao)"
 
 if [[ $# -lt 1 || $# -gt 2 ]]; then
   echo "usage: $0 KUBERNETES_HOST [NAMESPACE]" >&2

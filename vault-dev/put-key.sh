@@ -11,7 +11,10 @@
 # the new version number on stdout.
 set -euo pipefail
 
-bao="${BAO:-bao}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+bao="$(find_bao)"
 
 if [[ $# -lt 1 || $# -gt 2 ]]; then
   echo "usage: $0 PATH [FIELD] < value" >&2

@@ -24,11 +24,14 @@
 #     server's default (its api_addr) differs; set KEYPROXY_OIDC_ISSUER to choose another
 #     base URL (tokens then carry iss = $KEYPROXY_OIDC_ISSUER/v1/identity/oidc).
 #
-# Prints the OIDC issuer on stdout. Secrets are written only to files, never printed.
+# Prints the OIDC issuer on stdout and one progress line per step on stderr. Secrets are
+# written only to files, never printed.
 set -euo pipefail
 
-bao="${BAO:-bao}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
+bao="$(find_bao)"
 
 if [[ $# -ne 1 ]]; then
   echo "usage: $0 CREDENTIALS_DIR" >&2
@@ -45,6 +48,7 @@ umask 077
 mkdir -p "$creds"
 
 # KV v2 at secret/
+progress "KV v2 at secret/"
 if "$bao" read sys/mounts/secret >/dev/null 2>&1; then
   options="$("$bao" read -field=options sys/mounts/secret)"
   if [[ "$("$bao" read -field=type sys/mounts/secret)" != "kv" || "$options" != *"version:2"* ]]; then
@@ -55,6 +59,7 @@ else
   "$bao" secrets enable -path=secret -version=2 kv >/dev/null
 fi
 
+progress "Transit key keyproxy-tokens (signs task tokens)"
 # Transit: the Ed25519 key that signs keyproxy's task tokens. Its private half never leaves
 # Vault; keyproxy verifies tokens locally with the public keys.
 if ! "$bao" read sys/mounts/transit >/dev/null 2>&1; then
@@ -65,6 +70,7 @@ if ! "$bao" read transit/keys/keyproxy-tokens >/dev/null 2>&1; then
 fi
 
 # The proxy: read-only access to keys, through AppRole.
+progress "policy and AppRole keyproxy-proxy -> $creds/proxy-role-id, proxy-secret-id"
 "$bao" policy write keyproxy-proxy "$here/policies/keyproxy-proxy.hcl" >/dev/null
 if ! "$bao" read sys/auth/approle >/dev/null 2>&1; then
   "$bao" auth enable approle >/dev/null
@@ -76,6 +82,7 @@ fi
   >"$creds/proxy-secret-id"
 chmod 600 "$creds/proxy-role-id" "$creds/proxy-secret-id"
 
+progress "policy and AppRole keyproxy-rotation -> $creds/rotation-role-id, rotation-secret-id"
 # Rotation jobs (`keyproxy rotate`, `keyproxy keys put`): write keys and the rotation
 # journal, read the rotators' admin credentials, through their own AppRole.
 "$bao" policy write keyproxy-rotation "$here/policies/keyproxy-rotation.hcl" >/dev/null
@@ -86,10 +93,12 @@ chmod 600 "$creds/proxy-role-id" "$creds/proxy-secret-id"
   >"$creds/rotation-secret-id"
 chmod 600 "$creds/rotation-role-id" "$creds/rotation-secret-id"
 
+progress "policy keyproxy-operator"
 # People operating keyproxy: keys put/status, rotate --emergency, token issue/revoke.
 "$bao" policy write keyproxy-operator "$here/policies/keyproxy-operator.hcl" >/dev/null
 
 # The agents' identity provider.
+progress "OIDC identity provider for agents (role agent, audience keyproxy)"
 discovery=identity/oidc/.well-known/openid-configuration
 if [[ -n "${KEYPROXY_OIDC_ISSUER:-}" ]]; then
   "$bao" write identity/oidc/config issuer="$KEYPROXY_OIDC_ISSUER" >/dev/null

@@ -238,6 +238,7 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
             "refresh_interval",
             "full_refresh_interval",
             "max_staleness",
+            "namespace",
         }
     )
     addr = _opt(f, "addr", _Node.string, "") or env.get("BAO_ADDR") or env.get("VAULT_ADDR")
@@ -268,6 +269,7 @@ def _vault(node: _Node, env: Mapping[str, str]) -> VaultConfig:
         refresh_interval=refresh,
         full_refresh_interval=full,
         max_staleness=staleness,
+        namespace=_opt(f, "namespace", _Node.string, None),
     )
 
 

@@ -73,6 +73,7 @@ class VaultConfig:
     refresh_interval: float = 2.0
     full_refresh_interval: float = 0.0  # 0: default_full_refresh() of the two around it
     max_staleness: float = 300.0
+    namespace: str | None = None  # X-Vault-Namespace; else BAO_NAMESPACE / VAULT_NAMESPACE
 
     def __post_init__(self) -> None:
         if not self.full_refresh_interval:
