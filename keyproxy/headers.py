@@ -6,7 +6,8 @@ the one policy checked (`DROPPED_REQUEST_HEADERS`, `DROPPED_REQUEST_FRAGMENTS`);
 hop-by-hop (also by being named in Connection), set by aiohttp or by the route's injection;
 and unless it is the route's caller credential or one of its `strip_headers`. An upstream
 answer's header goes back unless it is hop-by-hop, a length or coding aiohttp sets itself, or
-a cookie; any secret form in what goes back is redacted.
+a cookie; any secret form in what goes back is redacted. Both ways, `X-Request-Id` is
+keyproxy's: the request's id.
 
 A verdict is per header name as sent and remembered (`Verdicts`): a dict look-up per header.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
+import string
 from collections.abc import Callable
 from typing import Final
 
@@ -76,10 +79,25 @@ def caller_may_send(name: str) -> bool:
     )
 
 
+REQUEST_ID: Final = "X-Request-Id"
+_REQUEST_ID_CHARS: Final = string.ascii_letters + string.digits + "._:-"
+_REQUEST_ID_MAX: Final = 128
 # Set by aiohttp from the URL and body, or by us.
-_REQUEST_MANAGED: Final = frozenset({"host", "content-length", "accept-encoding", "expect"})
-# Upstream session cookies could let the caller use the upstream without the proxy.
-_RESPONSE_DROPPED: Final = frozenset({"content-length", "content-encoding", "set-cookie"})
+_REQUEST_MANAGED: Final = frozenset(
+    {"host", "content-length", "accept-encoding", "expect", REQUEST_ID.lower()}
+)
+# Upstream session cookies could let the caller use the upstream without the proxy. The
+# request id in an answer is keyproxy's; an upstream's own goes back as X-Upstream-Request-Id.
+UPSTREAM_REQUEST_ID: Final = "X-Upstream-Request-Id"
+_RESPONSE_DROPPED: Final = frozenset(
+    {
+        "content-length",
+        "content-encoding",
+        "set-cookie",
+        REQUEST_ID.lower(),
+        UPSTREAM_REQUEST_ID.lower(),
+    }
+)
 _RESPONSE_NOT_FORWARDED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
 
 _NONE: Final[frozenset[str]] = frozenset()
@@ -137,9 +155,9 @@ def request_verdicts(route: Route, injected: frozenset[str]) -> Verdicts:
 
 
 def upstream_headers(
-    incoming: CIMultiDictProxy[str], forwards: Verdicts, rendered: Rendered
+    incoming: CIMultiDictProxy[str], forwards: Verdicts, rendered: Rendered, request_id: str
 ) -> CIMultiDict[str]:
-    """The caller's headers this route forwards, and the injected ones."""
+    """The caller's headers this route forwards, the injected ones and the request id."""
     extra = _connection_extra(incoming)
     headers = CIMultiDict(
         [(k, v) for k, v in incoming.items() if forwards[k] and not (extra and k.lower() in extra)]
@@ -148,19 +166,26 @@ def upstream_headers(
     if incoming.get("Content-Length"):
         headers["Content-Length"] = incoming["Content-Length"]
     headers.extend(rendered.headers)
+    headers.setdefault(REQUEST_ID, request_id)  # unless the route puts its key there
     if "User-Agent" not in headers:
         headers["User-Agent"] = "keyproxy"  # not aiohttp's own, which names its version
     return headers
 
 
-def response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> list[tuple[str, str]]:
-    """The upstream's answer headers that go back to the caller, any secret form redacted."""
+def response_headers(
+    incoming: CIMultiDictProxy[str], rendered: Rendered, request_id: str
+) -> list[tuple[str, str]]:
+    """The upstream's answer headers that go back to the caller, any secret form redacted,
+    and the request id."""
     extra = _connection_extra(incoming)
     headers = [
         (k, v)
         for k, v in incoming.items()
         if _RETURNED[k] and (not extra or k.lower() not in extra)
     ]
+    theirs = incoming.get(REQUEST_ID)
+    if theirs is not None and theirs != request_id:
+        headers.append((UPSTREAM_REQUEST_ID, theirs))  # an upstream's id for its support desk
     # One search through all names and values first: an echoed key is the rare case.
     if holds_any("\n".join(itertools.chain.from_iterable(headers)), rendered.forms):
         headers = [
@@ -168,4 +193,20 @@ def response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> lis
             for k, v in headers
             if not holds_any(k, rendered.forms)  # a name cannot be redacted
         ]
+    headers.append((REQUEST_ID, request_id))
     return headers
+
+
+def request_id(incoming: CIMultiDictProxy[str]) -> str:
+    """The caller's X-Request-Id when it sent one, of 1-128 letters, digits and `._:-`, else
+    a new one. An id that is anything else is never repeated: not upstream, not back, not in
+    the log."""
+    values = incoming.getall(REQUEST_ID, ())
+    if len(values) == 1:
+        value = values[0]
+        # strip() takes away exactly the allowed characters: nothing left, nothing else.
+        if 0 < len(value) <= _REQUEST_ID_MAX and not value.strip(_REQUEST_ID_CHARS):
+            return value
+    # Unique, not secret (a caller may choose its id anyway): the module's generator, seeded
+    # from the OS in each process (again in a forked child), costs no system call.
+    return f"{random.getrandbits(128):032x}"  # an id, not a secret

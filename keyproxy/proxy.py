@@ -40,7 +40,14 @@ from keyproxy.errors import (
     RequestTimeout,
     Unauthenticated,
 )
-from keyproxy.headers import Verdicts, request_verdicts, response_headers, upstream_headers
+from keyproxy.headers import (
+    REQUEST_ID,
+    Verdicts,
+    request_id,
+    request_verdicts,
+    response_headers,
+    upstream_headers,
+)
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered, Scrubber, scrub_bytes
 from keyproxy.metrics import Metrics
@@ -166,7 +173,10 @@ class Proxy:
         started = time.monotonic()
         raw_path, _, raw_query = request.raw_path.partition("?")
         record = audit.RequestRecord(
-            method=request.method, path=raw_path, source=request.remote or ""
+            method=request.method,
+            path=raw_path,
+            source=request.remote or "",
+            request_id=request_id(request.headers),
         )
         response: web.StreamResponse | None = None
         self._in_flight += 1
@@ -174,7 +184,7 @@ class Proxy:
             response = await self._serve(request, raw_path, raw_query, record)
         except RequestError as exc:
             record.reason = exc.reason
-            response = error_response(exc)
+            response = error_response(exc, record.request_id)
         except asyncio.CancelledError:
             record.reason = "client_disconnected"
             raise
@@ -183,7 +193,9 @@ class Proxy:
             # keep the traceback in our scrubbed log rather than aiohttp's.
             log.exception("request_failed", route=record.route, path=record.path)
             record.reason = "internal_error"
-            response = error_response(InternalError("internal_error", "internal error"))
+            response = error_response(
+                InternalError("internal_error", "internal error"), record.request_id
+            )
         finally:
             self._in_flight -= 1
             elapsed = time.monotonic() - started
@@ -234,7 +246,7 @@ class Proxy:
         rendered = plan.injector.render(key.secret, key.version)
         body = await _request_body(request, route)
         url = _upstream_url(route, encoded, raw_query, rendered, plan.injector)
-        headers = upstream_headers(request.headers, plan.forwards, rendered)
+        headers = upstream_headers(request.headers, plan.forwards, rendered, record.request_id)
         return await self._forward(
             request,
             route,
@@ -435,7 +447,7 @@ async def _stream_back(
     encoding = _content_coding(upstream.headers.get("Content-Encoding", ""))
     if encoding not in DECODED_ENCODINGS:
         raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
-    headers = response_headers(upstream.headers, rendered)
+    headers = response_headers(upstream.headers, rendered, record.request_id)
     # The upstream's reason phrase is not forwarded: it is free text that could echo the key.
     length = upstream.content_length
     response: web.StreamResponse
@@ -516,9 +528,14 @@ def _abort(request: web.Request, record: audit.RequestRecord) -> None:
         request.transport.abort()
 
 
-def error_response(exc: RequestError) -> web.Response:
-    """The one place a pipeline error becomes an HTTP answer."""
-    headers = {"WWW-Authenticate": 'Bearer realm="keyproxy"'} if exc.status == 401 else None
+def error_response(exc: RequestError, request_id: str | None = None) -> web.Response:
+    """The one place a pipeline error becomes an HTTP answer; `request_id` is the proxied
+    request's."""
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="keyproxy"'
+    if request_id is not None:
+        headers[REQUEST_ID] = request_id
     return web.json_response(
         {"error": {"code": exc.reason, "message": exc.message}},
         status=exc.status,

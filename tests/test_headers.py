@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from keyproxy.config import parse
 from keyproxy.headers import (
     Verdicts,
     caller_may_send,
+    request_id,
     request_verdicts,
     response_headers,
     upstream_headers,
@@ -89,12 +91,14 @@ def test_upstream_headers_keep_what_the_route_forwards_and_add_the_injection() -
         ),
         forwards,
         RENDERED,
+        "rid-1",
     )
     assert sorted(sent.items()) == sorted(
         [
             ("Content-Type", "application/json"),
             ("Accept-Encoding", "identity"),
             ("Content-Length", "2"),
+            ("X-Request-Id", "rid-1"),
             ("Authorization", f"Bearer {KEY}"),
             ("User-Agent", "keyproxy"),
         ]
@@ -117,11 +121,64 @@ def test_response_headers_drop_cookies_and_lengths_and_redact_the_key() -> None:
             (f"X-{KEY}", "v"),
         ),
         RENDERED,
+        "rid-1",
     )
-    assert returned == [("Content-Type", "application/json"), ("X-Echo", f"you sent {REDACTED}")]
+    assert returned == [
+        ("Content-Type", "application/json"),
+        ("X-Echo", f"you sent {REDACTED}"),
+        ("X-Request-Id", "rid-1"),
+    ]
 
 
 def test_response_headers_without_a_key_are_returned_as_they_are() -> None:
-    """The common answer: nothing to redact, the names in the upstream's order and case."""
+    """The common answer: nothing to redact, the names in the upstream's order and case, and
+    the request id last."""
     pairs = [("Server", "nginx"), ("Date", "Sun, 29 Nov 2026 00:00:00 GMT"), ("X-Id", "7")]
-    assert response_headers(_incoming(*pairs), RENDERED) == pairs
+    assert response_headers(_incoming(*pairs), RENDERED, "r1") == [*pairs, ("X-Request-Id", "r1")]
+
+
+def test_an_upstream_request_id_of_its_own_goes_back_beside_ours() -> None:
+    """The answer's X-Request-Id is always keyproxy's; an upstream's different id goes back
+    as X-Upstream-Request-Id (and one it named so itself does not), an echo of ours is not
+    repeated."""
+    theirs = _incoming(("X-Request-Id", "req_upstream"), ("X-Upstream-Request-Id", "forged"))
+    assert response_headers(theirs, RENDERED, "ours") == [
+        ("X-Upstream-Request-Id", "req_upstream"),
+        ("X-Request-Id", "ours"),
+    ]
+    echoed = _incoming(("x-request-id", "ours"))
+    assert response_headers(echoed, RENDERED, "ours") == [("X-Request-Id", "ours")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "a" * 128, "req_1", "0f8fad5b-d9cb-469f-a165-70867728950e", "svc:7.1-a", "Z"],
+)
+def test_a_well_formed_request_id_is_kept(value: str) -> None:
+    """1-128 letters, digits and `._:-` come through as sent."""
+    assert request_id(_incoming(("X-Request-Id", value))) == value
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [],
+        [("X-Request-Id", "")],
+        [("X-Request-Id", "a" * 129)],
+        [("X-Request-Id", "a b")],
+        [("X-Request-Id", "a\r\nX-Injected: 1")],
+        [("X-Request-Id", "a\nb")],
+        [("X-Request-Id", "<script>")],
+        [("X-Request-Id", "caf\u00e9")],
+        [("X-Request-Id", "a%0d%0ab")],
+        [("X-Request-Id", "one"), ("X-Request-Id", "two")],
+    ],
+)
+def test_any_other_request_id_is_replaced(pairs: list[tuple[str, str]]) -> None:
+    """Absent, empty, too long, odd characters (CR/LF, spaces, non-ASCII), or sent twice:
+    a new id of 32 hex digits, different each time."""
+    first, second = request_id(_incoming(*pairs)), request_id(_incoming(*pairs))
+    assert first != second
+    for new in (first, second):
+        assert len(new) == 32
+        assert set(new) <= set("0123456789abcdef")

@@ -22,6 +22,7 @@ import openai
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy.app import YOUNG_GC_THRESHOLD
@@ -209,6 +210,48 @@ async def raw_request(port: int, target: bytes, headers: bytes = b"") -> int:
         return int(status_line.split()[1])
     finally:
         writer.close()
+
+
+async def raw_exchange(port: int, head: bytes) -> tuple[int, CIMultiDict[str], bytes]:
+    """Send a request head exactly as given (saying `Connection: close`) and read the whole
+    answer until the proxy closes: its status, headers, and every byte after the head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    top, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *lines = top.decode("latin-1").split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.add(name, value.strip())
+    return int(status_line.split()[1]), headers, rest
+
+
+def raw_get(path: str, *lines: str | bytes) -> bytes:
+    """A GET head for raw_exchange: the header lines as given, one per argument."""
+    encoded = [line.encode() if isinstance(line, str) else line for line in lines]
+    return b"\r\n".join(
+        [f"GET {path} HTTP/1.1".encode(), b"Host: x", b"Connection: close", *encoded, b"", b""]
+    )
+
+
+def new_request_id() -> str:
+    """A well-formed X-Request-Id that no other request of the session sends."""
+    return f"test-{time.monotonic_ns()}"
+
+
+async def audit_events(audit_log: Path, request_id: str) -> list[dict[str, Any]]:
+    """The request events of `request_id`, once at least one is in the log. Lines are written
+    in the order the events were made: once one is in, all made before it are too."""
+    deadline = time.monotonic() + 10
+    while not (seen := [e for e in _events(audit_log) if e.get("request_id") == request_id]):
+        assert time.monotonic() < deadline, f"no audit event for request {request_id}"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    return seen
 
 
 class ConnectionCounter:
@@ -573,6 +616,12 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
         "Proxy-Authorization",
         "X-Private",
         "X-Forwarded-For",
+        "X-HTTP-Method-Override",
+        "X-Original-URL",
+        "True-Client-IP",
+        "X-Amz-Security-Token",
+        "Private-Token",
+        "X-Custom-Auth",
     ):
         assert name not in seen, name
     assert seen["X-Keep"] == "kept"
@@ -636,6 +685,102 @@ async def test_query_injection_replaces_a_caller_parameter(
     ):
         assert response.status == 200
     assert upstream.requests[0].query == f"q=1&key={seeded[1]}"
+
+
+async def test_a_well_formed_request_id_is_the_requests_everywhere(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A caller's well-formed X-Request-Id is the one the upstream receives (once), the one
+    in the answer and the one in the audit event; keyproxy's own refusals (400, 401, 403,
+    404) carry theirs too."""
+    request_id = new_request_id() + ":a.B_c-9"
+    async with http.get(
+        f"{stack.base}/r/r/echo", headers={**bearer(token), "X-Request-Id": request_id}
+    ) as response:
+        assert response.status == 200
+        assert response.headers.getall("X-Request-Id") == [request_id]
+    assert upstream.requests[0].headers.getall("X-Request-Id") == [request_id]
+    [event] = await audit_events(audit_log, request_id)
+    assert (event["status"], event["route"], event["decision"]) == (200, "r", "allow")
+    for method, path, headers, status in [
+        ("GET", "/r/r/echo", {}, 401),
+        ("DELETE", "/r/r/echo", bearer(token), 403),
+        ("GET", "/r/nope/echo", bearer(token), 404),
+        ("GET", "/r/r/v1%2Fmodels", bearer(token), 400),
+    ]:
+        request_id = new_request_id()
+        async with http.request(
+            method,
+            URL(f"{stack.base}{path}", encoded=True),
+            headers={**headers, "X-Request-Id": request_id},
+        ) as response:
+            assert response.status == status
+            assert response.headers["X-Request-Id"] == request_id
+        [event] = await audit_events(audit_log, request_id)
+        assert event["status"] == status
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"%(marker)s" + b"a" * 129,
+        b"%(marker)s with spaces",
+        b"%(marker)s<script>",
+        b"%(marker)s\tb",
+        b"caf\xc3\xa9-%(marker)s",
+        b"%(marker)s%%0d%%0aX-Injected:%%201",
+        b"%(marker)s;rm",
+    ],
+    ids=["too-long", "spaces", "markup", "tab", "non-ascii", "encoded-crlf", "semicolon"],
+)
+async def test_a_malformed_request_id_is_replaced(
+    stack: Stack, upstream: Upstream, token: str, audit_log: Path, value: bytes
+) -> None:
+    """Too long, spaces, odd characters, a tab, text beyond ASCII, encoded line breaks: the
+    caller's value goes nowhere (not upstream, not back, not in the log); the request gets a
+    new id, the same in all three places."""
+    port = URL(stack.base).port
+    assert port is not None
+    marker = f"m{time.monotonic_ns()}"
+    line = b"X-Request-Id: " + value % {b"marker": marker.encode()}
+    status, headers, _ = await raw_exchange(
+        port, raw_get("/r/r/echo", f"Authorization: Bearer {token}", line)
+    )
+    assert status == 200
+    [new] = headers.getall("X-Request-Id")
+    assert len(new) == 32
+    assert set(new) <= set("0123456789abcdef")
+    assert "X-Injected" not in headers
+    assert upstream.requests[0].headers.getall("X-Request-Id") == [new]
+    [event] = await audit_events(audit_log, new)
+    assert event["status"] == 200
+    assert marker not in audit_log.read_text()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"abc\rX-Injected: 1", b"abc\nX-Injected: 1", b"abc\r\n X-Injected: 1", b"abc\x00def"],
+    ids=["cr", "lf", "obs-fold", "nul"],
+)
+async def test_line_breaks_in_a_request_id_never_become_headers(
+    stack: Stack, upstream: Upstream, token: str, value: bytes
+) -> None:
+    """A bare CR or LF, an obsolete line folding or a NUL in X-Request-Id: the request is
+    refused before the proxy, and nothing the caller wrote comes back as a header."""
+    port = URL(stack.base).port
+    assert port is not None
+    status, headers, _ = await raw_exchange(
+        port, raw_get("/r/r/echo", f"Authorization: Bearer {token}", b"X-Request-Id: " + value)
+    )
+    assert status == 400
+    assert "X-Injected" not in headers
+    assert all(v != "abc" for v in headers.getall("X-Request-Id", []))
+    assert upstream.requests == []
 
 
 # ----------------------------------------------------------------------------- invariant 5
@@ -859,6 +1004,24 @@ async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
 def _answer(declared: int, sent: int, extra: bytes = b"") -> bytes:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
     return head + b"Content-Length: %d\r\n" % declared + extra + b"\r\n" + b"x" * sent
+
+
+async def test_an_upstreams_own_request_id_goes_back_beside_ours(
+    config_for: Callable[..., dict[str, Any]], token: str, http: aiohttp.ClientSession
+) -> None:
+    """The answer's X-Request-Id is the request's; an upstream's id of its own (as OpenAI
+    sends) comes back as X-Upstream-Request-Id."""
+    request_id = new_request_id()
+    async with (
+        raw_upstream(_answer(2, 2, b"X-Request-Id: req_upstream_7\r\n")) as url,
+        running_proxy(config_for(url)) as stack,
+        http.get(
+            f"{stack.base}/r/r/echo", headers={**bearer(token), "X-Request-Id": request_id}
+        ) as response,
+    ):
+        assert response.status == 200
+        assert response.headers.getall("X-Request-Id") == [request_id]
+        assert response.headers.getall("X-Upstream-Request-Id") == ["req_upstream_7"]
 
 
 async def test_short_answer_cut_short_is_502(
