@@ -17,7 +17,8 @@
         └── InternalError      500  a bug: logged, answered without details
 
 A `RequestError`'s message and reason are sent to the caller and logged, so they must never
-contain a key, a token, or anything derived from one.
+contain a key, a token, or anything derived from one. `retry_after`, when set, is the whole
+seconds after which trying again may succeed (the answer's Retry-After).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class RequestError(KeyproxyError):
 
     status: ClassVar[int] = 500
 
-    def __init__(self, reason: str, message: str = "") -> None:
+    def __init__(self, reason: str, message: str = "", *, retry_after: int | None = None) -> None:
         super().__init__(message or reason)
         self.reason = reason
         self.message = message or reason
+        self.retry_after = retry_after
 
 
 class BadRequest(RequestError):

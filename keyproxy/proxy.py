@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -39,6 +40,7 @@ from keyproxy.errors import (
     RequestError,
     RequestTimeout,
     Unauthenticated,
+    Unavailable,
 )
 from keyproxy.headers import (
     REQUEST_ID,
@@ -161,6 +163,8 @@ class Proxy:
         self.metrics = metrics
         self.plans = {name: _Plan.of(r, sessions.get(name)) for name, r in config.routes.items()}
         self._in_flight = 0
+        # A 503 for a key Vault could not give says when to try again: the next refresh.
+        self.retry_after = max(1, math.ceil(config.vault.refresh_interval))
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
@@ -240,7 +244,10 @@ class Proxy:
         identity, task = await self._authenticate(_caller_token(request, route), source, record)
         self._authorize(identity, task, route, request.method, segments, source, record)
 
-        key = self.keys.get(route.name)
+        try:
+            key = self.keys.get(route.name)
+        except Unavailable as exc:
+            raise Unavailable(exc.reason, exc.message, retry_after=self.retry_after) from None
         record.key_version = key.version
         plan = self.plans[route.name]
         rendered = plan.injector.render(key.secret, key.version)
@@ -534,6 +541,8 @@ def error_response(exc: RequestError, request_id: str | None = None) -> web.Resp
     headers: dict[str, str] = {}
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="keyproxy"'
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
     if request_id is not None:
         headers[REQUEST_ID] = request_id
     return web.json_response(

@@ -1278,7 +1278,8 @@ async def test_vault_outage_serves_from_cache_then_503(
     http: aiohttp.ClientSession,
     upstream: Upstream,
 ) -> None:
-    """With Vault stopped, requests succeed from the cache within max_staleness, then get 503."""
+    """With Vault stopped, requests succeed from the cache within max_staleness, then get 503
+    saying when to try again: after the next refresh (500 ms, so 1 s)."""
     bao = fresh_openbao
     agent = bao.add_agent("outage-agent")
     token = bao.agent_token(agent)
@@ -1298,8 +1299,10 @@ async def test_vault_outage_serves_from_cache_then_503(
             async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
                 if response.status == 503:
                     assert (await response.json())["error"]["code"] == "key_stale"
+                    assert response.headers["Retry-After"] == "1"
                     break
                 assert response.status == 200
+                assert "Retry-After" not in response.headers
             assert time.monotonic() < deadline, "never turned to 503 after max_staleness"
             await asyncio.sleep(0.2)  # pacing between probes
         # max_staleness is 3 s: not before it, and (with a 500 ms refresh) not long after.
@@ -1307,3 +1310,28 @@ async def test_vault_outage_serves_from_cache_then_503(
         async with http.get(f"{stack.base}/readyz") as response:
             assert response.status == 503
     assert {s.headers["Authorization"] for s in upstream.requests} == {f"Bearer {key}"}
+
+
+async def test_a_key_never_loaded_is_503_with_retry_after(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    local_issuer: LocalIssuer,
+    token: str,
+    http: aiohttp.ClientSession,
+    upstream: Upstream,
+) -> None:
+    """A route whose key Vault does not hold answers 503 key_unavailable with Retry-After of
+    the refresh interval in whole seconds, rounded up (2.5 s: 3); a refusal of another kind
+    (401) says nothing of retrying."""
+    cfg = make_config(openbao, agent, local_issuer, upstream.url, "keyproxy/keys/never-written")
+    cfg["vault"] = openbao.vault_yaml(refresh_interval="2500ms", max_staleness="10s")
+    async with running_proxy(cfg) as stack:
+        async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "key_unavailable"
+            assert response.headers["Retry-After"] == "3"
+            assert len(response.headers["X-Request-Id"]) == 32
+        async with http.get(f"{stack.base}/r/r/echo") as response:
+            assert response.status == 401
+            assert "Retry-After" not in response.headers
+    assert upstream.requests == []
