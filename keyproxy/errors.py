@@ -11,7 +11,7 @@
         ├── RequestTimeout     408  the caller's request body did not arrive in time
         ├── PayloadTooLarge    413  request body above the route's limit
         ├── EgressDenied       502  upstream address refused by the egress fence
-        ├── BadGateway         502  upstream failed
+        ├── BadGateway         502  upstream failed, or answered with a 1xx status
         ├── Unavailable        503  key not loaded or too stale (Vault unreachable)
         ├── GatewayTimeout     504  upstream connect or read timed out
         └── InternalError      500  a bug: logged, answered without details

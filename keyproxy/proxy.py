@@ -21,6 +21,7 @@ from urllib.parse import unquote_plus
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -110,7 +111,25 @@ def _session(route: Route) -> aiohttp.ClientSession:
         trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
+        response_class=_UpstreamResponse,
     )
+
+
+class _UpstreamResponse(aiohttp.ClientResponse):
+    """An upstream answer whose connection is closed if its status is 1xx.
+
+    aiohttp's client skips 100, 102 and 103 itself and returns a 101 (any other 1xx would
+    be a bug there). After a 101 the connection speaks another protocol; a 101 without
+    Upgrade has no body, so aiohttp has put the connection back in its pool by now, where
+    the next request would read what followed the 101 as its answer. SECURITY: never reused.
+    """
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        response = await super().start(connection)
+        if self.status < 200 and protocol is not None:
+            protocol.close()  # a pooled connection that is closed is dropped, never used
+        return response
 
 
 @dataclass(frozen=True)
@@ -350,6 +369,13 @@ class Proxy:
                 ) as upstream:
                     watch.heard()
                     record.upstream_status = upstream.status
+                    if upstream.status < 200:
+                        # SECURITY: a 101 relayed would tell a front proxy to tunnel the
+                        # caller's bytes. Until WebSockets are supported on purpose, a 502;
+                        # the connection is closed already (_UpstreamResponse).
+                        raise BadGateway(
+                            "upstream_protocol_switch", "the upstream tried to switch protocols"
+                        )
                     return await _stream_back(request, upstream, rendered, record, watch)
         except RequestError:
             raise

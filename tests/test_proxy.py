@@ -1006,6 +1006,117 @@ def _answer(declared: int, sent: int, extra: bytes = b"") -> bytes:
     return head + b"Content-Length: %d\r\n" % declared + extra + b"\r\n" + b"x" * sent
 
 
+# After a 101 the upstream speaks another protocol: here a WebSocket frame, then bytes that
+# would read as an HTTP answer if anyone kept parsing HTTP.
+TUNNELLED = b"\x81\x05hello" + b"HTTP/1.1 200 OK\r\nX-Tunnelled: yes\r\nContent-Length: 0\r\n\r\n"
+
+
+class SwitchingUpstream:
+    """A raw upstream whose first connection gets `first`, and is then held open until the
+    proxy closes it; any later connection gets a short 200."""
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+        self.connections = 0
+        self.first_closed = asyncio.Event()
+        self.url = ""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.first if first else _answer(2, 2))
+            await writer.drain()
+            if first:
+                # Whatever the proxy sends now is not read as HTTP; only its close ends this.
+                async with asyncio.timeout(10):
+                    while await reader.read(65536):
+                        pass
+                self.first_closed.set()
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n" + TUNNELLED,
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + TUNNELLED,
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + TUNNELLED,
+    ],
+    ids=["websocket", "h2c", "no-upgrade-header"],
+)
+async def test_an_upstream_switching_protocols_is_502_and_its_connection_closed(
+    config_for: Callable[..., dict[str, Any]], token: str, audit_log: Path, first: bytes
+) -> None:
+    """An upstream 101 never reaches the caller: the caller gets exactly one answer, a 502,
+    and none of the bytes that followed the 101; the upstream connection is closed, not
+    pooled, so the next request opens a new one and gets a plain answer."""
+    upstream = SwitchingUpstream(first)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    request_id = new_request_id()
+    try:
+        async with running_proxy(config_for(url)) as stack:
+            port = URL(stack.base).port
+            assert port is not None
+            auth = f"Authorization: Bearer {token}"
+            head = raw_get("/r/r/echo", auth, f"X-Request-Id: {request_id}")
+            status, headers, rest = await raw_exchange(port, head)
+            assert status == 502
+            assert json.loads(rest)["error"]["code"] == "upstream_protocol_switch"
+            assert b"HTTP/1." not in rest  # the one answer, nothing after it
+            assert b"hello" not in rest
+            assert "Upgrade" not in headers
+            assert "X-Tunnelled" not in headers
+            await asyncio.wait_for(upstream.first_closed.wait(), 10)
+            status, _, rest = await raw_exchange(port, raw_get("/r/r/echo", auth))
+            assert (status, rest) == (200, b"xx")
+            assert upstream.connections == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+    [event] = await audit_events(audit_log, request_id)
+    assert (event["status"], event["upstream_status"]) == (502, 101)
+    assert event["reason"] == "upstream_protocol_switch"
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </hint.js>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\nX-Hint: hint.css\r\n\r\n",
+        b"HTTP/1.1 102 Processing\r\nX-Hint: hint.css\r\n\r\n",
+    ],
+    ids=["103", "103-twice", "100", "102"],
+)
+async def test_interim_answers_never_reach_the_caller(
+    config_for: Callable[..., dict[str, Any]], token: str, interim: bytes
+) -> None:
+    """Interim answers before the final one (Early Hints, an unasked-for Continue,
+    Processing) are not relayed: the caller reads exactly one answer, the final 200, and
+    none of the interim headers."""
+    final = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+    async with (
+        raw_upstream(interim + final + b'{"ok":true}') as url,
+        running_proxy(config_for(url)) as stack,
+    ):
+        port = URL(stack.base).port
+        assert port is not None
+        status, headers, rest = await raw_exchange(
+            port, raw_get("/r/r/echo", f"Authorization: Bearer {token}")
+        )
+    assert (status, rest) == (200, b'{"ok":true}')
+    assert "Link" not in headers
+    assert "X-Hint" not in headers
+    assert all("hint" not in v for v in headers.values())
+
+
 async def test_an_upstreams_own_request_id_goes_back_beside_ours(
     config_for: Callable[..., dict[str, Any]], token: str, http: aiohttp.ClientSession
 ) -> None:
