@@ -4,10 +4,11 @@ A caller's request header is forwarded unless it carries or could override a cre
 claims another client address, or could make the upstream run another method or path than
 the one policy checked (`DROPPED_REQUEST_HEADERS`, `DROPPED_REQUEST_FRAGMENTS`); unless it is
 hop-by-hop (also by being named in Connection), set by aiohttp or by the route's injection;
-and unless it is the route's caller credential or one of its `strip_headers`. An upstream
-answer's header goes back unless it is hop-by-hop, a length or coding aiohttp sets itself, or
-a cookie; any secret form in what goes back is redacted. Both ways, `X-Request-Id` is
-keyproxy's: the request's id.
+and unless it is the route's caller credential or one of its `strip_headers`. A name holding
+`_` is dropped too, unless the route forwards such names; then every rule above applies to
+the name with `_` read as `-`. An upstream answer's header goes back unless it is hop-by-hop,
+a length or coding aiohttp sets itself, or a cookie; any secret form in what goes back is
+redacted. Both ways, `X-Request-Id` is keyproxy's: the request's id.
 
 A verdict is per header name as sent and remembered (`Verdicts`): a dict look-up per header.
 """
@@ -72,11 +73,24 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
 )
 
 
-def caller_may_send(name: str) -> bool:
-    """Whether a caller's request header (lower-case name) may be forwarded at all."""
+def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
+    """Whether a caller's request header (lower-case name) may be forwarded at all.
+
+    SECURITY: CGI/WSGI, Rack, PHP and nginx with `underscores_in_headers` read `_` in a name
+    as `-`, so `X_Api_Key` is X-Api-Key to them. A name holding `_` is refused, or with
+    `fold_underscores` judged as those servers will read it."""
+    if "_" in name:
+        if not fold_underscores:
+            return False
+        name = folded(name)
     return name not in DROPPED_REQUEST_HEADERS and not any(
         fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
     )
+
+
+def folded(name: str) -> str:
+    """A header name as a server that reads `_` as `-` sees it."""
+    return name.replace("_", "-")
 
 
 REQUEST_ID: Final = "X-Request-Id"
@@ -114,7 +128,8 @@ def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=256)
 def _listed(values: tuple[str, ...]) -> frozenset[str]:
-    named = {part.strip().lower() for value in values for part in value.split(",")}
+    """The names, lower-case and folded (a route may forward names with `_`)."""
+    named = {folded(part.strip().lower()) for value in values for part in value.split(",")}
     return frozenset(named - HOP_BY_HOP - {""})
 
 
@@ -145,13 +160,17 @@ _RETURNED: Final = Verdicts(_returned)
 def request_verdicts(route: Route, injected: frozenset[str]) -> Verdicts:
     """The verdicts on a caller's request headers for `route`, whose injection sets the
     (lower-case) header names `injected`."""
-    dropped = (
-        HOP_BY_HOP
+    fold = route.forward_underscore_headers
+    dropped = {
+        folded(name)
+        for name in HOP_BY_HOP
         | _REQUEST_MANAGED
         | injected
         | {route.caller_credential.header.lower(), *route.strip_headers}
+    }
+    return Verdicts(
+        lambda name: caller_may_send(name, fold_underscores=fold) and folded(name) not in dropped
     )
-    return Verdicts(lambda name: caller_may_send(name) and name not in dropped)
 
 
 def upstream_headers(
@@ -160,7 +179,11 @@ def upstream_headers(
     """The caller's headers this route forwards, the injected ones and the request id."""
     extra = _connection_extra(incoming)
     headers = CIMultiDict(
-        [(k, v) for k, v in incoming.items() if forwards[k] and not (extra and k.lower() in extra)]
+        [
+            (k, v)
+            for k, v in incoming.items()
+            if forwards[k] and not (extra and folded(k.lower()) in extra)
+        ]
     )
     headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
     if incoming.get("Content-Length"):
@@ -181,7 +204,7 @@ def response_headers(
     headers = [
         (k, v)
         for k, v in incoming.items()
-        if _RETURNED[k] and (not extra or k.lower() not in extra)
+        if _RETURNED[k] and (not extra or folded(k.lower()) not in extra)
     ]
     theirs = incoming.get(REQUEST_ID)
     if theirs is not None and theirs != request_id:

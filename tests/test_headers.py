@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from keyproxy.config import parse
+from keyproxy.config import Route, parse
 from keyproxy.headers import (
     Verdicts,
     caller_may_send,
@@ -148,6 +148,89 @@ def test_an_upstream_request_id_of_its_own_goes_back_beside_ours() -> None:
     ]
     echoed = _incoming(("x-request-id", "ours"))
     assert response_headers(echoed, RENDERED, "ours") == [("X-Request-Id", "ours")]
+
+
+# ---------------------------------------------------------------------------- underscores
+
+# Each is dropped in its dash form; a server that reads `_` as `-` would see that form.
+UNDERSCORED = [
+    "X_Api_Key",
+    "Api_Key",
+    "X_Forwarded_For",
+    "X_Real_IP",
+    "X_HTTP_Method_Override",
+    "X_Original_URL",
+    "Transfer_Encoding",
+    "Content_Length",
+]
+MIXED = [
+    "X-Api_Key",
+    "X_Api-Key",
+    "x_forwarded-for",
+    "X-Real_Ip",
+    "X-HTTP_Method-Override",
+    "Content_length",
+    "X_Upstream-Key",  # the route's injected header
+    "X_Strip-Me",  # one of its strip_headers
+    "Caller_Token",  # its caller-credential header
+    "X_Request_Id",  # keyproxy's own
+]
+# Benign once folded ("transfer-encoding-" is no rule's name), so dropped only by default.
+BENIGN = ["X_Custom", "Idempotency_Key", "Request_Priority", "X-Trace_Parent", "Transfer-Encoding_"]
+
+
+def _route(**extra: Any) -> Route:
+    route = {
+        **CONFIG["routes"]["r"],
+        "inject": [{"header": "X-Upstream-Key"}],
+        "caller_credential": {"header": "Caller-Token"},
+        **extra,
+    }
+    return parse(json.dumps({**CONFIG, "routes": {"r": route}}), {}).routes["r"]
+
+
+def test_header_names_with_underscores_are_dropped_by_default() -> None:
+    """By default every caller header whose name holds `_` stays behind, whatever its
+    dashed form would be; the dashed form of a benign one still passes."""
+    forwards = request_verdicts(_route(), frozenset({"x-upstream-key"}))
+    for name in UNDERSCORED + MIXED + BENIGN:
+        assert forwards[name] is False, name
+    for name in ("X-Custom", "Idempotency-Key", "Request-Priority"):
+        assert forwards[name] is True, name
+
+
+def test_forwarded_underscore_names_are_judged_as_folded() -> None:
+    """With forward_underscore_headers a name with `_` is judged as the name with `-`: every
+    rule (credentials, client address, method override, framing, injected, stripped, the
+    caller credential, the request id) still drops it, also when `_` and `-` are mixed; a
+    benign one passes under the name the caller sent."""
+    forwards = request_verdicts(
+        _route(forward_underscore_headers=True), frozenset({"x-upstream-key"})
+    )
+    for name in UNDERSCORED + MIXED:
+        assert forwards[name] is False, name
+    for name in BENIGN:
+        assert forwards[name] is True, name
+    incoming = _incoming(("X_Custom", "1"), ("X_Api_Key", "k"), ("Connection", "x-private"))
+    sent = upstream_headers(
+        CIMultiDictProxy(CIMultiDict([*incoming.items(), ("X_Private", "hop")])),
+        forwards,
+        RENDERED,
+        "rid",
+    )
+    assert sent.getall("X_Custom") == ["1"]
+    assert "X_Api_Key" not in sent
+    assert "X_Private" not in sent  # named in Connection in its dashed form
+
+
+@pytest.mark.parametrize(
+    "name", ["x_api_key", "x-api_key", "proxy_authorization", "x_amz_date", "my_secret_thing"]
+)
+def test_caller_may_send_refuses_underscores_or_folds_them(name: str) -> None:
+    """An underscore name is refused outright, and with folding judged by its dashed form."""
+    assert caller_may_send(name) is False
+    assert caller_may_send(name, fold_underscores=True) is False
+    assert caller_may_send("x_trace", fold_underscores=True) is True
 
 
 @pytest.mark.parametrize(

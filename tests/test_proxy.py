@@ -687,6 +687,72 @@ async def test_query_injection_replaces_a_caller_parameter(
     assert upstream.requests[0].query == f"q=1&key={seeded[1]}"
 
 
+# Each reached the upstream verbatim while its dash form was dropped; servers that read `_`
+# as `-` (CGI/WSGI, Rack, PHP, nginx with underscores_in_headers) see the dash form.
+UNDERSCORED = {
+    "X_Api_Key": "caller-forged-key",
+    "Api_Key": "caller-forged-key",
+    "X_Forwarded_For": "10.9.9.9",
+    "X_Real_IP": "10.9.9.9",
+    "X_HTTP_Method_Override": "DELETE",
+    "X_Original_URL": "/admin",
+    "Transfer_Encoding": "chunked",
+    "Content_Length": "999",
+}
+MIXED_UNDERSCORED = {
+    "X-Api_Key": "caller-forged-key",
+    "X_Api-Key": "caller-forged-key",
+    "X_Forwarded-For": "10.9.9.9",
+    "X-Real_Ip": "10.9.9.9",
+    "X-HTTP-Method_Override": "DELETE",
+    "X-Original_URL": "/admin",
+    "Content_length": "999",
+    "X_Upstream-Key": "caller-forged-key",  # the route's injected header
+    "X_Request_Id": "caller-forged-id",  # keyproxy's own
+}
+
+
+@pytest.mark.parametrize("forward", [False, True], ids=["default", "forward_underscore_headers"])
+async def test_header_names_with_underscores_never_smuggle_a_dropped_header(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+    forward: bool,
+) -> None:
+    """Names with `_` that a server would read as a dropped header (a credential, a client
+    address, a method or URL override, framing, the injected header, the request id), also
+    when `_` and `-` are mixed, never reach the upstream; with forward_underscore_headers a
+    benign one arrives as sent, by default it stays behind too."""
+    opt_out = {"forward_underscore_headers": True} if forward else {}
+    cfg = config_for(upstream.url, inject=[{"header": "X-Upstream-Key"}], **opt_out)
+    headers = {
+        **bearer(token),
+        **UNDERSCORED,
+        **MIXED_UNDERSCORED,
+        "X_Custom_Trace": "benign",
+        "X-Keep": "kept",
+    }
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(f"{stack.base}/r/r/echo", headers=headers) as response,
+    ):
+        assert response.status == 200
+    [seen] = upstream.requests
+    for name in (*UNDERSCORED, *MIXED_UNDERSCORED):
+        assert name not in seen.headers, name
+    assert (seen.method, seen.path) == ("GET", "/echo")
+    assert seen.headers.getall("X-Upstream-Key") == [seeded[1]]
+    assert seen.headers["X-Keep"] == "kept"
+    assert seen.headers.getall("X_Custom_Trace", []) == (["benign"] if forward else [])
+    assert seen.headers["X-Request-Id"] == response.headers["X-Request-Id"]
+    sent = "\n".join(seen.headers.values())
+    for value in ("caller-forged", "10.9.9.9", "DELETE", "/admin", "999"):
+        assert value not in sent
+    assert_nothing_leaked(upstream, token)
+
+
 async def test_a_well_formed_request_id_is_the_requests_everywhere(
     stack: Stack,
     upstream: Upstream,
