@@ -4,7 +4,8 @@
     ├── ConfigError            bad configuration file (exit 2, never an HTTP answer)
     ├── VaultError             Vault/OpenBao failed or refused; hvac errors become this
     └── RequestError           stops a request; carries the status and a short reason code
-        ├── BadRequest         400  malformed request (bad path, bad X-Forwarded-For)
+        ├── BadRequest         400  malformed request (bad path, bad X-Forwarded-For,
+        │                           a credential sent twice or in two places)
         ├── Unauthenticated    401  no credential, or a credential that does not verify
         ├── Forbidden          403  authenticated, but no policy allows this request
         ├── NotFound           404  unknown route

@@ -10,6 +10,9 @@ the name with `_` read as `-`. An upstream answer's header goes back unless it i
 a length or coding aiohttp sets itself, or a cookie; any secret form in what goes back is
 redacted. Both ways, `X-Request-Id` is keyproxy's: the request's id.
 
+`caller_token` reads the caller's credential, refusing a request that carries it more than
+once or in two places.
+
 A verdict is per header name as sent and remembered (`Verdicts`): a dict look-up per header.
 """
 
@@ -21,10 +24,12 @@ import random
 import string
 from collections.abc import Callable
 from typing import Final
+from urllib.parse import unquote, unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from keyproxy.config import HOP_BY_HOP, Route
+from keyproxy.config import HOP_BY_HOP, CallerCredential, Route
+from keyproxy.errors import BadRequest, Unauthenticated
 from keyproxy.inject import Rendered, holds_any, scrub_text
 
 # SECURITY: request headers never forwarded, whatever the route says. They carry or could
@@ -218,6 +223,71 @@ def response_headers(
         ]
     headers.append((REQUEST_ID, request_id))
     return headers
+
+
+# Headers that carry a caller's credential with some client or server: besides the route's
+# own, a request carrying any of them is ambiguous.
+CREDENTIAL_HEADERS: Final = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
+)
+# RFC 6750 2.3: the query parameter that carries a bearer token.
+_QUERY_CREDENTIAL: Final = "access_token"
+
+
+def other_credential_headers(credential: CallerCredential) -> tuple[str, ...]:
+    """The credential-carrying headers that are not the route's own."""
+    return tuple(sorted(CREDENTIAL_HEADERS - {credential.header.lower()}))
+
+
+def caller_token(
+    incoming: CIMultiDictProxy[str],
+    query: str,
+    credential: CallerCredential,
+    others: tuple[str, ...],
+) -> str:
+    """The caller's token from the route's credential header; `others` are the
+    `other_credential_headers`.
+
+    Raises Unauthenticated when there is none, and BadRequest when the request carries a
+    credential more than once or in two places (invariant 12): two credential-carrying
+    headers (two copies of one, or the route's and another), a list in one (a comma, or more
+    than the token after the scheme), or a credential in the query string, which would go
+    upstream as sent (invariant 4). Nothing has been verified yet: the shape alone refuses."""
+    values = incoming.getall(credential.header, ())
+    carried = len(values)
+    if not incoming.keys().isdisjoint(others):  # the rare case: counted only then
+        carried += sum(len(incoming.getall(name, ())) for name in others)
+    if carried > 1:
+        raise _ambiguous()
+    value = values[0].strip() if values else ""
+    if "," in value:
+        raise _ambiguous()
+    if credential.scheme is not None:
+        scheme, _, value = value.partition(" ")
+        value = value.strip() if scheme.lower() == credential.scheme.lower() else ""
+    # Header values hold no other whitespace (RFC 9110 5.5; aiohttp refuses CR and LF).
+    if " " in value or "\t" in value:
+        raise _ambiguous()
+    if query and _in_query(query, value):
+        raise BadRequest("credential_in_query", "send your token in a header, not in the URL")
+    if not value:
+        raise Unauthenticated("no_credential", f"send your token in {credential.header}")
+    return value
+
+
+def _in_query(query: str, token: str) -> bool:
+    """Whether the query string carries a credential, as the upstream will decode it: the
+    RFC 6750 parameter, or the caller's token itself anywhere."""
+    if token and token in unquote(query):
+        return True
+    return any(
+        unquote_plus(part.partition("=")[0]).lower() == _QUERY_CREDENTIAL
+        for part in query.split("&")
+    )
+
+
+def _ambiguous() -> BadRequest:
+    return BadRequest("ambiguous_credential", "send one credential, once, in one header")
 
 
 def request_id(incoming: CIMultiDictProxy[str]) -> str:

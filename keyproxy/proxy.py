@@ -46,6 +46,8 @@ from keyproxy.errors import (
 from keyproxy.headers import (
     REQUEST_ID,
     Verdicts,
+    caller_token,
+    other_credential_headers,
     request_id,
     request_verdicts,
     response_headers,
@@ -139,6 +141,7 @@ class _Plan:
     injector: Injector
     session: aiohttp.ClientSession
     forwards: Verdicts  # caller's request header name as sent: forwarded on this route?
+    other_credentials: tuple[str, ...]  # credential-carrying headers a caller must not add
     timeout: aiohttp.ClientTimeout
     first_read: float  # seconds to wait for the answer to start: connect + read
     literal_denial: EgressDenied | None  # the fence's verdict on an IP-literal upstream
@@ -150,6 +153,7 @@ class _Plan:
             injector=injector,
             session=session,
             forwards=request_verdicts(route, injector.header_names),
+            other_credentials=other_credential_headers(route.caller_credential),
             timeout=aiohttp.ClientTimeout(
                 # The read timeout is keyproxy.deadline's: aiohttp's sock_read costs a new
                 # loop timer per read.
@@ -260,7 +264,11 @@ class Proxy:
         else:  # the peer is the caller
             source, record.source = policy.peer_address(peer)
 
-        identity, task = await self._authenticate(_caller_token(request, route), source, record)
+        plan = self.plans[route.name]
+        credential = caller_token(
+            request.headers, raw_query, route.caller_credential, plan.other_credentials
+        )
+        identity, task = await self._authenticate(credential, source, record)
         self._authorize(identity, task, route, request.method, segments, source, record)
 
         try:
@@ -268,7 +276,6 @@ class Proxy:
         except Unavailable as exc:
             raise Unavailable(exc.reason, exc.message, retry_after=self.retry_after) from None
         record.key_version = key.version
-        plan = self.plans[route.name]
         rendered = plan.injector.render(key.secret, key.version)
         body = await _request_body(request, route)
         url = _upstream_url(route, encoded, raw_query, rendered, plan.injector)
@@ -403,19 +410,6 @@ def _literal_denial(route: Route) -> EgressDenied | None:
     except EgressDenied as exc:
         return exc
     return None
-
-
-def _caller_token(request: web.Request, route: Route) -> str:
-    cred = route.caller_credential
-    value = request.headers.get(cred.header, "").strip()
-    if cred.scheme is not None:
-        scheme, _, value = value.partition(" ")
-        if scheme.lower() != cred.scheme.lower():
-            value = ""
-    value = value.strip()
-    if not value:
-        raise Unauthenticated("no_credential", f"send your token in {cred.header}")
-    return value
 
 
 async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:

@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from keyproxy.config import Route, parse
+from keyproxy.config import CallerCredential, Route, parse
+from keyproxy.errors import BadRequest, Unauthenticated
 from keyproxy.headers import (
     Verdicts,
     caller_may_send,
+    caller_token,
+    other_credential_headers,
     request_id,
     request_verdicts,
     response_headers,
@@ -231,6 +234,108 @@ def test_caller_may_send_refuses_underscores_or_folds_them(name: str) -> None:
     assert caller_may_send(name) is False
     assert caller_may_send(name, fold_underscores=True) is False
     assert caller_may_send("x_trace", fold_underscores=True) is True
+
+
+# ---------------------------------------------------------------------------- credentials
+
+BEARER = CallerCredential("Authorization", "Bearer")
+BARE = CallerCredential("X-Api-Key", None)
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
+OTHER = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiIn0.c2ln"
+
+
+def _token(credential: CallerCredential, *pairs: tuple[str, str], query: str = "") -> str:
+    return caller_token(_incoming(*pairs), query, credential, other_credential_headers(credential))
+
+
+@pytest.mark.parametrize(
+    ("credential", "pairs", "query"),
+    [
+        (BEARER, [("Authorization", f"Bearer {TOKEN}")], ""),
+        (BEARER, [("authorization", f"bearer   {TOKEN}  ")], "q=1&page=2"),
+        (BARE, [("X-Api-Key", TOKEN)], "access=1&token=2"),
+        (BARE, [("x-api-key", f" {TOKEN} ")], "model=m&access_tokens=1"),
+    ],
+)
+def test_one_credential_in_one_header_is_read(
+    credential: CallerCredential, pairs: list[tuple[str, str]], query: str
+) -> None:
+    """A single credential, whatever the header's case and the spaces around it, is the
+    token; query parameters that only look alike are left alone."""
+    assert _token(credential, *pairs, query=query) == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("credential", "pairs"),
+    [
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("Authorization", f"Bearer {OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}, Bearer {OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN},{OTHER}")]),
+        (BEARER, [("Authorization", f"Basic eDp5, Bearer {TOKEN}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN} {OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}\t{OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("X-Api-Key", OTHER)]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("Proxy-Authorization", "Basic eDp5")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("api-key", OTHER)]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("X-Goog-Api-Key", OTHER)]),
+        (BEARER, [("X-Api-Key", OTHER), ("Api-Key", TOKEN)]),  # none of them the route's
+        (BEARER, [("X-Api-Key", OTHER), ("x-api-key", OTHER)]),
+        (BARE, [("X-Api-Key", TOKEN), ("X-API-KEY", OTHER)]),
+        (BARE, [("X-Api-Key", f"{TOKEN} {OTHER}")]),
+        (BARE, [("X-Api-Key", TOKEN), ("Authorization", f"Bearer {OTHER}")]),
+    ],
+)
+def test_a_credential_twice_or_in_two_places_is_refused(
+    credential: CallerCredential, pairs: list[tuple[str, str]]
+) -> None:
+    """Two copies of the credential header (same or different values, any case), a list in
+    one value, or a second credential-carrying header: 400, whichever would have won."""
+    with pytest.raises(BadRequest) as refused:
+        _token(credential, *pairs)
+    assert refused.value.reason == "ambiguous_credential"
+    assert TOKEN not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "access_token=x",
+        "q=1&access_token=",
+        "Access_Token=x",
+        "access%5Ftoken=x",
+        f"q={TOKEN}",
+        f"q=%65yJ{TOKEN[3:]}",  # the token percent-encoded as the upstream will decode it
+        f"next=/x%3Fauth%3D{TOKEN}&q=1",
+    ],
+)
+def test_a_credential_in_the_query_string_is_refused(query: str) -> None:
+    """The RFC 6750 access_token parameter, or the caller's token anywhere in the decoded
+    query string (which goes upstream as sent): 400, with or without a header credential."""
+    with pytest.raises(BadRequest) as refused:
+        _token(BEARER, ("Authorization", f"Bearer {TOKEN}"), query=query)
+    assert refused.value.reason == "credential_in_query"
+    if "access" in query.lower():
+        with pytest.raises(BadRequest):
+            _token(BEARER, query=query)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [],
+        [("Authorization", "")],
+        [("Authorization", "Bearer")],
+        [("Authorization", "Bearer   ")],
+        [("Authorization", "Basic eDp5")],
+        [("X-Api-Key", TOKEN)],  # one credential, in a header the route does not read
+    ],
+)
+def test_no_credential_in_the_routes_header_is_401(pairs: list[tuple[str, str]]) -> None:
+    """Nothing usable in the route's header, and nothing ambiguous: 401, not 400."""
+    with pytest.raises(Unauthenticated):
+        _token(BEARER, *pairs)
 
 
 @pytest.mark.parametrize(

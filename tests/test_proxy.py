@@ -20,6 +20,7 @@ import aiohttp
 import jwt
 import openai
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
@@ -36,6 +37,7 @@ from tests.support import (
     bearer,
     new_key,
     running_proxy,
+    serve,
 )
 
 LOCAL_ISSUER = "https://issuer.test.invalid"
@@ -578,7 +580,9 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
     seeded: tuple[str, str],
 ) -> None:
     """The caller's token, credential-like headers, a caller-sent copy of the injected header
-    and Connection-named headers are dropped; Host is the upstream's."""
+    and Connection-named headers are dropped; Host is the upstream's. (A second
+    credential-carrying header, such as X-Api-Key or Proxy-Authorization, makes the whole
+    request a 400: test_ambiguous_credentials_are_400_and_reach_nothing.)"""
     cfg = config_for(
         upstream.url,
         inject=[{"header": "X-Upstream-Key"}],
@@ -587,9 +591,7 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
     headers = {
         **bearer(token),
         "X-Upstream-Key": "caller-forged",
-        "X-Api-Key": "caller-other",
         "Cookie": "session=abc",
-        "Proxy-Authorization": "Basic eDp5",
         "Connection": "keep-alive, X-Private",
         "X-Private": "hop",
         "X-Forwarded-For": "10.9.9.9",
@@ -751,6 +753,173 @@ async def test_header_names_with_underscores_never_smuggle_a_dropped_header(
     for value in ("caller-forged", "10.9.9.9", "DELETE", "/admin", "999"):
         assert value not in sent
     assert_nothing_leaked(upstream, token)
+
+
+async def test_ambiguous_credentials_are_400_and_reach_nothing(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    local_issuer: LocalIssuer,
+    audit_log: Path,
+) -> None:
+    """Two Authorization headers (two valid tokens, the same one twice, one empty, in other
+    casing), a list in one value, or a second credential-carrying header: 400 with one
+    audit event each, nothing upstream; the first token alone still works."""
+    port = URL(stack.base).port
+    assert port is not None
+    other = local_issuer.token()
+    cases = [
+        [f"Authorization: Bearer {token}", f"Authorization: Bearer {other}"],
+        [f"Authorization: Bearer {other}", f"Authorization: Bearer {token}"],
+        [f"Authorization: Bearer {token}", f"Authorization: Bearer {token}"],
+        [f"Authorization: Bearer {token}", f"authorization: BEARER {other}"],
+        [f"Authorization: Bearer {token}", "Authorization:"],
+        [f"Authorization: Bearer {token}, Bearer {other}"],
+        [f"Authorization: Bearer {token},{other}"],
+        [f"Authorization: Bearer {token} {other}"],
+        [f"Authorization: Basic eDp5, Bearer {token}"],
+        [f"Authorization: Bearer {token}", f"X-Api-Key: {other}"],
+        [f"Authorization: Bearer {token}", "Proxy-Authorization: Basic eDp5"],
+        [f"Authorization: Bearer {token}", f"Api-Key: {other}"],
+        [f"Authorization: Bearer {token}", f"X-Goog-Api-Key: {token}"],
+    ]
+    ids = []
+    for lines in cases:
+        ids.append(request_id := new_request_id())
+        status, headers, body = await raw_exchange(
+            port, raw_get("/r/r/echo", *lines, f"X-Request-Id: {request_id}")
+        )
+        assert status == 400, lines[1:]
+        assert json.loads(body)["error"]["code"] == "ambiguous_credential"
+        assert headers["X-Request-Id"] == request_id
+    status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", f"Authorization: Bearer {token}"))
+    assert status == 200
+    assert len(upstream.requests) == 1  # only the unambiguous one
+    for request_id in ids:
+        [event] = await audit_events(audit_log, request_id)
+        assert (event["status"], event["reason"]) == (400, "ambiguous_credential")
+        assert event["subject"] is None  # refused before anything was verified
+
+
+async def test_a_route_with_its_own_credential_header_refuses_a_second_one(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    local_issuer: LocalIssuer,
+) -> None:
+    """With caller_credential x-api-key: the header twice, two tokens in it, or Authorization
+    beside it is 400 and reaches nothing; the header alone works."""
+    other = local_issuer.token()
+    cfg = config_for(upstream.url, caller_credential={"header": "X-Api-Key"})
+    async with running_proxy(cfg) as stack:
+        port = URL(stack.base).port
+        assert port is not None
+        for lines in [
+            [f"X-Api-Key: {token}", f"X-Api-Key: {other}"],
+            [f"X-Api-Key: {token}", f"x-api-key: {token}"],
+            [f"X-Api-Key: {token} {other}"],
+            [f"X-Api-Key: {token}", f"Authorization: Bearer {other}"],
+            [f"X-Api-Key: {token}", f"Api-Key: {other}"],
+        ]:
+            status, _, body = await raw_exchange(port, raw_get("/r/r/echo", *lines))
+            assert status == 400, lines
+            assert json.loads(body)["error"]["code"] == "ambiguous_credential"
+        assert upstream.requests == []
+        status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", f"X-Api-Key: {token}"))
+        assert status == 200
+    assert_nothing_leaked(upstream, token)
+
+
+async def test_a_credential_in_the_query_string_is_400(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """The RFC 6750 access_token parameter (any case, encoded or not, with or without a
+    header credential) or the caller's own token anywhere in the decoded query, which would
+    go upstream as sent: 400, nothing forwarded."""
+    encoded = "".join(f"%{ord(c):02X}" if c in "eyJ." else c for c in token)
+    for query, headers in [
+        (f"access_token={token}", {}),
+        (f"access_token={token}", bearer(token)),
+        ("q=1&ACCESS_TOKEN=x", bearer(token)),
+        ("access%5Ftoken=x", bearer(token)),
+        (f"q={token}", bearer(token)),
+        (f"q={encoded}", bearer(token)),
+        (f"next=%2Fv1%3Ftoken%3D{token}", bearer(token)),
+    ]:
+        url = URL(f"{stack.base}/r/r/echo?{query}", encoded=True)
+        async with http.get(url, headers=headers) as response:
+            assert response.status == 400, query
+            assert (await response.json())["error"]["code"] == "credential_in_query"
+    assert upstream.requests == []
+    async with http.get(f"{stack.base}/r/r/echo?q=1&token=2", headers=bearer(token)) as response:
+        assert response.status == 200
+
+
+class JwksServer:
+    """Serves a JWKS on loopback and counts how often it is fetched."""
+
+    def __init__(self, jwks: bytes) -> None:
+        self.jwks = jwks
+        self.fetches = 0
+        self.url = ""
+
+    async def serve(self, request: web.Request) -> web.Response:
+        self.fetches += 1
+        return web.Response(body=self.jwks, content_type="application/json")
+
+
+COUNTED_ISSUER = "https://counted.test.invalid"
+
+
+async def test_an_ambiguous_credential_is_refused_before_any_verification(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    local_issuer: LocalIssuer,
+) -> None:
+    """Two tokens that would each make the proxy fetch its issuer's keys (an unknown kid):
+    sent together, 400 and not 401, with no fetch; one of them alone is a 401 after a fetch."""
+    jwks = JwksServer(local_issuer.jwks_file.read_bytes())
+    app = web.Application()
+    app.router.add_get("/jwks", jwks.serve)
+    runner, jwks_port = await serve(app)
+    cfg = config_for(upstream.url)
+    cfg["identity"]["issuers"].append(
+        {
+            "name": "counted",
+            "issuer": COUNTED_ISSUER,
+            "jwks_uri": f"http://127.0.0.1:{jwks_port}/jwks",
+            "audiences": ["keyproxy"],
+            "algorithms": ["RS256"],
+            "jwks_refetch_cooldown": "1ms",
+        }
+    )
+    first, second = (
+        local_issuer.token(iss=COUNTED_ISSUER, headers={"kid": f"unknown-{n}"}) for n in (1, 2)
+    )
+    try:
+        async with running_proxy(cfg) as stack:
+            port = URL(stack.base).port
+            assert port is not None
+            deadline = time.monotonic() + 10
+            while not jwks.fetches:  # the start-up fetch
+                assert time.monotonic() < deadline, "the issuer's keys were never fetched"
+                await asyncio.sleep(0.01)  # polling interval of a bounded wait
+            before = jwks.fetches
+            for lines in [
+                [f"Authorization: Bearer {first}", f"Authorization: Bearer {second}"],
+                [f"Authorization: Bearer {first}, Bearer {second}"],
+                [f"Authorization: Bearer {first}", f"X-Api-Key: {second}"],
+            ]:
+                status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", *lines))
+                assert status == 400
+            assert jwks.fetches == before
+            alone = f"Authorization: Bearer {first}"
+            status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", alone))
+            assert status == 401
+            assert jwks.fetches > before  # so the counter would have seen a verification
+    finally:
+        await runner.cleanup()
+    assert upstream.requests == []
 
 
 async def test_a_well_formed_request_id_is_the_requests_everywhere(
