@@ -229,6 +229,7 @@ class RequestRecord:
     method: str
     path: str
     source: str
+    request_id: str = ""
     route: str | None = None
     issuer: str | None = None
     subject: str | None = None

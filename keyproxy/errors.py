@@ -4,20 +4,22 @@
     ├── ConfigError            bad configuration file (exit 2, never an HTTP answer)
     ├── VaultError             Vault/OpenBao failed or refused; hvac errors become this
     └── RequestError           stops a request; carries the status and a short reason code
-        ├── BadRequest         400  malformed request (bad path, bad X-Forwarded-For)
+        ├── BadRequest         400  malformed request (bad path, bad X-Forwarded-For,
+        │                           a credential sent twice or in two places)
         ├── Unauthenticated    401  no credential, or a credential that does not verify
         ├── Forbidden          403  authenticated, but no policy allows this request
         ├── NotFound           404  unknown route
         ├── RequestTimeout     408  the caller's request body did not arrive in time
         ├── PayloadTooLarge    413  request body above the route's limit
         ├── EgressDenied       502  upstream address refused by the egress fence
-        ├── BadGateway         502  upstream failed
+        ├── BadGateway         502  upstream failed, or answered with a 1xx status
         ├── Unavailable        503  key not loaded or too stale (Vault unreachable)
         ├── GatewayTimeout     504  upstream connect or read timed out
         └── InternalError      500  a bug: logged, answered without details
 
 A `RequestError`'s message and reason are sent to the caller and logged, so they must never
-contain a key, a token, or anything derived from one.
+contain a key, a token, or anything derived from one. `retry_after`, when set, is the whole
+seconds after which trying again may succeed (the answer's Retry-After).
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ class RequestError(KeyproxyError):
 
     status: ClassVar[int] = 500
 
-    def __init__(self, reason: str, message: str = "") -> None:
+    def __init__(self, reason: str, message: str = "", *, retry_after: int | None = None) -> None:
         super().__init__(message or reason)
         self.reason = reason
         self.message = message or reason
+        self.retry_after = retry_after
 
 
 class BadRequest(RequestError):

@@ -4,9 +4,14 @@ A caller's request header is forwarded unless it carries or could override a cre
 claims another client address, or could make the upstream run another method or path than
 the one policy checked (`DROPPED_REQUEST_HEADERS`, `DROPPED_REQUEST_FRAGMENTS`); unless it is
 hop-by-hop (also by being named in Connection), set by aiohttp or by the route's injection;
-and unless it is the route's caller credential or one of its `strip_headers`. An upstream
-answer's header goes back unless it is hop-by-hop, a length or coding aiohttp sets itself, or
-a cookie; any secret form in what goes back is redacted.
+and unless it is the route's caller credential or one of its `strip_headers`. A name holding
+`_` is dropped too, unless the route forwards such names; then every rule above applies to
+the name with `_` read as `-`. An upstream answer's header goes back unless it is hop-by-hop,
+a length or coding aiohttp sets itself, or a cookie; any secret form in what goes back is
+redacted. Both ways, `X-Request-Id` is keyproxy's: the request's id.
+
+`caller_token` reads the caller's credential, refusing a request that carries it more than
+once or in two places.
 
 A verdict is per header name as sent and remembered (`Verdicts`): a dict look-up per header.
 """
@@ -15,12 +20,16 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
+import string
 from collections.abc import Callable
 from typing import Final
+from urllib.parse import unquote, unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from keyproxy.config import HOP_BY_HOP, Route
+from keyproxy.config import HOP_BY_HOP, CallerCredential, Route
+from keyproxy.errors import BadRequest, Unauthenticated
 from keyproxy.inject import Rendered, holds_any, scrub_text
 
 # SECURITY: request headers never forwarded, whatever the route says. They carry or could
@@ -69,17 +78,45 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
 )
 
 
-def caller_may_send(name: str) -> bool:
-    """Whether a caller's request header (lower-case name) may be forwarded at all."""
+def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
+    """Whether a caller's request header (lower-case name) may be forwarded at all.
+
+    SECURITY: CGI/WSGI, Rack, PHP and nginx with `underscores_in_headers` read `_` in a name
+    as `-`, so `X_Api_Key` is X-Api-Key to them. A name holding `_` is refused, or with
+    `fold_underscores` judged as those servers will read it."""
+    if "_" in name:
+        if not fold_underscores:
+            return False
+        name = folded(name)
     return name not in DROPPED_REQUEST_HEADERS and not any(
         fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
     )
 
 
+def folded(name: str) -> str:
+    """A header name as a server that reads `_` as `-` sees it."""
+    return name.replace("_", "-")
+
+
+REQUEST_ID: Final = "X-Request-Id"
+_REQUEST_ID_CHARS: Final = string.ascii_letters + string.digits + "._:-"
+_REQUEST_ID_MAX: Final = 128
 # Set by aiohttp from the URL and body, or by us.
-_REQUEST_MANAGED: Final = frozenset({"host", "content-length", "accept-encoding", "expect"})
-# Upstream session cookies could let the caller use the upstream without the proxy.
-_RESPONSE_DROPPED: Final = frozenset({"content-length", "content-encoding", "set-cookie"})
+_REQUEST_MANAGED: Final = frozenset(
+    {"host", "content-length", "accept-encoding", "expect", REQUEST_ID.lower()}
+)
+# Upstream session cookies could let the caller use the upstream without the proxy. The
+# request id in an answer is keyproxy's; an upstream's own goes back as X-Upstream-Request-Id.
+UPSTREAM_REQUEST_ID: Final = "X-Upstream-Request-Id"
+_RESPONSE_DROPPED: Final = frozenset(
+    {
+        "content-length",
+        "content-encoding",
+        "set-cookie",
+        REQUEST_ID.lower(),
+        UPSTREAM_REQUEST_ID.lower(),
+    }
+)
 _RESPONSE_NOT_FORWARDED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
 
 _NONE: Final[frozenset[str]] = frozenset()
@@ -96,7 +133,8 @@ def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=256)
 def _listed(values: tuple[str, ...]) -> frozenset[str]:
-    named = {part.strip().lower() for value in values for part in value.split(",")}
+    """The names, lower-case and folded (a route may forward names with `_`)."""
+    named = {folded(part.strip().lower()) for value in values for part in value.split(",")}
     return frozenset(named - HOP_BY_HOP - {""})
 
 
@@ -127,40 +165,55 @@ _RETURNED: Final = Verdicts(_returned)
 def request_verdicts(route: Route, injected: frozenset[str]) -> Verdicts:
     """The verdicts on a caller's request headers for `route`, whose injection sets the
     (lower-case) header names `injected`."""
-    dropped = (
-        HOP_BY_HOP
+    fold = route.forward_underscore_headers
+    dropped = {
+        folded(name)
+        for name in HOP_BY_HOP
         | _REQUEST_MANAGED
         | injected
         | {route.caller_credential.header.lower(), *route.strip_headers}
+    }
+    return Verdicts(
+        lambda name: caller_may_send(name, fold_underscores=fold) and folded(name) not in dropped
     )
-    return Verdicts(lambda name: caller_may_send(name) and name not in dropped)
 
 
 def upstream_headers(
-    incoming: CIMultiDictProxy[str], forwards: Verdicts, rendered: Rendered
+    incoming: CIMultiDictProxy[str], forwards: Verdicts, rendered: Rendered, request_id: str
 ) -> CIMultiDict[str]:
-    """The caller's headers this route forwards, and the injected ones."""
+    """The caller's headers this route forwards, the injected ones and the request id."""
     extra = _connection_extra(incoming)
     headers = CIMultiDict(
-        [(k, v) for k, v in incoming.items() if forwards[k] and not (extra and k.lower() in extra)]
+        [
+            (k, v)
+            for k, v in incoming.items()
+            if forwards[k] and not (extra and folded(k.lower()) in extra)
+        ]
     )
     headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
     if incoming.get("Content-Length"):
         headers["Content-Length"] = incoming["Content-Length"]
     headers.extend(rendered.headers)
+    headers.setdefault(REQUEST_ID, request_id)  # unless the route puts its key there
     if "User-Agent" not in headers:
         headers["User-Agent"] = "keyproxy"  # not aiohttp's own, which names its version
     return headers
 
 
-def response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> list[tuple[str, str]]:
-    """The upstream's answer headers that go back to the caller, any secret form redacted."""
+def response_headers(
+    incoming: CIMultiDictProxy[str], rendered: Rendered, request_id: str
+) -> list[tuple[str, str]]:
+    """The upstream's answer headers that go back to the caller, any secret form redacted,
+    and the request id."""
     extra = _connection_extra(incoming)
     headers = [
         (k, v)
         for k, v in incoming.items()
-        if _RETURNED[k] and (not extra or k.lower() not in extra)
+        if _RETURNED[k] and (not extra or folded(k.lower()) not in extra)
     ]
+    theirs = incoming.get(REQUEST_ID)
+    if theirs is not None and theirs != request_id:
+        headers.append((UPSTREAM_REQUEST_ID, theirs))  # an upstream's id for its support desk
     # One search through all names and values first: an echoed key is the rare case.
     if holds_any("\n".join(itertools.chain.from_iterable(headers)), rendered.forms):
         headers = [
@@ -168,4 +221,85 @@ def response_headers(incoming: CIMultiDictProxy[str], rendered: Rendered) -> lis
             for k, v in headers
             if not holds_any(k, rendered.forms)  # a name cannot be redacted
         ]
+    headers.append((REQUEST_ID, request_id))
     return headers
+
+
+# Headers that carry a caller's credential with some client or server: besides the route's
+# own, a request carrying any of them is ambiguous.
+CREDENTIAL_HEADERS: Final = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
+)
+# RFC 6750 2.3: the query parameter that carries a bearer token.
+_QUERY_CREDENTIAL: Final = "access_token"
+
+
+def other_credential_headers(credential: CallerCredential) -> tuple[str, ...]:
+    """The credential-carrying headers that are not the route's own."""
+    return tuple(sorted(CREDENTIAL_HEADERS - {credential.header.lower()}))
+
+
+def caller_token(
+    incoming: CIMultiDictProxy[str],
+    query: str,
+    credential: CallerCredential,
+    others: tuple[str, ...],
+) -> str:
+    """The caller's token from the route's credential header; `others` are the
+    `other_credential_headers`.
+
+    Raises Unauthenticated when there is none, and BadRequest when the request carries a
+    credential more than once or in two places (invariant 12): two credential-carrying
+    headers (two copies of one, or the route's and another), a list in one (a comma, or more
+    than the token after the scheme), or a credential in the query string, which would go
+    upstream as sent (invariant 4). Nothing has been verified yet: the shape alone refuses."""
+    values = incoming.getall(credential.header, ())
+    carried = len(values)
+    if not incoming.keys().isdisjoint(others):  # the rare case: counted only then
+        carried += sum(len(incoming.getall(name, ())) for name in others)
+    if carried > 1:
+        raise _ambiguous()
+    value = values[0].strip() if values else ""
+    if "," in value:
+        raise _ambiguous()
+    if credential.scheme is not None:
+        scheme, _, value = value.partition(" ")
+        value = value.strip() if scheme.lower() == credential.scheme.lower() else ""
+    # Header values hold no other whitespace (RFC 9110 5.5; aiohttp refuses CR and LF).
+    if " " in value or "\t" in value:
+        raise _ambiguous()
+    if query and _in_query(query, value):
+        raise BadRequest("credential_in_query", "send your token in a header, not in the URL")
+    if not value:
+        raise Unauthenticated("no_credential", f"send your token in {credential.header}")
+    return value
+
+
+def _in_query(query: str, token: str) -> bool:
+    """Whether the query string carries a credential, as the upstream will decode it: the
+    RFC 6750 parameter, or the caller's token itself anywhere."""
+    if token and token in unquote(query):
+        return True
+    return any(
+        unquote_plus(part.partition("=")[0]).lower() == _QUERY_CREDENTIAL
+        for part in query.split("&")
+    )
+
+
+def _ambiguous() -> BadRequest:
+    return BadRequest("ambiguous_credential", "send one credential, once, in one header")
+
+
+def request_id(incoming: CIMultiDictProxy[str]) -> str:
+    """The caller's X-Request-Id when it sent one, of 1-128 letters, digits and `._:-`, else
+    a new one. An id that is anything else is never repeated: not upstream, not back, not in
+    the log."""
+    values = incoming.getall(REQUEST_ID, ())
+    if len(values) == 1:
+        value = values[0]
+        # strip() takes away exactly the allowed characters: nothing left, nothing else.
+        if 0 < len(value) <= _REQUEST_ID_MAX and not value.strip(_REQUEST_ID_CHARS):
+            return value
+    # Unique, not secret (a caller may choose its id anyway): the module's generator, seeded
+    # from the OS in each process (again in a forked child), costs no system call.
+    return f"{random.getrandbits(128):032x}"  # an id, not a secret

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -20,6 +21,7 @@ from urllib.parse import unquote_plus
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -39,8 +41,18 @@ from keyproxy.errors import (
     RequestError,
     RequestTimeout,
     Unauthenticated,
+    Unavailable,
 )
-from keyproxy.headers import Verdicts, request_verdicts, response_headers, upstream_headers
+from keyproxy.headers import (
+    REQUEST_ID,
+    Verdicts,
+    caller_token,
+    other_credential_headers,
+    request_id,
+    request_verdicts,
+    response_headers,
+    upstream_headers,
+)
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered, Scrubber, scrub_bytes
 from keyproxy.metrics import Metrics
@@ -101,7 +113,25 @@ def _session(route: Route) -> aiohttp.ClientSession:
         trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=True,
+        response_class=_UpstreamResponse,
     )
+
+
+class _UpstreamResponse(aiohttp.ClientResponse):
+    """An upstream answer whose connection is closed if its status is 1xx.
+
+    aiohttp's client skips 100, 102 and 103 itself and returns a 101 (any other 1xx would
+    be a bug there). After a 101 the connection speaks another protocol; a 101 without
+    Upgrade has no body, so aiohttp has put the connection back in its pool by now, where
+    the next request would read what followed the 101 as its answer. SECURITY: never reused.
+    """
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        response = await super().start(connection)
+        if self.status < 200 and protocol is not None:
+            protocol.close()  # a pooled connection that is closed is dropped, never used
+        return response
 
 
 @dataclass(frozen=True)
@@ -111,6 +141,7 @@ class _Plan:
     injector: Injector
     session: aiohttp.ClientSession
     forwards: Verdicts  # caller's request header name as sent: forwarded on this route?
+    other_credentials: tuple[str, ...]  # credential-carrying headers a caller must not add
     timeout: aiohttp.ClientTimeout
     first_read: float  # seconds to wait for the answer to start: connect + read
     literal_denial: EgressDenied | None  # the fence's verdict on an IP-literal upstream
@@ -122,6 +153,7 @@ class _Plan:
             injector=injector,
             session=session,
             forwards=request_verdicts(route, injector.header_names),
+            other_credentials=other_credential_headers(route.caller_credential),
             timeout=aiohttp.ClientTimeout(
                 # The read timeout is keyproxy.deadline's: aiohttp's sock_read costs a new
                 # loop timer per read.
@@ -154,6 +186,8 @@ class Proxy:
         self.metrics = metrics
         self.plans = {name: _Plan.of(r, sessions.get(name)) for name, r in config.routes.items()}
         self._in_flight = 0
+        # A 503 for a key Vault could not give says when to try again: the next refresh.
+        self.retry_after = max(1, math.ceil(config.vault.refresh_interval))
         # Indexed once: a decision reads only the policies naming the caller, however many
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
@@ -166,7 +200,10 @@ class Proxy:
         started = time.monotonic()
         raw_path, _, raw_query = request.raw_path.partition("?")
         record = audit.RequestRecord(
-            method=request.method, path=raw_path, source=request.remote or ""
+            method=request.method,
+            path=raw_path,
+            source=request.remote or "",
+            request_id=request_id(request.headers),
         )
         response: web.StreamResponse | None = None
         self._in_flight += 1
@@ -174,7 +211,7 @@ class Proxy:
             response = await self._serve(request, raw_path, raw_query, record)
         except RequestError as exc:
             record.reason = exc.reason
-            response = error_response(exc)
+            response = error_response(exc, record.request_id)
         except asyncio.CancelledError:
             record.reason = "client_disconnected"
             raise
@@ -183,7 +220,9 @@ class Proxy:
             # keep the traceback in our scrubbed log rather than aiohttp's.
             log.exception("request_failed", route=record.route, path=record.path)
             record.reason = "internal_error"
-            response = error_response(InternalError("internal_error", "internal error"))
+            response = error_response(
+                InternalError("internal_error", "internal error"), record.request_id
+            )
         finally:
             self._in_flight -= 1
             elapsed = time.monotonic() - started
@@ -225,16 +264,22 @@ class Proxy:
         else:  # the peer is the caller
             source, record.source = policy.peer_address(peer)
 
-        identity, task = await self._authenticate(_caller_token(request, route), source, record)
+        plan = self.plans[route.name]
+        credential = caller_token(
+            request.headers, raw_query, route.caller_credential, plan.other_credentials
+        )
+        identity, task = await self._authenticate(credential, source, record)
         self._authorize(identity, task, route, request.method, segments, source, record)
 
-        key = self.keys.get(route.name)
+        try:
+            key = self.keys.get(route.name)
+        except Unavailable as exc:
+            raise Unavailable(exc.reason, exc.message, retry_after=self.retry_after) from None
         record.key_version = key.version
-        plan = self.plans[route.name]
         rendered = plan.injector.render(key.secret, key.version)
         body = await _request_body(request, route)
         url = _upstream_url(route, encoded, raw_query, rendered, plan.injector)
-        headers = upstream_headers(request.headers, plan.forwards, rendered)
+        headers = upstream_headers(request.headers, plan.forwards, rendered, record.request_id)
         return await self._forward(
             request,
             route,
@@ -331,6 +376,13 @@ class Proxy:
                 ) as upstream:
                     watch.heard()
                     record.upstream_status = upstream.status
+                    if upstream.status < 200:
+                        # SECURITY: a 101 relayed would tell a front proxy to tunnel the
+                        # caller's bytes. Until WebSockets are supported on purpose, a 502;
+                        # the connection is closed already (_UpstreamResponse).
+                        raise BadGateway(
+                            "upstream_protocol_switch", "the upstream tried to switch protocols"
+                        )
                     return await _stream_back(request, upstream, rendered, record, watch)
         except RequestError:
             raise
@@ -358,19 +410,6 @@ def _literal_denial(route: Route) -> EgressDenied | None:
     except EgressDenied as exc:
         return exc
     return None
-
-
-def _caller_token(request: web.Request, route: Route) -> str:
-    cred = route.caller_credential
-    value = request.headers.get(cred.header, "").strip()
-    if cred.scheme is not None:
-        scheme, _, value = value.partition(" ")
-        if scheme.lower() != cred.scheme.lower():
-            value = ""
-    value = value.strip()
-    if not value:
-        raise Unauthenticated("no_credential", f"send your token in {cred.header}")
-    return value
 
 
 async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:
@@ -435,7 +474,7 @@ async def _stream_back(
     encoding = _content_coding(upstream.headers.get("Content-Encoding", ""))
     if encoding not in DECODED_ENCODINGS:
         raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
-    headers = response_headers(upstream.headers, rendered)
+    headers = response_headers(upstream.headers, rendered, record.request_id)
     # The upstream's reason phrase is not forwarded: it is free text that could echo the key.
     length = upstream.content_length
     response: web.StreamResponse
@@ -516,9 +555,16 @@ def _abort(request: web.Request, record: audit.RequestRecord) -> None:
         request.transport.abort()
 
 
-def error_response(exc: RequestError) -> web.Response:
-    """The one place a pipeline error becomes an HTTP answer."""
-    headers = {"WWW-Authenticate": 'Bearer realm="keyproxy"'} if exc.status == 401 else None
+def error_response(exc: RequestError, request_id: str | None = None) -> web.Response:
+    """The one place a pipeline error becomes an HTTP answer; `request_id` is the proxied
+    request's."""
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="keyproxy"'
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    if request_id is not None:
+        headers[REQUEST_ID] = request_id
     return web.json_response(
         {"error": {"code": exc.reason, "message": exc.message}},
         status=exc.status,

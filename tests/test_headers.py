@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from keyproxy.config import parse
+from keyproxy.config import CallerCredential, Route, parse
+from keyproxy.errors import BadRequest, Unauthenticated
 from keyproxy.headers import (
     Verdicts,
     caller_may_send,
+    caller_token,
+    other_credential_headers,
+    request_id,
     request_verdicts,
     response_headers,
     upstream_headers,
@@ -89,12 +94,14 @@ def test_upstream_headers_keep_what_the_route_forwards_and_add_the_injection() -
         ),
         forwards,
         RENDERED,
+        "rid-1",
     )
     assert sorted(sent.items()) == sorted(
         [
             ("Content-Type", "application/json"),
             ("Accept-Encoding", "identity"),
             ("Content-Length", "2"),
+            ("X-Request-Id", "rid-1"),
             ("Authorization", f"Bearer {KEY}"),
             ("User-Agent", "keyproxy"),
         ]
@@ -117,11 +124,249 @@ def test_response_headers_drop_cookies_and_lengths_and_redact_the_key() -> None:
             (f"X-{KEY}", "v"),
         ),
         RENDERED,
+        "rid-1",
     )
-    assert returned == [("Content-Type", "application/json"), ("X-Echo", f"you sent {REDACTED}")]
+    assert returned == [
+        ("Content-Type", "application/json"),
+        ("X-Echo", f"you sent {REDACTED}"),
+        ("X-Request-Id", "rid-1"),
+    ]
 
 
 def test_response_headers_without_a_key_are_returned_as_they_are() -> None:
-    """The common answer: nothing to redact, the names in the upstream's order and case."""
+    """The common answer: nothing to redact, the names in the upstream's order and case, and
+    the request id last."""
     pairs = [("Server", "nginx"), ("Date", "Sun, 29 Nov 2026 00:00:00 GMT"), ("X-Id", "7")]
-    assert response_headers(_incoming(*pairs), RENDERED) == pairs
+    assert response_headers(_incoming(*pairs), RENDERED, "r1") == [*pairs, ("X-Request-Id", "r1")]
+
+
+def test_an_upstream_request_id_of_its_own_goes_back_beside_ours() -> None:
+    """The answer's X-Request-Id is always keyproxy's; an upstream's different id goes back
+    as X-Upstream-Request-Id (and one it named so itself does not), an echo of ours is not
+    repeated."""
+    theirs = _incoming(("X-Request-Id", "req_upstream"), ("X-Upstream-Request-Id", "forged"))
+    assert response_headers(theirs, RENDERED, "ours") == [
+        ("X-Upstream-Request-Id", "req_upstream"),
+        ("X-Request-Id", "ours"),
+    ]
+    echoed = _incoming(("x-request-id", "ours"))
+    assert response_headers(echoed, RENDERED, "ours") == [("X-Request-Id", "ours")]
+
+
+# ---------------------------------------------------------------------------- underscores
+
+# Each is dropped in its dash form; a server that reads `_` as `-` would see that form.
+UNDERSCORED = [
+    "X_Api_Key",
+    "Api_Key",
+    "X_Forwarded_For",
+    "X_Real_IP",
+    "X_HTTP_Method_Override",
+    "X_Original_URL",
+    "Transfer_Encoding",
+    "Content_Length",
+]
+MIXED = [
+    "X-Api_Key",
+    "X_Api-Key",
+    "x_forwarded-for",
+    "X-Real_Ip",
+    "X-HTTP_Method-Override",
+    "Content_length",
+    "X_Upstream-Key",  # the route's injected header
+    "X_Strip-Me",  # one of its strip_headers
+    "Caller_Token",  # its caller-credential header
+    "X_Request_Id",  # keyproxy's own
+]
+# Benign once folded ("transfer-encoding-" is no rule's name), so dropped only by default.
+BENIGN = ["X_Custom", "Idempotency_Key", "Request_Priority", "X-Trace_Parent", "Transfer-Encoding_"]
+
+
+def _route(**extra: Any) -> Route:
+    route = {
+        **CONFIG["routes"]["r"],
+        "inject": [{"header": "X-Upstream-Key"}],
+        "caller_credential": {"header": "Caller-Token"},
+        **extra,
+    }
+    return parse(json.dumps({**CONFIG, "routes": {"r": route}}), {}).routes["r"]
+
+
+def test_header_names_with_underscores_are_dropped_by_default() -> None:
+    """By default every caller header whose name holds `_` stays behind, whatever its
+    dashed form would be; the dashed form of a benign one still passes."""
+    forwards = request_verdicts(_route(), frozenset({"x-upstream-key"}))
+    for name in UNDERSCORED + MIXED + BENIGN:
+        assert forwards[name] is False, name
+    for name in ("X-Custom", "Idempotency-Key", "Request-Priority"):
+        assert forwards[name] is True, name
+
+
+def test_forwarded_underscore_names_are_judged_as_folded() -> None:
+    """With forward_underscore_headers a name with `_` is judged as the name with `-`: every
+    rule (credentials, client address, method override, framing, injected, stripped, the
+    caller credential, the request id) still drops it, also when `_` and `-` are mixed; a
+    benign one passes under the name the caller sent."""
+    forwards = request_verdicts(
+        _route(forward_underscore_headers=True), frozenset({"x-upstream-key"})
+    )
+    for name in UNDERSCORED + MIXED:
+        assert forwards[name] is False, name
+    for name in BENIGN:
+        assert forwards[name] is True, name
+    incoming = _incoming(("X_Custom", "1"), ("X_Api_Key", "k"), ("Connection", "x-private"))
+    sent = upstream_headers(
+        CIMultiDictProxy(CIMultiDict([*incoming.items(), ("X_Private", "hop")])),
+        forwards,
+        RENDERED,
+        "rid",
+    )
+    assert sent.getall("X_Custom") == ["1"]
+    assert "X_Api_Key" not in sent
+    assert "X_Private" not in sent  # named in Connection in its dashed form
+
+
+@pytest.mark.parametrize(
+    "name", ["x_api_key", "x-api_key", "proxy_authorization", "x_amz_date", "my_secret_thing"]
+)
+def test_caller_may_send_refuses_underscores_or_folds_them(name: str) -> None:
+    """An underscore name is refused outright, and with folding judged by its dashed form."""
+    assert caller_may_send(name) is False
+    assert caller_may_send(name, fold_underscores=True) is False
+    assert caller_may_send("x_trace", fold_underscores=True) is True
+
+
+# ---------------------------------------------------------------------------- credentials
+
+BEARER = CallerCredential("Authorization", "Bearer")
+BARE = CallerCredential("X-Api-Key", None)
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
+OTHER = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiIn0.c2ln"
+
+
+def _token(credential: CallerCredential, *pairs: tuple[str, str], query: str = "") -> str:
+    return caller_token(_incoming(*pairs), query, credential, other_credential_headers(credential))
+
+
+@pytest.mark.parametrize(
+    ("credential", "pairs", "query"),
+    [
+        (BEARER, [("Authorization", f"Bearer {TOKEN}")], ""),
+        (BEARER, [("authorization", f"bearer   {TOKEN}  ")], "q=1&page=2"),
+        (BARE, [("X-Api-Key", TOKEN)], "access=1&token=2"),
+        (BARE, [("x-api-key", f" {TOKEN} ")], "model=m&access_tokens=1"),
+    ],
+)
+def test_one_credential_in_one_header_is_read(
+    credential: CallerCredential, pairs: list[tuple[str, str]], query: str
+) -> None:
+    """A single credential, whatever the header's case and the spaces around it, is the
+    token; query parameters that only look alike are left alone."""
+    assert _token(credential, *pairs, query=query) == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("credential", "pairs"),
+    [
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("Authorization", f"Bearer {OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}, Bearer {OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN},{OTHER}")]),
+        (BEARER, [("Authorization", f"Basic eDp5, Bearer {TOKEN}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN} {OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}\t{OTHER}")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("X-Api-Key", OTHER)]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("Proxy-Authorization", "Basic eDp5")]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("api-key", OTHER)]),
+        (BEARER, [("Authorization", f"Bearer {TOKEN}"), ("X-Goog-Api-Key", OTHER)]),
+        (BEARER, [("X-Api-Key", OTHER), ("Api-Key", TOKEN)]),  # none of them the route's
+        (BEARER, [("X-Api-Key", OTHER), ("x-api-key", OTHER)]),
+        (BARE, [("X-Api-Key", TOKEN), ("X-API-KEY", OTHER)]),
+        (BARE, [("X-Api-Key", f"{TOKEN} {OTHER}")]),
+        (BARE, [("X-Api-Key", TOKEN), ("Authorization", f"Bearer {OTHER}")]),
+    ],
+)
+def test_a_credential_twice_or_in_two_places_is_refused(
+    credential: CallerCredential, pairs: list[tuple[str, str]]
+) -> None:
+    """Two copies of the credential header (same or different values, any case), a list in
+    one value, or a second credential-carrying header: 400, whichever would have won."""
+    with pytest.raises(BadRequest) as refused:
+        _token(credential, *pairs)
+    assert refused.value.reason == "ambiguous_credential"
+    assert TOKEN not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "access_token=x",
+        "q=1&access_token=",
+        "Access_Token=x",
+        "access%5Ftoken=x",
+        f"q={TOKEN}",
+        f"q=%65yJ{TOKEN[3:]}",  # the token percent-encoded as the upstream will decode it
+        f"next=/x%3Fauth%3D{TOKEN}&q=1",
+    ],
+)
+def test_a_credential_in_the_query_string_is_refused(query: str) -> None:
+    """The RFC 6750 access_token parameter, or the caller's token anywhere in the decoded
+    query string (which goes upstream as sent): 400, with or without a header credential."""
+    with pytest.raises(BadRequest) as refused:
+        _token(BEARER, ("Authorization", f"Bearer {TOKEN}"), query=query)
+    assert refused.value.reason == "credential_in_query"
+    if "access" in query.lower():
+        with pytest.raises(BadRequest):
+            _token(BEARER, query=query)
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [],
+        [("Authorization", "")],
+        [("Authorization", "Bearer")],
+        [("Authorization", "Bearer   ")],
+        [("Authorization", "Basic eDp5")],
+        [("X-Api-Key", TOKEN)],  # one credential, in a header the route does not read
+    ],
+)
+def test_no_credential_in_the_routes_header_is_401(pairs: list[tuple[str, str]]) -> None:
+    """Nothing usable in the route's header, and nothing ambiguous: 401, not 400."""
+    with pytest.raises(Unauthenticated):
+        _token(BEARER, *pairs)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "a" * 128, "req_1", "0f8fad5b-d9cb-469f-a165-70867728950e", "svc:7.1-a", "Z"],
+)
+def test_a_well_formed_request_id_is_kept(value: str) -> None:
+    """1-128 letters, digits and `._:-` come through as sent."""
+    assert request_id(_incoming(("X-Request-Id", value))) == value
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [],
+        [("X-Request-Id", "")],
+        [("X-Request-Id", "a" * 129)],
+        [("X-Request-Id", "a b")],
+        [("X-Request-Id", "a\r\nX-Injected: 1")],
+        [("X-Request-Id", "a\nb")],
+        [("X-Request-Id", "<script>")],
+        [("X-Request-Id", "caf\u00e9")],
+        [("X-Request-Id", "a%0d%0ab")],
+        [("X-Request-Id", "one"), ("X-Request-Id", "two")],
+    ],
+)
+def test_any_other_request_id_is_replaced(pairs: list[tuple[str, str]]) -> None:
+    """Absent, empty, too long, odd characters (CR/LF, spaces, non-ASCII), or sent twice:
+    a new id of 32 hex digits, different each time."""
+    first, second = request_id(_incoming(*pairs)), request_id(_incoming(*pairs))
+    assert first != second
+    for new in (first, second):
+        assert len(new) == 32
+        assert set(new) <= set("0123456789abcdef")

@@ -20,8 +20,10 @@ import aiohttp
 import jwt
 import openai
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy.app import YOUNG_GC_THRESHOLD
@@ -35,6 +37,7 @@ from tests.support import (
     bearer,
     new_key,
     running_proxy,
+    serve,
 )
 
 LOCAL_ISSUER = "https://issuer.test.invalid"
@@ -209,6 +212,48 @@ async def raw_request(port: int, target: bytes, headers: bytes = b"") -> int:
         return int(status_line.split()[1])
     finally:
         writer.close()
+
+
+async def raw_exchange(port: int, head: bytes) -> tuple[int, CIMultiDict[str], bytes]:
+    """Send a request head exactly as given (saying `Connection: close`) and read the whole
+    answer until the proxy closes: its status, headers, and every byte after the head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    top, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *lines = top.decode("latin-1").split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.add(name, value.strip())
+    return int(status_line.split()[1]), headers, rest
+
+
+def raw_get(path: str, *lines: str | bytes) -> bytes:
+    """A GET head for raw_exchange: the header lines as given, one per argument."""
+    encoded = [line.encode() if isinstance(line, str) else line for line in lines]
+    return b"\r\n".join(
+        [f"GET {path} HTTP/1.1".encode(), b"Host: x", b"Connection: close", *encoded, b"", b""]
+    )
+
+
+def new_request_id() -> str:
+    """A well-formed X-Request-Id that no other request of the session sends."""
+    return f"test-{time.monotonic_ns()}"
+
+
+async def audit_events(audit_log: Path, request_id: str) -> list[dict[str, Any]]:
+    """The request events of `request_id`, once at least one is in the log. Lines are written
+    in the order the events were made: once one is in, all made before it are too."""
+    deadline = time.monotonic() + 10
+    while not (seen := [e for e in _events(audit_log) if e.get("request_id") == request_id]):
+        assert time.monotonic() < deadline, f"no audit event for request {request_id}"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    return seen
 
 
 class ConnectionCounter:
@@ -535,7 +580,9 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
     seeded: tuple[str, str],
 ) -> None:
     """The caller's token, credential-like headers, a caller-sent copy of the injected header
-    and Connection-named headers are dropped; Host is the upstream's."""
+    and Connection-named headers are dropped; Host is the upstream's. (A second
+    credential-carrying header, such as X-Api-Key or Proxy-Authorization, makes the whole
+    request a 400: test_ambiguous_credentials_are_400_and_reach_nothing.)"""
     cfg = config_for(
         upstream.url,
         inject=[{"header": "X-Upstream-Key"}],
@@ -544,9 +591,7 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
     headers = {
         **bearer(token),
         "X-Upstream-Key": "caller-forged",
-        "X-Api-Key": "caller-other",
         "Cookie": "session=abc",
-        "Proxy-Authorization": "Basic eDp5",
         "Connection": "keep-alive, X-Private",
         "X-Private": "hop",
         "X-Forwarded-For": "10.9.9.9",
@@ -573,6 +618,12 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
         "Proxy-Authorization",
         "X-Private",
         "X-Forwarded-For",
+        "X-HTTP-Method-Override",
+        "X-Original-URL",
+        "True-Client-IP",
+        "X-Amz-Security-Token",
+        "Private-Token",
+        "X-Custom-Auth",
     ):
         assert name not in seen, name
     assert seen["X-Keep"] == "kept"
@@ -636,6 +687,335 @@ async def test_query_injection_replaces_a_caller_parameter(
     ):
         assert response.status == 200
     assert upstream.requests[0].query == f"q=1&key={seeded[1]}"
+
+
+# Each reached the upstream verbatim while its dash form was dropped; servers that read `_`
+# as `-` (CGI/WSGI, Rack, PHP, nginx with underscores_in_headers) see the dash form.
+UNDERSCORED = {
+    "X_Api_Key": "caller-forged-key",
+    "Api_Key": "caller-forged-key",
+    "X_Forwarded_For": "10.9.9.9",
+    "X_Real_IP": "10.9.9.9",
+    "X_HTTP_Method_Override": "DELETE",
+    "X_Original_URL": "/admin",
+    "Transfer_Encoding": "chunked",
+    "Content_Length": "999",
+}
+MIXED_UNDERSCORED = {
+    "X-Api_Key": "caller-forged-key",
+    "X_Api-Key": "caller-forged-key",
+    "X_Forwarded-For": "10.9.9.9",
+    "X-Real_Ip": "10.9.9.9",
+    "X-HTTP-Method_Override": "DELETE",
+    "X-Original_URL": "/admin",
+    "Content_length": "999",
+    "X_Upstream-Key": "caller-forged-key",  # the route's injected header
+    "X_Request_Id": "caller-forged-id",  # keyproxy's own
+}
+
+
+@pytest.mark.parametrize("forward", [False, True], ids=["default", "forward_underscore_headers"])
+async def test_header_names_with_underscores_never_smuggle_a_dropped_header(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+    forward: bool,
+) -> None:
+    """Names with `_` that a server would read as a dropped header (a credential, a client
+    address, a method or URL override, framing, the injected header, the request id), also
+    when `_` and `-` are mixed, never reach the upstream; with forward_underscore_headers a
+    benign one arrives as sent, by default it stays behind too."""
+    opt_out = {"forward_underscore_headers": True} if forward else {}
+    cfg = config_for(upstream.url, inject=[{"header": "X-Upstream-Key"}], **opt_out)
+    headers = {
+        **bearer(token),
+        **UNDERSCORED,
+        **MIXED_UNDERSCORED,
+        "X_Custom_Trace": "benign",
+        "X-Keep": "kept",
+    }
+    async with (
+        running_proxy(cfg) as stack,
+        http.get(f"{stack.base}/r/r/echo", headers=headers) as response,
+    ):
+        assert response.status == 200
+    [seen] = upstream.requests
+    for name in (*UNDERSCORED, *MIXED_UNDERSCORED):
+        assert name not in seen.headers, name
+    assert (seen.method, seen.path) == ("GET", "/echo")
+    assert seen.headers.getall("X-Upstream-Key") == [seeded[1]]
+    assert seen.headers["X-Keep"] == "kept"
+    assert seen.headers.getall("X_Custom_Trace", []) == (["benign"] if forward else [])
+    assert seen.headers["X-Request-Id"] == response.headers["X-Request-Id"]
+    sent = "\n".join(seen.headers.values())
+    for value in ("caller-forged", "10.9.9.9", "DELETE", "/admin", "999"):
+        assert value not in sent
+    assert_nothing_leaked(upstream, token)
+
+
+async def test_ambiguous_credentials_are_400_and_reach_nothing(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    local_issuer: LocalIssuer,
+    audit_log: Path,
+) -> None:
+    """Two Authorization headers (two valid tokens, the same one twice, one empty, in other
+    casing), a list in one value, or a second credential-carrying header: 400 with one
+    audit event each, nothing upstream; the first token alone still works."""
+    port = URL(stack.base).port
+    assert port is not None
+    other = local_issuer.token()
+    cases = [
+        [f"Authorization: Bearer {token}", f"Authorization: Bearer {other}"],
+        [f"Authorization: Bearer {other}", f"Authorization: Bearer {token}"],
+        [f"Authorization: Bearer {token}", f"Authorization: Bearer {token}"],
+        [f"Authorization: Bearer {token}", f"authorization: BEARER {other}"],
+        [f"Authorization: Bearer {token}", "Authorization:"],
+        [f"Authorization: Bearer {token}, Bearer {other}"],
+        [f"Authorization: Bearer {token},{other}"],
+        [f"Authorization: Bearer {token} {other}"],
+        [f"Authorization: Basic eDp5, Bearer {token}"],
+        [f"Authorization: Bearer {token}", f"X-Api-Key: {other}"],
+        [f"Authorization: Bearer {token}", "Proxy-Authorization: Basic eDp5"],
+        [f"Authorization: Bearer {token}", f"Api-Key: {other}"],
+        [f"Authorization: Bearer {token}", f"X-Goog-Api-Key: {token}"],
+    ]
+    ids = []
+    for lines in cases:
+        ids.append(request_id := new_request_id())
+        status, headers, body = await raw_exchange(
+            port, raw_get("/r/r/echo", *lines, f"X-Request-Id: {request_id}")
+        )
+        assert status == 400, lines[1:]
+        assert json.loads(body)["error"]["code"] == "ambiguous_credential"
+        assert headers["X-Request-Id"] == request_id
+    status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", f"Authorization: Bearer {token}"))
+    assert status == 200
+    assert len(upstream.requests) == 1  # only the unambiguous one
+    for request_id in ids:
+        [event] = await audit_events(audit_log, request_id)
+        assert (event["status"], event["reason"]) == (400, "ambiguous_credential")
+        assert event["subject"] is None  # refused before anything was verified
+
+
+async def test_a_route_with_its_own_credential_header_refuses_a_second_one(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    local_issuer: LocalIssuer,
+) -> None:
+    """With caller_credential x-api-key: the header twice, two tokens in it, or Authorization
+    beside it is 400 and reaches nothing; the header alone works."""
+    other = local_issuer.token()
+    cfg = config_for(upstream.url, caller_credential={"header": "X-Api-Key"})
+    async with running_proxy(cfg) as stack:
+        port = URL(stack.base).port
+        assert port is not None
+        for lines in [
+            [f"X-Api-Key: {token}", f"X-Api-Key: {other}"],
+            [f"X-Api-Key: {token}", f"x-api-key: {token}"],
+            [f"X-Api-Key: {token} {other}"],
+            [f"X-Api-Key: {token}", f"Authorization: Bearer {other}"],
+            [f"X-Api-Key: {token}", f"Api-Key: {other}"],
+        ]:
+            status, _, body = await raw_exchange(port, raw_get("/r/r/echo", *lines))
+            assert status == 400, lines
+            assert json.loads(body)["error"]["code"] == "ambiguous_credential"
+        assert upstream.requests == []
+        status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", f"X-Api-Key: {token}"))
+        assert status == 200
+    assert_nothing_leaked(upstream, token)
+
+
+async def test_a_credential_in_the_query_string_is_400(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """The RFC 6750 access_token parameter (any case, encoded or not, with or without a
+    header credential) or the caller's own token anywhere in the decoded query, which would
+    go upstream as sent: 400, nothing forwarded."""
+    encoded = "".join(f"%{ord(c):02X}" if c in "eyJ." else c for c in token)
+    for query, headers in [
+        (f"access_token={token}", {}),
+        (f"access_token={token}", bearer(token)),
+        ("q=1&ACCESS_TOKEN=x", bearer(token)),
+        ("access%5Ftoken=x", bearer(token)),
+        (f"q={token}", bearer(token)),
+        (f"q={encoded}", bearer(token)),
+        (f"next=%2Fv1%3Ftoken%3D{token}", bearer(token)),
+    ]:
+        url = URL(f"{stack.base}/r/r/echo?{query}", encoded=True)
+        async with http.get(url, headers=headers) as response:
+            assert response.status == 400, query
+            assert (await response.json())["error"]["code"] == "credential_in_query"
+    assert upstream.requests == []
+    async with http.get(f"{stack.base}/r/r/echo?q=1&token=2", headers=bearer(token)) as response:
+        assert response.status == 200
+
+
+class JwksServer:
+    """Serves a JWKS on loopback and counts how often it is fetched."""
+
+    def __init__(self, jwks: bytes) -> None:
+        self.jwks = jwks
+        self.fetches = 0
+        self.url = ""
+
+    async def serve(self, request: web.Request) -> web.Response:
+        self.fetches += 1
+        return web.Response(body=self.jwks, content_type="application/json")
+
+
+COUNTED_ISSUER = "https://counted.test.invalid"
+
+
+async def test_an_ambiguous_credential_is_refused_before_any_verification(
+    upstream: Upstream,
+    config_for: Callable[..., dict[str, Any]],
+    local_issuer: LocalIssuer,
+) -> None:
+    """Two tokens that would each make the proxy fetch its issuer's keys (an unknown kid):
+    sent together, 400 and not 401, with no fetch; one of them alone is a 401 after a fetch."""
+    jwks = JwksServer(local_issuer.jwks_file.read_bytes())
+    app = web.Application()
+    app.router.add_get("/jwks", jwks.serve)
+    runner, jwks_port = await serve(app)
+    cfg = config_for(upstream.url)
+    cfg["identity"]["issuers"].append(
+        {
+            "name": "counted",
+            "issuer": COUNTED_ISSUER,
+            "jwks_uri": f"http://127.0.0.1:{jwks_port}/jwks",
+            "audiences": ["keyproxy"],
+            "algorithms": ["RS256"],
+            "jwks_refetch_cooldown": "1ms",
+        }
+    )
+    first, second = (
+        local_issuer.token(iss=COUNTED_ISSUER, headers={"kid": f"unknown-{n}"}) for n in (1, 2)
+    )
+    try:
+        async with running_proxy(cfg) as stack:
+            port = URL(stack.base).port
+            assert port is not None
+            deadline = time.monotonic() + 10
+            while not jwks.fetches:  # the start-up fetch
+                assert time.monotonic() < deadline, "the issuer's keys were never fetched"
+                await asyncio.sleep(0.01)  # polling interval of a bounded wait
+            before = jwks.fetches
+            for lines in [
+                [f"Authorization: Bearer {first}", f"Authorization: Bearer {second}"],
+                [f"Authorization: Bearer {first}, Bearer {second}"],
+                [f"Authorization: Bearer {first}", f"X-Api-Key: {second}"],
+            ]:
+                status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", *lines))
+                assert status == 400
+            assert jwks.fetches == before
+            alone = f"Authorization: Bearer {first}"
+            status, _, _ = await raw_exchange(port, raw_get("/r/r/echo", alone))
+            assert status == 401
+            assert jwks.fetches > before  # so the counter would have seen a verification
+    finally:
+        await runner.cleanup()
+    assert upstream.requests == []
+
+
+async def test_a_well_formed_request_id_is_the_requests_everywhere(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A caller's well-formed X-Request-Id is the one the upstream receives (once), the one
+    in the answer and the one in the audit event; keyproxy's own refusals (400, 401, 403,
+    404) carry theirs too."""
+    request_id = new_request_id() + ":a.B_c-9"
+    async with http.get(
+        f"{stack.base}/r/r/echo", headers={**bearer(token), "X-Request-Id": request_id}
+    ) as response:
+        assert response.status == 200
+        assert response.headers.getall("X-Request-Id") == [request_id]
+    assert upstream.requests[0].headers.getall("X-Request-Id") == [request_id]
+    [event] = await audit_events(audit_log, request_id)
+    assert (event["status"], event["route"], event["decision"]) == (200, "r", "allow")
+    for method, path, headers, status in [
+        ("GET", "/r/r/echo", {}, 401),
+        ("DELETE", "/r/r/echo", bearer(token), 403),
+        ("GET", "/r/nope/echo", bearer(token), 404),
+        ("GET", "/r/r/v1%2Fmodels", bearer(token), 400),
+    ]:
+        request_id = new_request_id()
+        async with http.request(
+            method,
+            URL(f"{stack.base}{path}", encoded=True),
+            headers={**headers, "X-Request-Id": request_id},
+        ) as response:
+            assert response.status == status
+            assert response.headers["X-Request-Id"] == request_id
+        [event] = await audit_events(audit_log, request_id)
+        assert event["status"] == status
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"%(marker)s" + b"a" * 129,
+        b"%(marker)s with spaces",
+        b"%(marker)s<script>",
+        b"%(marker)s\tb",
+        b"caf\xc3\xa9-%(marker)s",
+        b"%(marker)s%%0d%%0aX-Injected:%%201",
+        b"%(marker)s;rm",
+    ],
+    ids=["too-long", "spaces", "markup", "tab", "non-ascii", "encoded-crlf", "semicolon"],
+)
+async def test_a_malformed_request_id_is_replaced(
+    stack: Stack, upstream: Upstream, token: str, audit_log: Path, value: bytes
+) -> None:
+    """Too long, spaces, odd characters, a tab, text beyond ASCII, encoded line breaks: the
+    caller's value goes nowhere (not upstream, not back, not in the log); the request gets a
+    new id, the same in all three places."""
+    port = URL(stack.base).port
+    assert port is not None
+    marker = f"m{time.monotonic_ns()}"
+    line = b"X-Request-Id: " + value % {b"marker": marker.encode()}
+    status, headers, _ = await raw_exchange(
+        port, raw_get("/r/r/echo", f"Authorization: Bearer {token}", line)
+    )
+    assert status == 200
+    [new] = headers.getall("X-Request-Id")
+    assert len(new) == 32
+    assert set(new) <= set("0123456789abcdef")
+    assert "X-Injected" not in headers
+    assert upstream.requests[0].headers.getall("X-Request-Id") == [new]
+    [event] = await audit_events(audit_log, new)
+    assert event["status"] == 200
+    assert marker not in audit_log.read_text()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"abc\rX-Injected: 1", b"abc\nX-Injected: 1", b"abc\r\n X-Injected: 1", b"abc\x00def"],
+    ids=["cr", "lf", "obs-fold", "nul"],
+)
+async def test_line_breaks_in_a_request_id_never_become_headers(
+    stack: Stack, upstream: Upstream, token: str, value: bytes
+) -> None:
+    """A bare CR or LF, an obsolete line folding or a NUL in X-Request-Id: the request is
+    refused before the proxy, and nothing the caller wrote comes back as a header."""
+    port = URL(stack.base).port
+    assert port is not None
+    status, headers, _ = await raw_exchange(
+        port, raw_get("/r/r/echo", f"Authorization: Bearer {token}", b"X-Request-Id: " + value)
+    )
+    assert status == 400
+    assert "X-Injected" not in headers
+    assert all(v != "abc" for v in headers.getall("X-Request-Id", []))
+    assert upstream.requests == []
 
 
 # ----------------------------------------------------------------------------- invariant 5
@@ -859,6 +1239,135 @@ async def raw_upstream(answer: bytes) -> AsyncIterator[str]:
 def _answer(declared: int, sent: int, extra: bytes = b"") -> bytes:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
     return head + b"Content-Length: %d\r\n" % declared + extra + b"\r\n" + b"x" * sent
+
+
+# After a 101 the upstream speaks another protocol: here a WebSocket frame, then bytes that
+# would read as an HTTP answer if anyone kept parsing HTTP.
+TUNNELLED = b"\x81\x05hello" + b"HTTP/1.1 200 OK\r\nX-Tunnelled: yes\r\nContent-Length: 0\r\n\r\n"
+
+
+class SwitchingUpstream:
+    """A raw upstream whose first connection gets `first`, and is then held open until the
+    proxy closes it; any later connection gets a short 200."""
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+        self.connections = 0
+        self.first_closed = asyncio.Event()
+        self.url = ""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.first if first else _answer(2, 2))
+            await writer.drain()
+            if first:
+                # Whatever the proxy sends now is not read as HTTP; only its close ends this.
+                async with asyncio.timeout(10):
+                    while await reader.read(65536):
+                        pass
+                self.first_closed.set()
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n" + TUNNELLED,
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + TUNNELLED,
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + TUNNELLED,
+    ],
+    ids=["websocket", "h2c", "no-upgrade-header"],
+)
+async def test_an_upstream_switching_protocols_is_502_and_its_connection_closed(
+    config_for: Callable[..., dict[str, Any]], token: str, audit_log: Path, first: bytes
+) -> None:
+    """An upstream 101 never reaches the caller: the caller gets exactly one answer, a 502,
+    and none of the bytes that followed the 101; the upstream connection is closed, not
+    pooled, so the next request opens a new one and gets a plain answer."""
+    upstream = SwitchingUpstream(first)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    request_id = new_request_id()
+    try:
+        async with running_proxy(config_for(url)) as stack:
+            port = URL(stack.base).port
+            assert port is not None
+            auth = f"Authorization: Bearer {token}"
+            head = raw_get("/r/r/echo", auth, f"X-Request-Id: {request_id}")
+            status, headers, rest = await raw_exchange(port, head)
+            assert status == 502
+            assert json.loads(rest)["error"]["code"] == "upstream_protocol_switch"
+            assert b"HTTP/1." not in rest  # the one answer, nothing after it
+            assert b"hello" not in rest
+            assert "Upgrade" not in headers
+            assert "X-Tunnelled" not in headers
+            await asyncio.wait_for(upstream.first_closed.wait(), 10)
+            status, _, rest = await raw_exchange(port, raw_get("/r/r/echo", auth))
+            assert (status, rest) == (200, b"xx")
+            assert upstream.connections == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+    [event] = await audit_events(audit_log, request_id)
+    assert (event["status"], event["upstream_status"]) == (502, 101)
+    assert event["reason"] == "upstream_protocol_switch"
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </hint.js>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\nX-Hint: hint.css\r\n\r\n",
+        b"HTTP/1.1 102 Processing\r\nX-Hint: hint.css\r\n\r\n",
+    ],
+    ids=["103", "103-twice", "100", "102"],
+)
+async def test_interim_answers_never_reach_the_caller(
+    config_for: Callable[..., dict[str, Any]], token: str, interim: bytes
+) -> None:
+    """Interim answers before the final one (Early Hints, an unasked-for Continue,
+    Processing) are not relayed: the caller reads exactly one answer, the final 200, and
+    none of the interim headers."""
+    final = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+    async with (
+        raw_upstream(interim + final + b'{"ok":true}') as url,
+        running_proxy(config_for(url)) as stack,
+    ):
+        port = URL(stack.base).port
+        assert port is not None
+        status, headers, rest = await raw_exchange(
+            port, raw_get("/r/r/echo", f"Authorization: Bearer {token}")
+        )
+    assert (status, rest) == (200, b'{"ok":true}')
+    assert "Link" not in headers
+    assert "X-Hint" not in headers
+    assert all("hint" not in v for v in headers.values())
+
+
+async def test_an_upstreams_own_request_id_goes_back_beside_ours(
+    config_for: Callable[..., dict[str, Any]], token: str, http: aiohttp.ClientSession
+) -> None:
+    """The answer's X-Request-Id is the request's; an upstream's id of its own (as OpenAI
+    sends) comes back as X-Upstream-Request-Id."""
+    request_id = new_request_id()
+    async with (
+        raw_upstream(_answer(2, 2, b"X-Request-Id: req_upstream_7\r\n")) as url,
+        running_proxy(config_for(url)) as stack,
+        http.get(
+            f"{stack.base}/r/r/echo", headers={**bearer(token), "X-Request-Id": request_id}
+        ) as response,
+    ):
+        assert response.status == 200
+        assert response.headers.getall("X-Request-Id") == [request_id]
+        assert response.headers.getall("X-Upstream-Request-Id") == ["req_upstream_7"]
 
 
 async def test_short_answer_cut_short_is_502(
@@ -1116,7 +1625,8 @@ async def test_vault_outage_serves_from_cache_then_503(
     http: aiohttp.ClientSession,
     upstream: Upstream,
 ) -> None:
-    """With Vault stopped, requests succeed from the cache within max_staleness, then get 503."""
+    """With Vault stopped, requests succeed from the cache within max_staleness, then get 503
+    saying when to try again: after the next refresh (500 ms, so 1 s)."""
     bao = fresh_openbao
     agent = bao.add_agent("outage-agent")
     token = bao.agent_token(agent)
@@ -1136,8 +1646,10 @@ async def test_vault_outage_serves_from_cache_then_503(
             async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
                 if response.status == 503:
                     assert (await response.json())["error"]["code"] == "key_stale"
+                    assert response.headers["Retry-After"] == "1"
                     break
                 assert response.status == 200
+                assert "Retry-After" not in response.headers
             assert time.monotonic() < deadline, "never turned to 503 after max_staleness"
             await asyncio.sleep(0.2)  # pacing between probes
         # max_staleness is 3 s: not before it, and (with a 500 ms refresh) not long after.
@@ -1145,3 +1657,28 @@ async def test_vault_outage_serves_from_cache_then_503(
         async with http.get(f"{stack.base}/readyz") as response:
             assert response.status == 503
     assert {s.headers["Authorization"] for s in upstream.requests} == {f"Bearer {key}"}
+
+
+async def test_a_key_never_loaded_is_503_with_retry_after(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    local_issuer: LocalIssuer,
+    token: str,
+    http: aiohttp.ClientSession,
+    upstream: Upstream,
+) -> None:
+    """A route whose key Vault does not hold answers 503 key_unavailable with Retry-After of
+    the refresh interval in whole seconds, rounded up (2.5 s: 3); a refusal of another kind
+    (401) says nothing of retrying."""
+    cfg = make_config(openbao, agent, local_issuer, upstream.url, "keyproxy/keys/never-written")
+    cfg["vault"] = openbao.vault_yaml(refresh_interval="2500ms", max_staleness="10s")
+    async with running_proxy(cfg) as stack:
+        async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "key_unavailable"
+            assert response.headers["Retry-After"] == "3"
+            assert len(response.headers["X-Request-Id"]) == 32
+        async with http.get(f"{stack.base}/r/r/echo") as response:
+            assert response.status == 401
+            assert "Retry-After" not in response.headers
+    assert upstream.requests == []

@@ -253,6 +253,7 @@ class Route:
     read_timeout: float = 300.0
     max_body: int = 10 * 1024**2
     strip_headers: tuple[str, ...] = ()
+    forward_underscore_headers: bool = False  # else caller headers with `_` are dropped
     owner: str | None = None
     rotation: Rotation | None = None
     max_age: float | None = None  # `keyproxy keys status` fails for an older key
