@@ -14,7 +14,9 @@ Transit public keys. Claims:
 `TaskTokens` issues, verifies and revokes them. Revocations live in Vault KV (one secret at
 `tokens.state_path`/revocations); every replica polls its version number and re-reads it on
 change, so a revocation is honoured everywhere within `revocation_poll_interval` plus one
-read. Entries are pruned once every token they can name has expired.
+read. Entries are pruned once every token they can name has expired. Issuance reads the list
+first, so an identity or task revoked moments ago gets no new token that the revocation
+would cover.
 
 The header and payload are read strictly (`keyproxy.jws`) before PyJWT verifies them. The
 public keys are read at start, re-read in the background every `key_refresh_interval`, and
@@ -46,7 +48,7 @@ import structlog
 from keyproxy import jws
 from keyproxy import scope as scopes
 from keyproxy.config import Config
-from keyproxy.errors import Unauthenticated, Unavailable, VaultError
+from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.vault import CasConflict, Vault
 
@@ -169,9 +171,17 @@ class Revocations:
     def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
         """Whether a token with these facts is revoked: by id, or by subject or task at or
         after it was issued."""
-        if token_id in self.ids or self.subjects.get(who, -1.0) >= issued_at:
+        if token_id in self.ids or self.covers_subject(who, issued_at):
             return True
-        return task is not None and self.tasks.get(task, -1.0) >= issued_at
+        return task is not None and self.covers_task(task, issued_at)
+
+    def covers_subject(self, who: str, issued_at: float) -> bool:
+        """Whether a revocation of subject `who` ("issuer|subject") names a token issued then."""
+        return self.subjects.get(who, -1.0) >= issued_at
+
+    def covers_task(self, task: str, issued_at: float) -> bool:
+        """Whether a revocation of `task` names a token of that task issued then."""
+        return self.tasks.get(task, -1.0) >= issued_at
 
     def prune(self, now: float, longest_ttl: float) -> None:
         """Drop entries that can no longer name a live token."""
@@ -303,7 +313,17 @@ class TaskTokens:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and not all(part.strip() for part in exception):
             raise ValueError("an exception token needs an owner and a reason")
+        try:
+            await self.refresh_revocations()  # one metadata read unless the list changed
+        except VaultError as exc:
+            log.warning("revocations_refresh_failed", error=str(exc))
+            raise Unavailable("vault_unavailable", "cannot issue tokens right now") from None
         now = int(self.clock())
+        # A token the revocation list would name at once is not issued at all.
+        if self._revocations.covers_subject(f"{identity.issuer}|{identity.subject}", now):
+            raise Forbidden("subject_revoked", "this identity's tokens were revoked just now")
+        if task is not None and self._revocations.covers_task(task, now):
+            raise Forbidden("task_revoked", "this task's tokens were revoked just now")
         token_id = uuid.uuid4().hex
         claims: dict[str, Any] = {
             "iss": self.cfg.issuer,
@@ -485,6 +505,38 @@ class TaskTokens:
         subject: str | None = None,
         task: str | None = None,
     ) -> None:
+        """An operator's revocation: of one token id, of every token issued so far to a
+        subject ("issuer|subject"), or of every token of a task."""
+        await self._record_revocation(token_id, expires_at, subject, task)
+        issuer, _, name = subject.partition("|") if subject is not None else (None, "", None)
+        log.info(
+            "token.revoked",
+            by="operator",
+            token_id=token_id,
+            issuer=issuer,
+            subject=name,
+            task=task,
+        )
+
+    async def revoke_held(self, token: TaskToken) -> None:
+        """The holder ends its task: its own token, verified by the caller, is revoked."""
+        await self._record_revocation(token.token_id, token.expires_at, None, None)
+        log.info(
+            "token.revoked",
+            by="holder",
+            token_id=token.token_id,
+            issuer=token.identity.issuer,
+            subject=token.identity.subject,
+            task=token.task,
+        )
+
+    async def _record_revocation(
+        self,
+        token_id: str | None,
+        expires_at: float | None,
+        subject: str | None,
+        task: str | None,
+    ) -> None:
         """Record a revocation in Vault (check-and-set, retried on a concurrent write)."""
         longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
         for _ in range(8):
@@ -508,7 +560,6 @@ class TaskTokens:
             except CasConflict:
                 continue
             self._revocations, self._revocations_version = revocations, new
-            log.info("token.revoked", token_id=token_id, subject=subject, task=task)
             return
         raise Unavailable("revocation_contention", "could not record the revocation; try again")
 

@@ -25,14 +25,15 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from yarl import URL
 
+from keyproxy import audit
 from keyproxy import config as config_module
 from keyproxy.cli import main
 from keyproxy.config import Grant
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from keyproxy.errors import ConfigError, Unauthenticated, Unavailable, VaultError
+from keyproxy.errors import ConfigError, Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
-from keyproxy.tokens import TaskTokens
+from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
 from tests.support import (
     CANARIES,
@@ -741,6 +742,119 @@ async def test_keys_past_max_staleness_refuse_task_tokens(
         await tasks.refresh_keys(force=True)
         assert (await tasks.verify(fresh.token)).token_id == fresh.token_id
         assert tasks.key_status()["stale"] is False
+    finally:
+        vault.close()
+
+
+# ----------------------------------------------------------------------------- revocation
+
+
+async def test_holder_revocation_is_one_audit_event(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession, audit_log: Path
+) -> None:
+    """A holder revoking its token writes exactly one token.revoked event, with who revoked,
+    the token id, the task, and the identity's issuer and subject."""
+    code, answer = await exchange(http, stack.base, identity_token, task="one-event")
+    assert code == 200, answer
+    async with http.post(f"{stack.base}/token/revoke", headers=bearer(answer["access_token"])) as r:
+        assert r.status == 200
+    events = [
+        e
+        for e in _audit_events(audit_log)
+        if e.get("event") == "token.revoked" and e.get("token_id") == answer["token_id"]
+    ]
+    assert len(events) == 1, events
+    assert {k: events[0].get(k) for k in ("by", "task", "issuer", "subject")} == {
+        "by": "holder",
+        "task": "one-event",
+        "issuer": "openbao",
+        "subject": stack.config.policies[0].subjects[0],
+    }
+    nulls = [e for e in _audit_events(audit_log) if e.get("event") == "token.revoked"]
+    assert not [e for e in nulls if e.get("by") is None]
+
+
+def _audit_events(path: Path) -> list[dict[str, Any]]:
+    audit.flush()  # lines wait a moment in the sink before they are written
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+async def revocable(
+    openbao: OpenBaoDevServer, upstream: Upstream
+) -> AsyncIterator[tuple[Stack, Agent, str]]:
+    """A proxy for an agent of its own, so revoking its subject touches no other test."""
+    own = openbao.add_agent("revoked-agent")
+    token = openbao.agent_token(own)
+    CANARIES.add(token)
+    async with running_proxy(token_config(openbao, own, upstream.url)) as value:
+        yield value, own, token
+
+
+async def test_revoked_subject_or_task_gets_no_new_token(
+    revocable: tuple[Stack, Agent, str],
+    openbao: OpenBaoDevServer,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Right after `keyproxy token revoke --task` that task gets no new token (403
+    task_revoked) while other tasks do; right after `--issuer --subject` the identity gets
+    none (403 subject_revoked); tokens issued before are refused on use."""
+    stack, own, identity_token = revocable
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, own, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    code, before = await exchange(http, stack.base, identity_token, task="doomed")
+    assert code == 200
+    revoke = ["token", "revoke", "-c", str(path)]
+    assert await asyncio.to_thread(main, [*revoke, "--task", "doomed"]) == 0
+    code, answer = await exchange(http, stack.base, identity_token, task="doomed")
+    assert (code, answer["error"]["code"]) == (403, "task_revoked")
+    code, other = await exchange(http, stack.base, identity_token, task="another")
+    assert code == 200, other
+    subject = ["--issuer", "openbao", "--subject", own.entity_id]
+    assert await asyncio.to_thread(main, [*revoke, *subject]) == 0
+    for task in ("another", "fresh", None):
+        body = {"task": task} if task else {"task": ""}
+        code, answer = await exchange(http, stack.base, identity_token, **body)
+        assert (code, answer["error"]["code"]) == (403, "subject_revoked"), task
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    for token in (before["access_token"], other["access_token"]):
+        assert await status(http, "POST", url, token) == 401
+
+
+async def test_issuance_refusal_covers_what_the_revocation_covers(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A subject revocation refuses issuance exactly for tokens it would name (issued up to
+    CLOCK_SKEW after it), and no longer after that; the same for a task."""
+    own = openbao.add_agent("skew-agent")
+    cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    await vault.login()
+    clock = Clock()
+    clock.now = float(int(clock.now))
+    try:
+        tasks = TaskTokens(cfg, vault, clock=clock)
+        identity = Identity("openbao", own.entity_id, {})
+        await tasks.revoke(subject=f"openbao|{own.entity_id}", task="skewed")
+        clock.now += CLOCK_SKEW  # a token stamped now is still named by the revocation
+        for task, reason in ((None, "subject_revoked"), ("skewed", "subject_revoked")):
+            with pytest.raises(Forbidden) as caught:
+                await tasks.issue(identity, SCOPE, ttl=60, task=task)
+            assert caught.value.reason == reason
+        other = Identity("openbao", "someone-else", {})
+        with pytest.raises(Forbidden) as caught:
+            await tasks.issue(other, SCOPE, ttl=60, task="skewed")
+        assert caught.value.reason == "task_revoked"
+        assert (await tasks.issue(other, SCOPE, ttl=60, task="unrelated")).token_id
+        clock.now += 1  # past the window: the revocation names no token stamped now
+        issued = await tasks.issue(identity, SCOPE, ttl=60, task="skewed")
+        CANARIES.add(issued.token)
+        assert (await tasks.verify(issued.token)).token_id == issued.token_id
     finally:
         vault.close()
 
