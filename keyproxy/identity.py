@@ -1,6 +1,7 @@
 """Workload identity: verify OIDC JWTs (Kubernetes, GitHub Actions, Vault/OpenBao, SPIFFE).
 
-`IdentityVerifier.verify(token)` returns an `Identity` or raises `Unauthenticated(reason)`.
+`IdentityVerifier.verify(token)` returns an `Identity` or raises `Unauthenticated(reason)`
+(or `Unavailable` when the issuer's keys are too old to trust, below).
 Checks run in this order (PRODUCT.md invariant 6), each one stopping at the first failure:
 
 1. The token is a compact JWS whose header and payload are UTF-8 JSON objects without a
@@ -116,7 +117,8 @@ class IdentityVerifier:
             self._issuers[issuer.issuer] = _IssuerState(issuer)
 
     async def verify(self, token: str) -> Identity:
-        """Return the caller's identity, or raise `Unauthenticated` with a reason code."""
+        """Return the caller's identity, or raise `Unauthenticated` with a reason code
+        (`Unavailable("issuer_keys_stale")` when the issuer's keys are too old to trust)."""
         digest = _digest(token)
         if digest is None:
             return (await self._verify(token))[0]  # refused there, as malformed

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 from structlog.testing import capture_logs
 
-from keyproxy import audit, config
+from keyproxy import config
 from keyproxy import identity as identity_module
 from keyproxy.app import METRICS
 from keyproxy.config import Issuer
@@ -1334,13 +1334,15 @@ async def test_stale_issuer_keys_are_503_and_audited(
         while (answer := await call())[0] != 200:
             assert time.monotonic() < deadline, "the issuer's return was never noticed"
             await asyncio.sleep(0.05)  # pacing between probes
-    audit.flush()
-    events = [json.loads(line) for line in audit_log.read_text().splitlines() if "{" in line[:1]]
-    stale = [
-        e for e in events if e.get("reason") == "issuer_keys_stale" and e.get("path") == "/echo"
-    ]
-    assert stale
-    assert {(e["status"], e["route"], e["decision"]) for e in stale} == {(503, "r", "deny")}
+    deadline = time.monotonic() + 10
+    while not (stale := [e for e in _events(audit_log) if e.get("reason") == "issuer_keys_stale"]):
+        assert time.monotonic() < deadline, "no audit event for the stale keys"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    assert {(e["status"], e["route"], e["path"]) for e in stale} == {(503, "r", "/echo")}
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 # ---------------------------------------------------------------------------- settings
