@@ -73,6 +73,9 @@ class Metrics:
         # method, called on every request without a call in between.
         self.request: Callable[[str | None, int, str, float], None] = self._requests.add
 
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
     def watch_signing_keys(
         self,
         issuers: Callable[[], dict[str, dict[str, Any]]],
@@ -81,9 +84,6 @@ class Metrics:
         """Export the verification keys' freshness: the identity verifier's `key_status` per
         issuer, and the task tokens' `key_status`. Read when scraped."""
         self.registry.register(_SigningKeysCollector(issuers, task_keys))
-
-    def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class _RequestCollector(Collector):
