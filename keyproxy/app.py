@@ -136,6 +136,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await verifier.aclose()
         await upstreams.close()
         await client.close()
         vault.close()

@@ -69,6 +69,9 @@ class Broker:
         self.verifier = verifier
         self.tasks = tasks
         self.metrics = metrics
+        if metrics is not None:
+            # The broker is where both verifiers meet the metrics; read when scraped.
+            metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
 
     def _count(self, event: str) -> None:
         if self.metrics is not None:
@@ -147,18 +150,10 @@ class Broker:
             if scheme.lower() != "bearer" or not is_task_token(token.strip()):
                 raise Unauthenticated("no_credential", "send the task token as a Bearer token")
             task = await self.tasks.verify(token.strip())
-            await self.tasks.revoke(token_id=task.token_id, expires_at=task.expires_at)
+            await self.tasks.revoke_held(task)  # writes the one token.revoked event
         except RequestError as exc:
             log.info("token.revoke_denied", reason=exc.reason, source=request.remote)
             return error_response(exc)
-        log.info(
-            "token.revoked",
-            by="holder",
-            token_id=task.token_id,
-            task=task.task,
-            issuer=task.identity.issuer,
-            subject=task.identity.subject,
-        )
         self._count("revoked")
         return web.json_response({"revoked": task.token_id})
 

@@ -1,9 +1,12 @@
 """Workload identity: verify OIDC JWTs (Kubernetes, GitHub Actions, Vault/OpenBao, SPIFFE).
 
-`IdentityVerifier.verify(token)` returns an `Identity` or raises `Unauthenticated(reason)`.
+`IdentityVerifier.verify(token)` returns an `Identity` or raises `Unauthenticated(reason)`
+(or `Unavailable` when the issuer's keys are too old to trust, below).
 Checks run in this order (PRODUCT.md invariant 6), each one stopping at the first failure:
 
-1. The token is a compact JWS with JSON header and payload (`malformed`).
+1. The token is a compact JWS whose header and payload are UTF-8 JSON objects without a
+   repeated member name, NaN or Infinity, read strictly by `keyproxy.jws` before PyJWT
+   sees the same bytes (`malformed`).
 2. Header: `crit` is refused (`forbidden_header`); a `typ` listed in `rejected_types` is
    refused (`wrong_token_type`). `jwk`, `jku`, `x5u` and `x5c` are ignored: keys come only
    from the issuer's configured source.
@@ -14,7 +17,9 @@ Checks run in this order (PRODUCT.md invariant 6), each one stopping at the firs
    without `kid` is accepted only when the issuer publishes exactly one usable key.
 5. `jwt.decode` checks the signature, then `exp`/`iss`/`aud`/`sub` presence, exact `iss` and
    the audience (`bad_signature`, `missing_claim`, `bad_audience`).
-6. Time, against the injected clock with the issuer's leeway (`expired`, `not_yet_valid`).
+6. Time, against the injected clock with the issuer's leeway (`expired`, `not_yet_valid`);
+   `exp`, `nbf` and `iat` must be times from 1970 to year 9999 (`malformed`), and with
+   `max_token_lifetime` set, `iat` is required and `exp - iat` bounded (`lifetime_too_long`).
 
 A token that verified is remembered (`VerifiedCache`, keyed by its SHA-256, never the token
 itself) until its `exp` plus leeway, so a caller reusing its token costs one hash and a dict
@@ -24,18 +29,26 @@ algorithm, and the time checks run again on every use: the cache never changes a
 only skips recomputing one that cannot have changed. Failures are never cached.
 
 Keys come from a discovery document, a JWKS URL or a local JWKS file (a SPIFFE trust bundle),
-cached per issuer for `jwks_cache_ttl`. A stale set is refetched; if that fails the old set
-keeps serving. An unknown `kid` forces a refetch at most once per `jwks_refetch_cooldown`,
-and concurrent verifications share one fetch. No usable keys at all is `jwks_unavailable`.
+cached per issuer. A request never waits for the issuer while it has keys that are good
+enough (stale-while-revalidate): once the set is older than `jwks_cache_ttl` the request is
+answered with it and a refresh starts in the background, one at a time, and after a failed
+one not again before `jwks_refetch_cooldown`. Past `jwks_max_staleness` since the last
+successful fetch the set is no longer trusted: requests wait for a fetch (at most one per
+cooldown) and are refused with `Unavailable("issuer_keys_stale")` (503) while it fails. A
+request does wait when there is nothing to answer with: no keys yet (`jwks_unavailable` if
+the fetch fails), or a `kid` the set lacks, which forces a refetch at most once per cooldown.
+Concurrent verifications share one fetch. The fetches are tasks owned by the verifier and
+cancelled by `aclose()`.
 
 SECURITY: nothing derived from the token (not even its claims) goes into an error message
-or a log event; JWKS events log the issuer name, the URL, key counts and what went wrong.
+or a log event, nor does the name or URL of a configured issuer: error messages reach
+unauthenticated callers. JWKS events log the issuer name, the URL, key counts and what went
+wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import hashlib
 import json
@@ -50,11 +63,11 @@ from typing import Any
 import aiohttp
 import jwt
 import structlog
-from jwt.utils import base64url_decode
 from yarl import URL
 
+from keyproxy import jws
 from keyproxy.config import Issuer
-from keyproxy.errors import Unauthenticated
+from keyproxy.errors import RequestError, Unauthenticated, Unavailable
 
 log = structlog.get_logger("keyproxy.identity")
 
@@ -96,6 +109,7 @@ class IdentityVerifier:
         self._clock = clock
         self.cache = VerifiedCache(cache_size, clock)
         self._rejected_types = frozenset(_media_type(t) for t in rejected_types)
+        self._closed = False
         self._issuers: dict[str, _IssuerState] = {}
         for issuer in issuers:
             if issuer.issuer in self._issuers:
@@ -103,7 +117,8 @@ class IdentityVerifier:
             self._issuers[issuer.issuer] = _IssuerState(issuer)
 
     async def verify(self, token: str) -> Identity:
-        """Return the caller's identity, or raise `Unauthenticated` with a reason code."""
+        """Return the caller's identity, or raise `Unauthenticated` with a reason code
+        (`Unavailable("issuer_keys_stale")` when the issuer's keys are too old to trust)."""
         digest = _digest(token)
         if digest is None:
             return (await self._verify(token))[0]  # refused there, as malformed
@@ -147,14 +162,14 @@ class IdentityVerifier:
         issuer = state.issuer
         alg: str = header["alg"]
         if alg not in issuer.algorithms:
-            raise Unauthenticated(
-                "algorithm_not_allowed", f"algorithm not allowed for issuer {issuer.name}"
-            )
+            # SECURITY: no issuer name here: it would tell any caller what is configured.
+            raise Unauthenticated("algorithm_not_allowed", "algorithm not allowed")
         kid = header.get("kid")
         key = await self._key(state, kid, alg)
         holder = state.keys  # where _key found `key`: nothing was awaited since
         claims = _decode(token, key, alg, issuer)
         _check_times(claims, self._clock(), issuer.leeway)
+        _check_lifetime(claims, issuer.max_token_lifetime)
         subject: str = claims["sub"]  # PyJWT has checked it is a string
         if not subject:
             raise Unauthenticated("missing_claim", "the token has an empty sub claim")
@@ -174,68 +189,117 @@ class IdentityVerifier:
 
     async def _prefetch(self, state: _IssuerState) -> None:
         # _refresh has logged why it failed; verification retries after the cooldown.
-        with contextlib.suppress(Unauthenticated):
+        with contextlib.suppress(RequestError):
             await self._keys(state)
+
+    async def aclose(self) -> None:
+        """Stop the background key fetches; no new ones start after this."""
+        self._closed = True
+        fetches = [s.fetch for s in self._issuers.values() if s.fetch is not None]
+        for fetch in fetches:
+            fetch.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+
+    def key_status(self) -> dict[str, dict[str, Any]]:
+        """Per issuer name: age of its keys (None before the first fetch), whether they are
+        past jwks_max_staleness, whether a fetch is running, and stale refusals so far."""
+        now = self._clock()
+        status = {}
+        for state in self._issuers.values():
+            age = None if state.keys is None else max(0.0, now - state.fetched_at)
+            status[state.issuer.name] = {
+                "age": age,
+                "stale": age is not None and age > state.issuer.jwks_max_staleness,
+                "fetching": _running(state) is not None,
+                "stale_refusals": state.stale_refusals,
+            }
+        return status
 
     async def _key(self, state: _IssuerState, kid: str | None, alg: str) -> jwt.PyJWK:
         found = (await self._keys(state)).find(kid)
         if found is None:
             found = (await self._keys(state, unknown_kid=True)).find(kid)
         if found is None:
-            raise Unauthenticated("unknown_kid", f"no key of issuer {state.issuer.name} fits")
+            raise Unauthenticated("unknown_kid", "no key of the issuer fits")
         key = found.get(alg)
         if key is None:
             raise Unauthenticated("bad_signature", "the issuer's key does not fit the algorithm")
         return key
 
     async def _keys(self, state: _IssuerState, *, unknown_kid: bool = False) -> _KeySet:
-        """The issuer's keys, fetching first when missing, stale, or a kid is unknown."""
-        # Single flight: a caller that needs what an in-flight fetch will bring waits for it
-        # on the lock, then uses its result instead of fetching again.
-        waits = state.lock.locked() and (unknown_kid or state.keys is None)
-        if waits or self._wants_fetch(state, unknown_kid=unknown_kid):
-            generation = state.generation
-            async with state.lock:
-                if state.generation == generation and self._wants_fetch(
-                    state, unknown_kid=unknown_kid
-                ):
-                    await self._refresh(state, unknown_kid=unknown_kid)
+        """The issuer's keys: at once while they are good enough, else after a fetch."""
+        now = self._clock()
+        if state.keys is not None and not unknown_kid:
+            age = now - state.fetched_at
+            if age < state.issuer.jwks_cache_ttl:
+                return state.keys
+            if age <= state.issuer.jwks_max_staleness:
+                # Stale-while-revalidate: this request does not wait for the issuer.
+                if _running(state) is None and self._may_fetch(state, now, forced=False):
+                    self._start_fetch(state, forced=False)
+                return state.keys
+        # Nothing to answer with: no keys, keys too old to trust, or a kid they lack.
+        # Single flight: a fetch already running brings what this caller needs too.
+        fetch = _running(state)
+        if fetch is None and self._may_fetch(state, now, forced=unknown_kid):
+            fetch = self._start_fetch(state, forced=unknown_kid)
+        if fetch is not None:
+            # Shielded: a caller that gives up must not cancel the fetch others wait for.
+            await asyncio.shield(fetch)
+        return self._usable(state)
+
+    def _usable(self, state: _IssuerState) -> _KeySet:
         if state.keys is None:
-            raise Unauthenticated(
-                "jwks_unavailable", f"keys of issuer {state.issuer.name} are unavailable"
-            )
+            raise Unauthenticated("jwks_unavailable", "the issuer's keys are unavailable")
+        if self._clock() - state.fetched_at > state.issuer.jwks_max_staleness:
+            # Fail closed: keys this old may include one the issuer has since withdrawn.
+            state.stale_refusals += 1
+            raise Unavailable("issuer_keys_stale", "the issuer's keys are too old to trust")
         return state.keys
 
-    def _wants_fetch(self, state: _IssuerState, *, unknown_kid: bool) -> bool:
-        now = self._clock()
-        cooldown = state.issuer.jwks_refetch_cooldown
-        if unknown_kid:
-            return state.last_forced is None or now - state.last_forced >= cooldown
-        if state.keys is not None and now - state.fetched_at < state.issuer.jwks_cache_ttl:
+    def _may_fetch(self, state: _IssuerState, now: float, *, forced: bool) -> bool:
+        if self._closed:
             return False
-        # Missing or stale: retry, but after a failure not more often than the cooldown, so
-        # unauthenticated traffic cannot turn an issuer outage into a fetch storm.
+        cooldown = state.issuer.jwks_refetch_cooldown
+        if forced:
+            return state.last_forced is None or now - state.last_forced >= cooldown
+        # After a failure not more often than the cooldown, so unauthenticated traffic
+        # cannot turn an issuer outage into a fetch storm.
         return state.last_failure is None or now - state.last_failure >= cooldown
 
-    async def _refresh(self, state: _IssuerState, *, unknown_kid: bool) -> None:
+    def _start_fetch(self, state: _IssuerState, *, forced: bool) -> asyncio.Task[None]:
+        if forced:
+            state.last_forced = self._clock()
+        # Owned: kept in the issuer's state until done, cancelled by aclose().
+        state.fetch = asyncio.create_task(
+            self._refresh(state), name=f"jwks-fetch-{state.issuer.name}"
+        )
+        return state.fetch
+
+    async def _refresh(self, state: _IssuerState) -> None:
         issuer, now = state.issuer, self._clock()
-        if unknown_kid:
-            state.last_forced = now
         try:
             keys, url = await self._fetch(issuer)
         except _FetchError as exc:
-            state.last_failure = now
-            log.warning(
-                "jwks_fetch_failed",
-                issuer=issuer.name,
-                url=exc.url,
-                error=exc.message,
-                serving_cached=state.keys is not None,
-            )
+            self._failed(state, now, exc.url, exc.message)
+        except Exception as exc:  # a bug: a failed fetch, not a dead task
+            log.exception("jwks_fetch_crashed", issuer=issuer.name)
+            self._failed(state, now, _source(issuer), type(exc).__name__)
         else:
             state.keys, state.fetched_at, state.last_failure = keys, now, None
             log.info("jwks_fetched", issuer=issuer.name, url=url, keys=keys.size)
-        state.generation += 1
+
+    def _failed(self, state: _IssuerState, now: float, url: str, error: str) -> None:
+        state.last_failure = now
+        age = None if state.keys is None else now - state.fetched_at
+        log.warning(
+            "jwks_fetch_failed",
+            issuer=state.issuer.name,
+            url=url,
+            error=error,
+            serving_cached=age is not None and age <= state.issuer.jwks_max_staleness,
+            keys_age=age,
+        )
 
     async def _fetch(self, issuer: Issuer) -> tuple[_KeySet, str]:
         if issuer.jwks_file is not None:
@@ -284,15 +348,23 @@ class IdentityVerifier:
 
 @dataclass
 class _IssuerState:
-    """What the verifier knows about one issuer's keys; changed only under `lock`."""
+    """What the verifier knows about one issuer's keys; `keys` changes only in `_refresh`."""
 
     issuer: Issuer
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     keys: _KeySet | None = None
-    fetched_at: float = 0.0
+    fetched_at: float = 0.0  # when the fetch that brought `keys` started
     last_failure: float | None = None
     last_forced: float | None = None
-    generation: int = 0  # completed fetch attempts
+    fetch: asyncio.Task[None] | None = None  # the one running (or last) fetch
+    stale_refusals: int = 0
+
+
+def _running(state: _IssuerState) -> asyncio.Task[None] | None:
+    return state.fetch if state.fetch is not None and not state.fetch.done() else None
+
+
+def _source(issuer: Issuer) -> str:
+    return str(issuer.discovery_url or issuer.jwks_uri or issuer.jwks_file)
 
 
 @dataclass(frozen=True)
@@ -383,7 +455,7 @@ class _FetchError(Exception):
 
 
 def _split(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The unverified header and payload; only for routing, PyJWT re-reads both."""
+    """The unverified header and payload, read strictly; PyJWT then verifies the same bytes."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
         raise Unauthenticated("malformed", "the token is not a well-formed JWT")
     parts = token.split(".")
@@ -394,12 +466,10 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _segment(part: str) -> dict[str, Any]:
     try:
-        value = json.loads(base64url_decode(part.encode("ascii")))
-    except (ValueError, binascii.Error, RecursionError):
-        value = None
-    if not isinstance(value, dict):
-        raise Unauthenticated("malformed", "the token is not a well-formed JWT")
-    return value
+        return jws.segment(part)
+    except ValueError as exc:
+        # The reason names what was wrong (a repeated name, not UTF-8), never the content.
+        raise Unauthenticated("malformed", f"the token is not a well-formed JWT: {exc}") from None
 
 
 def _check_header(header: Mapping[str, Any], rejected_types: frozenset[str]) -> None:
@@ -466,11 +536,20 @@ def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
             raise Unauthenticated("not_yet_valid", f"the token's {name} is in the future")
 
 
+def _check_lifetime(claims: Mapping[str, Any], longest: float | None) -> None:
+    if longest is None:
+        return
+    if "iat" not in claims:
+        raise Unauthenticated("missing_claim", "the token has no iat claim")
+    if _numeric(claims, "exp") - _numeric(claims, "iat") > longest:
+        raise Unauthenticated("lifetime_too_long", "the token lives longer than allowed")
+
+
 def _numeric(claims: Mapping[str, Any], name: str) -> float:
-    value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise Unauthenticated("malformed", f"the token's {name} claim is not a number")
-    return float(value)
+    try:
+        return jws.numeric_date(claims[name])
+    except ValueError as exc:
+        raise Unauthenticated("malformed", f"the token's {name} claim is {exc}") from None
 
 
 # ---------------------------------------------------------------------------- key sources

@@ -14,6 +14,12 @@
     keyproxy_key_rotations_total{route}                 counter: new versions this replica saw
     keyproxy_vault_reads_total{route}                   counter: key reads from Vault
     keyproxy_vault_read_errors_total{route}             counter: failed key reads
+    keyproxy_identity_keys_age_seconds{issuer}          gauge: since the issuer's JWKS was fetched
+    keyproxy_identity_keys_stale{issuer}                gauge: 1 past jwks_max_staleness
+    keyproxy_identity_stale_refusals_total{issuer}      counter: tokens refused for stale keys
+    keyproxy_token_keys_age_seconds                     gauge: since the Transit keys were read
+    keyproxy_token_keys_stale                           gauge: 1 past tokens.key_max_staleness
+    keyproxy_token_keys_stale_refusals_total            counter: task tokens refused for it
 
 The key series are read from the key cache when scraped, so they cost the request path
 nothing. Rotation runs (`keyproxy rotate`) are separate processes: they report through
@@ -82,6 +88,15 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def watch_signing_keys(
+        self,
+        issuers: Callable[[], dict[str, dict[str, Any]]],
+        task_keys: Callable[[], dict[str, Any]],
+    ) -> None:
+        """Export the verification keys' freshness: the identity verifier's `key_status` per
+        issuer, and the task tokens' `key_status`. Read when scraped."""
+        self.registry.register(_SigningKeysCollector(issuers, task_keys))
 
 
 class _RequestCollector(Collector):
@@ -174,6 +189,58 @@ class _KeyCollector(Collector):
             reads.add_metric([route], entry.get("reads", 0))
             errors.add_metric([route], entry.get("read_errors", 0))
         yield from (version, age, staleness, ready, rotations, reads, errors)
+
+
+class _SigningKeysCollector(Collector):
+    """How old the keys are that tokens are verified with, read when scraped."""
+
+    def __init__(
+        self,
+        issuers: Callable[[], dict[str, dict[str, Any]]],
+        task_keys: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._issuers = issuers
+        self._task_keys = task_keys
+
+    def collect(self) -> Iterator[Metric]:
+        age = GaugeMetricFamily(
+            "keyproxy_identity_keys_age_seconds",
+            "Seconds since the issuer's keys were last fetched successfully.",
+            labels=["issuer"],
+        )
+        stale = GaugeMetricFamily(
+            "keyproxy_identity_keys_stale",
+            "1 when the issuer's keys are past jwks_max_staleness (its tokens are refused).",
+            labels=["issuer"],
+        )
+        refused = CounterMetricFamily(
+            "keyproxy_identity_stale_refusals",
+            "Tokens refused because the issuer's keys were too old to trust.",
+            labels=["issuer"],
+        )
+        for issuer, entry in sorted(self._issuers().items()):
+            if entry["age"] is not None:
+                age.add_metric([issuer], entry["age"])
+            stale.add_metric([issuer], 1.0 if entry["stale"] else 0.0)
+            refused.add_metric([issuer], entry["stale_refusals"])
+        own = self._task_keys()
+        own_age = GaugeMetricFamily(
+            "keyproxy_token_keys_age_seconds",
+            "Seconds since the task tokens' Transit public keys were last read.",
+        )
+        if own["age"] is not None:
+            own_age.add_metric([], own["age"])
+        own_stale = GaugeMetricFamily(
+            "keyproxy_token_keys_stale",
+            "1 when the Transit public keys are past tokens.key_max_staleness.",
+            value=1.0 if own["stale"] else 0.0,
+        )
+        own_refused = CounterMetricFamily(
+            "keyproxy_token_keys_stale_refusals",
+            "Task tokens refused because the Transit public keys were too old to trust.",
+            value=own["stale_refusals"],
+        )
+        yield from (age, stale, refused, own_age, own_stale, own_refused)
 
 
 def write_rotation_textfile(path: Path, outcomes: Sequence[tuple[str, str]]) -> None:

@@ -14,7 +14,16 @@ Transit public keys. Claims:
 `TaskTokens` issues, verifies and revokes them. Revocations live in Vault KV (one secret at
 `tokens.state_path`/revocations); every replica polls its version number and re-reads it on
 change, so a revocation is honoured everywhere within `revocation_poll_interval` plus one
-read. Entries are pruned once every token they can name has expired.
+read. Entries are pruned once every token they can name has expired. Issuance reads the list
+first, so an identity or task revoked moments ago gets no new token that the revocation
+would cover.
+
+The header and payload are read strictly (`keyproxy.jws`) before PyJWT verifies them. The
+public keys are read at start, re-read in the background every `key_refresh_interval`, and
+at once (at most every `key_refetch_cooldown`) for a token naming a version not seen yet: a
+token whose key is known never waits for Vault. While Vault cannot be read the known keys
+keep verifying for `key_max_staleness` after the last good read; then task tokens are
+refused with `Unavailable("token_keys_stale")` (503) until a read succeeds.
 """
 
 from __future__ import annotations
@@ -36,9 +45,10 @@ from typing import Any, Final
 import jwt
 import structlog
 
+from keyproxy import jws
 from keyproxy import scope as scopes
 from keyproxy.config import Config
-from keyproxy.errors import Unauthenticated, Unavailable, VaultError
+from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.vault import CasConflict, Vault
 
@@ -46,6 +56,7 @@ TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not 
 EXCEPTION_ISSUER: Final = "exception"
 LEEWAY: Final = 5.0
 _CACHE_SIZE: Final = 10_000
+MAX_TOKEN_BYTES: Final = 16 * 1024
 MAX_METERED: Final = 100_000
 # Clocks of the replica that issued a token and of whoever revokes may differ: a revocation
 # by subject or task covers tokens issued up to this long after it, and entries are kept
@@ -69,6 +80,16 @@ class TaskToken:
     max_uses: int | None = None
     source: str | None = None
     exception_owner: str | None = None
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A verified token and the key that verified it: remembered only while that very key
+    object is what the current key set holds for its version."""
+
+    token: TaskToken
+    version: int
+    key: jwt.PyJWK
 
 
 @dataclass(frozen=True)
@@ -150,9 +171,17 @@ class Revocations:
     def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
         """Whether a token with these facts is revoked: by id, or by subject or task at or
         after it was issued."""
-        if token_id in self.ids or self.subjects.get(who, -1.0) >= issued_at:
+        if token_id in self.ids or self.covers_subject(who, issued_at):
             return True
-        return task is not None and self.tasks.get(task, -1.0) >= issued_at
+        return task is not None and self.covers_task(task, issued_at)
+
+    def covers_subject(self, who: str, issued_at: float) -> bool:
+        """Whether a revocation of subject `who` ("issuer|subject") names a token issued then."""
+        return self.subjects.get(who, -1.0) >= issued_at
+
+    def covers_task(self, task: str, issued_at: float) -> bool:
+        """Whether a revocation of `task` names a token of that task issued then."""
+        return self.tasks.get(task, -1.0) >= issued_at
 
     def prune(self, now: float, longest_ttl: float) -> None:
         """Drop entries that can no longer name a live token."""
@@ -176,10 +205,12 @@ class TaskTokens:
         self._keys: dict[int, jwt.PyJWK] = {}
         self._public: dict[int, bytes] = {}
         self._keys_fetched = -1e9
+        self._keys_read_at: float | None = None  # self.clock() at the last good read
         self._keys_lock = asyncio.Lock()
+        self.stale_refusals = 0
         self._revocations = Revocations()
         self._revocations_version: int | None = None
-        self._verified: dict[str, TaskToken] = {}
+        self._verified: dict[str, _Verified] = {}
         # max_uses counters: token id -> (uses so far, token expiry). Pruned by expiry only.
         self._uses: dict[str, tuple[int, float]] = {}
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
@@ -203,12 +234,50 @@ class TaskTokens:
             if not force and now - self._keys_fetched < self.cfg.key_refetch_cooldown:
                 return
             self._keys_fetched = now
+            started = self.clock()
             public = await self.vault.transit_public_keys(
                 self.cfg.transit_mount, self.cfg.transit_key
             )
-            self._public = public
-            self._keys = {v: jwt.PyJWK(self._jwk(v, raw)) for v, raw in public.items()}
-            log.info("token_keys_loaded", versions=sorted(self._keys))
+            # An unchanged version keeps its key object: tokens it verified stay remembered.
+            keys = {
+                v: self._keys[v] if self._public.get(v) == raw else jwt.PyJWK(self._jwk(v, raw))
+                for v, raw in public.items()
+            }
+            changed = keys.keys() != self._keys.keys() or any(
+                keys[v] is not self._keys[v] for v in keys
+            )
+            self._public, self._keys, self._keys_read_at = public, keys, started
+            if changed:
+                log.info("token_keys_loaded", versions=sorted(keys))
+
+    async def _refresh_keys_regularly(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.key_refresh_interval)
+            try:
+                await self.refresh_keys(force=True)
+            except VaultError as exc:
+                log.warning("token_keys_refresh_failed", error=str(exc), keys_age=self._age())
+
+    def _age(self) -> float | None:
+        return None if self._keys_read_at is None else max(0.0, self.clock() - self._keys_read_at)
+
+    def key_status(self) -> dict[str, Any]:
+        """Age of the public keys (None before the first read), whether they are past
+        key_max_staleness, the versions known, and stale refusals so far."""
+        age = self._age()
+        return {
+            "age": age,
+            "stale": age is not None and age > self.cfg.key_max_staleness,
+            "versions": sorted(self._keys),
+            "stale_refusals": self.stale_refusals,
+        }
+
+    def _check_fresh(self) -> None:
+        age = self._age()
+        if age is not None and age > self.cfg.key_max_staleness:
+            # Fail closed: Vault may have retired a version since, and cannot tell us.
+            self.stale_refusals += 1
+            raise Unavailable("token_keys_stale", "the signing keys are too old to trust")
 
     def _jwk(self, version: int, raw: bytes) -> dict[str, str]:
         return {
@@ -244,7 +313,17 @@ class TaskTokens:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and not all(part.strip() for part in exception):
             raise ValueError("an exception token needs an owner and a reason")
+        try:
+            await self.refresh_revocations()  # one metadata read unless the list changed
+        except VaultError as exc:
+            log.warning("revocations_refresh_failed", error=str(exc))
+            raise Unavailable("vault_unavailable", "cannot issue tokens right now") from None
         now = int(self.clock())
+        # A token the revocation list would name at once is not issued at all.
+        if self._revocations.covers_subject(f"{identity.issuer}|{identity.subject}", now):
+            raise Forbidden("subject_revoked", "this identity's tokens were revoked just now")
+        if task is not None and self._revocations.covers_task(task, now):
+            raise Forbidden("task_revoked", "this task's tokens were revoked just now")
         token_id = uuid.uuid4().hex
         claims: dict[str, Any] = {
             "iss": self.cfg.issuer,
@@ -294,14 +373,22 @@ class TaskTokens:
     # ------------------------------------------------------------------ verify
 
     async def verify(self, token: str) -> TaskToken:
-        """Verify a task token locally; raises Unauthenticated with a reason code."""
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        cached = self._verified.get(digest)
-        if cached is None:
-            cached = await self._verify_signed(token)
+        """Verify a task token locally; raises Unauthenticated with a reason code, or
+        Unavailable when the public keys are too old to trust."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated("malformed", "not a task token")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+        entry = self._verified.get(digest)
+        if entry is not None and self._keys.get(entry.version) is entry.key:
+            self._check_fresh()
+        else:
+            # New, or the key version that verified it is no longer published.
+            self._verified.pop(digest, None)
+            entry = await self._verify_signed(token)
             if len(self._verified) >= _CACHE_SIZE:
                 self._evict()
-            self._verified[digest] = cached
+            self._verified[digest] = entry
+        cached = entry.token
         now = self.clock()
         if now >= cached.expires_at + LEEWAY:
             raise Unauthenticated("expired", "the task token has expired")
@@ -313,21 +400,27 @@ class TaskTokens:
 
     def _evict(self) -> None:
         now = self.clock()
-        self._verified = {k: t for k, t in self._verified.items() if t.expires_at + LEEWAY > now}
+        self._verified = {
+            k: e for k, e in self._verified.items() if e.token.expires_at + LEEWAY > now
+        }
         while len(self._verified) >= _CACHE_SIZE:
             self._verified.pop(next(iter(self._verified)))
 
-    async def _verify_signed(self, token: str) -> TaskToken:
+    async def _verify_signed(self, token: str) -> _Verified:
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise Unauthenticated("malformed", "not a task token")
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise Unauthenticated("malformed", "not a task token") from None
+            # Strictly, before PyJWT reads the same bytes its own, lenient way.
+            header, _ = jws.segment(parts[0]), jws.segment(parts[1])
+        except ValueError as exc:
+            raise Unauthenticated("malformed", f"not a well-formed task token: {exc}") from None
         typ = header.get("typ")
         if not isinstance(typ, str) or typ.lower() != TASK_TOKEN_TYPE:
             raise Unauthenticated("wrong_token_type", "not a task token")
         if header.get("alg") != "EdDSA" or "crit" in header:
             raise Unauthenticated("algorithm_not_allowed", "task tokens are EdDSA")
-        key = await self._key(header.get("kid"))
+        version, key = await self._key(header.get("kid"))
         try:
             claims = jwt.decode(
                 token,
@@ -346,9 +439,9 @@ class TaskTokens:
             raise Unauthenticated("bad_signature", "task token signature invalid") from None
         except jwt.PyJWTError:
             raise Unauthenticated("invalid_claims", "task token claims invalid") from None
-        return self._task_token(claims)
+        return _Verified(self._task_token(claims), version, key)
 
-    async def _key(self, kid: Any) -> jwt.PyJWK:
+    async def _key(self, kid: Any) -> tuple[int, jwt.PyJWK]:
         # ASCII digits only: str.isdigit() would accept "²", which int() refuses.
         pattern = rf"{re.escape(self.cfg.transit_key)}:v([0-9]{{1,9}})"
         match = re.fullmatch(pattern, kid) if isinstance(kid, str) else None
@@ -362,10 +455,12 @@ class TaskTokens:
         key = self._keys.get(version)
         if key is None:
             raise Unauthenticated("unknown_kid", "unknown task token key")
-        return key
+        self._check_fresh()
+        return version, key
 
     def _task_token(self, claims: Mapping[str, Any]) -> TaskToken:
         try:
+            jws.numeric_date(claims["nbf"])
             scope = scopes.from_claim(claims["scope"], list(self.config.routes))
             exc = claims.get("exc")
             ctx = claims.get("ctx") or {}
@@ -376,8 +471,8 @@ class TaskTokens:
                     issuer, str(claims["sub"]), dict(ctx) if isinstance(ctx, dict) else {}
                 ),
                 scope=scope,
-                issued_at=float(claims["iat"]),
-                expires_at=float(claims["exp"]),
+                issued_at=jws.numeric_date(claims["iat"]),
+                expires_at=jws.numeric_date(claims["exp"]),
                 task=_text(claims.get("task")),
                 intent=_text(claims.get("intent")),
                 max_uses=claims["max_uses"] if isinstance(claims.get("max_uses"), int) else None,
@@ -410,6 +505,38 @@ class TaskTokens:
         subject: str | None = None,
         task: str | None = None,
     ) -> None:
+        """An operator's revocation: of one token id, of every token issued so far to a
+        subject ("issuer|subject"), or of every token of a task."""
+        await self._record_revocation(token_id, expires_at, subject, task)
+        issuer, _, name = subject.partition("|") if subject is not None else (None, "", None)
+        log.info(
+            "token.revoked",
+            by="operator",
+            token_id=token_id,
+            issuer=issuer,
+            subject=name,
+            task=task,
+        )
+
+    async def revoke_held(self, token: TaskToken) -> None:
+        """The holder ends its task: its own token, verified by the caller, is revoked."""
+        await self._record_revocation(token.token_id, token.expires_at, None, None)
+        log.info(
+            "token.revoked",
+            by="holder",
+            token_id=token.token_id,
+            issuer=token.identity.issuer,
+            subject=token.identity.subject,
+            task=token.task,
+        )
+
+    async def _record_revocation(
+        self,
+        token_id: str | None,
+        expires_at: float | None,
+        subject: str | None,
+        task: str | None,
+    ) -> None:
         """Record a revocation in Vault (check-and-set, retried on a concurrent write)."""
         longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
         for _ in range(8):
@@ -433,7 +560,6 @@ class TaskTokens:
             except CasConflict:
                 continue
             self._revocations, self._revocations_version = revocations, new
-            log.info("token.revoked", token_id=token_id, subject=subject, task=task)
             return
         raise Unavailable("revocation_contention", "could not record the revocation; try again")
 
@@ -453,7 +579,13 @@ class TaskTokens:
         self._revocations_version = version
 
     async def run(self) -> None:
-        """Background loop: poll revocations; forget spent use counters and old cache entries."""
+        """Background work until cancelled: poll revocations (and forget spent use counters),
+        and re-read the public keys every key_refresh_interval."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._poll_revocations(), name="token-revocations")
+            group.create_task(self._refresh_keys_regularly(), name="token-keys")
+
+    async def _poll_revocations(self) -> None:
         while True:
             try:
                 await self.refresh_revocations()

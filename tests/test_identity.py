@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import hmac
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import aiohttp
 import jwt
@@ -19,13 +22,18 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 from structlog.testing import capture_logs
 
+from keyproxy import config
 from keyproxy import identity as identity_module
+from keyproxy.app import METRICS
 from keyproxy.config import Issuer
-from keyproxy.errors import Unauthenticated
+from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.errors import ConfigError, Unauthenticated, Unavailable
 from keyproxy.identity import MAX_DOCUMENT_BYTES, Identity, IdentityVerifier
+from keyproxy.metrics import Metrics
+from tests.support import CANARIES, CONFIG_SECTIONS, Stack, Upstream, bearer, new_key, running_proxy
 
 ISS = "https://issuer.test"
 AUD = "keyproxy"
@@ -214,19 +222,26 @@ def make_issuer(**changes: Any) -> Issuer:
 
 
 @pytest.fixture
-def new_verifier(
+async def new_verifier(
     server: IssuerServer, session: aiohttp.ClientSession, clock: Clock
-) -> Callable[..., IdentityVerifier]:
-    """Build a verifier for one issuer (by default the JWKS URL of `server`)."""
+) -> AsyncIterator[Callable[..., IdentityVerifier]]:
+    """Build a verifier for one issuer (by default the JWKS URL of `server`); each one is
+    closed (its background fetches cancelled) after the test."""
+    built: list[IdentityVerifier] = []
 
     def build(**changes: Any) -> IdentityVerifier:
         if not {"discovery_url", "jwks_file", "jwks_uri"} & changes.keys():
             changes["jwks_uri"] = f"{server.url}/jwks"
-        return IdentityVerifier(
-            [make_issuer(**changes)], session, clock=clock, rejected_types=(TASK_TYP,)
+        built.append(
+            IdentityVerifier(
+                [make_issuer(**changes)], session, clock=clock, rejected_types=(TASK_TYP,)
+            )
         )
+        return built[-1]
 
-    return build
+    yield build
+    for verifier in built:
+        await verifier.aclose()
 
 
 @pytest.fixture
@@ -234,6 +249,14 @@ async def verifier(new_verifier: Callable[..., IdentityVerifier]) -> IdentityVer
     v = new_verifier()
     await v.prefetch()
     return v
+
+
+async def settled(verifier: IdentityVerifier) -> None:
+    """Wait, bounded, until no background key fetch is running."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while any(entry["fetching"] for entry in verifier.key_status().values()):
+        assert asyncio.get_running_loop().time() < deadline, "the key fetch never ended"
+        await asyncio.sleep(0.01)  # polling for the fetch to end
 
 
 async def reason_for(verifier: IdentityVerifier, token: str) -> str:
@@ -550,8 +573,10 @@ async def test_cached_keys_survive_outage(
     clock.now += TTL + 1
     with capture_logs() as logs:
         assert (await verifier.verify(sign(claims(clock.now)))).subject == SUB
+        await settled(verifier)
         assert server.hits["jwks"] == 2
         assert (await verifier.verify(sign(claims(clock.now)))).subject == SUB
+        await settled(verifier)
         assert server.hits["jwks"] == 2
     assert logs[0]["event"] == "jwks_fetch_failed"
     assert logs[0]["serving_cached"] is True
@@ -571,6 +596,7 @@ async def test_keys_are_cached_until_ttl(
     assert server.hits["jwks"] == 1
     clock.now += TTL
     await verifier.verify(sign(claims(clock.now)))
+    await settled(verifier)
     assert server.hits["jwks"] == 2
 
 
@@ -734,6 +760,7 @@ async def test_cached_token_survives_a_refetch_that_keeps_its_key(
     await verifier.verify(token)
     clock.now += TTL  # stale: the next use refetches the same document
     assert (await verifier.verify(token)).subject == SUB
+    await settled(verifier)
     assert (await verifier.verify(token)).subject == SUB
     assert server.hits["jwks"] >= 2
 
@@ -741,13 +768,16 @@ async def test_cached_token_survives_a_refetch_that_keeps_its_key(
 async def test_cached_token_needs_the_key_that_verified_it(
     verifier: IdentityVerifier, server: IssuerServer, clock: Clock
 ) -> None:
-    """When the issuer drops the key that verified a cached token, it is refused as if new."""
+    """When the issuer drops the key that verified a cached token, it is refused as if new
+    once the refreshed key set has landed (until then the cached set still answers)."""
     token = sign(claims(clock.now, exp=int(clock.now + 10 * TTL)))
     await verifier.verify(token)
     server.keys = [public_jwk(ROTATED_KEY, "rsa-2", use="sig")]
-    clock.now += TTL  # the key set is stale and refetched on the next use
+    clock.now += TTL  # the key set is stale and refreshed in the background on the next use
+    assert (await verifier.verify(token)).subject == SUB
+    await settled(verifier)
     assert await reason_for(verifier, token) == "unknown_kid"
-    assert server.hits["jwks"] >= 2
+    assert server.hits["jwks"] == 3  # the refresh, then one forced by the unknown kid
 
 
 async def test_failures_are_not_cached(verifier: IdentityVerifier, clock: Clock) -> None:
@@ -795,3 +825,565 @@ async def test_cache_evicts_expired_tokens_first(
     await verifier.verify(sign(claims(clock.now, jti="new")))
     assert hashlib.sha256(short.encode()).digest() not in verifier.cache
     assert hashlib.sha256(live.encode()).digest() in verifier.cache
+
+
+# ---------------------------------------------------------------------------- strict encodings
+
+HEADER = {"alg": "RS256", "kid": "rsa-1", "typ": "JWT"}
+
+
+def sign_raw(header: bytes, payload: bytes, key: PrivateKey = RSA_KEY, alg: str = "RS256") -> str:
+    """A token validly signed over exactly these header and payload bytes."""
+    signing_input = f"{b64(header)}.{b64(payload)}"
+    signature = get_default_algorithms()[alg].sign(signing_input.encode(), key)
+    return f"{signing_input}.{b64(signature)}"
+
+
+def text(value: dict[str, Any]) -> str:
+    return json.dumps(value)
+
+
+def with_member(value: dict[str, Any], member: str) -> str:
+    """The JSON text of `value` with one more raw member written after the others."""
+    return text(value)[:-1] + ", " + member + "}"
+
+
+HEADER_TEXT = text(HEADER)
+ADMIN = "system:serviceaccount:kube-system:admin"
+# (id, header bytes, payload bytes, what the refusal message names)
+ENCODINGS: list[tuple[str, bytes, bytes, str]] = [
+    ("payload-utf16le", HEADER_TEXT.encode(), text(VALID).encode("utf-16-le"), "not JSON"),
+    ("payload-utf16be", HEADER_TEXT.encode(), text(VALID).encode("utf-16-be"), "not JSON"),
+    ("payload-utf16-bom", HEADER_TEXT.encode(), text(VALID).encode("utf-16"), "not UTF-8"),
+    ("payload-utf32", HEADER_TEXT.encode(), text(VALID).encode("utf-32"), "not UTF-8"),
+    ("payload-utf32be", HEADER_TEXT.encode(), text(VALID).encode("utf-32-be"), "not JSON"),
+    ("payload-utf8-bom", HEADER_TEXT.encode(), text(VALID).encode("utf-8-sig"), "byte order"),
+    ("header-utf16le", HEADER_TEXT.encode("utf-16-le"), text(VALID).encode(), "not JSON"),
+    ("header-utf8-bom", HEADER_TEXT.encode("utf-8-sig"), text(VALID).encode(), "byte order"),
+    (
+        "payload-latin1",
+        HEADER_TEXT.encode(),
+        json.dumps(claims(NOW, name="Jos\u00e9"), ensure_ascii=False).encode("latin-1"),
+        "not UTF-8",
+    ),
+    (
+        "payload-encoded-surrogate",
+        HEADER_TEXT.encode(),
+        text(VALID).encode()[:-1] + b', "x": "\xed\xa0\x80"}',
+        "not UTF-8",
+    ),
+    (
+        "payload-escaped-lone-surrogate",
+        HEADER_TEXT.encode(),
+        with_member(VALID, '"name": "\\ud800"').encode(),
+        "lone surrogate",
+    ),
+    (
+        "duplicate-sub",
+        HEADER_TEXT.encode(),
+        with_member(VALID, f'"sub": "{ADMIN}"').encode(),
+        "repeated",
+    ),
+    (
+        "duplicate-aud",
+        HEADER_TEXT.encode(),
+        with_member(claims(NOW, aud="someone-else"), f'"aud": "{AUD}"').encode(),
+        "repeated",
+    ),
+    (
+        "duplicate-iss",
+        HEADER_TEXT.encode(),
+        with_member(claims(NOW, iss="https://evil.test"), f'"iss": "{ISS}"').encode(),
+        "repeated",
+    ),
+    (
+        "duplicate-exp",
+        HEADER_TEXT.encode(),
+        with_member(VALID, f'"exp": {int(NOW) + 10**6}').encode(),
+        "repeated",
+    ),
+    (
+        "duplicate-nested",
+        HEADER_TEXT.encode(),
+        with_member(VALID, '"ctx": {"repo": "a", "repo": "b"}').encode(),
+        "repeated",
+    ),
+    (
+        "duplicate-header-alg",
+        with_member(HEADER, '"alg": "RS256"').encode(),
+        text(VALID).encode(),
+        "repeated",
+    ),
+    (
+        "duplicate-header-alg-none-first",
+        ('{"alg": "none", ' + HEADER_TEXT[1:]).encode(),
+        text(VALID).encode(),
+        "repeated",
+    ),
+    (
+        "duplicate-header-kid",
+        ('{"kid": "ec-1", ' + HEADER_TEXT[1:]).encode(),
+        text(VALID).encode(),
+        "repeated",
+    ),
+    ("nan-claim", HEADER_TEXT.encode(), with_member(VALID, '"x": NaN').encode(), "NaN"),
+    (
+        "infinity-claim",
+        HEADER_TEXT.encode(),
+        with_member(VALID, '"x": Infinity').encode(),
+        "Infinity",
+    ),
+    (
+        "minus-infinity-claim",
+        HEADER_TEXT.encode(),
+        with_member(VALID, '"x": -Infinity').encode(),
+        "Infinity",
+    ),
+    (
+        "nan-exp",
+        HEADER_TEXT.encode(),
+        with_member(claims(NOW, exp=None), '"exp": NaN').encode(),
+        "NaN",
+    ),
+    (
+        "overflowing-exp",
+        HEADER_TEXT.encode(),
+        with_member(claims(NOW, exp=None), '"exp": 1e400').encode(),
+        "out of range",
+    ),
+    ("payload-is-list", HEADER_TEXT.encode(), b"[1, 2]", "not a JSON object"),
+]
+
+
+async def test_strictly_encoded_raw_token_verifies(verifier: IdentityVerifier) -> None:
+    """The control for the encoding table: the same construction over plain UTF-8 JSON,
+    with escapes and text beyond ASCII, verifies."""
+    payload = json.dumps(claims(NOW, name="Jos\u00e9 \U0001f600"), ensure_ascii=False)
+    identity = await verifier.verify(sign_raw(HEADER_TEXT.encode(), payload.encode()))
+    assert identity.claims["name"] == "Jos\u00e9 \U0001f600"
+    escaped = json.dumps(claims(NOW, name="Jos\u00e9 \U0001f600"))  # \\u escapes, a pair
+    identity = await verifier.verify(sign_raw(HEADER_TEXT.encode(), escaped.encode()))
+    assert identity.claims["name"] == "Jos\u00e9 \U0001f600"
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "why"), [c[1:] for c in ENCODINGS], ids=[c[0] for c in ENCODINGS]
+)
+async def test_token_outside_strict_utf8_json_is_refused(
+    verifier: IdentityVerifier, header: bytes, payload: bytes, why: str
+) -> None:
+    """A validly signed token whose header or claims are not strictly UTF-8 JSON objects
+    (UTF-16/32, a BOM, repeated names, NaN/Infinity, lone surrogates) is malformed."""
+    token = sign_raw(header, payload)
+    with pytest.raises(Unauthenticated) as caught:
+        await verifier.verify(token)
+    assert caught.value.reason == "malformed"
+    assert why in caught.value.message
+    assert len(verifier.cache) == 0
+
+
+TIMES: list[tuple[str, dict[str, Any], str]] = [
+    ("exp-1e20", {"exp": 1e20}, "exp"),
+    ("exp-after-9999", {"exp": 253402300800}, "exp"),
+    ("exp-negative", {"exp": -1}, "exp"),
+    ("exp-huge-int", {"exp": 10**30}, "exp"),
+    ("iat-negative", {"iat": -1}, "iat"),
+    ("iat-1e20", {"iat": 1e20}, "iat"),
+    ("nbf-negative", {"nbf": -5}, "nbf"),
+    ("nbf-after-9999", {"nbf": 253402300800}, "nbf"),
+]
+
+
+@pytest.mark.parametrize(("changes", "name"), [c[1:] for c in TIMES], ids=[c[0] for c in TIMES])
+async def test_times_no_issuer_writes_are_refused(
+    verifier: IdentityVerifier, changes: dict[str, Any], name: str
+) -> None:
+    """exp, iat and nbf beyond year 9999 or before 1970 are malformed, not merely expired."""
+    with pytest.raises(Unauthenticated) as caught:
+        await verifier.verify(sign(claims(NOW, **changes)))
+    assert (caught.value.reason, caught.value.message) == (
+        "malformed",
+        f"the token's {name} claim is not a plausible time",
+    )
+
+
+@pytest.mark.parametrize("exp", [253402300799, 253402300799.0, int(NOW) + 366 * 86400])
+async def test_far_expiry_is_accepted_without_a_lifetime_limit(
+    verifier: IdentityVerifier, exp: float
+) -> None:
+    """Without max_token_lifetime a year-long token (Kubernetes' extended expiration) and
+    one expiring at the end of year 9999 verify."""
+    assert (await verifier.verify(sign(claims(NOW, exp=exp)))).subject == SUB
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"exp": int(NOW) + 3600}, None),
+        ({"exp": int(NOW) + 60}, None),
+        ({"iat": int(NOW) - 3000, "exp": int(NOW) + 600}, None),
+        ({"exp": int(NOW) + 3601}, "lifetime_too_long"),
+        ({"iat": int(NOW) - 3000, "exp": int(NOW) + 601}, "lifetime_too_long"),
+        ({"exp": int(NOW) + 366 * 86400}, "lifetime_too_long"),
+        ({"iat": None}, "missing_claim"),
+    ],
+    ids=["at-limit", "short", "old-iat-in-limit", "over", "old-iat-over", "a-year", "no-iat"],
+)
+async def test_max_token_lifetime(
+    new_verifier: Callable[..., IdentityVerifier], changes: dict[str, Any], reason: str | None
+) -> None:
+    """With max_token_lifetime, exp - iat above it is refused and iat becomes required."""
+    verifier = new_verifier(max_token_lifetime=3600.0)
+    token = sign(claims(NOW, **changes))
+    if reason is None:
+        assert (await verifier.verify(token)).subject == SUB
+    else:
+        assert await reason_for(verifier, token) == reason
+
+
+# ---------------------------------------------------------------------------- stale keys
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 5
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)  # polling for the condition
+
+
+async def test_cached_kid_is_answered_while_the_issuer_stalls(
+    verifier: IdentityVerifier, server: IssuerServer, clock: Clock
+) -> None:
+    """Past jwks_cache_ttl a token with a cached kid is answered at once while the refresh
+    is still waiting on the issuer; once it lands its new keys are used without a fetch."""
+    remembered = sign(claims(clock.now, exp=int(clock.now + 10 * TTL)))
+    await verifier.verify(remembered)
+    server.gate = asyncio.Event()
+    clock.now += TTL + 1
+    fresh = sign(claims(clock.now, jti="never-seen"))
+    answers = [asyncio.create_task(verifier.verify(t)) for t in (remembered, fresh)]
+    try:
+        await until(lambda: server.hits["jwks"] == 2, "the refresh never reached the issuer")
+        assert all(a.done() for a in answers), "a request waited for the stalled issuer"
+        assert [a.result().subject for a in answers] == [SUB, SUB]
+        assert verifier.key_status()["k8s"]["fetching"]
+        # More requests while it stalls: still answered, and no second fetch.
+        assert (await verifier.verify(sign(claims(clock.now, jti="another")))).subject == SUB
+        assert server.hits["jwks"] == 2
+        server.keys = [*ISSUER_KEYS, public_jwk(ROTATED_KEY, "rsa-2")]
+    finally:
+        server.gate.set()
+        for answer in answers:
+            answer.cancel()
+    await settled(verifier)
+    rotated = sign(claims(clock.now), ROTATED_KEY, kid="rsa-2")
+    assert (await verifier.verify(rotated)).subject == SUB
+    assert server.hits["jwks"] == 2
+    assert verifier.key_status()["k8s"]["age"] == 0.0
+
+
+async def test_keys_past_max_staleness_are_refused(
+    new_verifier: Callable[..., IdentityVerifier], server: IssuerServer, clock: Clock
+) -> None:
+    """With the issuer down, cached keys serve until jwks_max_staleness after the last good
+    fetch; then its tokens, remembered ones too, get 503 issuer_keys_stale, which is counted
+    and logged with the issuer's name, until a fetch succeeds again."""
+    verifier = new_verifier(jwks_max_staleness=3 * TTL)
+    await verifier.prefetch()
+    remembered = sign(claims(clock.now, exp=int(clock.now + 10 * TTL)))
+    await verifier.verify(remembered)
+    server.down = True
+    clock.now += 3 * TTL  # exactly at the limit: still served
+    assert (await verifier.verify(remembered)).subject == SUB
+    await settled(verifier)
+    clock.now += COOLDOWN + 1
+    with capture_logs() as logs:
+        for token in (remembered, sign(claims(clock.now, jti="new"))):
+            with pytest.raises(Unavailable) as caught:
+                await verifier.verify(token)
+            assert (caught.value.reason, caught.value.status) == ("issuer_keys_stale", 503)
+            assert "k8s" not in caught.value.message
+            assert ISS not in caught.value.message
+    failed = [e for e in logs if e["event"] == "jwks_fetch_failed"]
+    assert len(failed) == 1  # one fetch per cooldown, however many requests
+    assert (failed[0]["issuer"], failed[0]["serving_cached"]) == ("k8s", False)
+    assert failed[0]["keys_age"] > 3 * TTL
+    status = verifier.key_status()["k8s"]
+    assert (status["stale"], status["stale_refusals"]) == (True, 2)
+    metrics = Metrics(dict)
+    metrics.watch_signing_keys(verifier.key_status, lambda: _NO_TASK_KEYS)
+    exposition = metrics.exposition()[0].decode()
+    assert 'keyproxy_identity_stale_refusals_total{issuer="k8s"} 2.0' in exposition
+    assert 'keyproxy_identity_keys_stale{issuer="k8s"} 1.0' in exposition
+    assert f'keyproxy_identity_keys_age_seconds{{issuer="k8s"}} {status["age"]}' in exposition
+    server.down = False
+    clock.now += COOLDOWN
+    assert (await verifier.verify(remembered)).subject == SUB
+    assert verifier.key_status()["k8s"]["stale"] is False
+
+
+_NO_TASK_KEYS: dict[str, Any] = {"age": None, "stale": False, "stale_refusals": 0}
+
+
+async def test_no_keys_yet_waits_for_the_fetch(
+    new_verifier: Callable[..., IdentityVerifier], server: IssuerServer, clock: Clock
+) -> None:
+    """Without any cached keys a request does wait for the fetch (there is nothing to
+    answer with), and concurrent ones share it."""
+    verifier = new_verifier()
+    server.gate = asyncio.Event()
+    answers = [asyncio.create_task(verifier.verify(sign(claims(clock.now)))) for _ in range(3)]
+    try:
+        await until(lambda: server.hits["jwks"] == 1, "the fetch never reached the issuer")
+        assert not any(a.done() for a in answers)
+        server.gate.set()
+        assert [i.subject for i in await asyncio.gather(*answers)] == [SUB] * 3
+    finally:
+        server.gate.set()
+        for answer in answers:
+            answer.cancel()
+    assert server.hits["jwks"] == 1
+
+
+async def test_aclose_cancels_the_background_fetch(
+    new_verifier: Callable[..., IdentityVerifier], server: IssuerServer, clock: Clock
+) -> None:
+    """aclose() cancels a refresh stalled on the issuer and starts no new one after."""
+    verifier = new_verifier()
+    await verifier.prefetch()
+    server.gate = asyncio.Event()
+    clock.now += TTL
+    try:
+        assert (await verifier.verify(sign(claims(clock.now)))).subject == SUB
+        await until(lambda: server.hits["jwks"] == 2, "the refresh never reached the issuer")
+        await verifier.aclose()
+        assert not verifier.key_status()["k8s"]["fetching"]
+        clock.now += COOLDOWN
+        assert (await verifier.verify(sign(claims(clock.now, jti="x")))).subject == SUB
+        assert not verifier.key_status()["k8s"]["fetching"]
+    finally:
+        server.gate.set()
+    assert server.hits["jwks"] == 2
+
+
+# ---------------------------------------------------------------------------- through the proxy
+
+CLUSTER = "corp-cluster-prod"
+PARTNER = "partner-ci-west"
+PARTNER_ISS = "https://partner-ci.example.test"
+
+
+def bad_tokens(now: float) -> list[tuple[str, str, str]]:
+    """(id, token, reason) for tokens refused for many reasons, at time `now`."""
+    good = claims(now)
+    return [
+        ("algorithm", sign(good, alg="PS256"), "algorithm_not_allowed"),
+        ("unknown-kid", sign(good, kid="nope"), "unknown_kid"),
+        ("attacker-key", sign(good, ATTACKER_KEY), "bad_signature"),
+        ("wrong-key-type", sign(good, EC_KEY, "ES256", kid="rsa-1"), "bad_signature"),
+        ("audience", sign(claims(now, aud="someone-else")), "bad_audience"),
+        ("expired", sign(claims(now, exp=int(now) - 600)), "expired"),
+        ("future", sign(claims(now, nbf=int(now) + 600)), "not_yet_valid"),
+        ("no-sub", sign(claims(now, sub=None)), "missing_claim"),
+        ("lifetime", sign(claims(now, exp=int(now) + 7200)), "lifetime_too_long"),
+        ("exp-1e20", sign(claims(now, exp=1e20)), "malformed"),
+        ("utf16", sign_raw(HEADER_TEXT.encode(), text(good).encode("utf-16")), "malformed"),
+        (
+            "duplicate-sub",
+            sign_raw(HEADER_TEXT.encode(), with_member(good, f'"sub": "{ADMIN}"').encode()),
+            "malformed",
+        ),
+        ("partner-keys-down", sign(claims(now, iss=PARTNER_ISS)), "jwks_unavailable"),
+        (
+            "partner-algorithm",
+            sign(claims(now, iss=PARTNER_ISS), EC_KEY, "ES256", "ec-1"),
+            "algorithm_not_allowed",
+        ),
+        ("unknown-issuer", sign(claims(now, iss="https://evil.test")), "unknown_issuer"),
+        ("issuer-near-miss", sign(claims(now, iss=ISS + "/")), "unknown_issuer"),
+        ("garbage", "not-a-token", "malformed"),
+    ]
+
+
+def stack_config(
+    openbao: OpenBaoDevServer, upstream: Upstream, issuers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A proxy with one route `r` that `SUB` of the first issuer may call (GET/POST /echo)."""
+    openbao.put_key("keyproxy/keys/identity-stack", new_key())
+    return {
+        "vault": openbao.vault_yaml(),
+        "identity": {"issuers": issuers},
+        "routes": {
+            "r": {
+                "upstream": upstream.url,
+                "secret": {"path": "keyproxy/keys/identity-stack"},
+                "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+                "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "allow_http": True,
+            }
+        },
+        "policies": [
+            {
+                "name": "agents",
+                "issuers": [issuers[0]["name"]],
+                "subjects": [SUB],
+                "allow": {"r": {"methods": ["GET", "POST"], "paths": ["/echo"]}},
+            }
+        ],
+    }
+
+
+@pytest.fixture
+async def named_stack(
+    openbao: OpenBaoDevServer, server: IssuerServer, upstream: Upstream
+) -> AsyncIterator[Stack]:
+    """The real proxy trusting two issuers with telling names: `server` (max token lifetime
+    1h) and one whose keys cannot be fetched."""
+    closed = IssuerServer([])
+    await closed.start()
+    down_url = f"{closed.url}/jwks"
+    await closed.close()
+    issuers = [
+        {
+            "name": CLUSTER,
+            "issuer": ISS,
+            "jwks_uri": f"{server.url}/jwks",
+            "audiences": [AUD],
+            "algorithms": ["RS256", "ES256"],
+            "max_token_lifetime": "1h",
+        },
+        {
+            "name": PARTNER,
+            "issuer": PARTNER_ISS,
+            "jwks_uri": down_url,
+            "audiences": [AUD],
+            "algorithms": ["RS256"],
+        },
+    ]
+    async with running_proxy(stack_config(openbao, upstream, issuers)) as stack:
+        yield stack
+
+
+async def test_refusals_name_no_configured_issuer(
+    named_stack: Stack, server: IssuerServer, http: aiohttp.ClientSession
+) -> None:
+    """No 401 from the proxy or the token broker, whatever is wrong with the token, names a
+    configured issuer or its URL; each carries its reason, and a good token still works."""
+    now = time.time()
+    secret_words = [CLUSTER, PARTNER, ISS, PARTNER_ISS, "issuer.test", "partner-ci", server.url]
+    good = sign(claims(now))
+    CANARIES.add(good)
+    async with http.get(f"{named_stack.base}/r/r/echo", headers=bearer(good)) as response:
+        assert response.status == 200
+    for name, token, reason in bad_tokens(now):
+        CANARIES.add(token)
+        for method, url in (("GET", "/r/r/echo"), ("POST", "/token")):
+            async with http.request(
+                method, named_stack.base + url, headers=bearer(token), json={"scope": {}}
+            ) as response:
+                body = await response.text()
+                assert response.status == 401, (name, url, body)
+                assert json.loads(body)["error"]["code"] == reason, (name, url)
+                answer = body + json.dumps(dict(response.headers))
+                for word in secret_words:
+                    assert word not in answer, (name, url, word)
+
+
+async def test_stale_issuer_keys_are_503_and_audited(
+    openbao: OpenBaoDevServer,
+    server: IssuerServer,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """Through the proxy: with the issuer down its cached keys keep serving, then past
+    jwks_max_staleness requests get 503 issuer_keys_stale, audited with that reason and
+    counted; once the issuer is back they work again."""
+    issuer = {
+        "name": CLUSTER,
+        "issuer": ISS,
+        "jwks_uri": f"{server.url}/jwks",
+        "audiences": [AUD],
+        "algorithms": ["RS256"],
+        "jwks_cache_ttl": "200ms",
+        "jwks_max_staleness": "1s",
+        "jwks_refetch_cooldown": "100ms",
+    }
+    token = sign(claims(time.time(), jti="stale-keys"))
+    CANARIES.add(token)
+    url = "/r/r/echo"
+    async with running_proxy(stack_config(openbao, upstream, [issuer])) as stack:
+
+        async def call() -> tuple[int, dict[str, Any]]:
+            async with http.get(stack.base + url, headers=bearer(token)) as response:
+                return response.status, await response.json()
+
+        assert (await call())[0] == 200
+        server.down = True
+        deadline = time.monotonic() + 10
+        while (answer := await call())[0] == 200:
+            assert time.monotonic() < deadline, "stale keys were served forever"
+            await asyncio.sleep(0.05)  # pacing between probes
+        assert answer == (503, {"error": {"code": "issuer_keys_stale", "message": ANY}})
+        assert CLUSTER not in json.dumps(answer)
+        exposition = stack.app[METRICS].exposition()[0].decode()
+        assert f'keyproxy_identity_keys_stale{{issuer="{CLUSTER}"}} 1.0' in exposition
+        assert f'keyproxy_identity_stale_refusals_total{{issuer="{CLUSTER}"}}' in exposition
+        server.down = False
+        deadline = time.monotonic() + 10
+        while (answer := await call())[0] != 200:
+            assert time.monotonic() < deadline, "the issuer's return was never noticed"
+            await asyncio.sleep(0.05)  # pacing between probes
+    deadline = time.monotonic() + 10
+    while not (stale := [e for e in _events(audit_log) if e.get("reason") == "issuer_keys_stale"]):
+        assert time.monotonic() < deadline, "no audit event for the stale keys"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    assert {(e["status"], e["route"], e["path"]) for e in stale} == {(503, "r", "/echo")}
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def _config_with_issuer(**settings: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(CONFIG_SECTIONS)
+    doc["identity"]["issuers"][0].update(settings)
+    doc["routes"] = {
+        "r": {
+            "upstream": "https://api.example.com",
+            "secret": {"path": "keyproxy/keys/r"},
+            "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+        }
+    }
+    return doc
+
+
+def test_issuer_staleness_and_lifetime_settings() -> None:
+    """jwks_max_staleness defaults to a day and max_token_lifetime to no limit; both read
+    durations."""
+    default = config.parse(json.dumps(_config_with_issuer()), {}).identity[0]
+    assert (default.jwks_max_staleness, default.max_token_lifetime) == (86400.0, None)
+    issuer = config.parse(
+        json.dumps(_config_with_issuer(jwks_max_staleness="6h", max_token_lifetime="2h")), {}
+    ).identity[0]
+    assert (issuer.jwks_max_staleness, issuer.max_token_lifetime) == (21600.0, 7200.0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "where"),
+    [
+        ({"jwks_max_staleness": "10m"}, "identity.issuers[0].jwks_max_staleness"),
+        ({"jwks_cache_ttl": "48h"}, "identity.issuers[0].jwks_cache_ttl"),
+        ({"max_token_lifetime": "0s"}, "identity.issuers[0].max_token_lifetime"),
+        ({"max_token_lifetime": "forever"}, "identity.issuers[0].max_token_lifetime"),
+    ],
+)
+def test_bad_issuer_settings_are_refused(settings: dict[str, Any], where: str) -> None:
+    """A max staleness below the cache TTL, or a lifetime that is no duration, is refused
+    with its YAML path."""
+    with pytest.raises(ConfigError) as caught:
+        config.parse(json.dumps(_config_with_issuer(**settings)), {})
+    assert caught.value.path == where

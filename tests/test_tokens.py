@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,16 @@ import openai
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from yarl import URL
 
 from keyproxy import config as config_module
 from keyproxy.cli import main
 from keyproxy.config import Grant
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.errors import ConfigError, Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
-from keyproxy.tokens import TaskTokens
+from keyproxy.metrics import Metrics
+from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
 from tests.support import (
     CANARIES,
@@ -473,3 +476,409 @@ async def test_vault_down_exchange_503_existing_tokens_work(
         assert code == 503, failed
         url = f"{stack.base}/r/r/v1/chat/completions"
         assert await status(http, "POST", url, answer["access_token"]) == 200
+
+
+# ----------------------------------------------------------------------------- strict encoding
+
+
+async def _resign(vault: Vault, header: bytes, payload: bytes) -> str:
+    """A token over exactly these bytes, signed by the real Transit key."""
+    signing_input = f"{_b64(header)}.{_b64(payload)}"
+    _, signature = await vault.transit_sign("transit", "keyproxy-tokens", signing_input.encode())
+    token = f"{signing_input}.{_b64(signature)}"
+    CANARIES.add(token)
+    return token
+
+
+def _member(claims: dict[str, Any], raw: str) -> bytes:
+    """The JSON text of `claims` with one more raw member written last."""
+    return (json.dumps(claims)[:-1] + ", " + raw + "}").encode()
+
+
+async def test_resigned_tokens_outside_strict_json_are_401(
+    stack: Stack,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Task tokens really signed by the Transit key but whose header or claims are not
+    strictly UTF-8 JSON objects (a repeated scope or sub, UTF-16, NaN, an exp past 9999)
+    are refused; the same claims re-signed as plain JSON work."""
+    code, answer = await exchange(http, stack.base, identity_token)
+    assert code == 200, answer
+    header, claims, _ = _parts(answer["access_token"])
+    head = json.dumps(header).encode()
+    wide = json.dumps({"r": [{"methods": ["*"], "paths": ["/**"]}]})
+    cfg = config_module.parse(json.dumps(token_config(openbao, agent, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    await vault.login()
+    try:
+        control = await _resign(vault, head, json.dumps(claims).encode())
+        refused = {
+            "duplicate-scope": await _resign(vault, head, _member(claims, f'"scope": {wide}')),
+            "duplicate-sub": await _resign(vault, head, _member(claims, '"sub": "someone-else"')),
+            "duplicate-jti": await _resign(vault, head, _member(claims, '"jti": "other"')),
+            "utf16": await _resign(vault, head, json.dumps(claims).encode("utf-16")),
+            "utf8-bom": await _resign(vault, head, json.dumps(claims).encode("utf-8-sig")),
+            "nan": await _resign(vault, head, _member(claims, '"max_uses": NaN')),
+            "header-duplicate-kid": await _resign(
+                vault,
+                (json.dumps(header)[:-1] + ', "kid": "x"}').encode(),
+                json.dumps(claims).encode(),
+            ),
+            "header-utf16": await _resign(
+                vault, json.dumps(header).encode("utf-16-le"), json.dumps(claims).encode()
+            ),
+            "exp-1e20": await _resign(vault, head, json.dumps({**claims, "exp": 1e20}).encode()),
+            "iat-negative": await _resign(vault, head, json.dumps({**claims, "iat": -1}).encode()),
+        }
+    finally:
+        vault.close()
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    assert await status(http, "POST", url, control) == 200
+    for name, token in refused.items():
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        async with http.post(url, headers=bearer(token), json=body) as response:
+            answer = await response.json()
+            assert response.status == 401, (name, answer)
+            expected = "invalid_claims" if name in ("exp-1e20", "iat-negative") else "malformed"
+            assert answer["error"]["code"] == expected, name
+
+
+async def test_task_tokens_are_read_by_the_shared_strict_parser(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """The verifier refuses, before any key is looked up, what keyproxy.jws refuses."""
+    cfg = config_module.parse(json.dumps(token_config(openbao, agent, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    try:
+        tasks = TaskTokens(cfg, vault)  # never logged in, no keys: refusals come first
+        header = _b64(b'{"alg":"EdDSA","typ":"keyproxy-task+jwt","kid":"keyproxy-tokens:v1"}')
+        for payload, why in (
+            (b'{"sub":"a","sub":"b"}', "repeated"),
+            ('{"sub":"a"}'.encode("utf-32"), "not UTF-8"),
+            (b'{"exp":Infinity}', "Infinity"),
+        ):
+            with pytest.raises(Unauthenticated) as caught:
+                await tasks.verify(f"{header}.{_b64(payload)}.{_b64(b'sig')}")
+            assert caught.value.reason == "malformed"
+            assert why in caught.value.message
+    finally:
+        vault.close()
+
+
+# ----------------------------------------------------------------------------- stale keys
+
+
+class VaultRelay:
+    """A TCP relay on 127.0.0.1 in front of OpenBao that can hold requests (a stalled Vault)
+    or drop connections (Vault down), and records the requests it held."""
+
+    def __init__(self, target: str) -> None:
+        url = URL(target)
+        self.target = (url.host or "127.0.0.1", url.port or 8200)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.down = False
+        self.held: list[bytes] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        self.gate.set()
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        for pump in (
+            self._pump(reader, up_writer, requests=True),
+            self._pump(up_reader, writer, requests=False),
+        ):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, requests: bool
+    ) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                if requests and self.down:
+                    break
+                if requests and not self.gate.is_set():
+                    self.held.append(chunk)
+                    await self.gate.wait()
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def relay(openbao: OpenBaoDevServer) -> AsyncIterator[VaultRelay]:
+    value = VaultRelay(openbao.addr)
+    await value.start()
+    yield value
+    await value.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _tokens_via(
+    relay: VaultRelay, openbao: OpenBaoDevServer, agent: Agent, clock: Clock, **tokens: str
+) -> tuple[TaskTokens, Vault]:
+    cfg_doc = token_config(openbao, agent, "http://127.0.0.1:1")
+    cfg_doc["vault"]["addr"] = relay.url
+    cfg_doc["tokens"] |= tokens
+    cfg = config_module.parse(json.dumps(cfg_doc), {})
+    vault = Vault(cfg.vault)
+    await vault.login()
+    tasks = TaskTokens(cfg, vault, clock=clock)
+    await tasks.refresh_keys(force=True)
+    return tasks, vault
+
+
+SCOPE = {"r": (Grant(frozenset({"POST"}), (("v1", "chat", "completions"),)),)}
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)  # polling for the condition
+
+
+async def test_known_key_never_waits_for_a_stalled_vault(
+    relay: VaultRelay, openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """The public keys are re-read in the background; while that read is stalled in Vault a
+    token with a known key verifies at once, and a version added meanwhile is known as soon
+    as the read lands."""
+    tasks, vault = await _tokens_via(
+        relay, openbao, agent, Clock(), key_refresh_interval="200ms", key_max_staleness="1h"
+    )
+    identity = Identity("openbao", agent.entity_id, {})
+    issued = await tasks.issue(identity, SCOPE, ttl=120)
+    CANARIES.add(issued.token)
+    before = tasks.key_status()["versions"]
+    relay.gate.clear()
+    runner = asyncio.create_task(tasks.run())
+    try:
+        await until(
+            lambda: any(b"/transit/keys/keyproxy-tokens" in h for h in relay.held),
+            "the background key read never reached Vault",
+        )
+        verified = await tasks.verify(issued.token)  # never seen: a full signature check
+        assert verified.token_id == issued.token_id
+        assert not relay.gate.is_set()  # the key read is still waiting in Vault
+        await asyncio.to_thread(openbao.bao, "write", "-f", "transit/keys/keyproxy-tokens/rotate")
+        relay.gate.set()
+        await until(
+            lambda: tasks.key_status()["versions"] == [*before, max(before) + 1],
+            "the background read never brought the new version",
+        )
+        assert tasks.key_status()["age"] < 5
+    finally:
+        relay.gate.set()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        vault.close()
+
+
+async def test_keys_past_max_staleness_refuse_task_tokens(
+    relay: VaultRelay, openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """With Vault down the known public keys verify until tokens.key_max_staleness after the
+    last good read; then task tokens get 503 token_keys_stale (counted) until a read
+    succeeds again."""
+    clock = Clock()
+    tasks, vault = await _tokens_via(
+        relay, openbao, agent, clock, key_refresh_interval="1m", key_max_staleness="2m"
+    )
+    try:
+        identity = Identity("openbao", agent.entity_id, {})
+        remembered = await tasks.issue(identity, SCOPE, ttl=600)
+        fresh = await tasks.issue(identity, SCOPE, ttl=600)
+        CANARIES.update({remembered.token, fresh.token})
+        await tasks.verify(remembered.token)
+        relay.down = True
+        with pytest.raises(VaultError):
+            await tasks.refresh_keys(force=True)
+        clock.now += 120  # at the limit: still trusted
+        assert (await tasks.verify(remembered.token)).token_id == remembered.token_id
+        clock.now += 1
+        for token in (remembered.token, fresh.token):
+            with pytest.raises(Unavailable) as caught:
+                await tasks.verify(token)
+            assert (caught.value.reason, caught.value.status) == ("token_keys_stale", 503)
+        assert tasks.key_status() | {"versions": None} == {
+            "age": pytest.approx(121, abs=1),
+            "stale": True,
+            "versions": None,
+            "stale_refusals": 2,
+        }
+        metrics = Metrics(dict)
+        metrics.watch_signing_keys(dict, tasks.key_status)
+        exposition = metrics.exposition()[0].decode()
+        assert "keyproxy_token_keys_stale 1.0" in exposition
+        assert "keyproxy_token_keys_stale_refusals_total 2.0" in exposition
+        relay.down = False
+        await tasks.refresh_keys(force=True)
+        assert (await tasks.verify(fresh.token)).token_id == fresh.token_id
+        assert tasks.key_status()["stale"] is False
+    finally:
+        vault.close()
+
+
+# ----------------------------------------------------------------------------- revocation
+
+
+async def test_holder_revocation_is_one_audit_event(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession, audit_log: Path
+) -> None:
+    """A holder revoking its token writes exactly one token.revoked event, with who revoked,
+    the token id, the task, and the identity's issuer and subject."""
+    code, answer = await exchange(http, stack.base, identity_token, task="one-event")
+    assert code == 200, answer
+    async with http.post(f"{stack.base}/token/revoke", headers=bearer(answer["access_token"])) as r:
+        assert r.status == 200
+    deadline = time.monotonic() + 10
+    # Both events of one request reach the file in one write: once one is there, all are.
+    while not (
+        events := [
+            e
+            for e in _audit_events(audit_log)
+            if e.get("event") == "token.revoked" and e.get("token_id") == answer["token_id"]
+        ]
+    ):
+        assert time.monotonic() < deadline, "no token.revoked event"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    assert len(events) == 1, events
+    assert {k: events[0].get(k) for k in ("by", "task", "issuer", "subject")} == {
+        "by": "holder",
+        "task": "one-event",
+        "issuer": "openbao",
+        "subject": stack.config.policies[0].subjects[0],
+    }
+    nulls = [e for e in _audit_events(audit_log) if e.get("event") == "token.revoked"]
+    assert not [e for e in nulls if e.get("by") is None]
+
+
+def _audit_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+async def revocable(
+    openbao: OpenBaoDevServer, upstream: Upstream
+) -> AsyncIterator[tuple[Stack, Agent, str]]:
+    """A proxy for an agent of its own, so revoking its subject touches no other test."""
+    own = openbao.add_agent("revoked-agent")
+    token = openbao.agent_token(own)
+    CANARIES.add(token)
+    async with running_proxy(token_config(openbao, own, upstream.url)) as value:
+        yield value, own, token
+
+
+async def test_revoked_subject_or_task_gets_no_new_token(
+    revocable: tuple[Stack, Agent, str],
+    openbao: OpenBaoDevServer,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Right after `keyproxy token revoke --task` that task gets no new token (403
+    task_revoked) while other tasks do; right after `--issuer --subject` the identity gets
+    none (403 subject_revoked); tokens issued before are refused on use."""
+    stack, own, identity_token = revocable
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, own, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    code, before = await exchange(http, stack.base, identity_token, task="doomed")
+    assert code == 200
+    revoke = ["token", "revoke", "-c", str(path)]
+    assert await asyncio.to_thread(main, [*revoke, "--task", "doomed"]) == 0
+    code, answer = await exchange(http, stack.base, identity_token, task="doomed")
+    assert (code, answer["error"]["code"]) == (403, "task_revoked")
+    code, other = await exchange(http, stack.base, identity_token, task="another")
+    assert code == 200, other
+    subject = ["--issuer", "openbao", "--subject", own.entity_id]
+    assert await asyncio.to_thread(main, [*revoke, *subject]) == 0
+    for task in ("another", "fresh", None):
+        body = {"task": task} if task else {"task": ""}
+        code, answer = await exchange(http, stack.base, identity_token, **body)
+        assert (code, answer["error"]["code"]) == (403, "subject_revoked"), task
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    for token in (before["access_token"], other["access_token"]):
+        assert await status(http, "POST", url, token) == 401
+
+
+async def test_issuance_refusal_covers_what_the_revocation_covers(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A subject revocation refuses issuance exactly for tokens it would name (issued up to
+    CLOCK_SKEW after it), and no longer after that; the same for a task."""
+    own = openbao.add_agent("skew-agent")
+    cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    await vault.login()
+    clock = Clock()
+    clock.now = float(int(clock.now))
+    try:
+        tasks = TaskTokens(cfg, vault, clock=clock)
+        identity = Identity("openbao", own.entity_id, {})
+        await tasks.revoke(subject=f"openbao|{own.entity_id}", task="skewed")
+        clock.now += CLOCK_SKEW  # a token stamped now is still named by the revocation
+        for task, reason in ((None, "subject_revoked"), ("skewed", "subject_revoked")):
+            with pytest.raises(Forbidden) as caught:
+                await tasks.issue(identity, SCOPE, ttl=60, task=task)
+            assert caught.value.reason == reason
+        other = Identity("openbao", "someone-else", {})
+        with pytest.raises(Forbidden) as caught:
+            await tasks.issue(other, SCOPE, ttl=60, task="skewed")
+        assert caught.value.reason == "task_revoked"
+        assert (await tasks.issue(other, SCOPE, ttl=60, task="unrelated")).token_id
+        clock.now += 1  # past the window: the revocation names no token stamped now
+        issued = await tasks.issue(identity, SCOPE, ttl=60, task="skewed")
+        CANARIES.add(issued.token)
+        assert (await tasks.verify(issued.token)).token_id == issued.token_id
+    finally:
+        vault.close()
+
+
+def test_key_refresh_settings(openbao: OpenBaoDevServer, agent: Agent) -> None:
+    """The Transit keys are re-read every minute and trusted for an hour by default; a max
+    staleness below the refresh interval is refused with its YAML path."""
+    doc = token_config(openbao, agent, "http://127.0.0.1:1")
+    tokens = config_module.parse(json.dumps(doc), {}).tokens
+    assert (tokens.key_refresh_interval, tokens.key_max_staleness) == (60.0, 3600.0)
+    doc["tokens"] |= {"key_refresh_interval": "5m", "key_max_staleness": "1m"}
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(json.dumps(doc), {})
+    assert caught.value.path == "tokens.key_max_staleness"

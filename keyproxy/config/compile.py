@@ -340,6 +340,8 @@ def _issuer(node: _Node) -> Issuer:
             "leeway",
             "jwks_cache_ttl",
             "jwks_refetch_cooldown",
+            "jwks_max_staleness",
+            "max_token_lifetime",
         }
     )
     sources = [k for k in ("discovery_url", "jwks_uri", "jwks_file") if k in f]
@@ -362,7 +364,7 @@ def _issuer(node: _Node) -> Issuer:
     leeway = _opt(f, "leeway", _Node.duration, 30.0)
     if leeway > MAX_LEEWAY:
         raise f["leeway"].error(f"must be at most {MAX_LEEWAY:.0f}s")
-    return Issuer(
+    issuer = Issuer(
         name=_required(node, f, "name").string(),
         issuer=_required(node, f, "issuer").string(),
         audiences=audiences,
@@ -373,7 +375,13 @@ def _issuer(node: _Node) -> Issuer:
         leeway=leeway,
         jwks_cache_ttl=_opt(f, "jwks_cache_ttl", _Node.duration, 3600.0),
         jwks_refetch_cooldown=_opt(f, "jwks_refetch_cooldown", _Node.duration, 30.0),
+        jwks_max_staleness=_opt(f, "jwks_max_staleness", _Node.duration, 86400.0),
+        max_token_lifetime=_opt(f, "max_token_lifetime", _Node.duration, None),
     )
+    if issuer.jwks_max_staleness < issuer.jwks_cache_ttl:
+        where = f["jwks_max_staleness"] if "jwks_max_staleness" in f else f["jwks_cache_ttl"]
+        raise where.error("jwks_max_staleness must be at least jwks_cache_ttl")
+    return issuer
 
 
 def _server(node: _Node) -> ServerConfig:
@@ -434,6 +442,8 @@ def _tokens(node: _Node) -> TokensConfig:
             "state_path",
             "revocation_poll_interval",
             "key_refetch_cooldown",
+            "key_refresh_interval",
+            "key_max_staleness",
         }
     )
     transit = f["transit"].mapping({"mount", "key"}) if "transit" in f else {}
@@ -452,12 +462,19 @@ def _tokens(node: _Node) -> TokensConfig:
         key_refetch_cooldown=_opt(
             f, "key_refetch_cooldown", _Node.duration, d.key_refetch_cooldown
         ),
+        key_refresh_interval=_opt(
+            f, "key_refresh_interval", _Node.duration, d.key_refresh_interval
+        ),
+        key_max_staleness=_opt(f, "key_max_staleness", _Node.duration, d.key_max_staleness),
     )
     if tokens.default_ttl > tokens.max_ttl:
         raise node._child("default_ttl").error("must not exceed max_ttl")
     if tokens.revocation_poll_interval > 2.0:
         # Revocations must reach every replica within 2 s (docs/tokens.md).
         raise f["revocation_poll_interval"].error("must be at most 2s")
+    if tokens.key_max_staleness < tokens.key_refresh_interval:
+        where = f["key_max_staleness"] if "key_max_staleness" in f else f["key_refresh_interval"]
+        raise where.error("key_max_staleness must be at least key_refresh_interval")
     return tokens
 
 

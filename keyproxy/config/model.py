@@ -95,6 +95,10 @@ class Issuer:
     leeway: float = 30.0
     jwks_cache_ttl: float = 3600.0
     jwks_refetch_cooldown: float = 30.0
+    # Cached keys serve this long after the last successful fetch while the issuer is down.
+    jwks_max_staleness: float = 86400.0
+    # Longest exp - iat accepted (iat then required); None: no limit.
+    max_token_lifetime: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,9 @@ class TokensConfig:
     state_path: str = "keyproxy/state/tokens"
     revocation_poll_interval: float = 1.0
     key_refetch_cooldown: float = 10.0
+    # The Transit public keys are re-read this often, and serve this long while Vault is down.
+    key_refresh_interval: float = 60.0
+    key_max_staleness: float = 3600.0
 
 
 @dataclass(frozen=True)
