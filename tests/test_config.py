@@ -190,8 +190,8 @@ EVIL_ROUTE = """\
     secret: {path: keyproxy/keys/openai}
     inject: [{header: Authorization, format: "Bearer {key}"}]"""
 ROUTE_KEYS = (
-    "allow_http, caller_credential, egress, inject, max_age, max_body, owner, rotation, secret, "
-    "strip_headers, timeouts, tls, upstream"
+    "allow_http, caller_credential, egress, forward_underscore_headers, inject, max_age, "
+    "max_body, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
 )
 
 
@@ -365,14 +365,14 @@ TEACHING = [
         "vault-key",
         _edit(2, "  adress: http://127.0.0.1:8200", replace=True),
         "vault.adress: unknown key, did you mean addr? (expected one of: addr, auth, ca_cert, "
-        "full_refresh_interval, kv_mount, max_staleness, refresh_interval, timeout, tls_verify)",
+        "full_refresh_interval, kv_mount, max_staleness, namespace, refresh_interval, timeout, tls_verify)",
     ),
     (
         "issuer-key",
         TEXT.replace("audiences:", "audience:"),
         "identity.issuers[0].audience: unknown key, did you mean audiences? (expected one of: "
         "algorithms, audiences, discovery_url, issuer, jwks_cache_ttl, jwks_file, "
-        "jwks_refetch_cooldown, jwks_uri, leeway, name)",
+        "jwks_max_staleness, jwks_refetch_cooldown, jwks_uri, leeway, max_token_lifetime, name)",
     ),
     (
         "injection-key",
