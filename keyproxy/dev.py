@@ -24,8 +24,8 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from keyproxy import audit, config, demo
-from keyproxy.app import build_app
+from keyproxy import audit, config, demo, server
+from keyproxy.app import METRICS, build_admin_app, build_app
 from keyproxy.devserver import Agent, OpenBaoDevServer, vault_dev_dir
 
 ROUTE = "demo"
@@ -40,6 +40,7 @@ class DevStack:
     workdir: Path
     config_path: Path
     token_path: Path
+    admin_url: str = ""  # metrics and detailed readiness
 
 
 def dev_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, object]:
@@ -99,13 +100,18 @@ async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         # With --json, stdout carries only the handshake line, for programs to read.
         audit.configure(sys.stderr if as_json else sys.stdout)
-        proxy_port = await _serve(build_app(config.load(cfg_path)), port, runners)
+        proxy_port, admin_port = await _serve_proxy(config.load(cfg_path), port, runners)
 
         token = await asyncio.to_thread(bao.agent_token, agent)
         token_path = _private_file(workdir / "agent-token", token)
         _private_file(workdir / "root-token", bao.root_token)
         stack = DevStack(
-            f"http://127.0.0.1:{proxy_port}/r/{ROUTE}/v1", bao.addr, workdir, cfg_path, token_path
+            f"http://127.0.0.1:{proxy_port}/r/{ROUTE}/v1",
+            bao.addr,
+            workdir,
+            cfg_path,
+            token_path,
+            f"http://127.0.0.1:{admin_port}",
         )
         if env_file is not None:
             written = env_text(stack, bao, AGENT)
@@ -116,6 +122,7 @@ async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
                 "route": ROUTE,
                 "token": token,
                 "vault_addr": bao.addr,
+                "admin_url": stack.admin_url,
                 "config": str(cfg_path),
                 "workdir": str(workdir),
                 "env_file": str(env_file) if env_file else None,
@@ -147,6 +154,7 @@ def env_text(stack: DevStack, bao: OpenBaoDevServer, agent: str) -> str:
     return f"""# Written by `keyproxy dev` (removed when it stops). Load it with: source FILE
 # Sourcing it again mints a fresh agent token (each lives 15 minutes).
 export KEYPROXY_URL={q(base)}
+export KEYPROXY_ADMIN_URL={q(stack.admin_url)}
 export KEYPROXY_CONFIG={q(str(stack.config_path))}
 export OPENAI_BASE_URL={q(stack.proxy_url)}
 export BAO_ADDR={q(stack.vault_addr)} VAULT_ADDR={q(stack.vault_addr)}
@@ -176,6 +184,22 @@ async def _serve(app: web.Application, port: int, runners: list[web.AppRunner]) 
     server = site._server  # the bound port when 0 was asked for
     assert isinstance(server, asyncio.base_events.Server)
     return int(server.sockets[0].getsockname()[1])
+
+
+async def _serve_proxy(
+    cfg: config.Config, port: int, runners: list[web.AppRunner]
+) -> tuple[int, int]:
+    """The proxy as `keyproxy serve` listens (its connection limits, malformed requests
+    answered in JSON), and its admin listener on a free loopback port: the two ports."""
+    app = build_app(cfg)
+    limits = server.Limits.of(cfg.server)
+    runner, proxy_port = await server.start(
+        app, "127.0.0.1", port, limits, metrics=lambda: app.get(METRICS)
+    )
+    runners.append(runner)
+    admin, admin_port = await server.start(build_admin_app(app), "127.0.0.1", 0, limits)
+    runners.append(admin)
+    return proxy_port, admin_port
 
 
 def _private_file(path: Path, content: str) -> Path:
@@ -214,6 +238,7 @@ PATH."""
 keyproxy dev is running (Ctrl-C stops everything).
 
   proxy      {stack.proxy_url}
+  admin      {stack.admin_url}   (/metrics, /readyz in detail)
   openbao    {stack.vault_addr}   (root token in {stack.workdir}/root-token)
   config     {stack.config_path}
 
