@@ -225,7 +225,7 @@ def test_a_fragment_split_across_two_or_three_chunks_at_every_offset() -> None:
     body, expected = f"data: {text}\n\n".encode(), f"data: {want}\n\n".encode()
     for a in range(len(body) + 1):
         assert _scrub_all(_chunked(body, [a]), rendered.byte_forms) == expected, a
-        for b in range(a, min(a + 12, len(body)) + 1):
+        for b in range(a, len(body) + 1):
             assert _scrub_all(_chunked(body, [a, b]), rendered.byte_forms) == expected, (a, b)
 
 
