@@ -6,11 +6,12 @@ the same code gives the same count to within about 1%. It counts user-space inst
 only (no system calls, no cache misses), so it ranks changes to the per-request work; the
 wall-clock table of `bench/run.py` stays the measure of the result.
 
-    .venv/bin/python bench/instructions.py [--seconds 12] [--compare DIR]
+    .venv/bin/python bench/instructions.py [--seconds 12] [--compare DIR] [--body large]
 
 Each proxy runs under `valgrind --tool=callgrind` with counting off, is warmed up by 5 s of
-wrk at c=1 on the small answer, then counted over `--seconds` more (its main thread only: the
-key refresh runs in executor threads). valgrind is installed from Debian's packages if missing.
+wrk at c=1 on the answer (`--body`: the small JSON, or the 64 KiB one of bench/run.py), then
+counted over `--seconds` more (its main thread only: the key refresh runs in executor
+threads). valgrind is installed from Debian's packages if missing.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _count(
     token_file: Path,
     env: dict[str, str],
     seconds: float,
+    path: str,
 ) -> dict[str, object]:
     """Start `argv` under callgrind, warm it up, count `seconds` of c=1 requests."""
     out = workdir / f"callgrind.{name}"
@@ -90,9 +92,9 @@ def _count(
     else:
         bench._wait_http(f"{base}/readyz", proc, name, timeout=300)
     cand = bench.Candidate(name, base, "/r/bench", token_file, proc.pid)
-    bench.wrk(procs, wrk, cand, path="/small", conc=1, seconds=WARM_UP_S)
+    bench.wrk(procs, wrk, cand, path=path, conc=1, seconds=WARM_UP_S)
     _callgrind_control(proc.pid, "--instr=on")
-    run = bench.wrk(procs, wrk, cand, path="/small", conc=1, seconds=seconds)
+    run = bench.wrk(procs, wrk, cand, path=path, conc=1, seconds=seconds)
     _callgrind_control(proc.pid, "--instr=off")
     _callgrind_control(proc.pid, "--dump")
     deadline = time.monotonic() + 60
@@ -108,7 +110,7 @@ def _count(
     return row
 
 
-def measure(compare: Path | None, seconds: float) -> list[dict[str, object]]:
+def measure(compare: Path | None, seconds: float, body: str = "small") -> list[dict[str, object]]:
     _valgrind()
     tools = bench.ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-instructions-"))
@@ -125,7 +127,8 @@ def measure(compare: Path | None, seconds: float) -> list[dict[str, object]]:
         key_file = bench._write_private(workdir / "key", key)
         token_file = bench._write_private(workdir / "token", bao.agent_token(agent))
         (workdir / "nginx-tmp").mkdir()
-        (workdir / "large.json").write_text("{}", encoding="utf-8")
+        large = json.dumps({"data": "x" * (bench.LARGE_BYTES - 12)})  # as bench/run.py's
+        (workdir / "large.json").write_text(large, encoding="utf-8")
         workdir.chmod(0o711)
         port, sse_port = bench._free_port(), bench._free_port()
         conf = bench._write_private(
@@ -150,6 +153,7 @@ def measure(compare: Path | None, seconds: float) -> list[dict[str, object]]:
                 token_file=token_file,
                 env=env,
                 seconds=seconds,
+                path=bench.BODIES[body],
             )
 
         mini_port = bench._free_port()
@@ -185,8 +189,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--compare", type=Path, help="a directory holding a patched keyproxy/")
+    parser.add_argument("--body", choices=["small", "large"], default="small")
     args = parser.parse_args()
-    results = measure(args.compare, args.seconds)
+    results = measure(args.compare, args.seconds, args.body)
     minimal = float(str(results[0]["per_request"]))
     print("\n| candidate | requests counted | instructions per request | x minimal |")
     print("|---|---:|---:|---:|")

@@ -2,17 +2,26 @@
 
 `Injector` is compiled once per route. `render(key)` returns the headers and query parameters
 to add, and every form of the key that went on the wire (the raw key, its URL-encoded and
-JSON-escaped spellings, the basic-auth base64) so `Scrubber` can find them again if the
+JSON-escaped spellings, the basic-auth base64) so the scrubbers can find them again if the
 upstream echoes one back. Rendering is cached per key version: the hot path formats nothing.
 
-`Scrubber` replaces those forms in a streamed body, also when one is split across chunks. It
-holds back only a tail that could be the start of a secret, so an SSE event whose end is not
-such a prefix reaches the caller at once.
+`scrub_bytes`, `scrub_text` and the streaming `Scrubber` replace those forms, and any run of 8
+or more consecutive characters of the key's own encodings (a *fragment*: an error message that
+quotes the key's first 8 characters), by `[REDACTED]` (see keyproxy.fragments for the exact
+rule and how it is found at C speed). `Scrubber` catches a form or fragment split across
+chunks, and holds back only an end that could still become one, so an SSE event whose end
+cannot reaches the caller at once.
+
+The text of an injection's `format` is no fragment source (`Bearer {key}` must not make every
+"Bearer s" in an answer a fragment), but a key's own fixed prefix is: a key that starts with
+the same 8 or more characters as every key of its vendor (OpenAI's `sk-proj-`) has them
+redacted wherever an answer mentions them.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,9 +29,33 @@ from urllib.parse import quote, quote_plus
 
 from keyproxy import secret
 from keyproxy.config import Injection, Route
+from keyproxy.fragments import FRAGMENT, Matcher, Stream, encode, redacted
 from keyproxy.secret import REDACTED, Secret
 
 _REDACTED_BYTES = REDACTED.encode()
+
+
+class Forms(tuple[str, ...]):
+    """A key version's forms, longest first, carrying the matcher compiled for them (so the
+    scrubbers take the same arguments as a plain tuple of forms, and compile nothing)."""
+
+    matcher: Matcher
+
+    def __new__(cls, forms: Iterable[str], matcher: Matcher) -> Forms:
+        self = super().__new__(cls, forms)
+        self.matcher = matcher
+        return self
+
+
+class ByteForms(tuple[bytes, ...]):
+    """The same forms UTF-8 encoded, for response bodies, with the same matcher."""
+
+    matcher: Matcher
+
+    def __new__(cls, forms: Iterable[bytes], matcher: Matcher) -> ByteForms:
+        self = super().__new__(cls, forms)
+        self.matcher = matcher
+        return self
 
 
 @dataclass(frozen=True)
@@ -32,8 +65,13 @@ class Rendered:
     version: int
     headers: tuple[tuple[str, str], ...]
     query: str  # encoded `name=value&...`, exactly as sent upstream
-    forms: tuple[str, ...]  # longest first
+    # Longest first. `render` makes them `Forms` and `ByteForms`, which carry their matcher;
+    # plain tuples (as a test may build) are compiled on first use.
+    forms: tuple[str, ...]
     byte_forms: tuple[bytes, ...]  # the same, UTF-8 encoded, for response bodies
+    # The key's own encodings (and the key-bearing parts of a basic-auth token): the values
+    # the log scrubber redacts, whole or as fragments. Not a query `format`'s text around it.
+    sources: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"Rendered(version={self.version}, {REDACTED})"
@@ -54,7 +92,7 @@ class Injector:
         if cached is not None and cached.version == version:
             return cached
         rendered = _render(self.injections, key.reveal(), version)
-        secret.register(*rendered.forms)
+        secret.register(*rendered.sources)
         self._cached = rendered
         return rendered
 
@@ -63,25 +101,62 @@ def _render(injections: Sequence[Injection], key: str, version: int) -> Rendered
     headers: list[tuple[str, str]] = []
     query: list[str] = []
     # Spellings an upstream might echo: JSON-escaped (some encoders also escape "/"), and
-    # the ways a URL may carry it.
+    # the ways a URL may carry it. These are the key's own encodings: fragment sources.
     escaped = json.dumps(key)[1:-1]
-    forms = {key, escaped, escaped.replace("/", "\\/"), *_url_forms(key)}
+    sources = {key, escaped, escaped.replace("/", "\\/"), *_url_forms(key)}
+    forms = set(sources)
     for inj in injections:
         value = inj.format.replace("{key}", key)
         if inj.kind == "header":
             headers.append((inj.name, value))
         elif inj.kind == "query":
             query.append(f"{quote(inj.name, safe='')}={quote(value, safe='')}")
+            # Replaced whole; percent-encoding is per character, so the key's own forms
+            # above are inside these and their fragments are found there too.
             forms.update(_url_forms(value))
         else:
-            token = base64.b64encode(f"{inj.username}:{value}".encode()).decode()
+            plain = f"{inj.username}:{value}".encode()
+            token = base64.b64encode(plain).decode()
             headers.append(("Authorization", f"Basic {token}"))
             forms.add(token)
+            sources.update(_base64_key_runs(token, plain, key.encode()))
     # Longest first, so a form that contains another is replaced whole.
     ordered = tuple(sorted(forms, key=len, reverse=True))
+    encoded = tuple(encode(f) for f in ordered)
+    matcher = Matcher((encode(s) for s in sources), encoded)
     return Rendered(
-        version, tuple(headers), "&".join(query), ordered, tuple(f.encode() for f in ordered)
+        version,
+        tuple(headers),
+        "&".join(query),
+        Forms(ordered, matcher),
+        ByteForms(encoded, matcher),
+        tuple(sorted(sources, key=len, reverse=True)),
     )
+
+
+def _base64_key_runs(token: str, plain: bytes, key: bytes) -> list[str]:
+    """The parts of a base64 `token` (of `plain`) whose windows encode some byte of `key`:
+    a window that only encodes the username or the format's text is no fragment."""
+    spans = []
+    at = plain.find(key)
+    while at != -1:
+        spans.append((at, at + len(key)))
+        at = plain.find(key, at + 1)
+
+    def carries_key(i: int) -> bool:  # base64 digit i encodes bits 6i .. 6i + 5
+        first, last = 6 * i // 8, (6 * (i + FRAGMENT) - 1) // 8
+        return any(first < end and last >= start for start, end in spans)
+
+    runs: list[str] = []
+    kept = [i for i in range(len(token) - FRAGMENT + 1) if carries_key(i)]
+    begin = None
+    for n, i in enumerate(kept):
+        if begin is None:
+            begin = i
+        if n + 1 == len(kept) or kept[n + 1] != i + 1:
+            runs.append(token[begin : i + FRAGMENT])
+            begin = None
+    return runs
 
 
 def _url_forms(value: str) -> set[str]:
@@ -96,64 +171,48 @@ def _lower_hex(encoded: str) -> str:
     return parts[0] + "".join("%" + p[:2].lower() + p[2:] for p in parts[1:])
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(forms: tuple[bytes, ...]) -> Matcher:
+    """The matcher of forms given as a plain collection: each of them a fragment source."""
+    return Matcher(forms)
+
+
+_CARRYING = (Forms, ByteForms)  # a tuple: isinstance takes it faster than `Forms | ByteForms`
+
+
+def _matcher(forms: Iterable[str] | Iterable[bytes]) -> Matcher:
+    if isinstance(forms, _CARRYING):
+        return forms.matcher
+    return _compiled(tuple(f if isinstance(f, bytes) else encode(f) for f in forms))
+
+
 def holds_any(text: str, forms: Iterable[str]) -> bool:
-    """Whether `text` holds one of the secret forms."""
-    for form in forms:  # noqa: SIM110  # not any(): a generator per call, on every answer
-        if form in text:
-            return True
-    return False
+    """Whether `text` holds one of the secret forms or a fragment of one."""
+    return bool(_matcher(forms).stretches(encode(text)))
 
 
 def scrub_text(value: str, forms: Iterable[str]) -> str:
-    """Replace every secret form in a header value or other short text."""
-    for form in forms:
-        if form in value:
-            value = value.replace(form, REDACTED)
-    return value
+    """Redact every secret form and fragment in a header value or other short text."""
+    data = encode(value)
+    spans = _matcher(forms).stretches(data)
+    if not spans:
+        return value
+    # A stretch of a key beyond ASCII may end inside a character: that character is lost.
+    return redacted(data, spans, _REDACTED_BYTES).decode("utf-8", "replace")
 
 
 def scrub_bytes(body: bytes, byte_forms: Iterable[bytes]) -> bytes:
-    """Replace every secret form in a whole body (`Rendered.byte_forms`, longest first)."""
-    for form in byte_forms:
-        if form in body:
-            body = body.replace(form, _REDACTED_BYTES)
-    return body
+    """Redact every secret form and fragment in a whole body (`Rendered.byte_forms`)."""
+    spans = _matcher(byte_forms).stretches(body)
+    return redacted(body, spans, _REDACTED_BYTES) if spans else body
 
 
-class Scrubber:
-    """Streaming replacement of secret forms in a response body."""
+class Scrubber(Stream):
+    """Streaming redaction of secret forms and fragments in a response body: `feed` returns
+    what can be sent now, `flush` the rest at the end; together they equal `scrub_bytes` of
+    the whole body, wherever the chunks are cut (see keyproxy.fragments.Stream)."""
+
+    __slots__ = ()
 
     def __init__(self, byte_forms: Iterable[bytes]) -> None:
-        self._forms = tuple(byte_forms)
-        self._carry = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Return what can be sent now; keep back a possible partial secret."""
-        buf = scrub_bytes(self._carry + chunk if self._carry else chunk, self._forms)
-        hold = self._partial_tail(buf)
-        if hold:
-            self._carry = buf[-hold:]
-            return buf[:-hold]
-        self._carry = b""
-        return buf
-
-    def flush(self) -> bytes:
-        """The end of the body: what was held back is not a secret after all."""
-        out, self._carry = self._carry, b""
-        return out
-
-    def _partial_tail(self, buf: bytes) -> int:
-        """Length of the longest suffix of `buf` that is a proper prefix of some form."""
-        longest = 0
-        size = len(buf)
-        for form in self._forms:
-            first = form[:1]
-            i = buf.find(first, max(0, size - len(form) + 1))
-            while i != -1:
-                if size - i <= longest:
-                    break
-                if form.startswith(buf[i:]):
-                    longest = size - i
-                    break
-                i = buf.find(first, i + 1)
-        return longest
+        super().__init__(_matcher(byte_forms))

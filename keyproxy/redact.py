@@ -15,6 +15,7 @@ from typing import Any
 
 from structlog.typing import EventDict, WrappedLogger
 
+from keyproxy.fragments import FRAGMENT, Span, merged, redacted
 from keyproxy.secret import REDACTED, known_values
 
 # Three base64url parts, the first an encoded JSON object ('{"' is 'eyJ').
@@ -83,9 +84,9 @@ class _Redactor:
         if value in clean:
             return value
         out = value
-        for found in self._candidates(value):
-            if found in out:
-                out = out.replace(found, REDACTED)
+        spans = self._stretches(value)
+        if spans:
+            out = redacted(value, spans, REDACTED)
         if "eyJ" in out:
             out = _JWT.sub(_JWT_REDACTED, out)
         if out is value and len(value) <= _CLEAN_LEN:
@@ -94,17 +95,60 @@ class _Redactor:
             clean.add(value)
         return out
 
-    def _candidates(self, value: str) -> list[str]:
-        """Secrets that may occur in `value`, longest first (so a longer one is replaced
-        whole before a shorter one it contains)."""
+    def _stretches(self, value: str) -> list[Span]:
+        """Where `value` holds a run of FRAGMENT or more characters of a secret (a whole one
+        among them), merged as the response scrubber merges them.
+
+        Such a run holds a whole window of `value` at an offset that is a multiple of _GRAM,
+        and that window is one of the secret's: each window found is a seed, extended to the
+        longest run it shares with the secret at that alignment (once per alignment)."""
         windows = self._windows
-        found: set[str] = set()
+        spans: list[Span] = []
+        runs: dict[tuple[str, int], int] = {}  # (secret, offset of it in value): run's end
         for i in range(0, len(value) - _GRAM + 1, _GRAM):
             hit = windows.get(value[i : i + _GRAM])
-            if hit is not None:
-                found |= hit
-        found.update(self._short)
-        return sorted(found, key=len, reverse=True) if found else []
+            if hit is None:
+                continue
+            gram = value[i : i + _GRAM]
+            for found in hit:
+                at = found.find(gram)
+                while at != -1:
+                    if runs.get((found, i - at), -1) < i + _GRAM:  # else inside a run seen
+                        start = i - _common(value, i, found, at, -1)
+                        end = i + _common(value, i, found, at, 1)
+                        runs[found, i - at] = end
+                        if end - start >= FRAGMENT:
+                            spans.append((start, end))
+                    at = found.find(gram, at + 1)
+        for short in self._short:
+            at = value.find(short)
+            while at != -1:
+                spans.append((at, at + len(short)))
+                at = value.find(short, at + 1)
+        return merged(spans) if spans else spans
+
+
+def _common(text: str, i: int, other: str, j: int, direction: int) -> int:
+    """How far `text` from `i` and `other` from `j` agree: forwards (1), the length of their
+    common prefix; backwards (-1), of the common suffix of `text[:i]` and `other[:j]`. By
+    halving, so a secret quoted whole costs a few comparisons, not one per character."""
+    if direction > 0:
+        low, high = 0, min(len(text) - i, len(other) - j)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if text[i : i + mid] == other[j : j + mid]:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+    low, high = 0, min(i, j)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if text[i - mid : i] == other[j - mid : j]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 _current = _Redactor()

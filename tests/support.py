@@ -109,6 +109,8 @@ class Upstream:
         app.router.add_get("/leak/gzip", _leak_gzip)
         app.router.add_get("/leak/header-name", _leak_header_name)
         app.router.add_get("/leak/sse", _leak_sse)
+        for variant in FRAGMENT_VARIANTS:
+            app.router.add_get(f"/leak/fragment-{variant}", _leak_fragment)
         app.router.add_get("/redirect", _redirect)
         app.router.add_get("/stall", _stall)
         app.router.add_get("/stall/short", _stall_midway)
@@ -176,6 +178,48 @@ async def _leak_sse(request: web.Request) -> web.StreamResponse:
         "data: [DONE]\n\n",
     ):
         await response.write(part.encode())
+        # Pacing, so each part leaves as its own TCP segment and reaches the proxy alone.
+        await asyncio.sleep(0.05)
+    await response.write_eof()
+    return response
+
+
+FRAGMENT_VARIANTS = ("short", "stream", "large", "sse")
+
+
+def fragment_message(key: str) -> str:
+    """What an upstream says of a key it refused: its first 8 and last 4 characters (as
+    OpenAI's 401 does), and then a middle and the last 8 of it."""
+    return (
+        f"Incorrect API key provided: {key[:8]}****{key[-4:]}."
+        f" Hint: ...{key[12:20]}... ends {key[-8:]}"
+    )
+
+
+async def _leak_fragment(request: web.Request) -> web.StreamResponse:
+    """A 401 quoting fragments of the key it received (`fragment_message`), and the same
+    middle 8 in a header: of declared length, whole (-short) or too large to be read whole
+    (-large), or streamed in pieces that cut each fragment (-stream, and -sse as events)."""
+    key = _received_key(request)
+    message = fragment_message(key)
+    hint = {"X-Key-Hint": f"key ...{key[12:20]}..."}
+    variant = request.path.rpartition("-")[2]
+    if variant == "short":
+        return web.json_response({"error": {"message": message}}, status=401, headers=hint)
+    if variant == "large":
+        body = b"".join(b"x" * (30_000 + i) + message.encode() for i in range(3))
+        return web.Response(body=body, status=401, content_type="text/plain", headers=hint)
+    sse = variant == "sse"
+    response = web.StreamResponse(
+        status=200 if sse else 401,
+        headers={"Content-Type": "text/event-stream" if sse else "text/plain", **hint},
+    )
+    await response.prepare(request)
+    text = f"data: {json.dumps({'error': message})}\n\n" if sse else message
+    # Cut inside the first fragment, the middle one and the last one.
+    cuts = [text.index(key[:8]) + 3, text.index(key[12:20]) + 5, text.index(key[-8:]) + 1]
+    for start, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
+        await response.write(text[start:end].encode())
         # Pacing, so each part leaves as its own TCP segment and reaches the proxy alone.
         await asyncio.sleep(0.05)
     await response.write_eof()

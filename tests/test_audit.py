@@ -38,7 +38,8 @@ def test_a_secret_registered_later_is_scrubbed_from_texts_found_clean_before() -
     it had found clean: a text logged clean once is redacted after its secret is registered;
     earlier keys, short ones and overlapping ones stay found, the longest replaced whole."""
     stamp = secrets.token_hex(8)
-    first, later = f"first-{stamp}-0123456789", f"later-{stamp}-9876543210"
+    # No run of 8 characters in common: a text holding one would hold a fragment of the other.
+    first, later = f"first-{secrets.token_hex(8)}-0123456789", f"later-{stamp}-9876543210"
     text = f"upstream said {later}"
     secret.register(first)
     assert redact.scrub_secrets(None, "info", {"m": text})["m"] == text  # clean: remembered

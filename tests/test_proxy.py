@@ -31,10 +31,12 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.support import (
     BIG_BYTES,
     CANARIES,
+    FRAGMENT_VARIANTS,
     TRICKLE_PARTS,
     Stack,
     Upstream,
     bearer,
+    fragment_message,
     new_key,
     running_proxy,
     serve,
@@ -534,6 +536,39 @@ async def test_query_key_echoed_in_its_url_encoding_is_scrubbed(
         assert value not in text
         assert value.lower() not in text.lower()
         assert "[REDACTED]" in text
+
+
+@pytest.mark.parametrize("variant", FRAGMENT_VARIANTS)
+async def test_key_fragments_in_an_upstream_error_never_reach_the_caller(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+    variant: str,
+) -> None:
+    """An upstream 401 quoting the first 8 and last 4 characters of the injected key (and a
+    middle 8 and the last 8, also in a header), of declared length or streamed with every
+    fragment cut across writes, reaches the caller with each run of 8 redacted and the rest
+    of its text intact."""
+    key = seeded[1]
+    async with http.get(f"{stack.base}/r/r/leak/fragment-{variant}", headers=bearer(token)) as (
+        response
+    ):
+        assert response.status == (200 if variant == "sse" else 401)
+        body = (await response.read()).decode()
+        hint = response.headers["X-Key-Hint"]
+    assert upstream.requests[0].headers["Authorization"] == f"Bearer {key}"
+    for fragment in (key[:8], key[12:20], key[-8:], key[12:19]):
+        assert fragment not in body
+        assert fragment not in hint
+    assert hint == "key ...[REDACTED]..."
+    redacted = fragment_message(key)
+    for fragment in (key[:8], key[12:20], key[-8:]):
+        redacted = redacted.replace(fragment, "[REDACTED]")
+    assert redacted.endswith("ends [REDACTED]")
+    assert redacted in body or json.dumps(redacted) in body
+    assert "****" + key[-4:] in body  # 4 characters are no fragment
 
 
 async def test_unknown_response_encoding_is_refused(
