@@ -365,7 +365,8 @@ TEACHING = [
         "vault-key",
         _edit(2, "  adress: http://127.0.0.1:8200", replace=True),
         "vault.adress: unknown key, did you mean addr? (expected one of: addr, auth, ca_cert, "
-        "full_refresh_interval, kv_mount, max_staleness, namespace, refresh_interval, timeout, tls_verify)",
+        "full_refresh_interval, kv_mount, max_staleness, namespace, refresh_interval, timeout, "
+        "tls_verify)",
     ),
     (
         "issuer-key",
