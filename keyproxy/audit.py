@@ -266,8 +266,14 @@ _VALUES = operator.attrgetter(*_NAMES)
 # the same texts skips the scan of each. Every other field must be a number (or None), which
 # has nothing to scrub: a field of any other type would need its own place in that tuple.
 _TEXT_TYPES, _NUMBER_TYPES = {"str", "str | None"}, {"int", "int | None", "float"}
+# The request id is left out: it differs for every request, so a tuple holding it would never
+# be found again. It is checked on its own (`_clean_id`).
 _TEXTS = operator.attrgetter(
-    *(f.name for f in dataclasses.fields(RequestRecord) if f.type in _TEXT_TYPES)
+    *(
+        f.name
+        for f in dataclasses.fields(RequestRecord)
+        if f.type in _TEXT_TYPES and f.name != "request_id"
+    )
 )
 if not all(f.type in _TEXT_TYPES | _NUMBER_TYPES for f in dataclasses.fields(RequestRecord)):
     raise TypeError("RequestRecord fields must be text or numbers (see audit._TEXTS)")
@@ -299,7 +305,7 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
     # A record whose texts were found clean is rendered as it is (orjson writes a dataclass's
     # fields in order); any other is scrubbed first.
     fields = ""
-    if texts in known.records:
+    if texts in known.records and _clean_id(record.request_id):
         try:
             fields = orjson.dumps(record).decode()
         except orjson.JSONEncodeError:  # an integer beyond 64 bits: rendered as below
@@ -318,6 +324,12 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
     else:
         line = f'{fields[:-1]},"event":"request","level":"{level}","timestamp":"{_timestamp()}"}}'
     setup.factory.sink.line(line, now=now)
+
+
+def _clean_id(request_id: str) -> bool:
+    """Whether a request id holds nothing to redact (a caller chooses its own: it could be a
+    credential), without remembering it."""
+    return redact.current().text(request_id, remember=False) is request_id
 
 
 def _scrubbed(record: RequestRecord, texts: tuple[Any, ...], known: redact.Clean) -> str:

@@ -77,7 +77,9 @@ class _Redactor:
             self.clean = Clean()  # a text found clean before may hold a new value
             self.secrets = secrets
 
-    def text(self, value: str) -> str:
+    def text(self, value: str, *, remember: bool = True) -> str:
+        """`value` with every secret redacted. A clean one is remembered as clean unless
+        `remember` is false (a text that never repeats would only crowd out those that do)."""
         # The set of this moment: a text scanned before a new secret was indexed goes into
         # the set that update() throws away, never into the fresh one.
         clean = self.clean.texts
@@ -89,7 +91,7 @@ class _Redactor:
             out = redacted(value, spans, REDACTED)
         if "eyJ" in out:
             out = _JWT.sub(_JWT_REDACTED, out)
-        if out is value and len(value) <= _CLEAN_LEN:
+        if out is value and remember and len(value) <= _CLEAN_LEN:
             if len(clean) >= CLEAN_MAX:
                 clean.clear()
             clean.add(value)

@@ -378,3 +378,22 @@ def test_a_refusal_is_a_warning_and_an_allowed_request_is_info() -> None:
     (line,) = stream.getvalue().splitlines()
     event = json.loads(line)
     assert (event["level"], event["decision"]) == ("warning", "deny")
+
+
+def test_a_request_id_holding_a_secret_is_scrubbed_in_a_record_found_clean() -> None:
+    """The request id is checked on its own, so a record whose other texts were found clean
+    still has a secret in its id redacted; a clean id is written as it is."""
+    key = "sk-audit-" + secrets.token_urlsafe(24)
+    secret.register(key)
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        for request_id in ("req-1", f"x{key}", "req-2"):
+            record = _record()
+            record.request_id = request_id
+            audit.emit(record)
+    finally:
+        structlog.configure(**previous)
+    ids = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
+    assert ids == ["req-1", f"x{REDACTED}", "req-2"]

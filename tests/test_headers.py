@@ -360,11 +360,14 @@ def test_a_well_formed_request_id_is_kept(value: str) -> None:
         [("X-Request-Id", "caf\u00e9")],
         [("X-Request-Id", "a%0d%0ab")],
         [("X-Request-Id", "one"), ("X-Request-Id", "two")],
+        [("X-Request-Id", "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl")],
+        [("X-Request-Id", "id-eyJhbGciOiJSUzI1NiJ9.x.y")],
     ],
 )
 def test_any_other_request_id_is_replaced(pairs: list[tuple[str, str]]) -> None:
-    """Absent, empty, too long, odd characters (CR/LF, spaces, non-ASCII), or sent twice:
-    a new id of 32 hex digits, different each time."""
+    """Absent, empty, too long, odd characters (CR/LF, spaces, non-ASCII), sent twice, or
+    holding a JWT (a credential would go upstream): a new id of 32 hex digits, different each
+    time."""
     first, second = request_id(_incoming(*pairs)), request_id(_incoming(*pairs))
     assert first != second
     for new in (first, second):
