@@ -300,9 +300,9 @@ def request_id(incoming: CIMultiDictProxy[str]) -> str:
         # strip() takes away exactly the allowed characters: nothing left, nothing else.
         # SECURITY: a JWT (a workload or task token: every credential keyproxy takes) fits
         # the alphabet; as an id it would go upstream and into the log.
-        if 0 < len(value) <= _REQUEST_ID_MAX and not value.strip(_REQUEST_ID_CHARS):
-            if "eyJ" not in value:
-                return value
+        well_formed = 0 < len(value) <= _REQUEST_ID_MAX and not value.strip(_REQUEST_ID_CHARS)
+        if well_formed and "eyJ" not in value:
+            return value
     # Unique, not secret (a caller may choose its id anyway): the module's generator, seeded
     # from the OS in each process (again in a forked child), costs no system call.
     return f"{random.getrandbits(128):032x}"  # an id, not a secret
