@@ -2,8 +2,9 @@
 
 `keyproxy(*args, env=...)` starts the installed console script with a clean environment:
 no VAULT_*/BAO_* or KEYPROXY_* variable leaks in from the test runner, HOME is a directory of
-the test's own (so ~/.vault-token is whatever the test put there), and stderr is appended to
-the session's log directory for the final log scan.
+the test's own (so ~/.vault-token is whatever the test put there), and what it printed is
+appended to the session's log directory (`CLI_LOG`, set by tests/conftest.py) for the final log
+scan: stderr always, stdout too but for `token issue`, whose output is the token on purpose.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 KEYPROXY = str(BIN / "keyproxy")
+CLI_LOG: Path | None = None  # every command's output, for tests/test_zz_logscan.py
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -47,9 +49,12 @@ def keyproxy(
         timeout=timeout,
         check=False,
     )
-    if log is not None:
-        with log.open("a", encoding="utf-8") as f:
-            f.write(f"$ keyproxy {' '.join(args[:3])} ...\n{done.stderr}")
+    for path in {p for p in (log, CLI_LOG) if p is not None}:
+        printed = done.stderr
+        if list(args[:2]) != ["token", "issue"]:
+            printed = done.stdout + printed
+        with path.open("a", encoding="utf-8") as f:
+            f.write(f"$ keyproxy {' '.join(args[:3])} ...\n{printed}")
     return done
 
 

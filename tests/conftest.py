@@ -28,6 +28,7 @@ from keyproxy import audit
 from keyproxy.config import VaultConfig
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.vault import Vault
+from tests import cli_support
 from tests.support import Upstream, running_upstream
 
 
@@ -102,6 +103,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def audit_log(log_dir: Path) -> Iterator[Path]:
     """The session's audit log file: keyproxy's structlog output for in-process servers."""
     path = log_dir / "audit.jsonl"
+    cli_support.CLI_LOG = log_dir / "cli.log"
     with path.open("a", encoding="utf-8", buffering=1) as stream:
         audit.configure(stream, level="debug")
         yield path

@@ -100,7 +100,7 @@ class Env:
             check=False,
         )
         with (self.log_dir / "rotation-cli.err").open("a") as err:
-            err.write(done.stderr)
+            err.write(done.stdout + done.stderr)
         return done
 
     def rotate(self, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
