@@ -40,6 +40,7 @@ from keyproxy.errors import (
     Unavailable,
     VaultError,
 )
+from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import error_response
@@ -79,12 +80,17 @@ class Broker:
 
     async def exchange(self, request: web.Request) -> web.Response:
         event: dict[str, Any] = {"source": request.remote}
-        try:
-            return await self._exchange(request, event)
-        except RequestError as exc:
-            log.info("token.denied", reason=exc.reason, **event)
-            self._count("denied")
-            return error_response(exc)
+        rid = request_id(request.headers)
+        # Every event of this exchange (Vault, JWKS, the token's own) names the request.
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                response = await self._exchange(request, event)
+            except RequestError as exc:
+                log.warning("token.denied", reason=exc.reason, **event)
+                self._count("denied")
+                return error_response(exc, rid)
+        response.headers[REQUEST_ID] = rid
+        return response
 
     async def _exchange(self, request: web.Request, event: dict[str, Any]) -> web.Response:
         source = policy.client_address(
@@ -145,17 +151,19 @@ class Broker:
 
     async def revoke(self, request: web.Request) -> web.Response:
         """The holder ends its task: the token revokes itself."""
-        try:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not is_task_token(token.strip()):
-                raise Unauthenticated("no_credential", "send the task token as a Bearer token")
-            task = await self.tasks.verify(token.strip())
-            await self.tasks.revoke_held(task)  # writes the one token.revoked event
-        except RequestError as exc:
-            log.info("token.revoke_denied", reason=exc.reason, source=request.remote)
-            return error_response(exc)
+        rid = request_id(request.headers)
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not is_task_token(token.strip()):
+                    raise Unauthenticated("no_credential", "send the task token as a Bearer token")
+                task = await self.tasks.verify(token.strip())
+                await self.tasks.revoke_held(task)  # writes the one token.revoked event
+            except RequestError as exc:
+                log.warning("token.revoke_denied", reason=exc.reason, source=request.remote)
+                return error_response(exc, rid)
         self._count("revoked")
-        return web.json_response({"revoked": task.token_id})
+        return web.json_response({"revoked": task.token_id}, headers={REQUEST_ID: rid})
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:

@@ -882,3 +882,46 @@ def test_key_refresh_settings(openbao: OpenBaoDevServer, agent: Agent) -> None:
     with pytest.raises(ConfigError) as caught:
         config_module.parse(json.dumps(doc), {})
     assert caught.value.path == "tokens.key_max_staleness"
+
+
+async def test_broker_events_and_answers_carry_the_request_id(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession, audit_log: Path
+) -> None:
+    """An exchange, a refused exchange and a holder revocation each answer with the caller's
+    X-Request-Id and write it into their events; the refusal is a warning."""
+    scope = {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}
+    issued_headers = {**bearer(identity_token), "X-Request-Id": "broker-issue-1"}
+    async with http.post(
+        f"{stack.base}/token", json={"scope": scope, "task": "rid"}, headers=issued_headers
+    ) as response:
+        assert response.status == 200
+        assert response.headers["X-Request-Id"] == "broker-issue-1"
+        token = (await response.json())["access_token"]
+        CANARIES.add(token)
+    denied_headers = {**bearer(identity_token), "X-Request-Id": "broker-deny-1"}
+    nothing = {"scope": {"other": {"methods": ["DELETE"], "paths": ["/x"]}}}
+    async with http.post(f"{stack.base}/token", json=nothing, headers=denied_headers) as response:
+        assert response.status == 403
+        assert response.headers["X-Request-Id"] == "broker-deny-1"
+    revoke_headers = {**bearer(token), "X-Request-Id": "broker-revoke-1"}
+    async with http.post(f"{stack.base}/token/revoke", headers=revoke_headers) as response:
+        assert response.status == 200
+        assert response.headers["X-Request-Id"] == "broker-revoke-1"
+    wanted = {
+        "token.issued": "broker-issue-1",
+        "token.denied": "broker-deny-1",
+        "token.revoked": "broker-revoke-1",
+    }
+    deadline = time.monotonic() + 10
+    while True:
+        found = {
+            e["event"]: e
+            for e in _audit_events(audit_log)
+            if e.get("request_id") in wanted.values() and e.get("event") in wanted
+        }
+        if set(found) == set(wanted):
+            break
+        assert time.monotonic() < deadline, f"events missing: {set(wanted) - set(found)}"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    assert {name: e["request_id"] for name, e in found.items()} == wanted
+    assert found["token.denied"]["level"] == "warning"
