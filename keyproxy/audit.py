@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import operator
+import os
 import sys
 import threading
 import time
@@ -108,8 +109,12 @@ class _Sink:
 
 
 class _SinkFactory:
-    def __init__(self, sink: _Sink) -> None:
+    """structlog's logger factory: always the one sink. It also carries the formatter of the
+    standard library's records of the same set-up, so both kinds are rendered alike."""
+
+    def __init__(self, sink: _Sink, formatter: logging.Formatter) -> None:
         self.sink = sink
+        self.formatter = formatter
 
     def __call__(self, *args: Any) -> _Sink:
         return self.sink
@@ -124,23 +129,32 @@ class _Setup:
     wrapper: Any
     factory: _SinkFactory
     request_events: bool  # whether the level lets `info` through
+    console: bool = False  # rendered for a person: emit() takes structlog's own path
 
 
 _setup: _Setup | None = None
 
 
-def configure(stream: TextIO | None = None, level: str = "info") -> None:
+def configure(
+    stream: TextIO | None = None, level: str = "info", *, console: bool = False
+) -> None:
     """Route structlog, and every standard-library log record (aiohttp, asyncio, hvac,
     urllib3, ...), to `stream` (default stdout) as JSON lines, all through the same scrubbing
-    chain."""
+    chain. With `console` (a person reading a terminal) lines are structlog's console form
+    instead, in colour unless NO_COLOR is set or the stream is not a terminal."""
     global _setup  # noqa: PLW0603  # one process-wide logging set-up, like structlog's own
+    out = stream or sys.stdout
+    renderer: Any = structlog.processors.JSONRenderer(serializer=_json)
+    if console:
+        colors = out.isatty() and not os.environ.get("NO_COLOR")
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
     # After scrubbing: the time stamp is ours, holding nothing, and never the same twice (the
     # scrubber remembers texts it found clean; this one would only crowd them out).
     tail: list[Any] = [
         structlog.processors.format_exc_info,
         scrub_secrets,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.JSONRenderer(serializer=_json),
+        renderer,
     ]
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -148,7 +162,7 @@ def configure(stream: TextIO | None = None, level: str = "info") -> None:
         *tail,
     ]
     flush()  # what the previous set-up still holds goes to its own stream
-    factory = _SinkFactory(_Sink(stream or sys.stdout))
+    factory = _SinkFactory(_Sink(out), _formatter(tail))
     wrapper = structlog.make_filtering_bound_logger(level)
     structlog.configure(
         processors=processors,
@@ -158,23 +172,29 @@ def configure(stream: TextIO | None = None, level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     threshold = logging.getLevelNamesMapping()[level.upper()]
-    _route_stdlib(factory.sink, threshold, tail)
-    _setup = _Setup(processors, tuple(processors), wrapper, factory, threshold <= logging.INFO)
+    _route_stdlib(factory, threshold)
+    _setup = _Setup(
+        processors, tuple(processors), wrapper, factory, threshold <= logging.INFO, console
+    )
 
 
 class _StdlibHandler(logging.Handler):
     """Standard-library log records, rendered by structlog's ProcessorFormatter into the
-    audit stream. A record that cannot be formatted is reported by its logger's name and
-    level only: logging's own fallback would print its message and arguments to stderr."""
+    audit stream. They follow the set-up structlog writes with now (tests put a previous one
+    back by structlog.configure alone), so both kinds of events always share one stream and
+    one form. A record that cannot be formatted is reported by its logger's name and level
+    only: logging's own fallback would print its message and arguments to stderr."""
 
-    def __init__(self, sink: _Sink, formatter: logging.Formatter) -> None:
+    def __init__(self, factory: _SinkFactory) -> None:
         super().__init__()
-        self.sink = sink
-        self.setFormatter(formatter)
+        self.factory = factory
 
     def emit(self, record: logging.LogRecord) -> None:
+        factory = structlog.get_config()["logger_factory"]
+        if not isinstance(factory, _SinkFactory):
+            factory = self.factory
         try:
-            line = self.format(record)
+            line = factory.formatter.format(record)
         except Exception:  # noqa: BLE001  # whatever broke, the record's text must not leak
             line = _json(
                 {
@@ -183,17 +203,13 @@ class _StdlibHandler(logging.Handler):
                     "level": record.levelname.lower(),
                 }
             )
-        # The stream structlog writes to now (tests put a previous set-up back by
-        # structlog.configure alone), so both kinds of events always share one stream.
-        factory = structlog.get_config()["logger_factory"]
-        sink = factory.sink if isinstance(factory, _SinkFactory) else self.sink
-        sink.line(line)
+        factory.sink.line(line)
 
 
-def _route_stdlib(sink: _Sink, threshold: int, tail: list[Any]) -> None:
-    """Send every record reaching the root logger through the processors of `tail`, after
-    the steps structlog's own events take first (context, level, and the logger's name)."""
-    formatter = structlog.stdlib.ProcessorFormatter(
+def _formatter(tail: list[Any]) -> logging.Formatter:
+    """Standard-library records through the processors of `tail`, after the steps
+    structlog's own events take first (context, level, and the logger's name)."""
+    return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
@@ -201,10 +217,14 @@ def _route_stdlib(sink: _Sink, threshold: int, tail: list[Any]) -> None:
         ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
     )
+
+
+def _route_stdlib(factory: _SinkFactory, threshold: int) -> None:
+    """Send every record reaching the root logger to the set-up of `factory`."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
         root.removeHandler(handler)
-    root.addHandler(_StdlibHandler(sink, formatter))
+    root.addHandler(_StdlibHandler(factory))
     root.setLevel(threshold)
 
 
@@ -293,6 +313,7 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
         or config["logger_factory"] is not setup.factory
         or config["wrapper_class"] is not setup.wrapper
         or tuple(setup.processors) != setup.snapshot
+        or setup.console
     ):
         # structlog was set up by someone else: let it do everything.
         getattr(_log, level)("request", **dict(zip(_NAMES, _VALUES(record), strict=True)))

@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None and args.command not in ("serve", "dev"):
         level = {0: "warning", 1: "info"}.get(args.verbose, "debug")
-        audit.configure(sys.stderr, level=level)
+        # JSON for programs; on a terminal, the console form (NO_COLOR honoured).
+        audit.configure(sys.stderr, level=level, console=sys.stderr.isatty())
     try:
         if getattr(args, "config", "") is None and args.command != "audit":
             args.config = config_path(args)  # -c, else KEYPROXY_CONFIG, else a usage error

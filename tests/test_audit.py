@@ -397,3 +397,41 @@ def test_a_request_id_holding_a_secret_is_scrubbed_in_a_record_found_clean() -> 
         structlog.configure(**previous)
     ids = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
     assert ids == ["req-1", f"x{REDACTED}", "req-2"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("no_color", "coloured"), [("", True), ("1", False)])
+def test_a_terminal_gets_the_console_form_in_colour_unless_no_color(
+    monkeypatch: pytest.MonkeyPatch, no_color: str, coloured: bool
+) -> None:
+    """With console=True, events (keyproxy's and the standard library's) are written in
+    structlog's console form, scrubbed, with colours only when NO_COLOR is not set."""
+    key = "sk-console-" + secrets.token_urlsafe(24)
+    secret.register(key)
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    else:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    stream = _Terminal()
+    previous = structlog.get_config()
+    audit.configure(stream, level="info", console=True)
+    try:
+        structlog.get_logger("x").warning("vault.login_failed", detail=key)
+        audit.emit(_record())
+        import logging  # noqa: PLC0415  # the standard library's records, rendered the same
+
+        logging.getLogger("aiohttp.server").warning("from the standard library")
+        audit.flush()
+    finally:
+        structlog.configure(**previous)
+    text = stream.getvalue()
+    assert "vault.login_failed" in text
+    assert "from the standard library" in text
+    assert "request" in text
+    assert key not in text
+    assert not text.lstrip().startswith("{")
+    assert ("\x1b[" in text) is coloured
