@@ -40,8 +40,9 @@ from keyproxy.broker import Broker
 from keyproxy.config import Config
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
-from keyproxy.proxy import ROUTE_PREFIX, Proxy, UpstreamSessions
+from keyproxy.proxy import ROUTE_PREFIX, Proxy
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
+from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
 
 CONFIG: Final = web.AppKey("config", Config)

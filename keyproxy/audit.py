@@ -135,9 +135,7 @@ class _Setup:
 _setup: _Setup | None = None
 
 
-def configure(
-    stream: TextIO | None = None, level: str = "info", *, console: bool = False
-) -> None:
+def configure(stream: TextIO | None = None, level: str = "info", *, console: bool = False) -> None:
     """Route structlog, and every standard-library log record (aiohttp, asyncio, hvac,
     urllib3, ...), to `stream` (default stdout) as JSON lines, all through the same scrubbing
     chain. With `console` (a person reading a terminal) lines are structlog's console form

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from keyproxy import policy
 from keyproxy import scope as scopes
+from keyproxy.answers import error_response
 from keyproxy.config import Config
 from keyproxy.config.compile import _Node
 from keyproxy.errors import (
@@ -43,7 +44,6 @@ from keyproxy.errors import (
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
-from keyproxy.proxy import error_response
 from keyproxy.tokens import TaskTokens, is_task_token
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"

@@ -1,8 +1,9 @@
 """The request pipeline: authenticate, decide, fetch the key, inject, forward, audit.
 
 `Proxy.handle` serves `/r/<route>/<path>`. Each step uses only what the previous one produced
-and stops the request by raising a `RequestError`; `error_response` is the one place those
-become HTTP answers, and every request, allowed or not, ends in exactly one audit event.
+and stops the request by raising a `RequestError`; `keyproxy.answers.error_response` is the
+one place those become HTTP answers, and every request, allowed or not, ends in exactly one
+audit event.
 Nothing is sent upstream until every check has passed.
 """
 
@@ -11,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_plus
@@ -21,13 +21,13 @@ from urllib.parse import unquote_plus
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy import audit, netguard, paths, policy
 from keyproxy import scope as scopes
-from keyproxy.config import Config, Network, Route
+from keyproxy.answers import error_response
+from keyproxy.config import Config, Route
 from keyproxy.deadline import ReadDeadlines, Watch
 from keyproxy.errors import (
     BadGateway,
@@ -44,7 +44,6 @@ from keyproxy.errors import (
     Unavailable,
 )
 from keyproxy.headers import (
-    REQUEST_ID,
     Verdicts,
     caller_token,
     other_credential_headers,
@@ -58,6 +57,7 @@ from keyproxy.inject import Injector, Rendered, Scrubber, scrub_bytes
 from keyproxy.metrics import Metrics
 from keyproxy.policy import IPAddress
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
+from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache
 
 log = structlog.get_logger("keyproxy.proxy")
@@ -70,68 +70,6 @@ CHUNK: Final = 64 * 1024
 
 # Answers with a declared length up to this size are scrubbed and sent whole.
 WHOLE_BODY: Final = 64 * 1024
-
-
-class UpstreamSessions:
-    """One aiohttp session per distinct egress and TLS setting, shared by the routes using it.
-
-    The session's resolver is the egress fence: aiohttp connects only to the addresses it
-    returns, so the address checked is the address used.
-    """
-
-    def __init__(self, routes: Mapping[str, Route]) -> None:
-        self._by_route: dict[str, aiohttp.ClientSession] = {}
-        shared: dict[tuple[tuple[Network, ...], bool, str | None], aiohttp.ClientSession] = {}
-        for route in routes.values():
-            key = (route.egress_allow, route.tls_verify, str(route.ca_file or ""))
-            if key not in shared:
-                shared[key] = _session(route)
-            self._by_route[route.name] = shared[key]
-        self._sessions = list(shared.values())
-
-    def get(self, route: str) -> aiohttp.ClientSession:
-        return self._by_route[route]
-
-    async def close(self) -> None:
-        for session in self._sessions:
-            await session.close()
-
-
-def _session(route: Route) -> aiohttp.ClientSession:
-    if not route.tls_verify:
-        tls: ssl.SSLContext | bool = False
-    else:
-        tls = ssl.create_default_context(cafile=str(route.ca_file) if route.ca_file else None)
-    connector = aiohttp.TCPConnector(
-        resolver=netguard.GuardedResolver(route.egress_allow),
-        ssl=tls,
-        limit=0,
-        ttl_dns_cache=10,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=True,
-        response_class=_UpstreamResponse,
-    )
-
-
-class _UpstreamResponse(aiohttp.ClientResponse):
-    """An upstream answer whose connection is closed if its status is 1xx.
-
-    aiohttp's client skips 100, 102 and 103 itself and returns a 101 (any other 1xx would
-    be a bug there). After a 101 the connection speaks another protocol; a 101 without
-    Upgrade has no body, so aiohttp has put the connection back in its pool by now, where
-    the next request would read what followed the 101 as its answer. SECURITY: never reused.
-    """
-
-    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
-        protocol = connection.protocol
-        response = await super().start(connection)
-        if self.status < 200 and protocol is not None:
-            protocol.close()  # a pooled connection that is closed is dropped, never used
-        return response
 
 
 @dataclass(frozen=True)
@@ -553,20 +491,3 @@ def _abort(request: web.Request, record: audit.RequestRecord) -> None:
     record.reason = "stream_aborted"
     if request.transport is not None:
         request.transport.abort()
-
-
-def error_response(exc: RequestError, request_id: str | None = None) -> web.Response:
-    """The one place a pipeline error becomes an HTTP answer; `request_id` is the proxied
-    request's."""
-    headers: dict[str, str] = {}
-    if exc.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="keyproxy"'
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(exc.retry_after)
-    if request_id is not None:
-        headers[REQUEST_ID] = request_id
-    return web.json_response(
-        {"error": {"code": exc.reason, "message": exc.message}},
-        status=exc.status,
-        headers=headers,
-    )

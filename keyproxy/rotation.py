@@ -41,9 +41,9 @@ from keyproxy import rotators, secret
 from keyproxy.config import Config, Route
 from keyproxy.config.model import ManualRotator
 from keyproxy.errors import KeyproxyError, VaultError
-from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotators import RotatorError, UpstreamKey
 from keyproxy.secret import Secret
+from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import CasConflict, SecretNotFound, Vault, announce_key_change
 
 log = structlog.get_logger("keyproxy.rotation")

@@ -38,8 +38,8 @@ from keyproxy.cli_common import (
 )
 from keyproxy.errors import KeyproxyError
 from keyproxy.metrics import write_rotation_textfile
-from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotation import Outcome, Rotations
+from keyproxy.upstream import UpstreamSessions
 
 
 def register(sub: Any) -> None:

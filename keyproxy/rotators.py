@@ -66,7 +66,7 @@ def build(
     egress_allow: Sequence[Network] = (),
 ) -> Rotator:
     """The rotator for `route`; its admin credential is read from Vault on first use.
-    `session` must be fenced (keyproxy.proxy.UpstreamSessions); `egress_allow` is the route's
+    `session` must be fenced (keyproxy.upstream.UpstreamSessions); `egress_allow` is the route's
     allowance, checked here for IP-literal URLs, which skip the session's resolver."""
     if isinstance(cfg, HttpRotator):
         return _Http(route, cfg, _Admin(vault, cfg.admin_secret), session, egress_allow)

@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyproxy import config, rotation, rotators
 from keyproxy.devserver import OpenBaoDevServer
-from keyproxy.proxy import UpstreamSessions
 from keyproxy.rotation import Rotations
 from keyproxy.secret import Secret
+from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault
 from tests.conftest import LegacyApiProcess
 from tests.support import CANARIES, bearer, free_port

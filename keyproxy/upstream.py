@@ -1,0 +1,79 @@
+"""The client sessions to upstreams: fenced, never proxied, never reusing a switched connection.
+
+`UpstreamSessions(routes)` holds one aiohttp session per distinct egress and TLS setting,
+shared by the routes using it. The proxy and the http rotators send through them, so both go
+through the same egress fence (keyproxy.netguard).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp.connector import Connection
+
+from keyproxy import netguard
+from keyproxy.config import Network, Route
+
+
+class UpstreamSessions:
+    """One aiohttp session per distinct egress and TLS setting, shared by the routes using it.
+
+    The session's resolver is the egress fence: aiohttp connects only to the addresses it
+    returns, so the address checked is the address used.
+    """
+
+    def __init__(self, routes: Mapping[str, Route]) -> None:
+        self._by_route: dict[str, aiohttp.ClientSession] = {}
+        shared: dict[tuple[tuple[Network, ...], bool, str | None], aiohttp.ClientSession] = {}
+        for route in routes.values():
+            key = (route.egress_allow, route.tls_verify, str(route.ca_file or ""))
+            if key not in shared:
+                shared[key] = _session(route)
+            self._by_route[route.name] = shared[key]
+        self._sessions = list(shared.values())
+
+    def get(self, route: str) -> aiohttp.ClientSession:
+        return self._by_route[route]
+
+    async def close(self) -> None:
+        for session in self._sessions:
+            await session.close()
+
+
+def _session(route: Route) -> aiohttp.ClientSession:
+    if not route.tls_verify:
+        tls: ssl.SSLContext | bool = False
+    else:
+        tls = ssl.create_default_context(cafile=str(route.ca_file) if route.ca_file else None)
+    connector = aiohttp.TCPConnector(
+        resolver=netguard.GuardedResolver(route.egress_allow),
+        ssl=tls,
+        limit=0,
+        ttl_dns_cache=10,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        trust_env=False,  # SECURITY: never send keys through an HTTP(S)_PROXY from the environment
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+        response_class=_UpstreamResponse,
+    )
+
+
+class _UpstreamResponse(aiohttp.ClientResponse):
+    """An upstream answer whose connection is closed if its status is 1xx.
+
+    aiohttp's client skips 100, 102 and 103 itself and returns a 101 (any other 1xx would
+    be a bug there). After a 101 the connection speaks another protocol; a 101 without
+    Upgrade has no body, so aiohttp has put the connection back in its pool by now, where
+    the next request would read what followed the 101 as its answer. SECURITY: never reused.
+    """
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        response = await super().start(connection)
+        if self.status < 200 and protocol is not None:
+            protocol.close()  # a pooled connection that is closed is dropped, never used
+        return response
