@@ -15,6 +15,7 @@ from keyproxy import rotation, secret
 from keyproxy.config import Config, Route
 from keyproxy.config.model import CommandRotator, HttpRotator, ManualRotator
 from keyproxy.errors import VaultError
+from keyproxy.rotation_state import iso, parse_time
 from keyproxy.vault import SecretNotFound, Vault
 
 
@@ -73,12 +74,12 @@ async def _key(route: Route, vault: Vault, now: float, entry: dict[str, Any]) ->
         data.get("rotated_by") if isinstance(data.get("rotated_by"), str) else None
     )
     if created is not None:
-        entry["created_at"] = rotation.iso(created)
+        entry["created_at"] = iso(created)
         entry["age"] = round(now - created, 3)
         if route.max_age is not None:
             entry["overdue"] = now - created > route.max_age
         if entry["every"] is not None:
-            entry["next_due"] = rotation.iso(created + entry["every"])
+            entry["next_due"] = iso(created + entry["every"])
 
 
 async def _journal(
@@ -91,16 +92,16 @@ async def _journal(
     step = data.get("step") or "idle"
     entry["in_progress"] = step if step in ("creating", "created", "verified") else None
     lock = data.get("lock")
-    if isinstance(lock, dict) and (rotation.parse_time(lock.get("expires_at")) or 0) > now:
+    if isinstance(lock, dict) and (parse_time(lock.get("expires_at")) or 0) > now:
         entry["locked_by"] = lock.get("owner")
     previous = data.get("previous")
     if isinstance(previous, dict):
-        entry["grace_until"] = rotation.iso(rotation.parse_time(previous.get("revoke_after")))
-    entry["last_rotation"] = rotation.iso(rotation.parse_time(data.get("last_rotation")))
+        entry["grace_until"] = iso(parse_time(previous.get("revoke_after")))
+    entry["last_rotation"] = iso(parse_time(data.get("last_rotation")))
     failure = data.get("last_failure")
     if isinstance(failure, dict):
         entry["last_failure"] = {
-            "at": rotation.iso(rotation.parse_time(failure.get("at"))),
+            "at": iso(parse_time(failure.get("at"))),
             "step": failure.get("step"),
             "error": failure.get("error"),
         }
