@@ -201,7 +201,7 @@ def _put(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     cfg = load_config(args)
 
-    async def run() -> list[dict[str, Any]]:
+    async def run() -> list[keystatus.KeyStatus]:
         vault = vault_for(args, cfg)
         try:
             await vault.login()
@@ -214,32 +214,32 @@ def _status(args: argparse.Namespace) -> int:
     except KeyproxyError as exc:
         return _fail(str(exc))
     if wants_json(args):
-        print_json(entries)
+        print_json([e.as_dict() for e in entries])
     else:
         for e in entries:
             print(_status_line(e))  # noqa: T201
     return 1 if keystatus.failing(entries) else 0
 
 
-def _status_line(e: dict[str, Any]) -> str:
-    parts = [f"{e['route']}: v{e['version']}" if e["version"] else f"{e['route']}: no key"]
-    if e["age"] is not None:
-        parts.append(f"age {_duration(e['age'])}")
-    if e["overdue"]:
-        parts.append(f"OVERDUE (max_age {_duration(e['max_age'])})")
-    for label, key in (
-        ("owner", "owner"),
-        ("rotator", "rotator"),
-        ("next due", "next_due"),
-        ("last rotation", "last_rotation"),
-        ("in progress", "in_progress"),
-        ("old key revoked after", "grace_until"),
-        ("error", "error"),
+def _status_line(e: keystatus.KeyStatus) -> str:
+    parts = [f"{e.route}: v{e.version}" if e.version else f"{e.route}: no key"]
+    if e.age is not None:
+        parts.append(f"age {_duration(e.age)}")
+    if e.overdue and e.max_age is not None:
+        parts.append(f"OVERDUE (max_age {_duration(e.max_age)})")
+    for label, value in (
+        ("owner", e.owner),
+        ("rotator", e.rotator),
+        ("next due", e.next_due),
+        ("last rotation", e.last_rotation),
+        ("in progress", e.in_progress),
+        ("old key revoked after", e.grace_until),
+        ("error", e.error),
     ):
-        if e[key] is not None:
-            parts.append(f"{label} {e[key]}")
-    if e["last_failure"]:
-        parts.append(f"last failure {e['last_failure']['at']}: {e['last_failure']['error']}")
+        if value is not None:
+            parts.append(f"{label} {value}")
+    if e.last_failure:
+        parts.append(f"last failure {e.last_failure.at}: {e.last_failure.error}")
     return ", ".join(parts)
 
 

@@ -41,6 +41,7 @@ from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault
 from tests.conftest import LegacyApiProcess
 from tests.support import CANARIES, bearer, free_port
+from tests.test_keystatus import KEYS as STATUS_KEYS
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -530,6 +531,7 @@ def test_keys_status_reports_versions_ages_and_alerts_on_max_age(
     code, entries = env.status()
     assert code == 1
     f, s = entries[fresh], entries[stale]
+    assert list(f) == list(s) == STATUS_KEYS  # the documented keys, in their order
     assert (f["version"], f["overdue"], f["rotator"], f["owner"]) == (
         1,
         False,

@@ -1,9 +1,11 @@
 """docs/rotation.md's examples say what the code does: the complete route example compiles,
-and the result table names exactly the results `keyproxy rotate` prints."""
+the result table names every result `keyproxy rotate` prints and the field table every
+field of `keys status -o json`."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,6 +14,7 @@ import yaml
 
 from keyproxy import config
 from keyproxy.config.model import HttpRotator
+from keyproxy.keystatus import KeyStatus
 from keyproxy.rotation_state import Result
 from tests.support import CONFIG_SECTIONS
 
@@ -43,3 +46,11 @@ def test_the_result_table_names_exactly_the_results() -> None:
     row for a result the code cannot give."""
     rows = re.findall(r"^\| `([a-z_+]+)` \|", _table("| result | meaning |"), re.M)
     assert sorted(rows) == sorted(r.value for r in Result)
+
+
+def test_the_keys_status_table_names_exactly_the_json_fields() -> None:
+    """The field table of `keys status -o json` names every KeyStatus field, and no other."""
+    table = _table("| field | meaning |")
+    first_column = [row.split("|")[1] for row in table.splitlines()[2:]]
+    documented = re.findall(r"`([a-z_]+)`", "".join(first_column))
+    assert sorted(documented) == sorted(f.name for f in dataclasses.fields(KeyStatus))
