@@ -310,17 +310,7 @@ class Rotations:
             await journal.save(replace(journal.state, step=Step.IDLE, pending=None))
         rotating = journal.step in PHASE1  # an interrupted rotation is resumed, due or not
         if journal.step is Step.IDLE and (mode is not Mode.DUE or await self._due(route)):
-            await journal.save(
-                replace(
-                    journal.state,
-                    step=Step.CREATING,
-                    attempt=uuid.uuid4().hex,
-                    emergency=mode is Mode.EMERGENCY,
-                    base_version=await self._current_version(route),
-                    started_at=self._clock(),
-                    last_failure=None,
-                )
-            )
+            await self._begin(route, journal, mode)
             rotating = True
         if rotating:
             await self._phase1(route, journal)
@@ -343,6 +333,20 @@ class Rotations:
         if isinstance(route.rotation.rotator, ManualRotator):
             return await self._manual_outcome(route)
         return None if await self._due(route) else Outcome(route.name, Result.NOT_DUE)
+
+    async def _begin(self, route: Route, journal: Journal, mode: Mode) -> None:
+        """idle → creating: a fresh attempt id, and the key version the new key replaces."""
+        await journal.save(
+            replace(
+                journal.state,
+                step=Step.CREATING,
+                attempt=uuid.uuid4().hex,
+                emergency=mode is Mode.EMERGENCY,
+                base_version=await self._current_version(route),
+                started_at=self._clock(),
+                last_failure=None,
+            )
+        )
 
     async def _phase1(self, route: Route, journal: Journal) -> int:
         """creating → created → verified → promoted (grace, or idle for a first key)."""
