@@ -7,103 +7,128 @@ journal (keyproxy.rotation). A key is `overdue` when it is older than the route'
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from keyproxy import rotation, secret
 from keyproxy.config import Config, Route
 from keyproxy.config.model import CommandRotator, HttpRotator, ManualRotator
 from keyproxy.errors import VaultError
+from keyproxy.rotation_state import PHASE1, JournalError, JournalState, Step, iso
 from keyproxy.vault import SecretNotFound, Vault
+
+
+@dataclass(frozen=True)
+class LastFailure:
+    """The last failed rotation, as reported (times in ISO 8601)."""
+
+    at: str | None
+    step: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One route's entry; `as_dict()` is its JSON object, fields in this order
+    (docs/rotation.md lists them). Times are ISO 8601 in UTC, durations seconds."""
+
+    route: str
+    owner: str | None
+    secret: str  # mount/path of the key, never its value
+    rotator: str | None
+    every: float | None
+    max_age: float | None
+    version: int | None = None
+    key_id: str | None = None
+    created_at: str | None = None
+    age: float | None = None
+    rotated_by: str | None = None
+    overdue: bool = False
+    next_due: str | None = None
+    last_rotation: str | None = None
+    in_progress: Step | None = None  # a phase-1 step
+    locked_by: str | None = None
+    grace_until: str | None = None
+    last_failure: LastFailure | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 async def report(
     config: Config, vault: Vault, clock: Callable[[], float] = time.time
-) -> list[dict[str, Any]]:
+) -> list[KeyStatus]:
     """One entry per route, in configuration order. Vault failures become `error`."""
     return [await _route(route, config, vault, clock()) for route in config.routes.values()]
 
 
-async def _route(route: Route, config: Config, vault: Vault, now: float) -> dict[str, Any]:
-    every = route.rotation.every if route.rotation else None
-    entry: dict[str, Any] = {
-        "route": route.name,
-        "owner": route.owner,
-        "secret": f"{route.secret.mount}/{route.secret.path}",
-        "rotator": _rotator_name(route),
-        "every": every,
-        "max_age": route.max_age,
-        "version": None,
-        "key_id": None,
-        "created_at": None,
-        "age": None,
-        "rotated_by": None,
-        "overdue": False,
-        "next_due": None,
-        "last_rotation": None,
-        "in_progress": None,
-        "locked_by": None,
-        "grace_until": None,
-        "last_failure": None,
-        "error": None,
-    }
+async def _route(route: Route, config: Config, vault: Vault, now: float) -> KeyStatus:
+    status = KeyStatus(
+        route=route.name,
+        owner=route.owner,
+        secret=f"{route.secret.mount}/{route.secret.path}",
+        rotator=_rotator_name(route),
+        every=route.rotation.every if route.rotation else None,
+        max_age=route.max_age,
+    )
     try:
-        await _key(route, vault, now, entry)
-        await _journal(route, config, vault, now, entry)
-    except VaultError as exc:
-        entry["error"] = str(exc)
-    return entry
+        status = await _with_key(status, route, vault, now)
+        status = await _with_journal(status, route, config, vault, now)
+    except (VaultError, JournalError) as exc:
+        status = replace(status, error=str(exc))
+    return status
 
 
-async def _key(route: Route, vault: Vault, now: float, entry: dict[str, Any]) -> None:
+async def _with_key(status: KeyStatus, route: Route, vault: Vault, now: float) -> KeyStatus:
     ref = route.secret
     try:
         data, version = await vault.read_kv(ref.mount, ref.path)
     except SecretNotFound:
-        entry["error"] = "no key stored"
-        return
+        return replace(status, error="no key stored")
     value = data.get(ref.field)
     if isinstance(value, str):
         secret.register(value)  # never reported; registered in case an error quotes it
     created = await rotation.key_created(vault, route)
-    entry["version"] = version
-    entry["key_id"] = data.get("key_id") if isinstance(data.get("key_id"), str) else None
-    entry["rotated_by"] = (
-        data.get("rotated_by") if isinstance(data.get("rotated_by"), str) else None
+    status = replace(
+        status,
+        version=version,
+        key_id=_text(data.get("key_id")),
+        rotated_by=_text(data.get("rotated_by")),
     )
-    if created is not None:
-        entry["created_at"] = rotation.iso(created)
-        entry["age"] = round(now - created, 3)
-        if route.max_age is not None:
-            entry["overdue"] = now - created > route.max_age
-        if entry["every"] is not None:
-            entry["next_due"] = rotation.iso(created + entry["every"])
+    if created is None:
+        return status
+    return replace(
+        status,
+        created_at=iso(created),
+        age=round(now - created, 3),
+        overdue=route.max_age is not None and now - created > route.max_age,
+        next_due=None if status.every is None else iso(created + status.every),
+    )
 
 
-async def _journal(
-    route: Route, config: Config, vault: Vault, now: float, entry: dict[str, Any]
-) -> None:
+async def _with_journal(
+    status: KeyStatus, route: Route, config: Config, vault: Vault, now: float
+) -> KeyStatus:
     try:
         data, _ = await vault.read_kv(config.vault.kv_mount, rotation.journal_path(route.name))
     except SecretNotFound:
-        return
-    step = data.get("step") or "idle"
-    entry["in_progress"] = step if step in ("creating", "created", "verified") else None
-    lock = data.get("lock")
-    if isinstance(lock, dict) and (rotation.parse_time(lock.get("expires_at")) or 0) > now:
-        entry["locked_by"] = lock.get("owner")
-    previous = data.get("previous")
-    if isinstance(previous, dict):
-        entry["grace_until"] = rotation.iso(rotation.parse_time(previous.get("revoke_after")))
-    entry["last_rotation"] = rotation.iso(rotation.parse_time(data.get("last_rotation")))
-    failure = data.get("last_failure")
-    if isinstance(failure, dict):
-        entry["last_failure"] = {
-            "at": rotation.iso(rotation.parse_time(failure.get("at"))),
-            "step": failure.get("step"),
-            "error": failure.get("error"),
-        }
+        return status
+    journal = JournalState.from_data(data)
+    lock, previous, failure = journal.lock, journal.previous, journal.last_failure
+    return replace(
+        status,
+        in_progress=journal.step if journal.step in PHASE1 else None,
+        locked_by=lock.owner if lock is not None and lock.expires_at > now else None,
+        grace_until=None if previous is None else iso(previous.revoke_after),
+        last_rotation=iso(journal.last_rotation),
+        last_failure=None
+        if failure is None
+        else LastFailure(iso(failure.at), failure.step, failure.error),
+    )
 
 
 def _rotator_name(route: Route) -> str | None:
@@ -113,9 +138,13 @@ def _rotator_name(route: Route) -> str | None:
     return kinds[type(route.rotation.rotator)]
 
 
-def failing(entries: list[dict[str, Any]]) -> bool:
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def failing(entries: Sequence[KeyStatus]) -> bool:
     """Whether a monitor should alert: a key past its max_age, or a key that cannot be read."""
-    return any(e["overdue"] or e["error"] for e in entries)
+    return any(e.overdue or e.error for e in entries)
 
 
-__all__ = ["failing", "report"]
+__all__ = ["KeyStatus", "LastFailure", "failing", "report"]

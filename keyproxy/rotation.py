@@ -8,7 +8,7 @@ stops. A lock whose expiry has passed is taken over, and the new owner resumes f
     idle ──lock──▶ creating ──create(attempt)──▶ created ──verify──▶ verified
       ▲                                            │ verify fails: revoke the new key
       │                                            ▼
-      │                                        (abandoned: back to idle, failure recorded)
+      │                                        abandoning ──revoke it──▶ idle, failure recorded
       │        verified ──promote: new KV version of the key (CAS on the version at start)──▶
       │        grace ──(grace passed, or --emergency)──revoke old key──▶ revoked
       └─────── revoked ──destroy the old KV version──▶ idle
@@ -17,6 +17,9 @@ A crash at any point leaves the old key current and valid (before promotion) or 
 current with the old one still valid until revoked (after), so there is never zero current
 keys and never two. `creating` is resumed by calling create again with the same attempt id,
 which an idempotent upstream answers with the same key (adopted, not orphaned).
+
+The steps, modes and results, and the journal's stored shape, are typed in
+keyproxy.rotation_state.
 
 KEYPROXY_FAILPOINT=after:<step> (test-only) SIGKILLs the process right after that step:
 lock, create, record, verify, promote, grace, revoke, revoked, retire.
@@ -31,8 +34,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -41,6 +43,20 @@ from keyproxy import rotators, secret
 from keyproxy.config import Config, Route
 from keyproxy.config.model import ManualRotator
 from keyproxy.errors import KeyproxyError, VaultError
+from keyproxy.rotation_state import (
+    PHASE1,
+    Failure,
+    JournalError,
+    JournalState,
+    Lock,
+    Mode,
+    Pending,
+    Previous,
+    Result,
+    Step,
+    iso,
+    parse_time,
+)
 from keyproxy.rotators import RotatorError, UpstreamKey
 from keyproxy.secret import Secret
 from keyproxy.upstream import UpstreamSessions
@@ -50,11 +66,12 @@ log = structlog.get_logger("keyproxy.rotation")
 
 STATE_PATH = "keyproxy/state/rotation"
 FAILPOINT_ENV = "KEYPROXY_FAILPOINT"
-_PHASE1 = ("creating", "created", "verified")
 # Clock differences below this are within what Vault's clock (whole seconds) can show.
 _CLOCK_TOLERANCE = 2.0
 # Journal writes between recording a new key and promoting it are fewer than this.
 _PENDING_VERSIONS = 8
+# The scheduler logs every other result: something was done, or failed.
+_QUIET = frozenset({Result.NOT_DUE, Result.IN_GRACE, Result.LOCKED, Result.MANUAL})
 
 
 class RotationError(KeyproxyError):
@@ -66,13 +83,13 @@ class Outcome:
     """What one run did to one route. `failed` outcomes make `keyproxy rotate` exit 1."""
 
     route: str
-    result: str  # rotated, revoked, rotated+revoked, not_due, in_grace, locked, manual, failed
+    result: Result
     detail: str = ""
     version: int | None = None
 
     @property
     def failed(self) -> bool:
-        return self.result == "failed"
+        return self.result is Result.FAILED
 
 
 def failpoint(step: str) -> None:
@@ -81,24 +98,9 @@ def failpoint(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
-
-
-def parse_time(value: Any) -> float | None:
-    """An epoch from a float or an ISO 8601 / RFC 3339 string (Vault's created_time)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
 class Journal:
-    """One route's journal, held under its lock by this runner."""
+    """One route's journal, held under its lock by this runner: `state` as last read or
+    written, and `version`, the KV version of that write (the next write's check-and-set)."""
 
     def __init__(
         self,
@@ -112,42 +114,52 @@ class Journal:
     ) -> None:
         self._vault, self._mount, self._path = vault, mount, path
         self._owner, self._lease, self._clock = owner, lease, clock
-        self.data: dict[str, Any] = {}
+        self.state = JournalState()
         self.version = 0
 
     async def load(self) -> None:
         try:
-            self.data, self.version = await self._vault.read_kv(self._mount, self._path)
+            data, self.version = await self._vault.read_kv(self._mount, self._path)
         except SecretNotFound:
-            self.data, self.version = {}, 0
-        pending = self.data.get("pending")
-        if isinstance(pending, dict) and isinstance(pending.get("key"), str):
-            secret.register(pending["key"])
+            data, self.version = {}, 0
+        self.state = JournalState.from_data(data)
+        if self.state.pending is not None:
+            secret.register(self.state.pending.key.reveal())
 
     @property
-    def step(self) -> str:
-        return str(self.data.get("step") or "idle")
+    def step(self) -> Step:
+        return self.state.step
 
     def held_by_other(self) -> str | None:
-        lock = self.data.get("lock")
-        if not isinstance(lock, dict) or lock.get("owner") == self._owner:
+        lock = self.state.lock
+        if lock is None or lock.owner == self._owner:
             return None
-        expires = parse_time(lock.get("expires_at")) or 0.0
-        return str(lock.get("owner")) if expires > self._clock() else None
+        return str(lock.owner) if lock.expires_at > self._clock() else None
 
-    async def save(self, *, release: bool = False, **changes: Any) -> None:
-        """Write the journal with `changes` (check-and-set), renewing or releasing the lock."""
-        data = {**self.data, **changes}
-        data["lock"] = (
-            None if release else {"owner": self._owner, "expires_at": self._clock() + self._lease}
-        )
+    async def save(self, state: JournalState | None = None, *, release: bool = False) -> None:
+        """Write `state` (by default the state as it stands) with check-and-set, renewing
+        or releasing the lock. `state` becomes the journal's only once it is written."""
+        lock = None if release else Lock(self._owner, self._clock() + self._lease)
+        new = replace(self.state if state is None else state, lock=lock)
         try:
             self.version = await self._vault.write_kv(
-                self._mount, self._path, data, cas=self.version
+                self._mount, self._path, new.to_data(), cas=self.version
             )
         except CasConflict:
             raise RotationError("lost the rotation lock to another runner") from None
-        self.data = data
+        self.state = new
+
+    def new_key(self) -> UpstreamKey:
+        """The new key the journal holds (from `created` until promotion or abandon)."""
+        if (pending := self.state.pending) is None:
+            raise JournalError(f"the journal has no new key at step {self.step}")
+        return UpstreamKey(pending.key, pending.key_id)
+
+    def previous(self) -> Previous:
+        """The replaced key version (from `grace` until it is destroyed)."""
+        if (previous := self.state.previous) is None:
+            raise JournalError(f"the journal has no previous key version at step {self.step}")
+        return previous
 
 
 class Rotations:
@@ -190,17 +202,17 @@ class Rotations:
         """Every rotated route: finish interrupted work, revoke old keys past their grace,
         and rotate keys older than `every`."""
         routes = [r for r in self.config.routes.values() if r.rotation is not None]
-        return [await self._run(route, "due") for route in routes]
+        return [await self._run(route, Mode.DUE) for route in routes]
 
     async def rotate(self, name: str, emergency: bool = False) -> Outcome:
         """Rotate one route now; with `emergency` the old key is revoked at once."""
         route = self._route(name)
         if route.rotation is None:
-            return Outcome(name, "failed", "the route has no rotation configured")
-        outcome = await self._run(route, "emergency" if emergency else "now")
-        if outcome.result == "locked":
+            return Outcome(name, Result.FAILED, "the route has no rotation configured")
+        outcome = await self._run(route, Mode.EMERGENCY if emergency else Mode.NOW)
+        if outcome.result is Result.LOCKED:
             # Asked for by name (a leak, perhaps): not done is a failure, not a skip.
-            return Outcome(name, "failed", f"not rotated: the lock is {outcome.detail}")
+            return Outcome(name, Result.FAILED, f"not rotated: the lock is {outcome.detail}")
         return outcome
 
     async def put(self, name: str, value: str, key_id: str | None = None) -> int:
@@ -212,7 +224,7 @@ class Rotations:
         journal = await self._journal(route)
         if (holder := journal.held_by_other()) is not None:
             raise RotationError(f"a rotation by {holder} holds the lock; try again later")
-        if journal.step in _PHASE1 or journal.step in ("grace", "revoked"):
+        if journal.step in PHASE1 or journal.step in (Step.GRACE, Step.REVOKED):
             # During grace the previous key is still to be revoked upstream; a key stored now
             # would leave the one in between valid there with no record.
             raise RotationError(
@@ -226,23 +238,23 @@ class Rotations:
         except BaseException:
             await journal.save(release=True)
             raise
-        await journal.save(release=True, last_rotation=self._clock())
+        await journal.save(replace(journal.state, last_rotation=self._clock()), release=True)
         log.info("rotation.key_put", route=name, version=version)
         return version
 
     # ------------------------------------------------------------------ the state machine
 
-    async def _run(self, route: Route, mode: str) -> Outcome:
+    async def _run(self, route: Route, mode: Mode) -> Outcome:
         await self._sync_clock()
         try:
             journal = await self._journal(route)
             if (holder := journal.held_by_other()) is not None:
-                return Outcome(route.name, "locked", f"held by {holder}")
-            if mode == "due" and (idle := await self._idle_outcome(route, journal)) is not None:
+                return Outcome(route.name, Result.LOCKED, f"held by {holder}")
+            if mode is Mode.DUE and (idle := await self._idle_outcome(route, journal)) is not None:
                 return idle  # nothing to do: no lock taken, no journal write
         except Exception as exc:  # noqa: BLE001  # one route's failure must not stop the others
             log.warning("rotation.failed", route=route.name, error=str(exc))
-            return Outcome(route.name, "failed", f"cannot read the rotation state: {exc}")
+            return Outcome(route.name, Result.FAILED, f"cannot read the rotation state: {exc}")
         if (refused := await self._lock(route, journal)) is not None:
             return refused
         try:
@@ -250,122 +262,127 @@ class Rotations:
             return await self._drive(route, journal, mode)
         except Exception as exc:  # noqa: BLE001  # recorded, the lock released, reported
             log.warning("rotation.failed", route=route.name, step=journal.step, error=str(exc))
-            failure = {"at": self._clock(), "step": journal.step, "error": str(exc)}
+            failure = Failure(at=self._clock(), step=journal.step.value, error=str(exc))
             try:
-                await journal.save(release=True, last_failure=failure)
+                await journal.save(replace(journal.state, last_failure=failure), release=True)
             except (VaultError, RotationError) as again:
                 log.warning("rotation.unlock_failed", route=route.name, error=str(again))
-            return Outcome(route.name, "failed", str(exc))
+            return Outcome(route.name, Result.FAILED, str(exc))
 
     async def _lock(self, route: Route, journal: Journal) -> Outcome | None:
         """Take (or take over) the route's lock; the outcome if that failed."""
         try:
             await journal.save()
         except RotationError:
-            return Outcome(route.name, "locked", "another runner took the lock first")
+            return Outcome(route.name, Result.LOCKED, "another runner took the lock first")
         except VaultError as exc:
-            return Outcome(route.name, "failed", f"cannot take the rotation lock: {exc}")
+            return Outcome(route.name, Result.FAILED, f"cannot take the rotation lock: {exc}")
         return None
 
-    async def _drive(self, route: Route, journal: Journal, mode: str) -> Outcome:
+    async def _drive(self, route: Route, journal: Journal, mode: Mode) -> Outcome:
+        """Under the lock: finish what the journal says is under way, then rotate if asked
+        or due. Phase 2 of an earlier rotation (revoking its old key) comes first."""
         assert route.rotation is not None  # callers check
-        done: list[str] = []
-        if mode == "emergency" and journal.step != "idle":
-            await journal.save(emergency=True)
-        if journal.step in ("grace", "revoked"):
-            revoke_after = parse_time(journal.data["previous"].get("revoke_after")) or 0.0
-            if mode == "emergency" or journal.step == "revoked" or self._clock() >= revoke_after:
+        revoked = 0
+        if mode is Mode.EMERGENCY and journal.step is not Step.IDLE:
+            await journal.save(replace(journal.state, emergency=True))
+        if journal.step in (Step.GRACE, Step.REVOKED):
+            revoke_after = journal.previous().revoke_after
+            if mode is Mode.EMERGENCY or journal.step is Step.REVOKED or self._past(revoke_after):
                 await self._phase2(route, journal)
-                done.append("revoked")
-            elif mode == "now":
+                revoked += 1
+            elif mode is Mode.NOW:
                 raise RotationError(
                     f"the previous key is in its grace period until {iso(revoke_after)};"
                     " use --emergency to revoke it now"
                 )
             else:
                 await journal.save(release=True)
-                return Outcome(route.name, "in_grace", f"old key revoked after {iso(revoke_after)}")
+                return _in_grace(route, revoke_after)
         if isinstance(route.rotation.rotator, ManualRotator):
             await journal.save(release=True)
-            if mode != "due":
+            if mode is not Mode.DUE:
                 raise RotationError("manual rotator: store a new key with keyproxy keys put")
-            due = await self._age(route) >= (route.rotation.every or float("inf"))
-            return Outcome(route.name, "manual", "key is due: keys put" if due else "")
-        if journal.step == "abandoning":
+            return await self._manual_outcome(route)
+        if journal.step is Step.ABANDONING:
             # A run died while compensating: finish revoking the key it was abandoning.
-            pending = journal.data["pending"]
-            await self._rotator(route).revoke(
-                UpstreamKey(Secret(pending["key"]), pending.get("key_id"))
-            )
-            await journal.save(step="idle", pending=None)
-        resume = journal.step in _PHASE1
-        if journal.step == "idle" and (mode != "due" or await self._age(route) >= _every(route)):
-            await journal.save(
-                step="creating",
-                attempt=uuid.uuid4().hex,
-                emergency=mode == "emergency",
-                base_version=await self._current_version(route),
-                started_at=self._clock(),
-                last_failure=None,
-            )
-            resume = True
-        if resume:
+            await self._rotator(route).revoke(journal.new_key())
+            await journal.save(replace(journal.state, step=Step.IDLE, pending=None))
+        rotating = journal.step in PHASE1  # an interrupted rotation is resumed, due or not
+        if journal.step is Step.IDLE and (mode is not Mode.DUE or await self._due(route)):
+            await self._begin(route, journal, mode)
+            rotating = True
+        if rotating:
             await self._phase1(route, journal)
-            done.insert(0, "rotated")
-            if journal.data.get("emergency") and journal.step == "grace":
+            if journal.state.emergency and journal.step is Step.GRACE:
                 await self._phase2(route, journal)
-                done.append("revoked")
+                revoked += 1
         await journal.save(release=True)
         version = await self._current_version(route)
-        return Outcome(route.name, "+".join(done) or "not_due", version=version)
+        return Outcome(route.name, Result.of(rotated=rotating, revoked=revoked), version=version)
 
     async def _idle_outcome(self, route: Route, journal: Journal) -> Outcome | None:
         """For --due: the outcome when there is plainly nothing to do, else None. Checked
         again under the lock, since another runner may act in between."""
         assert route.rotation is not None  # callers check
-        if journal.step in _PHASE1 or journal.step == "revoked":
+        if journal.step in PHASE1 or journal.step is Step.REVOKED:
             return None
-        if journal.step == "grace":
-            revoke_after = parse_time(journal.data["previous"].get("revoke_after")) or 0.0
-            if self._clock() >= revoke_after:
-                return None
-            return Outcome(route.name, "in_grace", f"old key revoked after {iso(revoke_after)}")
-        age = await self._age(route)
+        if journal.step is Step.GRACE:
+            revoke_after = journal.previous().revoke_after
+            return None if self._past(revoke_after) else _in_grace(route, revoke_after)
         if isinstance(route.rotation.rotator, ManualRotator):
-            due = age >= (route.rotation.every or float("inf"))
-            return Outcome(route.name, "manual", "key is due: keys put" if due else "")
-        return Outcome(route.name, "not_due") if age < _every(route) else None
+            return await self._manual_outcome(route)
+        return None if await self._due(route) else Outcome(route.name, Result.NOT_DUE)
+
+    async def _begin(self, route: Route, journal: Journal, mode: Mode) -> None:
+        """idle → creating: a fresh attempt id, and the key version the new key replaces."""
+        await journal.save(
+            replace(
+                journal.state,
+                step=Step.CREATING,
+                attempt=uuid.uuid4().hex,
+                emergency=mode is Mode.EMERGENCY,
+                base_version=await self._current_version(route),
+                started_at=self._clock(),
+                last_failure=None,
+            )
+        )
 
     async def _phase1(self, route: Route, journal: Journal) -> int:
+        """creating → created → verified → promoted (grace, or idle for a first key)."""
         rotator = self._rotator(route)
-        if journal.step == "creating":
-            key = await rotator.create(str(journal.data["attempt"]))
+        if journal.step is Step.CREATING:
+            if journal.state.attempt is None:
+                raise JournalError("the journal has no attempt id at step creating")
+            key = await rotator.create(journal.state.attempt)
             failpoint("create")
-            pending = {"key": key.secret.reveal(), "key_id": key.key_id, "created": self._clock()}
-            await journal.save(step="created", pending=pending)
+            pending = Pending(key.secret, key.key_id, created=self._clock())
+            await journal.save(replace(journal.state, step=Step.CREATED, pending=pending))
             failpoint("record")
-        pending = journal.data["pending"]
-        key = UpstreamKey(Secret(pending["key"]), pending.get("key_id"))
-        if journal.step == "created":
+        key = journal.new_key()
+        if journal.step is Step.CREATED:
             try:
                 await rotator.verify(key)
             except RotatorError as exc:
                 await self._abandon(route, journal, key, f"verification failed: {exc}")
-            await journal.save(step="verified")
+            await journal.save(replace(journal.state, step=Step.VERIFIED))
             failpoint("verify")
-        base = int(journal.data.get("base_version") or 0)
+        base = journal.state.base_version
         version = await self._promote(route, journal, key, base)
         failpoint("promote")
         previous = None
         if base:
-            revoke_after = self._clock() + (0.0 if journal.data.get("emergency") else _grace(route))
-            previous = {"version": base, "revoke_after": revoke_after}
+            grace = 0.0 if journal.state.emergency else _grace(route)
+            previous = Previous(version=base, revoke_after=self._clock() + grace)
         await journal.save(
-            step="grace" if previous else "idle",
-            pending=None,
-            previous=previous,
-            last_rotation=self._clock(),
-            rotations=int(journal.data.get("rotations") or 0) + 1,
+            replace(
+                journal.state,
+                step=Step.GRACE if previous else Step.IDLE,
+                pending=None,
+                previous=previous,
+                last_rotation=self._clock(),
+                rotations=journal.state.rotations + 1,
+            )
         )
         failpoint("grace")
         # KV keeps every version: the journal versions that held the new key before its
@@ -404,14 +421,15 @@ class Rotations:
         """Compensate a phase 1 that must not complete: revoke the new key, back to idle.
         The journal is written first: a runner that lost its lock fails there and revokes
         nothing (the lock's new holder may be promoting this very key)."""
-        await journal.save(step="abandoning")
+        await journal.save(replace(journal.state, step=Step.ABANDONING))
         await self._rotator(route).revoke(key)
-        await journal.save(step="idle", pending=None)
+        await journal.save(replace(journal.state, step=Step.IDLE, pending=None))
         raise RotationError(f"{why}; the new key was revoked")
 
     async def _phase2(self, route: Route, journal: Journal) -> None:
-        ref, version = route.secret, int(journal.data["previous"]["version"])
-        if journal.step == "grace":
+        """grace → revoked (the old key revoked upstream) → idle (its KV version destroyed)."""
+        ref, version = route.secret, journal.previous().version
+        if journal.step is Step.GRACE:
             try:
                 data = await self.vault.read_kv_at(ref.mount, ref.path, version)
             except SecretNotFound:
@@ -423,11 +441,11 @@ class Rotations:
                     old = UpstreamKey(Secret(value), _key_id(data))
                     await self._rotator(route).revoke(old)
             failpoint("revoke")
-            await journal.save(step="revoked")
+            await journal.save(replace(journal.state, step=Step.REVOKED))
             failpoint("revoked")
         await self.vault.destroy_kv_versions(ref.mount, ref.path, [version])
         failpoint("retire")
-        await journal.save(step="idle", previous=None, emergency=False)
+        await journal.save(replace(journal.state, step=Step.IDLE, previous=None, emergency=False))
         log.info("rotation.revoked", route=route.name, version=version)
 
     # ------------------------------------------------------------------ helpers
@@ -472,10 +490,18 @@ class Rotations:
     async def _current_version(self, route: Route) -> int:
         return await self.vault.kv_version(route.secret.mount, route.secret.path) or 0
 
-    async def _age(self, route: Route) -> float:
-        """Seconds since the current key was created; infinite when there is none."""
+    async def _due(self, route: Route) -> bool:
+        """Whether the current key is older than `every`; a missing key is always due."""
         created = await key_created(self.vault, route)
-        return float("inf") if created is None else self._clock() - created
+        return created is None or self._clock() - created >= _every(route)
+
+    async def _manual_outcome(self, route: Route) -> Outcome:
+        """A manual rotator's route: nothing to automate; the detail says if a key is due."""
+        detail = "key is due: keys put" if await self._due(route) else ""
+        return Outcome(route.name, Result.MANUAL, detail)
+
+    def _past(self, deadline: float) -> bool:
+        return self._clock() >= deadline
 
     def _rotator(self, route: Route) -> rotators.Rotator:
         assert route.rotation is not None  # callers check
@@ -523,6 +549,10 @@ def _every(route: Route) -> float:
     return route.rotation.every or float("inf")
 
 
+def _in_grace(route: Route, revoke_after: float) -> Outcome:
+    return Outcome(route.name, Result.IN_GRACE, f"old key revoked after {iso(revoke_after)}")
+
+
 def _grace(route: Route) -> float:
     assert route.rotation is not None  # callers check
     return route.rotation.grace
@@ -534,7 +564,7 @@ async def run_scheduler(rotations: Rotations, interval: float = 60.0) -> None:
     while True:
         try:
             for outcome in await rotations.run_due():
-                if outcome.result not in ("not_due", "in_grace", "locked", "manual"):
+                if outcome.result not in _QUIET:
                     log.info("rotation.scheduled", route=outcome.route, result=outcome.result)
         except Exception as exc:  # noqa: BLE001  # the scheduler outlives one bad tick
             log.warning("rotation.scheduler_failed", error=str(exc))

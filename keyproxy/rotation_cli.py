@@ -39,6 +39,7 @@ from keyproxy.cli_common import (
 from keyproxy.errors import KeyproxyError
 from keyproxy.metrics import write_rotation_textfile
 from keyproxy.rotation import Outcome, Rotations
+from keyproxy.rotation_state import Result, iso
 from keyproxy.upstream import UpstreamSessions
 
 
@@ -146,18 +147,22 @@ def _rotate(args: argparse.Namespace) -> int:
     return 1 if any(o.failed for o in outcomes) else 0
 
 
+# Results of a route left alone, for which `rotate` says when the key is next due.
+_WAITING = frozenset({Result.NOT_DUE, Result.MANUAL, Result.IN_GRACE})
+
+
 async def _next_due(rotations: Rotations, outcomes: list[Outcome]) -> dict[str, str]:
     """When each route that was left alone is next due (its key's creation plus `every`)."""
     due: dict[str, str] = {}
     for o in outcomes:
         route = rotations.config.routes.get(o.route)
         every = route.rotation.every if route is not None and route.rotation else None
-        if route is None or every is None or o.result not in ("not_due", "manual", "in_grace"):
+        if route is None or every is None or o.result not in _WAITING:
             continue
         with contextlib.suppress(KeyproxyError):  # a detail: the outcome stands without it
             created = await rotation.key_created(rotations.vault, route)
             if created is not None:
-                due[o.route] = str(rotation.iso(created + every))
+                due[o.route] = str(iso(created + every))
     return due
 
 
@@ -166,9 +171,9 @@ def _waiting(o: Outcome, next_due: dict[str, str]) -> str:
     when = next_due.get(o.route)
     if when is None:
         return ""
-    if o.result == "manual":
+    if o.result is Result.MANUAL:
         return f"next key due {when} (store it with keys put)"
-    if o.result == "not_due":
+    if o.result is Result.NOT_DUE:
         return f"key not due until {when}"
     return ""
 
@@ -196,7 +201,7 @@ def _put(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     cfg = load_config(args)
 
-    async def run() -> list[dict[str, Any]]:
+    async def run() -> list[keystatus.KeyStatus]:
         vault = vault_for(args, cfg)
         try:
             await vault.login()
@@ -209,32 +214,32 @@ def _status(args: argparse.Namespace) -> int:
     except KeyproxyError as exc:
         return _fail(str(exc))
     if wants_json(args):
-        print_json(entries)
+        print_json([e.as_dict() for e in entries])
     else:
         for e in entries:
             print(_status_line(e))  # noqa: T201
     return 1 if keystatus.failing(entries) else 0
 
 
-def _status_line(e: dict[str, Any]) -> str:
-    parts = [f"{e['route']}: v{e['version']}" if e["version"] else f"{e['route']}: no key"]
-    if e["age"] is not None:
-        parts.append(f"age {_duration(e['age'])}")
-    if e["overdue"]:
-        parts.append(f"OVERDUE (max_age {_duration(e['max_age'])})")
-    for label, key in (
-        ("owner", "owner"),
-        ("rotator", "rotator"),
-        ("next due", "next_due"),
-        ("last rotation", "last_rotation"),
-        ("in progress", "in_progress"),
-        ("old key revoked after", "grace_until"),
-        ("error", "error"),
+def _status_line(e: keystatus.KeyStatus) -> str:
+    parts = [f"{e.route}: v{e.version}" if e.version else f"{e.route}: no key"]
+    if e.age is not None:
+        parts.append(f"age {_duration(e.age)}")
+    if e.overdue and e.max_age is not None:
+        parts.append(f"OVERDUE (max_age {_duration(e.max_age)})")
+    for label, value in (
+        ("owner", e.owner),
+        ("rotator", e.rotator),
+        ("next due", e.next_due),
+        ("last rotation", e.last_rotation),
+        ("in progress", e.in_progress),
+        ("old key revoked after", e.grace_until),
+        ("error", e.error),
     ):
-        if e[key] is not None:
-            parts.append(f"{label} {e[key]}")
-    if e["last_failure"]:
-        parts.append(f"last failure {e['last_failure']['at']}: {e['last_failure']['error']}")
+        if value is not None:
+            parts.append(f"{label} {value}")
+    if e.last_failure:
+        parts.append(f"last failure {e.last_failure.at}: {e.last_failure.error}")
     return ", ".join(parts)
 
 

@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from keyproxy import config, rotation, rotators
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.rotation import Rotations
+from keyproxy.rotation_state import JournalState, Pending, Step
 from keyproxy.secret import Secret
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault
 from tests.conftest import LegacyApiProcess
 from tests.support import CANARIES, bearer, free_port
+from tests.test_keystatus import KEYS as STATUS_KEYS
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -529,6 +531,7 @@ def test_keys_status_reports_versions_ages_and_alerts_on_max_age(
     code, entries = env.status()
     assert code == 1
     f, s = entries[fresh], entries[stale]
+    assert list(f) == list(s) == STATUS_KEYS  # the documented keys, in their order
     assert (f["version"], f["overdue"], f["rotator"], f["owner"]) == (
         1,
         False,
@@ -745,7 +748,8 @@ async def test_abandon_after_losing_the_lock_revokes_nothing(
         await rotations.rotate(name)
         route = env.compiled.routes[name]
         journal = await rotations._journal(route)
-        await journal.save(step="created", pending={"key": "sk-pending-0001", "key_id": None})
+        pending = Pending(Secret("sk-pending-0001"), None, created=None)
+        await journal.save(replace(journal.state, step=Step.CREATED, pending=pending))
         await _hold_lock(rotations, name, "elsewhere:2", 60)  # the lock is taken over
         revoked_before = await asyncio.to_thread(valid_ids, legacy_api, name)
         with pytest.raises(rotation.RotationError, match="lost the rotation lock"):
@@ -790,3 +794,40 @@ async def test_a_runner_with_a_skewed_clock_follows_vaults(make_env: Callable[..
     finally:
         await sessions.close()
         vault.close()
+
+
+async def test_the_stored_journal_keeps_the_shape_earlier_versions_wrote(
+    make_env: Callable[..., Env],
+) -> None:
+    """A journal a rotation wrote to Vault has exactly the fields earlier versions wrote
+    (each step's changes merged in), and reads and writes back unchanged."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    env.raw["routes"][name]["rotation"]["grace"] = "1h"
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        await rotations.rotate(name)  # the first key is now in its grace period
+        mount = rotations.config.vault.kv_mount
+        data, _ = await rotations.vault.read_kv(mount, rotation.journal_path(name))
+    assert set(data) == {
+        "step",
+        "attempt",
+        "emergency",
+        "base_version",
+        "started_at",
+        "last_failure",
+        "pending",
+        "previous",
+        "last_rotation",
+        "rotations",
+        "lock",
+    }
+    assert (data["step"], data["base_version"], data["rotations"], data["lock"]) == (
+        "grace",
+        1,
+        2,
+        None,
+    )
+    assert set(data["previous"]) == {"version", "revoke_after"}
+    assert data["previous"]["version"] == 1
+    assert JournalState.from_data(data).to_data() == data

@@ -1,9 +1,11 @@
 """docs/rotation.md's examples say what the code does: the complete route example compiles,
-and the result list names every result `keyproxy rotate` prints."""
+the result table names every result `keyproxy rotate` prints and the field table every
+field of `keys status -o json`."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,6 +14,8 @@ import yaml
 
 from keyproxy import config
 from keyproxy.config.model import HttpRotator
+from keyproxy.keystatus import KeyStatus
+from keyproxy.rotation_state import Result
 from tests.support import CONFIG_SECTIONS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "rotation.md"
@@ -30,12 +34,23 @@ def test_the_loopback_http_rotator_example_compiles() -> None:
     assert [str(n) for n in route.egress_allow] == ["127.0.0.0/8"]
 
 
-def test_the_result_list_names_every_result() -> None:
-    """Every result in rotation.Outcome's list, and the emergency double revocation, has a
-    row in the table of docs/rotation.md."""
-    rows = set(re.findall(r"^\| `([a-z_+]+)` \|", DOC.read_text(encoding="utf-8"), re.M))
-    source = (Path(config.__file__).parent.parent / "rotation.py").read_text(encoding="utf-8")
-    listed = re.search(r"result: str  # (.*)", source)
-    assert listed is not None
-    results = {r.strip() for r in listed[1].split(",")}
-    assert results | {"rotated+revoked+revoked"} <= rows
+def _table(heading: str) -> str:
+    """The markdown table that starts with the `heading` row, up to its first blank line."""
+    text = DOC.read_text(encoding="utf-8")
+    start = text.index(heading)
+    return text[start : text.index("\n\n", start)]
+
+
+def test_the_result_table_names_exactly_the_results() -> None:
+    """The table of results in docs/rotation.md has one row per rotation.Result, and no
+    row for a result the code cannot give."""
+    rows = re.findall(r"^\| `([a-z_+]+)` \|", _table("| result | meaning |"), re.M)
+    assert sorted(rows) == sorted(r.value for r in Result)
+
+
+def test_the_keys_status_table_names_exactly_the_json_fields() -> None:
+    """The field table of `keys status -o json` names every KeyStatus field, and no other."""
+    table = _table("| field | meaning |")
+    first_column = [row.split("|")[1] for row in table.splitlines()[2:]]
+    documented = re.findall(r"`([a-z_]+)`", "".join(first_column))
+    assert sorted(documented) == sorted(f.name for f in dataclasses.fields(KeyStatus))
