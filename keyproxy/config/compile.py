@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from yarl import URL
 
+from keyproxy import patterns
 from keyproxy.config.loader import close_match, item_path, key_path, read
 from keyproxy.config.model import (
     ALGORITHMS,
@@ -838,16 +839,4 @@ def _grant(node: _Node) -> Grant:
 
 
 def _path_pattern(node: _Node) -> tuple[str, ...]:
-    pattern = node.string()
-    if not pattern.startswith("/"):
-        raise node.error("must start with '/'")
-    segments = tuple(pattern[1:].split("/")) if pattern != "/" else ()
-    for seg in segments[:-1]:
-        if seg == "":
-            raise node.error("must not contain empty segments ('//')")
-    for seg in segments:
-        if seg in (".", "..") or "%" in seg or "\\" in seg:
-            raise node.error("must be a plain decoded path ('.', '..', '%', '\\' not allowed)")
-        if ("*" in seg and seg not in ("*", "**")) or any(ord(c) < 0x20 for c in seg):
-            raise node.error("'*' and '**' must be whole segments")
-    return segments
+    return patterns.parse(node.string(), error=node.error)
