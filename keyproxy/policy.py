@@ -39,7 +39,7 @@ from enum import IntEnum
 from fnmatch import fnmatchcase
 from typing import Any
 
-from keyproxy.config import METHODS, Network, Policy
+from keyproxy.config import METHODS, Network, Policy, claim_text
 from keyproxy.errors import BadRequest
 from keyproxy.identity import Identity
 
@@ -178,7 +178,7 @@ class PolicySet:
         facts = (
             identity.issuer,
             identity.subject,
-            tuple(_claim_text(identity.claims.get(name)) for name in claims) if claims else (),
+            tuple(claim_text(identity.claims.get(name)) for name in claims) if claims else (),
             route,
             method,
             segments,
@@ -325,17 +325,8 @@ def _identity_matches(policy: Policy, identity: Identity) -> bool:
     if not any(pattern == subject or fnmatchcase(subject, pattern) for pattern in policy.subjects):
         return False
     return all(
-        _claim_text(identity.claims.get(name)) == expected for name, expected in policy.claims
+        claim_text(identity.claims.get(name)) == expected for name, expected in policy.claims
     )
-
-
-def _claim_text(value: Any) -> str | None:
-    """A scalar claim as the text config compares with; None (never equal) for anything else."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int):
-        return str(value)
-    return None
 
 
 def _is_glob(pattern: str) -> bool:

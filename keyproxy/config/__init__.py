@@ -30,6 +30,7 @@ from keyproxy.config.model import (
     Upstream,
     VaultAuth,
     VaultConfig,
+    claim_text,
 )
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "Upstream",
     "VaultAuth",
     "VaultConfig",
+    "claim_text",
     "credential_problems",
     "load",
     "parse",

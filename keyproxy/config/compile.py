@@ -49,6 +49,7 @@ from keyproxy.config.model import (
     Upstream,
     VaultAuth,
     VaultConfig,
+    claim_text,
 )
 from keyproxy.errors import ConfigError
 
@@ -795,9 +796,10 @@ def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) ->
     claims = []
     claim_nodes: list[tuple[str, _Node]] = _opt(f, "claims", _Node.items, [])
     for key, value in claim_nodes:
-        if not isinstance(value.value, str | int | bool) or value.value == "":
+        text = claim_text(value.value)
+        if not text:
             raise value.error("must be a string, number or boolean (exact match)")
-        claims.append((key, _claim_text(value.value)))
+        claims.append((key, text))
     allow = {}
     for route, grant in _required(node, f, "allow").items():
         if route not in routes:
@@ -812,13 +814,6 @@ def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) ->
         allow=allow,
         max_ttl=_opt(f, "max_ttl", _Node.duration, None),
     )
-
-
-def _claim_text(value: str | int | bool) -> str:
-    """Claims compare as text; JSON booleans are spelt the JSON way."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _grant(node: _Node) -> Grant:
