@@ -119,7 +119,7 @@ def _issue(args: argparse.Namespace) -> int:
         requested = scopes.parse(
             {args.route: {"methods": methods, "paths": args.paths}}, list(cfg.routes)
         )
-        ttl = config.compile._Node(args.ttl, "--ttl").duration()
+        ttl = config.parse_duration(args.ttl, "--ttl")
     except (ValueError, ConfigError) as exc:
         return _usage(str(exc))
     if args.max_uses is not None and args.max_uses <= 0:

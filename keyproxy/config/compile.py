@@ -75,6 +75,12 @@ def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
     return _config(_Node(read(text), ""), os.environ if env is None else env)
 
 
+def parse_duration(value: Any, path: str) -> float:
+    """A duration in the configuration's syntax (a positive number of seconds, or 500ms, 30s,
+    15m, 24h, 2d), for settings read outside the file; ConfigError naming `path` if not."""
+    return _Node(value, path).duration()
+
+
 def credential_problems(cfg: Config) -> list[ConfigError]:
     """The Vault credential files (vault.auth.*_file) that logging in could not read here.
 
