@@ -39,11 +39,10 @@ from enum import IntEnum
 from fnmatch import fnmatchcase
 from typing import Any
 
+from keyproxy.addresses import IPAddress, unmap
 from keyproxy.config import METHODS, Network, Policy, claim_text
 from keyproxy.errors import BadRequest
 from keyproxy.identity import Identity
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -283,13 +282,6 @@ def peer_address(peer: str) -> tuple[IPAddress, str]:
     same few). Raises ValueError if `peer` is not an IP address."""
     address = unmap(ipaddress.ip_address(peer))
     return address, str(address)
-
-
-def unmap(address: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address (::ffff:10.1.2.3) as the IPv4 address it is; others as is."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def _evaluate(  # noqa: PLR0917  # the request's facts, in the order they are learnt

@@ -29,7 +29,7 @@ import aiohttp
 from yarl import URL
 
 from keyproxy import netguard, secret
-from keyproxy.config.model import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
+from keyproxy.config import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
 from keyproxy.errors import EgressDenied, KeyproxyError
 from keyproxy.secret import Secret
 from keyproxy.vault import Vault

@@ -15,12 +15,12 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 from keyproxy import patterns, policy
+from keyproxy.addresses import IPAddress
 from keyproxy.config import METHODS, Grant, Policy
 from keyproxy.identity import Identity
 
@@ -105,7 +105,7 @@ def parse_rfc8693(text: str, resources: Sequence[str], routes: Sequence[str]) ->
 def grantable(
     policies: Sequence[Policy],
     identity: Identity,
-    source: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    source: IPAddress,
     requested: Scope,
 ) -> Scope:
     """The part of `requested` that current policy allows this identity from this source.
@@ -116,7 +116,7 @@ def grantable(
 def grant(
     policies: Sequence[Policy],
     identity: Identity,
-    source: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    source: IPAddress,
     requested: Scope,
 ) -> tuple[Scope, list[Policy]]:
     """`grantable`, and the policies that contributed to the grant (for their max_ttl)."""

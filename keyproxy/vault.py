@@ -44,8 +44,7 @@ import structlog
 from requests.adapters import HTTPAdapter
 
 from keyproxy import secret
-from keyproxy.config import Route, SecretRef, VaultAuth, VaultConfig
-from keyproxy.config.model import default_full_refresh
+from keyproxy.config import Route, SecretRef, VaultAuth, VaultConfig, default_full_refresh
 from keyproxy.errors import ConfigError, Unavailable, VaultError
 from keyproxy.secret import REDACTED, Secret
 
