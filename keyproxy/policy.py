@@ -2,6 +2,7 @@
 
     decide(policies, identity, route, method, segments, source) -> Decision
     explain(...)                  -> [(policy name, "allowed" or the reason it stopped)]
+    reaches_route(policy, identity, route, source) -> bool   all but method and path allow
     compile(policies) -> PolicySet   the same two, indexed (for the request path)
     match_path(pattern, segments) -> bool
     client_address(peer, forwarded_for, trusted) -> the caller's address
@@ -292,19 +293,33 @@ def _evaluate(  # noqa: PLR0917  # the request's facts, in the order they are le
     segments: tuple[str, ...],
     source: IPAddress,
 ) -> _Stage:
-    if not _identity_matches(policy, identity):
-        return _Stage.NO_POLICY_FOR_IDENTITY
-    if policy.source_cidrs and not _inside(unmap(source), policy.source_cidrs):
-        return _Stage.SOURCE_NOT_ALLOWED
-    grant = policy.allow.get(route)
-    if grant is None:
-        return _Stage.ROUTE_NOT_GRANTED
+    stage = _reach(policy, identity, route, source)
+    if stage is not None:
+        return stage
+    grant = policy.allow[route]
     # Methods are case-sensitive (RFC 9110); config stores them upper-case and expands "*".
     if method not in grant.methods and not ("*" in grant.methods and method in METHODS):
         return _Stage.METHOD_NOT_ALLOWED
     if not any(match_path(pattern, segments) for pattern in grant.paths):
         return _Stage.PATH_NOT_ALLOWED
     return _Stage.ALLOWED
+
+
+def reaches_route(policy: Policy, identity: Identity, route: str, source: IPAddress) -> bool:
+    """Whether `policy` names this identity, admits this source and grants `route`: all it
+    has left to decide is the method and the path (what a task-token scope narrows)."""
+    return _reach(policy, identity, route, source) is None
+
+
+def _reach(policy: Policy, identity: Identity, route: str, source: IPAddress) -> _Stage | None:
+    """The stage at which `policy` stops before the method is looked at, or None if none."""
+    if not _identity_matches(policy, identity):
+        return _Stage.NO_POLICY_FOR_IDENTITY
+    if policy.source_cidrs and not _inside(unmap(source), policy.source_cidrs):
+        return _Stage.SOURCE_NOT_ALLOWED
+    if route not in policy.allow:
+        return _Stage.ROUTE_NOT_GRANTED
+    return None
 
 
 def _identity_matches(policy: Policy, identity: Identity) -> bool:

@@ -26,9 +26,6 @@ from keyproxy.identity import Identity
 
 Scope = Mapping[str, tuple[Grant, ...]]
 
-# Policy stages (see keyproxy.policy) at which a policy already applies to the identity,
-# source and route; only the method and path remain to be decided.
-_ROUTE_REACHED = frozenset({"method_not_allowed", "path_not_allowed", "allowed"})
 MAX_GRANTS_PER_ROUTE = 16
 MAX_PATHS_PER_GRANT = 32
 MAX_PATHS_PER_REQUEST = 64
@@ -125,8 +122,7 @@ def grant(
     for route, wanted in requested.items():
         grants: list[Grant] = []
         for pol in policies:
-            outcome = policy.explain([pol], identity, route, "GET", (), source)[0][1]
-            if outcome not in _ROUTE_REACHED:
+            if not policy.reaches_route(pol, identity, route, source):
                 continue
             allowed = pol.allow[route]
             for want in wanted:

@@ -441,6 +441,46 @@ def test_policy_set_decides_exactly_as_the_linear_scan() -> None:
             assert indexed.decide(*facts) == decide(policies, *facts)
 
 
+@pytest.mark.parametrize(
+    ("pol", "who", "route", "source", "expected"),
+    [
+        (policy(), ident(), "openai", "10.1.2.3", True),
+        (policy(), ident(), "github", "10.1.2.3", False),  # route not granted
+        (policy(), ident("someone-else"), "openai", "10.1.2.3", False),  # not this identity
+        (policy(issuers=("gha",)), ident(), "openai", "10.1.2.3", False),  # not this issuer
+        (policy(claims=(("team", "ml"),)), ident(team="ml"), "openai", "10.1.2.3", True),
+        (policy(claims=(("team", "ml"),)), ident(team="ops"), "openai", "10.1.2.3", False),
+        (policy(source_cidrs=net("10.0.0.0/8")), ident(), "openai", "10.1.2.3", True),
+        (policy(source_cidrs=net("10.0.0.0/8")), ident(), "openai", "::ffff:10.1.2.3", True),
+        (policy(source_cidrs=net("10.0.0.0/8")), ident(), "openai", "192.0.2.1", False),
+    ],
+)
+def test_reaches_route_ignores_only_method_and_path(
+    pol: Policy, who: Identity, route: str, source: str, expected: bool
+) -> None:
+    """A policy reaches a route when identity, source and route pass, whatever the method."""
+    assert policy_module.reaches_route(pol, who, route, ipaddress.ip_address(source)) is expected
+
+
+def test_reaches_route_is_the_stage_explain_gets_past() -> None:
+    """reaches_route is True exactly when explain stops at the method, the path or allows."""
+    rng = random.Random(7)
+    reached = {"method_not_allowed", "path_not_allowed", "allowed"}
+    for _ in range(400):
+        pol = _random_policies(rng, 1)[0]
+        who = ident(
+            subject=rng.choice(["alice", "bob", "svc-a", "b0b", "zed", "carol"]),
+            issuer=rng.choice(["k8s", "gha"]),
+            **({"team": "ml"} if rng.random() < 0.5 else {}),
+        )
+        route = rng.choice(["openai", "github", "slack", "nope"])
+        source = ipaddress.ip_address(rng.choice(["10.1.2.3", "192.0.2.1"]))
+        method = rng.choice(["GET", "POST", "DELETE"])
+        path = pattern(rng.choice(["/v1/models", "/", "/v3"]))
+        stage = explain([pol], who, route, method, path, source)[0][1]
+        assert policy_module.reaches_route(pol, who, route, source) is (stage in reached)
+
+
 def test_a_remembered_decision_still_depends_on_the_source() -> None:
     """The same request from inside and then from outside a policy's source_cidrs is allowed
     and then refused, in either order, although the first decision is remembered; without
