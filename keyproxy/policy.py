@@ -1,9 +1,10 @@
 """Who may do what: deny by default, first allowing policy wins (invariant 1).
 
-    decide(policies, identity, route, method, segments, source) -> Decision
-    explain(...)                  -> [(policy name, "allowed" or the reason it stopped)]
+    compile(policies) -> PolicySet
+    PolicySet.decide(identity, route, method, segments, source) -> Decision   the decision
+    explain(policies, identity, route, method, segments, source)
+                                  -> [(policy name, "allowed" or the reason it stopped)]
     reaches_route(policy, identity, route, source) -> bool   all but method and path allow
-    compile(policies) -> PolicySet   the same two, indexed (for the request path)
     match_path(pattern, segments) -> bool
     client_address(peer, forwarded_for, trusted) -> the caller's address
     peer_address(peer) -> (address, text)   the TCP peer's, when no proxy is trusted
@@ -22,9 +23,10 @@ pattern of "*" means *any* subject, so such a policy is gated only by its issuer
 source networks. Claims compare exactly as text against top-level claims of the token (JSON
 true/false as "true"/"false"); a missing, list or object claim never matches. Pure: no I/O.
 
-`decide` reads every policy, so its cost grows with the configuration. `compile` builds a
-`PolicySet` whose `decide` gives the same answer but reads only the policies that could reach
-a stage beyond "no policy for this identity": those naming the caller's subject exactly, or by
+There is one decision path, `PolicySet.decide`, for the proxy and `keyproxy explain` alike:
+it gives the answer a scan of every policy in order would give (`explain` is that scan, with
+each policy's reason, for explain's output) but reads only the policies that could reach a
+stage beyond "no policy for this identity": those naming the caller's subject exactly, or by
 a glob. An allow needs the policy to grant the route too, so that path reads only the
 policies indexed under (route, subject) and the route's glob-subject policies.
 """
@@ -68,19 +70,6 @@ class _Stage(IntEnum):
         return self.name.lower()
 
 
-def decide(  # noqa: PLR0917  # the request's facts, in the order they are learnt
-    policies: Sequence[Policy],
-    identity: Identity,
-    route: str,
-    method: str,
-    segments: tuple[str, ...],
-    source: IPAddress,
-) -> Decision:
-    """Allow if some policy allows; otherwise deny with the most specific reason reached."""
-    allowed, furthest = _first_allowing(policies, identity, route, method, segments, source)
-    return allowed or Decision(False, furthest.reason, None)
-
-
 def _first_allowing(  # noqa: PLR0917  # the request's facts, in the order they are learnt
     policies: Sequence[Policy],
     identity: Identity,
@@ -119,7 +108,7 @@ DECISIONS_REMEMBERED = 2048
 
 
 class PolicySet:
-    """Policies indexed by route and subject; `decide` equals the module `decide`."""
+    """Policies indexed by route and subject; `decide` is what scanning them in order gives."""
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         self.policies = tuple(policies)
