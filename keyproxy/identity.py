@@ -55,7 +55,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -66,6 +66,9 @@ import structlog
 from yarl import URL
 
 from keyproxy import jws
+
+# The verifier's result, defined below the pure core that reads it; re-exported for callers.
+from keyproxy.caller import Identity as Identity  # noqa: PLC0414  # an explicit re-export
 from keyproxy.config import Issuer
 from keyproxy.errors import RequestError, Unauthenticated, Unavailable
 
@@ -83,15 +86,6 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
 # Verified tokens remembered per verifier: enough for every agent of a large deployment to
 # hold a few live tokens, small enough (about 1 KiB each) to bound memory.
 VERIFIED_CACHE_SIZE = 10_000
-
-
-@dataclass(frozen=True)
-class Identity:
-    """A verified caller: the issuer's configured name, the token subject, and its claims."""
-
-    issuer: str
-    subject: str
-    claims: Mapping[str, Any] = field(default_factory=dict)
 
 
 class IdentityVerifier:

@@ -43,9 +43,9 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from keyproxy.addresses import IPAddress, unmap
+from keyproxy.caller import Identity
 from keyproxy.config import METHODS, Network, Policy, claim_text
 from keyproxy.errors import BadRequest
-from keyproxy.identity import Identity
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from typing import Any
 
 from keyproxy import patterns, policy
 from keyproxy.addresses import IPAddress
+from keyproxy.caller import Identity
 from keyproxy.config import METHODS, Grant, Policy
-from keyproxy.identity import Identity
 
 Scope = Mapping[str, tuple[Grant, ...]]
 

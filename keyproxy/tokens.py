@@ -47,9 +47,9 @@ import structlog
 
 from keyproxy import jws
 from keyproxy import scope as scopes
+from keyproxy.caller import Identity
 from keyproxy.config import Config
 from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
-from keyproxy.identity import Identity
 from keyproxy.vault import CasConflict, Vault
 
 TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not a secret
