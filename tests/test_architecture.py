@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "redact",
                 "jws",
                 "deadline",
+                "verified",
             }
         ),
     ),
