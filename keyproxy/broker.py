@@ -30,8 +30,7 @@ from aiohttp import web
 from keyproxy import policy
 from keyproxy import scope as scopes
 from keyproxy.answers import error_response
-from keyproxy.config import Config
-from keyproxy.config.compile import _Node
+from keyproxy.config import Config, parse_duration
 from keyproxy.errors import (
     BadRequest,
     ConfigError,
@@ -243,6 +242,6 @@ def _ttl(value: Any) -> float | None:
         value = int(value)
     try:
         # The same duration syntax as the configuration file.
-        return _Node(value, "ttl").duration()
+        return parse_duration(value, "ttl")
     except ConfigError:
         raise ValueError("ttl: a positive duration such as 300 or 5m") from None

@@ -248,7 +248,9 @@ def _decide(
             answer.allowed, answer.status, answer.reason = True, 200, "exception_token"
             answer.rule = _scope_rule(task.scope, r)
             return answer
-    decision = policy.decide(cfg.policies, identity, r.route, r.method, r.segments, r.source)
+    decision = policy.compile(cfg.policies).decide(
+        identity, r.route, r.method, r.segments, r.source
+    )
     outcomes = policy.explain(cfg.policies, identity, r.route, r.method, r.segments, r.source)
     by_name = {p.name: p for p in cfg.policies}
     answer.policies = [_policy_entry(by_name[name], outcome, r) for name, outcome in outcomes]

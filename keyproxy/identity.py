@@ -50,12 +50,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -65,9 +64,13 @@ import jwt
 import structlog
 from yarl import URL
 
-from keyproxy import jws
+from keyproxy import jws, verified
+
+# The verifier's result, defined below the pure core that reads it; re-exported for callers.
+from keyproxy.caller import Identity as Identity  # noqa: PLC0414  # an explicit re-export
 from keyproxy.config import Issuer
 from keyproxy.errors import RequestError, Unauthenticated, Unavailable
+from keyproxy.verified import VerifiedCache
 
 log = structlog.get_logger("keyproxy.identity")
 
@@ -85,15 +88,6 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
 VERIFIED_CACHE_SIZE = 10_000
 
 
-@dataclass(frozen=True)
-class Identity:
-    """A verified caller: the issuer's configured name, the token subject, and its claims."""
-
-    issuer: str
-    subject: str
-    claims: Mapping[str, Any] = field(default_factory=dict)
-
-
 class IdentityVerifier:
     """Verifies workload-identity JWTs against the configured issuers."""
 
@@ -107,7 +101,9 @@ class IdentityVerifier:
     ) -> None:
         self._session = session
         self._clock = clock
-        self.cache = VerifiedCache(cache_size, clock)
+        self.cache: VerifiedCache[_Verified] = VerifiedCache(
+            cache_size, lambda entry: entry.expires, clock
+        )
         self._rejected_types = frozenset(_media_type(t) for t in rejected_types)
         self._closed = False
         self._issuers: dict[str, _IssuerState] = {}
@@ -396,52 +392,11 @@ class _Verified:
     valid_from: float  # nbf and iat minus leeway: before this it is not valid yet
 
 
-class VerifiedCache:
-    """Verified tokens by SHA-256 digest, bounded, each entry dropped once its token expired.
-
-    Holds no token: a digest cannot be turned back into the token it came from. When full,
-    expired entries go first, then the oldest.
-    """
-
-    def __init__(self, size: int, clock: Callable[[], float] = time.time) -> None:
-        self.size = size
-        self._clock = clock
-        self._entries: dict[bytes, _Verified] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, digest: bytes) -> bool:
-        return digest in self._entries
-
-    def get(self, digest: bytes) -> _Verified | None:
-        return self._entries.get(digest)
-
-    def put(self, digest: bytes, entry: _Verified) -> None:
-        if self.size <= 0:
-            return
-        if digest not in self._entries and len(self._entries) >= self.size:
-            self._evict()
-        self._entries[digest] = entry
-
-    def discard(self, digest: bytes) -> None:
-        self._entries.pop(digest, None)
-
-    def _evict(self) -> None:
-        now = self._clock()
-        expired = [d for d, e in self._entries.items() if e.expires <= now]
-        for digest in expired:
-            del self._entries[digest]
-        if len(self._entries) >= self.size:
-            # Insertion order: the first entry is the oldest.
-            del self._entries[next(iter(self._entries))]
-
-
 def _digest(token: str) -> bytes | None:
     """The cache key of a token, or None for one that can never verify (so never hashed)."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
         return None
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    return verified.digest(token)
 
 
 class _FetchError(Exception):

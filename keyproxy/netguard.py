@@ -42,10 +42,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
-from keyproxy.config import Config, Network, Route
-from keyproxy.config.model import HttpRotator
+from keyproxy.addresses import IPAddress, unmap
+from keyproxy.config import Config, HttpRotator, Network, Route
 from keyproxy.errors import ConfigError, EgressDenied
-from keyproxy.policy import IPAddress, unmap
 
 _V4 = ipaddress.IPv4Network
 _V6 = ipaddress.IPv6Network

@@ -1,8 +1,10 @@
 """Who may do what: deny by default, first allowing policy wins (invariant 1).
 
-    decide(policies, identity, route, method, segments, source) -> Decision
-    explain(...)                  -> [(policy name, "allowed" or the reason it stopped)]
-    compile(policies) -> PolicySet   the same two, indexed (for the request path)
+    compile(policies) -> PolicySet
+    PolicySet.decide(identity, route, method, segments, source) -> Decision   the decision
+    explain(policies, identity, route, method, segments, source)
+                                  -> [(policy name, "allowed" or the reason it stopped)]
+    reaches_route(policy, identity, route, source) -> bool   all but method and path allow
     match_path(pattern, segments) -> bool
     client_address(peer, forwarded_for, trusted) -> the caller's address
     peer_address(peer) -> (address, text)   the TCP peer's, when no proxy is trusted
@@ -21,9 +23,10 @@ pattern of "*" means *any* subject, so such a policy is gated only by its issuer
 source networks. Claims compare exactly as text against top-level claims of the token (JSON
 true/false as "true"/"false"); a missing, list or object claim never matches. Pure: no I/O.
 
-`decide` reads every policy, so its cost grows with the configuration. `compile` builds a
-`PolicySet` whose `decide` gives the same answer but reads only the policies that could reach
-a stage beyond "no policy for this identity": those naming the caller's subject exactly, or by
+There is one decision path, `PolicySet.decide`, for the proxy and `keyproxy explain` alike:
+it gives the answer a scan of every policy in order would give (`explain` is that scan, with
+each policy's reason, for explain's output) but reads only the policies that could reach a
+stage beyond "no policy for this identity": those naming the caller's subject exactly, or by
 a glob. An allow needs the policy to grant the route too, so that path reads only the
 policies indexed under (route, subject) and the route's glob-subject policies.
 """
@@ -39,11 +42,10 @@ from enum import IntEnum
 from fnmatch import fnmatchcase
 from typing import Any
 
-from keyproxy.config import METHODS, Network, Policy
+from keyproxy.addresses import IPAddress, unmap
+from keyproxy.caller import Identity
+from keyproxy.config import METHODS, Network, Policy, claim_text
 from keyproxy.errors import BadRequest
-from keyproxy.identity import Identity
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -66,19 +68,6 @@ class _Stage(IntEnum):
     @property
     def reason(self) -> str:
         return self.name.lower()
-
-
-def decide(  # noqa: PLR0917  # the request's facts, in the order they are learnt
-    policies: Sequence[Policy],
-    identity: Identity,
-    route: str,
-    method: str,
-    segments: tuple[str, ...],
-    source: IPAddress,
-) -> Decision:
-    """Allow if some policy allows; otherwise deny with the most specific reason reached."""
-    allowed, furthest = _first_allowing(policies, identity, route, method, segments, source)
-    return allowed or Decision(False, furthest.reason, None)
 
 
 def _first_allowing(  # noqa: PLR0917  # the request's facts, in the order they are learnt
@@ -119,7 +108,7 @@ DECISIONS_REMEMBERED = 2048
 
 
 class PolicySet:
-    """Policies indexed by route and subject; `decide` equals the module `decide`."""
+    """Policies indexed by route and subject; `decide` is what scanning them in order gives."""
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         self.policies = tuple(policies)
@@ -178,7 +167,7 @@ class PolicySet:
         facts = (
             identity.issuer,
             identity.subject,
-            tuple(_claim_text(identity.claims.get(name)) for name in claims) if claims else (),
+            tuple(claim_text(identity.claims.get(name)) for name in claims) if claims else (),
             route,
             method,
             segments,
@@ -285,13 +274,6 @@ def peer_address(peer: str) -> tuple[IPAddress, str]:
     return address, str(address)
 
 
-def unmap(address: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address (::ffff:10.1.2.3) as the IPv4 address it is; others as is."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def _evaluate(  # noqa: PLR0917  # the request's facts, in the order they are learnt
     policy: Policy,
     identity: Identity,
@@ -300,19 +282,33 @@ def _evaluate(  # noqa: PLR0917  # the request's facts, in the order they are le
     segments: tuple[str, ...],
     source: IPAddress,
 ) -> _Stage:
-    if not _identity_matches(policy, identity):
-        return _Stage.NO_POLICY_FOR_IDENTITY
-    if policy.source_cidrs and not _inside(unmap(source), policy.source_cidrs):
-        return _Stage.SOURCE_NOT_ALLOWED
-    grant = policy.allow.get(route)
-    if grant is None:
-        return _Stage.ROUTE_NOT_GRANTED
+    stage = _reach(policy, identity, route, source)
+    if stage is not None:
+        return stage
+    grant = policy.allow[route]
     # Methods are case-sensitive (RFC 9110); config stores them upper-case and expands "*".
     if method not in grant.methods and not ("*" in grant.methods and method in METHODS):
         return _Stage.METHOD_NOT_ALLOWED
     if not any(match_path(pattern, segments) for pattern in grant.paths):
         return _Stage.PATH_NOT_ALLOWED
     return _Stage.ALLOWED
+
+
+def reaches_route(policy: Policy, identity: Identity, route: str, source: IPAddress) -> bool:
+    """Whether `policy` names this identity, admits this source and grants `route`: all it
+    has left to decide is the method and the path (what a task-token scope narrows)."""
+    return _reach(policy, identity, route, source) is None
+
+
+def _reach(policy: Policy, identity: Identity, route: str, source: IPAddress) -> _Stage | None:
+    """The stage at which `policy` stops before the method is looked at, or None if none."""
+    if not _identity_matches(policy, identity):
+        return _Stage.NO_POLICY_FOR_IDENTITY
+    if policy.source_cidrs and not _inside(unmap(source), policy.source_cidrs):
+        return _Stage.SOURCE_NOT_ALLOWED
+    if route not in policy.allow:
+        return _Stage.ROUTE_NOT_GRANTED
+    return None
 
 
 def _identity_matches(policy: Policy, identity: Identity) -> bool:
@@ -325,17 +321,8 @@ def _identity_matches(policy: Policy, identity: Identity) -> bool:
     if not any(pattern == subject or fnmatchcase(subject, pattern) for pattern in policy.subjects):
         return False
     return all(
-        _claim_text(identity.claims.get(name)) == expected for name, expected in policy.claims
+        claim_text(identity.claims.get(name)) == expected for name, expected in policy.claims
     )
-
-
-def _claim_text(value: Any) -> str | None:
-    """A scalar claim as the text config compares with; None (never equal) for anything else."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int):
-        return str(value)
-    return None
 
 
 def _is_glob(pattern: str) -> bool:

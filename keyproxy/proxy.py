@@ -26,6 +26,7 @@ from yarl import URL
 
 from keyproxy import audit, netguard, paths, policy
 from keyproxy import scope as scopes
+from keyproxy.addresses import IPAddress
 from keyproxy.answers import error_response
 from keyproxy.config import Config, Route
 from keyproxy.deadline import ReadDeadlines, Watch
@@ -55,7 +56,6 @@ from keyproxy.headers import (
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered, Scrubber, scrub_bytes
 from keyproxy.metrics import Metrics
-from keyproxy.policy import IPAddress
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache

@@ -218,7 +218,7 @@ class Rotations:
     async def put(self, name: str, value: str, key_id: str | None = None) -> int:
         """Store `value` as the route's new key version (manual rotation or import)."""
         route = self._route(name)
-        if not value or value != value.strip() or any(ord(c) < 0x20 for c in value):
+        if not value or not secret.is_clean(value):
             raise RotationError("the key is empty or has whitespace or control characters")
         secret.register(value)
         journal = await self._journal(route)

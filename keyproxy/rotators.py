@@ -29,7 +29,7 @@ import aiohttp
 from yarl import URL
 
 from keyproxy import netguard, secret
-from keyproxy.config.model import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
+from keyproxy.config import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
 from keyproxy.errors import EgressDenied, KeyproxyError
 from keyproxy.secret import Secret
 from keyproxy.vault import Vault
@@ -89,7 +89,7 @@ class _Admin:
             raise RotatorError(
                 f"admin secret {self._ref.mount}/{self._ref.path}: no field {self._ref.field!r}"
             )
-        if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if not secret.is_clean(value):
             raise RotatorError(
                 f"admin secret {self._ref.mount}/{self._ref.path}: whitespace or control characters"
             )
@@ -99,10 +99,10 @@ class _Admin:
 
 
 def _upstream_key(value: Any, key_id: Any, what: str) -> UpstreamKey:
-    if not isinstance(value, str) or not value or value != value.strip():
+    if not isinstance(value, str) or not value:
         raise RotatorError(f"{what}: the answer holds no usable key")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise RotatorError(f"{what}: the key has control characters")
+    if not secret.is_clean(value):
+        raise RotatorError(f"{what}: the key has whitespace or control characters")
     secret.register(value)
     if key_id is not None and not isinstance(key_id, str | int):
         raise RotatorError(f"{what}: the key id is not a string or number")

@@ -15,41 +15,27 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from keyproxy import policy
+from keyproxy import patterns, policy
+from keyproxy.addresses import IPAddress
+from keyproxy.caller import Identity
 from keyproxy.config import METHODS, Grant, Policy
-from keyproxy.identity import Identity
 
 Scope = Mapping[str, tuple[Grant, ...]]
 
-# Policy stages (see keyproxy.policy) at which a policy already applies to the identity,
-# source and route; only the method and path remain to be decided.
-_ROUTE_REACHED = frozenset({"method_not_allowed", "path_not_allowed", "allowed"})
 MAX_GRANTS_PER_ROUTE = 16
 MAX_PATHS_PER_GRANT = 32
 MAX_PATHS_PER_REQUEST = 64
 MAX_SEGMENTS = 32
+MAX_PATTERN_LENGTH = 512
 
 
 def parse_pattern(text: Any) -> tuple[str, ...]:
-    """A path pattern ("/v1/*/x/**") as segments; ValueError if it is not a plain pattern."""
-    if not isinstance(text, str) or not text.startswith("/") or len(text) > 512:
-        raise ValueError("path patterns start with '/' and are at most 512 characters")
-    segments = tuple(text[1:].split("/")) if text != "/" else ()
-    if len(segments) > MAX_SEGMENTS:
-        raise ValueError(f"path patterns have at most {MAX_SEGMENTS} segments")
-    for i, seg in enumerate(segments):
-        if seg == "" and i != len(segments) - 1:
-            raise ValueError("path patterns have no empty segments")
-        if seg in (".", "..") or "%" in seg or "\\" in seg or any(ord(c) < 0x20 for c in seg):
-            raise ValueError("path patterns are plain decoded paths")
-        if "*" in seg and seg not in ("*", "**"):
-            raise ValueError("'*' and '**' must be whole segments")
-    return segments
+    """A requested path pattern ("/v1/*/x/**") as segments; ValueError if it is not one."""
+    return patterns.parse(text, max_length=MAX_PATTERN_LENGTH, max_segments=MAX_SEGMENTS)
 
 
 def format_pattern(segments: tuple[str, ...]) -> str:
@@ -73,16 +59,10 @@ def _grant(obj: Any, where: str, *, trusted: bool = False) -> Grant:
     try:
         # A signed claim was checked when it was issued; its patterns may come from policy,
         # whose sizes the request limits do not bound.
-        patterns = tuple(_trusted_pattern(p) if trusted else parse_pattern(p) for p in paths)
+        parsed = tuple(patterns.parse(p) if trusted else parse_pattern(p) for p in paths)
     except ValueError as exc:
         raise ValueError(f"{where}.paths: {exc}") from None
-    return Grant(METHODS if "*" in upper else frozenset(upper), patterns)
-
-
-def _trusted_pattern(text: Any) -> tuple[str, ...]:
-    if not isinstance(text, str) or not text.startswith("/"):
-        raise ValueError("path patterns start with '/'")
-    return tuple(text[1:].split("/")) if text != "/" else ()
+    return Grant(METHODS if "*" in upper else frozenset(upper), parsed)
 
 
 def parse(obj: Any, routes: Sequence[str], *, trusted: bool = False) -> Scope:
@@ -122,7 +102,7 @@ def parse_rfc8693(text: str, resources: Sequence[str], routes: Sequence[str]) ->
 def grantable(
     policies: Sequence[Policy],
     identity: Identity,
-    source: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    source: IPAddress,
     requested: Scope,
 ) -> Scope:
     """The part of `requested` that current policy allows this identity from this source.
@@ -133,7 +113,7 @@ def grantable(
 def grant(
     policies: Sequence[Policy],
     identity: Identity,
-    source: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    source: IPAddress,
     requested: Scope,
 ) -> tuple[Scope, list[Policy]]:
     """`grantable`, and the policies that contributed to the grant (for their max_ttl)."""
@@ -142,8 +122,7 @@ def grant(
     for route, wanted in requested.items():
         grants: list[Grant] = []
         for pol in policies:
-            outcome = policy.explain([pol], identity, route, "GET", (), source)[0][1]
-            if outcome not in _ROUTE_REACHED:
+            if not policy.reaches_route(pol, identity, route, source):
                 continue
             allowed = pol.allow[route]
             for want in wanted:

@@ -52,6 +52,13 @@ class Secret:
         raise TypeError("Secret values cannot be pickled")
 
 
+def is_clean(value: str) -> bool:
+    """Whether a key or credential's text can go on the wire as stored: no whitespace at either
+    end and no control character (C0 or DEL). A stray newline (`kv put api_key=@file`) would
+    break the header it is injected into, so such a value is refused where it is read."""
+    return value == value.strip() and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
 def fingerprint(value: str) -> str:
     """First 12 hex digits of SHA-256: enough to tell keys apart, useless to an attacker."""
     return hashlib.sha256(value.encode()).hexdigest()[:12]

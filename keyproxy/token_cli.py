@@ -26,6 +26,7 @@ from typing import Any
 
 from keyproxy import config
 from keyproxy import scope as scopes
+from keyproxy.caller import Identity
 from keyproxy.cli_common import (
     add_config,
     add_operator,
@@ -39,7 +40,6 @@ from keyproxy.cli_common import (
 )
 from keyproxy.config import Grant
 from keyproxy.errors import ConfigError, KeyproxyError
-from keyproxy.identity import Identity
 from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens, exception_subject
 
 EXIT_USAGE = 2
@@ -119,7 +119,7 @@ def _issue(args: argparse.Namespace) -> int:
         requested = scopes.parse(
             {args.route: {"methods": methods, "paths": args.paths}}, list(cfg.routes)
         )
-        ttl = config.compile._Node(args.ttl, "--ttl").duration()
+        ttl = config.parse_duration(args.ttl, "--ttl")
     except (ValueError, ConfigError) as exc:
         return _usage(str(exc))
     if args.max_uses is not None and args.max_uses <= 0:

@@ -33,7 +33,6 @@ import base64
 import binascii
 import contextlib
 import functools
-import hashlib
 import json
 import re
 import time
@@ -45,12 +44,13 @@ from typing import Any, Final
 import jwt
 import structlog
 
-from keyproxy import jws
+from keyproxy import jws, verified
 from keyproxy import scope as scopes
+from keyproxy.caller import Identity
 from keyproxy.config import Config
 from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
-from keyproxy.identity import Identity
 from keyproxy.vault import CasConflict, Vault
+from keyproxy.verified import VerifiedCache
 
 TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not a secret
 EXCEPTION_ISSUER: Final = "exception"
@@ -210,7 +210,10 @@ class TaskTokens:
         self.stale_refusals = 0
         self._revocations = Revocations()
         self._revocations_version: int | None = None
-        self._verified: dict[str, _Verified] = {}
+        # Keeps the signature check off the request path for a token seen before.
+        self._verified: VerifiedCache[_Verified] = VerifiedCache(
+            _CACHE_SIZE, lambda entry: entry.token.expires_at + LEEWAY, clock
+        )
         # max_uses counters: token id -> (uses so far, token expiry). Pruned by expiry only.
         self._uses: dict[str, tuple[int, float]] = {}
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
@@ -377,17 +380,15 @@ class TaskTokens:
         Unavailable when the public keys are too old to trust."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed", "not a task token")
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+        digest = verified.digest(token)
         entry = self._verified.get(digest)
         if entry is not None and self._keys.get(entry.version) is entry.key:
             self._check_fresh()
         else:
             # New, or the key version that verified it is no longer published.
-            self._verified.pop(digest, None)
+            self._verified.discard(digest)
             entry = await self._verify_signed(token)
-            if len(self._verified) >= _CACHE_SIZE:
-                self._evict()
-            self._verified[digest] = entry
+            self._verified.put(digest, entry)
         cached = entry.token
         now = self.clock()
         if now >= cached.expires_at + LEEWAY:
@@ -397,14 +398,6 @@ class TaskTokens:
         if self._revocations.revoked(cached):
             raise Unauthenticated("revoked", "the task token was revoked")
         return cached
-
-    def _evict(self) -> None:
-        now = self.clock()
-        self._verified = {
-            k: e for k, e in self._verified.items() if e.token.expires_at + LEEWAY > now
-        }
-        while len(self._verified) >= _CACHE_SIZE:
-            self._verified.pop(next(iter(self._verified)))
 
     async def _verify_signed(self, token: str) -> _Verified:
         parts = token.split(".")

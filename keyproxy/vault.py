@@ -44,8 +44,7 @@ import structlog
 from requests.adapters import HTTPAdapter
 
 from keyproxy import secret
-from keyproxy.config import Route, SecretRef, VaultAuth, VaultConfig
-from keyproxy.config.model import default_full_refresh
+from keyproxy.config import Route, SecretRef, VaultAuth, VaultConfig, default_full_refresh
 from keyproxy.errors import ConfigError, Unavailable, VaultError
 from keyproxy.secret import REDACTED, Secret
 
@@ -342,7 +341,7 @@ class Vault:
         if not value:
             # SECURITY: an empty key must never be injected (invariant 8).
             raise VaultError(f"{where}: field {ref.field!r} is empty")
-        if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if not secret.is_clean(value):
             # A stray newline (`kv put api_key=@file`) would make every request fail; refuse
             # the version so the last good key stays in use, and say why.
             raise VaultError(f"{where}: field {ref.field!r} has whitespace or control characters")

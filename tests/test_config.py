@@ -584,3 +584,19 @@ def test_check_command_exits_2_with_the_path(
     assert main(["check", "-c", str(bad)]) == 2
     assert "routes.openai.inject[0].header: " in capsys.readouterr().err
     assert main(["check", "-c", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(300, 300.0), (0.5, 0.5), ("500ms", 0.5), ("5m", 300.0), ("2d", 172800.0)],
+)
+def test_durations_outside_the_file_read_the_same(value: Any, seconds: float) -> None:
+    """parse_duration reads a token request's or option's duration in the file's syntax."""
+    assert config.parse_duration(value, "ttl") == seconds
+
+
+@pytest.mark.parametrize("value", [0, -1, "0s", "5 minutes", "", True, None, "1w"])
+def test_bad_durations_outside_the_file_name_their_setting(value: Any) -> None:
+    """A bad duration is a ConfigError naming the setting it was given for."""
+    with pytest.raises(ConfigError, match=r"^--ttl: must be a positive duration"):
+        config.parse_duration(value, "--ttl")

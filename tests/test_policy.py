@@ -12,7 +12,7 @@ from keyproxy import policy as policy_module
 from keyproxy.config import METHODS, Grant, Network, Policy
 from keyproxy.errors import BadRequest
 from keyproxy.identity import Identity
-from keyproxy.policy import Decision, client_address, decide, explain, match_path
+from keyproxy.policy import Decision, client_address, explain, match_path
 from keyproxy.policy import compile as compile_policies
 
 SA = "system:serviceaccount:agents:summarizer"
@@ -51,14 +51,30 @@ def ask(
     path: str = "/v1/chat/completions",
     source: str = "10.1.2.3",
 ) -> Decision:
-    return decide(
-        policies,
-        identity or ident(),
-        route,
-        method,
-        pattern(path),
-        ipaddress.ip_address(source),
-    )
+    facts = (identity or ident(), route, method, pattern(path), ipaddress.ip_address(source))
+    decision = compile_policies(policies).decide(*facts)
+    assert decision == scanned(policies, *facts)
+    return decision
+
+
+STAGES = [
+    "no_policy_for_identity",
+    "source_not_allowed",
+    "route_not_granted",
+    "method_not_allowed",
+    "path_not_allowed",
+]
+
+
+def scanned(policies: list[Policy], *facts: Any) -> Decision:
+    """The decision read off explain's per-policy table: the first policy that allows, else a
+    denial with the furthest reason any policy reached."""
+    outcomes = explain(policies, *facts)
+    allowing = [name for name, outcome in outcomes if outcome == "allowed"]
+    if allowing:
+        return Decision(True, "allowed", allowing[0])
+    furthest = max((outcome for _, outcome in outcomes), key=STAGES.index, default=STAGES[0])
+    return Decision(False, furthest, None)
 
 
 @pytest.mark.parametrize(
@@ -414,9 +430,10 @@ def _random_policies(rng: random.Random, count: int) -> list[Policy]:
 PATHS = ["/v1/models", "/v1/**", "/v1/*/files", "/", "/v2/chat"]
 
 
-def test_policy_set_decides_exactly_as_the_linear_scan() -> None:
-    """compile(policies).decide gives the same Decision as decide() over a seeded random table,
-    also when asked again (from what it remembers) and for callers differing only by a claim."""
+def test_policy_set_decides_as_explain_reads_every_policy() -> None:
+    """compile(policies).decide gives the Decision read off explain's table over a seeded random
+    table, also when asked again (from what it remembers) and for callers differing only by a
+    claim."""
     rng = random.Random(5)
     for _ in range(40):
         policies = _random_policies(rng, rng.randint(0, 12))
@@ -435,10 +452,50 @@ def test_policy_set_decides_exactly_as_the_linear_scan() -> None:
                 pattern(rng.choice(["/v1/models", "/v1/x/files", "/", "/v2/chat", "/v3"])),
                 ipaddress.ip_address(rng.choice(["10.1.2.3", "192.0.2.1"])),
             )
-            assert indexed.decide(*facts) == decide(policies, *facts)
+            assert indexed.decide(*facts) == scanned(policies, *facts)
             asked.append(facts)
         for facts in reversed(asked):
-            assert indexed.decide(*facts) == decide(policies, *facts)
+            assert indexed.decide(*facts) == scanned(policies, *facts)
+
+
+@pytest.mark.parametrize(
+    ("pol", "who", "route", "source", "expected"),
+    [
+        (policy(), ident(), "openai", "10.1.2.3", True),
+        (policy(), ident(), "github", "10.1.2.3", False),  # route not granted
+        (policy(), ident("someone-else"), "openai", "10.1.2.3", False),  # not this identity
+        (policy(issuers=("gha",)), ident(), "openai", "10.1.2.3", False),  # not this issuer
+        (policy(claims=(("team", "ml"),)), ident(team="ml"), "openai", "10.1.2.3", True),
+        (policy(claims=(("team", "ml"),)), ident(team="ops"), "openai", "10.1.2.3", False),
+        (policy(source_cidrs=net("10.0.0.0/8")), ident(), "openai", "10.1.2.3", True),
+        (policy(source_cidrs=net("10.0.0.0/8")), ident(), "openai", "::ffff:10.1.2.3", True),
+        (policy(source_cidrs=net("10.0.0.0/8")), ident(), "openai", "192.0.2.1", False),
+    ],
+)
+def test_reaches_route_ignores_only_method_and_path(
+    pol: Policy, who: Identity, route: str, source: str, expected: bool
+) -> None:
+    """A policy reaches a route when identity, source and route pass, whatever the method."""
+    assert policy_module.reaches_route(pol, who, route, ipaddress.ip_address(source)) is expected
+
+
+def test_reaches_route_is_the_stage_explain_gets_past() -> None:
+    """reaches_route is True exactly when explain stops at the method, the path or allows."""
+    rng = random.Random(7)
+    reached = {"method_not_allowed", "path_not_allowed", "allowed"}
+    for _ in range(400):
+        pol = _random_policies(rng, 1)[0]
+        who = ident(
+            subject=rng.choice(["alice", "bob", "svc-a", "b0b", "zed", "carol"]),
+            issuer=rng.choice(["k8s", "gha"]),
+            **({"team": "ml"} if rng.random() < 0.5 else {}),
+        )
+        route = rng.choice(["openai", "github", "slack", "nope"])
+        source = ipaddress.ip_address(rng.choice(["10.1.2.3", "192.0.2.1"]))
+        method = rng.choice(["GET", "POST", "DELETE"])
+        path = pattern(rng.choice(["/v1/models", "/", "/v3"]))
+        stage = explain([pol], who, route, method, path, source)[0][1]
+        assert policy_module.reaches_route(pol, who, route, source) is (stage in reached)
 
 
 def test_a_remembered_decision_still_depends_on_the_source() -> None:
@@ -486,5 +543,5 @@ def test_remembered_decisions_are_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     indexed = compile_policies([policy("mine")])
     for i in range(10):
         facts = (ident(), "openai", "GET", pattern(f"/v1/models/m{i}"), HERE)
-        assert indexed.decide(*facts) == decide([policy("mine")], *facts)
+        assert indexed.decide(*facts) == scanned([policy("mine")], *facts)
     assert len(indexed._decided) == 3

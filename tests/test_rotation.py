@@ -776,6 +776,19 @@ async def test_keys_put_is_refused_during_grace(make_env: Callable[..., Env]) ->
             await rotations.put(name, "sk-manual-0001")
 
 
+@pytest.mark.parametrize("bad", ["sk-del\x7fkey", "sk-nl-key\n", " sk-space", "sk-\x00nul"])
+async def test_keys_put_refuses_text_the_proxy_would_refuse(
+    make_env: Callable[..., Env], bad: str
+) -> None:
+    """`keys put` refuses a key with whitespace at an end or a control character (DEL too),
+    the same text the proxy refuses to read: storing it would leave the route keyless."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    async with engine(env) as rotations:
+        with pytest.raises(rotation.RotationError, match="whitespace or control characters"):
+            await rotations.put(name, bad)
+
+
 async def test_a_runner_with_a_skewed_clock_follows_vaults(make_env: Callable[..., Env]) -> None:
     """A runner whose clock is 2 h ahead computes deadlines in Vault's time; one in sync
     keeps its own clock."""

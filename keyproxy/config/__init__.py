@@ -2,12 +2,13 @@
 
 `load(path)` and `parse(text)` return a `Config` or raise `ConfigError` naming the YAML path
 of the mistake. `credential_problems(cfg)` lists the Vault credential files this host cannot
-read (`keyproxy check` warns about them). `model` holds the objects; `loader` reads YAML
-strictly (duplicate keys, syntax errors); `compile` turns it into the objects. The reference
-for every key is docs/configuration.md.
+read (`keyproxy check` warns about them). `parse_duration(value, path)` reads a duration in
+the file's syntax for a setting given elsewhere (a token request, a command-line option).
+`model` holds the objects; `loader` reads YAML strictly (duplicate keys, syntax errors);
+`compile` turns it into the objects. The reference for every key is docs/configuration.md.
 """
 
-from keyproxy.config.compile import credential_problems, load, parse
+from keyproxy.config.compile import credential_problems, load, parse, parse_duration
 from keyproxy.config.model import (
     ALGORITHMS,
     HEADER_NAME,
@@ -17,10 +18,14 @@ from keyproxy.config.model import (
     ROUTE_NAME,
     AdminConfig,
     CallerCredential,
+    CommandRotator,
     Config,
     Grant,
+    HttpCall,
+    HttpRotator,
     Injection,
     Issuer,
+    ManualRotator,
     Network,
     Policy,
     Route,
@@ -30,6 +35,8 @@ from keyproxy.config.model import (
     Upstream,
     VaultAuth,
     VaultConfig,
+    claim_text,
+    default_full_refresh,
 )
 
 __all__ = [
@@ -41,10 +48,14 @@ __all__ = [
     "ROUTE_NAME",
     "AdminConfig",
     "CallerCredential",
+    "CommandRotator",
     "Config",
     "Grant",
+    "HttpCall",
+    "HttpRotator",
     "Injection",
     "Issuer",
+    "ManualRotator",
     "Network",
     "Policy",
     "Route",
@@ -54,7 +65,10 @@ __all__ = [
     "Upstream",
     "VaultAuth",
     "VaultConfig",
+    "claim_text",
     "credential_problems",
+    "default_full_refresh",
     "load",
     "parse",
+    "parse_duration",
 ]

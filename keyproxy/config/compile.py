@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from yarl import URL
 
+from keyproxy import patterns
 from keyproxy.config.loader import close_match, item_path, key_path, read
 from keyproxy.config.model import (
     ALGORITHMS,
@@ -48,6 +49,7 @@ from keyproxy.config.model import (
     Upstream,
     VaultAuth,
     VaultConfig,
+    claim_text,
 )
 from keyproxy.errors import ConfigError
 
@@ -71,6 +73,12 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
 def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
     """Compile YAML text. `env` (default: os.environ) supplies VAULT_ADDR / BAO_ADDR."""
     return _config(_Node(read(text), ""), os.environ if env is None else env)
+
+
+def parse_duration(value: Any, path: str) -> float:
+    """A duration in the configuration's syntax (a positive number of seconds, or 500ms, 30s,
+    15m, 24h, 2d), for settings read outside the file; ConfigError naming `path` if not."""
+    return _Node(value, path).duration()
 
 
 def credential_problems(cfg: Config) -> list[ConfigError]:
@@ -794,9 +802,10 @@ def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) ->
     claims = []
     claim_nodes: list[tuple[str, _Node]] = _opt(f, "claims", _Node.items, [])
     for key, value in claim_nodes:
-        if not isinstance(value.value, str | int | bool) or value.value == "":
+        text = claim_text(value.value)
+        if not text:
             raise value.error("must be a string, number or boolean (exact match)")
-        claims.append((key, _claim_text(value.value)))
+        claims.append((key, text))
     allow = {}
     for route, grant in _required(node, f, "allow").items():
         if route not in routes:
@@ -811,13 +820,6 @@ def _policy(node: _Node, routes: Mapping[str, Route], issuer_names: set[str]) ->
         allow=allow,
         max_ttl=_opt(f, "max_ttl", _Node.duration, None),
     )
-
-
-def _claim_text(value: str | int | bool) -> str:
-    """Claims compare as text; JSON booleans are spelt the JSON way."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _grant(node: _Node) -> Grant:
@@ -838,16 +840,4 @@ def _grant(node: _Node) -> Grant:
 
 
 def _path_pattern(node: _Node) -> tuple[str, ...]:
-    pattern = node.string()
-    if not pattern.startswith("/"):
-        raise node.error("must start with '/'")
-    segments = tuple(pattern[1:].split("/")) if pattern != "/" else ()
-    for seg in segments[:-1]:
-        if seg == "":
-            raise node.error("must not contain empty segments ('//')")
-    for seg in segments:
-        if seg in (".", "..") or "%" in seg or "\\" in seg:
-            raise node.error("must be a plain decoded path ('.', '..', '%', '\\' not allowed)")
-        if ("*" in seg and seg not in ("*", "**")) or any(ord(c) < 0x20 for c in seg):
-            raise node.error("'*' and '**' must be whole segments")
-    return segments
+    return patterns.parse(node.string(), error=node.error)

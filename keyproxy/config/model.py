@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -279,10 +279,20 @@ class Policy:
     name: str
     subjects: tuple[str, ...]
     issuers: tuple[str, ...] = ()
-    claims: tuple[tuple[str, str], ...] = ()
+    claims: tuple[tuple[str, str], ...] = ()  # (name, claim_text of the expected value)
     source_cidrs: tuple[Network, ...] = ()
     allow: Mapping[str, Grant] = field(default_factory=dict)
     max_ttl: float | None = None  # longest task token this policy lets an identity obtain
+
+
+def claim_text(value: Any) -> str | None:
+    """A scalar claim as the text policy compares: JSON booleans spelt the JSON way, numbers
+    and strings as written; None (never equal) for a list, object, float or null."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int):
+        return str(value)
+    return None
 
 
 @dataclass(frozen=True)
