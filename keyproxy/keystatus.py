@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from keyproxy import rotation, secret
-from keyproxy.config import Config, Route
-from keyproxy.config.model import CommandRotator, HttpRotator, ManualRotator
+from keyproxy.config import CommandRotator, Config, HttpRotator, ManualRotator, Route
 from keyproxy.errors import VaultError
 from keyproxy.rotation_state import PHASE1, JournalError, JournalState, Step, iso
 from keyproxy.vault import SecretNotFound, Vault

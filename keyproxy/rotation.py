@@ -40,8 +40,7 @@ from typing import Any
 import structlog
 
 from keyproxy import rotators, secret
-from keyproxy.config import Config, Route
-from keyproxy.config.model import ManualRotator
+from keyproxy.config import Config, ManualRotator, Route
 from keyproxy.errors import KeyproxyError, VaultError
 from keyproxy.rotation_state import (
     PHASE1,

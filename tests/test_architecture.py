@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "jws",
                 "deadline",
                 "verified",
+                "rotation_state",
             }
         ),
     ),
@@ -74,14 +75,7 @@ KNOWN_LAYER_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset()
 
 # Outside keyproxy.config, its objects are imported from `keyproxy.config`, never from its
 # modules (config.model, config.compile, config.loader are its implementation).
-KNOWN_CONFIG_SUBMODULE_IMPORTS: frozenset[tuple[str, str]] = frozenset(
-    {
-        # rotation.py and keystatus.py are being reworked (typed rotation state); their
-        # `from keyproxy.config.model import ...` moves to `keyproxy.config` there.
-        ("rotation", "config.model"),
-        ("keystatus", "config.model"),
-    }
-)
+KNOWN_CONFIG_SUBMODULE_IMPORTS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _modules() -> dict[str, Path]:
