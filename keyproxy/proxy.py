@@ -139,7 +139,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         raw_path, _, raw_query = request.raw_path.partition("?")
-        rid = request[REQUEST_ID_KEY] = request_id(request.headers)  # for the error's answer
+        rid = request_id(request.headers)
         # What the steps produced so far: an error names what was known when it stopped them.
         route: Route | None = None
         path, source_text = raw_path, request.remote or ""
@@ -200,8 +200,10 @@ class Proxy:
             if sent:
                 self._account(record, elapsed)
             else:
-                # The error's answer is sent after this step: the caller does not wait for
-                # its own audit event (call_soon keeps this request's log context).
+                # The error's answer (the middleware's, with this id) is sent after this step:
+                # the caller does not wait for its own audit event (call_soon keeps this
+                # request's log context).
+                request[REQUEST_ID_KEY] = rid
                 asyncio.get_running_loop().call_soon(self._account, record, elapsed)
         return response
 
