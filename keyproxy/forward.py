@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -41,8 +40,7 @@ DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is r
 WHOLE_BODY: Final = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(NamedTuple):
     """The upstream request, the key injected (`keyproxy.proxy`'s build step)."""
 
     url: URL
@@ -50,8 +48,7 @@ class Outgoing:
     body: bytes | aiohttp.StreamReader | None
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How the forwarding step ended: the answer the caller got, and why it was cut short
     ("" when it was not)."""
 

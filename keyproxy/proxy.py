@@ -16,7 +16,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -62,8 +62,9 @@ ROUTE_PREFIX: Final = "/r/"
 CHUNK: Final = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
+# The steps' results are named tuples: as immutable as frozen dataclasses, and built in half
+# the time (a frozen dataclass sets each field through object.__setattr__), on every request.
+class Caller(NamedTuple):
     """Who is asking (`_authenticate`'s result): a workload identity, and the task token it
     presented, if it presented one."""
 
@@ -72,8 +73,7 @@ class Caller:
     token_id: str | None  # the task token's id, or the identity token's jti
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Why the request may go on (`_decide`'s result): the policy that allows it (none for
     an exception token) and the reason code its audit event names."""
 
@@ -304,24 +304,26 @@ def _record(
     it ended."""
     identity = caller.identity if caller is not None else None
     task = caller.task if caller is not None else None
+    # Positional, in the fields' order (each named): the keyword call costs three times as
+    # much, on every request.
     return audit.RequestRecord(
-        method=request.method,
-        path=path,
-        source=source,
-        request_id=request_id,
-        route=route.name if route is not None else None,
-        issuer=identity.issuer if identity is not None else None,
-        subject=identity.subject if identity is not None else None,
-        token_id=caller.token_id if caller is not None else None,
-        task=task.task if task is not None else None,
-        exception_owner=task.exception_owner if task is not None else None,
-        policy=decision.policy if decision is not None else None,
-        decision="allow" if granted else "deny",
-        reason=reason,
-        key_version=key.version if key is not None else None,
-        status=status,
-        upstream_status=exchange.upstream_status if exchange is not None else None,
-        duration_ms=int(elapsed * 1e6) / 1000,  # whole microseconds
+        request.method,  # method
+        path,
+        source,
+        request_id,
+        route.name if route is not None else None,  # route
+        identity.issuer if identity is not None else None,  # issuer
+        identity.subject if identity is not None else None,  # subject
+        caller.token_id if caller is not None else None,  # token_id
+        task.task if task is not None else None,  # task
+        task.exception_owner if task is not None else None,  # exception_owner
+        decision.policy if decision is not None else None,  # policy
+        "allow" if granted else "deny",  # decision
+        reason,
+        key.version if key is not None else None,  # key_version
+        status,
+        exchange.upstream_status if exchange is not None else None,  # upstream_status
+        int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
     )
 
 
