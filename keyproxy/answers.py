@@ -1,20 +1,34 @@
-"""The one place a `RequestError` becomes an HTTP answer: `error_response`.
+"""The one place an error becomes an HTTP answer: `middleware`, through `error_response`.
+
+Handlers (the proxy's, the broker's, the admin endpoints') raise; the middleware answers. A
+`RequestError` is answered with its status, every other exception (a bug) with a 500
+`internal_error` and no details, its traceback kept in the scrubbed log. aiohttp's own
+`HTTPException`s (an unknown path, a method not allowed) stay aiohttp's.
 
 Every error body is `{"error": {"code": reason, "message": message}}`; a 401 names the Bearer
-scheme, a retryable error its `Retry-After`, and a proxied request its request id.
+scheme, a retryable error its `Retry-After`, and a request with an id (`REQUEST_ID_KEY`, set
+by its handler) that id.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Final
 
-from keyproxy.errors import RequestError
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from keyproxy.errors import InternalError, RequestError
 from keyproxy.headers import REQUEST_ID
+
+# The request's id, as its handler chose it: the error's answer repeats it.
+REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
+
+log = structlog.get_logger("keyproxy.answers")
 
 
 def error_response(exc: RequestError, request_id: str | None = None) -> web.Response:
-    """The one place a pipeline error becomes an HTTP answer; `request_id` is the proxied
-    request's."""
+    """`exc` as an HTTP answer; `request_id` is the request's."""
     headers: dict[str, str] = {}
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="keyproxy"'
@@ -27,3 +41,21 @@ def error_response(exc: RequestError, request_id: str | None = None) -> web.Resp
         status=exc.status,
         headers=headers,
     )
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error a handler raises, answered."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_response(exc, request.get(REQUEST_ID_KEY))
+    except web.HTTPException:
+        raise
+    except Exception:
+        # A bug, not a decision: answer without details (they could name a secret) and keep
+        # the traceback in our scrubbed log rather than aiohttp's. The path is without its
+        # query, which can carry a credential.
+        log.exception("request_failed", path=request.raw_path.partition("?")[0])
+        internal = InternalError("internal_error", "internal error")
+        return error_response(internal, request.get(REQUEST_ID_KEY))

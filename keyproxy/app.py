@@ -36,6 +36,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
+from keyproxy import answers
 from keyproxy.broker import Broker
 from keyproxy.config import Config
 from keyproxy.identity import IdentityVerifier
@@ -62,7 +63,10 @@ YOUNG_GC_THRESHOLD = 7000  # allocations between passes of the cyclic collector 
 def build_app(config: Config) -> web.Application:
     # Request bodies are forwarded as sent: decompressing them would change what the upstream
     # receives and make max_body count the wrong bytes.
-    app = web.Application(handler_args={"max_field_size": 16 * 1024, "auto_decompress": False})
+    app = web.Application(
+        handler_args={"max_field_size": 16 * 1024, "auto_decompress": False},
+        middlewares=[answers.middleware],
+    )
     app[CONFIG] = config
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
@@ -77,7 +81,7 @@ def build_app(config: Config) -> web.Application:
 
 def build_admin_app(served: web.Application) -> web.Application:
     """The admin endpoints of the app `served` (which must be started first)."""
-    app = web.Application()
+    app = web.Application(middlewares=[answers.middleware])
     app[SERVED] = served
     app.on_response_prepare.append(_server_header)
     app.router.add_get("/healthz", _healthz)
@@ -131,7 +135,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     finally:
         if tuned:
             _COLLECTOR.stopped()
-        app[PROXY].deadlines.close()
+        app[PROXY].close()
         for task in background:
             task.cancel()
         for task in background:

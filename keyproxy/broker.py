@@ -29,7 +29,7 @@ from aiohttp import web
 
 from keyproxy import policy
 from keyproxy import scope as scopes
-from keyproxy.answers import error_response
+from keyproxy.answers import REQUEST_ID_KEY
 from keyproxy.config import Config, parse_duration
 from keyproxy.errors import (
     BadRequest,
@@ -79,7 +79,7 @@ class Broker:
 
     async def exchange(self, request: web.Request) -> web.Response:
         event: dict[str, Any] = {"source": request.remote}
-        rid = request_id(request.headers)
+        rid = request[REQUEST_ID_KEY] = request_id(request.headers)
         # Every event of this exchange (Vault, JWKS, the token's own) names the request.
         with structlog.contextvars.bound_contextvars(request_id=rid):
             try:
@@ -87,7 +87,7 @@ class Broker:
             except RequestError as exc:
                 log.warning("token.denied", reason=exc.reason, **event)
                 self._count("denied")
-                return error_response(exc, rid)
+                raise
         response.headers[REQUEST_ID] = rid
         return response
 
@@ -150,7 +150,7 @@ class Broker:
 
     async def revoke(self, request: web.Request) -> web.Response:
         """The holder ends its task: the token revokes itself."""
-        rid = request_id(request.headers)
+        rid = request[REQUEST_ID_KEY] = request_id(request.headers)
         with structlog.contextvars.bound_contextvars(request_id=rid):
             try:
                 scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -160,7 +160,7 @@ class Broker:
                 await self.tasks.revoke_held(task)  # writes the one token.revoked event
             except RequestError as exc:
                 log.warning("token.revoke_denied", reason=exc.reason, source=request.remote)
-                return error_response(exc, rid)
+                raise
         self._count("revoked")
         return web.json_response({"revoked": task.token_id}, headers={REQUEST_ID: rid})
 
@@ -169,7 +169,7 @@ class Broker:
             try:
                 await self.tasks.refresh_keys()
             except VaultError:
-                return error_response(Unavailable("vault_unavailable", "no signing keys yet"))
+                raise Unavailable("vault_unavailable", "no signing keys yet") from None
         return web.json_response(self.tasks.jwks(), headers={"Cache-Control": "max-age=60"})
 
 

@@ -31,7 +31,6 @@ class Watch:
         "_deadlines",
         "_on_caller",
         "_task",
-        "answer",
         "deadline",
         "expired",
         "limit",
@@ -45,7 +44,6 @@ class Watch:
         self.deadline = time.monotonic() + first
         self._on_caller = False
         self.expired = ""  # once timed out: "upstream" or "caller", whoever was silent
-        self.answer: object | None = None  # the answer, once its status line was sent
 
     def heard(self) -> None:
         """The upstream answered (or it is its turn again): the silence starts now."""

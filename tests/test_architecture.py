@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         frozenset(
             {
                 "proxy",
+                "forward",
                 "broker",
                 "answers",
                 "app",

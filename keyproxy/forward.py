@@ -1,0 +1,253 @@
+"""The forwarding step: send the built request upstream and stream the answer back.
+
+`Forwarder` is one route's, prepared once (its client session, timeouts and the egress
+fence's verdict on an IP-literal upstream). `Exchange` is one request's: it owns the read
+deadline (a `keyproxy.deadline.Watch`), knows what the upstream answered as soon as it did
+(`upstream_status`), and alone knows whether the answer's status line went out. Before that a
+failure raises a `RequestError`; after it, the connection is cut (a truncated body must never
+look complete) and the `Outcome` says why.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterable
+from typing import Final, NamedTuple
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from keyproxy import netguard
+from keyproxy.config import Route
+from keyproxy.deadline import ReadDeadlines, Watch
+from keyproxy.errors import (
+    BadGateway,
+    EgressDenied,
+    GatewayTimeout,
+    RequestError,
+    RequestTimeout,
+)
+from keyproxy.headers import response_headers
+from keyproxy.inject import Rendered, Scrubber, scrub_bytes
+
+# Response encodings aiohttp decodes, so the scrubber sees clear text. We ask for identity;
+# anything else the upstream sends anyway is refused rather than passed through unscrubbed.
+DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is read as ""
+
+# Answers with a declared length up to this size are scrubbed and sent whole.
+WHOLE_BODY: Final = 64 * 1024
+
+
+class Outgoing(NamedTuple):
+    """The upstream request, the key injected (`keyproxy.proxy`'s build step)."""
+
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes | aiohttp.StreamReader | None
+
+
+class Outcome(NamedTuple):
+    """How the forwarding step ended: the answer the caller got, and why it was cut short
+    ("" when it was not)."""
+
+    response: web.StreamResponse
+    cut: str = ""
+
+
+class Forwarder:
+    """What one route's forwarding needs that does not change per request, prepared once."""
+
+    __slots__ = ("deadlines", "first_read", "literal_denial", "read_timeout", "session", "timeout")
+
+    def __init__(
+        self, route: Route, session: aiohttp.ClientSession, deadlines: ReadDeadlines
+    ) -> None:
+        self.session = session
+        self.deadlines = deadlines
+        # The read timeout is keyproxy.deadline's: aiohttp's sock_read costs a new loop timer
+        # per read.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout)
+        self.read_timeout = route.read_timeout
+        self.first_read = route.connect_timeout + route.read_timeout  # connect + first answer
+        self.literal_denial = _literal_denial(route)  # the fence's verdict on an IP literal
+
+
+def read_deadlines(routes: Iterable[Route]) -> ReadDeadlines:
+    """The read deadlines of the requests to `routes`, swept to within a tenth of the
+    shortest read timeout (and a second), but never more often than every 10 ms."""
+    shortest = min((r.read_timeout for r in routes), default=10.0)
+    return ReadDeadlines(granularity=min(1.0, max(0.01, shortest / 10)))
+
+
+class Exchange:
+    """The forwarding step of one request: send it upstream, stream the answer back, under
+    the read deadline of its own `Watch`. What the upstream answered is kept from the moment
+    it did (`upstream_status`), for the audit event even of a request that fails after."""
+
+    __slots__ = ("_forwarder", "_sent", "_watch", "upstream_status")
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self._forwarder = forwarder
+        # Until the answer starts: connecting (if a new connection is needed) and waiting.
+        self._watch = Watch(forwarder.deadlines, forwarder.read_timeout, forwarder.first_read)
+        self.upstream_status: int | None = None
+        self._sent: web.StreamResponse | None = None  # once its status line went out
+
+    async def send(
+        self,
+        request: web.Request,
+        outgoing: Outgoing,
+        rendered: Rendered,
+        rid: str,
+    ) -> Outcome:
+        # aiohttp skips the resolver (and so the fence) for IP literals: those were checked
+        # once, when the configuration was loaded.
+        forwarder = self._forwarder
+        if forwarder.literal_denial is not None:
+            raise EgressDenied(forwarder.literal_denial.reason, forwarder.literal_denial.message)
+        watch = self._watch
+        body = outgoing.body
+        try:
+            with watch:
+                async with forwarder.session.request(
+                    request.method,
+                    outgoing.url,
+                    headers=outgoing.headers,
+                    # The caller's pace while uploading is not the upstream's silence.
+                    data=_uploaded(body, watch) if isinstance(body, aiohttp.StreamReader) else body,
+                    allow_redirects=False,  # SECURITY: a redirect goes back to the caller
+                    timeout=forwarder.timeout,
+                ) as upstream:
+                    watch.heard()
+                    self.upstream_status = upstream.status
+                    if upstream.status < 200:
+                        # SECURITY: a 101 relayed would tell a front proxy to tunnel the
+                        # caller's bytes. Until WebSockets are supported on purpose, a 502;
+                        # the connection is closed already (_UpstreamResponse).
+                        raise BadGateway(
+                            "upstream_protocol_switch", "the upstream tried to switch protocols"
+                        )
+                    return await self._stream_back(request, upstream, rendered, rid)
+        except RequestError:
+            raise
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            if self._sent is not None:
+                # The status line is gone: cut the answer short.
+                return Outcome(self._sent, _abort(request, "upstream_timeout"))
+            if watch.expired == "caller":
+                raise RequestTimeout(
+                    "body_timeout", "the request body did not arrive in time"
+                ) from exc
+            raise GatewayTimeout("upstream_timeout", "the upstream did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            denial = netguard.egress_denial(exc)
+            if denial is not None:
+                raise denial from None
+            raise BadGateway("upstream_error", "the upstream could not be reached") from exc
+
+    async def _stream_back(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        rendered: Rendered,
+        rid: str,
+    ) -> Outcome:
+        encoding = _content_coding(upstream.headers.get("Content-Encoding", ""))
+        if encoding not in DECODED_ENCODINGS:
+            raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
+        headers = response_headers(upstream.headers, rendered, rid)
+        watch = self._watch
+        # The upstream's reason phrase is not forwarded: it is free text that could echo the
+        # key.
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= WHOLE_BODY
+            and not encoding
+            and request.method != "HEAD"
+        ):
+            # A short answer of declared length (and not compressed, which could make it
+            # large) is read, scrubbed and sent whole: one write to the caller instead of
+            # headers, chunk and end, and a cut-short body is still a 502.
+            content = upstream.content
+            # Usually it all came with the headers: take it without waiting.
+            body = content.read_nowait() if content.is_eof() else await _read_whole(content, watch)
+            watch.pause()  # the rest is the caller's turn
+            whole = web.Response(
+                status=upstream.status, body=scrub_bytes(body, rendered.byte_forms), headers=headers
+            )
+            try:  # sent here, so the audit event knows whether it reached the caller
+                await whole.prepare(request)
+                await whole.write_eof()
+            except Exception:  # noqa: BLE001  # whatever broke the write, the answer is the same
+                return Outcome(whole, _abort(request))
+            return Outcome(whole)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        watch.pause()
+        await response.prepare(request)
+        self._sent = response
+        watch.heard()
+        scrubber = Scrubber(rendered.byte_forms)
+        try:
+            async for chunk in upstream.content.iter_any():
+                out = scrubber.feed(chunk)
+                if out:
+                    watch.pause()  # the caller's turn: a slow reader is not a silent upstream
+                    await response.write(out)
+                watch.heard()
+            watch.pause()
+            tail = scrubber.flush()
+            if tail:
+                await response.write(tail)
+            await response.write_eof()
+        except Exception:  # noqa: BLE001  # whatever broke the stream, the answer is the same
+            return Outcome(response, _abort(request))
+        return Outcome(response)
+
+
+def _literal_denial(route: Route) -> EgressDenied | None:
+    """The egress fence's verdict on an IP-literal upstream (a name is checked when resolved)."""
+    try:
+        netguard.check_host(route.upstream.host, route.egress_allow)
+    except EgressDenied as exc:
+        return exc
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _content_coding(value: str) -> str:
+    """A Content-Encoding value as compared with DECODED_ENCODINGS."""
+    coding = value.strip().lower()
+    return "" if coding == "identity" else coding
+
+
+async def _uploaded(content: aiohttp.StreamReader, watch: Watch) -> AsyncIterator[bytes]:
+    """The caller's body as it arrives: the upstream is not waited on while the caller
+    sends, and is again while it takes each part and once all is sent. A caller silent for
+    the read timeout in the middle of its body times the request out (408)."""
+    while True:
+        watch.caller_turn()
+        chunk = await content.readany()
+        watch.heard()
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _read_whole(content: aiohttp.StreamReader, watch: Watch) -> bytes:
+    """A short body that did not come with the headers, read as it arrives."""
+    parts = []
+    while not content.at_eof():
+        parts.append(await content.readany())
+        watch.heard()
+    return b"".join(parts)
+
+
+def _abort(request: web.Request, reason: str = "stream_aborted") -> str:
+    """The status line is gone already: cut the connection, so a truncated body can never
+    look complete to the caller. Returns `reason`, the audit event's."""
+    if request.transport is not None:
+        request.transport.abort()
+    return reason
