@@ -181,9 +181,7 @@ async def _serve(app: web.Application, port: int, runners: list[web.AppRunner]) 
     runners.append(runner)
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    server = site._server  # the bound port when 0 was asked for
-    assert isinstance(server, asyncio.base_events.Server)
-    return int(server.sockets[0].getsockname()[1])
+    return server.bound_port(site)
 
 
 async def _serve_proxy(

@@ -295,9 +295,7 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    return runner, int(server.sockets[0].getsockname()[1])
+    return runner, server.bound_port(site)
 
 
 @asynccontextmanager
