@@ -20,9 +20,10 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from keyproxy import config, demo, server
-from keyproxy.app import METRICS, build_admin_app, build_app
+from keyproxy import config, demo
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.server import listen as server
+from keyproxy.server.app import METRICS, build_admin_app, build_app
 
 # Every key and token the tests create, so the final log scan knows what must never appear.
 CANARIES: set[str] = set()

@@ -26,13 +26,13 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_
 from structlog.testing import capture_logs
 
 from keyproxy import config
-from keyproxy import identity as identity_module
-from keyproxy.app import METRICS
 from keyproxy.config import Issuer
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import ConfigError, Unauthenticated, Unavailable
 from keyproxy.identity import MAX_DOCUMENT_BYTES, Identity, IdentityVerifier
+from keyproxy.identity import verifier as identity_module
 from keyproxy.metrics import Metrics
+from keyproxy.server.app import METRICS
 from tests.support import CANARIES, CONFIG_SECTIONS, Stack, Upstream, bearer, new_key, running_proxy
 
 ISS = "https://issuer.test"

@@ -7,8 +7,8 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from keyproxy.keystatus import KeyStatus, LastFailure, failing
-from keyproxy.rotation_state import Step
+from keyproxy.rotation.state import Step
+from keyproxy.rotation.status import KeyStatus, LastFailure, failing
 
 # The keys of one entry, in the order `keys status -o json` has printed them.
 KEYS = [

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 from yarl import URL
 
-from keyproxy.app import YOUNG_GC_THRESHOLD
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.server.app import YOUNG_GC_THRESHOLD
 from tests.support import (
     BIG_BYTES,
     CANARIES,

@@ -32,10 +32,10 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from keyproxy import config, rotation, rotators
+from keyproxy import config, rotation
 from keyproxy.devserver import OpenBaoDevServer
-from keyproxy.rotation import Rotations
-from keyproxy.rotation_state import JournalState, Pending, Step
+from keyproxy.rotation import Rotations, rotators
+from keyproxy.rotation.state import JournalState, Pending, Step
 from keyproxy.secret import Secret
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault

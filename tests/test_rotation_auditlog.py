@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from keyproxy import auditlog
+from keyproxy.audit import query as auditlog
 
 
 def _event(subject: str, version: int | None, at: str, route: str = "r", **kw: Any) -> str:

@@ -14,8 +14,8 @@ import yaml
 
 from keyproxy import config
 from keyproxy.config.model import HttpRotator
-from keyproxy.keystatus import KeyStatus
-from keyproxy.rotation_state import Result
+from keyproxy.rotation.state import Result
+from keyproxy.rotation.status import KeyStatus
 from tests.support import CONFIG_SECTIONS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "rotation.md"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from keyproxy.rotation_state import (
+from keyproxy.rotation.state import (
     PHASE1,
     Failure,
     JournalError,

@@ -27,7 +27,7 @@ from typing import Any
 from keyproxy import config
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
-from keyproxy.cli_common import (
+from keyproxy.cli.common import (
     add_config,
     add_operator,
     add_output,

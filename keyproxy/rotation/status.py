@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from keyproxy import rotation, secret
+from keyproxy import secret
 from keyproxy.config import CommandRotator, Config, HttpRotator, ManualRotator, Route
 from keyproxy.errors import VaultError
-from keyproxy.rotation_state import PHASE1, JournalError, JournalState, Step, iso
+from keyproxy.rotation import engine as rotation
+from keyproxy.rotation.state import PHASE1, JournalError, JournalState, Step, iso
 from keyproxy.vault import SecretNotFound, Vault
 
 

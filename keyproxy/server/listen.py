@@ -43,9 +43,9 @@ import structlog
 from aiohttp import web, web_protocol
 from aiohttp.web_request import BaseRequest
 
-from keyproxy.app import METRICS, SERVER_NAME, build_admin_app, build_app
 from keyproxy.config import Config, Network, ServerConfig
 from keyproxy.metrics import Metrics
+from keyproxy.server.app import METRICS, SERVER_NAME, build_admin_app, build_app
 
 log = structlog.get_logger("keyproxy.server")
 

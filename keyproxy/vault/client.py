@@ -50,7 +50,7 @@ from keyproxy.secret import REDACTED, Secret
 
 T = TypeVar("T")
 
-log = structlog.get_logger(__name__)
+log = structlog.get_logger("keyproxy.vault")
 
 K8S_JWT_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 CONCURRENCY = 16

@@ -39,10 +39,12 @@ from typing import Any
 
 import structlog
 
-from keyproxy import rotators, secret
+from keyproxy import secret
 from keyproxy.config import Config, ManualRotator, Route
 from keyproxy.errors import KeyproxyError, VaultError
-from keyproxy.rotation_state import (
+from keyproxy.rotation import rotators
+from keyproxy.rotation.rotators import RotatorError, UpstreamKey
+from keyproxy.rotation.state import (
     PHASE1,
     Failure,
     JournalError,
@@ -56,7 +58,6 @@ from keyproxy.rotation_state import (
     iso,
     parse_time,
 )
-from keyproxy.rotators import RotatorError, UpstreamKey
 from keyproxy.secret import Secret
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import CasConflict, SecretNotFound, Vault, announce_key_change

@@ -32,7 +32,7 @@ import aiohttp
 
 from keyproxy import config, paths, policy, secret
 from keyproxy import scope as scopes
-from keyproxy.cli_common import (
+from keyproxy.cli.common import (
     UsageError,
     add_config,
     add_operator,

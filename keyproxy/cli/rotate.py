@@ -24,8 +24,9 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-from keyproxy import auditlog, config, keystatus, rotation
-from keyproxy.cli_common import (
+from keyproxy import config, rotation
+from keyproxy.audit import query as auditlog
+from keyproxy.cli.common import (
     add_config,
     add_operator,
     add_output,
@@ -39,7 +40,8 @@ from keyproxy.cli_common import (
 from keyproxy.errors import KeyproxyError
 from keyproxy.metrics import write_rotation_textfile
 from keyproxy.rotation import Outcome, Rotations
-from keyproxy.rotation_state import Result, iso
+from keyproxy.rotation import status as keystatus
+from keyproxy.rotation.state import Result, iso
 from keyproxy.upstream import UpstreamSessions
 
 
