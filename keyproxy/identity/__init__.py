@@ -1,5 +1,7 @@
-"""Workload identity: OIDC issuers, their signing keys, and the token verifier."""
+"""Workload identity: OIDC issuers and their keys (`issuers`, `keys`: JWKS fetching with
+stale-while-revalidate) and the token verifier (`verifier`)."""
 
-from keyproxy.identity.verifier import MAX_DOCUMENT_BYTES, Identity, IdentityVerifier
+from keyproxy.identity.keys import MAX_DOCUMENT_BYTES
+from keyproxy.identity.verifier import Identity, IdentityVerifier
 
 __all__ = ["MAX_DOCUMENT_BYTES", "Identity", "IdentityVerifier"]

@@ -1,15 +1,20 @@
-"""Task tokens: short-lived, scoped tokens the broker issues and the proxy verifies."""
+"""Task tokens: short-lived, scoped tokens the broker issues and the proxy verifies.
 
-from keyproxy.tokens.tasks import (
+`tasks.TaskTokens` is the whole service, built in layers: the revocation list and its store
+(`revocation`), the exception register (`exceptions`), the signing keys and issuing
+(`signing`), verifying and use metering (`verify`). The token's format is in `format`.
+"""
+
+from keyproxy.tokens.format import (
     CLOCK_SKEW,
     EXCEPTION_ISSUER,
     TASK_TOKEN_TYPE,
-    Revocations,
     TaskToken,
-    TaskTokens,
     exception_subject,
     is_task_token,
 )
+from keyproxy.tokens.revocation import Revocations
+from keyproxy.tokens.tasks import TaskTokens
 
 __all__ = [
     "CLOCK_SKEW",

@@ -1,0 +1,102 @@
+"""The task token's format: its claims, its media type, and the look at a token's header
+that tells a task token from an identity token.
+
+A task token is a compact JWS with `typ: keyproxy-task+jwt`, signed with EdDSA by a Vault
+Transit key (the private key never leaves Vault) and verified locally with the Transit
+public keys. Claims:
+
+    iss, aud     tokens.issuer ("keyproxy")        jti        token id
+    sub, idp     the workload identity it was issued to (subject, issuer name)
+    ctx          the identity's claims that policies match on
+    iat, nbf, exp                                  task, intent
+    scope        {route: [{methods, paths}]}       max_uses, src (bound source address)
+    exc          {owner, reason} for an exception token
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from keyproxy import scope as scopes
+from keyproxy.caller import Identity
+
+TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not a secret
+EXCEPTION_ISSUER: Final = "exception"
+LEEWAY: Final = 5.0
+MAX_TOKEN_BYTES: Final = 16 * 1024
+# Clocks of the replica that issued a token and of whoever revokes may differ: a revocation
+# by subject or task covers tokens issued up to this long after it, and entries are kept
+# this much longer before pruning.
+CLOCK_SKEW: Final = 5.0
+
+
+@dataclass(frozen=True)
+class TaskToken:
+    """A verified task token. Holds no secret; `token_id` is safe to log."""
+
+    token_id: str
+    identity: Identity
+    scope: scopes.Scope
+    issued_at: float
+    expires_at: float
+    task: str | None = None
+    intent: str | None = None
+    max_uses: int | None = None
+    source: str | None = None
+    exception_owner: str | None = None
+
+
+@dataclass(frozen=True)
+class Issued:
+    token: str = field(repr=False)
+    token_id: str = ""
+    expires_at: float = 0.0
+
+
+def exception_subject(owner: str) -> str:
+    """The subject an exception token is issued to (its issuer is EXCEPTION_ISSUER)."""
+    return f"exception:{owner}"
+
+
+_MAX_HEADER: Final = 4096  # bytes of an encoded JOSE header we bother to look at
+
+
+def is_task_token(token: str) -> bool:
+    """Cheap look at the header only: does this claim to be one of ours?
+
+    Only the first segment is decoded: PyJWT's get_unverified_header validates the alphabet
+    of the whole token, character by character, on every request. This only routes the
+    token; whichever verifier it goes to checks it strictly.
+    """
+    head, dot, _ = token.partition(".")
+    if not dot or len(head) > _MAX_HEADER:
+        return False
+    return _names_task_token(head)
+
+
+@functools.lru_cache(maxsize=256)
+def _names_task_token(head: str) -> bool:
+    """Whether an encoded JWT header says typ is ours (an issuer's few headers repeat)."""
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        return False
+    typ = header.get("typ") if isinstance(header, dict) else None
+    return isinstance(typ, str) and typ.lower() == TASK_TOKEN_TYPE
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def optional_text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,191 @@
+"""Issuing task tokens: the Transit public keys (read at start, re-read in the background every
+`key_refresh_interval`, and at once, at most every `key_refetch_cooldown`, for a version not
+seen yet) and signing with the Transit key. Issuance reads the revocation list first, so an
+identity or task revoked moments ago gets no new token that the revocation would cover.
+
+While Vault cannot be read the known keys keep verifying for `key_max_staleness` after the
+last good read; then task tokens are refused with `Unavailable("token_keys_stale")` (503)
+until a read succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+import structlog
+
+from keyproxy import scope as scopes
+from keyproxy.caller import Identity
+from keyproxy.config import Config
+from keyproxy.errors import Forbidden, Unavailable, VaultError
+from keyproxy.tokens.exceptions import ExceptionRegister
+from keyproxy.tokens.format import TASK_TOKEN_TYPE, Issued, b64, json_bytes
+from keyproxy.vault import Vault
+
+log = structlog.get_logger("keyproxy.tokens")
+
+
+class Signing(ExceptionRegister):
+    """The signing keys, and issuing tokens signed with them."""
+
+    def __init__(
+        self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(config, vault, clock)
+        self._keys: dict[int, jwt.PyJWK] = {}
+        self._public: dict[int, bytes] = {}
+        self._keys_fetched = -1e9
+        self._keys_read_at: float | None = None  # self.clock() at the last good read
+        self._keys_lock = asyncio.Lock()
+        self.stale_refusals = 0
+        self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
+
+    # ------------------------------------------------------------------ keys
+
+    async def refresh_keys(self, *, force: bool = False) -> None:
+        """Read the Transit public keys (at most once per cooldown unless forced)."""
+        async with self._keys_lock:
+            now = time.monotonic()
+            if not force and now - self._keys_fetched < self.cfg.key_refetch_cooldown:
+                return
+            self._keys_fetched = now
+            started = self.clock()
+            public = await self.vault.transit_public_keys(
+                self.cfg.transit_mount, self.cfg.transit_key
+            )
+            # An unchanged version keeps its key object: tokens it verified stay remembered.
+            keys = {
+                v: self._keys[v] if self._public.get(v) == raw else jwt.PyJWK(self._jwk(v, raw))
+                for v, raw in public.items()
+            }
+            changed = keys.keys() != self._keys.keys() or any(
+                keys[v] is not self._keys[v] for v in keys
+            )
+            self._public, self._keys, self._keys_read_at = public, keys, started
+            if changed:
+                log.info("token_keys_loaded", versions=sorted(keys))
+
+    async def _refresh_keys_regularly(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.key_refresh_interval)
+            try:
+                await self.refresh_keys(force=True)
+            except VaultError as exc:
+                log.warning("token_keys_refresh_failed", error=str(exc), keys_age=self._age())
+
+    def _age(self) -> float | None:
+        return None if self._keys_read_at is None else max(0.0, self.clock() - self._keys_read_at)
+
+    def key_status(self) -> dict[str, Any]:
+        """Age of the public keys (None before the first read), whether they are past
+        key_max_staleness, the versions known, and stale refusals so far."""
+        age = self._age()
+        return {
+            "age": age,
+            "stale": age is not None and age > self.cfg.key_max_staleness,
+            "versions": sorted(self._keys),
+            "stale_refusals": self.stale_refusals,
+        }
+
+    def _check_fresh(self) -> None:
+        age = self._age()
+        if age is not None and age > self.cfg.key_max_staleness:
+            # Fail closed: Vault may have retired a version since, and cannot tell us.
+            self.stale_refusals += 1
+            raise Unavailable("token_keys_stale", "the signing keys are too old to trust")
+
+    def _jwk(self, version: int, raw: bytes) -> dict[str, str]:
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": b64(raw),
+            "kid": f"{self.cfg.transit_key}:v{version}",
+            "alg": "EdDSA",
+            "use": "sig",
+        }
+
+    def jwks(self) -> dict[str, Any]:
+        """The public keys as a JWKS, for the well-known endpoint."""
+        return {"keys": [self._jwk(v, raw) for v, raw in sorted(self._public.items())]}
+
+    # ------------------------------------------------------------------ issue
+
+    async def issue(
+        self,
+        identity: Identity,
+        scope: scopes.Scope,
+        *,
+        ttl: float,
+        task: str | None = None,
+        intent: str | None = None,
+        max_uses: int | None = None,
+        source: str | None = None,
+        exception: tuple[str, str] | None = None,
+    ) -> Issued:
+        """Sign a token for exactly `scope`. The caller has already intersected it with policy
+        and clamped `ttl`. Raises Unavailable when Vault cannot sign."""
+        if not scope:
+            raise ValueError("a task token needs a non-empty scope")
+        if exception is not None and not all(part.strip() for part in exception):
+            raise ValueError("an exception token needs an owner and a reason")
+        try:
+            await self.refresh_revocations()  # one metadata read unless the list changed
+        except VaultError as exc:
+            log.warning("revocations_refresh_failed", error=str(exc))
+            raise Unavailable("vault_unavailable", "cannot issue tokens right now") from None
+        now = int(self.clock())
+        # A token the revocation list would name at once is not issued at all.
+        if self._revocations.covers_subject(f"{identity.issuer}|{identity.subject}", now):
+            raise Forbidden("subject_revoked", "this identity's tokens were revoked just now")
+        if task is not None and self._revocations.covers_task(task, now):
+            raise Forbidden("task_revoked", "this task's tokens were revoked just now")
+        token_id = uuid.uuid4().hex
+        claims: dict[str, Any] = {
+            "iss": self.cfg.issuer,
+            "aud": self.cfg.issuer,
+            "sub": identity.subject,
+            "idp": identity.issuer,
+            "jti": token_id,
+            "iat": now,
+            "nbf": now,
+            "exp": now + max(1, int(ttl)),
+            "scope": scopes.to_claim(scope),
+        }
+        ctx = {k: identity.claims[k] for k in self._policy_claims if k in identity.claims}
+        optional = {"ctx": ctx, "task": task, "intent": intent, "max_uses": max_uses, "src": source}
+        claims |= {k: v for k, v in optional.items() if v}
+        if exception is not None:
+            claims["exc"] = {"owner": exception[0], "reason": exception[1]}
+        token = await self._sign(claims)
+        if exception is not None:
+            await self._record_exception(token_id, claims)
+        return Issued(token, token_id, float(claims["exp"]))
+
+    async def _sign(self, claims: dict[str, Any]) -> str:
+        try:
+            if not self._keys:
+                await self.refresh_keys(force=True)
+            for _ in range(2):
+                version = max(self._keys)
+                header = {
+                    "alg": "EdDSA",
+                    "typ": TASK_TOKEN_TYPE,
+                    "kid": f"{self.cfg.transit_key}:v{version}",
+                }
+                signing_input = f"{b64(json_bytes(header))}.{b64(json_bytes(claims))}"
+                used, signature = await self.vault.transit_sign(
+                    self.cfg.transit_mount, self.cfg.transit_key, signing_input.encode()
+                )
+                if used == version:
+                    return f"{signing_input}.{b64(signature)}"
+                # The Transit key was rotated since we last looked: sign again, naming it.
+                await self.refresh_keys(force=True)
+        except VaultError as exc:
+            log.warning("token_sign_failed", error=str(exc))
+            raise Unavailable("vault_unavailable", "cannot sign tokens right now") from None
+        raise Unavailable("signing_key_changing", "the signing key is changing; try again")

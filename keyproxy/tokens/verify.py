@@ -1,0 +1,176 @@
+"""Verifying task tokens, locally, and metering their uses.
+
+The header and payload are read strictly (`keyproxy.jws`) before PyJWT verifies them. A token
+whose key is known never waits for Vault; a verified token is remembered until it expires,
+while the key that verified it is still the one published for its version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jwt
+
+from keyproxy import jws, verified
+from keyproxy import scope as scopes
+from keyproxy.caller import Identity
+from keyproxy.config import Config
+from keyproxy.errors import Unauthenticated, Unavailable, VaultError
+from keyproxy.tokens.format import (
+    LEEWAY,
+    MAX_TOKEN_BYTES,
+    TASK_TOKEN_TYPE,
+    TaskToken,
+    optional_text,
+)
+from keyproxy.tokens.signing import Signing
+from keyproxy.vault import Vault
+from keyproxy.verified import VerifiedCache
+
+_CACHE_SIZE: Final = 10_000
+MAX_METERED: Final = 100_000
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A verified token and the key that verified it: remembered only while that very key
+    object is what the current key set holds for its version."""
+
+    token: TaskToken
+    version: int
+    key: jwt.PyJWK
+
+
+class Verifier(Signing):
+    """Verifies task tokens and counts their uses (max_uses, per replica)."""
+
+    def __init__(
+        self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(config, vault, clock)
+        # Keeps the signature check off the request path for a token seen before.
+        self._verified: VerifiedCache[_Verified] = VerifiedCache(
+            _CACHE_SIZE, lambda entry: entry.token.expires_at + LEEWAY, clock
+        )
+        # max_uses counters: token id -> (uses so far, token expiry). Pruned by expiry only.
+        self._uses: dict[str, tuple[int, float]] = {}
+
+    # ------------------------------------------------------------------ verify
+
+    async def verify(self, token: str) -> TaskToken:
+        """Verify a task token locally; raises Unauthenticated with a reason code, or
+        Unavailable when the public keys are too old to trust."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated("malformed", "not a task token")
+        digest = verified.digest(token)
+        entry = self._verified.get(digest)
+        if entry is not None and self._keys.get(entry.version) is entry.key:
+            self._check_fresh()
+        else:
+            # New, or the key version that verified it is no longer published.
+            self._verified.discard(digest)
+            entry = await self._verify_signed(token)
+            self._verified.put(digest, entry)
+        cached = entry.token
+        now = self.clock()
+        if now >= cached.expires_at + LEEWAY:
+            raise Unauthenticated("expired", "the task token has expired")
+        if now + LEEWAY < cached.issued_at:
+            raise Unauthenticated("not_yet_valid", "the task token is not valid yet")
+        if self._revocations.revoked(cached):
+            raise Unauthenticated("revoked", "the task token was revoked")
+        return cached
+
+    async def _verify_signed(self, token: str) -> _Verified:
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise Unauthenticated("malformed", "not a task token")
+        try:
+            # Strictly, before PyJWT reads the same bytes its own, lenient way.
+            header, _ = jws.segment(parts[0]), jws.segment(parts[1])
+        except ValueError as exc:
+            raise Unauthenticated("malformed", f"not a well-formed task token: {exc}") from None
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() != TASK_TOKEN_TYPE:
+            raise Unauthenticated("wrong_token_type", "not a task token")
+        if header.get("alg") != "EdDSA" or "crit" in header:
+            raise Unauthenticated("algorithm_not_allowed", "task tokens are EdDSA")
+        version, key = await self._key(header.get("kid"))
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=["EdDSA"],
+                audience=self.cfg.issuer,
+                issuer=self.cfg.issuer,
+                options={
+                    "require": ["exp", "iat", "nbf", "jti", "sub", "iss", "aud", "scope"],
+                    "verify_exp": False,  # checked against our clock in verify()
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("bad_signature", "task token signature invalid") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("invalid_claims", "task token claims invalid") from None
+        return _Verified(self._task_token(claims), version, key)
+
+    async def _key(self, kid: Any) -> tuple[int, jwt.PyJWK]:
+        # ASCII digits only: str.isdigit() would accept "²", which int() refuses.
+        pattern = rf"{re.escape(self.cfg.transit_key)}:v([0-9]{{1,9}})"
+        match = re.fullmatch(pattern, kid) if isinstance(kid, str) else None
+        if match is None:
+            raise Unauthenticated("unknown_kid", "unknown task token key")
+        version = int(match[1])
+        if version not in self._keys:
+            # An unknown key stays unknown when Vault is down; known keys keep verifying.
+            with contextlib.suppress(VaultError):
+                await self.refresh_keys()
+        key = self._keys.get(version)
+        if key is None:
+            raise Unauthenticated("unknown_kid", "unknown task token key")
+        self._check_fresh()
+        return version, key
+
+    def _task_token(self, claims: Mapping[str, Any]) -> TaskToken:
+        try:
+            jws.numeric_date(claims["nbf"])
+            scope = scopes.from_claim(claims["scope"], list(self.config.routes))
+            exc = claims.get("exc")
+            ctx = claims.get("ctx") or {}
+            issuer = str(claims.get("idp") or "")
+            return TaskToken(
+                token_id=str(claims["jti"]),
+                identity=Identity(
+                    issuer, str(claims["sub"]), dict(ctx) if isinstance(ctx, dict) else {}
+                ),
+                scope=scope,
+                issued_at=jws.numeric_date(claims["iat"]),
+                expires_at=jws.numeric_date(claims["exp"]),
+                task=optional_text(claims.get("task")),
+                intent=optional_text(claims.get("intent")),
+                max_uses=claims["max_uses"] if isinstance(claims.get("max_uses"), int) else None,
+                source=optional_text(claims.get("src")),
+                exception_owner=optional_text(exc.get("owner")) if isinstance(exc, dict) else None,
+            )
+        except (KeyError, ValueError, TypeError):
+            raise Unauthenticated("invalid_claims", "task token claims invalid") from None
+
+    def use(self, token: TaskToken) -> bool:
+        """Count one use against max_uses (per replica); False once they are spent."""
+        if token.max_uses is None:
+            return True
+        count, _ = self._uses.get(token.token_id, (0, token.expires_at))
+        if count >= token.max_uses:
+            return False
+        if token.token_id not in self._uses and len(self._uses) >= MAX_METERED:
+            # Never forget a count to make room: refuse new metered tokens instead.
+            raise Unavailable("too_many_metered_tokens", "try again later")
+        self._uses[token.token_id] = (count + 1, token.expires_at)
+        return True
