@@ -110,7 +110,7 @@ async def _serve() -> None:
 
 
 def _rotator(base: str) -> int:
-    """The `command` rotator protocol of keyproxy.rotators, for this API."""
+    """The `command` rotator protocol of keyproxy.rotation.rotators, for this API."""
     request = json.load(sys.stdin)
     headers = {"Authorization": f"Bearer {request['admin']}"}
     action = request["action"]

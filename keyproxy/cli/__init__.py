@@ -3,12 +3,12 @@
     keyproxy serve -c FILE     run the proxy (--workers N: N processes on one port)
     keyproxy check -c FILE     validate a configuration; exit 2 naming the YAML path of a mistake
     keyproxy explain -c FILE   say which policy allows a request, or why none does (see
-                               keyproxy.explain_cli; --token JWT decides for a real token)
-    keyproxy dev [-o json]     the whole stack on this machine (see keyproxy.dev)
-    keyproxy token | keys | rotate | audit      see keyproxy.token_cli, keyproxy.rotation_cli
+                               keyproxy.cli.explain; --token JWT decides for a real token)
+    keyproxy dev [-o json]     the whole stack on this machine (see keyproxy.cli.dev)
+    keyproxy token | keys | rotate | audit      see keyproxy.cli.token, keyproxy.cli.rotate
     keyproxy completion bash|zsh                 the shell completion script (argcomplete)
 
-Every command follows keyproxy.cli_common's conventions: -c FILE or KEYPROXY_CONFIG, data on
+Every command follows keyproxy.cli.common's conventions: -c FILE or KEYPROXY_CONFIG, data on
 stdout (-o json|table), log lines on stderr (warnings only unless -v), --version.
 Exit codes: 0 success, 1 runtime failure (or a denial, for explain), 2 bad configuration or
 usage.

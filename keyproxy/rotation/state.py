@@ -1,7 +1,7 @@
 """The typed state of key rotation: its steps, modes and results, and the journal record.
 
-Pure: no I/O. keyproxy.rotation drives the state machine over these types and keeps the
-journal in Vault; keyproxy.keystatus reads the journal for `keys status`.
+Pure: no I/O. keyproxy.rotation.engine drives the state machine over these types and keeps the
+journal in Vault; keyproxy.rotation.status reads the journal for `keys status`.
 
 The journal is stored (KV v2, JSON) in this shape, the one earlier versions wrote too:
 

@@ -1,8 +1,8 @@
 """What `keyproxy keys status` reports: per route, the key's version, age and rotation state.
 
 Read-only: the route's KV v2 secret (never its value into the report) and its rotation
-journal (keyproxy.rotation). A key is `overdue` when it is older than the route's `max_age`;
-`keyproxy keys status` then exits non-zero so a monitor can alert.
+journal (keyproxy.rotation.journal). A key is `overdue` when it is older than the route's
+`max_age`; `keyproxy keys status` then exits non-zero so a monitor can alert.
 """
 
 from __future__ import annotations
