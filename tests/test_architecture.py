@@ -22,7 +22,22 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # What everything may use: the error tree, redacting secrets, the path-pattern grammar
     # (config compiles policy paths with it). `keyproxy` is the package itself.
     ("foundation", frozenset({"keyproxy", "errors", "secret", "patterns"})),
-    ("config", frozenset({"config", "config.compile", "config.loader", "config.model"})),
+    (
+        "config",
+        frozenset(
+            {
+                "config",
+                "config.compile",
+                "config.loader",
+                "config.model",
+                "config.node",
+                "config.sections",
+                "config.routes",
+                "config.rotation",
+                "config.policies",
+            }
+        ),
+    ),
     # Pure core: decisions and transformations, no I/O of their own.
     (
         "pure core",
@@ -70,6 +85,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "tokens.tasks",
                 "upstream",
                 "rotation.rotators",
+                "rotation.journal",
                 "audit",
                 "audit.log",
                 "audit.query",
@@ -86,6 +102,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "broker",
                 "answers",
                 "rotation",
+                "rotation.steps",
                 "rotation.engine",
                 "rotation.status",
                 "demo",

@@ -16,7 +16,8 @@ from typing import Any
 from keyproxy import secret
 from keyproxy.config import CommandRotator, Config, HttpRotator, ManualRotator, Route
 from keyproxy.errors import VaultError
-from keyproxy.rotation import engine as rotation
+from keyproxy.rotation.engine import key_created
+from keyproxy.rotation.journal import journal_path
 from keyproxy.rotation.state import PHASE1, JournalError, JournalState, Step, iso
 from keyproxy.vault import SecretNotFound, Vault
 
@@ -92,7 +93,7 @@ async def _with_key(status: KeyStatus, route: Route, vault: Vault, now: float) -
     value = data.get(ref.field)
     if isinstance(value, str):
         secret.register(value)  # never reported; registered in case an error quotes it
-    created = await rotation.key_created(vault, route)
+    created = await key_created(vault, route)
     status = replace(
         status,
         version=version,
@@ -114,7 +115,7 @@ async def _with_journal(
     status: KeyStatus, route: Route, config: Config, vault: Vault, now: float
 ) -> KeyStatus:
     try:
-        data, _ = await vault.read_kv(config.vault.kv_mount, rotation.journal_path(route.name))
+        data, _ = await vault.read_kv(config.vault.kv_mount, journal_path(route.name))
     except SecretNotFound:
         return status
     journal = JournalState.from_data(data)

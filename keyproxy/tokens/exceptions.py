@@ -19,8 +19,6 @@ class ExceptionRegister(RevocationStore):
     def _exceptions_path(self) -> str:
         return f"{self.cfg.state_path}/exceptions"
 
-    # ------------------------------------------------------------------ exception tokens
-
     async def _record_exception(self, token_id: str, claims: Mapping[str, Any]) -> None:
         for _ in range(8):
             data, version = await self._read_state(self._exceptions_path)

@@ -60,8 +60,6 @@ class Verifier(Signing):
         # max_uses counters: token id -> (uses so far, token expiry). Pruned by expiry only.
         self._uses: dict[str, tuple[int, float]] = {}
 
-    # ------------------------------------------------------------------ verify
-
     async def verify(self, token: str) -> TaskToken:
         """Verify a task token locally; raises Unauthenticated with a reason code, or
         Unavailable when the public keys are too old to trust."""

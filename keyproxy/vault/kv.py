@@ -30,8 +30,6 @@ class KeyVersion:
 class Kv(Session):
     """The KV v2 calls of a `Session`."""
 
-    # ------------------------------------------------------------------ KV v2
-
     async def read_kv(self, mount: str, path: str) -> tuple[dict[str, Any], int]:
         """The latest version of a KV v2 secret: its data and version number."""
         data, version, _ = await self._read_latest(mount, path)

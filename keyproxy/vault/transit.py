@@ -14,8 +14,6 @@ _TRANSIT_SIGNATURE = re.compile(r"^vault:v(\d+):([A-Za-z0-9+/=]+)$")
 class Transit(Session):
     """The Transit calls of a `Session`."""
 
-    # ------------------------------------------------------------------ Transit
-
     async def transit_sign(self, mount: str, key: str, message: bytes) -> tuple[int, bytes]:
         """Sign `message` with a Transit key (Ed25519: the message itself, no prehash).
         Returns the key version that signed and the raw signature. The private key never

@@ -1,0 +1,151 @@
+"""The routes section: each route's upstream, secret, injections and caller credential."""
+
+from __future__ import annotations
+
+from yarl import URL
+
+from keyproxy.config.model import (
+    HEADER_NAME,
+    HOP_BY_HOP,
+    ROUTE_NAME,
+    CallerCredential,
+    Injection,
+    Route,
+    Upstream,
+)
+from keyproxy.config.node import Node, key_template, opt, required, secret_ref
+from keyproxy.config.rotation import rotation_config
+
+
+def routes_config(node: Node, kv_mount: str) -> dict[str, Route]:
+    routes = {}
+    for name, item in node.items():
+        if not ROUTE_NAME.match(name):
+            raise item.error("route names are letters, digits, '_', '.', '-' (max 63)")
+        routes[name] = _route(name, item, kv_mount)
+    if not routes:
+        raise node.error("must define at least one route")
+    return routes
+
+
+def _route(name: str, node: Node, kv_mount: str) -> Route:
+    f = node.mapping(
+        {
+            "upstream",
+            "secret",
+            "inject",
+            "caller_credential",
+            "egress",
+            "tls",
+            "allow_http",
+            "timeouts",
+            "max_body",
+            "strip_headers",
+            "forward_underscore_headers",
+            "owner",
+            "rotation",
+            "max_age",
+        }
+    )
+    inject = tuple(_injection(item) for item in required(node, f, "inject").sequence())
+    if not inject:
+        raise f["inject"].error("must list at least one injection")
+    caller = opt(f, "caller_credential", _caller_credential, CallerCredential())
+    tls = f["tls"].mapping({"verify", "ca_file"}) if "tls" in f else {}
+    timeouts = f["timeouts"].mapping({"connect", "read"}) if "timeouts" in f else {}
+    egress = f["egress"].mapping({"allow_cidrs"}) if "egress" in f else {}
+    upstream = _upstream(required(node, f, "upstream"))
+    if upstream.scheme == "http" and not opt(f, "allow_http", Node.boolean, False):
+        raise f["upstream"].error(
+            "http:// would send the key unencrypted; use https, or set allow_http: true"
+        )
+    tls_verify = opt(tls, "verify", Node.boolean, True)
+    if not tls_verify and upstream.scheme != "https":
+        raise tls["verify"].error("only applies to https upstreams")
+    rotation = opt(f, "rotation", lambda n: rotation_config(n, kv_mount), None)
+    max_age = opt(f, "max_age", Node.duration, None)
+    if max_age is not None and rotation and rotation.every and max_age <= rotation.every:
+        raise f["max_age"].error("must be longer than rotation.every")
+    strip: tuple[str, ...] = opt(f, "strip_headers", Node.strings, ())
+    for i, header in enumerate(strip):
+        if not HEADER_NAME.match(header):
+            raise Node(header, f"{f['strip_headers'].path}[{i}]").error("not a header name")
+    return Route(
+        name=name,
+        upstream=upstream,
+        secret=secret_ref(required(node, f, "secret"), kv_mount),
+        inject=inject,
+        caller_credential=caller,
+        egress_allow=opt(egress, "allow_cidrs", Node.networks, ()),
+        tls_verify=tls_verify,
+        ca_file=opt(tls, "ca_file", Node.path_value, None),
+        connect_timeout=opt(timeouts, "connect", Node.duration, 10.0),
+        read_timeout=opt(timeouts, "read", Node.duration, 300.0),
+        max_body=opt(f, "max_body", Node.size, 10 * 1024**2),
+        strip_headers=tuple(h.lower() for h in strip),
+        forward_underscore_headers=opt(f, "forward_underscore_headers", Node.boolean, False),
+        owner=opt(f, "owner", Node.string, None),
+        rotation=rotation,
+        max_age=max_age,
+    )
+
+
+def _upstream(node: Node) -> Upstream:
+    try:
+        url = URL(node.string())
+    except ValueError:
+        raise node.error("must be an absolute http(s) URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise node.error("must be an absolute http(s) URL such as https://api.example.com")
+    if url.user or url.password or url.query_string or url.fragment:
+        raise node.error("must not contain credentials, a query or a fragment")
+    assert url.port is not None  # yarl fills in the default port
+    return Upstream(
+        scheme=url.scheme,  # type: ignore[arg-type]  # checked above
+        host=url.host,
+        port=url.port,
+        base_path=url.path.rstrip("/"),
+    )
+
+
+def _injection(node: Node) -> Injection:
+    if not isinstance(node.value, dict):
+        raise node.error("must be a mapping with one of header, query, basic")
+    kinds = [k for k in ("header", "query", "basic") if k in node.value]
+    if not kinds:
+        node.mapping({"header", "query", "basic", "format"})  # a typo: say which key it was
+    if len(kinds) != 1:
+        raise node.error("set exactly one of header, query, basic")
+    kind = kinds[0]
+    if kind == "basic":
+        f = node.mapping({"basic"})
+        b = f["basic"].mapping({"username", "password"})
+        username = opt(b, "username", Node.string, "")
+        password = opt(b, "password", Node.string, "{key}")
+        if "{key}" in username:
+            raise b["username"].error("put {key} in password, not username")
+        if ":" in username:
+            raise b["username"].error("must not contain ':'")
+        return Injection(
+            "basic", "Authorization", key_template(b.get("password", Node(password, ""))), username
+        )
+    f = node.mapping({kind, "format"})
+    name = f[kind].string()
+    if kind == "header" and not HEADER_NAME.match(name):
+        raise f[kind].error("not a valid header name")
+    if kind == "header" and name.lower() in HOP_BY_HOP | {"host", "content-length"}:
+        raise f[kind].error("cannot inject a hop-by-hop, Host or Content-Length header")
+    return Injection(kind, name, opt(f, "format", key_template, "{key}"))  # type: ignore[arg-type]  # kind is "header" or "query"
+
+
+def _caller_credential(node: Node) -> CallerCredential:
+    f = node.mapping({"header", "scheme"})
+    header = opt(f, "header", Node.string, "Authorization")
+    if not HEADER_NAME.match(header):
+        raise f["header"].error("not a valid header name")
+    scheme_node = f.get("scheme")
+    if scheme_node is None:
+        scheme = "Bearer" if header.lower() == "authorization" else None
+    else:
+        scheme = None if scheme_node.value in (None, "") else scheme_node.string()
+    return CallerCredential(header, scheme)
