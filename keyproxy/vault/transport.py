@@ -1,9 +1,11 @@
 """How keyproxy reaches Vault/OpenBao through hvac, and how hvac's errors become keyproxy's.
 
-This is the only module that calls into hvac. hvac is synchronous and untyped, so every call
-runs in a worker thread (`asyncio.to_thread`, see `auth.Session._run`) and every hvac or
-requests exception becomes `keyproxy.errors.VaultError`, raised `from None` so the hvac
-exception (which carries the response body) is never chained into a traceback:
+This is the only module that imports hvac; `auth`, `kv` and `transit` describe their calls as
+functions of the hvac client, and every one runs through `converted`. hvac is synchronous
+and untyped, so every call runs in a worker thread (`asyncio.to_thread`, see
+`auth.Session._run`) and every hvac or requests exception becomes
+`keyproxy.errors.VaultError`, raised `from None` so the hvac exception (which carries the
+response body) is never chained into a traceback:
 
     VaultError
     ├── SecretNotFound     the KV path (or its latest version) does not exist
