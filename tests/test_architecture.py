@@ -38,6 +38,12 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "deadline",
                 "verified",
                 "rotation_state",
+                "mcp",
+                "mcp.jsonrpc",
+                "mcp.grants",
+                "mcp.lists",
+                "mcp.sse",
+                "mcp.audit",
             }
         ),
     ),
