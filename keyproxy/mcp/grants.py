@@ -29,6 +29,7 @@ from keyproxy.mcp.jsonrpc import (
     Id,
     Kind,
     Message,
+    MessageError,
 )
 
 # Requests a client sends, per revision (from the published schema of each).
@@ -223,6 +224,11 @@ class Refusal:
     id: Id | None
     code: int
     message: str
+
+    @classmethod
+    def from_error(cls, error: MessageError) -> Refusal:
+        """The answer to a body that could not be read (its id when one was read)."""
+        return cls(error.id, error.code, error.message)
 
     def response(self) -> dict[str, Any]:
         """The JSON-RPC error response an MCP client shows (to the model, for a tool call)."""

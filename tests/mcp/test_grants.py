@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from keyproxy.errors import ConfigError
-from keyproxy.mcp import Grant, Refusal, decide, decide_server_request, parse_body
+from keyproxy.mcp import (
+    Grant,
+    MessageError,
+    Refusal,
+    decide,
+    decide_server_request,
+    parse_body,
+)
 from keyproxy.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND
 
 OLD, NEW = "2025-03-26", "2025-06-18"
@@ -215,3 +222,14 @@ def test_server_requests_pass_only_when_the_route_allows_them(
     assert (refusal is None) == passes
     if refusal is not None:
         assert refusal.response()["id"] == 9
+
+
+def test_an_unreadable_body_is_answered_with_a_parse_error() -> None:
+    """A body refused by the reader becomes a JSON-RPC error with the id it could read."""
+    with pytest.raises(MessageError) as caught:
+        parse_body(b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":[]}')
+    assert Refusal.from_error(caught.value).response() == {
+        "jsonrpc": "2.0",
+        "id": 5,
+        "error": {"code": -32600, "message": "params is not a JSON object"},
+    }
