@@ -95,6 +95,15 @@ def protocol_version(header: str | None) -> str:
     return header
 
 
+def negotiated_version(message: Message) -> str:
+    """The protocol version an initialize response settles on; an unknown one is refused
+    (the session could not be read exactly)."""
+    found = message.result.get("protocolVersion") if message.result is not None else None
+    if not isinstance(found, str) or found not in PROTOCOL_VERSIONS:
+        raise MessageError(f"initialize answered with unsupported protocol version {found!r}")
+    return found
+
+
 def id_text(value: Id | None) -> str:
     """A JSON-RPC id as text for logs: a string id quoted, so "1" and 1 stay different."""
     if value is None:

@@ -57,7 +57,8 @@ class EventReader:
 
     def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._max = max_event_bytes
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._checked = 0  # bytes at the buffer's start known to hold no line end
         self._lines: list[bytes] = []
         self._size = 0
         self._started = False
@@ -75,27 +76,30 @@ class EventReader:
         """The events the end of the stream completes (a final lone CR ends its line); an
         unfinished event is dropped."""
         events = self._split(final=True)
-        self._buffer, self._lines, self._size = b"", [], 0
+        self._buffer, self._checked, self._lines, self._size = bytearray(), 0, [], 0
         return events
 
     def _split(self, *, final: bool) -> list[Event]:
         events = []
         start = 0
         buffer = self._buffer
-        while (match := _LINE_END.search(buffer, start)) is not None:
+        search = self._checked
+        while (match := _LINE_END.search(buffer, search)) is not None:
             # A CR as the last byte may be the first half of a CRLF still on its way.
             if match.group() == b"\r" and match.end() == len(buffer) and not final:
                 break
-            raw = buffer[start : match.end()]
-            line = buffer[start : match.start()]
-            start = match.end()
+            raw = bytes(buffer[start : match.end()])
+            blank = match.start() == start
+            start = search = match.end()
             self._lines.append(raw)
             self._size += len(raw)
-            if not line:
+            if blank:
                 events.append(_event(tuple(self._lines)))
                 self._lines, self._size = [], 0
-        self._buffer = buffer[start:]
-        if self._size + len(self._buffer) > self._max:
+        del buffer[:start]
+        # What is left holds no line end, but perhaps a final CR awaiting its LF.
+        self._checked = len(buffer) - (1 if buffer.endswith(b"\r") else 0)
+        if self._size + len(buffer) > self._max:
             raise MessageError(f"event larger than {self._max} bytes")
         return events
 

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from keyproxy.mcp import Kind, MessageError, id_text, parse_body, protocol_version
+from keyproxy.mcp import (
+    Kind,
+    MessageError,
+    id_text,
+    negotiated_version,
+    parse_body,
+    protocol_version,
+)
 from keyproxy.mcp.jsonrpc import INVALID_REQUEST, PARSE_ERROR
 
 OLD, NEW = "2025-03-26", "2025-06-18"
@@ -166,3 +173,26 @@ def test_params_are_kept_as_read() -> None:
     """A request's params are what was sent; has_params tells {} from absent."""
     body = parse_body(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode())
     assert (body.messages[0].params, body.messages[0].has_params) == ({}, False)
+
+
+@pytest.mark.parametrize(
+    ("result", "version"),
+    [
+        ({"protocolVersion": "2025-06-18"}, "2025-06-18"),
+        ({"protocolVersion": "2024-11-05"}, None),
+        ({}, None),
+        ({"protocolVersion": 20250618}, None),
+    ],
+)
+def test_the_negotiated_version_is_read_from_the_initialize_answer(
+    result: dict[str, object], version: str | None
+) -> None:
+    """The initialize result names the session's version; one keyproxy cannot read is refused."""
+    (message,) = parse_body(
+        json.dumps({"jsonrpc": "2.0", "id": 1, "result": result}).encode()
+    ).messages
+    if version is None:
+        with pytest.raises(MessageError, match="unsupported protocol version"):
+            negotiated_version(message)
+    else:
+        assert negotiated_version(message) == version
