@@ -57,6 +57,12 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "deadline",
                 "verified",
                 "rotation.state",
+                "mcp",
+                "mcp.jsonrpc",
+                "mcp.grants",
+                "mcp.lists",
+                "mcp.sse",
+                "mcp.audit",
             }
         ),
     ),

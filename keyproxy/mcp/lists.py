@@ -1,0 +1,128 @@
+"""Filtering list answers to the grant, so a model is never offered what it cannot use.
+
+    Pending.of(body) -> Pending            the list requests a POST body sent, by id
+    filter_result(method, result, grant) -> dict
+    filter_json_answer(data, pending, grant, version) -> bytes
+
+Only the items array is filtered; every other member (`nextCursor` for the next page, `_meta`)
+is kept as the server sent it, so pagination goes on unchanged: each page is filtered on its
+own, and a page may come back shorter, or empty, with its cursor still there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keyproxy.mcp.grants import LIST_METHODS, Grant, name_problem
+from keyproxy.mcp.jsonrpc import (
+    DEFAULT_MAX_BYTES,
+    Body,
+    Id,
+    Kind,
+    Message,
+    MessageError,
+    id_text,
+    parse_body,
+)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The list requests awaiting an answer, by id text (so 1 and "1" stay apart)."""
+
+    methods: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: Body) -> Pending:
+        return cls(
+            {
+                id_text(m.id): m.method
+                for m in body.messages
+                if m.kind is Kind.REQUEST and m.method is not None and m.method in LIST_METHODS
+            }
+        )
+
+    def method_for(self, request_id: Id | None) -> str | None:
+        return self.methods.get(id_text(request_id)) if request_id is not None else None
+
+
+def _keeps(method: str, item: object, grant: Grant) -> bool:
+    if not isinstance(item, dict):
+        return False
+    if method == "tools/list":
+        return _exact(item.get("name"), grant.tools)
+    if method == "prompts/list":
+        return _exact(item.get("name"), grant.prompts)
+    if method == "resources/list":
+        uri = item.get("uri")
+        return isinstance(uri, str) and name_problem(uri) is None and grant.allows_uri(uri)
+    template = item.get("uriTemplate")
+    return isinstance(template, str) and grant.allows_template(template)
+
+
+def _exact(name: object, granted: frozenset[str]) -> bool:
+    return isinstance(name, str) and name in granted
+
+
+def filter_result(method: str, result: Mapping[str, Any], grant: Grant) -> dict[str, Any]:
+    """`result` of a list method with only the granted items; other members kept as sent.
+    A result whose items member is missing or not an array is refused."""
+    member = LIST_METHODS[method]
+    items = result.get(member)
+    if not isinstance(items, list):
+        raise MessageError(f"{method} result has no {member} array")
+    return {**result, member: [item for item in items if _keeps(method, item, grant)]}
+
+
+def filter_message(message: Message, pending: Pending, grant: Grant) -> dict[str, Any] | None:
+    """The response `message` as it should reach the caller when it answers a pending list
+    request (as a JSON-RPC object), or None when it passes unchanged."""
+    method = pending.method_for(message.id)
+    if message.kind is not Kind.RESPONSE or message.result is None or method is None:
+        return None
+    result = filter_result(method, message.result, grant)
+    return {"jsonrpc": "2.0", "id": message.id, "result": result}
+
+
+def _encode(value: object) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def filter_json_answer(
+    data: bytes,
+    pending: Pending,
+    grant: Grant,
+    version: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> bytes:
+    """An application/json answer body with its list responses filtered; `data` itself when
+    nothing in it answers a pending list request. An unreadable answer is refused."""
+    body = parse_body(data, version=version, max_bytes=max_bytes)
+    filtered = [filter_message(m, pending, grant) for m in body.messages]
+    if all(f is None for f in filtered):
+        return data
+    # Re-encoding: the filtered answer is rebuilt from what was read, so only what was
+    # parsed exactly reaches the caller.
+    values = [
+        f if f is not None else as_json(m) for m, f in zip(body.messages, filtered, strict=True)
+    ]
+    return _encode(values if body.batch else values[0])
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    value: dict[str, Any] = {"jsonrpc": "2.0"}
+    if message.method is not None:
+        value["method"] = message.method
+    if message.kind is not Kind.NOTIFICATION:
+        value["id"] = message.id
+    if message.has_params:
+        value["params"] = dict(message.params)
+    if message.result is not None:
+        value["result"] = dict(message.result)
+    if message.error is not None:
+        value["error"] = dict(message.error)
+    return value

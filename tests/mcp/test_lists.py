@@ -1,0 +1,136 @@
+"""List answers are filtered to the grant, keeping the cursor and every other member."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from keyproxy.mcp import Grant, MessageError, Pending, filter_json_answer, filter_result, parse_body
+
+GRANT = Grant.build(tools=["a", "c"], prompts=["p"], resources=["file:///docs/*", "x://one"])
+
+
+def tool(name: object) -> dict[str, Any]:
+    return {"name": name, "inputSchema": {"type": "object"}}
+
+
+RESULTS = [
+    (
+        "tools/list",
+        {"tools": [tool("a"), tool("b"), tool("A"), tool("c"), tool(3), "a"], "nextCursor": "n2"},
+        {"tools": [tool("a"), tool("c")], "nextCursor": "n2"},
+    ),
+    ("tools/list", {"tools": [tool("b")], "nextCursor": "n3"}, {"tools": [], "nextCursor": "n3"}),
+    ("tools/list", {"tools": [], "_meta": {"k": 1}}, {"tools": [], "_meta": {"k": 1}}),
+    (
+        "prompts/list",
+        {"prompts": [{"name": "p"}, {"name": "q"}]},
+        {"prompts": [{"name": "p"}]},
+    ),
+    (
+        "resources/list",
+        {
+            "resources": [
+                {"uri": "file:///docs/a", "name": "a"},
+                {"uri": "file:///etc/x", "name": "b"},
+                {"uri": "x://one", "name": "c"},
+                {"uri": "x://one/more", "name": "d"},
+            ],
+            "nextCursor": "r",
+        },
+        {
+            "resources": [{"uri": "file:///docs/a", "name": "a"}, {"uri": "x://one", "name": "c"}],
+            "nextCursor": "r",
+        },
+    ),
+    (
+        "resources/templates/list",
+        {
+            "resourceTemplates": [
+                {"uriTemplate": "file:///docs/{path}", "name": "docs"},
+                {"uriTemplate": "file:///{path}", "name": "all"},
+                {"uriTemplate": "x://{thing}", "name": "x"},
+            ]
+        },
+        {"resourceTemplates": [{"uriTemplate": "file:///docs/{path}", "name": "docs"}]},
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "result", "expected"), RESULTS)
+def test_list_results_keep_only_granted_items(
+    method: str, result: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """Only granted names or URIs stay (compared exactly); nextCursor and _meta are kept."""
+    assert filter_result(method, result, GRANT) == expected
+
+
+def test_a_result_without_its_items_array_is_refused() -> None:
+    """A tools/list result whose tools member is missing or not an array is not guessed at."""
+    for result in ({}, {"tools": {"a": 1}}):
+        with pytest.raises(MessageError, match="has no tools array"):
+            filter_result("tools/list", result, GRANT)
+
+
+def answer(result: dict[str, Any], rid: object = 1) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+
+def pending_for(*requests: tuple[object, str]) -> Pending:
+    batch = [{"jsonrpc": "2.0", "id": rid, "method": m} for rid, m in requests]
+    return Pending.of(parse_body(json.dumps(batch).encode(), version="2025-03-26"))
+
+
+def test_a_json_answer_to_a_list_request_is_filtered() -> None:
+    """The JSON answer to a pending tools/list is re-encoded with the granted tools only."""
+    data = json.dumps(answer({"tools": [tool("a"), tool("b")], "nextCursor": "c2"})).encode()
+    out = filter_json_answer(data, pending_for((1, "tools/list")), GRANT, "2025-06-18")
+    assert json.loads(out) == answer({"tools": [tool("a")], "nextCursor": "c2"})
+
+
+def test_other_answers_pass_byte_for_byte() -> None:
+    """An answer to a request that is not a pending list request is returned unchanged."""
+    data = b'{"jsonrpc":"2.0", "id":2, "result":{"tools":[{"name":"b"}]}}'
+    pending = pending_for((1, "tools/list"), ("2", "tools/list"))
+    assert filter_json_answer(data, pending, GRANT, "2025-06-18") is data
+
+
+def test_a_batched_answer_filters_only_its_list_responses() -> None:
+    """In a 2025-03-26 batch answer, each list response is filtered and the rest kept."""
+    batch = [
+        answer({"content": [{"type": "text", "text": "hi"}]}, rid=1),
+        answer({"prompts": [{"name": "p"}, {"name": "z"}], "nextCursor": None}, rid="2"),
+    ]
+    pending = pending_for((1, "tools/call"), ("2", "prompts/list"))
+    out = json.loads(filter_json_answer(json.dumps(batch).encode(), pending, GRANT, "2025-03-26"))
+    assert out == [batch[0], answer({"prompts": [{"name": "p"}], "nextCursor": None}, rid="2")]
+
+
+def test_an_unreadable_answer_is_refused() -> None:
+    """A list answer with a duplicate member is refused rather than filtered by a guess."""
+    data = b'{"jsonrpc":"2.0","id":1,"result":{"tools":[],"tools":[{"name":"b"}]}}'
+    with pytest.raises(MessageError, match="given twice"):
+        filter_json_answer(data, pending_for((1, "tools/list")), GRANT, "2025-06-18")
+
+
+def test_pagination_filters_each_page_and_keeps_walking() -> None:
+    """Walking pages by nextCursor yields exactly the granted tools; no cursor is lost."""
+    pages: dict[str | None, dict[str, Any]] = {
+        None: ({"tools": [tool("b"), tool("a")], "nextCursor": "p2"}),
+        "p2": ({"tools": [tool("d")], "nextCursor": "p3"}),
+        "p3": ({"tools": [tool("c"), tool("e")]}),
+    }
+    seen, cursor, rid = [], None, 0
+    for _ in range(10):
+        rid += 1
+        data = json.dumps(answer(pages[cursor], rid)).encode()
+        out = json.loads(
+            filter_json_answer(data, pending_for((rid, "tools/list")), GRANT, "2025-06-18")
+        )
+        seen += [t["name"] for t in out["result"]["tools"]]
+        cursor = out["result"].get("nextCursor")
+        if cursor is None:
+            break
+    assert (seen, rid) == (["a", "c"], 3)
