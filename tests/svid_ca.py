@@ -27,9 +27,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
+def _key_usage(*, ca: bool, digital_signature: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=not ca,
+        digital_signature=digital_signature,
         content_commitment=False,
         key_encipherment=False,
         data_encipherment=False,
@@ -92,7 +92,7 @@ class SvidCA:
             .not_valid_before(_now() - dt.timedelta(hours=1))
             .not_valid_after(_now() + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=True), critical=True)
+            .add_extension(_key_usage(ca=True, digital_signature=False), critical=True)
             .add_extension(
                 x509.SubjectAlternativeName(
                     [x509.UniformResourceIdentifier(f"spiffe://{self.trust_domain}")]
@@ -132,7 +132,9 @@ class SvidCA:
             .not_valid_before(not_before or _now() - dt.timedelta(minutes=5))
             .not_valid_after(not_after or _now() + dt.timedelta(hours=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=ca), critical=True)
+            # A CA certificate used as a leaf keeps digitalSignature, so TLS accepts it as a client
+            # certificate and only the SVID rules refuse it.
+            .add_extension(_key_usage(ca=ca, digital_signature=True), critical=True)
             # An empty subject makes the SAN critical (RFC 5280 4.1.2.6).
             .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
@@ -163,7 +165,7 @@ class SvidCA:
         )
 
     def ca_as_leaf(self) -> Issued:
-        """A CA certificate (cA=true, keyCertSign) with a SPIFFE ID, used as a client leaf."""
+        """A CA certificate (cA=true, keyCertSign, digitalSignature) with a SPIFFE ID, as a leaf."""
         return self.svid("/agent", ca=True)
 
     def server_cert(self) -> Issued:
