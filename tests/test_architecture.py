@@ -38,13 +38,17 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "deadline",
                 "verified",
                 "rotation_state",
+                "spiffe",
             }
         ),
     ),
     # I/O adapters: Vault, the issuers, task tokens, upstream sessions, rotators, logs, metrics.
     (
         "I/O adapters",
-        frozenset({"vault", "identity", "tokens", "upstream", "rotators", "audit", "metrics"}),
+        frozenset(
+            {"vault", "identity", "tokens", "upstream", "rotators", "audit", "metrics"}
+            | {"tls", "watch"}
+        ),
     ),
     (
         "pipeline and app",
