@@ -6,7 +6,7 @@ life. `reload()` reads the files again and builds a complete new `ssl.SSLContext
 `SvidVerifier`; only when both are built does it swap them in, so a half-written or mismatched
 file leaves the running ones in force (the error is raised for the caller to log). New handshakes
 use the new certificate and bundles; connections already open keep the context they started
-with.
+with. `follow()` does that whenever a file's content changes (keyproxy/watch.py).
 
 How the swap works: asyncio wraps every accepted connection with `context.wrap_bio(...)`. The
 context given to the listener is a thin `ssl.SSLContext` whose `wrap_bio` delegates to the newest
@@ -25,7 +25,7 @@ a reason for the audit log, each connection's `SSLObject` reports a failed hands
 no shared version or cipher, ...). Everything after the handshake (the SVID rules, the bundle of
 the leaf's own trust domain) is `SvidVerifier`'s, with its own reasons.
 
-`peer_chain(request)` gives the client certificate chain the handshake verified (DER, leaf
+`peer_chain(request.transport)` gives the client certificate chain the handshake verified (DER, leaf
 first), for `SvidVerifier.verify`. Python exposes that chain publicly from 3.13; 3.11 and 3.12
 have the same method on the connection's private `_sslobj`.
 
@@ -35,6 +35,7 @@ suites are all modern already); no compression, no renegotiation, a fresh ECDH k
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ssl
 import sys
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Protocol
 
 from keyproxy.spiffe import SvidVerifier, TrustBundle, parse_bundle
+from keyproxy.watch import watch_files
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only, ECDSA or RSA certificates.
 TLS12_CIPHERS = ":".join(
@@ -217,9 +219,38 @@ class ServerTLS:
         Raises OSError (a file missing or unreadable), ssl.SSLError (a bad certificate or key,
         or a key that does not match), spiffe.BundleError or ValueError (a bad bundle).
         """
-        built = _build(self.files, self._on_refused)
+        self._swap(_build(self.files, self._on_refused))
+
+    def _swap(self, built: _Built) -> None:
         self._built = built
         self._context.current = built.context
+
+    async def follow(
+        self,
+        on_error: Callable[[Exception], None],
+        *,
+        stop: asyncio.Event | None = None,
+        on_reload: Callable[[], None] | None = None,
+        poll: bool = False,
+    ) -> None:
+        """Reload whenever the content of one of the files changes, until `stop` is set.
+
+        Run by the owner's task (the app's cleanup context). A failed reload goes to `on_error`
+        and the running context stays: a certificate written before its key fails once, and
+        the key's own change then reloads both. Paths must be absolute (see keyproxy/watch.py).
+        """
+        async for _changed in watch_files(self.files.paths, stop=stop, poll=poll):
+            try:
+                built = await asyncio.to_thread(_build, self.files, self._on_refused)
+            except (
+                OSError,
+                ValueError,
+            ) as exc:  # ssl.SSLError is an OSError, BundleError a ValueError
+                on_error(exc)
+                continue
+            self._swap(built)
+            if on_reload is not None:
+                on_reload()
 
 
 class _HasExtraInfo(Protocol):

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 
 import watchfiles
 
 DEBOUNCE_MS = 200
 POLL_MS = 500
+RECHECK_MS = 5000
 
 
 def digest(path: Path) -> str | None:
@@ -58,7 +59,8 @@ async def watch_files(
     debounce_ms: int = DEBOUNCE_MS,
     poll: bool = False,
     poll_ms: int = POLL_MS,
-) -> AsyncIterator[frozenset[Path]]:
+    recheck_ms: int = RECHECK_MS,
+) -> AsyncGenerator[frozenset[Path], None]:
     """Yield the watched paths whose content changed, until `stop` is set or the loop is closed.
 
     Paths must be absolute and are not resolved (a symlink is watched as the symlink). Their
@@ -79,6 +81,8 @@ async def watch_files(
         recursive=False,
         force_polling=poll,
         poll_delay_ms=poll_ms,
+        rust_timeout=recheck_ms,
+        yield_on_timeout=True,  # an empty batch every recheck_ms without events
     ):
         changed = set()
         for path in watched:

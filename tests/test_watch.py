@@ -179,3 +179,27 @@ async def test_nothing_to_watch_refused() -> None:
     with pytest.raises(ValueError, match="nothing to watch"):
         async for _ in watch_files([]):
             pass
+
+
+async def test_change_without_event_found_by_recheck(tmp_path: Path) -> None:
+    """A change no event announces (polling once a minute here) is found by the re-check."""
+    target = tmp_path / "app.yaml"
+    target.write_text("version 0")
+    stop = asyncio.Event()
+    changes = watch_files([target], stop=stop, poll=True, poll_ms=60_000, recheck_ms=100)
+    next_change = asyncio.ensure_future(anext(changes))
+    try:
+        # Keep changing the file until a change is reported: the first writes may land before
+        # the watch has read its baseline.
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        for n in range(1, 1000):
+            assert asyncio.get_running_loop().time() < deadline, "no change reported"
+            target.write_text(f"version {n}")
+            done, _ = await asyncio.wait([next_change], timeout=0.5)
+            if done:
+                break
+        assert next_change.result() == {target}
+    finally:
+        stop.set()
+        next_change.cancel()
+        await changes.aclose()
