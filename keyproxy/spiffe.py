@@ -8,7 +8,9 @@
   (a JWKS whose `use: x509-svid` entries carry the CA certificate as the first `x5c` value).
 - `SvidVerifier(bundles).verify(chain, now)` turns the DER chain a client presented (leaf first)
   into an `Svid`, or raises `Unauthenticated` with a distinct `reason` for each refusal.
-- `thumbprint(der)` is RFC 8705's `x5t#S256`: base64url (no padding) of SHA-256 of the DER.
+- `thumbprint(der)` is RFC 8705's `x5t#S256`: base64url (no padding) of SHA-256 of the DER;
+  `presents(expected, der)` says whether a connection's certificate is the one a bound token
+  names (compared in constant time).
 
 How a chain is verified. The TLS handshake (Python's `ssl`, see keyproxy/tls.py) already checked
 the chain against the union of all configured bundles; that alone would let trust domain A's CA
@@ -31,6 +33,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import hmac
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -157,6 +160,11 @@ def _bundle_json_authorities(data: bytes) -> tuple[x509.Certificate, ...]:
 def thumbprint(der: bytes) -> str:
     """RFC 8705 `x5t#S256`: base64url, unpadded, of the SHA-256 of the DER certificate."""
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+def presents(expected: str, der: bytes | None) -> bool:
+    """Whether the connection's certificate `der` is the one a token's `cnf.x5t#S256` names."""
+    return der is not None and hmac.compare_digest(thumbprint(der), expected)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from keyproxy.spiffe import (
     SvidVerifier,
     parse_bundle,
     parse_spiffe_id,
+    presents,
     thumbprint,
 )
 from tests.svid_ca import SvidCA
@@ -116,6 +117,15 @@ def test_thumbprint_is_rfc8705_x5t_s256() -> None:
     expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
     assert thumbprint(der) == expected
     assert len(expected) == 43
+
+
+def test_presents_only_the_named_certificate() -> None:
+    """A bound token's thumbprint matches its own certificate, not another SVID, not none."""
+    ca = SvidCA()
+    mine, other = ca.svid(), ca.svid()
+    assert presents(thumbprint(mine.der), mine.der)
+    assert not presents(thumbprint(mine.der), other.der)
+    assert not presents(thumbprint(mine.der), None)
 
 
 @pytest.mark.parametrize("intermediate", [False, True])

@@ -103,6 +103,12 @@ def cas() -> dict[str, SvidCA]:
     }
 
 
+@pytest.fixture
+def plain_tls(tmp_path: Path, cas: dict[str, SvidCA]) -> ServerTLS:
+    """A listener's TLS from files, without client certificates."""
+    return ServerTLS(_tls_files(tmp_path, cas["server"], {}, ClientAuth.NONE))
+
+
 @asynccontextmanager
 async def mtls_listener(
     tmp_path: Path,
@@ -195,10 +201,9 @@ async def test_required_client_cert_accepts_svid(tmp_path: Path, cas: dict[str, 
     assert status == 200
 
 
-def test_old_tls_versions_refused(tmp_path: Path, cas: dict[str, SvidCA]) -> None:
-    """The context refuses anything below TLS 1.2 and offers only AEAD suites with ECDHE."""
-    tls = ServerTLS(_tls_files(tmp_path, cas["server"], {}, ClientAuth.NONE))
-    inner = tls.active_context
+def test_context_settings(plain_tls: ServerTLS) -> None:
+    """The context's minimum is TLS 1.2, and its TLS 1.2 suites are ECDHE with AEAD only."""
+    inner = plain_tls.active_context
     assert inner.minimum_version is ssl.TLSVersion.TLSv1_2
     tls12 = [c for c in inner.get_ciphers() if c["protocol"] == "TLSv1.2"]
     assert tls12
@@ -219,11 +224,10 @@ def _server_thumbprint(url: str, trust: SvidCA) -> str:
 
 
 async def test_server_certificate_reloaded_while_clients_connect(
-    tmp_path: Path, cas: dict[str, SvidCA]
+    tmp_path: Path, cas: dict[str, SvidCA], plain_tls: ServerTLS
 ) -> None:
     """Replacing the certificate on disk: new handshakes see the new one, no request fails."""
-    server_ca = cas["server"]
-    tls = ServerTLS(_tls_files(tmp_path, server_ca, {}, ClientAuth.NONE))
+    server_ca, tls = cas["server"], plain_tls
     old = _server_thumbprint_of(tls)
     stop = asyncio.Event()
     seen: list[str] = []
@@ -264,11 +268,10 @@ def print_error(exc: Exception) -> None:
 
 
 async def test_open_connection_keeps_its_certificate(
-    tmp_path: Path, cas: dict[str, SvidCA]
+    tmp_path: Path, cas: dict[str, SvidCA], plain_tls: ServerTLS
 ) -> None:
     """A connection opened before a reload keeps working, on the certificate it started with."""
-    server_ca = cas["server"]
-    tls = ServerTLS(_tls_files(tmp_path, server_ca, {}, ClientAuth.NONE))
+    server_ca, tls = cas["server"], plain_tls
     old = _server_thumbprint_of(tls)
     async with serving(tls, server_ca) as listener:
         host, port = listener.url.removeprefix("https://").split(":")
@@ -351,11 +354,11 @@ async def _until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.01)  # polling for the condition
 
 
-def test_failed_reload_keeps_running_context(tmp_path: Path, cas: dict[str, SvidCA]) -> None:
+def test_failed_reload_keeps_running_context(cas: dict[str, SvidCA], plain_tls: ServerTLS) -> None:
     """A key that does not match the new certificate leaves the old context in force."""
-    tls = ServerTLS(_tls_files(tmp_path, cas["server"], {}, ClientAuth.NONE))
+    tls = plain_tls
     before = tls.active_context
     tls.files.certificate.write_bytes(cas["server"].server_cert().chain_pem())
     with pytest.raises(ssl.SSLError):
         tls.reload()
-    assert tls.context.current is before  # type: ignore[attr-defined]
+    assert tls.active_context is before
