@@ -157,19 +157,22 @@ def _reporting_sslobject(on_refused: OnRefused) -> type[ssl.SSLObject]:
     return ReportingSSLObject
 
 
-def _build(files: TLSFiles, on_refused: OnRefused | None) -> _Built:
+def _build(files: TLSFiles, sslobject_class: type[ssl.SSLObject] | None) -> _Built:
     bundles = tuple(
         parse_bundle(trust_domain, path.read_bytes())
         for trust_domain, path in files.client_bundles.items()
     )
     context = build_context(files, bundles)
-    if on_refused is not None:
-        context.sslobject_class = _reporting_sslobject(on_refused)
+    if sslobject_class is not None:
+        context.sslobject_class = sslobject_class
     return _Built(context, SvidVerifier(bundles), dt.datetime.now(dt.UTC))
 
 
 class _ReloadingContext(ssl.SSLContext):
-    """The listener's context: each new connection is wrapped by the newest built context."""
+    """The listener's context: each new connection is wrapped by the newest built context.
+
+    Only `wrap_bio` (what asyncio calls) is delegated; this context is for asyncio listeners.
+    """
 
     current: ssl.SSLContext
 
@@ -189,8 +192,8 @@ class ServerTLS:
 
     def __init__(self, files: TLSFiles, *, on_refused: OnRefused | None = None) -> None:
         self.files = files
-        self._on_refused = on_refused
-        self._built = _build(files, on_refused)
+        self._sslobject_class = _reporting_sslobject(on_refused) if on_refused else None
+        self._built = _build(files, self._sslobject_class)
         self._context = _ReloadingContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.current = self._built.context
 
@@ -219,7 +222,7 @@ class ServerTLS:
         Raises OSError (a file missing or unreadable), ssl.SSLError (a bad certificate or key,
         or a key that does not match), spiffe.BundleError or ValueError (a bad bundle).
         """
-        self._swap(_build(self.files, self._on_refused))
+        self._swap(_build(self.files, self._sslobject_class))
 
     def _swap(self, built: _Built) -> None:
         self._built = built
@@ -241,7 +244,7 @@ class ServerTLS:
         """
         async for _changed in watch_files(self.files.paths, stop=stop, poll=poll):
             try:
-                built = await asyncio.to_thread(_build, self.files, self._on_refused)
+                built = await asyncio.to_thread(_build, self.files, self._sslobject_class)
             except (
                 OSError,
                 ValueError,
