@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -118,9 +119,14 @@ class SvidCA:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         key: ec.EllipticCurvePrivateKey | None = None,
-        server: bool = False,
+        key_usage: x509.KeyUsage | None = None,
+        omit_key_usage: bool = False,
     ) -> Issued:
-        """Issue a certificate with exactly the given SANs, signed by the issuing CA."""
+        """Issue a certificate with exactly the given SANs, signed by the issuing CA.
+
+        The keyUsage is digitalSignature (plus keyCertSign and cRLSign for `ca`) unless
+        `key_usage` is given or `omit_key_usage` leaves it out.
+        """
         key = key or ec.generate_private_key(ec.SECP256R1())
         usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         builder = (
@@ -132,9 +138,6 @@ class SvidCA:
             .not_valid_before(not_before or _now() - dt.timedelta(minutes=5))
             .not_valid_after(not_after or _now() + dt.timedelta(hours=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            # A CA certificate used as a leaf keeps digitalSignature, so TLS accepts it as a client
-            # certificate and only the SVID rules refuse it.
-            .add_extension(_key_usage(ca=ca, digital_signature=True), critical=True)
             # An empty subject makes the SAN critical (RFC 5280 4.1.2.6).
             .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
@@ -143,19 +146,24 @@ class SvidCA:
                 False,
             )
         )
-        if not ca or server:
+        if not omit_key_usage:
+            # A CA certificate used as a leaf keeps digitalSignature, so TLS accepts it as a
+            # client certificate and only the SVID rules refuse it.
+            usage = key_usage or _key_usage(ca=ca, digital_signature=True)
+            builder = builder.add_extension(usage, critical=True)
+        if not ca:
             builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         return Issued(builder.sign(self.issuer.key, hashes.SHA256()), key, self._chain_above_leaf())
 
-    def svid(self, path: str = "/agent", **kwargs: object) -> Issued:
-        """A valid X.509-SVID for spiffe://<trust domain><path>."""
+    def svid(self, path: str = "/agent", **options: Any) -> Issued:
+        """A valid X.509-SVID for spiffe://<trust domain><path>; `options` go to `issue`."""
         uri = x509.UniformResourceIdentifier(f"spiffe://{self.trust_domain}{path}")
-        return self.issue([uri], **kwargs)  # type: ignore[arg-type]
+        return self.issue([uri], **options)
 
-    def svid_for(self, *uris: str, **kwargs: object) -> Issued:
+    def svid_for(self, *uris: str, **options: Any) -> Issued:
         """A leaf carrying exactly these URI SANs (any trust domain, any count)."""
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-        return self.issue(sans, **kwargs)  # type: ignore[arg-type]
+        return self.issue(sans, **options)
 
     def expired_svid(self, path: str = "/agent") -> Issued:
         return self.svid(
@@ -170,9 +178,7 @@ class SvidCA:
 
     def server_cert(self) -> Issued:
         """A server certificate for 127.0.0.1 and localhost."""
-        return self.issue(
-            [x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")], server=True
-        )
+        return self.issue([x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")])
 
     def bundle_pem(self) -> bytes:
         return self.root.certificate.public_bytes(serialization.Encoding.PEM)

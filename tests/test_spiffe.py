@@ -8,6 +8,7 @@ import hashlib
 import json
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyproxy.errors import Unauthenticated
@@ -148,7 +149,7 @@ def _reason(verifier: SvidVerifier, chain: list[bytes]) -> str:
 
 
 def test_each_bad_svid_refused_with_its_reason() -> None:
-    """Other or unknown trust domain, expiry, two URI SANs, a CA leaf, no cert: distinct reasons."""
+    """Each wrong SVID (trust domain, validity, SANs, CA leaf, key usage, none) has its reason."""
     ca, other, stranger = SvidCA("example.org"), SvidCA("other.org"), SvidCA("example.org")
     verifier = SvidVerifier(
         [
@@ -160,8 +161,14 @@ def test_each_bad_svid_refused_with_its_reason() -> None:
         "svid_missing": [],
         "svid_malformed": [b"not a certificate"],
         "svid_expired": [ca.expired_svid().der],
+        "svid_not_yet_valid": [
+            ca.svid(
+                not_before=_now() + dt.timedelta(hours=1), not_after=_now() + dt.timedelta(hours=2)
+            ).der
+        ],
         "svid_uri_san_count": [ca.svid_for("spiffe://example.org/a", "spiffe://example.org/b").der],
         "svid_leaf_is_ca": [ca.ca_as_leaf().der],
+        "svid_key_usage": [ca.svid(omit_key_usage=True).der],
         "svid_invalid_id": [ca.svid_for("https://example.org/a").der],
         "svid_unknown_trust_domain": [ca.svid_for("spiffe://third.org/a").der],
         # A CA of one trust domain vouching for an ID in another.
@@ -171,6 +178,27 @@ def test_each_bad_svid_refused_with_its_reason() -> None:
         assert _reason(verifier, chain) == reason, reason
     # Signed by an unknown CA that claims the same trust domain.
     assert _reason(verifier, [stranger.svid().der]) == "svid_untrusted"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"digital_signature": False, "key_agreement": True},
+        {"digital_signature": True, "key_cert_sign": True},
+        {"digital_signature": True, "crl_sign": True},
+    ],
+)
+def test_leaf_key_usage_checked(usage: dict[str, bool]) -> None:
+    """A leaf without digitalSignature, or with keyCertSign or cRLSign, is refused."""
+    flags = dict.fromkeys(
+        ["digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+         "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"],
+        False,
+    ) | usage  # fmt: skip
+    ca = SvidCA("example.org")
+    verifier = SvidVerifier([parse_bundle("example.org", ca.bundle_pem())])
+    leaf = ca.svid(key_usage=x509.KeyUsage(**flags))
+    assert _reason(verifier, [leaf.der]) == "svid_key_usage"
 
 
 def test_trust_domain_id_is_no_leaf() -> None:
