@@ -21,6 +21,8 @@ trust domain and verifies the chain again against that bundle alone, with
 `cryptography.x509.verification`'s client verifier (RFC 5280 path validation with the Web PKI
 profile; it accepts leaves whose only SAN is a URI, as SVIDs are). The leaf checks run first so
 that each refusal has its own reason; the path validation repeats some of them, which is cheap.
+`verify` is complete on its own, so it serves as well for a certificate that a trusted front
+proxy forwarded in a header, where no handshake of ours checked anything.
 
 We do not use the `spiffe` package: it pulls in gRPC and protobuf for its Workload API client,
 reads only PEM/DER bundles, and has no verifier for a peer's chain; the ID grammar is a few lines

@@ -201,6 +201,33 @@ async def test_required_client_cert_accepts_svid(tmp_path: Path, cas: dict[str, 
     assert status == 200
 
 
+async def test_no_chain_without_tls() -> None:
+    """On a plain HTTP connection, or without a transport, there is no peer chain."""
+    seen: list[tuple[bytes, ...]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(peer_chain(request.transport))
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as response:
+                assert response.status == 200
+    finally:
+        await runner.cleanup()
+    assert seen == [()]
+    assert peer_chain(None) == ()
+    assert peer_certificate(None) is None
+
+
 def test_context_settings(plain_tls: ServerTLS) -> None:
     """The context's minimum is TLS 1.2, and its TLS 1.2 suites are ECDHE with AEAD only."""
     inner = plain_tls.active_context
