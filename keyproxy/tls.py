@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Protocol
 
 from keyproxy.spiffe import SvidVerifier, TrustBundle, parse_bundle
-from keyproxy.watch import watch_files
+from keyproxy.watch import digest, watch_files
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only, ECDSA or RSA certificates.
 TLS12_CIPHERS = ":".join(
@@ -103,6 +103,7 @@ class _Built:
     context: ssl.SSLContext
     verifier: SvidVerifier
     loaded_at: dt.datetime
+    digests: Mapping[Path, str | None]  # of each file, taken before it was read
 
 
 def build_context(files: TLSFiles, bundles: tuple[TrustBundle, ...]) -> ssl.SSLContext:
@@ -158,6 +159,7 @@ def _reporting_sslobject(on_refused: OnRefused) -> type[ssl.SSLObject]:
 
 
 def _build(files: TLSFiles, sslobject_class: type[ssl.SSLObject] | None) -> _Built:
+    digests = {path: digest(path) for path in files.paths}
     bundles = tuple(
         parse_bundle(trust_domain, path.read_bytes())
         for trust_domain, path in files.client_bundles.items()
@@ -165,7 +167,7 @@ def _build(files: TLSFiles, sslobject_class: type[ssl.SSLObject] | None) -> _Bui
     context = build_context(files, bundles)
     if sslobject_class is not None:
         context.sslobject_class = sslobject_class
-    return _Built(context, SvidVerifier(bundles), dt.datetime.now(dt.UTC))
+    return _Built(context, SvidVerifier(bundles), dt.datetime.now(dt.UTC), digests)
 
 
 class _ReloadingContext(ssl.SSLContext):
@@ -242,13 +244,12 @@ class ServerTLS:
         and the running context stays: a certificate written before its key fails once, and
         the key's own change then reloads both. Paths must be absolute (see keyproxy/watch.py).
         """
-        async for _changed in watch_files(self.files.paths, stop=stop, poll=poll):
+        changes = watch_files(self.files.paths, stop=stop, baseline=self._built.digests, poll=poll)
+        async for _changed in changes:
             try:
                 built = await asyncio.to_thread(_build, self.files, self._sslobject_class)
-            except (
-                OSError,
-                ValueError,
-            ) as exc:  # ssl.SSLError is an OSError, BundleError a ValueError
+            # ssl.SSLError is an OSError, spiffe.BundleError a ValueError.
+            except (OSError, ValueError) as exc:
                 on_error(exc)
                 continue
             self._swap(built)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from pathlib import Path
 
 import watchfiles
@@ -56,6 +56,7 @@ async def watch_files(
     paths: Iterable[Path],
     *,
     stop: asyncio.Event | None = None,
+    baseline: Mapping[Path, str | None] | None = None,
     debounce_ms: int = DEBOUNCE_MS,
     poll: bool = False,
     poll_ms: int = POLL_MS,
@@ -64,14 +65,23 @@ async def watch_files(
     """Yield the watched paths whose content changed, until `stop` is set or the loop is closed.
 
     Paths must be absolute and are not resolved (a symlink is watched as the symlink). Their
-    parent directories must exist. The content at the time of the call is the baseline.
+    parent directories must exist. Changes are relative to `baseline`: the `digest` of each
+    path taken just before its owner read it, so a change between that read and the start of
+    the watch is reported too. Without one, the content when iteration starts is the baseline.
     """
     watched = tuple(dict.fromkeys(paths))
     if not watched:
         raise ValueError("nothing to watch")
     if relative := [str(p) for p in watched if not p.is_absolute()]:
         raise ValueError(f"watched paths must be absolute: {relative}")
-    known = {path: await asyncio.to_thread(digest, path) for path in watched}
+    known = {
+        path: baseline[path]
+        if baseline and path in baseline
+        else await asyncio.to_thread(digest, path)
+        for path in watched
+    }
+    if baseline and (changed := await _changes(known)):
+        yield changed  # changed since the owner read it, before the watch began
     directories = sorted({path.parent for path in watched})
     async for _events in watchfiles.awatch(
         *directories,
@@ -84,11 +94,16 @@ async def watch_files(
         rust_timeout=recheck_ms,
         yield_on_timeout=True,  # an empty batch every recheck_ms without events
     ):
-        changed = set()
-        for path in watched:
-            now = await asyncio.to_thread(digest, path)
-            if now is not None and now != known[path]:
-                known[path] = now
-                changed.add(path)
-        if changed:
-            yield frozenset(changed)
+        if changed := await _changes(known):
+            yield changed
+
+
+async def _changes(known: dict[Path, str | None]) -> frozenset[Path]:
+    """The paths whose digest differs from `known` (updated in place); unreadable ones skipped."""
+    changed = set()
+    for path, before in known.items():
+        now = await asyncio.to_thread(digest, path)
+        if now is not None and now != before:
+            known[path] = now
+            changed.add(path)
+    return frozenset(changed)

@@ -289,6 +289,27 @@ async def test_server_certificate_reloaded_while_clients_connect(
     assert set(seen[switch:]) == {new}
 
 
+async def test_change_before_follow_starts_is_reloaded(
+    tmp_path: Path, cas: dict[str, SvidCA], plain_tls: ServerTLS
+) -> None:
+    """A certificate replaced after loading but before the watch starts is still picked up."""
+    replacement = cas["server"].server_cert()
+    cert, key = replacement.write(tmp_path, "next")
+    key.replace(plain_tls.files.key)
+    cert.replace(plain_tls.files.certificate)
+    stop = asyncio.Event()
+    reloads: list[int] = []
+    async with asyncio.TaskGroup() as group:
+        group.create_task(
+            plain_tls.follow(print_error, stop=stop, on_reload=lambda: reloads.append(1))
+        )
+        await _until(lambda: bool(reloads))
+        stop.set()
+    async with serving(plain_tls, cas["server"]) as listener:
+        seen = await asyncio.to_thread(_server_thumbprint, listener.url, cas["server"])
+    assert seen == thumbprint(replacement.der)
+
+
 def print_error(exc: Exception) -> None:
     """A failed reload (the key renamed before its certificate) is expected; say so in output."""
     print(f"reload failed: {exc!r}")  # noqa: T201 -- shown by pytest only when a test fails

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from keyproxy.watch import watch_files
+from keyproxy.watch import digest, watch_files
 
 WAIT_S = 10
 
@@ -202,4 +202,20 @@ async def test_change_without_event_found_by_recheck(tmp_path: Path) -> None:
     finally:
         stop.set()
         next_change.cancel()
+        await changes.aclose()
+
+
+async def test_change_since_baseline_reported_at_once(tmp_path: Path) -> None:
+    """A change between the owner's read (its baseline digest) and the watch's start is reported."""
+    target = tmp_path / "app.yaml"
+    target.write_text("version: 1\n")
+    baseline = {target: digest(target)}
+    target.write_text("version: 2\n")
+    stop = asyncio.Event()
+    changes = watch_files([target], stop=stop, baseline=baseline)
+    try:
+        async with asyncio.timeout(WAIT_S):
+            assert await anext(changes) == {target}
+    finally:
+        stop.set()
         await changes.aclose()
