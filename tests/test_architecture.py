@@ -63,6 +63,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "mcp.lists",
                 "mcp.sse",
                 "mcp.audit",
+                "spiffe",
             }
         ),
     ),
@@ -96,6 +97,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "audit.log",
                 "audit.query",
                 "metrics",
+                "tls",
+                "watch",
             }
         ),
     ),

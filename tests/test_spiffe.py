@@ -1,0 +1,215 @@
+"""SPIFFE ID grammar, trust bundles and X.509-SVID verification (no sockets)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from keyproxy.errors import Unauthenticated
+from keyproxy.spiffe import (
+    BundleError,
+    InvalidSpiffeId,
+    SpiffeId,
+    SvidVerifier,
+    parse_bundle,
+    parse_spiffe_id,
+    presents,
+    thumbprint,
+)
+from tests.svid_ca import SvidCA
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("spiffe://example.org", SpiffeId("example.org", "")),
+        ("spiffe://example.org/ns/agents/sa/x", SpiffeId("example.org", "/ns/agents/sa/x")),
+        ("spiffe://td-1_a.b/A.b-c_D", SpiffeId("td-1_a.b", "/A.b-c_D")),
+        ("spiffe://example.org/..a/a..", SpiffeId("example.org", "/..a/a..")),
+    ],
+)  # fmt: skip
+def test_valid_ids_parse(text: str, expected: SpiffeId) -> None:
+    """Valid SPIFFE IDs parse into trust domain and path and print back unchanged."""
+    assert parse_spiffe_id(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "https://example.org/a",
+        "SPIFFE://example.org/a",
+        "spiffe:/example.org/a",
+        "spiffe:///a",
+        "spiffe://Example.org/a",
+        "spiffe://user@example.org/a",
+        "spiffe://example.org:8443/a",
+        "spiffe://example.org/a?x=1",
+        "spiffe://example.org/a#frag",
+        "spiffe://example.org/",
+        "spiffe://example.org/a/",
+        "spiffe://example.org//a",
+        "spiffe://example.org/./a",
+        "spiffe://example.org/a/..",
+        "spiffe://example.org/a%2Fb",
+        "spiffe://example.org/a b",
+        "spiffe://exa mple.org/a",
+        "spiffe://" + "a" * 256 + "/a",
+        "spiffe://example.org/" + "a" * 2048,
+    ],
+)
+def test_invalid_ids_refused(text: str) -> None:
+    """Scheme, case, userinfo, port, query, fragment, empty or dot segments, length: refused."""
+    with pytest.raises(InvalidSpiffeId):
+        parse_spiffe_id(text)
+
+
+def test_longest_ids_accepted() -> None:
+    """A 255-character trust domain and a 2048-byte ID are within the limits."""
+    trust_domain = "a" * 255
+    assert parse_spiffe_id(f"spiffe://{trust_domain}").trust_domain == trust_domain
+    prefix = "spiffe://example.org/"
+    assert parse_spiffe_id(prefix + "a" * (2048 - len(prefix))).path.startswith("/a")
+
+
+def test_bundle_from_pem_and_json_agree() -> None:
+    """A PEM bundle and a SPIFFE bundle JSON of the same root give the same authorities."""
+    ca = SvidCA("example.org")
+    from_pem = parse_bundle("example.org", ca.bundle_pem())
+    from_json = parse_bundle("example.org", ca.bundle_json())
+    assert from_pem.authorities == from_json.authorities == (ca.root.certificate,)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{not json",
+        b'{"keys": "x"}',
+        json.dumps({"keys": [{"use": "jwt-svid", "kty": "EC"}]}).encode(),
+        json.dumps({"keys": [{"use": "x509-svid", "x5c": []}]}).encode(),
+        json.dumps({"keys": [{"use": "x509-svid", "x5c": ["***"]}]}).encode(),
+        json.dumps(
+            {"keys": [{"use": "x509-svid", "x5c": [base64.b64encode(b"x").decode()]}]}
+        ).encode(),
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ],
+)
+def test_bad_bundles_refused(data: bytes) -> None:
+    """A bundle without an X.509 authority, or with bad JSON, base64 or DER, is refused."""
+    with pytest.raises(BundleError):
+        parse_bundle("example.org", data)
+
+
+def test_thumbprint_is_rfc8705_x5t_s256() -> None:
+    """The thumbprint is unpadded base64url of SHA-256 over the DER certificate."""
+    der = SvidCA().svid().der
+    expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+    assert thumbprint(der) == expected
+    assert len(expected) == 43
+
+
+def test_presents_only_the_named_certificate() -> None:
+    """A bound token's thumbprint matches its own certificate, not another SVID, not none."""
+    ca = SvidCA()
+    mine, other = ca.svid(), ca.svid()
+    assert presents(thumbprint(mine.der), mine.der)
+    assert not presents(thumbprint(mine.der), other.der)
+    assert not presents(thumbprint(mine.der), None)
+
+
+@pytest.mark.parametrize("intermediate", [False, True])
+def test_valid_svid_verifies(intermediate: bool) -> None:
+    """A valid SVID, issued directly or through an intermediate, gives its ID and thumbprint."""
+    ca = SvidCA("example.org", intermediate=intermediate)
+    issued = ca.svid("/ns/agents/sa/summarizer")
+    chain = [issued.der, *(c.public_bytes(Encoding.DER) for c in issued.intermediates)]
+    verifier = SvidVerifier([parse_bundle("example.org", ca.bundle_json())])
+    svid = verifier.verify(chain, _now())
+    assert svid.subject == "spiffe://example.org/ns/agents/sa/summarizer"
+    assert svid.issuer == "example.org"
+    assert svid.thumbprint == thumbprint(issued.der)
+
+
+def _reason(verifier: SvidVerifier, chain: list[bytes]) -> str:
+    with pytest.raises(Unauthenticated) as caught:
+        verifier.verify(chain, _now())
+    return caught.value.reason
+
+
+def test_each_bad_svid_refused_with_its_reason() -> None:
+    """Each wrong SVID (trust domain, validity, SANs, CA leaf, key usage, none) has its reason."""
+    ca, other, stranger = SvidCA("example.org"), SvidCA("other.org"), SvidCA("example.org")
+    verifier = SvidVerifier(
+        [
+            parse_bundle("example.org", ca.bundle_pem()),
+            parse_bundle("other.org", other.bundle_pem()),
+        ]
+    )
+    cases = {
+        "svid_missing": [],
+        "svid_malformed": [b"not a certificate"],
+        "svid_expired": [ca.expired_svid().der],
+        "svid_not_yet_valid": [
+            ca.svid(
+                not_before=_now() + dt.timedelta(hours=1), not_after=_now() + dt.timedelta(hours=2)
+            ).der
+        ],
+        "svid_uri_san_count": [ca.svid_for("spiffe://example.org/a", "spiffe://example.org/b").der],
+        "svid_leaf_is_ca": [ca.ca_as_leaf().der],
+        "svid_key_usage": [ca.svid(omit_key_usage=True).der],
+        "svid_invalid_id": [ca.svid_for("https://example.org/a").der],
+        "svid_unknown_trust_domain": [ca.svid_for("spiffe://third.org/a").der],
+        # A CA of one trust domain vouching for an ID in another.
+        "svid_untrusted": [other.svid_for("spiffe://example.org/a").der],
+    }
+    for reason, chain in cases.items():
+        assert _reason(verifier, chain) == reason, reason
+    # Signed by an unknown CA that claims the same trust domain.
+    assert _reason(verifier, [stranger.svid().der]) == "svid_untrusted"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"digital_signature": False, "key_agreement": True},
+        {"digital_signature": True, "key_cert_sign": True},
+        {"digital_signature": True, "crl_sign": True},
+    ],
+)
+def test_leaf_key_usage_checked(usage: dict[str, bool]) -> None:
+    """A leaf without digitalSignature, or with keyCertSign or cRLSign, is refused."""
+    flags = dict.fromkeys(
+        ["digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+         "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"],
+        False,
+    ) | usage  # fmt: skip
+    ca = SvidCA("example.org")
+    verifier = SvidVerifier([parse_bundle("example.org", ca.bundle_pem())])
+    leaf = ca.svid(key_usage=x509.KeyUsage(**flags))
+    assert _reason(verifier, [leaf.der]) == "svid_key_usage"
+
+
+def test_trust_domain_id_is_no_leaf() -> None:
+    """A leaf whose SPIFFE ID has no path (the trust domain's own ID) is refused."""
+    ca = SvidCA("example.org")
+    verifier = SvidVerifier([parse_bundle("example.org", ca.bundle_pem())])
+    assert _reason(verifier, [ca.svid_for("spiffe://example.org").der]) == "svid_invalid_id"
+
+
+def test_two_bundles_for_one_trust_domain_refused() -> None:
+    """Two bundles naming the same trust domain are a configuration mistake."""
+    bundle = parse_bundle("example.org", SvidCA("example.org").bundle_pem())
+    with pytest.raises(BundleError):
+        SvidVerifier([bundle, bundle])
