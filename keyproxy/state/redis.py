@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.connection
 import redis.asyncio.sentinel
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -189,8 +190,9 @@ class RedisSettings:
     prefix: str = "keyproxy"
 
 
-def _client(settings: RedisSettings) -> Any:
-    """The redis-py client for `settings` (a Redis, a Sentinel primary, or a RedisCluster)."""
+def _client(settings: RedisSettings) -> tuple[Any, list[Any]]:
+    """The redis-py client for `settings` (a Redis, a Sentinel primary, or a RedisCluster),
+    and the other clients it uses (the Sentinels), to be closed with it."""
     options: dict[str, Any] = {
         "socket_timeout": settings.timeout,
         "socket_connect_timeout": settings.timeout,
@@ -202,25 +204,27 @@ def _client(settings: RedisSettings) -> Any:
     if settings.password_file is not None:
         options["password"] = settings.password_file.read_text(encoding="utf-8").strip()
     if settings.ca_file is not None:
+        if not settings.url.lower().startswith("rediss://"):
+            raise ValueError("a CA file for the state store needs a rediss:// URL")
         options["ssl_ca_certs"] = str(settings.ca_file)
     if settings.cluster:
         del options["retry"]  # RedisCluster retries per node and slot move; bounded below
-        return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **options)
+        return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **options), []
     if settings.sentinels:
-        base = redis.asyncio.Redis.from_url(settings.url)
-        kwargs = base.connection_pool.connection_kwargs
+        # The URL gives the scheme (TLS or not), the user and the password for the primary.
+        parsed = redis.asyncio.connection.parse_url(settings.url)
         for name in ("username", "password"):
-            if name not in options and kwargs.get(name) is not None:
-                options[name] = kwargs[name]
-        ssl = base.connection_pool.connection_class is redis.asyncio.SSLConnection
+            if name not in options and parsed.get(name) is not None:
+                options[name] = parsed[name]
+        ssl = parsed.get("connection_class") is redis.asyncio.SSLConnection
         sentinel = redis.asyncio.sentinel.Sentinel(
             settings.sentinels,
-            sentinel_kwargs={k: options[k] for k in options if k.startswith("socket_")},
+            sentinel_kwargs={k: v for k, v in options.items() if k.startswith("socket_")},
             ssl=ssl,
             **options,
         )
-        return sentinel.master_for(settings.service_name)
-    return redis.asyncio.Redis.from_url(settings.url, **options)
+        return sentinel.master_for(settings.service_name), sentinel.sentinels
+    return redis.asyncio.Redis.from_url(settings.url, **options), []
 
 
 class RedisStore(StateStore):
@@ -228,7 +232,7 @@ class RedisStore(StateStore):
 
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings
-        self._redis = _client(settings)
+        self._redis, self._others = _client(settings)
         self._take = self._redis.register_script(_TAKE)
         self._refresh = self._redis.register_script(_REFRESH)
         self._release = self._redis.register_script(_RELEASE)
@@ -341,7 +345,8 @@ class RedisStore(StateStore):
         return Health(ok=True)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        for client in [self._redis, *self._others]:
+            await client.aclose()
 
 
 def _unanswered(limits: Sequence[Limit]) -> Decision:

@@ -8,79 +8,16 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisSettings, RedisStore
 from keyproxy.state.store import StateStore
-from tests.support import free_port
-
-
-def _binary() -> str:
-    found = shutil.which("valkey-server") or shutil.which("redis-server")
-    assert found, "neither valkey-server nor redis-server is on PATH (`make test` installs one)"
-    return found
-
-
-class RedisServer:
-    """A `valkey-server`/`redis-server` process on 127.0.0.1:`port`, stopped by PID."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = (self.workdir / "server.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                _binary(),
-                *("--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir)),
-                *("--save", "", "--appendonly", "no"),  # nothing to keep: limits are transient
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the server exited; see {self.workdir}/server.log"
-            try:
-                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
-                    client.ping()
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.02)
-            else:
-                return
-        self.stop()
-        raise AssertionError(f"the server did not answer within {timeout} s")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+from tests.state.servers import RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -13,8 +14,7 @@ import pytest
 
 from keyproxy.state.redis import RedisSettings, RedisStore
 from keyproxy.state.store import Counter, Decision, OnStoreError, StoreUnavailable
-from tests.state.conftest import RedisServer
-from tests.state.test_store import until
+from tests.state.servers import RedisServer, until
 
 # Run by each of two OS processes: 100 concurrent decisions, then the number admitted.
 _TAKER = """
@@ -156,3 +156,27 @@ async def _take_once(settings: RedisSettings, uses: Counter) -> Decision:
         return await asyncio.wait_for(store.take([uses]), timeout=10)
     finally:
         await store.close()
+
+
+async def test_a_stalled_server_costs_a_bounded_wait(own_redis: RedisServer, unique: str) -> None:
+    """A server that accepts but never answers (stopped with SIGSTOP) refuses fail-closed
+    limits within the deadline, and answers again once it resumes."""
+    store = RedisStore(RedisSettings(url=own_redis.url, timeout=0.25))
+    uses = Counter(f"{unique}:token", cap=100, ttl=60)
+    assert (await store.take([uses])).allowed
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        decision = await store.take([uses])
+        assert time.monotonic() - started < 1.0  # 3 x the 250 ms timeout, plus slack
+        assert not decision.allowed
+        assert decision.outcomes[0].store_error
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+
+    async def decides() -> bool:
+        return (await store.take([uses])).allowed
+
+    await until(decides, within=10)
+    await store.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -17,16 +16,7 @@ from keyproxy.state.store import (
     StateStore,
     hold,
 )
-
-
-async def until(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> float:
-    """Poll `check` until it is true; the seconds it took. Fails after `within` seconds."""
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await check():
-            return time.monotonic() - started
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not true within {within} s")
+from tests.state.servers import until
 
 
 async def _allowed(store: StateStore, limits: list[Limit], times: int) -> list[Decision]:
