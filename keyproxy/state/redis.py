@@ -45,6 +45,7 @@ import redis.asyncio.sentinel
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.credentials import CredentialProvider
 
 from keyproxy.state.store import (
     Concurrency,
@@ -190,6 +191,23 @@ class RedisSettings:
     prefix: str = "keyproxy"
 
 
+class _PasswordFile(CredentialProvider):
+    """The password read from its file at each new connection, so a rotated password is
+    used from the next reconnect on, and the value is kept nowhere else."""
+
+    def __init__(self, path: Path, username: str | None) -> None:
+        self._path = path
+        self._username = username
+        self.get_credentials()  # an unreadable file fails when the store is made
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = self._path.read_text(encoding="utf-8").strip()
+        return (self._username, password) if self._username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
 def _client(settings: RedisSettings) -> tuple[Any, list[Any]]:
     """The redis-py client for `settings` (a Redis, a Sentinel primary, or a RedisCluster),
     and the other clients it uses (the Sentinels), to be closed with it."""
@@ -199,10 +217,13 @@ def _client(settings: RedisSettings) -> tuple[Any, list[Any]]:
         # One attempt per call: the store's own backoff decides when to try again.
         "retry": Retry(NoBackoff(), 0),
     }
-    if settings.username is not None:
-        options["username"] = settings.username
     if settings.password_file is not None:
-        options["password"] = settings.password_file.read_text(encoding="utf-8").strip()
+        username = settings.username or redis.asyncio.connection.parse_url(settings.url).get(
+            "username"
+        )
+        options["credential_provider"] = _PasswordFile(settings.password_file, username)
+    elif settings.username is not None:
+        options["username"] = settings.username
     if settings.ca_file is not None:
         if not settings.url.lower().startswith("rediss://"):
             raise ValueError("a CA file for the state store needs a rediss:// URL")
@@ -214,7 +235,7 @@ def _client(settings: RedisSettings) -> tuple[Any, list[Any]]:
         # The URL gives the scheme (TLS or not), the user and the password for the primary.
         parsed = redis.asyncio.connection.parse_url(settings.url)
         for name in ("username", "password"):
-            if name not in options and parsed.get(name) is not None:
+            if "credential_provider" not in options and name not in options and parsed.get(name):
                 options[name] = parsed[name]
         ssl = parsed.get("connection_class") is redis.asyncio.SSLConnection
         sentinel = redis.asyncio.sentinel.Sentinel(

@@ -112,6 +112,8 @@ Limit = Counter | Rate | Concurrency
 
 def _check_key(key: str) -> None:
     # Keys end up inside Redis key names; braces would change the Cluster hash slot.
+    # SECURITY: a key is stored in clear and readable by whoever can read the store: build
+    # it from identifiers (a token's id, an issuer and subject), never from a credential.
     if not key or "{" in key or "}" in key:
         raise ValueError(f"a limit key must be non-empty and without braces: {key!r}")
 

@@ -128,6 +128,39 @@ async def test_acl_user_and_password_file(
         admin.close()
 
 
+async def test_a_rotated_password_is_read_at_reconnect(
+    redis_server: RedisServer, unique: str, tmp_path: Path
+) -> None:
+    """After the ACL password and its file change, the store logs in with the new one as
+    soon as its old connections are gone, without being made again."""
+    user = f"kp-{unique}"
+    password = tmp_path / "password"
+    password.write_text("first-pass\n", encoding="utf-8")
+    admin = redis_server.client()
+    admin.acl_setuser(
+        user, enabled=True, passwords=["+first-pass"], keys=["{keyproxy}:*"], categories=["+@all"]
+    )
+    try:
+        store = RedisStore(
+            RedisSettings(url=redis_server.url, username=user, password_file=password)
+        )
+        uses = Counter(f"{unique}:token", cap=5, ttl=60)
+        assert (await store.take([uses])).allowed
+        admin.acl_setuser(user, enabled=True, reset_passwords=True, passwords=["+second-pass"])
+        password.write_text("second-pass\n", encoding="utf-8")
+        admin.client_kill_filter(user=user)
+
+        async def decides() -> bool:
+            return (await store.take([uses])).allowed
+
+        await until(decides, within=10)
+        assert await store.read(uses) == 2
+        await store.close()
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
+
+
 async def test_lost_scripts_are_loaded_again(redis_server: RedisServer, unique: str) -> None:
     """After SCRIPT FLUSH (a restarted or failed-over server) decisions load the script again."""
     store = RedisStore(RedisSettings(url=redis_server.url, timeout=2.0))
