@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test lint check-config clean
+.PHONY: dev test lint check-config clean store-server
 
 # Quiet pip, so one line on stderr says what the wait is for.
 $(STAMP): pyproject.toml
@@ -22,7 +22,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# The state store's tests start a real Valkey/Redis server: install Debian's redis-server when
+# neither valkey-server nor redis-server is on PATH (needs root, as on CI's fresh machine).
+store-server:
+	@command -v valkey-server >/dev/null || command -v redis-server >/dev/null || { \
+	  echo "installing redis-server for the state store's tests..." >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+test: lint store-server
 	$(BIN)/pytest
 
 clean:
