@@ -12,7 +12,6 @@ error's reason and status); the error itself becomes its answer in
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -385,10 +384,4 @@ def _upstream_url(
         ]
         query = "&".join([*kept, rendered.query])
     text = f"{route.upstream.origin}{path}" + (f"?{query}" if query else "")
-    # Remembered only without a key in it: no key outlives its version in a cache.
-    return URL(text, encoded=True) if rendered.query else _url(text)
-
-
-@functools.lru_cache(maxsize=1024)
-def _url(text: str) -> URL:
     return URL(text, encoded=True)
