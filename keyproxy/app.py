@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Final
 
@@ -36,7 +35,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from keyproxy import answers
+from keyproxy import answers, collector
 from keyproxy.broker import Broker
 from keyproxy.config import Config
 from keyproxy.identity import IdentityVerifier
@@ -56,8 +55,6 @@ SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents'
 SERVER_NAME: Final = "keyproxy"
 
 log = structlog.get_logger("keyproxy.app")
-
-YOUNG_GC_THRESHOLD = 7000  # allocations between passes of the cyclic collector (default 700)
 
 
 def build_app(config: Config) -> web.Application:
@@ -114,7 +111,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[PROXY] = Proxy(config, verifier, keys, upstreams, tasks=tasks, metrics=metrics)
     app[BROKER] = Broker(config, verifier, tasks, metrics)
     background: list[asyncio.Task[None]] = []
-    tuned = False
+    tuned = contextlib.ExitStack()
     try:
         # Start serving even if Vault or an issuer is down: readiness says so, and requests
         # get 503/401 rather than the process crash-looping.
@@ -128,13 +125,11 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(keys.run(), name="key-refresh"),
             asyncio.create_task(tasks.run(), name="token-revocations"),
         ]
-        _COLLECTOR.serving()
-        tuned = True
+        tuned.enter_context(collector.serving())
         log.info("started", routes=len(config.routes), keys_ready=keys.ready())
         yield
     finally:
-        if tuned:
-            _COLLECTOR.stopped()
+        tuned.close()
         app[PROXY].close()
         for task in background:
             task.cancel()
@@ -145,40 +140,6 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await upstreams.close()
         await client.close()
         vault.close()
-
-
-class _Collector:
-    """The cyclic collector while serving, however many apps the process runs at once
-    (tests run several): tuned when the first starts, put back when the last stops."""
-
-    def __init__(self) -> None:
-        self._serving = 0
-        self._thresholds = gc.get_threshold()
-
-    def serving(self) -> None:
-        # What is loaded now (modules, the compiled configuration, cached keys) lives as
-        # long as the app: out of the collector's full passes, so their cost per request
-        # does not grow with the number of routes and policies.
-        gc.collect()
-        gc.freeze()
-        if not self._serving:
-            # A young-generation pass walks every object of the requests in flight, and by
-            # default one runs every 700 allocations (each 30 requests at 32 in flight):
-            # passes ten times rarer cost a tenth as much, and the garbage that waits for
-            # them is the few reference cycles requests leave (most objects are freed as
-            # they are dropped).
-            self._thresholds = gc.get_threshold()
-            gc.set_threshold(YOUNG_GC_THRESHOLD, *self._thresholds[1:])
-        self._serving += 1
-
-    def stopped(self) -> None:
-        self._serving -= 1
-        if not self._serving:
-            gc.unfreeze()  # what the apps leave behind is collectable again
-            gc.set_threshold(*self._thresholds)
-
-
-_COLLECTOR = _Collector()
 
 
 async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:

@@ -44,7 +44,9 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # I/O adapters: Vault, the issuers, task tokens, upstream sessions, rotators, logs, metrics.
     (
         "I/O adapters",
-        frozenset({"vault", "identity", "tokens", "upstream", "rotators", "audit", "metrics"}),
+        frozenset(
+            {"vault", "identity", "tokens", "upstream", "rotators", "audit", "metrics", "collector"}
+        ),
     ),
     (
         "pipeline and app",

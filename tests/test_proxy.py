@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 from yarl import URL
 
-from keyproxy.app import YOUNG_GC_THRESHOLD
+from keyproxy.collector import YOUNG_GC_THRESHOLD
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.support import (
     BIG_BYTES,
