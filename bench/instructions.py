@@ -63,13 +63,14 @@ def _callgrind_control(pid: int, *args: str) -> None:
 
 
 def _main_thread_instructions(out: Path, dump: int) -> int:
-    """The largest thread's count in dump number `dump` (`--separate-threads`: one file per
-    thread, named `<out>.<dump>-<thread>`)."""
-    counts = [0]
-    for path in out.parent.glob(f"{out.name}.{dump}-*"):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        counts += [int(m) for m in re.findall(r"^(?:summary|totals):\s+(\d+)", text, re.M)]
-    return max(c for c in counts if c < 2**63)  # callgrind has written 2**64 - n
+    """The main thread's count in dump number `dump` (`--separate-threads`: one file per
+    thread, `<out>.<dump>-<thread>`, the main thread's `-01`). Its `totals` line: the
+    `summary` line of a second dump can be garbage (2**64 less a few million)."""
+    path = out.parent / f"{out.name}.{dump}-01"
+    if not path.exists():
+        return 0
+    found = re.search(r"^totals:\s+(\d+)", path.read_text(encoding="utf-8", errors="replace"), re.M)
+    return int(found.group(1)) if found else 0
 
 
 def _dumped(pid: int, out: Path, dump: int, name: str) -> int:
