@@ -119,7 +119,6 @@ class Proxy:
         self.sessions = sessions
         self.tasks = tasks
         self.metrics = metrics
-        self._in_flight = 0
         # A 503 for a key Vault could not give says when to try again: the next refresh.
         self.retry_after = max(1, math.ceil(config.vault.refresh_interval))
         # Indexed once: a decision reads only the policies naming the caller, however many
@@ -147,7 +146,6 @@ class Proxy:
         granted = False
         key: KeyVersion | None = None
         exchange: Exchange | None = None
-        self._in_flight += 1
         try:
             route, tail = self._route(raw_path)
             segments, path = paths.normalise_encoded(tail)
@@ -178,7 +176,6 @@ class Proxy:
             response = outcome.response
             ended = outcome.cut or decision.reason, response.status, True  # sent already
         finally:
-            self._in_flight -= 1
             elapsed = time.monotonic() - started
             reason, status, sent = ended
             record = _record(
@@ -208,9 +205,7 @@ class Proxy:
 
     def _account(self, record: audit.RequestRecord, elapsed: float) -> None:
         try:
-            # With no request in flight the loop has nothing else to do: the line is written
-            # now rather than on a timer that would fire in the middle of the next request.
-            audit.emit(record, now=not self._in_flight)
+            audit.emit(record)
         except Exception:
             # An event that cannot be written does not fail the request or the process.
             log.exception("audit_event_failed", route=record.route, path=record.path)
