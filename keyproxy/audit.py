@@ -323,6 +323,9 @@ def emit(record: RequestRecord) -> None:
     if level == "info" and not setup.request_events:
         return
     # The processor chain of configure(), step by step, for an event of scalar fields.
+    # Measured, not assumed: the request event through structlog's own chain (the branch
+    # above) cost 933,000 instructions per request against 807,000 this way (+15.6%,
+    # bench/instructions.py --compare, docs/performance.md).
     known = redact.current().clean  # of this moment (see _Redactor.text)
     texts = _TEXTS(record)
     # A record whose texts were found clean is rendered as it is (orjson writes a dataclass's
