@@ -18,7 +18,6 @@ A verdict is per header name as sent and remembered (`Verdicts`): a dict look-up
 
 from __future__ import annotations
 
-import functools
 import itertools
 import random
 import string
@@ -128,12 +127,9 @@ def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Header names listed in Connection, which makes them hop-by-hop too (RFC 9110 7.6.1),
     beyond the hop-by-hop names dropped anyway ("keep-alive" mostly)."""
     values = headers.getall("Connection", ())
-    return _listed(tuple(values)) if values else _NONE
-
-
-@functools.lru_cache(maxsize=256)
-def _listed(values: tuple[str, ...]) -> frozenset[str]:
-    """The names, lower-case and folded (a route may forward names with `_`)."""
+    if not values:
+        return _NONE
+    # Lower-case and folded: a route may forward names with `_`.
     named = {folded(part.strip().lower()) for value in values for part in value.split(",")}
     return frozenset(named - HOP_BY_HOP - {""})
 
