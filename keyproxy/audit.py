@@ -354,8 +354,8 @@ def emit(record: RequestRecord) -> None:
 
 def _clean_id(request_id: str) -> bool:
     """Whether a request id holds nothing to redact (a caller chooses its own: it could be a
-    credential), without remembering it."""
-    return redact.current().text(request_id, remember=False) is request_id
+    credential)."""
+    return redact.current().text(request_id) is request_id
 
 
 def _scrubbed(record: RequestRecord, texts: tuple[Any, ...], known: redact.Clean) -> str:

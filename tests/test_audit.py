@@ -233,7 +233,8 @@ async def test_events_after_a_write_are_written_together(monkeypatch: pytest.Mon
 
 
 def test_a_record_found_clean_is_scrubbed_after_its_secret_is_registered() -> None:
-    """The memory of clean records is per set of secrets, as the memory of clean texts is."""
+    """The memory of clean records is per set of secrets: a new secret is found in a record
+    remembered clean before."""
     stream = io.StringIO()
     previous = structlog.get_config()
     audit.configure(stream)
