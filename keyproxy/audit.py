@@ -271,16 +271,10 @@ class RequestRecord:
 _log = structlog.get_logger("keyproxy.audit")
 
 
-_second: list[Any] = [None, ""]  # the second last formatted, and its text
-
-
 def _timestamp() -> str:
-    """Now in UTC as TimeStamper(fmt="iso", utc=True) writes it, formatting the date and time
-    of day once per second."""
+    """Now in UTC as TimeStamper(fmt="iso", utc=True) writes it."""
     second, micros = divmod(time.time_ns() // 1000, 1_000_000)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{micros:06d}Z"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{micros:06d}Z"
 
 
 _NAMES = tuple(f.name for f in dataclasses.fields(RequestRecord))
@@ -329,7 +323,8 @@ def emit(record: RequestRecord) -> None:
     known = redact.current().clean  # of this moment (see _Redactor.text)
     texts = _TEXTS(record)
     # A record whose texts were found clean is rendered as it is (orjson writes a dataclass's
-    # fields in order); any other is scrubbed first.
+    # fields in order); any other is scrubbed first. Remembering them buys about 38,000
+    # instructions per request (4.7%, bench/instructions.py --compare).
     fields = ""
     if texts in known.records and _clean_id(record.request_id):
         try:
