@@ -31,6 +31,7 @@ import orjson
 import structlog
 
 from keyproxy import redact
+from keyproxy.headers import GeneratedId
 from keyproxy.redact import scrub_secrets
 
 
@@ -349,8 +350,8 @@ def emit(record: RequestRecord) -> None:
 
 def _clean_id(request_id: str) -> bool:
     """Whether a request id holds nothing to redact (a caller chooses its own: it could be a
-    credential)."""
-    return redact.current().text(request_id) is request_id
+    credential; one keyproxy generated holds nothing)."""
+    return type(request_id) is GeneratedId or redact.current().text(request_id) is request_id
 
 
 def _scrubbed(record: RequestRecord, texts: tuple[Any, ...], known: redact.Clean) -> str:

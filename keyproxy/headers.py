@@ -287,6 +287,15 @@ def _ambiguous() -> BadRequest:
     return BadRequest("ambiguous_credential", "send one credential, once, in one header")
 
 
+class GeneratedId(str):
+    """A request id keyproxy made up: random, so it holds nothing of any key or token, and
+    the log scrubber need not look (a caller's own id could be a credential: it is looked
+    at). Of the 17,000 instructions per request a request id cost (bench/instructions.py
+    --compare, a fixed id instead), that look was most."""
+
+    __slots__ = ()
+
+
 def request_id(incoming: CIMultiDictProxy[str]) -> str:
     """The caller's X-Request-Id when it sent one, of 1-128 letters, digits and `._:-`, else
     a new one. An id that is anything else is never repeated: not upstream, not back, not in
@@ -302,4 +311,4 @@ def request_id(incoming: CIMultiDictProxy[str]) -> str:
             return value
     # Unique, not secret (a caller may choose its id anyway): the module's generator, seeded
     # from the OS in each process (again in a forked child), costs no system call.
-    return f"{random.getrandbits(128):032x}"  # an id, not a secret
+    return GeneratedId(f"{random.getrandbits(128):032x}")  # an id, not a secret

@@ -13,8 +13,9 @@ import time
 import pytest
 import structlog
 import structlog.testing
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from keyproxy import audit, redact, secret
+from keyproxy import audit, headers, redact, secret
 from keyproxy.secret import REDACTED, Secret
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLWJ5dGVz"
@@ -401,6 +402,30 @@ def test_a_request_id_holding_a_secret_is_scrubbed_in_a_record_found_clean() -> 
         structlog.configure(**previous)
     ids = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
     assert ids == ["req-1", f"x{REDACTED}", "req-2"]
+
+
+def test_a_callers_id_shaped_like_a_generated_one_is_still_scrubbed() -> None:
+    """Only an id keyproxy generated skips the scrubber: a caller's id of 32 hex digits (as
+    generated ones are) that is a key is redacted."""
+    key = secrets.token_hex(16)
+    secret.register(key)
+    sent = headers.request_id(CIMultiDictProxy(CIMultiDict({headers.REQUEST_ID: key})))
+    made = headers.request_id(CIMultiDictProxy(CIMultiDict()))
+    assert sent == key
+    assert type(sent) is str
+    assert type(made) is headers.GeneratedId
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        for request_id in (sent, made):
+            record = _record()
+            record.request_id = request_id
+            audit.emit(record)
+    finally:
+        structlog.configure(**previous)
+    ids = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
+    assert ids == [REDACTED, made]
 
 
 class _Terminal(io.StringIO):
