@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
+import datetime
 import json
 import logging
 import operator
@@ -273,9 +274,8 @@ _log = structlog.get_logger("keyproxy.audit")
 
 
 def _timestamp() -> str:
-    """Now in UTC as TimeStamper(fmt="iso", utc=True) writes it."""
-    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(second))}.{micros:06d}Z"
+    """Now in UTC as TimeStamper(fmt="iso", utc=True) writes it (always with microseconds)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 _NAMES = tuple(f.name for f in dataclasses.fields(RequestRecord))
