@@ -119,6 +119,7 @@ _RESPONSE_DROPPED: Final = frozenset(
 _RESPONSE_NOT_FORWARDED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
 
 _NONE: Final[frozenset[str]] = frozenset()
+_PLAIN_CONNECTION: Final = frozenset({"keep-alive", "upgrade"}) & HOP_BY_HOP
 _HEADER_VERDICTS: Final = 1024  # header names (as sent) whose verdict a route remembers
 _REMEMBERED_NAME: Final = 64  # longest header name whose verdict is remembered
 
@@ -127,8 +128,8 @@ def _connection_extra(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Header names listed in Connection, which makes them hop-by-hop too (RFC 9110 7.6.1),
     beyond the hop-by-hop names dropped anyway ("keep-alive" mostly)."""
     values = headers.getall("Connection", ())
-    if not values:
-        return _NONE
+    if not values or (len(values) == 1 and values[0].lower() in _PLAIN_CONNECTION):
+        return _NONE  # the common case: nothing but what is dropped anyway
     # Lower-case and folded: a route may forward names with `_`.
     named = {folded(part.strip().lower()) for value in values for part in value.split(",")}
     return frozenset(named - HOP_BY_HOP - {""})
