@@ -62,28 +62,28 @@ def build_app(config: Config) -> web.Application:
     # receives and make max_body count the wrong bytes.
     app = web.Application(
         handler_args={"max_field_size": 16 * 1024, "auto_decompress": False},
-        middlewares=[answers.middleware],
     )
     app[CONFIG] = config
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _ready)
-    app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", _proxy)
-    app.router.add_post("/token", _broker("exchange"))
-    app.router.add_post("/token/revoke", _broker("revoke"))
-    app.router.add_get("/.well-known/jwks.json", _broker("jwks"))
+    # Every handler raises; answers.answering answers.
+    app.router.add_get("/healthz", answers.answering(_healthz))
+    app.router.add_get("/readyz", answers.answering(_ready))
+    app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", answers.answering(_proxy))
+    app.router.add_post("/token", answers.answering(_broker("exchange")))
+    app.router.add_post("/token/revoke", answers.answering(_broker("revoke")))
+    app.router.add_get("/.well-known/jwks.json", answers.answering(_broker("jwks")))
     return app
 
 
 def build_admin_app(served: web.Application) -> web.Application:
     """The admin endpoints of the app `served` (which must be started first)."""
-    app = web.Application(middlewares=[answers.middleware])
+    app = web.Application()
     app[SERVED] = served
     app.on_response_prepare.append(_server_header)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", answers.answering(_healthz))
+    app.router.add_get("/readyz", answers.answering(_readyz))
+    app.router.add_get("/metrics", answers.answering(_metrics))
     return app
 
 

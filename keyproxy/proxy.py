@@ -6,7 +6,7 @@ request by raising a `RequestError`; forwarding is `keyproxy.forward`'s. Nothing
 upstream until every check has passed. The request's one audit event is built once, at the
 end, from those results and how the request ended (the forwarding step's `Outcome`, or the
 error's reason and status); the error itself becomes its answer in
-`keyproxy.answers.middleware`.
+`keyproxy.answers.answering`.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class Proxy:
         except asyncio.CancelledError:
             ended = "client_disconnected", 499, True  # no answer will be sent
             raise
-        except Exception:  # a bug: the middleware answers it and logs the traceback
+        except Exception:  # a bug: answers.answering answers it and logs the traceback
             ended = "internal_error", 500, False
             raise
         else:
@@ -196,7 +196,7 @@ class Proxy:
             if sent:
                 self._account(record, elapsed)
             else:
-                # The error's answer (the middleware's, with this id) is sent after this step:
+                # The error's answer (answers.answering's, with this id) is sent after this step:
                 # the caller does not wait for its own audit event (call_soon keeps this
                 # request's log context).
                 request[REQUEST_ID_KEY] = rid
