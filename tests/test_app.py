@@ -14,7 +14,7 @@ from aiohttp import web
 
 from keyproxy import answers
 from keyproxy.errors import Forbidden, Unauthenticated, Unavailable
-from tests.support import serve
+from tests.helpers.servers import serve
 
 
 async def _refused(request: web.Request) -> web.StreamResponse:

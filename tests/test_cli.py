@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,9 +17,8 @@ import yaml
 
 from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
-from tests.support import free_port
-
-BIN = Path(sys.executable).parent
+from tests.helpers.cli import BIN
+from tests.helpers.servers import free_port
 
 
 def _config(vault_addr: str, issuer: str, jwks: str) -> dict[str, Any]:

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from keyproxy.devserver import OpenBaoDevServer
-from tests.support import CANARIES
+from tests.helpers.cli import BIN
+from tests.helpers.logscan import CANARIES
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")

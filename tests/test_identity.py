@@ -33,7 +33,9 @@ from keyproxy.identity import MAX_DOCUMENT_BYTES, Identity, IdentityVerifier
 from keyproxy.identity import verifier as identity_module
 from keyproxy.metrics import Metrics
 from keyproxy.server.app import METRICS
-from tests.support import CANARIES, CONFIG_SECTIONS, Stack, Upstream, bearer, new_key, running_proxy
+from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import Stack, Upstream, bearer, new_key, running_proxy
 
 ISS = "https://issuer.test"
 AUD = "keyproxy"

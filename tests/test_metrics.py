@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.metrics import BUCKETS, Metrics, write_rotation_textfile
-from tests.support import CANARIES, Upstream, bearer, new_key, running_proxy, token_config
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import Upstream, bearer, new_key, running_proxy, token_config
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

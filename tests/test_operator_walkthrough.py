@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +25,11 @@ import yaml
 from aiohttp import web
 
 from keyproxy.devserver import OpenBaoDevServer, vault_dev_dir
-from tests.support import free_port, new_key
+from tests.helpers.cli import BIN
+from tests.helpers.servers import free_port, new_key
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "operations.md"
-BIN = Path(sys.executable).parent
 BLOCK = re.compile(r"<!-- walkthrough: (\w+) -->\n```sh\n(.*?)```", re.S)
 STEPS = ("env", "setup", "key", "agent", "config", "serve", "request")
 

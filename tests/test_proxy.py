@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import openai
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server.collector import YOUNG_GC_THRESHOLD
-from tests.support import (
+from tests.helpers.issuer import Issuer
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import (
     BIG_BYTES,
-    CANARIES,
     FRAGMENT_VARIANTS,
     TRICKLE_PARTS,
     Stack,
@@ -60,47 +58,16 @@ def token(openbao: OpenBaoDevServer, agent: Agent) -> str:
     return value
 
 
-class LocalIssuer:
-    """An issuer whose signing key the tests hold, to craft hostile tokens."""
-
-    def __init__(self, directory: Path) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        jwk.update(kid="test-1", alg="RS256", use="sig")
-        self.jwks_file = directory / "jwks.json"
-        self.jwks_file.write_text(json.dumps({"keys": [jwk]}))
-
-    def token(self, headers: dict[str, Any] | None = None, **claims: Any) -> str:
-        now = int(time.time())
-        body = {
-            "iss": LOCAL_ISSUER,
-            "aud": "keyproxy",
-            "sub": "local-agent",
-            "iat": now,
-            "exp": now + 300,
-            **claims,
-        }
-        value = jwt.encode(
-            body, self.key, algorithm="RS256", headers={"kid": "test-1", **(headers or {})}
-        )
-        CANARIES.add(value)
-        return value
-
-    def public_pem(self) -> bytes:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-
 @pytest.fixture(scope="module")
-def local_issuer(tmp_path_factory: pytest.TempPathFactory) -> LocalIssuer:
-    return LocalIssuer(tmp_path_factory.mktemp("issuer"))
+def local_issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
+    """An issuer whose signing key the tests hold, to craft hostile tokens."""
+    return Issuer(tmp_path_factory.mktemp("issuer"), LOCAL_ISSUER)
 
 
 def make_config(
     openbao: OpenBaoDevServer,
     agent: Agent,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     upstream: str,
     key_path: str,
     **route: Any,
@@ -177,7 +144,7 @@ def seeded(openbao: OpenBaoDevServer, request: pytest.FixtureRequest) -> tuple[s
 def config_for(
     openbao: OpenBaoDevServer,
     agent: Agent,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     seeded: tuple[str, str],
 ) -> Callable[..., dict[str, Any]]:
     def build(upstream: str, **route: Any) -> dict[str, Any]:
@@ -403,7 +370,7 @@ async def test_outside_the_grant_is_403(
     stack: Stack,
     upstream: Upstream,
     token: str,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     http: aiohttp.ClientSession,
 ) -> None:
     """Wrong method, wrong path and wrong source network each get 403 and reach nothing."""
@@ -794,7 +761,7 @@ async def test_ambiguous_credentials_are_400_and_reach_nothing(
     stack: Stack,
     upstream: Upstream,
     token: str,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     audit_log: Path,
 ) -> None:
     """Two Authorization headers (two valid tokens, the same one twice, one empty, in other
@@ -840,7 +807,7 @@ async def test_a_route_with_its_own_credential_header_refuses_a_second_one(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
     token: str,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
 ) -> None:
     """With caller_credential x-api-key: the header twice, two tokens in it, or Authorization
     beside it is 400 and reaches nothing; the header alone works."""
@@ -909,7 +876,7 @@ COUNTED_ISSUER = "https://counted.test.invalid"
 async def test_an_ambiguous_credential_is_refused_before_any_verification(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
 ) -> None:
     """Two tokens that would each make the proxy fetch its issuer's keys (an unknown kid):
     sent together, 400 and not 401, with no fetch; one of them alone is a 401 after a fetch."""
@@ -1092,7 +1059,7 @@ async def test_ambiguous_paths_are_refused(
 async def test_bad_tokens_get_401(
     stack: Stack,
     upstream: Upstream,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     http: aiohttp.ClientSession,
     case: str,
 ) -> None:
@@ -1656,7 +1623,7 @@ def _events(path: Path) -> Iterator[dict[str, Any]]:
 
 async def test_vault_outage_serves_from_cache_then_503(
     fresh_openbao: OpenBaoDevServer,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     http: aiohttp.ClientSession,
     upstream: Upstream,
 ) -> None:
@@ -1697,7 +1664,7 @@ async def test_vault_outage_serves_from_cache_then_503(
 async def test_a_key_never_loaded_is_503_with_retry_after(
     openbao: OpenBaoDevServer,
     agent: Agent,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     token: str,
     http: aiohttp.ClientSession,
     upstream: Upstream,

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from keyproxy.devserver import vault_dev_dir
+from tests.helpers.cli import BIN
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.M | re.S)
 KINDS = {"sh", "sh no-run", "console"}
 FINGERPRINT = re.compile(r"fingerprint ([0-9a-f]{12})")

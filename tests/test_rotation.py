@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 import yaml
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyproxy import config, rotation
 from keyproxy.devserver import OpenBaoDevServer
@@ -40,37 +38,22 @@ from keyproxy.secret import Secret
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault
 from tests.conftest import LegacyApiProcess
-from tests.support import CANARIES, bearer, free_port
+from tests.helpers.cli import BIN, keyproxy
+from tests.helpers.issuer import Issuer
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import bearer, free_port
 from tests.test_keystatus import KEYS as STATUS_KEYS
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 ISSUER = "https://issuer.rotation.test.invalid"
 
 # ----------------------------------------------------------------------------- helpers
 
 
-class Issuer:
-    """A local workload-identity issuer: the tests mint each agent's token."""
-
-    def __init__(self, directory: Path) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        jwk.update(kid="rot-1", alg="RS256", use="sig")
-        self.jwks_file = directory / "jwks.json"
-        self.jwks_file.write_text(json.dumps({"keys": [jwk]}))
-
-    def token(self, subject: str) -> str:
-        now = int(time.time())
-        claims = {"iss": ISSUER, "aud": "keyproxy", "sub": subject, "iat": now, "exp": now + 900}
-        value = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": "rot-1"})
-        CANARIES.add(value)
-        return value
-
-
 @pytest.fixture(scope="module")
 def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
-    return Issuer(tmp_path_factory.mktemp("rot-issuer"))
+    """A local workload-identity issuer: the tests mint each agent's token."""
+    return Issuer(tmp_path_factory.mktemp("rot-issuer"), ISSUER, kid="rot-1", lifetime=900)
 
 
 @dataclass
@@ -92,18 +75,7 @@ class Env:
     ) -> subprocess.CompletedProcess[str]:
         """`keyproxy ARGS` with the root token in BAO_TOKEN; stderr goes to the log dir."""
         env = {**os.environ, "BAO_TOKEN": self.openbao.root_token, **(extra_env or {})}
-        done = subprocess.run(
-            [str(BIN / "keyproxy"), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-        )
-        with (self.log_dir / "rotation-cli.err").open("a") as err:
-            err.write(done.stdout + done.stderr)
-        return done
+        return keyproxy(*args, env=env, stdin=stdin, log=self.log_dir / "rotation-cli.err")
 
     def rotate(self, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
         extra = {rotation.FAILPOINT_ENV: failpoint} if failpoint else None
@@ -667,7 +639,7 @@ async def test_command_rotator_rotates_and_revokes(
         "type": "command",
         "command": [
             sys.executable,
-            str(ROOT / "tests" / "legacy_api.py"),
+            str(ROOT / "tests" / "helpers" / "legacy_api.py"),
             "rotator",
             legacy_api.url,
         ],

@@ -13,7 +13,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,18 +25,11 @@ import yaml
 from keyproxy import audit, config, secret
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import ConfigError
-from tests.support import (
-    CANARIES,
-    CONFIG_SECTIONS,
-    Stack,
-    Upstream,
-    bearer,
-    free_port,
-    new_key,
-    running_proxy,
-)
+from tests.helpers.cli import BIN
+from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import Stack, Upstream, bearer, free_port, new_key, running_proxy
 
-BIN = Path(sys.executable).parent
 KEY_PATH = "keyproxy/keys/server-test"
 
 

@@ -11,7 +11,6 @@ import base64
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -34,8 +33,9 @@ from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
-from tests.support import (
-    CANARIES,
+from tests.helpers.cli import BIN
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import (
     Stack,
     Upstream,
     bearer,
@@ -44,8 +44,6 @@ from tests.support import (
     running_proxy,
     token_config,
 )
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,8 @@ from keyproxy.vault import (
     Vault,
     announce_key_change,
 )
-from tests.cli_support import clean_env, keyproxy
-from tests.support import free_port, new_key
+from tests.helpers.cli import clean_env, keyproxy
+from tests.helpers.servers import free_port, new_key
 
 POLL = 0.05
 VAULT_TOKEN = re.compile(r"\b(hv)?[sbr]\.[A-Za-z0-9]{20,}")  # OpenBao/Vault token formats

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,9 +19,9 @@ import yaml
 from aiohttp import web
 
 from keyproxy.devserver import OpenBaoDevServer
-from tests.support import new_key, serve
+from tests.helpers.cli import BIN
+from tests.helpers.servers import new_key, serve
 
-BIN = Path(sys.executable).parent
 DEADLINE = 60.0
 
 
