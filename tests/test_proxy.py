@@ -27,6 +27,7 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server.collector import YOUNG_GC_THRESHOLD
 from tests.helpers.issuer import Issuer
 from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
 from tests.helpers.servers import (
     BIG_BYTES,
     FRAGMENT_VARIANTS,
@@ -218,11 +219,10 @@ def new_request_id() -> str:
 async def audit_events(audit_log: Path, request_id: str) -> list[dict[str, Any]]:
     """The request events of `request_id`, once at least one is in the log. Lines are written
     in the order the events were made: once one is in, all made before it are too."""
-    deadline = time.monotonic() + 10
-    while not (seen := [e for e in _events(audit_log) if e.get("request_id") == request_id]):
-        assert time.monotonic() < deadline, f"no audit event for request {request_id}"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
-    return seen
+    return await eventually(
+        lambda: [e for e in _events(audit_log) if e.get("request_id") == request_id],
+        f"no audit event for request {request_id}",
+    )
 
 
 class ConnectionCounter:
@@ -310,12 +310,15 @@ async def test_new_key_version_is_used_without_restart(
         assert response.status == 200
     new = new_key()
     await asyncio.to_thread(openbao.put_key, seeded[0], new)
-    deadline = time.monotonic() + 5
-    while upstream.requests[-1].headers["Authorization"] != f"Bearer {new}":
-        assert time.monotonic() < deadline, "new key version not used within 5 s"
+
+    async def sent() -> str:
         async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
             assert response.status == 200
-        await asyncio.sleep(0.1)  # pacing between probes, not waiting for state
+        return upstream.requests[-1].headers["Authorization"]
+
+    await eventually(
+        sent, "new key version not used", within=5, interval=0.1, until=f"Bearer {new}".__eq__
+    )
 
 
 async def test_the_young_collection_threshold_is_raised_while_serving(
@@ -557,14 +560,19 @@ async def test_bad_key_version_keeps_the_last_good_key(
 ) -> None:
     """A new KV version with a control character is refused; the last good key keeps serving."""
     await asyncio.to_thread(openbao.put_key, seeded[0], seeded[1] + "\t-bad")
-    deadline = time.monotonic() + 5
-    while True:
+
+    async def key_status() -> dict[str, Any]:
         async with http.get(f"{stack.admin}/readyz") as response:
-            status = (await response.json())["keys"]["r"]
-        if status["last_error"]:
-            break
-        assert time.monotonic() < deadline, "the bad version was never read"
-        await asyncio.sleep(0.1)  # pacing between probes
+            found: dict[str, Any] = (await response.json())["keys"]["r"]
+            return found
+
+    status = await eventually(
+        key_status,
+        "the bad version was never read",
+        within=5,
+        interval=0.1,
+        until=lambda s: s["last_error"],
+    )
     assert "-bad" not in status["last_error"]
     async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
         assert response.status == 200
@@ -902,10 +910,7 @@ async def test_an_ambiguous_credential_is_refused_before_any_verification(
         async with running_proxy(cfg) as stack:
             port = URL(stack.base).port
             assert port is not None
-            deadline = time.monotonic() + 10
-            while not jwks.fetches:  # the start-up fetch
-                assert time.monotonic() < deadline, "the issuer's keys were never fetched"
-                await asyncio.sleep(0.01)  # polling interval of a bounded wait
+            await eventually(lambda: jwks.fetches, "the issuer's keys were never fetched")
             before = jwks.fetches
             for lines in [
                 [f"Authorization: Bearer {first}", f"Authorization: Bearer {second}"],
@@ -1212,10 +1217,10 @@ async def test_stalled_declared_length_body_is_408(
         writer.close()
     assert int(status_line.split()[1]) == 408
     assert time.monotonic() - started >= 1.0  # not before the route's 1 s read timeout
-    deadline = time.monotonic() + 10
-    while not (seen := [e for e in _events(audit_log) if e.get("reason") == "body_timeout"]):
-        assert time.monotonic() < deadline, "no audit event for the stalled upload"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    seen = await eventually(
+        lambda: [e for e in _events(audit_log) if e.get("reason") == "body_timeout"],
+        "no audit event for the stalled upload",
+    )
     assert (seen[-1]["status"], seen[-1]["path"]) == (408, "/echo")
 
 
@@ -1454,10 +1459,10 @@ async def test_upstream_silent_in_a_stream_cuts_the_answer(
         assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
-    deadline = time.monotonic() + 10
-    while not (cut := [e for e in _events(audit_log) if e.get("path") == "/stall/stream"]):
-        assert time.monotonic() < deadline, "no audit event for the cut stream"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    cut = await eventually(
+        lambda: [e for e in _events(audit_log) if e.get("path") == "/stall/stream"],
+        "no audit event for the cut stream",
+    )
     assert cut[-1]["reason"] == "upstream_timeout"
     assert cut[-1]["status"] == 200  # the status line had been sent
 
@@ -1575,10 +1580,7 @@ async def test_each_way_a_request_ends_writes_exactly_one_event(
         return seen
 
     async def logged(key: tuple[str, str], at_least: int) -> None:
-        deadline = time.monotonic() + 10
-        while counts().get(key, 0) < at_least:
-            assert time.monotonic() < deadline, f"no audit event for {key}"
-            await asyncio.sleep(0.01)  # polling interval of a bounded wait
+        await eventually(lambda: counts().get(key, 0) >= at_least, f"no audit event for {key}")
 
     before = counts()
     async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
@@ -1643,17 +1645,24 @@ async def test_vault_outage_serves_from_cache_then_503(
         stopped = time.monotonic()
         async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
             assert response.status == 200, "the cached key must serve right after Vault stops"
-        deadline = stopped + 15
-        while True:
+
+        async def answered() -> int:
             async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
                 if response.status == 503:
                     assert (await response.json())["error"]["code"] == "key_stale"
                     assert response.headers["Retry-After"] == "1"
-                    break
+                    return 503
                 assert response.status == 200
                 assert "Retry-After" not in response.headers
-            assert time.monotonic() < deadline, "never turned to 503 after max_staleness"
-            await asyncio.sleep(0.2)  # pacing between probes
+                return 200
+
+        await eventually(
+            answered,
+            "never turned to 503 after max_staleness",
+            within=stopped + 15 - time.monotonic(),
+            interval=0.2,
+            until=(503).__eq__,
+        )
         # max_staleness is 3 s: not before it, and (with a 500 ms refresh) not long after.
         assert time.monotonic() - stopped >= 2.0
         async with http.get(f"{stack.base}/readyz") as response:

@@ -41,6 +41,7 @@ from tests.conftest import LegacyApiProcess
 from tests.helpers.cli import BIN, keyproxy
 from tests.helpers.issuer import Issuer
 from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually, eventually_blocking
 from tests.helpers.servers import bearer, free_port
 from tests.test_keystatus import KEYS as STATUS_KEYS
 
@@ -220,16 +221,18 @@ def stored_key(openbao: OpenBaoDevServer, env: Env, route: str) -> tuple[str, st
 
 def settle(env: Env, route: str) -> dict[str, Any]:
     """Run `rotate --due` until the route has no rotation in progress, lock or key in grace."""
-    deadline = time.monotonic() + 45
-    while True:
+
+    def settled() -> dict[str, Any]:
         done = env.rotate("--due")
         _, entries = env.status()
-        entry = entries[route]
+        entry: dict[str, Any] = entries[route]
         if not (entry["in_progress"] or entry["grace_until"] or entry["locked_by"]):
             assert done.returncode == 0, done.stdout
             return entry
-        assert time.monotonic() < deadline, f"not settled: {entry}"
-        time.sleep(0.2)  # polling interval of a bounded wait: the lock expires after 1 s
+        return {}
+
+    # The lock of an interrupted run expires after 1 s.
+    return eventually_blocking(settled, f"{route} not settled", within=45, interval=0.2)
 
 
 @contextlib.asynccontextmanager
@@ -270,7 +273,7 @@ async def serving(env: Env) -> AsyncIterator[Proxy]:
         )
     proxy = Proxy(f"http://127.0.0.1:{port}", out, f"http://127.0.0.1:{admin_port}")
     try:
-        await until(lambda: _ready(proxy), 30, "proxy ready")
+        await eventually(lambda: _ready(proxy), "proxy ready", within=30, interval=0.05)
         yield proxy
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -299,13 +302,6 @@ async def served_versions(proxy: Proxy) -> dict[str, int]:
     except aiohttp.ClientError:
         return {}
     return {name: k["version"] for name, k in body["keys"].items()}
-
-
-async def until(check: Callable[[], Any], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"{what}: not within {within} s"
-        await asyncio.sleep(0.05)  # polling interval of a bounded wait
 
 
 # ----------------------------------------------------------------------------- tests
@@ -346,13 +342,15 @@ async def test_ten_rotations_under_load_fail_no_request(
                     async def serves(v: int | None = version) -> bool:
                         return (await served_versions(proxy)).get(name) == v
 
-                    await until(serves, 10, "promoted version served")
+                    await eventually(serves, "promoted version served", within=10, interval=0.05)
 
                     async def revoked() -> bool:
                         done = await rotations.run_due()
                         return done[0].result == "revoked"
 
-                    await until(revoked, 15, "old key revoked after grace")
+                    await eventually(
+                        revoked, "old key revoked after grace", within=15, interval=0.05
+                    )
                     assert statuses[200] > before
             finally:
                 stop.set()
@@ -468,7 +466,12 @@ async def test_emergency_revokes_at_once_and_the_proxy_follows_within_5s(
             async with session.get(f"{proxy.base}/r/{name}/v1/data", headers=headers) as r:
                 return r.status == 200 and (await r.json())["key_id"] == new_id
 
-        await until(new_key_served, 5 - (time.monotonic() - returned), "new key served")
+        await eventually(
+            new_key_served,
+            "new key served",
+            within=5 - (time.monotonic() - returned),
+            interval=0.05,
+        )
     assert await asyncio.to_thread(valid_ids, env.legacy, name) == {new_id}
 
 
@@ -552,7 +555,7 @@ async def test_audit_names_exactly_the_identities_of_a_key_version(
             async def serves() -> bool:
                 return (await served_versions(proxy)).get(name) == second
 
-            await until(serves, 10, "new version served")
+            await eventually(serves, "new version served", within=10, interval=0.05)
             for headers in (a, b, a):
                 async with session.get(url, headers=headers) as r:
                     assert r.status == 200
@@ -671,7 +674,7 @@ async def test_embedded_scheduler_rotates_a_due_route(make_env: Callable[..., En
             async def stored() -> bool:
                 return await rotations.vault.kv_version("secret", path) == 1
 
-            await until(stored, 20, "scheduled rotation")
+            await eventually(stored, "scheduled rotation", within=20, interval=0.05)
             assert not task.done()
         finally:
             task.cancel()

@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,9 +24,10 @@ import yaml
 from keyproxy import audit, config, secret
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import ConfigError
-from tests.helpers.cli import BIN
+from tests.helpers.cli import ready, started
 from tests.helpers.configs import CONFIG_SECTIONS
 from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
 from tests.helpers.servers import Stack, Upstream, bearer, free_port, new_key, running_proxy
 
 KEY_PATH = "keyproxy/keys/server-test"
@@ -267,10 +267,7 @@ async def test_connections_over_the_per_source_cap_are_refused(stack: Stack) -> 
             )
             return answer.startswith(b"HTTP/1.1 200 ")
 
-        deadline = time.monotonic() + 10
-        while not await admitted():
-            assert time.monotonic() < deadline, "the freed slot was never reused"
-            await asyncio.sleep(0.05)  # polling for the server to see the close
+        await eventually(admitted, "the freed slot was never reused", interval=0.05)
     finally:
         for _, writer in held:
             writer.close()
@@ -347,29 +344,13 @@ async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
     port = free_port()
     out, err = log_dir / "server-serve.out", log_dir / "server-serve.err"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    argv = [str(BIN / "keyproxy"), "serve", "-c", str(path), "--port", str(port)]
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
-            [*argv, "--admin-port", "0", "--shutdown-timeout", "20"],
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-        )
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
     base = f"http://127.0.0.1:{port}"
-    try:
+    with started(
+        *args, "--shutdown-timeout", "20", out=out, err=err, env={**env, "PYTHONUNBUFFERED": "1"}
+    ) as proc:
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with http.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, "keyproxy serve exited"
-                assert time.monotonic() < deadline, "keyproxy serve never became ready"
-                await asyncio.sleep(0.1)  # polling for readiness
+            await ready(http, base, proc)
             for data in MALFORMED.values():
                 answer = await _exchange(port, data.replace(b"{t}", token.encode()))
                 assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))
@@ -383,10 +364,6 @@ async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
                 rest = await stream.read()
             assert (first + rest).count(b"data: part") == 5
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
     assert err.read_bytes() == b""
     lines = out.read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line of stdout is a JSON event

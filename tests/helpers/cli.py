@@ -132,7 +132,7 @@ async def ready(
             async with http.get(f"{base}/readyz") as response:
                 if response.status == 200:
                     return True
-        except aiohttp.ClientConnectionError:
+        except aiohttp.ClientError:
             pass
         assert proc is None or proc.poll() is None, "keyproxy serve exited"
         return False
