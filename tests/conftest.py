@@ -7,6 +7,7 @@
   in as the proxy (AppRole, policy keyproxy-proxy) or with the root token (token_file).
   For another server use `server.proxy_vault_config()` / `server.root_vault_config()`.
 - `root_vault`: a logged-in root `Vault` on the session server, for writing test data.
+- `agent` / `identity_token`: an agent of the session server for the test module, and its token.
 - `log_scan`: after the last test, no key, key fragment or token in any log of the session
   (tests/helpers/logscan.py); a leak fails the run.
 """
@@ -28,7 +29,7 @@ import pytest
 
 from keyproxy import audit
 from keyproxy.config import VaultConfig
-from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.vault import Vault
 from tests.helpers import cli, logscan
 from tests.helpers.servers import Upstream, running_upstream
@@ -86,6 +87,21 @@ async def root_vault(root_vault_config: VaultConfig) -> AsyncIterator[Vault]:
         yield vault
     finally:
         vault.close()
+
+
+@pytest.fixture(scope="module")
+def agent(openbao: OpenBaoDevServer, request: pytest.FixtureRequest) -> Agent:
+    """An agent (entity and AppRole) of the session server, one per test module."""
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    return openbao.add_agent(f"{module}-agent")
+
+
+@pytest.fixture(scope="module")
+def identity_token(openbao: OpenBaoDevServer, agent: Agent) -> str:
+    """A workload identity token of `agent`, signed by the session server."""
+    value = openbao.agent_token(agent)
+    logscan.CANARIES.add(value)
+    return value
 
 
 @pytest.fixture

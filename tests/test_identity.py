@@ -34,6 +34,7 @@ from keyproxy.identity import verifier as identity_module
 from keyproxy.metrics import Metrics
 from keyproxy.server.app import METRICS
 from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import Stack, Upstream, bearer, new_key, running_proxy
@@ -1336,14 +1337,10 @@ async def test_stale_issuer_keys_are_503_and_audited(
             until=lambda a: a[0] == 200,
         )
     stale = await eventually(
-        lambda: [e for e in _events(audit_log) if e.get("reason") == "issuer_keys_stale"],
+        lambda: [e for e in read_events(audit_log) if e.get("reason") == "issuer_keys_stale"],
         "no audit event for the stale keys",
     )
     assert {(e["status"], e["route"], e["path"]) for e in stale} == {(503, "r", "/echo")}
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 # ---------------------------------------------------------------------------- settings

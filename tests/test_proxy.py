@@ -11,7 +11,7 @@ import base64
 import gc
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from yarl import URL
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server.collector import YOUNG_GC_THRESHOLD
+from tests.helpers.events import read_events
 from tests.helpers.issuer import Issuer
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
@@ -48,15 +49,9 @@ LOCAL_ISSUER = "https://issuer.test.invalid"
 
 
 @pytest.fixture(scope="module")
-def agent(openbao: OpenBaoDevServer) -> Agent:
-    return openbao.add_agent("e2e-agent")
-
-
-@pytest.fixture(scope="module")
-def token(openbao: OpenBaoDevServer, agent: Agent) -> str:
-    value = openbao.agent_token(agent)
-    CANARIES.add(value)
-    return value
+def token(identity_token: str) -> str:
+    """The agent's workload identity token (conftest's `identity_token`)."""
+    return identity_token
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +215,7 @@ async def audit_events(audit_log: Path, request_id: str) -> list[dict[str, Any]]
     """The request events of `request_id`, once at least one is in the log. Lines are written
     in the order the events were made: once one is in, all made before it are too."""
     return await eventually(
-        lambda: [e for e in _events(audit_log) if e.get("request_id") == request_id],
+        lambda: [e for e in read_events(audit_log) if e.get("request_id") == request_id],
         f"no audit event for request {request_id}",
     )
 
@@ -1218,7 +1213,7 @@ async def test_stalled_declared_length_body_is_408(
     assert int(status_line.split()[1]) == 408
     assert time.monotonic() - started >= 1.0  # not before the route's 1 s read timeout
     seen = await eventually(
-        lambda: [e for e in _events(audit_log) if e.get("reason") == "body_timeout"],
+        lambda: [e for e in read_events(audit_log) if e.get("reason") == "body_timeout"],
         "no audit event for the stalled upload",
     )
     assert (seen[-1]["status"], seen[-1]["path"]) == (408, "/echo")
@@ -1392,7 +1387,7 @@ async def test_short_answer_cut_short_is_502(
     ):
         assert response.status == 502
         assert (await response.json())["error"]["code"] == "upstream_error"
-    events = [e for e in _events(audit_log) if e.get("status") == 502 and e.get("route") == "r"]
+    events = [e for e in read_events(audit_log) if e.get("status") == 502 and e.get("route") == "r"]
     assert events[-1]["reason"] == "upstream_error"
     assert events[-1]["upstream_status"] == 200
 
@@ -1460,7 +1455,7 @@ async def test_upstream_silent_in_a_stream_cuts_the_answer(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     cut = await eventually(
-        lambda: [e for e in _events(audit_log) if e.get("path") == "/stall/stream"],
+        lambda: [e for e in read_events(audit_log) if e.get("path") == "/stall/stream"],
         "no audit event for the cut stream",
     )
     assert cut[-1]["reason"] == "upstream_timeout"
@@ -1547,7 +1542,9 @@ async def test_every_request_is_one_audit_event(
         assert r.status == 200
     async with http.delete(f"{stack.base}/r/r/echo?{marker}=2", headers=bearer(token)) as r:
         assert r.status == 403
-    events = [e for e in _events(audit_log) if e.get("route") == "r" and e.get("path") == "/echo"]
+    events = [
+        e for e in read_events(audit_log) if e.get("route") == "r" and e.get("path") == "/echo"
+    ]
     allowed = [e for e in events if e["method"] == "GET" and e["status"] == 200]
     denied = [e for e in events if e["method"] == "DELETE" and e["status"] == 403]
     assert allowed
@@ -1573,7 +1570,7 @@ async def test_each_way_a_request_ends_writes_exactly_one_event(
 
     def counts() -> dict[tuple[str, str], int]:
         seen: dict[tuple[str, str], int] = {}
-        for e in _events(audit_log):
+        for e in read_events(audit_log):
             if e.get("event") == "request" and (e.get("route") == "r" or e["path"] == SENTINEL):
                 key = (e["method"], e["path"])
                 seen[key] = seen.get(key, 0) + 1
@@ -1612,12 +1609,6 @@ async def test_each_way_a_request_ends_writes_exactly_one_event(
         ("GET", "/big"),
     ]:
         assert after.get(key, 0) - before.get(key, 0) == 1, key
-
-
-def _events(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text().splitlines():
-        if line.startswith("{"):
-            yield json.loads(line)
 
 
 # ----------------------------------------------------------------------------- Vault outage

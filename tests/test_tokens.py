@@ -33,6 +33,7 @@ from keyproxy.metrics import Metrics
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, started
+from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import (
@@ -47,16 +48,10 @@ from tests.helpers.servers import (
 
 
 @pytest.fixture(scope="module")
-def agent(openbao: OpenBaoDevServer) -> Agent:
+def agent(openbao: OpenBaoDevServer, agent: Agent) -> Agent:
+    """conftest's agent, with the key of token_config's routes stored."""
     openbao.put_key("keyproxy/keys/tokens-test", new_key())
-    return openbao.add_agent("token-agent")
-
-
-@pytest.fixture(scope="module")
-def identity_token(openbao: OpenBaoDevServer, agent: Agent) -> str:
-    value = openbao.agent_token(agent)
-    CANARIES.add(value)
-    return value
+    return agent
 
 
 @pytest.fixture
@@ -88,6 +83,13 @@ async def status(http: aiohttp.ClientSession, method: str, url: str, token: str)
     ) as response:
         await response.read()
         return response.status
+
+
+async def refused(
+    http: aiohttp.ClientSession, method: str, url: str, token: str, what: str, **wait: float
+) -> None:
+    """Until `token` is answered 401 at `url`; `wait` bounds it (`eventually`'s keywords)."""
+    await eventually(lambda: status(http, method, url, token), what, until=(401).__eq__, **wait)
 
 
 async def test_exchange_use_scope_and_revoke(
@@ -130,12 +132,14 @@ async def test_expired_task_token_is_401(
     assert code == 200
     url = f"{stack.base}/r/r/v1/chat/completions"
     assert await status(http, "POST", url, answer["access_token"]) == 200
-    await eventually(
-        lambda: status(http, "POST", url, answer["access_token"]),
+    await refused(
+        http,
+        "POST",
+        url,
+        answer["access_token"],
         "the expired token kept working",
         within=15,
         interval=0.25,
-        until=(401).__eq__,
     )
 
 
@@ -386,12 +390,14 @@ async def test_revocation_reaches_another_replica_within_2s(
     assert await status(http, "GET", f"{b}/r/other/echo", token) == 502
     async with http.post(f"{a}/token/revoke", headers=bearer(token)) as response:
         assert response.status == 200
-    await eventually(
-        lambda: status(http, "GET", f"{b}/r/other/echo", token),
+    await refused(
+        http,
+        "GET",
+        f"{b}/r/other/echo",
+        token,
         "the other replica still accepts the token",
         within=2.0,
         interval=0.05,
-        until=(401).__eq__,
     )
 
 
@@ -419,12 +425,14 @@ async def test_operator_revokes_by_task(
         )
         == 0
     )
-    await eventually(
-        lambda: status(http, "POST", url, answer["access_token"]),
+    await refused(
+        http,
+        "POST",
+        url,
+        answer["access_token"],
         "the revoked token kept working",
         within=2,
         interval=0.05,
-        until=(401).__eq__,
     )
 
 
@@ -734,7 +742,7 @@ async def test_holder_revocation_is_one_audit_event(
     events = await eventually(
         lambda: [
             e
-            for e in _audit_events(audit_log)
+            for e in read_events(audit_log)
             if e.get("event") == "token.revoked" and e.get("token_id") == answer["token_id"]
         ],
         "no token.revoked event",
@@ -746,12 +754,8 @@ async def test_holder_revocation_is_one_audit_event(
         "issuer": "openbao",
         "subject": stack.config.policies[0].subjects[0],
     }
-    nulls = [e for e in _audit_events(audit_log) if e.get("event") == "token.revoked"]
+    nulls = [e for e in read_events(audit_log) if e.get("event") == "token.revoked"]
     assert not [e for e in nulls if e.get("by") is None]
-
-
-def _audit_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 @pytest.fixture
@@ -877,7 +881,7 @@ async def test_broker_events_and_answers_carry_the_request_id(
     found = await eventually(
         lambda: {
             e["event"]: e
-            for e in _audit_events(audit_log)
+            for e in read_events(audit_log)
             if e.get("request_id") in wanted.values() and e.get("event") in wanted
         },
         f"events missing of {sorted(wanted)}",

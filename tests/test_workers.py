@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from keyproxy.devserver import OpenBaoDevServer
 from tests.helpers import cli
+from tests.helpers.events import read_events
 from tests.helpers.polling import eventually
 from tests.helpers.servers import free_port, new_key, serve
 
@@ -99,12 +99,6 @@ def _config(bao: OpenBaoDevServer, subject: str, upstream: int) -> dict[str, Any
     }
 
 
-def _events(path: Path) -> list[dict[str, Any]]:
-    # Whole lines only: the last one may be in the middle of being written.
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
 async def _until_refused(port: int) -> None:
     """Poll until nothing accepts connections on `port` any more (every listener closed)."""
 
@@ -145,18 +139,20 @@ async def test_two_workers_serve_and_stop_gracefully(
             for _ in range(500):
                 async with http.get(f"{base}/r/up/stream") as response:
                     assert response.status == 401
-                events = _events(out)
+                events = read_events(out)
                 workers = {e["worker"] for e in events if e.get("event") == "request"}
                 if len(workers) == 2:
                     break
-            (started,) = [e["pids"] for e in _events(out) if e.get("event") == "workers_started"]
+            (started,) = [
+                e["pids"] for e in read_events(out) if e.get("event") == "workers_started"
+            ]
             assert workers == set(started)
             assert proc.pid not in workers
 
             # SIGHUP to the parent is logged and ignored: the same workers keep serving.
             proc.send_signal(signal.SIGHUP)
             await eventually(
-                lambda: any(e.get("event") == "sighup_ignored" for e in _events(out)),
+                lambda: any(e.get("event") == "sighup_ignored" for e in read_events(out)),
                 "SIGHUP was not logged",
                 within=DEADLINE,
                 interval=0.05,
@@ -179,7 +175,7 @@ async def test_two_workers_serve_and_stop_gracefully(
     for pid in started:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    stopped = [e for e in _events(out) if e.get("event") == "workers_stopping"]
+    stopped = [e for e in read_events(out) if e.get("event") == "workers_stopping"]
     assert len(stopped) == 1
     assert token not in out.read_text(encoding="utf-8")
 
