@@ -98,6 +98,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.journal",
                 "audit",
                 "audit.log",
+                "audit.calls",
                 "audit.query",
                 "metrics",
                 "tls",
@@ -110,6 +111,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         frozenset(
             {
                 "proxy",
+                "mcproute",
                 "forward",
                 "broker",
                 "answers",
