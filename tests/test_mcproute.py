@@ -24,7 +24,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
 from mcp.types import TextContent
 
+from keyproxy import audit
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from tests.cli_support import clean_env, keyproxy
 from tests.mcp.server import McpServer, running_server
 from tests.support import CANARIES, Stack, bearer, running_proxy
 
@@ -153,11 +155,15 @@ async def calls_of(audit_log: Path, task: str, count: int) -> list[dict[str, Any
 
 
 async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
-    openbao: OpenBaoDevServer, agent: Agent, served: Served, audit_log: Path
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    served: Served,
+    audit_log: Path,
+    tmp_path: Path,
 ) -> None:
     """Through keyproxy the SDK client lists only the granted tool, calls it, and gets a
     JSON-RPC error for the other, which the server never sees; each call is an audit event
-    naming the tool and the key version."""
+    naming the tool and the key version, and `keyproxy audit --calls` lists them per task."""
     identity = openbao.agent_token(agent)
     CANARIES.add(identity)
     task = f"triage-{secrets.token_hex(4)}"
@@ -193,6 +199,16 @@ async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
         assert call["route"] == ROUTE
         assert "login" not in json.dumps(call)  # the arguments are never logged
     assert all(c["mcp_session"] for c in calls if c["mcp_method"] != "initialize")
+    await asyncio.to_thread(audit.flush)
+    args = ("audit", str(audit_log), "--route", ROUTE, "--calls", "--task", task, "--json")
+    done = await asyncio.to_thread(keyproxy, *args, env=clean_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)["tasks"][task]
+    assert [(c["target"], c["decision"]) for c in listed if c["method"] == "tools/call"] == [
+        ("search_issues", "allow"),
+        ("whoami", "deny"),
+    ]
+    assert {c["key_version"] for c in listed} == {served.key_version}
 
 
 async def test_the_key_a_tool_echoes_never_reaches_the_caller(
