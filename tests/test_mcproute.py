@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
@@ -28,7 +29,7 @@ from keyproxy import audit
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.cli_support import clean_env, keyproxy
 from tests.mcp.server import McpServer, running_server
-from tests.support import CANARIES, Stack, bearer, running_proxy
+from tests.support import CANARIES, Stack, bearer, running_proxy, serve
 
 KEY_PATH = "keyproxy/keys/mcp-route-test"
 ROUTE = "issues"
@@ -285,3 +286,82 @@ async def test_hostile_messages_are_refused_and_never_forwarded(
                         errors = value if isinstance(value, list) else [value]
                         assert all(e["jsonrpc"] == "2.0" and e["error"] for e in errors), name
     assert len(server_requests(served.log)) == before
+
+
+SAMPLING = {"jsonrpc": "2.0", "id": 7, "method": "sampling/createMessage", "params": {}}
+ELICIT = {"jsonrpc": "2.0", "id": 8, "method": "elicitation/create", "params": {}}
+PING = {"jsonrpc": "2.0", "id": 9, "method": "ping"}
+CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+
+
+def _sse(*messages: dict[str, Any]) -> bytes:
+    return b"".join(
+        b"event: message\r\ndata: " + json.dumps(m).encode() + b"\r\n\r\n" for m in messages
+    )
+
+
+async def _stream_server(request: web.Request) -> web.StreamResponse:
+    """A server's GET stream: two server requests, a ping and a notification, in events
+    split across writes; and a tools/list answer as SSE to a POST."""
+    assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    assert request.headers["Mcp-Session-Id"] == "session-1"
+    if request.method == "POST":
+        body = await request.json()
+        tools = [
+            {"name": n, "inputSchema": {"type": "object"}} for n in ("search_issues", "whoami")
+        ]
+        answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"tools": tools}}
+        data = _sse(answer)
+    else:
+        data = _sse(SAMPLING, ELICIT, PING, CHANGED)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for start in range(0, len(data), 7):  # every event cut across writes
+        await response.write(data[start : start + 7])
+    await response.write_eof()
+    return response
+
+
+STREAM_KEY = "sk-stream-" + secrets.token_urlsafe(16)
+
+
+async def test_the_servers_get_stream_passes_only_allowed_server_requests(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """On a session's GET stream a sampling or elicitation request reaches the caller only
+    where the route allows it (ping and notifications always do); tools/list answers on an
+    SSE stream are filtered however the events are cut."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    app = web.Application()
+    app.router.add_route("*", "/mcp", _stream_server)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        route = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        cfg["routes"]["sampling"] = {
+            **route,
+            "mcp": {"server_requests": ["sampling/createMessage"]},
+        }
+        cfg["routes"][ROUTE] = route
+        cfg["policies"][0]["allow"]["sampling"] = {"tools": ["search_issues"]}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        headers = {**bearer(identity), "Mcp-Session-Id": "session-1"}
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            seen = {}
+            for name in (ROUTE, "sampling"):
+                async with http.get(f"{stack.base}/r/{name}/mcp", headers=headers) as answer:
+                    assert answer.status == 200
+                    seen[name] = await answer.read()
+            assert seen[ROUTE] == _sse(PING, CHANGED)
+            assert seen["sampling"] == _sse(SAMPLING, PING, CHANGED)
+            listing = json.dumps(_rpc(3, "tools/list")).encode()
+            async with http.post(
+                f"{stack.base}/r/sampling/mcp", data=listing, headers=headers
+            ) as answer:
+                text = (await answer.read()).decode()
+            assert '"search_issues"' in text
+            assert "whoami" not in text
+    finally:
+        await runner.cleanup()
