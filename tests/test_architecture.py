@@ -120,6 +120,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.engine",
                 "rotation.status",
                 "demo",
+                "mcp_demo",
                 "devserver",
             }
         ),
