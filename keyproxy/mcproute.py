@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 import aiohttp
+import structlog
 from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
 
 from keyproxy import mcp
 from keyproxy import scope as scopes
@@ -38,6 +42,8 @@ from keyproxy.errors import (
     RequestTimeout,
 )
 from keyproxy.tokens import TaskToken
+
+log = structlog.get_logger("keyproxy.mcproute")
 
 CHUNK: Final = 64 * 1024
 SESSION_HEADER: Final = "Mcp-Session-Id"
@@ -87,10 +93,15 @@ def _compiled(grant: McpGrant, server_requests: frozenset[str]) -> mcp.Grant:
     )
 
 
+# Sends the server the error answer to a server request withheld from the caller.
+Reply = Callable[[bytes], None]
+
+
 class McpStep(NamedTuple):
     """What the MCP step produced: the grant and protocol version the answer is filtered
     with, the body read (None: not a POST), the audit facts of its requests, the list
-    requests it sent and the session it belongs to."""
+    requests it sent, the session it belongs to, and how to answer the server a request
+    withheld from the caller (None: not answered)."""
 
     grant: mcp.Grant
     version: str
@@ -98,6 +109,7 @@ class McpStep(NamedTuple):
     calls: tuple[mcp.Call, ...]
     pending: mcp.Pending
     session: str
+    reply: Reply | None = None
 
     def reshape(self, upstream: aiohttp.ClientResponse) -> AnswerFilter | None:
         """The filter the upstream's answer passes through, or None when it passes as sent
@@ -106,7 +118,7 @@ class McpStep(NamedTuple):
             return None
         kind = upstream.content_type
         if kind == "text/event-stream":
-            return _Stream(mcp.StreamFilter(self.grant, self.version, self.pending))
+            return _Stream(mcp.StreamFilter(self.grant, self.version, self.pending), self.reply)
         if kind == "application/json" and self.pending.methods:
             return _Json(self.grant, self.version, self.pending)
         return None
@@ -175,22 +187,71 @@ class AnswerFilter:
 
 
 class _Stream(AnswerFilter):
-    """An SSE stream, filtered event by event."""
+    """An SSE stream, filtered event by event; each server request withheld from the caller
+    is answered to the server (`reply`) with its error, so the server does not wait."""
 
-    def __init__(self, stream: mcp.StreamFilter) -> None:
+    def __init__(self, stream: mcp.StreamFilter, reply: Reply | None) -> None:
         self._stream = stream
+        self._reply = reply
 
     def feed(self, chunk: bytes) -> bytes:
         try:
-            return self._stream.feed(chunk).data
+            return self._sent(self._stream.feed(chunk))
         except mcp.MessageError:
             raise _bad_answer() from None
 
     def close(self) -> bytes:
         try:
-            return self._stream.close().data
+            return self._sent(self._stream.close())
         except mcp.MessageError:
             raise _bad_answer() from None
+
+    def _sent(self, out: mcp.Output) -> bytes:
+        if self._reply is not None:
+            for refusal in out.withheld:
+                self._reply(json.dumps(refusal.response(), separators=(",", ":")).encode())
+        return out.data
+
+
+_REPLIES: set[asyncio.Task[None]] = set()  # kept until done (the loop holds tasks weakly)
+
+
+def replier(
+    session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str], timeout: float
+) -> Reply:
+    """A `Reply` that POSTs each answer to the server's MCP endpoint in the background, with
+    the headers of the request whose answer withheld it (the key, the session)."""
+    sent = CIMultiDict(headers)
+    sent["Content-Type"] = "application/json"
+    sent["Accept"] = "application/json, text/event-stream"
+    limit = aiohttp.ClientTimeout(total=timeout)
+
+    def reply(body: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(_post(session, url, sent, body, limit))
+        _REPLIES.add(task)
+        task.add_done_callback(_REPLIES.discard)
+
+    return reply
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    body: bytes,
+    limit: aiohttp.ClientTimeout,
+) -> None:
+    try:
+        async with session.post(
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=limit,
+        ) as answer:
+            await answer.read()
+    except (aiohttp.ClientError, TimeoutError):
+        log.warning("mcp_reply_failed", url=str(url.with_query(None)))
 
 
 class _Json(AnswerFilter):

@@ -349,7 +349,9 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
     headers = upstream_headers(request.headers, plan.forwards, rendered, rid)
     if plan.mcp is not None:
         step = await _mcp_step(request, route, plan.mcp, rid, admitted)
-        return Outgoing(url, headers, step.body, step.reshape)
+        forwarder = plan.forwarder
+        reply = mcproute.replier(forwarder.session, url, headers, forwarder.read_timeout)
+        return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
     return Outgoing(url, headers, await _request_body(request, route))
 
 

@@ -307,6 +307,9 @@ async def _stream_server(request: web.Request) -> web.StreamResponse:
     assert request.headers["Mcp-Session-Id"] == "session-1"
     if request.method == "POST":
         body = await request.json()
+        if "method" not in body:  # keyproxy answering a request it withheld
+            request.app[REPLIES].append(body)
+            return web.Response(status=202)
         tools = [
             {"name": n, "inputSchema": {"type": "object"}} for n in ("search_issues", "whoami")
         ]
@@ -323,17 +326,20 @@ async def _stream_server(request: web.Request) -> web.StreamResponse:
 
 
 STREAM_KEY = "sk-stream-" + secrets.token_urlsafe(16)
+REPLIES = web.AppKey("replies", list[dict[str, Any]])
 
 
 async def test_the_servers_get_stream_passes_only_allowed_server_requests(
     openbao: OpenBaoDevServer, agent: Agent
 ) -> None:
     """On a session's GET stream a sampling or elicitation request reaches the caller only
-    where the route allows it (ping and notifications always do); tools/list answers on an
-    SSE stream are filtered however the events are cut."""
+    where the route allows it (ping and notifications always do), and keyproxy answers the
+    server each one it withheld; tools/list answers on an SSE stream are filtered however
+    the events are cut."""
     CANARIES.add(STREAM_KEY)
     await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
+    app[REPLIES] = []
     app.router.add_route("*", "/mcp", _stream_server)
     runner, port = await serve(app)
     try:
@@ -356,6 +362,15 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
                     seen[name] = await answer.read()
             assert seen[ROUTE] == _sse(PING, CHANGED)
             assert seen["sampling"] == _sse(SAMPLING, PING, CHANGED)
+            deadline = time.monotonic() + 10
+            while len(app[REPLIES]) < 3:  # 7 and 8 withheld on one route, 8 on the other
+                assert time.monotonic() < deadline, f"replies: {app[REPLIES]}"
+                await asyncio.sleep(0.05)  # polling interval of a bounded wait
+            assert sorted((r["id"], r["error"]["code"]) for r in app[REPLIES]) == [
+                (7, -32601),
+                (8, -32601),
+                (8, -32601),
+            ]
             listing = json.dumps(_rpc(3, "tools/list")).encode()
             async with http.post(
                 f"{stack.base}/r/sampling/mcp", data=listing, headers=headers
