@@ -20,8 +20,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "keyproxy"
 # sits in the layer of the highest of them (or above).
 LAYERS: list[tuple[str, frozenset[str]]] = [
     # What everything may use: the error tree, redacting secrets, the path-pattern grammar
-    # (config compiles policy paths with it). `keyproxy` is the package itself.
-    ("foundation", frozenset({"keyproxy", "errors", "secret", "patterns"})),
+    # (config compiles policy paths with it), the MCP name checks (config checks MCP grants
+    # with them). `keyproxy` is the package itself.
+    ("foundation", frozenset({"keyproxy", "errors", "secret", "patterns", "mcp.names"})),
     (
         "config",
         frozenset(
@@ -97,6 +98,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.journal",
                 "audit",
                 "audit.log",
+                "audit.calls",
                 "audit.query",
                 "metrics",
                 "tls",
@@ -109,6 +111,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         frozenset(
             {
                 "proxy",
+                "mcproute",
                 "forward",
                 "broker",
                 "answers",
@@ -117,6 +120,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.engine",
                 "rotation.status",
                 "demo",
+                "mcp_demo",
                 "devserver",
             }
         ),
