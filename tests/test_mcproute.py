@@ -27,9 +27,10 @@ from mcp.types import TextContent
 
 from keyproxy import audit
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from tests.cli_support import clean_env, keyproxy
+from tests.helpers.cli import clean_env, keyproxy
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import Stack, bearer, running_proxy, serve
 from tests.mcp.server import McpServer, running_server
-from tests.support import CANARIES, Stack, bearer, running_proxy, serve
 
 KEY_PATH = "keyproxy/keys/mcp-route-test"
 ROUTE = "issues"
