@@ -16,12 +16,10 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Final, NamedTuple
-from urllib.parse import unquote_plus
 
 import aiohttp
 import structlog
 from aiohttp import web
-from yarl import URL
 
 from keyproxy import audit, mcproute, paths, policy
 from keyproxy import scope as scopes
@@ -30,13 +28,10 @@ from keyproxy.answers import REQUEST_ID_KEY
 from keyproxy.config import Config, Policy, Route
 from keyproxy.deadline import ReadDeadlines
 from keyproxy.errors import (
-    BadRequest,
     Forbidden,
     McpRefused,
     NotFound,
-    PayloadTooLarge,
     RequestError,
-    RequestTimeout,
     Unauthenticated,
     Unavailable,
 )
@@ -52,6 +47,7 @@ from keyproxy.headers import (
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered
 from keyproxy.metrics import Metrics
+from keyproxy.outgoing import request_body, upstream_url
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
@@ -59,7 +55,6 @@ from keyproxy.vault import KeyCache, KeyVersion
 log = structlog.get_logger("keyproxy.proxy")
 
 ROUTE_PREFIX: Final = "/r/"
-CHUNK: Final = 64 * 1024
 
 
 # The steps' results are named tuples: as immutable as frozen dataclasses, and built in half
@@ -345,14 +340,14 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
     """The upstream request: the route's URL for `path`, the headers it forwards, the body.
     On an MCP route the body is read and decided first (`_mcp_step`), and the answer
     filtered."""
-    url = _upstream_url(route, path, raw_query, rendered, plan.injector)
+    url = upstream_url(route, path, raw_query, rendered, plan.injector)
     headers = upstream_headers(request.headers, plan.forwards, rendered, rid)
     if plan.mcp is not None:
         step = await _mcp_step(request, route, plan.mcp, rid, admitted)
         forwarder = plan.forwarder
         reply = mcproute.replier(forwarder.session, url, headers, forwarder.read_timeout)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
-    return Outgoing(url, headers, await _request_body(request, route))
+    return Outgoing(url, headers, await request_body(request, route))
 
 
 async def _mcp_step(
@@ -386,49 +381,3 @@ async def _mcp_step(
         raise
     audit.emit_calls(step.calls, facts, "")
     return step
-
-
-async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:
-    """The body to send upstream, with the route's size limit enforced before connecting."""
-    length = request.content_length
-    if length is not None:
-        if length > route.max_body:
-            raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
-        return request.content if length else None
-    if not request.body_exists:
-        return None
-    # A chunked upload has no declared size: read it up to the limit so a 413 can still be
-    # answered before any upstream connection.
-    body = bytearray()
-    try:
-        async with asyncio.timeout(route.read_timeout):
-            async for chunk in request.content.iter_chunked(CHUNK):
-                body += chunk
-                if len(body) > route.max_body:
-                    raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
-    except TimeoutError:
-        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
-    except aiohttp.ClientPayloadError:  # aiohttp's server raises this for a malformed body
-        raise BadRequest("bad_body", "malformed request body") from None
-    return bytes(body)
-
-
-def _upstream_url(
-    route: Route,
-    encoded_path: str,
-    raw_query: str,
-    rendered: Rendered,
-    injector: Injector,
-) -> URL:
-    path = route.upstream.base_path + encoded_path
-    query = raw_query
-    if rendered.query:
-        # A caller-sent parameter of an injected name would override or accompany the key.
-        kept = [
-            part
-            for part in raw_query.split("&")
-            if part and unquote_plus(part.partition("=")[0]) not in injector.query_names
-        ]
-        query = "&".join([*kept, rendered.query])
-    text = f"{route.upstream.origin}{path}" + (f"?{query}" if query else "")
-    return URL(text, encoded=True)

@@ -22,7 +22,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # What everything may use: the error tree, redacting secrets, the path-pattern grammar
     # (config compiles policy paths with it), the MCP name checks (config checks MCP grants
     # with them). `keyproxy` is the package itself.
-    ("foundation", frozenset({"keyproxy", "errors", "secret", "patterns", "mcp.names"})),
+    (
+        "foundation",
+        frozenset({"keyproxy", "errors", "secret", "patterns", "strictjson", "mcp.names"}),
+    ),
     (
         "config",
         frozenset(
@@ -112,6 +115,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             {
                 "proxy",
                 "mcproute",
+                "outgoing",
                 "forward",
                 "broker",
                 "answers",
