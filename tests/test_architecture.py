@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "config.routes",
                 "config.rotation",
                 "config.policies",
+                "config.changes",
             }
         ),
     ),
@@ -121,7 +122,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             }
         ),
     ),
-    ("server", frozenset({"server", "server.app", "server.listen"})),
+    ("server", frozenset({"server", "server.app", "server.listen", "server.reload"})),
     (
         "cli",
         frozenset(
@@ -133,6 +134,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "cli.token",
                 "cli.rotate",
                 "cli.dev",
+                "cli.reload",
             }
         ),
     ),

@@ -148,7 +148,8 @@ async def test_two_workers_serve_and_stop_gracefully(
     openbao: OpenBaoDevServer, upstream: GatedStream, tmp_path: Path, log_dir: Path
 ) -> None:
     """--workers 2 serves from two processes on one port; on SIGTERM the parent stops both,
-    which close the port but finish a stream in flight before exiting 0."""
+    which close the port but finish a stream in flight before exiting 0; one SIGHUP to the
+    parent reloads both."""
     agent = openbao.add_agent("workers-agent")
     openbao.put_key("keyproxy/keys/workers-test", new_key())
     token = openbao.agent_token(agent)
@@ -170,7 +171,7 @@ async def test_two_workers_serve_and_stop_gracefully(
     ]
     with out.open("wb") as stdout:
         proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
-            [*argv, "--workers", "2"],
+            [*argv, "--workers", "2", "--no-watch"],
             stdout=stdout,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -194,14 +195,36 @@ async def test_two_workers_serve_and_stop_gracefully(
             assert workers == set(started)
             assert proc.pid not in workers
 
-            # SIGHUP to the parent is logged and ignored: the same workers keep serving.
+            # One SIGHUP to the parent reloads both workers (the file watch is off: only the
+            # signal can have done it), and the same workers keep serving.
+            changed = _config(openbao, agent.entity_id, upstream.port)
+            changed["routes"]["added"] = changed["routes"]["up"]
+            path.write_text(yaml.safe_dump(changed))
             proc.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + DEADLINE
-            while not any(e.get("event") == "sighup_ignored" for e in _events(out)):
-                assert time.monotonic() < deadline, "SIGHUP was not logged"
+            reloaded: dict[int, str] = {}
+            while len(reloaded) < 2:
+                assert time.monotonic() < deadline, "both workers did not reload"
+                reloaded = {
+                    e["worker"]: e["hash"]
+                    for e in _events(out)
+                    if e.get("event") == "config.reloaded"
+                }
                 await asyncio.sleep(0.05)  # polling the log of a bounded wait
-            async with http.get(f"{base}/r/up/stream") as response:
-                assert response.status == 401
+            assert set(reloaded) == set(started)
+            (new_hash,) = set(reloaded.values())
+            answered: set[int] = set()
+            for _ in range(500):
+                async with http.get(f"{base}/r/added/stream") as response:
+                    assert response.status == 401  # a route both workers know now
+                answered = {
+                    e["worker"]
+                    for e in _events(out)
+                    if e.get("event") == "request" and e.get("config") == new_hash
+                }
+                if len(answered) == 2:
+                    break
+            assert answered == set(started)
             assert proc.poll() is None
             assert all(_alive(pid) for pid in started)
 
