@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         no_file = (
             args.command == "audit"
             or getattr(args, "diff", None)
-            or (args.command == "reload" and (args.pid or args.pid_file))
+            or (args.command == "reload" and (args.pid or args.pid_file or args.admin))
         )
         if getattr(args, "config", "") is None and not no_file:
             args.config = config_path(args)  # -c, else KEYPROXY_CONFIG, else a usage error

@@ -43,7 +43,8 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from keyproxy import answers
 from keyproxy.broker import Broker
-from keyproxy.config import Config
+from keyproxy.config import Config, parse
+from keyproxy.errors import ConfigError
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy
@@ -51,7 +52,6 @@ from keyproxy.server.reload import Generation, Reloader, short, text_digest
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
-from keyproxy.watch import digest
 
 CONFIG: Final = web.AppKey("config", Config)  # the configuration the app started with
 SOURCE: Final = web.AppKey("source", Path)  # the file it was read from, if any: reloads read it
@@ -128,7 +128,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
     app[VAULT], app[KEYS], app[METRICS] = vault, keys, metrics
     source = app.get(SOURCE)
-    started_digest = _started_digest(config, source)
+    started_digest, loaded = _started_from(config, source)
 
     def generation(cfg: Config, digest: str, sessions: UpstreamSessions) -> Generation:
         proxy = Proxy(
@@ -145,6 +145,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         make=generation,
         first=generation(config, started_digest, UpstreamSessions(config.routes)),
     )
+    reloader.current.loaded = loaded
     app[RELOADER] = reloader
     background: list[asyncio.Task[None]] = []
     tuned = False
@@ -220,13 +221,17 @@ class _Collector:
 _COLLECTOR = _Collector()
 
 
-def _started_digest(config: Config, source: Path | None) -> str:
-    """The hash a reload compares the file's with: the file's, read now (the caller loaded
-    it just before), or, for a configuration built in memory, one of its compiled form."""
-    found = digest(source) if source is not None else None
-    if found is not None:
-        return found
-    return text_digest(repr(config).encode())  # hashed only: never logged
+def _started_from(config: Config, source: Path | None) -> tuple[str, Config | None]:
+    """The hash a reload compares the file's with, and what the file says (`config` may
+    differ: command-line options override the listeners). Read now: the caller loaded the
+    file just before. A configuration built in memory is hashed in its compiled form."""
+    if source is not None:
+        try:
+            data = source.read_bytes()
+            return text_digest(data), parse(data.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ConfigError):
+            pass  # the first reload reads it again, and says what is wrong with it
+    return text_digest(repr(config).encode()), None  # hashed only: never logged
 
 
 async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:

@@ -67,11 +67,12 @@ def text_digest(data: bytes) -> str:
 class Generation:
     """One configuration and what serves it; `in_flight` counts its running requests."""
 
-    config: Config
+    config: Config  # what it serves: `loaded` with the running restart-only settings
     digest: str
     proxy: Proxy
     broker: Broker
     sessions: UpstreamSessions
+    loaded: Config | None = None  # what the file said, when it differs from `config`
     loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     replaced: bool = False
@@ -121,6 +122,7 @@ class Reloader:
         self._live: list[Generation] = [first]  # current, and replaced ones still serving
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._rewatch = asyncio.Event()
         metrics.config_in_force(short(first.digest), first.loaded_at)
 
     # ------------------------------------------------------------------ requests
@@ -141,7 +143,15 @@ class Reloader:
     async def reload(self, trigger: str) -> Outcome:
         """Load the file again, and serve it if it compiles and checks (module docstring)."""
         async with self._lock:
-            return await self._reload(trigger)
+            try:
+                outcome = await self._reload(trigger)
+            except Exception as exc:  # a bug: the running configuration stays, and so do we
+                log.exception("config.reload_crashed", trigger=trigger)
+                failure = ConfigError("", f"the reload failed: {type(exc).__name__}")
+                return self._failed(trigger, self.current, failure)
+        if trigger != "file" and outcome.result == "ok":
+            self._rewatch.set()  # the watch compares with what is loaded now
+        return outcome
 
     async def _reload(self, trigger: str) -> Outcome:
         running = self.current
@@ -167,13 +177,14 @@ class Reloader:
             return self._failed(trigger, running, ConfigError("", "the file is not UTF-8 text"))
         except ConfigError as exc:
             return self._failed(trigger, running, exc)
-        changes = diff(running.config, compiled)
+        changes = diff(running.loaded or running.config, compiled)
         serving = keep_running(running.config, compiled)
         # Prepared before the swap: a new route has its key when it appears, a new issuer
         # its keys, a changed route its own session.
         await self._keys.prepare(serving.routes)
         await self._verifier.reconfigure(serving.identity)
         generation = self._make(serving, digest, running.sessions.successor(serving.routes))
+        generation.loaded = compiled
         self._tasks.reconfigure(serving)
         self._keys.use(serving.routes)
         self.current = generation  # the swap: every request from here on serves `serving`
@@ -229,15 +240,20 @@ class Reloader:
 
     # ------------------------------------------------------------------ triggers
 
-    async def follow(self, *, stop: asyncio.Event | None = None, poll: bool = False) -> None:
+    async def follow(self, *, poll: bool = False) -> None:
         """Reload whenever the file's content changes (keyproxy.watch: in-place writes,
-        rename-over, the ConfigMap `..data` swap), until `stop` is set or cancelled."""
+        rename-over, the ConfigMap `..data` swap), until cancelled. A reload by another
+        trigger restarts the watch from the content then loaded, so a later file equal to
+        what the watch saw last is still a change."""
         if self.path is None:
             return
         path = self.path.absolute()
-        baseline = {path: self.current.digest}
-        async for _changed in watch_files([path], stop=stop, baseline=baseline, poll=poll):
-            await self.reload("file")
+        while True:
+            self._rewatch = asyncio.Event()
+            baseline = {path: self.current.digest}
+            changes = watch_files([path], stop=self._rewatch, baseline=baseline, poll=poll)
+            async for _changed in changes:
+                await self.reload("file")
 
     async def aclose(self) -> None:
         """Close every generation still open (the app is stopping)."""
