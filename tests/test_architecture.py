@@ -122,7 +122,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             }
         ),
     ),
-    ("server", frozenset({"server", "server.app", "server.listen", "server.reload"})),
+    (
+        "server",
+        frozenset({"server", "server.app", "server.listen", "server.collector", "server.reload"}),
+    ),
     (
         "cli",
         frozenset(
