@@ -246,6 +246,45 @@ async def test_a_new_route_is_ready_when_it_appears_and_a_removed_one_forgotten(
         assert f'keyproxy_config_loaded_timestamp_seconds{{hash="{answer["hash"]}"}} ' in text
 
 
+async def test_a_removed_route_drains_before_its_key_is_forgotten(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A stream open on a route that a reload removes runs to its end on the old
+    configuration; only then is the route's key forgotten and the old generation retired,
+    while new requests to it already get 404."""
+    import time  # noqa: PLC0415  # only this test waits on the log
+
+    token = openbao.agent_token(agent)
+    openbao.put_key("keyproxy/keys/reload-gone", new_key())
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["routes"]["gone"] = dict(cfg["routes"]["r"], secret={"path": "keyproxy/keys/reload-gone"})
+    cfg["policies"][0]["allow"]["gone"] = {"methods": ["GET"], "paths": ["/trickle/stream"]}
+    served.path.write_text(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as http:
+        assert (await _reload(http, served))["result"] == "ok"
+        url = f"{served.base}/r/gone/trickle/stream"
+        with capture_logs() as logs:
+            async with http.get(url, headers=bearer(token)) as stream:
+                assert stream.status == 200
+                first = await stream.content.readline()
+                served.path.write_text(yaml.safe_dump(token_config(openbao, agent, upstream.url)))
+                answer = await _reload(http, served)
+                assert answer["changes"]["routes"]["removed"] == ["gone"]
+                async with http.get(url, headers=bearer(token)) as response:
+                    assert response.status == 404
+                assert not [e for e in logs if e["event"] == "key_cache.key_forgotten"]
+                rest = await stream.read()
+            assert (first + rest).count(b"data: part") == 5
+            (reloaded,) = [e for e in logs if e["event"] == "config.reloaded"]
+            old = {"event": "config.retired", "hash": reloaded["previous"]}
+            deadline = time.monotonic() + DEADLINE
+            while not [e for e in logs if old.items() <= e.items()]:
+                assert time.monotonic() < deadline, "the old configuration was not retired"
+                await asyncio.sleep(0.02)  # polling the captured log, bounded
+        (forgotten,) = [e for e in logs if e["event"] == "key_cache.key_forgotten"]
+        assert forgotten["secret"].endswith("keyproxy/keys/reload-gone")
+
+
 async def test_keyproxy_reload_posts_the_admin_listener(
     served: Served,
     openbao: OpenBaoDevServer,
@@ -351,7 +390,8 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
     openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, log_dir: Path
 ) -> None:
     """`keyproxy serve` reloads 20 times (routes added and removed, a policy narrowed, an
-    upstream moved) by ConfigMap swap, SIGHUP and file replacement while clients send a
+    upstream moved) by ConfigMap swap, SIGHUP (`keyproxy reload --pid-file`) and file
+    replacement while clients send a
     steady stream of requests and hold SSE streams open: none fails, every stream completes,
     and every request's audit event names a configuration hash that was loaded."""
     import os  # noqa: PLC0415  # only this test signals a process
@@ -372,7 +412,8 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
         out = log_dir / "reload-live.out"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         argv = [str(Path(sys.executable).parent / "keyproxy"), "serve", "-c", str(cm.path)]
-        argv += ["--port", str(port), "--admin-port", "0"]
+        pid_file = tmp_path / "keyproxy.pid"
+        argv += ["--port", str(port), "--admin-port", "0", "--pid-file", str(pid_file)]
         with out.open("wb") as stdout:
             proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
                 argv, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
@@ -431,7 +472,8 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
                             cm.replace(text)
                         else:
                             cm.write_through(text)
-                            proc.send_signal(signal.SIGHUP)
+                            reload = ["reload", "--pid-file", str(pid_file)]
+                            assert await asyncio.to_thread(main, reload) == 0
                         deadline = time.monotonic() + DEADLINE
                         while (
                             len([e for e in _events(out) if e.get("event") == "config.reloaded"])
