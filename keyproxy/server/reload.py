@@ -248,12 +248,16 @@ class Reloader:
         if self.path is None:
             return
         path = self.path.absolute()
-        while True:
-            self._rewatch = asyncio.Event()
-            baseline = {path: self.current.digest}
-            changes = watch_files([path], stop=self._rewatch, baseline=baseline, poll=poll)
-            async for _changed in changes:
-                await self.reload("file")
+        try:
+            while True:
+                self._rewatch = asyncio.Event()
+                baseline = {path: self.current.digest}
+                changes = watch_files([path], stop=self._rewatch, baseline=baseline, poll=poll)
+                async for _changed in changes:
+                    await self.reload("file")
+        except (OSError, RuntimeError):
+            # SIGHUP and POST /reload still work; the process keeps serving.
+            log.exception("config.watch_failed", file=str(path))
 
     async def aclose(self) -> None:
         """Close every generation still open (the app is stopping)."""
