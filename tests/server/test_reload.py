@@ -285,6 +285,28 @@ async def test_a_removed_route_drains_before_its_key_is_forgotten(
         assert forgotten["secret"].endswith("keyproxy/keys/reload-gone")
 
 
+async def test_a_changed_issuer_has_its_keys_fetched_first_and_old_verdicts_dropped(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A reload that changes an issuer fetches its keys before the swap, and a token verified
+    (and remembered) under the old settings is judged again under the new ones."""
+    token = openbao.agent_token(agent)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{served.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 200  # verified, and remembered
+        cfg = token_config(openbao, agent, upstream.url)
+        cfg["identity"]["issuers"][0]["audiences"] = ["someone-else"]
+        served.path.write_text(yaml.safe_dump(cfg))
+        with capture_logs() as logs:
+            answer = await _reload(http, served)
+        assert answer["changes"]["issuers"]["changed"] == ["openbao"]
+        events = [e["event"] for e in logs]
+        assert events.index("jwks_fetched") < events.index("config.reloaded")
+        async with http.get(f"{served.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "bad_audience"
+
+
 async def test_keyproxy_reload_posts_the_admin_listener(
     served: Served,
     openbao: OpenBaoDevServer,
