@@ -42,7 +42,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from keyproxy import answers
 from keyproxy.broker import Broker
-from keyproxy.config import Config, parse
+from keyproxy.config import Config, keep_running, parse
 from keyproxy.errors import ConfigError
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
@@ -187,13 +187,19 @@ def _started_from(config: Config, source: Path | None) -> tuple[str, Config | No
     """The hash a reload compares the file's with, and what the file says (`config` may
     differ: command-line options override the listeners). Read now: the caller loaded the
     file just before. A configuration built in memory is hashed in its compiled form."""
-    if source is not None:
-        try:
-            data = source.read_bytes()
-            return text_digest(data), parse(data.decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ConfigError):
-            pass  # the first reload reads it again, and says what is wrong with it
-    return text_digest(repr(config).encode()), None  # hashed only: never logged
+    compiled = text_digest(repr(config).encode())  # hashed only: never logged
+    if source is None:
+        return compiled, None
+    try:
+        data = source.read_bytes()
+        loaded = parse(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return compiled, None  # the first reload reads it again, and says what is wrong
+    if keep_running(config, loaded) != config:
+        # Changed since the caller read it: the hash of what serves, so the watch (or the
+        # next reload) sees the file as new.
+        return compiled, None
+    return text_digest(data), loaded
 
 
 async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
