@@ -15,7 +15,7 @@ import yaml
 from keyproxy import config
 from keyproxy.cli import main
 from keyproxy.errors import ConfigError
-from tests.support import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS, CONFIG_TEXT, edited
 
 BASE: dict[str, Any] = {
     **CONFIG_SECTIONS,
@@ -162,28 +162,7 @@ def test_invalid_yaml_is_a_config_error() -> None:
 # ------------------------------------------------------------------ mistakes that teach
 
 # The line numbers in the messages below are this text's; _edit changes one place in it.
-TEXT = """\
-vault:
-  addr: http://127.0.0.1:8200
-  auth: {method: token}
-identity:
-  issuers:
-    - name: k8s
-      issuer: https://kubernetes.default.svc
-      jwks_uri: https://kubernetes.default.svc/openid/v1/jwks
-      audiences: [keyproxy]
-      algorithms: [RS256]
-routes:
-  openai:
-    upstream: https://api.openai.com
-    secret: {path: keyproxy/keys/openai}
-    inject: [{header: Authorization, format: "Bearer {key}"}]
-policies:
-  - name: summarizer
-    subjects: ["system:serviceaccount:agents:summarizer"]
-    allow:
-      openai: {methods: [POST], paths: [/v1/chat/completions]}
-"""
+TEXT = edited(CONFIG_TEXT, 2, "  auth: {method: token}")
 EVIL_ROUTE = """\
   openai:
     upstream: https://evil.example
@@ -197,9 +176,7 @@ ROUTE_KEYS = (
 
 def _edit(line: int, new: str, *, replace: bool = False) -> str:
     """TEXT with `new` put after line `line` (1-based), or in place of it."""
-    lines = TEXT.splitlines()
-    lines[line - 1 if replace else line : line] = new.splitlines()
-    return "\n".join(lines) + "\n"
+    return edited(TEXT, line, new, replace=replace)
 
 
 def test_the_teaching_text_compiles() -> None:

@@ -22,7 +22,12 @@ from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, RELOADER, build_admin_app, build_app
-from tests.support import CANARIES, CONFIG_SECTIONS, Upstream, bearer, new_key, token_config
+from tests.helpers import cli
+from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import Upstream, bearer, new_key, token_config
 
 KEY_PATH = "keyproxy/keys/tokens-test"
 
@@ -111,14 +116,14 @@ class Served:
 
 
 @pytest.fixture
-def agent(openbao: OpenBaoDevServer) -> Agent:
+def route_key(openbao: OpenBaoDevServer) -> None:
+    """The key of token_config's routes, for every test here."""
     openbao.put_key(KEY_PATH, new_key())
-    return openbao.add_agent("reload-agent")
 
 
 @pytest.fixture
 async def served(
-    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, route_key: None
 ) -> AsyncIterator[Served]:
     path = tmp_path / "keyproxy.yaml"
     path.write_text(yaml.safe_dump(token_config(openbao, agent, upstream.url)))
@@ -252,8 +257,6 @@ async def test_a_removed_route_drains_before_its_key_is_forgotten(
     """A stream open on a route that a reload removes runs to its end on the old
     configuration; only then is the route's key forgotten and the old generation retired,
     while new requests to it already get 404."""
-    import time  # noqa: PLC0415  # only this test waits on the log
-
     token = openbao.agent_token(agent)
     openbao.put_key("keyproxy/keys/reload-gone", new_key())
     cfg = token_config(openbao, agent, upstream.url)
@@ -277,10 +280,11 @@ async def test_a_removed_route_drains_before_its_key_is_forgotten(
             assert (first + rest).count(b"data: part") == 5
             (reloaded,) = [e for e in logs if e["event"] == "config.reloaded"]
             old = {"event": "config.retired", "hash": reloaded["previous"]}
-            deadline = time.monotonic() + DEADLINE
-            while not [e for e in logs if old.items() <= e.items()]:
-                assert time.monotonic() < deadline, "the old configuration was not retired"
-                await asyncio.sleep(0.02)  # polling the captured log, bounded
+            await eventually(
+                lambda: [e for e in logs if old.items() <= e.items()],
+                "the old configuration was not retired",
+                within=DEADLINE,
+            )
         (forgotten,) = [e for e in logs if e["event"] == "key_cache.key_forgotten"]
         assert forgotten["secret"].endswith("keyproxy/keys/reload-gone")
 
@@ -403,13 +407,13 @@ class ConfigMapDir:
         self.path.resolve().write_text(text)
 
 
-def _events(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # whole lines only
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
 async def test_twenty_reloads_under_steady_traffic_and_open_streams(
-    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, log_dir: Path
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    tmp_path: Path,
+    log_dir: Path,
+    route_key: None,
 ) -> None:
     """`keyproxy serve` reloads 20 times (routes added and removed, a policy narrowed, an
     upstream moved) by ConfigMap swap, SIGHUP (`keyproxy reload --pid-file`) and file
@@ -422,7 +426,7 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
     import sys  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from tests.support import free_port, running_upstream  # noqa: PLC0415
+    from tests.helpers.servers import free_port, running_upstream  # noqa: PLC0415
 
     token = openbao.agent_token(agent)
     CANARIES.add(token)
@@ -446,17 +450,7 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
         done = asyncio.Event()
         try:
             async with aiohttp.ClientSession() as http:
-                deadline = time.monotonic() + DEADLINE
-                while True:
-                    try:
-                        async with http.get(f"{base}/readyz") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        pass
-                    assert proc.poll() is None, "keyproxy serve exited"
-                    assert time.monotonic() < deadline, "keyproxy serve never became ready"
-                    await asyncio.sleep(0.1)  # polling for readiness
+                await cli.ready(http, base, proc, within=DEADLINE)
 
                 async def steady(route: str) -> None:
                     while not done.is_set():
@@ -498,13 +492,15 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
                             assert await asyncio.to_thread(main, reload) == 0
                         deadline = time.monotonic() + DEADLINE
                         while (
-                            len([e for e in _events(out) if e.get("event") == "config.reloaded"])
+                            len(
+                                [e for e in read_events(out) if e.get("event") == "config.reloaded"]
+                            )
                             < step
                         ):
                             assert proc.poll() is None, "keyproxy serve exited"
                             assert time.monotonic() < deadline, f"reload {step} not seen"
                             await asyncio.sleep(0.05)  # polling the log of a bounded wait
-                        reloaded = [e for e in _events(out) if e["event"] == "config.reloaded"]
+                        reloaded = [e for e in read_events(out) if e["event"] == "config.reloaded"]
                         expected = "sighup" if trigger == "sighup" else "file"
                         assert reloaded[-1]["trigger"] == expected, step
                     # Streams opened under the last configurations run to their end too.
@@ -520,7 +516,7 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
                 proc.wait(timeout=DEADLINE)
     assert failures == []
     assert counts["streams"] >= 4
-    events = _events(out)
+    events = read_events(out)
     (started,) = [e for e in events if e["event"] == "started"]
     reloads = [e for e in events if e["event"] == "config.reloaded"]
     assert len(reloads) == LIVE_RELOADS
