@@ -169,8 +169,8 @@ EVIL_ROUTE = """\
     secret: {path: keyproxy/keys/openai}
     inject: [{header: Authorization, format: "Bearer {key}"}]"""
 ROUTE_KEYS = (
-    "allow_http, caller_credential, egress, forward_underscore_headers, inject, max_age, "
-    "max_body, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
+    "allow_http, caller_credential, egress, forward_underscore_headers, inject, kind, max_age, "
+    "max_body, mcp, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
 )
 
 
@@ -577,3 +577,69 @@ def test_bad_durations_outside_the_file_name_their_setting(value: Any) -> None:
     """A bad duration is a ConfigError naming the setting it was given for."""
     with pytest.raises(ConfigError, match=r"^--ttl: must be a positive duration"):
         config.parse_duration(value, "--ttl")
+
+
+MCP_ROUTE = {
+    "kind": "mcp",
+    "upstream": "https://mcp.example.com/mcp",
+    "secret": {"path": "keyproxy/keys/mcp"},
+    "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+    "mcp": {"server_requests": ["elicitation/create"]},
+}
+
+
+def _with_mcp(grant: Any) -> dict[str, Any]:
+    doc = _with("routes.github-mcp", MCP_ROUTE)
+    doc["policies"][0]["allow"]["github-mcp"] = grant
+    return doc
+
+
+def test_an_mcp_route_and_its_tool_grants_compile() -> None:
+    """`kind: mcp` routes take grants naming tools, prompts, resources and methods."""
+    grant = {"tools": ["search_issues"], "resources": ["issues://*"], "methods": ["tools/call"]}
+    cfg = _parse(_with_mcp(grant))
+    route = cfg.routes["github-mcp"]
+    assert route.kind == "mcp"
+    assert route.server_requests == frozenset({"elicitation/create"})
+    assert cfg.routes["openai"].kind == "http"
+    allowed = cfg.policies[0].allow["github-mcp"]
+    assert allowed.methods == config.MCP_METHODS
+    assert allowed.mcp == config.McpGrant(
+        tools=frozenset({"search_issues"}),
+        resources=("issues://*",),
+        methods=frozenset({"tools/call"}),
+    )
+    assert _parse(_with_mcp({})).policies[0].allow["github-mcp"].mcp == config.McpGrant()
+
+
+@pytest.mark.parametrize(
+    ("grant", "where", "what"),
+    [
+        ({"tools": ["Search\u200bIssues"]}, "allow.github-mcp.tools", "control or format"),
+        ({"tools": ["e\u0301"]}, "allow.github-mcp.tools", "normal form NFC"),
+        ({"tools": ["a", "a"]}, "allow.github-mcp.tools", "given twice"),
+        ({"resources": ["file:///a/../b"]}, "allow.github-mcp.resources", "'..' segment"),
+        ({"resources": ["x*y"]}, "allow.github-mcp.resources", "* only at its end"),
+        ({"methods": ["GET"], "paths": ["/**"]}, "allow.github-mcp.paths", "unknown key"),
+    ],
+)
+def test_bad_mcp_grants_name_their_yaml_path(grant: Any, where: str, what: str) -> None:
+    """A name that cannot be compared exactly, or an HTTP grant on an MCP route, is refused
+    with the YAML path of the list holding it."""
+    with pytest.raises(ConfigError) as info:
+        _parse(_with_mcp(grant))
+    assert f"{POLICY}.{where}" in str(info.value)
+    assert what in str(info.value)
+
+
+def test_mcp_options_only_on_mcp_routes() -> None:
+    """`mcp:` on an http route, an unknown kind, or an unknown server request is refused."""
+    for path, value, what in [
+        ("routes.openai.mcp", {"server_requests": []}, "only applies to routes of kind: mcp"),
+        ("routes.openai.kind", "grpc", "must be http or mcp"),
+    ]:
+        with pytest.raises(ConfigError, match=what):
+            _parse(_with(path, value))
+    bad = {**MCP_ROUTE, "mcp": {"server_requests": ["tools/call"]}}
+    with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.server_requests"):
+        _parse(_with("routes.github-mcp", bad))

@@ -65,11 +65,12 @@ print()
 """
 
 
-def _agent(dev_stack: dict[str, Any], code: str) -> str:
+def _agent(dev_stack: dict[str, Any], code: str, **extra: str) -> str:
     env = {
         **os.environ,
         "OPENAI_BASE_URL": dev_stack["proxy_url"],
         "OPENAI_API_KEY": dev_stack["token"],
+        **extra,
     }
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -117,6 +118,42 @@ def test_handshake_has_the_documented_fields(dev_stack: dict[str, Any]) -> None:
     assert dev_stack["vault_addr"].startswith("http://127.0.0.1:")
     assert dev_stack["token"].count(".") == 2
     assert Path(dev_stack["env_file"]).name == "dev.env"
+
+
+MCP_AGENT = """
+import asyncio, os, httpx
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import McpError
+
+async def main():
+    headers = {"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"]}
+    async with (
+        httpx.AsyncClient(headers=headers, timeout=30) as http,
+        streamable_http_client(os.environ["MCP_URL"], http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        print([t.name for t in (await session.list_tools()).tools])
+        print((await session.call_tool("search_issues", {"query": "login"})).structuredContent)
+        try:
+            await session.call_tool("close_issue", {"number": 1})
+        except McpError as e:
+            print("refused", e.error.code)
+
+asyncio.run(main())
+"""
+
+
+def test_the_demo_mcp_route_grants_one_of_two_tools(dev_stack: dict[str, Any]) -> None:
+    """Through `keyproxy dev` an MCP SDK client lists and calls search_issues, and is refused
+    close_issue with a JSON-RPC error."""
+    lines = _agent(dev_stack, MCP_AGENT, MCP_URL=dev_stack["mcp_url"]).strip().splitlines()
+    assert lines == [
+        "['search_issues']",
+        "{'result': ['Login fails on Safari', 'Login page is slow']}",
+        "refused -32602",
+    ]
 
 
 def test_readme_walkthrough_with_the_openai_sdk(dev_stack: dict[str, Any]) -> None:
