@@ -116,8 +116,10 @@ class Proxy:
         *,
         tasks: TaskTokens | None = None,
         metrics: Metrics | None = None,
+        config_hash: str | None = None,
     ) -> None:
         self.config = config
+        self.config_hash = config_hash  # named by each request's audit event
         self.verifier = verifier
         self.keys = keys
         self.sessions = sessions
@@ -198,6 +200,7 @@ class Proxy:
                 reason=reason,
                 status=status,
                 elapsed=elapsed,
+                config_hash=self.config_hash,
             )
             if sent:
                 self._account(record, elapsed)
@@ -279,7 +282,8 @@ class Proxy:
     def _key(self, route: Route) -> KeyVersion:
         """The route's key, or a 503 that says when to try again."""
         try:
-            return self.keys.get(route.name)
+            # The key of this configuration's route, also after a reload changed it.
+            return self.keys.key_of(route.secret)
         except Unavailable as exc:
             raise Unavailable(exc.reason, exc.message, retry_after=self.retry_after) from None
 
@@ -299,6 +303,7 @@ def _record(
     reason: str,
     status: int,
     elapsed: float,
+    config_hash: str | None,
 ) -> audit.RequestRecord:
     """The request's audit event, from what its steps produced (None: not reached) and how
     it ended."""
@@ -324,6 +329,7 @@ def _record(
         status,
         exchange.upstream_status if exchange is not None else None,  # upstream_status
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
+        config_hash,  # config
     )
 
 

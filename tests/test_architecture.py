@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "config.routes",
                 "config.rotation",
                 "config.policies",
+                "config.changes",
             }
         ),
     ),
@@ -129,7 +130,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             }
         ),
     ),
-    ("server", frozenset({"server", "server.app", "server.listen", "server.collector"})),
+    (
+        "server",
+        frozenset({"server", "server.app", "server.listen", "server.collector", "server.reload"}),
+    ),
     (
         "cli",
         frozenset(
@@ -141,6 +145,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "cli.token",
                 "cli.rotate",
                 "cli.dev",
+                "cli.reload",
             }
         ),
     ),

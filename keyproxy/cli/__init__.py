@@ -2,6 +2,9 @@
 
     keyproxy serve -c FILE     run the proxy (--workers N: N processes on one port)
     keyproxy check -c FILE     validate a configuration; exit 2 naming the YAML path of a mistake
+                               (--diff OLD NEW: the changes a reload from OLD to NEW makes)
+    keyproxy reload -c FILE    make a running server reload its configuration (the admin
+                               listener's POST /reload, or SIGHUP to --pid / --pid-file)
     keyproxy explain -c FILE   say which policy allows a request, or why none does (see
                                keyproxy.cli.explain; --token JWT decides for a real token)
     keyproxy dev [-o json]     the whole stack on this machine (see keyproxy.cli.dev)
@@ -36,6 +39,7 @@ from argcomplete.shell_integration import shellcode
 
 from keyproxy import audit, config, netguard
 from keyproxy.cli import explain as explain_cli
+from keyproxy.cli import reload as reload_cli
 from keyproxy.cli import rotate as rotation_cli
 from keyproxy.cli import token as token_cli
 from keyproxy.cli.common import (
@@ -70,7 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # JSON for programs; on a terminal, the console form (NO_COLOR honoured).
         audit.configure(sys.stderr, level=level, console=sys.stderr.isatty())
     try:
-        if getattr(args, "config", "") is None and args.command != "audit":
+        no_file = (
+            args.command == "audit"
+            or getattr(args, "diff", None)
+            or (args.command == "reload" and (args.pid or args.pid_file or args.admin))
+        )
+        if getattr(args, "config", "") is None and not no_file:
             args.config = config_path(args)  # -c, else KEYPROXY_CONFIG, else a usage error
         return int(args.func(args))
     except UsageError as exc:
@@ -113,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds in-flight requests and streams get to finish after SIGTERM (default 60)",
     )
+    serve.add_argument(
+        "--pid-file", help="write this process's id here (for `keyproxy reload --pid-file`)"
+    )
+    serve.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        help="do not reload when the configuration file changes (SIGHUP and POST /reload still do)",
+    )
     # Internal: how the parent of --workers N starts each worker.
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
@@ -120,7 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration file")
     add_config(check)
     add_output(check)
+    check.add_argument(
+        "--diff",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        help="print what a reload from OLD to NEW would change (both are checked)",
+    )
     check.set_defaults(func=_check)
+
+    reload_cli.register(sub)
 
     explain_cli.register(sub)
 
@@ -178,8 +204,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("keyproxy: --workers must be at least 1", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG
+    if args.pid_file and not args.worker:
+        Path(args.pid_file).write_text(f"{os.getpid()}\n", encoding="ascii")
     if args.worker or args.workers == 1:
-        return _serve_one(cfg, host, port, args.shutdown_timeout, worker=args.worker)
+        return _serve_one(
+            cfg,
+            host,
+            port,
+            args.shutdown_timeout,
+            worker=args.worker,
+            source=Path(args.config).absolute(),
+            watch=args.watch,
+        )
     if port == 0:
         print("keyproxy: --workers needs a fixed --port", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG
@@ -187,12 +223,21 @@ def _serve(args: argparse.Namespace) -> int:
     argv += ["--host", host, "--port", str(port), "--worker"]
     argv += ["--admin-port", str(cfg.server.admin.port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout)]
+    if not args.watch:
+        argv.append("--no-watch")
     audit.configure()
     return _Supervisor(argv, args.workers, args.shutdown_timeout).run()
 
 
 def _serve_one(
-    cfg: config.Config, host: str, port: int, shutdown_timeout: float, *, worker: bool
+    cfg: config.Config,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    *,
+    worker: bool,
+    source: Path,
+    watch: bool,
 ) -> int:
     """Serve in this process until SIGTERM/SIGINT, then let in-flight requests finish."""
     from keyproxy.server import listen as server  # noqa: PLC0415  # keeps `check` free of server imports
@@ -211,6 +256,8 @@ def _serve_one(
             shutdown_timeout=shutdown_timeout,
             reuse_port=worker,
             on_start=_stop_with_parent if worker else lambda: None,
+            source=source,
+            watch=watch,
         )
     )
     return 0
@@ -254,10 +301,7 @@ class _Supervisor:
                 if got in _STOP_SIGNALS:
                     break
                 if got == signal.SIGHUP:
-                    # Until configuration reload exists: never a reason to die.
-                    self.log.warning(
-                        "sighup_ignored", why="configuration reload is not supported yet"
-                    )
+                    self._reload()
                     continue
                 status = self._replace_exited()
         finally:
@@ -274,6 +318,13 @@ class _Supervisor:
             # sends each worker exactly one SIGTERM.
             start_new_session=True,
         )
+
+    def _reload(self) -> None:
+        """Every worker reloads its configuration (each checks the file on its own)."""
+        alive = [w for w in self.workers if w.poll() is None]
+        self.log.info("reload_requested", signal="SIGHUP", pids=[w.pid for w in alive])
+        for worker in alive:
+            worker.send_signal(signal.SIGHUP)
 
     def _replace_exited(self) -> int:
         now = time.monotonic()
@@ -319,6 +370,8 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if args.diff:
+        return reload_cli.check_diff(args.diff[0], args.diff[1], json_out=wants_json(args))
     path = config_path(args)
     try:
         cfg = config.load(path)

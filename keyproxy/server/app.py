@@ -17,6 +17,10 @@ agents' app's `cleanup_ctx` and torn down with it: no task outlives it.
     /healthz            liveness
     /readyz             readiness in detail: Vault reachable, and per route the key's secret
                         path, version, fingerprint, age and last error
+    POST /reload        reload the configuration file (keyproxy.server.reload); JSON result
+
+The configuration can change while serving (keyproxy.server.reload): each request takes the
+generation in force when it starts (`RELOADER`) and keeps it to its end.
 
 SECURITY: secret paths, key fingerprints and read counts tell an attacker what to aim at, so
 only the admin listener shows them. Every answer names keyproxy as its `Server`, never the
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -37,20 +42,23 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from keyproxy import answers
 from keyproxy.broker import Broker
-from keyproxy.config import Config
+from keyproxy.config import Config, keep_running, parse
+from keyproxy.errors import ConfigError
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy
 from keyproxy.server import collector
+from keyproxy.server.reload import Generation, Reloader, short, text_digest
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
 
-CONFIG: Final = web.AppKey("config", Config)
+CONFIG: Final = web.AppKey("config", Config)  # the configuration the app started with
+SOURCE: Final = web.AppKey("source", Path)  # the file it was read from, if any: reloads read it
+WATCH: Final = web.AppKey("watch", bool)  # reload when the file's content changes
 VAULT: Final = web.AppKey("vault", Vault)
 KEYS: Final = web.AppKey("keys", KeyCache)
-PROXY: Final = web.AppKey("proxy", Proxy)
-BROKER: Final = web.AppKey("broker", Broker)
+RELOADER: Final = web.AppKey("reloader", Reloader)
 METRICS: Final = web.AppKey("metrics", Metrics)
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
 SERVER_NAME: Final = "keyproxy"
@@ -58,13 +66,20 @@ SERVER_NAME: Final = "keyproxy"
 log = structlog.get_logger("keyproxy.app")
 
 
-def build_app(config: Config) -> web.Application:
+def build_app(
+    config: Config, *, source: Path | None = None, watch: bool = False
+) -> web.Application:
+    """The agents' app for `config`; with `source`, the file it was read from, which a
+    reload reads again (with `watch`, whenever its content changes)."""
     # Request bodies are forwarded as sent: decompressing them would change what the upstream
     # receives and make max_body count the wrong bytes.
     app = web.Application(
         handler_args={"max_field_size": 16 * 1024, "auto_decompress": False},
     )
     app[CONFIG] = config
+    if source is not None:
+        app[SOURCE] = source
+    app[WATCH] = watch
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
     # Every handler raises; answers.answering answers.
@@ -85,6 +100,7 @@ def build_admin_app(served: web.Application) -> web.Application:
     app.router.add_get("/healthz", answers.answering(_healthz))
     app.router.add_get("/readyz", answers.answering(_readyz))
     app.router.add_get("/metrics", answers.answering(_metrics))
+    app.router.add_post("/reload", answers.answering(_reload))
     return app
 
 
@@ -103,14 +119,32 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    upstreams = UpstreamSessions(config.routes)
     # SECURITY: our own task tokens are never accepted as workload identity tokens.
     verifier = IdentityVerifier(config.identity, client, rejected_types={TASK_TOKEN_TYPE})
     tasks = TaskTokens(config, vault)
     metrics = Metrics(keys.status)
+    metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
     app[VAULT], app[KEYS], app[METRICS] = vault, keys, metrics
-    app[PROXY] = Proxy(config, verifier, keys, upstreams, tasks=tasks, metrics=metrics)
-    app[BROKER] = Broker(config, verifier, tasks, metrics)
+    source = app.get(SOURCE)
+    started_digest, loaded = _started_from(config, source)
+
+    def generation(cfg: Config, digest: str, sessions: UpstreamSessions) -> Generation:
+        proxy = Proxy(
+            cfg, verifier, keys, sessions, tasks=tasks, metrics=metrics, config_hash=short(digest)
+        )
+        return Generation(cfg, digest, proxy, Broker(cfg, verifier, tasks, metrics), sessions)
+
+    reloader = Reloader(
+        path=source,
+        keys=keys,
+        verifier=verifier,
+        tasks=tasks,
+        metrics=metrics,
+        make=generation,
+        first=generation(config, started_digest, UpstreamSessions(config.routes)),
+    )
+    reloader.current.loaded = loaded
+    app[RELOADER] = reloader
     background: list[asyncio.Task[None]] = []
     tuned = contextlib.ExitStack()
     try:
@@ -126,21 +160,46 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(keys.run(), name="key-refresh"),
             asyncio.create_task(tasks.run(), name="token-revocations"),
         ]
+        if app[WATCH] and source is not None:
+            background.append(asyncio.create_task(reloader.follow(), name="config-watch"))
         tuned.enter_context(collector.serving())
-        log.info("started", routes=len(config.routes), keys_ready=keys.ready())
+        log.info(
+            "started",
+            routes=len(config.routes),
+            keys_ready=keys.ready(),
+            config=short(started_digest),
+        )
         yield
     finally:
         tuned.close()
-        app[PROXY].close()
         for task in background:
             task.cancel()
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await reloader.aclose()
         await verifier.aclose()
-        await upstreams.close()
         await client.close()
         vault.close()
+
+
+def _started_from(config: Config, source: Path | None) -> tuple[str, Config | None]:
+    """The hash a reload compares the file's with, and what the file says (`config` may
+    differ: command-line options override the listeners). Read now: the caller loaded the
+    file just before. A configuration built in memory is hashed in its compiled form."""
+    compiled = text_digest(repr(config).encode())  # hashed only: never logged
+    if source is None:
+        return compiled, None
+    try:
+        data = source.read_bytes()
+        loaded = parse(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return compiled, None  # the first reload reads it again, and says what is wrong
+    if keep_running(config, loaded) != config:
+        # Changed since the caller read it: the hash of what serves, so the watch (or the
+        # next reload) sees the file as new.
+        return compiled, None
+    return text_digest(data), loaded
 
 
 async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
@@ -151,17 +210,34 @@ async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY].handle(request)
+    reloader = request.app[RELOADER]
+    generation = reloader.enter()  # this request's configuration, to its last byte
+    try:
+        return await generation.proxy.handle(request)
+    finally:
+        reloader.leave(generation)
 
 
 def _broker(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        method: Callable[[web.Request], Awaitable[web.StreamResponse]] = getattr(
-            request.app[BROKER], name
-        )
-        return await method(request)
+        reloader = request.app[RELOADER]
+        generation = reloader.enter()
+        try:
+            method: Callable[[web.Request], Awaitable[web.StreamResponse]] = getattr(
+                generation.broker, name
+            )
+            return await method(request)
+        finally:
+            reloader.leave(generation)
 
     return handler
+
+
+async def _reload(request: web.Request) -> web.Response:
+    """Reload the configuration file now; the answer says what happened (200 even for a
+    file that was refused: the running configuration stays, and the body says why)."""
+    outcome = await request.app[SERVED][RELOADER].reload("admin")
+    return web.json_response(outcome.as_dict())
 
 
 async def _server_header(_: web.Request, response: web.StreamResponse) -> None:
