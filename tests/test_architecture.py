@@ -146,6 +146,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "cli.rotate",
                 "cli.dev",
                 "cli.reload",
+                "cli.serve",
             }
         ),
     ),
