@@ -1,0 +1,54 @@
+"""keyproxy.config.sections: the vault, identity, server and tokens sections."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from keyproxy import config
+from keyproxy.errors import ConfigError
+from tests.helpers.configs import CONFIG_SECTIONS
+
+
+def _config_with_issuer(**settings: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(CONFIG_SECTIONS)
+    doc["identity"]["issuers"][0].update(settings)
+    doc["routes"] = {
+        "r": {
+            "upstream": "https://api.example.com",
+            "secret": {"path": "keyproxy/keys/r"},
+            "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+        }
+    }
+    return doc
+
+
+def test_issuer_staleness_and_lifetime_settings() -> None:
+    """jwks_max_staleness defaults to a day and max_token_lifetime to no limit; both read
+    durations."""
+    default = config.parse(json.dumps(_config_with_issuer()), {}).identity[0]
+    assert (default.jwks_max_staleness, default.max_token_lifetime) == (86400.0, None)
+    issuer = config.parse(
+        json.dumps(_config_with_issuer(jwks_max_staleness="6h", max_token_lifetime="2h")), {}
+    ).identity[0]
+    assert (issuer.jwks_max_staleness, issuer.max_token_lifetime) == (21600.0, 7200.0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "where"),
+    [
+        ({"jwks_max_staleness": "10m"}, "identity.issuers[0].jwks_max_staleness"),
+        ({"jwks_cache_ttl": "48h"}, "identity.issuers[0].jwks_cache_ttl"),
+        ({"max_token_lifetime": "0s"}, "identity.issuers[0].max_token_lifetime"),
+        ({"max_token_lifetime": "forever"}, "identity.issuers[0].max_token_lifetime"),
+    ],
+)
+def test_bad_issuer_settings_are_refused(settings: dict[str, Any], where: str) -> None:
+    """A max staleness below the cache TTL, or a lifetime that is no duration, is refused
+    with its YAML path."""
+    with pytest.raises(ConfigError) as caught:
+        config.parse(json.dumps(_config_with_issuer(**settings)), {})
+    assert caught.value.path == where
