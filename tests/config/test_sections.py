@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 
 from keyproxy import config
+from keyproxy import config as config_module
+from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import ConfigError
 from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.servers import (
+    token_config,
+)
 
 
 def _config_with_issuer(**settings: Any) -> dict[str, Any]:
@@ -52,3 +57,15 @@ def test_bad_issuer_settings_are_refused(settings: dict[str, Any], where: str) -
     with pytest.raises(ConfigError) as caught:
         config.parse(json.dumps(_config_with_issuer(**settings)), {})
     assert caught.value.path == where
+
+
+def test_key_refresh_settings(openbao: OpenBaoDevServer, agent: Agent) -> None:
+    """The Transit keys are re-read every minute and trusted for an hour by default; a max
+    staleness below the refresh interval is refused with its YAML path."""
+    doc = token_config(openbao, agent, "http://127.0.0.1:1")
+    tokens = config_module.parse(json.dumps(doc), {}).tokens
+    assert (tokens.key_refresh_interval, tokens.key_max_staleness) == (60.0, 3600.0)
+    doc["tokens"] |= {"key_refresh_interval": "5m", "key_max_staleness": "1m"}
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(json.dumps(doc), {})
+    assert caught.value.path == "tokens.key_max_staleness"
