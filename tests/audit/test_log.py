@@ -1,4 +1,4 @@
-"""The audit log is JSON and its last-line-of-defence processor scrubs secrets."""
+"""keyproxy.audit.log: JSON lines, and a last-line-of-defence processor that scrubs secrets."""
 
 from __future__ import annotations
 
