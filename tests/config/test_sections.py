@@ -69,3 +69,47 @@ def test_key_refresh_settings(openbao: OpenBaoDevServer, agent: Agent) -> None:
     with pytest.raises(ConfigError) as caught:
         config_module.parse(json.dumps(doc), {})
     assert caught.value.path == "tokens.key_max_staleness"
+
+
+def _server_config(server: dict[str, Any]) -> Any:
+
+    route = {
+        "upstream": "https://api.example.com",
+        "secret": {"path": "k"},
+        "inject": [{"header": "Authorization"}],
+    }
+    return config.parse(
+        json.dumps({**CONFIG_SECTIONS, "server": server, "routes": {"r": route}}), {}
+    ).server
+
+
+def test_connection_limits_and_the_admin_listener_have_safe_defaults() -> None:
+    """Unset, the limits are 10 s for headers, 60 s idle, 10,000 connections, 1,000 per
+    source, and the admin listener is on loopback, port 9090."""
+    server = _server_config({})
+    assert (server.header_timeout, server.keepalive_timeout) == (10.0, 60.0)
+    assert (server.max_connections, server.max_connections_per_source) == (10_000, 1_000)
+    assert (server.admin.host, server.admin.port) == ("127.0.0.1", 9090)
+    custom = _server_config(
+        {"header_timeout": "2s", "max_connections": 5, "admin": {"host": "::1", "port": 9}}
+    )
+    assert (custom.header_timeout, custom.max_connections) == (2.0, 5)
+    assert (custom.admin.host, custom.admin.port) == ("::1", 9)
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"header_timeout": "0s"}, "server.header_timeout: must be a positive duration"),
+        ({"max_connections": 0}, "server.max_connections: must be a positive whole number"),
+        ({"max_connections_per_source": True}, "must be a positive whole number"),
+        ({"admin": {"port": 70000}}, "server.admin.port: must be a port number"),
+        ({"admin": {"prot": 1}}, "server.admin.prot: unknown key"),
+        ({"port": 9000, "admin": {"port": 9000}}, "server.admin: must listen on another port"),
+    ],
+)
+def test_bad_connection_settings_are_refused(server: dict[str, Any], message: str) -> None:
+    """Each bad listener setting is refused with its YAML path."""
+    with pytest.raises(ConfigError) as caught:
+        _server_config(server)
+    assert message in str(caught.value)

@@ -53,3 +53,37 @@ CONFIG_SECTIONS: dict[str, Any] = {
         ]
     },
 }
+
+
+def api_route_config(vault_addr: str, issuer: str, jwks: str) -> dict[str, Any]:
+    """A file with one token-auth Vault, one issuer "ci", route "api" and policy "evals"."""
+    return {
+        "vault": {"addr": vault_addr, "auth": {"method": "token"}},
+        "identity": {
+            "issuers": [
+                {
+                    "name": "ci",
+                    "issuer": issuer,
+                    "jwks_uri": jwks,
+                    "audiences": ["keyproxy"],
+                    "algorithms": ["RS256"],
+                }
+            ]
+        },
+        "routes": {
+            "api": {
+                "upstream": "https://api.example.com",
+                "secret": {"path": "keyproxy/keys/cli-test"},
+                "inject": [{"header": "X-Api-Key"}],
+            }
+        },
+        "policies": [
+            {
+                "name": "evals",
+                "issuers": ["ci"],
+                "subjects": ["repo:acme/*"],
+                "claims": {"repository": "acme/evals"},
+                "allow": {"api": {"methods": ["POST"], "paths": ["/v1/**"]}},
+            }
+        ],
+    }

@@ -1,10 +1,16 @@
-"""`keyproxy serve --workers N`: N processes share the port; SIGTERM lets streams finish."""
+"""keyproxy.cli's own commands: `serve` runs the real proxy from a file (`--workers N`: N
+processes share the port; SIGTERM lets streams finish), and `keyproxy check` run as operators
+run it: the message on stderr, exit 2, nothing on stdout."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +20,13 @@ import pytest
 import yaml
 from aiohttp import web
 
+from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
 from tests.helpers import cli
+from tests.helpers.cli import keyproxy, started
+from tests.helpers.configs import CONFIG_TEXT, api_route_config
 from tests.helpers.events import read_events
-from tests.helpers.polling import eventually
+from tests.helpers.polling import eventually, eventually_blocking
 from tests.helpers.servers import free_port, new_key, serve
 
 DEADLINE = 60.0
@@ -207,7 +216,6 @@ async def test_two_workers_serve_and_stop_gracefully(
 
 def test_workers_need_a_fixed_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--workers 2 with port 0 is refused before anything starts: each worker would bind its own."""
-    from keyproxy.cli import main  # noqa: PLC0415  # imported where used, like the CLI does
 
     cfg = _config_without_vault()
     path = tmp_path / "k.yaml"
@@ -247,3 +255,124 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_serve_runs_from_a_file_and_stops_on_sigterm(
+    openbao: OpenBaoDevServer, tmp_path: Path, log_dir: Path
+) -> None:
+    """`keyproxy serve` logs in with BAO_TOKEN, loads the key, turns ready, logs JSON to
+    stdout, and exits cleanly on SIGTERM."""
+    setup = openbao.dev_setup
+    openbao.put_key("keyproxy/keys/cli-test", "sk-cli-test-" + os.urandom(8).hex())
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(api_route_config(openbao.addr, setup.issuer, setup.jwks_uri)))
+    port, admin_port = free_port(), free_port()
+    env = {**os.environ, "BAO_TOKEN": openbao.root_token}
+    out = log_dir / "serve.out"
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", str(admin_port))
+    with started(*args, out=out, env=env) as proc:
+
+        def readiness() -> dict[str, Any]:
+            try:
+                admin = f"http://127.0.0.1:{admin_port}/readyz"  # the detailed readiness
+                with urllib.request.urlopen(admin, timeout=5) as r:
+                    body: dict[str, Any] = json.load(r)
+                    return body
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, out.read_text()
+                return {}
+
+        body = eventually_blocking(readiness, "not ready", within=30)
+        assert body["keys"]["api"]["version"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "started" for e in events)
+
+
+GOOD = CONFIG_TEXT
+
+
+ANOTHER_OPENAI = """\
+  openai:
+    upstream: https://collector.example
+    secret: {path: keyproxy/keys/openai}
+    inject: [{header: Authorization, format: "Bearer {key}"}]
+policies:"""
+
+
+def _check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(text)
+    return keyproxy("check", "-c", str(path), env=None)
+
+
+def test_a_good_file_is_ok(tmp_path: Path) -> None:
+    """The file the mistakes below are made in passes: exit 0, the summary on stdout."""
+    done = _check(tmp_path, GOOD)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.endswith(": ok (1 routes, 1 policies, 1 issuers)\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            GOOD.replace("policies:", ANOTHER_OPENAI),
+            "routes.openai: duplicate key (first at line 11, again at line 15)",
+            id="duplicate-route",
+        ),
+        pytest.param(
+            GOOD.replace("    secret:", "\tsecret:"),
+            "not valid YAML at line 13, column 1: while scanning for the next token, found "
+            "character '\\t' that cannot start any token; indent with spaces, YAML does not "
+            "allow tabs there",
+            id="tab",
+        ),
+        pytest.param(
+            GOOD.replace("      openai: {", "      opnai: {"),
+            "policies[0] (summarizer).allow.opnai: unknown route 'opnai', did you mean openai?",
+            id="policy-route-typo",
+        ),
+        pytest.param("# to do\n", "the configuration is empty", id="empty"),
+    ],
+)
+def test_a_mistake_is_printed_and_exits_2(tmp_path: Path, text: str, message: str) -> None:
+    """`keyproxy check` prints the whole message on stderr, nothing on stdout, and exits 2."""
+    done = _check(tmp_path, text)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"keyproxy: configuration error: {message}")
+    assert done.stderr.count("\n") == 1  # one line, no traceback
+
+
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        ("http://0177.0.0.1", "routes.openai.upstream: 0177.0.0.1 is not a dotted-decimal IPv4"),
+        ("http://127.1:8080", "routes.openai.upstream: 127.1 is not a dotted-decimal IPv4"),
+        ("http://169.254.169.254", "routes.openai.upstream: 169.254.169.254 is not a global"),
+        ("http://[::1]:8080", "routes.openai.upstream: [::1] is not a global address (loopback)"),
+    ],
+)
+def test_an_upstream_the_fence_refuses_fails_the_check(
+    tmp_path: Path, upstream: str, message: str
+) -> None:
+    """`keyproxy check` refuses an IP-literal upstream every request would be refused for."""
+    text = GOOD.replace("https://api.openai.com", f"{upstream}\n    allow_http: true")
+    done = _check(tmp_path, text)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"keyproxy: configuration error: {message}")
+
+
+def test_a_missing_credential_file_is_a_warning(tmp_path: Path) -> None:
+    """`keyproxy check` warns about a credential file it cannot find, and still exits 0."""
+    auth = f"  auth: {{method: approle, role_id_file: {tmp_path}/r, secret_id_file: {tmp_path}/s}}"
+    text = GOOD.replace("  addr: http://127.0.0.1:8200", "  addr: http://127.0.0.1:8200\n" + auth)
+    (tmp_path / "s").write_text("s")
+    done = _check(tmp_path, text)
+    assert done.returncode == 0
+    assert done.stderr == (
+        f"keyproxy: warning: vault.auth.role_id_file: {tmp_path}/r: No such file or directory"
+        ": serve here could not log in\n"
+    )
