@@ -24,7 +24,7 @@ from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
 from tests.helpers import cli
 from tests.helpers.cli import keyproxy, started
-from tests.helpers.configs import CONFIG_TEXT, api_route_config
+from tests.helpers.configs import BASE, CONFIG_TEXT, api_route_config, with_setting
 from tests.helpers.events import read_events
 from tests.helpers.polling import eventually, eventually_blocking
 from tests.helpers.servers import free_port, new_key, serve
@@ -376,3 +376,17 @@ def test_a_missing_credential_file_is_a_warning(tmp_path: Path) -> None:
         f"keyproxy: warning: vault.auth.role_id_file: {tmp_path}/r: No such file or directory"
         ": serve here could not log in\n"
     )
+
+
+def test_check_command_exits_2_with_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keyproxy check` prints the YAML path of the mistake and exits 2; a good file exits 0."""
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    assert main(["check", "-c", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_setting("routes.openai.inject.0.header", "Bad Header")))
+    assert main(["check", "-c", str(bad)]) == 2
+    assert "routes.openai.inject[0].header: " in capsys.readouterr().err
+    assert main(["check", "-c", str(tmp_path / "missing.yaml")]) == 2

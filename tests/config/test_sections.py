@@ -12,7 +12,7 @@ from keyproxy import config
 from keyproxy import config as config_module
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import ConfigError
-from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS, DELETE, parse_doc, with_setting
 from tests.helpers.servers import (
     token_config,
 )
@@ -113,3 +113,72 @@ def test_bad_connection_settings_are_refused(server: dict[str, Any], message: st
     with pytest.raises(ConfigError) as caught:
         _server_config(server)
     assert message in str(caught.value)
+
+
+def test_full_refresh_interval_defaults_to_a_minute_within_max_staleness() -> None:
+    """Every key is re-read once a minute by default, and at least twice within
+    max_staleness when that is short; never more often than refresh_interval."""
+    assert parse_doc(with_setting("vault.refresh_interval", "2s")).vault.full_refresh_interval == 60
+    short = with_setting("vault.max_staleness", "30s")
+    assert parse_doc(short).vault.full_refresh_interval == 15
+    slow = with_setting("vault.refresh_interval", "2m")
+    assert parse_doc(slow).vault.full_refresh_interval == 120
+
+
+def test_vault_addr_comes_from_the_environment() -> None:
+    """VAULT_ADDR and BAO_ADDR fill in a missing vault.addr; BAO_ADDR wins."""
+    doc = with_setting("vault.addr", DELETE)
+    assert parse_doc(doc, {"VAULT_ADDR": "http://v:8200"}).vault.addr == "http://v:8200"
+    both = {"VAULT_ADDR": "http://v:8200", "BAO_ADDR": "http://b:8200"}
+    assert parse_doc(doc, both).vault.addr == "http://b:8200"
+    with pytest.raises(ConfigError, match=r"^vault\.addr: "):
+        parse_doc(doc, {})
+
+
+@pytest.mark.parametrize(
+    ("auth", "where", "message"),
+    [
+        ({"method": "approle"}, "vault.auth.role_id", "set exactly one of role_id, role_id_file"),
+        ({"method": "approle", "secret_id_file": "/s"}, "vault.auth.role_id", "exactly one"),
+        ({"method": "approle", "role_id_file": "/r"}, "vault.auth.secret_id_file", "is required"),
+        ({"method": "approle", "role_id": "r"}, "vault.auth.secret_id_file", "is required"),
+        (
+            {"method": "approle", "role_id": "r", "role_id_file": "/r", "secret_id_file": "/s"},
+            "vault.auth.role_id",
+            "exactly one",
+        ),
+        (
+            {"method": "approle", "role_id_file": None, "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "non-empty string",
+        ),
+        (
+            {"method": "approle", "role_id_file": "", "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "non-empty string",
+        ),
+        (
+            {"method": "approle", "role_id_file": "/r", "secret_id_file": " "},
+            "vault.auth.secret_id_file",
+            "whitespace",
+        ),
+        (
+            {"method": "approle", "role_id_file": "/r ", "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "whitespace",
+        ),
+        (
+            {"method": "approle", "role_id_file": ["/r"], "secret_id_file": "/s"},
+            "vault.auth.role_id_file",
+            "string",
+        ),
+    ],
+)
+def test_approle_needs_a_role_id_and_a_secret_id_file(
+    auth: dict[str, Any], where: str, message: str
+) -> None:
+    """AppRole without its role_id (or role_id_file) and secret_id_file is refused."""
+    with pytest.raises(ConfigError) as info:
+        parse_doc(with_setting("vault.auth", auth))
+    assert info.value.path == where
+    assert message in info.value.message
