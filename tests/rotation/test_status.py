@@ -1,5 +1,6 @@
 """`keys status` entries: the KeyStatus dataclass gives the JSON object the CLI has always
-printed, the same keys in the same order with the same values. Pure: no Vault."""
+printed, the same keys in the same order with the same values (pure: no Vault); and
+`keys status` end to end against real OpenBao and the fake legacy API."""
 
 from __future__ import annotations
 
