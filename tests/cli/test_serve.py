@@ -1,0 +1,289 @@
+"""`keyproxy serve` (keyproxy.cli.serve) runs the real proxy from a file; `--workers N`: N
+processes share the port, one SIGHUP reloads them all, SIGTERM lets streams finish."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from keyproxy.cli import main
+from keyproxy.devserver import OpenBaoDevServer
+from tests.helpers import cli
+from tests.helpers.cli import started
+from tests.helpers.configs import api_route_config
+from tests.helpers.events import read_events
+from tests.helpers.polling import eventually, eventually_blocking
+from tests.helpers.servers import free_port, new_key, serve
+
+DEADLINE = 60.0
+
+
+class GatedStream:
+    """An upstream whose /stream sends one event, then the second only once `gate` is set."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/stream", self._stream)
+        return app
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await self.gate.wait()
+        await response.write(b"data: second\n\n")
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[GatedStream]:
+    """The gated streaming upstream on 127.0.0.1."""
+    gated = GatedStream()
+    runner, gated.port = await serve(gated.app())
+    try:
+        yield gated
+    finally:
+        gated.gate.set()
+        await runner.cleanup()
+
+
+def _config(bao: OpenBaoDevServer, subject: str, upstream: int) -> dict[str, Any]:
+    setup = bao.dev_setup
+    return {
+        "vault": {
+            "addr": bao.addr,
+            "auth": {
+                "method": "approle",
+                "role_id_file": str(setup.role_id_file),
+                "secret_id_file": str(setup.secret_id_file),
+            },
+        },
+        "identity": {
+            "issuers": [
+                {
+                    "name": "openbao",
+                    "issuer": setup.issuer,
+                    "jwks_uri": setup.jwks_uri,
+                    "audiences": [setup.audience],
+                    "algorithms": ["RS256"],
+                }
+            ]
+        },
+        "routes": {
+            "up": {
+                "upstream": f"http://127.0.0.1:{upstream}",
+                "secret": {"path": "keyproxy/keys/workers-test", "field": "api_key"},
+                "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+                "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "allow_http": True,
+            }
+        },
+        "policies": [
+            {
+                "name": "agent",
+                "issuers": ["openbao"],
+                "subjects": [subject],
+                "allow": {"up": {"methods": ["GET"], "paths": ["/stream"]}},
+            }
+        ],
+    }
+
+
+async def _until_refused(port: int) -> None:
+    """Poll until nothing accepts connections on `port` any more (every listener closed)."""
+
+    async def refused() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return True
+        writer.close()
+        await writer.wait_closed()
+        return False
+
+    await eventually(refused, "the port still accepts connections", within=DEADLINE, interval=0.05)
+
+
+async def test_two_workers_serve_and_stop_gracefully(
+    openbao: OpenBaoDevServer, gated: GatedStream, tmp_path: Path, log_dir: Path
+) -> None:
+    """--workers 2 serves from two processes on one port; on SIGTERM the parent stops both,
+    which close the port but finish a stream in flight before exiting 0; one SIGHUP to the
+    parent reloads both."""
+    agent = openbao.add_agent("workers-agent")
+    openbao.put_key("keyproxy/keys/workers-test", new_key())
+    token = openbao.agent_token(agent)
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(_config(openbao, agent.entity_id, gated.port)))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    out = log_dir / "workers.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    # --no-watch: only the SIGHUP below may reload.
+    args = ["serve", "-c", str(path), "--port", str(port), "--admin-port", "0", "--workers", "2"]
+    args.append("--no-watch")
+    fresh = aiohttp.TCPConnector(force_close=True)  # a new connection, so any worker may take it
+    with cli.started(*args, out=out, env=env) as proc:
+        async with aiohttp.ClientSession(connector=fresh) as http:
+            await cli.ready(http, base, proc, within=DEADLINE)
+            # Requests without a credential are answered 401 and audited by the worker that
+            # took the connection: keep asking until both workers have answered.
+            workers: set[int] = set()
+            for _ in range(500):
+                async with http.get(f"{base}/r/up/stream") as response:
+                    assert response.status == 401
+                events = read_events(out)
+                workers = {e["worker"] for e in events if e.get("event") == "request"}
+                if len(workers) == 2:
+                    break
+            (started,) = [
+                e["pids"] for e in read_events(out) if e.get("event") == "workers_started"
+            ]
+            assert workers == set(started)
+            assert proc.pid not in workers
+
+            # One SIGHUP to the parent reloads both workers (the file watch is off: only the
+            # signal can have done it), and the same workers keep serving.
+            changed = _config(openbao, agent.entity_id, gated.port)
+            changed["routes"]["added"] = changed["routes"]["up"]
+            path.write_text(yaml.safe_dump(changed))
+            proc.send_signal(signal.SIGHUP)
+
+            def reloaded() -> dict[int, str]:
+                events = [e for e in read_events(out) if e.get("event") == "config.reloaded"]
+                return {e["worker"]: e["hash"] for e in events}
+
+            by_worker = await eventually(
+                reloaded,
+                "both workers did not reload",
+                within=DEADLINE,
+                interval=0.05,
+                until=lambda found: len(found) == 2,
+            )
+            assert set(by_worker) == set(started)
+            (new_hash,) = set(by_worker.values())
+            answered: set[int] = set()
+            for _ in range(500):
+                async with http.get(f"{base}/r/added/stream") as response:
+                    assert response.status == 401  # a route both workers know now
+                answered = {
+                    e["worker"]
+                    for e in read_events(out)
+                    if e.get("event") == "request" and e.get("config") == new_hash
+                }
+                if len(answered) == 2:
+                    break
+            assert answered == set(started)
+            assert proc.poll() is None
+            assert all(_alive(pid) for pid in started)
+
+            auth = {"Authorization": f"Bearer {token}"}
+            async with http.get(f"{base}/r/up/stream", headers=auth) as stream:
+                assert stream.status == 200
+                first = await stream.content.readuntil(b"\n\n")
+                proc.send_signal(signal.SIGTERM)
+                await _until_refused(port)
+                gated.gate.set()
+                rest = await stream.content.read()
+            assert first + rest == b"data: first\n\ndata: second\n\n"
+        assert await asyncio.to_thread(proc.wait, DEADLINE) == 0
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    stopped = [e for e in read_events(out) if e.get("event") == "workers_stopping"]
+    assert len(stopped) == 1
+    assert token not in out.read_text(encoding="utf-8")
+
+
+def test_workers_need_a_fixed_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers 2 with port 0 is refused before anything starts: each worker would bind its own."""
+
+    cfg = _config_without_vault()
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["serve", "-c", str(path), "--port", "0", "--workers", "2"]) == 2
+    assert "fixed --port" in capsys.readouterr().err
+
+
+def _config_without_vault() -> dict[str, Any]:
+    return {
+        "vault": {"addr": "http://127.0.0.1:1", "auth": {"method": "token"}},
+        "identity": {
+            "issuers": [
+                {
+                    "name": "ci",
+                    "issuer": "https://ci",
+                    "jwks_uri": "https://ci/jwks",
+                    "audiences": ["keyproxy"],
+                    "algorithms": ["RS256"],
+                }
+            ]
+        },
+        "routes": {
+            "api": {
+                "upstream": "https://api.example.com",
+                "secret": {"path": "keyproxy/keys/x"},
+                "inject": [{"header": "X-Api-Key"}],
+            }
+        },
+        "policies": [],
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_runs_from_a_file_and_stops_on_sigterm(
+    openbao: OpenBaoDevServer, tmp_path: Path, log_dir: Path
+) -> None:
+    """`keyproxy serve` logs in with BAO_TOKEN, loads the key, turns ready, logs JSON to
+    stdout, and exits cleanly on SIGTERM."""
+    setup = openbao.dev_setup
+    openbao.put_key("keyproxy/keys/cli-test", "sk-cli-test-" + os.urandom(8).hex())
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(api_route_config(openbao.addr, setup.issuer, setup.jwks_uri)))
+    port, admin_port = free_port(), free_port()
+    env = {**os.environ, "BAO_TOKEN": openbao.root_token}
+    out = log_dir / "serve.out"
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", str(admin_port))
+    with started(*args, out=out, env=env) as proc:
+
+        def readiness() -> dict[str, Any]:
+            try:
+                admin = f"http://127.0.0.1:{admin_port}/readyz"  # the detailed readiness
+                with urllib.request.urlopen(admin, timeout=5) as r:
+                    body: dict[str, Any] = json.load(r)
+                    return body
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, out.read_text()
+                return {}
+
+        body = eventually_blocking(readiness, "not ready", within=30)
+        assert body["keys"]["api"]["version"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "started" for e in events)
