@@ -43,6 +43,8 @@ from keyproxy.errors import (
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
+from keyproxy.spiffe import thumbprint
+from keyproxy.tls import peer_certificate
 from keyproxy.tokens import TaskTokens, is_task_token
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -124,6 +126,8 @@ class Broker:
         caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
         ttl = min([asked_ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
         bind = fields.get("bind_source") in (True, "true", "1")
+        # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705).
+        certificate = peer_certificate(request.transport)
         issued = await self.tasks.issue(
             identity,
             granted,
@@ -132,8 +136,13 @@ class Broker:
             intent=intent,
             max_uses=max_uses,
             source=str(source) if bind else None,
+            certificate=thumbprint(certificate) if certificate is not None else None,
         )
-        event |= {"token_id": issued.token_id, "expires_at": issued.expires_at}
+        event |= {
+            "token_id": issued.token_id,
+            "expires_at": issued.expires_at,
+            "bound_certificate": certificate is not None,
+        }
         log.info("token.issued", scope=scopes.to_claim(granted), ttl=ttl, **event)
         self._count("issued")
         body: dict[str, Any] = {

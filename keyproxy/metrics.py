@@ -78,6 +78,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.tls_refusals = Counter(
+            "keyproxy_tls_refused",
+            "TLS handshakes refused (an untrusted, expired or missing client certificate, or no "
+            "TLS at all), by listener and reason.",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
         self.reloads = Counter(
             "keyproxy_config_reload",
             "Configuration reloads, by result: ok, error (the running one stays), unchanged.",
@@ -104,6 +111,9 @@ class Metrics:
 
     def connection_closed(self, reason: str) -> None:
         self.connections_closed.labels(reason).inc()
+
+    def tls_refused(self, listener: str, reason: str) -> None:
+        self.tls_refusals.labels(listener, reason).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -21,10 +21,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "keyproxy"
 LAYERS: list[tuple[str, frozenset[str]]] = [
     # What everything may use: the error tree, redacting secrets, the path-pattern grammar
     # (config compiles policy paths with it), the MCP name checks (config checks MCP grants
-    # with them). `keyproxy` is the package itself.
+    # with them), the SPIFFE ID grammar (config checks trust domains with it). `keyproxy` is
+    # the package itself.
     (
         "foundation",
-        frozenset({"keyproxy", "errors", "secret", "patterns", "strictjson", "mcp.names"}),
+        frozenset(
+            {"keyproxy", "errors", "secret", "patterns", "strictjson", "mcp.names", "spiffe"}
+        ),
     ),
     (
         "config",
@@ -68,7 +71,6 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "mcp.lists",
                 "mcp.sse",
                 "mcp.audit",
-                "spiffe",
             }
         ),
     ),

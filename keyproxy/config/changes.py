@@ -26,6 +26,7 @@ RESTART_ONLY = (
     "server.keepalive_timeout",
     "server.max_connections",
     "server.max_connections_per_source",
+    "server.tls",  # the settings; the files' content is re-read live (keyproxy.tls)
     "vault",
 )
 

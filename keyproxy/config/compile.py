@@ -21,7 +21,13 @@ from keyproxy.config.model import Config, ServerConfig, TokensConfig
 from keyproxy.config.node import Node, opt, required
 from keyproxy.config.policies import policies_config
 from keyproxy.config.routes import routes_config
-from keyproxy.config.sections import identity_config, server_config, tokens_config, vault_config
+from keyproxy.config.sections import (
+    identity_config,
+    server_config,
+    svid_issuers,
+    tokens_config,
+    vault_config,
+)
 from keyproxy.errors import ConfigError
 
 
@@ -81,7 +87,8 @@ def _config(node: Node, env: Mapping[str, str]) -> Config:
     vault = vault_config(top.get("vault", Node({}, "vault")), env)
     issuers = identity_config(required(node, top, "identity"))
     routes = routes_config(required(node, top, "routes"), vault.kv_mount)
-    policies = policies_config(top.get("policies", Node([], "policies")), routes, issuers)
     server = opt(top, "server", server_config, ServerConfig())
+    issuer_names = {i.name for i in issuers} | svid_issuers(server)
+    policies = policies_config(top.get("policies", Node([], "policies")), routes, issuer_names)
     tokens = opt(top, "tokens", tokens_config, TokensConfig())
     return Config(vault, issuers, routes, policies, server, tokens)

@@ -103,12 +103,28 @@ class Issuer:
     max_token_lifetime: float | None = None
 
 
+ClientAuth = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    """A listener's TLS (`server.tls`, `server.admin.tls`): its certificate chain and key,
+    whether it asks callers for a client certificate (an X.509-SVID), and the trust bundle of
+    each trust domain whose SVIDs it accepts. The files are re-read when they change."""
+
+    certificate: Path
+    key: Path
+    client_auth: ClientAuth = "none"
+    trust_bundles: tuple[tuple[str, Path], ...] = ()  # (trust domain, PEM or SPIFFE bundle file)
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     """The admin listener: metrics and detailed readiness, never on the agents' port."""
 
     host: str = "127.0.0.1"
     port: int = 9090
+    tls: ListenerTLS | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,7 @@ class ServerConfig:
     port: int = 8080
     trusted_proxies: tuple[Network, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: ListenerTLS | None = None
     # Connection limits (docs/security.md): a caller gets this long to send a request's
     # headers, an idle keep-alive connection this long before it is closed, and at most so
     # many connections are open in all and from one source address (trusted proxies exempt).

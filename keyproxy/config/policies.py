@@ -3,14 +3,13 @@ methods and paths."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from keyproxy import patterns
 from keyproxy.config.model import (
     MCP_METHODS,
     METHODS,
     Grant,
-    Issuer,
     McpGrant,
     Policy,
     Route,
@@ -21,12 +20,14 @@ from keyproxy.mcp import names
 
 
 def policies_config(
-    node: Node, routes: Mapping[str, Route], issuers: tuple[Issuer, ...]
+    node: Node, routes: Mapping[str, Route], issuers: Collection[str]
 ) -> tuple[Policy, ...]:
+    """The policies; `issuers` are the names they may name: the configured JWT issuers and
+    `spiffe://<trust domain>` for the X.509-SVID callers of each accepted trust domain."""
     names: set[str] = set()
     policies = []
     for item in node.sequence():
-        policy = _policy(item, routes, {i.name for i in issuers})
+        policy = _policy(item, routes, set(issuers))
         if policy.name in names:
             raise item._child("name").error(f"duplicate policy name {policy.name!r}")
         names.add(policy.name)

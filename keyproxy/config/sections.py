@@ -10,13 +10,19 @@ from keyproxy.config.model import (
     ALGORITHMS,
     MAX_LEEWAY,
     AdminConfig,
+    ClientAuth,
     Issuer,
+    ListenerTLS,
     ServerConfig,
     TokensConfig,
     VaultAuth,
     VaultConfig,
 )
 from keyproxy.config.node import Node, opt, required
+from keyproxy.spiffe import SCHEME as SPIFFE_SCHEME
+from keyproxy.spiffe import InvalidSpiffeId, validate_trust_domain
+
+_CLIENT_AUTH: tuple[ClientAuth, ...] = ("none", "optional", "required")
 
 
 def vault_config(node: Node, env: Mapping[str, str]) -> VaultConfig:
@@ -157,8 +163,12 @@ def _issuer(node: Node) -> Issuer:
     leeway = opt(f, "leeway", Node.duration, 30.0)
     if leeway > MAX_LEEWAY:
         raise f["leeway"].error(f"must be at most {MAX_LEEWAY:.0f}s")
+    name = required(node, f, "name").string()
+    if name.startswith(SPIFFE_SCHEME):
+        # SECURITY: the issuer names of X.509-SVID callers; a JWT issuer must not pose as one.
+        raise f["name"].error(f"{SPIFFE_SCHEME}... names X.509-SVID callers' trust domains")
     issuer = Issuer(
-        name=required(node, f, "name").string(),
+        name=name,
         issuer=required(node, f, "issuer").string(),
         audiences=audiences,
         algorithms=algorithms,
@@ -188,6 +198,7 @@ def server_config(node: Node) -> ServerConfig:
             "keepalive_timeout",
             "max_connections",
             "max_connections_per_source",
+            "tls",
         }
     )
     d = ServerConfig()
@@ -202,6 +213,7 @@ def server_config(node: Node) -> ServerConfig:
         max_connections_per_source=opt(
             f, "max_connections_per_source", Node.count, d.max_connections_per_source
         ),
+        tls=opt(f, "tls", listener_tls, None),
     )
     admin = server.admin
     if admin.port and (admin.host, admin.port) == (server.host, server.port):
@@ -210,9 +222,56 @@ def server_config(node: Node) -> ServerConfig:
 
 
 def _admin(node: Node) -> AdminConfig:
-    f = node.mapping({"host", "port"})
+    f = node.mapping({"host", "port", "tls"})
     d = AdminConfig()
-    return AdminConfig(host=opt(f, "host", Node.string, d.host), port=opt(f, "port", port, d.port))
+    return AdminConfig(
+        host=opt(f, "host", Node.string, d.host),
+        port=opt(f, "port", port, d.port),
+        tls=opt(f, "tls", listener_tls, None),
+    )
+
+
+def listener_tls(node: Node) -> ListenerTLS:
+    """A listener's `tls`: certificate, key, client_auth and the trust bundle of each trust
+    domain whose X.509-SVIDs it accepts."""
+    f = node.mapping({"certificate", "key", "client_auth", "trust_bundles"})
+    client_auth: ClientAuth = opt(f, "client_auth", _client_auth, "none")
+    bundle_nodes: list[tuple[str, Node]] = opt(f, "trust_bundles", Node.items, [])
+    bundles = []
+    for trust_domain, file in bundle_nodes:
+        try:
+            validate_trust_domain(trust_domain)
+        except InvalidSpiffeId as exc:
+            raise file.error(f"not a SPIFFE trust domain name: {exc}") from None
+        bundles.append((trust_domain, file.path_value()))
+    if client_auth != "none" and not bundles:
+        raise node._child("trust_bundles").error(
+            f"client_auth {client_auth} needs the trust bundle of at least one trust domain"
+        )
+    if client_auth == "none" and bundles:
+        raise f["trust_bundles"].error("is only read with client_auth optional or required")
+    return ListenerTLS(
+        certificate=required(node, f, "certificate").path_value(),
+        key=required(node, f, "key").path_value(),
+        client_auth=client_auth,
+        trust_bundles=tuple(bundles),
+    )
+
+
+def _client_auth(node: Node) -> ClientAuth:
+    for value in _CLIENT_AUTH:
+        if node.value == value:
+            return value
+    raise node.error(f"must be one of: {', '.join(_CLIENT_AUTH)}")
+
+
+def svid_issuers(server: ServerConfig) -> set[str]:
+    """The issuer names of X.509-SVID callers: `spiffe://<trust domain>` for each trust domain
+    the proxy listener accepts client certificates of (policies name them in `issuers`)."""
+    tls = server.tls
+    if tls is None or tls.client_auth == "none":
+        return set()
+    return {SPIFFE_SCHEME + trust_domain for trust_domain, _ in tls.trust_bundles}
 
 
 def port(node: Node) -> int:

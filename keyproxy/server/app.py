@@ -22,6 +22,13 @@ agents' app's `cleanup_ctx` and torn down with it: no task outlives it.
 The configuration can change while serving (keyproxy.server.reload): each request takes the
 generation in force when it starts (`RELOADER`) and keeps it to its end.
 
+TLS (`server.tls`, `server.admin.tls`): each app holds its listener's `ServerTLS` (`TLS`), built
+from the files when the app is built, so a file that cannot be read stops the start with a
+`ConfigError`; `keyproxy.server.listen.start` serves the app with its context. The app's
+cleanup context runs `ServerTLS.follow()`, which re-reads the files when their content changes.
+A refused handshake is an audit event (`tls.refused`, naming the listener and the reason) and
+counted in `keyproxy_tls_refused_total{listener,reason}`.
+
 SECURITY: secret paths, key fingerprints and read counts tell an attacker what to aim at, so
 only the admin listener shows them. Every answer names keyproxy as its `Server`, never the
 Python or aiohttp version (an upstream's own `Server` header is the upstream's).
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
@@ -42,13 +50,14 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from keyproxy import answers
 from keyproxy.broker import Broker
-from keyproxy.config import Config, keep_running, parse
+from keyproxy.config import Config, ListenerTLS, keep_running, parse
 from keyproxy.errors import ConfigError
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy
 from keyproxy.server import collector
 from keyproxy.server.reload import Generation, Reloader, short, text_digest
+from keyproxy.tls import ClientAuth, OnRefused, ServerTLS, TLSFiles
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
@@ -61,9 +70,11 @@ KEYS: Final = web.AppKey("keys", KeyCache)
 RELOADER: Final = web.AppKey("reloader", Reloader)
 METRICS: Final = web.AppKey("metrics", Metrics)
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
+TLS: Final = web.AppKey("tls", ServerTLS)  # the listener's TLS, when it has one
 SERVER_NAME: Final = "keyproxy"
 
 log = structlog.get_logger("keyproxy.app")
+audit_log = structlog.get_logger("keyproxy.audit")
 
 
 def build_app(
@@ -80,6 +91,8 @@ def build_app(
     if source is not None:
         app[SOURCE] = source
     app[WATCH] = watch
+    if config.server.tls is not None:
+        _serve_tls(app, server_tls(config.server.tls, "server.tls", _refusals(app, "proxy")))
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
     # Every handler raises; answers.answering answers.
@@ -96,12 +109,79 @@ def build_admin_app(served: web.Application) -> web.Application:
     """The admin endpoints of the app `served` (which must be started first)."""
     app = web.Application()
     app[SERVED] = served
+    admin_tls = served[CONFIG].server.admin.tls
+    if admin_tls is not None:
+        refused = _refusals(served, "admin")
+        _serve_tls(app, server_tls(admin_tls, "server.admin.tls", refused))
     app.on_response_prepare.append(_server_header)
     app.router.add_get("/healthz", answers.answering(_healthz))
     app.router.add_get("/readyz", answers.answering(_readyz))
     app.router.add_get("/metrics", answers.answering(_metrics))
     app.router.add_post("/reload", answers.answering(_reload))
     return app
+
+
+def server_tls(settings: ListenerTLS, where: str, on_refused: OnRefused) -> ServerTLS:
+    """A listener's TLS from its settings (paths made absolute, as the file watch needs);
+    a ConfigError naming `where` if the files cannot be read or do not fit together."""
+    files = TLSFiles(
+        certificate=settings.certificate.absolute(),
+        key=settings.key.absolute(),
+        client_bundles={td: path.absolute() for td, path in settings.trust_bundles},
+        client_auth=ClientAuth(settings.client_auth),
+    )
+    try:
+        return ServerTLS(files, on_refused=on_refused)
+    # ssl.SSLError is an OSError, spiffe.BundleError a ValueError.
+    except (OSError, ValueError) as exc:
+        raise ConfigError(where, f"cannot load the TLS files: {_tls_error(exc)}") from None
+
+
+def _tls_error(exc: Exception) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"{exc.reason or exc}"  # OpenSSL's reason, never the key's bytes
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def _refusals(app: web.Application, listener: str) -> OnRefused:
+    """What a refused handshake on `listener` does: an audit event, and a count."""
+
+    def refused(reason: str, message: str) -> None:
+        audit_log.warning("tls.refused", listener=listener, reason=reason, message=message)
+        metrics = app.get(METRICS)
+        if metrics is not None:
+            metrics.tls_refused(listener, reason)
+
+    return refused
+
+
+def _serve_tls(app: web.Application, tls: ServerTLS) -> None:
+    app[TLS] = tls
+    app.cleanup_ctx.append(_following_tls)
+
+
+async def _following_tls(app: web.Application) -> AsyncIterator[None]:
+    """Re-read the listener's certificate, key and trust bundles when their content changes."""
+    tls = app[TLS]
+    stop = asyncio.Event()
+
+    def failed(exc: Exception) -> None:
+        # The running certificate and bundles stay; the next change of a file tries again.
+        log.error("tls.reload_failed", error=_tls_error(exc))
+
+    def reloaded() -> None:
+        log.info("tls.reloaded", certificate=str(tls.files.certificate))
+
+    task = asyncio.create_task(tls.follow(failed, stop=stop, on_reload=reloaded), name="tls-watch")
+    try:
+        yield
+    finally:
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _components(app: web.Application) -> AsyncIterator[None]:
@@ -130,7 +210,14 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
 
     def generation(cfg: Config, digest: str, sessions: UpstreamSessions) -> Generation:
         proxy = Proxy(
-            cfg, verifier, keys, sessions, tasks=tasks, metrics=metrics, config_hash=short(digest)
+            cfg,
+            verifier,
+            keys,
+            sessions,
+            tasks=tasks,
+            metrics=metrics,
+            config_hash=short(digest),
+            tls=app.get(TLS),
         )
         return Generation(cfg, digest, proxy, Broker(cfg, verifier, tasks, metrics), sessions)
 

@@ -46,7 +46,7 @@ from aiohttp.web_request import BaseRequest
 
 from keyproxy.config import Config, Network, ServerConfig
 from keyproxy.metrics import Metrics
-from keyproxy.server.app import METRICS, RELOADER, SERVER_NAME, build_admin_app, build_app
+from keyproxy.server.app import METRICS, RELOADER, SERVER_NAME, TLS, build_admin_app, build_app
 
 log = structlog.get_logger("keyproxy.server")
 
@@ -270,8 +270,9 @@ async def start(
     reuse_port: bool | None = None,
     shutdown_timeout: float = 60.0,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` on host:port (0: any free port) with keyproxy's connection handling;
-    the runner (its `cleanup()` drains and stops) and the bound port."""
+    """Serve `app` on host:port (0: any free port) with keyproxy's connection handling, over
+    TLS when the app has its listener's (`TLS`); the runner (its `cleanup()` drains and
+    stops) and the bound port."""
     guard = _Guard(limits, metrics)
     runner = _Runner(
         app,
@@ -282,7 +283,9 @@ async def start(
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
+        tls = app.get(TLS)
+        context = tls.context if tls is not None else None
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=context)
         await site.start()
     except BaseException:
         await runner.cleanup()

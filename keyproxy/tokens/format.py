@@ -11,6 +11,8 @@ public keys. Claims:
     iat, nbf, exp                                  task, intent
     scope        {route: [{methods, paths}]}       max_uses, src (bound source address)
     exc          {owner, reason} for an exception token
+    cnf          {"x5t#S256": thumbprint}: bound to the client certificate it was requested
+                 with (RFC 8705); accepted only on a connection presenting that certificate
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class TaskToken:
     max_uses: int | None = None
     source: str | None = None
     exception_owner: str | None = None
+    certificate: str | None = None  # cnf.x5t#S256: the client certificate it is bound to
 
 
 @dataclass(frozen=True)

@@ -126,9 +126,11 @@ class Signing(ExceptionRegister):
         max_uses: int | None = None,
         source: str | None = None,
         exception: tuple[str, str] | None = None,
+        certificate: str | None = None,
     ) -> Issued:
         """Sign a token for exactly `scope`. The caller has already intersected it with policy
-        and clamped `ttl`. Raises Unavailable when Vault cannot sign."""
+        and clamped `ttl`; `certificate` (an RFC 8705 `x5t#S256` thumbprint) binds it to the
+        client certificate it was requested with. Raises Unavailable when Vault cannot sign."""
         if not scope:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and not all(part.strip() for part in exception):
@@ -161,6 +163,8 @@ class Signing(ExceptionRegister):
         claims |= {k: v for k, v in optional.items() if v}
         if exception is not None:
             claims["exc"] = {"owner": exception[0], "reason": exception[1]}
+        if certificate is not None:
+            claims["cnf"] = {"x5t#S256": certificate}
         token = await self._sign(claims)
         if exception is not None:
             await self._record_exception(token_id, claims)

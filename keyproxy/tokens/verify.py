@@ -160,6 +160,7 @@ class Verifier(Signing):
                 max_uses=claims["max_uses"] if isinstance(claims.get("max_uses"), int) else None,
                 source=optional_text(claims.get("src")),
                 exception_owner=optional_text(exc.get("owner")) if isinstance(exc, dict) else None,
+                certificate=_bound_certificate(claims),
             )
         except (KeyError, ValueError, TypeError):
             raise Unauthenticated("invalid_claims", "task token claims invalid") from None
@@ -176,3 +177,17 @@ class Verifier(Signing):
             raise Unavailable("too_many_metered_tokens", "try again later")
         self._uses[token.token_id] = (count + 1, token.expires_at)
         return True
+
+
+def _bound_certificate(claims: Mapping[str, Any]) -> str | None:
+    """The `cnf.x5t#S256` thumbprint a token is bound to, or None if it is not bound.
+
+    SECURITY: a `cnf` that is there but unreadable refuses the token (ValueError): ignoring
+    it would turn a bound token into a bearer one."""
+    if "cnf" not in claims:
+        return None
+    cnf = claims["cnf"]
+    bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    if not isinstance(bound, str) or not bound:
+        raise ValueError("cnf without an x5t#S256 thumbprint")
+    return bound
