@@ -1,0 +1,394 @@
+"""End to end over mutual TLS: X.509-SVID callers and certificate-bound task tokens.
+
+Real OpenBao, the real proxy on its own TLS listener (`server.tls`), the recording upstream,
+real TLS handshakes with certificates made by tests/helpers/svid_ca.py, and real clients
+(aiohttp, and the openai SDK through its own httpx client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx2
+import openai
+import pytest
+
+from keyproxy import config
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.server import listen as server
+from keyproxy.server.app import METRICS, build_admin_app, build_app
+from keyproxy.spiffe import thumbprint
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import Upstream, bearer, new_key, token_config
+from tests.helpers.svid_ca import Issued, SvidCA
+
+GRANT = {"methods": ["GET", "POST"], "paths": ["/v1/**", "/echo"]}
+KEY_PATH = "keyproxy/keys/tokens-test"  # token_config's routes' key
+
+
+@dataclass
+class MtlsStack:
+    base: str  # https://127.0.0.1:PORT
+    admin: str  # http://127.0.0.1:PORT
+    tmp: Path
+    cas: dict[str, SvidCA]
+    server_cert: Path
+    server_key: Path
+
+    def context(self, client: Issued | None) -> ssl.SSLContext:
+        """A client context trusting keyproxy's certificate, presenting `client` if given."""
+        context = ssl.create_default_context(cadata=self.cas["server"].bundle_pem().decode())
+        if client is not None:
+            cert, key = client.write(self.tmp, f"client-{thumbprint(client.der)[:12]}")
+            context.load_cert_chain(cert, key)
+        return context
+
+    def session(self, client: Issued | None) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(ssl=self.context(client))
+        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10))
+
+
+@pytest.fixture
+def cas() -> dict[str, SvidCA]:
+    """keyproxy's server CA, two trusted trust domains, and a CA nobody trusts."""
+    return {
+        "server": SvidCA("server.test"),
+        "example": SvidCA("example.org", intermediate=True),
+        "partner": SvidCA("partner.org"),
+        "stranger": SvidCA("example.org"),
+    }
+
+
+@pytest.fixture
+def seeded(openbao: OpenBaoDevServer) -> str:
+    key = new_key()
+    openbao.put_key(KEY_PATH, key)
+    return key
+
+
+def mtls_config(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: str, tmp: Path, cas: dict[str, SvidCA]
+) -> tuple[dict[str, Any], Path, Path]:
+    """token_config's routes and agent policy, served over TLS asking for client SVIDs of
+    example.org (a SPIFFE bundle) and partner.org (PEM); a policy for one SPIFFE ID."""
+    cert, key = cas["server"].server_cert().write(tmp, "server")
+    (tmp / "example.json").write_bytes(cas["example"].bundle_json())
+    (tmp / "partner.pem").write_bytes(cas["partner"].bundle_pem())
+    cfg = token_config(openbao, agent, upstream)
+    cfg["server"] = {
+        "tls": {
+            "certificate": str(cert),
+            "key": str(key),
+            "client_auth": "optional",
+            "trust_bundles": {
+                "example.org": str(tmp / "example.json"),
+                "partner.org": str(tmp / "partner.pem"),
+            },
+        }
+    }
+    cfg["policies"].append(
+        {
+            "name": "svid-agent",
+            "issuers": ["spiffe://example.org"],
+            "subjects": ["spiffe://example.org/agent"],
+            "allow": {"r": GRANT},
+        }
+    )
+    return cfg, cert, key
+
+
+@asynccontextmanager
+async def running(cfg: dict[str, Any]) -> AsyncIterator[tuple[int, int]]:
+    compiled = config.parse(json.dumps(cfg), {})
+    app = build_app(compiled)
+    limits = server.Limits.of(compiled.server)
+    runner, port = await server.start(app, "127.0.0.1", 0, limits, metrics=lambda: app.get(METRICS))
+    try:
+        admin, admin_port = await server.start(build_admin_app(app), "127.0.0.1", 0, limits)
+        try:
+            yield port, admin_port
+        finally:
+            await admin.cleanup()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def stack(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+) -> AsyncIterator[MtlsStack]:
+    cfg, cert, key = mtls_config(openbao, agent, upstream.url, tmp_path, cas)
+    async with running(cfg) as (port, admin_port):
+        yield MtlsStack(
+            f"https://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", tmp_path, cas, cert, key
+        )
+
+
+def request_id(name: str) -> dict[str, str]:
+    return {"X-Request-Id": f"mtls-{name}-{id(name)}-{asyncio.get_running_loop().time()}"}
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    body = {"model": "keyproxy-demo", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(url, json=body, headers=headers or {}) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def request_event(audit_log: Path, rid: str) -> dict[str, Any]:
+    events = await eventually(
+        lambda: [
+            e for e in read_events(audit_log) if e.get("request_id") == rid and "decision" in e
+        ],
+        f"no audit event for {rid}",
+    )
+    return events[0]
+
+
+def refusals(audit_log: Path, reason: str) -> int:
+    return sum(
+        1
+        for e in read_events(audit_log)
+        if e.get("event") == "tls.refused" and e.get("reason") == reason
+    )
+
+
+# ----------------------------------------------------------------------------- SVID callers
+
+
+async def test_a_valid_svid_is_allowed_by_a_policy_naming_its_spiffe_id(
+    stack: MtlsStack, upstream: Upstream, seeded: str, audit_log: Path
+) -> None:
+    """A caller presenting only its X.509-SVID is the identity spiffe://example.org/agent of
+    issuer spiffe://example.org; the policy naming that ID lets it through with the key."""
+    rid = request_id("valid")
+    async with stack.session(stack.cas["example"].svid("/agent")) as session:
+        status, _ = await post(session, f"{stack.base}/r/r/v1/chat/completions", rid)
+    assert status == 200
+    assert [r.headers["Authorization"] for r in upstream.requests] == [f"Bearer {seeded}"]
+    event = await request_event(audit_log, rid["X-Request-Id"])
+    assert (event["issuer"], event["subject"]) == (
+        "spiffe://example.org",
+        "spiffe://example.org/agent",
+    )
+    assert (event["decision"], event["policy"]) == ("allow", "svid-agent")
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "reason"),
+    [
+        # A valid SVID of a trusted trust domain no policy names.
+        (lambda cas: cas["partner"].svid("/agent"), 403, "no_policy_for_identity"),
+        # example.org's CA vouching for an ID of partner.org: the handshake's union of
+        # bundles passes it, the bundle of its own trust domain does not.
+        (
+            lambda cas: cas["example"].svid_for("spiffe://partner.org/agent"),
+            401,
+            "svid_untrusted",
+        ),
+        (
+            lambda cas: cas["example"].svid_for(
+                "spiffe://example.org/agent", "spiffe://example.org/other"
+            ),
+            401,
+            "svid_uri_san_count",
+        ),
+        (lambda cas: cas["example"].ca_as_leaf(), 401, "svid_leaf_is_ca"),
+        (lambda cas: None, 401, "no_credential"),
+    ],
+    ids=["other-trust-domain", "cross-domain-signer", "two-uri-sans", "ca-as-leaf", "none"],
+)
+async def test_callers_refused_after_the_handshake(
+    stack: MtlsStack,
+    upstream: Upstream,
+    audit_log: Path,
+    make: Callable[[dict[str, SvidCA]], Issued | None],
+    status: int,
+    reason: str,
+) -> None:
+    """Each wrong certificate (or none) is refused with its reason before any upstream
+    contact, and the request's audit event says so."""
+    rid = request_id(reason)
+    async with stack.session(make(stack.cas)) as session:
+        got, body = await post(session, f"{stack.base}/r/r/v1/chat/completions", rid)
+    assert got == status
+    assert body["error"]["code"] == reason
+    assert upstream.requests == []
+    event = await request_event(audit_log, rid["X-Request-Id"])
+    assert (event["decision"], event["reason"], event["status"]) == ("deny", reason, status)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda cas: cas["example"].expired_svid(), "svid_expired"),
+        (lambda cas: cas["stranger"].svid("/agent"), "svid_untrusted"),
+    ],
+    ids=["expired", "unknown-ca"],
+)
+async def test_callers_refused_in_the_handshake(
+    stack: MtlsStack,
+    upstream: Upstream,
+    audit_log: Path,
+    make: Callable[[dict[str, SvidCA]], Issued],
+    reason: str,
+) -> None:
+    """An expired SVID and one of an unknown CA fail the handshake: no request is read, the
+    refusal is a `tls.refused` audit event and is counted."""
+    before = refusals(audit_log, reason)
+    async with stack.session(make(stack.cas)) as session:
+        with pytest.raises(aiohttp.ClientError):
+            await post(session, f"{stack.base}/r/r/v1/chat/completions")
+    assert upstream.requests == []
+    await eventually(lambda: refusals(audit_log, reason) > before, f"no tls.refused {reason}")
+    async with aiohttp.ClientSession() as plain, plain.get(f"{stack.admin}/metrics") as response:
+        metrics = await response.text()
+    assert f'keyproxy_tls_refused_total{{listener="proxy",reason="{reason}"}}' in metrics
+
+
+# ----------------------------------------------------------------------- bound task tokens
+
+
+async def exchange_over(session: aiohttp.ClientSession, base: str, identity_token: str) -> str:
+    body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
+    async with session.post(f"{base}/token", json=body, headers=bearer(identity_token)) as r:
+        answer = await r.json()
+        assert r.status == 200, answer
+    token: str = answer["access_token"]
+    CANARIES.add(token)
+    return token
+
+
+async def test_a_certificate_bound_token_works_only_on_its_own_certificate(
+    stack: MtlsStack, upstream: Upstream, identity_token: str, audit_log: Path
+) -> None:
+    """A task token requested over mTLS is bound to that certificate (cnf.x5t#S256): it works
+    on it, and gets 401 token_binding_mismatch with another valid SVID or with none."""
+    own = stack.cas["example"].svid("/agent")
+    async with stack.session(own) as session:
+        token = await exchange_over(session, stack.base, identity_token)
+        status, _ = await post(session, f"{stack.base}/r/r/v1/chat/completions", bearer(token))
+    assert status == 200
+    assert len(upstream.requests) == 1
+    for other in (stack.cas["example"].svid("/agent"), None):
+        rid = request_id("bound")
+        async with stack.session(other) as session:
+            got, body = await post(
+                session, f"{stack.base}/r/r/v1/chat/completions", bearer(token) | rid
+            )
+        assert (got, body["error"]["code"]) == (401, "token_binding_mismatch")
+        event = await request_event(audit_log, rid["X-Request-Id"])
+        assert event["reason"] == "token_binding_mismatch"
+    assert len(upstream.requests) == 1
+
+
+async def test_a_token_requested_without_a_certificate_is_not_bound(
+    stack: MtlsStack, upstream: Upstream, identity_token: str
+) -> None:
+    """Requested without a client certificate, a task token stays a bearer token."""
+    async with stack.session(None) as session:
+        token = await exchange_over(session, stack.base, identity_token)
+    async with stack.session(stack.cas["partner"].svid("/x")) as session:
+        status, _ = await post(session, f"{stack.base}/r/r/v1/chat/completions", bearer(token))
+    assert status == 200
+
+
+# --------------------------------------------------------------------------------- rotation
+
+
+async def test_server_certificate_replaced_while_a_client_keeps_calling(
+    stack: MtlsStack, upstream: Upstream
+) -> None:
+    """The server certificate and key are replaced on disk while a client keeps calling: new
+    handshakes present the new certificate and no request fails."""
+    client = stack.cas["example"].svid("/agent")
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def keep_calling() -> None:
+        while not stop.is_set() and len(statuses) < 2000:
+            # A new connection per call: each one is a new handshake.
+            connector = aiohttp.TCPConnector(ssl=stack.context(client), force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                statuses.append((await post(session, url))[0])
+
+    caller = asyncio.create_task(keep_calling())
+    try:
+        await eventually(lambda: len(statuses) >= 3, "no calls before the replacement")
+        replacement = stack.cas["server"].server_cert()
+        # An atomic replace of each file, as cert-manager and SPIRE helpers write them.
+        (stack.tmp / "new.key").write_bytes(replacement.key_pem())
+        (stack.tmp / "new.crt").write_bytes(replacement.chain_pem())
+        (stack.tmp / "new.key").replace(stack.server_key)
+        (stack.tmp / "new.crt").replace(stack.server_cert)
+        expected = thumbprint(replacement.der)
+        await eventually(
+            lambda: asyncio.to_thread(served_thumbprint, stack),
+            "the new certificate is not served",
+            until=expected.__eq__,
+        )
+        seen = len(statuses)
+        await eventually(lambda: len(statuses) >= seen + 3, "no calls after the replacement")
+    finally:
+        stop.set()
+        await caller
+    assert statuses
+    assert set(statuses) == {200}
+
+
+def served_thumbprint(stack: MtlsStack) -> str:
+    port = int(stack.base.rsplit(":", 1)[1])
+    context = stack.context(None)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return thumbprint(der)
+
+
+# ------------------------------------------------------------------------------- openai SDK
+
+
+async def test_openai_sdk_with_only_its_svid(
+    stack: MtlsStack, upstream: Upstream, seeded: str
+) -> None:
+    """The openai SDK, through an httpx client presenting the agent's SVID and no API key,
+    completes a chat completion; the upstream gets the Vault key."""
+    http_client = httpx2.AsyncClient(verify=stack.context(stack.cas["example"].svid("/agent")))
+    # The SDK insists on an API key; none is sent: the request omits its Authorization header.
+    client = openai.AsyncOpenAI(
+        base_url=f"{stack.base}/r/r/v1",
+        api_key="unused",
+        http_client=http_client,
+        max_retries=0,
+    )
+    try:
+        chat = await client.chat.completions.create(
+            model="keyproxy-demo",
+            messages=[{"role": "user", "content": "hello"}],
+            extra_headers={"Authorization": openai.omit},
+        )
+    finally:
+        await client.close()
+    assert "hello" in (chat.choices[0].message.content or "")
+    assert [r.headers["Authorization"] for r in upstream.requests] == [f"Bearer {seeded}"]
