@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -182,3 +183,77 @@ def test_approle_needs_a_role_id_and_a_secret_id_file(
         parse_doc(with_setting("vault.auth", auth))
     assert info.value.path == where
     assert message in info.value.message
+
+
+TLS = {
+    "certificate": "/etc/keyproxy/tls.crt",
+    "key": "/etc/keyproxy/tls.key",
+    "client_auth": "optional",
+    "trust_bundles": {"example.org": "/etc/spire/bundle.json"},
+}
+
+
+def test_listener_tls_settings() -> None:
+    """server.tls and server.admin.tls read the certificate, key, client_auth and one trust
+    bundle per trust domain; client_auth defaults to none and TLS to off."""
+    assert _server_config({}).tls is None
+    server = _server_config(
+        {"tls": TLS, "admin": {"tls": {"certificate": "/a.crt", "key": "/a.key"}}}
+    )
+    assert server.tls == config.ListenerTLS(
+        Path("/etc/keyproxy/tls.crt"),
+        Path("/etc/keyproxy/tls.key"),
+        "optional",
+        (("example.org", Path("/etc/spire/bundle.json")),),
+    )
+    assert server.admin.tls == config.ListenerTLS(Path("/a.crt"), Path("/a.key"))
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        ({**TLS, "client_auth": "sometimes"}, "server.tls.client_auth: must be one of"),
+        ({**TLS, "trust_bundles": {}}, "server.tls.trust_bundles: client_auth optional needs"),
+        ({**TLS, "client_auth": "none"}, "server.tls.trust_bundles: is only read with"),
+        ({**TLS, "trust_bundles": {"Example.org": "/b"}}, "server.tls.trust_bundles.Example.org"),
+        ({k: v for k, v in TLS.items() if k != "key"}, "server.tls.key: is required"),
+        ({**TLS, "cert": "/c"}, "server.tls.cert: unknown key"),
+    ],
+)
+def test_bad_listener_tls_settings_are_refused(tls: dict[str, Any], message: str) -> None:
+    """Each bad TLS setting is refused with its YAML path."""
+    with pytest.raises(ConfigError) as caught:
+        _server_config({"tls": tls})
+    assert message in str(caught.value)
+
+
+def _svid_policy_config(issuers: list[str], issuer_name: str = "bao") -> dict[str, Any]:
+    doc = _config_with_issuer(name=issuer_name)
+    doc["server"] = {"tls": TLS}
+    doc["policies"] = [
+        {
+            "name": "p",
+            "issuers": issuers,
+            "subjects": ["spiffe://example.org/*"],
+            "allow": {"r": {"methods": ["GET"], "paths": ["/**"]}},
+        }
+    ]
+    return doc
+
+
+def test_policies_name_svid_callers_by_their_trust_domain() -> None:
+    """A policy names X.509-SVID callers' issuer as spiffe://<trust domain>, for a trust
+    domain the proxy listener accepts; another is an unknown issuer."""
+    compiled = config.parse(json.dumps(_svid_policy_config(["spiffe://example.org"])), {})
+    assert compiled.policies[0].issuers == ("spiffe://example.org",)
+    with pytest.raises(ConfigError) as caught:
+        config.parse(json.dumps(_svid_policy_config(["spiffe://partner.org"])), {})
+    assert caught.value.path == "policies[0] (p).issuers[0]"
+
+
+def test_a_jwt_issuer_may_not_pose_as_a_trust_domain() -> None:
+    """An identity issuer named spiffe://... is refused: that name is an SVID caller's."""
+    doc = _svid_policy_config(["spiffe://example.org"], issuer_name="spiffe://example.org")
+    with pytest.raises(ConfigError) as caught:
+        config.parse(json.dumps(doc), {})
+    assert caught.value.path == "identity.issuers[0].name"
