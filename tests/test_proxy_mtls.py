@@ -24,6 +24,7 @@ import pytest
 
 from keyproxy import config
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.errors import ConfigError
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, build_admin_app, build_app
 from keyproxy.spiffe import thumbprint
@@ -392,3 +393,79 @@ async def test_openai_sdk_with_only_its_svid(
         await client.close()
     assert "hello" in (chat.choices[0].message.content or "")
     assert [r.headers["Authorization"] for r in upstream.requests] == [f"Bearer {seeded}"]
+
+
+# ------------------------------------------------------------------ required client certs
+
+
+def refused_on(audit_log: Path, listener: str, reason: str) -> int:
+    return sum(
+        1
+        for e in read_events(audit_log)
+        if e.get("event") == "tls.refused"
+        and (e.get("listener"), e.get("reason")) == (listener, reason)
+    )
+
+
+async def test_required_client_certificates_on_both_listeners(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+    audit_log: Path,
+) -> None:
+    """With client_auth required, a caller without a certificate is refused in the handshake
+    (svid_missing, audited per listener); the admin listener has its own TLS, and an SVID
+    holder reads its metrics, where the refusals are counted."""
+    cfg, cert, key = mtls_config(openbao, agent, upstream.url, tmp_path, cas)
+    cfg["server"]["tls"]["client_auth"] = "required"
+    cfg["server"]["admin"] = {"tls": {**cfg["server"]["tls"]}}
+    async with running(cfg) as (port, admin_port):
+        stack = MtlsStack(f"https://127.0.0.1:{port}", "", tmp_path, cas, cert, key)
+        admin = f"https://127.0.0.1:{admin_port}"
+        for listener, url in (("proxy", f"{stack.base}/healthz"), ("admin", f"{admin}/healthz")):
+            before = refused_on(audit_log, listener, "svid_missing")
+            async with stack.session(None) as session:
+                with pytest.raises(aiohttp.ClientError):
+                    # POST: aiohttp tries an idempotent request again on a dropped connection.
+                    async with session.post(url) as response:
+                        await response.read()
+            await eventually(
+                lambda: refused_on(audit_log, listener, "svid_missing") > before,  # noqa: B023  # awaited in this iteration
+                f"no tls.refused svid_missing on {listener}",
+            )
+        async with (
+            stack.session(cas["example"].svid("/agent")) as session,
+            session.get(f"{admin}/metrics") as response,
+        ):
+            assert response.status == 200
+            metrics = await response.text()
+        assert 'keyproxy_tls_refused_total{listener="proxy",reason="svid_missing"} 1.0' in metrics
+        assert 'keyproxy_tls_refused_total{listener="admin",reason="svid_missing"} 1.0' in metrics
+        async with stack.session(cas["example"].svid("/agent")) as session:
+            status, _ = await post(session, f"{stack.base}/r/r/v1/chat/completions")
+        assert status == 200
+
+
+async def test_tls_files_that_cannot_be_read_stop_the_start(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+) -> None:
+    """A certificate that is not there, or a key that does not match it, is a ConfigError
+    naming server.tls before anything listens."""
+    cfg, cert, key = mtls_config(openbao, agent, upstream.url, tmp_path, cas)
+    cfg["server"]["tls"]["certificate"] = str(tmp_path / "missing.crt")
+    with pytest.raises(ConfigError) as caught:
+        build_app(config.parse(json.dumps(cfg), {}))
+    assert caught.value.path == "server.tls.certificate"
+    assert "missing.crt" in caught.value.message
+    cfg["server"]["tls"]["certificate"] = str(cert)
+    key.write_bytes(cas["server"].server_cert().key_pem())  # another certificate's key
+    with pytest.raises(ConfigError) as caught:
+        build_app(config.parse(json.dumps(cfg), {}))
+    assert caught.value.path == "server.tls"

@@ -130,6 +130,13 @@ def server_tls(settings: ListenerTLS, where: str, on_refused: OnRefused) -> Serv
         client_bundles={td: path.absolute() for td, path in settings.trust_bundles},
         client_auth=ClientAuth(settings.client_auth),
     )
+    named = [("certificate", files.certificate), ("key", files.key)]
+    named += [(f"trust_bundles.{td}", path) for td, path in files.client_bundles.items()]
+    for key, path in named:
+        try:
+            path.read_bytes()  # the ssl module's errors do not say which file
+        except OSError as exc:
+            raise ConfigError(f"{where}.{key}", f"cannot read {path}: {exc.strerror}") from None
     try:
         return ServerTLS(files, on_refused=on_refused)
     # ssl.SSLError is an OSError, spiffe.BundleError a ValueError.
