@@ -469,3 +469,35 @@ async def test_tls_files_that_cannot_be_read_stop_the_start(
     with pytest.raises(ConfigError) as caught:
         build_app(config.parse(json.dumps(cfg), {}))
     assert caught.value.path == "server.tls"
+
+
+async def test_trust_bundle_replaced_while_a_client_keeps_calling(
+    stack: MtlsStack, upstream: Upstream
+) -> None:
+    """example.org's bundle is replaced on disk, first by the old and a new CA, then by the
+    new CA alone: new handshakes follow each file (the old CA's SVIDs keep working while it
+    is in the bundle, then are refused), and nothing restarts."""
+    old = stack.cas["example"].svid("/agent")
+    renewed = SvidCA("example.org")
+    url = f"{stack.base}/r/r/v1/chat/completions"
+
+    async def call(client: Issued) -> int:
+        connector = aiohttp.TCPConnector(ssl=stack.context(client), force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            try:
+                return (await post(session, url))[0]
+            except aiohttp.ClientError:
+                return 0  # refused in the handshake
+
+    assert await call(old) == 200
+    assert await call(renewed.svid("/agent")) == 0
+    both = stack.cas["example"].bundle_pem() + renewed.bundle_pem()
+    (stack.tmp / "bundle.new").write_bytes(both)
+    (stack.tmp / "bundle.new").replace(stack.tmp / "example.json")
+    fresh = renewed.svid("/agent")
+    await eventually(lambda: call(fresh), "the new CA is not trusted", until=(200).__eq__)
+    assert await call(old) == 200  # both CAs in the bundle: the old SVIDs still work
+    (stack.tmp / "bundle.new").write_bytes(renewed.bundle_pem())
+    (stack.tmp / "bundle.new").replace(stack.tmp / "example.json")
+    await eventually(lambda: call(old), "the old CA is still trusted", until=(0).__eq__)
+    assert await call(fresh) == 200
