@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "config.routes",
                 "config.rotation",
                 "config.policies",
+                "config.limits",
             }
         ),
     ),
@@ -68,7 +69,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         ),
     ),
     # The shared limit store (Valkey/Redis or in-process): below the adapters that use it.
-    ("state", frozenset({"state", "state.store", "state.memory", "state.redis"})),
+    ("state", frozenset({"state", "state.store", "state.memory", "state.redis", "state.limits"})),
     # I/O adapters: Vault, the issuers, task tokens, upstream sessions, rotators, logs, metrics.
     (
         "I/O adapters",

@@ -190,8 +190,8 @@ EVIL_ROUTE = """\
     secret: {path: keyproxy/keys/openai}
     inject: [{header: Authorization, format: "Bearer {key}"}]"""
 ROUTE_KEYS = (
-    "allow_http, caller_credential, egress, forward_underscore_headers, inject, max_age, "
-    "max_body, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
+    "allow_http, caller_credential, egress, forward_underscore_headers, inject, limits, "
+    "max_age, max_body, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
 )
 
 
@@ -359,7 +359,7 @@ TEACHING = [
         "section-key",
         TEXT.replace("routes:", "route:"),
         "route: unknown key, did you mean routes? "
-        "(expected one of: identity, policies, routes, server, tokens, vault)",
+        "(expected one of: identity, policies, routes, server, state, tokens, vault)",
     ),
     (
         "vault-key",
@@ -392,7 +392,7 @@ TEACHING = [
         "policy-key",
         TEXT.replace("    subjects:", "    subject:"),
         f"{POLICY}.subject: unknown key, did you mean subjects? (expected one of: allow, "
-        "claims, issuers, max_ttl, name, source_cidrs, subjects)",
+        "claims, issuers, limits, max_ttl, name, source_cidrs, subjects)",
     ),
     (
         "policy-route",

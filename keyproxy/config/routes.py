@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from yarl import URL
 
+from keyproxy.config.limits import limits_config
 from keyproxy.config.model import (
     HEADER_NAME,
     HOP_BY_HOP,
     ROUTE_NAME,
     CallerCredential,
     Injection,
+    Limits,
     Route,
     Upstream,
 )
@@ -45,6 +47,7 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
             "owner",
             "rotation",
             "max_age",
+            "limits",
         }
     )
     inject = tuple(_injection(item) for item in required(node, f, "inject").sequence())
@@ -87,6 +90,7 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         owner=opt(f, "owner", Node.string, None),
         rotation=rotation,
         max_age=max_age,
+        limits=opt(f, "limits", lambda n: limits_config(n, f"route.{name}"), Limits()),
     )
 
 
