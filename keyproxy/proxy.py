@@ -1,4 +1,4 @@
-"""The request pipeline: route, authenticate, decide, key, build, forward, audit.
+"""The request pipeline: route, authenticate, decide, limit, key, build, forward, audit.
 
 `Proxy.handle` serves `/r/<route>/<path>` as a row of steps (drawn in docs/architecture.md),
 each taking what the ones before produced and returning its own result, or stopping the
@@ -12,6 +12,7 @@ error's reason and status); the error itself becomes its answer in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import time
@@ -24,7 +25,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from keyproxy import audit, paths, policy
+from keyproxy import audit, paths, policy, state
 from keyproxy import scope as scopes
 from keyproxy.addresses import IPAddress
 from keyproxy.answers import REQUEST_ID_KEY
@@ -37,6 +38,7 @@ from keyproxy.errors import (
     PayloadTooLarge,
     RequestError,
     RequestTimeout,
+    TooManyRequests,
     Unauthenticated,
     Unavailable,
 )
@@ -52,7 +54,10 @@ from keyproxy.headers import (
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered
 from keyproxy.metrics import Metrics
-from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
+from keyproxy.state.limits import RequestLimits, limit_name
+from keyproxy.state.limits import headers as ratelimit_headers
+from keyproxy.state.memory import MemoryStore
+from keyproxy.tokens import LEEWAY, TaskToken, TaskTokens, is_task_token
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
 
@@ -60,6 +65,8 @@ log = structlog.get_logger("keyproxy.proxy")
 
 ROUTE_PREFIX: Final = "/r/"
 CHUNK: Final = 64 * 1024
+_UNLIMITED: Final = state.Decision(())  # a request that touches no limit
+_NOTHING_HELD: Final = contextlib.nullcontext()
 
 
 # The steps' results are named tuples: as immutable as frozen dataclasses, and built in half
@@ -113,6 +120,8 @@ class Proxy:
         *,
         tasks: TaskTokens | None = None,
         metrics: Metrics | None = None,
+        store: state.StateStore | None = None,
+        exact_uses: bool = True,
     ) -> None:
         self.config = config
         self.verifier = verifier
@@ -120,6 +129,12 @@ class Proxy:
         self.sessions = sessions
         self.tasks = tasks
         self.metrics = metrics
+        # Where limits are counted. `exact_uses` is False when this process is one of several
+        # counting in its own memory: a token's max_uses would be multiplied, so such tokens
+        # are refused (docs/security.md).
+        self.store = store if store is not None else MemoryStore()
+        self.exact_uses = exact_uses
+        self.limits = RequestLimits(config)
         self._in_flight = 0
         # A 503 for a key Vault could not give says when to try again: the next refresh.
         self.retry_after = max(1, math.ceil(config.vault.refresh_interval))
@@ -159,29 +174,29 @@ class Proxy:
             )
             caller = await self._authenticate(credential)
             decision = self._decide(caller, route, request.method, segments, source)
-            self._spend(caller)
-            granted = True
-            key = self._key(route)
-            rendered = plan.injector.render(key.secret, key.version)
-            outgoing = await _outgoing(request, route, plan, path, raw_query, rendered, rid)
-            exchange = Exchange(plan.forwarder)
-            outcome = await exchange.send(request, outgoing, rendered, rid)
+            async with self._held(await self._limit(caller, route, decision)):
+                granted = True
+                key = self._key(route)
+                rendered = plan.injector.render(key.secret, key.version)
+                outgoing = await _outgoing(request, route, plan, path, raw_query, rendered, rid)
+                exchange = Exchange(plan.forwarder)
+                outcome = await exchange.send(request, outgoing, rendered, rid)
         except RequestError as exc:
-            ended = exc.reason, exc.status, False
+            ended = exc.reason, exc.status, False, exc.limit
             raise
         except asyncio.CancelledError:
-            ended = "client_disconnected", 499, True  # no answer will be sent
+            ended = "client_disconnected", 499, True, None  # no answer will be sent
             raise
         except Exception:  # a bug: the middleware answers it and logs the traceback
-            ended = "internal_error", 500, False
+            ended = "internal_error", 500, False, None
             raise
         else:
             response = outcome.response
-            ended = outcome.cut or decision.reason, response.status, True  # sent already
+            ended = outcome.cut or decision.reason, response.status, True, None  # sent already
         finally:
             self._in_flight -= 1
             elapsed = time.monotonic() - started
-            reason, status, sent = ended
+            reason, status, sent, limit = ended
             record = _record(
                 request,
                 path=path,
@@ -196,6 +211,7 @@ class Proxy:
                 reason=reason,
                 status=status,
                 elapsed=elapsed,
+                limit=limit,
             )
             if sent:
                 self._account(record, elapsed)
@@ -217,6 +233,8 @@ class Proxy:
             log.exception("audit_event_failed", route=record.route, path=record.path)
         if self.metrics is not None:
             self.metrics.request(record.route, record.status, record.decision, elapsed)
+            if record.limit is not None:
+                self.metrics.limit_refused(record.route, record.limit)
 
     def _route(self, raw_path: str) -> tuple[Route, str]:
         """The route named by the path's first segment, and the rest of the path."""
@@ -271,10 +289,56 @@ class Proxy:
             raise Forbidden(decided.reason, "no policy allows this request")
         return Decision(decided.policy, decided.reason)
 
-    def _spend(self, caller: Caller) -> None:
-        """Count one of the task token's uses."""
-        if caller.task is not None and self.tasks is not None and not self.tasks.use(caller.task):
-            raise Unauthenticated("token_exhausted", "this token has no uses left")
+    def _held(self, admitted: state.Decision) -> contextlib.AbstractAsyncContextManager[object]:
+        """The decision's concurrency slots, held until the answer has ended, however it
+        ends (the body of the `async with`)."""
+        return state.hold(self.store, admitted) if admitted.slots else _NOTHING_HELD
+
+    async def _limit(self, caller: Caller, route: Route, decision: Decision) -> state.Decision:
+        """One unit of every limit the request touches, taken at once in the state store: the
+        task token's max_uses, the route's limits and the allowing policy's."""
+        task = caller.task
+        uses = None
+        if task is not None and task.max_uses is not None:
+            if not self.exact_uses:
+                raise Unavailable(
+                    "max_uses_needs_shared_store",
+                    "tokens with max_uses need a shared state store (state.url) with --workers",
+                    limit="max_uses",
+                )
+            uses = task.max_uses, task.expires_at + LEEWAY - time.time()
+        elif not self.limits.limited(route.name, decision.policy):
+            return _UNLIMITED
+        limits = self.limits.of(
+            route.name,
+            decision.policy,
+            caller.identity,
+            task.task if task is not None else None,
+            caller.token_id,
+            uses,
+        )
+        if not limits:
+            return _UNLIMITED
+        admitted = await self.store.take(limits)
+        refused = admitted.refused_by
+        if refused is None:
+            return admitted
+        name = limit_name(refused.limit)
+        if refused.store_error:
+            raise Unavailable(
+                "state_store_unavailable",
+                f"the limit {name} cannot be checked now: the state store is unavailable",
+                retry_after=admitted.retry_after,
+                limit=name,
+            )
+        if isinstance(refused.limit, state.Counter):
+            raise Unauthenticated("token_exhausted", "this token has no uses left", limit=name)
+        raise TooManyRequests(
+            refused.reason,
+            f"the limit {name} allows no more requests now",
+            headers=ratelimit_headers(admitted),
+            limit=name,
+        )
 
     def _key(self, route: Route) -> KeyVersion:
         """The route's key, or a 503 that says when to try again."""
@@ -299,6 +363,7 @@ def _record(
     reason: str,
     status: int,
     elapsed: float,
+    limit: str | None,
 ) -> audit.RequestRecord:
     """The request's audit event, from what its steps produced (None: not reached) and how
     it ended."""
@@ -324,6 +389,7 @@ def _record(
         status,
         exchange.upstream_status if exchange is not None else None,  # upstream_status
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
+        limit,
     )
 
 

@@ -261,6 +261,7 @@ class RequestRecord:
     status: int = 0
     upstream_status: int | None = None
     duration_ms: float = 0.0
+    limit: str | None = None  # the configured limit that refused the request
 
 
 _log = structlog.get_logger("keyproxy.audit")

@@ -178,21 +178,38 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("keyproxy: --workers must be at least 1", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG
+    if args.workers > 1 and cfg.limited and cfg.state is None:
+        # Invariant 10: each worker would count in its own memory, multiplying every limit.
+        print(  # noqa: T201
+            f"keyproxy: --workers {args.workers} with rate limits or concurrency caps needs a "
+            "shared state store: set state.url to a Valkey/Redis server (docs/operations.md), "
+            "or serve with --workers 1",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if args.worker or args.workers == 1:
-        return _serve_one(cfg, host, port, args.shutdown_timeout, worker=args.worker)
+        return _serve_one(
+            cfg, host, port, args.shutdown_timeout, worker=args.worker, processes=args.workers
+        )
     if port == 0:
         print("keyproxy: --workers needs a fixed --port", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG
     argv = [sys.executable, "-m", "keyproxy.cli", "serve", "-c", args.config]
-    argv += ["--host", host, "--port", str(port), "--worker"]
+    argv += ["--host", host, "--port", str(port), "--worker", "--workers", str(args.workers)]
     argv += ["--admin-port", str(cfg.server.admin.port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout)]
     audit.configure()
     return _Supervisor(argv, args.workers, args.shutdown_timeout).run()
 
 
-def _serve_one(
-    cfg: config.Config, host: str, port: int, shutdown_timeout: float, *, worker: bool
+def _serve_one(  # the serve options, passed on
+    cfg: config.Config,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    *,
+    worker: bool,
+    processes: int,
 ) -> int:
     """Serve in this process until SIGTERM/SIGINT, then let in-flight requests finish."""
     from keyproxy.server import listen as server  # noqa: PLC0415  # keeps `check` free of server imports
@@ -210,6 +227,7 @@ def _serve_one(
             port,
             shutdown_timeout=shutdown_timeout,
             reuse_port=worker,
+            processes=processes,
             on_start=_stop_with_parent if worker else lambda: None,
         )
     )

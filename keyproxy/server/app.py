@@ -1,8 +1,9 @@
 """Assemble the aiohttp applications for one configuration: the agents' and the admin one.
 
 Everything with a lifetime (the Vault client and its token upkeep, the key cache and its
-refresh loop, the shared client session for JWKS, the upstream sessions) is created in the
-agents' app's `cleanup_ctx` and torn down with it: no task outlives it.
+refresh loop, the shared client session for JWKS, the upstream sessions, the state store's
+connections) is created in the agents' app's `cleanup_ctx` and torn down with it: no task
+outlives it.
 
 `build_app` (the proxy port, open to agents):
 
@@ -16,7 +17,8 @@ agents' app's `cleanup_ctx` and torn down with it: no task outlives it.
     /metrics            Prometheus metrics (keyproxy.metrics)
     /healthz            liveness
     /readyz             readiness in detail: Vault reachable, and per route the key's secret
-                        path, version, fingerprint, age and last error
+                        path, version, fingerprint, age and last error; the state store
+                        reachable (reported, not required: see `_readyz`)
 
 SECURITY: secret paths, key fingerprints and read counts tell an attacker what to aim at, so
 only the admin listener shows them. Every answer names keyproxy as its `Server`, never the
@@ -42,6 +44,9 @@ from keyproxy.config import Config
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy
+from keyproxy.state import StateStore
+from keyproxy.state.memory import MemoryStore
+from keyproxy.state.redis import RedisStore
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
@@ -52,6 +57,8 @@ KEYS: Final = web.AppKey("keys", KeyCache)
 PROXY: Final = web.AppKey("proxy", Proxy)
 BROKER: Final = web.AppKey("broker", Broker)
 METRICS: Final = web.AppKey("metrics", Metrics)
+STORE: Final = web.AppKey("store", StateStore)
+PROCESSES: Final = web.AppKey("processes", int)  # how many serve the port (--workers)
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
 SERVER_NAME: Final = "keyproxy"
 
@@ -60,7 +67,9 @@ log = structlog.get_logger("keyproxy.app")
 YOUNG_GC_THRESHOLD = 7000  # allocations between passes of the cyclic collector (default 700)
 
 
-def build_app(config: Config) -> web.Application:
+def build_app(config: Config, processes: int = 1) -> web.Application:
+    """The agents' app; `processes` is how many processes serve this port together (with
+    more than one and no `state.url`, limits could not be exact: see `_store`)."""
     # Request bodies are forwarded as sent: decompressing them would change what the upstream
     # receives and make max_body count the wrong bytes.
     app = web.Application(
@@ -68,6 +77,7 @@ def build_app(config: Config) -> web.Application:
         middlewares=[answers.middleware],
     )
     app[CONFIG] = config
+    app[PROCESSES] = processes
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
     app.router.add_get("/healthz", _healthz)
@@ -110,8 +120,21 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     verifier = IdentityVerifier(config.identity, client, rejected_types={TASK_TOKEN_TYPE})
     tasks = TaskTokens(config, vault)
     metrics = Metrics(keys.status)
-    app[VAULT], app[KEYS], app[METRICS] = vault, keys, metrics
-    app[PROXY] = Proxy(config, verifier, keys, upstreams, tasks=tasks, metrics=metrics)
+    store = _store(config)
+    metrics.watch_store(store.stats)
+    app[VAULT], app[KEYS], app[METRICS], app[STORE] = vault, keys, metrics, store
+    app[PROXY] = Proxy(
+        config,
+        verifier,
+        keys,
+        upstreams,
+        tasks=tasks,
+        metrics=metrics,
+        store=store,
+        # Counted in this process's memory, a token's uses are exact only if no other
+        # process serves the port.
+        exact_uses=config.state is not None or app[PROCESSES] == 1,
+    )
     app[BROKER] = Broker(config, verifier, tasks, metrics)
     background: list[asyncio.Task[None]] = []
     tuned = False
@@ -144,7 +167,14 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await verifier.aclose()
         await upstreams.close()
         await client.close()
+        await store.close()
         vault.close()
+
+
+def _store(config: Config) -> StateStore:
+    """Where limits are counted: Valkey/Redis with `state.url`, else this process's memory.
+    The Redis client connects on first use, so an unreachable store never stops the start."""
+    return RedisStore(config.state) if config.state is not None else MemoryStore()
 
 
 class _Collector:
@@ -224,9 +254,17 @@ async def _ready(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """Vault and the keys decide readiness; the state store is reported beside them. Every
+    replica shares the store, so an outage would take every one out of service at once, also
+    for unlimited routes and `on_store_error: allow` limits, which keep working."""
     served = request.app[SERVED]
     keys = served[KEYS]
-    vault_ok = await served[VAULT].healthy()
+    vault_ok, store = await asyncio.gather(served[VAULT].healthy(), served[STORE].check())
     ready = vault_ok and keys.ready()
-    body = {"ready": ready, "vault": vault_ok, "keys": keys.status()}
+    body = {
+        "ready": ready,
+        "vault": vault_ok,
+        "state_store": {"ok": store.ok, "detail": store.detail},
+        "keys": keys.status(),
+    }
     return web.json_response(body, status=200 if ready else 503)

@@ -308,6 +308,7 @@ async def serve(
     *,
     shutdown_timeout: float,
     reuse_port: bool = False,
+    processes: int = 1,
     on_start: Callable[[], None] = lambda: None,
 ) -> None:
     """Run the proxy (host:port) and the admin listener (`server.admin`) until SIGTERM or
@@ -318,7 +319,7 @@ async def serve(
         loop.add_signal_handler(sig, _stopping, sig, stop)
     loop.add_signal_handler(signal.SIGHUP, _hangup)
     on_start()
-    app = build_app(config)
+    app = build_app(config, processes)
     limits = Limits.of(config.server)
     admin = config.server.admin
     runner, bound = await start(
