@@ -276,6 +276,10 @@ async def start(
         app,
         guard,
         access_log=None,  # the audit event is the access log
+        # A caller that goes away ends its request at once: otherwise a stream whose upstream
+        # is silent would hold its upstream connection and its concurrency slot until the
+        # read timeout. The proxy's handler is written to be cancelled (client_disconnected).
+        handler_cancellation=True,
         keepalive_timeout=limits.keepalive_timeout,
         shutdown_timeout=shutdown_timeout,
     )
