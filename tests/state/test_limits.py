@@ -11,53 +11,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from tests.state.conftest import Gated
 from tests.state.servers import RedisServer, until
-from tests.support import CANARIES, Stack, Upstream, bearer, new_key, running_proxy, serve
+from tests.support import CANARIES, Stack, Upstream, bearer, new_key, running_proxy
 from tests.test_proxy import audit_events, new_request_id
 
 ANY = {"methods": ["GET", "POST"], "paths": ["/**"]}
-
-
-class Gated:
-    """An upstream whose /stream sends one event, then waits for `gate` before ending."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.port = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/stream", self._stream)
-        return app
-
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: first\n\n")
-        await self.gate.wait()
-        await response.write_eof()
-        return response
-
-
-@pytest.fixture
-async def gated() -> AsyncIterator[Gated]:
-    """The gated streaming upstream on 127.0.0.1."""
-    upstream = Gated()
-    runner, upstream.port = await serve(upstream.app())
-    try:
-        yield upstream
-    finally:
-        upstream.gate.set()
-        await runner.cleanup()
 
 
 @pytest.fixture(scope="module")
