@@ -119,6 +119,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.status",
                 "demo",
                 "devserver",
+                "storeserver",
             }
         ),
     ),
