@@ -6,12 +6,18 @@ the same code gives the same count to within about 1%. It counts user-space inst
 only (no system calls, no cache misses), so it ranks changes to the per-request work; the
 wall-clock table of `bench/run.py` stays the measure of the result.
 
-    .venv/bin/python bench/instructions.py [--seconds 12] [--compare DIR] [--body large]
+    .venv/bin/python bench/instructions.py [--seconds 12] [--compare DIR ...] [--body large]
+                                           [--routes 1000]
 
 Each proxy runs under `valgrind --tool=callgrind` with counting off, is warmed up by 5 s of
 wrk at c=1 on the answer (`--body`: the small JSON, or the 64 KiB one of bench/run.py), then
 counted over `--seconds` more (its main thread only: the key refresh runs in executor
-threads). valgrind is installed from Debian's packages if missing.
+threads), less what it counts in 6 s without requests (per second of the loaded run): the
+key index and revocation polls would otherwise be shared by fewer requests in a slower run.
+`--compare` may be given several times: each patched copy runs as
+`keyproxy-compare-<its directory's name>`, one after the other in the same set-up.
+`--routes` configures that many routes and policies (bench/run.py's routes phase).
+valgrind is installed from Debian's packages if missing.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # the benchmark's own set-up, reused
 
 WARM_UP_S = 5
+IDLE_S = 6  # seconds counted without requests
 
 
 def _valgrind() -> None:
@@ -55,13 +62,25 @@ def _callgrind_control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def _main_thread_instructions(out: Path) -> int:
-    """The largest thread's count in the dump (`--separate-threads`: one file per thread)."""
-    counts = [0]
-    for path in out.parent.glob(out.name + "*"):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        counts += [int(m) for m in re.findall(r"^(?:summary|totals):\s+(\d+)", text, re.M)]
-    return max(counts)
+def _main_thread_instructions(out: Path, dump: int) -> int:
+    """The main thread's count in dump number `dump` (`--separate-threads`: one file per
+    thread, `<out>.<dump>-<thread>`, the main thread's `-01`). Its `totals` line: the
+    `summary` line of a second dump can be garbage (2**64 less a few million)."""
+    path = out.parent / f"{out.name}.{dump}-01"
+    if not path.exists():
+        return 0
+    found = re.search(r"^totals:\s+(\d+)", path.read_text(encoding="utf-8", errors="replace"), re.M)
+    return int(found.group(1)) if found else 0
+
+
+def _dumped(pid: int, out: Path, dump: int, name: str) -> int:
+    _callgrind_control(pid, "--dump")
+    deadline = time.monotonic() + 60
+    while not (count := _main_thread_instructions(out, dump)):  # the dump is written meanwhile
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no callgrind dump from {name}")
+        time.sleep(0.2)  # polling interval of a bounded wait
+    return count
 
 
 def _count(
@@ -94,23 +113,32 @@ def _count(
     cand = bench.Candidate(name, base, "/r/bench", token_file, proc.pid)
     bench.wrk(procs, wrk, cand, path=path, conc=1, seconds=WARM_UP_S)
     _callgrind_control(proc.pid, "--instr=on")
+    # What the process does without requests (key index and revocation polls, timers).
+    started = time.monotonic()
+    time.sleep(IDLE_S)
+    idle = _dumped(proc.pid, out, 1, name) / (time.monotonic() - started)
+    started = time.monotonic()
     run = bench.wrk(procs, wrk, cand, path=path, conc=1, seconds=seconds)
     _callgrind_control(proc.pid, "--instr=off")
-    _callgrind_control(proc.pid, "--dump")
-    deadline = time.monotonic() + 60
-    while not (count := _main_thread_instructions(out)):  # the dump is written meanwhile
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no callgrind dump from {name}")
-        time.sleep(0.2)  # polling interval of a bounded wait
+    loaded_for = time.monotonic() - started
+    count = _dumped(proc.pid, out, 2, name)
     procs.stop(proc)
     requests = int(run["requests"])
     row: dict[str, object] = {"candidate": name, "requests": requests, "instructions": count}
-    row["per_request"] = round(count / max(requests, 1))
+    row["idle_per_s"] = round(idle)
+    row["raw_per_request"] = round(count / max(requests, 1))
+    row["per_request"] = round((count - idle * loaded_for) / max(requests, 1))
     print(json.dumps(row), flush=True)
     return row
 
 
-def measure(compare: Path | None, seconds: float, body: str = "small") -> list[dict[str, object]]:
+def measure(
+    compare: list[Path],
+    seconds: float,
+    body: str = "small",
+    routes: int = 10,
+    keep: Path | None = None,
+) -> list[dict[str, object]]:
     _valgrind()
     tools = bench.ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-instructions-"))
@@ -123,7 +151,7 @@ def measure(compare: Path | None, seconds: float, body: str = "small") -> list[d
         agent = bao.add_agent("bench-agent")
         key = "sk-bench-" + secrets.token_urlsafe(24)
         bao.put_key("keyproxy/keys/bench", key)
-        bench._put_keys(bao, 9)  # the same ten routes as the main phase
+        bench._put_keys(bao, routes - 1)  # ten routes: the same as the main phase
         key_file = bench._write_private(workdir / "key", key)
         token_file = bench._write_private(workdir / "token", bao.agent_token(agent))
         (workdir / "nginx-tmp").mkdir()
@@ -159,11 +187,11 @@ def measure(compare: Path | None, seconds: float, body: str = "small") -> list[d
         mini_port = bench._free_port()
         mini = [sys.executable, str(bench.BENCH / "minimal_proxy.py"), str(mini_port)]
         results = [count("minimal-aiohttp", [*mini, upstream, str(key_file)], mini_port, clean_env)]
-        for name, source in [("keyproxy", None), ("keyproxy-compare", compare)]:
-            if name == "keyproxy-compare" and source is None:
-                continue
+        candidates: list[tuple[str, Path | None]] = [("keyproxy", None)]
+        candidates += [(f"keyproxy-compare-{source.resolve().name}", source) for source in compare]
+        for name, source in candidates:
             path = workdir / f"{name}.yaml"
-            config = bench.keyproxy_config(bao, setup, agent, upstream, 10)
+            config = bench.keyproxy_config(bao, setup, agent, upstream, routes)
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
             kp_port = bench._free_port()
             argv = [
@@ -181,6 +209,10 @@ def measure(compare: Path | None, seconds: float, body: str = "small") -> list[d
     finally:
         procs.stop_all()
         bao.stop()
+        if keep is not None:  # for callgrind_annotate
+            keep.mkdir(parents=True, exist_ok=True)
+            for dump in workdir.glob("callgrind.*"):
+                shutil.copy(dump, keep)
         shutil.rmtree(workdir, ignore_errors=True)
     return results
 
@@ -188,10 +220,18 @@ def measure(compare: Path | None, seconds: float, body: str = "small") -> list[d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=12)
-    parser.add_argument("--compare", type=Path, help="a directory holding a patched keyproxy/")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="a directory holding a patched keyproxy/ (may be repeated)",
+    )
     parser.add_argument("--body", choices=["small", "large"], default="small")
+    parser.add_argument("--routes", type=int, default=10)
+    parser.add_argument("--keep", type=Path, help="copy the callgrind dumps into this directory")
     args = parser.parse_args()
-    results = measure(args.compare, args.seconds, args.body)
+    results = measure(args.compare, args.seconds, args.body, args.routes, args.keep)
     minimal = float(str(results[0]["per_request"]))
     print("\n| candidate | requests counted | instructions per request | x minimal |")
     print("|---|---:|---:|---:|")

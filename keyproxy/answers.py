@@ -1,6 +1,9 @@
-"""The one place an error becomes an HTTP answer: `middleware`, through `error_response`.
+"""The one place an error becomes an HTTP answer: `answering`, through `error_response`.
 
-Handlers (the proxy's, the broker's, the admin endpoints') raise; the middleware answers. A
+Handlers (the proxy's, the broker's, the admin endpoints') raise; each is registered wrapped
+in `answering`, which answers. (It does what an aiohttp middleware would, without aiohttp's
+machinery around one: a middleware cost 11,500 instructions per request, 1.4%, where this
+wrapper's cost does not show; bench/instructions.py --compare, docs/performance.md.) A
 `RequestError` is answered with its status, every other exception (a bug) with a 500
 `internal_error` and no details, its traceback kept in the scrubbed log. aiohttp's own
 `HTTPException`s (an unknown path, a method not allowed) stay aiohttp's.
@@ -43,19 +46,22 @@ def error_response(exc: RequestError, request_id: str | None = None) -> web.Resp
     )
 
 
-@web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error a handler raises, answered."""
-    try:
-        return await handler(request)
-    except RequestError as exc:
-        return error_response(exc, request.get(REQUEST_ID_KEY))
-    except web.HTTPException:
-        raise
-    except Exception:
-        # A bug, not a decision: answer without details (they could name a secret) and keep
-        # the traceback in our scrubbed log rather than aiohttp's. The path is without its
-        # query, which can carry a credential.
-        log.exception("request_failed", path=request.raw_path.partition("?")[0])
-        internal = InternalError("internal_error", "internal error")
-        return error_response(internal, request.get(REQUEST_ID_KEY))
+def answering(handler: Handler) -> Handler:
+    """`handler`, with every error it raises answered."""
+
+    async def answered(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            return error_response(exc, request.get(REQUEST_ID_KEY))
+        except web.HTTPException:
+            raise
+        except Exception:
+            # A bug, not a decision: answer without details (they could name a secret) and
+            # keep the traceback in our scrubbed log rather than aiohttp's. The path is
+            # without its query, which can carry a credential.
+            log.exception("request_failed", path=request.raw_path.partition("?")[0])
+            internal = InternalError("internal_error", "internal error")
+            return error_response(internal, request.get(REQUEST_ID_KEY))
+
+    return answered

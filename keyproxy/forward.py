@@ -10,7 +10,6 @@ look complete) and the `Outcome` says why.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator, Iterable
 from typing import Final, NamedTuple
 
@@ -216,7 +215,6 @@ def _literal_denial(route: Route) -> EgressDenied | None:
     return None
 
 
-@functools.lru_cache(maxsize=64)
 def _content_coding(value: str) -> str:
     """A Content-Encoding value as compared with DECODED_ENCODINGS."""
     coding = value.strip().lower()

@@ -15,7 +15,6 @@ sent. Pure: no I/O.
 
 from __future__ import annotations
 
-import functools
 import re
 import unicodedata
 
@@ -35,7 +34,6 @@ _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _PLAIN = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]*)+")
 
 
-@functools.lru_cache(maxsize=1024)  # agents repeat their paths; refusals are not remembered
 def normalise_encoded(raw: str) -> tuple[tuple[str, ...], str]:
     """`normalise(raw)` and `encode` of the result: the segments policy checks and the exact
     path sent upstream for them."""

@@ -144,7 +144,8 @@ class PolicySet:
         }
 
         # A decision depends on nothing but these facts, so it is remembered: a caller
-        # repeating a request is answered with one dict look-up.
+        # repeating a request is answered with one dict look-up. Buys 42,900 instructions
+        # per request (5.2%, bench/instructions.py --compare).
         self._claim_names = tuple(sorted({name for p in self.policies for name, _ in p.claims}))
         # Without source_cidrs in any policy the source decides nothing (and an address
         # object hashes in Python, not C).
@@ -266,6 +267,8 @@ def client_address(
     return address
 
 
+# Buys 26,800 instructions per request (3.2%, bench/instructions.py --compare): ipaddress
+# parses in Python.
 @functools.lru_cache(maxsize=4096)
 def peer_address(peer: str) -> tuple[IPAddress, str]:
     """A TCP peer's address and its text, parsed once per peer (callers reconnect from the

@@ -6,14 +6,13 @@ request by raising a `RequestError`; forwarding is `keyproxy.forward`'s. Nothing
 upstream until every check has passed. The request's one audit event is built once, at the
 end, from those results and how the request ended (the forwarding step's `Outcome`, or the
 error's reason and status); the error itself becomes its answer in
-`keyproxy.answers.middleware`.
+`keyproxy.answers.answering`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -135,7 +134,6 @@ class Proxy:
         self.store = store if store is not None else MemoryStore()
         self.exact_uses = exact_uses
         self.limits = RequestLimits(config)
-        self._in_flight = 0
         # A 503 for a key Vault could not give says when to try again: the next refresh.
         self.retry_after = max(1, math.ceil(config.vault.refresh_interval))
         # Indexed once: a decision reads only the policies naming the caller, however many
@@ -163,7 +161,6 @@ class Proxy:
         granted = False
         key: KeyVersion | None = None
         exchange: Exchange | None = None
-        self._in_flight += 1
         try:
             route, tail = self._route(raw_path)
             segments, path = paths.normalise_encoded(tail)
@@ -187,14 +184,13 @@ class Proxy:
         except asyncio.CancelledError:
             ended = "client_disconnected", 499, True, None  # no answer will be sent
             raise
-        except Exception:  # a bug: the middleware answers it and logs the traceback
+        except Exception:  # a bug: answers.answering answers it and logs the traceback
             ended = "internal_error", 500, False, None
             raise
         else:
             response = outcome.response
             ended = outcome.cut or decision.reason, response.status, True, None  # sent already
         finally:
-            self._in_flight -= 1
             elapsed = time.monotonic() - started
             reason, status, sent, limit = ended
             record = _record(
@@ -216,7 +212,7 @@ class Proxy:
             if sent:
                 self._account(record, elapsed)
             else:
-                # The error's answer (the middleware's, with this id) is sent after this step:
+                # The error's answer (answers.answering's, with this id) is sent after this step:
                 # the caller does not wait for its own audit event (call_soon keeps this
                 # request's log context).
                 request[REQUEST_ID_KEY] = rid
@@ -225,9 +221,7 @@ class Proxy:
 
     def _account(self, record: audit.RequestRecord, elapsed: float) -> None:
         try:
-            # With no request in flight the loop has nothing else to do: the line is written
-            # now rather than on a timer that would fire in the middle of the next request.
-            audit.emit(record, now=not self._in_flight)
+            audit.emit(record)
         except Exception:
             # An event that cannot be written does not fail the request or the process.
             log.exception("audit_event_failed", route=record.route, path=record.path)
@@ -451,10 +445,4 @@ def _upstream_url(
         ]
         query = "&".join([*kept, rendered.query])
     text = f"{route.upstream.origin}{path}" + (f"?{query}" if query else "")
-    # Remembered only without a key in it: no key outlives its version in a cache.
-    return URL(text, encoded=True) if rendered.query else _url(text)
-
-
-@functools.lru_cache(maxsize=1024)
-def _url(text: str) -> URL:
     return URL(text, encoded=True)

@@ -1,4 +1,4 @@
-"""The one error path: keyproxy.answers.middleware answers whatever a handler raises."""
+"""The one error path: keyproxy.answers.answering answers whatever a handler raises."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ async def _missing(_: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def base() -> AsyncIterator[str]:
-    app = web.Application(middlewares=[answers.middleware])
+    app = web.Application()
     for path, handler in [
         ("/refused", _refused),
         ("/unauthenticated", _unauthenticated),
@@ -49,7 +49,7 @@ async def base() -> AsyncIterator[str]:
         ("/bug", _bug),
         ("/missing", _missing),
     ]:
-        app.router.add_get(path, handler)
+        app.router.add_get(path, answers.answering(handler))
     runner, port = await serve(app)
     try:
         yield f"http://127.0.0.1:{port}"

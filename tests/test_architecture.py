@@ -123,7 +123,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             }
         ),
     ),
-    ("server", frozenset({"server", "server.app", "server.listen"})),
+    ("server", frozenset({"server", "server.app", "server.listen", "server.collector"})),
     (
         "cli",
         frozenset(

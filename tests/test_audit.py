@@ -13,8 +13,9 @@ import time
 import pytest
 import structlog
 import structlog.testing
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from keyproxy import audit, redact, secret
+from keyproxy import audit, headers, redact, secret
 from keyproxy.secret import REDACTED, Secret
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLWJ5dGVz"
@@ -188,17 +189,32 @@ def test_a_record_with_other_text_is_written_in_ascii_as_the_chain_writes_it() -
     assert second["subject"] == "agent-ü中"
 
 
-async def _written(stream: _CountingStream) -> None:
-    """Until the stream has had a write (the flush FLUSH_DELAY after the first line)."""
+async def _written(stream: _CountingStream, writes: int) -> None:
+    """Until the stream has had `writes` writes (the flush FLUSH_DELAY after a write)."""
     deadline = time.monotonic() + 5
-    while not stream.writes:
+    while stream.writes < writes:
         assert time.monotonic() < deadline, "the lines were never written"
         await asyncio.sleep(audit.FLUSH_DELAY)  # polling interval of a bounded wait
 
 
-async def test_events_inside_an_event_loop_are_written_together() -> None:
-    """Inside an event loop, lines wait FLUSH_DELAY, not just for the end of the turn, and
-    then go out in one write, in order."""
+async def test_a_line_after_a_quiet_moment_is_written_at_once() -> None:
+    """A line written when the stream has had no write for FLUSH_DELAY goes out at once,
+    inside an event loop too: a lone request's event is not held back."""
+    stream = _CountingStream()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        audit.emit(_record(1))
+        assert stream.writes == 1
+        assert json.loads(stream.getvalue())["path"] == "/v1/models/1"
+    finally:
+        structlog.configure(**previous)
+
+
+async def test_events_after_a_write_are_written_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside an event loop, lines that follow a write within FLUSH_DELAY wait for the end
+    of it, not just for the end of the turn, and then go out in one write, in order."""
+    monkeypatch.setattr(audit, "FLUSH_DELAY", 0.5)  # longer than the loaded machine's hiccups
     stream = _CountingStream()
     previous = structlog.get_config()
     audit.configure(stream)
@@ -208,33 +224,18 @@ async def test_events_inside_an_event_loop_are_written_together() -> None:
         await asyncio.sleep(0)  # the end of this turn of the loop
         for n in range(25, 50):
             audit.emit(_record(n))
-        assert stream.writes == 0
-        await _written(stream)
-        assert stream.writes == 1
+        assert stream.writes == 1  # the first line only
+        await _written(stream, 2)
+        assert stream.writes == 2
         paths = [json.loads(line)["path"] for line in stream.getvalue().splitlines()]
         assert paths == [f"/v1/models/{n}" for n in range(50)]
     finally:
         structlog.configure(**previous)
 
 
-async def test_an_event_emitted_now_goes_out_at_once_with_those_waiting() -> None:
-    """`now` (the proxy has no request in flight) writes at once, waiting lines first, in
-    one write."""
-    stream = _CountingStream()
-    previous = structlog.get_config()
-    audit.configure(stream)
-    try:
-        audit.emit(_record(1))
-        audit.emit(_record(2), now=True)
-        assert stream.writes == 1
-        paths = [json.loads(line)["path"] for line in stream.getvalue().splitlines()]
-        assert paths == ["/v1/models/1", "/v1/models/2"]
-    finally:
-        structlog.configure(**previous)
-
-
 def test_a_record_found_clean_is_scrubbed_after_its_secret_is_registered() -> None:
-    """The memory of clean records is per set of secrets, as the memory of clean texts is."""
+    """The memory of clean records is per set of secrets: a new secret is found in a record
+    remembered clean before."""
     stream = io.StringIO()
     previous = structlog.get_config()
     audit.configure(stream)
@@ -303,19 +304,23 @@ def test_what_orjson_refuses_is_still_written() -> None:
     assert event["subject"] == "agent-\ud800"
 
 
-async def test_lines_logged_while_a_write_is_due_share_it() -> None:
+async def test_lines_logged_while_a_write_is_due_share_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Inside an event loop, lines logged while a flush is already scheduled join it: one
     write for all of them."""
+    monkeypatch.setattr(audit, "FLUSH_DELAY", 0.5)  # longer than the loaded machine's hiccups
     stream = _CountingStream()
     previous = structlog.get_config()
     audit.configure(stream)
     try:
         audit.emit(_record(0))
-        for n in range(1, 5):
+        audit.emit(_record(1))  # the flush for it is scheduled
+        for n in range(2, 5):
             audit.emit(_record(n))
-        assert stream.writes == 0
-        await _written(stream)
         assert stream.writes == 1
+        await _written(stream, 2)
+        assert stream.writes == 2
         assert len(stream.getvalue().splitlines()) == 5
     finally:
         structlog.configure(**previous)
@@ -397,6 +402,30 @@ def test_a_request_id_holding_a_secret_is_scrubbed_in_a_record_found_clean() -> 
         structlog.configure(**previous)
     ids = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
     assert ids == ["req-1", f"x{REDACTED}", "req-2"]
+
+
+def test_a_callers_id_shaped_like_a_generated_one_is_still_scrubbed() -> None:
+    """Only an id keyproxy generated skips the scrubber: a caller's id of 32 hex digits (as
+    generated ones are) that is a key is redacted."""
+    key = secrets.token_hex(16)
+    secret.register(key)
+    sent = headers.request_id(CIMultiDictProxy(CIMultiDict({headers.REQUEST_ID: key})))
+    made = headers.request_id(CIMultiDictProxy(CIMultiDict()))
+    assert sent == key
+    assert type(sent) is str
+    assert type(made) is headers.GeneratedId
+    stream = io.StringIO()
+    previous = structlog.get_config()
+    audit.configure(stream)
+    try:
+        for request_id in (sent, made):
+            record = _record()
+            record.request_id = request_id
+            audit.emit(record)
+    finally:
+        structlog.configure(**previous)
+    ids = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
+    assert ids == [REDACTED, made]
 
 
 class _Terminal(io.StringIO):

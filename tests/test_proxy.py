@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from keyproxy.server.app import YOUNG_GC_THRESHOLD
+from keyproxy.server.collector import YOUNG_GC_THRESHOLD
 from tests.support import (
     BIG_BYTES,
     CANARIES,

@@ -6,9 +6,10 @@
 `RequestRecord` collects the fields of one request as the pipeline learns them (invariant 9)
 and `emit()` writes them as a single `request` event. That event is on every request's path,
 so `emit()` runs the same steps as the processor chain below without structlog's per-call
-machinery (a test holds the two outputs equal), and inside an event loop lines wait up to
-FLUSH_DELAY (1 ms) and go out together: a burst of requests costs one write system call,
-not one each. The proxy asks for its lines at once (`now`) when no request is in flight.
+machinery (a test holds the two outputs equal). A line is written at once unless the stream
+had a write less than FLUSH_DELAY (1 ms) ago; inside an event loop it then waits for the end
+of that delay and goes out with the others of it: a burst of requests costs one write system
+call, not one each, and a lone request's line is not held back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
+import datetime
 import json
 import logging
 import operator
@@ -30,6 +32,7 @@ import orjson
 import structlog
 
 from keyproxy import redact
+from keyproxy.headers import GeneratedId
 from keyproxy.redact import scrub_secrets
 
 
@@ -62,30 +65,33 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 class _Sink:
-    """The audit stream, as structlog's logger. Inside an event loop, lines are kept and
-    written together FLUSH_DELAY later, in one write and one flush (stdout is often
-    unbuffered: PYTHONUNBUFFERED in containers). Outside one (the CLI, executor threads) a
-    line is written at once, after any that were waiting."""
+    """The audit stream, as structlog's logger. A line is written at once when the stream
+    has had no write for FLUSH_DELAY. Otherwise, inside an event loop, it is kept and
+    written with every line that comes meanwhile when that delay is over, in one write and
+    one flush (stdout is often unbuffered: PYTHONUNBUFFERED in containers). Outside one (the
+    CLI, executor threads) a line is written at once, after any that were waiting."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()  # Vault calls log from executor threads
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None
+        self._quiet_until = 0.0  # monotonic time FLUSH_DELAY after the last write
 
     def msg(self, message: str) -> None:
         self.line(message)
 
-    def line(self, message: str, *, now: bool = False) -> None:
-        """Keep `message` for the shared write, or with `now` write it and all waiting."""
-        loop = None if now else _running_loop()
+    def line(self, message: str) -> None:
+        """Write `message` (after any waiting) now, or keep it for the shared write."""
+        loop = _running_loop()
         with self._lock:
             self._pending.append(message)
-            if loop is None:
+            wait = self._quiet_until - time.monotonic()
+            if loop is None or wait <= 0:
                 self._write_pending()
             elif self._flush_on is not loop:  # else the flush already scheduled writes it
                 self._flush_on = loop
-                loop.call_later(FLUSH_DELAY, self.flush)
+                loop.call_later(wait, self.flush)
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -98,6 +104,7 @@ class _Sink:
         lines, self._pending, self._flush_on = self._pending, [], None
         if not lines or self._stream.closed:
             return
+        self._quiet_until = time.monotonic() + FLUSH_DELAY
         try:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
@@ -267,16 +274,9 @@ class RequestRecord:
 _log = structlog.get_logger("keyproxy.audit")
 
 
-_second: list[Any] = [None, ""]  # the second last formatted, and its text
-
-
 def _timestamp() -> str:
-    """Now in UTC as TimeStamper(fmt="iso", utc=True) writes it, formatting the date and time
-    of day once per second."""
-    second, micros = divmod(time.time_ns() // 1000, 1_000_000)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{micros:06d}Z"
+    """Now in UTC as TimeStamper(fmt="iso", utc=True) writes it (always with microseconds)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 _NAMES = tuple(f.name for f in dataclasses.fields(RequestRecord))
@@ -300,9 +300,8 @@ _FIELDS = frozenset(_NAMES) | {"event"}
 _RECORD_TEXTS_MAX = 1024  # characters: records with longer texts are scanned every time
 
 
-def emit(record: RequestRecord, *, now: bool = False) -> None:
-    """Write the request's audit event (at `warning` for a refusal, else `info`); with `now`,
-    at once, with any lines waiting (the caller knows the loop has nothing else to do)."""
+def emit(record: RequestRecord) -> None:
+    """Write the request's audit event (at `warning` for a refusal, else `info`)."""
     setup = _setup
     level = "info" if record.decision == "allow" else "warning"
     config = structlog.get_config()
@@ -320,10 +319,14 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
     if level == "info" and not setup.request_events:
         return
     # The processor chain of configure(), step by step, for an event of scalar fields.
+    # Measured, not assumed: the request event through structlog's own chain (the branch
+    # above) cost 933,000 instructions per request against 807,000 this way (+15.6%,
+    # bench/instructions.py --compare, docs/performance.md).
     known = redact.current().clean  # of this moment (see _Redactor.text)
     texts = _TEXTS(record)
     # A record whose texts were found clean is rendered as it is (orjson writes a dataclass's
-    # fields in order); any other is scrubbed first.
+    # fields in order); any other is scrubbed first. Remembering them buys 147,000
+    # instructions per request (17.8%, bench/instructions.py --compare).
     fields = ""
     if texts in known.records and _clean_id(record.request_id):
         try:
@@ -343,13 +346,13 @@ def emit(record: RequestRecord, *, now: bool = False) -> None:
         line = f'{fields[:-1]},"event":"request",{_json(rest)[1:]}'
     else:
         line = f'{fields[:-1]},"event":"request","level":"{level}","timestamp":"{_timestamp()}"}}'
-    setup.factory.sink.line(line, now=now)
+    setup.factory.sink.line(line)
 
 
 def _clean_id(request_id: str) -> bool:
     """Whether a request id holds nothing to redact (a caller chooses its own: it could be a
-    credential), without remembering it."""
-    return redact.current().text(request_id, remember=False) is request_id
+    credential; one keyproxy generated holds nothing)."""
+    return type(request_id) is GeneratedId or redact.current().text(request_id) is request_id
 
 
 def _scrubbed(record: RequestRecord, texts: tuple[Any, ...], known: redact.Clean) -> str:

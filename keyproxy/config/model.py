@@ -6,7 +6,6 @@ from raw YAML anywhere else. The reference for every key is docs/configuration.m
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -182,7 +181,7 @@ class Upstream:
     port: int
     base_path: str  # "" or "/prefix" without a trailing slash
 
-    @functools.cached_property  # read on every request
+    @property
     def origin(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"

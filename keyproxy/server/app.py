@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Final
 
@@ -44,6 +43,7 @@ from keyproxy.config import Config
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy
+from keyproxy.server import collector
 from keyproxy.state import StateStore
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisStore
@@ -64,8 +64,6 @@ SERVER_NAME: Final = "keyproxy"
 
 log = structlog.get_logger("keyproxy.app")
 
-YOUNG_GC_THRESHOLD = 7000  # allocations between passes of the cyclic collector (default 700)
-
 
 def build_app(config: Config, processes: int = 1) -> web.Application:
     """The agents' app; `processes` is how many processes serve this port together (with
@@ -74,29 +72,29 @@ def build_app(config: Config, processes: int = 1) -> web.Application:
     # receives and make max_body count the wrong bytes.
     app = web.Application(
         handler_args={"max_field_size": 16 * 1024, "auto_decompress": False},
-        middlewares=[answers.middleware],
     )
     app[CONFIG] = config
     app[PROCESSES] = processes
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _ready)
-    app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", _proxy)
-    app.router.add_post("/token", _broker("exchange"))
-    app.router.add_post("/token/revoke", _broker("revoke"))
-    app.router.add_get("/.well-known/jwks.json", _broker("jwks"))
+    # Every handler raises; answers.answering answers.
+    app.router.add_get("/healthz", answers.answering(_healthz))
+    app.router.add_get("/readyz", answers.answering(_ready))
+    app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", answers.answering(_proxy))
+    app.router.add_post("/token", answers.answering(_broker("exchange")))
+    app.router.add_post("/token/revoke", answers.answering(_broker("revoke")))
+    app.router.add_get("/.well-known/jwks.json", answers.answering(_broker("jwks")))
     return app
 
 
 def build_admin_app(served: web.Application) -> web.Application:
     """The admin endpoints of the app `served` (which must be started first)."""
-    app = web.Application(middlewares=[answers.middleware])
+    app = web.Application()
     app[SERVED] = served
     app.on_response_prepare.append(_server_header)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", answers.answering(_healthz))
+    app.router.add_get("/readyz", answers.answering(_readyz))
+    app.router.add_get("/metrics", answers.answering(_metrics))
     return app
 
 
@@ -137,7 +135,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     )
     app[BROKER] = Broker(config, verifier, tasks, metrics)
     background: list[asyncio.Task[None]] = []
-    tuned = False
+    tuned = contextlib.ExitStack()
     try:
         # Start serving even if Vault or an issuer is down: readiness says so, and requests
         # get 503/401 rather than the process crash-looping.
@@ -151,13 +149,11 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(keys.run(), name="key-refresh"),
             asyncio.create_task(tasks.run(), name="token-revocations"),
         ]
-        _COLLECTOR.serving()
-        tuned = True
+        tuned.enter_context(collector.serving())
         log.info("started", routes=len(config.routes), keys_ready=keys.ready())
         yield
     finally:
-        if tuned:
-            _COLLECTOR.stopped()
+        tuned.close()
         app[PROXY].close()
         for task in background:
             task.cancel()
@@ -175,40 +171,6 @@ def _store(config: Config) -> StateStore:
     """Where limits are counted: Valkey/Redis with `state.url`, else this process's memory.
     The Redis client connects on first use, so an unreachable store never stops the start."""
     return RedisStore(config.state) if config.state is not None else MemoryStore()
-
-
-class _Collector:
-    """The cyclic collector while serving, however many apps the process runs at once
-    (tests run several): tuned when the first starts, put back when the last stops."""
-
-    def __init__(self) -> None:
-        self._serving = 0
-        self._thresholds = gc.get_threshold()
-
-    def serving(self) -> None:
-        # What is loaded now (modules, the compiled configuration, cached keys) lives as
-        # long as the app: out of the collector's full passes, so their cost per request
-        # does not grow with the number of routes and policies.
-        gc.collect()
-        gc.freeze()
-        if not self._serving:
-            # A young-generation pass walks every object of the requests in flight, and by
-            # default one runs every 700 allocations (each 30 requests at 32 in flight):
-            # passes ten times rarer cost a tenth as much, and the garbage that waits for
-            # them is the few reference cycles requests leave (most objects are freed as
-            # they are dropped).
-            self._thresholds = gc.get_threshold()
-            gc.set_threshold(YOUNG_GC_THRESHOLD, *self._thresholds[1:])
-        self._serving += 1
-
-    def stopped(self) -> None:
-        self._serving -= 1
-        if not self._serving:
-            gc.unfreeze()  # what the apps leave behind is collectable again
-            gc.set_threshold(*self._thresholds)
-
-
-_COLLECTOR = _Collector()
 
 
 async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
