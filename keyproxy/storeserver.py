@@ -33,11 +33,16 @@ def free_port() -> int:
         return port
 
 
+class _PortTaken(StoreServerError):
+    """Another process listens on the port."""
+
+
 class LocalStoreServer:
     """A `valkey-server`/`redis-server` on 127.0.0.1:`port` (0: a free one), no persistence."""
 
     def __init__(self, workdir: Path, port: int = 0) -> None:
         self.workdir = workdir
+        self._chosen = not port  # a port of our choosing may be taken before we bind it
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -68,7 +73,18 @@ class LocalStoreServer:
         ]
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING (at most `timeout` seconds)."""
+        """Start the server and wait until it answers PING (at most `timeout` seconds). A
+        port this object chose is chosen again if another process took it meanwhile."""
+        for _ in range(3 if self._chosen else 1):
+            try:
+                self._start(timeout)
+            except _PortTaken:
+                self.port = free_port()
+                continue
+            return
+        raise StoreServerError(f"no free port found; see {self.workdir}/server.log")
+
+    def _start(self, timeout: float) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with (self.workdir / "server.log").open("ab") as log:
             self.process = subprocess.Popen(  # noqa: S603  # our own arguments
@@ -77,6 +93,10 @@ class LocalStoreServer:
         deadline = time.monotonic() + timeout
         while not self.answers():
             if self.process.poll() is not None:
+                self.process = None
+                text = (self.workdir / "server.log").read_text(encoding="utf-8", errors="replace")
+                if "Address already in use" in text[-2000:]:
+                    raise _PortTaken
                 raise StoreServerError(f"the server exited; see {self.workdir}/server.log")
             if time.monotonic() > deadline:
                 self.stop()
@@ -84,10 +104,13 @@ class LocalStoreServer:
             time.sleep(0.02)  # polling interval of a bounded wait
 
     def answers(self) -> bool:
+        """Whether our server answers PING (a process that is not ours does not)."""
+        if self.process is None:
+            return False
         try:
             with redis.Redis(port=self.port, socket_timeout=2) as client:
                 return bool(client.ping())
-        except redis.exceptions.ConnectionError:
+        except redis.exceptions.RedisError:
             return False
 
     def stop(self) -> None:

@@ -32,6 +32,10 @@ def test_local_server_starts_answers_and_stops(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert not server.answers()
+    gone = redis.Redis.from_url(server.url, socket_timeout=2)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        gone.ping()
+    gone.close()
 
 
 def test_a_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
