@@ -9,6 +9,7 @@ concurrency slots are given back however a request ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from pathlib import Path
@@ -17,10 +18,18 @@ from typing import Any
 import aiohttp
 import pytest
 
+from keyproxy import config
+from keyproxy.caller import Identity
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.server import listen
+from keyproxy.server.app import build_app
+from keyproxy.state import Concurrency, Counter, Limit, OnStoreError, Outcome, Rate
+from keyproxy.state import Decision as StoreDecision
+from keyproxy.state.limits import RequestLimits, limit_name
+from keyproxy.state.limits import headers as ratelimit_headers
 from tests.state.conftest import Gated
 from tests.state.servers import RedisServer, until
-from tests.support import CANARIES, Stack, Upstream, bearer, new_key, running_proxy
+from tests.support import CANARIES, CONFIG_SECTIONS, Stack, Upstream, bearer, new_key, running_proxy
 from tests.test_proxy import audit_events, new_request_id
 
 ANY = {"methods": ["GET", "POST"], "paths": ["/**"]}
@@ -267,3 +276,131 @@ async def test_store_outage_fails_closed_allows_and_recovers(
             assert client.keys("*:r:route.closed.rate.route:*")
         async with http.get(f"{stack.admin}/readyz") as response:
             assert (await response.json())["state_store"] == {"ok": True, "detail": ""}
+
+
+async def test_one_of_several_workers_without_a_store_refuses_max_uses(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    upstream: Upstream,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A worker of `--workers 2` with no state.url refuses a task token with max_uses (503
+    max_uses_needs_shared_store) rather than count its uses alone; a token without max_uses
+    still works."""
+    cfg = _config(openbao, agent, {"limited": _route(upstream.url)}, {})
+    del cfg["state"]
+    compiled = config.parse(json.dumps(cfg), {})
+    app = build_app(compiled, processes=2)
+    runner, port = await listen.start(app, "127.0.0.1", 0, listen.Limits.of(compiled.server))
+    try:
+        stack = Stack(f"http://127.0.0.1:{port}", compiled, app)
+        url = f"{stack.base}/r/limited/echo"
+        metered = await _task_token(http, stack, identity_token, max_uses=5)
+        rid = new_request_id()
+        status, _, body = await _get(http, url, metered["access_token"], rid)
+        assert status == 503, body
+        assert b"max_uses_needs_shared_store" in body
+        (event,) = await audit_events(audit_log, rid)
+        assert event["limit"] == "max_uses"
+        plain = await _task_token(http, stack, identity_token)
+        assert (await _get(http, url, plain["access_token"]))[0] == 200
+    finally:
+        await runner.cleanup()
+
+
+# ----------------------------------------------------------------- which limits, no network
+
+_LIMITED = {
+    **CONFIG_SECTIONS,
+    "routes": {
+        "api": {
+            "upstream": "https://api.example.com",
+            "secret": {"path": "k"},
+            "inject": [{"header": "X-Key"}],
+            "limits": {"rate": [{"per": "route", "requests": 10, "window": "1s"}]},
+        },
+        "other": {
+            "upstream": "https://other.example.com",
+            "secret": {"path": "k"},
+            "inject": [{"header": "X-Key"}],
+        },
+    },
+    "policies": [
+        {
+            "name": "agents",
+            "subjects": ["*"],
+            "allow": {"api": ANY, "other": ANY},
+            "limits": {
+                "rate": [
+                    {"per": "identity", "requests": 5, "window": "1s"},
+                    {"per": "task", "requests": 2, "window": "1s"},
+                    {"per": "token", "requests": 3, "window": "1s"},
+                ],
+                "concurrency": [{"per": "identity", "max": 2, "on_store_error": "allow"}],
+            },
+        }
+    ],
+}
+_ALICE = Identity("k8s", "alice")
+
+
+def _limits(route: str, policy: str | None, **kwargs: Any) -> tuple[Limit, ...]:
+    request_limits = RequestLimits(config.parse(json.dumps(_LIMITED), {}))
+    return request_limits.of(
+        route,
+        policy,
+        kwargs.get("identity", _ALICE),
+        kwargs.get("task"),
+        kwargs.get("token_id"),
+        kwargs.get("uses"),
+    )
+
+
+def test_a_request_touches_its_routes_and_its_policys_limits() -> None:
+    """The route's limits and the allowing policy's, per-task ones only with a task, a
+    token's max_uses first; an exception token (no policy) meets the route's alone."""
+    names = [limit_name(limit) for limit in _limits("api", "agents", token_id="t1")]
+    assert names == [
+        "route.api.rate.route",
+        "policy.agents.rate.identity",
+        "policy.agents.rate.token",
+        "policy.agents.concurrency.identity",
+    ]
+    with_task = _limits("api", "agents", task="report", token_id="t1", uses=(25, 60.0))
+    assert isinstance(with_task[0], Counter)
+    assert (with_task[0].key, with_task[0].cap, with_task[0].ttl) == ("max_uses:t1", 25, 60.0)
+    assert "policy.agents.rate.task" in [limit_name(limit) for limit in with_task]
+    assert [limit_name(limit) for limit in _limits("api", None)] == ["route.api.rate.route"]
+    assert _limits("other", None) == ()
+    concurrency = _limits("other", "agents")[-1]
+    assert isinstance(concurrency, Concurrency)
+    assert concurrency.on_store_error is OnStoreError.ALLOW
+
+
+def test_keys_count_whom_the_limit_names() -> None:
+    """Per identity: one key per issuer and subject whatever the token; per route: one key
+    for everyone; per token without an id: the identity's; no key holds the identity's text."""
+    alice = _limits("api", "agents", token_id="t1")
+    alice_other_token = _limits("api", "agents", token_id="t2")
+    bob = _limits("api", "agents", identity=Identity("k8s", "bob"), token_id="t1")
+    assert alice[0].key == bob[0].key  # per route
+    assert alice[1].key == alice_other_token[1].key != bob[1].key  # per identity
+    assert alice[2].key != alice_other_token[2].key  # per token
+    no_id = _limits("api", "agents")
+    assert no_id[2].key.split(":")[1] == no_id[1].key.split(":")[1]
+    assert all("alice" not in limit.key and "{" not in limit.key for limit in alice)
+
+
+def test_ratelimit_fields_follow_the_draft() -> None:
+    """RateLimit-Policy names each limit's quota and window (concurrency in its own unit),
+    RateLimit its remaining units and reset; Retry-After only on a refusal."""
+    rate, cap = Rate("burst:x", 50, 10.0, 5), Concurrency("streams:y", 3)
+    allowed = StoreDecision((Outcome(rate, True, 4, 0.3, 0.0), Outcome(cap, True, 2, 0.0, 0.0)))
+    assert ratelimit_headers(allowed) == {
+        "RateLimit-Policy": '"burst";q=50;w=10, "streams";q=3;qu="concurrent-requests"',
+        "RateLimit": '"burst";r=4;t=1, "streams";r=2;t=0',
+    }
+    refused = StoreDecision((Outcome(rate, False, 0, 1.2, 0.2),))
+    assert ratelimit_headers(refused)["Retry-After"] == "1"
