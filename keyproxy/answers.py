@@ -8,9 +8,10 @@ wrapper's cost does not show; bench/instructions.py --compare, docs/performance.
 `internal_error` and no details, its traceback kept in the scrubbed log. aiohttp's own
 `HTTPException`s (an unknown path, a method not allowed) stay aiohttp's.
 
-Every error body is `{"error": {"code": reason, "message": message}}`; a 401 names the Bearer
-scheme, a retryable error its `Retry-After`, a refusal by a limit its `RateLimit` fields (the
-error's `headers`), and a request with an id (`REQUEST_ID_KEY`, set by its handler) that id.
+Every error body is `{"error": {"code": reason, "message": message}}` (an `McpRefused`'s is
+the JSON-RPC error response it carries); a 401 names the Bearer scheme, a retryable error its
+`Retry-After`, a refusal by a limit its `RateLimit` fields (the error's `headers`), and a
+request with an id (`REQUEST_ID_KEY`, set by its handler) that id.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from keyproxy.errors import InternalError, RequestError
+from keyproxy.errors import InternalError, McpRefused, RequestError
 from keyproxy.headers import REQUEST_ID
 
 # The request's id, as its handler chose it: the error's answer repeats it.
@@ -39,6 +40,10 @@ def error_response(exc: RequestError, request_id: str | None = None) -> web.Resp
         headers["Retry-After"] = str(exc.retry_after)
     if request_id is not None:
         headers[REQUEST_ID] = request_id
+    if isinstance(exc, McpRefused):  # a JSON-RPC error, as an MCP client reads one
+        return web.Response(
+            body=exc.body, status=exc.status, content_type="application/json", headers=headers
+        )
     return web.json_response(
         {"error": {"code": exc.reason, "message": exc.message}},
         status=exc.status,

@@ -110,7 +110,9 @@ class Broker:
             requested = (
                 scopes.parse_rfc8693(str(fields.get("scope", "")), _resources(fields), routes)
                 if form
-                else scopes.parse(fields.get("scope"), routes)
+                else scopes.parse(
+                    fields.get("scope"), routes, mcp=scopes.mcp_routes(self.config.routes)
+                )
             )
             task, intent = _text(fields, "task"), _text(fields, "intent")
             max_uses = _max_uses(fields.get("max_uses"))

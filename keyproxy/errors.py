@@ -6,6 +6,8 @@
     └── RequestError           stops a request; carries the status and a short reason code
         ├── BadRequest         400  malformed request (bad path, bad X-Forwarded-For,
         │                           a credential sent twice or in two places)
+        ├── McpRefused         200  an MCP request refused: answered with its JSON-RPC error
+        │   └── McpUnreadable  400  an MCP body that cannot be read, with its JSON-RPC error
         ├── Unauthenticated    401  no credential, or a credential that does not verify
         ├── Forbidden          403  authenticated, but no policy allows this request
         ├── NotFound           404  unknown route
@@ -71,6 +73,28 @@ class RequestError(KeyproxyError):
 
 
 class BadRequest(RequestError):
+    status = 400
+
+
+class McpRefused(RequestError):
+    """MCP requests keyproxy refuses and answers itself: `body` is the JSON-RPC error
+    response (an MCP client shows it, to the model for a tool call), sent with HTTP 200 as an
+    MCP server would. `calls` are the audit facts of the requests refused."""
+
+    status = 200
+
+    def __init__(
+        self, reason: str, message: str, body: bytes, calls: tuple[object, ...] = ()
+    ) -> None:
+        super().__init__(reason, message)
+        self.body = body
+        self.calls = calls
+
+
+class McpUnreadable(McpRefused):
+    """An MCP body that cannot be read (or only notifications, refused): a 400 carrying the
+    JSON-RPC error."""
+
     status = 400
 
 

@@ -10,8 +10,8 @@ look complete) and the `Outcome` says why.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from typing import Final, NamedTuple
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Final, NamedTuple, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -39,12 +39,26 @@ DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is r
 WHOLE_BODY: Final = 64 * 1024
 
 
+class Reshaper(Protocol):
+    """Rewrites an answer's bytes before the key scrubber sees them (an MCP route's filter)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+# Given the upstream's answer, its reshaper, or None to pass the bytes as sent.
+Reshape = Callable[[aiohttp.ClientResponse], Reshaper | None]
+
+
 class Outgoing(NamedTuple):
-    """The upstream request, the key injected (`keyproxy.proxy`'s build step)."""
+    """The upstream request, the key injected (`keyproxy.proxy`'s build step), and how its
+    answer is reshaped before the scrubber (an MCP route's filter; None: as sent)."""
 
     url: URL
     headers: CIMultiDict[str]
     body: bytes | aiohttp.StreamReader | None
+    reshape: Reshape | None = None
 
 
 class Outcome(NamedTuple):
@@ -128,7 +142,9 @@ class Exchange:
                         raise BadGateway(
                             "upstream_protocol_switch", "the upstream tried to switch protocols"
                         )
-                    return await self._stream_back(request, upstream, rendered, rid)
+                    reshape = outgoing.reshape
+                    shaper = reshape(upstream) if reshape is not None else None
+                    return await self._stream_back(request, upstream, rendered, rid, shaper)
         except RequestError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -152,6 +168,7 @@ class Exchange:
         upstream: aiohttp.ClientResponse,
         rendered: Rendered,
         rid: str,
+        shaper: Reshaper | None = None,
     ) -> Outcome:
         encoding = _content_coding(upstream.headers.get("Content-Encoding", ""))
         if encoding not in DECODED_ENCODINGS:
@@ -173,6 +190,8 @@ class Exchange:
             content = upstream.content
             # Usually it all came with the headers: take it without waiting.
             body = content.read_nowait() if content.is_eof() else await _read_whole(content, watch)
+            if shaper is not None:
+                body = shaper.feed(body) + shaper.close()
             watch.pause()  # the rest is the caller's turn
             whole = web.Response(
                 status=upstream.status, body=scrub_bytes(body, rendered.byte_forms), headers=headers
@@ -191,13 +210,14 @@ class Exchange:
         scrubber = Scrubber(rendered.byte_forms)
         try:
             async for chunk in upstream.content.iter_any():
-                out = scrubber.feed(chunk)
+                out = scrubber.feed(shaper.feed(chunk) if shaper is not None else chunk)
                 if out:
                     watch.pause()  # the caller's turn: a slow reader is not a silent upstream
                     await response.write(out)
                 watch.heard()
             watch.pause()
-            tail = scrubber.flush()
+            tail = scrubber.feed(shaper.close()) if shaper is not None else b""
+            tail += scrubber.flush()
             if tail:
                 await response.write(tail)
             await response.write_eof()

@@ -98,6 +98,7 @@ def folded(name: str) -> str:
 
 
 REQUEST_ID: Final = "X-Request-Id"
+MCP_SESSION: Final = "mcp-session-id"  # forwarded on MCP routes only
 _REQUEST_ID_CHARS: Final = string.ascii_letters + string.digits + "._:-"
 _REQUEST_ID_MAX: Final = 128
 # Set by aiohttp from the URL and body, or by us.
@@ -162,8 +163,10 @@ _RETURNED: Final = Verdicts(_returned)
 
 def request_verdicts(route: Route, injected: frozenset[str]) -> Verdicts:
     """The verdicts on a caller's request headers for `route`, whose injection sets the
-    (lower-case) header names `injected`."""
+    (lower-case) header names `injected`. An MCP route forwards `Mcp-Session-Id` (a session
+    handle, not a credential: the server binds it to the key keyproxy injects)."""
     fold = route.forward_underscore_headers
+    session = MCP_SESSION if route.kind == "mcp" else ""
     dropped = {
         folded(name)
         for name in HOP_BY_HOP
@@ -172,7 +175,10 @@ def request_verdicts(route: Route, injected: frozenset[str]) -> Verdicts:
         | {route.caller_credential.header.lower(), *route.strip_headers}
     }
     return Verdicts(
-        lambda name: caller_may_send(name, fold_underscores=fold) and folded(name) not in dropped
+        lambda name: (
+            name == session
+            or (caller_may_send(name, fold_underscores=fold) and folded(name) not in dropped)
+        )
     )
 
 

@@ -24,15 +24,16 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from keyproxy import audit, paths, policy, state
+from keyproxy import audit, mcproute, paths, policy, state
 from keyproxy import scope as scopes
 from keyproxy.addresses import IPAddress
 from keyproxy.answers import REQUEST_ID_KEY
-from keyproxy.config import Config, Route
+from keyproxy.config import Config, Policy, Route
 from keyproxy.deadline import ReadDeadlines
 from keyproxy.errors import (
     BadRequest,
     Forbidden,
+    McpRefused,
     NotFound,
     PayloadTooLarge,
     RequestError,
@@ -95,15 +96,23 @@ class _Plan:
     forwards: Verdicts  # caller's request header name as sent: forwarded on this route?
     other_credentials: tuple[str, ...]  # credential-carrying headers a caller must not add
     forwarder: Forwarder
+    mcp: mcproute.McpPlan | None  # an MCP route's grants
 
     @classmethod
-    def of(cls, route: Route, session: aiohttp.ClientSession, deadlines: ReadDeadlines) -> _Plan:
+    def of(
+        cls,
+        route: Route,
+        session: aiohttp.ClientSession,
+        deadlines: ReadDeadlines,
+        policies: tuple[Policy, ...] = (),
+    ) -> _Plan:
         injector = Injector(route)
         return cls(
             injector=injector,
             forwards=request_verdicts(route, injector.header_names),
             other_credentials=other_credential_headers(route.caller_credential),
             forwarder=Forwarder(route, session, deadlines),
+            mcp=mcproute.McpPlan.of(route, policies) if route.kind == "mcp" else None,
         )
 
 
@@ -141,7 +150,7 @@ class Proxy:
         self.policies = policy.compile(config.policies)
         self._deadlines = read_deadlines(config.routes.values())
         self.plans = {
-            name: _Plan.of(r, sessions.get(name), self._deadlines)
+            name: _Plan.of(r, sessions.get(name), self._deadlines, config.policies)
             for name, r in config.routes.items()
         }
 
@@ -175,7 +184,9 @@ class Proxy:
                 granted = True
                 key = self._key(route)
                 rendered = plan.injector.render(key.secret, key.version)
-                outgoing = await _outgoing(request, route, plan, path, raw_query, rendered, rid)
+                outgoing = await _outgoing(
+                    request, route, plan, path, raw_query, rendered, rid, (caller, decision, key)
+                )
                 exchange = Exchange(plan.forwarder)
                 outcome = await exchange.send(request, outgoing, rendered, rid)
         except RequestError as exc:
@@ -395,11 +406,52 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
     raw_query: str,
     rendered: Rendered,
     rid: str,
+    admitted: tuple[Caller, Decision, KeyVersion],
 ) -> Outgoing:
-    """The upstream request: the route's URL for `path`, the headers it forwards, the body."""
-    body = await _request_body(request, route)
+    """The upstream request: the route's URL for `path`, the headers it forwards, the body.
+    On an MCP route the body is read and decided first (`_mcp_step`), and the answer
+    filtered."""
     url = _upstream_url(route, path, raw_query, rendered, plan.injector)
-    return Outgoing(url, upstream_headers(request.headers, plan.forwards, rendered, rid), body)
+    headers = upstream_headers(request.headers, plan.forwards, rendered, rid)
+    if plan.mcp is not None:
+        step = await _mcp_step(request, route, plan.mcp, rid, admitted)
+        forwarder = plan.forwarder
+        reply = mcproute.replier(forwarder.session, url, headers, forwarder.read_timeout)
+        return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
+    return Outgoing(url, headers, await _request_body(request, route))
+
+
+async def _mcp_step(
+    request: web.Request,
+    route: Route,
+    plan: mcproute.McpPlan,
+    rid: str,
+    admitted: tuple[Caller, Decision, KeyVersion],
+) -> mcproute.McpStep:
+    """An MCP route's step (`keyproxy.mcproute`): the body read and decided against the
+    caller's grant, each JSON-RPC request an `mcp.call` audit event whatever the decision."""
+    caller, decision, key = admitted
+    task = caller.task
+    facts = {
+        "request_id": rid,
+        "route": route.name,
+        "issuer": caller.identity.issuer,
+        "subject": caller.identity.subject,
+        "token_id": caller.token_id,
+        "task": task.task if task is not None else None,
+        "exception_owner": task.exception_owner if task is not None else None,
+        "policy": decision.policy,
+        "key_version": key.version,
+        "mcp_session": request.headers.get(mcproute.SESSION_HEADER, ""),
+    }
+    grant = plan.grant(decision.policy, task)
+    try:
+        step = await mcproute.inspect(request, route, grant)
+    except McpRefused as exc:
+        audit.emit_calls(exc.calls, facts, exc.reason)
+        raise
+    audit.emit_calls(step.calls, facts, "")
+    return step
 
 
 async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:

@@ -2,12 +2,16 @@
 
 A scope maps a route to one or more `Grant`s (methods x path patterns). Several grants per
 route keep an intersection exact: if one policy allows GET /a and another POST /b, the scope
-holds both grants and never their cross product (POST /a).
+holds both grants and never their cross product (POST /a). On an MCP route (`mcp`: the names
+of those routes) a grant names tools, prompts, resources and JSON-RPC methods instead
+(`McpGrant`), and narrowing intersects those.
 
     parse(obj)                       requested scope from JSON   -> Scope (ValueError if bad)
     parse_rfc8693(scope, resources)  requested scope from OAuth form fields
     grantable(policies, identity, source, requested) -> Scope    the intersection, never more
     allows(scope, route, method, segments) -> bool               the per-request check
+    mcp_grant(scope, route) -> McpGrant | None     what the scope allows on an MCP route
+    intersect_mcp(a, b) / union_mcp(grants)                      MCP grant algebra
     to_claim(scope) / from_claim(obj)                            the token's `scope` claim
 
 Pure: no I/O.
@@ -15,14 +19,15 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 from keyproxy import patterns, policy
 from keyproxy.addresses import IPAddress
 from keyproxy.caller import Identity
-from keyproxy.config import METHODS, Grant, Policy
+from keyproxy.config import MCP_METHODS, METHODS, Grant, McpGrant, Policy
+from keyproxy.mcp import names
 
 Scope = Mapping[str, tuple[Grant, ...]]
 
@@ -31,6 +36,9 @@ MAX_PATHS_PER_GRANT = 32
 MAX_PATHS_PER_REQUEST = 64
 MAX_SEGMENTS = 32
 MAX_PATTERN_LENGTH = 512
+MAX_MCP_NAMES = 64  # per list of an MCP grant in a request
+MCP_KEYS = frozenset({"tools", "prompts", "resources", "methods"})
+ANY_PATH: tuple[tuple[str, ...], ...] = (("**",),)
 
 
 def parse_pattern(text: Any) -> tuple[str, ...]:
@@ -65,8 +73,37 @@ def _grant(obj: Any, where: str, *, trusted: bool = False) -> Grant:
     return Grant(METHODS if "*" in upper else frozenset(upper), parsed)
 
 
-def parse(obj: Any, routes: Sequence[str], *, trusted: bool = False) -> Scope:
-    """A requested scope: {route: {methods, paths}} or {route: [{methods, paths}, ...]}.
+def _mcp_grant(obj: Any, where: str, *, trusted: bool = False) -> Grant:
+    """A requested grant on an MCP route: {tools, prompts, resources, methods}."""
+    if not isinstance(obj, Mapping) or set(obj) - MCP_KEYS:
+        raise ValueError(f"{where}: expected {{tools, prompts, resources, methods}}")
+
+    def listed(key: str) -> list[Any]:
+        value = obj.get(key, [])
+        if not isinstance(value, list) or (not trusted and len(value) > MAX_MCP_NAMES):
+            raise ValueError(f"{where}.{key}: a list of at most {MAX_MCP_NAMES} names")
+        return value
+
+    def error(message: str) -> ValueError:
+        return ValueError(f"{where}.{message}")
+
+    return Grant(
+        MCP_METHODS,
+        ANY_PATH,
+        McpGrant(
+            tools=names.names("tools", listed("tools"), error),
+            prompts=names.names("prompts", listed("prompts"), error),
+            resources=tuple(names.uris(listed("resources"), error)),
+            methods=names.names("methods", listed("methods"), error) if "methods" in obj else None,
+        ),
+    )
+
+
+def parse(
+    obj: Any, routes: Sequence[str], *, trusted: bool = False, mcp: Collection[str] = ()
+) -> Scope:
+    """A requested scope: {route: {methods, paths}} or {route: [{methods, paths}, ...]}, and
+    {route: {tools, prompts, resources, methods}} for the MCP routes named in `mcp`.
     `trusted` (a claim we signed) skips the size limits that bound requests."""
     if not isinstance(obj, Mapping) or not obj:
         raise ValueError("scope: a non-empty mapping of route to {methods, paths}")
@@ -77,7 +114,8 @@ def parse(obj: Any, routes: Sequence[str], *, trusted: bool = False) -> Scope:
         items = value if isinstance(value, list) else [value]
         if not items or (not trusted and len(items) > MAX_GRANTS_PER_ROUTE):
             raise ValueError(f"scope.{route}: 1 to {MAX_GRANTS_PER_ROUTE} grants")
-        scope[route] = tuple(_grant(item, f"scope.{route}", trusted=trusted) for item in items)
+        read = _mcp_grant if route in mcp else _grant
+        scope[route] = tuple(read(item, f"scope.{route}", trusted=trusted) for item in items)
     total = sum(len(g.paths) for grants in scope.values() for g in grants)
     if not trusted and total > MAX_PATHS_PER_REQUEST:
         raise ValueError(f"scope: at most {MAX_PATHS_PER_REQUEST} path patterns in all")
@@ -126,6 +164,15 @@ def grant(
                 continue
             allowed = pol.allow[route]
             for want in wanted:
+                if want.mcp is not None or allowed.mcp is not None:
+                    if want.mcp is None or allowed.mcp is None:
+                        continue  # an MCP grant narrows only an MCP grant
+                    mcp = Grant(MCP_METHODS, ANY_PATH, intersect_mcp(want.mcp, allowed.mcp))
+                    if pol not in contributing:
+                        contributing.append(pol)
+                    if mcp not in grants:
+                        grants.append(mcp)
+                    continue
                 methods = want.methods & allowed.methods
                 paths = _intersect(want.paths, allowed.paths)[:MAX_PATHS_PER_GRANT]
                 if methods and paths:
@@ -182,29 +229,89 @@ def allows(scope: Scope, route: str, method: str, segments: tuple[str, ...]) -> 
     )
 
 
-def to_claim(scope: Scope) -> dict[str, list[dict[str, list[str]]]]:
-    return {
-        route: [
-            {"methods": sorted(g.methods), "paths": [format_pattern(p) for p in g.paths]}
-            for g in grants
-        ]
-        for route, grants in scope.items()
+def _covers_resource(outer: str, inner: str) -> bool:
+    """Whether every URI the resource rule `inner` matches is matched by `outer`."""
+    if outer.endswith("*"):
+        return inner.startswith(outer[:-1])
+    return inner == outer
+
+
+def intersect_mcp(a: McpGrant, b: McpGrant) -> McpGrant:
+    """What both grants allow: never more than either."""
+    if a.methods is None:
+        methods = b.methods
+    else:
+        methods = a.methods if b.methods is None else a.methods & b.methods
+    resources = {r for r in a.resources if any(_covers_resource(o, r) for o in b.resources)}
+    resources |= {r for r in b.resources if any(_covers_resource(o, r) for o in a.resources)}
+    return McpGrant(a.tools & b.tools, a.prompts & b.prompts, tuple(sorted(resources)), methods)
+
+
+def union_mcp(grants: Iterable[McpGrant]) -> McpGrant:
+    """What any of the grants allows (a scope's several grants on one route)."""
+    found = list(grants)
+    methods: frozenset[str] | None = frozenset()
+    for g in found:
+        methods = None if methods is None or g.methods is None else methods | g.methods
+    return McpGrant(
+        frozenset().union(*(g.tools for g in found)),
+        frozenset().union(*(g.prompts for g in found)),
+        tuple(sorted({r for g in found for r in g.resources})),
+        methods,
+    )
+
+
+def mcp_grant(scope: Scope, route: str) -> McpGrant | None:
+    """What `scope` allows on the MCP route `route` (None: it names no MCP grant there)."""
+    found = [g.mcp for g in scope.get(route, ()) if g.mcp is not None]
+    return union_mcp(found) if found else None
+
+
+def _claim_item(g: Grant) -> dict[str, list[str]]:
+    if g.mcp is None:
+        return {"methods": sorted(g.methods), "paths": [format_pattern(p) for p in g.paths]}
+    item = {
+        "tools": sorted(g.mcp.tools),
+        "prompts": sorted(g.mcp.prompts),
+        "resources": list(g.mcp.resources),
     }
+    if g.mcp.methods is not None:
+        item["methods"] = sorted(g.mcp.methods)
+    return item
 
 
-def from_claim(obj: Any, routes: Sequence[str]) -> Scope:
-    """The scope claim of a verified token. Routes no longer configured are dropped."""
+def to_claim(scope: Scope) -> dict[str, list[dict[str, list[str]]]]:
+    return {route: [_claim_item(g) for g in grants] for route, grants in scope.items()}
+
+
+def from_claim(obj: Any, routes: Sequence[str], *, mcp: Collection[str] = ()) -> Scope:
+    """The scope claim of a verified token. Routes no longer configured are dropped; `mcp`
+    names the MCP routes."""
     if not isinstance(obj, Mapping):
         raise ValueError("scope claim: not a mapping")  # noqa: TRY004  # callers catch ValueError
     known = {route: value for route, value in obj.items() if route in routes}
-    return parse(known, routes, trusted=True) if known else {}
+    return parse(known, routes, trusted=True, mcp=mcp) if known else {}
+
+
+def mcp_routes(routes: Mapping[str, Any]) -> frozenset[str]:
+    """The names of the MCP routes among `routes` (name -> Route)."""
+    return frozenset(name for name, route in routes.items() if route.kind == "mcp")
 
 
 def describe(scope: Scope) -> str:
     """The scope in the RFC 8693 text form, for `scope` in token responses."""
     return " ".join(
-        f"{route}:{','.join(sorted(g.methods))}:{format_pattern(p)}"
-        for route, grants in scope.items()
-        for g in grants
-        for p in g.paths
+        [
+            f"{route}:{','.join(sorted(g.methods))}:{format_pattern(p)}"
+            for route, grants in scope.items()
+            for g in grants
+            if g.mcp is None
+            for p in g.paths
+        ]
+        + [
+            f"{route}:mcp:tools={','.join(sorted(g.mcp.tools))}"
+            for route, grants in scope.items()
+            for g in grants
+            if g.mcp is not None
+        ]
     )

@@ -7,6 +7,9 @@
   in as the proxy (AppRole, policy keyproxy-proxy) or with the root token (token_file).
   For another server use `server.proxy_vault_config()` / `server.root_vault_config()`.
 - `root_vault`: a logged-in root `Vault` on the session server, for writing test data.
+- `agent` / `identity_token`: an agent of the session server for the test module, and its token.
+- `log_scan`: after the last test, no key, key fragment or token in any log of the session
+  (tests/helpers/logscan.py); a leak fails the run.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import pytest
 
 from keyproxy import audit
 from keyproxy.config import VaultConfig
-from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.vault import Vault
-from tests import cli_support
-from tests.support import Upstream, running_upstream
+from tests.helpers import cli, logscan
+from tests.helpers.servers import Upstream, running_upstream
 
 
 def _started(workdir: Path) -> OpenBaoDevServer:
@@ -86,6 +89,21 @@ async def root_vault(root_vault_config: VaultConfig) -> AsyncIterator[Vault]:
         vault.close()
 
 
+@pytest.fixture(scope="module")
+def agent(openbao: OpenBaoDevServer, request: pytest.FixtureRequest) -> Agent:
+    """An agent (entity and AppRole) of the session server, one per test module."""
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    return openbao.add_agent(f"{module}-agent")
+
+
+@pytest.fixture(scope="module")
+def identity_token(openbao: OpenBaoDevServer, agent: Agent) -> str:
+    """A workload identity token of `agent`, signed by the session server."""
+    value = openbao.agent_token(agent)
+    logscan.CANARIES.add(value)
+    return value
+
+
 @pytest.fixture
 def kv_path() -> str:
     """A KV path under secret/keyproxy/ that no other test uses."""
@@ -95,15 +113,24 @@ def kv_path() -> str:
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where every log of the session goes: the in-process audit log and subprocess output.
-    tests/test_zz_logscan.py reads all of it at the end of the run."""
+    `log_scan` reads all of it at the end of the run."""
     return tmp_path_factory.mktemp("logs")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def audit_log(log_dir: Path) -> Iterator[Path]:
+def log_scan(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[None]:
+    """After every test and every other session fixture: the whole-session log scan. Set up
+    first of the session's fixtures, so torn down last, once every log is written; a leak
+    is an error in this teardown, which fails the run."""
+    yield
+    logscan.scan(tmp_path_factory.getbasetemp(), log_dir / "audit.jsonl")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def audit_log(log_scan: None, log_dir: Path) -> Iterator[Path]:
     """The session's audit log file: keyproxy's structlog output for in-process servers."""
     path = log_dir / "audit.jsonl"
-    cli_support.CLI_LOG = log_dir / "cli.log"
+    cli.CLI_LOG = log_dir / "cli.log"
     with path.open("a", encoding="utf-8", buffering=1) as stream:
         audit.configure(stream, level="debug")
         yield path
@@ -114,11 +141,11 @@ def audit_log(log_dir: Path) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def legacy_api(log_dir: Path) -> Iterator[LegacyApiProcess]:
-    """The fake legacy API (tests/legacy_api.py) as its own process, for the whole session."""
+    """The fake legacy API (tests/helpers/legacy_api.py), its own process for the session."""
     admin = "adm-" + secrets.token_urlsafe(18)
     err = (log_dir / "legacy-api.err").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.legacy_api", "serve"],
+        [sys.executable, "-m", "tests.helpers.legacy_api", "serve"],
         stdout=subprocess.PIPE,
         stderr=err,
         stdin=subprocess.DEVNULL,
@@ -156,7 +183,7 @@ class LegacyApiProcess:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
-    """The recording upstream of tests/support.py on loopback, fresh for each test."""
+    """The recording upstream of tests/helpers/servers.py on loopback, fresh for each test."""
     async with running_upstream() as value:
         yield value
 

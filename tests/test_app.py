@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +12,8 @@ from aiohttp import web
 
 from keyproxy import answers
 from keyproxy.errors import Forbidden, Unauthenticated, Unavailable
-from tests.support import serve
+from tests.helpers.polling import eventually
+from tests.helpers.servers import serve
 
 
 async def _refused(request: web.Request) -> web.StreamResponse:
@@ -90,17 +89,15 @@ async def test_a_bug_is_a_500_without_details_and_its_traceback_is_logged(
         body = await response.text()
     assert json.loads(body) == {"error": {"code": "internal_error", "message": "internal error"}}
     assert "detail" not in body
-    deadline = time.monotonic() + 5
-    while True:
-        failed = [
+    failed = await eventually(
+        lambda: [
             e
             for e in map(json.loads, audit_log.read_text().splitlines())
             if e.get("event") == "request_failed" and e.get("path") == "/bug"
-        ]
-        if failed:
-            break
-        assert time.monotonic() < deadline, "no request_failed event"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+        ],
+        "no request_failed event",
+        within=5,
+    )
     assert "ZeroDivisionError" in failed[-1]["exception"]
     assert "never-logged" not in json.dumps(failed[-1])
 

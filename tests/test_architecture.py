@@ -20,8 +20,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "keyproxy"
 # sits in the layer of the highest of them (or above).
 LAYERS: list[tuple[str, frozenset[str]]] = [
     # What everything may use: the error tree, redacting secrets, the path-pattern grammar
-    # (config compiles policy paths with it). `keyproxy` is the package itself.
-    ("foundation", frozenset({"keyproxy", "errors", "secret", "patterns"})),
+    # (config compiles policy paths with it), the MCP name checks (config checks MCP grants
+    # with them). `keyproxy` is the package itself.
+    ("foundation", frozenset({"keyproxy", "errors", "secret", "patterns", "mcp.names"})),
     (
         "config",
         frozenset(
@@ -98,6 +99,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.journal",
                 "audit",
                 "audit.log",
+                "audit.calls",
                 "audit.query",
                 "metrics",
                 "tls",
@@ -110,6 +112,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         frozenset(
             {
                 "proxy",
+                "mcproute",
                 "forward",
                 "broker",
                 "answers",
@@ -118,6 +121,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.engine",
                 "rotation.status",
                 "demo",
+                "mcp_demo",
                 "devserver",
                 "storeserver",
             }

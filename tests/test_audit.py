@@ -8,7 +8,6 @@ import datetime as dt
 import io
 import json
 import secrets
-import time
 
 import pytest
 import structlog
@@ -17,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from keyproxy import audit, headers, redact, secret
 from keyproxy.secret import REDACTED, Secret
+from tests.helpers.polling import eventually
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLWJ5dGVz"
 
@@ -191,10 +191,12 @@ def test_a_record_with_other_text_is_written_in_ascii_as_the_chain_writes_it() -
 
 async def _written(stream: _CountingStream, writes: int) -> None:
     """Until the stream has had `writes` writes (the flush FLUSH_DELAY after a write)."""
-    deadline = time.monotonic() + 5
-    while stream.writes < writes:
-        assert time.monotonic() < deadline, "the lines were never written"
-        await asyncio.sleep(audit.FLUSH_DELAY)  # polling interval of a bounded wait
+    await eventually(
+        lambda: stream.writes >= writes,
+        "the lines were never written",
+        within=5,
+        interval=audit.FLUSH_DELAY,
+    )
 
 
 async def test_a_line_after_a_quiet_moment_is_written_at_once() -> None:

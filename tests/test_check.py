@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
-GOOD = """\
-vault:
-  addr: http://127.0.0.1:8200
-identity:
-  issuers:
-    - name: k8s
-      issuer: https://kubernetes.default.svc
-      jwks_uri: https://kubernetes.default.svc/openid/v1/jwks
-      audiences: [keyproxy]
-      algorithms: [RS256]
-routes:
-  openai:
-    upstream: https://api.openai.com
-    secret: {path: keyproxy/keys/openai}
-    inject: [{header: Authorization, format: "Bearer {key}"}]
-policies:
-  - name: summarizer
-    subjects: ["system:serviceaccount:agents:summarizer"]
-    allow:
-      openai: {methods: [POST], paths: [/v1/chat/completions]}
-"""
+from tests.helpers.cli import keyproxy
+from tests.helpers.configs import CONFIG_TEXT
+
+GOOD = CONFIG_TEXT
 ANOTHER_OPENAI = """\
   openai:
     upstream: https://collector.example
@@ -41,13 +22,7 @@ policies:"""
 def _check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "keyproxy.yaml"
     path.write_text(text)
-    return subprocess.run(
-        [str(BIN / "keyproxy"), "check", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return keyproxy("check", "-c", str(path), env=None)
 
 
 def test_a_good_file_is_ok(tmp_path: Path) -> None:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,9 +15,9 @@ import yaml
 
 from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
-from tests.support import free_port
-
-BIN = Path(sys.executable).parent
+from tests.helpers.cli import started
+from tests.helpers.polling import eventually_blocking
+from tests.helpers.servers import free_port
 
 
 def _config(vault_addr: str, issuer: str, jwks: str) -> dict[str, Any]:
@@ -104,37 +101,21 @@ def test_serve_runs_from_a_file_and_stops_on_sigterm(
     port, admin_port = free_port(), free_port()
     env = {**os.environ, "BAO_TOKEN": openbao.root_token}
     out = log_dir / "serve.out"
-    with out.open("wb") as stdout:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "keyproxy"),
-                "serve",
-                "-c",
-                str(path),
-                "--port",
-                str(port),
-                "--admin-port",
-                str(admin_port),
-            ],
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", str(admin_port))
+    with started(*args, out=out, env=env) as proc:
+
+        def readiness() -> dict[str, Any]:
             try:
                 admin = f"http://127.0.0.1:{admin_port}/readyz"  # the detailed readiness
                 with urllib.request.urlopen(admin, timeout=5) as r:
-                    body = json.load(r)
-                    break
+                    body: dict[str, Any] = json.load(r)
+                    return body
             except (urllib.error.URLError, ConnectionError):
                 assert proc.poll() is None, out.read_text()
-                assert time.monotonic() < deadline, "not ready within 30 s"
-                time.sleep(0.1)  # polling for readiness, bounded by the deadline
+                return {}
+
+        body = eventually_blocking(readiness, "not ready", within=30)
         assert body["keys"]["api"]["version"] >= 1
-    finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0

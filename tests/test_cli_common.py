@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from keyproxy.devserver import OpenBaoDevServer
-from tests.cli_support import bash, clean_env, keyproxy
-from tests.support import CANARIES, free_port, new_key
+from tests.helpers.cli import bash, clean_env, keyproxy
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import free_port, new_key
 
 JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 

@@ -15,7 +15,7 @@ import yaml
 from keyproxy import config
 from keyproxy.cli import main
 from keyproxy.errors import ConfigError
-from tests.support import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS, CONFIG_TEXT, edited
 
 BASE: dict[str, Any] = {
     **CONFIG_SECTIONS,
@@ -162,44 +162,21 @@ def test_invalid_yaml_is_a_config_error() -> None:
 # ------------------------------------------------------------------ mistakes that teach
 
 # The line numbers in the messages below are this text's; _edit changes one place in it.
-TEXT = """\
-vault:
-  addr: http://127.0.0.1:8200
-  auth: {method: token}
-identity:
-  issuers:
-    - name: k8s
-      issuer: https://kubernetes.default.svc
-      jwks_uri: https://kubernetes.default.svc/openid/v1/jwks
-      audiences: [keyproxy]
-      algorithms: [RS256]
-routes:
-  openai:
-    upstream: https://api.openai.com
-    secret: {path: keyproxy/keys/openai}
-    inject: [{header: Authorization, format: "Bearer {key}"}]
-policies:
-  - name: summarizer
-    subjects: ["system:serviceaccount:agents:summarizer"]
-    allow:
-      openai: {methods: [POST], paths: [/v1/chat/completions]}
-"""
+TEXT = edited(CONFIG_TEXT, 2, "  auth: {method: token}")
 EVIL_ROUTE = """\
   openai:
     upstream: https://evil.example
     secret: {path: keyproxy/keys/openai}
     inject: [{header: Authorization, format: "Bearer {key}"}]"""
 ROUTE_KEYS = (
-    "allow_http, caller_credential, egress, forward_underscore_headers, inject, limits, "
-    "max_age, max_body, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
+    "allow_http, caller_credential, egress, forward_underscore_headers, inject, kind, limits, "
+    "max_age, max_body, mcp, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
 )
 
 
 def _edit(line: int, new: str, *, replace: bool = False) -> str:
     """TEXT with `new` put after line `line` (1-based), or in place of it."""
-    lines = TEXT.splitlines()
-    lines[line - 1 if replace else line : line] = new.splitlines()
-    return "\n".join(lines) + "\n"
+    return edited(TEXT, line, new, replace=replace)
 
 
 def test_the_teaching_text_compiles() -> None:
@@ -600,3 +577,69 @@ def test_bad_durations_outside_the_file_name_their_setting(value: Any) -> None:
     """A bad duration is a ConfigError naming the setting it was given for."""
     with pytest.raises(ConfigError, match=r"^--ttl: must be a positive duration"):
         config.parse_duration(value, "--ttl")
+
+
+MCP_ROUTE = {
+    "kind": "mcp",
+    "upstream": "https://mcp.example.com/mcp",
+    "secret": {"path": "keyproxy/keys/mcp"},
+    "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+    "mcp": {"server_requests": ["elicitation/create"]},
+}
+
+
+def _with_mcp(grant: Any) -> dict[str, Any]:
+    doc = _with("routes.github-mcp", MCP_ROUTE)
+    doc["policies"][0]["allow"]["github-mcp"] = grant
+    return doc
+
+
+def test_an_mcp_route_and_its_tool_grants_compile() -> None:
+    """`kind: mcp` routes take grants naming tools, prompts, resources and methods."""
+    grant = {"tools": ["search_issues"], "resources": ["issues://*"], "methods": ["tools/call"]}
+    cfg = _parse(_with_mcp(grant))
+    route = cfg.routes["github-mcp"]
+    assert route.kind == "mcp"
+    assert route.server_requests == frozenset({"elicitation/create"})
+    assert cfg.routes["openai"].kind == "http"
+    allowed = cfg.policies[0].allow["github-mcp"]
+    assert allowed.methods == config.MCP_METHODS
+    assert allowed.mcp == config.McpGrant(
+        tools=frozenset({"search_issues"}),
+        resources=("issues://*",),
+        methods=frozenset({"tools/call"}),
+    )
+    assert _parse(_with_mcp({})).policies[0].allow["github-mcp"].mcp == config.McpGrant()
+
+
+@pytest.mark.parametrize(
+    ("grant", "where", "what"),
+    [
+        ({"tools": ["Search\u200bIssues"]}, "allow.github-mcp.tools", "control or format"),
+        ({"tools": ["e\u0301"]}, "allow.github-mcp.tools", "normal form NFC"),
+        ({"tools": ["a", "a"]}, "allow.github-mcp.tools", "given twice"),
+        ({"resources": ["file:///a/../b"]}, "allow.github-mcp.resources", "'..' segment"),
+        ({"resources": ["x*y"]}, "allow.github-mcp.resources", "* only at its end"),
+        ({"methods": ["GET"], "paths": ["/**"]}, "allow.github-mcp.paths", "unknown key"),
+    ],
+)
+def test_bad_mcp_grants_name_their_yaml_path(grant: Any, where: str, what: str) -> None:
+    """A name that cannot be compared exactly, or an HTTP grant on an MCP route, is refused
+    with the YAML path of the list holding it."""
+    with pytest.raises(ConfigError) as info:
+        _parse(_with_mcp(grant))
+    assert f"{POLICY}.{where}" in str(info.value)
+    assert what in str(info.value)
+
+
+def test_mcp_options_only_on_mcp_routes() -> None:
+    """`mcp:` on an http route, an unknown kind, or an unknown server request is refused."""
+    for path, value, what in [
+        ("routes.openai.mcp", {"server_requests": []}, "only applies to routes of kind: mcp"),
+        ("routes.openai.kind", "grpc", "must be http or mcp"),
+    ]:
+        with pytest.raises(ConfigError, match=what):
+            _parse(_with(path, value))
+    bad = {**MCP_ROUTE, "mcp": {"server_requests": ["tools/call"]}}
+    with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.server_requests"):
+        _parse(_with("routes.github-mcp", bad))

@@ -23,13 +23,13 @@ import yaml
 
 from keyproxy import config
 from keyproxy.cli import _parser, main
+from tests.helpers.cli import BIN
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
-BIN = Path(sys.executable).parent
 # The oldest Kubernetes the base supports (preStop `sleep` is on by default from 1.30) and
 # the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,10 +17,11 @@ from typing import Any
 import pytest
 
 from keyproxy.devserver import OpenBaoDevServer
-from tests.support import CANARIES
+from tests.helpers.cli import BIN, started
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually_blocking
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -29,42 +29,26 @@ def dev_stack(log_dir: Path) -> Iterator[dict[str, Any]]:
     """A `keyproxy dev --json --port 0` subprocess; yields its handshake line."""
     out = log_dir / "dev.out"
     env_file = log_dir / "dev.env"
-    with out.open("wb") as stdout, (log_dir / "dev.err").open("wb") as stderr:
-        proc = subprocess.Popen(
-            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0", "--env-file", str(env_file)],
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-        )
-    try:
-        info = _handshake(out, proc, deadline=time.monotonic() + 60)
+    args = ("dev", "--json", "--port", "0", "--env-file", str(env_file))
+    with started(*args, out=out, err=log_dir / "dev.err", cwd=REPO) as proc:
+
+        def handshake() -> dict[str, Any]:
+            first = out.read_bytes().split(b"\n", 1)
+            if len(first) == 2:
+                info: dict[str, Any] = json.loads(first[0])
+                return info
+            assert proc.poll() is None, f"keyproxy dev exited with {proc.returncode}"
+            return {}
+
+        info = eventually_blocking(handshake, "keyproxy dev printed no handshake", within=60)
         CANARIES.add(info["token"])
         yield info
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
     assert proc.returncode == 0
     # Everything it started is gone: OpenBao no longer answers, its credentials are deleted.
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(info["vault_addr"] + "/v1/sys/health", timeout=5)  # noqa: S310
     assert not Path(info["workdir"]).exists()
     assert not env_file.exists()
-
-
-def _handshake(out: Path, proc: subprocess.Popen[bytes], deadline: float) -> dict[str, Any]:
-    while time.monotonic() < deadline:
-        first = out.read_bytes().split(b"\n", 1)
-        if len(first) == 2:
-            info: dict[str, Any] = json.loads(first[0])
-            return info
-        assert proc.poll() is None, f"keyproxy dev exited with {proc.returncode}"
-        time.sleep(0.1)  # polling for the handshake line, bounded by the deadline
-    raise AssertionError("keyproxy dev printed no handshake within 60 s")
 
 
 WALKTHROUGH = """
@@ -81,11 +65,12 @@ print()
 """
 
 
-def _agent(dev_stack: dict[str, Any], code: str) -> str:
+def _agent(dev_stack: dict[str, Any], code: str, **extra: str) -> str:
     env = {
         **os.environ,
         "OPENAI_BASE_URL": dev_stack["proxy_url"],
         "OPENAI_API_KEY": dev_stack["token"],
+        **extra,
     }
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -135,6 +120,42 @@ def test_handshake_has_the_documented_fields(dev_stack: dict[str, Any]) -> None:
     assert Path(dev_stack["env_file"]).name == "dev.env"
 
 
+MCP_AGENT = """
+import asyncio, os, httpx
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import McpError
+
+async def main():
+    headers = {"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"]}
+    async with (
+        httpx.AsyncClient(headers=headers, timeout=30) as http,
+        streamable_http_client(os.environ["MCP_URL"], http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        print([t.name for t in (await session.list_tools()).tools])
+        print((await session.call_tool("search_issues", {"query": "login"})).structuredContent)
+        try:
+            await session.call_tool("close_issue", {"number": 1})
+        except McpError as e:
+            print("refused", e.error.code)
+
+asyncio.run(main())
+"""
+
+
+def test_the_demo_mcp_route_grants_one_of_two_tools(dev_stack: dict[str, Any]) -> None:
+    """Through `keyproxy dev` an MCP SDK client lists and calls search_issues, and is refused
+    close_issue with a JSON-RPC error."""
+    lines = _agent(dev_stack, MCP_AGENT, MCP_URL=dev_stack["mcp_url"]).strip().splitlines()
+    assert lines == [
+        "['search_issues']",
+        "{'result': ['Login fails on Safari', 'Login page is slow']}",
+        "refused -32602",
+    ]
+
+
 def test_readme_walkthrough_with_the_openai_sdk(dev_stack: dict[str, Any]) -> None:
     """The README's agent snippet gets a plain and a streamed answer with a key fingerprint."""
     lines = _agent(dev_stack, WALKTHROUGH).strip().splitlines()
@@ -171,9 +192,12 @@ def test_walkthrough_rotation_and_denials(dev_stack: dict[str, Any]) -> None:
         timeout=30,
         check=True,
     )
-    deadline = time.monotonic() + 5
-    while fingerprint.findall(_agent(dev_stack, snippet)) == before:
-        assert time.monotonic() < deadline, "the new key was not used within 5 s"
+    eventually_blocking(
+        lambda: fingerprint.findall(_agent(dev_stack, snippet)) != before,
+        "the new key was not used",
+        within=5,
+        interval=0,
+    )
     denied = (
         "import urllib.request, urllib.error, os\n"
         "def status(req):\n"
@@ -235,27 +259,20 @@ def _bao_children(parent: int) -> list[int]:
 
 def test_stop_during_start_up_leaves_no_openbao_behind(log_dir: Path) -> None:
     """SIGTERM while `keyproxy dev` is still starting stops its OpenBao too."""
-    with (log_dir / "dev-early-stop.err").open("wb") as err:
-        proc = subprocess.Popen(
-            [str(BIN / "keyproxy"), "dev", "--json", "--port", "0"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not (children := _bao_children(proc.pid)):
+    err = log_dir / "dev-early-stop.err"
+    with started("dev", "--json", "--port", "0", out=Path(os.devnull), err=err, cwd=REPO) as proc:
+
+        def openbao_children() -> list[int]:
             assert proc.poll() is None
-            assert time.monotonic() < deadline, "OpenBao never started"
-            time.sleep(0.05)  # polling for the child, bounded by the deadline
+            return _bao_children(proc.pid)
+
+        children = eventually_blocking(
+            openbao_children, "OpenBao never started", within=30, interval=0.05
+        )
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in children):
-        assert time.monotonic() < deadline, "OpenBao outlived keyproxy dev"
-        time.sleep(0.05)  # polling for the child to exit, bounded by the deadline
+    eventually_blocking(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in children),
+        "OpenBao outlived keyproxy dev",
+        interval=0.05,
+    )

@@ -22,8 +22,8 @@ from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.identity import Identity
 from keyproxy.tokens import TaskTokens
 from keyproxy.vault import Vault
-from tests.cli_support import clean_env, keyproxy
-from tests.support import CANARIES
+from tests.helpers.cli import clean_env, keyproxy
+from tests.helpers.logscan import CANARIES
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from keyproxy.headers import (
 )
 from keyproxy.inject import Rendered
 from keyproxy.secret import REDACTED
-from tests.support import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS
 
 KEY = "sk-headers-test-0123456789"
 CONFIG: dict[str, Any] = {

@@ -33,7 +33,11 @@ from keyproxy.identity import MAX_DOCUMENT_BYTES, Identity, IdentityVerifier
 from keyproxy.identity import verifier as identity_module
 from keyproxy.metrics import Metrics
 from keyproxy.server.app import METRICS
-from tests.support import CANARIES, CONFIG_SECTIONS, Stack, Upstream, bearer, new_key, running_proxy
+from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import Stack, Upstream, bearer, new_key, running_proxy
 
 ISS = "https://issuer.test"
 AUD = "keyproxy"
@@ -253,10 +257,11 @@ async def verifier(new_verifier: Callable[..., IdentityVerifier]) -> IdentityVer
 
 async def settled(verifier: IdentityVerifier) -> None:
     """Wait, bounded, until no background key fetch is running."""
-    deadline = asyncio.get_running_loop().time() + 5
-    while any(entry["fetching"] for entry in verifier.key_status().values()):
-        assert asyncio.get_running_loop().time() < deadline, "the key fetch never ended"
-        await asyncio.sleep(0.01)  # polling for the fetch to end
+    await eventually(
+        lambda: not any(entry["fetching"] for entry in verifier.key_status().values()),
+        "the key fetch never ended",
+        within=5,
+    )
 
 
 async def reason_for(verifier: IdentityVerifier, token: str) -> str:
@@ -478,10 +483,7 @@ async def test_concurrent_unknown_kids_share_one_fetch(
     token = sign(claims(clock.now), ROTATED_KEY, kid="rsa-2")
     tasks = [asyncio.create_task(verifier.verify(token)) for _ in range(5)]
     try:
-        deadline = asyncio.get_running_loop().time() + 5
-        while server.hits["jwks"] < 2:
-            assert asyncio.get_running_loop().time() < deadline, "the refetch never arrived"
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.hits["jwks"] >= 2, "the refetch never arrived", within=5)
         server.gate.set()
         identities = await asyncio.gather(*tasks)
     finally:
@@ -1044,13 +1046,6 @@ async def test_max_token_lifetime(
 # ---------------------------------------------------------------------------- stale keys
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + 5
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.01)  # polling for the condition
-
-
 async def test_cached_kid_is_answered_while_the_issuer_stalls(
     verifier: IdentityVerifier, server: IssuerServer, clock: Clock
 ) -> None:
@@ -1063,7 +1058,9 @@ async def test_cached_kid_is_answered_while_the_issuer_stalls(
     fresh = sign(claims(clock.now, jti="never-seen"))
     answers = [asyncio.create_task(verifier.verify(t)) for t in (remembered, fresh)]
     try:
-        await until(lambda: server.hits["jwks"] == 2, "the refresh never reached the issuer")
+        await eventually(
+            lambda: server.hits["jwks"] == 2, "the refresh never reached the issuer", within=5
+        )
         assert all(a.done() for a in answers), "a request waited for the stalled issuer"
         assert [a.result().subject for a in answers] == [SUB, SUB]
         assert verifier.key_status()["k8s"]["fetching"]
@@ -1134,7 +1131,9 @@ async def test_no_keys_yet_waits_for_the_fetch(
     server.gate = asyncio.Event()
     answers = [asyncio.create_task(verifier.verify(sign(claims(clock.now)))) for _ in range(3)]
     try:
-        await until(lambda: server.hits["jwks"] == 1, "the fetch never reached the issuer")
+        await eventually(
+            lambda: server.hits["jwks"] == 1, "the fetch never reached the issuer", within=5
+        )
         assert not any(a.done() for a in answers)
         server.gate.set()
         assert [i.subject for i in await asyncio.gather(*answers)] == [SUB] * 3
@@ -1155,7 +1154,9 @@ async def test_aclose_cancels_the_background_fetch(
     clock.now += TTL
     try:
         assert (await verifier.verify(sign(claims(clock.now)))).subject == SUB
-        await until(lambda: server.hits["jwks"] == 2, "the refresh never reached the issuer")
+        await eventually(
+            lambda: server.hits["jwks"] == 2, "the refresh never reached the issuer", within=5
+        )
         await verifier.aclose()
         assert not verifier.key_status()["k8s"]["fetching"]
         clock.now += COOLDOWN
@@ -1320,29 +1321,26 @@ async def test_stale_issuer_keys_are_503_and_audited(
 
         assert (await call())[0] == 200
         server.down = True
-        deadline = time.monotonic() + 10
-        while (answer := await call())[0] == 200:
-            assert time.monotonic() < deadline, "stale keys were served forever"
-            await asyncio.sleep(0.05)  # pacing between probes
+        answer = await eventually(
+            call, "stale keys were served forever", interval=0.05, until=lambda a: a[0] != 200
+        )
         assert answer == (503, {"error": {"code": "issuer_keys_stale", "message": ANY}})
         assert CLUSTER not in json.dumps(answer)
         exposition = stack.app[METRICS].exposition()[0].decode()
         assert f'keyproxy_identity_keys_stale{{issuer="{CLUSTER}"}} 1.0' in exposition
         assert f'keyproxy_identity_stale_refusals_total{{issuer="{CLUSTER}"}}' in exposition
         server.down = False
-        deadline = time.monotonic() + 10
-        while (answer := await call())[0] != 200:
-            assert time.monotonic() < deadline, "the issuer's return was never noticed"
-            await asyncio.sleep(0.05)  # pacing between probes
-    deadline = time.monotonic() + 10
-    while not (stale := [e for e in _events(audit_log) if e.get("reason") == "issuer_keys_stale"]):
-        assert time.monotonic() < deadline, "no audit event for the stale keys"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+        await eventually(
+            call,
+            "the issuer's return was never noticed",
+            interval=0.05,
+            until=lambda a: a[0] == 200,
+        )
+    stale = await eventually(
+        lambda: [e for e in read_events(audit_log) if e.get("reason") == "issuer_keys_stale"],
+        "no audit event for the stale keys",
+    )
     assert {(e["status"], e["route"], e["path"]) for e in stale} == {(503, "r", "/echo")}
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 # ---------------------------------------------------------------------------- settings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.metrics import BUCKETS, Metrics, write_rotation_textfile
-from tests.support import CANARIES, Upstream, bearer, new_key, running_proxy, token_config
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import Upstream, bearer, new_key, running_proxy, token_config
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -91,11 +92,13 @@ async def test_metrics_after_allowed_denied_and_rotated_traffic(
         assert reads >= 1
 
         second = await asyncio.to_thread(openbao.put_key, path, new_key())
-        deadline = time.monotonic() + 5
-        while value(found, "keyproxy_key_version", route="r") != second:
-            assert time.monotonic() < deadline, "the new version never showed in /metrics"
-            await asyncio.sleep(0.1)  # pacing between scrapes
-            found = await scrape(http, stack.admin)
+        found = await eventually(
+            lambda: scrape(http, stack.admin),
+            "the new version never showed in /metrics",
+            within=5,
+            interval=0.1,
+            until=lambda f: value(f, "keyproxy_key_version", route="r") == second,
+        )
         assert value(found, "keyproxy_key_rotations_total", route="r") == 1
         assert value(found, "keyproxy_key_age_seconds", route="r") < 10
         assert value(found, "keyproxy_vault_read_errors_total", route="r") == 0

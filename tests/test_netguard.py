@@ -25,7 +25,7 @@ from keyproxy.netguard import (
     classify,
     egress_denial,
 )
-from tests.support import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS
 
 
 def net(*cidrs: str) -> tuple[Network, ...]:

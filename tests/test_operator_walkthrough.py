@@ -16,8 +16,6 @@ import json
 import os
 import re
 import signal
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -26,11 +24,12 @@ import yaml
 from aiohttp import web
 
 from keyproxy.devserver import OpenBaoDevServer, vault_dev_dir
-from tests.support import free_port, new_key
+from tests.helpers.cli import BIN
+from tests.helpers.polling import eventually
+from tests.helpers.servers import free_port, new_key
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "operations.md"
-BIN = Path(sys.executable).parent
 BLOCK = re.compile(r"<!-- walkthrough: (\w+) -->\n```sh\n(.*?)```", re.S)
 STEPS = ("env", "setup", "key", "agent", "config", "serve", "request")
 
@@ -70,18 +69,17 @@ async def run_bash(script: str, cwd: Path, env: dict[str, str], log: Path) -> st
 
 
 async def wait_ready(url: str, proc: asyncio.subprocess.Process, within: float) -> None:
-    deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as session:
-        while True:
+
+        async def answered() -> bool:
             assert proc.returncode is None, "keyproxy serve exited"
             try:
                 async with session.get(url) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, f"{url} not ready within {within:g} s"
-            await asyncio.sleep(0.1)  # polling interval, bounded by the deadline
+                return False
+
+        await eventually(answered, f"{url} not ready", within=within, interval=0.1)
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:

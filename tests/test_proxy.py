@@ -11,26 +11,26 @@ import base64
 import gc
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import openai
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server.collector import YOUNG_GC_THRESHOLD
-from tests.support import (
+from tests.helpers.events import read_events
+from tests.helpers.issuer import Issuer
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import (
     BIG_BYTES,
-    CANARIES,
     FRAGMENT_VARIANTS,
     TRICKLE_PARTS,
     Stack,
@@ -49,58 +49,21 @@ LOCAL_ISSUER = "https://issuer.test.invalid"
 
 
 @pytest.fixture(scope="module")
-def agent(openbao: OpenBaoDevServer) -> Agent:
-    return openbao.add_agent("e2e-agent")
+def token(identity_token: str) -> str:
+    """The agent's workload identity token (conftest's `identity_token`)."""
+    return identity_token
 
 
 @pytest.fixture(scope="module")
-def token(openbao: OpenBaoDevServer, agent: Agent) -> str:
-    value = openbao.agent_token(agent)
-    CANARIES.add(value)
-    return value
-
-
-class LocalIssuer:
+def local_issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
     """An issuer whose signing key the tests hold, to craft hostile tokens."""
-
-    def __init__(self, directory: Path) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        jwk.update(kid="test-1", alg="RS256", use="sig")
-        self.jwks_file = directory / "jwks.json"
-        self.jwks_file.write_text(json.dumps({"keys": [jwk]}))
-
-    def token(self, headers: dict[str, Any] | None = None, **claims: Any) -> str:
-        now = int(time.time())
-        body = {
-            "iss": LOCAL_ISSUER,
-            "aud": "keyproxy",
-            "sub": "local-agent",
-            "iat": now,
-            "exp": now + 300,
-            **claims,
-        }
-        value = jwt.encode(
-            body, self.key, algorithm="RS256", headers={"kid": "test-1", **(headers or {})}
-        )
-        CANARIES.add(value)
-        return value
-
-    def public_pem(self) -> bytes:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-
-@pytest.fixture(scope="module")
-def local_issuer(tmp_path_factory: pytest.TempPathFactory) -> LocalIssuer:
-    return LocalIssuer(tmp_path_factory.mktemp("issuer"))
+    return Issuer(tmp_path_factory.mktemp("issuer"), LOCAL_ISSUER)
 
 
 def make_config(
     openbao: OpenBaoDevServer,
     agent: Agent,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     upstream: str,
     key_path: str,
     **route: Any,
@@ -177,7 +140,7 @@ def seeded(openbao: OpenBaoDevServer, request: pytest.FixtureRequest) -> tuple[s
 def config_for(
     openbao: OpenBaoDevServer,
     agent: Agent,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     seeded: tuple[str, str],
 ) -> Callable[..., dict[str, Any]]:
     def build(upstream: str, **route: Any) -> dict[str, Any]:
@@ -251,11 +214,10 @@ def new_request_id() -> str:
 async def audit_events(audit_log: Path, request_id: str) -> list[dict[str, Any]]:
     """The request events of `request_id`, once at least one is in the log. Lines are written
     in the order the events were made: once one is in, all made before it are too."""
-    deadline = time.monotonic() + 10
-    while not (seen := [e for e in _events(audit_log) if e.get("request_id") == request_id]):
-        assert time.monotonic() < deadline, f"no audit event for request {request_id}"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
-    return seen
+    return await eventually(
+        lambda: [e for e in read_events(audit_log) if e.get("request_id") == request_id],
+        f"no audit event for request {request_id}",
+    )
 
 
 class ConnectionCounter:
@@ -343,12 +305,15 @@ async def test_new_key_version_is_used_without_restart(
         assert response.status == 200
     new = new_key()
     await asyncio.to_thread(openbao.put_key, seeded[0], new)
-    deadline = time.monotonic() + 5
-    while upstream.requests[-1].headers["Authorization"] != f"Bearer {new}":
-        assert time.monotonic() < deadline, "new key version not used within 5 s"
+
+    async def sent() -> str:
         async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
             assert response.status == 200
-        await asyncio.sleep(0.1)  # pacing between probes, not waiting for state
+        return upstream.requests[-1].headers["Authorization"]
+
+    await eventually(
+        sent, "new key version not used", within=5, interval=0.1, until=f"Bearer {new}".__eq__
+    )
 
 
 async def test_the_young_collection_threshold_is_raised_while_serving(
@@ -403,7 +368,7 @@ async def test_outside_the_grant_is_403(
     stack: Stack,
     upstream: Upstream,
     token: str,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     http: aiohttp.ClientSession,
 ) -> None:
     """Wrong method, wrong path and wrong source network each get 403 and reach nothing."""
@@ -590,14 +555,19 @@ async def test_bad_key_version_keeps_the_last_good_key(
 ) -> None:
     """A new KV version with a control character is refused; the last good key keeps serving."""
     await asyncio.to_thread(openbao.put_key, seeded[0], seeded[1] + "\t-bad")
-    deadline = time.monotonic() + 5
-    while True:
+
+    async def key_status() -> dict[str, Any]:
         async with http.get(f"{stack.admin}/readyz") as response:
-            status = (await response.json())["keys"]["r"]
-        if status["last_error"]:
-            break
-        assert time.monotonic() < deadline, "the bad version was never read"
-        await asyncio.sleep(0.1)  # pacing between probes
+            found: dict[str, Any] = (await response.json())["keys"]["r"]
+            return found
+
+    status = await eventually(
+        key_status,
+        "the bad version was never read",
+        within=5,
+        interval=0.1,
+        until=lambda s: s["last_error"],
+    )
     assert "-bad" not in status["last_error"]
     async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
         assert response.status == 200
@@ -794,7 +764,7 @@ async def test_ambiguous_credentials_are_400_and_reach_nothing(
     stack: Stack,
     upstream: Upstream,
     token: str,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     audit_log: Path,
 ) -> None:
     """Two Authorization headers (two valid tokens, the same one twice, one empty, in other
@@ -840,7 +810,7 @@ async def test_a_route_with_its_own_credential_header_refuses_a_second_one(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
     token: str,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
 ) -> None:
     """With caller_credential x-api-key: the header twice, two tokens in it, or Authorization
     beside it is 400 and reaches nothing; the header alone works."""
@@ -909,7 +879,7 @@ COUNTED_ISSUER = "https://counted.test.invalid"
 async def test_an_ambiguous_credential_is_refused_before_any_verification(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
 ) -> None:
     """Two tokens that would each make the proxy fetch its issuer's keys (an unknown kid):
     sent together, 400 and not 401, with no fetch; one of them alone is a 401 after a fetch."""
@@ -935,10 +905,7 @@ async def test_an_ambiguous_credential_is_refused_before_any_verification(
         async with running_proxy(cfg) as stack:
             port = URL(stack.base).port
             assert port is not None
-            deadline = time.monotonic() + 10
-            while not jwks.fetches:  # the start-up fetch
-                assert time.monotonic() < deadline, "the issuer's keys were never fetched"
-                await asyncio.sleep(0.01)  # polling interval of a bounded wait
+            await eventually(lambda: jwks.fetches, "the issuer's keys were never fetched")
             before = jwks.fetches
             for lines in [
                 [f"Authorization: Bearer {first}", f"Authorization: Bearer {second}"],
@@ -1092,7 +1059,7 @@ async def test_ambiguous_paths_are_refused(
 async def test_bad_tokens_get_401(
     stack: Stack,
     upstream: Upstream,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     http: aiohttp.ClientSession,
     case: str,
 ) -> None:
@@ -1245,10 +1212,10 @@ async def test_stalled_declared_length_body_is_408(
         writer.close()
     assert int(status_line.split()[1]) == 408
     assert time.monotonic() - started >= 1.0  # not before the route's 1 s read timeout
-    deadline = time.monotonic() + 10
-    while not (seen := [e for e in _events(audit_log) if e.get("reason") == "body_timeout"]):
-        assert time.monotonic() < deadline, "no audit event for the stalled upload"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    seen = await eventually(
+        lambda: [e for e in read_events(audit_log) if e.get("reason") == "body_timeout"],
+        "no audit event for the stalled upload",
+    )
     assert (seen[-1]["status"], seen[-1]["path"]) == (408, "/echo")
 
 
@@ -1420,7 +1387,7 @@ async def test_short_answer_cut_short_is_502(
     ):
         assert response.status == 502
         assert (await response.json())["error"]["code"] == "upstream_error"
-    events = [e for e in _events(audit_log) if e.get("status") == 502 and e.get("route") == "r"]
+    events = [e for e in read_events(audit_log) if e.get("status") == 502 and e.get("route") == "r"]
     assert events[-1]["reason"] == "upstream_error"
     assert events[-1]["upstream_status"] == 200
 
@@ -1487,10 +1454,10 @@ async def test_upstream_silent_in_a_stream_cuts_the_answer(
         assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
-    deadline = time.monotonic() + 10
-    while not (cut := [e for e in _events(audit_log) if e.get("path") == "/stall/stream"]):
-        assert time.monotonic() < deadline, "no audit event for the cut stream"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    cut = await eventually(
+        lambda: [e for e in read_events(audit_log) if e.get("path") == "/stall/stream"],
+        "no audit event for the cut stream",
+    )
     assert cut[-1]["reason"] == "upstream_timeout"
     assert cut[-1]["status"] == 200  # the status line had been sent
 
@@ -1575,7 +1542,9 @@ async def test_every_request_is_one_audit_event(
         assert r.status == 200
     async with http.delete(f"{stack.base}/r/r/echo?{marker}=2", headers=bearer(token)) as r:
         assert r.status == 403
-    events = [e for e in _events(audit_log) if e.get("route") == "r" and e.get("path") == "/echo"]
+    events = [
+        e for e in read_events(audit_log) if e.get("route") == "r" and e.get("path") == "/echo"
+    ]
     allowed = [e for e in events if e["method"] == "GET" and e["status"] == 200]
     denied = [e for e in events if e["method"] == "DELETE" and e["status"] == 403]
     assert allowed
@@ -1601,17 +1570,14 @@ async def test_each_way_a_request_ends_writes_exactly_one_event(
 
     def counts() -> dict[tuple[str, str], int]:
         seen: dict[tuple[str, str], int] = {}
-        for e in _events(audit_log):
+        for e in read_events(audit_log):
             if e.get("event") == "request" and (e.get("route") == "r" or e["path"] == SENTINEL):
                 key = (e["method"], e["path"])
                 seen[key] = seen.get(key, 0) + 1
         return seen
 
     async def logged(key: tuple[str, str], at_least: int) -> None:
-        deadline = time.monotonic() + 10
-        while counts().get(key, 0) < at_least:
-            assert time.monotonic() < deadline, f"no audit event for {key}"
-            await asyncio.sleep(0.01)  # polling interval of a bounded wait
+        await eventually(lambda: counts().get(key, 0) >= at_least, f"no audit event for {key}")
 
     before = counts()
     async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
@@ -1645,18 +1611,12 @@ async def test_each_way_a_request_ends_writes_exactly_one_event(
         assert after.get(key, 0) - before.get(key, 0) == 1, key
 
 
-def _events(path: Path) -> Iterator[dict[str, Any]]:
-    for line in path.read_text().splitlines():
-        if line.startswith("{"):
-            yield json.loads(line)
-
-
 # ----------------------------------------------------------------------------- Vault outage
 
 
 async def test_vault_outage_serves_from_cache_then_503(
     fresh_openbao: OpenBaoDevServer,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     http: aiohttp.ClientSession,
     upstream: Upstream,
 ) -> None:
@@ -1676,17 +1636,24 @@ async def test_vault_outage_serves_from_cache_then_503(
         stopped = time.monotonic()
         async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
             assert response.status == 200, "the cached key must serve right after Vault stops"
-        deadline = stopped + 15
-        while True:
+
+        async def answered() -> int:
             async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response:
                 if response.status == 503:
                     assert (await response.json())["error"]["code"] == "key_stale"
                     assert response.headers["Retry-After"] == "1"
-                    break
+                    return 503
                 assert response.status == 200
                 assert "Retry-After" not in response.headers
-            assert time.monotonic() < deadline, "never turned to 503 after max_staleness"
-            await asyncio.sleep(0.2)  # pacing between probes
+                return 200
+
+        await eventually(
+            answered,
+            "never turned to 503 after max_staleness",
+            within=stopped + 15 - time.monotonic(),
+            interval=0.2,
+            until=(503).__eq__,
+        )
         # max_staleness is 3 s: not before it, and (with a 500 ms refresh) not long after.
         assert time.monotonic() - stopped >= 2.0
         async with http.get(f"{stack.base}/readyz") as response:
@@ -1697,7 +1664,7 @@ async def test_vault_outage_serves_from_cache_then_503(
 async def test_a_key_never_loaded_is_503_with_retry_after(
     openbao: OpenBaoDevServer,
     agent: Agent,
-    local_issuer: LocalIssuer,
+    local_issuer: Issuer,
     token: str,
     http: aiohttp.ClientSession,
     upstream: Upstream,

@@ -10,13 +10,11 @@ output) are not run; any other fence is refused, so a new block must say which i
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from keyproxy.devserver import vault_dev_dir
+from tests.helpers.cli import BIN, started
+from tests.helpers.polling import eventually_blocking
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.M | re.S)
 KINDS = {"sh", "sh no-run", "console"}
 FINGERPRINT = re.compile(r"fingerprint ([0-9a-f]{12})")
@@ -67,29 +66,16 @@ def checkout(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterato
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8"}
     dev_env = {**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"}
     env_file = work / "keyproxy-dev.env"
-    with (log_dir / "readme-dev.out").open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "keyproxy"), "dev", "--port", "0"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=work,
-            env=dev_env,
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while not env_file.exists():
+    with started(
+        "dev", "--port", "0", out=log_dir / "readme-dev.out", cwd=work, env=dev_env
+    ) as proc:
+
+        def env_file_written() -> bool:
             assert proc.poll() is None, f"keyproxy dev exited {proc.returncode}"
-            assert time.monotonic() < deadline, "keyproxy dev wrote no env file within 90 s"
-            time.sleep(0.1)  # polling for the file, bounded by the deadline
+            return env_file.exists()
+
+        eventually_blocking(env_file_written, "keyproxy dev wrote no env file", within=90)
         yield Checkout(work, env)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
     assert proc.returncode == 0
     assert not env_file.exists(), "keyproxy dev left its env file behind"
 
@@ -166,16 +152,20 @@ def test_the_walkthrough_runs_as_written(checkout: Checkout, tmp_path: Path) -> 
     assert [e["owner"] for e in listed] == ["you@example.com"]
 
     # "Run the agent's python block again and the fingerprint has changed."
-    deadline = time.monotonic() + 5
-    attempt = 0
-    while True:
-        attempt += 1
-        again = run_blocks([blocks[0]], checkout, tmp_path / f"again-{attempt}")
+    attempts = itertools.count(1)
+
+    def fingerprints_now() -> set[str]:
+        again = run_blocks([blocks[0]], checkout, tmp_path / f"again-{next(attempts)}")
         assert again.completed == 1, again.errors[0]
-        now = set(FINGERPRINT.findall(again.outputs[0]))
-        if now and now != fingerprints:
-            break
-        assert time.monotonic() < deadline, "the rotated key was not in use within 5 s"
+        return set(FINGERPRINT.findall(again.outputs[0]))
+
+    eventually_blocking(
+        fingerprints_now,
+        "the rotated key was not in use",
+        within=5,
+        interval=0,
+        until=lambda now: bool(now) and now != fingerprints,
+    )
 
 
 def test_put_key_finds_the_checkouts_bao_without_path(tmp_path: Path) -> None:

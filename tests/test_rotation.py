@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 import yaml
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyproxy import config, rotation
 from keyproxy.devserver import OpenBaoDevServer
@@ -40,37 +38,23 @@ from keyproxy.secret import Secret
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault
 from tests.conftest import LegacyApiProcess
-from tests.support import CANARIES, bearer, free_port
+from tests.helpers.cli import BIN, keyproxy
+from tests.helpers.issuer import Issuer
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually, eventually_blocking
+from tests.helpers.servers import bearer, free_port
 from tests.test_keystatus import KEYS as STATUS_KEYS
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 ISSUER = "https://issuer.rotation.test.invalid"
 
 # ----------------------------------------------------------------------------- helpers
 
 
-class Issuer:
-    """A local workload-identity issuer: the tests mint each agent's token."""
-
-    def __init__(self, directory: Path) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        jwk.update(kid="rot-1", alg="RS256", use="sig")
-        self.jwks_file = directory / "jwks.json"
-        self.jwks_file.write_text(json.dumps({"keys": [jwk]}))
-
-    def token(self, subject: str) -> str:
-        now = int(time.time())
-        claims = {"iss": ISSUER, "aud": "keyproxy", "sub": subject, "iat": now, "exp": now + 900}
-        value = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": "rot-1"})
-        CANARIES.add(value)
-        return value
-
-
 @pytest.fixture(scope="module")
 def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
-    return Issuer(tmp_path_factory.mktemp("rot-issuer"))
+    """A local workload-identity issuer: the tests mint each agent's token."""
+    return Issuer(tmp_path_factory.mktemp("rot-issuer"), ISSUER, kid="rot-1", lifetime=900)
 
 
 @dataclass
@@ -92,18 +76,7 @@ class Env:
     ) -> subprocess.CompletedProcess[str]:
         """`keyproxy ARGS` with the root token in BAO_TOKEN; stderr goes to the log dir."""
         env = {**os.environ, "BAO_TOKEN": self.openbao.root_token, **(extra_env or {})}
-        done = subprocess.run(
-            [str(BIN / "keyproxy"), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-        )
-        with (self.log_dir / "rotation-cli.err").open("a") as err:
-            err.write(done.stdout + done.stderr)
-        return done
+        return keyproxy(*args, env=env, stdin=stdin, log=self.log_dir / "rotation-cli.err")
 
     def rotate(self, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
         extra = {rotation.FAILPOINT_ENV: failpoint} if failpoint else None
@@ -248,16 +221,18 @@ def stored_key(openbao: OpenBaoDevServer, env: Env, route: str) -> tuple[str, st
 
 def settle(env: Env, route: str) -> dict[str, Any]:
     """Run `rotate --due` until the route has no rotation in progress, lock or key in grace."""
-    deadline = time.monotonic() + 45
-    while True:
+
+    def settled() -> dict[str, Any]:
         done = env.rotate("--due")
         _, entries = env.status()
-        entry = entries[route]
+        entry: dict[str, Any] = entries[route]
         if not (entry["in_progress"] or entry["grace_until"] or entry["locked_by"]):
             assert done.returncode == 0, done.stdout
             return entry
-        assert time.monotonic() < deadline, f"not settled: {entry}"
-        time.sleep(0.2)  # polling interval of a bounded wait: the lock expires after 1 s
+        return {}
+
+    # The lock of an interrupted run expires after 1 s.
+    return eventually_blocking(settled, f"{route} not settled", within=45, interval=0.2)
 
 
 @contextlib.asynccontextmanager
@@ -298,7 +273,7 @@ async def serving(env: Env) -> AsyncIterator[Proxy]:
         )
     proxy = Proxy(f"http://127.0.0.1:{port}", out, f"http://127.0.0.1:{admin_port}")
     try:
-        await until(lambda: _ready(proxy), 30, "proxy ready")
+        await eventually(lambda: _ready(proxy), "proxy ready", within=30, interval=0.05)
         yield proxy
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -327,13 +302,6 @@ async def served_versions(proxy: Proxy) -> dict[str, int]:
     except aiohttp.ClientError:
         return {}
     return {name: k["version"] for name, k in body["keys"].items()}
-
-
-async def until(check: Callable[[], Any], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"{what}: not within {within} s"
-        await asyncio.sleep(0.05)  # polling interval of a bounded wait
 
 
 # ----------------------------------------------------------------------------- tests
@@ -374,13 +342,15 @@ async def test_ten_rotations_under_load_fail_no_request(
                     async def serves(v: int | None = version) -> bool:
                         return (await served_versions(proxy)).get(name) == v
 
-                    await until(serves, 10, "promoted version served")
+                    await eventually(serves, "promoted version served", within=10, interval=0.05)
 
                     async def revoked() -> bool:
                         done = await rotations.run_due()
                         return done[0].result == "revoked"
 
-                    await until(revoked, 15, "old key revoked after grace")
+                    await eventually(
+                        revoked, "old key revoked after grace", within=15, interval=0.05
+                    )
                     assert statuses[200] > before
             finally:
                 stop.set()
@@ -496,7 +466,12 @@ async def test_emergency_revokes_at_once_and_the_proxy_follows_within_5s(
             async with session.get(f"{proxy.base}/r/{name}/v1/data", headers=headers) as r:
                 return r.status == 200 and (await r.json())["key_id"] == new_id
 
-        await until(new_key_served, 5 - (time.monotonic() - returned), "new key served")
+        await eventually(
+            new_key_served,
+            "new key served",
+            within=5 - (time.monotonic() - returned),
+            interval=0.05,
+        )
     assert await asyncio.to_thread(valid_ids, env.legacy, name) == {new_id}
 
 
@@ -580,7 +555,7 @@ async def test_audit_names_exactly_the_identities_of_a_key_version(
             async def serves() -> bool:
                 return (await served_versions(proxy)).get(name) == second
 
-            await until(serves, 10, "new version served")
+            await eventually(serves, "new version served", within=10, interval=0.05)
             for headers in (a, b, a):
                 async with session.get(url, headers=headers) as r:
                     assert r.status == 200
@@ -667,7 +642,7 @@ async def test_command_rotator_rotates_and_revokes(
         "type": "command",
         "command": [
             sys.executable,
-            str(ROOT / "tests" / "legacy_api.py"),
+            str(ROOT / "tests" / "helpers" / "legacy_api.py"),
             "rotator",
             legacy_api.url,
         ],
@@ -699,7 +674,7 @@ async def test_embedded_scheduler_rotates_a_due_route(make_env: Callable[..., En
             async def stored() -> bool:
                 return await rotations.vault.kv_version("secret", path) == 1
 
-            await until(stored, 20, "scheduled rotation")
+            await eventually(stored, "scheduled rotation", within=20, interval=0.05)
             assert not task.done()
         finally:
             task.cancel()

@@ -11,7 +11,7 @@ import pytest
 from keyproxy import config
 from keyproxy.config.model import CommandRotator, HttpRotator, ManualRotator, SecretRef
 from keyproxy.errors import ConfigError
-from tests.support import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS
 
 ADMIN = "https://admin.example.com"
 HTTP: dict[str, Any] = {

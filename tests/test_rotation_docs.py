@@ -16,7 +16,7 @@ from keyproxy import config
 from keyproxy.config.model import HttpRotator
 from keyproxy.rotation.state import Result
 from keyproxy.rotation.status import KeyStatus
-from tests.support import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "rotation.md"
 

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from keyproxy import scope
-from keyproxy.config import Grant, Policy
+from keyproxy.config import Grant, McpGrant, Policy
 from keyproxy.identity import Identity
 
 P = scope.parse_pattern
@@ -124,3 +124,56 @@ def test_request_size_is_bounded() -> None:
         scope.parse(wide, list(wide))
     with pytest.raises(ValueError, match="segments"):
         scope.parse({"r": {"methods": ["GET"], "paths": ["/a" * 33]}}, ["r"])
+
+
+def _mcp(**fields: object) -> Grant:
+    return scope.parse({"m": fields}, ["m"], mcp={"m"})["m"][0]
+
+
+def test_mcp_scopes_name_tools_and_narrow_the_policy() -> None:
+    """A token's MCP scope is the intersection with the policy's: tools, prompts, resource
+    rules and methods are never more than either."""
+    policies = [
+        _policy(
+            "p",
+            m=_mcp(tools=["search_issues", "get_issue"], resources=["issues://*"]),
+        )
+    ]
+    requested = scope.parse(
+        {
+            "m": {
+                "tools": ["search_issues", "delete_repo"],
+                "resources": ["issues://1", "files://*"],
+                "methods": ["tools/call", "tools/list"],
+            }
+        },
+        ["m"],
+        mcp={"m"},
+    )
+    granted = scope.grantable(policies, Identity("i", "agent"), HERE, requested)
+    found = scope.mcp_grant(granted, "m")
+    assert found == McpGrant(
+        tools=frozenset({"search_issues"}),
+        resources=("issues://1",),
+        methods=frozenset({"tools/call", "tools/list"}),
+    )
+    assert scope.allows(granted, "m", "POST", ("mcp",))
+    assert scope.from_claim(scope.to_claim(granted), ["m"], mcp={"m"}) == granted
+    wider = scope.intersect_mcp(McpGrant(resources=("a://x/*",)), McpGrant(resources=("a://*",)))
+    assert wider.resources == ("a://x/*",)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"m": {"tools": ["Search\u200bIssues"]}},
+        {"m": {"tools": "search_issues"}},
+        {"m": {"tools": ["x"] * 65}},
+        {"m": {"methods": ["GET"], "paths": ["/**"]}},
+        {"m": {"resources": ["a://../b"]}},
+    ],
+)
+def test_bad_mcp_scopes_are_refused(bad: object) -> None:
+    """An MCP scope holds only exact names, as lists, within the request limits."""
+    with pytest.raises(ValueError, match=r"scope\.m"):
+        scope.parse(bad, ["m"], mcp={"m"})

@@ -12,8 +12,6 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,18 +24,13 @@ import yaml
 from keyproxy import audit, config, secret
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import ConfigError
-from tests.support import (
-    CANARIES,
-    CONFIG_SECTIONS,
-    Stack,
-    Upstream,
-    bearer,
-    free_port,
-    new_key,
-    running_proxy,
-)
+from tests.helpers.cli import ready, started
+from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import Stack, Upstream, bearer, free_port, new_key, running_proxy
 
-BIN = Path(sys.executable).parent
 KEY_PATH = "keyproxy/keys/server-test"
 
 
@@ -66,14 +59,16 @@ def _config(openbao: OpenBaoDevServer, upstream: str, **server: Any) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def seeded(openbao: OpenBaoDevServer) -> str:
+def server_key(openbao: OpenBaoDevServer) -> str:
     key = new_key()
     openbao.put_key(KEY_PATH, key)
     return key
 
 
 @pytest.fixture
-async def stack(openbao: OpenBaoDevServer, upstream: Upstream, seeded: str) -> AsyncIterator[Stack]:
+async def stack(
+    openbao: OpenBaoDevServer, upstream: Upstream, server_key: str
+) -> AsyncIterator[Stack]:
     cfg = _config(
         openbao,
         upstream.url,
@@ -99,21 +94,6 @@ async def _exchange(port: int, data: bytes, within: float = 10.0) -> bytes:
             return await reader.read()  # to EOF
     finally:
         writer.close()
-
-
-@pytest.fixture(autouse=True)
-def _audit_path(audit_log: Path) -> None:
-    global _AUDIT  # noqa: PLW0603  # the session's one audit log, for the helpers below
-    _AUDIT = audit_log
-
-
-_AUDIT = Path()
-
-
-def _audit_lines() -> list[dict[str, Any]]:
-    """Every event the session's in-process servers wrote so far."""
-    audit.flush()
-    return [json.loads(line) for line in _AUDIT.read_text().splitlines() if line.startswith("{")]
 
 
 def _secret_token() -> str:
@@ -142,12 +122,13 @@ MALFORMED = {
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 async def test_a_malformed_request_echoes_nothing_and_logs_no_header(
-    stack: Stack, upstream: Upstream, kind: str
+    stack: Stack, upstream: Upstream, kind: str, audit_log: Path
 ) -> None:
     """A request aiohttp cannot parse gets a JSON 400 holding nothing it sent, one
     request.malformed event without header values, nothing upstream, and is counted."""
     token = _secret_token()
-    before = len(_audit_lines())
+    audit.flush()
+    before = len(read_events(audit_log))
     answer = await _exchange(_port(stack.base), MALFORMED[kind].replace(b"{t}", token.encode()))
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 ")), answer[:200]
@@ -156,10 +137,11 @@ async def test_a_malformed_request_echoes_nothing_and_logs_no_header(
     assert json.loads(body)["error"]["code"] == "malformed_request"
     assert token.encode() not in answer
     assert upstream.requests == []
-    events = _audit_lines()[before:]
-    assert token not in json.dumps(events)
-    malformed = [e for e in events if e["event"] == "request.malformed"]
-    assert len(malformed) == 1, events
+    audit.flush()
+    logged = read_events(audit_log)[before:]
+    assert token not in json.dumps(logged)
+    malformed = [e for e in logged if e["event"] == "request.malformed"]
+    assert len(malformed) == 1, logged
     assert malformed[0]["source"] == "127.0.0.1"
     assert malformed[0]["level"] == "warning"
     async with (
@@ -170,13 +152,13 @@ async def test_a_malformed_request_echoes_nothing_and_logs_no_header(
     assert 'keyproxy_requests_total{decision="malformed",route="-",status="400"}' in metrics
 
 
-def test_standard_library_records_come_out_as_scrubbed_json() -> None:
+def test_standard_library_records_come_out_as_scrubbed_json(audit_log: Path) -> None:
     """A record of any library's logger, traceback included, is one JSON line of the audit
     stream with registered secrets and JWT-shaped text redacted."""
     key = new_key()
     secret.register(key)
     jwtish = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln"
-    before = len(_AUDIT.read_text().splitlines())
+    before = len(audit_log.read_text().splitlines())
     logging.getLogger("aiohttp.server").error("Error handling request %s", key)
     try:
         _refuse(f"bad header {jwtish} {key}")
@@ -184,7 +166,7 @@ def test_standard_library_records_come_out_as_scrubbed_json() -> None:
         logging.getLogger("asyncio").exception("Task exception")
     logging.getLogger("hvac.adapters").warning("%s", {"token": key})
     audit.flush()
-    lines = _AUDIT.read_text().splitlines()[before:]
+    lines = audit_log.read_text().splitlines()[before:]
     events = [json.loads(line) for line in lines]  # every line is JSON
     assert [e["logger"] for e in events] == ["aiohttp.server", "asyncio", "hvac.adapters"]
     assert [e["level"] for e in events] == ["error", "error", "warning"]
@@ -275,17 +257,14 @@ async def test_connections_over_the_per_source_cap_are_refused(stack: Stack) -> 
             )
             return answer.startswith(b"HTTP/1.1 200 ")
 
-        deadline = time.monotonic() + 10
-        while not await admitted():
-            assert time.monotonic() < deadline, "the freed slot was never reused"
-            await asyncio.sleep(0.05)  # polling for the server to see the close
+        await eventually(admitted, "the freed slot was never reused", interval=0.05)
     finally:
         for _, writer in held:
             writer.close()
 
 
 async def test_trusted_proxies_are_exempt_from_the_per_source_cap_not_the_total(
-    openbao: OpenBaoDevServer, upstream: Upstream, seeded: str
+    openbao: OpenBaoDevServer, upstream: Upstream, server_key: str
 ) -> None:
     """Connections from a trusted proxy carry many callers: only max_connections bounds
     them."""
@@ -315,7 +294,7 @@ async def test_trusted_proxies_are_exempt_from_the_per_source_cap_not_the_total(
 # ----------------------------------------------------------------------------- listeners
 
 
-async def test_the_agents_port_shows_status_only(stack: Stack, seeded: str) -> None:
+async def test_the_agents_port_shows_status_only(stack: Stack, server_key: str) -> None:
     """On the proxy port: no /metrics, and readiness without secret paths, fingerprints or
     read counts; the admin listener has them. Every answer names keyproxy, no versions."""
     async with aiohttp.ClientSession() as http:
@@ -342,7 +321,7 @@ async def test_the_agents_port_shows_status_only(stack: Stack, seeded: str) -> N
 
 
 async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
-    openbao: OpenBaoDevServer, upstream: Upstream, seeded: str, tmp_path: Path, log_dir: Path
+    openbao: OpenBaoDevServer, upstream: Upstream, server_key: str, tmp_path: Path, log_dir: Path
 ) -> None:
     """`keyproxy serve`: malformed requests leave nothing on stderr and only JSON on stdout,
     without the credential; SIGHUP is logged and ignored; SIGTERM logs the requests in
@@ -355,29 +334,13 @@ async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
     port = free_port()
     out, err = log_dir / "server-serve.out", log_dir / "server-serve.err"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    argv = [str(BIN / "keyproxy"), "serve", "-c", str(path), "--port", str(port)]
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
-            [*argv, "--admin-port", "0", "--shutdown-timeout", "20"],
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-        )
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
     base = f"http://127.0.0.1:{port}"
-    try:
+    with started(
+        *args, "--shutdown-timeout", "20", out=out, err=err, env={**env, "PYTHONUNBUFFERED": "1"}
+    ) as proc:
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with http.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, "keyproxy serve exited"
-                assert time.monotonic() < deadline, "keyproxy serve never became ready"
-                await asyncio.sleep(0.1)  # polling for readiness
+            await ready(http, base, proc)
             for data in MALFORMED.values():
                 answer = await _exchange(port, data.replace(b"{t}", token.encode()))
                 assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))
@@ -391,10 +354,6 @@ async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
                 rest = await stream.read()
             assert (first + rest).count(b"data: part") == 5
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
     assert err.read_bytes() == b""
     lines = out.read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line of stdout is a JSON event

@@ -18,6 +18,7 @@ from aiohttp import web
 from keyproxy.errors import Unauthenticated
 from keyproxy.spiffe import thumbprint
 from keyproxy.tls import ClientAuth, ServerTLS, TLSFiles, peer_certificate, peer_chain
+from tests.helpers.polling import eventually
 from tests.svid_ca import Issued, SvidCA
 
 TLS_KEY = web.AppKey("tls", ServerTLS)
@@ -397,10 +398,7 @@ def _server_thumbprint_of(tls: ServerTLS) -> str:
 
 async def _until(condition: Callable[[], bool]) -> None:
     """Poll `condition()` until true, failing after 10 seconds."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)  # polling for the condition
+    await eventually(condition, "condition not reached")
 
 
 def test_failed_reload_keeps_running_context(cas: dict[str, SvidCA], plain_tls: ServerTLS) -> None:

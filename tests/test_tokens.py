@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,11 @@ from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
-from tests.support import (
-    CANARIES,
+from tests.helpers.cli import ready, started
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import (
     Stack,
     Upstream,
     bearer,
@@ -45,20 +46,12 @@ from tests.support import (
     token_config,
 )
 
-BIN = Path(sys.executable).parent
-
 
 @pytest.fixture(scope="module")
-def agent(openbao: OpenBaoDevServer) -> Agent:
+def agent(openbao: OpenBaoDevServer, agent: Agent) -> Agent:
+    """conftest's agent, with the key of token_config's routes stored."""
     openbao.put_key("keyproxy/keys/tokens-test", new_key())
-    return openbao.add_agent("token-agent")
-
-
-@pytest.fixture(scope="module")
-def identity_token(openbao: OpenBaoDevServer, agent: Agent) -> str:
-    value = openbao.agent_token(agent)
-    CANARIES.add(value)
-    return value
+    return agent
 
 
 @pytest.fixture
@@ -90,6 +83,13 @@ async def status(http: aiohttp.ClientSession, method: str, url: str, token: str)
     ) as response:
         await response.read()
         return response.status
+
+
+async def refused(
+    http: aiohttp.ClientSession, method: str, url: str, token: str, what: str, **wait: float
+) -> None:
+    """Until `token` is answered 401 at `url`; `wait` bounds it (`eventually`'s keywords)."""
+    await eventually(lambda: status(http, method, url, token), what, until=(401).__eq__, **wait)
 
 
 async def test_exchange_use_scope_and_revoke(
@@ -132,10 +132,15 @@ async def test_expired_task_token_is_401(
     assert code == 200
     url = f"{stack.base}/r/r/v1/chat/completions"
     assert await status(http, "POST", url, answer["access_token"]) == 200
-    deadline = time.monotonic() + 15
-    while await status(http, "POST", url, answer["access_token"]) != 401:
-        assert time.monotonic() < deadline, "the expired token kept working"
-        await asyncio.sleep(0.25)  # pacing between probes
+    await refused(
+        http,
+        "POST",
+        url,
+        answer["access_token"],
+        "the expired token kept working",
+        within=15,
+        interval=0.25,
+    )
 
 
 async def test_grant_is_the_intersection_with_policy(
@@ -359,52 +364,14 @@ def replicas(
     """Two `keyproxy serve` processes sharing one OpenBao; yields their base URLs."""
     path = tmp_path / "k.yaml"
     path.write_text(yaml.safe_dump(token_config(openbao, agent, "http://127.0.0.1:9")))
-    procs, bases = [], []
-    try:
+    with contextlib.ExitStack() as replicas:
+        bases = []
         for i in range(2):
             port = free_port()
-            with (log_dir / f"replica-{i}.out").open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            str(BIN / "keyproxy"),
-                            "serve",
-                            "-c",
-                            str(path),
-                            "--port",
-                            str(port),
-                            "--admin-port",
-                            "0",
-                        ],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
-                )
+            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
+            replicas.enter_context(started(*args, out=log_dir / f"replica-{i}.out"))
             bases.append(f"http://127.0.0.1:{port}")
         yield bases
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-async def _ready(http: aiohttp.ClientSession, base: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with http.get(f"{base}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        assert time.monotonic() < deadline, f"{base} not ready"
-        await asyncio.sleep(0.1)  # polling for readiness
 
 
 async def test_revocation_reaches_another_replica_within_2s(
@@ -412,8 +379,8 @@ async def test_revocation_reaches_another_replica_within_2s(
 ) -> None:
     """A token revoked through one replica is refused by the other within 2 s."""
     a, b = replicas
-    await _ready(http, a)
-    await _ready(http, b)
+    await ready(http, a)
+    await ready(http, b)
     code, answer = await exchange(
         http, a, identity_token, scope={"other": {"methods": ["GET"], "paths": ["/echo"]}}
     )
@@ -423,10 +390,15 @@ async def test_revocation_reaches_another_replica_within_2s(
     assert await status(http, "GET", f"{b}/r/other/echo", token) == 502
     async with http.post(f"{a}/token/revoke", headers=bearer(token)) as response:
         assert response.status == 200
-    revoked_at = time.monotonic()
-    while await status(http, "GET", f"{b}/r/other/echo", token) != 401:
-        assert time.monotonic() - revoked_at < 2.0, "the other replica still accepts the token"
-        await asyncio.sleep(0.05)  # pacing between probes
+    await refused(
+        http,
+        "GET",
+        f"{b}/r/other/echo",
+        token,
+        "the other replica still accepts the token",
+        within=2.0,
+        interval=0.05,
+    )
 
 
 async def test_operator_revokes_by_task(
@@ -453,10 +425,15 @@ async def test_operator_revokes_by_task(
         )
         == 0
     )
-    deadline = time.monotonic() + 2
-    while await status(http, "POST", url, answer["access_token"]) != 401:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)  # pacing between probes
+    await refused(
+        http,
+        "POST",
+        url,
+        answer["access_token"],
+        "the revoked token kept working",
+        within=2,
+        interval=0.05,
+    )
 
 
 async def test_vault_down_exchange_503_existing_tokens_work(
@@ -665,13 +642,6 @@ async def _tokens_via(
 SCOPE = {"r": (Grant(frozenset({"POST"}), (("v1", "chat", "completions"),)),)}
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)  # polling for the condition
-
-
 async def test_known_key_never_waits_for_a_stalled_vault(
     relay: VaultRelay, openbao: OpenBaoDevServer, agent: Agent
 ) -> None:
@@ -688,18 +658,20 @@ async def test_known_key_never_waits_for_a_stalled_vault(
     relay.gate.clear()
     runner = asyncio.create_task(tasks.run())
     try:
-        await until(
+        await eventually(
             lambda: any(b"/transit/keys/keyproxy-tokens" in h for h in relay.held),
             "the background key read never reached Vault",
+            interval=0.02,
         )
         verified = await tasks.verify(issued.token)  # never seen: a full signature check
         assert verified.token_id == issued.token_id
         assert not relay.gate.is_set()  # the key read is still waiting in Vault
         await asyncio.to_thread(openbao.bao, "write", "-f", "transit/keys/keyproxy-tokens/rotate")
         relay.gate.set()
-        await until(
+        await eventually(
             lambda: tasks.key_status()["versions"] == [*before, max(before) + 1],
             "the background read never brought the new version",
+            interval=0.02,
         )
         assert tasks.key_status()["age"] < 5
     finally:
@@ -766,17 +738,15 @@ async def test_holder_revocation_is_one_audit_event(
     assert code == 200, answer
     async with http.post(f"{stack.base}/token/revoke", headers=bearer(answer["access_token"])) as r:
         assert r.status == 200
-    deadline = time.monotonic() + 10
     # Both events of one request reach the file in one write: once one is there, all are.
-    while not (
-        events := [
+    events = await eventually(
+        lambda: [
             e
-            for e in _audit_events(audit_log)
+            for e in read_events(audit_log)
             if e.get("event") == "token.revoked" and e.get("token_id") == answer["token_id"]
-        ]
-    ):
-        assert time.monotonic() < deadline, "no token.revoked event"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+        ],
+        "no token.revoked event",
+    )
     assert len(events) == 1, events
     assert {k: events[0].get(k) for k in ("by", "task", "issuer", "subject")} == {
         "by": "holder",
@@ -784,12 +754,8 @@ async def test_holder_revocation_is_one_audit_event(
         "issuer": "openbao",
         "subject": stack.config.policies[0].subjects[0],
     }
-    nulls = [e for e in _audit_events(audit_log) if e.get("event") == "token.revoked"]
+    nulls = [e for e in read_events(audit_log) if e.get("event") == "token.revoked"]
     assert not [e for e in nulls if e.get("by") is None]
-
-
-def _audit_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
 @pytest.fixture
@@ -912,16 +878,14 @@ async def test_broker_events_and_answers_carry_the_request_id(
         "token.denied": "broker-deny-1",
         "token.revoked": "broker-revoke-1",
     }
-    deadline = time.monotonic() + 10
-    while True:
-        found = {
+    found = await eventually(
+        lambda: {
             e["event"]: e
-            for e in _audit_events(audit_log)
+            for e in read_events(audit_log)
             if e.get("request_id") in wanted.values() and e.get("event") in wanted
-        }
-        if set(found) == set(wanted):
-            break
-        assert time.monotonic() < deadline, f"events missing: {set(wanted) - set(found)}"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+        },
+        f"events missing of {sorted(wanted)}",
+        until=lambda f: set(f) == set(wanted),
+    )
     assert {name: e["request_id"] for name, e in found.items()} == wanted
     assert found["token.denied"]["level"] == "warning"

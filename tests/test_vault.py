@@ -8,9 +8,8 @@ import ipaddress
 import json
 import os
 import re
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,8 +38,9 @@ from keyproxy.vault import (
     Vault,
     announce_key_change,
 )
-from tests.cli_support import clean_env, keyproxy
-from tests.support import free_port, new_key
+from tests.helpers.cli import clean_env, keyproxy
+from tests.helpers.polling import eventually
+from tests.helpers.servers import free_port, new_key
 
 POLL = 0.05
 VAULT_TOKEN = re.compile(r"\b(hv)?[sbr]\.[A-Za-z0-9]{20,}")  # OpenBao/Vault token formats
@@ -63,15 +63,6 @@ def route(name: str, ref: SecretRef) -> Route:
         secret=ref,
         inject=(Injection("header", "Authorization", "Bearer {key}"),),
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    """Poll `check` until it is true; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(POLL)
 
 
 @contextlib.contextmanager
@@ -364,7 +355,7 @@ async def test_maintain_token_renews_before_expiry(
         await vault.login()
         assert not await renewed()
         async with background(vault.maintain_token()):
-            await eventually(renewed, 10, "the token to be renewed")
+            await eventually(renewed, "the token to be renewed", within=10, interval=POLL)
 
 
 async def test_maintain_token_logs_in_again_at_max_ttl(
@@ -395,7 +386,7 @@ async def test_maintain_token_logs_in_again_at_max_ttl(
                 async def logged_in_again() -> bool:
                     return any(e["event"] == "vault.login" for e in logs)
 
-                await eventually(logged_in_again, 10, "a new login")
+                await eventually(logged_in_again, "a new login", within=10, interval=POLL)
                 key = await vault.read_key(SecretRef("secret", kv_path, "api_key"))
     assert key.secret.reveal() == "sk-short-ttl-0001"
     assert not [e for e in logs if e["event"] == "vault.token_rejected"]
@@ -422,7 +413,7 @@ async def test_key_cache_picks_up_new_version(
             async def updated() -> bool:
                 return cache.get("a").version == version
 
-            await eventually(updated, 5, "the new key version")
+            await eventually(updated, "the new key version", within=5, interval=POLL)
     assert cache.get("a").secret.reveal() == "sk-cache-v2-0001"
     assert version == first.version + 1
 

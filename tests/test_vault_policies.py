@@ -31,10 +31,10 @@ from cryptography.x509.oid import NameOID
 from keyproxy.config import SecretRef, VaultAuth, VaultConfig
 from keyproxy.devserver import OpenBaoDevServer, vault_dev_dir
 from keyproxy.vault import KEY_INDEX_PATH, Vault
-from tests.support import new_key
+from tests.helpers.cli import keyproxy
+from tests.helpers.servers import new_key
 
 SCRIPTS = vault_dev_dir()
-BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
 
 
 @dataclass(frozen=True)
@@ -305,18 +305,7 @@ def _keyproxy_config(tmp: Path, server: OpenBaoDevServer, role: str, key_path: s
 
 def _keyproxy(log: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    done = subprocess.run(
-        [str(BIN / "keyproxy"), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    with log.open("a", encoding="utf-8") as f:
-        f.write(done.stdout + done.stderr)
-    return done
+    return keyproxy(*args, env=env, stdin=stdin, log=log)
 
 
 def test_keyproxy_commands_work_with_the_rotation_role_and_not_the_proxy_role(

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,16 +15,12 @@ import yaml
 from aiohttp import web
 
 from keyproxy.devserver import OpenBaoDevServer
-from tests.support import new_key, serve
+from tests.helpers import cli
+from tests.helpers.events import read_events
+from tests.helpers.polling import eventually
+from tests.helpers.servers import free_port, new_key, serve
 
-BIN = Path(sys.executable).parent
 DEADLINE = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class GatedStream:
@@ -55,7 +46,7 @@ class GatedStream:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[GatedStream]:
+async def gated() -> AsyncIterator[GatedStream]:
     """The gated streaming upstream on 127.0.0.1."""
     gated = GatedStream()
     runner, gated.port = await serve(gated.app())
@@ -108,44 +99,23 @@ def _config(bao: OpenBaoDevServer, subject: str, upstream: int) -> dict[str, Any
     }
 
 
-def _events(path: Path) -> list[dict[str, Any]]:
-    # Whole lines only: the last one may be in the middle of being written.
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-    return [json.loads(line) for line in lines if line.startswith("{")]
-
-
-async def _until_ready(
-    http: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes]
-) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        assert proc.poll() is None, "keyproxy exited before it was ready"
-        try:
-            async with http.get(f"{base}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, "not ready in time"
-        await asyncio.sleep(0.1)  # polling interval, bounded by the deadline
-
-
 async def _until_refused(port: int) -> None:
     """Poll until nothing accepts connections on `port` any more (every listener closed)."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
+
+    async def refused() -> bool:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
-            return
+            return True
         writer.close()
         await writer.wait_closed()
-        assert time.monotonic() < deadline, "the port still accepts connections"
-        await asyncio.sleep(0.05)  # polling interval, bounded by the deadline
+        return False
+
+    await eventually(refused, "the port still accepts connections", within=DEADLINE, interval=0.05)
 
 
 async def test_two_workers_serve_and_stop_gracefully(
-    openbao: OpenBaoDevServer, upstream: GatedStream, tmp_path: Path, log_dir: Path
+    openbao: OpenBaoDevServer, gated: GatedStream, tmp_path: Path, log_dir: Path
 ) -> None:
     """--workers 2 serves from two processes on one port; on SIGTERM the parent stops both,
     which close the port but finish a stream in flight before exiting 0."""
@@ -153,53 +123,40 @@ async def test_two_workers_serve_and_stop_gracefully(
     openbao.put_key("keyproxy/keys/workers-test", new_key())
     token = openbao.agent_token(agent)
     path = tmp_path / "k.yaml"
-    path.write_text(yaml.safe_dump(_config(openbao, agent.entity_id, upstream.port)))
-    port = _free_port()
+    path.write_text(yaml.safe_dump(_config(openbao, agent.entity_id, gated.port)))
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     out = log_dir / "workers.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    argv = [
-        str(BIN / "keyproxy"),
-        "serve",
-        "-c",
-        str(path),
-        "--port",
-        str(port),
-        "--admin-port",
-        "0",
-    ]
-    with out.open("wb") as stdout:
-        proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
-            [*argv, "--workers", "2"],
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0", "--workers", "2")
     fresh = aiohttp.TCPConnector(force_close=True)  # a new connection, so any worker may take it
-    try:
+    with cli.started(*args, out=out, env=env) as proc:
         async with aiohttp.ClientSession(connector=fresh) as http:
-            await _until_ready(http, base, proc)
+            await cli.ready(http, base, proc, within=DEADLINE)
             # Requests without a credential are answered 401 and audited by the worker that
             # took the connection: keep asking until both workers have answered.
             workers: set[int] = set()
             for _ in range(500):
                 async with http.get(f"{base}/r/up/stream") as response:
                     assert response.status == 401
-                events = _events(out)
+                events = read_events(out)
                 workers = {e["worker"] for e in events if e.get("event") == "request"}
                 if len(workers) == 2:
                     break
-            (started,) = [e["pids"] for e in _events(out) if e.get("event") == "workers_started"]
+            (started,) = [
+                e["pids"] for e in read_events(out) if e.get("event") == "workers_started"
+            ]
             assert workers == set(started)
             assert proc.pid not in workers
 
             # SIGHUP to the parent is logged and ignored: the same workers keep serving.
             proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + DEADLINE
-            while not any(e.get("event") == "sighup_ignored" for e in _events(out)):
-                assert time.monotonic() < deadline, "SIGHUP was not logged"
-                await asyncio.sleep(0.05)  # polling the log of a bounded wait
+            await eventually(
+                lambda: any(e.get("event") == "sighup_ignored" for e in read_events(out)),
+                "SIGHUP was not logged",
+                within=DEADLINE,
+                interval=0.05,
+            )
             async with http.get(f"{base}/r/up/stream") as response:
                 assert response.status == 401
             assert proc.poll() is None
@@ -211,18 +168,14 @@ async def test_two_workers_serve_and_stop_gracefully(
                 first = await stream.content.readuntil(b"\n\n")
                 proc.send_signal(signal.SIGTERM)
                 await _until_refused(port)
-                upstream.gate.set()
+                gated.gate.set()
                 rest = await stream.content.read()
             assert first + rest == b"data: first\n\ndata: second\n\n"
         assert await asyncio.to_thread(proc.wait, DEADLINE) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=DEADLINE)
     for pid in started:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    stopped = [e for e in _events(out) if e.get("event") == "workers_stopping"]
+    stopped = [e for e in read_events(out) if e.get("event") == "workers_stopping"]
     assert len(stopped) == 1
     assert token not in out.read_text(encoding="utf-8")
 

@@ -5,6 +5,10 @@ keeps the events in which a key was injected (those carry `key_version`). The an
 leaked key is its blast radius: every identity (issuer and subject) that used it, with its
 tasks, token ids, request count and first and last use. Lines that are not audit events are
 skipped and counted, so a log mixed with other output still works. Pure: no I/O of its own.
+
+`calls` reads the `mcp.call` events of an MCP route instead: every JSON-RPC request, by task,
+with the tool (or prompt, resource, method) it named, whether it was allowed, and the key
+version.
 """
 
 from __future__ import annotations
@@ -98,6 +102,71 @@ def query(
     return Answer(ordered, skipped, routes)
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One JSON-RPC request on an MCP route, as its `mcp.call` event named it."""
+
+    timestamp: str
+    method: str
+    target: str  # the tool, prompt or resource URI named ("" for other methods)
+    decision: str
+    key_version: int | None
+    subject: str | None
+    token_id: str | None
+    session: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "timestamp": self.timestamp,
+            "method": self.method,
+            "target": self.target,
+            "decision": self.decision,
+            "key_version": self.key_version,
+            "subject": self.subject,
+            "token_id": self.token_id,
+            "session": self.session,
+        }
+
+
+def calls(
+    lines: Iterable[str],
+    route: str,
+    task: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> dict[str, list[ToolCall]]:
+    """The MCP calls on `route` by task ("" for calls without one), in log order; only
+    `task`'s when given."""
+    found: dict[str, list[ToolCall]] = {}
+    for line in lines:
+        event = _event(line, "mcp.call")
+        if event is None or event.get("route") != route:
+            continue
+        at = _time(event.get("timestamp"))
+        if at is None or (since and at < since) or (until and at > until):
+            continue
+        name = event.get("task") if isinstance(event.get("task"), str) else ""
+        if task is not None and name != task:
+            continue
+        target = next(
+            (event[k] for k in ("mcp_tool", "mcp_prompt", "mcp_resource") if k in event), ""
+        )
+        version = event.get("key_version")
+        found.setdefault(str(name), []).append(
+            ToolCall(
+                timestamp=str(event["timestamp"]),
+                method=str(event.get("mcp_method", "")),
+                target=str(target),
+                decision=str(event.get("decision", "")),
+                key_version=version if isinstance(version, int) else None,
+                subject=event.get("subject") if isinstance(event.get("subject"), str) else None,
+                token_id=event.get("token_id") if isinstance(event.get("token_id"), str) else None,
+                session=str(event.get("mcp_session") or ""),
+            )
+        )
+    return found
+
+
 def _time(value: Any) -> datetime | None:
     try:
         return parse_time(value) if isinstance(value, str) else None
@@ -105,14 +174,14 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def _event(line: str) -> dict[str, Any] | None:
+def _event(line: str, kind: str = "request") -> dict[str, Any] | None:
     try:
         value = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(value, dict) or value.get("event") != "request":
+    if not isinstance(value, dict) or value.get("event") != kind:
         return None
     return value
 
 
-__all__ = ["Answer", "Usage", "parse_time", "query"]
+__all__ = ["Answer", "ToolCall", "Usage", "calls", "parse_time", "query"]

@@ -22,11 +22,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from aiohttp import web
 
-from keyproxy import audit, config, demo
+from keyproxy import audit, config, demo, mcp_demo
 from keyproxy.devserver import Agent, OpenBaoDevServer, vault_dev_dir
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, build_admin_app, build_app
@@ -35,6 +36,8 @@ from keyproxy.storeserver import LocalStoreServer
 ROUTE = "demo"
 AGENT = "demo-agent"
 KEY_PATH = "keyproxy/keys/demo"
+MCP_ROUTE = "demo-mcp"
+MCP_KEY_PATH = "keyproxy/keys/demo-mcp"
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,17 @@ class DevStack:
     state_url: str = ""  # the Valkey/Redis server of --redis
 
 
-def dev_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, object]:
-    """The configuration `keyproxy dev` runs: one route, one agent, OpenBao for everything."""
-    return {
+def dev_config(
+    bao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: str,
+    mcp_upstream: str | None = None,
+    state_url: str = "",
+) -> dict[str, object]:
+    """The configuration `keyproxy dev` runs: one route (and the demo MCP server's, when
+    `mcp_upstream` is given), one agent, OpenBao for everything, limits counted at
+    `state_url` (the process's memory without it)."""
+    cfg: dict[str, Any] = {
         "vault": bao.vault_yaml(refresh_interval="2s", max_staleness="5m"),
         "identity": {"issuers": [bao.issuer_yaml("openbao")]},
         "routes": {
@@ -79,6 +90,21 @@ def dev_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, 
             }
         ],
     }
+    if mcp_upstream is not None:
+        cfg["routes"][MCP_ROUTE] = {
+            "kind": "mcp",
+            "upstream": mcp_upstream,
+            "secret": {"path": MCP_KEY_PATH, "field": "api_key"},
+            "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+            "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+            "allow_http": True,
+            "owner": "you@example.com",
+        }
+        # One of the demo server's two tools: close_issue is neither listed nor callable.
+        cfg["policies"][0]["allow"][MCP_ROUTE] = {"tools": ["search_issues"]}
+    if state_url:
+        cfg["state"] = {"url": state_url}
+    return cfg
 
 
 async def run(
@@ -93,6 +119,7 @@ async def run(
     bao = OpenBaoDevServer(workdir)
     store = LocalStoreServer(workdir / "valkey") if redis else None
     runners: list[web.AppRunner] = []
+    mcp_server: mcp_demo.Running | None = None
     written: str | None = None
     try:
         _progress("starting an OpenBao dev server")
@@ -102,16 +129,14 @@ async def run(
         agent = await asyncio.to_thread(bao.add_agent, AGENT)
         await asyncio.to_thread(bao.put_key, KEY_PATH, secrets.token_urlsafe(32))
 
-        if store is not None:
-            _progress("starting a Valkey/Redis server for limits")
-            await asyncio.to_thread(store.start)
+        state_url = await _start_store(store)
 
         _progress("starting the demo upstream and the proxy")
         upstream_port = await _serve(demo.build_app(), 0, runners)
+        mcp_server = await _start_mcp_demo(bao)
+        mcp_upstream = f"http://127.0.0.1:{mcp_server.port}" if mcp_server else None
         cfg_path = workdir / "keyproxy.yaml"
-        cfg = dev_config(bao, agent, f"http://127.0.0.1:{upstream_port}")
-        if store is not None:
-            cfg["state"] = {"url": store.url}
+        cfg = dev_config(bao, agent, f"http://127.0.0.1:{upstream_port}", mcp_upstream, state_url)
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         # With --json, stdout carries only the handshake line, for programs to read.
         audit.configure(sys.stderr if as_json else sys.stdout)
@@ -127,7 +152,7 @@ async def run(
             cfg_path,
             token_path,
             f"http://127.0.0.1:{admin_port}",
-            store.url if store is not None else "",
+            state_url,
         )
         if env_file is not None:
             written = env_text(stack, bao, AGENT)
@@ -136,6 +161,7 @@ async def run(
             info = {
                 "proxy_url": stack.proxy_url,
                 "route": ROUTE,
+                "mcp_url": _mcp_url(stack) if mcp_upstream else None,
                 "token": token,
                 "vault_addr": bao.addr,
                 "admin_url": stack.admin_url,
@@ -147,19 +173,36 @@ async def run(
             print(json.dumps(info), flush=True)  # noqa: T201  # the documented --json handshake
         else:
             print(_instructions(stack, env_file), flush=True)  # noqa: T201
+            if mcp_upstream:
+                print(_mcp_instructions(stack), flush=True)  # noqa: T201
         await stop.wait()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        if mcp_server is not None:
+            await mcp_server.stop()
         await asyncio.to_thread(bao.stop)
-        if store is not None:
-            await asyncio.to_thread(store.stop)
+        await _stop_store(store)
         # The work directory holds the root token and AppRole credentials of this throwaway
         # OpenBao: nothing to keep. The env file names them: it goes too, unless another
         # `keyproxy dev` has written its own there since.
         shutil.rmtree(workdir, ignore_errors=True)
         if env_file is not None and written is not None:
             _remove_if_unchanged(env_file, written)
+
+
+async def _start_store(store: LocalStoreServer | None) -> str:
+    """Start the Valkey/Redis server of --redis; its URL ("" without one)."""
+    if store is None:
+        return ""
+    _progress("starting a Valkey/Redis server for limits")
+    await asyncio.to_thread(store.start)
+    return store.url
+
+
+async def _stop_store(store: LocalStoreServer | None) -> None:
+    if store is not None:
+        await asyncio.to_thread(store.stop)
 
 
 def env_text(stack: DevStack, bao: OpenBaoDevServer, agent: str) -> str:
@@ -232,6 +275,30 @@ def _stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def _start_mcp_demo(bao: OpenBaoDevServer) -> mcp_demo.Running | None:
+    """The demo MCP server, its key seeded in OpenBao; None without the mcp package."""
+    if not mcp_demo.available():
+        _progress("no demo MCP route: the mcp package is not installed")
+        return None
+    key = secrets.token_urlsafe(32)
+    await asyncio.to_thread(bao.put_key, MCP_KEY_PATH, key)
+    return await mcp_demo.start(key)
+
+
+def _mcp_url(stack: DevStack) -> str:
+    return f"{stack.proxy_url.split('/r/', 1)[0]}/r/{MCP_ROUTE}/mcp"
+
+
+def _mcp_instructions(stack: DevStack) -> str:
+    return f"""The demo MCP server is a route too (docs/mcp.md): its MCP endpoint is
+
+  {_mcp_url(stack)}
+
+with the agent's token as the Bearer token. It has two tools; the demo agent is granted
+search_issues only, so close_issue is never listed and calling it is refused.
+"""
 
 
 def _instructions(stack: DevStack, env_path: Path | None) -> str:

@@ -90,6 +90,10 @@ def register(sub: Any) -> None:
     query.add_argument("--key-version", type=int)
     query.add_argument("--since", type=auditlog.parse_time, help="ISO 8601 time (UTC default)")
     query.add_argument("--until", type=auditlog.parse_time)
+    query.add_argument(
+        "--calls", action="store_true", help="list an MCP route's calls (tools...) per task"
+    )
+    query.add_argument("--task", help="with --calls: only this task's")
     add_output(query)
     query.set_defaults(func=_audit)
 
@@ -256,6 +260,8 @@ def _audit(args: argparse.Namespace) -> int:
     cfg = optional_config(args)
     if cfg is not None:
         known_route(cfg, args.route)
+    if args.calls:
+        return _calls(args)
     answer = auditlog.query(
         _lines(args.files), args.route, args.key_version, args.since, args.until
     )
@@ -283,6 +289,29 @@ def _audit(args: argparse.Namespace) -> int:
             f"{u.issuer} {u.subject}: {u.requests} requests, key versions {versions}, "
             f"tasks {tasks}, {u.first} .. {u.last}"
         )
+    return 0
+
+
+def _calls(args: argparse.Namespace) -> int:
+    """`keyproxy audit --calls`: an MCP route's calls, per task."""
+    found = auditlog.calls(_lines(args.files), args.route, args.task, args.since, args.until)
+    if wants_json(args):
+        print_json(
+            {
+                "route": args.route,
+                "tasks": {
+                    task: [c.as_dict() for c in calls] for task, calls in sorted(found.items())
+                },
+            }
+        )
+        return 0
+    for task, calls in sorted(found.items()):
+        print(f"task {task or '-'}: {len(calls)} calls")  # noqa: T201
+        for c in calls:
+            print(  # noqa: T201
+                f"  {c.timestamp} {c.method} {c.target or '-'} {c.decision} "
+                f"key version {c.key_version} {c.subject or '-'}"
+            )
     return 0
 
 

@@ -18,6 +18,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# What MCP's Streamable HTTP transport uses: POST a message, GET the server's stream, DELETE
+# the session. An MCP grant allows these on any path of its route.
+MCP_METHODS = frozenset({"GET", "POST", "DELETE"})
 # Only asymmetric algorithms: a shared-secret (HS*) issuer key would let anyone holding the
 # JWKS mint tokens, and "none" is never a signature.
 ALGORITHMS = frozenset(
@@ -328,15 +331,32 @@ class Route:
     owner: str | None = None
     rotation: Rotation | None = None
     max_age: float | None = None  # `keyproxy keys status` fails for an older key
+    kind: Literal["http", "mcp"] = "http"  # "mcp": an MCP server over Streamable HTTP
+    # MCP routes: the server-to-client requests (sampling, elicitation, roots) that reach
+    # callers on the server's streams; others are withheld.
+    server_requests: frozenset[str] = frozenset()
     limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
+class McpGrant:
+    """What a grant allows on an MCP route: tools and prompts by exact name, resources by
+    exact URI or "prefix*", and JSON-RPC `methods` (None: the negotiated revision's)."""
+
+    tools: frozenset[str] = frozenset()
+    prompts: frozenset[str] = frozenset()
+    resources: tuple[str, ...] = ()
+    methods: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
 class Grant:
-    """What a policy allows on one route. Paths are patterns split into segments."""
+    """What a policy allows on one route. Paths are patterns split into segments. On an MCP
+    route `mcp` says what it allows (methods MCP_METHODS, any path)."""
 
     methods: frozenset[str]
     paths: tuple[tuple[str, ...], ...]
+    mcp: McpGrant | None = None
 
 
 @dataclass(frozen=True)

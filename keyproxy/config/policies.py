@@ -7,8 +7,19 @@ from collections.abc import Mapping
 
 from keyproxy import patterns
 from keyproxy.config.limits import limits_config
-from keyproxy.config.model import METHODS, Grant, Issuer, Limits, Policy, Route, claim_text
+from keyproxy.config.model import (
+    MCP_METHODS,
+    METHODS,
+    Grant,
+    Issuer,
+    Limits,
+    McpGrant,
+    Policy,
+    Route,
+    claim_text,
+)
 from keyproxy.config.node import Node, did_you_mean, opt, required
+from keyproxy.mcp import names
 
 
 def policies_config(
@@ -49,7 +60,7 @@ def _policy(node: Node, routes: Mapping[str, Route], issuer_names: set[str]) -> 
     for route, grant in required(node, f, "allow").items():
         if route not in routes:
             raise grant.error(f"unknown route {route!r}{did_you_mean(route, routes)}")
-        allow[route] = _grant(grant)
+        allow[route] = mcp_grant(grant) if routes[route].kind == "mcp" else _grant(grant)
     return Policy(
         name=policy_name,
         subjects=subjects,
@@ -77,6 +88,31 @@ def _grant(node: Node) -> Grant:
     if not paths:
         raise f["paths"].error("must list at least one path pattern (use '/**' for any)")
     return Grant(allowed, tuple(paths))
+
+
+def mcp_grant(node: Node) -> Grant:
+    """A grant on an MCP route: {tools, prompts, resources, methods}, each a list of names."""
+    if node.value is None:
+        node = Node({}, node.path)
+    f = node.mapping({"tools", "prompts", "resources", "methods"})
+
+    def listed(key: str) -> tuple[str, ...]:
+        return f[key].strings() if key in f else ()
+
+    def checked(key: str) -> frozenset[str]:
+        return names.names(key, listed(key), f[key].error if key in f else node.error)
+
+    resources = names.uris(listed("resources"), f["resources"].error) if "resources" in f else []
+    return Grant(
+        MCP_METHODS,
+        (("**",),),
+        McpGrant(
+            tools=checked("tools"),
+            prompts=checked("prompts"),
+            resources=tuple(resources),
+            methods=checked("methods") if "methods" in f else None,
+        ),
+    )
 
 
 def _path_pattern(node: Node) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from keyproxy.config.model import (
 )
 from keyproxy.config.node import Node, key_template, opt, required, secret_ref
 from keyproxy.config.rotation import rotation_config
+from keyproxy.mcp import names
 
 
 def routes_config(node: Node, kv_mount: str) -> dict[str, Route]:
@@ -47,6 +48,8 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
             "owner",
             "rotation",
             "max_age",
+            "kind",
+            "mcp",
             "limits",
         }
     )
@@ -73,6 +76,11 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
     for i, header in enumerate(strip):
         if not HEADER_NAME.match(header):
             raise Node(header, f"{f['strip_headers'].path}[{i}]").error("not a header name")
+    kind = opt(f, "kind", Node.string, "http")
+    if kind not in ("http", "mcp"):
+        raise f["kind"].error("must be http or mcp")
+    if "mcp" in f and kind != "mcp":
+        raise f["mcp"].error("only applies to routes of kind: mcp")
     return Route(
         name=name,
         upstream=upstream,
@@ -90,8 +98,19 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         owner=opt(f, "owner", Node.string, None),
         rotation=rotation,
         max_age=max_age,
+        kind=kind,  # type: ignore[arg-type]  # checked above
+        server_requests=opt(f, "mcp", _mcp_options, frozenset()),
         limits=opt(f, "limits", lambda n: limits_config(n, f"route.{name}"), Limits()),
     )
+
+
+def _mcp_options(node: Node) -> frozenset[str]:
+    """An MCP route's options: the server-to-client requests its callers receive."""
+    f = node.mapping({"server_requests"})
+    if "server_requests" not in f:
+        return frozenset()
+    item = f["server_requests"]
+    return names.server_requests(item.strings(), item.error)
 
 
 def _upstream(node: Node) -> Upstream:

@@ -6,6 +6,7 @@ list requests it sent as `Pending`, and filters the answer with `filter_json_ans
 `StreamFilter` over the SSE stream. `Call` holds the audit facts of each request.
 
     jsonrpc   strict JSON and JSON-RPC 2.0 reading, protocol versions, MessageError
+    names     name_problem, uri_problem, SERVER_REQUESTS (foundation: config checks with them)
     grants    Grant, decide, decide_server_request, Refusal, Decision
     lists     Pending, filter_result, filter_json_answer
     sse       EventReader, StreamFilter
@@ -15,14 +16,12 @@ list requests it sent as `Pending`, and filters the answer with `filter_json_ans
 from keyproxy.mcp.audit import Call, call_of
 from keyproxy.mcp.grants import (
     CLIENT_METHODS,
-    SERVER_REQUESTS,
     Decision,
     Grant,
     Refusal,
     ResourceRule,
     decide,
     decide_server_request,
-    name_problem,
 )
 from keyproxy.mcp.jsonrpc import (
     BATCH_VERSIONS,
@@ -41,6 +40,7 @@ from keyproxy.mcp.jsonrpc import (
     protocol_version,
 )
 from keyproxy.mcp.lists import Pending, filter_json_answer, filter_result
+from keyproxy.mcp.names import SERVER_REQUESTS, name_problem, uri_problem
 from keyproxy.mcp.sse import Event, EventReader, Output, StreamFilter
 
 __all__ = [
@@ -76,4 +76,5 @@ __all__ = [
     "parse_body",
     "parse_message",
     "protocol_version",
+    "uri_problem",
 ]

@@ -16,7 +16,6 @@ Pure: no I/O.
 from __future__ import annotations
 
 import json
-import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -30,6 +29,15 @@ from keyproxy.mcp.jsonrpc import (
     Kind,
     Message,
     MessageError,
+)
+from keyproxy.mcp.names import (
+    name_problem,
+    names,
+    uri_problem,
+    uris,
+)
+from keyproxy.mcp.names import (
+    server_requests as server_requests_of,
 )
 
 # Requests a client sends, per revision (from the published schema of each).
@@ -64,8 +72,6 @@ CLIENT_METHODS: Final[Mapping[str, frozenset[str]]] = {
     "2025-06-18": _BASE_REQUESTS | _BASE_NOTIFICATIONS,
     "2025-11-25": _BASE_REQUESTS | _BASE_NOTIFICATIONS | _TASKS | {"notifications/tasks/status"},
 }
-# Requests a server sends the client on an SSE stream; each must be granted but for ping.
-SERVER_REQUESTS: Final = frozenset({"sampling/createMessage", "elicitation/create", "roots/list"})
 
 # Every session needs these; a grant's `methods` list cannot take them away.
 _LIFECYCLE: Final = frozenset(
@@ -83,37 +89,6 @@ LIST_METHODS: Final[Mapping[str, str]] = {
     "resources/list": "resources",
     "resources/templates/list": "resourceTemplates",
 }
-
-# Characters that make a name ambiguous: control (Cc), format (Cf: zero-width joiners,
-# bidi overrides), surrogate (Cs), private use (Co) and unassigned (Cn) code points.
-_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
-
-
-def name_problem(name: object) -> str | None:
-    """Why `name` cannot be compared exactly with a granted name, or None when it can."""
-    if not isinstance(name, str) or not name:
-        return "is not a non-empty string"
-    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in name):
-        return "contains a control or format character"
-    if not unicodedata.is_normalized("NFC", name):
-        return "is not in Unicode normal form NFC"
-    return None
-
-
-def uri_problem(uri: object) -> str | None:
-    """Why a resource URI cannot be matched exactly: `name_problem`'s rules, plus no dot
-    segment, encoded dot or slash, or backslash that a server could resolve elsewhere."""
-    problem = name_problem(uri)
-    if problem is not None:
-        return problem
-    assert isinstance(uri, str)  # name_problem checked it
-    lowered = uri.lower()
-    if any(part in lowered for part in ("%2e", "%2f", "%5c", "\\")):
-        return "contains an encoded dot or slash, or a backslash"
-    path = lowered.split("?", 1)[0].split("#", 1)[0]
-    if any(seg in (".", "..") for seg in path.split("/")[1:]):
-        return "contains a '.' or '..' segment"
-    return None
 
 
 @dataclass(frozen=True)
@@ -163,11 +138,11 @@ class Grant:
         """A grant from config or scope values, each checked; `error(message)` is raised with
         the first bad one (config passes a ConfigError factory carrying the YAML path)."""
         return cls(
-            tools=_names("tools", tools, error),
-            prompts=_names("prompts", prompts, error),
-            resources=tuple(ResourceRule(text) for text in _uris(resources, error)),
-            methods=None if methods is None else _names("methods", methods, error),
-            server_requests=_server_requests(server_requests, error),
+            tools=names("tools", tools, error),
+            prompts=names("prompts", prompts, error),
+            resources=tuple(ResourceRule(text) for text in uris(resources, error)),
+            methods=None if methods is None else names("methods", methods, error),
+            server_requests=server_requests_of(server_requests, error),
         )
 
     def allows_tool(self, name: str) -> bool:
@@ -181,40 +156,6 @@ class Grant:
 
     def allows_template(self, template: str) -> bool:
         return any(rule.covers_template(template) for rule in self.resources)
-
-
-def _names(
-    what: str, values: Iterable[object], error: Callable[[str], Exception]
-) -> frozenset[str]:
-    if isinstance(values, str):
-        raise error(f"{what} must be a list of names")
-    found: set[str] = set()
-    for value in values:
-        problem = name_problem(value)
-        if problem is not None:
-            raise error(f"{what}: {value!r} {problem}")
-        assert isinstance(value, str)
-        if value in found:
-            raise error(f"{what}: {value!r} given twice")
-        found.add(value)
-    return frozenset(found)
-
-
-def _uris(values: Iterable[object], error: Callable[[str], Exception]) -> list[str]:
-    texts = sorted(_names("resources", values, error))
-    for text in texts:
-        problem = uri_problem(text)
-        if problem is not None or "*" in text[:-1]:
-            raise error(f"resources: {text!r} {problem or 'may have * only at its end'}")
-    return texts
-
-
-def _server_requests(values: Iterable[object], error: Callable[[str], Exception]) -> frozenset[str]:
-    found = _names("server_requests", values, error)
-    unknown = sorted(found - SERVER_REQUESTS)
-    if unknown:
-        raise error(f"server_requests: {unknown[0]!r} is not one of {sorted(SERVER_REQUESTS)}")
-    return found
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keyproxy.mcp.grants import LIST_METHODS, Grant, name_problem
+from keyproxy.mcp.grants import LIST_METHODS, Grant
 from keyproxy.mcp.jsonrpc import (
     DEFAULT_MAX_BYTES,
     Body,
@@ -27,6 +27,7 @@ from keyproxy.mcp.jsonrpc import (
     id_text,
     parse_body,
 )
+from keyproxy.mcp.names import name_problem
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,11 @@ class Verifier(Signing):
     def _task_token(self, claims: Mapping[str, Any]) -> TaskToken:
         try:
             jws.numeric_date(claims["nbf"])
-            scope = scopes.from_claim(claims["scope"], list(self.config.routes))
+            scope = scopes.from_claim(
+                claims["scope"],
+                list(self.config.routes),
+                mcp=scopes.mcp_routes(self.config.routes),
+            )
             exc = claims.get("exc")
             ctx = claims.get("ctx") or {}
             issuer = str(claims.get("idp") or "")

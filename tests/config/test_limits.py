@@ -12,7 +12,7 @@ import pytest
 from keyproxy import config
 from keyproxy.config import ConcurrencyLimit, RateLimit, RedisSettings
 from keyproxy.errors import ConfigError
-from tests.support import CONFIG_SECTIONS
+from tests.helpers.configs import CONFIG_SECTIONS
 
 BASE: dict[str, Any] = {
     **CONFIG_SECTIONS,

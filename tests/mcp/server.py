@@ -9,6 +9,9 @@ carry `Authorization: Bearer <MCP_SERVER_KEY>` (from the environment) or gets a 
 never reaches the MCP layer. It offers two tools, `search_issues` and `whoami` (which echoes
 the key it was called with, to prove a proxy scrubs it), one prompt and two resources.
 
+Every HTTP request it accepts is written to its stderr (the log `running_server` is given) as
+one JSON line {"method", "body"}, so a test can prove what reached it and what never did.
+
 It runs as its own process, started and stopped by PID (`running_server`): uvicorn in the
 test's own event loop would stall while a test blocks on a subprocess.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hmac
+import json
 import os
 import select
 import socket
@@ -80,7 +84,31 @@ class _KeyCheck:
                 await send({"type": "http.response.start", "status": 401, "headers": []})
                 await send({"type": "http.response.body", "body": b"bad key"})
                 return
+            receive = await _logged(scope, receive)
         await self._app(scope, receive, send)
+
+
+async def _logged(scope: Any, receive: Any) -> Any:
+    """Read the request body, write the request to stderr, and replay what was read."""
+    received = []
+    body = b""
+    while True:
+        message = await receive()
+        received.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    line = {"method": scope["method"], "body": body.decode("utf-8", "replace")}
+    sys.stderr.write(json.dumps(line) + "\n")
+    sys.stderr.flush()
+    pending = iter(received)
+
+    async def replay() -> Any:
+        return next(pending, None) or await receive()
+
+    return replay
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from aiohttp import web
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisSettings, RedisStore
 from keyproxy.state.store import StateStore
+from tests.helpers.servers import serve
 from tests.state.servers import RedisServer
-from tests.support import serve
 
 
 @pytest.fixture(scope="session")

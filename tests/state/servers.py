@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from keyproxy.storeserver import server_binary
-from tests.support import free_port
+from tests.helpers.servers import free_port
 
 
 def _binary() -> str:

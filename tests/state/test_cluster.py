@@ -26,10 +26,11 @@ import pytest
 import yaml
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import Upstream, bearer, free_port, new_key
 from tests.state.conftest import Gated
 from tests.state.servers import RedisServer, until
 from tests.state.test_limits import ANY
-from tests.support import CANARIES, Upstream, bearer, free_port, new_key
 
 BIN = Path(sys.executable).parent
 DEADLINE = 60.0

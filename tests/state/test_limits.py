@@ -27,9 +27,11 @@ from keyproxy.state import Concurrency, Counter, Limit, OnStoreError, Outcome, R
 from keyproxy.state import Decision as StoreDecision
 from keyproxy.state.limits import RequestLimits, limit_name
 from keyproxy.state.limits import headers as ratelimit_headers
+from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import Stack, Upstream, bearer, new_key, running_proxy
 from tests.state.conftest import Gated
 from tests.state.servers import RedisServer, until
-from tests.support import CANARIES, CONFIG_SECTIONS, Stack, Upstream, bearer, new_key, running_proxy
 from tests.test_proxy import audit_events, new_request_id
 
 ANY = {"methods": ["GET", "POST"], "paths": ["/**"]}

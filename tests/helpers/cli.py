@@ -5,18 +5,29 @@ no VAULT_*/BAO_* or KEYPROXY_* variable leaks in from the test runner, HOME is a
 the test's own (so ~/.vault-token is whatever the test put there), and what it printed is
 appended to the session's log directory (`CLI_LOG`, set by tests/conftest.py) for the final log
 scan: stderr always, stdout too but for `token issue`, whose output is the token on purpose.
+With `env=None` it inherits the test runner's environment, as a command typed in its shell.
+
+`started` runs a long-lived command (`serve`, `dev`) in the background with its output in a
+file and stops it by PID on the way out; `ready` waits until a started proxy answers /readyz.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import aiohttp
+
+from tests.helpers.polling import eventually
 
 BIN = Path(sys.executable).parent
 KEYPROXY = str(BIN / "keyproxy")
-CLI_LOG: Path | None = None  # every command's output, for tests/test_zz_logscan.py
+CLI_LOG: Path | None = None  # every command's output, for the session log scan
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -34,7 +45,7 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 def keyproxy(
     *args: str,
-    env: dict[str, str],
+    env: dict[str, str] | None,
     stdin: str = "",
     log: Path | None = None,
     timeout: float = 60,
@@ -72,3 +83,58 @@ def bash(
         check=False,
         stdin=subprocess.DEVNULL,
     )
+
+
+@contextlib.contextmanager
+def started(
+    *args: str,
+    out: Path,
+    err: Path | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`keyproxy ARGS` in the background, stdout in `out` (stderr too, or in `err`); on the
+    way out, if it still runs, SIGTERM to its PID, then SIGKILL after 30 s."""
+    with contextlib.ExitStack() as files:
+        stdout = files.enter_context(out.open("wb"))
+        stderr = files.enter_context(err.open("wb")) if err is not None else subprocess.STDOUT
+        proc = subprocess.Popen(
+            [KEYPROXY, *args],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+async def ready(
+    http: aiohttp.ClientSession,
+    base: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    *,
+    within: float = 30,
+) -> None:
+    """Until `base`/readyz answers 200; fails at once if `proc` (the server) has exited."""
+
+    async def answered() -> bool:
+        try:
+            async with http.get(f"{base}/readyz") as response:
+                if response.status == 200:
+                    return True
+        except aiohttp.ClientError:
+            pass
+        assert proc is None or proc.poll() is None, "keyproxy serve exited"
+        return False
+
+    await eventually(answered, f"{base} not ready", within=within, interval=0.1)

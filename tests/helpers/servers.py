@@ -24,9 +24,7 @@ from keyproxy import config, demo
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, build_admin_app, build_app
-
-# Every key and token the tests create, so the final log scan knows what must never appear.
-CANARIES: set[str] = set()
+from tests.helpers.logscan import CANARIES, FORWARDED
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -38,24 +36,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-# The vault and identity sections of a small valid configuration (no Vault behind it), for
-# tests of configuration parsing: add routes and policies. Never mutated: copy before changing.
-CONFIG_SECTIONS: dict[str, Any] = {
-    "vault": {"addr": "http://127.0.0.1:8200", "auth": {"method": "token"}},
-    "identity": {
-        "issuers": [
-            {
-                "name": "k8s",
-                "issuer": "https://kubernetes.default.svc",
-                "jwks_uri": "https://kubernetes.default.svc/openid/v1/jwks",
-                "audiences": ["keyproxy"],
-                "algorithms": ["RS256"],
-            }
-        ]
-    },
-}
 
 
 def new_key() -> str:
@@ -90,6 +70,8 @@ class Upstream:
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
             body = await request.read()
+            if "X-Request-Id" in request.headers:
+                FORWARDED.append(True)
             self.requests.append(
                 Seen(
                     request.method,

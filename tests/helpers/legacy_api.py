@@ -1,7 +1,7 @@
 """A fake legacy API that issues, validates and revokes keys, for the rotation tests.
 
-    python -m tests.legacy_api serve      listen on 127.0.0.1, print the port, serve forever
-    python -m tests.legacy_api rotator URL
+    python -m tests.helpers.legacy_api serve      listen on 127.0.0.1, print the port, serve forever
+    python -m tests.helpers.legacy_api rotator URL
                                           a `command` rotator for it (JSON on stdin/stdout)
 
 It runs as its own process (tests block on `keyproxy` subprocesses; an in-process server

@@ -1,0 +1,84 @@
+"""The names an MCP grant holds (tools, prompts, resource URIs, methods), checked exactly.
+
+    name_problem(name) / uri_problem(uri) -> str | None     why it cannot be compared exactly
+    names(what, values, error) / uris(values, error) / server_requests(values, error)
+
+Foundation: the configuration checks the grants it reads with these, as the pure MCP core
+does for task-token scopes. No I/O, no keyproxy import.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Iterable
+from typing import Final
+
+# Requests a server sends the client on an SSE stream; each must be granted but for ping.
+SERVER_REQUESTS: Final = frozenset({"sampling/createMessage", "elicitation/create", "roots/list"})
+
+# Characters that make a name ambiguous: control (Cc), format (Cf: zero-width joiners,
+# bidi overrides), surrogate (Cs), private use (Co) and unassigned (Cn) code points.
+_REFUSED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot be compared exactly with a granted name, or None when it can."""
+    if not isinstance(name, str) or not name:
+        return "is not a non-empty string"
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in name):
+        return "contains a control or format character"
+    if not unicodedata.is_normalized("NFC", name):
+        return "is not in Unicode normal form NFC"
+    return None
+
+
+def uri_problem(uri: object) -> str | None:
+    """Why a resource URI cannot be matched exactly: `name_problem`'s rules, plus no dot
+    segment, encoded dot or slash, or backslash that a server could resolve elsewhere."""
+    problem = name_problem(uri)
+    if problem is not None:
+        return problem
+    assert isinstance(uri, str)  # name_problem checked it
+    lowered = uri.lower()
+    if any(part in lowered for part in ("%2e", "%2f", "%5c", "\\")):
+        return "contains an encoded dot or slash, or a backslash"
+    path = lowered.split("?", 1)[0].split("#", 1)[0]
+    if any(seg in (".", "..") for seg in path.split("/")[1:]):
+        return "contains a '.' or '..' segment"
+    return None
+
+
+def names(what: str, values: Iterable[object], error: Callable[[str], Exception]) -> frozenset[str]:
+    """Each value a name `name_problem` finds none in, none twice; `error(message)` is
+    raised with the first bad one."""
+    if isinstance(values, str):
+        raise error(f"{what} must be a list of names")
+    found: set[str] = set()
+    for value in values:
+        problem = name_problem(value)
+        if problem is not None:
+            raise error(f"{what}: {value!r} {problem}")
+        assert isinstance(value, str)
+        if value in found:
+            raise error(f"{what}: {value!r} given twice")
+        found.add(value)
+    return frozenset(found)
+
+
+def uris(values: Iterable[object], error: Callable[[str], Exception]) -> list[str]:
+    """Granted resources: exact URIs, or prefixes written with a trailing "*"."""
+    texts = sorted(names("resources", values, error))
+    for text in texts:
+        problem = uri_problem(text)
+        if problem is not None or "*" in text[:-1]:
+            raise error(f"resources: {text!r} {problem or 'may have * only at its end'}")
+    return texts
+
+
+def server_requests(values: Iterable[object], error: Callable[[str], Exception]) -> frozenset[str]:
+    """Server-to-client request methods, each one of SERVER_REQUESTS."""
+    found = names("server_requests", values, error)
+    unknown = sorted(found - SERVER_REQUESTS)
+    if unknown:
+        raise error(f"server_requests: {unknown[0]!r} is not one of {sorted(SERVER_REQUESTS)}")
+    return found

@@ -1,0 +1,278 @@
+"""The MCP step of a request to a `kind: mcp` route (docs/mcp.md).
+
+    McpPlan.of(route, policies)                 one route's grants, prepared once
+    McpPlan.grant(policy, task) -> mcp.Grant    the caller's effective grant
+    await inspect(request, route, grant) -> McpStep      POST: read, parse, decide
+    McpStep.reshape(upstream) -> AnswerFilter | None     the answer's filter, if it needs one
+
+After authentication and the policy decision, a POST body is read whole (within the route's
+size limit), parsed strictly with the protocol version of its `MCP-Protocol-Version` header,
+and decided against the caller's grant: the policy's grant, narrowed by the task token's
+scope. A refused body raises `McpRefused` carrying the JSON-RPC error answer (never
+forwarded); an allowed one is forwarded as it was read. The answer is filtered before the
+key scrubber sees it: list answers keep only granted items (JSON or SSE), and a server
+stream (SSE, also a GET's) withholds the server-to-client requests the route does not allow.
+DELETE (ending a session) passes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, NamedTuple
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from keyproxy import mcp
+from keyproxy import scope as scopes
+from keyproxy.config import McpGrant, Policy, Route
+from keyproxy.errors import (
+    BadGateway,
+    BadRequest,
+    McpRefused,
+    McpUnreadable,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+from keyproxy.tokens import TaskToken
+
+log = structlog.get_logger("keyproxy.mcproute")
+
+CHUNK: Final = 64 * 1024
+SESSION_HEADER: Final = "Mcp-Session-Id"
+VERSION_HEADER: Final = "MCP-Protocol-Version"
+_NOTHING: Final = McpGrant()
+
+
+@dataclass(frozen=True)
+class McpPlan:
+    """One MCP route's grants by policy name, prepared once."""
+
+    route: Route
+    by_policy: Mapping[str, McpGrant] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, route: Route, policies: Sequence[Policy]) -> McpPlan:
+        grants = {}
+        for policy in policies:
+            granted = policy.allow.get(route.name)
+            if granted is not None and granted.mcp is not None:
+                grants[policy.name] = granted.mcp
+        return cls(route, grants)
+
+    def grant(self, policy: str | None, task: TaskToken | None) -> mcp.Grant:
+        """What the caller may use: the allowing policy's grant, narrowed by the task token's
+        scope (an exception token's scope is its grant). Anything unknown grants nothing."""
+        allowed = self.by_policy.get(policy, _NOTHING) if policy is not None else _NOTHING
+        if task is not None:
+            scoped = scopes.mcp_grant(task.scope, self.route.name) or _NOTHING
+            allowed = scoped if task.exception_owner is not None else _narrowed(allowed, scoped)
+        return _compiled(allowed, self.route.server_requests)
+
+
+@functools.lru_cache(maxsize=1024)
+def _narrowed(policy: McpGrant, scoped: McpGrant) -> McpGrant:
+    return scopes.intersect_mcp(policy, scoped)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(grant: McpGrant, server_requests: frozenset[str]) -> mcp.Grant:
+    return mcp.Grant(
+        tools=grant.tools,
+        prompts=grant.prompts,
+        resources=tuple(mcp.ResourceRule(text) for text in grant.resources),
+        methods=grant.methods,
+        server_requests=server_requests,
+    )
+
+
+# Sends the server the error answer to a server request withheld from the caller.
+Reply = Callable[[bytes], None]
+
+
+class McpStep(NamedTuple):
+    """What the MCP step produced: the grant and protocol version the answer is filtered
+    with, the body read (None: not a POST), the audit facts of its requests, the list
+    requests it sent, the session it belongs to, and how to answer the server a request
+    withheld from the caller (None: not answered)."""
+
+    grant: mcp.Grant
+    version: str
+    body: bytes | None
+    calls: tuple[mcp.Call, ...]
+    pending: mcp.Pending
+    session: str
+    reply: Reply | None = None
+
+    def reshape(self, upstream: aiohttp.ClientResponse) -> AnswerFilter | None:
+        """The filter the upstream's answer passes through, or None when it passes as sent
+        (an error status, an empty or non-MCP body, a JSON answer to no list request)."""
+        if upstream.status != 200:
+            return None
+        kind = upstream.content_type
+        if kind == "text/event-stream":
+            return _Stream(mcp.StreamFilter(self.grant, self.version, self.pending), self.reply)
+        if kind == "application/json" and self.pending.methods:
+            return _Json(self.grant, self.version, self.pending)
+        return None
+
+
+async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpStep:
+    """The MCP step: a POST's body read and decided (raising `McpRefused` for a refused one);
+    a GET or DELETE with its protocol version and session."""
+    session = request.headers.get(SESSION_HEADER, "")
+    try:
+        version = mcp.protocol_version(request.headers.get(VERSION_HEADER))
+    except mcp.MessageError as exc:
+        raise _unreadable(exc) from None
+    if request.method != "POST":
+        return McpStep(grant, version, None, (), mcp.Pending(), session)
+    data = await _read(request, route)
+    try:
+        body = mcp.parse_body(data, version=version, max_bytes=route.max_body)
+    except mcp.MessageError as exc:
+        raise _unreadable(exc) from None
+    decision = mcp.decide(body, grant, version)
+    if not decision.allowed:
+        first = decision.refusals[0]
+        refused = McpRefused if any(r.id is not None for r in decision.refusals) else McpUnreadable
+        raise refused("mcp_refused", first.message, decision.answer(), decision.calls)
+    return McpStep(grant, version, data, decision.calls, mcp.Pending.of(body), session)
+
+
+def _unreadable(exc: mcp.MessageError) -> McpUnreadable:
+    answer = mcp.Decision((), (mcp.Refusal.from_error(exc),), batch=False).answer()
+    return McpUnreadable("mcp_unreadable", exc.message, answer)
+
+
+async def _read(request: web.Request, route: Route) -> bytes:
+    """The whole body, within the route's size limit (a 413 before reading a declared
+    oversize one)."""
+    length = request.content_length
+    if length is not None and length > route.max_body:
+        raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(route.read_timeout):
+            async for chunk in request.content.iter_chunked(CHUNK):
+                body += chunk
+                if len(body) > route.max_body:
+                    raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+    except TimeoutError:
+        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
+    except aiohttp.ClientPayloadError:
+        raise BadRequest("bad_body", "malformed request body") from None
+    return bytes(body)
+
+
+def _bad_answer() -> BadGateway:
+    return BadGateway("mcp_bad_answer", "the MCP server's answer could not be read")
+
+
+class AnswerFilter:
+    """An answer's bytes in, the bytes for the caller out (before the key scrubber)."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> bytes:
+        raise NotImplementedError
+
+
+class _Stream(AnswerFilter):
+    """An SSE stream, filtered event by event; each server request withheld from the caller
+    is answered to the server (`reply`) with its error, so the server does not wait."""
+
+    def __init__(self, stream: mcp.StreamFilter, reply: Reply | None) -> None:
+        self._stream = stream
+        self._reply = reply
+
+    def feed(self, chunk: bytes) -> bytes:
+        try:
+            return self._sent(self._stream.feed(chunk))
+        except mcp.MessageError:
+            raise _bad_answer() from None
+
+    def close(self) -> bytes:
+        try:
+            return self._sent(self._stream.close())
+        except mcp.MessageError:
+            raise _bad_answer() from None
+
+    def _sent(self, out: mcp.Output) -> bytes:
+        if self._reply is not None:
+            for refusal in out.withheld:
+                self._reply(json.dumps(refusal.response(), separators=(",", ":")).encode())
+        return out.data
+
+
+_REPLIES: set[asyncio.Task[None]] = set()  # kept until done (the loop holds tasks weakly)
+
+
+def replier(
+    session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str], timeout: float
+) -> Reply:
+    """A `Reply` that POSTs each answer to the server's MCP endpoint in the background, with
+    the headers of the request whose answer withheld it (the key, the session)."""
+    sent = CIMultiDict(headers)
+    sent["Content-Type"] = "application/json"
+    sent["Accept"] = "application/json, text/event-stream"
+    limit = aiohttp.ClientTimeout(total=timeout)
+
+    def reply(body: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(_post(session, url, sent, body, limit))
+        _REPLIES.add(task)
+        task.add_done_callback(_REPLIES.discard)
+
+    return reply
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    body: bytes,
+    limit: aiohttp.ClientTimeout,
+) -> None:
+    try:
+        async with session.post(
+            url,
+            data=body,
+            headers=headers,
+            allow_redirects=False,
+            timeout=limit,
+        ) as answer:
+            await answer.read()
+    except (aiohttp.ClientError, TimeoutError):
+        log.warning("mcp_reply_failed", url=str(url.with_query(None)))
+
+
+class _Json(AnswerFilter):
+    """A JSON answer, read whole (within the message limit) and filtered."""
+
+    def __init__(self, grant: mcp.Grant, version: str, pending: mcp.Pending) -> None:
+        self._grant = grant
+        self._version = version
+        self._pending = pending
+        self._data = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._data += chunk
+        if len(self._data) > mcp.DEFAULT_MAX_BYTES:
+            raise _bad_answer()
+        return b""
+
+    def close(self) -> bytes:
+        try:
+            return mcp.filter_json_answer(
+                bytes(self._data), self._pending, self._grant, self._version
+            )
+        except mcp.MessageError:
+            raise _bad_answer() from None

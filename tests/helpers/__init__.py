@@ -1,0 +1,12 @@
+"""What the tests share, one module per kind of thing:
+
+- `servers`: the recording upstream and the real proxy on loopback (`running_proxy`).
+- `cli`: the installed `keyproxy` command as a subprocess (`keyproxy`, `bash`), and long-lived
+  ones (`started` and `ready`, for `serve` and `dev`).
+- `issuer`: a workload-identity issuer whose signing key the tests hold.
+- `polling`: `eventually`, the one bounded wait for state to change.
+- `events`: `read_events`, the JSON events of a log file.
+- `logscan`: every key and token the tests made (`CANARIES`), and the whole-session log scan.
+- `configs`: configuration texts and sections for parsing tests.
+- `legacy_api`: a fake legacy API with keys to rotate, run as its own process.
+"""

@@ -1,0 +1,383 @@
+"""MCP routes end to end: the official `mcp` SDK's client as the agent, its server as the
+upstream (checking the key), real OpenBao, and keyproxy between them.
+
+The server writes every request it accepts to its log (tests/mcp/server.py): what keyproxy
+refuses must never appear there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import aiohttp
+import httpx
+import pytest
+from aiohttp import web
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import McpError
+from mcp.types import TextContent
+
+from keyproxy import audit
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from tests.helpers.cli import clean_env, keyproxy
+from tests.helpers.logscan import CANARIES
+from tests.helpers.servers import Stack, bearer, running_proxy, serve
+from tests.mcp.server import McpServer, running_server
+
+KEY_PATH = "keyproxy/keys/mcp-route-test"
+ROUTE = "issues"
+MAX_BODY = 64 * 1024
+ENDPOINT = "{}/r/" + ROUTE + "/mcp"  # the server's MCP endpoint, through keyproxy
+
+
+class Served(NamedTuple):
+    server: McpServer
+    log: Path
+    key_version: int
+
+
+@pytest.fixture(scope="module")
+def agent(openbao: OpenBaoDevServer) -> Agent:
+    return openbao.add_agent("mcp-agent")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sse", "json"])
+def served(
+    request: pytest.FixtureRequest, openbao: OpenBaoDevServer, log_dir: Path
+) -> Iterator[Served]:
+    """The MCP server (answering as SSE streams, then as JSON), its key in OpenBao."""
+    key = "mk-" + secrets.token_urlsafe(24)
+    CANARIES.add(key)
+    version = openbao.put_key(KEY_PATH, key)
+    log = log_dir / f"mcp-server-{request.param}.log"
+    with running_server(key, json_response=request.param, log=log) as server:
+        yield Served(server, log, version)
+
+
+def mcp_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, Any]:
+    return {
+        "vault": bao.vault_yaml(refresh_interval="500ms", max_staleness="60s"),
+        "identity": {"issuers": [bao.issuer_yaml("openbao")]},
+        "tokens": {"max_ttl": "10m", "default_ttl": "2m", "key_refetch_cooldown": "1s"},
+        "routes": {
+            ROUTE: {
+                "kind": "mcp",
+                "upstream": upstream,
+                "secret": {"path": KEY_PATH},
+                "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+                "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+                "allow_http": True,
+                "max_body": MAX_BODY,
+            }
+        },
+        "policies": [
+            {
+                "name": "mcp-agent",
+                "issuers": ["openbao"],
+                "subjects": [agent.entity_id],
+                "allow": {ROUTE: {"tools": ["search_issues", "whoami"], "prompts": ["summarize"]}},
+            }
+        ],
+    }
+
+
+@asynccontextmanager
+async def proxied(openbao: OpenBaoDevServer, agent: Agent, served: Served) -> AsyncIterator[Stack]:
+    origin = served.server.url.removesuffix("/mcp")
+    async with running_proxy(mcp_config(openbao, agent, origin)) as stack:
+        yield stack
+
+
+async def task_token(stack: Stack, identity: str, task: str, tools: list[str]) -> str:
+    """A task token scoped to `tools` on the MCP route."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{stack.base}/token",
+            json={"scope": {ROUTE: {"tools": tools}}, "task": task},
+            headers=bearer(identity),
+        ) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        token = str((await answer.json())["access_token"])
+    CANARIES.add(token)
+    return token
+
+
+@asynccontextmanager
+async def session(stack: Stack, token: str) -> AsyncIterator[ClientSession]:
+    """The SDK's Streamable HTTP client, connected through keyproxy with `token`."""
+    async with (
+        httpx.AsyncClient(headers=bearer(token), timeout=httpx.Timeout(30, read=60)) as http,
+        streamable_http_client(ENDPOINT.format(stack.base), http_client=http) as (read, write, _),
+        ClientSession(read, write) as client,
+    ):
+        await client.initialize()
+        yield client
+
+
+def server_requests(log: Path) -> list[dict[str, Any]]:
+    """The requests the MCP server accepted, as it logged them."""
+    if not log.exists():
+        return []
+    found = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        if line.startswith("{"):
+            found.append(json.loads(line))
+    return found
+
+
+def events(audit_log: Path, event: str) -> list[dict[str, Any]]:
+    found = []
+    for line in audit_log.read_text(encoding="utf-8").splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and value.get("event") == event:
+            found.append(value)
+    return found
+
+
+async def calls_of(audit_log: Path, task: str, count: int) -> list[dict[str, Any]]:
+    """The `mcp.call` events of `task`, once there are `count` of them (bounded wait)."""
+    deadline = time.monotonic() + 10
+    while len(found := [e for e in events(audit_log, "mcp.call") if e.get("task") == task]) < count:
+        assert time.monotonic() < deadline, f"only {len(found)} mcp.call events for {task}"
+        await asyncio.sleep(0.05)  # polling interval of a bounded wait
+    return found
+
+
+async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    served: Served,
+    audit_log: Path,
+    tmp_path: Path,
+) -> None:
+    """Through keyproxy the SDK client lists only the granted tool, calls it, and gets a
+    JSON-RPC error for the other, which the server never sees; each call is an audit event
+    naming the tool and the key version, and `keyproxy audit --calls` lists them per task."""
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    task = f"triage-{secrets.token_hex(4)}"
+    async with proxied(openbao, agent, served) as stack:
+        token = await task_token(stack, identity, task, ["search_issues"])
+        async with session(stack, token) as client:
+            tools = await client.list_tools()
+            assert [t.name for t in tools.tools] == ["search_issues"]
+            found = await client.call_tool("search_issues", {"query": "login"})
+            assert not found.isError
+            assert found.structuredContent == {
+                "result": ["Login fails on Safari", "Login page is slow"]
+            }
+            with pytest.raises(McpError) as refused:
+                await client.call_tool("whoami", {})
+            assert refused.value.error.code == -32602
+            assert "not granted" in refused.value.error.message
+            # The session goes on after a refusal.
+            assert [p.name for p in (await client.list_prompts()).prompts] == []
+    bodies = [r["body"] for r in server_requests(served.log)]
+    assert any('"search_issues"' in b for b in bodies)
+    assert not any('"whoami"' in b for b in bodies)
+    calls = await calls_of(audit_log, task, 5)
+    tool_calls = [c for c in calls if c["mcp_method"] == "tools/call"]
+    assert [(c["mcp_tool"], c["decision"]) for c in tool_calls] == [
+        ("search_issues", "allow"),
+        ("whoami", "deny"),
+    ]
+    for call in calls:
+        assert call["key_version"] == served.key_version
+        assert call["subject"] == agent.entity_id
+        assert call["token_id"]
+        assert call["route"] == ROUTE
+        assert "login" not in json.dumps(call)  # the arguments are never logged
+    assert all(c["mcp_session"] for c in calls if c["mcp_method"] != "initialize")
+    await asyncio.to_thread(audit.flush)
+    args = ("audit", str(audit_log), "--route", ROUTE, "--calls", "--task", task, "--json")
+    done = await asyncio.to_thread(keyproxy, *args, env=clean_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)["tasks"][task]
+    assert [(c["target"], c["decision"]) for c in listed if c["method"] == "tools/call"] == [
+        ("search_issues", "allow"),
+        ("whoami", "deny"),
+    ]
+    assert {c["key_version"] for c in listed} == {served.key_version}
+
+
+async def test_the_key_a_tool_echoes_never_reaches_the_caller(
+    openbao: OpenBaoDevServer, agent: Agent, served: Served
+) -> None:
+    """The server's `whoami` puts the key it received in its result: the caller gets it
+    redacted, as JSON and as SSE."""
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    async with proxied(openbao, agent, served) as stack, session(stack, identity) as client:
+        echoed = await client.call_tool("whoami", {})
+        [content] = echoed.content
+        assert isinstance(content, TextContent)
+        assert content.text.startswith("called with key ")
+        assert served.server.key not in content.text
+
+
+def _rpc(rid: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}
+
+
+def _call(rid: int, name: str) -> dict[str, Any]:
+    return _rpc(rid, "tools/call", {"name": name, "arguments": {"query": "x"}})
+
+
+HOSTILE: list[tuple[str, bytes, int]] = [
+    ("malformed JSON", b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call",', 400),
+    (
+        "batch hiding an ungranted call",
+        json.dumps([_call(1, "search_issues"), _call(2, "whoami")]).encode(),
+        200,
+    ),
+    ("name differing by case", json.dumps(_call(1, "Search_Issues")).encode(), 200),
+    ("fullwidth name", json.dumps(_call(1, "\uff53earch_issues")).encode(), 200),
+    ("zero-width name", json.dumps(_call(1, "search\u200b_issues")).encode(), 200),
+    ("decomposed name", json.dumps(_call(1, "search_issue\u0301s")).encode(), 200),
+    ("method alias", json.dumps(_rpc(1, "tools.call", {"name": "search_issues"})).encode(), 200),
+    ("method case", json.dumps(_rpc(1, "Tools/Call", {"name": "search_issues"})).encode(), 200),
+    (
+        "name given twice",
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+        b'"params":{"name":"search_issues","name":"whoami"}}',
+        400,
+    ),
+    ("huge message", json.dumps(_call(1, "search_issues" + "x" * MAX_BODY)).encode(), 413),
+]
+
+
+async def test_hostile_messages_are_refused_and_never_forwarded(
+    openbao: OpenBaoDevServer, agent: Agent, served: Served
+) -> None:
+    """Malformed JSON, a batch hiding an ungranted call, names differing by case or Unicode
+    form, method aliases, a member given twice and a huge message are each refused (with a
+    JSON-RPC error where one can be read) and never reach the server."""
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    async with proxied(openbao, agent, served) as stack:
+        token = await task_token(stack, identity, "hostile", ["search_issues"])
+        before = len(server_requests(served.log))
+        headers = {
+            **bearer(token),
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": "2025-03-26",  # the revision with batches
+        }
+        async with aiohttp.ClientSession() as http:
+            for name, body, status in HOSTILE:
+                async with http.post(
+                    f"{stack.base}/r/{ROUTE}/mcp", data=body, headers=headers
+                ) as answer:
+                    assert answer.status == status, name
+                    if status != 413:
+                        value = await answer.json()
+                        errors = value if isinstance(value, list) else [value]
+                        assert all(e["jsonrpc"] == "2.0" and e["error"] for e in errors), name
+    assert len(server_requests(served.log)) == before
+
+
+SAMPLING = {"jsonrpc": "2.0", "id": 7, "method": "sampling/createMessage", "params": {}}
+ELICIT = {"jsonrpc": "2.0", "id": 8, "method": "elicitation/create", "params": {}}
+PING = {"jsonrpc": "2.0", "id": 9, "method": "ping"}
+CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+
+
+def _sse(*messages: dict[str, Any]) -> bytes:
+    return b"".join(
+        b"event: message\r\ndata: " + json.dumps(m).encode() + b"\r\n\r\n" for m in messages
+    )
+
+
+async def _stream_server(request: web.Request) -> web.StreamResponse:
+    """A server's GET stream: two server requests, a ping and a notification, in events
+    split across writes; and a tools/list answer as SSE to a POST."""
+    assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    assert request.headers["Mcp-Session-Id"] == "session-1"
+    if request.method == "POST":
+        body = await request.json()
+        if "method" not in body:  # keyproxy answering a request it withheld
+            request.app[REPLIES].append(body)
+            return web.Response(status=202)
+        tools = [
+            {"name": n, "inputSchema": {"type": "object"}} for n in ("search_issues", "whoami")
+        ]
+        answer = {"jsonrpc": "2.0", "id": body["id"], "result": {"tools": tools}}
+        data = _sse(answer)
+    else:
+        data = _sse(SAMPLING, ELICIT, PING, CHANGED)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for start in range(0, len(data), 7):  # every event cut across writes
+        await response.write(data[start : start + 7])
+    await response.write_eof()
+    return response
+
+
+STREAM_KEY = "sk-stream-" + secrets.token_urlsafe(16)
+REPLIES = web.AppKey("replies", list[dict[str, Any]])
+
+
+async def test_the_servers_get_stream_passes_only_allowed_server_requests(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """On a session's GET stream a sampling or elicitation request reaches the caller only
+    where the route allows it (ping and notifications always do), and keyproxy answers the
+    server each one it withheld; tools/list answers on an SSE stream are filtered however
+    the events are cut."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    app = web.Application()
+    app[REPLIES] = []
+    app.router.add_route("*", "/mcp", _stream_server)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        route = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        cfg["routes"]["sampling"] = {
+            **route,
+            "mcp": {"server_requests": ["sampling/createMessage"]},
+        }
+        cfg["routes"][ROUTE] = route
+        cfg["policies"][0]["allow"]["sampling"] = {"tools": ["search_issues"]}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        headers = {**bearer(identity), "Mcp-Session-Id": "session-1"}
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            seen = {}
+            for name in (ROUTE, "sampling"):
+                async with http.get(f"{stack.base}/r/{name}/mcp", headers=headers) as answer:
+                    assert answer.status == 200
+                    seen[name] = await answer.read()
+            assert seen[ROUTE] == _sse(PING, CHANGED)
+            assert seen["sampling"] == _sse(SAMPLING, PING, CHANGED)
+            deadline = time.monotonic() + 10
+            while len(app[REPLIES]) < 3:  # 7 and 8 withheld on one route, 8 on the other
+                assert time.monotonic() < deadline, f"replies: {app[REPLIES]}"
+                await asyncio.sleep(0.05)  # polling interval of a bounded wait
+            assert sorted((r["id"], r["error"]["code"]) for r in app[REPLIES]) == [
+                (7, -32601),
+                (8, -32601),
+                (8, -32601),
+            ]
+            listing = json.dumps(_rpc(3, "tools/list")).encode()
+            async with http.post(
+                f"{stack.base}/r/sampling/mcp", data=listing, headers=headers
+            ) as answer:
+                text = (await answer.read()).decode()
+            assert '"search_issues"' in text
+            assert "whoami" not in text
+    finally:
+        await runner.cleanup()
