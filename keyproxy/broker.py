@@ -69,9 +69,6 @@ class Broker:
         self.verifier = verifier
         self.tasks = tasks
         self.metrics = metrics
-        if metrics is not None:
-            # The broker is where both verifiers meet the metrics; read when scraped.
-            metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
 
     def _count(self, event: str) -> None:
         if self.metrics is not None:

@@ -5,8 +5,9 @@ is more forgiving than that, and PyJWT parses the segments with it: on bytes it 
 UTF-16 or UTF-32 from the first bytes, a repeated member name silently keeps the last value,
 and `NaN`, `Infinity` and numbers such as `1e400` become floats no issuer meant. Two parsers
 that read one token differently are how a checked claim and a used claim come apart, so each
-verifier reads the segments here first, refuses what is not strictly a JSON object in UTF-8,
-and only then lets PyJWT verify the same bytes. Whatever passes here PyJWT reads identically:
+verifier reads the segments here first (with keyproxy.strictjson), refuses what is not
+strictly a JSON object in UTF-8, and only then lets PyJWT verify the same bytes. Whatever
+passes here PyJWT reads identically:
 strict UTF-8 JSON holds no NUL byte, so PyJWT's guess is UTF-8, and no member is repeated.
 
 `segment(part)` is the decoded object or a `ValueError` whose message names what was wrong
@@ -17,11 +18,11 @@ really have written: a finite number from 1970 to the end of year 9999.
 from __future__ import annotations
 
 import binascii
-import json
-import math
 from typing import Any, Final
 
 from jwt.utils import base64url_decode
+
+from keyproxy import strictjson
 
 # 9999-12-31T23:59:59Z: beyond it no date library (nor issuer) writes a time.
 MAX_NUMERIC_DATE: Final = 253402300799
@@ -33,24 +34,9 @@ def segment(part: str) -> dict[str, Any]:
         raw = base64url_decode(part.encode("ascii"))
     except (ValueError, binascii.Error):  # UnicodeEncodeError is a ValueError
         raise ValueError("not base64url") from None
-    try:
-        # Strict UTF-8: refuses UTF-16/32, stray bytes and encoded surrogates.
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
-    if text.startswith("\ufeff"):
-        raise ValueError("starts with a byte order mark")
-    try:
-        value = _DECODER.decode(text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except json.JSONDecodeError:
-        raise ValueError("not JSON") from None
+    value = strictjson.loads(raw)
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")  # noqa: TRY004  # one error for every refusal
-    if "\\u" in text:
-        # Only an escape can produce a lone surrogate, which no UTF-8 text can carry.
-        _refuse_lone_surrogates(value)
     return value
 
 
@@ -61,42 +47,3 @@ def numeric_date(value: Any) -> float:
     if not 0 <= value <= MAX_NUMERIC_DATE:  # also false for NaN
         raise ValueError("not a plausible time")
     return float(value)
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("a member name is repeated")
-    return obj
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("a number is out of range")
-    return value
-
-
-def _refuse_lone_surrogates(value: Any) -> None:
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("a string holds a lone surrogate") from None
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-
-
-_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_unique, parse_constant=_no_constant, parse_float=_finite
-)

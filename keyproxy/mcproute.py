@@ -35,17 +35,14 @@ from keyproxy import scope as scopes
 from keyproxy.config import McpGrant, Policy, Route
 from keyproxy.errors import (
     BadGateway,
-    BadRequest,
     McpRefused,
     McpUnreadable,
-    PayloadTooLarge,
-    RequestTimeout,
 )
+from keyproxy.outgoing import read_body
 from keyproxy.tokens import TaskToken
 
 log = structlog.get_logger("keyproxy.mcproute")
 
-CHUNK: Final = 64 * 1024
 SESSION_HEADER: Final = "Mcp-Session-Id"
 VERSION_HEADER: Final = "MCP-Protocol-Version"
 _NOTHING: Final = McpGrant()
@@ -134,7 +131,7 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
         raise _unreadable(exc) from None
     if request.method != "POST":
         return McpStep(grant, version, None, (), mcp.Pending(), session)
-    data = await _read(request, route)
+    data = await read_body(request, route)
     try:
         body = mcp.parse_body(data, version=version, max_bytes=route.max_body)
     except mcp.MessageError as exc:
@@ -150,26 +147,6 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
 def _unreadable(exc: mcp.MessageError) -> McpUnreadable:
     answer = mcp.Decision((), (mcp.Refusal.from_error(exc),), batch=False).answer()
     return McpUnreadable("mcp_unreadable", exc.message, answer)
-
-
-async def _read(request: web.Request, route: Route) -> bytes:
-    """The whole body, within the route's size limit (a 413 before reading a declared
-    oversize one)."""
-    length = request.content_length
-    if length is not None and length > route.max_body:
-        raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(route.read_timeout):
-            async for chunk in request.content.iter_chunked(CHUNK):
-                body += chunk
-                if len(body) > route.max_body:
-                    raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
-    except TimeoutError:
-        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
-    except aiohttp.ClientPayloadError:
-        raise BadRequest("bad_body", "malformed request body") from None
-    return bytes(body)
 
 
 def _bad_answer() -> BadGateway:

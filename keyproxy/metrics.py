@@ -87,6 +87,20 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.reloads = Counter(
+            "keyproxy_config_reload",
+            "Configuration reloads, by result: ok, error (the running one stays), unchanged.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("ok", "error", "unchanged"):
+            self.reloads.labels(result)
+        self.config_loaded = Gauge(
+            "keyproxy_config_loaded_timestamp_seconds",
+            "When the configuration in force was loaded (Unix time), labelled by its hash.",
+            ["hash"],
+            registry=self.registry,
+        )
         self.registry.register(_KeyCollector(key_status))
         self.limit_refusals = Counter(
             "keyproxy_limit_refusals",
@@ -98,6 +112,11 @@ class Metrics:
         # Counts one request: (route, status, decision, seconds). The collector's own
         # method, called on every request without a call in between.
         self.request: Callable[[str | None, int, str, float], None] = self._requests.add
+
+    def config_in_force(self, digest: str, loaded_at: float) -> None:
+        """The configuration now serving: its hash and load time (one series at a time)."""
+        self.config_loaded.clear()
+        self.config_loaded.labels(digest).set(loaded_at)
 
     def connection_closed(self, reason: str) -> None:
         self.connections_closed.labels(reason).inc()

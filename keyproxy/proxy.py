@@ -17,12 +17,10 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Final, NamedTuple
-from urllib.parse import unquote_plus
 
 import aiohttp
 import structlog
 from aiohttp import web
-from yarl import URL
 
 from keyproxy import audit, mcproute, paths, policy, state
 from keyproxy import scope as scopes
@@ -31,13 +29,10 @@ from keyproxy.answers import REQUEST_ID_KEY
 from keyproxy.config import Config, Policy, Route
 from keyproxy.deadline import ReadDeadlines
 from keyproxy.errors import (
-    BadRequest,
     Forbidden,
     McpRefused,
     NotFound,
-    PayloadTooLarge,
     RequestError,
-    RequestTimeout,
     TooManyRequests,
     Unauthenticated,
     Unavailable,
@@ -54,6 +49,7 @@ from keyproxy.headers import (
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered
 from keyproxy.metrics import Metrics
+from keyproxy.outgoing import request_body, upstream_url
 from keyproxy.state.limits import RequestLimits, limit_name
 from keyproxy.state.limits import headers as ratelimit_headers
 from keyproxy.state.memory import MemoryStore
@@ -64,7 +60,6 @@ from keyproxy.vault import KeyCache, KeyVersion
 log = structlog.get_logger("keyproxy.proxy")
 
 ROUTE_PREFIX: Final = "/r/"
-CHUNK: Final = 64 * 1024
 _UNLIMITED: Final = state.Decision(())  # a request that touches no limit
 _NOTHING_HELD: Final = contextlib.nullcontext()
 
@@ -128,10 +123,12 @@ class Proxy:
         *,
         tasks: TaskTokens | None = None,
         metrics: Metrics | None = None,
+        config_hash: str | None = None,
         store: state.StateStore | None = None,
         exact_uses: bool = True,
     ) -> None:
         self.config = config
+        self.config_hash = config_hash  # named by each request's audit event
         self.verifier = verifier
         self.keys = keys
         self.sessions = sessions
@@ -218,6 +215,7 @@ class Proxy:
                 reason=reason,
                 status=status,
                 elapsed=elapsed,
+                config_hash=self.config_hash,
                 limit=limit,
             )
             if sent:
@@ -348,7 +346,8 @@ class Proxy:
     def _key(self, route: Route) -> KeyVersion:
         """The route's key, or a 503 that says when to try again."""
         try:
-            return self.keys.get(route.name)
+            # The key of this configuration's route, also after a reload changed it.
+            return self.keys.key_of(route.secret)
         except Unavailable as exc:
             raise Unavailable(exc.reason, exc.message, retry_after=self.retry_after) from None
 
@@ -368,6 +367,7 @@ def _record(
     reason: str,
     status: int,
     elapsed: float,
+    config_hash: str | None,
     limit: str | None,
 ) -> audit.RequestRecord:
     """The request's audit event, from what its steps produced (None: not reached) and how
@@ -394,6 +394,7 @@ def _record(
         status,
         exchange.upstream_status if exchange is not None else None,  # upstream_status
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
+        config_hash,  # config
         limit,
     )
 
@@ -411,14 +412,14 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
     """The upstream request: the route's URL for `path`, the headers it forwards, the body.
     On an MCP route the body is read and decided first (`_mcp_step`), and the answer
     filtered."""
-    url = _upstream_url(route, path, raw_query, rendered, plan.injector)
+    url = upstream_url(route, path, raw_query, rendered, plan.injector)
     headers = upstream_headers(request.headers, plan.forwards, rendered, rid)
     if plan.mcp is not None:
         step = await _mcp_step(request, route, plan.mcp, rid, admitted)
         forwarder = plan.forwarder
         reply = mcproute.replier(forwarder.session, url, headers, forwarder.read_timeout)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
-    return Outgoing(url, headers, await _request_body(request, route))
+    return Outgoing(url, headers, await request_body(request, route))
 
 
 async def _mcp_step(
@@ -452,49 +453,3 @@ async def _mcp_step(
         raise
     audit.emit_calls(step.calls, facts, "")
     return step
-
-
-async def _request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:
-    """The body to send upstream, with the route's size limit enforced before connecting."""
-    length = request.content_length
-    if length is not None:
-        if length > route.max_body:
-            raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
-        return request.content if length else None
-    if not request.body_exists:
-        return None
-    # A chunked upload has no declared size: read it up to the limit so a 413 can still be
-    # answered before any upstream connection.
-    body = bytearray()
-    try:
-        async with asyncio.timeout(route.read_timeout):
-            async for chunk in request.content.iter_chunked(CHUNK):
-                body += chunk
-                if len(body) > route.max_body:
-                    raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
-    except TimeoutError:
-        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
-    except aiohttp.ClientPayloadError:  # aiohttp's server raises this for a malformed body
-        raise BadRequest("bad_body", "malformed request body") from None
-    return bytes(body)
-
-
-def _upstream_url(
-    route: Route,
-    encoded_path: str,
-    raw_query: str,
-    rendered: Rendered,
-    injector: Injector,
-) -> URL:
-    path = route.upstream.base_path + encoded_path
-    query = raw_query
-    if rendered.query:
-        # A caller-sent parameter of an injected name would override or accompany the key.
-        kept = [
-            part
-            for part in raw_query.split("&")
-            if part and unquote_plus(part.partition("=")[0]) not in injector.query_names
-        ]
-        query = "&".join([*kept, rendered.query])
-    text = f"{route.upstream.origin}{path}" + (f"?{query}" if query else "")
-    return URL(text, encoded=True)

@@ -8,7 +8,7 @@ through the same egress fence (keyproxy.netguard).
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 from aiohttp.connector import Connection
@@ -22,23 +22,49 @@ class UpstreamSessions:
 
     The session's resolver is the egress fence: aiohttp connects only to the addresses it
     returns, so the address checked is the address used.
+
+    A reload builds the next configuration's sessions with `successor`: a route whose
+    settings are unchanged keeps its session and its pooled connections, a new or changed
+    one gets a new session. The old set is closed (`close(keep=...)`) once nothing runs on it,
+    sparing the sessions its successors still use.
     """
 
-    def __init__(self, routes: Mapping[str, Route]) -> None:
-        self._by_route: dict[str, aiohttp.ClientSession] = {}
+    def __init__(
+        self,
+        routes: Mapping[str, Route],
+        kept: Mapping[str, aiohttp.ClientSession] | None = None,
+    ) -> None:
+        self.routes = dict(routes)
+        self._by_route: dict[str, aiohttp.ClientSession] = dict(kept or {})
         shared: dict[tuple[tuple[Network, ...], bool, str | None], aiohttp.ClientSession] = {}
         for route in routes.values():
+            if route.name in self._by_route:
+                continue
             key = (route.egress_allow, route.tls_verify, str(route.ca_file or ""))
             if key not in shared:
                 shared[key] = _session(route)
             self._by_route[route.name] = shared[key]
-        self._sessions = list(shared.values())
+
+    def successor(self, routes: Mapping[str, Route]) -> UpstreamSessions:
+        """The sessions for `routes`, keeping this set's for each route that is unchanged."""
+        kept = {
+            name: self._by_route[name]
+            for name, route in routes.items()
+            if self.routes.get(name) == route
+        }
+        return UpstreamSessions(routes, kept)
 
     def get(self, route: str) -> aiohttp.ClientSession:
         return self._by_route[route]
 
-    async def close(self) -> None:
-        for session in self._sessions:
+    @property
+    def sessions(self) -> set[aiohttp.ClientSession]:
+        return set(self._by_route.values())
+
+    async def close(self, keep: Iterable[UpstreamSessions] = ()) -> None:
+        """Close these sessions, except those any of `keep` uses."""
+        used = {session for other in keep for session in other.sessions}
+        for session in self.sessions - used:
             await session.close()
 
 

@@ -54,6 +54,10 @@ class VerifiedCache(Generic[T]):
     def discard(self, key: bytes) -> None:
         self._entries.pop(key, None)
 
+    def clear(self) -> None:
+        """Forget every entry (what verified them has changed)."""
+        self._entries.clear()
+
     def _evict(self) -> None:
         now = self._clock()
         expired = [key for key, entry in self._entries.items() if self._expires(entry) <= now]

@@ -22,7 +22,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     # What everything may use: the error tree, redacting secrets, the path-pattern grammar
     # (config compiles policy paths with it), the MCP name checks (config checks MCP grants
     # with them). `keyproxy` is the package itself.
-    ("foundation", frozenset({"keyproxy", "errors", "secret", "patterns", "mcp.names"})),
+    (
+        "foundation",
+        frozenset({"keyproxy", "errors", "secret", "patterns", "strictjson", "mcp.names"}),
+    ),
     (
         "config",
         frozenset(
@@ -37,6 +40,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "config.rotation",
                 "config.policies",
                 "config.limits",
+                "config.changes",
             }
         ),
     ),
@@ -113,6 +117,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             {
                 "proxy",
                 "mcproute",
+                "outgoing",
                 "forward",
                 "broker",
                 "answers",
@@ -127,7 +132,10 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             }
         ),
     ),
-    ("server", frozenset({"server", "server.app", "server.listen", "server.collector"})),
+    (
+        "server",
+        frozenset({"server", "server.app", "server.listen", "server.collector", "server.reload"}),
+    ),
     (
         "cli",
         frozenset(
@@ -139,6 +147,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "cli.token",
                 "cli.rotate",
                 "cli.dev",
+                "cli.reload",
+                "cli.serve",
             }
         ),
     ),

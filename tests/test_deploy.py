@@ -253,6 +253,27 @@ def test_deployment_is_hardened_replicated_and_probed() -> None:
     assert container["ports"][0]["containerPort"] == port
 
 
+def test_configmap_updates_reach_the_pod_without_a_rollout() -> None:
+    """The configuration directory is mounted whole (no subPath), so the kubelet's ConfigMap
+    updates reach the pod, where `keyproxy serve` watches the file and reloads it."""
+    deployment = resources()[("Deployment", "keyproxy")]
+    spec = pod_spec(deployment)
+    (container,) = spec["containers"]
+    args = parse_keyproxy_args(container["args"], "Deployment")
+    assert args.watch
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    assert "subPath" not in mount
+    assert str(Path(args.config).parent) == mount["mountPath"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "config"]
+    sources = volume["projected"]["sources"]
+    assert any(s.get("configMap", {}).get("name") == "keyproxy-config" for s in sources)
+
+
+def test_systemd_reload_sends_sighup_to_the_main_process() -> None:
+    """`systemctl reload keyproxy` sends SIGHUP to the parent, which passes it to each worker."""
+    assert unit_values(SYSTEMD / "keyproxy.service", "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+
+
 @pytest.mark.parametrize(
     ("kind", "name", "account"),
     [("Deployment", "keyproxy", "keyproxy"), ("CronJob", "keyproxy-rotate", "keyproxy-rotate")],

@@ -320,12 +320,12 @@ async def test_the_agents_port_shows_status_only(stack: Stack, server_key: str) 
 # ----------------------------------------------------------------------------- the process
 
 
-async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
+async def test_serve_logs_only_json_reloads_on_sighup_and_drains_on_sigterm(
     openbao: OpenBaoDevServer, upstream: Upstream, server_key: str, tmp_path: Path, log_dir: Path
 ) -> None:
     """`keyproxy serve`: malformed requests leave nothing on stderr and only JSON on stdout,
-    without the credential; SIGHUP is logged and ignored; SIGTERM logs the requests in
-    flight, lets a stream finish, and logs when it is done."""
+    without the credential; SIGHUP reloads (an unchanged file: nothing to do); SIGTERM logs
+    the requests in flight, lets a stream finish, and logs when it is done."""
     agent = openbao.add_agent("server-agent")
     token = openbao.agent_token(agent)
     CANARIES.add(token)
@@ -360,7 +360,7 @@ async def test_serve_logs_only_json_ignores_sighup_and_drains_on_sigterm(
     assert token not in out.read_text()
     assert sum(e["event"] == "request.malformed" for e in events) == len(MALFORMED)
     names = [e["event"] for e in events]
-    assert "sighup_ignored" in names
+    assert "config.reload_unchanged" in names
     draining = next(e for e in events if e["event"] == "draining")
     assert draining["in_flight"] >= 1
     assert names.index("stopped") > names.index("draining")

@@ -118,7 +118,8 @@ async def test_two_workers_serve_and_stop_gracefully(
     openbao: OpenBaoDevServer, gated: GatedStream, tmp_path: Path, log_dir: Path
 ) -> None:
     """--workers 2 serves from two processes on one port; on SIGTERM the parent stops both,
-    which close the port but finish a stream in flight before exiting 0."""
+    which close the port but finish a stream in flight before exiting 0; one SIGHUP to the
+    parent reloads both."""
     agent = openbao.add_agent("workers-agent")
     openbao.put_key("keyproxy/keys/workers-test", new_key())
     token = openbao.agent_token(agent)
@@ -128,7 +129,9 @@ async def test_two_workers_serve_and_stop_gracefully(
     base = f"http://127.0.0.1:{port}"
     out = log_dir / "workers.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0", "--workers", "2")
+    # --no-watch: only the SIGHUP below may reload.
+    args = ["serve", "-c", str(path), "--port", str(port), "--admin-port", "0", "--workers", "2"]
+    args.append("--no-watch")
     fresh = aiohttp.TCPConnector(force_close=True)  # a new connection, so any worker may take it
     with cli.started(*args, out=out, env=env) as proc:
         async with aiohttp.ClientSession(connector=fresh) as http:
@@ -149,16 +152,38 @@ async def test_two_workers_serve_and_stop_gracefully(
             assert workers == set(started)
             assert proc.pid not in workers
 
-            # SIGHUP to the parent is logged and ignored: the same workers keep serving.
+            # One SIGHUP to the parent reloads both workers (the file watch is off: only the
+            # signal can have done it), and the same workers keep serving.
+            changed = _config(openbao, agent.entity_id, gated.port)
+            changed["routes"]["added"] = changed["routes"]["up"]
+            path.write_text(yaml.safe_dump(changed))
             proc.send_signal(signal.SIGHUP)
-            await eventually(
-                lambda: any(e.get("event") == "sighup_ignored" for e in read_events(out)),
-                "SIGHUP was not logged",
+
+            def reloaded() -> dict[int, str]:
+                events = [e for e in read_events(out) if e.get("event") == "config.reloaded"]
+                return {e["worker"]: e["hash"] for e in events}
+
+            by_worker = await eventually(
+                reloaded,
+                "both workers did not reload",
                 within=DEADLINE,
                 interval=0.05,
+                until=lambda found: len(found) == 2,
             )
-            async with http.get(f"{base}/r/up/stream") as response:
-                assert response.status == 401
+            assert set(by_worker) == set(started)
+            (new_hash,) = set(by_worker.values())
+            answered: set[int] = set()
+            for _ in range(500):
+                async with http.get(f"{base}/r/added/stream") as response:
+                    assert response.status == 401  # a route both workers know now
+                answered = {
+                    e["worker"]
+                    for e in read_events(out)
+                    if e.get("event") == "request" and e.get("config") == new_hash
+                }
+                if len(answered) == 2:
+                    break
+            assert answered == set(started)
             assert proc.poll() is None
             assert all(_alive(pid) for pid in started)
 

@@ -29,6 +29,7 @@ from keyproxy.vault import Vault, operator_config
 
 CONFIG_ENV = "KEYPROXY_CONFIG"
 EXIT_USAGE = 2
+EXIT_CONFIG = 2  # a configuration that cannot be loaded or served
 
 
 class UsageError(KeyproxyError):

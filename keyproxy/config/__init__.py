@@ -5,9 +5,12 @@ of the mistake. `credential_problems(cfg)` lists the Vault credential files this
 read (`keyproxy check` warns about them). `parse_duration(value, path)` reads a duration in
 the file's syntax for a setting given elsewhere (a token request, a command-line option).
 `model` holds the objects; `loader` reads YAML strictly (duplicate keys, syntax errors);
-`compile` turns it into the objects. The reference for every key is docs/configuration.md.
+`compile` turns it into the objects. `diff(old, new)` lists what a reload changes
+(`Changes`), `keep_running(running, new)` keeps the settings that need a restart. The
+reference for every key is docs/configuration.md.
 """
 
+from keyproxy.config.changes import Changes, Delta, diff, keep_running
 from keyproxy.config.compile import credential_problems, load, parse, parse_duration
 from keyproxy.config.limits import MAX_USES
 from keyproxy.config.model import (
@@ -57,9 +60,11 @@ __all__ = [
     "ROUTE_NAME",
     "AdminConfig",
     "CallerCredential",
+    "Changes",
     "CommandRotator",
     "ConcurrencyLimit",
     "Config",
+    "Delta",
     "Grant",
     "HttpCall",
     "HttpRotator",
@@ -82,6 +87,8 @@ __all__ = [
     "claim_text",
     "credential_problems",
     "default_full_refresh",
+    "diff",
+    "keep_running",
     "load",
     "parse",
     "parse_duration",

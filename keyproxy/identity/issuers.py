@@ -53,6 +53,30 @@ class IssuerKeys:
                 raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
             self._issuers[issuer.issuer] = IssuerState(issuer)
 
+    async def reconfigure(self, issuers: Sequence[Issuer]) -> bool:
+        """Verify with `issuers` from now on (a reload). An issuer whose settings are unchanged
+        keeps its keys; a new or changed one has its keys fetched first (failures logged, as
+        at start-up). True if any issuer was removed or changed: what verified a remembered
+        token may no longer be trusted."""
+        states: dict[str, IssuerState] = {}
+        fresh = []
+        for issuer in issuers:
+            if issuer.issuer in states:
+                raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
+            state = self._issuers.get(issuer.issuer)
+            if state is None or state.issuer != issuer:
+                state = IssuerState(issuer)
+                fresh.append(state)
+            states[issuer.issuer] = state
+        await asyncio.gather(*(self._prefetch(state) for state in fresh))
+        kept = {id(state) for state in states.values()}
+        dropped = [s for s in self._issuers.values() if id(s) not in kept]
+        self._issuers = states
+        for state in dropped:
+            if state.fetch is not None:
+                state.fetch.cancel()
+        return bool(dropped)
+
     async def prefetch(self) -> None:
         """Fetch every issuer's keys once; failures are logged, not raised."""
         await asyncio.gather(*(self._prefetch(state) for state in self._issuers.values()))

@@ -80,6 +80,14 @@ class IdentityVerifier(IssuerKeys):
         )
         self._rejected_types = frozenset(_media_type(t) for t in rejected_types)
 
+    async def reconfigure(self, issuers: Sequence[Issuer]) -> bool:
+        """As `IssuerKeys.reconfigure`; remembered tokens are forgotten when an issuer was
+        removed or changed, so each is verified again under the issuers now configured."""
+        changed = await super().reconfigure(issuers)
+        if changed:
+            self.cache.clear()
+        return changed
+
     async def verify(self, token: str) -> Identity:
         """Return the caller's identity, or raise `Unauthenticated` with a reason code
         (`Unavailable("issuer_keys_stale")` when the issuer's keys are too old to trust)."""

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
+
+from keyproxy import strictjson
 
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
@@ -117,61 +118,9 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     if len(data) > max_bytes:
         raise MessageError(f"message larger than {max_bytes} bytes", code=PARSE_ERROR)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MessageError("message is not UTF-8", code=PARSE_ERROR) from e
-    if text.startswith("\ufeff"):
-        raise MessageError("message starts with a byte order mark", code=PARSE_ERROR)
-    try:
-        value = json.loads(
-            text, object_pairs_hook=_unique_members, parse_constant=_no_constant, parse_float=_float
-        )
-    except RecursionError as e:
-        raise MessageError("message nested too deeply", code=PARSE_ERROR) from e
-    except json.JSONDecodeError as e:
-        raise MessageError(f"malformed JSON: {e.msg} at {e.pos}", code=PARSE_ERROR) from e
-    except ValueError as e:  # raised by the hooks below
+        return strictjson.loads(data)
+    except ValueError as e:
         raise MessageError(str(e), code=PARSE_ERROR) from e
-    _check_strings(value)
-    return value
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in found:
-            raise ValueError(f"member {name!r} given twice in one object")
-        found[name] = value
-    return found
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _check_strings(value: Any) -> None:
-    """Refuse a lone surrogate (a \\ud800 escape without its pair) in any string or member
-    name: Python keeps it, other JSON readers refuse or replace it."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise MessageError("string with a lone surrogate", code=PARSE_ERROR) from e
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
 
 
 def parse_body(

@@ -19,6 +19,11 @@ outlives it.
     /readyz             readiness in detail: Vault reachable, and per route the key's secret
                         path, version, fingerprint, age and last error; the state store
                         reachable (reported, not required: see `_readyz`)
+    POST /reload        reload the configuration file (keyproxy.server.reload); JSON result
+
+The configuration can change while serving (keyproxy.server.reload): each request takes the
+generation in force when it starts (`RELOADER`) and keeps it to its end. The state store is
+the app's, shared by every generation (a reload does not move the counters).
 
 SECURITY: secret paths, key fingerprints and read counts tell an attacker what to aim at, so
 only the admin listener shows them. Every answer names keyproxy as its `Server`, never the
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -39,11 +45,13 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from keyproxy import answers
 from keyproxy.broker import Broker
-from keyproxy.config import Config
+from keyproxy.config import Config, keep_running, parse
+from keyproxy.errors import ConfigError
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy
 from keyproxy.server import collector
+from keyproxy.server.reload import Generation, Reloader, short, text_digest
 from keyproxy.state import StateStore
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisStore
@@ -51,11 +59,12 @@ from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
 
-CONFIG: Final = web.AppKey("config", Config)
+CONFIG: Final = web.AppKey("config", Config)  # the configuration the app started with
+SOURCE: Final = web.AppKey("source", Path)  # the file it was read from, if any: reloads read it
+WATCH: Final = web.AppKey("watch", bool)  # reload when the file's content changes
 VAULT: Final = web.AppKey("vault", Vault)
 KEYS: Final = web.AppKey("keys", KeyCache)
-PROXY: Final = web.AppKey("proxy", Proxy)
-BROKER: Final = web.AppKey("broker", Broker)
+RELOADER: Final = web.AppKey("reloader", Reloader)
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORE: Final = web.AppKey("store", StateStore)
 PROCESSES: Final = web.AppKey("processes", int)  # how many serve the port (--workers)
@@ -65,9 +74,13 @@ SERVER_NAME: Final = "keyproxy"
 log = structlog.get_logger("keyproxy.app")
 
 
-def build_app(config: Config, processes: int = 1) -> web.Application:
-    """The agents' app; `processes` is how many processes serve this port together (with
-    more than one and no `state.url`, limits could not be exact: see `_store`)."""
+def build_app(
+    config: Config, processes: int = 1, *, source: Path | None = None, watch: bool = False
+) -> web.Application:
+    """The agents' app for `config`; with `source`, the file it was read from, which a
+    reload reads again (with `watch`, whenever its content changes). `processes` is how many
+    processes serve this port together (with more than one and no `state.url`, limits could
+    not be exact: see `_store`)."""
     # Request bodies are forwarded as sent: decompressing them would change what the upstream
     # receives and make max_body count the wrong bytes.
     app = web.Application(
@@ -75,6 +88,9 @@ def build_app(config: Config, processes: int = 1) -> web.Application:
     )
     app[CONFIG] = config
     app[PROCESSES] = processes
+    if source is not None:
+        app[SOURCE] = source
+    app[WATCH] = watch
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
     # Every handler raises; answers.answering answers.
@@ -95,6 +111,7 @@ def build_admin_app(served: web.Application) -> web.Application:
     app.router.add_get("/healthz", answers.answering(_healthz))
     app.router.add_get("/readyz", answers.answering(_readyz))
     app.router.add_get("/metrics", answers.answering(_metrics))
+    app.router.add_post("/reload", answers.answering(_reload))
     return app
 
 
@@ -113,27 +130,45 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    upstreams = UpstreamSessions(config.routes)
     # SECURITY: our own task tokens are never accepted as workload identity tokens.
     verifier = IdentityVerifier(config.identity, client, rejected_types={TASK_TOKEN_TYPE})
     tasks = TaskTokens(config, vault)
     metrics = Metrics(keys.status)
+    metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
     store = _store(config)
     metrics.watch_store(store.stats)
     app[VAULT], app[KEYS], app[METRICS], app[STORE] = vault, keys, metrics, store
-    app[PROXY] = Proxy(
-        config,
-        verifier,
-        keys,
-        upstreams,
+    # Counted in this process's memory, a token's uses are exact only if no other process
+    # serves the port.
+    exact_uses = config.state is not None or app[PROCESSES] == 1
+    source = app.get(SOURCE)
+    started_digest, loaded = _started_from(config, source)
+
+    def generation(cfg: Config, digest: str, sessions: UpstreamSessions) -> Generation:
+        proxy = Proxy(
+            cfg,
+            verifier,
+            keys,
+            sessions,
+            tasks=tasks,
+            metrics=metrics,
+            config_hash=short(digest),
+            store=store,
+            exact_uses=exact_uses,
+        )
+        return Generation(cfg, digest, proxy, Broker(cfg, verifier, tasks, metrics), sessions)
+
+    reloader = Reloader(
+        path=source,
+        keys=keys,
+        verifier=verifier,
         tasks=tasks,
         metrics=metrics,
-        store=store,
-        # Counted in this process's memory, a token's uses are exact only if no other
-        # process serves the port.
-        exact_uses=config.state is not None or app[PROCESSES] == 1,
+        make=generation,
+        first=generation(config, started_digest, UpstreamSessions(config.routes)),
     )
-    app[BROKER] = Broker(config, verifier, tasks, metrics)
+    reloader.current.loaded = loaded
+    app[RELOADER] = reloader
     background: list[asyncio.Task[None]] = []
     tuned = contextlib.ExitStack()
     try:
@@ -149,19 +184,25 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(keys.run(), name="key-refresh"),
             asyncio.create_task(tasks.run(), name="token-revocations"),
         ]
+        if app[WATCH] and source is not None:
+            background.append(asyncio.create_task(reloader.follow(), name="config-watch"))
         tuned.enter_context(collector.serving())
-        log.info("started", routes=len(config.routes), keys_ready=keys.ready())
+        log.info(
+            "started",
+            routes=len(config.routes),
+            keys_ready=keys.ready(),
+            config=short(started_digest),
+        )
         yield
     finally:
         tuned.close()
-        app[PROXY].close()
         for task in background:
             task.cancel()
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await reloader.aclose()
         await verifier.aclose()
-        await upstreams.close()
         await client.close()
         await store.close()
         vault.close()
@@ -173,6 +214,25 @@ def _store(config: Config) -> StateStore:
     return RedisStore(config.state) if config.state is not None else MemoryStore()
 
 
+def _started_from(config: Config, source: Path | None) -> tuple[str, Config | None]:
+    """The hash a reload compares the file's with, and what the file says (`config` may
+    differ: command-line options override the listeners). Read now: the caller loaded the
+    file just before. A configuration built in memory is hashed in its compiled form."""
+    compiled = text_digest(repr(config).encode())  # hashed only: never logged
+    if source is None:
+        return compiled, None
+    try:
+        data = source.read_bytes()
+        loaded = parse(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return compiled, None  # the first reload reads it again, and says what is wrong
+    if keep_running(config, loaded) != config:
+        # Changed since the caller read it: the hash of what serves, so the watch (or the
+        # next reload) sees the file as new.
+        return compiled, None
+    return text_digest(data), loaded
+
+
 async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
     try:
         await coro
@@ -181,17 +241,34 @@ async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY].handle(request)
+    reloader = request.app[RELOADER]
+    generation = reloader.enter()  # this request's configuration, to its last byte
+    try:
+        return await generation.proxy.handle(request)
+    finally:
+        reloader.leave(generation)
 
 
 def _broker(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        method: Callable[[web.Request], Awaitable[web.StreamResponse]] = getattr(
-            request.app[BROKER], name
-        )
-        return await method(request)
+        reloader = request.app[RELOADER]
+        generation = reloader.enter()
+        try:
+            method: Callable[[web.Request], Awaitable[web.StreamResponse]] = getattr(
+                generation.broker, name
+            )
+            return await method(request)
+        finally:
+            reloader.leave(generation)
 
     return handler
+
+
+async def _reload(request: web.Request) -> web.Response:
+    """Reload the configuration file now; the answer says what happened (200 even for a
+    file that was refused: the running configuration stays, and the body says why)."""
+    outcome = await request.app[SERVED][RELOADER].reload("admin")
+    return web.json_response(outcome.as_dict())
 
 
 async def _server_header(_: web.Request, response: web.StreamResponse) -> None:

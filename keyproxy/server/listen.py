@@ -24,8 +24,8 @@ Refused and timed-out connections are counted in `keyproxy_connections_closed_to
 logged at most once a second per reason, so a flood cannot become a log flood.
 
 Signals: SIGTERM and SIGINT drain (in-flight requests and streams get `shutdown_timeout` to
-finish), logging how many are in flight when it starts and when it is done. SIGHUP is logged
-and ignored until configuration reload exists: it never kills the process.
+finish), logging how many are in flight when it starts and when it is done. SIGHUP reloads the
+configuration file (keyproxy.server.reload); it never kills the process.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
@@ -45,7 +46,7 @@ from aiohttp.web_request import BaseRequest
 
 from keyproxy.config import Config, Network, ServerConfig
 from keyproxy.metrics import Metrics
-from keyproxy.server.app import METRICS, SERVER_NAME, build_admin_app, build_app
+from keyproxy.server.app import METRICS, RELOADER, SERVER_NAME, build_admin_app, build_app
 
 log = structlog.get_logger("keyproxy.server")
 
@@ -314,16 +315,21 @@ async def serve(
     reuse_port: bool = False,
     processes: int = 1,
     on_start: Callable[[], None] = lambda: None,
+    source: Path | None = None,
+    watch: bool = False,
 ) -> None:
     """Run the proxy (host:port) and the admin listener (`server.admin`) until SIGTERM or
-    SIGINT, then drain: in-flight requests and streams get `shutdown_timeout` seconds."""
+    SIGINT, then drain: in-flight requests and streams get `shutdown_timeout` seconds.
+    SIGHUP reloads `source`, the file `config` was read from (with `watch`, so does a change
+    of its content)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    hangups = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopping, sig, stop)
-    loop.add_signal_handler(signal.SIGHUP, _hangup)
+    loop.add_signal_handler(signal.SIGHUP, hangups.set)
     on_start()
-    app = build_app(config, processes)
+    app = build_app(config, processes, source=source, watch=watch)
     limits = Limits.of(config.server)
     admin = config.server.admin
     runner, bound = await start(
@@ -349,7 +355,7 @@ async def serve(
             header_timeout=limits.header_timeout,
             max_connections=limits.max_connections,
         )
-        await stop.wait()
+        await _until_stopped(stop, hangups, app)
         started = time.monotonic()
         log.info("draining", in_flight=in_flight(runner), timeout=shutdown_timeout)
     finally:
@@ -366,8 +372,21 @@ def _stopping(sig: signal.Signals, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _hangup() -> None:
-    log.warning("sighup_ignored", why="configuration reload is not supported yet: restart")
+async def _until_stopped(stop: asyncio.Event, hangups: asyncio.Event, app: web.Application) -> None:
+    """Reload on each SIGHUP (several while one runs: one more reload) until `stop` is set."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            hangup = asyncio.ensure_future(hangups.wait())
+            await asyncio.wait({stopping, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if not hangup.done():
+                hangup.cancel()
+                break
+            hangups.clear()
+            log.info("reload_requested", signal="SIGHUP")
+            await app[RELOADER].reload("sighup")
+    finally:
+        stopping.cancel()
 
 
 __all__ = ["Limits", "bound_port", "in_flight", "serve", "start"]

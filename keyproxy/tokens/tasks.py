@@ -11,6 +11,7 @@ import asyncio
 
 import structlog
 
+from keyproxy.config import Config
 from keyproxy.errors import VaultError
 from keyproxy.tokens.verify import Verifier
 
@@ -19,6 +20,14 @@ log = structlog.get_logger("keyproxy.tokens")
 
 class TaskTokens(Verifier):
     """Issue, verify and revoke task tokens for one configuration."""
+
+    def reconfigure(self, config: Config) -> None:
+        """Follow `config` (a reload): its token settings apply to tokens issued from now on,
+        and tokens are verified against its routes. Signing keys, revocations and use
+        counts carry over."""
+        self.config, self.cfg = config, config.tokens
+        self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
+        self._verified.clear()  # their scopes were read against the old routes
 
     async def run(self) -> None:
         """Background work until cancelled: poll revocations, and re-read the public keys

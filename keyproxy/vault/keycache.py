@@ -98,10 +98,39 @@ class KeyCache:
         self._awaited: dict[SecretRef, tuple[int | None, int]] = {}
         # The sweep: each refresh re-reads the next few secrets in turn, so every one is read
         # once per full_refresh_interval and Vault sees an even trickle rather than bursts.
-        self._sweep = itertools.cycle(list(self._entries))
-        full = full_refresh_interval or default_full_refresh(refresh_interval, max_staleness)
-        self._sweep_rate = len(self._entries) * min(1.0, refresh_interval / full)
+        self._full = full_refresh_interval or default_full_refresh(refresh_interval, max_staleness)
         self._sweep_credit = 0.0
+        self._plan_sweep()
+
+    def _plan_sweep(self) -> None:
+        self._sweep = itertools.cycle(list(self._entries))
+        self._sweep_rate = len(self._entries) * min(1.0, self._interval / self._full)
+
+    async def prepare(self, routes: Mapping[str, Route]) -> None:
+        """Read the secrets of `routes` not cached yet (a reload's new and changed routes),
+        before they serve; the routes `get` names are still the running ones."""
+        new = {route.secret for route in routes.values()} - self._entries.keys()
+        for ref in new:
+            self._entries[ref] = _Entry()
+        if new:
+            self._plan_sweep()
+            await self._load_many(new)
+
+    def use(self, routes: Mapping[str, Route]) -> None:
+        """Serve `routes` (prepared first): `get`, readiness and status name these now."""
+        self._refs = {name: route.secret for name, route in routes.items()}
+
+    def forget(self, keep: Iterable[SecretRef]) -> None:
+        """Drop every cached key but those of `keep`: the secrets of the configurations
+        still serving a request, once a reload's old one has finished its last."""
+        kept = set(keep) | set(self._refs.values())
+        gone = [ref for ref in self._entries if ref not in kept]
+        for ref in gone:
+            del self._entries[ref]
+            self._awaited.pop(ref, None)
+            log.info("key_cache.key_forgotten", secret=_secret_name(ref), field=ref.field)
+        if gone:
+            self._plan_sweep()
 
     async def load_all(self) -> None:
         """Read every distinct secret (at most 16 at a time). Failures are recorded per
@@ -130,7 +159,7 @@ class KeyCache:
         self._awaited = {
             ref: (before, left - 1)
             for ref, (before, left) in self._awaited.items()
-            if left > 1 and _version(self._entries[ref]) == before
+            if left > 1 and ref in self._entries and _version(self._entries[ref]) == before
         }
         if self._index_version is None:
             return  # no index: nothing is confirmed without a read
@@ -177,7 +206,9 @@ class KeyCache:
         await _gather(load(ref) for ref in refs)
 
     async def _load(self, ref: SecretRef) -> None:
-        entry = self._entries[ref]
+        entry = self._entries.get(ref)
+        if entry is None:
+            return  # forgotten while the read waited its turn
         entry.reads += 1
         try:
             key = await self._vault.read_key(ref)
@@ -211,7 +242,12 @@ class KeyCache:
         """The key to inject for `route`. Raises Unavailable("key_unavailable") if it was never
         loaded, Unavailable("key_stale") if the last good read is older than max_staleness."""
         ref = self._refs.get(route)
-        entry = self._entries[ref] if ref is not None else None
+        return self.key_of(ref) if ref is not None else self.key_of(None)
+
+    def key_of(self, ref: SecretRef | None) -> KeyVersion:
+        """The key cached for the secret `ref` (a route of the configuration a request
+        started under: after a reload it may no longer be the running one's), as `get`."""
+        entry = self._entries.get(ref) if ref is not None else None
         if entry is None or entry.key is None or entry.loaded_at is None:
             raise Unavailable("key_unavailable", "the key for this route is not loaded")
         if self._clock() - entry.loaded_at > self._max_staleness:
@@ -222,9 +258,9 @@ class KeyCache:
     def ready(self) -> bool:
         """Every route has a key that is not stale."""
         now = self._clock()
+        entries = (self._entries[ref] for ref in self._refs.values())
         return all(
-            e.loaded_at is not None and now - e.loaded_at <= self._max_staleness
-            for e in self._entries.values()
+            e.loaded_at is not None and now - e.loaded_at <= self._max_staleness for e in entries
         )
 
     def status(self) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,83 @@
+"""The parts of the upstream request taken from the caller's: its body and its URL.
+
+    request_body(request, route)   what to send upstream: the caller's stream for a declared
+                                   length, the whole body for a chunked one, or None
+    read_body(request, route)      the whole body, for a step that must read it first (MCP)
+    upstream_url(...)              the route's origin and base path, the caller's path and
+                                   query, and an injected query parameter
+
+Either way the route's `max_body` is enforced before any upstream connection: a declared
+oversize body is a 413 before a byte of it is read, and a chunked one is read up to the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+from urllib.parse import unquote_plus
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from keyproxy.config import Route
+from keyproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from keyproxy.inject import Injector, Rendered
+
+CHUNK: Final = 64 * 1024
+
+
+async def request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:
+    """The body to send upstream, with the route's size limit enforced before connecting."""
+    length = request.content_length
+    if length is not None:
+        _within(length, route)
+        return request.content if length else None
+    if not request.body_exists:
+        return None
+    # A chunked upload has no declared size: read it up to the limit so a 413 can still be
+    # answered before any upstream connection.
+    return await read_body(request, route)
+
+
+async def read_body(request: web.Request, route: Route) -> bytes:
+    """The whole body, within the route's size limit and its read timeout."""
+    if request.content_length is not None:
+        _within(request.content_length, route)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(route.read_timeout):
+            async for chunk in request.content.iter_chunked(CHUNK):
+                body += chunk
+                _within(len(body), route)
+    except TimeoutError:
+        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
+    except aiohttp.ClientPayloadError:  # aiohttp's server raises this for a malformed body
+        raise BadRequest("bad_body", "malformed request body") from None
+    return bytes(body)
+
+
+def _within(length: int, route: Route) -> None:
+    if length > route.max_body:
+        raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+
+
+def upstream_url(
+    route: Route,
+    encoded_path: str,
+    raw_query: str,
+    rendered: Rendered,
+    injector: Injector,
+) -> URL:
+    path = route.upstream.base_path + encoded_path
+    query = raw_query
+    if rendered.query:
+        # A caller-sent parameter of an injected name would override or accompany the key.
+        kept = [
+            part
+            for part in raw_query.split("&")
+            if part and unquote_plus(part.partition("=")[0]) not in injector.query_names
+        ]
+        query = "&".join([*kept, rendered.query])
+    text = f"{route.upstream.origin}{path}" + (f"?{query}" if query else "")
+    return URL(text, encoded=True)

@@ -1,0 +1,269 @@
+"""Configuration reload without a restart: generations, and the swap from one to the next.
+
+A `Generation` is what one configuration serves with: the compiled `Config`, its `Proxy`
+(policy index, per-route plans bound to upstream sessions) and its `Broker`. A request takes
+the current generation once (`Reloader.enter`) and keeps it to its end, streams included:
+it uses exactly one configuration from start to end.
+
+What lives longer than a configuration is reconfigured, never recreated: the Vault client,
+the key cache, the task tokens (signing keys, revocations, use counts) and the identity
+verifier's per-issuer key caches. `Reloader.reload(trigger)`:
+
+1. reads the file and, if its SHA-256 is the running one's, does nothing (`unchanged`);
+2. compiles it with the checks of `keyproxy check` (netguard.check_upstreams included). On any
+   error the running configuration stays in force: `config.reload_failed` names the YAML
+   path, and `keyproxy_config_reload_total{result="error"}` counts it;
+3. diffs it against the running one (keyproxy.config.diff); settings that need a restart
+   (listeners, Vault connection) keep their running values and are reported;
+4. prepares: new and changed routes' keys read, new and changed issuers' keys fetched, new
+   upstream sessions for new and changed routes (unchanged routes keep theirs);
+5. swaps, in one assignment, and logs `config.reloaded` with the hash, the trigger and the
+   changes;
+6. retires the old generation when its last request has ended: keys no live generation uses
+   are forgotten, and upstream sessions no live generation uses are closed.
+
+Reloads run one at a time. Triggers: SIGHUP (keyproxy.server.listen), a watch of the file
+(`follow`, keyproxy.watch), and `POST /reload` on the admin listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from keyproxy import config, netguard
+from keyproxy.broker import Broker
+from keyproxy.config import Changes, Config, diff, keep_running
+from keyproxy.errors import ConfigError
+from keyproxy.identity import IdentityVerifier
+from keyproxy.metrics import Metrics
+from keyproxy.proxy import Proxy
+from keyproxy.tokens import TaskTokens
+from keyproxy.upstream import UpstreamSessions
+from keyproxy.vault import KeyCache
+from keyproxy.watch import watch_files
+
+log = structlog.get_logger("keyproxy.reload")
+
+SHORT = 12  # hex digits of the configuration's SHA-256 that requests' audit events name
+
+
+def short(digest: str) -> str:
+    return digest[:SHORT]
+
+
+def text_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(eq=False)
+class Generation:
+    """One configuration and what serves it; `in_flight` counts its running requests."""
+
+    config: Config  # what it serves: `loaded` with the running restart-only settings
+    digest: str
+    proxy: Proxy
+    broker: Broker
+    sessions: UpstreamSessions
+    loaded: Config | None = None  # what the file said, when it differs from `config`
+    loaded_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    replaced: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a reload did: `ok`, `unchanged` or `error`."""
+
+    result: str
+    hash: str
+    trigger: str
+    changes: Changes | None = None
+    error: str | None = None
+    error_path: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"result": self.result, "hash": self.hash, "trigger": self.trigger}
+        if self.changes is not None:
+            out["changes"] = self.changes.as_dict()
+        if self.error is not None:
+            out["error"] = {"path": self.error_path, "message": self.error}
+        return out
+
+
+class Reloader:
+    """The current generation, the swap to the next, and the retirement of the old ones."""
+
+    def __init__(
+        self,
+        *,
+        path: Path | None,
+        keys: KeyCache,
+        verifier: IdentityVerifier,
+        tasks: TaskTokens,
+        metrics: Metrics,
+        make: Callable[[Config, str, UpstreamSessions], Generation],
+        first: Generation,
+    ) -> None:
+        self.path = path
+        self._keys = keys
+        self._verifier = verifier
+        self._tasks = tasks
+        self._metrics = metrics
+        self._make = make
+        self.current = first
+        self._live: list[Generation] = [first]  # current, and replaced ones still serving
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._rewatch = asyncio.Event()
+        metrics.config_in_force(short(first.digest), first.loaded_at)
+
+    # ------------------------------------------------------------------ requests
+
+    def enter(self) -> Generation:
+        """The generation a request starts under; pair with `leave`."""
+        generation = self.current
+        generation.in_flight += 1
+        return generation
+
+    def leave(self, generation: Generation) -> None:
+        generation.in_flight -= 1
+        if generation.replaced and not generation.in_flight:
+            self._retire_soon(generation)
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, trigger: str) -> Outcome:
+        """Load the file again, and serve it if it compiles and checks (module docstring)."""
+        async with self._lock:
+            try:
+                outcome = await self._reload(trigger)
+            except Exception as exc:  # a bug: the running configuration stays, and so do we
+                log.exception("config.reload_crashed", trigger=trigger)
+                failure = ConfigError("", f"the reload failed: {type(exc).__name__}")
+                return self._failed(trigger, self.current, failure)
+        if trigger != "file" and outcome.result == "ok":
+            self._rewatch.set()  # the watch compares with what is loaded now
+        return outcome
+
+    async def _reload(self, trigger: str) -> Outcome:
+        running = self.current
+        where = str(self.path) if self.path is not None else None
+        if self.path is None:
+            return self._failed(
+                trigger, running, ConfigError("", "not started from a configuration file")
+            )
+        try:
+            data = await asyncio.to_thread(self.path.read_bytes)
+        except OSError as exc:
+            failure = ConfigError("", f"cannot read {where}: {exc.strerror}")
+            return self._failed(trigger, running, failure)
+        digest = text_digest(data)
+        if digest == running.digest:
+            self._metrics.reloads.labels("unchanged").inc()
+            log.info("config.reload_unchanged", hash=short(digest), trigger=trigger, file=where)
+            return Outcome("unchanged", short(digest), trigger)
+        try:
+            compiled = config.parse(data.decode("utf-8"))
+            await asyncio.to_thread(netguard.check_upstreams, compiled)
+        except UnicodeDecodeError:
+            return self._failed(trigger, running, ConfigError("", "the file is not UTF-8 text"))
+        except ConfigError as exc:
+            return self._failed(trigger, running, exc)
+        changes = diff(running.loaded or running.config, compiled)
+        serving = keep_running(running.config, compiled)
+        # Prepared before the swap: a new route has its key when it appears, a new issuer
+        # its keys, a changed route its own session.
+        await self._keys.prepare(serving.routes)
+        await self._verifier.reconfigure(serving.identity)
+        generation = self._make(serving, digest, running.sessions.successor(serving.routes))
+        generation.loaded = compiled
+        self._tasks.reconfigure(serving)
+        self._keys.use(serving.routes)
+        self.current = generation  # the swap: every request from here on serves `serving`
+        self._live.append(generation)
+        running.replaced = True
+        self._metrics.reloads.labels("ok").inc()
+        self._metrics.config_in_force(short(digest), generation.loaded_at)
+        log.info(
+            "config.reloaded",
+            hash=short(digest),
+            previous=short(running.digest),
+            trigger=trigger,
+            file=where,
+            changes=changes.as_dict(),
+        )
+        if changes.needs_restart:
+            log.warning("config.needs_restart", settings=list(changes.needs_restart))
+        if not running.in_flight:
+            self._retire_soon(running)
+        return Outcome("ok", short(digest), trigger, changes)
+
+    def _failed(self, trigger: str, running: Generation, exc: ConfigError) -> Outcome:
+        self._metrics.reloads.labels("error").inc()
+        log.error(
+            "config.reload_failed",
+            trigger=trigger,
+            file=str(self.path) if self.path is not None else None,
+            yaml_path=exc.path,
+            error=exc.message,
+            running=short(running.digest),
+        )
+        return Outcome(
+            "error", short(running.digest), trigger, error=exc.message, error_path=exc.path
+        )
+
+    # ------------------------------------------------------------------ retirement
+
+    def _retire_soon(self, generation: Generation) -> None:
+        if generation not in self._live:
+            return  # retired already
+        self._live.remove(generation)
+        generation.proxy.close()
+        # Owned: awaited by `aclose`.
+        task = asyncio.get_running_loop().create_task(self._retire(generation))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, generation: Generation) -> None:
+        live = list(self._live)
+        self._keys.forget(route.secret for g in live for route in g.config.routes.values())
+        await generation.sessions.close(keep=[g.sessions for g in live])
+        log.info("config.retired", hash=short(generation.digest))
+
+    # ------------------------------------------------------------------ triggers
+
+    async def follow(self, *, poll: bool = False) -> None:
+        """Reload whenever the file's content changes (keyproxy.watch: in-place writes,
+        rename-over, the ConfigMap `..data` swap), until cancelled. A reload by another
+        trigger restarts the watch from the content then loaded, so a later file equal to
+        what the watch saw last is still a change."""
+        if self.path is None:
+            return
+        path = self.path.absolute()
+        try:
+            while True:
+                self._rewatch = asyncio.Event()
+                baseline = {path: self.current.digest}
+                changes = watch_files([path], stop=self._rewatch, baseline=baseline, poll=poll)
+                async for _changed in changes:
+                    await self.reload("file")
+        except (OSError, RuntimeError):
+            # SIGHUP and POST /reload still work; the process keeps serving.
+            log.exception("config.watch_failed", file=str(path))
+
+    async def aclose(self) -> None:
+        """Close every generation still open (the app is stopping)."""
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        for generation in self._live:
+            generation.proxy.close()
+        for session in {s for g in self._live for s in g.sessions.sessions}:
+            await session.close()

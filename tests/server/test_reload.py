@@ -1,0 +1,528 @@
+"""Configuration reload (keyproxy.server.reload) in process: a real OpenBao, a real upstream,
+the real app on loopback listeners; and the change list of keyproxy.config.changes."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from keyproxy import config
+from keyproxy.cli import main
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.server import listen as server
+from keyproxy.server.app import METRICS, RELOADER, build_admin_app, build_app
+from tests.helpers import cli
+from tests.helpers.configs import CONFIG_SECTIONS
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import Upstream, bearer, new_key, token_config
+
+KEY_PATH = "keyproxy/keys/tokens-test"
+
+
+# ----------------------------------------------------------------------------- the change list
+
+
+def _parsed(cfg: dict[str, Any]) -> config.Config:
+    return config.parse(json.dumps(cfg), {})
+
+
+def _small() -> dict[str, Any]:
+    cfg = copy.deepcopy(CONFIG_SECTIONS)
+    route = {
+        "upstream": "https://api.example.com",
+        "secret": {"path": "keyproxy/keys/a"},
+        "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+    }
+    cfg["routes"] = {"a": route, "b": dict(route, secret={"path": "keyproxy/keys/b"})}
+    cfg["policies"] = [
+        {
+            "name": "p",
+            "issuers": ["k8s"],
+            "subjects": ["s"],
+            "allow": {"a": {"methods": ["GET"], "paths": ["/**"]}},
+        }
+    ]
+    return cfg
+
+
+def test_diff_names_routes_policies_and_issuers_by_change() -> None:
+    """Routes, policies and issuers added, removed and changed are named; others are not."""
+    old = _small()
+    new = copy.deepcopy(old)
+    del new["routes"]["b"]
+    new["routes"]["c"] = old["routes"]["b"]
+    new["routes"]["a"]["upstream"] = "https://api2.example.com"
+    new["policies"][0]["allow"]["a"]["methods"] = ["POST"]
+    new["policies"].append(dict(old["policies"][0], name="q"))
+    new["identity"]["issuers"][0]["audiences"] = ["other"]
+    changes = config.diff(_parsed(old), _parsed(new))
+    assert changes.routes == config.Delta(added=("c",), removed=("b",), changed=("a",))
+    assert changes.policies == config.Delta(added=("q",), changed=("p",))
+    assert changes.issuers == config.Delta(changed=("k8s",))
+    assert changes.needs_restart == ()
+    assert "+ route c" in changes.lines()
+    assert "- route b" in changes.lines()
+
+
+def test_diff_of_equal_files_is_empty_and_listeners_need_a_restart() -> None:
+    """An identical configuration changes nothing; a new listen port is reported as needing
+    a restart and keeps its running value."""
+    old = _small()
+    assert not config.diff(_parsed(old), _parsed(copy.deepcopy(old)))
+    new = copy.deepcopy(old)
+    new["server"] = {"port": 9999, "admin": {"port": 9998}}
+    changes = config.diff(_parsed(old), _parsed(new))
+    assert changes.needs_restart == ("server.port", "server.admin")
+    kept = config.keep_running(_parsed(old), _parsed(new))
+    assert kept.server.port == _parsed(old).server.port
+    assert kept.server.admin == _parsed(old).server.admin
+
+
+def test_check_diff_prints_the_change_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keyproxy check --diff OLD NEW` prints the reload's change list, one change a line."""
+    old, new = _small(), _small()
+    del new["routes"]["b"]
+    new["policies"][0]["allow"]["a"]["methods"] = ["POST"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(new))
+    assert main(["check", "--diff", str(tmp_path / "old.yaml"), str(tmp_path / "new.yaml")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["- route b", "~ policy p"]
+
+
+# ----------------------------------------------------------------------------- a served reload
+
+
+@dataclass
+class Served:
+    base: str
+    admin: str
+    app: web.Application
+    path: Path
+
+
+@pytest.fixture
+def route_key(openbao: OpenBaoDevServer) -> None:
+    """The key of token_config's routes, for every test here."""
+    openbao.put_key(KEY_PATH, new_key())
+
+
+@pytest.fixture
+async def served(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, route_key: None
+) -> AsyncIterator[Served]:
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(yaml.safe_dump(token_config(openbao, agent, upstream.url)))
+    app = build_app(config.load(path), source=path)
+    limits = server.Limits.of(config.load(path).server)
+    runner, port = await server.start(app, "127.0.0.1", 0, limits, metrics=lambda: app.get(METRICS))
+    try:
+        admin, admin_port = await server.start(build_admin_app(app), "127.0.0.1", 0, limits)
+        try:
+            yield Served(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", app, path)
+        finally:
+            await admin.cleanup()
+    finally:
+        await runner.cleanup()
+
+
+async def _reload(http: aiohttp.ClientSession, served: Served) -> dict[str, Any]:
+    async with http.post(f"{served.admin}/reload") as response:
+        assert response.status == 200
+        answer: dict[str, Any] = await response.json()
+        return answer
+
+
+async def _metric(http: aiohttp.ClientSession, served: Served, line: str) -> bool:
+    async with http.get(f"{served.admin}/metrics") as response:
+        return line in (await response.text()).splitlines()
+
+
+async def test_broken_files_leave_the_running_configuration_serving(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A file with bad YAML, a policy naming an unknown route, or a key given twice is refused
+    with its YAML path logged and counted; the running configuration keeps serving."""
+    good = served.path.read_text()
+    token = openbao.agent_token(agent)
+    unknown = token_config(openbao, agent, upstream.url)
+    unknown["policies"][0]["allow"]["nowhere"] = {"methods": ["GET"]}
+    texts = {
+        "bad YAML": "routes: [unclosed\n",
+        "unknown route in a policy": yaml.safe_dump(unknown),
+        "duplicate key": good.replace("routes:\n", "routes:\n  r: {}\n", 1),
+    }
+    async with aiohttp.ClientSession() as http:
+        running = served.app[RELOADER].current.digest
+        for name, text in texts.items():
+            served.path.write_text(text)
+            with capture_logs() as logs:
+                answer = await _reload(http, served)
+            assert answer["result"] == "error", name
+            failed = [e for e in logs if e["event"] == "config.reload_failed"]
+            assert len(failed) == 1, name
+            assert failed[0]["file"] == str(served.path)
+            if name == "unknown route in a policy":
+                assert failed[0]["yaml_path"].startswith("policies[0] (agent).allow")
+            if name == "duplicate key":
+                assert failed[0]["yaml_path"] == "routes.r"
+                assert failed[0]["error"].startswith("duplicate key")
+            assert served.app[RELOADER].current.digest == running
+            async with http.get(f"{served.base}/r/r/echo", headers=bearer(token)) as response:
+                assert response.status == 200, name
+        assert await _metric(http, served, 'keyproxy_config_reload_total{result="error"} 3.0')
+        served.path.write_text(good)
+        assert (await _reload(http, served))["result"] == "unchanged"
+        assert await _metric(http, served, 'keyproxy_config_reload_total{result="unchanged"} 1.0')
+
+
+async def test_a_removed_grant_denies_a_task_token_on_its_next_request(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A task token allowed a route is refused on its next request once a reload removed the
+    grant it relied on; the reload's event names the changed policy."""
+    identity = openbao.agent_token(agent)
+    async with aiohttp.ClientSession() as http:
+        scope = {"other": {"methods": ["GET"], "paths": ["/echo"]}}
+        async with http.post(
+            f"{served.base}/token", json={"scope": scope, "task": "t"}, headers=bearer(identity)
+        ) as response:
+            assert response.status == 200
+            task = (await response.json())["access_token"]
+            CANARIES.add(task)
+        async with http.get(f"{served.base}/r/other/echo", headers=bearer(task)) as response:
+            assert response.status == 200
+        narrowed = token_config(openbao, agent, upstream.url)
+        del narrowed["policies"][0]["allow"]["other"]
+        served.path.write_text(yaml.safe_dump(narrowed))
+        with capture_logs() as logs:
+            answer = await _reload(http, served)
+        assert answer["result"] == "ok"
+        assert answer["changes"]["policies"]["changed"] == ["agent"]
+        (event,) = [e for e in logs if e["event"] == "config.reloaded"]
+        assert event["trigger"] == "admin"
+        assert event["hash"] == answer["hash"]
+        async with http.get(f"{served.base}/r/other/echo", headers=bearer(task)) as response:
+            assert response.status == 403
+
+
+async def test_a_new_route_is_ready_when_it_appears_and_a_removed_one_forgotten(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A route added by a reload has its key loaded before it serves; a removed one answers
+    404 and its key leaves the cache once no request runs on the old configuration."""
+    token = openbao.agent_token(agent)
+    key = new_key()
+    openbao.put_key("keyproxy/keys/reload-added", key)
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["routes"]["added"] = dict(cfg["routes"]["r"], secret={"path": "keyproxy/keys/reload-added"})
+    cfg["policies"][0]["allow"]["added"] = {"methods": ["GET"], "paths": ["/echo"]}
+    del cfg["routes"]["other"]
+    del cfg["policies"][0]["allow"]["other"]
+    served.path.write_text(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as http:
+        answer = await _reload(http, served)
+        assert answer["changes"]["routes"] == {
+            "added": ["added"],
+            "removed": ["other"],
+            "changed": [],
+        }
+        async with http.get(f"{served.base}/r/added/echo", headers=bearer(token)) as response:
+            assert response.status == 200
+        assert upstream.requests[-1].headers["Authorization"] == f"Bearer {key}"
+        async with http.get(f"{served.base}/r/other/echo", headers=bearer(token)) as response:
+            assert response.status == 404
+        async with http.get(f"{served.admin}/metrics") as response:
+            text = await response.text()
+        assert f'keyproxy_config_loaded_timestamp_seconds{{hash="{answer["hash"]}"}} ' in text
+
+
+async def test_a_removed_route_drains_before_its_key_is_forgotten(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A stream open on a route that a reload removes runs to its end on the old
+    configuration; only then is the route's key forgotten and the old generation retired,
+    while new requests to it already get 404."""
+    token = openbao.agent_token(agent)
+    openbao.put_key("keyproxy/keys/reload-gone", new_key())
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["routes"]["gone"] = dict(cfg["routes"]["r"], secret={"path": "keyproxy/keys/reload-gone"})
+    cfg["policies"][0]["allow"]["gone"] = {"methods": ["GET"], "paths": ["/trickle/stream"]}
+    served.path.write_text(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as http:
+        assert (await _reload(http, served))["result"] == "ok"
+        url = f"{served.base}/r/gone/trickle/stream"
+        with capture_logs() as logs:
+            async with http.get(url, headers=bearer(token)) as stream:
+                assert stream.status == 200
+                first = await stream.content.readline()
+                served.path.write_text(yaml.safe_dump(token_config(openbao, agent, upstream.url)))
+                answer = await _reload(http, served)
+                assert answer["changes"]["routes"]["removed"] == ["gone"]
+                async with http.get(url, headers=bearer(token)) as response:
+                    assert response.status == 404
+                assert not [e for e in logs if e["event"] == "key_cache.key_forgotten"]
+                rest = await stream.read()
+            assert (first + rest).count(b"data: part") == 5
+            (reloaded,) = [e for e in logs if e["event"] == "config.reloaded"]
+            old = {"event": "config.retired", "hash": reloaded["previous"]}
+            await eventually(
+                lambda: [e for e in logs if old.items() <= e.items()],
+                "the old configuration was not retired",
+                within=DEADLINE,
+            )
+        (forgotten,) = [e for e in logs if e["event"] == "key_cache.key_forgotten"]
+        assert forgotten["secret"].endswith("keyproxy/keys/reload-gone")
+
+
+async def test_a_changed_issuer_has_its_keys_fetched_first_and_old_verdicts_dropped(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A reload that changes an issuer fetches its keys before the swap, and a token verified
+    (and remembered) under the old settings is judged again under the new ones."""
+    token = openbao.agent_token(agent)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{served.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 200  # verified, and remembered
+        cfg = token_config(openbao, agent, upstream.url)
+        cfg["identity"]["issuers"][0]["audiences"] = ["someone-else"]
+        served.path.write_text(yaml.safe_dump(cfg))
+        with capture_logs() as logs:
+            answer = await _reload(http, served)
+        assert answer["changes"]["issuers"]["changed"] == ["openbao"]
+        events = [e["event"] for e in logs]
+        assert events.index("jwks_fetched") < events.index("config.reloaded")
+        async with http.get(f"{served.base}/r/r/echo", headers=bearer(token)) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "bad_audience"
+
+
+async def test_keyproxy_reload_posts_the_admin_listener(
+    served: Served,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`keyproxy reload --admin URL` asks the running server to reload and prints the result."""
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["tokens"]["max_ttl"] = "5m"
+    served.path.write_text(yaml.safe_dump(cfg))
+    code = await asyncio.to_thread(main, ["reload", "--admin", served.admin])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok: ")
+    assert "~ tokens" in out
+
+
+# ----------------------------------------------------------------------------- under load
+
+LIVE_RELOADS = 20
+TRIGGERS = ("configmap", "sighup", "file")  # in turn: how the i-th new file arrives
+CHANGES = ("add", "remove", "narrow", "upstream")  # in turn: what the i-th file changes
+DEADLINE = 30.0
+
+
+def _live_config(
+    bao: OpenBaoDevServer, agent: Agent, upstream: str, step: int, upstreams: tuple[str, str]
+) -> dict[str, Any]:
+    """The file after `step` reloads (0: the first): routes r and other always allow the
+    clients' requests; extra routes come and go, r's grant narrows and widens, other's
+    upstream moves between the two upstreams."""
+    route = {
+        "upstream": upstream,
+        "secret": {"path": KEY_PATH},
+        "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
+        "egress": {"allow_cidrs": ["127.0.0.0/8"]},
+        "allow_http": True,
+    }
+    applied = [CHANGES[i % len(CHANGES)] for i in range(step)]
+    narrowed = applied.count("narrow") % 2 == 1
+    moved = applied.count("upstream") % 2 == 1
+    routes = {"r": route, "other": dict(route, upstream=upstreams[moved])}
+    allow = {
+        "r": {
+            "methods": ["GET"],
+            "paths": ["/echo", "/trickle/**", *([] if narrowed else ["/v1/**"])],
+        },
+        "other": {"methods": ["GET"], "paths": ["/echo"]},
+    }
+    # "add" at step i adds extra{i}; the "remove" after it takes it away again.
+    for i, change in enumerate(applied):
+        if change == "add" and (i + 1 >= step or applied[i + 1] != "remove"):
+            routes[f"extra{i}"] = route
+            allow[f"extra{i}"] = {"methods": ["GET"], "paths": ["/echo"]}
+    return {
+        "vault": bao.vault_yaml(refresh_interval="1s", max_staleness="60s"),
+        "identity": {"issuers": [bao.issuer_yaml("openbao")]},
+        "routes": routes,
+        "policies": [
+            {"name": "agent", "issuers": ["openbao"], "subjects": [agent.entity_id], "allow": allow}
+        ],
+    }
+
+
+class ConfigMapDir:
+    """A directory laid out as Kubernetes mounts a ConfigMap: keyproxy.yaml -> ..data/
+    keyproxy.yaml, ..data -> ..<version>; and the three ways a new file arrives in it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "keyproxy.yaml"
+        self.versions = 0
+        root.mkdir()
+
+    def swap(self, text: str) -> None:
+        """Kubernetes' update: a new version directory, ..data renamed over, the file a link."""
+        self.versions += 1
+        version = self.root / f"..v{self.versions}"
+        version.mkdir()
+        (version / "keyproxy.yaml").write_text(text)
+        (self.root / "..data_tmp").symlink_to(version.name)
+        (self.root / "..data_tmp").rename(self.root / "..data")
+        (self.root / "link_tmp").symlink_to("..data/keyproxy.yaml")
+        (self.root / "link_tmp").rename(self.path)
+
+    def replace(self, text: str) -> None:
+        """An editor's save: a new file renamed over the watched name."""
+        (self.root / ".keyproxy.yaml.tmp").write_text(text)
+        (self.root / ".keyproxy.yaml.tmp").rename(self.path)
+
+    def write_through(self, text: str) -> None:
+        """Bytes written in place, behind the link: only a SIGHUP says when to read them."""
+        self.path.resolve().write_text(text)
+
+
+async def test_twenty_reloads_under_steady_traffic_and_open_streams(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    tmp_path: Path,
+    log_dir: Path,
+    route_key: None,
+) -> None:
+    """`keyproxy serve` reloads 20 times (routes added and removed, a policy narrowed, an
+    upstream moved) by ConfigMap swap, SIGHUP (`keyproxy reload --pid-file`) and file
+    replacement while clients send a
+    steady stream of requests and hold SSE streams open: none fails, every stream completes,
+    and every request's audit event names a configuration hash that was loaded."""
+    import os  # noqa: PLC0415  # only this test signals a process
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from tests.helpers.servers import free_port, running_upstream  # noqa: PLC0415
+
+    token = openbao.agent_token(agent)
+    CANARIES.add(token)
+    async with running_upstream() as second:
+        pair = (upstream.url, second.url)
+        cm = ConfigMapDir(tmp_path / "configmap")
+        cm.swap(yaml.safe_dump(_live_config(openbao, agent, upstream.url, 0, pair)))
+        port = free_port()
+        out = log_dir / "reload-live.out"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        argv = [str(Path(sys.executable).parent / "keyproxy"), "serve", "-c", str(cm.path)]
+        pid_file = tmp_path / "keyproxy.pid"
+        argv += ["--port", str(port), "--admin-port", "0", "--pid-file", str(pid_file)]
+        with out.open("wb") as stdout:
+            proc = subprocess.Popen(  # noqa: ASYNC220  # returns at once; the test polls it
+                argv, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        base = f"http://127.0.0.1:{port}"
+        failures: list[str] = []
+        counts = {"requests": 0, "streams": 0}
+        done = asyncio.Event()
+        try:
+            async with aiohttp.ClientSession() as http:
+                await cli.ready(http, base, proc, within=DEADLINE)
+
+                async def steady(route: str) -> None:
+                    while not done.is_set():
+                        url = f"{base}/r/{route}/echo"
+                        async with http.get(url, headers=bearer(token)) as response:
+                            await response.read()
+                            counts["requests"] += 1
+                            if response.status != 200:
+                                failures.append(f"{route}: {response.status}")
+
+                async def streaming() -> None:
+                    while not done.is_set():
+                        url = f"{base}/r/r/trickle/stream"
+                        async with http.get(url, headers=bearer(token)) as response:
+                            body = await response.read()
+                            counts["streams"] += 1
+                            if response.status != 200 or body.count(b"data: part") != 5:
+                                failures.append(f"stream: {response.status} {body[:60]!r}")
+
+                clients = [
+                    asyncio.create_task(steady("r")),
+                    asyncio.create_task(steady("other")),
+                    asyncio.create_task(streaming()),
+                    asyncio.create_task(streaming()),
+                ]
+                try:
+                    for step in range(1, LIVE_RELOADS + 1):
+                        text = yaml.safe_dump(
+                            _live_config(openbao, agent, upstream.url, step, pair)
+                        )
+                        trigger = TRIGGERS[(step - 1) % len(TRIGGERS)]
+                        if trigger == "configmap":
+                            cm.swap(text)
+                        elif trigger == "file":
+                            cm.replace(text)
+                        else:
+                            cm.write_through(text)
+                            reload = ["reload", "--pid-file", str(pid_file)]
+                            assert await asyncio.to_thread(main, reload) == 0
+                        deadline = time.monotonic() + DEADLINE
+                        while (
+                            len(
+                                [e for e in read_events(out) if e.get("event") == "config.reloaded"]
+                            )
+                            < step
+                        ):
+                            assert proc.poll() is None, "keyproxy serve exited"
+                            assert time.monotonic() < deadline, f"reload {step} not seen"
+                            await asyncio.sleep(0.05)  # polling the log of a bounded wait
+                        reloaded = [e for e in read_events(out) if e["event"] == "config.reloaded"]
+                        expected = "sighup" if trigger == "sighup" else "file"
+                        assert reloaded[-1]["trigger"] == expected, step
+                    # Streams opened under the last configurations run to their end too.
+                    await asyncio.sleep(2 * 0.3 * 5)  # pacing: one more stream per client
+                finally:
+                    done.set()
+                    await asyncio.wait_for(asyncio.gather(*clients), DEADLINE)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, DEADLINE) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=DEADLINE)
+    assert failures == []
+    assert counts["streams"] >= 4
+    events = read_events(out)
+    (started,) = [e for e in events if e["event"] == "started"]
+    reloads = [e for e in events if e["event"] == "config.reloaded"]
+    assert len(reloads) == LIVE_RELOADS
+    loaded = {started["config"]} | {e["hash"] for e in reloads}
+    requests = [e for e in events if e["event"] == "request"]
+    assert len(requests) == counts["requests"] + counts["streams"]
+    assert {e["config"] for e in requests} <= loaded
+    assert len({e["config"] for e in requests}) > 1
+    assert not [e for e in events if e["event"] == "config.reload_failed"]
