@@ -92,7 +92,8 @@ async def root_vault(root_vault_config: VaultConfig) -> AsyncIterator[Vault]:
 @pytest.fixture(scope="module")
 def agent(openbao: OpenBaoDevServer, request: pytest.FixtureRequest) -> Agent:
     """An agent (entity and AppRole) of the session server, one per test module."""
-    module = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    # tests.vault.test_auth -> vault-auth: modules of the same name in two folders differ
+    module = request.module.__name__.removeprefix("tests.").replace("test_", "").replace(".", "-")
     return openbao.add_agent(f"{module}-agent")
 
 

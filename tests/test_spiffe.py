@@ -22,7 +22,7 @@ from keyproxy.spiffe import (
     presents,
     thumbprint,
 )
-from tests.svid_ca import SvidCA
+from tests.helpers.svid_ca import SvidCA
 
 
 def _now() -> dt.datetime:

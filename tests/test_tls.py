@@ -19,7 +19,7 @@ from keyproxy.errors import Unauthenticated
 from keyproxy.spiffe import thumbprint
 from keyproxy.tls import ClientAuth, ServerTLS, TLSFiles, peer_certificate, peer_chain
 from tests.helpers.polling import eventually
-from tests.svid_ca import Issued, SvidCA
+from tests.helpers.svid_ca import Issued, SvidCA
 
 TLS_KEY = web.AppKey("tls", ServerTLS)
 

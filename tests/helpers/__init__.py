@@ -7,6 +7,10 @@
 - `polling`: `eventually`, the one bounded wait for state to change.
 - `events`: `read_events`, the JSON events of a log file.
 - `logscan`: every key and token the tests made (`CANARIES`), and the whole-session log scan.
-- `configs`: configuration texts and sections for parsing tests.
+- `configs`: configuration texts and sections for parsing tests, and the base document the
+  tests of keyproxy.config change (`with_setting`) and parse (`parse_doc`).
 - `legacy_api`: a fake legacy API with keys to rotate, run as its own process.
+- `certs`: a throw-away CA with server and client certificates as PEM files (`pem_files`).
+- `vault`, `identity`, `tokens`, `rotation`: what several test files of that package share
+  (its fixtures are in tests/<package>/conftest.py).
 """

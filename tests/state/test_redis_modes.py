@@ -9,8 +9,8 @@ import pytest
 
 from keyproxy.state.redis import RedisSettings, RedisStore
 from keyproxy.state.store import Concurrency, Counter, Limit, Rate
+from tests.helpers.certs import pem_files
 from tests.state.servers import RedisServer
-from tests.test_vault import _pem_files
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ async def _decides(settings: RedisSettings) -> None:
 
 async def test_tls(servers: list[RedisServer], tmp_path: Path) -> None:
     """A rediss:// URL with the server's CA decides over TLS."""
-    pem = _pem_files(tmp_path)
+    pem = pem_files(tmp_path)
     tls = (pem["server"], pem["server-key"], pem["ca"])
     server = _start(servers, RedisServer(tmp_path / "tls", tls=tls))
     await _decides(RedisSettings(url=server.url, ca_file=pem["ca"], timeout=2.0))
@@ -60,7 +60,7 @@ async def test_tls(servers: list[RedisServer], tmp_path: Path) -> None:
 
 async def test_tls_refuses_an_unknown_ca(servers: list[RedisServer], tmp_path: Path) -> None:
     """A server whose certificate the configured CA did not sign is a store error."""
-    pem = _pem_files(tmp_path)
+    pem = pem_files(tmp_path)
     tls = (pem["server"], pem["server-key"], pem["ca"])
     server = _start(servers, RedisServer(tmp_path / "tls", tls=tls))
     store = RedisStore(RedisSettings(url=server.url, ca_file=pem["other-ca"], timeout=2.0))

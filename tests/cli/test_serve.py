@@ -1,10 +1,14 @@
-"""`keyproxy serve --workers N`: N processes share the port; SIGTERM lets streams finish."""
+"""`keyproxy serve` (keyproxy.cli.serve) runs the real proxy from a file; `--workers N`: N
+processes share the port, one SIGHUP reloads them all, SIGTERM lets streams finish."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +18,13 @@ import pytest
 import yaml
 from aiohttp import web
 
+from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
 from tests.helpers import cli
+from tests.helpers.cli import started
+from tests.helpers.configs import api_route_config
 from tests.helpers.events import read_events
-from tests.helpers.polling import eventually
+from tests.helpers.polling import eventually, eventually_blocking
 from tests.helpers.servers import free_port, new_key, serve
 
 DEADLINE = 60.0
@@ -207,7 +214,6 @@ async def test_two_workers_serve_and_stop_gracefully(
 
 def test_workers_need_a_fixed_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--workers 2 with port 0 is refused before anything starts: each worker would bind its own."""
-    from keyproxy.cli import main  # noqa: PLC0415  # imported where used, like the CLI does
 
     cfg = _config_without_vault()
     path = tmp_path / "k.yaml"
@@ -262,3 +268,37 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_serve_runs_from_a_file_and_stops_on_sigterm(
+    openbao: OpenBaoDevServer, tmp_path: Path, log_dir: Path
+) -> None:
+    """`keyproxy serve` logs in with BAO_TOKEN, loads the key, turns ready, logs JSON to
+    stdout, and exits cleanly on SIGTERM."""
+    setup = openbao.dev_setup
+    openbao.put_key("keyproxy/keys/cli-test", "sk-cli-test-" + os.urandom(8).hex())
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(api_route_config(openbao.addr, setup.issuer, setup.jwks_uri)))
+    port, admin_port = free_port(), free_port()
+    env = {**os.environ, "BAO_TOKEN": openbao.root_token}
+    out = log_dir / "serve.out"
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", str(admin_port))
+    with started(*args, out=out, env=env) as proc:
+
+        def readiness() -> dict[str, Any]:
+            try:
+                admin = f"http://127.0.0.1:{admin_port}/readyz"  # the detailed readiness
+                with urllib.request.urlopen(admin, timeout=5) as r:
+                    body: dict[str, Any] = json.load(r)
+                    return body
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, out.read_text()
+                return {}
+
+        body = eventually_blocking(readiness, "not ready", within=30)
+        assert body["keys"]["api"]["version"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in out.read_text().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "started" for e in events)

@@ -1,4 +1,5 @@
-"""`keyproxy check` run as operators run it: the message on stderr, exit 2, nothing on stdout."""
+"""`keyproxy check` (keyproxy.cli), run as operators run it: the message on stderr, exit 2,
+nothing on stdout."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
+from keyproxy.cli import main
 from tests.helpers.cli import keyproxy
-from tests.helpers.configs import CONFIG_TEXT
+from tests.helpers.configs import BASE, CONFIG_TEXT, with_setting
 
 GOOD = CONFIG_TEXT
+
+
 ANOTHER_OPENAI = """\
   openai:
     upstream: https://collector.example
@@ -93,3 +98,17 @@ def test_a_missing_credential_file_is_a_warning(tmp_path: Path) -> None:
         f"keyproxy: warning: vault.auth.role_id_file: {tmp_path}/r: No such file or directory"
         ": serve here could not log in\n"
     )
+
+
+def test_check_command_exits_2_with_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keyproxy check` prints the YAML path of the mistake and exits 2; a good file exits 0."""
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    assert main(["check", "-c", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(with_setting("routes.openai.inject.0.header", "Bad Header")))
+    assert main(["check", "-c", str(bad)]) == 2
+    assert "routes.openai.inject[0].header: " in capsys.readouterr().err
+    assert main(["check", "-c", str(tmp_path / "missing.yaml")]) == 2

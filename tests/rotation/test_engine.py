@@ -1,10 +1,8 @@
-"""Rotation end to end: real OpenBao, the fake legacy API process, real `keyproxy` processes.
+"""keyproxy.rotation.engine end to end: real OpenBao, the fake legacy API process, real
+`keyproxy` processes.
 
-Proves issue 4's "done when" list: rotations under load lose no request, a rotation killed
-after any step is finished by the next `rotate --due`, concurrent runners rotate once,
-`--emergency` revokes at once, `keys status` reports and alerts, and `audit` names who used
-a key version.
-"""
+Rotations under load lose no request, a rotation killed after any step is finished by the
+next run, two runners rotate each route once, emergencies, the scheduler and `keys put`."""
 
 from __future__ import annotations
 
@@ -14,14 +12,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,193 +24,30 @@ import aiohttp
 import pytest
 import yaml
 
-from keyproxy import config, rotation
+from keyproxy import rotation
 from keyproxy.devserver import OpenBaoDevServer
-from keyproxy.rotation import Rotations, rotators
-from keyproxy.rotation.state import JournalState, Pending, Step
-from keyproxy.secret import Secret
+from keyproxy.rotation import Rotations
 from keyproxy.upstream import UpstreamSessions
-from keyproxy.vault import KEY_INDEX_PATH, SecretNotFound, Vault
+from keyproxy.vault import KEY_INDEX_PATH, Vault
 from tests.conftest import LegacyApiProcess
-from tests.helpers.cli import BIN, keyproxy
+from tests.helpers.cli import BIN
 from tests.helpers.issuer import Issuer
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually, eventually_blocking
+from tests.helpers.rotation import (
+    Env,
+    _admin,
+    _hold_lock,
+    accepted,
+    engine,
+    http_rotator,
+    outcomes,
+    route_config,
+    stored_key,
+    uid,
+    valid_ids,
+)
 from tests.helpers.servers import bearer, free_port
-from tests.test_keystatus import KEYS as STATUS_KEYS
-
-ROOT = Path(__file__).resolve().parent.parent
-ISSUER = "https://issuer.rotation.test.invalid"
-
-# ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def issuer(tmp_path_factory: pytest.TempPathFactory) -> Issuer:
-    """A local workload-identity issuer: the tests mint each agent's token."""
-    return Issuer(tmp_path_factory.mktemp("rot-issuer"), ISSUER, kid="rot-1", lifetime=900)
-
-
-@dataclass
-class Env:
-    """One test's routes: a config file, its compiled form, and the servers it uses."""
-
-    openbao: OpenBaoDevServer
-    legacy: LegacyApiProcess
-    path: Path
-    raw: dict[str, Any]
-    log_dir: Path
-
-    @property
-    def compiled(self) -> config.Config:
-        return config.parse(json.dumps(self.raw), {})
-
-    def run(
-        self, *args: str, stdin: str = "", extra_env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """`keyproxy ARGS` with the root token in BAO_TOKEN; stderr goes to the log dir."""
-        env = {**os.environ, "BAO_TOKEN": self.openbao.root_token, **(extra_env or {})}
-        return keyproxy(*args, env=env, stdin=stdin, log=self.log_dir / "rotation-cli.err")
-
-    def rotate(self, *args: str, failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
-        extra = {rotation.FAILPOINT_ENV: failpoint} if failpoint else None
-        return self.run("rotate", "-c", str(self.path), "--json", *args, extra_env=extra)
-
-    def status(self) -> tuple[int, dict[str, dict[str, Any]]]:
-        done = self.run("keys", "status", "-c", str(self.path), "--json")
-        return done.returncode, {e["route"]: e for e in json.loads(done.stdout)}
-
-
-def outcomes(done: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
-    return {o["route"]: o for o in map(json.loads, done.stdout.splitlines())}
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def http_rotator(legacy: LegacyApiProcess, admin_path: str, verify: str = "/v1/verify") -> Any:
-    return {
-        "type": "http",
-        "allow_http": True,
-        "admin_secret": {"path": admin_path},
-        "create": {
-            "url": f"{legacy.url}/admin/keys",
-            "headers": {"Authorization": "Bearer {admin}", "Idempotency-Key": "{attempt}"},
-            "body": {"name": "{route}"},
-        },
-        "verify": {
-            "method": "GET",
-            "url": legacy.url + verify,
-            "headers": {"Authorization": "Bearer {key}"},
-        },
-        "revoke": {
-            "method": "DELETE",
-            "url": legacy.url + "/admin/keys/{key_id}",
-            "headers": {"Authorization": "Bearer {admin}"},
-        },
-    }
-
-
-def route_config(
-    legacy: LegacyApiProcess, rotator: Any, every: str = "24h", grace: str = "100ms", **extra: Any
-) -> dict[str, Any]:
-    return {
-        "upstream": legacy.url,
-        "allow_http": True,
-        "egress": {"allow_cidrs": ["127.0.0.0/8"]},
-        "secret": {"path": f"keyproxy/keys/{uid()}"},
-        "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
-        "rotation": {"every": every, "grace": grace, "lock_timeout": "1s", "rotator": rotator},
-        **extra,
-    }
-
-
-@pytest.fixture
-def make_env(
-    openbao: OpenBaoDevServer,
-    legacy_api: LegacyApiProcess,
-    issuer: Issuer,
-    tmp_path: Path,
-    log_dir: Path,
-) -> Callable[..., Env]:
-    """Routes named by the caller (each gets its own key path); the admin secret stored."""
-    admin_path = f"keyproxy/admin/{uid()}"
-    openbao.put_key(admin_path, legacy_api.admin_token, field="token")
-
-    def build(routes: dict[str, Any] | None = None, auth: Any = None, **kw: Any) -> Env:
-        if routes is None:
-            routes = {f"r-{uid()}": route_config(legacy_api, http_rotator(legacy_api, admin_path))}
-        raw = {
-            "vault": {
-                "addr": openbao.addr,
-                "auth": auth or {"method": "token"},
-                "refresh_interval": "250ms",
-                "max_staleness": "30s",
-            },
-            "identity": {
-                "issuers": [
-                    {
-                        "name": "local",
-                        "issuer": ISSUER,
-                        "jwks_file": str(issuer.jwks_file),
-                        "audiences": ["keyproxy"],
-                        "algorithms": ["RS256"],
-                    }
-                ]
-            },
-            "routes": routes,
-            "policies": [
-                {
-                    "name": "agents",
-                    "issuers": ["local"],
-                    "subjects": ["*"],
-                    "allow": {r: {"methods": ["GET"], "paths": ["/v1/**"]} for r in routes},
-                }
-            ],
-        }
-        path = tmp_path / f"keyproxy-{uid()}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return Env(openbao, legacy_api, path, raw, log_dir)
-
-    build.admin_path = admin_path  # type: ignore[attr-defined]  # handed to tests that need it
-    return build
-
-
-def _admin(legacy: LegacyApiProcess, method: str, path: str) -> Any:
-    request = urllib.request.Request(  # noqa: S310  # the test's own loopback server
-        legacy.url + path, method=method, headers={"Authorization": f"Bearer {legacy.admin_token}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-        return json.loads(response.read() or b"{}")
-
-
-def valid_ids(legacy: LegacyApiProcess, route: str) -> set[str]:
-    """The ids of the keys made for `route` that the upstream still accepts."""
-    keys = _admin(legacy, "GET", "/admin/keys")["keys"]
-    return {k["id"] for k in keys if k["name"] == route and not k["revoked"]}
-
-
-def accepted(legacy: LegacyApiProcess, key: str) -> bool:
-    request = urllib.request.Request(  # noqa: S310  # the test's own loopback server
-        legacy.url + "/v1/check", headers={"Authorization": f"Bearer {key}"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10):  # noqa: S310
-            return True
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    assert status == 401
-    return False
-
-
-def stored_key(openbao: OpenBaoDevServer, env: Env, route: str) -> tuple[str, str]:
-    """(value, key_id) of the route's current key in Vault."""
-    path = env.raw["routes"][route]["secret"]["path"]
-    out = openbao.bao("kv", "get", "-mount=secret", "-format=json", path)
-    data = json.loads(out)["data"]["data"]
-    CANARIES.add(data["api_key"])
-    return data["api_key"], data.get("key_id", "")
 
 
 def settle(env: Env, route: str) -> dict[str, Any]:
@@ -233,20 +64,6 @@ def settle(env: Env, route: str) -> dict[str, Any]:
 
     # The lock of an interrupted run expires after 1 s.
     return eventually_blocking(settled, f"{route} not settled", within=45, interval=0.2)
-
-
-@contextlib.asynccontextmanager
-async def engine(env: Env) -> AsyncIterator[Rotations]:
-    """The rotation engine in this process, logged in with the root token."""
-    cfg = env.compiled
-    vault = Vault(cfg.vault, env={"BAO_TOKEN": env.openbao.root_token})
-    await vault.login()
-    sessions = UpstreamSessions(cfg.routes)
-    try:
-        yield Rotations(cfg, vault, sessions)
-    finally:
-        await sessions.close()
-        vault.close()
 
 
 @dataclass
@@ -302,9 +119,6 @@ async def served_versions(proxy: Proxy) -> dict[str, int]:
     except aiohttp.ClientError:
         return {}
     return {name: k["version"] for name, k in body["keys"].items()}
-
-
-# ----------------------------------------------------------------------------- tests
 
 
 async def test_ten_rotations_under_load_fail_no_request(
@@ -366,6 +180,8 @@ async def test_ten_rotations_under_load_fail_no_request(
 
 
 PHASE1 = ["lock", "create", "record", "verify", "promote", "grace"]
+
+
 PHASE2 = ["revoke", "revoked", "retire"]
 
 
@@ -475,64 +291,6 @@ async def test_emergency_revokes_at_once_and_the_proxy_follows_within_5s(
     assert await asyncio.to_thread(valid_ids, env.legacy, name) == {new_id}
 
 
-def test_keys_status_reports_versions_ages_and_alerts_on_max_age(
-    make_env: Callable[..., Env], openbao: OpenBaoDevServer, legacy_api: LegacyApiProcess
-) -> None:
-    """`keys status --json` reports each route's version, age and rotation state, and exits
-    non-zero while a key is past its max_age; `keys put` (stdin) clears the alert."""
-    admin_path = make_env.admin_path  # type: ignore[attr-defined]
-    fresh, stale = f"fresh-{uid()}", f"stale-{uid()}"
-    env = make_env(
-        {
-            fresh: route_config(
-                legacy_api, http_rotator(legacy_api, admin_path), every="1h", max_age="2h"
-            ),
-            stale: route_config(
-                legacy_api, {"type": "manual"}, every="1h", grace="10m", max_age="2h"
-            ),
-        }
-    )
-    env.raw["routes"][fresh]["owner"] = "platform@example.com"
-    env.path.write_text(yaml.safe_dump(env.raw))
-    assert env.rotate(fresh).returncode == 0
-    three_hours_ago = (datetime.now(UTC) - timedelta(hours=3)).isoformat()
-    path = env.raw["routes"][stale]["secret"]["path"]
-    old = "sk-manual-" + uid() + uid()
-    CANARIES.add(old)
-    openbao.bao(
-        "kv", "put", "-mount=secret", path, "api_key=-", f"created_at={three_hours_ago}", stdin=old
-    )
-
-    code, entries = env.status()
-    assert code == 1
-    f, s = entries[fresh], entries[stale]
-    assert list(f) == list(s) == STATUS_KEYS  # the documented keys, in their order
-    assert (f["version"], f["overdue"], f["rotator"], f["owner"]) == (
-        1,
-        False,
-        "http",
-        "platform@example.com",
-    )
-    assert 0 <= f["age"] < 60
-    assert f["next_due"] is not None
-    assert f["last_rotation"] is not None
-    assert (s["version"], s["overdue"], s["rotator"]) == (1, True, "manual")
-    assert abs(s["age"] - 3 * 3600) < 60
-    assert outcomes(env.rotate("--due"))[stale]["result"] == "manual"
-
-    new = "sk-manual-" + uid() + uid()
-    CANARIES.add(new)
-    put = env.run("keys", "put", "-c", str(env.path), stale, stdin=new + "\n")
-    assert put.returncode == 0, put.stderr
-    assert new not in put.stdout + put.stderr
-    code, entries = env.status()
-    assert code == 0
-    assert entries[stale]["version"] == 2
-    assert entries[stale]["age"] < 60
-    assert entries[stale]["rotated_by"].startswith("keys put")
-    assert stored_key(openbao, env, stale)[0] == new
-
-
 async def test_audit_names_exactly_the_identities_of_a_key_version(
     make_env: Callable[..., Env], issuer: Issuer
 ) -> None:
@@ -605,63 +363,6 @@ def test_the_rotation_approle_policy_suffices_and_the_proxy_role_does_not(
     assert outcomes(refused)[name]["result"] == "failed"
 
 
-async def test_failed_verification_revokes_the_new_key_and_keeps_the_old(
-    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
-) -> None:
-    """When the new key fails verification it is revoked upstream, the current key stays,
-    and the failure is recorded in the journal for `keys status`."""
-    env = make_env()
-    name = next(iter(env.raw["routes"]))
-    async with engine(env) as rotations:
-        first = await rotations.rotate(name)
-    _, first_id = stored_key(env.openbao, env, name)
-    # Verify against an admin endpoint, which refuses a data key: verification fails.
-    env.raw["routes"][name]["rotation"]["rotator"]["verify"]["url"] = legacy_api.url + "/admin/keys"
-    async with engine(env) as rotations:
-        outcome = await rotations.rotate(name)
-        status = await rotations.vault.kv_version(
-            "secret", env.raw["routes"][name]["secret"]["path"]
-        )
-    assert outcome.failed
-    assert "verification failed" in outcome.detail
-    assert status == first.version
-    assert await asyncio.to_thread(valid_ids, legacy_api, name) == {first_id}
-    _, entries = await asyncio.to_thread(env.status)
-    assert "verification failed" in entries[name]["last_failure"]["error"]
-    assert entries[name]["in_progress"] is None
-
-
-async def test_command_rotator_rotates_and_revokes(
-    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
-) -> None:
-    """A `command` rotator (JSON on stdin/stdout) creates, verifies and, in an emergency,
-    revokes keys at the upstream."""
-    admin_path = make_env.admin_path  # type: ignore[attr-defined]
-    name = f"cmd-{uid()}"
-    rotator = {
-        "type": "command",
-        "command": [
-            sys.executable,
-            str(ROOT / "tests" / "helpers" / "legacy_api.py"),
-            "rotator",
-            legacy_api.url,
-        ],
-        "admin_secret": {"path": admin_path},
-        "verify": True,
-        "timeout": "30s",
-    }
-    env = make_env({name: route_config(legacy_api, rotator)})
-    async with engine(env) as rotations:
-        assert (await rotations.rotate(name)).result == "rotated"
-        first, first_id = stored_key(env.openbao, env, name)
-        outcome = await rotations.rotate(name, emergency=True)
-    assert outcome.result == "rotated+revoked", outcome
-    value, key_id = stored_key(env.openbao, env, name)
-    assert key_id != first_id
-    assert await asyncio.to_thread(accepted, legacy_api, value)
-    assert not await asyncio.to_thread(accepted, legacy_api, first)
-
-
 async def test_embedded_scheduler_rotates_a_due_route(make_env: Callable[..., Env]) -> None:
     """`run_scheduler` rotates a route that has no key yet (due) and keeps running."""
     env = make_env()
@@ -682,19 +383,6 @@ async def test_embedded_scheduler_rotates_a_due_route(make_env: Callable[..., En
                 await task
 
 
-async def _hold_lock(rotations: Rotations, route: str, owner: str, for_seconds: float) -> None:
-    """Write the route's journal as if another runner held its lock."""
-    path = rotation.journal_path(route)
-    mount = rotations.config.vault.kv_mount
-    try:
-        data, version = await rotations.vault.read_kv(mount, path)
-    except SecretNotFound:
-        data, version = {}, 0
-    now = await rotations.vault.server_time()
-    data["lock"] = {"owner": owner, "expires_at": now + for_seconds}
-    await rotations.vault.write_kv(mount, path, data, cas=version)
-
-
 async def test_emergency_while_locked_is_a_failure(
     make_env: Callable[..., Env], legacy_api: LegacyApiProcess
 ) -> None:
@@ -710,31 +398,6 @@ async def test_emergency_while_locked_is_a_failure(
     assert "lock" in outcome.detail
     done = env.rotate(name, "--emergency")
     assert done.returncode != 0
-
-
-async def test_abandon_after_losing_the_lock_revokes_nothing(
-    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
-) -> None:
-    """A runner whose lock was taken over must not revoke the new key it created: the new
-    holder may be promoting that very key. Its journal write fails first."""
-    env = make_env()
-    name = next(iter(env.raw["routes"]))
-    async with engine(env) as rotations:
-        await rotations.rotate(name)
-        route = env.compiled.routes[name]
-        journal = await rotations._journal(route)
-        pending = Pending(Secret("sk-pending-0001"), None, created=None)
-        await journal.save(replace(journal.state, step=Step.CREATED, pending=pending))
-        await _hold_lock(rotations, name, "elsewhere:2", 60)  # the lock is taken over
-        revoked_before = await asyncio.to_thread(valid_ids, legacy_api, name)
-        with pytest.raises(rotation.RotationError, match="lost the rotation lock"):
-            await rotations._abandon(
-                route,
-                journal,
-                rotators.UpstreamKey(Secret("sk-pending-0001"), None),
-                "verification failed",
-            )
-    assert await asyncio.to_thread(valid_ids, legacy_api, name) == revoked_before
 
 
 async def test_keys_put_is_refused_during_grace(make_env: Callable[..., Env]) -> None:
@@ -782,40 +445,3 @@ async def test_a_runner_with_a_skewed_clock_follows_vaults(make_env: Callable[..
     finally:
         await sessions.close()
         vault.close()
-
-
-async def test_the_stored_journal_keeps_the_shape_earlier_versions_wrote(
-    make_env: Callable[..., Env],
-) -> None:
-    """A journal a rotation wrote to Vault has exactly the fields earlier versions wrote
-    (each step's changes merged in), and reads and writes back unchanged."""
-    env = make_env()
-    name = next(iter(env.raw["routes"]))
-    env.raw["routes"][name]["rotation"]["grace"] = "1h"
-    async with engine(env) as rotations:
-        await rotations.rotate(name)
-        await rotations.rotate(name)  # the first key is now in its grace period
-        mount = rotations.config.vault.kv_mount
-        data, _ = await rotations.vault.read_kv(mount, rotation.journal_path(name))
-    assert set(data) == {
-        "step",
-        "attempt",
-        "emergency",
-        "base_version",
-        "started_at",
-        "last_failure",
-        "pending",
-        "previous",
-        "last_rotation",
-        "rotations",
-        "lock",
-    }
-    assert (data["step"], data["base_version"], data["rotations"], data["lock"]) == (
-        "grace",
-        1,
-        2,
-        None,
-    )
-    assert set(data["previous"]) == {"version", "revoke_after"}
-    assert data["previous"]["version"] == 1
-    assert JournalState.from_data(data).to_data() == data

@@ -1,4 +1,5 @@
-"""`keyproxy explain --token`: decisions for real tokens, verified as the proxy verifies them.
+"""`keyproxy explain`: the decision for a described identity, and with `--token` for real
+tokens, verified as the proxy verifies them.
 
 Workload tokens are OpenBao identity tokens of real agents (vault-dev/add-agent.sh and
 agent-token.sh); task tokens are issued by keyproxy's own TaskTokens with the session
@@ -18,11 +19,13 @@ import yaml
 
 from keyproxy import config
 from keyproxy import scope as scopes
+from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.identity import Identity
 from keyproxy.tokens import TaskTokens
 from keyproxy.vault import Vault
 from tests.helpers.cli import clean_env, keyproxy
+from tests.helpers.configs import api_route_config
 from tests.helpers.logscan import CANARIES
 
 
@@ -229,3 +232,41 @@ def test_described_identities_still_work_and_names_are_checked(setup: Setup) -> 
     both = keyproxy(*base, "--token", setup.token, "--subject", "x", env=setup.env)
     assert both.returncode == 2
     assert "--token brings its own identity" in both.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "verdict"),
+    [
+        (["--claim", "repository=acme/evals", "--method", "POST"], 0, "allowed by evals"),
+        (
+            ["--claim", "repository=acme/other", "--method", "POST"],
+            1,
+            "denied: no_policy_for_identity",
+        ),
+        (["--claim", "repository=acme/evals", "--method", "GET"], 1, "denied: method_not_allowed"),
+    ],
+)
+def test_explain_reports_the_decision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], code: int, verdict: str
+) -> None:
+    """`keyproxy explain` prints each policy's verdict and exits 0 only when allowed."""
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        yaml.safe_dump(api_route_config("http://127.0.0.1:1", "https://ci", "https://ci/jwks"))
+    )
+    argv = [
+        "explain",
+        "-c",
+        str(path),
+        "--issuer",
+        "ci",
+        "--subject",
+        "repo:acme/evals",
+        "--route",
+        "api",
+        "--path",
+        "/v1/chat/completions",
+        *extra,
+    ]
+    assert main(argv) == code
+    assert capsys.readouterr().out.strip().splitlines()[-1] == verdict

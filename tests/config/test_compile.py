@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import os
 from collections.abc import Callable
@@ -10,60 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from keyproxy import config
-from keyproxy.cli import main
 from keyproxy.errors import ConfigError
-from tests.helpers.configs import CONFIG_SECTIONS, CONFIG_TEXT, edited
-
-BASE: dict[str, Any] = {
-    **CONFIG_SECTIONS,
-    "routes": {
-        "openai": {
-            "upstream": "https://api.openai.com/v1",
-            "secret": {"path": "keyproxy/keys/openai"},
-            "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
-        }
-    },
-    "policies": [
-        {
-            "name": "summarizer",
-            "subjects": ["system:serviceaccount:agents:summarizer"],
-            "claims": {"repository": "acme/app", "ref_protected": True},
-            "source_cidrs": ["10.0.0.0/8"],
-            "allow": {"openai": {"methods": ["POST"], "paths": ["/chat/completions", "/x/**"]}},
-        }
-    ],
-}
-
-
-def _with(path: str, value: Any) -> dict[str, Any]:
-    """BASE with the value at a dotted path (list indexes as numbers) replaced or deleted."""
-    doc = copy.deepcopy(BASE)
-    parts = path.split(".")
-    node: Any = doc
-    for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    last: Any = int(parts[-1]) if isinstance(node, list) else parts[-1]
-    if value is _DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return doc
-
-
-_DELETE = object()
-POLICY = "policies[0] (summarizer)"  # a policy is named in error paths by its name
-
-
-def _parse(doc: dict[str, Any], env: dict[str, str] | None = None) -> config.Config:
-    return config.parse(yaml.safe_dump(doc), env or {})
+from tests.helpers.configs import BASE, DELETE, POLICY, TEXT, edited, parse_doc, with_setting
 
 
 def test_full_config_compiles_to_typed_objects() -> None:
     """A valid file becomes frozen objects with defaults filled in."""
-    cfg = _parse(BASE)
+    cfg = parse_doc(BASE)
     route = cfg.routes["openai"]
     assert route.upstream.origin == "https://api.openai.com:443"
     assert route.upstream.base_path == "/v1"
@@ -88,7 +42,7 @@ def test_full_config_compiles_to_typed_objects() -> None:
         ("routes.openai.upstream", "ftp://example.com", "routes.openai.upstream"),
         ("routes.openai.upstream", "https://u:p@example.com", "routes.openai.upstream"),
         ("routes.openai.upstream", "http://api.example.com", "routes.openai.upstream"),
-        ("routes.openai.secret", _DELETE, "routes.openai.secret"),
+        ("routes.openai.secret", DELETE, "routes.openai.secret"),
         ("routes.openai.max_body", "lots", "routes.openai.max_body"),
         ("routes.openai.timeouts", {"connect": "-1s"}, "routes.openai.timeouts.connect"),
         (
@@ -128,46 +82,18 @@ def test_full_config_compiles_to_typed_objects() -> None:
 def test_mistakes_name_their_yaml_path(path: str, value: Any, where: str) -> None:
     """Each invalid value is reported with the YAML path of the mistake."""
     with pytest.raises(ConfigError) as info:
-        _parse(_with(path, value))
+        parse_doc(with_setting(path, value))
     assert info.value.path == where
     assert str(info.value).startswith(where + ": ")
 
 
-def test_full_refresh_interval_defaults_to_a_minute_within_max_staleness() -> None:
-    """Every key is re-read once a minute by default, and at least twice within
-    max_staleness when that is short; never more often than refresh_interval."""
-    assert _parse(_with("vault.refresh_interval", "2s")).vault.full_refresh_interval == 60
-    short = _with("vault.max_staleness", "30s")
-    assert _parse(short).vault.full_refresh_interval == 15
-    slow = _with("vault.refresh_interval", "2m")
-    assert _parse(slow).vault.full_refresh_interval == 120
-
-
-def test_vault_addr_comes_from_the_environment() -> None:
-    """VAULT_ADDR and BAO_ADDR fill in a missing vault.addr; BAO_ADDR wins."""
-    doc = _with("vault.addr", _DELETE)
-    assert _parse(doc, {"VAULT_ADDR": "http://v:8200"}).vault.addr == "http://v:8200"
-    both = {"VAULT_ADDR": "http://v:8200", "BAO_ADDR": "http://b:8200"}
-    assert _parse(doc, both).vault.addr == "http://b:8200"
-    with pytest.raises(ConfigError, match=r"^vault\.addr: "):
-        _parse(doc, {})
-
-
-def test_invalid_yaml_is_a_config_error() -> None:
-    """Broken YAML is reported with its line, not a traceback."""
-    with pytest.raises(ConfigError, match=r"not valid YAML at line \d"):
-        config.parse("routes:\n  - [unclosed\n", {})
-
-
-# ------------------------------------------------------------------ mistakes that teach
-
-# The line numbers in the messages below are this text's; _edit changes one place in it.
-TEXT = edited(CONFIG_TEXT, 2, "  auth: {method: token}")
 EVIL_ROUTE = """\
   openai:
     upstream: https://evil.example
     secret: {path: keyproxy/keys/openai}
     inject: [{header: Authorization, format: "Bearer {key}"}]"""
+
+
 ROUTE_KEYS = (
     "allow_http, caller_credential, egress, forward_underscore_headers, inject, kind, limits, "
     "max_age, max_body, mcp, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
@@ -409,72 +335,9 @@ def test_each_mistake_gets_a_message_that_teaches(text: str, expected: str) -> N
     assert str(info.value) == expected
 
 
-def test_aliases_still_repeat_whole_values() -> None:
-    """An anchor and alias share a whole value between routes: only merge keys are refused."""
-    text = TEXT.replace(
-        "    secret: {path: keyproxy/keys/openai}", "    secret: &key {path: keyproxy/keys/openai}"
-    ).replace(
-        "policies:",
-        "  mirror:\n    upstream: https://mirror.example\n    secret: *key\n"
-        "    inject: [{header: X-Api-Key}]\npolicies:",
-    )
-    routes = config.parse(text, {}).routes
-    assert routes["mirror"].secret == routes["openai"].secret
-    assert routes["mirror"].secret.path == "keyproxy/keys/openai"
-
-
-@pytest.mark.parametrize(
-    ("auth", "where", "message"),
-    [
-        ({"method": "approle"}, "vault.auth.role_id", "set exactly one of role_id, role_id_file"),
-        ({"method": "approle", "secret_id_file": "/s"}, "vault.auth.role_id", "exactly one"),
-        ({"method": "approle", "role_id_file": "/r"}, "vault.auth.secret_id_file", "is required"),
-        ({"method": "approle", "role_id": "r"}, "vault.auth.secret_id_file", "is required"),
-        (
-            {"method": "approle", "role_id": "r", "role_id_file": "/r", "secret_id_file": "/s"},
-            "vault.auth.role_id",
-            "exactly one",
-        ),
-        (
-            {"method": "approle", "role_id_file": None, "secret_id_file": "/s"},
-            "vault.auth.role_id_file",
-            "non-empty string",
-        ),
-        (
-            {"method": "approle", "role_id_file": "", "secret_id_file": "/s"},
-            "vault.auth.role_id_file",
-            "non-empty string",
-        ),
-        (
-            {"method": "approle", "role_id_file": "/r", "secret_id_file": " "},
-            "vault.auth.secret_id_file",
-            "whitespace",
-        ),
-        (
-            {"method": "approle", "role_id_file": "/r ", "secret_id_file": "/s"},
-            "vault.auth.role_id_file",
-            "whitespace",
-        ),
-        (
-            {"method": "approle", "role_id_file": ["/r"], "secret_id_file": "/s"},
-            "vault.auth.role_id_file",
-            "string",
-        ),
-    ],
-)
-def test_approle_needs_a_role_id_and_a_secret_id_file(
-    auth: dict[str, Any], where: str, message: str
-) -> None:
-    """AppRole without its role_id (or role_id_file) and secret_id_file is refused."""
-    with pytest.raises(ConfigError) as info:
-        _parse(_with("vault.auth", auth))
-    assert info.value.path == where
-    assert message in info.value.message
-
-
 def _approle(role_id: Path, secret_id: Path) -> config.Config:
     auth = {"method": "approle", "role_id_file": str(role_id), "secret_id_file": str(secret_id)}
-    return _parse(_with("vault.auth", auth))
+    return parse_doc(with_setting("vault.auth", auth))
 
 
 def _problems(cfg: config.Config) -> list[tuple[str, str]]:
@@ -488,8 +351,8 @@ def test_credential_files_that_exist_are_no_problem(tmp_path: Path) -> None:
         file.write_text("x")
     assert _problems(_approle(role_id, secret_id)) == []
     token_auth = {"method": "token", "token_file": str(token)}
-    assert _problems(_parse(_with("vault.auth", token_auth))) == []
-    assert _problems(_parse(BASE)) == []  # the token from the environment: no file
+    assert _problems(parse_doc(with_setting("vault.auth", token_auth))) == []
+    assert _problems(parse_doc(BASE)) == []  # the token from the environment: no file
 
 
 @pytest.mark.parametrize(
@@ -539,28 +402,16 @@ def test_unreadable_credential_files_are_problems(tmp_path: Path) -> None:
 
 def test_a_missing_token_or_jwt_file_is_a_problem(tmp_path: Path) -> None:
     """The token and jwt methods' files are looked at the same way."""
-    token = _parse(_with("vault.auth", {"method": "token", "token_file": str(tmp_path / "t")}))
+    token = parse_doc(
+        with_setting("vault.auth", {"method": "token", "token_file": str(tmp_path / "t")})
+    )
     assert _problems(token) == [
         ("vault.auth.token_file", f"{tmp_path}/t: No such file or directory")
     ]
     jwt = {"method": "jwt", "role": "proxy", "jwt_file": str(tmp_path / "jwt")}
-    assert _problems(_parse(_with("vault.auth", jwt))) == [
+    assert _problems(parse_doc(with_setting("vault.auth", jwt))) == [
         ("vault.auth.jwt_file", f"{tmp_path}/jwt: No such file or directory")
     ]
-
-
-def test_check_command_exits_2_with_the_path(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`keyproxy check` prints the YAML path of the mistake and exits 2; a good file exits 0."""
-    good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(BASE))
-    assert main(["check", "-c", str(good)]) == 0
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_with("routes.openai.inject.0.header", "Bad Header")))
-    assert main(["check", "-c", str(bad)]) == 2
-    assert "routes.openai.inject[0].header: " in capsys.readouterr().err
-    assert main(["check", "-c", str(tmp_path / "missing.yaml")]) == 2
 
 
 @pytest.mark.parametrize(
@@ -577,69 +428,3 @@ def test_bad_durations_outside_the_file_name_their_setting(value: Any) -> None:
     """A bad duration is a ConfigError naming the setting it was given for."""
     with pytest.raises(ConfigError, match=r"^--ttl: must be a positive duration"):
         config.parse_duration(value, "--ttl")
-
-
-MCP_ROUTE = {
-    "kind": "mcp",
-    "upstream": "https://mcp.example.com/mcp",
-    "secret": {"path": "keyproxy/keys/mcp"},
-    "inject": [{"header": "Authorization", "format": "Bearer {key}"}],
-    "mcp": {"server_requests": ["elicitation/create"]},
-}
-
-
-def _with_mcp(grant: Any) -> dict[str, Any]:
-    doc = _with("routes.github-mcp", MCP_ROUTE)
-    doc["policies"][0]["allow"]["github-mcp"] = grant
-    return doc
-
-
-def test_an_mcp_route_and_its_tool_grants_compile() -> None:
-    """`kind: mcp` routes take grants naming tools, prompts, resources and methods."""
-    grant = {"tools": ["search_issues"], "resources": ["issues://*"], "methods": ["tools/call"]}
-    cfg = _parse(_with_mcp(grant))
-    route = cfg.routes["github-mcp"]
-    assert route.kind == "mcp"
-    assert route.server_requests == frozenset({"elicitation/create"})
-    assert cfg.routes["openai"].kind == "http"
-    allowed = cfg.policies[0].allow["github-mcp"]
-    assert allowed.methods == config.MCP_METHODS
-    assert allowed.mcp == config.McpGrant(
-        tools=frozenset({"search_issues"}),
-        resources=("issues://*",),
-        methods=frozenset({"tools/call"}),
-    )
-    assert _parse(_with_mcp({})).policies[0].allow["github-mcp"].mcp == config.McpGrant()
-
-
-@pytest.mark.parametrize(
-    ("grant", "where", "what"),
-    [
-        ({"tools": ["Search\u200bIssues"]}, "allow.github-mcp.tools", "control or format"),
-        ({"tools": ["e\u0301"]}, "allow.github-mcp.tools", "normal form NFC"),
-        ({"tools": ["a", "a"]}, "allow.github-mcp.tools", "given twice"),
-        ({"resources": ["file:///a/../b"]}, "allow.github-mcp.resources", "'..' segment"),
-        ({"resources": ["x*y"]}, "allow.github-mcp.resources", "* only at its end"),
-        ({"methods": ["GET"], "paths": ["/**"]}, "allow.github-mcp.paths", "unknown key"),
-    ],
-)
-def test_bad_mcp_grants_name_their_yaml_path(grant: Any, where: str, what: str) -> None:
-    """A name that cannot be compared exactly, or an HTTP grant on an MCP route, is refused
-    with the YAML path of the list holding it."""
-    with pytest.raises(ConfigError) as info:
-        _parse(_with_mcp(grant))
-    assert f"{POLICY}.{where}" in str(info.value)
-    assert what in str(info.value)
-
-
-def test_mcp_options_only_on_mcp_routes() -> None:
-    """`mcp:` on an http route, an unknown kind, or an unknown server request is refused."""
-    for path, value, what in [
-        ("routes.openai.mcp", {"server_requests": []}, "only applies to routes of kind: mcp"),
-        ("routes.openai.kind", "grpc", "must be http or mcp"),
-    ]:
-        with pytest.raises(ConfigError, match=what):
-            _parse(_with(path, value))
-    bad = {**MCP_ROUTE, "mcp": {"server_requests": ["tools/call"]}}
-    with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.server_requests"):
-        _parse(_with("routes.github-mcp", bad))

@@ -1,14 +1,23 @@
 """`keys status` entries: the KeyStatus dataclass gives the JSON object the CLI has always
-printed, the same keys in the same order with the same values. Pure: no Vault."""
+printed, the same keys in the same order with the same values (pure: no Vault); and
+`keys status` end to end against real OpenBao and the fake legacy API."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import yaml
+
+from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.rotation.state import Step
 from keyproxy.rotation.status import KeyStatus, LastFailure, failing
+from tests.conftest import LegacyApiProcess
+from tests.helpers.logscan import CANARIES
+from tests.helpers.rotation import Env, http_rotator, outcomes, route_config, stored_key, uid
 
 # The keys of one entry, in the order `keys status -o json` has printed them.
 KEYS = [
@@ -111,3 +120,61 @@ def test_failing_means_overdue_or_unreadable() -> None:
     assert failing([_entry(), _entry(overdue=True)])
     assert failing([_entry(error="no key stored")])
     assert not failing([])
+
+
+def test_keys_status_reports_versions_ages_and_alerts_on_max_age(
+    make_env: Callable[..., Env], openbao: OpenBaoDevServer, legacy_api: LegacyApiProcess
+) -> None:
+    """`keys status --json` reports each route's version, age and rotation state, and exits
+    non-zero while a key is past its max_age; `keys put` (stdin) clears the alert."""
+    admin_path = make_env.admin_path  # type: ignore[attr-defined]
+    fresh, stale = f"fresh-{uid()}", f"stale-{uid()}"
+    env = make_env(
+        {
+            fresh: route_config(
+                legacy_api, http_rotator(legacy_api, admin_path), every="1h", max_age="2h"
+            ),
+            stale: route_config(
+                legacy_api, {"type": "manual"}, every="1h", grace="10m", max_age="2h"
+            ),
+        }
+    )
+    env.raw["routes"][fresh]["owner"] = "platform@example.com"
+    env.path.write_text(yaml.safe_dump(env.raw))
+    assert env.rotate(fresh).returncode == 0
+    three_hours_ago = (datetime.now(UTC) - timedelta(hours=3)).isoformat()
+    path = env.raw["routes"][stale]["secret"]["path"]
+    old = "sk-manual-" + uid() + uid()
+    CANARIES.add(old)
+    openbao.bao(
+        "kv", "put", "-mount=secret", path, "api_key=-", f"created_at={three_hours_ago}", stdin=old
+    )
+
+    code, entries = env.status()
+    assert code == 1
+    f, s = entries[fresh], entries[stale]
+    assert list(f) == list(s) == KEYS  # the documented keys, in their order
+    assert (f["version"], f["overdue"], f["rotator"], f["owner"]) == (
+        1,
+        False,
+        "http",
+        "platform@example.com",
+    )
+    assert 0 <= f["age"] < 60
+    assert f["next_due"] is not None
+    assert f["last_rotation"] is not None
+    assert (s["version"], s["overdue"], s["rotator"]) == (1, True, "manual")
+    assert abs(s["age"] - 3 * 3600) < 60
+    assert outcomes(env.rotate("--due"))[stale]["result"] == "manual"
+
+    new = "sk-manual-" + uid() + uid()
+    CANARIES.add(new)
+    put = env.run("keys", "put", "-c", str(env.path), stale, stdin=new + "\n")
+    assert put.returncode == 0, put.stderr
+    assert new not in put.stdout + put.stderr
+    code, entries = env.status()
+    assert code == 0
+    assert entries[stale]["version"] == 2
+    assert entries[stale]["age"] < 60
+    assert entries[stale]["rotated_by"].startswith("keys put")
+    assert stored_key(openbao, env, stale)[0] == new

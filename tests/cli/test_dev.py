@@ -21,7 +21,7 @@ from tests.helpers.cli import BIN, started
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually_blocking
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

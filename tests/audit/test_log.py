@@ -1,4 +1,4 @@
-"""The audit log is JSON and its last-line-of-defence processor scrubs secrets."""
+"""keyproxy.audit.log: JSON lines, and a last-line-of-defence processor that scrubs secrets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import logging
 import secrets
+from pathlib import Path
 
 import pytest
 import structlog
@@ -17,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from keyproxy import audit, headers, redact, secret
 from keyproxy.secret import REDACTED, Secret
 from tests.helpers.polling import eventually
+from tests.helpers.servers import new_key
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLWJ5dGVz"
 
@@ -466,3 +469,30 @@ def test_a_terminal_gets_the_console_form_in_colour_unless_no_color(
     assert key not in text
     assert not text.lstrip().startswith("{")
     assert ("\x1b[" in text) is coloured
+
+
+def test_standard_library_records_come_out_as_scrubbed_json(audit_log: Path) -> None:
+    """A record of any library's logger, traceback included, is one JSON line of the audit
+    stream with registered secrets and JWT-shaped text redacted."""
+    key = new_key()
+    secret.register(key)
+    jwtish = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln"
+    before = len(audit_log.read_text().splitlines())
+    logging.getLogger("aiohttp.server").error("Error handling request %s", key)
+    try:
+        _refuse(f"bad header {jwtish} {key}")
+    except ValueError:
+        logging.getLogger("asyncio").exception("Task exception")
+    logging.getLogger("hvac.adapters").warning("%s", {"token": key})
+    audit.flush()
+    lines = audit_log.read_text().splitlines()[before:]
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    assert [e["logger"] for e in events] == ["aiohttp.server", "asyncio", "hvac.adapters"]
+    assert [e["level"] for e in events] == ["error", "error", "warning"]
+    assert "ValueError: bad header" in events[1]["exception"]
+    assert key not in "\n".join(lines)
+    assert jwtish not in "\n".join(lines)
+
+
+def _refuse(text: str) -> None:
+    raise ValueError(text)

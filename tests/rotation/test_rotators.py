@@ -1,0 +1,44 @@
+"""keyproxy.rotation.rotators against real OpenBao and a real upstream: the command rotator."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import LegacyApiProcess
+from tests.helpers.rotation import Env, accepted, engine, route_config, stored_key, uid
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_command_rotator_rotates_and_revokes(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """A `command` rotator (JSON on stdin/stdout) creates, verifies and, in an emergency,
+    revokes keys at the upstream."""
+    admin_path = make_env.admin_path  # type: ignore[attr-defined]
+    name = f"cmd-{uid()}"
+    rotator = {
+        "type": "command",
+        "command": [
+            sys.executable,
+            str(ROOT / "tests" / "helpers" / "legacy_api.py"),
+            "rotator",
+            legacy_api.url,
+        ],
+        "admin_secret": {"path": admin_path},
+        "verify": True,
+        "timeout": "30s",
+    }
+    env = make_env({name: route_config(legacy_api, rotator)})
+    async with engine(env) as rotations:
+        assert (await rotations.rotate(name)).result == "rotated"
+        first, first_id = stored_key(env.openbao, env, name)
+        outcome = await rotations.rotate(name, emergency=True)
+    assert outcome.result == "rotated+revoked", outcome
+    value, key_id = stored_key(env.openbao, env, name)
+    assert key_id != first_id
+    assert await asyncio.to_thread(accepted, legacy_api, value)
+    assert not await asyncio.to_thread(accepted, legacy_api, first)

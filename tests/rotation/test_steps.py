@@ -1,0 +1,68 @@
+"""keyproxy.rotation.steps against real OpenBao and the fake legacy API: a failed verification
+and a lost lock revoke the right key."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from keyproxy import rotation
+from keyproxy.rotation import rotators
+from keyproxy.rotation.state import Pending, Step
+from keyproxy.secret import Secret
+from tests.conftest import LegacyApiProcess
+from tests.helpers.rotation import Env, _hold_lock, engine, stored_key, valid_ids
+
+
+async def test_failed_verification_revokes_the_new_key_and_keeps_the_old(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """When the new key fails verification it is revoked upstream, the current key stays,
+    and the failure is recorded in the journal for `keys status`."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    async with engine(env) as rotations:
+        first = await rotations.rotate(name)
+    _, first_id = stored_key(env.openbao, env, name)
+    # Verify against an admin endpoint, which refuses a data key: verification fails.
+    env.raw["routes"][name]["rotation"]["rotator"]["verify"]["url"] = legacy_api.url + "/admin/keys"
+    async with engine(env) as rotations:
+        outcome = await rotations.rotate(name)
+        status = await rotations.vault.kv_version(
+            "secret", env.raw["routes"][name]["secret"]["path"]
+        )
+    assert outcome.failed
+    assert "verification failed" in outcome.detail
+    assert status == first.version
+    assert await asyncio.to_thread(valid_ids, legacy_api, name) == {first_id}
+    _, entries = await asyncio.to_thread(env.status)
+    assert "verification failed" in entries[name]["last_failure"]["error"]
+    assert entries[name]["in_progress"] is None
+
+
+async def test_abandon_after_losing_the_lock_revokes_nothing(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """A runner whose lock was taken over must not revoke the new key it created: the new
+    holder may be promoting that very key. Its journal write fails first."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        route = env.compiled.routes[name]
+        journal = await rotations._journal(route)
+        pending = Pending(Secret("sk-pending-0001"), None, created=None)
+        await journal.save(replace(journal.state, step=Step.CREATED, pending=pending))
+        await _hold_lock(rotations, name, "elsewhere:2", 60)  # the lock is taken over
+        revoked_before = await asyncio.to_thread(valid_ids, legacy_api, name)
+        with pytest.raises(rotation.RotationError, match="lost the rotation lock"):
+            await rotations._abandon(
+                route,
+                journal,
+                rotators.UpstreamKey(Secret("sk-pending-0001"), None),
+                "verification failed",
+            )
+    assert await asyncio.to_thread(valid_ids, legacy_api, name) == revoked_before

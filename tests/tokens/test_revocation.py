@@ -1,0 +1,239 @@
+"""keyproxy.tokens.revocation end to end: revocation rules, their store in Vault KV and
+its reach across replicas.
+
+Real OpenBao, a real upstream, the real proxy and real clients (`keyproxy serve`
+subprocesses for two replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from keyproxy import config as config_module
+from keyproxy.cli import main
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.errors import Forbidden
+from keyproxy.identity import Identity
+from keyproxy.tokens import CLOCK_SKEW, TaskTokens
+from keyproxy.vault import Vault
+from tests.helpers.cli import ready, started
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import (
+    Stack,
+    Upstream,
+    bearer,
+    free_port,
+    running_proxy,
+    token_config,
+)
+from tests.helpers.tokens import SCOPE, Clock, exchange, refused, status
+
+
+def test_revocation_by_subject_tolerates_clock_skew() -> None:
+    """A subject or task revocation also covers tokens a replica with a clock a few seconds
+    ahead stamped as issued after it; id revocations outlive their token's expiry."""
+    from keyproxy.tokens import CLOCK_SKEW, Revocations  # noqa: PLC0415
+
+    revocations = Revocations(subjects={"k8s|bot": 1000.0 + CLOCK_SKEW})
+    assert revocations.names("t1", "k8s|bot", None, 1000.0 + CLOCK_SKEW - 1)
+    assert not revocations.names("t1", "k8s|bot", None, 1000.0 + CLOCK_SKEW + 1)
+    revocations.ids["t2"] = 2000.0
+    revocations.prune(2000.0 + CLOCK_SKEW, 900.0)
+    assert "t2" in revocations.ids
+
+
+@pytest.fixture
+def replicas(
+    openbao: OpenBaoDevServer, agent: Agent, tmp_path: Path, log_dir: Path
+) -> Iterator[list[str]]:
+    """Two `keyproxy serve` processes sharing one OpenBao; yields their base URLs."""
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(token_config(openbao, agent, "http://127.0.0.1:9")))
+    with contextlib.ExitStack() as replicas:
+        bases = []
+        for i in range(2):
+            port = free_port()
+            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
+            replicas.enter_context(started(*args, out=log_dir / f"replica-{i}.out"))
+            bases.append(f"http://127.0.0.1:{port}")
+        yield bases
+
+
+async def test_revocation_reaches_another_replica_within_2s(
+    replicas: list[str], identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """A token revoked through one replica is refused by the other within 2 s."""
+    a, b = replicas
+    await ready(http, a)
+    await ready(http, b)
+    code, answer = await exchange(
+        http, a, identity_token, scope={"other": {"methods": ["GET"], "paths": ["/echo"]}}
+    )
+    assert code == 200, answer
+    token = answer["access_token"]
+    # Both replicas accept it (the upstream is unreachable, so 502 means "authorised").
+    assert await status(http, "GET", f"{b}/r/other/echo", token) == 502
+    async with http.post(f"{a}/token/revoke", headers=bearer(token)) as response:
+        assert response.status == 200
+    await refused(
+        http,
+        "GET",
+        f"{b}/r/other/echo",
+        token,
+        "the other replica still accepts the token",
+        within=2.0,
+        interval=0.05,
+    )
+
+
+async def test_operator_revokes_by_task(
+    stack: Stack,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`keyproxy token revoke --task` ends every token of that task."""
+    _, answer = await exchange(http, stack.base, identity_token, task="op-revoke-me")
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    assert await status(http, "POST", url, answer["access_token"]) == 200
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, agent, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    assert (
+        await asyncio.to_thread(
+            main, ["token", "revoke", "-c", str(path), "--task", "op-revoke-me"]
+        )
+        == 0
+    )
+    await refused(
+        http,
+        "POST",
+        url,
+        answer["access_token"],
+        "the revoked token kept working",
+        within=2,
+        interval=0.05,
+    )
+
+
+async def test_holder_revocation_is_one_audit_event(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession, audit_log: Path
+) -> None:
+    """A holder revoking its token writes exactly one token.revoked event, with who revoked,
+    the token id, the task, and the identity's issuer and subject."""
+    code, answer = await exchange(http, stack.base, identity_token, task="one-event")
+    assert code == 200, answer
+    async with http.post(f"{stack.base}/token/revoke", headers=bearer(answer["access_token"])) as r:
+        assert r.status == 200
+    # Both events of one request reach the file in one write: once one is there, all are.
+    events = await eventually(
+        lambda: [
+            e
+            for e in read_events(audit_log)
+            if e.get("event") == "token.revoked" and e.get("token_id") == answer["token_id"]
+        ],
+        "no token.revoked event",
+    )
+    assert len(events) == 1, events
+    assert {k: events[0].get(k) for k in ("by", "task", "issuer", "subject")} == {
+        "by": "holder",
+        "task": "one-event",
+        "issuer": "openbao",
+        "subject": stack.config.policies[0].subjects[0],
+    }
+    nulls = [e for e in read_events(audit_log) if e.get("event") == "token.revoked"]
+    assert not [e for e in nulls if e.get("by") is None]
+
+
+@pytest.fixture
+async def revocable(
+    openbao: OpenBaoDevServer, upstream: Upstream
+) -> AsyncIterator[tuple[Stack, Agent, str]]:
+    """A proxy for an agent of its own, so revoking its subject touches no other test."""
+    own = openbao.add_agent("revoked-agent")
+    token = openbao.agent_token(own)
+    CANARIES.add(token)
+    async with running_proxy(token_config(openbao, own, upstream.url)) as value:
+        yield value, own, token
+
+
+async def test_revoked_subject_or_task_gets_no_new_token(
+    revocable: tuple[Stack, Agent, str],
+    openbao: OpenBaoDevServer,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Right after `keyproxy token revoke --task` that task gets no new token (403
+    task_revoked) while other tasks do; right after `--issuer --subject` the identity gets
+    none (403 subject_revoked); tokens issued before are refused on use."""
+    stack, own, identity_token = revocable
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, own, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    code, before = await exchange(http, stack.base, identity_token, task="doomed")
+    assert code == 200
+    revoke = ["token", "revoke", "-c", str(path)]
+    assert await asyncio.to_thread(main, [*revoke, "--task", "doomed"]) == 0
+    code, answer = await exchange(http, stack.base, identity_token, task="doomed")
+    assert (code, answer["error"]["code"]) == (403, "task_revoked")
+    code, other = await exchange(http, stack.base, identity_token, task="another")
+    assert code == 200, other
+    subject = ["--issuer", "openbao", "--subject", own.entity_id]
+    assert await asyncio.to_thread(main, [*revoke, *subject]) == 0
+    for task in ("another", "fresh", None):
+        body = {"task": task} if task else {"task": ""}
+        code, answer = await exchange(http, stack.base, identity_token, **body)
+        assert (code, answer["error"]["code"]) == (403, "subject_revoked"), task
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    for token in (before["access_token"], other["access_token"]):
+        assert await status(http, "POST", url, token) == 401
+
+
+async def test_issuance_refusal_covers_what_the_revocation_covers(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A subject revocation refuses issuance exactly for tokens it would name (issued up to
+    CLOCK_SKEW after it), and no longer after that; the same for a task."""
+    own = openbao.add_agent("skew-agent")
+    cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    await vault.login()
+    clock = Clock()
+    clock.now = float(int(clock.now))
+    try:
+        tasks = TaskTokens(cfg, vault, clock=clock)
+        identity = Identity("openbao", own.entity_id, {})
+        await tasks.revoke(subject=f"openbao|{own.entity_id}", task="skewed")
+        clock.now += CLOCK_SKEW  # a token stamped now is still named by the revocation
+        for task, reason in ((None, "subject_revoked"), ("skewed", "subject_revoked")):
+            with pytest.raises(Forbidden) as caught:
+                await tasks.issue(identity, SCOPE, ttl=60, task=task)
+            assert caught.value.reason == reason
+        other = Identity("openbao", "someone-else", {})
+        with pytest.raises(Forbidden) as caught:
+            await tasks.issue(other, SCOPE, ttl=60, task="skewed")
+        assert caught.value.reason == "task_revoked"
+        assert (await tasks.issue(other, SCOPE, ttl=60, task="unrelated")).token_id
+        clock.now += 1  # past the window: the revocation names no token stamped now
+        issued = await tasks.issue(identity, SCOPE, ttl=60, task="skewed")
+        CANARIES.add(issued.token)
+        assert (await tasks.verify(issued.token)).token_id == issued.token_id
+    finally:
+        vault.close()
