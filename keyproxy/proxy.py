@@ -12,7 +12,6 @@ error's reason and status); the error itself becomes its answer in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from keyproxy.errors import (
     McpRefused,
     NotFound,
     RequestError,
-    TooManyRequests,
     Unauthenticated,
     Unavailable,
 )
@@ -48,20 +46,16 @@ from keyproxy.headers import (
 )
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered
+from keyproxy.limiter import Limiter
 from keyproxy.metrics import Metrics
 from keyproxy.outgoing import request_body, upstream_url
-from keyproxy.state.limits import RequestLimits, limit_name
-from keyproxy.state.limits import headers as ratelimit_headers
-from keyproxy.state.memory import MemoryStore
-from keyproxy.tokens import LEEWAY, TaskToken, TaskTokens, is_task_token
+from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
 
 log = structlog.get_logger("keyproxy.proxy")
 
 ROUTE_PREFIX: Final = "/r/"
-_UNLIMITED: Final = state.Decision(())  # a request that touches no limit
-_NOTHING_HELD: Final = contextlib.nullcontext()
 
 
 # The steps' results are named tuples: as immutable as frozen dataclasses, and built in half
@@ -134,12 +128,7 @@ class Proxy:
         self.sessions = sessions
         self.tasks = tasks
         self.metrics = metrics
-        # Where limits are counted. `exact_uses` is False when this process is one of several
-        # counting in its own memory: a token's max_uses would be multiplied, so such tokens
-        # are refused (docs/security.md).
-        self.store = store if store is not None else MemoryStore()
-        self.exact_uses = exact_uses
-        self.limits = RequestLimits(config)
+        self.limiter = Limiter(config, store, exact_uses=exact_uses)  # keyproxy.limiter
         # A 503 for a key Vault could not give says when to try again: the next refresh.
         self.retry_after = max(1, math.ceil(config.vault.refresh_interval))
         # Indexed once: a decision reads only the policies naming the caller, however many
@@ -177,7 +166,10 @@ class Proxy:
             )
             caller = await self._authenticate(credential)
             decision = self._decide(caller, route, request.method, segments, source)
-            async with self._held(await self._limit(caller, route, decision)):
+            admitted = await self.limiter.admit(
+                route.name, decision.policy, caller.identity, caller.task, caller.token_id
+            )
+            async with self.limiter.held(admitted):
                 granted = True
                 key = self._key(route)
                 rendered = plan.injector.render(key.secret, key.version)
@@ -291,57 +283,6 @@ class Proxy:
         if not decided.allowed:
             raise Forbidden(decided.reason, "no policy allows this request")
         return Decision(decided.policy, decided.reason)
-
-    def _held(self, admitted: state.Decision) -> contextlib.AbstractAsyncContextManager[object]:
-        """The decision's concurrency slots, held until the answer has ended, however it
-        ends (the body of the `async with`)."""
-        return state.hold(self.store, admitted) if admitted.slots else _NOTHING_HELD
-
-    async def _limit(self, caller: Caller, route: Route, decision: Decision) -> state.Decision:
-        """One unit of every limit the request touches, taken at once in the state store: the
-        task token's max_uses, the route's limits and the allowing policy's."""
-        task = caller.task
-        uses = None
-        if task is not None and task.max_uses is not None:
-            if not self.exact_uses:
-                raise Unavailable(
-                    "max_uses_needs_shared_store",
-                    "tokens with max_uses need a shared state store (state.url) with --workers",
-                    limit="max_uses",
-                )
-            uses = task.max_uses, task.expires_at + LEEWAY - time.time()
-        elif not self.limits.limited(route.name, decision.policy):
-            return _UNLIMITED
-        limits = self.limits.of(
-            route.name,
-            decision.policy,
-            caller.identity,
-            task.task if task is not None else None,
-            caller.token_id,
-            uses,
-        )
-        if not limits:
-            return _UNLIMITED
-        admitted = await self.store.take(limits)
-        refused = admitted.refused_by
-        if refused is None:
-            return admitted
-        name = limit_name(refused.limit)
-        if refused.store_error:
-            raise Unavailable(
-                "state_store_unavailable",
-                f"the limit {name} cannot be checked now: the state store is unavailable",
-                retry_after=admitted.retry_after,
-                limit=name,
-            )
-        if isinstance(refused.limit, state.Counter):
-            raise Unauthenticated("token_exhausted", "this token has no uses left", limit=name)
-        raise TooManyRequests(
-            refused.reason,
-            f"the limit {name} allows no more requests now",
-            headers=ratelimit_headers(admitted),
-            limit=name,
-        )
 
     def _key(self, route: Route) -> KeyVersion:
         """The route's key, or a 503 that says when to try again."""

@@ -118,6 +118,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "proxy",
                 "mcproute",
                 "outgoing",
+                "limiter",
                 "forward",
                 "broker",
                 "answers",
