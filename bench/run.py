@@ -12,11 +12,13 @@ Everything runs on 127.0.0.1 and is started here and stopped here by PID, also o
   policy decided, key from the Vault-backed cache, response scrubbing, the audit event
   written to a file through the normal structlog JSON pipeline).
 
-Three phases, each interleaving its candidates run by run (A B C D A B C D ...):
+Four phases, each interleaving its candidates run by run (A B C D A B C D ...):
 
     main     direct, nginx, minimal, keyproxy (10 routes) x small/large/sse x c=1/32/128
     routes   keyproxy with 10 and with 1,000 routes and policies, small, c=32 and c=128
     workers  keyproxy --workers 1 and --workers 2, unpinned, small, c=32 and c=128
+    limits   keyproxy without limits, and with a rate limit and a task token's max_uses
+             counted on every request in a local Valkey/Redis server, small, c=32 and c=128
 
 Proxies run on core 0 and wrk, the upstream and OpenBao on core 1 (where taskset works).
 Writes bench/results/<timestamp>.json and .md and prints the table.
@@ -53,6 +55,7 @@ import aiohttp
 import yaml
 
 from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
+from keyproxy.storeserver import LocalStoreServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -542,6 +545,20 @@ def verdicts(rows: Sequence[dict[str, Any]], sse: dict[str, Any]) -> list[dict[s
                 "met": ratio >= 1.7,
             }
         )
+    plain, limited = (
+        get("limits", "small", 32, "keyproxy-nolimits"),
+        get("limits", "small", 32, "keyproxy-limits"),
+    )
+    if plain and limited:
+        ratio = limited["rps"] / plain["rps"]
+        out.append(
+            {
+                "check": "a rate limit and max_uses in Valkey/Redis on every request: req/s / "
+                "keyproxy without limits >= 0.8 (small, c=32)",
+                "value": round(ratio, 3),
+                "met": ratio >= 0.8,
+            }
+        )
     r10, r1000 = (
         get("routes", "small", 32, "keyproxy-10"),
         get("routes", "small", 32, "keyproxy-1000"),
@@ -625,6 +642,7 @@ class Stack:
     source: Path | None = None
     audit: dict[str, Path] = field(default_factory=dict)
     kp_pids: dict[str, int] = field(default_factory=dict)
+    state_url: str | None = None  # the Valkey/Redis server of the limits phase
 
     def keyproxy(
         self,
@@ -634,8 +652,17 @@ class Stack:
         cpu: str | None,
         *,
         source: Path | None = None,
+        limited: bool = False,
     ) -> Candidate:
         cfg = keyproxy_config(self.bao, self.setup, self.agent, self.upstream, routes)
+        if limited:
+            # Counted on every request, never refusing one: what is measured is the cost.
+            assert self.state_url is not None
+            cfg["state"] = {"url": self.state_url}
+            cfg["tokens"] = {"max_ttl": "1h"}
+            cfg["routes"]["bench"]["limits"] = {
+                "rate": [{"per": "identity", "requests": 10**9, "window": "1s", "burst": 10**9}]
+            }
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         port = _free_port()
@@ -651,7 +678,24 @@ class Stack:
         )
         _wait_http(f"http://127.0.0.1:{port}/readyz", proc, name)
         self.kp_pids[name] = proc.pid
-        return Candidate(name, f"http://127.0.0.1:{port}", "/r/bench", self.token_file, proc.pid)
+        base = f"http://127.0.0.1:{port}"
+        credential = self._task_token(name, base) if limited else self.token_file
+        return Candidate(name, base, "/r/bench", credential, proc.pid)
+
+    def _task_token(self, name: str, base: str) -> Path:
+        """A task token with max_uses (as many as the broker grants) for the bench route,
+        so every request also takes one of its uses."""
+        scope = {"bench": {"methods": ["GET"], "paths": ["/small", "/large", "/sse"]}}
+        body = json.dumps({"scope": scope, "max_uses": 1_000_000, "ttl": "1h", "task": "bench"})
+        identity = self.token_file.read_text(encoding="utf-8").strip()
+        request = urllib.request.Request(  # noqa: S310  # loopback
+            f"{base}/token",
+            data=body.encode(),
+            headers={"Authorization": f"Bearer {identity}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310  # loopback
+            token = json.load(answer)["access_token"]
+        return _write_private(self.workdir / f"{name}.token", token)
 
     def stop(self, cand: Candidate) -> None:
         for name, proc in list(self.procs.started):
@@ -820,6 +864,31 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
             rss["keyproxy --workers 2 (parent + workers)"] = _peak_rss_kib(w2.pid or 0)
             stack.stop(w1)
             stack.stop(w2)
+
+        if "limits" in args.phases:
+            print("bench: phase limits", flush=True)
+            store = LocalStoreServer(workdir / "valkey")
+            store.start()
+            try:
+                if pinning and store.process is not None:
+                    os.sched_setaffinity(store.process.pid, {int(LOAD_CPU)})
+                stack.state_url = store.url
+                plain = stack.keyproxy("keyproxy-nolimits", 10, 1, PROXY_CPU)
+                limited = stack.keyproxy("keyproxy-limits", 10, 1, PROXY_CPU, limited=True)
+                all_runs += measure(
+                    procs,
+                    tools["wrk"],
+                    "limits",
+                    candidates=[plain, limited],
+                    bodies=["small"],
+                    concs=[32, 128],
+                    reps=args.reps,
+                    seconds=args.duration,
+                )
+                stack.stop(plain)
+                stack.stop(limited)
+            finally:
+                store.stop()
         audit_events = {name: _count_lines(path) for name, path in stack.audit.items()}
     finally:
         procs.stop_all()
@@ -899,8 +968,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--phases",
-        default="main,routes,workers",
-        help="comma-separated subset of main,routes,workers (to measure one change quickly)",
+        default="main,routes,workers,limits",
+        help="comma-separated subset of main,routes,workers,limits (to measure one change quickly)",
     )
     parser.add_argument("--bodies", default=",".join(BODIES), help="main phase: bodies")
     parser.add_argument(
@@ -910,7 +979,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.phases = set(args.phases.split(","))
     args.bodies = args.bodies.split(",")
     args.concs = [int(c) for c in args.concs.split(",")]
-    unknown = (args.phases - {"main", "routes", "workers"}) | (set(args.bodies) - set(BODIES))
+    unknown = (args.phases - {"main", "routes", "workers", "limits"}) | (
+        set(args.bodies) - set(BODIES)
+    )
     if unknown:
         parser.error(f"unknown phase or body: {', '.join(sorted(unknown))}")
     if args.quick:

@@ -9,9 +9,9 @@ wrapper's cost does not show; bench/instructions.py --compare, docs/performance.
 `HTTPException`s (an unknown path, a method not allowed) stay aiohttp's.
 
 Every error body is `{"error": {"code": reason, "message": message}}` (an `McpRefused`'s is
-the JSON-RPC error response it carries); a 401 names the Bearer
-scheme, a retryable error its `Retry-After`, and a request with an id (`REQUEST_ID_KEY`, set
-by its handler) that id.
+the JSON-RPC error response it carries); a 401 names the Bearer scheme, a retryable error its
+`Retry-After`, a refusal by a limit its `RateLimit` fields (the error's `headers`), and a
+request with an id (`REQUEST_ID_KEY`, set by its handler) that id.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = structlog.get_logger("keyproxy.answers")
 
 def error_response(exc: RequestError, request_id: str | None = None) -> web.Response:
     """`exc` as an HTTP answer; `request_id` is the request's."""
-    headers: dict[str, str] = {}
+    headers: dict[str, str] = dict(exc.headers) if exc.headers else {}
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="keyproxy"'
     if exc.retry_after is not None:

@@ -13,6 +13,7 @@
         ├── NotFound           404  unknown route
         ├── RequestTimeout     408  the caller's request body did not arrive in time
         ├── PayloadTooLarge    413  request body above the route's limit
+        ├── TooManyRequests    429  a rate limit or concurrency cap refused the request
         ├── EgressDenied       502  upstream address refused by the egress fence
         ├── BadGateway         502  upstream failed, or answered with a 1xx status
         ├── Unavailable        503  key not loaded or too stale (Vault unreachable)
@@ -21,11 +22,14 @@
 
 A `RequestError`'s message and reason are sent to the caller and logged, so they must never
 contain a key, a token, or anything derived from one. `retry_after`, when set, is the whole
-seconds after which trying again may succeed (the answer's Retry-After).
+seconds after which trying again may succeed (the answer's Retry-After); `headers` are other
+fields the answer carries (a refusal's RateLimit fields); `limit` names the configured limit
+that stopped the request, for its audit event.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 
@@ -51,11 +55,21 @@ class RequestError(KeyproxyError):
 
     status: ClassVar[int] = 500
 
-    def __init__(self, reason: str, message: str = "", *, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        message: str = "",
+        *,
+        retry_after: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        limit: str | None = None,
+    ) -> None:
         super().__init__(message or reason)
         self.reason = reason
         self.message = message or reason
         self.retry_after = retry_after
+        self.headers = headers
+        self.limit = limit
 
 
 class BadRequest(RequestError):
@@ -102,6 +116,10 @@ class RequestTimeout(RequestError):
 
 class PayloadTooLarge(RequestError):
     status = 413
+
+
+class TooManyRequests(RequestError):
+    status = 429
 
 
 class BadGateway(RequestError):

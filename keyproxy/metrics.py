@@ -20,6 +20,12 @@
     keyproxy_token_keys_age_seconds                     gauge: since the Transit keys were read
     keyproxy_token_keys_stale                           gauge: 1 past tokens.key_max_staleness
     keyproxy_token_keys_stale_refusals_total            counter: task tokens refused for it
+    keyproxy_limit_refusals_total{route,limit}          counter: requests a limit refused
+                                                        (also for the state store's faults)
+    keyproxy_state_store_decisions_total                counter: decisions asked of the store
+    keyproxy_state_store_errors_total                   counter: decisions it did not answer
+    keyproxy_state_store_decision_seconds               summary: time per decision (_sum,
+                                                        _count), and its _max since start
 
 The key series are read from the key cache when scraped, so they cost the request path
 nothing. Rotation runs (`keyproxy rotate`) are separate processes: they report through
@@ -50,9 +56,12 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from keyproxy.state import StoreStats
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # The buckets' upper bounds as the exposition writes them ("le" labels).
@@ -100,6 +109,13 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_KeyCollector(key_status))
+        self.limit_refusals = Counter(
+            "keyproxy_limit_refusals",
+            "Requests refused by a limit (or because the state store could not check it), "
+            "by route and limit name.",
+            ["route", "limit"],
+            registry=self.registry,
+        )
         # Counts one request: (route, status, decision, seconds). The collector's own
         # method, called on every request without a call in between.
         self.request: Callable[[str | None, int, str, float], None] = self._requests.add
@@ -114,6 +130,13 @@ class Metrics:
 
     def tls_refused(self, listener: str, reason: str) -> None:
         self.tls_refusals.labels(listener, reason).inc()
+
+    def limit_refused(self, route: str | None, limit: str) -> None:
+        self.limit_refusals.labels(route or "-", limit).inc()
+
+    def watch_store(self, stats: StoreStats) -> None:
+        """Export the state store's running totals. Read when scraped."""
+        self.registry.register(_StoreCollector(stats))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -270,6 +293,38 @@ class _SigningKeysCollector(Collector):
             value=own["stale_refusals"],
         )
         yield from (age, stale, refused, own_age, own_stale, own_refused)
+
+
+class _StoreCollector(Collector):
+    """The state store's decisions, faults and latency, read when scraped."""
+
+    def __init__(self, stats: StoreStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        yield CounterMetricFamily(
+            "keyproxy_state_store_decisions",
+            "Limit decisions asked of the state store.",
+            value=stats.decisions,
+        )
+        yield CounterMetricFamily(
+            "keyproxy_state_store_errors",
+            "Decisions the state store did not answer (each limit then followed its "
+            "on_store_error).",
+            value=stats.errors,
+        )
+        yield SummaryMetricFamily(
+            "keyproxy_state_store_decision_seconds",
+            "Time per limit decision, one round trip to the store.",
+            count_value=stats.decisions,
+            sum_value=stats.decision_seconds_total,
+        )
+        yield GaugeMetricFamily(
+            "keyproxy_state_store_decision_seconds_max",
+            "The longest limit decision since the process started.",
+            value=stats.decision_seconds_max,
+        )
 
 
 def write_rotation_textfile(path: Path, outcomes: Sequence[tuple[str, str]]) -> None:

@@ -1,4 +1,4 @@
-"""The request pipeline: route, authenticate, decide, key, build, forward, audit.
+"""The request pipeline: route, authenticate, decide, limit, key, build, forward, audit.
 
 `Proxy.handle` serves `/r/<route>/<path>` as a row of steps (drawn in docs/architecture.md),
 each taking what the ones before produced and returning its own result, or stopping the
@@ -30,7 +30,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from keyproxy import audit, mcproute, paths, policy
+from keyproxy import audit, mcproute, paths, policy, state
 from keyproxy import scope as scopes
 from keyproxy.addresses import IPAddress
 from keyproxy.answers import REQUEST_ID_KEY
@@ -55,6 +55,7 @@ from keyproxy.headers import (
 )
 from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered
+from keyproxy.limiter import Limiter
 from keyproxy.metrics import Metrics
 from keyproxy.outgoing import request_body, upstream_url
 from keyproxy.spiffe import SCHEME as SPIFFE_SCHEME
@@ -129,6 +130,8 @@ class Proxy:
         tasks: TaskTokens | None = None,
         metrics: Metrics | None = None,
         config_hash: str | None = None,
+        store: state.StateStore | None = None,
+        exact_uses: bool = True,
         tls: ServerTLS | None = None,
     ) -> None:
         self.config = config
@@ -139,6 +142,7 @@ class Proxy:
         self.sessions = sessions
         self.tasks = tasks
         self.metrics = metrics
+        self.limiter = Limiter(config, store, exact_uses=exact_uses)  # keyproxy.limiter
         # A 503 for a key Vault could not give says when to try again: the next refresh.
         self.retry_after = max(1, math.ceil(config.vault.refresh_interval))
         # Indexed once: a decision reads only the policies naming the caller, however many
@@ -175,30 +179,33 @@ class Proxy:
             credential = _credential(request, raw_query, route, plan, bool(chain))
             caller = await self._authenticate(credential, chain)
             decision = self._decide(caller, route, request.method, segments, source)
-            self._spend(caller)
-            granted = True
-            key = self._key(route)
-            rendered = plan.injector.render(key.secret, key.version)
-            outgoing = await _outgoing(
-                request, route, plan, path, raw_query, rendered, rid, (caller, decision, key)
+            admitted = await self.limiter.admit(
+                route.name, decision.policy, caller.identity, caller.task, caller.token_id
             )
-            exchange = Exchange(plan.forwarder)
-            outcome = await exchange.send(request, outgoing, rendered, rid)
+            async with self.limiter.held(admitted):
+                granted = True
+                key = self._key(route)
+                rendered = plan.injector.render(key.secret, key.version)
+                outgoing = await _outgoing(
+                    request, route, plan, path, raw_query, rendered, rid, (caller, decision, key)
+                )
+                exchange = Exchange(plan.forwarder)
+                outcome = await exchange.send(request, outgoing, rendered, rid)
         except RequestError as exc:
-            ended = exc.reason, exc.status, False
+            ended = exc.reason, exc.status, False, exc.limit
             raise
         except asyncio.CancelledError:
-            ended = "client_disconnected", 499, True  # no answer will be sent
+            ended = "client_disconnected", 499, True, None  # no answer will be sent
             raise
         except Exception:  # a bug: answers.answering answers it and logs the traceback
-            ended = "internal_error", 500, False
+            ended = "internal_error", 500, False, None
             raise
         else:
             response = outcome.response
-            ended = outcome.cut or decision.reason, response.status, True  # sent already
+            ended = outcome.cut or decision.reason, response.status, True, None  # sent already
         finally:
             elapsed = time.monotonic() - started
-            reason, status, sent = ended
+            reason, status, sent, limit = ended
             record = _record(
                 request,
                 path=path,
@@ -214,6 +221,7 @@ class Proxy:
                 status=status,
                 elapsed=elapsed,
                 config_hash=self.config_hash,
+                limit=limit,
             )
             if sent:
                 self._account(record, elapsed)
@@ -233,6 +241,8 @@ class Proxy:
             log.exception("audit_event_failed", route=record.route, path=record.path)
         if self.metrics is not None:
             self.metrics.request(record.route, record.status, record.decision, elapsed)
+            if record.limit is not None:
+                self.metrics.limit_refused(record.route, record.limit)
 
     def _route(self, raw_path: str) -> tuple[Route, str]:
         """The route named by the path's first segment, and the rest of the path."""
@@ -304,11 +314,6 @@ class Proxy:
             raise Forbidden(decided.reason, "no policy allows this request")
         return Decision(decided.policy, decided.reason)
 
-    def _spend(self, caller: Caller) -> None:
-        """Count one of the task token's uses."""
-        if caller.task is not None and self.tasks is not None and not self.tasks.use(caller.task):
-            raise Unauthenticated("token_exhausted", "this token has no uses left")
-
     def _key(self, route: Route) -> KeyVersion:
         """The route's key, or a 503 that says when to try again."""
         try:
@@ -349,6 +354,7 @@ def _record(
     status: int,
     elapsed: float,
     config_hash: str | None,
+    limit: str | None,
 ) -> audit.RequestRecord:
     """The request's audit event, from what its steps produced (None: not reached) and how
     it ended."""
@@ -375,6 +381,7 @@ def _record(
         exchange.upstream_status if exchange is not None else None,  # upstream_status
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
         config_hash,  # config
+        limit,
     )
 
 

@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "config.routes",
                 "config.rotation",
                 "config.policies",
+                "config.limits",
                 "config.changes",
             }
         ),
@@ -75,7 +76,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         ),
     ),
     # The shared limit store (Valkey/Redis or in-process): below the adapters that use it.
-    ("state", frozenset({"state", "state.store", "state.memory", "state.redis"})),
+    ("state", frozenset({"state", "state.store", "state.memory", "state.redis", "state.limits"})),
     # I/O adapters: Vault, the issuers, task tokens, upstream sessions, rotators, logs, metrics.
     (
         "I/O adapters",
@@ -119,6 +120,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "proxy",
                 "mcproute",
                 "outgoing",
+                "limiter",
                 "forward",
                 "broker",
                 "answers",
@@ -129,6 +131,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "demo",
                 "mcp_demo",
                 "devserver",
+                "storeserver",
             }
         ),
     ),

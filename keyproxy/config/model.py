@@ -266,6 +266,71 @@ class Rotation:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """How to reach the Valkey/Redis state store (the `state:` section).
+
+    `url` is `redis://`, `rediss://` (TLS) or `unix://`, and may carry `user:password@`.
+    `username` and `password_file` override it (the password is read from the file, so it
+    never appears in argv or the configuration). With `sentinels`, the primary of
+    `service_name` is found through them (the URL then gives only the scheme, user, and
+    password); with `cluster`, `url` is any node of the Cluster.
+    """
+
+    url: str = "redis://127.0.0.1:6379/0"
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service_name: str = "keyproxy"
+    cluster: bool = False
+    timeout: float = 0.25
+    max_connections: int = 64
+    prefix: str = "keyproxy"
+
+
+# Who a limit counts: one workload identity (issuer and subject), one task of one identity,
+# one token, or everyone on the route together.
+LimitPer = Literal["identity", "task", "token", "route"]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`requests` per `window` seconds, `burst` of them at once, counted `per` ... (GCRA)."""
+
+    name: str
+    per: LimitPer
+    requests: int
+    window: float
+    burst: int
+    on_store_error: Literal["deny", "allow"] = "deny"
+
+
+@dataclass(frozen=True)
+class ConcurrencyLimit:
+    """At most `max` requests in flight `per` ...; a slot is leased for `lease` seconds."""
+
+    name: str
+    per: LimitPer
+    max: int
+    lease: float = 30.0
+    on_store_error: Literal["deny", "allow"] = "deny"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of one route or one policy."""
+
+    rate: tuple[RateLimit, ...] = ()
+    concurrency: tuple[ConcurrencyLimit, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.rate or self.concurrency)
+
+    def all(self) -> tuple[RateLimit | ConcurrencyLimit, ...]:
+        return (*self.rate, *self.concurrency)
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     upstream: Upstream
@@ -287,6 +352,7 @@ class Route:
     # MCP routes: the server-to-client requests (sampling, elicitation, roots) that reach
     # callers on the server's streams; others are withheld.
     server_requests: frozenset[str] = frozenset()
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -319,6 +385,7 @@ class Policy:
     source_cidrs: tuple[Network, ...] = ()
     allow: Mapping[str, Grant] = field(default_factory=dict)
     max_ttl: float | None = None  # longest task token this policy lets an identity obtain
+    limits: Limits = field(default_factory=Limits)
 
 
 def claim_text(value: Any) -> str | None:
@@ -339,3 +406,9 @@ class Config:
     policies: tuple[Policy, ...]
     server: ServerConfig = field(default_factory=ServerConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
+    state: RedisSettings | None = None  # None: counted in this process (MemoryStore)
+
+    @property
+    def limited(self) -> bool:
+        """Whether any route or policy sets a rate limit or a concurrency cap."""
+        return any(r.limits for r in self.routes.values()) or any(p.limits for p in self.policies)

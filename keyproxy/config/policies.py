@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 from keyproxy import patterns
+from keyproxy.config.limits import limits_config
 from keyproxy.config.model import (
     MCP_METHODS,
     METHODS,
     Grant,
+    Limits,
     McpGrant,
     Policy,
     Route,
@@ -36,7 +38,10 @@ def policies_config(
 
 
 def _policy(node: Node, routes: Mapping[str, Route], issuer_names: set[str]) -> Policy:
-    f = node.mapping({"name", "subjects", "issuers", "claims", "source_cidrs", "allow", "max_ttl"})
+    f = node.mapping(
+        {"name", "subjects", "issuers", "claims", "source_cidrs", "allow", "max_ttl", "limits"}
+    )
+    policy_name = required(node, f, "name").string()
     subjects = required(node, f, "subjects").strings()
     if not subjects:
         raise f["subjects"].error("must list at least one subject (use '*' for any)")
@@ -58,13 +63,14 @@ def _policy(node: Node, routes: Mapping[str, Route], issuer_names: set[str]) -> 
             raise grant.error(f"unknown route {route!r}{did_you_mean(route, routes)}")
         allow[route] = mcp_grant(grant) if routes[route].kind == "mcp" else _grant(grant)
     return Policy(
-        name=required(node, f, "name").string(),
+        name=policy_name,
         subjects=subjects,
         issuers=issuers,
         claims=tuple(claims),
         source_cidrs=opt(f, "source_cidrs", Node.networks, ()),
         allow=allow,
         max_ttl=opt(f, "max_ttl", Node.duration, None),
+        limits=opt(f, "limits", lambda n: limits_config(n, f"policy.{policy_name}"), Limits()),
     )
 
 

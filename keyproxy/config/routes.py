@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from yarl import URL
 
+from keyproxy.config.limits import limits_config
 from keyproxy.config.model import (
     HEADER_NAME,
     HOP_BY_HOP,
     ROUTE_NAME,
     CallerCredential,
     Injection,
+    Limits,
     Route,
     Upstream,
 )
@@ -48,6 +50,7 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
             "max_age",
             "kind",
             "mcp",
+            "limits",
         }
     )
     inject = tuple(_injection(item) for item in required(node, f, "inject").sequence())
@@ -97,6 +100,7 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         max_age=max_age,
         kind=kind,  # type: ignore[arg-type]  # checked above
         server_requests=opt(f, "mcp", _mcp_options, frozenset()),
+        limits=opt(f, "limits", lambda n: limits_config(n, f"route.{name}"), Limits()),
     )
 
 

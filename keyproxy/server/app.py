@@ -1,8 +1,9 @@
 """Assemble the aiohttp applications for one configuration: the agents' and the admin one.
 
 Everything with a lifetime (the Vault client and its token upkeep, the key cache and its
-refresh loop, the shared client session for JWKS, the upstream sessions) is created in the
-agents' app's `cleanup_ctx` and torn down with it: no task outlives it.
+refresh loop, the shared client session for JWKS, the upstream sessions, the state store's
+connections) is created in the agents' app's `cleanup_ctx` and torn down with it: no task
+outlives it.
 
 `build_app` (the proxy port, open to agents):
 
@@ -16,11 +17,13 @@ agents' app's `cleanup_ctx` and torn down with it: no task outlives it.
     /metrics            Prometheus metrics (keyproxy.metrics)
     /healthz            liveness
     /readyz             readiness in detail: Vault reachable, and per route the key's secret
-                        path, version, fingerprint, age and last error
+                        path, version, fingerprint, age and last error; the state store
+                        reachable (reported, not required: see `_readyz`)
     POST /reload        reload the configuration file (keyproxy.server.reload); JSON result
 
 The configuration can change while serving (keyproxy.server.reload): each request takes the
-generation in force when it starts (`RELOADER`) and keeps it to its end.
+generation in force when it starts (`RELOADER`) and keeps it to its end. The state store is
+the app's, shared by every generation (a reload does not move the counters).
 
 TLS (`server.tls`, `server.admin.tls`): each app holds its listener's `ServerTLS` (`TLS`), built
 from the files when the app is built, so a file that cannot be read stops the start with a
@@ -57,6 +60,9 @@ from keyproxy.metrics import Metrics
 from keyproxy.proxy import ROUTE_PREFIX, Proxy
 from keyproxy.server import collector
 from keyproxy.server.reload import Generation, Reloader, short, text_digest
+from keyproxy.state import StateStore
+from keyproxy.state.memory import MemoryStore
+from keyproxy.state.redis import RedisStore
 from keyproxy.tls import ClientAuth, OnRefused, ServerTLS, TLSFiles
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
@@ -69,6 +75,8 @@ VAULT: Final = web.AppKey("vault", Vault)
 KEYS: Final = web.AppKey("keys", KeyCache)
 RELOADER: Final = web.AppKey("reloader", Reloader)
 METRICS: Final = web.AppKey("metrics", Metrics)
+STORE: Final = web.AppKey("store", StateStore)
+PROCESSES: Final = web.AppKey("processes", int)  # how many serve the port (--workers)
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
 TLS: Final = web.AppKey("tls", ServerTLS)  # the listener's TLS, when it has one
 SERVER_NAME: Final = "keyproxy"
@@ -78,16 +86,19 @@ audit_log = structlog.get_logger("keyproxy.audit")
 
 
 def build_app(
-    config: Config, *, source: Path | None = None, watch: bool = False
+    config: Config, processes: int = 1, *, source: Path | None = None, watch: bool = False
 ) -> web.Application:
     """The agents' app for `config`; with `source`, the file it was read from, which a
-    reload reads again (with `watch`, whenever its content changes)."""
+    reload reads again (with `watch`, whenever its content changes). `processes` is how many
+    processes serve this port together (with more than one and no `state.url`, limits could
+    not be exact: see `_store`)."""
     # Request bodies are forwarded as sent: decompressing them would change what the upstream
     # receives and make max_body count the wrong bytes.
     app = web.Application(
         handler_args={"max_field_size": 16 * 1024, "auto_decompress": False},
     )
     app[CONFIG] = config
+    app[PROCESSES] = processes
     if source is not None:
         app[SOURCE] = source
     app[WATCH] = watch
@@ -211,7 +222,12 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     tasks = TaskTokens(config, vault)
     metrics = Metrics(keys.status)
     metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
-    app[VAULT], app[KEYS], app[METRICS] = vault, keys, metrics
+    store = _store(config)
+    metrics.watch_store(store.stats)
+    app[VAULT], app[KEYS], app[METRICS], app[STORE] = vault, keys, metrics, store
+    # Counted in this process's memory, a token's uses are exact only if no other process
+    # serves the port.
+    exact_uses = config.state is not None or app[PROCESSES] == 1
     source = app.get(SOURCE)
     started_digest, loaded = _started_from(config, source)
 
@@ -224,6 +240,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             tasks=tasks,
             metrics=metrics,
             config_hash=short(digest),
+            store=store,
+            exact_uses=exact_uses,
             tls=app.get(TLS),
         )
         return Generation(cfg, digest, proxy, Broker(cfg, verifier, tasks, metrics), sessions)
@@ -274,7 +292,14 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await reloader.aclose()
         await verifier.aclose()
         await client.close()
+        await store.close()
         vault.close()
+
+
+def _store(config: Config) -> StateStore:
+    """Where limits are counted: Valkey/Redis with `state.url`, else this process's memory.
+    The Redis client connects on first use, so an unreachable store never stops the start."""
+    return RedisStore(config.state) if config.state is not None else MemoryStore()
 
 
 def _started_from(config: Config, source: Path | None) -> tuple[str, Config | None]:
@@ -356,9 +381,17 @@ async def _ready(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """Vault and the keys decide readiness; the state store is reported beside them. Every
+    replica shares the store, so an outage would take every one out of service at once, also
+    for unlimited routes and `on_store_error: allow` limits, which keep working."""
     served = request.app[SERVED]
     keys = served[KEYS]
-    vault_ok = await served[VAULT].healthy()
+    vault_ok, store = await asyncio.gather(served[VAULT].healthy(), served[STORE].check())
     ready = vault_ok and keys.ready()
-    body = {"ready": ready, "vault": vault_ok, "keys": keys.status()}
+    body = {
+        "ready": ready,
+        "vault": vault_ok,
+        "state_store": {"ok": store.ok, "detail": store.detail},
+        "keys": keys.status(),
+    }
     return web.json_response(body, status=200 if ready else 503)

@@ -278,6 +278,10 @@ async def start(
         app,
         guard,
         access_log=None,  # the audit event is the access log
+        # A caller that goes away ends its request at once: otherwise a stream whose upstream
+        # is silent would hold its upstream connection and its concurrency slot until the
+        # read timeout. The proxy's handler is written to be cancelled (client_disconnected).
+        handler_cancellation=True,
         keepalive_timeout=limits.keepalive_timeout,
         shutdown_timeout=shutdown_timeout,
     )
@@ -312,6 +316,7 @@ async def serve(
     *,
     shutdown_timeout: float,
     reuse_port: bool = False,
+    processes: int = 1,
     on_start: Callable[[], None] = lambda: None,
     source: Path | None = None,
     watch: bool = False,
@@ -327,7 +332,7 @@ async def serve(
         loop.add_signal_handler(sig, _stopping, sig, stop)
     loop.add_signal_handler(signal.SIGHUP, hangups.set)
     on_start()
-    app = build_app(config, source=source, watch=watch)
+    app = build_app(config, processes, source=source, watch=watch)
     limits = Limits.of(config.server)
     admin = config.server.admin
     runner, bound = await start(

@@ -34,7 +34,6 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 
+from keyproxy.config import RedisSettings
 from keyproxy.state.store import (
     Concurrency,
     Counter,
@@ -166,29 +166,6 @@ _RELEASE = """
 for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
 return 0
 """
-
-
-@dataclass(frozen=True, slots=True)
-class RedisSettings:
-    """How to reach Valkey/Redis.
-
-    `url` is `redis://`, `rediss://` (TLS) or `unix://`, and may carry `user:password@`.
-    `username` and `password_file` override it (the password is read from the file, so it
-    never appears in argv or the configuration). With `sentinels`, the primary of
-    `service_name` is found through them (the URL then gives only the scheme, user, and
-    password); with `cluster`, `url` is any node of the Cluster.
-    """
-
-    url: str = "redis://127.0.0.1:6379/0"
-    username: str | None = None
-    password_file: Path | None = None
-    ca_file: Path | None = None
-    sentinels: tuple[tuple[str, int], ...] = ()
-    service_name: str = "keyproxy"
-    cluster: bool = False
-    timeout: float = 0.25
-    max_connections: int = 64
-    prefix: str = "keyproxy"
 
 
 class _PasswordFile(CredentialProvider):
@@ -385,3 +362,6 @@ def _unanswered(limits: Sequence[Limit]) -> Decision:
             for limit in limits
         )
     )
+
+
+__all__ = ["RedisSettings", "RedisStore"]

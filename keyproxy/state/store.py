@@ -257,10 +257,14 @@ class _Refresher:
     store: StateStore
     slots: tuple[Slot, ...]
     lost: list[Slot] = field(default_factory=list)
+    stopped: bool = False
 
     async def run(self) -> None:
         period = min(slot.limit.lease for slot in self.slots) / 3
-        while True:
+        # The flag, not only the cancellation, ends the loop: a client library may turn a
+        # cancellation that lands inside a call into an error of its own, which the loop
+        # would take for a store fault and go on beating (the slot would never be freed).
+        while not self.stopped:
             await asyncio.sleep(period)
             # A store fault here is not the request's end: the next beat may get through,
             # and if none does the slots expire on their own.
@@ -280,7 +284,11 @@ async def hold(store: StateStore, decision: Decision) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        refresher.stopped = True
         task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+        # Waited for, not awaited: the refresher's end is bounded (at most one store call),
+        # and a cancellation of this request itself must not be swallowed with its own.
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: a bug in it is not "never retrieved" noise
         await store.release(decision.slots)

@@ -2,12 +2,13 @@
 
 `tasks.TaskTokens` is the whole service, built in layers: the revocation list and its store
 (`revocation`), the exception register (`exceptions`), the signing keys and issuing
-(`signing`), verifying and use metering (`verify`). The token's format is in `format`.
+(`signing`), and verifying (`verify`). The token's format is in `format`.
 """
 
 from keyproxy.tokens.format import (
     CLOCK_SKEW,
     EXCEPTION_ISSUER,
+    LEEWAY,
     TASK_TOKEN_TYPE,
     TaskToken,
     exception_subject,
@@ -19,6 +20,7 @@ from keyproxy.tokens.tasks import TaskTokens
 __all__ = [
     "CLOCK_SKEW",
     "EXCEPTION_ISSUER",
+    "LEEWAY",
     "TASK_TOKEN_TYPE",
     "Revocations",
     "TaskToken",

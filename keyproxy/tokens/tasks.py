@@ -13,7 +13,6 @@ import structlog
 
 from keyproxy.config import Config
 from keyproxy.errors import VaultError
-from keyproxy.tokens.format import LEEWAY
 from keyproxy.tokens.verify import Verifier
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -31,8 +30,8 @@ class TaskTokens(Verifier):
         self._verified.clear()  # their scopes were read against the old routes
 
     async def run(self) -> None:
-        """Background work until cancelled: poll revocations (and forget spent use counters),
-        and re-read the public keys every key_refresh_interval."""
+        """Background work until cancelled: poll revocations, and re-read the public keys
+        every key_refresh_interval."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._poll_revocations(), name="token-revocations")
             group.create_task(self._refresh_keys_regularly(), name="token-keys")
@@ -43,6 +42,4 @@ class TaskTokens(Verifier):
                 await self.refresh_revocations()
             except VaultError as exc:
                 log.warning("revocations_refresh_failed", error=str(exc))
-            now = self.clock()
-            self._uses = {k: v for k, v in self._uses.items() if v[1] + LEEWAY > now}
             await asyncio.sleep(self.cfg.revocation_poll_interval)

@@ -1,8 +1,10 @@
-"""Verifying task tokens, locally, and metering their uses.
+"""Verifying task tokens, locally.
 
 The header and payload are read strictly (`keyproxy.jws`) before PyJWT verifies them. A token
 whose key is known never waits for Vault; a verified token is remembered until it expires,
-while the key that verified it is still the one published for its version.
+while the key that verified it is still the one published for its version. A token's uses
+(`max_uses`) are counted in the state store, with the request's other limits (the proxy's
+limit step, keyproxy.state.limits).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from keyproxy import jws, verified
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import Config
-from keyproxy.errors import Unauthenticated, Unavailable, VaultError
+from keyproxy.errors import Unauthenticated, VaultError
 from keyproxy.tokens.format import (
     LEEWAY,
     MAX_TOKEN_BYTES,
@@ -33,7 +35,6 @@ from keyproxy.vault import Vault
 from keyproxy.verified import VerifiedCache
 
 _CACHE_SIZE: Final = 10_000
-MAX_METERED: Final = 100_000
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class _Verified:
 
 
 class Verifier(Signing):
-    """Verifies task tokens and counts their uses (max_uses, per replica)."""
+    """Verifies task tokens."""
 
     def __init__(
         self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
@@ -57,8 +58,6 @@ class Verifier(Signing):
         self._verified: VerifiedCache[_Verified] = VerifiedCache(
             _CACHE_SIZE, lambda entry: entry.token.expires_at + LEEWAY, clock
         )
-        # max_uses counters: token id -> (uses so far, token expiry). Pruned by expiry only.
-        self._uses: dict[str, tuple[int, float]] = {}
 
     async def verify(self, token: str) -> TaskToken:
         """Verify a task token locally; raises Unauthenticated with a reason code, or
@@ -164,19 +163,6 @@ class Verifier(Signing):
             )
         except (KeyError, ValueError, TypeError):
             raise Unauthenticated("invalid_claims", "task token claims invalid") from None
-
-    def use(self, token: TaskToken) -> bool:
-        """Count one use against max_uses (per replica); False once they are spent."""
-        if token.max_uses is None:
-            return True
-        count, _ = self._uses.get(token.token_id, (0, token.expires_at))
-        if count >= token.max_uses:
-            return False
-        if token.token_id not in self._uses and len(self._uses) >= MAX_METERED:
-            # Never forget a count to make room: refuse new metered tokens instead.
-            raise Unavailable("too_many_metered_tokens", "try again later")
-        self._uses[token.token_id] = (count + 1, token.expires_at)
-        return True
 
 
 def _bound_certificate(claims: Mapping[str, Any]) -> str | None:

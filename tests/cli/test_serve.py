@@ -222,6 +222,21 @@ def test_workers_need_a_fixed_port(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "fixed --port" in capsys.readouterr().err
 
 
+def test_workers_with_limits_need_a_shared_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--workers 2 with a rate limit and no state.url is refused before anything starts: each
+    worker would count in its own memory (invariant 10)."""
+    from keyproxy.cli import main  # noqa: PLC0415  # imported where used, like the CLI does
+
+    cfg = _config_without_vault()
+    cfg["routes"]["api"]["limits"] = {"rate": [{"per": "route", "requests": 5, "window": "1s"}]}
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["serve", "-c", str(path), "--port", "1", "--workers", "2"]) == 2
+    assert "needs a shared state store: set state.url" in capsys.readouterr().err
+
+
 def _config_without_vault() -> dict[str, Any]:
     return {
         "vault": {"addr": "http://127.0.0.1:1", "auth": {"method": "token"}},

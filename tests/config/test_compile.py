@@ -95,8 +95,8 @@ EVIL_ROUTE = """\
 
 
 ROUTE_KEYS = (
-    "allow_http, caller_credential, egress, forward_underscore_headers, inject, kind, max_age, "
-    "max_body, mcp, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
+    "allow_http, caller_credential, egress, forward_underscore_headers, inject, kind, limits, "
+    "max_age, max_body, mcp, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
 )
 
 
@@ -262,7 +262,7 @@ TEACHING = [
         "section-key",
         TEXT.replace("routes:", "route:"),
         "route: unknown key, did you mean routes? "
-        "(expected one of: identity, policies, routes, server, tokens, vault)",
+        "(expected one of: identity, policies, routes, server, state, tokens, vault)",
     ),
     (
         "vault-key",
@@ -295,7 +295,7 @@ TEACHING = [
         "policy-key",
         TEXT.replace("    subjects:", "    subject:"),
         f"{POLICY}.subject: unknown key, did you mean subjects? (expected one of: allow, "
-        "claims, issuers, max_ttl, name, source_cidrs, subjects)",
+        "claims, issuers, limits, max_ttl, name, source_cidrs, subjects)",
     ),
     (
         "policy-route",

@@ -8,7 +8,6 @@ it is stopped by PID and can be started again on the same port.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -16,11 +15,12 @@ from pathlib import Path
 
 import redis
 
+from keyproxy.storeserver import server_binary
 from tests.helpers.servers import free_port
 
 
 def _binary() -> str:
-    found = shutil.which("valkey-server") or shutil.which("redis-server")
+    found = server_binary()
     assert found, "neither valkey-server nor redis-server is on PATH (`make test` installs one)"
     return found
 

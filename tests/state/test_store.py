@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 
+from keyproxy.state.memory import MemoryStore
 from keyproxy.state.store import (
     Concurrency,
     Counter,
     Decision,
     Limit,
     Rate,
+    Slot,
     StateStore,
+    StoreUnavailable,
     hold,
 )
 from tests.state.servers import until
@@ -202,3 +206,32 @@ async def test_an_empty_decision_is_allowed(store: StateStore) -> None:
     decision = await store.take([])
     assert decision.allowed
     assert decision.retry_after == 0
+
+
+class _CancelTurnedIntoFault(MemoryStore):
+    """An in-process store whose refresh, like some client libraries, turns a cancellation
+    that lands inside the call into an error of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refreshing = asyncio.Event()
+
+    async def refresh(self, slots: Sequence[Slot]) -> tuple[Slot, ...]:
+        self.refreshing.set()
+        try:
+            await asyncio.sleep(0.2)  # a call in flight
+        except asyncio.CancelledError:
+            raise StoreUnavailable("connection closed") from None
+        return await super().refresh(slots)
+
+
+async def test_hold_ends_even_if_a_refresh_swallows_the_cancellation(unique: str) -> None:
+    """Leaving `hold` ends its refresher and frees the slot within one store call, even when
+    the call in flight turned the cancellation into a store fault."""
+    store = _CancelTurnedIntoFault()
+    cap = Concurrency(f"{unique}:id", limit=1, lease=0.03)
+    held = await store.take([cap])
+    async with asyncio.timeout(5):
+        async with hold(store, held):
+            await store.refreshing.wait()
+    assert (await store.take([cap])).allowed

@@ -1,0 +1,97 @@
+"""The proxy's limit step: every limit one request touches, taken at once in the state store.
+
+`Limiter.admit` takes one unit of each limit the request touches (the task token's
+`max_uses`, the route's limits, the allowing policy's) in one decision of the state store
+(keyproxy.state: in process, or one round trip to Valkey/Redis), or stops the request:
+
+    token_exhausted               401   the token's max_uses are spent (it never works again)
+    rate_limited, too_many_...    429   with Retry-After, RateLimit and RateLimit-Policy
+    state_store_unavailable       503   a fail-closed limit the store could not decide
+    max_uses_needs_shared_store   503   a max_uses token on one of several workers counting
+                                        in their own memory (docs/security.md)
+
+`Limiter.held(admitted)` holds the decision's concurrency slots while the answer is sent,
+released however the request ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Final
+
+from keyproxy import state
+from keyproxy.caller import Identity
+from keyproxy.config import Config
+from keyproxy.errors import TooManyRequests, Unauthenticated, Unavailable
+from keyproxy.state.limits import RequestLimits, limit_name
+from keyproxy.state.limits import headers as ratelimit_headers
+from keyproxy.state.memory import MemoryStore
+from keyproxy.tokens import LEEWAY, TaskToken
+
+_UNLIMITED: Final = state.Decision(())  # a request that touches no limit
+_NOTHING_HELD: Final = contextlib.nullcontext()
+
+
+class Limiter:
+    """The limits of one configuration, counted in `store`."""
+
+    def __init__(
+        self, config: Config, store: state.StateStore | None = None, *, exact_uses: bool = True
+    ) -> None:
+        self.store = store if store is not None else MemoryStore()
+        # False when this process is one of several counting in its own memory: a token's
+        # max_uses would be multiplied, so such tokens are refused (docs/security.md).
+        self.exact_uses = exact_uses
+        self.limits = RequestLimits(config)
+
+    def held(self, admitted: state.Decision) -> contextlib.AbstractAsyncContextManager[object]:
+        """The decision's concurrency slots, held until the answer has ended, however it
+        ends (the body of the `async with`)."""
+        return state.hold(self.store, admitted) if admitted.slots else _NOTHING_HELD
+
+    async def admit(
+        self,
+        route: str,
+        policy: str | None,
+        identity: Identity,
+        task: TaskToken | None,
+        token_id: str | None,
+    ) -> state.Decision:
+        """One unit of every limit the request touches, or the error that stops it."""
+        uses = None
+        if task is not None and task.max_uses is not None:
+            if not self.exact_uses:
+                raise Unavailable(
+                    "max_uses_needs_shared_store",
+                    "tokens with max_uses need a shared state store (state.url) with --workers",
+                    limit="max_uses",
+                )
+            uses = task.max_uses, task.expires_at + LEEWAY - time.time()
+        elif not self.limits.limited(route, policy):
+            return _UNLIMITED
+        limits = self.limits.of(
+            route, policy, identity, task.task if task is not None else None, token_id, uses
+        )
+        if not limits:
+            return _UNLIMITED
+        admitted = await self.store.take(limits)
+        refused = admitted.refused_by
+        if refused is None:
+            return admitted
+        name = limit_name(refused.limit)
+        if refused.store_error:
+            raise Unavailable(
+                "state_store_unavailable",
+                f"the limit {name} cannot be checked now: the state store is unavailable",
+                retry_after=admitted.retry_after,
+                limit=name,
+            )
+        if isinstance(refused.limit, state.Counter):
+            raise Unauthenticated("token_exhausted", "this token has no uses left", limit=name)
+        raise TooManyRequests(
+            refused.reason,
+            f"the limit {name} allows no more requests now",
+            headers=ratelimit_headers(admitted),
+            limit=name,
+        )

@@ -1,0 +1,126 @@
+"""Which limits one request touches, as the store's `Limit`s, and how they are named.
+
+`RequestLimits` is prepared once per configuration. For a request it lists, for one `take`:
+
+- the task token's `max_uses`, a `Counter` keyed by the token id that expires with the token;
+- the route's `limits`, and those of the policy that allowed the request (an exception
+  token is allowed by no policy: only the route's apply).
+
+A limit's store key is `<name>:<who>`: the configured limit's name (`limit_name` reads it
+back, for the audit event and the metrics) and whom it counts, per `per`:
+
+    identity   the workload identity: issuer and subject
+    task       that identity's task (a task token's `task`); a request without one is not
+               counted by a per-task limit (per-identity limits cover it)
+    token      the token's id (a task token's, or an identity token's `jti`); without an id,
+               the identity
+    route      everyone on the route together (the upstream's own quota)
+
+SECURITY: the `who` part is a digest of identifiers, never of a credential, and the keys are
+readable by whoever reads the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+from keyproxy.caller import Identity
+from keyproxy.config import MAX_USES, ConcurrencyLimit, Config, Limits, RateLimit
+from keyproxy.state.store import Concurrency, Counter, Decision, Limit, OnStoreError, Rate
+
+
+def limit_name(limit: Limit) -> str:
+    """The configured name of a limit the store answered for (`max_uses` for a token's)."""
+    return limit.key.partition(":")[0]
+
+
+def _who(*parts: str) -> str:
+    # A digest: identifiers can hold any character, and the store's keys may not hold braces.
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
+
+
+class RequestLimits:
+    """The limits of one configuration, ready to be listed per request."""
+
+    def __init__(self, config: Config) -> None:
+        self._routes: Mapping[str, Limits] = {n: r.limits for n, r in config.routes.items()}
+        self._policies: Mapping[str, Limits] = {p.name: p.limits for p in config.policies}
+
+    def limited(self, route: str, policy: str | None) -> bool:
+        """Whether requests to `route` allowed by `policy` touch any configured limit."""
+        return bool(self._routes[route]) or bool(policy and self._policies[policy])
+
+    def of(  # noqa: PLR0917  # what the steps before produced
+        self,
+        route: str,
+        policy: str | None,
+        identity: Identity,
+        task: str | None,
+        token_id: str | None,
+        uses: tuple[int, float] | None,
+    ) -> tuple[Limit, ...]:
+        """The limits a request touches. `uses` is a task token's (max_uses, seconds until
+        its counter may go: the token's remaining life)."""
+        found: list[Limit] = []
+        if uses is not None:
+            cap, ttl = uses
+            assert token_id is not None  # a task token always has its id
+            found.append(Counter(f"{MAX_USES}:{token_id}", cap, max(1.0, ttl)))
+        groups = [self._routes[route]]
+        if policy is not None:
+            groups.append(self._policies[policy])
+        for group in groups:
+            for configured in group.all():
+                who = _whom(configured, route, identity, task, token_id)
+                if who is not None:
+                    found.append(_limit(configured, f"{configured.name}:{who}"))
+        return tuple(found)
+
+
+def _whom(
+    limit: RateLimit | ConcurrencyLimit,
+    route: str,
+    identity: Identity,
+    task: str | None,
+    token_id: str | None,
+) -> str | None:
+    if limit.per == "route":
+        return _who(route)
+    if limit.per == "task":
+        return None if task is None else _who(identity.issuer, identity.subject, task)
+    if limit.per == "token" and token_id is not None:
+        return _who(token_id)
+    return _who(identity.issuer, identity.subject)
+
+
+def _limit(configured: RateLimit | ConcurrencyLimit, key: str) -> Limit:
+    on_error = OnStoreError(configured.on_store_error)
+    if isinstance(configured, RateLimit):
+        return Rate(key, configured.requests, configured.window, configured.burst, on_error)
+    return Concurrency(key, configured.max, configured.lease, on_error)
+
+
+def headers(decision: Decision) -> dict[str, str]:
+    """The `RateLimit` and `RateLimit-Policy` fields (IETF httpapi ratelimit-headers draft)
+    for the limits of a decision, and `Retry-After` when it was refused."""
+    policies, states = [], []
+    for outcome in decision.outcomes:
+        limit = outcome.limit
+        name = limit_name(limit)
+        if isinstance(limit, Rate):
+            policies.append(f'"{name}";q={limit.limit};w={_seconds(limit.window)}')
+        elif isinstance(limit, Counter):
+            policies.append(f'"{name}";q={limit.cap}')
+        else:
+            policies.append(f'"{name}";q={limit.limit};qu="concurrent-requests"')
+        states.append(f'"{name}";r={outcome.remaining};t={_seconds(outcome.reset)}')
+    fields = {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)}
+    if not decision.allowed:
+        fields["Retry-After"] = str(decision.retry_after)
+    return fields
+
+
+def _seconds(value: float) -> int:
+    return max(0, math.ceil(value))
