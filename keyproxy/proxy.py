@@ -3,24 +3,16 @@
 `Proxy.handle` serves `/r/<route>/<path>` as a row of steps (drawn in docs/architecture.md),
 each taking what the ones before produced and returning its own result, or stopping the
 request by raising a `RequestError`; forwarding is `keyproxy.forward`'s. Nothing is sent
-upstream until every check has passed.
-
-Who is calling (`_authenticate`): a task token, a workload identity JWT, or, on a listener that
-asks for client certificates (`server.tls.client_auth`), an X.509-SVID when no bearer credential
-is sent. The SVID is verified by the listener's `SvidVerifier` (keyproxy.spiffe: the leaf rules,
-then the chain against the bundle of its own trust domain) and becomes the identity
-`issuer = spiffe://<trust domain>`, `subject = <SPIFFE ID>`, with no claims. A task token bound to
-a certificate (RFC 8705 `cnf.x5t#S256`) is accepted only on a connection presenting that very
-certificate (`token_binding_mismatch`). The request's one audit event is built once, at the
-end, from those results and how the request ended (the forwarding step's `Outcome`, or the
-error's reason and status); the error itself becomes its answer in
+upstream until every check has passed. The caller is a task token, a workload identity JWT,
+or an X.509-SVID over mutual TLS (`keyproxy.mtls`). The request's one audit event is built
+once, at the end, from those results and how the request ended (the forwarding step's
+`Outcome`, or the error's reason and status); the error itself becomes its answer in
 `keyproxy.answers.answering`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import math
 import time
 from dataclasses import dataclass
@@ -47,7 +39,6 @@ from keyproxy.errors import (
 from keyproxy.forward import Exchange, Forwarder, Outgoing, read_deadlines
 from keyproxy.headers import (
     Verdicts,
-    caller_token,
     other_credential_headers,
     request_id,
     request_verdicts,
@@ -57,9 +48,8 @@ from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered
 from keyproxy.limiter import Limiter
 from keyproxy.metrics import Metrics
+from keyproxy.mtls import bearer_or_certificate, check_binding, svid_identity
 from keyproxy.outgoing import request_body, upstream_url
-from keyproxy.spiffe import SCHEME as SPIFFE_SCHEME
-from keyproxy.spiffe import presents
 from keyproxy.tls import ServerTLS, peer_chain
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.upstream import UpstreamSessions
@@ -176,7 +166,9 @@ class Proxy:
             source, source_text = self._source(request)
             plan = self.plans[route.name]
             chain = peer_chain(request.transport) if self.tls is not None else ()
-            credential = _credential(request, raw_query, route, plan, bool(chain))
+            credential = bearer_or_certificate(
+                request.headers, raw_query, route.caller_credential, plan.other_credentials, chain
+            )
             caller = await self._authenticate(credential, chain)
             decision = self._decide(caller, route, request.method, segments, source)
             admitted = await self.limiter.admit(
@@ -268,27 +260,16 @@ class Proxy:
         """A task token, or else a workload identity token; with no credential (`""`), the
         client certificate `chain` the handshake verified, as an X.509-SVID."""
         if not credential:
-            return self._svid_caller(chain)
+            # Only with a certificate chain, which only a listener with TLS has.
+            assert self.tls is not None
+            return Caller(svid_identity(self.tls, chain), None, None)
         if self.tasks is not None and is_task_token(credential):
             task = await self.tasks.verify(credential)
-            bound = task.certificate
-            if bound is not None and not presents(bound, chain[0] if chain else None):
-                raise Unauthenticated(
-                    "token_binding_mismatch",
-                    "this token is bound to a client certificate this connection did not present",
-                )
+            check_binding(task, chain)
             return Caller(task.identity, task, task.token_id)
         identity = await self.verifier.verify(credential)
         jti = identity.claims.get("jti")
         return Caller(identity, None, jti if isinstance(jti, str) else None)
-
-    def _svid_caller(self, chain: tuple[bytes, ...]) -> Caller:
-        """The caller of a verified X.509-SVID (`_credential` let no credential through only
-        with a certificate chain, which only a listener with `tls` has)."""
-        assert self.tls is not None
-        svid = self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
-        identity = Identity(SPIFFE_SCHEME + svid.issuer, svid.subject)
-        return Caller(identity, None, None)
 
     def _decide(
         self,
@@ -321,21 +302,6 @@ class Proxy:
             return self.keys.key_of(route.secret)
         except Unavailable as exc:
             raise Unavailable(exc.reason, exc.message, retry_after=self.retry_after) from None
-
-
-def _credential(
-    request: web.Request, raw_query: str, route: Route, plan: _Plan, has_certificate: bool
-) -> str:
-    """The caller's bearer credential, or "" when it sent none but presented a client
-    certificate (an X.509-SVID caller)."""
-    try:
-        return caller_token(
-            request.headers, raw_query, route.caller_credential, plan.other_credentials
-        )
-    except Unauthenticated as exc:
-        if has_certificate and exc.reason == "no_credential":
-            return ""
-        raise
 
 
 def _record(

@@ -118,6 +118,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         frozenset(
             {
                 "proxy",
+                "mtls",
                 "mcproute",
                 "outgoing",
                 "limiter",

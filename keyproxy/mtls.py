@@ -1,0 +1,57 @@
+"""Callers over mutual TLS: the X.509-SVID caller, and task tokens bound to a certificate.
+
+On a listener that asks for client certificates (`server.tls.client_auth`), a request that
+sends no bearer credential is authenticated by its X.509-SVID: the listener's `SvidVerifier`
+(keyproxy.spiffe: the leaf rules, then the chain against the bundle of its own trust domain)
+turns the chain the handshake verified into the identity `issuer = spiffe://<trust domain>`,
+`subject = <SPIFFE ID>`, with no claims. A task token bound to a certificate (RFC 8705
+`cnf.x5t#S256`) is accepted only on a connection presenting that very certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from multidict import CIMultiDictProxy
+
+from keyproxy.caller import Identity
+from keyproxy.config import CallerCredential
+from keyproxy.errors import Unauthenticated
+from keyproxy.headers import caller_token
+from keyproxy.spiffe import SCHEME, presents
+from keyproxy.tls import ServerTLS
+from keyproxy.tokens import TaskToken
+
+
+def bearer_or_certificate(  # caller_token's, and the chain
+    incoming: CIMultiDictProxy[str],
+    query: str,
+    credential: CallerCredential,
+    others: tuple[str, ...],
+    chain: tuple[bytes, ...],
+) -> str:
+    """The caller's bearer credential (`headers.caller_token`), or "" when it sent none but
+    presented a client certificate `chain`: an X.509-SVID caller."""
+    try:
+        return caller_token(incoming, query, credential, others)
+    except Unauthenticated as exc:
+        if chain and exc.reason == "no_credential":
+            return ""
+        raise
+
+
+def svid_identity(tls: ServerTLS, chain: tuple[bytes, ...]) -> Identity:
+    """The identity of the verified X.509-SVID `chain` (DER, leaf first); Unauthenticated,
+    with the refusal's reason, if it is none."""
+    svid = tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
+    return Identity(SCHEME + svid.issuer, svid.subject)
+
+
+def check_binding(task: TaskToken, chain: tuple[bytes, ...]) -> None:
+    """Refuse a certificate-bound task token on a connection without that certificate."""
+    bound = task.certificate
+    if bound is not None and not presents(bound, chain[0] if chain else None):
+        raise Unauthenticated(
+            "token_binding_mismatch",
+            "this token is bound to a client certificate this connection did not present",
+        )
