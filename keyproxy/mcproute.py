@@ -30,8 +30,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from keyproxy import mcp
+from keyproxy import audit, mcp
 from keyproxy import scope as scopes
+from keyproxy.caller import Identity
 from keyproxy.config import McpGrant, Policy, Route
 from keyproxy.errors import (
     BadGateway,
@@ -147,6 +148,44 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
 def _unreadable(exc: mcp.MessageError) -> McpUnreadable:
     answer = mcp.Decision((), (mcp.Refusal.from_error(exc),), batch=False).answer()
     return McpUnreadable("mcp_unreadable", exc.message, answer)
+
+
+class CallFacts(NamedTuple):
+    """Who makes an MCP route's calls, as the proxy's steps found it."""
+
+    request_id: str
+    identity: Identity
+    task: TaskToken | None
+    token_id: str | None
+    policy: str | None
+
+
+async def decided(
+    request: web.Request, route: Route, plan: McpPlan, facts: CallFacts, key_version: int
+) -> McpStep:
+    """An MCP route's step: the body read and decided against the caller's grant (the
+    allowing policy's, narrowed by the task token's scope), each JSON-RPC request an
+    `mcp.call` audit event whatever the decision."""
+    task = facts.task
+    fields = {
+        "request_id": facts.request_id,
+        "route": route.name,
+        "issuer": facts.identity.issuer,
+        "subject": facts.identity.subject,
+        "token_id": facts.token_id,
+        "task": task.task if task is not None else None,
+        "exception_owner": task.exception_owner if task is not None else None,
+        "policy": facts.policy,
+        "key_version": key_version,
+        "mcp_session": request.headers.get(SESSION_HEADER, ""),
+    }
+    try:
+        step = await inspect(request, route, plan.grant(facts.policy, task))
+    except McpRefused as exc:
+        audit.emit_calls(exc.calls, fields, exc.reason)
+        raise
+    audit.emit_calls(step.calls, fields, "")
+    return step
 
 
 def _bad_answer() -> BadGateway:

@@ -30,7 +30,6 @@ from keyproxy.config import Config, Policy, Route
 from keyproxy.deadline import ReadDeadlines
 from keyproxy.errors import (
     Forbidden,
-    McpRefused,
     NotFound,
     RequestError,
     Unauthenticated,
@@ -362,46 +361,20 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
     admitted: tuple[Caller, Decision, KeyVersion],
 ) -> Outgoing:
     """The upstream request: the route's URL for `path`, the headers it forwards, the body.
-    On an MCP route the body is read and decided first (`_mcp_step`), and the answer
+    On an MCP route the body is read and decided first (`mcproute.decided`), and the answer
     filtered."""
     url = upstream_url(route, path, raw_query, rendered, plan.injector)
     headers = upstream_headers(request.headers, plan.forwards, rendered, rid)
     if plan.mcp is not None:
-        step = await _mcp_step(request, route, plan.mcp, rid, admitted)
+        caller, decision, key = admitted
+        step = await mcproute.decided(
+            request,
+            route,
+            plan.mcp,
+            mcproute.CallFacts(rid, caller.identity, caller.task, caller.token_id, decision.policy),
+            key.version,
+        )
         forwarder = plan.forwarder
         reply = mcproute.replier(forwarder.session, url, headers, forwarder.read_timeout)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
     return Outgoing(url, headers, await request_body(request, route))
-
-
-async def _mcp_step(
-    request: web.Request,
-    route: Route,
-    plan: mcproute.McpPlan,
-    rid: str,
-    admitted: tuple[Caller, Decision, KeyVersion],
-) -> mcproute.McpStep:
-    """An MCP route's step (`keyproxy.mcproute`): the body read and decided against the
-    caller's grant, each JSON-RPC request an `mcp.call` audit event whatever the decision."""
-    caller, decision, key = admitted
-    task = caller.task
-    facts = {
-        "request_id": rid,
-        "route": route.name,
-        "issuer": caller.identity.issuer,
-        "subject": caller.identity.subject,
-        "token_id": caller.token_id,
-        "task": task.task if task is not None else None,
-        "exception_owner": task.exception_owner if task is not None else None,
-        "policy": decision.policy,
-        "key_version": key.version,
-        "mcp_session": request.headers.get(mcproute.SESSION_HEADER, ""),
-    }
-    grant = plan.grant(decision.policy, task)
-    try:
-        step = await mcproute.inspect(request, route, grant)
-    except McpRefused as exc:
-        audit.emit_calls(exc.calls, facts, exc.reason)
-        raise
-    audit.emit_calls(step.calls, facts, "")
-    return step
