@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "config.policies",
                 "config.limits",
                 "config.changes",
+                "config.store",
             }
         ),
     ),

@@ -24,21 +24,17 @@ from keyproxy.config.model import (
     AdminConfig,
     CallerCredential,
     CommandRotator,
-    ConcurrencyLimit,
     Config,
     Grant,
     HttpCall,
     HttpRotator,
     Injection,
     Issuer,
-    Limits,
     ListenerTLS,
     ManualRotator,
     McpGrant,
     Network,
     Policy,
-    RateLimit,
-    RedisSettings,
     Route,
     SecretRef,
     ServerConfig,
@@ -49,6 +45,7 @@ from keyproxy.config.model import (
     claim_text,
     default_full_refresh,
 )
+from keyproxy.config.store import ConcurrencyLimit, Limits, RateLimit, RedisSettings
 
 __all__ = [
     "ALGORITHMS",

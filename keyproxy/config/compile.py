@@ -20,9 +20,7 @@ from typing import Any
 from keyproxy.config.limits import state_config
 from keyproxy.config.loader import item_path, read
 from keyproxy.config.model import (
-    ConcurrencyLimit,
     Config,
-    RateLimit,
     ServerConfig,
     TokensConfig,
 )
@@ -36,6 +34,7 @@ from keyproxy.config.sections import (
     tokens_config,
     vault_config,
 )
+from keyproxy.config.store import ConcurrencyLimit, RateLimit
 from keyproxy.errors import ConfigError
 
 

@@ -5,14 +5,8 @@ from __future__ import annotations
 import re
 from typing import Literal, get_args
 
-from keyproxy.config.model import (
-    ConcurrencyLimit,
-    LimitPer,
-    Limits,
-    RateLimit,
-    RedisSettings,
-)
 from keyproxy.config.node import Node, opt, required
+from keyproxy.config.store import ConcurrencyLimit, LimitPer, Limits, RateLimit, RedisSettings
 
 # A limit's name is part of its keys in the store, of the RateLimit headers (a quoted
 # string) and of metrics labels: plain characters only.

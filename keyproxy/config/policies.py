@@ -11,13 +11,13 @@ from keyproxy.config.model import (
     MCP_METHODS,
     METHODS,
     Grant,
-    Limits,
     McpGrant,
     Policy,
     Route,
     claim_text,
 )
 from keyproxy.config.node import Node, did_you_mean, opt, required
+from keyproxy.config.store import Limits
 from keyproxy.mcp import names
 
 

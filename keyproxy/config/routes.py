@@ -11,12 +11,12 @@ from keyproxy.config.model import (
     ROUTE_NAME,
     CallerCredential,
     Injection,
-    Limits,
     Route,
     Upstream,
 )
 from keyproxy.config.node import Node, key_template, opt, required, secret_ref
 from keyproxy.config.rotation import rotation_config
+from keyproxy.config.store import Limits
 from keyproxy.mcp import names
 
 
