@@ -254,6 +254,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         make=generation,
         first=generation(config, started_digest, UpstreamSessions(config.routes)),
+        exact_limits=exact_uses,
     )
     reloader.current.loaded = loaded
     app[RELOADER] = reloader
