@@ -17,6 +17,7 @@ import structlog.testing
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from keyproxy import audit, headers, redact, secret
+from keyproxy.audit import log as audit_log
 from keyproxy.secret import REDACTED, Secret
 from tests.helpers.polling import eventually
 from tests.helpers.servers import new_key
@@ -198,7 +199,7 @@ async def _written(stream: _CountingStream, writes: int) -> None:
         lambda: stream.writes >= writes,
         "the lines were never written",
         within=5,
-        interval=audit.FLUSH_DELAY,
+        interval=audit_log.FLUSH_DELAY,
     )
 
 
@@ -219,7 +220,7 @@ async def test_a_line_after_a_quiet_moment_is_written_at_once() -> None:
 async def test_events_after_a_write_are_written_together(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside an event loop, lines that follow a write within FLUSH_DELAY wait for the end
     of it, not just for the end of the turn, and then go out in one write, in order."""
-    monkeypatch.setattr(audit, "FLUSH_DELAY", 0.5)  # longer than the loaded machine's hiccups
+    monkeypatch.setattr(audit_log, "FLUSH_DELAY", 0.5)  # longer than the loaded machine's hiccups
     stream = _CountingStream()
     previous = structlog.get_config()
     audit.configure(stream)
@@ -314,7 +315,7 @@ async def test_lines_logged_while_a_write_is_due_share_it(
 ) -> None:
     """Inside an event loop, lines logged while a flush is already scheduled join it: one
     write for all of them."""
-    monkeypatch.setattr(audit, "FLUSH_DELAY", 0.5)  # longer than the loaded machine's hiccups
+    monkeypatch.setattr(audit_log, "FLUSH_DELAY", 0.5)  # longer than the loaded machine's hiccups
     stream = _CountingStream()
     previous = structlog.get_config()
     audit.configure(stream)
