@@ -244,7 +244,9 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             exact_uses=exact_uses,
             tls=app.get(TLS),
         )
-        return Generation(cfg, digest, proxy, Broker(cfg, verifier, tasks, metrics), sessions)
+        return Generation(
+            cfg, digest, proxy, Broker(cfg, verifier, tasks, metrics, app.get(TLS)), sessions
+        )
 
     reloader = Reloader(
         path=source,
