@@ -69,12 +69,18 @@ class Broker:
         tasks: TaskTokens,
         metrics: Metrics | None = None,
         tls: ServerTLS | None = None,
+        *,
+        exact_uses: bool = True,
     ) -> None:
         self.config = config
         self.tls = tls  # the listener's, to verify a certificate a front proxy forwarded
         self.verifier = verifier
         self.tasks = tasks
         self.metrics = metrics
+        # False on one of several worker processes counting uses in their own memory: the
+        # proxy would refuse every use of a max_uses token (keyproxy.limiter), so none is
+        # issued.
+        self.exact_uses = exact_uses
 
     def _count(self, event: str) -> None:
         if self.metrics is not None:
@@ -122,6 +128,11 @@ class Broker:
             asked_ttl = _ttl(fields.get("ttl"))
         except ValueError as exc:
             raise BadRequest("invalid_request", str(exc)) from None
+        if max_uses is not None and not self.exact_uses:
+            raise Unavailable(
+                "max_uses_needs_shared_store",
+                "tokens with max_uses need a shared state store (state.url) with --workers",
+            )
         event |= {"task": task, "intent": intent, "requested": scopes.to_claim(requested)}
         granted, contributing = scopes.grant(self.config.policies, identity, source, requested)
         if not granted:

@@ -49,12 +49,15 @@ VERSION_HEADER: Final = "MCP-Protocol-Version"
 _NOTHING: Final = McpGrant()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class McpPlan:
     """One MCP route's grants by policy name, prepared once."""
 
     route: Route
     by_policy: Mapping[str, McpGrant] = field(default_factory=dict)
+    # The answers to withheld server requests still being sent, cancelled by `close` when
+    # the proxy that made this plan closes (shutdown, or its configuration retired).
+    replies: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def of(cls, route: Route, policies: Sequence[Policy]) -> McpPlan:
@@ -73,6 +76,28 @@ class McpPlan:
             scoped = scopes.mcp_grant(task.scope, self.route.name) or _NOTHING
             allowed = scoped if task.exception_owner is not None else _narrowed(allowed, scoped)
         return _compiled(allowed, self.route.server_requests)
+
+    def replier(
+        self, session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str], timeout: float
+    ) -> Reply:
+        """A `Reply` that POSTs each answer to the server's MCP endpoint in the background,
+        with the headers of the request whose answer withheld it (the key, the session)."""
+        sent = CIMultiDict(headers)
+        sent["Content-Type"] = "application/json"
+        sent["Accept"] = "application/json, text/event-stream"
+        limit = aiohttp.ClientTimeout(total=timeout)
+
+        def reply(body: bytes) -> None:
+            task = asyncio.get_running_loop().create_task(_post(session, url, sent, body, limit))
+            self.replies.add(task)  # owned: the loop holds tasks weakly
+            task.add_done_callback(self.replies.discard)
+
+        return reply
+
+    def close(self) -> None:
+        """Cancel the answers to withheld server requests not sent yet."""
+        for task in self.replies:
+            task.cancel()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -227,27 +252,6 @@ class _Stream(AnswerFilter):
             for refusal in out.withheld:
                 self._reply(json.dumps(refusal.response(), separators=(",", ":")).encode())
         return out.data
-
-
-_REPLIES: set[asyncio.Task[None]] = set()  # kept until done (the loop holds tasks weakly)
-
-
-def replier(
-    session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str], timeout: float
-) -> Reply:
-    """A `Reply` that POSTs each answer to the server's MCP endpoint in the background, with
-    the headers of the request whose answer withheld it (the key, the session)."""
-    sent = CIMultiDict(headers)
-    sent["Content-Type"] = "application/json"
-    sent["Accept"] = "application/json, text/event-stream"
-    limit = aiohttp.ClientTimeout(total=timeout)
-
-    def reply(body: bytes) -> None:
-        task = asyncio.get_running_loop().create_task(_post(session, url, sent, body, limit))
-        _REPLIES.add(task)
-        task.add_done_callback(_REPLIES.discard)
-
-    return reply
 
 
 async def _post(

@@ -144,8 +144,12 @@ class Proxy:
         }
 
     def close(self) -> None:
-        """Stop sweeping read deadlines (the app is shutting down)."""
+        """Stop sweeping read deadlines and sending MCP replies (the app is shutting down,
+        or this configuration is retired)."""
         self._deadlines.close()
+        for plan in self.plans.values():
+            if plan.mcp is not None:
+                plan.mcp.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -375,6 +379,6 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
             key.version,
         )
         forwarder = plan.forwarder
-        reply = mcproute.replier(forwarder.session, url, headers, forwarder.read_timeout)
+        reply = plan.mcp.replier(forwarder.session, url, headers, forwarder.read_timeout)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
     return Outgoing(url, headers, await request_body(request, route))

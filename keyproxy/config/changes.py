@@ -28,6 +28,7 @@ RESTART_ONLY = (
     "server.max_connections_per_source",
     "server.tls",  # the settings; the files' content is re-read live (keyproxy.tls)
     "vault",
+    "state",  # the store is made once, at start
 )
 
 
@@ -115,6 +116,7 @@ def keep_running(running: Config, new: Config) -> Config:
         policies=new.policies,
         server=server,
         tokens=new.tokens,
+        state=running.state,
     )
 
 

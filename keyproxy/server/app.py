@@ -245,7 +245,11 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             tls=app.get(TLS),
         )
         return Generation(
-            cfg, digest, proxy, Broker(cfg, verifier, tasks, metrics, app.get(TLS)), sessions
+            cfg,
+            digest,
+            proxy,
+            Broker(cfg, verifier, tasks, metrics, app.get(TLS), exact_uses=exact_uses),
+            sessions,
         )
 
     reloader = Reloader(
@@ -256,6 +260,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         make=generation,
         first=generation(config, started_digest, UpstreamSessions(config.routes)),
+        exact_limits=exact_uses,
     )
     reloader.current.loaded = loaded
     app[RELOADER] = reloader

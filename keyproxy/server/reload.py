@@ -111,8 +111,13 @@ class Reloader:
         metrics: Metrics,
         make: Callable[[Config, str, UpstreamSessions], Generation],
         first: Generation,
+        exact_limits: bool = True,
     ) -> None:
         self.path = path
+        # False when several processes serve the port, each counting in its own memory: a
+        # configuration with limits would multiply them (PRODUCT.md invariant 10), so a reload
+        # that adds limits is refused as `serve --workers` refuses it at start.
+        self._exact_limits = exact_limits
         self._keys = keys
         self._verifier = verifier
         self._tasks = tasks
@@ -153,6 +158,16 @@ class Reloader:
             self._rewatch.set()  # the watch compares with what is loaded now
         return outcome
 
+    def _checked(self, compiled: Config) -> Config:
+        """What `serve --workers` checks at start, for a configuration that arrives later."""
+        if compiled.limited and not self._exact_limits:
+            raise ConfigError(
+                "",
+                "rate limits or concurrency caps with several worker processes need a "
+                "shared state store (state.url, which takes effect at a restart)",
+            )
+        return compiled
+
     async def _reload(self, trigger: str) -> Outcome:
         running = self.current
         where = str(self.path) if self.path is not None else None
@@ -171,7 +186,7 @@ class Reloader:
             log.info("config.reload_unchanged", hash=short(digest), trigger=trigger, file=where)
             return Outcome("unchanged", short(digest), trigger)
         try:
-            compiled = config.parse(data.decode("utf-8"))
+            compiled = self._checked(config.parse(data.decode("utf-8")))
             await asyncio.to_thread(netguard.check_upstreams, compiled)
         except UnicodeDecodeError:
             return self._failed(trigger, running, ConfigError("", "the file is not UTF-8 text"))

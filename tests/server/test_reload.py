@@ -91,6 +91,18 @@ def test_diff_of_equal_files_is_empty_and_listeners_need_a_restart() -> None:
     assert kept.server.admin == _parsed(old).server.admin
 
 
+def test_the_state_store_needs_a_restart_and_keeps_its_running_settings() -> None:
+    """A new `state:` section is reported as needing a restart (the store is made once, at
+    start), and what a reload serves keeps the running store's settings."""
+    old = _small()
+    old["state"] = {"url": "redis://127.0.0.1:6379/0"}
+    new = copy.deepcopy(old)
+    new["state"] = {"url": "redis://127.0.0.1:6380/0"}
+    assert config.diff(_parsed(old), _parsed(new)).needs_restart == ("state",)
+    kept = config.keep_running(_parsed(old), _parsed(new))
+    assert kept.state == _parsed(old).state
+
+
 def test_check_diff_prints_the_change_list(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -526,3 +538,40 @@ async def test_twenty_reloads_under_steady_traffic_and_open_streams(
     assert {e["config"] for e in requests} <= loaded
     assert len({e["config"] for e in requests}) > 1
     assert not [e for e in events if e["event"] == "config.reload_failed"]
+
+
+async def test_a_reload_adding_limits_to_processes_without_a_shared_store_is_refused(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, route_key: None
+) -> None:
+    """With several processes on the port and no state.url, a reload that adds a rate limit
+    is refused (each process would count alone, multiplying the limit), as `serve
+    --workers` refuses it at start; the running configuration keeps serving."""
+    cfg = token_config(openbao, agent, upstream.url)
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    app = build_app(config.load(path), processes=2, source=path)
+    runner, port = await server.start(
+        app, "127.0.0.1", 0, server.Limits.of(config.load(path).server)
+    )
+    try:
+        running = app[RELOADER].current.digest
+        limited = copy.deepcopy(cfg)
+        limited["routes"]["r"]["limits"] = {
+            "rate": [{"per": "identity", "requests": 3, "window": "60s", "burst": 3}]
+        }
+        path.write_text(yaml.safe_dump(limited))
+        with capture_logs() as logs:
+            outcome = await app[RELOADER].reload("test")
+        assert outcome.result == "error"
+        [failed] = [e for e in logs if e["event"] == "config.reload_failed"]
+        assert "shared state store" in failed["error"]
+        assert app[RELOADER].current.digest == running
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"http://127.0.0.1:{port}/r/r/echo", headers=bearer(openbao.agent_token(agent))
+            ) as response,
+        ):
+            assert response.status == 200
+    finally:
+        await runner.cleanup()

@@ -288,18 +288,30 @@ async def test_one_of_several_workers_without_a_store_refuses_max_uses(
     http: aiohttp.ClientSession,
     audit_log: Path,
 ) -> None:
-    """A worker of `--workers 2` with no state.url refuses a task token with max_uses (503
-    max_uses_needs_shared_store) rather than count its uses alone; a token without max_uses
-    still works."""
+    """A worker of `--workers 2` with no state.url issues no task token with max_uses, and
+    refuses one issued elsewhere (503 max_uses_needs_shared_store) rather than count its
+    uses alone; a token without max_uses still works."""
     cfg = _config(openbao, agent, {"limited": _route(upstream.url)}, {})
     del cfg["state"]
     compiled = config.parse(json.dumps(cfg), {})
     app = build_app(compiled, processes=2)
     runner, port = await listen.start(app, "127.0.0.1", 0, listen.Limits.of(compiled.server))
+    single = build_app(compiled)  # a process serving alone issues it (the same signing key)
+    issuer, issuer_port = await listen.start(
+        single, "127.0.0.1", 0, listen.Limits.of(compiled.server)
+    )
     try:
         stack = Stack(f"http://127.0.0.1:{port}", compiled, app)
         url = f"{stack.base}/r/limited/echo"
-        metered = await _task_token(http, stack, identity_token, max_uses=5)
+        async with http.post(
+            f"{stack.base}/token",
+            json={"scope": {"limited": ANY}, "max_uses": 5},
+            headers=bearer(identity_token),
+        ) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "max_uses_needs_shared_store"
+        elsewhere = Stack(f"http://127.0.0.1:{issuer_port}", compiled, single)
+        metered = await _task_token(http, elsewhere, identity_token, max_uses=5)
         rid = new_request_id()
         status, _, body = await _get(http, url, metered["access_token"], rid)
         assert status == 503, body
@@ -309,6 +321,7 @@ async def test_one_of_several_workers_without_a_store_refuses_max_uses(
         plain = await _task_token(http, stack, identity_token)
         assert (await _get(http, url, plain["access_token"]))[0] == 200
     finally:
+        await issuer.cleanup()
         await runner.cleanup()
 
 
