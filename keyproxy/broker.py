@@ -20,6 +20,7 @@ request, never more. Every outcome is an audit event: token.issued or token.deni
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -43,8 +44,9 @@ from keyproxy.errors import (
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
+from keyproxy.mtls import client_chain
 from keyproxy.spiffe import thumbprint
-from keyproxy.tls import peer_certificate
+from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskTokens, is_task_token
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -66,10 +68,12 @@ class Broker:
         verifier: IdentityVerifier,
         tasks: TaskTokens,
         metrics: Metrics | None = None,
+        tls: ServerTLS | None = None,
         *,
         exact_uses: bool = True,
     ) -> None:
         self.config = config
+        self.tls = tls  # the listener's, to verify a certificate a front proxy forwarded
         self.verifier = verifier
         self.tasks = tasks
         self.metrics = metrics
@@ -137,8 +141,13 @@ class Broker:
         caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
         ttl = min([asked_ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
         bind = fields.get("bind_source") in (True, "true", "1")
-        # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705).
-        certificate = peer_certificate(request.transport)
+        # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705),
+        # or to the one a trusted front proxy forwarded, once verified like a direct one.
+        chain, forwarded = client_chain(request, self.config.server, self.tls)
+        if forwarded:
+            assert self.tls is not None  # only a listener with TLS reads the header
+            self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
+        certificate = chain[0] if chain else None
         issued = await self.tasks.issue(
             identity,
             granted,

@@ -74,6 +74,7 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "api-key",
     "x-forwarded-",
     "x-amz-",
+    "client-cert",  # a front proxy's forwarded client certificate (keyproxy.forwardedcert)
 )
 
 

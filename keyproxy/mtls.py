@@ -6,21 +6,45 @@ sends no bearer credential is authenticated by its X.509-SVID: the listener's `S
 turns the chain the handshake verified into the identity `issuer = spiffe://<trust domain>`,
 `subject = <SPIFFE ID>`, with no claims. A task token bound to a certificate (RFC 8705
 `cnf.x5t#S256`) is accepted only on a connection presenting that very certificate.
+
+Behind a TLS-terminating front proxy listed in `server.trusted_proxies`, the certificate it
+forwards in its header (`server.tls.forwarded_client_cert`, keyproxy.forwardedcert) stands
+for the connection's: it is verified by the same `SvidVerifier`, and bound tokens compare
+against it. From any other peer the header is ignored.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
+from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from keyproxy import policy
 from keyproxy.caller import Identity
-from keyproxy.config import CallerCredential
+from keyproxy.config import CallerCredential, ServerConfig
 from keyproxy.errors import Unauthenticated
+from keyproxy.forwardedcert import forwarded_chain
 from keyproxy.headers import caller_token
 from keyproxy.spiffe import SCHEME, presents
-from keyproxy.tls import ServerTLS
+from keyproxy.tls import ServerTLS, peer_chain
 from keyproxy.tokens import TaskToken
+
+
+def client_chain(
+    request: web.Request, server: ServerConfig, tls: ServerTLS | None
+) -> tuple[tuple[bytes, ...], bool]:
+    """The client certificate chain (DER, leaf first), and whether a front proxy forwarded it:
+    the one in `server.tls.forwarded_client_cert`'s header when the peer is a trusted proxy
+    (not verified yet), else the one this connection's handshake verified."""
+    if tls is None:
+        return (), False
+    forwarded = server.tls.forwarded_client_cert if server.tls is not None else None
+    if forwarded is not None:
+        values = request.headers.getall(forwarded.header, [])
+        if values and policy.is_trusted_proxy(request.remote or "", server.trusted_proxies):
+            return forwarded_chain(values, forwarded.format), True
+    return peer_chain(request.transport), False
 
 
 def bearer_or_certificate(  # caller_token's, and the chain

@@ -270,6 +270,15 @@ def client_address(
 # Buys 26,800 instructions per request (3.2%, bench/instructions.py --compare): ipaddress
 # parses in Python.
 @functools.lru_cache(maxsize=4096)
+def is_trusted_proxy(peer: str, trusted: Sequence[Network]) -> bool:
+    """Whether the TCP peer is one of `trusted` (`server.trusted_proxies`); a peer without an
+    IP address (a Unix socket) never is."""
+    try:
+        return _inside(peer_address(peer)[0], trusted)
+    except ValueError:
+        return False
+
+
 def peer_address(peer: str) -> tuple[IPAddress, str]:
     """A TCP peer's address and its text, parsed once per peer (callers reconnect from the
     same few). Raises ValueError if `peer` is not an IP address."""

@@ -47,9 +47,9 @@ from keyproxy.identity import Identity, IdentityVerifier
 from keyproxy.inject import Injector, Rendered
 from keyproxy.limiter import Limiter
 from keyproxy.metrics import Metrics
-from keyproxy.mtls import bearer_or_certificate, check_binding, svid_identity
+from keyproxy.mtls import bearer_or_certificate, check_binding, client_chain, svid_identity
 from keyproxy.outgoing import request_body, upstream_url
-from keyproxy.tls import ServerTLS, peer_chain
+from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
@@ -168,7 +168,7 @@ class Proxy:
             segments, path = paths.normalise_encoded(tail)
             source, source_text = self._source(request)
             plan = self.plans[route.name]
-            chain = peer_chain(request.transport) if self.tls is not None else ()
+            chain, _ = client_chain(request, self.config.server, self.tls)
             credential = bearer_or_certificate(
                 request.headers, raw_query, route.caller_credential, plan.other_credentials, chain
             )

@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             {
                 "addresses",
                 "caller",
+                "forwardedcert",
                 "paths",
                 "policy",
                 "scope",

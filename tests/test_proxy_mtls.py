@@ -16,11 +16,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import httpx2
 import openai
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyproxy import config
 from keyproxy.devserver import Agent, OpenBaoDevServer
@@ -501,3 +503,218 @@ async def test_trust_bundle_replaced_while_a_client_keeps_calling(
     (stack.tmp / "bundle.new").replace(stack.tmp / "example.json")
     await eventually(lambda: call(old), "the old CA is still trusted", until=(0).__eq__)
     assert await call(fresh) == 200
+
+
+# ------------------------------------------------- certificates forwarded by a front proxy
+
+
+def xfcc(issued: Issued) -> str:
+    """Envoy's x-forwarded-client-cert for `issued`: its leaf in Cert, its chain in Chain."""
+    leaf = issued.certificate.public_bytes(Encoding.PEM)
+    return f'Hash=ab12;Cert="{quote(leaf, safe="")}";Chain="{quote(issued.chain_pem(), safe="")}"'
+
+
+@asynccontextmanager
+async def forwarding_stack(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: str,
+    tmp: Path,
+    cas: dict[str, SvidCA],
+    *,
+    form: str,
+    trusted: str,
+) -> AsyncIterator[str]:
+    """mtls_config's stack taking the client certificate from a front proxy's header
+    (`form`) when the peer is inside `trusted`; its https base URL."""
+    cfg, _, _ = mtls_config(openbao, agent, upstream, tmp, cas)
+    cfg["server"]["trusted_proxies"] = [trusted]
+    cfg["server"]["tls"]["forwarded_client_cert"] = {"format": form}
+    cfg["policies"].append(
+        {
+            "name": "svid-partner",
+            "issuers": ["spiffe://partner.org"],
+            "subjects": ["spiffe://partner.org/agent"],
+            "allow": {"r": GRANT},
+        }
+    )
+    async with running(cfg) as (port, _):
+        yield f"https://127.0.0.1:{port}"
+
+
+def plain_session(cas: dict[str, SvidCA]) -> aiohttp.ClientSession:
+    """A client trusting keyproxy's certificate and presenting none: the front proxy."""
+    context = ssl.create_default_context(cadata=cas["server"].bundle_pem().decode())
+    connector = aiohttp.TCPConnector(ssl=context)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10))
+
+
+@pytest.mark.parametrize(
+    ("form", "header", "value", "trust_domain"),
+    [
+        # Envoy's Chain carries example.org's intermediate CA.
+        ("xfcc", "X-Forwarded-Client-Cert", xfcc, "example"),
+        # nginx forwards the leaf only: partner.org's root signs it directly.
+        (
+            "escaped_pem",
+            "Ssl-Client-Cert",
+            lambda issued: quote(issued.certificate.public_bytes(Encoding.PEM), safe=""),
+            "partner",
+        ),
+    ],
+    ids=["envoy-xfcc", "nginx-escaped-pem"],
+)
+async def test_a_trusted_front_proxy_forwards_the_callers_svid(  # fixtures and parameters
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+    audit_log: Path,
+    form: str,
+    header: str,
+    value: Callable[[Issued], str],
+    trust_domain: str,
+) -> None:
+    """From a peer in trusted_proxies, the SVID in the front proxy's header is the identity
+    the policy allows; the header never reaches the upstream."""
+    rid = request_id(form)
+    async with (
+        forwarding_stack(
+            openbao, agent, upstream.url, tmp_path, cas, form=form, trusted="127.0.0.1/32"
+        ) as base,
+        plain_session(cas) as session,
+    ):
+        forwarded = {header: value(cas[trust_domain].svid("/agent"))}
+        status, _ = await post(session, f"{base}/r/r/v1/chat/completions", forwarded | rid)
+    assert status == 200
+    assert [r.headers["Authorization"] for r in upstream.requests] == [f"Bearer {seeded}"]
+    assert header not in upstream.requests[0].headers
+    event = await request_event(audit_log, rid["X-Request-Id"])
+    expected = {"example": "svid-agent", "partner": "svid-partner"}[trust_domain]
+    assert (event["subject"], event["policy"]) == (
+        f"spiffe://{trust_domain}.org/agent",
+        expected,
+    )
+
+
+async def test_the_header_from_an_untrusted_peer_is_ignored_and_dropped(  # fixtures
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+    identity_token: str,
+) -> None:
+    """From a peer outside trusted_proxies the forwarded certificate is no identity (401
+    without a token), and with a token it is still never forwarded upstream."""
+    forwarded = {"X-Forwarded-Client-Cert": xfcc(cas["example"].svid("/agent"))}
+    async with (
+        forwarding_stack(
+            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="10.0.0.0/8"
+        ) as base,
+        plain_session(cas) as session,
+    ):
+        url = f"{base}/r/r/v1/chat/completions"
+        status, body = await post(session, url, forwarded)
+        assert (status, body["error"]["code"]) == (401, "no_credential")
+        assert upstream.requests == []
+        status, _ = await post(session, url, forwarded | bearer(identity_token))
+    assert status == 200
+    assert [r.headers["Authorization"] for r in upstream.requests] == [f"Bearer {seeded}"]
+    assert "X-Forwarded-Client-Cert" not in upstream.requests[0].headers
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (lambda cas: "Cert=not-a-certificate", "forwarded_cert_malformed"),
+        (lambda cas: 'Cert="unterminated', "forwarded_cert_malformed"),
+        (lambda cas: "By=spiffe://front;Hash=ab12", "forwarded_cert_malformed"),
+        (
+            lambda cas: f"{xfcc(cas['example'].svid('/agent'))},{xfcc(cas['example'].svid('/b'))}",
+            "forwarded_cert_ambiguous",
+        ),
+        (
+            lambda cas: (
+                "Cert="
+                + quote(
+                    cas["example"].svid("/agent").certificate.public_bytes(Encoding.PEM) * 2,
+                    safe="",
+                )
+            ),
+            "forwarded_cert_ambiguous",
+        ),
+        (lambda cas: xfcc(cas["stranger"].svid("/agent")), "svid_untrusted"),
+        (lambda cas: xfcc(cas["example"].expired_svid()), "svid_expired"),
+    ],
+    ids=[
+        "not-pem",
+        "unterminated",
+        "no-cert",
+        "two-elements",
+        "two-certs",
+        "unknown-ca",
+        "expired",
+    ],
+)
+async def test_wrong_forwarded_certificates_are_refused(  # fixtures and parameters
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+    value: Callable[[dict[str, SvidCA]], str],
+    reason: str,
+) -> None:
+    """A malformed, ambiguous or untrusted forwarded certificate from a trusted front proxy
+    is refused with its reason before any upstream contact."""
+    async with (
+        forwarding_stack(
+            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
+        ) as base,
+        plain_session(cas) as session,
+    ):
+        headers = {"X-Forwarded-Client-Cert": value(cas)}
+        status, body = await post(session, f"{base}/r/r/v1/chat/completions", headers)
+    assert (status, body["error"]["code"]) == (401, reason)
+    assert upstream.requests == []
+
+
+async def test_a_bound_token_checks_the_forwarded_certificate(  # fixtures
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+    identity_token: str,
+) -> None:
+    """A task token requested with a forwarded certificate is bound to it: it works with that
+    certificate forwarded, and not with another one."""
+    own, other = cas["example"].svid("/agent"), cas["example"].svid("/agent")
+    async with (
+        forwarding_stack(
+            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
+        ) as base,
+        plain_session(cas) as session,
+    ):
+        header = {"X-Forwarded-Client-Cert": xfcc(own)}
+        body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
+        async with session.post(
+            f"{base}/token", json=body, headers=bearer(identity_token) | header
+        ) as r:
+            answer = await r.json()
+            assert r.status == 200, answer
+        token: str = answer["access_token"]
+        CANARIES.add(token)
+        url = f"{base}/r/r/v1/chat/completions"
+        status, _ = await post(session, url, bearer(token) | header)
+        assert status == 200
+        wrong = {"X-Forwarded-Client-Cert": xfcc(other)}
+        status, refused = await post(session, url, bearer(token) | wrong)
+    assert (status, refused["error"]["code"]) == (401, "token_binding_mismatch")
+    assert len(upstream.requests) == 1

@@ -106,6 +106,21 @@ class Issuer:
 
 
 ClientAuth = Literal["none", "optional", "required"]
+ForwardedCertFormat = Literal["xfcc", "escaped_pem"]
+FORWARDED_CERT_HEADERS: dict[str, str] = {  # each format's usual header
+    "xfcc": "x-forwarded-client-cert",
+    "escaped_pem": "ssl-client-cert",
+}
+
+
+@dataclass(frozen=True)
+class ForwardedClientCert:
+    """Where a TLS-terminating front proxy listed in `server.trusted_proxies` puts the client
+    certificate it verified: the header's name (always dropped before forwarding) and format
+    (keyproxy.forwardedcert)."""
+
+    header: str
+    format: ForwardedCertFormat
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,7 @@ class ListenerTLS:
     key: Path
     client_auth: ClientAuth = "none"
     trust_bundles: tuple[tuple[str, Path], ...] = ()  # (trust domain, PEM or SPIFFE bundle file)
+    forwarded_client_cert: ForwardedClientCert | None = None  # server.tls only
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,12 @@ from yarl import URL
 
 from keyproxy.config.model import (
     ALGORITHMS,
+    FORWARDED_CERT_HEADERS,
     MAX_LEEWAY,
     AdminConfig,
     ClientAuth,
+    ForwardedCertFormat,
+    ForwardedClientCert,
     Issuer,
     ListenerTLS,
     ServerConfig,
@@ -213,8 +216,11 @@ def server_config(node: Node) -> ServerConfig:
         max_connections_per_source=opt(
             f, "max_connections_per_source", Node.count, d.max_connections_per_source
         ),
-        tls=opt(f, "tls", listener_tls, None),
+        tls=opt(f, "tls", _proxy_tls, None),
     )
+    tls = server.tls
+    if tls is not None and tls.forwarded_client_cert is not None and not server.trusted_proxies:
+        raise f["tls"].error("forwarded_client_cert needs server.trusted_proxies")
     admin = server.admin
     if admin.port and (admin.host, admin.port) == (server.host, server.port):
         raise f["admin"].error("must listen on another port than the proxy")
@@ -231,10 +237,16 @@ def _admin(node: Node) -> AdminConfig:
     )
 
 
-def listener_tls(node: Node) -> ListenerTLS:
+def _proxy_tls(node: Node) -> ListenerTLS:
+    return listener_tls(node, forwarded=True)
+
+
+def listener_tls(node: Node, *, forwarded: bool = False) -> ListenerTLS:
     """A listener's `tls`: certificate, key, client_auth and the trust bundle of each trust
-    domain whose X.509-SVIDs it accepts."""
-    f = node.mapping({"certificate", "key", "client_auth", "trust_bundles"})
+    domain whose X.509-SVIDs it accepts; the proxy listener's (`forwarded`) also where a
+    front proxy forwards the client certificate."""
+    keys = {"certificate", "key", "client_auth", "trust_bundles"}
+    f = node.mapping(keys | {"forwarded_client_cert"} if forwarded else keys)
     client_auth: ClientAuth = opt(f, "client_auth", _client_auth, "none")
     bundle_nodes: list[tuple[str, Node]] = opt(f, "trust_bundles", Node.items, [])
     bundles = []
@@ -250,12 +262,34 @@ def listener_tls(node: Node) -> ListenerTLS:
         )
     if client_auth == "none" and bundles:
         raise f["trust_bundles"].error("is only read with client_auth optional or required")
+    forwarded_cert = opt(f, "forwarded_client_cert", _forwarded_client_cert, None)
+    if forwarded_cert is not None and client_auth == "none":
+        raise f["forwarded_client_cert"].error("needs client_auth optional or required")
     return ListenerTLS(
         certificate=required(node, f, "certificate").path_value(),
         key=required(node, f, "key").path_value(),
         client_auth=client_auth,
         trust_bundles=tuple(bundles),
+        forwarded_client_cert=forwarded_cert,
     )
+
+
+def _forwarded_client_cert(node: Node) -> ForwardedClientCert:
+    """`forwarded_client_cert`: `format` (xfcc or escaped_pem) and optionally `header`, whose
+    name must hold `client-cert` (every such header is dropped before forwarding)."""
+    f = node.mapping({"format", "header"})
+    form_node = required(node, f, "format")
+    form: ForwardedCertFormat
+    if form_node.value == "xfcc":
+        form = "xfcc"
+    elif form_node.value == "escaped_pem":
+        form = "escaped_pem"
+    else:
+        raise form_node.error("must be one of: xfcc, escaped_pem")
+    header = opt(f, "header", Node.string, FORWARDED_CERT_HEADERS[form]).lower()
+    if "client-cert" not in header:
+        raise f["header"].error("must hold client-cert (such headers are never forwarded)")
+    return ForwardedClientCert(header, form)
 
 
 def _client_auth(node: Node) -> ClientAuth:

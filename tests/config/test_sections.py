@@ -227,6 +227,72 @@ def test_bad_listener_tls_settings_are_refused(tls: dict[str, Any], message: str
     assert message in str(caught.value)
 
 
+def test_forwarded_client_cert_settings() -> None:
+    """server.tls.forwarded_client_cert reads a format and a header defaulting by format."""
+    expected = (
+        config.ForwardedClientCert("x-forwarded-client-cert", "xfcc"),
+        config.ForwardedClientCert("ssl-client-cert", "escaped_pem"),
+    )
+    for want in expected:
+        tls = {**TLS, "forwarded_client_cert": {"format": want.format}}
+        server = _server_config({"tls": tls, "trusted_proxies": ["10.0.0.1/32"]})
+        assert server.tls is not None
+        assert server.tls.forwarded_client_cert == want
+    tls = {**TLS, "forwarded_client_cert": {"format": "escaped_pem", "header": "X-SSL-Client-Cert"}}
+    server = _server_config({"tls": tls, "trusted_proxies": ["10.0.0.1/32"]})
+    assert server.tls is not None
+    forwarded = server.tls.forwarded_client_cert
+    assert forwarded == config.ForwardedClientCert("x-ssl-client-cert", "escaped_pem")
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        (
+            {"tls": {**TLS, "forwarded_client_cert": {"format": "xfcc"}}},
+            "server.tls: forwarded_client_cert needs server.trusted_proxies",
+        ),
+        (
+            {
+                "tls": {**TLS, "forwarded_client_cert": {"format": "pem"}},
+                "trusted_proxies": ["10.0.0.1/32"],
+            },
+            "server.tls.forwarded_client_cert.format: must be one of",
+        ),
+        (
+            {
+                "tls": {**TLS, "forwarded_client_cert": {"format": "xfcc", "header": "x-cert"}},
+                "trusted_proxies": ["10.0.0.1/32"],
+            },
+            "server.tls.forwarded_client_cert.header: must hold client-cert",
+        ),
+        (
+            {
+                "tls": {
+                    "certificate": "/c",
+                    "key": "/k",
+                    "forwarded_client_cert": {"format": "xfcc"},
+                },
+                "trusted_proxies": ["10.0.0.1/32"],
+            },
+            "server.tls.forwarded_client_cert: needs client_auth",
+        ),
+        (
+            {"admin": {"tls": {**TLS, "forwarded_client_cert": {"format": "xfcc"}}}},
+            "server.admin.tls.forwarded_client_cert: unknown key",
+        ),
+    ],
+    ids=["no-trusted-proxies", "bad-format", "header-name", "no-client-auth", "admin"],
+)
+def test_bad_forwarded_client_cert_settings_are_refused(
+    server: dict[str, Any], message: str
+) -> None:
+    """Each bad forwarded_client_cert setting is refused with its YAML path."""
+    with pytest.raises(ConfigError) as caught:
+        _server_config(server)
+    assert message in str(caught.value)
+
+
 def _svid_policy_config(issuers: list[str], issuer_name: str = "bao") -> dict[str, Any]:
     doc = _config_with_issuer(name=issuer_name)
     doc["server"] = {"tls": TLS}
