@@ -25,6 +25,9 @@ a reason for the audit log, each connection's `SSLObject` reports a failed hands
 no shared version or cipher, ...). Everything after the handshake (the SVID rules, the bundle of
 the leaf's own trust domain) is `SvidVerifier`'s, with its own reasons.
 
+`listener_tls(settings, where, on_refused)` builds one from a listener's `server.tls` settings,
+refusing files that cannot be read or do not fit together with a ConfigError naming the setting.
+
 `peer_chain(request.transport)` gives the client certificate chain the handshake verified (DER, leaf
 first), for `SvidVerifier.verify`. Python exposes that chain publicly from 3.13; 3.11 and 3.12
 have the same method on the connection's private `_sslobj`.
@@ -45,6 +48,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+from keyproxy.config import ListenerTLS
+from keyproxy.errors import ConfigError
 from keyproxy.spiffe import SvidVerifier, TrustBundle, parse_bundle
 from keyproxy.watch import digest, watch_files
 
@@ -282,3 +287,35 @@ def peer_certificate(transport: _HasExtraInfo | None) -> bytes | None:
     """The client's leaf certificate (DER), or None; pass `request.transport`."""
     chain = peer_chain(transport)
     return chain[0] if chain else None
+
+
+def listener_tls(settings: ListenerTLS, where: str, on_refused: OnRefused) -> ServerTLS:
+    """A listener's TLS from its settings (paths made absolute, as the file watch needs);
+    a ConfigError naming `where` if the files cannot be read or do not fit together."""
+    files = TLSFiles(
+        certificate=settings.certificate.absolute(),
+        key=settings.key.absolute(),
+        client_bundles={td: path.absolute() for td, path in settings.trust_bundles},
+        client_auth=ClientAuth(settings.client_auth),
+    )
+    named = [("certificate", files.certificate), ("key", files.key)]
+    named += [(f"trust_bundles.{td}", path) for td, path in files.client_bundles.items()]
+    for key, path in named:
+        try:
+            path.read_bytes()  # the ssl module's errors do not say which file
+        except OSError as exc:
+            raise ConfigError(f"{where}.{key}", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return ServerTLS(files, on_refused=on_refused)
+    # ssl.SSLError is an OSError, spiffe.BundleError a ValueError.
+    except (OSError, ValueError) as exc:
+        raise ConfigError(where, f"cannot load the TLS files: {error_text(exc)}") from None
+
+
+def error_text(exc: Exception) -> str:
+    """What went wrong loading TLS files, without any of their content."""
+    if isinstance(exc, ssl.SSLError):
+        return f"{exc.reason or exc}"  # OpenSSL's reason, never the key's bytes
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
@@ -53,7 +52,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from keyproxy import answers
 from keyproxy.broker import Broker
-from keyproxy.config import Config, ListenerTLS, keep_running, parse
+from keyproxy.config import Config, keep_running, parse
 from keyproxy.errors import ConfigError
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
@@ -63,7 +62,7 @@ from keyproxy.server.reload import Generation, Reloader, short, text_digest
 from keyproxy.state import StateStore
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisStore
-from keyproxy.tls import ClientAuth, OnRefused, ServerTLS, TLSFiles
+from keyproxy.tls import OnRefused, ServerTLS, error_text, listener_tls
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
@@ -103,7 +102,7 @@ def build_app(
         app[SOURCE] = source
     app[WATCH] = watch
     if config.server.tls is not None:
-        _serve_tls(app, server_tls(config.server.tls, "server.tls", _refusals(app, "proxy")))
+        _serve_tls(app, listener_tls(config.server.tls, "server.tls", _refusals(app, "proxy")))
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
     # Every handler raises; answers.answering answers.
@@ -123,44 +122,13 @@ def build_admin_app(served: web.Application) -> web.Application:
     admin_tls = served[CONFIG].server.admin.tls
     if admin_tls is not None:
         refused = _refusals(served, "admin")
-        _serve_tls(app, server_tls(admin_tls, "server.admin.tls", refused))
+        _serve_tls(app, listener_tls(admin_tls, "server.admin.tls", refused))
     app.on_response_prepare.append(_server_header)
     app.router.add_get("/healthz", answers.answering(_healthz))
     app.router.add_get("/readyz", answers.answering(_readyz))
     app.router.add_get("/metrics", answers.answering(_metrics))
     app.router.add_post("/reload", answers.answering(_reload))
     return app
-
-
-def server_tls(settings: ListenerTLS, where: str, on_refused: OnRefused) -> ServerTLS:
-    """A listener's TLS from its settings (paths made absolute, as the file watch needs);
-    a ConfigError naming `where` if the files cannot be read or do not fit together."""
-    files = TLSFiles(
-        certificate=settings.certificate.absolute(),
-        key=settings.key.absolute(),
-        client_bundles={td: path.absolute() for td, path in settings.trust_bundles},
-        client_auth=ClientAuth(settings.client_auth),
-    )
-    named = [("certificate", files.certificate), ("key", files.key)]
-    named += [(f"trust_bundles.{td}", path) for td, path in files.client_bundles.items()]
-    for key, path in named:
-        try:
-            path.read_bytes()  # the ssl module's errors do not say which file
-        except OSError as exc:
-            raise ConfigError(f"{where}.{key}", f"cannot read {path}: {exc.strerror}") from None
-    try:
-        return ServerTLS(files, on_refused=on_refused)
-    # ssl.SSLError is an OSError, spiffe.BundleError a ValueError.
-    except (OSError, ValueError) as exc:
-        raise ConfigError(where, f"cannot load the TLS files: {_tls_error(exc)}") from None
-
-
-def _tls_error(exc: Exception) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return f"{exc.reason or exc}"  # OpenSSL's reason, never the key's bytes
-    if isinstance(exc, OSError):
-        return f"{exc.filename}: {exc.strerror}"
-    return str(exc)
 
 
 def _refusals(app: web.Application, listener: str) -> OnRefused:
@@ -187,7 +155,7 @@ async def _following_tls(app: web.Application) -> AsyncIterator[None]:
 
     def failed(exc: Exception) -> None:
         # The running certificate and bundles stay; the next change of a file tries again.
-        log.error("tls.reload_failed", error=_tls_error(exc))
+        log.error("tls.reload_failed", error=error_text(exc))
 
     def reloaded() -> None:
         log.info("tls.reloaded", certificate=str(tls.files.certificate))
