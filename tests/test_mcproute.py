@@ -32,7 +32,7 @@ from tests.helpers.logscan import CANARIES
 from tests.helpers.servers import Stack, bearer, running_proxy, serve
 from tests.mcp.server import McpServer, running_server
 
-KEY_PATH = "keyproxy/keys/mcp-route-test"
+KEY_PATH = "keyproxy/keys/mcp-route"  # no "-test-" in a logged name: new_key()s start "sk-test-"
 ROUTE = "issues"
 MAX_BODY = 64 * 1024
 ENDPOINT = "{}/r/" + ROUTE + "/mcp"  # the server's MCP endpoint, through keyproxy
