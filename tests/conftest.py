@@ -32,7 +32,7 @@ from keyproxy.config import VaultConfig
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.vault import Vault
 from tests.helpers import cli, logscan
-from tests.helpers.servers import Upstream, running_upstream
+from tests.helpers.servers import GatedStream, Upstream, running_upstream, serve
 
 
 def _started(workdir: Path) -> OpenBaoDevServer:
@@ -194,3 +194,15 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain aiohttp client session."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[GatedStream]:
+    """The gated streaming upstream on 127.0.0.1."""
+    upstream = GatedStream()
+    runner, upstream.port = await serve(upstream.app())
+    try:
+        yield upstream
+    finally:
+        upstream.gate.set()
+        await runner.cleanup()

@@ -9,14 +9,12 @@ import os
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
 
 from keyproxy.cli import main
 from keyproxy.devserver import OpenBaoDevServer
@@ -25,43 +23,9 @@ from tests.helpers.cli import started
 from tests.helpers.configs import api_route_config
 from tests.helpers.events import read_events
 from tests.helpers.polling import eventually, eventually_blocking
-from tests.helpers.servers import free_port, new_key, serve
+from tests.helpers.servers import GatedStream, free_port, new_key
 
 DEADLINE = 60.0
-
-
-class GatedStream:
-    """An upstream whose /stream sends one event, then the second only once `gate` is set."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.port = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/stream", self._stream)
-        return app
-
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: first\n\n")
-        await self.gate.wait()
-        await response.write(b"data: second\n\n")
-        await response.write_eof()
-        return response
-
-
-@pytest.fixture
-async def gated() -> AsyncIterator[GatedStream]:
-    """The gated streaming upstream on 127.0.0.1."""
-    gated = GatedStream()
-    runner, gated.port = await serve(gated.app())
-    try:
-        yield gated
-    finally:
-        gated.gate.set()
-        await runner.cleanup()
 
 
 def _config(bao: OpenBaoDevServer, subject: str, upstream: int) -> dict[str, Any]:

@@ -272,6 +272,28 @@ async def _big(request: web.Request) -> web.Response:
     return web.Response(body=b"b" * BIG_BYTES, content_type="application/octet-stream")
 
 
+class GatedStream:
+    """An upstream whose /stream sends one event, then the second only once `gate` is set."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/stream", self._stream)
+        return app
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await self.gate.wait()
+        await response.write(b"data: second\n\n")
+        await response.write_eof()
+        return response
+
+
 async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
     # Request bodies are recorded exactly as they arrived (compressed ones too).
     runner = web.AppRunner(app, access_log=None, auto_decompress=False)

@@ -9,18 +9,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisSettings, RedisStore
 from keyproxy.state.store import StateStore
-from tests.helpers.servers import serve
 from tests.state.servers import RedisServer
 
 
@@ -66,36 +63,3 @@ async def store(
 def unique() -> str:
     """A key prefix no other test uses."""
     return uuid.uuid4().hex
-
-
-class Gated:
-    """An upstream whose /stream sends one event, then waits for `gate` before ending."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.port = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/stream", self._stream)
-        return app
-
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b"data: first\n\n")
-        await self.gate.wait()
-        await response.write_eof()
-        return response
-
-
-@pytest.fixture
-async def gated() -> AsyncIterator[Gated]:
-    """The gated streaming upstream on 127.0.0.1."""
-    upstream = Gated()
-    runner, upstream.port = await serve(upstream.app())
-    try:
-        yield upstream
-    finally:
-        upstream.gate.set()
-        await runner.cleanup()

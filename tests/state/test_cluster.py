@@ -27,8 +27,7 @@ import yaml
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.helpers.logscan import CANARIES
-from tests.helpers.servers import Upstream, bearer, free_port, new_key
-from tests.state.conftest import Gated
+from tests.helpers.servers import GatedStream, Upstream, bearer, free_port, new_key
 from tests.state.servers import RedisServer, until
 from tests.state.test_limits import ANY
 
@@ -231,7 +230,7 @@ async def _open(
 async def test_concurrency_cap_holds_across_workers_and_outlives_killed_ones(
     cluster_config: dict[str, Any],
     started: list[Cluster],
-    gated: Gated,
+    gated: GatedStream,
     identity_token: str,
     redis_server: RedisServer,
     tmp_path: Path,

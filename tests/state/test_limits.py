@@ -29,8 +29,7 @@ from keyproxy.state.limits import RequestLimits, limit_name
 from keyproxy.state.limits import headers as ratelimit_headers
 from tests.helpers.configs import CONFIG_SECTIONS
 from tests.helpers.logscan import CANARIES
-from tests.helpers.servers import Stack, Upstream, bearer, new_key, running_proxy
-from tests.state.conftest import Gated
+from tests.helpers.servers import GatedStream, Stack, Upstream, bearer, new_key, running_proxy
 from tests.state.servers import RedisServer, until
 from tests.test_proxy import audit_events, new_request_id
 
@@ -186,7 +185,7 @@ async def test_concurrency_cap_holds_while_streams_are_open(
     openbao: OpenBaoDevServer,
     agent: Agent,
     identity_token: str,
-    gated: Gated,
+    gated: GatedStream,
     redis_server: RedisServer,
     audit_log: Path,
 ) -> None:
