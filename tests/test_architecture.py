@@ -128,6 +128,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "forward",
                 "broker",
                 "lifecycle",
+                "delegation",
+                "asked",
                 "answers",
                 "rotation",
                 "rotation.steps",
