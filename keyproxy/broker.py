@@ -161,8 +161,10 @@ class Broker(Lifecycle):
         chain: tuple[bytes, ...],
         event: dict[str, Any],
         lineage: dict[str, Any] | None = None,
+        ancestors: tuple[str, ...] = (),
     ) -> web.Response:
-        """Issue the token `grant` describes, and answer with it."""
+        """Issue the token `grant` describes (delegated: with its `lineage` claims, below
+        its `ancestors`), and answer with it."""
         idle_ttl = None
         if asked.idle_ttl is not None:
             idle_ttl = math.ceil(asked.idle_ttl)  # whole seconds, as the claim holds it
@@ -191,6 +193,9 @@ class Broker(Lifecycle):
         }
         if idle_ttl is not None:
             event["idle_ttl"] = idle_ttl
+        links = [*ancestors, issued.token_id]
+        if ancestors:
+            event["chain"] = ",".join(links)
         claim = scopes.to_claim(grant.scope)
         log.info("token.issued", scope=claim, ttl=grant.ttl, **event)
         self._count("issued")
@@ -205,8 +210,8 @@ class Broker(Lifecycle):
         }
         if idle_ttl is not None:
             body["idle_ttl"] = idle_ttl
-        if lineage is not None:
-            body["chain"] = event["chain"] + [issued.token_id]
+        if ancestors:
+            body["chain"] = links
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
     async def _parent(self, token: str, chain: tuple[bytes, ...], source: str) -> TaskToken:
@@ -236,11 +241,11 @@ class Broker(Lifecycle):
         """A narrower token for a sub-agent (keyproxy.delegation)."""
         identity = parent.identity
         event |= {"issuer": identity.issuer, "subject": identity.subject, "task": parent.task}
-        event |= {"parent_token_id": parent.token_id, "chain": list(parent.chain)}
+        event["parent_token_id"] = parent.token_id
         actor_text = delegation.actor_token(fields, form)
         actor = await self.verifier.verify(actor_text) if actor_text is not None else None
-        if actor is not None:
-            event["actor"] = f"{actor.issuer}|{actor.subject}"
+        acting = actor if actor is not None else identity  # the parent hands it on itself
+        event["actors"] = ",".join([*parent.actors, lineage.actor_name(acting)])
         asked = self._asked(fields, form, delegated=True)
         delegation.same_task(parent, fields)
         event["requested"] = scopes.to_claim(asked.scope)
@@ -261,7 +266,7 @@ class Broker(Lifecycle):
             identity, child.scope, child.ttl, parent.task, event["intent"], child.max_uses
         )
         claims = lineage.child_claims(parent, actor)
-        return await self._issue(grant, asked, fields, form, chain, event, claims)
+        return await self._issue(grant, asked, fields, form, chain, event, claims, parent.chain)
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:

@@ -156,6 +156,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "cli.explain",
                 "cli.token",
                 "cli.rotate",
+                "cli.tree",
                 "cli.dev",
                 "cli.reload",
                 "cli.serve",

@@ -5,7 +5,10 @@ Revoking a parent across two `keyproxy serve` replicas: tests/state/test_lifecyc
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,15 +16,19 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+import yaml
 
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
+from keyproxy.cli import main
 from keyproxy.config import Grant
 from keyproxy.delegation import narrow
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import Forbidden
 from keyproxy.tokens import Link, TaskToken
+from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
 from tests.helpers.servers import (
     Stack,
     Upstream,
@@ -207,3 +214,74 @@ async def test_a_child_dies_with_its_parents_heartbeat(
     assert time.monotonic() - started < 2.0 + 2.0
     async with http.post(f"{stack.base}/token/heartbeat", headers=bearer(token)) as response:
         assert (await response.json())["error"]["code"] == "parent_revoked"
+
+
+async def test_audit_and_token_list_show_the_tree(
+    stack: Stack,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`keyproxy audit --task` answers everything done under a task, sub-agents included, as
+    a tree with end reasons; `keyproxy token list --audit` shows the same tree with each
+    token's state now (a revoked child's grandchild revoked with it)."""
+    task = f"tree-{uuid.uuid4().hex}"
+    code, root = await exchange(http, stack.base, identity_token, task=task)
+    assert code == 200, root
+    code, child = await delegate(http, stack.base, root["access_token"])
+    assert code == 200, child
+    code, grandchild = await delegate(http, stack.base, child["access_token"])
+    assert code == 200, grandchild
+    rid = new_request_id()
+    headers = {**bearer(grandchild["access_token"]), "X-Request-Id": rid}
+    async with http.post(stack.base + CHAT, json=CHAT_BODY, headers=headers) as response:
+        assert response.status == 200
+    async with http.post(
+        f"{stack.base}/token/revoke",
+        json={"reason": "failed"},
+        headers=bearer(child["access_token"]),
+    ) as response:
+        assert response.status == 200
+    await audit_events(audit_log, rid)
+
+    def revoked() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in read_events(audit_log)
+            if e.get("event") == "token.revoked" and e.get("token_id") == child["token_id"]
+        ]
+
+    await eventually(revoked, "no token.revoked event")
+    query = ["audit", str(audit_log), "--task", task]
+    assert await asyncio.to_thread(main, [*query, "-o", "json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    (tree,) = answer["tokens"]
+    assert tree["token_id"] == root["token_id"]
+    (below,) = tree["children"]
+    assert (below["token_id"], below["ended"]) == (child["token_id"], "failed")
+    (last,) = below["children"]
+    assert (last["token_id"], last["requests"]) == (grandchild["token_id"], 1)
+    assert await asyncio.to_thread(main, query) == 0
+    text = capsys.readouterr().out
+    assert "ended: failed" in text
+    assert "ended: parent_revoked" in text
+
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, agent, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    argv = ["token", "list", "-c", str(path), "--audit", str(audit_log), "--task", task]
+    assert await asyncio.to_thread(main, [*argv, "-o", "json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    states = [
+        listed["state"],
+        listed["children"][0]["state"],
+        listed["children"][0]["children"][0]["state"],
+    ]
+    assert states == ["active", "revoked (failed)", "revoked (parent_revoked)"]
