@@ -48,10 +48,6 @@ class Lifecycle:
         if self.metrics is not None:
             self.metrics.tokens.labels(event).inc()
 
-    def _ended(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.tokens_ended.labels(reason).inc()
-
     async def _held(self, request: web.Request) -> TaskToken:
         """The task token the request presents as its Bearer credential, verified (also when
         a token it was delegated from is revoked: the caller decides)."""
@@ -93,8 +89,6 @@ class Lifecycle:
             await self.tasks.revoke_held(task, reason)
         except RequestError as exc:
             log.warning("token.end_not_recorded", reason=exc.reason, token_id=task.token_id)
-            return
-        self._ended(reason)
 
     async def revoke(self, request: web.Request) -> web.Response:
         """The holder ends its task: the token revokes itself, naming why."""
@@ -108,7 +102,6 @@ class Lifecycle:
                 log.warning("token.revoke_denied", reason=exc.reason, source=request.remote)
                 raise
         self._count("revoked")
-        self._ended(reason)
         return web.json_response({"revoked": task.token_id}, headers={REQUEST_ID: rid})
 
 

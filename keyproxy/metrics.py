@@ -137,6 +137,10 @@ class Metrics:
         self.config_loaded.clear()
         self.config_loaded.labels(digest).set(loaded_at)
 
+    def token_ended(self, reason: str) -> None:
+        """A task token's end was recorded here, for `reason` (keyproxy.tokens.END_REASONS)."""
+        self.tokens_ended.labels(reason).inc()
+
     def connection_closed(self, reason: str) -> None:
         self.connections_closed.labels(reason).inc()
 

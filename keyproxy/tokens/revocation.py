@@ -105,6 +105,8 @@ class RevocationStore:
         self.clock = clock
         self._revocations = Revocations()
         self._revocations_version: int | None = None
+        # Told each end reason this process records (the serving app counts them).
+        self.on_end: Callable[[str], None] | None = None
 
     @property
     def _revocations_path(self) -> str:
@@ -151,6 +153,8 @@ class RevocationStore:
             task=token.task,
             **chain_fields(token),
         )
+        if self.on_end is not None:
+            self.on_end(reason)
 
     async def _record_revocation(
         self,

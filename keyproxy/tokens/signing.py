@@ -49,6 +49,9 @@ class Signing(ExceptionRegister):
     ) -> None:
         super().__init__(config, vault, clock)
         self.store = store  # where heartbeat leases live; None: no idle_ttl tokens
+        # The claims of the idle_ttl tokens this process issued, until they expire: whose
+        # lapsed lease it records as the token's end (TaskTokens.sweep_leases).
+        self._leased: dict[str, dict[str, Any]] = {}
         self._keys: dict[int, jwt.PyJWK] = {}
         self._public: dict[int, bytes] = {}
         self._keys_fetched = -1e9
@@ -188,6 +191,7 @@ class Signing(ExceptionRegister):
         token = await self._sign(claims)
         if idle_ttl is not None:
             await self._start_lease(token_id, float(claims["idle"]))
+            self._leased[token_id] = claims
         if exception is not None:
             await self._record_exception(token_id, claims)
         return Issued(token, token_id, float(claims["exp"]))

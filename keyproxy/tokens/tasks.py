@@ -2,7 +2,9 @@
 
 `TaskTokens` issues (`signing`), verifies (`verify`) and revokes (`revocation`) them, keeps
 the exception register (`exceptions`), renews heartbeat leases (`heartbeat`), and runs the
-background work: the revocation poll and the key refresh. The token's format is in `format`,
+background work: the revocation poll, the key refresh, and the lease sweep (an idle_ttl token
+this process issued whose lease lapsed is recorded as ended, `heartbeat_lost`, within a
+second or so, whether or not anyone uses it again). The token's format is in `format`,
 its lifecycle claims in `lineage`.
 """
 
@@ -13,13 +15,15 @@ import asyncio
 import structlog
 
 from keyproxy.config import Config
-from keyproxy.errors import BadRequest, Unauthenticated, Unavailable, VaultError
-from keyproxy.state import StoreUnavailable
+from keyproxy.errors import BadRequest, RequestError, Unauthenticated, Unavailable, VaultError
+from keyproxy.state import Lease, StoreUnavailable
 from keyproxy.state.limits import lease_key
-from keyproxy.tokens.format import TaskToken
+from keyproxy.tokens.format import LEEWAY, TaskToken
 from keyproxy.tokens.verify import Verifier
 
 log = structlog.get_logger("keyproxy.tokens")
+
+LEASE_SWEEP_INTERVAL = 1.0  # seconds between looks at the leases of tokens issued here
 
 
 class TaskTokens(Verifier):
@@ -83,6 +87,35 @@ class TaskTokens(Verifier):
         async with asyncio.TaskGroup() as group:
             group.create_task(self._poll_revocations(), name="token-revocations")
             group.create_task(self._refresh_keys_regularly(), name="token-keys")
+            group.create_task(self._sweep_leases_regularly(), name="token-leases")
+
+    async def _sweep_leases_regularly(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SWEEP_INTERVAL)
+            await self.sweep_leases()
+
+    async def sweep_leases(self) -> None:
+        """Record the end (`heartbeat_lost`) of each token issued here whose lease lapsed and
+        that no revocation names yet. One store call for all of them; a store or Vault fault
+        leaves them for the next sweep."""
+        now = self.clock()
+        self._leased = {k: c for k, c in self._leased.items() if c["exp"] + LEEWAY > now}
+        if not self._leased or self.store is None:
+            return
+        ids = list(self._leased)
+        decision = await self.store.take([Lease(lease_key(token_id)) for token_id in ids])
+        for token_id, outcome in zip(ids, decision.outcomes, strict=True):
+            if outcome.allowed or outcome.store_error:
+                continue
+            try:
+                token = self._task_token(self._leased[token_id])
+                if not self._revocations.revoked(token):
+                    await self.revoke_held(token, "heartbeat_lost")
+            except (RequestError, VaultError) as exc:
+                # Tried again at the next sweep, while the token has not expired.
+                log.warning("token.end_not_recorded", error=str(exc), token_id=token_id)
+                continue
+            del self._leased[token_id]
 
     async def _poll_revocations(self) -> None:
         while True:
