@@ -24,7 +24,6 @@ GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPES: Final = frozenset(
     {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
 )
-ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 MAX_TEXT: Final = 1024
 MAX_BODY: Final = 64 * 1024
 MAX_USES: Final = 1_000_000
@@ -65,6 +64,18 @@ def read_asked(
         )
     except ValueError as exc:
         raise BadRequest("invalid_request", str(exc)) from None
+
+
+def actor_token(fields: dict[str, Any], form: bool) -> str | None:
+    """The sub-agent's workload identity token, if the request names one."""
+    token = fields.get("actor_token")
+    if token is None or token == "":
+        return None
+    if not isinstance(token, str):
+        raise BadRequest("invalid_request", "actor_token must be a JWT")
+    if form and fields.get("actor_token_type") not in JWT_TYPES:
+        raise BadRequest("invalid_request", "actor_token_type must be a JWT type")
+    return token.strip()
 
 
 async def fields_of(request: web.Request, form: bool) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from aiohttp import web
 from keyproxy import delegation, policy
 from keyproxy import scope as scopes
 from keyproxy.answers import REQUEST_ID_KEY
-from keyproxy.asked import Asked, fields_of, read_asked
+from keyproxy.asked import Asked, actor_token, fields_of, read_asked
 from keyproxy.asked import subject_token as subject_token_of
 from keyproxy.caller import Identity
 from keyproxy.config import Config
@@ -242,7 +242,7 @@ class Broker(Lifecycle):
         identity = parent.identity
         event |= {"issuer": identity.issuer, "subject": identity.subject, "task": parent.task}
         event["parent_token_id"] = parent.token_id
-        actor_text = delegation.actor_token(fields, form)
+        actor_text = actor_token(fields, form)
         actor = await self.verifier.verify(actor_text) if actor_text is not None else None
         acting = actor if actor is not None else identity  # the parent hands it on itself
         event["actors"] = ",".join([*parent.actors, lineage.actor_name(acting)])

@@ -95,25 +95,8 @@ async def uses_left(parent: TaskToken, store: StateStore | None, now: float) -> 
     return left
 
 
-def actor_token(fields: dict[str, Any], form: bool) -> str | None:
-    """The sub-agent's workload identity token, if the request names one."""
-    token = fields.get("actor_token")
-    if token is None or token == "":
-        return None
-    if not isinstance(token, str):
-        raise BadRequest("invalid_request", "actor_token must be a JWT")
-    if form and fields.get("actor_token_type") not in _JWT_TYPES:
-        raise BadRequest("invalid_request", "actor_token_type must be a JWT type")
-    return token.strip()
-
-
 def same_task(parent: TaskToken, fields: dict[str, Any]) -> None:
     """A child works on its parent's task: asking for another is refused."""
     task = fields.get("task")
     if task not in (None, "", parent.task):
         raise BadRequest("invalid_request", "a delegated token keeps its parent's task")
-
-
-_JWT_TYPES = frozenset(
-    {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
-)
