@@ -44,8 +44,7 @@ from keyproxy.errors import (
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
-from keyproxy.mtls import client_chain
-from keyproxy.spiffe import thumbprint
+from keyproxy.mtls import binding, client_chain
 from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskTokens, is_task_token
 
@@ -147,7 +146,7 @@ class Broker:
         if forwarded:
             assert self.tls is not None  # only a listener with TLS reads the header
             self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
-        certificate = chain[0] if chain else None
+        certificate = binding(chain, self.tls.verifier) if chain and self.tls else None
         issued = await self.tasks.issue(
             identity,
             granted,
@@ -156,7 +155,7 @@ class Broker:
             intent=intent,
             max_uses=max_uses,
             source=str(source) if bind else None,
-            certificate=thumbprint(certificate) if certificate is not None else None,
+            certificate=certificate,
         )
         event |= {
             "token_id": issued.token_id,

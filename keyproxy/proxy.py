@@ -268,7 +268,7 @@ class Proxy:
             return Caller(svid_identity(self.tls, chain), None, None)
         if self.tasks is not None and is_task_token(credential):
             task = await self.tasks.verify(credential)
-            check_binding(task, chain)
+            check_binding(task, chain, self.tls.verifier if self.tls is not None else None)
             return Caller(task.identity, task, task.token_id)
         identity = await self.verifier.verify(credential)
         jti = identity.claims.get("jti")

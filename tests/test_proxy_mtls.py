@@ -302,6 +302,28 @@ async def test_a_certificate_bound_token_works_only_on_its_own_certificate(
     assert len(upstream.requests) == 1
 
 
+async def test_a_bound_token_follows_its_svid_renewed_with_the_same_key(
+    stack: MtlsStack, upstream: Upstream, identity_token: str
+) -> None:
+    """A bound token works on a renewal of its SVID (same SPIFFE ID, same key), and gets 401
+    on an SVID of the same ID with another key or of another ID with the same key."""
+    own = stack.cas["example"].svid("/agent")
+    async with stack.session(own) as session:
+        token = await exchange_over(session, stack.base, identity_token)
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    renewed = stack.cas["example"].svid("/agent", key=own.key)
+    async with stack.session(renewed) as session:
+        assert (await post(session, url, bearer(token)))[0] == 200
+    for other in (
+        stack.cas["example"].svid("/agent"),
+        stack.cas["example"].svid("/b", key=own.key),
+    ):
+        async with stack.session(other) as session:
+            got, body = await post(session, url, bearer(token))
+        assert (got, body["error"]["code"]) == (401, "token_binding_mismatch")
+    assert len(upstream.requests) == 1
+
+
 async def test_a_token_requested_without_a_certificate_is_not_bound(
     stack: MtlsStack, upstream: Upstream, identity_token: str
 ) -> None:
