@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import secrets
@@ -116,9 +117,14 @@ def dev_config(
         cfg["state"] = {"url": state_url}
     if tls is not None:
         cfg["server"] = {"tls": tls.listener_yaml()}
-        svid_policy = {**cfg["policies"][0], "name": "demo-agent-svid"}
+        # The demo agent's grants, for its X.509-SVID (a copy: no YAML alias in the file).
         cfg["policies"].append(
-            svid_policy | {"issuers": [f"spiffe://{tls.trust_domain}"], "subjects": [tls.agent_id]}
+            {
+                "name": "demo-agent-svid",
+                "issuers": [f"spiffe://{tls.trust_domain}"],
+                "subjects": [tls.agent_id],
+                "allow": copy.deepcopy(cfg["policies"][0]["allow"]),
+            }
         )
     return cfg
 
