@@ -357,6 +357,9 @@ Its files are in {tls.directory} (KEYPROXY_TLS_DIR in the env file):
 
 def _instructions(stack: DevStack, env_path: Path | None) -> str:
     base = stack.proxy_url.split("/r/", 1)[0]
+    # httpx, under the openai SDK, trusts the CA that SSL_CERT_FILE names.
+    trust = f"SSL_CERT_FILE={stack.tls.bundle} " if stack.tls else ""
+    trusting = " (its SDK trusting the dev CA)" if stack.tls else ""
     if env_path is not None:
         connect = f"""In another terminal, load this stack's variables (again, for a fresh token):
 
@@ -383,9 +386,9 @@ keyproxy dev is running (Ctrl-C stops everything).
 
 {connect}
 
-Then, as the agent:
+Then, as the agent{trusting}:
 
-  python -c 'import openai; print(openai.OpenAI().chat.completions.create(
+  {trust}python -c 'import openai; print(openai.OpenAI().chat.completions.create(
       model="keyproxy-demo", messages=[{{"role": "user", "content": "hi"}}]
   ).choices[0].message.content)'
 
