@@ -20,16 +20,10 @@ the union of the client bundles, and fails the handshake on an unknown CA or an 
 certificate (and on a missing one where it is required). asyncio then closes the connection
 without sending the TLS alert, so the caller only sees the connection end. To give every refusal
 a reason for the audit log, each connection's `SSLObject` reports a failed handshake to
-`on_refused(reason, message, peer)`: `svid_untrusted`, `svid_expired`, `svid_not_yet_valid`,
+`on_refused(reason, message)`: `svid_untrusted`, `svid_expired`, `svid_not_yet_valid`,
 `svid_missing`, `svid_refused` (any other certificate error) or `tls_handshake_failed` (not TLS,
 no shared version or cipher, ...). Everything after the handshake (the SVID rules, the bundle of
 the leaf's own trust domain) is `SvidVerifier`'s, with its own reasons.
-
-`peer` is the client's (address, port). asyncio gives an `SSLObject` nothing of its connection:
-the only holder of both is the `asyncio.sslproto.SSLProtocol` that calls `do_handshake`, so the
-address is read from that caller's socket transport (`peername`, as every asyncio transport
-has it). Under an event loop that drives TLS elsewhere (uvloop's, in C) there is no such
-caller, and `peer` is None: the refusal is still reported, without the address.
 
 `listener_tls(settings, where, on_refused)` builds one from a listener's `server.tls` settings,
 refusing files that cannot be read or do not fit together with a ConfigError naming the setting.
@@ -50,12 +44,10 @@ import asyncio
 import datetime as dt
 import ssl
 import sys
-from asyncio import sslproto
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from types import FrameType
 from typing import Protocol
 
 from cryptography import x509
@@ -90,10 +82,8 @@ _VERIFY_REASONS = {
     21: "svid_untrusted",  # unable to verify the first certificate
 }
 
-Peer = tuple[str, int]
-OnRefused = Callable[[str, str, Peer | None], None]
-"""Called with (reason, message, the client's address and port) when a handshake fails;
-must not raise."""
+OnRefused = Callable[[str, str], None]
+"""Called with (reason, message) when a handshake fails; must not raise."""
 
 
 class ClientAuth(Enum):
@@ -173,24 +163,10 @@ def _reporting_sslobject(on_refused: OnRefused) -> type[ssl.SSLObject]:
                     exc.verify_message
                     if isinstance(exc, ssl.SSLCertVerificationError)
                     else str(exc.reason),
-                    _handshake_peer(sys._getframe(1)),
                 )
                 raise
 
     return ReportingSSLObject
-
-
-def _handshake_peer(caller: FrameType | None) -> Peer | None:
-    """The client address of the handshake `caller` (a frame of asyncio's SSLProtocol, see the
-    module's docstring) runs, or None if the caller is not one or has no socket address."""
-    protocol = caller.f_locals.get("self") if caller is not None else None
-    if not isinstance(protocol, sslproto.SSLProtocol):
-        return None
-    transport = protocol._transport  # the socket transport below the TLS layer
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    if isinstance(peer, tuple) and len(peer) >= 2:  # (host, port[, flow, scope])
-        return str(peer[0]), int(peer[1])
-    return None
 
 
 def _build(files: TLSFiles, sslobject_class: type[ssl.SSLObject] | None) -> _Built:
@@ -364,7 +340,7 @@ def file_problems(settings: ListenerTLS, where: str) -> list[ConfigError]:
             problems.append(ConfigError(f"{where}.{key}", f"{path}: {problem}"))
     if not problems:
         try:
-            listener_tls(settings, where, lambda _reason, _message, _peer: None)
+            listener_tls(settings, where, lambda _reason, _message: None)
         except ConfigError as exc:
             problems.append(exc)
     return problems

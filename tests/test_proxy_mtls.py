@@ -254,17 +254,13 @@ async def test_callers_refused_in_the_handshake(
     reason: str,
 ) -> None:
     """An expired SVID and one of an unknown CA fail the handshake: no request is read, the
-    refusal is a `tls.refused` audit event naming the client's address and port, and is
-    counted."""
+    refusal is a `tls.refused` audit event and is counted."""
     before = refusals(audit_log, reason)
     async with stack.session(make(stack.cas)) as session:
         with pytest.raises(aiohttp.ClientError):
             await post(session, f"{stack.base}/r/r/v1/chat/completions")
     assert upstream.requests == []
     await eventually(lambda: refusals(audit_log, reason) > before, f"no tls.refused {reason}")
-    refused = [e for e in read_events(audit_log) if e.get("event") == "tls.refused"][-1]
-    assert refused["source"] == "127.0.0.1"
-    assert isinstance(refused["source_port"], int)
     async with aiohttp.ClientSession() as plain, plain.get(f"{stack.admin}/metrics") as response:
         metrics = await response.text()
     assert f'keyproxy_tls_refused_total{{listener="proxy",reason="{reason}"}}' in metrics

@@ -29,8 +29,8 @@ TLS (`server.tls`, `server.admin.tls`): each app holds its listener's `ServerTLS
 from the files when the app is built, so a file that cannot be read stops the start with a
 `ConfigError`; `keyproxy.server.listen.start` serves the app with its context. The app's
 cleanup context runs `ServerTLS.follow()`, which re-reads the files when their content changes.
-A refused handshake is an audit event (`tls.refused`, naming the listener, the reason and the
-client's address and port) and counted in `keyproxy_tls_refused_total{listener,reason}`.
+A refused handshake is an audit event (`tls.refused`, naming the listener and the reason) and
+counted in `keyproxy_tls_refused_total{listener,reason}`.
 
 SECURITY: secret paths, key fingerprints and read counts tell an attacker what to aim at, so
 only the admin listener shows them. Every answer names keyproxy as its `Server`, never the
@@ -62,7 +62,7 @@ from keyproxy.server.reload import Generation, Reloader, short, text_digest
 from keyproxy.state import StateStore
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisStore
-from keyproxy.tls import OnRefused, Peer, ServerTLS, error_text, listener_tls
+from keyproxy.tls import OnRefused, ServerTLS, error_text, listener_tls
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
@@ -134,11 +134,8 @@ def build_admin_app(served: web.Application) -> web.Application:
 def _refusals(app: web.Application, listener: str) -> OnRefused:
     """What a refused handshake on `listener` does: an audit event, and a count."""
 
-    def refused(reason: str, message: str, peer: Peer | None) -> None:
-        source = {"source": peer[0], "source_port": peer[1]} if peer else {}
-        audit_log.warning(
-            "tls.refused", listener=listener, reason=reason, message=message, **source
-        )
+    def refused(reason: str, message: str) -> None:
+        audit_log.warning("tls.refused", listener=listener, reason=reason, message=message)
         metrics = app.get(METRICS)
         if metrics is not None:
             metrics.tls_refused(listener, reason)
