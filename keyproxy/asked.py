@@ -95,7 +95,10 @@ async def fields_of(request: web.Request, form: bool) -> dict[str, Any]:
     return body
 
 
-def subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> str:
+def subject_token(request: web.Request, fields: dict[str, Any], form: bool, *, svid: bool) -> str:
+    """The token to exchange (a workload identity's, or a parent task token); "" for none in
+    a JSON request presenting a client certificate (`svid`), whose X.509-SVID is then the
+    identity."""
     if form:
         if fields.get("grant_type") != GRANT_TYPE:
             raise BadRequest("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
@@ -105,6 +108,8 @@ def subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> s
     else:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token and svid and "Authorization" not in request.headers:
+            return ""
     if not token:
         raise Unauthenticated("no_credential", "send the workload identity token")
     return token

@@ -6,7 +6,8 @@ narrower one (delegation, keyproxy.delegation), and keep it alive and end it.
     POST /token/revoke            the holder ends its own task token (keyproxy.lifecycle)
     GET  /.well-known/jwks.json   the task-token public keys
 
-JSON request (workload token in `Authorization: Bearer`):
+JSON request (workload token in `Authorization: Bearer`; over mutual TLS, without one, the
+caller's X.509-SVID is the identity exchanged, as on the proxy):
 
     {"scope": {"openai": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}},
      "task": "summarise-ticket-4711", "intent": "summarise one ticket",
@@ -52,8 +53,7 @@ from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.lifecycle import Lifecycle
 from keyproxy.metrics import Metrics
-from keyproxy.mtls import check_binding, client_chain
-from keyproxy.spiffe import thumbprint
+from keyproxy.mtls import binding, check_binding, client_chain, svid_identity
 from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token, lineage
 
@@ -117,17 +117,23 @@ class Broker(Lifecycle):
         event["source"] = str(source)
         form = request.content_type == "application/x-www-form-urlencoded"
         fields = await fields_of(request, form)
-        subject_token = subject_token_of(request, fields, form)
+        # Over mutual TLS: the certificate the handshake verified, or the one a trusted front
+        # proxy forwarded (verified below like a direct one).
+        chain, forwarded = client_chain(request, self.config.server, self.tls)
+        subject_token = subject_token_of(request, fields, form, svid=bool(chain))
         # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705),
         # or to the one a trusted front proxy forwarded, once verified like a direct one.
-        chain, forwarded = client_chain(request, self.config.server, self.tls)
         if forwarded:
             assert self.tls is not None  # only a listener with TLS reads the header
             self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
-        if is_task_token(subject_token):
+        if subject_token and is_task_token(subject_token):
             parent = await self._parent(subject_token, chain, str(source))
             return await self._delegate(parent, fields, form, chain, event)
-        identity = await self.verifier.verify(subject_token)
+        if subject_token:
+            identity = await self.verifier.verify(subject_token)
+        else:
+            assert self.tls is not None  # only a listener with TLS has a client chain
+            identity = svid_identity(self.tls, chain)
         event |= {"issuer": identity.issuer, "subject": identity.subject}
         asked = self._asked(fields, form, delegated=False)
         event |= {"task": asked.task, "intent": asked.intent}
@@ -173,7 +179,7 @@ class Broker(Lifecycle):
                     "invalid_request", f"idle_ttl must be less than the ttl ({grant.ttl:.0f}s)"
                 )
         bind = fields.get("bind_source") in (True, "true", "1")
-        certificate = chain[0] if chain else None
+        certificate = binding(chain, self.tls.verifier) if chain and self.tls else None
         issued = await self.tasks.issue(
             grant.identity,
             grant.scope,
@@ -182,7 +188,7 @@ class Broker(Lifecycle):
             intent=grant.intent,
             max_uses=grant.max_uses,
             source=event["source"] if bind else None,
-            certificate=thumbprint(certificate) if certificate is not None else None,
+            certificate=certificate,
             idle_ttl=idle_ttl,
             lineage=lineage,
         )
@@ -218,7 +224,7 @@ class Broker(Lifecycle):
         """The task token a delegation is asked with, verified and used as it would be at
         the proxy: bound to its address and certificate, its heartbeat leases alive."""
         parent = await self.tasks.verify(token)
-        check_binding(parent, chain)
+        check_binding(parent, chain, self.tls.verifier if self.tls is not None else None)
         if parent.source is not None and parent.source != source:
             raise Unauthenticated("wrong_source", "this token is bound to another address")
         if parent.lifecycle and not self.exact_uses:

@@ -138,6 +138,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "demo",
                 "mcp_demo",
                 "devserver",
+                "devca",
                 "storeserver",
             }
         ),

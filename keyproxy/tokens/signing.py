@@ -30,7 +30,7 @@ from keyproxy.errors import Forbidden, Unavailable, VaultError
 from keyproxy.state import StateStore, StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.exceptions import ExceptionRegister
-from keyproxy.tokens.format import TASK_TOKEN_TYPE, Issued, b64, json_bytes
+from keyproxy.tokens.format import TASK_TOKEN_TYPE, CertificateBinding, Issued, b64, json_bytes
 from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -141,15 +141,15 @@ class Signing(ExceptionRegister):
         max_uses: int | None = None,
         source: str | None = None,
         exception: tuple[str, str] | None = None,
-        certificate: str | None = None,
+        certificate: CertificateBinding | None = None,
         idle_ttl: float | None = None,
         lineage: dict[str, Any] | None = None,
     ) -> Issued:
         """Sign a token for exactly `scope`. The caller has already intersected it with policy
-        and clamped `ttl`; `certificate` (an RFC 8705 `x5t#S256` thumbprint) binds it to the
-        client certificate it was requested with; with `idle_ttl` its heartbeat lease starts
-        now; `lineage` holds a delegated token's `act` and `anc` claims. Raises Unavailable
-        when Vault cannot sign or the lease cannot start."""
+        and clamped `ttl`; `certificate` binds it to the client certificate it was requested with
+        (RFC 8705 `cnf`); with `idle_ttl` its heartbeat lease starts now; `lineage` holds a
+        delegated token's `act` and `anc` claims. Raises Unavailable when Vault cannot sign or
+        the lease cannot start."""
         if not scope:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and not all(part.strip() for part in exception):
@@ -187,7 +187,7 @@ class Signing(ExceptionRegister):
         if exception is not None:
             claims["exc"] = {"owner": exception[0], "reason": exception[1]}
         if certificate is not None:
-            claims["cnf"] = {"x5t#S256": certificate}
+            claims["cnf"] = certificate.claim()
         token = await self._sign(claims)
         if idle_ttl is not None:
             await self._start_lease(token_id, float(claims["idle"]))
