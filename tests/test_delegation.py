@@ -127,6 +127,11 @@ async def test_a_child_cannot_exceed_its_parent(
     assert (code, answer["error"]["code"]) == (403, "exceeds_parent_uses"), answer
     code, answer = await delegate(http, stack.base, token, task="another-task")
     assert (code, answer["error"]["code"]) == (400, "invalid_request"), answer
+    # The JSON exchange takes the parent as its Bearer credential.
+    code, json_child = await exchange(http, stack.base, token, ttl="30s")
+    assert code == 200, json_child
+    assert json_child["chain"] == [parent["token_id"], json_child["token_id"]]
+    assert json_child["expires_in"] <= 30
     code, child = await delegate(http, stack.base, token, ttl="1h", max_uses="3")
     assert code == 200, child
     assert child["expires_at"] <= parent["expires_at"]
