@@ -37,11 +37,9 @@ from tests.helpers.servers import (
     running_proxy,
     token_config,
 )
-from tests.helpers.tokens import exchange, refused, status
+from tests.helpers.tokens import delegate, exchange, refused, status
 from tests.test_proxy import audit_events, new_request_id
 
-EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT = "urn:ietf:params:oauth:token-type:jwt"
 CHAT = "/r/r/v1/chat/completions"
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 
@@ -53,20 +51,6 @@ async def stack(
     openbao.put_key("keyproxy/keys/tokens-test", new_key())
     async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
         yield value
-
-
-async def delegate(
-    http: aiohttp.ClientSession, base: str, parent: str, **fields: str
-) -> tuple[int, dict[str, Any]]:
-    """The RFC 8693 exchange of `parent` for a child token."""
-    form = {"grant_type": EXCHANGE, "subject_token": parent, "subject_token_type": JWT, **fields}
-    if "actor_token" in fields:
-        form["actor_token_type"] = JWT
-    async with http.post(f"{base}/token", data=form) as response:
-        answer: dict[str, Any] = await response.json()
-        if response.status == 200:
-            CANARIES.add(answer["access_token"])
-        return response.status, answer
 
 
 def test_a_child_is_narrowed_to_its_parent_or_refused() -> None:

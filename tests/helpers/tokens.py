@@ -14,6 +14,9 @@ from tests.helpers.servers import (
     bearer,
 )
 
+EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT = "urn:ietf:params:oauth:token-type:jwt"
+
 
 async def exchange(
     http: aiohttp.ClientSession, base: str, identity_token: str, **body: Any
@@ -21,6 +24,20 @@ async def exchange(
     body.setdefault("scope", {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}})
     body.setdefault("task", "test-task")
     async with http.post(f"{base}/token", json=body, headers=bearer(identity_token)) as response:
+        answer: dict[str, Any] = await response.json()
+        if response.status == 200:
+            CANARIES.add(answer["access_token"])
+        return response.status, answer
+
+
+async def delegate(
+    http: aiohttp.ClientSession, base: str, parent: str, **fields: str
+) -> tuple[int, dict[str, Any]]:
+    """The RFC 8693 exchange of `parent` for a child token."""
+    form = {"grant_type": EXCHANGE, "subject_token": parent, "subject_token_type": JWT, **fields}
+    if "actor_token" in fields:
+        form["actor_token_type"] = JWT
+    async with http.post(f"{base}/token", data=form) as response:
         answer: dict[str, Any] = await response.json()
         if response.status == 200:
             CANARIES.add(answer["access_token"])

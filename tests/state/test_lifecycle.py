@@ -27,9 +27,8 @@ from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import bearer, free_port, new_key, token_config
-from tests.helpers.tokens import exchange, refused, status
+from tests.helpers.tokens import delegate, exchange, refused, status
 from tests.state.servers import RedisServer
-from tests.test_delegation import delegate
 
 # The upstream is unreachable: 502 means "authorised", 401 refused.
 ECHO = "/r/other/echo"
