@@ -26,6 +26,7 @@ from keyproxy.errors import (
     RequestError,
     Unauthenticated,
     Unavailable,
+    VaultError,
 )
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.metrics import Metrics
@@ -87,8 +88,8 @@ class Lifecycle:
         (the token is dead either way: its lease lapsed, or its parent is revoked)."""
         try:
             await self.tasks.revoke_held(task, reason)
-        except RequestError as exc:
-            log.warning("token.end_not_recorded", reason=exc.reason, token_id=task.token_id)
+        except (RequestError, VaultError) as exc:
+            log.warning("token.end_not_recorded", error=str(exc), token_id=task.token_id)
 
     async def revoke(self, request: web.Request) -> web.Response:
         """The holder ends its task: the token revokes itself, naming why."""
