@@ -47,6 +47,7 @@ from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 
 from keyproxy.config import RedisSettings
+from keyproxy.state.batch import ScriptBatch
 from keyproxy.state.store import (
     Concurrency,
     Counter,
@@ -232,6 +233,9 @@ class RedisStore(StateStore):
         self._settings = settings
         self._redis, self._others = _client(settings)
         self._take = self._redis.register_script(_TAKE)
+        # Decisions of one loop turn share a round trip (keyproxy.state.batch). A Cluster
+        # client has a pool per node: there each decision is a call of its own.
+        self._batch = None if settings.cluster else ScriptBatch(self._redis, _TAKE, self._call)
         self._refresh = self._redis.register_script(_REFRESH)
         self._release = self._redis.register_script(_RELEASE)
         self._deadline = settings.timeout * 3
@@ -254,12 +258,16 @@ class RedisStore(StateStore):
             async with asyncio.timeout(self._deadline), self._gate:
                 result = await call()
         except _FAULTS as error:
-            self._failures += 1
-            backoff = min(_BACKOFF_MAX, _BACKOFF_START * 2 ** (self._failures - 1))
-            self._down_until = time.monotonic() + secrets.SystemRandom().uniform(0, backoff)
-            raise StoreUnavailable(f"state store unavailable: {type(error).__name__}") from error
+            raise self._failed(error) from error
         self._failures = 0
         return result
+
+    def _failed(self, error: BaseException) -> StoreUnavailable:
+        """Back off after a failure; the error to raise for it."""
+        self._failures += 1
+        backoff = min(_BACKOFF_MAX, _BACKOFF_START * 2 ** (self._failures - 1))
+        self._down_until = time.monotonic() + secrets.SystemRandom().uniform(0, backoff)
+        return StoreUnavailable(f"state store unavailable: {type(error).__name__}")
 
     async def take(self, limits: Sequence[Limit], units: int = 1) -> Decision:
         if not limits:
@@ -267,19 +275,24 @@ class RedisStore(StateStore):
         started = time.perf_counter()
         holder = uuid.uuid4().hex
         keys: list[str] = []
-        args: list[str | int | float] = [units, holder]
+        args: list[str | int] = [units, holder]
         for limit in limits:
             if isinstance(limit, Counter):
                 keys.append(self._key("c", limit.key))
-                args += ["c", limit.cap, limit.ttl * 1000]
+                args += ["c", limit.cap, repr(limit.ttl * 1000)]
             elif isinstance(limit, Rate):
                 keys.append(self._key("r", limit.key))
                 args += ["r", repr(limit.interval * 1000), limit.burst]
             else:
                 keys.append(self._key("s", limit.key))
-                args += ["s", limit.limit, limit.lease * 1000]
+                args += ["s", limit.limit, repr(limit.lease * 1000)]
         try:
-            reply = await self._call(lambda: self._take(keys=keys, args=args))
+            if self._batch is None:
+                reply = await self._call(lambda: self._take(keys=keys, args=args))
+            else:
+                reply = await self._batch.run(keys, args)
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    raise self._failed(reply) from reply  # this decision's own error
         except StoreUnavailable:
             self.stats.observe(time.perf_counter() - started, error=True)
             return _unanswered(limits)
@@ -343,6 +356,8 @@ class RedisStore(StateStore):
         return Health(ok=True)
 
     async def close(self) -> None:
+        if self._batch is not None:
+            await self._batch.close()
         for client in [self._redis, *self._others]:
             await client.aclose()
 
