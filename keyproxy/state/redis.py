@@ -1,11 +1,13 @@
 """The Valkey/Redis state store: limits shared by every worker and replica.
 
-One round trip per decision. `take` runs one Lua script (`_TAKE`) over every limit the
+One script per decision. `take` runs one Lua script (`_TAKE`) over every limit the
 request touches: it reads the server's clock (`TIME`, so the replicas' own clocks never
 matter), checks each limit, and only if all admit does it write any of them, so a refused
 request consumes nothing. Redis runs a script atomically, which makes `max_uses` exact
-under any number of concurrent takers. Scripts are sent with EVALSHA and loaded again on
-NOSCRIPT (a restarted or failed-over server) by redis-py's `AsyncScript`.
+under any number of concurrent takers. The decisions of one event-loop turn share one
+round trip: one write of their EVALSHAs, one read of their replies (keyproxy.state.batch);
+on Cluster each is a call of its own. Scripts are loaded again on NOSCRIPT (a restarted or
+failed-over server), by the batch or by redis-py's `AsyncScript`.
 
 Why one script and not the `limits` package: `limits` keeps each limit in its own Redis
 call (one `hit` per limit, each a round trip or a script of its own), so a request with a
@@ -30,6 +32,7 @@ reconnects (the connection pool makes new connections on demand).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import time
 import uuid
@@ -245,6 +248,8 @@ class RedisStore(StateStore):
         self._gate = asyncio.Semaphore(settings.max_connections)
         self._failures = 0
         self._down_until = 0.0
+        self._id = uuid.uuid4().hex
+        self._holders = itertools.count()
         self.stats = StoreStats()
 
     def _key(self, kind: str, key: str) -> str:
@@ -273,7 +278,9 @@ class RedisStore(StateStore):
         if not limits:
             return Decision(())
         started = time.perf_counter()
-        holder = uuid.uuid4().hex
+        # A slot's holder: unique across processes by the store's random id, and cheaper
+        # than a random id per decision (a system call each).
+        holder = f"{self._id}.{next(self._holders)}"
         keys: list[str] = []
         args: list[str | int] = [units, holder]
         for limit in limits:
