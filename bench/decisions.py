@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/decisions.py [--concurrency 32] [--rounds 400] [--repeat 5]
 
+With PYTHONPATH=DIR it measures the keyproxy package in DIR (a copy of other code).
+
 Starts a local `valkey-server`/`redis-server` (keyproxy.storeserver), then runs `--rounds`
 rounds of `--concurrency` concurrent `RedisStore.take` calls, each over the limits of the
 bench's `limits` candidate (a per-identity rate that never refuses and a task token's
@@ -15,12 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from keyproxy.config import RedisSettings
 from keyproxy.state.redis import RedisStore
