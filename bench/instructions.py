@@ -233,7 +233,7 @@ def measure(
             store.start()
             candidates += [(f"{name}-limits", source) for name, source in candidates]
         for name, source in candidates:
-            path = workdir / f"{name}.yaml"
+            path = bench.config_file(workdir, name)
             config = bench.keyproxy_config(bao, setup, agent, upstream, routes)
             token = None
             if name.endswith("-limits"):

@@ -139,6 +139,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "demo",
                 "mcp_demo",
                 "devserver",
+                "devca",
                 "storeserver",
             }
         ),
