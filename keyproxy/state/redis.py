@@ -26,7 +26,8 @@ deadline of three times that bounds a whole call. After a failure the store stay
 for a backoff that doubles up to `_BACKOFF_MAX` with full jitter: decisions during it answer
 at once from each limit's `on_store_error` without touching the network, so an outage
 neither stalls requests nor hammers the server, and the first call after the backoff
-reconnects (the connection pool makes new connections on demand).
+reconnects (the connection pool makes new connections on demand). A round trip shared by
+several decisions counts as one failure, however many decisions it carried.
 """
 
 from __future__ import annotations
