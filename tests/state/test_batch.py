@@ -27,20 +27,23 @@ def _connections(server: RedisServer) -> int:
 
 
 async def test_one_turns_decisions_share_one_connection_and_stay_exact(
-    redis_store: RedisStore, redis_server: RedisServer, unique: str
+    own_redis: RedisServer, unique: str
 ) -> None:
     """200 decisions started in one loop turn go out on one pooled connection, and a
     counter capped at 25 among them admits exactly 25."""
+    store = RedisStore(RedisSettings(url=own_redis.url, timeout=2.0))
     uses = Counter(f"{unique}:token", cap=25, ttl=60)
     rate = Rate(f"{unique}:identity", limit=10**6, window=1.0, burst=10**6)
-    before = _connections(redis_server)
-    decisions = await asyncio.gather(*(redis_store.take([rate, uses]) for _ in range(200)))
-    assert _connections(redis_server) == before + 1  # the pool made one connection
+    try:
+        decisions = await asyncio.gather(*(store.take([rate, uses]) for _ in range(200)))
+        assert _connections(own_redis) == 1  # a server of its own: the store's one connection
+        assert await store.read(uses) == 25
+    finally:
+        await store.close()
     assert sum(decision.allowed for decision in decisions) == 25
     assert not any(outcome.store_error for d in decisions for outcome in d.outcomes)
     refused = [d.refused_by for d in decisions if not d.allowed]
     assert all(outcome is not None and outcome.reason == "max_uses" for outcome in refused)
-    assert await redis_store.read(uses) == 25
 
 
 async def test_an_error_reply_is_its_own_decisions_only(
