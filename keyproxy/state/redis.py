@@ -305,18 +305,23 @@ class RedisStore(StateStore):
             self.stats.observe(time.perf_counter() - started, error=True)
             return _unanswered(limits)
         self.stats.observe(time.perf_counter() - started, error=False)
-        outcomes = tuple(
+        # The reply holds integers (Lua numbers are sent as integer replies). Positional
+        # arguments (limit, allowed, remaining, reset, retry_after) and a list: half the cost
+        # of keywords and a generator, on every request.
+        outcomes = [
             Outcome(
                 limit,
-                allowed=bool(reply[1 + 4 * i]),
-                remaining=int(reply[2 + 4 * i]),
-                reset=int(reply[3 + 4 * i]) / 1000,
-                retry_after=int(reply[4 + 4 * i]) / 1000,
+                reply[1 + 4 * i] == 1,
+                reply[2 + 4 * i],
+                reply[3 + 4 * i] / 1000,
+                reply[4 + 4 * i] / 1000,
             )
             for i, limit in enumerate(limits)
-        )
+        ]
+        if not reply[0]:
+            return Decision(tuple(outcomes))
         slots = tuple(Slot(limit, holder) for limit in limits if isinstance(limit, Concurrency))
-        return Decision(outcomes, slots if reply[0] else ())
+        return Decision(tuple(outcomes), slots)
 
     async def refresh(self, slots: Sequence[Slot]) -> tuple[Slot, ...]:
         if not slots:
