@@ -81,7 +81,15 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     (
         "state",
         frozenset(
-            {"state", "state.store", "state.memory", "state.redis", "state.batch", "state.limits"}
+            {
+                "state",
+                "state.store",
+                "state.memory",
+                "state.redis",
+                "state.scripts",
+                "state.batch",
+                "state.limits",
+            }
         ),
     ),
     # I/O adapters: Vault, the issuers, task tokens, upstream sessions, rotators, logs, metrics.

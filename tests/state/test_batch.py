@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from keyproxy.state.redis import RedisSettings, RedisStore
-from keyproxy.state.store import Counter, Rate
+from keyproxy.state.store import Concurrency, Counter, Rate
 from tests.state.servers import RedisServer
 
 
@@ -91,3 +91,16 @@ async def test_a_decision_cancelled_before_its_turn_ends_is_not_sent(
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert await redis_store.read(uses) == 1
+
+
+async def test_slots_released_in_one_turn_are_all_free_again(
+    redis_store: RedisStore, unique: str
+) -> None:
+    """Five slots released together (one round trip) are all free for the next five."""
+    cap = Concurrency(f"{unique}:streams", limit=5, lease=30)
+    held = await asyncio.gather(*(redis_store.take([cap]) for _ in range(5)))
+    assert all(decision.allowed for decision in held)
+    assert not (await redis_store.take([cap])).allowed
+    await asyncio.gather(*(redis_store.release(decision.slots) for decision in held))
+    again = await asyncio.gather(*(redis_store.take([cap]) for _ in range(6)))
+    assert sum(decision.allowed for decision in again) == 5
