@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from keyproxy import state
@@ -63,7 +64,7 @@ class Limiter:
         token_id: str | None,
     ) -> state.Decision:
         """One unit of every limit the request touches, or the error that stops it."""
-        own: list[state.Limit] = []
+        own: Sequence[state.Limit] = ()
         if task is not None and task.lifecycle:
             if not self.exact_uses:
                 raise Unavailable(
