@@ -61,6 +61,11 @@ class Revocations:
         """Whether any of these tokens (a delegated token's ancestors) is revoked by id."""
         return any(link.token_id in self.ids for link in links)
 
+    def any_actor(self, token: TaskToken) -> bool:
+        """Whether a delegated token's actor ("issuer|subject") was revoked as a subject at
+        or after the token was issued: revoking a sub-agent's identity ends what it acts with."""
+        return any(self.covers_subject(actor, token.issued_at) for actor in token.actors)
+
     def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
         """Whether a token with these facts is revoked: by id, or by subject or task at or
         after it was issued."""

@@ -90,9 +90,12 @@ class Verifier(Signing):
             raise Unauthenticated("not_yet_valid", "the task token is not valid yet")
         if self._revocations.revoked(cached):
             raise Unauthenticated("revoked", "the task token was revoked")
-        if cascade and cached.ancestors and self._revocations.any_id(cached.ancestors):
-            # The cascade: a token dies with every token it was delegated from.
-            raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
+        if cascade and cached.ancestors:
+            if self._revocations.any_id(cached.ancestors):
+                # The cascade: a token dies with every token it was delegated from.
+                raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
+            if self._revocations.any_actor(cached):
+                raise Unauthenticated("revoked", "an identity acting with this token was revoked")
         return cached
 
     async def _verify_signed(self, token: str) -> _Verified:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from keyproxy.caller import Identity
-from keyproxy.tokens import Link, TaskToken
+from keyproxy.tokens import Link, Revocations, TaskToken
 from keyproxy.tokens.lineage import child_claims, read
 
 ROOT = TaskToken("root", Identity("k8s", "agent"), {}, 900.0, 1100.0, max_uses=5, idle_ttl=30.0)
@@ -65,3 +65,17 @@ def test_unreadable_lifecycle_claims_refuse_the_token(claims: dict[str, Any]) ->
     it would free a child from its parent, or a leased token from its heartbeat."""
     with pytest.raises((ValueError, TypeError, KeyError)):
         read({"exp": 1000, **claims}, "t", None)
+
+
+def test_a_delegated_token_dies_with_its_ancestors_and_its_actors() -> None:
+    """Revoking an ancestor's id names the child through its chain; revoking a sub-agent's
+    identity as a subject names the tokens it acts with, issued before the revocation."""
+    child = _child(Identity("k8s", "helper"))
+    revocations = Revocations()
+    assert not revocations.any_id(child.ancestors)
+    assert not revocations.any_actor(child)
+    revocations.ids["root"] = 1100.0
+    assert revocations.any_id(child.ancestors)
+    revocations = Revocations(subjects={"k8s|helper": 960.0})
+    assert revocations.any_actor(child)  # issued at 950
+    assert not Revocations(subjects={"k8s|helper": 940.0}).any_actor(child)
