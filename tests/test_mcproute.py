@@ -381,3 +381,36 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
             assert "whoami" not in text
     finally:
         await runner.cleanup()
+
+
+async def test_a_delegated_tokens_calls_name_its_chain(
+    openbao: OpenBaoDevServer, agent: Agent, served: Served, audit_log: Path
+) -> None:
+    """A child delegated from an MCP task token gets at most the parent's tools (asking for
+    another is refused), and each of its calls' audit events names the whole chain."""
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    task = f"delegated-{secrets.token_hex(4)}"
+    async with proxied(openbao, agent, served) as stack:
+        parent = await task_token(stack, identity, task, ["search_issues"])
+        async with aiohttp.ClientSession() as http:
+            wider = {"scope": {ROUTE: {"tools": ["search_issues", "whoami"]}}}
+            async with http.post(f"{stack.base}/token", json=wider, headers=bearer(parent)) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (
+                    403,
+                    "exceeds_parent_scope",
+                )
+            async with http.post(
+                f"{stack.base}/token",
+                json={"scope": {ROUTE: {"tools": ["search_issues"]}}},
+                headers=bearer(parent),
+            ) as answer:
+                assert answer.status == 200
+                child = await answer.json()
+        CANARIES.add(child["access_token"])
+        async with session(stack, child["access_token"]) as client:
+            tools = await client.list_tools()
+            assert [t.name for t in tools.tools] == ["search_issues"]
+    calls = await calls_of(audit_log, task, 2)
+    assert {c["chain"] for c in calls} == {",".join(child["chain"])}
+    assert {c["token_id"] for c in calls} == {child["token_id"]}
