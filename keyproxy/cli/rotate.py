@@ -5,6 +5,8 @@
     keyproxy keys put -c FILE ROUTE [--key-id ID]   the key on stdin, never in argv
     keyproxy keys status -c FILE [-o json]     exit 1 when a key is past its max_age
     keyproxy audit [-c FILE] --route ROUTE [--key-version N] [--since T] [--until T] [FILE ...]
+    keyproxy audit (--task TASK | --token ID) [--since T] [--until T] [FILE ...]
+        everything done under a task or token, sub-agents included (keyproxy.cli.tree)
 
 Vault access comes from the configuration's `vault` section (rotation needs the
 keyproxy-rotation policy, vault-dev/policies/keyproxy-rotation.hcl), or with --as-operator
