@@ -61,6 +61,7 @@ class Matcher:
         self._windows: frozenset[bytes] = frozenset(windows)
         self._sorted: tuple[bytes, ...] = tuple(sorted(windows))  # for the tail's prefix test
         self._alphabet = frozenset(bytes([b]) for w in windows for b in w)
+        self._firsts = frozenset(w[0] for w in windows)  # a window prefix starts with one
         wholes = sorted({w for w in (*sources, *wholes) if w}, key=len, reverse=True)
         self._wholes: tuple[bytes, ...] = tuple(w for w in wholes if not self._covered(w))
         anchors = _anchors(sources)
@@ -141,8 +142,10 @@ class Matcher:
         a proper prefix of a window (at most FRAGMENT - 1 bytes) or of a form searched whole."""
         longest = 0
         if data[-1:] in self._alphabet:  # an event ending in "\n\n" stops here
-            ordered = self._sorted
+            ordered, firsts = self._sorted, self._firsts
             for size in range(min(FRAGMENT - 1, len(data)), 0, -1):
+                if data[-size] not in firsts:
+                    continue  # no window starts with this byte
                 tail = data[-size:]
                 at = bisect.bisect_left(ordered, tail)
                 if at < len(ordered) and ordered[at].startswith(tail):
