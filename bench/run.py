@@ -12,13 +12,15 @@ Everything runs on 127.0.0.1 and is started here and stopped here by PID, also o
   policy decided, key from the Vault-backed cache, response scrubbing, the audit event
   written to a file through the normal structlog JSON pipeline).
 
-Four phases, each interleaving its candidates run by run (A B C D A B C D ...):
+Five phases, the first four interleaving their candidates run by run (A B C D A B C D ...):
 
     main     direct, nginx, minimal, keyproxy (10 routes) x small/large/sse x c=1/32/128
     routes   keyproxy with 10 and with 1,000 routes and policies, small, c=32 and c=128
     workers  keyproxy --workers 1 and --workers 2, unpinned, small, c=32 and c=128
     limits   keyproxy without limits, and with a rate limit and a task token's max_uses
              counted on every request in a local Valkey/Redis server, small, c=32 and c=128
+    streams  direct, nginx, minimal, keyproxy x N concurrent paced event streams (1,000 and
+             4,000 by default), read by several client processes (bench/streams.py)
 
 Proxies run on core 0 and wrk, the upstream and OpenBao on core 1 (where taskset works).
 Writes bench/results/<timestamp>.json and .md and prints the table.
@@ -754,7 +756,10 @@ def streams_phase(
     token = stack.token_file.read_text(encoding="utf-8").strip()
     query = "/stream"
     results: list[stream_load.Result] = []
+    hard = stream_load.raise_fd_limit()
     for n in args.streams:
+        if hard < 2 * n + 1024:  # a proxy holds two descriptors a stream
+            print(f"bench: the open-file limit ({hard}) is too low for {n} streams", flush=True)
         ngx_port, mini_port = _free_port(), _free_port()
         conf = _write_private(
             workdir / f"streams-nginx-{n}.conf",
@@ -766,7 +771,7 @@ def streams_phase(
                 upstream_port=up_port,
                 key=key,
                 connections=2 * n + 1024,
-                nofile=4 * n + 4096,
+                nofile=min(4 * n + 4096, hard),
             ),
         )
         ngx = procs.start(
@@ -1121,10 +1126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(PHASES)} (to measure one change quickly)",
     )
     parser.add_argument(
-        "--streams", default="1000,4000", help="streams phase: concurrent streams, each N in turn"
+        "--streams",
+        default=None,
+        help="streams phase: concurrent streams, each N in turn (1000,4000; 200 with --quick)",
     )
     parser.add_argument(
-        "--stream-seconds", type=float, default=10.0, help="streams phase: seconds per stream"
+        "--stream-seconds",
+        type=float,
+        default=None,
+        help="streams phase: seconds per stream (10; 5 with --quick)",
     )
     parser.add_argument(
         "--stream-clients", type=int, default=4, help="streams phase: client processes"
@@ -1140,7 +1150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.phases = set(args.phases.split(","))
     args.bodies = args.bodies.split(",")
     args.concs = [int(c) for c in args.concs.split(",")]
-    args.streams = [int(n) for n in args.streams.split(",")]
+    args.streams = [
+        int(n) for n in (args.streams or ("200" if args.quick else "1000,4000")).split(",")
+    ]
+    if args.stream_seconds is None:
+        args.stream_seconds = 5.0 if args.quick else 10.0
     unknown = (args.phases - set(PHASES)) | (set(args.bodies) - set(BODIES))
     if unknown:
         parser.error(f"unknown phase or body: {', '.join(sorted(unknown))}")
