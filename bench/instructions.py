@@ -7,7 +7,7 @@ only (no system calls, no cache misses), so it ranks changes to the per-request 
 wall-clock table of `bench/run.py` stays the measure of the result.
 
     .venv/bin/python bench/instructions.py [--seconds 12] [--compare DIR ...] [--body large]
-                                           [--routes 1000]
+                                           [--routes 1000] [--limits] [--conc 32]
 
 Each proxy runs under `valgrind --tool=callgrind` with counting off, is warmed up by 5 s of
 wrk at c=1 on the answer (`--body`: the small JSON, or the 64 KiB one of bench/run.py), then
@@ -17,6 +17,10 @@ key index and revocation polls would otherwise be shared by fewer requests in a 
 `--compare` may be given several times: each patched copy runs as
 `keyproxy-compare-<its directory's name>`, one after the other in the same set-up.
 `--routes` configures that many routes and policies (bench/run.py's routes phase).
+`--limits` adds `keyproxy-limits`: the limits phase's candidate (a rate limit and a task
+token's max_uses counted in a local Valkey/Redis on every request). `--conc` counts at that
+many connections instead of 1 (the warm-up stays at 1): where requests overlap, as the
+decisions of one event-loop turn share a round trip to Valkey/Redis.
 valgrind is installed from Debian's packages if missing.
 """
 
@@ -32,11 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.storeserver import LocalStoreServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # the benchmark's own set-up, reused
@@ -95,8 +101,11 @@ def _count(
     env: dict[str, str],
     seconds: float,
     path: str,
+    conc: int = 1,
+    token: Callable[[str], Path] | None = None,
 ) -> dict[str, object]:
-    """Start `argv` under callgrind, warm it up, count `seconds` of c=1 requests."""
+    """Start `argv` under callgrind, warm it up, count `seconds` of requests at `conc`
+    connections (with the credential `token(base URL)`, or `token_file`)."""
     out = workdir / f"callgrind.{name}"
     counted = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"]
     proc = procs.start(
@@ -110,7 +119,8 @@ def _count(
         bench._wait_port(port, proc, name, timeout=300)
     else:
         bench._wait_http(f"{base}/readyz", proc, name, timeout=300)
-    cand = bench.Candidate(name, base, "/r/bench", token_file, proc.pid)
+    credential = token(base) if token is not None else token_file
+    cand = bench.Candidate(name, base, "/r/bench", credential, proc.pid)
     bench.wrk(procs, wrk, cand, path=path, conc=1, seconds=WARM_UP_S)
     _callgrind_control(proc.pid, "--instr=on")
     # What the process does without requests (key index and revocation polls, timers).
@@ -118,7 +128,7 @@ def _count(
     time.sleep(IDLE_S)
     idle = _dumped(proc.pid, out, 1, name) / (time.monotonic() - started)
     started = time.monotonic()
-    run = bench.wrk(procs, wrk, cand, path=path, conc=1, seconds=seconds)
+    run = bench.wrk(procs, wrk, cand, path=path, conc=conc, seconds=seconds)
     _callgrind_control(proc.pid, "--instr=off")
     loaded_for = time.monotonic() - started
     count = _dumped(proc.pid, out, 2, name)
@@ -132,18 +142,54 @@ def _count(
     return row
 
 
+def _upstream(procs: bench.Processes, nginx_binary: str, workdir: Path, key: str) -> str:
+    """The bench's nginx upstream, started; its URL."""
+    (workdir / "nginx-tmp").mkdir()
+    large = json.dumps({"data": "x" * (bench.LARGE_BYTES - 12)})  # as bench/run.py's
+    (workdir / "large.json").write_text(large, encoding="utf-8")
+    workdir.chmod(0o711)
+    port, sse_port = bench._free_port(), bench._free_port()
+    conf = bench._write_private(
+        workdir / "upstream-nginx.conf",
+        (bench.BENCH / "nginx" / "upstream.conf")
+        .read_text(encoding="utf-8")
+        .format(workdir=workdir, port=port, sse_port=sse_port, key=key),
+    )
+    nginx = [nginx_binary, "-c", str(conf), "-p", str(workdir)]
+    upstream_proc = procs.start("upstream", nginx, log=workdir / "upstream.log")
+    bench._wait_port(port, upstream_proc, "upstream nginx")
+    return f"http://127.0.0.1:{port}"
+
+
+def _keyproxy_argv(config: Path, port: int) -> list[str]:
+    return [
+        str(bench.KEYPROXY),
+        "serve",
+        "-c",
+        str(config),
+        "--port",
+        str(port),
+        "--admin-port",
+        "0",
+    ]
+
+
 def measure(
     compare: list[Path],
     seconds: float,
     body: str = "small",
     routes: int = 10,
     keep: Path | None = None,
+    *,
+    limits: bool = False,
+    conc: int = 1,
 ) -> list[dict[str, object]]:
     _valgrind()
     tools = bench.ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-instructions-"))
     procs = bench.Processes(pinning=False)
     bao = OpenBaoDevServer(workdir / "openbao")
+    store = LocalStoreServer(workdir / "valkey")
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     try:
         bao.start()
@@ -154,23 +200,15 @@ def measure(
         bench._put_keys(bao, routes - 1)  # ten routes: the same as the main phase
         key_file = bench._write_private(workdir / "key", key)
         token_file = bench._write_private(workdir / "token", bao.agent_token(agent))
-        (workdir / "nginx-tmp").mkdir()
-        large = json.dumps({"data": "x" * (bench.LARGE_BYTES - 12)})  # as bench/run.py's
-        (workdir / "large.json").write_text(large, encoding="utf-8")
-        workdir.chmod(0o711)
-        port, sse_port = bench._free_port(), bench._free_port()
-        conf = bench._write_private(
-            workdir / "upstream-nginx.conf",
-            (bench.BENCH / "nginx" / "upstream.conf")
-            .read_text(encoding="utf-8")
-            .format(workdir=workdir, port=port, sse_port=sse_port, key=key),
-        )
-        nginx = [tools["nginx"], "-c", str(conf), "-p", str(workdir)]
-        upstream_proc = procs.start("upstream", nginx, log=workdir / "upstream.log")
-        bench._wait_port(port, upstream_proc, "upstream nginx")
-        upstream = f"http://127.0.0.1:{port}"
+        upstream = _upstream(procs, tools["nginx"], workdir, key)
 
-        def count(name: str, argv: list[str], port: int, env: dict[str, str]) -> dict[str, object]:
+        def count(
+            name: str,
+            argv: list[str],
+            port: int,
+            env: dict[str, str],
+            token: Callable[[str], Path] | None = None,
+        ) -> dict[str, object]:
             return _count(
                 procs,
                 tools["wrk"],
@@ -182,6 +220,8 @@ def measure(
                 env=env,
                 seconds=seconds,
                 path=bench.BODIES[body],
+                conc=conc,
+                token=token,
             )
 
         mini_port = bench._free_port()
@@ -189,25 +229,27 @@ def measure(
         results = [count("minimal-aiohttp", [*mini, upstream, str(key_file)], mini_port, clean_env)]
         candidates: list[tuple[str, Path | None]] = [("keyproxy", None)]
         candidates += [(f"keyproxy-compare-{source.resolve().name}", source) for source in compare]
+        if limits:
+            store.start()
+            candidates += [(f"{name}-limits", source) for name, source in candidates]
         for name, source in candidates:
-            path = workdir / f"{name}.yaml"
+            path = bench.config_file(workdir, name)
             config = bench.keyproxy_config(bao, setup, agent, upstream, routes)
+            token = None
+            if name.endswith("-limits"):
+                bench.limit_every_request(config, store.url)
+
+                def token(base: str, name: str = name) -> Path:
+                    return bench.task_token(base, token_file, workdir / f"{name}.token")
+
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
             kp_port = bench._free_port()
-            argv = [
-                str(bench.KEYPROXY),
-                "serve",
-                "-c",
-                str(path),
-                "--port",
-                str(kp_port),
-                "--admin-port",
-                "0",
-            ]
+            argv = _keyproxy_argv(path, kp_port)
             env = clean_env | ({"PYTHONPATH": str(source)} if source is not None else {})
-            results.append(count(name, argv, kp_port, env))
+            results.append(count(name, argv, kp_port, env, token))
     finally:
         procs.stop_all()
+        store.stop()
         bao.stop()
         if keep is not None:  # for callgrind_annotate
             keep.mkdir(parents=True, exist_ok=True)
@@ -230,8 +272,18 @@ def main() -> int:
     parser.add_argument("--body", choices=["small", "large"], default="small")
     parser.add_argument("--routes", type=int, default=10)
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps into this directory")
+    parser.add_argument("--limits", action="store_true", help="also count keyproxy with limits")
+    parser.add_argument("--conc", type=int, default=1, help="connections while counting")
     args = parser.parse_args()
-    results = measure(args.compare, args.seconds, args.body, args.routes, args.keep)
+    results = measure(
+        args.compare,
+        args.seconds,
+        args.body,
+        args.routes,
+        args.keep,
+        limits=args.limits,
+        conc=args.conc,
+    )
     minimal = float(str(results[0]["per_request"]))
     print("\n| candidate | requests counted | instructions per request | x minimal |")
     print("|---|---:|---:|---:|")

@@ -4,7 +4,8 @@
     POST /token/revoke            the holder revokes its own task token (Bearer)
     GET  /.well-known/jwks.json   the task-token public keys
 
-JSON request (workload token in `Authorization: Bearer`):
+JSON request (workload token in `Authorization: Bearer`; over mutual TLS, without one, the
+caller's X.509-SVID is the identity exchanged, as on the proxy):
 
     {"scope": {"openai": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}},
      "task": "summarise-ticket-4711", "intent": "summarise one ticket",
@@ -44,8 +45,7 @@ from keyproxy.errors import (
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
-from keyproxy.mtls import client_chain
-from keyproxy.spiffe import thumbprint
+from keyproxy.mtls import binding, client_chain, svid_identity
 from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskTokens, is_task_token
 
@@ -109,10 +109,17 @@ class Broker:
         event["source"] = str(source)
         form = request.content_type == "application/x-www-form-urlencoded"
         fields = await _fields(request, form)
-        subject_token = _subject_token(request, fields, form)
-        if is_task_token(subject_token):
-            raise Unauthenticated("wrong_token_type", "exchange a workload identity token")
-        identity = await self.verifier.verify(subject_token)
+        # Over mutual TLS: the certificate the handshake verified, or the one a trusted front
+        # proxy forwarded (verified below like a direct one).
+        chain, forwarded = client_chain(request, self.config.server, self.tls)
+        subject_token = _subject_token(request, fields, form, svid=bool(chain))
+        if subject_token:
+            if is_task_token(subject_token):
+                raise Unauthenticated("wrong_token_type", "exchange a workload identity token")
+            identity = await self.verifier.verify(subject_token)
+        else:
+            assert self.tls is not None  # only a listener with TLS has a client chain
+            identity = svid_identity(self.tls, chain)
         event |= {"issuer": identity.issuer, "subject": identity.subject}
         routes = list(self.config.routes)
         try:
@@ -143,11 +150,10 @@ class Broker:
         bind = fields.get("bind_source") in (True, "true", "1")
         # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705),
         # or to the one a trusted front proxy forwarded, once verified like a direct one.
-        chain, forwarded = client_chain(request, self.config.server, self.tls)
         if forwarded:
             assert self.tls is not None  # only a listener with TLS reads the header
             self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
-        certificate = chain[0] if chain else None
+        certificate = binding(chain, self.tls.verifier) if chain and self.tls else None
         issued = await self.tasks.issue(
             identity,
             granted,
@@ -156,7 +162,7 @@ class Broker:
             intent=intent,
             max_uses=max_uses,
             source=str(source) if bind else None,
-            certificate=thumbprint(certificate) if certificate is not None else None,
+            certificate=certificate,
         )
         event |= {
             "token_id": issued.token_id,
@@ -218,7 +224,9 @@ async def _fields(request: web.Request, form: bool) -> dict[str, Any]:
     return body
 
 
-def _subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> str:
+def _subject_token(request: web.Request, fields: dict[str, Any], form: bool, *, svid: bool) -> str:
+    """The workload identity token to exchange; "" for none in a JSON request presenting a
+    client certificate (`svid`), whose X.509-SVID is then the identity."""
     if form:
         if fields.get("grant_type") != GRANT_TYPE:
             raise BadRequest("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
@@ -228,6 +236,8 @@ def _subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> 
     else:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token and svid and "Authorization" not in request.headers:
+            return ""
     if not token:
         raise Unauthenticated("no_credential", "send the workload identity token")
     return token

@@ -5,7 +5,9 @@ sends no bearer credential is authenticated by its X.509-SVID: the listener's `S
 (keyproxy.spiffe: the leaf rules, then the chain against the bundle of its own trust domain)
 turns the chain the handshake verified into the identity `issuer = spiffe://<trust domain>`,
 `subject = <SPIFFE ID>`, with no claims. A task token bound to a certificate (RFC 8705
-`cnf.x5t#S256`) is accepted only on a connection presenting that very certificate.
+`cnf.x5t#S256`) is accepted only on a connection presenting that very certificate, or, when
+it was bound to an X.509-SVID, a renewal of it: an SVID the listener's bundles verify, with
+the same SPIFFE ID and the same public key (`binding`, `check_binding`).
 
 Behind a TLS-terminating front proxy listed in `server.trusted_proxies`, the certificate it
 forwards in its header (`server.tls.forwarded_client_cert`, keyproxy.forwardedcert) stands
@@ -16,6 +18,7 @@ against it. From any other peer the header is ignored.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -26,9 +29,9 @@ from keyproxy.config import CallerCredential, ServerConfig
 from keyproxy.errors import Unauthenticated
 from keyproxy.forwardedcert import forwarded_chain
 from keyproxy.headers import caller_token
-from keyproxy.spiffe import SCHEME, presents
+from keyproxy.spiffe import SCHEME, SvidVerifier, presents, thumbprint
 from keyproxy.tls import ServerTLS, peer_chain
-from keyproxy.tokens import TaskToken
+from keyproxy.tokens import CertificateBinding, TaskToken
 
 
 def client_chain(
@@ -71,11 +74,36 @@ def svid_identity(tls: ServerTLS, chain: tuple[bytes, ...]) -> Identity:
     return Identity(SCHEME + svid.issuer, svid.subject)
 
 
-def check_binding(task: TaskToken, chain: tuple[bytes, ...]) -> None:
-    """Refuse a certificate-bound task token on a connection without that certificate."""
+def binding(chain: tuple[bytes, ...], verifier: SvidVerifier) -> CertificateBinding:
+    """What a task token requested with the client certificate `chain` is bound to: its
+    thumbprint, and for a valid X.509-SVID also its SPIFFE ID and public key, so that the
+    SVID's renewals with the same key are accepted as well."""
+    exact = thumbprint(chain[0])
+    try:
+        svid = verifier.verify(chain, dt.datetime.now(dt.UTC))
+    except Unauthenticated:
+        return CertificateBinding(exact)  # trusted by the handshake, but no SVID: exactly it
+    return CertificateBinding(exact, svid.subject, svid.key)
+
+
+def check_binding(task: TaskToken, chain: tuple[bytes, ...], verifier: SvidVerifier | None) -> None:
+    """Refuse a certificate-bound task token on a connection without that certificate or a
+    renewal of it (the same SPIFFE ID and public key, verified by `verifier`)."""
     bound = task.certificate
-    if bound is not None and not presents(bound, chain[0] if chain else None):
-        raise Unauthenticated(
-            "token_binding_mismatch",
-            "this token is bound to a client certificate this connection did not present",
-        )
+    if bound is None or presents(bound.thumbprint, chain[0] if chain else None):
+        return
+    if chain and verifier is not None and bound.spiffe_id is not None and bound.key is not None:
+        try:
+            svid = verifier.verify(chain, dt.datetime.now(dt.UTC))
+        except Unauthenticated:
+            svid = None
+        if (
+            svid is not None
+            and svid.subject == bound.spiffe_id
+            and hmac.compare_digest(svid.key, bound.key)
+        ):
+            return
+    raise Unauthenticated(
+        "token_binding_mismatch",
+        "this token is bound to a client certificate this connection did not present",
+    )

@@ -250,14 +250,18 @@ class Proxy:
 
     def _source(self, request: web.Request) -> tuple[IPAddress, str]:
         """The caller's address, and as its audit event writes it."""
+        trusted = self.config.server.trusted_proxies
+        if not trusted:  # the peer is the caller
+            parsed: tuple[IPAddress, str] | None = getattr(request.protocol, policy.PEER, None)
+            if parsed is not None:
+                return parsed
         # A peer with no address (a Unix socket) matches no CIDR.
         peer = request.remote or "0.0.0.0"  # noqa: S104
-        trusted = self.config.server.trusted_proxies
         if trusted:
             forwarded = request.headers.getall("X-Forwarded-For", [])
             source = policy.client_address(peer, forwarded, trusted)
             return source, str(source)
-        return policy.peer_address(peer)  # the peer is the caller
+        return policy.peer_address(peer)
 
     async def _authenticate(self, credential: str, chain: tuple[bytes, ...]) -> Caller:
         """A task token, or else a workload identity token; with no credential (`""`), the
@@ -268,7 +272,7 @@ class Proxy:
             return Caller(svid_identity(self.tls, chain), None, None)
         if self.tasks is not None and is_task_token(credential):
             task = await self.tasks.verify(credential)
-            check_binding(task, chain)
+            check_binding(task, chain, self.tls.verifier if self.tls is not None else None)
             return Caller(task.identity, task, task.token_id)
         identity = await self.verifier.verify(credential)
         jti = identity.claims.get("jti")

@@ -10,7 +10,8 @@
   into an `Svid`, or raises `Unauthenticated` with a distinct `reason` for each refusal.
 - `thumbprint(der)` is RFC 8705's `x5t#S256`: base64url (no padding) of SHA-256 of the DER;
   `presents(expected, der)` says whether a connection's certificate is the one a bound token
-  names (compared in constant time).
+  names (compared in constant time). `key_thumbprint(certificate)` is the same of its
+  SubjectPublicKeyInfo: what a renewed SVID keeps when it keeps its key.
 
 How a chain is verified. The TLS handshake (Python's `ssl`, see keyproxy/tls.py) already checked
 the chain against the union of all configured bundles; that alone would let trust domain A's CA
@@ -164,6 +165,14 @@ def thumbprint(der: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 
+def key_thumbprint(certificate: x509.Certificate) -> str:
+    """base64url, unpadded, of the SHA-256 of the certificate's SubjectPublicKeyInfo (DER)."""
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.urlsafe_b64encode(hashlib.sha256(spki).digest()).rstrip(b"=").decode()
+
+
 def presents(expected: str, der: bytes | None) -> bool:
     """Whether the connection's certificate `der` is the one a token's `cnf.x5t#S256` names."""
     return der is not None and hmac.compare_digest(thumbprint(der), expected)
@@ -171,11 +180,13 @@ def presents(expected: str, der: bytes | None) -> bool:
 
 @dataclass(frozen=True)
 class Svid:
-    """A verified X.509-SVID: the caller's SPIFFE ID and its certificate's thumbprint."""
+    """A verified X.509-SVID: the caller's SPIFFE ID, its certificate's thumbprint and its
+    public key's (`key_thumbprint`)."""
 
     spiffe_id: SpiffeId
     thumbprint: str
     not_after: dt.datetime
+    key: str = ""
 
     @property
     def issuer(self) -> str:
@@ -275,4 +286,4 @@ class SvidVerifier:
                 "svid_untrusted",
                 f"the chain does not verify against the {spiffe_id.trust_domain} bundle",
             ) from None
-        return Svid(spiffe_id, thumbprint(chain[0]), leaf.not_valid_after_utc)
+        return Svid(spiffe_id, thumbprint(chain[0]), leaf.not_valid_after_utc, key_thumbprint(leaf))

@@ -27,6 +27,8 @@ the leaf's own trust domain) is `SvidVerifier`'s, with its own reasons.
 
 `listener_tls(settings, where, on_refused)` builds one from a listener's `server.tls` settings,
 refusing files that cannot be read or do not fit together with a ConfigError naming the setting.
+`file_problems(settings, where)` says the same without building anything to keep, one problem
+per file (missing, unreadable, not a certificate, key or bundle), for `keyproxy check`.
 
 `peer_chain(request.transport)` gives the client certificate chain the handshake verified (DER, leaf
 first), for `SvidVerifier.verify`. Python exposes that chain publicly from 3.13; 3.11 and 3.12
@@ -47,6 +49,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from keyproxy.config import ListenerTLS
 from keyproxy.errors import ConfigError
@@ -310,6 +316,62 @@ def listener_tls(settings: ListenerTLS, where: str, on_refused: OnRefused) -> Se
     # ssl.SSLError is an OSError, spiffe.BundleError a ValueError.
     except (OSError, ValueError) as exc:
         raise ConfigError(where, f"cannot load the TLS files: {error_text(exc)}") from None
+
+
+def file_problems(settings: ListenerTLS, where: str) -> list[ConfigError]:
+    """What would stop `listener_tls` here: per file, the setting, its path and what is wrong
+    (missing, unreadable, not PEM certificates, not an unencrypted PEM private key, not a
+    trust bundle); when every file reads, whether they fit together (a key that does not
+    match its certificate). Never any of the files' content."""
+    files: list[tuple[str, Path, Callable[[bytes], str | None]]] = [
+        ("certificate", settings.certificate, _certificates),
+        ("key", settings.key, _private_key),
+    ]
+    files += [(f"trust_bundles.{td}", path, _bundle(td)) for td, path in settings.trust_bundles]
+    problems = []
+    for key, path, problem_of in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            problems.append(ConfigError(f"{where}.{key}", f"cannot read {path}: {exc.strerror}"))
+            continue
+        problem = problem_of(data)
+        if problem is not None:
+            problems.append(ConfigError(f"{where}.{key}", f"{path}: {problem}"))
+    if not problems:
+        try:
+            listener_tls(settings, where, lambda _reason, _message: None)
+        except ConfigError as exc:
+            problems.append(exc)
+    return problems
+
+
+def _certificates(data: bytes) -> str | None:
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return "not a PEM certificate chain"
+    return None
+
+
+def _private_key(data: bytes) -> str | None:
+    # SECURITY: cryptography's own error text is not quoted: nothing of a key file is shown.
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return "not an unencrypted PEM private key"
+    return None
+
+
+def _bundle(trust_domain: str) -> Callable[[bytes], str | None]:
+    def problem(data: bytes) -> str | None:
+        try:
+            parse_bundle(trust_domain, data)
+        except ValueError as exc:  # spiffe.BundleError: says what is wrong, quotes nothing
+            return f"not a trust bundle: {exc}"
+        return None
+
+    return problem
 
 
 def error_text(exc: Exception) -> str:

@@ -78,7 +78,20 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
         ),
     ),
     # The shared limit store (Valkey/Redis or in-process): below the adapters that use it.
-    ("state", frozenset({"state", "state.store", "state.memory", "state.redis", "state.limits"})),
+    (
+        "state",
+        frozenset(
+            {
+                "state",
+                "state.store",
+                "state.memory",
+                "state.redis",
+                "state.scripts",
+                "state.batch",
+                "state.limits",
+            }
+        ),
+    ),
     # I/O adapters: Vault, the issuers, task tokens, upstream sessions, rotators, logs, metrics.
     (
         "I/O adapters",
@@ -134,6 +147,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "demo",
                 "mcp_demo",
                 "devserver",
+                "devca",
                 "storeserver",
             }
         ),

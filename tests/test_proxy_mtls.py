@@ -302,6 +302,61 @@ async def test_a_certificate_bound_token_works_only_on_its_own_certificate(
     assert len(upstream.requests) == 1
 
 
+async def test_a_bound_token_follows_its_svid_renewed_with_the_same_key(
+    stack: MtlsStack, upstream: Upstream, identity_token: str
+) -> None:
+    """A bound token works on a renewal of its SVID (same SPIFFE ID, same key), and gets 401
+    on an SVID of the same ID with another key or of another ID with the same key."""
+    own = stack.cas["example"].svid("/agent")
+    async with stack.session(own) as session:
+        token = await exchange_over(session, stack.base, identity_token)
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    renewed = stack.cas["example"].svid("/agent", key=own.key)
+    async with stack.session(renewed) as session:
+        assert (await post(session, url, bearer(token)))[0] == 200
+    for other in (
+        stack.cas["example"].svid("/agent"),
+        stack.cas["example"].svid("/b", key=own.key),
+    ):
+        async with stack.session(other) as session:
+            got, body = await post(session, url, bearer(token))
+        assert (got, body["error"]["code"]) == (401, "token_binding_mismatch")
+    assert len(upstream.requests) == 1
+
+
+async def test_an_svid_alone_exchanges_for_a_bound_token(
+    stack: MtlsStack, upstream: Upstream, audit_log: Path
+) -> None:
+    """POST /token with no bearer token over mTLS: the X.509-SVID is the identity exchanged
+    (token.issued names it), the token is bound to it, and it is 401 without the SVID."""
+    own = stack.cas["example"].svid("/agent")
+    body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    async with stack.session(own) as session:
+        async with session.post(f"{stack.base}/token", json=body) as r:
+            answer = await r.json()
+            assert r.status == 200, answer
+        token: str = answer["access_token"]
+        CANARIES.add(token)
+        assert (await post(session, url, bearer(token)))[0] == 200
+    issued = [e for e in read_events(audit_log) if e.get("event") == "token.issued"][-1]
+    assert (issued["issuer"], issued["subject"]) == (
+        "spiffe://example.org",
+        "spiffe://example.org/agent",
+    )
+    assert issued["bound_certificate"] is True
+    async with stack.session(None) as session:
+        got, refused = await post(session, url, bearer(token))
+    assert (got, refused["error"]["code"]) == (401, "token_binding_mismatch")
+    stranger = stack.cas["partner"].svid("/agent")
+    async with (
+        stack.session(stranger) as session,
+        session.post(f"{stack.base}/token", json=body) as r,
+    ):
+        assert r.status == 403  # an SVID no policy names is granted nothing
+    assert len(upstream.requests) == 1
+
+
 async def test_a_token_requested_without_a_certificate_is_not_bound(
     stack: MtlsStack, upstream: Upstream, identity_token: str
 ) -> None:

@@ -5,7 +5,8 @@ are where the README says). The shell starts with no virtualenv on PATH and no V
 OpenAI variable: everything comes from `source keyproxy-dev.env`, as for a reader.
 
 Blocks fenced as `sh no-run` (make dev, the production commands) and `console` (sample
-output) are not run; any other fence is refused, so a new block must say which it is.
+output) are not run; `sh mtls` blocks are run against `keyproxy dev --mtls` by
+tests/cli/test_dev_mtls.py; any other fence is refused, so a new block must say which it is.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tests.helpers.polling import eventually_blocking
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.M | re.S)
-KINDS = {"sh", "sh no-run", "console"}
+KINDS = {"sh", "sh no-run", "sh mtls", "console"}
 FINGERPRINT = re.compile(r"fingerprint ([0-9a-f]{12})")
 
 

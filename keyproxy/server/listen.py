@@ -31,7 +31,6 @@ configuration file (keyproxy.server.reload); it never kills the process.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 import time
 from collections import Counter
@@ -44,8 +43,10 @@ import structlog
 from aiohttp import web, web_protocol
 from aiohttp.web_request import BaseRequest
 
+from keyproxy.addresses import IPAddress
 from keyproxy.config import Config, Network, ServerConfig
 from keyproxy.metrics import Metrics
+from keyproxy.policy import peer_address
 from keyproxy.server.app import METRICS, RELOADER, SERVER_NAME, TLS, build_admin_app, build_app
 
 log = structlog.get_logger("keyproxy.server")
@@ -95,11 +96,11 @@ class _Guard:
         self._by_source: Counter[str] = Counter()
         self._logged: dict[str, float] = {}
 
-    def admit(self, source: str) -> str | None:
-        """Count a new connection from `source`, or the reason it is refused."""
+    def admit(self, source: str, address: IPAddress | None) -> str | None:
+        """Count a new connection from `source` (parsed: `address`), or why it is refused."""
         if self.open >= self.limits.max_connections:
             return "max_connections"
-        exempt = _inside(source, self.limits.trusted)
+        exempt = address is not None and any(address in n for n in self.limits.trusted)
         if not exempt and self._by_source[source] >= self.limits.max_connections_per_source:
             return "max_connections_per_source"
         self.open += 1
@@ -131,16 +132,6 @@ class _Guard:
         log.warning("request.malformed", source=source, error=kind, status=status)
 
 
-def _inside(source: str, networks: tuple[Network, ...]) -> bool:
-    if not networks:
-        return False
-    try:
-        address = ipaddress.ip_address(source)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
-
-
 class _Connection(web_protocol.RequestHandler):
     """aiohttp's request handler, with the header deadline, the connection limits and a
     malformed request's answer of this module's docstring."""
@@ -149,13 +140,20 @@ class _Connection(web_protocol.RequestHandler):
         super().__init__(manager, **kwargs)
         self._guard = manager.guard
         self._source = ""
+        # The TCP peer, parsed once for every request of the connection: the proxy reads it
+        # by the name policy.PEER.
+        self.peer: tuple[IPAddress, str] | None = None
         self._admitted = False
         self._header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        refused = self._guard.admit(self._source)
+        try:
+            self.peer = peer_address(self._source)
+        except ValueError:  # not an IP address (a Unix socket)
+            self.peer = None
+        refused = self._guard.admit(self._source, self.peer[0] if self.peer else None)
         if refused is not None:
             # SECURITY: nothing of this connection is read, so nothing of it can cost more.
             assert isinstance(transport, asyncio.Transport)  # TCP listeners only

@@ -30,6 +30,8 @@ from keyproxy.caller import Identity
 from keyproxy.config import MAX_USES, ConcurrencyLimit, Config, Limits, RateLimit
 from keyproxy.state.store import Concurrency, Counter, Decision, Limit, OnStoreError, Rate
 
+_KNOWN = 4096  # callers whose limits are kept ready (forgotten all at once when full)
+
 
 def limit_name(limit: Limit) -> str:
     """The configured name of a limit the store answered for (`max_uses` for a token's)."""
@@ -47,6 +49,9 @@ class RequestLimits:
     def __init__(self, config: Config) -> None:
         self._routes: Mapping[str, Limits] = {n: r.limits for n, r in config.routes.items()}
         self._policies: Mapping[str, Limits] = {p.name: p.limits for p in config.policies}
+        # The configured limits of recent callers, ready: the same caller on the same route
+        # touches the same keys, and naming them costs a digest and a few objects each.
+        self._known: dict[tuple[str | None, ...], tuple[Limit, ...]] = {}
 
     def limited(self, route: str, policy: str | None) -> bool:
         """Whether requests to `route` allowed by `policy` touch any configured limit."""
@@ -63,11 +68,28 @@ class RequestLimits:
     ) -> tuple[Limit, ...]:
         """The limits a request touches. `uses` is a task token's (max_uses, seconds until
         its counter may go: the token's remaining life)."""
+        asked = (route, policy, identity.issuer, identity.subject, task, token_id)
+        configured = self._known.get(asked)
+        if configured is None:
+            configured = self._configured(route, policy, identity, task, token_id)
+            if len(self._known) >= _KNOWN:
+                self._known.clear()
+            self._known[asked] = configured
+        if uses is None:
+            return configured
+        cap, ttl = uses
+        assert token_id is not None  # a task token always has its id
+        return (Counter(f"{MAX_USES}:{token_id}", cap, max(1.0, ttl)), *configured)
+
+    def _configured(
+        self,
+        route: str,
+        policy: str | None,
+        identity: Identity,
+        task: str | None,
+        token_id: str | None,
+    ) -> tuple[Limit, ...]:
         found: list[Limit] = []
-        if uses is not None:
-            cap, ttl = uses
-            assert token_id is not None  # a task token always has its id
-            found.append(Counter(f"{MAX_USES}:{token_id}", cap, max(1.0, ttl)))
         groups = [self._routes[route]]
         if policy is not None:
             groups.append(self._policies[policy])

@@ -1,11 +1,14 @@
 """The Valkey/Redis state store: limits shared by every worker and replica.
 
-One round trip per decision. `take` runs one Lua script (`_TAKE`) over every limit the
+One script per decision. `take` runs one Lua script (`scripts.TAKE`) over every limit the
 request touches: it reads the server's clock (`TIME`, so the replicas' own clocks never
 matter), checks each limit, and only if all admit does it write any of them, so a refused
 request consumes nothing. Redis runs a script atomically, which makes `max_uses` exact
-under any number of concurrent takers. Scripts are sent with EVALSHA and loaded again on
-NOSCRIPT (a restarted or failed-over server) by redis-py's `AsyncScript`.
+under any number of concurrent takers. The decisions of one event-loop turn share one
+round trip: one write of their EVALSHAs, one read of their replies (keyproxy.state.batch),
+and so do the releases of their concurrency slots; on Cluster each is a call of its own.
+Scripts are loaded again on NOSCRIPT (a restarted or failed-over server), by the batch or
+by redis-py's `AsyncScript`. The scripts are in keyproxy.state.scripts.
 
 Why one script and not the `limits` package: `limits` keeps each limit in its own Redis
 call (one `hit` per limit, each a round trip or a script of its own), so a request with a
@@ -24,12 +27,14 @@ deadline of three times that bounds a whole call. After a failure the store stay
 for a backoff that doubles up to `_BACKOFF_MAX` with full jitter: decisions during it answer
 at once from each limit's `on_store_error` without touching the network, so an outage
 neither stalls requests nor hammers the server, and the first call after the backoff
-reconnects (the connection pool makes new connections on demand).
+reconnects (the connection pool makes new connections on demand). A round trip shared by
+several decisions counts as one failure, however many decisions it carried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import time
 import uuid
@@ -47,6 +52,8 @@ from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 
 from keyproxy.config import RedisSettings
+from keyproxy.state.batch import ScriptBatch
+from keyproxy.state.scripts import REFRESH, RELEASE, TAKE
 from keyproxy.state.store import (
     Concurrency,
     Counter,
@@ -70,102 +77,7 @@ _FAULTS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 _T = TypeVar("_T")
 
-# KEYS: one per limit. ARGV: units, holder, then per limit (kind, a, b):
-#   counter 'c': cap, ttl ms         rate 'r': interval ms, burst         slot 's': limit, lease ms
-# Returns {all allowed (1/0), then per limit: allowed, remaining, reset ms, retry-after ms}.
-_TAKE = """
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local units = tonumber(ARGV[1])
-local holder = ARGV[2]
-local out = {1}
-local new_tats = {}
-for i, key in ipairs(KEYS) do
-  local kind, a, b = ARGV[3 * i], tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-  local allowed, remaining, reset, retry
-  if kind == 'c' then
-    local used = tonumber(redis.call('GET', key) or '0')
-    local pttl = redis.call('PTTL', key)
-    if pttl < 0 then pttl = b end
-    allowed = used + units <= a
-    remaining = allowed and (a - used - units) or math.max(0, a - used)
-    reset = pttl
-    retry = allowed and 0 or pttl
-  elseif kind == 'r' then
-    local tat = tonumber(redis.call('GET', key) or '0')
-    if tat < now then tat = now end
-    local new_tat = tat + units * a
-    local allow_at = new_tat - b * a
-    allowed = allow_at <= now
-    if allowed then
-      remaining = math.floor((now - allow_at) / a + 1e-9)
-      reset, retry = new_tat - now, 0
-    else
-      remaining, reset, retry = 0, tat - now, allow_at - now
-    end
-    new_tats[i] = new_tat
-  else
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    local held = redis.call('ZCARD', key)
-    allowed = held < a
-    remaining = allowed and (a - held - 1) or 0
-    reset, retry = 0, 0
-    if not allowed then
-      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-      reset = tonumber(first[2]) - now
-      retry = reset
-    end
-  end
-  if not allowed then out[1] = 0 end
-  out[#out + 1] = allowed and 1 or 0
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = retry
-end
-if out[1] == 0 then return out end
-for i, key in ipairs(KEYS) do
-  local kind, b = ARGV[3 * i], tonumber(ARGV[3 * i + 2])
-  if kind == 'c' then
-    redis.call('INCRBY', key, units)
-    if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, math.ceil(b)) end
-  elseif kind == 'r' then
-    local keep = math.ceil(new_tats[i] - now) + 1
-    redis.call('SET', key, string.format('%.3f', new_tats[i]), 'PX', keep)
-  else
-    redis.call('ZADD', key, now + b, holder)
-    if redis.call('PTTL', key) < b then redis.call('PEXPIRE', key, math.ceil(b)) end
-  end
-end
-return out
-"""
-
-# KEYS: slot sets. ARGV: per key (holder, lease ms). Returns per key 1 if the slot was lost.
-_REFRESH = """
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local out = {}
-for i, key in ipairs(KEYS) do
-  local holder, lease = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
-  local score = redis.call('ZSCORE', key, holder)
-  if score and tonumber(score) > now then
-    redis.call('ZADD', key, now + lease, holder)
-    if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, math.ceil(lease)) end
-    out[i] = 0
-  else
-    if score then redis.call('ZREM', key, holder) end
-    out[i] = 1
-  end
-end
-return out
-"""
-
-# KEYS: slot sets. ARGV: the holder in each.
-_RELEASE = """
-for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
-return 0
-"""
+_ERROR_REPLY = redis.exceptions.ResponseError  # a batched call's own error, returned
 
 
 class _PasswordFile(CredentialProvider):
@@ -231,9 +143,15 @@ class RedisStore(StateStore):
     def __init__(self, settings: RedisSettings) -> None:
         self._settings = settings
         self._redis, self._others = _client(settings)
-        self._take = self._redis.register_script(_TAKE)
-        self._refresh = self._redis.register_script(_REFRESH)
-        self._release = self._redis.register_script(_RELEASE)
+        self._take = self._redis.register_script(TAKE)
+        # Decisions (and releases) of one loop turn share a round trip (keyproxy.state.batch).
+        # A Cluster client has a pool per node: there each is a call of its own.
+        self._takes = self._releases = None
+        if not settings.cluster:
+            self._takes = ScriptBatch(self._redis, TAKE, self._call)
+            self._releases = ScriptBatch(self._redis, RELEASE, self._call)
+        self._refresh = self._redis.register_script(REFRESH)
+        self._release = self._redis.register_script(RELEASE)
         self._deadline = settings.timeout * 3
         # At most `max_connections` calls at once, whatever the mode (the pools of Sentinel
         # and Cluster clients refuse rather than wait when full); the rest queue here,
@@ -241,6 +159,8 @@ class RedisStore(StateStore):
         self._gate = asyncio.Semaphore(settings.max_connections)
         self._failures = 0
         self._down_until = 0.0
+        self._id = uuid.uuid4().hex
+        self._holders = itertools.count()
         self.stats = StoreStats()
 
     def _key(self, kind: str, key: str) -> str:
@@ -254,48 +174,64 @@ class RedisStore(StateStore):
             async with asyncio.timeout(self._deadline), self._gate:
                 result = await call()
         except _FAULTS as error:
-            self._failures += 1
-            backoff = min(_BACKOFF_MAX, _BACKOFF_START * 2 ** (self._failures - 1))
-            self._down_until = time.monotonic() + secrets.SystemRandom().uniform(0, backoff)
-            raise StoreUnavailable(f"state store unavailable: {type(error).__name__}") from error
+            raise self._failed(error) from error
         self._failures = 0
         return result
+
+    def _failed(self, error: BaseException) -> StoreUnavailable:
+        """Back off after a failure; the error to raise for it."""
+        self._failures += 1
+        backoff = min(_BACKOFF_MAX, _BACKOFF_START * 2 ** (self._failures - 1))
+        self._down_until = time.monotonic() + secrets.SystemRandom().uniform(0, backoff)
+        return StoreUnavailable(f"state store unavailable: {type(error).__name__}")
 
     async def take(self, limits: Sequence[Limit], units: int = 1) -> Decision:
         if not limits:
             return Decision(())
         started = time.perf_counter()
-        holder = uuid.uuid4().hex
+        # A slot's holder: unique across processes by the store's random id, and cheaper
+        # than a random id per decision (a system call each).
+        holder = f"{self._id}.{next(self._holders)}"
         keys: list[str] = []
-        args: list[str | int | float] = [units, holder]
+        args: list[str | int] = [units, holder]
         for limit in limits:
             if isinstance(limit, Counter):
                 keys.append(self._key("c", limit.key))
-                args += ["c", limit.cap, limit.ttl * 1000]
+                args += ["c", limit.cap, repr(limit.ttl * 1000)]
             elif isinstance(limit, Rate):
                 keys.append(self._key("r", limit.key))
                 args += ["r", repr(limit.interval * 1000), limit.burst]
             else:
                 keys.append(self._key("s", limit.key))
-                args += ["s", limit.limit, limit.lease * 1000]
+                args += ["s", limit.limit, repr(limit.lease * 1000)]
         try:
-            reply = await self._call(lambda: self._take(keys=keys, args=args))
+            if self._takes is None:
+                reply = await self._call(lambda: self._take(keys=keys, args=args))
+            else:
+                reply = await self._takes.run(keys, args)
+                if isinstance(reply, _ERROR_REPLY):
+                    raise self._failed(reply) from reply  # this decision's own error
         except StoreUnavailable:
             self.stats.observe(time.perf_counter() - started, error=True)
             return _unanswered(limits)
         self.stats.observe(time.perf_counter() - started, error=False)
-        outcomes = tuple(
+        # The reply holds integers (Lua numbers are sent as integer replies). Positional
+        # arguments (limit, allowed, remaining, reset, retry_after) and a list: half the cost
+        # of keywords and a generator, on every request.
+        outcomes = [
             Outcome(
                 limit,
-                allowed=bool(reply[1 + 4 * i]),
-                remaining=int(reply[2 + 4 * i]),
-                reset=int(reply[3 + 4 * i]) / 1000,
-                retry_after=int(reply[4 + 4 * i]) / 1000,
+                reply[1 + 4 * i] == 1,
+                reply[2 + 4 * i],
+                reply[3 + 4 * i] / 1000,
+                reply[4 + 4 * i] / 1000,
             )
             for i, limit in enumerate(limits)
-        )
+        ]
+        if not reply[0]:
+            return Decision(tuple(outcomes))
         slots = tuple(Slot(limit, holder) for limit in limits if isinstance(limit, Concurrency))
-        return Decision(outcomes, slots if reply[0] else ())
+        return Decision(tuple(outcomes), slots)
 
     async def refresh(self, slots: Sequence[Slot]) -> tuple[Slot, ...]:
         if not slots:
@@ -311,9 +247,12 @@ class RedisStore(StateStore):
         if not slots:
             return
         keys = [self._key("s", slot.limit.key) for slot in slots]
+        holders = [slot.holder for slot in slots]
         try:
-            holders = [slot.holder for slot in slots]
-            await self._call(lambda: self._release(keys=keys, args=holders))
+            if self._releases is None:
+                await self._call(lambda: self._release(keys=keys, args=holders))
+            elif isinstance(reply := await self._releases.run(keys, holders), _ERROR_REPLY):
+                self._failed(reply)
         except StoreUnavailable:
             return  # the slots expire with their leases
 
@@ -343,6 +282,9 @@ class RedisStore(StateStore):
         return Health(ok=True)
 
     async def close(self) -> None:
+        for batch in (self._takes, self._releases):
+            if batch is not None:
+                await batch.close()
         for client in [self._redis, *self._others]:
             await client.aclose()
 

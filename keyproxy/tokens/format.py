@@ -12,7 +12,10 @@ public keys. Claims:
     scope        {route: [{methods, paths}]}       max_uses, src (bound source address)
     exc          {owner, reason} for an exception token
     cnf          {"x5t#S256": thumbprint}: bound to the client certificate it was requested
-                 with (RFC 8705); accepted only on a connection presenting that certificate
+                 with (RFC 8705); accepted only on a connection presenting that certificate.
+                 When that certificate was an X.509-SVID, also keyproxy's own members
+                 "spiffe_id" and "spki#S256" (the SHA-256 of its SubjectPublicKeyInfo): a
+                 renewed SVID with the same SPIFFE ID and the same key is accepted too
 """
 
 from __future__ import annotations
@@ -38,6 +41,27 @@ CLOCK_SKEW: Final = 5.0
 
 
 @dataclass(frozen=True)
+class CertificateBinding:
+    """The client certificate a task token is bound to (its `cnf`).
+
+    `thumbprint` is RFC 8705's `x5t#S256`. For an X.509-SVID, `spiffe_id` and `key` (the
+    SHA-256 thumbprint of its SubjectPublicKeyInfo) name the renewals it also accepts: an SVID
+    with that ID and that key, verified by the listener's bundles.
+    """
+
+    thumbprint: str
+    spiffe_id: str | None = None
+    key: str | None = None
+
+    def claim(self) -> dict[str, str]:
+        """The `cnf` claim."""
+        cnf = {"x5t#S256": self.thumbprint}
+        if self.spiffe_id is not None and self.key is not None:
+            cnf |= {"spiffe_id": self.spiffe_id, "spki#S256": self.key}
+        return cnf
+
+
+@dataclass(frozen=True)
 class TaskToken:
     """A verified task token. Holds no secret; `token_id` is safe to log."""
 
@@ -51,7 +75,7 @@ class TaskToken:
     max_uses: int | None = None
     source: str | None = None
     exception_owner: str | None = None
-    certificate: str | None = None  # cnf.x5t#S256: the client certificate it is bound to
+    certificate: CertificateBinding | None = None  # cnf: the client certificate it is bound to
 
 
 @dataclass(frozen=True)

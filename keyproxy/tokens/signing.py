@@ -24,7 +24,7 @@ from keyproxy.caller import Identity
 from keyproxy.config import Config
 from keyproxy.errors import Forbidden, Unavailable, VaultError
 from keyproxy.tokens.exceptions import ExceptionRegister
-from keyproxy.tokens.format import TASK_TOKEN_TYPE, Issued, b64, json_bytes
+from keyproxy.tokens.format import TASK_TOKEN_TYPE, CertificateBinding, Issued, b64, json_bytes
 from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -126,11 +126,11 @@ class Signing(ExceptionRegister):
         max_uses: int | None = None,
         source: str | None = None,
         exception: tuple[str, str] | None = None,
-        certificate: str | None = None,
+        certificate: CertificateBinding | None = None,
     ) -> Issued:
         """Sign a token for exactly `scope`. The caller has already intersected it with policy
-        and clamped `ttl`; `certificate` (an RFC 8705 `x5t#S256` thumbprint) binds it to the
-        client certificate it was requested with. Raises Unavailable when Vault cannot sign."""
+        and clamped `ttl`; `certificate` binds it to the client certificate it was requested with
+        (RFC 8705 `cnf`). Raises Unavailable when Vault cannot sign."""
         if not scope:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and not all(part.strip() for part in exception):
@@ -164,7 +164,7 @@ class Signing(ExceptionRegister):
         if exception is not None:
             claims["exc"] = {"owner": exception[0], "reason": exception[1]}
         if certificate is not None:
-            claims["cnf"] = {"x5t#S256": certificate}
+            claims["cnf"] = certificate.claim()
         token = await self._sign(claims)
         if exception is not None:
             await self._record_exception(token_id, claims)

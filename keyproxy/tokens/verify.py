@@ -27,6 +27,7 @@ from keyproxy.tokens.format import (
     LEEWAY,
     MAX_TOKEN_BYTES,
     TASK_TOKEN_TYPE,
+    CertificateBinding,
     TaskToken,
     optional_text,
 )
@@ -165,15 +166,22 @@ class Verifier(Signing):
             raise Unauthenticated("invalid_claims", "task token claims invalid") from None
 
 
-def _bound_certificate(claims: Mapping[str, Any]) -> str | None:
-    """The `cnf.x5t#S256` thumbprint a token is bound to, or None if it is not bound.
+def _bound_certificate(claims: Mapping[str, Any]) -> CertificateBinding | None:
+    """The certificate a token is bound to (`cnf`), or None if it is not bound.
 
-    SECURITY: a `cnf` that is there but unreadable refuses the token (ValueError): ignoring
-    it would turn a bound token into a bearer one."""
+    SECURITY: a `cnf` that is there but unreadable refuses the token (ValueError or
+    TypeError): ignoring it would turn a bound token into a bearer one. So does half a
+    renewal rule (a SPIFFE ID without a key thumbprint, or the other way round)."""
     if "cnf" not in claims:
         return None
     cnf = claims["cnf"]
-    bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    if not isinstance(cnf, dict):
+        raise TypeError("cnf is not an object")
+    bound, spiffe_id, key = (cnf.get(k) for k in ("x5t#S256", "spiffe_id", "spki#S256"))
     if not isinstance(bound, str) or not bound:
         raise ValueError("cnf without an x5t#S256 thumbprint")
-    return bound
+    if spiffe_id is None and key is None:
+        return CertificateBinding(bound)
+    if not (isinstance(spiffe_id, str) and spiffe_id and isinstance(key, str) and key):
+        raise ValueError("cnf with half a renewal rule")
+    return CertificateBinding(bound, spiffe_id, key)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from keyproxy.cli import main
+from keyproxy.devca import DevCA
 from tests.helpers.cli import keyproxy
 from tests.helpers.configs import BASE, CONFIG_TEXT, with_setting
 
@@ -112,3 +113,40 @@ def test_check_command_exits_2_with_the_path(
     assert main(["check", "-c", str(bad)]) == 2
     assert "routes.openai.inject[0].header: " in capsys.readouterr().err
     assert main(["check", "-c", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_tls_files_that_would_not_load_are_warnings(tmp_path: Path) -> None:
+    """`keyproxy check` warns about each TLS file that is missing, unreadable or unparsable,
+    and about a key not matching its certificate, naming the setting and the path and quoting
+    nothing of the files; it still exits 0."""
+    ca = DevCA("example.org")
+    _, key = ca.server_cert().write(tmp_path, "server")
+    other_cert, _ = ca.server_cert().write(tmp_path, "other")
+    canary = "SECRET-KEY-MATERIAL-" + "x" * 40
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text(f"-----BEGIN PRIVATE KEY-----\n{canary}\n-----END PRIVATE KEY-----\n")
+    bad_bundle = tmp_path / "bundle.json"
+    bad_bundle.write_text('{"keys": "none"}')
+    cfg = dict(BASE)
+    cfg["server"] = {
+        "tls": {
+            "certificate": str(tmp_path / "missing.crt"),
+            "key": str(bad_key),
+            "client_auth": "optional",
+            "trust_bundles": {"example.org": str(bad_bundle)},
+        },
+        "admin": {"tls": {"certificate": str(other_cert), "key": str(key)}},
+    }
+    done = _check(tmp_path, yaml.safe_dump(cfg))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        f"keyproxy: warning: server.tls.certificate: cannot read {tmp_path}/missing.crt:"
+        " No such file or directory: serve here would not start",
+        f"keyproxy: warning: server.tls.key: {bad_key}: not an unencrypted PEM private key"
+        ": serve here would not start",
+        f"keyproxy: warning: server.tls.trust_bundles.example.org: {bad_bundle}: not a trust"
+        " bundle: a SPIFFE bundle is a JWK set with a 'keys' list: serve here would not start",
+        "keyproxy: warning: server.admin.tls: cannot load the TLS files:"
+        " KEY_VALUES_MISMATCH: serve here would not start",
+    ]
+    assert canary not in done.stderr + done.stdout

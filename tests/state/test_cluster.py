@@ -285,3 +285,75 @@ async def test_concurrency_cap_holds_across_workers_and_outlives_killed_ones(
         for _, response in streams:
             response.close()
     gated.gate.set()
+
+
+async def test_store_outage_fails_closed_allows_and_recovers_on_every_worker(
+    cluster_config: dict[str, Any],
+    started: list[Cluster],
+    upstream: Upstream,
+    identity_token: str,
+    own_redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """With the store stopped under four workers, every worker answers a fail-closed
+    limited route 503 state_store_unavailable within a bounded time while an `allow` limit
+    and an unlimited route keep serving; after a restart on the same port every worker
+    counts in the store again, with no restart of keyproxy."""
+    generous = {"per": "route", "requests": 10**6, "window": "1h", "burst": 10**6}
+    cluster_config["state"]["url"] = own_redis.url
+    cluster_config["routes"] = {
+        "closed": _route(upstream.url, {"rate": [generous]}),
+        "open": _route(upstream.url, {"on_store_error": "allow", "rate": [generous]}),
+        "free": _route(upstream.url),
+    }
+    cluster = await _start(started, cluster_config, tmp_path)
+    fresh = aiohttp.TCPConnector(force_close=True, limit=100)
+
+    def answered(route: str, status: int, since: int) -> set[int]:
+        """The workers that answered `route` with `status` in the events after `since`."""
+        return {
+            e["worker"]
+            for e in cluster.events()[since:]
+            if e.get("route") == route and e.get("status") == status
+        }
+
+    async def timed(http: aiohttp.ClientSession, route: str) -> tuple[str, int, bytes, float]:
+        began = time.monotonic()
+        async with http.get(f"{cluster.base}/r/{route}/echo", headers=bearer(identity_token)) as r:
+            return route, r.status, await r.read(), time.monotonic() - began
+
+    async with aiohttp.ClientSession(connector=fresh) as http:
+        for route in cluster_config["routes"]:
+            assert (await timed(http, route))[1] == 200
+        own_redis.stop()
+        down = len(cluster.events())
+
+        async def every_worker_refuses() -> bool:
+            results = await asyncio.gather(
+                *(timed(http, route) for route in cluster_config["routes"] for _ in range(20))
+            )
+            for route, status, body, took in results:
+                assert took < 5.0, (route, took)  # bounded: 3 x the 1 s timeout, plus slack
+                if route == "closed":
+                    assert status == 503, body
+                    assert b"state_store_unavailable" in body
+                else:
+                    assert status == 200, (route, body)
+            return len(answered("closed", 503, down)) == 4
+
+        await until(every_worker_refuses, within=DEADLINE)
+        assert len(answered("open", 200, down)) > 1  # served by several workers too
+
+        own_redis.start()  # the same port, empty
+        up = len(cluster.events())
+
+        async def every_worker_counts() -> bool:
+            results = await asyncio.gather(*(timed(http, "closed") for _ in range(20)))
+            # During recovery a worker still backing off may refuse; never a hang.
+            assert all(status in {200, 503} and took < 5.0 for _, status, _, took in results)
+            return len(answered("closed", 200, up)) == 4
+
+        await until(every_worker_counts, within=DEADLINE)
+        prefix = cluster_config["state"]["prefix"]
+        with own_redis.client() as client:
+            assert client.keys(f"{{{prefix}}}:r:*")

@@ -407,6 +407,26 @@ def test_keys_count_whom_the_limit_names() -> None:
     assert all("alice" not in limit.key and "{" not in limit.key for limit in alice)
 
 
+def test_limits_kept_ready_are_those_named_afresh() -> None:
+    """Asked again, in any order, one configuration's limits for each caller are what a
+    fresh reading names; a token's max_uses counter is made anew, with its own ttl."""
+    kept = RequestLimits(config.parse(json.dumps(_LIMITED), {}))
+    bob = Identity("k8s", "bob")
+    asks: list[tuple[str, str | None, Identity, str | None, str | None]] = [
+        ("api", "agents", _ALICE, None, "t1"),
+        ("api", "agents", bob, "report", "t1"),
+        ("api", "agents", _ALICE, "report", "t2"),
+        ("other", None, _ALICE, None, "t3"),
+    ]
+    for uses in [None, (25, 60.0), (25, 10.0)]:
+        for ask in [*asks, *reversed(asks)]:
+            fresh = RequestLimits(config.parse(json.dumps(_LIMITED), {}))
+            assert kept.of(*ask, uses) == fresh.of(*ask, uses)
+    counter = kept.of(*asks[1], (25, 10.0))[0]
+    assert isinstance(counter, Counter)
+    assert counter.ttl == 10.0
+
+
 def test_ratelimit_fields_follow_the_draft() -> None:
     """RateLimit-Policy names each limit's quota and window (concurrency in its own unit),
     RateLimit its remaining units and reset; Retry-After only on a refusal."""

@@ -21,7 +21,7 @@ from keyproxy.config import Grant
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import Unauthenticated
 from keyproxy.identity import Identity
-from keyproxy.tokens import TaskTokens
+from keyproxy.tokens import CertificateBinding, TaskTokens
 from keyproxy.vault import Vault
 from tests.helpers.logscan import CANARIES
 from tests.helpers.servers import (
@@ -207,5 +207,44 @@ async def test_task_tokens_are_read_by_the_shared_strict_parser(
                 await tasks.verify(f"{header}.{_b64(payload)}.{_b64(b'sig')}")
             assert caught.value.reason == "malformed"
             assert why in caught.value.message
+    finally:
+        vault.close()
+
+
+async def test_a_certificate_binding_is_read_whole_or_refused(
+    stack: Stack,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A `cnf` with both renewal members is read as a renewable binding; one with half of
+    them, or that is not an object, refuses the token (invalid_claims), never reads unbound."""
+    code, answer = await exchange(http, stack.base, identity_token)
+    assert code == 200, answer
+    header, claims, _ = _parts(answer["access_token"])
+    head = json.dumps(header).encode()
+    cfg = config_module.parse(json.dumps(token_config(openbao, agent, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    await vault.login()
+    renewable = {"x5t#S256": "t", "spiffe_id": "spiffe://example.org/a", "spki#S256": "k"}
+    halves = [
+        {"x5t#S256": "t", "spiffe_id": "spiffe://example.org/a"},
+        {"x5t#S256": "t", "spki#S256": "k"},
+        {"spiffe_id": "spiffe://example.org/a", "spki#S256": "k"},
+        "t",
+    ]
+    try:
+        tasks = TaskTokens(cfg, vault)
+
+        async def with_cnf(cnf: object) -> str:
+            return await _resign(vault, head, json.dumps({**claims, "cnf": cnf}).encode())
+
+        verified = await tasks.verify(await with_cnf(renewable))
+        assert verified.certificate == CertificateBinding("t", "spiffe://example.org/a", "k")
+        for cnf in halves:
+            with pytest.raises(Unauthenticated) as caught:
+                await tasks.verify(await with_cnf(cnf))
+            assert caught.value.reason == "invalid_claims", cnf
     finally:
         vault.close()
