@@ -755,6 +755,7 @@ def streams_phase(
     workdir, procs = stack.workdir, stack.procs
     load_cpus = {int(LOAD_CPU)} if procs.pinning else None
     up_port = _free_port()
+    upstreams = []
     for i in range(args.stream_upstreams):  # one port, shared with SO_REUSEPORT
         proc = procs.start(
             f"stream-upstream-{i}",
@@ -769,6 +770,7 @@ def streams_phase(
             log=workdir / f"stream-upstream-{i}.log",
         )
         _wait_port(up_port, proc, "stream upstream")
+        upstreams.append(proc)
     upstream = f"http://127.0.0.1:{up_port}"
     key = stack.key_file.read_text(encoding="utf-8").strip()
     token = stack.token_file.read_text(encoding="utf-8").strip()
@@ -859,6 +861,8 @@ def streams_phase(
         procs.stop(ngx)
         procs.stop(mini)
         stack.stop(kp)
+    for proc in upstreams:
+        procs.stop(proc)
     return results
 
 
