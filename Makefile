@@ -35,7 +35,7 @@ test: lint store-server
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
 
-# The side-by-side benchmark (bench/run.py, about 10 minutes on 2 cores). Not part of `test`.
+# The side-by-side benchmark (bench/run.py, about 14 minutes on 2 cores). Not part of `test`.
 .PHONY: bench
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -12,13 +12,15 @@ Everything runs on 127.0.0.1 and is started here and stopped here by PID, also o
   policy decided, key from the Vault-backed cache, response scrubbing, the audit event
   written to a file through the normal structlog JSON pipeline).
 
-Four phases, each interleaving its candidates run by run (A B C D A B C D ...):
+Five phases, the first four interleaving their candidates run by run (A B C D A B C D ...):
 
     main     direct, nginx, minimal, keyproxy (10 routes) x small/large/sse x c=1/32/128
     routes   keyproxy with 10 and with 1,000 routes and policies, small, c=32 and c=128
     workers  keyproxy --workers 1 and --workers 2, unpinned, small, c=32 and c=128
     limits   keyproxy without limits, and with a rate limit and a task token's max_uses
              counted on every request in a local Valkey/Redis server, small, c=32 and c=128
+    streams  direct, nginx, minimal, keyproxy x N concurrent paced event streams (1,000 and
+             4,000 by default), read by several client processes (bench/streams.py)
 
 Proxies run on core 0 and wrk, the upstream and OpenBao on core 1 (where taskset works).
 Writes bench/results/<timestamp>.json and .md and prints the table.
@@ -57,6 +59,9 @@ import yaml
 from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
 from keyproxy.storeserver import LocalStoreServer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import streams as stream_load  # the streams phase's upstream and load (bench/streams.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -68,6 +73,7 @@ FILL_KEY_PATH = "keyproxy/keys/bench-fill"
 BODIES = {"small": "/small", "large": "/large", "sse": "/sse"}
 CONCURRENCY = (1, 32, 128)
 PROXY_CPU, LOAD_CPU = "0", "1"
+PHASES = ("main", "routes", "workers", "limits", "streams")
 
 
 # ---------------------------------------------------------------------------- processes
@@ -188,6 +194,17 @@ def _peak_rss_kib(pid: int) -> int:
     return total
 
 
+def _rss_kib(pid: int) -> int:
+    """VmRSS now of a process and its children."""
+    total = 0
+    for one in _family(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
 # ---------------------------------------------------------------------------- set-up
 
 
@@ -289,7 +306,10 @@ def keyproxy_config(
             "issuers": ["openbao"],
             "subjects": [agent.entity_id],
             "allow": {
-                "bench": {"methods": ["GET"], "paths": ["/small", "/large", "/sse", "/sse-paced"]}
+                "bench": {
+                    "methods": ["GET"],
+                    "paths": ["/small", "/large", "/sse", "/sse-paced", "/stream"],
+                }
             },
         }
     )
@@ -689,8 +709,12 @@ class Stack:
         *,
         source: Path | None = None,
         limited: bool = False,
+        upstream: str | None = None,
+        server: dict[str, Any] | None = None,
     ) -> Candidate:
-        cfg = keyproxy_config(self.bao, self.setup, self.agent, self.upstream, routes)
+        cfg = keyproxy_config(self.bao, self.setup, self.agent, upstream or self.upstream, routes)
+        if server is not None:
+            cfg["server"] = server
         if limited:
             assert self.state_url is not None
             limit_every_request(cfg, self.state_url)
@@ -722,18 +746,139 @@ class Stack:
                 del self.kp_pids[name]
 
 
+def streams_phase(
+    stack: Stack, nginx_bin: str, args: argparse.Namespace
+) -> list[stream_load.Result]:
+    """N concurrent paced streams through each candidate, for each N of `--streams`: the
+    proxies start afresh for each N (so resident memory grown by the N before does not hide
+    this one's), the stream upstream and the client processes run on the load's cores."""
+    workdir, procs = stack.workdir, stack.procs
+    load_cpus = {int(LOAD_CPU)} if procs.pinning else None
+    up_port = _free_port()
+    upstreams = []
+    for i in range(args.stream_upstreams):  # one port, shared with SO_REUSEPORT
+        proc = procs.start(
+            f"stream-upstream-{i}",
+            [
+                sys.executable,
+                str(BENCH / "streams.py"),
+                "upstream",
+                str(up_port),
+                str(stack.key_file),
+            ],
+            cpu=LOAD_CPU,
+            log=workdir / f"stream-upstream-{i}.log",
+        )
+        _wait_port(up_port, proc, "stream upstream")
+        upstreams.append(proc)
+    upstream = f"http://127.0.0.1:{up_port}"
+    key = stack.key_file.read_text(encoding="utf-8").strip()
+    token = stack.token_file.read_text(encoding="utf-8").strip()
+    query = "/stream"
+    results: list[stream_load.Result] = []
+    hard = stream_load.raise_fd_limit()
+    for n in args.streams:
+        if hard < 2 * n + 1024:  # a proxy holds two descriptors a stream
+            print(f"bench: the open-file limit ({hard}) is too low for {n} streams", flush=True)
+        ngx_port, mini_port = _free_port(), _free_port()
+        conf = _write_private(
+            workdir / f"streams-nginx-{n}.conf",
+            (BENCH / "nginx" / "proxy.conf")
+            .read_text(encoding="utf-8")
+            .format(
+                workdir=workdir,
+                port=ngx_port,
+                upstream_port=up_port,
+                key=key,
+                connections=2 * n + 1024,
+                nofile=min(4 * n + 4096, hard),
+            ),
+        )
+        ngx = procs.start(
+            f"streams-nginx-{n}",
+            [nginx_bin, "-c", str(conf), "-p", str(workdir)],
+            cpu=PROXY_CPU,
+            log=workdir / f"streams-nginx-{n}.log",
+        )
+        mini = procs.start(
+            f"streams-minimal-{n}",
+            [
+                sys.executable,
+                str(BENCH / "minimal_proxy.py"),
+                str(mini_port),
+                upstream,
+                str(stack.key_file),
+            ],
+            cpu=PROXY_CPU,
+            log=workdir / f"streams-minimal-{n}.log",
+        )
+        _wait_port(ngx_port, ngx, "nginx (streams)")
+        _wait_port(mini_port, mini, "minimal proxy (streams)")
+        # Every stream comes from 127.0.0.1: the per-source connection limit would refuse them.
+        limits = {"max_connections": 4 * n + 1024, "max_connections_per_source": 4 * n + 1024}
+        kp = stack.keyproxy(
+            f"keyproxy-streams-{n}", 10, 1, PROXY_CPU, upstream=upstream, server=limits
+        )
+        kp_port = int(kp.base.rsplit(":", 1)[1])
+        targets = [
+            (stream_load.Target("direct", "127.0.0.1", up_port, query, f"Bearer {key}"), None),
+            (
+                stream_load.Target(
+                    "nginx", "127.0.0.1", ngx_port, "/r/bench" + query, f"Bearer {token}"
+                ),
+                ngx.pid,
+            ),
+            (
+                stream_load.Target(
+                    "minimal-aiohttp", "127.0.0.1", mini_port, "/r/bench" + query, f"Bearer {token}"
+                ),
+                mini.pid,
+            ),
+            (
+                stream_load.Target(
+                    "keyproxy", "127.0.0.1", kp_port, "/r/bench" + query, f"Bearer {token}"
+                ),
+                kp.pid,
+            ),
+        ]
+        for target, pid in targets:
+            # Warm-up: connections, the token cache, the key.
+            warm = min(n, 50)
+            stream_load.measure(
+                target, warm, 1.0, clients=1, cpus=load_cpus, cpu_seconds=None, rss_kib=None
+            )
+            result = stream_load.measure(
+                target,
+                n,
+                args.stream_seconds,
+                clients=args.stream_clients,
+                cpus=load_cpus,
+                cpu_seconds=(lambda p=pid: _cpu_seconds(p)) if pid else None,
+                rss_kib=(lambda p=pid: _rss_kib(p)) if pid else None,
+            )
+            results.append(result)
+            print(stream_load.line(result), flush=True)
+        procs.stop(ngx)
+        procs.stop(mini)
+        stack.stop(kp)
+    for proc in upstreams:
+        procs.stop(proc)
+    return results
+
+
 def _count_lines(path: Path) -> int:
     with path.open("rb") as f:
         return sum(1 for line in f if b'"event":"request"' in line)
 
 
-def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bottom, phase by phase
+def run(args: argparse.Namespace) -> Path:  # noqa: PLR0912, PLR0915  # reads top to bottom, phase by phase
     tools = ensure_tools()
     pinning = _taskset_works()
     workdir = Path(tempfile.mkdtemp(prefix="keyproxy-bench-"))
     procs = Processes(pinning)
     bao = OpenBaoDevServer(workdir / "openbao")
     all_runs: list[Run] = []
+    stream_results: list[stream_load.Result] = []
     rss: dict[str, int] = {}
     sse: dict[str, Any] = {}
     try:
@@ -780,7 +925,14 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
             workdir / "proxy-nginx.conf",
             (BENCH / "nginx" / "proxy.conf")
             .read_text(encoding="utf-8")
-            .format(workdir=workdir, port=ngx_port, upstream_port=up_port, key=key),
+            .format(
+                workdir=workdir,
+                port=ngx_port,
+                upstream_port=up_port,
+                key=key,
+                connections=4096,
+                nofile=8192,
+            ),
         )
         nginx_proc = procs.start(
             "nginx",
@@ -907,6 +1059,9 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
                 stack.stop(limited)
             finally:
                 store.stop()
+        if "streams" in args.phases:
+            print("bench: phase streams", flush=True)
+            stream_results = streams_phase(stack, tools["nginx"], args)
         audit_events = {name: _count_lines(path) for name, path in stack.audit.items()}
     finally:
         procs.stop_all()
@@ -939,10 +1094,13 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0915  # reads top to bott
         "runs": [vars(r) for r in all_runs],
         "summary": rows,
         "sse": sse,
+        "streams": [vars(r) for r in stream_results],
         "checks": checks,
     }
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     table = markdown(meta, rows, sse, checks)
+    if stream_results:
+        table += "\n" + stream_load.markdown(stream_results, args.stream_seconds)
     out = RESULTS / f"{stamp}.md"
     out.write_text(table, encoding="utf-8")
     print(table)
@@ -986,8 +1144,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--phases",
-        default="main,routes,workers,limits",
-        help="comma-separated subset of main,routes,workers,limits (to measure one change quickly)",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)} (to measure one change quickly)",
+    )
+    parser.add_argument(
+        "--streams",
+        default=None,
+        help="streams phase: concurrent streams, each N in turn (1000,4000; 200 with --quick)",
+    )
+    parser.add_argument(
+        "--stream-seconds",
+        type=float,
+        default=None,
+        help="streams phase: seconds per stream (10; 5 with --quick)",
+    )
+    parser.add_argument(
+        "--stream-clients", type=int, default=4, help="streams phase: client processes"
+    )
+    parser.add_argument(
+        "--stream-upstreams", type=int, default=2, help="streams phase: upstream processes"
     )
     parser.add_argument("--bodies", default=",".join(BODIES), help="main phase: bodies")
     parser.add_argument(
@@ -997,14 +1172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.phases = set(args.phases.split(","))
     args.bodies = args.bodies.split(",")
     args.concs = [int(c) for c in args.concs.split(",")]
-    unknown = (args.phases - {"main", "routes", "workers", "limits"}) | (
-        set(args.bodies) - set(BODIES)
-    )
+    args.streams = [
+        int(n) for n in (args.streams or ("200" if args.quick else "1000,4000")).split(",")
+    ]
+    if args.stream_seconds is None:
+        args.stream_seconds = 5.0 if args.quick else 10.0
+    unknown = (args.phases - set(PHASES)) | (set(args.bodies) - set(BODIES))
     if unknown:
         parser.error(f"unknown phase or body: {', '.join(sorted(unknown))}")
     if args.quick:
         args.duration, args.reps = 1.0, 1
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` stops everything
+    stream_load.raise_fd_limit()  # inherited by every process started here
     run(args)
     return 0
 

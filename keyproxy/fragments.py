@@ -36,6 +36,7 @@ FRAGMENT: Final = 8  # the shortest run of a key's characters that is redacted
 ANCHOR: Final = 4  # anchor length: a window holds one in every FRAGMENT - ANCHOR + 1 bytes
 TEDDY: Final = 64  # most patterns the SIMD prefilter takes: more anchors, more automata
 _REDACTED: Final = REDACTED.encode()
+_PAIRS: Final = 4096  # bits in the bitmap of a window's first two bytes (a power of two)
 
 Span = tuple[int, int]
 _T = TypeVar("_T", str, bytes)
@@ -59,8 +60,16 @@ class Matcher:
         sources = sorted({s for s in sources if s}, key=len, reverse=True)
         windows = {s[i : i + FRAGMENT] for s in sources for i in range(len(s) - FRAGMENT + 1)}
         self._windows: frozenset[bytes] = frozenset(windows)
-        self._sorted: tuple[bytes, ...] = tuple(sorted(windows))  # for the tail's prefix test
+        # For the tail's prefix test: the windows in order; the bytes they start with, and a
+        # 512-byte bitmap of their first two (hashed), which most tails fail.
+        self._sorted: tuple[bytes, ...] = tuple(sorted(windows))
         self._alphabet = frozenset(bytes([b]) for w in windows for b in w)
+        self._firsts = frozenset(w[0] for w in windows)
+        pairs = bytearray(_PAIRS // 8)
+        for w in windows:
+            bit = _pair(w[0], w[1])
+            pairs[bit >> 3] |= 1 << (bit & 7)
+        self._pairs = bytes(pairs)
         wholes = sorted({w for w in (*sources, *wholes) if w}, key=len, reverse=True)
         self._wholes: tuple[bytes, ...] = tuple(w for w in wholes if not self._covered(w))
         anchors = _anchors(sources)
@@ -136,18 +145,26 @@ class Matcher:
             else:
                 return stop
 
+    def _begins_window(self, tail: bytes) -> bool:
+        """Whether `tail` is how a window begins."""
+        ordered = self._sorted
+        at = bisect.bisect_left(ordered, tail)
+        return at < len(ordered) and ordered[at].startswith(tail)
+
     def undecided(self, data: bytes) -> int:
         """Length of the longest end of `data` that more bytes could make part of a stretch:
         a proper prefix of a window (at most FRAGMENT - 1 bytes) or of a form searched whole."""
         longest = 0
         if data[-1:] in self._alphabet:  # an event ending in "\n\n" stops here
-            ordered = self._sorted
-            for size in range(min(FRAGMENT - 1, len(data)), 0, -1):
-                tail = data[-size:]
-                at = bisect.bisect_left(ordered, tail)
-                if at < len(ordered) and ordered[at].startswith(tail):
-                    longest = size
+            pairs, end = self._pairs, len(data)
+            for at in range(max(0, end - FRAGMENT + 1), end - 1):
+                bit = (data[at] << 5 ^ data[at + 1]) & (_PAIRS - 1)  # _pair(), inlined
+                # Most two bytes begin no window: a bit test, the search only if set.
+                if pairs[bit >> 3] >> (bit & 7) & 1 and self._begins_window(data[at:]):
+                    longest = end - at
                     break
+            else:
+                longest = 1 if data[-1] in self._firsts else 0
         size = len(data)
         for whole in self._wholes:
             first = whole[:1]
@@ -158,6 +175,11 @@ class Matcher:
                     break
                 i = data.find(first, i + 1)
         return longest
+
+
+def _pair(first: int, second: int) -> int:
+    """The bit of the first two bytes of a window in the tail test's bitmap."""
+    return (first << 5 ^ second) & (_PAIRS - 1)
 
 
 def _anchors(sources: Sequence[bytes]) -> list[bytes]:

@@ -90,6 +90,44 @@ def test_a_stream_cut_anywhere_gives_the_whole_result(seed: int) -> None:
         assert out + stream.flush() == want, (data, cuts)
 
 
+def _long_text(rng: random.Random, forms: list[bytes]) -> bytes:
+    """A body of several KiB: clean text with runs and whole forms here and there."""
+    pieces = []
+    for _ in range(rng.randint(4, 8)):
+        pieces += [
+            _text(rng, forms),
+            b'{"delta": {"content": "some text"}}\n\n' * rng.randint(0, 9),
+        ]
+    return b"".join(pieces)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_long_bodies_cut_anywhere_give_the_whole_result(seed: int) -> None:
+    """A body of several KiB, cut into two at every offset, and into random chunks from one
+    byte to longer than the longest form, comes out exactly as it does whole."""
+    rng = random.Random(200 + seed)
+    sources = _keys(rng)
+    wholes = [b"token%20" + sources[1]]
+    matcher = Matcher(sources, wholes)
+    longest = max(len(form) for form in [*sources, *wholes])
+    for round_ in range(12):
+        data = _long_text(rng, [*sources, *wholes])
+        want = redacted(data, _definition(data, sources, wholes), MARK)
+        if round_ == 0:
+            for cut in range(len(data) + 1):
+                stream = Stream(matcher)
+                out = stream.feed(data[:cut]) + stream.feed(data[cut:]) + stream.flush()
+                assert out == want, (data, cut)
+        for _ in range(20):
+            stream = Stream(matcher)
+            out, start = b"", 0
+            while start < len(data):
+                size = rng.choice([1, 7, longest - 1, longest, rng.randint(1, 600)])
+                out += stream.feed(data[start : start + size])
+                start += size
+            assert out + stream.flush() == want, data
+
+
 def test_anchors_cover_every_window() -> None:
     """Every window of every source holds one of the chosen anchors, and each automaton holds
     at most TEDDY of them (more anchors: more automata, each still prefiltered)."""
