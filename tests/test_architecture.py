@@ -67,6 +67,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "jws",
                 "deadline",
                 "verified",
+                "sdkenv",
                 "rotation.state",
                 "mcp",
                 "mcp.jsonrpc",
@@ -112,6 +113,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "metrics",
                 "tls",
                 "watch",
+                "workload",
+                "runner",
             }
         ),
     ),
@@ -155,6 +158,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "cli.dev",
                 "cli.reload",
                 "cli.serve",
+                "cli.run",
             }
         ),
     ),

@@ -1,0 +1,303 @@
+"""`keyproxy run` (keyproxy.cli.run, keyproxy.runner) end to end: the real command wrapping a
+real child, against two `keyproxy serve` replicas sharing the session's OpenBao and a demo
+upstream process. The wrapper talks to the first replica; after the child ends, however it
+ends, the token is refused by both within 2 s."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import yaml
+
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from tests.helpers import cli
+from tests.helpers.cli import KEYPROXY, started
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually_blocking
+from tests.helpers.servers import free_port, new_key, token_config
+
+UPSTREAM = (
+    "import sys; from aiohttp import web; from keyproxy import demo; "
+    "web.run_app(demo.build_app(), host='127.0.0.1', port=int(sys.argv[1]), print=None)"
+)
+SCOPE = "openai:POST:/v1/chat/completions"
+CHAT = "/r/openai/v1/chat/completions"
+# The child writes its token where the test can read it (not a log: the scan must not see it).
+SAVE_TOKEN = (
+    "import os, sys, pathlib; pathlib.Path(sys.argv[1]).write_text(os.environ['OPENAI_API_KEY']); "
+)
+SDK_CHILD = SAVE_TOKEN + (
+    "import json, openai; "
+    "pathlib.Path(sys.argv[2]).write_text(json.dumps(dict(os.environ))); "
+    "answer = openai.OpenAI().chat.completions.create("
+    "model='keyproxy-demo', messages=[{'role': 'user', 'content': 'hi'}]); "
+    "print(answer.choices[0].message.content)"
+)
+
+
+@dataclass(frozen=True)
+class Replicas:
+    bases: tuple[str, str]
+    outs: tuple[Path, Path]
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+def _ready(base: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"{base}/readyz", timeout=2):  # noqa: S310  # loopback
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    openbao: OpenBaoDevServer, agent: Agent, tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> Iterator[Replicas]:
+    """A demo upstream process and two `keyproxy serve` replicas in front of it, with a route
+    named openai; for the whole module."""
+    openbao.put_key("keyproxy/keys/run-test", new_key())
+    up = free_port()
+    cfg = token_config(openbao, agent, f"http://127.0.0.1:{up}")
+    route = cfg["routes"].pop("r")
+    route["secret"]["path"] = "keyproxy/keys/run-test"
+    cfg["routes"]["openai"] = route
+    cfg["policies"][0]["allow"]["openai"] = cfg["policies"][0]["allow"].pop("r")
+    path = tmp_path_factory.mktemp("run") / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with contextlib.ExitStack() as stack:
+        upstream = subprocess.Popen(  # our own interpreter and script
+            [sys.executable, "-c", UPSTREAM, str(up)], stdin=subprocess.DEVNULL
+        )
+        stack.callback(upstream.wait, timeout=10)
+        stack.callback(upstream.terminate)
+        bases, outs = [], []
+        for i in range(2):
+            port, out = free_port(), log_dir / f"run-replica-{i}.out"
+            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
+            stack.enter_context(started(*args, out=out))
+            bases.append(f"http://127.0.0.1:{port}")
+            outs.append(out)
+        eventually_blocking(lambda: _listening(up), "the demo upstream did not start", within=30)
+        for base in bases:
+            eventually_blocking(partial(_ready, base), f"{base} not ready", within=60)
+        yield Replicas((bases[0], bases[1]), (outs[0], outs[1]))
+
+
+def _status(base: str, token: str) -> int:
+    body = json.dumps({"model": "keyproxy-demo", "messages": [{"role": "user", "content": "x"}]})
+    request = urllib.request.Request(  # noqa: S310  # loopback
+        base + CHAT,
+        data=body.encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310  # loopback
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def _env(identity_token: str, home: Path) -> dict[str, str]:
+    return cli.clean_env(home, IDENTITY_TOKEN=identity_token)
+
+
+def _run_args(replicas: Replicas) -> list[str]:
+    return ["run", "--proxy", replicas.bases[0], "--identity-env", "IDENTITY_TOKEN"]
+
+
+def _token(path: Path) -> str:
+    token = path.read_text()
+    CANARIES.add(token)
+    return token
+
+
+def _refused_everywhere(replicas: Replicas, token: str) -> None:
+    """Both replicas answer 401 to `token` within 2 s."""
+    eventually_blocking(
+        lambda: [_status(base, token) for base in replicas.bases],
+        "a replica still accepts the token",
+        within=2.0,
+        interval=0.05,
+        until=lambda codes: codes == [401, 401],
+    )
+
+
+def _revoked_event(replicas: Replicas, token_id: str) -> dict[str, object]:
+    events = read_events(replicas.outs[0])
+    (event,) = [
+        e for e in events if e.get("event") == "token.revoked" and e.get("token_id") == token_id
+    ]
+    return event
+
+
+def _token_id(env_file: Path) -> str:
+    return str(json.loads(env_file.read_text())["KEYPROXY_TOKEN_ID"])
+
+
+def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """The child's openai SDK completes a call with only the environment `keyproxy run` gave
+    it (no identity in it); after the child exits 0, both replicas refuse its token within
+    2 s and the audit records a holder's revocation (reason completed where recorded)."""
+    saved, env_file = tmp_path / "token", tmp_path / "env.json"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sdk", "--ttl", "2m", "--"]
+    done = cli.keyproxy(
+        *args,
+        sys.executable,
+        "-c",
+        SDK_CHILD,
+        str(saved),
+        str(env_file),
+        env=_env(identity_token, tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the child printed no answer"
+    token = _token(saved)
+    env = json.loads(env_file.read_text())
+    assert env["OPENAI_BASE_URL"] == f"{replicas.bases[0]}/r/openai/v1"
+    assert "IDENTITY_TOKEN" not in env
+    assert identity_token not in env.values()
+    assert token not in done.stdout + done.stderr
+    _refused_everywhere(replicas, token)
+    event = _revoked_event(replicas, env["KEYPROXY_TOKEN_ID"])
+    assert event["by"] == "holder"
+    assert event["task"] == "run-sdk"
+    assert event.get("reason", "completed") == "completed"
+
+
+CHILDREN = {
+    "failed": ("import sys; sys.exit(3)", 3),
+    "killed": ("os.kill(os.getpid(), 9)", 128 + 9),
+    "timeout": ("import time; time.sleep(60)", 128 + 15),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHILDREN))
+def test_the_token_dies_however_the_child_ends(
+    replicas: Replicas, identity_token: str, tmp_path: Path, case: str
+) -> None:
+    """A child that exits 3, is killed by SIGKILL, or outlives --timeout (SIGTERM): the
+    wrapper exits with its status (128+signal) and both replicas refuse the token within 2 s."""
+    code, status = CHILDREN[case]
+    saved = tmp_path / "token"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", f"run-{case}", "--timeout", "3s"]
+    started_at = time.monotonic()
+    done = cli.keyproxy(
+        *args,
+        "--",
+        sys.executable,
+        "-c",
+        SAVE_TOKEN + code,
+        str(saved),
+        env=_env(identity_token, tmp_path),
+    )
+    assert done.returncode == status, done.stderr
+    assert time.monotonic() - started_at < 30
+    token = _token(saved)
+    _refused_everywhere(replicas, token)
+    reason = "timeout" if case == "timeout" else "failed"
+    revoked = [
+        e
+        for e in read_events(replicas.outs[0])
+        if e.get("event") == "token.revoked" and e.get("task") == f"run-{case}"
+    ]
+    assert len(revoked) == 1
+    assert revoked[0].get("reason", reason) == reason
+
+
+def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
+    replicas: Replicas, identity_token: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """SIGTERM to `keyproxy run` is passed on to the child (which dies of it: 143), and the
+    token is revoked on the way out."""
+    saved = tmp_path / "token"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sigterm", "--"]
+    child = SAVE_TOKEN + "import time; time.sleep(60)"
+    with (log_dir / "run-sigterm.log").open("wb") as out:
+        proc = subprocess.Popen(
+            [KEYPROXY, *args, sys.executable, "-c", child, str(saved)],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            env=_env(identity_token, tmp_path),
+        )
+        try:
+            eventually_blocking(lambda: saved.exists() and saved.read_text(), "no child", within=30)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    _refused_everywhere(replicas, _token(saved))
+
+
+def test_a_refused_exchange_starts_nothing(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """Asking for a route policy does not grant: exit 1 with one line on stderr, no child."""
+    marker = tmp_path / "ran"
+    done = cli.keyproxy(
+        *_run_args(replicas),
+        "--scope",
+        "other:DELETE:/x",
+        "--",
+        sys.executable,
+        "-c",
+        f"open({str(marker)!r}, 'w')",
+        env=_env(identity_token, tmp_path),
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "refused: 403" in done.stderr
+    assert not marker.exists()
+    assert identity_token not in done.stderr
+
+
+def test_usage_mistakes_exit_2(tmp_path: Path) -> None:
+    """No command, no scope, or no proxy: exit 2 naming the mistake, before anything runs."""
+    env = cli.clean_env(tmp_path, IDENTITY_TOKEN="x")
+    base = ["run", "--identity-env", "IDENTITY_TOKEN"]
+    cases = [
+        ([*base, "--proxy", "http://127.0.0.1:9", "--scope", SCOPE], "give the command"),
+        ([*base, "--proxy", "http://127.0.0.1:9", "--", "true"], "--scope"),
+        ([*base, "--scope", SCOPE, "--", "true"], "--proxy"),
+        (
+            [
+                *base,
+                "--proxy",
+                "http://127.0.0.1:9",
+                "--scope",
+                SCOPE,
+                "--ttl",
+                "soon",
+                "--",
+                "true",
+            ],
+            "--ttl",
+        ),
+    ]
+    for args, said in cases:
+        done = cli.keyproxy(*args, env=env)
+        assert done.returncode == 2, (args, done.stderr)
+        assert said in done.stderr, done.stderr
