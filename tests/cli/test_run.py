@@ -5,6 +5,7 @@ ends, the token is refused by both within 2 s."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -27,8 +28,8 @@ from tests.helpers import cli
 from tests.helpers.cli import KEYPROXY, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
-from tests.helpers.polling import eventually_blocking
-from tests.helpers.servers import free_port, new_key, token_config
+from tests.helpers.polling import eventually, eventually_blocking
+from tests.helpers.servers import free_port, new_key, running_proxy, token_config
 
 UPSTREAM = (
     "import sys; from aiohttp import web; from keyproxy import demo; "
@@ -301,3 +302,46 @@ def test_usage_mistakes_exit_2(tmp_path: Path) -> None:
         done = cli.keyproxy(*args, env=env)
         assert done.returncode == 2, (args, done.stderr)
         assert said in done.stderr, done.stderr
+
+
+async def test_an_unreachable_proxy_never_holds_up_the_exit(
+    openbao: OpenBaoDevServer, agent: Agent, identity_token: str, tmp_path: Path
+) -> None:
+    """When the proxy is gone by the time the child exits, the revocation is given up within
+    seconds, said in one line, and the wrapper still exits with the child's status."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    saved, go = tmp_path / "token", tmp_path / "go"
+    child = (
+        "import os, pathlib, sys, time\n"
+        "pathlib.Path(sys.argv[1]).write_text(os.environ['KEYPROXY_TASK_TOKEN'])\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not pathlib.Path(sys.argv[2]).exists() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(5)\n"
+    )
+    async with running_proxy(token_config(openbao, agent, "http://127.0.0.1:9")) as stack:
+        args = ["run", "--proxy", stack.base, "--identity-env", "IDENTITY_TOKEN"]
+        proc = await asyncio.create_subprocess_exec(
+            KEYPROXY,
+            *args,
+            "--scope",
+            "r:POST:/v1/chat/completions",
+            "--",
+            sys.executable,
+            "-c",
+            child,
+            str(saved),
+            str(go),
+            env=_env(identity_token, tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        await eventually(saved.exists, "the child did not start", within=30, interval=0.05)
+    token = _token(saved)
+    go.touch()
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 5
+    assert token not in (out + err).decode()
+    (said,) = err.decode().splitlines()
+    assert said.startswith("keyproxy run: could not revoke token"), said
