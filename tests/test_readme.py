@@ -120,8 +120,8 @@ def run_blocks(blocks: list[str], checkout: Checkout, into: Path) -> Run:
 def test_the_walkthrough_runs_as_written(checkout: Checkout, tmp_path: Path) -> None:
     """Every `sh` block of the README, literally, in one shell: each exits 0 and prints what
     the README says (the SDK's answers, 401/403, the task token's 200/403/revoked/401, the
-    answer of the SDK `keyproxy run` wrapped, the new key version, the exception token's 200 and its JSON listing), and the rotated key
-    is in use within 5 s."""
+    answer of the SDK `keyproxy run` wrapped, the new key version, the exception token's 200
+    and its JSON listing), and the rotated key is in use within 5 s."""
     blocks = runnable()
     run = run_blocks(blocks, checkout, tmp_path / "run")
     failed = run.completed
