@@ -22,6 +22,11 @@ file, because the ways files get replaced all change the directory:
   symlink over the old one. The watched path itself never changes; the rename of `..data` in
   the same directory does.
 
+Only events naming a watched file or a `..`-prefixed entry (`..data`, `..<timestamp>`, their
+temporary names) are looked at: a busy neighbour, such as an audit log written next to the
+configuration, must not wake the watch on every write. An editor that saves through a
+temporary file still renames it over the watched name, which is seen.
+
 Events come from `watchfiles` (inotify on Linux, via the Rust `notify` crate), which sees all
 three; the tests run each case against inotify and against polling. `poll=True` switches
 `watchfiles` to its stat-polling mode every `poll_ms` for filesystems where inotify says
@@ -34,10 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from pathlib import Path
 
 import watchfiles
+
+# watchfiles reports every batch ("1 change detected") at INFO; our own events say what changed.
+# Left on, a log written into a watched directory would report its own writes for ever.
+logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
 
 DEBOUNCE_MS = 200
 POLL_MS = 500
@@ -83,9 +93,15 @@ async def watch_files(
     if baseline and (changed := await _changes(known)):
         yield changed  # changed since the owner read it, before the watch began
     directories = sorted({path.parent for path in watched})
+    names = frozenset(path.name for path in watched)
+
+    def relevant(_: watchfiles.Change, name: str) -> bool:
+        base = name.rpartition("/")[2]
+        return base in names or base.startswith("..")
+
     async for _events in watchfiles.awatch(
         *directories,
-        watch_filter=None,  # see every name, ..data and editors' temporary files included
+        watch_filter=relevant,
         debounce=debounce_ms,
         stop_event=stop,
         recursive=False,

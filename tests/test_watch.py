@@ -9,6 +9,7 @@ watch has started.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -85,6 +86,18 @@ async def test_in_place_write(files: tuple[Watching, Path, Path]) -> None:
     watcher, target, _ = files
     target.write_text("version: 2\n")
     assert await watcher.next() == {target}
+
+
+async def test_a_reported_change_logs_nothing_at_info(
+    files: tuple[Watching, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """watchfiles' own "1 change detected" stays out of an INFO log: an audit log written into
+    the watched directory would otherwise report its own writes for ever."""
+    caplog.set_level(logging.INFO)
+    watcher, target, _ = files
+    target.write_text("version: 2\n")
+    assert await watcher.next() == {target}
+    assert not [r for r in caplog.records if r.name.startswith("watchfiles")]
 
 
 async def test_rename_over(files: tuple[Watching, Path, Path]) -> None:
