@@ -1,18 +1,23 @@
 """The token broker: exchange a workload identity for a task token, and revoke it.
 
     POST /token                   JSON, or the RFC 8693 token-exchange form
-    POST /token/revoke            the holder revokes its own task token (Bearer)
+    POST /token/heartbeat         the holder keeps an idle_ttl token alive (keyproxy.lifecycle)
+    POST /token/revoke            the holder ends its own task token (keyproxy.lifecycle)
     GET  /.well-known/jwks.json   the task-token public keys
 
 JSON request (workload token in `Authorization: Bearer`):
 
     {"scope": {"openai": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}},
      "task": "summarise-ticket-4711", "intent": "summarise one ticket",
-     "ttl": "5m", "max_uses": 20, "bind_source": true}
+     "ttl": "5m", "idle_ttl": "60s", "max_uses": 20, "bind_source": true}
+
+`idle_ttl` (at least 2 s, less than the TTL) makes the token valid only while its holder
+heartbeats (keyproxy.lifecycle); the lease starts at issue.
 
 RFC 8693 form: grant_type=urn:ietf:params:oauth:grant-type:token-exchange, subject_token,
 subject_token_type (jwt or id_token), scope ("route:METHODS:/path" items), resource or
-audience (route names, asked for in full), and the extensions task, intent, ttl, max_uses.
+audience (route names, asked for in full), and the extensions task, intent, ttl, idle_ttl,
+max_uses.
 
 Policy decides the most that may be granted; the grant is the intersection of that and the
 request, never more. Every outcome is an audit event: token.issued or token.denied.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -43,6 +49,7 @@ from keyproxy.errors import (
 )
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
+from keyproxy.lifecycle import Lifecycle
 from keyproxy.metrics import Metrics
 from keyproxy.mtls import client_chain
 from keyproxy.spiffe import thumbprint
@@ -57,11 +64,12 @@ ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 MAX_TEXT: Final = 1024
 MAX_BODY: Final = 64 * 1024
 MAX_USES: Final = 1_000_000
+MIN_IDLE_TTL: Final = 2.0
 
 log = structlog.get_logger("keyproxy.audit")
 
 
-class Broker:
+class Broker(Lifecycle):
     def __init__(
         self,
         config: Config,
@@ -77,14 +85,10 @@ class Broker:
         self.verifier = verifier
         self.tasks = tasks
         self.metrics = metrics
-        # False on one of several worker processes counting uses in their own memory: the
-        # proxy would refuse every use of a max_uses token (keyproxy.limiter), so none is
-        # issued.
+        # False on one of several worker processes counting uses and heartbeats in their own
+        # memory: the proxy would refuse every use of a max_uses or idle_ttl token
+        # (keyproxy.limiter), so none is issued.
         self.exact_uses = exact_uses
-
-    def _count(self, event: str) -> None:
-        if self.metrics is not None:
-            self.metrics.tokens.labels(event).inc()
 
     async def exchange(self, request: web.Request) -> web.Response:
         event: dict[str, Any] = {"source": request.remote}
@@ -126,13 +130,15 @@ class Broker:
             task, intent = _text(fields, "task"), _text(fields, "intent")
             max_uses = _max_uses(fields.get("max_uses"))
             asked_ttl = _ttl(fields.get("ttl"))
+            idle_ttl = _idle_ttl(fields.get("idle_ttl"))
         except ValueError as exc:
             raise BadRequest("invalid_request", str(exc)) from None
-        if max_uses is not None and not self.exact_uses:
-            raise Unavailable(
-                "max_uses_needs_shared_store",
-                "tokens with max_uses need a shared state store (state.url) with --workers",
-            )
+        for name, asked in (("max_uses", max_uses), ("idle_ttl", idle_ttl)):
+            if asked is not None and not self.exact_uses:
+                raise Unavailable(
+                    f"{name}_needs_shared_store",
+                    f"tokens with {name} need a shared state store (state.url) with --workers",
+                )
         event |= {"task": task, "intent": intent, "requested": scopes.to_claim(requested)}
         granted, contributing = scopes.grant(self.config.policies, identity, source, requested)
         if not granted:
@@ -140,6 +146,12 @@ class Broker:
         # Capped by tokens.max_ttl and by the max_ttl of every policy that granted something.
         caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
         ttl = min([asked_ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
+        if idle_ttl is not None:
+            idle_ttl = math.ceil(idle_ttl)  # whole seconds, as the claim holds it
+            if idle_ttl >= ttl:
+                raise BadRequest(
+                    "invalid_request", f"idle_ttl must be less than the ttl ({ttl:.0f}s)"
+                )
         bind = fields.get("bind_source") in (True, "true", "1")
         # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705),
         # or to the one a trusted front proxy forwarded, once verified like a direct one.
@@ -157,12 +169,15 @@ class Broker:
             max_uses=max_uses,
             source=str(source) if bind else None,
             certificate=thumbprint(certificate) if certificate is not None else None,
+            idle_ttl=idle_ttl,
         )
         event |= {
             "token_id": issued.token_id,
             "expires_at": issued.expires_at,
             "bound_certificate": certificate is not None,
         }
+        if idle_ttl is not None:
+            event["idle_ttl"] = idle_ttl
         log.info("token.issued", scope=scopes.to_claim(granted), ttl=ttl, **event)
         self._count("issued")
         body: dict[str, Any] = {
@@ -174,23 +189,9 @@ class Broker:
             "expires_at": issued.expires_at,
             "scope": scopes.describe(granted) if form else scopes.to_claim(granted),
         }
+        if idle_ttl is not None:
+            body["idle_ttl"] = idle_ttl
         return web.json_response(body, headers={"Cache-Control": "no-store"})
-
-    async def revoke(self, request: web.Request) -> web.Response:
-        """The holder ends its task: the token revokes itself."""
-        rid = request[REQUEST_ID_KEY] = request_id(request.headers)
-        with structlog.contextvars.bound_contextvars(request_id=rid):
-            try:
-                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not is_task_token(token.strip()):
-                    raise Unauthenticated("no_credential", "send the task token as a Bearer token")
-                task = await self.tasks.verify(token.strip())
-                await self.tasks.revoke_held(task)  # writes the one token.revoked event
-            except RequestError as exc:
-                log.warning("token.revoke_denied", reason=exc.reason, source=request.remote)
-                raise
-        self._count("revoked")
-        return web.json_response({"revoked": task.token_id}, headers={REQUEST_ID: rid})
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:
@@ -263,13 +264,20 @@ def _max_uses(value: Any) -> int | None:
     return uses
 
 
-def _ttl(value: Any) -> float | None:
+def _idle_ttl(value: Any) -> float | None:
+    idle_ttl = _ttl(value, "idle_ttl")
+    if idle_ttl is not None and idle_ttl < MIN_IDLE_TTL:
+        raise ValueError(f"idle_ttl: at least {MIN_IDLE_TTL:.0f}s")
+    return idle_ttl
+
+
+def _ttl(value: Any, name: str = "ttl") -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     try:
         # The same duration syntax as the configuration file.
-        return parse_duration(value, "ttl")
+        return parse_duration(value, name)
     except ConfigError:
-        raise ValueError("ttl: a positive duration such as 300 or 5m") from None
+        raise ValueError(f"{name}: a positive duration such as 300 or 5m") from None

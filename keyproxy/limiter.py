@@ -1,14 +1,18 @@
 """The proxy's limit step: every limit one request touches, taken at once in the state store.
 
 `Limiter.admit` takes one unit of each limit the request touches (the task token's
-`max_uses`, the route's limits, the allowing policy's) in one decision of the state store
-(keyproxy.state: in process, or one round trip to Valkey/Redis), or stops the request:
+`max_uses` and heartbeat lease, and those of the tokens it was delegated from; the route's
+limits, the allowing policy's) in one decision of the state store (keyproxy.state: in
+process, or one round trip to Valkey/Redis), or stops the request:
 
     token_exhausted               401   the token's max_uses are spent (it never works again)
+    heartbeat_lost                401   its idle_ttl lease lapsed (it never works again)
+    parent_revoked                401   the lease of a token it was delegated from lapsed
     rate_limited, too_many_...    429   with Retry-After, RateLimit and RateLimit-Policy
     state_store_unavailable       503   a fail-closed limit the store could not decide
-    max_uses_needs_shared_store   503   a max_uses token on one of several workers counting
-                                        in their own memory (docs/security.md)
+    max_uses_needs_shared_store   503   a max_uses or idle_ttl token (or one delegated from
+                                        such) on one of several workers counting in their own
+                                        memory (docs/security.md)
 
 `Limiter.held(admitted)` holds the decision's concurrency slots while the answer is sent,
 released however the request ends.
@@ -24,7 +28,7 @@ from keyproxy import state
 from keyproxy.caller import Identity
 from keyproxy.config import Config
 from keyproxy.errors import TooManyRequests, Unauthenticated, Unavailable
-from keyproxy.state.limits import RequestLimits, limit_name
+from keyproxy.state.limits import RequestLimits, lease_key, limit_name, token_limits
 from keyproxy.state.limits import headers as ratelimit_headers
 from keyproxy.state.memory import MemoryStore
 from keyproxy.tokens import LEEWAY, TaskToken
@@ -59,19 +63,22 @@ class Limiter:
         token_id: str | None,
     ) -> state.Decision:
         """One unit of every limit the request touches, or the error that stops it."""
-        uses = None
-        if task is not None and task.max_uses is not None:
+        own: list[state.Limit] = []
+        if task is not None and task.lifecycle:
             if not self.exact_uses:
                 raise Unavailable(
                     "max_uses_needs_shared_store",
-                    "tokens with max_uses need a shared state store (state.url) with --workers",
+                    "tokens with max_uses or idle_ttl need a shared state store (state.url) "
+                    "with --workers",
                     limit="max_uses",
                 )
-            uses = task.max_uses, task.expires_at + LEEWAY - time.time()
+            own = token_limits(task.lifecycle, time.time(), LEEWAY)
         elif not self.limits.limited(route, policy):
             return _UNLIMITED
+        if task is not None and task.ancestors:
+            token_id = task.ancestors[0].token_id  # the chain shares per-token limits
         limits = self.limits.of(
-            route, policy, identity, task.task if task is not None else None, token_id, uses
+            route, policy, identity, task.task if task is not None else None, token_id, own
         )
         if not limits:
             return _UNLIMITED
@@ -89,6 +96,11 @@ class Limiter:
             )
         if isinstance(refused.limit, state.Counter):
             raise Unauthenticated("token_exhausted", "this token has no uses left", limit=name)
+        if isinstance(refused.limit, state.Lease):
+            assert task is not None  # only a task token's lifecycle names a lease
+            if refused.limit.key == lease_key(task.token_id):
+                raise Unauthenticated("heartbeat_lost", "the token's heartbeat lease lapsed")
+            raise Unauthenticated("parent_revoked", "a token it was delegated from lost its lease")
         raise TooManyRequests(
             refused.reason,
             f"the limit {name} allows no more requests now",

@@ -3,6 +3,7 @@
     keyproxy_requests_total{route,status,decision}      counter, every proxied request
     keyproxy_request_duration_seconds{route}            histogram, allowed requests
     keyproxy_tokens_total{event}                        counter: issued, denied, revoked
+    keyproxy_tokens_ended_total{reason}                 counter: task tokens ended, by end reason
     keyproxy_connections_closed_total{reason}           counter: connections keyproxy closed
                                                         (max_connections,
                                                         max_connections_per_source,
@@ -62,6 +63,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from keyproxy.state import StoreStats
+from keyproxy.tokens.revocation import END_REASONS
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # The buckets' upper bounds as the exposition writes them ("le" labels).
@@ -81,6 +83,16 @@ class Metrics:
             ["event"],
             registry=self.registry,
         )
+        self.tokens_ended = Counter(
+            "keyproxy_tokens_ended",
+            "Task tokens whose end this replica recorded, by reason: completed, failed, timeout "
+            "(the holder's word), heartbeat_lost, parent_revoked.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in END_REASONS:
+            if reason != "operator":  # recorded by `keyproxy token revoke`, not a replica
+                self.tokens_ended.labels(reason)
         self.connections_closed = Counter(
             "keyproxy_connections_closed",
             "Connections keyproxy refused or closed by a limit, by reason.",

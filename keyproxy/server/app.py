@@ -110,6 +110,7 @@ def build_app(
     app.router.add_get("/readyz", answers.answering(_ready))
     app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", answers.answering(_proxy))
     app.router.add_post("/token", answers.answering(_broker("exchange")))
+    app.router.add_post("/token/heartbeat", answers.answering(_broker("heartbeat")))
     app.router.add_post("/token/revoke", answers.answering(_broker("revoke")))
     app.router.add_get("/.well-known/jwks.json", answers.answering(_broker("jwks")))
     return app
@@ -187,10 +188,10 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     )
     # SECURITY: our own task tokens are never accepted as workload identity tokens.
     verifier = IdentityVerifier(config.identity, client, rejected_types={TASK_TOKEN_TYPE})
-    tasks = TaskTokens(config, vault)
+    store = _store(config)
+    tasks = TaskTokens(config, vault, store=store)  # heartbeat leases live in the store
     metrics = Metrics(keys.status)
     metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
-    store = _store(config)
     metrics.watch_store(store.stats)
     app[VAULT], app[KEYS], app[METRICS], app[STORE] = vault, keys, metrics, store
     # Counted in this process's memory, a token's uses are exact only if no other process

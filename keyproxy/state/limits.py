@@ -2,7 +2,10 @@
 
 `RequestLimits` is prepared once per configuration. For a request it lists, for one `take`:
 
-- the task token's `max_uses`, a `Counter` keyed by the token id that expires with the token;
+- the task token's lifecycle (`token_limits`): its `max_uses`, a `Counter` keyed by the token
+  id that expires with the token, and its heartbeat lease (`idle_ttl`), a `Lease`; for a
+  delegated token also those of every ancestor, so a child's use counts against its parent's
+  `max_uses` and the child dies with its parent's heartbeat;
 - the route's `limits`, and those of the policy that allowed the request (an exception
   token is allowed by no policy: only the route's apply).
 
@@ -13,7 +16,7 @@ back, for the audit event and the metrics) and whom it counts, per `per`:
     task       that identity's task (a task token's `task`); a request without one is not
                counted by a per-task limit (per-identity limits cover it)
     token      the token's id (a task token's, or an identity token's `jti`); without an id,
-               the identity
+               the identity. A delegated token counts as its root: the whole chain shares it
     route      everyone on the route together (the upstream's own quota)
 
 SECURITY: the `who` part is a digest of identifiers, never of a credential, and the keys are
@@ -24,16 +27,49 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from keyproxy.caller import Identity
 from keyproxy.config import MAX_USES, ConcurrencyLimit, Config, Limits, RateLimit
-from keyproxy.state.store import Concurrency, Counter, Decision, Limit, OnStoreError, Rate
+from keyproxy.state.store import Concurrency, Counter, Decision, Lease, Limit, OnStoreError, Rate
 
 
 def limit_name(limit: Limit) -> str:
     """The configured name of a limit the store answered for (`max_uses` for a token's)."""
     return limit.key.partition(":")[0]
+
+
+class TokenLink(Protocol):
+    """A task token as its limits see it (keyproxy.tokens.Link)."""
+
+    @property
+    def token_id(self) -> str: ...
+    @property
+    def expires_at(self) -> float: ...
+    @property
+    def max_uses(self) -> int | None: ...
+    @property
+    def idle_ttl(self) -> float | None: ...
+
+
+def lease_key(token_id: str) -> str:
+    """The store key of a task token's heartbeat lease (`StateStore.beat`)."""
+    return f"lease:{token_id}"
+
+
+def token_limits(links: Sequence[TokenLink], now: float, leeway: float) -> list[Limit]:
+    """The limits a task token's lifecycle links impose (its ancestors' and its own): each
+    one's `max_uses` counter, kept until that token's expiry plus `leeway`, and its
+    heartbeat lease."""
+    found: list[Limit] = []
+    for link in links:
+        if link.max_uses is not None:
+            ttl = max(1.0, link.expires_at + leeway - now)
+            found.append(Counter(f"{MAX_USES}:{link.token_id}", link.max_uses, ttl))
+        if link.idle_ttl is not None:
+            found.append(Lease(lease_key(link.token_id)))
+    return found
 
 
 def _who(*parts: str) -> str:
@@ -59,15 +95,12 @@ class RequestLimits:
         identity: Identity,
         task: str | None,
         token_id: str | None,
-        uses: tuple[int, float] | None,
+        own: Sequence[Limit] = (),
     ) -> tuple[Limit, ...]:
-        """The limits a request touches. `uses` is a task token's (max_uses, seconds until
-        its counter may go: the token's remaining life)."""
-        found: list[Limit] = []
-        if uses is not None:
-            cap, ttl = uses
-            assert token_id is not None  # a task token always has its id
-            found.append(Counter(f"{MAX_USES}:{token_id}", cap, max(1.0, ttl)))
+        """The limits a request touches: the token's `own` (`token_limits`), then the
+        configured ones. `token_id` names the token per-token limits count (a delegated
+        token's root)."""
+        found = list(own)
         groups = [self._routes[route]]
         if policy is not None:
             groups.append(self._policies[policy])
@@ -108,6 +141,8 @@ def headers(decision: Decision) -> dict[str, str]:
     policies, states = [], []
     for outcome in decision.outcomes:
         limit = outcome.limit
+        if isinstance(limit, Lease):
+            continue  # not a quota: a lapsed lease refuses the token outright
         name = limit_name(limit)
         if isinstance(limit, Rate):
             policies.append(f'"{name}";q={limit.limit};w={_seconds(limit.window)}')

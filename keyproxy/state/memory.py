@@ -19,6 +19,7 @@ from keyproxy.state.store import (
     Counter,
     Decision,
     Health,
+    Lease,
     Limit,
     Outcome,
     Rate,
@@ -82,6 +83,9 @@ class MemoryStore(StateStore):
                 remaining = math.floor((now - allow_at) / limit.interval + 1e-9)
                 return Outcome(limit, True, remaining, reset=new_tat - now, retry_after=0.0)
             return Outcome(limit, False, 0, reset=tat - now, retry_after=allow_at - now)
+        if isinstance(limit, Lease):
+            alive = self._leases.get(limit.key, -math.inf) > now
+            return Outcome(limit, alive, 0, reset=0.0, retry_after=0.0)
         held = self._live_slots(limit.key, now)
         # A request holds one slot whatever its `units`.
         allowed = len(held) < limit.limit
@@ -100,7 +104,7 @@ class MemoryStore(StateStore):
             self._tats[limit.key] = max(self._tats.get(limit.key, now), now) + (
                 units * limit.interval
             )
-        else:
+        elif isinstance(limit, Concurrency):
             self._slots.setdefault(limit.key, {})[holder] = now + limit.lease
 
     def _live_counter(self, key: str, now: float) -> _Used | None:
@@ -146,6 +150,13 @@ class MemoryStore(StateStore):
 
     async def beat(self, key: str, ttl: float) -> None:
         self._leases[key] = self._clock() + ttl
+
+    async def renew(self, key: str, ttl: float) -> bool:
+        now = self._clock()
+        if self._leases.get(key, -math.inf) <= now:
+            return False
+        self._leases[key] = now + ttl
+        return True
 
     async def alive(self, key: str) -> bool:
         return self._leases.get(key, -math.inf) > self._clock()

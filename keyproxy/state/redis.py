@@ -52,6 +52,7 @@ from keyproxy.state.store import (
     Counter,
     Decision,
     Health,
+    Lease,
     Limit,
     OnStoreError,
     Outcome,
@@ -72,6 +73,7 @@ _T = TypeVar("_T")
 
 # KEYS: one per limit. ARGV: units, holder, then per limit (kind, a, b):
 #   counter 'c': cap, ttl ms         rate 'r': interval ms, burst         slot 's': limit, lease ms
+#   lease 'l': 0, 0 (it must exist; nothing is taken from it)
 # Returns {all allowed (1/0), then per limit: allowed, remaining, reset ms, retry-after ms}.
 _TAKE = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -105,6 +107,9 @@ for i, key in ipairs(KEYS) do
       remaining, reset, retry = 0, tat - now, allow_at - now
     end
     new_tats[i] = new_tat
+  elseif kind == 'l' then
+    allowed = redis.call('EXISTS', key) == 1
+    remaining, reset, retry = 0, 0, 0
   else
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     local held = redis.call('ZCARD', key)
@@ -132,7 +137,7 @@ for i, key in ipairs(KEYS) do
   elseif kind == 'r' then
     local keep = math.ceil(new_tats[i] - now) + 1
     redis.call('SET', key, string.format('%.3f', new_tats[i]), 'PX', keep)
-  else
+  elseif kind == 's' then
     redis.call('ZADD', key, now + b, holder)
     if redis.call('PTTL', key) < b then redis.call('PEXPIRE', key, math.ceil(b)) end
   end
@@ -275,6 +280,9 @@ class RedisStore(StateStore):
             elif isinstance(limit, Rate):
                 keys.append(self._key("r", limit.key))
                 args += ["r", repr(limit.interval * 1000), limit.burst]
+            elif isinstance(limit, Lease):
+                keys.append(self._key("l", limit.key))
+                args += ["l", 0, 0]
             else:
                 keys.append(self._key("s", limit.key))
                 args += ["s", limit.limit, limit.lease * 1000]
@@ -324,6 +332,14 @@ class RedisStore(StateStore):
     async def beat(self, key: str, ttl: float) -> None:
         px = max(1, round(ttl * 1000))
         await self._call(lambda: self._redis.set(self._key("l", key), b"1", px=px))
+
+    async def renew(self, key: str, ttl: float) -> bool:
+        px = max(1, round(ttl * 1000))
+        # XX: set only if it exists, so a lapsed lease is never brought back.
+        renewed = await self._call(
+            lambda: self._redis.set(self._key("l", key), b"1", px=px, xx=True)
+        )
+        return bool(renewed)
 
     async def alive(self, key: str) -> bool:
         return bool(await self._call(lambda: self._redis.exists(self._key("l", key))))

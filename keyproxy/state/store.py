@@ -1,20 +1,23 @@
 """The state store's interface: limits that hold across every worker and replica.
 
 A request decision names every limit it touches and takes one unit of each in one call,
-all or nothing (`StateStore.take`): if any limit refuses, none is consumed. Three kinds:
+all or nothing (`StateStore.take`): if any limit refuses, none is consumed. Four kinds:
 
 - `Counter`      a cap on uses that expires (a task token's `max_uses`, gone with the token);
 - `Rate`         requests per window with a burst allowance (GCRA, see `Rate`);
 - `Concurrency`  requests in flight; a taken unit is a `Slot`, a lease that expires unless
-                 refreshed (`hold` refreshes and releases it), so a dead holder frees it.
+                 refreshed (`hold` refreshes and releases it), so a dead holder frees it;
+- `Lease`        a heartbeat lease that must be alive (a task token with `idle_ttl`, and its
+                 delegating ancestors'); nothing is taken from it.
 
-Besides decisions: `read` a counter, heartbeat leases (`beat`, `alive`, `drop`) for
-tokens that die when their holder stops beating, a readiness `check`, and plain-number
-`stats` (store errors, decision latency) for the metrics.
+Besides decisions: `read` a counter, heartbeat leases (`beat` starts one, `renew` extends a
+live one, `alive`, `drop`) for tokens that die when their holder stops beating, a readiness
+`check`, and plain-number `stats` (store errors, decision latency) for the metrics.
 
 Faults never escape a decision. When the store cannot answer, each limit says so in its
 `Outcome` (`store_error=True`) and is refused unless its `on_store_error` is `ALLOW`.
-The calls that are not decisions (`read`, `beat`, `alive`, `drop`) raise `StoreUnavailable`.
+The calls that are not decisions (`read`, `beat`, `renew`, `alive`, `drop`) raise
+`StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -107,7 +110,19 @@ class Concurrency:
             raise ValueError("a concurrency cap needs limit >= 1 and lease > 0")
 
 
-Limit = Counter | Rate | Concurrency
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The heartbeat lease `key` (`StateStore.beat`) must be alive; a decision takes nothing
+    from it. A lease that lapsed stays lapsed: only `beat` starts one."""
+
+    key: str
+    on_store_error: OnStoreError = OnStoreError.DENY
+
+    def __post_init__(self) -> None:
+        _check_key(self.key)
+
+
+Limit = Counter | Rate | Concurrency | Lease
 
 
 def _check_key(key: str) -> None:
@@ -142,9 +157,12 @@ class Outcome:
             return "state_store_unavailable" if not self.allowed else "state_store_bypassed"
         if self.allowed:
             return "ok"
-        return {Counter: "max_uses", Rate: "rate_limited", Concurrency: "too_many_in_flight"}[
-            type(self.limit)
-        ]
+        return {
+            Counter: "max_uses",
+            Rate: "rate_limited",
+            Concurrency: "too_many_in_flight",
+            Lease: "heartbeat_lost",
+        }[type(self.limit)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +252,11 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def beat(self, key: str, ttl: float) -> None:
         """Set or refresh the heartbeat lease `key` for `ttl` seconds. Raises `StoreUnavailable`."""
+
+    @abc.abstractmethod
+    async def renew(self, key: str, ttl: float) -> bool:
+        """Extend the lease `key` to `ttl` seconds from now if it is still alive; False (and
+        nothing set) if it lapsed or never was. Raises `StoreUnavailable`."""
 
     @abc.abstractmethod
     async def alive(self, key: str) -> bool:

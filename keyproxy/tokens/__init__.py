@@ -10,18 +10,22 @@ from keyproxy.tokens.format import (
     EXCEPTION_ISSUER,
     LEEWAY,
     TASK_TOKEN_TYPE,
+    Link,
     TaskToken,
     exception_subject,
     is_task_token,
 )
-from keyproxy.tokens.revocation import Revocations
+from keyproxy.tokens.revocation import END_REASONS, HOLDER_REASONS, Revocations
 from keyproxy.tokens.tasks import TaskTokens
 
 __all__ = [
     "CLOCK_SKEW",
+    "END_REASONS",
     "EXCEPTION_ISSUER",
+    "HOLDER_REASONS",
     "LEEWAY",
     "TASK_TOKEN_TYPE",
+    "Link",
     "Revocations",
     "TaskToken",
     "TaskTokens",

@@ -13,6 +13,13 @@ public keys. Claims:
     exc          {owner, reason} for an exception token
     cnf          {"x5t#S256": thumbprint}: bound to the client certificate it was requested
                  with (RFC 8705); accepted only on a connection presenting that certificate
+    idle         idle_ttl in seconds: valid only while its holder heartbeats (a lease in the
+                 state store, started at issue)
+    act          a delegated token's actor chain (RFC 8693 section 4.1): {sub, idp} of who acts
+                 with it, nesting the actor of its parent, and so on
+    anc          a delegated token's ancestors, root first: [{jti, exp, max_uses, idle}]; the
+                 token dies with any of them (revoked, expired, heartbeat lost), and its uses
+                 count against each ancestor's max_uses
 """
 
 from __future__ import annotations
@@ -37,6 +44,16 @@ MAX_TOKEN_BYTES: Final = 16 * 1024
 CLOCK_SKEW: Final = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One token of a delegation chain, as far as the tokens below it need to know it."""
+
+    token_id: str
+    expires_at: float
+    max_uses: int | None = None
+    idle_ttl: float | None = None
+
+
 @dataclass(frozen=True)
 class TaskToken:
     """A verified task token. Holds no secret; `token_id` is safe to log."""
@@ -52,6 +69,17 @@ class TaskToken:
     source: str | None = None
     exception_owner: str | None = None
     certificate: str | None = None  # cnf.x5t#S256: the client certificate it is bound to
+    idle_ttl: float | None = None  # valid only while heartbeats arrive this often
+    ancestors: tuple[Link, ...] = ()  # the tokens it was delegated from, root first
+    actors: tuple[str, ...] = ()  # "issuer|subject" of who acted at each delegation, in order
+    # The links whose max_uses and heartbeat leases bound this token (its ancestors', then its
+    # own); empty when none has either, so an ordinary token costs the limit step nothing.
+    lifecycle: tuple[Link, ...] = ()
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The token ids from the root to this one (just this one when not delegated)."""
+        return (*(link.token_id for link in self.ancestors), self.token_id)
 
 
 @dataclass(frozen=True)

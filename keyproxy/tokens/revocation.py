@@ -9,18 +9,23 @@ has expired. A write is check-and-set, retried on a concurrent write.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from keyproxy.config import Config
 from keyproxy.errors import Unavailable
-from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, TaskToken
+from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
 from keyproxy.vault import CasConflict, Vault
 
 log = structlog.get_logger("keyproxy.tokens")
+
+# Why a task token ended, as its `token.revoked` event and the metric name it. The holder
+# says which of the first three; the server records the others.
+HOLDER_REASONS: Final = ("completed", "failed", "timeout")
+END_REASONS: Final = (*HOLDER_REASONS, "heartbeat_lost", "parent_revoked", "operator")
 
 
 @dataclass
@@ -52,6 +57,10 @@ class Revocations:
             token.issued_at,
         )
 
+    def any_id(self, links: Iterable[Link]) -> bool:
+        """Whether any of these tokens (a delegated token's ancestors) is revoked by id."""
+        return any(link.token_id in self.ids for link in links)
+
     def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
         """Whether a token with these facts is revoked: by id, or by subject or task at or
         after it was issued."""
@@ -74,6 +83,14 @@ class Revocations:
         horizon = now - longest_ttl - margin
         self.subjects = {k: at for k, at in self.subjects.items() if at > horizon}
         self.tasks = {k: at for k, at in self.tasks.items() if at > horizon}
+
+
+def chain_fields(token: TaskToken) -> dict[str, str]:
+    """A delegated token's audit fields: `chain`, its token ids from the root, and `actors`,
+    who acted at each delegation ("issuer|subject", in order); none for other tokens."""
+    if not token.ancestors:
+        return {}
+    return {"chain": ",".join(token.chain), "actors": ",".join(token.actors)}
 
 
 class RevocationStore:
@@ -110,22 +127,29 @@ class RevocationStore:
         log.info(
             "token.revoked",
             by="operator",
+            reason="operator",
             token_id=token_id,
             issuer=issuer,
             subject=name,
             task=task,
         )
 
-    async def revoke_held(self, token: TaskToken) -> None:
-        """The holder ends its task: its own token, verified by the caller, is revoked."""
+    async def revoke_held(self, token: TaskToken, reason: str = "completed") -> None:
+        """A token ends: its holder ended its task (`reason` one of HOLDER_REASONS), or the
+        server found it ended (heartbeat_lost, parent_revoked). The token was verified by the
+        caller; every token delegated from it dies with it."""
+        if reason not in END_REASONS:
+            raise ValueError(f"not an end reason: {reason}")
         await self._record_revocation(token.token_id, token.expires_at, None, None)
         log.info(
             "token.revoked",
-            by="holder",
+            by="holder" if reason in HOLDER_REASONS else "server",
+            reason=reason,
             token_id=token.token_id,
             issuer=token.identity.issuer,
             subject=token.identity.subject,
             task=token.task,
+            **chain_fields(token),
         )
 
     async def _record_revocation(

@@ -6,6 +6,10 @@ identity or task revoked moments ago gets no new token that the revocation would
 While Vault cannot be read the known keys keep verifying for `key_max_staleness` after the
 last good read; then task tokens are refused with `Unavailable("token_keys_stale")` (503)
 until a read succeeds.
+
+A token issued with `idle_ttl` starts its heartbeat lease in the state store before it is
+handed out (`lease_key`); a child delegated from a task token carries the lineage claims of
+`keyproxy.tokens.lineage`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import Config
 from keyproxy.errors import Forbidden, Unavailable, VaultError
+from keyproxy.state import StateStore, StoreUnavailable
+from keyproxy.state.limits import lease_key
 from keyproxy.tokens.exceptions import ExceptionRegister
 from keyproxy.tokens.format import TASK_TOKEN_TYPE, Issued, b64, json_bytes
 from keyproxy.vault import Vault
@@ -34,9 +40,15 @@ class Signing(ExceptionRegister):
     """The signing keys, and issuing tokens signed with them."""
 
     def __init__(
-        self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
+        self,
+        config: Config,
+        vault: Vault,
+        clock: Callable[[], float] = time.time,
+        *,
+        store: StateStore | None = None,
     ) -> None:
         super().__init__(config, vault, clock)
+        self.store = store  # where heartbeat leases live; None: no idle_ttl tokens
         self._keys: dict[int, jwt.PyJWK] = {}
         self._public: dict[int, bytes] = {}
         self._keys_fetched = -1e9
@@ -127,10 +139,14 @@ class Signing(ExceptionRegister):
         source: str | None = None,
         exception: tuple[str, str] | None = None,
         certificate: str | None = None,
+        idle_ttl: float | None = None,
+        lineage: dict[str, Any] | None = None,
     ) -> Issued:
         """Sign a token for exactly `scope`. The caller has already intersected it with policy
         and clamped `ttl`; `certificate` (an RFC 8705 `x5t#S256` thumbprint) binds it to the
-        client certificate it was requested with. Raises Unavailable when Vault cannot sign."""
+        client certificate it was requested with; with `idle_ttl` its heartbeat lease starts
+        now; `lineage` holds a delegated token's `act` and `anc` claims. Raises Unavailable
+        when Vault cannot sign or the lease cannot start."""
         if not scope:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and not all(part.strip() for part in exception):
@@ -161,14 +177,31 @@ class Signing(ExceptionRegister):
         ctx = {k: identity.claims[k] for k in self._policy_claims if k in identity.claims}
         optional = {"ctx": ctx, "task": task, "intent": intent, "max_uses": max_uses, "src": source}
         claims |= {k: v for k, v in optional.items() if v}
+        if idle_ttl is not None:
+            claims["idle"] = int(idle_ttl)
+        if lineage is not None:
+            claims |= lineage
         if exception is not None:
             claims["exc"] = {"owner": exception[0], "reason": exception[1]}
         if certificate is not None:
             claims["cnf"] = {"x5t#S256": certificate}
         token = await self._sign(claims)
+        if idle_ttl is not None:
+            await self._start_lease(token_id, float(claims["idle"]))
         if exception is not None:
             await self._record_exception(token_id, claims)
         return Issued(token, token_id, float(claims["exp"]))
+
+    async def _start_lease(self, token_id: str, idle_ttl: float) -> None:
+        if self.store is None:
+            raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
+        try:
+            await self.store.beat(lease_key(token_id), idle_ttl)
+        except StoreUnavailable:
+            # The token was signed but is never handed out: without its lease it is dead.
+            raise Unavailable(
+                "state_store_unavailable", "cannot start the heartbeat lease now"
+            ) from None
 
     async def _sign(self, claims: dict[str, Any]) -> str:
         try:

@@ -1,8 +1,9 @@
 """Task tokens: keyproxy's own short-lived, scoped, revocable credentials.
 
 `TaskTokens` issues (`signing`), verifies (`verify`) and revokes (`revocation`) them, keeps
-the exception register (`exceptions`), and runs the background work: the revocation poll and
-the key refresh. The token's format is in `format`.
+the exception register (`exceptions`), renews heartbeat leases (`heartbeat`), and runs the
+background work: the revocation poll and the key refresh. The token's format is in `format`,
+its lifecycle claims in `lineage`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import asyncio
 import structlog
 
 from keyproxy.config import Config
-from keyproxy.errors import VaultError
+from keyproxy.errors import BadRequest, Unauthenticated, Unavailable, VaultError
+from keyproxy.state import StoreUnavailable
+from keyproxy.state.limits import lease_key
+from keyproxy.tokens.format import TaskToken
 from keyproxy.tokens.verify import Verifier
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -28,6 +32,31 @@ class TaskTokens(Verifier):
         self.config, self.cfg = config, config.tokens
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
         self._verified.clear()  # their scopes were read against the old routes
+
+    async def heartbeat(self, token: TaskToken) -> float:
+        """Renew a verified token's heartbeat lease; its new end (epoch seconds). Raises
+        Unauthenticated("heartbeat_lost") if its lease already lapsed (a lapsed lease is never
+        brought back), or "parent_revoked" if a token it was delegated from is revoked or
+        lost its own heartbeat. One store
+        call for a token not delegated from a leased one; no Vault call."""
+        if token.idle_ttl is None:
+            raise BadRequest("no_idle_ttl", "this token was issued without idle_ttl")
+        if self.store is None:
+            raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
+        if token.ancestors and self._revocations.any_id(token.ancestors):
+            raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
+        try:
+            for link in token.ancestors:
+                if link.idle_ttl is not None and not await self.store.alive(
+                    lease_key(link.token_id)
+                ):
+                    raise Unauthenticated("parent_revoked", "the parent token's heartbeat was lost")
+            renewed = await self.store.renew(lease_key(token.token_id), token.idle_ttl)
+        except StoreUnavailable:
+            raise Unavailable("state_store_unavailable", "cannot renew the lease now") from None
+        if not renewed:
+            raise Unauthenticated("heartbeat_lost", "the heartbeat lease already lapsed")
+        return self.clock() + token.idle_ttl
 
     async def run(self) -> None:
         """Background work until cancelled: poll revocations, and re-read the public keys

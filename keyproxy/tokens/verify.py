@@ -23,6 +23,8 @@ from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import Config
 from keyproxy.errors import Unauthenticated, VaultError
+from keyproxy.state import StateStore
+from keyproxy.tokens import lineage
 from keyproxy.tokens.format import (
     LEEWAY,
     MAX_TOKEN_BYTES,
@@ -51,17 +53,23 @@ class Verifier(Signing):
     """Verifies task tokens."""
 
     def __init__(
-        self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
+        self,
+        config: Config,
+        vault: Vault,
+        clock: Callable[[], float] = time.time,
+        *,
+        store: StateStore | None = None,
     ) -> None:
-        super().__init__(config, vault, clock)
+        super().__init__(config, vault, clock, store=store)
         # Keeps the signature check off the request path for a token seen before.
         self._verified: VerifiedCache[_Verified] = VerifiedCache(
             _CACHE_SIZE, lambda entry: entry.token.expires_at + LEEWAY, clock
         )
 
-    async def verify(self, token: str) -> TaskToken:
+    async def verify(self, token: str, *, cascade: bool = True) -> TaskToken:
         """Verify a task token locally; raises Unauthenticated with a reason code, or
-        Unavailable when the public keys are too old to trust."""
+        Unavailable when the public keys are too old to trust. Without `cascade`, a token
+        whose ancestor was revoked is still returned (to record how it ended)."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed", "not a task token")
         digest = verified.digest(token)
@@ -81,6 +89,9 @@ class Verifier(Signing):
             raise Unauthenticated("not_yet_valid", "the task token is not valid yet")
         if self._revocations.revoked(cached):
             raise Unauthenticated("revoked", "the task token was revoked")
+        if cascade and cached.ancestors and self._revocations.any_id(cached.ancestors):
+            # The cascade: a token dies with every token it was delegated from.
+            raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
         return cached
 
     async def _verify_signed(self, token: str) -> _Verified:
@@ -146,8 +157,11 @@ class Verifier(Signing):
             exc = claims.get("exc")
             ctx = claims.get("ctx") or {}
             issuer = str(claims.get("idp") or "")
+            token_id = str(claims["jti"])
+            max_uses = claims["max_uses"] if isinstance(claims.get("max_uses"), int) else None
+            lineage_ = lineage.read(claims, token_id, max_uses)
             return TaskToken(
-                token_id=str(claims["jti"]),
+                token_id=token_id,
                 identity=Identity(
                     issuer, str(claims["sub"]), dict(ctx) if isinstance(ctx, dict) else {}
                 ),
@@ -156,10 +170,14 @@ class Verifier(Signing):
                 expires_at=jws.numeric_date(claims["exp"]),
                 task=optional_text(claims.get("task")),
                 intent=optional_text(claims.get("intent")),
-                max_uses=claims["max_uses"] if isinstance(claims.get("max_uses"), int) else None,
+                max_uses=max_uses,
                 source=optional_text(claims.get("src")),
                 exception_owner=optional_text(exc.get("owner")) if isinstance(exc, dict) else None,
                 certificate=_bound_certificate(claims),
+                idle_ttl=lineage_.idle_ttl,
+                ancestors=lineage_.ancestors,
+                actors=lineage_.actors,
+                lifecycle=lineage_.lifecycle,
             )
         except (KeyError, ValueError, TypeError):
             raise Unauthenticated("invalid_claims", "task token claims invalid") from None

@@ -25,8 +25,9 @@ from keyproxy.server import listen
 from keyproxy.server.app import build_app
 from keyproxy.state import Concurrency, Counter, Limit, OnStoreError, Outcome, Rate
 from keyproxy.state import Decision as StoreDecision
-from keyproxy.state.limits import RequestLimits, limit_name
+from keyproxy.state.limits import RequestLimits, limit_name, token_limits
 from keyproxy.state.limits import headers as ratelimit_headers
+from keyproxy.tokens import Link
 from tests.helpers.configs import CONFIG_SECTIONS
 from tests.helpers.logscan import CANARIES
 from tests.helpers.servers import GatedStream, Stack, Upstream, bearer, new_key, running_proxy
@@ -368,7 +369,7 @@ def _limits(route: str, policy: str | None, **kwargs: Any) -> tuple[Limit, ...]:
         kwargs.get("identity", _ALICE),
         kwargs.get("task"),
         kwargs.get("token_id"),
-        kwargs.get("uses"),
+        kwargs.get("own", ()),
     )
 
 
@@ -382,7 +383,8 @@ def test_a_request_touches_its_routes_and_its_policys_limits() -> None:
         "policy.agents.rate.token",
         "policy.agents.concurrency.identity",
     ]
-    with_task = _limits("api", "agents", task="report", token_id="t1", uses=(25, 60.0))
+    own = token_limits([Link("t1", 1060.0, max_uses=25)], 1000.0, 0.0)
+    with_task = _limits("api", "agents", task="report", token_id="t1", own=own)
     assert isinstance(with_task[0], Counter)
     assert (with_task[0].key, with_task[0].cap, with_task[0].ttl) == ("max_uses:t1", 25, 60.0)
     assert "policy.agents.rate.task" in [limit_name(limit) for limit in with_task]
@@ -391,6 +393,26 @@ def test_a_request_touches_its_routes_and_its_policys_limits() -> None:
     concurrency = _limits("other", "agents")[-1]
     assert isinstance(concurrency, Concurrency)
     assert concurrency.on_store_error is OnStoreError.ALLOW
+
+
+def test_a_tokens_lifecycle_names_its_ancestors_counters_and_leases() -> None:
+    """A delegated token's own limits: each link's max_uses counter (expiring with that
+    link) and each leased link's heartbeat lease, root first."""
+    links = [Link("root", 1100.0, max_uses=10, idle_ttl=30.0), Link("child", 1050.0, 3)]
+    found = token_limits(links, 1000.0, 5.0)
+    assert [(type(limit).__name__, limit.key) for limit in found] == [
+        ("Counter", "max_uses:root"),
+        ("Lease", "lease:root"),
+        ("Counter", "max_uses:child"),
+    ]
+    assert isinstance(found[0], Counter)
+    assert found[0].ttl == 105.0
+    rate = Outcome(Rate("burst:x", 50, 10.0, 5), True, 4, 0.3, 0.0)
+    lease = Outcome(found[1], True, 0, 0.0, 0.0)
+    assert ratelimit_headers(StoreDecision((rate, lease))) == {
+        "RateLimit-Policy": '"burst";q=50;w=10',
+        "RateLimit": '"burst";r=4;t=1',
+    }
 
 
 def test_keys_count_whom_the_limit_names() -> None:

@@ -13,6 +13,7 @@ from keyproxy.state.store import (
     Concurrency,
     Counter,
     Decision,
+    Lease,
     Limit,
     Rate,
     Slot,
@@ -188,6 +189,38 @@ async def test_heartbeat_lease_lives_while_beaten(store: StateStore, unique: str
     await store.beat(key, 30)
     await store.drop(key)
     assert not await store.alive(key)
+
+
+async def test_a_lapsed_lease_is_never_renewed(store: StateStore, unique: str) -> None:
+    """`renew` extends a live lease and refuses to bring back one that lapsed or never was."""
+    key = f"{unique}:renewed"
+    assert not await store.renew(key, 30)
+    assert not await store.alive(key)
+    await store.beat(key, 0.3)
+    assert await store.renew(key, 0.3)
+
+    async def dead() -> bool:
+        return not await store.alive(key)
+
+    await until(dead)
+    assert not await store.renew(key, 30)
+    assert not await store.alive(key)
+
+
+async def test_a_decision_needs_its_leases_alive(store: StateStore, unique: str) -> None:
+    """A decision naming a lapsed lease is refused (heartbeat_lost) and takes nothing from
+    its other limits; with the lease alive it is allowed, and the lease is left as it was."""
+    lease = Lease(f"{unique}:lease")
+    uses = Counter(f"{unique}:uses", cap=5, ttl=60)
+    refused = await store.take([uses, lease])
+    assert not refused.allowed
+    assert refused.refused_by is not None
+    assert refused.refused_by.reason == "heartbeat_lost"
+    assert await store.read(uses) == 0
+    await store.beat(lease.key, 30)
+    assert (await store.take([uses, lease])).allowed
+    assert await store.read(uses) == 1
+    assert await store.alive(lease.key)
 
 
 async def test_check_and_stats(store: StateStore, unique: str) -> None:

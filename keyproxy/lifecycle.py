@@ -1,0 +1,129 @@
+"""A task token's holder keeps it alive and ends it: the broker's lifecycle endpoints.
+
+    POST /token/heartbeat   Bearer task token, empty body: renew its heartbeat lease
+                            -> {"token_id", "idle_expires_at"}
+    POST /token/revoke      Bearer task token, optional body {"reason": "completed" |
+                            "failed" | "timeout"} (no body: completed) -> {"revoked": id}
+
+A heartbeat is cheap: the token is verified locally and the lease renewed in the state store,
+with no Vault call. A heartbeat that finds the lease lapsed (`heartbeat_lost`), or a token it
+was delegated from revoked (`parent_revoked`), is refused with 401 and records the token's end
+with that reason: its `token.revoked` event, the `keyproxy_tokens_ended_total` metric, and the
+revocation that every token delegated from it dies with.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from keyproxy.answers import REQUEST_ID_KEY
+from keyproxy.errors import (
+    BadRequest,
+    RequestError,
+    Unauthenticated,
+    Unavailable,
+)
+from keyproxy.headers import REQUEST_ID, request_id
+from keyproxy.metrics import Metrics
+from keyproxy.tokens import HOLDER_REASONS, TaskToken, TaskTokens, is_task_token
+
+MAX_REVOKE_BODY: Final = 1024
+SERVER_ENDS: Final = frozenset({"heartbeat_lost", "parent_revoked"})
+
+log = structlog.get_logger("keyproxy.audit")
+
+
+class Lifecycle:
+    """The heartbeat and revoke endpoints (the base of `keyproxy.broker.Broker`)."""
+
+    tasks: TaskTokens
+    metrics: Metrics | None
+    exact_uses: bool
+
+    def _count(self, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens.labels(event).inc()
+
+    def _ended(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens_ended.labels(reason).inc()
+
+    async def _held(self, request: web.Request) -> TaskToken:
+        """The task token the request presents as its Bearer credential, verified (also when
+        a token it was delegated from is revoked: the caller decides)."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not is_task_token(token.strip()):
+            raise Unauthenticated("no_credential", "send the task token as a Bearer token")
+        return await self.tasks.verify(token.strip(), cascade=False)
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        """Renew the presented token's heartbeat lease."""
+        rid = request[REQUEST_ID_KEY] = request_id(request.headers)
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                task = await self._held(request)
+                if not self.exact_uses and task.idle_ttl is not None:
+                    raise Unavailable(
+                        "idle_ttl_needs_shared_store",
+                        "tokens with idle_ttl need a shared state store (state.url) with --workers",
+                    )
+                idle_expires_at = await self._renew(task)
+            except RequestError as exc:
+                log.warning("token.heartbeat_denied", reason=exc.reason, source=request.remote)
+                raise
+        body = {"token_id": task.token_id, "idle_expires_at": idle_expires_at}
+        return web.json_response(body, headers={REQUEST_ID: rid, "Cache-Control": "no-store"})
+
+    async def _renew(self, task: TaskToken) -> float:
+        try:
+            return await self.tasks.heartbeat(task)
+        except Unauthenticated as exc:
+            if exc.reason in SERVER_ENDS:
+                await self._record_end(task, exc.reason)
+            raise
+
+    async def _record_end(self, task: TaskToken, reason: str) -> None:
+        """Revoke a token found ended, naming why; the refusal stands even if Vault is down
+        (the token is dead either way: its lease lapsed, or its parent is revoked)."""
+        try:
+            await self.tasks.revoke_held(task, reason)
+        except RequestError as exc:
+            log.warning("token.end_not_recorded", reason=exc.reason, token_id=task.token_id)
+            return
+        self._ended(reason)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """The holder ends its task: the token revokes itself, naming why."""
+        rid = request[REQUEST_ID_KEY] = request_id(request.headers)
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                task = await self._held(request)
+                reason = await _reason(request)
+                await self.tasks.revoke_held(task, reason)  # writes the one token.revoked event
+            except RequestError as exc:
+                log.warning("token.revoke_denied", reason=exc.reason, source=request.remote)
+                raise
+        self._count("revoked")
+        self._ended(reason)
+        return web.json_response({"revoked": task.token_id}, headers={REQUEST_ID: rid})
+
+
+async def _reason(request: web.Request) -> str:
+    """The end reason the holder gives (no body: completed)."""
+    raw = await request.content.read(MAX_REVOKE_BODY + 1)
+    if not raw.strip():
+        return "completed"
+    try:
+        body = json.loads(raw) if len(raw) <= MAX_REVOKE_BODY else None
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    reason = body.get("reason", "completed") if isinstance(body, dict) else None
+    if reason not in HOLDER_REASONS:
+        raise BadRequest(
+            "invalid_request", f'the body is {{"reason": one of {", ".join(HOLDER_REASONS)}}}'
+        )
+    return str(reason)
