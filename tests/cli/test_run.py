@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,11 +16,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 
@@ -29,7 +31,15 @@ from tests.helpers.cli import KEYPROXY, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually, eventually_blocking
-from tests.helpers.servers import free_port, new_key, running_proxy, token_config
+from tests.helpers.servers import (
+    Stack,
+    Upstream,
+    free_port,
+    new_key,
+    running_proxy,
+    token_config,
+)
+from tests.helpers.tokens import refused, status
 
 UPSTREAM = (
     "import sys; from aiohttp import web; from keyproxy import demo; "
@@ -40,6 +50,10 @@ CHAT = "/r/openai/v1/chat/completions"
 # The child writes its token where the test can read it (not a log: the scan must not see it).
 SAVE_TOKEN = (
     "import os, sys, pathlib; pathlib.Path(sys.argv[1]).write_text(os.environ['OPENAI_API_KEY']); "
+)
+SAVE_TOKEN_R = (
+    "import os, sys, pathlib\n"
+    "pathlib.Path(sys.argv[1]).write_text(os.environ['KEYPROXY_R_TOKEN'])\n"
 )
 SDK_CHILD = SAVE_TOKEN + (
     "import json, openai; "
@@ -159,7 +173,7 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
 ) -> None:
     """The child's openai SDK completes a call with only the environment `keyproxy run` gave
     it (no identity in it); after the child exits 0, both replicas refuse its token within
-    2 s and the audit records a holder's revocation (reason completed where recorded)."""
+    2 s and the audit records the holder's revocation with the reason completed."""
     saved, env_file = tmp_path / "token", tmp_path / "env.json"
     args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sdk", "--ttl", "2m", "--"]
     done = cli.keyproxy(
@@ -183,7 +197,7 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
     event = _revoked_event(replicas, env["KEYPROXY_TOKEN_ID"])
     assert event["by"] == "holder"
     assert event["task"] == "run-sdk"
-    assert event.get("reason", "completed") == "completed"
+    assert event["reason"] == "completed"
 
 
 CHILDREN = {
@@ -198,7 +212,8 @@ def test_the_token_dies_however_the_child_ends(
     replicas: Replicas, identity_token: str, tmp_path: Path, case: str
 ) -> None:
     """A child that exits 3, is killed by SIGKILL, or outlives --timeout (SIGTERM): the
-    wrapper exits with its status (128+signal) and both replicas refuse the token within 2 s."""
+    wrapper exits with its status (128+signal), both replicas refuse the token within 2 s, and
+    the audit names the reason: failed, failed, timeout."""
     code, status = CHILDREN[case]
     saved = tmp_path / "token"
     args = [*_run_args(replicas), "--scope", SCOPE, "--task", f"run-{case}", "--timeout", "3s"]
@@ -223,14 +238,14 @@ def test_the_token_dies_however_the_child_ends(
         if e.get("event") == "token.revoked" and e.get("task") == f"run-{case}"
     ]
     assert len(revoked) == 1
-    assert revoked[0].get("reason", reason) == reason
+    assert revoked[0]["reason"] == reason
 
 
 def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
     replicas: Replicas, identity_token: str, tmp_path: Path, log_dir: Path
 ) -> None:
     """SIGTERM to `keyproxy run` is passed on to the child (which dies of it: 143), and the
-    token is revoked on the way out."""
+    token is revoked on the way out (reason failed)."""
     saved = tmp_path / "token"
     args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sigterm", "--"]
     child = SAVE_TOKEN + "import time; time.sleep(60)"
@@ -251,6 +266,12 @@ def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
                 proc.kill()
                 proc.wait(timeout=10)
     _refused_everywhere(replicas, _token(saved))
+    (event,) = [
+        e
+        for e in read_events(replicas.outs[0])
+        if e.get("event") == "token.revoked" and e.get("task") == "run-sigterm"
+    ]
+    assert event["reason"] == "failed"
 
 
 def test_a_refused_exchange_starts_nothing(
@@ -345,3 +366,96 @@ async def test_an_unreachable_proxy_never_holds_up_the_exit(
     assert token not in (out + err).decode()
     (said,) = err.decode().splitlines()
     assert said.startswith("keyproxy run: could not revoke token"), said
+
+
+@pytest.fixture
+async def stack(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> AsyncIterator[Stack]:
+    """One proxy in this process (heartbeat leases live in its store) before a real upstream,
+    with the routes r and other of token_config."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
+        yield value
+
+
+async def _wrapper(
+    stack: Stack, env: dict[str, str], out: Path, *args: str
+) -> asyncio.subprocess.Process:
+    """`keyproxy run --idle-ttl 2s ... -- ARGS` against `stack`, in the background, its stdout
+    and stderr (and the child's) in `out` and `out`.err: a file, not a pipe a child left
+    running would hold open."""
+    with out.open("wb") as stdout, out.with_suffix(".err").open("wb") as stderr:
+        return await asyncio.create_subprocess_exec(
+            KEYPROXY,
+            "run",
+            "--proxy",
+            stack.base,
+            "--identity-env",
+            "IDENTITY_TOKEN",
+            "--scope",
+            "r:POST:/v1/chat/completions",
+            "--idle-ttl",
+            "2s",
+            "--",
+            *args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+
+async def test_heartbeats_keep_an_idle_ttl_token_alive(
+    stack: Stack, identity_token: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """With --idle-ttl 2s the wrapper heartbeats: the child's call 5 s after it started (two
+    and a half idle TTLs) still gets through, and at its exit the token is revoked."""
+    saved = tmp_path / "token"
+    child = SAVE_TOKEN_R + (
+        "import time, urllib.request\n"
+        "time.sleep(5)\n"  # the child's own work, longer than the idle TTL
+        "request = urllib.request.Request(\n"
+        "    os.environ['KEYPROXY_R_BASE_URL'] + '/v1/chat/completions',\n"
+        '    data=b\'{"model": "m", "messages": []}\',\n'
+        "    headers={'Authorization': 'Bearer ' + os.environ['KEYPROXY_R_TOKEN'],\n"
+        "             'Content-Type': 'application/json'})\n"
+        "print(urllib.request.urlopen(request, timeout=5).status)\n"
+    )
+    out = tmp_path / "run.out"
+    env = _env(identity_token, tmp_path)
+    proc = await _wrapper(stack, env, out, sys.executable, "-c", child, str(saved))
+    assert await asyncio.wait_for(proc.wait(), 30) == 0, out.with_suffix(".err").read_text()
+    assert out.read_text().split() == ["200"]
+    assert out.with_suffix(".err").read_text() == ""
+    token = _token(saved)
+    assert await status(http, "POST", stack.base + "/r/r/v1/chat/completions", token) == 401
+
+
+async def test_a_killed_wrappers_token_dies_with_its_lease(
+    stack: Stack, identity_token: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """SIGKILL to the wrapper leaves nobody to revoke the token (the child runs on): with
+    --idle-ttl 2s, the proxy refuses it within idle_ttl + 2 s all the same."""
+    saved, pid = tmp_path / "token", tmp_path / "pid"
+    child = SAVE_TOKEN_R + (
+        "import time\npathlib.Path(sys.argv[2]).write_text(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    env = _env(identity_token, tmp_path)
+    proc = await _wrapper(
+        stack, env, tmp_path / "run.out", sys.executable, "-c", child, str(saved), str(pid)
+    )
+    try:
+        await eventually(pid.exists, "the child did not start", within=30, interval=0.05)
+        token = _token(saved)
+        url = stack.base + "/r/r/v1/chat/completions"
+        assert await status(http, "POST", url, token) == 200
+        proc.kill()
+        await proc.wait()
+        await refused(http, "POST", url, token, "the token outlived its lease", within=4.0)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
