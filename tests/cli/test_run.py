@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -156,11 +157,14 @@ def _refused_everywhere(replicas: Replicas, token: str) -> None:
     )
 
 
-def _revoked_event(replicas: Replicas, token_id: str) -> dict[str, object]:
-    events = read_events(replicas.outs[0])
-    (event,) = [
-        e for e in events if e.get("event") == "token.revoked" and e.get("token_id") == token_id
-    ]
+def _revoked(replicas: Replicas, task: str) -> dict[str, Any]:
+    """The one token.revoked event of `task` in the first replica's audit log, once written."""
+
+    def found() -> list[dict[str, Any]]:
+        events = read_events(replicas.outs[0])
+        return [e for e in events if e.get("event") == "token.revoked" and e.get("task") == task]
+
+    (event,) = eventually_blocking(found, f"no token.revoked event for {task}", within=5)
     return event
 
 
@@ -194,16 +198,18 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
     assert identity_token not in env.values()
     assert token not in done.stdout + done.stderr
     _refused_everywhere(replicas, token)
-    event = _revoked_event(replicas, env["KEYPROXY_TOKEN_ID"])
+    event = _revoked(replicas, "run-sdk")
+    assert event["token_id"] == env["KEYPROXY_TOKEN_ID"]
     assert event["by"] == "holder"
     assert event["task"] == "run-sdk"
     assert event["reason"] == "completed"
 
 
-CHILDREN = {
-    "failed": ("import sys; sys.exit(3)", 3),
-    "killed": ("os.kill(os.getpid(), 9)", 128 + 9),
-    "timeout": ("import time; time.sleep(60)", 128 + 15),
+CHILDREN = {  # what the child does after saving its token; the exit status; the end reason
+    "failed": ("sys.exit(3)", 3, "failed"),
+    "killed": ("os.kill(os.getpid(), 9)", 128 + 9, "failed"),
+    "timeout": ("import time; time.sleep(60)", 128 + 15, "timeout"),
+    "stubborn": ("import time; signal.signal(15, signal.SIG_IGN); time.sleep(60)", 137, "timeout"),
 }
 
 
@@ -211,34 +217,42 @@ CHILDREN = {
 def test_the_token_dies_however_the_child_ends(
     replicas: Replicas, identity_token: str, tmp_path: Path, case: str
 ) -> None:
-    """A child that exits 3, is killed by SIGKILL, or outlives --timeout (SIGTERM): the
-    wrapper exits with its status (128+signal), both replicas refuse the token within 2 s, and
-    the audit names the reason: failed, failed, timeout."""
-    code, status = CHILDREN[case]
+    """A child that exits 3, is killed by SIGKILL, outlives --timeout (SIGTERM), or outlives
+    it ignoring SIGTERM (SIGKILL --kill-after later): the wrapper exits with its status
+    (128+signal), both replicas refuse the token within 2 s, and the audit names the reason."""
+    code, exit_status, reason = CHILDREN[case]
     saved = tmp_path / "token"
-    args = [*_run_args(replicas), "--scope", SCOPE, "--task", f"run-{case}", "--timeout", "3s"]
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", f"run-{case}"]
+    args += ["--timeout", "3s", "--kill-after", "1s"]
     started_at = time.monotonic()
     done = cli.keyproxy(
         *args,
         "--",
         sys.executable,
         "-c",
-        SAVE_TOKEN + code,
+        SAVE_TOKEN + "import signal; " + code,
         str(saved),
         env=_env(identity_token, tmp_path),
     )
-    assert done.returncode == status, done.stderr
+    assert done.returncode == exit_status, done.stderr
     assert time.monotonic() - started_at < 30
     token = _token(saved)
     _refused_everywhere(replicas, token)
-    reason = "timeout" if case == "timeout" else "failed"
-    revoked = [
-        e
-        for e in read_events(replicas.outs[0])
-        if e.get("event") == "token.revoked" and e.get("task") == f"run-{case}"
-    ]
-    assert len(revoked) == 1
-    assert revoked[0]["reason"] == reason
+    event = _revoked(replicas, f"run-{case}")
+    assert event["reason"] == reason
+
+
+def test_a_command_that_cannot_start_exits_127(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """A command that is not there: exit 127 with one line saying so, and the token it would
+    have had is revoked (reason failed)."""
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-missing"]
+    done = cli.keyproxy(*args, "--", "/nonexistent/agent", env=_env(identity_token, tmp_path))
+    assert done.returncode == 127
+    assert done.stderr == "keyproxy run: /nonexistent/agent: command not found\n"
+    event = _revoked(replicas, "run-missing")
+    assert event["reason"] == "failed"
 
 
 def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
@@ -266,11 +280,7 @@ def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
                 proc.kill()
                 proc.wait(timeout=10)
     _refused_everywhere(replicas, _token(saved))
-    (event,) = [
-        e
-        for e in read_events(replicas.outs[0])
-        if e.get("event") == "token.revoked" and e.get("task") == "run-sigterm"
-    ]
+    event = _revoked(replicas, "run-sigterm")
     assert event["reason"] == "failed"
 
 
