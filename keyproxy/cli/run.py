@@ -44,7 +44,8 @@ def register(sub: Any) -> None:
     parser = sub.add_parser(
         "run",
         help="run a command with a task token that is revoked when it ends",
-        description=__doc__.split("\n")[0],
+        description="Exchange a workload identity for a task token, run COMMAND with it in the\n"
+        "environment its SDK reads, and revoke the token when COMMAND ends, however it ends.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
