@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -469,3 +470,50 @@ async def test_a_killed_wrappers_token_dies_with_its_lease(
             await proc.wait()
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
             os.kill(int(pid.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
+def test_ctrl_c_on_the_terminal_reaches_the_child_once(
+    replicas: Replicas, identity_token: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """Ctrl-C on the terminal the wrapper runs in reaches the child from the terminal only
+    (the wrapper does not send a second SIGINT), and the child decides what it means: here
+    it finishes its work and exits 0, so the reason is completed."""
+    saved, ready, count = tmp_path / "token", tmp_path / "ready", tmp_path / "count"
+    child = SAVE_TOKEN + (
+        "import signal, time; got = []; signal.signal(2, lambda *_: got.append(2)); "
+        "pathlib.Path(sys.argv[2]).touch()\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not got and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(1)\n"  # time for a second SIGINT to arrive, if one were sent
+        "pathlib.Path(sys.argv[3]).write_text(str(len(got)))\n"
+    )
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-ctrl-c", "--"]
+    args += [sys.executable, "-c", child, str(saved), str(ready), str(count)]
+    master, terminal = os.openpty()
+    try:
+        with (log_dir / "run-ctrl-c.log").open("wb") as out:
+            # A session of its own with the pseudo-terminal as its controlling terminal: the
+            # wrapper and its child are the terminal's foreground process group.
+            proc = subprocess.Popen(
+                ["setsid", "--ctty", KEYPROXY, *args],
+                stdin=terminal,
+                stdout=out,
+                stderr=out,
+                env=_env(identity_token, tmp_path),
+            )
+        try:
+            eventually_blocking(ready.exists, "the child did not start", within=30)
+            os.write(master, b"\x03")  # Ctrl-C, as typed
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    finally:
+        os.close(terminal)
+        os.close(master)
+    assert count.read_text() == "1"
+    _refused_everywhere(replicas, _token(saved))
+    assert _revoked(replicas, "run-ctrl-c")["reason"] == "completed"
