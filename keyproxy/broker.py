@@ -1,4 +1,5 @@
-"""The token broker: exchange a workload identity for a task token, and revoke it.
+"""The token broker: exchange a workload identity for a task token, or a task token for a
+narrower one (delegation, keyproxy.delegation), and keep it alive and end it.
 
     POST /token                   JSON, or the RFC 8693 token-exchange form
     POST /token/heartbeat         the holder keeps an idle_ttl token alive (keyproxy.lifecycle)
@@ -14,10 +15,9 @@ JSON request (workload token in `Authorization: Bearer`):
 `idle_ttl` (at least 2 s, less than the TTL) makes the token valid only while its holder
 heartbeats (keyproxy.lifecycle); the lease starts at issue.
 
-RFC 8693 form: grant_type=urn:ietf:params:oauth:grant-type:token-exchange, subject_token,
-subject_token_type (jwt or id_token), scope ("route:METHODS:/path" items), resource or
-audience (route names, asked for in full), and the extensions task, intent, ttl, idle_ttl,
-max_uses.
+or the RFC 8693 token-exchange form (keyproxy.asked reads both). With a task token as the
+subject (and optionally the sub-agent's identity as `actor_token`), the answer is a child
+token within it (keyproxy.delegation); its answer adds `chain`, the token ids from the root.
 
 Policy decides the most that may be granted; the grant is the intersection of that and the
 request, never more. Every outcome is an audit event: token.issued or token.denied.
@@ -26,21 +26,22 @@ request, never more. Every outcome is an audit event: token.issued or token.deni
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
-from typing import Any, Final
-from urllib.parse import parse_qsl
+import time
+from typing import Any, Final, NamedTuple
 
 import structlog
 from aiohttp import web
 
-from keyproxy import policy
+from keyproxy import delegation, policy
 from keyproxy import scope as scopes
 from keyproxy.answers import REQUEST_ID_KEY
-from keyproxy.config import Config, parse_duration
+from keyproxy.asked import Asked, fields_of, read_asked
+from keyproxy.asked import subject_token as subject_token_of
+from keyproxy.caller import Identity
+from keyproxy.config import Config
 from keyproxy.errors import (
     BadRequest,
-    ConfigError,
     Forbidden,
     RequestError,
     Unauthenticated,
@@ -51,22 +52,25 @@ from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.lifecycle import Lifecycle
 from keyproxy.metrics import Metrics
-from keyproxy.mtls import client_chain
+from keyproxy.mtls import check_binding, client_chain
 from keyproxy.spiffe import thumbprint
 from keyproxy.tls import ServerTLS
-from keyproxy.tokens import TaskTokens, is_task_token
+from keyproxy.tokens import TaskToken, TaskTokens, is_task_token, lineage
 
-GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT_TYPES: Final = frozenset(
-    {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
-)
 ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
-MAX_TEXT: Final = 1024
-MAX_BODY: Final = 64 * 1024
-MAX_USES: Final = 1_000_000
-MIN_IDLE_TTL: Final = 2.0
 
 log = structlog.get_logger("keyproxy.audit")
+
+
+class Grant(NamedTuple):
+    """What a token is issued with."""
+
+    identity: Identity
+    scope: scopes.Scope
+    ttl: float
+    task: str | None
+    intent: str | None
+    max_uses: int | None
 
 
 class Broker(Lifecycle):
@@ -112,64 +116,75 @@ class Broker(Lifecycle):
         )
         event["source"] = str(source)
         form = request.content_type == "application/x-www-form-urlencoded"
-        fields = await _fields(request, form)
-        subject_token = _subject_token(request, fields, form)
-        if is_task_token(subject_token):
-            raise Unauthenticated("wrong_token_type", "exchange a workload identity token")
-        identity = await self.verifier.verify(subject_token)
-        event |= {"issuer": identity.issuer, "subject": identity.subject}
-        routes = list(self.config.routes)
-        try:
-            requested = (
-                scopes.parse_rfc8693(str(fields.get("scope", "")), _resources(fields), routes)
-                if form
-                else scopes.parse(
-                    fields.get("scope"), routes, mcp=scopes.mcp_routes(self.config.routes)
-                )
-            )
-            task, intent = _text(fields, "task"), _text(fields, "intent")
-            max_uses = _max_uses(fields.get("max_uses"))
-            asked_ttl = _ttl(fields.get("ttl"))
-            idle_ttl = _idle_ttl(fields.get("idle_ttl"))
-        except ValueError as exc:
-            raise BadRequest("invalid_request", str(exc)) from None
-        for name, asked in (("max_uses", max_uses), ("idle_ttl", idle_ttl)):
-            if asked is not None and not self.exact_uses:
-                raise Unavailable(
-                    f"{name}_needs_shared_store",
-                    f"tokens with {name} need a shared state store (state.url) with --workers",
-                )
-        event |= {"task": task, "intent": intent, "requested": scopes.to_claim(requested)}
-        granted, contributing = scopes.grant(self.config.policies, identity, source, requested)
-        if not granted:
-            raise Forbidden("nothing_granted", "policy allows none of the requested scope")
-        # Capped by tokens.max_ttl and by the max_ttl of every policy that granted something.
-        caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
-        ttl = min([asked_ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
-        if idle_ttl is not None:
-            idle_ttl = math.ceil(idle_ttl)  # whole seconds, as the claim holds it
-            if idle_ttl >= ttl:
-                raise BadRequest(
-                    "invalid_request", f"idle_ttl must be less than the ttl ({ttl:.0f}s)"
-                )
-        bind = fields.get("bind_source") in (True, "true", "1")
+        fields = await fields_of(request, form)
+        subject_token = subject_token_of(request, fields, form)
         # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705),
         # or to the one a trusted front proxy forwarded, once verified like a direct one.
         chain, forwarded = client_chain(request, self.config.server, self.tls)
         if forwarded:
             assert self.tls is not None  # only a listener with TLS reads the header
             self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
+        if is_task_token(subject_token):
+            parent = await self._parent(subject_token, chain, str(source))
+            return await self._delegate(parent, fields, form, chain, event)
+        identity = await self.verifier.verify(subject_token)
+        event |= {"issuer": identity.issuer, "subject": identity.subject}
+        asked = self._asked(fields, form, delegated=False)
+        event |= {"task": asked.task, "intent": asked.intent}
+        event["requested"] = scopes.to_claim(asked.scope)
+        granted, contributing = scopes.grant(self.config.policies, identity, source, asked.scope)
+        if not granted:
+            raise Forbidden("nothing_granted", "policy allows none of the requested scope")
+        # Capped by tokens.max_ttl and by the max_ttl of every policy that granted something.
+        caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
+        ttl = min([asked.ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
+        grant = Grant(identity, granted, ttl, asked.task, asked.intent, asked.max_uses)
+        return await self._issue(grant, asked, fields, form, chain, event)
+
+    def _asked(self, fields: dict[str, Any], form: bool, *, delegated: bool) -> Asked:
+        """What the request asks for (a delegation may leave the scope out: its parent's)."""
+        asked = read_asked(fields, form, self.config.routes, delegated=delegated)
+        for name, value in (("max_uses", asked.max_uses), ("idle_ttl", asked.idle_ttl)):
+            if value is not None and not self.exact_uses:
+                raise Unavailable(
+                    f"{name}_needs_shared_store",
+                    f"tokens with {name} need a shared state store (state.url) with --workers",
+                )
+        return asked
+
+    async def _issue(  # noqa: PLR0917  # the grant, and what the request asked
+        self,
+        grant: Grant,
+        asked: Asked,
+        fields: dict[str, Any],
+        form: bool,
+        chain: tuple[bytes, ...],
+        event: dict[str, Any],
+        lineage: dict[str, Any] | None = None,
+        ancestors: tuple[str, ...] = (),
+    ) -> web.Response:
+        """Issue the token `grant` describes (delegated: with its `lineage` claims, below
+        its `ancestors`), and answer with it."""
+        idle_ttl = None
+        if asked.idle_ttl is not None:
+            idle_ttl = math.ceil(asked.idle_ttl)  # whole seconds, as the claim holds it
+            if idle_ttl >= grant.ttl:
+                raise BadRequest(
+                    "invalid_request", f"idle_ttl must be less than the ttl ({grant.ttl:.0f}s)"
+                )
+        bind = fields.get("bind_source") in (True, "true", "1")
         certificate = chain[0] if chain else None
         issued = await self.tasks.issue(
-            identity,
-            granted,
-            ttl=ttl,
-            task=task,
-            intent=intent,
-            max_uses=max_uses,
-            source=str(source) if bind else None,
+            grant.identity,
+            grant.scope,
+            ttl=grant.ttl,
+            task=grant.task,
+            intent=grant.intent,
+            max_uses=grant.max_uses,
+            source=event["source"] if bind else None,
             certificate=thumbprint(certificate) if certificate is not None else None,
             idle_ttl=idle_ttl,
+            lineage=lineage,
         )
         event |= {
             "token_id": issued.token_id,
@@ -178,20 +193,80 @@ class Broker(Lifecycle):
         }
         if idle_ttl is not None:
             event["idle_ttl"] = idle_ttl
-        log.info("token.issued", scope=scopes.to_claim(granted), ttl=ttl, **event)
+        links = [*ancestors, issued.token_id]
+        if ancestors:
+            event["chain"] = ",".join(links)
+        claim = scopes.to_claim(grant.scope)
+        log.info("token.issued", scope=claim, ttl=grant.ttl, **event)
         self._count("issued")
         body: dict[str, Any] = {
             "access_token": issued.token,
             "token_type": "Bearer",
             "issued_token_type": ISSUED_TYPE,
-            "expires_in": int(ttl),
+            "expires_in": int(grant.ttl),
             "token_id": issued.token_id,
             "expires_at": issued.expires_at,
-            "scope": scopes.describe(granted) if form else scopes.to_claim(granted),
+            "scope": scopes.describe(grant.scope) if form else claim,
         }
         if idle_ttl is not None:
             body["idle_ttl"] = idle_ttl
+        if ancestors:
+            body["chain"] = links
         return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    async def _parent(self, token: str, chain: tuple[bytes, ...], source: str) -> TaskToken:
+        """The task token a delegation is asked with, verified and used as it would be at
+        the proxy: bound to its address and certificate, its heartbeat leases alive."""
+        parent = await self.tasks.verify(token)
+        check_binding(parent, chain)
+        if parent.source is not None and parent.source != source:
+            raise Unauthenticated("wrong_source", "this token is bound to another address")
+        if parent.lifecycle and not self.exact_uses:
+            raise Unavailable(
+                "max_uses_needs_shared_store",
+                "tokens with max_uses or idle_ttl need a shared state store (state.url) "
+                "with --workers",
+            )
+        await self.tasks.check_leases(parent)
+        return parent
+
+    async def _delegate(
+        self,
+        parent: TaskToken,
+        fields: dict[str, Any],
+        form: bool,
+        chain: tuple[bytes, ...],
+        event: dict[str, Any],
+    ) -> web.Response:
+        """A narrower token for a sub-agent (keyproxy.delegation)."""
+        identity = parent.identity
+        event |= {"issuer": identity.issuer, "subject": identity.subject, "task": parent.task}
+        event["parent_token_id"] = parent.token_id
+        actor_text = delegation.actor_token(fields, form)
+        actor = await self.verifier.verify(actor_text) if actor_text is not None else None
+        acting = actor if actor is not None else identity  # the parent hands it on itself
+        event["actors"] = ",".join([*parent.actors, lineage.actor_name(acting)])
+        asked = self._asked(fields, form, delegated=True)
+        delegation.same_task(parent, fields)
+        event["requested"] = scopes.to_claim(asked.scope)
+        uses_left = await delegation.uses_left(parent, self.tasks.store, time.time())
+        cfg = self.config.tokens
+        child = delegation.narrow(
+            parent,
+            asked.scope,
+            asked.ttl,
+            asked.max_uses,
+            default_ttl=cfg.default_ttl,
+            max_depth=cfg.max_delegation_depth,
+            uses_left=uses_left,
+            now=time.time(),
+        )
+        event["intent"] = asked.intent or parent.intent
+        grant = Grant(
+            identity, child.scope, child.ttl, parent.task, event["intent"], child.max_uses
+        )
+        claims = lineage.child_claims(parent, actor)
+        return await self._issue(grant, asked, fields, form, chain, event, claims, parent.chain)
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:
@@ -200,84 +275,3 @@ class Broker(Lifecycle):
             except VaultError:
                 raise Unavailable("vault_unavailable", "no signing keys yet") from None
         return web.json_response(self.tasks.jwks(), headers={"Cache-Control": "max-age=60"})
-
-
-async def _fields(request: web.Request, form: bool) -> dict[str, Any]:
-    # Counted on the bytes read, so a chunked body cannot exceed it either.
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise BadRequest("invalid_request", f"request body above {MAX_BODY} bytes")
-    try:
-        if form:
-            pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False)
-            return dict(pairs)
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("invalid_request", "the body is not valid JSON or form data") from None
-    if not isinstance(body, dict):
-        raise BadRequest("invalid_request", "the body must be a JSON object")
-    return body
-
-
-def _subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> str:
-    if form:
-        if fields.get("grant_type") != GRANT_TYPE:
-            raise BadRequest("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
-        if fields.get("subject_token_type") not in JWT_TYPES:
-            raise BadRequest("invalid_request", "subject_token_type must be a JWT type")
-        token = str(fields.get("subject_token", "")).strip()
-    else:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
-    if not token:
-        raise Unauthenticated("no_credential", "send the workload identity token")
-    return token
-
-
-def _resources(fields: dict[str, Any]) -> list[str]:
-    names = []
-    for key in ("resource", "audience"):
-        value = fields.get(key)
-        if isinstance(value, str) and value:
-            names.extend(value.split())
-    return names
-
-
-def _text(fields: dict[str, Any], name: str) -> str | None:
-    value = fields.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or len(value) > MAX_TEXT or any(ord(c) < 0x20 for c in value):
-        raise ValueError(f"{name}: text of at most {MAX_TEXT} characters")
-    return value
-
-
-def _max_uses(value: Any) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        uses = int(value)
-    except (TypeError, ValueError):
-        raise ValueError("max_uses: a positive integer") from None
-    if isinstance(value, bool) or not 0 < uses <= MAX_USES:
-        raise ValueError(f"max_uses: a positive integer up to {MAX_USES}")
-    return uses
-
-
-def _idle_ttl(value: Any) -> float | None:
-    idle_ttl = _ttl(value, "idle_ttl")
-    if idle_ttl is not None and idle_ttl < MIN_IDLE_TTL:
-        raise ValueError(f"idle_ttl: at least {MIN_IDLE_TTL:.0f}s")
-    return idle_ttl
-
-
-def _ttl(value: Any, name: str = "ttl") -> float | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    try:
-        # The same duration syntax as the configuration file.
-        return parse_duration(value, name)
-    except ConfigError:
-        raise ValueError(f"{name}: a positive duration such as 300 or 5m") from None

@@ -351,6 +351,9 @@ def _record(
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
         config_hash,  # config
         limit,
+        # A delegated token names its whole chain; any other caller, nothing more.
+        ",".join(task.chain) if task is not None and task.ancestors else None,  # chain
+        ",".join(task.actors) if task is not None and task.ancestors else None,  # actors
     )
 
 

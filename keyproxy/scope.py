@@ -10,6 +10,7 @@ of those routes) a grant names tools, prompts, resources and JSON-RPC methods in
     parse_rfc8693(scope, resources)  requested scope from OAuth form fields
     grantable(policies, identity, source, requested) -> Scope    the intersection, never more
     allows(scope, route, method, segments) -> bool               the per-request check
+    outside(inner, outer) -> list[str]     what of `inner` `outer` does not hold (delegation)
     mcp_grant(scope, route) -> McpGrant | None     what the scope allows on an MCP route
     intersect_mcp(a, b) / union_mcp(grants)                      MCP grant algebra
     to_claim(scope) / from_claim(obj)                            the token's `scope` claim
@@ -227,6 +228,36 @@ def allows(scope: Scope, route: str, method: str, segments: tuple[str, ...]) -> 
         method in grant.methods and any(policy.match_path(p, segments) for p in grant.paths)
         for grant in scope.get(route, ())
     )
+
+
+def outside(inner: Scope, outer: Scope) -> list[str]:
+    """The parts of `inner` that `outer` does not hold, described ("route METHOD /path",
+    "route: MCP grant"); empty when `inner` is within `outer`. A grant is held if one grant
+    of `outer` on its route holds all of its methods and paths (or, on an MCP route, all
+    of its names)."""
+    found: list[str] = []
+    for route, grants in inner.items():
+        for want in grants:
+            held = outer.get(route, ())
+            if want.mcp is not None:
+                if not any(g.mcp is not None and _mcp_within(want.mcp, g.mcp) for g in held):
+                    found.append(f"{route}: MCP grant")
+                continue
+            for path in want.paths:
+                for method in sorted(want.methods):
+                    if not any(
+                        g.mcp is None
+                        and method in g.methods
+                        and any(covers(p, path) for p in g.paths)
+                        for g in held
+                    ):
+                        found.append(f"{route} {method} {format_pattern(path)}")
+    return found
+
+
+def _mcp_within(inner: McpGrant, outer: McpGrant) -> bool:
+    # Narrowing by `outer` takes nothing away: what both allow is all `inner` allows.
+    return intersect_mcp(inner, outer) == intersect_mcp(inner, inner)
 
 
 def _covers_resource(outer: str, inner: str) -> bool:

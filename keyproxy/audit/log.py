@@ -270,6 +270,10 @@ class RequestRecord:
     duration_ms: float = 0.0
     config: str | None = None  # the short hash of the configuration the request ran under
     limit: str | None = None  # the configured limit that refused the request
+    # A delegated token's: its token ids from the root ("root,child,..."), and who acted at
+    # each delegation ("issuer|subject,..."), in order. None for any other caller.
+    chain: str | None = None
+    actors: str | None = None
 
 
 _log = structlog.get_logger("keyproxy.audit")

@@ -9,10 +9,16 @@ skipped and counted, so a log mixed with other output still works. Pure: no I/O 
 `calls` reads the `mcp.call` events of an MCP route instead: every JSON-RPC request, by task,
 with the tool (or prompt, resource, method) it named, whether it was allowed, and the key
 version.
+
+`tree` answers "everything done under task X (or token T), including sub-agents": the task
+tokens the logs show (issued, used, ended) as delegation trees, each with its requests and
+how it ended, and every event in scope. A delegated token's events name its `chain` (token
+ids from the root), so a token seen only in another replica's log still finds its place.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -167,6 +173,125 @@ def calls(
     return found
 
 
+@dataclass
+class TokenNode:
+    """One task token as the logs show it, with the tokens delegated from it."""
+
+    token_id: str
+    parent: str | None = None
+    task: str | None = None
+    subject: str | None = None  # "issuer|subject": on whose authority
+    actor: str | None = None  # "issuer|subject" of who acts with it, if delegated
+    issued: str = ""  # the token.issued event's time ("" if not in the logs)
+    expires_at: float | None = None
+    ended: str | None = None  # the end reason of its token.revoked event
+    requests: int = 0
+    refused: int = 0
+    routes: set[str] = field(default_factory=set)
+    children: list[TokenNode] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "token_id": self.token_id,
+            "parent": self.parent,
+            "task": self.task,
+            "subject": self.subject,
+            "actor": self.actor,
+            "issued": self.issued,
+            "expires_at": self.expires_at,
+            "ended": self.ended,
+            "requests": self.requests,
+            "refused": self.refused,
+            "routes": sorted(self.routes),
+            "children": [child.as_dict() for child in self.children],
+        }
+
+
+@dataclass
+class Tree:
+    roots: list[TokenNode]
+    events: list[dict[str, Any]]  # every event in scope, in log order
+    skipped_lines: int
+
+
+_TREE_EVENTS = frozenset({"request", "mcp.call", "token.issued", "token.revoked"})
+
+
+def tree(
+    lines: Iterable[str],
+    task: str | None = None,
+    token: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Tree:
+    """The tokens and events of `task`, or under `token` (it and every token delegated from
+    it), between `since` and `until`; every task token the logs show when neither is given."""
+    nodes: dict[str, TokenNode] = {}
+    events: list[dict[str, Any]] = []
+    skipped = 0
+    for line in lines:
+        event = _event(line, None)
+        if event is None:
+            skipped += bool(line.strip())
+            continue
+        if event.get("event") not in _TREE_EVENTS or not _in_scope(event, task, token):
+            continue
+        at = _time(event.get("timestamp"))
+        if at is None or (since and at < since) or (until and at > until):
+            continue
+        events.append(event)
+        _note(nodes, event)
+    roots = [n for n in nodes.values() if n.parent is None or n.parent not in nodes]
+    for node in nodes.values():
+        if node.parent is not None and node.parent in nodes:
+            nodes[node.parent].children.append(node)
+    return Tree(roots, events, skipped)
+
+
+def _chain(event: dict[str, Any]) -> list[str]:
+    chain = event.get("chain")
+    return chain.split(",") if isinstance(chain, str) and chain else []
+
+
+def _in_scope(event: dict[str, Any], task: str | None, token: str | None) -> bool:
+    if task is not None and event.get("task") != task:
+        return False
+    return token is None or event.get("token_id") == token or token in _chain(event)
+
+
+def _note(nodes: dict[str, TokenNode], event: dict[str, Any]) -> None:
+    """What one event says about the tokens it names."""
+    token_id = event.get("token_id")
+    if not isinstance(token_id, str) or event.get("issuer") == "exception":
+        return
+    kind = event["event"]
+    chain = _chain(event)
+    for parent, child in itertools.pairwise(chain):
+        nodes.setdefault(child, TokenNode(child)).parent = parent
+        nodes.setdefault(parent, TokenNode(parent))
+    node = nodes.setdefault(token_id, TokenNode(token_id))
+    if isinstance(event.get("task"), str):
+        node.task = event["task"]
+    if isinstance(event.get("issuer"), str) and isinstance(event.get("subject"), str):
+        node.subject = f"{event['issuer']}|{event['subject']}"
+    actors = event.get("actors")
+    if isinstance(actors, str) and actors:
+        node.actor = actors.split(",")[-1]
+    if kind == "token.issued":
+        node.issued = str(event.get("timestamp", ""))
+        if isinstance(event.get("expires_at"), int | float):
+            node.expires_at = float(event["expires_at"])
+        if isinstance(event.get("parent_token_id"), str):
+            node.parent = event["parent_token_id"]
+    elif kind == "token.revoked" and isinstance(event.get("reason"), str):
+        node.ended = event["reason"]
+    elif kind == "request":
+        node.requests += 1
+        node.refused += event.get("decision") != "allow"
+        if isinstance(event.get("route"), str):
+            node.routes.add(event["route"])
+
+
 def _time(value: Any) -> datetime | None:
     try:
         return parse_time(value) if isinstance(value, str) else None
@@ -174,14 +299,27 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def _event(line: str, kind: str = "request") -> dict[str, Any] | None:
+def _event(line: str, kind: str | None = "request") -> dict[str, Any] | None:
+    """The event of a JSON line (of `kind`, unless None)."""
     try:
         value = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(value, dict) or value.get("event") != kind:
+    if not isinstance(value, dict) or (kind is not None and value.get("event") != kind):
+        return None
+    if kind is None and not isinstance(value.get("event"), str):
         return None
     return value
 
 
-__all__ = ["Answer", "ToolCall", "Usage", "calls", "parse_time", "query"]
+__all__ = [
+    "Answer",
+    "TokenNode",
+    "ToolCall",
+    "Tree",
+    "Usage",
+    "calls",
+    "parse_time",
+    "query",
+    "tree",
+]

@@ -20,7 +20,7 @@ import difflib
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from keyproxy import config
@@ -150,3 +150,17 @@ __all__ = [
     "vault_for",
     "wants_json",
 ]
+
+
+def input_lines(files: list[str]) -> Iterator[str]:
+    """The lines of the named files in turn (none named: stdin); a file that cannot be read
+    ends the command, naming it."""
+    if not files:
+        yield from sys.stdin
+        return
+    for name in files:
+        try:
+            with open(name, encoding="utf-8", errors="replace") as stream:  # noqa: PTH123
+                yield from stream
+        except OSError as exc:
+            raise SystemExit(f"keyproxy: cannot read {name}: {exc.strerror}") from None

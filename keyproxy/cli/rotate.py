@@ -20,16 +20,18 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from keyproxy import config, rotation
 from keyproxy.audit import query as auditlog
+from keyproxy.cli import tree
 from keyproxy.cli.common import (
     add_config,
     add_operator,
     add_output,
+    input_lines,
     known_route,
     load_config,
     optional_config,
@@ -79,21 +81,30 @@ def register(sub: Any) -> None:
     add_output(status)
     status.set_defaults(func=_status)
 
-    query = sub.add_parser("audit", help="who used a route's key, from audit logs")
+    query = sub.add_parser(
+        "audit", help="who used a route's key, or what was done under a task, from audit logs"
+    )
     query.add_argument("files", nargs="*", help="JSON-lines audit logs (default: stdin)")
     add_config(
         query,
         help_text="configuration whose route names --route must be one of "
         "(default: $KEYPROXY_CONFIG; without either, any name is accepted)",
     )
-    query.add_argument("--route", required=True)
+    query.add_argument("--route", help="who used this route's key (or --task, --token)")
     query.add_argument("--key-version", type=int)
     query.add_argument("--since", type=auditlog.parse_time, help="ISO 8601 time (UTC default)")
     query.add_argument("--until", type=auditlog.parse_time)
     query.add_argument(
         "--calls", action="store_true", help="list an MCP route's calls (tools...) per task"
     )
-    query.add_argument("--task", help="with --calls: only this task's")
+    query.add_argument(
+        "--task",
+        help="with --calls: only this task's; without --route: everything done under this "
+        "task, sub-agents included, as a delegation tree",
+    )
+    query.add_argument(
+        "--token", help="without --route: everything done under this token id, as a tree"
+    )
     add_output(query)
     query.set_defaults(func=_audit)
 
@@ -257,13 +268,17 @@ def _duration(seconds: float) -> str:
 
 
 def _audit(args: argparse.Namespace) -> int:
+    if args.route is None:
+        if args.calls or (args.task is None and args.token is None):
+            raise SystemExit("keyproxy audit: give --route, or --task or --token for a tree")
+        return tree.audit(args, input_lines(args.files))
     cfg = optional_config(args)
     if cfg is not None:
         known_route(cfg, args.route)
     if args.calls:
         return _calls(args)
     answer = auditlog.query(
-        _lines(args.files), args.route, args.key_version, args.since, args.until
+        input_lines(args.files), args.route, args.key_version, args.since, args.until
     )
     if cfg is None and args.route not in answer.routes:
         seen = ", ".join(sorted(answer.routes)) or "none"
@@ -294,7 +309,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _calls(args: argparse.Namespace) -> int:
     """`keyproxy audit --calls`: an MCP route's calls, per task."""
-    found = auditlog.calls(_lines(args.files), args.route, args.task, args.since, args.until)
+    found = auditlog.calls(input_lines(args.files), args.route, args.task, args.since, args.until)
     if wants_json(args):
         print_json(
             {
@@ -313,18 +328,6 @@ def _calls(args: argparse.Namespace) -> int:
                 f"key version {c.key_version} {c.subject or '-'}"
             )
     return 0
-
-
-def _lines(files: list[str]) -> Iterable[str]:
-    if not files:
-        yield from sys.stdin
-        return
-    for name in files:
-        try:
-            with open(name, encoding="utf-8", errors="replace") as stream:  # noqa: PTH123
-                yield from stream
-        except OSError as exc:
-            raise SystemExit(f"keyproxy: cannot read {name}: {exc.strerror}") from None
 
 
 __all__ = ["register"]

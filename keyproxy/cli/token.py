@@ -10,6 +10,9 @@
         "owner", "reason"}.
     keyproxy token revoke -c FILE (--id ID | --issuer NAME --subject SUB | --task TASK)
     keyproxy token list -c FILE [-o json]       active exception tokens
+    keyproxy token list -c FILE --audit LOG... [--task TASK] [-o json]
+        the task tokens those audit logs show, as delegation trees, each marked active,
+        expired or revoked (keyproxy.cli.tree)
 
 They talk to Vault with the configuration's `vault` section, or with --as-operator the
 operator's own token (BAO_TOKEN, VAULT_TOKEN, ~/.vault-token). Route and issuer names are
@@ -27,10 +30,12 @@ from typing import Any
 from keyproxy import config
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
+from keyproxy.cli import tree
 from keyproxy.cli.common import (
     add_config,
     add_operator,
     add_output,
+    input_lines,
     known_issuer,
     known_route,
     load_config,
@@ -78,8 +83,14 @@ def register(sub: Any) -> None:
     add_output(revoke)
     revoke.set_defaults(func=_revoke)
 
-    listing = verbs.add_parser("list", help="active exception tokens")
+    listing = verbs.add_parser(
+        "list", help="active exception tokens, or (--audit) the delegation trees logs show"
+    )
     add_config(listing)
+    listing.add_argument(
+        "--audit", nargs="+", metavar="LOG", help="task tokens these audit logs show, as trees"
+    )
+    listing.add_argument("--task", help="with --audit: this task's tokens only")
     add_operator(listing)
     add_output(listing)
     listing.set_defaults(func=_list)
@@ -188,6 +199,13 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+
+    if args.audit:
+
+        async def trees(_: config.Config, tasks: TaskTokens) -> int:
+            return tree.token_list(args, input_lines(args.audit), await tasks.revocation_list())
+
+        return _run(args, cfg, trees)
 
     async def work(_: config.Config, tasks: TaskTokens) -> int:
         active = await tasks.exceptions()

@@ -161,6 +161,9 @@ class ServerConfig:
     max_connections_per_source: int = 1_000
 
 
+MAX_DELEGATION_DEPTH = 16  # the most tokens.max_delegation_depth may be
+
+
 @dataclass(frozen=True)
 class TokensConfig:
     """Task-scoped tokens: keyproxy's own short-lived JWS, signed by Vault Transit."""
@@ -178,6 +181,8 @@ class TokensConfig:
     # The Transit public keys are re-read this often, and serve this long while Vault is down.
     key_refresh_interval: float = 60.0
     key_max_staleness: float = 3600.0
+    # How many times over a task token may be delegated (0: never), from its root token.
+    max_delegation_depth: int = 3
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from yarl import URL
 from keyproxy.config.model import (
     ALGORITHMS,
     FORWARDED_CERT_HEADERS,
+    MAX_DELEGATION_DEPTH,
     MAX_LEEWAY,
     AdminConfig,
     ClientAuth,
@@ -315,6 +316,17 @@ def port(node: Node) -> int:
     return port
 
 
+def _depth(node: Node) -> int:
+    depth = node.value
+    if (
+        not isinstance(depth, int)
+        or isinstance(depth, bool)
+        or not 0 <= depth <= MAX_DELEGATION_DEPTH
+    ):
+        raise node.error(f"must be a whole number from 0 to {MAX_DELEGATION_DEPTH}")
+    return depth
+
+
 def tokens_config(node: Node) -> TokensConfig:
     f = node.mapping(
         {
@@ -328,6 +340,7 @@ def tokens_config(node: Node) -> TokensConfig:
             "key_refetch_cooldown",
             "key_refresh_interval",
             "key_max_staleness",
+            "max_delegation_depth",
         }
     )
     transit = f["transit"].mapping({"mount", "key"}) if "transit" in f else {}
@@ -346,6 +359,7 @@ def tokens_config(node: Node) -> TokensConfig:
         key_refetch_cooldown=opt(f, "key_refetch_cooldown", Node.duration, d.key_refetch_cooldown),
         key_refresh_interval=opt(f, "key_refresh_interval", Node.duration, d.key_refresh_interval),
         key_max_staleness=opt(f, "key_max_staleness", Node.duration, d.key_max_staleness),
+        max_delegation_depth=opt(f, "max_delegation_depth", _depth, d.max_delegation_depth),
     )
     if tokens.default_ttl > tokens.max_ttl:
         raise node._child("default_ttl").error("must not exceed max_ttl")

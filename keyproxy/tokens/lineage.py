@@ -13,13 +13,12 @@ would free a child from its parent, or a leased token from its heartbeat. Pure: 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final, NamedTuple
+from typing import Any, NamedTuple
 
 from keyproxy import jws
 from keyproxy.caller import Identity
+from keyproxy.config import MAX_DELEGATION_DEPTH
 from keyproxy.tokens.format import Link, TaskToken
-
-MAX_DEPTH: Final = 16  # of any chain read back, whatever tokens.max_delegation_depth says
 
 
 class Lineage(NamedTuple):
@@ -79,7 +78,7 @@ def read(claims: Mapping[str, Any], token_id: str, max_uses: int | None) -> Line
         own = Link(token_id, jws.numeric_date(claims["exp"]), max_uses, idle)
         return Lineage(idle, (), (), (own,))
     raw = claims["anc"]
-    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_DEPTH:
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_DELEGATION_DEPTH:
         raise ValueError("anc: a list of ancestors")
     ancestors = tuple(_link(item) for item in raw)
     actors = _actors(claims["act"], len(ancestors))

@@ -45,18 +45,37 @@ class TaskTokens(Verifier):
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
         if token.ancestors and self._revocations.any_id(token.ancestors):
             raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
+        await self.check_leases(token, own=False)
         try:
-            for link in token.ancestors:
-                if link.idle_ttl is not None and not await self.store.alive(
-                    lease_key(link.token_id)
-                ):
-                    raise Unauthenticated("parent_revoked", "the parent token's heartbeat was lost")
             renewed = await self.store.renew(lease_key(token.token_id), token.idle_ttl)
         except StoreUnavailable:
             raise Unavailable("state_store_unavailable", "cannot renew the lease now") from None
         if not renewed:
             raise Unauthenticated("heartbeat_lost", "the heartbeat lease already lapsed")
         return self.clock() + token.idle_ttl
+
+    async def check_leases(self, token: TaskToken, *, own: bool = True) -> None:
+        """Refuse a token whose heartbeat lease (with `own`), or an ancestor's, lapsed."""
+        leased = [link for link in token.lifecycle if link.idle_ttl is not None]
+        if not own:
+            leased = [link for link in leased if link.token_id != token.token_id]
+        if not leased:
+            return
+        if self.store is None:
+            raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
+        for link in leased:
+            try:
+                alive = await self.store.alive(lease_key(link.token_id))
+            except StoreUnavailable:
+                raise Unavailable("state_store_unavailable", "cannot check the lease now") from None
+            if not alive:
+                mine = link.token_id == token.token_id
+                raise Unauthenticated(
+                    "heartbeat_lost" if mine else "parent_revoked",
+                    "the heartbeat lease lapsed"
+                    if mine
+                    else "a token it was delegated from lost its heartbeat",
+                )
 
     async def run(self) -> None:
         """Background work until cancelled: poll revocations, and re-read the public keys

@@ -77,3 +77,42 @@ def test_usage_collects_tasks_tokens_counts_and_times() -> None:
         "key_versions": [1, 2],
     }
     assert answer.skipped_lines == 2  # "not json" and a non-request event; blank lines ignored
+
+
+TREE_LOG = [
+    json.dumps(e)
+    for e in [
+        {"event": "token.issued", "token_id": "r", "task": "t", "issuer": "k8s",
+         "subject": "a", "timestamp": "2025-01-01T10:00:00Z", "expires_at": 1.0},
+        {"event": "token.issued", "token_id": "c", "task": "t", "issuer": "k8s",
+         "subject": "a", "parent_token_id": "r", "chain": "r,c", "actors": "k8s|helper",
+         "timestamp": "2025-01-01T10:01:00Z"},
+        {"event": "request", "token_id": "g", "task": "t", "issuer": "k8s", "subject": "a",
+         "chain": "r,c,g", "actors": "k8s|helper,k8s|a", "route": "llm", "decision": "allow",
+         "timestamp": "2025-01-01T10:02:00Z"},
+        {"event": "request", "token_id": "g", "task": "t", "issuer": "k8s", "subject": "a",
+         "chain": "r,c,g", "route": "llm", "decision": "deny",
+         "timestamp": "2025-01-01T10:03:00Z"},
+        {"event": "token.revoked", "token_id": "r", "task": "t", "reason": "failed",
+         "timestamp": "2025-01-01T10:04:00Z"},
+        {"event": "request", "token_id": "x", "task": "other", "route": "llm",
+         "timestamp": "2025-01-01T10:05:00Z"},
+    ]
+]  # fmt: skip
+
+
+def test_tree_answers_everything_under_a_task_or_token() -> None:
+    """`tree` puts every token of a task in its delegation tree, a grandchild seen only in
+    request events included, with requests and end reasons; under a token, only it and its
+    descendants."""
+    found = auditlog.tree(TREE_LOG, task="t")
+    (root,) = found.roots
+    assert (root.token_id, root.ended, root.subject) == ("r", "failed", "k8s|a")
+    (child,) = root.children
+    assert (child.token_id, child.actor) == ("c", "k8s|helper")
+    (grandchild,) = child.children
+    assert (grandchild.token_id, grandchild.requests, grandchild.refused) == ("g", 2, 1)
+    assert len(found.events) == 5
+    under_child = auditlog.tree(TREE_LOG, token="c")
+    assert {e["token_id"] for e in under_child.events} == {"c", "g"}
+    assert [n.token_id for n in auditlog.tree(TREE_LOG, task="other").roots] == ["x"]

@@ -116,9 +116,9 @@ async def test_tampered_and_misused_tokens_are_401(
         CANARIES.add(bad)
     for bad in (widened, alg_none, alg_hs, bad_kid, resigned, old.token, future.token):
         assert await status(http, "POST", url, bad) == 401
-    # A task token cannot be exchanged again, and an identity token cannot revoke.
-    code, answer = await exchange(http, stack.base, token)
-    assert (code, answer["error"]["code"]) == (401, "wrong_token_type")
+    # A task token is exchanged only for one within it, and an identity token cannot revoke.
+    code, answer = await exchange(http, stack.base, token, scope={"other": {"methods": ["GET"]}})
+    assert (code, answer["error"]["code"]) == (403, "exceeds_parent_scope")
     async with http.post(f"{stack.base}/token/revoke", headers=bearer(identity_token)) as r:
         assert r.status == 401
     assert await status(http, "POST", url, token) == 200  # the genuine token still works

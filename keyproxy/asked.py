@@ -1,0 +1,148 @@
+"""What a token exchange asks for: the fields of POST /token, read strictly.
+
+JSON (the workload token, or the parent task token, in `Authorization: Bearer`), or the
+RFC 8693 form: grant_type=urn:ietf:params:oauth:grant-type:token-exchange, subject_token,
+subject_token_type (jwt or id_token), scope ("route:METHODS:/path" items), resource or
+audience (route names, asked for in full), and the extensions task, intent, ttl, idle_ttl,
+max_uses. Every malformed field is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final, NamedTuple
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from keyproxy import scope as scopes
+from keyproxy.config import Route, parse_duration
+from keyproxy.errors import BadRequest, ConfigError, Unauthenticated
+
+GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPES: Final = frozenset(
+    {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
+)
+ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
+MAX_TEXT: Final = 1024
+MAX_BODY: Final = 64 * 1024
+MAX_USES: Final = 1_000_000
+MIN_IDLE_TTL: Final = 2.0
+
+
+class Asked(NamedTuple):
+    """What an exchange asks for."""
+
+    scope: scopes.Scope
+    task: str | None
+    intent: str | None
+    max_uses: int | None
+    ttl: float | None
+    idle_ttl: float | None
+
+
+def read_asked(
+    fields: dict[str, Any], form: bool, routes: Mapping[str, Route], *, delegated: bool
+) -> Asked:
+    """What the request asks for; a delegation may leave the scope out (empty: its parent's)."""
+    names = list(routes)
+    try:
+        if delegated and not fields.get("scope") and not _resources(fields):
+            requested: scopes.Scope = {}
+        elif form:
+            text = str(fields.get("scope", ""))
+            requested = scopes.parse_rfc8693(text, _resources(fields), names)
+        else:
+            requested = scopes.parse(fields.get("scope"), names, mcp=scopes.mcp_routes(routes))
+        return Asked(
+            requested,
+            _text(fields, "task"),
+            _text(fields, "intent"),
+            _max_uses(fields.get("max_uses")),
+            _ttl(fields.get("ttl")),
+            _idle_ttl(fields.get("idle_ttl")),
+        )
+    except ValueError as exc:
+        raise BadRequest("invalid_request", str(exc)) from None
+
+
+async def fields_of(request: web.Request, form: bool) -> dict[str, Any]:
+    # Counted on the bytes read, so a chunked body cannot exceed it either.
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise BadRequest("invalid_request", f"request body above {MAX_BODY} bytes")
+    try:
+        if form:
+            pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False)
+            return dict(pairs)
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("invalid_request", "the body is not valid JSON or form data") from None
+    if not isinstance(body, dict):
+        raise BadRequest("invalid_request", "the body must be a JSON object")
+    return body
+
+
+def subject_token(request: web.Request, fields: dict[str, Any], form: bool) -> str:
+    if form:
+        if fields.get("grant_type") != GRANT_TYPE:
+            raise BadRequest("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
+        if fields.get("subject_token_type") not in JWT_TYPES:
+            raise BadRequest("invalid_request", "subject_token_type must be a JWT type")
+        token = str(fields.get("subject_token", "")).strip()
+    else:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+    if not token:
+        raise Unauthenticated("no_credential", "send the workload identity token")
+    return token
+
+
+def _resources(fields: dict[str, Any]) -> list[str]:
+    names = []
+    for key in ("resource", "audience"):
+        value = fields.get(key)
+        if isinstance(value, str) and value:
+            names.extend(value.split())
+    return names
+
+
+def _text(fields: dict[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT or any(ord(c) < 0x20 for c in value):
+        raise ValueError(f"{name}: text of at most {MAX_TEXT} characters")
+    return value
+
+
+def _max_uses(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        uses = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("max_uses: a positive integer") from None
+    if isinstance(value, bool) or not 0 < uses <= MAX_USES:
+        raise ValueError(f"max_uses: a positive integer up to {MAX_USES}")
+    return uses
+
+
+def _idle_ttl(value: Any) -> float | None:
+    idle_ttl = _ttl(value, "idle_ttl")
+    if idle_ttl is not None and idle_ttl < MIN_IDLE_TTL:
+        raise ValueError(f"idle_ttl: at least {MIN_IDLE_TTL:.0f}s")
+    return idle_ttl
+
+
+def _ttl(value: Any, name: str = "ttl") -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    try:
+        # The same duration syntax as the configuration file.
+        return parse_duration(value, name)
+    except ConfigError:
+        raise ValueError(f"{name}: a positive duration such as 300 or 5m") from None

@@ -1,0 +1,149 @@
+"""A task token's lifecycle across replicas: two `keyproxy serve` processes sharing one
+OpenBao and one Valkey/Redis (heartbeat leases and use counters live there, revocations in
+Vault). A lease that stops being renewed, and a revoked root, reach both within the bounds
+docs/tokens.md promises.
+
+The replicas are started once for the module (they are slow to start); each test uses
+tokens of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from tests.helpers.cli import ready, started
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
+from tests.helpers.servers import bearer, free_port, new_key, token_config
+from tests.helpers.tokens import exchange, refused, status
+from tests.state.servers import RedisServer
+from tests.test_delegation import delegate
+
+# The upstream is unreachable: 502 means "authorised", 401 refused.
+ECHO = "/r/other/echo"
+ANY = {"other": {"methods": ["GET"], "paths": ["/echo"]}}
+
+
+class Replicas:
+    """The two replicas' base URLs and output files (their audit events)."""
+
+    def __init__(self, bases: list[str], outs: list[Path]) -> None:
+        self.bases, self.outs = bases, outs
+
+    def events(self) -> list[dict[str, Any]]:
+        return [event for out in self.outs for event in read_events(out)]
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    log_dir: Path,
+) -> Iterator[Replicas]:
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    cfg = token_config(openbao, agent, "http://127.0.0.1:9")
+    cfg["tokens"]["revocation_poll_interval"] = "1s"  # the default
+    cfg["state"] = {"url": redis_server.url, "prefix": uuid.uuid4().hex, "timeout": "1s"}
+    path = tmp_path_factory.mktemp("lifecycle") / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with contextlib.ExitStack() as stack:
+        bases, outs = [], []
+        for i in range(2):
+            port, out = free_port(), log_dir / f"lifecycle-replica-{i}.out"
+            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
+            stack.enter_context(started(*args, out=out))
+            bases.append(f"http://127.0.0.1:{port}")
+            outs.append(out)
+        yield Replicas(bases, outs)
+
+
+async def _both_accept(http: aiohttp.ClientSession, bases: list[str], token: str) -> None:
+    for base in bases:
+        assert await status(http, "GET", base + ECHO, token) == 502
+
+
+async def _both_refuse(
+    http: aiohttp.ClientSession, bases: list[str], token: str, within: float
+) -> None:
+    for base in bases:
+        await refused(http, "GET", base + ECHO, token, f"{base} still accepts", within=within)
+
+
+async def test_a_lease_lives_while_beaten_on_either_replica_and_dies_on_both(
+    replicas: Replicas, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """An idle_ttl 3s token heartbeaten through either replica in turn outlives several
+    idle_ttls on both; once the heartbeats stop both refuse it within idle_ttl + 2 s."""
+    a, b = replicas.bases
+    for base in (a, b):
+        await ready(http, base)
+    code, answer = await exchange(http, a, identity_token, scope=ANY, ttl="2m", idle_ttl="3s")
+    assert code == 200, answer
+    token = answer["access_token"]
+    started_at = time.monotonic()
+    beats = 0
+    while time.monotonic() - started_at < 10.0:  # more than three idle_ttls
+        async with http.post(f"{(a, b)[beats % 2]}/token/heartbeat", headers=bearer(token)) as r:
+            assert r.status == 200, await r.text()
+        beats += 1
+        await _both_accept(http, replicas.bases, token)
+        await asyncio.sleep(1.0)  # the holder's pace, as a heartbeating client keeps it
+    last_beat = time.monotonic()
+    await _both_refuse(http, replicas.bases, token, within=3.0 + 2.0)
+    assert time.monotonic() - last_beat < 3.0 + 2.0
+
+
+async def test_revoking_the_root_kills_a_depth_3_chain_on_both_replicas(
+    replicas: Replicas,
+    openbao: OpenBaoDevServer,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """root (through a) -> child (through b, acting for a sub-agent) -> grandchild (through
+    a): every link works on both replicas, the grandchild's audit events name all three
+    links, and revoking the root through b kills the chain on both within 2 s."""
+    a, b = replicas.bases
+    for base in (a, b):
+        await ready(http, base)
+    actor_token = openbao.agent_token(openbao.add_agent("lifecycle-sub-agent"))
+    CANARIES.add(actor_token)
+    code, root = await exchange(http, a, identity_token, scope=ANY, ttl="2m", max_uses=50)
+    assert code == 200, root
+    code, child = await delegate(http, b, root["access_token"], actor_token=actor_token)
+    assert code == 200, child
+    code, grandchild = await delegate(http, a, child["access_token"], max_uses="10")
+    assert code == 200, grandchild
+    ids = [root["token_id"], child["token_id"], grandchild["token_id"]]
+    for token in (root, child, grandchild):
+        await _both_accept(http, replicas.bases, token["access_token"])
+
+    def grandchilds() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in replicas.events()
+            if e.get("event") == "request" and e.get("token_id") == ids[2]
+        ]
+
+    events = await eventually(grandchilds, "no request events of the grandchild", until=len)
+    assert {e["chain"] for e in events} == {",".join(ids)}
+
+    async with http.post(f"{b}/token/revoke", headers=bearer(root["access_token"])) as response:
+        assert response.status == 200
+    revoked = time.monotonic()
+    for token in (child, grandchild):
+        await _both_refuse(http, replicas.bases, token["access_token"], within=2.0)
+    assert time.monotonic() - revoked < 2.0
