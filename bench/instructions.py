@@ -190,7 +190,7 @@ def measure(
         candidates: list[tuple[str, Path | None]] = [("keyproxy", None)]
         candidates += [(f"keyproxy-compare-{source.resolve().name}", source) for source in compare]
         for name, source in candidates:
-            path = workdir / f"{name}.yaml"
+            path = bench.config_file(workdir, name)
             config = bench.keyproxy_config(bao, setup, agent, upstream, routes)
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
             kp_port = bench._free_port()

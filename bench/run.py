@@ -234,6 +234,16 @@ def _put_keys(bao: OpenBaoDevServer, count: int) -> None:
             response.read()
 
 
+def config_file(workdir: Path, name: str) -> Path:
+    """Where candidate `name`'s configuration goes: a directory of its own, as deployed (a
+    ConfigMap, /etc/keyproxy). keyproxy watches that directory; the audit log written beside
+    it would make every audit write an inotify event for the watch (measured: a 400-byte
+    write with flush costs 4.6 us alone and 15.7 us in a watched directory)."""
+    directory = workdir / "config" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / "keyproxy.yaml"
+
+
 def keyproxy_config(
     bao: OpenBaoDevServer,
     setup: DevSetup,
@@ -663,7 +673,7 @@ class Stack:
             cfg["routes"]["bench"]["limits"] = {
                 "rate": [{"per": "identity", "requests": 10**9, "window": "1s", "burst": 10**9}]
             }
-        path = self.workdir / f"{name}.yaml"
+        path = config_file(self.workdir, name)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         port = _free_port()
         audit = self.workdir / f"{name}.audit.jsonl"
