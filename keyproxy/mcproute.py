@@ -204,6 +204,9 @@ async def decided(
         "key_version": key_version,
         "mcp_session": request.headers.get(SESSION_HEADER, ""),
     }
+    if task is not None and task.ancestors:
+        # A delegated token names its whole chain, as its request events do.
+        fields |= {"chain": ",".join(task.chain), "actors": ",".join(task.actors)}
     try:
         step = await inspect(request, route, plan.grant(facts.policy, task))
     except McpRefused as exc:
