@@ -3,6 +3,7 @@
     KeyproxyError
     ├── ConfigError            bad configuration file (exit 2, never an HTTP answer)
     ├── VaultError             Vault/OpenBao failed or refused; hvac errors become this
+    ├── RunError               `keyproxy run` could not start its command (identity, exchange)
     └── RequestError           stops a request; carries the status and a short reason code
         ├── BadRequest         400  malformed request (bad path, bad X-Forwarded-For,
         │                           a credential sent twice or in two places)
@@ -48,6 +49,10 @@ class ConfigError(KeyproxyError):
 
 class VaultError(KeyproxyError):
     """Vault or OpenBao could not be reached, or refused the operation."""
+
+
+class RunError(KeyproxyError):
+    """`keyproxy run` could not start its command: one line for a person (never a token)."""
 
 
 class RequestError(KeyproxyError):

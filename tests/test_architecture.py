@@ -67,6 +67,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "jws",
                 "deadline",
                 "verified",
+                "sdkenv",
                 "rotation.state",
                 "mcp",
                 "mcp.jsonrpc",
@@ -126,6 +127,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "metrics",
                 "tls",
                 "watch",
+                "workload",
+                "runner",
             }
         ),
     ),
@@ -174,6 +177,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "cli.dev",
                 "cli.reload",
                 "cli.serve",
+                "cli.run",
             }
         ),
     ),

@@ -47,7 +47,7 @@ def test_every_block_says_whether_it_runs() -> None:
     kinds = {info for info, _ in readme_blocks()}
     assert kinds <= KINDS, f"README fences must be one of {sorted(KINDS)}: {sorted(kinds)}"
     assert any("make dev" in body for info, body in readme_blocks() if info == "sh no-run")
-    assert len(runnable()) == 5
+    assert len(runnable()) == 6
 
 
 @dataclass(frozen=True)
@@ -121,15 +121,15 @@ def run_blocks(blocks: list[str], checkout: Checkout, into: Path) -> Run:
 def test_the_walkthrough_runs_as_written(checkout: Checkout, tmp_path: Path) -> None:
     """Every `sh` block of the README, literally, in one shell: each exits 0 and prints what
     the README says (the SDK's answers, 401/403, the task token's 200/403/revoked/401, the
-    new key version, the exception token's 200 and its JSON listing), and the rotated key
-    is in use within 5 s."""
+    answer of the SDK `keyproxy run` wrapped, the new key version, the exception token's 200
+    and its JSON listing), and the rotated key is in use within 5 s."""
     blocks = runnable()
     run = run_blocks(blocks, checkout, tmp_path / "run")
     failed = run.completed
     assert run.completed == len(blocks), (
         f"block {failed} exited {run.status}:\n{blocks[failed]}\nstderr:\n{run.errors[failed]}"
     )
-    sdk, denials, task, rotation, exception = (o.splitlines() for o in run.outputs)
+    sdk, denials, task, wrapped, rotation, exception = (o.splitlines() for o in run.outputs)
 
     assert len(sdk) == 2
     fingerprints = {m for line in sdk for m in FINGERPRINT.findall(line)}
@@ -144,9 +144,12 @@ def test_the_walkthrough_runs_as_written(checkout: Checkout, tmp_path: Path) -> 
     assert json.loads(task[2])["revoked"]
     assert task[3] == "401"
 
+    assert set(FINGERPRINT.findall(wrapped[0])) == fingerprints, wrapped
+    assert run.errors[3] == "", "keyproxy run wrote to stderr"
+
     assert rotation[0] == "2", "put-key.sh did not print the new version"
     assert rotation[1].startswith("demo: v2, age ")
-    assert run.errors[3] == "", "put-key.sh or keys status wrote to stderr"
+    assert run.errors[4] == "", "put-key.sh or keys status wrote to stderr"
 
     assert exception[0] == "200"
     listed = json.loads("\n".join(exception[1:]))

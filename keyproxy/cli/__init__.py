@@ -9,6 +9,8 @@
                                keyproxy.cli.explain; --token JWT decides for a real token)
     keyproxy dev [-o json]     the whole stack on this machine (see keyproxy.cli.dev)
     keyproxy token | keys | rotate | audit      see keyproxy.cli.token, keyproxy.cli.rotate
+    keyproxy run ... -- COMMAND  run COMMAND with a task token revoked when it ends (see
+                               keyproxy.cli.run; exits with COMMAND's status)
     keyproxy completion bash|zsh                 the shell completion script (argcomplete)
 
 Every command follows keyproxy.cli.common's conventions: -c FILE or KEYPROXY_CONFIG, data on
@@ -33,6 +35,7 @@ from keyproxy import audit, config, netguard, tls
 from keyproxy.cli import explain as explain_cli
 from keyproxy.cli import reload as reload_cli
 from keyproxy.cli import rotate as rotation_cli
+from keyproxy.cli import run as run_cli
 from keyproxy.cli import serve as serve_cli
 from keyproxy.cli import token as token_cli
 from keyproxy.cli.common import (
@@ -162,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
 
     token_cli.register(sub)
     rotation_cli.register(sub)
+    run_cli.register(sub)
 
     completion = sub.add_parser("completion", help="print the shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh"))

@@ -1,0 +1,286 @@
+"""`keyproxy run`: a task token that lives exactly as long as one command.
+
+    read the workload identity (keyproxy.workload) -> POST /token -> the SDK environment
+    (keyproxy.sdkenv) -> start COMMAND -> POST /token/heartbeat while it runs (with an
+    idle_ttl) -> COMMAND ends -> POST /token/revoke with the end reason -> COMMAND's status
+
+The token reaches COMMAND only through its environment, fixed when it starts, so it is never
+renewed: the ttl asked for must cover the task (a --timeout beyond it draws a warning). A
+lease (idle_ttl) is kept alive by heartbeats instead, so the token dies soon after the
+wrapper itself is killed by SIGKILL and cannot revoke it.
+
+End reasons: `completed` (COMMAND exited 0), `failed` (non-zero, killed by a signal, could not
+start, or the wrapper was stopped before it started), `timeout` (--timeout: SIGTERM, then
+SIGKILL after --kill-after). SIGTERM, SIGINT and SIGHUP to the wrapper are passed on to
+COMMAND, which gets --kill-after to exit. Every wait is bounded; revocation is tried a few
+times and never holds up the exit for long. Nothing prints the token or the identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import structlog
+
+from keyproxy.errors import RunError
+from keyproxy.sdkenv import RouteEnv, child_env
+from keyproxy.secret import Secret
+from keyproxy.workload import Identity
+
+EXCHANGE_TIMEOUT: Final = 30.0  # seconds for the exchange to answer
+REVOKE_ATTEMPTS: Final = (0.0, 0.5, 1.5)  # delays before each revocation attempt
+REVOKE_TIMEOUT: Final = 3.0  # seconds per attempt: the exit never waits much longer
+FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+log = structlog.get_logger("keyproxy.run")
+
+
+# ------------------------------------------------------------------- the broker's endpoints
+
+
+@dataclass(frozen=True)
+class Issued:
+    token: Secret
+    token_id: str
+    expires_in: float
+    routes: tuple[str, ...]
+    idle_ttl: float | None
+
+
+async def exchange(
+    http: aiohttp.ClientSession, proxy: str, identity: Secret, body: Mapping[str, Any]
+) -> Issued:
+    """POST /token (JSON form) with the identity as the Bearer credential."""
+    headers = {"Authorization": f"Bearer {identity.reveal()}"}
+    try:
+        async with http.post(f"{proxy}/token", json=body, headers=headers) as answer:
+            got = await answer.json(content_type=None)
+            if answer.status != 200:
+                error = got.get("error") if isinstance(got, dict) else None
+                said = (
+                    f"{error.get('code')}: {error.get('message')}"
+                    if isinstance(error, dict)
+                    else ""
+                )
+                raise RunError(f"the exchange was refused: {answer.status} {said}".rstrip())
+            token, scope = got["access_token"], got["scope"]
+            idle = got.get("idle_ttl")
+            return Issued(
+                Secret(token),
+                str(got["token_id"]),
+                float(got["expires_in"]),
+                tuple(scope),
+                float(idle) if isinstance(idle, int | float) else None,
+            )
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"the exchange at {proxy}/token failed: {_why(exc)}") from None
+
+
+async def heartbeats(
+    http: aiohttp.ClientSession, proxy: str, issued: Issued, interval: float
+) -> None:
+    """POST /token/heartbeat every `interval` until cancelled or the token is refused."""
+    headers = {"Authorization": f"Bearer {issued.token.reveal()}"}
+    timeout = aiohttp.ClientTimeout(total=interval)
+    while True:
+        await asyncio.sleep(interval)  # the lease's pace, not a wait for state
+        try:
+            async with http.post(
+                f"{proxy}/token/heartbeat", headers=headers, timeout=timeout
+            ) as answer:
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("run.heartbeat_failed", token_id=issued.token_id, error=_why(exc))
+            continue  # the next beat may reach it before the lease lapses
+        if status in (401, 404, 405):
+            why = "the token lapsed or was revoked" if status == 401 else "not supported"
+            _say(f"the proxy refused the heartbeat ({status}: {why}); no more heartbeats")
+            return
+
+
+async def revoke(http: aiohttp.ClientSession, proxy: str, issued: Issued, reason: str) -> bool:
+    """POST /token/revoke with the end reason, tried a few times, each bounded; True once
+    the token is revoked (or already refused)."""
+    headers = {"Authorization": f"Bearer {issued.token.reveal()}"}
+    timeout = aiohttp.ClientTimeout(total=REVOKE_TIMEOUT)
+    problem = ""
+    for delay in REVOKE_ATTEMPTS:
+        await asyncio.sleep(delay)  # back-off between attempts
+        try:
+            async with http.post(
+                f"{proxy}/token/revoke", json={"reason": reason}, headers=headers, timeout=timeout
+            ) as answer:
+                if answer.status in (200, 401):
+                    return True
+                problem = f"answered {answer.status}"
+                if answer.status < 500:
+                    break
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = _why(exc)
+    _say(f"could not revoke token {issued.token_id} ({problem}); it lives until its expiry")
+    return False
+
+
+# ------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class Run:
+    """One `keyproxy run`: what to ask for and what to start."""
+
+    proxy: str
+    identity: Identity
+    command: Sequence[str]
+    body: dict[str, Any]  # the exchange's JSON: scope, task, intent, ttl, idle_ttl
+    overrides: Mapping[str, RouteEnv] = field(default_factory=dict)
+    timeout: float | None = None
+    kill_after: float = 10.0
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    _proc: asyncio.subprocess.Process | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _signalled: int | None = None
+
+    async def __call__(self) -> int:
+        """COMMAND's exit status (128+N when signal N ended it); RunError before it starts."""
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED:
+            loop.add_signal_handler(sig, self._forward, sig)
+        try:
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=EXCHANGE_TIMEOUT)
+            ) as http:
+                return await self._run(http)
+        finally:
+            for sig in FORWARDED:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self, http: aiohttp.ClientSession) -> int:
+        proxy = self.proxy.rstrip("/")
+        issued = await self._until_stopped(self._exchange(http, proxy))
+        if self._signalled is not None:  # told to stop before COMMAND started
+            if issued is not None:
+                await revoke(http, proxy, issued, "failed")
+            return 128 + self._signalled
+        assert issued is not None
+        log.info("run.exchanged", token_id=issued.token_id, expires_in=issued.expires_in)
+        env = child_env(
+            self.environ,
+            proxy,
+            issued.token,
+            token_id=issued.token_id,
+            routes=issued.routes,
+            overrides=self.overrides,
+            hidden=self.identity.hidden(),
+        )
+        status, timed_out = 1, False
+        beats: asyncio.Task[None] | None = None
+        if issued.idle_ttl is not None:
+            beats = asyncio.create_task(heartbeats(http, proxy, issued, issued.idle_ttl / 3))
+        try:
+            status, timed_out = await self._supervise(env)
+        finally:
+            if beats is not None:
+                beats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beats
+            reason = "timeout" if timed_out else "completed" if status == 0 else "failed"
+            await revoke(http, proxy, issued, reason)
+        return status
+
+    async def _exchange(self, http: aiohttp.ClientSession, proxy: str) -> Issued:
+        identity = await self.identity.read(http, self.environ)
+        issued = await exchange(http, proxy, identity, self.body)
+        asked = set(self.body.get("scope", {}))
+        if missing := sorted(asked - set(issued.routes)):
+            _say(f"warning: policy granted nothing on {', '.join(missing)}")
+        if self.timeout is not None and self.timeout > issued.expires_in:
+            _say(f"warning: the token expires in {issued.expires_in:g} s, before --timeout")
+        if "idle_ttl" in self.body and issued.idle_ttl is None:
+            _say("warning: the proxy granted no idle_ttl; the token lives its whole ttl")
+        return issued
+
+    async def _until_stopped(self, work: Awaitable[Issued]) -> Issued | None:
+        """`work`'s result, or None if a stop signal came first (it is then cancelled)."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        result: Issued = task.result()
+        return result
+
+    async def _supervise(self, env: dict[str, str]) -> tuple[int, bool]:
+        """Start COMMAND and wait for it: (exit status, whether --timeout ended it)."""
+        try:
+            self._proc = proc = await asyncio.create_subprocess_exec(*self.command, env=env)
+        except FileNotFoundError:
+            _say(f"{self.command[0]}: command not found")
+            return 127, False
+        except OSError as exc:
+            _say(f"{self.command[0]}: {exc.strerror}")
+            return 126, False
+        if self._signalled is not None:  # arrived while it was being started
+            proc.send_signal(self._signalled)
+        waiter = asyncio.ensure_future(proc.wait())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, stop}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            timed_out = not done
+            if timed_out:
+                _say(f"{self.command[0]} ran past --timeout; sending SIGTERM")
+                proc.terminate()
+            if not waiter.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), self.kill_after)
+                except TimeoutError:
+                    _say(f"{self.command[0]} still runs {self.kill_after:g} s later; SIGKILL")
+                    proc.kill()
+                    await waiter
+        finally:
+            stop.cancel()
+        code = waiter.result()
+        return (128 - code if code < 0 else code), timed_out
+
+    def _forward(self, sig: int) -> None:
+        """A stop signal: passed on to COMMAND, which then has --kill-after to exit. Ctrl-C
+        on the terminal reached COMMAND too (the same foreground process group): it is not
+        sent twice, and COMMAND decides what it means (jupyter asks first)."""
+        proc = self._proc
+        if proc is not None and sig == signal.SIGINT and _terminal_sent_it():
+            return
+        self._signalled = sig
+        self._stop.set()
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+
+
+def _terminal_sent_it() -> bool:
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _say(message: str) -> None:
+    print(f"keyproxy run: {message}", file=sys.stderr)  # noqa: T201  # the one line a person reads

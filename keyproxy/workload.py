@@ -1,0 +1,108 @@
+"""Reading the workload identity an agent presents to keyproxy (for `keyproxy run`).
+
+    Identity("file", PATH)          a projected Kubernetes token, a SPIFFE JWT-SVID file...;
+                                    re-read at each use (kubelet and SPIRE rotate it)
+    Identity("env", VAR)            a variable of this process
+    Identity("command", CMD)        what CMD prints (split like a shell, no shell run)
+    Identity("github", AUDIENCE)    GitHub Actions' OIDC token for AUDIENCE
+
+`Identity.hidden()` names the variables that hold or can mint the identity, which the
+wrapped command must not see. Failures are `RunError`s that never quote the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import yarl
+
+from keyproxy.errors import RunError
+from keyproxy.secret import Secret
+
+TIMEOUT: Final = 30.0  # seconds for a command or GitHub to answer
+MAX_SIZE: Final = 64 * 1024  # a JWT is a few KiB
+GITHUB_VARS: Final = ("ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+KINDS: Final = ("file", "env", "command", "github")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Where the workload identity comes from: its kind and argument (a path, a variable
+    name, a command line, an audience; "" for GitHub's default audience)."""
+
+    kind: str
+    value: str
+
+    def hidden(self) -> tuple[str, ...]:
+        """The variables the wrapped command must not see: they hold, or mint, the identity."""
+        if self.kind == "env":
+            return (self.value,)
+        return GITHUB_VARS if self.kind == "github" else ()
+
+    async def read(self, http: aiohttp.ClientSession, environ: Mapping[str, str]) -> Secret:
+        """The identity token, read now."""
+        if self.kind == "file":
+            try:
+                text = await asyncio.to_thread(_read_file, self.value)
+            except OSError as exc:
+                raise RunError(f"--identity-file {self.value}: {exc.strerror}") from None
+        elif self.kind == "env":
+            text = environ.get(self.value, "")
+        elif self.kind == "command":
+            text = await _command_output(self.value)
+        else:
+            text = await _github_token(http, environ, self.value)
+        if not text.strip():
+            raise RunError(f"the workload identity ({self.kind}) is empty")
+        return Secret(text.strip())
+
+
+def _read_file(path: str) -> str:
+    with open(path, encoding="utf-8") as f:  # noqa: PTH123  # one small read
+        return f.read(MAX_SIZE)
+
+
+async def _command_output(command: str) -> str:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(command),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+        )
+    except (OSError, ValueError) as exc:
+        raise RunError(f"--identity-command: cannot start it: {exc}") from None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RunError(f"--identity-command: no answer within {TIMEOUT:g} s") from None
+    if proc.returncode != 0:
+        raise RunError(f"--identity-command exited {proc.returncode}")
+    return out[:MAX_SIZE].decode("utf-8", "replace")
+
+
+async def _github_token(
+    http: aiohttp.ClientSession, environ: Mapping[str, str], audience: str
+) -> str:
+    """GitHub Actions' OIDC flow: GET the request URL (plus the audience) with the request
+    token. The two variables exist only in a job with `permissions: id-token: write`."""
+    url, token = (environ.get(name, "") for name in GITHUB_VARS)
+    if not url or not token:
+        raise RunError(f"--github-actions: {' and '.join(GITHUB_VARS)} are not set")
+    try:
+        target = yarl.URL(url).update_query(audience=audience) if audience else yarl.URL(url)
+        timeout = aiohttp.ClientTimeout(total=TIMEOUT)
+        headers = {"Authorization": f"bearer {token}"}
+        async with http.get(target, headers=headers, timeout=timeout) as answer:
+            if answer.status != 200:
+                raise RunError(f"--github-actions: the token request answered {answer.status}")
+            value = (await answer.json(content_type=None)).get("value", "")
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+        raise RunError(f"--github-actions: the token request failed: {exc!s:.200}") from None
+    return str(value)

@@ -1,0 +1,519 @@
+"""`keyproxy run` (keyproxy.cli.run, keyproxy.runner) end to end: the real command wrapping a
+real child, against two `keyproxy serve` replicas sharing the session's OpenBao and a demo
+upstream process. The wrapper talks to the first replica; after the child ends, however it
+ends, the token is refused by both within 2 s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from keyproxy.devserver import Agent, OpenBaoDevServer
+from tests.helpers import cli
+from tests.helpers.cli import KEYPROXY, started
+from tests.helpers.events import read_events
+from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually, eventually_blocking
+from tests.helpers.servers import (
+    Stack,
+    Upstream,
+    free_port,
+    new_key,
+    running_proxy,
+    token_config,
+)
+from tests.helpers.tokens import refused, status
+
+UPSTREAM = (
+    "import sys; from aiohttp import web; from keyproxy import demo; "
+    "web.run_app(demo.build_app(), host='127.0.0.1', port=int(sys.argv[1]), print=None)"
+)
+SCOPE = "openai:POST:/v1/chat/completions"
+CHAT = "/r/openai/v1/chat/completions"
+# The child writes its token where the test can read it (not a log: the scan must not see it).
+SAVE_TOKEN = (
+    "import os, sys, pathlib; pathlib.Path(sys.argv[1]).write_text(os.environ['OPENAI_API_KEY']); "
+)
+SAVE_TOKEN_R = (
+    "import os, sys, pathlib\n"
+    "pathlib.Path(sys.argv[1]).write_text(os.environ['KEYPROXY_R_TOKEN'])\n"
+)
+SDK_CHILD = SAVE_TOKEN + (
+    "import json, openai; "
+    "pathlib.Path(sys.argv[2]).write_text(json.dumps(dict(os.environ))); "
+    "answer = openai.OpenAI().chat.completions.create("
+    "model='keyproxy-demo', messages=[{'role': 'user', 'content': 'hi'}]); "
+    "print(answer.choices[0].message.content)"
+)
+
+
+@dataclass(frozen=True)
+class Replicas:
+    bases: tuple[str, str]
+    outs: tuple[Path, Path]
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+def _ready(base: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"{base}/readyz", timeout=2):  # noqa: S310  # loopback
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    openbao: OpenBaoDevServer, agent: Agent, tmp_path_factory: pytest.TempPathFactory, log_dir: Path
+) -> Iterator[Replicas]:
+    """A demo upstream process and two `keyproxy serve` replicas in front of it, with a route
+    named openai; for the whole module."""
+    openbao.put_key("keyproxy/keys/run-test", new_key())
+    up = free_port()
+    cfg = token_config(openbao, agent, f"http://127.0.0.1:{up}")
+    route = cfg["routes"].pop("r")
+    route["secret"]["path"] = "keyproxy/keys/run-test"
+    cfg["routes"]["openai"] = route
+    cfg["policies"][0]["allow"]["openai"] = cfg["policies"][0]["allow"].pop("r")
+    path = tmp_path_factory.mktemp("run") / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with contextlib.ExitStack() as stack:
+        upstream = subprocess.Popen(  # our own interpreter and script
+            [sys.executable, "-c", UPSTREAM, str(up)], stdin=subprocess.DEVNULL
+        )
+        stack.callback(upstream.wait, timeout=10)
+        stack.callback(upstream.terminate)
+        bases, outs = [], []
+        for i in range(2):
+            port, out = free_port(), log_dir / f"run-replica-{i}.out"
+            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
+            stack.enter_context(started(*args, out=out))
+            bases.append(f"http://127.0.0.1:{port}")
+            outs.append(out)
+        eventually_blocking(lambda: _listening(up), "the demo upstream did not start", within=30)
+        for base in bases:
+            eventually_blocking(partial(_ready, base), f"{base} not ready", within=60)
+        yield Replicas((bases[0], bases[1]), (outs[0], outs[1]))
+
+
+def _status(base: str, token: str) -> int:
+    body = json.dumps({"model": "keyproxy-demo", "messages": [{"role": "user", "content": "x"}]})
+    request = urllib.request.Request(  # noqa: S310  # loopback
+        base + CHAT,
+        data=body.encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310  # loopback
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def _env(identity_token: str, home: Path) -> dict[str, str]:
+    return cli.clean_env(home, IDENTITY_TOKEN=identity_token)
+
+
+def _run_args(replicas: Replicas) -> list[str]:
+    return ["run", "--proxy", replicas.bases[0], "--identity-env", "IDENTITY_TOKEN"]
+
+
+def _token(path: Path) -> str:
+    token = path.read_text()
+    CANARIES.add(token)
+    return token
+
+
+def _refused_everywhere(replicas: Replicas, token: str) -> None:
+    """Both replicas answer 401 to `token` within 2 s."""
+    eventually_blocking(
+        lambda: [_status(base, token) for base in replicas.bases],
+        "a replica still accepts the token",
+        within=2.0,
+        interval=0.05,
+        until=lambda codes: codes == [401, 401],
+    )
+
+
+def _revoked(replicas: Replicas, task: str) -> dict[str, Any]:
+    """The one token.revoked event of `task` in the first replica's audit log, once written."""
+
+    def found() -> list[dict[str, Any]]:
+        events = read_events(replicas.outs[0])
+        return [e for e in events if e.get("event") == "token.revoked" and e.get("task") == task]
+
+    (event,) = eventually_blocking(found, f"no token.revoked event for {task}", within=5)
+    return event
+
+
+def _token_id(env_file: Path) -> str:
+    return str(json.loads(env_file.read_text())["KEYPROXY_TOKEN_ID"])
+
+
+def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """The child's openai SDK completes a call with only the environment `keyproxy run` gave
+    it (no identity in it); after the child exits 0, both replicas refuse its token within
+    2 s and the audit records the holder's revocation with the reason completed."""
+    saved, env_file = tmp_path / "token", tmp_path / "env.json"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sdk", "--ttl", "2m", "--"]
+    done = cli.keyproxy(
+        *args,
+        sys.executable,
+        "-c",
+        SDK_CHILD,
+        str(saved),
+        str(env_file),
+        env=_env(identity_token, tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), "the child printed no answer"
+    token = _token(saved)
+    env = json.loads(env_file.read_text())
+    assert env["OPENAI_BASE_URL"] == f"{replicas.bases[0]}/r/openai/v1"
+    assert "IDENTITY_TOKEN" not in env
+    assert identity_token not in env.values()
+    assert token not in done.stdout + done.stderr
+    _refused_everywhere(replicas, token)
+    event = _revoked(replicas, "run-sdk")
+    assert event["token_id"] == env["KEYPROXY_TOKEN_ID"]
+    assert event["by"] == "holder"
+    assert event["task"] == "run-sdk"
+    assert event["reason"] == "completed"
+
+
+CHILDREN = {  # what the child does after saving its token; the exit status; the end reason
+    "failed": ("sys.exit(3)", 3, "failed"),
+    "killed": ("os.kill(os.getpid(), 9)", 128 + 9, "failed"),
+    "timeout": ("import time; time.sleep(60)", 128 + 15, "timeout"),
+    "stubborn": ("import time; signal.signal(15, signal.SIG_IGN); time.sleep(60)", 137, "timeout"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHILDREN))
+def test_the_token_dies_however_the_child_ends(
+    replicas: Replicas, identity_token: str, tmp_path: Path, case: str
+) -> None:
+    """A child that exits 3, is killed by SIGKILL, outlives --timeout (SIGTERM), or outlives
+    it ignoring SIGTERM (SIGKILL --kill-after later): the wrapper exits with its status
+    (128+signal), both replicas refuse the token within 2 s, and the audit names the reason."""
+    code, exit_status, reason = CHILDREN[case]
+    saved = tmp_path / "token"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", f"run-{case}"]
+    args += ["--timeout", "3s", "--kill-after", "1s"]
+    started_at = time.monotonic()
+    done = cli.keyproxy(
+        *args,
+        "--",
+        sys.executable,
+        "-c",
+        SAVE_TOKEN + "import signal; " + code,
+        str(saved),
+        env=_env(identity_token, tmp_path),
+    )
+    assert done.returncode == exit_status, done.stderr
+    assert time.monotonic() - started_at < 30
+    token = _token(saved)
+    _refused_everywhere(replicas, token)
+    event = _revoked(replicas, f"run-{case}")
+    assert event["reason"] == reason
+
+
+def test_a_command_that_cannot_start_exits_127(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """A command that is not there: exit 127 with one line saying so, and the token it would
+    have had is revoked (reason failed)."""
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-missing"]
+    done = cli.keyproxy(*args, "--", "/nonexistent/agent", env=_env(identity_token, tmp_path))
+    assert done.returncode == 127
+    assert done.stderr == "keyproxy run: /nonexistent/agent: command not found\n"
+    event = _revoked(replicas, "run-missing")
+    assert event["reason"] == "failed"
+
+
+def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
+    replicas: Replicas, identity_token: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """SIGTERM to `keyproxy run` is passed on to the child (which dies of it: 143), and the
+    token is revoked on the way out (reason failed)."""
+    saved = tmp_path / "token"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sigterm", "--"]
+    child = SAVE_TOKEN + "import time; time.sleep(60)"
+    with (log_dir / "run-sigterm.log").open("wb") as out:
+        proc = subprocess.Popen(
+            [KEYPROXY, *args, sys.executable, "-c", child, str(saved)],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            env=_env(identity_token, tmp_path),
+        )
+        try:
+            eventually_blocking(lambda: saved.exists() and saved.read_text(), "no child", within=30)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    _refused_everywhere(replicas, _token(saved))
+    event = _revoked(replicas, "run-sigterm")
+    assert event["reason"] == "failed"
+
+
+def test_a_refused_exchange_starts_nothing(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """Asking for a route policy does not grant: exit 1 with one line on stderr, no child."""
+    marker = tmp_path / "ran"
+    done = cli.keyproxy(
+        *_run_args(replicas),
+        "--scope",
+        "other:DELETE:/x",
+        "--",
+        sys.executable,
+        "-c",
+        f"open({str(marker)!r}, 'w')",
+        env=_env(identity_token, tmp_path),
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "refused: 403" in done.stderr
+    assert not marker.exists()
+    assert identity_token not in done.stderr
+
+
+def test_usage_mistakes_exit_2(tmp_path: Path) -> None:
+    """No command, no scope, or no proxy: exit 2 naming the mistake, before anything runs."""
+    env = cli.clean_env(tmp_path, IDENTITY_TOKEN="x")
+    base = ["run", "--identity-env", "IDENTITY_TOKEN"]
+    cases = [
+        ([*base, "--proxy", "http://127.0.0.1:9", "--scope", SCOPE], "give the command"),
+        ([*base, "--proxy", "http://127.0.0.1:9", "--", "true"], "--scope"),
+        ([*base, "--scope", SCOPE, "--", "true"], "--proxy"),
+        (
+            [
+                *base,
+                "--proxy",
+                "http://127.0.0.1:9",
+                "--scope",
+                SCOPE,
+                "--ttl",
+                "soon",
+                "--",
+                "true",
+            ],
+            "--ttl",
+        ),
+    ]
+    for args, said in cases:
+        done = cli.keyproxy(*args, env=env)
+        assert done.returncode == 2, (args, done.stderr)
+        assert said in done.stderr, done.stderr
+
+
+async def test_an_unreachable_proxy_never_holds_up_the_exit(
+    openbao: OpenBaoDevServer, agent: Agent, identity_token: str, tmp_path: Path
+) -> None:
+    """When the proxy is gone by the time the child exits, the revocation is given up within
+    seconds, said in one line, and the wrapper still exits with the child's status."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    saved, go = tmp_path / "token", tmp_path / "go"
+    child = (
+        "import os, pathlib, sys, time\n"
+        "pathlib.Path(sys.argv[1]).write_text(os.environ['KEYPROXY_TASK_TOKEN'])\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not pathlib.Path(sys.argv[2]).exists() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(5)\n"
+    )
+    async with running_proxy(token_config(openbao, agent, "http://127.0.0.1:9")) as stack:
+        args = ["run", "--proxy", stack.base, "--identity-env", "IDENTITY_TOKEN"]
+        proc = await asyncio.create_subprocess_exec(
+            KEYPROXY,
+            *args,
+            "--scope",
+            "r:POST:/v1/chat/completions",
+            "--",
+            sys.executable,
+            "-c",
+            child,
+            str(saved),
+            str(go),
+            env=_env(identity_token, tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        await eventually(saved.exists, "the child did not start", within=30, interval=0.05)
+    token = _token(saved)
+    go.touch()
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 5
+    assert token not in (out + err).decode()
+    (said,) = err.decode().splitlines()
+    assert said.startswith("keyproxy run: could not revoke token"), said
+
+
+@pytest.fixture
+async def stack(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> AsyncIterator[Stack]:
+    """One proxy in this process (heartbeat leases live in its store) before a real upstream,
+    with the routes r and other of token_config."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
+        yield value
+
+
+async def _wrapper(
+    stack: Stack, env: dict[str, str], out: Path, *args: str
+) -> asyncio.subprocess.Process:
+    """`keyproxy run --idle-ttl 2s ... -- ARGS` against `stack`, in the background, its stdout
+    and stderr (and the child's) in `out` and `out`.err: a file, not a pipe a child left
+    running would hold open."""
+    with out.open("wb") as stdout, out.with_suffix(".err").open("wb") as stderr:
+        return await asyncio.create_subprocess_exec(
+            KEYPROXY,
+            "run",
+            "--proxy",
+            stack.base,
+            "--identity-env",
+            "IDENTITY_TOKEN",
+            "--scope",
+            "r:POST:/v1/chat/completions",
+            "--idle-ttl",
+            "2s",
+            "--",
+            *args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+
+async def test_heartbeats_keep_an_idle_ttl_token_alive(
+    stack: Stack, identity_token: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """With --idle-ttl 2s the wrapper heartbeats: the child's call 5 s after it started (two
+    and a half idle TTLs) still gets through, and at its exit the token is revoked."""
+    saved = tmp_path / "token"
+    child = SAVE_TOKEN_R + (
+        "import time, urllib.request\n"
+        "time.sleep(5)\n"  # the child's own work, longer than the idle TTL
+        "request = urllib.request.Request(\n"
+        "    os.environ['KEYPROXY_R_BASE_URL'] + '/v1/chat/completions',\n"
+        '    data=b\'{"model": "m", "messages": []}\',\n'
+        "    headers={'Authorization': 'Bearer ' + os.environ['KEYPROXY_R_TOKEN'],\n"
+        "             'Content-Type': 'application/json'})\n"
+        "print(urllib.request.urlopen(request, timeout=5).status)\n"
+    )
+    out = tmp_path / "run.out"
+    env = _env(identity_token, tmp_path)
+    proc = await _wrapper(stack, env, out, sys.executable, "-c", child, str(saved))
+    assert await asyncio.wait_for(proc.wait(), 30) == 0, out.with_suffix(".err").read_text()
+    assert out.read_text().split() == ["200"]
+    assert out.with_suffix(".err").read_text() == ""
+    token = _token(saved)
+    assert await status(http, "POST", stack.base + "/r/r/v1/chat/completions", token) == 401
+
+
+async def test_a_killed_wrappers_token_dies_with_its_lease(
+    stack: Stack, identity_token: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """SIGKILL to the wrapper leaves nobody to revoke the token (the child runs on): with
+    --idle-ttl 2s, the proxy refuses it within idle_ttl + 2 s all the same."""
+    saved, pid = tmp_path / "token", tmp_path / "pid"
+    child = SAVE_TOKEN_R + (
+        "import time\npathlib.Path(sys.argv[2]).write_text(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    env = _env(identity_token, tmp_path)
+    proc = await _wrapper(
+        stack, env, tmp_path / "run.out", sys.executable, "-c", child, str(saved), str(pid)
+    )
+    try:
+        await eventually(pid.exists, "the child did not start", within=30, interval=0.05)
+        token = _token(saved)
+        url = stack.base + "/r/r/v1/chat/completions"
+        assert await status(http, "POST", url, token) == 200
+        proc.kill()
+        await proc.wait()
+        await refused(http, "POST", url, token, "the token outlived its lease", within=4.0)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
+def test_ctrl_c_on_the_terminal_reaches_the_child_once(
+    replicas: Replicas, identity_token: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """Ctrl-C on the terminal the wrapper runs in reaches the child from the terminal only
+    (the wrapper does not send a second SIGINT), and the child decides what it means: here
+    it finishes its work and exits 0, so the reason is completed."""
+    saved, ready, count = tmp_path / "token", tmp_path / "ready", tmp_path / "count"
+    child = SAVE_TOKEN + (
+        "import signal, time; got = []; signal.signal(2, lambda *_: got.append(2)); "
+        "pathlib.Path(sys.argv[2]).touch()\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not got and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(1)\n"  # time for a second SIGINT to arrive, if one were sent
+        "pathlib.Path(sys.argv[3]).write_text(str(len(got)))\n"
+    )
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-ctrl-c", "--"]
+    args += [sys.executable, "-c", child, str(saved), str(ready), str(count)]
+    master, terminal = os.openpty()
+    try:
+        with (log_dir / "run-ctrl-c.log").open("wb") as out:
+            # A session of its own with the pseudo-terminal as its controlling terminal: the
+            # wrapper and its child are the terminal's foreground process group.
+            proc = subprocess.Popen(
+                ["setsid", "--ctty", KEYPROXY, *args],
+                stdin=terminal,
+                stdout=out,
+                stderr=out,
+                env=_env(identity_token, tmp_path),
+            )
+        try:
+            eventually_blocking(ready.exists, "the child did not start", within=30)
+            os.write(master, b"\x03")  # Ctrl-C, as typed
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    finally:
+        os.close(terminal)
+        os.close(master)
+    assert count.read_text() == "1"
+    _refused_everywhere(replicas, _token(saved))
+    assert _revoked(replicas, "run-ctrl-c")["reason"] == "completed"

@@ -1,0 +1,93 @@
+"""keyproxy.sdkenv: the scope `keyproxy run` asks for and the environment it hands the
+command, as tables (pure, no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from keyproxy.errors import RunError
+from keyproxy.sdkenv import RouteEnv, child_env, parse_env, parse_scope, route_env
+from keyproxy.secret import Secret
+
+PROXY = "https://keyproxy.internal"
+
+
+@pytest.mark.parametrize(
+    ("items", "extra", "scope"),
+    [
+        (["openai:POST:/v1/chat/completions"], None,
+         {"openai": [{"methods": ["POST"], "paths": ["/v1/chat/completions"]}]}),
+        (["openai:post:/v1/a", "openai:POST:/v1/b", "openai:GET:/v1/models"], None,
+         {"openai": [{"methods": ["POST"], "paths": ["/v1/a", "/v1/b"]},
+                     {"methods": ["GET"], "paths": ["/v1/models"]}]}),
+        (["reports"], None, {"reports": [{"methods": ["*"], "paths": ["/**"]}]}),
+        (["api:GET,HEAD"], None, {"api": [{"methods": ["GET", "HEAD"], "paths": ["/**"]}]}),
+        ([], {"gh": {"tools": ["search_issues"]}}, {"gh": [{"tools": ["search_issues"]}]}),
+    ],
+)  # fmt: skip
+def test_scope_items_become_the_json_scope(
+    items: list[str], extra: dict[str, Any] | None, scope: dict[str, Any]
+) -> None:
+    """route[:METHODS[:/path]] items (as in the RFC 8693 form) become {route: [grants]},
+    paths of the same methods sharing one grant; --scope-json adds its grants."""
+    assert parse_scope(items, extra) == scope
+
+
+@pytest.mark.parametrize("items", [[], [":GET:/x"]])
+def test_an_empty_or_nameless_scope_is_refused(items: list[str]) -> None:
+    """No scope at all, or an item without a route, is a RunError."""
+    with pytest.raises(RunError):
+        parse_scope(items)
+
+
+@pytest.mark.parametrize(
+    ("route", "overrides", "names"),
+    [
+        ("openai", [], RouteEnv("OPENAI_BASE_URL", "OPENAI_API_KEY", "/v1")),
+        ("anthropic", [], RouteEnv("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")),
+        ("legacy-crm", [], RouteEnv("KEYPROXY_LEGACY_CRM_BASE_URL", "KEYPROXY_LEGACY_CRM_TOKEN")),
+        ("demo", ["demo=OPENAI_BASE_URL,OPENAI_API_KEY"],
+         RouteEnv("OPENAI_BASE_URL", "OPENAI_API_KEY", "/v1")),
+        ("crm", ["crm=CRM_URL,CRM_KEY,/api/v2/"], RouteEnv("CRM_URL", "CRM_KEY", "/api/v2")),
+        ("crm", ["crm=,CRM_KEY"], RouteEnv("", "CRM_KEY")),
+    ],
+)  # fmt: skip
+def test_each_route_gets_the_variables_its_sdk_reads(
+    route: str, overrides: list[str], names: RouteEnv
+) -> None:
+    """openai and anthropic get their SDKs' variables (the openai base URL ends in /v1), other
+    routes KEYPROXY_<ROUTE>_*; --env names others, and OPENAI_BASE_URL brings its /v1."""
+    assert route_env(route, parse_env(overrides)) == names
+
+
+@pytest.mark.parametrize("item", ["openai", "openai=A", "openai=A,B,C,D", "=A,B", "x=1A,B"])
+def test_a_malformed_env_item_is_refused(item: str) -> None:
+    """--env needs ROUTE=BASE_VAR,KEY_VAR[,/suffix] with variable names."""
+    with pytest.raises(RunError):
+        parse_env([item])
+
+
+def test_the_child_env_has_the_routes_and_not_the_identity() -> None:
+    """The hidden variables go, each granted route's pair comes, with KEYPROXY_URL and the
+    token id; the rest of the environment is kept."""
+    env = child_env(
+        {"PATH": "/bin", "IDENTITY": "eyJ.id.token", "OPENAI_API_KEY": "stale"},
+        PROXY,
+        Secret("task-token"),
+        token_id="t1",
+        routes=("openai", "crm"),
+        overrides=parse_env(["crm=CRM_URL,CRM_KEY"]),
+        hidden=("IDENTITY",),
+    )
+    assert env == {
+        "PATH": "/bin",
+        "OPENAI_BASE_URL": f"{PROXY}/r/openai/v1",
+        "OPENAI_API_KEY": "task-token",
+        "CRM_URL": f"{PROXY}/r/crm",
+        "CRM_KEY": "task-token",
+        "KEYPROXY_URL": PROXY,
+        "KEYPROXY_TASK_TOKEN": "task-token",
+        "KEYPROXY_TOKEN_ID": "t1",
+    }

@@ -1,0 +1,91 @@
+"""keyproxy.workload: the workload identity `keyproxy run` reads from a file, a variable, a
+command or GitHub Actions' OIDC endpoint (here a loopback server speaking its protocol)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from keyproxy.errors import RunError
+from keyproxy.workload import GITHUB_VARS, Identity
+from tests.helpers.servers import serve
+
+
+async def test_a_file_is_read_again_at_each_use(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A projected token file is re-read (kubelet rotates it), trimmed of its newline."""
+    path = tmp_path / "token"
+    identity = Identity("file", str(path))
+    path.write_text("first\n")
+    assert (await identity.read(http, {})).reveal() == "first"
+    path.write_text("second")
+    assert (await identity.read(http, {})).reveal() == "second"
+    assert identity.hidden() == ()
+
+
+async def test_a_variable_is_read_and_hidden(http: aiohttp.ClientSession) -> None:
+    """--identity-env reads the variable, which the command must not see."""
+    identity = Identity("env", "ID_TOKEN")
+    assert (await identity.read(http, {"ID_TOKEN": "jwt"})).reveal() == "jwt"
+    assert identity.hidden() == ("ID_TOKEN",)
+
+
+async def test_a_command_prints_it(http: aiohttp.ClientSession) -> None:
+    """--identity-command runs the command (no shell) and takes what it printed."""
+    command = shlex.join([sys.executable, "-c", "print('from-command')"])
+    assert (await Identity("command", command).read(http, {})).reveal() == "from-command"
+
+
+@pytest.mark.parametrize(
+    ("identity", "said"),
+    [
+        (Identity("file", "/nonexistent/token"), "--identity-file"),
+        (Identity("env", "UNSET"), "empty"),
+        (Identity("command", shlex.join([sys.executable, "-c", "exit(4)"])), "exited 4"),
+        (Identity("command", "/nonexistent/helper"), "cannot start"),
+        (Identity("github", "keyproxy"), "ACTIONS_ID_TOKEN_REQUEST_URL"),
+    ],
+)  # fmt: skip
+async def test_no_identity_is_one_clear_error(
+    identity: Identity, said: str, http: aiohttp.ClientSession
+) -> None:
+    """A missing file, an unset variable, a failing command or a job without id-token
+    permission is a RunError saying which."""
+    with pytest.raises(RunError, match=said):
+        await identity.read(http, {})
+
+
+async def test_github_actions_flow(http: aiohttp.ClientSession) -> None:
+    """GET ACTIONS_ID_TOKEN_REQUEST_URL plus the audience with the request token as bearer
+    answers {"value": token}; both variables are hidden from the command."""
+    asked: list[tuple[str, str, str]] = []
+
+    async def token(request: web.Request) -> web.Response:
+        asked.append(
+            (
+                request.query.get("api-version", ""),
+                request.query.get("audience", ""),
+                request.headers.get("Authorization", ""),
+            )
+        )
+        return web.json_response({"count": 1, "value": "gh-oidc-jwt"})
+
+    app = web.Application()
+    app.router.add_get("/token", token)
+    runner, port = await serve(app)
+    try:
+        environ = dict(
+            zip(GITHUB_VARS, [f"http://127.0.0.1:{port}/token?api-version=2.0", "req"], strict=True)
+        )
+        identity = Identity("github", "keyproxy")
+        assert (await identity.read(http, environ)).reveal() == "gh-oidc-jwt"
+    finally:
+        await runner.cleanup()
+    assert asked == [("2.0", "keyproxy", "bearer req")]
+    assert identity.hidden() == GITHUB_VARS
