@@ -254,6 +254,10 @@ class Broker(Lifecycle):
         event["actors"] = ",".join([*parent.actors, lineage.actor_name(acting)])
         asked = self._asked(fields, form, delegated=True)
         delegation.same_task(parent, fields)
+        if parent.source is not None:
+            # SECURITY: a child never sheds its parent's address binding (the delegator is at
+            # that address: `_parent` checked it), asked for or not.
+            fields = {**fields, "bind_source": True}
         event["requested"] = scopes.to_claim(asked.scope)
         uses_left = await delegation.uses_left(parent, self.tasks.store, time.time())
         cfg = self.config.tokens

@@ -20,7 +20,9 @@ from typing import Final
 import structlog
 from aiohttp import web
 
+from keyproxy import policy
 from keyproxy.answers import REQUEST_ID_KEY
+from keyproxy.config import Config
 from keyproxy.errors import (
     BadRequest,
     RequestError,
@@ -30,6 +32,8 @@ from keyproxy.errors import (
 )
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.metrics import Metrics
+from keyproxy.mtls import check_binding, client_chain
+from keyproxy.tls import ServerTLS
 from keyproxy.tokens import HOLDER_REASONS, TaskToken, TaskTokens, is_task_token
 
 MAX_REVOKE_BODY: Final = 1024
@@ -41,6 +45,8 @@ log = structlog.get_logger("keyproxy.audit")
 class Lifecycle:
     """The heartbeat and revoke endpoints (the base of `keyproxy.broker.Broker`)."""
 
+    config: Config
+    tls: ServerTLS | None
     tasks: TaskTokens
     metrics: Metrics | None
     exact_uses: bool
@@ -55,7 +61,20 @@ class Lifecycle:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not is_task_token(token.strip()):
             raise Unauthenticated("no_credential", "send the task token as a Bearer token")
-        return await self.tasks.verify(token.strip(), cascade=False)
+        task = await self.tasks.verify(token.strip(), cascade=False)
+        # SECURITY: bound as at the proxy. A bound token taken from its holder can neither
+        # keep its lease alive nor end its task (and its sub-agents') from elsewhere.
+        chain, _ = client_chain(request, self.config.server, self.tls)
+        check_binding(task, chain, self.tls.verifier if self.tls is not None else None)
+        if task.source is not None:
+            source = policy.client_address(
+                request.remote or "0.0.0.0",  # noqa: S104  # no address matches no CIDR
+                request.headers.getall("X-Forwarded-For", []),
+                self.config.server.trusted_proxies,
+            )
+            if task.source != str(source):
+                raise Unauthenticated("wrong_source", "this token is bound to another address")
+        return task
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         """Renew the presented token's heartbeat lease."""

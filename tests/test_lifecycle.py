@@ -32,6 +32,8 @@ from tests.helpers.servers import (
 )
 from tests.helpers.tokens import exchange, refused, status
 
+CHAT = "/r/r/v1/chat/completions"
+
 
 @pytest.fixture
 async def stack(
@@ -195,3 +197,31 @@ async def test_one_of_several_workers_without_a_store_refuses_idle_ttl(
         assert (code, answer["error"]["code"]) == (503, "idle_ttl_needs_shared_store")
     finally:
         await runner.cleanup()
+
+
+async def test_a_source_bound_token_is_kept_and_ended_only_from_its_address(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """A token bound to its holder's address, taken elsewhere: its heartbeat and its revocation
+    from another address are refused (401 wrong_source), from its own they work; a child
+    delegated from it is bound to the same address without asking."""
+    code, issued = await exchange(
+        http, stack.base, identity_token, ttl="1m", idle_ttl="10s", bind_source=True
+    )
+    assert code == 200, issued
+    token = issued["access_token"]
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=elsewhere) as thief:
+        code, answer = await _heartbeat(thief, stack.base, token)
+        assert (code, answer["error"]["code"]) == (401, "wrong_source"), answer
+        async with thief.post(f"{stack.base}/token/revoke", headers=bearer(token)) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "wrong_source"
+        code, child = await exchange(http, stack.base, token, ttl="30s")
+        assert code == 200, child
+        assert await status(thief, "POST", stack.base + CHAT, child["access_token"]) == 401
+        assert await status(http, "POST", stack.base + CHAT, child["access_token"]) == 200
+    code, answer = await _heartbeat(http, stack.base, token)
+    assert code == 200, answer
+    async with http.post(f"{stack.base}/token/revoke", headers=bearer(token)) as response:
+        assert response.status == 200
