@@ -143,7 +143,8 @@ class Run:
     overrides: Mapping[str, RouteEnv] = field(default_factory=dict)
     timeout: float | None = None
     kill_after: float = 10.0
-    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    # repr=False: it may hold the workload identity (--identity-env).
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
     _proc: asyncio.subprocess.Process | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _signalled: int | None = None
@@ -189,7 +190,8 @@ class Run:
         finally:
             if beats is not None:
                 beats.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # Whatever ended the heartbeats, the token is revoked below.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await beats
             reason = "timeout" if timed_out else "completed" if status == 0 else "failed"
             await revoke(http, proxy, issued, reason)

@@ -40,9 +40,8 @@ class Identity:
 
     def hidden(self) -> tuple[str, ...]:
         """The variables the wrapped command must not see: they hold, or mint, the identity."""
-        if self.kind == "env":
-            return (self.value,)
-        return GITHUB_VARS if self.kind == "github" else ()
+        # GitHub's request variables mint an identity whichever source this run reads.
+        return (self.value, *GITHUB_VARS) if self.kind == "env" else GITHUB_VARS
 
     async def read(self, http: aiohttp.ClientSession, environ: Mapping[str, str]) -> Secret:
         """The identity token, read now."""

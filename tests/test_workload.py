@@ -19,21 +19,22 @@ from tests.helpers.servers import serve
 async def test_a_file_is_read_again_at_each_use(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    """A projected token file is re-read (kubelet rotates it), trimmed of its newline."""
+    """A projected token file is re-read (kubelet rotates it), trimmed of its newline; GitHub's
+    request variables, which mint an identity, are hidden from the command whatever the source."""
     path = tmp_path / "token"
     identity = Identity("file", str(path))
     path.write_text("first\n")
     assert (await identity.read(http, {})).reveal() == "first"
     path.write_text("second")
     assert (await identity.read(http, {})).reveal() == "second"
-    assert identity.hidden() == ()
+    assert identity.hidden() == GITHUB_VARS
 
 
 async def test_a_variable_is_read_and_hidden(http: aiohttp.ClientSession) -> None:
     """--identity-env reads the variable, which the command must not see."""
     identity = Identity("env", "ID_TOKEN")
     assert (await identity.read(http, {"ID_TOKEN": "jwt"})).reveal() == "jwt"
-    assert identity.hidden() == ("ID_TOKEN",)
+    assert identity.hidden() == ("ID_TOKEN", *GITHUB_VARS)
 
 
 async def test_a_command_prints_it(http: aiohttp.ClientSession) -> None:
