@@ -29,6 +29,7 @@ from keyproxy.addresses import IPAddress
 from keyproxy.caller import Identity
 from keyproxy.config import MCP_METHODS, METHODS, Grant, McpGrant, Policy
 from keyproxy.mcp import names
+from keyproxy.mcp.grants import CLIENT_METHODS
 
 Scope = Mapping[str, tuple[Grant, ...]]
 
@@ -267,12 +268,18 @@ def _covers_resource(outer: str, inner: str) -> bool:
     return inner == outer
 
 
+# `methods: None` allows the protocol revision's own client methods, never an extension.
+_STANDARD_METHODS = frozenset().union(*CLIENT_METHODS.values())
+
+
 def intersect_mcp(a: McpGrant, b: McpGrant) -> McpGrant:
     """What both grants allow: never more than either."""
     if a.methods is None:
-        methods = b.methods
+        methods = None if b.methods is None else b.methods & _STANDARD_METHODS
+    elif b.methods is None:
+        methods = a.methods & _STANDARD_METHODS
     else:
-        methods = a.methods if b.methods is None else a.methods & b.methods
+        methods = a.methods & b.methods
     resources = {r for r in a.resources if any(_covers_resource(o, r) for o in b.resources)}
     resources |= {r for r in b.resources if any(_covers_resource(o, r) for o in a.resources)}
     return McpGrant(a.tools & b.tools, a.prompts & b.prompts, tuple(sorted(resources)), methods)

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from keyproxy import scope
-from keyproxy.config import Grant, McpGrant, Policy
+from keyproxy.config import MCP_METHODS, Grant, McpGrant, Policy
 from keyproxy.identity import Identity
 
 P = scope.parse_pattern
@@ -177,3 +177,20 @@ def test_bad_mcp_scopes_are_refused(bad: object) -> None:
     """An MCP scope holds only exact names, as lists, within the request limits."""
     with pytest.raises(ValueError, match=r"scope\.m"):
         scope.parse(bad, ["m"], mcp={"m"})
+
+
+def test_mcp_methods_left_open_never_admit_an_extension() -> None:
+    """A grant without `methods` allows the revision's own client methods: intersected with
+    a list naming an extension method, the extension goes, and a child asking for one is
+    outside a parent that never had it."""
+    asked = McpGrant(methods=frozenset({"x/anything", "tools/list"}))
+    open_grant = McpGrant()  # methods: None
+    assert scope.intersect_mcp(asked, open_grant).methods == frozenset({"tools/list"})
+    assert scope.intersect_mcp(open_grant, asked).methods == frozenset({"tools/list"})
+    assert scope.intersect_mcp(open_grant, open_grant).methods is None
+    any_path = scope.ANY_PATH
+    mcp_route = {"m": (Grant(MCP_METHODS, any_path, open_grant),)}
+    child = {"m": (Grant(MCP_METHODS, any_path, McpGrant(methods=frozenset({"x/anything"}))),)}
+    assert scope.outside(child, mcp_route), "a child cannot gain an extension method"
+    standard = {"m": (Grant(MCP_METHODS, any_path, McpGrant(methods=frozenset({"tools/list"}))),)}
+    assert scope.outside(standard, mcp_route) == []
