@@ -274,3 +274,44 @@ async def test_audit_and_token_list_show_the_tree(
         listed["children"][0]["children"][0]["state"],
     ]
     assert states == ["active", "revoked (failed)", "revoked (parent_revoked)"]
+
+
+async def test_revoking_an_actor_ends_its_heartbeats_too(
+    stack: Stack,
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child a sub-agent acts with (actor_token), with a lease: once the sub-agent's
+    identity is revoked as a subject, the child is refused and so is its heartbeat (it
+    could otherwise keep a lease alive for a token that no longer works)."""
+    helper = openbao.add_agent("revoked-actor")
+    actor_token = openbao.agent_token(helper)
+    CANARIES.add(actor_token)
+    code, root = await exchange(http, stack.base, identity_token, ttl="2m")
+    assert code == 200, root
+    code, child = await delegate(
+        http, stack.base, root["access_token"], actor_token=actor_token, idle_ttl="30s"
+    )
+    assert code == 200, child
+    token = child["access_token"]
+    async with http.post(f"{stack.base}/token/heartbeat", headers=bearer(token)) as response:
+        assert response.status == 200
+    path = tmp_path / "k.yaml"
+    cfg = token_config(openbao, agent, "http://127.0.0.1:1")
+    cfg["vault"]["auth"] = {"method": "token"}
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("BAO_TOKEN", openbao.root_token)
+    revoke = ["token", "revoke", "-c", str(path), "--issuer", "openbao"]
+    assert await asyncio.to_thread(main, [*revoke, "--subject", helper.entity_id]) == 0
+    await refused(http, "POST", stack.base + CHAT, token, "the actor's revocation missed")
+
+    async def heartbeat() -> int:
+        async with http.post(f"{stack.base}/token/heartbeat", headers=bearer(token)) as answer:
+            return answer.status
+
+    await eventually(heartbeat, "the heartbeat outlived the actor", until=(401).__eq__)
+    assert await status(http, "POST", stack.base + CHAT, root["access_token"]) == 200

@@ -49,6 +49,8 @@ class TaskTokens(Verifier):
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
         if token.ancestors and self._revocations.any_id(token.ancestors):
             raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
+        if token.ancestors and self._revocations.any_actor(token):
+            raise Unauthenticated("revoked", "an identity acting with this token was revoked")
         await self.check_leases(token, own=False)
         try:
             renewed = await self.store.renew(lease_key(token.token_id), token.idle_ttl)
