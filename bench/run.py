@@ -183,26 +183,26 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _peak_rss_kib(pid: int) -> int:
-    """VmHWM of a process and its children (the workers of `keyproxy serve --workers`)."""
+def _memory_kib(pid: int, field: str) -> int:
+    """A /proc status field in KiB (`VmHWM`, `VmRSS`), summed over a process and its children
+    (the workers of `keyproxy serve --workers`)."""
     total = 0
     for one in _family(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{one}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     total += int(line.split()[1])
     return total
+
+
+def _peak_rss_kib(pid: int) -> int:
+    """The peak resident memory (VmHWM) of a process and its children."""
+    return _memory_kib(pid, "VmHWM")
 
 
 def _rss_kib(pid: int) -> int:
-    """VmRSS now of a process and its children."""
-    total = 0
-    for one in _family(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{one}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total
+    """The resident memory now (VmRSS) of a process and its children."""
+    return _memory_kib(pid, "VmRSS")
 
 
 # ---------------------------------------------------------------------------- set-up
