@@ -10,6 +10,7 @@ fails the run.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -40,10 +41,23 @@ def _is_token(value: str) -> bool:
 class _Fragments:
     """Every 8-character run of the keys, found in a text by looking up one 4-character
     window in every four (an 8-character run always holds a whole window at a multiple of 4).
-    Runs that several keys share (a common prefix such as "sk-test-") say nothing secret."""
+    Runs that several keys share (a common prefix such as "sk-test-") say nothing secret, nor
+    do runs that start inside a prefix a key shares with another: "test-abc" of
+    "sk-test-abc..." holds three secret characters, and ordinary text ("test-task") can hold
+    it by chance. Each key's runs start after the longest prefix it shares with any other."""
 
     def __init__(self, keys: set[str]) -> None:
-        seen = Counter(g for k in keys for g in {k[i : i + FRAGMENT] for i in range(len(k) - 7)})
+        ordered = sorted(keys)
+        shared = dict.fromkeys(ordered, 0)
+        for a, b in itertools.pairwise(ordered):  # sorted neighbours share the most
+            pairs = enumerate(zip(a, b, strict=False))
+            common = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+            shared[a], shared[b] = max(shared[a], common), max(shared[b], common)
+        seen = Counter(
+            g
+            for k in keys
+            for g in {k[i : i + FRAGMENT] for i in range(shared[k], len(k) - FRAGMENT + 1)}
+        )
         self.grams = {g for g, n in seen.items() if n == 1}
         self.windows = {g[i : i + 4] for g in self.grams for i in range(FRAGMENT - 3)}
 
