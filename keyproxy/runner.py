@@ -210,7 +210,8 @@ class Run:
         return issued
 
     async def _until_stopped(self, work: Awaitable[Issued]) -> Issued | None:
-        """`work`'s result, or None if a stop signal came first (it is then cancelled)."""
+        """`work`'s result, or None if a stop signal came first and `work` did not end within
+        REVOKE_TIMEOUT more (it is then cancelled) or failed."""
         task = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
@@ -218,10 +219,16 @@ class Run:
         finally:
             stop.cancel()
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return None
+            # The broker may have signed the token already: a moment more for its answer, so
+            # the token is revoked on the way out rather than left alive until its expiry.
+            await asyncio.wait({task}, timeout=REVOKE_TIMEOUT)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+            if task.exception() is not None:
+                return None  # stopped anyway: nothing was issued to revoke
         result: Issued = task.result()
         return result
 

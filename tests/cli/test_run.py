@@ -285,6 +285,67 @@ def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
     assert event["reason"] == "failed"
 
 
+# A slow front for one replica: POST /token is passed on after a pause (the marker file says
+# it arrived), everything else at once. The wrapper is stopped while its exchange waits there.
+SLOW_FRONT = (
+    "import asyncio, pathlib, sys, aiohttp; from aiohttp import web\n"
+    "port, target, marker = int(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])\n"
+    "async def relay(request):\n"
+    "    body = await request.read()\n"
+    "    if request.path == '/token':\n"
+    "        marker.write_text('asked')\n"
+    "        await asyncio.sleep(1.5)\n"
+    "    headers = {k: v for k, v in request.headers.items() if k.lower() in "
+    "('authorization', 'content-type')}\n"
+    "    async with aiohttp.ClientSession() as http, http.request(request.method, "
+    "target + request.path_qs, data=body, headers=headers) as answer:\n"
+    "        return web.Response(status=answer.status, body=await answer.read(), "
+    "content_type=answer.content_type)\n"
+    "app = web.Application(); app.router.add_route('*', '/{tail:.*}', relay)\n"
+    "web.run_app(app, host='127.0.0.1', port=port, print=None, handler_cancellation=False)\n"
+)
+
+
+def test_a_stop_during_the_exchange_still_revokes_what_it_was_granted(
+    replicas: Replicas, identity_token: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """SIGTERM while the exchange is in flight (the broker may already have signed the
+    token): the wrapper waits briefly for the answer and revokes the token it brings (reason
+    failed) instead of leaving it alive until its expiry; no child is started."""
+    port, marker, ran = free_port(), tmp_path / "asked", tmp_path / "ran"
+    front = subprocess.Popen(  # our own interpreter and script
+        [sys.executable, "-c", SLOW_FRONT, str(port), replicas.bases[0], str(marker)],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        eventually_blocking(lambda: _listening(port), "the slow front did not start", within=30)
+        args = ["run", "--proxy", f"http://127.0.0.1:{port}", "--identity-env", "IDENTITY_TOKEN"]
+        args += ["--scope", SCOPE, "--task", "run-stopped-early", "--"]
+        child = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('ran')"
+        with (log_dir / "run-stopped-early.log").open("wb") as out:
+            proc = subprocess.Popen(
+                [KEYPROXY, *args, sys.executable, "-c", child, str(ran)],
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                env=_env(identity_token, tmp_path),
+            )
+            try:
+                eventually_blocking(marker.exists, "the exchange never arrived", within=30)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+    finally:
+        front.terminate()
+        front.wait(timeout=10)
+    assert not ran.exists()
+    event = _revoked(replicas, "run-stopped-early")
+    assert event["reason"] == "failed"
+
+
 def test_a_refused_exchange_starts_nothing(
     replicas: Replicas, identity_token: str, tmp_path: Path
 ) -> None:
