@@ -30,7 +30,7 @@ from tests.helpers.servers import (
     running_proxy,
     token_config,
 )
-from tests.helpers.tokens import exchange, refused, status
+from tests.helpers.tokens import exchange, form_exchange, refused, status
 
 CHAT = "/r/r/v1/chat/completions"
 
@@ -126,16 +126,10 @@ async def test_idle_ttl_in_the_rfc8693_form(
     stack: Stack, identity_token: str, http: aiohttp.ClientSession
 ) -> None:
     """The token-exchange form takes idle_ttl too, and the answer names it."""
-    form = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-        "subject_token": identity_token,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "scope": "r:POST:/v1/chat/completions",
-        "idle_ttl": "30s",
-    }
-    async with http.post(f"{stack.base}/token", data=form) as response:
-        answer = await response.json()
-        assert response.status == 200, answer
+    code, answer = await form_exchange(
+        http, stack.base, identity_token, scope="r:POST:/v1/chat/completions", idle_ttl="30s"
+    )
+    assert code == 200, answer
     assert answer["idle_ttl"] == 30
     assert (await _heartbeat(http, stack.base, answer["access_token"]))[0] == 200
 

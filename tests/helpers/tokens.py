@@ -30,11 +30,17 @@ async def exchange(
         return response.status, answer
 
 
-async def delegate(
-    http: aiohttp.ClientSession, base: str, parent: str, **fields: str
+async def form_exchange(
+    http: aiohttp.ClientSession, base: str, subject_token: str, **fields: str
 ) -> tuple[int, dict[str, Any]]:
-    """The RFC 8693 exchange of `parent` for a child token."""
-    form = {"grant_type": EXCHANGE, "subject_token": parent, "subject_token_type": JWT, **fields}
+    """The RFC 8693 form exchange of `subject_token`: a workload identity for a task token,
+    or a task token for a child (`delegate`)."""
+    form = {
+        "grant_type": EXCHANGE,
+        "subject_token": subject_token,
+        "subject_token_type": JWT,
+        **fields,
+    }
     if "actor_token" in fields:
         form["actor_token_type"] = JWT
     async with http.post(f"{base}/token", data=form) as response:
@@ -42,6 +48,9 @@ async def delegate(
         if response.status == 200:
             CANARIES.add(answer["access_token"])
         return response.status, answer
+
+
+delegate = form_exchange  # a task token as the subject: a child for a sub-agent
 
 
 async def status(http: aiohttp.ClientSession, method: str, url: str, token: str) -> int:
