@@ -111,6 +111,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "identity.verifier",
                 "tokens",
                 "tokens.format",
+                "tokens.shared",
                 "tokens.revocation",
                 "tokens.lineage",
                 "tokens.exceptions",

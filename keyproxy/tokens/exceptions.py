@@ -3,46 +3,58 @@ Vault KV at `tokens.state_path`/exceptions for `keyproxy token list`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from keyproxy.config import Config
 from keyproxy.errors import Unavailable
 from keyproxy.tokens.format import EXCEPTION_ISSUER, exception_subject
 from keyproxy.tokens.revocation import Revocations, RevocationStore
-from keyproxy.vault import CasConflict
+from keyproxy.tokens.shared import SharedSecret
+from keyproxy.vault import Vault
 
 
 class ExceptionRegister(RevocationStore):
     """Records exception tokens as they are issued, and lists the active ones."""
+
+    def __init__(
+        self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(config, vault, clock)
+        self._exception_writes = SharedSecret(
+            vault,
+            lambda: (self.config.vault.kv_mount, self._exceptions_path),
+            self._merged_exceptions,
+            _contended,
+        )
 
     @property
     def _exceptions_path(self) -> str:
         return f"{self.cfg.state_path}/exceptions"
 
     async def _record_exception(self, token_id: str, claims: Mapping[str, Any]) -> None:
-        for _ in range(8):
-            data, version = await self._read_state(self._exceptions_path)
-            now = self.clock()
-            live = {
-                k: v
-                for k, v in data.items()
-                if isinstance(v, dict) and v.get("expires_at", 0) > now
-            }
-            live[token_id] = {
-                "owner": claims["exc"]["owner"],
-                "reason": claims["exc"]["reason"],
-                "issued_at": claims["iat"],
-                "expires_at": claims["exp"],
-                "scope": claims["scope"],
-            }
-            try:
-                await self.vault.write_kv(
-                    self.config.vault.kv_mount, self._exceptions_path, live, cas=version
-                )
-            except CasConflict:
-                continue
-            return
-        raise Unavailable("exception_register_contention", "could not record the token")
+        """Add an exception token to the register, with any others this process issues
+        meanwhile (`keyproxy.tokens.shared`)."""
+        entry = {
+            "owner": claims["exc"]["owner"],
+            "reason": claims["exc"]["reason"],
+            "issued_at": claims["iat"],
+            "expires_at": claims["exp"],
+            "scope": claims["scope"],
+        }
+        await self._exception_writes.change((token_id, entry))
+
+    def _merged_exceptions(
+        self, data: dict[str, Any], added: list[tuple[str, dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """The stored register `data` without expired entries, with those `added`."""
+        now = self.clock()
+        live = {
+            k: v for k, v in data.items() if isinstance(v, dict) and v.get("expires_at", 0) > now
+        }
+        live.update(added)
+        return live
 
     async def revocation_list(self) -> Revocations:
         """The revocation list as Vault holds it now."""
@@ -68,3 +80,7 @@ class ExceptionRegister(RevocationStore):
             )
         ]
         return sorted(active, key=lambda e: e["expires_at"])
+
+
+def _contended() -> Unavailable:
+    return Unavailable("exception_register_contention", "could not record the token")

@@ -3,7 +3,8 @@
 Revocations live in one secret at `tokens.state_path`/revocations; every replica polls its
 version number and re-reads it on change, so a revocation is honoured everywhere within
 `revocation_poll_interval` plus one read. Entries are pruned once every token they can name
-has expired. A write is check-and-set, retried on a concurrent write.
+has expired. Writes are check-and-set, and the revocations of one process that arrive
+together share one (`keyproxy.tokens.shared`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import structlog
 
 from keyproxy.config import Config
 from keyproxy.errors import Unavailable
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
-from keyproxy.vault import CasConflict, Vault
+from keyproxy.tokens.shared import SharedSecret, read_state
+from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
 
@@ -26,6 +28,15 @@ log = structlog.get_logger("keyproxy.tokens")
 # says which of the first three; the server records the others.
 HOLDER_REASONS: Final = ("completed", "failed", "timeout")
 END_REASONS: Final = (*HOLDER_REASONS, "heartbeat_lost", "parent_revoked", "operator")
+
+
+class _Revocation(NamedTuple):
+    """One revocation to record: of a token id (until `expires_at`), a subject, a task."""
+
+    token_id: str | None
+    expires_at: float | None
+    subject: str | None
+    task: str | None
 
 
 @dataclass
@@ -112,6 +123,14 @@ class RevocationStore:
         self._revocations_version: int | None = None
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
+        self._revocation_writes = SharedSecret(
+            vault,
+            lambda: (self.config.vault.kv_mount, self._revocations_path),
+            self._merged_revocations,
+            lambda: Unavailable(
+                "revocation_contention", "could not record the revocation; try again"
+            ),
+        )
 
     @property
     def _revocations_path(self) -> str:
@@ -168,37 +187,31 @@ class RevocationStore:
         subject: str | None,
         task: str | None,
     ) -> None:
-        """Record a revocation in Vault (check-and-set, retried on a concurrent write)."""
+        """Record a revocation in Vault, with any others this process records meanwhile."""
+        data, version = await self._revocation_writes.change(
+            _Revocation(token_id, expires_at, subject, task)
+        )
+        if self._revocations_version is None or version > self._revocations_version:
+            self._revocations, self._revocations_version = Revocations.from_data(data), version
+
+    def _merged_revocations(self, data: dict[str, Any], added: list[_Revocation]) -> dict[str, Any]:
+        """The stored list `data` with the revocations `added`, pruned."""
         longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
-        for _ in range(8):
-            data, version = await self._read_state(self._revocations_path)
-            revocations = Revocations.from_data(data)
-            now = self.clock()
+        revocations = Revocations.from_data(data)
+        now = self.clock()
+        for token_id, expires_at, subject, task in added:
             if token_id is not None:
                 revocations.ids[token_id] = expires_at if expires_at is not None else now + longest
             if subject is not None:
                 revocations.subjects[subject] = now + CLOCK_SKEW
             if task is not None:
                 revocations.tasks[task] = now + CLOCK_SKEW
-            revocations.prune(now, longest)
-            try:
-                new = await self.vault.write_kv(
-                    self.config.vault.kv_mount,
-                    self._revocations_path,
-                    revocations.to_data(),
-                    cas=version,
-                )
-            except CasConflict:
-                continue
-            self._revocations, self._revocations_version = revocations, new
-            return
-        raise Unavailable("revocation_contention", "could not record the revocation; try again")
+        revocations.prune(now, longest)
+        return revocations.to_data()
 
     async def _read_state(self, path: str) -> tuple[dict[str, Any], int]:
-        """A state secret and its version; ({}, 0) when it does not exist yet (cas=0 creates)."""
-        if await self.vault.kv_version(self.config.vault.kv_mount, path) is None:
-            return {}, 0
-        return await self.vault.read_kv(self.config.vault.kv_mount, path)
+        """A state secret and its version; ({}, 0) when it does not exist yet."""
+        return await read_state(self.vault, self.config.vault.kv_mount, path)
 
     async def refresh_revocations(self) -> None:
         """Re-read the revocation list if its version changed (one metadata read otherwise)."""
@@ -208,3 +221,7 @@ class RevocationStore:
         data, version = await self.vault.read_kv(self.config.vault.kv_mount, self._revocations_path)
         self._revocations = Revocations.from_data(data)
         self._revocations_version = version
+
+
+def _contended() -> Unavailable:
+    return Unavailable("revocation_contention", "could not record the revocation; try again")

@@ -106,18 +106,28 @@ class TaskTokens(Verifier):
             return
         ids = list(self._leased)
         decision = await self.store.take([Lease(lease_key(token_id)) for token_id in ids])
-        for token_id, outcome in zip(ids, decision.outcomes, strict=True):
-            if outcome.allowed or outcome.store_error:
-                continue
-            try:
-                token = self._task_token(self._leased[token_id])
-                if not self._revocations.revoked(token):
-                    await self.revoke_held(token, "heartbeat_lost")
-            except (RequestError, VaultError) as exc:
-                # Tried again at the next sweep, while the token has not expired.
-                log.warning("token.end_not_recorded", error=str(exc), token_id=token_id)
-                continue
-            del self._leased[token_id]
+        lapsed = [
+            token_id
+            for token_id, outcome in zip(ids, decision.outcomes, strict=True)
+            if not (outcome.allowed or outcome.store_error)
+        ]
+        # All at once: their revocations share one write to the list.
+        await asyncio.gather(*(self._record_lapsed(token_id) for token_id in lapsed))
+
+    async def _record_lapsed(self, token_id: str) -> None:
+        """Record the end of a token whose lease lapsed, unless a revocation names it."""
+        claims = self._leased.get(token_id)
+        if claims is None:
+            return
+        try:
+            token = self._task_token(claims)
+            if not self._revocations.revoked(token):
+                await self.revoke_held(token, "heartbeat_lost")
+        except (RequestError, VaultError) as exc:
+            # Tried again at the next sweep, while the token has not expired.
+            log.warning("token.end_not_recorded", error=str(exc), token_id=token_id)
+            return
+        self._leased.pop(token_id, None)
 
     async def _poll_revocations(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -235,5 +236,63 @@ async def test_issuance_refusal_covers_what_the_revocation_covers(
         issued = await tasks.issue(identity, SCOPE, ttl=60, task="skewed")
         CANARIES.add(issued.token)
         assert (await tasks.verify(issued.token)).token_id == issued.token_id
+    finally:
+        vault.close()
+
+
+async def test_concurrent_revocations_on_two_replicas_are_all_recorded(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """Many revocations at once through two replicas' stores (lapsed leases, task ends, an
+    operator) are all recorded, none refused for contention, and a replica's revocations
+    that arrive together share a write."""
+    own = openbao.add_agent("contention-agent")
+    cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
+    vaults = [Vault(cfg.vault), Vault(cfg.vault)]
+    try:
+        for vault in vaults:
+            await vault.login()
+        replicas = [TaskTokens(cfg, vault) for vault in vaults]
+        path = replicas[0]._revocations_path  # where the list is kept
+        before = await vaults[0].kv_version(cfg.vault.kv_mount, path) or 0
+        ids = [f"contended-{i}" for i in range(40)]
+        await asyncio.gather(
+            *(
+                replicas[i % 2].revoke(token_id=token_id, expires_at=time.time() + 600)
+                for i, token_id in enumerate(ids)
+            )
+        )
+        listed = await replicas[0].revocation_list()
+        assert set(ids) <= set(listed.ids)
+        written = (await vaults[0].kv_version(cfg.vault.kv_mount, path) or 0) - before
+        assert 1 <= written <= 10, written  # 40 revocations, a few shared writes
+    finally:
+        for vault in vaults:
+            vault.close()
+
+
+async def test_revocation_whose_caller_went_away_is_still_recorded(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A revocation is written even when the request that asked for it is cancelled (its
+    caller disconnected) while the write is under way."""
+    own = openbao.add_agent("cancelled-revoker")
+    cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
+    vault = Vault(cfg.vault)
+    try:
+        await vault.login()
+        tasks = TaskTokens(cfg, vault)
+        asking = asyncio.create_task(
+            tasks.revoke(token_id="walked-away", expires_at=time.time() + 60)
+        )
+        await asyncio.sleep(0)  # it is queued for the write
+        asking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asking
+
+        async def listed() -> bool:
+            return "walked-away" in (await tasks.revocation_list()).ids
+
+        await eventually(listed, "the cancelled revocation recorded", until=bool)
     finally:
         vault.close()

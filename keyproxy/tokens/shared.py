@@ -1,0 +1,108 @@
+"""Changes to one secret every replica writes (the revocation list, the exception register),
+made together.
+
+Each write is check-and-set: read the secret, change it, write it back naming the version
+read; a writer that lost the race reads again. Within a process the changes that arrive while
+a write is under way wait for it and then go out together in the next one, so a burst (many
+leases lapsing in one sweep, many tasks ending at once) costs one or two writes, not one each
+racing the others. A conflict with another replica is tried again after a random pause that
+grows with each try (full jitter), so replicas that collided do not collide again in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any, Final, Generic, TypeVar
+
+from keyproxy.errors import RequestError
+from keyproxy.vault import CasConflict, Vault
+
+_C = TypeVar("_C")
+
+ATTEMPTS: Final = 10  # writes tried before the change is refused (503)
+FIRST_PAUSE: Final = 0.01  # seconds: the longest pause after the first conflict, doubling
+LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (about 2.5 s in all)
+
+# Where the secret is (KV mount, path): read at each write, so a reload that moves it counts.
+Location = Callable[[], tuple[str, str]]
+# The secret's new data, given its data as read and the changes waiting (in order).
+Merge = Callable[[dict[str, Any], list[_C]], dict[str, Any]]
+
+
+class SharedSecret(Generic[_C]):
+    """A KV v2 secret written by every replica; `change` waits for the write that holds it."""
+
+    def __init__(
+        self,
+        vault: Vault,
+        location: Location,
+        merge: Merge[_C],
+        contended: Callable[[], RequestError],
+    ) -> None:
+        self.vault = vault
+        self._location = location
+        self._merge = merge
+        self._contended = contended  # the error of each change of a write that kept conflicting
+        self._waiting: list[tuple[_C, asyncio.Future[tuple[dict[str, Any], int]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def change(self, change: _C) -> tuple[dict[str, Any], int]:
+        """Make `change` in the secret: the data and version of the write that made it.
+        A change whose caller goes away (cancelled) is still written."""
+        loop = asyncio.get_running_loop()
+        writer = self._writer
+        if writer is not None and not writer.done() and writer.get_loop() is not loop:
+            # Left by an event loop that has ended (a CLI command before this one).
+            writer, self._waiting = None, []
+        done: asyncio.Future[tuple[dict[str, Any], int]] = loop.create_future()
+        done.add_done_callback(_retrieved)
+        self._waiting.append((change, done))
+        if writer is None or writer.done():
+            self._writer = loop.create_task(self._write_waiting(), name="shared-secret-write")
+        return await asyncio.shield(done)
+
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                written = await self._write([change for change, _ in batch])
+            except Exception as exc:  # noqa: BLE001  # each waiting change fails with it
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            except asyncio.CancelledError:  # the loop is closing: nothing waits any more
+                for _, done in batch:
+                    done.cancel()
+                raise
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(written)
+
+    async def _write(self, changes: list[_C]) -> tuple[dict[str, Any], int]:
+        for attempt in range(ATTEMPTS):
+            mount, path = self._location()
+            data, version = await read_state(self.vault, mount, path)
+            new = self._merge(data, changes)
+            try:
+                return new, await self.vault.write_kv(mount, path, new, cas=version)
+            except CasConflict:
+                longest = min(LONGEST_PAUSE, FIRST_PAUSE * 2**attempt)
+                await asyncio.sleep(random.uniform(0, longest))  # noqa: S311  # jitter, no secret
+        raise self._contended()
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """Mark a change's failure as seen: its caller may have gone (cancelled) and not read it."""
+    if not done.cancelled():
+        done.exception()
+
+
+async def read_state(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any], int]:
+    """A shared secret's data and version; ({}, 0) when it does not exist yet (a write with
+    cas=0 creates it)."""
+    if await vault.kv_version(mount, path) is None:
+        return {}, 0
+    return await vault.read_kv(mount, path)
