@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import sys
+import urllib.parse
 from typing import Any
 
 from keyproxy.cli.common import UsageError
@@ -115,6 +117,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("run: give --proxy URL (or set KEYPROXY_URL)")
     if not args.proxy.startswith(("http://", "https://")):
         raise UsageError(f"run: --proxy {args.proxy!r}: an http:// or https:// URL")
+    if not _private_hop(args.proxy):
+        print(  # noqa: T201  # a person reads it
+            f"keyproxy run: warning: --proxy {args.proxy} is plain http to another host: the "
+            "identity token and the task token cross the network in clear text (use https:// "
+            "unless a service mesh encrypts this hop)",
+            file=sys.stderr,
+        )
     try:
         spec = Run(
             proxy=args.proxy,
@@ -132,6 +141,21 @@ def run(args: argparse.Namespace) -> int:
     except RunError as exc:
         print(f"keyproxy run: {exc}", file=sys.stderr)  # noqa: T201
         return 1
+
+
+def _private_hop(proxy: str) -> bool:
+    """Whether the tokens sent to `proxy` stay off the network or are encrypted on it:
+    https://, or http:// to this host (localhost, a loopback address)."""
+    url = urllib.parse.urlsplit(proxy)
+    if url.scheme == "https":
+        return True
+    host = url.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _identity(args: argparse.Namespace) -> Identity:

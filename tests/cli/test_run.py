@@ -578,3 +578,34 @@ def test_ctrl_c_on_the_terminal_reaches_the_child_once(
     assert count.read_text() == "1"
     _refused_everywhere(replicas, _token(saved))
     assert _revoked(replicas, "run-ctrl-c")["reason"] == "completed"
+
+
+def test_plain_http_to_another_host_is_warned_about(tmp_path: Path) -> None:
+    """An http:// proxy that is not this host gets a warning on stderr that the tokens would
+    cross the network in clear text; a loopback one gets none. (The identity file is
+    missing, so nothing is contacted either way.)"""
+    env = cli.clean_env(tmp_path)
+    missing = str(tmp_path / "no-such-identity")
+    for proxy, warned in (
+        ("http://keyproxy.example:8080", True),
+        ("http://10.1.2.3", True),
+        ("http://[fd00::1]:80", True),
+        ("https://keyproxy.example", False),
+        ("http://127.0.0.1:9", False),
+        ("http://localhost:9", False),
+        ("http://[::1]:9", False),
+    ):
+        done = cli.keyproxy(
+            "run",
+            "--proxy",
+            proxy,
+            "--identity-file",
+            missing,
+            "--scope",
+            SCOPE,
+            "--",
+            "true",
+            env=env,
+        )
+        assert done.returncode == 1, (proxy, done.stderr)
+        assert ("clear text" in done.stderr) is warned, (proxy, done.stderr)
