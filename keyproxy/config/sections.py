@@ -168,6 +168,11 @@ def _issuer(node: Node) -> Issuer:
     if leeway > MAX_LEEWAY:
         raise f["leeway"].error(f"must be at most {MAX_LEEWAY:.0f}s")
     name = required(node, f, "name").string()
+    if not name or "|" in name or "," in name:
+        # SECURITY: "issuer|subject" names a caller in the revocation list (and "," separates
+        # the actors of an audit event): with a "|" in an issuer name, one key could name
+        # two callers.
+        raise f["name"].error("must be non-empty, without '|' or ','")
     if name.startswith(SPIFFE_SCHEME):
         # SECURITY: the issuer names of X.509-SVID callers; a JWT issuer must not pose as one.
         raise f["name"].error(f"{SPIFFE_SCHEME}... names X.509-SVID callers' trust domains")
