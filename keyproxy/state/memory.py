@@ -46,6 +46,7 @@ class MemoryStore(StateStore):
         self._tats: dict[str, float] = {}  # Rate: theoretical arrival time of the next request
         self._slots: dict[str, dict[str, float]] = {}  # Concurrency: holder -> lease expiry
         self._leases: dict[str, float] = {}
+        self._watched: dict[str, tuple[str, float]] = {}  # lease key -> (record, kept until)
         self._since_sweep = 0
         self.stats = StoreStats()
 
@@ -163,6 +164,23 @@ class MemoryStore(StateStore):
 
     async def drop(self, key: str) -> None:
         self._leases.pop(key, None)
+
+    async def watch(self, key: str, record: str, ttl: float) -> None:
+        self._watched[key] = (record, self._clock() + ttl)
+
+    async def unwatch(self, key: str) -> None:
+        self._watched.pop(key, None)
+
+    async def lapsed(self, most: int) -> list[str]:
+        now = self._clock()
+        found: list[str] = []
+        for key, (record, until) in list(self._watched.items()):
+            if until <= now:
+                del self._watched[key]
+            elif len(found) < most and self._leases.get(key, -math.inf) <= now:
+                found.append(record)
+                del self._watched[key]
+        return found
 
     async def check(self) -> Health:
         return Health(ok=True)

@@ -53,7 +53,7 @@ from redis.credentials import CredentialProvider
 
 from keyproxy.config import RedisSettings
 from keyproxy.state.batch import ScriptBatch
-from keyproxy.state.scripts import REFRESH, RELEASE, TAKE
+from keyproxy.state.scripts import LAPSED, REFRESH, RELEASE, TAKE, UNWATCH, WATCH
 from keyproxy.state.store import (
     Concurrency,
     Counter,
@@ -153,6 +153,9 @@ class RedisStore(StateStore):
             self._releases = ScriptBatch(self._redis, RELEASE, self._call)
         self._refresh = self._redis.register_script(REFRESH)
         self._release = self._redis.register_script(RELEASE)
+        self._watch = self._redis.register_script(WATCH)
+        self._unwatch = self._redis.register_script(UNWATCH)
+        self._lapsed = self._redis.register_script(LAPSED)
         self._deadline = settings.timeout * 3
         # At most `max_connections` calls at once, whatever the mode (the pools of Sentinel
         # and Cluster clients refuse rather than wait when full); the rest queue here,
@@ -281,6 +284,23 @@ class RedisStore(StateStore):
 
     async def drop(self, key: str) -> None:
         await self._call(lambda: self._redis.delete(self._key("l", key)))
+
+    def _registry(self) -> list[str]:
+        """The watch registry's keys (see keyproxy.state.scripts.WATCH)."""
+        return [self._key("w", "records"), self._key("w", "until")]
+
+    async def watch(self, key: str, record: str, ttl: float) -> None:
+        ms = max(1, round(ttl * 1000))
+        await self._call(lambda: self._watch(keys=self._registry(), args=[key, record, ms]))
+
+    async def unwatch(self, key: str) -> None:
+        await self._call(lambda: self._unwatch(keys=self._registry(), args=[key]))
+
+    async def lapsed(self, most: int) -> list[str]:
+        found = await self._call(
+            lambda: self._lapsed(keys=self._registry(), args=[self._key("l", ""), most])
+        )
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in found or () if r]
 
     async def check(self) -> Health:
         # Readiness asks even while backing off: it is how an operator sees recovery.

@@ -107,4 +107,48 @@ for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
 return 0
 """
 
-__all__ = ["REFRESH", "RELEASE", "TAKE"]
+# The watch registry of heartbeat leases, so that any replica can record a lapsed one's end.
+# KEYS: the records (a hash: lease key -> record), the deadlines (a sorted set: lease key ->
+# when the record is no longer worth keeping, ms on the server's clock). ARGV: lease key,
+# record, ms to keep it.
+WATCH = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 0
+"""
+
+# KEYS: as WATCH's. ARGV: lease key.
+UNWATCH = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 0
+"""
+
+# KEYS: as WATCH's. ARGV: the prefix of the leases' own keys, the most records to hand out.
+# Drops the records kept long enough; then hands out (and removes, so one caller gets each)
+# the records of watched leases whose key is gone: lapsed.
+LAPSED = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, member in ipairs(old) do redis.call('HDEL', KEYS[1], member) end
+if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+local out = {}
+local most = tonumber(ARGV[2])
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if #out >= most then break end
+  if redis.call('EXISTS', ARGV[1] .. member) == 0 then
+    local record = redis.call('HGET', KEYS[1], member)
+    if record then out[#out + 1] = record end
+    redis.call('HDEL', KEYS[1], member)
+    redis.call('ZREM', KEYS[2], member)
+  end
+end
+return out
+"""
+
+__all__ = ["LAPSED", "REFRESH", "RELEASE", "TAKE", "UNWATCH", "WATCH"]

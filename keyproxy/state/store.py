@@ -11,12 +11,14 @@ all or nothing (`StateStore.take`): if any limit refuses, none is consumed. Four
                  delegating ancestors'); nothing is taken from it.
 
 Besides decisions: `read` a counter, heartbeat leases (`beat` starts one, `renew` extends a
-live one, `alive`, `drop`) for tokens that die when their holder stops beating, a readiness
-`check`, and plain-number `stats` (store errors, decision latency) for the metrics.
+live one, `alive`, `drop`) for tokens that die when their holder stops beating, their watch
+registry (`watch`, `unwatch`, `lapsed`: any replica, not only the one that started a lease,
+learns that it lapsed), a readiness `check`, and plain-number `stats` (store errors, decision
+latency) for the metrics.
 
 Faults never escape a decision. When the store cannot answer, each limit says so in its
 `Outcome` (`store_error=True`) and is refused unless its `on_store_error` is `ALLOW`.
-The calls that are not decisions (`read`, `beat`, `renew`, `alive`, `drop`) raise
+The calls that are not decisions (`read`, the lease calls and the watch registry's) raise
 `StoreUnavailable`.
 """
 
@@ -265,6 +267,23 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def drop(self, key: str) -> None:
         """End the lease `key` now. Raises `StoreUnavailable`."""
+
+    @abc.abstractmethod
+    async def watch(self, key: str, record: str, ttl: float) -> None:
+        """Keep `record` (what the caller needs to act on it) for the lease `key`, for `ttl`
+        seconds at most, until `lapsed` hands it out or `unwatch` forgets it. Raises
+        `StoreUnavailable`."""
+
+    @abc.abstractmethod
+    async def unwatch(self, key: str) -> None:
+        """Forget the record of lease `key` (none is fine). Raises `StoreUnavailable`."""
+
+    @abc.abstractmethod
+    async def lapsed(self, most: int) -> list[str]:
+        """The records of up to `most` watched leases that are no longer alive, each handed
+        to one caller only (forgotten as it is handed out), whichever replica asks. Records
+        kept for their `ttl` are forgotten without being handed out. Raises
+        `StoreUnavailable`."""
 
     @abc.abstractmethod
     async def check(self) -> Health:

@@ -30,7 +30,14 @@ from keyproxy.errors import Forbidden, Unavailable, VaultError
 from keyproxy.state import StateStore, StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.exceptions import ExceptionRegister
-from keyproxy.tokens.format import TASK_TOKEN_TYPE, CertificateBinding, Issued, b64, json_bytes
+from keyproxy.tokens.format import (
+    LEEWAY,
+    TASK_TOKEN_TYPE,
+    CertificateBinding,
+    Issued,
+    b64,
+    json_bytes,
+)
 from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -49,9 +56,6 @@ class Signing(ExceptionRegister):
     ) -> None:
         super().__init__(config, vault, clock)
         self.store = store  # where heartbeat leases live; None: no idle_ttl tokens
-        # The claims of the idle_ttl tokens this process issued, until they expire: whose
-        # lapsed lease it records as the token's end (TaskTokens.sweep_leases).
-        self._leased: dict[str, dict[str, Any]] = {}
         self._keys: dict[int, jwt.PyJWK] = {}
         self._public: dict[int, bytes] = {}
         self._keys_fetched = -1e9
@@ -190,17 +194,22 @@ class Signing(ExceptionRegister):
             claims["cnf"] = certificate.claim()
         token = await self._sign(claims)
         if idle_ttl is not None:
-            await self._start_lease(token_id, float(claims["idle"]))
-            self._leased[token_id] = claims
+            await self._start_lease(token_id, claims)
         if exception is not None:
             await self._record_exception(token_id, claims)
         return Issued(token, token_id, float(claims["exp"]))
 
-    async def _start_lease(self, token_id: str, idle_ttl: float) -> None:
+    async def _start_lease(self, token_id: str, claims: dict[str, Any]) -> None:
+        """Start the token's heartbeat lease, and have the store keep its claims until it
+        expires, so that whichever replica sweeps when the lease lapses records its end
+        (TaskTokens.sweep_leases). The claims are what the token says, not the token."""
         if self.store is None:
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
+        key = lease_key(token_id)
         try:
-            await self.store.beat(lease_key(token_id), idle_ttl)
+            await self.store.beat(key, float(claims["idle"]))
+            kept = claims["exp"] - self.clock() + LEEWAY
+            await self.store.watch(key, json_bytes(claims).decode(), kept)
         except StoreUnavailable:
             # The token was signed but is never handed out: without its lease it is dead.
             raise Unavailable(

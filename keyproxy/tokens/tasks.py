@@ -3,27 +3,30 @@
 `TaskTokens` issues (`signing`), verifies (`verify`) and revokes (`revocation`) them, keeps
 the exception register (`exceptions`), renews heartbeat leases (`heartbeat`), and runs the
 background work: the revocation poll, the key refresh, and the lease sweep (an idle_ttl token
-this process issued whose lease lapsed is recorded as ended, `heartbeat_lost`, within a
-second or so, whether or not anyone uses it again). The token's format is in `format`,
-its lifecycle claims in `lineage`.
+whose lease lapsed is recorded as ended, `heartbeat_lost`, within a second or so, whether or
+not anyone uses it again, by one of the replicas sharing the state store). The token's
+format is in `format`, its lifecycle claims in `lineage`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 
 import structlog
 
 from keyproxy.config import Config
 from keyproxy.errors import BadRequest, RequestError, Unauthenticated, Unavailable, VaultError
-from keyproxy.state import Lease, StoreUnavailable
+from keyproxy.state import StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.format import LEEWAY, TaskToken
 from keyproxy.tokens.verify import Verifier
 
 log = structlog.get_logger("keyproxy.tokens")
 
-LEASE_SWEEP_INTERVAL = 1.0  # seconds between looks at the leases of tokens issued here
+LEASE_SWEEP_INTERVAL = 1.0  # seconds between looks for lapsed leases
+SWEEP_MOST = 500  # lapsed leases one sweep records at most (the rest wait for the next)
 
 
 class TaskTokens(Verifier):
@@ -97,37 +100,49 @@ class TaskTokens(Verifier):
             await self.sweep_leases()
 
     async def sweep_leases(self) -> None:
-        """Record the end (`heartbeat_lost`) of each token issued here whose lease lapsed and
-        that no revocation names yet. One store call for all of them; a store or Vault fault
-        leaves them for the next sweep."""
-        now = self.clock()
-        self._leased = {k: c for k, c in self._leased.items() if c["exp"] + LEEWAY > now}
-        if not self._leased or self.store is None:
-            return
-        ids = list(self._leased)
-        decision = await self.store.take([Lease(lease_key(token_id)) for token_id in ids])
-        lapsed = [
-            token_id
-            for token_id, outcome in zip(ids, decision.outcomes, strict=True)
-            if not (outcome.allowed or outcome.store_error)
-        ]
-        # All at once: their revocations share one write to the list.
-        await asyncio.gather(*(self._record_lapsed(token_id) for token_id in lapsed))
-
-    async def _record_lapsed(self, token_id: str) -> None:
-        """Record the end of a token whose lease lapsed, unless a revocation names it."""
-        claims = self._leased.get(token_id)
-        if claims is None:
+        """Record the end (`heartbeat_lost`) of each token whose lease lapsed and that no
+        revocation names yet, whichever replica issued it: the store hands each lapsed lease
+        to one sweeping replica (`StateStore.lapsed`), also when the one that issued it is
+        gone. A store fault leaves them for the next sweep; a Vault fault hands the token
+        back to the store for it."""
+        if self.store is None:
             return
         try:
+            records = await self.store.lapsed(SWEEP_MOST)
+        except StoreUnavailable:
+            return  # tried again at the next sweep
+        # All at once: their revocations share one write to the list.
+        await asyncio.gather(*(self._record_lapsed(record) for record in records))
+
+    async def _record_lapsed(self, record: str) -> None:
+        """Record the end of a token whose lease lapsed (`record`: its claims), unless a
+        revocation names it or it has expired."""
+        try:
+            claims = json.loads(record)
             token = self._task_token(claims)
-            if not self._revocations.revoked(token):
-                await self.revoke_held(token, "heartbeat_lost")
-        except (RequestError, VaultError) as exc:
-            # Tried again at the next sweep, while the token has not expired.
-            log.warning("token.end_not_recorded", error=str(exc), token_id=token_id)
+        except (ValueError, TypeError, RequestError):
+            # Not a token this configuration knows (a route a reload removed): its lease is
+            # gone, so it is refused anyway; only its end event is missing.
+            log.warning("token.end_not_recorded", error="unreadable lease record")
             return
-        self._leased.pop(token_id, None)
+        if self._revocations.revoked(token) or token.expires_at + LEEWAY <= self.clock():
+            return
+        try:
+            await self.revoke_held(token, "heartbeat_lost")
+        except (RequestError, VaultError) as exc:
+            log.warning("token.end_not_recorded", error=str(exc), token_id=token.token_id)
+            if self.store is not None:
+                # Its lease is gone for good: handed out again at the next sweep.
+                with contextlib.suppress(StoreUnavailable):
+                    kept = token.expires_at - self.clock() + LEEWAY
+                    await self.store.watch(lease_key(token.token_id), record, kept)
+
+    async def revoke_held(self, token: TaskToken, reason: str = "completed") -> None:
+        await super().revoke_held(token, reason)
+        if token.idle_ttl is not None and self.store is not None:
+            # Its end is recorded: no sweep records it again when the lease lapses.
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.unwatch(lease_key(token.token_id))
 
     async def _poll_revocations(self) -> None:
         while True:

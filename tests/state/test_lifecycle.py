@@ -36,10 +36,11 @@ ANY = {"other": {"methods": ["GET"], "paths": ["/echo"]}}
 
 
 class Replicas:
-    """The two replicas' base URLs and output files (their audit events)."""
+    """The two replicas' base URLs and output files (their audit events), and the
+    configuration they serve."""
 
-    def __init__(self, bases: list[str], outs: list[Path]) -> None:
-        self.bases, self.outs = bases, outs
+    def __init__(self, bases: list[str], outs: list[Path], config: Path) -> None:
+        self.bases, self.outs, self.config = bases, outs, config
 
     def events(self) -> list[dict[str, Any]]:
         return [event for out in self.outs for event in read_events(out)]
@@ -67,7 +68,7 @@ def replicas(
             stack.enter_context(started(*args, out=out))
             bases.append(f"http://127.0.0.1:{port}")
             outs.append(out)
-        yield Replicas(bases, outs)
+        yield Replicas(bases, outs, path)
 
 
 async def _both_accept(http: aiohttp.ClientSession, bases: list[str], token: str) -> None:
@@ -146,3 +147,31 @@ async def test_revoking_the_root_kills_a_depth_3_chain_on_both_replicas(
     for token in (child, grandchild):
         await _both_refuse(http, replicas.bases, token["access_token"], within=2.0)
     assert time.monotonic() - revoked < 2.0
+
+
+async def test_a_lapsed_lease_is_recorded_when_its_issuing_replica_is_gone(
+    replicas: Replicas, identity_token: str, http: aiohttp.ClientSession, log_dir: Path
+) -> None:
+    """A token issued by a replica that has stopped since: when its lease lapses, one of the
+    replicas left records its end (heartbeat_lost) in the audit log, once."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ("serve", "-c", str(replicas.config), "--port", str(port), "--admin-port", "0")
+    with started(*args, out=log_dir / "lifecycle-replica-gone.out"):
+        await ready(http, base)
+        code, answer = await exchange(http, base, identity_token, scope=ANY, idle_ttl="3s")
+        assert code == 200, answer
+    token_id = answer["token_id"]
+    stopped = time.monotonic()
+
+    def ended() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in replicas.events()
+            if e.get("event") == "token.revoked" and e.get("token_id") == token_id
+        ]
+
+    (event,) = await eventually(ended, "no replica recorded the end", within=3.0 + 5.0)
+    assert event["reason"] == "heartbeat_lost", event
+    assert time.monotonic() - stopped < 3.0 + 5.0
+    await _both_refuse(http, replicas.bases, answer["access_token"], within=2.0)

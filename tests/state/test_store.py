@@ -207,6 +207,36 @@ async def test_a_lapsed_lease_is_never_renewed(store: StateStore, unique: str) -
     assert not await store.alive(key)
 
 
+async def test_a_lapsed_lease_is_handed_to_one_sweeper(store: StateStore, unique: str) -> None:
+    """`lapsed` hands out a watched lease's record once the lease lapsed, to one of several
+    sweepers at once only; a live lease's record stays until it lapses, an unwatched one is
+    never handed out, and one kept past its ttl is dropped unseen."""
+    gone, live, forgotten, old = (f"{unique}:{name}" for name in ("gone", "live", "off", "old"))
+    await store.beat(live, 30)
+    await store.beat(old, 30)
+    await store.watch(old, f"record {old}", 0.01)
+    for key in (gone, forgotten):
+        await store.beat(key, 0.3)
+    for key in (gone, live, forgotten):
+        await store.watch(key, f"record {key}", 60)
+    await store.unwatch(forgotten)
+    await store.drop(old)
+
+    async def dead() -> bool:
+        return not await store.alive(gone) and not await store.alive(forgotten)
+
+    await until(dead)
+
+    async def mine() -> list[str]:
+        return [r for r in await store.lapsed(1000) if unique in r]
+
+    sweeps = await asyncio.gather(*(mine() for _ in range(5)))
+    assert sorted(r for sweep in sweeps for r in sweep) == [f"record {gone}"]
+    assert await mine() == []
+    await store.drop(live)
+    assert await mine() == [f"record {live}"]
+
+
 async def test_a_decision_needs_its_leases_alive(store: StateStore, unique: str) -> None:
     """A decision naming a lapsed lease is refused (heartbeat_lost) and takes nothing from
     its other limits; with the lease alive it is allowed, and the lease is left as it was."""
