@@ -20,6 +20,8 @@ import sys
 import urllib.parse
 from typing import Any
 
+from yarl import URL
+
 from keyproxy.cli.common import UsageError
 from keyproxy.config import parse_duration
 from keyproxy.errors import ConfigError, RunError
@@ -119,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"run: --proxy {args.proxy!r}: an http:// or https:// URL")
     if not _private_hop(args.proxy):
         print(  # noqa: T201  # a person reads it
-            f"keyproxy run: warning: --proxy {args.proxy} is plain http to another host: the "
-            "identity token and the task token cross the network in clear text (use https:// "
-            "unless a service mesh encrypts this hop)",
+            f"keyproxy run: warning: --proxy {_origin(args.proxy)} is plain http to another "
+            "host: the identity token and the task token cross the network in clear text (use "
+            "https:// unless a service mesh encrypts this hop)",
             file=sys.stderr,
         )
     try:
@@ -156,6 +158,14 @@ def _private_hop(proxy: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _origin(proxy: str) -> str:
+    """The URL as a warning may show it: scheme, host and port (never a password in it)."""
+    try:
+        return str(URL(proxy).origin())
+    except ValueError:
+        return "URL"
 
 
 def _identity(args: argparse.Namespace) -> Identity:

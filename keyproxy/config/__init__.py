@@ -15,6 +15,7 @@ from keyproxy.config.compile import credential_problems, load, parse, parse_dura
 from keyproxy.config.limits import MAX_USES
 from keyproxy.config.model import (
     ALGORITHMS,
+    EXCEPTION_ISSUER,
     HEADER_NAME,
     HOP_BY_HOP,
     MAX_DELEGATION_DEPTH,
@@ -52,6 +53,7 @@ from keyproxy.config.store import ConcurrencyLimit, Limits, RateLimit, RedisSett
 
 __all__ = [
     "ALGORITHMS",
+    "EXCEPTION_ISSUER",
     "HEADER_NAME",
     "HOP_BY_HOP",
     "MAX_DELEGATION_DEPTH",

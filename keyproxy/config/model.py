@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from keyproxy.config.store import Limits, RedisSettings
 
@@ -29,6 +29,9 @@ ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 MAX_LEEWAY = 120.0
+# The issuer name of exception tokens' callers (`keyproxy token issue-exception`): no
+# configured issuer may take it.
+EXCEPTION_ISSUER: Final = "exception"
 HOP_BY_HOP = frozenset(
     {
         "connection",

@@ -8,6 +8,7 @@ from yarl import URL
 
 from keyproxy.config.model import (
     ALGORITHMS,
+    EXCEPTION_ISSUER,
     FORWARDED_CERT_HEADERS,
     MAX_DELEGATION_DEPTH,
     MAX_LEEWAY,
@@ -168,11 +169,14 @@ def _issuer(node: Node) -> Issuer:
     if leeway > MAX_LEEWAY:
         raise f["leeway"].error(f"must be at most {MAX_LEEWAY:.0f}s")
     name = required(node, f, "name").string()
-    if not name or "|" in name or "," in name:
-        # SECURITY: "issuer|subject" names a caller in the revocation list (and "," separates
-        # the actors of an audit event): with a "|" in an issuer name, one key could name
-        # two callers.
-        raise f["name"].error("must be non-empty, without '|' or ','")
+    if "|" in name or "," in name:
+        # SECURITY: "issuer|subject" names a caller in the revocation list: with a "|" in an
+        # issuer name, one key could name two callers. (The audit's list of actors is
+        # separated by ","; a subject with a "," still makes it ambiguous to read.)
+        raise f["name"].error("must not hold '|' or ','")
+    if name == EXCEPTION_ISSUER:
+        # SECURITY: the exception tokens' callers; revocations by that issuer name them.
+        raise f["name"].error(f"{EXCEPTION_ISSUER!r} names the callers of exception tokens")
     if name.startswith(SPIFFE_SCHEME):
         # SECURITY: the issuer names of X.509-SVID callers; a JWT issuer must not pose as one.
         raise f["name"].error(f"{SPIFFE_SCHEME}... names X.509-SVID callers' trust domains")

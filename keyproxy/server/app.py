@@ -268,6 +268,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
                 await task
         await reloader.aclose()
         await verifier.aclose()
+        await tasks.aclose()  # revocations under way are written before Vault closes
         await client.close()
         await store.close()
         vault.close()

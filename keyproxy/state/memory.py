@@ -47,6 +47,8 @@ class MemoryStore(StateStore):
         self._slots: dict[str, dict[str, float]] = {}  # Concurrency: holder -> lease expiry
         self._leases: dict[str, float] = {}
         self._watched: dict[str, tuple[str, float]] = {}  # lease key -> (record, kept until)
+        self._due: dict[str, float] = {}  # watched lease key -> when it lapses (or is retried)
+        self._ended: dict[str, float] = {}  # first_end's marks -> kept until
         self._since_sweep = 0
         self.stats = StoreStats()
 
@@ -129,6 +131,7 @@ class MemoryStore(StateStore):
             if not self._live_slots(key, now):
                 del self._slots[key]
         self._leases = {key: expires for key, expires in self._leases.items() if expires > now}
+        self._ended = {key: until for key, until in self._ended.items() if until > now}
 
     async def refresh(self, slots: Sequence[Slot]) -> tuple[Slot, ...]:
         now = self._clock()
@@ -157,6 +160,8 @@ class MemoryStore(StateStore):
         if self._leases.get(key, -math.inf) <= now:
             return False
         self._leases[key] = now + ttl
+        if key in self._due:
+            self._due[key] = now + ttl
         return True
 
     async def alive(self, key: str) -> bool:
@@ -165,22 +170,37 @@ class MemoryStore(StateStore):
     async def drop(self, key: str) -> None:
         self._leases.pop(key, None)
 
-    async def watch(self, key: str, record: str, ttl: float) -> None:
-        self._watched[key] = (record, self._clock() + ttl)
+    async def watch(self, key: str, record: str, keep: float, lapses_in: float) -> None:
+        now = self._clock()
+        self._watched[key] = (record, now + keep)
+        self._due[key] = now + lapses_in
 
     async def unwatch(self, key: str) -> None:
         self._watched.pop(key, None)
+        self._due.pop(key, None)
 
-    async def lapsed(self, most: int) -> list[str]:
+    async def lapsed(self, most: int, claim: float) -> list[str]:
         now = self._clock()
+        for key in [k for k, (_, until) in self._watched.items() if until <= now]:
+            await self.unwatch(key)
         found: list[str] = []
-        for key, (record, until) in list(self._watched.items()):
-            if until <= now:
-                del self._watched[key]
-            elif len(found) < most and self._leases.get(key, -math.inf) <= now:
-                found.append(record)
-                del self._watched[key]
+        for key in [k for k, due in self._due.items() if due <= now][:most]:
+            left = self._leases.get(key, -math.inf) - now
+            if left > 0:
+                self._due[key] = now + left
+            elif key in self._watched:
+                found.append(self._watched[key][0])
+                self._due[key] = now + claim
+            else:
+                del self._due[key]
         return found
+
+    async def first_end(self, key: str, ttl: float) -> bool:
+        now = self._clock()
+        if self._ended.get(key, -math.inf) > now:
+            return False
+        self._ended[key] = now + ttl
+        return True
 
     async def check(self) -> Health:
         return Health(ok=True)

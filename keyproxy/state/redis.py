@@ -53,7 +53,7 @@ from redis.credentials import CredentialProvider
 
 from keyproxy.config import RedisSettings
 from keyproxy.state.batch import ScriptBatch
-from keyproxy.state.scripts import LAPSED, REFRESH, RELEASE, TAKE, UNWATCH, WATCH
+from keyproxy.state.scripts import LAPSED, REFRESH, RELEASE, RENEW, TAKE, UNWATCH, WATCH
 from keyproxy.state.store import (
     Concurrency,
     Counter,
@@ -156,6 +156,7 @@ class RedisStore(StateStore):
         self._watch = self._redis.register_script(WATCH)
         self._unwatch = self._redis.register_script(UNWATCH)
         self._lapsed = self._redis.register_script(LAPSED)
+        self._renew = self._redis.register_script(RENEW)
         self._deadline = settings.timeout * 3
         # At most `max_connections` calls at once, whatever the mode (the pools of Sentinel
         # and Cluster clients refuse rather than wait when full); the rest queue here,
@@ -273,11 +274,10 @@ class RedisStore(StateStore):
 
     async def renew(self, key: str, ttl: float) -> bool:
         px = max(1, round(ttl * 1000))
-        # XX: set only if it exists, so a lapsed lease is never brought back.
-        renewed = await self._call(
-            lambda: self._redis.set(self._key("l", key), b"1", px=px, xx=True)
-        )
-        return bool(renewed)
+        # Only if it exists, so a lapsed lease is never brought back; a watched one's due
+        # time moves with it (scripts.RENEW).
+        keys = [self._key("l", key), self._registry()[2]]
+        return bool(await self._call(lambda: self._renew(keys=keys, args=[px, key])))
 
     async def alive(self, key: str) -> bool:
         return bool(await self._call(lambda: self._redis.exists(self._key("l", key))))
@@ -286,21 +286,31 @@ class RedisStore(StateStore):
         await self._call(lambda: self._redis.delete(self._key("l", key)))
 
     def _registry(self) -> list[str]:
-        """The watch registry's keys (see keyproxy.state.scripts.WATCH)."""
-        return [self._key("w", "records"), self._key("w", "until")]
+        """The watch registry's keys: records, kept, due (see keyproxy.state.scripts)."""
+        return [self._key("w", "records"), self._key("w", "kept"), self._key("w", "due")]
 
-    async def watch(self, key: str, record: str, ttl: float) -> None:
-        ms = max(1, round(ttl * 1000))
-        await self._call(lambda: self._watch(keys=self._registry(), args=[key, record, ms]))
+    async def watch(self, key: str, record: str, keep: float, lapses_in: float) -> None:
+        args = [key, record, max(1, round(keep * 1000)), max(1, round(lapses_in * 1000))]
+        await self._call(lambda: self._watch(keys=self._registry(), args=args))
 
     async def unwatch(self, key: str) -> None:
         await self._call(lambda: self._unwatch(keys=self._registry(), args=[key]))
 
-    async def lapsed(self, most: int) -> list[str]:
-        found = await self._call(
-            lambda: self._lapsed(keys=self._registry(), args=[self._key("l", ""), most])
+    async def lapsed(self, most: int, claim: float) -> list[str]:
+        args = [self._key("l", ""), most, max(1, round(claim * 1000))]
+        found = await self._call(lambda: self._lapsed(keys=self._registry(), args=args))
+        # A record that is not UTF-8 (planted by a writer of the store) reaches the caller
+        # as text it cannot read, never as an error that would stop its sweep.
+        return [
+            r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in found or () if r
+        ]
+
+    async def first_end(self, key: str, ttl: float) -> bool:
+        px = max(1, round(ttl * 1000))
+        marked = await self._call(
+            lambda: self._redis.set(self._key("e", key), b"1", px=px, nx=True)
         )
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in found or () if r]
+        return bool(marked)
 
     async def check(self) -> Health:
         # Readiness asks even while backing off: it is how an operator sees recovery.

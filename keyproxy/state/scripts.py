@@ -108,47 +108,72 @@ return 0
 """
 
 # The watch registry of heartbeat leases, so that any replica can record a lapsed one's end.
-# KEYS: the records (a hash: lease key -> record), the deadlines (a sorted set: lease key ->
-# when the record is no longer worth keeping, ms on the server's clock). ARGV: lease key,
-# record, ms to keep it.
+# Three keys: the records (a hash: lease key -> record), how long each is kept (a sorted set:
+# lease key -> ms on the server's clock), and when each lease is due to lapse (a sorted set,
+# moved by RENEW). The leases' own keys share their hash tag, so all are in one slot.
+
+# KEYS: records, kept, due. ARGV: lease key, record, ms to keep it, ms until the lease lapses.
 WATCH = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
 return 0
 """
 
-# KEYS: as WATCH's. ARGV: lease key.
+# KEYS: records, kept, due. ARGV: lease key.
 UNWATCH = """
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 return 0
 """
 
-# KEYS: as WATCH's. ARGV: the prefix of the leases' own keys, the most records to hand out.
-# Drops the records kept long enough; then hands out (and removes, so one caller gets each)
-# the records of watched leases whose key is gone: lapsed.
+# KEYS: the lease, due. ARGV: ms, lease key. Extends a live lease (never brings back a lapsed
+# one) and, if it is watched, when it is due. Returns 1 if renewed.
+RENEW = """
+if redis.replicate_commands then redis.replicate_commands() end
+if not redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'XX') then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+return 1
+"""
+
+# KEYS: records, kept, due. ARGV: the prefix of the leases' own keys, the most records to
+# hand out, ms a handed-out record waits before it is handed out again.
+# Forgets records kept long enough (a bounded number per call), then looks only at leases
+# due by now: one still alive is put back where it lapses; a lapsed one's record is handed
+# out and is due again after the claim time, unless its taker forgets it (UNWATCH) first:
+# a taker that dies before it recorded the end leaves it to the next one.
 LAPSED = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, member in ipairs(old) do redis.call('HDEL', KEYS[1], member) end
-if #old > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
-local out = {}
 local most = tonumber(ARGV[2])
-for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if #out >= most then break end
-  if redis.call('EXISTS', ARGV[1] .. member) == 0 then
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, most)) do
+  redis.call('HDEL', KEYS[1], member)
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+end
+local out = {}
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, most)) do
+  local left = redis.call('PTTL', ARGV[1] .. member)
+  if left > 0 then
+    redis.call('ZADD', KEYS[3], now + left, member)
+  else
     local record = redis.call('HGET', KEYS[1], member)
-    if record then out[#out + 1] = record end
-    redis.call('HDEL', KEYS[1], member)
-    redis.call('ZREM', KEYS[2], member)
+    if record then
+      out[#out + 1] = record
+      redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), member)
+    else
+      redis.call('ZREM', KEYS[3], member)
+    end
   end
 end
 return out
 """
 
-__all__ = ["LAPSED", "REFRESH", "RELEASE", "TAKE", "UNWATCH", "WATCH"]
+__all__ = ["LAPSED", "REFRESH", "RELEASE", "RENEW", "TAKE", "UNWATCH", "WATCH"]

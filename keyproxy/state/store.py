@@ -13,8 +13,8 @@ all or nothing (`StateStore.take`): if any limit refuses, none is consumed. Four
 Besides decisions: `read` a counter, heartbeat leases (`beat` starts one, `renew` extends a
 live one, `alive`, `drop`) for tokens that die when their holder stops beating, their watch
 registry (`watch`, `unwatch`, `lapsed`: any replica, not only the one that started a lease,
-learns that it lapsed), a readiness `check`, and plain-number `stats` (store errors, decision
-latency) for the metrics.
+learns that it lapsed) with `first_end` (one replica reports each end), a readiness
+`check`, and plain-number `stats` (store errors, decision latency) for the metrics.
 
 Faults never escape a decision. When the store cannot answer, each limit says so in its
 `Outcome` (`store_error=True`) and is refused unless its `on_store_error` is `ALLOW`.
@@ -269,21 +269,27 @@ class StateStore(abc.ABC):
         """End the lease `key` now. Raises `StoreUnavailable`."""
 
     @abc.abstractmethod
-    async def watch(self, key: str, record: str, ttl: float) -> None:
-        """Keep `record` (what the caller needs to act on it) for the lease `key`, for `ttl`
-        seconds at most, until `lapsed` hands it out or `unwatch` forgets it. Raises
-        `StoreUnavailable`."""
+    async def watch(self, key: str, record: str, keep: float, lapses_in: float) -> None:
+        """Keep `record` (what the caller needs to act on it) for the lease `key`, which
+        lapses in `lapses_in` seconds unless renewed, for `keep` seconds at most, until
+        `unwatch` forgets it. Raises `StoreUnavailable`."""
 
     @abc.abstractmethod
     async def unwatch(self, key: str) -> None:
         """Forget the record of lease `key` (none is fine). Raises `StoreUnavailable`."""
 
     @abc.abstractmethod
-    async def lapsed(self, most: int) -> list[str]:
-        """The records of up to `most` watched leases that are no longer alive, each handed
-        to one caller only (forgotten as it is handed out), whichever replica asks. Records
-        kept for their `ttl` are forgotten without being handed out. Raises
-        `StoreUnavailable`."""
+    async def lapsed(self, most: int, claim: float) -> list[str]:
+        """The records of up to `most` watched leases that have lapsed, whichever replica
+        asks. Each is handed to one caller, which is to `unwatch` it once it has acted on
+        it; until then it is not handed out again for `claim` seconds (so a caller that dies
+        first leaves it to another). Only leases due by now are looked at: the cost follows
+        the lapsed ones, not the number watched. Raises `StoreUnavailable`."""
+
+    @abc.abstractmethod
+    async def first_end(self, key: str, ttl: float) -> bool:
+        """Mark `key` ended, for `ttl` seconds: True for the first caller to do so, whichever
+        replica, False for every later one. Raises `StoreUnavailable`."""
 
     @abc.abstractmethod
     async def check(self) -> Health:

@@ -5,9 +5,9 @@
 (`signing`), and verifying (`verify`). The token's format is in `format`.
 """
 
+from keyproxy.config import EXCEPTION_ISSUER
 from keyproxy.tokens.format import (
     CLOCK_SKEW,
-    EXCEPTION_ISSUER,
     LEEWAY,
     TASK_TOKEN_TYPE,
     CertificateBinding,

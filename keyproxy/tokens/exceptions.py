@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from keyproxy.config import Config
+from keyproxy.config import EXCEPTION_ISSUER, Config
 from keyproxy.errors import Unavailable
-from keyproxy.tokens.format import EXCEPTION_ISSUER, exception_subject
-from keyproxy.tokens.revocation import Revocations, RevocationStore
+from keyproxy.tokens.format import exception_subject
+from keyproxy.tokens.revocation import SHUTDOWN_WAIT, Revocations, RevocationStore
 from keyproxy.tokens.shared import SharedSecret
 from keyproxy.vault import Vault
 
@@ -28,6 +28,10 @@ class ExceptionRegister(RevocationStore):
             self._merged_exceptions,
             _contended,
         )
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._exception_writes.aclose(SHUTDOWN_WAIT)
 
     @property
     def _exceptions_path(self) -> str:

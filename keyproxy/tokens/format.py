@@ -38,7 +38,6 @@ from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 
 TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not a secret
-EXCEPTION_ISSUER: Final = "exception"
 LEEWAY: Final = 5.0
 MAX_TOKEN_BYTES: Final = 16 * 1024
 # Clocks of the replica that issued a token and of whoever revokes may differ: a revocation

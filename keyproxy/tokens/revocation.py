@@ -19,7 +19,7 @@ import structlog
 from keyproxy.config import Config
 from keyproxy.errors import Unavailable
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
-from keyproxy.tokens.shared import SharedSecret, read_state
+from keyproxy.tokens.shared import SharedSecret, finish_running, read_state, to_the_end
 from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -28,6 +28,7 @@ log = structlog.get_logger("keyproxy.tokens")
 # says which of the first three; the server records the others.
 HOLDER_REASONS: Final = ("completed", "failed", "timeout")
 END_REASONS: Final = (*HOLDER_REASONS, "heartbeat_lost", "parent_revoked", "operator")
+SHUTDOWN_WAIT: Final = 5.0  # seconds a stopping server waits for revocations under way
 
 
 class _Revocation(NamedTuple):
@@ -127,10 +128,14 @@ class RevocationStore:
             vault,
             lambda: (self.config.vault.kv_mount, self._revocations_path),
             self._merged_revocations,
-            lambda: Unavailable(
-                "revocation_contention", "could not record the revocation; try again"
-            ),
+            _contended,
         )
+
+    async def aclose(self) -> None:
+        """At shutdown, before the Vault client closes: the revocations under way end, and
+        the list's write with them (a few seconds at most)."""
+        await finish_running(SHUTDOWN_WAIT)
+        await self._revocation_writes.aclose(SHUTDOWN_WAIT)
 
     @property
     def _revocations_path(self) -> str:
@@ -147,7 +152,17 @@ class RevocationStore:
         task: str | None = None,
     ) -> None:
         """An operator's revocation: of one token id, of every token issued so far to a
-        subject ("issuer|subject"), or of every token of a task."""
+        subject ("issuer|subject"), or of every token of a task. Once begun it is written and
+        logged even if the caller goes away."""
+        await to_the_end(self._revoke(token_id, expires_at, subject, task), "revocation")
+
+    async def _revoke(
+        self,
+        token_id: str | None,
+        expires_at: float | None,
+        subject: str | None,
+        task: str | None,
+    ) -> None:
         await self._record_revocation(token_id, expires_at, subject, task)
         issuer, _, name = subject.partition("|") if subject is not None else (None, "", None)
         log.info(
@@ -163,10 +178,17 @@ class RevocationStore:
     async def revoke_held(self, token: TaskToken, reason: str = "completed") -> None:
         """A token ends: its holder ended its task (`reason` one of HOLDER_REASONS), or the
         server found it ended (heartbeat_lost, parent_revoked). The token was verified by the
-        caller; every token delegated from it dies with it."""
+        caller; every token delegated from it dies with it. Once begun it is written, logged
+        and counted even if the caller goes away; the `token.revoked` event is written once,
+        by the replica that records the end first."""
         if reason not in END_REASONS:
             raise ValueError(f"not an end reason: {reason}")
+        await to_the_end(self._end(token, reason), "token end")
+
+    async def _end(self, token: TaskToken, reason: str) -> None:
         await self._record_revocation(token.token_id, token.expires_at, None, None)
+        if not await self._first_to_end(token):
+            return  # another replica recorded this end: its event stands
         log.info(
             "token.revoked",
             by="holder" if reason in HOLDER_REASONS else "server",
@@ -179,6 +201,11 @@ class RevocationStore:
         )
         if self.on_end is not None:
             self.on_end(reason)
+
+    async def _first_to_end(self, token: TaskToken) -> bool:
+        """Whether this replica is the one to report `token`'s end (TaskTokens asks the
+        state store, which every replica shares)."""
+        return True
 
     async def _record_revocation(
         self,

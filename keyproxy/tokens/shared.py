@@ -12,18 +12,23 @@ grows with each try (full jitter), so replicas that collided do not collide agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, Generic, TypeVar
+
+import structlog
 
 from keyproxy.errors import RequestError
 from keyproxy.vault import CasConflict, Vault
+
+log = structlog.get_logger("keyproxy.tokens")
 
 _C = TypeVar("_C")
 
 ATTEMPTS: Final = 10  # writes tried before the change is refused (503)
 FIRST_PAUSE: Final = 0.01  # seconds: the longest pause after the first conflict, doubling
-LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (about 2.5 s in all)
+LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (at most 2.6 s in all)
 
 # Where the secret is (KV mount, path): read at each write, so a reload that moves it counts.
 Location = Callable[[], tuple[str, str]]
@@ -53,8 +58,9 @@ class SharedSecret(Generic[_C]):
         A change whose caller goes away (cancelled) is still written."""
         loop = asyncio.get_running_loop()
         writer = self._writer
-        if writer is not None and not writer.done() and writer.get_loop() is not loop:
-            # Left by an event loop that has ended (a CLI command before this one).
+        if writer is not None and writer.get_loop() is not loop:
+            # Left by an event loop that has ended (a CLI command before this one): what
+            # waited there has no one left to tell.
             writer, self._waiting = None, []
         done: asyncio.Future[tuple[dict[str, Any], int]] = loop.create_future()
         done.add_done_callback(_retrieved)
@@ -63,41 +69,98 @@ class SharedSecret(Generic[_C]):
             self._writer = loop.create_task(self._write_waiting(), name="shared-secret-write")
         return await asyncio.shield(done)
 
+    async def aclose(self, within: float) -> None:
+        """Let the write under way, and those waiting for it, finish (for `within` seconds
+        at most) before the Vault client closes: at shutdown."""
+        writer = self._writer
+        if writer is None or writer.done() or writer.get_loop() is not asyncio.get_running_loop():
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(writer), within)
+
     async def _write_waiting(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
                 written = await self._write([change for change, _ in batch])
             except Exception as exc:  # noqa: BLE001  # each waiting change fails with it
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+                _settle(batch, exc)
                 continue
             except asyncio.CancelledError:  # the loop is closing: nothing waits any more
-                for _, done in batch:
-                    done.cancel()
+                _settle(batch, None)
                 raise
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(written)
+            _settle(batch, written)
 
     async def _write(self, changes: list[_C]) -> tuple[dict[str, Any], int]:
         for attempt in range(ATTEMPTS):
+            if attempt:
+                longest = min(LONGEST_PAUSE, FIRST_PAUSE * 2 ** (attempt - 1))
+                await asyncio.sleep(random.uniform(0, longest))  # noqa: S311  # jitter, no secret
             mount, path = self._location()
             data, version = await read_state(self.vault, mount, path)
             new = self._merge(data, changes)
             try:
                 return new, await self.vault.write_kv(mount, path, new, cas=version)
             except CasConflict:
-                longest = min(LONGEST_PAUSE, FIRST_PAUSE * 2**attempt)
-                await asyncio.sleep(random.uniform(0, longest))  # noqa: S311  # jitter, no secret
+                continue
         raise self._contended()
 
 
+def _settle(
+    batch: list[tuple[Any, asyncio.Future[Any]]],
+    outcome: tuple[dict[str, Any], int] | Exception | None,
+) -> None:
+    """Tell each waiting change how its write ended: written, failed, or (None) cancelled."""
+    for _, done in batch:
+        if done.done() or done.get_loop().is_closed():
+            continue
+        if outcome is None:
+            done.cancel()
+        elif isinstance(outcome, Exception):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
+
+
 def _retrieved(done: asyncio.Future[Any]) -> None:
-    """Mark a change's failure as seen: its caller may have gone (cancelled) and not read it."""
+    """Mark a change's failure as seen: its caller may have gone (cancelled) and not read
+    it (`to_the_end` reports that)."""
     if not done.cancelled():
         done.exception()
+
+
+async def to_the_end(work: Coroutine[Any, Any, None], what: str) -> None:
+    """Run `work` to its end even if the caller is cancelled (its client disconnected, the
+    holder gave up waiting): a revocation once begun is written, logged and counted. If it
+    then fails, with no one left to tell, the failure is logged."""
+    task = asyncio.ensure_future(work)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda done: _report(done, what))
+        raise
+
+
+_running: set[asyncio.Future[None]] = set()  # held here: the loop keeps only weak references
+
+
+async def finish_running(within: float) -> None:
+    """Let the revocations begun in this event loop end (for `within` seconds at most)
+    before the clients they use close: at shutdown."""
+    loop = asyncio.get_running_loop()
+    mine = [task for task in _running if task.get_loop() is loop]
+    if mine:
+        await asyncio.wait(mine, timeout=within)
+
+
+def _report(done: asyncio.Future[None], what: str) -> None:
+    if done.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        log.warning("shared_write_failed", what=what, error=str(error))
 
 
 async def read_state(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any], int]:

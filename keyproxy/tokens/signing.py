@@ -96,6 +96,8 @@ class Signing(ExceptionRegister):
                 await self.refresh_keys(force=True)
             except VaultError as exc:
                 log.warning("token_keys_refresh_failed", error=str(exc), keys_age=self._age())
+            except Exception:  # a bug: the refresh goes on, and so does the group it is in
+                log.exception("token_keys_refresh_failed", keys_age=self._age())
 
     def _age(self) -> float | None:
         return None if self._keys_read_at is None else max(0.0, self.clock() - self._keys_read_at)
@@ -207,9 +209,10 @@ class Signing(ExceptionRegister):
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
         key = lease_key(token_id)
         try:
-            await self.store.beat(key, float(claims["idle"]))
+            idle = float(claims["idle"])
+            await self.store.beat(key, idle)
             kept = claims["exp"] - self.clock() + LEEWAY
-            await self.store.watch(key, json_bytes(claims).decode(), kept)
+            await self.store.watch(key, json_bytes(claims).decode(), kept, idle)
         except StoreUnavailable:
             # The token was signed but is never handed out: without its lease it is dead.
             raise Unavailable(

@@ -27,6 +27,7 @@ log = structlog.get_logger("keyproxy.tokens")
 
 LEASE_SWEEP_INTERVAL = 1.0  # seconds between looks for lapsed leases
 SWEEP_MOST = 500  # lapsed leases one sweep records at most (the rest wait for the next)
+LEASE_CLAIM = 30.0  # seconds a lapsed lease handed to a sweep waits before another may take it
 
 
 class TaskTokens(Verifier):
@@ -97,18 +98,22 @@ class TaskTokens(Verifier):
     async def _sweep_leases_regularly(self) -> None:
         while True:
             await asyncio.sleep(LEASE_SWEEP_INTERVAL)
-            await self.sweep_leases()
+            try:
+                await self.sweep_leases()
+            except Exception:
+                # SECURITY: never the end of the group, which would stop the revocation poll.
+                log.exception("token_leases_sweep_failed")
 
     async def sweep_leases(self) -> None:
         """Record the end (`heartbeat_lost`) of each token whose lease lapsed and that no
         revocation names yet, whichever replica issued it: the store hands each lapsed lease
-        to one sweeping replica (`StateStore.lapsed`), also when the one that issued it is
-        gone. A store fault leaves them for the next sweep; a Vault fault hands the token
-        back to the store for it."""
+        to one sweeping replica at a time (`StateStore.lapsed`), also when the one that
+        issued it is gone, and again after LEASE_CLAIM if that one did not finish (it
+        stopped, or Vault could not be written)."""
         if self.store is None:
             return
         try:
-            records = await self.store.lapsed(SWEEP_MOST)
+            records = await self.store.lapsed(SWEEP_MOST, LEASE_CLAIM)
         except StoreUnavailable:
             return  # tried again at the next sweep
         # All at once: their revocations share one write to the list.
@@ -116,31 +121,46 @@ class TaskTokens(Verifier):
 
     async def _record_lapsed(self, record: str) -> None:
         """Record the end of a token whose lease lapsed (`record`: its claims), unless a
-        revocation names it or it has expired."""
+        revocation names it or it has expired; either way take it off the store's list."""
+        longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
         try:
-            claims = json.loads(record)
-            token = self._task_token(claims)
+            token = self._task_token(json.loads(record))
         except (ValueError, TypeError, RequestError):
-            # Not a token this configuration knows (a route a reload removed): its lease is
-            # gone, so it is refused anyway; only its end event is missing.
+            token = None
+        if token is None or token.expires_at > self.clock() + longest + LEEWAY:
+            # Not a token this configuration knows (a route a reload removed), or not one
+            # keyproxy issued (a record planted in the store): its lease is gone, so it is
+            # refused anyway; its end is not recorded.
             log.warning("token.end_not_recorded", error="unreadable lease record")
+            if token is not None:
+                await self._unwatch(token)
             return
         if self._revocations.revoked(token) or token.expires_at + LEEWAY <= self.clock():
+            await self._unwatch(token)
             return
         try:
-            await self.revoke_held(token, "heartbeat_lost")
+            await self.revoke_held(token, "heartbeat_lost")  # which takes it off the list
         except (RequestError, VaultError) as exc:
+            # Handed out again after LEASE_CLAIM, while the token has not expired.
             log.warning("token.end_not_recorded", error=str(exc), token_id=token.token_id)
-            if self.store is not None:
-                # Its lease is gone for good: handed out again at the next sweep.
-                with contextlib.suppress(StoreUnavailable):
-                    kept = token.expires_at - self.clock() + LEEWAY
-                    await self.store.watch(lease_key(token.token_id), record, kept)
 
-    async def revoke_held(self, token: TaskToken, reason: str = "completed") -> None:
-        await super().revoke_held(token, reason)
+    async def _first_to_end(self, token: TaskToken) -> bool:
+        """The first replica to mark the token ended in the store reports it (a holder's
+        revoke, a heartbeat after the lapse and another replica's sweep can race); a store
+        that cannot answer lets each report it rather than none. Its lease is then no longer
+        watched."""
+        if self.store is None:
+            return True
+        ttl = max(1.0, token.expires_at + LEEWAY - self.clock())
+        try:
+            first = await self.store.first_end(f"end:{token.token_id}", ttl)
+        except StoreUnavailable:
+            first = True
+        await self._unwatch(token)
+        return first
+
+    async def _unwatch(self, token: TaskToken) -> None:
         if token.idle_ttl is not None and self.store is not None:
-            # Its end is recorded: no sweep records it again when the lease lapses.
             with contextlib.suppress(StoreUnavailable):
                 await self.store.unwatch(lease_key(token.token_id))
 
@@ -150,4 +170,6 @@ class TaskTokens(Verifier):
                 await self.refresh_revocations()
             except VaultError as exc:
                 log.warning("revocations_refresh_failed", error=str(exc))
+            except Exception:  # a bug: the poll goes on, or no revocation would reach us
+                log.exception("revocations_refresh_failed")
             await asyncio.sleep(self.cfg.revocation_poll_interval)

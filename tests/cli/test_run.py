@@ -582,12 +582,13 @@ def test_ctrl_c_on_the_terminal_reaches_the_child_once(
 
 def test_plain_http_to_another_host_is_warned_about(tmp_path: Path) -> None:
     """An http:// proxy that is not this host gets a warning on stderr that the tokens would
-    cross the network in clear text; a loopback one gets none. (The identity file is
-    missing, so nothing is contacted either way.)"""
+    cross the network in clear text, naming it without any password in it; a loopback one
+    gets none. (The identity file is missing, so nothing is contacted either way.)"""
     env = cli.clean_env(tmp_path)
     missing = str(tmp_path / "no-such-identity")
     for proxy, warned in (
         ("http://keyproxy.example:8080", True),
+        ("http://user:hunter2-password@keyproxy.example/base", True),
         ("http://10.1.2.3", True),
         ("http://[fd00::1]:80", True),
         ("https://keyproxy.example", False),
@@ -609,3 +610,4 @@ def test_plain_http_to_another_host_is_warned_about(tmp_path: Path) -> None:
         )
         assert done.returncode == 1, (proxy, done.stderr)
         assert ("clear text" in done.stderr) is warned, (proxy, done.stderr)
+        assert "hunter2" not in done.stderr

@@ -52,13 +52,13 @@ def test_issuer_staleness_and_lifetime_settings() -> None:
         ({"max_token_lifetime": "forever"}, "identity.issuers[0].max_token_lifetime"),
         ({"name": "k8s|prod"}, "identity.issuers[0].name"),
         ({"name": "k8s,prod"}, "identity.issuers[0].name"),
-        ({"name": ""}, "identity.issuers[0].name"),
+        ({"name": "exception"}, "identity.issuers[0].name"),
     ],
 )
 def test_bad_issuer_settings_are_refused(settings: dict[str, Any], where: str) -> None:
     """A max staleness below the cache TTL, a lifetime that is no duration, or a name that
-    is empty or holds the separator of the revocation list's "issuer|subject" keys (or of
-    the audit's list of actors) is refused with its YAML path."""
+    holds the separator of the revocation list's "issuer|subject" keys (or of the audit's
+    list of actors) or is the exception tokens' issuer is refused with its YAML path."""
     with pytest.raises(ConfigError) as caught:
         config.parse(json.dumps(_config_with_issuer(**settings)), {})
     assert caught.value.path == where

@@ -11,23 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
+import redis.asyncio
 import yaml
+from structlog.testing import capture_logs
 
+from keyproxy import config as config_module
+from keyproxy.caller import Identity
+from keyproxy.config import RedisSettings
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.state.redis import RedisStore
+from keyproxy.tokens import TaskTokens
+from keyproxy.vault import Vault
 from tests.helpers.cli import ready, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import bearer, free_port, new_key, token_config
-from tests.helpers.tokens import delegate, exchange, refused, status
+from tests.helpers.tokens import SCOPE, delegate, exchange, refused, status
 from tests.state.servers import RedisServer
 
 # The upstream is unreachable: 502 means "authorised", 401 refused.
@@ -174,4 +184,113 @@ async def test_a_lapsed_lease_is_recorded_when_its_issuing_replica_is_gone(
     (event,) = await eventually(ended, "no replica recorded the end", within=3.0 + 5.0)
     assert event["reason"] == "heartbeat_lost", event
     assert time.monotonic() - stopped < 3.0 + 5.0
+    # Not waiting for a state: two more sweeps of each replica, in which a second report of
+    # the same end would show.
+    await asyncio.sleep(2.5)
+    assert len(ended()) == 1
     await _both_refuse(http, replicas.bases, answer["access_token"], within=2.0)
+
+
+@contextlib.asynccontextmanager
+async def _tokens_on(
+    openbao: OpenBaoDevServer, redis_server: RedisServer, prefix: str, replicas: int = 1
+) -> AsyncIterator[list[TaskTokens]]:
+    """`replicas` task-token services of an agent of their own, in process, each with its own
+    Vault and Valkey/Redis clients on the shared servers (one store prefix)."""
+    own = openbao.add_agent(f"sweep-{prefix[:8]}")
+    cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
+    vaults = [Vault(cfg.vault) for _ in range(replicas)]
+    settings = RedisSettings(url=redis_server.url, prefix=prefix, timeout=2.0)
+    stores = [RedisStore(settings) for _ in range(replicas)]
+    try:
+        for vault in vaults:
+            await vault.login()
+        yield [TaskTokens(cfg, v, store=s) for v, s in zip(vaults, stores, strict=True)]
+    finally:
+        for store in stores:
+            await store.close()
+        for vault in vaults:
+            vault.close()
+
+
+async def test_racing_ends_of_one_token_are_reported_once(
+    openbao: OpenBaoDevServer, redis_server: RedisServer
+) -> None:
+    """The same token ended on two replicas at once (a holder's revoke and another
+    replica's heartbeat after the lapse, say) is revoked, and reported by one of them."""
+    async with _tokens_on(openbao, redis_server, uuid.uuid4().hex, replicas=2) as (a, b):
+        issued = await a.issue(Identity("openbao", "racer", {}), SCOPE, ttl=60, idle_ttl=30)
+        CANARIES.add(issued.token)
+        token = await a.verify(issued.token)
+        with capture_logs() as logs:
+            await asyncio.gather(a.revoke_held(token, "completed"), b.revoke_held(token, "failed"))
+        reports = [e for e in logs if e["event"] == "token.revoked"]
+        assert len(reports) == 1, reports
+        assert issued.token_id in (await b.revocation_list()).ids
+
+
+async def test_a_revocation_whose_caller_went_away_is_reported(
+    openbao: OpenBaoDevServer, redis_server: RedisServer
+) -> None:
+    """A holder's revocation cancelled while its write is under way (the client went away)
+    is still written, and still reported and counted."""
+    async with _tokens_on(openbao, redis_server, uuid.uuid4().hex) as (tasks,):
+        issued = await tasks.issue(Identity("openbao", "walker", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        token = await tasks.verify(issued.token)
+        ended: list[str] = []
+        tasks.on_end = ended.append
+        with capture_logs() as logs:
+            asking = asyncio.create_task(tasks.revoke_held(token, "completed"))
+            writes = tasks._revocation_writes  # to cancel mid-write
+
+            def writing() -> bool:
+                return writes._writer is not None
+
+            await eventually(writing, "the write never started", until=bool)
+            asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
+            await eventually(lambda: ended, "the end was not counted", until=bool)
+        assert ended == ["completed"]
+        assert [e["token_id"] for e in logs if e["event"] == "token.revoked"] == [issued.token_id]
+        assert issued.token_id in (await tasks.revocation_list()).ids
+
+
+async def test_a_planted_lease_record_never_stops_the_sweep(
+    openbao: OpenBaoDevServer, redis_server: RedisServer
+) -> None:
+    """Records in the store's lease list that keyproxy did not write (not UTF-8, not JSON,
+    a token no configuration issues, one claiming to live for years) are dropped with a
+    warning, and the real lapsed lease beside them is still recorded as ended."""
+    prefix = uuid.uuid4().hex
+    async with _tokens_on(openbao, redis_server, prefix) as (tasks,):
+        identity = Identity("openbao", "sweep-subject", {})
+        issued = await tasks.issue(identity, SCOPE, ttl=60, idle_ttl=1)
+        CANARIES.add(issued.token)
+        claims = jwt.decode(issued.token, options={"verify_signature": False})
+        years = claims | {"jti": "forged-for-years", "exp": claims["exp"] + 10 * 365 * 86400}
+        planted = {
+            "lease:not-utf8": b"\xff\xfe{",
+            "lease:not-json": b"not json",
+            "lease:not-a-token": b'{"jti": "x"}',
+            "lease:forged-for-years": json.dumps(years).encode(),
+        }
+        records, kept, due = (f"{{{prefix}}}:w:{name}" for name in ("records", "kept", "due"))
+        client = redis.asyncio.from_url(redis_server.url)
+        try:
+            for member, record in planted.items():
+                await client.hset(records, member, record)
+                await client.zadd(kept, {member: 4e12})
+                await client.zadd(due, {member: 0})
+        finally:
+            await client.aclose()
+
+        async def ended() -> bool:
+            await tasks.sweep_leases()
+            return issued.token_id in (await tasks.revocation_list()).ids
+
+        await eventually(ended, "the real lapsed lease recorded", until=bool, within=10.0)
+        revoked = (await tasks.revocation_list()).ids
+        assert "forged-for-years" not in revoked
+        assert "x" not in revoked

@@ -209,32 +209,41 @@ async def test_a_lapsed_lease_is_never_renewed(store: StateStore, unique: str) -
 
 async def test_a_lapsed_lease_is_handed_to_one_sweeper(store: StateStore, unique: str) -> None:
     """`lapsed` hands out a watched lease's record once the lease lapsed, to one of several
-    sweepers at once only; a live lease's record stays until it lapses, an unwatched one is
-    never handed out, and one kept past its ttl is dropped unseen."""
-    gone, live, forgotten, old = (f"{unique}:{name}" for name in ("gone", "live", "off", "old"))
+    sweepers at once only, and again after the claim time unless it was unwatched by then; a
+    lease alive (beaten for longer, or renewed) is not handed out, an unwatched one never,
+    and a record kept past its time is dropped unseen."""
+    gone, live, renewed, forgotten, old = (
+        f"{unique}:{name}" for name in ("gone", "live", "renewed", "off", "old")
+    )
     await store.beat(live, 30)
+    await store.watch(live, f"record {live}", 60, 0.3)  # due, but alive: put back
     await store.beat(old, 30)
-    await store.watch(old, f"record {old}", 0.01)
-    for key in (gone, forgotten):
-        await store.beat(key, 0.3)
-    for key in (gone, live, forgotten):
-        await store.watch(key, f"record {key}", 60)
-    await store.unwatch(forgotten)
+    await store.watch(old, f"record {old}", 0.01, 0.01)
     await store.drop(old)
+    for key in (gone, renewed, forgotten):
+        await store.beat(key, 0.3)
+        await store.watch(key, f"record {key}", 60, 0.3)
+    await store.unwatch(forgotten)
+    assert await store.renew(renewed, 30)
 
     async def dead() -> bool:
         return not await store.alive(gone) and not await store.alive(forgotten)
 
     await until(dead)
 
-    async def mine() -> list[str]:
-        return [r for r in await store.lapsed(1000) if unique in r]
+    async def mine(claim: float = 30.0) -> list[str]:
+        return [r for r in await store.lapsed(1000, claim) if unique in r]
 
-    sweeps = await asyncio.gather(*(mine() for _ in range(5)))
+    sweeps = await asyncio.gather(*(mine(0.5) for _ in range(5)))
     assert sorted(r for sweep in sweeps for r in sweep) == [f"record {gone}"]
+    assert await mine() == []  # taken: not handed out again at once
+
+    async def again() -> bool:
+        return await mine() == [f"record {gone}"]
+
+    await until(again)  # its taker did not unwatch it within the claim time
+    await store.unwatch(gone)
     assert await mine() == []
-    await store.drop(live)
-    assert await mine() == [f"record {live}"]
 
 
 async def test_a_decision_needs_its_leases_alive(store: StateStore, unique: str) -> None:
