@@ -179,17 +179,17 @@ class MemoryStore(StateStore):
         self._watched.pop(key, None)
         self._due.pop(key, None)
 
-    async def lapsed(self, most: int, claim: float) -> list[str]:
+    async def lapsed(self, most: int, claim: float) -> list[tuple[str, str]]:
         now = self._clock()
         for key in [k for k, (_, until) in self._watched.items() if until <= now]:
             await self.unwatch(key)
-        found: list[str] = []
+        found: list[tuple[str, str]] = []
         for key in [k for k, due in self._due.items() if due <= now][:most]:
             left = self._leases.get(key, -math.inf) - now
             if left > 0:
                 self._due[key] = now + left
             elif key in self._watched:
-                found.append(self._watched[key][0])
+                found.append((key, self._watched[key][0]))
                 self._due[key] = now + claim
             else:
                 del self._due[key]

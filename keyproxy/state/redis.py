@@ -296,14 +296,13 @@ class RedisStore(StateStore):
     async def unwatch(self, key: str) -> None:
         await self._call(lambda: self._unwatch(keys=self._registry(), args=[key]))
 
-    async def lapsed(self, most: int, claim: float) -> list[str]:
+    async def lapsed(self, most: int, claim: float) -> list[tuple[str, str]]:
         args = [self._key("l", ""), most, max(1, round(claim * 1000))]
-        found = await self._call(lambda: self._lapsed(keys=self._registry(), args=args))
+        found = list(await self._call(lambda: self._lapsed(keys=self._registry(), args=args)))
         # A record that is not UTF-8 (planted by a writer of the store) reaches the caller
         # as text it cannot read, never as an error that would stop its sweep.
-        return [
-            r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in found or () if r
-        ]
+        texts = [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in found]
+        return list(zip(texts[::2], texts[1::2], strict=True))
 
     async def first_end(self, key: str, ttl: float) -> bool:
         px = max(1, round(ttl * 1000))

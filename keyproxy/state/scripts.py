@@ -143,7 +143,8 @@ return 1
 """
 
 # KEYS: records, kept, due. ARGV: the prefix of the leases' own keys, the most records to
-# hand out, ms a handed-out record waits before it is handed out again.
+# hand out, ms a handed-out record waits before it is handed out again. Returns lease key,
+# record, lease key, record, ...
 # Forgets records kept long enough (a bounded number per call), then looks only at leases
 # due by now: one still alive is put back where it lapses; a lapsed one's record is handed
 # out and is due again after the claim time, unless its taker forgets it (UNWATCH) first:
@@ -166,6 +167,7 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT
   else
     local record = redis.call('HGET', KEYS[1], member)
     if record then
+      out[#out + 1] = member
       out[#out + 1] = record
       redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), member)
     else

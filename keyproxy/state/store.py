@@ -279,12 +279,13 @@ class StateStore(abc.ABC):
         """Forget the record of lease `key` (none is fine). Raises `StoreUnavailable`."""
 
     @abc.abstractmethod
-    async def lapsed(self, most: int, claim: float) -> list[str]:
-        """The records of up to `most` watched leases that have lapsed, whichever replica
-        asks. Each is handed to one caller, which is to `unwatch` it once it has acted on
-        it; until then it is not handed out again for `claim` seconds (so a caller that dies
-        first leaves it to another). Only leases due by now are looked at: the cost follows
-        the lapsed ones, not the number watched. Raises `StoreUnavailable`."""
+    async def lapsed(self, most: int, claim: float) -> list[tuple[str, str]]:
+        """The lease keys and records of up to `most` watched leases that have lapsed,
+        whichever replica asks. Each is handed to one caller, which is to `unwatch` it once
+        it has acted on it; until then it is not handed out again for `claim` seconds (so a
+        caller that dies first leaves it to another). Only leases due by now are looked at:
+        the cost follows the lapsed ones, not the number watched. Raises
+        `StoreUnavailable`."""
 
     @abc.abstractmethod
     async def first_end(self, key: str, ttl: float) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 from keyproxy.config import EXCEPTION_ISSUER, Config
 from keyproxy.errors import Unavailable
 from keyproxy.tokens.format import exception_subject
-from keyproxy.tokens.revocation import SHUTDOWN_WAIT, Revocations, RevocationStore
+from keyproxy.tokens.revocation import Revocations, RevocationStore
 from keyproxy.tokens.shared import SharedSecret
 from keyproxy.vault import Vault
 
@@ -29,9 +29,8 @@ class ExceptionRegister(RevocationStore):
             _contended,
         )
 
-    async def aclose(self) -> None:
-        await super().aclose()
-        await self._exception_writes.aclose(SHUTDOWN_WAIT)
+    def _shared_writes(self) -> list[SharedSecret[Any]]:
+        return [*super()._shared_writes(), self._exception_writes]
 
     @property
     def _exceptions_path(self) -> str:

@@ -9,6 +9,7 @@ together share one (`keyproxy.tokens.shared`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -133,9 +134,16 @@ class RevocationStore:
 
     async def aclose(self) -> None:
         """At shutdown, before the Vault client closes: the revocations under way end, and
-        the list's write with them (a few seconds at most)."""
+        the writes with them (SHUTDOWN_WAIT at most, in all)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_WAIT
         await finish_running(SHUTDOWN_WAIT)
-        await self._revocation_writes.aclose(SHUTDOWN_WAIT)
+        for writes in self._shared_writes():
+            await writes.aclose(deadline - loop.time())
+
+    def _shared_writes(self) -> list[SharedSecret[Any]]:
+        """The shared secrets this process writes (the exception register adds its own)."""
+        return [self._revocation_writes]
 
     @property
     def _revocations_path(self) -> str:

@@ -12,7 +12,6 @@ grows with each try (full jitter), so replicas that collided do not collide agai
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Generic, TypeVar
@@ -75,8 +74,7 @@ class SharedSecret(Generic[_C]):
         writer = self._writer
         if writer is None or writer.done() or writer.get_loop() is not asyncio.get_running_loop():
             return
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(writer), within)
+        await asyncio.wait([writer], timeout=max(0.0, within))
 
     async def _write_waiting(self) -> None:
         while self._waiting:
@@ -156,7 +154,8 @@ async def finish_running(within: float) -> None:
 
 
 def _report(done: asyncio.Future[None], what: str) -> None:
-    if done.cancelled():
+    if done.cancelled():  # the process stopped before it ended (finish_running's bound)
+        log.warning("shared_write_abandoned", what=what)
         return
     error = done.exception()
     if error is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 
 import structlog
@@ -20,7 +21,7 @@ from keyproxy.config import Config
 from keyproxy.errors import BadRequest, RequestError, Unauthenticated, Unavailable, VaultError
 from keyproxy.state import StoreUnavailable
 from keyproxy.state.limits import lease_key
-from keyproxy.tokens.format import LEEWAY, TaskToken
+from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, TaskToken
 from keyproxy.tokens.verify import Verifier
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -113,31 +114,39 @@ class TaskTokens(Verifier):
         if self.store is None:
             return
         try:
-            records = await self.store.lapsed(SWEEP_MOST, LEASE_CLAIM)
+            lapsed = await self.store.lapsed(SWEEP_MOST, LEASE_CLAIM)
         except StoreUnavailable:
             return  # tried again at the next sweep
         # All at once: their revocations share one write to the list.
-        await asyncio.gather(*(self._record_lapsed(record) for record in records))
+        ended = await asyncio.gather(
+            *(self._record_lapsed(key, record) for key, record in lapsed), return_exceptions=True
+        )
+        for outcome in ended:
+            if isinstance(outcome, BaseException):
+                log.error("token_leases_sweep_failed", error=type(outcome).__name__)
 
-    async def _record_lapsed(self, record: str) -> None:
-        """Record the end of a token whose lease lapsed (`record`: its claims), unless a
-        revocation names it or it has expired; either way take it off the store's list."""
-        longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
+    async def _record_lapsed(self, key: str, record: str) -> None:
+        """Record the end of a token whose lease `key` lapsed (`record`: its claims), unless
+        a revocation names it or it has expired; either way take it off the store's list."""
         try:
             token = self._task_token(json.loads(record))
         except (ValueError, TypeError, RequestError):
-            token = None
-        if token is None or token.expires_at > self.clock() + longest + LEEWAY:
             # Not a token this configuration knows (a route a reload removed), or not one
             # keyproxy issued (a record planted in the store): its lease is gone, so it is
             # refused anyway; its end is not recorded.
             log.warning("token.end_not_recorded", error="unreadable lease record")
-            if token is not None:
-                await self._unwatch(token)
+            await self._forget(key)
             return
         if self._revocations.revoked(token) or token.expires_at + LEEWAY <= self.clock():
-            await self._unwatch(token)
+            await self._forget(key)
             return
+        # The revocation list keeps an id no longer than the longest token lives from now:
+        # a record claiming more (planted) cannot grow it for longer. Its lease is gone, so
+        # the token is refused everywhere whatever the list says.
+        longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
+        latest = self.clock() + longest + LEEWAY
+        if token.expires_at > latest:
+            token = dataclasses.replace(token, expires_at=latest)
         try:
             await self.revoke_held(token, "heartbeat_lost")  # which takes it off the list
         except (RequestError, VaultError) as exc:
@@ -151,18 +160,22 @@ class TaskTokens(Verifier):
         watched."""
         if self.store is None:
             return True
-        ttl = max(1.0, token.expires_at + LEEWAY - self.clock())
+        # As long as any replica (with a clock up to CLOCK_SKEW behind) could still see it.
+        ttl = max(1.0, token.expires_at + LEEWAY + CLOCK_SKEW - self.clock())
         try:
             first = await self.store.first_end(f"end:{token.token_id}", ttl)
         except StoreUnavailable:
             first = True
-        await self._unwatch(token)
+        if token.idle_ttl is not None:
+            await self._forget(lease_key(token.token_id))
         return first
 
-    async def _unwatch(self, token: TaskToken) -> None:
-        if token.idle_ttl is not None and self.store is not None:
+    async def _forget(self, key: str) -> None:
+        """Take lease `key` off the store's list (a store that cannot answer: the next
+        sweep after LEASE_CLAIM tries again)."""
+        if self.store is not None:
             with contextlib.suppress(StoreUnavailable):
-                await self.store.unwatch(lease_key(token.token_id))
+                await self.store.unwatch(key)
 
     async def _poll_revocations(self) -> None:
         while True:
