@@ -162,16 +162,12 @@ class RevocationStore:
         """An operator's revocation: of one token id, of every token issued so far to a
         subject ("issuer|subject"), or of every token of a task. Once begun it is written and
         logged even if the caller goes away."""
-        await to_the_end(self._revoke(token_id, expires_at, subject, task), "revocation")
+        revocation = _Revocation(token_id, expires_at, subject, task)
+        await to_the_end(self._revoke(revocation), "revocation")
 
-    async def _revoke(
-        self,
-        token_id: str | None,
-        expires_at: float | None,
-        subject: str | None,
-        task: str | None,
-    ) -> None:
-        await self._record_revocation(token_id, expires_at, subject, task)
+    async def _revoke(self, revocation: _Revocation) -> None:
+        await self._record_revocation(revocation)
+        token_id, _, subject, task = revocation
         issuer, _, name = subject.partition("|") if subject is not None else (None, "", None)
         log.info(
             "token.revoked",
@@ -194,7 +190,7 @@ class RevocationStore:
         await to_the_end(self._end(token, reason), "token end")
 
     async def _end(self, token: TaskToken, reason: str) -> None:
-        await self._record_revocation(token.token_id, token.expires_at, None, None)
+        await self._record_revocation(_Revocation(token.token_id, token.expires_at, None, None))
         if not await self._first_to_end(token):
             return  # another replica recorded this end: its event stands
         log.info(
@@ -215,17 +211,9 @@ class RevocationStore:
         state store, which every replica shares)."""
         return True
 
-    async def _record_revocation(
-        self,
-        token_id: str | None,
-        expires_at: float | None,
-        subject: str | None,
-        task: str | None,
-    ) -> None:
+    async def _record_revocation(self, revocation: _Revocation) -> None:
         """Record a revocation in Vault, with any others this process records meanwhile."""
-        data, version = await self._revocation_writes.change(
-            _Revocation(token_id, expires_at, subject, task)
-        )
+        data, version = await self._revocation_writes.change(revocation)
         if self._revocations_version is None or version > self._revocations_version:
             self._revocations, self._revocations_version = Revocations.from_data(data), version
 
