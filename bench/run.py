@@ -236,6 +236,26 @@ def _write_private(path: Path, text: str) -> Path:
     return path
 
 
+def _nginx_proxy_conf(
+    path: Path, workdir: Path, *, ports: tuple[int, int], key: str, connections: int, nofile: int
+) -> Path:
+    """The nginx candidate's configuration (bench/nginx/proxy.conf) at `path`: listening on
+    the first of `ports`, proxying to the second, injecting `key`."""
+    text = (BENCH / "nginx" / "proxy.conf").read_text(encoding="utf-8")
+    port, upstream_port = ports
+    return _write_private(
+        path,
+        text.format(
+            workdir=workdir,
+            port=port,
+            upstream_port=upstream_port,
+            key=key,
+            connections=connections,
+            nofile=nofile,
+        ),
+    )
+
+
 def _put_keys(bao: OpenBaoDevServer, count: int) -> None:
     """Filler keys for the extra routes, written straight to the KV v2 API as root."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -781,18 +801,13 @@ def streams_phase(
         if hard < 2 * n + 1024:  # a proxy holds two descriptors a stream
             print(f"bench: the open-file limit ({hard}) is too low for {n} streams", flush=True)
         ngx_port, mini_port = _free_port(), _free_port()
-        conf = _write_private(
+        conf = _nginx_proxy_conf(
             workdir / f"streams-nginx-{n}.conf",
-            (BENCH / "nginx" / "proxy.conf")
-            .read_text(encoding="utf-8")
-            .format(
-                workdir=workdir,
-                port=ngx_port,
-                upstream_port=up_port,
-                key=key,
-                connections=2 * n + 1024,
-                nofile=min(4 * n + 4096, hard),
-            ),
+            workdir,
+            ports=(ngx_port, up_port),
+            key=key,
+            connections=2 * n + 1024,
+            nofile=min(4 * n + 4096, hard),
         )
         ngx = procs.start(
             f"streams-nginx-{n}",
@@ -921,18 +936,13 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0912, PLR0915  # reads to
             log=workdir / "upstream-nginx.log",
         )
         upstream = f"http://127.0.0.1:{up_port}"
-        conf = _write_private(
+        conf = _nginx_proxy_conf(
             workdir / "proxy-nginx.conf",
-            (BENCH / "nginx" / "proxy.conf")
-            .read_text(encoding="utf-8")
-            .format(
-                workdir=workdir,
-                port=ngx_port,
-                upstream_port=up_port,
-                key=key,
-                connections=4096,
-                nofile=8192,
-            ),
+            workdir,
+            ports=(ngx_port, up_port),
+            key=key,
+            connections=4096,
+            nofile=8192,
         )
         nginx_proc = procs.start(
             "nginx",
