@@ -19,6 +19,7 @@ from aiohttp import web
 from keyproxy import scope as scopes
 from keyproxy.config import Route, parse_duration
 from keyproxy.errors import BadRequest, ConfigError, Unauthenticated
+from keyproxy.headers import bearer_token, carries_credential
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPES: Final = frozenset(
@@ -104,12 +105,14 @@ def subject_token(request: web.Request, fields: dict[str, Any], form: bool, *, s
             raise BadRequest("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
         if fields.get("subject_token_type") not in JWT_TYPES:
             raise BadRequest("invalid_request", "subject_token_type must be a JWT type")
+        if carries_credential(request.headers):
+            # SECURITY (invariant 12): the form's token and a header's: which one is meant?
+            raise BadRequest("ambiguous_credential", "send the credential once")
         token = str(fields.get("subject_token", "")).strip()
     else:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else ""
-        if not token and svid and "Authorization" not in request.headers:
+        if svid and not carries_credential(request.headers) and not request.query_string:
             return ""
+        token = bearer_token(request.headers, request.query_string)
     if not token:
         raise Unauthenticated("no_credential", "send the workload identity token")
     return token

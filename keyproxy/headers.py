@@ -280,6 +280,22 @@ def caller_token(
     return value
 
 
+_BEARER = CallerCredential()
+_NOT_BEARER = other_credential_headers(_BEARER)
+
+
+def bearer_token(incoming: CIMultiDictProxy[str], query: str = "") -> str:
+    """The Bearer token of a request to keyproxy's own endpoints (`/token`, heartbeat,
+    revoke), by the proxy's rules (`caller_token`): a credential sent twice or in two places
+    is refused (400 ambiguous_credential), none is 401 no_credential."""
+    return caller_token(incoming, query, _BEARER, _NOT_BEARER)
+
+
+def carries_credential(incoming: CIMultiDictProxy[str]) -> bool:
+    """Whether a request carries any credential-carrying header."""
+    return not incoming.keys().isdisjoint(CREDENTIAL_HEADERS)
+
+
 def _in_query(query: str, token: str) -> bool:
     """Whether the query string carries a credential, as the upstream will decode it: the
     RFC 6750 parameter, or the caller's token itself anywhere."""

@@ -30,7 +30,7 @@ from keyproxy.errors import (
     Unavailable,
     VaultError,
 )
-from keyproxy.headers import REQUEST_ID, request_id
+from keyproxy.headers import REQUEST_ID, bearer_token, request_id
 from keyproxy.metrics import Metrics
 from keyproxy.mtls import check_binding, client_chain
 from keyproxy.tls import ServerTLS
@@ -58,10 +58,10 @@ class Lifecycle:
     async def _held(self, request: web.Request) -> TaskToken:
         """The task token the request presents as its Bearer credential, verified (also when
         a token it was delegated from is revoked: the caller decides)."""
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not is_task_token(token.strip()):
+        token = bearer_token(request.headers, request.query_string)  # once, in one place
+        if not is_task_token(token):
             raise Unauthenticated("no_credential", "send the task token as a Bearer token")
-        task = await self.tasks.verify(token.strip(), cascade=False)
+        task = await self.tasks.verify(token, cascade=False)
         # SECURITY: bound as at the proxy. A bound token taken from its holder can neither
         # keep its lease alive nor end its task (and its sub-agents') from elsewhere.
         chain, _ = client_chain(request, self.config.server, self.tls)

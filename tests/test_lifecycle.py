@@ -219,3 +219,44 @@ async def test_a_source_bound_token_is_kept_and_ended_only_from_its_address(
     assert code == 200, answer
     async with http.post(f"{stack.base}/token/revoke", headers=bearer(token)) as response:
         assert response.status == 200
+
+
+async def test_a_credential_sent_twice_is_refused_at_every_token_endpoint(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """`/token`, `/token/heartbeat` and `/token/revoke` refuse a credential sent twice or in
+    two places (invariant 12) before verifying anything: two Authorization headers, an
+    Authorization header beside another credential header, or (at `/token`) the form's
+    subject_token beside an Authorization header. The token stays alive."""
+    code, answer = await exchange(http, stack.base, identity_token, idle_ttl="60s")
+    assert code == 200, answer
+    task = answer["access_token"]
+    twice = [
+        [("Authorization", f"Bearer {task}"), ("Authorization", f"Bearer {identity_token}")],
+        [("Authorization", f"Bearer {task}"), ("X-Api-Key", identity_token)],
+    ]
+    for path in ("/token/heartbeat", "/token/revoke"):
+        for headers in twice:
+            async with http.post(stack.base + path, headers=headers) as response:
+                body = await response.json()
+                assert (response.status, body["error"]["code"]) == (400, "ambiguous_credential")
+    body_json = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
+    async with http.post(stack.base + "/token", headers=twice[0], json=body_json) as response:
+        assert (response.status, (await response.json())["error"]["code"]) == (
+            400,
+            "ambiguous_credential",
+        )
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": identity_token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "scope": "r:POST:/v1/chat/completions",
+    }
+    async with http.post(
+        stack.base + "/token", data=form, headers=bearer(identity_token)
+    ) as response:
+        assert (response.status, (await response.json())["error"]["code"]) == (
+            400,
+            "ambiguous_credential",
+        )
+    assert (await _heartbeat(http, stack.base, task))[0] == 200  # neither ended it
