@@ -55,7 +55,7 @@ from keyproxy.lifecycle import Lifecycle
 from keyproxy.metrics import Metrics
 from keyproxy.mtls import binding, check_binding, client_chain, svid_identity
 from keyproxy.tls import ServerTLS
-from keyproxy.tokens import TaskToken, TaskTokens, is_task_token, lineage
+from keyproxy.tokens import TaskToken, TaskTokens, is_task_token, lineage, needs_shared_store
 
 ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 
@@ -228,11 +228,7 @@ class Broker(Lifecycle):
         if parent.source is not None and parent.source != source:
             raise Unauthenticated("wrong_source", "this token is bound to another address")
         if parent.lifecycle and not self.exact_uses:
-            raise Unavailable(
-                "max_uses_needs_shared_store",
-                "tokens with max_uses or idle_ttl need a shared state store (state.url) "
-                "with --workers",
-            )
+            raise needs_shared_store(parent.lifecycle)
         await self.tasks.check_leases(parent)
         return parent
 

@@ -27,14 +27,19 @@ from keyproxy.errors import (
     BadRequest,
     RequestError,
     Unauthenticated,
-    Unavailable,
     VaultError,
 )
 from keyproxy.headers import REQUEST_ID, bearer_token, request_id
 from keyproxy.metrics import Metrics
 from keyproxy.mtls import check_binding, client_chain
 from keyproxy.tls import ServerTLS
-from keyproxy.tokens import HOLDER_REASONS, TaskToken, TaskTokens, is_task_token
+from keyproxy.tokens import (
+    HOLDER_REASONS,
+    TaskToken,
+    TaskTokens,
+    is_task_token,
+    needs_shared_store,
+)
 
 MAX_REVOKE_BODY: Final = 1024
 SERVER_ENDS: Final = frozenset({"heartbeat_lost", "parent_revoked"})
@@ -83,10 +88,7 @@ class Lifecycle:
             try:
                 task = await self._held(request)
                 if not self.exact_uses and task.idle_ttl is not None:
-                    raise Unavailable(
-                        "idle_ttl_needs_shared_store",
-                        "tokens with idle_ttl need a shared state store (state.url) with --workers",
-                    )
+                    raise needs_shared_store(())  # a lease's renewal: idle_ttl's refusal
                 idle_expires_at = await self._renew(task)
             except RequestError as exc:
                 log.warning("token.heartbeat_denied", reason=exc.reason, source=request.remote)

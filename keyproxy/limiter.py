@@ -10,9 +10,10 @@ process, or one round trip to Valkey/Redis), or stops the request:
     parent_revoked                401   the lease of a token it was delegated from lapsed
     rate_limited, too_many_...    429   with Retry-After, RateLimit and RateLimit-Policy
     state_store_unavailable       503   a fail-closed limit the store could not decide
-    max_uses_needs_shared_store   503   a max_uses or idle_ttl token (or one delegated from
-                                        such) on one of several workers counting in their own
-                                        memory (docs/security.md)
+    max_uses_needs_shared_store   503   a max_uses token (or one delegated from such) on one
+                                        of several workers counting in their own memory
+    idle_ttl_needs_shared_store   503   the same for a chain with leases and no max_uses
+                                        (docs/security.md)
 
 `Limiter.held(admitted)` holds the decision's concurrency slots while the answer is sent,
 released however the request ends.
@@ -32,7 +33,7 @@ from keyproxy.errors import TooManyRequests, Unauthenticated, Unavailable
 from keyproxy.state.limits import RequestLimits, lease_key, limit_name, token_limits
 from keyproxy.state.limits import headers as ratelimit_headers
 from keyproxy.state.memory import MemoryStore
-from keyproxy.tokens import LEEWAY, TaskToken
+from keyproxy.tokens import LEEWAY, TaskToken, needs_shared_store
 
 _UNLIMITED: Final = state.Decision(())  # a request that touches no limit
 _NOTHING_HELD: Final = contextlib.nullcontext()
@@ -67,12 +68,7 @@ class Limiter:
         own: Sequence[state.Limit] = ()
         if task is not None and task.lifecycle:
             if not self.exact_uses:
-                raise Unavailable(
-                    "max_uses_needs_shared_store",
-                    "tokens with max_uses or idle_ttl need a shared state store (state.url) "
-                    "with --workers",
-                    limit="max_uses",
-                )
+                raise needs_shared_store(task.lifecycle)
             own = token_limits(task.lifecycle, time.time(), LEEWAY)
         elif not self.limits.limited(route, policy):
             return _UNLIMITED

@@ -173,9 +173,9 @@ async def test_one_of_several_workers_without_a_store_refuses_idle_ttl(
     upstream: Upstream,
     http: aiohttp.ClientSession,
 ) -> None:
-    """A worker of `--workers 2` with no state.url issues no idle_ttl token and refuses a
-    heartbeat, each with 503 idle_ttl_needs_shared_store: its lease would live in one
-    worker's memory."""
+    """A worker of `--workers 2` with no state.url issues no idle_ttl token, refuses a
+    heartbeat and a proxied request with one, each with 503 idle_ttl_needs_shared_store: its
+    lease would live in one worker's memory."""
     openbao.put_key("keyproxy/keys/tokens-test", new_key())
     compiled = config.parse(json.dumps(token_config(openbao, agent, upstream.url)), {})
     app = build_app(compiled, processes=2)
@@ -189,6 +189,9 @@ async def test_one_of_several_workers_without_a_store_refuses_idle_ttl(
             assert code == 200
         code, answer = await _heartbeat(http, base, leased["access_token"])
         assert (code, answer["error"]["code"]) == (503, "idle_ttl_needs_shared_store")
+        async with http.post(base + CHAT, headers=bearer(leased["access_token"])) as response:
+            refusal = (response.status, (await response.json())["error"]["code"])
+        assert refusal == (503, "idle_ttl_needs_shared_store")  # and it is not used either
     finally:
         await runner.cleanup()
 

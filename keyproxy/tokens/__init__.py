@@ -15,6 +15,7 @@ from keyproxy.tokens.format import (
     TaskToken,
     exception_subject,
     is_task_token,
+    needs_shared_store,
 )
 from keyproxy.tokens.revocation import END_REASONS, HOLDER_REASONS, Revocations
 from keyproxy.tokens.tasks import TaskTokens
@@ -33,4 +34,5 @@ __all__ = [
     "TaskTokens",
     "exception_subject",
     "is_task_token",
+    "needs_shared_store",
 ]

@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
+from keyproxy.errors import Unavailable
 
 TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not a secret
 LEEWAY: Final = 5.0
@@ -54,6 +55,22 @@ class Link:
     expires_at: float
     max_uses: int | None = None
     idle_ttl: float | None = None
+
+
+def needs_shared_store(links: tuple[Link, ...]) -> Unavailable:
+    """The refusal of a token whose chain (`links`, a TaskToken's lifecycle) has use counts or
+    heartbeat leases, by a worker of `--workers N` without a shared state store: they would
+    be counted, or renewed, in one worker's memory. Named for what the chain holds."""
+    if any(link.max_uses is not None for link in links):
+        return Unavailable(
+            "max_uses_needs_shared_store",
+            "tokens with max_uses need a shared state store (state.url) with --workers",
+            limit="max_uses",
+        )
+    return Unavailable(
+        "idle_ttl_needs_shared_store",
+        "tokens with idle_ttl need a shared state store (state.url) with --workers",
+    )
 
 
 @dataclass(frozen=True)
