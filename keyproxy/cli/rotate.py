@@ -30,6 +30,7 @@ from keyproxy import config, rotation
 from keyproxy.audit import query as auditlog
 from keyproxy.cli import tree
 from keyproxy.cli.common import (
+    UsageError,
     add_config,
     add_operator,
     add_output,
@@ -272,8 +273,13 @@ def _duration(seconds: float) -> str:
 def _audit(args: argparse.Namespace) -> int:
     if args.route is None:
         if args.calls or (args.task is None and args.token is None):
-            raise SystemExit("keyproxy audit: give --route, or --task or --token for a tree")
+            raise UsageError("audit: give --route, or --task or --token for a tree")
         return tree.audit(args, input_lines(args.files))
+    # An option the query would not use is refused, never quietly dropped.
+    if args.token is not None:
+        raise UsageError("audit: --token gives a tree, without --route")
+    if args.task is not None and not args.calls:
+        raise UsageError("audit: --task with --route goes with --calls (or drop --route)")
     cfg = optional_config(args)
     if cfg is not None:
         known_route(cfg, args.route)

@@ -426,3 +426,26 @@ def test_audit_without_a_configuration_warns_about_an_unseen_route(
     seen = keyproxy("audit", "--route", "api", str(log), env=clean_env(home))
     assert seen.stderr == ""
     assert seen.stdout.startswith("None None: 1 requests")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["audit"], "give --route"),
+        (["audit", "--calls"], "give --route"),
+        (["audit", "--route", "api", "--token", "t1"], "--token gives a tree"),
+        (["audit", "--route", "api", "--task", "x"], "goes with --calls"),
+    ],
+)
+def test_audit_refuses_options_it_would_not_use(
+    tmp_path: Path, home: Path, argv: list[str], message: str
+) -> None:
+    """`audit` with no query, or with an option its query would not use (--token, or --task
+    without --calls, beside --route), is a usage error (exit 2), never an answer that
+    silently left the option out."""
+    log = tmp_path / "audit.jsonl"
+    log.write_text('{"event":"request","route":"api","key_version":1}\n', encoding="utf-8")
+    done = keyproxy(*argv, str(log), env=clean_env(home))
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert done.stdout == ""
