@@ -27,7 +27,7 @@ _C = TypeVar("_C")
 
 ATTEMPTS: Final = 10  # writes tried before the change is refused (503)
 FIRST_PAUSE: Final = 0.01  # seconds: the longest pause after the first conflict, doubling
-LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (at most 2.6 s in all)
+LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (at most 2.1 s in all)
 
 # Where the secret is (KV mount, path): read at each write, so a reload that moves it counts.
 Location = Callable[[], tuple[str, str]]
