@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from keyproxy import config as config_module
 from keyproxy.cli import main
@@ -274,25 +275,33 @@ async def test_concurrent_revocations_on_two_replicas_are_all_recorded(
 async def test_revocation_whose_caller_went_away_is_still_recorded(
     openbao: OpenBaoDevServer,
 ) -> None:
-    """A revocation is written even when the request that asked for it is cancelled (its
-    caller disconnected) while the write is under way."""
+    """An operator's revocation is written, and its event logged, even when the request
+    that asked for it is cancelled (its caller disconnected) while it is under way."""
     own = openbao.add_agent("cancelled-revoker")
     cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
     vault = Vault(cfg.vault)
     try:
         await vault.login()
         tasks = TaskTokens(cfg, vault)
-        asking = asyncio.create_task(
-            tasks.revoke(token_id="walked-away", expires_at=time.time() + 60)
-        )
-        await asyncio.sleep(0)  # it is queued for the write
-        asking.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asking
+        with capture_logs() as logs:
+            asking = asyncio.create_task(
+                tasks.revoke(token_id="walked-away", expires_at=time.time() + 60)
+            )
+            await asyncio.sleep(0)  # it is queued for the write
+            asking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asking
 
-        async def listed() -> bool:
-            return "walked-away" in (await tasks.revocation_list()).ids
+            async def listed() -> bool:
+                return "walked-away" in (await tasks.revocation_list()).ids
 
-        await eventually(listed, "the cancelled revocation recorded", until=bool)
+            await eventually(listed, "the cancelled revocation recorded", until=bool)
+            await eventually(
+                lambda: [e for e in logs if e["event"] == "token.revoked"],
+                "the cancelled revocation's event",
+                until=bool,
+            )
+        (event,) = [e for e in logs if e["event"] == "token.revoked"]
+        assert (event["by"], event["token_id"]) == ("operator", "walked-away")
     finally:
         vault.close()
