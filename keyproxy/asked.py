@@ -158,8 +158,6 @@ def _idle_ttl(value: Any) -> float | None:
 def _ttl(value: Any, name: str = "ttl") -> float | None:
     if value is None or value == "":
         return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
     try:
         # The same duration syntax as the configuration file.
         return parse_duration(value, name)

@@ -202,6 +202,6 @@ def _seconds(text: str | None, option: str) -> float | None:
     if not text:
         return None
     try:
-        return parse_duration(int(text) if text.isdigit() else text, option)
+        return parse_duration(text, option)
     except ConfigError as exc:
         raise RunError(str(exc)) from None

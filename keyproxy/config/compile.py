@@ -54,7 +54,11 @@ def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
 
 def parse_duration(value: Any, path: str) -> float:
     """A duration in the configuration's syntax (a positive number of seconds, or 500ms, 30s,
-    15m, 24h, 2d), for settings read outside the file; ConfigError naming `path` if not."""
+    15m, 24h, 2d), for settings read outside the file, where a number comes as text (a
+    command-line option, a form field): "300" is 300 seconds. ConfigError naming `path` if
+    not one."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)  # ASCII only: str.isdigit also takes "²", which int() refuses
     return Node(value, path).duration()
 
 

@@ -416,15 +416,19 @@ def test_a_missing_token_or_jwt_file_is_a_problem(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(300, 300.0), (0.5, 0.5), ("500ms", 0.5), ("5m", 300.0), ("2d", 172800.0)],
+    [(300, 300.0), (0.5, 0.5), ("500ms", 0.5), ("5m", 300.0), ("2d", 172800.0), ("300", 300.0)],
 )
 def test_durations_outside_the_file_read_the_same(value: Any, seconds: float) -> None:
-    """parse_duration reads a token request's or option's duration in the file's syntax."""
+    """parse_duration reads a token request's or option's duration in the file's syntax,
+    and a number that comes as text (an option, a form field) as seconds."""
     assert config.parse_duration(value, "ttl") == seconds
 
 
-@pytest.mark.parametrize("value", [0, -1, "0s", "5 minutes", "", True, None, "1w"])
+@pytest.mark.parametrize(
+    "value", [0, -1, "0s", "5 minutes", "", True, None, "1w", "0", "\u00b2", "\u0663"]
+)
 def test_bad_durations_outside_the_file_name_their_setting(value: Any) -> None:
-    """A bad duration is a ConfigError naming the setting it was given for."""
+    """A bad duration is a ConfigError naming the setting it was given for (digits other
+    than ASCII ones too, never a ValueError from int())."""
     with pytest.raises(ConfigError, match=r"^--ttl: must be a positive duration"):
         config.parse_duration(value, "--ttl")
