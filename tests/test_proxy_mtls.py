@@ -35,6 +35,7 @@ from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import Upstream, bearer, new_key, token_config
 from tests.helpers.svid_ca import Issued, SvidCA
+from tests.helpers.tokens import delegate
 
 GRANT = {"methods": ["GET", "POST"], "paths": ["/v1/**", "/echo"]}
 KEY_PATH = "keyproxy/keys/tokens-test"  # token_config's routes' key
@@ -299,6 +300,51 @@ async def test_a_certificate_bound_token_works_only_on_its_own_certificate(
         assert (got, body["error"]["code"]) == (401, "token_binding_mismatch")
         event = await request_event(audit_log, rid["X-Request-Id"])
         assert event["reason"] == "token_binding_mismatch"
+    assert len(upstream.requests) == 1
+
+
+async def test_a_bound_tokens_heartbeat_revoke_and_delegation_need_its_certificate(
+    stack: MtlsStack, upstream: Upstream, identity_token: str
+) -> None:
+    """A certificate-bound token is heartbeaten, revoked and delegated only over its own
+    certificate (401 token_binding_mismatch with another SVID or none), so a copy taken from
+    its holder can neither keep it alive, end its task nor pass it on; its child is bound to
+    the same certificate."""
+    own = stack.cas["example"].svid("/agent")
+    body = {
+        "scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}},
+        "idle_ttl": "60s",
+    }
+    async with (
+        stack.session(own) as session,
+        session.post(f"{stack.base}/token", json=body, headers=bearer(identity_token)) as r,
+    ):
+        answer = await r.json()
+        assert r.status == 200, answer
+    token: str = answer["access_token"]
+    CANARIES.add(token)
+    for other in (stack.cas["example"].svid("/agent"), None):
+        async with stack.session(other) as session:
+            for path in ("/token/heartbeat", "/token/revoke"):
+                async with session.post(stack.base + path, headers=bearer(token)) as r:
+                    refusal = (r.status, (await r.json())["error"]["code"])
+                assert refusal == (401, "token_binding_mismatch"), path
+            code, refused_child = await delegate(session, stack.base, token)
+            assert (code, refused_child["error"]["code"]) == (401, "token_binding_mismatch")
+    async with stack.session(own) as session:
+        async with session.post(f"{stack.base}/token/heartbeat", headers=bearer(token)) as r:
+            assert r.status == 200
+        code, child = await delegate(session, stack.base, token)
+        assert code == 200, child
+        CANARIES.add(child["access_token"])
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    async with stack.session(None) as session:
+        got, refused = await post(session, url, bearer(child["access_token"]))
+    assert (got, refused["error"]["code"]) == (401, "token_binding_mismatch")
+    async with stack.session(own) as session:
+        assert (await post(session, url, bearer(child["access_token"])))[0] == 200
+        async with session.post(f"{stack.base}/token/revoke", headers=bearer(token)) as r:
+            assert r.status == 200
     assert len(upstream.requests) == 1
 
 
