@@ -315,3 +315,27 @@ async def test_revoking_an_actor_ends_its_heartbeats_too(
 
     await eventually(heartbeat, "the heartbeat outlived the actor", until=(401).__eq__)
     assert await status(http, "POST", stack.base + CHAT, root["access_token"]) == 200
+
+
+async def test_a_chain_shares_its_per_token_rate(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A policy's `per: token` rate counts a delegation chain as one token (its root's):
+    parent and child together get the burst of 3, not 3 each, so delegating multiplies
+    nothing (invariant 10)."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    cfg = token_config(openbao, agent, upstream.url)
+    rate = {"per": "token", "requests": 3, "window": "1h", "burst": 3}  # 3 at once, then none
+    cfg["policies"][0]["limits"] = {"rate": [rate]}
+    async with running_proxy(cfg) as stack:
+        code, parent = await exchange(http, stack.base, identity_token)
+        assert code == 200, parent
+        code, child = await delegate(http, stack.base, parent["access_token"])
+        assert code == 200, child
+        tokens = [parent["access_token"], child["access_token"]] * 2
+        codes = [await status(http, "POST", stack.base + CHAT, token) for token in tokens]
+    assert codes == [200, 200, 200, 429]
