@@ -18,7 +18,7 @@ from typing import Any, Final, NamedTuple
 import structlog
 
 from keyproxy.config import Config
-from keyproxy.errors import Unavailable
+from keyproxy.errors import Unauthenticated, Unavailable
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
 from keyproxy.tokens.shared import SharedSecret, finish_running, read_state, to_the_end
 from keyproxy.vault import Vault
@@ -78,6 +78,17 @@ class Revocations:
         """Whether a delegated token's actor ("issuer|subject") was revoked as a subject at
         or after the token was issued: revoking a sub-agent's identity ends what it acts with."""
         return any(self.covers_subject(actor, token.issued_at) for actor in token.actors)
+
+    def chain_refusal(self, token: TaskToken) -> Unauthenticated | None:
+        """Why a delegated token is dead by its chain (the cascade), or None: a token it was
+        delegated from is revoked, or an identity that acted in it was revoked as a subject."""
+        if not token.ancestors:
+            return None
+        if self.any_id(token.ancestors):
+            return Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
+        if self.any_actor(token):
+            return Unauthenticated("revoked", "an identity acting with this token was revoked")
+        return None
 
     def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
         """Whether a token with these facts is revoked: by id, or by subject or task at or

@@ -52,10 +52,9 @@ class TaskTokens(Verifier):
             raise BadRequest("no_idle_ttl", "this token was issued without idle_ttl")
         if self.store is None:
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
-        if token.ancestors and self._revocations.any_id(token.ancestors):
-            raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
-        if token.ancestors and self._revocations.any_actor(token):
-            raise Unauthenticated("revoked", "an identity acting with this token was revoked")
+        refusal = self._revocations.chain_refusal(token)
+        if refusal is not None:
+            raise refusal
         await self.check_leases(token, own=False)
         try:
             renewed = await self.store.renew(lease_key(token.token_id), token.idle_ttl)

@@ -91,11 +91,10 @@ class Verifier(Signing):
         if self._revocations.revoked(cached):
             raise Unauthenticated("revoked", "the task token was revoked")
         if cascade and cached.ancestors:
-            if self._revocations.any_id(cached.ancestors):
-                # The cascade: a token dies with every token it was delegated from.
-                raise Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
-            if self._revocations.any_actor(cached):
-                raise Unauthenticated("revoked", "an identity acting with this token was revoked")
+            # The cascade: a token dies with every token it was delegated from.
+            refusal = self._revocations.chain_refusal(cached)
+            if refusal is not None:
+                raise refusal
         return cached
 
     async def _verify_signed(self, token: str) -> _Verified:
