@@ -57,6 +57,7 @@ import aiohttp
 import yaml
 
 from keyproxy.devserver import Agent, DevSetup, OpenBaoDevServer
+from keyproxy.secret import write_private
 from keyproxy.storeserver import LocalStoreServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -229,11 +230,7 @@ def ensure_tools() -> dict[str, str]:
     return found
 
 
-def _write_private(path: Path, text: str) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
+_write_private = write_private  # keyproxy's: bench/instructions.py uses this name
 
 
 def _nginx_proxy_conf(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -22,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keyproxy.secret import write_private
 
 _KEY_PEM = serialization.PrivateFormat.PKCS8
 _LEAF_LIFETIME = dt.timedelta(hours=1)  # SPIRE's default X.509-SVID lifetime
@@ -43,14 +44,6 @@ def _key_usage(*, ca: bool, digital_signature: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
-
-
-def write_private(path: Path, data: bytes) -> Path:
-    """Write `data` to `path`, created (or truncated) with mode 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    return path
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import IO, Any, Self
 import keyproxy
 from keyproxy import secret
 from keyproxy.config import VaultAuth, VaultConfig
-from keyproxy.secret import REDACTED
+from keyproxy.secret import REDACTED, write_private
 
 AUDIENCE = "keyproxy"
 _SCRIPT_TIMEOUT = 60.0
@@ -284,10 +284,7 @@ class OpenBaoDevServer:
 
     def root_vault_config(self) -> VaultConfig:
         """Log in here with the root token, from a mode-600 file in the workdir."""
-        token_file = self.workdir / "root-token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self.root_token)
+        token_file = write_private(self.workdir / "root-token", self.root_token)
         auth = VaultAuth(method="token", mount="token", token_file=token_file)
         return VaultConfig(addr=self.addr, auth=auth)
 

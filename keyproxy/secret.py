@@ -10,7 +10,9 @@ scrubber can recognise it.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from pathlib import Path
 from typing import Final
 
 REDACTED: Final = "[REDACTED]"
@@ -85,3 +87,13 @@ class _Registry:
 _registry = _Registry()
 register = _registry.register
 known_values = _registry.values
+
+
+def write_private(path: Path, data: bytes | str) -> Path:
+    """Write `data` (text as UTF-8) to `path`, created or truncated with mode 0600 from the
+    start: a key, token or configuration holding one is never readable by others, not even
+    for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    return path

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import copy
 import json
-import os
 import secrets
 import shlex
 import shutil
@@ -36,6 +35,7 @@ from aiohttp import web
 from keyproxy import audit, config, demo, mcp_demo
 from keyproxy.devca import DevTLS, write_dev_tls
 from keyproxy.devserver import Agent, OpenBaoDevServer, vault_dev_dir
+from keyproxy.secret import write_private
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, build_admin_app, build_app
 from keyproxy.storeserver import LocalStoreServer
@@ -173,8 +173,8 @@ async def run(
         proxy_port, admin_port = await _serve_proxy(config.load(cfg_path), port, runners)
 
         token = await asyncio.to_thread(bao.agent_token, agent)
-        token_path = _private_file(workdir / "agent-token", token)
-        _private_file(workdir / "root-token", bao.root_token)
+        token_path = write_private(workdir / "agent-token", token)
+        write_private(workdir / "root-token", bao.root_token)
         scheme = "https" if tls is not None else "http"
         stack = DevStack(
             f"{scheme}://127.0.0.1:{proxy_port}/r/{ROUTE}/v1",
@@ -188,7 +188,7 @@ async def run(
         )
         if env_file is not None:
             written = env_text(stack, bao, AGENT)
-            _private_file(env_file, written)
+            write_private(env_file, written)
         _announce(stack, token, env_file, as_json=as_json, mcp=mcp_upstream is not None)
         await stop.wait()
     finally:
@@ -300,13 +300,6 @@ async def _serve_proxy(
     admin, admin_port = await server.start(build_admin_app(app), "127.0.0.1", 0, limits)
     runners.append(admin)
     return proxy_port, admin_port
-
-
-def _private_file(path: Path, content: str) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(content)
-    return path
 
 
 def _stop_on_signals() -> asyncio.Event:

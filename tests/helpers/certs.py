@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keyproxy.devca import DevCA, write_private
+from keyproxy.devca import DevCA
+from keyproxy.secret import write_private
 
 
 def pem_files(directory: Path) -> dict[str, Path]:
