@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Final
 
 from keyproxy.errors import BadRequest
+
+# Where the proxy serves routes: /r/<route>/<path> (keyproxy.proxy; agents' base URLs too).
+ROUTE_PREFIX: Final = "/r/"
 
 # RFC 3986 pchar minus pct-encoded: the characters that may appear unencoded in a segment.
 _PCHAR = frozenset(

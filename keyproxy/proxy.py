@@ -16,7 +16,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 import aiohttp
 import structlog
@@ -49,14 +49,13 @@ from keyproxy.limiter import Limiter
 from keyproxy.metrics import Metrics
 from keyproxy.mtls import bearer_or_certificate, check_binding, client_chain, svid_identity
 from keyproxy.outgoing import request_body, upstream_url
+from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
 
 log = structlog.get_logger("keyproxy.proxy")
-
-ROUTE_PREFIX: Final = "/r/"
 
 
 # The steps' results are named tuples: as immutable as frozen dataclasses, and built in half

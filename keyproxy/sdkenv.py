@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from keyproxy.errors import RunError
+from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.secret import Secret
 
 SDK_VARS: Final = {
@@ -27,7 +28,6 @@ SDK_VARS: Final = {
 }
 # What a base URL variable's SDK expects after the route: the openai SDK's includes /v1.
 BASE_SUFFIX: Final = {"OPENAI_BASE_URL": "/v1"}
-ROUTE_PREFIX: Final = "/r/"  # keyproxy.proxy.ROUTE_PREFIX, as agents see it
 _VAR: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

@@ -56,7 +56,8 @@ from keyproxy.config import Config, keep_running, parse
 from keyproxy.errors import ConfigError
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
-from keyproxy.proxy import ROUTE_PREFIX, Proxy
+from keyproxy.paths import ROUTE_PREFIX
+from keyproxy.proxy import Proxy
 from keyproxy.server import collector
 from keyproxy.server.reload import Generation, Reloader, short, text_digest
 from keyproxy.state import StateStore
