@@ -133,25 +133,6 @@ def usage_failed(exc: UsageError) -> int:
     return EXIT_USAGE
 
 
-__all__ = [
-    "CONFIG_ENV",
-    "EXIT_USAGE",
-    "UsageError",
-    "add_config",
-    "add_operator",
-    "add_output",
-    "config_path",
-    "known_issuer",
-    "known_route",
-    "load_config",
-    "optional_config",
-    "print_json",
-    "usage_failed",
-    "vault_for",
-    "wants_json",
-]
-
-
 def input_lines(files: list[str]) -> Iterator[str]:
     """The lines of the named files in turn (none named: stdin); a file that cannot be read
     ends the command, naming it."""
@@ -164,3 +145,23 @@ def input_lines(files: list[str]) -> Iterator[str]:
                 yield from stream
         except OSError as exc:
             raise SystemExit(f"keyproxy: cannot read {name}: {exc.strerror}") from None
+
+
+__all__ = [
+    "CONFIG_ENV",
+    "EXIT_USAGE",
+    "UsageError",
+    "add_config",
+    "add_operator",
+    "add_output",
+    "config_path",
+    "input_lines",
+    "known_issuer",
+    "known_route",
+    "load_config",
+    "optional_config",
+    "print_json",
+    "usage_failed",
+    "vault_for",
+    "wants_json",
+]
