@@ -59,11 +59,6 @@ class ExceptionRegister(RevocationStore):
         live.update(added)
         return live
 
-    async def revocation_list(self) -> Revocations:
-        """The revocation list as Vault holds it now."""
-        data, _ = await self._read_state(self._revocations_path)
-        return Revocations.from_data(data)
-
     async def exceptions(self) -> list[dict[str, Any]]:
         """Active exception tokens (not expired, not revoked), soonest expiry first."""
         data, _ = await self._read_state(self._exceptions_path)

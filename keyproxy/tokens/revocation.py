@@ -247,6 +247,11 @@ class RevocationStore:
         """A state secret and its version; ({}, 0) when it does not exist yet."""
         return await read_state(self.vault, self.config.vault.kv_mount, path)
 
+    async def revocation_list(self) -> Revocations:
+        """The revocation list as Vault holds it now."""
+        data, _ = await self._read_state(self._revocations_path)
+        return Revocations.from_data(data)
+
     async def refresh_revocations(self) -> None:
         """Re-read the revocation list if its version changed (one metadata read otherwise)."""
         version = await self.vault.kv_version(self.config.vault.kv_mount, self._revocations_path)
