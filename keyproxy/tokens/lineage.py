@@ -43,12 +43,8 @@ def child_claims(parent: TaskToken, actor: Identity | None) -> dict[str, Any]:
     previous = _act_claim(parent.actors)
     if previous is not None:
         act["act"] = previous
-    link: dict[str, Any] = {"jti": parent.token_id, "exp": int(parent.expires_at)}
-    if parent.max_uses is not None:
-        link["max_uses"] = parent.max_uses
-    if parent.idle_ttl is not None:
-        link["idle"] = int(parent.idle_ttl)
-    return {"act": act, "anc": [*(_link_claim(a) for a in parent.ancestors), link]}
+    link = Link(parent.token_id, parent.expires_at, parent.max_uses, parent.idle_ttl)
+    return {"act": act, "anc": [_link_claim(a) for a in (*parent.ancestors, link)]}
 
 
 def _act_claim(actors: tuple[str, ...]) -> dict[str, Any] | None:
@@ -72,17 +68,16 @@ def _link_claim(link: Link) -> dict[str, Any]:
 def read(claims: Mapping[str, Any], token_id: str, max_uses: int | None) -> Lineage:
     """The lifecycle claims of a verified token's `claims`; ValueError if unreadable."""
     idle = _seconds(claims["idle"]) if "idle" in claims else None
+    if "anc" not in claims and "act" not in claims and idle is None and max_uses is None:
+        return Lineage(None, (), (), ())
+    own = Link(token_id, jws.numeric_date(claims["exp"]), max_uses, idle)
     if "anc" not in claims and "act" not in claims:
-        if idle is None and max_uses is None:
-            return Lineage(None, (), (), ())
-        own = Link(token_id, jws.numeric_date(claims["exp"]), max_uses, idle)
         return Lineage(idle, (), (), (own,))
     raw = claims["anc"]
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_DELEGATION_DEPTH:
         raise ValueError("anc: a list of ancestors")
     ancestors = tuple(_link(item) for item in raw)
     actors = _actors(claims["act"], len(ancestors))
-    own = Link(token_id, jws.numeric_date(claims["exp"]), max_uses, idle)
     bounding = tuple(
         link for link in (*ancestors, own) if link.max_uses is not None or link.idle_ttl is not None
     )
