@@ -304,13 +304,10 @@ def listener_tls(settings: ListenerTLS, where: str, on_refused: OnRefused) -> Se
         client_bundles={td: path.absolute() for td, path in settings.trust_bundles},
         client_auth=ClientAuth(settings.client_auth),
     )
-    named = [("certificate", files.certificate), ("key", files.key)]
-    named += [(f"trust_bundles.{td}", path) for td, path in files.client_bundles.items()]
-    for key, path in named:
-        try:
-            path.read_bytes()  # the ssl module's errors do not say which file
-        except OSError as exc:
-            raise ConfigError(f"{where}.{key}", f"cannot read {path}: {exc.strerror}") from None
+    for key, path in _named_files(settings):
+        read = _read(path, f"{where}.{key}")  # the ssl module's errors do not say which file
+        if isinstance(read, ConfigError):
+            raise read
     try:
         return ServerTLS(files, on_refused=on_refused)
     # ssl.SSLError is an OSError, spiffe.BundleError a ValueError.
@@ -323,17 +320,13 @@ def file_problems(settings: ListenerTLS, where: str) -> list[ConfigError]:
     (missing, unreadable, not PEM certificates, not an unencrypted PEM private key, not a
     trust bundle); when every file reads, whether they fit together (a key that does not
     match its certificate). Never any of the files' content."""
-    files: list[tuple[str, Path, Callable[[bytes], str | None]]] = [
-        ("certificate", settings.certificate, _certificates),
-        ("key", settings.key, _private_key),
-    ]
-    files += [(f"trust_bundles.{td}", path, _bundle(td)) for td, path in settings.trust_bundles]
+    checks: list[Callable[[bytes], str | None]] = [_certificates, _private_key]
+    checks += [_bundle(td) for td, _ in settings.trust_bundles]
     problems = []
-    for key, path, problem_of in files:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            problems.append(ConfigError(f"{where}.{key}", f"cannot read {path}: {exc.strerror}"))
+    for (key, path), problem_of in zip(_named_files(settings), checks, strict=True):
+        data = _read(path, f"{where}.{key}")
+        if isinstance(data, ConfigError):
+            problems.append(data)
             continue
         problem = problem_of(data)
         if problem is not None:
@@ -344,6 +337,20 @@ def file_problems(settings: ListenerTLS, where: str) -> list[ConfigError]:
         except ConfigError as exc:
             problems.append(exc)
     return problems
+
+
+def _named_files(settings: ListenerTLS) -> list[tuple[str, Path]]:
+    """A listener's files, each with the setting that names it (certificate, key, bundles)."""
+    named = [("certificate", settings.certificate), ("key", settings.key)]
+    return named + [(f"trust_bundles.{td}", path) for td, path in settings.trust_bundles]
+
+
+def _read(path: Path, setting: str) -> bytes | ConfigError:
+    """A file's bytes, or the error naming its setting and path (never its content)."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return ConfigError(setting, f"cannot read {path}: {exc.strerror}")
 
 
 def _certificates(data: bytes) -> str | None:
