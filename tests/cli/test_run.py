@@ -264,22 +264,12 @@ def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
     saved = tmp_path / "token"
     args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sigterm", "--"]
     child = SAVE_TOKEN + "import time; time.sleep(60)"
-    with (log_dir / "run-sigterm.log").open("wb") as out:
-        proc = subprocess.Popen(
-            [KEYPROXY, *args, sys.executable, "-c", child, str(saved)],
-            stdout=out,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-            env=_env(identity_token, tmp_path),
-        )
-        try:
-            eventually_blocking(lambda: saved.exists() and saved.read_text(), "no child", within=30)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+    run = (*args, sys.executable, "-c", child, str(saved))
+    log, env = log_dir / "run-sigterm.log", _env(identity_token, tmp_path)
+    with started(*run, out=log, env=env) as proc:
+        eventually_blocking(lambda: saved.exists() and saved.read_text(), "no child", within=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     _refused_everywhere(replicas, _token(saved))
     event = _revoked(replicas, "run-sigterm")
     assert event["reason"] == "failed"
@@ -322,22 +312,12 @@ def test_a_stop_during_the_exchange_still_revokes_what_it_was_granted(
         args = ["run", "--proxy", f"http://127.0.0.1:{port}", "--identity-env", "IDENTITY_TOKEN"]
         args += ["--scope", SCOPE, "--task", "run-stopped-early", "--"]
         child = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('ran')"
-        with (log_dir / "run-stopped-early.log").open("wb") as out:
-            proc = subprocess.Popen(
-                [KEYPROXY, *args, sys.executable, "-c", child, str(ran)],
-                stdout=out,
-                stderr=out,
-                stdin=subprocess.DEVNULL,
-                env=_env(identity_token, tmp_path),
-            )
-            try:
-                eventually_blocking(marker.exists, "the exchange never arrived", within=30)
-                proc.send_signal(signal.SIGTERM)
-                assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(timeout=10)
+        run = (*args, sys.executable, "-c", child, str(ran))
+        log, env = log_dir / "run-stopped-early.log", _env(identity_token, tmp_path)
+        with started(*run, out=log, env=env) as proc:
+            eventually_blocking(marker.exists, "the exchange never arrived", within=30)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
         front.terminate()
         front.wait(timeout=10)
