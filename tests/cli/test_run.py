@@ -29,7 +29,7 @@ import yaml
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.helpers import cli
-from tests.helpers.cli import KEYPROXY, started
+from tests.helpers.cli import KEYPROXY, serve_replicas, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually, eventually_blocking
@@ -105,13 +105,8 @@ def replicas(
         )
         stack.callback(upstream.wait, timeout=10)
         stack.callback(upstream.terminate)
-        bases, outs = [], []
-        for i in range(2):
-            port, out = free_port(), log_dir / f"run-replica-{i}.out"
-            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
-            stack.enter_context(started(*args, out=out))
-            bases.append(f"http://127.0.0.1:{port}")
-            outs.append(out)
+        (a, a_out), (b, b_out) = serve_replicas(stack, path, log_dir, "run")
+        bases, outs = [a, b], [a_out, b_out]
         eventually_blocking(lambda: _listening(up), "the demo upstream did not start", within=30)
         for base in bases:
             eventually_blocking(partial(_ready, base), f"{base} not ready", within=60)

@@ -24,6 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.helpers.polling import eventually
+from tests.helpers.servers import free_port
 
 BIN = Path(sys.executable).parent
 KEYPROXY = str(BIN / "keyproxy")
@@ -116,6 +117,20 @@ def started(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def serve_replicas(
+    stack: contextlib.ExitStack, config: Path, log_dir: Path, name: str, count: int = 2
+) -> list[tuple[str, Path]]:
+    """`count` `keyproxy serve` processes of `config` on free ports, stopped with `stack`:
+    each one's base URL and output file (`log_dir`/`name`-replica-N.out)."""
+    replicas = []
+    for i in range(count):
+        port, out = free_port(), log_dir / f"{name}-replica-{i}.out"
+        args = ("serve", "-c", str(config), "--port", str(port), "--admin-port", "0")
+        stack.enter_context(started(*args, out=out))
+        replicas.append((f"http://127.0.0.1:{port}", out))
+    return replicas
 
 
 async def ready(

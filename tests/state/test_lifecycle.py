@@ -32,7 +32,7 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.state.redis import RedisStore
 from keyproxy.tokens import TaskTokens
 from keyproxy.vault import Vault
-from tests.helpers.cli import ready, started
+from tests.helpers.cli import ready, serve_replicas, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
@@ -71,14 +71,8 @@ def replicas(
     path = tmp_path_factory.mktemp("lifecycle") / "k.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with contextlib.ExitStack() as stack:
-        bases, outs = [], []
-        for i in range(2):
-            port, out = free_port(), log_dir / f"lifecycle-replica-{i}.out"
-            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
-            stack.enter_context(started(*args, out=out))
-            bases.append(f"http://127.0.0.1:{port}")
-            outs.append(out)
-        yield Replicas(bases, outs, path)
+        replicas = serve_replicas(stack, path, log_dir, "lifecycle")
+        yield Replicas([base for base, _ in replicas], [out for _, out in replicas], path)
 
 
 async def _both_accept(http: aiohttp.ClientSession, bases: list[str], token: str) -> None:

@@ -25,7 +25,7 @@ from keyproxy.errors import Forbidden
 from keyproxy.identity import Identity
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
-from tests.helpers.cli import ready, started
+from tests.helpers.cli import ready, serve_replicas
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
@@ -33,7 +33,6 @@ from tests.helpers.servers import (
     Stack,
     Upstream,
     bearer,
-    free_port,
     running_proxy,
     token_config,
 )
@@ -60,14 +59,8 @@ def replicas(
     """Two `keyproxy serve` processes sharing one OpenBao; yields their base URLs."""
     path = tmp_path / "k.yaml"
     path.write_text(yaml.safe_dump(token_config(openbao, agent, "http://127.0.0.1:9")))
-    with contextlib.ExitStack() as replicas:
-        bases = []
-        for i in range(2):
-            port = free_port()
-            args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0")
-            replicas.enter_context(started(*args, out=log_dir / f"replica-{i}.out"))
-            bases.append(f"http://127.0.0.1:{port}")
-        yield bases
+    with contextlib.ExitStack() as stack:
+        yield [base for base, _ in serve_replicas(stack, path, log_dir, "revocation")]
 
 
 async def test_revocation_reaches_another_replica_within_2s(
