@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from keyproxy.devserver import OpenBaoDevServer
-from tests.helpers.cli import BIN, started
+from tests.helpers.cli import BIN, first_line_json, started
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually_blocking
 
@@ -31,16 +30,7 @@ def dev_stack(log_dir: Path) -> Iterator[dict[str, Any]]:
     env_file = log_dir / "dev.env"
     args = ("dev", "--json", "--port", "0", "--env-file", str(env_file))
     with started(*args, out=out, err=log_dir / "dev.err", cwd=REPO) as proc:
-
-        def handshake() -> dict[str, Any]:
-            first = out.read_bytes().split(b"\n", 1)
-            if len(first) == 2:
-                info: dict[str, Any] = json.loads(first[0])
-                return info
-            assert proc.poll() is None, f"keyproxy dev exited with {proc.returncode}"
-            return {}
-
-        info = eventually_blocking(handshake, "keyproxy dev printed no handshake", within=60)
+        info = first_line_json(proc, out, "keyproxy dev", within=60)
         CANARIES.add(info["token"])
         yield info
     assert proc.returncode == 0

@@ -3,7 +3,6 @@ command, and what it writes (the CA, the server's and the demo agent's certifica
 
 from __future__ import annotations
 
-import json
 import os
 import ssl
 import stat
@@ -15,9 +14,8 @@ import httpx
 import pytest
 
 from keyproxy.devserver import vault_dev_dir
-from tests.helpers.cli import BIN, started
+from tests.helpers.cli import BIN, first_line_json, started
 from tests.helpers.logscan import CANARIES
-from tests.helpers.polling import eventually_blocking
 from tests.test_readme import Checkout, readme_blocks, run_blocks
 
 
@@ -41,16 +39,7 @@ def mtls_stack(
         "dev", "--mtls", "--json", "--port", "0",
         out=out, err=log_dir / "dev-mtls.err", cwd=work, env=dev_env,
     ) as proc:  # fmt: skip
-
-        def handshake() -> dict[str, Any]:
-            first = out.read_bytes().split(b"\n", 1)
-            if len(first) == 2:
-                info: dict[str, Any] = json.loads(first[0])
-                return info
-            assert proc.poll() is None, f"keyproxy dev exited with {proc.returncode}"
-            return {}
-
-        info = eventually_blocking(handshake, "keyproxy dev printed no handshake", within=90)
+        info = first_line_json(proc, out, "keyproxy dev", within=90)
         CANARIES.add(info["token"])
         yield Checkout(work, env), info
     assert proc.returncode == 0

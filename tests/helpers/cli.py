@@ -14,16 +14,18 @@ file and stops it by PID on the way out; `ready` waits until a started proxy ans
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from tests.helpers.polling import eventually
+from tests.helpers.polling import eventually, eventually_blocking
 from tests.helpers.servers import free_port
 
 BIN = Path(sys.executable).parent
@@ -117,6 +119,23 @@ def started(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def first_line_json(
+    proc: subprocess.Popen[bytes], out: Path, what: str, within: float
+) -> dict[str, Any]:
+    """The JSON object `proc` writes as the first line of `out` (a handshake), waited for up
+    to `within` seconds; fails at once if the process ended first."""
+
+    def first_line() -> dict[str, Any]:
+        first = out.read_bytes().split(b"\n", 1)
+        if len(first) == 2:
+            info: dict[str, Any] = json.loads(first[0])
+            return info
+        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+        return {}
+
+    return eventually_blocking(first_line, f"{what} printed no handshake", within=within)
 
 
 def serve_replicas(
