@@ -166,11 +166,13 @@ def thumbprint(der: bytes) -> str:
 
 
 def key_thumbprint(certificate: x509.Certificate) -> str:
-    """base64url, unpadded, of the SHA-256 of the certificate's SubjectPublicKeyInfo (DER)."""
-    spki = certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    """base64url, unpadded, of the SHA-256 of the certificate's SubjectPublicKeyInfo (DER):
+    `thumbprint`'s encoding, of the key instead of the certificate."""
+    return thumbprint(
+        certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
-    return base64.urlsafe_b64encode(hashlib.sha256(spki).digest()).rstrip(b"=").decode()
 
 
 def presents(expected: str, der: bytes | None) -> bool:
@@ -186,7 +188,7 @@ class Svid:
     spiffe_id: SpiffeId
     thumbprint: str
     not_after: dt.datetime
-    key: str = ""
+    key: str
 
     @property
     def issuer(self) -> str:
