@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from keyproxy.errors import InternalError, McpRefused, RequestError
-from keyproxy.headers import REQUEST_ID
+from keyproxy.headers import REQUEST_ID, SERVER_NAME
 
 # The request's id, as its handler chose it: the error's answer repeats it.
 REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
@@ -34,6 +34,7 @@ log = structlog.get_logger("keyproxy.answers")
 def error_response(exc: RequestError, request_id: str | None = None) -> web.Response:
     """`exc` as an HTTP answer; `request_id` is the request's."""
     headers: dict[str, str] = dict(exc.headers) if exc.headers else {}
+    headers["Server"] = SERVER_NAME
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="keyproxy"'
     if exc.retry_after is not None:

@@ -31,6 +31,10 @@ from keyproxy.config import HOP_BY_HOP, CallerCredential, Route
 from keyproxy.errors import BadRequest, Unauthenticated
 from keyproxy.inject import Rendered, holds_any, scrub_text
 
+# The `Server` of every answer keyproxy makes, and of an upstream's that names none: never
+# the Python or aiohttp version aiohttp would write.
+SERVER_NAME: Final = "keyproxy"
+
 # SECURITY: request headers never forwarded, whatever the route says. They carry or could
 # override a credential, claim another client address, or make the upstream run another
 # method or path than the one policy checked.
@@ -209,7 +213,7 @@ def response_headers(
     incoming: CIMultiDictProxy[str], rendered: Rendered, request_id: str
 ) -> list[tuple[str, str]]:
     """The upstream's answer headers that go back to the caller, any secret form redacted,
-    and the request id."""
+    and the request id (and keyproxy's `Server` when the upstream names none)."""
     extra = _connection_extra(incoming)
     headers = [
         (k, v)
@@ -227,6 +231,8 @@ def response_headers(
             if not holds_any(k, rendered.forms)  # a name cannot be redacted
         ]
     headers.append((REQUEST_ID, request_id))
+    if "Server" not in incoming:
+        headers.append(("Server", SERVER_NAME))
     return headers
 
 

@@ -130,6 +130,7 @@ def test_response_headers_drop_cookies_and_lengths_and_redact_the_key() -> None:
         ("Content-Type", "application/json"),
         ("X-Echo", f"you sent {REDACTED}"),
         ("X-Request-Id", "rid-1"),
+        ("Server", "keyproxy"),
     ]
 
 
@@ -148,9 +149,23 @@ def test_an_upstream_request_id_of_its_own_goes_back_beside_ours() -> None:
     assert response_headers(theirs, RENDERED, "ours") == [
         ("X-Upstream-Request-Id", "req_upstream"),
         ("X-Request-Id", "ours"),
+        ("Server", "keyproxy"),
     ]
     echoed = _incoming(("x-request-id", "ours"))
-    assert response_headers(echoed, RENDERED, "ours") == [("X-Request-Id", "ours")]
+    assert response_headers(echoed, RENDERED, "ours") == [
+        ("X-Request-Id", "ours"),
+        ("Server", "keyproxy"),
+    ]
+
+
+def test_an_answer_names_its_server_as_the_upstream_did_or_keyproxy() -> None:
+    """The upstream's own Server goes back as it wrote it (any case of the name); an answer
+    without one names keyproxy, never the Python or aiohttp version aiohttp would add."""
+    for name in ("Server", "server", "SERVER"):
+        returned = response_headers(_incoming((name, "nginx")), RENDERED, "r1")
+        assert [v for k, v in returned if k.lower() == "server"] == ["nginx"]
+    returned = response_headers(_incoming(("X-Id", "7")), RENDERED, "r1")
+    assert [v for k, v in returned if k.lower() == "server"] == ["keyproxy"]
 
 
 # ---------------------------------------------------------------------------- underscores

@@ -49,11 +49,13 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.typedefs import Handler
 
 from keyproxy import answers
 from keyproxy.broker import Broker
 from keyproxy.config import Config, keep_running, parse
 from keyproxy.errors import ConfigError
+from keyproxy.headers import SERVER_NAME
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.paths import ROUTE_PREFIX
@@ -79,7 +81,9 @@ STORE: Final = web.AppKey("store", StateStore)
 PROCESSES: Final = web.AppKey("processes", int)  # how many serve the port (--workers)
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
 TLS: Final = web.AppKey("tls", ServerTLS)  # the listener's TLS, when it has one
-SERVER_NAME: Final = "keyproxy"
+# The proxy's handler (errors answered), which the listener calls for a path under /r/
+# without aiohttp's router (keyproxy.server.listen); the router holds it too.
+PROXY_HANDLER: Final[web.AppKey[Handler]] = web.AppKey("proxy_handler")
 
 log = structlog.get_logger("keyproxy.app")
 audit_log = structlog.get_logger("keyproxy.audit")
@@ -109,7 +113,8 @@ def build_app(
     # Every handler raises; answers.answering answers.
     app.router.add_get("/healthz", answers.answering(_healthz))
     app.router.add_get("/readyz", answers.answering(_ready))
-    app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", answers.answering(_proxy))
+    app[PROXY_HANDLER] = answers.answering(_proxy(app))
+    app.router.add_route("*", ROUTE_PREFIX + r"{tail:[\s\S]*}", app[PROXY_HANDLER])
     app.router.add_post("/token", answers.answering(_broker("exchange")))
     app.router.add_post("/token/heartbeat", answers.answering(_broker("heartbeat")))
     app.router.add_post("/token/revoke", answers.answering(_broker("revoke")))
@@ -307,13 +312,17 @@ async def _quietly(coro: Coroutine[Any, Any, None], event: str) -> None:
         log.warning(event, error=str(exc))
 
 
-async def _proxy(request: web.Request) -> web.StreamResponse:
-    reloader = request.app[RELOADER]
-    generation = reloader.enter()  # this request's configuration, to its last byte
-    try:
-        return await generation.proxy.handle(request)
-    finally:
-        reloader.leave(generation)
+def _proxy(app: web.Application) -> Handler:
+    # `app`, not `request.app`: the listener calls this without the router, which sets that.
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        reloader = app[RELOADER]
+        generation = reloader.enter()  # this request's configuration, to its last byte
+        try:
+            return await generation.proxy.handle(request)
+        finally:
+            reloader.leave(generation)
+
+    return proxy
 
 
 def _broker(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -34,22 +34,36 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 from aiohttp import web, web_protocol
+from aiohttp.hdrs import EXPECT
+from aiohttp.typedefs import Handler
 from aiohttp.web_request import BaseRequest
 
 from keyproxy.addresses import IPAddress
 from keyproxy.config import Config, Network, ServerConfig
+from keyproxy.headers import SERVER_NAME
 from keyproxy.metrics import Metrics
+from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.policy import peer_address
-from keyproxy.server.app import METRICS, RELOADER, SERVER_NAME, TLS, build_admin_app, build_app
+from keyproxy.server.app import (
+    METRICS,
+    PROXY_HANDLER,
+    RELOADER,
+    TLS,
+    build_admin_app,
+    build_app,
+)
 
 log = structlog.get_logger("keyproxy.server")
+
+# What aiohttp's server calls with each request it has parsed.
+ServerHandler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 # Sent, unasked, to a connection over a limit: it has not sent a request we could answer yet.
 _REFUSED_BODY: Final = b'{"error":{"code":"too_many_connections","message":"too many connections"}}'
@@ -227,11 +241,11 @@ class _Connection(web_protocol.RequestHandler):
 class _Server(web.Server):
     """aiohttp's server, making `_Connection`s."""
 
-    def __init__(self, made: web.Server, guard: _Guard) -> None:
+    def __init__(self, made: web.Server, handler: ServerHandler, guard: _Guard) -> None:
         # The handler settings aiohttp gathered (the runner's and the app's handler_args).
         self._handler_kwargs: dict[str, Any] = dict(made._kwargs)
         super().__init__(
-            made.request_handler,
+            handler,
             request_factory=made.request_factory,
             handler_cancellation=made.handler_cancellation,
             **self._handler_kwargs,
@@ -255,7 +269,28 @@ class _Runner(web.AppRunner):
         self._guard = guard
 
     async def _make_server(self) -> web.Server:
-        return _Server(await super()._make_server(), self._guard)
+        made = await super()._make_server()
+        proxy = self.app.get(PROXY_HANDLER)
+        routed = made.request_handler
+        handler = routed if proxy is None else _direct(routed, proxy)
+        return _Server(made, handler, self._guard)
+
+
+def _direct(routed: ServerHandler, proxy: Handler) -> ServerHandler:
+    """`routed` (the app's router), with a path under /r/ handed to `proxy` directly.
+
+    Such a path goes nowhere else, and the router's work (resolving it, the match info, the
+    response-prepare signal) is 4% of a proxied request's instructions (docs/performance.md).
+    A request with `Expect` still goes through the router, which answers 100-continue.
+    """
+
+    async def dispatch(request: BaseRequest) -> web.StreamResponse:
+        if request.raw_path.startswith(ROUTE_PREFIX) and EXPECT not in request.headers:
+            # The app's request factory made it: a web.Request, without match info.
+            return await proxy(cast(web.Request, request))
+        return await routed(request)
+
+    return dispatch
 
 
 async def start(

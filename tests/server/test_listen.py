@@ -280,6 +280,48 @@ async def test_the_agents_port_shows_status_only(stack: Stack, server_key: str) 
             assert "keyproxy_key_ready" in await response.text()
 
 
+def _answer(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    """A raw answer read to its end: its final status line, header block and body."""
+    head, _, body = raw.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n").partition(b"\r\n\r\n")
+    status, _, headers = head.partition(b"\r\n")
+    return status, headers, body
+
+
+async def test_the_router_and_the_direct_path_answer_alike(
+    openbao: OpenBaoDevServer, stack: Stack, server_key: str
+) -> None:
+    """A path under /r/ goes to the proxy without aiohttp's router, except a request with
+    `Expect`, which the router answers with 100 Continue first: both ways give the same
+    answer, for a request served, refused by policy, unauthenticated or for no route."""
+    token = openbao.agent_token(openbao.add_agent("listen-direct-agent"))
+    port = _port(stack.base)
+    requests = {
+        "served": b"GET /r/r/echo HTTP/1.1\r\nAuthorization: Bearer " + token.encode() + b"\r\n",
+        "policy": b"POST /r/r/x HTTP/1.1\r\nAuthorization: Bearer " + token.encode() + b"\r\n",
+        "no token": b"GET /r/r/x HTTP/1.1\r\n",
+        "no route": b"GET /r/nope/x HTTP/1.1\r\nAuthorization: Bearer " + token.encode() + b"\r\n",
+    }
+    expected = {"served": b"200", "policy": b"403", "no token": b"401", "no route": b"404"}
+    for name, request in requests.items():
+        end = b"Host: a\r\nContent-Length: 0\r\nConnection: close\r\n"
+        direct = await _exchange(port, request + end + b"\r\n")
+        routed = await _exchange(port, request + end + b"Expect: 100-continue\r\n\r\n")
+        assert routed.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), name
+        assert not direct.startswith(b"HTTP/1.1 100 "), name
+        direct_status, direct_headers, direct_body = _answer(direct)
+        routed_status, routed_headers, routed_body = _answer(routed)
+        assert direct_status.split(b" ")[1] == expected[name], (name, direct_status)
+        assert routed_status == direct_status, name
+        if name == "served":  # the upstream echoes the path it got, and names its Server
+            assert json.loads(direct_body)["path"] == json.loads(routed_body)["path"] == "/echo"
+            assert b"\r\nServer: Python/" in direct_headers, name
+        else:
+            assert json.loads(direct_body)["error"] == json.loads(routed_body)["error"], name
+            assert b"\r\nServer: keyproxy" in b"\r\n" + direct_headers, name
+        assert (b"\r\n" + direct_headers).count(b"\r\nServer: ") == 1, name
+        assert (b"\r\n" + routed_headers).count(b"\r\nServer: ") == 1, name
+
+
 async def test_serve_logs_only_json_reloads_on_sighup_and_drains_on_sigterm(
     openbao: OpenBaoDevServer, upstream: Upstream, server_key: str, tmp_path: Path, log_dir: Path
 ) -> None:
