@@ -8,7 +8,6 @@ wall-clock table of `bench/run.py` stays the measure of the result.
 
     .venv/bin/python bench/instructions.py [--seconds 12] [--compare DIR ...] [--body large]
                                            [--routes 1000] [--limits] [--conc 32]
-                                           [--uvloop-minimal]
 
 Each proxy runs under `valgrind --tool=callgrind` with counting off, is warmed up by 5 s of
 wrk at c=1 on the answer (`--body`: the small JSON, or the 64 KiB one of bench/run.py), then
@@ -21,8 +20,7 @@ key index and revocation polls would otherwise be shared by fewer requests in a 
 `--limits` adds `keyproxy-limits`: the limits phase's candidate (a rate limit and a task
 token's max_uses counted in a local Valkey/Redis on every request). `--conc` counts at that
 many connections instead of 1 (the warm-up stays at 1): where requests overlap, as the
-decisions of one event-loop turn share a round trip to Valkey/Redis. `--uvloop-minimal` adds
-`minimal-uvloop`: the minimal proxy on uvloop's event loop, the one keyproxy serves on.
+decisions of one event-loop turn share a round trip to Valkey/Redis.
 valgrind is installed from Debian's packages if missing.
 """
 
@@ -117,7 +115,7 @@ def _count(
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
-    if name.startswith("minimal-"):
+    if name == "minimal-aiohttp":
         bench._wait_port(port, proc, name, timeout=300)
     else:
         bench._wait_http(f"{base}/readyz", proc, name, timeout=300)
@@ -185,7 +183,6 @@ def measure(
     *,
     limits: bool = False,
     conc: int = 1,
-    uvloop_minimal: bool = False,
 ) -> list[dict[str, object]]:
     _valgrind()
     tools = bench.ensure_tools()
@@ -227,16 +224,9 @@ def measure(
                 token=token,
             )
 
-        # The minimal proxy; with uvloop_minimal, also on the event loop keyproxy serves on.
-        minimal: dict[str, list[str]] = {"minimal-aiohttp": []} | (
-            {"minimal-uvloop": ["uvloop"]} if uvloop_minimal else {}
-        )
-        results = []
-        for name, loop in minimal.items():
-            port = bench._free_port()
-            script = str(bench.BENCH / "minimal_proxy.py")
-            argv = [sys.executable, script, str(port), upstream, str(key_file), *loop]
-            results.append(count(name, argv, port, clean_env))
+        mini_port = bench._free_port()
+        mini = [sys.executable, str(bench.BENCH / "minimal_proxy.py"), str(mini_port)]
+        results = [count("minimal-aiohttp", [*mini, upstream, str(key_file)], mini_port, clean_env)]
         candidates: list[tuple[str, Path | None]] = [("keyproxy", None)]
         candidates += [(f"keyproxy-compare-{source.resolve().name}", source) for source in compare]
         if limits:
@@ -284,9 +274,6 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps into this directory")
     parser.add_argument("--limits", action="store_true", help="also count keyproxy with limits")
     parser.add_argument("--conc", type=int, default=1, help="connections while counting")
-    parser.add_argument(
-        "--uvloop-minimal", action="store_true", help="also count the minimal proxy on uvloop"
-    )
     args = parser.parse_args()
     results = measure(
         args.compare,
@@ -296,7 +283,6 @@ def main() -> int:
         args.keep,
         limits=args.limits,
         conc=args.conc,
-        uvloop_minimal=args.uvloop_minimal,
     )
     minimal = float(str(results[0]["per_request"]))
     print("\n| candidate | requests counted | instructions per request | x minimal |")

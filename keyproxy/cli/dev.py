@@ -283,7 +283,7 @@ async def _serve(app: web.Application, port: int, runners: list[web.AppRunner]) 
     runners.append(runner)
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    return server.bound_port(runner)
+    return server.bound_port(site)
 
 
 async def _serve_proxy(

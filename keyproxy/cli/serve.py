@@ -100,7 +100,7 @@ def _serve_one(  # the serve options, passed on
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
         # Every event says which worker wrote it (tasks inherit this context).
         structlog.contextvars.bind_contextvars(worker=os.getpid())
-    server.run(
+    asyncio.run(
         server.serve(
             cfg,
             host,

@@ -2,7 +2,6 @@
 
     serve(config, host, port, ...)   the proxy and admin listeners until SIGTERM or SIGINT
     start(app, host, port, limits)   one listener with keyproxy's connection handling
-    run(main)                        run a coroutine on the event loop keyproxy serves on
 
 Every connection is handled by `_Connection`, aiohttp's own request handler with keyproxy's
 limits (docs/security.md, "Connection limits"):
@@ -35,13 +34,12 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, cast
 
 import structlog
-import uvloop
 from aiohttp import web, web_protocol
 from aiohttp.hdrs import EXPECT
 from aiohttp.typedefs import Handler
@@ -63,8 +61,6 @@ from keyproxy.server.app import (
 )
 
 log = structlog.get_logger("keyproxy.server")
-
-T = TypeVar("T")
 
 # What aiohttp's server calls with each request it has parsed.
 ServerHandler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
@@ -174,10 +170,9 @@ class _Connection(web_protocol.RequestHandler):
         refused = self._guard.admit(self._source, self.peer[0] if self.peer else None)
         if refused is not None:
             # SECURITY: nothing of this connection is read, so nothing of it can cost more.
-            # A TCP listener's (uvloop's transports are no asyncio.Transport subclasses).
-            writer = cast(asyncio.WriteTransport, transport)
-            writer.write(_REFUSED)
-            writer.close()
+            assert isinstance(transport, asyncio.Transport)  # TCP listeners only
+            transport.write(_REFUSED)
+            transport.close()
             self._guard.closed(refused, self._source)
             return
         self._admitted = True
@@ -332,22 +327,14 @@ async def start(
     except BaseException:
         await runner.cleanup()
         raise
-    return runner, bound_port(runner)
+    return runner, bound_port(site)
 
 
-def bound_port(runner: web.BaseRunner) -> int:
-    """The port a runner's one site listens on (the one the system chose when 0 was asked
-    for)."""
-    return int(runner.addresses[0][1])
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` to its end on uvloop's event loop (libuv), as `keyproxy serve` and
-    `keyproxy dev` do: against asyncio's own loop it takes 13% off a proxied request's
-    instructions, in the transports and the scheduling every request goes through
-    (docs/performance.md)."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+def bound_port(site: web.TCPSite) -> int:
+    """The port a site listens on (the one the system chose when 0 was asked for)."""
+    server = site._server  # aiohttp keeps the asyncio server here
+    assert isinstance(server, asyncio.base_events.Server)  # a TCP site
+    return int(server.sockets[0].getsockname()[1])
 
 
 def in_flight(runner: web.AppRunner) -> int:
@@ -438,4 +425,4 @@ async def _until_stopped(stop: asyncio.Event, hangups: asyncio.Event, app: web.A
         stopping.cancel()
 
 
-__all__ = ["Limits", "bound_port", "in_flight", "run", "serve", "start"]
+__all__ = ["Limits", "bound_port", "in_flight", "serve", "start"]

@@ -300,7 +300,7 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    return runner, server.bound_port(runner)
+    return runner, server.bound_port(site)
 
 
 @asynccontextmanager

@@ -18,12 +18,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-import uvloop
 import yaml
 
 from keyproxy import audit
 from keyproxy.devserver import OpenBaoDevServer
-from keyproxy.server import listen as server
 from tests.helpers.cli import ready, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
@@ -280,19 +278,6 @@ async def test_the_agents_port_shows_status_only(stack: Stack, server_key: str) 
         async with http.get(f"{stack.admin}/metrics") as response:
             assert response.status == 200
             assert "keyproxy_key_ready" in await response.text()
-
-
-def test_keyproxy_serves_on_uvloop() -> None:
-    """`keyproxy serve` and `keyproxy dev` run on uvloop's loop, and so does this suite."""
-
-    async def loop_type() -> type[asyncio.AbstractEventLoop]:
-        return type(asyncio.get_running_loop())
-
-    assert issubclass(server.run(loop_type()), uvloop.Loop)
-
-
-async def test_the_suite_runs_on_the_loop_keyproxy_serves_on() -> None:
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
 
 
 def _answer(raw: bytes) -> tuple[bytes, bytes, bytes]:
