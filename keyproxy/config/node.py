@@ -89,9 +89,19 @@ class Node:
         return int(match[1]) * _SIZE_UNITS[match[2]]
 
     def count(self) -> int:
+        return self.whole(1, None, "a positive whole number")
+
+    def whole(self, low: int, high: int | None, wanted: str) -> int:
+        """A whole number from `low` to `high` (None: no bound), or the error "must be
+        `wanted`". YAML's true and false are no numbers here."""
         value = self.value
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise self.error("must be a positive whole number")
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise self.error(f"must be {wanted}")
         return value
 
     def strings(self) -> tuple[str, ...]:

@@ -319,21 +319,11 @@ def svid_issuers(server: ServerConfig) -> set[str]:
 
 
 def port(node: Node) -> int:
-    port = node.value
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        raise node.error("must be a port number (0-65535)")
-    return port
+    return node.whole(0, 65535, "a port number (0-65535)")
 
 
 def _depth(node: Node) -> int:
-    depth = node.value
-    if (
-        not isinstance(depth, int)
-        or isinstance(depth, bool)
-        or not 0 <= depth <= MAX_DELEGATION_DEPTH
-    ):
-        raise node.error(f"must be a whole number from 0 to {MAX_DELEGATION_DEPTH}")
-    return depth
+    return node.whole(0, MAX_DELEGATION_DEPTH, f"a whole number from 0 to {MAX_DELEGATION_DEPTH}")
 
 
 def tokens_config(node: Node) -> TokensConfig:
