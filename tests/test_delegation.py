@@ -284,10 +284,13 @@ async def test_revoking_an_actor_ends_its_heartbeats_too(
     http: aiohttp.ClientSession,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    audit_log: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A child a sub-agent acts with (actor_token), with a lease: once the sub-agent's
     identity is revoked as a subject, the child is refused and so is its heartbeat (it
-    could otherwise keep a lease alive for a token that no longer works)."""
+    could otherwise keep a lease alive for a token that no longer works); `token list
+    --audit` shows it revoked for that reason, its parent active."""
     helper = openbao.add_agent("revoked-actor")
     actor_token = openbao.agent_token(helper)
     CANARIES.add(actor_token)
@@ -315,6 +318,20 @@ async def test_revoking_an_actor_ends_its_heartbeats_too(
 
     await eventually(heartbeat, "the heartbeat outlived the actor", until=(401).__eq__)
     assert await status(http, "POST", stack.base + CHAT, root["access_token"]) == 200
+
+    def seen() -> bool:  # the child's refused request, which names its actors
+        return any(e.get("token_id") == child["token_id"] for e in read_events(audit_log))
+
+    await eventually(seen, "no audit event of the child")
+    listing = ["token", "list", "-c", str(path), "--audit", str(audit_log), "-o", "json"]
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, listing) == 0
+    (listed,) = [
+        t for t in json.loads(capsys.readouterr().out) if t["token_id"] == root["token_id"]
+    ]
+    (below,) = listed["children"]
+    assert (listed["state"], below["token_id"]) == ("active", child["token_id"])
+    assert below["state"] == "revoked (actor_revoked)"
 
 
 async def test_a_chain_shares_its_per_token_rate(

@@ -182,6 +182,8 @@ class TokenNode:
     task: str | None = None
     subject: str | None = None  # "issuer|subject": on whose authority
     actor: str | None = None  # "issuer|subject" of who acts with it, if delegated
+    # Who acted at each delegation from the root to it ("issuer|subject"), as its events say.
+    actors: tuple[str, ...] = ()
     issued: str = ""  # the token.issued event's time ("" if not in the logs)
     expires_at: float | None = None
     ended: str | None = None  # the end reason of its token.revoked event
@@ -276,7 +278,8 @@ def _note(nodes: dict[str, TokenNode], event: dict[str, Any]) -> None:
         node.subject = f"{event['issuer']}|{event['subject']}"
     actors = event.get("actors")
     if isinstance(actors, str) and actors:
-        node.actor = actors.split(",")[-1]
+        node.actors = tuple(actors.split(","))
+        node.actor = node.actors[-1]
     if kind == "token.issued":
         node.issued = str(event.get("timestamp", ""))
         if isinstance(event.get("expires_at"), int | float):

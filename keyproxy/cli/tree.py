@@ -58,6 +58,10 @@ def token_list(args: argparse.Namespace, lines: Iterable[str], revocations: Revo
             return "revoked" + (f" ({node.ended})" if node.ended else "")
         if any(a.token_id in revocations.ids for a in ancestors):
             return "revoked (parent_revoked)"
+        # As the proxy refuses it (tokens.revocation.Revocations.any_actor): an identity that
+        # acted in its chain was revoked as a subject at or after it was issued.
+        if any(revocations.covers_subject(actor, issued_at) for actor in node.actors):
+            return "revoked (actor_revoked)"
         if node.expires_at is not None and node.expires_at <= now:
             return "expired"
         return "active" if node.expires_at is not None else "unknown expiry"
