@@ -40,7 +40,7 @@ from keyproxy.errors import (
     McpUnreadable,
 )
 from keyproxy.outgoing import read_body
-from keyproxy.tokens import TaskToken
+from keyproxy.tokens import TaskToken, chain_fields
 
 log = structlog.get_logger("keyproxy.mcproute")
 
@@ -204,9 +204,8 @@ async def decided(
         "key_version": key_version,
         "mcp_session": request.headers.get(SESSION_HEADER, ""),
     }
-    if task is not None and task.ancestors:
-        # A delegated token names its whole chain, as its request events do.
-        fields |= {"chain": ",".join(task.chain), "actors": ",".join(task.actors)}
+    if task is not None:  # a delegated token names its whole chain, as its request events do
+        fields |= chain_fields(task)
     try:
         step = await inspect(request, route, plan.grant(facts.policy, task))
     except McpRefused as exc:

@@ -332,6 +332,9 @@ def _record(
     it ended."""
     identity = caller.identity if caller is not None else None
     task = caller.task if caller is not None else None
+    # A delegated token names its whole chain; any other caller, nothing more.
+    lineage = task.lineage() if task is not None else None
+    chain, actors = lineage if lineage is not None else (None, None)
     # Positional, in the fields' order (each named): the keyword call costs three times as
     # much, on every request.
     return audit.RequestRecord(
@@ -354,9 +357,8 @@ def _record(
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
         config_hash,  # config
         limit,
-        # A delegated token names its whole chain; any other caller, nothing more.
-        ",".join(task.chain) if task is not None and task.ancestors else None,  # chain
-        ",".join(task.actors) if task is not None and task.ancestors else None,  # actors
+        chain,
+        actors,
     )
 
 

@@ -17,7 +17,7 @@ from keyproxy.tokens.format import (
     is_task_token,
     needs_shared_store,
 )
-from keyproxy.tokens.revocation import END_REASONS, HOLDER_REASONS, Revocations
+from keyproxy.tokens.revocation import END_REASONS, HOLDER_REASONS, Revocations, chain_fields
 from keyproxy.tokens.tasks import TaskTokens
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Revocations",
     "TaskToken",
     "TaskTokens",
+    "chain_fields",
     "exception_subject",
     "is_task_token",
     "needs_shared_store",

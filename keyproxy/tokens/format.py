@@ -121,6 +121,14 @@ class TaskToken:
         """The token ids from the root to this one (just this one when not delegated)."""
         return (*(link.token_id for link in self.ancestors), self.token_id)
 
+    def lineage(self) -> tuple[str, str] | None:
+        """A delegated token's audit fields, `chain` (its token ids from the root) and
+        `actors` (who acted at each delegation, "issuer|subject"), as events write them; None
+        for any other token."""
+        if not self.ancestors:
+            return None
+        return ",".join(self.chain), ",".join(self.actors)
+
 
 @dataclass(frozen=True)
 class Issued:

@@ -117,9 +117,8 @@ class Revocations:
 def chain_fields(token: TaskToken) -> dict[str, str]:
     """A delegated token's audit fields: `chain`, its token ids from the root, and `actors`,
     who acted at each delegation ("issuer|subject", in order); none for other tokens."""
-    if not token.ancestors:
-        return {}
-    return {"chain": ",".join(token.chain), "actors": ",".join(token.actors)}
+    lineage = token.lineage()
+    return {} if lineage is None else {"chain": lineage[0], "actors": lineage[1]}
 
 
 class RevocationStore:
