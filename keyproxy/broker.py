@@ -128,7 +128,7 @@ class Broker(Lifecycle):
             self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
         if subject_token and is_task_token(subject_token):
             parent = await self._parent(subject_token, chain, str(source))
-            return await self._delegate(parent, fields, form, chain, event)
+            return await self._delegate(parent, fields, form, chain, event, source=str(source))
         if subject_token:
             identity = await self.verifier.verify(subject_token)
         else:
@@ -145,7 +145,8 @@ class Broker(Lifecycle):
         caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
         ttl = min([asked.ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
         grant = Grant(identity, granted, ttl, asked.task, asked.intent, asked.max_uses)
-        return await self._issue(grant, asked, fields, form, chain, event)
+        bound = str(source) if _binds(fields) else None
+        return await self._issue(grant, asked, form, chain, event, bound)
 
     def _asked(self, fields: dict[str, Any], form: bool, *, delegated: bool) -> Asked:
         """What the request asks for (a delegation may leave the scope out: its parent's)."""
@@ -162,15 +163,15 @@ class Broker(Lifecycle):
         self,
         grant: Grant,
         asked: Asked,
-        fields: dict[str, Any],
         form: bool,
         chain: tuple[bytes, ...],
         event: dict[str, Any],
+        bound: str | None,
         lineage: dict[str, Any] | None = None,
         ancestors: tuple[str, ...] = (),
     ) -> web.Response:
-        """Issue the token `grant` describes (delegated: with its `lineage` claims, below
-        its `ancestors`), and answer with it."""
+        """Issue the token `grant` describes (bound to the address `bound`, if any;
+        delegated: with its `lineage` claims, below its `ancestors`), and answer with it."""
         idle_ttl = None
         if asked.idle_ttl is not None:
             idle_ttl = math.ceil(asked.idle_ttl)  # whole seconds, as the claim holds it
@@ -178,7 +179,6 @@ class Broker(Lifecycle):
                 raise BadRequest(
                     "invalid_request", f"idle_ttl must be less than the ttl ({grant.ttl:.0f}s)"
                 )
-        bind = fields.get("bind_source") in (True, "true", "1")
         certificate = binding(chain, self.tls.verifier) if chain and self.tls else None
         issued = await self.tasks.issue(
             grant.identity,
@@ -187,7 +187,7 @@ class Broker(Lifecycle):
             task=grant.task,
             intent=grant.intent,
             max_uses=grant.max_uses,
-            source=event["source"] if bind else None,
+            source=bound,
             certificate=certificate,
             idle_ttl=idle_ttl,
             lineage=lineage,
@@ -239,8 +239,10 @@ class Broker(Lifecycle):
         form: bool,
         chain: tuple[bytes, ...],
         event: dict[str, Any],
+        *,
+        source: str,
     ) -> web.Response:
-        """A narrower token for a sub-agent (keyproxy.delegation)."""
+        """A narrower token for a sub-agent (keyproxy.delegation), asked for from `source`."""
         identity = parent.identity
         event |= {"issuer": identity.issuer, "subject": identity.subject, "task": parent.task}
         event["parent_token_id"] = parent.token_id
@@ -250,10 +252,9 @@ class Broker(Lifecycle):
         event["actors"] = ",".join([*parent.actors, lineage.actor_name(acting)])
         asked = self._asked(fields, form, delegated=True)
         delegation.same_task(parent, fields)
-        if parent.source is not None:
-            # SECURITY: a child never sheds its parent's address binding (the delegator is at
-            # that address: `_parent` checked it), asked for or not.
-            fields = {**fields, "bind_source": True}
+        # SECURITY: a child never sheds its parent's address binding (the delegator is at
+        # that address: `_parent` checked it), asked for or not.
+        bound = parent.source or (source if _binds(fields) else None)
         event["requested"] = scopes.to_claim(asked.scope)
         uses_left = await delegation.uses_left(parent, self.tasks.store, time.time())
         cfg = self.config.tokens
@@ -267,12 +268,11 @@ class Broker(Lifecycle):
             uses_left=uses_left,
             now=time.time(),
         )
-        event["intent"] = asked.intent or parent.intent
-        grant = Grant(
-            identity, child.scope, child.ttl, parent.task, event["intent"], child.max_uses
-        )
+        intent = asked.intent or parent.intent
+        event["intent"] = intent
+        grant = Grant(identity, child.scope, child.ttl, parent.task, intent, child.max_uses)
         claims = lineage.child_claims(parent, actor)
-        return await self._issue(grant, asked, fields, form, chain, event, claims, parent.chain)
+        return await self._issue(grant, asked, form, chain, event, bound, claims, parent.chain)
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:
@@ -281,3 +281,8 @@ class Broker(Lifecycle):
             except VaultError:
                 raise Unavailable("vault_unavailable", "no signing keys yet") from None
         return web.json_response(self.tasks.jwks(), headers={"Cache-Control": "max-age=60"})
+
+
+def _binds(fields: dict[str, Any]) -> bool:
+    """Whether the request asks for its token bound to the caller's address (bind_source)."""
+    return fields.get("bind_source") in (True, "true", "1")
