@@ -124,16 +124,21 @@ def parse(
     return scope
 
 
+def scope_item(item: str) -> tuple[str, tuple[str, ...], str]:
+    """One `route[:METHODS[:path]]` item of the RFC 8693 form: its route, its methods as
+    written (("*",) when none are), and its path ("/**" when none is)."""
+    route, _, rest = item.partition(":")
+    methods, _, path = rest.partition(":")
+    return route, tuple(methods.split(",")) if methods else ("*",), path or "/**"
+
+
 def parse_rfc8693(text: str, resources: Sequence[str], routes: Sequence[str]) -> Scope:
     """OAuth token-exchange fields: `scope` is space-separated `route[:METHODS[:path]]` items
     (methods comma-separated); each `resource`/`audience` names a route asked for in full."""
     requested: dict[str, list[dict[str, Any]]] = {}
     for item in text.split():
-        route, _, rest = item.partition(":")
-        methods, _, path = rest.partition(":")
-        requested.setdefault(route, []).append(
-            {"methods": methods.split(",") if methods else ["*"], "paths": [path or "/**"]}
-        )
+        route, methods, path = scope_item(item)
+        requested.setdefault(route, []).append({"methods": list(methods), "paths": [path]})
     for route in resources:
         requested.setdefault(route, []).append({"methods": ["*"], "paths": ["/**"]})
     return parse(requested, routes)

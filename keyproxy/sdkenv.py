@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from keyproxy.errors import RunError
 from keyproxy.paths import ROUTE_PREFIX
+from keyproxy.scope import scope_item
 from keyproxy.secret import Secret
 
 SDK_VARS: Final = {
@@ -37,14 +38,12 @@ def parse_scope(items: Sequence[str], extra: Mapping[str, Any] | None = None) ->
     anything the items cannot say) adds its grants."""
     grants: dict[str, dict[tuple[str, ...], list[str]]] = {}
     for item in items:
-        route, _, rest = item.partition(":")
-        methods, _, path = rest.partition(":")
+        route, methods, path = scope_item(item)
         if not route:
             raise RunError(f"--scope {item!r}: expected route[:METHODS[:/path]]")
-        key = tuple(m.upper() for m in methods.split(",")) if methods else ("*",)
-        paths = grants.setdefault(route, {}).setdefault(key, [])
-        if (path or "/**") not in paths:
-            paths.append(path or "/**")
+        paths = grants.setdefault(route, {}).setdefault(tuple(m.upper() for m in methods), [])
+        if path not in paths:
+            paths.append(path)
     scope: dict[str, Any] = {
         route: [{"methods": list(m), "paths": p} for m, p in by_methods.items()]
         for route, by_methods in grants.items()

@@ -99,6 +99,15 @@ def test_broad_request_gets_the_policy_grant() -> None:
     assert scope.grantable(policies, Identity("i", "agent"), outside, requested) == {}
 
 
+def test_a_scope_item_defaults_to_every_method_and_path() -> None:
+    """`route[:METHODS[:path]]`: methods as written, "*" and "/**" where left out (the one
+    reading of the grammar, for the exchange and `keyproxy run --scope` alike)."""
+    assert scope.scope_item("r") == ("r", ("*",), "/**")
+    assert scope.scope_item("r:get,POST") == ("r", ("get", "POST"), "/**")
+    assert scope.scope_item("r:GET:/v1/a:b") == ("r", ("GET",), "/v1/a:b")
+    assert scope.scope_item(":GET") == ("", ("GET",), "/**")
+
+
 def test_rfc8693_scope_text_round_trips() -> None:
     """`route:METHODS:/path` items parse, and describe() writes the same form back."""
     parsed = scope.parse_rfc8693("r:GET,POST:/v1/** r:DELETE:/x", [], ["r"])
