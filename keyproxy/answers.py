@@ -61,6 +61,8 @@ def answering(handler: Handler) -> Handler:
         except RequestError as exc:
             return error_response(exc, request.get(REQUEST_ID_KEY))
         except web.HTTPException:
+            # aiohttp's own answer (a 404 of the router). Nothing on the proxy's path raises
+            # one: its answers, which skip the router's Server hook, name keyproxy themselves.
             raise
         except Exception:
             # A bug, not a decision: answer without details (they could name a secret) and

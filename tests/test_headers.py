@@ -160,12 +160,14 @@ def test_an_upstream_request_id_of_its_own_goes_back_beside_ours() -> None:
 
 def test_an_answer_names_its_server_as_the_upstream_did_or_keyproxy() -> None:
     """The upstream's own Server goes back as it wrote it (any case of the name); an answer
-    without one names keyproxy, never the Python or aiohttp version aiohttp would add."""
+    without one, or whose one the hop-by-hop rules drop, names keyproxy, never the Python or
+    aiohttp version aiohttp would add."""
     for name in ("Server", "server", "SERVER"):
         returned = response_headers(_incoming((name, "nginx")), RENDERED, "r1")
         assert [v for k, v in returned if k.lower() == "server"] == ["nginx"]
-    returned = response_headers(_incoming(("X-Id", "7")), RENDERED, "r1")
-    assert [v for k, v in returned if k.lower() == "server"] == ["keyproxy"]
+    for dropped in [("X-Id", "7")], [("Server", "x"), ("Connection", "Server")]:
+        returned = response_headers(_incoming(*dropped), RENDERED, "r1")
+        assert [v for k, v in returned if k.lower() == "server"] == ["keyproxy"], dropped
 
 
 # ---------------------------------------------------------------------------- underscores

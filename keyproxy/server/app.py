@@ -347,8 +347,12 @@ async def _reload(request: web.Request) -> web.Response:
     return web.json_response(outcome.as_dict())
 
 
-async def _server_header(_: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp's own default names the Python and aiohttp versions; an upstream's is its own.
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's own default names the Python and aiohttp versions. A proxied answer names its
+    # Server itself (the listener hands most of them over without this hook): an upstream's
+    # own is the upstream's, whatever it says, whichever way the request came.
+    if request.raw_path.startswith(ROUTE_PREFIX):
+        return
     if response.headers.get("Server") == SERVER_SOFTWARE:
         response.headers["Server"] = SERVER_NAME
 

@@ -280,6 +280,10 @@ async def test_the_agents_port_shows_status_only(stack: Stack, server_key: str) 
             assert "keyproxy_key_ready" in await response.text()
 
 
+def _server(headers: bytes) -> list[bytes]:
+    return [line for line in headers.split(b"\r\n") if line.lower().startswith(b"server:")]
+
+
 def _answer(raw: bytes) -> tuple[bytes, bytes, bytes]:
     """A raw answer read to its end: its final status line, header block and body."""
     head, _, body = raw.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n").partition(b"\r\n\r\n")
@@ -314,7 +318,8 @@ async def test_the_router_and_the_direct_path_answer_alike(
         assert routed_status == direct_status, name
         if name == "served":  # the upstream echoes the path it got, and names its Server
             assert json.loads(direct_body)["path"] == json.loads(routed_body)["path"] == "/echo"
-            assert b"\r\nServer: Python/" in direct_headers, name
+            assert b"\r\nServer: Python/" in direct_headers, name  # the upstream's own
+            assert _server(direct_headers) == _server(routed_headers), name
         else:
             assert json.loads(direct_body)["error"] == json.loads(routed_body)["error"], name
             assert b"\r\nServer: keyproxy" in b"\r\n" + direct_headers, name
