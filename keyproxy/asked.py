@@ -4,7 +4,7 @@ JSON (the workload token, or the parent task token, in `Authorization: Bearer`),
 RFC 8693 form: grant_type=urn:ietf:params:oauth:grant-type:token-exchange, subject_token,
 subject_token_type (jwt or id_token), scope ("route:METHODS:/path" items), resource or
 audience (route names, asked for in full), and the extensions task, intent, ttl, idle_ttl,
-max_uses. Every malformed field is a 400 naming it.
+max_uses, bind_source. Every malformed field is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Asked(NamedTuple):
     max_uses: int | None
     ttl: float | None
     idle_ttl: float | None
+    bind_source: bool = False  # the token works only from the address that asked for it
 
 
 def read_asked(
@@ -62,9 +63,33 @@ def read_asked(
             _max_uses(fields.get("max_uses")),
             _ttl(fields.get("ttl")),
             _idle_ttl(fields.get("idle_ttl")),
+            _flag(fields, "bind_source"),
         )
     except ValueError as exc:
         raise BadRequest("invalid_request", str(exc)) from None
+
+
+# A yes-or-no field as JSON or a form writes it. SECURITY: anything else is refused, never
+# read as no: a caller asking for a bound token must not get an unbound one by a typo.
+_FLAGS: Final[dict[bool | str | None, bool]] = {
+    None: False,
+    False: False,
+    True: True,
+    "false": False,
+    "true": True,
+    "0": False,
+    "1": True,
+}
+
+
+def _flag(fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name)
+    if not isinstance(value, bool | str | None):
+        value = str(value)  # a number by its text: 1 or 0 (1.0 would find True as a key)
+    try:
+        return _FLAGS[value]
+    except KeyError:
+        raise ValueError(f"{name}: true or false") from None
 
 
 def actor_token(fields: dict[str, Any], form: bool) -> str | None:

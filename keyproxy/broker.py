@@ -145,7 +145,7 @@ class Broker(Lifecycle):
         caps = [p.max_ttl for p in contributing if p.max_ttl is not None]
         ttl = min([asked.ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
         grant = Grant(identity, granted, ttl, asked.task, asked.intent, asked.max_uses)
-        bound = str(source) if _binds(fields) else None
+        bound = str(source) if asked.bind_source else None
         return await self._issue(grant, asked, form, chain, event, bound)
 
     def _asked(self, fields: dict[str, Any], form: bool, *, delegated: bool) -> Asked:
@@ -254,7 +254,7 @@ class Broker(Lifecycle):
         delegation.same_task(parent, fields)
         # SECURITY: a child never sheds its parent's address binding (the delegator is at
         # that address: `_parent` checked it), asked for or not.
-        bound = parent.source or (source if _binds(fields) else None)
+        bound = parent.source or (source if asked.bind_source else None)
         event["requested"] = scopes.to_claim(asked.scope)
         uses_left = await delegation.uses_left(parent, self.tasks.store, time.time())
         cfg = self.config.tokens
@@ -281,8 +281,3 @@ class Broker(Lifecycle):
             except VaultError:
                 raise Unavailable("vault_unavailable", "no signing keys yet") from None
         return web.json_response(self.tasks.jwks(), headers={"Cache-Control": "max-age=60"})
-
-
-def _binds(fields: dict[str, Any]) -> bool:
-    """Whether the request asks for its token bound to the caller's address (bind_source)."""
-    return fields.get("bind_source") in (True, "true", "1")

@@ -224,6 +224,22 @@ async def test_a_source_bound_token_is_kept_and_ended_only_from_its_address(
         assert response.status == 200
 
 
+async def test_a_child_can_ask_for_the_binding_its_parent_lacks(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """An unbound parent delegating with bind_source: the child works only from the address
+    that asked for it, the parent still from anywhere."""
+    code, parent = await exchange(http, stack.base, identity_token, ttl="1m")
+    assert code == 200, parent
+    code, child = await exchange(http, stack.base, parent["access_token"], bind_source=True)
+    assert code == 200, child
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=elsewhere) as thief:
+        assert await status(thief, "POST", stack.base + CHAT, child["access_token"]) == 401
+        assert await status(thief, "POST", stack.base + CHAT, parent["access_token"]) == 200
+    assert await status(http, "POST", stack.base + CHAT, child["access_token"]) == 200
+
+
 async def test_a_credential_sent_twice_is_refused_at_every_token_endpoint(
     stack: Stack, identity_token: str, http: aiohttp.ClientSession
 ) -> None:

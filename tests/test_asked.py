@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from keyproxy.asked import read_asked
+from keyproxy.config import SecretRef
+from keyproxy.errors import BadRequest
+from tests.helpers.vault import route
+
+ROUTES = {"r": route("r", SecretRef("secret", "keyproxy/keys/r", "api_key"))}
+
+
+def _asked(fields: dict[str, Any], *, form: bool = False) -> Any:
+    return read_asked({"scope": "r" if form else {"r": {}}} | fields, form, ROUTES, delegated=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "bound"),
+    [
+        *[(True, True), ("true", True), ("1", True), (1, True)],
+        *[(False, False), ("false", False), ("0", False), (0, False), (None, False)],
+    ],
+)
+def test_bind_source_is_a_yes_or_no(value: object, bound: bool) -> None:
+    """JSON's booleans, the form's true/false and 1/0, and null for not asked."""
+    assert _asked({"bind_source": value}).bind_source is bound
+    assert _asked({}).bind_source is False
+
+
+@pytest.mark.parametrize("value", ["True", "yes", "on", "", 2, 1.0, [True], {"x": 1}])
+def test_any_other_bind_source_is_refused(value: object) -> None:
+    """A value that is neither is a 400, never read as no: a caller asking for a bound token
+    must not get an unbound one by a typo."""
+    with pytest.raises(BadRequest) as refused:
+        _asked({"bind_source": value})
+    assert refused.value.reason == "invalid_request"
+    assert "bind_source" in refused.value.message
+
+
+@pytest.mark.parametrize("text", ["r:", "r:GET:", "r::/v1", ":GET", "r:GET,,POST:/v1"])
+def test_an_empty_part_of_a_form_scope_item_is_refused(text: str) -> None:
+    """`r:GET:` is what an unset shell variable leaves: refused, not read as every path."""
+    with pytest.raises(BadRequest):
+        _asked({"scope": text}, form=True)
