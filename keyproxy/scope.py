@@ -126,10 +126,16 @@ def parse(
 
 def scope_item(item: str) -> tuple[str, tuple[str, ...], str]:
     """One `route[:METHODS[:path]]` item of the RFC 8693 form: its route, its methods as
-    written (("*",) when none are), and its path ("/**" when none is)."""
-    route, _, rest = item.partition(":")
-    methods, _, path = rest.partition(":")
-    return route, tuple(methods.split(",")) if methods else ("*",), path or "/**"
+    written (("*",) when left out), and its path ("/**" when left out). ValueError for an
+    empty part: `r:` or `r:GET:` (an unset shell variable) must not ask for everything."""
+    route, has_methods, rest = item.partition(":")
+    methods, has_path, path = rest.partition(":")
+    if not route or (has_methods and not methods) or (has_path and not path):
+        raise ValueError(f"scope item {item!r}: expected route[:METHODS[:/path]], no part empty")
+    listed = tuple(methods.split(",")) if methods else ("*",)
+    if "" in listed:
+        raise ValueError(f"scope item {item!r}: an empty method")
+    return route, listed, path or "/**"
 
 
 def parse_rfc8693(text: str, resources: Sequence[str], routes: Sequence[str]) -> Scope:

@@ -38,9 +38,10 @@ def parse_scope(items: Sequence[str], extra: Mapping[str, Any] | None = None) ->
     anything the items cannot say) adds its grants."""
     grants: dict[str, dict[tuple[str, ...], list[str]]] = {}
     for item in items:
-        route, methods, path = scope_item(item)
-        if not route:
-            raise RunError(f"--scope {item!r}: expected route[:METHODS[:/path]]")
+        try:
+            route, methods, path = scope_item(item)
+        except ValueError:
+            raise RunError(f"--scope {item!r}: expected route[:METHODS[:/path]]") from None
         paths = grants.setdefault(route, {}).setdefault(tuple(m.upper() for m in methods), [])
         if path not in paths:
             paths.append(path)

@@ -105,7 +105,14 @@ def test_a_scope_item_defaults_to_every_method_and_path() -> None:
     assert scope.scope_item("r") == ("r", ("*",), "/**")
     assert scope.scope_item("r:get,POST") == ("r", ("get", "POST"), "/**")
     assert scope.scope_item("r:GET:/v1/a:b") == ("r", ("GET",), "/v1/a:b")
-    assert scope.scope_item(":GET") == ("", ("GET",), "/**")
+
+
+@pytest.mark.parametrize("item", ["", ":GET", "r:", "r:GET:", "r::/x", "r:GET,:/x", "r:,GET"])
+def test_a_scope_item_with_an_empty_part_is_refused(item: str) -> None:
+    """A part written but empty (an unset shell variable) never widens to every method or
+    path."""
+    with pytest.raises(ValueError, match="scope item"):
+        scope.scope_item(item)
 
 
 def test_rfc8693_scope_text_round_trips() -> None:
