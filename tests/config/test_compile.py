@@ -77,6 +77,11 @@ def test_full_config_compiles_to_typed_objects() -> None:
         ("vault.full_refresh_interval", "151s", "vault.full_refresh_interval"),  # > staleness/2
         ("vault.max_staleness", "3s", "vault.max_staleness"),  # < 2 x refresh_interval
         ("server", {"port": 70000}, "server.port"),
+        ("server", {"port": -1}, "server.port"),
+        ("server", {"port": True}, "server.port"),
+        ("tokens", {"max_delegation_depth": -1}, "tokens.max_delegation_depth"),
+        ("tokens", {"max_delegation_depth": 99}, "tokens.max_delegation_depth"),
+        ("tokens", {"max_delegation_depth": True}, "tokens.max_delegation_depth"),
     ],
 )
 def test_mistakes_name_their_yaml_path(path: str, value: Any, where: str) -> None:
