@@ -53,9 +53,17 @@ from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.lifecycle import Lifecycle
 from keyproxy.metrics import Metrics
-from keyproxy.mtls import binding, check_binding, client_chain, svid_identity
+from keyproxy.mtls import binding, check_binding, client_chain, identity_of
+from keyproxy.spiffe import Svid
 from keyproxy.tls import ServerTLS
-from keyproxy.tokens import TaskToken, TaskTokens, is_task_token, lineage, needs_shared_store
+from keyproxy.tokens import (
+    CertificateBinding,
+    TaskToken,
+    TaskTokens,
+    is_task_token,
+    lineage,
+    needs_shared_store,
+)
 
 ISSUED_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"
 
@@ -121,19 +129,23 @@ class Broker(Lifecycle):
         # proxy forwarded (verified below like a direct one).
         chain, forwarded = client_chain(request, self.config.server, self.tls)
         subject_token = subject_token_of(request, fields, form, svid=bool(chain))
+        # Verified once: a forwarded chain must be a valid SVID, as must one that is the
+        # caller's only credential; a direct one beside a token need only have passed the
+        # handshake (it then binds exactly itself).
+        svid = self._svid(chain, required=forwarded or not subject_token)
         # Requested over mutual TLS: bound to the certificate the handshake verified (RFC 8705),
         # or to the one a trusted front proxy forwarded, once verified like a direct one.
-        if forwarded:
-            assert self.tls is not None  # only a listener with TLS reads the header
-            self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
+        certificate = binding(chain, svid) if chain else None
         if subject_token and is_task_token(subject_token):
             parent = await self._parent(subject_token, chain, str(source))
-            return await self._delegate(parent, fields, form, chain, event, source=str(source))
+            return await self._delegate(
+                parent, fields, form, certificate, event, source=str(source)
+            )
         if subject_token:
             identity = await self.verifier.verify(subject_token)
         else:
-            assert self.tls is not None  # only a listener with TLS has a client chain
-            identity = svid_identity(self.tls, chain)
+            assert svid is not None  # required above
+            identity = identity_of(svid)
         event |= {"issuer": identity.issuer, "subject": identity.subject}
         asked = self._asked(fields, form, delegated=False)
         event |= {"task": asked.task, "intent": asked.intent}
@@ -146,7 +158,7 @@ class Broker(Lifecycle):
         ttl = min([asked.ttl or self.config.tokens.default_ttl, self.config.tokens.max_ttl, *caps])
         grant = Grant(identity, granted, ttl, asked.task, asked.intent, asked.max_uses)
         bound = str(source) if asked.bind_source else None
-        return await self._issue(grant, asked, form, chain, event, bound)
+        return await self._issue(grant, asked, form, certificate, event, bound)
 
     def _asked(self, fields: dict[str, Any], form: bool, *, delegated: bool) -> Asked:
         """What the request asks for (a delegation may leave the scope out: its parent's)."""
@@ -164,14 +176,15 @@ class Broker(Lifecycle):
         grant: Grant,
         asked: Asked,
         form: bool,
-        chain: tuple[bytes, ...],
+        certificate: CertificateBinding | None,
         event: dict[str, Any],
         bound: str | None,
         lineage: dict[str, Any] | None = None,
         ancestors: tuple[str, ...] = (),
     ) -> web.Response:
-        """Issue the token `grant` describes (bound to the address `bound`, if any;
-        delegated: with its `lineage` claims, below its `ancestors`), and answer with it."""
+        """Issue the token `grant` describes (bound to the client certificate `certificate`
+        and to the address `bound`, each if any; delegated: with its `lineage` claims, below
+        its `ancestors`), and answer with it."""
         idle_ttl = None
         if asked.idle_ttl is not None:
             idle_ttl = math.ceil(asked.idle_ttl)  # whole seconds, as the claim holds it
@@ -179,7 +192,6 @@ class Broker(Lifecycle):
                 raise BadRequest(
                     "invalid_request", f"idle_ttl must be less than the ttl ({grant.ttl:.0f}s)"
                 )
-        certificate = binding(chain, self.tls.verifier) if chain and self.tls else None
         issued = await self.tasks.issue(
             grant.identity,
             grant.scope,
@@ -220,6 +232,19 @@ class Broker(Lifecycle):
             body["chain"] = links
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
+    def _svid(self, chain: tuple[bytes, ...], *, required: bool) -> Svid | None:
+        """The client chain's X.509-SVID, verified; None without a chain, or, unless it is
+        `required` (Unauthenticated then), for a certificate that is no valid SVID."""
+        if not chain:
+            return None
+        assert self.tls is not None  # only a listener with TLS has a client chain
+        try:
+            return self.tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
+        except Unauthenticated:
+            if required:
+                raise
+            return None
+
     async def _parent(self, token: str, chain: tuple[bytes, ...], source: str) -> TaskToken:
         """The task token a delegation is asked with, verified and used as it would be at
         the proxy: bound to its address and certificate, its heartbeat leases alive."""
@@ -237,7 +262,7 @@ class Broker(Lifecycle):
         parent: TaskToken,
         fields: dict[str, Any],
         form: bool,
-        chain: tuple[bytes, ...],
+        certificate: CertificateBinding | None,
         event: dict[str, Any],
         *,
         source: str,
@@ -272,7 +297,9 @@ class Broker(Lifecycle):
         event["intent"] = intent
         grant = Grant(identity, child.scope, child.ttl, parent.task, intent, child.max_uses)
         claims = lineage.child_claims(parent, actor)
-        return await self._issue(grant, asked, form, chain, event, bound, claims, parent.chain)
+        return await self._issue(
+            grant, asked, form, certificate, event, bound, claims, parent.chain
+        )
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:

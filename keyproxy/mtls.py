@@ -29,7 +29,7 @@ from keyproxy.config import CallerCredential, ServerConfig
 from keyproxy.errors import Unauthenticated
 from keyproxy.forwardedcert import forwarded_chain
 from keyproxy.headers import caller_token
-from keyproxy.spiffe import SCHEME, SvidVerifier, presents, thumbprint
+from keyproxy.spiffe import SCHEME, Svid, SvidVerifier, presents, thumbprint
 from keyproxy.tls import ServerTLS, peer_chain
 from keyproxy.tokens import CertificateBinding, TaskToken
 
@@ -70,20 +70,25 @@ def bearer_or_certificate(  # caller_token's, and the chain
 def svid_identity(tls: ServerTLS, chain: tuple[bytes, ...]) -> Identity:
     """The identity of the verified X.509-SVID `chain` (DER, leaf first); Unauthenticated,
     with the refusal's reason, if it is none."""
-    svid = tls.verifier.verify(chain, dt.datetime.now(dt.UTC))
+    return identity_of(tls.verifier.verify(chain, dt.datetime.now(dt.UTC)))
+
+
+def identity_of(svid: Svid) -> Identity:
+    """A verified X.509-SVID's identity: issuer `spiffe://<trust domain>`, its SPIFFE ID."""
     return Identity(SCHEME + svid.issuer, svid.subject)
 
 
-def binding(chain: tuple[bytes, ...], verifier: SvidVerifier) -> CertificateBinding:
+def binding(chain: tuple[bytes, ...], svid: Svid | None) -> CertificateBinding:
     """What a task token requested with the client certificate `chain` is bound to: its
-    thumbprint, and for a valid X.509-SVID also its SPIFFE ID and public key, so that the
-    SVID's renewals with the same key are accepted as well."""
+    thumbprint, and when it is the valid X.509-SVID `svid` also its SPIFFE ID and public
+    key, so that the SVID's renewals with the same key are accepted as well. A certificate
+    the handshake trusted that is no SVID (`svid` None) binds exactly itself."""
     exact = thumbprint(chain[0])
-    try:
-        svid = verifier.verify(chain, dt.datetime.now(dt.UTC))
-    except Unauthenticated:
-        return CertificateBinding(exact)  # trusted by the handshake, but no SVID: exactly it
-    return CertificateBinding(exact, svid.subject, svid.key)
+    return (
+        CertificateBinding(exact)
+        if svid is None
+        else CertificateBinding(exact, svid.subject, svid.key)
+    )
 
 
 def check_binding(task: TaskToken, chain: tuple[bytes, ...], verifier: SvidVerifier | None) -> None:

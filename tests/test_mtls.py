@@ -3,6 +3,8 @@ real certificates from the demo CA, verified by a real SvidVerifier, no sockets.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -28,6 +30,12 @@ def chain(issued: Issued) -> tuple[bytes, ...]:
     return (issued.der, *(c.public_bytes(Encoding.DER) for c in issued.intermediates))
 
 
+def bound_to(issued: Issued, verifier: SvidVerifier) -> CertificateBinding:
+    """What a token requested with `issued` is bound to (the broker verifies it first)."""
+    presented = chain(issued)
+    return binding(presented, verifier.verify(presented, dt.datetime.now(dt.UTC)))
+
+
 def token(bound: CertificateBinding | None) -> TaskToken:
     return TaskToken(
         token_id="t1",
@@ -42,7 +50,7 @@ def token(bound: CertificateBinding | None) -> TaskToken:
 def test_an_svid_binds_its_id_and_public_key(ca: SvidCA, verifier: SvidVerifier) -> None:
     """A token requested with an X.509-SVID is bound to its thumbprint, SPIFFE ID and key."""
     svid = ca.svid("/agent")
-    bound = binding(chain(svid), verifier)
+    bound = bound_to(svid, verifier)
     assert bound.thumbprint == thumbprint(svid.der)
     assert bound.spiffe_id == "spiffe://example.org/agent"
     assert bound.key is not None
@@ -58,7 +66,7 @@ def test_a_renewed_svid_with_the_same_key_is_accepted(ca: SvidCA, verifier: Svid
     first = ca.svid("/agent")
     renewed = ca.svid("/agent", key=first.key)
     assert renewed.der != first.der
-    bound = token(binding(chain(first), verifier))
+    bound = token(bound_to(first, verifier))
     check_binding(bound, chain(first), verifier)
     check_binding(bound, chain(renewed), verifier)
 
@@ -72,7 +80,7 @@ def test_anything_else_is_refused(ca: SvidCA, verifier: SvidVerifier, other: str
         "other id, same key": ca.svid("/other", key=first.key),
         "untrusted, same key": SvidCA("example.org").svid("/agent", key=first.key),
     }[other]
-    bound = token(binding(chain(first), verifier))
+    bound = token(bound_to(first, verifier))
     for attempt in (chain(presented), ()):
         with pytest.raises(Unauthenticated) as refused:
             check_binding(bound, attempt, verifier)
@@ -91,7 +99,9 @@ def test_an_exact_binding_accepts_no_renewal(ca: SvidCA, verifier: SvidVerifier)
 def test_a_certificate_that_is_no_svid_is_bound_exactly(ca: SvidCA, verifier: SvidVerifier) -> None:
     """A client certificate the handshake trusted but that is no SVID binds its thumbprint."""
     server = ca.server_cert()
-    assert binding(chain(server), verifier) == CertificateBinding(thumbprint(server.der))
+    with pytest.raises(Unauthenticated):  # so the broker binds it as no SVID
+        verifier.verify(chain(server), dt.datetime.now(dt.UTC))
+    assert binding(chain(server), None) == CertificateBinding(thumbprint(server.der))
 
 
 def test_an_unbound_token_needs_no_certificate(verifier: SvidVerifier) -> None:

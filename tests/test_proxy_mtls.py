@@ -403,6 +403,26 @@ async def test_an_svid_alone_exchanges_for_a_bound_token(
     assert len(upstream.requests) == 1
 
 
+async def test_a_certificate_that_is_no_svid_binds_exactly_and_exchanges_nothing_alone(
+    stack: MtlsStack, upstream: Upstream, identity_token: str
+) -> None:
+    """A client certificate the handshake trusts but that is no valid X.509-SVID (two URI
+    SANs): beside an identity token the task token is bound to exactly it, and no SVID of
+    the same ID carries it; alone it exchanges for nothing (401, its reason)."""
+    odd = stack.cas["example"].svid_for("spiffe://example.org/agent", "spiffe://example.org/b")
+    url = f"{stack.base}/r/r/v1/chat/completions"
+    async with stack.session(odd) as session:
+        token = await exchange_over(session, stack.base, identity_token)
+        assert (await post(session, url, bearer(token)))[0] == 200
+        body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
+        async with session.post(f"{stack.base}/token", json=body) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (401, "svid_uri_san_count")
+    async with stack.session(stack.cas["example"].svid("/agent")) as session:
+        got, refused = await post(session, url, bearer(token))
+    assert (got, refused["error"]["code"]) == (401, "token_binding_mismatch")
+    assert len(upstream.requests) == 1
+
+
 async def test_a_token_requested_without_a_certificate_is_not_bound(
     stack: MtlsStack, upstream: Upstream, identity_token: str
 ) -> None:
