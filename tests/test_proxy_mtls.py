@@ -805,6 +805,34 @@ async def test_wrong_forwarded_certificates_are_refused(  # fixtures and paramet
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("subject", ["identity token", "garbage"])
+async def test_token_refuses_an_untrusted_forwarded_certificate_first(  # fixtures
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+    identity_token: str,
+    subject: str,
+) -> None:
+    """A forwarded certificate had no handshake: at /token it must be a valid SVID even
+    beside a subject token (else a token would be bound to an unverified certificate), and
+    its refusal comes before the token's own check."""
+    token = identity_token if subject == "identity token" else "not.a.jwt"
+    async with (
+        forwarding_stack(
+            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
+        ) as base,
+        plain_session(cas) as session,
+    ):
+        header = {"X-Forwarded-Client-Cert": xfcc(cas["stranger"].svid("/agent"))}
+        body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
+        async with session.post(f"{base}/token", json=body, headers=bearer(token) | header) as r:
+            answer = await r.json()
+    assert (r.status, answer["error"]["code"]) == (401, "svid_untrusted"), answer
+
+
 async def test_a_bound_token_checks_the_forwarded_certificate(  # fixtures
     openbao: OpenBaoDevServer,
     agent: Agent,
