@@ -231,7 +231,7 @@ def response_headers(
             if not holds_any(k, rendered.forms)  # a name cannot be redacted
         ]
     headers.append((REQUEST_ID, request_id))
-    if not any(k.lower() == "server" for k, _ in headers):  # none sent, or none passed on
+    if "Server" not in incoming or "server" in extra:  # none sent, or none passed on
         headers.append(("Server", SERVER_NAME))
     return headers
 
