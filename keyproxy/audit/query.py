@@ -181,7 +181,6 @@ class TokenNode:
     parent: str | None = None
     task: str | None = None
     subject: str | None = None  # "issuer|subject": on whose authority
-    actor: str | None = None  # "issuer|subject" of who acts with it, if delegated
     # Who acted at each delegation from the root to it ("issuer|subject"), as its events say.
     actors: tuple[str, ...] = ()
     issued: str = ""  # the token.issued event's time ("" if not in the logs)
@@ -191,6 +190,11 @@ class TokenNode:
     refused: int = 0
     routes: set[str] = field(default_factory=set)
     children: list[TokenNode] = field(default_factory=list)
+
+    @property
+    def actor(self) -> str | None:
+        """Who acts with it ("issuer|subject"), if it was delegated."""
+        return self.actors[-1] if self.actors else None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -279,7 +283,6 @@ def _note(nodes: dict[str, TokenNode], event: dict[str, Any]) -> None:
     actors = event.get("actors")
     if isinstance(actors, str) and actors:
         node.actors = tuple(actors.split(","))
-        node.actor = node.actors[-1]
     if kind == "token.issued":
         node.issued = str(event.get("timestamp", ""))
         if isinstance(event.get("expires_at"), int | float):
