@@ -270,13 +270,23 @@ async def test_callers_refused_in_the_handshake(
 # ----------------------------------------------------------------------- bound task tokens
 
 
-async def exchange_over(session: aiohttp.ClientSession, base: str, identity_token: str) -> str:
+async def ask_token(
+    session: aiohttp.ClientSession, base: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """POST /token for the chat route with `headers`: the status and the JSON answer (its
+    token registered for the log scan)."""
     body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
-    async with session.post(f"{base}/token", json=body, headers=bearer(identity_token)) as r:
-        answer = await r.json()
-        assert r.status == 200, answer
+    async with session.post(f"{base}/token", json=body, headers=headers or {}) as r:
+        answer: dict[str, Any] = await r.json()
+    if "access_token" in answer:
+        CANARIES.add(answer["access_token"])
+    return r.status, answer
+
+
+async def exchange_over(session: aiohttp.ClientSession, base: str, identity_token: str) -> str:
+    status, answer = await ask_token(session, base, bearer(identity_token))
+    assert status == 200, answer
     token: str = answer["access_token"]
-    CANARIES.add(token)
     return token
 
 
@@ -376,14 +386,11 @@ async def test_an_svid_alone_exchanges_for_a_bound_token(
     """POST /token with no bearer token over mTLS: the X.509-SVID is the identity exchanged
     (token.issued names it), the token is bound to it, and it is 401 without the SVID."""
     own = stack.cas["example"].svid("/agent")
-    body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
     url = f"{stack.base}/r/r/v1/chat/completions"
     async with stack.session(own) as session:
-        async with session.post(f"{stack.base}/token", json=body) as r:
-            answer = await r.json()
-            assert r.status == 200, answer
+        status, answer = await ask_token(session, stack.base)
+        assert status == 200, answer
         token: str = answer["access_token"]
-        CANARIES.add(token)
         assert (await post(session, url, bearer(token)))[0] == 200
     issued = [e for e in read_events(audit_log) if e.get("event") == "token.issued"][-1]
     assert (issued["issuer"], issued["subject"]) == (
@@ -395,11 +402,9 @@ async def test_an_svid_alone_exchanges_for_a_bound_token(
         got, refused = await post(session, url, bearer(token))
     assert (got, refused["error"]["code"]) == (401, "token_binding_mismatch")
     stranger = stack.cas["partner"].svid("/agent")
-    async with (
-        stack.session(stranger) as session,
-        session.post(f"{stack.base}/token", json=body) as r,
-    ):
-        assert r.status == 403  # an SVID no policy names is granted nothing
+    async with stack.session(stranger) as session:
+        status, _ = await ask_token(session, stack.base)
+        assert status == 403  # an SVID no policy names is granted nothing
     assert len(upstream.requests) == 1
 
 
@@ -414,9 +419,8 @@ async def test_a_certificate_that_is_no_svid_binds_exactly_and_exchanges_nothing
     async with stack.session(odd) as session:
         token = await exchange_over(session, stack.base, identity_token)
         assert (await post(session, url, bearer(token)))[0] == 200
-        body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
-        async with session.post(f"{stack.base}/token", json=body) as r:
-            assert (r.status, (await r.json())["error"]["code"]) == (401, "svid_uri_san_count")
+        status, answer = await ask_token(session, stack.base)
+        assert (status, answer["error"]["code"]) == (401, "svid_uri_san_count")
     async with stack.session(stack.cas["example"].svid("/agent")) as session:
         got, refused = await post(session, url, bearer(token))
     assert (got, refused["error"]["code"]) == (401, "token_binding_mismatch")
@@ -663,6 +667,21 @@ async def forwarding_stack(
         yield f"https://127.0.0.1:{port}"
 
 
+@asynccontextmanager
+async def behind_trusted_front(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: str, tmp: Path, cas: dict[str, SvidCA]
+) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    """forwarding_stack with the XFCC header from 127.0.0.1 trusted, and the front proxy's
+    session to it."""
+    async with (
+        forwarding_stack(
+            openbao, agent, upstream, tmp, cas, form="xfcc", trusted="127.0.0.1/32"
+        ) as base,
+        plain_session(cas) as session,
+    ):
+        yield base, session
+
+
 def plain_session(cas: dict[str, SvidCA]) -> aiohttp.ClientSession:
     """A client trusting keyproxy's certificate and presenting none: the front proxy."""
     context = ssl.create_default_context(cadata=cas["server"].bundle_pem().decode())
@@ -793,11 +812,9 @@ async def test_wrong_forwarded_certificates_are_refused(  # fixtures and paramet
 ) -> None:
     """A malformed, ambiguous or untrusted forwarded certificate from a trusted front proxy
     is refused with its reason before any upstream contact."""
-    async with (
-        forwarding_stack(
-            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
-        ) as base,
-        plain_session(cas) as session,
+    async with behind_trusted_front(openbao, agent, upstream.url, tmp_path, cas) as (
+        base,
+        session,
     ):
         headers = {"X-Forwarded-Client-Cert": value(cas)}
         status, body = await post(session, f"{base}/r/r/v1/chat/completions", headers)
@@ -820,17 +837,13 @@ async def test_token_refuses_an_untrusted_forwarded_certificate_first(  # fixtur
     beside a subject token (else a token would be bound to an unverified certificate), and
     its refusal comes before the token's own check."""
     token = identity_token if subject == "identity token" else "not.a.jwt"
-    async with (
-        forwarding_stack(
-            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
-        ) as base,
-        plain_session(cas) as session,
+    async with behind_trusted_front(openbao, agent, upstream.url, tmp_path, cas) as (
+        base,
+        session,
     ):
         header = {"X-Forwarded-Client-Cert": xfcc(cas["stranger"].svid("/agent"))}
-        body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
-        async with session.post(f"{base}/token", json=body, headers=bearer(token) | header) as r:
-            answer = await r.json()
-    assert (r.status, answer["error"]["code"]) == (401, "svid_untrusted"), answer
+        status, answer = await ask_token(session, base, bearer(token) | header)
+    assert (status, answer["error"]["code"]) == (401, "svid_untrusted"), answer
 
 
 async def test_a_bound_token_checks_the_forwarded_certificate(  # fixtures
@@ -845,21 +858,14 @@ async def test_a_bound_token_checks_the_forwarded_certificate(  # fixtures
     """A task token requested with a forwarded certificate is bound to it: it works with that
     certificate forwarded, and not with another one."""
     own, other = cas["example"].svid("/agent"), cas["example"].svid("/agent")
-    async with (
-        forwarding_stack(
-            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
-        ) as base,
-        plain_session(cas) as session,
+    async with behind_trusted_front(openbao, agent, upstream.url, tmp_path, cas) as (
+        base,
+        session,
     ):
         header = {"X-Forwarded-Client-Cert": xfcc(own)}
-        body = {"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}}
-        async with session.post(
-            f"{base}/token", json=body, headers=bearer(identity_token) | header
-        ) as r:
-            answer = await r.json()
-            assert r.status == 200, answer
+        status, answer = await ask_token(session, base, bearer(identity_token) | header)
+        assert status == 200, answer
         token: str = answer["access_token"]
-        CANARIES.add(token)
         url = f"{base}/r/r/v1/chat/completions"
         status, _ = await post(session, url, bearer(token) | header)
         assert status == 200
