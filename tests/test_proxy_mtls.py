@@ -667,15 +667,20 @@ async def forwarding_stack(
         yield f"https://127.0.0.1:{port}"
 
 
-@asynccontextmanager
-async def behind_trusted_front(
-    openbao: OpenBaoDevServer, agent: Agent, upstream: str, tmp: Path, cas: dict[str, SvidCA]
+@pytest.fixture
+async def front(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
 ) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
-    """forwarding_stack with the XFCC header from 127.0.0.1 trusted, and the front proxy's
-    session to it."""
+    """forwarding_stack with the XFCC header from 127.0.0.1 trusted (the route's key
+    seeded), and the front proxy's session to it."""
     async with (
         forwarding_stack(
-            openbao, agent, upstream, tmp, cas, form="xfcc", trusted="127.0.0.1/32"
+            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
         ) as base,
         plain_session(cas) as session,
     ):
@@ -800,35 +805,25 @@ async def test_the_header_from_an_untrusted_peer_is_ignored_and_dropped(  # fixt
         "expired",
     ],
 )
-async def test_wrong_forwarded_certificates_are_refused(  # fixtures and parameters
-    openbao: OpenBaoDevServer,
-    agent: Agent,
+async def test_wrong_forwarded_certificates_are_refused(
+    front: tuple[str, aiohttp.ClientSession],
     upstream: Upstream,
-    seeded: str,
-    tmp_path: Path,
     cas: dict[str, SvidCA],
     value: Callable[[dict[str, SvidCA]], str],
     reason: str,
 ) -> None:
     """A malformed, ambiguous or untrusted forwarded certificate from a trusted front proxy
     is refused with its reason before any upstream contact."""
-    async with behind_trusted_front(openbao, agent, upstream.url, tmp_path, cas) as (
-        base,
-        session,
-    ):
-        headers = {"X-Forwarded-Client-Cert": value(cas)}
-        status, body = await post(session, f"{base}/r/r/v1/chat/completions", headers)
+    base, session = front
+    headers = {"X-Forwarded-Client-Cert": value(cas)}
+    status, body = await post(session, f"{base}/r/r/v1/chat/completions", headers)
     assert (status, body["error"]["code"]) == (401, reason)
     assert upstream.requests == []
 
 
 @pytest.mark.parametrize("subject", ["identity token", "garbage"])
-async def test_token_refuses_an_untrusted_forwarded_certificate_first(  # fixtures
-    openbao: OpenBaoDevServer,
-    agent: Agent,
-    upstream: Upstream,
-    seeded: str,
-    tmp_path: Path,
+async def test_token_refuses_an_untrusted_forwarded_certificate_first(
+    front: tuple[str, aiohttp.ClientSession],
     cas: dict[str, SvidCA],
     identity_token: str,
     subject: str,
@@ -837,39 +832,30 @@ async def test_token_refuses_an_untrusted_forwarded_certificate_first(  # fixtur
     beside a subject token (else a token would be bound to an unverified certificate), and
     its refusal comes before the token's own check."""
     token = identity_token if subject == "identity token" else "not.a.jwt"
-    async with behind_trusted_front(openbao, agent, upstream.url, tmp_path, cas) as (
-        base,
-        session,
-    ):
-        header = {"X-Forwarded-Client-Cert": xfcc(cas["stranger"].svid("/agent"))}
-        status, answer = await ask_token(session, base, bearer(token) | header)
+    base, session = front
+    header = {"X-Forwarded-Client-Cert": xfcc(cas["stranger"].svid("/agent"))}
+    status, answer = await ask_token(session, base, bearer(token) | header)
     assert (status, answer["error"]["code"]) == (401, "svid_untrusted"), answer
 
 
-async def test_a_bound_token_checks_the_forwarded_certificate(  # fixtures
-    openbao: OpenBaoDevServer,
-    agent: Agent,
+async def test_a_bound_token_checks_the_forwarded_certificate(
+    front: tuple[str, aiohttp.ClientSession],
     upstream: Upstream,
-    seeded: str,
-    tmp_path: Path,
     cas: dict[str, SvidCA],
     identity_token: str,
 ) -> None:
     """A task token requested with a forwarded certificate is bound to it: it works with that
     certificate forwarded, and not with another one."""
     own, other = cas["example"].svid("/agent"), cas["example"].svid("/agent")
-    async with behind_trusted_front(openbao, agent, upstream.url, tmp_path, cas) as (
-        base,
-        session,
-    ):
-        header = {"X-Forwarded-Client-Cert": xfcc(own)}
-        status, answer = await ask_token(session, base, bearer(identity_token) | header)
-        assert status == 200, answer
-        token: str = answer["access_token"]
-        url = f"{base}/r/r/v1/chat/completions"
-        status, _ = await post(session, url, bearer(token) | header)
-        assert status == 200
-        wrong = {"X-Forwarded-Client-Cert": xfcc(other)}
-        status, refused = await post(session, url, bearer(token) | wrong)
+    base, session = front
+    header = {"X-Forwarded-Client-Cert": xfcc(own)}
+    status, answer = await ask_token(session, base, bearer(identity_token) | header)
+    assert status == 200, answer
+    token: str = answer["access_token"]
+    url = f"{base}/r/r/v1/chat/completions"
+    status, _ = await post(session, url, bearer(token) | header)
+    assert status == 200
+    wrong = {"X-Forwarded-Client-Cert": xfcc(other)}
+    status, refused = await post(session, url, bearer(token) | wrong)
     assert (status, refused["error"]["code"]) == (401, "token_binding_mismatch")
     assert len(upstream.requests) == 1
