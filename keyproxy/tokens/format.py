@@ -39,6 +39,9 @@ from keyproxy.caller import Identity
 from keyproxy.errors import Unavailable
 
 TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not a secret
+# What a lease record's signature covers before the claims' JSON: with a NUL, which no JWS
+# signing input holds, so the signature of a record can never pass for a token's.
+LEASE_RECORD_CONTEXT: Final = b"keyproxy-lease-record\x00"
 LEEWAY: Final = 5.0
 MAX_TOKEN_BYTES: Final = 16 * 1024
 # Clocks of the replica that issued a token and of whoever revokes may differ: a revocation

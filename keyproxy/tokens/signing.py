@@ -31,6 +31,7 @@ from keyproxy.state import StateStore, StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.exceptions import ExceptionRegister
 from keyproxy.tokens.format import (
+    LEASE_RECORD_CONTEXT,
     LEEWAY,
     TASK_TOKEN_TYPE,
     CertificateBinding,
@@ -120,12 +121,16 @@ class Signing(ExceptionRegister):
             self.stale_refusals += 1
             raise Unavailable("token_keys_stale", "the signing keys are too old to trust")
 
+    def _kid(self, version: int) -> str:
+        """The key id of a Transit key version (what `Verifier._key` reads back)."""
+        return f"{self.cfg.transit_key}:v{version}"
+
     def _jwk(self, version: int, raw: bytes) -> dict[str, str]:
         return {
             "kty": "OKP",
             "crv": "Ed25519",
             "x": b64(raw),
-            "kid": f"{self.cfg.transit_key}:v{version}",
+            "kid": self._kid(version),
             "alg": "EdDSA",
             "use": "sig",
         }
@@ -202,22 +207,39 @@ class Signing(ExceptionRegister):
         return Issued(token, token_id, float(claims["exp"]))
 
     async def _start_lease(self, token_id: str, claims: dict[str, Any]) -> None:
-        """Start the token's heartbeat lease, and have the store keep its claims until it
-        expires, so that whichever replica sweeps when the lease lapses records its end
-        (TaskTokens.sweep_leases). The claims are what the token says, not the token."""
+        """Start the token's heartbeat lease, and have the store keep its lease record until
+        it expires, so that whichever replica sweeps when the lease lapses records its end
+        (TaskTokens.sweep_leases)."""
         if self.store is None:
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
         key = lease_key(token_id)
+        record = await self._lease_record(claims)
         try:
             idle = float(claims["idle"])
             await self.store.beat(key, idle)
             kept = claims["exp"] - self.clock() + LEEWAY
-            await self.store.watch(key, json_bytes(claims).decode(), kept, idle)
+            await self.store.watch(key, record, kept, idle)
         except StoreUnavailable:
             # The token was signed but is never handed out: without its lease it is dead.
             raise Unavailable(
                 "state_store_unavailable", "cannot start the heartbeat lease now"
             ) from None
+
+    async def _lease_record(self, claims: dict[str, Any]) -> str:
+        """What the store keeps of a leased token: its claims (what the token says, not the
+        token) and the Transit key's signature over them (after LEASE_RECORD_CONTEXT), so
+        that a record planted by a writer of the store is never recorded as an end
+        (Verifier.lease_claims)."""
+        text = json_bytes(claims)
+        try:
+            version, signature = await self.vault.transit_sign(
+                self.cfg.transit_mount, self.cfg.transit_key, LEASE_RECORD_CONTEXT + text
+            )
+        except VaultError as exc:
+            log.warning("token_sign_failed", error=str(exc))
+            raise Unavailable("vault_unavailable", "cannot sign tokens right now") from None
+        record = {"kid": self._kid(version), "sig": b64(signature), "claims": text.decode()}
+        return json_bytes(record).decode()
 
     async def _sign(self, claims: dict[str, Any]) -> str:
         try:
@@ -228,7 +250,7 @@ class Signing(ExceptionRegister):
                 header = {
                     "alg": "EdDSA",
                     "typ": TASK_TOKEN_TYPE,
-                    "kid": f"{self.cfg.transit_key}:v{version}",
+                    "kid": self._kid(version),
                 }
                 signing_input = f"{b64(json_bytes(header))}.{b64(json_bytes(claims))}"
                 used, signature = await self.vault.transit_sign(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 
 import structlog
 
@@ -128,20 +127,23 @@ class TaskTokens(Verifier):
         """Record the end of a token whose lease `key` lapsed (`record`: its claims), unless
         a revocation names it or it has expired; either way take it off the store's list."""
         try:
-            token = self._task_token(json.loads(record))
-        except (ValueError, TypeError, RequestError):
-            # Not a token this configuration knows (a route a reload removed), or not one
-            # keyproxy issued (a record planted in the store): its lease is gone, so it is
+            token = self._task_token(await self.lease_claims(record))
+        except Unavailable:
+            return  # the keys are too old to trust: handed out again after LEASE_CLAIM
+        except (ValueError, TypeError, RequestError) as exc:
+            # Not a record keyproxy signed (one planted in the store), or not a token this
+            # configuration knows (a route a reload removed): its lease is gone, so it is
             # refused anyway; its end is not recorded.
-            log.warning("token.end_not_recorded", error="unreadable lease record")
+            reason = exc.reason if isinstance(exc, RequestError) else "unreadable"
+            log.warning("token.end_not_recorded", error="unreadable lease record", reason=reason)
             await self._forget(key)
             return
         if self._revocations.revoked(token) or token.expires_at + LEEWAY <= self.clock():
             await self._forget(key)
             return
         # The revocation list keeps an id no longer than the longest token lives from now:
-        # a record claiming more (planted) cannot grow it for longer. Its lease is gone, so
-        # the token is refused everywhere whatever the list says.
+        # a record signed before a reload shortened them cannot keep it longer. Its lease is
+        # gone, so the token is refused everywhere whatever the list says.
         longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
         latest = self.clock() + longest + LEEWAY
         if token.expires_at > latest:

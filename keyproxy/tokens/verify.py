@@ -9,6 +9,7 @@ limit step, keyproxy.state.limits).
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import re
 import time
@@ -17,8 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from jwt.utils import base64url_decode
 
-from keyproxy import jws, verified
+from keyproxy import jws, strictjson, verified
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import Config
@@ -26,6 +30,7 @@ from keyproxy.errors import Unauthenticated, VaultError
 from keyproxy.state import StateStore
 from keyproxy.tokens import lineage
 from keyproxy.tokens.format import (
+    LEASE_RECORD_CONTEXT,
     LEEWAY,
     MAX_TOKEN_BYTES,
     TASK_TOKEN_TYPE,
@@ -131,6 +136,32 @@ class Verifier(Signing):
         except jwt.PyJWTError:
             raise Unauthenticated("invalid_claims", "task token claims invalid") from None
         return _Verified(self._task_token(claims), version, key)
+
+    async def lease_claims(self, record: str) -> dict[str, Any]:
+        """The claims in a lease record that `Signing._lease_record` wrote. Raises
+        Unauthenticated for any other record (one a writer of the store planted, or signed by
+        a key version no longer published), Unavailable while the keys are too old to trust."""
+        try:
+            fields = strictjson.loads(record.encode("utf-8", "surrogatepass"))
+            kid, signature, text = fields["kid"], fields["sig"], fields["claims"]
+            if not (isinstance(signature, str) and isinstance(text, str)):
+                raise TypeError("not text")  # noqa: TRY301  # one refusal for every malformed record
+            raw = base64url_decode(signature.encode("ascii"))
+            signed = text.encode("utf-8", "surrogatepass")
+        except (ValueError, TypeError, KeyError, binascii.Error):
+            raise Unauthenticated("malformed", "not a lease record") from None
+        _, key = await self._key(kid)
+        public = key.key
+        try:
+            if not isinstance(public, Ed25519PublicKey):
+                raise InvalidSignature  # noqa: TRY301  # one refusal for every failed check
+            public.verify(raw, LEASE_RECORD_CONTEXT + signed)
+            claims = strictjson.loads(signed)
+        except (InvalidSignature, ValueError):
+            raise Unauthenticated("bad_signature", "lease record signature invalid") from None
+        if not isinstance(claims, dict):
+            raise Unauthenticated("malformed", "not a lease record")
+        return claims
 
     async def _key(self, kid: Any) -> tuple[int, jwt.PyJWK]:
         # ASCII digits only: str.isdigit() would accept "²", which int() refuses.

@@ -257,28 +257,39 @@ async def test_a_revocation_whose_caller_went_away_is_reported(
         assert issued.token_id in (await tasks.revocation_list()).ids
 
 
-async def test_a_planted_lease_record_never_stops_the_sweep(
+async def test_a_planted_lease_record_is_never_recorded_as_an_end(
     openbao: OpenBaoDevServer, redis_server: RedisServer
 ) -> None:
-    """Records in the store's lease list that keyproxy did not write (not UTF-8, not JSON,
-    a token no configuration issues, one claiming to live for years) are dropped with a
-    warning, and the real lapsed lease beside them is still recorded as ended."""
+    """Records in the store's lease list that keyproxy did not sign are dropped with a
+    warning and end no token: bytes that are not UTF-8 or not JSON, a token no configuration
+    issues, the claims of a live token copied out of it (also as they were, for years, or
+    under the signature of another token's record). The real lapsed lease beside them is
+    still recorded as ended, and none of them stops the sweep."""
     prefix = uuid.uuid4().hex
     async with _tokens_on(openbao, redis_server, prefix) as (tasks,):
         identity = Identity("openbao", "sweep-subject", {})
         issued = await tasks.issue(identity, SCOPE, ttl=60, idle_ttl=1)
-        CANARIES.add(issued.token)
-        claims = jwt.decode(issued.token, options={"verify_signature": False})
-        years = claims | {"jti": "forged-for-years", "exp": claims["exp"] + 10 * 365 * 86400}
-        planted = {
-            "lease:not-utf8": b"\xff\xfe{",
-            "lease:not-json": b"not json",
-            "lease:not-a-token": b'{"jti": "x"}',
-            "lease:forged-for-years": json.dumps(years).encode(),
-        }
+        live = await tasks.issue(identity, SCOPE, ttl=60)  # no lease: only a revocation ends it
+        CANARIES.update((issued.token, live.token))
         records, kept, due = (f"{{{prefix}}}:w:{name}" for name in ("records", "kept", "due"))
         client = redis.asyncio.from_url(redis_server.url)
         try:
+            real = json.loads(await client.hget(records, f"lease:{issued.token_id}"))
+            claims = jwt.decode(live.token, options={"verify_signature": False})
+            years = claims | {"exp": claims["exp"] + 10 * 365 * 86400}
+
+            def signed_as_real(text: str) -> bytes:
+                return json.dumps(real | {"claims": text}).encode()
+
+            planted = {
+                "lease:not-utf8": b"\xff\xfe{",
+                "lease:not-json": b"not json",
+                "lease:not-a-token": b'{"jti": "x"}',
+                "lease:bare-claims": json.dumps(claims).encode(),
+                "lease:unsigned": json.dumps({"kid": real["kid"], "claims": json.dumps(claims)}),
+                "lease:other-signature": signed_as_real(json.dumps(claims)),
+                "lease:for-years": signed_as_real(json.dumps(years)),
+            }
             for member, record in planted.items():
                 await client.hset(records, member, record)
                 await client.zadd(kept, {member: 4e12})
@@ -290,12 +301,14 @@ async def test_a_planted_lease_record_never_stops_the_sweep(
             await tasks.sweep_leases()
             return issued.token_id in (await tasks.revocation_list()).ids
 
-        await eventually(ended, "the real lapsed lease recorded", until=bool, within=10.0)
+        with capture_logs() as logs:
+            await eventually(ended, "the real lapsed lease recorded", until=bool, within=10.0)
         revoked = (await tasks.revocation_list()).ids
         assert "x" not in revoked
-        # The one claiming to live for years is kept no longer than the longest token lives.
-        longest = max(tasks.cfg.max_ttl, tasks.cfg.exception_max_ttl)
-        assert revoked.get("forged-for-years", 0) <= time.time() + longest + 10
+        assert live.token_id not in revoked
+        assert await tasks.verify(live.token)  # still good
+        dropped = [e for e in logs if e["event"] == "token.end_not_recorded"]
+        assert len(dropped) == len(planted), dropped
         client = redis.asyncio.from_url(redis_server.url)
         try:  # and the records are gone from the list, not handed out again and again
 
