@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +187,14 @@ async def test_a_lapsed_lease_is_recorded_when_its_issuing_replica_is_gone(
 
 @contextlib.asynccontextmanager
 async def _tokens_on(
-    openbao: OpenBaoDevServer, redis_server: RedisServer, prefix: str, replicas: int = 1
+    openbao: OpenBaoDevServer,
+    redis_server: RedisServer,
+    prefix: str,
+    replicas: int = 1,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[list[TaskTokens]]:
     """`replicas` task-token services of an agent of their own, in process, each with its own
-    Vault and Valkey/Redis clients on the shared servers (one store prefix)."""
+    Vault and Valkey/Redis clients on the shared servers (one store prefix), on `clock`."""
     own = openbao.add_agent(f"sweep-{prefix[:8]}")
     cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
     vaults = [Vault(cfg.vault) for _ in range(replicas)]
@@ -199,7 +203,7 @@ async def _tokens_on(
     try:
         for vault in vaults:
             await vault.login()
-        yield [TaskTokens(cfg, v, store=s) for v, s in zip(vaults, stores, strict=True)]
+        yield [TaskTokens(cfg, v, clock, store=s) for v, s in zip(vaults, stores, strict=True)]
     finally:
         for store in stores:
             await store.close()
@@ -255,6 +259,37 @@ async def test_a_revocation_whose_caller_went_away_is_reported(
         assert ended == ["completed"]
         assert [e["token_id"] for e in logs if e["event"] == "token.revoked"] == [issued.token_id]
         assert issued.token_id in (await tasks.revocation_list()).ids
+
+
+async def test_a_lease_record_is_kept_while_the_keys_are_too_old_to_check_it(
+    openbao: OpenBaoDevServer, redis_server: RedisServer
+) -> None:
+    """A lapsed lease whose record cannot be checked now (the signing keys are older than
+    key_max_staleness) is neither recorded nor dropped: it stays listed for a later sweep."""
+    prefix, ahead = uuid.uuid4().hex, [0.0]
+    async with _tokens_on(openbao, redis_server, prefix, clock=lambda: time.time() + ahead[0]) as (
+        tasks,
+    ):
+        issued = await tasks.issue(Identity("openbao", "stale-keys", {}), SCOPE, ttl=60, idle_ttl=1)
+        CANARIES.add(issued.token)
+        ahead[0] = tasks.cfg.key_max_staleness + 1
+        client = redis.asyncio.from_url(redis_server.url)
+        records = f"{{{prefix}}}:w:records"
+        try:
+            refusals = tasks.stale_refusals
+
+            async def looked_at() -> bool:
+                await tasks.sweep_leases()
+                return tasks.stale_refusals > refusals
+
+            with capture_logs() as logs:
+                await eventually(looked_at, "the lapsed lease never reached the sweep", until=bool)
+            assert not [e for e in logs if e["event"] == "token.end_not_recorded"]
+            assert await client.hexists(records, f"lease:{issued.token_id}")
+        finally:
+            await client.aclose()
+        ahead[0] = 0.0
+        assert issued.token_id not in (await tasks.revocation_list()).ids
 
 
 async def test_a_planted_lease_record_is_never_recorded_as_an_end(
