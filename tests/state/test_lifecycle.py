@@ -309,7 +309,9 @@ async def test_a_planted_lease_record_is_never_recorded_as_an_end(
         records, kept, due = (f"{{{prefix}}}:w:{name}" for name in ("records", "kept", "due"))
         client = redis.asyncio.from_url(redis_server.url)
         try:
-            real = json.loads(await client.hget(records, f"lease:{issued.token_id}"))
+            written = await client.hget(records, f"lease:{issued.token_id}")
+            assert written is not None
+            real = json.loads(written)
             claims = jwt.decode(live.token, options={"verify_signature": False})
             years = claims | {"exp": claims["exp"] + 10 * 365 * 86400}
 
@@ -321,7 +323,9 @@ async def test_a_planted_lease_record_is_never_recorded_as_an_end(
                 "lease:not-json": b"not json",
                 "lease:not-a-token": b'{"jti": "x"}',
                 "lease:bare-claims": json.dumps(claims).encode(),
-                "lease:unsigned": json.dumps({"kid": real["kid"], "claims": json.dumps(claims)}),
+                "lease:unsigned": json.dumps(
+                    {"kid": real["kid"], "claims": json.dumps(claims)}
+                ).encode(),
                 "lease:other-signature": signed_as_real(json.dumps(claims)),
                 "lease:for-years": signed_as_real(json.dumps(years)),
             }
