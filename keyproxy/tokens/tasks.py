@@ -157,8 +157,9 @@ class TaskTokens(Verifier):
     async def _first_to_end(self, token: TaskToken) -> bool:
         """The first replica to mark the token ended in the store reports it (a holder's
         revoke, a heartbeat after the lapse and another replica's sweep can race); a store
-        that cannot answer lets each report it rather than none. Its lease is then no longer
-        watched."""
+        that cannot answer lets each report it rather than none. Its lease then ends and is
+        no longer watched: every replica refuses the token (and what was delegated from it)
+        at once, before its revocation poll."""
         if self.store is None:
             return True
         # As long as any replica (with a clock up to CLOCK_SKEW behind) could still see it.
@@ -168,7 +169,10 @@ class TaskTokens(Verifier):
         except StoreUnavailable:
             first = True
         if token.idle_ttl is not None:
-            await self._forget(lease_key(token.token_id))
+            key = lease_key(token.token_id)
+            with contextlib.suppress(StoreUnavailable):  # then the revocation poll does it
+                await self.store.drop(key)
+            await self._forget(key)
         return first
 
     async def _forget(self, key: str) -> None:

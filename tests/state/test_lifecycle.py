@@ -29,6 +29,7 @@ from keyproxy import config as config_module
 from keyproxy.caller import Identity
 from keyproxy.config import RedisSettings
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.state.limits import lease_key
 from keyproxy.state.redis import RedisStore
 from keyproxy.tokens import TaskTokens
 from keyproxy.vault import Vault
@@ -225,6 +226,25 @@ async def test_racing_ends_of_one_token_are_reported_once(
         reports = [e for e in logs if e["event"] == "token.revoked"]
         assert len(reports) == 1, reports
         assert issued.token_id in (await b.revocation_list()).ids
+
+
+async def test_an_ended_token_s_lease_ends_for_every_replica_at_once(
+    openbao: OpenBaoDevServer, redis_server: RedisServer
+) -> None:
+    """A leased token ended through one replica has no live lease left for another replica to
+    find while that one's revocation list is not re-read yet: the lease the proxy's limit
+    step checks (for the token and all delegated from it) refuses it everywhere at once."""
+    async with _tokens_on(openbao, redis_server, uuid.uuid4().hex, replicas=2) as (a, b):
+        parent = await a.issue(Identity("openbao", "ender", {}), SCOPE, ttl=60, idle_ttl=30)
+        CANARIES.add(parent.token)
+        key = lease_key(parent.token_id)
+        assert b.store is not None
+        assert await b.store.alive(key)
+        await b.verify(parent.token)  # b has read the list before the end
+        await a.revoke_held(await a.verify(parent.token), "completed")
+        assert not await b.store.alive(key)
+        await b.verify(parent.token)  # b's list is not re-read: the lease refuses it
+        assert parent.token_id in (await b.revocation_list()).ids
 
 
 async def test_a_revocation_whose_caller_went_away_is_reported(
