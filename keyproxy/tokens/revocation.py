@@ -177,6 +177,8 @@ class RevocationStore:
 
     async def _revoke(self, revocation: _Revocation) -> None:
         await self._record_revocation(revocation)
+        if revocation.token_id is not None:
+            await self._end_lease(revocation.token_id)
         token_id, _, subject, task = revocation
         issuer, _, name = subject.partition("|") if subject is not None else (None, "", None)
         log.info(
@@ -220,6 +222,10 @@ class RevocationStore:
         """Whether this replica is the one to report `token`'s end (TaskTokens asks the
         state store, which every replica shares)."""
         return True
+
+    async def _end_lease(self, token_id: str) -> None:
+        """End the heartbeat lease of token `token_id`, if it has one, so that every replica
+        refuses it before its next revocation poll (TaskTokens: in the shared state store)."""
 
     async def _record_revocation(self, revocation: _Revocation) -> None:
         """Record a revocation in Vault, with any others this process records meanwhile."""

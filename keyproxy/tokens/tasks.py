@@ -169,11 +169,16 @@ class TaskTokens(Verifier):
         except StoreUnavailable:
             first = True
         if token.idle_ttl is not None:
-            key = lease_key(token.token_id)
-            with contextlib.suppress(StoreUnavailable):  # then the revocation poll does it
-                await self.store.drop(key)
-            await self._forget(key)
+            await self._end_lease(token.token_id)
         return first
+
+    async def _end_lease(self, token_id: str) -> None:
+        if self.store is None:
+            return
+        key = lease_key(token_id)
+        with contextlib.suppress(StoreUnavailable):  # then the revocation poll does it
+            await self.store.drop(key)
+        await self._forget(key)
 
     async def _forget(self, key: str) -> None:
         """Take lease `key` off the store's list (a store that cannot answer: the next

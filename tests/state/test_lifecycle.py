@@ -231,9 +231,10 @@ async def test_racing_ends_of_one_token_are_reported_once(
 async def test_an_ended_token_s_lease_ends_for_every_replica_at_once(
     openbao: OpenBaoDevServer, redis_server: RedisServer
 ) -> None:
-    """A leased token ended through one replica has no live lease left for another replica to
-    find while that one's revocation list is not re-read yet: the lease the proxy's limit
-    step checks (for the token and all delegated from it) refuses it everywhere at once."""
+    """A leased token ended through one replica (by its holder, or by an operator's
+    revocation of its id) has no live lease left for another replica to find while that
+    one's revocation list is not re-read yet: the lease the proxy's limit step checks (for
+    the token and all delegated from it) refuses it everywhere at once."""
     async with _tokens_on(openbao, redis_server, uuid.uuid4().hex, replicas=2) as (a, b):
         parent = await a.issue(Identity("openbao", "ender", {}), SCOPE, ttl=60, idle_ttl=30)
         CANARIES.add(parent.token)
@@ -245,6 +246,12 @@ async def test_an_ended_token_s_lease_ends_for_every_replica_at_once(
         assert not await b.store.alive(key)
         await b.verify(parent.token)  # b's list is not re-read: the lease refuses it
         assert parent.token_id in (await b.revocation_list()).ids
+        # An operator's revocation of a token id ends its lease too.
+        other = await a.issue(Identity("openbao", "ender", {}), SCOPE, ttl=60, idle_ttl=30)
+        CANARIES.add(other.token)
+        assert await b.store.alive(lease_key(other.token_id))
+        await a.revoke(token_id=other.token_id, expires_at=other.expires_at)
+        assert not await b.store.alive(lease_key(other.token_id))
 
 
 async def test_a_revocation_whose_caller_went_away_is_reported(
