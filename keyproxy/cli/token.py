@@ -45,6 +45,7 @@ from keyproxy.cli.common import (
 )
 from keyproxy.config import Grant
 from keyproxy.errors import ConfigError, KeyproxyError
+from keyproxy.state.redis import RedisStore
 from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens, exception_subject
 
 EXIT_USAGE = 2
@@ -104,11 +105,16 @@ def _usage(message: str) -> int:
 def _run(args: argparse.Namespace, cfg: config.Config, work: Any) -> int:
     async def session() -> int:
         vault = vault_for(args, cfg)
+        # The shared store, when configured: heartbeat leases live there (a revoked token's
+        # ends with it, and a token issued with idle_ttl starts one).
+        store = RedisStore(cfg.state) if cfg.state is not None else None
         try:
             await vault.login()
-            result: int = await work(cfg, TaskTokens(cfg, vault))
+            result: int = await work(cfg, TaskTokens(cfg, vault, store=store))
             return result
         finally:
+            if store is not None:
+                await store.close()
             vault.close()
 
     try:

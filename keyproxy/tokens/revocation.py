@@ -10,6 +10,7 @@ together share one (`keyproxy.tokens.shared`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,13 @@ import structlog
 from keyproxy.config import Config
 from keyproxy.errors import Unauthenticated, Unavailable
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
-from keyproxy.tokens.shared import SharedSecret, finish_running, read_state, to_the_end
+from keyproxy.tokens.shared import (
+    SharedSecret,
+    finish_running,
+    read_state,
+    read_written,
+    to_the_end,
+)
 from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -240,7 +247,9 @@ class RevocationStore:
         now = self.clock()
         for token_id, expires_at, subject, task in added:
             if token_id is not None:
-                revocations.ids[token_id] = expires_at if expires_at is not None else now + longest
+                # Whole seconds, rounded up: a shorter entry kept a little longer.
+                until = expires_at if expires_at is not None else now + longest
+                revocations.ids[token_id] = float(math.ceil(until))
             if subject is not None:
                 revocations.subjects[subject] = now + CLOCK_SKEW
             if task is not None:
@@ -262,7 +271,9 @@ class RevocationStore:
         version = await self.vault.kv_version(self.config.vault.kv_mount, self._revocations_path)
         if version is None or version == self._revocations_version:
             return
-        data, version = await self.vault.read_kv(self.config.vault.kv_mount, self._revocations_path)
+        data, version = await read_written(
+            self.vault, self.config.vault.kv_mount, self._revocations_path
+        )
         self._revocations = Revocations.from_data(data)
         self._revocations_version = version
 

@@ -12,13 +12,14 @@ grows with each try (full jitter), so replicas that collided do not collide agai
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
-from keyproxy.errors import RequestError
+from keyproxy.errors import RequestError, VaultError
 from keyproxy.vault import CasConflict, Vault
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -28,6 +29,11 @@ _C = TypeVar("_C")
 ATTEMPTS: Final = 10  # writes tried before the change is refused (503)
 FIRST_PAUSE: Final = 0.01  # seconds: the longest pause after the first conflict, doubling
 LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (at most 2.1 s in all)
+# The one field a shared secret's data is written in, as JSON text. Vault/OpenBao refuse a
+# request whose JSON holds more than a set number of strings (object keys count: about
+# 1,000 by default), which a list with an entry per revoked token would pass within the hour;
+# one text is one string, however many entries it holds.
+STATE_FIELD: Final = "state"
 
 # Where the secret is (KV mount, path): read at each write, so a reload that moves it counts.
 Location = Callable[[], tuple[str, str]]
@@ -98,7 +104,7 @@ class SharedSecret(Generic[_C]):
             data, version = await read_state(self.vault, mount, path)
             new = self._merge(data, changes)
             try:
-                return new, await self.vault.write_kv(mount, path, new, cas=version)
+                return new, await self.vault.write_kv(mount, path, encoded(new), cas=version)
             except CasConflict:
                 continue
         raise self._contended()
@@ -167,4 +173,24 @@ async def read_state(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any
     cas=0 creates it)."""
     if await vault.kv_version(mount, path) is None:
         return {}, 0
-    return await vault.read_kv(mount, path)
+    return await read_written(vault, mount, path)
+
+
+async def read_written(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any], int]:
+    """A shared secret's data and version, as `SharedSecret` wrote it (`encoded`)."""
+    stored, version = await vault.read_kv(mount, path)
+    text = stored.get(STATE_FIELD)
+    if text is None:
+        return stored, version  # written by a version of keyproxy before STATE_FIELD
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise VaultError(f"read {mount}/{path}: not keyproxy's state")
+    return data, version
+
+
+def encoded(data: dict[str, Any]) -> dict[str, str]:
+    """A shared secret's data as written: one JSON text in STATE_FIELD."""
+    return {STATE_FIELD: json.dumps(data, separators=(",", ":"))}

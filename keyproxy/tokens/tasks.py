@@ -128,12 +128,16 @@ class TaskTokens(Verifier):
         a revocation names it or it has expired; either way take it off the store's list."""
         try:
             token = self._task_token(await self.lease_claims(record))
+            if key != lease_key(token.token_id):
+                # SECURITY: a genuine record copied under another lease (one that lapsed, or
+                # never was) would end a live token.
+                raise Unauthenticated("wrong_lease", "the record is another token's")
         except Unavailable:
-            return  # the keys are too old to trust: handed out again after LEASE_CLAIM
+            return  # its key is too old to trust or not read yet: handed out after LEASE_CLAIM
         except (ValueError, TypeError, RequestError) as exc:
-            # Not a record keyproxy signed (one planted in the store), or not a token this
-            # configuration knows (a route a reload removed): its lease is gone, so it is
-            # refused anyway; its end is not recorded.
+            # Not a record keyproxy signed for this lease (one planted in the store), or not a
+            # token this configuration knows (a route a reload removed): its lease is gone, so
+            # it is refused anyway; its end is not recorded.
             reason = exc.reason if isinstance(exc, RequestError) else "unreadable"
             log.warning("token.end_not_recorded", error="unreadable lease record", reason=reason)
             await self._forget(key)

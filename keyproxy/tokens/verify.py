@@ -26,7 +26,7 @@ from keyproxy import jws, strictjson, verified
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import Config
-from keyproxy.errors import Unauthenticated, VaultError
+from keyproxy.errors import Unauthenticated, Unavailable, VaultError
 from keyproxy.state import StateStore
 from keyproxy.tokens import lineage
 from keyproxy.tokens.format import (
@@ -140,7 +140,8 @@ class Verifier(Signing):
     async def lease_claims(self, record: str) -> dict[str, Any]:
         """The claims in a lease record that `Signing._lease_record` wrote. Raises
         Unauthenticated for any other record (one a writer of the store planted, or signed by
-        a key version no longer published), Unavailable while the keys are too old to trust."""
+        a key version no longer published); Unavailable while the keys are too old to trust,
+        or when it names a version newer than this replica has read."""
         try:
             fields = strictjson.loads(record.encode("utf-8", "surrogatepass"))
             kid, signature, text = fields["kid"], fields["sig"], fields["claims"]
@@ -150,7 +151,17 @@ class Verifier(Signing):
             signed = text.encode("utf-8", "surrogatepass")
         except (ValueError, TypeError, KeyError, binascii.Error):
             raise Unauthenticated("malformed", "not a lease record") from None
-        _, key = await self._key(kid)
+        try:
+            _, key = await self._key(kid)
+        except Unauthenticated:
+            version = self._version_of(kid)
+            if version is not None and version > max(self._keys, default=0):
+                # Signed by a key version this replica has not read yet (a rotation within
+                # key_refetch_cooldown, or Vault unreachable): to be tried again.
+                raise Unavailable(
+                    "token_keys_unknown", "the record's key is not known yet"
+                ) from None
+            raise
         public = key.key
         try:
             if not isinstance(public, Ed25519PublicKey):
@@ -164,12 +175,9 @@ class Verifier(Signing):
         return claims
 
     async def _key(self, kid: Any) -> tuple[int, jwt.PyJWK]:
-        # ASCII digits only: str.isdigit() would accept "²", which int() refuses.
-        pattern = rf"{re.escape(self.cfg.transit_key)}:v([0-9]{{1,9}})"
-        match = re.fullmatch(pattern, kid) if isinstance(kid, str) else None
-        if match is None:
+        version = self._version_of(kid)
+        if version is None:
             raise Unauthenticated("unknown_kid", "unknown task token key")
-        version = int(match[1])
         if version not in self._keys:
             # An unknown key stays unknown when Vault is down; known keys keep verifying.
             with contextlib.suppress(VaultError):
@@ -179,6 +187,13 @@ class Verifier(Signing):
             raise Unauthenticated("unknown_kid", "unknown task token key")
         self._check_fresh()
         return version, key
+
+    def _version_of(self, kid: Any) -> int | None:
+        """The Transit key version a key id names (`Signing._kid`), or None."""
+        # ASCII digits only: str.isdigit() would accept "²", which int() refuses.
+        pattern = rf"{re.escape(self.cfg.transit_key)}:v([0-9]{{1,9}})"
+        match = re.fullmatch(pattern, kid) if isinstance(kid, str) else None
+        return None if match is None else int(match[1])
 
     def _task_token(self, claims: Mapping[str, Any]) -> TaskToken:
         try:

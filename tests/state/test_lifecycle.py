@@ -29,11 +29,12 @@ from keyproxy import config as config_module
 from keyproxy.caller import Identity
 from keyproxy.config import RedisSettings
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from keyproxy.state.limits import lease_key
+from keyproxy.errors import Unauthenticated
 from keyproxy.state.redis import RedisStore
 from keyproxy.tokens import TaskTokens
+from keyproxy.tokens.lineage import child_claims
 from keyproxy.vault import Vault
-from tests.helpers.cli import ready, serve_replicas, started
+from tests.helpers.cli import clean_env, keyproxy, ready, serve_replicas, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
@@ -186,6 +187,34 @@ async def test_a_lapsed_lease_is_recorded_when_its_issuing_replica_is_gone(
     await _both_refuse(http, replicas.bases, answer["access_token"], within=2.0)
 
 
+async def test_an_operator_revoking_a_token_id_ends_its_lease(
+    replicas: Replicas,
+    openbao: OpenBaoDevServer,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """`keyproxy token revoke --id` with the replicas' configuration (a shared store) ends
+    the token's heartbeat lease as it records the revocation."""
+    a, _ = replicas.bases
+    await ready(http, a)
+    code, answer = await exchange(http, a, identity_token, scope=ANY, ttl="2m", idle_ttl="30s")
+    assert code == 200, answer
+    CANARIES.add(answer["access_token"])
+    state = yaml.safe_load(replicas.config.read_text())["state"]
+    lease = f"{{{state['prefix']}}}:l:lease:{answer['token_id']}"
+    client = redis.asyncio.from_url(state["url"])
+    try:
+        assert await client.exists(lease)
+        env = clean_env(tmp_path, VAULT_TOKEN=openbao.root_token)
+        args = ("token", "revoke", "-c", str(replicas.config), "--as-operator")
+        done = await asyncio.to_thread(keyproxy, *args, "--id", answer["token_id"], env=env)
+        assert done.returncode == 0, done.stderr
+        assert not await client.exists(lease)
+    finally:
+        await client.aclose()
+
+
 @contextlib.asynccontextmanager
 async def _tokens_on(
     openbao: OpenBaoDevServer,
@@ -236,22 +265,27 @@ async def test_an_ended_token_s_lease_ends_for_every_replica_at_once(
     one's revocation list is not re-read yet: the lease the proxy's limit step checks (for
     the token and all delegated from it) refuses it everywhere at once."""
     async with _tokens_on(openbao, redis_server, uuid.uuid4().hex, replicas=2) as (a, b):
-        parent = await a.issue(Identity("openbao", "ender", {}), SCOPE, ttl=60, idle_ttl=30)
-        CANARIES.add(parent.token)
-        key = lease_key(parent.token_id)
-        assert b.store is not None
-        assert await b.store.alive(key)
-        await b.verify(parent.token)  # b has read the list before the end
-        await a.revoke_held(await a.verify(parent.token), "completed")
-        assert not await b.store.alive(key)
-        await b.verify(parent.token)  # b's list is not re-read: the lease refuses it
+        who = Identity("openbao", "ender", {})
+        parent = await a.issue(who, SCOPE, ttl=60, idle_ttl=30)
+        verified = await a.verify(parent.token)
+        child = await a.issue(who, SCOPE, ttl=60, lineage=child_claims(verified, None))
+        CANARIES.update((parent.token, child.token))
+        for token in (parent.token, child.token):
+            await b.check_leases(await b.verify(token))  # b has read the list before the end
+        await a.revoke_held(verified, "completed")
+        # b's list is not re-read: the verification passes, the lease refuses them.
+        with pytest.raises(Unauthenticated, match="lease lapsed"):
+            await b.check_leases(await b.verify(parent.token))
+        with pytest.raises(Unauthenticated, match="delegated from lost"):
+            await b.check_leases(await b.verify(child.token))
         assert parent.token_id in (await b.revocation_list()).ids
         # An operator's revocation of a token id ends its lease too.
-        other = await a.issue(Identity("openbao", "ender", {}), SCOPE, ttl=60, idle_ttl=30)
+        other = await a.issue(who, SCOPE, ttl=60, idle_ttl=30)
         CANARIES.add(other.token)
-        assert await b.store.alive(lease_key(other.token_id))
+        await b.check_leases(await b.verify(other.token))
         await a.revoke(token_id=other.token_id, expires_at=other.expires_at)
-        assert not await b.store.alive(lease_key(other.token_id))
+        with pytest.raises(Unauthenticated, match="lease lapsed"):
+            await b.check_leases(await b.verify(other.token))
 
 
 async def test_a_revocation_whose_caller_went_away_is_reported(
@@ -319,20 +353,58 @@ async def test_a_lease_record_is_kept_while_the_keys_are_too_old_to_check_it(
         assert issued.token_id not in (await tasks.revocation_list()).ids
 
 
+async def test_a_lease_record_of_a_key_version_not_read_yet_is_kept(
+    openbao: OpenBaoDevServer, redis_server: RedisServer
+) -> None:
+    """A lapsed lease whose record names a signing key version newer than this replica has
+    read (a rotation it has not seen) is neither recorded nor dropped: it stays listed to be
+    tried again; one naming an older version it does not hold is dropped."""
+    prefix = uuid.uuid4().hex
+    async with _tokens_on(openbao, redis_server, prefix) as (tasks,):
+        issued = await tasks.issue(Identity("openbao", "new-key", {}), SCOPE, ttl=60, idle_ttl=1)
+        CANARIES.add(issued.token)
+        records, kept, due = (f"{{{prefix}}}:w:{name}" for name in ("records", "kept", "due"))
+        newest = max(tasks._keys)
+        client = redis.asyncio.from_url(redis_server.url)
+        try:
+            written = await client.hget(records, f"lease:{issued.token_id}")
+            assert written is not None
+            real = json.loads(written)
+            for member, version in (("lease:newer", newest + 1), ("lease:older", 0)):
+                kid = real["kid"].rsplit(":v", 1)[0] + f":v{version}"
+                await client.hset(records, member, json.dumps(real | {"kid": kid}))
+                await client.zadd(kept, {member: 4e12})
+                await client.zadd(due, {member: 0})
+
+            async def older_dropped() -> bool:
+                await tasks.sweep_leases()
+                return not await client.hexists(records, "lease:older")
+
+            with capture_logs() as logs:
+                await eventually(older_dropped, "the older record is still listed", until=bool)
+            dropped = [e for e in logs if e["event"] == "token.end_not_recorded"]
+            assert [e["reason"] for e in dropped] == ["unknown_kid"], dropped
+            assert await client.hexists(records, "lease:newer")
+        finally:
+            await client.aclose()
+
+
 async def test_a_planted_lease_record_is_never_recorded_as_an_end(
     openbao: OpenBaoDevServer, redis_server: RedisServer
 ) -> None:
-    """Records in the store's lease list that keyproxy did not sign are dropped with a
-    warning and end no token: bytes that are not UTF-8 or not JSON, a token no configuration
-    issues, the claims of a live token copied out of it (also as they were, for years, or
-    under the signature of another token's record). The real lapsed lease beside them is
-    still recorded as ended, and none of them stops the sweep."""
+    """Records in the store's lease list that keyproxy did not sign for that lease are
+    dropped with a warning and end no token: bytes that are not UTF-8 or not JSON, a token no
+    configuration issues, the claims of a live token copied out of it (also as they were,
+    for years, or under the signature of another token's record), and a genuine record
+    copied under another lease. The real lapsed lease beside them is still recorded as
+    ended, and none of them stops the sweep."""
     prefix = uuid.uuid4().hex
     async with _tokens_on(openbao, redis_server, prefix) as (tasks,):
         identity = Identity("openbao", "sweep-subject", {})
         issued = await tasks.issue(identity, SCOPE, ttl=60, idle_ttl=1)
         live = await tasks.issue(identity, SCOPE, ttl=60)  # no lease: only a revocation ends it
-        CANARIES.update((issued.token, live.token))
+        beating = await tasks.issue(identity, SCOPE, ttl=60, idle_ttl=30)  # its lease is alive
+        CANARIES.update((issued.token, live.token, beating.token))
         records, kept, due = (f"{{{prefix}}}:w:{name}" for name in ("records", "kept", "due"))
         client = redis.asyncio.from_url(redis_server.url)
         try:
@@ -355,6 +427,8 @@ async def test_a_planted_lease_record_is_never_recorded_as_an_end(
                 ).encode(),
                 "lease:other-signature": signed_as_real(json.dumps(claims)),
                 "lease:for-years": signed_as_real(json.dumps(years)),
+                # A live token's real record, copied whole under a lease that never was.
+                "lease:copied": await client.hget(records, f"lease:{beating.token_id}") or b"",
             }
             for member, record in planted.items():
                 await client.hset(records, member, record)
@@ -372,6 +446,7 @@ async def test_a_planted_lease_record_is_never_recorded_as_an_end(
         revoked = (await tasks.revocation_list()).ids
         assert "x" not in revoked
         assert live.token_id not in revoked
+        assert beating.token_id not in revoked
         assert await tasks.verify(live.token)  # still good
         dropped = [e for e in logs if e["event"] == "token.end_not_recorded"]
         assert len(dropped) == len(planted), dropped
@@ -380,7 +455,7 @@ async def test_a_planted_lease_record_is_never_recorded_as_an_end(
 
             async def forgotten() -> bool:
                 await tasks.sweep_leases()
-                return not await client.hlen(records)
+                return await client.hmget(records, list(planted)) == [None] * len(planted)
 
             await eventually(forgotten, "planted records still listed", until=bool)
         finally:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from structlog.testing import capture_logs
 from keyproxy import config as config_module
 from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from keyproxy.errors import Forbidden
+from keyproxy.errors import Forbidden, Unauthenticated
 from keyproxy.identity import Identity
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
@@ -260,6 +261,45 @@ async def test_concurrent_revocations_on_two_replicas_are_all_recorded(
         assert set(ids) <= set(listed.ids)
         written = (await vaults[0].kv_version(cfg.vault.kv_mount, path) or 0) - before
         assert 1 <= written <= 10, written  # 40 revocations, a few shared writes
+    finally:
+        for vault in vaults:
+            vault.close()
+
+
+async def test_the_revocation_list_holds_thousands_of_live_tokens(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A revocation list of thousands of live token ids (far more JSON strings than OpenBao
+    takes in one request) is written, takes one more revocation, and reaches another
+    replica's poll; a list written in the earlier format (a key per id) is read, and kept
+    at the next write."""
+    own = openbao.add_agent("many-revoked")
+    raw = token_config(openbao, own, "http://127.0.0.1:1")
+    raw["tokens"]["state_path"] = f"keyproxy/state/tokens/many-{uuid.uuid4().hex[:8]}"
+    cfg = config_module.parse(json.dumps(raw), {})
+    vaults = [Vault(cfg.vault), Vault(cfg.vault)]
+    try:
+        for vault in vaults:
+            await vault.login()
+        tasks, other = (TaskTokens(cfg, vault) for vault in vaults)
+        expiry = time.time() + 600
+        earlier = {f"earlier-{i}": expiry for i in range(300)}
+        await vaults[0].write_kv(
+            cfg.vault.kv_mount, tasks._revocations_path, {"ids": earlier, "subjects": {}}
+        )
+        assert set(earlier) <= set((await tasks.revocation_list()).ids)
+        ids = [f"many-{i}" for i in range(3000)]
+        with capture_logs():  # 3,000 token.revoked events
+            await asyncio.gather(*(tasks.revoke(token_id=t, expires_at=expiry) for t in ids))
+        issued = await tasks.issue(Identity("openbao", "one-more", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        await other.verify(issued.token)
+        await tasks.revoke_held(await tasks.verify(issued.token), "completed")
+        await other.refresh_revocations()  # the poll's read
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await other.verify(issued.token)
+        listed = set((await other.revocation_list()).ids)
+        assert {*earlier, *ids, issued.token_id} <= listed
     finally:
         for vault in vaults:
             vault.close()
