@@ -32,7 +32,16 @@ from keyproxy.config import VaultConfig
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.vault import Vault
 from tests.helpers import cli, logscan
-from tests.helpers.servers import GatedStream, Upstream, running_upstream, serve
+from tests.helpers.servers import (
+    GatedStream,
+    Stack,
+    Upstream,
+    new_key,
+    running_proxy,
+    running_upstream,
+    serve,
+    token_config,
+)
 
 
 def _started(workdir: Path) -> OpenBaoDevServer:
@@ -186,6 +195,17 @@ class LegacyApiProcess:
 async def upstream() -> AsyncIterator[Upstream]:
     """The recording upstream of tests/helpers/servers.py on loopback, fresh for each test."""
     async with running_upstream() as value:
+        yield value
+
+
+@pytest.fixture
+async def stack(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> AsyncIterator[Stack]:
+    """The proxy serving tests.helpers.servers.token_config's routes, their key stored (a
+    module whose tests need another configuration defines its own `stack`)."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
         yield value
 
 

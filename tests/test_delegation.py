@@ -9,7 +9,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +41,6 @@ from tests.test_proxy import audit_events, new_request_id
 
 CHAT = "/r/r/v1/chat/completions"
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-
-
-@pytest.fixture
-async def stack(
-    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
-) -> AsyncIterator[Stack]:
-    openbao.put_key("keyproxy/keys/tokens-test", new_key())
-    async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
-        yield value
 
 
 def test_a_child_is_narrowed_to_its_parent_or_refused() -> None:

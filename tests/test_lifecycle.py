@@ -9,12 +9,10 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from keyproxy import config
 from keyproxy.devserver import Agent, OpenBaoDevServer
@@ -33,15 +31,6 @@ from tests.helpers.servers import (
 from tests.helpers.tokens import exchange, form_exchange, refused, status
 
 CHAT = "/r/r/v1/chat/completions"
-
-
-@pytest.fixture
-async def stack(
-    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
-) -> AsyncIterator[Stack]:
-    openbao.put_key("keyproxy/keys/tokens-test", new_key())
-    async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
-        yield value
 
 
 async def _heartbeat(
