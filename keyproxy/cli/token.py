@@ -105,10 +105,11 @@ def _usage(message: str) -> int:
 def _run(args: argparse.Namespace, cfg: config.Config, work: Any) -> int:
     async def session() -> int:
         vault = vault_for(args, cfg)
-        # The shared store, when configured: heartbeat leases live there (a revoked token's
-        # ends with it, and a token issued with idle_ttl starts one).
-        store = RedisStore(cfg.state) if cfg.state is not None else None
+        store = None
         try:
+            # The shared store, when configured: heartbeat leases live there (a revoked
+            # token's ends with it, and a token issued with idle_ttl starts one).
+            store = _store(cfg)
             await vault.login()
             result: int = await work(cfg, TaskTokens(cfg, vault, store=store))
             return result
@@ -124,6 +125,22 @@ def _run(args: argparse.Namespace, cfg: config.Config, work: Any) -> int:
             raise
         print(f"keyproxy token: {exc}", file=sys.stderr)  # noqa: T201
         return 1
+
+
+def _store(cfg: config.Config) -> RedisStore | None:
+    """The configured state store, or None: also when it cannot be set up here (its password
+    file is not on this machine, say), so that a revocation is still recorded in Vault."""
+    if cfg.state is None:
+        return None
+    try:
+        return RedisStore(cfg.state)
+    except (OSError, ValueError) as exc:
+        print(  # noqa: T201
+            f"keyproxy token: not using the state store ({type(exc).__name__}): "
+            "a revoked token's heartbeat lease runs out on its own",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _issue(args: argparse.Namespace) -> int:

@@ -1,18 +1,23 @@
 """The exception register: every exception token issued, with its owner and reason, kept in
-Vault KV at `tokens.state_path`/exceptions for `keyproxy token list`."""
+Vault KV at `tokens.state_path`/exception-register for `keyproxy token list`."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from keyproxy.config import EXCEPTION_ISSUER, Config
 from keyproxy.errors import Unavailable
 from keyproxy.tokens.format import exception_subject
-from keyproxy.tokens.revocation import Revocations, RevocationStore
+from keyproxy.tokens.revocation import RevocationStore
 from keyproxy.tokens.shared import SharedSecret
 from keyproxy.vault import Vault
+
+# The register's secret under tokens.state_path, and the one an earlier build wrote with a
+# field per token (still read by `exceptions`, never written; see revocation.REVOCATIONS).
+EXCEPTIONS: Final = "exception-register"
+LEGACY_EXCEPTIONS: Final = "exceptions"
 
 
 class ExceptionRegister(RevocationStore):
@@ -34,7 +39,7 @@ class ExceptionRegister(RevocationStore):
 
     @property
     def _exceptions_path(self) -> str:
-        return f"{self.cfg.state_path}/exceptions"
+        return f"{self.cfg.state_path}/{EXCEPTIONS}"
 
     async def _record_exception(self, token_id: str, claims: Mapping[str, Any]) -> None:
         """Add an exception token to the register, with any others this process issues
@@ -61,9 +66,10 @@ class ExceptionRegister(RevocationStore):
 
     async def exceptions(self) -> list[dict[str, Any]]:
         """Active exception tokens (not expired, not revoked), soonest expiry first."""
+        legacy, _ = await self._read_legacy(f"{self.cfg.state_path}/{LEGACY_EXCEPTIONS}")
         data, _ = await self._read_state(self._exceptions_path)
-        revs, _ = await self._read_state(self._revocations_path)
-        revocations = Revocations.from_data(revs)
+        data = legacy | data
+        revocations = await self.revocation_list()
         now = self.clock()
         active = [
             {"token_id": k, **v}

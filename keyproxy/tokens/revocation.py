@@ -37,6 +37,12 @@ log = structlog.get_logger("keyproxy.tokens")
 HOLDER_REASONS: Final = ("completed", "failed", "timeout")
 END_REASONS: Final = (*HOLDER_REASONS, "heartbeat_lost", "parent_revoked", "operator")
 SHUTDOWN_WAIT: Final = 5.0  # seconds a stopping server waits for revocations under way
+# The list's secret under tokens.state_path (one JSON text, keyproxy.tokens.shared), and the
+# one an earlier build wrote with a field per entry: still read, every LEGACY_POLL seconds,
+# so that a fleet upgraded replica by replica loses no revocation. Never written here.
+REVOCATIONS: Final = "revocation-list"
+LEGACY_REVOCATIONS: Final = "revocations"
+LEGACY_POLL: Final = 10.0
 
 
 class _Revocation(NamedTuple):
@@ -68,6 +74,20 @@ class Revocations:
 
     def to_data(self) -> dict[str, Any]:
         return {"ids": self.ids, "subjects": self.subjects, "tasks": self.tasks}
+
+    def union(self, other: Revocations) -> Revocations:
+        """Every revocation either list holds (the later time where both name the same)."""
+        if not (other.ids or other.subjects or other.tasks):
+            return self
+
+        def later(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+            return a | {k: max(v, a.get(k, v)) for k, v in b.items()}
+
+        return Revocations(
+            later(self.ids, other.ids),
+            later(self.subjects, other.subjects),
+            later(self.tasks, other.tasks),
+        )
 
     def revoked(self, token: TaskToken) -> bool:
         return self.names(
@@ -138,8 +158,15 @@ class RevocationStore:
         self.cfg = config.tokens
         self.vault = vault
         self.clock = clock
+        # This replica's copy: the list (`_listed`, at `_revocations_version`) with what an
+        # earlier build wrote at LEGACY_REVOCATIONS (`_legacy`), which only it writes.
         self._revocations = Revocations()
+        self._listed = Revocations()
         self._revocations_version: int | None = None
+        self._legacy = Revocations()
+        self._legacy_version: int | None = None
+        self._legacy_read_at: float | None = None  # time.monotonic() of its last look
+        self.revocations_read = False  # whether both were read at least once
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
         self._revocation_writes = SharedSecret(
@@ -164,7 +191,7 @@ class RevocationStore:
 
     @property
     def _revocations_path(self) -> str:
-        return f"{self.cfg.state_path}/revocations"
+        return f"{self.cfg.state_path}/{REVOCATIONS}"
 
     # ------------------------------------------------------------------ revocation
 
@@ -238,7 +265,8 @@ class RevocationStore:
         """Record a revocation in Vault, with any others this process records meanwhile."""
         data, version = await self._revocation_writes.change(revocation)
         if self._revocations_version is None or version > self._revocations_version:
-            self._revocations, self._revocations_version = Revocations.from_data(data), version
+            self._listed, self._revocations_version = Revocations.from_data(data), version
+            self._revocations = self._listed.union(self._legacy)
 
     def _merged_revocations(self, data: dict[str, Any], added: list[_Revocation]) -> dict[str, Any]:
         """The stored list `data` with the revocations `added`, pruned."""
@@ -249,7 +277,7 @@ class RevocationStore:
             if token_id is not None:
                 # Whole seconds, rounded up: a shorter entry kept a little longer.
                 until = expires_at if expires_at is not None else now + longest
-                revocations.ids[token_id] = float(math.ceil(until))
+                revocations.ids[token_id] = math.ceil(until)
             if subject is not None:
                 revocations.subjects[subject] = now + CLOCK_SKEW
             if task is not None:
@@ -262,20 +290,41 @@ class RevocationStore:
         return await read_state(self.vault, self.config.vault.kv_mount, path)
 
     async def revocation_list(self) -> Revocations:
-        """The revocation list as Vault holds it now."""
+        """The revocation list as Vault holds it now (with an earlier build's)."""
         data, _ = await self._read_state(self._revocations_path)
-        return Revocations.from_data(data)
+        legacy, _ = await self._read_legacy(f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}")
+        return Revocations.from_data(data).union(Revocations.from_data(legacy))
+
+    async def _read_legacy(self, path: str) -> tuple[dict[str, Any], int | None]:
+        """A secret an earlier build wrote, a field per entry (read only); ({}, None) when
+        there is none."""
+        mount = self.config.vault.kv_mount
+        version = await self.vault.kv_version(mount, path)
+        if version is None:
+            return {}, None
+        data, version = await self.vault.read_kv(mount, path)
+        return data, version
 
     async def refresh_revocations(self) -> None:
-        """Re-read the revocation list if its version changed (one metadata read otherwise)."""
-        version = await self.vault.kv_version(self.config.vault.kv_mount, self._revocations_path)
-        if version is None or version == self._revocations_version:
-            return
-        data, version = await read_written(
-            self.vault, self.config.vault.kv_mount, self._revocations_path
-        )
-        self._revocations = Revocations.from_data(data)
-        self._revocations_version = version
+        """Re-read the revocation list if its version changed (one metadata read otherwise),
+        and an earlier build's every LEGACY_POLL."""
+        mount = self.config.vault.kv_mount
+        version = await self.vault.kv_version(mount, self._revocations_path)
+        if version is not None and version != self._revocations_version:
+            data, version = await read_written(self.vault, mount, self._revocations_path)
+            self._listed, self._revocations_version = Revocations.from_data(data), version
+        now = time.monotonic()
+        if self._legacy_read_at is None or now - self._legacy_read_at >= LEGACY_POLL:
+            path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
+            legacy_version = await self.vault.kv_version(mount, path)
+            if legacy_version != self._legacy_version:
+                legacy: dict[str, Any] = {}
+                if legacy_version is not None:
+                    legacy, legacy_version = await self.vault.read_kv(mount, path)
+                self._legacy, self._legacy_version = Revocations.from_data(legacy), legacy_version
+            self._legacy_read_at = now
+        self._revocations = self._listed.union(self._legacy)
+        self.revocations_read = True
 
 
 def _contended() -> Unavailable:

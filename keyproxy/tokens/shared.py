@@ -12,6 +12,7 @@ grows with each try (full jitter), so replicas that collided do not collide agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import Callable, Coroutine
@@ -19,6 +20,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
+from keyproxy import strictjson
 from keyproxy.errors import RequestError, VaultError
 from keyproxy.vault import CasConflict, Vault
 
@@ -34,6 +36,7 @@ LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (at most 2.1
 # 1,000 by default), which a list with an entry per revoked token would pass within the hour;
 # one text is one string, however many entries it holds.
 STATE_FIELD: Final = "state"
+LARGE_STATE: Final = 512 * 1024  # characters of that text
 
 # Where the secret is (KV mount, path): read at each write, so a reload that moves it counts.
 Location = Callable[[], tuple[str, str]]
@@ -104,7 +107,8 @@ class SharedSecret(Generic[_C]):
             data, version = await read_state(self.vault, mount, path)
             new = self._merge(data, changes)
             try:
-                return new, await self.vault.write_kv(mount, path, encoded(new), cas=version)
+                written = encoded(new, path)
+                return new, await self.vault.write_kv(mount, path, written, cas=version)
             except CasConflict:
                 continue
         raise self._contended()
@@ -177,20 +181,23 @@ async def read_state(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any
 
 
 async def read_written(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any], int]:
-    """A shared secret's data and version, as `SharedSecret` wrote it (`encoded`)."""
+    """A shared secret's data and version, as `SharedSecret` wrote it (`encoded`). Anything
+    else there is refused (VaultError), never read as an empty list."""
     stored, version = await vault.read_kv(mount, path)
     text = stored.get(STATE_FIELD)
-    if text is None:
-        return stored, version  # written by a version of keyproxy before STATE_FIELD
-    try:
-        data = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        data = None
+    data = None
+    if stored.keys() == {STATE_FIELD} and isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            data = strictjson.loads(text.encode("utf-8", "surrogatepass"))
     if not isinstance(data, dict):
         raise VaultError(f"read {mount}/{path}: not keyproxy's state")
     return data, version
 
 
-def encoded(data: dict[str, Any]) -> dict[str, str]:
-    """A shared secret's data as written: one JSON text in STATE_FIELD."""
-    return {STATE_FIELD: json.dumps(data, separators=(",", ":"))}
+def encoded(data: dict[str, Any], path: str = "") -> dict[str, str]:
+    """A shared secret's data as written: one JSON text in STATE_FIELD. One past
+    LARGE_STATE is logged: about half of what a Raft entry or a Vault JSON string may hold."""
+    text = json.dumps(data, separators=(",", ":"))
+    if len(text) > LARGE_STATE:
+        log.warning("shared_state_large", path=path, bytes=len(text))
+    return {STATE_FIELD: text}

@@ -78,6 +78,14 @@ class Verifier(Signing):
         whose ancestor was revoked is still returned (to record how it ended)."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed", "not a task token")
+        if not self.revocations_read:
+            # SECURITY: never judged against a list not read yet (Vault down at the start,
+            # or the list unreadable): read it now, or refuse.
+            try:
+                await self.refresh_revocations()
+            except VaultError:
+                unread = "the revocation list cannot be read now"
+                raise Unavailable("revocations_unavailable", unread) from None
         digest = verified.digest(token)
         entry = self._verified.get(digest)
         if entry is not None and self._keys.get(entry.version) is entry.key:

@@ -449,3 +449,20 @@ def test_audit_refuses_options_it_would_not_use(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert done.stdout == ""
+
+
+def test_token_revoke_records_without_a_store_it_cannot_set_up(
+    openbao: OpenBaoDevServer, cfg_file: Path, home: Path
+) -> None:
+    """`token revoke` with a state store configured whose password file is not on this
+    machine still records the revocation in Vault, and says it left the store alone."""
+    raw = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+    raw["state"] = {"url": "redis://127.0.0.1:9", "password_file": str(home / "absent")}
+    cfg_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    env = clean_env(home, VAULT_TOKEN=openbao.root_token)
+    token_id = f"no-store-{uuid.uuid4().hex[:8]}"
+    c = ["-c", str(cfg_file), "--as-operator"]
+    done = keyproxy("token", "revoke", *c, "--id", token_id, "-o", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"revoked": {"id": token_id, "subject": None, "task": None}}
+    assert "not using the state store (FileNotFoundError)" in done.stderr

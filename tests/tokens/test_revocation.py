@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +24,7 @@ from structlog.testing import capture_logs
 from keyproxy import config as config_module
 from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from keyproxy.errors import Forbidden, Unauthenticated
+from keyproxy.errors import Forbidden, Unauthenticated, Unavailable
 from keyproxy.identity import Identity
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
@@ -266,28 +268,34 @@ async def test_concurrent_revocations_on_two_replicas_are_all_recorded(
             vault.close()
 
 
+@contextlib.asynccontextmanager
+async def _replicas_of_own_list(
+    openbao: OpenBaoDevServer, name: str, count: int = 2
+) -> AsyncIterator[tuple[list[TaskTokens], list[Vault]]]:
+    """`count` in-process token services with a revocation list of their own (a
+    `tokens.state_path` no other test writes)."""
+    own = openbao.add_agent(name)
+    raw = token_config(openbao, own, "http://127.0.0.1:1")
+    raw["tokens"]["state_path"] = f"keyproxy/state/tokens/{name}-{uuid.uuid4().hex[:8]}"
+    cfg = config_module.parse(json.dumps(raw), {})
+    vaults = [Vault(cfg.vault) for _ in range(count)]
+    try:
+        for vault in vaults:
+            await vault.login()
+        yield [TaskTokens(cfg, vault) for vault in vaults], vaults
+    finally:
+        for vault in vaults:
+            vault.close()
+
+
 async def test_the_revocation_list_holds_thousands_of_live_tokens(
     openbao: OpenBaoDevServer,
 ) -> None:
     """A revocation list of thousands of live token ids (far more JSON strings than OpenBao
     takes in one request) is written, takes one more revocation, and reaches another
-    replica's poll; a list written in the earlier format (a key per id) is read, and kept
-    at the next write."""
-    own = openbao.add_agent("many-revoked")
-    raw = token_config(openbao, own, "http://127.0.0.1:1")
-    raw["tokens"]["state_path"] = f"keyproxy/state/tokens/many-{uuid.uuid4().hex[:8]}"
-    cfg = config_module.parse(json.dumps(raw), {})
-    vaults = [Vault(cfg.vault), Vault(cfg.vault)]
-    try:
-        for vault in vaults:
-            await vault.login()
-        tasks, other = (TaskTokens(cfg, vault) for vault in vaults)
+    replica's poll."""
+    async with _replicas_of_own_list(openbao, "many-revoked") as ((tasks, other), _):
         expiry = time.time() + 600
-        earlier = {f"earlier-{i}": expiry for i in range(300)}
-        await vaults[0].write_kv(
-            cfg.vault.kv_mount, tasks._revocations_path, {"ids": earlier, "subjects": {}}
-        )
-        assert set(earlier) <= set((await tasks.revocation_list()).ids)
         ids = [f"many-{i}" for i in range(3000)]
         with capture_logs():  # 3,000 token.revoked events
             await asyncio.gather(*(tasks.revoke(token_id=t, expires_at=expiry) for t in ids))
@@ -298,11 +306,82 @@ async def test_the_revocation_list_holds_thousands_of_live_tokens(
         await other.refresh_revocations()  # the poll's read
         with pytest.raises(Unauthenticated, match="revoked"):
             await other.verify(issued.token)
-        listed = set((await other.revocation_list()).ids)
-        assert {*earlier, *ids, issued.token_id} <= listed
-    finally:
-        for vault in vaults:
-            vault.close()
+        listed = (await other.revocation_list()).ids
+        assert {*ids, issued.token_id} <= set(listed)
+        # Whole seconds, rounded up: never an entry that ends before its token.
+        assert listed["many-0"] == math.ceil(expiry)
+
+
+async def test_an_earlier_build_s_list_is_read_and_never_written(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """Replicas of an earlier build (the list written a field per entry, at `revocations`)
+    and of this one side by side, as in an upgrade: this one honours what the earlier wrote,
+    before and during the upgrade, and writes its own revocations elsewhere, so the earlier
+    replicas' list is never emptied or overwritten."""
+    async with _replicas_of_own_list(openbao, "upgrade") as ((tasks, fresh), vaults):
+        mount = tasks.config.vault.kv_mount
+        legacy = f"{tasks.cfg.state_path}/revocations"
+        issued = [
+            await tasks.issue(Identity("openbao", f"upgrade-{i}", {}), SCOPE, ttl=60)
+            for i in range(2)
+        ]
+        CANARIES.update(i.token for i in issued)
+        before = {issued[0].token_id: time.time() + 600, "earlier": time.time() + 600}
+        await vaults[0].write_kv(mount, legacy, {"ids": before, "subjects": {}, "tasks": {}})
+        written = await vaults[0].kv_version(mount, legacy)
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await fresh.verify(issued[0].token)  # its first read takes in the earlier list
+        await tasks.revoke(token_id="this-build", expires_at=time.time() + 600)
+        assert await vaults[0].kv_version(mount, legacy) == written  # never written here
+        assert {"earlier", "this-build", issued[0].token_id} <= set(
+            (await tasks.revocation_list()).ids
+        )
+        # An earlier replica revokes during the upgrade: this build's next look sees it.
+        during = before | {issued[1].token_id: time.time() + 600}
+        await vaults[0].write_kv(mount, legacy, {"ids": during, "subjects": {}, "tasks": {}})
+        late = TaskTokens(tasks.config, vaults[1])
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await late.verify(issued[1].token)
+        # The exception register an earlier build wrote is listed too.
+        entry = {
+            "owner": "ops@example.com",
+            "reason": "upgrade",
+            "issued_at": time.time(),
+            "expires_at": time.time() + 600,
+            "scope": ["r"],
+        }
+        registers = f"{tasks.cfg.state_path}/exceptions"
+        await vaults[0].write_kv(mount, registers, {"earlier-exception": entry})
+        assert [e["token_id"] for e in await tasks.exceptions()] == ["earlier-exception"]
+
+
+async def test_a_list_that_cannot_be_read_refuses_task_tokens(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A replica that has not read the revocation list (here the secret holds something
+    other than keyproxy's state) refuses task tokens with 503 rather than judging them
+    against an empty list; once the list reads, they verify."""
+    async with _replicas_of_own_list(openbao, "unreadable", count=1) as ((tasks,), vaults):
+        issued = await tasks.issue(Identity("openbao", "unread", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        mount, path = tasks.config.vault.kv_mount, tasks._revocations_path
+        unreadable: list[dict[str, Any]] = [
+            {"state": "[]"},
+            {"state": "{}", "ids": {}},
+            {"ids": {}},
+            {"state": 5},
+            {"state": '{"ids": {}, "ids": {}}'},
+        ]
+        for stored in unreadable:
+            await vaults[0].write_kv(mount, path, stored)
+            replica = TaskTokens(tasks.config, vaults[0])
+            with pytest.raises(Unavailable, match="revocation list"):
+                await replica.verify(issued.token)
+        await vaults[0].write_kv(mount, path, {"state": '{"ids": {}}'})
+        assert (await TaskTokens(tasks.config, vaults[0]).verify(issued.token)).token_id == (
+            issued.token_id
+        )
 
 
 async def test_revocation_whose_caller_went_away_is_still_recorded(
