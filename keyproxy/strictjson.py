@@ -41,6 +41,17 @@ def loads(data: bytes) -> Any:
     return value
 
 
+def dumps(value: Any) -> str:
+    """`value` as compact JSON text that `loads` reads back: ValueError if it holds a text
+    no UTF-8 reader can (a lone surrogate, as Python makes of bytes it could not decode)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a text that is not valid Unicode") from None
+    return text
+
+
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name, value in pairs:

@@ -167,6 +167,7 @@ class RevocationStore:
         self._legacy_version: int | None = None
         self._legacy_read_at: float | None = None  # time.monotonic() of its last look
         self.revocations_read = False  # whether both were read at least once
+        self._first_read = asyncio.Lock()
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
         self._revocation_writes = SharedSecret(
@@ -296,35 +297,45 @@ class RevocationStore:
         return Revocations.from_data(data).union(Revocations.from_data(legacy))
 
     async def _read_legacy(self, path: str) -> tuple[dict[str, Any], int | None]:
-        """A secret an earlier build wrote, a field per entry (read only); ({}, None) when
-        there is none."""
+        """A secret at a path an earlier build wrote (read only, in either layout); ({},
+        None) when there is none."""
         mount = self.config.vault.kv_mount
-        version = await self.vault.kv_version(mount, path)
-        if version is None:
+        if await self.vault.kv_version(mount, path) is None:
             return {}, None
-        data, version = await self.vault.read_kv(mount, path)
-        return data, version
+        return await read_written(self.vault, mount, path, earlier=True)
 
     async def refresh_revocations(self) -> None:
         """Re-read the revocation list if its version changed (one metadata read otherwise),
-        and an earlier build's every LEGACY_POLL."""
+        and an earlier build's every LEGACY_POLL. Raises VaultError."""
         mount = self.config.vault.kv_mount
         version = await self.vault.kv_version(mount, self._revocations_path)
         if version is not None and version != self._revocations_version:
             data, version = await read_written(self.vault, mount, self._revocations_path)
             self._listed, self._revocations_version = Revocations.from_data(data), version
+            self._revocations = self._listed.union(self._legacy)
         now = time.monotonic()
         if self._legacy_read_at is None or now - self._legacy_read_at >= LEGACY_POLL:
             path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
             legacy_version = await self.vault.kv_version(mount, path)
             if legacy_version != self._legacy_version:
-                legacy: dict[str, Any] = {}
-                if legacy_version is not None:
-                    legacy, legacy_version = await self.vault.read_kv(mount, path)
+                legacy, legacy_version = await self._read_legacy(path)
                 self._legacy, self._legacy_version = Revocations.from_data(legacy), legacy_version
+                self._revocations = self._listed.union(self._legacy)
             self._legacy_read_at = now
-        self._revocations = self._listed.union(self._legacy)
         self.revocations_read = True
+
+    async def first_revocations_read(self) -> None:
+        """Read the list now if this replica never has (one read at a time, whoever waits)."""
+        async with self._first_read:
+            if not self.revocations_read:
+                await self.refresh_revocations()
+
+    def _moved(self) -> None:
+        """`tokens.state_path` changed (a reload): what was read from the old place counts
+        no more, and nothing is judged until the new place is read."""
+        self._revocations, self._listed, self._legacy = Revocations(), Revocations(), Revocations()
+        self._revocations_version = self._legacy_version = self._legacy_read_at = None
+        self.revocations_read = False
 
 
 def _contended() -> Unavailable:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Generic, TypeVar
@@ -180,10 +179,15 @@ async def read_state(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any
     return await read_written(vault, mount, path)
 
 
-async def read_written(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any], int]:
-    """A shared secret's data and version, as `SharedSecret` wrote it (`encoded`). Anything
-    else there is refused (VaultError), never read as an empty list."""
+async def read_written(
+    vault: Vault, mount: str, path: str, *, earlier: bool = False
+) -> tuple[dict[str, Any], int]:
+    """A shared secret's data and version, as `SharedSecret` wrote it (`encoded`); with
+    `earlier`, also as an earlier build wrote it (a field per entry, no STATE_FIELD).
+    Anything else there is refused (VaultError), never read as an empty list."""
     stored, version = await vault.read_kv(mount, path)
+    if earlier and STATE_FIELD not in stored:
+        return stored, version
     text = stored.get(STATE_FIELD)
     data = None
     if stored.keys() == {STATE_FIELD} and isinstance(text, str):
@@ -195,9 +199,13 @@ async def read_written(vault: Vault, mount: str, path: str) -> tuple[dict[str, A
 
 
 def encoded(data: dict[str, Any], path: str = "") -> dict[str, str]:
-    """A shared secret's data as written: one JSON text in STATE_FIELD. One past
-    LARGE_STATE is logged: about half of what a Raft entry or a Vault JSON string may hold."""
-    text = json.dumps(data, separators=(",", ":"))
+    """A shared secret's data as written: one JSON text in STATE_FIELD, which `read_written`
+    reads back (a text it would refuse is never written: VaultError). One past LARGE_STATE is
+    logged: about half of what a Raft entry or a Vault JSON string may hold."""
+    try:
+        text = strictjson.dumps(data)
+    except ValueError as exc:
+        raise VaultError(f"cannot write {path}: {exc}") from None
     if len(text) > LARGE_STATE:
         log.warning("shared_state_large", path=path, bytes=len(text))
     return {STATE_FIELD: text}

@@ -36,8 +36,12 @@ class TaskTokens(Verifier):
     def reconfigure(self, config: Config) -> None:
         """Follow `config` (a reload): its token settings apply to tokens issued from now on,
         and tokens are verified against its routes. Signing keys, revocations and use
-        counts carry over."""
+        counts carry over; the revocation list is read again first if `tokens.state_path`
+        moved."""
+        moved = config.tokens.state_path != self.cfg.state_path
         self.config, self.cfg = config, config.tokens
+        if moved:
+            self._moved()
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
         self._verified.clear()  # their scopes were read against the old routes
 

@@ -82,7 +82,7 @@ class Verifier(Signing):
             # SECURITY: never judged against a list not read yet (Vault down at the start,
             # or the list unreadable): read it now, or refuse.
             try:
-                await self.refresh_revocations()
+                await self.first_revocations_read()
             except VaultError:
                 unread = "the revocation list cannot be read now"
                 raise Unavailable("revocations_unavailable", unread) from None

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from keyproxy import config as config_module
 from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from keyproxy.errors import Forbidden, Unauthenticated, Unavailable
+from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
@@ -343,6 +343,11 @@ async def test_an_earlier_build_s_list_is_read_and_never_written(
         late = TaskTokens(tasks.config, vaults[1])
         with pytest.raises(Unauthenticated, match="revoked"):
             await late.verify(issued[1].token)
+        # A list written as one text at the earlier place is read as well.
+        texts = {"ids": {issued[1].token_id: time.time() + 600}}
+        await vaults[0].write_kv(mount, legacy, {"state": json.dumps(texts)})
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await TaskTokens(tasks.config, vaults[1]).verify(issued[1].token)
         # The exception register an earlier build wrote is listed too.
         entry = {
             "owner": "ops@example.com",
@@ -382,6 +387,51 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
         assert (await TaskTokens(tasks.config, vaults[0]).verify(issued.token)).token_id == (
             issued.token_id
         )
+
+
+async def test_a_text_no_reader_could_take_back_is_never_written(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A revocation naming a task or subject that is not valid Unicode (what Python makes of
+    undecodable command-line bytes) is refused, and the list stays readable: a replica
+    starting after it reads it, and the next revocation is written."""
+    async with _replicas_of_own_list(openbao, "surrogate") as ((tasks, _), vaults):
+        issued = await tasks.issue(Identity("openbao", "surrogate", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        with pytest.raises(VaultError, match="not valid Unicode"):
+            await tasks.revoke(task="build-\udcff")
+        with pytest.raises(VaultError, match="not valid Unicode"):
+            await tasks.revoke(subject="openbao|\ud800x")
+        assert (await TaskTokens(tasks.config, vaults[1]).verify(issued.token)).token_id == (
+            issued.token_id
+        )
+        await tasks.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await TaskTokens(tasks.config, vaults[1]).verify(issued.token)
+
+
+async def test_a_moved_state_path_is_read_before_tokens_are_judged(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A reload that moves `tokens.state_path` has the replica judge tokens by the list at
+    the new place, read afresh, even when its version number is the old one's."""
+    async with _replicas_of_own_list(openbao, "moved") as ((here, there), _):
+        tokens = [
+            await here.issue(Identity("openbao", f"moved-{i}", {}), SCOPE, ttl=60) for i in range(2)
+        ]
+        CANARIES.update(t.token for t in tokens)
+        raw = token_config(openbao, openbao.add_agent("moved-there"), "http://127.0.0.1:1")
+        raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
+        moved = config_module.parse(json.dumps(raw), {})
+        there.reconfigure(moved)
+        await here.revoke(token_id=tokens[0].token_id, expires_at=tokens[0].expires_at)
+        await there.revoke(token_id=tokens[1].token_id, expires_at=tokens[1].expires_at)
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await here.verify(tokens[0].token)
+        here.reconfigure(moved)  # both lists are at version 1
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await here.verify(tokens[1].token)
+        assert (await here.verify(tokens[0].token)).token_id == tokens[0].token_id
 
 
 async def test_revocation_whose_caller_went_away_is_still_recorded(
