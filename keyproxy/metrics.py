@@ -166,6 +166,32 @@ class Metrics:
         issuer, and the task tokens' `key_status`. Read when scraped."""
         self.registry.register(_SigningKeysCollector(issuers, task_keys))
 
+    def watch_revocations(self, status: Callable[[], dict[str, Any]]) -> None:
+        """Export the revocation list as this process holds it (`RevocationStore.
+        revocation_status`): read when scraped."""
+        self.registry.register(_RevocationsCollector(status))
+
+
+class _RevocationsCollector(Collector):
+    """The revocation list's size and whether it was read, read when scraped."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        yield GaugeMetricFamily(
+            "keyproxy_revocation_list_entries",
+            "Entries of the revocation list this process holds (revoked token ids, subjects "
+            "and tasks not yet pruned); about 18,000 fit in one Vault secret.",
+            value=status["entries"],
+        )
+        yield GaugeMetricFamily(
+            "keyproxy_revocation_list_read",
+            "1 once this process has read the revocation list (before, task tokens get 503).",
+            value=1.0 if status["read"] else 0.0,
+        )
+
 
 class _RequestCollector(Collector):
     """Request counts and durations, kept in plain dicts by the event loop's thread (the only

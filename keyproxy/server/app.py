@@ -198,6 +198,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     tasks = TaskTokens(config, vault, store=store)  # heartbeat leases live in the store
     metrics = Metrics(keys.status)
     metrics.watch_signing_keys(verifier.key_status, tasks.key_status)
+    metrics.watch_revocations(tasks.revocation_status)
     tasks.on_end = metrics.token_ended
     metrics.watch_store(store.stats)
     app[VAULT], app[KEYS], app[METRICS], app[STORE] = vault, keys, metrics, store

@@ -324,6 +324,12 @@ class RevocationStore:
             self._legacy_read_at = now
         self.revocations_read = True
 
+    def revocation_status(self) -> dict[str, Any]:
+        """This replica's copy of the list: its entries, and whether it was read yet."""
+        held = self._revocations
+        entries = len(held.ids) + len(held.subjects) + len(held.tasks)
+        return {"entries": entries, "read": self.revocations_read}
+
     async def first_revocations_read(self) -> None:
         """Read the list now if this replica never has (one read at a time, whoever waits)."""
         async with self._first_read:

@@ -26,6 +26,7 @@ from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
+from keyproxy.metrics import Metrics
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
@@ -308,6 +309,11 @@ async def test_the_revocation_list_holds_thousands_of_live_tokens(
             await other.verify(issued.token)
         listed = (await other.revocation_list()).ids
         assert {*ids, issued.token_id} <= set(listed)
+        metrics = Metrics(dict)
+        metrics.watch_revocations(other.revocation_status)
+        exposition = metrics.exposition()[0].decode()
+        assert f"keyproxy_revocation_list_entries {float(len(ids) + 1)}" in exposition
+        assert "keyproxy_revocation_list_read 1.0" in exposition
         # Whole seconds, rounded up: never an entry that ends before its token.
         assert listed["many-0"] == math.ceil(expiry)
 
@@ -383,6 +389,7 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
             replica = TaskTokens(tasks.config, vaults[0])
             with pytest.raises(Unavailable, match="revocation list"):
                 await replica.verify(issued.token)
+            assert replica.revocation_status() == {"entries": 0, "read": False}
         await vaults[0].write_kv(mount, path, {"state": '{"ids": {}}'})
         assert (await TaskTokens(tasks.config, vaults[0]).verify(issued.token)).token_id == (
             issued.token_id
