@@ -10,9 +10,9 @@ wall-clock table of `bench/run.py` stays the measure of the result.
                                            [--routes 1000] [--limits] [--conc 32]
 
 Each proxy runs under `valgrind --tool=callgrind` with counting off, is warmed up by 5 s of
-wrk at c=1 on the answer (`--body`: the small JSON, or the 64 KiB one of bench/run.py), then
-counted over `--seconds` more (its main thread only: the key refresh runs in executor
-threads), less what it counts in 6 s without requests (per second of the loaded run): the
+wrk at c=1 on the answer (`--body`: the small JSON, the 64 KiB one or the event stream of
+bench/run.py), then counted over `--seconds` more (its main thread only: the key refresh
+runs in executor threads), less what it counts in 6 s without requests (per second of the loaded run): the
 key index and revocation polls would otherwise be shared by fewer requests in a slower run.
 `--compare` may be given several times: each patched copy runs as
 `keyproxy-compare-<its directory's name>`, one after the other in the same set-up.
@@ -143,12 +143,16 @@ def _count(
 
 
 def _upstream(procs: bench.Processes, nginx_binary: str, workdir: Path, key: str) -> str:
-    """The bench's nginx upstream, started; its URL."""
+    """The bench's nginx upstream (and the event streams' upstream behind it), started; its
+    URL."""
     (workdir / "nginx-tmp").mkdir()
     large = json.dumps({"data": "x" * (bench.LARGE_BYTES - 12)})  # as bench/run.py's
     (workdir / "large.json").write_text(large, encoding="utf-8")
     workdir.chmod(0o711)
     port, sse_port = bench._free_port(), bench._free_port()
+    sse = [sys.executable, str(bench.BENCH / "sse_upstream.py"), str(sse_port)]
+    sse_proc = procs.start("sse-upstream", sse, log=workdir / "sse-upstream.log")
+    bench._wait_port(sse_port, sse_proc, "sse upstream")
     conf = bench._write_private(
         workdir / "upstream-nginx.conf",
         (bench.BENCH / "nginx" / "upstream.conf")
@@ -269,7 +273,7 @@ def main() -> int:
         default=[],
         help="a directory holding a patched keyproxy/ (may be repeated)",
     )
-    parser.add_argument("--body", choices=["small", "large"], default="small")
+    parser.add_argument("--body", choices=sorted(bench.BODIES), default="small")
     parser.add_argument("--routes", type=int, default=10)
     parser.add_argument("--keep", type=Path, help="copy the callgrind dumps into this directory")
     parser.add_argument("--limits", action="store_true", help="also count keyproxy with limits")
