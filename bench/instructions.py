@@ -12,8 +12,9 @@ wall-clock table of `bench/run.py` stays the measure of the result.
 Each proxy runs under `valgrind --tool=callgrind` with counting off, is warmed up by 5 s of
 wrk at c=1 on the answer (`--body`: the small JSON, the 64 KiB one or the event stream of
 bench/run.py), then counted over `--seconds` more (its main thread only: the key refresh
-runs in executor threads), less what it counts in 6 s without requests (per second of the loaded run): the
-key index and revocation polls would otherwise be shared by fewer requests in a slower run.
+runs in executor threads), less what it counts in 6 s without requests (per second of the
+loaded run): the key index and revocation polls would otherwise be shared by fewer requests
+in a slower run.
 `--compare` may be given several times: each patched copy runs as
 `keyproxy-compare-<its directory's name>`, one after the other in the same set-up.
 `--routes` configures that many routes and policies (bench/run.py's routes phase).
