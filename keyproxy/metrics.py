@@ -21,6 +21,8 @@
     keyproxy_token_keys_age_seconds                     gauge: since the Transit keys were read
     keyproxy_token_keys_stale                           gauge: 1 past tokens.key_max_staleness
     keyproxy_token_keys_stale_refusals_total            counter: task tokens refused for it
+    keyproxy_revocation_list_entries                    gauge: entries of the list held
+    keyproxy_revocation_list_read                       gauge: 1 once the list was read
     keyproxy_limit_refusals_total{route,limit}          counter: requests a limit refused
                                                         (also for the state store's faults)
     keyproxy_state_store_decisions_total                counter: decisions asked of the store
@@ -63,7 +65,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from keyproxy.state import StoreStats
-from keyproxy.tokens.revocation import END_REASONS
+from keyproxy.tokens.revocation import END_REASONS, RevocationStatus
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # The buckets' upper bounds as the exposition writes them ("le" labels).
@@ -166,7 +168,7 @@ class Metrics:
         issuer, and the task tokens' `key_status`. Read when scraped."""
         self.registry.register(_SigningKeysCollector(issuers, task_keys))
 
-    def watch_revocations(self, status: Callable[[], dict[str, Any]]) -> None:
+    def watch_revocations(self, status: Callable[[], RevocationStatus]) -> None:
         """Export the revocation list as this process holds it (`RevocationStore.
         revocation_status`): read when scraped."""
         self.registry.register(_RevocationsCollector(status))
@@ -175,7 +177,7 @@ class Metrics:
 class _RevocationsCollector(Collector):
     """The revocation list's size and whether it was read, read when scraped."""
 
-    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, status: Callable[[], RevocationStatus]) -> None:
         self._status = status
 
     def collect(self) -> Iterator[Metric]:
@@ -184,12 +186,13 @@ class _RevocationsCollector(Collector):
             "keyproxy_revocation_list_entries",
             "Entries of the revocation list this process holds (revoked token ids, subjects "
             "and tasks not yet pruned); about 18,000 fit in one Vault secret.",
-            value=status["entries"],
+            value=status.entries,
         )
         yield GaugeMetricFamily(
             "keyproxy_revocation_list_read",
-            "1 once this process has read the revocation list (before, task tokens get 503).",
-            value=1.0 if status["read"] else 0.0,
+            "1 once this process has read the revocation list (until then a task token "
+            "makes it try, and gets 503 if it cannot).",
+            value=1.0 if status.read else 0.0,
         )
 
 

@@ -44,7 +44,7 @@ def loads(data: bytes) -> Any:
 def dumps(value: Any) -> str:
     """`value` as compact JSON text that `loads` reads back: ValueError if it holds a text
     no UTF-8 reader can (a lone surrogate, as Python makes of bytes it could not decode)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,11 @@ async def test_the_holder_names_why_its_token_ended(
         text = await response.text()
     for reason in ids:
         assert f'keyproxy_tokens_ended_total{{reason="{reason}"}} 1.0' in text
+    # The list those ends went into, as this process holds it (other tests' entries too).
+    assert "keyproxy_revocation_list_read 1.0" in text
+    held = re.search(r"^keyproxy_revocation_list_entries (\S+)$", text, re.MULTILINE)
+    assert held is not None
+    assert float(held[1]) >= len(ids)
 
 
 async def test_one_of_several_workers_without_a_store_refuses_idle_ttl(

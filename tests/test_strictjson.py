@@ -43,3 +43,17 @@ def test_what_another_reader_could_read_differently_is_refused(data: bytes, why:
     with pytest.raises(ValueError, match=why) as caught:
         strictjson.loads(data)
     assert "1e400" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [v for _, v in ACCEPTED] + [{"ids": {"é-𝄞": 1765103424}}])
+def test_what_is_written_reads_back(value: object) -> None:
+    """`dumps` writes text that `loads` reads back as the same value (non-ASCII as is)."""
+    assert strictjson.loads(strictjson.dumps(value).encode()) == value
+
+
+@pytest.mark.parametrize("value", [{"task": "build-\udcff"}, ["\ud800"], {"n": float("nan")}])
+def test_what_would_not_read_back_is_not_written(value: object) -> None:
+    """A lone surrogate (undecodable bytes as Python keeps them) or NaN is a ValueError, not
+    a text `loads` would refuse."""
+    with pytest.raises(ValueError, match=r"Unicode|JSON compliant"):
+        strictjson.dumps(value)

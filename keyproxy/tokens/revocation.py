@@ -18,8 +18,9 @@ from typing import Any, Final, NamedTuple
 
 import structlog
 
+from keyproxy import strictjson
 from keyproxy.config import Config
-from keyproxy.errors import Unauthenticated, Unavailable
+from keyproxy.errors import BadRequest, Unauthenticated, Unavailable
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
 from keyproxy.tokens.shared import (
     SharedSecret,
@@ -43,6 +44,13 @@ SHUTDOWN_WAIT: Final = 5.0  # seconds a stopping server waits for revocations un
 REVOCATIONS: Final = "revocation-list"
 LEGACY_REVOCATIONS: Final = "revocations"
 LEGACY_POLL: Final = 10.0
+
+
+class RevocationStatus(NamedTuple):
+    """A replica's copy of the list, for its metrics: entries held, and whether read yet."""
+
+    entries: int
+    read: bool
 
 
 class _Revocation(NamedTuple):
@@ -168,6 +176,7 @@ class RevocationStore:
         self._legacy_read_at: float | None = None  # time.monotonic() of its last look
         self.revocations_read = False  # whether both were read at least once
         self._first_read = asyncio.Lock()
+        self._place = 0  # how many times a reload moved the list (`_moved`)
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
         self._revocation_writes = SharedSecret(
@@ -208,6 +217,12 @@ class RevocationStore:
         subject ("issuer|subject"), or of every token of a task. Once begun it is written and
         logged even if the caller goes away."""
         revocation = _Revocation(token_id, expires_at, subject, task)
+        try:  # refused here, not in the write it would share with others (and fail)
+            strictjson.dumps(revocation)
+        except ValueError:
+            raise BadRequest(
+                "invalid_text", "the revocation names text that is not valid Unicode"
+            ) from None
         await to_the_end(self._revoke(revocation), "revocation")
 
     async def _revoke(self, revocation: _Revocation) -> None:
@@ -264,7 +279,10 @@ class RevocationStore:
 
     async def _record_revocation(self, revocation: _Revocation) -> None:
         """Record a revocation in Vault, with any others this process records meanwhile."""
+        place = self._place
         data, version = await self._revocation_writes.change(revocation)
+        if place != self._place:
+            return  # written where the list was before a reload moved it: not this list
         if self._revocations_version is None or version > self._revocations_version:
             self._listed, self._revocations_version = Revocations.from_data(data), version
             self._revocations = self._listed.union(self._legacy)
@@ -307,28 +325,35 @@ class RevocationStore:
     async def refresh_revocations(self) -> None:
         """Re-read the revocation list if its version changed (one metadata read otherwise),
         and an earlier build's every LEGACY_POLL. Raises VaultError."""
-        mount = self.config.vault.kv_mount
-        version = await self.vault.kv_version(mount, self._revocations_path)
+        # Each step checks that no reload moved the list while it waited on Vault: what it
+        # read from the old place must not be taken for the new place's (`_moved`).
+        place, mount, path = self._place, self.config.vault.kv_mount, self._revocations_path
+        version = await self.vault.kv_version(mount, path)
         if version is not None and version != self._revocations_version:
-            data, version = await read_written(self.vault, mount, self._revocations_path)
+            data, version = await read_written(self.vault, mount, path)
+            if place != self._place:
+                return
             self._listed, self._revocations_version = Revocations.from_data(data), version
             self._revocations = self._listed.union(self._legacy)
         now = time.monotonic()
         if self._legacy_read_at is None or now - self._legacy_read_at >= LEGACY_POLL:
-            path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
-            legacy_version = await self.vault.kv_version(mount, path)
+            legacy_path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
+            legacy_version = await self.vault.kv_version(mount, legacy_path)
             if legacy_version != self._legacy_version:
-                legacy, legacy_version = await self._read_legacy(path)
+                legacy, legacy_version = await self._read_legacy(legacy_path)
+                if place != self._place:
+                    return
                 self._legacy, self._legacy_version = Revocations.from_data(legacy), legacy_version
                 self._revocations = self._listed.union(self._legacy)
             self._legacy_read_at = now
-        self.revocations_read = True
+        if place == self._place:
+            self.revocations_read = True
 
-    def revocation_status(self) -> dict[str, Any]:
+    def revocation_status(self) -> RevocationStatus:
         """This replica's copy of the list: its entries, and whether it was read yet."""
         held = self._revocations
         entries = len(held.ids) + len(held.subjects) + len(held.tasks)
-        return {"entries": entries, "read": self.revocations_read}
+        return RevocationStatus(entries, self.revocations_read)
 
     async def first_revocations_read(self) -> None:
         """Read the list now if this replica never has (one read at a time, whoever waits)."""
@@ -342,6 +367,7 @@ class RevocationStore:
         self._revocations, self._listed, self._legacy = Revocations(), Revocations(), Revocations()
         self._revocations_version = self._legacy_version = self._legacy_read_at = None
         self.revocations_read = False
+        self._place += 1
 
 
 def _contended() -> Unavailable:

@@ -35,7 +35,7 @@ LONGEST_PAUSE: Final = 0.5  # seconds: the pause stops growing here (at most 2.1
 # 1,000 by default), which a list with an entry per revoked token would pass within the hour;
 # one text is one string, however many entries it holds.
 STATE_FIELD: Final = "state"
-LARGE_STATE: Final = 512 * 1024  # characters of that text
+LARGE_STATE: Final = 512 * 1024  # bytes of that text
 
 # Where the secret is (KV mount, path): read at each write, so a reload that moves it counts.
 Location = Callable[[], tuple[str, str]]
@@ -206,6 +206,7 @@ def encoded(data: dict[str, Any], path: str = "") -> dict[str, str]:
         text = strictjson.dumps(data)
     except ValueError as exc:
         raise VaultError(f"cannot write {path}: {exc}") from None
-    if len(text) > LARGE_STATE:
-        log.warning("shared_state_large", path=path, bytes=len(text))
+    size = len(text.encode())
+    if size > LARGE_STATE:
+        log.warning("shared_state_large", path=path, bytes=size)
     return {STATE_FIELD: text}

@@ -24,10 +24,10 @@ from structlog.testing import capture_logs
 from keyproxy import config as config_module
 from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
-from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
+from keyproxy.errors import BadRequest, Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
-from keyproxy.tokens import CLOCK_SKEW, TaskTokens
+from keyproxy.tokens import CLOCK_SKEW, TaskTokens, revocation
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
 from tests.helpers.events import read_events
@@ -319,7 +319,7 @@ async def test_the_revocation_list_holds_thousands_of_live_tokens(
 
 
 async def test_an_earlier_build_s_list_is_read_and_never_written(
-    openbao: OpenBaoDevServer,
+    openbao: OpenBaoDevServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Replicas of an earlier build (the list written a field per entry, at `revocations`)
     and of this one side by side, as in an upgrade: this one honours what the earlier wrote,
@@ -343,17 +343,20 @@ async def test_an_earlier_build_s_list_is_read_and_never_written(
         assert {"earlier", "this-build", issued[0].token_id} <= set(
             (await tasks.revocation_list()).ids
         )
-        # An earlier replica revokes during the upgrade: this build's next look sees it.
+        # An earlier replica revokes during the upgrade: this build's next look (every
+        # LEGACY_POLL; now, here) sees it.
         during = before | {issued[1].token_id: time.time() + 600}
         await vaults[0].write_kv(mount, legacy, {"ids": during, "subjects": {}, "tasks": {}})
-        late = TaskTokens(tasks.config, vaults[1])
+        await fresh.verify(issued[1].token)  # not looked at again yet
+        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        await fresh.refresh_revocations()
         with pytest.raises(Unauthenticated, match="revoked"):
-            await late.verify(issued[1].token)
+            await fresh.verify(issued[1].token)
         # A list written as one text at the earlier place is read as well.
-        texts = {"ids": {issued[1].token_id: time.time() + 600}}
+        texts = {"ids": {issued[0].token_id: time.time() + 600}}
         await vaults[0].write_kv(mount, legacy, {"state": json.dumps(texts)})
         with pytest.raises(Unauthenticated, match="revoked"):
-            await TaskTokens(tasks.config, vaults[1]).verify(issued[1].token)
+            await TaskTokens(tasks.config, vaults[1]).verify(issued[0].token)
         # The exception register an earlier build wrote is listed too.
         entry = {
             "owner": "ops@example.com",
@@ -372,7 +375,8 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
 ) -> None:
     """A replica that has not read the revocation list (here the secret holds something
     other than keyproxy's state) refuses task tokens with 503 rather than judging them
-    against an empty list; once the list reads, they verify."""
+    against an empty list; once the list reads, they verify, the list read once for all the
+    tokens that waited."""
     async with _replicas_of_own_list(openbao, "unreadable", count=1) as ((tasks,), vaults):
         issued = await tasks.issue(Identity("openbao", "unread", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
@@ -389,26 +393,41 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
             replica = TaskTokens(tasks.config, vaults[0])
             with pytest.raises(Unavailable, match="revocation list"):
                 await replica.verify(issued.token)
-            assert replica.revocation_status() == {"entries": 0, "read": False}
+            assert replica.revocation_status() == (0, False)
         await vaults[0].write_kv(mount, path, {"state": '{"ids": {}}'})
-        assert (await TaskTokens(tasks.config, vaults[0]).verify(issued.token)).token_id == (
-            issued.token_id
-        )
+        # Once it reads, the list is read once for all the tokens that waited for it.
+        replica, reads = TaskTokens(tasks.config, vaults[0]), []
+        read = replica.vault.read_kv
+
+        async def counted(*args: Any, **kwargs: Any) -> tuple[dict[str, Any], int]:
+            reads.append(args)
+            return await read(*args, **kwargs)
+
+        replica.vault.read_kv = counted  # type: ignore[method-assign]
+        verified = await asyncio.gather(*(replica.verify(issued.token) for _ in range(20)))
+        assert {v.token_id for v in verified} == {issued.token_id}
+        assert len(reads) == 1, reads
 
 
 async def test_a_text_no_reader_could_take_back_is_never_written(
     openbao: OpenBaoDevServer,
 ) -> None:
     """A revocation naming a task or subject that is not valid Unicode (what Python makes of
-    undecodable command-line bytes) is refused, and the list stays readable: a replica
-    starting after it reads it, and the next revocation is written."""
+    undecodable command-line bytes) is refused before it is written, as is an exception
+    token whose owner is such a text, and the list stays readable: a replica starting after
+    it reads it, and the next revocation is written."""
     async with _replicas_of_own_list(openbao, "surrogate") as ((tasks, _), vaults):
-        issued = await tasks.issue(Identity("openbao", "surrogate", {}), SCOPE, ttl=60)
+        issued_to = Identity("openbao", "surrogate", {})
+        issued = await tasks.issue(issued_to, SCOPE, ttl=60)
         CANARIES.add(issued.token)
-        with pytest.raises(VaultError, match="not valid Unicode"):
+        with pytest.raises(BadRequest, match="not valid Unicode"):
             await tasks.revoke(task="build-\udcff")
-        with pytest.raises(VaultError, match="not valid Unicode"):
+        with pytest.raises(BadRequest, match="not valid Unicode"):
             await tasks.revoke(subject="openbao|\ud800x")
+        # The exception register's writes are held to the same rule.
+        with pytest.raises(VaultError, match="not valid Unicode"):
+            await tasks.issue(issued_to, SCOPE, ttl=60, exception=("ops-\udcff", "why"))
+        assert await tasks.exceptions() == []
         assert (await TaskTokens(tasks.config, vaults[1]).verify(issued.token)).token_id == (
             issued.token_id
         )
@@ -439,6 +458,39 @@ async def test_a_moved_state_path_is_read_before_tokens_are_judged(
         with pytest.raises(Unauthenticated, match="revoked"):
             await here.verify(tokens[1].token)
         assert (await here.verify(tokens[0].token)).token_id == tokens[0].token_id
+
+
+async def test_a_write_under_way_when_the_list_moves_is_not_taken_for_the_new_list(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A revocation being written to the old place when a reload moves `tokens.state_path`
+    does not become the replica's copy of the new place's list, even when both are at the
+    same version: the new list is read before any token is judged."""
+    async with _replicas_of_own_list(openbao, "moving") as ((here, there), _):
+        issued = await here.issue(Identity("openbao", "moving", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        raw = token_config(openbao, openbao.add_agent("moving-there"), "http://127.0.0.1:1")
+        raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
+        moved = config_module.parse(json.dumps(raw), {})
+        there.reconfigure(moved)
+        await there.revoke(token_id=issued.token_id, expires_at=issued.expires_at)  # version 1
+        written, began, go_on = here.vault.write_kv, asyncio.Event(), asyncio.Event()
+
+        async def held_write(*args: Any, **kwargs: Any) -> int:
+            began.set()
+            await go_on.wait()  # the real write, once the reload happened
+            return await written(*args, **kwargs)
+
+        here.vault.write_kv = held_write  # type: ignore[method-assign]
+        writing = asyncio.create_task(
+            here.revoke(token_id="old-place", expires_at=time.time() + 60)
+        )
+        await eventually(began.is_set, "no write began", until=bool)
+        here.reconfigure(moved)
+        go_on.set()
+        await writing  # version 1 of the old place
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await here.verify(issued.token)
 
 
 async def test_revocation_whose_caller_went_away_is_still_recorded(
