@@ -31,7 +31,7 @@ from keyproxy.config import RedisSettings
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import Unauthenticated
 from keyproxy.state.redis import RedisStore
-from keyproxy.tokens import TaskTokens
+from keyproxy.tokens import LEEWAY, TaskTokens
 from keyproxy.tokens.lineage import child_claims
 from keyproxy.vault import Vault
 from tests.helpers.cli import clean_env, keyproxy, ready, serve_replicas, started
@@ -387,6 +387,29 @@ async def test_a_lease_record_of_a_key_version_not_read_yet_is_kept(
             assert await client.hexists(records, "lease:newer")
         finally:
             await client.aclose()
+
+
+async def test_a_lapsed_lease_signed_before_a_shorter_max_ttl_is_kept_no_longer(
+    openbao: OpenBaoDevServer, redis_server: RedisServer
+) -> None:
+    """A token issued for 10 minutes whose lease lapses after a reload cut the longest token
+    life to 1 minute is recorded as ended, its entry kept no longer than a token issued now
+    could live."""
+    async with _tokens_on(openbao, redis_server, uuid.uuid4().hex) as (tasks,):
+        issued = await tasks.issue(Identity("openbao", "shortened", {}), SCOPE, ttl=600, idle_ttl=1)
+        CANARIES.add(issued.token)
+        raw = token_config(openbao, openbao.add_agent("shortened"), "http://127.0.0.1:1")
+        raw["tokens"] |= {"max_ttl": "1m", "default_ttl": "1m", "exception_max_ttl": "1m"}
+        tasks.reconfigure(config_module.parse(json.dumps(raw), {}))
+
+        async def ended() -> bool:
+            await tasks.sweep_leases()
+            return issued.token_id in (await tasks.revocation_list()).ids
+
+        await eventually(ended, "the lapsed lease was not recorded", until=bool, within=10.0)
+        kept = (await tasks.revocation_list()).ids[issued.token_id]
+        assert kept <= time.time() + 60 + LEEWAY + 1
+        assert issued.expires_at > kept  # cut short: the token's own exp is 10 minutes away
 
 
 async def test_a_planted_lease_record_is_never_recorded_as_an_end(
