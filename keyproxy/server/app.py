@@ -78,6 +78,7 @@ KEYS: Final = web.AppKey("keys", KeyCache)
 RELOADER: Final = web.AppKey("reloader", Reloader)
 METRICS: Final = web.AppKey("metrics", Metrics)
 STORE: Final = web.AppKey("store", StateStore)
+TASKS: Final = web.AppKey("tasks", TaskTokens)
 PROCESSES: Final = web.AppKey("processes", int)  # how many serve the port (--workers)
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
 TLS: Final = web.AppKey("tls", ServerTLS)  # the listener's TLS, when it has one
@@ -202,6 +203,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     tasks.on_end = metrics.token_ended
     metrics.watch_store(store.stats)
     app[VAULT], app[KEYS], app[METRICS], app[STORE] = vault, keys, metrics, store
+    app[TASKS] = tasks
     # Counted in this process's memory, a token's uses are exact only if no other process
     # serves the port.
     exact_uses = config.state is not None or app[PROCESSES] == 1
@@ -374,17 +376,20 @@ async def _ready(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """Vault and the keys decide readiness; the state store is reported beside them. Every
-    replica shares the store, so an outage would take every one out of service at once, also
-    for unlimited routes and `on_store_error: allow` limits, which keep working."""
+    """Vault and the keys decide readiness; the state store and the revocation list are
+    reported beside them. Every replica shares both, so an outage would take every one out
+    of service at once, also for unlimited routes and `on_store_error: allow` limits and for
+    callers with workload identities, which keep working."""
     served = request.app[SERVED]
     keys = served[KEYS]
     vault_ok, store = await asyncio.gather(served[VAULT].healthy(), served[STORE].check())
     ready = vault_ok and keys.ready()
+    revocations = served[TASKS].revocation_status()
     body = {
         "ready": ready,
         "vault": vault_ok,
         "state_store": {"ok": store.ok, "detail": store.detail},
+        "revocation_list": {"read": revocations.read, "entries": revocations.entries},
         "keys": keys.status(),
     }
     return web.json_response(body, status=200 if ready else 503)

@@ -274,6 +274,7 @@ async def test_the_agents_port_shows_status_only(stack: Stack, server_key: str) 
         async with http.get(f"{stack.admin}/readyz") as response:
             detail = await response.json()
             assert KEY_PATH in detail["keys"]["r"]["secret"]
+            assert detail["revocation_list"]["read"] is True
             assert response.headers["Server"] == "keyproxy"
         async with http.get(f"{stack.admin}/metrics") as response:
             assert response.status == 200
