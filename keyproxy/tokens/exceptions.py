@@ -66,7 +66,8 @@ class ExceptionRegister(RevocationStore):
 
     async def exceptions(self) -> list[dict[str, Any]]:
         """Active exception tokens (not expired, not revoked), soonest expiry first."""
-        legacy, _ = await self._read_legacy(f"{self.cfg.state_path}/{LEGACY_EXCEPTIONS}")
+        legacy_path = f"{self.cfg.state_path}/{LEGACY_EXCEPTIONS}"
+        legacy, _ = await self._read_state(legacy_path, earlier=True)
         data, _ = await self._read_state(self._exceptions_path)
         data = legacy | data
         revocations = await self.revocation_list()

@@ -304,23 +304,17 @@ class RevocationStore:
         revocations.prune(now, longest)
         return revocations.to_data()
 
-    async def _read_state(self, path: str) -> tuple[dict[str, Any], int]:
-        """A state secret and its version; ({}, 0) when it does not exist yet."""
-        return await read_state(self.vault, self.config.vault.kv_mount, path)
+    async def _read_state(self, path: str, *, earlier: bool = False) -> tuple[dict[str, Any], int]:
+        """A state secret and its version; ({}, 0) when it does not exist yet. With `earlier`,
+        a secret at a path an earlier build wrote (read only, in either layout)."""
+        return await read_state(self.vault, self.config.vault.kv_mount, path, earlier=earlier)
 
     async def revocation_list(self) -> Revocations:
         """The revocation list as Vault holds it now (with an earlier build's)."""
         data, _ = await self._read_state(self._revocations_path)
-        legacy, _ = await self._read_legacy(f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}")
+        legacy_path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
+        legacy, _ = await self._read_state(legacy_path, earlier=True)
         return Revocations.from_data(data).union(Revocations.from_data(legacy))
-
-    async def _read_legacy(self, path: str) -> tuple[dict[str, Any], int | None]:
-        """A secret at a path an earlier build wrote (read only, in either layout); ({},
-        None) when there is none."""
-        mount = self.config.vault.kv_mount
-        if await self.vault.kv_version(mount, path) is None:
-            return {}, None
-        return await read_written(self.vault, mount, path, earlier=True)
 
     async def refresh_revocations(self) -> None:
         """Re-read the revocation list if its version changed (one metadata read otherwise),
@@ -340,7 +334,11 @@ class RevocationStore:
             legacy_path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
             legacy_version = await self.vault.kv_version(mount, legacy_path)
             if legacy_version != self._legacy_version:
-                legacy, legacy_version = await self._read_legacy(legacy_path)
+                legacy: dict[str, Any] = {}
+                if legacy_version is not None:
+                    legacy, legacy_version = await read_written(
+                        self.vault, mount, legacy_path, earlier=True
+                    )
                 if place != self._place:
                     return
                 self._legacy, self._legacy_version = Revocations.from_data(legacy), legacy_version

@@ -171,12 +171,14 @@ def _report(done: asyncio.Future[None], what: str) -> None:
         log.warning("shared_write_failed", what=what, error=str(error))
 
 
-async def read_state(vault: Vault, mount: str, path: str) -> tuple[dict[str, Any], int]:
-    """A shared secret's data and version; ({}, 0) when it does not exist yet (a write with
-    cas=0 creates it)."""
+async def read_state(
+    vault: Vault, mount: str, path: str, *, earlier: bool = False
+) -> tuple[dict[str, Any], int]:
+    """A shared secret's data and version (`read_written`); ({}, 0) when it does not exist
+    yet (a write with cas=0 creates it)."""
     if await vault.kv_version(mount, path) is None:
         return {}, 0
-    return await read_written(vault, mount, path)
+    return await read_written(vault, mount, path, earlier=earlier)
 
 
 async def read_written(

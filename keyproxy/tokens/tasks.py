@@ -132,19 +132,16 @@ class TaskTokens(Verifier):
         a revocation names it or it has expired; either way take it off the store's list."""
         try:
             token = self._task_token(await self.lease_claims(record))
-            if key != lease_key(token.token_id):
-                # SECURITY: a genuine record copied under another lease (one that lapsed, or
-                # never was) would end a live token.
-                raise Unauthenticated("wrong_lease", "the record is another token's")
         except Unavailable:
             return  # its key is too old to trust or not read yet: handed out after LEASE_CLAIM
         except (ValueError, TypeError, RequestError) as exc:
-            # Not a record keyproxy signed for this lease (one planted in the store), or not a
-            # token this configuration knows (a route a reload removed): its lease is gone, so
-            # it is refused anyway; its end is not recorded.
             reason = exc.reason if isinstance(exc, RequestError) else "unreadable"
-            log.warning("token.end_not_recorded", error="unreadable lease record", reason=reason)
-            await self._forget(key)
+            await self._not_recorded(key, reason)
+            return
+        if key != lease_key(token.token_id):
+            # SECURITY: a genuine record copied under another lease (one that lapsed, or never
+            # was) would end a live token.
+            await self._not_recorded(key, "wrong_lease")
             return
         if self._revocations.revoked(token) or token.expires_at + LEEWAY <= self.clock():
             await self._forget(key)
@@ -161,6 +158,13 @@ class TaskTokens(Verifier):
         except (RequestError, VaultError) as exc:
             # Handed out again after LEASE_CLAIM, while the token has not expired.
             log.warning("token.end_not_recorded", error=str(exc), token_id=token.token_id)
+
+    async def _not_recorded(self, key: str, reason: str) -> None:
+        """Drop lease `key`'s record without recording an end: not one keyproxy signed for
+        this lease (planted in the store), or not a token this configuration knows (a route
+        a reload removed). Its lease is gone, so the token is refused anyway."""
+        log.warning("token.end_not_recorded", error="unreadable lease record", reason=reason)
+        await self._forget(key)
 
     async def _first_to_end(self, token: TaskToken) -> bool:
         """The first replica to mark the token ended in the store reports it (a holder's

@@ -171,9 +171,9 @@ class Verifier(Signing):
                 ) from None
             raise
         public = key.key
+        if not isinstance(public, Ed25519PublicKey):  # never: `_jwk` describes Ed25519 keys
+            raise Unauthenticated("bad_signature", "lease record signature invalid")
         try:
-            if not isinstance(public, Ed25519PublicKey):
-                raise InvalidSignature  # noqa: TRY301  # one refusal for every failed check
             public.verify(raw, LEASE_RECORD_CONTEXT + signed)
             claims = strictjson.loads(signed)
         except (InvalidSignature, ValueError):
