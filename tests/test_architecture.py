@@ -112,6 +112,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "tokens",
                 "tokens.format",
                 "tokens.shared",
+                "tokens.revoked",
                 "tokens.revocation",
                 "tokens.lineage",
                 "tokens.exceptions",

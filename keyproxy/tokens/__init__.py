@@ -17,7 +17,8 @@ from keyproxy.tokens.format import (
     is_task_token,
     needs_shared_store,
 )
-from keyproxy.tokens.revocation import END_REASONS, HOLDER_REASONS, Revocations, chain_fields
+from keyproxy.tokens.revocation import END_REASONS, HOLDER_REASONS, chain_fields
+from keyproxy.tokens.revoked import Revocations
 from keyproxy.tokens.tasks import TaskTokens
 
 __all__ = [

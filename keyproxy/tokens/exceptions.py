@@ -11,7 +11,7 @@ from keyproxy.config import EXCEPTION_ISSUER, Config
 from keyproxy.errors import Unavailable
 from keyproxy.tokens.format import exception_subject
 from keyproxy.tokens.revocation import RevocationStore
-from keyproxy.tokens.shared import SharedSecret
+from keyproxy.tokens.shared import Batched, SharedSecret
 from keyproxy.vault import Vault
 
 # The register's secret under tokens.state_path, and the one an earlier build wrote with a
@@ -34,7 +34,7 @@ class ExceptionRegister(RevocationStore):
             _contended,
         )
 
-    def _shared_writes(self) -> list[SharedSecret[Any]]:
+    def _shared_writes(self) -> list[Batched[Any, Any]]:
         return [*super()._shared_writes(), self._exception_writes]
 
     @property

@@ -1,29 +1,36 @@
-"""The revocation list: its rules (`Revocations`) and its store in Vault KV.
+"""The revocation list's store in Vault KV (its rules and layout: keyproxy.tokens.revoked).
 
-Revocations live in one secret at `tokens.state_path`/revocations; every replica polls its
-version number and re-reads it on change, so a revocation is honoured everywhere within
+Every replica polls the version of the list's main secret and re-reads it on change, and
+then the shards whose version its index raised, so a revocation is honoured everywhere within
 `revocation_poll_interval` plus one read. Entries are pruned once every token they can name
 has expired. Writes are check-and-set, and the revocations of one process that arrive
-together share one (`keyproxy.tokens.shared`).
+together share them (`keyproxy.tokens.shared`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 import structlog
 
 from keyproxy import strictjson
 from keyproxy.config import Config
-from keyproxy.errors import BadRequest, Unauthenticated, Unavailable
-from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
+from keyproxy.errors import BadRequest, Unavailable
+from keyproxy.tokens.format import TaskToken
+from keyproxy.tokens.revoked import (
+    ListCopy,
+    Revocations,
+    merged_ids,
+    merged_main,
+    shard_of,
+    shard_path,
+)
 from keyproxy.tokens.shared import (
-    SharedSecret,
+    Batched,
+    cas_write,
     finish_running,
     read_state,
     read_written,
@@ -38,12 +45,15 @@ log = structlog.get_logger("keyproxy.tokens")
 HOLDER_REASONS: Final = ("completed", "failed", "timeout")
 END_REASONS: Final = (*HOLDER_REASONS, "heartbeat_lost", "parent_revoked", "operator")
 SHUTDOWN_WAIT: Final = 5.0  # seconds a stopping server waits for revocations under way
-# The list's secret under tokens.state_path (one JSON text, keyproxy.tokens.shared), and the
-# one an earlier build wrote with a field per entry: still read, every LEGACY_POLL seconds,
-# so that a fleet upgraded replica by replica loses no revocation. Never written here.
-REVOCATIONS: Final = "revocation-list"
-LEGACY_REVOCATIONS: Final = "revocations"
+# The list's main secret under tokens.state_path (one JSON text, keyproxy.tokens.shared; its
+# shards beneath it, keyproxy.tokens.revoked), and where earlier builds kept theirs: a
+# field per entry at `revocations`, then one text at `revocation-list`. Those are still
+# read, every LEGACY_POLL seconds, so that a fleet upgraded replica by replica loses no
+# revocation, and never written here.
+REVOCATIONS: Final = "revoked"
+EARLIER_REVOCATIONS: Final = ("revocations", "revocation-list")
 LEGACY_POLL: Final = 10.0
+MOVES: Final = 3  # a write redone at the list's new place when a reload moved it meanwhile
 
 
 class RevocationStatus(NamedTuple):
@@ -60,93 +70,6 @@ class _Revocation(NamedTuple):
     expires_at: float | None
     subject: str | None
     task: str | None
-
-
-@dataclass
-class Revocations:
-    """The revocation list as stored in Vault, with the pruning rule."""
-
-    ids: dict[str, float] = field(default_factory=dict)  # jti -> token expiry
-    subjects: dict[str, float] = field(default_factory=dict)  # "idp|sub" -> revoked at
-    tasks: dict[str, float] = field(default_factory=dict)  # task -> revoked at
-
-    @classmethod
-    def from_data(cls, data: Mapping[str, Any]) -> Revocations:
-        def floats(name: str) -> dict[str, float]:
-            value = data.get(name)
-            if not isinstance(value, dict):
-                return {}
-            return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
-
-        return cls(floats("ids"), floats("subjects"), floats("tasks"))
-
-    def to_data(self) -> dict[str, Any]:
-        return {"ids": self.ids, "subjects": self.subjects, "tasks": self.tasks}
-
-    def union(self, other: Revocations) -> Revocations:
-        """Every revocation either list holds (the later time where both name the same)."""
-        if not (other.ids or other.subjects or other.tasks):
-            return self
-
-        def later(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-            return a | {k: max(v, a.get(k, v)) for k, v in b.items()}
-
-        return Revocations(
-            later(self.ids, other.ids),
-            later(self.subjects, other.subjects),
-            later(self.tasks, other.tasks),
-        )
-
-    def revoked(self, token: TaskToken) -> bool:
-        return self.names(
-            token.token_id,
-            f"{token.identity.issuer}|{token.identity.subject}",
-            token.task,
-            token.issued_at,
-        )
-
-    def any_id(self, links: Iterable[Link]) -> bool:
-        """Whether any of these tokens (a delegated token's ancestors) is revoked by id."""
-        return any(link.token_id in self.ids for link in links)
-
-    def any_actor(self, token: TaskToken) -> bool:
-        """Whether a delegated token's actor ("issuer|subject") was revoked as a subject at
-        or after the token was issued: revoking a sub-agent's identity ends what it acts with."""
-        return any(self.covers_subject(actor, token.issued_at) for actor in token.actors)
-
-    def chain_refusal(self, token: TaskToken) -> Unauthenticated | None:
-        """Why a delegated token is dead by its chain (the cascade), or None: a token it was
-        delegated from is revoked, or an identity that acted in it was revoked as a subject."""
-        if not token.ancestors:
-            return None
-        if self.any_id(token.ancestors):
-            return Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
-        if self.any_actor(token):
-            return Unauthenticated("revoked", "an identity acting with this token was revoked")
-        return None
-
-    def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
-        """Whether a token with these facts is revoked: by id, or by subject or task at or
-        after it was issued."""
-        if token_id in self.ids or self.covers_subject(who, issued_at):
-            return True
-        return task is not None and self.covers_task(task, issued_at)
-
-    def covers_subject(self, who: str, issued_at: float) -> bool:
-        """Whether a revocation of subject `who` ("issuer|subject") names a token issued then."""
-        return self.subjects.get(who, -1.0) >= issued_at
-
-    def covers_task(self, task: str, issued_at: float) -> bool:
-        """Whether a revocation of `task` names a token of that task issued then."""
-        return self.tasks.get(task, -1.0) >= issued_at
-
-    def prune(self, now: float, longest_ttl: float) -> None:
-        """Drop entries that can no longer name a live token."""
-        margin = LEEWAY + CLOCK_SKEW
-        self.ids = {k: exp for k, exp in self.ids.items() if exp + margin > now}
-        horizon = now - longest_ttl - margin
-        self.subjects = {k: at for k, at in self.subjects.items() if at > horizon}
-        self.tasks = {k: at for k, at in self.tasks.items() if at > horizon}
 
 
 def chain_fields(token: TaskToken) -> dict[str, str]:
@@ -166,25 +89,20 @@ class RevocationStore:
         self.cfg = config.tokens
         self.vault = vault
         self.clock = clock
-        # This replica's copy: the list (`_listed`, at `_revocations_version`) with what an
-        # earlier build wrote at LEGACY_REVOCATIONS (`_legacy`), which only it writes.
+        # This replica's copy: the list (`_copy`) with what earlier builds wrote at
+        # EARLIER_REVOCATIONS (`_earlier`: each list and its version), which only they
+        # write; `_revocations` has them all.
         self._revocations = Revocations()
-        self._listed = Revocations()
-        self._revocations_version: int | None = None
-        self._legacy = Revocations()
-        self._legacy_version: int | None = None
-        self._legacy_read_at: float | None = None  # time.monotonic() of its last look
+        self._copy = ListCopy()
+        self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)
+        self._earlier: dict[str, tuple[Revocations, int | None]] = {}
+        self._earlier_read_at: float | None = None  # time.monotonic() of its last look
         self.revocations_read = False  # whether both were read at least once
-        self._first_read = asyncio.Lock()
+        self._reading = asyncio.Lock()  # one read of the list at a time: none overtakes another
         self._place = 0  # how many times a reload moved the list (`_moved`)
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
-        self._revocation_writes = SharedSecret(
-            vault,
-            lambda: (self.config.vault.kv_mount, self._revocations_path),
-            self._merged_revocations,
-            _contended,
-        )
+        self._revocation_writes = Batched(self._write_revocations)
 
     async def aclose(self) -> None:
         """At shutdown, before the Vault client closes: the revocations under way end, and
@@ -195,7 +113,7 @@ class RevocationStore:
         for writes in self._shared_writes():
             await writes.aclose(deadline - loop.time())
 
-    def _shared_writes(self) -> list[SharedSecret[Any]]:
+    def _shared_writes(self) -> list[Batched[Any, Any]]:
         """The shared secrets this process writes (the exception register adds its own)."""
         return [self._revocation_writes]
 
@@ -279,30 +197,67 @@ class RevocationStore:
 
     async def _record_revocation(self, revocation: _Revocation) -> None:
         """Record a revocation in Vault, with any others this process records meanwhile."""
-        place = self._place
-        data, version = await self._revocation_writes.change(revocation)
-        if place != self._place:
-            return  # written where the list was before a reload moved it: not this list
-        if self._revocations_version is None or version > self._revocations_version:
-            self._listed, self._revocations_version = Revocations.from_data(data), version
-            self._revocations = self._listed.union(self._legacy)
+        await self._revocation_writes.change(revocation)
 
-    def _merged_revocations(self, data: dict[str, Any], added: list[_Revocation]) -> dict[str, Any]:
-        """The stored list `data` with the revocations `added`, pruned."""
+    async def _write_revocations(self, changes: list[_Revocation]) -> None:
+        """Write revocations (keyproxy.tokens.revoked): each token id into its shard, then
+        the shards' new versions, and any subject or task, into the main secret. Redone at
+        the list's new place if a reload moved it meanwhile (MOVES at most)."""
+        for _ in range(MOVES):
+            if await self._write_here(changes):
+                return
+        raise _contended()
+
+    async def _write_here(self, changes: list[_Revocation]) -> bool:
+        """Write revocations where the list is now; whether it is still there."""
         longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
-        revocations = Revocations.from_data(data)
+        place, copy = self._place, self._copy
+        mount, main = self.config.vault.kv_mount, self._revocations_path
         now = self.clock()
-        for token_id, expires_at, subject, task in added:
+        shards: dict[int, dict[str, float]] = {}
+        for token_id, expires_at, _, _ in changes:
             if token_id is not None:
-                # Whole seconds, rounded up: a shorter entry kept a little longer.
                 until = expires_at if expires_at is not None else now + longest
-                revocations.ids[token_id] = math.ceil(until)
-            if subject is not None:
-                revocations.subjects[subject] = now + CLOCK_SKEW
-            if task is not None:
-                revocations.tasks[task] = now + CLOCK_SKEW
-        revocations.prune(now, longest)
-        return revocations.to_data()
+                shards.setdefault(shard_of(token_id), {})[token_id] = until
+        written: dict[int, int] = {}
+        writes = [self._write_shard(mount, shard_path(main, n), ids) for n, ids in shards.items()]
+        results = await asyncio.gather(*writes)
+        for shard, (data, version) in zip(shards, results, strict=True):
+            written[shard] = version
+            if place == self._place:
+                copy.take_shard(shard, data, version)
+        subjects = [c.subject for c in changes if c.subject is not None]
+        tasks = [c.task for c in changes if c.task is not None]
+        data, version = await cas_write(
+            self.vault,
+            lambda: (mount, main),
+            lambda data: merged_main(
+                data,
+                subjects=subjects,
+                tasks=tasks,
+                written=written,
+                now=self.clock(),
+                longest_ttl=longest,
+            ),
+            _contended,
+        )
+        if place != self._place:
+            return False
+        if copy.main_version is None or version > copy.main_version:
+            copy.take_main(data, version, main)
+            self._writes_taken += 1
+        self._revocations = self._combined(copy)
+        return True
+
+    async def _write_shard(
+        self, mount: str, path: str, ids: dict[str, float]
+    ) -> tuple[dict[str, Any], int]:
+        return await cas_write(
+            self.vault,
+            lambda: (mount, path),
+            lambda data: merged_ids(data, ids, self.clock()),
+            _contended,
+        )
 
     async def _read_state(self, path: str, *, earlier: bool = False) -> tuple[dict[str, Any], int]:
         """A state secret and its version; ({}, 0) when it does not exist yet. With `earlier`,
@@ -310,42 +265,78 @@ class RevocationStore:
         return await read_state(self.vault, self.config.vault.kv_mount, path, earlier=earlier)
 
     async def revocation_list(self) -> Revocations:
-        """The revocation list as Vault holds it now (with an earlier build's)."""
-        data, _ = await self._read_state(self._revocations_path)
-        legacy_path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
-        legacy, _ = await self._read_state(legacy_path, earlier=True)
-        return Revocations.from_data(data).union(Revocations.from_data(legacy))
+        """The revocation list as Vault holds it now (with earlier builds')."""
+        mount, main = self.config.vault.kv_mount, self._revocations_path
+        copy = ListCopy()
+        data, version = await self._read_state(main)
+        copy.take_main(data, version, main)
+        for shard in copy.behind():
+            copy.take_shard(shard, *await read_written(self.vault, mount, shard_path(main, shard)))
+        listed = copy.revocations()
+        for name in EARLIER_REVOCATIONS:
+            earlier, _ = await self._read_state(f"{self.cfg.state_path}/{name}", earlier=True)
+            listed = listed.union(Revocations.from_data(earlier))
+        return listed
 
     async def refresh_revocations(self) -> None:
-        """Re-read the revocation list if its version changed (one metadata read otherwise),
-        and an earlier build's every LEGACY_POLL. Raises VaultError."""
+        """Re-read the list's main secret if its version changed (one metadata read
+        otherwise), then the shards it raised, and earlier builds' lists every LEGACY_POLL.
+        Raises VaultError."""
+        async with self._reading:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         # Each step checks that no reload moved the list while it waited on Vault: what it
         # read from the old place must not be taken for the new place's (`_moved`).
-        place, mount, path = self._place, self.config.vault.kv_mount, self._revocations_path
-        version = await self.vault.kv_version(mount, path)
-        if version is not None and version != self._revocations_version:
-            data, version = await read_written(self.vault, mount, path)
+        place, copy = self._place, self._copy
+        mount, main = self.config.vault.kv_mount, self._revocations_path
+        taken, changed = self._writes_taken, False
+        version = await self.vault.kv_version(mount, main)
+        if version is not None and version != copy.main_version:
+            data, version = await read_written(self.vault, mount, main)
             if place != self._place:
                 return
-            self._listed, self._revocations_version = Revocations.from_data(data), version
-            self._revocations = self._listed.union(self._legacy)
+            # A write of this replica's taken meanwhile may be the later: the next poll reads.
+            if taken == self._writes_taken:
+                copy.take_main(data, version, main)
+                changed = True
+        behind = copy.behind()
+        reads = [read_written(self.vault, mount, shard_path(main, shard)) for shard in behind]
+        shards = await asyncio.gather(*reads)
+        if place != self._place:
+            return
+        for shard, (data, version) in zip(behind, shards, strict=True):
+            copy.take_shard(shard, data, version)
+            changed = True
         now = time.monotonic()
-        if self._legacy_read_at is None or now - self._legacy_read_at >= LEGACY_POLL:
-            legacy_path = f"{self.cfg.state_path}/{LEGACY_REVOCATIONS}"
-            legacy_version = await self.vault.kv_version(mount, legacy_path)
-            if legacy_version != self._legacy_version:
-                legacy: dict[str, Any] = {}
-                if legacy_version is not None:
-                    legacy, legacy_version = await read_written(
-                        self.vault, mount, legacy_path, earlier=True
-                    )
+        if self._earlier_read_at is None or now - self._earlier_read_at >= LEGACY_POLL:
+            for name in EARLIER_REVOCATIONS:
+                path = f"{self.cfg.state_path}/{name}"
+                version = await self.vault.kv_version(mount, path)
+                if version == self._earlier.get(path, (None, None))[1]:
+                    continue
+                earlier: dict[str, Any] = {}
+                if version is not None:
+                    earlier, version = await read_written(self.vault, mount, path, earlier=True)
                 if place != self._place:
                     return
-                self._legacy, self._legacy_version = Revocations.from_data(legacy), legacy_version
-                self._revocations = self._listed.union(self._legacy)
-            self._legacy_read_at = now
+                self._earlier[path] = Revocations.from_data(earlier), version
+                changed = True
+            self._earlier_read_at = now
+        if changed:
+            self._revocations = self._combined(copy)
         if place == self._place:
             self.revocations_read = True
+
+    def _combined(self, copy: ListCopy) -> Revocations:
+        """The list `copy` holds with what earlier builds wrote, pruned (no one else prunes
+        those any more; once they hold nothing live, the list is `copy`'s, not a copy of it)."""
+        combined = copy.revocations()
+        longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
+        for earlier, _ in self._earlier.values():
+            earlier.prune(self.clock(), longest)
+            combined = combined.union(earlier)
+        return combined
 
     def revocation_status(self) -> RevocationStatus:
         """This replica's copy of the list: its entries, and whether it was read yet."""
@@ -355,15 +346,15 @@ class RevocationStore:
 
     async def first_revocations_read(self) -> None:
         """Read the list now if this replica never has (one read at a time, whoever waits)."""
-        async with self._first_read:
+        async with self._reading:
             if not self.revocations_read:
-                await self.refresh_revocations()
+                await self._refresh()
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts
         no more, and nothing is judged until the new place is read."""
-        self._revocations, self._listed, self._legacy = Revocations(), Revocations(), Revocations()
-        self._revocations_version = self._legacy_version = self._legacy_read_at = None
+        self._revocations, self._copy, self._earlier = Revocations(), ListCopy(), {}
+        self._earlier_read_at = None
         self.revocations_read = False
         self._place += 1
 

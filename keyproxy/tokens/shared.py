@@ -1,5 +1,5 @@
-"""Changes to one secret every replica writes (the revocation list, the exception register),
-made together.
+"""Changes to the secrets every replica writes (the revocation list's, the exception
+register), made together.
 
 Each write is check-and-set: read the secret, change it, write it back naming the version
 read; a writer that lost the race reads again. Within a process the changes that arrive while
@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from operator import methodcaller
 from typing import Any, Final, Generic, TypeVar
 
 import structlog
@@ -26,6 +27,7 @@ from keyproxy.vault import CasConflict, Vault
 log = structlog.get_logger("keyproxy.tokens")
 
 _C = TypeVar("_C")
+_R = TypeVar("_R")
 
 ATTEMPTS: Final = 10  # writes tried before the change is refused (503)
 FIRST_PAUSE: Final = 0.01  # seconds: the longest pause after the first conflict, doubling
@@ -43,33 +45,25 @@ Location = Callable[[], tuple[str, str]]
 Merge = Callable[[dict[str, Any], list[_C]], dict[str, Any]]
 
 
-class SharedSecret(Generic[_C]):
-    """A KV v2 secret written by every replica; `change` waits for the write that holds it."""
+class Batched(Generic[_C, _R]):
+    """Changes to shared state, written together: `change` waits for the write (`write`,
+    given every change waiting, in order) that holds it."""
 
-    def __init__(
-        self,
-        vault: Vault,
-        location: Location,
-        merge: Merge[_C],
-        contended: Callable[[], RequestError],
-    ) -> None:
-        self.vault = vault
-        self._location = location
-        self._merge = merge
-        self._contended = contended  # the error of each change of a write that kept conflicting
-        self._waiting: list[tuple[_C, asyncio.Future[tuple[dict[str, Any], int]]]] = []
+    def __init__(self, write: Callable[[list[_C]], Awaitable[_R]]) -> None:
+        self._write = write
+        self._waiting: list[tuple[_C, asyncio.Future[_R]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def change(self, change: _C) -> tuple[dict[str, Any], int]:
-        """Make `change` in the secret: the data and version of the write that made it.
-        A change whose caller goes away (cancelled) is still written."""
+    async def change(self, change: _C) -> _R:
+        """Make `change`: the outcome of the write that made it. A change whose caller goes
+        away (cancelled) is still written."""
         loop = asyncio.get_running_loop()
         writer = self._writer
         if writer is not None and writer.get_loop() is not loop:
             # Left by an event loop that has ended (a CLI command before this one): what
             # waited there has no one left to tell.
             writer, self._waiting = None, []
-        done: asyncio.Future[tuple[dict[str, Any], int]] = loop.create_future()
+        done: asyncio.Future[_R] = loop.create_future()
         done.add_done_callback(_retrieved)
         self._waiting.append((change, done))
         if writer is None or writer.done():
@@ -90,43 +84,68 @@ class SharedSecret(Generic[_C]):
             try:
                 written = await self._write([change for change, _ in batch])
             except Exception as exc:  # noqa: BLE001  # each waiting change fails with it
-                _settle(batch, exc)
+                _settle(batch, methodcaller("set_exception", exc))
                 continue
             except asyncio.CancelledError:  # the loop is closing: nothing waits any more
-                _settle(batch, None)
+                _settle(batch, asyncio.Future.cancel)
                 raise
-            _settle(batch, written)
+            _settle(batch, methodcaller("set_result", written))
 
-    async def _write(self, changes: list[_C]) -> tuple[dict[str, Any], int]:
-        for attempt in range(ATTEMPTS):
-            if attempt:
-                longest = min(LONGEST_PAUSE, FIRST_PAUSE * 2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(0, longest))  # noqa: S311  # jitter, no secret
-            mount, path = self._location()
-            data, version = await read_state(self.vault, mount, path)
-            new = self._merge(data, changes)
-            try:
-                written = encoded(new, path)
-                return new, await self.vault.write_kv(mount, path, written, cas=version)
-            except CasConflict:
-                continue
-        raise self._contended()
+
+class SharedSecret(Batched[_C, tuple[dict[str, Any], int]]):
+    """A KV v2 secret written by every replica; `change` waits for the write that holds it
+    and returns the data and version written."""
+
+    def __init__(
+        self,
+        vault: Vault,
+        location: Location,
+        merge: Merge[_C],
+        contended: Callable[[], RequestError],
+    ) -> None:
+        super().__init__(self._changed)
+        self.vault = vault
+        self._location = location
+        self._merge = merge
+        self._contended = contended  # the error of each change of a write that kept conflicting
+
+    async def _changed(self, changes: list[_C]) -> tuple[dict[str, Any], int]:
+        return await cas_write(
+            self.vault, self._location, lambda data: self._merge(data, changes), self._contended
+        )
+
+
+async def cas_write(
+    vault: Vault,
+    location: Location,
+    merge: Callable[[dict[str, Any]], dict[str, Any]],
+    contended: Callable[[], RequestError],
+) -> tuple[dict[str, Any], int]:
+    """Write `merge` of a shared secret's data with check-and-set, reading it again after
+    each conflict (ATTEMPTS at most, with full-jitter pauses; then `contended()` is raised):
+    the data and version written."""
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            longest = min(LONGEST_PAUSE, FIRST_PAUSE * 2 ** (attempt - 1))
+            await asyncio.sleep(random.uniform(0, longest))  # noqa: S311  # jitter, no secret
+        mount, path = location()
+        data, version = await read_state(vault, mount, path)
+        new = merge(data)
+        try:
+            written = encoded(new, path)
+            return new, await vault.write_kv(mount, path, written, cas=version)
+        except CasConflict:
+            continue
+    raise contended()
 
 
 def _settle(
-    batch: list[tuple[Any, asyncio.Future[Any]]],
-    outcome: tuple[dict[str, Any], int] | Exception | None,
+    batch: list[tuple[Any, asyncio.Future[Any]]], outcome: Callable[[asyncio.Future[Any]], object]
 ) -> None:
-    """Tell each waiting change how its write ended: written, failed, or (None) cancelled."""
+    """Tell each waiting change how its write ended (`outcome`: written, failed, cancelled)."""
     for _, done in batch:
-        if done.done() or done.get_loop().is_closed():
-            continue
-        if outcome is None:
-            done.cancel()
-        elif isinstance(outcome, Exception):
-            done.set_exception(outcome)
-        else:
-            done.set_result(outcome)
+        if not done.done() and not done.get_loop().is_closed():
+            outcome(done)
 
 
 def _retrieved(done: asyncio.Future[Any]) -> None:

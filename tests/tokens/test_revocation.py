@@ -27,7 +27,7 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import BadRequest, Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
-from keyproxy.tokens import CLOCK_SKEW, TaskTokens, revocation
+from keyproxy.tokens import CLOCK_SKEW, TaskTokens, revocation, revoked
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
 from tests.helpers.events import read_events
@@ -289,22 +289,39 @@ async def _replicas_of_own_list(
             vault.close()
 
 
-async def test_the_revocation_list_holds_thousands_of_live_tokens(
+async def test_the_revocation_list_holds_tens_of_thousands_of_live_tokens(
     openbao: OpenBaoDevServer,
 ) -> None:
-    """A revocation list of thousands of live token ids (far more JSON strings than OpenBao
-    takes in one request) is written, takes one more revocation, and reaches another
-    replica's poll."""
-    async with _replicas_of_own_list(openbao, "many-revoked") as ((tasks, other), _):
+    """A revocation list of 40,000 live token ids (far more JSON strings than OpenBao takes
+    in one request, and twice what one Vault secret may hold) is written in shards, each far
+    below a secret's limits; it takes one more revocation, which another replica's poll
+    reads in two reads (the main secret and one shard), not the whole list."""
+    async with _replicas_of_own_list(openbao, "many-revoked") as ((tasks, other), vaults):
         expiry = time.time() + 600
-        ids = [f"many-{i}" for i in range(3000)]
-        with capture_logs():  # 3,000 token.revoked events
+        ids = [f"many-{i:027d}" for i in range(40_000)]  # as long as a real token id
+        with capture_logs():  # 40,000 token.revoked events
             await asyncio.gather(*(tasks.revoke(token_id=t, expires_at=expiry) for t in ids))
+        mount, main = tasks.config.vault.kv_mount, tasks._revocations_path
+        sizes = [len((await vaults[0].read_kv(mount, main))[0]["state"])]
+        for shard in range(revoked.SHARDS):
+            stored, _ = await vaults[0].read_kv(mount, revoked.shard_path(main, shard))
+            sizes.append(len(stored["state"]))
+        assert sum(sizes) > 1024 * 1024, sizes  # more than one secret may hold
+        assert max(sizes) < 1024 * 1024 / 8, sizes
         issued = await tasks.issue(Identity("openbao", "one-more", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
         await other.verify(issued.token)
         await tasks.revoke_held(await tasks.verify(issued.token), "completed")
+        reads: list[str] = []
+        read = other.vault.read_kv
+
+        async def counted(mount: str, path: str) -> tuple[dict[str, Any], int]:
+            reads.append(path)
+            return await read(mount, path)
+
+        other.vault.read_kv = counted  # type: ignore[method-assign]
         await other.refresh_revocations()  # the poll's read
+        assert reads == [main, revoked.shard_path(main, revoked.shard_of(issued.token_id))]
         with pytest.raises(Unauthenticated, match="revoked"):
             await other.verify(issued.token)
         listed = (await other.revocation_list()).ids
@@ -315,7 +332,7 @@ async def test_the_revocation_list_holds_thousands_of_live_tokens(
         assert f"keyproxy_revocation_list_entries {float(len(ids) + 1)}" in exposition
         assert "keyproxy_revocation_list_read 1.0" in exposition
         # Whole seconds, rounded up: never an entry that ends before its token.
-        assert listed["many-0"] == math.ceil(expiry)
+        assert listed[ids[0]] == math.ceil(expiry)
 
 
 async def test_an_earlier_build_s_list_is_read_and_never_written(
@@ -370,11 +387,81 @@ async def test_an_earlier_build_s_list_is_read_and_never_written(
         assert [e["token_id"] for e in await tasks.exceptions()] == ["earlier-exception"]
 
 
+async def test_the_list_the_build_before_kept_in_one_secret_is_read_and_never_written(
+    openbao: OpenBaoDevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build before this one kept the whole list in one secret, at `revocation-list`:
+    this one honours what it holds (ids and subjects) from its first read on, sees what an
+    old replica adds there within LEGACY_POLL, and never writes it: its own revocations go
+    to the sharded list at `revoked`."""
+    async with _replicas_of_own_list(openbao, "unsharded") as ((tasks, fresh), vaults):
+        mount = tasks.config.vault.kv_mount
+        before = f"{tasks.cfg.state_path}/revocation-list"
+        assert tasks._revocations_path == f"{tasks.cfg.state_path}/revoked"
+        issued = [
+            await tasks.issue(Identity("openbao", f"unsharded-{i}", {}), SCOPE, ttl=60)
+            for i in range(3)
+        ]
+        CANARIES.update(i.token for i in issued)
+        listed = {
+            "ids": {issued[0].token_id: time.time() + 600},
+            "subjects": {"openbao|unsharded-1": time.time() + CLOCK_SKEW},
+            "tasks": {},
+        }
+        await vaults[0].write_kv(mount, before, {"state": json.dumps(listed)})
+        written = await vaults[0].kv_version(mount, before)
+        for token in issued[:2]:
+            with pytest.raises(Unauthenticated, match="revoked"):
+                await fresh.verify(token.token)
+        await fresh.verify(issued[2].token)
+        await tasks.revoke(token_id="this-build", expires_at=time.time() + 600)
+        assert await vaults[0].kv_version(mount, before) == written  # never written here
+        assert "this-build" in (await fresh.revocation_list()).ids
+        # An old replica ends a token: this build's next look (every LEGACY_POLL) sees it.
+        listed["ids"][issued[2].token_id] = time.time() + 600
+        await vaults[0].write_kv(mount, before, {"state": json.dumps(listed)})
+        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        await fresh.refresh_revocations()
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await fresh.verify(issued[2].token)
+
+
+async def test_a_slow_poll_never_replaces_what_this_replica_just_wrote(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A poll whose read of the list returns after this replica wrote a later version (a
+    task revoked here meanwhile) keeps the later: the task's tokens are refused here at
+    once, not from the next poll on."""
+    async with _replicas_of_own_list(openbao, "slow-poll") as ((here, there), _):
+        issued = await here.issue(Identity("openbao", "slow-poll", {}), SCOPE, ttl=60, task="t1")
+        CANARIES.add(issued.token)
+        await here.verify(issued.token)  # its first read
+        await there.revoke(task="another")  # the list moves on: the next poll reads it
+        read, was_read, go_on = here.vault.read_kv, asyncio.Event(), asyncio.Event()
+
+        async def slow(mount: str, path: str) -> tuple[dict[str, Any], int]:
+            got = await read(mount, path)
+            if not was_read.is_set():
+                was_read.set()
+                await go_on.wait()  # read, and slow to return
+            return got
+
+        here.vault.read_kv = slow  # type: ignore[method-assign]
+        polling = asyncio.create_task(here.refresh_revocations())
+        await eventually(was_read.is_set, "the poll read nothing", until=bool)
+        await here.revoke(task="t1")
+        go_on.set()
+        await polling
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await here.verify(issued.token)
+
+
 async def test_a_list_that_cannot_be_read_refuses_task_tokens(
     openbao: OpenBaoDevServer,
 ) -> None:
-    """A replica that has not read the revocation list (here the secret holds something
-    other than keyproxy's state) refuses task tokens with 503 rather than judging them
+    """A replica that has not read the revocation list (here its main secret, or a shard
+    its index names, holds something other than keyproxy's state, or is not there) refuses
+    task tokens with 503 rather than judging them
     against an empty list; once the list reads, they verify, the list read once for all the
     tokens that waited."""
     async with _replicas_of_own_list(openbao, "unreadable", count=1) as ((tasks,), vaults):
@@ -387,7 +474,12 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
             {"ids": {}},
             {"state": 5},
             {"state": '{"ids": {}, "ids": {}}'},
+            {"state": '{"shards": {"3": "1"}}'},
+            {"state": '{"shards": {"three": 1}}'},
+            {"state": '{"shards": {"3": 1}}'},  # a shard that is not there
+            {"state": '{"shards": {"4": 1}}'},  # a shard that is not keyproxy's
         ]
+        await vaults[0].write_kv(mount, revoked.shard_path(path, 4), {"ids": {}})
         for stored in unreadable:
             await vaults[0].write_kv(mount, path, stored)
             replica = TaskTokens(tasks.config, vaults[0])
@@ -460,12 +552,13 @@ async def test_a_moved_state_path_is_read_before_tokens_are_judged(
         assert (await here.verify(tokens[0].token)).token_id == tokens[0].token_id
 
 
-async def test_a_write_under_way_when_the_list_moves_is_not_taken_for_the_new_list(
+async def test_a_write_under_way_when_the_list_moves_is_written_again_at_the_new_place(
     openbao: OpenBaoDevServer,
 ) -> None:
     """A revocation being written to the old place when a reload moves `tokens.state_path`
     does not become the replica's copy of the new place's list, even when both are at the
-    same version: the new list is read before any token is judged."""
+    same version (the new list is read before any token is judged), and is written again at
+    the new place before it counts as recorded."""
     async with _replicas_of_own_list(openbao, "moving") as ((here, there), _):
         issued = await here.issue(Identity("openbao", "moving", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
@@ -488,9 +581,10 @@ async def test_a_write_under_way_when_the_list_moves_is_not_taken_for_the_new_li
         await eventually(began.is_set, "no write began", until=bool)
         here.reconfigure(moved)
         go_on.set()
-        await writing  # version 1 of the old place
+        await writing  # written at the old place, then again at the new one
         with pytest.raises(Unauthenticated, match="revoked"):
             await here.verify(issued.token)
+        assert "old-place" in (await there.revocation_list()).ids
 
 
 async def test_revocation_whose_caller_went_away_is_still_recorded(

@@ -1,0 +1,228 @@
+"""The revocation list as data: its rules (`Revocations`) and how it is laid out in Vault KV
+(`ListCopy`), with no I/O (keyproxy.tokens.revocation reads and writes it).
+
+The list is a main secret and SHARDS shards. The main secret, at `<tokens.state_path>/
+revoked`, holds the revoked subjects and tasks (an operator's, few) and the shards' index:
+the version each shard was last written at. Revoked token ids, one entry per ended token
+until it expires and so the bulk of the list, are spread over the shards by a hash of the
+id, at `revoked/ids-NN`. So a token's end rewrites one shard (a sixteenth of the
+ids) and the small main secret, every replica re-reads only the shards whose version moved,
+and each secret stays far below what one Vault secret may hold (a Raft entry, a JSON string:
+1 MiB by default) with sixteen times the ids that fit in one. A writer writes the shard
+first and then raises its version in the index, and the revocation counts as recorded only
+after both: a reader that sees the index see the shard at that version or later.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from keyproxy.errors import Unauthenticated, VaultError
+from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
+
+SHARDS: Final = 16  # where this build writes token ids; it reads whatever the index names
+INDEX: Final = "shards"  # the main secret's field: shard number -> version last written
+_LARGEST_SHARD: Final = 4096  # an index naming a shard beyond it is not keyproxy's
+
+
+def shard_of(token_id: str) -> int:
+    """The shard a token id is kept in (any stable, even spread will do: CRC-32)."""
+    return zlib.crc32(token_id.encode("utf-8", "surrogatepass")) % SHARDS
+
+
+def shard_path(main: str, shard: int) -> str:
+    """Where shard `shard` of the list at `main` is kept."""
+    return f"{main}/ids-{shard:02d}"
+
+
+@dataclass
+class Revocations:
+    """The revocation list as stored in Vault, with the pruning rule."""
+
+    ids: dict[str, float] = field(default_factory=dict)  # jti -> token expiry
+    subjects: dict[str, float] = field(default_factory=dict)  # "idp|sub" -> revoked at
+    tasks: dict[str, float] = field(default_factory=dict)  # task -> revoked at
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Revocations:
+        def floats(name: str) -> dict[str, float]:
+            value = data.get(name)
+            if not isinstance(value, dict):
+                return {}
+            return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
+
+        return cls(floats("ids"), floats("subjects"), floats("tasks"))
+
+    def to_data(self) -> dict[str, Any]:
+        return {"ids": self.ids, "subjects": self.subjects, "tasks": self.tasks}
+
+    def union(self, other: Revocations) -> Revocations:
+        """Every revocation either list holds (the later time where both name the same)."""
+        if not (other.ids or other.subjects or other.tasks):
+            return self
+
+        def later(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+            return a | {k: max(v, a.get(k, v)) for k, v in b.items()}
+
+        return Revocations(
+            later(self.ids, other.ids),
+            later(self.subjects, other.subjects),
+            later(self.tasks, other.tasks),
+        )
+
+    def revoked(self, token: TaskToken) -> bool:
+        return self.names(
+            token.token_id,
+            f"{token.identity.issuer}|{token.identity.subject}",
+            token.task,
+            token.issued_at,
+        )
+
+    def any_id(self, links: Iterable[Link]) -> bool:
+        """Whether any of these tokens (a delegated token's ancestors) is revoked by id."""
+        return any(link.token_id in self.ids for link in links)
+
+    def any_actor(self, token: TaskToken) -> bool:
+        """Whether a delegated token's actor ("issuer|subject") was revoked as a subject at
+        or after the token was issued: revoking a sub-agent's identity ends what it acts with."""
+        return any(self.covers_subject(actor, token.issued_at) for actor in token.actors)
+
+    def chain_refusal(self, token: TaskToken) -> Unauthenticated | None:
+        """Why a delegated token is dead by its chain (the cascade), or None: a token it was
+        delegated from is revoked, or an identity that acted in it was revoked as a subject."""
+        if not token.ancestors:
+            return None
+        if self.any_id(token.ancestors):
+            return Unauthenticated("parent_revoked", "a token it was delegated from was revoked")
+        if self.any_actor(token):
+            return Unauthenticated("revoked", "an identity acting with this token was revoked")
+        return None
+
+    def names(self, token_id: str, who: str, task: str | None, issued_at: float) -> bool:
+        """Whether a token with these facts is revoked: by id, or by subject or task at or
+        after it was issued."""
+        if token_id in self.ids or self.covers_subject(who, issued_at):
+            return True
+        return task is not None and self.covers_task(task, issued_at)
+
+    def covers_subject(self, who: str, issued_at: float) -> bool:
+        """Whether a revocation of subject `who` ("issuer|subject") names a token issued then."""
+        return self.subjects.get(who, -1.0) >= issued_at
+
+    def covers_task(self, task: str, issued_at: float) -> bool:
+        """Whether a revocation of `task` names a token of that task issued then."""
+        return self.tasks.get(task, -1.0) >= issued_at
+
+    def prune(self, now: float, longest_ttl: float) -> None:
+        """Drop entries that can no longer name a live token."""
+        margin = LEEWAY + CLOCK_SKEW
+        self.ids = {k: exp for k, exp in self.ids.items() if exp + margin > now}
+        horizon = now - longest_ttl - margin
+        self.subjects = {k: at for k, at in self.subjects.items() if at > horizon}
+        self.tasks = {k: at for k, at in self.tasks.items() if at > horizon}
+
+
+def index_of(data: Mapping[str, Any], path: str) -> dict[int, int]:
+    """The shards' index in the main secret's data: shard -> version. An index that is not
+    one keyproxy writes is refused (VaultError), never read as an empty list."""
+    index = data.get(INDEX, {})
+    read: dict[int, int] = {}
+    if isinstance(index, dict):
+        for shard, version in index.items():
+            if not (shard.isdecimal() and shard.isascii() and int(shard) < _LARGEST_SHARD):
+                break
+            if type(version) is not int or version < 1:
+                break
+            read[int(shard)] = version
+        else:
+            return read
+    raise VaultError(f"read {path}: not keyproxy's state (the shards' index)")
+
+
+def merged_ids(data: Mapping[str, Any], added: Mapping[str, float], now: float) -> dict[str, Any]:
+    """A shard's stored data `data` with the token ids `added` (id -> expiry), pruned."""
+    ids = Revocations.from_data(data).ids
+    for token_id, expires_at in added.items():
+        # Whole seconds, rounded up: a shorter entry kept a little longer.
+        ids[token_id] = max(math.ceil(expires_at), ids.get(token_id, 0.0))
+    return {"ids": _unexpired(ids, now)}
+
+
+def merged_main(
+    data: Mapping[str, Any],
+    *,
+    subjects: Iterable[str],
+    tasks: Iterable[str],
+    written: Mapping[int, int],
+    now: float,
+    longest_ttl: float,
+) -> dict[str, Any]:
+    """The main secret's stored data `data` with these subjects and tasks revoked now and the
+    shards `written` (shard -> version) raised in the index, pruned. It holds no token ids
+    (they are in the shards)."""
+    revocations = Revocations.from_data(data)
+    for subject in subjects:
+        revocations.subjects[subject] = now + CLOCK_SKEW
+    for task in tasks:
+        revocations.tasks[task] = now + CLOCK_SKEW
+    revocations.prune(now, longest_ttl)
+    index = index_of(data, "the revocation list")
+    for shard, version in written.items():
+        index[shard] = max(version, index.get(shard, 0))
+    return {
+        "subjects": revocations.subjects,
+        "tasks": revocations.tasks,
+        INDEX: {str(shard): version for shard, version in sorted(index.items())},
+    }
+
+
+def _unexpired(ids: Mapping[str, float], now: float) -> dict[str, float]:
+    margin = LEEWAY + CLOCK_SKEW
+    return {k: exp for k, exp in ids.items() if exp + margin > now}
+
+
+@dataclass
+class ListCopy:
+    """One replica's copy of the list at one place: the main secret as last taken (with its
+    index) and the shards, each at the version it was read or written at, with every
+    shard's ids in one dict (`ids`), changed as a shard changes: a change costs the size of
+    its shard, not of the list."""
+
+    main: Revocations = field(default_factory=Revocations)
+    main_version: int | None = None
+    index: dict[int, int] = field(default_factory=dict)
+    shards: dict[int, dict[str, float]] = field(default_factory=dict)
+    shard_versions: dict[int, int] = field(default_factory=dict)
+    ids: dict[str, float] = field(default_factory=dict)
+
+    def take_main(self, data: Mapping[str, Any], version: int, path: str) -> None:
+        """The main secret as read or written at `version` (VaultError if its index is not
+        keyproxy's: nothing is taken). A version below the one held is a list made afresh
+        (its secret deleted and written again): the shards held are dropped with it."""
+        index = index_of(data, path)
+        if self.main_version is not None and version < self.main_version:
+            self.shards, self.shard_versions, self.ids = {}, {}, {}
+        self.main, self.main_version, self.index = Revocations.from_data(data), version, index
+
+    def take_shard(self, shard: int, data: Mapping[str, Any], version: int) -> None:
+        """A shard as read or written at `version`, unless a later one is held already."""
+        if version > self.shard_versions.get(shard, 0):
+            ids = Revocations.from_data(data).ids
+            for gone in self.shards.get(shard, {}).keys() - ids.keys():
+                # Gone from a shard only once expired: no other shard can still need it.
+                self.ids.pop(gone, None)
+            self.ids.update(ids)
+            self.shards[shard], self.shard_versions[shard] = ids, version
+
+    def behind(self) -> list[int]:
+        """The shards the index names at a version later than the one held."""
+        return [s for s, v in sorted(self.index.items()) if self.shard_versions.get(s, 0) < v]
+
+    def revocations(self) -> Revocations:
+        """The whole list held: the main secret's entries and every shard's ids (`ids`
+        itself, not a copy: it changes with the shards)."""
+        return Revocations(self.ids, self.main.subjects, self.main.tasks)
