@@ -18,11 +18,12 @@ import structlog
 
 from keyproxy import strictjson
 from keyproxy.config import Config
-from keyproxy.errors import BadRequest, Unavailable
+from keyproxy.errors import BadRequest, Unavailable, VaultError
 from keyproxy.tokens.format import TaskToken
 from keyproxy.tokens.revoked import (
     ListCopy,
     Revocations,
+    index_of,
     merged_ids,
     merged_main,
     shard_of,
@@ -97,8 +98,12 @@ class RevocationStore:
         self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)
         self._earlier: dict[str, tuple[Revocations, int | None]] = {}
         self._earlier_read_at: float | None = None  # time.monotonic() of its last look
-        self.revocations_read = False  # whether both were read at least once
+        self.revocations_read = False  # whether the list (and earlier builds') was read yet
         self._reading = asyncio.Lock()  # one read of the list at a time: none overtakes another
+        # Reads begun, and the last that ended well: a caller that finds one begun after it
+        # arrived has ended well needs no read of its own (refresh_revocations).
+        self._reads_begun = 0
+        self._read_through = 0
         self._place = 0  # how many times a reload moved the list (`_moved`)
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
@@ -219,10 +224,16 @@ class RevocationStore:
             if token_id is not None:
                 until = expires_at if expires_at is not None else now + longest
                 shards.setdefault(shard_of(token_id), {})[token_id] = until
+        known = await self._known_index(copy, mount, main)
         written: dict[int, int] = {}
         writes = [self._write_shard(mount, shard_path(main, n), ids) for n, ids in shards.items()]
         results = await asyncio.gather(*writes)
         for shard, (data, version) in zip(shards, results, strict=True):
+            if version <= known.get(shard, 0):
+                # A write makes a version later than any the index ever named, unless the
+                # shard was deleted and made afresh: replicas holding a later version would
+                # never read it again. Refused, not hidden (readers refuse it too).
+                raise VaultError(f"revocation list shard {shard} is behind its index")
             written[shard] = version
             if place == self._place:
                 copy.take_shard(shard, data, version)
@@ -249,6 +260,14 @@ class RevocationStore:
         self._revocations = self._combined(copy)
         return True
 
+    async def _known_index(self, copy: ListCopy, mount: str, main: str) -> dict[int, int]:
+        """The shards' index as known before a write: this replica's copy, or (a process that
+        never read the list, as a CLI command) the main secret read now."""
+        if copy.main_version is not None:
+            return dict(copy.index)
+        data, version = await read_state(self.vault, mount, main)
+        return index_of(data, main) if version else {}
+
     async def _write_shard(
         self, mount: str, path: str, ids: dict[str, float]
     ) -> tuple[dict[str, Any], int]:
@@ -269,7 +288,8 @@ class RevocationStore:
         mount, main = self.config.vault.kv_mount, self._revocations_path
         copy = ListCopy()
         data, version = await self._read_state(main)
-        copy.take_main(data, version, main)
+        if version:
+            copy.take_main(data, version, main)
         for shard in copy.behind():
             copy.take_shard(shard, *await read_written(self.vault, mount, shard_path(main, shard)))
         listed = copy.revocations()
@@ -279,54 +299,96 @@ class RevocationStore:
         return listed
 
     async def refresh_revocations(self) -> None:
-        """Re-read the list's main secret if its version changed (one metadata read
-        otherwise), then the shards it raised, and earlier builds' lists every LEGACY_POLL.
-        Raises VaultError."""
+        """Bring this replica's copy up to what Vault holds now (one metadata read when
+        nothing changed; `_refresh`), or raise VaultError. Callers that arrive while a read is
+        under way share the next one: whatever was revoked before they arrived is seen."""
+        arrived = self._reads_begun
         async with self._reading:
-            await self._refresh()
+            if self._read_through > arrived and self.revocations_read:
+                return  # a read begun after this call arrived has ended well
+            for _ in range(MOVES):  # a reload that moved the list meanwhile: read the new one
+                self._reads_begun += 1
+                begun, place = self._reads_begun, self._place
+                await self._refresh()
+                if place == self._place:
+                    self._read_through = begun
+                    return
+            raise VaultError("the revocation list moved while it was read; try again")
 
     async def _refresh(self) -> None:
-        # Each step checks that no reload moved the list while it waited on Vault: what it
-        # read from the old place must not be taken for the new place's (`_moved`).
+        """Re-read the list's main secret if its version changed, then the shards whose
+        version its index raised, and earlier builds' lists every LEGACY_POLL; each part is
+        in use as soon as it is read. Each step stops if a reload moved the list while it
+        waited on Vault (`_moved`): what was read at the old place is not the new place's."""
         place, copy = self._place, self._copy
-        mount, main = self.config.vault.kv_mount, self._revocations_path
-        taken, changed = self._writes_taken, False
+        mount, state_path = self.config.vault.kv_mount, self.cfg.state_path
+        main = f"{state_path}/{REVOCATIONS}"
+        if (
+            await self._read_main(place, copy, mount, main)
+            and await self._read_shards(place, copy, mount, main)
+            and await self._read_earlier(place, copy, mount, state_path)
+        ):
+            self.revocations_read = True
+
+    async def _read_main(self, place: int, copy: ListCopy, mount: str, main: str) -> bool:
+        taken = self._writes_taken
         version = await self.vault.kv_version(mount, main)
+        if place != self._place:
+            return False
         if version is not None and version != copy.main_version:
             data, version = await read_written(self.vault, mount, main)
             if place != self._place:
-                return
+                return False
             # A write of this replica's taken meanwhile may be the later: the next poll reads.
             if taken == self._writes_taken:
                 copy.take_main(data, version, main)
-                changed = True
-        behind = copy.behind()
-        reads = [read_written(self.vault, mount, shard_path(main, shard)) for shard in behind]
-        shards = await asyncio.gather(*reads)
+                self._revocations = self._combined(copy)
+        return True
+
+    async def _read_shards(self, place: int, copy: ListCopy, mount: str, main: str) -> bool:
+        """Read the shards the index raised, together; every one that reads is in use, and
+        the first failure is raised after."""
+        wanted = {shard: copy.index[shard] for shard in copy.behind()}
+        if not wanted:
+            return True
+        reads = [read_written(self.vault, mount, shard_path(main, n)) for n in wanted]
+        shards = await asyncio.gather(*reads, return_exceptions=True)
         if place != self._place:
-            return
-        for shard, (data, version) in zip(behind, shards, strict=True):
-            copy.take_shard(shard, data, version)
-            changed = True
+            return False
+        failed: BaseException | None = None
+        for (shard, indexed), read in zip(wanted.items(), shards, strict=True):
+            if isinstance(read, BaseException):
+                failed = failed or read
+            elif read[1] < indexed:  # never so for a shard keyproxy wrote: made afresh
+                failed = failed or VaultError(f"read {shard_path(main, shard)}: behind its index")
+            else:
+                copy.take_shard(shard, *read)
+        self._revocations = self._combined(copy)
+        if failed is not None:
+            raise failed
+        return True
+
+    async def _read_earlier(self, place: int, copy: ListCopy, mount: str, state_path: str) -> bool:
+        """Earlier builds' lists, every LEGACY_POLL (read only, in either layout)."""
         now = time.monotonic()
-        if self._earlier_read_at is None or now - self._earlier_read_at >= LEGACY_POLL:
-            for name in EARLIER_REVOCATIONS:
-                path = f"{self.cfg.state_path}/{name}"
-                version = await self.vault.kv_version(mount, path)
-                if version == self._earlier.get(path, (None, None))[1]:
-                    continue
-                earlier: dict[str, Any] = {}
-                if version is not None:
-                    earlier, version = await read_written(self.vault, mount, path, earlier=True)
+        if self._earlier_read_at is not None and now - self._earlier_read_at < LEGACY_POLL:
+            return True
+        for name in EARLIER_REVOCATIONS:
+            path = f"{state_path}/{name}"
+            version = await self.vault.kv_version(mount, path)
+            if place != self._place:
+                return False
+            if version == self._earlier.get(path, (None, None))[1]:
+                continue
+            earlier: dict[str, Any] = {}
+            if version is not None:
+                earlier, version = await read_written(self.vault, mount, path, earlier=True)
                 if place != self._place:
-                    return
-                self._earlier[path] = Revocations.from_data(earlier), version
-                changed = True
-            self._earlier_read_at = now
-        if changed:
+                    return False
+            self._earlier[path] = Revocations.from_data(earlier), version
             self._revocations = self._combined(copy)
-        if place == self._place:
-            self.revocations_read = True
+        self._earlier_read_at = now
+        return True
 
     def _combined(self, copy: ListCopy) -> Revocations:
         """The list `copy` holds with what earlier builds wrote, pruned (no one else prunes
@@ -345,10 +407,9 @@ class RevocationStore:
         return RevocationStatus(entries, self.revocations_read)
 
     async def first_revocations_read(self) -> None:
-        """Read the list now if this replica never has (one read at a time, whoever waits)."""
-        async with self._reading:
-            if not self.revocations_read:
-                await self._refresh()
+        """Read the list now if this replica never has (one read for all who wait)."""
+        if not self.revocations_read:
+            await self.refresh_revocations()
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts

@@ -127,13 +127,14 @@ class Revocations:
 
 
 def index_of(data: Mapping[str, Any], path: str) -> dict[int, int]:
-    """The shards' index in the main secret's data: shard -> version. An index that is not
-    one keyproxy writes is refused (VaultError), never read as an empty list."""
-    index = data.get(INDEX, {})
+    """The shards' index in the main secret's data: shard -> version. A main secret with
+    no index, or one keyproxy does not write, is refused (VaultError), never read as empty."""
+    index = data.get(INDEX)
     read: dict[int, int] = {}
     if isinstance(index, dict):
         for shard, version in index.items():
-            if not (shard.isdecimal() and shard.isascii() and int(shard) < _LARGEST_SHARD):
+            number = int(shard) if shard.isdecimal() and shard.isascii() else _LARGEST_SHARD
+            if number >= _LARGEST_SHARD or str(number) != shard:  # "3", never "03" or "+3"
                 break
             if type(version) is not int or version < 1:
                 break
@@ -170,8 +171,9 @@ def merged_main(
     for task in tasks:
         revocations.tasks[task] = now + CLOCK_SKEW
     revocations.prune(now, longest_ttl)
-    index = index_of(data, "the revocation list")
+    index = index_of(data, "the revocation list") if data else {}
     for shard, version in written.items():
+        # The later of the two: another replica's write to the shard may have come after.
         index[shard] = max(version, index.get(shard, 0))
     return {
         "subjects": revocations.subjects,
@@ -190,7 +192,8 @@ class ListCopy:
     """One replica's copy of the list at one place: the main secret as last taken (with its
     index) and the shards, each at the version it was read or written at, with every
     shard's ids in one dict (`ids`), changed as a shard changes: a change costs the size of
-    its shard, not of the list."""
+    its shard, not of the list (while an earlier build's list still names live tokens, the
+    union with it costs the list's size; keyproxy.tokens.revocation)."""
 
     main: Revocations = field(default_factory=Revocations)
     main_version: int | None = None

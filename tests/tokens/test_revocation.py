@@ -456,6 +456,200 @@ async def test_a_slow_poll_never_replaces_what_this_replica_just_wrote(
             await here.verify(issued.token)
 
 
+def _failing_once(vault: Vault, path_end: str, failure: BaseException) -> list[str]:
+    """Make `vault`'s next look at a secret whose path ends with `path_end` fail."""
+    seen: list[str] = []
+    version = vault.kv_version
+
+    async def failing(mount: str, path: str) -> int | None:
+        if path.endswith(path_end) and not seen:
+            seen.append(path)
+            raise failure
+        return await version(mount, path)
+
+    vault.kv_version = failing  # type: ignore[method-assign]
+    return seen
+
+
+async def test_what_a_read_took_is_in_use_even_when_a_later_step_fails(
+    openbao: OpenBaoDevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each part of the list is in use as soon as it is read: a read that fails (or whose
+    caller is cancelled) after it took the main secret and the shards, at the look at an
+    earlier build's list, never leaves the replica judging by what it held before, on its
+    first read as on a later poll."""
+    async with _replicas_of_own_list(openbao, "late-failure", count=3) as (replicas, _):
+        tasks, fresh, polled = replicas
+        issued = [
+            await tasks.issue(Identity("openbao", f"late-{i}", {}), SCOPE, ttl=60, task=f"t{i}")
+            for i in range(2)
+        ]
+        CANARIES.update(i.token for i in issued)
+        await polled.verify(issued[1].token)  # its first read
+        await tasks.revoke(token_id=issued[0].token_id, expires_at=issued[0].expires_at)
+        seen = _failing_once(fresh.vault, "/revocation-list", VaultError("transient"))
+        with pytest.raises(Unavailable, match="revocation list"):
+            await fresh.verify(issued[0].token)  # the first read fails late
+        assert seen
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await fresh.verify(issued[0].token)
+        # A later poll that fails late: the task it read is refused all the same.
+        await tasks.revoke(task="t1")
+        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        _failing_once(polled.vault, "/revocation-list", VaultError("transient"))
+        with pytest.raises(VaultError):
+            await polled.refresh_revocations()
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await polled.verify(issued[1].token)
+
+
+async def test_a_first_read_whose_caller_went_away_late_leaves_nothing_unused(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """The request that began a replica's first read is cancelled (its client went away)
+    after the main secret and shards were taken: the next request reads again and the
+    revoked token is refused."""
+    async with _replicas_of_own_list(openbao, "late-cancel") as ((tasks, fresh), _):
+        issued = await tasks.issue(Identity("openbao", "late-cancel", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        await tasks.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
+        version, reached, never = fresh.vault.kv_version, asyncio.Event(), asyncio.Event()
+
+        async def hanging(mount: str, path: str) -> int | None:
+            if path.endswith("/revocation-list") and not reached.is_set():
+                reached.set()
+                await never.wait()  # until cancelled
+            return await version(mount, path)
+
+        fresh.vault.kv_version = hanging  # type: ignore[method-assign]
+        request = asyncio.create_task(fresh.verify(issued.token))
+        await eventually(
+            reached.is_set, "the first read never reached the earlier list", until=bool
+        )
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await fresh.verify(issued.token)
+
+
+async def test_one_unreadable_shard_keeps_no_other_from_use(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A shard that no longer reads (not keyproxy's state) fails each poll, but every other
+    shard is still read and used: a revocation acknowledged meanwhile, into another shard,
+    is honoured. None into the unreadable one is acknowledged."""
+    async with _replicas_of_own_list(openbao, "bad-shard") as ((tasks, other), vaults):
+        mount, main = tasks.config.vault.kv_mount, tasks._revocations_path
+        issued = await tasks.issue(Identity("openbao", "bad-shard", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        await other.verify(issued.token)  # its first read
+        bad = (revoked.shard_of(issued.token_id) + 1) % revoked.SHARDS
+        in_bad = [f"bad-{i}" for i in range(999) if revoked.shard_of(f"bad-{i}") == bad]
+        await tasks.revoke(token_id=in_bad[0], expires_at=time.time() + 600)
+        await vaults[0].write_kv(mount, revoked.shard_path(main, bad), {"junk": "1"})
+        await tasks.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
+        with pytest.raises(VaultError, match="not keyproxy's state"):
+            await tasks.revoke(token_id=in_bad[1], expires_at=time.time() + 600)
+        with pytest.raises(VaultError, match="not keyproxy's state"):
+            await other.refresh_revocations()
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await other.verify(issued.token)
+
+
+async def test_a_shard_made_afresh_is_refused_not_hidden(
+    openbao: OpenBaoDevServer, root_vault: Vault
+) -> None:
+    """A shard deleted and written again starts its versions over, below what the index
+    and every replica hold: its next write is refused (the index would hide it from them),
+    and a replica that reads it below its indexed version fails its poll, never taking it
+    for the later version."""
+    async with _replicas_of_own_list(openbao, "afresh") as ((tasks, other), vaults):
+        mount, main = tasks.config.vault.kv_mount, tasks._revocations_path
+        issued = await tasks.issue(Identity("openbao", "afresh", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        shard = revoked.shard_of(issued.token_id)
+        path = revoked.shard_path(main, shard)
+        same = [f"afresh-{i}" for i in range(999) if revoked.shard_of(f"afresh-{i}") == shard]
+        for token_id in same[:3]:
+            await tasks.revoke(token_id=token_id, expires_at=time.time() + 600)
+        await other.verify(issued.token)  # holds the shard at version 3
+        await root_vault._call(
+            f"delete {path}",
+            lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
+                path=path, mount_point=mount
+            ),
+        )
+        with pytest.raises(VaultError, match="behind its index"):
+            await tasks.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
+        await vaults[0].write_kv(mount, path, {"state": json.dumps({"ids": {}})})
+        fresh = TaskTokens(tasks.config, vaults[1])
+        with pytest.raises(Unavailable, match="revocation list"):
+            await fresh.verify(issued.token)
+
+
+async def test_a_reload_that_moves_the_list_mid_read_reads_the_new_place_whole(
+    openbao: OpenBaoDevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that moves `tokens.state_path` while a poll waits on Vault: the poll reads
+    the new place, earlier builds' lists there included, before anything is judged."""
+    async with _replicas_of_own_list(openbao, "moved-mid-read") as ((here, there), vaults):
+        mount = here.config.vault.kv_mount
+        issued = await here.issue(Identity("openbao", "moved-mid", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        raw = token_config(openbao, openbao.add_agent("moved-mid-there"), "http://127.0.0.1:1")
+        raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
+        moved = config_module.parse(json.dumps(raw), {})
+        # An earlier build's list at the new place names the token.
+        earlier = {"ids": {issued.token_id: time.time() + 600}}
+        await vaults[0].write_kv(mount, f"{moved.tokens.state_path}/revocations", earlier)
+        await here.verify(issued.token)  # its first read, at the old place
+        await there.revoke(task="elsewhere")  # the old place's list moves on
+        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        version, reloaded = here.vault.kv_version, list[str]()
+
+        async def reloading(mount: str, path: str) -> int | None:
+            if path.endswith("/revocations") and not reloaded:
+                reloaded.append(path)
+                here.reconfigure(moved)  # the reload lands while the poll waits on Vault
+            return await version(mount, path)
+
+        here.vault.kv_version = reloading  # type: ignore[method-assign]
+        await here.refresh_revocations()
+        assert reloaded
+        assert here.revocations_read
+        monkeypatch.setattr(revocation, "LEGACY_POLL", 10.0)
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await here.verify(issued.token)
+
+
+async def test_issuances_at_once_share_their_reads_of_the_list(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """Twenty issuances at once each need the list as it is when they arrive; they share two
+    reads of it (the one under way when they arrived cannot serve them), not one each in
+    turn, and a subject revoked before them is refused."""
+    async with _replicas_of_own_list(openbao, "shared-reads") as ((tasks, other), _):
+        await tasks.refresh_revocations()  # its first read
+        looks: list[str] = []
+        version = tasks.vault.kv_version
+
+        async def counted(mount: str, path: str) -> int | None:
+            looks.append(path)
+            return await version(mount, path)
+
+        tasks.vault.kv_version = counted  # type: ignore[method-assign]
+        await other.revoke(subject="openbao|shared-reads")
+        issuing = [
+            tasks.issue(Identity("openbao", f"shared-{i}", {}), SCOPE, ttl=60) for i in range(20)
+        ]
+        issued = await asyncio.gather(*issuing)
+        CANARIES.update(i.token for i in issued)
+        assert looks.count(tasks._revocations_path) == 2, looks
+        with pytest.raises(Forbidden, match="revoked"):
+            await tasks.issue(Identity("openbao", "shared-reads", {}), SCOPE, ttl=60)
+
+
 async def test_a_list_that_cannot_be_read_refuses_task_tokens(
     openbao: OpenBaoDevServer,
 ) -> None:
@@ -474,8 +668,10 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
             {"ids": {}},
             {"state": 5},
             {"state": '{"ids": {}, "ids": {}}'},
+            {"state": '{"subjects": {}, "tasks": {}}'},  # no index
             {"state": '{"shards": {"3": "1"}}'},
             {"state": '{"shards": {"three": 1}}'},
+            {"state": '{"shards": {"3": 5, "03": 1}}'},  # one shard twice
             {"state": '{"shards": {"3": 1}}'},  # a shard that is not there
             {"state": '{"shards": {"4": 1}}'},  # a shard that is not keyproxy's
         ]
@@ -486,7 +682,7 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
             with pytest.raises(Unavailable, match="revocation list"):
                 await replica.verify(issued.token)
             assert replica.revocation_status() == (0, False)
-        await vaults[0].write_kv(mount, path, {"state": '{"ids": {}}'})
+        await vaults[0].write_kv(mount, path, {"state": '{"shards": {}}'})
         # Once it reads, the list is read once for all the tokens that waited for it.
         replica, reads = TaskTokens(tasks.config, vaults[0]), []
         read = replica.vault.read_kv

@@ -38,12 +38,15 @@ def test_token_ids_spread_evenly_over_the_shards() -> None:
 @pytest.mark.parametrize(
     "index",
     [
+        None,  # no index
         [],
         "0",
         {"x": 1},
         {"-1": 1},
         {"\u0661": 1},  # a decimal digit, not an ASCII one
         {"99999": 1},
+        {"03": 1},
+        {"+3": 1},
         {"3": True},
         {"3": 0},
         {"3": 1.5},
@@ -53,19 +56,20 @@ def test_token_ids_spread_evenly_over_the_shards() -> None:
 def test_an_index_keyproxy_did_not_write_is_refused(index: Any) -> None:
     """A shards' index that is not keyproxy's refuses the list (never read as empty), and a
     copy that refuses it takes nothing of it."""
+    data = {} if index is None else {INDEX: index}
     with pytest.raises(VaultError, match="not keyproxy's state"):
-        index_of({INDEX: index}, "p")
+        index_of(data, "p")
     copy = ListCopy()
-    copy.take_main({"subjects": {"a|b": 1.0}}, 1, "p")
+    copy.take_main({"subjects": {"a|b": 1.0}, INDEX: {}}, 1, "p")
     with pytest.raises(VaultError):
-        copy.take_main({"subjects": {}, INDEX: index}, 2, "p")
+        copy.take_main({"subjects": {}, **data}, 2, "p")
     assert (copy.main_version, copy.main.subjects) == (1, {"a|b": 1.0})
 
 
 def test_the_main_secret_holds_subjects_tasks_and_an_index_that_only_rises() -> None:
     """The main secret takes the subjects and tasks revoked (pruned once they can name no
     live token) and raises each shard written in its index, never lowering one: a writer
-    whose shard version another overtook leaves the later."""
+    whose shard version another replica's write overtook leaves the later."""
     now = time.time()
     stored = {
         "subjects": {"k8s|old": now - 2000},
@@ -76,15 +80,18 @@ def test_the_main_secret_holds_subjects_tasks_and_an_index_that_only_rises() -> 
         stored,
         subjects=["k8s|bot"],
         tasks=[],
-        written={2: 6, 5: 4, 9: 1},
+        written={2: 8, 5: 4, 9: 1},
         now=now,
         longest_ttl=900,
     )
     assert merged == {
         "subjects": {"k8s|bot": now + CLOCK_SKEW},
         "tasks": {"kept": now - 10},
-        INDEX: {"2": 7, "5": 4, "9": 1},
+        INDEX: {"2": 8, "5": 4, "9": 1},
     }
+    # A write overtaken by another replica's leaves the later version.
+    overtaken = merged_main(stored, subjects=[], tasks=[], written={2: 6}, now=now, longest_ttl=900)
+    assert overtaken[INDEX]["2"] == 7
 
 
 def test_a_shard_takes_ids_whole_seconds_up_and_drops_the_expired() -> None:
