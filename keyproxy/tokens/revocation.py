@@ -100,10 +100,11 @@ class RevocationStore:
         self._earlier_read_at: float | None = None  # time.monotonic() of its last look
         self.revocations_read = False  # whether the list (and earlier builds') was read yet
         self._reading = asyncio.Lock()  # one read of the list at a time: none overtakes another
-        # Reads begun, and the last that ended well: a caller that finds one begun after it
-        # arrived has ended well needs no read of its own (refresh_revocations).
+        # Reads begun, and the last that ended (its number, and how it failed, if it did): a
+        # caller that finds one begun after it arrived has ended takes its outcome
+        # (refresh_revocations).
         self._reads_begun = 0
-        self._read_through = 0
+        self._last_read: tuple[int, VaultError | None] = (0, None)
         self._place = 0  # how many times a reload moved the list (`_moved`)
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
@@ -229,6 +230,7 @@ class RevocationStore:
         writes = [self._write_shard(mount, shard_path(main, n), ids) for n, ids in shards.items()]
         results = await asyncio.gather(*writes)
         for shard, (data, version) in zip(shards, results, strict=True):
+            path = shard_path(main, shard)
             if version <= known.get(shard, 0):
                 # A write makes a version later than any the index ever named, unless the
                 # shard was deleted and made afresh: replicas holding a later version would
@@ -236,7 +238,7 @@ class RevocationStore:
                 raise VaultError(f"revocation list shard {shard} is behind its index")
             written[shard] = version
             if place == self._place:
-                copy.take_shard(shard, data, version)
+                copy.take_shard(shard, data, version, path)
         subjects = [c.subject for c in changes if c.subject is not None]
         tasks = [c.task for c in changes if c.task is not None]
         data, version = await cas_write(
@@ -249,6 +251,7 @@ class RevocationStore:
                 written=written,
                 now=self.clock(),
                 longest_ttl=longest,
+                path=main,
             ),
             _contended,
         )
@@ -274,7 +277,7 @@ class RevocationStore:
         return await cas_write(
             self.vault,
             lambda: (mount, path),
-            lambda data: merged_ids(data, ids, self.clock()),
+            lambda data: merged_ids(data, ids, self.clock(), path),
             _contended,
         )
 
@@ -291,7 +294,8 @@ class RevocationStore:
         if version:
             copy.take_main(data, version, main)
         for shard in copy.behind():
-            copy.take_shard(shard, *await read_written(self.vault, mount, shard_path(main, shard)))
+            path = shard_path(main, shard)
+            copy.take_shard(shard, *await read_written(self.vault, mount, path), path)
         listed = copy.revocations()
         for name in EARLIER_REVOCATIONS:
             earlier, _ = await self._read_state(f"{self.cfg.state_path}/{name}", earlier=True)
@@ -301,17 +305,26 @@ class RevocationStore:
     async def refresh_revocations(self) -> None:
         """Bring this replica's copy up to what Vault holds now (one metadata read when
         nothing changed; `_refresh`), or raise VaultError. Callers that arrive while a read is
-        under way share the next one: whatever was revoked before they arrived is seen."""
+        under way share the next one, however it ends: whatever was revoked before they arrived
+        is seen, and while Vault does not answer they fail together, not one after another."""
         arrived = self._reads_begun
         async with self._reading:
-            if self._read_through > arrived and self.revocations_read:
-                return  # a read begun after this call arrived has ended well
+            ended, failure = self._last_read
+            if ended > arrived:  # a read begun after this call arrived has ended
+                if failure is not None:
+                    raise VaultError(str(failure))
+                if self.revocations_read:
+                    return
             for _ in range(MOVES):  # a reload that moved the list meanwhile: read the new one
                 self._reads_begun += 1
                 begun, place = self._reads_begun, self._place
-                await self._refresh()
+                try:
+                    await self._refresh()
+                except VaultError as exc:
+                    self._last_read = (begun, exc)
+                    raise
                 if place == self._place:
-                    self._read_through = begun
+                    self._last_read = (begun, None)
                     return
             raise VaultError("the revocation list moved while it was read; try again")
 
@@ -335,12 +348,15 @@ class RevocationStore:
         version = await self.vault.kv_version(mount, main)
         if place != self._place:
             return False
+        if version is None and copy.main_version is not None and taken == self._writes_taken:
+            copy.forget()  # deleted (by hand): its next write makes it afresh
+            self._revocations = self._combined(copy)
         if version is not None and version != copy.main_version:
             data, version = await read_written(self.vault, mount, main)
             if place != self._place:
                 return False
-            # A write of this replica's taken meanwhile may be the later: the next poll reads.
-            if taken == self._writes_taken:
+            # Unless a write of this replica's, taken meanwhile, is the later (a slow read).
+            if taken == self._writes_taken or version > (copy.main_version or 0):
                 copy.take_main(data, version, main)
                 self._revocations = self._combined(copy)
         return True
@@ -357,12 +373,8 @@ class RevocationStore:
             return False
         failed: BaseException | None = None
         for (shard, indexed), read in zip(wanted.items(), shards, strict=True):
-            if isinstance(read, BaseException):
-                failed = failed or read
-            elif read[1] < indexed:  # never so for a shard keyproxy wrote: made afresh
-                failed = failed or VaultError(f"read {shard_path(main, shard)}: behind its index")
-            else:
-                copy.take_shard(shard, *read)
+            error = _took(copy, shard, indexed, read, shard_path(main, shard))
+            failed = failed or error  # every other shard is still taken
         self._revocations = self._combined(copy)
         if failed is not None:
             raise failed
@@ -407,7 +419,8 @@ class RevocationStore:
         return RevocationStatus(entries, self.revocations_read)
 
     async def first_revocations_read(self) -> None:
-        """Read the list now if this replica never has (one read for all who wait)."""
+        """Read the list now if this replica never has (one read for all who wait, however
+        it ends)."""
         if not self.revocations_read:
             await self.refresh_revocations()
 
@@ -415,9 +428,29 @@ class RevocationStore:
         """`tokens.state_path` changed (a reload): what was read from the old place counts
         no more, and nothing is judged until the new place is read."""
         self._revocations, self._copy, self._earlier = Revocations(), ListCopy(), {}
-        self._earlier_read_at = None
+        self._earlier_read_at, self._last_read = None, (0, None)
         self.revocations_read = False
         self._place += 1
+
+
+def _took(
+    copy: ListCopy,
+    shard: int,
+    indexed: int,
+    read: tuple[dict[str, Any], int] | BaseException,
+    path: str,
+) -> BaseException | None:
+    """Take a shard as read into `copy`; why it could not be, if it could not."""
+    if isinstance(read, BaseException):
+        return read
+    data, version = read
+    if version < indexed:  # never so for a shard keyproxy wrote: made afresh
+        return VaultError(f"read {path}: behind its index")
+    try:
+        copy.take_shard(shard, data, version, path)
+    except VaultError as exc:
+        return exc
+    return None
 
 
 def _contended() -> Unavailable:

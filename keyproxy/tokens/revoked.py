@@ -16,6 +16,7 @@ after both: a reader that sees the index see the shard at that version or later.
 from __future__ import annotations
 
 import math
+import secrets
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, Link, TaskToken
 
 SHARDS: Final = 16  # where this build writes token ids; it reads whatever the index names
 INDEX: Final = "shards"  # the main secret's field: shard number -> version last written
+LIST: Final = "list"  # the main secret's field: a random name the list is given when made
 _LARGEST_SHARD: Final = 4096  # an index naming a shard beyond it is not keyproxy's
 
 
@@ -133,8 +135,9 @@ def index_of(data: Mapping[str, Any], path: str) -> dict[int, int]:
     read: dict[int, int] = {}
     if isinstance(index, dict):
         for shard, version in index.items():
-            number = int(shard) if shard.isdecimal() and shard.isascii() else _LARGEST_SHARD
-            if number >= _LARGEST_SHARD or str(number) != shard:  # "3", never "03" or "+3"
+            if not (0 < len(shard) <= 4 and shard.isascii() and shard.isdecimal()):
+                break
+            if str(int(shard)) != shard or int(shard) >= _LARGEST_SHARD:  # "3", never "03"
                 break
             if type(version) is not int or version < 1:
                 break
@@ -144,9 +147,36 @@ def index_of(data: Mapping[str, Any], path: str) -> dict[int, int]:
     raise VaultError(f"read {path}: not keyproxy's state (the shards' index)")
 
 
-def merged_ids(data: Mapping[str, Any], added: Mapping[str, float], now: float) -> dict[str, Any]:
-    """A shard's stored data `data` with the token ids `added` (id -> expiry), pruned."""
-    ids = Revocations.from_data(data).ids
+def main_of(data: Mapping[str, Any], path: str) -> tuple[Revocations, dict[int, int], str]:
+    """The main secret's revoked subjects and tasks, its index and the list's name; one
+    keyproxy did not write is refused (VaultError), never read as empty."""
+    name = data.get(LIST)
+    if not (isinstance(name, str) and name) or data.keys() != {LIST, "subjects", "tasks", INDEX}:
+        raise VaultError(f"read {path}: not keyproxy's state (the list's main secret)")
+    subjects, tasks = _times(data, "subjects", path), _times(data, "tasks", path)
+    return Revocations({}, subjects, tasks), index_of(data, path), name
+
+
+def shard_ids(data: Mapping[str, Any], path: str) -> dict[str, float]:
+    """A shard's token ids (id -> expiry); a shard keyproxy did not write is refused."""
+    if data.keys() != {"ids"}:
+        raise VaultError(f"read {path}: not keyproxy's state (a shard)")
+    return _times(data, "ids", path)
+
+
+def _times(data: Mapping[str, Any], name: str, path: str) -> dict[str, float]:
+    entries = data.get(name)
+    if isinstance(entries, dict) and all(type(t) in {int, float} for t in entries.values()):
+        return {key: float(at) for key, at in entries.items()}
+    raise VaultError(f"read {path}: not keyproxy's state ({name})")
+
+
+def merged_ids(
+    data: Mapping[str, Any], added: Mapping[str, float], now: float, path: str
+) -> dict[str, Any]:
+    """A shard's stored data `data` ({} while it does not exist) with the token ids `added`
+    (id -> expiry), pruned."""
+    ids = shard_ids(data, path) if data else {}
     for token_id, expires_at in added.items():
         # Whole seconds, rounded up: a shorter entry kept a little longer.
         ids[token_id] = max(math.ceil(expires_at), ids.get(token_id, 0.0))
@@ -161,21 +191,29 @@ def merged_main(
     written: Mapping[int, int],
     now: float,
     longest_ttl: float,
+    path: str,
 ) -> dict[str, Any]:
-    """The main secret's stored data `data` with these subjects and tasks revoked now and the
-    shards `written` (shard -> version) raised in the index, pruned. It holds no token ids
-    (they are in the shards)."""
-    revocations = Revocations.from_data(data)
+    """The main secret's stored data `data` ({} while it does not exist: the list is made
+    and named) with these subjects and tasks revoked now and the shards `written` (shard ->
+    version) raised in the index, pruned. It holds no token ids (they are in the shards)."""
+    if data:
+        revocations, index, name = main_of(data, path)
+    else:
+        revocations, index, name = Revocations(), {}, secrets.token_hex(8)
     for subject in subjects:
         revocations.subjects[subject] = now + CLOCK_SKEW
     for task in tasks:
         revocations.tasks[task] = now + CLOCK_SKEW
     revocations.prune(now, longest_ttl)
-    index = index_of(data, "the revocation list") if data else {}
     for shard, version in written.items():
+        if version == index.get(shard):
+            # Only the write that made a version names it: this shard was deleted and made
+            # afresh, and replicas holding that version would never read it again.
+            raise VaultError(f"revocation list shard {shard} is behind its index")
         # The later of the two: another replica's write to the shard may have come after.
         index[shard] = max(version, index.get(shard, 0))
     return {
+        LIST: name,
         "subjects": revocations.subjects,
         "tasks": revocations.tasks,
         INDEX: {str(shard): version for shard, version in sorted(index.items())},
@@ -197,24 +235,31 @@ class ListCopy:
 
     main: Revocations = field(default_factory=Revocations)
     main_version: int | None = None
+    name: str | None = None  # the list's (LIST)
     index: dict[int, int] = field(default_factory=dict)
     shards: dict[int, dict[str, float]] = field(default_factory=dict)
     shard_versions: dict[int, int] = field(default_factory=dict)
     ids: dict[str, float] = field(default_factory=dict)
 
     def take_main(self, data: Mapping[str, Any], version: int, path: str) -> None:
-        """The main secret as read or written at `version` (VaultError if its index is not
-        keyproxy's: nothing is taken). A version below the one held is a list made afresh
-        (its secret deleted and written again): the shards held are dropped with it."""
-        index = index_of(data, path)
-        if self.main_version is not None and version < self.main_version:
-            self.shards, self.shard_versions, self.ids = {}, {}, {}
-        self.main, self.main_version, self.index = Revocations.from_data(data), version, index
+        """The main secret as read or written at `version` (VaultError if it is not
+        keyproxy's: nothing is taken). Another name, or a version below the one held, is a
+        list made afresh (deleted and written again): the shards held are dropped with it."""
+        main, index, name = main_of(data, path)
+        if self.main_version is not None and (name != self.name or version < self.main_version):
+            self.forget()
+        self.main, self.main_version, self.index, self.name = main, version, index, name
 
-    def take_shard(self, shard: int, data: Mapping[str, Any], version: int) -> None:
-        """A shard as read or written at `version`, unless a later one is held already."""
+    def forget(self) -> None:
+        """Hold nothing: the list was deleted (or made afresh)."""
+        self.main, self.main_version, self.index, self.name = Revocations(), None, {}, None
+        self.shards, self.shard_versions, self.ids = {}, {}, {}
+
+    def take_shard(self, shard: int, data: Mapping[str, Any], version: int, path: str) -> None:
+        """A shard as read or written at `version`, unless a later one is held already
+        (VaultError if it is not keyproxy's: nothing is taken)."""
         if version > self.shard_versions.get(shard, 0):
-            ids = Revocations.from_data(data).ids
+            ids = shard_ids(data, path)
             for gone in self.shards.get(shard, {}).keys() - ids.keys():
                 # Gone from a shard only once expired: no other shard can still need it.
                 self.ids.pop(gone, None)

@@ -456,6 +456,14 @@ async def test_a_slow_poll_never_replaces_what_this_replica_just_wrote(
             await here.verify(issued.token)
 
 
+async def _delete(vault: Vault, mount: str, path: str) -> None:
+    """Delete a secret with every version, as an operator's `bao kv metadata delete`."""
+    await vault._call(
+        f"delete {path}",
+        lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(path=path, mount_point=mount),
+    )
+
+
 def _failing_once(vault: Vault, path_end: str, failure: BaseException) -> list[str]:
     """Make `vault`'s next look at a secret whose path ends with `path_end` fail."""
     seen: list[str] = []
@@ -491,6 +499,7 @@ async def test_what_a_read_took_is_in_use_even_when_a_later_step_fails(
         with pytest.raises(Unavailable, match="revocation list"):
             await fresh.verify(issued[0].token)  # the first read fails late
         assert seen
+        assert fresh.revocation_status() == (1, False)  # in use, though not read whole
         with pytest.raises(Unauthenticated, match="revoked"):
             await fresh.verify(issued[0].token)
         # A later poll that fails late: the task it read is refused all the same.
@@ -529,8 +538,102 @@ async def test_a_first_read_whose_caller_went_away_late_leaves_nothing_unused(
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
+        assert fresh.revocation_status() == (1, False)  # in use, though not read whole
         with pytest.raises(Unauthenticated, match="revoked"):
             await fresh.verify(issued.token)
+
+
+async def test_while_vault_fails_the_tokens_waiting_fail_together(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A replica that has not read the list, with Vault failing: twenty task tokens waiting
+    for the first read share its failure (503 each), not a read each in turn."""
+    async with _replicas_of_own_list(openbao, "fail-together", count=1) as ((tasks,), vaults):
+        issued = await tasks.issue(Identity("openbao", "fail-together", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        fresh, looks = TaskTokens(tasks.config, vaults[0]), []
+
+        async def failing(mount: str, path: str) -> int | None:
+            looks.append(path)
+            await asyncio.sleep(0)  # the others arrive while it is under way
+            raise VaultError("Vault does not answer")
+
+        fresh.vault.kv_version = failing  # type: ignore[method-assign]
+        outcomes = await asyncio.gather(
+            *(fresh.verify(issued.token) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+        assert len(looks) <= 2, looks
+
+
+async def test_a_newer_list_read_while_this_replica_s_own_write_returned_is_taken(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """This replica's write commits, another replica then revokes a subject, and this
+    replica's read of that later list returns after its own write's slow answer: the later
+    list is taken, so the subject's tokens are refused here at once."""
+    async with _replicas_of_own_list(openbao, "late-answer") as ((here, there), _):
+        token = await here.issue(Identity("openbao", "late-answer", {}), SCOPE, ttl=60)
+        CANARIES.add(token.token)
+        await here.verify(token.token)  # its first read
+        main = here._revocations_path
+        write, committed, answer = here.vault.write_kv, asyncio.Event(), asyncio.Event()
+
+        async def slow_answer(mount: str, path: str, data: Any, cas: int | None = None) -> int:
+            version = await write(mount, path, data, cas=cas)
+            if path == main:
+                committed.set()
+                await answer.wait()
+            return version
+
+        read, was_read, go_on = here.vault.read_kv, asyncio.Event(), asyncio.Event()
+
+        async def slow_read(mount: str, path: str) -> tuple[dict[str, Any], int]:
+            got = await read(mount, path)
+            if path == main and committed.is_set() and not was_read.is_set():
+                was_read.set()
+                await go_on.wait()
+            return got
+
+        here.vault.write_kv = slow_answer  # type: ignore[method-assign]
+        here.vault.read_kv = slow_read  # type: ignore[method-assign]
+        writing = asyncio.create_task(here.revoke(token_id="mine", expires_at=time.time() + 60))
+        await eventually(committed.is_set, "the write never committed", until=bool)
+        await there.revoke(subject="openbao|late-answer")  # the later list
+        polling = asyncio.create_task(here.refresh_revocations())
+        await eventually(was_read.is_set, "the poll read nothing", until=bool)
+        answer.set()
+        await writing  # its answer, the earlier list, is taken first
+        go_on.set()
+        await polling
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await here.verify(token.token)
+
+
+async def test_a_list_deleted_and_made_afresh_is_read_afresh(
+    openbao: OpenBaoDevServer, root_vault: Vault
+) -> None:
+    """The whole list deleted by hand and made afresh by later revocations, its main secret
+    past the version a replica held: that replica reads the new list whole (its name is
+    new), not only what the new index names above what it held."""
+    async with _replicas_of_own_list(openbao, "afresh-list", count=3) as (replicas, _):
+        tasks, other, writer = replicas
+        mount, main = tasks.config.vault.kv_mount, tasks._revocations_path
+        issued = await tasks.issue(Identity("openbao", "afresh-list", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        shard = revoked.shard_of(issued.token_id)
+        same = [f"old-{i}" for i in range(999) if revoked.shard_of(f"old-{i}") == shard]
+        for token_id in same[:2]:  # the shard at version 2, the main secret too
+            await tasks.revoke(token_id=token_id, expires_at=time.time() + 600)
+        await other.verify(issued.token)  # holds both at version 2
+        for path in [main, *(revoked.shard_path(main, n) for n in range(revoked.SHARDS))]:
+            await _delete(root_vault, mount, path)
+        await writer.revoke(token_id=issued.token_id, expires_at=issued.expires_at)  # v1
+        await writer.revoke(subject="openbao|someone")
+        await writer.revoke(subject="openbao|someone-else")  # the main secret at v3
+        await other.refresh_revocations()
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await other.verify(issued.token)
 
 
 async def test_one_unreadable_shard_keeps_no_other_from_use(
@@ -574,12 +677,7 @@ async def test_a_shard_made_afresh_is_refused_not_hidden(
         for token_id in same[:3]:
             await tasks.revoke(token_id=token_id, expires_at=time.time() + 600)
         await other.verify(issued.token)  # holds the shard at version 3
-        await root_vault._call(
-            f"delete {path}",
-            lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
-                path=path, mount_point=mount
-            ),
-        )
+        await _delete(root_vault, mount, path)
         with pytest.raises(VaultError, match="behind its index"):
             await tasks.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
         await vaults[0].write_kv(mount, path, {"state": json.dumps({"ids": {}})})
@@ -628,7 +726,7 @@ async def test_issuances_at_once_share_their_reads_of_the_list(
 ) -> None:
     """Twenty issuances at once each need the list as it is when they arrive; they share two
     reads of it (the one under way when they arrived cannot serve them), not one each in
-    turn, and a subject revoked before them is refused."""
+    turn, and the one for a subject revoked before they arrived is refused."""
     async with _replicas_of_own_list(openbao, "shared-reads") as ((tasks, other), _):
         await tasks.refresh_revocations()  # its first read
         looks: list[str] = []
@@ -641,13 +739,14 @@ async def test_issuances_at_once_share_their_reads_of_the_list(
         tasks.vault.kv_version = counted  # type: ignore[method-assign]
         await other.revoke(subject="openbao|shared-reads")
         issuing = [
-            tasks.issue(Identity("openbao", f"shared-{i}", {}), SCOPE, ttl=60) for i in range(20)
+            tasks.issue(Identity("openbao", f"shared-{i}", {}), SCOPE, ttl=60) for i in range(19)
         ]
-        issued = await asyncio.gather(*issuing)
-        CANARIES.update(i.token for i in issued)
+        issuing.append(tasks.issue(Identity("openbao", "shared-reads", {}), SCOPE, ttl=60))
+        *issued, refused_one = await asyncio.gather(*issuing, return_exceptions=True)
+        CANARIES.update(i.token for i in issued if not isinstance(i, BaseException))
+        assert isinstance(refused_one, Forbidden), refused_one
+        assert not any(isinstance(i, BaseException) for i in issued), issued
         assert looks.count(tasks._revocations_path) == 2, looks
-        with pytest.raises(Forbidden, match="revoked"):
-            await tasks.issue(Identity("openbao", "shared-reads", {}), SCOPE, ttl=60)
 
 
 async def test_a_list_that_cannot_be_read_refuses_task_tokens(
@@ -662,27 +761,36 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
         issued = await tasks.issue(Identity("openbao", "unread", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
         mount, path = tasks.config.vault.kv_mount, tasks._revocations_path
+
+        def main(shards: str = "{}", **fields: str) -> dict[str, str]:
+            parts = {"list": '"x"', "subjects": "{}", "tasks": "{}", "shards": shards, **fields}
+            return {"state": "{" + ", ".join(f'"{k}": {v}' for k, v in parts.items()) + "}"}
+
         unreadable: list[dict[str, Any]] = [
             {"state": "[]"},
             {"state": "{}", "ids": {}},
             {"ids": {}},
             {"state": 5},
             {"state": '{"ids": {}, "ids": {}}'},
-            {"state": '{"subjects": {}, "tasks": {}}'},  # no index
-            {"state": '{"shards": {"3": "1"}}'},
-            {"state": '{"shards": {"three": 1}}'},
-            {"state": '{"shards": {"3": 5, "03": 1}}'},  # one shard twice
-            {"state": '{"shards": {"3": 1}}'},  # a shard that is not there
-            {"state": '{"shards": {"4": 1}}'},  # a shard that is not keyproxy's
+            main(list='""'),
+            main(subjects="[]"),
+            main(ids="{}"),  # a field keyproxy does not write here
+            main('{"3": "1"}'),
+            main('{"three": 1}'),
+            main('{"3": 5, "03": 1}'),  # one shard twice
+            main('{"3": 1}'),  # a shard that is not there
+            main('{"4": 1}'),  # a shard that is not keyproxy's
+            main('{"5": 1}'),  # nor is this one
         ]
         await vaults[0].write_kv(mount, revoked.shard_path(path, 4), {"ids": {}})
+        await vaults[0].write_kv(mount, revoked.shard_path(path, 5), {"state": '{"ids": []}'})
         for stored in unreadable:
             await vaults[0].write_kv(mount, path, stored)
             replica = TaskTokens(tasks.config, vaults[0])
             with pytest.raises(Unavailable, match="revocation list"):
                 await replica.verify(issued.token)
             assert replica.revocation_status() == (0, False)
-        await vaults[0].write_kv(mount, path, {"state": '{"shards": {}}'})
+        await vaults[0].write_kv(mount, path, main())
         # Once it reads, the list is read once for all the tokens that waited for it.
         replica, reads = TaskTokens(tasks.config, vaults[0]), []
         read = replica.vault.read_kv
