@@ -55,6 +55,7 @@ class TaskTokens(Verifier):
             raise BadRequest("no_idle_ttl", "this token was issued without idle_ttl")
         if self.store is None:
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
+        await self.list_read()
         refusal = self._revocations.chain_refusal(token)
         if refusal is not None:
             raise refusal

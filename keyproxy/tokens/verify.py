@@ -78,14 +78,7 @@ class Verifier(Signing):
         whose ancestor was revoked is still returned (to record how it ended)."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed", "not a task token")
-        if not self.revocations_read:
-            # SECURITY: never judged against a list not read yet (Vault down at the start,
-            # or the list unreadable): read it now, or refuse.
-            try:
-                await self.first_revocations_read()
-            except VaultError:
-                unread = "the revocation list cannot be read now"
-                raise Unavailable("revocations_unavailable", unread) from None
+        await self.list_read()  # here too: the tokens waiting for a first read share it
         digest = verified.digest(token)
         entry = self._verified.get(digest)
         if entry is not None and self._keys.get(entry.version) is entry.key:
@@ -95,6 +88,7 @@ class Verifier(Signing):
             self._verified.discard(digest)
             entry = await self._verify_signed(token)
             self._verified.put(digest, entry)
+        await self.list_read()  # after the last wait: a reload may have moved the list
         cached = entry.token
         now = self.clock()
         if now >= cached.expires_at + LEEWAY:
@@ -109,6 +103,18 @@ class Verifier(Signing):
             if refusal is not None:
                 raise refusal
         return cached
+
+    async def list_read(self) -> None:
+        """Return once this replica holds the revocation list read whole; call it with no
+        wait between it and the judging that uses the list. SECURITY: a token is never
+        judged against a list not read yet (Vault down at the start, the list unreadable, a
+        reload that moved it): it is read now, or the token refused with 503."""
+        if not self.revocations_read:
+            try:
+                await self.first_revocations_read()
+            except VaultError:
+                unread = "the revocation list cannot be read now"
+                raise Unavailable("revocations_unavailable", unread) from None
 
     async def _verify_signed(self, token: str) -> _Verified:
         parts = token.split(".")

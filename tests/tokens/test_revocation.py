@@ -856,6 +856,39 @@ async def test_a_moved_state_path_is_read_before_tokens_are_judged(
         assert (await here.verify(tokens[0].token)).token_id == tokens[0].token_id
 
 
+async def test_a_reload_that_moves_the_list_while_a_token_is_verified_is_read_first(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A reload moves `tokens.state_path` while a token's signing key is being fetched: the
+    token is judged by the list at the new place, read before it is judged, not by the empty
+    list the move left."""
+    async with _replicas_of_own_list(openbao, "moved-verify", count=3) as (replicas, _):
+        here, there, judge = replicas
+        issued = await here.issue(Identity("openbao", "moved-verify", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        raw = token_config(openbao, openbao.add_agent("moved-verify-there"), "http://127.0.0.1:1")
+        raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
+        moved = config_module.parse(json.dumps(raw), {})
+        there.reconfigure(moved)
+        await there.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
+        await judge.refresh_revocations()  # read at the old place, where it is not revoked
+        fetching, go_on = asyncio.Event(), asyncio.Event()
+        fetch = judge.refresh_keys
+
+        async def slow_keys(*, force: bool = False) -> None:
+            fetching.set()
+            await go_on.wait()
+            await fetch(force=force)
+
+        judge.refresh_keys = slow_keys  # type: ignore[method-assign]
+        verifying = asyncio.create_task(judge.verify(issued.token))
+        await eventually(fetching.is_set, "no key was fetched", until=bool)
+        judge.reconfigure(moved)  # the reload lands while the key is fetched
+        go_on.set()
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await verifying
+
+
 async def test_a_write_under_way_when_the_list_moves_is_written_again_at_the_new_place(
     openbao: OpenBaoDevServer,
 ) -> None:
