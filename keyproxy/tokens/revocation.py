@@ -315,15 +315,15 @@ class RevocationStore:
                     raise VaultError(str(failure))
                 if self.revocations_read:
                     return
-            for _ in range(MOVES):  # a reload that moved the list meanwhile: read the new one
+            for _ in range(MOVES):  # the list moved or was made afresh meanwhile: again
                 self._reads_begun += 1
-                begun, place = self._reads_begun, self._place
+                begun = self._reads_begun
                 try:
                     await self._refresh()
                 except VaultError as exc:
                     self._last_read = (begun, exc)
                     raise
-                if place == self._place:
+                if self.revocations_read:
                     self._last_read = (begun, None)
                     return
             raise VaultError("the revocation list moved while it was read; try again")
@@ -331,8 +331,9 @@ class RevocationStore:
     async def _refresh(self) -> None:
         """Re-read the list's main secret if its version changed, then the shards whose
         version its index raised, and earlier builds' lists every LEGACY_POLL; each part is
-        in use as soon as it is read. Each step stops if a reload moved the list while it
-        waited on Vault (`_moved`): what was read at the old place is not the new place's."""
+        in use as soon as it is read, and `revocations_read` is set once all are. Each step
+        stops if a reload moved the list while it waited on Vault (`_moved`): what was read
+        at the old place is not the new place's."""
         place, copy = self._place, self._copy
         mount, state_path = self.config.vault.kv_mount, self.cfg.state_path
         main = f"{state_path}/{REVOCATIONS}"
@@ -367,10 +368,11 @@ class RevocationStore:
         wanted = {shard: copy.index[shard] for shard in copy.behind()}
         if not wanted:
             return True
+        name = copy.name
         reads = [read_written(self.vault, mount, shard_path(main, n)) for n in wanted]
         shards = await asyncio.gather(*reads, return_exceptions=True)
-        if place != self._place:
-            return False
+        if place != self._place or name != copy.name:
+            return False  # moved, or made afresh (this replica's write took it): read again
         failed: BaseException | None = None
         for (shard, indexed), read in zip(wanted.items(), shards, strict=True):
             error = _took(copy, shard, indexed, read, shard_path(main, shard))

@@ -78,7 +78,8 @@ class Verifier(Signing):
         whose ancestor was revoked is still returned (to record how it ended)."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed", "not a task token")
-        await self.list_read()  # here too: the tokens waiting for a first read share it
+        if not self.revocations_read:  # here too: the tokens waiting for a first read share it
+            await self.list_read()
         digest = verified.digest(token)
         entry = self._verified.get(digest)
         if entry is not None and self._keys.get(entry.version) is entry.key:
@@ -88,7 +89,8 @@ class Verifier(Signing):
             self._verified.discard(digest)
             entry = await self._verify_signed(token)
             self._verified.put(digest, entry)
-        await self.list_read()  # after the last wait: a reload may have moved the list
+        if not self.revocations_read:  # after the last wait: a reload may have moved the list
+            await self.list_read()
         cached = entry.token
         now = self.clock()
         if now >= cached.expires_at + LEEWAY:
