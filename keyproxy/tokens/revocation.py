@@ -229,16 +229,13 @@ class RevocationStore:
         written: dict[int, int] = {}
         writes = [self._write_shard(mount, shard_path(main, n), ids) for n, ids in shards.items()]
         results = await asyncio.gather(*writes)
-        for shard, (data, version) in zip(shards, results, strict=True):
-            path = shard_path(main, shard)
+        for shard, (_, version) in zip(shards, results, strict=True):
             if version <= known.get(shard, 0):
                 # A write makes a version later than any the index ever named, unless the
                 # shard was deleted and made afresh: replicas holding a later version would
                 # never read it again. Refused, not hidden (readers refuse it too).
                 raise VaultError(f"revocation list shard {shard} is behind its index")
             written[shard] = version
-            if place == self._place:
-                copy.take_shard(shard, data, version, path)
         subjects = [c.subject for c in changes if c.subject is not None]
         tasks = [c.task for c in changes if c.task is not None]
         data, version = await cas_write(
@@ -260,6 +257,10 @@ class RevocationStore:
         if copy.main_version is None or version > copy.main_version:
             copy.take_main(data, version, main)
             self._writes_taken += 1
+        # After the main secret: one under a new name (the list made afresh) forgets what
+        # the copy held, not these shards, which its index now names.
+        for shard, (data, version) in zip(shards, results, strict=True):
+            copy.take_shard(shard, data, version, shard_path(main, shard))
         self._revocations = self._combined(copy)
         return True
 
@@ -372,7 +373,7 @@ class RevocationStore:
         reads = [read_written(self.vault, mount, shard_path(main, n)) for n in wanted]
         shards = await asyncio.gather(*reads, return_exceptions=True)
         if place != self._place or name != copy.name:
-            return False  # moved, or made afresh (this replica's write took it): read again
+            return False  # moved, or made afresh meanwhile (this replica's write took it)
         failed: BaseException | None = None
         for (shard, indexed), read in zip(wanted.items(), shards, strict=True):
             error = _took(copy, shard, indexed, read, shard_path(main, shard))
