@@ -421,11 +421,18 @@ class RevocationStore:
         entries = len(held.ids) + len(held.subjects) + len(held.tasks)
         return RevocationStatus(entries, self.revocations_read)
 
-    async def first_revocations_read(self) -> None:
-        """Read the list now if this replica never has (one read for all who wait, however
-        it ends)."""
+    async def list_read(self) -> None:
+        """Return once this replica holds the revocation list read whole (one read for all
+        who wait, however it ends); call it with no wait between it and the judging that uses
+        the list. SECURITY: a token is never judged against a list not read yet (Vault down
+        at the start, the list unreadable, a reload that moved it): it is read now, or the
+        token refused with 503."""
         if not self.revocations_read:
-            await self.refresh_revocations()
+            try:
+                await self.refresh_revocations()
+            except VaultError:
+                unread = "the revocation list cannot be read now"
+                raise Unavailable("revocations_unavailable", unread) from None
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts

@@ -43,7 +43,8 @@ def shard_path(main: str, shard: int) -> str:
 
 @dataclass
 class Revocations:
-    """The revocation list as stored in Vault, with the pruning rule."""
+    """Revocations as a replica holds them (from the list's parts, or an earlier build's
+    list), with the rules that judge a token by them and the pruning rule."""
 
     ids: dict[str, float] = field(default_factory=dict)  # jti -> token expiry
     subjects: dict[str, float] = field(default_factory=dict)  # "idp|sub" -> revoked at
@@ -58,9 +59,6 @@ class Revocations:
             return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float)}
 
         return cls(floats("ids"), floats("subjects"), floats("tasks"))
-
-    def to_data(self) -> dict[str, Any]:
-        return {"ids": self.ids, "subjects": self.subjects, "tasks": self.tasks}
 
     def union(self, other: Revocations) -> Revocations:
         """Every revocation either list holds (the later time where both name the same)."""
@@ -121,9 +119,8 @@ class Revocations:
 
     def prune(self, now: float, longest_ttl: float) -> None:
         """Drop entries that can no longer name a live token."""
-        margin = LEEWAY + CLOCK_SKEW
-        self.ids = {k: exp for k, exp in self.ids.items() if exp + margin > now}
-        horizon = now - longest_ttl - margin
+        self.ids = _unexpired(self.ids, now)
+        horizon = now - longest_ttl - LEEWAY - CLOCK_SKEW
         self.subjects = {k: at for k, at in self.subjects.items() if at > horizon}
         self.tasks = {k: at for k, at in self.tasks.items() if at > horizon}
 
@@ -221,6 +218,7 @@ def merged_main(
 
 
 def _unexpired(ids: Mapping[str, float], now: float) -> dict[str, float]:
+    """The token ids whose tokens may still be live (expiry plus leeway and clock skew)."""
     margin = LEEWAY + CLOCK_SKEW
     return {k: exp for k, exp in ids.items() if exp + margin > now}
 

@@ -106,18 +106,6 @@ class Verifier(Signing):
                 raise refusal
         return cached
 
-    async def list_read(self) -> None:
-        """Return once this replica holds the revocation list read whole; call it with no
-        wait between it and the judging that uses the list. SECURITY: a token is never
-        judged against a list not read yet (Vault down at the start, the list unreadable, a
-        reload that moved it): it is read now, or the token refused with 503."""
-        if not self.revocations_read:
-            try:
-                await self.first_revocations_read()
-            except VaultError:
-                unread = "the revocation list cannot be read now"
-                raise Unavailable("revocations_unavailable", unread) from None
-
     async def _verify_signed(self, token: str) -> _Verified:
         parts = token.split(".")
         if len(parts) != 3:

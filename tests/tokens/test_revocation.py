@@ -312,14 +312,7 @@ async def test_the_revocation_list_holds_tens_of_thousands_of_live_tokens(
         CANARIES.add(issued.token)
         await other.verify(issued.token)
         await tasks.revoke_held(await tasks.verify(issued.token), "completed")
-        reads: list[str] = []
-        read = other.vault.read_kv
-
-        async def counted(mount: str, path: str) -> tuple[dict[str, Any], int]:
-            reads.append(path)
-            return await read(mount, path)
-
-        other.vault.read_kv = counted  # type: ignore[method-assign]
+        reads = _recording(other.vault, "read_kv")
         await other.refresh_revocations()  # the poll's read
         assert reads == [main, revoked.shard_path(main, revoked.shard_of(issued.token_id))]
         with pytest.raises(Unauthenticated, match="revoked"):
@@ -454,6 +447,19 @@ async def test_a_slow_poll_never_replaces_what_this_replica_just_wrote(
         await polling
         with pytest.raises(Unauthenticated, match="revoked"):
             await here.verify(issued.token)
+
+
+def _recording(vault: Vault, method: str) -> list[str]:
+    """Record the path of each call `vault` makes to `method` (`read_kv`, `kv_version`)."""
+    paths: list[str] = []
+    real = getattr(vault, method)
+
+    async def recorded(mount: str, path: str) -> Any:
+        paths.append(path)
+        return await real(mount, path)
+
+    setattr(vault, method, recorded)
+    return paths
 
 
 async def _delete(vault: Vault, mount: str, path: str) -> None:
@@ -729,14 +735,7 @@ async def test_issuances_at_once_share_their_reads_of_the_list(
     turn, and the one for a subject revoked before they arrived is refused."""
     async with _replicas_of_own_list(openbao, "shared-reads") as ((tasks, other), _):
         await tasks.refresh_revocations()  # its first read
-        looks: list[str] = []
-        version = tasks.vault.kv_version
-
-        async def counted(mount: str, path: str) -> int | None:
-            looks.append(path)
-            return await version(mount, path)
-
-        tasks.vault.kv_version = counted  # type: ignore[method-assign]
+        looks = _recording(tasks.vault, "kv_version")
         await other.revoke(subject="openbao|shared-reads")
         issuing = [
             tasks.issue(Identity("openbao", f"shared-{i}", {}), SCOPE, ttl=60) for i in range(19)
@@ -792,14 +791,8 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
             assert replica.revocation_status() == (0, False)
         await vaults[0].write_kv(mount, path, main())
         # Once it reads, the list is read once for all the tokens that waited for it.
-        replica, reads = TaskTokens(tasks.config, vaults[0]), []
-        read = replica.vault.read_kv
-
-        async def counted(*args: Any, **kwargs: Any) -> tuple[dict[str, Any], int]:
-            reads.append(args)
-            return await read(*args, **kwargs)
-
-        replica.vault.read_kv = counted  # type: ignore[method-assign]
+        replica = TaskTokens(tasks.config, vaults[0])
+        reads = _recording(replica.vault, "read_kv")
         verified = await asyncio.gather(*(replica.verify(issued.token) for _ in range(20)))
         assert {v.token_id for v in verified} == {issued.token_id}
         assert len(reads) == 1, reads
