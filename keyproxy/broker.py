@@ -179,12 +179,12 @@ class Broker(Lifecycle):
         certificate: CertificateBinding | None,
         event: dict[str, Any],
         bound: str | None,
-        lineage: dict[str, Any] | None = None,
-        ancestors: tuple[str, ...] = (),
+        parent: TaskToken | None = None,
+        actor: Identity | None = None,
     ) -> web.Response:
         """Issue the token `grant` describes (bound to the client certificate `certificate`
-        and to the address `bound`, each if any; delegated: with its `lineage` claims, below
-        its `ancestors`), and answer with it."""
+        and to the address `bound`, each if any; delegated: from `parent` by `actor`), and
+        answer with it."""
         idle_ttl = None
         if asked.idle_ttl is not None:
             idle_ttl = math.ceil(asked.idle_ttl)  # whole seconds, as the claim holds it
@@ -202,7 +202,8 @@ class Broker(Lifecycle):
             source=bound,
             certificate=certificate,
             idle_ttl=idle_ttl,
-            lineage=lineage,
+            parent=parent,
+            actor=actor,
         )
         event |= {
             "token_id": issued.token_id,
@@ -211,24 +212,24 @@ class Broker(Lifecycle):
         }
         if idle_ttl is not None:
             event["idle_ttl"] = idle_ttl
-        links = [*ancestors, issued.token_id]
-        if ancestors:
+        links = [*parent.chain, issued.token_id] if parent is not None else []
+        if links:
             event["chain"] = ",".join(links)
         claim = scopes.to_claim(grant.scope)
-        log.info("token.issued", scope=claim, ttl=grant.ttl, **event)
+        log.info("token.issued", scope=claim, ttl=issued.lifetime, **event)
         self._count("issued")
         body: dict[str, Any] = {
             "access_token": issued.token,
             "token_type": "Bearer",
             "issued_token_type": ISSUED_TYPE,
-            "expires_in": int(grant.ttl),
+            "expires_in": issued.lifetime,
             "token_id": issued.token_id,
             "expires_at": issued.expires_at,
             "scope": scopes.describe(grant.scope) if form else claim,
         }
         if idle_ttl is not None:
             body["idle_ttl"] = idle_ttl
-        if ancestors:
+        if links:
             body["chain"] = links
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
@@ -296,10 +297,7 @@ class Broker(Lifecycle):
         intent = asked.intent or parent.intent
         event["intent"] = intent
         grant = Grant(identity, child.scope, child.ttl, parent.task, intent, child.max_uses)
-        claims = lineage.child_claims(parent, actor)
-        return await self._issue(
-            grant, asked, form, certificate, event, bound, claims, parent.chain
-        )
+        return await self._issue(grant, asked, form, certificate, event, bound, parent, actor)
 
     async def jwks(self, _: web.Request) -> web.Response:
         if not self.tasks.jwks()["keys"]:

@@ -23,6 +23,7 @@
     keyproxy_token_keys_stale_refusals_total            counter: task tokens refused for it
     keyproxy_revocation_list_entries                    gauge: entries of the list held
     keyproxy_revocation_list_read                       gauge: 1 once the list was read
+    keyproxy_revocation_list_age_seconds                gauge: since its last whole read began
     keyproxy_limit_refusals_total{route,limit}          counter: requests a limit refused
                                                         (also for the state store's faults)
     keyproxy_state_store_decisions_total                counter: decisions asked of the store
@@ -194,6 +195,15 @@ class _RevocationsCollector(Collector):
             "makes it try, and gets 503 if it cannot).",
             value=1.0 if status.read else 0.0,
         )
+        age = GaugeMetricFamily(
+            "keyproxy_revocation_list_age_seconds",
+            "Seconds since this process's last whole read of the revocation list began (none "
+            "before the first); past tokens.revocation_max_staleness a task token makes it "
+            "read again, and gets 503 if it cannot.",
+        )
+        if status.age is not None:
+            age.add_metric([], status.age)
+        yield age
 
 
 class _RequestCollector(Collector):

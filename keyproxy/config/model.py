@@ -180,6 +180,9 @@ class TokensConfig:
     # KV v2 path (under vault.kv_mount) holding the revocation list and exception tokens.
     state_path: str = "keyproxy/state/tokens"
     revocation_poll_interval: float = 1.0
+    # A task token is judged only against a list read (begun) at most this long ago; past it
+    # the request waits for a read, and is refused (503) if Vault cannot answer.
+    revocation_max_staleness: float = 2.0
     key_refetch_cooldown: float = 10.0
     # The Transit public keys are re-read this often, and serve this long while Vault is down.
     key_refresh_interval: float = 60.0

@@ -336,6 +336,7 @@ def tokens_config(node: Node) -> TokensConfig:
             "transit",
             "state_path",
             "revocation_poll_interval",
+            "revocation_max_staleness",
             "key_refetch_cooldown",
             "key_refresh_interval",
             "key_max_staleness",
@@ -355,6 +356,9 @@ def tokens_config(node: Node) -> TokensConfig:
         revocation_poll_interval=opt(
             f, "revocation_poll_interval", Node.duration, d.revocation_poll_interval
         ),
+        revocation_max_staleness=opt(
+            f, "revocation_max_staleness", Node.duration, d.revocation_max_staleness
+        ),
         key_refetch_cooldown=opt(f, "key_refetch_cooldown", Node.duration, d.key_refetch_cooldown),
         key_refresh_interval=opt(f, "key_refresh_interval", Node.duration, d.key_refresh_interval),
         key_max_staleness=opt(f, "key_max_staleness", Node.duration, d.key_max_staleness),
@@ -365,6 +369,10 @@ def tokens_config(node: Node) -> TokensConfig:
     if tokens.revocation_poll_interval > 2.0:
         # Revocations must reach every replica within 2 s (docs/tokens.md).
         raise f["revocation_poll_interval"].error("must be at most 2s")
+    if tokens.revocation_max_staleness <= tokens.revocation_poll_interval:
+        name = "revocation_max_staleness"
+        where = f[name] if name in f else f["revocation_poll_interval"]
+        raise where.error(f"{name} must be longer than revocation_poll_interval")
     if tokens.key_max_staleness < tokens.key_refresh_interval:
         where = f["key_max_staleness"] if "key_max_staleness" in f else f["key_refresh_interval"]
         raise where.error("key_max_staleness must be at least key_refresh_interval")

@@ -389,7 +389,11 @@ async def _readyz(request: web.Request) -> web.Response:
         "ready": ready,
         "vault": vault_ok,
         "state_store": {"ok": store.ok, "detail": store.detail},
-        "revocation_list": {"read": revocations.read, "entries": revocations.entries},
+        "revocation_list": {
+            "read": revocations.read,
+            "entries": revocations.entries,
+            "age": revocations.age,
+        },
         "keys": keys.status(),
     }
     return web.json_response(body, status=200 if ready else 503)

@@ -138,6 +138,7 @@ class Issued:
     token: str = field(repr=False)
     token_id: str = ""
     expires_at: float = 0.0
+    lifetime: int = 0  # seconds from issue to expiry (`exp` - `iat`)
 
 
 def exception_subject(owner: str) -> str:

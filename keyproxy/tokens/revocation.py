@@ -2,14 +2,17 @@
 
 Every replica polls the version of the list's main secret and re-reads it on change, and
 then the shards whose version its index raised, so a revocation is honoured everywhere within
-`revocation_poll_interval` plus one read. Entries are pruned once every token they can name
-has expired. Writes are check-and-set, and the revocations of one process that arrive
-together share them (`keyproxy.tokens.shared`).
+`revocation_poll_interval` plus one read; a replica whose copy is older than
+`revocation_max_staleness` (its poll stalled, Vault out of reach) reads it before it judges a
+task token, and refuses the token if it cannot (`list_read`). Entries are pruned once every
+token they can name has expired. Writes are check-and-set, and the revocations of one
+process that arrive together share them (`keyproxy.tokens.shared`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple
@@ -58,10 +61,12 @@ MOVES: Final = 3  # a write redone at the list's new place when a reload moved i
 
 
 class RevocationStatus(NamedTuple):
-    """A replica's copy of the list, for its metrics: entries held, and whether read yet."""
+    """A replica's copy of the list, for its metrics: entries held, whether read yet, and
+    seconds since its last whole read began (None before the first)."""
 
     entries: int
     read: bool
+    age: float | None = None
 
 
 class _Revocation(NamedTuple):
@@ -99,6 +104,9 @@ class RevocationStore:
         self._earlier: dict[str, tuple[Revocations, int | None]] = {}
         self._earlier_read_at: float | None = None  # time.monotonic() of its last look
         self.revocations_read = False  # whether the list (and earlier builds') was read yet
+        # time.monotonic() when the last whole read of the list began: the copy is what Vault
+        # held then, at least (`list_current`).
+        self._read_began = -math.inf
         self._reading = asyncio.Lock()  # one read of the list at a time: none overtakes another
         # Reads begun, and the last that ended (its number, and how it failed, if it did): a
         # caller that finds one begun after it arrived has ended takes its outcome
@@ -318,7 +326,7 @@ class RevocationStore:
                     return
             for _ in range(MOVES):  # the list moved or was made afresh meanwhile: again
                 self._reads_begun += 1
-                begun = self._reads_begun
+                begun, began = self._reads_begun, time.monotonic()
                 try:
                     await self._refresh()
                 except VaultError as exc:
@@ -326,6 +334,7 @@ class RevocationStore:
                     raise
                 if self.revocations_read:
                     self._last_read = (begun, None)
+                    self._read_began = max(self._read_began, began)
                     return
             raise VaultError("the revocation list moved while it was read; try again")
 
@@ -416,30 +425,40 @@ class RevocationStore:
         return combined
 
     def revocation_status(self) -> RevocationStatus:
-        """This replica's copy of the list: its entries, and whether it was read yet."""
+        """This replica's copy of the list: its entries, whether it was read yet, and how
+        long ago its last whole read began."""
         held = self._revocations
         entries = len(held.ids) + len(held.subjects) + len(held.tasks)
-        return RevocationStatus(entries, self.revocations_read)
+        age = time.monotonic() - self._read_began if self.revocations_read else None
+        return RevocationStatus(entries, self.revocations_read, age)
+
+    def list_current(self) -> bool:
+        """Whether this replica's copy of the list was read whole, by a read begun less than
+        `tokens.revocation_max_staleness` ago (the poll keeps it so while Vault answers)."""
+        age = time.monotonic() - self._read_began
+        return self.revocations_read and age < self.cfg.revocation_max_staleness
 
     async def list_read(self) -> None:
-        """Return once this replica holds the revocation list read whole (one read for all
-        who wait, however it ends); call it with no wait between it and the judging that uses
-        the list. SECURITY: a token is never judged against a list not read yet (Vault down
-        at the start, the list unreadable, a reload that moved it): it is read now, or the
-        token refused with 503."""
-        if not self.revocations_read:
+        """Return once this replica's copy of the revocation list is current (`list_current`;
+        one read for all who wait, however it ends); call it with no wait between it and the
+        judging that uses the list. SECURITY: a token is never judged against a list not read
+        yet (Vault down at the start, the list unreadable, a reload that moved it), nor against
+        one older than revocation_max_staleness (a replica cut off from Vault while others
+        record revocations): it is read now, or the token refused with 503."""
+        if not self.list_current():
             try:
                 await self.refresh_revocations()
             except VaultError:
                 unread = "the revocation list cannot be read now"
-                raise Unavailable("revocations_unavailable", unread) from None
+                poll = math.ceil(self.cfg.revocation_poll_interval)  # the next read
+                raise Unavailable("revocations_unavailable", unread, retry_after=poll) from None
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts
         no more, and nothing is judged until the new place is read."""
         self._revocations, self._copy, self._earlier = Revocations(), ListCopy(), {}
         self._earlier_read_at, self._last_read = None, (0, None)
-        self.revocations_read = False
+        self.revocations_read, self._read_began = False, -math.inf
         self._place += 1
 
 

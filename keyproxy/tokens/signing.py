@@ -15,6 +15,7 @@ handed out (`lease_key`); a child delegated from a task token carries the lineag
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -26,9 +27,10 @@ import structlog
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import Config
-from keyproxy.errors import Forbidden, Unavailable, VaultError
+from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.state import StateStore, StoreUnavailable
 from keyproxy.state.limits import lease_key
+from keyproxy.tokens import lineage
 from keyproxy.tokens.exceptions import ExceptionRegister
 from keyproxy.tokens.format import (
     LEASE_RECORD_CONTEXT,
@@ -36,9 +38,11 @@ from keyproxy.tokens.format import (
     TASK_TOKEN_TYPE,
     CertificateBinding,
     Issued,
+    TaskToken,
     b64,
     json_bytes,
 )
+from keyproxy.tokens.revoked import Revocations
 from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -119,7 +123,11 @@ class Signing(ExceptionRegister):
         if age is not None and age > self.cfg.key_max_staleness:
             # Fail closed: Vault may have retired a version since, and cannot tell us.
             self.stale_refusals += 1
-            raise Unavailable("token_keys_stale", "the signing keys are too old to trust")
+            raise Unavailable(
+                "token_keys_stale",
+                "the signing keys are too old to trust",
+                retry_after=math.ceil(self.cfg.key_refresh_interval),  # the next read
+            )
 
     def _kid(self, version: int) -> str:
         """The key id of a Transit key version (what `Verifier._key` reads back)."""
@@ -154,13 +162,14 @@ class Signing(ExceptionRegister):
         exception: tuple[str, str] | None = None,
         certificate: CertificateBinding | None = None,
         idle_ttl: float | None = None,
-        lineage: dict[str, Any] | None = None,
+        parent: TaskToken | None = None,
+        actor: Identity | None = None,
     ) -> Issued:
         """Sign a token for exactly `scope`. The caller has already intersected it with policy
         and clamped `ttl`; `certificate` binds it to the client certificate it was requested with
-        (RFC 8705 `cnf`); with `idle_ttl` its heartbeat lease starts now; `lineage` holds a
-        delegated token's `act` and `anc` claims. Raises Unavailable when Vault cannot sign or
-        the lease cannot start."""
+        (RFC 8705 `cnf`); with `idle_ttl` its heartbeat lease starts now; a token delegated
+        from `parent` (verified) by `actor` carries their lineage claims. Raises Unavailable
+        when Vault cannot sign or the lease cannot start."""
         if not scope:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and not all(part.strip() for part in exception):
@@ -176,6 +185,10 @@ class Signing(ExceptionRegister):
             raise Forbidden("subject_revoked", "this identity's tokens were revoked just now")
         if task is not None and self._revocations.covers_task(task, now):
             raise Forbidden("task_revoked", "this task's tokens were revoked just now")
+        expires = now + max(1, int(ttl))
+        if parent is not None:
+            _still_alive(parent, self._revocations, now)
+            expires = min(expires, int(parent.expires_at))  # however long the read took
         token_id = uuid.uuid4().hex
         claims: dict[str, Any] = {
             "iss": self.cfg.issuer,
@@ -185,7 +198,7 @@ class Signing(ExceptionRegister):
             "jti": token_id,
             "iat": now,
             "nbf": now,
-            "exp": now + max(1, int(ttl)),
+            "exp": expires,
             "scope": scopes.to_claim(scope),
         }
         ctx = {k: identity.claims[k] for k in self._policy_claims if k in identity.claims}
@@ -193,8 +206,8 @@ class Signing(ExceptionRegister):
         claims |= {k: v for k, v in optional.items() if v}
         if idle_ttl is not None:
             claims["idle"] = int(idle_ttl)
-        if lineage is not None:
-            claims |= lineage
+        if parent is not None:
+            claims |= lineage.child_claims(parent, actor)
         if exception is not None:
             claims["exc"] = {"owner": exception[0], "reason": exception[1]}
         if certificate is not None:
@@ -204,7 +217,7 @@ class Signing(ExceptionRegister):
             await self._start_lease(token_id, claims)
         if exception is not None:
             await self._record_exception(token_id, claims)
-        return Issued(token, token_id, float(claims["exp"]))
+        return Issued(token, token_id, float(expires), expires - now)
 
     async def _start_lease(self, token_id: str, claims: dict[str, Any]) -> None:
         """Start the token's heartbeat lease, and have the store keep its lease record until
@@ -264,3 +277,17 @@ class Signing(ExceptionRegister):
             log.warning("token_sign_failed", error=str(exc))
             raise Unavailable("vault_unavailable", "cannot sign tokens right now") from None
         raise Unavailable("signing_key_changing", "the signing key is changing; try again")
+
+
+def _still_alive(parent: TaskToken, revocations: Revocations, now: int) -> None:
+    """Judge a delegation's parent again against the list just read. SECURITY: the parent
+    was verified before that read, and a revocation of its subject or task that landed in
+    between names no token id the child's cascade could find, and the child (issued after
+    it) is not covered by it: the child would live."""
+    if revocations.revoked(parent):
+        raise Unauthenticated("revoked", "the task token was revoked")
+    refusal = revocations.chain_refusal(parent)
+    if refusal is not None:
+        raise refusal
+    if parent.expires_at - now < 1:
+        raise Forbidden("parent_expiring", "the parent token expires in less than a second")

@@ -78,7 +78,7 @@ class Verifier(Signing):
         whose ancestor was revoked is still returned (to record how it ended)."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed", "not a task token")
-        if not self.revocations_read:  # here too: the tokens waiting for a first read share it
+        if not self.list_current():  # here too: the tokens waiting for a read share it
             await self.list_read()
         digest = verified.digest(token)
         entry = self._verified.get(digest)
@@ -89,7 +89,7 @@ class Verifier(Signing):
             self._verified.discard(digest)
             entry = await self._verify_signed(token)
             self._verified.put(digest, entry)
-        if not self.revocations_read:  # after the last wait: a reload may have moved the list
+        if not self.list_current():  # after the last wait: a reload may have moved the list
             await self.list_read()
         cached = entry.token
         now = self.clock()
@@ -213,6 +213,10 @@ class Verifier(Signing):
             token_id = str(claims["jti"])
             max_uses = claims["max_uses"] if isinstance(claims.get("max_uses"), int) else None
             lineage_ = lineage.read(claims, token_id, max_uses)
+            # SECURITY: a token never outlives one it was delegated from, whatever its `exp`
+            # says: past its parent's expiry, the parent's revocation is pruned from the list.
+            own_expiry = jws.numeric_date(claims["exp"])
+            expires = min([own_expiry, *(a.expires_at for a in lineage_.ancestors)])
             return TaskToken(
                 token_id=token_id,
                 identity=Identity(
@@ -220,7 +224,7 @@ class Verifier(Signing):
                 ),
                 scope=scope,
                 issued_at=jws.numeric_date(claims["iat"]),
-                expires_at=jws.numeric_date(claims["exp"]),
+                expires_at=expires,
                 task=optional_text(claims.get("task")),
                 intent=optional_text(claims.get("intent")),
                 max_uses=max_uses,

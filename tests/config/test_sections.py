@@ -76,6 +76,23 @@ def test_key_refresh_settings(openbao: OpenBaoDevServer, agent: Agent) -> None:
     assert caught.value.path == "tokens.key_max_staleness"
 
 
+def test_revocation_staleness_settings(openbao: OpenBaoDevServer, agent: Agent) -> None:
+    """A task token is judged by a revocation list read within 2 s by default; a bound not
+    longer than the poll interval is refused with the YAML path of what was set."""
+    doc = token_config(openbao, agent, "http://127.0.0.1:1")
+    del doc["tokens"]["revocation_poll_interval"]
+    tokens = config_module.parse(json.dumps(doc), {}).tokens
+    assert (tokens.revocation_poll_interval, tokens.revocation_max_staleness) == (1.0, 2.0)
+    for settings, where in (
+        ({"revocation_max_staleness": "1s"}, "tokens.revocation_max_staleness"),
+        ({"revocation_max_staleness": "500ms"}, "tokens.revocation_max_staleness"),
+        ({"revocation_poll_interval": "2s"}, "tokens.revocation_poll_interval"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            config_module.parse(json.dumps(doc | {"tokens": doc["tokens"] | settings}), {})
+        assert caught.value.path == where, settings
+
+
 def _server_config(server: dict[str, Any]) -> Any:
 
     route = {

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 
+from keyproxy import config as config_module
 from keyproxy.config import Grant
+from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.tokens import TaskTokens
+from keyproxy.vault import Vault
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import (
     bearer,
+    token_config,
 )
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -80,3 +89,34 @@ class Clock:
 
 
 SCOPE = {"r": (Grant(frozenset({"POST"}), (("v1", "chat", "completions"),)),)}
+
+
+@contextlib.asynccontextmanager
+async def replicas_of_own_list(
+    openbao: OpenBaoDevServer,
+    name: str,
+    count: int = 2,
+    vault_addr: str | None = None,
+    clock: Callable[[], float] = time.time,
+    **tokens: str,
+) -> AsyncIterator[tuple[list[TaskTokens], list[Vault]]]:
+    """`count` in-process token services with a revocation list of their own (a
+    `tokens.state_path` no other test writes) on `clock`, reaching Vault at `vault_addr` if
+    given. They
+    re-read the list only when a test has them do it, unless `tokens` (settings of the
+    `tokens` section) says how stale it may grow."""
+    own = openbao.add_agent(name)
+    raw = token_config(openbao, own, "http://127.0.0.1:1")
+    raw["tokens"]["state_path"] = f"keyproxy/state/tokens/{name}-{uuid.uuid4().hex[:8]}"
+    raw["tokens"] |= {"revocation_max_staleness": "1h"} | tokens
+    if vault_addr is not None:
+        raw["vault"]["addr"] = vault_addr
+    cfg = config_module.parse(json.dumps(raw), {})
+    vaults = [Vault(cfg.vault) for _ in range(count)]
+    try:
+        for vault in vaults:
+            await vault.login()
+        yield [TaskTokens(cfg, vault, clock) for vault in vaults], vaults
+    finally:
+        for vault in vaults:
+            vault.close()

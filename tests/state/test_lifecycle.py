@@ -32,7 +32,6 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import Unauthenticated
 from keyproxy.state.redis import RedisStore
 from keyproxy.tokens import LEEWAY, TaskTokens
-from keyproxy.tokens.lineage import child_claims
 from keyproxy.vault import Vault
 from tests.helpers.cli import clean_env, keyproxy, ready, serve_replicas, started
 from tests.helpers.events import read_events
@@ -226,7 +225,11 @@ async def _tokens_on(
     """`replicas` task-token services of an agent of their own, in process, each with its own
     Vault and Valkey/Redis clients on the shared servers (one store prefix), on `clock`."""
     own = openbao.add_agent(f"sweep-{prefix[:8]}")
-    cfg = config_module.parse(json.dumps(token_config(openbao, own, "http://127.0.0.1:1")), {})
+    doc = token_config(openbao, own, "http://127.0.0.1:1")
+    # These replicas re-read the revocation list only when a test has them do it (a task
+    # token's check re-reads a list older than revocation_max_staleness).
+    doc["tokens"]["revocation_max_staleness"] = "1h"
+    cfg = config_module.parse(json.dumps(doc), {})
     vaults = [Vault(cfg.vault) for _ in range(replicas)]
     settings = RedisSettings(url=redis_server.url, prefix=prefix, timeout=2.0)
     stores = [RedisStore(settings) for _ in range(replicas)]
@@ -268,7 +271,7 @@ async def test_an_ended_token_s_lease_ends_for_every_replica_at_once(
         who = Identity("openbao", "ender", {})
         parent = await a.issue(who, SCOPE, ttl=60, idle_ttl=30)
         verified = await a.verify(parent.token)
-        child = await a.issue(who, SCOPE, ttl=60, lineage=child_claims(verified, None))
+        child = await a.issue(who, SCOPE, ttl=60, parent=verified)
         CANARIES.update((parent.token, child.token))
         for token in (parent.token, child.token):
             await b.check_leases(await b.verify(token))  # b has read the list before the end

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,8 @@ from tests.helpers.servers import (
     running_proxy,
     token_config,
 )
-from tests.helpers.tokens import SCOPE, Clock, exchange, refused, status
+from tests.helpers.tokens import SCOPE, Clock, exchange, refused, replicas_of_own_list, status
+from tests.helpers.vault import VaultRelay
 
 
 def test_revocation_by_subject_tolerates_clock_skew() -> None:
@@ -269,26 +270,6 @@ async def test_concurrent_revocations_on_two_replicas_are_all_recorded(
             vault.close()
 
 
-@contextlib.asynccontextmanager
-async def _replicas_of_own_list(
-    openbao: OpenBaoDevServer, name: str, count: int = 2
-) -> AsyncIterator[tuple[list[TaskTokens], list[Vault]]]:
-    """`count` in-process token services with a revocation list of their own (a
-    `tokens.state_path` no other test writes)."""
-    own = openbao.add_agent(name)
-    raw = token_config(openbao, own, "http://127.0.0.1:1")
-    raw["tokens"]["state_path"] = f"keyproxy/state/tokens/{name}-{uuid.uuid4().hex[:8]}"
-    cfg = config_module.parse(json.dumps(raw), {})
-    vaults = [Vault(cfg.vault) for _ in range(count)]
-    try:
-        for vault in vaults:
-            await vault.login()
-        yield [TaskTokens(cfg, vault) for vault in vaults], vaults
-    finally:
-        for vault in vaults:
-            vault.close()
-
-
 async def test_the_revocation_list_holds_tens_of_thousands_of_live_tokens(
     openbao: OpenBaoDevServer,
 ) -> None:
@@ -296,7 +277,7 @@ async def test_the_revocation_list_holds_tens_of_thousands_of_live_tokens(
     in one request, and twice what one Vault secret may hold) is written in shards, each far
     below a secret's limits; it takes one more revocation, which another replica's poll
     reads in two reads (the main secret and one shard), not the whole list."""
-    async with _replicas_of_own_list(openbao, "many-revoked") as ((tasks, other), vaults):
+    async with replicas_of_own_list(openbao, "many-revoked") as ((tasks, other), vaults):
         expiry = time.time() + 600
         ids = [f"many-{i:027d}" for i in range(40_000)]  # as long as a real token id
         with capture_logs():  # 40,000 token.revoked events
@@ -319,9 +300,7 @@ async def test_the_revocation_list_holds_tens_of_thousands_of_live_tokens(
             await other.verify(issued.token)
         listed = (await other.revocation_list()).ids
         assert {*ids, issued.token_id} <= set(listed)
-        metrics = Metrics(dict)
-        metrics.watch_revocations(other.revocation_status)
-        exposition = metrics.exposition()[0].decode()
+        exposition = _metrics_of(other)
         assert f"keyproxy_revocation_list_entries {float(len(ids) + 1)}" in exposition
         assert "keyproxy_revocation_list_read 1.0" in exposition
         # Whole seconds, rounded up: never an entry that ends before its token.
@@ -335,7 +314,7 @@ async def test_an_earlier_build_s_list_is_read_and_never_written(
     and of this one side by side, as in an upgrade: this one honours what the earlier wrote,
     before and during the upgrade, and writes its own revocations elsewhere, so the earlier
     replicas' list is never emptied or overwritten."""
-    async with _replicas_of_own_list(openbao, "upgrade") as ((tasks, fresh), vaults):
+    async with replicas_of_own_list(openbao, "upgrade") as ((tasks, fresh), vaults):
         mount = tasks.config.vault.kv_mount
         legacy = f"{tasks.cfg.state_path}/revocations"
         issued = [
@@ -387,7 +366,7 @@ async def test_the_list_the_build_before_kept_in_one_secret_is_read_and_never_wr
     this one honours what it holds (ids and subjects) from its first read on, sees what an
     old replica adds there within LEGACY_POLL, and never writes it: its own revocations go
     to the sharded list at `revoked`."""
-    async with _replicas_of_own_list(openbao, "unsharded") as ((tasks, fresh), vaults):
+    async with replicas_of_own_list(openbao, "unsharded") as ((tasks, fresh), vaults):
         mount = tasks.config.vault.kv_mount
         before = f"{tasks.cfg.state_path}/revocation-list"
         assert tasks._revocations_path == f"{tasks.cfg.state_path}/revoked"
@@ -425,7 +404,7 @@ async def test_a_slow_poll_never_replaces_what_this_replica_just_wrote(
     """A poll whose read of the list returns after this replica wrote a later version (a
     task revoked here meanwhile) keeps the later: the task's tokens are refused here at
     once, not from the next poll on."""
-    async with _replicas_of_own_list(openbao, "slow-poll") as ((here, there), _):
+    async with replicas_of_own_list(openbao, "slow-poll") as ((here, there), _):
         issued = await here.issue(Identity("openbao", "slow-poll", {}), SCOPE, ttl=60, task="t1")
         CANARIES.add(issued.token)
         await here.verify(issued.token)  # its first read
@@ -492,7 +471,7 @@ async def test_what_a_read_took_is_in_use_even_when_a_later_step_fails(
     caller is cancelled) after it took the main secret and the shards, at the look at an
     earlier build's list, never leaves the replica judging by what it held before, on its
     first read as on a later poll."""
-    async with _replicas_of_own_list(openbao, "late-failure", count=3) as (replicas, _):
+    async with replicas_of_own_list(openbao, "late-failure", count=3) as (replicas, _):
         tasks, fresh, polled = replicas
         issued = [
             await tasks.issue(Identity("openbao", f"late-{i}", {}), SCOPE, ttl=60, task=f"t{i}")
@@ -505,7 +484,7 @@ async def test_what_a_read_took_is_in_use_even_when_a_later_step_fails(
         with pytest.raises(Unavailable, match="revocation list"):
             await fresh.verify(issued[0].token)  # the first read fails late
         assert seen
-        assert fresh.revocation_status() == (1, False)  # in use, though not read whole
+        assert fresh.revocation_status()[:2] == (1, False)  # in use, though not read whole
         with pytest.raises(Unauthenticated, match="revoked"):
             await fresh.verify(issued[0].token)
         # A later poll that fails late: the task it read is refused all the same.
@@ -524,7 +503,7 @@ async def test_a_first_read_whose_caller_went_away_late_leaves_nothing_unused(
     """The request that began a replica's first read is cancelled (its client went away)
     after the main secret and shards were taken: the next request reads again and the
     revoked token is refused."""
-    async with _replicas_of_own_list(openbao, "late-cancel") as ((tasks, fresh), _):
+    async with replicas_of_own_list(openbao, "late-cancel") as ((tasks, fresh), _):
         issued = await tasks.issue(Identity("openbao", "late-cancel", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
         await tasks.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
@@ -544,7 +523,7 @@ async def test_a_first_read_whose_caller_went_away_late_leaves_nothing_unused(
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
-        assert fresh.revocation_status() == (1, False)  # in use, though not read whole
+        assert fresh.revocation_status()[:2] == (1, False)  # in use, though not read whole
         with pytest.raises(Unauthenticated, match="revoked"):
             await fresh.verify(issued.token)
 
@@ -554,7 +533,7 @@ async def test_while_vault_fails_the_tokens_waiting_fail_together(
 ) -> None:
     """A replica that has not read the list, with Vault failing: twenty task tokens waiting
     for the first read share its failure (503 each), not a read each in turn."""
-    async with _replicas_of_own_list(openbao, "fail-together", count=1) as ((tasks,), vaults):
+    async with replicas_of_own_list(openbao, "fail-together", count=1) as ((tasks,), vaults):
         issued = await tasks.issue(Identity("openbao", "fail-together", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
         fresh, looks = TaskTokens(tasks.config, vaults[0]), []
@@ -578,7 +557,7 @@ async def test_a_newer_list_read_while_this_replica_s_own_write_returned_is_take
     """This replica's write commits, another replica then revokes a subject, and this
     replica's read of that later list returns after its own write's slow answer: the later
     list is taken, so the subject's tokens are refused here at once."""
-    async with _replicas_of_own_list(openbao, "late-answer") as ((here, there), _):
+    async with replicas_of_own_list(openbao, "late-answer") as ((here, there), _):
         token = await here.issue(Identity("openbao", "late-answer", {}), SCOPE, ttl=60)
         CANARIES.add(token.token)
         await here.verify(token.token)  # its first read
@@ -622,7 +601,7 @@ async def test_a_list_deleted_and_made_afresh_is_read_afresh(
     """The whole list deleted by hand and made afresh by later revocations, its main secret
     past the version a replica held: that replica reads the new list whole (its name is
     new), not only what the new index names above what it held."""
-    async with _replicas_of_own_list(openbao, "afresh-list", count=3) as (replicas, _):
+    async with replicas_of_own_list(openbao, "afresh-list", count=3) as (replicas, _):
         tasks, other, writer = replicas
         mount, main = tasks.config.vault.kv_mount, tasks._revocations_path
         issued = await tasks.issue(Identity("openbao", "afresh-list", {}), SCOPE, ttl=60)
@@ -648,7 +627,7 @@ async def test_one_unreadable_shard_keeps_no_other_from_use(
     """A shard that no longer reads (not keyproxy's state) fails each poll, but every other
     shard is still read and used: a revocation acknowledged meanwhile, into another shard,
     is honoured. None into the unreadable one is acknowledged."""
-    async with _replicas_of_own_list(openbao, "bad-shard") as ((tasks, other), vaults):
+    async with replicas_of_own_list(openbao, "bad-shard") as ((tasks, other), vaults):
         mount, main = tasks.config.vault.kv_mount, tasks._revocations_path
         issued = await tasks.issue(Identity("openbao", "bad-shard", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
@@ -673,7 +652,7 @@ async def test_a_shard_made_afresh_is_refused_not_hidden(
     and every replica hold: its next write is refused (the index would hide it from them),
     and a replica that reads it below its indexed version fails its poll, never taking it
     for the later version."""
-    async with _replicas_of_own_list(openbao, "afresh") as ((tasks, other), vaults):
+    async with replicas_of_own_list(openbao, "afresh") as ((tasks, other), vaults):
         mount, main = tasks.config.vault.kv_mount, tasks._revocations_path
         issued = await tasks.issue(Identity("openbao", "afresh", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
@@ -697,7 +676,7 @@ async def test_a_reload_that_moves_the_list_mid_read_reads_the_new_place_whole(
 ) -> None:
     """A reload that moves `tokens.state_path` while a poll waits on Vault: the poll reads
     the new place, earlier builds' lists there included, before anything is judged."""
-    async with _replicas_of_own_list(openbao, "moved-mid-read") as ((here, there), vaults):
+    async with replicas_of_own_list(openbao, "moved-mid-read") as ((here, there), vaults):
         mount = here.config.vault.kv_mount
         issued = await here.issue(Identity("openbao", "moved-mid", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
@@ -733,7 +712,7 @@ async def test_issuances_at_once_share_their_reads_of_the_list(
     """Twenty issuances at once each need the list as it is when they arrive; they share two
     reads of it (the one under way when they arrived cannot serve them), not one each in
     turn, and the one for a subject revoked before they arrived is refused."""
-    async with _replicas_of_own_list(openbao, "shared-reads") as ((tasks, other), _):
+    async with replicas_of_own_list(openbao, "shared-reads") as ((tasks, other), _):
         await tasks.refresh_revocations()  # its first read
         looks = _recording(tasks.vault, "kv_version")
         await other.revoke(subject="openbao|shared-reads")
@@ -748,6 +727,76 @@ async def test_issuances_at_once_share_their_reads_of_the_list(
         assert looks.count(tasks._revocations_path) == 2, looks
 
 
+async def _judged(tasks: TaskTokens, token: str) -> str:
+    """How `tasks` judges `token`: "accepted", or the reason it is refused."""
+    try:
+        await tasks.verify(token)
+    except (Unauthenticated, Unavailable) as exc:
+        return exc.reason
+    return "accepted"
+
+
+async def test_a_replica_judges_only_by_a_list_read_within_its_staleness_bound(
+    openbao: OpenBaoDevServer, relay: VaultRelay
+) -> None:
+    """A task token is judged only by a list read within tokens.revocation_max_staleness:
+    a replica whose poll stalled reads again (and refuses what another replica revoked
+    meanwhile); one cut off from Vault answers 503 rather than accept a token another
+    replica revoked, and judges again once Vault answers."""
+    async with replicas_of_own_list(
+        openbao,
+        "cut-off",
+        count=1,
+        vault_addr=relay.url,
+        revocation_poll_interval="500ms",
+        revocation_max_staleness="1s",
+    ) as ((cut,), _):
+        direct = dataclasses.replace(
+            cut.config, vault=dataclasses.replace(cut.config.vault, addr=openbao.addr)
+        )
+        vault = Vault(direct.vault)
+        try:
+            await vault.login()
+            here = TaskTokens(direct, vault)
+            who = Identity("openbao", "cut-off", {})
+            issued = [await here.issue(who, SCOPE, ttl=60) for _ in range(2)]
+            CANARIES.update(i.token for i in issued)
+            assert [await _judged(cut, i.token) for i in issued] == ["accepted"] * 2
+            # No poll runs on `cut`: its own checks re-read the list once it is too old.
+            await here.revoke(token_id=issued[0].token_id, expires_at=issued[0].expires_at)
+            await eventually(
+                lambda: _judged(cut, issued[0].token),
+                "a replica without a poll judged by its old list",
+                until="revoked".__eq__,
+            )
+            relay.down = True
+            await here.revoke(token_id=issued[1].token_id, expires_at=issued[1].expires_at)
+            await eventually(
+                lambda: _judged(cut, issued[1].token),
+                "a replica cut off from Vault judged by its old list",
+                until="revocations_unavailable".__eq__,
+            )
+            status = cut.revocation_status()
+            assert status.read
+            assert status.age is not None
+            assert status.age >= 1.0
+            exposition = _metrics_of(cut)
+            assert "keyproxy_revocation_list_age_seconds " in exposition
+            relay.down = False
+            assert await _judged(cut, issued[1].token) == "revoked"
+            age = cut.revocation_status().age
+            assert age is not None
+            assert age < 1.0
+        finally:
+            vault.close()
+
+
+def _metrics_of(tasks: TaskTokens) -> str:
+    metrics = Metrics(dict)
+    metrics.watch_revocations(tasks.revocation_status)
+    return metrics.exposition()[0].decode()
+
+
 async def test_a_list_that_cannot_be_read_refuses_task_tokens(
     openbao: OpenBaoDevServer,
 ) -> None:
@@ -756,7 +805,7 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
     task tokens with 503 rather than judging them
     against an empty list; once the list reads, they verify, the list read once for all the
     tokens that waited."""
-    async with _replicas_of_own_list(openbao, "unreadable", count=1) as ((tasks,), vaults):
+    async with replicas_of_own_list(openbao, "unreadable", count=1) as ((tasks,), vaults):
         issued = await tasks.issue(Identity("openbao", "unread", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
         mount, path = tasks.config.vault.kv_mount, tasks._revocations_path
@@ -788,7 +837,7 @@ async def test_a_list_that_cannot_be_read_refuses_task_tokens(
             replica = TaskTokens(tasks.config, vaults[0])
             with pytest.raises(Unavailable, match="revocation list"):
                 await replica.verify(issued.token)
-            assert replica.revocation_status() == (0, False)
+            assert replica.revocation_status()[:2] == (0, False)
         await vaults[0].write_kv(mount, path, main())
         # Once it reads, the list is read once for all the tokens that waited for it.
         replica = TaskTokens(tasks.config, vaults[0])
@@ -805,7 +854,7 @@ async def test_a_text_no_reader_could_take_back_is_never_written(
     undecodable command-line bytes) is refused before it is written, as is an exception
     token whose owner is such a text, and the list stays readable: a replica starting after
     it reads it, and the next revocation is written."""
-    async with _replicas_of_own_list(openbao, "surrogate") as ((tasks, _), vaults):
+    async with replicas_of_own_list(openbao, "surrogate") as ((tasks, _), vaults):
         issued_to = Identity("openbao", "surrogate", {})
         issued = await tasks.issue(issued_to, SCOPE, ttl=60)
         CANARIES.add(issued.token)
@@ -830,7 +879,7 @@ async def test_a_moved_state_path_is_read_before_tokens_are_judged(
 ) -> None:
     """A reload that moves `tokens.state_path` has the replica judge tokens by the list at
     the new place, read afresh, even when its version number is the old one's."""
-    async with _replicas_of_own_list(openbao, "moved") as ((here, there), _):
+    async with replicas_of_own_list(openbao, "moved") as ((here, there), _):
         tokens = [
             await here.issue(Identity("openbao", f"moved-{i}", {}), SCOPE, ttl=60) for i in range(2)
         ]
@@ -855,7 +904,7 @@ async def test_a_reload_that_moves_the_list_while_a_token_is_verified_is_read_fi
     """A reload moves `tokens.state_path` while a token's signing key is being fetched: the
     token is judged by the list at the new place, read before it is judged, not by the empty
     list the move left."""
-    async with _replicas_of_own_list(openbao, "moved-verify", count=3) as (replicas, _):
+    async with replicas_of_own_list(openbao, "moved-verify", count=3) as (replicas, _):
         here, there, judge = replicas
         issued = await here.issue(Identity("openbao", "moved-verify", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
@@ -889,7 +938,7 @@ async def test_a_write_under_way_when_the_list_moves_is_written_again_at_the_new
     does not become the replica's copy of the new place's list, even when both are at the
     same version (the new list is read before any token is judged), and is written again at
     the new place before it counts as recorded."""
-    async with _replicas_of_own_list(openbao, "moving") as ((here, there), _):
+    async with replicas_of_own_list(openbao, "moving") as ((here, there), _):
         issued = await here.issue(Identity("openbao", "moving", {}), SCOPE, ttl=60)
         CANARIES.add(issued.token)
         raw = token_config(openbao, openbao.add_agent("moving-there"), "http://127.0.0.1:1")

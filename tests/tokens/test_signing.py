@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import jwt
 import pytest
-from yarl import URL
 
 from keyproxy import config as config_module
 from keyproxy.devserver import Agent, OpenBaoDevServer
@@ -27,6 +25,7 @@ from tests.helpers.servers import (
     token_config,
 )
 from tests.helpers.tokens import SCOPE, Clock, exchange, status
+from tests.helpers.vault import VaultRelay
 
 
 async def test_transit_rotation_keeps_old_tokens_valid(
@@ -46,75 +45,6 @@ async def test_transit_rotation_keeps_old_tokens_valid(
     async with http.get(f"{stack.base}/.well-known/jwks.json") as response:
         kids = {k["kid"] for k in (await response.json())["keys"]}
     assert {old_kid, new_kid} <= kids
-
-
-class VaultRelay:
-    """A TCP relay on 127.0.0.1 in front of OpenBao that can hold requests (a stalled Vault)
-    or drop connections (Vault down), and records the requests it held."""
-
-    def __init__(self, target: str) -> None:
-        url = URL(target)
-        self.target = (url.host or "127.0.0.1", url.port or 8200)
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.down = False
-        self.held: list[bytes] = []
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._pumps: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def close(self) -> None:
-        self.gate.set()
-        for pump in self._pumps:
-            pump.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        for pump in (
-            self._pump(reader, up_writer, requests=True),
-            self._pump(up_reader, writer, requests=False),
-        ):
-            task = asyncio.create_task(pump)
-            self._pumps.add(task)
-            task.add_done_callback(self._pumps.discard)
-
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, requests: bool
-    ) -> None:
-        try:
-            while chunk := await reader.read(65536):
-                if requests and self.down:
-                    break
-                if requests and not self.gate.is_set():
-                    self.held.append(chunk)
-                    await self.gate.wait()
-                writer.write(chunk)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-
-@pytest.fixture
-async def relay(openbao: OpenBaoDevServer) -> AsyncIterator[VaultRelay]:
-    value = VaultRelay(openbao.addr)
-    await value.start()
-    yield value
-    await value.close()
 
 
 async def _tokens_via(
@@ -174,8 +104,8 @@ async def test_keys_past_max_staleness_refuse_task_tokens(
     relay: VaultRelay, openbao: OpenBaoDevServer, agent: Agent
 ) -> None:
     """With Vault down the known public keys verify until tokens.key_max_staleness after the
-    last good read; then task tokens get 503 token_keys_stale (counted) until a read
-    succeeds again."""
+    last good read; then task tokens get 503 token_keys_stale (counted, with Retry-After
+    the next read) until a read succeeds again."""
     clock = Clock()
     tasks, vault = await _tokens_via(
         relay, openbao, agent, clock, key_refresh_interval="1m", key_max_staleness="2m"
@@ -195,7 +125,12 @@ async def test_keys_past_max_staleness_refuse_task_tokens(
         for token in (remembered.token, fresh.token):
             with pytest.raises(Unavailable) as caught:
                 await tasks.verify(token)
-            assert (caught.value.reason, caught.value.status) == ("token_keys_stale", 503)
+            refusal = caught.value
+            assert (refusal.reason, refusal.status, refusal.retry_after) == (
+                "token_keys_stale",
+                503,
+                60,  # key_refresh_interval: the next read
+            )
         assert tasks.key_status() | {"versions": None} == {
             "age": pytest.approx(121, abs=1),
             "stale": True,

@@ -115,10 +115,13 @@ async def test_rfc8693_token_exchange_form(
     assert await status(http, "GET", f"{stack.base}/r/other/echo", answer["access_token"]) == 200
 
 
-async def test_vault_down_exchange_503_existing_tokens_work(
+async def test_vault_down_exchange_503_task_tokens_503_once_the_list_is_stale(
     fresh_openbao: OpenBaoDevServer, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
-    """With Vault stopped, the exchange answers 503 and existing task tokens keep verifying."""
+    """With Vault stopped, the exchange answers 503; a task token is refused with 503
+    revocations_unavailable (with Retry-After) once the revocation list is older than
+    tokens.revocation_max_staleness, rather than judged by it; a workload identity goes on
+    with the cached key."""
     bao = fresh_openbao
     bao.put_key("keyproxy/keys/tokens-test", new_key())
     agent = bao.add_agent("outage")
@@ -131,7 +134,20 @@ async def test_vault_down_exchange_503_existing_tokens_work(
         code, failed = await exchange(http, stack.base, identity_token)
         assert code == 503, failed
         url = f"{stack.base}/r/r/v1/chat/completions"
-        assert await status(http, "POST", url, answer["access_token"]) == 200
+
+        async def refused() -> tuple[int, str | None, str]:
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+            token = answer["access_token"]
+            async with http.post(url, headers=bearer(token), json=body) as response:
+                text = await response.text()
+                return response.status, response.headers.get("Retry-After"), text
+
+        code, retry_after, text = await eventually(
+            refused, "a task token was judged by a stale list", until=lambda r: r[0] != 200
+        )
+        assert (code, retry_after) == (503, "1"), text
+        assert "revocations_unavailable" in text
+        assert await status(http, "POST", url, identity_token) == 200
 
 
 async def test_broker_events_and_answers_carry_the_request_id(

@@ -21,7 +21,7 @@ from keyproxy.config import Grant
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import Unauthenticated
 from keyproxy.identity import Identity
-from keyproxy.tokens import CertificateBinding, TaskTokens
+from keyproxy.tokens import CLOCK_SKEW, LEEWAY, CertificateBinding, TaskTokens
 from keyproxy.vault import Vault
 from tests.helpers.logscan import CANARIES
 from tests.helpers.servers import (
@@ -29,7 +29,7 @@ from tests.helpers.servers import (
     bearer,
     token_config,
 )
-from tests.helpers.tokens import exchange, refused, status
+from tests.helpers.tokens import SCOPE, Clock, exchange, refused, replicas_of_own_list, status
 
 
 async def test_expired_task_token_is_401(
@@ -248,3 +248,57 @@ async def test_a_certificate_binding_is_read_whole_or_refused(
             assert caught.value.reason == "invalid_claims", cnf
     finally:
         vault.close()
+
+
+async def test_a_delegated_token_never_outlives_its_parent(openbao: OpenBaoDevServer) -> None:
+    """However long the revocation list's read before signing takes, a delegated token
+    expires with its parent, and its answer says so; one whose signed exp says later (as a
+    build that did not cap it signed) is refused once its parent has expired, when the
+    parent's revocation may be pruned from the list."""
+    clock = Clock()
+    async with replicas_of_own_list(openbao, "outlive", count=1, clock=clock) as (
+        (tasks,),
+        (vault,),
+    ):
+        who = Identity("openbao", "outlive", {})
+        parent = await tasks.issue(who, SCOPE, ttl=60, task="t")
+        verified = await tasks.verify(parent.token)
+        clock.now += 50  # the read before signing took that long
+        child = await tasks.issue(who, SCOPE, ttl=30, task="t", parent=verified)
+        CANARIES.update((parent.token, child.token))
+        assert (child.expires_at, child.lifetime) == (parent.expires_at, 10)
+        header, claims, _ = _parts(child.token)
+        later = json.dumps(claims | {"exp": claims["exp"] + 100}).encode()
+        late = await _resign(vault, json.dumps(header).encode(), later)
+        assert (await tasks.verify(late)).expires_at == parent.expires_at
+        clock.now = parent.expires_at + LEEWAY
+        with pytest.raises(Unauthenticated, match="expired"):
+            await tasks.verify(late)
+
+
+@pytest.mark.parametrize("revoked", ["task", "subject", "token_id"])
+async def test_a_delegation_its_parent_s_revocation_overtook_is_refused(
+    openbao: OpenBaoDevServer, revoked: str
+) -> None:
+    """A revocation recorded (by another replica) after the parent was checked and before
+    the child is signed, however long ago by then, refuses the child: a task's or a
+    subject's names no token id the child's cascade could find, and covers only tokens
+    issued before it."""
+    clock = Clock()
+    async with replicas_of_own_list(openbao, f"overtaken-{revoked}", clock=clock) as (
+        (here, there),
+        _,
+    ):
+        who = Identity("openbao", f"overtaken-{revoked}", {})
+        parent = await here.issue(who, SCOPE, ttl=60, task="t")
+        CANARIES.add(parent.token)
+        verified = await here.verify(parent.token)
+        if revoked == "task":
+            await there.revoke(task="t")
+        elif revoked == "subject":
+            await there.revoke(subject=f"{who.issuer}|{who.subject}")
+        else:
+            await there.revoke(token_id=parent.token_id, expires_at=parent.expires_at)
+        clock.now += CLOCK_SKEW + 1  # the read before signing took that long
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await here.issue(who, SCOPE, ttl=30, task="t", parent=verified)
