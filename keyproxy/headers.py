@@ -190,7 +190,8 @@ def request_verdicts(route: Route, injected: frozenset[str]) -> Verdicts:
 def upstream_headers(
     incoming: CIMultiDictProxy[str], forwards: Verdicts, rendered: Rendered, request_id: str
 ) -> CIMultiDict[str]:
-    """The caller's headers this route forwards, the injected ones and the request id."""
+    """The caller's headers this route forwards, the injected ones and the request id; no
+    framing (the body's own: keyproxy.outgoing.request_body)."""
     extra = _connection_extra(incoming)
     headers = CIMultiDict(
         [
@@ -200,8 +201,6 @@ def upstream_headers(
         ]
     )
     headers["Accept-Encoding"] = "identity"  # the scrubber must see the body in clear
-    if incoming.get("Content-Length"):
-        headers["Content-Length"] = incoming["Content-Length"]
     headers.extend(rendered.headers)
     headers.setdefault(REQUEST_ID, request_id)  # unless the route puts its key there
     if "User-Agent" not in headers:

@@ -1,7 +1,9 @@
 """The parts of the upstream request taken from the caller's: its body and its URL.
 
-    request_body(request, route)   what to send upstream: the caller's stream for a declared
-                                   length, the whole body for a chunked one, or None
+    request_body(request, route, headers)
+                                   what to send upstream: the caller's stream for a declared
+                                   length (which goes in `headers`), the whole body for a
+                                   chunked one, or None
     read_body(request, route)      the whole body, for a step that must read it first (MCP)
     upstream_url(...)              the route's origin and base path, the caller's path and
                                    query, and an injected query parameter
@@ -18,6 +20,7 @@ from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from keyproxy.config import Route
@@ -27,12 +30,25 @@ from keyproxy.inject import Injector, Rendered
 CHUNK: Final = 64 * 1024
 
 
-async def request_body(request: web.Request, route: Route) -> bytes | aiohttp.StreamReader | None:
-    """The body to send upstream, with the route's size limit enforced before connecting."""
+async def request_body(
+    request: web.Request, route: Route, headers: CIMultiDict[str]
+) -> bytes | aiohttp.StreamReader | None:
+    """The body to send upstream, with the route's size limit enforced before connecting,
+    and its framing in the upstream request's `headers`.
+
+    SECURITY: the upstream is told the length of exactly the body it gets. The caller's
+    declared length goes with its stream only (aiohttp's parser ends the stream there); any
+    other body's length aiohttp writes from the bytes sent, and no body gets none. A length
+    copied onto another body (none, as an MCP GET sends, or a different one) would leave the
+    upstream reading the next request on the connection as this one's body: the caller's
+    bytes read as a request carrying the key."""
     length = request.content_length
     if length is not None:
         _within(length, route)
-        return request.content if length else None
+        if not length:
+            return None
+        headers["Content-Length"] = str(length)
+        return request.content
     if not request.body_exists:
         return None
     # A chunked upload has no declared size: read it up to the limit so a 413 can still be

@@ -389,4 +389,4 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
         forwarder = plan.forwarder
         reply = plan.mcp.replier(forwarder.session, url, headers, forwarder.read_timeout)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
-    return Outgoing(url, headers, await request_body(request, route))
+    return Outgoing(url, headers, await request_body(request, route, headers))

@@ -29,6 +29,7 @@ from keyproxy import audit
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.helpers.cli import clean_env, keyproxy
 from tests.helpers.logscan import CANARIES
+from tests.helpers.polling import eventually
 from tests.helpers.servers import Stack, bearer, running_proxy, serve
 from tests.mcp.server import McpServer, running_server
 
@@ -414,3 +415,91 @@ async def test_a_delegated_tokens_calls_name_its_chain(
     calls = await calls_of(audit_log, task, 2)
     assert {c["chain"] for c in calls} == {",".join(child["chain"])}
     assert {c["token_id"] for c in calls} == {child["token_id"]}
+
+
+class FramedUpstream:
+    """A raw MCP server that reads each request on a connection exactly as its head frames it
+    (its Content-Length, none meaning no body) and records the request line, the fields and
+    the body; a GET's answer is a stream holding a server request keyproxy withholds (and
+    answers), any other request's an empty 202. A length that promises bytes never sent ends
+    the connection unrecorded after 5 s; bytes sent beyond it are read as the next request."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line, *rest = head.decode("latin-1").removesuffix("\r\n\r\n").split("\r\n")
+                fields = {}
+                for field in rest:
+                    name, _, value = field.partition(":")
+                    fields[name.strip().lower()] = value.strip()
+                async with asyncio.timeout(5):
+                    body = await reader.readexactly(int(fields.get("content-length", "0")))
+                self.seen.append((line, fields, body))
+                if line.startswith("GET "):
+                    data = _sse(SAMPLING)
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+                    )
+                else:
+                    writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_the_upstream_is_told_the_length_of_exactly_the_body_it_gets(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """An MCP GET or DELETE sends no body, and keyproxy's answer to a server request it
+    withheld a body of its own: whatever length the caller declared for its body goes with
+    none of them, so the upstream never reads the caller's next bytes (or the next request
+    on a pooled connection, carrying the key) as part of this one."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    upstream = FramedUpstream()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        cfg["routes"][ROUTE]["secret"] = {"path": KEY_PATH + "-stream"}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        headers = {**bearer(identity), "Mcp-Session-Id": "session-1"}
+        # What a caller would have the upstream read as a request of its own.
+        smuggled = b"DELETE /admin HTTP/1.1\r\nHost: x\r\nUser-Agent: "
+        url = ENDPOINT.format
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            for method in ("GET", "DELETE", "GET"):
+                async with http.request(
+                    method, url(stack.base), data=smuggled, headers=headers
+                ) as answer:
+                    assert answer.status in (200, 202), await answer.text()
+                    await answer.read()
+            await eventually(
+                lambda: sum(line.startswith("POST ") for line, _, _ in upstream.seen) == 2,
+                f"the withheld requests' answers never came: {upstream.seen}",
+            )
+        assert [line.split()[0] for line, _, _ in upstream.seen if "POST" not in line] == [
+            "GET",
+            "DELETE",
+            "GET",
+        ]
+        for line, fields, body in upstream.seen:
+            assert line.endswith(" /mcp HTTP/1.1"), line
+            assert "transfer-encoding" not in fields, line
+            assert int(fields.get("content-length", "0")) == len(body), line
+            assert fields["authorization"] == f"Bearer {STREAM_KEY}"
+            if line.startswith("POST "):
+                assert json.loads(body)["error"]["code"] == -32601
+            else:
+                assert body == b"", line
+    finally:
+        server.close()
+        await server.wait_closed()
