@@ -9,7 +9,6 @@ max_uses, bind_source. Every malformed field is a 400 naming it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qsl
@@ -17,9 +16,10 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from keyproxy import scope as scopes
+from keyproxy import strictjson
 from keyproxy.config import Route, parse_duration
 from keyproxy.errors import BadRequest, ConfigError, Unauthenticated
-from keyproxy.headers import bearer_token, carries_credential
+from keyproxy.headers import bearer_token, carries_credential, in_query
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPES: Final = frozenset(
@@ -29,6 +29,8 @@ MAX_TEXT: Final = 1024
 MAX_BODY: Final = 64 * 1024
 MAX_USES: Final = 1_000_000
 MIN_IDLE_TTL: Final = 2.0
+# The form fields that carry a credential (a workload identity token, or a parent task token).
+_TOKEN_FIELDS: Final = frozenset({"subject_token", "actor_token"})
 
 
 class Asked(NamedTuple):
@@ -111,14 +113,29 @@ async def fields_of(request: web.Request, form: bool) -> dict[str, Any]:
         raise BadRequest("invalid_request", f"request body above {MAX_BODY} bytes")
     try:
         if form:
-            pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=False)
-            return dict(pairs)
-        body = json.loads(raw)
+            return _form(raw)
+        # SECURITY (invariant 12): strictly, as tokens are read: a member given twice is
+        # refused, never read as its last value; no NaN, no Infinity, UTF-8 only.
+        body = strictjson.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("invalid_request", "the body is not valid JSON or form data") from None
     if not isinstance(body, dict):
         raise BadRequest("invalid_request", "the body must be a JSON object")
     return body
+
+
+def _form(raw: bytes) -> dict[str, str]:
+    """A form body's fields. SECURITY (invariant 12): a field given twice is refused (400;
+    `ambiguous_credential` for a token), never read as its last value; bytes that are not
+    UTF-8, percent-encoded or not, are refused rather than replaced."""
+    fields: dict[str, str] = {}
+    for name, value in parse_qsl(raw.decode(), keep_blank_values=True, errors="strict"):
+        if name in fields:
+            if name in _TOKEN_FIELDS:
+                raise BadRequest("ambiguous_credential", f"{name} given more than once")
+            raise BadRequest("invalid_request", f"{name} given more than once")
+        fields[name] = value
+    return fields
 
 
 def subject_token(request: web.Request, fields: dict[str, Any], form: bool, *, svid: bool) -> str:
@@ -130,10 +147,11 @@ def subject_token(request: web.Request, fields: dict[str, Any], form: bool, *, s
             raise BadRequest("unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
         if fields.get("subject_token_type") not in JWT_TYPES:
             raise BadRequest("invalid_request", "subject_token_type must be a JWT type")
-        if carries_credential(request.headers):
-            # SECURITY (invariant 12): the form's token and a header's: which one is meant?
-            raise BadRequest("ambiguous_credential", "send the credential once")
         token = str(fields.get("subject_token", "")).strip()
+        if carries_credential(request.headers) or in_query(request.query_string, token):
+            # SECURITY (invariant 12): the form's token and a header's, or the query's:
+            # which one is meant?
+            raise BadRequest("ambiguous_credential", "send the credential once")
     else:
         if svid and not carries_credential(request.headers) and not request.query_string:
             return ""
@@ -164,11 +182,10 @@ def _text(fields: dict[str, Any], name: str) -> str | None:
 def _max_uses(value: Any) -> int | None:
     if value is None or value == "":
         return None
-    try:
-        uses = int(value)
-    except (TypeError, ValueError):
-        raise ValueError("max_uses: a positive integer") from None
-    if isinstance(value, bool) or not 0 < uses <= MAX_USES:
+    # A whole number as JSON or a form writes it: never 1.5 read as 1, nor True as 1.
+    whole = type(value) is int or (isinstance(value, str) and value.isascii() and value.isdigit())
+    uses = int(value) if whole else 0
+    if not 0 < uses <= MAX_USES:
         raise ValueError(f"max_uses: a positive integer up to {MAX_USES}")
     return uses
 

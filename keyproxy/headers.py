@@ -278,7 +278,7 @@ def caller_token(
     # Header values hold no other whitespace (RFC 9110 5.5; aiohttp refuses CR and LF).
     if " " in value or "\t" in value:
         raise _ambiguous()
-    if query and _in_query(query, value):
+    if query and in_query(query, value):
         raise BadRequest("credential_in_query", "send your token in a header, not in the URL")
     if not value:
         raise Unauthenticated("no_credential", f"send your token in {credential.header}")
@@ -301,7 +301,7 @@ def carries_credential(incoming: CIMultiDictProxy[str]) -> bool:
     return not incoming.keys().isdisjoint(CREDENTIAL_HEADERS)
 
 
-def _in_query(query: str, token: str) -> bool:
+def in_query(query: str, token: str) -> bool:
     """Whether the query string carries a credential, as the upstream will decode it: the
     RFC 6750 parameter, or the caller's token itself anywhere."""
     if token and token in unquote(query):

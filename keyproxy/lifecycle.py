@@ -14,13 +14,12 @@ revocation that every token delegated from it dies with.
 
 from __future__ import annotations
 
-import json
 from typing import Final
 
 import structlog
 from aiohttp import web
 
-from keyproxy import policy
+from keyproxy import policy, strictjson
 from keyproxy.answers import REQUEST_ID_KEY
 from keyproxy.config import Config
 from keyproxy.errors import (
@@ -133,7 +132,7 @@ async def _reason(request: web.Request) -> str:
     if not raw.strip():
         return "completed"
     try:
-        body = json.loads(raw) if len(raw) <= MAX_REVOKE_BODY else None
+        body = strictjson.loads(raw) if len(raw) <= MAX_REVOKE_BODY else None  # invariant 12
     except (ValueError, UnicodeDecodeError):
         body = None
     reason = body.get("reason", "completed") if isinstance(body, dict) else None

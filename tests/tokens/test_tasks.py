@@ -6,10 +6,12 @@ real clients."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import jwt
 import openai
+import pytest
 
 from keyproxy.devserver import OpenBaoDevServer
 from tests.helpers.events import read_events
@@ -23,7 +25,7 @@ from tests.helpers.servers import (
     running_proxy,
     token_config,
 )
-from tests.helpers.tokens import exchange, status
+from tests.helpers.tokens import EXCHANGE, JWT, exchange, status
 
 
 async def test_exchange_use_scope_and_revoke(
@@ -189,3 +191,98 @@ async def test_broker_events_and_answers_carry_the_request_id(
     )
     assert {name: e["request_id"] for name, e in found.items()} == wanted
     assert found["token.denied"]["level"] == "warning"
+
+
+FORM = (
+    f"grant_type={quote(EXCHANGE)}&subject_token_type={quote(JWT)}"
+    "&scope=r:POST:/v1/chat/completions"
+)
+SCOPE_JSON = '"scope": {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}'
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "code"),
+    [
+        ("{form}&subject_token={token}&subject_token={token}", "", "ambiguous_credential"),
+        ("{form}&subject_token=not-a-jwt&subject_token={token}", "", "ambiguous_credential"),
+        (
+            "{form}&subject_token={token}&actor_token={token}&actor_token={token}",
+            "",
+            "ambiguous_credential",
+        ),
+        ("{form}&subject_token={token}&bind_source=true&bind_source=false", "", None),
+        ("{form}&subject_token={token}&task=a&task=b", "", None),
+        ("{form}&subject_token={token}&task=%ff", "", None),
+        ("{form}&subject_token={token}", "?access_token={token}", "ambiguous_credential"),
+        ("{form}&subject_token={token}", "?x={token}", "ambiguous_credential"),
+        ('{{{scope}, "max_uses": 1, "max_uses": 1000000}}', "", None),
+        ('{{{scope}, "scope": {{"r": {{"methods": ["*"], "paths": ["/**"]}}}}}}', "", None),
+        ('{{{scope}, "max_uses": Infinity}}', "", None),
+        ('{{{scope}, "max_uses": NaN}}', "", None),
+        ('{{{scope}, "max_uses": 1e999}}', "", None),
+        ('{{{scope}, "max_uses": 1.5}}', "", None),
+        ('{{{scope}, "idle_ttl": Infinity}}', "", None),
+        ('{{{scope}, "ttl": -Infinity}}', "", None),
+    ],
+    ids=[
+        "form-subject-token-twice",
+        "form-subject-token-garbage-then-token",
+        "form-actor-token-twice",
+        "form-bind-source-twice",
+        "form-task-twice",
+        "form-not-utf8",
+        "form-and-query-access-token",
+        "form-and-token-in-query",
+        "json-max-uses-twice",
+        "json-scope-twice",
+        "json-infinity",
+        "json-nan",
+        "json-beyond-float",
+        "json-fraction",
+        "json-idle-ttl-infinity",
+        "json-ttl-minus-infinity",
+    ],
+)
+async def test_an_exchange_asked_ambiguously_or_loosely_is_400(
+    stack: Stack,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    body: str,
+    query: str,
+    code: str | None,
+) -> None:
+    """A /token field given twice, a credential also in the query, a form that is not
+    UTF-8, JSON outside the strict parser (a member twice, NaN, Infinity, a number beyond a
+    float) or a count that is not a whole number: 400 (ambiguous_credential for a credential,
+    else invalid_request), never the last value read, nor a 500; nothing is issued."""
+    form = body.startswith("{form}")
+    text = body.format(form=FORM, token=identity_token, scope=SCOPE_JSON)
+    headers = {} if form else bearer(identity_token)
+    kind = "application/x-www-form-urlencoded" if form else "application/json"
+    async with http.post(
+        f"{stack.base}/token{query.format(token=identity_token)}",
+        data=text.encode(),
+        headers={**headers, "Content-Type": kind},
+    ) as response:
+        answer = await response.json()
+        assert response.status == 400, answer
+    assert answer["error"]["code"] == (code or "invalid_request")
+    assert "access_token" not in answer
+
+
+async def test_a_revocation_whose_reason_is_given_twice_is_400_and_revokes_nothing(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """The holder's end reason given twice is refused (400), never read as its last value;
+    the token is not revoked."""
+    code, answer = await exchange(http, stack.base, identity_token)
+    assert code == 200, answer
+    token = answer["access_token"]
+    twice = b'{"reason": "failed", "reason": "completed"}'
+    async with http.post(
+        f"{stack.base}/token/revoke",
+        data=twice,
+        headers={**bearer(token), "Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 400, await response.text()
+    assert await status(http, "POST", f"{stack.base}/r/r/v1/chat/completions", token) == 200
