@@ -1,8 +1,8 @@
 """Which headers cross the proxy, each way.
 
 A caller's request header is forwarded unless it carries or could override a credential,
-claims another client address, or could make the upstream run another method or path than
-the one policy checked (`DROPPED_REQUEST_HEADERS`, `DROPPED_REQUEST_FRAGMENTS`); unless it is
+asserts an identity, claims another client address, or could make the upstream run another
+method or path than the one policy checked (`caller_may_send`); unless it is
 hop-by-hop (also by being named in Connection), set by aiohttp or by the route's injection;
 and unless it is the route's caller credential or one of its `strip_headers`. A name holding
 `_` is dropped too, unless the route forwards such names; then every rule above applies to
@@ -36,16 +36,15 @@ from keyproxy.inject import Rendered, holds_any, scrub_text
 SERVER_NAME: Final = "keyproxy"
 
 # SECURITY: request headers never forwarded, whatever the route says. They carry or could
-# override a credential, claim another client address, or make the upstream run another
-# method or path than the one policy checked.
+# override a credential, assert an identity a gateway would have checked, claim another
+# client address, or make the upstream run another method or path than the one policy
+# checked. The rules name classes (fragments, prefixes, "a name ending in key"), not only
+# the headers seen so far: a list of names is always one vendor short.
 DROPPED_REQUEST_HEADERS: Final = frozenset(
     {
         "authorization",
         "proxy-authorization",
         "cookie",
-        "x-api-key",
-        "api-key",
-        "x-goog-api-key",
         "private-token",
         "forwarded",
         "x-real-ip",
@@ -55,17 +54,12 @@ DROPPED_REQUEST_HEADERS: Final = frozenset(
         "cf-connecting-ip",
         "fastly-client-ip",
         "x-cluster-client-ip",
-        "x-http-method-override",
         "x-http-method",
-        "x-method-override",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-original-uri",
-        "x-original-method",
     }
 )
-# ... and any header whose name contains one of these.
+# ... and any header whose name contains one of these ...
 DROPPED_REQUEST_FRAGMENTS: Final = (
+    # credentials
     "auth",
     "token",
     "secret",
@@ -76,10 +70,29 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "signature",
     "apikey",
     "api-key",
-    "x-forwarded-",
-    "x-amz-",
+    "jwt",
+    "bearer",
+    "assertion",
     "client-cert",  # a front proxy's forwarded client certificate (keyproxy.forwardedcert)
+    "x-amz-",
+    # identities a gateway asserts: Kubernetes impersonation and request-header
+    # authentication, Azure App Service's principal, Kong's consumer, user-info claims
+    "impersonate",
+    "principal",
+    "remote-user",
+    "x-remote-",
+    "x-consumer-",
+    "userinfo",
+    # client addresses, and another method, path or URL than the one checked
+    "x-forwarded-",
+    "override",
+    "x-original-",
+    "x-rewrite-",
+    "x-envoy-",
 )
+# ... and any whose name ends in "key" (Ocp-Apim-Subscription-Key, X-Functions-Key,
+# X-Access-Key, Key), but these, which name no credential.
+KEY_NAMED_FORWARDED: Final = frozenset({"idempotency-key"})
 
 
 def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
@@ -92,6 +105,8 @@ def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
         if not fold_underscores:
             return False
         name = folded(name)
+    if name.endswith("key") and name not in KEY_NAMED_FORWARDED:
+        return False
     return name not in DROPPED_REQUEST_HEADERS and not any(
         fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
     )

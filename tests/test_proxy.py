@@ -577,6 +577,40 @@ async def test_bad_key_version_keeps_the_last_good_key(
 # ----------------------------------------------------------------------------- invariant 4
 
 
+# Each class of header a caller must not send upstream, by names that reached it through
+# lists of names: credentials by another vendor's name, identities a gateway asserts, and
+# another path than the one checked.
+CLASS_DROPPED = (
+    "Ocp-Apim-Subscription-Key",
+    "X-Functions-Key",
+    "X-Access-Key",
+    "Upstream-Key",
+    "Key",
+    "X-Jwt-Assertion",
+    "Jwt",
+    "Bearer",
+    "Impersonate-User",
+    "Impersonate-Group",
+    "X-Remote-User",
+    "Remote-User",
+    "X-Ms-Client-Principal",
+    "X-Consumer-Id",
+    "X-Userinfo",
+    "X-Override-URL",
+    "X-Original-Path",
+    "X-Envoy-Original-Path",
+    "X-Rewrite-Path",
+)
+# ... and what SDKs send that names none of those.
+CLASS_KEPT = (
+    "Idempotency-Key",
+    "X-Stainless-Lang",
+    "OpenAI-Organization",
+    "Anthropic-Version",
+    "X-Goog-Api-Client",
+)
+
+
 async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
@@ -584,8 +618,10 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
     http: aiohttp.ClientSession,
     seeded: tuple[str, str],
 ) -> None:
-    """The caller's token, credential-like headers, a caller-sent copy of the injected header
-    and Connection-named headers are dropped; Host is the upstream's. (A second
+    """The caller's token, credential-like headers (also by another vendor's name), asserted
+    identities, path and method overrides, a caller-sent copy of the injected header and
+    Connection-named headers are dropped, what SDKs send besides goes; Host is the
+    upstream's. (A second
     credential-carrying header, such as X-Api-Key or Proxy-Authorization, makes the whole
     request a 400: test_ambiguous_credentials_are_400_and_reach_nothing.)"""
     cfg = config_for(
@@ -606,7 +642,8 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
         "X-Amz-Security-Token": "t",
         "Private-Token": "t",
         "X-Custom-Auth": "t",
-        "Idempotency-Key": "idem-1",
+        **dict.fromkeys(CLASS_DROPPED, "caller-sent"),
+        **dict.fromkeys(CLASS_KEPT, "caller-sent"),
         "X-Keep": "kept",
     }
     async with (
@@ -616,6 +653,8 @@ async def test_caller_credentials_and_hop_by_hop_headers_never_go_upstream(
         assert response.status == 200
     seen = upstream.requests[0].headers
     assert seen.getall("X-Upstream-Key") == [seeded[1]]
+    assert [name for name in CLASS_DROPPED if name in seen] == []
+    assert [name for name in CLASS_KEPT if seen.get(name) != "caller-sent"] == []
     for name in (
         "Authorization",
         "X-Api-Key",
