@@ -155,7 +155,7 @@ def subject_token(request: web.Request, fields: dict[str, Any], form: bool, *, s
     else:
         if svid and not carries_credential(request.headers) and not request.query_string:
             return ""
-        token = bearer_token(request.headers, request.query_string)
+        token = bearer_token(request.headers, request.raw_path)
     if not token:
         raise Unauthenticated("no_credential", "send the workload identity token")
     return token

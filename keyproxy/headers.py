@@ -266,17 +266,17 @@ def other_credential_headers(credential: CallerCredential) -> tuple[str, ...]:
 
 def caller_token(
     incoming: CIMultiDictProxy[str],
-    query: str,
+    target: str,
     credential: CallerCredential,
     others: tuple[str, ...],
 ) -> str:
-    """The caller's token from the route's credential header; `others` are the
-    `other_credential_headers`.
+    """The caller's token from the route's credential header; `target` is the request's raw
+    path and query, `others` the `other_credential_headers`.
 
     Raises Unauthenticated when there is none, and BadRequest when the request carries a
     credential more than once or in two places (invariant 12): two credential-carrying
     headers (two copies of one, or the route's and another), a list in one (a comma, or more
-    than the token after the scheme), or a credential in the query string, which would go
+    than the token after the scheme), or a credential in the path or query, which would go
     upstream as sent (invariant 4). Nothing has been verified yet: the shape alone refuses."""
     values = incoming.getall(credential.header, ())
     carried = len(values)
@@ -293,6 +293,9 @@ def caller_token(
     # Header values hold no other whitespace (RFC 9110 5.5; aiohttp refuses CR and LF).
     if " " in value or "\t" in value:
         raise _ambiguous()
+    path, _, query = target.partition("?")
+    if value and _holds(path, value):
+        raise BadRequest("credential_in_path", "send your token in a header, not in the URL")
     if query and in_query(query, value):
         raise BadRequest("credential_in_query", "send your token in a header, not in the URL")
     if not value:
@@ -304,11 +307,12 @@ _BEARER = CallerCredential()
 _NOT_BEARER = other_credential_headers(_BEARER)
 
 
-def bearer_token(incoming: CIMultiDictProxy[str], query: str = "") -> str:
+def bearer_token(incoming: CIMultiDictProxy[str], target: str = "") -> str:
     """The Bearer token of a request to keyproxy's own endpoints (`/token`, heartbeat,
-    revoke), by the proxy's rules (`caller_token`): a credential sent twice or in two places
-    is refused (400 ambiguous_credential), none is 401 no_credential."""
-    return caller_token(incoming, query, _BEARER, _NOT_BEARER)
+    revoke; `target` its raw path and query), by the proxy's rules (`caller_token`): a
+    credential sent twice or in two places is refused (400 ambiguous_credential), none is
+    401 no_credential."""
+    return caller_token(incoming, target, _BEARER, _NOT_BEARER)
 
 
 def carries_credential(incoming: CIMultiDictProxy[str]) -> bool:
@@ -319,12 +323,17 @@ def carries_credential(incoming: CIMultiDictProxy[str]) -> bool:
 def in_query(query: str, token: str) -> bool:
     """Whether the query string carries a credential, as the upstream will decode it: the
     RFC 6750 parameter, or the caller's token itself anywhere."""
-    if token and token in unquote(query):
+    if token and _holds(query, token):
         return True
     return any(
         unquote_plus(part.partition("=")[0]).lower() == _QUERY_CREDENTIAL
         for part in query.split("&")
     )
+
+
+def _holds(text: str, token: str) -> bool:
+    """Whether `text` (of a URL) holds `token`, as sent or percent-decoded."""
+    return token in text or ("%" in text and token in unquote(text))
 
 
 def _ambiguous() -> BadRequest:

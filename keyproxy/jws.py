@@ -10,14 +10,17 @@ strictly a JSON object in UTF-8, and only then lets PyJWT verify the same bytes.
 passes here PyJWT reads identically:
 strict UTF-8 JSON holds no NUL byte, so PyJWT's guess is UTF-8, and no member is repeated.
 
-`segment(part)` is the decoded object or a `ValueError` whose message names what was wrong
-(never any content). `numeric_date(value)` is a NumericDate (RFC 7519 section 2) an issuer can
-really have written: a finite number from 1970 to the end of year 9999.
+`compact(token)` is the token's three segments, base64url without padding, or a
+`ValueError`. `segment(part)` is the decoded object or a `ValueError` whose message names
+what was wrong (never any content). `numeric_date(value)` is a NumericDate (RFC 7519
+section 2) an issuer can really have written: a finite number from 1970 to the end of year
+9999.
 """
 
 from __future__ import annotations
 
 import binascii
+import re
 from typing import Any, Final
 
 from jwt.utils import base64url_decode
@@ -26,6 +29,20 @@ from keyproxy import strictjson
 
 # 9999-12-31T23:59:59Z: beyond it no date library (nor issuer) writes a time.
 MAX_NUMERIC_DATE: Final = 253402300799
+_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def compact(token: str) -> list[str]:
+    """A compact JWS's three segments, or ValueError. Each is base64url without padding
+    (RFC 7515 section 2): a decoder that tolerates `=` or other bytes would let one token be
+    written many ways, so a check for the token as sent (in a URL, say) would miss another."""
+    parts = token.split(".")
+    # An empty signature is how an unsecured JWS is written: its `alg` refuses it.
+    if len(parts) != 3 or not all(_SEGMENT.fullmatch(part) for part in parts[:2]):
+        raise ValueError("not a compact JWS")
+    if parts[2] and not _SEGMENT.fullmatch(parts[2]):
+        raise ValueError("not a compact JWS")
+    return parts
 
 
 def segment(part: str) -> dict[str, Any]:

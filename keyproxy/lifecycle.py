@@ -62,7 +62,7 @@ class Lifecycle:
     async def _held(self, request: web.Request) -> TaskToken:
         """The task token the request presents as its Bearer credential, verified (also when
         a token it was delegated from is revoked: the caller decides)."""
-        token = bearer_token(request.headers, request.query_string)  # once, in one place
+        token = bearer_token(request.headers, request.raw_path)  # once, in one place
         if not is_task_token(token):
             raise Unauthenticated("no_credential", "send the task token as a Bearer token")
         task = await self.tasks.verify(token, cascade=False)

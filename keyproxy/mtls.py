@@ -52,7 +52,7 @@ def client_chain(
 
 def bearer_or_certificate(  # caller_token's, and the chain
     incoming: CIMultiDictProxy[str],
-    query: str,
+    target: str,
     credential: CallerCredential,
     others: tuple[str, ...],
     chain: tuple[bytes, ...],
@@ -60,7 +60,7 @@ def bearer_or_certificate(  # caller_token's, and the chain
     """The caller's bearer credential (`headers.caller_token`), or "" when it sent none but
     presented a client certificate `chain`: an X.509-SVID caller."""
     try:
-        return caller_token(incoming, query, credential, others)
+        return caller_token(incoming, target, credential, others)
     except Unauthenticated as exc:
         if chain and exc.reason == "no_credential":
             return ""

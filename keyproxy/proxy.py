@@ -169,7 +169,11 @@ class Proxy:
             plan = self.plans[route.name]
             chain, _ = client_chain(request, self.config.server, self.tls)
             credential = bearer_or_certificate(
-                request.headers, raw_query, route.caller_credential, plan.other_credentials, chain
+                request.headers,
+                request.raw_path,
+                route.caller_credential,
+                plan.other_credentials,
+                chain,
             )
             caller = await self._authenticate(credential, chain)
             decision = self._decide(caller, route, request.method, segments, source)

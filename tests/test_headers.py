@@ -261,8 +261,11 @@ TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
 OTHER = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJiIn0.c2ln"
 
 
-def _token(credential: CallerCredential, *pairs: tuple[str, str], query: str = "") -> str:
-    return caller_token(_incoming(*pairs), query, credential, other_credential_headers(credential))
+def _token(
+    credential: CallerCredential, *pairs: tuple[str, str], query: str = "", path: str = "/r/r/x"
+) -> str:
+    target = f"{path}?{query}" if query else path
+    return caller_token(_incoming(*pairs), target, credential, other_credential_headers(credential))
 
 
 @pytest.mark.parametrize(
@@ -336,6 +339,23 @@ def test_a_credential_in_the_query_string_is_refused(query: str) -> None:
     if "access" in query.lower():
         with pytest.raises(BadRequest):
             _token(BEARER, query=query)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/r/r/echo/{TOKEN}",
+        f"/r/r/{TOKEN[:10]}%{ord(TOKEN[10]):02X}{TOKEN[11:]}/x",  # as the upstream decodes it
+        f"/r/r/x;t={TOKEN}",
+    ],
+)
+def test_the_callers_token_in_the_path_is_refused(path: str) -> None:
+    """The caller's token anywhere in the path, as sent or percent-decoded, would go upstream
+    with it: 400, before anything is verified."""
+    with pytest.raises(BadRequest) as refused:
+        _token(BEARER, ("Authorization", f"Bearer {TOKEN}"), path=path, query="q=1")
+    assert refused.value.reason == "credential_in_path"
+    assert _token(BEARER, ("Authorization", f"Bearer {TOKEN}"), path=f"/r/r/{OTHER}") == TOKEN
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,30 @@ def test_not_base64url_is_refused(part: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "token",
+    [
+        "eyJh.eyJz.c2ln=",  # padding
+        "eyJh.eyJz==.c2ln",
+        "eyJh.eyJz.c2l+",  # base64, not base64url
+        "eyJh.eyJz.c2l/",
+        ".eyJz.c2ln",  # no header
+        "eyJh..c2ln",
+        "eyJh.eyJz",
+        "eyJh.eyJz.c2ln.eHg",
+        " eyJh.eyJz.c2ln",
+        "eyJh.eyJz.c2ln\n",
+    ],
+)
+def test_a_token_written_any_other_way_than_compact_base64url_is_refused(token: str) -> None:
+    """Padding, base64's own letters, a missing, empty or extra segment: one token has one
+    spelling, so a check for it as sent (in a URL, say) cannot miss another."""
+    with pytest.raises(ValueError, match="not a compact JWS"):
+        jws.compact(token)
+    assert jws.compact("eyJh.eyJz.c2ln") == ["eyJh", "eyJz", "c2ln"]
+    assert jws.compact("eyJh.eyJz.") == ["eyJh", "eyJz", ""]  # unsecured: its alg refuses it
+
+
+@pytest.mark.parametrize(
     ("raw", "sub"), [(VALID.encode("utf-16"), "agent"), (b'{"sub":"agent","sub":"admin"}', "admin")]
 )
 def test_what_is_refused_here_pyjwt_alone_accepts(raw: bytes, sub: str) -> None:

@@ -899,6 +899,39 @@ async def test_a_credential_in_the_query_string_is_400(
         assert response.status == 200
 
 
+async def test_the_callers_token_in_the_path_is_400(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """The caller's own token in the path, as sent or percent-encoded, would go upstream
+    with it (invariant 4): 400 credential_in_path, nothing forwarded."""
+    encoded = "".join(f"%{ord(c):02X}" if c in "eyJ." else c for c in token)
+    for path in (f"/r/r/echo/{token}", f"/r/r/{encoded}/echo", f"/r/r/echo;t={token}"):
+        url = URL(f"{stack.base}{path}", encoded=True)
+        async with http.get(url, headers=bearer(token)) as response:
+            assert response.status == 400, path
+            assert (await response.json())["error"]["code"] == "credential_in_path"
+    assert upstream.requests == []
+
+
+async def test_a_token_spelt_another_way_is_401(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """A valid token with base64 padding after a segment is another spelling of it, which
+    lenient decoders accept: refused (401 malformed), so the token as sent in the URL beside
+    it is not missed by the check for it there."""
+    head, payload, signature = token.split(".")
+    for spelt in (
+        f"{token}==",
+        f"{head}.{payload}=.{signature}",
+        f"{head}==.{payload}.{signature}",
+    ):
+        url = URL(f"{stack.base}/r/r/echo?x={token}", encoded=True)
+        async with http.get(url, headers=bearer(spelt)) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "malformed"
+    assert upstream.requests == []
+
+
 class JwksServer:
     """Serves a JWKS on loopback and counts how often it is fetched."""
 

@@ -184,9 +184,10 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The unverified header and payload, read strictly; PyJWT then verifies the same bytes."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
         raise Unauthenticated("malformed", "the token is not a well-formed JWT")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise Unauthenticated("malformed", "the token is not a well-formed JWT")
+    try:
+        parts = jws.compact(token)
+    except ValueError:
+        raise Unauthenticated("malformed", "the token is not a well-formed JWT") from None
     return _segment(parts[0]), _segment(parts[1])
 
 

@@ -107,9 +107,10 @@ class Verifier(Signing):
         return cached
 
     async def _verify_signed(self, token: str) -> _Verified:
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise Unauthenticated("malformed", "not a task token")
+        try:
+            parts = jws.compact(token)
+        except ValueError:
+            raise Unauthenticated("malformed", "not a task token") from None
         try:
             # Strictly, before PyJWT reads the same bytes its own, lenient way.
             header, _ = jws.segment(parts[0]), jws.segment(parts[1])
