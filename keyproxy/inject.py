@@ -25,7 +25,7 @@ import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote_plus
 
 from keyproxy import secret
 from keyproxy.config import Injection, Route
@@ -84,7 +84,8 @@ class Injector:
         self.injections = route.inject
         # Header names the caller must never set itself: it could override what we inject.
         self.header_names = frozenset(i.name.lower() for i in route.inject if i.kind != "query")
-        self.query_names = frozenset(i.name for i in route.inject if i.kind == "query")
+        # Each injected query parameter's name as any server may read it (`read_as`).
+        self.query_names = frozenset(read_as(i.name) for i in route.inject if i.kind == "query")
         self._cached: Rendered | None = None
 
     def render(self, key: Secret, version: int) -> Rendered:
@@ -218,3 +219,13 @@ class Scrubber(Stream):
 
     def __init__(self, byte_forms: Iterable[bytes]) -> None:
         super().__init__(_matcher(byte_forms))
+
+
+def read_as(name: str) -> str:
+    """A query parameter's name (percent-encoded, as sent) as the most lenient server reads
+    it: decoded, without spaces around it, in any case (ASP.NET), with a `[...]` suffix
+    taken for an array of it and `.` and spaces as `_` (PHP)."""
+    read = unquote_plus(name).strip().lower()
+    if read.endswith("]") and "[" in read:
+        read = read[: read.index("[")].rstrip()
+    return read.replace(".", "_").replace(" ", "_")

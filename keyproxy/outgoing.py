@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Final
-from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -25,7 +24,7 @@ from yarl import URL
 
 from keyproxy.config import Route
 from keyproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
-from keyproxy.inject import Injector, Rendered
+from keyproxy.inject import Injector, Rendered, read_as
 
 CHUNK: Final = 64 * 1024
 
@@ -88,12 +87,26 @@ def upstream_url(
     path = route.upstream.base_path + encoded_path
     query = raw_query
     if rendered.query:
-        # A caller-sent parameter of an injected name would override or accompany the key.
-        kept = [
-            part
-            for part in raw_query.split("&")
-            if part and unquote_plus(part.partition("=")[0]) not in injector.query_names
-        ]
-        query = "&".join([*kept, rendered.query])
+        query = "&".join([*_without_injected(raw_query, injector.query_names), rendered.query])
     text = f"{route.upstream.origin}{path}" + (f"?{query}" if query else "")
     return URL(text, encoded=True)
+
+
+def _without_injected(raw_query: str, injected: frozenset[str]) -> list[str]:
+    """The caller's query parameters but any copy of an injected one, which would override
+    or accompany the key: a name any server may read as an injected name (`read_as`: another
+    case, spaces, `key[]`) is dropped. SECURITY (invariant 12): one that only a server
+    splitting on `;` too would see (`a=1;key=x`) cannot be dropped without changing what
+    others read: the request is refused."""
+    kept = []
+    for part in raw_query.split("&"):
+        if not part or read_as(part.partition("=")[0]) in injected:
+            continue
+        if ";" in part and any(
+            read_as(piece.partition("=")[0]) in injected for piece in part.split(";")[1:]
+        ):
+            raise BadRequest(
+                "ambiguous_query", "the query holds a parameter the upstream could read as its key"
+            )
+        kept.append(part)
+    return kept

@@ -721,16 +721,22 @@ async def test_query_injection_replaces_a_caller_parameter(
     http: aiohttp.ClientSession,
     seeded: tuple[str, str],
 ) -> None:
-    """A query-parameter key replaces any caller-sent parameter of that name."""
-    cfg = config_for(upstream.url, inject=[{"query": "key"}])
-    async with (
-        running_proxy(cfg) as stack,
-        http.get(
-            URL(f"{stack.base}/r/r/echo?key=forged&q=1", encoded=True), headers=bearer(token)
-        ) as response,
-    ):
-        assert response.status == 200
-    assert upstream.requests[0].query == f"q=1&key={seeded[1]}"
+    """A query-parameter key replaces any caller-sent parameter any server may read as its
+    name (another case, spaces, an array of it, PHP's `.` for `_`); one only a server that
+    also splits on `;` would see is refused (400 ambiguous_query), nothing forwarded."""
+    cfg = config_for(upstream.url, inject=[{"query": "api_key"}])
+    copies = "api_key=forged&API_KEY=f&%20Api_Key=f&api_key[]=f&api.key[0]=f&api%5Fkey=f"
+    async with running_proxy(cfg) as stack:
+        url = URL(f"{stack.base}/r/r/echo?{copies}&q=1&api_keys=2", encoded=True)
+        async with http.get(url, headers=bearer(token)) as response:
+            assert response.status == 200
+        assert upstream.requests[0].query == f"q=1&api_keys=2&api_key={seeded[1]}"
+        for query in ("a=1;api_key=f", "a=1;%20API_KEY=f&q=1", "q=1&b=2;c=3;api.key=f"):
+            url = URL(f"{stack.base}/r/r/echo?{query}", encoded=True)
+            async with http.get(url, headers=bearer(token)) as response:
+                assert response.status == 400, query
+                assert (await response.json())["error"]["code"] == "ambiguous_query"
+        assert len(upstream.requests) == 1
 
 
 # Each reached the upstream verbatim while its dash form was dropped; servers that read `_`
