@@ -43,7 +43,7 @@ class Watch:
         self.limit = limit
         self.deadline = time.monotonic() + first
         self._on_caller = False
-        self.expired = ""  # once timed out: "upstream" or "caller", whoever was silent
+        self.expired = ""  # once ended: "upstream" or "caller", whoever was silent, or why
 
     def heard(self) -> None:
         """The upstream answered (or it is its turn again): the silence starts now."""
@@ -62,8 +62,13 @@ class Watch:
 
     def expire(self) -> None:
         """Time the watch out now (its sweep found the awaited side silent too long)."""
-        if not self.expired:
-            self.expired = "caller" if self._on_caller else "upstream"
+        self.end("caller" if self._on_caller else "upstream")
+
+    def end(self, why: str) -> None:
+        """End the wait now, for `why` (`expired` says it): the sweep's "upstream" or
+        "caller", or another part's (the caller's token ended). Only while it is watched."""
+        if not self.expired and self in self._deadlines.watches:
+            self.expired = why
             self._task.cancel()
 
     def __enter__(self) -> Watch:

@@ -27,9 +27,12 @@ from keyproxy.errors import (
     GatewayTimeout,
     RequestError,
     RequestTimeout,
+    Unauthenticated,
 )
 from keyproxy.headers import response_headers
 from keyproxy.inject import Rendered, Scrubber, scrub_bytes
+from keyproxy.tokens import TaskToken
+from keyproxy.tokens.inflight import NOT_WATCHED, InFlight
 
 # Response encodings aiohttp decodes, so the scrubber sees clear text. We ask for identity;
 # anything else the upstream sends anyway is refused rather than passed through unscrubbed.
@@ -37,6 +40,8 @@ DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is r
 
 # Answers with a declared length up to this size are scrubbed and sent whole.
 WHOLE_BODY: Final = 64 * 1024
+# Why a caller's task token ends an exchange under way (keyproxy.tokens.inflight).
+TOKEN_ENDS: Final = frozenset({"revoked", "expired"})
 
 
 class Reshaper(Protocol):
@@ -99,14 +104,26 @@ class Exchange:
     the read deadline of its own `Watch`. What the upstream answered is kept from the moment
     it did (`upstream_status`), for the audit event even of a request that fails after."""
 
-    __slots__ = ("_forwarder", "_sent", "_watch", "upstream_status")
+    __slots__ = ("_ends", "_forwarder", "_sent", "_watch", "upstream_status")
 
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        token: TaskToken | None = None,
+        inflight: InFlight | None = None,
+    ) -> None:
         self._forwarder = forwarder
+        # Ended when the caller's task token ends (keyproxy.tokens.inflight).
+        self._ends = inflight.watching(token, self.end) if inflight is not None else NOT_WATCHED
         # Until the answer starts: connecting (if a new connection is needed) and waiting.
         self._watch = Watch(forwarder.deadlines, forwarder.read_timeout, forwarder.first_read)
         self.upstream_status: int | None = None
         self._sent: web.StreamResponse | None = None  # once its status line went out
+
+    def end(self, why: str) -> None:
+        """The caller's task token ended (`why`, one of TOKEN_ENDS) while this exchange ran:
+        it stops now, a 401 before the answer started, else the answer is cut."""
+        self._watch.end(why)
 
     async def send(
         self,
@@ -123,7 +140,7 @@ class Exchange:
         watch = self._watch
         body = outgoing.body
         try:
-            with watch:
+            with self._ends, watch:
                 async with forwarder.session.request(
                     request.method,
                     outgoing.url,
@@ -148,9 +165,13 @@ class Exchange:
         except RequestError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            token_ended = watch.expired in TOKEN_ENDS
             if self._sent is not None:
                 # The status line is gone: cut the answer short.
-                return Outcome(self._sent, _abort(request, "upstream_timeout"))
+                cut = f"token_{watch.expired}" if token_ended else "upstream_timeout"
+                return Outcome(self._sent, _abort(request, cut))
+            if token_ended:
+                raise Unauthenticated(watch.expired, "the task token ended") from None
             if watch.expired == "caller":
                 raise RequestTimeout(
                     "body_timeout", "the request body did not arrive in time"

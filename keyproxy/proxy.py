@@ -52,6 +52,7 @@ from keyproxy.outgoing import request_body, upstream_url
 from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
+from keyproxy.tokens.inflight import InFlight
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
 
@@ -129,6 +130,7 @@ class Proxy:
         self.keys = keys
         self.sessions = sessions
         self.tasks = tasks
+        self.inflight = tasks.inflight if tasks is not None else InFlight()
         self.metrics = metrics
         self.limiter = Limiter(config, store, exact_uses=exact_uses)  # keyproxy.limiter
         # A 503 for a key Vault could not give says when to try again: the next refresh.
@@ -187,7 +189,7 @@ class Proxy:
                 outgoing = await _outgoing(
                     request, route, plan, path, raw_query, rendered, rid, (caller, decision, key)
                 )
-                exchange = Exchange(plan.forwarder)
+                exchange = Exchange(plan.forwarder, caller.task, self.inflight)
                 outcome = await exchange.send(request, outgoing, rendered, rid)
         except RequestError as exc:
             ended = exc.reason, exc.status, False, exc.limit

@@ -115,6 +115,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "tokens.revoked",
                 "tokens.revocation",
                 "tokens.lineage",
+                "tokens.inflight",
                 "tokens.exceptions",
                 "tokens.signing",
                 "tokens.verify",

@@ -23,6 +23,7 @@ from keyproxy import strictjson
 from keyproxy.config import Config
 from keyproxy.errors import BadRequest, Unavailable, VaultError
 from keyproxy.tokens.format import TaskToken
+from keyproxy.tokens.inflight import InFlight
 from keyproxy.tokens.revoked import (
     ListCopy,
     Revocations,
@@ -99,6 +100,7 @@ class RevocationStore:
         # EARLIER_REVOCATIONS (`_earlier`: each list and its version), which only they
         # write; `_revocations` has them all.
         self._revocations = Revocations()
+        self.inflight = InFlight()  # the task-token requests under way, ended with their token
         self._copy = ListCopy()
         self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)
         self._earlier: dict[str, tuple[Revocations, int | None]] = {}
@@ -269,7 +271,7 @@ class RevocationStore:
         # the copy held, not these shards, which its index now names.
         for shard, (data, version) in zip(shards, results, strict=True):
             copy.take_shard(shard, data, version, shard_path(main, shard))
-        self._revocations = self._combined(copy)
+        self._publish(self._combined(copy))
         return True
 
     async def _known_index(self, copy: ListCopy, mount: str, main: str) -> dict[int, int]:
@@ -361,7 +363,7 @@ class RevocationStore:
             return False
         if version is None and copy.main_version is not None and taken == self._writes_taken:
             copy.forget()  # deleted (by hand): its next write makes it afresh
-            self._revocations = self._combined(copy)
+            self._publish(self._combined(copy))
         if version is not None and version != copy.main_version:
             data, version = await read_written(self.vault, mount, main)
             if place != self._place:
@@ -369,7 +371,7 @@ class RevocationStore:
             # Unless a write of this replica's, taken meanwhile, is the later (a slow read).
             if taken == self._writes_taken or version > (copy.main_version or 0):
                 copy.take_main(data, version, main)
-                self._revocations = self._combined(copy)
+                self._publish(self._combined(copy))
         return True
 
     async def _read_shards(self, place: int, copy: ListCopy, mount: str, main: str) -> bool:
@@ -387,7 +389,7 @@ class RevocationStore:
         for (shard, indexed), read in zip(wanted.items(), shards, strict=True):
             error = _took(copy, shard, indexed, read, shard_path(main, shard))
             failed = failed or error  # every other shard is still taken
-        self._revocations = self._combined(copy)
+        self._publish(self._combined(copy))
         if failed is not None:
             raise failed
         return True
@@ -410,9 +412,14 @@ class RevocationStore:
                 if place != self._place:
                     return False
             self._earlier[path] = Revocations.from_data(earlier), version
-            self._revocations = self._combined(copy)
+            self._publish(self._combined(copy))
         self._earlier_read_at = now
         return True
+
+    def _publish(self, revocations: Revocations) -> None:
+        """Judge by `revocations` from now on, and end the requests under way they name."""
+        self._revocations = revocations
+        self.inflight.end_dead(revocations, self.clock())
 
     def _combined(self, copy: ListCopy) -> Revocations:
         """The list `copy` holds with what earlier builds wrote, pruned (no one else prunes

@@ -208,4 +208,5 @@ class TaskTokens(Verifier):
                 log.warning("revocations_refresh_failed", error=str(exc))
             except Exception:  # a bug: the poll goes on, or no revocation would reach us
                 log.exception("revocations_refresh_failed")
+            self.inflight.end_dead(self._revocations, self.clock())  # those that expired
             await asyncio.sleep(self.cfg.revocation_poll_interval)

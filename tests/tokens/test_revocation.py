@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from keyproxy import config as config_module
@@ -38,6 +41,7 @@ from tests.helpers.servers import (
     Upstream,
     bearer,
     running_proxy,
+    serve,
     token_config,
 )
 from tests.helpers.tokens import SCOPE, Clock, exchange, refused, replicas_of_own_list, status
@@ -999,3 +1003,78 @@ async def test_revocation_whose_caller_went_away_is_still_recorded(
         assert (event["by"], event["token_id"]) == ("operator", "walked-away")
     finally:
         vault.close()
+
+
+async def _ticking(request: web.Request) -> web.StreamResponse:
+    """An event every 50 ms for 30 s: an LLM's long answer, or an MCP server's GET stream."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(600):
+        await response.write(b"data: %d\n\n" % i)
+        await asyncio.sleep(0.05)  # the stream's own pace
+    await response.write_eof()
+    return response
+
+
+def _events_of(audit_log: Path, rid: str) -> list[dict[str, Any]]:
+    return [e for e in read_events(audit_log) if e.get("request_id") == rid]
+
+
+async def _events_until_cut(answer: aiohttp.ClientResponse) -> int:
+    """How many events arrived before the answer was cut (asserting it was, within 10 s)."""
+    events = 0
+    with pytest.raises(aiohttp.ClientPayloadError):  # noqa: PT012  # cut while reading
+        async with asyncio.timeout(10):
+            async for _ in answer.content.iter_any():
+                events += 1
+    return events
+
+
+async def test_an_open_stream_ends_with_its_token(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A task token's answer still streaming when the token is revoked is cut: by another
+    replica's revocation within the poll interval, by its holder's at once; each request's
+    audit event says token_revoked."""
+    app = web.Application()
+    app.router.add_get("/echo", _ticking)
+    runner, port = await serve(app)
+    try:
+        cfg = token_config(openbao, agent, f"http://127.0.0.1:{port}")
+        async with running_proxy(cfg) as stack:
+            vault = Vault(stack.config.vault)
+            await vault.login()
+            try:
+                elsewhere = TaskTokens(stack.config, vault)
+                scope = {"other": {"methods": ["GET"], "paths": ["/echo"]}}
+                for how in ("another replica", "its holder"):
+                    code, answer = await exchange(http, stack.base, identity_token, scope=scope)
+                    assert code == 200, answer
+                    token, rid = answer["access_token"], f"stream-{uuid.uuid4().hex}"
+                    headers = {**bearer(token), "X-Request-Id": rid}
+                    async with http.get(f"{stack.base}/r/other/echo", headers=headers) as stream:
+                        assert stream.status == 200
+                        await stream.content.readuntil(b"\n\n")
+                        if how == "its holder":
+                            async with http.post(
+                                f"{stack.base}/token/revoke", headers=bearer(token)
+                            ) as revoked:
+                                assert revoked.status == 200
+                        else:
+                            await elsewhere.revoke(
+                                token_id=answer["token_id"], expires_at=answer["expires_at"]
+                            )
+                        assert await _events_until_cut(stream) < 590, how
+                    events = await eventually(
+                        functools.partial(_events_of, audit_log, rid),
+                        f"no audit event for the stream cut by {how}",
+                    )
+                    assert [e["reason"] for e in events] == ["token_revoked"], how
+            finally:
+                vault.close()
+    finally:
+        await runner.cleanup()

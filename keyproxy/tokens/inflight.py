@@ -1,0 +1,75 @@
+"""Requests under way with a task token, ended with it (invariant 11).
+
+A streamed answer (an SSE completion, an MCP server's GET stream) can outlive the check its
+request passed: the token may be revoked, lose its heartbeat (which revokes it) or expire
+while it streams. The proxy registers each task-token request while it forwards
+(`InFlight.watching`, with the function that ends it); whenever this replica's revocation
+list changes, and at every revocation poll, the requests whose token (or a token it was
+delegated from) is revoked or expired are ended. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final
+
+from keyproxy.tokens.format import LEEWAY, TaskToken
+from keyproxy.tokens.revoked import Revocations
+
+End = Callable[[str], None]  # ends a request: "revoked" or "expired"
+
+
+class _Watching:
+    """One request's registration, as a `with` block."""
+
+    __slots__ = ("_end", "_inflight", "_token")
+
+    def __init__(self, inflight: InFlight, token: TaskToken, end: End) -> None:
+        self._inflight, self._token, self._end = inflight, token, end
+
+    def __enter__(self) -> None:
+        self._inflight.requests[self] = self._token, self._end
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._inflight.requests.pop(self, None)
+
+
+class _NotWatching:
+    """The registration of a request without a task token: nothing to end it."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+NOT_WATCHED: Final = _NotWatching()
+
+
+class InFlight:
+    """This process's task-token requests under way."""
+
+    def __init__(self) -> None:
+        self.requests: dict[_Watching, tuple[TaskToken, End]] = {}
+
+    def watching(self, token: TaskToken | None, end: End) -> _Watching | _NotWatching:
+        """While in this block, a request with `token` is ended (`end`) when the token ends."""
+        return NOT_WATCHED if token is None else _Watching(self, token, end)
+
+    def end_dead(self, revocations: Revocations, now: float) -> None:
+        """End the requests whose token `revocations` names (by id, subject or task, or in
+        its chain), or which expired (`expires_at` is the earliest of its chain's)."""
+        for token, end in list(self.requests.values()):
+            if now >= token.expires_at + LEEWAY:
+                end("expired")
+            elif revocations.revoked(token) or revocations.chain_refusal(token) is not None:
+                end("revoked")
