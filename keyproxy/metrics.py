@@ -31,10 +31,10 @@
     keyproxy_state_store_decision_seconds               summary: time per decision (_sum,
                                                         _count), and its _max since start
 
-The key series are read from the key cache when scraped, so they cost the request path
-nothing. Rotation runs (`keyproxy rotate`) are separate processes: they report through
-`keyproxy rotate --metrics-file`, for node_exporter's textfile collector. No label or value
-ever holds a key or a token.
+The key, signing-key, revocation-list and store series are read from their holders when
+scraped (keyproxy.gauges), so they cost the request path nothing. Rotation runs (`keyproxy
+rotate`) are separate processes: they report through `keyproxy rotate --metrics-file`, for
+node_exporter's textfile collector. No label or value ever holds a key or a token.
 """
 
 from __future__ import annotations
@@ -57,16 +57,16 @@ from prometheus_client import (
 )
 from prometheus_client.core import (
     CounterMetricFamily,
-    GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from keyproxy import gauges
 from keyproxy.state import StoreStats
-from keyproxy.tokens.revocation import END_REASONS, RevocationStatus
+from keyproxy.tokens.listread import RevocationStatus
+from keyproxy.tokens.revocation import END_REASONS
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # The buckets' upper bounds as the exposition writes them ("le" labels).
@@ -123,7 +123,7 @@ class Metrics:
             ["hash"],
             registry=self.registry,
         )
-        self.registry.register(_KeyCollector(key_status))
+        self.registry.register(gauges.KeyCollector(key_status))
         self.limit_refusals = Counter(
             "keyproxy_limit_refusals",
             "Requests refused by a limit (or because the state store could not check it), "
@@ -155,7 +155,7 @@ class Metrics:
 
     def watch_store(self, stats: StoreStats) -> None:
         """Export the state store's running totals. Read when scraped."""
-        self.registry.register(_StoreCollector(stats))
+        self.registry.register(gauges.StoreCollector(stats))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -167,43 +167,12 @@ class Metrics:
     ) -> None:
         """Export the verification keys' freshness: the identity verifier's `key_status` per
         issuer, and the task tokens' `key_status`. Read when scraped."""
-        self.registry.register(_SigningKeysCollector(issuers, task_keys))
+        self.registry.register(gauges.SigningKeysCollector(issuers, task_keys))
 
     def watch_revocations(self, status: Callable[[], RevocationStatus]) -> None:
         """Export the revocation list as this process holds it (`RevocationStore.
         revocation_status`): read when scraped."""
-        self.registry.register(_RevocationsCollector(status))
-
-
-class _RevocationsCollector(Collector):
-    """The revocation list's size and whether it was read, read when scraped."""
-
-    def __init__(self, status: Callable[[], RevocationStatus]) -> None:
-        self._status = status
-
-    def collect(self) -> Iterator[Metric]:
-        status = self._status()
-        yield GaugeMetricFamily(
-            "keyproxy_revocation_list_entries",
-            "Entries of the revocation list this process holds (revoked token ids, subjects "
-            "and tasks not yet pruned); about 290,000 fit in its 16 shards, 18,000 in each.",
-            value=status.entries,
-        )
-        yield GaugeMetricFamily(
-            "keyproxy_revocation_list_read",
-            "1 once this process has read the revocation list (until then a task token "
-            "makes it try, and gets 503 if it cannot).",
-            value=1.0 if status.read else 0.0,
-        )
-        age = GaugeMetricFamily(
-            "keyproxy_revocation_list_age_seconds",
-            "Seconds since this process's last whole read of the revocation list began (none "
-            "before the first); past tokens.revocation_max_staleness a task token makes it "
-            "read again, and gets 503 if it cannot.",
-        )
-        if status.age is not None:
-            age.add_metric([], status.age)
-        yield age
+        self.registry.register(gauges.RevocationsCollector(status))
 
 
 class _RequestCollector(Collector):
@@ -248,138 +217,6 @@ class _RequestCollector(Collector):
             )
         yield requests
         yield latency
-
-
-class _KeyCollector(Collector):
-    """Key-cache state, read when scraped."""
-
-    def __init__(self, key_status: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        self._status = key_status
-
-    def collect(self) -> Iterator[Metric]:
-        version = GaugeMetricFamily(
-            "keyproxy_key_version", "KV version of the key being injected.", labels=["route"]
-        )
-        age = GaugeMetricFamily(
-            "keyproxy_key_age_seconds",
-            "Seconds since Vault created the key version being injected.",
-            labels=["route"],
-        )
-        staleness = GaugeMetricFamily(
-            "keyproxy_key_staleness_seconds",
-            "Seconds since the key was last read from Vault, or confirmed unchanged by the "
-            "change index.",
-            labels=["route"],
-        )
-        ready = GaugeMetricFamily(
-            "keyproxy_key_ready", "1 when a fresh key is loaded for the route.", labels=["route"]
-        )
-        rotations = CounterMetricFamily(
-            "keyproxy_key_rotations", "New key versions this replica picked up.", labels=["route"]
-        )
-        reads = CounterMetricFamily(
-            "keyproxy_vault_reads", "Reads of the route's key from Vault.", labels=["route"]
-        )
-        errors = CounterMetricFamily(
-            "keyproxy_vault_read_errors", "Failed reads of the route's key.", labels=["route"]
-        )
-        now = time.time()
-        for route, entry in sorted(self._status().items()):
-            if entry.get("version") is not None:
-                version.add_metric([route], entry["version"])
-            if entry.get("created_at") is not None:
-                age.add_metric([route], max(0.0, now - entry["created_at"]))
-            if entry.get("age") is not None:
-                staleness.add_metric([route], entry["age"])
-            ready.add_metric([route], 1.0 if entry.get("fresh") else 0.0)
-            rotations.add_metric([route], entry.get("versions_seen", 0))
-            reads.add_metric([route], entry.get("reads", 0))
-            errors.add_metric([route], entry.get("read_errors", 0))
-        yield from (version, age, staleness, ready, rotations, reads, errors)
-
-
-class _SigningKeysCollector(Collector):
-    """How old the keys are that tokens are verified with, read when scraped."""
-
-    def __init__(
-        self,
-        issuers: Callable[[], dict[str, dict[str, Any]]],
-        task_keys: Callable[[], dict[str, Any]],
-    ) -> None:
-        self._issuers = issuers
-        self._task_keys = task_keys
-
-    def collect(self) -> Iterator[Metric]:
-        age = GaugeMetricFamily(
-            "keyproxy_identity_keys_age_seconds",
-            "Seconds since the issuer's keys were last fetched successfully.",
-            labels=["issuer"],
-        )
-        stale = GaugeMetricFamily(
-            "keyproxy_identity_keys_stale",
-            "1 when the issuer's keys are past jwks_max_staleness (its tokens are refused).",
-            labels=["issuer"],
-        )
-        refused = CounterMetricFamily(
-            "keyproxy_identity_stale_refusals",
-            "Tokens refused because the issuer's keys were too old to trust.",
-            labels=["issuer"],
-        )
-        for issuer, entry in sorted(self._issuers().items()):
-            if entry["age"] is not None:
-                age.add_metric([issuer], entry["age"])
-            stale.add_metric([issuer], 1.0 if entry["stale"] else 0.0)
-            refused.add_metric([issuer], entry["stale_refusals"])
-        own = self._task_keys()
-        own_age = GaugeMetricFamily(
-            "keyproxy_token_keys_age_seconds",
-            "Seconds since the task tokens' Transit public keys were last read.",
-        )
-        if own["age"] is not None:
-            own_age.add_metric([], own["age"])
-        own_stale = GaugeMetricFamily(
-            "keyproxy_token_keys_stale",
-            "1 when the Transit public keys are past tokens.key_max_staleness.",
-            value=1.0 if own["stale"] else 0.0,
-        )
-        own_refused = CounterMetricFamily(
-            "keyproxy_token_keys_stale_refusals",
-            "Task tokens refused because the Transit public keys were too old to trust.",
-            value=own["stale_refusals"],
-        )
-        yield from (age, stale, refused, own_age, own_stale, own_refused)
-
-
-class _StoreCollector(Collector):
-    """The state store's decisions, faults and latency, read when scraped."""
-
-    def __init__(self, stats: StoreStats) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self._stats
-        yield CounterMetricFamily(
-            "keyproxy_state_store_decisions",
-            "Limit decisions asked of the state store.",
-            value=stats.decisions,
-        )
-        yield CounterMetricFamily(
-            "keyproxy_state_store_errors",
-            "Decisions the state store did not answer (each limit then followed its "
-            "on_store_error).",
-            value=stats.errors,
-        )
-        yield SummaryMetricFamily(
-            "keyproxy_state_store_decision_seconds",
-            "Time per limit decision, one round trip to the store.",
-            count_value=stats.decisions,
-            sum_value=stats.decision_seconds_total,
-        )
-        yield GaugeMetricFamily(
-            "keyproxy_state_store_decision_seconds_max",
-            "The longest limit decision since the process started.",
-            value=stats.decision_seconds_max,
-        )
 
 
 def write_rotation_textfile(path: Path, outcomes: Sequence[tuple[str, str]]) -> None:

@@ -33,9 +33,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -46,7 +44,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_request import BaseRequest
 
 from keyproxy.addresses import IPAddress
-from keyproxy.config import Config, Network, ServerConfig
+from keyproxy.config import Config
 from keyproxy.headers import SERVER_NAME
 from keyproxy.metrics import Metrics
 from keyproxy.paths import ROUTE_PREFIX
@@ -59,6 +57,7 @@ from keyproxy.server.app import (
     build_admin_app,
     build_app,
 )
+from keyproxy.server.limits import Guard, Limits
 
 log = structlog.get_logger("keyproxy.server")
 
@@ -76,74 +75,6 @@ _REFUSED: Final = (
     b"Connection: close\r\n"
     b"\r\n%s"
 ) % (len(_REFUSED_BODY), _REFUSED_BODY)
-_EVENT_INTERVAL: Final = 1.0  # seconds between two log events of one connection reason
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one listener allows its connections (from `server`, see ServerConfig)."""
-
-    header_timeout: float
-    keepalive_timeout: float
-    max_connections: int
-    max_connections_per_source: int
-    trusted: tuple[Network, ...] = ()
-
-    @classmethod
-    def of(cls, server: ServerConfig) -> Limits:
-        return cls(
-            server.header_timeout,
-            server.keepalive_timeout,
-            server.max_connections,
-            server.max_connections_per_source,
-            server.trusted_proxies,
-        )
-
-
-class _Guard:
-    """A listener's connection counts, and the accounting of what it refused."""
-
-    def __init__(self, limits: Limits, metrics: Callable[[], Metrics | None]) -> None:
-        self.limits = limits
-        self._metrics = metrics
-        self.open = 0
-        self._by_source: Counter[str] = Counter()
-        self._logged: dict[str, float] = {}
-
-    def admit(self, source: str, address: IPAddress | None) -> str | None:
-        """Count a new connection from `source` (parsed: `address`), or why it is refused."""
-        if self.open >= self.limits.max_connections:
-            return "max_connections"
-        exempt = address is not None and any(address in n for n in self.limits.trusted)
-        if not exempt and self._by_source[source] >= self.limits.max_connections_per_source:
-            return "max_connections_per_source"
-        self.open += 1
-        if not exempt:
-            self._by_source[source] += 1
-        return None
-
-    def release(self, source: str) -> None:
-        self.open -= 1
-        if source in self._by_source:
-            self._by_source[source] -= 1
-            if not self._by_source[source]:
-                del self._by_source[source]
-
-    def closed(self, reason: str, source: str) -> None:
-        """A connection closed by a limit: counted, and logged unless one just was."""
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.connection_closed(reason)
-        now = time.monotonic()
-        if now - self._logged.get(reason, -_EVENT_INTERVAL) >= _EVENT_INTERVAL:
-            self._logged[reason] = now
-            log.warning("connection.closed", reason=reason, source=source)
-
-    def malformed(self, source: str, kind: str, status: int) -> None:
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.request(None, status, "malformed", 0.0)
-        log.warning("request.malformed", source=source, error=kind, status=status)
 
 
 class _Connection(web_protocol.RequestHandler):
@@ -241,7 +172,7 @@ class _Connection(web_protocol.RequestHandler):
 class _Server(web.Server):
     """aiohttp's server, making `_Connection`s."""
 
-    def __init__(self, made: web.Server, handler: ServerHandler, guard: _Guard) -> None:
+    def __init__(self, made: web.Server, handler: ServerHandler, guard: Guard) -> None:
         # The handler settings aiohttp gathered (the runner's and the app's handler_args).
         self._handler_kwargs: dict[str, Any] = dict(made._kwargs)
         super().__init__(
@@ -264,7 +195,7 @@ class _Server(web.Server):
 class _Runner(web.AppRunner):
     """An AppRunner whose server is `_Server`."""
 
-    def __init__(self, app: web.Application, guard: _Guard, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, guard: Guard, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._guard = guard
 
@@ -306,7 +237,7 @@ async def start(
     """Serve `app` on host:port (0: any free port) with keyproxy's connection handling, over
     TLS when the app has its listener's (`TLS`); the runner (its `cleanup()` drains and
     stops) and the bound port."""
-    guard = _Guard(limits, metrics)
+    guard = Guard(limits, metrics)
     runner = _Runner(
         app,
         guard,

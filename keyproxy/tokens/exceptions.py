@@ -15,7 +15,7 @@ from keyproxy.tokens.shared import Batched, SharedSecret
 from keyproxy.vault import Vault
 
 # The register's secret under tokens.state_path, and the one an earlier build wrote with a
-# field per token (still read by `exceptions`, never written; see revocation.REVOCATIONS).
+# field per token (still read by `exceptions`, never written; see listread.REVOCATIONS).
 EXCEPTIONS: Final = "exception-register"
 LEGACY_EXCEPTIONS: Final = "exceptions"
 

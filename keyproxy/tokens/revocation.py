@@ -1,18 +1,14 @@
-"""The revocation list's store in Vault KV (its rules and layout: keyproxy.tokens.revoked).
+"""The revocation list's writes in Vault KV (its rules and layout: keyproxy.tokens.revoked;
+this replica's copy and its reads: keyproxy.tokens.listread).
 
-Every replica polls the version of the list's main secret and re-reads it on change, and
-then the shards whose version its index raised, so a revocation is honoured everywhere within
-`revocation_poll_interval` plus one read; a replica whose copy is older than
-`revocation_max_staleness` (its poll stalled, Vault out of reach) reads it before it judges a
-task token, and refuses the token if it cannot (`list_read`). Entries are pruned once every
-token they can name has expired. Writes are check-and-set, and the revocations of one
-process that arrive together share them (`keyproxy.tokens.shared`).
+Writes are check-and-set, and the revocations of one process that arrive together share
+them (`keyproxy.tokens.shared`). Entries are pruned once every token they can name has
+expired.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple
@@ -23,10 +19,9 @@ from keyproxy import strictjson
 from keyproxy.config import Config
 from keyproxy.errors import BadRequest, Unavailable, VaultError
 from keyproxy.tokens.format import TaskToken
-from keyproxy.tokens.inflight import InFlight
+from keyproxy.tokens.listread import MOVES, ListReader
 from keyproxy.tokens.revoked import (
     ListCopy,
-    Revocations,
     index_of,
     merged_ids,
     merged_main,
@@ -38,7 +33,6 @@ from keyproxy.tokens.shared import (
     cas_write,
     finish_running,
     read_state,
-    read_written,
     to_the_end,
 )
 from keyproxy.vault import Vault
@@ -50,24 +44,6 @@ log = structlog.get_logger("keyproxy.tokens")
 HOLDER_REASONS: Final = ("completed", "failed", "timeout")
 END_REASONS: Final = (*HOLDER_REASONS, "heartbeat_lost", "parent_revoked", "operator")
 SHUTDOWN_WAIT: Final = 5.0  # seconds a stopping server waits for revocations under way
-# The list's main secret under tokens.state_path (one JSON text, keyproxy.tokens.shared; its
-# shards beneath it, keyproxy.tokens.revoked), and where earlier builds kept theirs: a
-# field per entry at `revocations`, then one text at `revocation-list`. Those are still
-# read, every LEGACY_POLL seconds, so that a fleet upgraded replica by replica loses no
-# revocation, and never written here.
-REVOCATIONS: Final = "revoked"
-EARLIER_REVOCATIONS: Final = ("revocations", "revocation-list")
-LEGACY_POLL: Final = 10.0
-MOVES: Final = 3  # a write redone at the list's new place when a reload moved it meanwhile
-
-
-class RevocationStatus(NamedTuple):
-    """A replica's copy of the list, for its metrics: entries held, whether read yet, and
-    seconds since its last whole read began (None before the first)."""
-
-    entries: int
-    read: bool
-    age: float | None = None
 
 
 class _Revocation(NamedTuple):
@@ -86,36 +62,14 @@ def chain_fields(token: TaskToken) -> dict[str, str]:
     return {} if lineage is None else {"chain": lineage[0], "actors": lineage[1]}
 
 
-class RevocationStore:
-    """Records revocations in Vault and keeps this replica's copy of the list current."""
+class RevocationStore(ListReader):
+    """Records revocations in Vault (and keeps this replica's copy of the list current:
+    `ListReader`)."""
 
     def __init__(
         self, config: Config, vault: Vault, clock: Callable[[], float] = time.time
     ) -> None:
-        self.config = config
-        self.cfg = config.tokens
-        self.vault = vault
-        self.clock = clock
-        # This replica's copy: the list (`_copy`) with what earlier builds wrote at
-        # EARLIER_REVOCATIONS (`_earlier`: each list and its version), which only they
-        # write; `_revocations` has them all.
-        self._revocations = Revocations()
-        self.inflight = InFlight()  # the task-token requests under way, ended with their token
-        self._copy = ListCopy()
-        self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)
-        self._earlier: dict[str, tuple[Revocations, int | None]] = {}
-        self._earlier_read_at: float | None = None  # time.monotonic() of its last look
-        self.revocations_read = False  # whether the list (and earlier builds') was read yet
-        # time.monotonic() when the last whole read of the list began: the copy is what Vault
-        # held then, at least (`list_current`).
-        self._read_began = -math.inf
-        self._reading = asyncio.Lock()  # one read of the list at a time: none overtakes another
-        # Reads begun, and the last that ended (its number, and how it failed, if it did): a
-        # caller that finds one begun after it arrived has ended takes its outcome
-        # (refresh_revocations).
-        self._reads_begun = 0
-        self._last_read: tuple[int, VaultError | None] = (0, None)
-        self._place = 0  # how many times a reload moved the list (`_moved`)
+        super().__init__(config, vault, clock)
         # Told each end reason this process records (the serving app counts them).
         self.on_end: Callable[[str], None] | None = None
         self._revocation_writes = Batched(self._write_revocations)
@@ -132,10 +86,6 @@ class RevocationStore:
     def _shared_writes(self) -> list[Batched[Any, Any]]:
         """The shared secrets this process writes (the exception register adds its own)."""
         return [self._revocation_writes]
-
-    @property
-    def _revocations_path(self) -> str:
-        return f"{self.cfg.state_path}/{REVOCATIONS}"
 
     # ------------------------------------------------------------------ revocation
 
@@ -291,202 +241,6 @@ class RevocationStore:
             lambda data: merged_ids(data, ids, self.clock(), path),
             _contended,
         )
-
-    async def _read_state(self, path: str, *, earlier: bool = False) -> tuple[dict[str, Any], int]:
-        """A state secret and its version; ({}, 0) when it does not exist yet. With `earlier`,
-        a secret at a path an earlier build wrote (read only, in either layout)."""
-        return await read_state(self.vault, self.config.vault.kv_mount, path, earlier=earlier)
-
-    async def revocation_list(self) -> Revocations:
-        """The revocation list as Vault holds it now (with earlier builds')."""
-        mount, main = self.config.vault.kv_mount, self._revocations_path
-        copy = ListCopy()
-        data, version = await self._read_state(main)
-        if version:
-            copy.take_main(data, version, main)
-        for shard in copy.behind():
-            path = shard_path(main, shard)
-            copy.take_shard(shard, *await read_written(self.vault, mount, path), path)
-        listed = copy.revocations()
-        for name in EARLIER_REVOCATIONS:
-            earlier, _ = await self._read_state(f"{self.cfg.state_path}/{name}", earlier=True)
-            listed = listed.union(Revocations.from_data(earlier))
-        return listed
-
-    async def refresh_revocations(self) -> None:
-        """Bring this replica's copy up to what Vault holds now (one metadata read when
-        nothing changed; `_refresh`), or raise VaultError. Callers that arrive while a read is
-        under way share the next one, however it ends: whatever was revoked before they arrived
-        is seen, and while Vault does not answer they fail together, not one after another."""
-        arrived = self._reads_begun
-        async with self._reading:
-            ended, failure = self._last_read
-            if ended > arrived:  # a read begun after this call arrived has ended
-                if failure is not None:
-                    raise VaultError(str(failure))
-                if self.revocations_read:
-                    return
-            for _ in range(MOVES):  # the list moved or was made afresh meanwhile: again
-                self._reads_begun += 1
-                begun, began = self._reads_begun, time.monotonic()
-                try:
-                    await self._refresh()
-                except VaultError as exc:
-                    self._last_read = (begun, exc)
-                    raise
-                if self.revocations_read:
-                    self._last_read = (begun, None)
-                    self._read_began = max(self._read_began, began)
-                    return
-            raise VaultError("the revocation list moved while it was read; try again")
-
-    async def _refresh(self) -> None:
-        """Re-read the list's main secret if its version changed, then the shards whose
-        version its index raised, and earlier builds' lists every LEGACY_POLL; each part is
-        in use as soon as it is read, and `revocations_read` is set once all are. Each step
-        stops if a reload moved the list while it waited on Vault (`_moved`): what was read
-        at the old place is not the new place's."""
-        place, copy = self._place, self._copy
-        mount, state_path = self.config.vault.kv_mount, self.cfg.state_path
-        main = f"{state_path}/{REVOCATIONS}"
-        if (
-            await self._read_main(place, copy, mount, main)
-            and await self._read_shards(place, copy, mount, main)
-            and await self._read_earlier(place, copy, mount, state_path)
-        ):
-            self.revocations_read = True
-
-    async def _read_main(self, place: int, copy: ListCopy, mount: str, main: str) -> bool:
-        taken = self._writes_taken
-        version = await self.vault.kv_version(mount, main)
-        if place != self._place:
-            return False
-        if version is None and copy.main_version is not None and taken == self._writes_taken:
-            copy.forget()  # deleted (by hand): its next write makes it afresh
-            self._publish(self._combined(copy))
-        if version is not None and version != copy.main_version:
-            data, version = await read_written(self.vault, mount, main)
-            if place != self._place:
-                return False
-            # Unless a write of this replica's, taken meanwhile, is the later (a slow read).
-            if taken == self._writes_taken or version > (copy.main_version or 0):
-                copy.take_main(data, version, main)
-                self._publish(self._combined(copy))
-        return True
-
-    async def _read_shards(self, place: int, copy: ListCopy, mount: str, main: str) -> bool:
-        """Read the shards the index raised, together; every one that reads is in use, and
-        the first failure is raised after."""
-        wanted = {shard: copy.index[shard] for shard in copy.behind()}
-        if not wanted:
-            return True
-        name = copy.name
-        reads = [read_written(self.vault, mount, shard_path(main, n)) for n in wanted]
-        shards = await asyncio.gather(*reads, return_exceptions=True)
-        if place != self._place or name != copy.name:
-            return False  # moved, or made afresh meanwhile (this replica's write took it)
-        failed: BaseException | None = None
-        for (shard, indexed), read in zip(wanted.items(), shards, strict=True):
-            error = _took(copy, shard, indexed, read, shard_path(main, shard))
-            failed = failed or error  # every other shard is still taken
-        self._publish(self._combined(copy))
-        if failed is not None:
-            raise failed
-        return True
-
-    async def _read_earlier(self, place: int, copy: ListCopy, mount: str, state_path: str) -> bool:
-        """Earlier builds' lists, every LEGACY_POLL (read only, in either layout)."""
-        now = time.monotonic()
-        if self._earlier_read_at is not None and now - self._earlier_read_at < LEGACY_POLL:
-            return True
-        for name in EARLIER_REVOCATIONS:
-            path = f"{state_path}/{name}"
-            version = await self.vault.kv_version(mount, path)
-            if place != self._place:
-                return False
-            if version == self._earlier.get(path, (None, None))[1]:
-                continue
-            earlier: dict[str, Any] = {}
-            if version is not None:
-                earlier, version = await read_written(self.vault, mount, path, earlier=True)
-                if place != self._place:
-                    return False
-            self._earlier[path] = Revocations.from_data(earlier), version
-            self._publish(self._combined(copy))
-        self._earlier_read_at = now
-        return True
-
-    def _publish(self, revocations: Revocations) -> None:
-        """Judge by `revocations` from now on, and end the requests under way they name."""
-        self._revocations = revocations
-        self.inflight.end_dead(revocations, self.clock())
-
-    def _combined(self, copy: ListCopy) -> Revocations:
-        """The list `copy` holds with what earlier builds wrote, pruned (no one else prunes
-        those any more; once they hold nothing live, the list is `copy`'s, not a copy of it)."""
-        combined = copy.revocations()
-        longest = max(self.cfg.max_ttl, self.cfg.exception_max_ttl)
-        for earlier, _ in self._earlier.values():
-            earlier.prune(self.clock(), longest)
-            combined = combined.union(earlier)
-        return combined
-
-    def revocation_status(self) -> RevocationStatus:
-        """This replica's copy of the list: its entries, whether it was read yet, and how
-        long ago its last whole read began."""
-        held = self._revocations
-        entries = len(held.ids) + len(held.subjects) + len(held.tasks)
-        age = time.monotonic() - self._read_began if self.revocations_read else None
-        return RevocationStatus(entries, self.revocations_read, age)
-
-    def list_current(self) -> bool:
-        """Whether this replica's copy of the list was read whole, by a read begun less than
-        `tokens.revocation_max_staleness` ago (the poll keeps it so while Vault answers)."""
-        age = time.monotonic() - self._read_began
-        return self.revocations_read and age < self.cfg.revocation_max_staleness
-
-    async def list_read(self) -> None:
-        """Return once this replica's copy of the revocation list is current (`list_current`;
-        one read for all who wait, however it ends); call it with no wait between it and the
-        judging that uses the list. SECURITY: a token is never judged against a list not read
-        yet (Vault down at the start, the list unreadable, a reload that moved it), nor against
-        one older than revocation_max_staleness (a replica cut off from Vault while others
-        record revocations): it is read now, or the token refused with 503."""
-        if not self.list_current():
-            try:
-                await self.refresh_revocations()
-            except VaultError:
-                unread = "the revocation list cannot be read now"
-                poll = math.ceil(self.cfg.revocation_poll_interval)  # the next read
-                raise Unavailable("revocations_unavailable", unread, retry_after=poll) from None
-
-    def _moved(self) -> None:
-        """`tokens.state_path` changed (a reload): what was read from the old place counts
-        no more, and nothing is judged until the new place is read."""
-        self._revocations, self._copy, self._earlier = Revocations(), ListCopy(), {}
-        self._earlier_read_at, self._last_read = None, (0, None)
-        self.revocations_read, self._read_began = False, -math.inf
-        self._place += 1
-
-
-def _took(
-    copy: ListCopy,
-    shard: int,
-    indexed: int,
-    read: tuple[dict[str, Any], int] | BaseException,
-    path: str,
-) -> BaseException | None:
-    """Take a shard as read into `copy`; why it could not be, if it could not."""
-    if isinstance(read, BaseException):
-        return read
-    data, version = read
-    if version < indexed:  # never so for a shard keyproxy wrote: made afresh
-        return VaultError(f"read {path}: behind its index")
-    try:
-        copy.take_shard(shard, data, version, path)
-    except VaultError as exc:
-        return exc
-    return None
 
 
 def _contended() -> Unavailable:

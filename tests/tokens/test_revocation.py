@@ -30,7 +30,7 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import BadRequest, Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
-from keyproxy.tokens import CLOCK_SKEW, TaskTokens, revocation, revoked
+from keyproxy.tokens import CLOCK_SKEW, TaskTokens, listread, revoked
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
 from tests.helpers.events import read_events
@@ -341,7 +341,7 @@ async def test_an_earlier_build_s_list_is_read_and_never_written(
         during = before | {issued[1].token_id: time.time() + 600}
         await vaults[0].write_kv(mount, legacy, {"ids": during, "subjects": {}, "tasks": {}})
         await fresh.verify(issued[1].token)  # not looked at again yet
-        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        monkeypatch.setattr(listread, "LEGACY_POLL", 0.0)
         await fresh.refresh_revocations()
         with pytest.raises(Unauthenticated, match="revoked"):
             await fresh.verify(issued[1].token)
@@ -396,7 +396,7 @@ async def test_the_list_the_build_before_kept_in_one_secret_is_read_and_never_wr
         # An old replica ends a token: this build's next look (every LEGACY_POLL) sees it.
         listed["ids"][issued[2].token_id] = time.time() + 600
         await vaults[0].write_kv(mount, before, {"state": json.dumps(listed)})
-        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        monkeypatch.setattr(listread, "LEGACY_POLL", 0.0)
         await fresh.refresh_revocations()
         with pytest.raises(Unauthenticated, match="revoked"):
             await fresh.verify(issued[2].token)
@@ -493,7 +493,7 @@ async def test_what_a_read_took_is_in_use_even_when_a_later_step_fails(
             await fresh.verify(issued[0].token)
         # A later poll that fails late: the task it read is refused all the same.
         await tasks.revoke(task="t1")
-        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        monkeypatch.setattr(listread, "LEGACY_POLL", 0.0)
         _failing_once(polled.vault, "/revocation-list", VaultError("transient"))
         with pytest.raises(VaultError):
             await polled.refresh_revocations()
@@ -692,7 +692,7 @@ async def test_a_reload_that_moves_the_list_mid_read_reads_the_new_place_whole(
         await vaults[0].write_kv(mount, f"{moved.tokens.state_path}/revocations", earlier)
         await here.verify(issued.token)  # its first read, at the old place
         await there.revoke(task="elsewhere")  # the old place's list moves on
-        monkeypatch.setattr(revocation, "LEGACY_POLL", 0.0)
+        monkeypatch.setattr(listread, "LEGACY_POLL", 0.0)
         version, reloaded = here.vault.kv_version, list[str]()
 
         async def reloading(mount: str, path: str) -> int | None:
@@ -705,7 +705,7 @@ async def test_a_reload_that_moves_the_list_mid_read_reads_the_new_place_whole(
         await here.refresh_revocations()
         assert reloaded
         assert here.revocations_read
-        monkeypatch.setattr(revocation, "LEGACY_POLL", 10.0)
+        monkeypatch.setattr(listread, "LEGACY_POLL", 10.0)
         with pytest.raises(Unauthenticated, match="revoked"):
             await here.verify(issued.token)
 
