@@ -217,6 +217,9 @@ class Exchange:
             whole = web.Response(
                 status=upstream.status, body=scrub_bytes(body, rendered.byte_forms), headers=headers
             )
+            # From here an end (a timeout, the token's) cuts the connection: once prepare
+            # begins no other answer can replace this one.
+            self._sent = whole
             try:  # sent here, so the audit event knows whether it reached the caller
                 await whole.prepare(request)
                 await whole.write_eof()
@@ -225,8 +228,8 @@ class Exchange:
             return Outcome(whole)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         watch.pause()
+        self._sent = response  # as above
         await response.prepare(request)
-        self._sent = response
         watch.heard()
         scrubber = Scrubber(rendered.byte_forms)
         try:

@@ -75,13 +75,22 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "assertion",
     "client-cert",  # a front proxy's forwarded client certificate (keyproxy.forwardedcert)
     "x-amz-",
-    # identities a gateway asserts: Kubernetes impersonation and request-header
-    # authentication, Azure App Service's principal, Kong's consumer, user-info claims
+    # identities and client certificates a gateway asserts: Kubernetes impersonation and
+    # request-header authentication, Azure App Service's principal and certificate, AWS
+    # ALB's OIDC and mTLS headers, nginx's and HAProxy's TLS client headers, Kong's
+    # consumer, Pomerium's claims, user-info claims
     "impersonate",
     "principal",
     "remote-user",
     "x-remote-",
+    "clientcert",
+    "x-amzn-oidc",
+    "x-amzn-mtls",
+    "x-ssl-",
+    "client-verify",
+    "client-dn",
     "x-consumer-",
+    "-claim-",
     "userinfo",
     # client addresses, and another method, path or URL than the one checked
     "x-forwarded-",
@@ -91,8 +100,9 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "x-envoy-",
 )
 # ... and any whose name ends in "key" (Ocp-Apim-Subscription-Key, X-Functions-Key,
-# X-Access-Key, Key), but these, which name no credential.
-KEY_NAMED_FORWARDED: Final = frozenset({"idempotency-key"})
+# X-Access-Key, Key), but an idempotency key (Idempotency-Key, X-Idempotency-Key,
+# Cko-Idempotency-Key), which names no credential: without it a retried payment runs twice.
+IDEMPOTENCY_KEY: Final = "idempotency-key"
 
 
 def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
@@ -105,7 +115,7 @@ def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
         if not fold_underscores:
             return False
         name = folded(name)
-    if name.endswith("key") and name not in KEY_NAMED_FORWARDED:
+    if name.endswith("key") and not name.endswith(IDEMPOTENCY_KEY):
         return False
     return name not in DROPPED_REQUEST_HEADERS and not any(
         fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS

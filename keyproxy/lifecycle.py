@@ -65,7 +65,7 @@ class Lifecycle:
         token = bearer_token(request.headers, request.raw_path)  # once, in one place
         if not is_task_token(token):
             raise Unauthenticated("no_credential", "send the task token as a Bearer token")
-        task = await self.tasks.verify(token, cascade=False)
+        task = await self.tasks.verify(token, for_use=False)
         # SECURITY: bound as at the proxy. A bound token taken from its holder can neither
         # keep its lease alive nor end its task (and its sub-agents') from elsewhere.
         chain, _ = client_chain(request, self.config.server, self.tls)

@@ -103,7 +103,7 @@ def _without_injected(raw_query: str, injected: frozenset[str]) -> list[str]:
         if not part or read_as(part.partition("=")[0]) in injected:
             continue
         if ";" in part and any(
-            read_as(piece.partition("=")[0]) in injected for piece in part.split(";")[1:]
+            read_as(piece.partition("=")[0]) in injected for piece in part.split(";")
         ):
             raise BadRequest(
                 "ambiguous_query", "the query holds a parameter the upstream could read as its key"

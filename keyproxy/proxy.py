@@ -130,7 +130,7 @@ class Proxy:
         self.keys = keys
         self.sessions = sessions
         self.tasks = tasks
-        self.inflight = tasks.inflight if tasks is not None else InFlight()
+        self.inflight = tasks.inflight if tasks is not None else InFlight(lambda _: None)
         self.metrics = metrics
         self.limiter = Limiter(config, store, exact_uses=exact_uses)  # keyproxy.limiter
         # A 503 for a key Vault could not give says when to try again: the next refresh.

@@ -3,8 +3,9 @@
 A streamed answer (an SSE completion, an MCP server's GET stream) can outlive the check its
 request passed: the token may be revoked, lose its heartbeat (which revokes it) or expire
 while it streams. The proxy registers each task-token request while it forwards
-(`InFlight.watching`, with the function that ends it); whenever this replica's revocation
-list changes, and at every revocation poll, the requests whose token (or a token it was
+(`InFlight.watching`, with the function that ends it), judged again as it registers (the
+limit step, the key and an MCP body came between); whenever this replica's revocation list
+changes, and at every revocation poll, the requests whose token (or a token it was
 delegated from) is revoked or expired are ended. Pure: no I/O.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
+from keyproxy.errors import Unauthenticated
 from keyproxy.tokens.format import LEEWAY, TaskToken
 from keyproxy.tokens.revoked import Revocations
 
@@ -29,6 +31,9 @@ class _Watching:
         self._inflight, self._token, self._end = inflight, token, end
 
     def __enter__(self) -> None:
+        why = self._inflight.judge(self._token)
+        if why is not None:
+            raise Unauthenticated(why, "the task token ended")
         self._inflight.requests[self] = self._token, self._end
 
     def __exit__(
@@ -56,20 +61,30 @@ NOT_WATCHED: Final = _NotWatching()
 
 
 class InFlight:
-    """This process's task-token requests under way."""
+    """This process's task-token requests under way; `judge` says why a token ended
+    ("revoked", "expired"), or None while it lives."""
 
-    def __init__(self) -> None:
+    def __init__(self, judge: Callable[[TaskToken], str | None]) -> None:
+        self.judge = judge
         self.requests: dict[_Watching, tuple[TaskToken, End]] = {}
 
     def watching(self, token: TaskToken | None, end: End) -> _Watching | _NotWatching:
         """While in this block, a request with `token` is ended (`end`) when the token ends."""
         return NOT_WATCHED if token is None else _Watching(self, token, end)
 
-    def end_dead(self, revocations: Revocations, now: float) -> None:
-        """End the requests whose token `revocations` names (by id, subject or task, or in
-        its chain), or which expired (`expires_at` is the earliest of its chain's)."""
+    def end_dead(self) -> None:
+        """End the requests whose token ended."""
         for token, end in list(self.requests.values()):
-            if now >= token.expires_at + LEEWAY:
-                end("expired")
-            elif revocations.revoked(token) or revocations.chain_refusal(token) is not None:
-                end("revoked")
+            why = self.judge(token)
+            if why is not None:
+                end(why)
+
+
+def ended(token: TaskToken, revocations: Revocations, now: float) -> str | None:
+    """Why `token` ended by `now`: "revoked" (`revocations` name it by id, subject or task,
+    or in its chain), "expired" (`expires_at` is the earliest of its chain's), or None."""
+    if now >= token.expires_at + LEEWAY:
+        return "expired"
+    if revocations.revoked(token) or revocations.chain_refusal(token) is not None:
+        return "revoked"
+    return None

@@ -19,7 +19,7 @@ from typing import Any, Final, NamedTuple
 
 from keyproxy.config import Config
 from keyproxy.errors import Unavailable, VaultError
-from keyproxy.tokens.inflight import InFlight
+from keyproxy.tokens.inflight import InFlight, ended
 from keyproxy.tokens.revoked import ListCopy, Revocations, shard_path
 from keyproxy.tokens.shared import read_state, read_written
 from keyproxy.vault import Vault
@@ -58,7 +58,8 @@ class ListReader:
         # EARLIER_REVOCATIONS (`_earlier`: each list and its version), which only they
         # write; `_revocations` has them all.
         self._revocations = Revocations()
-        self.inflight = InFlight()  # the task-token requests under way, ended with their token
+        # The task-token requests under way, ended with their token.
+        self.inflight = InFlight(lambda token: ended(token, self._revocations, self.clock()))
         self._copy = ListCopy()
         self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)
         self._earlier: dict[str, tuple[Revocations, int | None]] = {}
@@ -73,6 +74,7 @@ class ListReader:
         # (refresh_revocations).
         self._reads_begun = 0
         self._last_read: tuple[int, VaultError | None] = (0, None)
+        self._failed_at = -math.inf  # time.monotonic() when the last read failed, if it did
         self._place = 0  # how many times a reload moved the list (`_moved`)
 
     @property
@@ -119,10 +121,10 @@ class ListReader:
                 try:
                     await self._refresh()
                 except VaultError as exc:
-                    self._last_read = (begun, exc)
+                    self._last_read, self._failed_at = (begun, exc), time.monotonic()
                     raise
                 if self.revocations_read:
-                    self._last_read = (begun, None)
+                    self._last_read, self._failed_at = (begun, None), -math.inf
                     self._read_began = max(self._read_began, began)
                     return
             raise VaultError("the revocation list moved while it was read; try again")
@@ -206,7 +208,7 @@ class ListReader:
     def _publish(self, revocations: Revocations) -> None:
         """Judge by `revocations` from now on, and end the requests under way they name."""
         self._revocations = revocations
-        self.inflight.end_dead(revocations, self.clock())
+        self.inflight.end_dead()
 
     def _combined(self, copy: ListCopy) -> Revocations:
         """The list `copy` holds with what earlier builds wrote, pruned (no one else prunes
@@ -226,33 +228,42 @@ class ListReader:
         age = time.monotonic() - self._read_began if self.revocations_read else None
         return RevocationStatus(entries, self.revocations_read, age)
 
-    def list_current(self) -> bool:
+    def list_current(self, *, for_use: bool = True) -> bool:
         """Whether this replica's copy of the list was read whole, by a read begun less than
-        `tokens.revocation_max_staleness` ago (the poll keeps it so while Vault answers)."""
+        `tokens.revocation_max_staleness` ago (the poll keeps it so while Vault answers).
+        Not `for_use` (a lease renewed, a task ended), read once is enough: neither lets the
+        token be used, and every use checks a current list."""
+        if not for_use:
+            return self.revocations_read
         age = time.monotonic() - self._read_began
         return self.revocations_read and age < self.cfg.revocation_max_staleness
 
-    async def list_read(self) -> None:
+    async def list_read(self, *, for_use: bool = True) -> None:
         """Return once this replica's copy of the revocation list is current (`list_current`;
         one read for all who wait, however it ends); call it with no wait between it and the
         judging that uses the list. SECURITY: a token is never judged against a list not read
-        yet (Vault down at the start, the list unreadable, a reload that moved it), nor against
-        one older than revocation_max_staleness (a replica cut off from Vault while others
-        record revocations): it is read now, or the token refused with 503."""
-        if not self.list_current():
-            try:
-                await self.refresh_revocations()
-            except VaultError:
-                unread = "the revocation list cannot be read now"
-                poll = math.ceil(self.cfg.revocation_poll_interval)  # the next read
-                raise Unavailable("revocations_unavailable", unread, retry_after=poll) from None
+        yet (Vault down at the start, the list unreadable, a reload that moved it), nor for a
+        use against one older than revocation_max_staleness (a replica cut off from Vault
+        while others record revocations): it is read now, or the token refused with 503 (at
+        once for a stale list while the last read failed less than a poll interval ago)."""
+        if self.list_current(for_use=for_use):
+            return
+        poll = self.cfg.revocation_poll_interval
+        unread = "the revocation list cannot be read now"
+        refused = Unavailable("revocations_unavailable", unread, retry_after=math.ceil(poll))
+        if self.revocations_read and time.monotonic() - self._failed_at < poll:
+            raise refused  # stale, and Vault just failed: no read each while it hangs
+        try:
+            await self.refresh_revocations()
+        except VaultError:
+            raise refused from None
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts
         no more, and nothing is judged until the new place is read."""
         self._revocations, self._copy, self._earlier = Revocations(), ListCopy(), {}
         self._earlier_read_at, self._last_read = None, (0, None)
-        self.revocations_read, self._read_began = False, -math.inf
+        self.revocations_read, self._read_began, self._failed_at = False, -math.inf, -math.inf
         self._place += 1
 
 

@@ -55,7 +55,7 @@ class TaskTokens(Verifier):
             raise BadRequest("no_idle_ttl", "this token was issued without idle_ttl")
         if self.store is None:
             raise Unavailable("idle_ttl_unavailable", "this server keeps no heartbeat leases")
-        await self.list_read()
+        await self.list_read(for_use=False)  # a renewal is no use: every use checks a current list
         refusal = self._revocations.chain_refusal(token)
         if refusal is not None:
             raise refusal
@@ -208,5 +208,5 @@ class TaskTokens(Verifier):
                 log.warning("revocations_refresh_failed", error=str(exc))
             except Exception:  # a bug: the poll goes on, or no revocation would reach us
                 log.exception("revocations_refresh_failed")
-            self.inflight.end_dead(self._revocations, self.clock())  # those that expired
+            self.inflight.end_dead()  # those whose token expired, whatever the read did
             await asyncio.sleep(self.cfg.revocation_poll_interval)

@@ -72,14 +72,15 @@ class Verifier(Signing):
             _CACHE_SIZE, lambda entry: entry.token.expires_at + LEEWAY, clock
         )
 
-    async def verify(self, token: str, *, cascade: bool = True) -> TaskToken:
+    async def verify(self, token: str, *, for_use: bool = True) -> TaskToken:
         """Verify a task token locally; raises Unauthenticated with a reason code, or
-        Unavailable when the public keys are too old to trust. Without `cascade`, a token
-        whose ancestor was revoked is still returned (to record how it ended)."""
+        Unavailable when the public keys are too old to trust. Not `for_use` (its holder
+        renewing its lease or ending its task), a token whose ancestor was revoked is still
+        returned (to record how it ended), and a list read once is enough (`list_current`)."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed", "not a task token")
-        if not self.list_current():  # here too: the tokens waiting for a read share it
-            await self.list_read()
+        if not self.list_current(for_use=for_use):  # the tokens waiting for a read share it
+            await self.list_read(for_use=for_use)
         digest = verified.digest(token)
         entry = self._verified.get(digest)
         if entry is not None and self._keys.get(entry.version) is entry.key:
@@ -89,8 +90,8 @@ class Verifier(Signing):
             self._verified.discard(digest)
             entry = await self._verify_signed(token)
             self._verified.put(digest, entry)
-        if not self.list_current():  # after the last wait: a reload may have moved the list
-            await self.list_read()
+        if not self.list_current(for_use=for_use):  # after the last wait: a reload moved it?
+            await self.list_read(for_use=for_use)
         cached = entry.token
         now = self.clock()
         if now >= cached.expires_at + LEEWAY:
@@ -99,7 +100,7 @@ class Verifier(Signing):
             raise Unauthenticated("not_yet_valid", "the task token is not valid yet")
         if self._revocations.revoked(cached):
             raise Unauthenticated("revoked", "the task token was revoked")
-        if cascade and cached.ancestors:
+        if for_use and cached.ancestors:
             # The cascade: a token dies with every token it was delegated from.
             refusal = self._revocations.chain_refusal(cached)
             if refusal is not None:

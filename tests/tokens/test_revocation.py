@@ -30,6 +30,7 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.errors import BadRequest, Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
+from keyproxy.state.memory import MemoryStore
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens, listread, revoked
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
@@ -787,12 +788,51 @@ async def test_a_replica_judges_only_by_a_list_read_within_its_staleness_bound(
             exposition = _metrics_of(cut)
             assert "keyproxy_revocation_list_age_seconds " in exposition
             relay.down = False
-            assert await _judged(cut, issued[1].token) == "revoked"
+            await eventually(  # within a poll interval of the last failed read
+                lambda: _judged(cut, issued[1].token),
+                "Vault answers again, and the revocation is not seen",
+                until="revoked".__eq__,
+            )
             age = cut.revocation_status().age
             assert age is not None
             assert age < 1.0
         finally:
             vault.close()
+
+
+async def test_a_lease_is_renewed_and_a_task_ended_while_vault_is_out_of_reach(
+    openbao: OpenBaoDevServer, relay: VaultRelay
+) -> None:
+    """A heartbeat renews no use (every use checks a current list), so it is renewed while
+    the list is too old to judge a use by (Vault out of reach): an outage longer than the
+    lease does not kill the tokens it was meant to keep alive. Their use is 503 meanwhile,
+    and fails at once while the last read failed (no read each)."""
+    async with replicas_of_own_list(
+        openbao,
+        "lease-outage",
+        count=1,
+        vault_addr=relay.url,
+        revocation_poll_interval="500ms",
+        revocation_max_staleness="1s",
+    ) as ((tasks,), vaults):
+        leased = TaskTokens(tasks.config, vaults[0], store=MemoryStore())
+        issued = await leased.issue(
+            Identity("openbao", "lease-outage", {}), SCOPE, ttl=60, idle_ttl=5
+        )
+        CANARIES.add(issued.token)
+        token = await leased.verify(issued.token)
+        relay.down = True
+        await eventually(
+            lambda: _judged(leased, issued.token),
+            "a use was judged by a list Vault could not confirm",
+            until="revocations_unavailable".__eq__,
+        )
+        reads = _recording(leased.vault, "kv_version")
+        assert await _judged(leased, issued.token) == "revocations_unavailable"
+        assert reads == []  # the last read failed just now: refused without another
+        assert (await leased.verify(issued.token, for_use=False)).token_id == issued.token_id
+        assert await leased.heartbeat(token) > time.time()
+        relay.down = False
 
 
 def _metrics_of(tasks: TaskTokens) -> str:
