@@ -741,6 +741,21 @@ async def _judged(tasks: TaskTokens, token: str) -> str:
     return "accepted"
 
 
+def _behind(
+    openbao: OpenBaoDevServer, relay: VaultRelay, name: str
+) -> contextlib.AbstractAsyncContextManager[tuple[list[TaskTokens], list[Vault]]]:
+    """One token service reaching Vault through `relay`, polling every 500 ms and judging a
+    use only by a list read within 1 s."""
+    return replicas_of_own_list(
+        openbao,
+        name,
+        count=1,
+        vault_addr=relay.url,
+        revocation_poll_interval="500ms",
+        revocation_max_staleness="1s",
+    )
+
+
 async def test_a_replica_judges_only_by_a_list_read_within_its_staleness_bound(
     openbao: OpenBaoDevServer, relay: VaultRelay
 ) -> None:
@@ -748,14 +763,7 @@ async def test_a_replica_judges_only_by_a_list_read_within_its_staleness_bound(
     a replica whose poll stalled reads again (and refuses what another replica revoked
     meanwhile); one cut off from Vault answers 503 rather than accept a token another
     replica revoked, and judges again once Vault answers."""
-    async with replicas_of_own_list(
-        openbao,
-        "cut-off",
-        count=1,
-        vault_addr=relay.url,
-        revocation_poll_interval="500ms",
-        revocation_max_staleness="1s",
-    ) as ((cut,), _):
+    async with _behind(openbao, relay, "cut-off") as ((cut,), _):
         direct = dataclasses.replace(
             cut.config, vault=dataclasses.replace(cut.config.vault, addr=openbao.addr)
         )
@@ -807,14 +815,7 @@ async def test_a_lease_is_renewed_and_a_task_ended_while_vault_is_out_of_reach(
     the list is too old to judge a use by (Vault out of reach): an outage longer than the
     lease does not kill the tokens it was meant to keep alive. Their use is 503 meanwhile,
     and fails at once while the last read failed (no read each)."""
-    async with replicas_of_own_list(
-        openbao,
-        "lease-outage",
-        count=1,
-        vault_addr=relay.url,
-        revocation_poll_interval="500ms",
-        revocation_max_staleness="1s",
-    ) as ((tasks,), vaults):
+    async with _behind(openbao, relay, "lease-outage") as ((tasks,), vaults):
         leased = TaskTokens(tasks.config, vaults[0], store=MemoryStore())
         issued = await leased.issue(
             Identity("openbao", "lease-outage", {}), SCOPE, ttl=60, idle_ttl=5
