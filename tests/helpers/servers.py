@@ -8,6 +8,7 @@ the real application built from a real configuration against a real OpenBao.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import secrets
@@ -85,6 +86,8 @@ class Upstream:
             return response
 
         app.middlewares.append(record)
+        app[STOPPING] = asyncio.Event()
+        app.on_shutdown.append(_stopping)
         app.router.add_route("*", "/echo", _echo)
         app.router.add_get("/leak/header", _leak_header)
         app.router.add_get("/leak/body", _leak_body)
@@ -229,9 +232,24 @@ async def _redirect(request: web.Request) -> web.Response:
     raise web.HTTPTemporaryRedirect("http://127.0.0.2:9/steal")
 
 
+# Set when the upstream stops: a stalled answer then ends, rather than hold its shutdown.
+STOPPING = web.AppKey("stopping", asyncio.Event)
+
+
+async def _stopping(app: web.Application) -> None:
+    app[STOPPING].set()
+
+
+async def _stall_on(request: web.Request) -> None:
+    """Longer than the test route's read timeout (10 s), or until the upstream stops."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            await request.app[STOPPING].wait()
+
+
 async def _stall(request: web.Request) -> web.Response:
     # Longer than the test route's read timeout; the proxy must answer 504 first.
-    await asyncio.sleep(10)
+    await _stall_on(request)
     return web.json_response({"late": True})
 
 
@@ -243,7 +261,7 @@ async def _stall_midway(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     await response.write(b"0123456789" if short else b"data: first\n\n")
-    await asyncio.sleep(10)
+    await _stall_on(request)
     return response
 
 
