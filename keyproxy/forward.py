@@ -114,7 +114,9 @@ class Exchange:
     ) -> None:
         self._forwarder = forwarder
         # Ended when the caller's task token ends (keyproxy.tokens.inflight).
-        self._ends = inflight.watching(token, self.end) if inflight is not None else NOT_WATCHED
+        self._ends = (
+            NOT_WATCHED if token is None or inflight is None else inflight.watching(token, self.end)
+        )
         # Until the answer starts: connecting (if a new connection is needed) and waiting.
         self._watch = Watch(forwarder.deadlines, forwarder.read_timeout, forwarder.first_read)
         self.upstream_status: int | None = None
