@@ -27,6 +27,7 @@ from typing import Final, NamedTuple
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -157,6 +158,9 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
         raise _unreadable(exc) from None
     if request.method != "POST":
         return McpStep(grant, version, None, (), mcp.Pending(), session)
+    if not _utf8_json(request.headers.getall("Content-Type", [])):
+        unread = "the body must be sent as Content-Type: application/json (UTF-8)"
+        raise _unreadable(mcp.MessageError(unread))
     data = await read_body(request, route)
     try:
         body = mcp.parse_body(data, version=version, max_bytes=route.max_body)
@@ -168,6 +172,20 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
         refused = McpRefused if any(r.id is not None for r in decision.refusals) else McpUnreadable
         raise refused("mcp_refused", first.message, decision.answer(), decision.calls)
     return McpStep(grant, version, data, decision.calls, mcp.Pending.of(body), session)
+
+
+def _utf8_json(content_types: list[str]) -> bool:
+    """Whether a POST's Content-Type says exactly what keyproxy reads the body as: JSON in
+    UTF-8. SECURITY: the caller's Content-Type goes upstream, and a server decodes the body
+    by its charset. Read as UTF-8 here and as UTF-7 there, `+ACI-` is a quote, and a body
+    that names an allowed tool here names another there (invariant 12)."""
+    if len(content_types) != 1:
+        return False
+    kind = parse_mimetype(content_types[0])
+    if (kind.type, kind.subtype, kind.suffix) != ("application", "json", ""):
+        return False
+    charsets = [c.lower() for c in kind.parameters.getall("charset", [])]
+    return set(kind.parameters) <= {"charset"} and charsets in ([], ["utf-8"])
 
 
 def _unreadable(exc: mcp.MessageError) -> McpUnreadable:

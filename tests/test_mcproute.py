@@ -24,6 +24,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
 from mcp.types import TextContent
+from multidict import CIMultiDict
 
 from keyproxy import audit
 from keyproxy.devserver import Agent, OpenBaoDevServer
@@ -287,7 +288,37 @@ async def test_hostile_messages_are_refused_and_never_forwarded(
                         value = await answer.json()
                         errors = value if isinstance(value, list) else [value]
                         assert all(e["jsonrpc"] == "2.0" and e["error"] for e in errors), name
+            # The allowed tool's call, in bytes a server decoding by the caller's charset
+            # reads as another tool's: only JSON in UTF-8 goes, as keyproxy read it.
+            for kinds in UNREAD_AS_SENT:
+                sent = CIMultiDict(headers)
+                sent.popall("Content-Type")
+                sent.extend(("Content-Type", kind) for kind in kinds)
+                async with http.post(
+                    f"{stack.base}/r/{ROUTE}/mcp", data=UTF7_CALL, headers=sent
+                ) as answer:
+                    assert answer.status == 400, kinds
+                    error = (await answer.json())["error"]["code"]
+                    # Two Content-Types are refused before the MCP step (malformed_request).
+                    assert error == (-32600 if len(kinds) == 1 else "malformed_request"), kinds
     assert len(server_requests(served.log)) == before
+
+
+# A call of the granted search_issues that a server decoding UTF-7 reads as delete_repo.
+UTF7_CALL = (
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_issues",'
+    b'"arguments":{"q":"+ACIAfQAsACI-name+ACIAOgAi-delete+AF8-repo+ACIALAAi-x+ACIAOgB7ACI-'
+    b'y+ACIAOgAi-"}}}'
+)
+UNREAD_AS_SENT = [
+    ["application/json; charset=utf-7"],
+    ["application/json; charset=UTF-16"],
+    ["application/json; charset=utf-8; charset=utf-7"],
+    ["application/json; charset=utf-8", "application/json; charset=utf-7"],
+    ["application/json; profile=x"],
+    ["text/plain"],
+    ["application/x-www-form-urlencoded"],
+]
 
 
 SAMPLING = {"jsonrpc": "2.0", "id": 7, "method": "sampling/createMessage", "params": {}}
@@ -375,7 +406,9 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
             ]
             listing = json.dumps(_rpc(3, "tools/list")).encode()
             async with http.post(
-                f"{stack.base}/r/sampling/mcp", data=listing, headers=headers
+                f"{stack.base}/r/sampling/mcp",
+                data=listing,
+                headers={**headers, "Content-Type": "application/json"},
             ) as answer:
                 text = (await answer.read()).decode()
             assert '"search_issues"' in text
