@@ -921,6 +921,58 @@ async def test_a_credential_in_the_query_string_is_400(
         assert response.status == 200
 
 
+class HeadOnlyUpstream:
+    """A keep-alive upstream that reads each request's head and never its body, as Python's
+    http.server does for a GET: a body it was sent is read as the next request."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n")[0]
+                self.lines.append(line.decode("latin-1"))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(line), line))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS"])
+async def test_a_body_on_a_method_without_one_never_becomes_the_next_request(
+    config_for: Callable[..., dict[str, Any]], token: str, method: str
+) -> None:
+    """A body sent with a GET (DELETE, OPTIONS) that the upstream leaves unread is never
+    read as the next request on its connection (one the caller wrote, with the key): that
+    connection serves the one request only, and the next goes on a new one."""
+    upstream = HeadOnlyUpstream()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    smuggled = b"GET /admin HTTP/1.1\r\nX-Ignore: "
+    try:
+        cfg = config_for(url)
+        cfg["policies"][0]["allow"]["r"] = {"methods": ["*"], "paths": ["/echo"]}
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            async with http.request(
+                method, f"{stack.base}/r/r/echo", data=smuggled, headers=bearer(token)
+            ) as first:
+                assert first.status == 200
+                await first.read()
+            async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as second:
+                assert (second.status, await second.read()) == (200, b"GET /echo HTTP/1.1")
+        assert upstream.lines == [f"{method} /echo HTTP/1.1", "GET /echo HTTP/1.1"]
+        assert upstream.connections == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_the_callers_token_in_the_path_is_400(
     stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
 ) -> None:
