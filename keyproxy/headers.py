@@ -46,14 +46,6 @@ DROPPED_REQUEST_HEADERS: Final = frozenset(
         "proxy-authorization",
         "cookie",
         "private-token",
-        "forwarded",
-        "x-real-ip",
-        "true-client-ip",
-        "x-client-ip",
-        "client-ip",
-        "cf-connecting-ip",
-        "fastly-client-ip",
-        "x-cluster-client-ip",
         "x-http-method",
     }
 )
@@ -79,10 +71,14 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     # request-header authentication, Azure App Service's principal and certificate, AWS
     # ALB's OIDC and mTLS headers, nginx's and HAProxy's TLS client headers, Kong's
     # consumer, Pomerium's claims, user-info claims
-    "impersonate",
+    "impersonat",
+    "sudo",  # GitLab's, Gitea's: an admin key acting as any user
+    "run-as",
+    "act-as",
+    "api-user",  # Discourse's Api-Username: an all-users key acting as one
     "principal",
-    "remote-user",
-    "x-remote-",
+    "remote-",  # Remote-User, -Groups, -Email (Authelia), X-Remote-* (Kubernetes)
+    "tailscale-user",
     "clientcert",
     "x-amzn-oidc",
     "x-amzn-mtls",
@@ -93,7 +89,13 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "-claim-",
     "userinfo",
     # client addresses, and another method, path or URL than the one checked
-    "x-forwarded-",
+    "forwarded",
+    "client-ip",
+    "clientip",
+    "connecting-ip",
+    "originating-ip",
+    "real-ip",
+    "script-name",
     "override",
     "x-original-",
     "x-rewrite-",

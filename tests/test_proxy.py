@@ -608,6 +608,22 @@ CLASS_DROPPED = (
     "X-Ssl-Cert",
     "X-Client-Verify",
     "X-Pomerium-Claim-Email",
+    "Sudo",
+    "X-Gitea-Sudo",
+    "Api-Username",
+    "X-Act-As-User",
+    "Run-As",
+    "Remote-Groups",
+    "Remote-Email",
+    "Tailscale-User-Login",
+    "X-Script-Name",
+    "X-Forwarded",
+    "Forwarded-For",
+    "Proxy-Client-IP",
+    "WL-Proxy-Client-IP",
+    "X-Originating-IP",
+    "Cf-Connecting-IPv6",
+    "X-Azure-ClientIP",
 )
 # ... and what SDKs send that names none of those.
 CLASS_KEPT = (
