@@ -257,6 +257,23 @@ HOSTILE: list[tuple[str, bytes, int]] = [
         b'"params":{"name":"search_issues","name":"whoami"}}',
         400,
     ),
+    (
+        "a name a case-blind server reads instead",
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+        b'"params":{"name":"search_issues","Name":"whoami"}}',
+        200,
+    ),
+    (
+        "the name only by another case",
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"whoami"}}',
+        200,
+    ),
+    (
+        "the name in another case, escaped",
+        b'{"jsonrpc":"2.0","id":1,"method":"prompts/get",'
+        b'"params":{"name":"summarize","n\\u0041me":"other"}}',
+        200,
+    ),
     ("huge message", json.dumps(_call(1, "search_issues" + "x" * MAX_BODY)).encode(), 413),
 ]
 

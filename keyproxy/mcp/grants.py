@@ -250,6 +250,9 @@ def _refusal(message: Message, grant: Grant, version: str) -> Refusal | None:
 
 def _params_problem(method: str, params: Mapping[str, Any], grant: Grant) -> str | None:
     """Why `params` of a granted method name something not granted, or None."""
+    twin = _folded_twin(params)
+    if twin is not None:
+        return twin
     if method == "tools/call":
         return _named("tool", params.get("name"), grant.allows_tool)
     if method == "prompts/get":
@@ -265,11 +268,29 @@ def _completion(ref: object, grant: Grant) -> str | None:
     """completion/complete names a prompt or a resource template: the grant must cover it."""
     if not isinstance(ref, dict):
         return "completion/complete needs a ref object"
+    twin = _folded_twin(ref)
+    if twin is not None:
+        return twin
     if ref.get("type") == "ref/prompt":
         return _named("prompt", ref.get("name"), grant.allows_prompt)
     if ref.get("type") == "ref/resource":
         return _named("resource", ref.get("uri"), grant.allows_template)
     return "completion/complete ref type is neither ref/prompt nor ref/resource"
+
+
+# The members whose values the grant is checked against (and `ref`'s).
+_CHECKED_MEMBERS: Final = frozenset({"name", "uri", "ref", "type"})
+
+
+def _folded_twin(members: Mapping[str, Any]) -> str | None:
+    """Why `members` hold a member another server reads as a checked one, or None.
+    SECURITY (invariant 12): Go's encoding/json (mcp-go) matches member names without case
+    (and folds U+017F to `s`, U+212A to `k`), so beside or instead of `name` it reads `Name` as
+    the tool's name: the check here would judge one tool and the server call another."""
+    for key in members:
+        if key not in _CHECKED_MEMBERS and key.casefold() in _CHECKED_MEMBERS:
+            return f"member {key!r} differs from {key.casefold()!r} only by case"
+    return None
 
 
 def _named(what: str, name: object, allows: Callable[[str], bool]) -> str | None:
