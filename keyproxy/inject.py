@@ -222,10 +222,12 @@ class Scrubber(Stream):
 
 
 def read_as(name: str) -> str:
-    """A query parameter's name (percent-encoded, as sent) as the most lenient server reads
-    it: decoded, without spaces around it, in any case (ASP.NET), with a `[...]` suffix
-    taken for an array of it and `.` and spaces as `_` (PHP)."""
-    read = unquote_plus(name).strip().lower()
-    if read.endswith("]") and "[" in read:
-        read = read[: read.index("[")].rstrip()
-    return read.replace(".", "_").replace(" ", "_")
+    """A query parameter's name (percent-encoded, as sent) reduced to what the most lenient
+    servers still tell apart: decoded, cut at a NUL (PHP), with a `[...]` suffix taken for
+    an array of it (PHP, Rack, qs), in any case (ASP.NET), and of its letters and digits
+    only, so that `api.key`, `api[key`, `[api_key]`, `api_key]` and ` API_KEY` all read as
+    `api_key` does (PHP folds `.`, ` ` and a lone `[` into `_`; qs and Rack drop brackets)."""
+    read = unquote_plus(name).partition("\0")[0].lower()
+    if read.endswith("]") and "[" in read[1:]:
+        read = read[: read.index("[", 1)]
+    return "".join(c for c in read if c.isascii() and c.isalnum())

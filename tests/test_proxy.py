@@ -751,7 +751,10 @@ async def test_query_injection_replaces_a_caller_parameter(
     name (another case, spaces, an array of it, PHP's `.` for `_`); one only a server that
     also splits on `;` would see is refused (400 ambiguous_query), nothing forwarded."""
     cfg = config_for(upstream.url, inject=[{"query": "api_key"}])
-    copies = "api_key=forged&API_KEY=f&%20Api_Key=f&api_key[]=f&api.key[0]=f&api%5Fkey=f"
+    copies = (
+        "api_key=forged&API_KEY=f&%20Api_Key=f&api_key[]=f&api.key[0]=f&api%5Fkey=f"
+        "&[api_key]=f&%5Bapi_key%5D=f&api[key=f&api_key%00=f&api_key]=f&api_key;=f"
+    )
     async with running_proxy(cfg) as stack:
         url = URL(f"{stack.base}/r/r/echo?{copies}&q=1&api_keys=2", encoded=True)
         async with http.get(url, headers=bearer(token)) as response:
@@ -762,13 +765,33 @@ async def test_query_injection_replaces_a_caller_parameter(
             "a=1;%20API_KEY=f&q=1",
             "q=1&b=2;c=3;api.key=f",
             "api_key;x=1",
-            "q=1&api_key;=v",
         ):
             url = URL(f"{stack.base}/r/r/echo?{query}", encoded=True)
             async with http.get(url, headers=bearer(token)) as response:
                 assert response.status == 400, query
                 assert (await response.json())["error"]["code"] == "ambiguous_query"
         assert len(upstream.requests) == 1
+
+
+async def test_a_method_override_in_the_query_is_400(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """`_method` (Express's method-override, Laravel, Symfony) and its kin in the query would
+    have the upstream run another method than the one policy allowed: 400 method_override,
+    nothing forwarded; a parameter plainly named `method` is data and goes."""
+    for query in (
+        "_method=DELETE",
+        "q=1&_METHOD=PUT",
+        "a=1;_method=DELETE",
+        "x-http-method=PUT",
+    ):
+        url = URL(f"{stack.base}/r/r/echo?{query}", encoded=True)
+        async with http.get(url, headers=bearer(token)) as response:
+            assert response.status == 400, query
+            assert (await response.json())["error"]["code"] == "method_override"
+    assert upstream.requests == []
+    async with http.get(f"{stack.base}/r/r/echo?method=card", headers=bearer(token)) as response:
+        assert response.status == 200
 
 
 # Each reached the upstream verbatim while its dash form was dropped; servers that read `_`
