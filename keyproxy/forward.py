@@ -31,6 +31,7 @@ from keyproxy.errors import (
 )
 from keyproxy.headers import response_headers
 from keyproxy.inject import Rendered, Scrubber, scrub_bytes
+from keyproxy.outgoing import BODILESS
 from keyproxy.tokens import TaskToken
 from keyproxy.tokens.inflight import NOT_WATCHED, InFlight
 
@@ -40,9 +41,6 @@ DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is r
 
 # Answers with a declared length up to this size are scrubbed and sent whole.
 WHOLE_BODY: Final = 64 * 1024
-# Methods whose request bodies have no defined meaning (RFC 9110 9.3): servers may not read
-# one (see Exchange.send).
-BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 # Why a caller's task token ends an exchange under way (keyproxy.tokens.inflight).
 TOKEN_ENDS: Final = frozenset({"revoked", "expired"})
 
@@ -144,10 +142,8 @@ class Exchange:
             raise EgressDenied(forwarder.literal_denial.reason, forwarder.literal_denial.message)
         watch = self._watch
         body = outgoing.body
-        # SECURITY: a body on a method whose bodies mean nothing (a GET's) is left unread by
-        # many servers, which then read it as the next request on the connection: one the
-        # caller wrote, run with the key, and answered to whoever sends next. Such a
-        # connection serves this request only.
+        # SECURITY: a body on a method whose bodies mean nothing, which the route takes
+        # (keyproxy.outgoing.BODILESS), goes on a connection serving this request only.
         if body is not None and request.method in BODILESS:
             outgoing.headers["Connection"] = "close"  # and never pooled (upstream.py)
         try:

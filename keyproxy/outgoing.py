@@ -47,10 +47,12 @@ async def request_body(
         _within(length, route)
         if not length:
             return None
+        _may_carry_one(request.method, route)
         headers["Content-Length"] = str(length)
         return request.content
     if not request.body_exists:
         return None
+    _may_carry_one(request.method, route)
     # A chunked upload has no declared size: read it up to the limit so a 413 can still be
     # answered before any upstream connection.
     return await read_body(request, route)
@@ -73,6 +75,21 @@ async def read_body(request: web.Request, route: Route) -> bytes:
     return bytes(body)
 
 
+# Methods whose request bodies have no defined meaning (RFC 9110 9.3).
+BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+
+
+def _may_carry_one(method: str, route: Route) -> None:
+    """SECURITY (invariant 12): a body on a method whose bodies mean nothing (a GET's) is
+    refused (400 body_not_allowed) unless the route takes one (`bodies_on`). Many servers
+    leave such a body unread and read it as the next request on their connection: one the
+    caller wrote, run with the key, answered to whoever sends next. keyproxy sends a body it
+    does forward on a connection of its own (keyproxy.forward), but the servers behind the
+    upstream's front share theirs."""
+    if method in BODILESS and method not in route.bodies_on:
+        raise BadRequest("body_not_allowed", f"a {method} request carries no body here")
+
+
 def _within(length: int, route: Route) -> None:
     if length > route.max_body:
         raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
@@ -87,7 +104,8 @@ def upstream_url(
 ) -> URL:
     path = route.upstream.base_path + encoded_path
     query = raw_query
-    if "ethod" in query.lower():
+    lowered = query.lower()
+    if "ethod" in lowered or "%" in lowered:  # as the upstream decodes it too
         _refuse_method_override(query)
     if rendered.query:
         query = "&".join([*_without_injected(raw_query, injector.query_names), rendered.query])

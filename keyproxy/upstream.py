@@ -96,7 +96,7 @@ class _UpstreamResponse(aiohttp.ClientResponse):
     be a bug there). After a 101 the connection speaks another protocol; a 101 without
     Upgrade has no body, so aiohttp has put the connection back in its pool by now, where
     the next request would read what followed the 101 as its answer. SECURITY: never reused.
-    aiohttp pools a connection its request asked to close (keyproxy.forward.BODILESS) unless
+    aiohttp pools a connection its request asked to close (keyproxy.outgoing.BODILESS) unless
     the answer says so too: it is closed once the answer is read.
     """
 

@@ -780,6 +780,8 @@ async def test_a_method_override_in_the_query_is_400(
     have the upstream run another method than the one policy allowed: 400 method_override,
     nothing forwarded; a parameter plainly named `method` is data and goes."""
     for query in (
+        "_m%65thod=DELETE",
+        "x-http-m%65thod-override=PUT",
         "_method=DELETE",
         "q=1&_METHOD=PUT",
         "a=1;_method=DELETE",
@@ -987,16 +989,30 @@ class HeadOnlyUpstream:
 async def test_a_body_on_a_method_without_one_never_becomes_the_next_request(
     config_for: Callable[..., dict[str, Any]], token: str, method: str
 ) -> None:
-    """A body sent with a GET (DELETE, OPTIONS) that the upstream leaves unread is never
-    read as the next request on its connection (one the caller wrote, with the key): that
-    connection serves the one request only, and the next goes on a new one."""
+    """A body sent with a GET (DELETE, OPTIONS), which many servers leave unread and read
+    as the next request on their connection (one the caller wrote, with the key), is
+    refused (400 body_not_allowed), declared or chunked. A route that takes such bodies
+    (`bodies_on`) sends each on a connection serving that request only."""
     upstream = HeadOnlyUpstream()
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     smuggled = b"GET /admin HTTP/1.1\r\nX-Ignore: "
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield smuggled
+
     try:
         cfg = config_for(url)
         cfg["policies"][0]["allow"]["r"] = {"methods": ["*"], "paths": ["/echo"]}
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            for body in (smuggled, chunked()):
+                async with http.request(
+                    method, f"{stack.base}/r/r/echo", data=body, headers=bearer(token)
+                ) as refused:
+                    assert refused.status == 400
+                    assert (await refused.json())["error"]["code"] == "body_not_allowed"
+        assert upstream.lines == []
+        cfg["routes"]["r"]["bodies_on"] = [method]
         async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
             async with http.request(
                 method, f"{stack.base}/r/r/echo", data=smuggled, headers=bearer(token)

@@ -309,6 +309,8 @@ class Route:
     max_body: int = 10 * 1024**2
     strip_headers: tuple[str, ...] = ()
     forward_underscore_headers: bool = False  # else caller headers with `_` are dropped
+    # GET, OPTIONS or DELETE requests that may carry a body (else refused: keyproxy.outgoing).
+    bodies_on: frozenset[str] = frozenset()
     owner: str | None = None
     rotation: Rotation | None = None
     max_age: float | None = None  # `keyproxy keys status` fails for an older key

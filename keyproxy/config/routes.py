@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from yarl import URL
 
 from keyproxy.config.limits import limits_config
@@ -45,6 +47,7 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
             "max_body",
             "strip_headers",
             "forward_underscore_headers",
+            "bodies_on",
             "owner",
             "rotation",
             "max_age",
@@ -95,6 +98,7 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         max_body=opt(f, "max_body", Node.size, 10 * 1024**2),
         strip_headers=tuple(h.lower() for h in strip),
         forward_underscore_headers=opt(f, "forward_underscore_headers", Node.boolean, False),
+        bodies_on=opt(f, "bodies_on", _bodies_on, frozenset()),
         owner=opt(f, "owner", Node.string, None),
         rotation=rotation,
         max_age=max_age,
@@ -102,6 +106,18 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         server_requests=opt(f, "mcp", _mcp_options, frozenset()),
         limits=opt(f, "limits", lambda n: limits_config(n, f"route.{name}"), Limits()),
     )
+
+
+# The methods whose bodies a route may accept (`bodies_on`); HEAD and TRACE never have one.
+BODIES_ON: Final = ("GET", "OPTIONS", "DELETE")
+
+
+def _bodies_on(node: Node) -> frozenset[str]:
+    methods = node.strings()
+    for i, method in enumerate(methods):
+        if method not in BODIES_ON:
+            raise Node(method, f"{node.path}[{i}]").error(f"one of {', '.join(BODIES_ON)}")
+    return frozenset(methods)
 
 
 def _mcp_options(node: Node) -> frozenset[str]:

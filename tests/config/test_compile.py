@@ -100,8 +100,9 @@ EVIL_ROUTE = """\
 
 
 ROUTE_KEYS = (
-    "allow_http, caller_credential, egress, forward_underscore_headers, inject, kind, limits, "
-    "max_age, max_body, mcp, owner, rotation, secret, strip_headers, timeouts, tls, upstream"
+    "allow_http, bodies_on, caller_credential, egress, forward_underscore_headers, inject, kind, "
+    "limits, max_age, max_body, mcp, owner, rotation, secret, strip_headers, timeouts, tls, "
+    "upstream"
 )
 
 

@@ -1,4 +1,5 @@
-"""keyproxy.config.routes: MCP options belong to MCP routes only."""
+"""keyproxy.config.routes: MCP options belong to MCP routes only; bodies on GET, OPTIONS and
+DELETE are taken only where a route says so."""
 
 from __future__ import annotations
 
@@ -19,3 +20,16 @@ def test_mcp_options_only_on_mcp_routes() -> None:
     bad = {**MCP_ROUTE, "mcp": {"server_requests": ["tools/call"]}}
     with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.server_requests"):
         parse_doc(with_setting("routes.github-mcp", bad))
+
+
+def test_bodies_on_names_only_methods_whose_bodies_mean_nothing() -> None:
+    """A route takes bodies on none of GET, OPTIONS, DELETE by default; `bodies_on` names
+    those it does, and anything else (HEAD, a method in lower case) is refused with its path."""
+    assert parse_doc(with_setting("routes.openai.bodies_on", [])).routes["openai"].bodies_on == (
+        frozenset()
+    )
+    taken = parse_doc(with_setting("routes.openai.bodies_on", ["GET", "DELETE"]))
+    assert taken.routes["openai"].bodies_on == {"GET", "DELETE"}
+    for methods in (["HEAD"], ["get"], ["POST"]):
+        with pytest.raises(ConfigError, match=r"routes\.openai\.bodies_on\[0\]"):
+            parse_doc(with_setting("routes.openai.bodies_on", methods))
