@@ -74,7 +74,13 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "impersonat",
     "sudo",  # GitLab's, Gitea's: an admin key acting as any user
     "run-as",
+    "runas",
     "act-as",
+    "actas",
+    "as-user",  # Box's As-User: an admin key acting as any user
+    "on-behalf",  # Zendesk's X-On-Behalf-Of
+    "select-user",  # Dropbox's Dropbox-API-Select-User, -Select-Admin
+    "select-admin",
     "api-user",  # Discourse's Api-Username: an all-users key acting as one
     "principal",
     "remote-",  # Remote-User, -Groups, -Email (Authelia), X-Remote-* (Kubernetes)
@@ -105,6 +111,9 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
 # X-Access-Key, Key), but an idempotency key (Idempotency-Key, X-Idempotency-Key,
 # Cko-Idempotency-Key), which names no credential: without it a retried payment runs twice.
 IDEMPOTENCY_KEY: Final = "idempotency-key"
+# ... and any whose last word names an address (X-AppEngine-User-IP, X-Azure-SocketIP).
+_ADDRESS_WORDS: Final = frozenset({"ip", "ipv4", "ipv6", "addr", "address"})
+_ADDRESS_ENDS: Final = ("socketip", "clientip", "userip", "srcip")
 
 
 def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
@@ -119,6 +128,8 @@ def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
         name = folded(name)
     if name.endswith("key") and not name.endswith(IDEMPOTENCY_KEY):
         return False
+    if name.rpartition("-")[2] in _ADDRESS_WORDS or name.endswith(_ADDRESS_ENDS):
+        return False  # a client address by yet another name: X-ProxyUser-IP, Cdn-Src-Ip
     return name not in DROPPED_REQUEST_HEADERS and not any(
         fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
     )

@@ -624,6 +624,14 @@ CLASS_DROPPED = (
     "X-Originating-IP",
     "Cf-Connecting-IPv6",
     "X-Azure-ClientIP",
+    "As-User",
+    "X-On-Behalf-Of",
+    "Dropbox-API-Select-User",
+    "Dropbox-API-Select-Admin",
+    "X-Azure-SocketIP",
+    "X-ProxyUser-IP",
+    "X-AppEngine-User-IP",
+    "Cdn-Src-Ip",
 )
 # ... and what SDKs send that names none of those.
 CLASS_KEPT = (
