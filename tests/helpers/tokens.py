@@ -14,6 +14,7 @@ import aiohttp
 from keyproxy import config as config_module
 from keyproxy.config import Grant
 from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.outgoing import BODILESS
 from keyproxy.tokens import TaskTokens
 from keyproxy.vault import Vault
 from tests.helpers.logscan import CANARIES
@@ -63,12 +64,14 @@ delegate = form_exchange  # a task token as the subject: a child for a sub-agent
 
 
 async def status(http: aiohttp.ClientSession, method: str, url: str, token: str) -> int:
-    async with http.request(
-        method,
-        url,
-        headers=bearer(token),
-        json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
-    ) as response:
+    """The status of a `method` request to `url` with `token`: a chat body for a method that
+    takes one (a GET's would be refused: keyproxy.outgoing.BODILESS)."""
+    body = (
+        None
+        if method in BODILESS
+        else {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    )
+    async with http.request(method, url, headers=bearer(token), json=body) as response:
         await response.read()
         return response.status
 
