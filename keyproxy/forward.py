@@ -31,7 +31,6 @@ from keyproxy.errors import (
 )
 from keyproxy.headers import response_headers
 from keyproxy.inject import Rendered, Scrubber, scrub_bytes
-from keyproxy.outgoing import BODILESS
 from keyproxy.tokens import TaskToken
 from keyproxy.tokens.inflight import NOT_WATCHED, InFlight
 
@@ -142,10 +141,6 @@ class Exchange:
             raise EgressDenied(forwarder.literal_denial.reason, forwarder.literal_denial.message)
         watch = self._watch
         body = outgoing.body
-        # SECURITY: a body on a method whose bodies mean nothing, which the route takes
-        # (keyproxy.outgoing.BODILESS), goes on a connection serving this request only.
-        if body is not None and request.method in BODILESS:
-            outgoing.headers["Connection"] = "close"  # and never pooled (upstream.py)
         try:
             with self._ends, watch:
                 async with forwarder.session.request(

@@ -40,16 +40,7 @@ SERVER_NAME: Final = "keyproxy"
 # client address, or make the upstream run another method or path than the one policy
 # checked. The rules name classes (fragments, prefixes, "a name ending in key"), not only
 # the headers seen so far: a list of names is always one vendor short.
-DROPPED_REQUEST_HEADERS: Final = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "private-token",
-        "x-http-method",
-    }
-)
-# ... and any header whose name contains one of these ...
+# Any header whose name contains one of these ...
 DROPPED_REQUEST_FRAGMENTS: Final = (
     # credentials
     "auth",
@@ -103,6 +94,7 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "real-ip",
     "script-name",
     "override",
+    "x-http-method",
     "x-original-",
     "x-rewrite-",
     "x-envoy-",
@@ -130,9 +122,7 @@ def caller_may_send(name: str, *, fold_underscores: bool = False) -> bool:
         return False
     if name.rpartition("-")[2] in _ADDRESS_WORDS or name.endswith(_ADDRESS_ENDS):
         return False  # a client address by yet another name: X-ProxyUser-IP, Cdn-Src-Ip
-    return name not in DROPPED_REQUEST_HEADERS and not any(
-        fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS
-    )
+    return not any(fragment in name for fragment in DROPPED_REQUEST_FRAGMENTS)
 
 
 def folded(name: str) -> str:

@@ -47,12 +47,12 @@ async def request_body(
         _within(length, route)
         if not length:
             return None
-        _may_carry_one(request.method, route)
+        _may_carry_one(request.method, route, headers)
         headers["Content-Length"] = str(length)
         return request.content
     if not request.body_exists:
         return None
-    _may_carry_one(request.method, route)
+    _may_carry_one(request.method, route, headers)
     # A chunked upload has no declared size: read it up to the limit so a 413 can still be
     # answered before any upstream connection.
     return await read_body(request, route)
@@ -79,15 +79,17 @@ async def read_body(request: web.Request, route: Route) -> bytes:
 BODILESS: Final = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
-def _may_carry_one(method: str, route: Route) -> None:
+def _may_carry_one(method: str, route: Route, headers: CIMultiDict[str]) -> None:
     """SECURITY (invariant 12): a body on a method whose bodies mean nothing (a GET's) is
     refused (400 body_not_allowed) unless the route takes one (`bodies_on`). Many servers
     leave such a body unread and read it as the next request on their connection: one the
-    caller wrote, run with the key, answered to whoever sends next. keyproxy sends a body it
-    does forward on a connection of its own (keyproxy.forward), but the servers behind the
-    upstream's front share theirs."""
-    if method in BODILESS and method not in route.bodies_on:
-        raise BadRequest("body_not_allowed", f"a {method} request carries no body here")
+    caller wrote, run with the key, answered to whoever sends next. One the route takes goes
+    with `Connection: close`, on an upstream connection never pooled (keyproxy.upstream);
+    the servers behind the upstream's front may still share theirs, hence the refusal."""
+    if method in BODILESS:
+        if method not in route.bodies_on:
+            raise BadRequest("body_not_allowed", f"a {method} request carries no body here")
+        headers["Connection"] = "close"
 
 
 def _within(length: int, route: Route) -> None:
