@@ -27,12 +27,11 @@ from keyproxy.errors import (
     GatewayTimeout,
     RequestError,
     RequestTimeout,
-    Unauthenticated,
 )
 from keyproxy.headers import response_headers
 from keyproxy.inject import Rendered, Scrubber, scrub_bytes
 from keyproxy.tokens import TaskToken
-from keyproxy.tokens.inflight import NOT_WATCHED, InFlight
+from keyproxy.tokens.inflight import NOT_WATCHED, UNVERIFIABLE, InFlight, refusal
 
 # Response encodings aiohttp decodes, so the scrubber sees clear text. We ask for identity;
 # anything else the upstream sends anyway is refused rather than passed through unscrubbed.
@@ -40,8 +39,13 @@ DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is r
 
 # Answers with a declared length up to this size are scrubbed and sent whole.
 WHOLE_BODY: Final = 64 * 1024
-# Why a caller's task token ends an exchange under way (keyproxy.tokens.inflight).
-TOKEN_ENDS: Final = frozenset({"revoked", "expired"})
+# Why a caller's task token ends an exchange under way (keyproxy.tokens.inflight), and the
+# reason an answer it cuts has in the audit event.
+TOKEN_ENDS: Final = {
+    "revoked": "token_revoked",
+    "expired": "token_expired",
+    UNVERIFIABLE: UNVERIFIABLE,
+}
 
 
 class Reshaper(Protocol):
@@ -124,7 +128,8 @@ class Exchange:
 
     def end(self, why: str) -> None:
         """The caller's task token ended (`why`, one of TOKEN_ENDS) while this exchange ran:
-        it stops now, a 401 before the answer started, else the answer is cut."""
+        it stops now, refused before the answer started (keyproxy.tokens.inflight.refusal),
+        else the answer is cut."""
         self._watch.end(why)
 
     async def send(
@@ -167,13 +172,12 @@ class Exchange:
         except RequestError:
             raise
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            token_ended = watch.expired in TOKEN_ENDS
+            token_ended = TOKEN_ENDS.get(watch.expired)
             if self._sent is not None:
                 # The status line is gone: cut the answer short.
-                cut = f"token_{watch.expired}" if token_ended else "upstream_timeout"
-                return Outcome(self._sent, _abort(request, cut))
+                return Outcome(self._sent, _abort(request, token_ended or "upstream_timeout"))
             if token_ended:
-                raise Unauthenticated(watch.expired, "the task token ended") from None
+                raise refusal(watch.expired) from None
             if watch.expired == "caller":
                 raise RequestTimeout(
                     "body_timeout", "the request body did not arrive in time"

@@ -6,7 +6,9 @@ while it streams. The proxy registers each task-token request while it forwards
 (`InFlight.watching`, with the function that ends it), judged again as it registers (the
 limit step, the key and an MCP body came between); whenever this replica's revocation list
 changes, and at every revocation poll, the requests whose token (or a token it was
-delegated from) is revoked or expired are ended. Pure: no I/O.
+delegated from) is revoked or expired are ended, and so are all of them while the list is
+older than `tokens.revocation_max_staleness` (a replica cut off from Vault cannot know what
+other replicas revoked: UNVERIFIABLE). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
-from keyproxy.errors import Unauthenticated
+from keyproxy.errors import RequestError, Unauthenticated, Unavailable
 from keyproxy.tokens.format import LEEWAY, TaskToken
 from keyproxy.tokens.revoked import Revocations
 
-End = Callable[[str], None]  # ends a request: "revoked" or "expired"
+End = Callable[[str], None]  # ends a request: "revoked", "expired" or UNVERIFIABLE
+
+# Why a request ends when its token cannot be judged: this replica's revocation list is too
+# old (the same reason a new request gets, 503 with Retry-After).
+UNVERIFIABLE: Final = "revocations_unavailable"
 
 
 class _Watching:
@@ -33,7 +39,7 @@ class _Watching:
     def __enter__(self) -> None:
         why = self._inflight.judge(self._token)
         if why is not None:
-            raise Unauthenticated(why, "the task token ended")
+            raise refusal(why)
         self._inflight.requests[self] = self._token, self._end
 
     def __exit__(
@@ -60,9 +66,17 @@ class _NotWatching:
 NOT_WATCHED: Final = _NotWatching()
 
 
+def refusal(why: str) -> RequestError:
+    """The error of a request whose token ended (`why`) before its answer started: 401, or
+    503 while its token cannot be judged (UNVERIFIABLE)."""
+    if why == UNVERIFIABLE:
+        return Unavailable(why, "the revocation list cannot be read now", retry_after=1)
+    return Unauthenticated(why, "the task token ended")
+
+
 class InFlight:
     """This process's task-token requests under way; `judge` says why a token ended
-    ("revoked", "expired"), or None while it lives."""
+    ("revoked", "expired", UNVERIFIABLE), or None while it lives."""
 
     def __init__(self, judge: Callable[[TaskToken], str | None]) -> None:
         self.judge = judge

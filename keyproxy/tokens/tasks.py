@@ -92,10 +92,11 @@ class TaskTokens(Verifier):
                 )
 
     async def run(self) -> None:
-        """Background work until cancelled: poll revocations, and re-read the public keys
-        every key_refresh_interval."""
+        """Background work until cancelled: poll revocations, end the requests under way
+        whose token ended, and re-read the public keys every key_refresh_interval."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._poll_revocations(), name="token-revocations")
+            group.create_task(self._end_dead_regularly(), name="token-inflight")
             group.create_task(self._refresh_keys_regularly(), name="token-keys")
             group.create_task(self._sweep_leases_regularly(), name="token-leases")
 
@@ -208,5 +209,14 @@ class TaskTokens(Verifier):
                 log.warning("revocations_refresh_failed", error=str(exc))
             except Exception:  # a bug: the poll goes on, or no revocation would reach us
                 log.exception("revocations_refresh_failed")
-            self.inflight.end_dead()  # those whose token expired, whatever the read did
             await asyncio.sleep(self.cfg.revocation_poll_interval)
+
+    async def _end_dead_regularly(self) -> None:
+        """End the requests under way whose token expired, or that this replica's list is
+        too old to judge (a read that hangs on Vault is not waited for: on its own timer)."""
+        while True:
+            await asyncio.sleep(self.cfg.revocation_poll_interval)
+            try:
+                self.inflight.end_dead()
+            except Exception:  # a bug: never the end of the group, which holds the poll
+                log.exception("inflight_check_failed")

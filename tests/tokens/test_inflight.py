@@ -7,9 +7,9 @@ from collections.abc import Callable
 import pytest
 
 from keyproxy.caller import Identity
-from keyproxy.errors import Unauthenticated
+from keyproxy.errors import Unauthenticated, Unavailable
 from keyproxy.tokens import LEEWAY, Link, Revocations, TaskToken
-from keyproxy.tokens.inflight import InFlight, ended
+from keyproxy.tokens.inflight import UNVERIFIABLE, InFlight, ended
 
 WHO = Identity("k8s", "agent")
 ROOT = TaskToken("root", WHO, {}, 900.0, 2000.0, task="t")
@@ -74,4 +74,14 @@ def test_a_request_whose_token_ended_before_it_registers_is_refused() -> None:
     held.revocations, held.now = Revocations(), 2000.0 + LEEWAY
     with pytest.raises(Unauthenticated, match="ended"):
         inflight.watching(OTHER, _ender(OTHER, [])).__enter__()
+    assert inflight.requests == {}
+
+
+def test_a_request_whose_token_cannot_be_judged_is_refused_with_503() -> None:
+    """While the replica's list is too old to judge by, registration refuses a task token
+    with 503 revocations_unavailable and a Retry-After, not a 401: the token may be good."""
+    inflight = InFlight(lambda _: UNVERIFIABLE)
+    with pytest.raises(Unavailable) as refused:
+        inflight.watching(ROOT, _ender(ROOT, [])).__enter__()
+    assert (refused.value.reason, refused.value.retry_after) == ("revocations_unavailable", 1)
     assert inflight.requests == {}

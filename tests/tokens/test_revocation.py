@@ -1119,3 +1119,48 @@ async def test_an_open_stream_ends_with_its_token(
                 vault.close()
     finally:
         await runner.cleanup()
+
+
+async def test_an_open_stream_ends_when_its_list_is_too_old_to_judge_by(
+    openbao: OpenBaoDevServer,
+    relay: VaultRelay,
+    agent: Agent,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A replica cut off from Vault cannot know what other replicas revoke: a task token's
+    answer still streaming there is cut once its list is older than
+    tokens.revocation_max_staleness (audit reason revocations_unavailable), as a new
+    request is refused (503)."""
+    app = web.Application()
+    app.router.add_get("/echo", _ticking)
+    runner, port = await serve(app)
+    try:
+        cfg = token_config(openbao, agent, f"http://127.0.0.1:{port}")
+        cfg["vault"]["addr"] = relay.url
+        cfg["tokens"]["revocation_max_staleness"] = "1s"
+        async with running_proxy(cfg) as stack:
+            code, answer = await exchange(
+                http, stack.base, identity_token, scope={"other": {"methods": ["GET"]}}
+            )
+            assert code == 200, answer
+            rid = f"stale-{uuid.uuid4().hex}"
+            headers = {**bearer(answer["access_token"]), "X-Request-Id": rid}
+            url = f"{stack.base}/r/other/echo"
+            async with http.get(url, headers=headers) as stream:
+                assert stream.status == 200
+                await stream.content.readuntil(b"\n\n")
+                relay.down = True
+                assert await _events_until_cut(stream) < 590
+            events = await eventually(
+                functools.partial(_events_of, audit_log, rid), "no audit event for the cut stream"
+            )
+            assert [e["reason"] for e in events] == ["revocations_unavailable"]
+            async with http.get(url, headers=bearer(answer["access_token"])) as refused:
+                assert refused.status == 503
+                assert (await refused.json())["error"]["code"] == "revocations_unavailable"
+                assert refused.headers["Retry-After"] == "1"
+            relay.down = False
+    finally:
+        await runner.cleanup()
