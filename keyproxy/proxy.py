@@ -28,13 +28,7 @@ from keyproxy.addresses import IPAddress
 from keyproxy.answers import REQUEST_ID_KEY
 from keyproxy.config import Config, Policy, Route
 from keyproxy.deadline import ReadDeadlines
-from keyproxy.errors import (
-    Forbidden,
-    NotFound,
-    RequestError,
-    Unauthenticated,
-    Unavailable,
-)
+from keyproxy.errors import Forbidden, NotFound, RequestError, Unauthenticated, Unavailable
 from keyproxy.forward import Exchange, Forwarder, Outgoing, read_deadlines
 from keyproxy.headers import (
     Verdicts,
@@ -57,6 +51,10 @@ from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
 
 log = structlog.get_logger("keyproxy.proxy")
+
+# How a request ended: its audit reason, status, whether its answer was sent (or is an
+# error's, sent after the event is built), and the limit that refused it.
+_Ended = tuple[str, int, bool, str | None]
 
 
 # The steps' results are named tuples: as immutable as frozen dataclasses, and built in half
@@ -164,6 +162,8 @@ class Proxy:
         granted = False
         key: KeyVersion | None = None
         exchange: Exchange | None = None
+        ended: _Ended
+        done: _Ended | None = None  # how it ended, once its answer is sent
         try:
             route, tail = self._route(raw_path)
             segments, path = paths.normalise_encoded(tail)
@@ -191,18 +191,19 @@ class Proxy:
                 )
                 exchange = Exchange(plan.forwarder, caller.task, self.inflight)
                 outcome = await exchange.send(request, outgoing, rendered, rid)
+                # Sent: this is how it ended, even if its caller goes away from now on.
+                ended = done = outcome.cut or decision.reason, outcome.response.status, True, None
         except RequestError as exc:
             ended = exc.reason, exc.status, False, exc.limit
             raise
         except asyncio.CancelledError:
-            ended = "client_disconnected", 499, True, None  # no answer will be sent
+            # The caller went away: before its answer was sent (none will be), or after, as
+            # its slots were given back (the answer's own outcome stands).
+            ended = done or ("client_disconnected", 499, True, None)
             raise
         except Exception:  # a bug: answers.answering answers it and logs the traceback
             ended = "internal_error", 500, False, None
             raise
-        else:
-            response = outcome.response
-            ended = outcome.cut or decision.reason, response.status, True, None  # sent already
         finally:
             elapsed = time.monotonic() - started
             reason, status, sent, limit = ended
@@ -231,7 +232,7 @@ class Proxy:
                 # request's log context).
                 request[REQUEST_ID_KEY] = rid
                 asyncio.get_running_loop().call_soon(self._account, record, elapsed)
-        return response
+        return outcome.response
 
     def _account(self, record: audit.RequestRecord, elapsed: float) -> None:
         try:

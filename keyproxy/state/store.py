@@ -28,9 +28,10 @@ import abc
 import asyncio
 import enum
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from keyproxy.errors import KeyproxyError
 
@@ -333,11 +334,39 @@ async def hold(store: StateStore, decision: Decision) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        refresher.stopped = True
-        task.cancel()
-        # Waited for, not awaited: the refresher's end is bounded (at most one store call),
-        # and a cancellation of this request itself must not be swallowed with its own.
-        await asyncio.wait({task})
-        if not task.cancelled():
-            task.exception()  # retrieved: a bug in it is not "never retrieved" noise
-        await store.release(decision.slots)
+        # SECURITY (limits): released even when the request is cancelled meanwhile, as when
+        # its caller closes the connection on the answer's last byte (a slot left held would
+        # refuse others until its lease ran out).
+        await _to_its_end(_release(store, decision.slots, refresher, task))
+
+
+async def _release(
+    store: StateStore, slots: tuple[Slot, ...], refresher: _Refresher, task: asyncio.Task[None]
+) -> None:
+    refresher.stopped = True
+    task.cancel()
+    # Waited for, not awaited: the refresher's end is bounded (at most one store call), and
+    # a cancellation of this request itself must not be swallowed with its own.
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: a bug in it is not "never retrieved" noise
+    await store.release(slots)
+
+
+async def _to_its_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` to its end even if the calling task is cancelled meanwhile, and raise that
+    cancellation after it. `work` must be bounded (every store call has a deadline)."""
+    running = asyncio.ensure_future(work)
+    cancelled = False
+    while not running.done():
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            if running.cancelled():
+                raise
+            cancelled = True  # the caller's: waited out
+    if cancelled:
+        if not running.cancelled():
+            running.exception()  # retrieved: the cancellation is what the caller sees
+        raise asyncio.CancelledError
+    running.result()

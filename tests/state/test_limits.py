@@ -223,6 +223,57 @@ async def test_concurrency_cap_holds_while_streams_are_open(
         gated.gate.set()
 
 
+async def _get_and_hang_up(port: int, path: str, token: str, rid: str) -> int:
+    """One request on a connection of its own, closed on the answer's last byte (as curl
+    and most one-shot clients do): its status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"X-Request-Id: {rid}\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        return int(head.split(b" ", 2)[1])
+    finally:
+        writer.transport.abort()  # at once, while the proxy may still be giving slots back
+
+
+async def test_a_caller_hanging_up_on_the_last_byte_gives_its_slot_back(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    identity_token: str,
+    upstream: Upstream,
+    redis_server: RedisServer,
+    audit_log: Path,
+) -> None:
+    """Callers that close their connection as soon as the answer is in, one after another
+    under a cap of 2 in flight: every one is admitted (none holds a slot once answered,
+    though the hang-up lands while the proxy gives its slot back to Valkey/Redis), and the
+    audit says 200, not 499 client_disconnected."""
+    limits = {"concurrency": [{"per": "route", "max": 2, "lease": "60s"}]}
+    routes = {"capped": _route(upstream.url, limits)}
+    cfg = _config(openbao, agent, routes, {"url": redis_server.url})
+    async with running_proxy(cfg) as stack:
+        port = int(stack.base.rsplit(":", 1)[1])
+        rids = [new_request_id() for _ in range(30)]
+        statuses = [
+            await _get_and_hang_up(port, "/r/capped/echo", identity_token, rid) for rid in rids
+        ]
+        assert statuses == [200] * len(rids)
+        events = [(await audit_events(audit_log, rid))[0] for rid in rids]
+        assert {(e["status"], e["reason"]) for e in events} == {(200, "allowed")}
+        prefix = stack.config.state.prefix if stack.config.state else ""
+        with redis_server.client() as client:
+            held = client.keys(f"{{{prefix}}}:s:*")  # a set of slots goes once empty
+            assert [client.zcard(slots) for slots in held] == [0] * len(held)
+
+
 async def test_store_outage_fails_closed_allows_and_recovers(
     openbao: OpenBaoDevServer,
     agent: Agent,
