@@ -16,6 +16,7 @@ malformed value is an Unauthenticated("forwarded_cert_malformed" or
 
 from __future__ import annotations
 
+import re
 from typing import Final
 from urllib.parse import unquote
 
@@ -27,6 +28,10 @@ from keyproxy.errors import Unauthenticated
 
 _MAX_VALUE = 64 * 1024  # a chain of a few certificates fits many times over
 _TOKEN_STOP: Final = frozenset(';,="')
+# PEM certificates and nothing else: cryptography's reader skips text around them.
+_ONLY_CERTIFICATES: Final = re.compile(
+    rb"\s*(?:-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\s*)+"
+)
 
 
 def _malformed(what: str) -> Unauthenticated:
@@ -111,6 +116,6 @@ def _pem_chain(escaped: str, *, single: bool) -> tuple[bytes, ...]:
         raise _malformed("is not URL-encoded PEM") from None
     if single and len(certs) != 1:
         raise _ambiguous("holds more than one certificate")
-    if pem.count(b"-----BEGIN") != len(certs):
+    if pem.count(b"-----BEGIN") != len(certs) or not _ONLY_CERTIFICATES.fullmatch(pem):
         raise _malformed("holds something other than certificates")
     return tuple(c.public_bytes(Encoding.DER) for c in certs)

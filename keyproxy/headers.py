@@ -76,6 +76,7 @@ DROPPED_REQUEST_FRAGMENTS: Final = (
     "principal",
     "remote-",  # Remote-User, -Groups, -Email (Authelia), X-Remote-* (Kubernetes)
     "tailscale-user",
+    "spiffe",  # X-Spiffe-Id: a workload identity some meshes assert
     "clientcert",
     "x-amzn-oidc",
     "x-amzn-mtls",

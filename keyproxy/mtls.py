@@ -21,6 +21,7 @@ import datetime as dt
 import hmac
 
 from aiohttp import web
+from cryptography import x509
 from multidict import CIMultiDictProxy
 
 from keyproxy import policy
@@ -78,6 +79,16 @@ def identity_of(svid: Svid) -> Identity:
     return Identity(SCHEME + svid.issuer, svid.subject)
 
 
+def _in_date(der: bytes) -> bool:
+    """Whether the certificate `der` is within its validity dates now."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    now = dt.datetime.now(dt.UTC)
+    return certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
+
+
 def binding(chain: tuple[bytes, ...], svid: Svid | None) -> CertificateBinding:
     """What a task token requested with the client certificate `chain` is bound to: its
     thumbprint, and when it is the valid X.509-SVID `svid` also its SPIFFE ID and public
@@ -93,14 +104,25 @@ def binding(chain: tuple[bytes, ...], svid: Svid | None) -> CertificateBinding:
 
 def check_binding(task: TaskToken, chain: tuple[bytes, ...], verifier: SvidVerifier | None) -> None:
     """Refuse a certificate-bound task token on a connection without that certificate or a
-    renewal of it (the same SPIFFE ID and public key, verified by `verifier`)."""
+    renewal of it (the same SPIFFE ID and public key, verified by `verifier`).
+
+    SECURITY: the certificate is judged again at each use, as an SVID caller's is: one that
+    expired, or whose CA left its bundle, since the handshake (a connection kept open, a
+    resumed session, or a front proxy forwarding it) refuses the token too (401 with the
+    SVID's reason); a certificate that is no SVID is held to its validity dates."""
     bound = task.certificate
-    if bound is None or presents(bound.thumbprint, chain[0] if chain else None):
+    if bound is None:
         return
-    if chain and verifier is not None and bound.spiffe_id is not None and bound.key is not None:
+    leaf = chain[0] if chain else None
+    if bound.spiffe_id is None or bound.key is None:  # bound exactly: that certificate
+        if presents(bound.thumbprint, leaf) and leaf is not None and _in_date(leaf):
+            return
+    elif chain and verifier is not None:
         try:
             svid = verifier.verify(chain, dt.datetime.now(dt.UTC))
         except Unauthenticated:
+            if presents(bound.thumbprint, leaf):
+                raise  # the very certificate, no longer valid: why
             svid = None
         if (
             svid is not None

@@ -40,9 +40,11 @@ import hmac
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import orjson
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
@@ -245,6 +247,17 @@ def _leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
     return spiffe_id
 
 
+# What cryptography raises for a certificate it parsed but cannot read on (a field given
+# twice, a name or key of a kind it does not know): a malformed SVID, never a 500. A
+# forwarded certificate reaches here unchecked by any handshake.
+_UNREADABLE: Final = (
+    ValueError,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
+
+
 class SvidVerifier:
     """Verifies client certificate chains against per-trust-domain bundles."""
 
@@ -265,10 +278,11 @@ class SvidVerifier:
             raise Unauthenticated("svid_missing", "no client certificate")
         try:
             certs = [x509.load_der_x509_certificate(der) for der in chain]
-        except ValueError:
+            leaf = certs[0]
+            spiffe_id = check_leaf(leaf, now)  # the first to read its extensions
+            key = key_thumbprint(leaf)
+        except _UNREADABLE:
             raise Unauthenticated("svid_malformed", "the client certificate is malformed") from None
-        leaf = certs[0]
-        spiffe_id = check_leaf(leaf, now)
         store = self._stores.get(spiffe_id.trust_domain)
         if store is None:
             raise Unauthenticated(
@@ -288,4 +302,6 @@ class SvidVerifier:
                 "svid_untrusted",
                 f"the chain does not verify against the {spiffe_id.trust_domain} bundle",
             ) from None
-        return Svid(spiffe_id, thumbprint(chain[0]), leaf.not_valid_after_utc, key_thumbprint(leaf))
+        except _UNREADABLE:
+            raise Unauthenticated("svid_malformed", "a chain certificate is malformed") from None
+        return Svid(spiffe_id, thumbprint(chain[0]), leaf.not_valid_after_utc, key)

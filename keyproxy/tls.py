@@ -48,7 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -136,6 +136,10 @@ def build_context(files: TLSFiles, bundles: tuple[TrustBundle, ...]) -> ssl.SSLC
         context.verify_mode = (
             ssl.CERT_REQUIRED if files.client_auth is ClientAuth.REQUIRED else ssl.CERT_OPTIONAL
         )
+        # No session tickets: a session resumed from one may not hold the chain the client
+        # presented (peer_chain), where one from this process's session cache does.
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
     return context
 
 
@@ -281,11 +285,19 @@ def peer_chain(transport: _HasExtraInfo | None) -> tuple[bytes, ...]:
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if not isinstance(ssl_object, ssl.SSLObject):
         return ()
-    if sys.version_info >= (3, 13):
-        chain = ssl_object.get_verified_chain()
-    else:
-        # The same method, private before 3.13: the only way to the verified chain there.
-        chain = ssl_object._sslobj.get_verified_chain()  # type: ignore[attr-defined]
+    # The chains' methods are private before 3.13: the only way to them there.
+    inner: Any = ssl_object
+    if sys.version_info < (3, 13):
+        inner = ssl_object._sslobj  # type: ignore[attr-defined]
+    chain = inner.get_verified_chain()
+    if not chain and ssl_object.session_reused:
+        # SECURITY: a resumed TLS 1.2 session has no verified chain, only the one the client
+        # presented in the full handshake that made the session, which that handshake
+        # verified (resuming proves the client holds its secrets). It stands in, verified
+        # again at each use like every chain (SvidVerifier, keyproxy.mtls.check_binding):
+        # taken for none, the caller would lose its identity, and a token asked for on it
+        # its binding, without a word.
+        chain = inner.get_unverified_chain()
     return tuple(cert.public_bytes(_ENCODING_DER) for cert in chain or ())
 
 

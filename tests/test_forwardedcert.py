@@ -78,3 +78,16 @@ def test_a_chain_whose_first_is_not_cert_is_refused() -> None:
     with pytest.raises(Unauthenticated) as refused:
         forwarded_chain([escaped(one.chain_pem() + other.chain_pem())], "escaped_pem")
     assert refused.value.reason == "forwarded_cert_ambiguous"
+
+
+def test_text_around_the_certificate_is_refused() -> None:
+    """A value holds PEM certificates and nothing else (cryptography's reader skips text
+    around them): leading or trailing text, or an xfcc element given to the nginx reader,
+    is malformed; whitespace around the certificate is not."""
+    pem = SvidCA("example.org").svid("/agent").certificate.public_bytes(Encoding.PEM)
+    for value in (b"x" + pem, pem + b"x", b'Cert="' + pem + b'"', b"Subject=a\n" + pem):
+        for form, header in (("escaped_pem", escaped(value)), ("xfcc", f"Cert={escaped(value)}")):
+            with pytest.raises(Unauthenticated) as refused:
+                forwarded_chain([header], form)  # type: ignore[arg-type]
+            assert refused.value.reason == "forwarded_cert_malformed", (form, value[:12])
+    assert len(forwarded_chain([escaped(b"\n" + pem + b"\n")], "escaped_pem")) == 1

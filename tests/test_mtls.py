@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from keyproxy.caller import Identity
 from keyproxy.errors import Unauthenticated
 from keyproxy.mtls import binding, check_binding
-from keyproxy.spiffe import SvidVerifier, parse_bundle, thumbprint
+from keyproxy.spiffe import SvidVerifier, key_thumbprint, parse_bundle, thumbprint
 from keyproxy.tokens import CertificateBinding, TaskToken
 from tests.helpers.svid_ca import Issued, SvidCA
 
@@ -107,3 +107,29 @@ def test_a_certificate_that_is_no_svid_is_bound_exactly(ca: SvidCA, verifier: Sv
 def test_an_unbound_token_needs_no_certificate(verifier: SvidVerifier) -> None:
     """A token requested without a certificate is a bearer token."""
     check_binding(token(None), (), verifier)
+
+
+def test_the_bound_certificate_itself_is_judged_again_at_each_use(
+    ca: SvidCA, verifier: SvidVerifier
+) -> None:
+    """The very certificate a token is bound to no longer carries it once it expired or its
+    CA left the bundles (a connection kept open, a resumed session, a front proxy forwarding
+    it): 401 with the SVID's reason. One that is no SVID is held to its validity dates."""
+    now = dt.datetime.now(dt.UTC)
+    old = ca.svid(
+        "/agent", not_before=now - dt.timedelta(hours=2), not_after=now - dt.timedelta(hours=1)
+    )
+    bound = CertificateBinding(
+        thumbprint(old.der), "spiffe://example.org/agent", key_thumbprint(old.certificate)
+    )
+    with pytest.raises(Unauthenticated) as refused:
+        check_binding(token(bound), chain(old), verifier)
+    assert refused.value.reason == "svid_expired"
+    current = ca.svid("/agent")
+    rotated = SvidVerifier([parse_bundle("example.org", SvidCA("example.org").bundle_pem())])
+    with pytest.raises(Unauthenticated) as refused:
+        check_binding(token(bound_to(current, verifier)), chain(current), rotated)
+    assert refused.value.reason == "svid_untrusted"
+    with pytest.raises(Unauthenticated) as refused:
+        check_binding(token(CertificateBinding(thumbprint(old.der))), chain(old), verifier)
+    assert refused.value.reason == "token_binding_mismatch"

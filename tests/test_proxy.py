@@ -632,6 +632,7 @@ CLASS_DROPPED = (
     "X-ProxyUser-IP",
     "X-AppEngine-User-IP",
     "Cdn-Src-Ip",
+    "X-Spiffe-Id",
 )
 # ... and what SDKs send that names none of those.
 CLASS_KEPT = (

@@ -9,6 +9,8 @@ import json
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyproxy.errors import Unauthenticated
@@ -213,3 +215,34 @@ def test_two_bundles_for_one_trust_domain_refused() -> None:
     bundle = parse_bundle("example.org", SvidCA("example.org").bundle_pem())
     with pytest.raises(BundleError):
         SvidVerifier([bundle, bundle])
+
+
+def _with_two_sans() -> bytes:
+    """A leaf with two subjectAltName extensions (DER): an issuerAltName renamed in place.
+    Its signature no longer holds, but the leaf rules read it first."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    uri = x509.UniformResourceIdentifier
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([uri("spiffe://example.org/a")]), True)
+        .add_extension(x509.IssuerAlternativeName([uri("spiffe://example.org/b")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    issuer_alt_name, subject_alt_name = b"\x06\x03\x55\x1d\x12", b"\x06\x03\x55\x1d\x11"
+    return leaf.public_bytes(Encoding.DER).replace(issuer_alt_name, subject_alt_name)
+
+
+def test_a_certificate_cryptography_cannot_read_on_is_malformed_not_an_error() -> None:
+    """A leaf that parses but whose extensions cannot be read (a forwarded one, which no
+    handshake checked) is refused as svid_malformed (401), never a 500."""
+    verifier = SvidVerifier([parse_bundle("example.org", SvidCA("example.org").bundle_pem())])
+    with pytest.raises(Unauthenticated) as refused:
+        verifier.verify((_with_two_sans(),), dt.datetime.now(dt.UTC))
+    assert refused.value.reason == "svid_malformed"

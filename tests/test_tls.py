@@ -409,3 +409,39 @@ def test_failed_reload_keeps_running_context(cas: dict[str, SvidCA], plain_tls: 
     with pytest.raises(ssl.SSLError):
         tls.reload()
     assert tls.active_context is before
+
+
+def _twice(url: str, context: ssl.SSLContext) -> list[tuple[bool | None, bytes]]:
+    """Two connections, the second offering the first one's session: for each, whether it
+    was resumed and the answer to GET /whoami."""
+    host, port = url.removeprefix("https://").split(":")
+    session, seen = None, []
+    for _ in range(2):
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host, session=session) as conn,
+        ):
+            conn.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):  # the TLS 1.3 ticket, if any, comes before
+                answer += chunk
+            seen.append((conn.session_reused, answer.split(b"\r\n", 1)[0]))
+            session = conn.session
+    return seen
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_client_certificate_listener_resumes_no_session(
+    tmp_path: Path, cas: dict[str, SvidCA], version: ssl.TLSVersion
+) -> None:
+    """A resumed TLS session has no verified chain in OpenSSL: the chain its full handshake
+    verified stands in, so a caller keeps its certificate identity on a connection that
+    resumes a session (TLS 1.2, from the session cache; TLS 1.3 resumes nothing, its
+    tickets are off)."""
+    svid = cas["example"].svid("/ns/agents/sa/summarizer")
+    context = client_context(cas["server"], svid, tmp_path)
+    context.minimum_version = context.maximum_version = version
+    async with mtls_listener(tmp_path, cas) as listener:
+        seen = await asyncio.to_thread(_twice, listener.url, context)
+    resumed = version is ssl.TLSVersion.TLSv1_2
+    assert seen == [(False, b"HTTP/1.1 200 OK"), (resumed, b"HTTP/1.1 200 OK")]
