@@ -291,12 +291,10 @@ def peer_chain(transport: _HasExtraInfo | None) -> tuple[bytes, ...]:
         inner = ssl_object._sslobj  # type: ignore[attr-defined]
     chain = inner.get_verified_chain()
     if not chain and ssl_object.session_reused:
-        # SECURITY: a resumed TLS 1.2 session has no verified chain, only the one the client
-        # presented in the full handshake that made the session, which that handshake
-        # verified (resuming proves the client holds its secrets). It stands in, verified
-        # again at each use like every chain (SvidVerifier, keyproxy.mtls.check_binding):
-        # taken for none, the caller would lose its identity, and a token asked for on it
-        # its binding, without a word.
+        # SECURITY: a resumed TLS 1.2 session keeps only the chain the client presented in
+        # the full handshake that verified it (resuming proves it holds its secrets). It
+        # stands in, verified again at each use like every chain: taken for none, a token
+        # asked for on it would lose its binding without a word.
         chain = inner.get_unverified_chain()
     return tuple(cert.public_bytes(_ENCODING_DER) for cert in chain or ())
 

@@ -174,6 +174,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "server.limits",
                 "server.collector",
                 "server.reload",
+                "server.tlsapp",
             }
         ),
     ),

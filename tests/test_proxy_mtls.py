@@ -22,6 +22,7 @@ import aiohttp
 import httpx2
 import openai
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyproxy import config
@@ -545,7 +546,9 @@ async def test_required_client_certificates_on_both_listeners(
 ) -> None:
     """With client_auth required, a caller without a certificate is refused in the handshake
     (svid_missing, audited per listener); the admin listener has its own TLS, and an SVID
-    holder reads its metrics, where the refusals are counted."""
+    holder reads its metrics, where the refusals are counted. A certificate the handshake
+    let through that is no valid SVID (no SPIFFE ID, a CA as leaf) reaches no admin
+    endpoint."""
     cfg, cert, key = mtls_config(openbao, agent, upstream.url, tmp_path, cas)
     cfg["server"]["tls"]["client_auth"] = "required"
     cfg["server"]["admin"] = {"tls": {**cfg["server"]["tls"]}}
@@ -571,6 +574,15 @@ async def test_required_client_certificates_on_both_listeners(
             metrics = await response.text()
         assert 'keyproxy_tls_refused_total{listener="proxy",reason="svid_missing"} 1.0' in metrics
         assert 'keyproxy_tls_refused_total{listener="admin",reason="svid_missing"} 1.0' in metrics
+        for not_svid, reason in (
+            (cas["example"].issue([x509.DNSName("agent.example.org")]), "svid_uri_san_count"),
+            (cas["example"].ca_as_leaf(), "svid_leaf_is_ca"),
+        ):
+            async with stack.session(not_svid) as session:
+                for method, path in (("GET", "/metrics"), ("POST", "/reload"), ("GET", "/readyz")):
+                    async with session.request(method, f"{admin}{path}") as response:
+                        assert response.status == 401, (path, reason)
+                        assert (await response.json())["error"]["code"] == reason
         async with stack.session(cas["example"].svid("/agent")) as session:
             status, _ = await post(session, f"{stack.base}/r/r/v1/chat/completions")
         assert status == 200

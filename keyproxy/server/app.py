@@ -62,10 +62,11 @@ from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.proxy import Proxy
 from keyproxy.server import collector
 from keyproxy.server.reload import Generation, Reloader, short, text_digest
+from keyproxy.server.tlsapp import TLS, serve_tls, svid_holders_only
 from keyproxy.state import StateStore
 from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisStore
-from keyproxy.tls import OnRefused, ServerTLS, error_text, listener_tls
+from keyproxy.tls import OnRefused, listener_tls
 from keyproxy.tokens import TASK_TOKEN_TYPE, TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, Vault
@@ -81,7 +82,6 @@ STORE: Final = web.AppKey("store", StateStore)
 TASKS: Final = web.AppKey("tasks", TaskTokens)
 PROCESSES: Final = web.AppKey("processes", int)  # how many serve the port (--workers)
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
-TLS: Final = web.AppKey("tls", ServerTLS)  # the listener's TLS, when it has one
 # The proxy's handler (errors answered), which the listener calls for a path under /r/
 # without aiohttp's router (keyproxy.server.listen); the router holds it too.
 PROXY_HANDLER: Final[web.AppKey[Handler]] = web.AppKey("proxy_handler")
@@ -108,7 +108,7 @@ def build_app(
         app[SOURCE] = source
     app[WATCH] = watch
     if config.server.tls is not None:
-        _serve_tls(app, listener_tls(config.server.tls, "server.tls", _refusals(app, "proxy")))
+        serve_tls(app, listener_tls(config.server.tls, "server.tls", _refusals(app, "proxy")))
     app.cleanup_ctx.append(_components)
     app.on_response_prepare.append(_server_header)
     # Every handler raises; answers.answering answers.
@@ -130,13 +130,25 @@ def build_admin_app(served: web.Application) -> web.Application:
     admin_tls = served[CONFIG].server.admin.tls
     if admin_tls is not None:
         refused = _refusals(served, "admin")
-        _serve_tls(app, listener_tls(admin_tls, "server.admin.tls", refused))
+        serve_tls(app, listener_tls(admin_tls, "server.admin.tls", refused))
     app.on_response_prepare.append(_server_header)
-    app.router.add_get("/healthz", answers.answering(_healthz))
-    app.router.add_get("/readyz", answers.answering(_readyz))
-    app.router.add_get("/metrics", answers.answering(_metrics))
-    app.router.add_post("/reload", answers.answering(_reload))
+    # SECURITY: where the admin listener requires client certificates, the handshake only
+    # says a chain leads to one of its bundles: each request's must be a valid X.509-SVID of
+    # the trust domain whose bundle verifies it, as on the proxy.
+    holders = admin_tls is not None and admin_tls.client_auth == "required"
+    checked = svid_holders_only if holders else _as_is
+    for method, path, handler in (
+        ("GET", "/healthz", _healthz),
+        ("GET", "/readyz", _readyz),
+        ("GET", "/metrics", _metrics),
+        ("POST", "/reload", _reload),
+    ):
+        app.router.add_route(method, path, answers.answering(checked(handler)))
     return app
+
+
+def _as_is(handler: Handler) -> Handler:
+    return handler
 
 
 def _refusals(app: web.Application, listener: str) -> OnRefused:
@@ -149,33 +161,6 @@ def _refusals(app: web.Application, listener: str) -> OnRefused:
             metrics.tls_refused(listener, reason)
 
     return refused
-
-
-def _serve_tls(app: web.Application, tls: ServerTLS) -> None:
-    app[TLS] = tls
-    app.cleanup_ctx.append(_following_tls)
-
-
-async def _following_tls(app: web.Application) -> AsyncIterator[None]:
-    """Re-read the listener's certificate, key and trust bundles when their content changes."""
-    tls = app[TLS]
-    stop = asyncio.Event()
-
-    def failed(exc: Exception) -> None:
-        # The running certificate and bundles stay; the next change of a file tries again.
-        log.error("tls.reload_failed", error=error_text(exc))
-
-    def reloaded() -> None:
-        log.info("tls.reloaded", certificate=str(tls.files.certificate))
-
-    task = asyncio.create_task(tls.follow(failed, stop=stop, on_reload=reloaded), name="tls-watch")
-    try:
-        yield
-    finally:
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _components(app: web.Application) -> AsyncIterator[None]:

@@ -53,11 +53,11 @@ from keyproxy.server.app import (
     METRICS,
     PROXY_HANDLER,
     RELOADER,
-    TLS,
     build_admin_app,
     build_app,
 )
 from keyproxy.server.limits import Guard, Limits
+from keyproxy.server.tlsapp import TLS
 
 log = structlog.get_logger("keyproxy.server")
 
