@@ -92,6 +92,8 @@ def _print_result(result: dict[str, Any]) -> None:
         print(f"reload refused, {result.get('hash')} still serving: {where}{error.get('message')}")  # noqa: T201
         return
     print(f"{outcome}: {result.get('hash')}")  # noqa: T201
+    if "workers" in result:
+        print(f"every one of {result['workers']} workers asked to reload the same file")  # noqa: T201
     for line in _lines(result.get("changes") or {}):
         print(line)  # noqa: T201
 

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
@@ -81,6 +83,7 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 STORE: Final = web.AppKey("store", StateStore)
 TASKS: Final = web.AppKey("tasks", TaskTokens)
 PROCESSES: Final = web.AppKey("processes", int)  # how many serve the port (--workers)
+SUPERVISOR: Final = web.AppKey("supervisor", int)  # the --workers parent's pid, in a worker
 SERVED: Final = web.AppKey("served", web.Application)  # the admin app's agents' app
 # The proxy's handler (errors answered), which the listener calls for a path under /r/
 # without aiohttp's router (keyproxy.server.listen); the router holds it too.
@@ -104,6 +107,8 @@ def build_app(
     )
     app[CONFIG] = config
     app[PROCESSES] = processes
+    if processes > 1:  # a worker: its parent is the supervisor (keyproxy.cli.serve)
+        app[SUPERVISOR] = os.getppid()
     if source is not None:
         app[SOURCE] = source
     app[WATCH] = watch
@@ -330,9 +335,19 @@ def _broker(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def _reload(request: web.Request) -> web.Response:
     """Reload the configuration file now; the answer says what happened (200 even for a
-    file that was refused: the running configuration stays, and the body says why)."""
-    outcome = await request.app[SERVED][RELOADER].reload("admin")
-    return web.json_response(outcome.as_dict())
+    file that was refused: the running configuration stays, and the body says why).
+
+    One of --workers N (its admin port shared): the others are asked too, through the
+    supervisor's SIGHUP, which reaches every worker (this one again: `unchanged`), and the
+    answer says how many serve (`workers`). Else a narrowed policy would hold on this
+    worker only."""
+    served = request.app[SERVED]
+    answer = (await served[RELOADER].reload("admin")).as_dict()
+    supervisor = served.get(SUPERVISOR)
+    if supervisor is not None and os.getppid() == supervisor:  # not init's, once orphaned
+        os.kill(supervisor, signal.SIGHUP)
+        answer["workers"] = served[PROCESSES]
+    return web.json_response(answer)
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -90,7 +90,7 @@ async def test_two_workers_serve_and_stop_gracefully(
 ) -> None:
     """--workers 2 serves from two processes on one port; on SIGTERM the parent stops both,
     which close the port but finish a stream in flight before exiting 0; one SIGHUP to the
-    parent reloads both."""
+    parent reloads both, and so does POST /reload to the one worker it reaches."""
     agent = openbao.add_agent("workers-agent")
     openbao.put_key("keyproxy/keys/workers-test", new_key())
     token = openbao.agent_token(agent)
@@ -101,7 +101,9 @@ async def test_two_workers_serve_and_stop_gracefully(
     out = log_dir / "workers.out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     # --no-watch: only the SIGHUP below may reload.
-    args = ["serve", "-c", str(path), "--port", str(port), "--admin-port", "0", "--workers", "2"]
+    admin = free_port()
+    args = ["serve", "-c", str(path), "--port", str(port), "--admin-port", str(admin)]
+    args += ["--workers", "2"]
     args.append("--no-watch")
     fresh = aiohttp.TCPConnector(force_close=True)  # a new connection, so any worker may take it
     with cli.started(*args, out=out, env=env) as proc:
@@ -157,6 +159,21 @@ async def test_two_workers_serve_and_stop_gracefully(
             assert answered == set(started)
             assert proc.poll() is None
             assert all(_alive(pid) for pid in started)
+
+            # POST /reload reaches one worker (the admin port is shared): it has the others
+            # reload too, through the parent.
+            changed["routes"]["third"] = changed["routes"]["up"]
+            path.write_text(yaml.safe_dump(changed))
+            async with http.post(f"http://127.0.0.1:{admin}/reload") as response:
+                result = await response.json()
+            assert (result["result"], result["workers"]) == ("ok", 2), result
+            await eventually(
+                lambda: set(reloaded().values()),
+                "the other worker did not reload",
+                within=DEADLINE,
+                interval=0.05,
+                until={result["hash"]}.__eq__,
+            )
 
             auth = {"Authorization": f"Bearer {token}"}
             async with http.get(f"{base}/r/up/stream", headers=auth) as stream:
