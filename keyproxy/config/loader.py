@@ -39,10 +39,17 @@ LABELLED = frozenset({"policies"})
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
 _MAX_LABEL = 64
+# Far above any real configuration (1,000 routes with their policies: about 300 KiB): a file
+# this large is a mistake, and reading it would hold the process for seconds.
+MAX_CONFIG_CHARACTERS = 4 * 1024 * 1024
 
 
 def read(text: str) -> Any:
     """The single YAML document in `text`, or ConfigError saying what is wrong and where."""
+    if len(text) > MAX_CONFIG_CHARACTERS:
+        raise ConfigError(
+            "", f"the configuration is larger than {MAX_CONFIG_CHARACTERS // 2**20} MiB"
+        )
     try:
         loader = _StrictLoader(text)  # the reader checks every character here
     except yaml.reader.ReaderError as exc:

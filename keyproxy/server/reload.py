@@ -186,7 +186,8 @@ class Reloader:
             log.info("config.reload_unchanged", hash=short(digest), trigger=trigger, file=where)
             return Outcome("unchanged", short(digest), trigger)
         try:
-            compiled = self._checked(config.parse(data.decode("utf-8")))
+            # In a thread: a large file takes the YAML reader a while, and requests go on.
+            compiled = self._checked(await asyncio.to_thread(config.parse, data.decode("utf-8")))
             await asyncio.to_thread(netguard.check_upstreams, compiled)
         except UnicodeDecodeError:
             return self._failed(trigger, running, ConfigError("", "the file is not UTF-8 text"))

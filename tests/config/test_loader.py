@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from keyproxy import config
+from keyproxy.config.loader import read
 from keyproxy.errors import ConfigError
 from tests.helpers.configs import TEXT
 
@@ -27,3 +28,12 @@ def test_aliases_still_repeat_whole_values() -> None:
     routes = config.parse(text, {}).routes
     assert routes["mirror"].secret == routes["openai"].secret
     assert routes["mirror"].secret.path == "keyproxy/keys/openai"
+
+
+def test_a_file_larger_than_any_configuration_is_refused_unread() -> None:
+    """A configuration over 4 MiB (a mistake: 1,000 routes take about 300 KiB) is refused
+    before the YAML reader spends seconds on it, at start and at a reload alike."""
+    comment = "# " + "x" * 1022 + "\n"
+    with pytest.raises(ConfigError, match="larger than 4 MiB"):
+        read("routes: {}\n" + comment * 4096)
+    assert read("routes: {}\n" + comment * 4000) == {"routes": {}}
