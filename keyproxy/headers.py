@@ -290,8 +290,9 @@ def caller_token(
     Raises Unauthenticated when there is none, and BadRequest when the request carries a
     credential more than once or in two places (invariant 12): two credential-carrying
     headers (two copies of one, or the route's and another), a list in one (a comma, or more
-    than the token after the scheme), or a credential in the path or query, which would go
-    upstream as sent (invariant 4). Nothing has been verified yet: the shape alone refuses."""
+    than the token after the scheme), or a credential in the path or query or the token in
+    another header, which would go upstream as sent (invariant 4). Nothing has been verified
+    yet: the shape alone refuses."""
     values = incoming.getall(credential.header, ())
     carried = len(values)
     if not incoming.keys().isdisjoint(others):  # the rare case: counted only then
@@ -307,6 +308,8 @@ def caller_token(
     # Header values hold no other whitespace (RFC 9110 5.5; aiohttp refuses CR and LF).
     if " " in value or "\t" in value:
         raise _ambiguous()
+    if value and _copied(incoming, value):
+        raise BadRequest("credential_in_header", "send your token once, in one header")
     path, _, query = target.partition("?")
     if value and _holds(path, value):
         raise BadRequest("credential_in_path", "send your token in a header, not in the URL")
@@ -343,6 +346,19 @@ def in_query(query: str, token: str) -> bool:
         unquote_plus(part.partition("=")[0]).lower() == _QUERY_CREDENTIAL
         for part in query.split("&")
     )
+
+
+def _copied(incoming: CIMultiDictProxy[str], token: str) -> bool:
+    """Whether a header other than the one it came in holds the caller's `token` too (in its
+    name or value), where the upstream would get it. Only a header at least as long as the
+    token can: most are looked at for their length alone."""
+    length, holding = len(token), 0
+    for name, text in incoming.items():
+        if len(text) >= length and token in text:
+            holding += 1
+        if len(name) >= length and token in name:
+            return True
+    return holding > 1
 
 
 def _holds(text: str, token: str) -> bool:

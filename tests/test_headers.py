@@ -410,3 +410,25 @@ def test_any_other_request_id_is_replaced(pairs: list[tuple[str, str]]) -> None:
     for new in (first, second):
         assert len(new) == 32
         assert set(new) <= set("0123456789abcdef")
+
+
+@pytest.mark.parametrize(
+    "copy",
+    [
+        ("X-Debug", TOKEN),
+        ("X-Trace", f"sess={TOKEN};x=1"),
+        ("Cookie", f"auth={TOKEN}"),
+        ("Authorization-Copy", f"Bearer {TOKEN}"),
+        (TOKEN, "1"),  # a name can be as long as a token, of the same characters
+    ],
+    ids=["whole", "inside", "cookie", "with-scheme", "as-name"],
+)
+def test_the_callers_token_in_another_header_is_refused(copy: tuple[str, str]) -> None:
+    """The caller's token copied into another header, its name or its value, would go
+    upstream in it: 400 credential_in_header, before anything is verified. A header holding
+    another token, or part of this one, is no copy."""
+    with pytest.raises(BadRequest) as refused:
+        _token(BEARER, ("Authorization", f"Bearer {TOKEN}"), copy)
+    assert refused.value.reason == "credential_in_header"
+    for other in (("X-Debug", OTHER), ("X-Debug", TOKEN[:-1]), (TOKEN[:-1], "1")):
+        assert _token(BEARER, ("Authorization", f"Bearer {TOKEN}"), other) == TOKEN

@@ -1056,6 +1056,18 @@ async def test_the_callers_token_in_the_path_is_400(
     assert upstream.requests == []
 
 
+async def test_the_callers_token_in_another_header_is_400(
+    stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
+) -> None:
+    """The caller's own token copied into a header the route forwards would go upstream in
+    it (invariant 4): 400 credential_in_header, nothing forwarded."""
+    for copy in ({"X-Debug-Token": token}, {"Cookie": f"session={token}"}):
+        async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token) | copy) as response:
+            assert response.status == 400, copy
+            assert (await response.json())["error"]["code"] == "credential_in_header"
+    assert upstream.requests == []
+
+
 async def test_a_token_spelt_another_way_is_401(
     stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
 ) -> None:
