@@ -31,8 +31,8 @@ refusing files that cannot be read or do not fit together with a ConfigError nam
 per file (missing, unreadable, not a certificate, key or bundle), for `keyproxy check`.
 
 `peer_chain(request.transport)` gives the client certificate chain the handshake verified (DER, leaf
-first), for `SvidVerifier.verify`. Python exposes that chain publicly from 3.13; 3.11 and 3.12
-have the same method on the connection's private `_sslobj`.
+first), for `SvidVerifier.verify`, from the connection's private `_sslobj` (public only from
+3.13, and there as DER that fails on a resumed session without a certificate).
 
 Settings: TLS 1.2 at least; for TLS 1.2, only ECDHE key exchange with AEAD ciphers (TLS 1.3's
 suites are all modern already); no compression, no renegotiation, a fresh ECDH key per handshake.
@@ -43,12 +43,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -285,18 +284,17 @@ def peer_chain(transport: _HasExtraInfo | None) -> tuple[bytes, ...]:
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
     if not isinstance(ssl_object, ssl.SSLObject):
         return ()
-    # The chains' methods are private before 3.13: the only way to them there.
-    inner: Any = ssl_object
-    if sys.version_info < (3, 13):
-        inner = ssl_object._sslobj  # type: ignore[attr-defined]
+    # The connection's own chains are certificate objects on every version (3.13's public
+    # methods turn them into DER, and fail on a resumed session without a certificate).
+    inner = ssl_object._sslobj  # type: ignore[attr-defined]
     chain = inner.get_verified_chain()
-    if not chain and ssl_object.session_reused:
+    if not chain and ssl_object.session_reused and ssl_object.getpeercert(True) is not None:
         # SECURITY: a resumed TLS 1.2 session keeps only the chain the client presented in
         # the full handshake that verified it (resuming proves it holds its secrets). It
         # stands in, verified again at each use like every chain: taken for none, a token
         # asked for on it would lose its binding without a word.
         chain = inner.get_unverified_chain()
-    return tuple(cert.public_bytes(_ENCODING_DER) for cert in chain or ())
+    return tuple(cert.public_bytes(_ENCODING_DER) for cert in chain or () if cert is not None)
 
 
 def peer_certificate(transport: _HasExtraInfo | None) -> bytes | None:

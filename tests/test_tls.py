@@ -431,7 +431,7 @@ def _twice(url: str, context: ssl.SSLContext) -> list[tuple[bool | None, bytes]]
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-async def test_a_client_certificate_listener_resumes_no_session(
+async def test_a_resumed_session_keeps_its_client_certificate(
     tmp_path: Path, cas: dict[str, SvidCA], version: ssl.TLSVersion
 ) -> None:
     """A resumed TLS session has no verified chain in OpenSSL: the chain its full handshake
@@ -445,3 +445,16 @@ async def test_a_client_certificate_listener_resumes_no_session(
         seen = await asyncio.to_thread(_twice, listener.url, context)
     resumed = version is ssl.TLSVersion.TLSv1_2
     assert seen == [(False, b"HTTP/1.1 200 OK"), (resumed, b"HTTP/1.1 200 OK")]
+
+
+async def test_a_resumed_session_without_a_client_certificate_has_none(
+    tmp_path: Path, cas: dict[str, SvidCA]
+) -> None:
+    """A client that sent no certificate (a front proxy on an `optional` listener) and resumes
+    its TLS 1.2 session has no chain on the resumed connection either: 401 svid_missing
+    each time, never a 500."""
+    context = client_context(cas["server"], None, tmp_path)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with mtls_listener(tmp_path, cas) as listener:
+        seen = await asyncio.to_thread(_twice, listener.url, context)
+    assert seen == [(False, b"HTTP/1.1 401 Unauthorized"), (True, b"HTTP/1.1 401 Unauthorized")]
