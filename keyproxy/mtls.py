@@ -93,7 +93,10 @@ def binding(chain: tuple[bytes, ...], svid: Svid | None) -> CertificateBinding:
     """What a task token requested with the client certificate `chain` is bound to: its
     thumbprint, and when it is the valid X.509-SVID `svid` also its SPIFFE ID and public
     key, so that the SVID's renewals with the same key are accepted as well. A certificate
-    the handshake trusted that is no SVID (`svid` None) binds exactly itself."""
+    the handshake trusted that is no SVID (`svid` None) binds exactly itself, if it is in
+    date now (a resumed session's is its full handshake's, which may since have expired)."""
+    if svid is None and not _in_date(chain[0]):
+        raise Unauthenticated("certificate_expired", "the client certificate is not valid now")
     exact = thumbprint(chain[0])
     return (
         CertificateBinding(exact)

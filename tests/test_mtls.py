@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from keyproxy.caller import Identity
@@ -102,6 +103,16 @@ def test_a_certificate_that_is_no_svid_is_bound_exactly(ca: SvidCA, verifier: Sv
     with pytest.raises(Unauthenticated):  # so the broker binds it as no SVID
         verifier.verify(chain(server), dt.datetime.now(dt.UTC))
     assert binding(chain(server), None) == CertificateBinding(thumbprint(server.der))
+    # One no longer in date (a resumed session's, from its full handshake) binds nothing.
+    now = dt.datetime.now(dt.UTC)
+    stale = ca.issue(
+        [x509.DNSName("agent.example.org")],
+        not_before=now - dt.timedelta(hours=2),
+        not_after=now - dt.timedelta(hours=1),
+    )
+    with pytest.raises(Unauthenticated) as refused:
+        binding(chain(stale), None)
+    assert refused.value.reason == "certificate_expired"
 
 
 def test_an_unbound_token_needs_no_certificate(verifier: SvidVerifier) -> None:
