@@ -31,7 +31,7 @@ from keyproxy.errors import (
 from keyproxy.headers import response_headers
 from keyproxy.inject import Rendered, Scrubber, scrub_bytes
 from keyproxy.tokens import TaskToken
-from keyproxy.tokens.inflight import NOT_WATCHED, UNVERIFIABLE, InFlight, refusal
+from keyproxy.tokens.inflight import NOT_WATCHED, UNVERIFIABLE, InFlight
 
 # Response encodings aiohttp decodes, so the scrubber sees clear text. We ask for identity;
 # anything else the upstream sends anyway is refused rather than passed through unscrubbed.
@@ -177,7 +177,7 @@ class Exchange:
                 # The status line is gone: cut the answer short.
                 return Outcome(self._sent, _abort(request, token_ended or "upstream_timeout"))
             if token_ended:
-                raise refusal(watch.expired) from None
+                raise self._ends.refusal(watch.expired) from None
             if watch.expired == "caller":
                 raise RequestTimeout(
                     "body_timeout", "the request body did not arrive in time"

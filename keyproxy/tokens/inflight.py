@@ -6,9 +6,10 @@ while it streams. The proxy registers each task-token request while it forwards
 (`InFlight.watching`, with the function that ends it), judged again as it registers (the
 limit step, the key and an MCP body came between); whenever this replica's revocation list
 changes, and at every revocation poll, the requests whose token (or a token it was
-delegated from) is revoked or expired are ended, and so are all of them while the list is
-older than `tokens.revocation_max_staleness` (a replica cut off from Vault cannot know what
-other replicas revoked: UNVERIFIABLE). Pure: no I/O.
+delegated from) is revoked or expired are ended. All of them are ended (`end_all`,
+UNVERIFIABLE) when the list is older than `tokens.revocation_max_staleness` and cannot be
+read (a replica cut off from Vault cannot know what other replicas revoked): the rule a new
+request meets. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class _Watching:
     def __enter__(self) -> None:
         why = self._inflight.judge(self._token)
         if why is not None:
-            raise refusal(why)
+            raise self.refusal(why)
         self._inflight.requests[self] = self._token, self._end
+
+    def refusal(self, why: str) -> RequestError:
+        """The error of this request, ended (`why`) before its answer started."""
+        return self._inflight.refusal(why)
 
     def __exit__(
         self,
@@ -62,29 +67,41 @@ class _NotWatching:
     def __exit__(self, *_: object) -> None:
         return None
 
+    def refusal(self, why: str) -> RequestError:
+        return Unauthenticated(why, "the task token ended")  # never: nothing ends it
+
 
 NOT_WATCHED: Final = _NotWatching()
 
 
-def refusal(why: str) -> RequestError:
-    """The error of a request whose token ended (`why`) before its answer started: 401, or
-    503 while its token cannot be judged (UNVERIFIABLE)."""
-    if why == UNVERIFIABLE:
-        return Unavailable(why, "the revocation list cannot be read now", retry_after=1)
-    return Unauthenticated(why, "the task token ended")
+def _unreadable() -> RequestError:
+    return Unavailable(UNVERIFIABLE, "the revocation list cannot be read now", retry_after=1)
 
 
 class InFlight:
     """This process's task-token requests under way; `judge` says why a token ended
-    ("revoked", "expired", UNVERIFIABLE), or None while it lives."""
+    ("revoked", "expired"), or None while it lives; `unreadable` is the error of a request
+    while its token cannot be judged (UNVERIFIABLE), as a new request would get it."""
 
-    def __init__(self, judge: Callable[[TaskToken], str | None]) -> None:
+    def __init__(
+        self,
+        judge: Callable[[TaskToken], str | None],
+        unreadable: Callable[[], RequestError] = _unreadable,
+    ) -> None:
         self.judge = judge
+        self.unreadable = unreadable
         self.requests: dict[_Watching, tuple[TaskToken, End]] = {}
 
     def watching(self, token: TaskToken | None, end: End) -> _Watching | _NotWatching:
         """While in this block, a request with `token` is ended (`end`) when the token ends."""
         return NOT_WATCHED if token is None else _Watching(self, token, end)
+
+    def refusal(self, why: str) -> RequestError:
+        """The error of a request ended (`why`) before its answer started: 401 for a token
+        that ended, `unreadable` (503) for one that cannot be judged."""
+        if why == UNVERIFIABLE:
+            return self.unreadable()
+        return Unauthenticated(why, "the task token ended")
 
     def end_dead(self) -> None:
         """End the requests whose token ended."""
@@ -92,6 +109,11 @@ class InFlight:
             why = self.judge(token)
             if why is not None:
                 end(why)
+
+    def end_all(self, why: str) -> None:
+        """End every request under way, for `why`."""
+        for _, end in list(self.requests.values()):
+            end(why)
 
 
 def ended(token: TaskToken, revocations: Revocations, now: float) -> str | None:

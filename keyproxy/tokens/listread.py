@@ -6,8 +6,7 @@ then the shards whose version its index raised, so a revocation is honoured ever
 `revocation_poll_interval` plus one read; a replica whose copy is older than
 `revocation_max_staleness` (its poll stalled, Vault out of reach) reads it before it judges a
 task token, and refuses the token if it cannot (`list_read`). Each part read is in use at
-once, and the task-token requests under way that it names are ended (`inflight`), as are
-all of them while the copy is too old to judge by.
+once, and the task-token requests under way that it names are ended (`inflight`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Any, Final, NamedTuple
 
 from keyproxy.config import Config
 from keyproxy.errors import Unavailable, VaultError
-from keyproxy.tokens.format import TaskToken
 from keyproxy.tokens.inflight import UNVERIFIABLE, InFlight, ended
 from keyproxy.tokens.revoked import ListCopy, Revocations, shard_path
 from keyproxy.tokens.shared import read_state, read_written
@@ -61,7 +59,9 @@ class ListReader:
         # write; `_revocations` has them all.
         self._revocations = Revocations()
         # The task-token requests under way, ended with their token.
-        self.inflight = InFlight(self._judge)
+        self.inflight = InFlight(
+            lambda token: ended(token, self._revocations, self.clock()), self.unreadable
+        )
         self._copy = ListCopy()
         self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)
         self._earlier: dict[str, tuple[Revocations, int | None]] = {}
@@ -207,15 +207,6 @@ class ListReader:
         self._earlier_read_at = now
         return True
 
-    def _judge(self, token: TaskToken) -> str | None:
-        """Why a request under way with `token` ends now, or None: its token ended, or this
-        replica's list is too old to say it did not (SECURITY: invariant 11 for answers
-        already streaming on a replica cut off from Vault; `list_current`)."""
-        why = ended(token, self._revocations, self.clock())
-        if why is None and not self.list_current():
-            return UNVERIFIABLE
-        return why
-
     def _publish(self, revocations: Revocations) -> None:
         """Judge by `revocations` from now on, and end the requests under way they name."""
         self._revocations = revocations
@@ -260,14 +251,21 @@ class ListReader:
         if self.list_current(for_use=for_use):
             return
         poll = self.cfg.revocation_poll_interval
-        unread = "the revocation list cannot be read now"
-        refused = Unavailable("revocations_unavailable", unread, retry_after=math.ceil(poll))
         if self.revocations_read and time.monotonic() - self._failed_at < poll:
-            raise refused  # stale, and Vault just failed: no read each while it hangs
+            raise self.unreadable()  # stale, and Vault just failed: no read each while it hangs
         try:
             await self.refresh_revocations()
         except VaultError:
-            raise refused from None
+            raise self.unreadable() from None
+
+    def unreadable(self) -> Unavailable:
+        """The refusal of a task token while this replica's list cannot be read: 503, to try
+        again after a poll interval."""
+        return Unavailable(
+            UNVERIFIABLE,
+            "the revocation list cannot be read now",
+            retry_after=math.ceil(self.cfg.revocation_poll_interval),
+        )
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts

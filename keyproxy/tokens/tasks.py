@@ -21,6 +21,7 @@ from keyproxy.errors import BadRequest, RequestError, Unauthenticated, Unavailab
 from keyproxy.state import StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, TaskToken
+from keyproxy.tokens.inflight import UNVERIFIABLE
 from keyproxy.tokens.verify import Verifier
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -212,11 +213,18 @@ class TaskTokens(Verifier):
             await asyncio.sleep(self.cfg.revocation_poll_interval)
 
     async def _end_dead_regularly(self) -> None:
-        """End the requests under way whose token expired, or that this replica's list is
-        too old to judge (a read that hangs on Vault is not waited for: on its own timer)."""
+        """End the requests under way whose token expired, and, as a new request would be
+        refused, all of them once this replica's list is older than
+        `revocation_max_staleness` and cannot be read (a slow read is waited for, as a new
+        request waits; a poll that hangs on Vault is not: this runs on its own timer)."""
         while True:
             await asyncio.sleep(self.cfg.revocation_poll_interval)
             try:
+                if self.inflight.requests and not self.list_current():
+                    try:
+                        await self.list_read()
+                    except Unavailable:
+                        self.inflight.end_all(UNVERIFIABLE)
                 self.inflight.end_dead()
             except Exception:  # a bug: never the end of the group, which holds the poll
                 log.exception("inflight_check_failed")

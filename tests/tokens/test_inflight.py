@@ -77,11 +77,18 @@ def test_a_request_whose_token_ended_before_it_registers_is_refused() -> None:
     assert inflight.requests == {}
 
 
-def test_a_request_whose_token_cannot_be_judged_is_refused_with_503() -> None:
-    """While the replica's list is too old to judge by, registration refuses a task token
-    with 503 revocations_unavailable and a Retry-After, not a 401: the token may be good."""
-    inflight = InFlight(lambda _: UNVERIFIABLE)
-    with pytest.raises(Unavailable) as refused:
-        inflight.watching(ROOT, _ender(ROOT, [])).__enter__()
-    assert (refused.value.reason, refused.value.retry_after) == ("revocations_unavailable", 1)
-    assert inflight.requests == {}
+def test_requests_whose_tokens_cannot_be_judged_all_end_with_a_503() -> None:
+    """While the replica's list cannot be read, every request under way is ended
+    (UNVERIFIABLE), whatever its token; one not answered yet gets the replica's own 503
+    (`unreadable`, with its Retry-After), not a 401: the token may be good."""
+    held, ends = _List(), list[tuple[str, str]]()
+    late = Unavailable(UNVERIFIABLE, "the revocation list cannot be read now", retry_after=2)
+    inflight = InFlight(held.judge, lambda: late)
+    watched = [inflight.watching(t, _ender(t, ends)) for t in (ROOT, CHILD)]
+    for watching in watched:
+        watching.__enter__()
+    inflight.end_all(UNVERIFIABLE)
+    assert sorted(ends) == [("child", UNVERIFIABLE), ("root", UNVERIFIABLE)]
+    assert watched[0].refusal(UNVERIFIABLE) is late
+    refused = watched[0].refusal("revoked")
+    assert (type(refused), refused.reason) == (Unauthenticated, "revoked")
