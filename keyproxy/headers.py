@@ -350,8 +350,9 @@ def in_query(query: str, token: str) -> bool:
 
 def _copied(incoming: CIMultiDictProxy[str], token: str) -> bool:
     """Whether a header other than the one it came in holds the caller's `token` too (in its
-    name or value), where the upstream would get it. Only a header at least as long as the
-    token can: most are looked at for their length alone."""
+    name or value): the route may forward it, and a credential sent twice is ambiguous
+    anyway. Only a header at least as long as the token can: most are looked at for their
+    length alone."""
     length, holding = len(token), 0
     for name, text in incoming.items():
         if len(text) >= length and token in text:

@@ -572,6 +572,8 @@ async def test_required_client_certificates_on_both_listeners(
         ):
             assert response.status == 200
             metrics = await response.text()
+            async with session.head(f"{admin}/healthz") as head:  # a load balancer's probe
+                assert head.status == 200
         assert 'keyproxy_tls_refused_total{listener="proxy",reason="svid_missing"} 1.0' in metrics
         assert 'keyproxy_tls_refused_total{listener="admin",reason="svid_missing"} 1.0' in metrics
         for not_svid, reason in (

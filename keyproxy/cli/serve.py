@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Final
 
 import structlog
 
@@ -111,6 +112,7 @@ def _serve_one(  # the serve options, passed on
             source=source,
             watch=watch,
             processes=processes,
+            supervisor=_supervisor() if worker else None,
         )
     )
     return 0
@@ -126,6 +128,19 @@ def _stop_with_parent() -> None:
             os.kill(os.getpid(), signal.SIGTERM)  # aiohttp's graceful exit
 
     loop.add_reader(0, readable)
+
+
+# How a worker knows its supervisor (its parent, to signal for a reload of every worker).
+SUPERVISOR_PID: Final = "KEYPROXY_SUPERVISOR_PID"
+
+
+def _supervisor() -> int | None:
+    """The pid of the supervisor that started this worker, while it is this one's parent."""
+    try:
+        pid = int(os.environ.pop(SUPERVISOR_PID, ""))
+    except ValueError:
+        return None
+    return pid if pid == os.getppid() else None
 
 
 class _Supervisor:
@@ -166,6 +181,7 @@ class _Supervisor:
     def _start(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(  # noqa: S603  # our own interpreter and arguments
             self.argv,
+            env={**os.environ, SUPERVISOR_PID: str(os.getpid())},
             stdin=subprocess.PIPE,  # closed when this process ends: see _stop_with_parent
             # Its own process group: a terminal's Ctrl-C reaches only the parent, which
             # sends each worker exactly one SIGTERM.

@@ -1,7 +1,8 @@
 """keyproxy's configuration: one YAML file compiled into frozen, typed objects.
 
-`load(path)` and `parse(text)` return a `Config` or raise `ConfigError` naming the YAML path
-of the mistake. `credential_problems(cfg)` lists the Vault credential files this host cannot
+`load(path)`, `parse(text)` and `parse_bytes(data)` (a file's bytes, as `read_file(path)`
+reads them: at most 4 MiB) return a `Config` or raise `ConfigError` naming the YAML path of
+the mistake. `credential_problems(cfg)` lists the Vault credential files this host cannot
 read (`keyproxy check` warns about them). `parse_duration(value, path)` reads a duration in
 the file's syntax for a setting given elsewhere (a token request, a command-line option).
 `model` holds the objects; `loader` reads YAML strictly (duplicate keys, syntax errors);
@@ -11,8 +12,9 @@ reference for every key is docs/configuration.md.
 """
 
 from keyproxy.config.changes import Changes, Delta, diff, keep_running
-from keyproxy.config.compile import credential_problems, load, parse, parse_duration
+from keyproxy.config.compile import credential_problems, load, parse, parse_bytes, parse_duration
 from keyproxy.config.limits import MAX_USES
+from keyproxy.config.loader import read_file
 from keyproxy.config.model import (
     ALGORITHMS,
     EXCEPTION_ISSUER,
@@ -98,5 +100,7 @@ __all__ = [
     "keep_running",
     "load",
     "parse",
+    "parse_bytes",
     "parse_duration",
+    "read_file",
 ]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from keyproxy.config.limits import state_config
-from keyproxy.config.loader import item_path, read
+from keyproxy.config.loader import item_path, read, read_file
 from keyproxy.config.model import (
     Config,
     ServerConfig,
@@ -39,11 +39,16 @@ from keyproxy.errors import ConfigError
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and compile the YAML file at `path`."""
+    """Read and compile the YAML file at `path` (`loader.read_file`: at most 4 MiB)."""
+    return parse_bytes(read_file(path), env)
+
+
+def parse_bytes(data: bytes, env: Mapping[str, str] | None = None) -> Config:
+    """Compile a configuration file's bytes, which must be UTF-8."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("", "the file is not UTF-8 text") from None
     return parse(text, env)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Hashable, Iterable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -41,15 +42,27 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _MAX_LABEL = 64
 # Far above any real configuration (1,000 routes with their policies: about 300 KiB): a file
 # this large is a mistake, and reading it would hold the process for seconds.
-MAX_CONFIG_CHARACTERS = 4 * 1024 * 1024
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+_TOO_LARGE = f"the configuration is larger than {MAX_CONFIG_BYTES // 2**20} MiB"
+
+
+def read_file(path: str | Path) -> bytes:
+    """The configuration file's bytes, read no further than MAX_CONFIG_BYTES; ConfigError if
+    it cannot be read or is larger."""
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("", _TOO_LARGE)
+    return data
 
 
 def read(text: str) -> Any:
     """The single YAML document in `text`, or ConfigError saying what is wrong and where."""
-    if len(text) > MAX_CONFIG_CHARACTERS:
-        raise ConfigError(
-            "", f"the configuration is larger than {MAX_CONFIG_CHARACTERS // 2**20} MiB"
-        )
+    if len(text) > MAX_CONFIG_BYTES:  # a text handed over whole (a file: `read_file`)
+        raise ConfigError("", _TOO_LARGE)
     try:
         loader = _StrictLoader(text)  # the reader checks every character here
     except yaml.reader.ReaderError as exc:

@@ -25,12 +25,10 @@ The configuration can change while serving (keyproxy.server.reload): each reques
 generation in force when it starts (`RELOADER`) and keeps it to its end. The state store is
 the app's, shared by every generation (a reload does not move the counters).
 
-TLS (`server.tls`, `server.admin.tls`): each app holds its listener's `ServerTLS` (`TLS`), built
-from the files when the app is built, so a file that cannot be read stops the start with a
-`ConfigError`; `keyproxy.server.listen.start` serves the app with its context. The app's
-cleanup context runs `ServerTLS.follow()`, which re-reads the files when their content changes.
-A refused handshake is an audit event (`tls.refused`, naming the listener and the reason) and
-counted in `keyproxy_tls_refused_total{listener,reason}`.
+TLS (`server.tls`, `server.admin.tls`; keyproxy.server.tlsapp): each app's `ServerTLS` is built
+from the files with the app (a file that cannot be read stops the start with a `ConfigError`)
+and follows their content. A refused handshake is an audit event (`tls.refused`, naming the
+listener and the reason) and counted in `keyproxy_tls_refused_total{listener,reason}`.
 
 SECURITY: secret paths, key fingerprints and read counts tell an attacker what to aim at, so
 only the admin listener shows them. Every answer names keyproxy as its `Server`, never the
@@ -55,7 +53,7 @@ from aiohttp.typedefs import Handler
 
 from keyproxy import answers
 from keyproxy.broker import Broker
-from keyproxy.config import Config, keep_running, parse
+from keyproxy.config import Config, keep_running, parse_bytes, read_file
 from keyproxy.errors import ConfigError
 from keyproxy.headers import SERVER_NAME
 from keyproxy.identity import IdentityVerifier
@@ -94,12 +92,17 @@ audit_log = structlog.get_logger("keyproxy.audit")
 
 
 def build_app(
-    config: Config, processes: int = 1, *, source: Path | None = None, watch: bool = False
+    config: Config,
+    processes: int = 1,
+    *,
+    source: Path | None = None,
+    watch: bool = False,
+    supervisor: int | None = None,
 ) -> web.Application:
     """The agents' app for `config`; with `source`, the file it was read from, which a
     reload reads again (with `watch`, whenever its content changes). `processes` is how many
     processes serve this port together (with more than one and no `state.url`, limits could
-    not be exact: see `_store`)."""
+    not be exact: see `_store`); `supervisor` is their parent's pid, in a worker."""
     # Request bodies are forwarded as sent: decompressing them would change what the upstream
     # receives and make max_body count the wrong bytes.
     app = web.Application(
@@ -107,8 +110,8 @@ def build_app(
     )
     app[CONFIG] = config
     app[PROCESSES] = processes
-    if processes > 1:  # a worker: its parent is the supervisor (keyproxy.cli.serve)
-        app[SUPERVISOR] = os.getppid()
+    if supervisor is not None:
+        app[SUPERVISOR] = supervisor
     if source is not None:
         app[SOURCE] = source
     app[WATCH] = watch
@@ -141,14 +144,10 @@ def build_admin_app(served: web.Application) -> web.Application:
     # says a chain leads to one of its bundles: each request's must be a valid X.509-SVID of
     # the trust domain whose bundle verifies it, as on the proxy.
     holders = admin_tls is not None and admin_tls.client_auth == "required"
-    checked = svid_holders_only if holders else _as_is
-    for method, path, handler in (
-        ("GET", "/healthz", _healthz),
-        ("GET", "/readyz", _readyz),
-        ("GET", "/metrics", _metrics),
-        ("POST", "/reload", _reload),
-    ):
-        app.router.add_route(method, path, answers.answering(checked(handler)))
+    checked: Callable[[Handler], Handler] = svid_holders_only if holders else _as_is
+    for path, handler in (("/healthz", _healthz), ("/readyz", _readyz), ("/metrics", _metrics)):
+        app.router.add_get(path, answers.answering(checked(handler)))  # and HEAD
+    app.router.add_post("/reload", answers.answering(checked(_reload)))
     return app
 
 
@@ -287,9 +286,9 @@ def _started_from(config: Config, source: Path | None) -> tuple[str, Config | No
     if source is None:
         return compiled, None
     try:
-        data = source.read_bytes()
-        loaded = parse(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ConfigError):
+        data = read_file(source)
+        loaded = parse_bytes(data)
+    except ConfigError:
         return compiled, None  # the first reload reads it again, and says what is wrong
     if keep_running(config, loaded) != config:
         # Changed since the caller read it: the hash of what serves, so the watch (or the
@@ -344,9 +343,10 @@ async def _reload(request: web.Request) -> web.Response:
     served = request.app[SERVED]
     answer = (await served[RELOADER].reload("admin")).as_dict()
     supervisor = served.get(SUPERVISOR)
-    if supervisor is not None and os.getppid() == supervisor:  # not init's, once orphaned
-        os.kill(supervisor, signal.SIGHUP)
-        answer["workers"] = served[PROCESSES]
+    if supervisor is not None and os.getppid() == supervisor:  # not another, once orphaned
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(supervisor, signal.SIGHUP)
+            answer["workers"] = served[PROCESSES]
     return web.json_response(answer)
 
 

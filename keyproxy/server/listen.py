@@ -284,11 +284,12 @@ async def serve(
     on_start: Callable[[], None] = lambda: None,
     source: Path | None = None,
     watch: bool = False,
+    supervisor: int | None = None,
 ) -> None:
     """Run the proxy (host:port) and the admin listener (`server.admin`) until SIGTERM or
     SIGINT, then drain: in-flight requests and streams get `shutdown_timeout` seconds.
     SIGHUP reloads `source`, the file `config` was read from (with `watch`, so does a change
-    of its content)."""
+    of its content); a worker of `--workers N` names its `supervisor`'s pid."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hangups = asyncio.Event()
@@ -296,7 +297,7 @@ async def serve(
         loop.add_signal_handler(sig, _stopping, sig, stop)
     loop.add_signal_handler(signal.SIGHUP, hangups.set)
     on_start()
-    app = build_app(config, processes, source=source, watch=watch)
+    app = build_app(config, processes, source=source, watch=watch, supervisor=supervisor)
     limits = Limits.of(config.server)
     admin = config.server.admin
     runner, bound = await start(

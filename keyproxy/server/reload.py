@@ -176,10 +176,9 @@ class Reloader:
                 trigger, running, ConfigError("", "not started from a configuration file")
             )
         try:
-            data = await asyncio.to_thread(self.path.read_bytes)
-        except OSError as exc:
-            failure = ConfigError("", f"cannot read {where}: {exc.strerror}")
-            return self._failed(trigger, running, failure)
+            data = await asyncio.to_thread(config.read_file, self.path)
+        except ConfigError as exc:
+            return self._failed(trigger, running, exc)
         digest = text_digest(data)
         if digest == running.digest:
             self._metrics.reloads.labels("unchanged").inc()
@@ -187,10 +186,8 @@ class Reloader:
             return Outcome("unchanged", short(digest), trigger)
         try:
             # In a thread: a large file takes the YAML reader a while, and requests go on.
-            compiled = self._checked(await asyncio.to_thread(config.parse, data.decode("utf-8")))
+            compiled = self._checked(await asyncio.to_thread(config.parse_bytes, data))
             await asyncio.to_thread(netguard.check_upstreams, compiled)
-        except UnicodeDecodeError:
-            return self._failed(trigger, running, ConfigError("", "the file is not UTF-8 text"))
         except ConfigError as exc:
             return self._failed(trigger, running, exc)
         changes = diff(running.loaded or running.config, compiled)

@@ -355,15 +355,14 @@ async def _release(
 
 async def _to_its_end(work: Coroutine[Any, Any, None]) -> None:
     """Run `work` to its end even if the calling task is cancelled meanwhile, and raise that
-    cancellation after it. `work` must be bounded (every store call has a deadline)."""
+    cancellation after it (not `work`'s own error, then: the caller was cancelled). `work`
+    must be bounded (every store call has a deadline)."""
     running = asyncio.ensure_future(work)
     cancelled = False
     while not running.done():
         try:
-            await asyncio.shield(running)
+            await asyncio.wait({running})  # never raises `work`'s error
         except asyncio.CancelledError:
-            if running.cancelled():
-                raise
             cancelled = True  # the caller's: waited out
     if cancelled:
         if not running.cancelled():

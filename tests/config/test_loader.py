@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from keyproxy import config
-from keyproxy.config.loader import read
+from keyproxy.config.loader import read, read_file
 from keyproxy.errors import ConfigError
 from tests.helpers.configs import TEXT
 
@@ -30,10 +32,16 @@ def test_aliases_still_repeat_whole_values() -> None:
     assert routes["mirror"].secret.path == "keyproxy/keys/openai"
 
 
-def test_a_file_larger_than_any_configuration_is_refused_unread() -> None:
-    """A configuration over 4 MiB (a mistake: 1,000 routes take about 300 KiB) is refused
-    before the YAML reader spends seconds on it, at start and at a reload alike."""
-    comment = "# " + "x" * 1022 + "\n"
+def test_a_file_larger_than_any_configuration_is_refused_unread(tmp_path: Path) -> None:
+    """A configuration over 4 MiB (a mistake: 1,000 routes take about 300 KiB) is refused,
+    read no further (a reload reads it so too), before the YAML reader spends seconds on it;
+    so is a text that large handed over whole."""
+    comment = "# " + "x" * 1021 + "\n"
+    path = tmp_path / "huge.yaml"
+    path.write_text("routes: {}\n" + comment * 4096, encoding="utf-8")
+    with pytest.raises(ConfigError, match="larger than 4 MiB"):
+        config.load(path)
     with pytest.raises(ConfigError, match="larger than 4 MiB"):
         read("routes: {}\n" + comment * 4096)
-    assert read("routes: {}\n" + comment * 4000) == {"routes": {}}
+    path.write_text("routes: {}\n" + comment * 4000, encoding="utf-8")
+    assert read(read_file(path).decode()) == {"routes": {}}

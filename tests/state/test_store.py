@@ -19,6 +19,7 @@ from keyproxy.state.store import (
     Slot,
     StateStore,
     StoreUnavailable,
+    _to_its_end,
     hold,
 )
 from tests.state.servers import until
@@ -173,6 +174,48 @@ async def test_hold_releases_when_the_request_fails(store: StateStore, unique: s
         async with hold(store, held):
             raise ConnectionResetError
     assert (await store.take([cap])).allowed
+
+
+async def test_hold_releases_when_the_request_is_cancelled_as_it_releases(
+    store: StateStore, unique: str
+) -> None:
+    """A request cancelled while `hold` gives its slot back (its caller hung up on the
+    answer's last byte) still gives it back, and then ends cancelled."""
+    cap = Concurrency(f"{unique}:id", limit=1, lease=30)
+    held = await store.take([cap])
+    answered = asyncio.Event()
+
+    async def request() -> None:
+        async with hold(store, held):
+            answered.set()
+        # leaving: `hold` now waits on the store, where the cancellation lands
+
+    task = asyncio.create_task(request())
+    await answered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await store.take([cap])).allowed
+
+
+async def test_a_release_run_to_its_end_raises_the_cancellation_not_its_error() -> None:
+    """`hold`'s release runs to its end under a cancellation, and the caller then sees the
+    cancellation even if the release failed (a store gone): the request was cancelled.
+    Uncancelled, a failed release is the caller's error."""
+    started = asyncio.Event()
+
+    async def failing() -> None:
+        started.set()
+        await asyncio.sleep(0)
+        raise StoreUnavailable("gone")
+
+    task = asyncio.create_task(_to_its_end(failing()))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(StoreUnavailable):
+        await _to_its_end(failing())
 
 
 async def test_heartbeat_lease_lives_while_beaten(store: StateStore, unique: str) -> None:
