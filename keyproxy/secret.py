@@ -54,11 +54,24 @@ class Secret:
         raise TypeError("Secret values cannot be pickled")
 
 
-def is_clean(value: str) -> bool:
-    """Whether a key or credential's text can go on the wire as stored: no whitespace at either
-    end and no control character (C0 or DEL). A stray newline (`kv put api_key=@file`) would
-    break the header it is injected into, so such a value is refused where it is read."""
-    return value == value.strip() and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+# Far above any API key (a few hundred characters at most): a longer value is a mistake, and
+# indexing it for the log scrubber and the answer scrubber would hold the process for seconds
+# per megabyte.
+MAX_KEY_LENGTH: Final = 16 * 1024
+
+
+def problem(value: str) -> str | None:
+    """What keeps a key or credential's text from going on the wire as stored, or None: it
+    is empty, has whitespace at either end or a control character (C0 or DEL; a stray newline
+    from `kv put api_key=@file` would break the header it is injected into), or is longer than
+    MAX_KEY_LENGTH. Such a value is refused where it is read, never injected."""
+    if not value:
+        return "is empty"
+    if len(value) > MAX_KEY_LENGTH:
+        return f"is longer than {MAX_KEY_LENGTH // 1024} KiB"
+    if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "has whitespace or control characters"
+    return None
 
 
 def fingerprint(value: str) -> str:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from keyproxy import config, rotation
+from keyproxy import config, rotation, secret
 from keyproxy.audit import query as auditlog
 from keyproxy.cli import tree
 from keyproxy.cli.common import (
@@ -201,7 +201,8 @@ def _waiting(o: Outcome, next_due: dict[str, str]) -> str:
 def _put(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     known_route(cfg, args.route, "ROUTE")
-    value = sys.stdin.read().rstrip("\r\n")
+    # Read no further than a key can be long (and its line end): anything longer is refused.
+    value = sys.stdin.read(secret.MAX_KEY_LENGTH + 3).rstrip("\r\n")
 
     async def run() -> int:
         async with _rotations(args, cfg) as rotations:

@@ -70,8 +70,9 @@ class Rotations(Steps):
     async def put(self, name: str, value: str, key_id: str | None = None) -> int:
         """Store `value` as the route's new key version (manual rotation or import)."""
         route = self._route(name)
-        if not value or not secret.is_clean(value):
-            raise RotationError("the key is empty or has whitespace or control characters")
+        why = secret.problem(value)
+        if why is not None:
+            raise RotationError(f"the key {why}")
         secret.register(value)
         journal = await self._journal(route)
         if (holder := journal.held_by_other()) is not None:

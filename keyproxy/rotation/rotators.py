@@ -89,10 +89,9 @@ class _Admin:
             raise RotatorError(
                 f"admin secret {self._ref.mount}/{self._ref.path}: no field {self._ref.field!r}"
             )
-        if not secret.is_clean(value):
-            raise RotatorError(
-                f"admin secret {self._ref.mount}/{self._ref.path}: whitespace or control characters"
-            )
+        why = secret.problem(value)
+        if why is not None:
+            raise RotatorError(f"admin secret {self._ref.mount}/{self._ref.path}: the value {why}")
         secret.register(value)
         self._value = value
         return value
@@ -101,8 +100,9 @@ class _Admin:
 def _upstream_key(value: Any, key_id: Any, what: str) -> UpstreamKey:
     if not isinstance(value, str) or not value:
         raise RotatorError(f"{what}: the answer holds no usable key")
-    if not secret.is_clean(value):
-        raise RotatorError(f"{what}: the key has whitespace or control characters")
+    why = secret.problem(value)
+    if why is not None:
+        raise RotatorError(f"{what}: the key {why}")
     secret.register(value)
     if key_id is not None and not isinstance(key_id, str | int):
         raise RotatorError(f"{what}: the key id is not a string or number")

@@ -120,13 +120,12 @@ class Kv(Session):
         value = data[ref.field]
         if not isinstance(value, str):
             raise VaultError(f"{where}: field {ref.field!r} is not a string")
-        if not value:
-            # SECURITY: an empty key must never be injected (invariant 8).
-            raise VaultError(f"{where}: field {ref.field!r} is empty")
-        if not secret.is_clean(value):
-            # A stray newline (`kv put api_key=@file`) would make every request fail; refuse
-            # the version so the last good key stays in use, and say why.
-            raise VaultError(f"{where}: field {ref.field!r} has whitespace or control characters")
+        # SECURITY: an empty key must never be injected (invariant 8); a stray newline (`kv
+        # put api_key=@file`) would make every request fail, a huge value hold the process.
+        # The version is refused, so the last good key stays in use, and the error says why.
+        why = secret.problem(value)
+        if why is not None:
+            raise VaultError(f"{where}: field {ref.field!r} {why}")
         secret.register(value)
         return KeyVersion(Secret(value), version, created)
 

@@ -42,14 +42,16 @@ async def test_proxy_policy_is_read_only_and_scoped(
         ({"api_key": ""}, "api_key", VaultError),
         ({"api_key": 12345678}, "api_key", VaultError),
         ({"api_key": None}, "api_key", VaultError),
+        ({"api_key": "k" * (16 * 1024 + 1)}, "api_key", VaultError),
     ],
-    ids=["missing-path", "missing-field", "empty", "number", "null"],
+    ids=["missing-path", "missing-field", "empty", "number", "null", "over-16-KiB"],
 )
 async def test_read_key_refuses_missing_or_unusable_values(
     root_vault: Vault, kv_path: str, data: dict[str, Any] | None, field: str, error: type[Exception]
 ) -> None:
-    """read_key raises VaultError for a missing path or field, and for an empty or non-string
-    value: it never returns an empty key."""
+    """read_key raises VaultError for a missing path or field, and for an empty, non-string
+    or oversized value (one the scrubbers would spend seconds indexing): it never returns an
+    empty key."""
     if data is not None:
         await root_vault.write_kv("secret", kv_path, data)
     with pytest.raises(error):
