@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ import aiohttp
 import structlog
 
 from keyproxy.errors import RunError
-from keyproxy.sdkenv import RouteEnv, child_env
+from keyproxy.sdkenv import VAULT_CREDENTIALS, RouteEnv, child_env
 from keyproxy.secret import Secret
 from keyproxy.workload import Identity
 
@@ -39,6 +40,7 @@ EXCHANGE_TIMEOUT: Final = 30.0  # seconds for the exchange to answer
 REVOKE_ATTEMPTS: Final = (0.0, 0.5, 1.5)  # delays before each revocation attempt
 REVOKE_TIMEOUT: Final = 3.0  # seconds per attempt: the exit never waits much longer
 FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_DUMPABLE: Final = 4  # linux/prctl.h
 
 log = structlog.get_logger("keyproxy.run")
 
@@ -179,7 +181,7 @@ class Run:
             token_id=issued.token_id,
             routes=issued.routes,
             overrides=self.overrides,
-            hidden=self.identity.hidden(),
+            hidden=(*self.identity.hidden(), *VAULT_CREDENTIALS),
         )
         status, timed_out = 1, False
         beats: asyncio.Task[None] | None = None
@@ -278,6 +280,20 @@ class Run:
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
+
+
+def undumpable() -> None:
+    """SECURITY: COMMAND runs as this process's user, and a process of the same user may read
+    this one's memory and the environment it started with (/proc/PID/environ still holds the
+    identity variable COMMAND's own copy lacks) unless this process is not dumpable, as
+    ssh-agent and gpg-agent make themselves (Linux's prctl PR_SET_DUMPABLE; elsewhere
+    nothing). A user with CAP_SYS_PTRACE (root) can still read it."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        error = os.strerror(ctypes.get_errno())
+        raise RunError(f"cannot keep the identity from the command ({error})")
 
 
 def _terminal_sent_it() -> bool:

@@ -90,6 +90,11 @@ def route_env(route: str, overrides: Mapping[str, RouteEnv]) -> RouteEnv:
     return RouteEnv(f"KEYPROXY_{name}_BASE_URL", f"KEYPROXY_{name}_TOKEN")
 
 
+# Vault's and OpenBao's own tokens, which `keyproxy dev`'s environment file exports: the
+# command never gets them (with one it could read the keys from Vault itself).
+VAULT_CREDENTIALS: Final = ("VAULT_TOKEN", "BAO_TOKEN")
+
+
 def child_env(
     environ: Mapping[str, str],
     proxy: str,

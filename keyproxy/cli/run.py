@@ -25,7 +25,7 @@ from yarl import URL
 from keyproxy.cli.common import UsageError
 from keyproxy.config import parse_duration
 from keyproxy.errors import ConfigError, RunError
-from keyproxy.runner import Run
+from keyproxy.runner import Run, undumpable
 from keyproxy.sdkenv import parse_env, parse_scope
 from keyproxy.workload import Identity
 
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     except RunError as exc:
         raise UsageError(f"run: {exc}") from None
     try:
+        undumpable()  # before COMMAND starts: it could read the identity from this process
         return asyncio.run(spec())
     except RunError as exc:
         print(f"keyproxy run: {exc}", file=sys.stderr)  # noqa: T201

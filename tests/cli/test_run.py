@@ -172,8 +172,9 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
     replicas: Replicas, identity_token: str, tmp_path: Path
 ) -> None:
     """The child's openai SDK completes a call with only the environment `keyproxy run` gave
-    it (no identity in it); after the child exits 0, both replicas refuse its token within
-    2 s and the audit records the holder's revocation with the reason completed."""
+    it (no identity in it, no Vault or OpenBao token); after the child exits 0, both replicas
+    refuse its token within 2 s and the audit records the holder's revocation with the
+    reason completed."""
     saved, env_file = tmp_path / "token", tmp_path / "env.json"
     args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-sdk", "--ttl", "2m", "--"]
     done = cli.keyproxy(
@@ -183,7 +184,7 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
         SDK_CHILD,
         str(saved),
         str(env_file),
-        env=_env(identity_token, tmp_path),
+        env=_env(identity_token, tmp_path) | {"VAULT_TOKEN": "v-root", "BAO_TOKEN": "b-root"},
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the child printed no answer"
@@ -192,6 +193,7 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
     assert env["OPENAI_BASE_URL"] == f"{replicas.bases[0]}/r/openai/v1"
     assert "IDENTITY_TOKEN" not in env
     assert identity_token not in env.values()
+    assert not {"VAULT_TOKEN", "BAO_TOKEN"} & set(env)
     assert token not in done.stdout + done.stderr
     _refused_everywhere(replicas, token)
     event = _revoked(replicas, "run-sdk")
@@ -199,6 +201,42 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
     assert event["by"] == "holder"
     assert event["task"] == "run-sdk"
     assert event["reason"] == "completed"
+
+
+# Reads its parent's (the wrapper's) starting environment, as any process of its user could,
+# without the capabilities root has (setpriv drops them all).
+PEEK = (
+    "import os, pathlib, sys\n"
+    "try:\n"
+    "    seen = pathlib.Path(f'/proc/{os.getppid()}/environ').read_bytes().decode('latin-1')\n"
+    "except OSError as exc:\n"
+    "    seen = f'refused: {exc.strerror}'\n"
+    "pathlib.Path(sys.argv[1]).write_text(seen)\n"
+)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
+def test_the_command_cannot_read_the_identity_from_the_wrappers_memory(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """The wrapper's own starting environment still holds the identity variable the command's
+    copy lacks, and a process of the same user could read it (/proc/PID/environ, or its
+    memory): the wrapper makes itself undumpable first, so the command cannot. Both run
+    without capabilities, as any user's processes do (root's would override the check)."""
+    seen = tmp_path / "seen"
+    drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-peek", "--ttl", "1m", "--"]
+    done = subprocess.run(
+        [*drop, str(cli.KEYPROXY), *args, sys.executable, "-c", PEEK, str(seen)],
+        env=_env(identity_token, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    refused = seen.read_text() == "refused: Permission denied"  # never shown: it may hold it
+    assert refused, "the command read the wrapper's starting environment"
 
 
 CHILDREN = {  # what the child does after saving its token; the exit status; the end reason
