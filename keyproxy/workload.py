@@ -13,7 +13,10 @@ wrapped command must not see. Failures are `RunError`s that never quote the toke
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shlex
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -62,7 +65,13 @@ class Identity:
 
 
 def _read_file(path: str) -> str:
-    with open(path, encoding="utf-8") as f:  # noqa: PTH123  # one small read
+    """A regular file's first MAX_SIZE characters. Opened without waiting (a FIFO's writer
+    could keep the read, and the wrapper's exit, waiting for ever) and refused unless it is a
+    regular file (a projected token's symlink leads to one)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, encoding="utf-8") as f:  # noqa: PTH123  # one small read
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         return f.read(MAX_SIZE)
 
 

@@ -3,6 +3,8 @@ command or GitHub Actions' OIDC endpoint (here a loopback server speaking its pr
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -60,6 +62,22 @@ async def test_no_identity_is_one_clear_error(
     permission is a RunError saying which."""
     with pytest.raises(RunError, match=said):
         await identity.read(http, {})
+
+
+async def test_an_identity_file_that_is_no_regular_file_is_refused_at_once(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A FIFO (whose writer could keep the read, and the wrapper's exit, waiting for ever) or
+    a directory is refused at once, saying so; a symlink to a regular file (a projected
+    token's) is read."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(RunError, match=r"not a regular file|Is a directory"):
+            await asyncio.wait_for(Identity("file", str(path)).read(http, {}), 5)
+    (tmp_path / "token").write_text("jwt\n")
+    (tmp_path / "link").symlink_to(tmp_path / "token")
+    assert (await Identity("file", str(tmp_path / "link")).read(http, {})).reveal() == "jwt"
 
 
 async def test_github_actions_flow(http: aiohttp.ClientSession) -> None:
