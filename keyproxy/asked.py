@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from keyproxy import scope as scopes
-from keyproxy import strictjson
+from keyproxy import strictjson, text
 from keyproxy.config import Route, parse_duration
 from keyproxy.errors import BadRequest, ConfigError, Unauthenticated
 from keyproxy.headers import bearer_token, carries_credential, in_query
@@ -54,8 +54,8 @@ def read_asked(
         if delegated and not fields.get("scope") and not _resources(fields):
             requested: scopes.Scope = {}
         elif form:
-            text = str(fields.get("scope", ""))
-            requested = scopes.parse_rfc8693(text, _resources(fields), names)
+            written = str(fields.get("scope", ""))
+            requested = scopes.parse_rfc8693(written, _resources(fields), names)
         else:
             requested = scopes.parse(fields.get("scope"), names, mcp=scopes.mcp_routes(routes))
         return Asked(
@@ -174,8 +174,8 @@ def _text(fields: dict[str, Any], name: str) -> str | None:
     value = fields.get(name)
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > MAX_TEXT or any(ord(c) < 0x20 for c in value):
-        raise ValueError(f"{name}: text of at most {MAX_TEXT} characters")
+    if not isinstance(value, str) or len(value) > MAX_TEXT or text.hidden(value):
+        raise ValueError(f"{name}: text of at most {MAX_TEXT} characters, without controls")
     return value
 
 

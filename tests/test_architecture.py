@@ -26,7 +26,16 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     (
         "foundation",
         frozenset(
-            {"keyproxy", "errors", "secret", "patterns", "strictjson", "mcp.names", "spiffe"}
+            {
+                "keyproxy",
+                "errors",
+                "secret",
+                "patterns",
+                "strictjson",
+                "text",
+                "mcp.names",
+                "spiffe",
+            }
         ),
     ),
     (

@@ -44,3 +44,16 @@ def test_an_empty_part_of_a_form_scope_item_is_refused(text: str) -> None:
     """`r:GET:` is what an unset shell variable leaves: refused, not read as every path."""
     with pytest.raises(BadRequest):
         _asked({"scope": text}, form=True)
+
+
+@pytest.mark.parametrize(
+    "task", ["a\x1b[2J", "a\x7f", "a\u009b2J", "a\u202eevil", "a\u2066b", "a\u200fb"]
+)
+def test_a_task_name_a_terminal_would_obey_is_refused(task: str) -> None:
+    """A task name (it reaches operators' terminals through the audit log) holding a control
+    character, C0, DEL or C1, or a bidirectional control is a 400; letters of any script
+    are not."""
+    with pytest.raises(BadRequest) as refused:
+        _asked({"task": task})
+    assert refused.value.reason == "invalid_request"
+    assert _asked({"task": "résumé-タスク"}).task == "résumé-タスク"

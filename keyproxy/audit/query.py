@@ -309,7 +309,7 @@ def _event(line: str, kind: str | None = "request") -> dict[str, Any] | None:
     """The event of a JSON line (of `kind`, unless None)."""
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a line nested deeper than any event
         return None
     if not isinstance(value, dict) or (kind is not None and value.get("event") != kind):
         return None

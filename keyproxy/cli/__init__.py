@@ -24,14 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO, cast
 
 import argcomplete
 from argcomplete.shell_integration import shellcode
 
-from keyproxy import audit, config, netguard, tls
+from keyproxy import audit, config, netguard, text, tls
 from keyproxy.cli import explain as explain_cli
 from keyproxy.cli import reload as reload_cli
 from keyproxy.cli import rotate as rotation_cli
@@ -51,6 +53,30 @@ from keyproxy.cli.common import (
 from keyproxy.errors import ConfigError
 
 
+class _Shown(io.TextIOBase):
+    """A text stream that writes control characters as escapes (keyproxy.text.shown)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, written: str) -> int:
+        self._stream.write(text.shown(written))
+        return len(written)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
+def _shown(stream: TextIO) -> TextIO:
+    return cast(TextIO, _Shown(stream))  # the part of TextIO print and logging use
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Called without `argv` (the installed `keyproxy` command) it also sets
     up logging: one-shot commands log to stderr, warnings and errors only unless -v; `serve`
@@ -59,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argcomplete.autocomplete(parser)  # answers the shell's completion request, if it is one
     args = parser.parse_args(argv)
     if argv is None and args.command not in ("serve", "dev"):
+        # SECURITY: what a command prints can come from agents (an audit line's task name,
+        # an owner, a proxy's answer to `run`): no control a terminal obeys gets through.
+        sys.stdout, sys.stderr = _shown(sys.stdout), _shown(sys.stderr)
         level = {0: "warning", 1: "info"}.get(args.verbose, "debug")
         # JSON for programs; on a terminal, the console form (NO_COLOR honoured).
         audit.configure(sys.stderr, level=level, console=sys.stderr.isatty())

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final, TextIO
 
 from keyproxy import config
 from keyproxy.errors import KeyproxyError
@@ -135,16 +135,29 @@ def usage_failed(exc: UsageError) -> int:
 
 def input_lines(files: list[str]) -> Iterator[str]:
     """The lines of the named files in turn (none named: stdin); a file that cannot be read
-    ends the command, naming it."""
+    ends the command, naming it. A line longer than MAX_LINE is no event: it comes as an
+    empty line (skipped, and counted so), never held whole."""
     if not files:
-        yield from sys.stdin
+        yield from _bounded(sys.stdin)
         return
     for name in files:
         try:
             with open(name, encoding="utf-8", errors="replace") as stream:  # noqa: PTH123
-                yield from stream
+                yield from _bounded(stream)
         except OSError as exc:
             raise SystemExit(f"keyproxy: cannot read {name}: {exc.strerror}") from None
+
+
+MAX_LINE: Final = 1024 * 1024  # characters: an audit event is a few hundred
+
+
+def _bounded(stream: TextIO) -> Iterator[str]:
+    while line := stream.readline(MAX_LINE):
+        if len(line) == MAX_LINE and not line.endswith("\n"):
+            while (rest := stream.readline(MAX_LINE)) and not rest.endswith("\n"):
+                pass  # the rest of a line too long to be an event
+            line = "\n"
+        yield line
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from keyproxy import text
 from keyproxy.devserver import OpenBaoDevServer
 from tests.helpers.cli import bash, clean_env, keyproxy
 from tests.helpers.logscan import CANARIES
@@ -426,6 +427,30 @@ def test_audit_without_a_configuration_warns_about_an_unseen_route(
     seen = keyproxy("audit", "--route", "api", str(log), env=clean_env(home))
     assert seen.stderr == ""
     assert seen.stdout.startswith("None None: 1 requests")
+
+
+def test_audit_output_shows_controls_and_skips_what_is_no_event(tmp_path: Path, home: Path) -> None:
+    """What agents name (a task, a subject) reaches the operator's terminal with its control
+    characters (an escape sequence, C1, a right-to-left override) written as escapes, never
+    obeyed; a line nested deeper than any event, or longer than a megabyte, is skipped, not
+    the end of the query."""
+    hostile = "t\x1b]0;OWNED\x07\u009b2J\u202eevil"
+    event = {"event": "request", "route": "api", "key_version": 1, "token_id": "tok1"}
+    lines = [
+        json.dumps(event | {"timestamp": "2026-01-01T00:00:00Z", "task": hostile}),
+        "[" * 100_000,
+        "x" * (1024 * 1024 + 10),
+        json.dumps(event | {"timestamp": "2026-01-01T00:00:01Z", "task": "ok", "token_id": "t2"}),
+    ]
+    log = tmp_path / "hostile.txt"  # not a log of the run's own, for the session's log scan
+    log.write_text("\n".join(lines) + "\n")
+    for argv in (["--route", "api"], ["--token", "tok1"]):
+        done = keyproxy("audit", *argv, str(log), env=clean_env(home))
+        assert done.returncode == 0, done.stderr
+        assert "t\\u001b]0;OWNED\\u0007\\u009b2J\\u202eevil" in done.stdout, argv
+        assert not text.hidden(done.stdout.replace("\n", "")), argv
+    done = keyproxy("audit", "--route", "api", str(log), env=clean_env(home))
+    assert "tasks ok" in done.stdout
 
 
 @pytest.mark.parametrize(
