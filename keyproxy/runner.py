@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -31,9 +32,10 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
+from keyproxy import text
 from keyproxy.errors import RunError
 from keyproxy.sdkenv import VAULT_CREDENTIALS, RouteEnv, child_env
-from keyproxy.secret import Secret
+from keyproxy.secret import Secret, problem
 from keyproxy.workload import Identity
 
 EXCHANGE_TIMEOUT: Final = 30.0  # seconds for the exchange to answer
@@ -41,6 +43,8 @@ REVOKE_ATTEMPTS: Final = (0.0, 0.5, 1.5)  # delays before each revocation attemp
 REVOKE_TIMEOUT: Final = 3.0  # seconds per attempt: the exit never waits much longer
 FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_DUMPABLE: Final = 4  # linux/prctl.h
+MAX_ANSWER: Final = 64 * 1024  # bytes of the exchange's answer read at most
+MAX_SAID: Final = 256  # characters of a refusal's code and message, or of a token id, shown
 
 log = structlog.get_logger("keyproxy.run")
 
@@ -64,26 +68,45 @@ async def exchange(
     headers = {"Authorization": f"Bearer {identity.reveal()}"}
     try:
         async with http.post(f"{proxy}/token", json=body, headers=headers) as answer:
-            got = await answer.json(content_type=None)
+            got = _json(await answer.content.read(MAX_ANSWER + 1))
             if answer.status != 200:
                 error = got.get("error") if isinstance(got, dict) else None
                 said = (
-                    f"{error.get('code')}: {error.get('message')}"
+                    f"{error.get('code')}: {error.get('message')}"[:MAX_SAID]
                     if isinstance(error, dict)
                     else ""
                 )
                 raise RunError(f"the exchange was refused: {answer.status} {said}".rstrip())
-            token, scope = got["access_token"], got["scope"]
-            idle = got.get("idle_ttl")
-            return Issued(
-                Secret(token),
-                str(got["token_id"]),
-                float(got["expires_in"]),
-                tuple(scope),
-                float(idle) if isinstance(idle, int | float) else None,
-            )
+            return _issued(got)
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
         raise RunError(f"the exchange at {proxy}/token failed: {_why(exc)}") from None
+
+
+def _json(raw: bytes) -> Any:
+    """An answer read no further than any of the broker's takes (MAX_ANSWER), as JSON."""
+    if len(raw) > MAX_ANSWER:
+        raise ValueError(f"an answer over {MAX_ANSWER // 1024} KiB")
+    return json.loads(raw)
+
+
+def _issued(got: Any) -> Issued:
+    """The broker's answer, each field of the type it must have (TypeError, ValueError: the
+    answer is not the broker's)."""
+    token, token_id, scope = got["access_token"], got["token_id"], got["scope"]
+    if not isinstance(token, str) or problem(token) is not None:
+        raise ValueError("the access_token is not a token")
+    if not isinstance(token_id, str) or text.hidden(token_id) or len(token_id) > MAX_SAID:
+        raise ValueError("the token_id is not an id")
+    if not isinstance(scope, list) or not all(isinstance(r, str) for r in scope):
+        raise TypeError("the scope is not a list of routes")
+    idle = got.get("idle_ttl")
+    return Issued(
+        Secret(token),
+        token_id,
+        float(got["expires_in"]),
+        tuple(scope),
+        float(idle) if isinstance(idle, int | float) else None,
+    )
 
 
 async def heartbeats(

@@ -1,0 +1,68 @@
+"""keyproxy.runner: `keyproxy run`'s side of the broker, against answers no broker gives."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from keyproxy.errors import RunError
+from keyproxy.runner import exchange
+from keyproxy.secret import Secret
+from tests.helpers.servers import serve
+
+GOOD = {"access_token": "eyJa.eyJb.c", "token_id": "t1", "scope": ["r"], "expires_in": 60}
+
+
+async def _answering(status: int, body: bytes) -> tuple[web.AppRunner, str]:
+    async def token(_: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner, port = await serve(app)
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        (200, json.dumps(GOOD | {"access_token": 12345}).encode(), "not a token"),
+        (200, json.dumps(GOOD | {"access_token": "eyJa\x00.b.c"}).encode(), "not a token"),
+        (200, json.dumps(GOOD | {"token_id": "t\x1b[2J"}).encode(), "not an id"),
+        (200, json.dumps(GOOD | {"scope": "r"}).encode(), "not a list"),
+        (200, b'{"access_token": "' + b"a" * 2_000_000 + b'"}', "over 64 KiB"),
+        (403, b'{"error": {"code": "x", "message": "' + b"m" * 2_000_000 + b'"}}', "over 64 KiB"),
+    ],
+    ids=["number", "nul", "control-id", "scope-text", "huge", "huge-refusal"],
+)
+async def test_an_answer_no_broker_gives_is_one_clear_error(
+    http: aiohttp.ClientSession, status: int, body: bytes, said: str
+) -> None:
+    """A token that is no text or holds a control character, an id a terminal would obey,
+    a scope that is no list, or an answer larger than any of the broker's: one RunError
+    saying what, read no further than 64 KiB; never a traceback, never the command started."""
+    runner, base = await _answering(status, body)
+    try:
+        with pytest.raises(RunError, match=said):
+            await exchange(http, base, Secret("identity"), {"scope": {"r": {}}})
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_refusal_says_its_code_and_at_most_256_characters(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A refusal's code and message are shown, cut to 256 characters."""
+    body: dict[str, Any] = {"error": {"code": "forbidden", "message": "m" * 10_000}}
+    runner, base = await _answering(403, json.dumps(body).encode())
+    try:
+        with pytest.raises(RunError) as refused:
+            await exchange(http, base, Secret("identity"), {"scope": {"r": {}}})
+    finally:
+        await runner.cleanup()
+    assert str(refused.value).startswith("the exchange was refused: 403 forbidden: mmm")
+    assert len(str(refused.value)) < 320
