@@ -97,8 +97,8 @@ def _issued(got: Any) -> Issued:
         raise ValueError("the access_token is not a token")
     if not isinstance(token_id, str) or text.hidden(token_id) or len(token_id) > MAX_SAID:
         raise ValueError("the token_id is not an id")
-    if not isinstance(scope, list) or not all(isinstance(r, str) for r in scope):
-        raise TypeError("the scope is not a list of routes")
+    if not isinstance(scope, dict) or not all(isinstance(r, str) for r in scope):
+        raise TypeError("the scope is not routes and their grants")
     idle = got.get("idle_ttl")
     return Issued(
         Secret(token),

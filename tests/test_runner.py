@@ -14,7 +14,7 @@ from keyproxy.runner import exchange
 from keyproxy.secret import Secret
 from tests.helpers.servers import serve
 
-GOOD = {"access_token": "eyJa.eyJb.c", "token_id": "t1", "scope": ["r"], "expires_in": 60}
+GOOD = {"access_token": "eyJa.eyJb.c", "token_id": "t1", "scope": {"r": {}}, "expires_in": 60}
 
 
 async def _answering(status: int, body: bytes) -> tuple[web.AppRunner, str]:
@@ -33,17 +33,18 @@ async def _answering(status: int, body: bytes) -> tuple[web.AppRunner, str]:
         (200, json.dumps(GOOD | {"access_token": 12345}).encode(), "not a token"),
         (200, json.dumps(GOOD | {"access_token": "eyJa\x00.b.c"}).encode(), "not a token"),
         (200, json.dumps(GOOD | {"token_id": "t\x1b[2J"}).encode(), "not an id"),
-        (200, json.dumps(GOOD | {"scope": "r"}).encode(), "not a list"),
+        (200, json.dumps(GOOD | {"scope": "r"}).encode(), "not routes"),
+        (200, json.dumps(GOOD | {"scope": ["r"]}).encode(), "not routes"),
         (200, b'{"access_token": "' + b"a" * 2_000_000 + b'"}', "over 64 KiB"),
         (403, b'{"error": {"code": "x", "message": "' + b"m" * 2_000_000 + b'"}}', "over 64 KiB"),
     ],
-    ids=["number", "nul", "control-id", "scope-text", "huge", "huge-refusal"],
+    ids=["number", "nul", "control-id", "scope-text", "scope-list", "huge", "huge-refusal"],
 )
 async def test_an_answer_no_broker_gives_is_one_clear_error(
     http: aiohttp.ClientSession, status: int, body: bytes, said: str
 ) -> None:
     """A token that is no text or holds a control character, an id a terminal would obey,
-    a scope that is no list, or an answer larger than any of the broker's: one RunError
+    a scope that is no routes, or an answer larger than any of the broker's: one RunError
     saying what, read no further than 64 KiB; never a traceback, never the command started."""
     runner, base = await _answering(status, body)
     try:
