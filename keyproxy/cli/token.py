@@ -198,6 +198,8 @@ def _issue(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    if "" in (args.id, args.subject, args.task, args.issuer):  # `--task=`: it names no token
+        return _usage("--id, --subject, --task and --issuer need a value")
     if args.subject is not None and not args.issuer:
         return _usage("--subject needs --issuer (the configured issuer name, or 'exception')")
     if args.issuer is not None:
@@ -207,8 +209,10 @@ def _revoke(args: argparse.Namespace) -> int:
         subject = None
         if args.subject is not None:
             name = args.subject
-            if args.issuer == EXCEPTION_ISSUER and not name.startswith("exception:"):
-                name = exception_subject(name)  # --issuer exception --subject OWNER
+            if args.issuer == EXCEPTION_ISSUER:
+                # --issuer exception --subject OWNER, as `token list` names it: always the
+                # owner (one named `exception:bob` is not bob).
+                name = exception_subject(name)
             subject = f"{args.issuer}|{name}"
         await tasks.revoke(token_id=args.id, subject=subject, task=args.task)
         if wants_json(args):

@@ -278,15 +278,25 @@ def test_operator_commands_run_with_vault_token_alone(
     assert issued.returncode == 0, issued.stderr
     CANARIES.add(issued.stdout.strip())
     owner = f"owner-{uuid.uuid4().hex[:8]}@example.com"
-    args = _issue_args(cfg_file)
-    args[args.index("ops@example.com")] = owner
-    assert keyproxy(*args, env=env).returncode == 0
-    listed = keyproxy("token", "list", *c, "-o", "json", env=env)
-    assert owner in [e["owner"] for e in json.loads(listed.stdout)]
-    revoke = ["token", "revoke", *c, "--issuer", "exception", "--subject", owner]
-    assert keyproxy(*revoke, env=env).returncode == 0
-    listed = keyproxy("token", "list", *c, "-o", "json", env=env)
-    assert owner not in [e["owner"] for e in json.loads(listed.stdout)]
+    look_alike = f"exception:{owner}"  # an owner's name is only that owner's
+    for name in (owner, look_alike):
+        args = _issue_args(cfg_file)
+        args[args.index("ops@example.com")] = name
+        issued = keyproxy(*args, env=env)
+        assert issued.returncode == 0, issued.stderr
+        CANARIES.add(issued.stdout.strip())
+
+    def owners() -> list[str]:
+        listed = keyproxy("token", "list", *c, "-o", "json", env=env)
+        return [e["owner"] for e in json.loads(listed.stdout)]
+
+    assert {owner, look_alike} <= set(owners())
+    revoke = ["token", "revoke", *c, "--issuer", "exception", "--subject"]
+    assert keyproxy(*revoke, owner, env=env).returncode == 0
+    assert owner not in owners()
+    assert look_alike in owners()
+    assert keyproxy(*revoke, look_alike, env=env).returncode == 0
+    assert look_alike not in owners()
     rotate = keyproxy("rotate", "--due", *c, env=env)
     assert rotate.returncode == 0, rotate.stderr
 
@@ -359,6 +369,15 @@ def _dead_config(tmp_path: Path) -> Path:
 
 
 EXPLAIN = ["--subject", "bot-1", "--path", "/v1/models"]
+
+
+@pytest.mark.parametrize("empty", ["--id=", "--task=", "--subject="])
+def test_a_revocation_naming_nothing_is_refused(tmp_path: Path, home: Path, empty: str) -> None:
+    """`--task=` (an unset shell variable) names no token: a usage error, never "revoked"."""
+    cfg = _dead_config(tmp_path)
+    done = keyproxy("token", "revoke", empty, "--issuer", "ci", "-c", str(cfg), env=clean_env(home))
+    assert done.returncode == 2, done.stderr
+    assert "need a value" in done.stderr
 
 
 @pytest.mark.parametrize(
