@@ -105,8 +105,11 @@ known_values = _registry.values
 def write_private(path: Path, data: bytes | str) -> Path:
     """Write `data` (text as UTF-8) to `path`, created or truncated with mode 0600 from the
     start: a key, token or configuration holding one is never readable by others, not even
-    for a moment."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for a moment. A symlink at `path` is refused (OSError ELOOP), never followed to write
+    over (and later remove) what it names; a file already there is made 0600 first."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    os.ftruncate(fd, 0)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
     return path

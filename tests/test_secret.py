@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import stat
+from pathlib import Path
+
 import pytest
 
 from keyproxy import secret
@@ -27,3 +31,21 @@ def test_empty_and_oversized_text_is_refused() -> None:
     assert secret.problem("") == "is empty"
     assert secret.problem("k" * secret.MAX_KEY_LENGTH) is None
     assert secret.problem("k" * (secret.MAX_KEY_LENGTH + 1)) == "is longer than 16 KiB"
+
+
+def test_a_private_file_is_never_written_through_a_symlink(tmp_path: Path) -> None:
+    """A symlink where a private file goes is refused (ELOOP), and what it names is left as
+    it was; a file already there is made 0600 before it is written."""
+    target = tmp_path / "target"
+    target.write_text("the operator's own file")
+    link = tmp_path / "keyproxy-dev.env"
+    link.symlink_to(target)
+    with pytest.raises(OSError, match="Too many levels of symbolic links") as refused:
+        secret.write_private(link, "export BAO_TOKEN=...")
+    assert refused.value.errno == errno.ELOOP
+    assert target.read_text() == "the operator's own file"
+    open_file = tmp_path / "open"
+    open_file.write_text("old, and longer than the new")
+    open_file.chmod(0o644)
+    secret.write_private(open_file, "new")
+    assert (open_file.read_text(), stat.S_IMODE(open_file.stat().st_mode)) == ("new", 0o600)

@@ -280,7 +280,7 @@ def _dev(args: argparse.Namespace) -> int:
         dev.run(
             args.port,
             wants_json(args),
-            Path(args.env_file).resolve(),
+            Path(args.env_file).absolute(),  # not resolved: a symlink there is refused
             redis=args.redis,
             mtls=args.mtls,
         )

@@ -188,7 +188,10 @@ async def run(
         )
         if env_file is not None:
             written = env_text(stack, bao, AGENT)
-            write_private(env_file, written)
+            try:
+                write_private(env_file, written)
+            except OSError as exc:  # a symlink there, say: the stack stops, saying so
+                raise SystemExit(f"keyproxy dev: cannot write {env_file}: {exc.strerror}") from None
         _announce(stack, token, env_file, as_json=as_json, mcp=mcp_upstream is not None)
         await stop.wait()
     finally:
