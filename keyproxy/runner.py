@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -68,7 +67,7 @@ async def exchange(
     headers = {"Authorization": f"Bearer {identity.reveal()}"}
     try:
         async with http.post(f"{proxy}/token", json=body, headers=headers) as answer:
-            got = _json(await answer.content.read(MAX_ANSWER + 1))
+            got = _json(await _read_bounded(answer.content))
             if answer.status != 200:
                 error = got.get("error") if isinstance(got, dict) else None
                 said = (
@@ -82,11 +81,22 @@ async def exchange(
         raise RunError(f"the exchange at {proxy}/token failed: {_why(exc)}") from None
 
 
+async def _read_bounded(content: aiohttp.StreamReader) -> bytes:
+    """The whole answer, however it arrives, read no further than one byte past MAX_ANSWER."""
+    raw = b""
+    while len(raw) <= MAX_ANSWER and (chunk := await content.read(MAX_ANSWER + 1 - len(raw))):
+        raw += chunk
+    return raw
+
+
 def _json(raw: bytes) -> Any:
-    """An answer read no further than any of the broker's takes (MAX_ANSWER), as JSON."""
+    """An answer no larger than any of the broker's (MAX_ANSWER), as JSON; ValueError if not."""
     if len(raw) > MAX_ANSWER:
         raise ValueError(f"an answer over {MAX_ANSWER // 1024} KiB")
-    return json.loads(raw)
+    try:
+        return json.loads(raw)
+    except RecursionError:  # nested deeper than any answer of the broker's
+        raise ValueError("an answer nested too deep") from None
 
 
 def _issued(got: Any) -> Issued:
@@ -313,6 +323,8 @@ def undumpable() -> None:
     nothing). A user with CAP_SYS_PTRACE (root) can still read it."""
     if sys.platform != "linux":
         return
+    import ctypes  # noqa: PLC0415  # here: a Python without _ctypes still runs every other command
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         error = os.strerror(ctypes.get_errno())

@@ -9,6 +9,7 @@ scrubber can recognise it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -105,9 +106,14 @@ known_values = _registry.values
 def write_private(path: Path, data: bytes | str) -> Path:
     """Write `data` (text as UTF-8) to `path`, created or truncated with mode 0600 from the
     start: a key, token or configuration holding one is never readable by others, not even
-    for a moment. A symlink at `path` is refused (OSError ELOOP), never followed to write
-    over (and later remove) what it names; a file already there is made 0600 first."""
+    for a moment. A link at `path` is refused (OSError), never followed to write over (and
+    later remove) what it names: a symbolic one (ELOOP), or a hard one or a file of another
+    user (EPERM); a file of this user's already there is made 0600 first."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    found = os.fstat(fd)
+    if found.st_nlink != 1 or found.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(errno.EPERM, "a link, or another user's file", str(path))
     os.fchmod(fd, 0o600)
     os.ftruncate(fd, 0)
     with os.fdopen(fd, "wb") as fh:

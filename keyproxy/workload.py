@@ -69,9 +69,10 @@ def _read_file(path: str) -> str:
     could keep the read, and the wrapper's exit, waiting for ever) and refused unless it is a
     regular file (a projected token's symlink leads to one)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
     with open(fd, encoding="utf-8") as f:  # noqa: PTH123  # one small read
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
         return f.read(MAX_SIZE)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -35,10 +36,20 @@ async def _answering(status: int, body: bytes) -> tuple[web.AppRunner, str]:
         (200, json.dumps(GOOD | {"token_id": "t\x1b[2J"}).encode(), "not an id"),
         (200, json.dumps(GOOD | {"scope": "r"}).encode(), "not routes"),
         (200, json.dumps(GOOD | {"scope": ["r"]}).encode(), "not routes"),
+        (200, b"[" * 60_000, "nested too deep"),
         (200, b'{"access_token": "' + b"a" * 2_000_000 + b'"}', "over 64 KiB"),
         (403, b'{"error": {"code": "x", "message": "' + b"m" * 2_000_000 + b'"}}', "over 64 KiB"),
     ],
-    ids=["number", "nul", "control-id", "scope-text", "scope-list", "huge", "huge-refusal"],
+    ids=[
+        "number",
+        "nul",
+        "control-id",
+        "scope-text",
+        "scope-list",
+        "nested",
+        "huge",
+        "huge-refusal",
+    ],
 )
 async def test_an_answer_no_broker_gives_is_one_clear_error(
     http: aiohttp.ClientSession, status: int, body: bytes, said: str
@@ -67,3 +78,29 @@ async def test_a_refusal_says_its_code_and_at_most_256_characters(
         await runner.cleanup()
     assert str(refused.value).startswith("the exchange was refused: 403 forbidden: mmm")
     assert len(str(refused.value)) < 320
+
+
+async def test_an_answer_in_pieces_is_read_whole(http: aiohttp.ClientSession) -> None:
+    """An answer that arrives in several writes (a large scope, a network, an ingress that
+    re-chunks it) is read to its end, not cut at the first piece."""
+    body = json.dumps(GOOD | {"scope": {f"route-{i}": {} for i in range(100)}}).encode()
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await answer.prepare(request)
+        for i in range(0, len(body), 500):
+            await answer.write(body[i : i + 500])
+            await asyncio.sleep(0.01)  # each piece on its own
+        await answer.write_eof()
+        return answer
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner, port = await serve(app)
+    try:
+        issued = await exchange(
+            http, f"http://127.0.0.1:{port}", Secret("identity"), {"scope": {"r": {}}}
+        )
+    finally:
+        await runner.cleanup()
+    assert len(issued.routes) == 100

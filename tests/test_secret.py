@@ -34,8 +34,8 @@ def test_empty_and_oversized_text_is_refused() -> None:
 
 
 def test_a_private_file_is_never_written_through_a_symlink(tmp_path: Path) -> None:
-    """A symlink where a private file goes is refused (ELOOP), and what it names is left as
-    it was; a file already there is made 0600 before it is written."""
+    """A symbolic or hard link where a private file goes is refused, and what it names is
+    left as it was; a file already there is made 0600 before it is written."""
     target = tmp_path / "target"
     target.write_text("the operator's own file")
     link = tmp_path / "keyproxy-dev.env"
@@ -49,3 +49,8 @@ def test_a_private_file_is_never_written_through_a_symlink(tmp_path: Path) -> No
     open_file.chmod(0o644)
     secret.write_private(open_file, "new")
     assert (open_file.read_text(), stat.S_IMODE(open_file.stat().st_mode)) == ("new", 0o600)
+    hard = tmp_path / "hard"
+    hard.hardlink_to(target)  # O_NOFOLLOW does not see it
+    with pytest.raises(OSError, match="a link, or another user's file"):
+        secret.write_private(hard, "export BAO_TOKEN=...")
+    assert target.read_text() == "the operator's own file"

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-from keyproxy import redact
+from keyproxy import redact, text
 from keyproxy.headers import GeneratedId
 from keyproxy.redact import scrub_secrets
 
@@ -42,11 +42,11 @@ def _json(event: Any, **_: Any) -> str:
     (a lone surrogate from a decoded claim, an integer beyond 64 bits). Values are scalars,
     lists and dicts by now: scrub_secrets turned anything else into text."""
     try:
-        text = orjson.dumps(event).decode()
+        line = orjson.dumps(event).decode()
     except orjson.JSONEncodeError:
-        text = ""
-    if text and text.isascii():
-        return text
+        line = ""
+    if line and line.isascii():
+        return line
     return json.dumps(event, separators=(",", ":"), default=repr)
 
 
@@ -142,6 +142,11 @@ class _Setup:
 _setup: _Setup | None = None
 
 
+def _shown_values(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The event with controls in its text written as escapes (keyproxy.text.shown)."""
+    return {key: text.shown(v) if isinstance(v, str) else v for key, v in event.items()}
+
+
 def configure(stream: TextIO | None = None, level: str = "info", *, console: bool = False) -> None:
     """Route structlog, and every standard-library log record (aiohttp, asyncio, hvac,
     urllib3, ...), to `stream` (default stdout) as JSON lines, all through the same scrubbing
@@ -150,15 +155,18 @@ def configure(stream: TextIO | None = None, level: str = "info", *, console: boo
     global _setup  # noqa: PLW0603  # one process-wide logging set-up, like structlog's own
     out = stream or sys.stdout
     renderer: Any = structlog.processors.JSONRenderer(serializer=_json)
+    escape: list[Any] = []
     if console:
         colors = out.isatty() and not os.environ.get("NO_COLOR")
         renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        escape = [_shown_values]  # a terminal obeys what JSON would have escaped
     # After scrubbing: the time stamp is ours, holding nothing, and never the same twice (the
     # scrubber remembers texts it found clean; this one would only crowd them out).
     tail: list[Any] = [
         structlog.processors.format_exc_info,
         scrub_secrets,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *escape,
         renderer,
     ]
     processors: list[Any] = [

@@ -66,6 +66,13 @@ class _Shown(io.TextIOBase):
     def flush(self) -> None:
         self._stream.flush()
 
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # TextIOBase's is None
+        return str(getattr(self._stream, "encoding", "utf-8"))
+
     def isatty(self) -> bool:
         return self._stream.isatty()
 
@@ -85,12 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argcomplete.autocomplete(parser)  # answers the shell's completion request, if it is one
     args = parser.parse_args(argv)
     if argv is None and args.command not in ("serve", "dev"):
+        level = {0: "warning", 1: "info"}.get(args.verbose, "debug")
+        # JSON for programs; on a terminal, the console form (NO_COLOR honoured), its values'
+        # controls escaped before its own colours are added.
+        audit.configure(sys.stderr, level=level, console=sys.stderr.isatty())
         # SECURITY: what a command prints can come from agents (an audit line's task name,
         # an owner, a proxy's answer to `run`): no control a terminal obeys gets through.
         sys.stdout, sys.stderr = _shown(sys.stdout), _shown(sys.stderr)
-        level = {0: "warning", 1: "info"}.get(args.verbose, "debug")
-        # JSON for programs; on a terminal, the console form (NO_COLOR honoured).
-        audit.configure(sys.stderr, level=level, console=sys.stderr.isatty())
     try:
         no_file = (
             args.command == "audit"

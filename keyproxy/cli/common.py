@@ -135,8 +135,8 @@ def usage_failed(exc: UsageError) -> int:
 
 def input_lines(files: list[str]) -> Iterator[str]:
     """The lines of the named files in turn (none named: stdin); a file that cannot be read
-    ends the command, naming it. A line longer than MAX_LINE is no event: it comes as an
-    empty line (skipped, and counted so), never held whole."""
+    ends the command, naming it. A line of MAX_LINE characters or more is no event: it comes
+    as a line that is no JSON (skipped, and counted so), never held whole."""
     if not files:
         yield from _bounded(sys.stdin)
         return
@@ -156,7 +156,7 @@ def _bounded(stream: TextIO) -> Iterator[str]:
         if len(line) == MAX_LINE and not line.endswith("\n"):
             while (rest := stream.readline(MAX_LINE)) and not rest.endswith("\n"):
                 pass  # the rest of a line too long to be an event
-            line = "\n"
+            line = "-\n"  # counted as a skipped line, as any other that is no event
         yield line
 
 

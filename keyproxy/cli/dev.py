@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import json
 import secrets
 import shlex
@@ -188,10 +189,7 @@ async def run(
         )
         if env_file is not None:
             written = env_text(stack, bao, AGENT)
-            try:
-                write_private(env_file, written)
-            except OSError as exc:  # a symlink there, say: the stack stops, saying so
-                raise SystemExit(f"keyproxy dev: cannot write {env_file}: {exc.strerror}") from None
+            _write_env(env_file, written)
         _announce(stack, token, env_file, as_json=as_json, mcp=mcp_upstream is not None)
         await stop.wait()
     finally:
@@ -207,6 +205,15 @@ async def run(
         shutil.rmtree(workdir, ignore_errors=True)
         if env_file is not None and written is not None:
             _remove_if_unchanged(env_file, written)
+
+
+def _write_env(env_file: Path, written: str) -> None:
+    """Write the environment file, or stop the stack saying why (a link there, say)."""
+    try:
+        write_private(env_file, written)
+    except OSError as exc:
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise SystemExit(f"keyproxy dev: cannot write {env_file}: {why}") from None
 
 
 def _announce(

@@ -25,7 +25,7 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from keyproxy import config
 from keyproxy import scope as scopes
@@ -49,6 +49,10 @@ from keyproxy.state.redis import RedisStore
 from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens, exception_subject
 
 EXIT_USAGE = 2
+
+
+# An exception token's subject, before its owner.
+EXCEPTION_PREFIX: Final = exception_subject("")
 
 
 def register(sub: Any) -> None:
@@ -148,6 +152,9 @@ def _issue(args: argparse.Namespace) -> int:
     known_route(cfg, args.route)
     if not args.owner.strip() or not args.reason.strip():
         return _usage("an exception token needs --owner and --reason")
+    if args.owner.startswith(EXCEPTION_PREFIX):
+        # Its subject would read as another owner's (`exception:bob` is bob's subject).
+        return _usage(f"--owner cannot begin with {EXCEPTION_PREFIX!r}")
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         requested = scopes.parse(
@@ -209,9 +216,9 @@ def _revoke(args: argparse.Namespace) -> int:
         subject = None
         if args.subject is not None:
             name = args.subject
-            if args.issuer == EXCEPTION_ISSUER:
-                # --issuer exception --subject OWNER, as `token list` names it: always the
-                # owner (one named `exception:bob` is not bob).
+            if args.issuer == EXCEPTION_ISSUER and not name.startswith(EXCEPTION_PREFIX):
+                # --issuer exception --subject OWNER, as `token list` names it, or the subject
+                # the audit log shows (`exception:OWNER`): no owner's name begins so.
                 name = exception_subject(name)
             subject = f"{args.issuer}|{name}"
         await tasks.revoke(token_id=args.id, subject=subject, task=args.task)

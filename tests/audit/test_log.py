@@ -444,7 +444,8 @@ def test_a_terminal_gets_the_console_form_in_colour_unless_no_color(
     monkeypatch: pytest.MonkeyPatch, no_color: str, coloured: bool
 ) -> None:
     """With console=True, events (keyproxy's and the standard library's) are written in
-    structlog's console form, scrubbed, with colours only when NO_COLOR is not set."""
+    structlog's console form, scrubbed, with colours only when NO_COLOR is not set, and
+    controls in their values written as escapes (a terminal would obey them)."""
     key = "sk-console-" + secrets.token_urlsafe(24)
     secret.register(key)
     if no_color:
@@ -456,6 +457,7 @@ def test_a_terminal_gets_the_console_form_in_colour_unless_no_color(
     audit.configure(stream, level="info", console=True)
     try:
         structlog.get_logger("x").warning("vault.login_failed", detail=key)
+        structlog.get_logger("x").warning("token.refused", task="a\x1b]0;OWNED\x07b\u202e")
         audit.emit(_record())
         import logging  # noqa: PLC0415  # the standard library's records, rendered the same
 
@@ -470,6 +472,8 @@ def test_a_terminal_gets_the_console_form_in_colour_unless_no_color(
     assert key not in text
     assert not text.lstrip().startswith("{")
     assert ("\x1b[" in text) is coloured
+    assert "a\\u001b]0;OWNED\\u0007b\\u202e" in text
+    assert "\x1b]" not in text
 
 
 def test_standard_library_records_come_out_as_scrubbed_json(audit_log: Path) -> None:
