@@ -128,8 +128,8 @@ class Exchange:
 
     def end(self, why: str) -> None:
         """The caller's task token ended (`why`, one of TOKEN_ENDS) while this exchange ran:
-        it stops now, refused before the answer started (keyproxy.tokens.inflight.refusal),
-        else the answer is cut."""
+        it stops now, refused before the answer started (keyproxy.tokens.inflight.InFlight
+        .refusal), else the answer is cut."""
         self._watch.end(why)
 
     async def send(

@@ -30,7 +30,7 @@ from keyproxy.config import CallerCredential, ServerConfig
 from keyproxy.errors import Unauthenticated
 from keyproxy.forwardedcert import forwarded_chain
 from keyproxy.headers import caller_token
-from keyproxy.spiffe import SCHEME, Svid, SvidVerifier, presents, thumbprint
+from keyproxy.spiffe import SCHEME, Svid, SvidVerifier, out_of_date, presents, thumbprint
 from keyproxy.tls import ServerTLS, peer_chain
 from keyproxy.tokens import CertificateBinding, TaskToken
 
@@ -85,8 +85,7 @@ def _in_date(der: bytes) -> bool:
         certificate = x509.load_der_x509_certificate(der)
     except ValueError:
         return False
-    now = dt.datetime.now(dt.UTC)
-    return certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
+    return out_of_date(certificate, dt.datetime.now(dt.UTC)) is None
 
 
 def binding(chain: tuple[bytes, ...], svid: Svid | None) -> CertificateBinding:

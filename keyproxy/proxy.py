@@ -128,7 +128,7 @@ class Proxy:
         self.keys = keys
         self.sessions = sessions
         self.tasks = tasks
-        self.inflight = tasks.inflight if tasks is not None else InFlight(lambda _: None)
+        self.inflight: InFlight | None = tasks.inflight if tasks is not None else None
         self.metrics = metrics
         self.limiter = Limiter(config, store, exact_uses=exact_uses)  # keyproxy.limiter
         # A 503 for a key Vault could not give says when to try again: the next refresh.

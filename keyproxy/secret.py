@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Final
 
+from keyproxy import text
+
 REDACTED: Final = "[REDACTED]"
 
 
@@ -63,14 +65,15 @@ MAX_KEY_LENGTH: Final = 16 * 1024
 
 def problem(value: str) -> str | None:
     """What keeps a key or credential's text from going on the wire as stored, or None: it
-    is empty, has whitespace at either end or a control character (C0 or DEL; a stray newline
-    from `kv put api_key=@file` would break the header it is injected into), or is longer than
-    MAX_KEY_LENGTH. Such a value is refused where it is read, never injected."""
+    is empty, has whitespace at either end or a control character (keyproxy.text.hidden: C0,
+    DEL, C1 or a bidirectional control; a stray newline from `kv put api_key=@file` would
+    break the header it is injected into), or is longer than MAX_KEY_LENGTH. Such a value is
+    refused where it is read, never injected."""
     if not value:
         return "is empty"
     if len(value) > MAX_KEY_LENGTH:
         return f"is longer than {MAX_KEY_LENGTH // 1024} KiB"
-    if value != value.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if value != value.strip() or text.hidden(value):
         return "has whitespace or control characters"
     return None
 

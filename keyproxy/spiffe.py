@@ -221,11 +221,19 @@ def check_leaf(leaf: x509.Certificate, now: dt.datetime) -> SpiffeId:
             "an SVID's keyUsage has digitalSignature and neither keyCertSign nor cRLSign",
         )
     spiffe_id = _leaf_spiffe_id(leaf)
-    if now < leaf.not_valid_before_utc:
-        raise Unauthenticated("svid_not_yet_valid", "the client certificate is not valid yet")
-    if now > leaf.not_valid_after_utc:
-        raise Unauthenticated("svid_expired", "the client certificate has expired")
+    when = out_of_date(leaf, now)
+    if when is not None:
+        raise Unauthenticated(f"svid_{when}", f"the client certificate is {when.replace('_', ' ')}")
     return spiffe_id
+
+
+def out_of_date(certificate: x509.Certificate, now: dt.datetime) -> str | None:
+    """Why `certificate` is not valid at `now` ("not_yet_valid", "expired"), or None."""
+    if now < certificate.not_valid_before_utc:
+        return "not_yet_valid"
+    if now > certificate.not_valid_after_utc:
+        return "expired"
+    return None
 
 
 def _leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:

@@ -18,10 +18,23 @@ def test_clean_text_is_accepted(value: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["sk\x7f", "sk\n", "\tsk", " sk", "sk ", "s\x00k", "s\x1fk", "sk\u2003"]
+    "value",
+    [
+        "sk\x7f",
+        "sk\n",
+        "\tsk",
+        " sk",
+        "sk ",
+        "s\x00k",
+        "s\x1fk",
+        "sk\u2003",
+        "s\u009bk",
+        "s\u202ek",
+    ],
 )
 def test_whitespace_at_an_end_and_control_characters_are_refused(value: str) -> None:
-    """Whitespace at either end (ASCII or Unicode) and C0 or DEL anywhere make text unusable."""
+    """Whitespace at either end (ASCII or Unicode) and C0, DEL, C1 or a bidirectional
+    control anywhere make text unusable."""
     assert secret.problem(value) == "has whitespace or control characters"
 
 

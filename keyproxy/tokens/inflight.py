@@ -74,8 +74,12 @@ class _NotWatching:
 NOT_WATCHED: Final = _NotWatching()
 
 
-def _unreadable() -> RequestError:
-    return Unavailable(UNVERIFIABLE, "the revocation list cannot be read now", retry_after=1)
+def list_unreadable(retry_after: int = 1) -> Unavailable:
+    """The refusal of a task token while this replica's revocation list cannot be read: 503,
+    to try again after `retry_after` seconds (the next read)."""
+    return Unavailable(
+        UNVERIFIABLE, "the revocation list cannot be read now", retry_after=retry_after
+    )
 
 
 class InFlight:
@@ -86,7 +90,7 @@ class InFlight:
     def __init__(
         self,
         judge: Callable[[TaskToken], str | None],
-        unreadable: Callable[[], RequestError] = _unreadable,
+        unreadable: Callable[[], RequestError] = list_unreadable,
     ) -> None:
         self.judge = judge
         self.unreadable = unreadable

@@ -19,7 +19,7 @@ from typing import Any, Final, NamedTuple
 
 from keyproxy.config import Config
 from keyproxy.errors import Unavailable, VaultError
-from keyproxy.tokens.inflight import UNVERIFIABLE, InFlight, ended
+from keyproxy.tokens.inflight import InFlight, ended, list_unreadable
 from keyproxy.tokens.revoked import ListCopy, Revocations, shard_path
 from keyproxy.tokens.shared import read_state, read_written
 from keyproxy.vault import Vault
@@ -261,11 +261,7 @@ class ListReader:
     def unreadable(self) -> Unavailable:
         """The refusal of a task token while this replica's list cannot be read: 503, to try
         again after a poll interval."""
-        return Unavailable(
-            UNVERIFIABLE,
-            "the revocation list cannot be read now",
-            retry_after=math.ceil(self.cfg.revocation_poll_interval),
-        )
+        return list_unreadable(math.ceil(self.cfg.revocation_poll_interval))
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts
