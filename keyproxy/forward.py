@@ -1,7 +1,7 @@
 """The forwarding step: send the built request upstream and stream the answer back.
 
-`Forwarder` is one route's, prepared once (its client session, timeouts and the egress
-fence's verdict on an IP-literal upstream). `Exchange` is one request's: it owns the read
+`Forwarder` is one route's, prepared once (its connection pool, keyproxy.pool; timeouts;
+the egress fence's verdict on an IP-literal upstream). `Exchange` is one request's: it owns the read
 deadline (a `keyproxy.deadline.Watch`), knows what the upstream answered as soon as it did
 (`upstream_status`), and alone knows whether the answer's status line went out. Before that a
 failure raises a `RequestError`; after it, the connection is cut (a truncated body must never
@@ -30,10 +30,11 @@ from keyproxy.errors import (
 )
 from keyproxy.headers import response_headers
 from keyproxy.inject import Rendered, Scrubber, scrub_bytes
+from keyproxy.pool import Answer, Pool
 from keyproxy.tokens import TaskToken
 from keyproxy.tokens.inflight import NOT_WATCHED, UNVERIFIABLE, InFlight
 
-# Response encodings aiohttp decodes, so the scrubber sees clear text. We ask for identity;
+# Response encodings aiohttp's parser decodes, so the scrubber sees clear text. We ask for identity;
 # anything else the upstream sends anyway is refused rather than passed through unscrubbed.
 DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is read as ""
 
@@ -57,7 +58,7 @@ class Reshaper(Protocol):
 
 
 # Given the upstream's answer, its reshaper, or None to pass the bytes as sent.
-Reshape = Callable[[aiohttp.ClientResponse], Reshaper | None]
+Reshape = Callable[[Answer], Reshaper | None]
 
 
 class Outgoing(NamedTuple):
@@ -81,16 +82,23 @@ class Outcome(NamedTuple):
 class Forwarder:
     """What one route's forwarding needs that does not change per request, prepared once."""
 
-    __slots__ = ("deadlines", "first_read", "literal_denial", "read_timeout", "session", "timeout")
+    __slots__ = (
+        "connect_timeout",
+        "deadlines",
+        "first_read",
+        "literal_denial",
+        "pool",
+        "read_timeout",
+        "session",
+    )
 
     def __init__(
-        self, route: Route, session: aiohttp.ClientSession, deadlines: ReadDeadlines
+        self, route: Route, session: aiohttp.ClientSession, pool: Pool, deadlines: ReadDeadlines
     ) -> None:
-        self.session = session
+        self.session = session  # an MCP route's replies to its server
+        self.pool = pool
         self.deadlines = deadlines
-        # The read timeout is keyproxy.deadline's: aiohttp's sock_read costs a new loop timer
-        # per read.
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.connect_timeout)
+        self.connect_timeout = route.connect_timeout
         self.read_timeout = route.read_timeout
         self.first_read = route.connect_timeout + route.read_timeout  # connect + first answer
         self.literal_denial = _literal_denial(route)  # the fence's verdict on an IP literal
@@ -148,21 +156,20 @@ class Exchange:
         body = outgoing.body
         try:
             with self._ends, watch:
-                async with forwarder.session.request(
+                async with forwarder.pool.request(
                     request.method,
                     outgoing.url,
-                    headers=outgoing.headers,
+                    outgoing.headers,
                     # The caller's pace while uploading is not the upstream's silence.
-                    data=_uploaded(body, watch) if isinstance(body, aiohttp.StreamReader) else body,
-                    allow_redirects=False,  # SECURITY: a redirect goes back to the caller
-                    timeout=forwarder.timeout,
-                ) as upstream:
+                    _uploaded(body, watch) if isinstance(body, aiohttp.StreamReader) else body,
+                    forwarder.connect_timeout,
+                ) as upstream:  # SECURITY: a redirect is an answer, back to the caller
                     watch.heard()
                     self.upstream_status = upstream.status
                     if upstream.status < 200:
                         # SECURITY: a 101 relayed would tell a front proxy to tunnel the
                         # caller's bytes. Until WebSockets are supported on purpose, a 502;
-                        # the connection is closed already (_UpstreamResponse).
+                        # the connection is closed (keyproxy.pool).
                         raise BadGateway(
                             "upstream_protocol_switch", "the upstream tried to switch protocols"
                         )
@@ -192,7 +199,7 @@ class Exchange:
     async def _stream_back(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Answer,
         rendered: Rendered,
         rid: str,
         shaper: Reshaper | None = None,

@@ -41,6 +41,7 @@ from keyproxy.errors import (
     McpUnreadable,
 )
 from keyproxy.outgoing import read_body
+from keyproxy.pool import Answer
 from keyproxy.tokens import TaskToken, chain_fields
 
 log = structlog.get_logger("keyproxy.mcproute")
@@ -135,7 +136,7 @@ class McpStep(NamedTuple):
     session: str
     reply: Reply | None = None
 
-    def reshape(self, upstream: aiohttp.ClientResponse) -> AnswerFilter | None:
+    def reshape(self, upstream: Answer) -> AnswerFilter | None:
         """The filter the upstream's answer passes through, or None when it passes as sent
         (an error status, an empty or non-MCP body, a JSON answer to no list request)."""
         if upstream.status != 200:

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -90,7 +89,7 @@ class _Plan:
     def of(
         cls,
         route: Route,
-        session: aiohttp.ClientSession,
+        sessions: UpstreamSessions,
         deadlines: ReadDeadlines,
         policies: tuple[Policy, ...] = (),
     ) -> _Plan:
@@ -99,7 +98,9 @@ class _Plan:
             injector=injector,
             forwards=request_verdicts(route, injector.header_names),
             other_credentials=other_credential_headers(route.caller_credential),
-            forwarder=Forwarder(route, session, deadlines),
+            forwarder=Forwarder(
+                route, sessions.get(route.name), sessions.pool(route.name), deadlines
+            ),
             mcp=mcproute.McpPlan.of(route, policies) if route.kind == "mcp" else None,
         )
 
@@ -138,7 +139,7 @@ class Proxy:
         self.policies = policy.compile(config.policies)
         self._deadlines = read_deadlines(config.routes.values())
         self.plans = {
-            name: _Plan.of(r, sessions.get(name), self._deadlines, config.policies)
+            name: _Plan.of(r, sessions, self._deadlines, config.policies)
             for name, r in config.routes.items()
         }
 

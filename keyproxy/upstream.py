@@ -1,27 +1,31 @@
-"""The client sessions to upstreams: fenced, never proxied, never reusing a switched connection.
+"""The clients to upstreams: fenced, never proxied, never reusing a switched connection.
 
-`UpstreamSessions(routes)` holds one aiohttp session per distinct egress and TLS setting,
-shared by the routes using it. The proxy and the http rotators send through them, so both go
-through the same egress fence (keyproxy.netguard).
+`UpstreamSessions(routes)` holds, per distinct egress and TLS setting, shared by the routes
+using it, the proxy's connection pool (keyproxy.pool) and an aiohttp session for the http
+rotators and an MCP route's replies to its server. Both go through the same egress fence
+(keyproxy.netguard) and the same TLS settings.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp.connector import Connection
 
 from keyproxy import netguard
 from keyproxy.config import Network, Route
+from keyproxy.pool import Pool, tls_context
 
 
 class UpstreamSessions:
-    """One aiohttp session per distinct egress and TLS setting, shared by the routes using it.
+    """One connection pool and one aiohttp session per distinct egress and TLS setting,
+    shared by the routes using it.
 
-    The session's resolver is the egress fence: aiohttp connects only to the addresses it
-    returns, so the address checked is the address used.
+    Their resolver is the egress fence: they connect only to the addresses it returns, so
+    the address checked is the address used.
 
     A reload builds the next configuration's sessions with `successor`: a route whose
     settings are unchanged keeps its session and its pooled connections, a new or changed
@@ -32,17 +36,17 @@ class UpstreamSessions:
     def __init__(
         self,
         routes: Mapping[str, Route],
-        kept: Mapping[str, aiohttp.ClientSession] | None = None,
+        kept: Mapping[str, _Clients] | None = None,
     ) -> None:
         self.routes = dict(routes)
-        self._by_route: dict[str, aiohttp.ClientSession] = dict(kept or {})
-        shared: dict[tuple[tuple[Network, ...], bool, str | None], aiohttp.ClientSession] = {}
+        self._by_route: dict[str, _Clients] = dict(kept or {})
+        shared: dict[tuple[tuple[Network, ...], bool, str | None], _Clients] = {}
         for route in routes.values():
             if route.name in self._by_route:
                 continue
             key = (route.egress_allow, route.tls_verify, str(route.ca_file or ""))
             if key not in shared:
-                shared[key] = _session(route)
+                shared[key] = _clients(route)
             self._by_route[route.name] = shared[key]
 
     def successor(self, routes: Mapping[str, Route]) -> UpstreamSessions:
@@ -55,24 +59,30 @@ class UpstreamSessions:
         return UpstreamSessions(routes, kept)
 
     def get(self, route: str) -> aiohttp.ClientSession:
-        return self._by_route[route]
+        return self._by_route[route].session
 
-    @property
-    def sessions(self) -> set[aiohttp.ClientSession]:
-        return set(self._by_route.values())
+    def pool(self, route: str) -> Pool:
+        return self._by_route[route].pool
 
     async def close(self, keep: Iterable[UpstreamSessions] = ()) -> None:
-        """Close these sessions, except those any of `keep` uses."""
-        used = {session for other in keep for session in other.sessions}
-        for session in self.sessions - used:
-            await session.close()
+        """Close these sessions and pools, except those any of `keep` uses."""
+        used = {clients for other in keep for clients in other._by_route.values()}
+        for clients in set(self._by_route.values()) - used:
+            await clients.pool.close()
+            await clients.session.close()
 
 
-def _session(route: Route) -> aiohttp.ClientSession:
-    if not route.tls_verify:
-        tls: ssl.SSLContext | bool = False
-    else:
-        tls = ssl.create_default_context(cafile=str(route.ca_file) if route.ca_file else None)
+class _Clients(NamedTuple):
+    pool: Pool
+    session: aiohttp.ClientSession
+
+
+def _clients(route: Route) -> _Clients:
+    tls = tls_context(route.tls_verify, str(route.ca_file) if route.ca_file else None)
+    return _Clients(Pool(route.egress_allow, tls), _session(route, tls))
+
+
+def _session(route: Route, tls: ssl.SSLContext) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         resolver=netguard.GuardedResolver(route.egress_allow),
         ssl=tls,

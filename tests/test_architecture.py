@@ -130,6 +130,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "tokens.signing",
                 "tokens.verify",
                 "tokens.tasks",
+                "pool",
                 "upstream",
                 "rotation.rotators",
                 "rotation.journal",

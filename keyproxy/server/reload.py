@@ -278,5 +278,5 @@ class Reloader:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         for generation in self._live:
             generation.proxy.close()
-        for session in {s for g in self._live for s in g.sessions.sessions}:
-            await session.close()
+        for generation in self._live:  # a client two generations share closes twice: harmless
+            await generation.sessions.close()
