@@ -178,7 +178,7 @@ class Exchange:
                     return await self._stream_back(request, upstream, rendered, rid, shaper)
         except RequestError:
             raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except TimeoutError as exc:
             token_ended = TOKEN_ENDS.get(watch.expired)
             if self._sent is not None:
                 # The status line is gone: cut the answer short.
