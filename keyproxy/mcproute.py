@@ -138,14 +138,18 @@ class McpStep(NamedTuple):
 
     def reshape(self, upstream: Answer) -> AnswerFilter | None:
         """The filter the upstream's answer passes through, or None when it passes as sent
-        (an error status, an empty or non-MCP body, a JSON answer to no list request)."""
-        if upstream.status != 200:
+        (not a 2xx with a body, not an MCP body, a JSON answer to no list request).
+
+        SECURITY: an answer is judged as the MCP SDK's client reads it, so that none it would
+        read escapes its filter: any 2xx but a 202 (whose body it ignores), its media type by
+        prefix, JSON first."""
+        if not 200 <= upstream.status < 300 or upstream.status == 202:
             return None
         kind = upstream.content_type
-        if kind == "text/event-stream":
+        if kind.startswith("application/json"):
+            return _Json(self.grant, self.version, self.pending) if self.pending.methods else None
+        if kind.startswith("text/event-stream"):
             return _Stream(mcp.StreamFilter(self.grant, self.version, self.pending), self.reply)
-        if kind == "application/json" and self.pending.methods:
-            return _Json(self.grant, self.version, self.pending)
         return None
 
 

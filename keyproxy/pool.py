@@ -138,7 +138,7 @@ class Pool:
         try:
             yield Answer(message, payload)
         finally:
-            if _reusable(conn, message, sending, headers) and not self._closed:
+            if _reusable(conn, message, sending, headers, body) and not self._closed:
                 self._put_back(key, conn)
             else:
                 _drop(conn, sending)
@@ -205,9 +205,7 @@ class Pool:
                 failure = "the upstream's name could not be resolved"
             if found:
                 try:
-                    sock = await aiohappyeyeballs.start_connection(
-                        found, happy_eyeballs_delay=0.25, interleave=1
-                    )
+                    sock = await _racing(found)
                     _, conn = await loop.create_connection(
                         lambda: ResponseHandler(loop),
                         sock=sock,
@@ -243,6 +241,29 @@ class Pool:
             )
             for family, address in found
         ]
+
+
+async def _racing(found: list[aiohappyeyeballs.AddrInfoType]) -> socket.socket:
+    """A socket connected to one of `found`, the attempts staggered (aiohappyeyeballs).
+
+    Awaited through a shield: the library waits for a losing attempt with CancelledError
+    suppressed, so a cancellation reaching it there (the read deadline, the caller's token
+    ending: keyproxy.deadline.Watch) would be lost and the request go on. Here it is raised
+    at once, and the race, cancelled, has any socket it still makes closed."""
+    racing = asyncio.ensure_future(
+        aiohappyeyeballs.start_connection(found, happy_eyeballs_delay=0.25, interleave=1)
+    )
+    try:
+        return await asyncio.shield(racing)
+    except asyncio.CancelledError:
+        racing.cancel()
+        racing.add_done_callback(_close_won)
+        raise
+
+
+def _close_won(racing: asyncio.Future[socket.socket]) -> None:
+    if not racing.cancelled() and racing.exception() is None:
+        racing.result().close()
 
 
 def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
@@ -331,12 +352,17 @@ def _reusable(
     message: RawResponseMessage,
     sending: asyncio.Task[None] | None,
     headers: CIMultiDict[str],
+    body: Body,
 ) -> bool:
     """May the next request use `conn`? Only after a final answer read to its end, with no
-    close asked either way, the request sent whole and nothing of it left unsent."""
+    close asked either way, the request sent whole and nothing of it left unsent, and not
+    after a body answered with an error: the upstream may have refused it before reading
+    it, and the bytes the transport still holds (a TLS transport reports none of those its
+    socket has not taken) would be read as the next request."""
     transport = conn.transport
     return (
         message.code >= 200
+        and (message.code < 400 or not body)
         and not message.should_close
         and not conn.should_close
         and conn.is_connected()

@@ -434,6 +434,62 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
         await runner.cleanup()
 
 
+# Answers the MCP SDK's client reads as JSON or SSE (any 2xx but 202; the media type by
+# prefix, in any case) though they are not a plain 200 of the exact type.
+ODD_ANSWERS = [
+    (201, "application/json"),
+    (203, "Text/Event-Stream"),
+    (200, "application/jsonl"),
+    (200, "application/json, text/html"),
+    (200, "text/event-stream-x; charset=utf-8"),
+    (206, "application/json;charset=utf-8"),
+]
+CASES = web.AppKey("cases", list[tuple[int, str]])
+
+
+async def _odd_lister(request: web.Request) -> web.Response:
+    """A tools/list answer listing a tool the route does not grant, in the next odd form."""
+    assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    status, kind = request.app[CASES].pop(0)
+    tools = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search_issues", "whoami")]
+    answer = {"jsonrpc": "2.0", "id": (await request.json())["id"], "result": {"tools": tools}}
+    body = _sse(answer) if "event-stream" in kind.lower() else json.dumps(answer).encode()
+    return web.Response(status=status, body=body, headers={"Content-Type": kind})
+
+
+async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """A tools/list answer in any form the MCP SDK's client would read (another 2xx, the
+    media type in another case or with a suffix) is filtered like a 200 of the exact type:
+    a tool the route does not grant never reaches the caller."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    app = web.Application()
+    app[CASES] = list(ODD_ANSWERS)
+    app.router.add_post("/mcp", _odd_lister)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        headers = {**bearer(identity), "Content-Type": "application/json"}
+        listing = json.dumps(_rpc(3, "tools/list")).encode()
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            for status, kind in ODD_ANSWERS:
+                async with http.post(
+                    f"{stack.base}/r/{ROUTE}/mcp", data=listing, headers=headers
+                ) as answer:
+                    text = (await answer.read()).decode()
+                assert answer.status == status, kind
+                assert '"search_issues"' in text, kind
+                assert "whoami" not in text, (status, kind)
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_delegated_tokens_calls_name_its_chain(
     openbao: OpenBaoDevServer, agent: Agent, served: Served, audit_log: Path
 ) -> None:

@@ -305,6 +305,28 @@ async def test_an_answer_before_the_body_is_heard_and_its_connection_closed(pool
         assert server.connections == 2
 
 
+async def test_an_error_answer_to_a_body_closes_its_connection(pool: Pool) -> None:
+    """The upstream may have refused the body before reading it, and over TLS the bytes
+    still unsent do not show in the transport's buffer: the connection is not reused. An
+    error answer to a request without a body keeps it."""
+
+    async def refusing(conn: Conn) -> None:
+        while True:
+            head, body = await conn.request()
+            if not head:
+                return
+            status = b"413 Too Large" if body else b"404 Not Found"
+            await conn.answer(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+
+    async with Server(refusing) as server:
+        assert await fetch(pool, server.url()) == (404, b"")
+        assert await fetch(pool, server.url()) == (404, b"")
+        assert server.connections == 1
+        assert await fetch(pool, server.url(), "POST", b"x" * 100) == (413, b"")
+        assert await fetch(pool, server.url()) == (404, b"")
+        assert server.connections == 2
+
+
 async def test_a_head_answer_has_no_body_and_keeps_its_connection(pool: Pool) -> None:
     async def head(conn: Conn) -> None:
         while (await conn.request())[0]:
