@@ -243,7 +243,7 @@ class Pool:
         ]
 
 
-async def _racing(found: list[aiohappyeyeballs.AddrInfoType]) -> socket.socket:
+async def _racing(found: Sequence[aiohappyeyeballs.AddrInfoType]) -> socket.socket:
     """A socket connected to one of `found`, the attempts staggered (aiohappyeyeballs).
 
     Awaited through a shield: the library waits for a losing attempt with CancelledError

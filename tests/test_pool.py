@@ -9,7 +9,9 @@ only when that is safe, the body's framing, the egress fence and TLS verificatio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -427,6 +429,54 @@ async def test_no_connection_within_the_connect_timeout_is_a_timeout(pool: Pool)
                 "GET", server.url(scheme="https"), CIMultiDict(), None, 0.2
             ) as _:
                 pass
+
+
+def silent_address() -> tuple[socket.socket, list[socket.socket], int]:
+    """A loopback port that never completes a connection: a listener whose backlog is full,
+    so the kernel drops further SYNs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.3", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filling = []
+    for _ in range(4):
+        conn = socket.socket()
+        conn.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            conn.connect(("127.0.0.3", port))
+        filling.append(conn)
+    return listener, filling, port
+
+
+def open_descriptors() -> int:
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+async def test_a_cancellation_while_connecting_is_raised_and_leaves_no_socket() -> None:
+    """The read deadline or a token's end cancels a request that is still connecting: the
+    cancellation is raised at once (never absorbed by the staggered attempts) and no socket
+    of theirs stays open."""
+    listener, filling, port = silent_address()
+    try:
+        before = open_descriptors()
+        found = [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.3", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.3", port)),
+        ]
+        racing = asyncio.ensure_future(pool_module._racing(found))
+        await eventually(  # the second attempt starts 0.25 s after the first
+            open_descriptors, "both attempts under way", until=lambda n: n >= before + 2
+        )
+        assert not racing.done()
+        racing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await racing
+        await eventually(
+            open_descriptors, "the attempts' sockets closed", until=lambda n: n <= before
+        )
+    finally:
+        for sock in (listener, *filling):
+            sock.close()
 
 
 async def tls_server(files: dict[str, Path], handler: Handler) -> tuple[asyncio.Server, int]:
