@@ -151,6 +151,17 @@ class Matcher:
         at = bisect.bisect_left(ordered, tail)
         return at < len(ordered) and ordered[at].startswith(tail)
 
+    def settled_clean(self, data: bytes) -> bool:
+        """Whether `data` holds no stretch and no end more bytes could make one: what
+        `undecided` and `stretches` together say of most chunks, found with one search (a
+        stream's every SSE event pays for this). False says nothing: ask them."""
+        if data[-1:] in self._alphabet or self._wholes:
+            return False
+        for automaton in self._filters:  # noqa: SIM110  # all() over a generator: +0.3 us an event
+            if automaton.find_matches_as_indexes(data):
+                return False
+        return True
+
     def undecided(self, data: bytes) -> int:
         """Length of the longest end of `data` that more bytes could make part of a stretch:
         a proper prefix of a window (at most FRAGMENT - 1 bytes) or of a form searched whole."""
@@ -256,6 +267,8 @@ class Stream:
 
     def feed(self, chunk: bytes) -> bytes:
         """What can be sent now of what was held back and `chunk`."""
+        if not self._carry and not self._open and self._matcher.settled_clean(chunk):
+            return chunk  # the common case (an SSE event), in one search: the state stands
         data = self._carry + chunk if self._carry else chunk
         return self._send(data, len(data) - self._matcher.undecided(data))
 
