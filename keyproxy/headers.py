@@ -234,6 +234,7 @@ def upstream_headers(
     headers.setdefault(REQUEST_ID, request_id)  # unless the route puts its key there
     if "User-Agent" not in headers:
         headers["User-Agent"] = "keyproxy"  # not aiohttp's own, which names its version
+    headers.setdefault("Accept", "*/*")  # as aiohttp's client added it: servers negotiate on it
     return headers
 
 

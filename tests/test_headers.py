@@ -104,6 +104,7 @@ def test_upstream_headers_keep_what_the_route_forwards_and_add_the_injection() -
             ("X-Request-Id", "rid-1"),
             ("Authorization", f"Bearer {KEY}"),
             ("User-Agent", "keyproxy"),
+            ("Accept", "*/*"),
         ]
     )
 

@@ -714,7 +714,7 @@ async def test_user_agent_is_the_callers_or_keyproxy(
     stack: Stack, upstream: Upstream, token: str, http: aiohttp.ClientSession
 ) -> None:
     """The caller's User-Agent goes upstream as sent; without one, the upstream sees
-    `keyproxy`, never the HTTP library and its version."""
+    `keyproxy`, never the HTTP library and its version (and `Accept: */*`)."""
     port = URL(stack.base).port
     assert port is not None
     auth = f"Authorization: Bearer {token}\r\n".encode()
@@ -727,6 +727,9 @@ async def test_user_agent_is_the_callers_or_keyproxy(
         ["keyproxy"],
         ["agent/1.0"],
     ]
+    # Without an Accept of its own the caller's request says `*/*`, as it did through
+    # aiohttp's client.
+    assert upstream.requests[0].headers.getall("Accept") == ["*/*"]
 
 
 async def test_an_injected_user_agent_is_the_only_one(
