@@ -1,8 +1,8 @@
 """The forwarding step: send the built request upstream and stream the answer back.
 
-`Forwarder` is one route's, prepared once (its connection pool, keyproxy.pool; timeouts;
-the egress fence's verdict on an IP-literal upstream). `Exchange` is one request's: it owns the read
-deadline (a `keyproxy.deadline.Watch`), knows what the upstream answered as soon as it did
+`Forwarder` is one route's, prepared once (its connection pool, keyproxy.pool, which applies
+the egress fence to every new connection; its timeouts). `Exchange` is one request's: it owns
+the read deadline (a `keyproxy.deadline.Watch`), knows what the upstream answered as soon as it did
 (`upstream_status`), and alone knows whether the answer's status line went out. Before that a
 failure raises a `RequestError`; after it, the connection is cut (a truncated body must never
 look complete) and the `Outcome` says why.
@@ -23,7 +23,6 @@ from keyproxy.config import Route
 from keyproxy.deadline import ReadDeadlines, Watch
 from keyproxy.errors import (
     BadGateway,
-    EgressDenied,
     GatewayTimeout,
     RequestError,
     RequestTimeout,
@@ -86,7 +85,6 @@ class Forwarder:
         "connect_timeout",
         "deadlines",
         "first_read",
-        "literal_denial",
         "pool",
         "read_timeout",
         "session",
@@ -101,7 +99,6 @@ class Forwarder:
         self.connect_timeout = route.connect_timeout
         self.read_timeout = route.read_timeout
         self.first_read = route.connect_timeout + route.read_timeout  # connect + first answer
-        self.literal_denial = _literal_denial(route)  # the fence's verdict on an IP literal
 
 
 def read_deadlines(routes: Iterable[Route]) -> ReadDeadlines:
@@ -147,11 +144,7 @@ class Exchange:
         rendered: Rendered,
         rid: str,
     ) -> Outcome:
-        # aiohttp skips the resolver (and so the fence) for IP literals: those were checked
-        # once, when the configuration was loaded.
         forwarder = self._forwarder
-        if forwarder.literal_denial is not None:
-            raise EgressDenied(forwarder.literal_denial.reason, forwarder.literal_denial.message)
         watch = self._watch
         body = outgoing.body
         try:
@@ -261,15 +254,6 @@ class Exchange:
         except Exception:  # noqa: BLE001  # whatever broke the stream, the answer is the same
             return Outcome(response, _abort(request))
         return Outcome(response)
-
-
-def _literal_denial(route: Route) -> EgressDenied | None:
-    """The egress fence's verdict on an IP-literal upstream (a name is checked when resolved)."""
-    try:
-        netguard.check_host(route.upstream.host, route.egress_allow)
-    except EgressDenied as exc:
-        return exc
-    return None
 
 
 def _content_coding(value: str) -> str:

@@ -6,15 +6,17 @@
     check_upstreams(cfg)                     ConfigError, at start-up, for the hosts above
                                              that every request would be refused for
     GuardedResolver(allowed)                 an aiohttp resolver that drops refused addresses
-    egress_denial(exc) -> EgressDenied|None  find the refusal in what `session.request` raised
+    egress_denial(exc) -> EgressDenied|None  find the refusal in what aiohttp's client raised
 
-How it fits aiohttp. `TCPConnector(resolver=GuardedResolver(route.egress_allow))` asks the
-resolver for every host name and connects to exactly the addresses it returns, so the address
-checked is the address connected to (no DNS rebinding). When no address survives, the
-resolver raises `EgressDeniedOSError`, which is both an `EgressDenied` and the `OSError`
-aiohttp expects from resolvers; aiohttp wraps it as `ClientConnectorDNSError(os_error=...)`,
-and `egress_denial` finds it again. aiohttp never calls the resolver for an IP-literal host,
-so the proxy calls `check_host` itself before connecting.
+How it is used. The proxy's pool (keyproxy.pool) resolves every new connection's host through
+`GuardedResolver(route.egress_allow)` and connects to exactly the addresses it returns, so the
+address checked is the address connected to (no DNS rebinding); an IP-literal host it checks
+with `check_host` instead. aiohttp's `TCPConnector(resolver=GuardedResolver(...))`, for the
+rotators and MCP replies, does the same for names. When no address survives, the resolver
+raises `EgressDeniedOSError`, which is both an `EgressDenied` and the `OSError` aiohttp
+expects from resolvers; aiohttp wraps it as `ClientConnectorDNSError(os_error=...)`, and
+`egress_denial` finds it again. aiohttp never calls the resolver for an IP-literal host, so
+its users call `check_host` themselves before connecting.
 
 SECURITY: `TCPConnector` caches resolved addresses and pools connections by host and port, not
 by route, so routes with different `egress_allow` must not share a connector.

@@ -50,6 +50,7 @@ from aiohttp.streams import EofStream
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from keyproxy import netguard
 from keyproxy.config import Network
 from keyproxy.errors import EgressDenied
 from keyproxy.netguard import GuardedResolver
@@ -93,7 +94,8 @@ class Pool:
     """Keep-alive connections to the upstreams of one egress and TLS setting."""
 
     def __init__(self, allowed: Sequence[Network], tls: ssl.SSLContext) -> None:
-        self._resolver = GuardedResolver(allowed)
+        self._allowed = tuple(allowed)
+        self._resolver = GuardedResolver(self._allowed)
         self._tls = tls
         self._idle: dict[_Key, list[tuple[float, ResponseHandler]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -222,8 +224,10 @@ class Pool:
         raise aiohttp.ClientConnectionError(failure)
 
     async def _addresses(self, host: str, port: int) -> list[aiohappyeyeballs.AddrInfoType]:
-        """The addresses to try: an IP literal's own (checked against the fence when the
-        configuration loaded, keyproxy.forward.Forwarder), else those the fence allows."""
+        """The addresses to try: an IP literal's own, else those the fence allows a name.
+        Raises EgressDenied for a literal the fence refuses (or a number some resolvers
+        read as an address: `127.1`), before any connection."""
+        netguard.check_host(host, self._allowed)
         try:
             literal = ipaddress.ip_address(host)
         except ValueError:

@@ -99,21 +99,17 @@ def _session(route: Route, tls: ssl.SSLContext) -> aiohttp.ClientSession:
 
 
 class _UpstreamResponse(aiohttp.ClientResponse):
-    """An upstream answer whose connection is closed if its status is 1xx, and not reused
-    after a request that said `Connection: close`.
+    """An upstream answer whose connection is closed if its status is 1xx.
 
     aiohttp's client skips 100, 102 and 103 itself and returns a 101 (any other 1xx would
     be a bug there). After a 101 the connection speaks another protocol; a 101 without
     Upgrade has no body, so aiohttp has put the connection back in its pool by now, where
     the next request would read what followed the 101 as its answer. SECURITY: never reused.
-    aiohttp pools a connection its request asked to close (keyproxy.outgoing.BODILESS) unless
-    the answer says so too: it is closed once the answer is read.
+    (The proxy's own requests go through keyproxy.pool, which has the same rule.)
     """
 
     async def start(self, connection: Connection) -> aiohttp.ClientResponse:
         protocol = connection.protocol
-        if protocol is not None and self.request_info.headers.get("Connection") == "close":
-            protocol.force_close()  # before the answer is read: its end releases it
         response = await super().start(connection)
         if self.status < 200 and protocol is not None:
             protocol.close()  # a pooled connection that is closed is dropped, never used

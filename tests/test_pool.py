@@ -411,6 +411,20 @@ async def test_the_fence_refuses_an_address_not_allowed() -> None:
         await fenced.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "[::ffff:127.0.0.1]"])
+async def test_the_fence_refuses_an_ip_literal_not_allowed(host: str) -> None:
+    """An IP-literal upstream is not resolved: the pool judges it itself, and a number some
+    parsers read as an address (`127.1`) is refused as well."""
+    fenced = Pool((), tls_context(True, None))
+    try:
+        async with Server(keep_alive) as server:
+            with pytest.raises(EgressDenied):
+                await fetch(fenced, server.url(host=host))
+            assert server.connections == 0
+    finally:
+        await fenced.close()
+
+
 async def test_a_name_is_resolved_and_connected_to_within_the_fence(pool: Pool) -> None:
     async with Server(keep_alive) as server:
         assert await fetch(pool, server.url(host="localhost")) == (200, b"ok")
