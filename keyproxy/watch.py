@@ -45,6 +45,8 @@ from pathlib import Path
 
 import watchfiles
 
+from keyproxy.config import MAX_CONFIG_BYTES
+
 # watchfiles reports every batch ("1 change detected") at INFO; our own events say what changed.
 # Left on, a log written into a watched directory would report its own writes for ever.
 logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
@@ -55,9 +57,14 @@ RECHECK_MS = 5000
 
 
 def digest(path: Path) -> str | None:
-    """SHA-256 of the content read through `path`, or None if it cannot be read now."""
+    """SHA-256 of the content read through `path` (its first MAX_CONFIG_BYTES and one more),
+    or None if it cannot be read now. A file that long is refused whole when the
+    configuration is read (a change beyond that point changes nothing then), and
+    certificates and bundles are far shorter: a huge file costs one bounded read per
+    change, not a read of all of it."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as file:
+            return hashlib.sha256(file.read(MAX_CONFIG_BYTES + 1)).hexdigest()
     except OSError:
         return None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from keyproxy.config import MAX_CONFIG_BYTES
 from keyproxy.watch import digest, watch_files
 
 WAIT_S = 10
@@ -232,3 +233,18 @@ async def test_change_since_baseline_reported_at_once(tmp_path: Path) -> None:
     finally:
         stop.set()
         await changes.aclose()
+
+
+def test_a_huge_file_is_digested_in_one_bounded_read(tmp_path: Path) -> None:
+    """A watched file far past the configuration's size limit is read no further than that
+    limit on each change: a byte beyond it does not change the digest, one within does."""
+    path = tmp_path / "huge.yaml"
+    content = bytearray(b"a" * (MAX_CONFIG_BYTES + 4096))
+    path.write_bytes(content)
+    first = digest(path)
+    content[-1:] = b"b"
+    path.write_bytes(content)
+    assert digest(path) == first
+    content[:1] = b"b"
+    path.write_bytes(content)
+    assert digest(path) not in (first, None)

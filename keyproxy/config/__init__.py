@@ -14,7 +14,7 @@ reference for every key is docs/configuration.md.
 from keyproxy.config.changes import Changes, Delta, diff, keep_running
 from keyproxy.config.compile import credential_problems, load, parse, parse_bytes, parse_duration
 from keyproxy.config.limits import MAX_USES
-from keyproxy.config.loader import read_file
+from keyproxy.config.loader import MAX_CONFIG_BYTES, read_file
 from keyproxy.config.model import (
     ALGORITHMS,
     EXCEPTION_ISSUER,
@@ -58,6 +58,7 @@ __all__ = [
     "EXCEPTION_ISSUER",
     "HEADER_NAME",
     "HOP_BY_HOP",
+    "MAX_CONFIG_BYTES",
     "MAX_DELEGATION_DEPTH",
     "MAX_LEEWAY",
     "MAX_USES",

@@ -213,18 +213,19 @@ class TaskTokens(Verifier):
             await asyncio.sleep(self.cfg.revocation_poll_interval)
 
     async def _end_dead_regularly(self) -> None:
-        """End the requests under way whose token expired, and, as a new request would be
-        refused, all of them once this replica's list is older than
-        `revocation_max_staleness` and cannot be read (a slow read is waited for, as a new
-        request waits; a poll that hangs on Vault is not: this runs on its own timer)."""
+        """End the requests under way whose token expired (first, with no I/O: Vault's
+        pace never delays an expiry), and, as a new request would be refused, all of them
+        once this replica's list is older than `revocation_max_staleness` and cannot be
+        read (that read is waited for, as a new request waits; this runs on its own timer,
+        so a hung poll delays only this check, not the poll's next turn)."""
         while True:
             await asyncio.sleep(self.cfg.revocation_poll_interval)
             try:
+                self.inflight.end_dead()
                 if self.inflight.requests and not self.list_current():
                     try:
                         await self.list_read()
                     except Unavailable:
                         self.inflight.end_all(UNVERIFIABLE)
-                self.inflight.end_dead()
             except Exception:  # a bug: never the end of the group, which holds the poll
                 log.exception("inflight_check_failed")
