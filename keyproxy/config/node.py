@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from keyproxy.config.loader import close_match, item_path, key_path
 from keyproxy.config.model import Network, SecretRef
 from keyproxy.errors import ConfigError
+from keyproxy.text import hidden
 
 T = TypeVar("T")
 
@@ -156,6 +157,6 @@ def key_template(node: Node) -> str:
     rest = template.replace("{key}", "", 1)
     if "{key}" not in template or "{" in rest or "}" in rest:
         raise node.error("must contain {key} exactly once and no other braces")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in template):
-        raise node.error("must not contain control characters")
+    if hidden(template):  # the rule of keys and agents' names (keyproxy.text)
+        raise node.error("must not contain control characters (C0, DEL, C1 or bidirectional)")
     return template

@@ -17,6 +17,7 @@ from keyproxy.config.model import (
     Rotator,
 )
 from keyproxy.config.node import Node, opt, required, secret_ref
+from keyproxy.text import hidden
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _CREATE_FIELDS = frozenset({"admin", "route", "attempt"})
@@ -147,6 +148,6 @@ def _call_template(node: Node, fields: frozenset[str]) -> str:
             raise node.error(f"unknown placeholder {{{name}}} (here: {', '.join(sorted(fields))})")
     if "{" in _PLACEHOLDER.sub("", template) or "}" in _PLACEHOLDER.sub("", template):
         raise node.error("unbalanced brace")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in template):
-        raise node.error("must not contain control characters")
+    if hidden(template):  # the rule of keys and agents' names (keyproxy.text)
+        raise node.error("must not contain control characters (C0, DEL, C1 or bidirectional)")
     return template

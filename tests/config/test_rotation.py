@@ -149,6 +149,16 @@ def test_command_and_manual_rotators_compile() -> None:
             "unbalanced brace",
         ),
         (
+            _rotator(create={"url": ADMIN, "headers": {"X-Note": "a\u0085b"}}),
+            "routes.legacy.rotation.rotator.create.headers.X-Note",
+            "control characters",
+        ),
+        (
+            _rotator(create={"url": ADMIN, "headers": {"X-Note": "a\u202eb"}}),
+            "routes.legacy.rotation.rotator.create.headers.X-Note",
+            "control characters",
+        ),
+        (
             _rotator(create={"url": "http://admin.example.com/keys"}),
             "routes.legacy.rotation.rotator.create.url",
             "allow_http",

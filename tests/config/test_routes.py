@@ -33,3 +33,12 @@ def test_bodies_on_names_only_methods_whose_bodies_mean_nothing() -> None:
     for methods in (["HEAD"], ["get"], ["POST"]):
         with pytest.raises(ConfigError, match=r"routes\.openai\.bodies_on\[0\]"):
             parse_doc(with_setting("routes.openai.bodies_on", methods))
+
+
+@pytest.mark.parametrize("control", ["\x01", "\x7f", "\u0085", "\u202e", "\u2066"])
+def test_an_injection_format_holds_no_control_character(control: str) -> None:
+    """An injected header's format is refused with any character a key may not hold
+    either (C0, DEL, C1, a bidirectional control), with its path."""
+    inject = [{"header": "Authorization", "format": f"Bearer{control} {{key}}"}]
+    with pytest.raises(ConfigError, match=r"routes\.openai\.inject\[0\]\.format.*control"):
+        parse_doc(with_setting("routes.openai.inject", inject))
