@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -31,7 +30,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
-from keyproxy import text
+from keyproxy import strictjson, text
 from keyproxy.errors import RunError
 from keyproxy.sdkenv import VAULT_CREDENTIALS, RouteEnv, child_env
 from keyproxy.secret import Secret, problem
@@ -93,10 +92,7 @@ def _json(raw: bytes) -> Any:
     """An answer no larger than any of the broker's (MAX_ANSWER), as JSON; ValueError if not."""
     if len(raw) > MAX_ANSWER:
         raise ValueError(f"an answer over {MAX_ANSWER // 1024} KiB")
-    try:
-        return json.loads(raw)
-    except RecursionError:  # nested deeper than any answer of the broker's
-        raise ValueError("an answer nested too deep") from None
+    return strictjson.loads(raw)  # nested too deep, a member twice: ValueError
 
 
 def _issued(got: Any) -> Issued:
