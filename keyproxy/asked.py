@@ -9,16 +9,18 @@ max_uses, bind_source. Every malformed field is a 400 naming it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qsl
 
+import aiohttp
 from aiohttp import web
 
+from keyproxy import capped, strictjson, text
 from keyproxy import scope as scopes
-from keyproxy import strictjson, text
 from keyproxy.config import Route, parse_duration
-from keyproxy.errors import BadRequest, ConfigError, Unauthenticated
+from keyproxy.errors import BadRequest, ConfigError, RequestTimeout, Unauthenticated
 from keyproxy.headers import bearer_token, carries_credential, in_query
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -27,6 +29,8 @@ JWT_TYPES: Final = frozenset(
 )
 MAX_TEXT: Final = 1024
 MAX_BODY: Final = 64 * 1024
+# Seconds a caller has to send a broker request's body (after its headers).
+BODY_TIMEOUT: Final = 10.0
 MAX_USES: Final = 1_000_000
 MIN_IDLE_TTL: Final = 2.0
 # The form fields that carry a credential (a workload identity token, or a parent task token).
@@ -108,8 +112,8 @@ def actor_token(fields: dict[str, Any], form: bool) -> str | None:
 
 async def fields_of(request: web.Request, form: bool) -> dict[str, Any]:
     # Counted on the bytes read, so a chunked body cannot exceed it either.
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
+    raw = await read_body(request, MAX_BODY)
+    if raw is None:
         raise BadRequest("invalid_request", f"request body above {MAX_BODY} bytes")
     try:
         if form:
@@ -122,6 +126,18 @@ async def fields_of(request: web.Request, form: bool) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("invalid_request", "the body must be a JSON object")
     return body
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """A broker request's whole body (None: longer than `limit`), sent within BODY_TIMEOUT
+    (408 if not); a malformed one is a 400."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await capped.read_body(request.content, limit)
+    except TimeoutError:
+        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
+    except aiohttp.ClientPayloadError:  # aiohttp's server raises this for a malformed body
+        raise BadRequest("bad_body", "malformed request body") from None
 
 
 def _form(raw: bytes) -> dict[str, str]:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from keyproxy import policy, strictjson
 from keyproxy.answers import REQUEST_ID_KEY
+from keyproxy.asked import read_body
 from keyproxy.config import Config
 from keyproxy.errors import (
     BadRequest,
@@ -128,11 +129,11 @@ class Lifecycle:
 
 async def _reason(request: web.Request) -> str:
     """The end reason the holder gives (no body: completed)."""
-    raw = await request.content.read(MAX_REVOKE_BODY + 1)
-    if not raw.strip():
+    raw = await read_body(request, MAX_REVOKE_BODY)
+    if raw is not None and not raw.strip():
         return "completed"
     try:
-        body = strictjson.loads(raw) if len(raw) <= MAX_REVOKE_BODY else None  # invariant 12
+        body = strictjson.loads(raw) if raw is not None else None  # invariant 12
     except (ValueError, UnicodeDecodeError):
         body = None
     reason = body.get("reason", "completed") if isinstance(body, dict) else None

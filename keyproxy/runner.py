@@ -30,7 +30,7 @@ from typing import Any, Final
 import aiohttp
 import structlog
 
-from keyproxy import strictjson, text
+from keyproxy import capped, strictjson, text
 from keyproxy.errors import RunError
 from keyproxy.sdkenv import VAULT_CREDENTIALS, RouteEnv, child_env
 from keyproxy.secret import Secret, problem
@@ -66,7 +66,7 @@ async def exchange(
     headers = {"Authorization": f"Bearer {identity.reveal()}"}
     try:
         async with http.post(f"{proxy}/token", json=body, headers=headers) as answer:
-            got = _json(await _read_bounded(answer.content))
+            got = _json(await capped.read_body(answer.content, MAX_ANSWER))
             if answer.status != 200:
                 error = got.get("error") if isinstance(got, dict) else None
                 said = (
@@ -80,17 +80,10 @@ async def exchange(
         raise RunError(f"the exchange at {proxy}/token failed: {_why(exc)}") from None
 
 
-async def _read_bounded(content: aiohttp.StreamReader) -> bytes:
-    """The whole answer, however it arrives, read no further than one byte past MAX_ANSWER."""
-    raw = b""
-    while len(raw) <= MAX_ANSWER and (chunk := await content.read(MAX_ANSWER + 1 - len(raw))):
-        raw += chunk
-    return raw
-
-
-def _json(raw: bytes) -> Any:
-    """An answer no larger than any of the broker's (MAX_ANSWER), as JSON; ValueError if not."""
-    if len(raw) > MAX_ANSWER:
+def _json(raw: bytes | None) -> Any:
+    """An answer no larger than any of the broker's (MAX_ANSWER; None: larger), as JSON;
+    ValueError if not."""
+    if raw is None:
         raise ValueError(f"an answer over {MAX_ANSWER // 1024} KiB")
     return strictjson.loads(raw)  # nested too deep, a member twice: ValueError
 

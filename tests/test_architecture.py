@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
             {
                 "keyproxy",
                 "errors",
+                "capped",
                 "secret",
                 "patterns",
                 "strictjson",

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from keyproxy import capped
 from keyproxy.errors import ConfigError
 
 # Lists whose items are named in error paths by their `name` key.
@@ -50,11 +51,10 @@ def read_file(path: str | Path) -> bytes:
     """The configuration file's bytes, read no further than MAX_CONFIG_BYTES; ConfigError if
     it cannot be read or is larger."""
     try:
-        with Path(path).open("rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
+        data = capped.read_file(path, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
+    if data is None:
         raise ConfigError("", _TOO_LARGE)
     return data
 

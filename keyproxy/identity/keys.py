@@ -20,11 +20,13 @@ import jwt
 import structlog
 from yarl import URL
 
+from keyproxy import capped
 from keyproxy.config import Issuer
 
 log = structlog.get_logger("keyproxy.identity")
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
+_TOO_LARGE = "document larger than the limit"
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10.0, sock_connect=5.0)
 # "jwt-svid" is how SPIFFE trust bundles mark keys for JWT-SVIDs; absent means any use.
 KEY_USES = frozenset({None, "sig", "jwt-svid"})
@@ -91,25 +93,22 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
             if response.status != 200:
                 raise FetchError(url, f"HTTP status {response.status}")
             if (response.content_length or 0) > MAX_DOCUMENT_BYTES:
-                raise FetchError(url, "document larger than the limit")
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                body += chunk
-                if len(body) > MAX_DOCUMENT_BYTES:
-                    raise FetchError(url, "document larger than the limit")
+                raise FetchError(url, _TOO_LARGE)
+            body = await capped.read_body(response.content, MAX_DOCUMENT_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise FetchError(url, f"request failed: {type(exc).__name__}") from None
-    return json_object(url, bytes(body))
+    if body is None:
+        raise FetchError(url, _TOO_LARGE)
+    return json_object(url, body)
 
 
 # ---------------------------------------------------------------------------- key sources
 
 
 def read_limited(path: Path) -> bytes:
-    with path.open("rb") as f:
-        body = f.read(MAX_DOCUMENT_BYTES + 1)
-    if len(body) > MAX_DOCUMENT_BYTES:
-        raise FetchError(str(path), "document larger than the limit")
+    body = capped.read_file(path, MAX_DOCUMENT_BYTES)
+    if body is None:
+        raise FetchError(str(path), _TOO_LARGE)
     return body
 
 

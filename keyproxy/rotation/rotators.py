@@ -28,7 +28,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from keyproxy import netguard, secret
+from keyproxy import capped, netguard, secret
 from keyproxy.config import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
 from keyproxy.errors import EgressDenied, KeyproxyError
 from keyproxy.secret import Secret
@@ -177,20 +177,13 @@ class _Http:
                 ssl=self._ssl,
                 timeout=aiohttp.ClientTimeout(total=self._cfg.timeout),
             ) as response:
-                return response.status, await _read_capped(response)
+                answer = await capped.read_body(response.content, _MAX_ANSWER)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # SECURITY: the URL may carry the key; name only the error type.
             raise RotatorError(f"{what}: request failed ({type(exc).__name__})") from None
-
-
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-    """The whole answer (however it is chunked), refusing one above _MAX_ANSWER."""
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > _MAX_ANSWER:
+        if answer is None:
             raise RotatorError("the upstream answer is too large")
-    return bytes(body)
+        return response.status, answer
 
 
 _PLACEHOLDER = re.compile(r"\{(route|attempt|admin|key|key_id)\}")

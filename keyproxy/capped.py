@@ -1,0 +1,35 @@
+"""Reading a whole file or HTTP body, never past a limit: the one way keyproxy reads what
+someone else wrote (a configuration, an issuer's keys, a broker's or rotator's answer, a
+caller's request to the broker).
+
+Each returns None when there is more than `limit` bytes, having read at most one byte past
+it, and each caller says what that means in its own error. A body is read to its end however
+it arrives: a `StreamReader.read(n)` alone returns what has arrived so far, which is all of a
+small body only when it came in one piece.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+
+def read_file(path: str | Path, limit: int) -> bytes | None:
+    """The file's bytes, or None if it holds more than `limit`. OSError as opening or reading
+    raises it."""
+    with Path(path).open("rb") as file:
+        data = file.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
+async def read_body(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, however it is cut into parts, or None once it is longer than `limit`.
+    aiohttp's errors (a body cut short: ClientPayloadError) pass through."""
+    data = bytearray()
+    while len(data) <= limit:
+        part = await content.read(limit + 1 - len(data))
+        if not part:
+            return bytes(data)
+        data += part
+    return None
