@@ -31,7 +31,7 @@ from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
 from yarl import URL
 
-from keyproxy import audit, mcp
+from keyproxy import audit, capped, mcp
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import McpGrant, Policy, Route
@@ -294,7 +294,9 @@ async def _post(
             allow_redirects=False,
             timeout=limit,
         ) as answer:
-            await answer.read()
+            # Of no use, read only so the connection can serve again: never past a message's
+            # limit (a longer one closes the connection).
+            await capped.read_body(answer.content, mcp.DEFAULT_MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError):
         log.warning("mcp_reply_failed", url=str(url.with_query(None)))
 
