@@ -68,7 +68,8 @@ class _NotWatching:
         return None
 
     def refusal(self, why: str) -> RequestError:
-        return Unauthenticated(why, "the task token ended")  # never: nothing ends it
+        """Never asked: nothing ends a request without a task token."""
+        return Unauthenticated(why, "the task token ended")
 
 
 NOT_WATCHED: Final = _NotWatching()
@@ -84,16 +85,12 @@ def list_unreadable(retry_after: int = 1) -> Unavailable:
 
 class InFlight:
     """This process's task-token requests under way; `judge` says why a token ended
-    ("revoked", "expired"), or None while it lives; `unreadable` is the error of a request
-    while its token cannot be judged (UNVERIFIABLE), as a new request would get it."""
+    ("revoked", "expired"), or None while it lives; `retry_after` (seconds: the next read of
+    the list) goes with the 503 of a token that cannot be judged (UNVERIFIABLE)."""
 
-    def __init__(
-        self,
-        judge: Callable[[TaskToken], str | None],
-        unreadable: Callable[[], RequestError] = list_unreadable,
-    ) -> None:
+    def __init__(self, judge: Callable[[TaskToken], str | None], retry_after: int = 1) -> None:
         self.judge = judge
-        self.unreadable = unreadable
+        self.retry_after = retry_after
         self.requests: dict[_Watching, tuple[TaskToken, End]] = {}
 
     def watching(self, token: TaskToken | None, end: End) -> _Watching | _NotWatching:
@@ -101,10 +98,10 @@ class InFlight:
         return NOT_WATCHED if token is None else _Watching(self, token, end)
 
     def refusal(self, why: str) -> RequestError:
-        """The error of a request ended (`why`) before its answer started: 401 for a token
-        that ended, `unreadable` (503) for one that cannot be judged."""
+        """The error of a request ended (`why`) before its answer started, as a new request
+        would get it: 401 for a token that ended, 503 for one that cannot be judged."""
         if why == UNVERIFIABLE:
-            return self.unreadable()
+            return list_unreadable(self.retry_after)
         return Unauthenticated(why, "the task token ended")
 
     def end_dead(self) -> None:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from keyproxy.config import Config
-from keyproxy.errors import Unavailable, VaultError
-from keyproxy.tokens.inflight import InFlight, ended, list_unreadable
+from keyproxy.errors import RequestError, VaultError
+from keyproxy.tokens.inflight import UNVERIFIABLE, InFlight, ended
 from keyproxy.tokens.revoked import ListCopy, Revocations, shard_path
 from keyproxy.tokens.shared import read_state, read_written
 from keyproxy.vault import Vault
@@ -60,7 +60,8 @@ class ListReader:
         self._revocations = Revocations()
         # The task-token requests under way, ended with their token.
         self.inflight = InFlight(
-            lambda token: ended(token, self._revocations, self.clock()), self.unreadable
+            lambda token: ended(token, self._revocations, self.clock()),
+            retry_after=math.ceil(self.cfg.revocation_poll_interval),
         )
         self._copy = ListCopy()
         self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)
@@ -258,10 +259,10 @@ class ListReader:
         except VaultError:
             raise self.unreadable() from None
 
-    def unreadable(self) -> Unavailable:
+    def unreadable(self) -> RequestError:
         """The refusal of a task token while this replica's list cannot be read: 503, to try
         again after a poll interval."""
-        return list_unreadable(math.ceil(self.cfg.revocation_poll_interval))
+        return self.inflight.refusal(UNVERIFIABLE)
 
     def _moved(self) -> None:
         """`tokens.state_path` changed (a reload): what was read from the old place counts

@@ -82,13 +82,18 @@ def test_requests_whose_tokens_cannot_be_judged_all_end_with_a_503() -> None:
     (UNVERIFIABLE), whatever its token; one not answered yet gets the replica's own 503
     (`unreadable`, with its Retry-After), not a 401: the token may be good."""
     held, ends = _List(), list[tuple[str, str]]()
-    late = Unavailable(UNVERIFIABLE, "the revocation list cannot be read now", retry_after=2)
-    inflight = InFlight(held.judge, lambda: late)
+    inflight = InFlight(held.judge, retry_after=2)
     watched = [inflight.watching(t, _ender(t, ends)) for t in (ROOT, CHILD)]
     for watching in watched:
         watching.__enter__()
     inflight.end_all(UNVERIFIABLE)
     assert sorted(ends) == [("child", UNVERIFIABLE), ("root", UNVERIFIABLE)]
-    assert watched[0].refusal(UNVERIFIABLE) is late
+    late = watched[0].refusal(UNVERIFIABLE)
+    assert (type(late), late.reason, late.status, late.retry_after) == (
+        Unavailable,
+        UNVERIFIABLE,
+        503,
+        2,
+    )
     refused = watched[0].refusal("revoked")
     assert (type(refused), refused.reason) == (Unauthenticated, "revoked")
