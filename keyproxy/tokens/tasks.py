@@ -97,7 +97,8 @@ class TaskTokens(Verifier):
         whose token ended, and re-read the public keys every key_refresh_interval."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._poll_revocations(), name="token-revocations")
-            group.create_task(self._end_dead_regularly(), name="token-inflight")
+            group.create_task(self._end_expired_regularly(), name="token-expiries")
+            group.create_task(self._end_unjudgeable_regularly(), name="token-inflight")
             group.create_task(self._refresh_keys_regularly(), name="token-keys")
             group.create_task(self._sweep_leases_regularly(), name="token-leases")
 
@@ -212,16 +213,24 @@ class TaskTokens(Verifier):
                 log.exception("revocations_refresh_failed")
             await asyncio.sleep(self.cfg.revocation_poll_interval)
 
-    async def _end_dead_regularly(self) -> None:
-        """End the requests under way whose token expired (first, with no I/O: Vault's
-        pace never delays an expiry), and, as a new request would be refused, all of them
-        once this replica's list is older than `revocation_max_staleness` and cannot be
-        read (that read is waited for, as a new request waits; this runs on its own timer,
-        so a hung poll delays only this check, not the poll's next turn)."""
+    async def _end_expired_regularly(self) -> None:
+        """End the requests under way whose token expired, with no I/O: Vault's pace never
+        delays an expiry (the list's check below may wait on it for vault.timeout)."""
         while True:
             await asyncio.sleep(self.cfg.revocation_poll_interval)
             try:
                 self.inflight.end_dead()
+            except Exception:  # a bug: never the end of the group, which holds the poll
+                log.exception("inflight_check_failed")
+
+    async def _end_unjudgeable_regularly(self) -> None:
+        """As a new request would be refused, end every request under way once this
+        replica's list is older than `revocation_max_staleness` and cannot be read (that read
+        is waited for, as a new request waits; on its own timer, so a hung read delays
+        neither the poll's next turn nor an expiry)."""
+        while True:
+            await asyncio.sleep(self.cfg.revocation_poll_interval)
+            try:
                 if self.inflight.requests and not self.list_current():
                     try:
                         await self.list_read()

@@ -32,6 +32,7 @@ from keyproxy.identity import Identity
 from keyproxy.metrics import Metrics
 from keyproxy.state.memory import MemoryStore
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens, listread, revoked
+from keyproxy.tokens.format import LEEWAY
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
 from tests.helpers.events import read_events
@@ -834,6 +835,54 @@ async def test_a_lease_is_renewed_and_a_task_ended_while_vault_is_out_of_reach(
         assert (await leased.verify(issued.token, for_use=False)).token_id == issued.token_id
         assert await leased.heartbeat(token) > time.time()
         relay.down = False
+
+
+class _Shifted:
+    """The real clock, moved by `offset` seconds (it runs on, unlike `Clock`)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def test_a_request_ends_when_its_token_expires_while_vault_hangs(
+    openbao: OpenBaoDevServer, relay: VaultRelay
+) -> None:
+    """Invariant 11: a request under way ends when its token expires, on time, even while
+    Vault hangs (every request to it held, not refused). The check of the list's staleness
+    waits on Vault's answer (up to vault.timeout, 5 s) as a new request would; the expiry
+    does not wait on it."""
+    clock = _Shifted()
+    async with replicas_of_own_list(
+        openbao,
+        "hung-expiry",
+        count=1,
+        vault_addr=relay.url,
+        clock=clock,
+        revocation_poll_interval="500ms",
+        revocation_max_staleness="600ms",
+    ) as ((tasks,), _):
+        issued = await tasks.issue(Identity("openbao", "hung-expiry", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
+        token = await tasks.verify(issued.token)
+        ends: list[str] = []
+        with tasks.inflight.watching(token, ends.append):
+            relay.gate.clear()  # Vault hangs from here: its list is stale at the first check
+            started = time.monotonic()
+            # Checks every 500 ms: the list is stale from the second (1 s; its last read ended
+            # before now), and the token expired (leeway included) 1.7 s from now, after it.
+            clock.offset = issued.expires_at + LEEWAY - (time.time() + 1.7)
+            runner = asyncio.create_task(tasks.run())
+            try:
+                await eventually(lambda: ends, "a request outlived its token", within=4.0)
+            finally:
+                runner.cancel()
+                await asyncio.gather(runner, return_exceptions=True)
+                relay.gate.set()
+        assert ends[0] == "expired"
+        assert time.monotonic() - started < 3.0
 
 
 def _metrics_of(tasks: TaskTokens) -> str:
