@@ -25,7 +25,7 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any, Final
+from typing import Any
 
 from keyproxy import config
 from keyproxy import scope as scopes
@@ -46,13 +46,18 @@ from keyproxy.cli.common import (
 from keyproxy.config import Grant
 from keyproxy.errors import ConfigError, KeyproxyError
 from keyproxy.state.redis import RedisStore
-from keyproxy.tokens import EXCEPTION_ISSUER, TaskTokens, exception_subject
+from keyproxy.tokens import (
+    EXCEPTION_ISSUER,
+    TaskTokens,
+    exception_problem,
+    exception_subject,
+    exception_subject_named,
+)
 
 EXIT_USAGE = 2
 
 
 # An exception token's subject, before its owner.
-EXCEPTION_PREFIX: Final = exception_subject("")
 
 
 def register(sub: Any) -> None:
@@ -150,11 +155,9 @@ def _store(cfg: config.Config) -> RedisStore | None:
 def _issue(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     known_route(cfg, args.route)
-    if not args.owner.strip() or not args.reason.strip():
-        return _usage("an exception token needs --owner and --reason")
-    if args.owner.startswith(EXCEPTION_PREFIX):
-        # Its subject would read as another owner's (`exception:bob` is bob's subject).
-        return _usage(f"--owner cannot begin with {EXCEPTION_PREFIX!r}")
+    problem = exception_problem(args.owner, args.reason)
+    if problem is not None:
+        return _usage(f"{problem} (--owner, --reason)")
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         requested = scopes.parse(
@@ -216,10 +219,10 @@ def _revoke(args: argparse.Namespace) -> int:
         subject = None
         if args.subject is not None:
             name = args.subject
-            if args.issuer == EXCEPTION_ISSUER and not name.startswith(EXCEPTION_PREFIX):
-                # --issuer exception --subject OWNER, as `token list` names it, or the subject
-                # the audit log shows (`exception:OWNER`): no owner's name begins so.
-                name = exception_subject(name)
+            if args.issuer == EXCEPTION_ISSUER:
+                # --subject OWNER, as `token list` names it, or the subject the audit log
+                # shows (`exception:OWNER`).
+                name = exception_subject_named(name)
             subject = f"{args.issuer}|{name}"
         await tasks.revoke(token_id=args.id, subject=subject, task=args.task)
         if wants_json(args):

@@ -13,7 +13,9 @@ from keyproxy.tokens.format import (
     CertificateBinding,
     Link,
     TaskToken,
+    exception_problem,
     exception_subject,
+    exception_subject_named,
     is_task_token,
     needs_shared_store,
 )
@@ -34,7 +36,9 @@ __all__ = [
     "TaskToken",
     "TaskTokens",
     "chain_fields",
+    "exception_problem",
     "exception_subject",
+    "exception_subject_named",
     "is_task_token",
     "needs_shared_store",
 ]

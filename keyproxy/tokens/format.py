@@ -141,9 +141,31 @@ class Issued:
     lifetime: int = 0  # seconds from issue to expiry (`exp` - `iat`)
 
 
+# What an exception token's subject begins with: its owner's name follows.
+_EXCEPTION_PREFIX: Final = "exception:"
+
+
 def exception_subject(owner: str) -> str:
-    """The subject an exception token is issued to (its issuer is EXCEPTION_ISSUER)."""
-    return f"exception:{owner}"
+    """The subject an exception token of `owner` is issued to (its issuer is
+    EXCEPTION_ISSUER)."""
+    return _EXCEPTION_PREFIX + owner
+
+
+def exception_problem(owner: str, reason: str) -> str | None:
+    """What keeps an exception token of `owner` for `reason` from being issued, or None: a
+    blank owner or reason, or an owner named as a subject begins, which would read as
+    another owner's (`exception:bob` is bob's subject)."""
+    if not owner.strip() or not reason.strip():
+        return "an exception token needs an owner and a reason"
+    if owner.startswith(_EXCEPTION_PREFIX):
+        return f"an exception token's owner cannot begin with {_EXCEPTION_PREFIX!r}"
+    return None
+
+
+def exception_subject_named(name: str) -> str:
+    """The subject `name` stands for: an owner's (`bob`), or the subject itself as the audit
+    log shows it (`exception:bob`); no owner's name begins so."""
+    return name if name.startswith(_EXCEPTION_PREFIX) else exception_subject(name)
 
 
 _MAX_HEADER: Final = 4096  # bytes of an encoded JOSE header we bother to look at

@@ -40,6 +40,7 @@ from keyproxy.tokens.format import (
     Issued,
     TaskToken,
     b64,
+    exception_problem,
     json_bytes,
 )
 from keyproxy.tokens.revoked import Revocations
@@ -172,8 +173,8 @@ class Signing(ExceptionRegister):
         when Vault cannot sign or the lease cannot start."""
         if not scope:
             raise ValueError("a task token needs a non-empty scope")
-        if exception is not None and not all(part.strip() for part in exception):
-            raise ValueError("an exception token needs an owner and a reason")
+        if exception is not None and (problem := exception_problem(*exception)):
+            raise ValueError(problem)
         try:
             await self.refresh_revocations()  # one metadata read unless the list changed
         except VaultError as exc:

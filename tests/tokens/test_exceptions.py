@@ -1,4 +1,4 @@
-"""keyproxy.tokens.exceptions: exception tokens need an owner and a reason."""
+"""Exception tokens need an owner and a reason, and an owner not named as a subject is."""
 
 from __future__ import annotations
 
@@ -11,10 +11,18 @@ import yaml
 
 from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.identity import Identity
+from keyproxy.tokens import (
+    EXCEPTION_ISSUER,
+    exception_problem,
+    exception_subject,
+    exception_subject_named,
+)
 from tests.helpers.logscan import CANARIES
 from tests.helpers.servers import (
     token_config,
 )
+from tests.helpers.tokens import SCOPE, replicas_of_own_list
 
 
 def test_exception_tokens_need_owner_and_reason(
@@ -64,3 +72,45 @@ def test_exception_tokens_need_owner_and_reason(
     assert main(["token", "list", "-c", str(path), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert not [e for e in listed if e["owner"] == "alice@example.com"]
+
+
+@pytest.mark.parametrize(
+    ("owner", "reason", "refused"),
+    [
+        ("alice@example.com", "legacy batch job", None),
+        ("", "legacy batch job", "needs an owner and a reason"),
+        ("  ", "legacy batch job", "needs an owner and a reason"),
+        ("alice@example.com", " ", "needs an owner and a reason"),
+        ("exception:bob", "legacy batch job", "cannot begin with 'exception:'"),
+        ("exception:", "legacy batch job", "cannot begin with 'exception:'"),
+    ],
+)
+def test_the_exception_rule_is_the_one_every_issuer_meets(
+    owner: str, reason: str, refused: str | None
+) -> None:
+    """One rule, asked by the CLI before it connects and by the token service itself: an
+    owner whose name begins as a subject does would read as another owner's."""
+    problem = exception_problem(owner, reason)
+    assert (problem is None) if refused is None else (refused in (problem or ""))
+
+
+@pytest.mark.parametrize(
+    ("name", "subject"),
+    [("bob", "exception:bob"), ("exception:bob", "exception:bob"), ("", "exception:")],
+)
+def test_a_subject_is_named_by_its_owner_or_as_itself(name: str, subject: str) -> None:
+    assert exception_subject_named(name) == subject
+
+
+async def test_the_token_service_refuses_an_owner_named_as_a_subject(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """Not only the CLI: `TaskTokens.issue` itself refuses, before it reads or signs."""
+    async with replicas_of_own_list(openbao, "exception-owner", count=1) as ((tasks,), _):
+        with pytest.raises(ValueError, match="cannot begin with"):
+            await tasks.issue(
+                Identity(EXCEPTION_ISSUER, exception_subject("exception:bob"), {}),
+                SCOPE,
+                ttl=60,
+                exception=("exception:bob", "legacy batch job"),
+            )
