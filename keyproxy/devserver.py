@@ -38,7 +38,7 @@ from typing import IO, Any, Self
 import keyproxy
 from keyproxy import secret
 from keyproxy.config import VaultAuth, VaultConfig
-from keyproxy.secret import REDACTED, write_private
+from keyproxy.secret import REDACTED, open_private, write_private
 
 AUDIENCE = "keyproxy"
 _SCRIPT_TIMEOUT = 60.0
@@ -135,8 +135,7 @@ class OpenBaoDevServer:
         )
 
     def _spawn(self) -> None:
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self._log = os.fdopen(fd, "wb")
+        self._log = open_private(self.log_path)
         env = _clean_env()
         env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token
         env["HOME"] = str(self.workdir)  # the CLI's token helper must not touch the real home

@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from keyproxy import text
 
@@ -106,12 +106,12 @@ register = _registry.register
 known_values = _registry.values
 
 
-def write_private(path: Path, data: bytes | str) -> Path:
-    """Write `data` (text as UTF-8) to `path`, created or truncated with mode 0600 from the
-    start: a key, token or configuration holding one is never readable by others, not even
-    for a moment. A link at `path` is refused (OSError), never followed to write over (and
-    later remove) what it names: a symbolic one (ELOOP), or a hard one or a file of another
-    user (EPERM); a file of this user's already there is made 0600 first."""
+def open_private(path: Path) -> BinaryIO:
+    """`path` opened to write, created or truncated with mode 0600 from the start: a key,
+    token or configuration holding one (or a log that may quote one) is never readable by
+    others, not even for a moment. A link at `path` is refused (OSError), never followed to
+    write over (and later remove) what it names: a symbolic one (ELOOP), or a hard one or a
+    file of another user (EPERM); a file of this user's already there is made 0600 first."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     found = os.fstat(fd)
     if found.st_nlink != 1 or found.st_uid != os.geteuid():
@@ -119,6 +119,11 @@ def write_private(path: Path, data: bytes | str) -> Path:
         raise OSError(errno.EPERM, "a link, or another user's file", str(path))
     os.fchmod(fd, 0o600)
     os.ftruncate(fd, 0)
-    with os.fdopen(fd, "wb") as fh:
+    return os.fdopen(fd, "wb")
+
+
+def write_private(path: Path, data: bytes | str) -> Path:
+    """Write `data` (text as UTF-8) to `path` as `open_private` opens it."""
+    with open_private(path) as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
     return path
