@@ -9,19 +9,18 @@ max_uses, bind_source. Every malformed field is a 400 naming it.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qsl
 
-import aiohttp
 from aiohttp import web
 
-from keyproxy import capped, strictjson, text
 from keyproxy import scope as scopes
+from keyproxy import strictjson, text
 from keyproxy.config import Route, parse_duration
-from keyproxy.errors import BadRequest, ConfigError, RequestTimeout, Unauthenticated
+from keyproxy.errors import BadRequest, ConfigError, Unauthenticated
 from keyproxy.headers import bearer_token, carries_credential, in_query
+from keyproxy.outgoing import whole_body
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPES: Final = frozenset(
@@ -129,15 +128,9 @@ async def fields_of(request: web.Request, form: bool) -> dict[str, Any]:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
-    """A broker request's whole body (None: longer than `limit`), sent within BODY_TIMEOUT
-    (408 if not); a malformed one is a 400."""
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            return await capped.read_body(request.content, limit)
-    except TimeoutError:
-        raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
-    except aiohttp.ClientPayloadError:  # aiohttp's server raises this for a malformed body
-        raise BadRequest("bad_body", "malformed request body") from None
+    """A broker request's whole body (None: longer than `limit`), as `whole_body` reads it
+    within BODY_TIMEOUT of the broker starting to read it."""
+    return await whole_body(request, limit, BODY_TIMEOUT)
 
 
 def _form(raw: bytes) -> dict[str, str]:

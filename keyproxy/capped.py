@@ -1,6 +1,5 @@
-"""Reading a whole file or HTTP body, never past a limit: the one way keyproxy reads what
-someone else wrote (a configuration, an issuer's keys, a broker's or rotator's answer, a
-caller's request to the broker).
+"""Reading a whole file or HTTP body, never past a limit: a configuration, an issuer's keys
+file or answer, a broker's or a rotator's answer, a request body read before it is used.
 
 Each returns None when there is more than `limit` bytes, having read at most one byte past
 it, and each caller says what that means in its own error. A body is read to its end however

@@ -23,11 +23,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from keyproxy import capped
 from keyproxy.config import Route
 from keyproxy.errors import BadRequest, PayloadTooLarge, RequestTimeout
 from keyproxy.inject import Injector, Rendered, read_as
-
-CHUNK: Final = 64 * 1024
 
 
 async def request_body(
@@ -62,17 +61,23 @@ async def read_body(request: web.Request, route: Route) -> bytes:
     """The whole body, within the route's size limit and its read timeout."""
     if request.content_length is not None:
         _within(request.content_length, route)
-    body = bytearray()
+    body = await whole_body(request, route.max_body, route.read_timeout)
+    if body is None:
+        raise _too_large(route)
+    return body
+
+
+async def whole_body(request: web.Request, limit: int, within: float) -> bytes | None:
+    """A request's whole body (None: longer than `limit`), sent within `within` seconds
+    (else 408 body_timeout); one aiohttp could not read (the caller's connection lost, a
+    payload error) is a 400 bad_body."""
     try:
-        async with asyncio.timeout(route.read_timeout):
-            async for chunk in request.content.iter_chunked(CHUNK):
-                body += chunk
-                _within(len(body), route)
+        async with asyncio.timeout(within):
+            return await capped.read_body(request.content, limit)
     except TimeoutError:
         raise RequestTimeout("body_timeout", "the request body did not arrive in time") from None
-    except aiohttp.ClientPayloadError:  # aiohttp's server raises this for a malformed body
-        raise BadRequest("bad_body", "malformed request body") from None
-    return bytes(body)
+    except (web.RequestPayloadError, ConnectionResetError):
+        raise BadRequest("bad_body", "the request body could not be read") from None
 
 
 # Methods whose request bodies have no defined meaning (RFC 9110 9.3).
@@ -94,7 +99,11 @@ def _may_carry_one(method: str, route: Route, headers: CIMultiDict[str]) -> None
 
 def _within(length: int, route: Route) -> None:
     if length > route.max_body:
-        raise PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
+        raise _too_large(route)
+
+
+def _too_large(route: Route) -> PayloadTooLarge:
+    return PayloadTooLarge("body_too_large", f"the limit is {route.max_body} bytes")
 
 
 def upstream_url(

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import StreamReader
+from aiohttp import StreamReader, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import make_mocked_request
 
@@ -143,3 +143,19 @@ async def test_an_exchange_body_that_stops_arriving_times_out(
     with pytest.raises(RequestTimeout) as timed_out:
         await asked.fields_of(_request(reader), False)  # type: ignore[arg-type]
     assert timed_out.value.reason == "body_timeout"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [web.RequestPayloadError("400, message: bad chunk"), ConnectionResetError("Connection lost")],
+)
+async def test_a_body_aiohttp_cannot_read_is_a_400(
+    failure: BaseException, connection: BaseProtocol
+) -> None:
+    """What aiohttp's server sets on a body it cannot read (a payload error, the caller's
+    connection lost) is the caller's 400 bad_body, never a 500 with a traceback logged."""
+    reader = _reader(connection, b'{"scope"')
+    reader.set_exception(failure)
+    with pytest.raises(BadRequest) as refused:
+        await asked.fields_of(_request(reader), False)  # type: ignore[arg-type]
+    assert refused.value.reason == "bad_body"

@@ -57,9 +57,6 @@ from keyproxy.tokens import (
 EXIT_USAGE = 2
 
 
-# An exception token's subject, before its owner.
-
-
 def register(sub: Any) -> None:
     """Add `token` and its subcommands to the `keyproxy` parser."""
     token = sub.add_parser("token", help="issue, revoke and list task tokens")
@@ -157,7 +154,7 @@ def _issue(args: argparse.Namespace) -> int:
     known_route(cfg, args.route)
     problem = exception_problem(args.owner, args.reason)
     if problem is not None:
-        return _usage(f"{problem} (--owner, --reason)")
+        return _usage(problem)
     try:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         requested = scopes.parse(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
-from keyproxy.config import Config
+from keyproxy.config import Config, TokensConfig
 from keyproxy.errors import RequestError, VaultError
 from keyproxy.tokens.inflight import UNVERIFIABLE, InFlight, ended
 from keyproxy.tokens.revoked import ListCopy, Revocations, shard_path
@@ -44,6 +44,12 @@ class RevocationStatus(NamedTuple):
     age: float | None = None
 
 
+def retry_after(cfg: TokensConfig) -> int:
+    """When to try again after a 503 for a list that cannot be read: the next read, in whole
+    seconds."""
+    return math.ceil(cfg.revocation_poll_interval)
+
+
 class ListReader:
     """This replica's copy of the revocation list, kept current."""
 
@@ -61,7 +67,7 @@ class ListReader:
         # The task-token requests under way, ended with their token.
         self.inflight = InFlight(
             lambda token: ended(token, self._revocations, self.clock()),
-            retry_after=math.ceil(self.cfg.revocation_poll_interval),
+            retry_after=retry_after(self.cfg),
         )
         self._copy = ListCopy()
         self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)

@@ -33,6 +33,7 @@ from keyproxy.metrics import Metrics
 from keyproxy.state.memory import MemoryStore
 from keyproxy.tokens import CLOCK_SKEW, TaskTokens, listread, revoked
 from keyproxy.tokens.format import LEEWAY
+from keyproxy.tokens.inflight import UNVERIFIABLE
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
 from tests.helpers.events import read_events
@@ -883,6 +884,27 @@ async def test_a_request_ends_when_its_token_expires_while_vault_hangs(
                 relay.gate.set()
         assert ends[0] == "expired"
         assert time.monotonic() - started < 3.0
+
+
+async def test_a_reload_moves_the_retry_after_of_an_unreadable_list(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """The 503 of a list that cannot be read says to try again at the next read: after a
+    reload, the new poll interval's, for a new request and one under way alike."""
+    async with replicas_of_own_list(
+        openbao,
+        "retry-after",
+        count=1,
+        revocation_poll_interval="500ms",
+        revocation_max_staleness="1s",
+    ) as ((tasks,), _):
+        assert tasks.unreadable().retry_after == 1
+        slower = dataclasses.replace(
+            tasks.config.tokens, revocation_poll_interval=1.5, revocation_max_staleness=3.0
+        )
+        tasks.reconfigure(dataclasses.replace(tasks.config, tokens=slower))
+        assert tasks.unreadable().retry_after == 2
+        assert tasks.inflight.refusal(UNVERIFIABLE).retry_after == 2
 
 
 def _metrics_of(tasks: TaskTokens) -> str:
