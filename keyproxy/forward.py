@@ -35,7 +35,7 @@ from keyproxy.tokens.inflight import NOT_WATCHED, UNVERIFIABLE, InFlight
 
 # Response encodings aiohttp's parser decodes, so the scrubber sees clear text. We ask for identity;
 # anything else the upstream sends anyway is refused rather than passed through unscrubbed.
-DECODED_ENCODINGS: Final = frozenset({"", "gzip", "deflate"})  # "identity" is read as ""
+DECODED_ENCODINGS: Final = frozenset({"gzip", "deflate"})
 
 # Answers with a declared length up to this size are scrubbed and sent whole.
 WHOLE_BODY: Final = 64 * 1024
@@ -197,9 +197,7 @@ class Exchange:
         rid: str,
         shaper: Reshaper | None = None,
     ) -> Outcome:
-        encoding = _content_coding(upstream.headers.get("Content-Encoding", ""))
-        if encoding not in DECODED_ENCODINGS:
-            raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
+        encoding = _decoded_coding(upstream)
         headers = response_headers(upstream.headers, rendered, rid)
         watch = self._watch
         # The upstream's reason phrase is not forwarded: it is free text that could echo the
@@ -256,10 +254,34 @@ class Exchange:
         return Outcome(response)
 
 
-def _content_coding(value: str) -> str:
-    """A Content-Encoding value as compared with DECODED_ENCODINGS."""
-    coding = value.strip().lower()
-    return "" if coding == "identity" else coding
+def _decoded_coding(upstream: Answer) -> str:
+    """The content coding the parser takes off the answer's body ("" for none), so that the
+    scrubber reads the bytes the caller will. SECURITY: any other coding is a 502
+    (unsupported_encoding), never passed on unscrubbed: one the parser does not decode, a
+    second one (it decodes by the last Content-Encoding line, keyproxy once read the
+    first), or a transfer coding but chunked (a `Transfer-Encoding: gzip` is left on)."""
+    codings = [
+        coding
+        for value in upstream.headers.getall("Content-Encoding", ())
+        for coding in _codings(value)
+        if coding != "identity"
+    ]
+    transfer = [c for v in upstream.headers.getall("Transfer-Encoding", ()) for c in _codings(v)]
+    if not codings and all(c == "chunked" for c in transfer):
+        return ""
+    if (
+        len(codings) == 1
+        and codings[0] in DECODED_ENCODINGS
+        and upstream.compression == codings[0]
+        and all(c == "chunked" for c in transfer)
+    ):
+        return codings[0]
+    raise BadGateway("unsupported_encoding", "the upstream answer could not be checked")
+
+
+def _codings(value: str) -> list[str]:
+    """A coding list header's codings, lowercase, without empty members."""
+    return [c for c in (part.strip().lower() for part in value.split(",")) if c]
 
 
 async def _uploaded(content: aiohttp.StreamReader, watch: Watch) -> AsyncIterator[bytes]:

@@ -72,12 +72,15 @@ _Key = tuple[str, str, int]  # scheme, host, port
 class Answer:
     """The upstream's answer: status, headers, and its body as it arrives."""
 
-    __slots__ = ("content", "headers", "status")
+    __slots__ = ("compression", "content", "headers", "status")
 
     def __init__(self, message: RawResponseMessage, payload: aiohttp.StreamReader) -> None:
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content = payload
+        # The content coding the parser takes off the body as it arrives (the last
+        # Content-Encoding line's, if it is one it decodes), or None.
+        self.compression: str | None = message.compression
 
     @property
     def content_length(self) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -543,6 +544,96 @@ async def test_unknown_response_encoding_is_refused(
     async with http.get(f"{stack.base}/r/r/odd-encoding", headers=bearer(token)) as response:
         assert response.status == 502
         assert seeded[1] not in await response.text()
+
+
+def _chunked(body: bytes) -> bytes:
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+
+
+# How a scripted upstream answers with the key it was sent, gzip-compressed: each head and
+# how its body is framed, and whether that answer must be refused (the scrubber would not
+# read what the caller can decode) or is decoded, scrubbed and passed on.
+CODED_ANSWERS = {
+    "gzip-then-identity": (b"Content-Encoding: gzip\r\nContent-Encoding: identity", False, True),
+    "identity-then-gzip": (b"Content-Encoding: identity\r\nContent-Encoding: gzip", False, False),
+    "gzip-twice": (b"Content-Encoding: gzip\r\nContent-Encoding: gzip", False, True),
+    "gzip-and-br": (b"Content-Encoding: gzip, br", False, True),
+    "x-gzip": (b"Content-Encoding: x-gzip", False, True),
+    "transfer-gzip": (b"Transfer-Encoding: gzip, chunked", True, True),
+    "transfer-gzip-lines": (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked", True, True),
+    "plain-gzip": (b"Content-Encoding: gzip", False, False),
+}
+
+
+class CodedUpstream:
+    """A loopback HTTP/1.1 upstream that answers `/<name>` as CODED_ANSWERS says, its body
+    the gzip of the Bearer key it was sent, on one connection per request."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.base_events.Server | None = None
+
+    async def __aenter__(self) -> CodedUpstream:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        name = head.split(" ", 2)[1].rsplit("/", 1)[-1]
+        key = next(line for line in head.split("\r\n") if line.startswith("Authorization:"))
+        body = gzip.compress(json.dumps({"echo": key.split(" ", 2)[2]}).encode())
+        if name == "gzip-twice":
+            body = gzip.compress(body)
+        coding, chunked, _ = CODED_ANSWERS[name]
+        framing = b"" if chunked else b"Content-Length: %d\r\n" % len(body)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            + framing
+            + coding
+            + b"\r\n\r\n"
+            + (_chunked(body) if chunked else body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_coded_answer_the_scrubber_would_not_read_is_refused(
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """Invariant 3: the scrubber reads the bytes the caller can decode. aiohttp's parser
+    decodes by the last Content-Encoding line and never a transfer coding, so an answer with
+    two codings, one it does not decode, or a transfer coding but chunked is a 502
+    unsupported_encoding; one gzip (wherever `identity` stands beside it) is decoded,
+    scrubbed and passed on decoded."""
+    key = seeded[1]
+    async with CodedUpstream() as upstream:
+        cfg = config_for(upstream.url, egress={"allow_cidrs": ["127.0.0.0/8"]})
+        async with running_proxy(cfg) as stack:
+            for name, (_, _, refused) in CODED_ANSWERS.items():
+                async with http.get(
+                    f"{stack.base}/r/r/leak/{name}", headers=bearer(token), auto_decompress=False
+                ) as response:
+                    body = await response.read()
+                    assert "Content-Encoding" not in response.headers, name
+                    assert key.encode() not in body, name
+                    if refused:
+                        assert response.status == 502, name
+                        assert json.loads(body)["error"]["code"] == "unsupported_encoding"
+                    else:
+                        assert response.status == 200, name
+                        assert json.loads(body) == {"echo": "[REDACTED]"}, name
 
 
 async def test_bad_key_version_keeps_the_last_good_key(
