@@ -137,11 +137,11 @@ class MemoryStore(StateStore):
         now = self._clock()
         lost = []
         for slot in slots:
+            self._slots.setdefault(slot.limit.key, {})
             held = self._live_slots(slot.limit.key, now)
-            if slot.holder in held:
-                held[slot.holder] = now + slot.limit.lease
-            else:
+            if slot.holder not in held:
                 lost.append(slot)
+            held[slot.holder] = now + slot.limit.lease  # lapsed or not, it still runs
         return tuple(lost)
 
     async def release(self, slots: Sequence[Slot]) -> None:

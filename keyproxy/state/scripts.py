@@ -89,14 +89,10 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local holder, lease = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
   local score = redis.call('ZSCORE', key, holder)
-  if score and tonumber(score) > now then
-    redis.call('ZADD', key, now + lease, holder)
-    if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, math.ceil(lease)) end
-    out[i] = 0
-  else
-    if score then redis.call('ZREM', key, holder) end
-    out[i] = 1
-  end
+  -- Lapsed or not, the request still runs: it is counted again.
+  redis.call('ZADD', key, now + lease, holder)
+  if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, math.ceil(lease)) end
+  if score and tonumber(score) > now then out[i] = 0 else out[i] = 1 end
 end
 return out
 """

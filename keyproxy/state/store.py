@@ -30,7 +30,7 @@ import enum
 import math
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from keyproxy.errors import KeyproxyError
@@ -240,8 +240,10 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def refresh(self, slots: Sequence[Slot]) -> tuple[Slot, ...]:
-        """Extend the slots' leases; return the ones that had already expired (lost).
-        Raises `StoreUnavailable`."""
+        """Extend the slots' leases; return the ones that had already lapsed (a store out of
+        reach for longer than the lease, or one that restarted), which are taken again: their
+        requests still run, and counting them keeps new ones within the cap. Raises
+        `StoreUnavailable`."""
 
     @abc.abstractmethod
     async def release(self, slots: Sequence[Slot]) -> None:
@@ -306,7 +308,6 @@ class StateStore(abc.ABC):
 class _Refresher:
     store: StateStore
     slots: tuple[Slot, ...]
-    lost: list[Slot] = field(default_factory=list)
     stopped: bool = False
 
     async def run(self) -> None:
@@ -316,10 +317,11 @@ class _Refresher:
         # would take for a store fault and go on beating (the slot would never be freed).
         while not self.stopped:
             await asyncio.sleep(period)
-            # A store fault here is not the request's end: the next beat may get through,
-            # and if none does the slots expire on their own.
+            # A store fault here is not the request's end: the next beat may get through
+            # (and takes the slots again if they lapsed meanwhile), and if none does the
+            # slots expire on their own.
             with suppress(StoreUnavailable):
-                self.lost.extend(await self.store.refresh(self.slots))
+                await self.store.refresh(self.slots)
 
 
 @asynccontextmanager

@@ -152,6 +152,33 @@ async def test_slot_of_a_dead_holder_expires(store: StateStore, unique: str) -> 
     assert await store.refresh(held.slots) == held.slots  # the expired slot is reported lost
 
 
+async def test_a_lapsed_slot_of_a_request_still_running_is_counted_again(
+    store: StateStore, unique: str
+) -> None:
+    """A slot that lapsed while its request ran (the store out of reach for longer than the
+    lease) is taken again at the next refresh, reported lapsed: the request still runs, so
+    a new one is refused until it ends, as the cap says."""
+    cap = Concurrency(f"{unique}:id", limit=1, lease=0.3)
+    held = await store.take([cap])
+    assert held.allowed
+
+    async def free() -> bool:
+        decision = await store.take([cap])
+        if decision.allowed:
+            await store.release(decision.slots)
+        return decision.allowed
+
+    await until(free)  # lapsed: a new request would be let in
+    assert await store.refresh(held.slots) == held.slots
+    refused = await store.take([cap])
+    assert not refused.allowed
+    assert refused.refused_by is not None
+    assert refused.refused_by.reason == "too_many_in_flight"
+    assert await store.refresh(held.slots) == ()  # held again, and kept
+    await store.release(held.slots)
+    assert await free()
+
+
 async def test_hold_keeps_the_slot_while_the_request_lives(store: StateStore, unique: str) -> None:
     """`hold` refreshes a slot past its lease while the body runs and releases it on exit."""
     cap = Concurrency(f"{unique}:id", limit=1, lease=0.3)
