@@ -156,9 +156,9 @@ class McpStep(NamedTuple):
 async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpStep:
     """The MCP step: a POST's body read and decided (raising `McpRefused` for a refused one);
     a GET or DELETE with its protocol version and session."""
-    session = request.headers.get(SESSION_HEADER, "")
     try:
-        version = mcp.protocol_version(request.headers.get(VERSION_HEADER))
+        session = _one(request, SESSION_HEADER) or ""
+        version = mcp.protocol_version(_one(request, VERSION_HEADER))
     except mcp.MessageError as exc:
         raise _unreadable(exc) from None
     if request.method != "POST":
@@ -177,6 +177,17 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
         refused = McpRefused if any(r.id is not None for r in decision.refusals) else McpUnreadable
         raise refused("mcp_refused", first.message, decision.answer(), decision.calls)
     return McpStep(grant, version, data, decision.calls, mcp.Pending.of(body), session)
+
+
+def _one(request: web.Request, name: str) -> str | None:
+    """The request's `name` header, or None. SECURITY (invariant 12): sent twice, it is
+    refused, not read as one of its values: both go upstream, where a server may read the
+    other (or both joined), so the filter would judge by a version or session the server
+    does not use."""
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise mcp.MessageError(f"{name} is sent more than once")
+    return values[0] if values else None
 
 
 def _utf8_json(content_types: list[str]) -> bool:

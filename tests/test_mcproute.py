@@ -318,7 +318,36 @@ async def test_hostile_messages_are_refused_and_never_forwarded(
                     error = (await answer.json())["error"]["code"]
                     # Two Content-Types are refused before the MCP step (malformed_request).
                     assert error == (-32600 if len(kinds) == 1 else "malformed_request"), kinds
+            # A protocol version or session sent twice: the server may read the other.
+            allowed = json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "tools/call",
+                    "params": {"name": "search_issues"},
+                }
+            )
+            for name, values in TWICE:
+                sent = CIMultiDict(headers)
+                sent.popall(name, None)
+                sent.extend((name, value) for value in values)
+                async with http.post(
+                    f"{stack.base}/r/{ROUTE}/mcp", data=allowed, headers=sent
+                ) as answer:
+                    assert answer.status == 400, (name, values)
+                    error = (await answer.json())["error"]
+                    assert (error["code"], error["message"]) == (
+                        -32600,
+                        f"{name} is sent more than once",
+                    )
     assert len(server_requests(served.log)) == before
+
+
+TWICE = [
+    ("MCP-Protocol-Version", ["2025-03-26", "2025-06-18"]),
+    ("MCP-Protocol-Version", ["2025-03-26", "2025-03-26"]),
+    ("Mcp-Session-Id", ["session-1", "session-2"]),
+]
 
 
 # A call of the granted search_issues that a server decoding UTF-7 reads as delete_repo.
