@@ -12,6 +12,7 @@ each is registered with the log scrubber as it is read.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import os
 import time
@@ -29,6 +30,7 @@ from keyproxy.vault.transport import (
     converted,
     hvac_client,
     read_credential,
+    thread_pool,
     transport_settings,
 )
 
@@ -56,6 +58,7 @@ class Session:
         # never presents a stale token and health checks need none.
         self._client = hvac_client(cfg, transport)
         self._anon = hvac_client(cfg, transport)
+        self._threads = thread_pool()  # every blocking call runs here, through `_in_thread`
         self._lock = asyncio.Lock()
         self._generation = 0  # bumped on every login, so concurrent 403s log in only once
         self._ttl = 0.0  # seconds granted at the last login or renewal; 0 = never expires
@@ -74,7 +77,7 @@ class Session:
         auth = self.cfg.auth
         what = f"Vault login ({auth.method} at auth/{auth.mount})"
         if auth.method == "token":
-            token = await asyncio.to_thread(self._configured_token)
+            token = await self._in_thread(self._configured_token)
             self._client.token = token
             info = await self._run(what, lambda c: c.auth.token.lookup_self())
             data = info.get("data") or {}
@@ -140,11 +143,16 @@ class Session:
 
     # ------------------------------------------------------------------ calls
 
+    async def _in_thread(self, call: Callable[[], T]) -> T:
+        """`call()` in one of this client's threads (with the caller's context variables, as
+        `asyncio.to_thread`), never on asyncio's default pool."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._threads, context.run, call)
+
     async def _run(self, what: str, call: Callable[[Any], T], client: Any = None) -> T:
         """Run `call(client)` in a worker thread, turning every failure into a VaultError."""
-        return await asyncio.to_thread(
-            converted, what, self.cfg.addr, call, self._client if client is None else client
-        )
+        chosen = self._client if client is None else client
+        return await self._in_thread(lambda: converted(what, self.cfg.addr, call, chosen))
 
     async def _call(self, what: str, call: Callable[[Any], T]) -> T:
         """`_run`, but a refused token is replaced once (log in again) and the call retried."""
@@ -256,7 +264,10 @@ class Session:
             await self._login_locked()
 
     def close(self) -> None:
-        """Close the HTTP connection pools. The object must not be used afterwards."""
+        """Close the HTTP connection pools and the threads: a call not started yet is
+        cancelled, one under way ends on its own (within vault.timeout). The object must not
+        be used afterwards."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self._client.adapter.close()
         self._anon.adapter.close()
 

@@ -2,7 +2,7 @@
 
 This is the only module that imports hvac; `auth`, `kv` and `transit` describe their calls as
 functions of the hvac client, and every one runs through `converted`. hvac is synchronous
-and untyped, so every call runs in a worker thread (`asyncio.to_thread`, see
+and untyped, so every call runs in one of the client's own worker threads (`thread_pool`, see
 `auth.Session._run`) and every hvac or requests exception becomes
 `keyproxy.errors.VaultError`, raised `from None` so the hvac exception (which carries the
 response body) is never chained into a traceback:
@@ -20,6 +20,7 @@ SECURITY: Vault's error texts are scrubbed of every known secret value before th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +38,9 @@ from keyproxy.secret import REDACTED
 T = TypeVar("T")
 
 CONCURRENCY = 16
+# The key cache's CONCURRENCY reads at once, and beside them a login, token upkeep, a Transit
+# signature and the revocation list's reads.
+THREADS = CONCURRENCY + 4
 
 
 class SecretNotFound(VaultError):
@@ -99,6 +103,14 @@ def hvac_client(cfg: VaultConfig, transport: Transport) -> Any:
         session=session,
         namespace=transport.namespace,
     )
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """A Vault client's own threads for hvac's blocking calls. Not asyncio's default pool:
+    that one also resolves upstream host names (`loop.getaddrinfo`) with a handful of threads,
+    and a Vault that hangs would hold them all for vault.timeout, so a new upstream connection
+    would fail while the cached keys are still fresh."""
+    return ThreadPoolExecutor(THREADS, thread_name_prefix="keyproxy-vault")
 
 
 def read_credential(path: Path, name: str) -> str:

@@ -3,26 +3,32 @@ TLS settings."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from keyproxy.config import VaultAuth, VaultConfig
+from keyproxy.config import SecretRef, VaultAuth, VaultConfig
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import ConfigError, VaultError
 from keyproxy.vault import (
+    KeyCache,
     SecretNotFound,
     Vault,
 )
+from keyproxy.vault.transport import CONCURRENCY
 from tests.helpers.certs import pem_files
 from tests.helpers.cli import clean_env, keyproxy
+from tests.helpers.polling import eventually
 from tests.helpers.servers import free_port, new_key
-from tests.helpers.vault import vault_of
+from tests.helpers.vault import VaultRelay, background, route, vault_of
 
 
 async def test_unreachable_vault_is_a_vault_error() -> None:
@@ -40,6 +46,54 @@ async def test_unreachable_vault_is_a_vault_error() -> None:
     finally:
         vault.close()
     assert "not-a-real-token" not in str(info.value)
+
+
+async def test_a_hanging_vault_leaves_name_lookups_free(
+    openbao: OpenBaoDevServer, proxy_vault_config: VaultConfig
+) -> None:
+    """While the key cache's reads hang on a stalled Vault, a host name lookup (asyncio's
+    default thread pool, as an upstream connection's) still answers at once."""
+    loop = asyncio.get_running_loop()
+    # The default pool as asyncio sizes it on a 2-CPU host (min(32, CPUs + 4)), whatever
+    # this machine has: the reads below are more than it holds.
+    loop.set_default_executor(ThreadPoolExecutor(6))
+    relay = VaultRelay(openbao.addr)
+    await relay.start()
+    refs = [
+        SecretRef("secret", f"keyproxy/keys/test-{uuid.uuid4().hex}", "api_key")
+        for _ in range(CONCURRENCY + 4)
+    ]
+    routes = {f"r{i}": route(f"r{i}", ref) for i, ref in enumerate(refs)}
+    try:
+        with vault_of(replace(proxy_vault_config, addr=relay.url, timeout=10.0)) as vault:
+            await vault.login()
+            cache = KeyCache(vault, {}, refresh_interval=1, max_staleness=30)
+            relay.gate.clear()  # Vault hangs from here
+            async with background(cache.prepare(routes)) as reads:
+                await eventually(lambda: relay.held, "a key read held by the stalled Vault")
+                async with asyncio.timeout(2):
+                    await loop.getaddrinfo("localhost", 443)
+                await eventually(
+                    lambda: len(relay.held) >= CONCURRENCY, "the cache's reads all under way"
+                )
+                relay.gate.set()
+                async with asyncio.timeout(10):
+                    await reads
+    finally:
+        await relay.close()
+
+
+async def test_close_ends_the_clients_threads(proxy_vault_config: VaultConfig) -> None:
+    """Vault.close() ends the threads its calls ran in."""
+    before = set(threading.enumerate())
+    with vault_of(proxy_vault_config) as vault:
+        await vault.login()
+        assert await vault.healthy()
+        started = [
+            t for t in set(threading.enumerate()) - before if t.name.startswith("keyproxy-vault")
+        ]
+        assert started
+    await eventually(lambda: not any(t.is_alive() for t in started), "the client's threads ended")
 
 
 @contextlib.contextmanager
