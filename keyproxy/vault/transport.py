@@ -90,7 +90,9 @@ def hvac_client(cfg: VaultConfig, transport: Transport) -> Any:
     # On the session itself: hvac takes a given session's verify and cert over its own
     # arguments (and a new session verifies with the system's trust store).
     session.verify, session.cert = transport.verify, transport.cert
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=CONCURRENCY)
+    # As many kept connections as calls can run at once: a call beyond them would open a
+    # connection only to close it afterwards (urllib3's "Connection pool is full").
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=THREADS)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     # token="" stops hvac from reading VAULT_TOKEN or ~/.vault-token on its own.
