@@ -243,6 +243,8 @@ class Exchange:
                     watch.pause()  # the caller's turn: a slow reader is not a silent upstream
                     await response.write(out)
                 watch.heard()
+            if upstream.cut_short:  # its end was a reset: the caller must not see it whole
+                return Outcome(response, _abort(request))
             watch.pause()
             tail = scrubber.feed(shaper.close()) if shaper is not None else b""
             tail += scrubber.flush()

@@ -69,15 +69,32 @@ Body = bytes | AsyncIterable[bytes] | None
 _Key = tuple[str, str, int]  # scheme, host, port
 
 
+class _Connection(ResponseHandler):
+    """aiohttp's response protocol, remembering how its connection ended: a body delimited
+    by the connection's end is ended by aiohttp alike whether the upstream closed it or it
+    was reset."""
+
+    lost: BaseException | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = exc
+        super().connection_lost(exc)
+
+
 class Answer:
     """The upstream's answer: status, headers, and its body as it arrives."""
 
-    __slots__ = ("compression", "content", "headers", "status")
+    __slots__ = ("_conn", "_until_closed", "compression", "content", "headers", "status")
 
-    def __init__(self, message: RawResponseMessage, payload: aiohttp.StreamReader) -> None:
+    def __init__(
+        self, message: RawResponseMessage, payload: aiohttp.StreamReader, conn: _Connection
+    ) -> None:
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content = payload
+        self._conn = conn
+        # A body without a length or chunks: it ends with the connection.
+        self._until_closed = not message.chunked and "Content-Length" not in message.headers
         # The content coding the parser takes off the body as it arrives (the last
         # Content-Encoding line's, if it is one it decodes), or None.
         self.compression: str | None = message.compression
@@ -86,6 +103,14 @@ class Answer:
     def content_length(self) -> int | None:
         length = self.headers.get("Content-Length")
         return int(length) if length is not None else None  # the parser checked its digits
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether a body that ends with its connection ended because the connection broke
+        (a reset), not because the upstream closed it: it may be cut short, with nothing in
+        the bytes to say so. (A TLS connection closed without its close_notify looks as
+        closed as any: aiohttp reads it so.)"""
+        return self._until_closed and self._conn.lost is not None
 
     @property
     def content_type(self) -> str:
@@ -100,7 +125,7 @@ class Pool:
         self._allowed = tuple(allowed)
         self._resolver = GuardedResolver(self._allowed)
         self._tls = tls
-        self._idle: dict[_Key, list[tuple[float, ResponseHandler]]] = {}
+        self._idle: dict[_Key, list[tuple[float, _Connection]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -141,7 +166,7 @@ class Pool:
                 raise
             break
         try:
-            yield Answer(message, payload)
+            yield Answer(message, payload, conn)
         finally:
             if _reusable(conn, message, sending, headers, body) and not self._closed:
                 self._put_back(key, conn)
@@ -160,7 +185,7 @@ class Pool:
         self._idle.clear()
         await self._resolver.close()
 
-    def _pooled(self, key: _Key) -> ResponseHandler | None:
+    def _pooled(self, key: _Key) -> _Connection | None:
         conns = self._idle.get(key)
         oldest = time.monotonic() - KEEPALIVE
         while conns:
@@ -170,7 +195,7 @@ class Pool:
             conn.close()
         return None
 
-    def _put_back(self, key: _Key, conn: ResponseHandler) -> None:
+    def _put_back(self, key: _Key, conn: _Connection) -> None:
         self._idle.setdefault(key, []).append((time.monotonic(), conn))
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE, self._sweep)
@@ -191,7 +216,7 @@ class Pool:
         if self._idle:
             self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE / 2, self._sweep)
 
-    async def _connect(self, key: _Key, within: float) -> ResponseHandler:
+    async def _connect(self, key: _Key, within: float) -> _Connection:
         """A new connection to an address the fence allows, `within` seconds (resolving,
         connecting and the TLS handshake alike). The addresses are tried as aiohttp's
         connector tries them (Happy Eyeballs, RFC 8305): the next starts 0.25 s after the
@@ -212,7 +237,7 @@ class Pool:
                 try:
                     sock = await _racing(found)
                     _, conn = await loop.create_connection(
-                        lambda: ResponseHandler(loop),
+                        lambda: _Connection(loop),
                         sock=sock,
                         ssl=tls,
                         server_hostname=host.rstrip(".") if tls is not None else None,

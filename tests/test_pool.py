@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -352,6 +353,47 @@ async def test_an_answer_without_length_is_read_to_the_close(pool: Pool) -> None
         assert answer.content_type == "text/event-stream"
         assert answer.content_length is None
         assert await answer.content.read() == b"data: 1\n\n"
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_an_answer_that_ends_with_a_reset_says_it_may_be_cut(pool: Pool, reset: bool) -> None:
+    """A body delimited by the connection's end reads the same to aiohttp whether the
+    upstream closed the connection or it was reset; the answer tells them apart."""
+
+    async def then_close(conn: Conn) -> None:
+        await conn.request()
+        await conn.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart of it")
+        if reset:  # SO_LINGER 0: the close is a reset (RST), not a FIN
+            sock = conn.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.writer.transport.abort()
+
+    async with (
+        Server(then_close) as server,
+        pool.request("GET", server.url(), CIMultiDict(), None, 5.0) as answer,
+    ):
+        assert await answer.content.read() == b"part of it"
+        assert answer.cut_short is reset
+
+
+async def test_an_answer_of_declared_length_or_chunked_is_never_said_cut(pool: Pool) -> None:
+    """Its own framing tells a whole body from a cut one (aiohttp raises for the latter):
+    the connection's end says nothing about it."""
+
+    async def framed_then_reset(conn: Conn) -> None:
+        await conn.request()
+        await conn.answer(OK)
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.writer.transport.abort()
+
+    async with (
+        Server(framed_then_reset) as server,
+        pool.request("GET", server.url(), CIMultiDict(), None, 5.0) as answer,
+    ):
+        assert await answer.content.read() == b"ok"
+        await eventually(lambda: server.closed, "the upstream did not reset")
+        assert not answer.cut_short
 
 
 async def test_a_malformed_answer_is_a_client_error_quoting_nothing(pool: Pool) -> None:

@@ -11,6 +11,8 @@ import base64
 import gc
 import gzip
 import json
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -634,6 +636,44 @@ async def test_a_coded_answer_the_scrubber_would_not_read_is_refused(
                     else:
                         assert response.status == 200, name
                         assert json.loads(body) == {"echo": "[REDACTED]"}, name
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_an_answer_cut_by_a_reset_never_looks_whole(
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    reset: bool,
+) -> None:
+    """An answer whose body ends with its connection (no length, no chunks) reaches the
+    caller whole when the upstream closes the connection, and cut (no last chunk) when the
+    connection is reset: the reset may have cut it, and nothing in the bytes says so."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart of it")
+        await writer.drain()
+        if reset:  # SO_LINGER 0: the close is a reset (RST), not a FIN
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with upstream:
+        port = upstream.sockets[0].getsockname()[1]
+        cfg = config_for(f"http://127.0.0.1:{port}", egress={"allow_cidrs": ["127.0.0.0/8"]})
+        async with (
+            running_proxy(cfg) as stack,
+            http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response,
+        ):
+            assert response.status == 200
+            if reset:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.read()
+            else:
+                assert await response.read() == b"part of it"
 
 
 async def test_bad_key_version_keeps_the_last_good_key(
