@@ -1,5 +1,6 @@
-"""Reading a whole file or HTTP body, never past a limit: a configuration, an issuer's keys
-file or answer, a broker's or a rotator's answer, a request body read before it is used.
+"""Reading a whole file, HTTP body or pipe, never past a limit: a configuration, an issuer's
+keys file or answer, a broker's or a rotator's answer, a request body read before it is used,
+what a helper command prints (keyproxy.command).
 
 Each returns None when there is more than `limit` bytes, having read at most one byte past
 it, and each caller says what that means in its own error. A body is read to its end however
@@ -10,8 +11,13 @@ small body only when it came in one piece.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
-import aiohttp
+
+class Readable(Protocol):
+    """A stream read in parts: aiohttp's body reader, asyncio's pipe reader."""
+
+    async def read(self, n: int, /) -> bytes: ...
 
 
 def read_file(path: str | Path, limit: int) -> bytes | None:
@@ -22,9 +28,9 @@ def read_file(path: str | Path, limit: int) -> bytes | None:
     return data if len(data) <= limit else None
 
 
-async def read_body(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+async def read_body(content: Readable, limit: int) -> bytes | None:
     """The whole body, however it is cut into parts, or None once it is longer than `limit`.
-    aiohttp's errors (a body cut short: ClientPayloadError) pass through."""
+    The reader's errors (aiohttp's ClientPayloadError for a body cut short) pass through."""
     data = bytearray()
     while len(data) <= limit:
         part = await content.read(limit + 1 - len(data))

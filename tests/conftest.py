@@ -8,6 +8,8 @@
   For another server use `server.proxy_vault_config()` / `server.root_vault_config()`.
 - `root_vault`: a logged-in root `Vault` on the session server, for writing test data.
 - `agent` / `identity_token`: an agent of the session server for the test module, and its token.
+- `helpers`: commands that leave a helper process behind (tests/helpers/processes.py); any
+  still running after the test is killed.
 - `log_scan`: after the last test, no key, key fragment or token in any log of the session
   (tests/helpers/logscan.py); a leak fails the run.
 """
@@ -32,6 +34,7 @@ from keyproxy.config import VaultConfig
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.vault import Vault
 from tests.helpers import cli, logscan
+from tests.helpers.processes import Helpers
 from tests.helpers.servers import (
     GatedStream,
     Stack,
@@ -207,6 +210,16 @@ async def stack(
     openbao.put_key("keyproxy/keys/tokens-test", new_key())
     async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
         yield value
+
+
+@pytest.fixture
+def helpers(tmp_path: Path) -> Iterator[Helpers]:
+    """Commands that leave a helper process behind, each helper killed after the test."""
+    made = Helpers(tmp_path)
+    try:
+        yield made
+    finally:
+        made.kill_all()
 
 
 @pytest.fixture

@@ -143,6 +143,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "gauges",
                 "tls",
                 "watch",
+                "command",
                 "workload",
                 "runner",
             }

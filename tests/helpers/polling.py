@@ -1,4 +1,5 @@
-"""`eventually`: the one way a test waits for state to change, always with a deadline."""
+"""`eventually`: the one way a test waits for state to change, always with a deadline;
+`finishes`: a bounded wait for something that must end."""
 
 from __future__ import annotations
 
@@ -70,3 +71,15 @@ def eventually_blocking(
             return result
         assert time.monotonic() < deadline, f"{what} (not within {within:g} s)"
         time.sleep(interval)  # polling interval of a bounded wait
+
+
+async def finishes(awaitable: Awaitable[T], what: str, *, within: float = 15.0) -> T:
+    """What `awaitable` gives, which must end within `within` seconds or fail the test with
+    `what`. A hang is cancelled and left, not waited for: `asyncio.wait_for` would wait on
+    for code that does not end when cancelled."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=within)
+    if not done:
+        task.cancel()
+        raise AssertionError(f"{what} (not within {within:g} s)")
+    return task.result()
