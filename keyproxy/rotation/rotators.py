@@ -15,7 +15,6 @@ code, never a response body, stderr or any key or credential.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from keyproxy import capped, netguard, secret
+from keyproxy import capped, command, netguard, secret
 from keyproxy.config import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
 from keyproxy.errors import EgressDenied, KeyproxyError
 from keyproxy.secret import Secret
@@ -261,31 +260,27 @@ class _Command:
         if admin is not None:
             request["admin"] = admin
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._cfg.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,  # SECURITY: may echo what it was given
-                # SECURITY: not our environment: it holds the Vault token (BAO_TOKEN).
-                env=_command_env(),
-            )
+            async with asyncio.timeout(self._cfg.timeout):
+                done = await command.run(
+                    self._cfg.argv,
+                    limit=_MAX_ANSWER,
+                    stdin=json.dumps(request).encode(),
+                    # SECURITY: not our environment: it holds the Vault token (BAO_TOKEN).
+                    env=_command_env(),
+                    stderr=asyncio.subprocess.DEVNULL,  # SECURITY: may echo what it was given
+                )
+        except TimeoutError:  # an OSError too: caught first
+            raise RotatorError(f"{action}: the command ran longer than its timeout") from None
         except OSError as exc:
             raise RotatorError(f"{action}: cannot run the command ({exc.strerror})") from None
-        try:
-            out, _ = await asyncio.wait_for(
-                proc.communicate(json.dumps(request).encode()), self._cfg.timeout
-            )
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise RotatorError(f"{action}: the command ran longer than its timeout") from None
-        if proc.returncode != 0:
-            raise RotatorError(f"{action}: the command exited with status {proc.returncode}")
+        except command.CommandError as exc:
+            raise RotatorError(f"{action}: the command {exc}") from None
+        if done.status != 0:
+            raise RotatorError(f"{action}: the command exited with status {done.status}")
         if action != "create":
             return None
         try:
-            return json.loads(out)
+            return json.loads(done.output)
         except ValueError:
             raise RotatorError(f"{action}: the command's answer is not JSON") from None
 

@@ -1,4 +1,5 @@
-"""keyproxy.rotation.rotators against real OpenBao and a real upstream: the command rotator."""
+"""keyproxy.rotation.rotators against real OpenBao and a real upstream: the command rotator,
+and what happens to one that does not end."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import LegacyApiProcess
+from tests.helpers.polling import eventually, finishes
+from tests.helpers.processes import Helpers, running
 from tests.helpers.rotation import Env, accepted, engine, route_config, stored_key, uid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,3 +47,32 @@ async def test_command_rotator_rotates_and_revokes(
     assert key_id != first_id
     assert await asyncio.to_thread(accepted, legacy_api, value)
     assert not await asyncio.to_thread(accepted, legacy_api, first)
+
+
+@pytest.mark.parametrize(
+    ("then", "said"),
+    [
+        ("echo partial", "create: the command ran longer than its timeout"),
+        ("exec yes canary-output", "create: the command printed more than 1048576 bytes"),
+    ],
+)  # fmt: skip
+async def test_a_command_rotator_that_will_not_end_fails_and_leaves_nothing_running(
+    then: str,
+    said: str,
+    make_env: Callable[..., Env],
+    legacy_api: LegacyApiProcess,
+    helpers: Helpers,
+) -> None:
+    """A command that leaves a helper holding its stdout (or prints without end) fails the
+    rotation at its timeout (or at 1 MiB), quoting none of its output, instead of holding the
+    rotation lock; the command and its helper are killed."""
+    name = f"cmd-{uid()}"
+    rotator = {"type": "command", "command": helpers.command(then=then), "timeout": "500ms"}
+    env = make_env({name: route_config(legacy_api, rotator)})
+    async with engine(env) as rotations:
+        outcome = await finishes(rotations.rotate(name), "the rotation ends")
+    assert outcome.failed
+    assert outcome.detail == said
+    shell, helper = await helpers.started()
+    await eventually(lambda: not running(shell), "the command is killed")
+    await eventually(lambda: not running(helper), "the helper is killed")
