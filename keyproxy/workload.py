@@ -24,6 +24,7 @@ from typing import Final
 import aiohttp
 import yarl
 
+from keyproxy import command
 from keyproxy.errors import RunError
 from keyproxy.secret import Secret
 
@@ -76,24 +77,27 @@ def _read_file(path: str) -> str:
         return f.read(MAX_SIZE)
 
 
-async def _command_output(command: str) -> str:
+async def _command_output(line: str) -> str:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *shlex.split(command),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        async with asyncio.timeout(TIMEOUT):
+            done = await command.run(shlex.split(line), limit=MAX_SIZE)
+    except TimeoutError:  # an OSError too: caught first
+        raise RunError(f"--identity-command: no answer within {TIMEOUT:g} s") from None
     except (OSError, ValueError) as exc:
         raise RunError(f"--identity-command: cannot start it: {exc}") from None
+    except command.CommandError as exc:
+        raise RunError(f"--identity-command {exc}") from None
+    if done.status != 0:
+        raise RunError(f"--identity-command exited {done.status}")
+    return _text(done.output, "--identity-command: its output")
+
+
+def _text(data: bytes, what: str) -> str:
+    """The token's text: UTF-8, or a RunError saying `what` is not (never quoting it)."""
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise RunError(f"--identity-command: no answer within {TIMEOUT:g} s") from None
-    if proc.returncode != 0:
-        raise RunError(f"--identity-command exited {proc.returncode}")
-    return out[:MAX_SIZE].decode("utf-8", "replace")
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RunError(f"{what}: not UTF-8 text") from None
 
 
 async def _github_token(

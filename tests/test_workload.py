@@ -13,8 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from keyproxy import workload
 from keyproxy.errors import RunError
 from keyproxy.workload import GITHUB_VARS, Identity
+from tests.helpers.polling import eventually, finishes
+from tests.helpers.processes import Helpers, running
 from tests.helpers.servers import serve
 
 
@@ -52,14 +55,15 @@ async def test_a_command_prints_it(http: aiohttp.ClientSession) -> None:
         (Identity("env", "UNSET"), "empty"),
         (Identity("command", shlex.join([sys.executable, "-c", "exit(4)"])), "exited 4"),
         (Identity("command", "/nonexistent/helper"), "cannot start"),
+        (Identity("command", shlex.join(["printf", r"\377"])), "its output: not UTF-8"),
         (Identity("github", "keyproxy"), "ACTIONS_ID_TOKEN_REQUEST_URL"),
     ],
 )  # fmt: skip
 async def test_no_identity_is_one_clear_error(
     identity: Identity, said: str, http: aiohttp.ClientSession
 ) -> None:
-    """A missing file, an unset variable, a failing command or a job without id-token
-    permission is a RunError saying which."""
+    """A missing file, an unset variable, a failing command (or one printing no text) or a
+    job without id-token permission is a RunError saying which."""
     with pytest.raises(RunError, match=said):
         await identity.read(http, {})
 
@@ -108,3 +112,41 @@ async def test_github_actions_flow(http: aiohttp.ClientSession) -> None:
         await runner.cleanup()
     assert asked == [("2.0", "keyproxy", "bearer req")]
     assert identity.hidden() == GITHUB_VARS
+
+
+async def test_a_command_leaving_a_helper_on_its_output_ends_at_the_timeout(
+    helpers: Helpers, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--identity-command that exits leaving a helper holding its stdout is a RunError at the
+    timeout, not a hang, and the helper is killed with it."""
+    monkeypatch.setattr(workload, "TIMEOUT", 0.5)
+    identity = Identity("command", shlex.join(helpers.command(then="echo partial")))
+    with pytest.raises(RunError, match=r"no answer within 0\.5 s"):
+        await finishes(identity.read(http, {}), "the read ends at its timeout")
+    _, helper = await helpers.started()
+    await eventually(lambda: not running(helper), "the helper is killed")
+
+
+async def test_a_cancelled_read_ends_the_command_and_its_helper(
+    helpers: Helpers, http: aiohttp.ClientSession
+) -> None:
+    """`keyproxy run` interrupted while its identity command runs leaves nothing running."""
+    identity = Identity("command", shlex.join(helpers.command(then="wait")))
+    read = asyncio.ensure_future(identity.read(http, {}))
+    shell, helper = await helpers.started()
+    read.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finishes(read, "the cancelled read ends")
+    await eventually(lambda: not running(shell), "the command is killed")
+    await eventually(lambda: not running(helper), "the helper is killed")
+
+
+async def test_a_command_printing_too_much_is_refused_not_cut(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Output past MAX_SIZE is a RunError quoting none of it, not a token cut short."""
+    printing = f"print('canary' * {workload.MAX_SIZE // 6 + 1})"
+    identity = Identity("command", shlex.join([sys.executable, "-c", printing]))
+    with pytest.raises(RunError, match=f"more than {workload.MAX_SIZE} bytes") as caught:
+        await finishes(identity.read(http, {}), "the read ends")
+    assert "canary" not in str(caught.value)
