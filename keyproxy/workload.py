@@ -24,7 +24,7 @@ from typing import Final
 import aiohttp
 import yarl
 
-from keyproxy import command
+from keyproxy import capped, command, strictjson
 from keyproxy.errors import RunError
 from keyproxy.secret import Secret
 
@@ -115,7 +115,16 @@ async def _github_token(
         async with http.get(target, headers=headers, timeout=timeout) as answer:
             if answer.status != 200:
                 raise RunError(f"--github-actions: the token request answered {answer.status}")
-            value = (await answer.json(content_type=None)).get("value", "")
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
+            body = await capped.read_body(answer.content, MAX_SIZE)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         raise RunError(f"--github-actions: the token request failed: {exc!s:.200}") from None
-    return str(value)
+    if body is None:
+        raise RunError(f"--github-actions: the answer is larger than {MAX_SIZE} bytes")
+    try:
+        document = strictjson.loads(body)
+    except ValueError as exc:  # strictjson's messages quote nothing
+        raise RunError(f"--github-actions: the answer is unreadable ({exc})") from None
+    value = document.get("value") if isinstance(document, dict) else None
+    if not isinstance(value, str):
+        raise RunError('--github-actions: the answer holds no "value" string')
+    return value

@@ -4,6 +4,7 @@ command or GitHub Actions' OIDC endpoint (here a loopback server speaking its pr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import sys
@@ -149,4 +150,34 @@ async def test_a_command_printing_too_much_is_refused_not_cut(
     identity = Identity("command", shlex.join([sys.executable, "-c", printing]))
     with pytest.raises(RunError, match=f"more than {workload.MAX_SIZE} bytes") as caught:
         await finishes(identity.read(http, {}), "the read ends")
+    assert "canary" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (json.dumps({"value": "canary" * (workload.MAX_SIZE // 6)}).encode(), "larger than"),
+        (b"<html>canary</html>", "unreadable"),
+        (b'{"value": "canary-1", "value": "canary-2"}', "unreadable"),
+        (b'{"value": ["canary"]}', 'no "value" string'),
+    ],
+)  # fmt: skip
+async def test_an_unusable_github_answer_is_one_clear_error(
+    answer: bytes, said: str, http: aiohttp.ClientSession
+) -> None:
+    """GitHub's answer is read up to MAX_SIZE and as strict JSON: a larger one, one that is
+    not JSON, that gives `value` twice or as no string is a RunError quoting none of it."""
+
+    async def token(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/token", token)
+    runner, port = await serve(app)
+    try:
+        environ = dict(zip(GITHUB_VARS, [f"http://127.0.0.1:{port}/token", "req"], strict=True))
+        with pytest.raises(RunError, match=said) as caught:
+            await finishes(Identity("github", "keyproxy").read(http, environ), "the read ends")
+    finally:
+        await runner.cleanup()
     assert "canary" not in str(caught.value)
