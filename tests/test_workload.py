@@ -154,6 +154,26 @@ async def test_a_command_printing_too_much_is_refused_not_cut(
 
 
 @pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"eyJ\xff\xfe-canary", "not UTF-8 text"),
+        (b"canary" * (workload.MAX_SIZE // 6 + 1), f"larger than {workload.MAX_SIZE} bytes"),
+    ],
+)  # fmt: skip
+async def test_an_unusable_token_file_is_one_clear_error(
+    content: bytes, said: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A token file that is not UTF-8, or larger than MAX_SIZE (never sent cut short), is a
+    RunError naming the file and quoting none of it."""
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    with pytest.raises(RunError, match=said) as caught:
+        await Identity("file", str(path)).read(http, {})
+    assert str(path) in str(caught.value)
+    assert "canary" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("answer", "said"),
     [
         (json.dumps({"value": "canary" * (workload.MAX_SIZE // 6)}).encode(), "larger than"),
