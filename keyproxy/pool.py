@@ -70,9 +70,8 @@ _Key = tuple[str, str, int]  # scheme, host, port
 
 
 class _Connection(ResponseHandler):
-    """aiohttp's response protocol, remembering how its connection ended: a body delimited
-    by the connection's end is ended by aiohttp alike whether the upstream closed it or it
-    was reset."""
+    """aiohttp's response protocol, remembering how its connection ended (aiohttp ends a
+    body delimited by it alike whether the upstream closed it or it was reset)."""
 
     lost: BaseException | None = None
 
@@ -296,16 +295,6 @@ async def _racing(found: Sequence[aiohappyeyeballs.AddrInfoType]) -> socket.sock
 def _close_won(racing: asyncio.Future[socket.socket]) -> None:
     if not racing.cancelled() and racing.exception() is None:
         racing.result().close()
-
-
-def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    """The client TLS context for an upstream: its certificate verified against `ca_file`
-    (else the system's CAs) and its name, unless the route says `tls_verify: false`."""
-    context = ssl.create_default_context(cafile=ca_file if verify else None)
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def _send(

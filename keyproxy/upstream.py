@@ -17,7 +17,7 @@ from aiohttp.connector import Connection
 
 from keyproxy import netguard
 from keyproxy.config import Network, Route
-from keyproxy.pool import Pool, tls_context
+from keyproxy.pool import Pool
 
 
 class UpstreamSessions:
@@ -114,3 +114,13 @@ class _UpstreamResponse(aiohttp.ClientResponse):
         if self.status < 200 and protocol is not None:
             protocol.close()  # a pooled connection that is closed is dropped, never used
         return response
+
+
+def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    """The client TLS context for an upstream: its certificate verified against `ca_file`
+    (else the system's CAs) and its name, unless the route says `tls_verify: false`."""
+    context = ssl.create_default_context(cafile=ca_file if verify else None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -24,7 +24,8 @@ from yarl import URL
 
 from keyproxy import pool as pool_module
 from keyproxy.errors import EgressDenied
-from keyproxy.pool import Pool, tls_context
+from keyproxy.pool import Pool
+from keyproxy.upstream import tls_context
 from tests.helpers.certs import pem_files
 from tests.helpers.polling import eventually
 
