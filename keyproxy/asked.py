@@ -51,10 +51,13 @@ class Asked(NamedTuple):
 def read_asked(
     fields: dict[str, Any], form: bool, routes: Mapping[str, Route], *, delegated: bool
 ) -> Asked:
-    """What the request asks for; a delegation may leave the scope out (empty: its parent's)."""
+    """What the request asks for; a delegation may leave the scope out (empty: its parent's).
+    SECURITY: only left out, not given empty (`scope=` from an unset variable, `""`, `{}`):
+    that asks for nothing, and is refused as any empty scope is, never read as all of the
+    parent's."""
     names = list(routes)
     try:
-        if delegated and not fields.get("scope") and not _resources(fields):
+        if delegated and not any(k in fields for k in ("scope", "resource", "audience")):
             requested: scopes.Scope = {}
         elif form:
             written = str(fields.get("scope", ""))

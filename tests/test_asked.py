@@ -57,3 +57,27 @@ def test_a_task_name_a_terminal_would_obey_is_refused(task: str) -> None:
         _asked({"task": task})
     assert refused.value.reason == "invalid_request"
     assert _asked({"task": "résumé-タスク"}).task == "résumé-タスク"
+
+
+@pytest.mark.parametrize(
+    ("fields", "form"),
+    [
+        ({"scope": ""}, True),
+        ({"resource": ""}, True),
+        ({"scope": ""}, False),
+        ({"scope": None}, False),
+        ({"scope": {}}, False),
+        ({"scope": []}, False),
+        ({"scope": False}, False),
+    ],
+)
+def test_a_delegation_asking_for_an_empty_scope_is_refused(
+    fields: dict[str, Any], form: bool
+) -> None:
+    """A delegation may leave its scope out (its parent's whole scope), but a scope given
+    empty (`scope=` from an unset variable) asks for nothing: a 400 as any empty scope,
+    never all of the parent's."""
+    with pytest.raises(BadRequest) as refused:
+        read_asked(fields, form, ROUTES, delegated=True)
+    assert refused.value.reason == "invalid_request"
+    assert read_asked({}, form, ROUTES, delegated=True).scope == {}  # left out: the parent's

@@ -3,7 +3,9 @@ the sections share: optional and required keys, durations, sizes, secret referen
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -72,13 +74,18 @@ class Node:
         return self.value
 
     def duration(self) -> float:
+        """Seconds, positive and finite: a number, or a number with a unit. One too large
+        for a float (an integer of 400 digits, `.inf`) is no duration."""
         value = self.value
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            return float(value)
-        match = _DURATION.match(value) if isinstance(value, str) else None
-        if not match or float(match[1]) <= 0:
+        seconds = math.nan
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            with contextlib.suppress(OverflowError):
+                seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+        if not (math.isfinite(seconds) and seconds > 0):
             raise self.error("must be a positive duration such as 500ms, 30s, 15m, 24h")
-        return float(match[1]) * _DURATION_UNITS[match[2]]
+        return seconds
 
     def size(self) -> int:
         value = self.value

@@ -431,10 +431,15 @@ def test_durations_outside_the_file_read_the_same(value: Any, seconds: float) ->
 
 
 @pytest.mark.parametrize(
-    "value", [0, -1, "0s", "5 minutes", "", True, None, "1w", "0", "\u00b2", "\u0663"]
+    "value",
+    [
+        *[0, -1, "0s", "5 minutes", "", True, None, "1w", "0", "\u00b2", "\u0663"],
+        # Too large for a float: never an OverflowError, nor an endless duration.
+        *[10**400, "1" + "0" * 400, "1" + "0" * 400 + "s", float("inf"), float("nan")],
+    ],
 )
 def test_bad_durations_outside_the_file_name_their_setting(value: Any) -> None:
     """A bad duration is a ConfigError naming the setting it was given for (digits other
-    than ASCII ones too, never a ValueError from int())."""
+    than ASCII ones too, never a ValueError from int(), nor an OverflowError)."""
     with pytest.raises(ConfigError, match=r"^--ttl: must be a positive duration"):
         config.parse_duration(value, "--ttl")
