@@ -27,6 +27,7 @@ JWT_TYPES: Final = frozenset(
     {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
 )
 MAX_TEXT: Final = 1024
+MAX_NAME: Final = 64  # a field name longer than this is not quoted back
 MAX_BODY: Final = 64 * 1024
 # Seconds a caller has to send a broker request's body (after its headers).
 BODY_TIMEOUT: Final = 10.0
@@ -34,6 +35,20 @@ MAX_USES: Final = 1_000_000
 MIN_IDLE_TTL: Final = 2.0
 # The form fields that carry a credential (a workload identity token, or a parent task token).
 _TOKEN_FIELDS: Final = frozenset({"subject_token", "actor_token"})
+# What an exchange may ask, in JSON and in the form; the form also carries its grant and its
+# subject token (JSON sends that in Authorization).
+_ASKED: Final = frozenset(
+    {"scope", "resource", "audience", "task", "intent", "max_uses", "ttl", "idle_ttl"}
+    | {"bind_source", "actor_token"}
+)
+_FORM: Final = frozenset(
+    {"grant_type", "subject_token", "subject_token_type", "actor_token_type"}
+    | {"requested_token_type"}
+)
+# RFC 8693's requested_token_type, when sent: a task token is an access token, and a JWT.
+_ISSUED_TYPES: Final = frozenset(
+    {"urn:ietf:params:oauth:token-type:access_token", "urn:ietf:params:oauth:token-type:jwt"}
+)
 
 
 class Asked(NamedTuple):
@@ -55,6 +70,7 @@ def read_asked(
     SECURITY: only left out, not given empty (`scope=` from an unset variable, `""`, `{}`):
     that asks for nothing, and is refused as any empty scope is, never read as all of the
     parent's."""
+    _known(fields, form, delegated=delegated)
     names = list(routes)
     try:
         if delegated and not any(k in fields for k in ("scope", "resource", "audience")):
@@ -75,6 +91,23 @@ def read_asked(
         )
     except ValueError as exc:
         raise BadRequest("invalid_request", str(exc)) from None
+
+
+def _known(fields: dict[str, Any], form: bool, *, delegated: bool) -> None:
+    """SECURITY: a field keyproxy does not read is refused, not ignored: a misspelt
+    `bind-source` or `max_use` would get a token without the limit its caller asked for,
+    and a `subject_token` in a JSON body beside the Authorization header would be a second
+    credential (invariant 12). So is an actor token where no task token is delegated, which
+    nothing would check."""
+    unknown = sorted(set(fields) - (_ASKED | _FORM if form else _ASKED))
+    if unknown:
+        name = unknown[0]
+        shown = f" {name!r}" if len(name) <= MAX_NAME and not text.hidden(name) else ""
+        raise BadRequest("invalid_request", f"unknown field{shown}")
+    if not delegated and fields.get("actor_token"):
+        raise BadRequest("invalid_request", "actor_token goes with a task token to delegate")
+    if form and fields.get("requested_token_type", next(iter(_ISSUED_TYPES))) not in _ISSUED_TYPES:
+        raise BadRequest("invalid_request", "requested_token_type must be an access token")
 
 
 # A yes-or-no field as JSON or a form writes it. SECURITY: anything else is refused, never

@@ -81,3 +81,31 @@ def test_a_delegation_asking_for_an_empty_scope_is_refused(
         read_asked(fields, form, ROUTES, delegated=True)
     assert refused.value.reason == "invalid_request"
     assert read_asked({}, form, ROUTES, delegated=True).scope == {}  # left out: the parent's
+
+
+@pytest.mark.parametrize(
+    ("fields", "form", "said"),
+    [
+        ({"bind-source": True}, False, "unknown field 'bind-source'"),
+        ({"max_use": 1}, False, "unknown field 'max_use'"),
+        ({"idle-ttl": "30s"}, False, "unknown field 'idle-ttl'"),
+        ({"Scope": "r"}, True, "unknown field 'Scope'"),
+        ({"subject_token": "x"}, False, "unknown field 'subject_token'"),  # a second credential
+        ({"x" * 65: 1}, False, "unknown field"),
+        ({"a\x1b[2Jb": 1}, False, "unknown field"),
+        ({"actor_token": "eyJ"}, False, "actor_token goes with a task token"),
+        ({"requested_token_type": "urn:x"}, True, "requested_token_type must be"),
+    ],
+)
+def test_a_field_keyproxy_does_not_read_is_refused(
+    fields: dict[str, Any], form: bool, said: str
+) -> None:
+    """A misspelt field would get a token without the limit its caller asked for, and a
+    second credential or an actor without a delegation would go unchecked: each is a 400,
+    naming the field unless its name is long or holds controls."""
+    with pytest.raises(BadRequest) as refused:
+        _asked(fields, form=form)
+    assert refused.value.reason == "invalid_request"
+    assert refused.value.message.startswith(said)
+    assert "\x1b" not in refused.value.message
+    assert "x" * 65 not in refused.value.message
