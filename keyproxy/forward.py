@@ -262,13 +262,16 @@ def _decoded_coding(upstream: Answer) -> str:
     (unsupported_encoding), never passed on unscrubbed: one the parser does not decode, a
     second one (it decodes by the last Content-Encoding line, keyproxy once read the
     first), or a transfer coding but chunked (a `Transfer-Encoding: gzip` is left on)."""
+    headers = upstream.headers
+    if "Content-Encoding" not in headers and "Transfer-Encoding" not in headers:
+        return ""  # most answers: nothing to look at
     codings = [
         coding
-        for value in upstream.headers.getall("Content-Encoding", ())
+        for value in headers.getall("Content-Encoding", ())
         for coding in _codings(value)
         if coding != "identity"
     ]
-    transfer = [c for v in upstream.headers.getall("Transfer-Encoding", ()) for c in _codings(v)]
+    transfer = [c for v in headers.getall("Transfer-Encoding", ()) for c in _codings(v)]
     if not codings and all(c == "chunked" for c in transfer):
         return ""
     if (
