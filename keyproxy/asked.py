@@ -9,6 +9,7 @@ max_uses, bind_source. Every malformed field is a 400 naming it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qsl
@@ -27,7 +28,6 @@ JWT_TYPES: Final = frozenset(
     {"urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"}
 )
 MAX_TEXT: Final = 1024
-MAX_NAME: Final = 64  # a field name longer than this is not quoted back
 MAX_BODY: Final = 64 * 1024
 # Seconds a caller has to send a broker request's body (after its headers).
 BODY_TIMEOUT: Final = 10.0
@@ -38,13 +38,16 @@ _TOKEN_FIELDS: Final = frozenset({"subject_token", "actor_token"})
 # What an exchange may ask, in JSON and in the form; the form also carries its grant and its
 # subject token (JSON sends that in Authorization).
 _ASKED: Final = frozenset(
-    {"scope", "resource", "audience", "task", "intent", "max_uses", "ttl", "idle_ttl"}
-    | {"bind_source", "actor_token"}
+    {"scope", "task", "intent", "max_uses", "ttl", "idle_ttl", "bind_source", "actor_token"}
 )
+# `client_id` is what standard RFC 8693 clients add (Spring Security, oauthlib): not read.
 _FORM: Final = frozenset(
     {"grant_type", "subject_token", "subject_token_type", "actor_token_type"}
-    | {"requested_token_type"}
+    | {"requested_token_type", "resource", "audience", "client_id"}
 )
+# A field name quoted back when refused: a name, not a value pasted by mistake (a key
+# sent as the whole form body is one field's name; keys hold digits).
+_NAME: Final = re.compile(r"[A-Za-z][A-Za-z_-]{0,31}")
 # RFC 8693's requested_token_type, when sent: a task token is an access token, and a JWT.
 _ISSUED_TYPES: Final = frozenset(
     {"urn:ietf:params:oauth:token-type:access_token", "urn:ietf:params:oauth:token-type:jwt"}
@@ -102,7 +105,7 @@ def _known(fields: dict[str, Any], form: bool, *, delegated: bool) -> None:
     unknown = sorted(set(fields) - (_ASKED | _FORM if form else _ASKED))
     if unknown:
         name = unknown[0]
-        shown = f" {name!r}" if len(name) <= MAX_NAME and not text.hidden(name) else ""
+        shown = f" {name!r}" if _NAME.fullmatch(name) else ""
         raise BadRequest("invalid_request", f"unknown field{shown}")
     if not delegated and fields.get("actor_token"):
         raise BadRequest("invalid_request", "actor_token goes with a task token to delegate")

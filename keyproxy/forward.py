@@ -263,7 +263,9 @@ def _decoded_coding(upstream: Answer) -> str:
     second one (it decodes by the last Content-Encoding line, keyproxy once read the
     first), or a transfer coding but chunked (a `Transfer-Encoding: gzip` is left on)."""
     headers = upstream.headers
-    if "Content-Encoding" not in headers and "Transfer-Encoding" not in headers:
+    if upstream.compression is None and not (
+        "Content-Encoding" in headers or "Transfer-Encoding" in headers
+    ):
         return ""  # most answers: nothing to look at
     codings = [
         coding
@@ -272,7 +274,9 @@ def _decoded_coding(upstream: Answer) -> str:
         if coding != "identity"
     ]
     transfer = [c for v in headers.getall("Transfer-Encoding", ()) for c in _codings(v)]
-    if not codings and all(c == "chunked" for c in transfer):
+    # (The parser's coding without a header to say so: its state left over from an earlier
+    # answer on the connection, a trailer's.)
+    if not codings and upstream.compression is None and all(c == "chunked" for c in transfer):
         return ""
     if (
         len(codings) == 1

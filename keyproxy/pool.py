@@ -3,30 +3,26 @@ answer read on aiohttp's own HTTP/1.1 protocol.
 
     Pool(allowed, tls)      one per egress and TLS setting (keyproxy.upstream.UpstreamSessions)
     async with pool.request(method, url, headers, body, connect_timeout) as answer:
-                            answer.status, .headers, .content (an aiohttp StreamReader),
-                            .content_length, .content_type
+                            .status, .headers, .content (a StreamReader), .content_length,
+                            .content_type, .compression, .cut_short
     await pool.close()      the idle connections closed, none pooled after
 
-Why not `aiohttp.ClientSession.request`, which the rotators and the MCP replies still use:
-around the protocol, the parser and the writer it builds a request and a response object,
-merges headers, consults cookies, auth, proxies, traces and redirects, and keys a connector
-with all of them. keyproxy uses none of that, and it was the largest part of what a request
-costs: measured with `bench/instructions.py --compare` (2026-12-07), keyproxy executed
-806,932 instructions per small answer through `ClientSession.request` and 625,704 through
-a pool like this one (1.32x to 1.02x the minimal aiohttp proxy), about 60 us of CPU per
-request on this machine. So this module keeps aiohttp's machinery where it does the work
-(`ResponseHandler`: the C response parser, flow control, decompression, a connection's end;
-`StreamWriter`: the request head, which refuses CR and LF in header values, and the body)
-and the egress fence's resolver, and does itself only what ClientSession wrapped around them:
-the pool, the connection and the request line.
+Why not `aiohttp.ClientSession.request` (the rotators and MCP replies use it): around the
+protocol, parser and writer it builds request and response objects, merges headers, consults
+cookies, auth, proxies, traces and redirects; keyproxy uses none of that, and it was most of
+a request's cost (`bench/instructions.py --compare`, 2026-12-07: 806,932 instructions per
+small answer through it, 625,704 through a pool like this, about 60 us of CPU here). So
+aiohttp's machinery stays where it does the work (`ResponseHandler`: the C response parser,
+flow control, decompression, a connection's end; `StreamWriter`: the request head, which
+refuses CR and LF in values, and the body), with the egress fence's resolver; this module
+does the pool, the connection and the request line.
 
-SECURITY: the address connected to is the one the fence (keyproxy.netguard.GuardedResolver)
-allowed, resolved for every new connection; certificates are verified against the route's
-CAs and the upstream's name. A connection goes back to the pool only after a final answer
-read to its end, to a request sent whole, where neither side asked to close it, and never
-after a 101: any doubt about where the next answer on it starts closes it. No exception
-raised here quotes the upstream's bytes (a parser's message can), since those may echo the
-key.
+SECURITY: the address connected to is the one the fence (netguard.GuardedResolver) allowed,
+resolved for every new connection; certificates are verified against the route's CAs and the
+upstream's name. A connection goes back to the pool only after a final answer read to its
+end, to a request sent whole, where neither side asked to close it, never after a 101: any
+doubt about where its next answer starts closes it. No exception raised here quotes the
+upstream's bytes (a parser's message can): they may echo the key.
 """
 
 from __future__ import annotations
@@ -86,16 +82,23 @@ class Answer:
     __slots__ = ("_conn", "_until_closed", "compression", "content", "headers", "status")
 
     def __init__(
-        self, message: RawResponseMessage, payload: aiohttp.StreamReader, conn: _Connection
+        self,
+        message: RawResponseMessage,
+        payload: aiohttp.StreamReader,
+        conn: _Connection,
+        *,
+        head: bool = False,
     ) -> None:
         self.status: int = message.code
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content = payload
         self._conn = conn
         # A body without a length or chunks: it ends with the connection.
-        self._until_closed = not message.chunked and "Content-Length" not in message.headers
-        # The content coding the parser takes off the body as it arrives (the last
-        # Content-Encoding line's, if it is one it decodes), or None.
+        self._until_closed = (
+            not (head or message.chunked or message.code in (204, 304))
+            and "Content-Length" not in message.headers
+        )
+        # The content coding the parser takes off the body as it arrives, or None.
         self.compression: str | None = message.compression
 
     @property
@@ -105,10 +108,8 @@ class Answer:
 
     @property
     def cut_short(self) -> bool:
-        """Whether a body that ends with its connection ended because the connection broke
-        (a reset), not because the upstream closed it: it may be cut short, with nothing in
-        the bytes to say so. (A TLS connection closed without its close_notify looks as
-        closed as any: aiohttp reads it so.)"""
+        """Whether a body ended by its connection's end ended by a reset, not a close: maybe
+        cut short (a TLS close without close_notify reads as a close: aiohttp's rule)."""
         return self._until_closed and self._conn.lost is not None
 
     @property
@@ -138,9 +139,8 @@ class Pool:
         connect_timeout: float,
     ) -> AsyncIterator[Answer]:
         """Send one request and yield its answer (past interim answers, as aiohttp's client;
-        a 101 is yielded, on a connection closed after it). Raises TimeoutError
-        when no connection is made within `connect_timeout`, an EgressDenied, or an
-        aiohttp.ClientError."""
+        a 101 is yielded, its connection closed after it). Raises TimeoutError when no
+        connection is made within `connect_timeout`, EgressDenied, or aiohttp.ClientError."""
         host = url.raw_host or ""
         key = (url.scheme, host, url.port or 0)
         # True: may be sent again; None: being sent again, on a new connection.
@@ -165,7 +165,7 @@ class Pool:
                 raise
             break
         try:
-            yield Answer(message, payload, conn)
+            yield Answer(message, payload, conn, head=method == "HEAD")
         finally:
             if _reusable(conn, message, sending, headers, body) and not self._closed:
                 self._put_back(key, conn)

@@ -93,6 +93,8 @@ def test_a_delegation_asking_for_an_empty_scope_is_refused(
         ({"subject_token": "x"}, False, "unknown field 'subject_token'"),  # a second credential
         ({"x" * 65: 1}, False, "unknown field"),
         ({"a\x1b[2Jb": 1}, False, "unknown field"),
+        ({"sk-live-51Hxyz0": ""}, True, "unknown field"),  # a key pasted as the whole body
+        ({"audience": "r"}, False, "unknown field 'audience'"),  # the form's, never read here
         ({"actor_token": "eyJ"}, False, "actor_token goes with a task token"),
         ({"requested_token_type": "urn:x"}, True, "requested_token_type must be"),
     ],
@@ -109,3 +111,9 @@ def test_a_field_keyproxy_does_not_read_is_refused(
     assert refused.value.message.startswith(said)
     assert "\x1b" not in refused.value.message
     assert "x" * 65 not in refused.value.message
+    assert "sk-live" not in refused.value.message
+
+
+def test_what_standard_rfc8693_clients_add_is_taken() -> None:
+    """`client_id` (Spring Security, oauthlib) is taken and not read."""
+    assert _asked({"client_id": "agent"}, form=True).scope

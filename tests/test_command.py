@@ -23,10 +23,10 @@ async def test_a_command_reads_its_input_and_answers() -> None:
 async def test_a_helper_holding_the_output_is_killed_at_the_timeout(helpers: Helpers) -> None:
     """A command that exits leaving a helper holding its stdout ends at the caller's timeout,
     helper and all, rather than keeping the caller waiting for the helper."""
-    run = command.run(helpers.command(then="echo partial"), limit=100)
+    run = asyncio.ensure_future(command.run(helpers.command(then="echo partial"), limit=100))
+    _, helper = await helpers.started()  # then the timeout: the helper holds the output
     with pytest.raises(TimeoutError):
         await finishes(asyncio.wait_for(run, 0.5), "the caller's timeout ends it")
-    _, helper = await helpers.started()
     await eventually(lambda: not running(helper), "the helper is killed")
 
 
@@ -58,6 +58,8 @@ async def test_too_much_output_is_refused_unquoted_and_the_command_killed(
 async def test_a_helper_that_left_the_session_cannot_hold_the_caller(helpers: Helpers) -> None:
     """A helper in a session of its own escapes the kill, but the output pipe is the caller's:
     the caller returns at its timeout all the same (the helper is killed after the test)."""
-    run = command.run(helpers.command(start="setsid sleep 300", then="echo partial"), limit=100)
+    argv = helpers.command(start="setsid sleep 300", then="echo partial")
+    run = asyncio.ensure_future(command.run(argv, limit=100))
+    await helpers.started()  # recorded, so the escaped helper is killed after the test
     with pytest.raises(TimeoutError):
         await finishes(asyncio.wait_for(run, 0.5), "the caller's timeout ends it")

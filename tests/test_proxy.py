@@ -676,6 +676,42 @@ async def test_an_answer_cut_by_a_reset_never_looks_whole(
                 assert await response.read() == b"part of it"
 
 
+async def test_an_earlier_answers_trailers_never_reach_the_next_answer(
+    config_for: Callable[..., dict[str, Any]], token: str, http: aiohttp.ClientSession
+) -> None:
+    """aiohttp's response parser keeps a chunked answer's last trailer, and its
+    Content-Encoding, for the next answer it parses: the pool gives every answer a parser of
+    its own, so the next answer on the connection is read as it came (its bytes as sent, no
+    coding it does not name, no header it did not send)."""
+    second = gzip.compress(b'{"ok": true}')
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n5\r\nfirst\r\n0\r\nContent-Encoding: gzip\r\nX-T: 1\r\n\r\n"
+        )
+        await reader.readuntil(b"\r\n\r\n")  # the next request, on the same connection
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(second)
+            + second
+        )
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with upstream:
+        port = upstream.sockets[0].getsockname()[1]
+        cfg = config_for(f"http://127.0.0.1:{port}", egress={"allow_cidrs": ["127.0.0.0/8"]})
+        async with running_proxy(cfg) as stack:
+            async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as first:
+                assert (first.status, await first.read()) == (200, b"first")
+            async with http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as after:
+                assert (after.status, await after.read()) == (200, second)
+                assert "X-T" not in after.headers
+
+
 async def test_bad_key_version_keeps_the_last_good_key(
     stack: Stack,
     upstream: Upstream,

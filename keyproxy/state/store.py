@@ -309,6 +309,7 @@ class _Refresher:
     store: StateStore
     slots: tuple[Slot, ...]
     stopped: bool = False
+    refreshing: bool = False  # a refresh is under way: let it end (see `_release`)
 
     async def run(self) -> None:
         period = min(slot.limit.lease for slot in self.slots) / 3
@@ -317,11 +318,17 @@ class _Refresher:
         # would take for a store fault and go on beating (the slot would never be freed).
         while not self.stopped:
             await asyncio.sleep(period)
+            if self.stopped:
+                return
             # A store fault here is not the request's end: the next beat may get through
             # (and takes the slots again if they lapsed meanwhile), and if none does the
             # slots expire on their own.
-            with suppress(StoreUnavailable):
-                await self.store.refresh(self.slots)
+            self.refreshing = True
+            try:
+                with suppress(StoreUnavailable):
+                    await self.store.refresh(self.slots)
+            finally:
+                self.refreshing = False
 
 
 @asynccontextmanager
@@ -346,9 +353,12 @@ async def _release(
     store: StateStore, slots: tuple[Slot, ...], refresher: _Refresher, task: asyncio.Task[None]
 ) -> None:
     refresher.stopped = True
-    task.cancel()
-    # Waited for, not awaited: the refresher's end is bounded (at most one store call), and
-    # a cancellation of this request itself must not be swallowed with its own.
+    # A refresh under way is let end (bounded: one store call), not cancelled: cancelled, it
+    # may still run in the store after the release below and take the slots back, as a
+    # refresh takes back lapsed slots. Waited for, not awaited: a cancellation of this
+    # request itself must not be swallowed with the refresher's.
+    if not refresher.refreshing:
+        task.cancel()
     await asyncio.wait({task})
     if not task.cancelled():
         task.exception()  # retrieved: a bug in it is not "never retrieved" noise

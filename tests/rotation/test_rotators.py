@@ -50,14 +50,16 @@ async def test_command_rotator_rotates_and_revokes(
 
 
 @pytest.mark.parametrize(
-    ("then", "said"),
+    ("then", "within", "said"),
     [
-        ("echo partial", "create: the command ran longer than its timeout"),
-        ("exec yes canary-output", "create: the command printed more than 1048576 bytes"),
+        ("echo partial", "2s", "create: the command ran longer than its timeout"),
+        # Ended by the limit: a timeout it never reaches, on a loaded machine too.
+        ("exec yes canary-output", "60s", "create: the command printed more than 1048576 bytes"),
     ],
 )  # fmt: skip
 async def test_a_command_rotator_that_will_not_end_fails_and_leaves_nothing_running(
     then: str,
+    within: str,
     said: str,
     make_env: Callable[..., Env],
     legacy_api: LegacyApiProcess,
@@ -67,7 +69,7 @@ async def test_a_command_rotator_that_will_not_end_fails_and_leaves_nothing_runn
     rotation at its timeout (or at 1 MiB), quoting none of its output, instead of holding the
     rotation lock; the command and its helper are killed."""
     name = f"cmd-{uid()}"
-    rotator = {"type": "command", "command": helpers.command(then=then), "timeout": "500ms"}
+    rotator = {"type": "command", "command": helpers.command(then=then), "timeout": within}
     env = make_env({name: route_config(legacy_api, rotator)})
     async with engine(env) as rotations:
         outcome = await finishes(rotations.rotate(name), "the rotation ends")
