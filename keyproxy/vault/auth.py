@@ -145,9 +145,15 @@ class Session:
 
     async def _in_thread(self, call: Callable[[], T]) -> T:
         """`call()` in one of this client's threads (with the caller's context variables, as
-        `asyncio.to_thread`), never on asyncio's default pool."""
+        `asyncio.to_thread`), never on asyncio's default pool; a VaultError once the client
+        is closed (shutting down), not the executor's RuntimeError."""
         context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self._threads, context.run, call)
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._threads, context.run, call)
+        except RuntimeError:  # the pool is shut down: `close()` was called
+            raise VaultError("the Vault client is closed") from None
+        return await future
 
     async def _run(self, what: str, call: Callable[[Any], T], client: Any = None) -> T:
         """Run `call(client)` in a worker thread, turning every failure into a VaultError."""

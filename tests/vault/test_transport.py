@@ -94,6 +94,9 @@ async def test_close_ends_the_clients_threads(proxy_vault_config: VaultConfig) -
         ]
         assert started
     await eventually(lambda: not any(t.is_alive() for t in started), "the client's threads ended")
+    # A call after close (a request during shutdown) is Vault's error, answered as one.
+    with pytest.raises(VaultError, match="closed"):
+        await vault.login()
 
 
 @contextlib.contextmanager
