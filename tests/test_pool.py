@@ -13,7 +13,6 @@ import contextlib
 import ipaddress
 import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from keyproxy.pool import Pool
 from keyproxy.upstream import tls_context
 from tests.helpers.certs import pem_files
 from tests.helpers.polling import eventually
+from tests.helpers.servers import reset as reset_connection
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -364,10 +364,8 @@ async def test_an_answer_that_ends_with_a_reset_says_it_may_be_cut(pool: Pool, r
     async def then_close(conn: Conn) -> None:
         await conn.request()
         await conn.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart of it")
-        if reset:  # SO_LINGER 0: the close is a reset (RST), not a FIN
-            sock = conn.writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.writer.transport.abort()
+        if reset:
+            reset_connection(conn.writer)
 
     async with (
         Server(then_close) as server,
@@ -384,9 +382,7 @@ async def test_an_answer_of_declared_length_or_chunked_is_never_said_cut(pool: P
     async def framed_then_reset(conn: Conn) -> None:
         await conn.request()
         await conn.answer(OK)
-        sock = conn.writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.writer.transport.abort()
+        reset_connection(conn.writer)
 
     async with (
         Server(framed_then_reset) as server,

@@ -11,8 +11,6 @@ import base64
 import gc
 import gzip
 import json
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -44,6 +42,7 @@ from tests.helpers.servers import (
     running_proxy,
     serve,
 )
+from tests.helpers.servers import reset as reset_connection
 
 LOCAL_ISSUER = "https://issuer.test.invalid"
 
@@ -653,10 +652,8 @@ async def test_an_answer_cut_by_a_reset_never_looks_whole(
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart of it")
         await writer.drain()
-        if reset:  # SO_LINGER 0: the close is a reset (RST), not a FIN
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+        if reset:
+            reset_connection(writer)
         else:
             writer.close()
 

@@ -1,6 +1,7 @@
 """What the tests share, one module per kind of thing:
 
-- `servers`: the recording upstream and the real proxy on loopback (`running_proxy`).
+- `servers`: the recording upstream and the real proxy on loopback (`running_proxy`), and
+  `reset`, a server's connection closed with a reset.
 - `cli`: the installed `keyproxy` command as a subprocess (`keyproxy`, `bash`), and long-lived
   ones (`started` and `ready`, for `serve` and `dev`).
 - `issuer`: a workload-identity issuer whose signing key the tests hold.

@@ -13,6 +13,7 @@ import gzip
 import json
 import secrets
 import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,13 @@ from tests.helpers.logscan import CANARIES, FORWARDED
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close a server's connection with a reset (RST: SO_LINGER 0), not a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def free_port() -> int:
