@@ -15,6 +15,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # The name the token's max_uses counter goes by: no configured limit may take it.
 MAX_USES = "max_uses"
 _PERS: tuple[str, ...] = get_args(LimitPer)
+_RATE = ("requests", "window", "burst", "on_store_error")  # a rate's fields besides its name
+# The name of tokens.exchange_limit, in its store keys and its RateLimit fields.
+EXCHANGE_LIMIT = "tokens.exchange"
 _URL_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -96,6 +99,9 @@ def _name(f: dict[str, Node], owner: str, kind: str, per: str) -> str:
         raise f["name"].error("limit names are letters, digits, '_', '.', '-' (max 128)")
     if name == MAX_USES:
         raise f["name"].error(f"{MAX_USES!r} is the name of task tokens' use counters")
+    if name == EXCHANGE_LIMIT:
+        # It would count in tokens.exchange_limit's keys.
+        raise f["name"].error(f"{EXCHANGE_LIMIT!r} is the name of tokens.exchange_limit")
     return name
 
 
@@ -107,11 +113,25 @@ def _per(node: Node, f: dict[str, Node], allowed: tuple[str, ...]) -> LimitPer:
 
 
 def _rate(node: Node, owner: str, default: Literal["deny", "allow"]) -> RateLimit:
-    f = node.mapping({"name", "per", "requests", "window", "burst", "on_store_error"})
+    f = node.mapping({"name", "per", *_RATE})
     per = _per(node, f, _PERS)
+    return _rate_of(node, f, _name(f, owner, "rate", per), per, default)
+
+
+def exchange_limit(node: Node) -> RateLimit:
+    """`tokens.exchange_limit`: token exchanges per workload identity (a delegation counts as
+    the identity its chain was issued to), named `EXCHANGE_LIMIT`."""
+    f = node.mapping(set(_RATE))
+    return _rate_of(node, f, EXCHANGE_LIMIT, "identity", "deny")
+
+
+def _rate_of(
+    node: Node, f: dict[str, Node], name: str, per: LimitPer, default: Literal["deny", "allow"]
+) -> RateLimit:
+    """The rate `node` (read as `f`) sets: its requests, window, burst and on_store_error."""
     requests = required(node, f, "requests").count()
     return RateLimit(
-        name=_name(f, owner, "rate", per),
+        name=name,
         per=per,
         requests=requests,
         window=required(node, f, "window").duration(),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from keyproxy.config.store import Limits, RedisSettings
+from keyproxy.config.store import Limits, RateLimit, RedisSettings
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -189,6 +189,8 @@ class TokensConfig:
     key_max_staleness: float = 3600.0
     # How many times over a task token may be delegated (0: never), from its root token.
     max_delegation_depth: int = 3
+    # Token exchanges (delegations too) per workload identity; None: not limited.
+    exchange_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from yarl import URL
 
+from keyproxy.config.limits import exchange_limit
 from keyproxy.config.model import (
     ALGORITHMS,
     EXCEPTION_ISSUER,
@@ -341,6 +342,7 @@ def tokens_config(node: Node) -> TokensConfig:
             "key_refresh_interval",
             "key_max_staleness",
             "max_delegation_depth",
+            "exchange_limit",
         }
     )
     transit = f["transit"].mapping({"mount", "key"}) if "transit" in f else {}
@@ -363,6 +365,7 @@ def tokens_config(node: Node) -> TokensConfig:
         key_refresh_interval=opt(f, "key_refresh_interval", Node.duration, d.key_refresh_interval),
         key_max_staleness=opt(f, "key_max_staleness", Node.duration, d.key_max_staleness),
         max_delegation_depth=opt(f, "max_delegation_depth", _depth, d.max_delegation_depth),
+        exchange_limit=opt(f, "exchange_limit", exchange_limit, None),
     )
     if tokens.default_ttl > tokens.max_ttl:
         raise node._child("default_ttl").error("must not exceed max_ttl")

@@ -204,3 +204,65 @@ def test_policy_limit_mistakes_name_the_policy() -> None:
     """A policy's limit mistake names the policy in its path."""
     message = _error(policy_limits={"concurrency": [{"per": "identity"}]})
     assert message.startswith("policies[0] (agents).limits.concurrency[0].max: is required")
+
+
+def test_the_exchange_limit_compiles_as_a_rate_per_identity() -> None:
+    """`tokens.exchange_limit` reads like a route's rate (burst defaulting to a tenth,
+    failing closed) and is named `tokens.exchange`; without it exchanges are not limited."""
+    assert _parse().tokens.exchange_limit is None
+    cfg = _parse(tokens={"exchange_limit": {"requests": 20, "window": "1m"}})
+    assert cfg.tokens.exchange_limit == RateLimit("tokens.exchange", "identity", 20, 60.0, 2)
+    limit = {"requests": 2, "window": "10s", "burst": 1, "on_store_error": "allow"}
+    cfg = _parse(tokens={"exchange_limit": limit})
+    assert cfg.tokens.exchange_limit == RateLimit(
+        "tokens.exchange", "identity", 2, 10.0, 1, "allow"
+    )
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        ({"window": "1m"}, "tokens.exchange_limit.requests: is required"),
+        ({"requests": 2}, "tokens.exchange_limit.window: is required"),
+        (
+            {"requests": 0, "window": "1m"},
+            "tokens.exchange_limit.requests: must be a positive whole number",
+        ),
+        (
+            {"requests": 2, "window": "1m", "burst": 0},
+            "tokens.exchange_limit.burst: must be a positive whole number",
+        ),
+        (
+            {"requests": 2, "window": "1m", "on_store_error": "open"},
+            "tokens.exchange_limit.on_store_error: must be deny (fail closed)",
+        ),
+        (
+            {"requests": 2, "window": "1m", "per": "route"},
+            "tokens.exchange_limit.per: unknown key",
+        ),
+        ("20/m", "tokens.exchange_limit: must be a mapping"),
+    ],
+)
+def test_exchange_limit_mistakes_name_their_path(limit: Any, expected: str) -> None:
+    """A mistake in `tokens.exchange_limit` is refused with its YAML path; it is always
+    per identity, so `per` (and `name`) are unknown keys there."""
+    assert _error(tokens={"exchange_limit": limit}).startswith(expected)
+
+
+def test_no_route_limit_takes_the_exchange_limit_name() -> None:
+    """A route's limit named `tokens.exchange` would count in the exchange limit's keys."""
+    limits = {
+        "rate": [{"name": "tokens.exchange", "per": "identity", "requests": 1, "window": "1s"}]
+    }
+    message = _error(route_limits=limits)
+    assert message.startswith("routes.openai.limits.rate[0].name: 'tokens.exchange' is the name")
+
+
+def test_a_new_exchange_limit_applies_on_reload() -> None:
+    """A changed `exchange_limit` is a live change of the tokens section: what a reload
+    serves has the new limit."""
+    old = _parse()
+    new = _parse(tokens={"exchange_limit": {"requests": 2, "window": "1m"}})
+    changes = config.diff(old, new)
+    assert (changes.sections, changes.needs_restart) == (("tokens",), ())
+    assert config.keep_running(old, new).tokens.exchange_limit == new.tokens.exchange_limit
