@@ -22,6 +22,11 @@ token within it (keyproxy.delegation); its answer adds `chain`, the token ids fr
 
 Policy decides the most that may be granted; the grant is the intersection of that and the
 request, never more. Every outcome is an audit event: token.issued or token.denied.
+
+With `tokens.exchange_limit`, each exchange (a delegation too: as the identity its chain was
+issued to) takes one unit of that identity's rate in the state store, once the identity is
+verified and before any Vault work for the token: `rate_limited` (429, Retry-After) when
+spent, `state_store_unavailable` (503) when the store cannot answer and the limit fails closed.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any, Final, NamedTuple
 import structlog
 from aiohttp import web
 
-from keyproxy import delegation, policy
+from keyproxy import delegation, policy, state
 from keyproxy import scope as scopes
 from keyproxy.answers import REQUEST_ID_KEY
 from keyproxy.asked import Asked, actor_token, fields_of, read_asked
@@ -52,9 +57,12 @@ from keyproxy.errors import (
 from keyproxy.headers import REQUEST_ID, request_id
 from keyproxy.identity import IdentityVerifier
 from keyproxy.lifecycle import Lifecycle
+from keyproxy.limiter import refusal
 from keyproxy.metrics import Metrics
 from keyproxy.mtls import binding, check_binding, client_chain, identity_of
 from keyproxy.spiffe import Svid
+from keyproxy.state.limits import identity_rate
+from keyproxy.state.memory import MemoryStore
 from keyproxy.tls import ServerTLS
 from keyproxy.tokens import (
     CertificateBinding,
@@ -91,8 +99,11 @@ class Broker(Lifecycle):
         tls: ServerTLS | None = None,
         *,
         exact_uses: bool = True,
+        store: state.StateStore | None = None,
     ) -> None:
         self.config = config
+        # Where tokens.exchange_limit is counted: the proxy's limits' store.
+        self.store = store if store is not None else MemoryStore()
         self.tls = tls  # the listener's, to verify a certificate a front proxy forwarded
         self.verifier = verifier
         self.tasks = tasks
@@ -110,7 +121,8 @@ class Broker(Lifecycle):
             try:
                 response = await self._exchange(request, event)
             except RequestError as exc:
-                log.warning("token.denied", reason=exc.reason, **event)
+                limit = {"limit": exc.limit} if exc.limit is not None else {}
+                log.warning("token.denied", reason=exc.reason, **event, **limit)
                 self._count("denied")
                 raise
         response.headers[REQUEST_ID] = rid
@@ -137,7 +149,7 @@ class Broker(Lifecycle):
         # or to the one a trusted front proxy forwarded, once verified like a direct one.
         certificate = binding(chain, svid) if chain else None
         if subject_token and is_task_token(subject_token):
-            parent = await self._parent(subject_token, chain, str(source))
+            parent = await self._parent(subject_token, chain, str(source), event)
             return await self._delegate(
                 parent, fields, form, certificate, event, source=str(source)
             )
@@ -147,6 +159,7 @@ class Broker(Lifecycle):
             assert svid is not None  # required above
             identity = identity_of(svid)
         event |= {"issuer": identity.issuer, "subject": identity.subject}
+        await self._take_exchange(identity)
         asked = self._asked(fields, form, delegated=False)
         event |= {"task": asked.task, "intent": asked.intent}
         event["requested"] = scopes.to_claim(asked.scope)
@@ -246,13 +259,29 @@ class Broker(Lifecycle):
                 raise
             return None
 
-    async def _parent(self, token: str, chain: tuple[bytes, ...], source: str) -> TaskToken:
+    async def _take_exchange(self, identity: Identity) -> None:
+        """One exchange off `identity`'s tokens.exchange_limit, or the refusal (429, 503)."""
+        configured = self.config.tokens.exchange_limit
+        if configured is None:
+            return
+        decision = await self.store.take([identity_rate(configured, identity)])
+        if not decision.allowed:
+            raise refusal(decision)
+
+    async def _parent(
+        self, token: str, chain: tuple[bytes, ...], source: str, event: dict[str, Any]
+    ) -> TaskToken:
         """The task token a delegation is asked with, verified and used as it would be at
-        the proxy: bound to its address and certificate, its heartbeat leases alive."""
+        the proxy: bound to its address and certificate, its heartbeat leases alive; one
+        exchange of its identity (the chain's root's) counted before the leases are read."""
         parent = await self.tasks.verify(token)
         check_binding(parent, chain, self.tls.verifier if self.tls is not None else None)
         if parent.source is not None and parent.source != source:
             raise Unauthenticated("wrong_source", "this token is bound to another address")
+        identity = parent.identity  # a child is issued to its parent's: the root's
+        event |= {"issuer": identity.issuer, "subject": identity.subject}
+        event["parent_token_id"] = parent.token_id
+        await self._take_exchange(identity)
         if parent.lifecycle and not self.exact_uses:
             raise needs_shared_store(parent.lifecycle)
         await self.tasks.check_leases(parent)
@@ -270,8 +299,7 @@ class Broker(Lifecycle):
     ) -> web.Response:
         """A narrower token for a sub-agent (keyproxy.delegation), asked for from `source`."""
         identity = parent.identity
-        event |= {"issuer": identity.issuer, "subject": identity.subject, "task": parent.task}
-        event["parent_token_id"] = parent.token_id
+        event["task"] = parent.task
         actor_text = actor_token(fields, form)
         actor = await self.verifier.verify(actor_text) if actor_text is not None else None
         acting = actor if actor is not None else identity  # the parent hands it on itself

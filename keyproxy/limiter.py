@@ -29,7 +29,7 @@ from typing import Final
 from keyproxy import state
 from keyproxy.caller import Identity
 from keyproxy.config import Config
-from keyproxy.errors import TooManyRequests, Unauthenticated, Unavailable
+from keyproxy.errors import RequestError, TooManyRequests, Unauthenticated, Unavailable
 from keyproxy.state.limits import RequestLimits, lease_key, limit_name, token_limits
 from keyproxy.state.limits import headers as ratelimit_headers
 from keyproxy.state.memory import MemoryStore
@@ -83,24 +83,33 @@ class Limiter:
         refused = admitted.refused_by
         if refused is None:
             return admitted
-        name = limit_name(refused.limit)
-        if refused.store_error:
-            raise Unavailable(
-                "state_store_unavailable",
-                f"the limit {name} cannot be checked now: the state store is unavailable",
-                retry_after=admitted.retry_after,
-                limit=name,
-            )
-        if isinstance(refused.limit, state.Counter):
+        if not refused.store_error and isinstance(refused.limit, state.Counter):
+            name = limit_name(refused.limit)
             raise Unauthenticated("token_exhausted", "this token has no uses left", limit=name)
-        if isinstance(refused.limit, state.Lease):
+        if not refused.store_error and isinstance(refused.limit, state.Lease):
             assert task is not None  # only a task token's lifecycle names a lease
             if refused.limit.key == lease_key(task.token_id):
                 raise Unauthenticated("heartbeat_lost", "the token's heartbeat lease lapsed")
             raise Unauthenticated("parent_revoked", "a token it was delegated from lost its lease")
-        raise TooManyRequests(
-            refused.reason,
-            f"the limit {name} allows no more requests now",
-            headers=ratelimit_headers(admitted),
+        raise refusal(admitted)
+
+
+def refusal(refused: state.Decision) -> RequestError:
+    """The error answering a decision refused by a rate or a concurrency cap, or by a
+    fail-closed limit the store could not decide: 429 or 503, with Retry-After."""
+    by = refused.refused_by
+    assert by is not None  # a refused decision names what refused it
+    name = limit_name(by.limit)
+    if by.store_error:
+        return Unavailable(
+            "state_store_unavailable",
+            f"the limit {name} cannot be checked now: the state store is unavailable",
+            retry_after=refused.retry_after,
             limit=name,
         )
+    return TooManyRequests(
+        by.reason,
+        f"the limit {name} allows no more requests now",
+        headers=ratelimit_headers(refused),
+        limit=name,
+    )

@@ -216,7 +216,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             cfg,
             digest,
             proxy,
-            Broker(cfg, verifier, tasks, metrics, app.get(TLS), exact_uses=exact_uses),
+            Broker(cfg, verifier, tasks, metrics, app.get(TLS), exact_uses=exact_uses, store=store),
             sessions,
         )
 

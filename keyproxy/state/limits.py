@@ -74,6 +74,11 @@ def token_limits(links: Sequence[TokenLink], now: float, leeway: float) -> list[
     return found
 
 
+def identity_rate(configured: RateLimit, identity: Identity) -> Limit:
+    """The rate `configured` counted for one workload identity (`tokens.exchange_limit`)."""
+    return _limit(configured, f"{configured.name}:{_who(identity.issuer, identity.subject)}")
+
+
 def _who(*parts: str) -> str:
     # A digest: identifiers can hold any character, and the store's keys may not hold braces.
     return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
