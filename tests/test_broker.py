@@ -1,13 +1,14 @@
 """keyproxy.broker: `tokens.exchange_limit`, token exchanges per workload identity.
 
-Real OpenBao, the real broker over HTTP, the in-process state store (a dead Valkey/Redis
-address for the store's failures). Exchanges themselves: tests/test_lifecycle.py,
-tests/test_delegation.py and tests/tokens/."""
+Real OpenBao, the real broker over HTTP, the in-process state store, a real Valkey/Redis
+shared by two replicas, and a dead address for the store's failures. Exchanges themselves:
+tests/test_lifecycle.py, tests/test_delegation.py and tests/tokens/."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.helpers.logscan import CANARIES
 from tests.helpers.servers import Stack, Upstream, bearer, new_key, running_proxy, token_config
 from tests.helpers.tokens import EXCHANGE, JWT
+from tests.state.servers import RedisServer
 from tests.test_proxy import audit_events, new_request_id
 
 SCOPE = {"r": {"methods": ["POST"], "paths": ["/v1/chat/completions"]}}
@@ -183,3 +185,35 @@ async def test_a_store_failure_follows_on_store_error(
     if status == 503:
         assert answer.code == "state_store_unavailable"
         assert int(answer.headers["Retry-After"]) >= 1
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Valkey/Redis server for this module (tests/state's, started here)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_the_limit_holds_across_replicas_sharing_the_store(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    other_agent: Agent,
+    upstream: Upstream,
+    identity_token: str,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Two replicas counting in one Valkey/Redis share an identity's allowance: two
+    exchanges at one, then the next at the other is refused."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    cfg = _config(openbao, agent, other_agent, upstream, exchange_limit=LIMIT)
+    cfg["state"] = {"url": redis_server.url, "timeout": "2s", "prefix": f"t{uuid.uuid4().hex}"}
+    async with running_proxy(cfg) as one, running_proxy(cfg) as two:
+        for _ in range(2):
+            assert (await _exchange(http, one.base, identity_token)).status == 200
+        refused = await _exchange(http, two.base, identity_token)
+    assert (refused.status, refused.code) == (429, "rate_limited"), refused.body
