@@ -378,5 +378,10 @@ class Config:
 
     @property
     def limited(self) -> bool:
-        """Whether any route or policy sets a rate limit or a concurrency cap."""
-        return any(r.limits for r in self.routes.values()) or any(p.limits for p in self.policies)
+        """Whether any route or policy sets a rate limit or a concurrency cap, or tokens an
+        exchange limit (what `serve --workers` needs a shared store for)."""
+        return (
+            any(r.limits for r in self.routes.values())
+            or any(p.limits for p in self.policies)
+            or self.tokens.exchange_limit is not None
+        )

@@ -208,10 +208,12 @@ def test_policy_limit_mistakes_name_the_policy() -> None:
 
 def test_the_exchange_limit_compiles_as_a_rate_per_identity() -> None:
     """`tokens.exchange_limit` reads like a route's rate (burst defaulting to a tenth,
-    failing closed) and is named `tokens.exchange`; without it exchanges are not limited."""
+    failing closed), is named `tokens.exchange` and counts as a limit for `--workers`;
+    without it exchanges are not limited."""
     assert _parse().tokens.exchange_limit is None
     cfg = _parse(tokens={"exchange_limit": {"requests": 20, "window": "1m"}})
     assert cfg.tokens.exchange_limit == RateLimit("tokens.exchange", "identity", 20, 60.0, 2)
+    assert cfg.limited  # several workers need a shared store for it, as for a route's
     limit = {"requests": 2, "window": "10s", "burst": 1, "on_store_error": "allow"}
     cfg = _parse(tokens={"exchange_limit": limit})
     assert cfg.tokens.exchange_limit == RateLimit(
