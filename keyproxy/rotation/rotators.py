@@ -27,7 +27,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from keyproxy import capped, command, netguard, secret
+from keyproxy import capped, command, netguard, secret, strictjson
 from keyproxy.config import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
 from keyproxy.errors import EgressDenied, KeyproxyError
 from keyproxy.secret import Secret
@@ -131,7 +131,8 @@ class _Http:
         if not 200 <= status < 300:
             raise RotatorError(f"create: the upstream answered {status}")
         try:
-            document = json.loads(answer)
+            # Strictly: a key given twice (`{"key": "a", "key": "b"}`) is no answer.
+            document = strictjson.loads(answer)
         except ValueError:
             raise RotatorError("create: the answer is not JSON") from None
         value = _pointer(document, self._cfg.key_pointer)
@@ -280,7 +281,7 @@ class _Command:
         if action != "create":
             return None
         try:
-            return json.loads(done.output)
+            return strictjson.loads(done.output)  # strictly, as an HTTP rotator's
         except ValueError:
             raise RotatorError(f"{action}: the command's answer is not JSON") from None
 

@@ -78,3 +78,18 @@ async def test_a_command_rotator_that_will_not_end_fails_and_leaves_nothing_runn
     shell, helper = await helpers.started()
     await eventually(lambda: not running(shell), "the command is killed")
     await eventually(lambda: not running(helper), "the helper is killed")
+
+
+async def test_a_create_answer_naming_its_key_twice_fails_the_rotation(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """Invariant 12: an answer giving its key twice is no answer (which one was made?),
+    read strictly as every JSON keyproxy takes, never as its last value."""
+    name = f"cmd-{uid()}"
+    answer = '{"key": "sk-first-0123456789", "key": "sk-second-0123456789", "key_id": "k1"}'
+    rotator = {"type": "command", "command": ["sh", "-c", f"echo '{answer}'"], "timeout": "30s"}
+    env = make_env({name: route_config(legacy_api, rotator)})
+    async with engine(env) as rotations:
+        outcome = await rotations.rotate(name)
+    assert outcome.failed
+    assert outcome.detail == "create: the command's answer is not JSON"
