@@ -45,6 +45,7 @@ from tests.helpers.servers import (
     serve,
     token_config,
 )
+from tests.state.servers import RedisServer
 
 
 def _started(workdir: Path) -> OpenBaoDevServer:
@@ -210,6 +211,17 @@ async def stack(
     openbao.put_key("keyproxy/keys/tokens-test", new_key())
     async with running_proxy(token_config(openbao, agent, upstream.url)) as value:
         yield value
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Valkey/Redis server shared by the whole session."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,17 +185,6 @@ async def test_a_store_failure_follows_on_store_error(
     if status == 503:
         assert answer.code == "state_store_unavailable"
         assert int(answer.headers["Retry-After"]) >= 1
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A Valkey/Redis server for this module (tests/state's, started here)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_the_limit_holds_across_replicas_sharing_the_store(

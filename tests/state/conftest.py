@@ -1,7 +1,7 @@
 """A real Valkey/Redis server for the state store's tests, and both stores over it.
 
-- `redis_server`: one `valkey-server` or `redis-server` on 127.0.0.1 for the session, no
-  persistence, stopped by PID. Tests keep to their own keys (`unique`).
+- `redis_server` (tests/conftest.py): one `valkey-server` or `redis-server` on 127.0.0.1 for
+  the session, no persistence, stopped by PID. Tests keep to their own keys (`unique`).
 - `own_redis`: a server of its own for a test that stops and restarts it.
 - `store`: each test runs once with the `MemoryStore` and once with a `RedisStore`.
 - `gated`: an upstream whose SSE stream stays open until the test lets it end.
@@ -19,17 +19,6 @@ from keyproxy.state.memory import MemoryStore
 from keyproxy.state.redis import RedisSettings, RedisStore
 from keyproxy.state.store import StateStore
 from tests.state.servers import RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One Valkey/Redis server shared by the whole session."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
