@@ -18,7 +18,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from keyproxy import netguard
 from keyproxy.config import Route
 from keyproxy.deadline import ReadDeadlines, Watch
 from keyproxy.errors import (
@@ -183,10 +182,7 @@ class Exchange:
                     "body_timeout", "the request body did not arrive in time"
                 ) from exc
             raise GatewayTimeout("upstream_timeout", "the upstream did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            denial = netguard.egress_denial(exc)
-            if denial is not None:
-                raise denial from None
+        except aiohttp.ClientError as exc:  # the pool raises the fence's refusal itself
             raise BadGateway("upstream_error", "the upstream could not be reached") from exc
 
     async def _stream_back(

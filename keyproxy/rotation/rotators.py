@@ -179,6 +179,9 @@ class _Http:
             ) as response:
                 answer = await capped.read_body(response.content, _MAX_ANSWER)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            denial = netguard.egress_denial(exc)  # a name the fence resolved to no allowed address
+            if denial is not None:
+                raise RotatorError(f"{what}: {denial.message}") from None
             # SECURITY: the URL may carry the key; name only the error type.
             raise RotatorError(f"{what}: request failed ({type(exc).__name__})") from None
         if answer is None:
