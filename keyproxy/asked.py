@@ -109,7 +109,8 @@ def _known(fields: dict[str, Any], form: bool, *, delegated: bool) -> None:
         raise BadRequest("invalid_request", f"unknown field{shown}")
     if not delegated and fields.get("actor_token"):
         raise BadRequest("invalid_request", "actor_token goes with a task token to delegate")
-    if form and fields.get("requested_token_type", next(iter(_ISSUED_TYPES))) not in _ISSUED_TYPES:
+    requested = fields.get("requested_token_type")
+    if requested is not None and requested not in _ISSUED_TYPES:  # only the form's, above
         raise BadRequest("invalid_request", "requested_token_type must be an access token")
 
 
