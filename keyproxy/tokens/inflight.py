@@ -85,10 +85,15 @@ def list_unreadable(retry_after: int = 1) -> Unavailable:
 
 class InFlight:
     """This process's task-token requests under way; `judge` says why a token ended
-    ("revoked", "expired"), or None while it lives; `retry_after` (seconds: the next read of
-    the list) goes with the 503 of a token that cannot be judged (UNVERIFIABLE)."""
+    ("revoked", "expired"), or None while it lives; `retry_after()` (seconds to the next read
+    of the list, under the settings of the moment) goes with the 503 of a token that cannot
+    be judged (UNVERIFIABLE)."""
 
-    def __init__(self, judge: Callable[[TaskToken], str | None], retry_after: int = 1) -> None:
+    def __init__(
+        self,
+        judge: Callable[[TaskToken], str | None],
+        retry_after: Callable[[], int] = lambda: 1,
+    ) -> None:
         self.judge = judge
         self.retry_after = retry_after
         self.requests: dict[_Watching, tuple[TaskToken, End]] = {}
@@ -101,7 +106,7 @@ class InFlight:
         """The error of a request ended (`why`) before its answer started, as a new request
         would get it: 401 for a token that ended, 503 for one that cannot be judged."""
         if why == UNVERIFIABLE:
-            return list_unreadable(self.retry_after)
+            return list_unreadable(self.retry_after())
         return Unauthenticated(why, "the task token ended")
 
     def end_dead(self) -> None:

@@ -67,7 +67,7 @@ class ListReader:
         # The task-token requests under way, ended with their token.
         self.inflight = InFlight(
             lambda token: ended(token, self._revocations, self.clock()),
-            retry_after=retry_after(self.cfg),
+            retry_after=lambda: retry_after(self.cfg),  # the settings of now: a reload moves it
         )
         self._copy = ListCopy()
         self._writes_taken = 0  # how many writes' results `_copy` took (a poll's read waits)

@@ -22,7 +22,6 @@ from keyproxy.state import StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, TaskToken
 from keyproxy.tokens.inflight import UNVERIFIABLE
-from keyproxy.tokens.listread import retry_after
 from keyproxy.tokens.verify import Verifier
 
 log = structlog.get_logger("keyproxy.tokens")
@@ -42,7 +41,6 @@ class TaskTokens(Verifier):
         moved."""
         moved = config.tokens.state_path != self.cfg.state_path
         self.config, self.cfg = config, config.tokens
-        self.inflight.retry_after = retry_after(self.cfg)
         if moved:
             self._moved()
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})

@@ -82,7 +82,7 @@ def test_requests_whose_tokens_cannot_be_judged_all_end_with_a_503() -> None:
     (UNVERIFIABLE), whatever its token; one not answered yet gets the replica's own 503
     (`unreadable`, with its Retry-After), not a 401: the token may be good."""
     held, ends = _List(), list[tuple[str, str]]()
-    inflight = InFlight(held.judge, retry_after=2)
+    inflight = InFlight(held.judge, retry_after=lambda: 2)
     watched = [inflight.watching(t, _ender(t, ends)) for t in (ROOT, CHILD)]
     for watching in watched:
         watching.__enter__()
