@@ -7,15 +7,12 @@ answer read on aiohttp's own HTTP/1.1 protocol.
                             .content_type, .compression, .cut_short
     await pool.close()      the idle connections closed, none pooled after
 
-Why not `aiohttp.ClientSession.request` (the rotators and MCP replies use it): around the
-protocol, parser and writer it builds request and response objects, merges headers, consults
-cookies, auth, proxies, traces and redirects; keyproxy uses none of that, and it was most of
-a request's cost (`bench/instructions.py --compare`, 2026-12-07: 806,932 instructions per
-small answer through it, 625,704 through a pool like this, about 60 us of CPU here). So
-aiohttp's machinery stays where it does the work (`ResponseHandler`: the C response parser,
-flow control, decompression, a connection's end; `StreamWriter`: the request head, which
-refuses CR and LF in values, and the body), with the egress fence's resolver; this module
-does the pool, the connection and the request line.
+Why not `aiohttp.ClientSession.request` (the rotators and MCP replies use it): what it wraps
+around the protocol keyproxy never uses, and it was most of a request's cost (docs/
+performance.md, "The proxy's own upstream pool"). aiohttp's machinery stays where it does
+the work (`ResponseHandler`: the C response parser, flow control, decompression, a
+connection's end; `StreamWriter`: the request head, which refuses CR and LF in values, and
+the body), with the egress fence's resolver; this module does the pool and the request line.
 
 SECURITY: the address connected to is the one the fence (netguard.GuardedResolver) allowed,
 resolved for every new connection; certificates are verified against the route's CAs and the
@@ -32,6 +29,7 @@ import ipaddress
 import socket
 import ssl
 import time
+from asyncio import sslproto
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
@@ -66,13 +64,22 @@ _Key = tuple[str, str, int]  # scheme, host, port
 
 
 class _Connection(ResponseHandler):
-    """aiohttp's response protocol, remembering how its connection ended (aiohttp ends a
-    body delimited by it alike whether the upstream closed it or it was reset)."""
+    """aiohttp's response protocol, remembering how its connection ended: aiohttp ends a
+    body delimited by it alike whether the upstream closed it, it was reset, or a TLS
+    connection ended without the upstream's close_notify."""
 
     lost: BaseException | None = None
 
+    def eof_received(self) -> None:
+        # SECURITY: asyncio's TLS layer ends the stream for a bare TCP FIN too (anyone on the
+        # path can send one); a close_notify, read as data, is heard before its SHUTDOWN state.
+        tls = getattr(getattr(self.transport, "_ssl_protocol", None), "_state", None)
+        if tls is sslproto.SSLProtocolState.SHUTDOWN:
+            self.lost = ConnectionAbortedError("the TLS connection ended without close_notify")
+        super().eof_received()
+
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = exc
+        self.lost = exc or self.lost
         super().connection_lost(exc)
 
 
@@ -108,8 +115,8 @@ class Answer:
 
     @property
     def cut_short(self) -> bool:
-        """Whether a body ended by its connection's end ended by a reset, not a close: maybe
-        cut short (a TLS close without close_notify reads as a close: aiohttp's rule)."""
+        """Whether a body ended by its connection's end ended by a reset or (TLS) without
+        close_notify, not a close: maybe cut short."""
         return self._until_closed and self._conn.lost is not None
 
     @property
@@ -141,8 +148,7 @@ class Pool:
         """Send one request and yield its answer (past interim answers, as aiohttp's client;
         a 101 is yielded, its connection closed after it). Raises TimeoutError when no
         connection is made within `connect_timeout`, EgressDenied, or aiohttp.ClientError."""
-        host = url.raw_host or ""
-        key = (url.scheme, host, url.port or 0)
+        key = (url.scheme, url.raw_host or "", url.port or 0)
         # True: may be sent again; None: being sent again, on a new connection.
         again: bool | None = method in IDEMPOTENT and not isinstance(body, AsyncIterable)
         while True:
@@ -176,8 +182,7 @@ class Pool:
         """Close the idle connections; those in use close when their answers end."""
         self._closed = True
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+            self._sweeper.cancel()  # (none is set again: nothing is put back once closed)
         for conns in self._idle.values():
             for _, conn in conns:
                 conn.close()
@@ -204,22 +209,19 @@ class Pool:
         self._sweeper = None
         oldest = time.monotonic() - KEEPALIVE
         for key, conns in list(self._idle.items()):
-            kept = [(since, conn) for since, conn in conns if since > oldest]
             for since, conn in conns:
                 if since <= oldest:
                     conn.close()
-            if kept:
-                self._idle[key] = kept
-            else:
+            self._idle[key] = [(since, conn) for since, conn in conns if since > oldest]
+            if not self._idle[key]:
                 del self._idle[key]
         if self._idle:
             self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE / 2, self._sweep)
 
     async def _connect(self, key: _Key, within: float) -> _Connection:
         """A new connection to an address the fence allows, `within` seconds (resolving,
-        connecting and the TLS handshake alike). The addresses are tried as aiohttp's
-        connector tries them (Happy Eyeballs, RFC 8305): the next starts 0.25 s after the
-        last if none has answered, so one silent address does not spend the whole time."""
+        connecting and the TLS handshake alike), the addresses tried as aiohttp's connector
+        tries them (Happy Eyeballs, RFC 8305: the next 0.25 s after the last)."""
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         tls = self._tls if scheme == "https" else None
@@ -276,11 +278,9 @@ class Pool:
 
 async def _racing(found: Sequence[aiohappyeyeballs.AddrInfoType]) -> socket.socket:
     """A socket connected to one of `found`, the attempts staggered (aiohappyeyeballs).
-
-    Awaited through a shield: the library waits for a losing attempt with CancelledError
-    suppressed, so a cancellation reaching it there (the read deadline, the caller's token
-    ending: keyproxy.deadline.Watch) would be lost and the request go on. Here it is raised
-    at once, and the race, cancelled, has any socket it still makes closed."""
+    Through a shield: the library waits for a losing attempt with CancelledError suppressed,
+    so a cancellation there (keyproxy.deadline.Watch) would be lost; here it is raised at
+    once, and the race, cancelled, has any socket it still makes closed."""
     racing = asyncio.ensure_future(
         aiohappyeyeballs.start_connection(found, happy_eyeballs_delay=0.25, interleave=1)
     )

@@ -585,3 +585,32 @@ async def test_a_closed_pool_keeps_no_connection(pool: Pool) -> None:
             await pool.close()  # a reload retired it while this answer was read
             assert await answer.content.read() == b"ok"
         await eventually(lambda: server.closed, "the connection closed", within=5)
+
+
+@pytest.mark.parametrize("close_notify", [True, False])
+async def test_a_tls_answer_ended_without_close_notify_says_it_may_be_cut(
+    tmp_path: Path, close_notify: bool
+) -> None:
+    """Over TLS a body delimited by the connection's end is whole only if the upstream said
+    so (close_notify): a bare TCP FIN, which anyone on the path can send, may have cut it."""
+
+    async def then_end(conn: Conn) -> None:
+        await conn.request()
+        await conn.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart of it")
+        if close_notify:
+            return  # tls_server closes it: close_notify, then FIN
+        conn.writer.get_extra_info("socket").shutdown(socket.SHUT_WR)  # FIN alone
+        await asyncio.wait_for(conn.reader.read(), 5)  # the client's end, then ours
+
+    files = pem_files(tmp_path)
+    server, port = await tls_server(files, then_end)
+    made = Pool(LOOPBACK, tls_context(True, str(files["ca"])))
+    try:
+        url = URL(f"https://127.0.0.1:{port}/x")
+        async with made.request("GET", url, CIMultiDict(), None, 5.0) as answer:
+            assert await answer.content.read() == b"part of it"
+            assert answer.cut_short is not close_notify
+    finally:
+        await made.close()
+        server.close()
+        await server.wait_closed()
