@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from keyproxy import config, rotation, secret
+from keyproxy import config, rotation, secret, text
 from keyproxy.audit import query as auditlog
 from keyproxy.cli import tree
 from keyproxy.cli.common import (
@@ -292,8 +292,10 @@ def _audit(args: argparse.Namespace) -> int:
     if cfg is None and args.route not in answer.routes:
         seen = ", ".join(sorted(answer.routes)) or "none"
         print(  # noqa: T201
-            f"keyproxy audit: no request of route {args.route!r} in the input (routes seen: "
-            f"{seen}); give -c FILE to have route names checked",
+            text.one_line(
+                f"keyproxy audit: no request of route {args.route!r} in the input (routes "
+                f"seen: {seen}); give -c FILE to have route names checked"
+            ),
             file=sys.stderr,
         )
     if wants_json(args):
@@ -309,9 +311,13 @@ def _audit(args: argparse.Namespace) -> int:
     for u in answer.identities:
         tasks = ", ".join(sorted(u.tasks)) or "-"
         versions = ", ".join(str(v) for v in sorted(u.key_versions))
+        # SECURITY: one line per identity, whatever the log's texts hold (a line end in a
+        # subject would print a line of its own making).
         print(  # noqa: T201
-            f"{u.issuer} {u.subject}: {u.requests} requests, key versions {versions}, "
-            f"tasks {tasks}, {u.first} .. {u.last}"
+            text.one_line(
+                f"{u.issuer} {u.subject}: {u.requests} requests, key versions {versions}, "
+                f"tasks {tasks}, {u.first} .. {u.last}"
+            )
         )
     return 0
 
@@ -330,11 +336,14 @@ def _calls(args: argparse.Namespace) -> int:
         )
         return 0
     for task, calls in sorted(found.items()):
-        print(f"task {task or '-'}: {len(calls)} calls")  # noqa: T201
+        # One line per call, whatever a caller named (a tool's name is the caller's text).
+        print(text.one_line(f"task {task or '-'}: {len(calls)} calls"))  # noqa: T201
         for c in calls:
             print(  # noqa: T201
-                f"  {c.timestamp} {c.method} {c.target or '-'} {c.decision} "
-                f"key version {c.key_version} {c.subject or '-'}"
+                text.one_line(
+                    f"  {c.timestamp} {c.method} {c.target or '-'} {c.decision} "
+                    f"key version {c.key_version} {c.subject or '-'}"
+                )
             )
     return 0
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from keyproxy import text
 from keyproxy.audit import query as auditlog
 from keyproxy.audit.query import TokenNode
 from keyproxy.cli.common import print_json, wants_json
@@ -112,7 +113,7 @@ def render(
         said = note(node, ancestors)
         if said:
             parts.append(said)
-        out.append("  ".join(parts))
+        out.append(text.one_line("  ".join(parts)))  # one line, whatever the log's texts hold
         inner = prefix + ("" if not ancestors else ("   " if last else "│  "))
         for i, child in enumerate(node.children):
             walk(child, (*ancestors, node), inner, i == len(node.children) - 1)

@@ -1,0 +1,79 @@
+"""`keyproxy audit` and `keyproxy token list --audit` on hostile logs, run as the real
+command (subprocesses): what a log's texts hold never reaches the operator's terminal as
+anything but text, and a malformed, foreign or forged line is skipped, never the end of the
+answer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.cli import KEYPROXY, clean_env, keyproxy
+
+AT = "2026-01-01T00:00:00Z"
+REQUEST = {"event": "request", "route": "api", "issuer": "k8s", "key_version": 1, "timestamp": AT}
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+def _log(tmp_path: Path, events: list[dict[str, Any]], *raw: str) -> Path:
+    """The events as JSON lines, then `raw` lines as they are. Not named .jsonl: the session's
+    log scan reads keyproxy's own logs, not the tests' made-up ones."""
+    path = tmp_path / "hostile.txt"
+    lines = [json.dumps(e) for e in events] + list(raw)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_line_end_in_a_logged_text_stays_inside_its_line(tmp_path: Path, home: Path) -> None:
+    """A line end in a subject, a tool name or a task prints as `\\u000a` inside its own
+    line: no text in the log can add a line of its own making to a table."""
+    forged = "x\nk8s victim: 99 requests, key versions 1, tasks -, a .. b"
+    log = _log(
+        tmp_path,
+        [
+            REQUEST | {"subject": forged, "token_id": "t1", "task": forged},
+            REQUEST | {"event": "mcp.call", "mcp_method": "tools/call", "mcp_tool": forged},
+        ],
+    )
+    for argv, lines in (
+        (["--route", "api"], 1),
+        (["--route", "api", "--calls"], 2),
+        (["--token", "t1"], 1),
+    ):
+        done = keyproxy("audit", *argv, str(log), env=clean_env(home))
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout.splitlines()) == lines, (argv, done.stdout)
+        assert "x\\u000ak8s victim" in done.stdout, argv
+
+
+@pytest.mark.parametrize("encoding", ["utf-8:surrogateescape", "utf-8:strict"])
+def test_a_lone_surrogate_is_written_as_an_escape(
+    tmp_path: Path, home: Path, encoding: str
+) -> None:
+    """A JSON escape of a lone surrogate is written as that escape: a stream with
+    surrogateescape (Python's in the C and C.UTF-8 locales) would otherwise write the raw
+    bytes it stands for (here C2 9B, a terminal's CSI in UTF-8), and a strict one stop the
+    command in the middle of its answer."""
+    task = "\udcc2\udc9b2J\udc1b]0;owned\udc07"
+    log = _log(tmp_path, [REQUEST | {"subject": task, "task": task, "token_id": "t1"}])
+    for argv in (["--route", "api"], ["--token", "t1"]):
+        done = subprocess.run(
+            [KEYPROXY, "audit", *argv, str(log)],
+            capture_output=True,
+            env=clean_env(home, PYTHONIOENCODING=encoding),
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert b"\\udcc2\\udc9b2J\\udc1b]0;owned\\udc07" in done.stdout, argv
+        assert not {0x1B, 0x07, 0x9B, 0xC2} & set(done.stdout), argv
