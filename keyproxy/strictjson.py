@@ -10,6 +10,7 @@ all read here.
 
 `loads(data)` is the value, or a `ValueError` whose message says what was wrong without
 quoting any value (a member name may be named: it is the shape, not the content).
+`loads_text(text)` reads a text already decoded the same way, lone surrogates kept.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def loads(data: bytes) -> Any:
         # Only an escape can produce a lone surrogate, which no UTF-8 text can carry.
         _refuse_lone_surrogates(value)
     return value
+
+
+def loads_text(text: str) -> Any:
+    """The JSON value of a text already decoded (a log line), read as `loads` reads it but for
+    lone surrogates, which it keeps: a reader of what keyproxy wrote must not drop an event
+    for a character it can escape on the way out (keyproxy.text)."""
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc.msg} at {exc.pos}") from None
 
 
 def dumps(value: Any) -> str:

@@ -57,3 +57,12 @@ def test_what_would_not_read_back_is_not_written(value: object) -> None:
     a text `loads` would refuse."""
     with pytest.raises(ValueError, match=r"Unicode|JSON compliant"):
         strictjson.dumps(value)
+
+
+def test_loads_text_reads_as_loads_but_keeps_lone_surrogates() -> None:
+    """A decoded text (a log line) is read as strictly as bytes, but a lone surrogate, which
+    a reader can escape on its way out, is kept rather than the whole value refused."""
+    assert strictjson.loads_text('{"a":"\\udc9b"}') == {"a": "\udc9b"}
+    for text in ('{"a":1,"a":2}', '{"a":NaN}', '{"a":1e400}', "[" * 100_000):
+        with pytest.raises(ValueError, match=r"given twice|not JSON|out of range|too deep"):
+            strictjson.loads_text(text)

@@ -4,7 +4,8 @@ Reads the JSON lines keyproxy writes (keyproxy.audit: one `request` event per re
 keeps the events in which a key was injected (those carry `key_version`). The answer for a
 leaked key is its blast radius: every identity (issuer and subject) that used it, with its
 tasks, token ids, request count and first and last use. Lines that are not audit events are
-skipped and counted, so a log mixed with other output still works. Pure: no I/O of its own.
+skipped and counted, so a log mixed with other output still works; so are lines keyproxy
+would not write (a member twice, NaN: keyproxy.strictjson). Pure: no I/O of its own.
 
 `calls` reads the `mcp.call` events of an MCP route instead: every JSON-RPC request, by task,
 with the tool (or prompt, resource, method) it named, whether it was allowed, and the key
@@ -19,11 +20,12 @@ ids from the root), so a token seen only in another replica's log still finds it
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from keyproxy import strictjson
 
 
 @dataclass
@@ -84,7 +86,8 @@ def query(
         if isinstance(event.get("route"), str):
             routes.add(event["route"])
         version = event.get("key_version")
-        if event.get("route") != route or not isinstance(version, int):
+        # type, not isinstance: JSON's true is no key version, though Python's bool is an int
+        if event.get("route") != route or type(version) is not int:
             continue
         if key_version is not None and version != key_version:
             continue
@@ -93,6 +96,9 @@ def query(
         if at is None or (since and at < since) or (until and at > until):
             continue
         who = (event.get("issuer"), event.get("subject"))
+        if not all(w is None or isinstance(w, str) for w in who):
+            skipped += 1  # no event keyproxy writes: its identity is text or null
+            continue
         usage = usages.setdefault(who, Usage(*who))
         usage.requests += 1
         if not usage.first or at < parse_time(usage.first):
@@ -164,7 +170,7 @@ def calls(
                 method=str(event.get("mcp_method", "")),
                 target=str(target),
                 decision=str(event.get("decision", "")),
-                key_version=version if isinstance(version, int) else None,
+                key_version=version if type(version) is int else None,
                 subject=event.get("subject") if isinstance(event.get("subject"), str) else None,
                 token_id=event.get("token_id") if isinstance(event.get("token_id"), str) else None,
                 session=str(event.get("mcp_session") or ""),
@@ -285,7 +291,7 @@ def _note(nodes: dict[str, TokenNode], event: dict[str, Any]) -> None:
         node.actors = tuple(actors.split(","))
     if kind == "token.issued":
         node.issued = str(event.get("timestamp", ""))
-        if isinstance(event.get("expires_at"), int | float):
+        if type(event.get("expires_at")) in {int, float}:  # true is no time
             node.expires_at = float(event["expires_at"])
         if isinstance(event.get("parent_token_id"), str):
             node.parent = event["parent_token_id"]
@@ -306,10 +312,12 @@ def _time(value: Any) -> datetime | None:
 
 
 def _event(line: str, kind: str | None = "request") -> dict[str, Any] | None:
-    """The event of a JSON line (of `kind`, unless None)."""
+    """The event of a JSON line (of `kind`, unless None). Read strictly: keyproxy never
+    writes a member twice, NaN or Infinity, so a line with one is not its event (and Python's
+    reading of it, the last of two values, is a guess)."""
     try:
-        value = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: a line nested deeper than any event
+        value = strictjson.loads_text(line)
+    except ValueError:
         return None
     if not isinstance(value, dict) or (kind is not None and value.get("event") != kind):
         return None

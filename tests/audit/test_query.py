@@ -116,3 +116,36 @@ def test_tree_answers_everything_under_a_task_or_token() -> None:
     under_child = auditlog.tree(TREE_LOG, token="c")
     assert {e["token_id"] for e in under_child.events} == {"c", "g"}
     assert [n.token_id for n in auditlog.tree(TREE_LOG, task="other").roots] == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("line", "skipped"),
+    [
+        (
+            '{"event":"request","route":"other","key_version":1,"route":"r",'
+            '"timestamp":"2025-01-01T10:00:00Z"}',
+            3,
+        ),  # a member twice: which one did keyproxy write?
+        (
+            '{"event":"request","route":"r","key_version":1,"timestamp":"2025-01-01T10:00:00Z",'
+            '"duration_ms":NaN}',
+            3,
+        ),  # no JSON, and no JSON reader downstream would take it back
+        # A request event with no key version: as a refused one, not counted nor skipped.
+        ('{"event":"request","route":"r","key_version":true,"timestamp":"2025-01-01T10:00Z"}', 2),
+        (_event(["a"], 1, "2025-01-01T10:00:00Z"), 3),  # type: ignore[arg-type]  # the point
+        (_event("a", 1, "2025-01-01T10:00:00Z", issuer=5), 3),
+    ],
+)
+def test_a_line_keyproxy_would_not_write_is_skipped(line: str, skipped: int) -> None:
+    """A line with a member given twice, NaN, a key version that is no whole number or an
+    identity that is not text is no event of keyproxy's: not counted under a guessed route
+    or version, and not the end of the query (an unhashable subject, or one that cannot be
+    sorted with the others, raised TypeError); the tree's events never hold NaN, which
+    `-o json` would print as no JSON."""
+    answer = auditlog.query([*LOG, line], "r")
+    assert [u.subject for u in answer.identities] == ["a", "b"]
+    assert sum(u.requests for u in answer.identities) == 4
+    assert answer.skipped_lines == skipped
+    tree = auditlog.tree([line])
+    assert all("NaN" not in json.dumps(e) for e in tree.events)
