@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keyproxy import strictjson
+from keyproxy.config import MAX_DELEGATION_DEPTH
 
 
 @dataclass
@@ -253,11 +254,30 @@ def tree(
             continue
         events.append(event)
         _note(nodes, event)
-    roots = [n for n in nodes.values() if n.parent is None or n.parent not in nodes]
+    return Tree(_linked(nodes), events, skipped)
+
+
+def _linked(nodes: dict[str, TokenNode]) -> list[TokenNode]:
+    """The roots, each token among its parent's children when its parents lead to a root
+    within MAX_DELEGATION_DEPTH delegations. Any other (its parent not in the logs, a cycle,
+    a chain deeper than keyproxy delegates: merged or tampered logs) is a root of its own,
+    its `parent` kept: no token is hidden, and no tree is deeper than keyproxy makes them."""
+    roots: list[TokenNode] = []
     for node in nodes.values():
-        if node.parent is not None and node.parent in nodes:
+        top = node
+        for _ in range(MAX_DELEGATION_DEPTH + 1):
+            parent = nodes.get(top.parent) if top.parent is not None else None
+            if parent is None:
+                break
+            top = parent
+        else:  # no root within reach
+            top = node
+        if top is node:
+            roots.append(node)
+        else:
+            assert node.parent is not None  # it has a parent above it
             nodes[node.parent].children.append(node)
-    return Tree(roots, events, skipped)
+    return roots
 
 
 def _chain(event: dict[str, Any]) -> list[str]:

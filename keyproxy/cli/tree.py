@@ -107,6 +107,8 @@ def render(
         parts = [f"{prefix}{branch}{node.token_id}", who]
         if not ancestors:
             parts.append(f"task {node.task or '-'}")
+            if node.parent is not None:  # delegated, its parent not above it (keyproxy.audit)
+                parts.append(f"parent {node.parent}")
         parts.append(f"{node.requests} requests ({node.refused} refused)")
         if node.routes:
             parts.append("routes " + ",".join(sorted(node.routes)))

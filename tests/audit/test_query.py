@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from keyproxy.audit import query as auditlog
+from keyproxy.config import MAX_DELEGATION_DEPTH
 
 
 def _event(subject: str, version: int | None, at: str, route: str = "r", **kw: Any) -> str:
@@ -149,3 +150,37 @@ def test_a_line_keyproxy_would_not_write_is_skipped(line: str, skipped: int) -> 
     assert answer.skipped_lines == skipped
     tree = auditlog.tree([line])
     assert all("NaN" not in json.dumps(e) for e in tree.events)
+
+
+def _used(token_id: str, chain: list[str]) -> str:
+    return json.dumps(
+        {"event": "request", "token_id": token_id, "task": "t", "chain": ",".join(chain),
+         "route": "llm", "decision": "allow", "timestamp": "2025-01-01T10:00:00Z"}
+    )  # fmt: skip
+
+
+def _depth(node: auditlog.TokenNode) -> int:
+    pending, deepest = [(node, 0)], 0
+    while pending:
+        current, depth = pending.pop()
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in current.children)
+    return deepest
+
+
+def test_a_tree_the_logs_tangle_still_shows_every_token() -> None:
+    """Tokens whose parents form a cycle, or a chain deeper than keyproxy delegates (merged
+    or tampered logs), are each a root of their own with their parent named, never left out
+    of every tree; no tree is deeper than MAX_DELEGATION_DEPTH, so printing it cannot
+    exhaust the stack."""
+    cycle = auditlog.tree([_used("a", ["a", "b", "a"])], task="t")
+    assert sorted((n.token_id, n.parent) for n in cycle.roots) == [("a", "b"), ("b", "a")]
+    ids = [f"id{i}" for i in range(3000)]
+    deep = auditlog.tree([_used(ids[-1], ids)], task="t")
+    assert len(deep.roots) == 3000 - MAX_DELEGATION_DEPTH
+    assert max(_depth(root) for root in deep.roots) == MAX_DELEGATION_DEPTH
+    assert deep.roots[0].token_id == "id0"
+    assert json.dumps([root.as_dict() for root in deep.roots])
+    issued = {"event": "token.issued", "token_id": "c", "task": "t", "parent_token_id": "gone"}
+    missing = auditlog.tree([json.dumps(issued | {"timestamp": "2025-01-01T10:00:00Z"})])
+    assert [(n.token_id, n.parent) for n in missing.roots] == [("c", "gone")]

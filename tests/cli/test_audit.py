@@ -77,3 +77,27 @@ def test_a_lone_surrogate_is_written_as_an_escape(
         assert done.returncode == 0, done.stderr
         assert b"\\udcc2\\udc9b2J\\udc1b]0;owned\\udc07" in done.stdout, argv
         assert not {0x1B, 0x07, 0x9B, 0xC2} & set(done.stdout), argv
+
+
+def test_a_tangled_tree_prints_every_token(tmp_path: Path, home: Path) -> None:
+    """A delegation chain longer than any keyproxy makes, and a cycle of parents, print in
+    table and JSON form (a tree as deep as the chain exhausted Python's stack); a token whose
+    parent is not above it names that parent."""
+    ids = [f"id{i}" for i in range(3000)]
+    used = {"event": "request", "task": "t", "route": "api", "decision": "allow"}
+    log = _log(
+        tmp_path,
+        [
+            used | {"token_id": ids[-1], "chain": ",".join(ids), "timestamp": AT},
+            used | {"token_id": "a", "chain": "a,b,a", "timestamp": AT},
+        ],
+    )
+    done = keyproxy("audit", "--task", "t", str(log), env=clean_env(home))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3002
+    assert any(line.startswith("a ") and "parent b" in line for line in lines)
+    assert any(line.startswith("b ") and "parent a" in line for line in lines)
+    done = keyproxy("audit", "--task", "t", "-o", "json", str(log), env=clean_env(home))
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["tokens"]) == 3000 - 16 + 2
