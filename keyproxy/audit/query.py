@@ -223,7 +223,7 @@ class TokenNode:
 @dataclass
 class Tree:
     roots: list[TokenNode]
-    events: list[dict[str, Any]]  # every event in scope, in log order
+    events: list[dict[str, Any]]  # every event in scope, in log order (if kept)
     skipped_lines: int
 
 
@@ -236,9 +236,13 @@ def tree(
     token: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    *,
+    keep_events: bool = False,
 ) -> Tree:
     """The tokens and events of `task`, or under `token` (it and every token delegated from
-    it), between `since` and `until`; every task token the logs show when neither is given."""
+    it), between `since` and `until`; every task token the logs show when neither is given.
+    The events themselves only with `keep_events`: without, memory grows with the tokens,
+    not with the length of the logs."""
     nodes: dict[str, TokenNode] = {}
     events: list[dict[str, Any]] = []
     skipped = 0
@@ -252,7 +256,8 @@ def tree(
         at = _time(event.get("timestamp"))
         if at is None or (since and at < since) or (until and at > until):
             continue
-        events.append(event)
+        if keep_events:
+            events.append(event)
         _note(nodes, event)
     return Tree(_linked(nodes), events, skipped)
 

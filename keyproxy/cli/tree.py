@@ -28,8 +28,9 @@ from keyproxy.tokens import Revocations
 
 def audit(args: argparse.Namespace, lines: Iterable[str]) -> int:
     """`keyproxy audit --task | --token`: the tree under it, and its events."""
-    found = auditlog.tree(lines, args.task, args.token, args.since, args.until)
-    if wants_json(args):
+    as_json = wants_json(args)  # the table shows no events: they are not kept
+    found = auditlog.tree(lines, args.task, args.token, args.since, args.until, keep_events=as_json)
+    if as_json:
         print_json(
             {
                 "task": args.task,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import tracemalloc
 from datetime import UTC, datetime
 from typing import Any
 
@@ -106,7 +108,7 @@ def test_tree_answers_everything_under_a_task_or_token() -> None:
     """`tree` puts every token of a task in its delegation tree, a grandchild seen only in
     request events included, with requests and end reasons; under a token, only it and its
     descendants."""
-    found = auditlog.tree(TREE_LOG, task="t")
+    found = auditlog.tree(TREE_LOG, task="t", keep_events=True)
     (root,) = found.roots
     assert (root.token_id, root.ended, root.subject) == ("r", "failed", "k8s|a")
     (child,) = root.children
@@ -114,7 +116,7 @@ def test_tree_answers_everything_under_a_task_or_token() -> None:
     (grandchild,) = child.children
     assert (grandchild.token_id, grandchild.requests, grandchild.refused) == ("g", 2, 1)
     assert len(found.events) == 5
-    under_child = auditlog.tree(TREE_LOG, token="c")
+    under_child = auditlog.tree(TREE_LOG, token="c", keep_events=True)
     assert {e["token_id"] for e in under_child.events} == {"c", "g"}
     assert [n.token_id for n in auditlog.tree(TREE_LOG, task="other").roots] == ["x"]
 
@@ -148,7 +150,7 @@ def test_a_line_keyproxy_would_not_write_is_skipped(line: str, skipped: int) -> 
     assert [u.subject for u in answer.identities] == ["a", "b"]
     assert sum(u.requests for u in answer.identities) == 4
     assert answer.skipped_lines == skipped
-    tree = auditlog.tree([line])
+    tree = auditlog.tree([line], keep_events=True)
     assert all("NaN" not in json.dumps(e) for e in tree.events)
 
 
@@ -184,3 +186,18 @@ def test_a_tree_the_logs_tangle_still_shows_every_token() -> None:
     issued = {"event": "token.issued", "token_id": "c", "task": "t", "parent_token_id": "gone"}
     missing = auditlog.tree([json.dumps(issued | {"timestamp": "2025-01-01T10:00:00Z"})])
     assert [(n.token_id, n.parent) for n in missing.roots] == [("c", "gone")]
+
+
+def test_a_tree_without_its_events_holds_memory_by_tokens_not_by_lines() -> None:
+    """`token list --audit` and the table of `audit --task` show no events: the tree keeps
+    none, so a long log of one token's requests takes no more memory than a short one."""
+    line = _used("g", ["r", "g"])
+    tracemalloc.start()
+    try:
+        found = auditlog.tree(itertools.repeat(line, 20_000), task="t")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found.roots[0].children[0].requests == 20_000
+    assert found.events == []
+    assert peak < 1_000_000  # the events, kept, take about 19 MB
