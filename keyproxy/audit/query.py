@@ -3,9 +3,11 @@
 Reads the JSON lines keyproxy writes (keyproxy.audit: one `request` event per request) and
 keeps the events in which a key was injected (those carry `key_version`). The answer for a
 leaked key is its blast radius: every identity (issuer and subject) that used it, with its
-tasks, token ids, request count and first and last use. Lines that are not audit events are
-skipped and counted, so a log mixed with other output still works; so are lines keyproxy
-would not write (a member twice, NaN: keyproxy.strictjson). Pure: no I/O of its own.
+tasks, token ids, request count and first and last use, and the sub-agents that used it with
+tokens delegated from that identity's (a delegated token's events name its root identity).
+Lines that are not audit events are skipped and counted, so a log mixed with other output
+still works; so are lines keyproxy would not write (a member twice, NaN: keyproxy.strictjson).
+Pure: no I/O of its own.
 
 `calls` reads the `mcp.call` events of an MCP route instead: every JSON-RPC request, by task,
 with the tool (or prompt, resource, method) it named, whether it was allowed, and the key
@@ -41,6 +43,10 @@ class Usage:
     tasks: set[str] = field(default_factory=set)
     token_ids: set[str] = field(default_factory=set)
     key_versions: set[int] = field(default_factory=set)
+    # Who sent its requests with tokens delegated from its own ("issuer|subject"): policy
+    # decides for the root identity, and the event names it, but these workloads held the
+    # tokens and had the answers.
+    actors: set[str] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,7 @@ class Usage:
             "tasks": sorted(self.tasks),
             "token_ids": sorted(self.token_ids),
             "key_versions": sorted(self.key_versions),
+            "actors": sorted(self.actors),
         }
 
 
@@ -111,6 +118,8 @@ def query(
             usage.tasks.add(event["task"])
         if isinstance(event.get("token_id"), str):
             usage.token_ids.add(event["token_id"])
+        if isinstance(event.get("actors"), str) and event["actors"]:
+            usage.actors.add(event["actors"].split(",")[-1])  # who acted with the token used
     ordered = sorted(usages.values(), key=lambda u: (u.issuer or "", u.subject or ""))
     return Answer(ordered, skipped, routes)
 

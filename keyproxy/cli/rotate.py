@@ -311,12 +311,13 @@ def _audit(args: argparse.Namespace) -> int:
     for u in answer.identities:
         tasks = ", ".join(sorted(u.tasks)) or "-"
         versions = ", ".join(str(v) for v in sorted(u.key_versions))
+        acting = f", delegated to {', '.join(sorted(u.actors))}" if u.actors else ""
         # SECURITY: one line per identity, whatever the log's texts hold (a line end in a
         # subject would print a line of its own making).
         print(  # noqa: T201
             text.one_line(
                 f"{u.issuer} {u.subject}: {u.requests} requests, key versions {versions}, "
-                f"tasks {tasks}, {u.first} .. {u.last}"
+                f"tasks {tasks}, {u.first} .. {u.last}{acting}"
             )
         )
     return 0

@@ -78,6 +78,7 @@ def test_usage_collects_tasks_tokens_counts_and_times() -> None:
         "tasks": ["t1", "t2"],
         "token_ids": ["j1"],
         "key_versions": [1, 2],
+        "actors": [],
     }
     assert answer.skipped_lines == 2  # "not json" and a non-request event; blank lines ignored
 
@@ -201,3 +202,14 @@ def test_a_tree_without_its_events_holds_memory_by_tokens_not_by_lines() -> None
     assert found.roots[0].children[0].requests == 20_000
     assert found.events == []
     assert peak < 1_000_000  # the events, kept, take about 19 MB
+
+
+def test_a_sub_agent_that_used_the_key_is_in_the_blast_radius() -> None:
+    """A request made with a delegated token names its root identity as issuer and subject,
+    policy's identity; the sub-agent that held the token and sent it (its last actor) is
+    listed under that identity, not lost from the answer."""
+    delegated = _event("a", 1, "2025-01-01T10:10:00Z", chain="j1,j2,j3",
+                       actors="k8s|helper,k8s|sub")  # fmt: skip
+    (a, _) = auditlog.query([*LOG, delegated], "r").identities
+    assert (a.subject, a.requests, a.actors) == ("a", 4, {"k8s|sub"})
+    assert a.as_dict()["actors"] == ["k8s|sub"]
