@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gzip
+import io
 import json
 import os
 import sys
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final, TextIO
 
@@ -134,18 +137,37 @@ def usage_failed(exc: UsageError) -> int:
 
 
 def input_lines(files: list[str]) -> Iterator[str]:
-    """The lines of the named files in turn (none named: stdin); a file that cannot be read
-    ends the command, naming it. A line of MAX_LINE characters or more is no event: it comes
-    as a line that is no JSON (skipped, and counted so), never held whole."""
+    """The lines of the named files in turn (none named: stdin), as UTF-8 (a byte that is
+    not becomes U+FFFD); a gzip file (a rotated log, told by its first bytes, not its name)
+    is read decompressed. A file that cannot be read, or whose compressed data is cut or
+    broken, ends the command, naming it. A line of MAX_LINE characters or more is no event:
+    it comes as a line that is no JSON (skipped, and counted so), never held whole."""
     if not files:
-        yield from _bounded(sys.stdin)
+        stdin = sys.stdin.buffer
+        if not isinstance(stdin, io.BufferedReader):  # a stand-in (tests): read as it is
+            yield from _bounded(sys.stdin)
+            return
+        stream = _text(stdin)
+        try:
+            yield from _bounded(stream)
+        finally:
+            stream.detach()  # stdin stays open
         return
     for name in files:
         try:
-            with open(name, encoding="utf-8", errors="replace") as stream:  # noqa: PTH123
+            with open(name, "rb") as raw, _text(raw) as stream:  # noqa: PTH123
                 yield from _bounded(stream)
-        except OSError as exc:
-            raise SystemExit(f"keyproxy: cannot read {name}: {exc.strerror}") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SystemExit(f"keyproxy: cannot read {name}: {why}") from None
+
+
+def _text(raw: io.BufferedReader) -> io.TextIOWrapper:
+    """`raw` as UTF-8 text, decompressed first if it starts as gzip data does."""
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        unzipped = gzip.GzipFile(fileobj=raw, mode="rb")
+        return io.TextIOWrapper(unzipped, encoding="utf-8", errors="replace")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
 MAX_LINE: Final = 1024 * 1024  # characters: an audit event is a few hundred

@@ -5,6 +5,7 @@ answer."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 from pathlib import Path
@@ -101,3 +102,36 @@ def test_a_tangled_tree_prints_every_token(tmp_path: Path, home: Path) -> None:
     done = keyproxy("audit", "--task", "t", "-o", "json", str(log), env=clean_env(home))
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["tokens"]) == 3000 - 16 + 2
+
+
+def test_rotated_logs_and_stdin_are_read_whatever_their_bytes(tmp_path: Path, home: Path) -> None:
+    """A log rotated and compressed with gzip is read decompressed (its events counted, not
+    skipped as lines of noise); stdin is read as UTF-8 with a stray byte replaced, whatever
+    the locale's strictness (a traceback under en_US.UTF-8); a compressed log cut short
+    ends the command naming it, not with a traceback."""
+    line = json.dumps(REQUEST | {"subject": "a"}).encode()
+    rotated = tmp_path / "audit.log.1.gz"
+    rotated.write_bytes(gzip.compress(line + b"\n"))
+    plain = _log(tmp_path, [REQUEST | {"subject": "b"}])
+    done = keyproxy("audit", "--route", "api", "-o", "json", str(rotated), str(plain),
+                    env=clean_env(home))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert [u["subject"] for u in answer["identities"]] == ["a", "b"]
+    assert answer["skipped_lines"] == 0
+    piped = subprocess.run(
+        [KEYPROXY, "audit", "--route", "api"],
+        input=b"\xff\xfe not a log\n" + line + b"\n",
+        capture_output=True,
+        env=clean_env(home, PYTHONIOENCODING="utf-8:strict"),
+        timeout=60,
+        check=False,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith(b"k8s a: 1 requests")
+    cut = tmp_path / "audit.log.2.gz"
+    cut.write_bytes(gzip.compress(line + b"\n" * 1000)[:-12])
+    done = keyproxy("audit", "--route", "api", str(cut), env=clean_env(home))
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"keyproxy: cannot read {cut}: ")
+    assert "Traceback" not in done.stderr
