@@ -170,6 +170,17 @@ def _text(raw: io.BufferedReader) -> io.TextIOWrapper:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
+def note_skipped(count: int) -> None:
+    """Say on stderr that `count` lines of the input were no audit event, when any were: the
+    table has no place for it, and an answer from the wrong file (or a compressed one in a
+    format not read) must not look like "nobody"."""
+    if count:
+        print(  # noqa: T201
+            f"keyproxy audit: {count} lines skipped: not an audit event as keyproxy writes one",
+            file=sys.stderr,
+        )
+
+
 MAX_LINE: Final = 1024 * 1024  # characters: an audit event is a few hundred
 
 
@@ -194,6 +205,7 @@ __all__ = [
     "known_issuer",
     "known_route",
     "load_config",
+    "note_skipped",
     "optional_config",
     "print_json",
     "usage_failed",

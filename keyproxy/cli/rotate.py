@@ -37,6 +37,7 @@ from keyproxy.cli.common import (
     input_lines,
     known_route,
     load_config,
+    note_skipped,
     optional_config,
     print_json,
     vault_for,
@@ -320,6 +321,7 @@ def _audit(args: argparse.Namespace) -> int:
                 f"tasks {tasks}, {u.first} .. {u.last}{acting}"
             )
         )
+    note_skipped(answer.skipped_lines)
     return 0
 
 

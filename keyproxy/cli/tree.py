@@ -22,7 +22,7 @@ from typing import Any
 from keyproxy import text
 from keyproxy.audit import query as auditlog
 from keyproxy.audit.query import TokenNode
-from keyproxy.cli.common import print_json, wants_json
+from keyproxy.cli.common import note_skipped, print_json, wants_json
 from keyproxy.tokens import Revocations
 
 
@@ -45,6 +45,7 @@ def audit(args: argparse.Namespace, lines: Iterable[str]) -> int:
         print(line)  # noqa: T201
     if not found.roots:
         print("no task token in the input matches", file=sys.stderr)  # noqa: T201
+    note_skipped(found.skipped_lines)
     return 0
 
 

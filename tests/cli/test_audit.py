@@ -135,3 +135,16 @@ def test_rotated_logs_and_stdin_are_read_whatever_their_bytes(tmp_path: Path, ho
     assert done.returncode == 1
     assert done.stderr.startswith(f"keyproxy: cannot read {cut}: ")
     assert "Traceback" not in done.stderr
+
+
+def test_the_table_says_how_many_lines_were_no_event(tmp_path: Path, home: Path) -> None:
+    """A table has no place for the lines that were no audit event, so stderr counts them:
+    an answer read from the wrong file (or one compressed in a form not read) does not look
+    like an answer with nobody in it."""
+    log = _log(tmp_path, [REQUEST | {"subject": "a", "token_id": "t1"}], "zstd noise", "{}")
+    for argv in (["--route", "api"], ["--token", "t1"]):
+        done = keyproxy("audit", *argv, str(log), env=clean_env(home))
+        assert done.returncode == 0, done.stderr
+        assert "2 lines skipped" in done.stderr, argv
+        quiet = keyproxy("audit", *argv, "-o", "json", str(log), env=clean_env(home))
+        assert quiet.stderr == "", argv
