@@ -18,6 +18,7 @@ import asyncio
 import atexit
 import dataclasses
 import datetime
+import io
 import json
 import logging
 import operator
@@ -106,13 +107,33 @@ class _Sink:
             return
         self._quiet_until = time.monotonic() + FLUSH_DELAY
         try:
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+            _write_all(self._stream, "\n".join(lines) + "\n")
         except BaseException:
             # Not lost with the failed write: tried again with the next line. Bounded, so a
             # stream that stays broken cannot hold the whole process's memory.
             self._pending = (lines + self._pending)[-_KEPT_ON_FAILURE:]
             raise
+
+
+def _write_all(stream: TextIO, text: str) -> None:
+    """Write `text` whole. To a file descriptor (stdout, a pipe) it goes by os.write until
+    every byte is out: a signal (SIGHUP, SIGTERM) that interrupts a write blocked on a full
+    pipe makes it return part written, and Python's text and buffered streams then drop the
+    rest without a word, cutting a line and losing the lines after it."""
+    fd = -1
+    if isinstance(stream, io.TextIOWrapper):  # not a wrapper that changes what it is given
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            fd = -1
+    if fd < 0:  # an in-memory stream (tests, structlog's capture): nothing to cut
+        stream.write(text)
+        stream.flush()
+        return
+    stream.flush()  # what was written to it before goes first
+    left = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+    while left:
+        left = left[os.write(fd, left) :]
 
 
 class _SinkFactory:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import fcntl
 import io
 import json
 import logging
 import secrets
+import signal
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from keyproxy import audit, headers, redact, secret
 from keyproxy.audit import log as audit_log
 from keyproxy.secret import REDACTED, Secret
-from tests.helpers.polling import eventually
+from tests.helpers.polling import eventually, eventually_blocking
 from tests.helpers.servers import new_key
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLWJ5dGVz"
@@ -501,3 +506,35 @@ def test_standard_library_records_come_out_as_scrubbed_json(audit_log: Path) -> 
 
 def _refuse(text: str) -> None:
     raise ValueError(text)
+
+
+_BLOCKED_WRITER = """
+import signal, structlog
+from keyproxy import audit
+signal.signal(signal.SIGUSR1, lambda *_: None)
+audit.configure()
+structlog.get_logger("keyproxy.audit").info("big", pad="x" * 1_000_000)
+structlog.get_logger("keyproxy.audit").info("after")
+"""
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_a_signal_during_a_blocked_write_cuts_no_line(unbuffered: bool) -> None:
+    """A signal (a reload's SIGHUP, a stop's SIGTERM) reaching a process whose write to
+    stdout waits on a full pipe makes the write return part done: every line still comes
+    out whole, and the lines after it too (Python's streams dropped the rest of the write)."""
+    argv = [sys.executable, *(["-u"] if unbuffered else []), "-c", _BLOCKED_WRITER]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE) as child:
+        assert child.stdout is not None
+        pipe = child.stdout.fileno()
+        full = fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ)
+
+        def queued() -> int:
+            return int.from_bytes(fcntl.ioctl(pipe, termios.FIONREAD, bytes(4)), sys.byteorder)
+
+        # Full, with the megabyte line's write not done: the writer waits inside it.
+        eventually_blocking(queued, "the writer fills the pipe", until=lambda n: n == full)
+        child.send_signal(signal.SIGUSR1)
+        out, _ = child.communicate(timeout=30)
+    events = [json.loads(line)["event"] for line in out.decode().splitlines()]
+    assert events == ["big", "after"]
