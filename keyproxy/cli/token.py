@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from keyproxy import config
+from keyproxy import config, text
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.cli import tree
@@ -250,8 +250,10 @@ def _list(args: argparse.Namespace) -> int:
         for entry in active:
             left = int(entry["expires_at"] - now)
             print(  # noqa: T201
-                f"{entry['token_id']}  owner={entry['owner']}  expires_in={left}s  "
-                f"reason={entry['reason']!r}"
+                text.one_line(  # one line a token, whatever its owner's name holds
+                    f"{entry['token_id']}  owner={entry['owner']}  expires_in={left}s  "
+                    f"reason={entry['reason']!r}"
+                )
             )
         if not active:
             print("no active exception tokens", file=sys.stderr)  # noqa: T201

@@ -510,3 +510,21 @@ def test_token_revoke_records_without_a_store_it_cannot_set_up(
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"revoked": {"id": token_id, "subject": None, "task": None}}
     assert "not using the state store (FileNotFoundError)" in done.stderr
+
+
+def test_token_list_prints_one_line_a_token_whatever_its_owner(
+    openbao: OpenBaoDevServer, cfg_file: Path, home: Path
+) -> None:
+    """An owner's name holding a line end prints as `\\u000a` inside its token's line: no
+    owner can add a line of its own to the list of active exception tokens."""
+    env = clean_env(home, VAULT_TOKEN=openbao.root_token)
+    owner = f"ops-{uuid.uuid4().hex[:8]}"
+    args = _issue_args(cfg_file)
+    args[args.index("ops@example.com")] = f"{owner}\nforged-token  owner=root"
+    issued = keyproxy(*args, env=env)
+    assert issued.returncode == 0, issued.stderr
+    CANARIES.add(issued.stdout.strip())
+    listed = keyproxy("token", "list", "-c", str(cfg_file), "--as-operator", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert f"owner={owner}\\u000aforged-token  owner=root" in listed.stdout
+    assert not any(line.startswith("forged") for line in listed.stdout.splitlines())
