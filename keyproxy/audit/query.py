@@ -22,7 +22,7 @@ ids from the root), so a token seen only in another replica's log still finds it
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +47,7 @@ class Usage:
     # decides for the root identity, and the event names it, but these workloads held the
     # tokens and had the answers.
     actors: set[str] = field(default_factory=set)
+    routes: set[str] = field(default_factory=set)  # which of the routes asked about
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class Usage:
             "token_ids": sorted(self.token_ids),
             "key_versions": sorted(self.key_versions),
             "actors": sorted(self.actors),
+            "routes": sorted(self.routes),
         }
 
 
@@ -77,12 +79,15 @@ def parse_time(text: str) -> datetime:
 
 def query(
     lines: Iterable[str],
-    route: str,
+    route: str | Collection[str],
     key_version: int | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> Answer:
-    """Who used `route` (and `key_version`, if given) between `since` and `until`."""
+    """Who used `route`'s key (and `key_version`, if given) between `since` and `until`; a
+    collection of routes for routes that inject the same key (one version of it is one key,
+    whichever route sent it)."""
+    wanted = {route} if isinstance(route, str) else set(route)
     usages: dict[tuple[str | None, str | None], Usage] = {}
     skipped = 0
     routes: set[str] = set()
@@ -95,7 +100,7 @@ def query(
             routes.add(event["route"])
         version = event.get("key_version")
         # type, not isinstance: JSON's true is no key version, though Python's bool is an int
-        if event.get("route") != route or type(version) is not int:
+        if event.get("route") not in wanted or type(version) is not int:
             continue
         if key_version is not None and version != key_version:
             continue
@@ -114,6 +119,7 @@ def query(
         if not usage.last or at > parse_time(usage.last):
             usage.last = str(stamp)
         usage.key_versions.add(version)
+        usage.routes.add(event["route"])
         if isinstance(event.get("task"), str):
             usage.tasks.add(event["task"])
         if isinstance(event.get("token_id"), str):

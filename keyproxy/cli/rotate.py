@@ -287,8 +287,9 @@ def _audit(args: argparse.Namespace) -> int:
         known_route(cfg, args.route)
     if args.calls:
         return _calls(args)
+    routes = _same_key(cfg, args.route) if cfg is not None else [args.route]
     answer = auditlog.query(
-        input_lines(args.files), args.route, args.key_version, args.since, args.until
+        input_lines(args.files), routes, args.key_version, args.since, args.until
     )
     if cfg is None and args.route not in answer.routes:
         seen = ", ".join(sorted(answer.routes)) or "none"
@@ -304,6 +305,7 @@ def _audit(args: argparse.Namespace) -> int:
             {
                 "route": args.route,
                 "key_version": args.key_version,
+                "routes": routes,
                 "identities": [u.as_dict() for u in answer.identities],
                 "skipped_lines": answer.skipped_lines,
             }
@@ -313,6 +315,8 @@ def _audit(args: argparse.Namespace) -> int:
         tasks = ", ".join(sorted(u.tasks)) or "-"
         versions = ", ".join(str(v) for v in sorted(u.key_versions))
         acting = f", delegated to {', '.join(sorted(u.actors))}" if u.actors else ""
+        if len(routes) > 1:
+            acting += f", routes {', '.join(sorted(u.routes))}"
         # SECURITY: one line per identity, whatever the log's texts hold (a line end in a
         # subject would print a line of its own making).
         print(  # noqa: T201
@@ -323,6 +327,23 @@ def _audit(args: argparse.Namespace) -> int:
         )
     note_skipped(answer.skipped_lines)
     return 0
+
+
+def _same_key(cfg: config.Config, route: str) -> list[str]:
+    """`route` and every other route that injects the same key (a field of one secret): a
+    leaked version of it was sent by all of them, so each one's requests are in its blast
+    radius. Said on stderr when there are others."""
+    key = cfg.routes[route].secret
+    routes = [name for name, r in cfg.routes.items() if r.secret == key]
+    if len(routes) > 1:
+        print(  # noqa: T201
+            text.one_line(
+                f"keyproxy audit: routes {', '.join(routes)} inject the same key "
+                f"({key.mount}/{key.path}, field {key.field}): counting the requests of each"
+            ),
+            file=sys.stderr,
+        )
+    return routes
 
 
 def _calls(args: argparse.Namespace) -> int:

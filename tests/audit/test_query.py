@@ -79,6 +79,7 @@ def test_usage_collects_tasks_tokens_counts_and_times() -> None:
         "token_ids": ["j1"],
         "key_versions": [1, 2],
         "actors": [],
+        "routes": ["r"],
     }
     assert answer.skipped_lines == 2  # "not json" and a non-request event; blank lines ignored
 

@@ -148,3 +148,55 @@ def test_the_table_says_how_many_lines_were_no_event(tmp_path: Path, home: Path)
         assert "2 lines skipped" in done.stderr, argv
         quiet = keyproxy("audit", *argv, "-o", "json", str(log), env=clean_env(home))
         assert quiet.stderr == "", argv
+
+
+def _routes_config(tmp_path: Path) -> Path:
+    """Routes a and b inject one key (the same field of one secret); c has a key of its own
+    in another field of that secret."""
+    (tmp_path / "jwks.json").write_text('{"keys": []}', encoding="utf-8")
+    secret = {"path": "keyproxy/keys/shared"}
+    route = {"upstream": "https://api.example.com", "inject": [{"header": "X-Api-Key"}]}
+    raw = {
+        "vault": {"addr": "http://127.0.0.1:1", "auth": {"method": "token"}},
+        "identity": {
+            "issuers": [
+                {"name": "k8s", "issuer": "https://k8s.example", "audiences": ["keyproxy"],
+                 "algorithms": ["RS256"], "jwks_file": str(tmp_path / "jwks.json")}
+            ]
+        },
+        "routes": {
+            "a": route | {"secret": secret},
+            "b": route | {"secret": secret},
+            "c": route | {"secret": secret | {"field": "other"}},
+        },
+        "policies": [],
+    }  # fmt: skip
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    return path
+
+
+def test_the_blast_radius_of_a_key_covers_every_route_that_sends_it(
+    tmp_path: Path, home: Path
+) -> None:
+    """With the configuration, `--route a --key-version 3` counts the requests of every
+    route injecting the same key (b too, and says so on stderr): version 3 of it leaked
+    whichever route sent it. A route with another key (c) is not counted."""
+    log = _log(
+        tmp_path,
+        [
+            REQUEST | {"route": route, "subject": route, "key_version": 3}
+            for route in ("a", "b", "c")
+        ],
+    )
+    cfg = _routes_config(tmp_path)
+    done = keyproxy("audit", "-c", str(cfg), "--route", "a", "--key-version", "3", "-o",
+                    "json", str(log), env=clean_env(home))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["routes"] == ["a", "b"]
+    assert [(u["subject"], u["routes"]) for u in answer["identities"]] == [
+        ("a", ["a"]),
+        ("b", ["b"]),
+    ]
+    assert "routes a, b inject the same key" in done.stderr
