@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         audit.configure(sys.stderr, level=level, console=sys.stderr.isatty())
         # SECURITY: what a command prints can come from agents (an audit line's task name,
         # an owner, a proxy's answer to `run`): no control a terminal obeys gets through.
+        # And a character the terminal's encoding lacks is written as an escape, as stderr's
+        # are, rather than end the command partway through its answer.
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(errors="backslashreplace")
         sys.stdout, sys.stderr = _shown(sys.stdout), _shown(sys.stderr)
     try:
         no_file = (

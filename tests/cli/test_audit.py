@@ -200,3 +200,18 @@ def test_the_blast_radius_of_a_key_covers_every_route_that_sends_it(
         ("b", ["b"]),
     ]
     assert "routes a, b inject the same key" in done.stderr
+
+
+def test_a_terminal_without_the_characters_gets_escapes(tmp_path: Path, home: Path) -> None:
+    """A subject in a script the terminal's encoding lacks is written as escapes, not the
+    end of the command partway through its answer (the identities after it unprinted)."""
+    names = ("\u4e2d\u6587", "\u00e9", "z")
+    log = _log(tmp_path, [REQUEST | {"subject": name} for name in names])
+    done = keyproxy("audit", "--route", "api", str(log),
+                    env=clean_env(home, PYTHONIOENCODING="ascii"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == [
+        "k8s z",
+        "k8s \\xe9",
+        "k8s \\u4e2d\\u6587",
+    ]
