@@ -215,3 +215,20 @@ def test_a_terminal_without_the_characters_gets_escapes(tmp_path: Path, home: Pa
         "k8s \\xe9",
         "k8s \\u4e2d\\u6587",
     ]
+
+
+def test_two_tasks_that_differ_never_print_alike(tmp_path: Path, home: Path) -> None:
+    """A task named as another with a character that shows nothing (a zero-width space, a
+    line separator, a tag character) prints with that character as an escape: a look-alike
+    of a task cannot pass for it in a table."""
+    lookalikes = ["t-1", "t-1\u200b", "t-1\u2028", "t-1\U000e0041"]
+    log = _log(
+        tmp_path,
+        [REQUEST | {"token_id": f"tok{i}", "task": t} for i, t in enumerate(lookalikes)],
+    )
+    done = keyproxy("audit", "--route", "api", str(log), env=clean_env(home))
+    assert done.returncode == 0, done.stderr
+    assert "tasks t-1, t-1\\u200b, t-1\\u2028, t-1\\U000e0041," in done.stdout
+    for i, shown in enumerate(["t-1 ", "t-1\\u200b ", "t-1\\u2028 ", "t-1\\U000e0041 "]):
+        tree = keyproxy("audit", "--token", f"tok{i}", str(log), env=clean_env(home))
+        assert f"task {shown}" in tree.stdout, tree.stdout
