@@ -49,6 +49,22 @@ class Usage:
     actors: set[str] = field(default_factory=set)
     routes: set[str] = field(default_factory=set)  # which of the routes asked about
 
+    def count(self, event: dict[str, Any], at: datetime) -> None:
+        """Count one request `event` of this identity, at `at` (its `timestamp`)."""
+        self.requests += 1
+        if not self.first or at < parse_time(self.first):
+            self.first = str(event["timestamp"])
+        if not self.last or at > parse_time(self.last):
+            self.last = str(event["timestamp"])
+        self.key_versions.add(event["key_version"])
+        self.routes.add(event["route"])
+        if isinstance(event.get("task"), str):
+            self.tasks.add(event["task"])
+        if isinstance(event.get("token_id"), str):
+            self.token_ids.add(event["token_id"])
+        if isinstance(event.get("actors"), str) and event["actors"]:
+            self.actors.add(event["actors"].split(",")[-1])  # who acted with the token used
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "issuer": self.issuer,
@@ -104,28 +120,17 @@ def query(
             continue
         if key_version is not None and version != key_version:
             continue
-        stamp = event.get("timestamp")
-        at = _time(stamp)
-        if at is None or (since and at < since) or (until and at > until):
+        at = _time(event.get("timestamp"))
+        if at is None:  # every event keyproxy writes has its time: this is no such event
+            skipped += 1
+            continue
+        if (since and at < since) or (until and at > until):
             continue
         who = (event.get("issuer"), event.get("subject"))
         if not all(w is None or isinstance(w, str) for w in who):
             skipped += 1  # no event keyproxy writes: its identity is text or null
             continue
-        usage = usages.setdefault(who, Usage(*who))
-        usage.requests += 1
-        if not usage.first or at < parse_time(usage.first):
-            usage.first = str(stamp)
-        if not usage.last or at > parse_time(usage.last):
-            usage.last = str(stamp)
-        usage.key_versions.add(version)
-        usage.routes.add(event["route"])
-        if isinstance(event.get("task"), str):
-            usage.tasks.add(event["task"])
-        if isinstance(event.get("token_id"), str):
-            usage.token_ids.add(event["token_id"])
-        if isinstance(event.get("actors"), str) and event["actors"]:
-            usage.actors.add(event["actors"].split(",")[-1])  # who acted with the token used
+        usages.setdefault(who, Usage(*who)).count(event, at)
     ordered = sorted(usages.values(), key=lambda u: (u.issuer or "", u.subject or ""))
     return Answer(ordered, skipped, routes)
 
@@ -269,7 +274,10 @@ def tree(
         if event.get("event") not in _TREE_EVENTS or not _in_scope(event, task, token):
             continue
         at = _time(event.get("timestamp"))
-        if at is None or (since and at < since) or (until and at > until):
+        if at is None:  # as in `query`
+            skipped += 1
+            continue
+        if (since and at < since) or (until and at > until):
             continue
         if keep_events:
             events.append(event)

@@ -140,20 +140,24 @@ def test_tree_answers_everything_under_a_task_or_token() -> None:
         ('{"event":"request","route":"r","key_version":true,"timestamp":"2025-01-01T10:00Z"}', 2),
         (_event(["a"], 1, "2025-01-01T10:00:00Z"), 3),  # type: ignore[arg-type]  # the point
         (_event("a", 1, "2025-01-01T10:00:00Z", issuer=5), 3),
+        (_event("a", 1, "yesterday"), 3),  # counted in no window, so said
+        (_event("a", 1, "2025-01-01T10:00:00Z", timestamp=None), 3),
     ],
 )
 def test_a_line_keyproxy_would_not_write_is_skipped(line: str, skipped: int) -> None:
-    """A line with a member given twice, NaN, a key version that is no whole number or an
-    identity that is not text is no event of keyproxy's: not counted under a guessed route
-    or version, and not the end of the query (an unhashable subject, or one that cannot be
-    sorted with the others, raised TypeError); the tree's events never hold NaN, which
-    `-o json` would print as no JSON."""
+    """A line with a member given twice, NaN, a key version that is no whole number, an
+    identity that is not text or a time that cannot be read is no event of keyproxy's: not
+    counted under a guessed route, version or window, and not the end of the query (an
+    unhashable subject, or one that cannot be sorted with the others, raised TypeError); the
+    tree's events never hold NaN, which `-o json` would print as no JSON."""
     answer = auditlog.query([*LOG, line], "r")
     assert [u.subject for u in answer.identities] == ["a", "b"]
     assert sum(u.requests for u in answer.identities) == 4
     assert answer.skipped_lines == skipped
     tree = auditlog.tree([line], keep_events=True)
     assert all("NaN" not in json.dumps(e) for e in tree.events)
+    if "yesterday" in line:
+        assert (tree.events, tree.skipped_lines) == ([], 1)
 
 
 def _used(token_id: str, chain: list[str]) -> str:
