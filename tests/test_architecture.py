@@ -136,6 +136,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "rotation.rotators",
                 "rotation.journal",
                 "audit",
+                "audit.lines",
                 "audit.log",
                 "audit.calls",
                 "audit.query",

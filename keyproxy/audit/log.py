@@ -9,7 +9,8 @@ so `emit()` runs the same steps as the processor chain below without structlog's
 machinery (a test holds the two outputs equal). A line is written at once unless the stream
 had a write less than FLUSH_DELAY (1 ms) ago; inside an event loop it then waits for the end
 of that delay and goes out with the others of it: a burst of requests costs one write system
-call, not one each, and a lone request's line is not held back.
+call (one per 4 KiB to a pipe: keyproxy.audit.lines), not one each, and a lone request's line
+is not held back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import atexit
 import dataclasses
 import datetime
-import io
 import json
 import logging
 import operator
@@ -33,6 +33,7 @@ import orjson
 import structlog
 
 from keyproxy import redact, text
+from keyproxy.audit.lines import write_whole
 from keyproxy.headers import GeneratedId
 from keyproxy.redact import scrub_secrets
 
@@ -107,33 +108,12 @@ class _Sink:
             return
         self._quiet_until = time.monotonic() + FLUSH_DELAY
         try:
-            _write_all(self._stream, "\n".join(lines) + "\n")
+            write_whole(self._stream, "\n".join(lines) + "\n")
         except BaseException:
             # Not lost with the failed write: tried again with the next line. Bounded, so a
             # stream that stays broken cannot hold the whole process's memory.
             self._pending = (lines + self._pending)[-_KEPT_ON_FAILURE:]
             raise
-
-
-def _write_all(stream: TextIO, text: str) -> None:
-    """Write `text` whole. To a file descriptor (stdout, a pipe) it goes by os.write until
-    every byte is out: a signal (SIGHUP, SIGTERM) that interrupts a write blocked on a full
-    pipe makes it return part written, and Python's text and buffered streams then drop the
-    rest without a word, cutting a line and losing the lines after it."""
-    fd = -1
-    if isinstance(stream, io.TextIOWrapper):  # not a wrapper that changes what it is given
-        try:
-            fd = stream.fileno()
-        except (OSError, ValueError):  # io.UnsupportedOperation is an OSError
-            fd = -1
-    if fd < 0:  # an in-memory stream (tests, structlog's capture): nothing to cut
-        stream.write(text)
-        stream.flush()
-        return
-    stream.flush()  # what was written to it before goes first
-    left = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
-    while left:
-        left = left[os.write(fd, left) :]
 
 
 class _SinkFactory:
