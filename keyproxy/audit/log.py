@@ -33,7 +33,7 @@ import orjson
 import structlog
 
 from keyproxy import redact, text
-from keyproxy.audit.lines import write_whole
+from keyproxy.audit.lines import WholeLines
 from keyproxy.headers import GeneratedId
 from keyproxy.redact import scrub_secrets
 
@@ -75,6 +75,7 @@ class _Sink:
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._out = WholeLines(stream)
         self._lock = threading.Lock()  # Vault calls log from executor threads
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None
@@ -108,7 +109,7 @@ class _Sink:
             return
         self._quiet_until = time.monotonic() + FLUSH_DELAY
         try:
-            write_whole(self._stream, "\n".join(lines) + "\n")
+            self._out.write("\n".join(lines) + "\n")
         except BaseException:
             # Not lost with the failed write: tried again with the next line. Bounded, so a
             # stream that stays broken cannot hold the whole process's memory.
