@@ -38,6 +38,7 @@ from keyproxy.mcp.jsonrpc import (
 from keyproxy.mcp.lists import Pending, as_json, filter_message
 
 _LINE_END: Final = re.compile(rb"\r\n|\r|\n")
+_BOM: Final = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,15 @@ class EventReader:
         self._checked = 0  # bytes at the buffer's start known to hold no line end
         self._lines: list[bytes] = []
         self._size = 0
-        self._started = False
+        self._head = b""  # the stream's first bytes, until a BOM is ruled out
 
     def feed(self, chunk: bytes) -> list[Event]:
         """The events `chunk` completes, in order."""
-        if not self._started and chunk:
-            self._started = True
-            if chunk.startswith(b"\xef\xbb\xbf"):
+        if len(self._head) < len(_BOM):
+            # SECURITY: however the first bytes are cut into chunks: a client's decoder strips
+            # a BOM and reads the first line's field, which here would be an unknown one.
+            self._head = (self._head + chunk)[: len(_BOM)]
+            if self._head == _BOM:
                 raise MessageError("event stream starts with a byte order mark")
         self._buffer += chunk
         return self._split(final=False)

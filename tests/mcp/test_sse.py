@@ -94,6 +94,20 @@ def test_streams_that_could_be_read_two_ways_are_refused(data: bytes, reason: st
         reader.feed(data)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_byte_order_mark_is_refused_however_the_stream_is_split(seed: int) -> None:
+    """A BOM cut across the first chunks is still refused: a client's decoder strips it and
+    reads the first line as `data`, where keyproxy would read an unknown field and pass it."""
+    data = b"\xef\xbb\xbf" + event(server_request("sampling/createMessage", "s"))
+    parts = [b"", data[:1], data[1:2], *chunks(data[2:], seed)]
+    with pytest.raises(MessageError, match="byte order mark"):
+        read_all(b"".join(parts), seed)
+    reader = EventReader()
+    with pytest.raises(MessageError, match="byte order mark"):  # noqa: PT012  # fed in parts
+        for part in parts:
+            reader.feed(part)
+
+
 GRANT = Grant.build(tools=["a"], server_requests=["elicitation/create"])
 
 
