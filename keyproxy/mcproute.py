@@ -149,6 +149,10 @@ class McpStep(NamedTuple):
         if kind.startswith("application/json"):
             return _Json(self.grant, self.version, self.pending) if self.pending.methods else None
         if kind.startswith("text/event-stream"):
+            if not _utf8(upstream.headers.getall("Content-Type")):
+                # SECURITY: the SDK's client (httpx) decodes a stream by its charset, the
+                # filter as UTF-8: in UTF-16, bytes it reads as no event are a client's events.
+                raise _bad_answer()
             return _Stream(mcp.StreamFilter(self.grant, self.version, self.pending), self.reply)
         return None
 
@@ -200,8 +204,16 @@ def _utf8_json(content_types: list[str]) -> bool:
     kind = parse_mimetype(content_types[0])
     if (kind.type, kind.subtype, kind.suffix) != ("application", "json", ""):
         return False
-    charsets = [c.lower() for c in kind.parameters.getall("charset", [])]
-    return set(kind.parameters) <= {"charset"} and charsets in ([], ["utf-8"])
+    return set(kind.parameters) <= {"charset"} and _utf8(content_types)
+
+
+def _utf8(content_types: list[str]) -> bool:
+    """Whether a message's one Content-Type names no charset but UTF-8 (a reader decoding
+    by it reads what keyproxy read)."""
+    if len(content_types) != 1:
+        return False
+    charsets = parse_mimetype(content_types[0]).parameters.getall("charset", [])
+    return [c.lower() for c in charsets] in ([], ["utf-8"])
 
 
 def _unreadable(exc: mcp.MessageError) -> McpUnreadable:

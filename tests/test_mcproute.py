@@ -20,6 +20,7 @@ import aiohttp
 import httpx
 import pytest
 from aiohttp import web
+from httpx_sse import EventSource
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
@@ -515,6 +516,72 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
                 assert answer.status == status, kind
                 assert '"search_issues"' in text, kind
                 assert "whoami" not in text, (status, kind)
+    finally:
+        await runner.cleanup()
+
+
+# SSE answers in a charset other than UTF-8: the SDK's client (httpx) decodes a stream by
+# its charset, keyproxy's reader as UTF-8, so the two would read different events.
+CHARSETS = [
+    (["text/event-stream; charset=utf-16le"], 502),
+    (["text/event-stream; charset=latin-1"], 502),
+    (["text/event-stream; charset=utf-8; charset=utf-16le"], 502),
+    (["text/event-stream", "text/event-stream; charset=utf-16le"], 502),
+    (['text/event-stream; charset="UTF-8"'], 200),
+    (["text/event-stream"], 200),
+]
+
+
+async def _charset_lister(request: web.Request) -> web.Response:
+    """A tools/list answer listing a tool the route does not grant, as an SSE stream in the
+    next charset (encoded in it)."""
+    assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    kinds, _ = request.app[CHARSET_CASES].pop(0)
+    tools = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search_issues", "whoami")]
+    answer = {"jsonrpc": "2.0", "id": (await request.json())["id"], "result": {"tools": tools}}
+    body = _sse(answer)
+    if "utf-16le" in kinds[-1]:
+        # Ended by a blank line as keyproxy reads the bytes (and a stray character to httpx).
+        body = body.decode().encode("utf-16le") + b"\n\n"
+    return web.Response(body=body, headers=CIMultiDict(("Content-Type", k) for k in kinds))
+
+
+CHARSET_CASES = web.AppKey("charset_cases", list[tuple[list[str], int]])
+
+
+async def test_an_event_stream_in_another_charset_is_refused(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """An SSE answer declaring a charset other than UTF-8 (or two) is a 502, never passed on:
+    the SDK's client decodes a stream by its charset, so UTF-16 bytes that keyproxy reads as
+    no event at all would be a tools/list answer (or a server request) it never filtered."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    app = web.Application()
+    app[CHARSET_CASES] = list(CHARSETS)
+    app.router.add_post("/mcp", _charset_lister)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        headers = {**bearer(identity), "Content-Type": "application/json"}
+        listing = json.dumps(_rpc(3, "tools/list")).encode()
+        async with running_proxy(cfg) as stack, httpx.AsyncClient() as http:
+            for kinds, status in CHARSETS:
+                async with http.stream(
+                    "POST", ENDPOINT.format(stack.base), content=listing, headers=headers
+                ) as answer:
+                    # Read as the SDK's client reads a stream (httpx_sse, by the charset).
+                    if answer.status_code == 200:
+                        seen = [e.data async for e in EventSource(answer).aiter_sse()]
+                    else:
+                        seen = [(await answer.aread()).decode()]
+                assert answer.status_code == status, kinds
+                assert "whoami" not in "".join(seen), kinds
+                assert ('"search_issues"' in "".join(seen)) == (status == 200), kinds
     finally:
         await runner.cleanup()
 
