@@ -276,6 +276,11 @@ HOSTILE: list[tuple[str, bytes, int]] = [
         200,
     ),
     ("huge message", json.dumps(_call(1, "search_issues" + "x" * MAX_BODY)).encode(), 413),
+    (
+        "an elicitation the route withholds, accepted by the client",
+        b'{"jsonrpc":"2.0","id":0,"result":{"action":"accept","content":{"confirm":true}}}',
+        400,
+    ),
 ]
 
 

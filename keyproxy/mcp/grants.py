@@ -23,6 +23,7 @@ from typing import Any, Final
 from keyproxy.mcp.audit import Call, call_of
 from keyproxy.mcp.jsonrpc import (
     INVALID_PARAMS,
+    INVALID_REQUEST,
     METHOD_NOT_FOUND,
     Body,
     Id,
@@ -232,7 +233,7 @@ def decide_server_request(message: Message, grant: Grant) -> Refusal | None:
 
 def _refusal(message: Message, grant: Grant, version: str) -> Refusal | None:
     if message.kind is Kind.RESPONSE:
-        return None  # the client answering a server request the stream let through
+        return _unasked(message, grant)
     method = message.method
     assert method is not None  # requests and notifications have one
     known = CLIENT_METHODS[version]
@@ -246,6 +247,20 @@ def _refusal(message: Message, grant: Grant, version: str) -> Refusal | None:
     if problem is not None:
         return Refusal(message.id, INVALID_PARAMS, problem)
     return None
+
+
+def _unasked(response: Message, grant: Grant) -> Refusal | None:
+    """Why the client's `response` cannot answer a server request its stream let through,
+    or None. SECURITY: a request the route withholds is answered by keyproxy with an error,
+    but the client can guess its id (servers count from 0) and race that error with a result
+    of its own (an elicitation accepted, a sampling reply, roots) that the server would act
+    on. Where the route lets no server request through, the only one the caller ever sees is
+    `ping`, whose result is empty: any other result is refused (its id not echoed)."""
+    result = response.result
+    if grant.server_requests or result is None or set(result) <= {"_meta"}:
+        return None
+    withheld = "a result answering a server request this route withholds"
+    return Refusal(None, INVALID_REQUEST, withheld)
 
 
 def _params_problem(method: str, params: Mapping[str, Any], grant: Grant) -> str | None:

@@ -61,7 +61,9 @@ ALLOWED = [
     request("ping"),
     {"jsonrpc": "2.0", "method": "notifications/initialized"},
     {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
-    {"jsonrpc": "2.0", "id": 7, "result": {"roots": []}},
+    {"jsonrpc": "2.0", "id": 7, "result": {}},
+    {"jsonrpc": "2.0", "id": 7, "result": {"_meta": {}}},
+    {"jsonrpc": "2.0", "id": 7, "error": {"code": -1, "message": "declined"}},
 ]
 
 
@@ -124,6 +126,24 @@ def test_ungranted_or_ambiguous_calls_are_refused(
     assert refusal.id == message.get("id")
     assert refusal.code == code
     assert reason in refusal.message
+
+
+ANSWERS = [
+    {"jsonrpc": "2.0", "id": 0, "result": {"action": "accept", "content": {"ok": True}}},
+    {"jsonrpc": "2.0", "id": 0, "result": {"roots": [{"uri": "file:///"}]}},
+    [{"jsonrpc": "2.0", "id": 0, "result": {}}, {"jsonrpc": "2.0", "id": 1, "result": {"x": 1}}],
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_a_result_to_a_withheld_server_request_is_refused(answer: object) -> None:
+    """Where the route lets no server request through, a client's result other than ping's
+    (empty) is refused: it could only race keyproxy's error to one the caller never saw."""
+    (refusal,) = verdict(answer, version=OLD)
+    assert (refusal.id, refusal.code) == (None, -32600)
+    assert "withholds" in refusal.message
+    roots = Grant.build(tools=["a"], server_requests=["roots/list"])
+    assert verdict(answer, roots, OLD) == ()
 
 
 def test_a_refused_request_is_answered_with_its_id() -> None:
