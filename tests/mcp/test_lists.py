@@ -97,6 +97,20 @@ def test_other_answers_pass_byte_for_byte() -> None:
     assert filter_json_answer(data, pending, GRANT, "2025-06-18") is data
 
 
+# String ids the MCP SDK clients read as the number 1: Python's int() (spaces, "_", a sign,
+# any Unicode digit) and JavaScript's Number() (hex, decimals, exponents, a BOM).
+NUMBER_ONE = ["1", " 1\n", "+1", "0_1", "\u0661", "\uff11", "0x1", "1.0", "1e0", "\ufeff1"]
+
+
+@pytest.mark.parametrize("rid", NUMBER_ONE)
+def test_a_list_answer_under_an_id_an_sdk_reads_as_the_requests_is_filtered(rid: str) -> None:
+    """A server answering the tools/list of id 1 under the string id "1" (or " 1", "0x1"...)
+    is still filtered: the SDK clients match a string id to the number it spells."""
+    data = json.dumps(answer({"tools": [tool("a"), tool("b")]}, rid=rid)).encode()
+    out = filter_json_answer(data, pending_for((1, "tools/list")), GRANT, "2025-06-18")
+    assert json.loads(out) == answer({"tools": [tool("a")]}, rid=rid)
+
+
 def test_a_batched_answer_filters_only_its_list_responses() -> None:
     """In a 2025-03-26 batch answer, each list response is filtered and the rest kept."""
     batch = [
