@@ -525,6 +525,53 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
         await runner.cleanup()
 
 
+async def _replayer(request: web.Request) -> web.StreamResponse:
+    """A GET stream resumed after the caller's Last-Event-ID, replaying the tools/list
+    answer sent on the stream it resumes (listing a tool the route does not grant)."""
+    assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    assert request.headers["Last-Event-ID"] == "priming-1"
+    tools = [{"name": n, "inputSchema": {"type": "object"}} for n in ("search_issues", "whoami")]
+    data = b"id: listed-1\r\n" + _sse({"jsonrpc": "2.0", "id": 3, "result": {"tools": tools}})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for start in range(0, len(data), 5):
+        await response.write(data[start : start + 5])
+    await response.write_eof()
+    return response
+
+
+async def test_a_list_answer_replayed_on_a_resumed_stream_is_filtered(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """A GET resuming a stream (Last-Event-ID) gets the tools/list answer replayed with no
+    list request pending on it: it is filtered all the same, as the client reads it as the
+    answer to its earlier request."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    app = web.Application()
+    app.router.add_get("/mcp", _replayer)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        headers = {**bearer(identity), "Mcp-Session-Id": "session-1", "Last-Event-ID": "priming-1"}
+        async with (
+            running_proxy(cfg) as stack,
+            aiohttp.ClientSession() as http,
+            http.get(ENDPOINT.format(stack.base), headers=headers) as answer,
+        ):
+            assert answer.status == 200
+            text = (await answer.read()).decode()
+        assert text.startswith("id: listed-1\r\n")
+        assert '"search_issues"' in text
+        assert "whoami" not in text
+    finally:
+        await runner.cleanup()
+
+
 # SSE answers in a charset other than UTF-8: the SDK's client (httpx) decodes a stream by
 # its charset, keyproxy's reader as UTF-8, so the two would read different events.
 CHARSETS = [

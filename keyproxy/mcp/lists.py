@@ -111,12 +111,31 @@ def filter_result(method: str, result: Mapping[str, Any], grant: Grant) -> dict[
 
 def filter_message(message: Message, pending: Pending, grant: Grant) -> dict[str, Any] | None:
     """The response `message` as it should reach the caller when it answers a pending list
-    request (as a JSON-RPC object), or None when it passes unchanged."""
-    method = pending.method_for(message.id)
-    if message.kind is not Kind.RESPONSE or message.result is None or method is None:
+    request, or holds a list's items array some ungranted (as a JSON-RPC object), or None
+    when it passes unchanged."""
+    if message.kind is not Kind.RESPONSE or message.result is None:
         return None
-    result = filter_result(method, message.result, grant)
+    method = pending.method_for(message.id)
+    if method is not None:
+        result = filter_result(method, message.result, grant)
+    elif listed := _listed(message.result):
+        # SECURITY: a list answer where none is pending: a stream resumed after an event (the
+        # caller's Last-Event-ID) replays the answers sent on it, and a server may answer a
+        # list request on another stream (the GET's) than the request's: the clients match
+        # answers by id whatever stream brings them.
+        result = dict(message.result)
+        for method in listed:
+            result = filter_result(method, result, grant)
+        if result == message.result:
+            return None  # nothing ungranted: it passes as sent
+    else:
+        return None
     return {"jsonrpc": "2.0", "id": message.id, "result": result}
+
+
+def _listed(result: Mapping[str, Any]) -> list[str]:
+    """The list methods whose items array `result` holds (only list results have one)."""
+    return [m for m, member in LIST_METHODS.items() if isinstance(result.get(member), list)]
 
 
 def _encode(value: object) -> bytes:

@@ -91,10 +91,23 @@ def test_a_json_answer_to_a_list_request_is_filtered() -> None:
 
 
 def test_other_answers_pass_byte_for_byte() -> None:
-    """An answer to a request that is not a pending list request is returned unchanged."""
-    data = b'{"jsonrpc":"2.0", "id":2, "result":{"tools":[{"name":"b"}]}}'
+    """An answer to a request that is not a pending list request, holding nothing
+    ungranted, is returned unchanged."""
     pending = pending_for((1, "tools/list"), ("2", "tools/list"))
-    assert filter_json_answer(data, pending, GRANT, "2025-06-18") is data
+    for data in (
+        b'{"jsonrpc":"2.0", "id":2, "result":{"content":[{"type":"text","text":"b"}]}}',
+        b'{"jsonrpc":"2.0", "id":2, "result":{"tools":[{"name":"a"}]}}',
+    ):
+        assert filter_json_answer(data, pending, GRANT, "2025-06-18") is data
+
+
+def test_a_list_answer_where_none_is_pending_is_filtered_too() -> None:
+    """A result holding a list's items array is filtered whatever request it answers: a
+    resumed stream replays earlier list answers, and a server may answer a list request on
+    another stream than the request's (the clients match answers by id)."""
+    data = json.dumps(answer({"tools": [tool("a"), tool("b")], "prompts": [{"name": "q"}]}, 7))
+    out = filter_json_answer(data.encode(), Pending(), GRANT, "2025-06-18")
+    assert json.loads(out) == answer({"tools": [tool("a")], "prompts": []}, 7)
 
 
 # String ids the MCP SDK clients read as the number 1: Python's int() (spaces, "_", a sign,
