@@ -12,10 +12,9 @@ own, and a page may come back shorter, or empty, with its cursor still there.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from keyproxy.mcp.grants import LIST_METHODS, Grant
 from keyproxy.mcp.jsonrpc import (
@@ -48,37 +47,7 @@ class Pending:
         )
 
     def method_for(self, request_id: Id | None) -> str | None:
-        """The list method `request_id` answers, or None. SECURITY: a string id is also read
-        as the number an MCP SDK client reads it as (Python's int(" 1"), JavaScript's
-        Number("0x1")), as their clients match it to a request sent with that number: a
-        server answering a tools/list under one would pass its answer unfiltered."""
-        if request_id is None or not self.methods:
-            return None
-        found = self.methods.get(id_text(request_id))
-        if found is None and isinstance(request_id, str):
-            number = _as_number(request_id)
-            found = self.methods.get(str(number)) if number is not None else None
-        return found
-
-
-# Whitespace JavaScript's Number() trims, beyond Python's (the byte order mark).
-_JS_SPACE: Final = re.compile(r"^[\s\ufeff]+|[\s\ufeff]+$")
-
-
-def _as_number(text: str) -> int | None:
-    """The integer an SDK client may read the string `text` as, or None: Python's int()
-    or JavaScript's Number() (hexadecimal, octal, binary, decimals, exponents; "" is 0)."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    trimmed = _JS_SPACE.sub("", text)
-    try:
-        prefixed = trimmed[:2].lower() in ("0x", "0o", "0b")
-        value = int(trimmed, 0) if prefixed else float(trimmed or "0")
-    except (ValueError, OverflowError):
-        return None
-    return int(value) if isinstance(value, int) or value.is_integer() else None
+        return self.methods.get(id_text(request_id)) if request_id is not None else None
 
 
 def _keeps(method: str, item: object, grant: Grant) -> bool:

@@ -118,7 +118,8 @@ NUMBER_ONE = ["1", " 1\n", "+1", "0_1", "\u0661", "\uff11", "0x1", "1.0", "1e0",
 @pytest.mark.parametrize("rid", NUMBER_ONE)
 def test_a_list_answer_under_an_id_an_sdk_reads_as_the_requests_is_filtered(rid: str) -> None:
     """A server answering the tools/list of id 1 under the string id "1" (or " 1", "0x1"...)
-    is still filtered: the SDK clients match a string id to the number it spells."""
+    is still filtered (as a result holding a list's items array): the SDK clients match a
+    string id to the number it spells."""
     data = json.dumps(answer({"tools": [tool("a"), tool("b")]}, rid=rid)).encode()
     out = filter_json_answer(data, pending_for((1, "tools/list")), GRANT, "2025-06-18")
     assert json.loads(out) == answer({"tools": [tool("a")]}, rid=rid)
