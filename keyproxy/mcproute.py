@@ -11,7 +11,8 @@ and decided against the caller's grant: the policy's grant, narrowed by the task
 scope. A refused body raises `McpRefused` carrying the JSON-RPC error answer (never
 forwarded); an allowed one is forwarded as it was read. The answer is filtered before the
 key scrubber sees it: list answers keep only granted items (JSON or SSE), and a server
-stream (SSE, also a GET's) withholds the server-to-client requests the route does not allow.
+stream (SSE, also a GET's) withholds the server-to-client requests the route does not allow
+(a JSON answer holding one is refused).
 DELETE (ending a session) passes through.
 """
 
@@ -138,7 +139,7 @@ class McpStep(NamedTuple):
 
     def reshape(self, upstream: Answer) -> AnswerFilter | None:
         """The filter the upstream's answer passes through, or None when it passes as sent
-        (not a 2xx with a body, not an MCP body, a JSON answer to no list request).
+        (not a 2xx with a body, not an MCP body).
 
         SECURITY: an answer is judged as the MCP SDK's client reads it, so that none it would
         read escapes its filter: any 2xx but a 202 (whose body it ignores), its media type by
@@ -147,7 +148,8 @@ class McpStep(NamedTuple):
             return None
         kind = upstream.content_type
         if kind.startswith("application/json"):
-            return _Json(self.grant, self.version, self.pending) if self.pending.methods else None
+            # SECURITY: read whatever it answers: it may hold a server request to withhold.
+            return _Json(self.grant, self.version, self.pending)
         if kind.startswith("text/event-stream"):
             if not _utf8(upstream.headers.getall("Content-Type")):
                 # SECURITY: the SDK's client (httpx) decodes a stream by its charset, the

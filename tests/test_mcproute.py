@@ -572,6 +572,59 @@ async def test_a_list_answer_replayed_on_a_resumed_stream_is_filtered(
         await runner.cleanup()
 
 
+async def _json_asker(request: web.Request) -> web.Response:
+    """A tools/call answered as JSON with a sampling request in its place (in 2025-03-26 in a
+    batch with a notification: both forms an SDK client reads and acts on)."""
+    assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    batch = request.headers.get("MCP-Protocol-Version") == "2025-03-26"
+    return web.json_response([SAMPLING, CHANGED] if batch else SAMPLING)
+
+
+async def test_a_server_request_in_a_json_answer_is_withheld_too(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """A server request the route does not allow, sent in a JSON answer rather than on a
+    stream, never reaches the caller (a 502: a JSON answer holds only responses); where the
+    route allows it, it passes."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    app = web.Application()
+    app.router.add_post("/mcp", _json_asker)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        route = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        cfg["routes"][ROUTE] = route
+        cfg["routes"]["sampling"] = {
+            **route,
+            "mcp": {"server_requests": ["sampling/createMessage"]},
+        }
+        cfg["policies"][0]["allow"]["sampling"] = {"tools": ["search_issues"]}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        call = json.dumps(_call(1, "search_issues")).encode()
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            for name, version, status in [
+                (ROUTE, "2025-06-18", 502),
+                (ROUTE, "2025-03-26", 502),
+                ("sampling", "2025-06-18", 200),
+                ("sampling", "2025-03-26", 200),
+            ]:
+                headers = {
+                    **bearer(identity),
+                    "Content-Type": "application/json",
+                    "MCP-Protocol-Version": version,
+                }
+                async with http.post(
+                    f"{stack.base}/r/{name}/mcp", data=call, headers=headers
+                ) as answer:
+                    text = (await answer.read()).decode()
+                assert answer.status == status, (name, version)
+                assert ("sampling/createMessage" in text) == (status == 200), (name, version)
+    finally:
+        await runner.cleanup()
+
+
 # SSE answers in a charset other than UTF-8: the SDK's client (httpx) decodes a stream by
 # its charset, keyproxy's reader as UTF-8, so the two would read different events.
 CHARSETS = [

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keyproxy.mcp.grants import LIST_METHODS, Grant
+from keyproxy.mcp.grants import LIST_METHODS, Grant, decide_server_request
 from keyproxy.mcp.jsonrpc import (
     DEFAULT_MAX_BYTES,
     Body,
@@ -120,8 +120,13 @@ def filter_json_answer(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> bytes:
     """An application/json answer body with its list responses filtered; `data` itself when
-    nothing in it answers a pending list request. An unreadable answer is refused."""
+    nothing in it answers a pending list request. An unreadable answer is refused, as is one
+    holding a server request the route does not allow (a JSON answer holds responses; the
+    SDK clients act on a request in it all the same)."""
     body = parse_body(data, version=version, max_bytes=max_bytes)
+    for message in body.messages:
+        if message.kind is Kind.REQUEST and decide_server_request(message, grant) is not None:
+            raise MessageError("a JSON answer holds a server request the route does not allow")
     filtered = [filter_message(m, pending, grant) for m in body.messages]
     if all(f is None for f in filtered):
         return data
