@@ -49,6 +49,7 @@ log = structlog.get_logger("keyproxy.mcproute")
 
 SESSION_HEADER: Final = "Mcp-Session-Id"
 VERSION_HEADER: Final = "MCP-Protocol-Version"
+ENCODING_HEADER: Final = "Content-Encoding"
 _NOTHING: Final = McpGrant()
 
 
@@ -172,6 +173,10 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
     if not _utf8_json(request.headers.getall("Content-Type", [])):
         unread = "the body must be sent as Content-Type: application/json (UTF-8)"
         raise _unreadable(mcp.MessageError(unread))
+    if any(c.strip().lower() != "identity" for c in request.headers.getall(ENCODING_HEADER, [])):
+        # SECURITY (invariant 12): the header goes upstream, and a server (Express's body
+        # parser) decompresses the body by it: what keyproxy read as JSON is not what it reads.
+        raise _unreadable(mcp.MessageError("the body must not be compressed (Content-Encoding)"))
     data = await read_body(request, route)
     try:
         body = mcp.parse_body(data, version=version, max_bytes=route.max_body)

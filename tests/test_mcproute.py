@@ -8,6 +8,7 @@ refuses must never appear there.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import secrets
 import time
@@ -324,6 +325,22 @@ async def test_hostile_messages_are_refused_and_never_forwarded(
                     error = (await answer.json())["error"]["code"]
                     # Two Content-Types are refused before the MCP step (malformed_request).
                     assert error == (-32600 if len(kinds) == 1 else "malformed_request"), kinds
+            # A body said to be compressed: the server may decompress what keyproxy read as
+            # JSON (a text that is also a brotli stream) or JSON keyproxy never read.
+            plain = json.dumps(_call(1, "search_issues")).encode()
+            for coding, body in [
+                ("gzip", gzip.compress(json.dumps(_call(1, "whoami")).encode())),
+                ("br", plain),
+                ("identity, gzip", plain),
+            ]:
+                sent = CIMultiDict(headers)
+                sent["Content-Encoding"] = coding
+                async with http.post(
+                    f"{stack.base}/r/{ROUTE}/mcp", data=body, headers=sent
+                ) as answer:
+                    assert answer.status == 400, coding
+                    error = (await answer.json())["error"]
+                    assert error["code"] in (-32600, -32700), coding
             # A protocol version or session sent twice: the server may read the other.
             allowed = json.dumps(
                 {
