@@ -9,6 +9,7 @@ does for task-token scopes. No I/O, no keyproxy import.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -34,7 +35,8 @@ def name_problem(name: object) -> str | None:
 
 def uri_problem(uri: object) -> str | None:
     """Why a resource URI cannot be matched exactly: `name_problem`'s rules, plus no dot
-    segment, encoded dot or slash, or backslash that a server could resolve elsewhere."""
+    segment (also after a `?` or `#`), encoded dot or slash, or backslash that a server
+    could resolve elsewhere."""
     problem = name_problem(uri)
     if problem is not None:
         return problem
@@ -42,8 +44,9 @@ def uri_problem(uri: object) -> str | None:
     lowered = uri.lower()
     if any(part in lowered for part in ("%2e", "%2f", "%5c", "\\")):
         return "contains an encoded dot or slash, or a backslash"
-    path = lowered.split("?", 1)[0].split("#", 1)[0]
-    if any(seg in (".", "..") for seg in path.split("/")[1:]):
+    # SECURITY: the query and fragment too: a server mapping a file URI to a path without
+    # reading them out of it resolves file:///docs/x?/../../etc to /etc.
+    if any(seg in (".", "..") for seg in re.split(r"[/?#]", lowered)[1:]):
         return "contains a '.' or '..' segment"
     return None
 

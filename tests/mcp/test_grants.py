@@ -93,6 +93,10 @@ REFUSED = [
     (request("resources/read", {"uri": "file:///etc/passwd"}), INVALID_PARAMS, "not granted"),
     (request("resources/read", {"uri": "file:///docs/../etc"}), INVALID_PARAMS, "'..' segment"),
     (request("resources/read", {"uri": "file:///docs/%2e%2e/x"}), INVALID_PARAMS, "encoded"),
+    # A server mapping a file URI to a path without reading a query or fragment out of it.
+    (request("resources/read", {"uri": "file:///docs/x?/../../etc"}), INVALID_PARAMS, "'..'"),
+    (request("resources/read", {"uri": "file:///docs/x#/../../etc"}), INVALID_PARAMS, "'..'"),
+    (request("resources/read", {"uri": "file:///docs/x?/./y"}), INVALID_PARAMS, "'.'"),
     (request("resources/read", {"uri": "file:///docs\\..\\x"}), INVALID_PARAMS, "backslash"),
     (request("resources/read", {"uri": "repo://readme2"}), INVALID_PARAMS, "not granted"),
     (request("resources/unsubscribe", {"uri": "x://y"}), INVALID_PARAMS, "not granted"),
