@@ -51,6 +51,9 @@ SESSION_HEADER: Final = "Mcp-Session-Id"
 VERSION_HEADER: Final = "MCP-Protocol-Version"
 ENCODING_HEADER: Final = "Content-Encoding"
 _NOTHING: Final = McpGrant()
+# Answers to withheld server requests in flight per route; beyond, one is not sent (the
+# server waits for it until its own timeout).
+MAX_REPLIES: Final = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +94,17 @@ class McpPlan:
         sent["Accept"] = "application/json, text/event-stream"
         limit = aiohttp.ClientTimeout(total=timeout)
 
+        dropped = False
+
         def reply(body: bytes) -> None:
+            nonlocal dropped
+            if len(self.replies) >= MAX_REPLIES:
+                # SECURITY: a server streaming requests it knows are withheld would otherwise
+                # have keyproxy hold a task (and wait for a connection) for each, unbounded.
+                if not dropped:  # once per answer: the stream may bring millions
+                    log.warning("mcp_reply_dropped", route=self.route.name, limit=MAX_REPLIES)
+                dropped = True
+                return
             task = asyncio.get_running_loop().create_task(_post(session, url, sent, body, limit))
             self.replies.add(task)  # owned: the loop holds tasks weakly
             task.add_done_callback(self.replies.discard)

@@ -28,7 +28,7 @@ from mcp.shared.exceptions import McpError
 from mcp.types import TextContent
 from multidict import CIMultiDict
 
-from keyproxy import audit
+from keyproxy import audit, mcproute
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.helpers.cli import clean_env, keyproxy
 from tests.helpers.logscan import CANARIES
@@ -639,6 +639,63 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
                 assert answer.status == status, (name, version)
                 assert ("sampling/createMessage" in text) == (status == 200), (name, version)
     finally:
+        await runner.cleanup()
+
+
+FLOOD = 300  # server requests on one stream, each withheld
+HELD = web.AppKey("held", list[int])
+RELEASE = web.AppKey("release", asyncio.Event)
+
+
+async def _flooder(request: web.Request) -> web.StreamResponse:
+    """A GET stream of FLOOD sampling requests; each answer keyproxy POSTs is held until
+    the test releases them."""
+    assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    if request.method == "POST":
+        request.app[HELD].append((await request.json())["id"])
+        await request.app[RELEASE].wait()
+        return web.Response(status=202)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_sse(*({**SAMPLING, "id": n} for n in range(FLOOD))))
+    await response.write_eof()
+    return response
+
+
+async def test_a_flood_of_withheld_server_requests_holds_a_bounded_number_of_answers(
+    openbao: OpenBaoDevServer, agent: Agent, audit_log: Path
+) -> None:
+    """A server streaming request after request the route withholds gets keyproxy's answers
+    to at most mcproute.MAX_REPLIES at a time; past that one is dropped (logged once per
+    stream), never queued without bound."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    app = web.Application()
+    app[HELD] = []
+    app[RELEASE] = asyncio.Event()
+    app.router.add_route("*", "/mcp", _flooder)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        before = len(events(audit_log, "mcp_reply_dropped"))
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            async with http.get(ENDPOINT.format(stack.base), headers=bearer(identity)) as answer:
+                assert answer.status == 200
+                assert await answer.read() == b""  # every event withheld
+            # Every answer keyproxy sends was started while the stream was read.
+            await eventually(
+                lambda: len(app[HELD]) == mcproute.MAX_REPLIES,
+                "the server never held exactly MAX_REPLIES answers",
+            )
+            assert len(events(audit_log, "mcp_reply_dropped")) == before + 1
+            app[RELEASE].set()
+        held: list[int] = app[HELD]
+        assert sorted(held) == list(range(mcproute.MAX_REPLIES))
+    finally:
+        app[RELEASE].set()
         await runner.cleanup()
 
 
