@@ -387,13 +387,10 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
     headers = upstream_headers(request.headers, plan.forwards, rendered, rid)
     if plan.mcp is not None:
         caller, decision, key = admitted
-        step = await mcproute.decided(
-            request,
-            route,
-            plan.mcp,
-            mcproute.CallFacts(rid, caller.identity, caller.task, caller.token_id, decision.policy),
-            key.version,
+        facts = mcproute.CallFacts(
+            rid, caller.identity, caller.task, caller.token_id, decision.policy
         )
+        step = await mcproute.decided(request, route, plan.mcp, facts, key.version, path)
         forwarder = plan.forwarder
         reply = plan.mcp.replier(forwarder.session, url, headers, forwarder.read_timeout)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)

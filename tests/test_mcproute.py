@@ -80,6 +80,7 @@ def mcp_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, 
                 "egress": {"allow_cidrs": ["127.0.0.0/8"]},
                 "allow_http": True,
                 "max_body": MAX_BODY,
+                "mcp": {"endpoint": "/mcp"},
             }
         },
         "policies": [
@@ -364,6 +365,33 @@ async def test_hostile_messages_are_refused_and_never_forwarded(
                         f"{name} is sent more than once",
                     )
     assert len(server_requests(served.log)) == before
+
+
+async def test_only_the_mcp_endpoint_is_reached(
+    openbao: OpenBaoDevServer, agent: Agent, served: Served
+) -> None:
+    """On a route with `mcp.endpoint`, a GET, DELETE or POST to any other path of the
+    server's origin (another case, a trailing slash, an API beside it) is a 404 that says
+    where MCP is served, and never reaches the server with the key."""
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    async with proxied(openbao, agent, served) as stack, aiohttp.ClientSession() as http:
+        before = len(server_requests(served.log))
+        headers = {**bearer(identity), "Content-Type": "application/json"}
+        ping = json.dumps(_rpc(1, "ping")).encode()
+        for path in ("/admin/keys", "/mcp/", "/MCP", "/", "", "/%6d%63p/x"):
+            for method in ("GET", "DELETE", "POST"):
+                async with http.request(
+                    method,
+                    f"{stack.base}/r/{ROUTE}{path}",
+                    data=ping if method == "POST" else None,
+                    headers=headers,
+                ) as answer:
+                    assert answer.status == 404, (method, path)
+                    error = (await answer.json())["error"]
+                    assert error["code"] == "not_mcp_endpoint", (method, path)
+                    assert "/mcp" in error["message"], (method, path)
+        assert len(server_requests(served.log)) == before
 
 
 TWICE = [

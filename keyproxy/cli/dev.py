@@ -111,6 +111,7 @@ def dev_config(
             "egress": {"allow_cidrs": ["127.0.0.0/8"]},
             "allow_http": True,
             "owner": "you@example.com",
+            "mcp": {"endpoint": "/mcp"},
         }
         # One of the demo server's two tools: close_issue is neither listed nor callable.
         cfg["policies"][0]["allow"][MCP_ROUTE] = {"tools": ["search_issues"]}

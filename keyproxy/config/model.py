@@ -320,6 +320,8 @@ class Route:
     # MCP routes: the server-to-client requests (sampling, elicitation, roots) that reach
     # callers on the server's streams; others are withheld.
     server_requests: frozenset[str] = frozenset()
+    # MCP routes: the one path (after /r/<route>) requests may go to; None: any path.
+    mcp_endpoint: str | None = None
     limits: Limits = field(default_factory=Limits)
 
 

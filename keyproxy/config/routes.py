@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from yarl import URL
@@ -84,6 +85,7 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         raise f["kind"].error("must be http or mcp")
     if "mcp" in f and kind != "mcp":
         raise f["mcp"].error("only applies to routes of kind: mcp")
+    mcp = f["mcp"].mapping({"server_requests", "endpoint"}) if "mcp" in f else {}
     return Route(
         name=name,
         upstream=upstream,
@@ -103,7 +105,8 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         rotation=rotation,
         max_age=max_age,
         kind=kind,  # type: ignore[arg-type]  # checked above
-        server_requests=opt(f, "mcp", _mcp_options, frozenset()),
+        server_requests=opt(mcp, "server_requests", _server_requests, frozenset()),
+        mcp_endpoint=opt(mcp, "endpoint", _endpoint, None),
         limits=opt(f, "limits", lambda n: limits_config(n, f"route.{name}"), Limits()),
     )
 
@@ -120,13 +123,22 @@ def _bodies_on(node: Node) -> frozenset[str]:
     return frozenset(methods)
 
 
-def _mcp_options(node: Node) -> frozenset[str]:
-    """An MCP route's options: the server-to-client requests its callers receive."""
-    f = node.mapping({"server_requests"})
-    if "server_requests" not in f:
-        return frozenset()
-    item = f["server_requests"]
-    return names.server_requests(item.strings(), item.error)
+def _server_requests(node: Node) -> frozenset[str]:
+    """An MCP route's server-to-client requests its callers receive."""
+    return names.server_requests(node.strings(), node.error)
+
+
+# A path as keyproxy sends it upstream: segments of unreserved and sub-delimiter characters
+# (no percent-encoding, no dot segment), or "/" alone.
+_ENDPOINT: Final = re.compile(r"/|(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?")
+
+
+def _endpoint(node: Node) -> str:
+    """An MCP route's endpoint: the one path after /r/<route> its requests may go to."""
+    path = node.string()
+    if not _ENDPOINT.fullmatch(path) or any(s in (".", "..") for s in path.split("/")):
+        raise node.error("must be a path such as /mcp (no dot segment or percent-encoding)")
+    return path
 
 
 def _upstream(node: Node) -> Upstream:

@@ -22,6 +22,23 @@ def test_mcp_options_only_on_mcp_routes() -> None:
         parse_doc(with_setting("routes.github-mcp", bad))
 
 
+def test_an_mcp_endpoint_is_one_plain_path() -> None:
+    """`mcp.endpoint` is kept as written when it is a path as sent upstream; one with a dot
+    segment, percent-encoding, a query or no leading slash is refused with its YAML path."""
+    for endpoint in ("/mcp", "/", "/v1/mcp/"):
+        route = {**MCP_ROUTE, "mcp": {"endpoint": endpoint}}
+        parsed = parse_doc(with_setting("routes.github-mcp", route))
+        assert parsed.routes["github-mcp"].mcp_endpoint == endpoint
+    assert (
+        parse_doc(with_setting("routes.github-mcp", MCP_ROUTE)).routes["github-mcp"].mcp_endpoint
+        is None
+    )
+    for endpoint in ("mcp", "/a/../mcp", "/./mcp", "/m%63p", "/mcp?x=1", "//mcp", ""):
+        route = {**MCP_ROUTE, "mcp": {"endpoint": endpoint}}
+        with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.endpoint"):
+            parse_doc(with_setting("routes.github-mcp", route))
+
+
 def test_bodies_on_names_only_methods_whose_bodies_mean_nothing() -> None:
     """A route takes bodies on none of GET, OPTIONS, DELETE by default; `bodies_on` names
     those it does, and anything else (HEAD, a method in lower case) is refused with its path."""
