@@ -40,11 +40,26 @@ class Call:
         return found
 
 
+# completion/complete names its prompt or resource template in `ref`, by its type.
+_REF_TARGET: dict[str, tuple[str, str]] = {
+    "ref/prompt": ("prompt", "name"),
+    "ref/resource": ("resource", "uri"),
+}
+
+
 def call_of(message: Message) -> Call:
     """The audit facts of a request (a notification or response has none worth a call)."""
     method = message.method or ""
     kind, member = _TARGET.get(method, ("", ""))
-    target = message.params.get(member) if member else None
+    named = message.params
+    if method == "completion/complete":  # the prompt or template the grant was checked for
+        ref = message.params.get("ref")
+        named = ref if isinstance(ref, dict) else {}
+        ref_type = named.get("type")
+        kind, member = (
+            _REF_TARGET.get(ref_type, ("", "")) if isinstance(ref_type, str) else ("", "")
+        )
+    target = named.get(member) if member else None
     arguments = message.params.get("arguments")
     return Call(
         method=method,

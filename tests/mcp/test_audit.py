@@ -25,6 +25,30 @@ CASES = [
         {"method": "resources/read", "id": 1, "params": {"uri": "x://y"}},
         Call("resources/read", "1", "resource", "x://y"),
     ),
+    (
+        {
+            "method": "completion/complete",
+            "id": 1,
+            "params": {"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a"}},
+        },
+        Call("completion/complete", "1", "prompt", "p"),
+    ),
+    (
+        {
+            "method": "completion/complete",
+            "id": 1,
+            "params": {"ref": {"type": "ref/resource", "uri": "x://{n}"}},
+        },
+        Call("completion/complete", "1", "resource", "x://{n}"),
+    ),
+    (
+        {"method": "completion/complete", "id": 1, "params": {"ref": {"type": ["ref/prompt"]}}},
+        Call("completion/complete", "1"),
+    ),
+    (
+        {"method": "completion/complete", "id": 1, "params": {"ref": 5}},
+        Call("completion/complete", "1"),
+    ),
     ({"method": "tools/list", "id": 1}, Call("tools/list", "1")),
     ({"method": "tools/call", "id": 1, "params": {"name": 5}}, Call("tools/call", "1")),
 ]
