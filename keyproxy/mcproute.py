@@ -163,8 +163,9 @@ class McpStep(NamedTuple):
             return None
         kind = upstream.content_type
         if kind.startswith("application/json"):
-            # SECURITY: read whatever it answers: it may hold a server request to withhold.
-            return _Json(self.grant, self.version, self.pending)
+            # SECURITY: read whatever request it answers: it may hold a server request to
+            # withhold. The answer to a body of no request, which no client reads, is not.
+            return _Json(self.grant, self.version, self.pending) if self.calls else None
         if kind.startswith("text/event-stream"):
             if not _utf8(upstream.headers.getall("Content-Type")):
                 # SECURITY: the SDK's client (httpx) decodes a stream by its charset, the

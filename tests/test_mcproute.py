@@ -619,8 +619,11 @@ async def test_a_list_answer_replayed_on_a_resumed_stream_is_filtered(
 
 async def _json_asker(request: web.Request) -> web.Response:
     """A tools/call answered as JSON with a sampling request in its place (in 2025-03-26 in a
-    batch with a notification: both forms an SDK client reads and acts on)."""
+    batch with a notification: both forms an SDK client reads and acts on); a notification
+    answered with a 200 and an empty JSON body (which no client reads)."""
     assert request.headers["Authorization"] == f"Bearer {STREAM_KEY}"
+    if "id" not in await request.json():
+        return web.Response(content_type="application/json")
     batch = request.headers.get("MCP-Protocol-Version") == "2025-03-26"
     return web.json_response([SAMPLING, CHANGED] if batch else SAMPLING)
 
@@ -630,7 +633,8 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
 ) -> None:
     """A server request the route does not allow, sent in a JSON answer rather than on a
     stream, never reaches the caller (a 502: a JSON answer holds only responses); where the
-    route allows it, it passes."""
+    route allows it, it passes. The answer to a POST of notifications only, which no client
+    reads, passes unread."""
     CANARIES.add(STREAM_KEY)
     await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
@@ -666,6 +670,11 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
                     text = (await answer.read()).decode()
                 assert answer.status == status, (name, version)
                 assert ("sampling/createMessage" in text) == (status == 200), (name, version)
+                initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                async with http.post(
+                    f"{stack.base}/r/{name}/mcp", data=json.dumps(initialized), headers=headers
+                ) as answer:
+                    assert (answer.status, await answer.read()) == (200, b""), (name, version)
     finally:
         await runner.cleanup()
 
