@@ -69,10 +69,9 @@ def dev_config(
     *,
     tls: DevTLS | None = None,
 ) -> dict[str, object]:
-    """The configuration `keyproxy dev` runs: one route (and the demo MCP server's, when
-    `mcp_upstream` is given), one agent, OpenBao for everything, limits counted at
-    `state_url` (the process's memory without it); with `tls`, a TLS listener accepting the
-    dev trust domain's X.509-SVIDs, and the demo agent's SVID allowed as its token is."""
+    """What `keyproxy dev` runs: a route (and the demo MCP server's, given `mcp_upstream`),
+    an agent, OpenBao for all, limits counted at `state_url` (else in memory); with `tls`, a
+    TLS listener taking the dev trust domain's X.509-SVIDs, the agent's SVID as its token."""
     cfg: dict[str, Any] = {
         "vault": bao.vault_yaml(refresh_interval="2s", max_staleness="5m"),
         "identity": {"issuers": [bao.issuer_yaml("openbao")]},
