@@ -170,7 +170,7 @@ class McpStep(NamedTuple):
             if not _utf8(upstream.headers.getall("Content-Type")):
                 # SECURITY: the SDK's client (httpx) decodes a stream by its charset, the
                 # filter as UTF-8: in UTF-16, bytes it reads as no event are a client's events.
-                raise _bad_answer()
+                raise _bad_answer("the event stream's charset is not UTF-8")
             return _Stream(mcp.StreamFilter(self.grant, self.version, self.pending), self.reply)
         return None
 
@@ -293,7 +293,10 @@ async def decided(  # noqa: PLR0917  # what the steps before produced
     return step
 
 
-def _bad_answer() -> BadGateway:
+def _bad_answer(why: str) -> BadGateway:
+    """The 502 for an answer the filter refuses; why, for the operator, in the log (the
+    caller is told only that it could not be read: `why` may quote the server)."""
+    log.warning("mcp_bad_answer", why=why)
     return BadGateway("mcp_bad_answer", "the MCP server's answer could not be read")
 
 
@@ -318,14 +321,14 @@ class _Stream(AnswerFilter):
     def feed(self, chunk: bytes) -> bytes:
         try:
             return self._sent(self._stream.feed(chunk))
-        except mcp.MessageError:
-            raise _bad_answer() from None
+        except mcp.MessageError as exc:
+            raise _bad_answer(exc.message) from None
 
     def close(self) -> bytes:
         try:
             return self._sent(self._stream.close())
-        except mcp.MessageError:
-            raise _bad_answer() from None
+        except mcp.MessageError as exc:
+            raise _bad_answer(exc.message) from None
 
     def _sent(self, out: mcp.Output) -> bytes:
         if self._reply is not None:
@@ -368,7 +371,7 @@ class _Json(AnswerFilter):
     def feed(self, chunk: bytes) -> bytes:
         self._data += chunk
         if len(self._data) > mcp.DEFAULT_MAX_BYTES:
-            raise _bad_answer()
+            raise _bad_answer(f"JSON answer larger than {mcp.DEFAULT_MAX_BYTES} bytes")
         return b""
 
     def close(self) -> bytes:
@@ -376,5 +379,5 @@ class _Json(AnswerFilter):
             return mcp.filter_json_answer(
                 bytes(self._data), self._pending, self._grant, self._version
             )
-        except mcp.MessageError:
-            raise _bad_answer() from None
+        except mcp.MessageError as exc:
+            raise _bad_answer(exc.message) from None

@@ -629,12 +629,12 @@ async def _json_asker(request: web.Request) -> web.Response:
 
 
 async def test_a_server_request_in_a_json_answer_is_withheld_too(
-    openbao: OpenBaoDevServer, agent: Agent
+    openbao: OpenBaoDevServer, agent: Agent, audit_log: Path
 ) -> None:
     """A server request the route does not allow, sent in a JSON answer rather than on a
     stream, never reaches the caller (a 502: a JSON answer holds only responses); where the
     route allows it, it passes. The answer to a POST of notifications only, which no client
-    reads, passes unread."""
+    reads, passes unread. The log says why an answer was refused."""
     CANARIES.add(STREAM_KEY)
     await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
@@ -652,6 +652,7 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
         call = json.dumps(_call(1, "search_issues")).encode()
+        before = len(events(audit_log, "mcp_bad_answer"))
         async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
             for name, version, status in [
                 (ROUTE, "2025-06-18", 502),
@@ -675,6 +676,9 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
                     f"{stack.base}/r/{name}/mcp", data=json.dumps(initialized), headers=headers
                 ) as answer:
                     assert (answer.status, await answer.read()) == (200, b""), (name, version)
+        # The operator's log says why each answer was refused.
+        whys = [e["why"] for e in events(audit_log, "mcp_bad_answer")[before:]]
+        assert whys == ["a JSON answer holds a server request the route does not allow"] * 2
     finally:
         await runner.cleanup()
 
