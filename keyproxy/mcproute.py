@@ -49,6 +49,8 @@ from keyproxy.tokens import TaskToken, chain_fields
 log = structlog.get_logger("keyproxy.mcproute")
 
 SESSION_HEADER: Final = "Mcp-Session-Id"
+_JSON: Final = "application/json"
+_SSE: Final = "text/event-stream"
 VERSION_HEADER: Final = "MCP-Protocol-Version"
 ENCODING_HEADER: Final = "Content-Encoding"
 _NOTHING: Final = McpGrant()
@@ -156,17 +158,26 @@ class McpStep(NamedTuple):
         """The filter the upstream's answer passes through, or None when it passes as sent
         (not a 2xx with a body, not an MCP body).
 
-        SECURITY: an answer is judged as the MCP SDK's client reads it, so that none it would
-        read escapes its filter: any 2xx but a 202 (whose body it ignores), its media type by
-        prefix, JSON first."""
+        SECURITY: an answer is judged as the MCP SDKs' clients read it, so that none they
+        would read escapes its filter: any 2xx but a 202 (whose body they ignore), its media
+        type by prefix, JSON first (Python's); one that the TypeScript client, finding either
+        type anywhere in the header, would read another way is refused."""
         if not 200 <= upstream.status < 300 or upstream.status == 202:
             return None
         kind = upstream.content_type
-        if kind.startswith("application/json"):
+        declared = ", ".join(upstream.headers.getall("Content-Type", ())).lower()
+        if (_SSE in declared and not kind.startswith(_SSE)) or (
+            _JSON in declared and not kind.startswith((_JSON, _SSE))
+        ):
+            # SECURITY: the TypeScript SDK's client finds either media type anywhere in the
+            # header (event streams first), the Python one by prefix (JSON first): where
+            # they read it differently, some client would read what no filter read.
+            raise _bad_answer("the Content-Type names JSON or an event stream ambiguously")
+        if kind.startswith(_JSON):
             # SECURITY: read whatever request it answers: it may hold a server request to
             # withhold. The answer to a body of no request, which no client reads, is not.
             return _Json(self.grant, self.version, self.pending) if self.calls else None
-        if kind.startswith("text/event-stream"):
+        if kind.startswith(_SSE):
             if not _utf8(upstream.headers.getall("Content-Type")):
                 # SECURITY: the SDK's client (httpx) decodes a stream by its charset, the
                 # filter as UTF-8: in UTF-16, bytes it reads as no event are a client's events.

@@ -524,6 +524,13 @@ ODD_ANSWERS = [
     (200, "text/event-stream-x; charset=utf-8"),
     (206, "application/json;charset=utf-8"),
 ]
+# Content-Types the TypeScript SDK's client reads as an event stream or JSON (the media type
+# anywhere in the header, event streams first) but the Python one another way, or not at all.
+AMBIGUOUS = [
+    "text/plain; x=text/event-stream",
+    "text/html; profile=application/json",
+    "application/json; profile=text/event-stream",
+]
 CASES = web.AppKey("cases", list[tuple[int, str]])
 
 
@@ -542,11 +549,13 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
 ) -> None:
     """A tools/list answer in any form the MCP SDK's client would read (another 2xx, the
     media type in another case or with a suffix) is filtered like a 200 of the exact type:
-    a tool the route does not grant never reaches the caller."""
+    a tool the route does not grant never reaches the caller. One whose Content-Type names
+    JSON or an event stream only elsewhere than its media type (which the TypeScript SDK's
+    client reads as such) is a 502."""
     CANARIES.add(STREAM_KEY)
     await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
-    app[CASES] = list(ODD_ANSWERS)
+    app[CASES] = [*ODD_ANSWERS, *((200, kind) for kind in AMBIGUOUS)]
     app.router.add_post("/mcp", _odd_lister)
     runner, port = await serve(app)
     try:
@@ -566,6 +575,13 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
                 assert answer.status == status, kind
                 assert '"search_issues"' in text, kind
                 assert "whoami" not in text, (status, kind)
+            for kind in AMBIGUOUS:
+                async with http.post(
+                    f"{stack.base}/r/{ROUTE}/mcp", data=listing, headers=headers
+                ) as answer:
+                    text = (await answer.read()).decode()
+                assert answer.status == 502, kind
+                assert "whoami" not in text, kind
     finally:
         await runner.cleanup()
 
