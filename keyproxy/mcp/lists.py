@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from keyproxy.mcp.grants import LIST_METHODS, Grant, decide_server_request
 from keyproxy.mcp.jsonrpc import (
@@ -84,6 +84,7 @@ def filter_message(message: Message, pending: Pending, grant: Grant) -> dict[str
     when it passes unchanged."""
     if message.kind is not Kind.RESPONSE or message.result is None:
         return None
+    _refuse_folded_items(message.result)
     method = pending.method_for(message.id)
     if method is not None:
         result = filter_result(method, message.result, grant)
@@ -100,6 +101,19 @@ def filter_message(message: Message, pending: Pending, grant: Grant) -> dict[str
     else:
         return None
     return {"jsonrpc": "2.0", "id": message.id, "result": result}
+
+
+_ITEMS: Final = frozenset(LIST_METHODS.values())
+_FOLDED_ITEMS: Final = frozenset(member.casefold() for member in _ITEMS)
+
+
+def _refuse_folded_items(result: Mapping[str, Any]) -> None:
+    """SECURITY: Go's encoding/json (mcp-go's client) matches member names without case (and
+    folds U+017F to `s`), so it reads `Tools` as `tools`, beside or instead of it: the items
+    it shows would not be those filtered here."""
+    for key in result:
+        if key not in _ITEMS and key.casefold() in _FOLDED_ITEMS:
+            raise MessageError(f"result member {key[:64]!r} differs from a list's only by case")
 
 
 def _listed(result: Mapping[str, Any]) -> list[str]:

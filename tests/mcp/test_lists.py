@@ -125,6 +125,19 @@ def test_a_list_answer_under_an_id_an_sdk_reads_as_the_requests_is_filtered(rid:
     assert json.loads(out) == answer({"tools": [tool("a")]}, rid=rid)
 
 
+@pytest.mark.parametrize("twin", ["Tools", "TOOLS", "resourcetemplates", "Prompt\u017f"])
+@pytest.mark.parametrize("pending", [Pending(), pending_for((1, "tools/list"))])
+def test_a_result_with_a_list_member_in_another_case_is_refused(
+    twin: str, pending: Pending
+) -> None:
+    """A result member differing from a list's items member only by case is refused: Go's
+    encoding/json (mcp-go's client) reads `Tools` as `tools`, beside or instead of it, so
+    the items filtered here would not be the ones it shows."""
+    data = json.dumps(answer({"tools": [tool("a")], twin: [tool("b")]})).encode()
+    with pytest.raises(MessageError, match="only by case"):
+        filter_json_answer(data, pending, GRANT, "2025-06-18")
+
+
 def test_a_batched_answer_filters_only_its_list_responses() -> None:
     """In a 2025-03-26 batch answer, each list response is filtered and the rest kept."""
     batch = [
