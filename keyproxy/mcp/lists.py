@@ -50,9 +50,16 @@ class Pending:
         return self.methods.get(id_text(request_id)) if request_id is not None else None
 
 
+# The member of a list's items the grant is checked against, where it is not "name".
+_NAMED_BY: Final = {"resources/list": "uri", "resources/templates/list": "uriTemplate"}
+
+
 def _keeps(method: str, item: object, grant: Grant) -> bool:
     if not isinstance(item, dict):
         return False
+    named = _NAMED_BY.get(method, "name")
+    if any(key != named and key.casefold() == named.casefold() for key in item):
+        return False  # SECURITY: mcp-go's client reads `Name` as `name` (_refuse_folded_items)
     if method == "tools/list":
         return _exact(item.get("name"), grant.tools)
     if method == "prompts/list":

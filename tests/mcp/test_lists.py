@@ -24,6 +24,9 @@ RESULTS = [
     ),
     ("tools/list", {"tools": [tool("b")], "nextCursor": "n3"}, {"tools": [], "nextCursor": "n3"}),
     ("tools/list", {"tools": [], "_meta": {"k": 1}}, {"tools": [], "_meta": {"k": 1}}),
+    # A name a case-blind client (mcp-go) reads instead of the granted one: the item goes.
+    ("tools/list", {"tools": [{**tool("a"), "Name": "b"}, tool("c")]}, {"tools": [tool("c")]}),
+    ("resources/list", {"resources": [{"uri": "x://one", "URI": "x://two"}]}, {"resources": []}),
     (
         "prompts/list",
         {"prompts": [{"name": "p"}, {"name": "q"}]},
