@@ -80,7 +80,6 @@ def mcp_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, 
                 "egress": {"allow_cidrs": ["127.0.0.0/8"]},
                 "allow_http": True,
                 "max_body": MAX_BODY,
-                "mcp": {"endpoint": "/mcp"},
             }
         },
         "policies": [
@@ -370,7 +369,7 @@ async def test_hostile_messages_are_refused_and_never_forwarded(
 async def test_only_the_mcp_endpoint_is_reached(
     openbao: OpenBaoDevServer, agent: Agent, served: Served
 ) -> None:
-    """On a route with `mcp.endpoint`, a GET, DELETE or POST to any other path of the
+    """Off the route's MCP endpoint (`/mcp`, the default), a GET, DELETE or POST to any path of the
     server's origin (another case, a trailing slash, an API beside it) is a 404 that says
     where MCP is served, and never reaches the server with the key."""
     identity = openbao.agent_token(agent)

@@ -151,11 +151,11 @@ def _read_token(given: str) -> str:
 def _request(cfg: config.Config, args: argparse.Namespace) -> Request:
     known_route(cfg, args.route)
     try:
-        segments = paths.normalise(args.path)
+        segments, sent = paths.normalise_encoded(args.path)
         source = ipaddress.ip_address(args.source)
     except (RequestError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    return Request(args.route, args.method.upper(), args.path, segments, source)
+    return Request(args.route, args.method.upper(), sent, segments, source)
 
 
 def _claims(items: list[str]) -> dict[str, str]:
@@ -235,7 +235,18 @@ async def _verify_task(cfg: config.Config, args: argparse.Namespace, token: str)
 def _decide(
     cfg: config.Config, request: Request, identity: Identity, task: TaskToken | None
 ) -> Answer:
-    """The proxy's authorisation step (keyproxy.proxy), with its reasons spelt out."""
+    """The proxy's authorisation step (keyproxy.proxy), with its reasons spelt out, then an
+    MCP route's endpoint check (keyproxy.mcproute), which an allowed request meets next."""
+    answer = _authorised(cfg, request, identity, task)
+    endpoint = cfg.routes[request.route].mcp_endpoint
+    if answer.allowed and endpoint is not None and request.path != endpoint:
+        answer.allowed, answer.status, answer.reason = False, 404, "not_mcp_endpoint"
+    return answer
+
+
+def _authorised(
+    cfg: config.Config, request: Request, identity: Identity, task: TaskToken | None
+) -> Answer:
     r = request
     answer = Answer(request, identity=identity)
     if task is not None:

@@ -106,7 +106,8 @@ def _route(name: str, node: Node, kv_mount: str) -> Route:
         max_age=max_age,
         kind=kind,  # type: ignore[arg-type]  # checked above
         server_requests=opt(mcp, "server_requests", _server_requests, frozenset()),
-        mcp_endpoint=opt(mcp, "endpoint", _endpoint, None),
+        # SECURITY: the key goes to one path of an MCP server, by default the SDKs' own.
+        mcp_endpoint=opt(mcp, "endpoint", _endpoint, "/mcp") if kind == "mcp" else None,
         limits=opt(f, "limits", lambda n: limits_config(n, f"route.{name}"), Limits()),
     )
 

@@ -270,3 +270,23 @@ def test_explain_reports_the_decision(
     ]
     assert main(argv) == code
     assert capsys.readouterr().out.strip().splitlines()[-1] == verdict
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "verdict"),
+    [("/mcp", 0, "allowed by evals"), ("/admin/keys", 1, "denied: not_mcp_endpoint")],
+)
+def test_an_mcp_route_is_explained_on_its_endpoint_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], path: str, code: int, verdict: str
+) -> None:
+    """Off an MCP route's endpoint (`/mcp` unless set) the proxy answers 404 whatever the
+    grant: `keyproxy explain` says so rather than allowed."""
+    doc = api_route_config("http://127.0.0.1:1", "https://ci", "https://ci/jwks")
+    doc["routes"]["tools"] = {**doc["routes"]["api"], "kind": "mcp"}
+    doc["policies"][0]["allow"]["tools"] = {"tools": ["search"]}
+    cfg = tmp_path / "k.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    argv = ["explain", "-c", str(cfg), "--issuer", "ci", "--subject", "repo:acme/evals"]
+    argv += ["--claim", "repository=acme/evals", "--route", "tools", "--method", "POST"]
+    assert main([*argv, "--path", path]) == code
+    assert capsys.readouterr().out.strip().splitlines()[-1] == verdict

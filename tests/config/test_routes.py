@@ -23,16 +23,16 @@ def test_mcp_options_only_on_mcp_routes() -> None:
 
 
 def test_an_mcp_endpoint_is_one_plain_path() -> None:
-    """`mcp.endpoint` is kept as written when it is a path as sent upstream; one with a dot
-    segment, percent-encoding, a query or no leading slash is refused with its YAML path."""
+    """`mcp.endpoint` is kept as written when it is a path as sent upstream, `/mcp` when
+    unset; one with a dot segment, percent-encoding, a query or no leading slash is refused
+    with its YAML path."""
     for endpoint in ("/mcp", "/", "/v1/mcp/"):
         route = {**MCP_ROUTE, "mcp": {"endpoint": endpoint}}
         parsed = parse_doc(with_setting("routes.github-mcp", route))
         assert parsed.routes["github-mcp"].mcp_endpoint == endpoint
-    assert (
-        parse_doc(with_setting("routes.github-mcp", MCP_ROUTE)).routes["github-mcp"].mcp_endpoint
-        is None
-    )
+    routes = parse_doc(with_setting("routes.github-mcp", MCP_ROUTE)).routes
+    assert routes["github-mcp"].mcp_endpoint == "/mcp"  # the SDKs' own, not every path
+    assert routes["openai"].mcp_endpoint is None  # kind: http
     for endpoint in ("mcp", "/a/../mcp", "/./mcp", "/m%63p", "/mcp?x=1", "//mcp", ""):
         route = {**MCP_ROUTE, "mcp": {"endpoint": endpoint}}
         with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.endpoint"):
