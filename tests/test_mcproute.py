@@ -94,6 +94,23 @@ def mcp_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, 
 
 
 @asynccontextmanager
+async def _hostile_route(
+    openbao: OpenBaoDevServer, agent: Agent, app: web.Application
+) -> AsyncIterator[dict[str, Any]]:
+    """`app`, a hostile MCP server, on 127.0.0.1 for the time of the block, and the
+    configuration of the route to it (sending STREAM_KEY, a canary)."""
+    CANARIES.add(STREAM_KEY)
+    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
+    runner, port = await serve(app)
+    try:
+        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
+        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        yield cfg
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
 async def proxied(openbao: OpenBaoDevServer, agent: Agent, served: Served) -> AsyncIterator[Stack]:
     origin = served.server.url.removesuffix("/mcp")
     async with running_proxy(mcp_config(openbao, agent, origin)) as stack:
@@ -465,20 +482,15 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
     where the route allows it (ping and notifications always do), and keyproxy answers the
     server each one it withheld; tools/list answers on an SSE stream are filtered however
     the events are cut."""
-    CANARIES.add(STREAM_KEY)
-    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
     app[REPLIES] = []
     app.router.add_route("*", "/mcp", _stream_server)
-    runner, port = await serve(app)
-    try:
-        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
-        route = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+    async with _hostile_route(openbao, agent, app) as cfg:
+        route = cfg["routes"][ROUTE]
         cfg["routes"]["sampling"] = {
             **route,
             "mcp": {"server_requests": ["sampling/createMessage"]},
         }
-        cfg["routes"][ROUTE] = route
         cfg["policies"][0]["allow"]["sampling"] = {"tools": ["search_issues"]}
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
@@ -509,8 +521,6 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
                 text = (await answer.read()).decode()
             assert '"search_issues"' in text
             assert "whoami" not in text
-    finally:
-        await runner.cleanup()
 
 
 # Answers the MCP SDK's client reads as JSON or SSE (any 2xx but 202; the media type by
@@ -551,15 +561,10 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
     a tool the route does not grant never reaches the caller. One whose Content-Type names
     JSON or an event stream only elsewhere than its media type (which the TypeScript SDK's
     client reads as such) is a 502."""
-    CANARIES.add(STREAM_KEY)
-    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
     app[CASES] = [*ODD_ANSWERS, *((200, kind) for kind in AMBIGUOUS)]
     app.router.add_post("/mcp", _odd_lister)
-    runner, port = await serve(app)
-    try:
-        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
-        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+    async with _hostile_route(openbao, agent, app) as cfg:
         cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
@@ -581,8 +586,6 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
                     text = (await answer.read()).decode()
                 assert answer.status == 502, kind
                 assert "whoami" not in text, kind
-    finally:
-        await runner.cleanup()
 
 
 async def _replayer(request: web.Request) -> web.StreamResponse:
@@ -606,14 +609,9 @@ async def test_a_list_answer_replayed_on_a_resumed_stream_is_filtered(
     """A GET resuming a stream (Last-Event-ID) gets the tools/list answer replayed with no
     list request pending on it: it is filtered all the same, as the client reads it as the
     answer to its earlier request."""
-    CANARIES.add(STREAM_KEY)
-    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
     app.router.add_get("/mcp", _replayer)
-    runner, port = await serve(app)
-    try:
-        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
-        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+    async with _hostile_route(openbao, agent, app) as cfg:
         cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
@@ -628,8 +626,6 @@ async def test_a_list_answer_replayed_on_a_resumed_stream_is_filtered(
         assert text.startswith("id: listed-1\r\n")
         assert '"search_issues"' in text
         assert "whoami" not in text
-    finally:
-        await runner.cleanup()
 
 
 async def _json_asker(request: web.Request) -> web.Response:
@@ -650,15 +646,10 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
     stream, never reaches the caller (a 502: a JSON answer holds only responses); where the
     route allows it, it passes. The answer to a POST of notifications only, which no client
     reads, passes unread. The log says why an answer was refused."""
-    CANARIES.add(STREAM_KEY)
-    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
     app.router.add_post("/mcp", _json_asker)
-    runner, port = await serve(app)
-    try:
-        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
-        route = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
-        cfg["routes"][ROUTE] = route
+    async with _hostile_route(openbao, agent, app) as cfg:
+        route = cfg["routes"][ROUTE]
         cfg["routes"]["sampling"] = {
             **route,
             "mcp": {"server_requests": ["sampling/createMessage"]},
@@ -694,8 +685,6 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
         # The operator's log says why each answer was refused.
         whys = [e["why"] for e in events(audit_log, "mcp_bad_answer")[before:]]
         assert whys == ["a JSON answer holds a server request the route does not allow"] * 2
-    finally:
-        await runner.cleanup()
 
 
 FLOOD = 300  # server requests on one stream, each withheld
@@ -790,15 +779,10 @@ async def test_an_event_stream_in_another_charset_is_refused(
     """An SSE answer declaring a charset other than UTF-8 (or two) is a 502, never passed on:
     the SDK's client decodes a stream by its charset, so UTF-16 bytes that keyproxy reads as
     no event at all would be a tools/list answer (or a server request) it never filtered."""
-    CANARIES.add(STREAM_KEY)
-    await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     app = web.Application()
     app[CHARSET_CASES] = list(CHARSETS)
     app.router.add_post("/mcp", _charset_lister)
-    runner, port = await serve(app)
-    try:
-        cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
-        cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+    async with _hostile_route(openbao, agent, app) as cfg:
         cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
@@ -817,8 +801,6 @@ async def test_an_event_stream_in_another_charset_is_refused(
                 assert answer.status_code == status, kinds
                 assert "whoami" not in "".join(seen), kinds
                 assert ('"search_issues"' in "".join(seen)) == (status == 200), kinds
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_delegated_tokens_calls_name_its_chain(
