@@ -17,6 +17,7 @@ from aiohttp.connector import Connection
 
 from keyproxy import netguard
 from keyproxy.config import Network, Route
+from keyproxy.errors import ConfigError
 from keyproxy.pool import Pool
 
 
@@ -40,14 +41,16 @@ class UpstreamSessions:
     ) -> None:
         self.routes = dict(routes)
         self._by_route: dict[str, _Clients] = dict(kept or {})
-        shared: dict[tuple[tuple[Network, ...], bool, str | None], _Clients] = {}
-        for route in routes.values():
-            if route.name in self._by_route:
-                continue
-            key = (route.egress_allow, route.tls_verify, str(route.ca_file or ""))
-            if key not in shared:
-                shared[key] = _clients(route)
-            self._by_route[route.name] = shared[key]
+        new = [route for route in routes.values() if route.name not in self._by_route]
+        # Every TLS context first: a CA file that does not load refuses the whole set before
+        # any session exists (a reload then leaves nothing open behind it).
+        contexts: dict[tuple[tuple[Network, ...], bool, str], ssl.SSLContext] = {}
+        for route in new:
+            if _setting(route) not in contexts:
+                contexts[_setting(route)] = _route_tls(route)
+        shared = {setting: _clients(setting[0], tls) for setting, tls in contexts.items()}
+        for route in new:
+            self._by_route[route.name] = shared[_setting(route)]
 
     def successor(self, routes: Mapping[str, Route]) -> UpstreamSessions:
         """The sessions for `routes`, keeping this set's for each route that is unchanged."""
@@ -77,14 +80,32 @@ class _Clients(NamedTuple):
     session: aiohttp.ClientSession
 
 
-def _clients(route: Route) -> _Clients:
-    tls = tls_context(route.tls_verify, str(route.ca_file) if route.ca_file else None)
-    return _Clients(Pool(route.egress_allow, tls), _session(route, tls))
+def _setting(route: Route) -> tuple[tuple[Network, ...], bool, str]:
+    """What routes share one pool and session by."""
+    return route.egress_allow, route.tls_verify, str(route.ca_file or "")
 
 
-def _session(route: Route, tls: ssl.SSLContext) -> aiohttp.ClientSession:
+def _route_tls(route: Route) -> ssl.SSLContext:
+    """The route's client TLS context, or ConfigError naming `tls.ca_file` if that file
+    cannot be read or holds no certificate."""
+    ca_file = str(route.ca_file) if route.ca_file else None
+    try:
+        return tls_context(route.tls_verify, ca_file)
+    except OSError as exc:  # ssl.SSLError too
+        ssl_error = isinstance(exc, ssl.SSLError)
+        reason = "no PEM certificate in it" if ssl_error else exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"routes.{route.name}.tls.ca_file", f"cannot load {ca_file}: {reason}"
+        ) from None
+
+
+def _clients(allowed: tuple[Network, ...], tls: ssl.SSLContext) -> _Clients:
+    return _Clients(Pool(allowed, tls), _session(allowed, tls))
+
+
+def _session(allowed: tuple[Network, ...], tls: ssl.SSLContext) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        resolver=netguard.GuardedResolver(route.egress_allow),
+        resolver=netguard.GuardedResolver(allowed),
         ssl=tls,
         limit=0,
         ttl_dns_cache=10,

@@ -188,15 +188,17 @@ class Reloader:
             # In a thread: a large file takes the YAML reader a while, and requests go on.
             compiled = self._checked(await asyncio.to_thread(config.parse_bytes, data))
             await asyncio.to_thread(netguard.check_upstreams, compiled)
+            serving = keep_running(running.config, compiled)
+            # Before anything running changes: a CA file that does not load refuses the file.
+            sessions = running.sessions.successor(serving.routes)
         except ConfigError as exc:
             return self._failed(trigger, running, exc)
         changes = diff(running.loaded or running.config, compiled)
-        serving = keep_running(running.config, compiled)
         # Prepared before the swap: a new route has its key when it appears, a new issuer
         # its keys, a changed route its own session.
         await self._keys.prepare(serving.routes)
         await self._verifier.reconfigure(serving.identity)
-        generation = self._make(serving, digest, running.sessions.successor(serving.routes))
+        generation = self._make(serving, digest, sessions)
         generation.loaded = compiled
         self._tasks.reconfigure(serving)
         self._keys.use(serving.routes)

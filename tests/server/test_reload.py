@@ -575,3 +575,33 @@ async def test_a_reload_adding_limits_to_processes_without_a_shared_store_is_ref
             assert response.status == 200
     finally:
         await runner.cleanup()
+
+
+# ----------------------------------------------------------------------------- refused whole
+
+
+async def test_an_unreadable_ca_file_refuses_the_reload_before_anything_changes(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A route whose tls.ca_file is missing or not PEM refuses the reload with that YAML path,
+    and nothing of the file is half-applied: the issuer it also changed still verifies as
+    before."""
+    token = openbao.agent_token(agent)
+    not_pem = tmp_path / "not-a-ca.pem"
+    not_pem.write_text("not a certificate\n")
+    async with aiohttp.ClientSession() as http:
+        running = served.app[RELOADER].current.digest
+        for ca_file in (tmp_path / "missing.pem", not_pem):
+            cfg = token_config(openbao, agent, upstream.url)
+            cfg["identity"]["issuers"][0]["audiences"] = ["someone-else"]
+            cfg["routes"]["other"] = dict(cfg["routes"]["other"], tls={"ca_file": str(ca_file)})
+            served.path.write_text(yaml.safe_dump(cfg))
+            with capture_logs() as logs:
+                answer = await _reload(http, served)
+            assert answer["result"] == "error", ca_file
+            async with http.get(f"{served.base}/r/r/echo", headers=bearer(token)) as response:
+                assert response.status == 200, ca_file
+            assert served.app[RELOADER].current.digest == running
+            assert answer["error"]["path"] == "routes.other.tls.ca_file"
+            assert str(ca_file) in answer["error"]["message"]
+            assert not [e for e in logs if e["event"] == "config.reload_crashed"]
