@@ -10,8 +10,11 @@ small body only when it came in one piece.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 
 class Readable(Protocol):
@@ -22,10 +25,23 @@ class Readable(Protocol):
 
 def read_file(path: str | Path, limit: int) -> bytes | None:
     """The file's bytes, or None if it holds more than `limit`. OSError as opening or reading
-    raises it."""
-    with Path(path).open("rb") as file:
+    raises it, and for anything but a regular file (`open_regular`)."""
+    with open_regular(path) as file:
         data = file.read(limit + 1)
     return data if len(data) <= limit else None
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """The regular file at `path` (through symlinks), open for reading; OSError for anything
+    else. Opened without blocking first: opening a FIFO would wait for a writer for ever,
+    holding a thread (and a reload, and the shutdown behind it); a device may never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    file = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        file.close()
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or directory)")
+    os.set_blocking(fd, True)
+    return file
 
 
 async def read_body(content: Readable, limit: int) -> bytes | None:

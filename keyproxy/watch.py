@@ -45,6 +45,7 @@ from pathlib import Path
 
 import watchfiles
 
+from keyproxy import capped
 from keyproxy.config import MAX_CONFIG_BYTES
 
 # watchfiles reports every batch ("1 change detected") at INFO; our own events say what changed.
@@ -63,7 +64,7 @@ def digest(path: Path) -> str | None:
     certificates and bundles are far shorter: a huge file costs one bounded read per
     change, not a read of all of it."""
     try:
-        with path.open("rb") as file:
+        with capped.open_regular(path) as file:  # a FIFO is unreadable, not waited for
             return hashlib.sha256(file.read(MAX_CONFIG_BYTES + 1)).hexdigest()
     except OSError:
         return None

@@ -9,6 +9,7 @@ watch has started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -248,3 +249,15 @@ def test_a_huge_file_is_digested_in_one_bounded_read(tmp_path: Path) -> None:
     content[:1] = b"b"
     path.write_bytes(content)
     assert digest(path) not in (first, None)
+
+
+async def test_a_fifo_is_unreadable_not_waited_for(tmp_path: Path) -> None:
+    """A FIFO at a watched path has no digest (skipped as unreadable) instead of holding a
+    thread until a writer opens it."""
+    fifo = tmp_path / "keyproxy.yaml"
+    os.mkfifo(fifo)
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(digest, fifo), WAIT_S) is None
+    finally:
+        with contextlib.suppress(OSError):  # no reader waiting (ENXIO): nothing to unblock
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))

@@ -4,8 +4,10 @@ the real app on loopback listeners; and the change list of keyproxy.config.chang
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -605,3 +607,25 @@ async def test_an_unreadable_ca_file_refuses_the_reload_before_anything_changes(
             assert answer["error"]["path"] == "routes.other.tls.ca_file"
             assert str(ca_file) in answer["error"]["message"]
             assert not [e for e in logs if e["event"] == "config.reload_crashed"]
+
+
+def _unblock_readers(fifo: Path) -> None:
+    """Open `fifo` for writing and close it, so a reader stuck opening it sees its end."""
+    with contextlib.suppress(OSError):  # no reader waiting (ENXIO): nothing to unblock
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def test_a_fifo_in_place_of_the_file_is_refused_not_waited_for(
+    served: Served, tmp_path: Path
+) -> None:
+    """A FIFO (or any file that is not a regular one) at the configuration's path is refused
+    at once, saying so; the reload does not wait for a writer that never comes."""
+    served.path.unlink()
+    os.mkfifo(served.path)
+    try:
+        async with aiohttp.ClientSession() as http:
+            answer = await asyncio.wait_for(_reload(http, served), DEADLINE)
+    finally:
+        _unblock_readers(served.path)
+    assert answer["result"] == "error"
+    assert "not a regular file" in answer["error"]["message"]
