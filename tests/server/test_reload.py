@@ -8,6 +8,7 @@ import contextlib
 import copy
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server import listen as server
 from keyproxy.server.app import METRICS, RELOADER, build_admin_app, build_app
+from keyproxy.server.reload import short, text_digest
 from tests.helpers import cli
 from tests.helpers.configs import CONFIG_SECTIONS
 from tests.helpers.events import read_events
@@ -629,3 +631,48 @@ async def test_a_fifo_in_place_of_the_file_is_refused_not_waited_for(
         _unblock_readers(served.path)
     assert answer["result"] == "error"
     assert "not a regular file" in answer["error"]["message"]
+
+
+async def test_a_file_written_in_two_parts_is_read_once_whole(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, route_key: None
+) -> None:
+    """A watched file rewritten in place by a writer that pauses part-way is reloaded once it
+    is whole: the valid prefix, whose policy lacks the source_cidrs written last, never
+    serves."""
+    cfg = token_config(openbao, agent, upstream.url)
+    prefix = yaml.safe_dump(cfg, sort_keys=False)  # the policy, then its restriction, last
+    restriction = "  source_cidrs:\n  - 10.0.0.0/8\n"
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(prefix + restriction)
+    cfg["tokens"]["default_ttl"] = "3m"
+    edited = yaml.safe_dump(cfg, sort_keys=False)
+    logs: list[dict[str, Any]] = []
+    app = build_app(config.load(path), source=path, watch=True)
+    runner, _ = await server.start(app, "127.0.0.1", 0, server.Limits.of(config.load(path).server))
+
+    def save_slowly() -> None:
+        with path.open("w") as file:  # truncated, then written in two parts
+            file.write(edited)
+            file.flush()
+            time.sleep(0.3)  # the writer pausing part-way (longer than the watch's quiet time)
+            file.write(restriction)
+
+    def reloaded(text: str) -> list[str]:
+        digest = short(text_digest(text.encode()))
+        return [e["hash"] for e in logs if e["event"] == "config.reloaded" and e["hash"] == digest]
+
+    try:
+        with capture_logs() as captured:
+            logs = captured
+            cfg["tokens"]["default_ttl"] = "4m"  # first a whole file: the watch is running
+            first = yaml.safe_dump(cfg, sort_keys=False) + restriction
+            (tmp_path / "next.yaml").write_text(first)
+            (tmp_path / "next.yaml").rename(path)
+            await eventually(lambda: reloaded(first), "the watch never reloaded", within=DEADLINE)
+            await asyncio.to_thread(save_slowly)
+            await eventually(
+                lambda: reloaded(edited + restriction), "not reloaded whole", within=DEADLINE
+            )
+        assert not reloaded(edited)
+    finally:
+        await runner.cleanup()
