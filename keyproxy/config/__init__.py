@@ -51,6 +51,7 @@ from keyproxy.config.model import (
     claim_text,
     default_full_refresh,
 )
+from keyproxy.config.sections import issuer_names
 from keyproxy.config.store import ConcurrencyLimit, Limits, RateLimit, RedisSettings
 
 __all__ = [
@@ -98,6 +99,7 @@ __all__ = [
     "credential_problems",
     "default_full_refresh",
     "diff",
+    "issuer_names",
     "keep_running",
     "load",
     "parse",

@@ -29,8 +29,8 @@ from keyproxy.config.policies import policies_config
 from keyproxy.config.routes import routes_config
 from keyproxy.config.sections import (
     identity_config,
+    issuer_names,
     server_config,
-    svid_issuers,
     tokens_config,
     vault_config,
 )
@@ -104,8 +104,8 @@ def _config(node: Node, env: Mapping[str, str]) -> Config:
     issuers = identity_config(required(node, top, "identity"))
     routes = routes_config(required(node, top, "routes"), vault.kv_mount)
     server = opt(top, "server", server_config, ServerConfig())
-    issuer_names = {i.name for i in issuers} | svid_issuers(server)
-    policies = policies_config(top.get("policies", Node([], "policies")), routes, issuer_names)
+    names = issuer_names(issuers, server)
+    policies = policies_config(top.get("policies", Node([], "policies")), routes, names)
     tokens = opt(top, "tokens", tokens_config, TokensConfig())
     state = opt(top, "state", state_config, None)
     config = Config(vault, issuers, routes, policies, server, tokens, state)

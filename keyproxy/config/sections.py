@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from yarl import URL
 
@@ -308,6 +308,12 @@ def _client_auth(node: Node) -> ClientAuth:
         if node.value == value:
             return value
     raise node.error(f"must be one of: {', '.join(_CLIENT_AUTH)}")
+
+
+def issuer_names(issuers: Iterable[Issuer], server: ServerConfig) -> set[str]:
+    """The names identities' `issuer` may have under this configuration: each configured
+    issuer's, and those of X.509-SVID callers (`svid_issuers`)."""
+    return {issuer.name for issuer in issuers} | svid_issuers(server)
 
 
 def svid_issuers(server: ServerConfig) -> set[str]:

@@ -22,7 +22,7 @@ from keyproxy.state import StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, TaskToken
 from keyproxy.tokens.inflight import UNVERIFIABLE
-from keyproxy.tokens.verify import Verifier
+from keyproxy.tokens.verify import Verifier, trusted_issuers
 
 log = structlog.get_logger("keyproxy.tokens")
 
@@ -44,6 +44,7 @@ class TaskTokens(Verifier):
         if moved:
             self._moved()
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
+        self.trusted_issuers = trusted_issuers(config)
         self._verified.clear()  # their scopes were read against the old routes
 
     async def heartbeat(self, token: TaskToken) -> float:

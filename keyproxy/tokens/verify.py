@@ -25,7 +25,7 @@ from jwt.utils import base64url_decode
 from keyproxy import jws, strictjson, verified
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
-from keyproxy.config import Config
+from keyproxy.config import EXCEPTION_ISSUER, Config, issuer_names
 from keyproxy.errors import Unauthenticated, Unavailable, VaultError
 from keyproxy.state import StateStore
 from keyproxy.tokens import lineage
@@ -55,6 +55,12 @@ class _Verified:
     key: jwt.PyJWK
 
 
+def trusted_issuers(config: Config) -> frozenset[str]:
+    """The issuer names a task token's identity may have under `config`: the configured
+    issuers', X.509-SVID callers' and exception tokens'."""
+    return frozenset(issuer_names(config.identity, config.server) | {EXCEPTION_ISSUER})
+
+
 class Verifier(Signing):
     """Verifies task tokens."""
 
@@ -67,6 +73,7 @@ class Verifier(Signing):
         store: StateStore | None = None,
     ) -> None:
         super().__init__(config, vault, clock, store=store)
+        self.trusted_issuers = trusted_issuers(config)
         # Keeps the signature check off the request path for a token seen before.
         self._verified: VerifiedCache[_Verified] = VerifiedCache(
             _CACHE_SIZE, lambda entry: entry.token.expires_at + LEEWAY, clock
@@ -100,6 +107,10 @@ class Verifier(Signing):
             raise Unauthenticated("not_yet_valid", "the task token is not valid yet")
         if self._revocations.revoked(cached):
             raise Unauthenticated("revoked", "the task token was revoked")
+        if for_use and cached.identity.issuer not in self.trusted_issuers:
+            # SECURITY: a reload removed the issuer its identity was proven by. A policy
+            # without `issuers` would still match its subject, as if that trust remained.
+            raise Unauthenticated("issuer_removed", "the token's identity issuer was removed")
         if for_use and cached.ancestors:
             # The cascade: a token dies with every token it was delegated from.
             refusal = self._revocations.chain_refusal(cached)

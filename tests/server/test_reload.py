@@ -676,3 +676,52 @@ async def test_a_file_written_in_two_parts_is_read_once_whole(
         assert not reloaded(edited)
     finally:
         await runner.cleanup()
+
+
+async def test_a_removed_issuer_ends_the_task_tokens_of_its_identities(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A task token issued to an identity of an issuer that a reload removes is refused on its
+    next request (and for a delegation), even where a policy without `issuers` still matches
+    its subject: the trust it was issued on is gone."""
+    identity = openbao.agent_token(agent)
+    cfg = token_config(openbao, agent, upstream.url)
+    del cfg["policies"][0]["issuers"]  # any issuer's identity with this subject
+    served.path.write_text(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as http:
+        assert (await _reload(http, served))["result"] == "ok"
+        scope = {"r": {"methods": ["GET"], "paths": ["/echo"]}}
+        async with http.post(
+            f"{served.base}/token", json={"scope": scope, "task": "t"}, headers=bearer(identity)
+        ) as response:
+            assert response.status == 200
+            task = (await response.json())["access_token"]
+            CANARIES.add(task)
+        async with http.get(f"{served.base}/r/r/echo", headers=bearer(task)) as response:
+            assert response.status == 200
+        keys = tmp_path / "other-keys.json"
+        keys.write_text('{"keys": []}')
+        cfg["identity"]["issuers"] = [
+            {
+                "name": "other",
+                "issuer": "https://other.example.com",
+                "jwks_file": str(keys),
+                "audiences": ["keyproxy"],
+                "algorithms": ["ES256"],
+            }
+        ]
+        served.path.write_text(yaml.safe_dump(cfg))
+        answer = await _reload(http, served)
+        assert answer["changes"]["issuers"] == {
+            "added": ["other"],
+            "removed": ["openbao"],
+            "changed": [],
+        }
+        async with http.get(f"{served.base}/r/r/echo", headers=bearer(task)) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "issuer_removed"
+        async with http.post(  # a delegation from it
+            f"{served.base}/token", json={"scope": scope, "task": "sub"}, headers=bearer(task)
+        ) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "issuer_removed"
