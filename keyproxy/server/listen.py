@@ -31,6 +31,7 @@ configuration file (keyproxy.server.reload); it never kills the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -341,7 +342,9 @@ def _stopping(sig: signal.Signals, stop: asyncio.Event) -> None:
 
 
 async def _until_stopped(stop: asyncio.Event, hangups: asyncio.Event, app: web.Application) -> None:
-    """Reload on each SIGHUP (several while one runs: one more reload) until `stop` is set."""
+    """Reload on each SIGHUP (several while one runs: one more reload) until `stop` is set.
+    A reload still running then is abandoned: it may be waiting on a new issuer or on Vault
+    for many seconds, and it applies nothing until its last step."""
     stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
@@ -352,7 +355,13 @@ async def _until_stopped(stop: asyncio.Event, hangups: asyncio.Event, app: web.A
                 break
             hangups.clear()
             log.info("reload_requested", signal="SIGHUP")
-            await app[RELOADER].reload("sighup")
+            reload = asyncio.ensure_future(app[RELOADER].reload("sighup"))
+            await asyncio.wait({stopping, reload}, return_when=asyncio.FIRST_COMPLETED)
+            if not reload.done():
+                reload.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reload
+                log.info("reload_abandoned", reason="stopping")
     finally:
         stopping.cancel()
 

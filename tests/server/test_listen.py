@@ -372,3 +372,52 @@ async def test_serve_logs_only_json_reloads_on_sighup_and_drains_on_sigterm(
     draining = next(e for e in events if e["event"] == "draining")
     assert draining["in_flight"] >= 1
     assert names.index("stopped") > names.index("draining")
+
+
+async def test_sigterm_during_a_reload_stops_without_waiting_for_it(
+    openbao: OpenBaoDevServer, upstream: Upstream, server_key: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """SIGTERM while a SIGHUP reload waits on a new issuer that never answers stops the
+    server at once: the reload is abandoned (nothing of it applied), not waited for until
+    the issuer's fetch times out."""
+    asked: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(writer)  # read, never answered; closed when the test ends
+        await reader.read(1)
+
+    issuer = await asyncio.start_server(silent, "127.0.0.1", 0)
+    silent_port = issuer.sockets[0].getsockname()[1]
+    cfg = _config(openbao, upstream.url)
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    port, out = free_port(), log_dir / "server-reload-sigterm.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    args = ("serve", "-c", str(path), "--port", str(port), "--admin-port", "0", "--no-watch")
+    try:
+        with started(*args, out=out, env={**env, "PYTHONUNBUFFERED": "1"}) as proc:
+            async with aiohttp.ClientSession() as http:
+                await ready(http, f"http://127.0.0.1:{port}", proc)
+            cfg["identity"]["issuers"].append(
+                {
+                    "name": "silent",
+                    "issuer": "https://silent.example.com",
+                    "discovery_url": f"http://127.0.0.1:{silent_port}/.well-known/openid-configuration",
+                    "audiences": ["keyproxy"],
+                    "algorithms": ["ES256"],
+                }
+            )
+            path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+            proc.send_signal(signal.SIGHUP)
+            await eventually(lambda: asked, "the reload never asked the new issuer", within=30)
+            proc.send_signal(signal.SIGTERM)
+            # The issuer's fetch gives up after 10 s; the stop does not wait for it.
+            assert await asyncio.to_thread(proc.wait, 5) == 0
+    finally:
+        for writer in asked:
+            writer.close()
+        issuer.close()
+        await issuer.wait_closed()
+    names = [e["event"] for e in read_events(out)]
+    assert "stopped" in names
+    assert "config.reloaded" not in names
