@@ -17,7 +17,9 @@ PyYAML's safe loader does the parsing (standard tags only, no Python objects). O
 - A syntax error keeps the parser's own reason and position (line and column, from 1), and
   where the parser says what it was inside, that too.
 - A file with no document (empty, only comments) says so, and an alias inside the value it
-  names (`&a [*a]`, a loop no setting needs) is refused instead of recursing forever.
+  names (`&a [*a]`, a loop no setting needs) is refused instead of recursing forever; so is
+  a value nested more than MAX_DEPTH levels deep, which the composer would recurse into
+  until a RecursionError.
 
 Items of the lists in LABELLED carry their `name` in paths (`policies[0] (summarizer).allow`),
 so an error inside a long list says which item it is in; `compile._Node` uses the same form.
@@ -41,6 +43,9 @@ LABELLED = frozenset({"policies"})
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
 _MAX_LABEL = 64
+# Levels of nesting (the top value is one): a setting needs a handful. Deeper, PyYAML's
+# composer, which recurses once per level, would end in a RecursionError, not a ConfigError.
+MAX_DEPTH = 64
 # Far above any real configuration (1,000 routes with their policies: about 300 KiB): a file
 # this large is a mistake, and reading it would hold the process for seconds.
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -142,6 +147,7 @@ class _StrictLoader(yaml.SafeLoader):
     def __init__(self, text: str) -> None:
         super().__init__(text)
         self._paths: dict[int, str] = {}
+        self._depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -154,7 +160,18 @@ class _StrictLoader(yaml.SafeLoader):
                     f"alias *{event.anchor} is inside the value it names (a loop)",
                     event.start_mark,
                 )
-        return super().compose_node(parent, index)
+        if self._depth == MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"nested more than {MAX_DEPTH} levels deep",
+                self.peek_event().start_mark,  # type: ignore[no-untyped-call]  # untyped in the stubs
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_document(self, node: Node) -> Any:
         self._paths[id(node)] = ""

@@ -45,3 +45,27 @@ def test_a_file_larger_than_any_configuration_is_refused_unread(tmp_path: Path) 
         read("routes: {}\n" + comment * 4096)
     path.write_text("routes: {}\n" + comment * 4000, encoding="utf-8")
     assert read(read_file(path).decode()) == {"routes": {}}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "routes: " + "[" * 3000 + "]" * 3000,
+        "routes: " + "{a: " * 3000 + "1" + "}" * 3000,
+        "routes:\n" + "".join("  " * depth + "- \n" for depth in range(1, 2000)),
+    ],
+    ids=["flow lists", "flow mappings", "block lists"],
+)
+def test_nesting_deeper_than_any_configuration_is_a_config_error(text: str) -> None:
+    """Values nested thousands deep (a file of brackets) are refused with a line, not the
+    YAML reader's RecursionError (which a reload could only report as a crash)."""
+    with pytest.raises(ConfigError, match=r"at line \d+, column \d+: nested more than 64 levels"):
+        config.parse(text, {})
+
+
+def test_nesting_at_the_limit_is_read() -> None:
+    """64 levels of nesting are still read (far beyond what any setting needs)."""
+    value: list[object] = []
+    for _ in range(62):
+        value = [value]
+    assert read("a: " + "[" * 63 + "]" * 63) == {"a": value}  # the top mapping and 63 lists
