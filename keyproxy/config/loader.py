@@ -19,7 +19,9 @@ PyYAML's safe loader does the parsing (standard tags only, no Python objects). O
 - A file with no document (empty, only comments) says so, and an alias inside the value it
   names (`&a [*a]`, a loop no setting needs) is refused instead of recursing forever; so is
   a value nested more than MAX_DEPTH levels deep, which the composer would recurse into
-  until a RecursionError.
+  until a RecursionError, and a document whose aliases expand it past MAX_VALUES values
+  (a "billion laughs": PyYAML shares what an alias repeats, but compiling walks and keeps
+  every repetition).
 
 Items of the lists in LABELLED carry their `name` in paths (`policies[0] (summarizer).allow`),
 so an error inside a long list says which item it is in; `compile._Node` uses the same form.
@@ -46,6 +48,10 @@ _MAX_LABEL = 64
 # Levels of nesting (the top value is one): a setting needs a handful. Deeper, PyYAML's
 # composer, which recurses once per level, would end in a RecursionError, not a ConfigError.
 MAX_DEPTH = 64
+# Values the document holds once every alias is expanded (a thousand routes with their
+# policies hold about 50,000). Compiling walks, and the compiled configuration keeps, every
+# repetition: past this, a small file of aliases could take most of an hour and gigabytes.
+MAX_VALUES = 1_000_000
 # Far above any real configuration (1,000 routes with their policies: about 300 KiB): a file
 # this large is a mistake, and reading it would hold the process for seconds.
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -148,6 +154,7 @@ class _StrictLoader(yaml.SafeLoader):
         super().__init__(text)
         self._paths: dict[int, str] = {}
         self._depth = 0
+        self._values: dict[int, int] = {}  # per composed node: values in it, aliases expanded
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
@@ -160,6 +167,7 @@ class _StrictLoader(yaml.SafeLoader):
                     f"alias *{event.anchor} is inside the value it names (a loop)",
                     event.start_mark,
                 )
+            return super().compose_node(parent, index)  # the node it names, counted already
         if self._depth == MAX_DEPTH:
             raise yaml.composer.ComposerError(
                 None,
@@ -169,9 +177,30 @@ class _StrictLoader(yaml.SafeLoader):
             )
         self._depth += 1
         try:
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+        if node is not None:
+            self._count(node)
+        return node
+
+    def _count(self, node: Node) -> None:
+        """Record how many values `node` holds with its aliases expanded; refuse past
+        MAX_VALUES. Its children are counted already: an alias's node before the alias."""
+        children: list[Node] = []
+        if isinstance(node, SequenceNode):
+            children = node.value
+        elif isinstance(node, MappingNode):
+            children = [child for pair in node.value for child in pair]
+        values = 1 + sum(self._values[id(child)] for child in children)
+        if values > MAX_VALUES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases expand it to more than {MAX_VALUES:,} values",
+                node.start_mark,
+            )
+        self._values[id(node)] = values
 
     def construct_document(self, node: Node) -> Any:
         self._paths[id(node)] = ""

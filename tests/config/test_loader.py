@@ -69,3 +69,24 @@ def test_nesting_at_the_limit_is_read() -> None:
     for _ in range(62):
         value = [value]
     assert read("a: " + "[" * 63 + "]" * 63) == {"a": value}  # the top mapping and 63 lists
+
+
+def test_aliases_that_expand_past_a_million_values_are_a_config_error() -> None:
+    """A "billion laughs" file (each alias repeating the one before nine times) is refused
+    as it is read, naming where, not built into a value of 387 million items."""
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match=r"at line 7, column \d+: aliases expand it to more"):
+        read("\n".join(levels))
+
+
+def test_aliases_repeating_long_lists_across_policies_are_refused() -> None:
+    """A small file whose policies each repeat two long lists by alias (the compiled
+    configuration would hold every repetition: at the 4 MiB a file may have, many GiB) is
+    refused before it is compiled."""
+    subjects = ", ".join(f"s{i}" for i in range(2000))
+    paths = ", ".join(f'"/p{i}/**"' for i in range(2000))
+    first = f"  - {{name: p0, subjects: &s [{subjects}], allow: {{r: &g {{paths: [{paths}]}}}}}}"
+    rest = [f"  - {{name: p{i}, subjects: *s, allow: {{r: *g}}}}" for i in range(1, 300)]
+    with pytest.raises(ConfigError, match="aliases expand it to more than 1,000,000 values"):
+        read("policies:\n" + "\n".join([first, *rest]))
