@@ -22,7 +22,8 @@ verifier's per-issuer key caches. `Reloader.reload(trigger)`:
 6. retires the old generation when its last request has ended: keys no live generation uses
    are forgotten, and upstream sessions no live generation uses are closed.
 
-Reloads run one at a time. Triggers: SIGHUP (keyproxy.server.listen), a watch of the file
+Reloads run one at a time; one asked for while another waits to begin shares it (`reload`).
+Triggers: SIGHUP (keyproxy.server.listen), a watch of the file
 (`follow`, keyproxy.watch: a change is read once the file has stayed the same for SETTLE
 seconds, `settled`), and `POST /reload` on the admin listener.
 """
@@ -148,6 +149,8 @@ class Reloader:
         self.current = first
         self._live: list[Generation] = [first]  # current, and replaced ones still serving
         self._lock = asyncio.Lock()
+        self._queued: asyncio.Task[Outcome] | None = None  # a reload waiting for the lock
+        self._reloads: set[asyncio.Task[Outcome]] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._rewatch = asyncio.Event()
         metrics.config_in_force(short(first.digest), first.loaded_at)
@@ -168,8 +171,22 @@ class Reloader:
     # ------------------------------------------------------------------ reload
 
     async def reload(self, trigger: str) -> Outcome:
-        """Load the file again, and serve it if it compiles and checks (module docstring)."""
+        """Load the file again, and serve it if it compiles and checks (module docstring).
+
+        A reload asked for while another waits to begin shares that one (and its trigger):
+        it too reads the file after this call, so its outcome answers this caller, and a
+        storm of triggers (POST /reload in a loop) costs at most one reload beyond the one
+        running, instead of one each, queued without end. The reload is the reloader's
+        task: a caller that stops waiting does not cancel it for the others."""
+        if self._queued is None:
+            self._queued = asyncio.get_running_loop().create_task(self._next(trigger))
+            self._reloads.add(self._queued)  # owned: cancelled by `aclose`
+            self._queued.add_done_callback(self._reloads.discard)
+        return await asyncio.shield(self._queued)
+
+    async def _next(self, trigger: str) -> Outcome:
         async with self._lock:
+            self._queued = None  # begun: a trigger from now on needs a reading of its own
             try:
                 outcome = await self._reload(trigger)
             except Exception as exc:  # a bug: the running configuration stays, and so do we
@@ -298,7 +315,11 @@ class Reloader:
             log.exception("config.watch_failed", file=str(path))
 
     async def aclose(self) -> None:
-        """Close every generation still open (the app is stopping)."""
+        """Stop a reload under way or waiting (nothing of it applies: the swap is its last,
+        synchronous step), and close every generation still open (the app is stopping)."""
+        for task in list(self._reloads):
+            task.cancel()
+        await asyncio.gather(*self._reloads, return_exceptions=True)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         for generation in self._live:

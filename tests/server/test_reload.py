@@ -725,3 +725,15 @@ async def test_a_removed_issuer_ends_the_task_tokens_of_its_identities(
         ) as response:
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "issuer_removed"
+
+
+async def test_reloads_asked_while_one_waits_share_it(served: Served) -> None:
+    """Fifty reloads asked at once (a storm of POST /reload) of a file that is refused cost
+    at most two readings of it, the running one's and one more that all the others share;
+    each caller still gets the refusal."""
+    served.path.write_text("routes: [unclosed\n")
+    reloader = served.app[RELOADER]
+    with capture_logs() as logs:
+        outcomes = await asyncio.gather(*(reloader.reload("admin") for _ in range(50)))
+    assert {outcome.result for outcome in outcomes} == {"error"}
+    assert 1 <= len([e for e in logs if e["event"] == "config.reload_failed"]) <= 2
