@@ -61,7 +61,7 @@ from keyproxy.metrics import Metrics
 from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.proxy import Proxy
 from keyproxy.server import collector
-from keyproxy.server.reload import Generation, Reloader, short, text_digest
+from keyproxy.server.reload import Generation, Reloader, operators_only, short, text_digest
 from keyproxy.server.tlsapp import TLS, serve_tls, svid_holders_only
 from keyproxy.state import StateStore
 from keyproxy.state.memory import MemoryStore
@@ -147,7 +147,7 @@ def build_admin_app(served: web.Application) -> web.Application:
     checked: Callable[[Handler], Handler] = svid_holders_only if holders else _as_is
     for path, handler in (("/healthz", _healthz), ("/readyz", _readyz), ("/metrics", _metrics)):
         app.router.add_get(path, answers.answering(checked(handler)))  # and HEAD
-    app.router.add_post("/reload", answers.answering(checked(_reload)))
+    app.router.add_post("/reload", answers.answering(checked(operators_only(_reload))))
     return app
 
 

@@ -39,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from keyproxy import config, netguard
 from keyproxy.broker import Broker
 from keyproxy.config import Changes, Config, diff, keep_running
-from keyproxy.errors import ConfigError
+from keyproxy.errors import ConfigError, Forbidden
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.proxy import Proxy
@@ -67,6 +69,22 @@ def short(digest: str) -> str:
 
 def text_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def operators_only(handler: Handler) -> Handler:
+    """`handler`, refusing a request a web page made (403 browser_request).
+
+    SECURITY: any page open in a browser on the host can POST to the loopback admin
+    listener (a form or a fetch without CORS needs no preflight) and so apply a file its
+    operator has not finished. A browser names the page's origin on every POST (`Origin`,
+    `Sec-Fetch-Site`); keyproxy reload, curl and systemd send neither."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if "Origin" in request.headers or "Sec-Fetch-Site" in request.headers:
+            raise Forbidden("browser_request", "a reload is asked for by tools, not web pages")
+        return await handler(request)
+
+    return checked
 
 
 async def settled(path: Path, wait: float = SETTLE) -> None:

@@ -737,3 +737,22 @@ async def test_reloads_asked_while_one_waits_share_it(served: Served) -> None:
         outcomes = await asyncio.gather(*(reloader.reload("admin") for _ in range(50)))
     assert {outcome.result for outcome in outcomes} == {"error"}
     assert 1 <= len([e for e in logs if e["event"] == "config.reload_failed"]) <= 2
+
+
+async def test_a_reload_asked_by_a_web_page_is_refused(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """POST /reload from a web page (a browser names its origin) is refused with 403 and
+    reloads nothing: a page open on the operator's host must not apply a file early; tools,
+    which send no Origin, still reload."""
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["tokens"]["max_ttl"] = "5m"
+    served.path.write_text(yaml.safe_dump(cfg))
+    running = served.app[RELOADER].current.digest
+    async with aiohttp.ClientSession() as http:
+        for headers in ({"Origin": "https://example.com"}, {"Sec-Fetch-Site": "cross-site"}):
+            async with http.post(f"{served.admin}/reload", headers=headers) as response:
+                assert response.status == 403, headers
+                assert (await response.json())["error"]["code"] == "browser_request"
+            assert served.app[RELOADER].current.digest == running
+        assert (await _reload(http, served))["result"] == "ok"
