@@ -31,35 +31,44 @@ class UpstreamSessions:
     A reload builds the next configuration's sessions with `successor`: a route whose
     settings are unchanged keeps its session and its pooled connections, a new or changed
     one gets a new session. The old set is closed (`close(keep=...)`) once nothing runs on it,
-    sparing the sessions its successors still use.
+    sparing the sessions its successors still use. The TLS contexts of the new sessions
+    (`successor_tls`) come first: a CA file that does not load refuses the reload before it
+    changes anything, and they hold nothing to close if the reload goes no further.
     """
 
     def __init__(
         self,
         routes: Mapping[str, Route],
         kept: Mapping[str, _Clients] | None = None,
+        tls: Mapping[Setting, ssl.SSLContext] | None = None,
     ) -> None:
         self.routes = dict(routes)
         self._by_route: dict[str, _Clients] = dict(kept or {})
         new = [route for route in routes.values() if route.name not in self._by_route]
-        # Every TLS context first: a CA file that does not load refuses the whole set before
-        # any session exists (a reload then leaves nothing open behind it).
-        contexts: dict[tuple[tuple[Network, ...], bool, str], ssl.SSLContext] = {}
-        for route in new:
-            if _setting(route) not in contexts:
-                contexts[_setting(route)] = _route_tls(route)
-        shared = {setting: _clients(setting[0], tls) for setting, tls in contexts.items()}
+        contexts = _contexts(new, tls or {})  # each first: one that fails leaves nothing open
+        shared = {setting: _clients(setting[0], made) for setting, made in contexts.items()}
         for route in new:
             self._by_route[route.name] = shared[_setting(route)]
 
-    def successor(self, routes: Mapping[str, Route]) -> UpstreamSessions:
-        """The sessions for `routes`, keeping this set's for each route that is unchanged."""
-        kept = {
+    def successor_tls(self, routes: Mapping[str, Route]) -> dict[Setting, ssl.SSLContext]:
+        """The TLS contexts `successor(routes, ...)` needs; ConfigError naming a route's
+        `tls.ca_file` that does not load."""
+        kept = self._kept(routes)
+        return _contexts([route for route in routes.values() if route.name not in kept], {})
+
+    def successor(
+        self, routes: Mapping[str, Route], tls: Mapping[Setting, ssl.SSLContext] | None = None
+    ) -> UpstreamSessions:
+        """The sessions for `routes`, keeping this set's for each route that is unchanged;
+        the new ones with `tls` (`successor_tls`), else contexts made now."""
+        return UpstreamSessions(routes, self._kept(routes), tls)
+
+    def _kept(self, routes: Mapping[str, Route]) -> dict[str, _Clients]:
+        return {
             name: self._by_route[name]
             for name, route in routes.items()
             if self.routes.get(name) == route
         }
-        return UpstreamSessions(routes, kept)
 
     def get(self, route: str) -> aiohttp.ClientSession:
         return self._by_route[route].session
@@ -80,9 +89,23 @@ class _Clients(NamedTuple):
     session: aiohttp.ClientSession
 
 
-def _setting(route: Route) -> tuple[tuple[Network, ...], bool, str]:
-    """What routes share one pool and session by."""
+Setting = tuple[tuple[Network, ...], bool, str]  # what routes share a pool and session by
+
+
+def _setting(route: Route) -> Setting:
     return route.egress_allow, route.tls_verify, str(route.ca_file or "")
+
+
+def _contexts(
+    routes: Iterable[Route], made: Mapping[Setting, ssl.SSLContext]
+) -> dict[Setting, ssl.SSLContext]:
+    """The TLS context of each setting of `routes`: from `made`, else made now."""
+    contexts: dict[Setting, ssl.SSLContext] = {}
+    for route in routes:
+        setting = _setting(route)
+        if setting not in contexts:
+            contexts[setting] = made.get(setting) or _route_tls(route)
+    return contexts
 
 
 def _route_tls(route: Route) -> ssl.SSLContext:

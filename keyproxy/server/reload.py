@@ -247,7 +247,7 @@ class Reloader:
             await asyncio.to_thread(netguard.check_upstreams, compiled)
             serving = keep_running(running.config, compiled)
             # Before anything running changes: a CA file that does not load refuses the file.
-            sessions = running.sessions.successor(serving.routes)
+            tls = running.sessions.successor_tls(serving.routes)
         except ConfigError as exc:
             return self._failed(trigger, running, exc)
         changes = diff(running.loaded or running.config, compiled)
@@ -255,7 +255,7 @@ class Reloader:
         # its keys, a changed route its own session.
         await self._keys.prepare(serving.routes)
         await self._verifier.reconfigure(serving.identity)
-        generation = self._make(serving, digest, sessions)
+        generation = self._make(serving, digest, running.sessions.successor(serving.routes, tls))
         generation.loaded = compiled
         self._tasks.reconfigure(serving)
         self._keys.use(serving.routes)
