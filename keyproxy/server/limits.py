@@ -49,20 +49,31 @@ class Limits:
 
 
 class Guard:
-    """A listener's connection counts, and the accounting of what it refused."""
+    """A listener's connection counts, and the accounting of what it refused. `trusted`
+    gives the trusted proxies in force (a reload changes them); else `limits.trusted`."""
 
-    def __init__(self, limits: Limits, metrics: Callable[[], Metrics | None]) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        metrics: Callable[[], Metrics | None],
+        trusted: Callable[[], tuple[Network, ...]] | None = None,
+    ) -> None:
         self.limits = limits
         self._metrics = metrics
+        self._trusted = trusted or (lambda: limits.trusted)
         self.open = 0
         self._by_source: Counter[str] = Counter()
         self._logged: dict[str, float] = {}
 
-    def admit(self, source: str, address: IPAddress | None) -> str | None:
-        """Count a new connection from `source` (parsed: `address`), or why it is refused."""
+    def exempt(self, address: IPAddress | None) -> bool:
+        """Whether a connection from `address` is exempt from the per-source limit: from a
+        proxy trusted now. Asked once per connection, which keeps its answer."""
+        return address is not None and any(address in n for n in self._trusted())
+
+    def admit(self, source: str, exempt: bool) -> str | None:
+        """Count a new connection from `source`, or why it is refused."""
         if self.open >= self.limits.max_connections:
             return "max_connections"
-        exempt = address is not None and any(address in n for n in self.limits.trusted)
         if not exempt and self._by_source[source] >= self.limits.max_connections_per_source:
             return "max_connections_per_source"
         self.open += 1
@@ -70,9 +81,9 @@ class Guard:
             self._by_source[source] += 1
         return None
 
-    def release(self, source: str) -> None:
+    def release(self, source: str, exempt: bool) -> None:
         self.open -= 1
-        if source in self._by_source:
+        if not exempt and source in self._by_source:
             self._by_source[source] -= 1
             if not self._by_source[source]:
                 del self._by_source[source]

@@ -45,15 +45,17 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_request import BaseRequest
 
 from keyproxy.addresses import IPAddress
-from keyproxy.config import Config
+from keyproxy.config import Config, Network
 from keyproxy.headers import SERVER_NAME
 from keyproxy.metrics import Metrics
 from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.policy import peer_address
 from keyproxy.server.app import (
+    CONFIG,
     METRICS,
     PROXY_HANDLER,
     RELOADER,
+    SERVED,
     build_admin_app,
     build_app,
 )
@@ -90,6 +92,7 @@ class _Connection(web_protocol.RequestHandler):
         # by the name policy.PEER.
         self.peer: tuple[IPAddress, str] | None = None
         self._admitted = False
+        self._exempt = False  # from the per-source limit, as decided when it connected
         self._header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,7 +102,8 @@ class _Connection(web_protocol.RequestHandler):
             self.peer = peer_address(self._source)
         except ValueError:  # not an IP address (a Unix socket)
             self.peer = None
-        refused = self._guard.admit(self._source, self.peer[0] if self.peer else None)
+        self._exempt = self._guard.exempt(self.peer[0] if self.peer else None)
+        refused = self._guard.admit(self._source, self._exempt)
         if refused is not None:
             # SECURITY: nothing of this connection is read, so nothing of it can cost more.
             assert isinstance(transport, asyncio.Transport)  # TCP listeners only
@@ -122,7 +126,7 @@ class _Connection(web_protocol.RequestHandler):
         if not self._admitted:
             return  # refused: aiohttp never knew it
         self._headers_arrived()
-        self._guard.release(self._source)
+        self._guard.release(self._source, self._exempt)
         super().connection_lost(exc)
 
     def _await_headers(self) -> None:
@@ -225,6 +229,22 @@ def _direct(routed: ServerHandler, proxy: Handler) -> ServerHandler:
     return dispatch
 
 
+def _trusted(app: web.Application) -> Callable[[], tuple[Network, ...]] | None:
+    """The trusted proxies of the configuration in force, for the listener of `app` (the
+    agents' app, or the admin app of one): a reload that removes a proxy ends its
+    exemption from max_connections_per_source with its X-Forwarded-For trust."""
+    served = app.get(SERVED, app)
+    if CONFIG not in served:
+        return None  # not keyproxy's: the limits' own list
+
+    def trusted() -> tuple[Network, ...]:
+        reloader = served.get(RELOADER)  # set once the app has started
+        config = served[CONFIG] if reloader is None else reloader.current.config
+        return config.server.trusted_proxies
+
+    return trusted
+
+
 async def start(
     app: web.Application,
     host: str,
@@ -238,7 +258,7 @@ async def start(
     """Serve `app` on host:port (0: any free port) with keyproxy's connection handling, over
     TLS when the app has its listener's (`TLS`); the runner (its `cleanup()` drains and
     stops) and the bound port."""
-    guard = Guard(limits, metrics)
+    guard = Guard(limits, metrics, _trusted(app))
     runner = _Runner(
         app,
         guard,

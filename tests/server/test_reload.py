@@ -756,3 +756,45 @@ async def test_a_reload_asked_by_a_web_page_is_refused(
                 assert (await response.json())["error"]["code"] == "browser_request"
             assert served.app[RELOADER].current.digest == running
         assert (await _reload(http, served))["result"] == "ok"
+
+
+async def _status_line(port: int) -> tuple[bytes, asyncio.StreamWriter]:
+    """The status line a new connection to `port` gets for GET /healthz; its writer, open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    await writer.drain()
+    return await asyncio.wait_for(reader.readline(), DEADLINE), writer
+
+
+async def test_a_proxy_no_longer_trusted_loses_its_connection_exemption(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, route_key: None
+) -> None:
+    """A reload that removes an address from server.trusted_proxies also ends its exemption
+    from max_connections_per_source: its next connections are counted like anyone's."""
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["server"] = {"trusted_proxies": ["127.0.0.0/8"], "max_connections_per_source": 2}
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    app = build_app(config.load(path), source=path)
+    runner, port = await server.start(
+        app, "127.0.0.1", 0, server.Limits.of(config.load(path).server)
+    )
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(3):  # trusted: more than the per-source limit
+            line, writer = await _status_line(port)
+            writers.append(writer)
+            assert line.startswith(b"HTTP/1.1 200 "), line
+        cfg["server"]["trusted_proxies"] = []
+        path.write_text(yaml.safe_dump(cfg))
+        assert (await app[RELOADER].reload("test")).result == "ok"
+        lines = []
+        for _ in range(3):
+            line, writer = await _status_line(port)
+            writers.append(writer)
+            lines.append(line)
+        assert [line.split(b" ")[1] for line in lines] == [b"200", b"200", b"503"]
+    finally:
+        for writer in writers:
+            writer.close()
+        await runner.cleanup()
