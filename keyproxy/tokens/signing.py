@@ -80,9 +80,10 @@ class Signing(ExceptionRegister):
                 return
             self._keys_fetched = now
             started = self.clock()
-            public = await self.vault.transit_public_keys(
-                self.cfg.transit_mount, self.cfg.transit_key
-            )
+            signer = self._signer()
+            public = await self.vault.transit_public_keys(*signer)
+            if signer != self._signer():
+                return  # a reload named another key meanwhile: these are not its versions
             # An unchanged version keeps its key object: tokens it verified stay remembered.
             keys = {
                 v: self._keys[v] if self._public.get(v) == raw else jwt.PyJWK(self._jwk(v, raw))
@@ -94,6 +95,16 @@ class Signing(ExceptionRegister):
             self._public, self._keys, self._keys_read_at = public, keys, started
             if changed:
                 log.info("token_keys_loaded", versions=sorted(keys))
+
+    def _signer(self) -> tuple[str, str]:
+        """The Transit mount and key that sign tokens."""
+        return self.cfg.transit_mount, self.cfg.transit_key
+
+    def _signer_moved(self) -> None:
+        """Another Transit key signs from now on (a reload). The versions known are the old
+        key's, numbered as the new key's are: none of them verifies a token again, and the
+        new key's are read when the first token needs them."""
+        self._keys, self._public, self._keys_fetched = {}, {}, -1e9
 
     async def _refresh_keys_regularly(self) -> None:
         while True:

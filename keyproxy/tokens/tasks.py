@@ -38,11 +38,14 @@ class TaskTokens(Verifier):
         """Follow `config` (a reload): its token settings apply to tokens issued from now on,
         and tokens are verified against its routes. Signing keys, revocations and use
         counts carry over; the revocation list is read again first if `tokens.state_path`
-        moved."""
+        moved, and the public keys if another Transit key signs."""
         moved = config.tokens.state_path != self.cfg.state_path
+        signer = self._signer()
         self.config, self.cfg = config, config.tokens
         if moved:
             self._moved()
+        if self._signer() != signer:
+            self._signer_moved()
         self._policy_claims = sorted({name for p in config.policies for name, _ in p.claims})
         self.trusted_issuers = trusted_issuers(config)
         self._verified.clear()  # their scopes were read against the old routes

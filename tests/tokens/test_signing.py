@@ -5,7 +5,9 @@ Real OpenBao, a real upstream, the real proxy and real clients."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import secrets
 
 import aiohttp
 import jwt
@@ -148,3 +150,39 @@ async def test_keys_past_max_staleness_refuse_task_tokens(
         assert tasks.key_status()["stale"] is False
     finally:
         vault.close()
+
+
+async def test_a_reload_naming_another_transit_key_verifies_its_tokens_at_once(
+    openbao: OpenBaoDevServer, agent: Agent
+) -> None:
+    """After a reload names another Transit key, a replica verifies the tokens another one
+    signs with it at once: the versions it knew are the old key's, under the same numbers,
+    and are not taken for the new key's until the next key refresh."""
+    key = f"keyproxy-tokens-next-{secrets.token_hex(4)}"
+    await asyncio.to_thread(openbao.bao, "write", "-f", f"transit/keys/{key}", "type=ed25519")
+    doc = token_config(openbao, agent, "http://127.0.0.1:1")
+    cfg = dataclasses.replace(
+        config_module.parse(json.dumps(doc), {}), vault=openbao.root_vault_config()
+    )
+    moved = dataclasses.replace(cfg, tokens=dataclasses.replace(cfg.tokens, transit_key=key))
+    replicas = []
+    try:
+        for _ in range(2):
+            vault = Vault(cfg.vault)
+            await vault.login()
+            tasks = TaskTokens(cfg, vault)
+            await tasks.refresh_keys(force=True)
+            replicas.append((tasks, vault))
+        (here, _), (there, _) = replicas
+        assert here.key_status()["versions"]  # the old key's
+        here.reconfigure(moved)
+        there.reconfigure(moved)
+        issued = await there.issue(Identity("openbao", agent.entity_id, {}), SCOPE, ttl=120)
+        CANARIES.add(issued.token)
+        assert jwt.get_unverified_header(issued.token)["kid"].startswith(f"{key}:v")
+        assert (await here.verify(issued.token)).token_id == issued.token_id
+        assert (await there.verify(issued.token)).token_id == issued.token_id
+    finally:
+        for tasks, vault in replicas:
+            await tasks.aclose()
+            vault.close()
