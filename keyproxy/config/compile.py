@@ -47,8 +47,10 @@ def parse_bytes(data: bytes, env: Mapping[str, str] | None = None) -> Config:
     """Compile a configuration file's bytes, which must be UTF-8."""
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("", "the file is not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[data.rfind(b"\n", 0, exc.start) + 1 : exc.start].decode()) + 1
+        raise ConfigError("", f"the file is not UTF-8 text: line {line}, column {column}") from None
     return parse(text, env)
 
 

@@ -443,3 +443,11 @@ def test_bad_durations_outside_the_file_name_their_setting(value: Any) -> None:
     than ASCII ones too, never a ValueError from int(), nor an OverflowError)."""
     with pytest.raises(ConfigError, match=r"^--ttl: must be a positive duration"):
         config.parse_duration(value, "--ttl")
+
+
+def test_bytes_that_are_not_utf8_are_refused_with_their_position() -> None:
+    """A file saved in another encoding is refused naming the line and column of the first
+    byte that is not UTF-8 (not the byte: it may be part of something secret)."""
+    data = "identity: {}\nroutes:\n  caf\u00e9: {}\n".encode("latin-1")
+    with pytest.raises(ConfigError, match=r"^the file is not UTF-8 text: line 3, column 6$"):
+        config.parse_bytes(data)
