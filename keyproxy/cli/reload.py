@@ -3,6 +3,7 @@
     keyproxy reload -c FILE          POST /reload on the admin listener of FILE's server.admin
                                      (--admin URL for another one); prints the JSON result
     keyproxy reload --pid-file PATH  SIGHUP to the process whose id `serve --pid-file` wrote
+                                     (refused if that process is not keyproxy: a stale file)
     keyproxy reload --pid PID        SIGHUP to PID (a `--workers` parent forwards it to each)
     keyproxy check --diff OLD NEW    the change list a reload from OLD to NEW makes
 
@@ -75,6 +76,15 @@ def _signal(args: argparse.Namespace) -> int:
             pid = int(Path(args.pid_file).read_text(encoding="ascii").strip())
         except (OSError, ValueError) as exc:
             raise UsageError(f"--pid-file {args.pid_file}: no process id in it ({exc})") from None
+        if _not_keyproxy(pid):
+            # A file left by a server that died: its process id may be another program's now,
+            # which SIGHUP would end.
+            print(  # noqa: T201
+                f"keyproxy: process {pid} (from {args.pid_file}) is not keyproxy: a stale pid "
+                f"file? (--pid {pid} signals it anyway)",
+                file=sys.stderr,
+            )
+            return 1
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
@@ -82,6 +92,15 @@ def _signal(args: argparse.Namespace) -> int:
         return 1
     print(f"sent SIGHUP to {pid}: its log says whether the reload succeeded")  # noqa: T201
     return 0
+
+
+def _not_keyproxy(pid: int) -> bool:
+    """Whether process `pid` is known not to be keyproxy: its command line (in Linux's /proc)
+    does not name it. Where that cannot be read, nothing is known."""
+    try:
+        return b"keyproxy" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _print_result(result: dict[str, Any]) -> None:

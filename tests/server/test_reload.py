@@ -798,3 +798,24 @@ async def test_a_proxy_no_longer_trusted_loses_its_connection_exemption(
         for writer in writers:
             writer.close()
         await runner.cleanup()
+
+
+def test_keyproxy_reload_signals_only_a_keyproxy_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keyproxy reload --pid-file` whose file names a process that is not keyproxy (a stale
+    file whose process id was reused) refuses, rather than sending SIGHUP, which ends most
+    programs."""
+    import subprocess  # noqa: PLC0415  # only this test starts a process of its own
+    import sys  # noqa: PLC0415
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pid_file = tmp_path / "keyproxy.pid"
+        pid_file.write_text(f"{other.pid}\n")
+        assert main(["reload", "--pid-file", str(pid_file)]) == 1
+        assert "not keyproxy" in capsys.readouterr().err
+        assert other.poll() is None  # not signalled
+    finally:
+        other.kill()
+        other.wait(timeout=DEADLINE)
