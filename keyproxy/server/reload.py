@@ -196,7 +196,7 @@ class Reloader:
         storm of triggers (POST /reload in a loop) costs at most one reload beyond the one
         running, instead of one each, queued without end. The reload is the reloader's
         task: a caller that stops waiting does not cancel it for the others."""
-        if self._queued is None:
+        if self._queued is None or self._queued.done():  # done: cancelled before it began
             self._queued = asyncio.get_running_loop().create_task(self._next(trigger))
             self._reloads.add(self._queued)  # owned: cancelled by `aclose`
             self._queued.add_done_callback(self._reloads.discard)
