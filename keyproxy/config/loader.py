@@ -206,6 +206,18 @@ class _StrictLoader(yaml.SafeLoader):
         self._paths[id(node)] = ""
         return super().construct_document(node)
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except _UNREADABLE:
+            # PyYAML's constructors raise these for a value their type cannot read (a date
+            # that does not exist, an integer past Python's 4,300 digits, `!!int abc`), with
+            # the value in the message: only its position and type are told.
+            kind = str(node.tag).rpartition(":")[2]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"not a valid {kind}", node.start_mark
+            ) from None
+
     def construct_sequence(self, node: SequenceNode, deep: bool = False) -> list[Any]:
         path = self._paths.get(id(node), "")
         for index, child in enumerate(node.value):
@@ -213,6 +225,8 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_sequence(node, deep)
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        if not isinstance(node, MappingNode):  # `!!map x`: PyYAML's own refusal, with its place
+            return super().construct_mapping(node, deep)
         path = self._paths.get(id(node), "")
         # By value (what the dict would merge: 1 and 0x1, on and true) and by text (what
         # compile names keys by: 1 and "1").
@@ -235,6 +249,9 @@ class _StrictLoader(yaml.SafeLoader):
             first[key] = first_text[str(key)] = key_node
             self._paths.setdefault(id(value_node), here)
         return super().construct_mapping(node, deep)
+
+
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, OverflowError)
 
 
 def _duplicate(before: Node, again: Node) -> str:

@@ -90,3 +90,25 @@ def test_aliases_repeating_long_lists_across_policies_are_refused() -> None:
     rest = [f"  - {{name: p{i}, subjects: *s, allow: {{r: *g}}}}" for i in range(1, 300)]
     with pytest.raises(ConfigError, match="aliases expand it to more than 1,000,000 values"):
         read("policies:\n" + "\n".join([first, *rest]))
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("a: " + "9" * 5000 + "\n", "line 1, column 4: not a valid int"),
+        ("a: 2001-13-14\n", "line 1, column 4: not a valid timestamp"),
+        ("a: 2001-12-14t25:59:43.10-05:00\n", "line 1, column 4: not a valid timestamp"),
+        ("a: !!int abc\n", "line 1, column 4: not a valid int"),
+        ("a: !!float abc\n", "line 1, column 4: not a valid float"),
+        ("a: !!bool maybe\n", "line 1, column 4: not a valid bool"),
+        ("a: !!timestamp nope\n", "line 1, column 4: not a valid timestamp"),
+        ("a: !!map x\n", "line 1, column 4: expected a mapping node, but found scalar"),
+    ],
+    ids=["long int", "no such date", "no such hour", "int", "float", "bool", "timestamp", "map"],
+)
+def test_a_value_its_type_cannot_read_is_a_config_error(text: str, where: str) -> None:
+    """A scalar its (implicit or explicit) type cannot read, such as a date that does not
+    exist or an integer longer than Python reads, is refused with its position, not the
+    ValueError of PyYAML's constructor; the value itself is not repeated."""
+    with pytest.raises(ConfigError, match=f"^not valid YAML at {where}$"):
+        read(text)
