@@ -30,6 +30,7 @@ so an error inside a long list says which item it is in; `compile._Node` uses th
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,19 @@ class _StrictLoader(yaml.SafeLoader):
         self._paths[id(node)] = ""
         return super().construct_document(node)
 
+    def construct_scalar(self, node: ScalarNode | MappingNode) -> Any:
+        value = super().construct_scalar(node)
+        if isinstance(value, str) and _SURROGATE.search(value):
+            # Only an escape makes one (the file is UTF-8); no header, URL or log line can
+            # carry it, so it is refused here rather than at the first request.
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "an escape of a lone UTF-16 surrogate (\\ud800-\\udfff)",
+                node.start_mark,
+            )
+        return value
+
     def construct_object(self, node: Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
@@ -252,6 +266,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 _UNREADABLE = (ValueError, TypeError, KeyError, AttributeError, OverflowError)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _duplicate(before: Node, again: Node) -> str:

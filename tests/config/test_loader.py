@@ -112,3 +112,11 @@ def test_a_value_its_type_cannot_read_is_a_config_error(text: str, where: str) -
     ValueError of PyYAML's constructor; the value itself is not repeated."""
     with pytest.raises(ConfigError, match=f"^not valid YAML at {where}$"):
         read(text)
+
+
+@pytest.mark.parametrize("text", ['a: "x\\ud800"\n', '"\\udfff": 1\n', 'a: ["\\ud83d"]\n'])
+def test_a_lone_surrogate_escape_is_a_config_error(text: str) -> None:
+    """A double-quoted escape of half a UTF-16 pair ("\\ud800") makes no text: no header,
+    URL or log line could carry it, so it is refused where it is written."""
+    with pytest.raises(ConfigError, match=r"^not valid YAML at line 1, column \d+: .*surrogate"):
+        read(text)
