@@ -9,7 +9,7 @@ import copy
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -646,7 +646,7 @@ async def test_a_file_written_in_two_parts_is_read_once_whole(
     path.write_text(prefix + restriction)
     cfg["tokens"]["default_ttl"] = "3m"
     edited = yaml.safe_dump(cfg, sort_keys=False)
-    logs: list[dict[str, Any]] = []
+    logs: list[MutableMapping[str, Any]] = []
     app = build_app(config.load(path), source=path, watch=True)
     runner, _ = await server.start(app, "127.0.0.1", 0, server.Limits.of(config.load(path).server))
 
