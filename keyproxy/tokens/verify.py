@@ -61,6 +61,14 @@ def trusted_issuers(config: Config) -> frozenset[str]:
     return frozenset(issuer_names(config.identity, config.server) | {EXCEPTION_ISSUER})
 
 
+def _trusted(token: TaskToken, issuers: frozenset[str]) -> bool:
+    """Whether the issuers of the token's identity and of each actor ("issuer|subject") it
+    was delegated to are still configured."""
+    return token.identity.issuer in issuers and all(
+        actor.partition("|")[0] in issuers for actor in token.actors
+    )
+
+
 class Verifier(Signing):
     """Verifies task tokens."""
 
@@ -107,9 +115,10 @@ class Verifier(Signing):
             raise Unauthenticated("not_yet_valid", "the task token is not valid yet")
         if self._revocations.revoked(cached):
             raise Unauthenticated("revoked", "the task token was revoked")
-        if for_use and cached.identity.issuer not in self.trusted_issuers:
-            # SECURITY: a reload removed the issuer its identity was proven by. A policy
-            # without `issuers` would still match its subject, as if that trust remained.
+        if for_use and not _trusted(cached, self.trusted_issuers):
+            # SECURITY: a reload removed the issuer its identity (or a sub-agent's it was
+            # delegated to) was proven by. A policy without `issuers` would still match its
+            # subject, as if that trust remained.
             raise Unauthenticated("issuer_removed", "the token's identity issuer was removed")
         if for_use and cached.ancestors:
             # The cascade: a token dies with every token it was delegated from.

@@ -29,9 +29,11 @@ from keyproxy.server.reload import short, text_digest
 from tests.helpers import cli
 from tests.helpers.configs import CONFIG_SECTIONS
 from tests.helpers.events import read_events
+from tests.helpers.issuer import Issuer
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import Upstream, bearer, new_key, token_config
+from tests.helpers.tokens import delegate, exchange
 
 KEY_PATH = "keyproxy/keys/tokens-test"
 
@@ -725,6 +727,49 @@ async def test_a_removed_issuer_ends_the_task_tokens_of_its_identities(
         ) as response:
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "issuer_removed"
+
+
+async def test_a_removed_issuer_ends_the_tokens_delegated_to_its_sub_agents(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A child delegated to a sub-agent that proved itself through an issuer (actor_token)
+    is refused once a reload removes that issuer, while its parent, whose own issuer stays,
+    goes on: the sub-agent's proof is no longer trusted."""
+    local = Issuer(tmp_path, "https://sub-agents.example.com")
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["identity"]["issuers"].append(
+        {
+            "name": "sub-agents",
+            "issuer": local.issuer,
+            "jwks_file": str(local.jwks_file),
+            "audiences": ["keyproxy"],
+            "algorithms": ["RS256"],
+        }
+    )
+    served.path.write_text(yaml.safe_dump(cfg))
+    actor = local.token("summariser")
+    async with aiohttp.ClientSession() as http:
+        assert (await _reload(http, served))["result"] == "ok"
+        scope = {"r": {"methods": ["GET"], "paths": ["/echo"]}}
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        code, parent = await exchange(http, served.base, identity, scope=scope)
+        assert code == 200, parent
+        code, child = await delegate(http, served.base, parent["access_token"], actor_token=actor)
+        assert code == 200, child
+
+        async def echo(token: dict[str, Any]) -> tuple[int, Any]:
+            headers = bearer(token["access_token"])
+            async with http.get(f"{served.base}/r/r/echo", headers=headers) as response:
+                return response.status, (await response.read())
+
+        assert [(await echo(t))[0] for t in (parent, child)] == [200, 200]
+        cfg["identity"]["issuers"].pop()
+        served.path.write_text(yaml.safe_dump(cfg))
+        assert (await _reload(http, served))["changes"]["issuers"]["removed"] == ["sub-agents"]
+        status, body = await echo(child)
+        assert (status, json.loads(body)["error"]["code"]) == (401, "issuer_removed")
+        assert (await echo(parent))[0] == 200
 
 
 async def test_reloads_asked_while_one_waits_share_it(served: Served) -> None:
