@@ -27,7 +27,7 @@ from keyproxy.mcp.jsonrpc import (
     id_text,
     parse_body,
 )
-from keyproxy.mcp.names import name_problem
+from keyproxy.mcp.names import uri_problem
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _keeps(method: str, item: object, grant: Grant) -> bool:
         return _exact(item.get("name"), grant.prompts)
     if method == "resources/list":
         uri = item.get("uri")
-        return isinstance(uri, str) and name_problem(uri) is None and grant.allows_uri(uri)
+        return isinstance(uri, str) and uri_problem(uri) is None and grant.allows_uri(uri)
     template = item.get("uriTemplate")
     return isinstance(template, str) and grant.allows_template(template)
 
@@ -83,6 +83,20 @@ def filter_result(method: str, result: Mapping[str, Any], grant: Grant) -> dict[
     if not isinstance(items, list):
         raise MessageError(f"{method} result has no {member} array")
     return {**result, member: [item for item in items if _keeps(method, item, grant)]}
+
+
+_UPDATED: Final = "notifications/resources/updated"
+
+
+def shown(message: Message, grant: Grant) -> bool:
+    """Whether a server's notification may reach the caller: one naming a resource
+    (`notifications/resources/updated`) only if a read of its URI would be allowed.
+    SECURITY: the server sees one client, keyproxy's key, so it may tell every session of a
+    change to a resource only some callers are granted."""
+    if message.kind is not Kind.NOTIFICATION or message.method != _UPDATED:
+        return True
+    uri = message.params.get("uri")
+    return isinstance(uri, str) and uri_problem(uri) is None and grant.allows_uri(uri)
 
 
 def filter_message(message: Message, pending: Pending, grant: Grant) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ from keyproxy.mcp.jsonrpc import (
     MessageError,
     parse_body,
 )
-from keyproxy.mcp.lists import Pending, as_json, filter_message
+from keyproxy.mcp.lists import Pending, as_json, filter_message, shown
 
 _LINE_END: Final = re.compile(rb"\r\n|\r|\n")
 _BOM: Final = b"\xef\xbb\xbf"
@@ -188,6 +188,9 @@ class StreamFilter:
         for message in body.messages:
             if message.kind is Kind.REQUEST and (r := decide_server_request(message, self._grant)):
                 refused.append(r)
+                changed = True
+                continue
+            if not shown(message, self._grant):  # a notification: nothing to answer
                 changed = True
                 continue
             filtered = filter_message(message, self._pending, self._grant)

@@ -182,6 +182,28 @@ def test_batched_events_keep_what_is_allowed() -> None:
     assert json.loads(second.removeprefix(b"data: ")) == [tools_answer(1, "a"), tools_answer(5)]
 
 
+def updated(uri: object) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}}
+
+
+def test_a_resource_change_reaches_only_callers_granted_the_resource() -> None:
+    """The server tells every session of a change (it sees one client, the key's): a
+    notification naming a resource outside the grant is dropped, as a read of it would be
+    refused; the others pass byte for byte."""
+    grant = Grant.build(resources=["file:///docs/*"])
+    shown = [event(updated("file:///docs/a.md")), event(PROGRESS)]
+    hidden = [
+        event(updated("file:///secrets/key")),
+        event(updated("file:///docs/x?/../../etc")),
+        event(updated(7)),
+        event({"jsonrpc": "2.0", "method": "notifications/resources/updated"}),
+    ]
+    stream = StreamFilter(grant, "2025-06-18", PENDING)
+    out = stream.feed(b"".join([*hidden[:2], shown[0], *hidden[2:], shown[1]]))
+    assert out.data + stream.close().data == b"".join(shown)
+    assert not out.withheld  # nothing to answer: a notification has no id
+
+
 def test_an_unreadable_message_event_stops_the_stream() -> None:
     """A message event whose data is not exactly JSON-RPC is refused, never passed on."""
     stream = StreamFilter(GRANT, "2025-06-18", PENDING)
