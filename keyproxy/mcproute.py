@@ -291,7 +291,7 @@ async def decided(  # noqa: PLR0917  # what the steps before produced
         "exception_owner": task.exception_owner if task is not None else None,
         "policy": facts.policy,
         "key_version": key_version,
-        "mcp_session": request.headers.get(SESSION_HEADER, ""),
+        "mcp_session": mcp.session_label(request.headers.get(SESSION_HEADER, "")),
     }
     if task is not None:  # a delegated token names its whole chain, as its request events do
         fields |= chain_fields(task)

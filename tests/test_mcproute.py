@@ -28,7 +28,7 @@ from mcp.shared.exceptions import McpError
 from mcp.types import TextContent
 from multidict import CIMultiDict
 
-from keyproxy import audit, mcproute
+from keyproxy import audit, mcp, mcproute
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from tests.helpers.cli import clean_env, keyproxy
 from tests.helpers.logscan import CANARIES
@@ -221,7 +221,12 @@ async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
         assert call["token_id"]
         assert call["route"] == ROUTE
         assert "login" not in json.dumps(call)  # the arguments are never logged
-    assert all(c["mcp_session"] for c in calls if c["mcp_method"] != "initialize")
+    # The session as a digest: an id read from the log would let another caller join it.
+    (served_id,) = {r["session"] for r in server_requests(served.log) if r["session"]}
+    assert {c["mcp_session"] for c in calls if c["mcp_method"] != "initialize"} == {
+        mcp.session_label(served_id)
+    }
+    assert served_id not in json.dumps(calls)
     await asyncio.to_thread(audit.flush)
     args = ("audit", str(audit_log), "--route", ROUTE, "--calls", "--task", task, "--json")
     done = await asyncio.to_thread(keyproxy, *args, env=clean_env(tmp_path))

@@ -13,7 +13,7 @@ list requests it sent as `Pending`, and filters the answer with `filter_json_ans
     audit     Call
 """
 
-from keyproxy.mcp.audit import Call, call_of
+from keyproxy.mcp.audit import Call, call_of, session_label
 from keyproxy.mcp.grants import (
     CLIENT_METHODS,
     Decision,
@@ -76,5 +76,6 @@ __all__ = [
     "parse_body",
     "parse_message",
     "protocol_version",
+    "session_label",
     "uri_problem",
 ]

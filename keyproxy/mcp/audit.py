@@ -1,10 +1,12 @@
 """The audit facts of one JSON-RPC request: what was called, never with what arguments.
 
 call_of(message) -> Call
+session_label(session) -> str   the session as events name it: a digest, never the id
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from keyproxy.mcp.jsonrpc import Message, id_text
@@ -68,3 +70,14 @@ def call_of(message: Message) -> Call:
         target=target if isinstance(target, str) else "",
         has_arguments=isinstance(arguments, dict) and bool(arguments),
     )
+
+
+def session_label(session: str) -> str:
+    """How an audit event names an MCP session: `sha256:` and the first 16 hex digits of
+    the id's digest ("" for none). SECURITY: every caller of a route reaches its server with
+    the same key, so a session id read from the log would let another caller join that
+    session; the server's own id hashes to the same label, to match its logs."""
+    if not session:
+        return ""
+    digest = hashlib.sha256(session.encode("utf-8", "surrogateescape")).hexdigest()
+    return "sha256:" + digest[:16]

@@ -100,7 +100,8 @@ async def _logged(scope: Any, receive: Any) -> Any:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
-    line = {"method": scope["method"], "body": body.decode("utf-8", "replace")}
+    session = dict(scope["headers"]).get(b"mcp-session-id", b"").decode()
+    line = {"method": scope["method"], "body": body.decode("utf-8", "replace"), "session": session}
     sys.stderr.write(json.dumps(line) + "\n")
     sys.stderr.flush()
     pending = iter(received)
