@@ -23,6 +23,8 @@ public keys. Claims:
     anc          a delegated token's ancestors, root first: [{jti, exp, max_uses, idle}]; the
                  token dies with any of them (revoked, expired, heartbeat lost), and its uses
                  count against each ancestor's max_uses
+    rl           where its revocation would be written: a digest of the KV mount and
+                 tokens.state_path; elsewhere it is refused (earlier builds' tokens have none)
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ once, and the task-token requests under way that it names are ended (`inflight`)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -89,6 +90,14 @@ class ListReader:
     @property
     def _revocations_path(self) -> str:
         return f"{self.cfg.state_path}/{REVOCATIONS}"
+
+    def list_mark(self) -> str:
+        """Where this replica reads and writes revocations, as a token issued here names it
+        (claim `rl`): a digest of the mount and `tokens.state_path`. SECURITY: a token whose
+        list is read elsewhere now (the path or mount changed) could have been revoked where
+        no one reads any more: it is refused, not taken as never revoked."""
+        place = f"{self.config.vault.kv_mount}/{self.cfg.state_path}"
+        return hashlib.sha256(place.encode()).hexdigest()[:16]
 
     async def _read_state(self, path: str, *, earlier: bool = False) -> tuple[dict[str, Any], int]:
         """A state secret and its version; ({}, 0) when it does not exist yet. With `earlier`,

@@ -212,6 +212,7 @@ class Signing(ExceptionRegister):
             "nbf": now,
             "exp": expires,
             "scope": scopes.to_claim(scope),
+            "rl": self.list_mark(),  # where its revocation would be written
         }
         ctx = {k: identity.claims[k] for k in self._policy_claims if k in identity.claims}
         optional = {"ctx": ctx, "task": task, "intent": intent, "max_uses": max_uses, "src": source}

@@ -161,6 +161,9 @@ class Verifier(Signing):
             raise Unauthenticated("bad_signature", "task token signature invalid") from None
         except jwt.PyJWTError:
             raise Unauthenticated("invalid_claims", "task token claims invalid") from None
+        # (A token of an earlier build names no place: it is judged by the list read here.)
+        if "rl" in claims and claims["rl"] != self.list_mark():
+            raise Unauthenticated("state_moved", "the token's revocations are kept elsewhere now")
         return _Verified(self._task_token(claims), version, key)
 
     async def lease_claims(self, record: str) -> dict[str, Any]:

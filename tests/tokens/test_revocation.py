@@ -685,15 +685,17 @@ async def test_a_reload_that_moves_the_list_mid_read_reads_the_new_place_whole(
     the new place, earlier builds' lists there included, before anything is judged."""
     async with replicas_of_own_list(openbao, "moved-mid-read") as ((here, there), vaults):
         mount = here.config.vault.kv_mount
-        issued = await here.issue(Identity("openbao", "moved-mid", {}), SCOPE, ttl=60)
-        CANARIES.add(issued.token)
         raw = token_config(openbao, openbao.add_agent("moved-mid-there"), "http://127.0.0.1:1")
         raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
         moved = config_module.parse(json.dumps(raw), {})
+        elsewhere = TaskTokens(moved, vaults[1])  # a replica that moved already issues it
+        await elsewhere.refresh_keys(force=True)
+        issued = await elsewhere.issue(Identity("openbao", "moved-mid", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
         # An earlier build's list at the new place names the token.
         earlier = {"ids": {issued.token_id: time.time() + 600}}
         await vaults[0].write_kv(mount, f"{moved.tokens.state_path}/revocations", earlier)
-        await here.verify(issued.token)  # its first read, at the old place
+        await here.refresh_revocations()  # its first read, at the old place
         await there.revoke(task="elsewhere")  # the old place's list moves on
         monkeypatch.setattr(listread, "LEGACY_POLL", 0.0)
         version, reloaded = here.vault.kv_version, list[str]()
@@ -994,16 +996,18 @@ async def test_a_moved_state_path_is_read_before_tokens_are_judged(
     openbao: OpenBaoDevServer,
 ) -> None:
     """A reload that moves `tokens.state_path` has the replica judge tokens by the list at
-    the new place, read afresh, even when its version number is the old one's."""
+    the new place, read afresh, even when its version number is the old one's; a token
+    issued under the old place is refused (its revocation would be written there)."""
     async with replicas_of_own_list(openbao, "moved") as ((here, there), _):
-        tokens = [
-            await here.issue(Identity("openbao", f"moved-{i}", {}), SCOPE, ttl=60) for i in range(2)
-        ]
-        CANARIES.update(t.token for t in tokens)
         raw = token_config(openbao, openbao.add_agent("moved-there"), "http://127.0.0.1:1")
         raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
         moved = config_module.parse(json.dumps(raw), {})
         there.reconfigure(moved)
+        tokens = [
+            await replica.issue(Identity("openbao", f"moved-{i}", {}), SCOPE, ttl=60)
+            for i, replica in enumerate((here, there))
+        ]
+        CANARIES.update(t.token for t in tokens)
         await here.revoke(token_id=tokens[0].token_id, expires_at=tokens[0].expires_at)
         await there.revoke(token_id=tokens[1].token_id, expires_at=tokens[1].expires_at)
         with pytest.raises(Unauthenticated, match="revoked"):
@@ -1011,7 +1015,9 @@ async def test_a_moved_state_path_is_read_before_tokens_are_judged(
         here.reconfigure(moved)  # both lists are at version 1
         with pytest.raises(Unauthenticated, match="revoked"):
             await here.verify(tokens[1].token)
-        assert (await here.verify(tokens[0].token)).token_id == tokens[0].token_id
+        # Revoked at a place no one reads any more: refused, never taken as not revoked.
+        with pytest.raises(Unauthenticated, match="kept elsewhere"):
+            await here.verify(tokens[0].token)
 
 
 async def test_a_reload_that_moves_the_list_while_a_token_is_verified_is_read_first(
@@ -1022,12 +1028,12 @@ async def test_a_reload_that_moves_the_list_while_a_token_is_verified_is_read_fi
     list the move left."""
     async with replicas_of_own_list(openbao, "moved-verify", count=3) as (replicas, _):
         here, there, judge = replicas
-        issued = await here.issue(Identity("openbao", "moved-verify", {}), SCOPE, ttl=60)
-        CANARIES.add(issued.token)
         raw = token_config(openbao, openbao.add_agent("moved-verify-there"), "http://127.0.0.1:1")
         raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
         moved = config_module.parse(json.dumps(raw), {})
         there.reconfigure(moved)
+        issued = await there.issue(Identity("openbao", "moved-verify", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
         await there.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
         await judge.refresh_revocations()  # read at the old place, where it is not revoked
         fetching, go_on = asyncio.Event(), asyncio.Event()
@@ -1055,12 +1061,12 @@ async def test_a_write_under_way_when_the_list_moves_is_written_again_at_the_new
     same version (the new list is read before any token is judged), and is written again at
     the new place before it counts as recorded."""
     async with replicas_of_own_list(openbao, "moving") as ((here, there), _):
-        issued = await here.issue(Identity("openbao", "moving", {}), SCOPE, ttl=60)
-        CANARIES.add(issued.token)
         raw = token_config(openbao, openbao.add_agent("moving-there"), "http://127.0.0.1:1")
         raw["tokens"]["state_path"] = f"{here.cfg.state_path}-there"
         moved = config_module.parse(json.dumps(raw), {})
         there.reconfigure(moved)
+        issued = await there.issue(Identity("openbao", "moving", {}), SCOPE, ttl=60)
+        CANARIES.add(issued.token)
         await there.revoke(token_id=issued.token_id, expires_at=issued.expires_at)  # version 1
         written, began, go_on = here.vault.write_kv, asyncio.Event(), asyncio.Event()
 
