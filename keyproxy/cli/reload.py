@@ -95,12 +95,16 @@ def _signal(args: argparse.Namespace) -> int:
 
 
 def _not_keyproxy(pid: int) -> bool:
-    """Whether process `pid` is known not to be keyproxy: its command line (in Linux's /proc)
-    does not name it. Where that cannot be read, nothing is known."""
+    """Whether process `pid` is known not to be keyproxy: no word of its command line (in
+    Linux's /proc) is the `keyproxy` command (a path ending in it) or its module
+    (`python -m keyproxy.cli`). A word that merely holds the name is no sign of it: an
+    editor's /etc/keyproxy/keyproxy.yaml, any program run from a checkout named keyproxy.
+    Where the command line cannot be read, nothing is known."""
     try:
-        return b"keyproxy" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    return not any(w.rpartition(b"/")[2] == b"keyproxy" or w == b"keyproxy.cli" for w in words)
 
 
 def _print_result(result: dict[str, Any]) -> None:

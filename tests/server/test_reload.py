@@ -845,16 +845,17 @@ async def test_a_proxy_no_longer_trusted_loses_its_connection_exemption(
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("naming", [(), ("/etc/keyproxy/keyproxy.yaml",)])
 def test_keyproxy_reload_signals_only_a_keyproxy_process(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], naming: tuple[str, ...]
 ) -> None:
     """`keyproxy reload --pid-file` whose file names a process that is not keyproxy (a stale
     file whose process id was reused) refuses, rather than sending SIGHUP, which ends most
-    programs."""
+    programs; also when its command line merely mentions keyproxy (an editor of its file)."""
     import subprocess  # noqa: PLC0415  # only this test starts a process of its own
     import sys  # noqa: PLC0415
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *naming])
     try:
         pid_file = tmp_path / "keyproxy.pid"
         pid_file.write_text(f"{other.pid}\n")
