@@ -68,7 +68,15 @@ class IssuerKeys:
                 state = IssuerState(issuer)
                 fresh.append(state)
             states[issuer.issuer] = state
-        await asyncio.gather(*(self._prefetch(state) for state in fresh))
+        try:
+            await asyncio.gather(*(self._prefetch(state) for state in fresh))
+        except asyncio.CancelledError:
+            # The reload was abandoned: its new issuers are no one's, nor are their fetches.
+            fetches = [s.fetch for s in fresh if s.fetch is not None]
+            for fetch in fetches:
+                fetch.cancel()
+            await asyncio.gather(*fetches, return_exceptions=True)
+            raise
         kept = {id(state) for state in states.values()}
         dropped = [s for s in self._issuers.values() if id(s) not in kept]
         self._issuers = states

@@ -378,6 +378,8 @@ async def _until_stopped(stop: asyncio.Event, hangups: asyncio.Event, app: web.A
             reload = asyncio.ensure_future(app[RELOADER].reload("sighup"))
             await asyncio.wait({stopping, reload}, return_when=asyncio.FIRST_COMPLETED)
             if not reload.done():
+                # The reload itself, not only this wait for it: other triggers share it.
+                await app[RELOADER].abandon()
                 reload.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reload

@@ -198,7 +198,7 @@ class Reloader:
         task: a caller that stops waiting does not cancel it for the others."""
         if self._queued is None or self._queued.done():  # done: cancelled before it began
             self._queued = asyncio.get_running_loop().create_task(self._next(trigger))
-            self._reloads.add(self._queued)  # owned: cancelled by `aclose`
+            self._reloads.add(self._queued)  # owned: cancelled by `abandon`
             self._queued.add_done_callback(self._reloads.discard)
         return await asyncio.shield(self._queued)
 
@@ -332,12 +332,18 @@ class Reloader:
             # SIGHUP and POST /reload still work; the process keeps serving.
             log.exception("config.watch_failed", file=str(path))
 
-    async def aclose(self) -> None:
-        """Stop a reload under way or waiting (nothing of it applies: the swap is its last,
-        synchronous step), and close every generation still open (the app is stopping)."""
-        for task in list(self._reloads):
+    async def abandon(self) -> None:
+        """Stop the reload under way and one waiting, for every caller sharing them (the app
+        is stopping): nothing of them applies, the swap being their last, synchronous step."""
+        reloads = list(self._reloads)
+        for task in reloads:
             task.cancel()
-        await asyncio.gather(*self._reloads, return_exceptions=True)
+        await asyncio.gather(*reloads, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Stop a reload under way or waiting (`abandon`), and close every generation still
+        open (the app is stopping)."""
+        await self.abandon()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         for generation in self._live:

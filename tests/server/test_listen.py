@@ -20,8 +20,10 @@ import aiohttp
 import pytest
 import yaml
 
-from keyproxy import audit
+from keyproxy import audit, config
 from keyproxy.devserver import OpenBaoDevServer
+from keyproxy.server import listen
+from keyproxy.server.app import RELOADER, build_app
 from tests.helpers.cli import ready, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
@@ -421,3 +423,53 @@ async def test_sigterm_during_a_reload_stops_without_waiting_for_it(
     names = [e["event"] for e in read_events(out)]
     assert "stopped" in names
     assert "config.reloaded" not in names
+
+
+async def test_a_reload_abandoned_by_the_stop_is_cancelled_not_left_running(
+    openbao: OpenBaoDevServer, upstream: Upstream, server_key: str, tmp_path: Path
+) -> None:
+    """The signal loop, stopped while a SIGHUP reload waits on a new issuer, returns with that
+    reload ended (its fetch cancelled), so nothing of it can apply while the server drains:
+    the reload is shared by every trigger, and abandoning only the loop's wait for it would
+    leave it running until the issuer's fetch gives up (10 s)."""
+    asked: list[asyncio.StreamWriter] = []
+    ended = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(writer)  # read, never answered
+        await reader.read()  # until the reload's fetch closes its end
+        ended.set()
+
+    issuer = await asyncio.start_server(silent, "127.0.0.1", 0)
+    silent_port = issuer.sockets[0].getsockname()[1]
+    cfg = _config(openbao, upstream.url)
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    app = build_app(config.load(path), source=path)
+    runner, _ = await listen.start(app, "127.0.0.1", 0, listen.Limits.of(config.load(path).server))
+    try:
+        cfg["identity"]["issuers"].append(
+            {
+                "name": "silent",
+                "issuer": "https://silent.example.com",
+                "discovery_url": f"http://127.0.0.1:{silent_port}/.well-known/openid-configuration",
+                "audiences": ["keyproxy"],
+                "algorithms": ["ES256"],
+            }
+        )
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        stop, hangups = asyncio.Event(), asyncio.Event()
+        signals = asyncio.ensure_future(listen._until_stopped(stop, hangups, app))
+        hangups.set()
+        await eventually(lambda: asked, "the reload never asked the new issuer", within=30)
+        stop.set()
+        await asyncio.wait_for(signals, 5)
+        # Well within the fetch's own 10 s: only a cancelled reload closes it this soon.
+        await asyncio.wait_for(ended.wait(), 5)
+        assert [i.name for i in app[RELOADER].current.config.identity] == ["openbao"]
+    finally:
+        for writer in asked:
+            writer.close()
+        issuer.close()
+        await issuer.wait_closed()
+        await runner.cleanup()
