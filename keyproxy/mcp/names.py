@@ -35,8 +35,8 @@ def name_problem(name: object) -> str | None:
 
 def uri_problem(uri: object) -> str | None:
     """Why a resource URI cannot be matched exactly: `name_problem`'s rules, plus no dot
-    segment (also after a `?` or `#`), encoded dot or slash, or backslash that a server
-    could resolve elsewhere."""
+    segment (also after a `?` or `#`, or right after the scheme's `:`), encoded dot or slash,
+    or backslash that a server could resolve elsewhere."""
     problem = name_problem(uri)
     if problem is not None:
         return problem
@@ -45,8 +45,9 @@ def uri_problem(uri: object) -> str | None:
     if any(part in lowered for part in ("%2e", "%2f", "%5c", "\\")):
         return "contains an encoded dot or slash, or a backslash"
     # SECURITY: the query and fragment too: a server mapping a file URI to a path without
-    # reading them out of it resolves file:///docs/x?/../../etc to /etc.
-    if any(seg in (".", "..") for seg in re.split(r"[/?#]", lowered)[1:]):
+    # reading them out of it resolves file:///docs/x?/../../etc to /etc. And the first
+    # segment, after the scheme's colon: a rootless path (notes:../secret) starts there.
+    if any(seg in (".", "..") for seg in re.split(r"[/?#:]", lowered)):
         return "contains a '.' or '..' segment"
     return None
 

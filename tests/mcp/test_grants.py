@@ -132,6 +132,18 @@ def test_ungranted_or_ambiguous_calls_are_refused(
     assert reason in refusal.message
 
 
+@pytest.mark.parametrize("uri", ["notes:../secret", "notes:..", "notes:./x", "../etc/passwd"])
+def test_a_dot_segment_right_after_the_scheme_is_refused(uri: str) -> None:
+    """A dot segment opening a URI's path (`notes:../secret`, a rootless path, which a server
+    resolves against its own base) is refused as one after a slash is, even where a prefix
+    grant (`notes:*`) covers the URI."""
+    (refusal,) = verdict(
+        request("resources/read", {"uri": uri}), Grant.build(resources=["notes:*"])
+    )
+    assert refusal.code == INVALID_PARAMS
+    assert "segment" in refusal.message
+
+
 ANSWERS = [
     {"jsonrpc": "2.0", "id": 0, "result": {"action": "accept", "content": {"ok": True}}},
     {"jsonrpc": "2.0", "id": 0, "result": {"roots": [{"uri": "file:///"}]}},
