@@ -147,19 +147,30 @@ def input_lines(files: list[str]) -> Iterator[str]:
         if not isinstance(stdin, io.BufferedReader):  # a stand-in (tests): read as it is
             yield from _bounded(sys.stdin)
             return
-        stream = _text(stdin)
         try:
-            yield from _bounded(stream)
-        finally:
-            stream.detach()  # stdin stays open
+            stream = _text(stdin)
+            try:
+                yield from _bounded(stream)
+            finally:
+                stream.detach()  # stdin stays open
+        except _UNREADABLE as exc:
+            raise SystemExit(_cannot_read("stdin", exc)) from None
         return
     for name in files:
         try:
             with open(name, "rb") as raw, _text(raw) as stream:  # noqa: PTH123
                 yield from _bounded(stream)
-        except (OSError, EOFError, zlib.error) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise SystemExit(f"keyproxy: cannot read {name}: {why}") from None
+        except _UNREADABLE as exc:
+            raise SystemExit(_cannot_read(name, exc)) from None
+
+
+# What reading a log raises for one that cannot be read, or whose gzip data is cut or broken.
+_UNREADABLE = (OSError, EOFError, zlib.error)
+
+
+def _cannot_read(name: str, exc: BaseException) -> str:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"keyproxy: cannot read {name}: {why}"
 
 
 def _text(raw: io.BufferedReader) -> io.TextIOWrapper:

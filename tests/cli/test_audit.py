@@ -107,8 +107,8 @@ def test_a_tangled_tree_prints_every_token(tmp_path: Path, home: Path) -> None:
 def test_rotated_logs_and_stdin_are_read_whatever_their_bytes(tmp_path: Path, home: Path) -> None:
     """A log rotated and compressed with gzip is read decompressed (its events counted, not
     skipped as lines of noise); stdin is read as UTF-8 with a stray byte replaced, whatever
-    the locale's strictness (a traceback under en_US.UTF-8); a compressed log cut short
-    ends the command naming it, not with a traceback."""
+    the locale's strictness (a traceback under en_US.UTF-8); a compressed log cut short, a
+    file or stdin, ends the command naming it, not with a traceback."""
     line = json.dumps(REQUEST | {"subject": "a"}).encode()
     rotated = tmp_path / "audit.log.1.gz"
     rotated.write_bytes(gzip.compress(line + b"\n"))
@@ -135,6 +135,17 @@ def test_rotated_logs_and_stdin_are_read_whatever_their_bytes(tmp_path: Path, ho
     assert done.returncode == 1
     assert done.stderr.startswith(f"keyproxy: cannot read {cut}: ")
     assert "Traceback" not in done.stderr
+    piped = subprocess.run(  # the same log cut short, piped
+        [KEYPROXY, "audit", "--route", "api"],
+        input=cut.read_bytes(),
+        capture_output=True,
+        env=clean_env(home),
+        timeout=60,
+        check=False,
+    )
+    assert piped.returncode == 1
+    assert piped.stderr.startswith(b"keyproxy: cannot read stdin: ")
+    assert b"Traceback" not in piped.stderr
 
 
 def test_the_table_says_how_many_lines_were_no_event(tmp_path: Path, home: Path) -> None:
