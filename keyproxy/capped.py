@@ -23,10 +23,11 @@ class Readable(Protocol):
     async def read(self, n: int, /) -> bytes: ...
 
 
-def read_file(path: str | Path, limit: int) -> bytes | None:
+def read_file(path: str | Path, limit: int, *, regular: bool = True) -> bytes | None:
     """The file's bytes, or None if it holds more than `limit`. OSError as opening or reading
-    raises it, and for anything but a regular file (`open_regular`)."""
-    with open_regular(path) as file:
+    raises it, and for anything but a regular file (`open_regular`) unless not `regular`:
+    then a pipe is read to its end, as a one-shot command's `-c <(...)` needs."""
+    with open_regular(path) if regular else Path(path).open("rb") as file:
         data = file.read(limit + 1)
     return data if len(data) <= limit else None
 

@@ -39,8 +39,10 @@ from keyproxy.errors import ConfigError
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and compile the YAML file at `path` (`loader.read_file`: at most 4 MiB)."""
-    return parse_bytes(read_file(path), env)
+    """Read and compile the YAML file at `path` (`loader.read_file`: at most 4 MiB), which a
+    command reads once: a pipe too (`keyproxy check -c <(...)`). A reload reads a regular
+    file only (keyproxy.server.reload), never waiting on a FIFO left at its path."""
+    return parse_bytes(read_file(path, regular=False), env)
 
 
 def parse_bytes(data: bytes, env: Mapping[str, str] | None = None) -> Config:

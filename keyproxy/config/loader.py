@@ -59,11 +59,11 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _TOO_LARGE = f"the configuration is larger than {MAX_CONFIG_BYTES // 2**20} MiB"
 
 
-def read_file(path: str | Path) -> bytes:
+def read_file(path: str | Path, *, regular: bool = True) -> bytes:
     """The configuration file's bytes, read no further than MAX_CONFIG_BYTES; ConfigError if
-    it cannot be read or is larger."""
+    it cannot be read or is larger, or (`regular`) is not a regular file (`capped`)."""
     try:
-        data = capped.read_file(path, MAX_CONFIG_BYTES)
+        data = capped.read_file(path, MAX_CONFIG_BYTES, regular=regular)
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
     if data is None:

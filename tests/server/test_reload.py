@@ -122,6 +122,24 @@ def test_check_diff_prints_the_change_list(
     assert capsys.readouterr().out.splitlines() == ["- route b", "~ policy p"]
 
 
+def test_check_diff_reads_the_old_file_from_a_pipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keyproxy check --diff <(git show HEAD~1:keyproxy.yaml) keyproxy.yaml`: a command
+    reading the file once reads a pipe (only a reload refuses anything but a regular file)."""
+    old, new = _small(), _small()
+    del new["routes"]["b"]
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(new))
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, yaml.safe_dump(old).encode())  # far less than a pipe holds
+        os.close(write_end)
+        assert main(["check", "--diff", f"/dev/fd/{read_end}", str(tmp_path / "new.yaml")]) == 0
+    finally:
+        os.close(read_end)
+    assert capsys.readouterr().out.splitlines() == ["- route b"]
+
+
 # ----------------------------------------------------------------------------- a served reload
 
 
