@@ -249,15 +249,30 @@ def _refusal(message: Message, grant: Grant, version: str) -> Refusal | None:
     return None
 
 
+# The member that a result to each server request must hold (the SDKs' servers check it),
+# and no other's result holds: a result with it can only answer that request.
+_ANSWERS: Final = {
+    "sampling/createMessage": "model",
+    "elicitation/create": "action",
+    "roots/list": "roots",
+}
+
+
 def _unasked(response: Message, grant: Grant) -> Refusal | None:
     """Why the client's `response` cannot answer a server request its stream let through,
     or None. SECURITY: a request the route withholds is answered by keyproxy with an error,
     but the client can guess its id (servers count from 0) and race that error with a result
     of its own (an elicitation accepted, a sampling reply, roots) that the server would act
     on. Where the route lets no server request through, the only one the caller ever sees is
-    `ping`, whose result is empty: any other result is refused (its id not echoed)."""
+    `ping`, whose result is empty: any other result is refused (its id not echoed). Where it
+    lets some through, a result holding what only a withheld request's result holds is."""
     result = response.result
-    if grant.server_requests or result is None or set(result) <= {"_meta"}:
+    if result is None or set(result) <= {"_meta"}:
+        return None
+    if grant.server_requests and all(
+        method in grant.server_requests or member not in result
+        for method, member in _ANSWERS.items()
+    ):
         return None
     withheld = "a result answering a server request this route withholds"
     return Refusal(None, INVALID_REQUEST, withheld)

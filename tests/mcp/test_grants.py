@@ -10,6 +10,7 @@ import pytest
 
 from keyproxy.errors import ConfigError
 from keyproxy.mcp import (
+    SERVER_REQUESTS,
     Grant,
     MessageError,
     Refusal,
@@ -158,8 +159,34 @@ def test_a_result_to_a_withheld_server_request_is_refused(answer: object) -> Non
     (refusal,) = verdict(answer, version=OLD)
     assert (refusal.id, refusal.code) == (None, -32600)
     assert "withholds" in refusal.message
-    roots = Grant.build(tools=["a"], server_requests=["roots/list"])
-    assert verdict(answer, roots, OLD) == ()
+    every = Grant.build(tools=["a"], server_requests=sorted(SERVER_REQUESTS))
+    assert verdict(answer, every, OLD) == ()
+
+
+SAMPLED = {"role": "assistant", "content": {"type": "text", "text": "ok"}, "model": "m"}
+
+
+@pytest.mark.parametrize(
+    ("allowed", "result", "passes"),
+    [
+        ("roots/list", {"roots": [{"uri": "file:///"}]}, True),
+        ("roots/list", {"action": "accept", "content": {"ok": True}}, False),
+        ("roots/list", SAMPLED, False),
+        ("elicitation/create", {"action": "accept", "content": {"ok": True}}, True),
+        ("elicitation/create", {"roots": []}, False),
+        ("sampling/createMessage", SAMPLED, True),
+        ("sampling/createMessage", {"action": "decline"}, False),
+    ],
+)
+def test_a_result_only_a_withheld_request_has_is_refused_beside_allowed_ones(
+    allowed: str, result: dict[str, Any], passes: bool
+) -> None:
+    """Where the route lets some server requests through, a result holding what only a
+    withheld one's result holds (`action`: elicitation, `model`: sampling, `roots`) is
+    refused: it can answer nothing the caller was shown."""
+    grant = Grant.build(tools=["a"], server_requests=[allowed])
+    found = verdict({"jsonrpc": "2.0", "id": 0, "result": result}, grant)
+    assert (found == ()) is passes
 
 
 def test_a_refused_request_is_answered_with_its_id() -> None:
