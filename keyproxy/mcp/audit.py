@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from keyproxy.mcp.jsonrpc import Message, id_text
 
+# Characters of a method, id, name or URI a call's event keeps, the rest cut and marked "…":
+# far beyond any real one, and short enough that every call, however long what a caller
+# sent, stays a line `keyproxy audit --calls` reads (it skips a line of 1 MiB as no event).
+MAX_SAID = 4096
+
 # The params member that names what a method acts on.
 _TARGET: dict[str, tuple[str, str]] = {
     "tools/call": ("tool", "name"),
@@ -64,10 +69,10 @@ def call_of(message: Message) -> Call:
     target = named.get(member) if member else None
     arguments = message.params.get("arguments")
     return Call(
-        method=method,
-        id=id_text(message.id),
+        method=_said(method),
+        id=_said(id_text(message.id)),
         target_kind=kind if isinstance(target, str) else "",
-        target=target if isinstance(target, str) else "",
+        target=_said(target) if isinstance(target, str) else "",
         has_arguments=isinstance(arguments, dict) and bool(arguments),
     )
 
@@ -81,3 +86,8 @@ def session_label(session: str) -> str:
         return ""
     digest = hashlib.sha256(session.encode("utf-8", "surrogateescape")).hexdigest()
     return "sha256:" + digest[:16]
+
+
+def _said(text: str) -> str:
+    """`text`, cut at MAX_SAID characters."""
+    return text if len(text) <= MAX_SAID else text[:MAX_SAID] + "…"

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from keyproxy.mcp import Call, Grant, decide, parse_body
+from keyproxy.mcp.audit import MAX_SAID
 
 CASES = [
     (
@@ -74,3 +75,18 @@ def test_refused_requests_are_audited_too() -> None:
     assert [c.fields() for c in decision.calls] == [
         {"mcp_method": "tools/call", "mcp_id": "1", "mcp_tool": "no", "mcp_has_arguments": False}
     ]
+
+
+def test_what_a_call_names_is_kept_to_a_bounded_length() -> None:
+    """A method, id or tool name of a mebibyte (within a route's max_body) is cut at
+    MAX_SAID characters in the call's event: the line stays one `keyproxy audit --calls`
+    reads, so a caller cannot hide its refused calls in lines the query skips."""
+    long = "x" * 2**20
+    batch = [
+        {"jsonrpc": "2.0", "id": long, "method": "tools/call", "params": {"name": long}},
+        {"jsonrpc": "2.0", "id": 2, "method": long},
+    ]
+    decision = decide(parse_body(json.dumps(batch).encode()), Grant(), "2025-03-26")
+    said = [value for call in decision.calls for value in call.fields().values()]
+    assert all(len(str(value)) <= MAX_SAID + 1 for value in said)
+    assert decision.calls[0].target == "x" * MAX_SAID + "…"
