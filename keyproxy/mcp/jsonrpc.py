@@ -101,7 +101,9 @@ def negotiated_version(message: Message) -> str:
     (the session could not be read exactly)."""
     found = message.result.get("protocolVersion") if message.result is not None else None
     if not isinstance(found, str) or found not in PROTOCOL_VERSIONS:
-        raise MessageError(f"initialize answered with unsupported protocol version {found!r}")
+        raise MessageError(
+            f"initialize answered with unsupported protocol version {repr(found)[:64]}"
+        )
     return found
 
 
@@ -219,4 +221,5 @@ def _read_id(value: dict[str, Any]) -> Id | None:
 def _only(members: frozenset[str], allowed: frozenset[str], request_id: Id | None) -> None:
     extra = sorted(members - allowed)
     if extra:
-        raise MessageError(f"unexpected member {extra[0]!r}", id=request_id)
+        # Cut: a server's answer names it too, and the reason goes to the log (mcp_bad_answer).
+        raise MessageError(f"unexpected member {extra[0][:64]!r}", id=request_id)

@@ -106,6 +106,15 @@ def test_hostile_bodies_are_refused_with_a_reason(data: bytes, code: int, reason
     assert reason in caught.value.message
 
 
+def test_a_reason_quotes_at_most_64_characters_of_a_member_name() -> None:
+    """An unexpected member's name is quoted cut at 64 characters: a server's answer can name
+    one of megabytes, and the reason is logged (mcp_bad_answer) once per answer."""
+    name = "m" * 2**20
+    with pytest.raises(MessageError) as caught:
+        parse_body(json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}, name: 1}).encode())
+    assert caught.value.message == f"unexpected member {name[:64]!r}"
+
+
 def test_the_request_id_is_kept_when_the_rest_is_refused() -> None:
     """A request refused for its shape still names its id, so the error can answer it."""
     with pytest.raises(MessageError) as caught:
