@@ -251,7 +251,7 @@ def _utf8(content_types: list[str]) -> bool:
     if len(content_types) != 1:
         return False
     charsets = parse_mimetype(content_types[0]).parameters.getall("charset", [])
-    return [c.lower() for c in charsets] in ([], ["utf-8"])
+    return [c.lower() for c in charsets] in ([], ["utf-8"], ["utf8"])  # both UTF-8's names
 
 
 def _unreadable(exc: mcp.MessageError) -> McpUnreadable:

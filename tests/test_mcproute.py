@@ -757,6 +757,7 @@ CHARSETS = [
     (["text/event-stream; charset=utf-8; charset=utf-16le"], 502),
     (["text/event-stream", "text/event-stream; charset=utf-16le"], 502),
     (['text/event-stream; charset="UTF-8"'], 200),
+    (["text/event-stream; charset=utf8"], 200),  # UTF-8's other name, to every decoder
     (["text/event-stream"], 200),
 ]
 
