@@ -400,15 +400,7 @@ async def test_sigterm_during_a_reload_stops_without_waiting_for_it(
         with started(*args, out=out, env={**env, "PYTHONUNBUFFERED": "1"}) as proc:
             async with aiohttp.ClientSession() as http:
                 await ready(http, f"http://127.0.0.1:{port}", proc)
-            cfg["identity"]["issuers"].append(
-                {
-                    "name": "silent",
-                    "issuer": "https://silent.example.com",
-                    "discovery_url": f"http://127.0.0.1:{silent_port}/.well-known/openid-configuration",
-                    "audiences": ["keyproxy"],
-                    "algorithms": ["ES256"],
-                }
-            )
+            cfg["identity"]["issuers"].append(_silent_issuer(silent_port))
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
             proc.send_signal(signal.SIGHUP)
             await eventually(lambda: asked, "the reload never asked the new issuer", within=30)
@@ -448,15 +440,7 @@ async def test_a_reload_abandoned_by_the_stop_is_cancelled_not_left_running(
     app = build_app(config.load(path), source=path)
     runner, _ = await listen.start(app, "127.0.0.1", 0, listen.Limits.of(config.load(path).server))
     try:
-        cfg["identity"]["issuers"].append(
-            {
-                "name": "silent",
-                "issuer": "https://silent.example.com",
-                "discovery_url": f"http://127.0.0.1:{silent_port}/.well-known/openid-configuration",
-                "audiences": ["keyproxy"],
-                "algorithms": ["ES256"],
-            }
-        )
+        cfg["identity"]["issuers"].append(_silent_issuer(silent_port))
         path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
         stop, hangups = asyncio.Event(), asyncio.Event()
         signals = asyncio.ensure_future(listen._until_stopped(stop, hangups, app))
@@ -473,3 +457,14 @@ async def test_a_reload_abandoned_by_the_stop_is_cancelled_not_left_running(
         issuer.close()
         await issuer.wait_closed()
         await runner.cleanup()
+
+
+def _silent_issuer(port: int) -> dict[str, Any]:
+    """An issuer whose discovery document, on 127.0.0.1:`port`, never answers."""
+    return {
+        "name": "silent",
+        "issuer": "https://silent.example.com",
+        "discovery_url": f"http://127.0.0.1:{port}/.well-known/openid-configuration",
+        "audiences": ["keyproxy"],
+        "algorithms": ["ES256"],
+    }

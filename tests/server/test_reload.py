@@ -234,12 +234,9 @@ async def test_a_removed_grant_denies_a_task_token_on_its_next_request(
     identity = openbao.agent_token(agent)
     async with aiohttp.ClientSession() as http:
         scope = {"other": {"methods": ["GET"], "paths": ["/echo"]}}
-        async with http.post(
-            f"{served.base}/token", json={"scope": scope, "task": "t"}, headers=bearer(identity)
-        ) as response:
-            assert response.status == 200
-            task = (await response.json())["access_token"]
-            CANARIES.add(task)
+        code, answer = await exchange(http, served.base, identity, scope=scope, task="t")
+        assert code == 200, answer
+        task = answer["access_token"]
         async with http.get(f"{served.base}/r/other/echo", headers=bearer(task)) as response:
             assert response.status == 200
         narrowed = token_config(openbao, agent, upstream.url)
@@ -711,12 +708,9 @@ async def test_a_removed_issuer_ends_the_task_tokens_of_its_identities(
     async with aiohttp.ClientSession() as http:
         assert (await _reload(http, served))["result"] == "ok"
         scope = {"r": {"methods": ["GET"], "paths": ["/echo"]}}
-        async with http.post(
-            f"{served.base}/token", json={"scope": scope, "task": "t"}, headers=bearer(identity)
-        ) as response:
-            assert response.status == 200
-            task = (await response.json())["access_token"]
-            CANARIES.add(task)
+        code, answer = await exchange(http, served.base, identity, scope=scope, task="t")
+        assert code == 200, answer
+        task = answer["access_token"]
         async with http.get(f"{served.base}/r/r/echo", headers=bearer(task)) as response:
             assert response.status == 200
         keys = tmp_path / "other-keys.json"
