@@ -1774,16 +1774,19 @@ async def test_short_answer_cut_short_is_502(
 ) -> None:
     """A short answer that ends before its declared length is a clean 502, never a body that
     looks complete; the audit event says why."""
+    rid = new_request_id()
     async with (
         raw_upstream(_answer(1000, 10)) as url,
         running_proxy(config_for(url)) as stack,
-        http.get(f"{stack.base}/r/r/echo?cut", headers=bearer(token)) as response,
+        http.get(
+            f"{stack.base}/r/r/echo?cut", headers={**bearer(token), "X-Request-Id": rid}
+        ) as response,
     ):
         assert response.status == 502
         assert (await response.json())["error"]["code"] == "upstream_error"
-    events = [e for e in read_events(audit_log) if e.get("status") == 502 and e.get("route") == "r"]
-    assert events[-1]["reason"] == "upstream_error"
-    assert events[-1]["upstream_status"] == 200
+    [event] = await audit_events(audit_log, rid)  # written after the refusal's answer
+    assert (event["status"], event["reason"]) == (502, "upstream_error")
+    assert event["upstream_status"] == 200
 
 
 async def test_long_answer_cut_short_breaks_the_connection(
@@ -1932,23 +1935,22 @@ async def test_every_request_is_one_audit_event(
     """Allowed and denied requests each write one event with identity, route, key version;
     the query string is not logged."""
     marker = f"audit-{time.monotonic_ns()}"
-    async with http.get(f"{stack.base}/r/r/echo?{marker}=1", headers=bearer(token)) as r:
+    ids = new_request_id() + "-get", new_request_id() + "-delete"
+    headers = [{**bearer(token), "X-Request-Id": rid} for rid in ids]
+    async with http.get(f"{stack.base}/r/r/echo?{marker}=1", headers=headers[0]) as r:
         assert r.status == 200
-    async with http.delete(f"{stack.base}/r/r/echo?{marker}=2", headers=bearer(token)) as r:
+    async with http.delete(f"{stack.base}/r/r/echo?{marker}=2", headers=headers[1]) as r:
         assert r.status == 403
-    events = [
-        e for e in read_events(audit_log) if e.get("route") == "r" and e.get("path") == "/echo"
-    ]
-    allowed = [e for e in events if e["method"] == "GET" and e["status"] == 200]
-    denied = [e for e in events if e["method"] == "DELETE" and e["status"] == 403]
-    assert allowed
-    assert denied
-    assert allowed[-1]["subject"] == agent.entity_id
-    assert allowed[-1]["issuer"] == "openbao"
-    assert allowed[-1]["key_version"] >= 1
-    assert allowed[-1]["decision"] == "allow"
-    assert denied[-1]["decision"] == "deny"
-    assert denied[-1]["reason"] == "method_not_allowed"
+    # (A refusal's event is written after its answer: polled for, as the other.)
+    [allowed], [denied] = [await audit_events(audit_log, rid) for rid in ids]
+    assert (allowed["method"], allowed["status"], allowed["path"]) == ("GET", 200, "/echo")
+    assert (denied["method"], denied["status"], denied["path"]) == ("DELETE", 403, "/echo")
+    assert allowed["subject"] == agent.entity_id
+    assert allowed["issuer"] == "openbao"
+    assert allowed["key_version"] >= 1
+    assert allowed["decision"] == "allow"
+    assert denied["decision"] == "deny"
+    assert denied["reason"] == "method_not_allowed"
     assert marker not in audit_log.read_text()
 
 

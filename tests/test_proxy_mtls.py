@@ -393,7 +393,16 @@ async def test_an_svid_alone_exchanges_for_a_bound_token(
         assert status == 200, answer
         token: str = answer["access_token"]
         assert (await post(session, url, bearer(token)))[0] == 200
-    issued = [e for e in read_events(audit_log) if e.get("event") == "token.issued"][-1]
+    issued = (
+        await eventually(
+            lambda: [
+                e
+                for e in read_events(audit_log)
+                if e.get("event") == "token.issued" and e.get("token_id") == answer["token_id"]
+            ],
+            "no token.issued event",
+        )
+    )[-1]
     assert (issued["issuer"], issued["subject"]) == (
         "spiffe://example.org",
         "spiffe://example.org/agent",
