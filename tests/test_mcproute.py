@@ -258,6 +258,18 @@ def _rpc(rid: int, method: str, params: dict[str, Any] | None = None) -> dict[st
     return {"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}
 
 
+# A tools/list request, as the caller of a hostile server's route sends it.
+LISTING = json.dumps(_rpc(3, "tools/list")).encode()
+
+
+def _granted_search(cfg: dict[str, Any], openbao: OpenBaoDevServer, agent: Agent) -> dict[str, str]:
+    """The agent granted search_issues alone on the route of `cfg`: its headers for a POST."""
+    cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    return {**bearer(identity), "Content-Type": "application/json"}
+
+
 def _call(rid: int, name: str) -> dict[str, Any]:
     return _rpc(rid, "tools/call", {"name": name, "arguments": {"query": "x"}})
 
@@ -517,10 +529,9 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
                 (8, -32601),
                 (8, -32601),
             ]
-            listing = json.dumps(_rpc(3, "tools/list")).encode()
             async with http.post(
                 f"{stack.base}/r/sampling/mcp",
-                data=listing,
+                data=LISTING,
                 headers={**headers, "Content-Type": "application/json"},
             ) as answer:
                 text = (await answer.read()).decode()
@@ -570,15 +581,11 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
     app[CASES] = [*ODD_ANSWERS, *((200, kind) for kind in AMBIGUOUS)]
     app.router.add_post("/mcp", _odd_lister)
     async with _hostile_route(openbao, agent, app) as cfg:
-        cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
-        identity = openbao.agent_token(agent)
-        CANARIES.add(identity)
-        headers = {**bearer(identity), "Content-Type": "application/json"}
-        listing = json.dumps(_rpc(3, "tools/list")).encode()
+        headers = _granted_search(cfg, openbao, agent)
         async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
             for status, kind in ODD_ANSWERS:
                 async with http.post(
-                    f"{stack.base}/r/{ROUTE}/mcp", data=listing, headers=headers
+                    f"{stack.base}/r/{ROUTE}/mcp", data=LISTING, headers=headers
                 ) as answer:
                     text = (await answer.read()).decode()
                 assert answer.status == status, kind
@@ -586,7 +593,7 @@ async def test_no_answer_the_sdk_reads_escapes_the_list_filter(
                 assert "whoami" not in text, (status, kind)
             for kind in AMBIGUOUS:
                 async with http.post(
-                    f"{stack.base}/r/{ROUTE}/mcp", data=listing, headers=headers
+                    f"{stack.base}/r/{ROUTE}/mcp", data=LISTING, headers=headers
                 ) as answer:
                     text = (await answer.read()).decode()
                 assert answer.status == 502, kind
@@ -789,15 +796,11 @@ async def test_an_event_stream_in_another_charset_is_refused(
     app[CHARSET_CASES] = list(CHARSETS)
     app.router.add_post("/mcp", _charset_lister)
     async with _hostile_route(openbao, agent, app) as cfg:
-        cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
-        identity = openbao.agent_token(agent)
-        CANARIES.add(identity)
-        headers = {**bearer(identity), "Content-Type": "application/json"}
-        listing = json.dumps(_rpc(3, "tools/list")).encode()
+        headers = _granted_search(cfg, openbao, agent)
         async with running_proxy(cfg) as stack, httpx.AsyncClient() as http:
             for kinds, status in CHARSETS:
                 async with http.stream(
-                    "POST", ENDPOINT.format(stack.base), content=listing, headers=headers
+                    "POST", ENDPOINT.format(stack.base), content=LISTING, headers=headers
                 ) as answer:
                     # Read as the SDK's client reads a stream (httpx_sse, by the charset).
                     if answer.status_code == 200:
