@@ -95,16 +95,21 @@ def mcp_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, 
 
 @asynccontextmanager
 async def _hostile_route(
-    openbao: OpenBaoDevServer, agent: Agent, app: web.Application
+    openbao: OpenBaoDevServer, agent: Agent, app: web.Application, *, sampling: bool = False
 ) -> AsyncIterator[dict[str, Any]]:
     """`app`, a hostile MCP server, on 127.0.0.1 for the time of the block, and the
-    configuration of the route to it (sending STREAM_KEY, a canary)."""
+    configuration of the route to it (sending STREAM_KEY, a canary); with `sampling`, also
+    of route "sampling" to it, which lets sampling requests through (search_issues granted)."""
     CANARIES.add(STREAM_KEY)
     await asyncio.to_thread(openbao.put_key, KEY_PATH + "-stream", STREAM_KEY)
     runner, port = await serve(app)
     try:
         cfg = mcp_config(openbao, agent, f"http://127.0.0.1:{port}")
         cfg["routes"][ROUTE] = {**cfg["routes"][ROUTE], "secret": {"path": KEY_PATH + "-stream"}}
+        if sampling:
+            server_requests = {"server_requests": ["sampling/createMessage"]}
+            cfg["routes"]["sampling"] = {**cfg["routes"][ROUTE], "mcp": server_requests}
+            cfg["policies"][0]["allow"]["sampling"] = {"tools": ["search_issues"]}
         yield cfg
     finally:
         await runner.cleanup()
@@ -502,13 +507,7 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
     app = web.Application()
     app[REPLIES] = []
     app.router.add_route("*", "/mcp", _stream_server)
-    async with _hostile_route(openbao, agent, app) as cfg:
-        route = cfg["routes"][ROUTE]
-        cfg["routes"]["sampling"] = {
-            **route,
-            "mcp": {"server_requests": ["sampling/createMessage"]},
-        }
-        cfg["policies"][0]["allow"]["sampling"] = {"tools": ["search_issues"]}
+    async with _hostile_route(openbao, agent, app, sampling=True) as cfg:
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
         headers = {**bearer(identity), "Mcp-Session-Id": "session-1"}
@@ -660,13 +659,7 @@ async def test_a_server_request_in_a_json_answer_is_withheld_too(
     reads, passes unread. The log says why an answer was refused."""
     app = web.Application()
     app.router.add_post("/mcp", _json_asker)
-    async with _hostile_route(openbao, agent, app) as cfg:
-        route = cfg["routes"][ROUTE]
-        cfg["routes"]["sampling"] = {
-            **route,
-            "mcp": {"server_requests": ["sampling/createMessage"]},
-        }
-        cfg["policies"][0]["allow"]["sampling"] = {"tools": ["search_issues"]}
+    async with _hostile_route(openbao, agent, app, sampling=True) as cfg:
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
         call = json.dumps(_call(1, "search_issues")).encode()
