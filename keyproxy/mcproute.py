@@ -2,7 +2,8 @@
 
     McpPlan.of(route, policies)                 one route's grants, prepared once
     McpPlan.grant(policy, task) -> mcp.Grant    the caller's effective grant
-    await inspect(request, route, grant, path) -> McpStep    POST: read, parse, decide
+    check_endpoint(route, path)                 404 off the route's MCP endpoint
+    await inspect(request, route, grant) -> McpStep    POST: read, parse, decide
     McpStep.reshape(upstream) -> AnswerFilter | None     the answer's filter, if it needs one
 
 After authentication and the policy decision, a POST body is read whole (within the route's
@@ -186,14 +187,17 @@ class McpStep(NamedTuple):
         return None
 
 
-async def inspect(request: web.Request, route: Route, grant: mcp.Grant, path: str) -> McpStep:
-    """The MCP step: a POST's body read and decided (raising `McpRefused` for a refused one);
-    a GET or DELETE with its protocol version and session. `path` is the request's path
-    after /r/<route>, as sent upstream."""
+def check_endpoint(route: Route, path: str) -> None:
+    """404 not_mcp_endpoint unless `path` (after /r/<route>, as sent upstream) is the MCP
+    route's endpoint. SECURITY: the key goes only there, not to every path of the server's
+    origin (a REST API beside it), where no grant says what a caller may do."""
     if route.mcp_endpoint is not None and path != route.mcp_endpoint:
-        # SECURITY: the key goes only to the server's MCP endpoint, not to every path of
-        # its origin (a REST API beside it), where no grant says what the caller may do.
         raise NotFound("not_mcp_endpoint", f"this route serves MCP at {route.mcp_endpoint} only")
+
+
+async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpStep:
+    """The MCP step: a POST's body read and decided (raising `McpRefused` for a refused one);
+    a GET or DELETE with its protocol version and session."""
     try:
         session = _one(request, SESSION_HEADER) or ""
         version = mcp.protocol_version(_one(request, VERSION_HEADER))
@@ -269,13 +273,12 @@ class CallFacts(NamedTuple):
     policy: str | None
 
 
-async def decided(  # noqa: PLR0917  # what the steps before produced
+async def decided(
     request: web.Request,
     route: Route,
     plan: McpPlan,
     facts: CallFacts,
     key_version: int,
-    path: str,
 ) -> McpStep:
     """An MCP route's step: the body read and decided against the caller's grant (the
     allowing policy's, narrowed by the task token's scope), each JSON-RPC request an
@@ -296,7 +299,7 @@ async def decided(  # noqa: PLR0917  # what the steps before produced
     if task is not None:  # a delegated token names its whole chain, as its request events do
         fields |= chain_fields(task)
     try:
-        step = await inspect(request, route, plan.grant(facts.policy, task), path)
+        step = await inspect(request, route, plan.grant(facts.policy, task))
     except McpRefused as exc:
         audit.emit_calls(exc.calls, fields, exc.reason)
         raise

@@ -59,8 +59,7 @@ _Ended = tuple[str, int, bool, str | None]
 # The steps' results are named tuples: as immutable as frozen dataclasses, and built in half
 # the time (a frozen dataclass sets each field through object.__setattr__), on every request.
 class Caller(NamedTuple):
-    """Who is asking (`_authenticate`'s result): a workload identity, and the task token it
-    presented, if it presented one."""
+    """Who is asking (`_authenticate`'s result): a workload identity, and its task token."""
 
     identity: Identity
     task: TaskToken | None
@@ -179,7 +178,7 @@ class Proxy:
                 chain,
             )
             caller = await self._authenticate(credential, chain)
-            decision = self._decide(caller, route, request.method, segments, source)
+            decision = self._decide(caller, route, request.method, segments, source, path=path)
             admitted = await self.limiter.admit(
                 route.name, decision.policy, caller.identity, caller.task, caller.token_id
             )
@@ -292,9 +291,13 @@ class Proxy:
         method: str,
         segments: tuple[str, ...],
         source: IPAddress,
+        *,
+        path: str,
     ) -> Decision:
         """Current policy decides; a task token further narrows it to its own address and
-        scope."""
+        scope. Off an MCP route's endpoint: 404, before any limit or the key."""
+        if route.mcp_endpoint is not None:
+            mcproute.check_endpoint(route, path)
         task = caller.task
         if task is not None:
             if task.source is not None and task.source != str(source):
@@ -390,7 +393,7 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
         facts = mcproute.CallFacts(
             rid, caller.identity, caller.task, caller.token_id, decision.policy
         )
-        step = await mcproute.decided(request, route, plan.mcp, facts, key.version, path)
+        step = await mcproute.decided(request, route, plan.mcp, facts, key.version)
         forwarder = plan.forwarder
         reply = plan.mcp.replier(forwarder.session, url, headers, forwarder.read_timeout)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)

@@ -406,30 +406,41 @@ async def test_hostile_messages_are_refused_and_never_forwarded(
 
 
 async def test_only_the_mcp_endpoint_is_reached(
-    openbao: OpenBaoDevServer, agent: Agent, served: Served
+    openbao: OpenBaoDevServer, agent: Agent, served: Served, audit_log: Path
 ) -> None:
     """Off the route's MCP endpoint (`/mcp`, the default), a GET, DELETE or POST to any path of the
     server's origin (another case, a trailing slash, an API beside it) is a 404 that says
-    where MCP is served, and never reaches the server with the key."""
+    where MCP is served, and never reaches the server with the key. It is refused before any
+    limit counts it or the key is fetched: its audit event is a denial with no key version."""
     identity = openbao.agent_token(agent)
     CANARIES.add(identity)
+    rids = []
     async with proxied(openbao, agent, served) as stack, aiohttp.ClientSession() as http:
         before = len(server_requests(served.log))
         headers = {**bearer(identity), "Content-Type": "application/json"}
         ping = json.dumps(_rpc(1, "ping")).encode()
         for path in ("/admin/keys", "/mcp/", "/MCP", "/", "", "/%6d%63p/x"):
             for method in ("GET", "DELETE", "POST"):
+                rids.append(rid := f"off-endpoint-{secrets.token_hex(8)}")
                 async with http.request(
                     method,
                     f"{stack.base}/r/{ROUTE}{path}",
                     data=ping if method == "POST" else None,
-                    headers=headers,
+                    headers={**headers, "X-Request-Id": rid},
                 ) as answer:
                     assert answer.status == 404, (method, path)
                     error = (await answer.json())["error"]
                     assert error["code"] == "not_mcp_endpoint", (method, path)
                     assert "/mcp" in error["message"], (method, path)
         assert len(server_requests(served.log)) == before
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in events(audit_log, "request") if e.get("request_id") in rids]
+
+    logged = await eventually(refused, "no audit events", until=lambda found: len(found) == 18)
+    assert {(e["decision"], e["reason"], e["key_version"]) for e in logged} == {
+        ("deny", "not_mcp_endpoint", None)
+    }
 
 
 TWICE = [

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from keyproxy import config, paths, policy, secret
+from keyproxy import config, mcproute, paths, policy, secret
 from keyproxy import scope as scopes
 from keyproxy.cli.common import (
     UsageError,
@@ -235,13 +235,14 @@ async def _verify_task(cfg: config.Config, args: argparse.Namespace, token: str)
 def _decide(
     cfg: config.Config, request: Request, identity: Identity, task: TaskToken | None
 ) -> Answer:
-    """The proxy's authorisation step (keyproxy.proxy), with its reasons spelt out, then an
-    MCP route's endpoint check (keyproxy.mcproute), which an allowed request meets next."""
-    answer = _authorised(cfg, request, identity, task)
-    endpoint = cfg.routes[request.route].mcp_endpoint
-    if answer.allowed and endpoint is not None and request.path != endpoint:
-        answer.allowed, answer.status, answer.reason = False, 404, "not_mcp_endpoint"
-    return answer
+    """The proxy's authorisation step (keyproxy.proxy), with its reasons spelt out: an MCP
+    route's endpoint (keyproxy.mcproute) first, then policy."""
+    try:
+        mcproute.check_endpoint(cfg.routes[request.route], request.path)
+    except RequestError as exc:
+        facts = _task_facts(task) if task is not None else None
+        return Answer(request, identity=identity, token=facts, status=exc.status, reason=exc.reason)
+    return _authorised(cfg, request, identity, task)
 
 
 def _authorised(
