@@ -155,6 +155,10 @@ class Grant:
     def allows_uri(self, uri: str) -> bool:
         return any(rule.matches(uri) for rule in self.resources)
 
+    def reads(self, uri: object) -> bool:
+        """Whether a `resources/read` of `uri` would be allowed (its URI rules included)."""
+        return _resource(uri, self) is None
+
     def allows_template(self, template: str) -> bool:
         return any(rule.covers_template(template) for rule in self.resources)
 

@@ -27,7 +27,6 @@ from keyproxy.mcp.jsonrpc import (
     id_text,
     parse_body,
 )
-from keyproxy.mcp.names import uri_problem
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,7 @@ def _keeps(method: str, item: object, grant: Grant) -> bool:
     if method == "prompts/list":
         return _exact(item.get("name"), grant.prompts)
     if method == "resources/list":
-        uri = item.get("uri")
-        return isinstance(uri, str) and uri_problem(uri) is None and grant.allows_uri(uri)
+        return grant.reads(item.get("uri"))
     template = item.get("uriTemplate")
     return isinstance(template, str) and grant.allows_template(template)
 
@@ -95,8 +93,7 @@ def shown(message: Message, grant: Grant) -> bool:
     change to a resource only some callers are granted."""
     if message.kind is not Kind.NOTIFICATION or message.method != _UPDATED:
         return True
-    uri = message.params.get("uri")
-    return isinstance(uri, str) and uri_problem(uri) is None and grant.allows_uri(uri)
+    return grant.reads(message.params.get("uri"))
 
 
 def filter_message(message: Message, pending: Pending, grant: Grant) -> dict[str, Any] | None:
