@@ -13,10 +13,7 @@ wrapped command must not see. Failures are `RunError`s that never quote the toke
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import shlex
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -69,13 +66,8 @@ def _read_file(path: str) -> str:
     """A regular file's text. Opened without waiting (a FIFO's writer could keep the read, and
     the wrapper's exit, waiting for ever) and refused unless it is a regular file (a projected
     token's symlink leads to one). A file longer than MAX_SIZE is refused, not cut short."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file")
-    with open(fd, "rb") as f:  # noqa: PTH123  # one small read
-        data = f.read(MAX_SIZE + 1)
-    if len(data) > MAX_SIZE:
+    data = capped.read_file(path, MAX_SIZE)
+    if data is None:
         raise RunError(f"--identity-file {path}: larger than {MAX_SIZE} bytes")
     return _text(data, f"--identity-file {path}")
 
