@@ -19,6 +19,7 @@ from keyproxy import netguard
 from keyproxy.config import Network, Route
 from keyproxy.errors import ConfigError
 from keyproxy.pool import Pool
+from keyproxy.tls import error_text
 
 
 class UpstreamSessions:
@@ -115,8 +116,8 @@ def _route_tls(route: Route) -> ssl.SSLContext:
     try:
         return tls_context(route.tls_verify, ca_file)
     except OSError as exc:  # ssl.SSLError too
-        ssl_error = isinstance(exc, ssl.SSLError)
-        reason = "no PEM certificate in it" if ssl_error else exc.strerror or type(exc).__name__
+        # OpenSSL's own reason (tls.error_text: never the file's bytes), or the OS's.
+        reason = error_text(exc) if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc)
         raise ConfigError(
             f"routes.{route.name}.tls.ca_file", f"cannot load {ca_file}: {reason}"
         ) from None
