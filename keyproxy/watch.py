@@ -54,6 +54,7 @@ logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
 
 DEBOUNCE_MS = 200
 POLL_MS = 500
+SETTLE_ROUNDS = 30  # looks of `_settled` before a file that keeps changing is taken anyway
 RECHECK_MS = 5000
 
 
@@ -79,6 +80,7 @@ async def watch_files(
     poll: bool = False,
     poll_ms: int = POLL_MS,
     recheck_ms: int = RECHECK_MS,
+    settle: float = 0.0,
 ) -> AsyncGenerator[frozenset[Path], None]:
     """Yield the watched paths whose content changed, until `stop` is set or the loop is closed.
 
@@ -86,6 +88,8 @@ async def watch_files(
     parent directories must exist. Changes are relative to `baseline`: the `digest` of each
     path taken just before its owner read it, so a change between that read and the start of
     the watch is reported too. Without one, the content when iteration starts is the baseline.
+    With `settle`, a changed path is reported once its content has stayed the same that many
+    seconds (`_settled`), and that content is the next baseline.
     """
     watched = tuple(dict.fromkeys(paths))
     if not watched:
@@ -98,7 +102,7 @@ async def watch_files(
         else await asyncio.to_thread(digest, path)
         for path in watched
     }
-    if baseline and (changed := await _changes(known)):
+    if baseline and (changed := await _changes(known, settle)):
         yield changed  # changed since the owner read it, before the watch began
     directories = sorted({path.parent for path in watched})
     names = frozenset(path.name for path in watched)
@@ -118,16 +122,35 @@ async def watch_files(
         rust_timeout=recheck_ms,
         yield_on_timeout=True,  # an empty batch every recheck_ms without events
     ):
-        if changed := await _changes(known):
+        if changed := await _changes(known, settle):
             yield changed
 
 
-async def _changes(known: dict[Path, str | None]) -> frozenset[Path]:
-    """The paths whose digest differs from `known` (updated in place); unreadable ones skipped."""
+async def _changes(known: dict[Path, str | None], settle: float) -> frozenset[Path]:
+    """The paths whose digest differs from `known` (updated in place, with the settled one);
+    unreadable ones skipped."""
     changed = set()
     for path, before in known.items():
         now = await asyncio.to_thread(digest, path)
         if now is not None and now != before:
-            known[path] = now
+            known[path] = await _settled(path, now, settle) if settle else now
             changed.add(path)
     return frozenset(changed)
+
+
+async def _settled(path: Path, now: str, wait: float) -> str | None:
+    """The digest of `path` once it has stayed the same for `wait` seconds (or after
+    SETTLE_ROUNDS looks that each found it changed again).
+
+    SECURITY: a file rewritten in place (truncated, then written: many editors' save, a
+    shell's `>`, a template streamed into it) is seen while its writer is still at it. A
+    prefix of a configuration is often valid, and what it lacks may be a restriction written
+    further down (a policy's source_cidrs, claims or limits). `debounce_ms` is a fraction of
+    this."""
+    for _ in range(SETTLE_ROUNDS):
+        await asyncio.sleep(wait)
+        again = await asyncio.to_thread(digest, path)
+        if again == now:
+            break
+        now = again if again is not None else now
+    return now

@@ -25,7 +25,7 @@ verifier's per-issuer key caches. `Reloader.reload(trigger)`:
 Reloads run one at a time; one asked for while another waits to begin shares it (`reload`).
 Triggers: SIGHUP (keyproxy.server.listen), a watch of the file
 (`follow`, keyproxy.watch: a change is read once the file has stayed the same for SETTLE
-seconds, `settled`), and `POST /reload` on the admin listener.
+seconds), and `POST /reload` on the admin listener.
 """
 
 from __future__ import annotations
@@ -52,15 +52,14 @@ from keyproxy.proxy import Proxy
 from keyproxy.tokens import TaskTokens
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache
-from keyproxy.watch import digest, watch_files
+from keyproxy.watch import watch_files
 
 log = structlog.get_logger("keyproxy.reload")
 
 SHORT = 12  # hex digits of the configuration's SHA-256 that requests' audit events name
-# A changed file is read once its content has stayed the same this long (seconds), and read
-# anyway after SETTLE_ROUNDS looks that each found it changed again.
+# A changed file is read once its content has stayed the same this long (seconds):
+# keyproxy.watch, `settle`.
 SETTLE = 1.0
-SETTLE_ROUNDS = 30
 
 
 def short(digest: str) -> str:
@@ -85,23 +84,6 @@ def operators_only(handler: Handler) -> Handler:
         return await handler(request)
 
     return checked
-
-
-async def settled(path: Path, wait: float = SETTLE) -> None:
-    """Return once the content at `path` has stayed the same for `wait` seconds.
-
-    SECURITY: a file rewritten in place (truncated, then written: many editors' save, a
-    shell's `>`, a template streamed into it) is seen while its writer is still at it. A
-    prefix of a configuration is often valid, and what it lacks may be a restriction written
-    further down (a policy's source_cidrs, claims or limits), which would not hold until the
-    rest arrived. The watch's own quiet time (keyproxy.watch) is a fraction of this."""
-    before = await asyncio.to_thread(digest, path)
-    for _ in range(SETTLE_ROUNDS):
-        await asyncio.sleep(wait)
-        now = await asyncio.to_thread(digest, path)
-        if now == before:
-            return
-        before = now
 
 
 @dataclass(eq=False)
@@ -324,9 +306,10 @@ class Reloader:
             while True:
                 self._rewatch = asyncio.Event()
                 baseline = {path: self.current.digest}
-                changes = watch_files([path], stop=self._rewatch, baseline=baseline, poll=poll)
+                changes = watch_files(
+                    [path], stop=self._rewatch, baseline=baseline, poll=poll, settle=SETTLE
+                )
                 async for _changed in changes:
-                    await settled(path)
                     await self.reload("file")
         except (OSError, RuntimeError):
             # SIGHUP and POST /reload still work; the process keeps serving.
