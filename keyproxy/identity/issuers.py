@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +72,7 @@ class IssuerKeys:
             await asyncio.gather(*(self._prefetch(state) for state in fresh))
         except asyncio.CancelledError:
             # The reload was abandoned: its new issuers are no one's, nor are their fetches.
-            fetches = [s.fetch for s in fresh if s.fetch is not None]
-            for fetch in fetches:
-                fetch.cancel()
-            await asyncio.gather(*fetches, return_exceptions=True)
+            await _stop_fetches(fresh)
             raise
         kept = {id(state) for state in states.values()}
         dropped = [s for s in self._issuers.values() if id(s) not in kept]
@@ -97,10 +94,7 @@ class IssuerKeys:
     async def aclose(self) -> None:
         """Stop the background key fetches; no new ones start after this."""
         self._closed = True
-        fetches = [s.fetch for s in self._issuers.values() if s.fetch is not None]
-        for fetch in fetches:
-            fetch.cancel()
-        await asyncio.gather(*fetches, return_exceptions=True)
+        await _stop_fetches(self._issuers.values())
 
     def key_status(self) -> dict[str, dict[str, Any]]:
         """Per issuer name: age of its keys (None before the first fetch), whether they are
@@ -223,3 +217,11 @@ def running(state: IssuerState) -> asyncio.Task[None] | None:
 
 def source(issuer: Issuer) -> str:
     return str(issuer.discovery_url or issuer.jwks_uri or issuer.jwks_file)
+
+
+async def _stop_fetches(states: Iterable[IssuerState]) -> None:
+    """Cancel the key fetches of `states` under way, and wait for them to end."""
+    fetches = [s.fetch for s in states if s.fetch is not None]
+    for fetch in fetches:
+        fetch.cancel()
+    await asyncio.gather(*fetches, return_exceptions=True)
