@@ -29,7 +29,7 @@ from typing import Final, NamedTuple
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.helpers import parse_mimetype
+from aiohttp.helpers import MimeType, parse_mimetype
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -246,15 +246,17 @@ def _utf8_json(content_types: list[str]) -> bool:
     kind = parse_mimetype(content_types[0])
     if (kind.type, kind.subtype, kind.suffix) != ("application", "json", ""):
         return False
-    return set(kind.parameters) <= {"charset"} and _utf8(content_types)
+    return set(kind.parameters) <= {"charset"} and _utf8_charset(kind)
 
 
 def _utf8(content_types: list[str]) -> bool:
     """Whether a message's one Content-Type names no charset but UTF-8 (a reader decoding
     by it reads what keyproxy read)."""
-    if len(content_types) != 1:
-        return False
-    charsets = parse_mimetype(content_types[0]).parameters.getall("charset", [])
+    return len(content_types) == 1 and _utf8_charset(parse_mimetype(content_types[0]))
+
+
+def _utf8_charset(kind: MimeType) -> bool:
+    charsets = kind.parameters.getall("charset", [])
     return [c.lower() for c in charsets] in ([], ["utf-8"], ["utf8"])  # both UTF-8's names
 
 
