@@ -124,6 +124,8 @@ class Broker(Lifecycle):
                 limit = {"limit": exc.limit} if exc.limit is not None else {}
                 log.warning("token.denied", reason=exc.reason, **event, **limit)
                 self._count("denied")
+                if exc.limit is not None and self.metrics is not None:
+                    self.metrics.limit_refused(None, exc.limit)  # tokens.exchange_limit's
                 raise
         response.headers[REQUEST_ID] = rid
         return response

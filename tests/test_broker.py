@@ -112,7 +112,8 @@ async def test_exchanges_beyond_the_limit_are_refused_per_identity(
 ) -> None:
     """Two exchanges at once pass; the third of the same identity gets 429 rate_limited
     with Retry-After (the 30 s to the next one) and its RateLimit fields, is audited as
-    token.denied naming the limit and counted as denied; another identity is unaffected."""
+    token.denied naming the limit and counted as denied and as a limit's refusal; another
+    identity is unaffected."""
     for _ in range(2):
         assert (await _exchange(http, limited.base, identity_token)).status == 200
     rid = new_request_id()
@@ -130,6 +131,8 @@ async def test_exchanges_beyond_the_limit_are_refused_per_identity(
         text = await response.text()
     assert 'keyproxy_tokens_total{event="denied"} 1.0' in text
     assert 'keyproxy_tokens_total{event="issued"} 4.0' in text
+    # Counted with the requests limits refused, under no route.
+    assert 'keyproxy_limit_refusals_total{limit="tokens.exchange",route="-"} 1.0' in text
 
 
 async def test_a_delegation_counts_against_its_root_identity(
