@@ -57,16 +57,21 @@ class Reshaper(Protocol):
 
 # Given the upstream's answer, its reshaper, or None to pass the bytes as sent.
 Reshape = Callable[[Answer], Reshaper | None]
+# The answer's headers as the caller gets them, given them as they go back (an MCP route
+# seals its session id).
+Rewrite = Callable[[list[tuple[str, str]]], list[tuple[str, str]]]
 
 
 class Outgoing(NamedTuple):
-    """The upstream request, the key injected (`keyproxy.proxy`'s build step), and how its
-    answer is reshaped before the scrubber (an MCP route's filter; None: as sent)."""
+    """The upstream request, the key injected (`keyproxy.proxy`'s build step), how its
+    answer is reshaped before the scrubber (an MCP route's filter; None: as sent) and how
+    its headers are rewritten (None: as they go back)."""
 
     url: URL
     headers: CIMultiDict[str]
     body: bytes | aiohttp.StreamReader | None
     reshape: Reshape | None = None
+    rewrite: Rewrite | None = None
 
 
 class Outcome(NamedTuple):
@@ -167,7 +172,9 @@ class Exchange:
                         )
                     reshape = outgoing.reshape
                     shaper = reshape(upstream) if reshape is not None else None
-                    return await self._stream_back(request, upstream, rendered, rid, shaper)
+                    return await self._stream_back(
+                        request, upstream, rendered, rid, (shaper, outgoing.rewrite)
+                    )
         except RequestError:
             raise
         except TimeoutError as exc:
@@ -191,10 +198,13 @@ class Exchange:
         upstream: Answer,
         rendered: Rendered,
         rid: str,
-        shaper: Reshaper | None = None,
+        changes: tuple[Reshaper | None, Rewrite | None] = (None, None),
     ) -> Outcome:
         encoding = _decoded_coding(upstream)
+        shaper, rewrite = changes
         headers = response_headers(upstream.headers, rendered, rid)
+        if rewrite is not None:
+            headers = rewrite(headers)
         watch = self._watch
         # The upstream's reason phrase is not forwarded: it is free text that could echo the
         # key.

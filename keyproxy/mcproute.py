@@ -1,9 +1,11 @@
 """The MCP step of a request to a `kind: mcp` route (docs/mcp.md).
 
-    McpPlan.of(route, policies)                 one route's grants, prepared once
+    McpPlan.of(route, policies, seal)           one route's grants, prepared once
     McpPlan.grant(policy, task) -> mcp.Grant    the caller's effective grant
     check_endpoint(route, path)                 404 off the route's MCP endpoint
-    await inspect(request, route, grant) -> McpStep    POST: read, parse, decide
+    await decided(request, route, plan, facts, key_version) -> McpStep
+                                                the session opened, a POST read and decided
+    McpPlan.outgoing(step, url, headers, forwarder) -> Outgoing    the upstream request
     McpStep.reshape(upstream) -> AnswerFilter | None     the answer's filter, if it needs one
 
 After authentication and the policy decision, a POST body is read whole (within the route's
@@ -13,23 +15,27 @@ scope. A refused body raises `McpRefused` carrying the JSON-RPC error answer (ne
 forwarded); an allowed one is forwarded as it was read. The answer is filtered before the
 key scrubber sees it: list answers keep only granted items (JSON or SSE), and a server
 stream (SSE, also a GET's) withholds the server-to-client requests the route does not allow
-(a JSON answer holding one is refused).
+(a JSON answer holding one is refused: keyproxy.mcpanswer).
 DELETE (ending a session) passes through.
+
+A session is bound to the caller that opened it (keyproxy.tokens.sessionseal): the server's
+`Mcp-Session-Id` reaches the caller sealed with a MAC of the route and the caller's
+identity, and a request naming a session goes on only if its seal opens for that caller
+(else 404 mcp_session_unknown, as for a session the server ended), with the server's own id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.helpers import MimeType, parse_mimetype
+from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -37,21 +43,17 @@ from keyproxy import audit, capped, mcp
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import McpGrant, Policy, Route
-from keyproxy.errors import (
-    BadGateway,
-    McpRefused,
-    McpUnreadable,
-    NotFound,
-)
+from keyproxy.errors import McpRefused, McpUnreadable, NotFound, Unavailable
+from keyproxy.forward import Forwarder, Outgoing
+from keyproxy.mcpanswer import AnswerFilter, Reply, answer_filter, utf8_charset
 from keyproxy.outgoing import read_body
 from keyproxy.pool import Answer
 from keyproxy.tokens import TaskToken, chain_fields
+from keyproxy.tokens.sessionseal import SessionSeal, binding
 
 log = structlog.get_logger("keyproxy.mcproute")
 
 SESSION_HEADER: Final = "Mcp-Session-Id"
-_JSON: Final = "application/json"
-_SSE: Final = "text/event-stream"
 VERSION_HEADER: Final = "MCP-Protocol-Version"
 ENCODING_HEADER: Final = "Content-Encoding"
 _NOTHING: Final = McpGrant()
@@ -69,15 +71,19 @@ class McpPlan:
     # The answers to withheld server requests still being sent, cancelled by `close` when
     # the proxy that made this plan closes (shutdown, or its configuration retired).
     replies: set[asyncio.Task[None]] = field(default_factory=set)
+    # Binds sessions to their caller: None only where no MCP session can be opened (503).
+    seal: SessionSeal | None = None
 
     @classmethod
-    def of(cls, route: Route, policies: Sequence[Policy]) -> McpPlan:
+    def of(
+        cls, route: Route, policies: Sequence[Policy], seal: SessionSeal | None = None
+    ) -> McpPlan:
         grants = {}
         for policy in policies:
             granted = policy.allow.get(route.name)
             if granted is not None and granted.mcp is not None:
                 grants[policy.name] = granted.mcp
-        return cls(route, grants)
+        return cls(route, grants, seal=seal)
 
     def grant(self, policy: str | None, task: TaskToken | None) -> mcp.Grant:
         """What the caller may use: the allowing policy's grant, narrowed by the task token's
@@ -87,6 +93,24 @@ class McpPlan:
             scoped = scopes.mcp_grant(task.scope, self.route.name) or _NOTHING
             allowed = scoped if task.exception_owner is not None else _narrowed(allowed, scoped)
         return _compiled(allowed, self.route.server_requests)
+
+    def outgoing(
+        self, step: McpStep, url: URL, headers: CIMultiDict[str], forwarder: Forwarder
+    ) -> Outgoing:
+        """The upstream request of an MCP step: the server's own session id in place of the
+        sealed one, the answer filtered, and the session id of its answer sealed for the
+        caller (whatever its status: a server may name a session in any)."""
+        if step.session is not None:
+            headers[SESSION_HEADER] = step.session
+        reply = self.replier(forwarder.session, url, headers, forwarder.read_timeout)
+        sealed = functools.partial(_sealed, self.opener(), step.bound)
+        return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape, sealed)
+
+    def opener(self) -> SessionSeal:
+        """The seal of this route's sessions, or a 503 where there is none."""
+        if self.seal is None:
+            raise Unavailable("mcp_session_key_unavailable", "MCP sessions cannot be opened yet")
+        return self.seal
 
     def replier(
         self, session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str], timeout: float
@@ -137,54 +161,33 @@ def _compiled(grant: McpGrant, server_requests: frozenset[str]) -> mcp.Grant:
     )
 
 
-# Sends the server the error answer to a server request withheld from the caller.
-Reply = Callable[[bytes], None]
-
-
 class McpStep(NamedTuple):
     """What the MCP step produced: the grant and protocol version the answer is filtered
     with, the body read (None: not a POST), the audit facts of its requests, the list
-    requests it sent, the session it belongs to, and how to answer the server a request
-    withheld from the caller (None: not answered)."""
+    requests it sent, the server's id of the session it names (None: none), what its
+    sessions are bound to, and how to answer the server a request withheld from the caller
+    (None: not answered)."""
 
     grant: mcp.Grant
     version: str
     body: bytes | None
     calls: tuple[mcp.Call, ...]
     pending: mcp.Pending
-    session: str
+    session: str | None
+    bound: bytes
     reply: Reply | None = None
 
     def reshape(self, upstream: Answer) -> AnswerFilter | None:
-        """The filter the upstream's answer passes through, or None when it passes as sent
-        (not a 2xx with a body, not an MCP body).
-
-        SECURITY: an answer is judged as the MCP SDKs' clients read it, so that none they
-        would read escapes its filter: any 2xx but a 202 (whose body they ignore), its media
-        type by prefix, JSON first (Python's); one that the TypeScript client, finding either
-        type anywhere in the header, would read another way is refused."""
-        if not 200 <= upstream.status < 300 or upstream.status == 202:
-            return None
-        kind = upstream.content_type
-        declared = ", ".join(upstream.headers.getall("Content-Type", ())).lower()
-        if (_SSE in declared and not kind.startswith(_SSE)) or (
-            _JSON in declared and not kind.startswith((_JSON, _SSE))
-        ):
-            # SECURITY: the TypeScript SDK's client finds either media type anywhere in the
-            # header (event streams first), the Python one by prefix (JSON first): where
-            # they read it differently, some client would read what no filter read.
-            raise _bad_answer("the Content-Type names JSON or an event stream ambiguously")
-        if kind.startswith(_JSON):
-            # SECURITY: read whatever request it answers: it may hold a server request to
-            # withhold. The answer to a body of no request, which no client reads, is not.
-            return _Json(self.grant, self.version, self.pending) if self.calls else None
-        if kind.startswith(_SSE):
-            if not _utf8(upstream.headers.getall("Content-Type")):
-                # SECURITY: the SDK's client (httpx) decodes a stream by its charset, the
-                # filter as UTF-8: in UTF-16, bytes it reads as no event are a client's events.
-                raise _bad_answer("the event stream's charset is not UTF-8")
-            return _Stream(mcp.StreamFilter(self.grant, self.version, self.pending), self.reply)
-        return None
+        """The filter the upstream's answer passes through (keyproxy.mcpanswer), or None
+        when it passes as sent."""
+        return answer_filter(
+            upstream,
+            self.grant,
+            self.version,
+            self.pending,
+            requests=bool(self.calls),
+            reply=self.reply,
+        )
 
 
 def check_endpoint(route: Route, path: str) -> None:
@@ -195,16 +198,18 @@ def check_endpoint(route: Route, path: str) -> None:
         raise NotFound("not_mcp_endpoint", f"this route serves MCP at {route.mcp_endpoint} only")
 
 
-async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpStep:
-    """The MCP step: a POST's body read and decided (raising `McpRefused` for a refused one);
-    a GET or DELETE with its protocol version and session."""
+async def inspect(
+    request: web.Request, route: Route, grant: mcp.Grant, session: str | None, bound: bytes
+) -> McpStep:
+    """The MCP step of a request in `session` (the server's id, opened): a POST's body read
+    and decided (raising `McpRefused` for a refused one); a GET or DELETE with its protocol
+    version."""
     try:
-        session = _one(request, SESSION_HEADER) or ""
         version = mcp.protocol_version(_one(request, VERSION_HEADER))
     except mcp.MessageError as exc:
         raise _unreadable(exc) from None
     if request.method != "POST":
-        return McpStep(grant, version, None, (), mcp.Pending(), session)
+        return McpStep(grant, version, None, (), mcp.Pending(), session, bound)
     if not _utf8_json(request.headers.getall("Content-Type", [])):
         unread = "the body must be sent as Content-Type: application/json (UTF-8)"
         raise _unreadable(mcp.MessageError(unread))
@@ -222,7 +227,26 @@ async def inspect(request: web.Request, route: Route, grant: mcp.Grant) -> McpSt
         first = decision.refusals[0]
         refused = McpRefused if any(r.id is not None for r in decision.refusals) else McpUnreadable
         raise refused("mcp_refused", first.message, decision.answer(), decision.calls)
-    return McpStep(grant, version, data, decision.calls, mcp.Pending.of(body), session)
+    return McpStep(grant, version, data, decision.calls, mcp.Pending.of(body), session, bound)
+
+
+def _session(request: web.Request, plan: McpPlan, bound: bytes) -> str | None:
+    """The server's id of the session the request names (None: it names none), if the
+    caller was given it; else 404 mcp_session_unknown. SECURITY: every caller of the route
+    reaches the server with the same key, so without the seal a caller who learnt another's
+    session id would read its stream, act in it or end it."""
+    try:
+        presented = _one(request, SESSION_HEADER)
+    except mcp.MessageError as exc:
+        raise _unreadable(exc) from None
+    return None if presented is None else plan.opener().open(presented, bound)
+
+
+def _sealed(
+    seal: SessionSeal, bound: bytes, headers: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """An answer's headers for the caller, each session id sealed for it."""
+    return [(k, seal.seal(v, bound) if k.lower() == "mcp-session-id" else v) for k, v in headers]
 
 
 def _one(request: web.Request, name: str) -> str | None:
@@ -246,18 +270,7 @@ def _utf8_json(content_types: list[str]) -> bool:
     kind = parse_mimetype(content_types[0])
     if (kind.type, kind.subtype, kind.suffix) != ("application", "json", ""):
         return False
-    return set(kind.parameters) <= {"charset"} and _utf8_charset(kind)
-
-
-def _utf8(content_types: list[str]) -> bool:
-    """Whether a message's one Content-Type names no charset but UTF-8 (a reader decoding
-    by it reads what keyproxy read)."""
-    return len(content_types) == 1 and _utf8_charset(parse_mimetype(content_types[0]))
-
-
-def _utf8_charset(kind: MimeType) -> bool:
-    charsets = kind.parameters.getall("charset", [])
-    return [c.lower() for c in charsets] in ([], ["utf-8"], ["utf8"])  # both UTF-8's names
+    return set(kind.parameters) <= {"charset"} and utf8_charset(kind)
 
 
 def _unreadable(exc: mcp.MessageError) -> McpUnreadable:
@@ -282,10 +295,12 @@ async def decided(
     facts: CallFacts,
     key_version: int,
 ) -> McpStep:
-    """An MCP route's step: the body read and decided against the caller's grant (the
-    allowing policy's, narrowed by the task token's scope), each JSON-RPC request an
-    `mcp.call` audit event whatever the decision."""
+    """An MCP route's step: the session opened for the caller, the body read and decided
+    against the caller's grant (the allowing policy's, narrowed by the task token's scope),
+    each JSON-RPC request an `mcp.call` audit event whatever the decision."""
     task = facts.task
+    bound = binding(route.name, facts.identity)
+    session = _session(request, plan, bound)
     fields = {
         "request_id": facts.request_id,
         "route": route.name,
@@ -296,61 +311,17 @@ async def decided(
         "exception_owner": task.exception_owner if task is not None else None,
         "policy": facts.policy,
         "key_version": key_version,
-        "mcp_session": mcp.session_label(request.headers.get(SESSION_HEADER, "")),
+        "mcp_session": mcp.session_label(session or ""),
     }
     if task is not None:  # a delegated token names its whole chain, as its request events do
         fields |= chain_fields(task)
     try:
-        step = await inspect(request, route, plan.grant(facts.policy, task))
+        step = await inspect(request, route, plan.grant(facts.policy, task), session, bound)
     except McpRefused as exc:
         audit.emit_calls(exc.calls, fields, exc.reason)
         raise
     audit.emit_calls(step.calls, fields, "")
     return step
-
-
-def _bad_answer(why: str) -> BadGateway:
-    """The 502 for an answer the filter refuses; why, for the operator, in the log (the
-    caller is told only that it could not be read: `why` may quote the server)."""
-    log.warning("mcp_bad_answer", why=why)
-    return BadGateway("mcp_bad_answer", "the MCP server's answer could not be read")
-
-
-class AnswerFilter:
-    """An answer's bytes in, the bytes for the caller out (before the key scrubber)."""
-
-    def feed(self, chunk: bytes) -> bytes:
-        raise NotImplementedError
-
-    def close(self) -> bytes:
-        raise NotImplementedError
-
-
-class _Stream(AnswerFilter):
-    """An SSE stream, filtered event by event; each server request withheld from the caller
-    is answered to the server (`reply`) with its error, so the server does not wait."""
-
-    def __init__(self, stream: mcp.StreamFilter, reply: Reply | None) -> None:
-        self._stream = stream
-        self._reply = reply
-
-    def feed(self, chunk: bytes) -> bytes:
-        try:
-            return self._sent(self._stream.feed(chunk))
-        except mcp.MessageError as exc:
-            raise _bad_answer(exc.message) from None
-
-    def close(self) -> bytes:
-        try:
-            return self._sent(self._stream.close())
-        except mcp.MessageError as exc:
-            raise _bad_answer(exc.message) from None
-
-    def _sent(self, out: mcp.Output) -> bytes:
-        if self._reply is not None:
-            for refusal in out.withheld:
-                self._reply(json.dumps(refusal.response(), separators=(",", ":")).encode())
-        return out.data
 
 
 async def _post(
@@ -373,27 +344,3 @@ async def _post(
             await capped.read_body(answer.content, mcp.DEFAULT_MAX_BYTES)
     except (aiohttp.ClientError, TimeoutError):
         log.warning("mcp_reply_failed", url=str(url.with_query(None)))
-
-
-class _Json(AnswerFilter):
-    """A JSON answer, read whole (within the message limit) and filtered."""
-
-    def __init__(self, grant: mcp.Grant, version: str, pending: mcp.Pending) -> None:
-        self._grant = grant
-        self._version = version
-        self._pending = pending
-        self._data = bytearray()
-
-    def feed(self, chunk: bytes) -> bytes:
-        self._data += chunk
-        if len(self._data) > mcp.DEFAULT_MAX_BYTES:
-            raise _bad_answer(f"JSON answer larger than {mcp.DEFAULT_MAX_BYTES} bytes")
-        return b""
-
-    def close(self) -> bytes:
-        try:
-            return mcp.filter_json_answer(
-                bytes(self._data), self._pending, self._grant, self._version
-            )
-        except mcp.MessageError as exc:
-            raise _bad_answer(exc.message) from None

@@ -4,10 +4,9 @@
 each taking what the ones before produced and returning its own result, or stopping the
 request by raising a `RequestError`; forwarding is `keyproxy.forward`'s. Nothing is sent
 upstream until every check has passed. The caller is a task token, a workload identity JWT,
-or an X.509-SVID over mutual TLS (`keyproxy.mtls`). The request's one audit event is built
-once, at the end, from those results and how the request ended (the forwarding step's
-`Outcome`, or the error's reason and status); the error itself becomes its answer in
-`keyproxy.answers.answering`.
+or an X.509-SVID over mutual TLS (`keyproxy.mtls`). The request's one audit event is built at
+the end from those results and how the request ended (the forwarding step's `Outcome`, or
+the error's reason and status); the error becomes its answer in `keyproxy.answers.answering`.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from keyproxy.paths import ROUTE_PREFIX
 from keyproxy.tls import ServerTLS
 from keyproxy.tokens import TaskToken, TaskTokens, is_task_token
 from keyproxy.tokens.inflight import InFlight
+from keyproxy.tokens.sessionseal import SessionSeal
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import KeyCache, KeyVersion
 
@@ -91,6 +91,7 @@ class _Plan:
         sessions: UpstreamSessions,
         deadlines: ReadDeadlines,
         policies: tuple[Policy, ...] = (),
+        seal: SessionSeal | None = None,
     ) -> _Plan:
         injector = Injector(route)
         return cls(
@@ -100,7 +101,7 @@ class _Plan:
             forwarder=Forwarder(
                 route, sessions.get(route.name), sessions.pool(route.name), deadlines
             ),
-            mcp=mcproute.McpPlan.of(route, policies) if route.kind == "mcp" else None,
+            mcp=mcproute.McpPlan.of(route, policies, seal) if route.kind == "mcp" else None,
         )
 
 
@@ -137,8 +138,9 @@ class Proxy:
         # routes and policies the configuration has.
         self.policies = policy.compile(config.policies)
         self._deadlines = read_deadlines(config.routes.values())
+        seal = tasks.seal if tasks is not None else None  # binds MCP sessions to callers
         self.plans = {
-            name: _Plan.of(r, sessions, self._deadlines, config.policies)
+            name: _Plan.of(r, sessions, self._deadlines, config.policies, seal)
             for name, r in config.routes.items()
         }
 
@@ -394,7 +396,5 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
             rid, caller.identity, caller.task, caller.token_id, decision.policy
         )
         step = await mcproute.decided(request, route, plan.mcp, facts, key.version)
-        forwarder = plan.forwarder
-        reply = plan.mcp.replier(forwarder.session, url, headers, forwarder.read_timeout)
-        return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape)
+        return plan.mcp.outgoing(step, url, headers, plan.forwarder)
     return Outgoing(url, headers, await request_body(request, route, headers))

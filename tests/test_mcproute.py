@@ -29,7 +29,10 @@ from mcp.types import TextContent
 from multidict import CIMultiDict
 
 from keyproxy import audit, mcp, mcproute
+from keyproxy.caller import Identity
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.server.app import TASKS
+from keyproxy.tokens.sessionseal import binding
 from tests.helpers.cli import clean_env, keyproxy
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
@@ -40,6 +43,7 @@ KEY_PATH = "keyproxy/keys/mcp-route"  # no "-test-" in a logged name: new_key()s
 ROUTE = "issues"
 MAX_BODY = 64 * 1024
 ENDPOINT = "{}/r/" + ROUTE + "/mcp"  # the server's MCP endpoint, through keyproxy
+SESSION = "Mcp-Session-Id"
 
 
 class Served(NamedTuple):
@@ -150,6 +154,12 @@ async def session(stack: Stack, token: str) -> AsyncIterator[ClientSession]:
         yield client
 
 
+def sealed(stack: Stack, agent: Agent, server_id: str = "session-1", route: str = ROUTE) -> str:
+    """The server's `server_id` as keyproxy gives it to `agent` on `route`: sealed for it."""
+    bound = binding(route, Identity("openbao", agent.entity_id))
+    return stack.app[TASKS].seal.seal(server_id, bound)
+
+
 def server_requests(log: Path) -> list[dict[str, Any]]:
     """The requests the MCP server accepted, as it logged them."""
     if not log.exists():
@@ -257,6 +267,98 @@ async def test_the_key_a_tool_echoes_never_reaches_the_caller(
         assert isinstance(content, TextContent)
         assert content.text.startswith("called with key ")
         assert served.server.key not in content.text
+
+
+@pytest.fixture(scope="module")
+def other(openbao: OpenBaoDevServer) -> Agent:
+    """A second caller of the route, granted the same tools."""
+    return openbao.add_agent("mcp-other")
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"},
+    },
+}
+MCP_POST = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+async def test_a_session_is_bound_to_the_caller_that_opened_it(
+    openbao: OpenBaoDevServer, agent: Agent, other: Agent, served: Served, audit_log: Path
+) -> None:
+    """The server's session id reaches its caller sealed, and any replica opens it for that
+    caller. Another caller of the route presenting it (or the server's own id, or a forged
+    one) gets the 404 of an unknown session, in a denial event, and the server never sees
+    the request; the session's own caller ends it."""
+    cfg = mcp_config(openbao, agent, served.server.url.removesuffix("/mcp"))
+    cfg["policies"].append({**cfg["policies"][0], "name": "other", "subjects": [other.entity_id]})
+    mine, theirs = openbao.agent_token(agent), openbao.agent_token(other)
+    CANARIES.update((mine, theirs))
+    url = ENDPOINT.format
+    async with (
+        running_proxy(cfg) as stack,
+        running_proxy(cfg) as replica,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def post(base: str, token: str, message: Any, sid: str | None) -> Any:
+            headers = {**bearer(token), **MCP_POST} | ({SESSION: sid} if sid else {})
+            return await http.post(url(base), json=message, headers=headers)
+
+        async with await post(stack.base, mine, INITIALIZE, None) as opened:
+            assert opened.status == 200, await opened.text()
+            given = opened.headers[SESSION]
+            await opened.read()
+        async with await post(replica.base, mine, _rpc(2, "tools/list"), given) as listed:
+            assert listed.status == 200, await listed.text()
+            assert "search_issues" in await listed.text()
+        server_id = server_requests(served.log)[-1]["session"]
+        assert server_id
+        assert given.startswith("kp1.")
+        assert given.endswith("." + server_id)
+        assert given != server_id
+
+        before = len(server_requests(served.log))
+        rids = []
+        attempts = [
+            (theirs, "POST", given),
+            (theirs, "GET", given),
+            (theirs, "DELETE", given),
+            (theirs, "POST", server_id),
+            (mine, "POST", server_id),  # not sealed: no one's
+            (mine, "POST", given[:-1] + ("x" if given[-1] != "x" else "y")),
+        ]
+        for token, method, sid in attempts:
+            headers = {**bearer(token), **MCP_POST, SESSION: sid}
+            body = json.dumps(_call(3, "search_issues")) if method == "POST" else None
+            async with http.request(method, url(stack.base), data=body, headers=headers) as no:
+                assert no.status == 404, (method, sid)
+                assert (await no.json())["error"]["code"] == "mcp_session_unknown"
+                rids.append(no.headers["X-Request-Id"])
+        assert len(server_requests(served.log)) == before
+
+        headers = {**bearer(mine), SESSION: given}
+        async with http.delete(url(replica.base), headers=headers) as ended:
+            assert ended.status == 200, await ended.text()
+        assert server_requests(served.log)[-1] == {
+            "method": "DELETE",
+            "body": "",
+            "session": server_id,
+        }
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in events(audit_log, "request") if e.get("request_id") in rids]
+
+    logged = await eventually(refused, "no audit events", until=lambda found: len(found) == 6)
+    assert {(e["decision"], e["reason"], e["status"]) for e in logged} == {
+        ("allow", "mcp_session_unknown", 404)
+    }
+    assert {e["subject"] for e in logged} == {agent.entity_id, other.entity_id}
 
 
 def _rpc(rid: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -521,10 +623,10 @@ async def test_the_servers_get_stream_passes_only_allowed_server_requests(
     async with _hostile_route(openbao, agent, app, sampling=True) as cfg:
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
-        headers = {**bearer(identity), "Mcp-Session-Id": "session-1"}
         async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
             seen = {}
             for name in (ROUTE, "sampling"):
+                headers = {**bearer(identity), SESSION: sealed(stack, agent, route=name)}
                 async with http.get(f"{stack.base}/r/{name}/mcp", headers=headers) as answer:
                     assert answer.status == 200
                     seen[name] = await answer.read()
@@ -637,14 +739,15 @@ async def test_a_list_answer_replayed_on_a_resumed_stream_is_filtered(
         cfg["policies"][0]["allow"][ROUTE] = {"tools": ["search_issues"]}
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
-        headers = {**bearer(identity), "Mcp-Session-Id": "session-1", "Last-Event-ID": "priming-1"}
-        async with (
-            running_proxy(cfg) as stack,
-            aiohttp.ClientSession() as http,
-            http.get(ENDPOINT.format(stack.base), headers=headers) as answer,
-        ):
-            assert answer.status == 200
-            text = (await answer.read()).decode()
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            headers = {
+                **bearer(identity),
+                SESSION: sealed(stack, agent),
+                "Last-Event-ID": "priming-1",
+            }
+            async with http.get(ENDPOINT.format(stack.base), headers=headers) as answer:
+                assert answer.status == 200
+                text = (await answer.read()).decode()
         assert text.startswith("id: listed-1\r\n")
         assert '"search_issues"' in text
         assert "whoami" not in text
@@ -903,11 +1006,11 @@ async def test_the_upstream_is_told_the_length_of_exactly_the_body_it_gets(
         cfg["routes"][ROUTE]["secret"] = {"path": KEY_PATH + "-stream"}
         identity = openbao.agent_token(agent)
         CANARIES.add(identity)
-        headers = {**bearer(identity), "Mcp-Session-Id": "session-1"}
         # What a caller would have the upstream read as a request of its own.
         smuggled = b"DELETE /admin HTTP/1.1\r\nHost: x\r\nUser-Agent: "
         url = ENDPOINT.format
         async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            headers = {**bearer(identity), SESSION: sealed(stack, agent)}
             for method in ("GET", "DELETE", "GET"):
                 async with http.request(
                     method, url(stack.base), data=smuggled, headers=headers

@@ -242,6 +242,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await verifier.prefetch()
         await _quietly(tasks.refresh_keys(force=True), "token_keys_unavailable")
         await _quietly(tasks.refresh_revocations(), "revocations_unavailable")
+        await tasks.seal.prepare(config)  # an MCP route's sessions are opened from the start
         background = [
             asyncio.create_task(vault.maintain_token(), name="vault-token"),
             asyncio.create_task(keys.run(), name="key-refresh"),

@@ -237,6 +237,7 @@ class Reloader:
         # its keys, a changed route its own session.
         await self._keys.prepare(serving.routes)
         await self._verifier.reconfigure(serving.identity)
+        await self._tasks.seal.prepare(serving)
         generation = self._make(serving, digest, running.sessions.successor(serving.routes, tls))
         generation.loaded = compiled
         self._tasks.reconfigure(serving)

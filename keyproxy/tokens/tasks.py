@@ -2,10 +2,11 @@
 
 `TaskTokens` issues (`signing`), verifies (`verify`) and revokes (`revocation`) them, keeps
 the exception register (`exceptions`), renews heartbeat leases (`heartbeat`), and runs the
-background work: the revocation poll, the key refresh, and the lease sweep (an idle_ttl token
+background work: the revocation poll, the key refresh, the lease sweep (an idle_ttl token
 whose lease lapsed is recorded as ended, `heartbeat_lost`, within a second or so, whether or
-not anyone uses it again, by one of the replicas sharing the state store). The token's
-format is in `format`, its lifecycle claims in `lineage`.
+not anyone uses it again, by one of the replicas sharing the state store), and the load of
+the key that binds MCP sessions to their callers (`sessionseal`). The token's format is in
+`format`, its lifecycle claims in `lineage`.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
+from collections.abc import Callable
 
 import structlog
 
 from keyproxy.config import Config
 from keyproxy.errors import BadRequest, RequestError, Unauthenticated, Unavailable, VaultError
-from keyproxy.state import StoreUnavailable
+from keyproxy.state import StateStore, StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, TaskToken
 from keyproxy.tokens.inflight import UNVERIFIABLE
+from keyproxy.tokens.sessionseal import SessionSeal
 from keyproxy.tokens.verify import Verifier, trusted_issuers
+from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
 
@@ -34,6 +39,18 @@ LEASE_CLAIM = 30.0  # seconds a lapsed lease handed to a sweep waits before anot
 class TaskTokens(Verifier):
     """Issue, verify and revoke task tokens for one configuration."""
 
+    def __init__(
+        self,
+        config: Config,
+        vault: Vault,
+        clock: Callable[[], float] = time.time,
+        *,
+        store: StateStore | None = None,
+    ) -> None:
+        super().__init__(config, vault, clock, store=store)
+        # MCP session ids bound to their callers, keyed beside the revocation list.
+        self.seal = SessionSeal(vault, config)
+
     def reconfigure(self, config: Config) -> None:
         """Follow `config` (a reload): its token settings apply to tokens issued from now on,
         and tokens are verified against its routes. Signing keys, revocations and use
@@ -42,6 +59,7 @@ class TaskTokens(Verifier):
         moved = config.tokens.state_path != self.cfg.state_path
         signer = self._signer()
         self.config, self.cfg = config, config.tokens
+        self.seal.follow(config)
         if moved:
             self._moved()
         if self._signer() != signer:
@@ -105,6 +123,7 @@ class TaskTokens(Verifier):
             group.create_task(self._end_unjudgeable_regularly(), name="token-inflight")
             group.create_task(self._refresh_keys_regularly(), name="token-keys")
             group.create_task(self._sweep_leases_regularly(), name="token-leases")
+            group.create_task(self.seal.run(), name="mcp-session-key")
 
     async def _sweep_leases_regularly(self) -> None:
         while True:

@@ -23,8 +23,9 @@ from structlog.testing import capture_logs
 from keyproxy import config
 from keyproxy.cli import main
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.errors import NotFound, Unavailable
 from keyproxy.server import listen as server
-from keyproxy.server.app import METRICS, RELOADER, build_admin_app, build_app
+from keyproxy.server.app import METRICS, RELOADER, TASKS, build_admin_app, build_app
 from keyproxy.server.reload import short, text_digest
 from tests.helpers import cli
 from tests.helpers.configs import CONFIG_SECTIONS
@@ -282,6 +283,29 @@ async def test_a_new_route_is_ready_when_it_appears_and_a_removed_one_forgotten(
         async with http.get(f"{served.admin}/metrics") as response:
             text = await response.text()
         assert f'keyproxy_config_loaded_timestamp_seconds{{hash="{answer["hash"]}"}} ' in text
+
+
+async def test_a_reload_adding_an_mcp_route_reads_the_session_key_first(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """The first MCP route a reload adds finds the key that binds its sessions read before
+    it serves (no 503 while it loads in the background); moving tokens.state_path reads the
+    key of the new place, so a session sealed before opens no more."""
+    seal = served.app[TASKS].seal
+    with pytest.raises(Unavailable):  # no MCP route: no key read
+        seal.seal("session-1", b"caller")
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg["routes"]["tools"] = {**cfg["routes"]["r"], "kind": "mcp"}
+    served.path.write_text(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as http:
+        assert (await _reload(http, served))["result"] == "ok"
+        given = seal.seal("session-1", b"caller")
+        assert seal.open(given, b"caller") == "session-1"
+        cfg["tokens"]["state_path"] = f"keyproxy/state/tokens/moved-{os.urandom(4).hex()}"
+        served.path.write_text(yaml.safe_dump(cfg))
+        assert (await _reload(http, served))["result"] == "ok"
+    with pytest.raises(NotFound):
+        seal.open(given, b"caller")
 
 
 async def test_a_removed_route_drains_before_its_key_is_forgotten(

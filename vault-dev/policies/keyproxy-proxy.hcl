@@ -40,7 +40,8 @@ path "transit/keys/keyproxy-tokens" {
   capabilities = ["read"]
 }
 
-# The token revocation list and the register of exception tokens.
+# The token revocation list, the register of exception tokens, and the key that binds MCP
+# sessions to their callers (mcp-session-key).
 path "secret/data/keyproxy/state/tokens/*" {
   capabilities = ["create", "read", "update"]
 }
