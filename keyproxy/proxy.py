@@ -364,7 +364,7 @@ def _record(
         decision.policy if decision is not None else None,  # policy
         "allow" if granted else "deny",  # decision
         reason,
-        key.version if key is not None else None,  # key_version
+        key.version if key is not None and exchange is not None else None,  # sent with it
         status,
         exchange.upstream_status if exchange is not None else None,  # upstream_status
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds

@@ -230,6 +230,15 @@ async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
         ("search_issues", "allow"),
         ("whoami", "deny"),
     ]
+    # The refused call never went upstream: its request names no key version (it is no use
+    # of the key in a blast radius), the allowed one the version it was sent with.
+    rids = [c["request_id"] for c in tool_calls]
+    sent = await eventually(
+        lambda: {e["request_id"]: e for e in events(audit_log, "request")},
+        "no request events",
+        until=lambda found: all(rid in found for rid in rids),
+    )
+    assert [sent[rid]["key_version"] for rid in rids] == [served.key_version, None]
     for call in calls:
         assert call["key_version"] == served.key_version
         assert call["subject"] == agent.entity_id
@@ -355,8 +364,9 @@ async def test_a_session_is_bound_to_the_caller_that_opened_it(
         return [e for e in events(audit_log, "request") if e.get("request_id") in rids]
 
     logged = await eventually(refused, "no audit events", until=lambda found: len(found) == 6)
-    assert {(e["decision"], e["reason"], e["status"]) for e in logged} == {
-        ("allow", "mcp_session_unknown", 404)
+    # Never sent upstream: no key version, so no part of the key's blast radius.
+    assert {(e["decision"], e["reason"], e["status"], e["key_version"]) for e in logged} == {
+        ("allow", "mcp_session_unknown", 404, None)
     }
     assert {e["subject"] for e in logged} == {agent.entity_id, other.entity_id}
 
