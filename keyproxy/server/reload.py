@@ -229,7 +229,8 @@ class Reloader:
             await asyncio.to_thread(netguard.check_upstreams, compiled)
             serving = keep_running(running.config, compiled)
             # Before anything running changes: a CA file that does not load refuses the file.
-            tls = running.sessions.successor_tls(serving.routes)
+            # In a thread: each context loads the system's CA store, and requests go on.
+            tls = await asyncio.to_thread(running.sessions.successor_tls, serving.routes)
         except ConfigError as exc:
             return self._failed(trigger, running, exc)
         changes = diff(running.loaded or running.config, compiled)
