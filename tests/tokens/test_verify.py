@@ -302,3 +302,23 @@ async def test_a_delegation_its_parent_s_revocation_overtook_is_refused(
         clock.now += CLOCK_SKEW + 1  # the read before signing took that long
         with pytest.raises(Unauthenticated, match="revoked"):
             await here.issue(who, SCOPE, ttl=30, task="t", parent=verified)
+
+
+async def test_a_token_of_an_earlier_build_naming_no_list_is_judged_as_before(
+    openbao: OpenBaoDevServer,
+) -> None:
+    """A token an earlier build issued names no revocation place (claim `rl`): another
+    replica accepts it, judging it by the list it reads, and refuses it once that list names
+    it; never `state_moved`."""
+    async with replicas_of_own_list(openbao, "no-rl") as ((here, there), _):
+        issued = await here.issue(Identity("openbao", "no-rl", {}), SCOPE, ttl=60)
+        claims = jwt.decode(issued.token, options={"verify_signature": False})
+        assert "rl" in claims
+        del claims["rl"]
+        earlier = await here._sign(claims)  # signed as an earlier build signed its tokens
+        CANARIES.update((issued.token, earlier))
+        assert (await there.verify(earlier)).token_id == issued.token_id
+        await here.revoke(token_id=issued.token_id, expires_at=issued.expires_at)
+        await there.refresh_revocations()
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await there.verify(earlier)
