@@ -375,6 +375,29 @@ async def test_an_answer_that_ends_with_a_reset_says_it_may_be_cut(pool: Pool, r
         assert answer.cut_short is reset
 
 
+@pytest.mark.parametrize(("method", "status"), [("HEAD", 200), ("GET", 204), ("GET", 304)])
+async def test_an_answer_with_no_body_is_never_said_cut(
+    pool: Pool, method: str, status: int
+) -> None:
+    """An answer to HEAD, a 204 or a 304 has no body, whatever its headers say: a reset
+    after it cuts nothing, so a caller's connection is never cut for it."""
+
+    async def bodiless_then_reset(conn: Conn) -> None:
+        await conn.request()
+        await conn.answer(f"HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\n\r\n".encode())
+        reset_connection(conn.writer)
+
+    async with (
+        Server(bodiless_then_reset) as server,
+        pool.request(method, server.url(), CIMultiDict(), None, 5.0) as answer,
+    ):
+        assert answer.status == status
+        assert await answer.content.read() == b""
+        # The reset has reached this end of the connection (its only witness is private).
+        await eventually(lambda: answer._conn.lost is not None, "the upstream did not reset")
+        assert not answer.cut_short
+
+
 async def test_an_answer_of_declared_length_or_chunked_is_never_said_cut(pool: Pool) -> None:
     """Its own framing tells a whole body from a cut one (aiohttp raises for the latter):
     the connection's end says nothing about it."""
