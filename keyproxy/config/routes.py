@@ -137,7 +137,11 @@ _ENDPOINT: Final = re.compile(r"/|(/[A-Za-z0-9._~!$&'()*+,;=:@-]+)+/?")
 def _endpoint(node: Node) -> str:
     """An MCP route's endpoint: the one path after /r/<route> its requests may go to."""
     path = node.string()
-    if not _ENDPOINT.fullmatch(path) or any(s in (".", "..") for s in path.split("/")):
+    # A dot segment is one of dots alone before any ";" (`..;x`, `...`), as keyproxy.paths
+    # refuses it in a request: an endpoint with one could never be reached.
+    if not _ENDPOINT.fullmatch(path) or any(
+        s and not s.split(";", 1)[0].strip(".") for s in path.split("/")
+    ):
         raise node.error("must be a path such as /mcp (no dot segment or percent-encoding)")
     return path
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from keyproxy.errors import ConfigError
+from keyproxy import paths
+from keyproxy.errors import BadRequest, ConfigError
 from tests.helpers.configs import MCP_ROUTE, parse_doc, with_setting
 
 
@@ -37,6 +38,28 @@ def test_an_mcp_endpoint_is_one_plain_path() -> None:
         route = {**MCP_ROUTE, "mcp": {"endpoint": endpoint}}
         with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.endpoint"):
             parse_doc(with_setting("routes.github-mcp", route))
+
+
+# Endpoints a request reaches or not, as keyproxy.paths reads the path a request names.
+ENDPOINTS = ["/mcp", "/", "/v1/mcp/", "/mcp;v=1", "/..a", "/a..", "/~x", "/..;x", "/.;a/mcp"]
+ENDPOINTS += ["/...", "/a/.../b", "/;x", "/a%2Fb", "/a/./b"]
+
+
+def test_an_mcp_endpoint_is_accepted_only_where_a_request_can_reach_it() -> None:
+    """An endpoint is accepted exactly when it is a path a request's path is sent upstream
+    as: never one that every request naming it is refused for (`/..;x`, a dot segment)."""
+    for endpoint in ENDPOINTS:
+        try:
+            reachable = paths.normalise_encoded(endpoint)[1] == endpoint
+        except BadRequest:
+            reachable = False
+        route = {**MCP_ROUTE, "mcp": {"endpoint": endpoint}}
+        if reachable:
+            parsed = parse_doc(with_setting("routes.github-mcp", route))
+            assert parsed.routes["github-mcp"].mcp_endpoint == endpoint
+        else:
+            with pytest.raises(ConfigError, match=r"routes\.github-mcp\.mcp\.endpoint"):
+                parse_doc(with_setting("routes.github-mcp", route))
 
 
 def test_bodies_on_names_only_methods_whose_bodies_mean_nothing() -> None:
