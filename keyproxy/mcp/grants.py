@@ -32,6 +32,8 @@ from keyproxy.mcp.jsonrpc import (
     MessageError,
 )
 from keyproxy.mcp.names import (
+    SERVER_REQUEST_ANSWERS,
+    folded_twin,
     name_problem,
     names,
     uri_problem,
@@ -253,15 +255,6 @@ def _refusal(message: Message, grant: Grant, version: str) -> Refusal | None:
     return None
 
 
-# The member that a result to each server request must hold (the SDKs' servers check it),
-# and no other's result holds: a result with it can only answer that request.
-_ANSWERS: Final = {
-    "sampling/createMessage": "model",
-    "elicitation/create": "action",
-    "roots/list": "roots",
-}
-
-
 def _unasked(response: Message, grant: Grant) -> Refusal | None:
     """Why the client's `response` cannot answer a server request its stream let through,
     or None. SECURITY: a request the route withholds is answered by keyproxy with an error,
@@ -275,7 +268,7 @@ def _unasked(response: Message, grant: Grant) -> Refusal | None:
         return None
     if grant.server_requests and all(
         method in grant.server_requests or member not in result
-        for method, member in _ANSWERS.items()
+        for method, member in SERVER_REQUEST_ANSWERS.items()
     ):
         return None
     withheld = "a result answering a server request this route withholds"
@@ -317,14 +310,10 @@ _CHECKED_MEMBERS: Final = frozenset({"name", "uri", "ref", "type"})
 
 
 def _folded_twin(members: Mapping[str, Any]) -> str | None:
-    """Why `members` hold a member another server reads as a checked one, or None.
-    SECURITY (invariant 12): Go's encoding/json (mcp-go) matches member names without case
-    (and folds U+017F to `s`, U+212A to `k`), so beside or instead of `name` it reads `Name` as
-    the tool's name: the check here would judge one tool and the server call another."""
-    for key in members:
-        if key not in _CHECKED_MEMBERS and key.casefold() in _CHECKED_MEMBERS:
-            return f"member {key!r} differs from {key.casefold()!r} only by case"
-    return None
+    """Why `members` hold a member another server reads as a checked one (`folded_twin`:
+    the check here would judge one tool and the server call another), or None."""
+    key = folded_twin(members, _CHECKED_MEMBERS)
+    return None if key is None else f"member {key!r} differs from {key.casefold()!r} only by case"
 
 
 def _named(what: str, name: object, allows: Callable[[str], bool]) -> str | None:

@@ -27,6 +27,7 @@ from keyproxy.mcp.jsonrpc import (
     id_text,
     parse_body,
 )
+from keyproxy.mcp.names import folded_twin
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ def _keeps(method: str, item: object, grant: Grant) -> bool:
     if not isinstance(item, dict):
         return False
     named = _NAMED_BY.get(method, "name")
-    if any(key != named and key.casefold() == named.casefold() for key in item):
-        return False  # SECURITY: mcp-go's client reads `Name` as `name` (_refuse_folded_items)
+    if folded_twin(item, frozenset((named,))) is not None:
+        return False  # SECURITY: mcp-go's client reads `Name` as `name`
     if method == "tools/list":
         return _exact(item.get("name"), grant.tools)
     if method == "prompts/list":
@@ -122,16 +123,14 @@ def filter_message(message: Message, pending: Pending, grant: Grant) -> dict[str
 
 
 _ITEMS: Final = frozenset(LIST_METHODS.values())
-_FOLDED_ITEMS: Final = frozenset(member.casefold() for member in _ITEMS)
 
 
 def _refuse_folded_items(result: Mapping[str, Any]) -> None:
-    """SECURITY: Go's encoding/json (mcp-go's client) matches member names without case (and
-    folds U+017F to `s`), so it reads `Tools` as `tools`, beside or instead of it: the items
-    it shows would not be those filtered here."""
-    for key in result:
-        if key not in _ITEMS and key.casefold() in _FOLDED_ITEMS:
-            raise MessageError(f"result member {key[:64]!r} differs from a list's only by case")
+    """SECURITY: mcp-go's client reads `Tools` as `tools` (`folded_twin`), beside or instead
+    of it: the items it shows would not be those filtered here."""
+    key = folded_twin(result, _ITEMS)
+    if key is not None:
+        raise MessageError(f"result member {key[:64]!r} differs from a list's only by case")
 
 
 def _listed(result: Mapping[str, Any]) -> list[str]:

@@ -9,13 +9,21 @@ does for task-token scopes. No I/O, no keyproxy import.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from typing import Final
 
 # Requests a server sends the client on an SSE stream; each must be granted but for ping.
-SERVER_REQUESTS: Final = frozenset({"sampling/createMessage", "elicitation/create", "roots/list"})
+# Each with the member a result answering it must hold (the SDKs' servers check it), which
+# no other's result holds: a result with it can only answer that request.
+SERVER_REQUEST_ANSWERS: Final = {
+    "sampling/createMessage": "model",
+    "elicitation/create": "action",
+    "roots/list": "roots",
+}
+SERVER_REQUESTS: Final = frozenset(SERVER_REQUEST_ANSWERS)
 
 # Characters that make a name ambiguous: control (Cc), format (Cf: zero-width joiners,
 # bidi overrides), surrogate (Cs), private use (Co) and unassigned (Cn) code points.
@@ -86,3 +94,20 @@ def server_requests(values: Iterable[object], error: Callable[[str], Exception])
     if unknown:
         raise error(f"server_requests: {unknown[0]!r} is not one of {sorted(SERVER_REQUESTS)}")
     return found
+
+
+def folded_twin(keys: Iterable[str], members: frozenset[str]) -> str | None:
+    """The first of `keys` that is none of `members` but reads as one where member names are
+    matched without case, or None. SECURITY (invariant 12): Go's encoding/json (mcp-go)
+    matches them so (and folds U+017F to `s`, U+212A to `k`): beside or instead of `name` it
+    reads `Name` as the name, so what keyproxy judged is not what that reader acts on."""
+    folded = _folded(members)
+    for key in keys:
+        if key not in members and key.casefold() in folded:
+            return key
+    return None
+
+
+@functools.cache
+def _folded(members: frozenset[str]) -> frozenset[str]:
+    return frozenset(member.casefold() for member in members)
