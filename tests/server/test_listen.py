@@ -355,6 +355,10 @@ async def test_serve_logs_only_json_reloads_on_sighup_and_drains_on_sigterm(
                 answer = await _exchange(port, data.replace(b"{t}", token.encode()))
                 assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))
             proc.send_signal(signal.SIGHUP)
+            # Done before SIGTERM, which abandons a reload under way.
+            await eventually(
+                lambda: "config.reload_unchanged" in out.read_text(), "SIGHUP reloaded nothing"
+            )
             async with http.get(f"{base}/r/r/echo", headers=bearer(token)) as response:
                 assert response.status == 200
             async with http.get(f"{base}/r/r/trickle/stream", headers=bearer(token)) as stream:
