@@ -173,7 +173,7 @@ class Exchange:
                     reshape = outgoing.reshape
                     shaper = reshape(upstream) if reshape is not None else None
                     return await self._stream_back(
-                        request, upstream, rendered, rid, (shaper, outgoing.rewrite)
+                        request, upstream, rendered, rid, shaper=shaper, rewrite=outgoing.rewrite
                     )
         except RequestError:
             raise
@@ -198,10 +198,11 @@ class Exchange:
         upstream: Answer,
         rendered: Rendered,
         rid: str,
-        changes: tuple[Reshaper | None, Rewrite | None] = (None, None),
+        *,
+        shaper: Reshaper | None = None,
+        rewrite: Rewrite | None = None,
     ) -> Outcome:
         encoding = _decoded_coding(upstream)
-        shaper, rewrite = changes
         headers = response_headers(upstream.headers, rendered, rid)
         if rewrite is not None:
             headers = rewrite(headers)

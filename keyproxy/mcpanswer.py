@@ -20,7 +20,7 @@ from keyproxy import mcp
 from keyproxy.errors import BadGateway
 from keyproxy.pool import Answer
 
-log = structlog.get_logger("keyproxy.mcproute")
+log = structlog.get_logger("keyproxy.mcproute")  # the MCP step's, as operators know it
 
 _JSON = "application/json"
 _SSE = "text/event-stream"
@@ -55,7 +55,7 @@ def answer_filter(
         # SECURITY: the TypeScript SDK's client finds either media type anywhere in the
         # header (event streams first), the Python one by prefix (JSON first): where
         # they read it differently, some client would read what no filter read.
-        raise _bad_answer("the Content-Type names JSON or an event stream ambiguously")
+        raise bad_answer("the Content-Type names JSON or an event stream ambiguously")
     if kind.startswith(_JSON):
         # SECURITY: read whatever request it answers: it may hold a server request to
         # withhold. The answer to a body of no request, which no client reads, is not.
@@ -64,7 +64,7 @@ def answer_filter(
         if not _utf8(upstream.headers.getall("Content-Type")):
             # SECURITY: the SDK's client (httpx) decodes a stream by its charset, the
             # filter as UTF-8: in UTF-16, bytes it reads as no event are a client's events.
-            raise _bad_answer("the event stream's charset is not UTF-8")
+            raise bad_answer("the event stream's charset is not UTF-8")
         return _Stream(mcp.StreamFilter(grant, version, pending), reply)
     return None
 
@@ -80,7 +80,7 @@ def utf8_charset(kind: MimeType) -> bool:
     return [c.lower() for c in charsets] in ([], ["utf-8"], ["utf8"])  # both UTF-8's names
 
 
-def _bad_answer(why: str) -> BadGateway:
+def bad_answer(why: str) -> BadGateway:
     """The 502 for an answer the filter refuses; why, for the operator, in the log (the
     caller is told only that it could not be read: `why` may quote the server)."""
     log.warning("mcp_bad_answer", why=why)
@@ -109,13 +109,13 @@ class _Stream(AnswerFilter):
         try:
             return self._sent(self._stream.feed(chunk))
         except mcp.MessageError as exc:
-            raise _bad_answer(exc.message) from None
+            raise bad_answer(exc.message) from None
 
     def close(self) -> bytes:
         try:
             return self._sent(self._stream.close())
         except mcp.MessageError as exc:
-            raise _bad_answer(exc.message) from None
+            raise bad_answer(exc.message) from None
 
     def _sent(self, out: mcp.Output) -> bytes:
         if self._reply is not None:
@@ -136,7 +136,7 @@ class _Json(AnswerFilter):
     def feed(self, chunk: bytes) -> bytes:
         self._data += chunk
         if len(self._data) > mcp.DEFAULT_MAX_BYTES:
-            raise _bad_answer(f"JSON answer larger than {mcp.DEFAULT_MAX_BYTES} bytes")
+            raise bad_answer(f"JSON answer larger than {mcp.DEFAULT_MAX_BYTES} bytes")
         return b""
 
     def close(self) -> bytes:
@@ -145,4 +145,4 @@ class _Json(AnswerFilter):
                 bytes(self._data), self._pending, self._grant, self._version
             )
         except mcp.MessageError as exc:
-            raise _bad_answer(exc.message) from None
+            raise bad_answer(exc.message) from None

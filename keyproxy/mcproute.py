@@ -45,7 +45,7 @@ from keyproxy.caller import Identity
 from keyproxy.config import McpGrant, Policy, Route
 from keyproxy.errors import McpRefused, McpUnreadable, NotFound, Unavailable
 from keyproxy.forward import Forwarder, Outgoing
-from keyproxy.mcpanswer import AnswerFilter, Reply, answer_filter, utf8_charset
+from keyproxy.mcpanswer import AnswerFilter, Reply, answer_filter, bad_answer, utf8_charset
 from keyproxy.outgoing import read_body
 from keyproxy.pool import Answer
 from keyproxy.tokens import TaskToken, chain_fields
@@ -71,8 +71,7 @@ class McpPlan:
     # The answers to withheld server requests still being sent, cancelled by `close` when
     # the proxy that made this plan closes (shutdown, or its configuration retired).
     replies: set[asyncio.Task[None]] = field(default_factory=set)
-    # Binds sessions to their caller: None only where no MCP session can be opened (503).
-    seal: SessionSeal | None = None
+    seal: SessionSeal | None = None  # binds sessions to their caller (None: no MCP request)
 
     @classmethod
     def of(
@@ -103,13 +102,15 @@ class McpPlan:
         if step.session is not None:
             headers[SESSION_HEADER] = step.session
         reply = self.replier(forwarder.session, url, headers, forwarder.read_timeout)
-        sealed = functools.partial(_sealed, self.opener(), step.bound)
+        sealed = functools.partial(_sealed, self.sealer(), step.bound)
         return Outgoing(url, headers, step.body, step._replace(reply=reply).reshape, sealed)
 
-    def opener(self) -> SessionSeal:
-        """The seal of this route's sessions, or a 503 where there is none."""
-        if self.seal is None:
-            raise Unavailable("mcp_session_key_unavailable", "MCP sessions cannot be opened yet")
+    def sealer(self) -> SessionSeal:
+        """The seal of this route's sessions, its key read; else a 503, and no MCP request
+        goes upstream (its server would open a session that could not be given back)."""
+        if self.seal is None:  # a proxy made without task tokens: sessions cannot be bound
+            raise Unavailable("mcp_session_key_unavailable", "MCP sessions cannot be bound here")
+        self.seal.held()
         return self.seal
 
     def replier(
@@ -235,18 +236,26 @@ def _session(request: web.Request, plan: McpPlan, bound: bytes) -> str | None:
     caller was given it; else 404 mcp_session_unknown. SECURITY: every caller of the route
     reaches the server with the same key, so without the seal a caller who learnt another's
     session id would read its stream, act in it or end it."""
+    seal = plan.sealer()
     try:
         presented = _one(request, SESSION_HEADER)
     except mcp.MessageError as exc:
         raise _unreadable(exc) from None
-    return None if presented is None else plan.opener().open(presented, bound)
+    return None if presented is None else seal.open(presented, bound)
 
 
 def _sealed(
     seal: SessionSeal, bound: bytes, headers: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    """An answer's headers for the caller, each session id sealed for it."""
-    return [(k, seal.seal(v, bound) if k.lower() == "mcp-session-id" else v) for k, v in headers]
+    """An answer's headers for the caller, its session id sealed for it. SECURITY
+    (invariant 12): a server naming two sessions, or an empty one, is not guessed at."""
+    named = [v for k, v in headers if k.lower() == SESSION_HEADER.lower()]
+    if not named:
+        return headers
+    if len(named) > 1 or not named[0]:
+        raise bad_answer("the answer names no session, or several, in Mcp-Session-Id")
+    given = seal.seal(named[0], bound)
+    return [(k, given if k.lower() == SESSION_HEADER.lower() else v) for k, v in headers]
 
 
 def _one(request: web.Request, name: str) -> str | None:
@@ -299,7 +308,7 @@ async def decided(
     against the caller's grant (the allowing policy's, narrowed by the task token's scope),
     each JSON-RPC request an `mcp.call` audit event whatever the decision."""
     task = facts.task
-    bound = binding(route.name, facts.identity)
+    bound = binding(route.name, facts.identity, task)
     session = _session(request, plan, bound)
     fields = {
         "request_id": facts.request_id,
@@ -317,8 +326,8 @@ async def decided(
         fields |= chain_fields(task)
     try:
         step = await inspect(request, route, plan.grant(facts.policy, task), session, bound)
-    except McpRefused as exc:
-        audit.emit_calls(exc.calls, fields, exc.reason)
+    except McpRefused as exc:  # nothing sent upstream: no key version
+        audit.emit_calls(exc.calls, fields | {"key_version": None}, exc.reason)
         raise
     audit.emit_calls(step.calls, fields, "")
     return step

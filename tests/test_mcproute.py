@@ -239,8 +239,8 @@ async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
         until=lambda found: all(rid in found for rid in rids),
     )
     assert [sent[rid]["key_version"] for rid in rids] == [served.key_version, None]
-    for call in calls:
-        assert call["key_version"] == served.key_version
+    for call in calls:  # a refused call was sent with no key
+        assert call["key_version"] == (served.key_version if call["decision"] == "allow" else None)
         assert call["subject"] == agent.entity_id
         assert call["token_id"]
         assert call["route"] == ROUTE
@@ -260,7 +260,7 @@ async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
         ("search_issues", "allow"),
         ("whoami", "deny"),
     ]
-    assert {c["key_version"] for c in listed} == {served.key_version}
+    assert {c["key_version"] for c in listed} == {served.key_version, None}
 
 
 async def test_the_key_a_tool_echoes_never_reaches_the_caller(
@@ -301,9 +301,10 @@ async def test_a_session_is_bound_to_the_caller_that_opened_it(
     openbao: OpenBaoDevServer, agent: Agent, other: Agent, served: Served, audit_log: Path
 ) -> None:
     """The server's session id reaches its caller sealed, and any replica opens it for that
-    caller. Another caller of the route presenting it (or the server's own id, or a forged
-    one) gets the 404 of an unknown session, in a denial event, and the server never sees
-    the request; the session's own caller ends it."""
+    caller, also with a task token exchanged for its identity. Another caller of the route
+    presenting it (another workload, a sub-agent holding a token delegated from the caller's,
+    or anyone with the server's own id or a forged one) gets the 404 of an unknown session,
+    in its audit event, and the server never sees the request; the session's caller ends it."""
     cfg = mcp_config(openbao, agent, served.server.url.removesuffix("/mcp"))
     cfg["policies"].append({**cfg["policies"][0], "name": "other", "subjects": [other.entity_id]})
     mine, theirs = openbao.agent_token(agent), openbao.agent_token(other)
@@ -332,9 +333,23 @@ async def test_a_session_is_bound_to_the_caller_that_opened_it(
         assert given.endswith("." + server_id)
         assert given != server_id
 
+        task = f"bound-{secrets.token_hex(4)}"
+        exchanged = await task_token(stack, mine, task, ["search_issues"])
+        async with await post(replica.base, exchanged, _call(3, "search_issues"), given) as same:
+            assert same.status == 200, await same.text()  # the same caller
+            await same.read()
+        narrower = {"scope": {ROUTE: {"tools": ["search_issues"]}}}
+        async with http.post(
+            f"{stack.base}/token", json=narrower, headers=bearer(exchanged)
+        ) as child:
+            assert child.status == 200, await child.text()
+            delegated = (await child.json())["access_token"]
+        CANARIES.add(delegated)
+
         before = len(server_requests(served.log))
         rids = []
         attempts = [
+            (delegated, "POST", given),  # a sub-agent is a caller of its own
             (theirs, "POST", given),
             (theirs, "GET", given),
             (theirs, "DELETE", given),
@@ -363,12 +378,63 @@ async def test_a_session_is_bound_to_the_caller_that_opened_it(
     def refused() -> list[dict[str, Any]]:
         return [e for e in events(audit_log, "request") if e.get("request_id") in rids]
 
-    logged = await eventually(refused, "no audit events", until=lambda found: len(found) == 6)
+    logged = await eventually(refused, "no audit events", until=lambda found: len(found) == 7)
     # Never sent upstream: no key version, so no part of the key's blast radius.
     assert {(e["decision"], e["reason"], e["status"], e["key_version"]) for e in logged} == {
         ("allow", "mcp_session_unknown", 404, None)
     }
     assert {e["subject"] for e in logged} == {agent.entity_id, other.entity_id}
+
+
+async def test_no_mcp_request_goes_upstream_while_the_session_key_cannot_be_read(
+    openbao: OpenBaoDevServer, agent: Agent, served: Served
+) -> None:
+    """With the session key unreadable (here: kept where keyproxy's Vault policy reads
+    nothing), every MCP request is a 503 with Retry-After, and the server sees none: it
+    would open a session that could not be given to its caller."""
+    cfg = mcp_config(openbao, agent, served.server.url.removesuffix("/mcp"))
+    cfg["tokens"]["state_path"] = "keyproxy/unreadable"  # outside keyproxy-proxy's paths
+    identity = openbao.agent_token(agent)
+    CANARIES.add(identity)
+    before = len(server_requests(served.log))
+    async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+        headers = {**bearer(identity), **MCP_POST}
+        async with http.post(ENDPOINT.format(stack.base), json=INITIALIZE, headers=headers) as no:
+            assert no.status == 503
+            assert (await no.json())["error"]["code"] == "mcp_session_key_unavailable"
+            assert int(no.headers["Retry-After"]) > 0
+    assert len(server_requests(served.log)) == before
+
+
+async def _two_sessions(request: web.Request) -> web.Response:
+    """An initialize answered naming two sessions, or an empty one."""
+    answer = {"jsonrpc": "2.0", "id": 1, "result": {}}
+    named = request.app[NAMED]
+    return web.json_response(answer, headers=CIMultiDict((SESSION, n) for n in named))
+
+
+NAMED = web.AppKey("named", list[str])
+
+
+@pytest.mark.parametrize("named", [["a-1", "b-2"], [""]], ids=["two", "empty"])
+async def test_an_answer_naming_two_sessions_or_an_empty_one_is_refused(
+    openbao: OpenBaoDevServer, agent: Agent, named: list[str]
+) -> None:
+    """A server's answer with two Mcp-Session-Id headers, or an empty one, is a 502: which
+    session the caller is in is not guessed at (invariant 12)."""
+    app = web.Application()
+    app[NAMED] = named
+    app.router.add_post("/mcp", _two_sessions)
+    async with _hostile_route(openbao, agent, app) as cfg:
+        identity = openbao.agent_token(agent)
+        CANARIES.add(identity)
+        headers = {**bearer(identity), **MCP_POST}
+        async with running_proxy(cfg) as stack, aiohttp.ClientSession() as http:
+            url = ENDPOINT.format(stack.base)
+            async with http.post(url, json=INITIALIZE, headers=headers) as answer:
+                assert answer.status == 502
+                assert (await answer.json())["error"]["code"] == "mcp_bad_answer"
+                assert SESSION not in answer.headers
 
 
 def _rpc(rid: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:

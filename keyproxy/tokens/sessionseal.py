@@ -2,22 +2,25 @@
 
 Every caller of an MCP route reaches its server with the same key, so the server cannot tell
 them apart: the session id is all that names a session. keyproxy seals the id the server
-gives (its answer's `Mcp-Session-Id`) with a MAC of the route, the caller's identity and the
-id, and opens it on the way in. A caller presenting a session id another caller was given, or
-one it made up, gets the 404 a server gives for a session it does not know (the SDKs then
-start a new session), and its request never reaches the server.
+gives (its answer's `Mcp-Session-Id`) with a MAC of the route, the caller and the id, and
+opens it on the way in. A caller presenting a session id another caller was given, or one it
+made up, gets the 404 a server gives for a session it does not know, and its request never
+reaches the server. The caller is the workload identity (a task token exchanged for it is
+the same caller); a delegated token and an exception token are each a caller of their own.
 
     SessionSeal(vault, config)              the MAC key, in Vault KV beside the revocation list
     await seal.prepare(config)              follow a configuration, the key loaded if needed
     await seal.run()                        until cancelled: load it whenever it is missing
+    seal.held() -> None                     Unavailable (503) until the key is read
     seal.seal(server_id, bound) -> str      the id the caller is given
     seal.open(presented, bound) -> str      the server's id, or NotFound / Unavailable
-    binding(route, identity) -> bytes       what a session is bound to
+    binding(route, identity, task) -> bytes what a session is bound to
     sealed(key, server_id, bound) -> str    the seal itself, given the key
 
 The key is 32 random bytes under `tokens.state_path`/mcp-session-key, created by whichever
 replica needs it first (a write with cas=0; a replica that loses the race reads the winner's),
-so every replica opens what any of them sealed. It is read once, never per request.
+so every replica opens what any of them sealed. It is read once, never per request, and
+registered with the log scrubber as it is read.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from typing import Final
 
 import structlog
 
+from keyproxy import secret
 from keyproxy.caller import Identity
 from keyproxy.config import Config
 from keyproxy.errors import NotFound, Unavailable, VaultError
+from keyproxy.tokens.format import TaskToken
 from keyproxy.tokens.shared import encoded, read_state
 from keyproxy.vault import CasConflict, Vault
 
@@ -46,12 +51,16 @@ _MAC_CHARS: Final = 22  # of the MAC's base64url text: 132 of its 256 bits
 _KEY_BYTES: Final = 32
 _FIRST_RETRY: Final = 1.0  # seconds before loading a missing key again, doubling
 _LAST_RETRY: Final = 30.0
+_RETRY_AFTER: Final = 5  # seconds a 503 for a missing key tells the caller to wait
 
 
-def binding(route: str, identity: Identity) -> bytes:
-    """What a session is bound to: the route and the caller's identity (issuer and subject),
-    encoded so that no two different triples give the same bytes."""
-    return json.dumps([route, identity.issuer, identity.subject]).encode()
+def binding(route: str, identity: Identity, task: TaskToken | None = None) -> bytes:
+    """What a session is bound to: the route and the caller (its identity's issuer and
+    subject; and a delegated or exception token's own id), encoded so that no two different
+    callers give the same bytes. SECURITY: a delegated token keeps its root's identity, yet
+    is another agent, and every exception token of an owner has the same one."""
+    own = task.token_id if task is not None and (task.ancestors or task.exception_owner) else None
+    return json.dumps([route, identity.issuer, identity.subject, own]).encode()
 
 
 class SessionSeal:
@@ -85,10 +94,15 @@ class SessionSeal:
         logged, and `run` tries again."""
         self.follow(config)
         if self.missing:
-            try:
-                await self.load()
-            except (VaultError, ValueError) as exc:
-                log.warning("mcp_session_key_unavailable", error=str(exc))
+            await self._try_load()
+
+    async def _try_load(self) -> bool:
+        """`load`, a failure logged: whether the key is now the current place's."""
+        try:
+            await self.load()
+        except Exception as exc:  # noqa: BLE001  # whatever it was, MCP routes answer 503
+            log.warning("mcp_session_key_unavailable", error=str(exc))
+        return not self.missing
 
     async def load(self) -> None:
         """Read the key, creating it first if there is none (VaultError: not read)."""
@@ -98,15 +112,20 @@ class SessionSeal:
             data, version = await read_state(self._vault, mount, path)
             text = data.get("key")
             if version and isinstance(text, str):
+                secret.register(text)  # SECURITY: never in a log line, whoever logs it
                 key = base64.b64decode(text.encode(), validate=True)
                 if len(key) < _KEY_BYTES:
                     raise VaultError(f"read {mount}/{path}: the key is too short")
+                if place != self._place:  # a reload moved it while this read ran
+                    self._wake.set()
+                    return
                 self._key, self._loaded_from = key, place
                 log.info("mcp_session_key_loaded", path=path)
                 return
             if version:
                 raise VaultError(f"read {mount}/{path}: no key in it")
             created = base64.b64encode(secrets.token_bytes(_KEY_BYTES)).decode()
+            secret.register(created)
             try:
                 await self._vault.write_kv(mount, path, encoded({"key": created}, path), cas=0)
             except CasConflict:
@@ -120,15 +139,18 @@ class SessionSeal:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.missing:
-                try:
-                    await self.load()
-                except (VaultError, ValueError) as exc:
-                    log.warning("mcp_session_key_unavailable", error=str(exc))
-                    await asyncio.sleep(pause)
-                    pause = min(_LAST_RETRY, pause * 2)
-                else:
-                    pause = _FIRST_RETRY
+            # SECURITY: nothing raised here may end the task group it runs in, with the
+            # revocation poll beside it (`_try_load` logs whatever it was).
+            while self.missing and not await self._try_load():
+                await asyncio.sleep(pause)
+                pause = min(_LAST_RETRY, pause * 2)
+            pause = _FIRST_RETRY
+
+    def held(self) -> None:
+        """Unavailable (503 mcp_session_key_unavailable) while the key is not read: an MCP
+        request goes nowhere before then (the server would open a session that could not be
+        given to its caller)."""
+        self._held()
 
     def seal(self, server_id: str, bound: bytes) -> str:
         """The session id the caller is given for the server's `server_id`."""
@@ -145,7 +167,11 @@ class SessionSeal:
 
     def _held(self) -> bytes:
         if self._key is None:
-            raise Unavailable("mcp_session_key_unavailable", "MCP sessions cannot be opened yet")
+            raise Unavailable(
+                "mcp_session_key_unavailable",
+                "MCP sessions cannot be opened yet",
+                retry_after=_RETRY_AFTER,
+            )
         return self._key
 
 

@@ -48,7 +48,8 @@ class TaskTokens(Verifier):
         store: StateStore | None = None,
     ) -> None:
         super().__init__(config, vault, clock, store=store)
-        # MCP session ids bound to their callers, keyed beside the revocation list.
+        # MCP session ids bound to their callers, keyed beside the revocation list; it
+        # follows a reload's configuration in `prepare`, before the swap.
         self.seal = SessionSeal(vault, config)
 
     def reconfigure(self, config: Config) -> None:
@@ -59,7 +60,6 @@ class TaskTokens(Verifier):
         moved = config.tokens.state_path != self.cfg.state_path
         signer = self._signer()
         self.config, self.cfg = config, config.tokens
-        self.seal.follow(config)
         if moved:
             self._moved()
         if self._signer() != signer:

@@ -9,8 +9,10 @@ import json
 import pytest
 
 from keyproxy.caller import Identity
+from keyproxy.config import EXCEPTION_ISSUER
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.errors import NotFound, Unavailable, VaultError
+from keyproxy.tokens.format import Link, TaskToken
 from keyproxy.tokens.sessionseal import KEY_PATH, PREFIX, binding
 from keyproxy.tokens.shared import encoded
 from tests.helpers.logscan import CANARIES
@@ -76,3 +78,21 @@ async def test_no_session_opens_before_the_key_is_read_and_a_bad_key_is_refused(
             await seal.load()
         with pytest.raises(Unavailable):
             seal.seal("3f2a-session", ALICE)
+
+
+def test_a_delegated_or_exception_token_is_a_caller_of_its_own() -> None:
+    """A workload's identity binds a session whichever of its task tokens (or its identity
+    token) it comes with; a token delegated to a sub-agent keeps the identity yet binds its
+    own, and so does each exception token of one owner."""
+    identity = Identity("openbao", "alice")
+    root = TaskToken("t-1", identity, {}, 0.0, 60.0)
+    again = TaskToken("t-2", identity, {}, 0.0, 60.0)
+    child = TaskToken("t-3", identity, {}, 0.0, 60.0, ancestors=(Link("t-1", 60.0),))
+    sibling = TaskToken("t-4", identity, {}, 0.0, 60.0, ancestors=(Link("t-1", 60.0),))
+    assert binding("issues", identity) == binding("issues", identity, root)
+    assert binding("issues", identity, root) == binding("issues", identity, again)
+    bound = {binding("issues", identity, t) for t in (root, child, sibling)}
+    assert len(bound) == 3
+    owner = Identity(EXCEPTION_ISSUER, "exception:oncall")
+    exceptions = [TaskToken(f"e-{n}", owner, {}, 0.0, 60.0, exception_owner="oncall") for n in "12"]
+    assert binding("issues", owner, exceptions[0]) != binding("issues", owner, exceptions[1])
