@@ -52,7 +52,6 @@ def _json(event: Any, **_: Any) -> str:
     return json.dumps(event, separators=(",", ":"), default=repr)
 
 
-_KEPT_ON_FAILURE = 100_000  # lines kept for another try when the stream refuses a write
 # How long a line may wait inside an event loop for others to share its write. Under load a
 # write per request (a system call, and a flush of unbuffered stdout) cost more than building
 # the event; this is also the most a SIGKILL can take with it.
@@ -108,13 +107,8 @@ class _Sink:
         if not lines or self._stream.closed:
             return
         self._quiet_until = time.monotonic() + FLUSH_DELAY
-        try:
-            self._out.write("\n".join(lines) + "\n")
-        except BaseException:
-            # Not lost with the failed write: tried again with the next line. Bounded, so a
-            # stream that stays broken cannot hold the whole process's memory.
-            self._pending = (lines + self._pending)[-_KEPT_ON_FAILURE:]
-            raise
+        # Not lost if it fails: what it did not write goes first with the next (lines.py).
+        self._out.write("\n".join(lines) + "\n")
 
 
 class _SinkFactory:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import select
@@ -75,3 +77,33 @@ def test_a_pipe_gets_whole_lines_of_at_most_pipe_buf_bytes(sizes: list[int]) -> 
     assert b"".join(pieces) == data
     assert all(p.endswith(b"\n") for p in pieces)
     assert all(len(p) <= select.PIPE_BUF or p.count(b"\n") == 1 for p in pieces)
+
+
+def test_a_write_the_pipe_takes_in_part_is_finished_by_the_next_never_repeated() -> None:
+    """A full pipe takes part of a write (a non-blocking one then fails with EAGAIN): the
+    next write sends the rest first, so every line comes out once, whole and in order (the
+    sink wrote the whole batch again, so its first lines came out twice)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    os.set_blocking(read_end, False)
+    capacity = fcntl.fcntl(write_end, 1032)  # F_GETPIPE_SZ
+    batch = [json.dumps({"i": i, "pad": "x" * 90}) + "\n" for i in range(capacity * 3 // 200)]
+    received = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 65536):
+                received.extend(chunk)
+
+    try:
+        with os.fdopen(write_end, "w", encoding="utf-8") as stream:
+            out = lines.WholeLines(stream)
+            with pytest.raises(BlockingIOError):
+                out.write("".join(batch))  # half again the pipe's size
+            drain()
+            out.write(json.dumps({"i": -1}) + "\n")
+            drain()
+    finally:
+        os.close(read_end)
+    events = [json.loads(line) for line in received.decode().splitlines()]
+    assert [e["i"] for e in events] == [*range(len(batch)), -1]
