@@ -324,6 +324,8 @@ async def test_a_session_is_bound_to_the_caller_that_opened_it(
             assert opened.status == 200, await opened.text()
             given = opened.headers[SESSION]
             await opened.read()
+        async with http.get(f"{replica.admin}/readyz") as ready:
+            assert (await ready.json())["mcp_session_key"] == {"needed": True, "read": True}
         async with await post(replica.base, mine, _rpc(2, "tools/list"), given) as listed:
             assert listed.status == 200, await listed.text()
             assert "search_issues" in await listed.text()
@@ -403,6 +405,10 @@ async def test_no_mcp_request_goes_upstream_while_the_session_key_cannot_be_read
             assert no.status == 503
             assert (await no.json())["error"]["code"] == "mcp_session_key_unavailable"
             assert int(no.headers["Retry-After"]) > 0
+        async with http.get(f"{stack.admin}/readyz") as answer:
+            detail = await answer.json()
+            assert answer.status == 200  # the other routes serve: reported, not required
+            assert detail["mcp_session_key"] == {"needed": True, "read": False}
     assert len(server_requests(served.log)) == before
 
 

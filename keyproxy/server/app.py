@@ -160,8 +160,7 @@ def _refusals(app: web.Application, listener: str) -> OnRefused:
 
     def refused(reason: str, message: str) -> None:
         audit_log.warning("tls.refused", listener=listener, reason=reason, message=message)
-        metrics = app.get(METRICS)
-        if metrics is not None:
+        if (metrics := app.get(METRICS)) is not None:
             metrics.tls_refused(listener, reason)
 
     return refused
@@ -377,15 +376,15 @@ async def _ready(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """Vault and the keys decide readiness; the state store and the revocation list are
-    reported beside them. Every replica shares both, so an outage would take every one out
-    of service at once, also for unlimited routes and `on_store_error: allow` limits and for
-    callers with workload identities, which keep working."""
+    """Vault and the keys decide readiness; the state store, the revocation list and the
+    MCP session key are reported beside them. Every replica shares them, so an outage would
+    take every one out of service at once, also for routes and callers that keep working."""
     served = request.app[SERVED]
     keys = served[KEYS]
     vault_ok, store = await asyncio.gather(served[VAULT].healthy(), served[STORE].check())
     ready = vault_ok and keys.ready()
-    revocations = served[TASKS].revocation_status()
+    tasks = served[TASKS]
+    revocations = tasks.revocation_status()
     body = {
         "ready": ready,
         "vault": vault_ok,
@@ -395,6 +394,7 @@ async def _readyz(request: web.Request) -> web.Response:
             "entries": revocations.entries,
             "age": revocations.age,
         },
+        "mcp_session_key": tasks.seal.status(),
         "keys": keys.status(),
     }
     return web.json_response(body, status=200 if ready else 503)

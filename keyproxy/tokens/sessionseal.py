@@ -146,6 +146,10 @@ class SessionSeal:
                 pause = min(_LAST_RETRY, pause * 2)
             pause = _FIRST_RETRY
 
+    def status(self) -> dict[str, bool]:
+        """For /readyz: whether an MCP route needs the key, and whether it is read."""
+        return {"needed": self._needed, "read": self._needed and not self.missing}
+
     def held(self) -> None:
         """Unavailable (503 mcp_session_key_unavailable) while the key is not read: an MCP
         request goes nowhere before then (the server would open a session that could not be

@@ -277,6 +277,7 @@ async def test_the_agents_port_shows_status_only(stack: Stack, server_key: str) 
             detail = await response.json()
             assert KEY_PATH in detail["keys"]["r"]["secret"]
             assert detail["revocation_list"]["read"] is True
+            assert detail["mcp_session_key"] == {"needed": False, "read": False}  # no MCP route
             assert response.headers["Server"] == "keyproxy"
         async with http.get(f"{stack.admin}/metrics") as response:
             assert response.status == 200
