@@ -107,6 +107,7 @@ class Steps:
                 raise JournalError("the journal has no attempt id at step creating")
             key = await rotator.create(journal.state.attempt)
             failpoint("create")
+            await self._refuse_current(route, journal, key)
             pending = Pending(key.secret, key.key_id, created=self._clock())
             await journal.save(replace(journal.state, step=Step.CREATED, pending=pending))
             failpoint("record")
@@ -145,6 +146,28 @@ class Steps:
             )
         log.info("rotation.promoted", route=route.name, version=version, key_id=key.key_id)
         return version
+
+    async def _refuse_current(self, route: Route, journal: Journal, key: UpstreamKey) -> None:
+        """Fail (back to idle, nothing revoked) when create answered with the current key,
+        or with a key under the current key's id (an idempotency key that repeats, an
+        upstream that re-issues under one id).
+
+        SECURITY: promoted, it would make the version it replaces a copy of itself, and that
+        version's revocation after grace would revoke the only key there is (every request
+        fails). Revoking it here would do the same at once: the key is left alone."""
+        ref = route.secret
+        try:
+            data, _ = await self.vault.read_kv(ref.mount, ref.path)
+        except SecretNotFound:
+            return
+        same_id = key.key_id is not None and key.key_id == key_id_of(data)
+        if data.get(ref.field) != key.secret.reveal() and not same_id:
+            return
+        await journal.save(replace(journal.state, step=Step.IDLE, attempt=None))
+        what = "id" if same_id else "value"
+        raise RotationError(
+            f"create answered with the current key's {what}, not a new key: nothing was changed"
+        )
 
     async def _promote(self, route: Route, journal: Journal, key: UpstreamKey, base: int) -> int:
         ref = route.secret

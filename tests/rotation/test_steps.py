@@ -1,5 +1,5 @@
-"""keyproxy.rotation.steps against real OpenBao and the fake legacy API: a failed verification
-and a lost lock revoke the right key."""
+"""keyproxy.rotation.steps against real OpenBao and the fake legacy API: a failed verification,
+a lost lock and a create answering the current key revoke the right key (or none)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from keyproxy.rotation import rotators
 from keyproxy.rotation.state import Pending, Step
 from keyproxy.secret import Secret
 from tests.conftest import LegacyApiProcess
-from tests.helpers.rotation import Env, _hold_lock, engine, stored_key, valid_ids
+from tests.helpers.polling import eventually
+from tests.helpers.rotation import Env, _hold_lock, accepted, engine, stored_key, valid_ids
 
 
 async def test_failed_verification_revokes_the_new_key_and_keeps_the_old(
@@ -66,3 +67,35 @@ async def test_abandon_after_losing_the_lock_revokes_nothing(
                 "verification failed",
             )
     assert await asyncio.to_thread(valid_ids, legacy_api, name) == revoked_before
+
+
+async def test_a_create_answering_the_current_key_fails_and_revokes_nothing(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """A rotator whose create answers with the key already current (here an idempotency key
+    that is the same for every attempt) fails the rotation: promoting it would have the old
+    version's revocation, after grace, revoke the only key there is."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    create = env.raw["routes"][name]["rotation"]["rotator"]["create"]
+    create["headers"]["Idempotency-Key"] = "{route}"  # not {attempt}: every create is one
+    async with engine(env) as rotations:
+        first = await rotations.rotate(name)
+        current, key_id = stored_key(env.openbao, env, name)
+        outcome = await rotations.rotate(name)
+        assert outcome.failed, outcome
+        assert "current key" in outcome.detail
+        # Past the 100 ms grace there is nothing to revoke: the key stays the only one.
+        due = await eventually(rotations.run_due, "run_due settles", until=_settled)
+        version = await rotations.vault.kv_version(
+            "secret", env.raw["routes"][name]["secret"]["path"]
+        )
+    assert due[0].result == "not_due", due
+    assert version == first.version
+    assert stored_key(env.openbao, env, name) == (current, key_id)
+    assert await asyncio.to_thread(accepted, legacy_api, current)
+    assert await asyncio.to_thread(valid_ids, legacy_api, name) == {key_id}
+
+
+def _settled(outcomes: list[rotation.Outcome]) -> bool:
+    return outcomes[0].result not in ("in_grace", "locked")
