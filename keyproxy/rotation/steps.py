@@ -155,19 +155,24 @@ class Steps:
         SECURITY: promoted, it would make the version it replaces a copy of itself, and that
         version's revocation after grace would revoke the only key there is (every request
         fails). Revoking it here would do the same at once: the key is left alone."""
+        if not await self._is_current(route, key):
+            return
+        await journal.save(replace(journal.state, step=Step.IDLE, attempt=None))
+        raise RotationError(
+            "create answered with the current key (its value or its id), not a new key:"
+            " nothing was changed"
+        )
+
+    async def _is_current(self, route: Route, key: UpstreamKey) -> bool:
+        """Whether `key` is, upstream, the route's current key: the same value, or the same
+        key id (which a revocation by id would revoke)."""
         ref = route.secret
         try:
             data, _ = await self.vault.read_kv(ref.mount, ref.path)
         except SecretNotFound:
-            return
+            return False
         same_id = key.key_id is not None and key.key_id == key_id_of(data)
-        if data.get(ref.field) != key.secret.reveal() and not same_id:
-            return
-        await journal.save(replace(journal.state, step=Step.IDLE, attempt=None))
-        what = "id" if same_id else "value"
-        raise RotationError(
-            f"create answered with the current key's {what}, not a new key: nothing was changed"
-        )
+        return same_id or data.get(ref.field) == key.secret.reveal()
 
     async def _promote(self, route: Route, journal: Journal, key: UpstreamKey, base: int) -> int:
         ref = route.secret
@@ -213,7 +218,12 @@ class Steps:
                 if isinstance(value, str) and value:
                     secret.register(value)
                     old = UpstreamKey(Secret(value), key_id_of(data))
-                    await self._rotator(route).revoke(old)
+                    if await self._is_current(route, old):
+                        # SECURITY: rolled back to during grace (`kv rollback`): revoking
+                        # it would revoke the key every proxy now injects.
+                        log.warning("rotation.old_key_current", route=route.name, version=version)
+                    else:
+                        await self._rotator(route).revoke(old)
             failpoint("revoke")
             await journal.save(replace(journal.state, step=Step.REVOKED))
             failpoint("revoked")

@@ -99,3 +99,23 @@ async def test_a_create_answering_the_current_key_fails_and_revokes_nothing(
 
 def _settled(outcomes: list[rotation.Outcome]) -> bool:
     return outcomes[0].result not in ("in_grace", "locked")
+
+
+async def test_a_key_rolled_back_to_during_grace_is_not_revoked(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """A key rolled back to during its grace period (`kv rollback` to the version the
+    rotation replaced) is current again: the end of grace does not revoke it."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    path = env.raw["routes"][name]["secret"]["path"]
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        first, first_id = stored_key(env.openbao, env, name)
+        assert (await rotations.rotate(name)).result == "rotated"  # the first key in grace
+        env.openbao.bao("kv", "rollback", "-mount=secret", "-version=1", path)
+        assert stored_key(env.openbao, env, name) == (first, first_id)
+        due = await eventually(rotations.run_due, "run_due settles", until=_settled)
+    assert due[0].result == "revoked", due  # the grace is over, its version retired
+    assert await asyncio.to_thread(accepted, legacy_api, first)
+    assert first_id in await asyncio.to_thread(valid_ids, legacy_api, name)
