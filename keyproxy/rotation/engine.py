@@ -74,6 +74,7 @@ class Rotations(Steps):
         if why is not None:
             raise RotationError(f"the key {why}")
         secret.register(value)
+        await self._sync_clock()  # created_at and the lock's expiry, in Vault's time
         journal = await self._journal(route)
         if (holder := journal.held_by_other()) is not None:
             raise RotationError(f"a rotation by {holder} holds the lock; try again later")
@@ -205,18 +206,23 @@ class Rotations(Steps):
 
 
 async def key_created(vault: Vault, route: Route) -> float | None:
-    """When the route's current key was created: its `created_at` field, else Vault's
-    created_time of the version. None when the secret does not exist."""
+    """When the route's current key was created: its `created_at` field (an imported key
+    may be older than its version), but never later than Vault's created_time of the
+    version. None when the secret does not exist.
+
+    SECURITY: a date after the key was stored (written by a host whose clock is ahead, or
+    by hand) would keep the key from being due for rotation or past max_age until then."""
     ref = route.secret
     try:
         data, version = await vault.read_kv(ref.mount, ref.path)
     except SecretNotFound:
         return None
+    meta = await vault.kv_metadata(ref.mount, ref.path) or {}
+    entry = (meta.get("versions") or {}).get(str(version)) or {}
+    stored = parse_time(entry.get("created_time"))
     created = parse_time(data.get("created_at"))
-    if created is None:
-        meta = await vault.kv_metadata(ref.mount, ref.path) or {}
-        entry = (meta.get("versions") or {}).get(str(version)) or {}
-        created = parse_time(entry.get("created_time"))
+    if created is None or (stored is not None and created > stored):
+        return stored
     return created
 
 

@@ -445,3 +445,32 @@ async def test_a_runner_with_a_skewed_clock_follows_vaults(make_env: Callable[..
     finally:
         await sessions.close()
         vault.close()
+
+
+async def test_a_key_dated_in_the_future_counts_from_its_vault_version(
+    make_env: Callable[..., Env],
+) -> None:
+    """A key whose `created_at` lies after Vault stored it (`keys put` from a host whose
+    clock is a year ahead, a date written by hand) counts from when Vault stored it: else it
+    would be neither due for rotation nor past max_age until that date."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    route = env.compiled.routes[name]
+    async with engine(env) as rotations:
+        year = 365 * 86400.0
+        ahead = Rotations(
+            rotations.config, rotations.vault, rotations._sessions, clock=lambda: time.time() + year
+        )
+        key = f"sk-ahead-{uid()}{uid()}"
+        CANARIES.add(key)
+        await ahead.put(name, key)
+        put_created = await rotation.key_created(rotations.vault, route)
+        env.openbao.bao(
+            "kv", "patch", "-mount=secret", route.secret.path, "created_at=2099-01-01T00:00:00Z"
+        )
+        patched_created = await rotation.key_created(rotations.vault, route)
+        now = await rotations.vault.server_time()
+    assert put_created is not None
+    assert put_created <= now + 2
+    assert patched_created is not None
+    assert patched_created <= now + 2
