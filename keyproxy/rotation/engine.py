@@ -138,12 +138,13 @@ class Rotations(Steps):
         or due. Phase 2 of an earlier rotation (revoking its old key) comes first."""
         assert route.rotation is not None  # callers check
         revoked = 0
+        lost: list[str] = []  # old keys phase 2 could not revoke (see _phase2)
         if mode is Mode.EMERGENCY and journal.step is not Step.IDLE:
             await journal.save(replace(journal.state, emergency=True))
         if journal.step in (Step.GRACE, Step.REVOKED):
             revoke_after = journal.previous().revoke_after
             if mode is Mode.EMERGENCY or journal.step is Step.REVOKED or self._past(revoke_after):
-                await self._phase2(route, journal)
+                lost += await self._phase2(route, journal)
                 revoked += 1
             elif mode is Mode.NOW:
                 raise RotationError(
@@ -154,7 +155,7 @@ class Rotations(Steps):
                 await journal.save(release=True)
                 return _in_grace(route, revoke_after)
         if isinstance(route.rotation.rotator, ManualRotator):
-            await journal.save(release=True)
+            await _release(journal, lost)
             if mode is not Mode.DUE:
                 raise RotationError("manual rotator: store a new key with keyproxy keys put")
             return await self._manual_outcome(route)
@@ -169,9 +170,9 @@ class Rotations(Steps):
         if rotating:
             await self._phase1(route, journal)
             if journal.state.emergency and journal.step is Step.GRACE:
-                await self._phase2(route, journal)
+                lost += await self._phase2(route, journal)
                 revoked += 1
-        await journal.save(release=True)
+        await _release(journal, lost)
         version = await self._current_version(route)
         return Outcome(route.name, Result.of(rotated=rotating, revoked=revoked), version=version)
 
@@ -224,6 +225,16 @@ async def key_created(vault: Vault, route: Route) -> float | None:
     if created is None or (stored is not None and created > stored):
         return stored
     return created
+
+
+async def _release(journal: Journal, lost: list[str]) -> None:
+    """Release the lock after a run's work; when phase 2 could not revoke an old key, fail
+    instead (`_run` records it and releases): the journal has moved on, so the run fails
+    once, naming the key that may still be valid upstream (a leak's, perhaps), and never
+    reports it revoked."""
+    if lost:
+        raise RotationError("; ".join(lost))
+    await journal.save(release=True)
 
 
 def _every(route: Route) -> float:

@@ -205,25 +205,35 @@ class Steps:
         await journal.save(replace(journal.state, step=Step.IDLE, pending=None))
         raise RotationError(f"{why}; the new key was revoked")
 
-    async def _phase2(self, route: Route, journal: Journal) -> None:
-        """grace → revoked (the old key revoked upstream) → idle (its KV version destroyed)."""
+    async def _phase2(self, route: Route, journal: Journal) -> list[str]:
+        """grace → revoked (the old key revoked upstream) → idle (its KV version destroyed).
+        Returns why the old key could not be revoked, if it could not: the caller fails the
+        run once the journal has moved on, so "revoked" is never said of a key that was not."""
         ref, version = route.secret, journal.previous().version
+        lost: list[str] = []
         if journal.step is Step.GRACE:
             try:
                 data = await self.vault.read_kv_at(ref.mount, ref.path, version)
             except SecretNotFound:
+                data = {}
+            value = data.get(ref.field)
+            if not isinstance(value, str) or not value:
+                # Deleted, destroyed, or pruned by max_versions (a secret that keeps one
+                # version loses the old key at promotion): nothing to revoke it with.
                 log.warning("rotation.old_key_gone", route=route.name, version=version)
+                lost.append(
+                    f"the old key (version {version}) was gone from Vault (deleted, destroyed"
+                    " or pruned by max_versions) and was not revoked: revoke it upstream by hand"
+                )
             else:
-                value = data.get(ref.field)
-                if isinstance(value, str) and value:
-                    secret.register(value)
-                    old = UpstreamKey(Secret(value), key_id_of(data))
-                    if await self._is_current(route, old):
-                        # SECURITY: rolled back to during grace (`kv rollback`): revoking
-                        # it would revoke the key every proxy now injects.
-                        log.warning("rotation.old_key_current", route=route.name, version=version)
-                    else:
-                        await self._rotator(route).revoke(old)
+                secret.register(value)
+                old = UpstreamKey(Secret(value), key_id_of(data))
+                if await self._is_current(route, old):
+                    # SECURITY: rolled back to during grace (`kv rollback`): revoking it
+                    # would revoke the key every proxy now injects.
+                    log.warning("rotation.old_key_current", route=route.name, version=version)
+                else:
+                    await self._rotator(route).revoke(old)
             failpoint("revoke")
             await journal.save(replace(journal.state, step=Step.REVOKED))
             failpoint("revoked")
@@ -231,6 +241,7 @@ class Steps:
         failpoint("retire")
         await journal.save(replace(journal.state, step=Step.IDLE, previous=None, emergency=False))
         log.info("rotation.revoked", route=route.name, version=version)
+        return lost
 
     # ------------------------------------------------------------------ helpers
 

@@ -119,3 +119,27 @@ async def test_a_key_rolled_back_to_during_grace_is_not_revoked(
     assert due[0].result == "revoked", due  # the grace is over, its version retired
     assert await asyncio.to_thread(accepted, legacy_api, first)
     assert first_id in await asyncio.to_thread(valid_ids, legacy_api, name)
+
+
+async def test_an_old_key_whose_version_is_gone_fails_the_run_instead_of_revoked(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """A secret that keeps one version (max_versions 1) loses the old key at promotion:
+    an emergency cannot revoke it, and says so (failed, naming the version) rather than
+    `rotated+revoked`; the journal moves on, so the next run is not stuck on it."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    path = env.raw["routes"][name]["secret"]["path"]
+    env.openbao.bao("kv", "metadata", "put", "-mount=secret", "-max-versions=1", path)
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        leaked, _ = stored_key(env.openbao, env, name)
+        outcome = await rotations.rotate(name, emergency=True)
+        assert outcome.failed, outcome
+        assert "old key (version 1)" in outcome.detail
+        assert "not revoked" in outcome.detail
+        after = await rotations.run_due()
+    assert after[0].result == "not_due", after
+    current, _ = stored_key(env.openbao, env, name)
+    assert await asyncio.to_thread(accepted, legacy_api, current)
+    assert await asyncio.to_thread(accepted, legacy_api, leaked)  # what the failure says
