@@ -8,6 +8,7 @@ from typing import Final
 from yarl import URL
 
 from keyproxy.config.limits import limits_config
+from keyproxy.config.loader import key_path
 from keyproxy.config.model import (
     HEADER_NAME,
     HOP_BY_HOP,
@@ -20,6 +21,7 @@ from keyproxy.config.model import (
 from keyproxy.config.node import Node, key_template, opt, required, secret_ref
 from keyproxy.config.rotation import rotation_config
 from keyproxy.config.store import Limits
+from keyproxy.errors import ConfigError
 from keyproxy.mcp import names
 
 
@@ -31,7 +33,28 @@ def routes_config(node: Node, kv_mount: str) -> dict[str, Route]:
         routes[name] = _route(name, item, kv_mount)
     if not routes:
         raise node.error("must define at least one route")
+    _one_rotation_per_secret(routes, node)
     return routes
+
+
+def _one_rotation_per_secret(routes: dict[str, Route], node: Node) -> None:
+    """At most one route rotates the keys of a secret. Two would each keep a journal and a
+    lock of their own (two rotations of one key at once), and every key of a secret shares
+    its `key_id` and `created_at`: one route's phase 2 would revoke by the other's key id
+    (its current key), and one route's rotation would make the other's key look new. Routes
+    that inject the same key without a `rotation` section of their own are fine."""
+    rotating: dict[tuple[str, str], str] = {}
+    for name, route in routes.items():
+        if route.rotation is None:
+            continue
+        where = (route.secret.mount, route.secret.path)
+        if (other := rotating.setdefault(where, name)) != name:
+            raise ConfigError(
+                key_path(key_path(node.path, name), "rotation"),
+                f"route {other} rotates a key of the same secret ({'/'.join(where)}); rotate "
+                "it from one route (the others may inject the same key without rotation) or "
+                "give each rotated key a secret of its own",
+            )
 
 
 def _route(name: str, node: Node, kv_mount: str) -> Route:

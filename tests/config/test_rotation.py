@@ -212,3 +212,28 @@ def test_rotation_mistakes_name_their_path(doc: dict[str, Any], path: str, messa
         config.parse(json.dumps(doc), {})
     assert raised.value.path == path
     assert message in raised.value.message
+
+
+@pytest.mark.parametrize("field", ["api_key", "other_key"])
+def test_two_routes_rotating_one_secret_are_refused(field: str) -> None:
+    """Two routes that rotate keys of one secret (the same key, or two fields of it) are
+    refused: two journals and locks for one key, and one `key_id` and `created_at` shared
+    by both keys (one route's revocation by id would hit the other's current key)."""
+    doc = copy.deepcopy(BASE)
+    twin = copy.deepcopy(doc["routes"]["legacy"])
+    twin["secret"]["field"] = field
+    doc["routes"]["twin"] = twin
+    with pytest.raises(ConfigError) as raised:
+        config.parse(json.dumps(doc), {})
+    assert raised.value.path == "routes.twin.rotation"
+    assert "route legacy rotates a key of the same secret" in raised.value.message
+
+
+def test_routes_sharing_a_key_may_leave_its_rotation_to_one() -> None:
+    """A route that injects a key another route rotates, without rotating it too, is fine."""
+    doc = copy.deepcopy(BASE)
+    twin = copy.deepcopy(doc["routes"]["legacy"])
+    del twin["rotation"], twin["max_age"]
+    doc["routes"]["twin"] = twin
+    cfg = config.parse(json.dumps(doc), {})
+    assert cfg.routes["twin"].secret == cfg.routes["legacy"].secret
