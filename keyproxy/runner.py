@@ -59,6 +59,9 @@ class Issued:
     idle_ttl: float | None
 
 
+Exchanged = tuple[Issued, Secret]  # the token issued, and the identity exchanged for it
+
+
 async def exchange(
     http: aiohttp.ClientSession, proxy: str, identity: Secret, body: Mapping[str, Any]
 ) -> Issued:
@@ -189,12 +192,13 @@ class Run:
 
     async def _run(self, http: aiohttp.ClientSession) -> int:
         proxy = self.proxy.rstrip("/")
-        issued = await self._until_stopped(self._exchange(http, proxy))
+        exchanged = await self._until_stopped(self._exchange(http, proxy))
         if self._signalled is not None:  # told to stop before COMMAND started
-            if issued is not None:
-                await revoke(http, proxy, issued, "failed")
+            if exchanged is not None:
+                await revoke(http, proxy, exchanged[0], "failed")
             return 128 + self._signalled
-        assert issued is not None
+        assert exchanged is not None
+        issued, identity = exchanged
         log.info("run.exchanged", token_id=issued.token_id, expires_in=issued.expires_in)
         env = child_env(
             self.environ,
@@ -204,6 +208,7 @@ class Run:
             routes=issued.routes,
             overrides=self.overrides,
             hidden=(*self.identity.hidden(), *VAULT_CREDENTIALS),
+            identity=identity,
         )
         status, timed_out = 1, False
         beats: asyncio.Task[None] | None = None
@@ -221,7 +226,8 @@ class Run:
             await revoke(http, proxy, issued, reason)
         return status
 
-    async def _exchange(self, http: aiohttp.ClientSession, proxy: str) -> Issued:
+    async def _exchange(self, http: aiohttp.ClientSession, proxy: str) -> Exchanged:
+        """The token issued, and the identity it was issued for (kept from COMMAND)."""
         identity = await self.identity.read(http, self.environ)
         issued = await exchange(http, proxy, identity, self.body)
         asked = set(self.body.get("scope", {}))
@@ -231,9 +237,9 @@ class Run:
             _say(f"warning: the token expires in {issued.expires_in:g} s, before --timeout")
         if "idle_ttl" in self.body and issued.idle_ttl is None:
             _say("warning: the proxy granted no idle_ttl; the token lives its whole ttl")
-        return issued
+        return issued, identity
 
-    async def _until_stopped(self, work: Awaitable[Issued]) -> Issued | None:
+    async def _until_stopped(self, work: Awaitable[Exchanged]) -> Exchanged | None:
         """`work`'s result, or None if a stop signal came first and `work` did not end within
         REVOKE_TIMEOUT more (it is then cancelled) or failed."""
         task = asyncio.ensure_future(work)
@@ -253,7 +259,7 @@ class Run:
                 return None
             if task.exception() is not None:
                 return None  # stopped anyway: nothing was issued to revoke
-        result: Issued = task.result()
+        result: Exchanged = task.result()
         return result
 
     async def _supervise(self, env: dict[str, str]) -> tuple[int, bool]:

@@ -3,7 +3,8 @@
     parse_scope(["openai:POST:/v1/chat/completions"], extra)  -> the exchange's JSON scope
     parse_env(["demo=OPENAI_BASE_URL,OPENAI_API_KEY"])         -> {route: RouteEnv}
     route_env(route, overrides)                                -> the variables of one route
-    child_env(environ, proxy, token, token_id=, routes=, overrides=, hidden=) -> the environment
+    child_env(environ, proxy, token, token_id=, routes=, overrides=, hidden=, identity=)
+                                                               -> the environment
 
 By default a route named `openai` gets OPENAI_BASE_URL (`{proxy}/r/openai/v1`: the openai
 SDK's base URL includes the API version) and OPENAI_API_KEY; `anthropic` gets
@@ -104,11 +105,18 @@ def child_env(
     routes: Sequence[str],
     overrides: Mapping[str, RouteEnv],
     hidden: Sequence[str],
+    identity: Secret,
 ) -> dict[str, str]:
-    """The wrapped command's environment: `environ` without the `hidden` variables, plus each
-    granted route's base URL and token, KEYPROXY_URL, KEYPROXY_TASK_TOKEN (for a sub-agent's
-    delegated token) and KEYPROXY_TOKEN_ID."""
-    env = {k: v for k, v in environ.items() if k not in hidden}
+    """The wrapped command's environment: `environ` without the `hidden` variables and
+    without any variable holding the `identity` exchanged, plus each granted route's base URL
+    and token, KEYPROXY_URL, KEYPROXY_TASK_TOKEN (for a sub-agent's delegated token) and
+    KEYPROXY_TOKEN_ID."""
+    # SECURITY: the identity goes by its value, not only by the name it was read from. A
+    # sub-agent started with `keyproxy run --identity-env KEYPROXY_TASK_TOKEN` inherits its
+    # parent's token under every name the parent's run gave it (OPENAI_API_KEY,
+    # KEYPROXY_<ROUTE>_TOKEN): kept, it would hold the broader token the delegation narrows.
+    held = identity.reveal()
+    env = {k: v for k, v in environ.items() if k not in hidden and held not in v}
     for route in routes:
         names = route_env(route, overrides)
         if names.base_var:

@@ -80,6 +80,7 @@ def test_the_child_env_has_the_routes_and_not_the_identity() -> None:
         routes=("openai", "crm"),
         overrides=parse_env(["crm=CRM_URL,CRM_KEY"]),
         hidden=("IDENTITY",),
+        identity=Secret("eyJ.id.token"),
     )
     assert env == {
         "PATH": "/bin",
@@ -91,3 +92,20 @@ def test_the_child_env_has_the_routes_and_not_the_identity() -> None:
         "KEYPROXY_TASK_TOKEN": "task-token",
         "KEYPROXY_TOKEN_ID": "t1",
     }
+
+
+def test_the_identity_goes_under_whatever_name_it_is_held() -> None:
+    """A variable that holds the identity exchanged, under a name no option named (a parent
+    run's token in OPENAI_API_KEY when a sub-agent exchanges it), is withheld too."""
+    env = child_env(
+        {"PATH": "/bin", "OPENAI_API_KEY": "eyJ.parent.token", "AUTH": "Bearer eyJ.parent.token"},
+        PROXY,
+        Secret("child-token"),
+        token_id="t2",
+        routes=("crm",),
+        overrides={},
+        hidden=("KEYPROXY_TASK_TOKEN",),
+        identity=Secret("eyJ.parent.token"),
+    )
+    assert "eyJ.parent.token" not in "".join(env.values())
+    assert env["PATH"] == "/bin"

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.tokens import is_task_token
 from tests.helpers import cli
 from tests.helpers.cli import KEYPROXY, serve_replicas, started
 from tests.helpers.events import read_events
@@ -544,6 +545,46 @@ async def test_a_killed_wrappers_token_dies_with_its_lease(
             await proc.wait()
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
             os.kill(int(pid.read_text()), signal.SIGKILL)
+
+
+async def test_a_sub_agents_run_never_inherits_its_parents_token(
+    stack: Stack, identity_token: str, tmp_path: Path
+) -> None:
+    """A run inside a run, exchanging the outer task token for a narrower one (delegation,
+    --identity-env KEYPROXY_TASK_TOKEN): the inner command gets only its own token, not the
+    outer one under the names the outer run gave it (KEYPROXY_OTHER_TOKEN, for a route the
+    inner token was not granted)."""
+    env_file = tmp_path / "inner.json"
+    dump = "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps({**os.environ}))"
+    base = ["run", "--proxy", stack.base, "--scope", "r:POST:/v1/chat/completions"]
+    inner = [str(KEYPROXY), *base, "--identity-env", "KEYPROXY_TASK_TOKEN", "--"]
+    proc = await asyncio.create_subprocess_exec(
+        KEYPROXY,
+        *base,
+        "--scope",
+        "other:GET:/echo",
+        "--identity-env",
+        "IDENTITY_TOKEN",
+        "--",
+        *inner,
+        sys.executable,
+        "-c",
+        dump,
+        str(env_file),
+        env=_env(identity_token, tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    env = json.loads(env_file.read_text())
+    inner_token = env["KEYPROXY_TASK_TOKEN"]
+    CANARIES.add(inner_token)
+    assert env["KEYPROXY_R_TOKEN"] == inner_token
+    held = sorted(k for k, v in env.items() if is_task_token(v) and v != inner_token)
+    assert held == [], f"the outer token reached the inner command as {held}"
+    assert identity_token not in env.values()
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
