@@ -15,6 +15,7 @@ any other route KEYPROXY_<ROUTE>_BASE_URL (`{proxy}/r/<route>`) and KEYPROXY_<RO
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -94,6 +95,7 @@ def route_env(route: str, overrides: Mapping[str, RouteEnv]) -> RouteEnv:
 # Vault's and OpenBao's own tokens, which `keyproxy dev`'s environment file exports: the
 # command never gets them (with one it could read the keys from Vault itself).
 VAULT_CREDENTIALS: Final = ("VAULT_TOKEN", "BAO_TOKEN")
+NO_PROXY_VARS: Final = ("no_proxy", "NO_PROXY")
 
 
 def child_env(
@@ -110,7 +112,7 @@ def child_env(
     """The wrapped command's environment: `environ` without the `hidden` variables and
     without any variable holding the `identity` exchanged, plus each granted route's base URL
     and token, KEYPROXY_URL, KEYPROXY_TASK_TOKEN (for a sub-agent's delegated token) and
-    KEYPROXY_TOKEN_ID."""
+    KEYPROXY_TOKEN_ID, and the proxy's host among those reached without an HTTP proxy."""
     # SECURITY: the identity goes by its value, not only by the name it was read from. A
     # sub-agent started with `keyproxy run --identity-env KEYPROXY_TASK_TOKEN` inherits its
     # parent's token under every name the parent's run gave it (OPENAI_API_KEY,
@@ -126,4 +128,24 @@ def child_env(
     env["KEYPROXY_URL"] = proxy
     env["KEYPROXY_TASK_TOKEN"] = token.reveal()
     env["KEYPROXY_TOKEN_ID"] = token_id
+    _reach_directly(env, proxy)
     return env
+
+
+def _reach_directly(env: dict[str, str], proxy: str) -> None:
+    """Add the proxy's host to the command's no-proxy list, so that its HTTP client connects
+    to keyproxy as the wrapper did: directly.
+
+    SECURITY: SDKs honour HTTP_PROXY, HTTPS_PROXY and ALL_PROXY (httpx, requests, urllib),
+    which the wrapper ignores. Inherited, one would send every request, its task token in the
+    Authorization header, to that other host: in clear text for an http:// proxy URL, which
+    the wrapper trusts on loopback or behind a mesh. Both names are set (curl, urllib and
+    httpx read the lower-case one first, Go the upper-case one), each to its own list, or
+    else the other's, plus the host."""
+    host = urllib.parse.urlsplit(proxy).hostname
+    if not host:
+        return
+    either = next((env[name] for name in NO_PROXY_VARS if env.get(name)), "")
+    for name in NO_PROXY_VARS:
+        listed = env.get(name) or either
+        env[name] = f"{listed},{host}" if listed else host

@@ -91,6 +91,8 @@ def test_the_child_env_has_the_routes_and_not_the_identity() -> None:
         "KEYPROXY_URL": PROXY,
         "KEYPROXY_TASK_TOKEN": "task-token",
         "KEYPROXY_TOKEN_ID": "t1",
+        "no_proxy": "keyproxy.internal",
+        "NO_PROXY": "keyproxy.internal",
     }
 
 
@@ -109,3 +111,31 @@ def test_the_identity_goes_under_whatever_name_it_is_held() -> None:
     )
     assert "eyJ.parent.token" not in "".join(env.values())
     assert env["PATH"] == "/bin"
+
+
+@pytest.mark.parametrize(
+    ("proxy", "environ", "lists"),
+    [
+        ("http://127.0.0.1:8080", {}, ("127.0.0.1", "127.0.0.1")),
+        ("http://[::1]:8080", {}, ("::1", "::1")),
+        (PROXY, {"NO_PROXY": "corp.example"},
+         ("corp.example,keyproxy.internal", "corp.example,keyproxy.internal")),
+        (PROXY, {"no_proxy": "a", "NO_PROXY": "b"}, ("a,keyproxy.internal", "b,keyproxy.internal")),
+    ],
+)  # fmt: skip
+def test_the_command_reaches_the_proxy_without_an_http_proxy(
+    proxy: str, environ: dict[str, str], lists: tuple[str, str]
+) -> None:
+    """The proxy's host joins no_proxy and NO_PROXY (each keeping its list, or taking the
+    other's), so an inherited HTTP(S)_PROXY never carries the command's requests to keyproxy."""
+    env = child_env(
+        {"HTTP_PROXY": "http://egress.corp:3128", **environ},
+        proxy,
+        Secret("task-token"),
+        token_id="t1",
+        routes=(),
+        overrides={},
+        hidden=(),
+        identity=Secret("eyJ.id.token"),
+    )
+    assert (env["no_proxy"], env["NO_PROXY"]) == lists

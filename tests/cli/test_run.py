@@ -204,6 +204,38 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
     assert event["reason"] == "completed"
 
 
+def test_an_inherited_http_proxy_never_carries_the_token(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """HTTP_PROXY, HTTPS_PROXY and ALL_PROXY in the environment name another host (an egress
+    proxy): the wrapper ignores them, and so does the command's openai SDK for keyproxy's
+    host, so its call gets through and that other host receives nothing (no task token in
+    clear text)."""
+    child = (
+        "import openai; client = openai.OpenAI(max_retries=0, timeout=5); print(client.chat."
+        "completions.create(model='keyproxy-demo', messages=[{'role': 'user', 'content': 'hi'}])"
+        ".choices[0].message.content)"
+    )
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-egress", "--"]
+    with socket.create_server(("127.0.0.1", 0)) as egress:
+        url = f"http://127.0.0.1:{egress.getsockname()[1]}"
+        env = _env(identity_token, tmp_path)
+        env |= dict.fromkeys(("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy"), url)
+        done = cli.keyproxy(*args, sys.executable, "-c", child, env=env)
+        egress.settimeout(0.2)  # a connection made is queued already: accept() takes it at once
+        sent = b""
+        with contextlib.suppress(TimeoutError):
+            connection, _ = egress.accept()
+            with connection:
+                connection.settimeout(2)
+                sent = connection.recv(65536)
+    leaked = b"authorization: bearer" in sent.lower()  # never shown: it holds the token
+    assert not leaked, "the task token went to the egress proxy"
+    assert not sent, "the command's request went to the egress proxy"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
 # Reads its parent's (the wrapper's) starting environment, as any process of its user could,
 # without the capabilities root has (setpriv drops them all).
 PEEK = (
