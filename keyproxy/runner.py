@@ -338,4 +338,9 @@ def _why(exc: BaseException) -> str:
 
 
 def _say(message: str) -> None:
-    print(f"keyproxy run: {message}", file=sys.stderr)  # noqa: T201  # the one line a person reads
+    """One line for a person, on stderr. A stream that cannot take it (a pipe whose reader is
+    gone, a log shipper that died) changes nothing the wrapper does: raised here, the error
+    would skip what follows the line, the SIGTERM at --timeout or the start of a command
+    whose token is then never revoked."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a closed stream
+        print(f"keyproxy run: {message}", file=sys.stderr)  # noqa: T201  # a person reads it

@@ -309,6 +309,42 @@ def test_the_token_dies_however_the_child_ends(
     assert event["reason"] == reason
 
 
+@pytest.mark.parametrize("warned", [False, True], ids=["at-timeout", "before-start"])
+def test_a_closed_stderr_never_keeps_the_token_or_the_child_alive(
+    replicas: Replicas, identity_token: str, tmp_path: Path, warned: bool
+) -> None:
+    """The wrapper's stderr is a pipe nobody reads any more (a log shipper that died): its
+    line at --timeout, or its warning before the start (a route not granted), cannot be
+    written, and still the child is started, stopped at --timeout (143), and its token
+    revoked (reason timeout)."""
+    saved, pid, task = tmp_path / "token", tmp_path / "pid", f"run-no-stderr-{warned}"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", task]
+    args += ["--scope", "other:DELETE:/x"] if warned else []
+    args += ["--timeout", "2s", "--kill-after", "1s", "--"]
+    child = SAVE_TOKEN + (
+        "import time; pathlib.Path(sys.argv[2]).write_text(str(os.getpid())); time.sleep(60)"
+    )
+    with subprocess.Popen(  # our own command
+        [str(KEYPROXY), *args, sys.executable, "-c", child, str(saved), str(pid)],
+        env=_env(identity_token, tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stderr is not None
+        proc.stderr.close()  # before anything is written: every write to it fails
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+    assert code == 128 + signal.SIGTERM
+    _refused_everywhere(replicas, _token(saved))
+    assert _revoked(replicas, task)["reason"] == "timeout"
+
+
 def test_a_command_that_cannot_start_exits_127(
     replicas: Replicas, identity_token: str, tmp_path: Path
 ) -> None:
