@@ -42,6 +42,7 @@ REVOKE_TIMEOUT: Final = 3.0  # seconds per attempt: the exit never waits much lo
 FORWARDED: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_DUMPABLE: Final = 4  # linux/prctl.h
 MAX_ANSWER: Final = 64 * 1024  # bytes of the exchange's answer read at most
+MIN_IDLE_TTL: Final = 1.0  # seconds: the broker grants whole seconds, at least 2
 MAX_SAID: Final = 256  # characters of a refusal's code and message, or of a token id, shown
 
 log = structlog.get_logger("keyproxy.run")
@@ -102,12 +103,18 @@ def _issued(got: Any) -> Issued:
     if not isinstance(scope, dict) or not all(isinstance(r, str) for r in scope):
         raise TypeError("the scope is not routes and their grants")
     idle = got.get("idle_ttl")
+    # The heartbeats' pace is a third of it: a lease of no time, or of less than a second,
+    # would have them sent as fast as the loop turns for as long as the command runs.
+    if idle is not None and (
+        isinstance(idle, bool) or not isinstance(idle, int | float) or idle < MIN_IDLE_TTL
+    ):
+        raise ValueError("the idle_ttl is not a lease of seconds")
     return Issued(
         Secret(token),
         token_id,
         float(got["expires_in"]),
         tuple(scope),
-        float(idle) if isinstance(idle, int | float) else None,
+        float(idle) if idle is not None else None,
     )
 
 

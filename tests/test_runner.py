@@ -36,6 +36,11 @@ async def _answering(status: int, body: bytes) -> tuple[web.AppRunner, str]:
         (200, json.dumps(GOOD | {"token_id": "t\x1b[2J"}).encode(), "not an id"),
         (200, json.dumps(GOOD | {"scope": "r"}).encode(), "not routes"),
         (200, json.dumps(GOOD | {"scope": ["r"]}).encode(), "not routes"),
+        (200, json.dumps(GOOD | {"idle_ttl": 0}).encode(), "not a lease"),
+        (200, json.dumps(GOOD | {"idle_ttl": -5}).encode(), "not a lease"),
+        (200, json.dumps(GOOD | {"idle_ttl": 0.001}).encode(), "not a lease"),
+        (200, json.dumps(GOOD | {"idle_ttl": True}).encode(), "not a lease"),
+        (200, json.dumps(GOOD | {"idle_ttl": "60"}).encode(), "not a lease"),
         (200, b"[" * 60_000, "nested too deep"),
         (200, b'{"access_token": "' + b"a" * 2_000_000 + b'"}', "over 64 KiB"),
         (403, b'{"error": {"code": "x", "message": "' + b"m" * 2_000_000 + b'"}}', "over 64 KiB"),
@@ -46,6 +51,11 @@ async def _answering(status: int, body: bytes) -> tuple[web.AppRunner, str]:
         "control-id",
         "scope-text",
         "scope-list",
+        "idle-zero",
+        "idle-negative",
+        "idle-tiny",
+        "idle-bool",
+        "idle-text",
         "nested",
         "huge",
         "huge-refusal",
@@ -55,8 +65,10 @@ async def test_an_answer_no_broker_gives_is_one_clear_error(
     http: aiohttp.ClientSession, status: int, body: bytes, said: str
 ) -> None:
     """A token that is no text or holds a control character, an id a terminal would obey,
-    a scope that is no routes, or an answer larger than any of the broker's: one RunError
-    saying what, read no further than 64 KiB; never a traceback, never the command started."""
+    a scope that is no routes, an idle_ttl that is no lease (none, negative, under a second,
+    not a number: the heartbeats would spin), or an answer larger than any of the broker's:
+    one RunError saying what, read no further than 64 KiB; never a traceback, never the
+    command started."""
     runner, base = await _answering(status, body)
     try:
         with pytest.raises(RunError, match=said):
