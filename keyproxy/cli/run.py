@@ -118,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.proxy:
         raise UsageError("run: give --proxy URL (or set KEYPROXY_URL)")
     if not args.proxy.startswith(("http://", "https://")):
-        raise UsageError(f"run: --proxy {args.proxy!r}: an http:// or https:// URL")
+        raise UsageError(f"run: --proxy {_origin(args.proxy)}: an http:// or https:// URL")
+    if "@" in urllib.parse.urlsplit(args.proxy).netloc:
+        # SECURITY: never usable (the identity is the Authorization header, which aiohttp
+        # will not combine with a URL's credentials), and every message would quote it.
+        raise UsageError(f"run: --proxy {_origin(args.proxy)}: no user or password in the URL")
     if not _private_hop(args.proxy):
         print(  # noqa: T201  # a person reads it
             f"keyproxy run: warning: --proxy {_origin(args.proxy)} is plain http to another "
