@@ -69,7 +69,12 @@ async def exchange(
     """POST /token (JSON form) with the identity as the Bearer credential."""
     headers = {"Authorization": f"Bearer {identity.reveal()}"}
     try:
-        async with http.post(f"{proxy}/token", json=body, headers=headers) as answer:
+        # SECURITY: no redirect is followed, here or by the heartbeats and the revocation.
+        # The broker never redirects; across origins aiohttp drops the credential, and the
+        # other origin's 401 to a request without one would pass for a revocation.
+        async with http.post(
+            f"{proxy}/token", json=body, headers=headers, allow_redirects=False
+        ) as answer:
             got = _json(await capped.read_body(answer.content, MAX_ANSWER))
             if answer.status != 200:
                 error = got.get("error") if isinstance(got, dict) else None
@@ -128,7 +133,7 @@ async def heartbeats(
         await asyncio.sleep(interval)  # the lease's pace, not a wait for state
         try:
             async with http.post(
-                f"{proxy}/token/heartbeat", headers=headers, timeout=timeout
+                f"{proxy}/token/heartbeat", headers=headers, timeout=timeout, allow_redirects=False
             ) as answer:
                 status = answer.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -150,7 +155,11 @@ async def revoke(http: aiohttp.ClientSession, proxy: str, issued: Issued, reason
         await asyncio.sleep(delay)  # back-off between attempts
         try:
             async with http.post(
-                f"{proxy}/token/revoke", json={"reason": reason}, headers=headers, timeout=timeout
+                f"{proxy}/token/revoke",
+                json={"reason": reason},
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
             ) as answer:
                 if answer.status in (200, 401):
                     return True

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from keyproxy.errors import RunError
-from keyproxy.runner import exchange
+from keyproxy.runner import Issued, exchange, revoke
 from keyproxy.secret import Secret
 from tests.helpers.servers import serve
 
@@ -116,3 +116,34 @@ async def test_an_answer_in_pieces_is_read_whole(http: aiohttp.ClientSession) ->
     finally:
         await runner.cleanup()
     assert len(issued.routes) == 100
+
+
+async def test_a_redirect_is_never_followed(http: aiohttp.ClientSession) -> None:
+    """A front that redirects the exchange or the revocation to another origin: neither is
+    followed (the credential would be dropped on the way, and the other origin's 401 to a
+    request without one taken for a revocation). The exchange fails; the revocation is said
+    to have failed."""
+    reached: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({"error": {"code": "no_credential"}}, status=401)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect(f"http://127.0.0.1:{other_port}{request.path}")
+
+    other, front = web.Application(), web.Application()
+    other.router.add_post("/{tail:.*}", elsewhere)
+    front.router.add_post("/{tail:.*}", redirect)
+    other_runner, other_port = await serve(other)
+    front_runner, front_port = await serve(front)
+    base = f"http://127.0.0.1:{front_port}"
+    issued = Issued(Secret("eyJa.eyJb.c"), "t1", 60.0, ("r",), None)
+    try:
+        assert not await revoke(http, base, issued, "completed")
+        with pytest.raises(RunError):  # its page is no broker's answer
+            await exchange(http, base, Secret("identity"), {"scope": {"r": {}}})
+    finally:
+        await front_runner.cleanup()
+        await other_runner.cleanup()
+    assert reached == []
