@@ -343,6 +343,11 @@ def undumpable() -> None:
 
 
 def _terminal_sent_it() -> bool:
+    """Whether this process is in its terminal's foreground (stdin's) process group, where a
+    SIGINT comes from Ctrl-C. Started without a stdin (`<&-`), Python has no sys.stdin: then
+    no terminal, and the SIGINT is passed on (raised here, it was lost with the handler)."""
+    if sys.stdin is None:
+        return False
     try:
         return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
     except (OSError, ValueError):

@@ -377,6 +377,36 @@ def test_a_signal_to_the_wrapper_reaches_the_child_then_the_token_dies(
     assert event["reason"] == "failed"
 
 
+def test_sigint_reaches_the_child_of_a_wrapper_started_without_stdin(
+    replicas: Replicas, identity_token: str, tmp_path: Path, log_dir: Path
+) -> None:
+    """A wrapper started with its stdin closed (`<&-`: Python then has no sys.stdin) and no
+    terminal: a SIGINT from another process is passed on to the child (130), and the token is
+    revoked (reason failed)."""
+    saved = tmp_path / "token"
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-no-stdin", "--"]
+    child = SAVE_TOKEN + "import time; time.sleep(60)"
+    shell = ["sh", "-c", 'exec "$0" "$@" <&-', str(KEYPROXY)]
+    with (log_dir / "run-no-stdin.log").open("wb") as out:
+        proc = subprocess.Popen(  # our own command, through sh to start it without stdin
+            [*shell, *args, sys.executable, "-c", child, str(saved)],
+            stdout=out,
+            stderr=out,
+            env=_env(identity_token, tmp_path),
+            start_new_session=True,  # no terminal: nothing but the wrapper sends the SIGINT
+        )
+    try:
+        eventually_blocking(lambda: saved.exists() and saved.read_text(), "no child", within=30)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    _refused_everywhere(replicas, _token(saved))
+    assert _revoked(replicas, "run-no-stdin")["reason"] == "failed"
+
+
 # A slow front for one replica: POST /token is passed on after a pause (the marker file says
 # it arrived), everything else at once. The wrapper is stopped while its exchange waits there.
 SLOW_FRONT = (
