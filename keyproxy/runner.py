@@ -225,6 +225,7 @@ class Run:
             overrides=self.overrides,
             hidden=(*self.identity.hidden(), *VAULT_CREDENTIALS),
             identity=identity,
+            refused=sorted(set(self.body.get("scope", {})) - set(issued.routes)),
         )
         status, timed_out = 1, False
         beats: asyncio.Task[None] | None = None

@@ -3,8 +3,8 @@
     parse_scope(["openai:POST:/v1/chat/completions"], extra)  -> the exchange's JSON scope
     parse_env(["demo=OPENAI_BASE_URL,OPENAI_API_KEY"])         -> {route: RouteEnv}
     route_env(route, overrides)                                -> the variables of one route
-    child_env(environ, proxy, token, token_id=, routes=, overrides=, hidden=, identity=)
-                                                               -> the environment
+    child_env(environ, proxy, token, token_id=, routes=, overrides=, hidden=, identity=,
+              refused=)                                        -> the environment
 
 By default a route named `openai` gets OPENAI_BASE_URL (`{proxy}/r/openai/v1`: the openai
 SDK's base URL includes the API version) and OPENAI_API_KEY; `anthropic` gets
@@ -108,9 +108,11 @@ def child_env(
     overrides: Mapping[str, RouteEnv],
     hidden: Sequence[str],
     identity: Secret,
+    refused: Sequence[str] = (),
 ) -> dict[str, str]:
-    """The wrapped command's environment: `environ` without the `hidden` variables and
-    without any variable holding the `identity` exchanged, plus each granted route's base URL
+    """The wrapped command's environment: `environ` without the `hidden` variables, without
+    any variable holding the `identity` exchanged and without the variables of the routes
+    asked for but `refused`, plus each granted route's base URL
     and token, KEYPROXY_URL, KEYPROXY_TASK_TOKEN (for a sub-agent's delegated token) and
     KEYPROXY_TOKEN_ID, and the proxy's host among those reached without an HTTP proxy."""
     # SECURITY: the identity goes by its value, not only by the name it was read from. A
@@ -119,6 +121,13 @@ def child_env(
     # KEYPROXY_<ROUTE>_TOKEN): kept, it would hold the broader token the delegation narrows.
     held = identity.reveal()
     env = {k: v for k, v in environ.items() if k not in hidden and held not in v}
+    # SECURITY: a route asked for but `refused` (policy granted nothing on it) gets no
+    # variables, and none inherited either: a real key or a base URL elsewhere left in them
+    # (OPENAI_API_KEY in a developer's shell) would send its requests around keyproxy.
+    for route in refused:
+        names = route_env(route, overrides)
+        for name in (names.base_var, names.key_var):
+            env.pop(name, None)
     for route in routes:
         names = route_env(route, overrides)
         if names.base_var:

@@ -139,3 +139,34 @@ def test_the_command_reaches_the_proxy_without_an_http_proxy(
         identity=Secret("eyJ.id.token"),
     )
     assert (env["no_proxy"], env["NO_PROXY"]) == lists
+
+
+def test_a_route_refused_keeps_no_inherited_variables() -> None:
+    """A route asked for but not granted gets no variables, and loses those inherited under
+    its names (a real key, a base URL elsewhere), which would send its calls around keyproxy;
+    a granted route using the same names still gets them."""
+    inherited = {"OPENAI_API_KEY": "sk-real", "OPENAI_BASE_URL": "https://api.openai.com/v1"}
+    env = child_env(
+        {"PATH": "/bin", **inherited},
+        PROXY,
+        Secret("task-token"),
+        token_id="t1",
+        routes=("crm",),
+        overrides={},
+        hidden=(),
+        identity=Secret("eyJ.id.token"),
+        refused=("openai",),
+    )
+    assert not set(inherited) & set(env)
+    env = child_env(
+        inherited,
+        PROXY,
+        Secret("task-token"),
+        token_id="t1",
+        routes=("demo",),
+        overrides=parse_env(["demo=OPENAI_BASE_URL,OPENAI_API_KEY"]),
+        hidden=(),
+        identity=Secret("eyJ.id.token"),
+        refused=("openai",),
+    )
+    assert env["OPENAI_API_KEY"] == "task-token"

@@ -204,6 +204,29 @@ def test_the_sdk_works_from_the_environment_given_and_the_token_dies_after(
     assert event["reason"] == "completed"
 
 
+def test_a_route_not_granted_keeps_no_inherited_key(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """Asked for openai and another route, granted only the other: the command's environment
+    has no OPENAI_API_KEY or OPENAI_BASE_URL, not even those of the wrapper's (a real key, a
+    base URL around keyproxy), so its openai SDK cannot call the provider directly."""
+    env_file = tmp_path / "env.json"
+    dump = "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps({**os.environ}))"
+    args = [*_run_args(replicas), "--scope", "openai:DELETE:/nothing", "--scope", "other"]
+    env = _env(identity_token, tmp_path) | {
+        "OPENAI_API_KEY": "sk-real-key-of-the-shell",
+        "OPENAI_BASE_URL": "https://api.openai.com/v1",
+    }
+    done = cli.keyproxy(*args, "--", sys.executable, "-c", dump, str(env_file), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "granted nothing on openai" in done.stderr
+    child = json.loads(env_file.read_text())
+    CANARIES.add(child["KEYPROXY_TASK_TOKEN"])
+    assert "KEYPROXY_OTHER_TOKEN" in child
+    left = sorted({"OPENAI_API_KEY", "OPENAI_BASE_URL"} & set(child))
+    assert left == [], f"the command inherited {left}"
+
+
 def test_an_inherited_http_proxy_never_carries_the_token(
     replicas: Replicas, identity_token: str, tmp_path: Path
 ) -> None:
