@@ -85,7 +85,15 @@ async def exchange(
                 )
                 raise RunError(f"the exchange was refused: {answer.status} {said}".rstrip())
             return _issued(got)
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+    # OverflowError: a number JSON holds but a float cannot (expires_in: 1e400 written out).
+    except (
+        aiohttp.ClientError,
+        TimeoutError,
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+    ) as exc:
         raise RunError(f"the exchange at {proxy}/token failed: {_why(exc)}") from None
 
 
@@ -98,8 +106,8 @@ def _json(raw: bytes | None) -> Any:
 
 
 def _issued(got: Any) -> Issued:
-    """The broker's answer, each field of the type it must have (TypeError, ValueError: the
-    answer is not the broker's)."""
+    """The broker's answer, each field of the type it must have (TypeError, ValueError,
+    OverflowError: the answer is not the broker's)."""
     token, token_id, scope = got["access_token"], got["token_id"], got["scope"]
     if not isinstance(token, str) or problem(token) is not None:
         raise ValueError("the access_token is not a token")
