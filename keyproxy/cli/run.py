@@ -119,10 +119,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("run: give --proxy URL (or set KEYPROXY_URL)")
     if not args.proxy.startswith(("http://", "https://")):
         raise UsageError(f"run: --proxy {_origin(args.proxy)}: an http:// or https:// URL")
-    if "@" in urllib.parse.urlsplit(args.proxy).netloc:
+    try:
+        url = urllib.parse.urlsplit(args.proxy)
+    except ValueError:  # an unclosed [IPv6 address
+        raise UsageError("run: --proxy: not a URL") from None
+    if "@" in url.netloc:
         # SECURITY: never usable (the identity is the Authorization header, which aiohttp
         # will not combine with a URL's credentials), and every message would quote it.
         raise UsageError(f"run: --proxy {_origin(args.proxy)}: no user or password in the URL")
+    if "?" in args.proxy or "#" in args.proxy:
+        # /token, the base URLs: each is the proxy URL and more, which would follow a ? or #.
+        raise UsageError(f"run: --proxy {_origin(args.proxy)}: a base URL, without ? or #")
     if not _private_hop(args.proxy):
         print(  # noqa: T201  # a person reads it
             f"keyproxy run: warning: --proxy {_origin(args.proxy)} is plain http to another "

@@ -504,8 +504,9 @@ def test_a_refused_exchange_starts_nothing(
 
 
 def test_usage_mistakes_exit_2(tmp_path: Path) -> None:
-    """No command, no scope, no proxy, or a proxy URL with a password in it (never usable,
-    never quoted): exit 2 naming the mistake, before anything runs."""
+    """No command, no scope, no proxy, a proxy URL with a password in it (never usable,
+    never quoted), or one that is no base URL (unparsable, a query or fragment that /token
+    would follow): exit 2 naming the mistake, before anything runs."""
     env = cli.clean_env(tmp_path, IDENTITY_TOKEN="x")
     base = ["run", "--identity-env", "IDENTITY_TOKEN"]
     cases = [
@@ -527,7 +528,13 @@ def test_usage_mistakes_exit_2(tmp_path: Path) -> None:
             "--ttl",
         ),
     ]
-    for proxy in ("http://user:hunter2@127.0.0.1:9", "ftp://user:hunter2@127.0.0.1"):
+    for proxy in (
+        "http://user:hunter2@127.0.0.1:9",
+        "ftp://user:hunter2@127.0.0.1",
+        "http://[::1",
+        "http://127.0.0.1:9/?x",
+        "http://127.0.0.1:9#x",
+    ):
         cases.append(([*base, "--proxy", proxy, "--scope", SCOPE, "--", "true"], "--proxy"))
     for args, said in cases:
         done = cli.keyproxy(*args, env=env)
