@@ -223,23 +223,25 @@ class Run:
             return 128 + self._signalled
         assert exchanged is not None
         issued, identity = exchanged
-        log.info("run.exchanged", token_id=issued.token_id, expires_in=issued.expires_in)
-        env = child_env(
-            self.environ,
-            proxy,
-            issued.token,
-            token_id=issued.token_id,
-            routes=issued.routes,
-            overrides=self.overrides,
-            hidden=(*self.identity.hidden(), *VAULT_CREDENTIALS),
-            identity=identity,
-            refused=sorted(set(self.body.get("scope", {})) - set(issued.routes)),
-        )
         status, timed_out = 1, False
         beats: asyncio.Task[None] | None = None
-        if issued.idle_ttl is not None:
-            beats = asyncio.create_task(heartbeats(http, proxy, issued, issued.idle_ttl / 3))
+        # From here on the token is revoked however the run ends, an error too (a log line
+        # that cannot be written: its stderr a pipe nobody reads any more).
         try:
+            log.info("run.exchanged", token_id=issued.token_id, expires_in=issued.expires_in)
+            env = child_env(
+                self.environ,
+                proxy,
+                issued.token,
+                token_id=issued.token_id,
+                routes=issued.routes,
+                overrides=self.overrides,
+                hidden=(*self.identity.hidden(), *VAULT_CREDENTIALS),
+                identity=identity,
+                refused=sorted(set(self.body.get("scope", {})) - set(issued.routes)),
+            )
+            if issued.idle_ttl is not None:
+                beats = asyncio.create_task(heartbeats(http, proxy, issued, issued.idle_ttl / 3))
             status, timed_out = await self._supervise(env)
         finally:
             if beats is not None:

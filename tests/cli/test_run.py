@@ -368,6 +368,29 @@ def test_a_closed_stderr_never_keeps_the_token_or_the_child_alive(
     assert _revoked(replicas, task)["reason"] == "timeout"
 
 
+def test_a_log_line_that_cannot_be_written_still_revokes_the_token(
+    replicas: Replicas, identity_token: str, tmp_path: Path
+) -> None:
+    """With -v the wrapper logs its exchange (run.exchanged); its stderr a pipe nobody reads,
+    that line fails, and still the token it was issued is revoked on the way out."""
+    args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-no-log", "--", "true"]
+    with subprocess.Popen(  # our own command
+        [str(KEYPROXY), "-v", *args],
+        env=_env(identity_token, tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stderr is not None
+        proc.stderr.close()  # before anything is written: every write to it fails
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert _revoked(replicas, "run-no-log")["reason"] in {"completed", "failed"}
+
+
 def test_a_command_that_cannot_start_exits_127(
     replicas: Replicas, identity_token: str, tmp_path: Path
 ) -> None:
