@@ -112,9 +112,9 @@ def child_env(
 ) -> dict[str, str]:
     """The wrapped command's environment: `environ` without the `hidden` variables, without
     any variable holding the `identity` exchanged and without the variables of the routes
-    asked for but `refused`, plus each granted route's base URL
-    and token, KEYPROXY_URL, KEYPROXY_TASK_TOKEN (for a sub-agent's delegated token) and
-    KEYPROXY_TOKEN_ID, and the proxy's host among those reached without an HTTP proxy."""
+    asked for but `refused`; plus each granted route's base URL and token, KEYPROXY_URL,
+    KEYPROXY_TASK_TOKEN (for a sub-agent's delegated token), KEYPROXY_TOKEN_ID, and the
+    proxy's host among those reached without an HTTP proxy."""
     # SECURITY: the identity goes by its value, not only by the name it was read from. A
     # sub-agent started with `keyproxy run --identity-env KEYPROXY_TASK_TOKEN` inherits its
     # parent's token under every name the parent's run gave it (OPENAI_API_KEY,
