@@ -138,14 +138,14 @@ class Rotations(Steps):
         or due. Phase 2 of an earlier rotation (revoking its old key) comes first."""
         assert route.rotation is not None  # callers check
         revoked = 0
-        lost: list[str] = []  # old keys phase 2 could not revoke (see _phase2)
+        lost: list[str] = []  # old keys phase 2 could not revoke (see _phase2): a failure
+        kept: list[str] = []  # old keys phase 2 left valid on purpose: said in the outcome
         if mode is Mode.EMERGENCY and journal.step is not Step.IDLE:
             await journal.save(replace(journal.state, emergency=True))
         if journal.step in (Step.GRACE, Step.REVOKED):
             revoke_after = journal.previous().revoke_after
             if mode is Mode.EMERGENCY or journal.step is Step.REVOKED or self._past(revoke_after):
-                lost += await self._phase2(route, journal)
-                revoked += 1
+                revoked += await self._retire(route, journal, lost, kept)
             elif mode is Mode.NOW:
                 raise RotationError(
                     f"the previous key is in its grace period until {iso(revoke_after)};"
@@ -168,13 +168,33 @@ class Rotations(Steps):
             await self._begin(route, journal, mode)
             rotating = True
         if rotating:
-            await self._phase1(route, journal)
+            await self._rotate(route, journal, lost)
             if journal.state.emergency and journal.step is Step.GRACE:
-                lost += await self._phase2(route, journal)
-                revoked += 1
+                revoked += await self._retire(route, journal, lost, kept)
         await _release(journal, lost)
         version = await self._current_version(route)
-        return Outcome(route.name, Result.of(rotated=rotating, revoked=revoked), version=version)
+        result = Result.of(rotated=rotating, revoked=revoked)
+        return Outcome(route.name, result, "; ".join(kept), version=version)
+
+    async def _rotate(self, route: Route, journal: Journal, lost: list[str]) -> None:
+        """Phase 1. SECURITY: its failure also names the old keys phase 2 could not revoke
+        (`lost`): the journal has moved on, and nothing else would say so again."""
+        try:
+            await self._phase1(route, journal)
+        except Exception as exc:
+            if lost:
+                raise RotationError(f"{exc}; and {'; '.join(lost)}") from exc
+            raise
+
+    async def _retire(
+        self, route: Route, journal: Journal, lost: list[str], kept: list[str]
+    ) -> int:
+        """Phase 2 of the old key: 1 if it was revoked upstream, else 0, and why not added to
+        `lost` (gone: revoke it by hand) or `kept` (current again)."""
+        retired = await self._phase2(route, journal)
+        if retired.note:
+            (lost if retired.lost else kept).append(retired.note)
+        return int(retired.revoked)
 
     async def _idle_outcome(self, route: Route, journal: Journal) -> Outcome | None:
         """For --due: the outcome when there is plainly nothing to do, else None. Checked

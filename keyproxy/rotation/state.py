@@ -7,7 +7,7 @@ The journal is stored (KV v2, JSON) in this shape, the one earlier versions wrot
 
     {"step": "grace", "attempt": "<hex>", "emergency": false, "base_version": 6,
      "started_at": <epoch>, "pending": null | {"key", "key_id", "created"},
-     "previous": null | {"version", "revoke_after"}, "last_rotation": <epoch>,
+     "previous": null | {"version", "revoke_after"[, "unrevoked"]}, "last_rotation": <epoch>,
      "rotations": 7, "last_failure": null | {"at", "step", "error"},
      "lock": null | {"owner", "expires_at"}}
 
@@ -136,19 +136,32 @@ class Pending:
 
 @dataclass(frozen=True)
 class Previous:
-    """The key version a promotion replaced, and when it may be revoked upstream."""
+    """The key version a promotion replaced, when it may be revoked upstream, and, once its
+    revocation step ran, why it was not revoked (UNREVOKED_GONE, UNREVOKED_CURRENT; None: it
+    was, or not yet): kept so that a run resumed after that step says what it left."""
 
     version: int
     revoke_after: float
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    unrevoked: str | None = None
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> Previous:
-        rest = _unknown(data, ("version", "revoke_after"))
-        return cls(_count(data.get("version")), _time(data.get("revoke_after")), rest)
+        rest = _unknown(data, ("version", "revoke_after", "unrevoked"))
+        version, after = _count(data.get("version")), _time(data.get("revoke_after"))
+        return cls(version, after, rest, _text(data.get("unrevoked")))
 
     def to_data(self) -> dict[str, Any]:
-        return {**self.extra, "version": self.version, "revoke_after": self.revoke_after}
+        known: dict[str, Any] = {"version": self.version, "revoke_after": self.revoke_after}
+        if self.unrevoked is not None:  # only once the revocation step ran without revoking
+            known["unrevoked"] = self.unrevoked
+        return {**self.extra, **known}
+
+
+# Why an old key was not revoked upstream: gone from Vault (nothing to revoke it with: a
+# failure, someone must revoke it by hand), or the current key again (rolled back to).
+UNREVOKED_GONE = "gone"
+UNREVOKED_CURRENT = "current"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -24,7 +24,17 @@ from keyproxy.errors import VaultError
 from keyproxy.rotation import rotators
 from keyproxy.rotation.journal import Journal, RotationError, failpoint, journal_path
 from keyproxy.rotation.rotators import RotatorError, UpstreamKey
-from keyproxy.rotation.state import JournalError, Mode, Pending, Previous, Result, Step, iso
+from keyproxy.rotation.state import (
+    UNREVOKED_CURRENT,
+    UNREVOKED_GONE,
+    JournalError,
+    Mode,
+    Pending,
+    Previous,
+    Result,
+    Step,
+    iso,
+)
 from keyproxy.secret import Secret
 from keyproxy.upstream import UpstreamSessions
 from keyproxy.vault import CasConflict, SecretNotFound, Vault, announce_key_change
@@ -35,6 +45,16 @@ log = structlog.get_logger("keyproxy.rotation")
 _CLOCK_TOLERANCE = 2.0
 # Journal writes between recording a new key and promoting it are fewer than this.
 _PENDING_VERSIONS = 8
+
+
+class Retired(NamedTuple):
+    """How phase 2 ended for an old key: revoked upstream, or not, and why (`note`): rolled
+    back to, kept on purpose; or gone from Vault (`lost`: the run fails, naming what to
+    revoke by hand)."""
+
+    revoked: bool
+    note: str = ""
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,43 +225,59 @@ class Steps:
         await journal.save(replace(journal.state, step=Step.IDLE, pending=None))
         raise RotationError(f"{why}; the new key was revoked")
 
-    async def _phase2(self, route: Route, journal: Journal) -> list[str]:
+    async def _phase2(self, route: Route, journal: Journal) -> Retired:
         """grace → revoked (the old key revoked upstream) → idle (its KV version destroyed).
-        Returns why the old key could not be revoked, if it could not: the caller fails the
-        run once the journal has moved on, so "revoked" is never said of a key that was not."""
-        ref, version = route.secret, journal.previous().version
-        lost: list[str] = []
+        Says whether the old key was revoked, and why not if it could not be: the caller
+        fails the run once the journal has moved on, so "revoked" is never said of a key that
+        was not. Why is kept in the journal with the revocation step, so a run resumed after
+        it says so too."""
+        ref, previous = route.secret, journal.previous()
+        version = previous.version
         if journal.step is Step.GRACE:
-            try:
-                data = await self.vault.read_kv_at(ref.mount, ref.path, version)
-            except SecretNotFound:
-                data = {}
-            value = data.get(ref.field)
-            if not isinstance(value, str) or not value:
-                # Deleted, destroyed, or pruned by max_versions (a secret that keeps one
-                # version loses the old key at promotion): nothing to revoke it with.
-                log.warning("rotation.old_key_gone", route=route.name, version=version)
-                lost.append(
-                    f"the old key (version {version}) was gone from Vault (deleted, destroyed"
-                    " or pruned by max_versions) and was not revoked: revoke it upstream by hand"
-                )
-            else:
-                secret.register(value)
-                old = UpstreamKey(Secret(value), key_id_of(data))
-                if await self._is_current(route, old):
-                    # SECURITY: rolled back to during grace (`kv rollback`): revoking it
-                    # would revoke the key every proxy now injects.
-                    log.warning("rotation.old_key_current", route=route.name, version=version)
-                else:
-                    await self._rotator(route).revoke(old)
+            unrevoked = await self._revoke_old(route, version)
             failpoint("revoke")
-            await journal.save(replace(journal.state, step=Step.REVOKED))
+            previous = replace(previous, unrevoked=unrevoked)
+            await journal.save(replace(journal.state, step=Step.REVOKED, previous=previous))
             failpoint("revoked")
         await self.vault.destroy_kv_versions(ref.mount, ref.path, [version])
         failpoint("retire")
         await journal.save(replace(journal.state, step=Step.IDLE, previous=None, emergency=False))
-        log.info("rotation.revoked", route=route.name, version=version)
-        return lost
+        if previous.unrevoked is None:
+            log.info("rotation.revoked", route=route.name, version=version)
+            return Retired(revoked=True)
+        log.info("rotation.retired", route=route.name, version=version, why=previous.unrevoked)
+        if previous.unrevoked != UNREVOKED_GONE:
+            note = f"the old key (version {version}) is the current key again: not revoked"
+            return Retired(revoked=False, note=note)
+        return Retired(
+            revoked=False,
+            note=f"the old key (version {version}) was gone from Vault (deleted, destroyed or"
+            " pruned by max_versions) and was not revoked: revoke it upstream by hand",
+            lost=True,
+        )
+
+    async def _revoke_old(self, route: Route, version: int) -> str | None:
+        """Revoke the key of `version` upstream; why not, when it was not (`Previous`)."""
+        ref = route.secret
+        try:
+            data = await self.vault.read_kv_at(ref.mount, ref.path, version)
+        except SecretNotFound:
+            data = {}
+        value = data.get(ref.field)
+        if not isinstance(value, str) or not value:
+            # Deleted, destroyed, or pruned by max_versions (a secret that keeps one version
+            # loses the old key at promotion): nothing to revoke it with.
+            log.warning("rotation.old_key_gone", route=route.name, version=version)
+            return UNREVOKED_GONE
+        secret.register(value)
+        old = UpstreamKey(Secret(value), key_id_of(data))
+        if await self._is_current(route, old):
+            # SECURITY: rolled back to during grace (`kv rollback`): revoking it would revoke
+            # the key every proxy now injects.
+            log.warning("rotation.old_key_current", route=route.name, version=version)
+            return UNREVOKED_CURRENT
+        await self._rotator(route).revoke(old)
+        return None
 
     # ------------------------------------------------------------------ helpers
 

@@ -210,6 +210,35 @@ def test_rotation_killed_after_any_step_is_finished_by_the_next_run(
     assert (value == first) == (step == "lock")
 
 
+def test_an_old_key_gone_is_still_reported_by_the_run_resumed_after_its_revocation_step(
+    make_env: Callable[..., Env],
+) -> None:
+    """With the old key gone from Vault (a secret keeping one version), a `rotate
+    --emergency` killed right after the revocation step leaves the journal at `revoked`:
+    the run that finishes it fails too, naming the version to revoke by hand, never
+    reporting it revoked."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    path = env.raw["routes"][name]["secret"]["path"]
+    env.openbao.bao("kv", "metadata", "put", "-mount=secret", "-max-versions=1", path)
+    assert env.rotate(name).returncode == 0  # the first key
+    crashed = env.rotate(name, "--emergency", failpoint="after:revoked")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout
+
+    def past_the_lock() -> subprocess.CompletedProcess[str]:  # the killed run's, 1 s
+        return env.rotate("--due")
+
+    resumed = eventually_blocking(
+        past_the_lock,
+        "the killed run's lock never expired",
+        until=lambda done: outcomes(done)[name]["result"] != "locked",
+    )
+    outcome = outcomes(resumed)[name]
+    assert (resumed.returncode, outcome["result"]) == (1, "failed"), resumed.stdout
+    assert "old key (version 1)" in outcome["detail"]
+    assert "revoke it upstream by hand" in outcome["detail"]
+
+
 def test_two_due_runners_rotate_each_route_once(
     make_env: Callable[..., Env], openbao: OpenBaoDevServer, legacy_api: LegacyApiProcess
 ) -> None:

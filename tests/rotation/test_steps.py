@@ -105,7 +105,8 @@ async def test_a_key_rolled_back_to_during_grace_is_not_revoked(
     make_env: Callable[..., Env], legacy_api: LegacyApiProcess
 ) -> None:
     """A key rolled back to during its grace period (`kv rollback` to the version the
-    rotation replaced) is current again: the end of grace does not revoke it."""
+    rotation replaced) is current again: the end of grace does not revoke it, and the run
+    says so rather than `revoked`."""
     env = make_env()
     name = next(iter(env.raw["routes"]))
     path = env.raw["routes"][name]["secret"]["path"]
@@ -116,7 +117,8 @@ async def test_a_key_rolled_back_to_during_grace_is_not_revoked(
         env.openbao.bao("kv", "rollback", "-mount=secret", "-version=1", path)
         assert stored_key(env.openbao, env, name) == (first, first_id)
         due = await eventually(rotations.run_due, "run_due settles", until=_settled)
-    assert due[0].result == "revoked", due  # the grace is over, its version retired
+    assert due[0].result == "not_due", due  # the grace is over, its version retired
+    assert "(version 1) is the current key again: not revoked" in due[0].detail
     assert await asyncio.to_thread(accepted, legacy_api, first)
     assert first_id in await asyncio.to_thread(valid_ids, legacy_api, name)
 
