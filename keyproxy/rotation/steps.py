@@ -168,30 +168,29 @@ class Steps:
         return version
 
     async def _refuse_current(self, route: Route, journal: Journal, key: UpstreamKey) -> None:
-        """Fail (back to idle, nothing revoked) when create answered with the current key,
-        or with a key under the current key's id (an idempotency key that repeats, an
-        upstream that re-issues under one id).
+        """Fail (back to idle, nothing revoked) when create answered with the current key
+        itself (an idempotency key that repeats).
 
         SECURITY: promoted, it would make the version it replaces a copy of itself, and that
         version's revocation after grace would revoke the only key there is (every request
-        fails). Revoking it here would do the same at once: the key is left alone."""
-        if not await self._is_current(route, key):
+        fails). Revoking it here would do the same at once: the key is left alone. A new key
+        under the current key's id (an upstream that regenerates a key in place, an id that
+        names the account) is promoted: it may be the only one that works now; phase 2 then
+        leaves the old key alone, since revoking by that id would revoke the new one."""
+        if not await self._is_current(route, key, by_id=False):
             return
         await journal.save(replace(journal.state, step=Step.IDLE, attempt=None))
-        raise RotationError(
-            "create answered with the current key (its value or its id), not a new key:"
-            " nothing was changed"
-        )
+        raise RotationError("create answered with the current key, not a new one: nothing changed")
 
-    async def _is_current(self, route: Route, key: UpstreamKey) -> bool:
-        """Whether `key` is, upstream, the route's current key: the same value, or the same
-        key id (which a revocation by id would revoke)."""
+    async def _is_current(self, route: Route, key: UpstreamKey, *, by_id: bool = True) -> bool:
+        """Whether `key` is, upstream, the route's current key: the same value, or (`by_id`)
+        the same key id, which a revocation by id would revoke."""
         ref = route.secret
         try:
             data, _ = await self.vault.read_kv(ref.mount, ref.path)
         except SecretNotFound:
             return False
-        same_id = key.key_id is not None and key.key_id == key_id_of(data)
+        same_id = by_id and key.key_id is not None and key.key_id == key_id_of(data)
         return same_id or data.get(ref.field) == key.secret.reveal()
 
     async def _promote(self, route: Route, journal: Journal, key: UpstreamKey, base: int) -> int:
@@ -247,7 +246,10 @@ class Steps:
             return Retired(revoked=True)
         log.info("rotation.retired", route=route.name, version=version, why=previous.unrevoked)
         if previous.unrevoked != UNREVOKED_GONE:
-            note = f"the old key (version {version}) is the current key again: not revoked"
+            note = (
+                f"the old key (version {version}) is the current key again (its value or its"
+                " key id): not revoked"
+            )
             return Retired(revoked=False, note=note)
         return Retired(
             revoked=False,
