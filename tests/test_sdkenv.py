@@ -3,6 +3,8 @@ command, as tables (pure, no I/O)."""
 
 from __future__ import annotations
 
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import pytest
@@ -117,7 +119,8 @@ def test_the_identity_goes_under_whatever_name_it_is_held() -> None:
     ("proxy", "environ", "lists"),
     [
         ("http://127.0.0.1:8080", {}, ("127.0.0.1", "127.0.0.1")),
-        ("http://[::1]:8080", {}, ("::1", "::1")),
+        ("http://[::1]:8080", {}, ("::1,[::1]", "::1,[::1]")),
+        (PROXY, {"NO_PROXY": "*"}, ("*", "*")),  # nothing through a proxy already
         (PROXY, {"NO_PROXY": "corp.example"},
          ("corp.example,keyproxy.internal", "corp.example,keyproxy.internal")),
         (PROXY, {"no_proxy": "a", "NO_PROXY": "b"}, ("a,keyproxy.internal", "b,keyproxy.internal")),
@@ -127,7 +130,8 @@ def test_the_command_reaches_the_proxy_without_an_http_proxy(
     proxy: str, environ: dict[str, str], lists: tuple[str, str]
 ) -> None:
     """The proxy's host joins no_proxy and NO_PROXY (each keeping its list, or taking the
-    other's), so an inherited HTTP(S)_PROXY never carries the command's requests to keyproxy."""
+    other's), so an inherited HTTP(S)_PROXY never carries the command's requests to keyproxy,
+    as urllib (and requests) read the list; a list that is `*` stays whole."""
     env = child_env(
         {"HTTP_PROXY": "http://egress.corp:3128", **environ},
         proxy,
@@ -139,6 +143,9 @@ def test_the_command_reaches_the_proxy_without_an_http_proxy(
         identity=Secret("eyJ.id.token"),
     )
     assert (env["no_proxy"], env["NO_PROXY"]) == lists
+    hostport = urllib.parse.urlsplit(proxy).netloc  # as urllib's opener asks
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
+    assert bypass(hostport, {"no": env["no_proxy"]})
 
 
 def test_a_route_refused_keeps_no_inherited_variables() -> None:
