@@ -145,7 +145,9 @@ async def heartbeats(
             ) as answer:
                 status = answer.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("run.heartbeat_failed", token_id=issued.token_id, error=_why(exc))
+            # A stderr that cannot take the line must not end the heartbeats (as in _say).
+            with contextlib.suppress(OSError, ValueError):
+                log.warning("run.heartbeat_failed", token_id=issued.token_id, error=_why(exc))
             continue  # the next beat may reach it before the lease lapses
         if status in (401, 404, 405):
             why = "the token lapsed or was revoked" if status == 401 else "not supported"
