@@ -14,20 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import time
-from collections.abc import Callable
+import functools
 
 import structlog
 
 from keyproxy.config import Config
 from keyproxy.errors import BadRequest, RequestError, Unauthenticated, Unavailable, VaultError
-from keyproxy.state import StateStore, StoreUnavailable
+from keyproxy.state import StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens.format import CLOCK_SKEW, LEEWAY, TaskToken
 from keyproxy.tokens.inflight import UNVERIFIABLE
 from keyproxy.tokens.sessionseal import SessionSeal
 from keyproxy.tokens.verify import Verifier, trusted_issuers
-from keyproxy.vault import Vault
 
 log = structlog.get_logger("keyproxy.tokens")
 
@@ -39,18 +37,11 @@ LEASE_CLAIM = 30.0  # seconds a lapsed lease handed to a sweep waits before anot
 class TaskTokens(Verifier):
     """Issue, verify and revoke task tokens for one configuration."""
 
-    def __init__(
-        self,
-        config: Config,
-        vault: Vault,
-        clock: Callable[[], float] = time.time,
-        *,
-        store: StateStore | None = None,
-    ) -> None:
-        super().__init__(config, vault, clock, store=store)
-        # MCP session ids bound to their callers, keyed beside the revocation list; it
-        # follows a reload's configuration in `prepare`, before the swap.
-        self.seal = SessionSeal(vault, config)
+    @functools.cached_property
+    def seal(self) -> SessionSeal:
+        """MCP session ids bound to their callers, keyed beside the revocation list; it
+        follows a reload's configuration in `prepare`, before the swap."""
+        return SessionSeal(self.vault, self.config)
 
     def reconfigure(self, config: Config) -> None:
         """Follow `config` (a reload): its token settings apply to tokens issued from now on,
