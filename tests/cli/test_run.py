@@ -347,22 +347,12 @@ def test_a_closed_stderr_never_keeps_the_token_or_the_child_alive(
     child = SAVE_TOKEN + (
         "import time; pathlib.Path(sys.argv[2]).write_text(str(os.getpid())); time.sleep(60)"
     )
-    with subprocess.Popen(  # our own command
-        [str(KEYPROXY), *args, sys.executable, "-c", child, str(saved), str(pid)],
-        env=_env(identity_token, tmp_path),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    ) as proc:
-        assert proc.stderr is not None
-        proc.stderr.close()  # before anything is written: every write to it fails
-        try:
-            code = proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
-                os.kill(int(pid.read_text()), signal.SIGKILL)
+    try:
+        argv = [*args, sys.executable, "-c", child, str(saved), str(pid)]
+        code = _without_stderr(argv, _env(identity_token, tmp_path))
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(pid.read_text()), signal.SIGKILL)
     assert code == 128 + signal.SIGTERM
     _refused_everywhere(replicas, _token(saved))
     assert _revoked(replicas, task)["reason"] == "timeout"
@@ -374,21 +364,27 @@ def test_a_log_line_that_cannot_be_written_still_revokes_the_token(
     """With -v the wrapper logs its exchange (run.exchanged); its stderr a pipe nobody reads,
     that line fails, and still the token it was issued is revoked on the way out."""
     args = [*_run_args(replicas), "--scope", SCOPE, "--task", "run-no-log", "--", "true"]
+    _without_stderr(["-v", *args], _env(identity_token, tmp_path))
+    assert _revoked(replicas, "run-no-log")["reason"] in {"completed", "failed"}
+
+
+def _without_stderr(args: list[str], env: dict[str, str]) -> int:
+    """`keyproxy` with `args`, its stderr a pipe closed before anything is written to it
+    (every write fails): its exit status (it is killed past 30 s)."""
     with subprocess.Popen(  # our own command
-        [str(KEYPROXY), "-v", *args],
-        env=_env(identity_token, tmp_path),
+        [str(KEYPROXY), *args],
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     ) as proc:
         assert proc.stderr is not None
-        proc.stderr.close()  # before anything is written: every write to it fails
+        proc.stderr.close()
         try:
-            proc.wait(timeout=30)
+            return proc.wait(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert _revoked(replicas, "run-no-log")["reason"] in {"completed", "failed"}
 
 
 def test_a_command_that_cannot_start_exits_127(
