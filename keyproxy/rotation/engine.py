@@ -25,7 +25,7 @@ journal is kept by `journal`, and each step is carried out by `steps`.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -136,16 +136,13 @@ class Rotations(Steps):
     async def _drive(self, route: Route, journal: Journal, mode: Mode) -> Outcome:
         """Under the lock: finish what the journal says is under way, then rotate if asked
         or due. Phase 2 of an earlier rotation (revoking its old key) comes first."""
-        assert route.rotation is not None  # callers check
-        revoked = 0
-        lost: list[str] = []  # old keys phase 2 could not revoke (see _phase2): a failure
-        kept: list[str] = []  # old keys phase 2 left valid on purpose: said in the outcome
+        tally = _Tally()
         if mode is Mode.EMERGENCY and journal.step is not Step.IDLE:
             await journal.save(replace(journal.state, emergency=True))
         if journal.step in (Step.GRACE, Step.REVOKED):
             revoke_after = journal.previous().revoke_after
             if mode is Mode.EMERGENCY or journal.step is Step.REVOKED or self._past(revoke_after):
-                revoked += await self._retire(route, journal, lost, kept)
+                await self._retire(route, journal, tally)
             elif mode is Mode.NOW:
                 raise RotationError(
                     f"the previous key is in its grace period until {iso(revoke_after)};"
@@ -154,8 +151,21 @@ class Rotations(Steps):
             else:
                 await journal.save(release=True)
                 return _in_grace(route, revoke_after)
+        try:
+            return await self._onward(route, journal, mode, tally)
+        except NotRevoked:
+            raise
+        except Exception as exc:
+            if tally.lost:  # SECURITY: the journal has moved on; nothing else would say so
+                raise RotationError(f"{exc}; and {'; '.join(tally.lost)}") from exc
+            raise
+
+    async def _onward(self, route: Route, journal: Journal, mode: Mode, tally: _Tally) -> Outcome:
+        """After an earlier rotation's phase 2: the manual rotator's outcome, or an abandoned
+        key revoked, phase 1 when asked or due, and an emergency's phase 2 at once."""
+        assert route.rotation is not None  # callers check
         if isinstance(route.rotation.rotator, ManualRotator):
-            await _release(journal, lost)
+            await _release(journal, tally.lost)
             if mode is not Mode.DUE:
                 raise RotationError("manual rotator: store a new key with keyproxy keys put")
             return await self._manual_outcome(route)
@@ -168,33 +178,21 @@ class Rotations(Steps):
             await self._begin(route, journal, mode)
             rotating = True
         if rotating:
-            await self._rotate(route, journal, lost)
-            if journal.state.emergency and journal.step is Step.GRACE:
-                revoked += await self._retire(route, journal, lost, kept)
-        await _release(journal, lost)
-        version = await self._current_version(route)
-        result = Result.of(rotated=rotating, revoked=revoked)
-        return Outcome(route.name, result, "; ".join(kept), version=version)
-
-    async def _rotate(self, route: Route, journal: Journal, lost: list[str]) -> None:
-        """Phase 1. SECURITY: its failure also names the old keys phase 2 could not revoke
-        (`lost`): the journal has moved on, and nothing else would say so again."""
-        try:
             await self._phase1(route, journal)
-        except Exception as exc:
-            if lost:
-                raise RotationError(f"{exc}; and {'; '.join(lost)}") from exc
-            raise
+            if journal.state.emergency and journal.step is Step.GRACE:
+                await self._retire(route, journal, tally)
+        await _release(journal, tally.lost)
+        version = await self._current_version(route)
+        result = Result.of(rotated=rotating, revoked=tally.revoked)
+        return Outcome(route.name, result, "; ".join(tally.kept), version=version)
 
-    async def _retire(
-        self, route: Route, journal: Journal, lost: list[str], kept: list[str]
-    ) -> int:
-        """Phase 2 of the old key: 1 if it was revoked upstream, else 0, and why not added to
-        `lost` (gone: revoke it by hand) or `kept` (current again)."""
+    async def _retire(self, route: Route, journal: Journal, tally: _Tally) -> None:
+        """Phase 2 of the old key, counted in `tally`: revoked upstream, or why not (gone, or
+        sharing the current key's id: revoke it by hand; current again: kept)."""
         retired = await self._phase2(route, journal)
+        tally.revoked += retired.revoked
         if retired.note:
-            (lost if retired.lost else kept).append(retired.note)
-        return int(retired.revoked)
+            (tally.lost if retired.lost else tally.kept).append(retired.note)
 
     async def _idle_outcome(self, route: Route, journal: Journal) -> Outcome | None:
         """For --due: the outcome when there is plainly nothing to do, else None. Checked
@@ -247,13 +245,27 @@ async def key_created(vault: Vault, route: Route) -> float | None:
     return created
 
 
+class NotRevoked(RotationError):
+    """A run's work is done, but an old key it should have revoked upstream was not."""
+
+
+@dataclass
+class _Tally:
+    """What a run's phase 2 steps did: old keys revoked, and why others were not (`lost`:
+    the run fails naming them; `kept`: said in its outcome)."""
+
+    revoked: int = 0
+    lost: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
 async def _release(journal: Journal, lost: list[str]) -> None:
     """Release the lock after a run's work; when phase 2 could not revoke an old key, fail
     instead (`_run` records it and releases): the journal has moved on, so the run fails
     once, naming the key that may still be valid upstream (a leak's, perhaps), and never
     reports it revoked."""
     if lost:
-        raise RotationError("; ".join(lost))
+        raise NotRevoked("; ".join(lost))
     await journal.save(release=True)
 
 

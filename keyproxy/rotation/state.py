@@ -137,8 +137,8 @@ class Pending:
 @dataclass(frozen=True)
 class Previous:
     """The key version a promotion replaced, when it may be revoked upstream, and, once its
-    revocation step ran, why it was not revoked (UNREVOKED_GONE, UNREVOKED_CURRENT; None: it
-    was, or not yet): kept so that a run resumed after that step says what it left."""
+    revocation step ran, why it was not revoked (UNREVOKED_GONE, UNREVOKED_SAME_ID,
+    UNREVOKED_CURRENT; None: it was, or not yet): kept so that a run resumed after that step says what it left."""
 
     version: int
     revoke_after: float
@@ -158,9 +158,11 @@ class Previous:
         return {**self.extra, **known}
 
 
-# Why an old key was not revoked upstream: gone from Vault (nothing to revoke it with: a
-# failure, someone must revoke it by hand), or the current key again (rolled back to).
+# Why an old key was not revoked upstream: gone from Vault (nothing to revoke it with), or
+# under the current key's id (a revocation by it could revoke the current key): failures,
+# someone must revoke it by hand; or the current key again (rolled back to): kept.
 UNREVOKED_GONE = "gone"
+UNREVOKED_SAME_ID = "same_id"
 UNREVOKED_CURRENT = "current"
 
 

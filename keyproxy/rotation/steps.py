@@ -27,6 +27,7 @@ from keyproxy.rotation.rotators import RotatorError, UpstreamKey
 from keyproxy.rotation.state import (
     UNREVOKED_CURRENT,
     UNREVOKED_GONE,
+    UNREVOKED_SAME_ID,
     JournalError,
     Mode,
     Pending,
@@ -49,8 +50,8 @@ _PENDING_VERSIONS = 8
 
 class Retired(NamedTuple):
     """How phase 2 ended for an old key: revoked upstream, or not, and why (`note`): rolled
-    back to, kept on purpose; or gone from Vault (`lost`: the run fails, naming what to
-    revoke by hand)."""
+    back to, kept on purpose; or gone from Vault, or under the current key's id (`lost`: the
+    run fails, naming what to revoke by hand)."""
 
     revoked: bool
     note: str = ""
@@ -176,7 +177,7 @@ class Steps:
         fails). Revoking it here would do the same at once: the key is left alone. A new key
         under the current key's id (an upstream that regenerates a key in place, an id that
         names the account) is promoted: it may be the only one that works now; phase 2 then
-        leaves the old key alone, since revoking by that id would revoke the new one."""
+        leaves the old key to a person (revoking by that id could revoke the new one)."""
         if not await self._is_current(route, key, by_id=False):
             return
         await journal.save(replace(journal.state, step=Step.IDLE, attempt=None))
@@ -238,25 +239,15 @@ class Steps:
             previous = replace(previous, unrevoked=unrevoked)
             await journal.save(replace(journal.state, step=Step.REVOKED, previous=previous))
             failpoint("revoked")
-        await self.vault.destroy_kv_versions(ref.mount, ref.path, [version])
+        if previous.unrevoked != UNREVOKED_SAME_ID:  # else kept: the only copy to revoke it by
+            await self.vault.destroy_kv_versions(ref.mount, ref.path, [version])
         failpoint("retire")
         await journal.save(replace(journal.state, step=Step.IDLE, previous=None, emergency=False))
         if previous.unrevoked is None:
             log.info("rotation.revoked", route=route.name, version=version)
             return Retired(revoked=True)
         log.info("rotation.retired", route=route.name, version=version, why=previous.unrevoked)
-        if previous.unrevoked != UNREVOKED_GONE:
-            note = (
-                f"the old key (version {version}) is the current key again (its value or its"
-                " key id): not revoked"
-            )
-            return Retired(revoked=False, note=note)
-        return Retired(
-            revoked=False,
-            note=f"the old key (version {version}) was gone from Vault (deleted, destroyed or"
-            " pruned by max_versions) and was not revoked: revoke it upstream by hand",
-            lost=True,
-        )
+        return _unrevoked(version, previous.unrevoked)
 
     async def _revoke_old(self, route: Route, version: int) -> str | None:
         """Revoke the key of `version` upstream; why not, when it was not (`Previous`)."""
@@ -273,11 +264,17 @@ class Steps:
             return UNREVOKED_GONE
         secret.register(value)
         old = UpstreamKey(Secret(value), key_id_of(data))
-        if await self._is_current(route, old):
+        if await self._is_current(route, old, by_id=False):
             # SECURITY: rolled back to during grace (`kv rollback`): revoking it would revoke
             # the key every proxy now injects.
             log.warning("rotation.old_key_current", route=route.name, version=version)
             return UNREVOKED_CURRENT
+        if await self._is_current(route, old):
+            # SECURITY: another key under the current key's id (regenerated in place, or an
+            # id naming the account): a revocation by that id could revoke the current key,
+            # and one by value is not known to be what the rotator does. Left to a person.
+            log.warning("rotation.old_key_same_id", route=route.name, version=version)
+            return UNREVOKED_SAME_ID
         await self._rotator(route).revoke(old)
         return None
 
@@ -344,3 +341,22 @@ def key_id_of(data: dict[str, Any]) -> str | None:
 def grace_period(route: Route) -> float:
     assert route.rotation is not None  # callers check
     return route.rotation.grace
+
+
+def _unrevoked(version: int, why: str) -> Retired:
+    """Phase 2's account of an old key it did not revoke upstream (`Previous.unrevoked`)."""
+    old = f"the old key (version {version})"
+    if why == UNREVOKED_CURRENT:
+        return Retired(revoked=False, note=f"{old} is the current key again: not revoked")
+    if why == UNREVOKED_SAME_ID:
+        note = (
+            f"{old} has the current key's key id, and a revocation by that id could revoke the"
+            f" current key: not revoked, its version kept; revoke it upstream by hand, then"
+            f" destroy version {version}"
+        )
+        return Retired(revoked=False, note=note, lost=True)
+    note = (
+        f"{old} was gone from Vault (deleted, destroyed or pruned by max_versions) and was"
+        " not revoked: revoke it upstream by hand"
+    )
+    return Retired(revoked=False, note=note, lost=True)

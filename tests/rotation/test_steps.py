@@ -4,6 +4,7 @@ a lost lock and a create answering the current key revoke the right key (or none
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -83,7 +84,7 @@ async def test_a_create_answering_the_current_key_fails_and_revokes_nothing(
         first = await rotations.rotate(name)
         current, key_id = stored_key(env.openbao, env, name)
         outcome = await rotations.rotate(name)
-        assert outcome.failed, outcome
+        assert outcome.failed, repr(outcome)
         assert "current key" in outcome.detail
         # Past the 100 ms grace there is nothing to revoke: the key stays the only one.
         due = await eventually(rotations.run_due, "run_due settles", until=_settled)
@@ -123,6 +124,33 @@ async def test_a_key_rolled_back_to_during_grace_is_not_revoked(
     assert first_id in await asyncio.to_thread(valid_ids, legacy_api, name)
 
 
+async def test_an_old_key_under_the_current_key_id_is_left_to_a_person(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """An old key whose `key_id` is now the current key's (here set with `kv patch`; an
+    upstream regenerating a key in place does it too) is not revoked, as a revocation by
+    that id could revoke the current key: the run that ends its grace fails, saying so, and
+    the old version stays in Vault to revoke it by hand."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    path = env.raw["routes"][name]["secret"]["path"]
+    async with engine(env) as rotations:
+        await rotations.rotate(name)
+        first, first_id = stored_key(env.openbao, env, name)
+        await rotations.rotate(name)  # the first key in grace (version 1)
+        env.openbao.bao("kv", "patch", "-mount=secret", path, f"key_id={first_id}")
+        due = await eventually(rotations.run_due, "run_due settles", until=_settled)
+    outcome = due[0]
+    assert outcome.failed, outcome
+    assert "(version 1) has the current key's key id" in outcome.detail
+    assert "revoke it upstream by hand" in outcome.detail
+    kept = json.loads(
+        env.openbao.bao("kv", "get", "-mount=secret", "-version=1", "-format=json", path)
+    )
+    assert kept["data"]["data"]["api_key"] == first  # kept, to revoke it by
+    assert await asyncio.to_thread(accepted, legacy_api, first)
+
+
 async def test_an_old_key_whose_version_is_gone_fails_the_run_instead_of_revoked(
     make_env: Callable[..., Env], legacy_api: LegacyApiProcess
 ) -> None:
@@ -137,7 +165,7 @@ async def test_an_old_key_whose_version_is_gone_fails_the_run_instead_of_revoked
         await rotations.rotate(name)
         leaked, _ = stored_key(env.openbao, env, name)
         outcome = await rotations.rotate(name, emergency=True)
-        assert outcome.failed, outcome
+        assert outcome.failed, repr(outcome)
         assert "old key (version 1)" in outcome.detail
         assert "not revoked" in outcome.detail
         after = await rotations.run_due()
