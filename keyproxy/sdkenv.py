@@ -150,17 +150,17 @@ def _reach_directly(env: dict[str, str], proxy: str) -> None:
     Authorization header, to that other host: in clear text for an http:// proxy URL, which
     the wrapper trusts on loopback or behind a mesh. Both names are set (curl, urllib and
     httpx read the lower-case one first, Go the upper-case one), each to its own list, or
-    else the other's, plus the host (an IPv6 address both bare and in brackets: urllib
-    matches only the latter). A list that is `*` (no proxy for anything) is left as it is:
-    urllib and curl honour `*` only as the whole value."""
+    else the other's, plus the host (an IPv6 address bare: httpx refuses a client whose
+    list holds one in brackets; curl and Go match it bare, urllib does not). A list that is
+    `*` (no proxy for anything) is left as it is: urllib and curl honour `*` only as the
+    whole value."""
     host = urllib.parse.urlsplit(proxy).hostname
     if not host:
         return
-    hosts = f"{host},[{host}]" if ":" in host else host
     either = next((env[name] for name in NO_PROXY_VARS if env.get(name)), "")
     for name in NO_PROXY_VARS:
         listed = env.get(name) or either
         if listed.strip() == "*":
             env[name] = listed
             continue
-        env[name] = f"{listed},{hosts}" if listed else hosts
+        env[name] = f"{listed},{host}" if listed else host
