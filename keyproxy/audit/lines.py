@@ -57,15 +57,15 @@ class WholeLines:
             text, self._unsent = self._unsent + text, ""
             try:
                 stream.write(text)
-                stream.flush()
             except BaseException:
                 self._unsent = _kept(text)
                 raise
+            stream.flush()  # written already: a failure here must not write it again
             return
-        stream.flush()  # what was written to it before goes first
         data = self._unwritten + text.encode(stream.encoding or "utf-8", stream.errors or "strict")
         self._unwritten, done = b"", 0
         try:
+            stream.flush()  # what was written to it before goes first
             for piece in _pieces(data) if self._pipe else (data,):
                 left = memoryview(piece)
                 while left:
