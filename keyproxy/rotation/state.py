@@ -138,7 +138,8 @@ class Pending:
 class Previous:
     """The key version a promotion replaced, when it may be revoked upstream, and, once its
     revocation step ran, why it was not revoked (UNREVOKED_GONE, UNREVOKED_SAME_ID,
-    UNREVOKED_CURRENT; None: it was, or not yet): kept so that a run resumed after that step says what it left."""
+    UNREVOKED_CURRENT; None: it was, or not yet): kept so that a run resumed after that
+    step says what it left."""
 
     version: int
     revoke_after: float
