@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import gc
 import gzip
 import json
@@ -26,7 +27,7 @@ from yarl import URL
 
 from keyproxy.devserver import Agent, OpenBaoDevServer
 from keyproxy.server.collector import YOUNG_GC_THRESHOLD
-from tests.helpers.events import read_events
+from tests.helpers.events import events_of, read_events
 from tests.helpers.issuer import Issuer
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
@@ -217,9 +218,16 @@ async def audit_events(audit_log: Path, request_id: str) -> list[dict[str, Any]]
     """The request events of `request_id`, once at least one is in the log. Lines are written
     in the order the events were made: once one is in, all made before it are too."""
     return await eventually(
-        lambda: [e for e in read_events(audit_log) if e.get("request_id") == request_id],
+        functools.partial(events_of, audit_log, request_id),
         f"no audit event for request {request_id}",
     )
+
+
+async def _matching(
+    audit_log: Path, containing: str, keep: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The events of the audit log (read in a thread: see events_of) that `keep` keeps."""
+    return [e for e in await asyncio.to_thread(read_events, audit_log, containing) if keep(e)]
 
 
 class ConnectionCounter:
@@ -1607,7 +1615,7 @@ async def test_stalled_declared_length_body_is_408(
     assert int(status_line.split()[1]) == 408
     assert time.monotonic() - started >= 1.0  # not before the route's 1 s read timeout
     seen = await eventually(
-        lambda: [e for e in read_events(audit_log) if e.get("reason") == "body_timeout"],
+        lambda: _matching(audit_log, "body_timeout", lambda e: e.get("reason") == "body_timeout"),
         "no audit event for the stalled upload",
     )
     assert (seen[-1]["status"], seen[-1]["path"]) == (408, "/echo")
@@ -1852,7 +1860,7 @@ async def test_upstream_silent_in_a_stream_cuts_the_answer(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     cut = await eventually(
-        lambda: [e for e in read_events(audit_log) if e.get("path") == "/stall/stream"],
+        lambda: _matching(audit_log, "/stall/stream", lambda e: e.get("path") == "/stall/stream"),
         "no audit event for the cut stream",
     )
     assert cut[-1]["reason"] == "upstream_timeout"

@@ -36,7 +36,7 @@ from keyproxy.tokens.format import LEEWAY
 from keyproxy.tokens.inflight import UNVERIFIABLE
 from keyproxy.vault import Vault
 from tests.helpers.cli import ready, serve_replicas
-from tests.helpers.events import read_events
+from tests.helpers.events import events_of, read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import (
@@ -1134,10 +1134,6 @@ async def _ticking(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _events_of(audit_log: Path, rid: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(audit_log) if e.get("request_id") == rid]
-
-
 async def _events_until_cut(answer: aiohttp.ClientResponse) -> int:
     """How many events arrived before the answer was cut (asserting it was, within 10 s)."""
     events = 0
@@ -1187,10 +1183,17 @@ async def test_an_open_stream_ends_with_its_token(
                                 token_id=answer["token_id"], expires_at=answer["expires_at"]
                             )
                         assert await _events_until_cut(stream) < 590, how
-                    events = await eventually(
-                        functools.partial(_events_of, audit_log, rid),
-                        f"no audit event for the stream cut by {how}",
-                    )
+                    try:
+                        events = await eventually(
+                            functools.partial(events_of, audit_log, rid),
+                            f"no audit event for the stream cut by {how}",
+                        )
+                    except AssertionError as missing:  # rare: say what the log does hold
+                        raise AssertionError(
+                            f"{missing}; the token's events: "
+                            f"{read_events(audit_log, answer['token_id'])[-5:]}; in flight: "
+                            f"{[t.get_coro() for t in asyncio.all_tasks()][:20]}"
+                        ) from None
                     assert [e["reason"] for e in events] == ["token_revoked"], how
             finally:
                 vault.close()
@@ -1231,7 +1234,7 @@ async def test_an_open_stream_ends_when_its_list_is_too_old_to_judge_by(
                 relay.down = True
                 assert await _events_until_cut(stream) < 590
             events = await eventually(
-                functools.partial(_events_of, audit_log, rid), "no audit event for the cut stream"
+                functools.partial(events_of, audit_log, rid), "no audit event for the cut stream"
             )
             assert [e["reason"] for e in events] == ["revocations_unavailable"]
             async with http.get(url, headers=bearer(answer["access_token"])) as refused:
