@@ -16,9 +16,8 @@ def read_events(path: Path, containing: str = "") -> list[dict[str, Any]]:
 
 
 async def events_of(path: Path, request_id: str) -> list[dict[str, Any]]:
-    """The events of `request_id` in `path`, read in a thread: the session's audit log grows
-    to many megabytes, and a read on the event loop would hold up the in-process servers
-    whose events a test polls for (a poll that blocked them for seconds at a time let a
-    10 s wait run out before a stream's handler could write its event)."""
+    """The events of `request_id` in `path`, read in a thread: a read on the event loop
+    would hold up the in-process servers whose events a test polls for, the longer the
+    session's audit log grows."""
     found = await asyncio.to_thread(read_events, path, request_id)
     return [e for e in found if e.get("request_id") == request_id]
