@@ -102,19 +102,32 @@ def _settled(outcomes: list[rotation.Outcome]) -> bool:
     return outcomes[0].result not in ("in_grace", "locked")
 
 
+def _route_of(make_env: Callable[..., Env]) -> tuple[Env, str, str]:
+    """A fresh environment, its route and the route's secret path."""
+    env = make_env()
+    name = next(iter(env.raw["routes"]))
+    return env, name, env.raw["routes"][name]["secret"]["path"]
+
+
+async def _first_key_in_grace(
+    rotations: rotation.Rotations, env: Env, name: str
+) -> tuple[str, str]:
+    """Two rotations: the first key (version 1) in its grace period; its value and id."""
+    await rotations.rotate(name)
+    first = stored_key(env.openbao, env, name)
+    assert (await rotations.rotate(name)).result == "rotated"
+    return first
+
+
 async def test_a_key_rolled_back_to_during_grace_is_not_revoked(
     make_env: Callable[..., Env], legacy_api: LegacyApiProcess
 ) -> None:
     """A key rolled back to during its grace period (`kv rollback` to the version the
     rotation replaced) is current again: the end of grace does not revoke it, and the run
     says so rather than `revoked`."""
-    env = make_env()
-    name = next(iter(env.raw["routes"]))
-    path = env.raw["routes"][name]["secret"]["path"]
+    env, name, path = _route_of(make_env)
     async with engine(env) as rotations:
-        await rotations.rotate(name)
-        first, first_id = stored_key(env.openbao, env, name)
-        assert (await rotations.rotate(name)).result == "rotated"  # the first key in grace
+        first, first_id = await _first_key_in_grace(rotations, env, name)
         env.openbao.bao("kv", "rollback", "-mount=secret", "-version=1", path)
         assert stored_key(env.openbao, env, name) == (first, first_id)
         due = await eventually(rotations.run_due, "run_due settles", until=_settled)
@@ -131,13 +144,9 @@ async def test_an_old_key_under_the_current_key_id_is_left_to_a_person(
     upstream regenerating a key in place does it too) is not revoked, as a revocation by
     that id could revoke the current key: the run that ends its grace fails, saying so, and
     the old version stays in Vault to revoke it by hand."""
-    env = make_env()
-    name = next(iter(env.raw["routes"]))
-    path = env.raw["routes"][name]["secret"]["path"]
+    env, name, path = _route_of(make_env)
     async with engine(env) as rotations:
-        await rotations.rotate(name)
-        first, first_id = stored_key(env.openbao, env, name)
-        await rotations.rotate(name)  # the first key in grace (version 1)
+        first, first_id = await _first_key_in_grace(rotations, env, name)
         env.openbao.bao("kv", "patch", "-mount=secret", path, f"key_id={first_id}")
         due = await eventually(rotations.run_due, "run_due settles", until=_settled)
     outcome = due[0]
