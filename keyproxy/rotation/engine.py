@@ -233,12 +233,9 @@ async def key_created(vault: Vault, route: Route) -> float | None:
     by hand) would keep the key from being due for rotation or past max_age until then."""
     ref = route.secret
     try:
-        data, version = await vault.read_kv(ref.mount, ref.path)
+        data, _, stored = await vault.read_kv_dated(ref.mount, ref.path)
     except SecretNotFound:
         return None
-    meta = await vault.kv_metadata(ref.mount, ref.path) or {}
-    entry = (meta.get("versions") or {}).get(str(version)) or {}
-    stored = parse_time(entry.get("created_time"))
     created = parse_time(data.get("created_at"))
     if created is None or (stored is not None and created > stored):
         return stored

@@ -32,11 +32,13 @@ class Kv(Session):
 
     async def read_kv(self, mount: str, path: str) -> tuple[dict[str, Any], int]:
         """The latest version of a KV v2 secret: its data and version number."""
-        data, version, _ = await self._read_latest(mount, path)
+        data, version, _ = await self.read_kv_dated(mount, path)
         return data, version
 
-    async def _read_latest(self, mount: str, path: str) -> tuple[dict[str, Any], int, float | None]:
-        """The latest version's data, number, and creation time (Vault's clock)."""
+    async def read_kv_dated(
+        self, mount: str, path: str
+    ) -> tuple[dict[str, Any], int, float | None]:
+        """The latest version's data, number, and when Vault stored it (its clock)."""
         response = await self._call(
             f"read {mount}/{path}",
             lambda c: c.secrets.kv.v2.read_secret_version(
@@ -113,7 +115,7 @@ class Kv(Session):
 
     async def read_key(self, ref: SecretRef) -> KeyVersion:
         """A route's key. Refuses (VaultError) a missing, non-string or empty field."""
-        data, version, created = await self._read_latest(ref.mount, ref.path)
+        data, version, created = await self.read_kv_dated(ref.mount, ref.path)
         where = f"{ref.mount}/{ref.path} (version {version})"
         if ref.field not in data:
             raise VaultError(f"{where} has no field {ref.field!r}")
