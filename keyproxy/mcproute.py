@@ -3,7 +3,7 @@
     McpPlan.of(route, policies, seal)           one route's grants, prepared once
     McpPlan.grant(policy, task) -> mcp.Grant    the caller's effective grant
     check_endpoint(route, path)                 404 off the route's MCP endpoint
-    await decided(request, route, plan, facts, key_version) -> McpStep
+    await decided(request, route, plan, facts) -> McpStep
                                                 the session opened, a POST read and decided
     McpPlan.outgoing(step, url, headers, forwarder) -> Outgoing    the upstream request
     McpStep.reshape(upstream) -> AnswerFilter | None     the answer's filter, if it needs one
@@ -295,6 +295,8 @@ class CallFacts(NamedTuple):
     task: TaskToken | None
     token_id: str | None
     policy: str | None
+    key_version: int  # the key injected: its version and fingerprint (keyproxy.vault.KeyVersion)
+    key_fingerprint: str
 
 
 async def decided(
@@ -302,7 +304,6 @@ async def decided(
     route: Route,
     plan: McpPlan,
     facts: CallFacts,
-    key_version: int,
 ) -> McpStep:
     """An MCP route's step: the session opened for the caller, the body read and decided
     against the caller's grant (the allowing policy's, narrowed by the task token's scope),
@@ -319,15 +320,18 @@ async def decided(
         "task": task.task if task is not None else None,
         "exception_owner": task.exception_owner if task is not None else None,
         "policy": facts.policy,
-        "key_version": key_version,
+        "key_version": facts.key_version,
+        "key_fingerprint": facts.key_fingerprint,
         "mcp_session": mcp.session_label(session or ""),
     }
     if task is not None:  # a delegated token names its whole chain, as its request events do
         fields |= chain_fields(task)
     try:
         step = await inspect(request, route, plan.grant(facts.policy, task), session, bound)
-    except McpRefused as exc:  # nothing sent upstream: no key version
-        audit.emit_calls(exc.calls, fields | {"key_version": None}, exc.reason)
+    except McpRefused as exc:  # nothing sent upstream: no key
+        audit.emit_calls(
+            exc.calls, fields | {"key_version": None, "key_fingerprint": None}, exc.reason
+        )
         raise
     audit.emit_calls(step.calls, fields, "")
     return step

@@ -51,8 +51,8 @@ from keyproxy.vault import KeyCache, KeyVersion
 
 log = structlog.get_logger("keyproxy.proxy")
 
-# How a request ended: its audit reason, status, whether its answer was sent (or is an
-# error's, sent after the event is built), and the limit that refused it.
+# How a request ended: its audit reason, status, whether its answer was sent (or is an error's,
+# sent after the event is built), and the limit that refused it.
 _Ended = tuple[str, int, bool, str | None]
 
 
@@ -218,7 +218,7 @@ class Proxy:
                 caller=caller,
                 decision=decision,
                 granted=granted,
-                key=key,
+                key=key if exchange is not None else None,  # sent with it
                 exchange=exchange,
                 reason=reason,
                 status=status,
@@ -263,8 +263,7 @@ class Proxy:
             parsed: tuple[IPAddress, str] | None = getattr(request.protocol, policy.PEER, None)
             if parsed is not None:
                 return parsed
-        # A peer with no address (a Unix socket) matches no CIDR.
-        peer = request.remote or "0.0.0.0"  # noqa: S104
+        peer = request.remote or "0.0.0.0"  # noqa: S104  # no address (Unix socket): no CIDR
         if trusted:
             forwarded = request.headers.getall("X-Forwarded-For", [])
             source = policy.client_address(peer, forwarded, trusted)
@@ -364,7 +363,8 @@ def _record(
         decision.policy if decision is not None else None,  # policy
         "allow" if granted else "deny",  # decision
         reason,
-        key.version if key is not None and exchange is not None else None,  # sent with it
+        key.version if key is not None else None,  # key_version
+        key.fingerprint if key is not None else None,  # key_fingerprint
         status,
         exchange.upstream_status if exchange is not None else None,  # upstream_status
         int(elapsed * 1e6) / 1000,  # duration_ms, in whole microseconds
@@ -392,9 +392,8 @@ async def _outgoing(  # noqa: PLR0917  # what the steps before produced
     headers = upstream_headers(request.headers, plan.forwards, rendered, rid)
     if plan.mcp is not None:
         caller, decision, key = admitted
-        facts = mcproute.CallFacts(
-            rid, caller.identity, caller.task, caller.token_id, decision.policy
-        )
-        step = await mcproute.decided(request, route, plan.mcp, facts, key.version)
+        who = rid, caller.identity, caller.task, caller.token_id, decision.policy
+        facts = mcproute.CallFacts(*who, key.version, key.fingerprint)
+        step = await mcproute.decided(request, route, plan.mcp, facts)
         return plan.mcp.outgoing(step, url, headers, plan.forwarder)
     return Outgoing(url, headers, await request_body(request, route, headers))

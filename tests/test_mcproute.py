@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from keyproxy import audit, mcp, mcproute
 from keyproxy.caller import Identity
 from keyproxy.devserver import Agent, OpenBaoDevServer
+from keyproxy.secret import fingerprint
 from keyproxy.server.app import TASKS
 from keyproxy.tokens.sessionseal import binding
 from tests.helpers.cli import clean_env, keyproxy
@@ -50,6 +51,7 @@ class Served(NamedTuple):
     server: McpServer
     log: Path
     key_version: int
+    key_fingerprint: str  # of the key that version holds (Secret.fingerprint)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def served(
     version = openbao.put_key(KEY_PATH, key)
     log = log_dir / f"mcp-server-{request.param}.log"
     with running_server(key, json_response=request.param, log=log) as server:
-        yield Served(server, log, version)
+        yield Served(server, log, version, fingerprint(key))
 
 
 def mcp_config(bao: OpenBaoDevServer, agent: Agent, upstream: str) -> dict[str, Any]:
@@ -239,8 +241,11 @@ async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
         until=lambda found: all(rid in found for rid in rids),
     )
     assert [sent[rid]["key_version"] for rid in rids] == [served.key_version, None]
+    assert [sent[rid]["key_fingerprint"] for rid in rids] == [served.key_fingerprint, None]
     for call in calls:  # a refused call was sent with no key
-        assert call["key_version"] == (served.key_version if call["decision"] == "allow" else None)
+        allowed = call["decision"] == "allow"
+        assert call["key_version"] == (served.key_version if allowed else None)
+        assert call["key_fingerprint"] == (served.key_fingerprint if allowed else None)
         assert call["subject"] == agent.entity_id
         assert call["token_id"]
         assert call["route"] == ROUTE
@@ -261,6 +266,7 @@ async def test_a_token_scoped_to_one_tool_lists_calls_and_is_refused_the_other(
         ("whoami", "deny"),
     ]
     assert {c["key_version"] for c in listed} == {served.key_version, None}
+    assert {c["key_fingerprint"] for c in listed} == {served.key_fingerprint, None}
 
 
 async def test_the_key_a_tool_echoes_never_reaches_the_caller(

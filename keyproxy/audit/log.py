@@ -269,6 +269,7 @@ class RequestRecord:
     decision: str = "deny"
     reason: str = ""
     key_version: int | None = None
+    key_fingerprint: str | None = None  # of the key that version holds (KeyVersion's)
     status: int = 0
     upstream_status: int | None = None
     duration_ms: float = 0.0

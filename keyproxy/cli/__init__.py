@@ -8,7 +8,7 @@
     keyproxy explain -c FILE   say which policy allows a request, or why none does (see
                                keyproxy.cli.explain; --token JWT decides for a real token)
     keyproxy dev [-o json]     the whole stack on this machine (see keyproxy.cli.dev)
-    keyproxy token | keys | rotate | audit      see keyproxy.cli.token, keyproxy.cli.rotate
+    keyproxy token | keys | rotate | audit      see keyproxy.cli.token, .rotate, .query
     keyproxy run ... -- COMMAND  run COMMAND with a task token revoked when it ends (see
                                keyproxy.cli.run; exits with COMMAND's status)
     keyproxy completion bash|zsh                 the shell completion script (argcomplete)
@@ -35,6 +35,7 @@ from argcomplete.shell_integration import shellcode
 
 from keyproxy import audit, config, netguard, text, tls
 from keyproxy.cli import explain as explain_cli
+from keyproxy.cli import query as audit_cli
 from keyproxy.cli import reload as reload_cli
 from keyproxy.cli import rotate as rotation_cli
 from keyproxy.cli import run as run_cli
@@ -206,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 
     token_cli.register(sub)
     rotation_cli.register(sub)
+    audit_cli.register(sub)
     run_cli.register(sub)
 
     completion = sub.add_parser("completion", help="print the shell completion script")

@@ -4,9 +4,7 @@
     keyproxy rotate -c FILE ROUTE [--emergency]
     keyproxy keys put -c FILE ROUTE [--key-id ID]   the key on stdin, never in argv
     keyproxy keys status -c FILE [-o json]     exit 1 when a key is past its max_age
-    keyproxy audit [-c FILE] --route ROUTE [--key-version N] [--since T] [--until T] [FILE ...]
-    keyproxy audit (--task TASK | --token ID) [--since T] [--until T] [FILE ...]
-        everything done under a task or token, sub-agents included (keyproxy.cli.tree)
+    keyproxy audit ...                          keyproxy.cli.query
 
 Vault access comes from the configuration's `vault` section (rotation needs the
 keyproxy-rotation policy, vault-dev/policies/keyproxy-rotation.hcl), or with --as-operator
@@ -26,19 +24,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from keyproxy import config, rotation, secret, text
-from keyproxy.audit import query as auditlog
-from keyproxy.cli import tree
+from keyproxy import config, rotation, secret
 from keyproxy.cli.common import (
-    UsageError,
     add_config,
     add_operator,
     add_output,
-    input_lines,
     known_route,
     load_config,
-    note_skipped,
-    optional_config,
     print_json,
     vault_for,
     wants_json,
@@ -84,33 +76,6 @@ def register(sub: Any) -> None:
     add_operator(status)
     add_output(status)
     status.set_defaults(func=_status)
-
-    query = sub.add_parser(
-        "audit", help="who used a route's key, or what was done under a task, from audit logs"
-    )
-    query.add_argument("files", nargs="*", help="JSON-lines audit logs (default: stdin)")
-    add_config(
-        query,
-        help_text="configuration whose route names --route must be one of "
-        "(default: $KEYPROXY_CONFIG; without either, any name is accepted)",
-    )
-    query.add_argument("--route", help="who used this route's key (or --task, --token)")
-    query.add_argument("--key-version", type=int)
-    query.add_argument("--since", type=auditlog.parse_time, help="ISO 8601 time (UTC default)")
-    query.add_argument("--until", type=auditlog.parse_time)
-    query.add_argument(
-        "--calls", action="store_true", help="list an MCP route's calls (tools...) per task"
-    )
-    query.add_argument(
-        "--task",
-        help="with --calls: only this task's; without --route: everything done under this "
-        "task, sub-agents included, as a delegation tree",
-    )
-    query.add_argument(
-        "--token", help="without --route: everything done under this token id, as a tree"
-    )
-    add_output(query)
-    query.set_defaults(func=_audit)
 
 
 @contextlib.asynccontextmanager
@@ -245,6 +210,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def _status_line(e: keystatus.KeyStatus) -> str:
     parts = [f"{e.route}: v{e.version}" if e.version else f"{e.route}: no key"]
+    if e.fingerprint is not None:
+        parts.append(f"key {e.fingerprint}")
     if e.age is not None:
         parts.append(f"age {_duration(e.age)}")
     if e.overdue and e.max_age is not None:
@@ -270,106 +237,6 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.0f}s"
-
-
-def _audit(args: argparse.Namespace) -> int:
-    if args.route is None:
-        if args.calls or (args.task is None and args.token is None):
-            raise UsageError("audit: give --route, or --task or --token for a tree")
-        return tree.audit(args, input_lines(args.files))
-    # An option the query would not use is refused, never quietly dropped.
-    if args.token is not None:
-        raise UsageError("audit: --token gives a tree, without --route")
-    if args.task is not None and not args.calls:
-        raise UsageError("audit: --task with --route goes with --calls (or drop --route)")
-    cfg = optional_config(args)
-    if cfg is not None:
-        known_route(cfg, args.route)
-    if args.calls:
-        return _calls(args)
-    routes = _same_key(cfg, args.route) if cfg is not None else [args.route]
-    answer = auditlog.query(
-        input_lines(args.files), routes, args.key_version, args.since, args.until
-    )
-    if cfg is None and args.route not in answer.routes:
-        seen = ", ".join(sorted(answer.routes)) or "none"
-        print(  # noqa: T201
-            text.one_line(
-                f"keyproxy audit: no request of route {args.route!r} in the input (routes "
-                f"seen: {seen}); give -c FILE to have route names checked"
-            ),
-            file=sys.stderr,
-        )
-    if wants_json(args):
-        print_json(
-            {
-                "route": args.route,
-                "key_version": args.key_version,
-                "routes": routes,
-                "identities": [u.as_dict() for u in answer.identities],
-                "skipped_lines": answer.skipped_lines,
-            }
-        )
-        return 0
-    for u in answer.identities:
-        tasks = ", ".join(sorted(u.tasks)) or "-"
-        versions = ", ".join(str(v) for v in sorted(u.key_versions))
-        acting = f", delegated to {', '.join(sorted(u.actors))}" if u.actors else ""
-        if len(routes) > 1:
-            acting += f", routes {', '.join(sorted(u.routes))}"
-        # SECURITY: one line per identity, whatever the log's texts hold (a line end in a
-        # subject would print a line of its own making).
-        print(  # noqa: T201
-            text.one_line(
-                f"{u.issuer} {u.subject}: {u.requests} requests, key versions {versions}, "
-                f"tasks {tasks}, {u.first} .. {u.last}{acting}"
-            )
-        )
-    note_skipped(answer.skipped_lines)
-    return 0
-
-
-def _same_key(cfg: config.Config, route: str) -> list[str]:
-    """`route` and every other route that injects the same key (a field of one secret): a
-    leaked version of it was sent by all of them, so each one's requests are in its blast
-    radius. Said on stderr when there are others."""
-    key = cfg.routes[route].secret
-    routes = [name for name, r in cfg.routes.items() if r.secret == key]
-    if len(routes) > 1:
-        print(  # noqa: T201
-            text.one_line(
-                f"keyproxy audit: routes {', '.join(routes)} inject the same key "
-                f"({key.mount}/{key.path}, field {key.field}): counting the requests of each"
-            ),
-            file=sys.stderr,
-        )
-    return routes
-
-
-def _calls(args: argparse.Namespace) -> int:
-    """`keyproxy audit --calls`: an MCP route's calls, per task."""
-    found = auditlog.calls(input_lines(args.files), args.route, args.task, args.since, args.until)
-    if wants_json(args):
-        print_json(
-            {
-                "route": args.route,
-                "tasks": {
-                    task: [c.as_dict() for c in calls] for task, calls in sorted(found.items())
-                },
-            }
-        )
-        return 0
-    for task, calls in sorted(found.items()):
-        # One line per call, whatever a caller named (a tool's name is the caller's text).
-        print(text.one_line(f"task {task or '-'}: {len(calls)} calls"))  # noqa: T201
-        for c in calls:
-            print(  # noqa: T201
-                text.one_line(
-                    f"  {c.timestamp} {c.method} {c.target or '-'} {c.decision} "
-                    f"key version {c.key_version} {c.subject or '-'}"
-                )
-            )
-    return 0
 
 
 __all__ = ["register"]

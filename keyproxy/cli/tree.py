@@ -21,7 +21,8 @@ from typing import Any
 
 from keyproxy import text
 from keyproxy.audit import query as auditlog
-from keyproxy.audit.query import TokenNode
+from keyproxy.audit import tree as audittree
+from keyproxy.audit.tree import TokenNode
 from keyproxy.cli.common import note_skipped, print_json, wants_json
 from keyproxy.tokens import Revocations
 
@@ -29,7 +30,9 @@ from keyproxy.tokens import Revocations
 def audit(args: argparse.Namespace, lines: Iterable[str]) -> int:
     """`keyproxy audit --task | --token`: the tree under it, and its events."""
     as_json = wants_json(args)  # the table shows no events: they are not kept
-    found = auditlog.tree(lines, args.task, args.token, args.since, args.until, keep_events=as_json)
+    found = audittree.tree(
+        lines, args.task, args.token, args.since, args.until, keep_events=as_json
+    )
     if as_json:
         print_json(
             {
@@ -51,7 +54,7 @@ def audit(args: argparse.Namespace, lines: Iterable[str]) -> int:
 
 def token_list(args: argparse.Namespace, lines: Iterable[str], revocations: Revocations) -> int:
     """`keyproxy token list --audit`: the tokens the logs show, with their state now."""
-    found = auditlog.tree(lines, args.task, None)
+    found = audittree.tree(lines, args.task, None)
     now = time.time()
 
     def state(node: TokenNode, ancestors: tuple[TokenNode, ...]) -> str:

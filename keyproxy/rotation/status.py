@@ -44,6 +44,7 @@ class KeyStatus:
     max_age: float | None
     version: int | None = None
     key_id: str | None = None
+    fingerprint: str | None = None  # the key's (keyproxy.secret.fingerprint), as events name it
     created_at: str | None = None
     age: float | None = None
     rotated_by: str | None = None
@@ -98,6 +99,7 @@ async def _with_key(status: KeyStatus, route: Route, vault: Vault, now: float) -
         status,
         version=version,
         key_id=_text(data.get("key_id")),
+        fingerprint=secret.fingerprint(value) if isinstance(value, str) else None,
         rotated_by=_text(data.get("rotated_by")),
     )
     if created is None:

@@ -6,7 +6,7 @@ SECURITY: key values are wrapped in `Secret` and registered with the log scrubbe
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,13 @@ class KeyVersion:
     secret: Secret
     version: int
     created_at: float | None = None  # Vault's creation time of this version (Unix seconds)
+    # The key's `Secret.fingerprint`, named by each request's audit event: one key stored
+    # again under another version (`kv rollback`, a `kv put` of the same value) is still
+    # found by it. Computed once, as the key loads.
+    fingerprint: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", self.secret.fingerprint())
 
 
 class Kv(Session):

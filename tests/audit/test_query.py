@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from keyproxy.audit import query as auditlog
+from keyproxy.audit import tree as audittree
 from keyproxy.config import MAX_DELEGATION_DEPTH
 
 
@@ -78,10 +79,55 @@ def test_usage_collects_tasks_tokens_counts_and_times() -> None:
         "tasks": ["t1", "t2"],
         "token_ids": ["j1"],
         "key_versions": [1, 2],
+        "key_fingerprints": [],
         "actors": [],
         "routes": ["r"],
     }
     assert answer.skipped_lines == 2  # "not json" and a non-request event; blank lines ignored
+
+
+# Key A in version 1, key B in version 2, then A again as version 3 (`kv rollback`); the
+# first event is of an earlier build, which named no fingerprint.
+ROLLED_BACK = [
+    _event("old", 1, "2025-01-01T09:00:00Z"),
+    _event("a", 1, "2025-01-01T10:00:00Z", key_fingerprint="aaaa"),
+    _event("b", 2, "2025-01-01T11:00:00Z", key_fingerprint="bbbb"),
+    _event("c", 3, "2025-01-01T12:00:00Z", key_fingerprint="aaaa"),
+    _event("a", 3, "2025-01-01T13:00:00Z", key_fingerprint="aaaa"),
+    _event("x", 4, "2025-01-01T14:00:00Z", key_fingerprint=["aaaa"]),  # not keyproxy's
+]
+
+
+@pytest.mark.parametrize(
+    ("version", "fingerprint", "subjects", "fingerprints"),
+    [
+        (1, None, ["a", "c", "old"], {"aaaa"}),
+        (3, None, ["a", "c"], {"aaaa"}),
+        (2, None, ["b"], {"bbbb"}),
+        (None, "aaaa", ["a", "c"], {"aaaa"}),
+        (None, "bbbb", ["b"], {"bbbb"}),
+        (None, "cccc", [], {"cccc"}),
+        (None, None, ["a", "b", "c", "old"], set()),
+    ],
+)
+def test_a_key_is_counted_under_every_version_that_held_it(
+    version: int | None, fingerprint: str | None, subjects: list[str], fingerprints: set[str]
+) -> None:
+    """Asking for a version counts every event of the key it held, also under a later
+    version holding the same key (a rollback); asking for a fingerprint counts that key's
+    events alone. A line whose fingerprint is not text is no event of keyproxy's."""
+    answer = auditlog.query(ROLLED_BACK, "r", version, key_fingerprint=fingerprint)
+    assert [u.subject for u in answer.identities] == subjects
+    assert answer.key_fingerprints == fingerprints
+    assert answer.skipped_lines == 1
+    if version == 1:
+        a = answer.identities[0]
+        assert (a.requests, a.key_versions, a.first, a.last) == (
+            2,
+            {1, 3},
+            "2025-01-01T10:00:00Z",
+            "2025-01-01T13:00:00Z",
+        )
 
 
 TREE_LOG = [
@@ -110,7 +156,7 @@ def test_tree_answers_everything_under_a_task_or_token() -> None:
     """`tree` puts every token of a task in its delegation tree, a grandchild seen only in
     request events included, with requests and end reasons; under a token, only it and its
     descendants."""
-    found = auditlog.tree(TREE_LOG, task="t", keep_events=True)
+    found = audittree.tree(TREE_LOG, task="t", keep_events=True)
     (root,) = found.roots
     assert (root.token_id, root.ended, root.subject) == ("r", "failed", "k8s|a")
     (child,) = root.children
@@ -118,9 +164,9 @@ def test_tree_answers_everything_under_a_task_or_token() -> None:
     (grandchild,) = child.children
     assert (grandchild.token_id, grandchild.requests, grandchild.refused) == ("g", 2, 1)
     assert len(found.events) == 5
-    under_child = auditlog.tree(TREE_LOG, token="c", keep_events=True)
+    under_child = audittree.tree(TREE_LOG, token="c", keep_events=True)
     assert {e["token_id"] for e in under_child.events} == {"c", "g"}
-    assert [n.token_id for n in auditlog.tree(TREE_LOG, task="other").roots] == ["x"]
+    assert [n.token_id for n in audittree.tree(TREE_LOG, task="other").roots] == ["x"]
 
 
 @pytest.mark.parametrize(
@@ -154,7 +200,7 @@ def test_a_line_keyproxy_would_not_write_is_skipped(line: str, skipped: int) -> 
     assert [u.subject for u in answer.identities] == ["a", "b"]
     assert sum(u.requests for u in answer.identities) == 4
     assert answer.skipped_lines == skipped
-    tree = auditlog.tree([line], keep_events=True)
+    tree = audittree.tree([line], keep_events=True)
     assert all("NaN" not in json.dumps(e) for e in tree.events)
     if "yesterday" in line:
         assert (tree.events, tree.skipped_lines) == ([], 1)
@@ -181,16 +227,16 @@ def test_a_tree_the_logs_tangle_still_shows_every_token() -> None:
     or tampered logs), are each a root of their own with their parent named, never left out
     of every tree; no tree is deeper than MAX_DELEGATION_DEPTH, so printing it cannot
     exhaust the stack."""
-    cycle = auditlog.tree([_used("a", ["a", "b", "a"])], task="t")
+    cycle = audittree.tree([_used("a", ["a", "b", "a"])], task="t")
     assert sorted((n.token_id, n.parent) for n in cycle.roots) == [("a", "b"), ("b", "a")]
     ids = [f"id{i}" for i in range(3000)]
-    deep = auditlog.tree([_used(ids[-1], ids)], task="t")
+    deep = audittree.tree([_used(ids[-1], ids)], task="t")
     assert len(deep.roots) == 3000 - MAX_DELEGATION_DEPTH
     assert max(_depth(root) for root in deep.roots) == MAX_DELEGATION_DEPTH
     assert deep.roots[0].token_id == "id0"
     assert json.dumps([root.as_dict() for root in deep.roots])
     issued = {"event": "token.issued", "token_id": "c", "task": "t", "parent_token_id": "gone"}
-    missing = auditlog.tree([json.dumps(issued | {"timestamp": "2025-01-01T10:00:00Z"})])
+    missing = audittree.tree([json.dumps(issued | {"timestamp": "2025-01-01T10:00:00Z"})])
     assert [(n.token_id, n.parent) for n in missing.roots] == [("c", "gone")]
 
 
@@ -200,7 +246,7 @@ def test_a_tree_without_its_events_holds_memory_by_tokens_not_by_lines() -> None
     line = _used("g", ["r", "g"])
     tracemalloc.start()
     try:
-        found = auditlog.tree(itertools.repeat(line, 20_000), task="t")
+        found = audittree.tree(itertools.repeat(line, 20_000), task="t")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

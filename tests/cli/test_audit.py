@@ -243,3 +243,48 @@ def test_two_tasks_that_differ_never_print_alike(tmp_path: Path, home: Path) -> 
     for i, shown in enumerate(["t-1 ", "t-1\\u200b ", "t-1\\u2028 ", "t-1\\U000e0041 "]):
         tree = keyproxy("audit", "--token", f"tok{i}", str(log), env=clean_env(home))
         assert f"task {shown}" in tree.stdout, tree.stdout
+
+
+def test_a_key_is_asked_for_by_version_or_fingerprint_with_a_route_alone(
+    tmp_path: Path, home: Path
+) -> None:
+    """`--key-fingerprint` counts one key's requests whatever version served them, and the
+    JSON names it; a fingerprint keyproxy would not write, both ways of naming the key, or
+    either without `--route` (a tree) or with `--calls` is a usage error (2), never an
+    option quietly dropped."""
+    log = _log(
+        tmp_path,
+        [
+            REQUEST | {"subject": "a", "key_fingerprint": "c0ffee5e1f2a"},
+            REQUEST | {"subject": "b", "key_version": 2, "key_fingerprint": "d15ea5e0b7a1"},
+            REQUEST | {"subject": "c", "key_version": 3, "key_fingerprint": "c0ffee5e1f2a"},
+        ],
+    )
+    done = keyproxy(
+        "audit", "--route", "api", "--key-fingerprint", "C0FFEE5E1F2A", "--json", str(log),
+        env=clean_env(home),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert [u["subject"] for u in answer["identities"]] == ["a", "c"]
+    assert (answer["key_fingerprint"], answer["key_fingerprints"]) == (
+        "c0ffee5e1f2a",
+        ["c0ffee5e1f2a"],
+    )
+    by_version = keyproxy(
+        "audit", "--route", "api", "--key-version", "3", str(log), env=clean_env(home)
+    )
+    assert by_version.returncode == 0, by_version.stderr
+    assert [line.split(":")[0] for line in by_version.stdout.splitlines()] == ["k8s a", "k8s c"]
+    assert "key version 3 holds key c0ffee5e1f2a" in by_version.stderr
+    for argv in (
+        ["--route", "api", "--key-fingerprint", "c0ffee5e1f2"],
+        ["--route", "api", "--key-fingerprint", "c0ffee5e1f2g"],
+        ["--route", "api", "--key-fingerprint", "c0ffee5e1f2a", "--key-version", "1"],
+        ["--route", "api", "--calls", "--key-version", "1"],
+        ["--task", "t", "--key-fingerprint", "c0ffee5e1f2a"],
+        ["--token", "t", "--key-version", "1"],
+    ):
+        refused = keyproxy("audit", *argv, str(log), env=clean_env(home))
+        assert refused.returncode == 2, (argv, refused.stdout)
+        assert "key" in refused.stderr, argv

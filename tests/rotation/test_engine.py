@@ -324,10 +324,14 @@ async def test_audit_names_exactly_the_identities_of_a_key_version(
     make_env: Callable[..., Env], issuer: Issuer
 ) -> None:
     """Agent a calls before and after a rotation, agent b only after: `keyproxy audit`
-    names a alone for the old version and both for the new one."""
+    names a alone for the old version and both for the new one. The old key rolled back to
+    (`kv rollback`: the same key under a third version) and used by agent c is still the
+    old key: c is named for the old version, and for the third, with a."""
     env = make_env()
     name = next(iter(env.raw["routes"]))
+    path = env.raw["routes"][name]["secret"]["path"]
     env.raw["routes"][name]["rotation"]["grace"] = "1h"
+    env.raw["vault"]["full_refresh_interval"] = "250ms"  # a rollback notes no change index
     env.path.write_text(yaml.safe_dump(env.raw))
     a, b = bearer(issuer.token("agent-a")), bearer(issuer.token("agent-b"))
     async with engine(env) as rotations:
@@ -346,6 +350,15 @@ async def test_audit_names_exactly_the_identities_of_a_key_version(
             for headers in (a, b, a):
                 async with session.get(url, headers=headers) as r:
                     assert r.status == 200
+            rollback = f"-version={first}"
+            env.openbao.bao("kv", "rollback", "-mount=secret", rollback, path)
+
+            async def rolled_back() -> bool:
+                return (await served_versions(proxy)).get(name) == second + 1
+
+            await eventually(rolled_back, "rolled back key served", within=10, interval=0.05)
+            async with session.get(url, headers=bearer(issuer.token("agent-c"))) as r:
+                assert r.status == 200
 
     def who(version: int | None) -> list[str]:
         done = env.run(
@@ -354,8 +367,9 @@ async def test_audit_names_exactly_the_identities_of_a_key_version(
         assert done.returncode == 0, done.stderr
         return [u["subject"] for u in json.loads(done.stdout)["identities"]]
 
-    assert who(first) == ["agent-a"]
+    assert who(first) == ["agent-a", "agent-c"]
     assert who(second) == ["agent-a", "agent-b"]
+    assert who(second + 1) == ["agent-a", "agent-c"]  # the first key, rolled back to
 
 
 def test_the_rotation_approle_policy_suffices_and_the_proxy_role_does_not(

@@ -15,6 +15,7 @@ import yaml
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.rotation.state import Step
 from keyproxy.rotation.status import KeyStatus, LastFailure, failing
+from keyproxy.secret import fingerprint
 from tests.conftest import LegacyApiProcess
 from tests.helpers.logscan import CANARIES
 from tests.helpers.rotation import Env, http_rotator, outcomes, route_config, stored_key, uid
@@ -29,6 +30,7 @@ KEYS = [
     "max_age",
     "version",
     "key_id",
+    "fingerprint",
     "created_at",
     "age",
     "rotated_by",
@@ -73,6 +75,7 @@ def test_a_full_entry_prints_the_same_json_text() -> None:
     entry = _entry(
         version=7,
         key_id="k-7",
+        fingerprint="0123456789ab",
         created_at="2026-12-04T09:00:00+00:00",
         age=3600.5,
         rotated_by="host:1:abcdef",
@@ -94,6 +97,7 @@ def test_a_full_entry_prints_the_same_json_text() -> None:
         "max_age": None,
         "version": 7,
         "key_id": "k-7",
+        "fingerprint": "0123456789ab",
         "created_at": "2026-12-04T09:00:00+00:00",
         "age": 3600.5,
         "rotated_by": "host:1:abcdef",
@@ -164,6 +168,7 @@ def test_keys_status_reports_versions_ages_and_alerts_on_max_age(
     assert f["next_due"] is not None
     assert f["last_rotation"] is not None
     assert (s["version"], s["overdue"], s["rotator"]) == (1, True, "manual")
+    assert s["fingerprint"] == fingerprint(old)  # as the audit events name the key
     assert abs(s["age"] - 3 * 3600) < 60
     assert outcomes(env.rotate("--due"))[stale]["result"] == "manual"
 
@@ -177,4 +182,5 @@ def test_keys_status_reports_versions_ages_and_alerts_on_max_age(
     assert entries[stale]["version"] == 2
     assert entries[stale]["age"] < 60
     assert entries[stale]["rotated_by"].startswith("keys put")
+    assert entries[stale]["fingerprint"] == fingerprint(new)
     assert stored_key(openbao, env, stale)[0] == new
