@@ -17,7 +17,9 @@ fails (refused, reset, timed out) fails every call in it with `StoreUnavailable`
 the store's own fault handling (`call`: its deadline, connection gate and backoff). A reply
 of NOSCRIPT (a restarted or failed-over server lost its scripts; the script did not run)
 loads the script and sends the calls that met it again, on the same connection and within
-the same deadline. A call whose caller was cancelled before the turn ended is not sent.
+the same deadline. A reply of READONLY (the connection still reaches a primary that became a
+replica) closes the connection, so the next round trip connects afresh. A call whose caller
+was cancelled before the turn ended is not sent.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class ScriptBatch:
                 again = await _exchange(connection, [commands[i] for i in lost])
                 for i, reply in zip(lost, again, strict=True):
                     replies[i] = reply
+            if any(isinstance(reply, _READONLY) for reply in replies):
+                # It reaches a replica (a failover behind the same address): the next round
+                # trip connects to whichever server that is now.
+                await connection.disconnect()
         except BaseException:
             # Replies may still be on their way: the connection must not be reused.
             await connection.disconnect(nowait=True)
@@ -111,6 +117,7 @@ class ScriptBatch:
 
 
 _NOSCRIPT = redis.exceptions.NoScriptError
+_READONLY = redis.exceptions.ReadOnlyError
 
 
 async def _exchange(connection: Any, commands: list[bytes]) -> list[Any]:

@@ -8,7 +8,10 @@ under any number of concurrent takers. The decisions of one event-loop turn shar
 round trip: one write of their EVALSHAs, one read of their replies (keyproxy.state.batch),
 and so do the releases of their concurrency slots; on Cluster each is a call of its own.
 Scripts are loaded again on NOSCRIPT (a restarted or failed-over server), by the batch or
-by redis-py's `AsyncScript`. The scripts are in keyproxy.state.scripts.
+by redis-py's `AsyncScript`. A connection that meets READONLY (still open to a primary that
+became a replica, after a failover behind the same address) is closed, by the batch or by
+redis-py (`retry_on_error`), so the next call reaches the server the address leads to now.
+The scripts are in keyproxy.state.scripts.
 
 Why one script and not the `limits` package: `limits` keeps each limit in its own Redis
 call (one `hit` per limit, each a round trip or a script of its own), so a request with a
@@ -106,6 +109,9 @@ def _client(settings: RedisSettings) -> tuple[Any, list[Any]]:
         "socket_connect_timeout": settings.timeout,
         # One attempt per call: the store's own backoff decides when to try again.
         "retry": Retry(NoBackoff(), 0),
+        # A connection that met READONLY reaches a replica (a failover behind the same
+        # address): closed, so the next call connects to whichever server that is now.
+        "retry_on_error": [redis.exceptions.ReadOnlyError],
     }
     if settings.password_file is not None:
         username = settings.username or redis.asyncio.connection.parse_url(settings.url).get(
@@ -119,7 +125,8 @@ def _client(settings: RedisSettings) -> tuple[Any, list[Any]]:
             raise ValueError("a CA file for the state store needs a rediss:// URL")
         options["ssl_ca_certs"] = str(settings.ca_file)
     if settings.cluster:
-        del options["retry"]  # RedisCluster retries per node and slot move; bounded below
+        # RedisCluster retries per node and slot move (bounded below), and follows a failover.
+        del options["retry"], options["retry_on_error"]
         return redis.asyncio.cluster.RedisCluster.from_url(settings.url, **options), []
     if settings.sentinels:
         # The URL gives the scheme (TLS or not), the user and the password for the primary.

@@ -2,7 +2,8 @@
 
 `RedisServer` runs `valkey-server` or `redis-server` on 127.0.0.1 without persistence, as a
 plain server, a TLS-only server, a one-node Cluster, or a Sentinel watching another server;
-it is stopped by PID and can be started again on the same port.
+it is stopped by PID and can be started again on the same port. `Relay` is one address in
+front of such servers, which a test can move from one to another (a failover behind it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import TracebackType
 
 import redis
 
@@ -133,3 +135,61 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
         self.process = None
+
+
+class Relay:
+    """A fixed address in front of a server on 127.0.0.1 (a Kubernetes Service, a virtual IP,
+    a DNS name): each new connection goes to the server at `port` now, and connections open
+    stay with the server they reached, as across a failover behind such an address."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._relaying: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> str:
+        """Start listening; the `redis://` URL of the relay."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        if self._relaying:
+            await asyncio.wait(self._relaying)
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relaying.add(task)
+        self._writers.append(writer)
+        try:
+            to_reader, to_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            writer.close()
+            return
+        finally:
+            self._relaying.discard(task)
+        self._writers.append(to_writer)
+        pipes = [_pipe(reader, to_writer), _pipe(to_reader, writer)]
+        self._relaying.update(asyncio.ensure_future(pipe) for pipe in pipes)
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except OSError:
+        pass  # the other side went away: this side goes too
+    finally:
+        sink.close()

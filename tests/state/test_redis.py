@@ -14,7 +14,7 @@ import pytest
 
 from keyproxy.state.redis import RedisSettings, RedisStore
 from keyproxy.state.store import Counter, Decision, OnStoreError, StoreUnavailable
-from tests.state.servers import RedisServer, until
+from tests.state.servers import RedisServer, Relay, until
 
 # Run by each of two OS processes: 100 concurrent decisions, then the number admitted.
 _TAKER = """
@@ -213,3 +213,41 @@ async def test_a_stalled_server_costs_a_bounded_wait(own_redis: RedisServer, uni
 
     await until(decides, within=10)
     await store.close()
+
+
+@pytest.mark.parametrize("call", ["take", "beat"])
+async def test_a_failover_behind_one_address_is_followed(
+    call: str, tmp_path: Path, unique: str
+) -> None:
+    """After a failover behind the store's address (the old primary now a replica, answering
+    READONLY on connections still open to it), the store reaches the new primary: a connection
+    that met READONLY, in a decision (a shared round trip) or another call, is not used again."""
+    old, new = RedisServer(tmp_path / "old"), RedisServer(tmp_path / "new")
+    old.start()
+    new.start()
+    try:
+        relay = Relay(old.port)
+        async with relay as url:
+            store = RedisStore(RedisSettings(url=url, timeout=2.0))
+            uses = Counter(f"{unique}:token", cap=100, ttl=60)
+
+            async def answers() -> bool:
+                if call == "take":
+                    return (await store.take([uses])).allowed
+                try:
+                    await store.beat(f"{unique}:lease", 60)
+                except StoreUnavailable:
+                    return False
+                return True
+
+            try:
+                assert await answers()
+                with old.client() as admin:
+                    admin.replicaof("127.0.0.1", new.port)
+                relay.port = new.port
+                await until(answers, within=10)
+            finally:
+                await store.close()
+    finally:
+        old.stop()
+        new.stop()
