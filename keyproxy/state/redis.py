@@ -273,7 +273,12 @@ class RedisStore(StateStore):
 
     async def read(self, counter: Counter) -> int:
         value = await self._call(lambda: self._redis.get(self._key("c", counter.key)))
-        return int(value or 0)
+        if value is None:
+            return 0
+        # INCRBY writes a decimal count below 2**63; anything else another writer put there.
+        if not (value.isdigit() and len(value) <= 19):
+            raise StoreUnavailable("state store unavailable: a counter holds other than a count")
+        return int(value)
 
     async def beat(self, key: str, ttl: float) -> None:
         px = max(1, round(ttl * 1000))

@@ -251,3 +251,22 @@ async def test_a_failover_behind_one_address_is_followed(
     finally:
         old.stop()
         new.stop()
+
+
+@pytest.mark.parametrize("planted", [b"1.5", b"many", b"9" * 5000])
+async def test_a_count_that_is_not_one_is_a_store_fault(
+    redis_server: RedisServer, unique: str, planted: bytes
+) -> None:
+    """A counter holding what keyproxy never writes (a fraction, text, a number of thousands
+    of digits) is a store fault to `read`, never an error of another kind, and a decision
+    refuses it."""
+    store = RedisStore(RedisSettings(url=redis_server.url, timeout=2.0))
+    uses = Counter(f"{unique}:token", cap=5, ttl=60)
+    with redis_server.client() as admin:
+        admin.set(f"{{keyproxy}}:c:{uses.key}", planted, ex=60)
+    try:
+        with pytest.raises(StoreUnavailable, match="holds other than a count"):
+            await store.read(uses)
+        assert not (await store.take([uses])).allowed
+    finally:
+        await store.close()
