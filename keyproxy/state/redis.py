@@ -324,10 +324,14 @@ class RedisStore(StateStore):
         return bool(marked)
 
     async def check(self) -> Health:
-        # Readiness asks even while backing off: it is how an operator sees recovery.
+        # Readiness asks even while backing off: it is how an operator sees recovery. A write,
+        # not a PING: a server that answers but refuses writes (out of memory, a replica, an
+        # ACL, a Cluster node that does not own the slot) decides nothing either.
         try:
             async with asyncio.timeout(self._deadline):
-                await self._redis.ping()
+                await self._redis.set(self._key("h", "ready"), b"1", px=10_000)
+        except redis.exceptions.ResponseError as error:
+            return Health(ok=False, detail=f"state store refuses writes: {type(error).__name__}")
         except _FAULTS as error:
             return Health(ok=False, detail=f"state store unreachable: {type(error).__name__}")
         self._failures = 0

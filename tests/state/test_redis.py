@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from keyproxy.state.redis import RedisSettings, RedisStore
-from keyproxy.state.store import Counter, Decision, OnStoreError, StoreUnavailable
+from keyproxy.state.store import Counter, Decision, Health, OnStoreError, StoreUnavailable
 from tests.state.servers import RedisServer, Relay, until
 
 # Run by each of two OS processes: 100 concurrent decisions, then the number admitted.
@@ -268,5 +268,35 @@ async def test_a_count_that_is_not_one_is_a_store_fault(
         with pytest.raises(StoreUnavailable, match="holds other than a count"):
             await store.read(uses)
         assert not (await store.take([uses])).allowed
+    finally:
+        await store.close()
+
+
+async def test_readiness_names_why_a_store_that_answers_refuses_writes(
+    own_redis: RedisServer, unique: str
+) -> None:
+    """A store that answers PING but refuses every write (out of memory, `noeviction`) fails
+    decisions closed and is not reported ready, with the reason; both recover with it."""
+    store = RedisStore(RedisSettings(url=own_redis.url, timeout=2.0))
+    uses = Counter(f"{unique}:token", cap=5, ttl=60)
+    with own_redis.client() as admin:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            refused = await store.take([uses])
+            assert not refused.allowed
+            assert refused.outcomes[0].store_error
+            health = await store.check()
+            assert not health.ok
+            assert health.detail == "state store refuses writes: OutOfMemoryError"
+        finally:
+            admin.config_set("maxmemory", 0)
+
+    async def decides() -> bool:
+        return (await store.take([uses])).allowed
+
+    try:
+        await until(decides, within=10)
+        assert await store.check() == Health(ok=True)
     finally:
         await store.close()
