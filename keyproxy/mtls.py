@@ -12,7 +12,8 @@ the same SPIFFE ID and the same public key (`binding`, `check_binding`).
 Behind a TLS-terminating front proxy listed in `server.trusted_proxies`, the certificate it
 forwards in its header (`server.tls.forwarded_client_cert`, keyproxy.forwardedcert) stands
 for the connection's: it is verified by the same `SvidVerifier`, and bound tokens compare
-against it. From any other peer the header is ignored.
+against it; a request such a proxy sends without the header has no certificate (the proxy's
+own, if it presented one, is never an identity). From any other peer the header is ignored.
 """
 
 from __future__ import annotations
@@ -39,15 +40,18 @@ def client_chain(
     request: web.Request, server: ServerConfig, tls: ServerTLS | None
 ) -> tuple[tuple[bytes, ...], bool]:
     """The client certificate chain (DER, leaf first), and whether a front proxy forwarded it:
-    the one in `server.tls.forwarded_client_cert`'s header when the peer is a trusted proxy
-    (not verified yet), else the one this connection's handshake verified."""
+    when the peer is a trusted proxy, the one in `server.tls.forwarded_client_cert`'s header
+    (not verified yet) or none, else the one this connection's handshake verified."""
     if tls is None:
         return (), False
     forwarded = server.tls.forwarded_client_cert if server.tls is not None else None
-    if forwarded is not None:
+    if forwarded is not None and policy.is_trusted_proxy(
+        request.remote or "", server.trusted_proxies
+    ):
+        # SECURITY: never the front proxy's own certificate: it would be the identity of
+        # every caller it forwards without a certificate of its own.
         values = request.headers.getall(forwarded.header, [])
-        if values and policy.is_trusted_proxy(request.remote or "", server.trusted_proxies):
-            return forwarded_chain(values, forwarded.format), True
+        return (forwarded_chain(values, forwarded.format), True) if values else ((), False)
     return peer_chain(request.transport), False
 
 

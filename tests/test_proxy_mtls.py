@@ -710,9 +710,14 @@ async def front(
         yield base, session
 
 
-def plain_session(cas: dict[str, SvidCA]) -> aiohttp.ClientSession:
-    """A client trusting keyproxy's certificate and presenting none: the front proxy."""
+def plain_session(
+    cas: dict[str, SvidCA], own: tuple[Issued, Path] | None = None
+) -> aiohttp.ClientSession:
+    """A client trusting keyproxy's certificate and presenting none (or its `own`, written
+    to the directory given): the front proxy."""
     context = ssl.create_default_context(cadata=cas["server"].bundle_pem().decode())
+    if own is not None:
+        context.load_cert_chain(*own[0].write(own[1], "front"))
     connector = aiohttp.TCPConnector(ssl=context)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10))
 
@@ -882,3 +887,27 @@ async def test_a_bound_token_checks_the_forwarded_certificate(
     status, refused = await post(session, url, bearer(token) | wrong)
     assert (status, refused["error"]["code"]) == (401, "token_binding_mismatch")
     assert len(upstream.requests) == 1
+
+
+async def test_a_front_proxys_own_certificate_is_no_callers_identity(  # fixtures
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    seeded: str,
+    tmp_path: Path,
+    cas: dict[str, SvidCA],
+) -> None:
+    """A trusted front proxy that presents its own SVID and forwards a request without the
+    header (its caller sent no certificate) lends that caller no identity: 401, nothing sent."""
+    async with (
+        forwarding_stack(
+            openbao, agent, upstream.url, tmp_path, cas, form="xfcc", trusted="127.0.0.1/32"
+        ) as base,
+        plain_session(cas, (cas["example"].svid("/agent"), tmp_path)) as session,
+    ):
+        url = f"{base}/r/r/v1/chat/completions"
+        status, body = await post(session, url)
+        assert (status, body["error"]["code"]) == (401, "no_credential")
+        status, answer = await ask_token(session, base, {})
+        assert status == 401, answer
+    assert upstream.requests == []
