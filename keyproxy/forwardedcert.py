@@ -6,7 +6,8 @@ Two formats (`server.tls.forwarded_client_cert.format`):
   (a value is a token or a quoted string with `\\"` and `\\\\` escapes). `Cert` holds the
   URL-encoded PEM leaf, `Chain` (if present) the URL-encoded PEM chain, leaf first. Several
   elements (`,` outside quotes: more than one hop, or more than one certificate) are refused
-  as ambiguous, as are a repeated key and an element without `Cert` or `Chain`.
+  as ambiguous, as are a repeated `Cert` or `Chain` and an element without either. Other
+  keys may repeat: Envoy writes one `By`, `URI` or `DNS` pair per SAN.
 - `escaped_pem`, nginx's `$ssl_client_escaped_cert`: the URL-encoded PEM leaf.
 
 `forwarded_chain` returns the chain as DER, leaf first, for `SvidVerifier.verify`; every
@@ -28,6 +29,7 @@ from keyproxy.errors import Unauthenticated
 
 _MAX_VALUE = 64 * 1024  # a chain of a few certificates fits many times over
 _TOKEN_STOP: Final = frozenset(';,="')
+_READ: Final = frozenset({"Cert", "Chain"})  # the keys read here: each at most once
 # PEM certificates and nothing else: cryptography's reader skips text around them.
 _ONLY_CERTIFICATES: Final = re.compile(
     rb"\s*(?:-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\s*)+"
@@ -63,7 +65,8 @@ def forwarded_chain(values: list[str], form: ForwardedCertFormat) -> tuple[bytes
 
 
 def xfcc_element(value: str) -> dict[str, str]:
-    """The one element of an `x-forwarded-client-cert` value, as key to (unquoted) value."""
+    """The one element of an `x-forwarded-client-cert` value, as key to (unquoted) value
+    (the first, for a key other than `Cert` and `Chain` given more than once)."""
     pairs: dict[str, str] = {}
     i, end = 0, len(value)
     while True:
@@ -79,9 +82,9 @@ def xfcc_element(value: str) -> dict[str, str]:
             while i < end and value[i] not in _TOKEN_STOP:
                 i += 1
             text = value[start:i]
-        if key in pairs:
+        if key in pairs and key in _READ:
             raise _ambiguous(f"element repeats {key}")
-        pairs[key] = text
+        pairs.setdefault(key, text)
         if i == end:
             return pairs
         if value[i] == ",":

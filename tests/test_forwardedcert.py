@@ -33,12 +33,26 @@ def test_quoted_values_unescape() -> None:
     assert pairs == {"Subject": 'CN=a"b,O=c;d', "URI": "spiffe://x/y"}
 
 
+def test_envoys_repeated_san_keys_are_read() -> None:
+    """Envoy writes one DNS= (and URI=, By=) pair per SAN: only a repeated Cert or Chain
+    is ambiguous, not the keys keyproxy does not read."""
+    issued = SvidCA("example.org").svid("/agent")
+    leaf = escaped(issued.certificate.public_bytes(Encoding.PEM))
+    value = (
+        "By=spiffe://example.org/front;By=spiffe://example.org/edge;Hash=ab12;"
+        f'Cert="{leaf}";Subject="";URI=spiffe://example.org/agent;URI=https://a.test;'
+        "DNS=a.example.org;DNS=b.example.org"
+    )
+    assert forwarded_chain([value], "xfcc") == (issued.der,)
+
+
 @pytest.mark.parametrize(
     ("values", "reason"),
     [
         (["Cert=a", "Cert=b"], "forwarded_cert_ambiguous"),
         (["Cert=a,Cert=b"], "forwarded_cert_ambiguous"),
         (["Cert=a;Cert=b"], "forwarded_cert_ambiguous"),
+        (["Chain=a;Cert=b;Chain=c"], "forwarded_cert_ambiguous"),
         (["Cert=a;"], "forwarded_cert_malformed"),
         (['Cert="a'], "forwarded_cert_malformed"),
         (['Cert="a"x'], "forwarded_cert_malformed"),
@@ -50,7 +64,8 @@ def test_quoted_values_unescape() -> None:
     ids=[
         "two-headers",
         "two-elements",
-        "repeated-key",
+        "repeated-cert",
+        "repeated-chain",
         "trailing-separator",
         "unterminated",
         "text-after-quote",
