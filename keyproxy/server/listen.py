@@ -7,7 +7,8 @@ Every connection is handled by `_Connection`, aiohttp's own request handler with
 limits (docs/security.md, "Connection limits"):
 
 - a caller has `server.header_timeout` (10 s) to send a request's headers, from connecting
-  or from the first byte of its next request; a connection that has not is closed. aiohttp's
+  or from the first byte of its next request; a connection that has not is closed (on a TLS
+  listener the handshake has that long as well, and the headers then theirs). aiohttp's
   keep-alive timeout (`server.keepalive_timeout`, 60 s) closes a connection idle between
   requests;
 - at most `server.max_connections` connections are open at once, and at most
@@ -60,7 +61,7 @@ from keyproxy.server.app import (
     build_app,
 )
 from keyproxy.server.limits import Guard, Limits
-from keyproxy.server.tlsapp import TLS
+from keyproxy.server.tlsapp import TLS, TLSSite
 
 log = structlog.get_logger("keyproxy.server")
 
@@ -273,8 +274,11 @@ async def start(
     await runner.setup()
     try:
         tls = app.get(TLS)
-        context = tls.context if tls is not None else None
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=context)
+        site = (
+            web.TCPSite(runner, host, port, reuse_port=reuse_port)
+            if tls is None
+            else TLSSite(runner, host, port, tls, limits.header_timeout, reuse_port=reuse_port)
+        )
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,16 +20,20 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from keyproxy import audit, config
 from keyproxy.devserver import OpenBaoDevServer
 from keyproxy.server import listen
 from keyproxy.server.app import RELOADER, build_app
+from keyproxy.server.tlsapp import serve_tls
+from keyproxy.tls import ServerTLS, TLSFiles
 from tests.helpers.cli import ready, started
 from tests.helpers.events import read_events
 from tests.helpers.logscan import CANARIES
 from tests.helpers.polling import eventually
 from tests.helpers.servers import Stack, Upstream, bearer, free_port, new_key, running_proxy
+from tests.helpers.svid_ca import SvidCA
 
 KEY_PATH = "keyproxy/keys/server-test"
 
@@ -187,6 +192,44 @@ async def test_headers_sent_too_slowly_close_the_connection(stack: Stack) -> Non
     ):
         metrics = await response.text()
     assert 'keyproxy_connections_closed_total{reason="header_timeout"} 2.0' in metrics
+
+
+async def _hi(_: web.Request) -> web.Response:
+    return web.Response(text="hi")
+
+
+async def test_a_tls_handshake_not_finished_in_the_header_timeout_is_closed(
+    tmp_path: Path,
+) -> None:
+    """On a TLS listener a caller that connects and never finishes its handshake (sends
+    nothing, or half a ClientHello) is cut off after server.header_timeout too, not after
+    asyncio's own 60 s; a caller that does finish it is served."""
+    server_ca = SvidCA("server.test")
+    cert, key = server_ca.server_cert().write(tmp_path, "server")
+    app = web.Application()
+    app.router.add_get("/", _hi)
+    serve_tls(app, ServerTLS(TLSFiles(cert.absolute(), key.absolute())))
+    runner, port = await listen.start(app, "127.0.0.1", 0, listen.Limits(1.0, 5.0, 20, 4))
+    try:
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        half = await asyncio.open_connection("127.0.0.1", port)
+        half[1].write(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes
+        started = time.monotonic()
+        try:
+            for reader, _ in (silent, half):
+                assert await _closed_by_server(reader, within=10) == b""
+        finally:
+            for _, writer in (silent, half):
+                writer.close()
+        assert time.monotonic() - started < 10
+        context = ssl.create_default_context(cadata=server_ca.bundle_pem().decode())
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http,
+            http.get(f"https://127.0.0.1:{port}/") as response,
+        ):
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_request_in_time_is_served_and_the_connection_kept(stack: Stack) -> None:
