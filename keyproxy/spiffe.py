@@ -16,8 +16,9 @@
 How a chain is verified. The TLS handshake (Python's `ssl`, see keyproxy/tls.py) already checked
 the chain against the union of all configured bundles; that alone would let trust domain A's CA
 vouch for an ID in trust domain B. So `verify` first checks the leaf itself (the X.509-SVID
-rules: not a CA, keyUsage digitalSignature without keyCertSign/cRLSign, exactly one URI SAN that
-is a SPIFFE ID with a path, inside its validity window), then picks the bundle of the leaf's own
+rules: not a CA, keyUsage digitalSignature without keyCertSign/cRLSign, an extendedKeyUsage,
+if any, with clientAuth, exactly one URI SAN that is a SPIFFE ID with a path, inside its
+validity window), then picks the bundle of the leaf's own
 trust domain and verifies the chain again against that bundle alone, with
 `cryptography.x509.verification`'s client verifier (RFC 5280 path validation with the Web PKI
 profile; it accepts leaves whose only SAN is a URI, as SVIDs are). The leaf checks run first so
@@ -46,6 +47,7 @@ import orjson
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from keyproxy.errors import Unauthenticated
@@ -219,6 +221,15 @@ def check_leaf(leaf: x509.Certificate, now: dt.datetime) -> SpiffeId:
         raise Unauthenticated(
             "svid_key_usage",
             "an SVID's keyUsage has digitalSignature and neither keyCertSign nor cRLSign",
+        )
+    # The path validation refuses it too, but only as an untrusted chain.
+    try:
+        purposes = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        purposes = None
+    if purposes is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in purposes:
+        raise Unauthenticated(
+            "svid_key_usage", "the client certificate's extendedKeyUsage has no clientAuth"
         )
     spiffe_id = _leaf_spiffe_id(leaf)
     when = out_of_date(leaf, now)

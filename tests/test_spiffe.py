@@ -203,6 +203,40 @@ def test_leaf_key_usage_checked(usage: dict[str, bool]) -> None:
     assert _reason(verifier, [leaf.der]) == "svid_key_usage"
 
 
+def _with_extended_key_usage(ca: SvidCA, usages: list[x509.ObjectIdentifier] | None) -> bytes:
+    """An SVID of `ca` (DER) whose extendedKeyUsage is `usages` (None: without one)."""
+    issued = ca.svid()
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(issued.certificate.subject)
+        .issuer_name(issued.certificate.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(issued.certificate.not_valid_before_utc)
+        .not_valid_after(issued.certificate.not_valid_after_utc)
+    )
+    for extension in issued.certificate.extensions:
+        if not isinstance(extension.value, x509.ExtendedKeyUsage | x509.SubjectKeyIdentifier):
+            builder = builder.add_extension(extension.value, extension.critical)
+    if usages is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    return builder.sign(ca.issuer.key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+
+def test_leaf_extended_key_usage_checked() -> None:
+    """A leaf whose extendedKeyUsage leaves out clientAuth (a server-only certificate) is
+    refused with svid_key_usage, not as an untrusted chain; one without the extension, or
+    with clientAuth among others, is an SVID."""
+    ca = SvidCA("example.org")
+    verifier = SvidVerifier([parse_bundle("example.org", ca.bundle_pem())])
+    usage = x509.oid.ExtendedKeyUsageOID
+    for usages in ([usage.SERVER_AUTH], [usage.CODE_SIGNING]):
+        assert _reason(verifier, [_with_extended_key_usage(ca, usages)]) == "svid_key_usage"
+    for allowed in (None, [usage.CLIENT_AUTH], [usage.SERVER_AUTH, usage.CLIENT_AUTH]):
+        assert verifier.verify([_with_extended_key_usage(ca, allowed)], _now()).subject
+
+
 def test_trust_domain_id_is_no_leaf() -> None:
     """A leaf whose SPIFFE ID has no path (the trust domain's own ID) is refused."""
     ca = SvidCA("example.org")
