@@ -10,7 +10,7 @@ max_uses, bind_source. Every malformed field is a 400 naming it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qsl
 
@@ -102,16 +102,22 @@ def _known(fields: dict[str, Any], form: bool, *, delegated: bool) -> None:
     and a `subject_token` in a JSON body beside the Authorization header would be a second
     credential (invariant 12). So is an actor token where no task token is delegated, which
     nothing would check."""
-    unknown = sorted(set(fields) - (_ASKED | _FORM if form else _ASKED))
-    if unknown:
-        name = unknown[0]
-        shown = f" {name!r}" if _NAME.fullmatch(name) else ""
-        raise BadRequest("invalid_request", f"unknown field{shown}")
+    refuse_unknown(fields, _ASKED | _FORM if form else _ASKED)
     if not delegated and fields.get("actor_token"):
         raise BadRequest("invalid_request", "actor_token goes with a task token to delegate")
     requested = fields.get("requested_token_type")
     if requested is not None and requested not in _ISSUED_TYPES:  # only the form's, above
         raise BadRequest("invalid_request", "requested_token_type must be an access token")
+
+
+def refuse_unknown(fields: Iterable[str], known: Collection[str]) -> None:
+    """400 `invalid_request` for the first of `fields` not `known`, named when its name
+    looks like one (`_NAME`)."""
+    unknown = sorted(set(fields).difference(known))
+    if unknown:
+        name = unknown[0]
+        shown = f" {name!r}" if _NAME.fullmatch(name) else ""
+        raise BadRequest("invalid_request", f"unknown field{shown}")
 
 
 # A yes-or-no field as JSON or a form writes it. SECURITY: anything else is refused, never

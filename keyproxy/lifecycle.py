@@ -21,7 +21,7 @@ from aiohttp import web
 
 from keyproxy import policy, strictjson
 from keyproxy.answers import REQUEST_ID_KEY
-from keyproxy.asked import read_body
+from keyproxy.asked import read_body, refuse_unknown
 from keyproxy.config import Config
 from keyproxy.errors import (
     BadRequest,
@@ -136,6 +136,10 @@ async def _reason(request: web.Request) -> str:
         body = strictjson.loads(raw) if raw is not None else None  # invariant 12
     except (ValueError, UnicodeDecodeError):
         body = None
+    if isinstance(body, dict):
+        # SECURITY: as the exchange's fields: a misspelt `reson` would record the end as
+        # completed, whatever its holder meant.
+        refuse_unknown(body, ("reason",))
     reason = body.get("reason", "completed") if isinstance(body, dict) else None
     if reason not in HOLDER_REASONS:
         raise BadRequest(

@@ -161,6 +161,24 @@ async def test_the_holder_names_why_its_token_ended(
     assert float(held[1]) >= len(ids)
 
 
+async def test_a_revoke_naming_a_field_not_read_is_refused(
+    stack: Stack, identity_token: str, http: aiohttp.ClientSession
+) -> None:
+    """A revoke body with a field keyproxy does not read (a misspelt `reson`, or one beside
+    `reason`) is a 400 naming it, and the token lives on: never ended as `completed`."""
+    code, answer = await exchange(http, stack.base, identity_token)
+    assert code == 200, answer
+    token = answer["access_token"]
+    for wrong in ({"reson": "failed"}, {"reason": "failed", "detail": "x"}):
+        async with http.post(
+            f"{stack.base}/token/revoke", json=wrong, headers=bearer(token)
+        ) as response:
+            refusal = await response.json()
+        assert (response.status, refusal["error"]["code"]) == (400, "invalid_request"), wrong
+        assert repr(sorted(set(wrong) - {"reason"})[0]) in refusal["error"]["message"]
+    assert await status(http, "POST", stack.base + CHAT, token) == 200
+
+
 async def test_one_of_several_workers_without_a_store_refuses_idle_ttl(
     openbao: OpenBaoDevServer,
     agent: Agent,
