@@ -4,7 +4,8 @@ The parent task token is the `subject_token` (the form) or the Bearer credential
 sub-agent's own workload identity may come as `actor_token` (with `actor_token_type`, a JWT
 type, in the form). The child is never more than its parent:
 
-    scope      within the parent's, or refused (403 exceeds_parent_scope, naming what is not)
+    scope      within the parent's, or refused (403 exceeds_parent_scope, naming what is not);
+               left out, the parent's (403 nothing_granted if none of its routes is left)
     TTL        narrowed to the parent's remaining life (the answer's expires_in says so)
     max_uses   at most what the parent has left (403 exceeds_parent_uses), and every use of
                the child counts against the parent's max_uses as well
@@ -61,6 +62,8 @@ def narrow(  # what the request asked, and what the parent allows
             "delegation_too_deep", f"a token may be delegated at most {max_depth} times over"
         )
     scope = requested or parent.scope
+    if not scope:  # a reload, or a replica, with none of the parent's routes configured
+        raise Forbidden("nothing_granted", "the parent token holds no route configured here")
     beyond = scopes.outside(scope, parent.scope)
     if beyond:
         raise Forbidden(

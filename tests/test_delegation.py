@@ -6,6 +6,7 @@ Revoking a parent across two `keyproxy serve` replicas: tests/state/test_lifecyc
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 import uuid
@@ -123,6 +124,36 @@ async def test_a_child_cannot_exceed_its_parent(
     # The child has 1 of its own 3 left, but its parent has none.
     assert await status(http, "POST", stack.base + CHAT, child["access_token"]) == 401
     assert await status(http, "POST", stack.base + CHAT, token) == 401
+
+
+async def test_a_parent_whose_routes_are_gone_is_refused_clearly(
+    openbao: OpenBaoDevServer,
+    agent: Agent,
+    upstream: Upstream,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A replica (or a reload) without any of the parent's routes answers a delegation
+    asking for the parent's whole scope with 403 nothing_granted, audited as token.denied,
+    not with a 500."""
+    openbao.put_key("keyproxy/keys/tokens-test", new_key())
+    cfg = token_config(openbao, agent, upstream.url)
+    narrowed = copy.deepcopy(cfg)
+    del narrowed["routes"]["other"]
+    del narrowed["policies"][0]["allow"]["other"]
+    async with running_proxy(cfg) as issuing, running_proxy(narrowed) as serving:
+        scope = {"other": {"methods": ["GET"], "paths": ["/echo"]}}
+        code, parent = await exchange(http, issuing.base, identity_token, scope=scope)
+        assert code == 200, parent
+        rid = new_request_id()
+        headers = {**bearer(parent["access_token"]), "X-Request-Id": rid}
+        async with http.post(f"{serving.base}/token", json={}, headers=headers) as response:
+            answer = await response.json()
+        assert (response.status, answer["error"]["code"]) == (403, "nothing_granted"), answer
+    events = await audit_events(audit_log, rid)
+    (event,) = [e for e in events if e["event"] == "token.denied"]
+    assert (event["reason"], event["parent_token_id"]) == ("nothing_granted", parent["token_id"])
 
 
 async def test_a_chain_names_every_link_and_dies_with_its_root(
