@@ -209,3 +209,34 @@ async def test_the_limit_holds_across_replicas_sharing_the_store(
             assert (await _exchange(http, one.base, identity_token)).status == 200
         refused = await _exchange(http, two.base, identity_token)
     assert (refused.status, refused.code) == (429, "rate_limited"), refused.body
+
+
+async def test_a_token_too_long_to_send_is_not_issued(
+    stack: Stack,
+    upstream: Upstream,
+    identity_token: str,
+    http: aiohttp.ClientSession,
+    audit_log: Path,
+) -> None:
+    """A grant whose token would not fit the listener's header field (64 long paths: its
+    holder could neither use it nor revoke it) is refused, 400 token_too_large, audited as
+    token.denied; one of 16 such paths is issued and works."""
+    paths = [f"/v1/{i:02d}-" + "x" * 480 for i in range(64)]
+    scope = {"r": [{"methods": ["POST"], "paths": paths[n : n + 32]} for n in (0, 32)]}
+    rid = new_request_id()
+    headers = bearer(identity_token) | {"X-Request-Id": rid}
+    async with http.post(f"{stack.base}/token", json={"scope": scope}, headers=headers) as response:
+        refused = await _answer(response)
+    assert (refused.status, refused.code) == (400, "token_too_large"), refused.body
+    (event,) = [e for e in await audit_events(audit_log, rid) if e["event"] == "token.denied"]
+    assert event["reason"] == "token_too_large"
+    scope = {"r": {"methods": ["POST"], "paths": paths[:16]}}
+    async with http.post(
+        f"{stack.base}/token", json={"scope": scope}, headers=bearer(identity_token)
+    ) as response:
+        issued = await _answer(response)
+    assert issued.status == 200, issued.body
+    token = issued.body["access_token"]
+    async with http.post(f"{stack.base}/r/r{paths[15]}", headers=bearer(token)) as response:
+        await response.read()
+    assert [seen.path for seen in upstream.requests] == [paths[15]]  # forwarded

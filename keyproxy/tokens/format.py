@@ -46,6 +46,9 @@ TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not 
 LEASE_RECORD_CONTEXT: Final = b"keyproxy-lease-record\x00"
 LEEWAY: Final = 5.0
 MAX_TOKEN_BYTES: Final = 16 * 1024
+# The longest task token issued: sent as `Authorization: Bearer <token>`, it must fit the
+# listener's 16 KiB header field (keyproxy.server.app) and what `verify` reads.
+MAX_ISSUED_BYTES: Final = MAX_TOKEN_BYTES - len("Bearer ")
 # Clocks of the replica that issued a token and of whoever revokes may differ: a revocation
 # by subject or task covers tokens issued up to this long after it, and entries are kept
 # this much longer before pruning.

@@ -27,7 +27,7 @@ import structlog
 from keyproxy import scope as scopes
 from keyproxy.caller import Identity
 from keyproxy.config import Config
-from keyproxy.errors import Forbidden, Unauthenticated, Unavailable, VaultError
+from keyproxy.errors import BadRequest, Forbidden, Unauthenticated, Unavailable, VaultError
 from keyproxy.state import StateStore, StoreUnavailable
 from keyproxy.state.limits import lease_key
 from keyproxy.tokens import lineage
@@ -35,6 +35,7 @@ from keyproxy.tokens.exceptions import ExceptionRegister
 from keyproxy.tokens.format import (
     LEASE_RECORD_CONTEXT,
     LEEWAY,
+    MAX_ISSUED_BYTES,
     TASK_TOKEN_TYPE,
     CertificateBinding,
     Issued,
@@ -181,7 +182,8 @@ class Signing(ExceptionRegister):
         and clamped `ttl`; `certificate` binds it to the client certificate it was requested with
         (RFC 8705 `cnf`); with `idle_ttl` its heartbeat lease starts now; a token delegated
         from `parent` (verified) by `actor` carries their lineage claims. Raises Unavailable
-        when Vault cannot sign or the lease cannot start."""
+        when Vault cannot sign or the lease cannot start, BadRequest("token_too_large") for
+        a token longer than MAX_ISSUED_BYTES."""
         if not scope:
             raise ValueError("a task token needs a non-empty scope")
         if exception is not None and (problem := exception_problem(*exception)):
@@ -283,7 +285,7 @@ class Signing(ExceptionRegister):
                     self.cfg.transit_mount, self.cfg.transit_key, signing_input.encode()
                 )
                 if used == version:
-                    return f"{signing_input}.{b64(signature)}"
+                    return _sendable(f"{signing_input}.{b64(signature)}")
                 # The Transit key was rotated since we last looked: sign again, naming it.
                 await self.refresh_keys(force=True)
         except VaultError as exc:
@@ -304,3 +306,16 @@ def _still_alive(parent: TaskToken, revocations: Revocations, now: int) -> None:
         raise refusal
     if parent.expires_at - now < 1:
         raise Forbidden("parent_expiring", "the parent token expires in less than a second")
+
+
+def _sendable(token: str) -> str:
+    """`token`, if it is no longer than MAX_ISSUED_BYTES. SECURITY: a longer one would be
+    audited as issued, yet its holder could neither use it nor end it (the listener refuses
+    so long a header)."""
+    if len(token) > MAX_ISSUED_BYTES:
+        raise BadRequest(
+            "token_too_large",
+            f"the token would be longer than {MAX_ISSUED_BYTES} bytes: ask for fewer or "
+            "shorter paths, or a shorter task or intent",
+        )
+    return token
