@@ -103,7 +103,7 @@ def _known(fields: dict[str, Any], form: bool, *, delegated: bool) -> None:
     credential (invariant 12). So is an actor token where no task token is delegated, which
     nothing would check."""
     refuse_unknown(fields, _ASKED | _FORM if form else _ASKED)
-    if not delegated and fields.get("actor_token"):
+    if not delegated and fields.get("actor_token") not in (None, ""):
         raise BadRequest("invalid_request", "actor_token goes with a task token to delegate")
     requested = fields.get("requested_token_type")
     if requested is not None and requested not in _ISSUED_TYPES:  # only the form's, above

@@ -96,6 +96,8 @@ def test_a_delegation_asking_for_an_empty_scope_is_refused(
         ({"sk-live-51Hxyz0": ""}, True, "unknown field"),  # a key pasted as the whole body
         ({"audience": "r"}, False, "unknown field 'audience'"),  # the form's, never read here
         ({"actor_token": "eyJ"}, False, "actor_token goes with a task token"),
+        ({"actor_token": False}, False, "actor_token goes with a task token"),  # not a JWT:
+        ({"actor_token": {}}, False, "actor_token goes with a task token"),  # refused too
         ({"requested_token_type": "urn:x"}, True, "requested_token_type must be"),
     ],
 )
