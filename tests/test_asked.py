@@ -59,6 +59,19 @@ def test_a_task_name_a_terminal_would_obey_is_refused(task: str) -> None:
     assert _asked({"task": "résumé-タスク"}).task == "résumé-タスク"
 
 
+@pytest.mark.parametrize("name", ["task", "intent"])
+def test_a_token_pasted_as_task_or_intent_is_refused(name: str) -> None:
+    """Task and intent are audited (the task in every request's event): one holding a JWT,
+    a token pasted by mistake, is a 400 that does not quote it; text naming JWTs is not."""
+    token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhIn0.c2ln"
+    for value in (token, f"summarise {token} please"):
+        with pytest.raises(BadRequest) as refused:
+            _asked({name: value})
+        assert refused.value.reason == "invalid_request"
+        assert "eyJ" not in refused.value.message
+    assert getattr(_asked({name: "keyJWT-rotation v1.eyJ"}), name) == "keyJWT-rotation v1.eyJ"
+
+
 @pytest.mark.parametrize(
     ("fields", "form"),
     [
