@@ -230,7 +230,7 @@ async def test_a_token_too_long_to_send_is_not_issued(
     assert (refused.status, refused.code) == (400, "token_too_large"), refused.body
     (event,) = [e for e in await audit_events(audit_log, rid) if e["event"] == "token.denied"]
     assert event["reason"] == "token_too_large"
-    scope = {"r": {"methods": ["POST"], "paths": paths[:16]}}
+    scope = {"r": [{"methods": ["POST"], "paths": paths[:16]}]}
     async with http.post(
         f"{stack.base}/token", json={"scope": scope}, headers=bearer(identity_token)
     ) as response:

@@ -213,7 +213,7 @@ def _used(token_id: str, chain: list[str]) -> str:
     )  # fmt: skip
 
 
-def _depth(node: auditlog.TokenNode) -> int:
+def _depth(node: audittree.TokenNode) -> int:
     pending, deepest = [(node, 0)], 0
     while pending:
         current, depth = pending.pop()

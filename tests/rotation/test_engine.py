@@ -342,6 +342,7 @@ async def test_audit_names_exactly_the_identities_of_a_key_version(
                 async with session.get(url, headers=a) as r:
                     assert r.status == 200
             second = (await rotations.rotate(name)).version
+            assert second is not None
 
             async def serves() -> bool:
                 return (await served_versions(proxy)).get(name) == second
