@@ -22,6 +22,7 @@ from keyproxy.config import Route, parse_duration
 from keyproxy.errors import BadRequest, ConfigError, Unauthenticated
 from keyproxy.headers import bearer_token, carries_credential, in_query
 from keyproxy.outgoing import whole_body
+from keyproxy.redact import holds_jwt
 
 GRANT_TYPE: Final = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPES: Final = frozenset(
@@ -48,8 +49,6 @@ _FORM: Final = frozenset(
 # A field name quoted back when refused: a name, not a value pasted by mistake (a key
 # sent as the whole form body is one field's name; keys hold digits).
 _NAME: Final = re.compile(r"[A-Za-z][A-Za-z_-]{0,31}")
-# A JWS's header and payload, as every token keyproxy takes begins: base64url of '{"'.
-_JWT: Final = re.compile(r"eyJ[\w-]*\.eyJ")
 # RFC 8693's requested_token_type, when sent: a task token is an access token, and a JWT.
 _ISSUED_TYPES: Final = frozenset(
     {"urn:ietf:params:oauth:token-type:access_token", "urn:ietf:params:oauth:token-type:jwt"}
@@ -233,7 +232,7 @@ def _text(fields: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > MAX_TEXT or text.hidden(value):
         raise ValueError(f"{name}: text of at most {MAX_TEXT} characters, without controls")
-    if _JWT.search(value):
+    if holds_jwt(value):
         # SECURITY: task and intent go into audit events (the task into every request's)
         # and into the token: a token pasted here by mistake would be logged.
         raise ValueError(f"{name}: holds what looks like a token (a JWT), which is never logged")

@@ -46,7 +46,9 @@ def client_chain(
         return (), False
     forwarded = server.tls.forwarded_client_cert if server.tls is not None else None
     if forwarded is not None and policy.is_trusted_proxy(
-        request.remote or "", server.trusted_proxies
+        request.remote or "",
+        server.trusted_proxies,
+        getattr(request.protocol, policy.PEER, None),  # parsed once per connection
     ):
         # SECURITY: never the front proxy's own certificate: it would be the identity of
         # every caller it forwards without a certificate of its own.

@@ -1,12 +1,13 @@
 """Server-side TLS for a listener, built from files and reloaded in place.
 
 `ServerTLS(files)` reads the certificate chain, its key and the client trust bundles, and hands
-out one `context` to give the listener (`web.TCPSite(..., ssl_context=tls.context)`) for its whole
-life. `reload()` reads the files again and builds a complete new `ssl.SSLContext` and
-`SvidVerifier`; only when both are built does it swap them in, so a half-written or mismatched
-file leaves the running ones in force (the error is raised for the caller to log). New handshakes
-use the new certificate and bundles; connections already open keep the context they started
-with. `follow()` does that whenever a file's content changes (keyproxy/watch.py).
+out one `context` to give the listener (`keyproxy.server.tlsapp.TLSSite`, which also bounds the
+handshake) for its whole life. `reload()` reads the files again and builds a complete new
+`ssl.SSLContext` and `SvidVerifier`; only when both are built does it swap them in, so a
+half-written or mismatched file leaves the running ones in force (the error is raised for the
+caller to log). New handshakes use the new certificate and bundles; connections already open
+keep the context they started with. `follow()` does that whenever a file's content changes
+(keyproxy/watch.py).
 
 How the swap works: asyncio wraps every accepted connection with `context.wrap_bio(...)`. The
 context given to the listener is a thin `ssl.SSLContext` whose `wrap_bio` delegates to the newest

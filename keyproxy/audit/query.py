@@ -21,10 +21,11 @@ version.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from keyproxy import strictjson
 
@@ -102,8 +103,10 @@ class Answer:
     skipped_lines: int
     routes: set[str] = field(default_factory=set)  # every route a request event named
     # The keys counted, by fingerprint: the one asked for, or those the version asked for
-    # held (empty without either, or when the log's events carry no fingerprint).
+    # held (empty without either, or when no event names the version's key).
     key_fingerprints: set[str] = field(default_factory=set)
+    # Routes not asked about whose requests sent a key counted (another secret holding it).
+    elsewhere: set[str] = field(default_factory=set)
 
 
 def parse_time(text: str) -> datetime:
@@ -119,41 +122,45 @@ def query(  # noqa: PLR0917  # the questions `keyproxy audit` asks
     since: datetime | None = None,
     until: datetime | None = None,
     key_fingerprint: str | None = None,
+    secret: tuple[str, str] | None = None,
 ) -> Answer:
     """Who used `route`'s key between `since` and `until`: the key of `key_fingerprint`, or
     every key `key_version` held, if given (a key is counted under every version that held
     it); a collection of routes for routes that inject the same key (one version of it is
-    one key, whichever route sent it)."""
+    one key, whichever route sent it). Which key a version held is learnt from its request
+    events and, given the key's `secret` ("mount/path", field), its `key_cache.key_loaded`
+    events."""
     wanted = {route} if isinstance(route, str) else set(route)
     # Per key (its fingerprint; the version for an event of an earlier build, which names
     # none) and identity: which keys count is known only once every line is read.
     usages: dict[tuple[str | int, tuple[str | None, str | None]], Usage] = {}
-    held: dict[int, set[str]] = {}  # the fingerprints seen with each version
+    seen = _KeysSeen(secret)
     skipped = 0
     routes: set[str] = set()
     for line in lines:
-        event = read_event(line)
-        if event is None:
+        event = read_event(line, None)
+        if event is not None and event["event"] == "key_cache.key_loaded":
+            seen.loaded(event)
+            continue
+        if event is None or event["event"] != "request":
             skipped += bool(line.strip())
             continue
         if isinstance(event.get("route"), str):
             routes.add(event["route"])
         version = event.get("key_version")
         # type, not isinstance: JSON's true is no key version, though Python's bool is an int
-        if event.get("route") not in wanted or type(version) is not int:
+        if type(version) is not int:
             continue
-        at = event_time(event.get("timestamp"))
-        fingerprint = event.get("key_fingerprint")
-        who = (event.get("issuer"), event.get("subject"))
-        if (
-            at is None  # every event keyproxy writes has its time: this is no such event
-            or not (fingerprint is None or isinstance(fingerprint, str))
-            or not all(w is None or isinstance(w, str) for w in who)  # text or null
-        ):
+        facts = _request_facts(event)
+        if facts is None:
             skipped += 1
             continue
+        at, fingerprint, who = facts
+        if event.get("route") not in wanted:
+            seen.sent_elsewhere(fingerprint, event.get("route"))
+            continue
         if fingerprint is not None:
-            held.setdefault(version, set()).add(fingerprint)
+            seen.held.setdefault(version, set()).add(fingerprint)
         if (since and at < since) or (until and at > until):
             continue
         key = version if fingerprint is None else fingerprint
@@ -161,11 +168,63 @@ def query(  # noqa: PLR0917  # the questions `keyproxy audit` asks
     if key_fingerprint is not None:
         keys: set[str | int] | None = {key_fingerprint}
     elif key_version is not None:
-        keys = {key_version, *held.get(key_version, ())}
+        keys = {key_version, *seen.held.get(key_version, ())}
     else:
         keys = None
     counted = {k for k in keys if isinstance(k, str)} if keys is not None else set()
-    return Answer(_by_identity(usages, keys), skipped, routes, counted)
+    elsewhere = {r for fp in counted for r in seen.elsewhere.get(fp, ())}
+    return Answer(_by_identity(usages, keys), skipped, routes, counted, elsewhere)
+
+
+# A key's fingerprint as keyproxy writes it (keyproxy.secret.fingerprint).
+_FINGERPRINT = re.compile(r"[0-9a-f]{12}")
+
+
+def is_fingerprint(value: object) -> TypeGuard[str]:
+    """Whether `value` is a key fingerprint as keyproxy writes it."""
+    return isinstance(value, str) and _FINGERPRINT.fullmatch(value) is not None
+
+
+def _request_facts(
+    event: dict[str, Any],
+) -> tuple[datetime, str | None, tuple[str | None, str | None]] | None:
+    """A request event's time, key fingerprint and identity; None for an event keyproxy
+    would not write (no time, a fingerprint or identity of another form)."""
+    at = event_time(event.get("timestamp"))
+    fingerprint = event.get("key_fingerprint")
+    who = (event.get("issuer"), event.get("subject"))
+    if (
+        at is None
+        or not (fingerprint is None or is_fingerprint(fingerprint))
+        or not all(w is None or isinstance(w, str) for w in who)  # text or null
+    ):
+        return None
+    return at, fingerprint, who
+
+
+@dataclass
+class _KeysSeen:
+    """What the logs say of keys: which each version held, and which other routes sent each."""
+
+    secret: tuple[str, str] | None  # the route's key: "mount/path" and field, if known
+    held: dict[int, set[str]] = field(default_factory=dict)
+    elsewhere: dict[str, set[str]] = field(default_factory=dict)
+
+    def loaded(self, event: dict[str, Any]) -> None:
+        """A `key_cache.key_loaded` event: of the route's secret, it names a version's key."""
+        version, fingerprint = event.get("version"), event.get("fingerprint")
+        if (
+            self.secret is not None
+            and (event.get("secret"), event.get("field")) == self.secret
+            and type(version) is int
+            and is_fingerprint(fingerprint)
+        ):
+            self.held.setdefault(version, set()).add(fingerprint)
+
+    def sent_elsewhere(self, fingerprint: str | None, route: object) -> None:
+        """A request of a route not asked about sent the key of `fingerprint`."""
+        if fingerprint is not None and isinstance(route, str):
+            self.elsewhere.setdefault(fingerprint, set()).add(route)
 
 
 def _by_identity(
@@ -280,6 +339,7 @@ __all__ = [
     "Usage",
     "calls",
     "event_time",
+    "is_fingerprint",
     "parse_time",
     "query",
     "read_event",

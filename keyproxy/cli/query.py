@@ -13,7 +13,6 @@ json|table), notes to stderr. Exit codes: 0 success, 2 bad configuration or usag
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any
 
@@ -75,7 +74,7 @@ def register(sub: Any) -> None:
 
 def _fingerprint(value: str) -> str:
     """A key fingerprint as keyproxy writes it (keyproxy.secret.fingerprint)."""
-    if not re.fullmatch(r"[0-9a-f]{12}", value.lower()):
+    if not auditlog.is_fingerprint(value.lower()):
         raise argparse.ArgumentTypeError("a key fingerprint is 12 hexadecimal digits")
     return value.lower()
 
@@ -100,6 +99,7 @@ def _audit(args: argparse.Namespace) -> int:
     if args.calls:
         return _calls(args)
     routes = _same_key(cfg, args.route) if cfg is not None else [args.route]
+    ref = cfg.routes[args.route].secret if cfg is not None else None
     answer = auditlog.query(
         input_lines(args.files),
         routes,
@@ -107,7 +107,9 @@ def _audit(args: argparse.Namespace) -> int:
         args.since,
         args.until,
         key_fingerprint=args.key_fingerprint,
+        secret=(f"{ref.mount}/{ref.path}", ref.field) if ref is not None else None,
     )
+    _note_keys(args, answer)
     if cfg is None and args.route not in answer.routes:
         seen = ", ".join(sorted(answer.routes)) or "none"
         print(  # noqa: T201
@@ -125,18 +127,12 @@ def _audit(args: argparse.Namespace) -> int:
                 "key_fingerprint": args.key_fingerprint,
                 "key_fingerprints": sorted(answer.key_fingerprints),
                 "routes": routes,
+                "also_sent_by": sorted(answer.elsewhere),
                 "identities": [u.as_dict() for u in answer.identities],
                 "skipped_lines": answer.skipped_lines,
             }
         )
         return 0
-    if args.key_version is not None:
-        keys = ", ".join(sorted(answer.key_fingerprints)) or "none named (events of earlier builds)"
-        print(  # noqa: T201
-            f"keyproxy audit: key version {args.key_version} holds key {keys}, counted "
-            "under every version that held it",
-            file=sys.stderr,
-        )
     for u in answer.identities:
         tasks = ", ".join(sorted(u.tasks)) or "-"
         versions = ", ".join(str(v) for v in sorted(u.key_versions))
@@ -153,6 +149,31 @@ def _audit(args: argparse.Namespace) -> int:
         )
     note_skipped(answer.skipped_lines)
     return 0
+
+
+def _note_keys(args: argparse.Namespace, answer: auditlog.Answer) -> None:
+    """Say on stderr which key a version asked for holds (or that no event names it: only
+    its own requests are then counted), and which other routes sent a key counted."""
+    notes = []
+    if args.key_version is not None and answer.key_fingerprints:
+        keys = ", ".join(sorted(answer.key_fingerprints))
+        notes.append(
+            f"key version {args.key_version} holds key {keys}, counted under every version "
+            "that held it"
+        )
+    elif args.key_version is not None:
+        notes.append(
+            f"no event of the input names the key of version {args.key_version}: only requests "
+            "sent under that version are counted (give -c FILE to read it from the "
+            "key_cache.key_loaded events, or ask by --key-fingerprint)"
+        )
+    if answer.elsewhere:
+        notes.append(
+            f"routes {', '.join(sorted(answer.elsewhere))} also sent that key (another secret "
+            "holds it): not counted, ask about them by --route"
+        )
+    for note in notes:  # SECURITY: a log's texts stay inside the note's one line
+        print(text.one_line(f"keyproxy audit: {note}"), file=sys.stderr)  # noqa: T201
 
 
 def _same_key(cfg: config.Config, route: str) -> list[str]:

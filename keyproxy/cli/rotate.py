@@ -210,10 +210,10 @@ def _status(args: argparse.Namespace) -> int:
 
 def _status_line(e: keystatus.KeyStatus) -> str:
     parts = [f"{e.route}: v{e.version}" if e.version else f"{e.route}: no key"]
-    if e.fingerprint is not None:
-        parts.append(f"key {e.fingerprint}")
     if e.age is not None:
         parts.append(f"age {_duration(e.age)}")
+    if e.fingerprint is not None:
+        parts.append(f"key {e.fingerprint}")
     if e.overdue and e.max_age is not None:
         parts.append(f"OVERDUE (max_age {_duration(e.max_age)})")
     for label, value in (

@@ -281,11 +281,12 @@ class Signing(ExceptionRegister):
                     "kid": self._kid(version),
                 }
                 signing_input = f"{b64(json_bytes(header))}.{b64(json_bytes(claims))}"
+                _sendable(len(signing_input) + 1 + SIGNATURE_CHARS)  # before Vault signs it
                 used, signature = await self.vault.transit_sign(
                     self.cfg.transit_mount, self.cfg.transit_key, signing_input.encode()
                 )
                 if used == version:
-                    return _sendable(f"{signing_input}.{b64(signature)}")
+                    return f"{signing_input}.{b64(signature)}"
                 # The Transit key was rotated since we last looked: sign again, naming it.
                 await self.refresh_keys(force=True)
         except VaultError as exc:
@@ -308,14 +309,17 @@ def _still_alive(parent: TaskToken, revocations: Revocations, now: int) -> None:
         raise Forbidden("parent_expiring", "the parent token expires in less than a second")
 
 
-def _sendable(token: str) -> str:
-    """`token`, if it is no longer than MAX_ISSUED_BYTES. SECURITY: a longer one would be
-    audited as issued, yet its holder could neither use it nor end it (the listener refuses
+# An EdDSA (Ed25519) signature is 64 bytes: 86 characters of base64url without padding.
+SIGNATURE_CHARS = 86
+
+
+def _sendable(length: int) -> None:
+    """Refuse a token of `length` characters longer than MAX_ISSUED_BYTES. SECURITY: it would
+    be audited as issued, yet its holder could neither use it nor end it (the listener refuses
     so long a header)."""
-    if len(token) > MAX_ISSUED_BYTES:
+    if length > MAX_ISSUED_BYTES:
         raise BadRequest(
             "token_too_large",
             f"the token would be longer than {MAX_ISSUED_BYTES} bytes: ask for fewer or "
             "shorter paths, or a shorter task or intent",
         )
-    return token

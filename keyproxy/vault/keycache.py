@@ -228,7 +228,7 @@ class KeyCache:
                 secret=_secret_name(ref),
                 field=ref.field,
                 version=key.version,
-                fingerprint=key.secret.fingerprint(),
+                fingerprint=key.fingerprint,
             )
         entry.key, entry.loaded_at, entry.error, entry.error_at = key, self._clock(), None, None
 
@@ -274,7 +274,7 @@ class KeyCache:
                 "secret": f"{ref.mount}/{ref.path}",
                 "field": ref.field,
                 "version": e.key.version if e.key else None,
-                "fingerprint": e.key.secret.fingerprint() if e.key else None,
+                "fingerprint": e.key.fingerprint if e.key else None,
                 "age": None if e.loaded_at is None else now - e.loaded_at,
                 "fresh": e.loaded_at is not None and now - e.loaded_at <= self._max_staleness,
                 "last_error": e.error,

@@ -90,23 +90,23 @@ def test_usage_collects_tasks_tokens_counts_and_times() -> None:
 # first event is of an earlier build, which named no fingerprint.
 ROLLED_BACK = [
     _event("old", 1, "2025-01-01T09:00:00Z"),
-    _event("a", 1, "2025-01-01T10:00:00Z", key_fingerprint="aaaa"),
-    _event("b", 2, "2025-01-01T11:00:00Z", key_fingerprint="bbbb"),
-    _event("c", 3, "2025-01-01T12:00:00Z", key_fingerprint="aaaa"),
-    _event("a", 3, "2025-01-01T13:00:00Z", key_fingerprint="aaaa"),
-    _event("x", 4, "2025-01-01T14:00:00Z", key_fingerprint=["aaaa"]),  # not keyproxy's
+    _event("a", 1, "2025-01-01T10:00:00Z", key_fingerprint="aaaaaaaaaaaa"),
+    _event("b", 2, "2025-01-01T11:00:00Z", key_fingerprint="bbbbbbbbbbbb"),
+    _event("c", 3, "2025-01-01T12:00:00Z", key_fingerprint="aaaaaaaaaaaa"),
+    _event("a", 3, "2025-01-01T13:00:00Z", key_fingerprint="aaaaaaaaaaaa"),
+    _event("x", 4, "2025-01-01T14:00:00Z", key_fingerprint=["aaaaaaaaaaaa"]),  # not keyproxy's
 ]
 
 
 @pytest.mark.parametrize(
     ("version", "fingerprint", "subjects", "fingerprints"),
     [
-        (1, None, ["a", "c", "old"], {"aaaa"}),
-        (3, None, ["a", "c"], {"aaaa"}),
-        (2, None, ["b"], {"bbbb"}),
-        (None, "aaaa", ["a", "c"], {"aaaa"}),
-        (None, "bbbb", ["b"], {"bbbb"}),
-        (None, "cccc", [], {"cccc"}),
+        (1, None, ["a", "c", "old"], {"aaaaaaaaaaaa"}),
+        (3, None, ["a", "c"], {"aaaaaaaaaaaa"}),
+        (2, None, ["b"], {"bbbbbbbbbbbb"}),
+        (None, "aaaaaaaaaaaa", ["a", "c"], {"aaaaaaaaaaaa"}),
+        (None, "bbbbbbbbbbbb", ["b"], {"bbbbbbbbbbbb"}),
+        (None, "cccccccccccc", [], {"cccccccccccc"}),
         (None, None, ["a", "b", "c", "old"], set()),
     ],
 )
@@ -128,6 +128,31 @@ def test_a_key_is_counted_under_every_version_that_held_it(
             "2025-01-01T10:00:00Z",
             "2025-01-01T13:00:00Z",
         )
+
+
+def test_a_versions_key_is_learnt_from_the_key_loads_when_its_requests_are_gone() -> None:
+    """Logs from after a rollback alone (key A back as version 3): the leaked version 1 has
+    no request left in them, but a proxy's `key_cache.key_loaded` event of the route's
+    secret names its key, so version 3's requests are counted. Another secret's load says
+    nothing of it; without the secret, nothing names version 1's key. A route not asked
+    about that sent the key is named apart. A fingerprint of no form keyproxy writes is no
+    event of keyproxy's."""
+    fp = "aaaaaaaaaaaa"
+    log = [
+        json.dumps({"event": "key_cache.key_loaded", "secret": "secret/k", "field": "api_key",
+                    "version": 1, "fingerprint": fp}),
+        json.dumps({"event": "key_cache.key_loaded", "secret": "secret/other", "field": "api_key",
+                    "version": 2, "fingerprint": "bbbbbbbbbbbb"}),
+        _event("c", 3, "2025-01-01T12:00:00Z", key_fingerprint=fp),
+        _event("d", 7, "2025-01-01T12:00:00Z", route="moved", key_fingerprint=fp),
+        _event("e", 3, "2025-01-01T12:00:00Z", key_fingerprint="AAAAAAAAAAAA"),
+    ]  # fmt: skip
+    known = auditlog.query(log, "r", 1, secret=("secret/k", "api_key"))
+    assert [u.subject for u in known.identities] == ["c"]
+    assert (known.key_fingerprints, known.elsewhere, known.skipped_lines) == ({fp}, {"moved"}, 1)
+    assert auditlog.query(log, "r", 2, secret=("secret/k", "api_key")).identities == []
+    unknown = auditlog.query(log, "r", 1)
+    assert (unknown.identities, unknown.key_fingerprints) == ([], set())
 
 
 TREE_LOG = [

@@ -277,14 +277,23 @@ def test_a_key_is_asked_for_by_version_or_fingerprint_with_a_route_alone(
     assert by_version.returncode == 0, by_version.stderr
     assert [line.split(":")[0] for line in by_version.stdout.splitlines()] == ["k8s a", "k8s c"]
     assert "key version 3 holds key c0ffee5e1f2a" in by_version.stderr
-    for argv in (
-        ["--route", "api", "--key-fingerprint", "c0ffee5e1f2"],
-        ["--route", "api", "--key-fingerprint", "c0ffee5e1f2g"],
-        ["--route", "api", "--key-fingerprint", "c0ffee5e1f2a", "--key-version", "1"],
-        ["--route", "api", "--calls", "--key-version", "1"],
-        ["--task", "t", "--key-fingerprint", "c0ffee5e1f2a"],
-        ["--token", "t", "--key-version", "1"],
+    unknown = keyproxy(
+        "audit", "--route", "api", "--key-version", "9", str(log), env=clean_env(home)
+    )
+    assert unknown.returncode == 0, unknown.stderr
+    assert "no event of the input names the key of version 9" in unknown.stderr
+    digits, alone = "a key fingerprint is 12 hexadecimal digits", "go with --route alone"
+    for argv, why in (
+        (["--route", "api", "--key-fingerprint", "c0ffee5e1f2"], digits),
+        (["--route", "api", "--key-fingerprint", "c0ffee5e1f2g"], digits),
+        (
+            ["--route", "api", "--key-fingerprint", "c0ffee5e1f2a", "--key-version", "1"],
+            "not allowed with argument",
+        ),
+        (["--route", "api", "--calls", "--key-version", "1"], alone),
+        (["--task", "t", "--key-fingerprint", "c0ffee5e1f2a"], alone),
+        (["--token", "t", "--key-version", "1"], alone),
     ):
         refused = keyproxy("audit", *argv, str(log), env=clean_env(home))
         assert refused.returncode == 2, (argv, refused.stdout)
-        assert "key" in refused.stderr, argv
+        assert why in refused.stderr, argv
