@@ -1,7 +1,8 @@
 """An issuer's signing keys: fetched from a discovery document, a JWKS URL or a local JWKS file
 (a SPIFFE trust bundle), and read into the keys PyJWT verifies with.
 
-Redirects are not followed and documents are size-limited. A key of an unusable type, a
+Redirects are not followed, documents are size-limited and a JWKS holds at most `MAX_KEYS`
+keys. A key of an unusable type, a
 private or symmetric key, or one with another use is skipped with a log event naming the
 issuer and the kid.
 """
@@ -26,6 +27,10 @@ from keyproxy.config import Issuer
 log = structlog.get_logger("keyproxy.identity")
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
+# Issuers publish a handful of keys (a SPIFFE bundle a few dozen while authorities rotate).
+# SECURITY: each key is loaded, or logged as skipped, on the event loop; without a bound a
+# 1 MiB document of 500,000 tiny entries stalls every request for seconds per fetch.
+MAX_KEYS = 100
 _TOO_LARGE = "document larger than the limit"
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10.0, sock_connect=5.0)
 # "jwt-svid" is how SPIFFE trust bundles mark keys for JWT-SVIDs; absent means any use.
@@ -141,6 +146,8 @@ def parse_jwks(issuer: Issuer, url: str, document: Mapping[str, Any]) -> KeySet:
     entries = document.get("keys")
     if not isinstance(entries, list):
         raise FetchError(url, "not a JWKS (no keys list)")
+    if len(entries) > MAX_KEYS:
+        raise FetchError(url, f"more than {MAX_KEYS} keys")
     by_kid: dict[str | None, dict[str, jwt.PyJWK]] = {}
     size = 0
     for entry in entries:

@@ -15,10 +15,12 @@ from jwt.algorithms import RSAAlgorithm
 from structlog.testing import capture_logs
 
 from keyproxy.identity import Identity, IdentityVerifier
+from keyproxy.identity.keys import MAX_KEYS
 from tests.helpers.identity import (
     ATTACKER_KEY,
     EC_KEY,
     ISS,
+    ISSUER_KEYS,
     ROTATED_KEY,
     RSA_KEY,
     SUB,
@@ -170,3 +172,21 @@ async def test_jwk_declared_alg_binds_the_key(
     assert (await verifier.verify(sign(claims(clock.now)))).subject == SUB
     token = sign(claims(clock.now), alg="PS256")
     assert await reason_for(verifier, token) == "bad_signature"
+
+
+async def test_jwks_with_too_many_keys_is_refused_unread(
+    new_verifier: Callable[..., IdentityVerifier], server: IssuerServer, clock: Clock
+) -> None:
+    """A JWKS of more than MAX_KEYS entries yields no keys, and none of them is looked at
+    (each would be loaded or logged on the event loop); MAX_KEYS entries are read."""
+    filler = ["not-a-key"] * (MAX_KEYS - len(ISSUER_KEYS))
+    server.keys = [*ISSUER_KEYS, *filler]
+    verifier = new_verifier()
+    assert (await verifier.verify(sign(claims(clock.now)))).subject == SUB
+    server.keys = [*ISSUER_KEYS, *filler, "one-too-many"]
+    verifier = new_verifier()
+    with capture_logs() as logs:
+        await verifier.prefetch()
+    assert [e["event"] for e in logs] == ["jwks_fetch_failed"]
+    assert logs[0]["error"] == f"more than {MAX_KEYS} keys"
+    assert await reason_for(verifier, sign(claims(clock.now))) == "jwks_unavailable"
