@@ -171,7 +171,9 @@ def _load_key(issuer: Issuer, entry: Any) -> dict[str, jwt.PyJWK]:
     if kid is not None and not isinstance(kid, str):
         _skipped(issuer, None, kty, "kid is not a string")
         return {}
-    if entry.get("use") not in KEY_USES:
+    use = entry.get("use")
+    # Not a string: skipped like any other use (a list or object is not even hashable).
+    if not isinstance(use, str | None) or use not in KEY_USES:
         _skipped(issuer, kid, kty, "use is not sig or jwt-svid")
         return {}
     if _PRIVATE_MEMBERS & entry.keys():

@@ -135,13 +135,15 @@ async def test_unreachable_issuer_is_unavailable(
 async def test_unusable_keys_are_skipped_without_key_material(
     new_verifier: Callable[..., IdentityVerifier], server: IssuerServer, clock: Clock
 ) -> None:
-    """Broken, private, encryption and wrong-curve keys are skipped and logged by id only."""
+    """Broken, private, encryption and wrong-curve keys, and a use that is not a string, are
+    skipped and logged by id only; the usable key among them is read."""
     private = RSAAlgorithm.to_jwk(ROTATED_KEY, as_dict=True)
     p384 = public_jwk(ec.generate_private_key(ec.SECP384R1()), "p384")
     server.keys = [
         {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
         {**private, "kid": "private"},
         public_jwk(ATTACKER_KEY, "enc", use="enc"),
+        public_jwk(ATTACKER_KEY, "use-list", use=["sig"]),
         public_jwk(ATTACKER_KEY, "no-verify", key_ops=["encrypt"]),
         {"kty": "oct", "kid": "hmac", "k": b64(b"shared-secret")},
         p384,
@@ -152,7 +154,7 @@ async def test_unusable_keys_are_skipped_without_key_material(
     with capture_logs() as logs:
         await verifier.prefetch()
     skipped = [e for e in logs if e["event"] == "jwks_key_skipped"]
-    assert len(skipped) == 7
+    assert len(skipped) == 8
     fetched = [e for e in logs if e["event"] == "jwks_fetched"]
     assert fetched[0]["keys"] == 1
     text = json.dumps(logs)
