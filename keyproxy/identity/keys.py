@@ -2,9 +2,8 @@
 (a SPIFFE trust bundle), and read into the keys PyJWT verifies with.
 
 Redirects are not followed, documents are size-limited and a JWKS holds at most `MAX_KEYS`
-keys. A key of an unusable type, a
-private or symmetric key, or one with another use is skipped with a log event naming the
-issuer and the kid.
+keys. A key of an unusable type, a private or symmetric key, an RSA key under 2048 bits, or
+one with another use is skipped with a log event naming the issuer and the kid.
 """
 
 from __future__ import annotations
@@ -192,10 +191,13 @@ def _load_key(issuer: Issuer, entry: Any) -> dict[str, jwt.PyJWK]:
             continue
         try:
             key = jwt.PyJWK(entry, algorithm=alg)
-            key.Algorithm.prepare_key(key.key)  # refuses e.g. a P-384 key for ES256
+            prepared = key.Algorithm.prepare_key(key.key)  # refuses e.g. P-384 for ES256
         except (jwt.PyJWTError, ValueError, TypeError, KeyError):
             continue
-        loaded[alg] = key
+        # What the verifier's enforce_minimum_key_length refuses (an RSA key under 2048
+        # bits) is no usable key either: it would count as one, then fail every token.
+        if key.Algorithm.check_key_length(prepared) is None:
+            loaded[alg] = key
     if not loaded:
         _skipped(issuer, kid, kty, "no allowed algorithm fits this key")
     return loaded

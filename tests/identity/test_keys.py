@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 from structlog.testing import capture_logs
 
@@ -135,10 +135,12 @@ async def test_unreachable_issuer_is_unavailable(
 async def test_unusable_keys_are_skipped_without_key_material(
     new_verifier: Callable[..., IdentityVerifier], server: IssuerServer, clock: Clock
 ) -> None:
-    """Broken, private, encryption and wrong-curve keys, and a use that is not a string, are
-    skipped and logged by id only; the usable key among them is read."""
+    """Broken, private, encryption, wrong-curve and too short keys, and a use that is not a
+    string, are skipped and logged by id only; the usable key among them is read."""
     private = RSAAlgorithm.to_jwk(ROTATED_KEY, as_dict=True)
     p384 = public_jwk(ec.generate_private_key(ec.SECP384R1()), "p384")
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505  # refused: the point
+    short = public_jwk(weak, "short")
     server.keys = [
         {"kty": "RSA", "kid": "broken", "n": "!!", "e": "AQAB"},
         {**private, "kid": "private"},
@@ -147,6 +149,7 @@ async def test_unusable_keys_are_skipped_without_key_material(
         public_jwk(ATTACKER_KEY, "no-verify", key_ops=["encrypt"]),
         {"kty": "oct", "kid": "hmac", "k": b64(b"shared-secret")},
         p384,
+        short,
         "not-an-object",
         public_jwk(RSA_KEY, "rsa-1"),
     ]
@@ -154,15 +157,17 @@ async def test_unusable_keys_are_skipped_without_key_material(
     with capture_logs() as logs:
         await verifier.prefetch()
     skipped = [e for e in logs if e["event"] == "jwks_key_skipped"]
-    assert len(skipped) == 8
+    assert len(skipped) == 9
     fetched = [e for e in logs if e["event"] == "jwks_fetched"]
     assert fetched[0]["keys"] == 1
     text = json.dumps(logs)
     for member in ("n", "d", "p", "q"):
         assert private[member] not in text
     assert p384["x"] not in text
+    assert short["n"] not in text
     assert (await verifier.verify(sign(claims(clock.now)))).subject == SUB
     assert await reason_for(verifier, sign(claims(clock.now), kid="private")) == "unknown_kid"
+    assert await reason_for(verifier, sign(claims(clock.now), kid="short")) == "unknown_kid"
 
 
 async def test_jwk_declared_alg_binds_the_key(
