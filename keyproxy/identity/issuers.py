@@ -9,7 +9,7 @@ cooldown) and are refused with `Unavailable("issuer_keys_stale")` (503) while it
 request does wait when there is nothing to answer with: no keys yet (`jwks_unavailable` if
 the fetch fails), or a `kid` the set lacks, which forces a refetch at most once per cooldown.
 Concurrent verifications share one fetch. The fetches are tasks owned by the verifier and
-cancelled by `aclose()`.
+cancelled by `aclose()`, and by a reload for the issuers it replaces or removes.
 
 SECURITY: no event names anything derived from a token; JWKS events log the issuer name, the
 URL, key counts and what went wrong.
@@ -140,9 +140,14 @@ class IssuerKeys:
         if fetch is None and self._may_fetch(state, now, forced=unknown_kid):
             fetch = self._start_fetch(state, forced=unknown_kid)
         if fetch is not None:
-            # Shielded: a caller that gives up must not cancel the fetch others wait for.
-            await asyncio.shield(fetch)
+            # Waited for, not awaited: a caller that gives up must not cancel the fetch others
+            # wait for, and a fetch a reload or aclose() stopped is no cancellation of theirs.
+            await asyncio.wait([fetch])
         return self._usable(state)
+
+    def _replaced(self, state: IssuerState) -> bool:
+        """Whether a reload has replaced or removed the issuer of `state` since it was read."""
+        return self._issuers.get(state.issuer.issuer) is not state
 
     def _usable(self, state: IssuerState) -> KeySet:
         if state.keys is None:

@@ -26,7 +26,9 @@ itself) until its `exp` plus leeway, so a caller reusing its token costs one has
 look-up instead of a signature check. A remembered token is accepted only while the very key
 object that verified it is still what the issuer's current key set holds for its `kid` and
 algorithm, and the time checks run again on every use: the cache never changes a result, it
-only skips recomputing one that cannot have changed. Failures are never cached.
+only skips recomputing one that cannot have changed. Failures are never cached. A reload
+that changes or removes an issuer forgets what it verified, and a token whose check was
+waiting on that issuer's keys meanwhile is checked again under the issuers now configured.
 
 SECURITY: nothing derived from the token (not even its claims) goes into an error message
 or a log event, nor does the name or URL of a configured issuer: error messages reach
@@ -51,7 +53,7 @@ from keyproxy import jws, verified
 # The verifier's result, defined below the pure core that reads it; re-exported for callers.
 from keyproxy.caller import Identity as Identity  # noqa: PLC0414  # an explicit re-export
 from keyproxy.config import Issuer
-from keyproxy.errors import Unauthenticated
+from keyproxy.errors import RequestError, Unauthenticated
 from keyproxy.identity.issuers import IssuerKeys, IssuerState
 from keyproxy.identity.keys import KeySet
 from keyproxy.verified import VerifiedCache
@@ -107,7 +109,11 @@ class IdentityVerifier(IssuerKeys):
             ):
                 return hit.identity
             found = (await self._keys(hit.state)).find(hit.kid)
-            if found is not None and found.get(hit.alg) is hit.key:
+            if (
+                found is not None
+                and found.get(hit.alg) is hit.key
+                and not self._replaced(hit.state)
+            ):
                 try:
                     _check_times(hit.identity.claims, self._clock(), hit.state.issuer.leeway)
                 except Unauthenticated:
@@ -137,7 +143,16 @@ class IdentityVerifier(IssuerKeys):
             # SECURITY: no issuer name here: it would tell any caller what is configured.
             raise Unauthenticated("algorithm_not_allowed", "algorithm not allowed")
         kid = header.get("kid")
-        key = await self._key(state, kid, alg)
+        try:
+            key = await self._key(state, kid, alg)
+        except RequestError:
+            if self._replaced(state):
+                return await self._verify(token)
+            raise
+        if self._replaced(state):
+            # A reload replaced or removed the issuer while its keys were fetched: verify
+            # under the issuers now configured, never under the one it replaced.
+            return await self._verify(token)
         holder = state.keys  # where _key found `key`: nothing was awaited since
         claims = _decode(token, key, alg, issuer)
         _check_times(claims, self._clock(), issuer.leeway)

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from keyproxy.devserver import OpenBaoDevServer
-from keyproxy.errors import Unavailable
+from keyproxy.errors import Unauthenticated, Unavailable
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.server.app import METRICS
@@ -34,6 +34,7 @@ from tests.helpers.identity import (
     Clock,
     IssuerServer,
     claims,
+    make_issuer,
     public_jwk,
     reason_for,
     settled,
@@ -305,3 +306,41 @@ async def test_stale_issuer_keys_are_503_and_audited(
         "no audit event for the stale keys",
     )
     assert {(e["status"], e["route"], e["path"]) for e in stale} == {(503, "r", "/echo")}
+
+
+@pytest.mark.parametrize("removed", [False, True], ids=["changed", "removed"])
+async def test_reload_during_a_key_fetch_answers_under_the_new_issuers(
+    new_verifier: Callable[..., IdentityVerifier],
+    server: IssuerServer,
+    clock: Clock,
+    removed: bool,
+) -> None:
+    """A verification waiting on its issuer's keys when a reload changes or removes that
+    issuer is answered under the issuers now configured: not cut off as if its caller had
+    gone, and nothing of the replaced issuer is remembered."""
+    moved = IssuerServer([*ISSUER_KEYS, public_jwk(ROTATED_KEY, "rsa-2")])
+    await moved.start()
+    verifier = new_verifier()
+    await verifier.prefetch()
+    server.keys = [*ISSUER_KEYS, public_jwk(ROTATED_KEY, "rsa-2")]
+    server.gate = asyncio.Event()
+    waiting = asyncio.create_task(
+        verifier.verify(sign(claims(clock.now), ROTATED_KEY, "RS256", "rsa-2"))
+    )
+    try:
+        await eventually(lambda: server.hits["jwks"] == 2, "no refetch for the new kid", within=5)
+        other = make_issuer(name="other", issuer="https://other.test", jwks_uri=f"{moved.url}/jwks")
+        now = other if removed else make_issuer(jwks_uri=f"{moved.url}/jwks", audiences=(AUD,))
+        await verifier.reconfigure([now])
+        if removed:
+            with pytest.raises(Unauthenticated) as caught:
+                await waiting
+            assert caught.value.reason == "unknown_issuer"
+            assert len(verifier.cache) == 0
+        else:
+            assert (await waiting).subject == SUB
+            assert moved.hits["jwks"] == 1  # the new issuer's keys, fetched by the reload
+    finally:
+        server.gate.set()
+        waiting.cancel()
+        await moved.close()
