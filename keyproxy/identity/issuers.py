@@ -188,7 +188,9 @@ class IssuerKeys:
             self._failed(state, now, source(issuer), type(exc).__name__)
         else:
             state.keys, state.fetched_at, state.last_failure = keys, now, None
-            log.info("jwks_fetched", issuer=issuer.name, url=url, keys=keys.size)
+            # No usable key refuses every token of the issuer: worth a warning.
+            report = log.info if keys.size else log.warning
+            report("jwks_fetched", issuer=issuer.name, url=url, keys=keys.size)
 
     def _failed(self, state: IssuerState, now: float, url: str, error: str) -> None:
         state.last_failure = now

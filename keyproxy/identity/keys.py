@@ -3,7 +3,8 @@
 
 Redirects are not followed, documents are size-limited and a JWKS holds at most `MAX_KEYS`
 keys. A key of an unusable type, a private or symmetric key, an RSA key under 2048 bits, or
-one with another use is skipped with a log event naming the issuer and the kid.
+one with another use is skipped with a log event naming the issuer and the kid. A JWKS
+with none left is an empty `KeySet`, not an error: it is what the issuer publishes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class KeySet:
     """An issuer's usable keys: kid (None when the JWK has none) → algorithm → key."""
 
     by_kid: Mapping[str | None, Mapping[str, jwt.PyJWK]]
-    size: int  # usable JWKs in the document
+    size: int  # usable JWKs in the document; 0 refuses every token of the issuer
 
     def find(self, kid: str | None) -> Mapping[str, jwt.PyJWK] | None:
         if kid is None:
@@ -156,8 +157,9 @@ def parse_jwks(issuer: Issuer, url: str, document: Mapping[str, Any]) -> KeySet:
             slot = by_kid.setdefault(entry.get("kid"), {})
             for alg, key in loaded.items():
                 slot.setdefault(alg, key)
-    if size == 0:
-        raise FetchError(url, "no usable keys")
+    # SECURITY: none usable is still the issuer's answer, not a failed fetch: keeping the
+    # cached set instead would trust keys it has withdrawn (a JWKS emptied after a key was
+    # compromised) until jwks_max_staleness.
     return KeySet(by_kid, size)
 
 

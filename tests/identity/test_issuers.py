@@ -28,6 +28,7 @@ from tests.helpers.identity import (
     ISS,
     ISSUER_KEYS,
     ROTATED_KEY,
+    RSA_KEY,
     SUB,
     TTL,
     VALID,
@@ -344,3 +345,29 @@ async def test_reload_during_a_key_fetch_answers_under_the_new_issuers(
         server.gate.set()
         waiting.cancel()
         await moved.close()
+
+
+@pytest.mark.parametrize(
+    "published",
+    [[], [public_jwk(RSA_KEY, "rsa-1", alg="PS256")]],
+    ids=["no-keys", "only-keys-of-another-algorithm"],
+)
+async def test_an_issuer_publishing_no_usable_key_has_withdrawn_the_cached_ones(
+    verifier: IdentityVerifier, server: IssuerServer, clock: Clock, published: list[Any]
+) -> None:
+    """A JWKS the issuer answers with that holds no key keyproxy may use (emptied to
+    withdraw a compromised key, or only keys of an algorithm not allowed) replaces the cached
+    set, as one withdrawn key among several does: the old keys stop verifying once it has
+    landed, rather than until jwks_max_staleness."""
+    token = sign(claims(clock.now, exp=int(clock.now + 10 * TTL)))
+    await verifier.verify(token)
+    server.keys = published
+    clock.now += TTL  # stale: this use is answered with the cached set and refreshes it
+    assert (await verifier.verify(token)).subject == SUB
+    with capture_logs() as logs:
+        await settled(verifier)
+    assert await reason_for(verifier, token) == "unknown_kid"
+    assert server.hits["jwks"] == 3  # the refresh, then one forced by the kid now unknown
+    assert [(e["event"], e["log_level"], e["keys"]) for e in logs if "keys" in e] == [
+        ("jwks_fetched", "warning", 0)
+    ]
