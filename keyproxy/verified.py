@@ -5,12 +5,13 @@ It keeps signature checks off the request path: a caller reusing its token costs
 and a dict look-up. It holds no token (a SHA-256 digest cannot be turned back into one),
 never changes a result (each user checks on a hit that the key which verified the token is
 still current, and checks the time again), and is bounded: when full, expired entries go
-first, then the oldest. Pure: no I/O.
+first, then the oldest, until a sixteenth of it is free. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -63,6 +64,9 @@ class VerifiedCache(Generic[T]):
         expired = [key for key, entry in self._entries.items() if self._expires(entry) <= now]
         for key in expired:
             del self._entries[key]
-        if len(self._entries) >= self.size:
-            # Insertion order: the first entry is the oldest.
-            del self._entries[next(iter(self._entries))]
+        # Room for a batch of puts before the next scan: a full cache of live entries would
+        # otherwise be scanned whole on every put (half a millisecond at 10,000 entries,
+        # ten times the signature check the cache saves). Insertion order: oldest first.
+        excess = len(self._entries) - (self.size - max(1, self.size // 16))
+        for key in list(itertools.islice(self._entries, max(0, excess))):
+            del self._entries[key]

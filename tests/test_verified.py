@@ -58,3 +58,21 @@ def test_replacing_an_entry_evicts_nothing_and_size_zero_keeps_nothing() -> None
     empty: VerifiedCache[float] = VerifiedCache(0, lambda expires: expires, Clock())
     empty.put(b"a", 5000.0)
     assert len(empty) == 0
+
+
+def test_a_full_cache_of_live_entries_is_scanned_once_per_batch_of_puts() -> None:
+    """Each scan of a full cache makes room for a sixteenth of its size, oldest first, so
+    a caller minting fresh tokens costs a scan per batch of puts, not one per put."""
+    calls: list[float] = []
+
+    def expires(entry: float) -> float:
+        calls.append(entry)
+        return entry
+
+    cache: VerifiedCache[float] = VerifiedCache(160, expires, Clock())
+    for i in range(260):
+        cache.put(i.to_bytes(2, "big"), 5000.0)
+    assert len(cache) <= 160
+    assert (99).to_bytes(2, "big") not in cache
+    assert all(i.to_bytes(2, "big") in cache for i in range(100, 260))
+    assert len(calls) <= 11 * 160  # 100 puts into a full cache: a scan per 10
