@@ -252,10 +252,13 @@ def response_headers(
     theirs = incoming.get(REQUEST_ID)
     if theirs is not None and theirs != request_id:
         headers.append((UPSTREAM_REQUEST_ID, theirs))  # an upstream's id for its support desk
-    # One search through all names and values first: an echoed key is the rare case.
-    if holds_any("\n".join(itertools.chain.from_iterable(headers)), rendered.forms):
+    # One search through all names and values first: an echoed key is the rare case. SECURITY:
+    # aiohttp writes a value without the lone surrogates that stand for bytes not UTF-8, so
+    # such a value is searched as written: a key those bytes split would go back whole.
+    text = "\n".join(itertools.chain.from_iterable(headers))
+    if not text.isascii() or holds_any(text, rendered.forms):
         headers = [
-            (k, scrub_text(v, rendered.forms))
+            (k, scrub_text(v.encode("utf-8", "ignore").decode(), rendered.forms))
             for k, v in headers
             if not holds_any(k, rendered.forms)  # a name cannot be redacted
         ]

@@ -135,6 +135,15 @@ def test_response_headers_drop_cookies_and_lengths_and_redact_the_key() -> None:
     ]
 
 
+def test_response_header_values_are_searched_as_aiohttp_writes_them() -> None:
+    """Bytes not UTF-8 come as lone surrogates, which aiohttp leaves out when it writes the
+    value: a key split by them is redacted as it would be written; other text is kept."""
+    split = "\udcff".join(KEY[i : i + 7] for i in range(0, len(KEY), 7))
+    pairs = [("X-Echo", split), ("X-Name", "caf\udce9 \u00e9")]
+    returned = response_headers(_incoming(*pairs), RENDERED, "r1")
+    assert returned[:2] == [("X-Echo", REDACTED), ("X-Name", "caf \u00e9")]
+
+
 def test_response_headers_without_a_key_are_returned_as_they_are() -> None:
     """The common answer: nothing to redact, the names in the upstream's order and case, and
     the request id last."""

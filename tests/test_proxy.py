@@ -449,6 +449,37 @@ async def test_key_in_a_response_header_name_drops_that_header(
         assert all(seeded[1] not in name for name in response.headers)
 
 
+async def test_a_key_broken_up_by_bytes_not_utf8_in_a_header_is_scrubbed(
+    config_for: Callable[..., dict[str, Any]],
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """aiohttp reads a header's bytes that are not UTF-8 as lone surrogates and writes the
+    value without them: a key echoed in runs of 7 between such bytes (no run a fragment)
+    would reach the caller whole. The value is scrubbed as it is written."""
+    key = seeded[1].encode()
+    split = b"\xff".join(key[i : i + 7] for i in range(0, len(key), 7))
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: " + split + b"\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with upstream:
+        port = upstream.sockets[0].getsockname()[1]
+        async with (
+            running_proxy(config_for(f"http://127.0.0.1:{port}")) as stack,
+            http.get(f"{stack.base}/r/r/echo", headers=bearer(token)) as response,
+        ):
+            assert (response.status, await response.read()) == (200, b"ok")
+            echoed = response.raw_headers
+    assert (b"X-Echo", b"[REDACTED]") in echoed
+    assert all(key not in value for _, value in echoed)
+
+
 async def test_basic_auth_encoding_is_scrubbed_too(
     upstream: Upstream,
     config_for: Callable[..., dict[str, Any]],
