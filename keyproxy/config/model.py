@@ -230,7 +230,7 @@ class Upstream:
     scheme: Literal["http", "https"]
     host: str
     port: int
-    base_path: str  # "" or "/prefix" without a trailing slash
+    base_path: str  # "" or "/prefix" without a trailing slash, percent-encoded as sent
 
     @property
     def origin(self) -> str:

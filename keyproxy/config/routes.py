@@ -183,7 +183,7 @@ def _upstream(node: Node) -> Upstream:
         scheme=url.scheme,  # type: ignore[arg-type]  # checked above
         host=url.host,
         port=url.port,
-        base_path=url.path.rstrip("/"),
+        base_path=url.raw_path.rstrip("/"),  # as sent: `path` would decode %3F into a query
     )
 
 

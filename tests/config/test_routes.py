@@ -82,3 +82,17 @@ def test_an_injection_format_holds_no_control_character(control: str) -> None:
     inject = [{"header": "Authorization", "format": f"Bearer{control} {{key}}"}]
     with pytest.raises(ConfigError, match=r"routes\.openai\.inject\[0\]\.format.*control"):
         parse_doc(with_setting("routes.openai.inject", inject))
+
+
+def test_the_upstreams_base_path_is_sent_as_written() -> None:
+    """The base path keeps its percent-encoding (an encoded `?`, `/` or space stays one: it
+    never becomes a query, a segment boundary or a space in the request line), and what must
+    be encoded is."""
+    for upstream, base in [
+        ("https://api.example.com/v1%3Fx/a%2Fb/my%20api/", "/v1%3Fx/a%2Fb/my%20api"),
+        ("https://api.example.com/caf\u00e9/a%25b", "/caf%C3%A9/a%25b"),
+        ("https://api.example.com/v1", "/v1"),
+        ("https://api.example.com", ""),
+    ]:
+        parsed = parse_doc(with_setting("routes.openai.upstream", upstream))
+        assert parsed.routes["openai"].upstream.base_path == base, upstream
