@@ -223,11 +223,15 @@ class Scrubber(Stream):
 
 def read_as(name: str) -> str:
     """A query parameter's name (percent-encoded, as sent) reduced to what the most lenient
-    servers still tell apart: decoded, cut at a NUL (PHP), with a `[...]` suffix taken for
+    servers still tell apart: decoded (again while an escape is left: a server behind a
+    gateway may decode twice), cut at a NUL (PHP), with a `[...]` suffix taken for
     an array of it (PHP, Rack, qs), in any case (ASP.NET), and of its letters and digits
     only, so that `api.key`, `api[key`, `[api_key]`, `api_key]` and ` API_KEY` all read as
     `api_key` does (PHP folds `.`, ` ` and a lone `[` into `_`; qs and Rack drop brackets)."""
-    read = unquote_plus(name).partition("\0")[0].lower()
+    read = unquote_plus(name)
+    while "%" in read and (again := unquote_plus(read)) != read:  # ends: escapes run out
+        read = again
+    read = read.partition("\0")[0].lower()
     if read.endswith("]") and "[" in read[1:]:
         read = read[: read.index("[", 1)]
     return "".join(c for c in read if c.isascii() and c.isalnum())

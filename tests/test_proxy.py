@@ -963,12 +963,14 @@ async def test_query_injection_replaces_a_caller_parameter(
     seeded: tuple[str, str],
 ) -> None:
     """A query-parameter key replaces any caller-sent parameter any server may read as its
-    name (another case, spaces, an array of it, PHP's `.` for `_`); one only a server that
+    name (another case, spaces, an array of it, PHP's `.` for `_`, percent-encoded again);
+    one only a server that
     also splits on `;` would see is refused (400 ambiguous_query), nothing forwarded."""
     cfg = config_for(upstream.url, inject=[{"query": "api_key"}])
     copies = (
         "api_key=forged&API_KEY=f&%20Api_Key=f&api_key[]=f&api.key[0]=f&api%5Fkey=f"
         "&[api_key]=f&%5Bapi_key%5D=f&api[key=f&api_key%00=f&api_key]=f&api_key;=f"
+        "&api%255Fkey=f&%2561pi_key=f&api%25255Fkey=f"  # for a server decoding twice or more
     )
     async with running_proxy(cfg) as stack:
         url = URL(f"{stack.base}/r/r/echo?{copies}&q=1&api_keys=2", encoded=True)
@@ -1009,6 +1011,7 @@ async def test_a_method_override_in_the_query_is_400(
         "q=1&_METHOD=PUT",
         "a=1;_method=DELETE",
         "x-http-method=PUT",
+        "_m%2565thod=DELETE",
     )
     await _refused_queries(http, stack.base, token, overrides, "method_override")
     assert upstream.requests == []
