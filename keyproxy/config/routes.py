@@ -174,14 +174,16 @@ def _upstream(node: Node) -> Upstream:
         url = URL(node.string())
     except ValueError:
         raise node.error("must be an absolute http(s) URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme not in ("http", "https") or not url.raw_host:
         raise node.error("must be an absolute http(s) URL such as https://api.example.com")
     if url.user or url.password or url.query_string or url.fragment:
         raise node.error("must not contain credentials, a query or a fragment")
     assert url.port is not None  # yarl fills in the default port
     return Upstream(
         scheme=url.scheme,  # type: ignore[arg-type]  # checked above
-        host=url.host,
+        # SECURITY: the IDNA 2008 form yarl writes. Resolving, Host and TLS would encode the
+        # Unicode one by Python's IDNA 2003 codec: `straße` as `strasse`, another domain.
+        host=url.raw_host,
         port=url.port,
         base_path=url.raw_path.rstrip("/"),  # as sent: `path` would decode %3F into a query
     )

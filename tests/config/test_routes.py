@@ -96,3 +96,13 @@ def test_the_upstreams_base_path_is_sent_as_written() -> None:
     ]:
         parsed = parse_doc(with_setting("routes.openai.upstream", upstream))
         assert parsed.routes["openai"].upstream.base_path == base, upstream
+
+
+def test_an_internationalised_upstream_host_is_kept_in_its_ascii_form() -> None:
+    """The key goes to the host the operator wrote: its IDNA 2008 form, which yarl and DNS
+    use. The Unicode form would be resolved, sent as Host and verified in TLS by Python's
+    IDNA 2003 codec, which maps `straße` to `strasse`: another domain, maybe someone else's."""
+    parsed = parse_doc(with_setting("routes.openai.upstream", "https://stra\u00dfe.example/v1"))
+    upstream = parsed.routes["openai"].upstream
+    assert upstream.host == "xn--strae-oqa.example"
+    assert upstream.origin == "https://xn--strae-oqa.example:443"
