@@ -135,9 +135,10 @@ REQUEST_ID: Final = "X-Request-Id"
 MCP_SESSION: Final = "mcp-session-id"  # forwarded on MCP routes only
 _REQUEST_ID_CHARS: Final = string.ascii_letters + string.digits + "._:-"
 _REQUEST_ID_MAX: Final = 128
-# Set by aiohttp from the URL and body, or by us.
+# Set by aiohttp from the URL and body, or by us. SECURITY: no Range (a server may answer whole):
+# slices of an answer could each hold less of an echoed key than the scrubber finds.
 _REQUEST_MANAGED: Final = frozenset(
-    {"host", "content-length", "accept-encoding", "expect", REQUEST_ID.lower()}
+    {"host", "content-length", "accept-encoding", "expect", "range", "if-range", REQUEST_ID.lower()}
 )
 # Upstream session cookies could let the caller use the upstream without the proxy. The
 # request id in an answer is keyproxy's; an upstream's own goes back as X-Upstream-Request-Id.

@@ -439,6 +439,28 @@ async def test_echoed_key_never_reaches_the_caller(
     assert b"[REDACTED]" in body or "[REDACTED]" in headers
 
 
+async def test_a_range_of_an_answer_is_never_asked_upstream(
+    stack: Stack,
+    upstream: Upstream,
+    token: str,
+    http: aiohttp.ClientSession,
+    seeded: tuple[str, str],
+) -> None:
+    """A range of an answer that echoes the key would hand it out in slices shorter than the
+    scrubber's fragments: Range and If-Range never go upstream, and the answer comes whole
+    (200, as a server may always answer a range request), scrubbed."""
+    key = seeded[1]
+    headers = {**bearer(token), "Range": "bytes=4-10", "If-Range": "Wed, 21 Oct 2026 07:28:00 GMT"}
+    async with http.get(f"{stack.base}/r/r/leak/range", headers=headers) as response:
+        body = await response.read()
+    assert response.status == 200
+    assert key[:7].encode() not in body
+    assert body == b"key=[REDACTED];"
+    seen = upstream.requests[-1].headers
+    assert "Range" not in seen
+    assert "If-Range" not in seen
+
+
 async def test_key_in_a_response_header_name_drops_that_header(
     stack: Stack, token: str, http: aiohttp.ClientSession, seeded: tuple[str, str]
 ) -> None:

@@ -114,6 +114,7 @@ class Upstream:
         app.router.add_get("/big", _big)
         app.router.add_get("/leak/reason", _leak_reason)
         app.router.add_get("/leak/url", _leak_url)
+        app.router.add_get("/leak/range", _leak_range)
         app.router.add_get("/odd-encoding", _odd_encoding)
         return app
 
@@ -144,6 +145,22 @@ async def _leak_gzip(request: web.Request) -> web.Response:
     body = gzip.compress(json.dumps({"echo": _received_key(request)}).encode())
     return web.Response(
         body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+
+
+async def _leak_range(request: web.Request) -> web.Response:
+    """The key in a body served in ranges, as a file server serves one: asked for slices
+    shorter than the scrubber's fragments, it would hand the key out piece by piece."""
+    body = f"key={_received_key(request)};".encode()
+    if "Range" not in request.headers:
+        return web.Response(body=body, content_type="text/plain")
+    part = request.http_range
+    first, end = part.start or 0, min(part.stop or len(body), len(body))
+    return web.Response(
+        status=206,
+        body=body[first:end],
+        headers={"Content-Range": f"bytes {first}-{end - 1}/{len(body)}"},
+        content_type="text/plain",
     )
 
 
