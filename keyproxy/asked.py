@@ -264,4 +264,4 @@ def _ttl(value: Any, name: str = "ttl") -> float | None:
         # The same duration syntax as the configuration file.
         return parse_duration(value, name)
     except ConfigError:
-        raise ValueError(f"{name}: a positive duration such as 300 or 5m") from None
+        raise ValueError(f"{name}: a positive duration such as 300 or 5m, 36500d at most") from None

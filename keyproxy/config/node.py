@@ -20,6 +20,10 @@ T = TypeVar("T")
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# The longest duration: 100 years. A longer one is no setting anybody means, and some are
+# refused further down (a rate window or lease of a few thousand years is a number the state
+# store rejects, which would refuse every request of its limit).
+MAX_DURATION = 100 * 365 * 86400.0
 _SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB)?$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
@@ -74,8 +78,8 @@ class Node:
         return self.value
 
     def duration(self) -> float:
-        """Seconds, positive and finite: a number, or a number with a unit. One too large
-        for a float (an integer of 400 digits, `.inf`) is no duration."""
+        """Seconds, positive and at most MAX_DURATION: a number, or a number with a unit. One
+        too large for a float (an integer of 400 digits, `.inf`) is no duration."""
         value = self.value
         seconds = math.nan
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -85,6 +89,8 @@ class Node:
             seconds = float(match[1]) * _DURATION_UNITS[match[2]]
         if not (math.isfinite(seconds) and seconds > 0):
             raise self.error("must be a positive duration such as 500ms, 30s, 15m, 24h")
+        if seconds > MAX_DURATION:
+            raise self.error("must be a duration of at most 100 years (36500d)")
         return seconds
 
     def size(self) -> int:

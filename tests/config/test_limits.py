@@ -113,6 +113,10 @@ def test_state_section_compiles_every_setting(tmp_path: Path) -> None:
         ),
         ({"url": "redis://x", "prefix": "{a}"}, "state.prefix: must not contain braces"),
         ({"url": "redis://x", "timeout": 0}, "state.timeout: must be a positive duration"),
+        (
+            {"url": "redis://x", "timeout": "36501d"},
+            "state.timeout: must be a duration of at most 100 years",
+        ),
         ({"url": "redis://x", "db": 1}, "state.db: unknown key"),
     ],
 )
