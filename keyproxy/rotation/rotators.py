@@ -27,7 +27,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from keyproxy import capped, command, netguard, secret, strictjson
+from keyproxy import capped, command, netguard, secret, strictjson, text
 from keyproxy.config import CommandRotator, HttpCall, HttpRotator, Network, SecretRef
 from keyproxy.errors import EgressDenied, KeyproxyError
 from keyproxy.secret import Secret
@@ -96,6 +96,9 @@ class _Admin:
         return value
 
 
+MAX_KEY_ID = 256  # characters of an upstream's key id
+
+
 def _upstream_key(value: Any, key_id: Any, what: str) -> UpstreamKey:
     if not isinstance(value, str) or not value:
         raise RotatorError(f"{what}: the answer holds no usable key")
@@ -103,9 +106,17 @@ def _upstream_key(value: Any, key_id: Any, what: str) -> UpstreamKey:
     if why is not None:
         raise RotatorError(f"{what}: the key {why}")
     secret.register(value)
-    if key_id is not None and not isinstance(key_id, str | int):
-        raise RotatorError(f"{what}: the key id is not a string or number")
-    return UpstreamKey(Secret(value), None if key_id is None else str(key_id))
+    if key_id is None:
+        return UpstreamKey(Secret(value), None)
+    # SECURITY: the id goes into the journal, a revocation's URL and the operator's terminal
+    # (keys status): text of a sensible length without controls, or a whole number.
+    text_id = str(key_id) if isinstance(key_id, str | int) and not isinstance(key_id, bool) else ""
+    if not 0 < len(text_id) <= MAX_KEY_ID or text.hidden(text_id):
+        raise RotatorError(
+            f"{what}: the key id is not a string of 1 to {MAX_KEY_ID} characters without "
+            "controls, or a whole number"
+        )
+    return UpstreamKey(Secret(value), text_id)
 
 
 # ---------------------------------------------------------------------------- http

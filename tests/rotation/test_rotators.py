@@ -93,3 +93,34 @@ async def test_a_create_answer_naming_its_key_twice_fails_the_rotation(
         outcome = await rotations.rotate(name)
     assert outcome.failed
     assert outcome.detail == "create: the command's answer is not JSON"
+
+
+async def test_a_create_answer_with_a_key_id_of_no_use_fails_the_rotation(
+    make_env: Callable[..., Env], legacy_api: LegacyApiProcess
+) -> None:
+    """The key id goes into the journal, a revocation's URL and the operator's terminal: one
+    that is a boolean, empty, too long or holds a control is no answer, and nothing is
+    promoted."""
+    ids = {"bool": "true", "empty": '""', "long": '"' + "k" * 257 + '"', "escape": '"k\\u001b[2J"'}
+    names = {why: f"id-{why}-{uid()}" for why in ids}
+    routes = {
+        names[why]: route_config(
+            legacy_api,
+            {
+                "type": "command",
+                "command": [
+                    "sh",
+                    "-c",
+                    f'echo \'{{"key": "sk-{uid()}{uid()}", "key_id": {value}}}\'',
+                ],
+                "timeout": "30s",
+            },
+        )
+        for why, value in ids.items()
+    }
+    env = make_env(routes)
+    async with engine(env) as rotations:
+        for why, name in names.items():
+            outcome = await rotations.rotate(name)
+            assert outcome.failed, why
+            assert "the key id is not a string of 1 to 256 characters" in outcome.detail, why
