@@ -26,6 +26,7 @@ from typing import Any
 
 from keyproxy import config, rotation, secret
 from keyproxy.cli.common import (
+    UsageError,
     add_config,
     add_operator,
     add_output,
@@ -167,8 +168,13 @@ def _waiting(o: Outcome, next_due: dict[str, str]) -> str:
 def _put(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     known_route(cfg, args.route, "ROUTE")
-    # Read no further than a key can be long (and its line end): anything longer is refused.
-    value = sys.stdin.read(secret.MAX_KEY_LENGTH + 3).rstrip("\r\n")
+    # Read no further than a key can be long (4 bytes a character, and its line end): anything
+    # longer is refused. As bytes: a key that is not UTF-8 text is refused here, before Vault.
+    read = sys.stdin.buffer.read(4 * secret.MAX_KEY_LENGTH + 3)
+    try:
+        value = read.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise UsageError("keys put: the key on stdin is not UTF-8 text") from None
 
     async def run() -> int:
         async with _rotations(args, cfg) as rotations:

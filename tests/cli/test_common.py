@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 
 from keyproxy import text
 from keyproxy.devserver import OpenBaoDevServer
-from tests.helpers.cli import bash, clean_env, keyproxy
+from tests.helpers.cli import KEYPROXY, bash, clean_env, keyproxy
 from tests.helpers.logscan import CANARIES
 from tests.helpers.servers import free_port, new_key
 
@@ -422,6 +423,28 @@ def test_a_known_name_does_reach_for_vault(tmp_path: Path, home: Path) -> None:
     )
     assert done.returncode == 1
     assert "cannot reach Vault" in done.stderr
+
+
+def test_a_key_that_is_not_utf8_text_is_refused_before_any_vault_call(
+    tmp_path: Path, home: Path
+) -> None:
+    """`keys put` reads the key as bytes: one that is not UTF-8 text is a usage error naming
+    that, not a traceback (a strict stdin) or a key of replacement characters, and it never
+    reaches for Vault."""
+    cfg = _dead_config(tmp_path)
+    for encoding in ("utf-8:strict", "utf-8:surrogateescape"):
+        done = subprocess.run(
+            [KEYPROXY, "keys", "put", "api", "-c", str(cfg)],
+            input=b"\xff\xfesk-not-utf8-0123456789\n",
+            capture_output=True,
+            env=clean_env(home, VAULT_TOKEN="unused", PYTHONIOENCODING=encoding),
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert b"the key on stdin is not UTF-8 text" in done.stderr
+        assert b"Traceback" not in done.stderr
+        assert b"reach" not in done.stderr
 
 
 def test_a_close_name_is_suggested(tmp_path: Path, home: Path) -> None:
