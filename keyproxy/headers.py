@@ -23,13 +23,13 @@ import random
 import string
 from collections.abc import Callable
 from typing import Final
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from keyproxy.config import HOP_BY_HOP, CallerCredential, Route
 from keyproxy.errors import BadRequest, Unauthenticated
-from keyproxy.inject import Rendered, holds_any, scrub_text
+from keyproxy.inject import Rendered, holds_any, read_as, scrub_text
 
 # The `Server` of every answer keyproxy makes, and of an upstream's that names none: never
 # the Python or aiohttp version aiohttp would write.
@@ -275,7 +275,7 @@ CREDENTIAL_HEADERS: Final = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
 )
 # RFC 6750 2.3: the query parameter that carries a bearer token.
-_QUERY_CREDENTIAL: Final = "access_token"
+_QUERY_CREDENTIAL: Final = read_as("access_token")
 
 
 def other_credential_headers(credential: CallerCredential) -> tuple[str, ...]:
@@ -348,7 +348,7 @@ def in_query(query: str, token: str) -> bool:
     if token and _holds(query, token):
         return True
     return any(
-        unquote_plus(part.partition("=")[0]).lower() == _QUERY_CREDENTIAL
+        read_as(part.partition("=")[0]) == _QUERY_CREDENTIAL
         for part in query.split("&")
     )
 

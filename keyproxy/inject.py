@@ -29,6 +29,7 @@ from urllib.parse import quote, quote_plus, unquote_plus
 
 from keyproxy import secret
 from keyproxy.config import Injection, Route
+from keyproxy.errors import BadRequest
 from keyproxy.fragments import FRAGMENT, Matcher, Stream, encode, redacted
 from keyproxy.secret import REDACTED, Secret
 
@@ -221,15 +222,28 @@ class Scrubber(Stream):
         super().__init__(_matcher(byte_forms))
 
 
+# How many times a query parameter's name is decoded: a server behind two gateways that each
+# decode it once more. A name with an escape left after that is refused (`read_as`).
+NAME_DECODINGS = 3
+
+
 def read_as(name: str) -> str:
     """A query parameter's name (percent-encoded, as sent) reduced to what the most lenient
-    servers still tell apart: decoded (again while an escape is left: a server behind a
-    gateway may decode twice), cut at a NUL (PHP), with a `[...]` suffix taken for
+    servers still tell apart: decoded (again while an escape is left, up to NAME_DECODINGS
+    times: a server behind a gateway may decode twice; SECURITY: a name still escaped after
+    that is a 400 `ambiguous_query`, never read one way when a server could read it another,
+    and its cost stays linear), cut at a NUL (PHP), with a `[...]` suffix taken for
     an array of it (PHP, Rack, qs), in any case (ASP.NET), and of its letters and digits
     only, so that `api.key`, `api[key`, `[api_key]`, `api_key]` and ` API_KEY` all read as
     `api_key` does (PHP folds `.`, ` ` and a lone `[` into `_`; qs and Rack drop brackets)."""
     read = unquote_plus(name)
-    while "%" in read and (again := unquote_plus(read)) != read:  # ends: escapes run out
+    for decodings in range(1, NAME_DECODINGS + 1):
+        if "%" not in read or (again := unquote_plus(read)) == read:
+            break  # no escape left
+        if decodings == NAME_DECODINGS:
+            raise BadRequest(
+                "ambiguous_query", "a query parameter's name is escaped more times than read"
+            )
         read = again
     read = read.partition("\0")[0].lower()
     if read.endswith("]") and "[" in read[1:]:

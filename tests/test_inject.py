@@ -10,7 +10,17 @@ from urllib.parse import quote
 import pytest
 
 from keyproxy.config import Injection, Route, SecretRef, Upstream
-from keyproxy.inject import Injector, Rendered, Scrubber, holds_any, scrub_bytes, scrub_text
+from keyproxy.errors import BadRequest
+from keyproxy.inject import (
+    NAME_DECODINGS,
+    Injector,
+    Rendered,
+    Scrubber,
+    holds_any,
+    read_as,
+    scrub_bytes,
+    scrub_text,
+)
 from keyproxy.secret import REDACTED, Secret
 
 KEY = "sk-test/key+value=0123456789"
@@ -264,3 +274,15 @@ def test_a_stream_holds_back_at_most_seven_bytes_of_a_fragment() -> None:
     assert scrubber.feed(b'data: {"delta": "hello"}\n\n') == b'data: {"delta": "hello"}\n\n'
     assert scrubber.feed(FRAGMENT_KEY[:5].encode()) == b""
     assert scrubber.flush() == FRAGMENT_KEY[:5].encode()
+
+
+def test_a_name_is_decoded_as_often_as_servers_do_and_no_more() -> None:
+    """A parameter name is read through NAME_DECODINGS decodings (a server behind gateways
+    that each decode it); one still escaped after them is a 400 ambiguous_query, read in
+    time linear in its length however deep its escapes go."""
+    assert read_as("api%25255Fkey") == read_as("API_KEY") == "apikey"
+    deeper = "api%" + "25" * NAME_DECODINGS + "5Fkey"
+    for name in (deeper, "%" + "25" * 4000 + "41"):
+        with pytest.raises(BadRequest) as refused:
+            read_as(name)
+        assert refused.value.reason == "ambiguous_query"
