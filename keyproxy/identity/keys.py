@@ -187,7 +187,7 @@ def _load_key(issuer: Issuer, entry: Any) -> dict[str, jwt.PyJWK]:
     # A JWK that names its algorithm is used for that one only (RFC 7517 4.4).
     declared = entry.get("alg")
     candidates = issuer.algorithms if declared is None else (declared,)
-    loaded = {}
+    loaded, short = {}, False
     for alg in candidates:
         if alg not in issuer.algorithms:
             continue
@@ -200,8 +200,11 @@ def _load_key(issuer: Issuer, entry: Any) -> dict[str, jwt.PyJWK]:
         # bits) is no usable key either: it would count as one, then fail every token.
         if key.Algorithm.check_key_length(prepared) is None:
             loaded[alg] = key
+        else:
+            short = True
     if not loaded:
-        _skipped(issuer, kid, kty, "no allowed algorithm fits this key")
+        why = "too short for its algorithm" if short else "no allowed algorithm fits this key"
+        _skipped(issuer, kid, kty, why)
     return loaded
 
 

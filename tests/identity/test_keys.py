@@ -158,6 +158,7 @@ async def test_unusable_keys_are_skipped_without_key_material(
         await verifier.prefetch()
     skipped = [e for e in logs if e["event"] == "jwks_key_skipped"]
     assert len(skipped) == 9
+    assert [e["why"] for e in skipped if e["kid"] == "short"] == ["too short for its algorithm"]
     fetched = [e for e in logs if e["event"] == "jwks_fetched"]
     assert fetched[0]["keys"] == 1
     text = json.dumps(logs)
