@@ -35,6 +35,11 @@ _WAITED = _STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}
 
 
 def serve(args: argparse.Namespace) -> int:
+    # SIGHUP is a reload, never the end of the process, also before the server has its
+    # handler (keyproxy.server.listen unblocks it then): until that moment, one waits. A
+    # worker inherits it blocked, so a SIGHUP its parent passes on while it starts (a
+    # reload storm, a POST /reload answered by another worker) reaches it once it serves.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     # The configuration is checked here, in the parent, before any worker starts.
     cfg = config.load(args.config)
     netguard.check_upstreams(cfg)
@@ -98,7 +103,8 @@ def _serve_one(  # the serve options, passed on
     audit.configure()
     if worker:
         # The parent blocks these to wait for them; the mask is inherited across exec.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED)
+        # SIGHUP stays blocked until the server handles it (see `serve`).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WAITED - {signal.SIGHUP})
         # Every event says which worker wrote it (tasks inherit this context).
         structlog.contextvars.bind_contextvars(worker=os.getpid())
     asyncio.run(

@@ -321,6 +321,9 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopping, sig, stop)
     loop.add_signal_handler(signal.SIGHUP, hangups.set)
+    # Blocked until now by `keyproxy serve` (keyproxy.cli.serve): one sent while the process
+    # started arrives here, a reload, instead of ending it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     on_start()
     app = build_app(config, processes, source=source, watch=watch, supervisor=supervisor)
     limits = Limits.of(config.server)

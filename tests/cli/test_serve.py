@@ -218,6 +218,53 @@ def test_workers_with_limits_need_a_shared_store(
     assert "needs a shared state store: set state.url" in capsys.readouterr().err
 
 
+def test_sighups_while_workers_start_reload_them_and_end_none(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """SIGHUPs reaching the parent while its workers start (a reload storm, or a POST /reload
+    answered by one worker while another starts again) end no worker: each reloads once it
+    serves."""
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(_config_without_vault()))
+    out = log_dir / "workers-sighup.out"
+    port, admin = free_port(), free_port()
+    args = ["serve", "-c", str(path), "--port", str(port), "--admin-port", str(admin)]
+    args += ["--workers", "2", "--no-watch"]
+    env = cli.clean_env(tmp_path, BAO_TOKEN="not-a-real-token")
+    with started(*args, out=out, env=env) as proc:
+
+        def serving() -> set[int]:
+            """The workers serving so far; until both do, one more SIGHUP to the parent,
+            once it has started them."""
+            assert proc.poll() is None, out.read_text()
+            events = read_events(out)
+            names = [e.get("event") for e in events]
+            if "workers_started" in names:
+                proc.send_signal(signal.SIGHUP)
+            return {e["worker"] for e in events if e.get("event") == "serving"}
+
+        eventually_blocking(
+            serving,
+            "the workers did not both serve",
+            within=DEADLINE,
+            interval=0.02,
+            until=lambda found: len(found) == 2,
+        )
+        proc.send_signal(signal.SIGHUP)
+        eventually_blocking(
+            lambda: {
+                e["worker"] for e in read_events(out) if e.get("event") == "config.reload_unchanged"
+            },
+            "a worker did not reload",
+            within=DEADLINE,
+            until=lambda found: len(found) == 2,
+        )
+        exited = [e for e in read_events(out) if e.get("event") == "worker_exited"]
+        assert exited == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE) == 0
+
+
 def _config_without_vault() -> dict[str, Any]:
     return {
         "vault": {"addr": "http://127.0.0.1:1", "auth": {"method": "token"}},
