@@ -244,8 +244,20 @@ def _admin(node: Node) -> AdminConfig:
     return AdminConfig(
         host=opt(f, "host", Node.string, d.host),
         port=opt(f, "port", port, d.port),
-        tls=opt(f, "tls", listener_tls, None),
+        tls=opt(f, "tls", _admin_tls, None),
     )
+
+
+def _admin_tls(node: Node) -> ListenerTLS:
+    """The admin listener's `tls`. SECURITY: no token is read there, so a certificate is the
+    only credential: `optional` would let in every caller without one."""
+    tls = listener_tls(node)
+    if tls.client_auth == "optional":
+        raise node._child("client_auth").error(
+            "must be required or none: the admin listener has no other credential, so "
+            "optional would let in every caller without a certificate"
+        )
+    return tls
 
 
 def _proxy_tls(node: Node) -> ListenerTLS:

@@ -248,6 +248,19 @@ def test_bad_listener_tls_settings_are_refused(tls: dict[str, Any], message: str
     assert message in str(caught.value)
 
 
+def test_the_admin_listener_takes_client_certificates_required_or_not_at_all() -> None:
+    """server.admin.tls refuses client_auth optional: the admin listener has no other
+    credential, so a caller without a certificate would reach /reload and the detailed
+    /readyz, and one with a certificate that is no valid SVID would too."""
+    with pytest.raises(ConfigError) as caught:
+        _server_config({"admin": {"tls": TLS}})
+    assert caught.value.path == "server.admin.tls.client_auth"
+    assert "required or none" in caught.value.message
+    server = _server_config({"admin": {"tls": {**TLS, "client_auth": "required"}}})
+    assert server.admin.tls is not None
+    assert server.admin.tls.client_auth == "required"
+
+
 def test_forwarded_client_cert_settings() -> None:
     """server.tls.forwarded_client_cert reads a format and a header defaulting by format."""
     expected = (
