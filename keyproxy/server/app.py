@@ -146,7 +146,7 @@ def build_admin_app(served: web.Application) -> web.Application:
     holders = admin_tls is not None and admin_tls.client_auth == "required"
     checked: Callable[[Handler], Handler] = svid_holders_only if holders else _as_is
     for path, handler in (("/healthz", _healthz), ("/readyz", _readyz), ("/metrics", _metrics)):
-        app.router.add_get(path, answers.answering(checked(handler)))  # and HEAD
+        app.router.add_get(path, answers.answering(checked(operators_only(handler))))  # and HEAD
     app.router.add_post("/reload", answers.answering(checked(operators_only(_reload))))
     return app
 

@@ -71,16 +71,20 @@ def text_digest(data: bytes) -> str:
 
 
 def operators_only(handler: Handler) -> Handler:
-    """`handler`, refusing a request a web page made (403 browser_request).
+    """`handler` of the admin listener, refusing a request a web page made (403
+    browser_request).
 
     SECURITY: any page open in a browser on the host can POST to the loopback admin
     listener (a form or a fetch without CORS needs no preflight) and so apply a file its
-    operator has not finished. A browser names the page's origin on every POST (`Origin`,
-    `Sec-Fetch-Site`); keyproxy reload, curl and systemd send neither."""
+    operator has not finished; and a page whose host name its server rebinds to 127.0.0.1
+    is same-origin to the browser, so its script reads /readyz (secret paths, key
+    fingerprints) and /metrics. A browser names the page's origin on every POST (`Origin`)
+    and says where any request comes from (`Sec-Fetch-Site`): only `none`, a URL the
+    operator typed, is no page's. keyproxy reload, curl, Prometheus and probes send neither."""
 
     async def checked(request: web.Request) -> web.StreamResponse:
-        if "Origin" in request.headers or "Sec-Fetch-Site" in request.headers:
-            raise Forbidden("browser_request", "a reload is asked for by tools, not web pages")
+        if "Origin" in request.headers or request.headers.get("Sec-Fetch-Site", "none") != "none":
+            raise Forbidden("browser_request", "the admin listener answers tools, not web pages")
         return await handler(request)
 
     return checked

@@ -839,6 +839,27 @@ async def test_a_reload_asked_by_a_web_page_is_refused(
         assert (await _reload(http, served))["result"] == "ok"
 
 
+async def test_the_admin_listener_answers_no_script_of_a_web_page(served: Served) -> None:
+    """GET /readyz, /metrics and /healthz asked by a page's script are refused with 403: a
+    page whose name was rebound to the loopback address is same-origin to the browser and
+    would read the secret paths and key fingerprints. Tools, and a URL the operator typed
+    (Sec-Fetch-Site: none), are answered."""
+    page = "http://rebound.example:9090"
+    async with aiohttp.ClientSession() as http:
+        for path in ("/readyz", "/metrics", "/healthz"):
+            for headers in (
+                {"Sec-Fetch-Site": "same-origin", "Host": "rebound.example:9090"},
+                {"Sec-Fetch-Site": "cross-site"},
+                {"Origin": page},
+            ):
+                async with http.get(f"{served.admin}{path}", headers=headers) as response:
+                    assert response.status == 403, (path, headers)
+                    assert (await response.json())["error"]["code"] == "browser_request"
+            for headers in ({}, {"Sec-Fetch-Site": "none"}):
+                async with http.get(f"{served.admin}{path}", headers=headers) as response:
+                    assert response.status == 200, (path, headers)
+
+
 async def _status_line(port: int) -> tuple[bytes, asyncio.StreamWriter]:
     """The status line a new connection to `port` gets for GET /healthz; its writer, open."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
