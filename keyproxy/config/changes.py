@@ -89,14 +89,16 @@ class Changes:
         return out
 
 
-def diff(old: Config, new: Config) -> Changes:
-    """The changes from `old` to `new`."""
+def diff(old: Config, new: Config, *, started: Config | None = None) -> Changes:
+    """The changes from `old` to `new`; the restart-only settings `new` gives otherwise than
+    `started` (what the server started with: each reload keeps those, `old` by default)."""
+    started = old if started is None else started
     return Changes(
         routes=_delta(old.routes, new.routes),
         policies=_delta({p.name: p for p in old.policies}, {p.name: p for p in new.policies}),
         issuers=_delta({i.name: i for i in old.identity}, {i.name: i for i in new.identity}),
         sections=_sections(old, new),
-        needs_restart=tuple(name for name in RESTART_ONLY if _at(old, name) != _at(new, name)),
+        needs_restart=tuple(n for n in RESTART_ONLY if _at(started, n) != _at(new, n)),
     )
 
 

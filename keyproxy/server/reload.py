@@ -14,7 +14,8 @@ verifier's per-issuer key caches. `Reloader.reload(trigger)`:
    error the running configuration stays in force: `config.reload_failed` names the YAML
    path, and `keyproxy_config_reload_total{result="error"}` counts it;
 3. diffs it against the running one (keyproxy.config.diff); settings that need a restart
-   (listeners, Vault connection) keep their running values and are reported;
+   (listeners, Vault connection) keep their running values and are reported, by every
+   reload until the restart (they are compared with the file the server started from);
 4. prepares: new and changed routes' keys read, new and changed issuers' keys fetched, new
    upstream sessions for new and changed routes (unchanged routes keep theirs);
 5. swaps, in one assignment, and logs `config.reloaded` with the hash, the trigger and the
@@ -151,6 +152,9 @@ class Reloader:
         self._metrics = metrics
         self._make = make
         self.current = first
+        # What the file said when the server started (its restart-only settings still run):
+        # the first generation's, recorded by the first reload (`loaded` is set after this).
+        self._started: Config | None = None
         self._live: list[Generation] = [first]  # current, and replaced ones still serving
         self._lock = asyncio.Lock()
         self._queued: asyncio.Task[Outcome] | None = None  # a reload waiting for the lock
@@ -213,6 +217,8 @@ class Reloader:
 
     async def _reload(self, trigger: str) -> Outcome:
         running = self.current
+        if self._started is None:  # no reload has swapped: `running` is the first
+            self._started = running.loaded or running.config
         where = str(self.path) if self.path is not None else None
         if self.path is None:
             return self._failed(
@@ -237,7 +243,7 @@ class Reloader:
             tls = await asyncio.to_thread(running.sessions.successor_tls, serving.routes)
         except ConfigError as exc:
             return self._failed(trigger, running, exc)
-        changes = diff(running.loaded or running.config, compiled)
+        changes = diff(running.loaded or running.config, compiled, started=self._started)
         # Prepared before the swap: a new route has its key when it appears, a new issuer
         # its keys, a changed route its own session.
         await self._keys.prepare(serving.routes)

@@ -860,6 +860,32 @@ async def test_the_admin_listener_answers_no_script_of_a_web_page(served: Served
                     assert response.status == 200, (path, headers)
 
 
+async def test_a_setting_that_needs_a_restart_is_named_by_every_reload_until_then(
+    served: Served, openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream
+) -> None:
+    """A restart-only setting the file changed is named by each later reload too (it still
+    runs with its old value), not only by the one that read it first; a file that puts it
+    back names it no more."""
+    cfg = token_config(openbao, agent, upstream.url)
+    original = copy.deepcopy(cfg["vault"])
+    cfg["vault"]["max_staleness"] = "90s"
+    served.path.write_text(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as http:
+        first = await _reload(http, served)
+        assert first["changes"]["needs_restart"] == ["vault"]
+        cfg["tokens"]["max_ttl"] = "5m"
+        served.path.write_text(yaml.safe_dump(cfg))
+        later = await _reload(http, served)
+        assert later["result"] == "ok"
+        assert later["changes"]["sections"] == ["tokens"]
+        assert later["changes"]["needs_restart"] == ["vault"]
+        cfg["vault"] = original
+        served.path.write_text(yaml.safe_dump(cfg))
+        back = await _reload(http, served)
+        assert back["result"] == "ok"
+        assert back["changes"]["needs_restart"] == []
+
+
 async def _status_line(port: int) -> tuple[bytes, asyncio.StreamWriter]:
     """The status line a new connection to `port` gets for GET /healthz; its writer, open."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
