@@ -144,15 +144,11 @@ def build_admin_app(served: web.Application) -> web.Application:
     # says a chain leads to one of its bundles: each request's must be a valid X.509-SVID of
     # the trust domain whose bundle verifies it, as on the proxy.
     holders = admin_tls is not None and admin_tls.client_auth == "required"
-    checked: Callable[[Handler], Handler] = svid_holders_only if holders else _as_is
+    checked: Callable[[Handler], Handler] = svid_holders_only if holders else lambda h: h
     for path, handler in (("/healthz", _healthz), ("/readyz", _readyz), ("/metrics", _metrics)):
         app.router.add_get(path, answers.answering(checked(operators_only(handler))))  # and HEAD
     app.router.add_post("/reload", answers.answering(checked(operators_only(_reload))))
     return app
-
-
-def _as_is(handler: Handler) -> Handler:
-    return handler
 
 
 def _refusals(app: web.Application, listener: str) -> OnRefused:
@@ -341,13 +337,16 @@ async def _reload(request: web.Request) -> web.Response:
     answer says how many serve (`workers`). Else a narrowed policy would hold on this
     worker only."""
     served = request.app[SERVED]
-    answer = (await served[RELOADER].reload("admin")).as_dict()
     supervisor = served.get(SUPERVISOR)
-    if supervisor is not None and os.getppid() == supervisor:  # not another, once orphaned
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(supervisor, signal.SIGHUP)
-            answer["workers"] = served[PROCESSES]
-    return web.json_response(answer)
+    workers: dict[str, int] = {}
+    try:
+        answer = (await served[RELOADER].reload("admin")).as_dict()
+    finally:  # also when the caller has stopped waiting: the others reload all the same
+        if supervisor is not None and os.getppid() == supervisor:  # not another, once orphaned
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor, signal.SIGHUP)
+                workers["workers"] = served[PROCESSES]
+    return web.json_response(answer | workers)
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -4,6 +4,7 @@ processes share the port, one SIGHUP reloads them all, SIGTERM lets streams fini
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -263,6 +264,70 @@ def test_sighups_while_workers_start_reload_them_and_end_none(
         assert exited == []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=DEADLINE) == 0
+
+
+async def test_a_reload_its_caller_stopped_waiting_for_still_reaches_every_worker(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """POST /reload whose caller gives up while the worker that took it waits on a new
+    issuer (a timeout, Ctrl-C) still has every other worker reload: a narrowed policy must
+    not hold on one worker only."""
+    asked: list[asyncio.StreamWriter] = []
+    answer = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(writer)  # unanswered until `answer`, then closed: the fetch fails
+        await answer.wait()
+        writer.close()
+
+    issuer = await asyncio.start_server(silent, "127.0.0.1", 0)
+    cfg = _config_without_vault()
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = log_dir / "workers-reload-gone.out"
+    port, admin = free_port(), free_port()
+    args = ["serve", "-c", str(path), "--port", str(port), "--admin-port", str(admin)]
+    args += ["--workers", "2", "--no-watch"]
+    env = cli.clean_env(tmp_path, BAO_TOKEN="not-a-real-token")
+    try:
+        with started(*args, out=out, env=env) as proc:
+            await eventually(
+                lambda: {e["worker"] for e in read_events(out) if e.get("event") == "serving"},
+                "the workers did not both serve",
+                within=DEADLINE,
+                until=lambda found: len(found) == 2,
+            )
+            cfg["identity"]["issuers"].append(
+                {
+                    "name": "silent",
+                    "issuer": "https://silent.example.com",
+                    "discovery_url": f"http://127.0.0.1:{issuer.sockets[0].getsockname()[1]}/x",
+                    "audiences": ["keyproxy"],
+                    "algorithms": ["ES256"],
+                }
+            )
+            path.write_text(yaml.safe_dump(cfg))
+            async with aiohttp.ClientSession() as http:
+                post = asyncio.ensure_future(http.post(f"http://127.0.0.1:{admin}/reload"))
+                await eventually(lambda: asked, "the reload never asked the new issuer")
+                post.cancel()  # the caller stops waiting
+                with contextlib.suppress(asyncio.CancelledError):
+                    await post
+            answer.set()
+            await eventually(
+                lambda: {
+                    e["worker"] for e in read_events(out) if e.get("event") == "config.reloaded"
+                },
+                "a worker did not reload",
+                within=DEADLINE,
+                until=lambda found: len(found) == 2,
+            )
+            assert proc.poll() is None
+    finally:
+        for writer in asked:
+            writer.close()
+        issuer.close()
+        await issuer.wait_closed()
 
 
 def _config_without_vault() -> dict[str, Any]:
