@@ -347,10 +347,7 @@ def in_query(query: str, token: str) -> bool:
     RFC 6750 parameter, or the caller's token itself anywhere."""
     if token and _holds(query, token):
         return True
-    return any(
-        read_as(part.partition("=")[0]) == _QUERY_CREDENTIAL
-        for part in query.split("&")
-    )
+    return any(read_as(part.partition("=")[0]) == _QUERY_CREDENTIAL for part in query.split("&"))
 
 
 def _copied(incoming: CIMultiDictProxy[str], token: str) -> bool:
