@@ -117,6 +117,11 @@ class SigningKeysCollector(Collector):
             "Seconds since the issuer's keys were last fetched successfully.",
             labels=["issuer"],
         )
+        usable = GaugeMetricFamily(
+            "keyproxy_identity_keys",
+            "Usable keys in the issuer's last key set (0: its tokens are refused, unknown_kid).",
+            labels=["issuer"],
+        )
         stale = GaugeMetricFamily(
             "keyproxy_identity_keys_stale",
             "1 when the issuer's keys are past jwks_max_staleness (its tokens are refused).",
@@ -130,6 +135,7 @@ class SigningKeysCollector(Collector):
         for issuer, entry in sorted(self._issuers().items()):
             if entry["age"] is not None:
                 age.add_metric([issuer], entry["age"])
+                usable.add_metric([issuer], entry["keys"])
             stale.add_metric([issuer], 1.0 if entry["stale"] else 0.0)
             refused.add_metric([issuer], entry["stale_refusals"])
         own = self._task_keys()
@@ -149,7 +155,7 @@ class SigningKeysCollector(Collector):
             "Task tokens refused because the Transit public keys were too old to trust.",
             value=own["stale_refusals"],
         )
-        yield from (age, stale, refused, own_age, own_stale, own_refused)
+        yield from (age, usable, stale, refused, own_age, own_stale, own_refused)
 
 
 class StoreCollector(Collector):

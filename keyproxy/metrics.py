@@ -16,6 +16,7 @@
     keyproxy_vault_reads_total{route}                   counter: key reads from Vault
     keyproxy_vault_read_errors_total{route}             counter: failed key reads
     keyproxy_identity_keys_age_seconds{issuer}          gauge: since the issuer's JWKS was fetched
+    keyproxy_identity_keys{issuer}                      gauge: usable keys in it (0: all refused)
     keyproxy_identity_keys_stale{issuer}                gauge: 1 past jwks_max_staleness
     keyproxy_identity_stale_refusals_total{issuer}      counter: tokens refused for stale keys
     keyproxy_token_keys_age_seconds                     gauge: since the Transit keys were read

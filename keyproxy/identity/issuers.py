@@ -97,14 +97,17 @@ class IssuerKeys:
         await _stop_fetches(self._issuers.values())
 
     def key_status(self) -> dict[str, dict[str, Any]]:
-        """Per issuer name: age of its keys (None before the first fetch), whether they are
-        past jwks_max_staleness, whether a fetch is running, and stale refusals so far."""
+        """Per issuer name: age of its keys (None before the first fetch), how many are
+        usable (None before the first fetch; 0: every token of the issuer is refused),
+        whether they are past jwks_max_staleness, whether a fetch is running, and stale
+        refusals so far."""
         now = self._clock()
         status = {}
         for state in self._issuers.values():
             age = None if state.keys is None else max(0.0, now - state.fetched_at)
             status[state.issuer.name] = {
                 "age": age,
+                "keys": None if state.keys is None else state.keys.size,
                 "stale": age is not None and age > state.issuer.jwks_max_staleness,
                 "fetching": running(state) is not None,
                 "stale_refusals": state.stale_refusals,

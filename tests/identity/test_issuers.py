@@ -371,3 +371,8 @@ async def test_an_issuer_publishing_no_usable_key_has_withdrawn_the_cached_ones(
     assert [(e["event"], e["log_level"], e["keys"]) for e in logs if "keys" in e] == [
         ("jwks_fetched", "warning", 0)
     ]
+    # Refused as a client's mistake (401), so an alert on 5xx never sees it: the gauge does.
+    assert verifier.key_status()["k8s"]["keys"] == 0
+    metrics = Metrics(dict)
+    metrics.watch_signing_keys(verifier.key_status, lambda: _NO_TASK_KEYS)
+    assert 'keyproxy_identity_keys{issuer="k8s"} 0.0' in metrics.exposition()[0].decode()
