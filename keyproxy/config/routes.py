@@ -229,4 +229,10 @@ def _caller_credential(node: Node) -> CallerCredential:
         scheme = "Bearer" if header.lower() == "authorization" else None
     else:
         scheme = None if scheme_node.value in (None, "") else scheme_node.string()
+    # The longest task token leaves 256 bytes of its header line for these (tokens.format).
+    if len(header) + len(scheme or "") > CREDENTIAL_NAMING:
+        raise node.error(f"header and scheme: at most {CREDENTIAL_NAMING} characters together")
     return CallerCredential(header, scheme)
+
+
+CREDENTIAL_NAMING = 200  # characters of a caller credential's header name and scheme

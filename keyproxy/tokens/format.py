@@ -46,10 +46,11 @@ TASK_TOKEN_TYPE: Final = "keyproxy-task+jwt"  # noqa: S105  # a media type, not 
 LEASE_RECORD_CONTEXT: Final = b"keyproxy-lease-record\x00"
 LEEWAY: Final = 5.0
 MAX_TOKEN_BYTES: Final = 16 * 1024
-# The longest task token issued: sent as `Authorization: Bearer <token>`, it must fit the
-# listener's 16 KiB header field (keyproxy.server.app; aiohttp's pure-Python parser counts
-# the whole line, name included) and what `verify` reads.
-MAX_ISSUED_BYTES: Final = MAX_TOKEN_BYTES - len("Authorization: Bearer ")
+# The longest task token issued: sent in a header line (`Authorization: Bearer <token>`, or a
+# route's own `caller_credential` header and scheme), it must fit the listener's 16 KiB
+# header field (keyproxy.server.app; aiohttp's pure-Python parser counts the whole line, name
+# included) and what `verify` reads. 256 bytes are left for the name and scheme.
+MAX_ISSUED_BYTES: Final = MAX_TOKEN_BYTES - 256
 # Clocks of the replica that issued a token and of whoever revokes may differ: a revocation
 # by subject or task covers tokens issued up to this long after it, and entries are kept
 # this much longer before pruning.

@@ -51,6 +51,11 @@ def test_full_config_compiles_to_typed_objects() -> None:
             "routes.openai.egress.allow_cidrs[0]",
         ),
         ("routes.openai.colour", "blue", "routes.openai.colour"),
+        (  # a token as long as any issued must fit its header line
+            "routes.openai.caller_credential",
+            {"header": "X-" + "a" * 190, "scheme": "Token-Scheme"},
+            "routes.openai.caller_credential",
+        ),
         ("identity.issuers.0.algorithms", ["HS256"], "identity.issuers[0].algorithms[0]"),
         ("identity.issuers.0.algorithms", ["none"], "identity.issuers[0].algorithms[0]"),
         ("identity.issuers.0.audiences", [], "identity.issuers[0].audiences"),
