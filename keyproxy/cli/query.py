@@ -107,9 +107,9 @@ def _audit(args: argparse.Namespace) -> int:
         args.since,
         args.until,
         key_fingerprint=args.key_fingerprint,
-        secret=(f"{ref.mount}/{ref.path}", ref.field) if ref is not None else None,
+        secret=(ref.name, ref.field) if ref is not None else None,
     )
-    _note_keys(args, answer)
+    _note_keys(args, answer, configured=cfg is not None)
     if cfg is None and args.route not in answer.routes:
         seen = ", ".join(sorted(answer.routes)) or "none"
         print(  # noqa: T201
@@ -151,7 +151,7 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_keys(args: argparse.Namespace, answer: auditlog.Answer) -> None:
+def _note_keys(args: argparse.Namespace, answer: auditlog.Answer, *, configured: bool) -> None:
     """Say on stderr which key a version asked for holds (or that no event names it: only
     its own requests are then counted), and which other routes sent a key counted."""
     notes = []
@@ -168,9 +168,14 @@ def _note_keys(args: argparse.Namespace, answer: auditlog.Answer) -> None:
             "key_cache.key_loaded events, or ask by --key-fingerprint)"
         )
     if answer.elsewhere:
+        why = (
+            "another secret holds it"
+            if configured
+            else "give -c FILE to count the routes of its secret"
+        )
         notes.append(
-            f"routes {', '.join(sorted(answer.elsewhere))} also sent that key (another secret "
-            "holds it): not counted, ask about them by --route"
+            f"routes {', '.join(sorted(answer.elsewhere))} also sent that key ({why}): not "
+            "counted, ask about them by --route"
         )
     for note in notes:  # SECURITY: a log's texts stay inside the note's one line
         print(text.one_line(f"keyproxy audit: {note}"), file=sys.stderr)  # noqa: T201

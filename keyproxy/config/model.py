@@ -201,6 +201,11 @@ class SecretRef:
     path: str
     field: str
 
+    @property
+    def name(self) -> str:
+        """`mount/path`, as logs, the key change index and `keys status` name the secret."""
+        return f"{self.mount}/{self.path}"
+
 
 @dataclass(frozen=True)
 class Injection:

@@ -72,7 +72,7 @@ async def _route(route: Route, config: Config, vault: Vault, now: float) -> KeyS
     status = KeyStatus(
         route=route.name,
         owner=route.owner,
-        secret=f"{route.secret.mount}/{route.secret.path}",
+        secret=route.secret.name,
         rotator=_rotator_name(route),
         every=route.rotation.every if route.rotation else None,
         max_age=route.max_age,

@@ -42,13 +42,9 @@ async def announce_key_change(vault: Vault, ref: SecretRef) -> None:
     """Tell every cache that `ref`'s secret has a new version. Never raises: the key is stored
     already, and caches find it within vault.full_refresh_interval without the notice."""
     try:
-        await vault.write_kv(vault.cfg.kv_mount, KEY_INDEX_PATH, {"secret": _secret_name(ref)})
+        await vault.write_kv(vault.cfg.kv_mount, KEY_INDEX_PATH, {"secret": ref.name})
     except VaultError as exc:
-        log.warning("key_index.write_failed", secret=_secret_name(ref), error=str(exc))
-
-
-def _secret_name(ref: SecretRef) -> str:
-    return f"{ref.mount}/{ref.path}"
+        log.warning("key_index.write_failed", secret=ref.name, error=str(exc))
 
 
 def _version(entry: _Entry) -> int | None:
@@ -128,7 +124,7 @@ class KeyCache:
         for ref in gone:
             del self._entries[ref]
             self._awaited.pop(ref, None)
-            log.info("key_cache.key_forgotten", secret=_secret_name(ref), field=ref.field)
+            log.info("key_cache.key_forgotten", secret=ref.name, field=ref.field)
         if gone:
             self._plan_sweep()
 
@@ -152,7 +148,7 @@ class KeyCache:
         self._sweep_credit -= turn
         due.update(itertools.islice(self._sweep, turn))
         for ref, entry in self._entries.items():
-            if changed and _secret_name(ref) in changed:
+            if changed and ref.name in changed:
                 self._awaited[ref] = (_version(entry), AWAIT_READS)
         due.update(self._awaited)
         await self._load_many(due)
@@ -214,18 +210,18 @@ class KeyCache:
             key = await self._vault.read_key(ref)
         except VaultError as exc:
             if str(exc) != entry.error:  # once per distinct failure, not every refresh
-                log.warning("key_cache.read_failed", secret=_secret_name(ref), error=str(exc))
+                log.warning("key_cache.read_failed", secret=ref.name, error=str(exc))
             entry.error, entry.error_at = str(exc), self._clock()
             entry.errors += 1
             return
         if entry.error is not None:
-            log.info("key_cache.read_recovered", secret=_secret_name(ref))
+            log.info("key_cache.read_recovered", secret=ref.name)
         if entry.key is not None and entry.key.version != key.version:
             entry.changes += 1
         if entry.key is None or entry.key.version != key.version:
             log.info(
                 "key_cache.key_loaded",
-                secret=_secret_name(ref),
+                secret=ref.name,
                 field=ref.field,
                 version=key.version,
                 fingerprint=key.fingerprint,
@@ -271,7 +267,7 @@ class KeyCache:
         for route, ref in self._refs.items():
             e = self._entries[ref]
             out[route] = {
-                "secret": f"{ref.mount}/{ref.path}",
+                "secret": ref.name,
                 "field": ref.field,
                 "version": e.key.version if e.key else None,
                 "fingerprint": e.key.fingerprint if e.key else None,

@@ -371,6 +371,20 @@ async def test_audit_names_exactly_the_identities_of_a_key_version(
     assert who(first) == ["agent-a", "agent-c"]
     assert who(second) == ["agent-a", "agent-b"]
     assert who(second + 1) == ["agent-a", "agent-c"]  # the first key, rolled back to
+    # Logs without a request of the leaked version itself: the proxy's key load names its key.
+    later = env.log_dir / f"rotation-later-{uid()}.out"
+    later.write_text(
+        "".join(
+            line
+            for line in proxy.out.read_text(encoding="utf-8").splitlines(keepends=True)
+            if f'"key_version":{first},' not in line
+        ),
+        encoding="utf-8",
+    )
+    args = ("audit", "-c", str(env.path), "--route", name, "--key-version", str(first))
+    done = env.run(*args, "--json", str(later))
+    assert done.returncode == 0, done.stderr
+    assert [u["subject"] for u in json.loads(done.stdout)["identities"]] == ["agent-c"]
 
 
 def test_the_rotation_approle_policy_suffices_and_the_proxy_role_does_not(
