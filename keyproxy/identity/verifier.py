@@ -108,7 +108,12 @@ class IdentityVerifier(IssuerKeys):
                 and hit.valid_from <= now < hit.expires
             ):
                 return hit.identity
-            found = (await self._keys(hit.state)).find(hit.kid)
+            try:
+                found = (await self._keys(hit.state)).find(hit.kid)
+            except RequestError:
+                if not self._replaced(hit.state):
+                    raise
+                found = None  # a reload replaced the issuer meanwhile: as below
             if (
                 found is not None
                 and found.get(hit.alg) is hit.key

@@ -4,6 +4,7 @@ making requests wait, and refused once too stale."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from keyproxy.devserver import OpenBaoDevServer
-from keyproxy.errors import Unauthenticated, Unavailable
+from keyproxy.errors import RequestError, Unauthenticated, Unavailable
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
 from keyproxy.server.app import METRICS
@@ -344,6 +345,36 @@ async def test_reload_during_a_key_fetch_answers_under_the_new_issuers(
     finally:
         server.gate.set()
         waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RequestError):
+            await waiting
+        await moved.close()
+
+
+async def test_a_remembered_token_waiting_on_stale_keys_is_answered_after_a_reload(
+    new_verifier: Callable[..., IdentityVerifier], server: IssuerServer, clock: Clock
+) -> None:
+    """A token verified before, waiting on its issuer's keys (past jwks_max_staleness, so
+    the fetch must land first) when a reload replaces that issuer, is verified under the new
+    one, which the reload fetched: not refused as if the old fetch had failed."""
+    moved = IssuerServer(list(ISSUER_KEYS))
+    await moved.start()
+    verifier = new_verifier(jwks_max_staleness=3 * TTL)
+    await verifier.prefetch()
+    remembered = sign(claims(clock.now, exp=int(clock.now + 10 * TTL)))
+    await verifier.verify(remembered)
+    clock.now += 3 * TTL + 1  # too old to serve: the use waits on the fetch it starts
+    server.gate = asyncio.Event()
+    waiting = asyncio.create_task(verifier.verify(remembered))
+    try:
+        await eventually(lambda: server.hits["jwks"] == 2, "no refetch of stale keys", within=5)
+        fresh = make_issuer(jwks_uri=f"{moved.url}/jwks", jwks_max_staleness=3 * TTL)
+        await verifier.reconfigure([fresh])
+        assert (await waiting).subject == SUB
+    finally:
+        server.gate.set()
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RequestError):
+            await waiting
         await moved.close()
 
 
