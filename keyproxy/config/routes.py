@@ -178,6 +178,8 @@ def _upstream(node: Node) -> Upstream:
         raise node.error("must be an absolute http(s) URL such as https://api.example.com")
     if url.user or url.password or url.query_string or url.fragment:
         raise node.error("must not contain credentials, a query or a fragment")
+    if "%" in url.raw_host:  # an IPv6 zone: its escape would reach the resolver as written
+        raise node.error("must not name an IPv6 address with a zone")
     assert url.port is not None  # yarl fills in the default port
     return Upstream(
         scheme=url.scheme,  # type: ignore[arg-type]  # checked above

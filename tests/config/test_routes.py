@@ -106,3 +106,13 @@ def test_an_internationalised_upstream_host_is_kept_in_its_ascii_form() -> None:
     upstream = parsed.routes["openai"].upstream
     assert upstream.host == "xn--strae-oqa.example"
     assert upstream.origin == "https://xn--strae-oqa.example:443"
+
+
+def test_an_upstream_ipv6_address_with_a_zone_is_refused() -> None:
+    """A zone's escape (`%25eth0`) would reach the resolver as written, another zone than
+    the one meant: such an upstream is refused with its YAML path."""
+    with pytest.raises(ConfigError) as refused:
+        parse_doc(with_setting("routes.openai.upstream", "http://[fe80::1%25eth0]:8080/v1"))
+    assert str(refused.value) == (
+        "routes.openai.upstream: must not name an IPv6 address with a zone"
+    )
