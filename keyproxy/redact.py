@@ -23,17 +23,17 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _JWT_REDACTED = "[REDACTED-JWT]"
 
 
-def holds_jwt(value: str) -> bool:
-    """Whether `value` holds what the scrubber would redact as a JWT."""
-    return "eyJ" in value and _JWT.search(value) is not None
-
-
 # Window length of the secret index. Any string of at least 2 * _GRAM - 1 characters contains
 # a whole window at an offset that is a multiple of _GRAM, wherever it starts: so a text is
 # searched by looking up one window in every _GRAM characters. The registry holds no value
 # shorter than 8 characters; shorter ones would be compared one by one.
 _GRAM = 4
 CLEAN_MAX = 8192  # request records remembered as clean, per set of secrets
+
+
+def holds_jwt(value: str) -> bool:
+    """Whether `value` holds what the scrubber would redact as a JWT."""
+    return "eyJ" in value and _JWT.search(value) is not None
 
 
 class Clean:
