@@ -146,6 +146,7 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9090
     tls: ListenerTLS | None = None
+    hosts: tuple[str, ...] = ()  # names a request's Host may give, besides addresses
 
 
 @dataclass(frozen=True)

@@ -239,12 +239,12 @@ def server_config(node: Node) -> ServerConfig:
 
 
 def _admin(node: Node) -> AdminConfig:
-    f = node.mapping({"host", "port", "tls"})
-    d = AdminConfig()
+    f, d = node.mapping({"host", "port", "tls", "hosts"}), AdminConfig()
     return AdminConfig(
         host=opt(f, "host", Node.string, d.host),
         port=opt(f, "port", port, d.port),
         tls=opt(f, "tls", _admin_tls, None),
+        hosts=tuple(h.lower() for h in opt(f, "hosts", Node.strings, d.hosts)),
     )
 
 

@@ -135,7 +135,7 @@ def build_admin_app(served: web.Application) -> web.Application:
     """The admin endpoints of the app `served` (which must be started first)."""
     app = web.Application()
     app[SERVED] = served
-    admin_tls = served[CONFIG].server.admin.tls
+    admin_tls = (admin := served[CONFIG].server.admin).tls
     if admin_tls is not None:
         refused = _refusals(served, "admin")
         serve_tls(app, listener_tls(admin_tls, "server.admin.tls", refused))
@@ -146,8 +146,8 @@ def build_admin_app(served: web.Application) -> web.Application:
     holders = admin_tls is not None and admin_tls.client_auth == "required"
     checked: Callable[[Handler], Handler] = svid_holders_only if holders else lambda h: h
     for path, handler in (("/healthz", _healthz), ("/readyz", _readyz), ("/metrics", _metrics)):
-        app.router.add_get(path, answers.answering(checked(operators_only(handler))))  # and HEAD
-    app.router.add_post("/reload", answers.answering(checked(operators_only(_reload))))
+        app.router.add_get(path, answers.answering(checked(operators_only(handler, admin))))
+    app.router.add_post("/reload", answers.answering(checked(operators_only(_reload, admin))))
     return app
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,10 +43,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from yarl import URL
 
 from keyproxy import config, netguard
 from keyproxy.broker import Broker
-from keyproxy.config import Changes, Config, diff, keep_running
+from keyproxy.config import AdminConfig, Changes, Config, diff, keep_running
 from keyproxy.errors import ConfigError, Forbidden
 from keyproxy.identity import IdentityVerifier
 from keyproxy.metrics import Metrics
@@ -71,9 +73,9 @@ def text_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def operators_only(handler: Handler) -> Handler:
+def operators_only(handler: Handler, admin: AdminConfig) -> Handler:
     """`handler` of the admin listener, refusing a request a web page made (403
-    browser_request).
+    browser_request) and one naming a host the listener is not known by (403 unknown_host).
 
     SECURITY: any page open in a browser on the host can POST to the loopback admin
     listener (a form or a fetch without CORS needs no preflight) and so apply a file its
@@ -81,14 +83,36 @@ def operators_only(handler: Handler) -> Handler:
     is same-origin to the browser, so its script reads /readyz (secret paths, key
     fingerprints) and /metrics. A browser names the page's origin on every POST (`Origin`)
     and says where any request comes from (`Sec-Fetch-Site`): only `none`, a URL the
-    operator typed, is no page's. keyproxy reload, curl, Prometheus and probes send neither."""
+    operator typed, is no page's. keyproxy reload, curl, Prometheus and probes send neither.
+    But a browser sends `Sec-Fetch-Site` only to a trustworthy origin (HTTPS, localhost), and
+    a same-origin GET carries no `Origin`: a rebound page's request over plain HTTP is told
+    by its Host alone, the page's own name. Host must be an address, `localhost`, the
+    listener's `host`, or one of `server.admin.hosts` (a Service name Prometheus scrapes)."""
+    names = frozenset({"localhost", admin.host.lower(), *admin.hosts})
 
     async def checked(request: web.Request) -> web.StreamResponse:
         if "Origin" in request.headers or request.headers.get("Sec-Fetch-Site", "none") != "none":
             raise Forbidden("browser_request", "the admin listener answers tools, not web pages")
+        if not _known_host(request.host, names):
+            raise Forbidden("unknown_host", "the admin listener is not known by that name")
         return await handler(request)
 
     return checked
+
+
+def _known_host(host: str, names: frozenset[str]) -> bool:
+    """Whether a request's Host (with its port, if any) is an IP address or one of `names`."""
+    try:
+        name = URL.build(scheme="http", authority=host).host if "@" not in host else None
+    except ValueError:  # a port that is no number
+        return False
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name.lower().rstrip(".") in names
+    return True
 
 
 @dataclass(eq=False)

@@ -839,25 +839,49 @@ async def test_a_reload_asked_by_a_web_page_is_refused(
         assert (await _reload(http, served))["result"] == "ok"
 
 
-async def test_the_admin_listener_answers_no_script_of_a_web_page(served: Served) -> None:
+async def test_the_admin_listener_answers_no_script_of_a_web_page(
+    openbao: OpenBaoDevServer, agent: Agent, upstream: Upstream, tmp_path: Path, route_key: None
+) -> None:
     """GET /readyz, /metrics and /healthz asked by a page's script are refused with 403: a
     page whose name was rebound to the loopback address is same-origin to the browser and
-    would read the secret paths and key fingerprints. Tools, and a URL the operator typed
-    (Sec-Fetch-Site: none), are answered."""
-    page = "http://rebound.example:9090"
-    async with aiohttp.ClientSession() as http:
-        for path in ("/readyz", "/metrics", "/healthz"):
-            for headers in (
-                {"Sec-Fetch-Site": "same-origin", "Host": "rebound.example:9090"},
-                {"Sec-Fetch-Site": "cross-site"},
-                {"Origin": page},
-            ):
-                async with http.get(f"{served.admin}{path}", headers=headers) as response:
-                    assert response.status == 403, (path, headers)
-                    assert (await response.json())["error"]["code"] == "browser_request"
-            for headers in ({}, {"Sec-Fetch-Site": "none"}):
-                async with http.get(f"{served.admin}{path}", headers=headers) as response:
-                    assert response.status == 200, (path, headers)
+    would read the secret paths and key fingerprints. Over plain HTTP the browser sends no
+    Sec-Fetch-Site and a same-origin GET no Origin: the page's name in Host tells it.
+    Tools, a URL the operator typed (Sec-Fetch-Site: none), an address, localhost and a name
+    of server.admin.hosts (a Service Prometheus scrapes) are answered."""
+    cfg = token_config(openbao, agent, upstream.url)
+    cfg.setdefault("server", {})["admin"] = {"hosts": ["Keyproxy-Admin.test"]}
+    path = tmp_path / "keyproxy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    app = build_app(config.load(path), source=path)
+    limits = server.Limits.of(config.load(path).server)
+    runner, _ = await server.start(app, "127.0.0.1", 0, limits)
+    admin, port = await server.start(build_admin_app(app), "127.0.0.1", 0, limits)
+    page, base = "http://rebound.example:9090", f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for where in ("/readyz", "/metrics", "/healthz"):
+                for headers, code in (
+                    ({"Sec-Fetch-Site": "same-origin"}, "browser_request"),
+                    ({"Sec-Fetch-Site": "cross-site"}, "browser_request"),
+                    ({"Origin": page}, "browser_request"),
+                    ({"Host": "rebound.example:9090"}, "unknown_host"),
+                    ({"Host": "127.0.0.1.rebound.example"}, "unknown_host"),
+                ):
+                    async with http.get(f"{base}{where}", headers=headers) as response:
+                        assert response.status == 403, (where, headers)
+                        assert (await response.json())["error"]["code"] == code
+                for headers in (
+                    {},
+                    {"Sec-Fetch-Site": "none"},
+                    {"Host": "localhost:9090"},
+                    {"Host": "keyproxy-admin.test:9090"},
+                    {"Host": f"[::1]:{port}"},
+                ):
+                    async with http.get(f"{base}{where}", headers=headers) as response:
+                        assert response.status == 200, (where, headers)
+    finally:
+        await admin.cleanup()
+        await runner.cleanup()
 
 
 async def test_a_setting_that_needs_a_restart_is_named_by_every_reload_until_then(
