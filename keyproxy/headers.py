@@ -138,7 +138,8 @@ _REQUEST_ID_MAX: Final = 128
 # Set by aiohttp from the URL and body, or by us. SECURITY: no Range (a server may answer whole):
 # slices of an answer could each hold less of an echoed key than the scrubber finds.
 _REQUEST_MANAGED: Final = frozenset(
-    {"host", "content-length", "accept-encoding", "expect", "range", "if-range", REQUEST_ID.lower()}
+    {"host", "content-length", "accept-encoding", "expect", REQUEST_ID.lower()}
+    | {"range", "if-range", "request-range"}  # Request-Range: Apache's and Squid's old name
 )
 # Upstream session cookies could let the caller use the upstream without the proxy. The
 # request id in an answer is keyproxy's; an upstream's own goes back as X-Upstream-Request-Id.

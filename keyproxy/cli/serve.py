@@ -39,7 +39,16 @@ def serve(args: argparse.Namespace) -> int:
     # handler (keyproxy.server.listen unblocks it then): until that moment, one waits. A
     # worker inherits it blocked, so a SIGHUP its parent passes on while it starts (a
     # reload storm, a POST /reload answered by another worker) reaches it once it serves.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # The mask is put back however serving ends: a process that goes on (tests calling
+    # `main`) must not hand it to every child it starts.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        return _serve(args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _serve(args: argparse.Namespace) -> int:
     # The configuration is checked here, in the parent, before any worker starts.
     cfg = config.load(args.config)
     netguard.check_upstreams(cfg)

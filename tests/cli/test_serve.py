@@ -204,6 +204,19 @@ def test_workers_need_a_fixed_port(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "fixed --port" in capsys.readouterr().err
 
 
+def test_a_refused_serve_leaves_the_signal_mask_as_it_was(tmp_path: Path) -> None:
+    """`serve` blocks SIGHUP until its handler is in place; refused before that (a file
+    missing, --workers 0), it puts the mask back, so the children this process starts later
+    do not inherit a SIGHUP they cannot receive."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    assert main(["serve", "-c", str(tmp_path / "missing.yaml")]) == 2
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(_config_without_vault()))
+    assert main(["serve", "-c", str(path), "--workers", "0"]) == 2
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
 def test_workers_with_limits_need_a_shared_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
