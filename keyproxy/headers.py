@@ -348,7 +348,9 @@ def in_query(query: str, token: str) -> bool:
     RFC 6750 parameter, or the caller's token itself anywhere."""
     if token and _holds(query, token):
         return True
-    return any(read_as(part.partition("=")[0]) == _QUERY_CREDENTIAL for part in query.split("&"))
+    # A name shorter than the credential's cannot read as it: reading only takes away.
+    names = (part.partition("=")[0] for part in query.replace(";", "&").split("&"))
+    return any(len(n) >= len(_QUERY_CREDENTIAL) and read_as(n) == _QUERY_CREDENTIAL for n in names)
 
 
 def _copied(incoming: CIMultiDictProxy[str], token: str) -> bool:

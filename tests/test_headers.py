@@ -337,6 +337,7 @@ def test_a_credential_twice_or_in_two_places_is_refused(
         "access%5Ftoken=x",
         "access%255Ftoken=x",  # for a server behind a gateway that decodes it too
         "access.token=x",  # PHP reads `.` as `_`
+        "a=1;access_token=x",  # a server splitting on `;` too
         f"q={TOKEN}",
         f"q=%65yJ{TOKEN[3:]}",  # the token percent-encoded as the upstream will decode it
         f"next=/x%3Fauth%3D{TOKEN}&q=1",

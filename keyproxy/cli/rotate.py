@@ -171,6 +171,8 @@ def _put(args: argparse.Namespace) -> int:
     # Read no further than a key can be long (4 bytes a character, and its line end): anything
     # longer is refused. As bytes: a key that is not UTF-8 text is refused here, before Vault.
     read = sys.stdin.buffer.read(4 * secret.MAX_KEY_LENGTH + 3)
+    if len(read) > 4 * secret.MAX_KEY_LENGTH + 2:  # cut, maybe in a character: too long
+        raise UsageError(f"keys put: the key is longer than {secret.MAX_KEY_LENGTH // 1024} KiB")
     try:
         value = read.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:

@@ -221,6 +221,9 @@ def _injection(node: Node) -> Injection:
     return Injection(kind, name, opt(f, "format", key_template, "{key}"))  # type: ignore[arg-type]  # kind is "header" or "query"
 
 
+CREDENTIAL_NAMING = 200  # characters of a caller credential's header name and scheme
+
+
 def _caller_credential(node: Node) -> CallerCredential:
     f = node.mapping({"header", "scheme"})
     header = opt(f, "header", Node.string, "Authorization")
@@ -231,10 +234,9 @@ def _caller_credential(node: Node) -> CallerCredential:
         scheme = "Bearer" if header.lower() == "authorization" else None
     else:
         scheme = None if scheme_node.value in (None, "") else scheme_node.string()
+    if scheme is not None and not HEADER_NAME.match(scheme):  # a token, as a header name
+        raise f["scheme"].error("not a valid authentication scheme")
     # The longest task token leaves 256 bytes of its header line for these (tokens.format).
     if len(header) + len(scheme or "") > CREDENTIAL_NAMING:
         raise node.error(f"header and scheme: at most {CREDENTIAL_NAMING} characters together")
     return CallerCredential(header, scheme)
-
-
-CREDENTIAL_NAMING = 200  # characters of a caller credential's header name and scheme

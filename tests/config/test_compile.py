@@ -51,6 +51,11 @@ def test_full_config_compiles_to_typed_objects() -> None:
             "routes.openai.egress.allow_cidrs[0]",
         ),
         ("routes.openai.colour", "blue", "routes.openai.colour"),
+        (
+            "routes.openai.caller_credential",
+            {"header": "X-Agent", "scheme": "B\u00e9arer"},
+            "routes.openai.caller_credential.scheme",
+        ),
         (  # a token as long as any issued must fit its header line
             "routes.openai.caller_credential",
             {"header": "X-" + "a" * 190, "scheme": "Token-Scheme"},
