@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from keyproxy import config, netguard
+from keyproxy import config, netguard, text
 from keyproxy.cli.common import UsageError, add_config, add_output, print_json, wants_json
 
 TIMEOUT = 60.0  # seconds: a reload reads new routes' keys and new issuers' JWKS first
@@ -51,6 +51,9 @@ def _reload(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:  # noqa: S310  # as above
             result: dict[str, Any] = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:  # refused: say why, as its JSON error names it
+        print(f"keyproxy: the admin listener at {base} refused: {_code(exc)}", file=sys.stderr)  # noqa: T201
+        return 1
     except (OSError, ValueError) as exc:
         print(f"keyproxy: the admin listener at {base} did not answer: {exc}", file=sys.stderr)  # noqa: T201
         return 1
@@ -59,6 +62,15 @@ def _reload(args: argparse.Namespace) -> int:
     else:
         _print_result(result)
     return 0 if result.get("result") in ("ok", "unchanged") else 1
+
+
+def _code(refusal: urllib.error.HTTPError) -> str:
+    """A refusal's status and the code its JSON error names (unknown_host, ...)."""
+    try:
+        code = json.loads(refusal.read(4096))["error"]["code"]
+    except (OSError, ValueError, KeyError, TypeError):
+        code = ""
+    return text.one_line(f"{refusal.code} {code}".strip())
 
 
 def _host(host: str) -> str:

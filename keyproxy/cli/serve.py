@@ -45,6 +45,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         return _serve(args)
     finally:
+        # A SIGHUP that came meanwhile asked for a reload of a server that no longer runs:
+        # unblocked, it would end the process instead of letting it exit as it means to.
+        if signal.SIGHUP in signal.sigpending() and signal.SIGHUP not in previous:
+            signal.sigtimedwait({signal.SIGHUP}, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 

@@ -118,6 +118,13 @@ class Node:
             raise self.error(f"must be {wanted}")
         return value
 
+    def host_name(self) -> str:
+        """A host name as a Host header gives it: lower case, without a final dot or a port."""
+        name = self.string().lower().rstrip(".")
+        if not name or any(c in name for c in ":/@[]% "):
+            raise self.error("must be a host name, without a port")
+        return name
+
     def strings(self) -> tuple[str, ...]:
         return tuple(item.string() for item in self.sequence())
 

@@ -234,7 +234,7 @@ def _caller_credential(node: Node) -> CallerCredential:
         scheme = "Bearer" if header.lower() == "authorization" else None
     else:
         scheme = None if scheme_node.value in (None, "") else scheme_node.string()
-    if scheme is not None and not HEADER_NAME.match(scheme):  # a token, as a header name
+    if scheme is not None and not HEADER_NAME.fullmatch(scheme):  # a token, as a header name
         raise f["scheme"].error("not a valid authentication scheme")
     # The longest task token leaves 256 bytes of its header line for these (tokens.format).
     if len(header) + len(scheme or "") > CREDENTIAL_NAMING:

@@ -244,7 +244,7 @@ def _admin(node: Node) -> AdminConfig:
         host=opt(f, "host", Node.string, d.host),
         port=opt(f, "port", port, d.port),
         tls=opt(f, "tls", _admin_tls, None),
-        hosts=tuple(h.lower() for h in opt(f, "hosts", Node.strings, d.hosts)),
+        hosts=tuple(n.host_name() for n in f["hosts"].sequence()) if "hosts" in f else d.hosts,
     )
 
 

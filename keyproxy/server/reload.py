@@ -88,12 +88,15 @@ def operators_only(handler: Handler, admin: AdminConfig) -> Handler:
     a same-origin GET carries no `Origin`: a rebound page's request over plain HTTP is told
     by its Host alone, the page's own name. Host must be an address, `localhost`, the
     listener's `host`, or one of `server.admin.hosts` (a Service name Prometheus scrapes)."""
-    names = frozenset({"localhost", admin.host.lower(), *admin.hosts})
+    names = frozenset({"localhost", admin.host.lower().rstrip("."), *admin.hosts})
 
     async def checked(request: web.Request) -> web.StreamResponse:
         if "Origin" in request.headers or request.headers.get("Sec-Fetch-Site", "none") != "none":
             raise Forbidden("browser_request", "the admin listener answers tools, not web pages")
-        if not _known_host(request.host, names):
+        # The header as sent: aiohttp's request.host would make up one for a request without
+        # (an HTTP/1.0 tool's; a browser always names the page's host).
+        host = request.headers.get("Host")
+        if host is not None and not _known_host(host, names):
             raise Forbidden("unknown_host", "the admin listener is not known by that name")
         return await handler(request)
 

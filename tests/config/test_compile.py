@@ -56,6 +56,11 @@ def test_full_config_compiles_to_typed_objects() -> None:
             {"header": "X-Agent", "scheme": "B\u00e9arer"},
             "routes.openai.caller_credential.scheme",
         ),
+        (  # from a YAML block: every request would be 401
+            "routes.openai.caller_credential",
+            {"header": "X-Agent", "scheme": "Bearer\n"},
+            "routes.openai.caller_credential.scheme",
+        ),
         (  # a token as long as any issued must fit its header line
             "routes.openai.caller_credential",
             {"header": "X-" + "a" * 190, "scheme": "Token-Scheme"},

@@ -261,6 +261,18 @@ def test_the_admin_listener_takes_client_certificates_required_or_not_at_all() -
     assert server.admin.tls.client_auth == "required"
 
 
+def test_the_admin_listeners_names_are_host_names_as_a_host_header_gives_them() -> None:
+    """server.admin.hosts are compared with a request's Host: written in any case or as an
+    absolute name (a final dot) they are kept in that form; one with a port or an address's
+    brackets could never match and is refused with its path."""
+    server = _server_config({"admin": {"hosts": ["Keyproxy-Admin.monitoring.svc.cluster.local."]}})
+    assert server.admin.hosts == ("keyproxy-admin.monitoring.svc.cluster.local",)
+    for wrong in ("admin.test:9090", "[::1]", ""):
+        with pytest.raises(ConfigError) as caught:
+            _server_config({"admin": {"hosts": ["ok.test", wrong]}})
+        assert caught.value.path == "server.admin.hosts[1]", wrong
+
+
 def test_forwarded_client_cert_settings() -> None:
     """server.tls.forwarded_client_cert reads a format and a header defaulting by format."""
     expected = (
