@@ -10,7 +10,7 @@ from keyproxy.config.store import ConcurrencyLimit, LimitPer, Limits, RateLimit,
 
 # A limit's name is part of its keys in the store, of the RateLimit headers (a quoted
 # string) and of metrics labels: plain characters only.
-LIMIT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+LIMIT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\Z")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # The name the token's max_uses counter goes by: no configured limit may take it.
 MAX_USES = "max_uses"

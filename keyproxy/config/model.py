@@ -17,8 +17,8 @@ from keyproxy.config.store import Limits, RateLimit, RedisSettings
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # What MCP's Streamable HTTP transport uses: POST a message, GET the server's stream, DELETE
 # the session. An MCP grant allows these on any path of its route.

@@ -23,7 +23,7 @@ _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _CREATE_FIELDS = frozenset({"admin", "route", "attempt"})
 # {attempt} exists only while creating: verify and revoke happen for a key, not an attempt.
 _KEY_FIELDS = frozenset({"admin", "route", "key", "key_id"})
-_POINTER = re.compile(r"^(/([^~/]|~[01])*)+$")
+_POINTER = re.compile(r"^(/([^~/]|~[01])*)+\Z")
 
 
 def rotation_config(node: Node, kv_mount: str) -> Rotation:
