@@ -216,6 +216,10 @@ def _injection(node: Node) -> Injection:
     name = f[kind].string()
     if kind == "header" and not HEADER_NAME.match(name):
         raise f[kind].error("not a valid header name")
+    if kind == "query" and (not name or "%" in name):
+        # SECURITY: its copies in a caller's query are found by their decoded reading
+        # (keyproxy.inject.read_as), which an escape in the name itself would only confuse.
+        raise f[kind].error("must be the parameter's name as servers read it, without % escapes")
     if kind == "header" and name.lower() in HOP_BY_HOP | {"host", "content-length"}:
         raise f[kind].error("cannot inject a hop-by-hop, Host or Content-Length header")
     return Injection(kind, name, opt(f, "format", key_template, "{key}"))  # type: ignore[arg-type]  # kind is "header" or "query"

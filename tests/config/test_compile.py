@@ -36,6 +36,7 @@ def test_full_config_compiles_to_typed_objects() -> None:
     [
         ("routes.openai.inject.0.header", "Bad Header", "routes.openai.inject[0].header"),
         ("routes.openai.inject.0.header", "X-Key\n", "routes.openai.inject[0].header"),
+        ("routes.openai.inject.0", {"query": "api%25key"}, "routes.openai.inject[0].query"),
         ("routes.openai.inject.0.format", "Bearer", "routes.openai.inject[0].format"),
         ("routes.openai.inject.0.format", "{key}{key}", "routes.openai.inject[0].format"),
         ("routes.openai.inject.0", {"header": "X", "query": "k"}, "routes.openai.inject[0]"),
