@@ -879,6 +879,15 @@ async def test_the_admin_listener_answers_no_script_of_a_web_page(
                 ):
                     async with http.get(f"{base}{where}", headers=headers) as response:
                         assert response.status == 200, (where, headers)
+        # An HTTP/1.0 tool may name no host (a browser always names the page's): answered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+        finally:
+            writer.close()
+        assert status_line.split()[1] == b"200", status_line
     finally:
         await admin.cleanup()
         await runner.cleanup()
