@@ -45,10 +45,9 @@ def client_chain(
     if tls is None:
         return (), False
     forwarded = server.tls.forwarded_client_cert if server.tls is not None else None
+    # (The peer's reading is cached per address: no parse per request.)
     if forwarded is not None and policy.is_trusted_proxy(
-        request.remote or "",
-        server.trusted_proxies,
-        getattr(request.protocol, policy.PEER, None),  # parsed once per connection
+        request.remote or "", server.trusted_proxies
     ):
         # SECURITY: never the front proxy's own certificate: it would be the identity of
         # every caller it forwards without a certificate of its own.

@@ -270,16 +270,9 @@ def client_address(
 # Buys 26,800 instructions per request (3.2%, bench/instructions.py --compare): ipaddress
 # parses in Python.
 @functools.lru_cache(maxsize=4096)
-def is_trusted_proxy(
-    peer: str, trusted: Sequence[Network], parsed: tuple[IPAddress, str] | None = None
-) -> bool:
-    """Whether the TCP peer is one of `trusted` (`server.trusted_proxies`), given as text or
-    as its connection parsed it (`PEER`); a peer without an IP address (a Unix socket) never
-    is."""
-    if not trusted:
-        return False
-    if parsed is not None:
-        return _inside(parsed[0], trusted)
+def is_trusted_proxy(peer: str, trusted: Sequence[Network]) -> bool:
+    """Whether the TCP peer is one of `trusted` (`server.trusted_proxies`); a peer without an
+    IP address (a Unix socket) never is."""
     try:
         return _inside(peer_address(peer)[0], trusted)
     except ValueError:
